@@ -1,0 +1,38 @@
+"""Input guards run at every public entry point; they always run and raise `InvalidInputError`."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from facecloak.errors import InvalidInputError
+from facecloak.faces import Faces
+
+
+def check_images(images: object, name: str = "images") -> Tensor:
+    """Check a (B, 3, H, W) floating tensor with values in [0, 1]; return it."""
+    if not isinstance(images, Tensor):
+        raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise InvalidInputError(f"{name} must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise InvalidInputError(f"{name} must be a floating tensor in [0, 1], got {images.dtype}")
+    values = images.detach()
+    if values.numel() and (float(values.min()) < -1e-6 or float(values.max()) > 1 + 1e-6):
+        raise InvalidInputError(f"{name} must hold values in [0, 1]")
+    return images
+
+
+def check_faces(faces: object, num_images: int) -> Faces:
+    """Check that ``faces`` is a `Faces` whose image indices fit a batch of ``num_images``."""
+    if not isinstance(faces, Faces):
+        raise InvalidInputError(f"faces must be a facecloak.Faces, got {type(faces).__name__}")
+    if len(faces) and (int(faces.image_index.min()) < 0 or int(faces.image_index.max()) >= num_images):
+        raise InvalidInputError(f"faces.image_index must lie in [0, {num_images}) for this batch")
+    return faces
+
+
+def check_choice(value: str, choices: tuple[str, ...] | list[str], name: str) -> str:
+    """Check that ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise InvalidInputError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value

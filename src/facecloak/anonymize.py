@@ -1,0 +1,202 @@
+"""Anonymising faces: blur, pixelate or mask each face region at full resolution.
+
+Each face's region is its detection box scaled by ``scale`` about its centre (deface uses 1.3),
+as an ellipse or a box with a soft edge ``feather`` wide. Only pixels inside a region change:
+the mask is exactly zero outside it and the untouched pixels are copied, not recomputed, so a
+lossless output is byte-identical there. Everything is torch ops, on the GPU when the images are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from facecloak._checks import check_choice, check_faces, check_images
+from facecloak.errors import InvalidInputError
+from facecloak.faces import Faces
+
+METHODS = ("blur", "pixelate", "mask")
+SHAPES = ("ellipse", "box")
+
+
+def region_boxes(faces: Faces, scale: float, height: int, width: int) -> Tensor:
+    """(N, 4) float ``x1, y1, x2, y2`` of each face's region: its box scaled by ``scale``, clipped."""
+    centre = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
+    half = (faces.boxes[:, 2:] - faces.boxes[:, :2]) / 2 * scale
+    boxes = torch.cat([centre - half, centre + half], dim=1)
+    limits = torch.tensor([width - 1, height - 1] * 2, dtype=boxes.dtype, device=boxes.device)
+    return torch.minimum(boxes.clamp_min(0), limits)
+
+
+def region_mask(box: Tensor, x0: int, y0: int, height: int, width: int, shape: str, feather: float) -> Tensor:
+    """(1, height, width) soft mask of one region, for the crop whose top-left is ``(x0, y0)``.
+
+    1 well inside, falling to exactly 0 at the region's edge over ``feather`` (a fraction of the
+    region's half-size), 0 outside.
+    """
+    ys = torch.arange(y0, y0 + height, dtype=box.dtype, device=box.device)[:, None]
+    xs = torch.arange(x0, x0 + width, dtype=box.dtype, device=box.device)[None, :]
+    centre_x, centre_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    half_w = ((box[2] - box[0]) / 2).clamp_min(0.5)
+    half_h = ((box[3] - box[1]) / 2).clamp_min(0.5)
+    dx, dy = (xs - centre_x) / half_w, (ys - centre_y) / half_h
+    radius = torch.sqrt(dx * dx + dy * dy) if shape == "ellipse" else torch.maximum(dx.abs(), dy.abs())
+    if feather <= 0:
+        mask = (radius < 1).to(box.dtype)
+    else:
+        mask = ((1 - radius) / feather).clamp(0, 1)
+    return mask[None]
+
+
+def gaussian_blur(crop: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (1, C, H, W) with reflect padding; large sigmas blur a downscaled copy.
+
+    A strong blur has no fine detail left, so blurring at 1/k resolution and upsampling is the same
+    picture at a fraction of the cost (a 1000 px face needs sigma ~150 px).
+    """
+    height, width = crop.shape[-2:]
+    factor = max(1, int(sigma // 3))
+    small = F.interpolate(crop, scale_factor=1 / factor, mode="area") if factor > 1 else crop
+    small_sigma = sigma / factor
+    radius = max(1, math.ceil(3 * small_sigma))
+    radius = min(radius, small.shape[-1] - 1, small.shape[-2] - 1)
+    if radius >= 1:
+        offsets = torch.arange(-radius, radius + 1, dtype=crop.dtype, device=crop.device)
+        kernel = torch.exp(-0.5 * (offsets / small_sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        channels = small.shape[1]
+        padded = F.pad(small, (radius, radius, 0, 0), mode="reflect")
+        small = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+        padded = F.pad(small, (0, 0, radius, radius), mode="reflect")
+        small = F.conv2d(padded, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    if factor > 1:
+        small = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+    return small
+
+
+def _apply_per_face(
+    images: Tensor, faces: Faces, scale: float, shape: str, feather: float, filter_crop
+) -> Tensor:
+    """Blend ``filter_crop(crop, face_side)`` into each face region; other pixels are copied untouched."""
+    check_images(images)
+    check_faces(faces, images.shape[0])
+    check_choice(shape, SHAPES, "shape")
+    if scale <= 0 or not 0 <= feather <= 1:
+        raise InvalidInputError("scale must be > 0 and feather in [0, 1]")
+    output = images.clone()
+    height, width = images.shape[-2:]
+    regions = region_boxes(faces.to(images.device), scale, height, width)
+    for n, image_index in enumerate(faces.image_index.tolist()):
+        box = regions[n]
+        x0, y0 = int(math.floor(float(box[0]))), int(math.floor(float(box[1])))
+        x1, y1 = int(math.ceil(float(box[2]))) + 1, int(math.ceil(float(box[3]))) + 1
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            continue
+        crop = output[image_index : image_index + 1, :, y0:y1, x0:x1]
+        mask = region_mask(box, x0, y0, y1 - y0, x1 - x0, shape, feather)
+        side = float(min(faces.boxes[n, 2] - faces.boxes[n, 0], faces.boxes[n, 3] - faces.boxes[n, 1]))
+        filtered = filter_crop(crop, max(side, 1.0))
+        blended = torch.where(mask > 0, crop * (1 - mask) + filtered * mask, crop)
+        output[image_index, :, y0:y1, x0:x1] = blended[0]
+    return output
+
+
+def blur_faces(
+    images: Tensor,
+    faces: Faces,
+    *,
+    strength: float = 0.25,
+    scale: float = 1.3,
+    shape: str = "ellipse",
+    feather: float = 0.15,
+) -> Tensor:
+    """Gaussian-blur every face, with sigma = ``strength`` x the face's size.
+
+    Args:
+        images: (B, 3, H, W) in [0, 1].
+        faces: the faces to blur.
+        strength: sigma as a fraction of the face's shorter box side. 0.25 leaves no identity a
+            recognition model can match (see tests); lower keeps more of the face's look.
+        scale: region size relative to the detection box.
+        shape: "ellipse" or "box".
+        feather: soft edge, as a fraction of the region's half-size.
+
+    Returns:
+        (B, 3, H, W): the images with faces blurred; all other pixels identical.
+
+    Example:
+        >>> out = blur_faces(images, detect_faces(images))  # doctest: +SKIP
+    """
+    if strength <= 0:
+        raise InvalidInputError(f"strength must be > 0, got {strength}")
+    return _apply_per_face(images, faces, scale, shape, feather, lambda crop, side: gaussian_blur(crop, strength * side))
+
+
+def pixelate_faces(
+    images: Tensor,
+    faces: Faces,
+    *,
+    blocks: int = 8,
+    scale: float = 1.3,
+    shape: str = "ellipse",
+    feather: float = 0.0,
+) -> Tensor:
+    """Replace every face by a mosaic of about ``blocks`` blocks across the face's box.
+
+    Fewer blocks hide more; at 8 blocks a face's identity is gone for a recognition model, while
+    16 or more can leave it recognisable (mosaics are known to be partly reversible).
+    """
+    if blocks < 1:
+        raise InvalidInputError(f"blocks must be >= 1, got {blocks}")
+
+    def mosaic(crop: Tensor, side: float) -> Tensor:
+        block_px = max(1.0, side / blocks)
+        rows = max(1, round(crop.shape[-2] / block_px))
+        cols = max(1, round(crop.shape[-1] / block_px))
+        small = F.adaptive_avg_pool2d(crop, (rows, cols))
+        return F.interpolate(small, size=crop.shape[-2:], mode="nearest")
+
+    return _apply_per_face(images, faces, scale, shape, feather, mosaic)
+
+
+def mask_faces(
+    images: Tensor,
+    faces: Faces,
+    *,
+    color: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    scale: float = 1.3,
+    shape: str = "ellipse",
+    feather: float = 0.0,
+) -> Tensor:
+    """Cover every face with a solid ``color`` (RGB in [0, 1])."""
+    fill = torch.tensor(color, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return _apply_per_face(images, faces, scale, shape, feather, lambda crop, side: fill.expand_as(crop))
+
+
+_FUNCTIONS = {"blur": blur_faces, "pixelate": pixelate_faces, "mask": mask_faces}
+
+
+def anonymize_faces(images: Tensor, faces: Faces, method: str = "blur", **params) -> Tensor:
+    """Anonymise faces with ``method`` ("blur", "pixelate" or "mask") and its keyword ``params``."""
+    check_choice(method, METHODS, "method")
+    return _FUNCTIONS[method](images, faces, **params)
+
+
+class Anonymizer(nn.Module):
+    """``Anonymizer(method, **params)(images, faces)``: the module form CLI and batch use."""
+
+    def __init__(self, method: str = "blur", **params) -> None:
+        super().__init__()
+        self.method = check_choice(method, METHODS, "method")
+        self.params = {key: value for key, value in params.items() if value is not None}
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in self.params.items())
+        return f"Anonymizer(method={self.method!r}{', ' if options else ''}{options})"
+
+    def forward(self, images: Tensor, faces: Faces) -> Tensor:
+        """Anonymise ``faces`` in (B, 3, H, W) ``images``."""
+        return anonymize_faces(images, faces, self.method, **self.params)

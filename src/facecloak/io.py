@@ -1,0 +1,369 @@
+"""Reading and writing photos: the only module that touches files, PIL, uint8 and EXIF.
+
+Everything past this module sees a (3, H, W) float32 RGB tensor in [0, 1]. Reading applies the
+EXIF orientation, converts CMYK, palette, grey, 16-bit and alpha images, and turns every kind of
+bad file (missing, empty, truncated, not an image, too many pixels) into an `ImageReadError`
+whose message is one line naming the file. Writing is atomic (temporary file in the target
+folder, then `os.replace`), never replaces an input, and drops EXIF (GPS above all) unless asked.
+"""
+
+from __future__ import annotations
+
+import io as _bytes_io
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from facecloak.errors import ImageReadError, ImageWriteError
+
+try:  # HEIC/HEIF support is an optional extra (pip install facecloak[heic]).
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the extra
+    HEIF_AVAILABLE = False
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey photo
+
+MAX_IMAGE_PIXELS = 120_000_000
+"""Default decompression-bomb guard: images with more pixels are refused (a 200 MP phone photo
+needs ``max_pixels`` raised explicitly). Override per call or with FACECLOAK_MAX_PIXELS."""
+
+IMAGE_SUFFIXES = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".png": "PNG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".heic": "HEIF",
+    ".heif": "HEIF",
+}
+"""File suffixes picked up when walking folders, with the format each one names."""
+
+OUTPUT_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "HEIF": ".heic"}
+"""Formats facecloak writes, with their suffix. GIF inputs are written as PNG: a palette would
+quantise a cloak away."""
+
+JPEG_QUALITY = 95
+_GPS_IFD_TAG = 0x8825
+_ORIENTATION_TAG = 0x0112
+
+
+@dataclass
+class LoadedImage:
+    """A decoded photo and what is needed to write it back faithfully.
+
+    Attributes:
+        path: the file it came from.
+        pixels: (3, H, W) float32 RGB in [0, 1], EXIF orientation applied.
+        alpha: (1, H, W) float32 in [0, 1] for images with transparency, else None.
+        format: PIL format name of the source ("JPEG", "PNG", ...).
+        grayscale: the source had no colour (written back as grey unless colour was added).
+        icc_profile: the source's ICC profile, kept on output (None after a CMYK conversion).
+        exif: the source's EXIF block (orientation already applied), used only when asked.
+    """
+
+    path: Path
+    pixels: Tensor
+    alpha: Tensor | None = None
+    format: str = "PNG"
+    grayscale: bool = False
+    icc_profile: bytes | None = None
+    exif: bytes | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return int(self.pixels.shape[2]), int(self.pixels.shape[1])
+
+
+def max_pixels_default() -> int:
+    """The pixel limit in force: FACECLOAK_MAX_PIXELS if set, else `MAX_IMAGE_PIXELS`."""
+    value = os.environ.get("FACECLOAK_MAX_PIXELS")
+    return int(value) if value else MAX_IMAGE_PIXELS
+
+
+def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImage:
+    """Decode one photo into a (3, H, W) float tensor in [0, 1].
+
+    Args:
+        path: the file to read.
+        max_pixels: refuse images with more pixels than this (decompression-bomb guard);
+            default `max_pixels_default()`.
+
+    Raises:
+        ImageReadError: one line naming the file and the reason.
+
+    Example:
+        >>> image = read_image("samples/astronaut.jpg")  # doctest: +SKIP
+        >>> image.pixels.shape
+        torch.Size([3, 512, 512])
+    """
+    path = Path(path)
+    limit = max_pixels or max_pixels_default()
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # PIL's own guard must not be stricter than the user's explicit limit
+    if not path.exists():
+        raise ImageReadError("no such file", path)
+    if not path.is_file():
+        raise ImageReadError("not a regular file", path)
+    if path.stat().st_size == 0:
+        raise ImageReadError("empty file (0 bytes)", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > limit:
+                    raise ImageReadError(
+                        f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
+                        "(decompression-bomb guard; raise it with --max-pixels)",
+                        path,
+                    )
+                opened.seek(0)  # first frame of a GIF or multi-page TIFF
+                source_format = opened.format or "PNG"
+                exif = opened.info.get("exif")
+                icc = opened.info.get("icc_profile")
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageReadError(
+            f"more pixels than the limit of {limit:,} (decompression-bomb guard; raise it with --max-pixels)", path
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image, or an unsupported format", path) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
+    except MemoryError:
+        raise ImageReadError("image too large to decode in memory", path) from None
+    pixels, alpha, grayscale, icc = _to_rgb_tensor(image, icc)
+    return LoadedImage(path, pixels, alpha, source_format, grayscale, icc, exif)
+
+
+def _short(error: BaseException) -> str:
+    return " ".join(str(error).split())[:120] or type(error).__name__
+
+
+def _to_rgb_tensor(image: Image.Image, icc: bytes | None) -> tuple[Tensor, Tensor | None, bool, bytes | None]:
+    """Convert any PIL mode to float RGB in [0, 1] plus an optional alpha plane."""
+    mode = image.mode
+    alpha: np.ndarray | None = None
+    grayscale = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La")
+    if mode == "P":
+        has_alpha = "transparency" in image.info or image.palette.mode == "RGBA"
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        mode = image.mode
+    if mode == "CMYK":
+        image = _cmyk_to_srgb(image, icc)
+        icc = None  # the source profile described CMYK; the pixels are sRGB now
+        mode = image.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        grey = np.asarray(image, dtype=np.float32)
+        scale = 65535.0 if mode != "F" or grey.max() > 1.0 else 1.0
+        rgb = np.repeat((grey / scale).clip(0, 1)[..., None], 3, axis=2)
+    else:
+        if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+            alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    pixels = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    alpha_tensor = None if alpha is None else torch.from_numpy(alpha)[None]
+    return pixels, alpha_tensor, grayscale, icc
+
+
+def _cmyk_to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
+    """Colour-managed CMYK -> sRGB when the file carries a profile, PIL's plain formula otherwise."""
+    if icc:
+        try:
+            source = ImageCms.ImageCmsProfile(_bytes_io.BytesIO(icc))
+            target = ImageCms.createProfile("sRGB")
+            return ImageCms.profileToProfile(image, source, target, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            pass
+    return image.convert("RGB")
+
+
+def output_suffix(source_format: str, requested: str | None = None) -> str:
+    """The file suffix for an output: the requested format, else the source's (GIF -> PNG)."""
+    name = (requested or source_format).upper()
+    name = {"JPG": "JPEG", "TIF": "TIFF", "HEIC": "HEIF", "GIF": "PNG", "MPO": "JPEG"}.get(name, name)
+    if name == "HEIF" and not HEIF_AVAILABLE:
+        name = "JPEG"
+    if name not in OUTPUT_FORMATS:
+        raise ImageWriteError(f"unsupported output format {requested or source_format!r}")
+    return OUTPUT_FORMATS[name]
+
+
+def write_image(
+    path: str | Path,
+    pixels: Tensor,
+    *,
+    source: LoadedImage | None = None,
+    keep_metadata: bool = False,
+    protected: Iterable[Path] = (),
+    overwrite: bool = False,
+    jpeg_quality: int = JPEG_QUALITY,
+) -> Path:
+    """Write a (3, H, W) [0, 1] tensor atomically, in the format the suffix of ``path`` names.
+
+    Args:
+        path: destination; its suffix picks the format.
+        pixels: (3, H, W) float RGB in [0, 1].
+        source: the image it was made from: its alpha plane, ICC profile and greyness carry over.
+        keep_metadata: keep the source's EXIF minus GPS (default: drop all EXIF).
+        protected: files that must never be replaced (the batch's inputs).
+        overwrite: replace an existing output file (never a protected one).
+        jpeg_quality: quality for JPEG/WebP/HEIF outputs.
+
+    Raises:
+        ImageWriteError: one line naming the file and the reason; nothing is left behind.
+    """
+    path = Path(path)
+    if any(same_file(path, other) for other in protected):
+        raise ImageWriteError("refusing to overwrite an input file", path)
+    if path.exists() and not overwrite:
+        raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", path)
+    suffix = path.suffix.lower()
+    format_name = IMAGE_SUFFIXES.get(suffix)
+    if format_name is None or format_name == "GIF":
+        raise ImageWriteError(f"cannot write format {suffix or '(none)'}", path)
+    image = _to_pil(pixels, source, format_name)
+    options = _save_options(format_name, source, keep_metadata, jpeg_quality)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=suffix, dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format=format_name, **options)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, path)
+    except (OSError, ValueError, KeyError) as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise ImageWriteError(f"could not write ({_short(error)})", path) from None
+    return path
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def to_uint8(pixels: Tensor) -> np.ndarray:
+    """(3, H, W) [0, 1] float tensor -> (H, W, 3) uint8 array, rounding to nearest."""
+    array = (pixels.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return array.permute(1, 2, 0).cpu().numpy()
+
+
+def _to_pil(pixels: Tensor, source: LoadedImage | None, format_name: str) -> Image.Image:
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ImageWriteError(f"expected a (3, H, W) tensor, got {tuple(pixels.shape)}")
+    rgb = to_uint8(pixels)
+    grey = source is not None and source.grayscale and bool((rgb.max(2) == rgb.min(2)).all())
+    image = Image.fromarray(rgb[..., 0] if grey else rgb, "L" if grey else "RGB")
+    alpha = source.alpha if source is not None else None
+    if alpha is not None and format_name in ("PNG", "WEBP", "TIFF"):
+        plane = (alpha[0].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        image.putalpha(Image.fromarray(plane, "L"))
+    return image
+
+
+def _save_options(format_name: str, source: LoadedImage | None, keep_metadata: bool, quality: int) -> dict:
+    options: dict = {}
+    if source is not None and source.icc_profile:
+        options["icc_profile"] = source.icc_profile
+    if keep_metadata and source is not None and source.exif:
+        options["exif"] = strip_location(source.exif)
+    if format_name == "JPEG":
+        options.update(quality=quality, subsampling=0, optimize=True)
+    elif format_name == "WEBP":
+        options.update(quality=quality, method=4)
+    elif format_name == "HEIF":
+        options.update(quality=quality)
+    elif format_name == "TIFF":
+        options.update(compression="tiff_deflate")
+    elif format_name == "PNG":
+        options.update(compress_level=6)
+    return options
+
+
+def strip_location(exif_bytes: bytes) -> bytes:
+    """EXIF without the GPS block, with orientation reset (the pixels are already upright)."""
+    exif = Image.Exif()
+    exif.load(exif_bytes)
+    exif.pop(_GPS_IFD_TAG, None)
+    if _ORIENTATION_TAG in exif:
+        exif[_ORIENTATION_TAG] = 1
+    return exif.tobytes()
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One input photo and where its output goes, relative to the output folder."""
+
+    path: Path
+    relative: Path  # mirrors the input tree under the output folder
+
+
+def collect_images(
+    paths: Sequence[str | Path], *, exclude: Path | None = None
+) -> tuple[list[ImageJob], list[tuple[Path, str]]]:
+    """Expand files and folders (recursively, sorted) into image jobs.
+
+    Files named explicitly are always tried (a bad one fails with a reason later); inside folders
+    only files with an image suffix are taken and the rest are returned as skipped, with a note.
+    ``exclude`` (the output folder) is never walked, so outputs are not re-read as inputs.
+    """
+    jobs: list[ImageJob] = []
+    skipped: list[tuple[Path, str]] = []
+    excluded = exclude.resolve() if exclude is not None and exclude.exists() else None
+    for given in map(Path, paths):
+        if given.is_dir():
+            for file in sorted(p for p in given.rglob("*") if p.is_file()):
+                relative = file.relative_to(given)
+                if excluded is not None and excluded in file.resolve().parents:
+                    continue
+                if any(part.startswith(".") for part in relative.parts):
+                    continue
+                if file.suffix.lower() in IMAGE_SUFFIXES:
+                    jobs.append(ImageJob(file, Path(given.name) / relative if len(paths) > 1 else relative))
+                else:
+                    skipped.append((file, "not an image suffix"))
+        else:
+            jobs.append(ImageJob(given, Path(given.name)))
+    return jobs, skipped
+
+
+def output_path(job: ImageJob, out_dir: Path | None, tag: str, format_name: str | None, source_format: str) -> Path:
+    """Where the output of ``job`` goes: ``<stem>_<tag><suffix>``, mirrored under ``out_dir``.
+
+    Without ``out_dir`` the output sits beside the input. The tag guarantees that an output never
+    has an input's name, even when both live in the same folder.
+    """
+    suffix = output_suffix(source_format, format_name)
+    name = f"{job.path.stem}_{tag}{suffix}"
+    if out_dir is None:
+        return job.path.with_name(name)
+    return out_dir / job.relative.with_name(name)

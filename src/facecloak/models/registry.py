@@ -1,0 +1,180 @@
+"""Face-embedding models by name: a card per model, a factory per card, nothing downloaded.
+
+A model is registered with its `FaceModelCard` (input size, alignment template, distance and
+match threshold, where its weights come from). `create_embedder` builds it from an installed
+package or a file the user names; a model whose weights are missing raises
+`ModelNotFoundError` saying why, it never falls back to random weights or a download.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from facecloak._device import default_device
+from facecloak.errors import ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class FaceModelCard:
+    """What the pipeline needs to know to feed, compare and cite a face-embedding model.
+
+    Attributes:
+        name: registry name, e.g. ``"dlib-resnet"``.
+        input_size: side of the square aligned chip, in pixels.
+        template: where the five landmarks (`facecloak.faces.LANDMARK_NAMES`) land in the chip,
+            in chip pixels (integer values at pixel centres).
+        embedding_dim: width of the embedding.
+        distance: ``"euclidean"`` on raw embeddings or ``"cosine"`` (1 - cosine similarity).
+        match_threshold: same person when the distance is below this.
+        weights: where the weights come from (package file or user path; never a URL).
+        license: licence of the weights.
+        description: one line for ``facecloak models``.
+        weights_env: environment variable that may name the weights file.
+    """
+
+    name: str
+    input_size: int
+    template: tuple[tuple[float, float], ...]
+    embedding_dim: int
+    distance: Literal["euclidean", "cosine"]
+    match_threshold: float
+    weights: str
+    license: str
+    description: str = ""
+    weights_env: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The card as plain JSON-ready data."""
+        return asdict(self)
+
+
+class Embedder(nn.Module):
+    """Base of every face model: aligned RGB chips in [0, 1] -> embeddings.
+
+    Subclasses set ``card`` and implement ``forward(chips: (N, 3, S, S)) -> (N, D)``; they do
+    their own normalisation inside ``forward``, so callers never care about mean/std or BGR.
+    """
+
+    card: FaceModelCard
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        """Distance between embeddings ``a`` and ``b`` (broadcast over leading dims) in the card's metric."""
+        return embedding_distance(a, b, self.card.distance)
+
+
+def embedding_distance(a: Tensor, b: Tensor, metric: str) -> Tensor:
+    """Euclidean distance, or 1 - cosine similarity, along the last dimension."""
+    if metric == "euclidean":
+        return (a - b).square().sum(-1).clamp_min(1e-12).sqrt()
+    return 1.0 - nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+Factory = Callable[[Path | None], Embedder]
+WeightsLocator = Callable[[], Path | None]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    card: FaceModelCard
+    factory: Factory
+    locate: WeightsLocator  # weights found on this machine without the user's help, or None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_user_models_loaded = False
+
+
+def register_embedder(card: FaceModelCard, locate: WeightsLocator = lambda: None):
+    """Register the decorated factory ``f(weights_path | None) -> Embedder`` under ``card.name``."""
+
+    def decorator(factory: Factory) -> Factory:
+        _REGISTRY[card.name] = _Entry(card, factory, locate)
+        return factory
+
+    return decorator
+
+
+def unregister_embedder(name: str) -> None:
+    """Forget a registered model (used when the user removes a plug-in)."""
+    _REGISTRY.pop(name, None)
+
+
+def _ensure_user_models() -> None:
+    global _user_models_loaded
+    if not _user_models_loaded:
+        _user_models_loaded = True
+        from facecloak.models.plugins import register_user_models
+
+        register_user_models()
+
+
+def list_embedders(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern``, built-in first."""
+    _ensure_user_models()
+    return [name for name in _REGISTRY if fnmatch.fnmatch(name, pattern)]
+
+
+def get_card(name: str) -> FaceModelCard:
+    """The card of a registered model."""
+    return _entry(name).card
+
+
+def _entry(name: str) -> _Entry:
+    _ensure_user_models()
+    if name not in _REGISTRY:
+        raise ModelNotFoundError(f"unknown face model {name!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def resolve_weights(name: str, weights: Path | str | None = None) -> Path:
+    """Where ``name``'s weights are: the given path, else its environment variable, else its package.
+
+    Raises:
+        ModelNotFoundError: nothing found, with the reason and how to provide the file.
+    """
+    entry = _entry(name)
+    card = entry.card
+    if weights is None and card.weights_env and os.environ.get(card.weights_env):
+        weights = os.environ[card.weights_env]
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"weights file not found for model {name}", path)
+        return path
+    found = entry.locate()
+    if found is None:
+        hint = f" (set {card.weights_env} or pass weights=...)" if card.weights_env else ""
+        raise ModelNotFoundError(f"model {name} is not available: {card.weights}{hint}")
+    return found
+
+
+def embedder_status(name: str) -> tuple[bool, str]:
+    """Whether ``name`` can be built here without further input, and where from or why not."""
+    try:
+        return True, str(resolve_weights(name))
+    except ModelNotFoundError as error:
+        return False, error.reason
+
+
+def available_embedders() -> list[str]:
+    """Names of the models whose weights are present on this machine."""
+    return [name for name in list_embedders() if embedder_status(name)[0]]
+
+
+def create_embedder(
+    name: str, *, weights: Path | str | None = None, device: str | torch.device | None = None
+) -> Embedder:
+    """Build model ``name`` in eval mode with frozen parameters, on ``device`` (default: CUDA if present)."""
+    path = resolve_weights(name, weights)
+    model = _entry(name).factory(path)
+    model.eval().requires_grad_(False)
+    return model.to(default_device(device))

@@ -1,0 +1,60 @@
+"""Shared fixtures: real data from ../shared (via FACECLOAK_DATA / FACECLOAK_MODELS), samples, models.
+
+Tests that need the shared LFW faces or the MobileFace model skip with a reason when they are
+absent, so a user's fresh clone still runs its own tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def data_root() -> Path:
+    """FACECLOAK_DATA, default ../shared/data beside the checkout."""
+    return Path(os.environ.get("FACECLOAK_DATA", REPO.parent / "shared" / "data"))
+
+
+def models_root() -> Path:
+    """FACECLOAK_MODELS, default ../shared/models beside the checkout."""
+    return Path(os.environ.get("FACECLOAK_MODELS", REPO.parent / "shared" / "models"))
+
+
+@pytest.fixture(scope="session")
+def lfw_dir() -> Path:
+    """The shared LFW folder (images/ and pairs.txt)."""
+    path = data_root() / "lfw"
+    if not (path / "images").is_dir():
+        pytest.skip(f"shared LFW data not found at {path} (set FACECLOAK_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mobileface_dir() -> Path:
+    """The shared MobileFace V2 MXNet model folder."""
+    path = models_root() / "mobileface-v2"
+    if not (path / "MobileFace_Identification_V2-symbol.json").is_file():
+        pytest.skip(f"shared MobileFace model not found at {path} (set FACECLOAK_MODELS)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """The bundled sample photos."""
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def detector():
+    """One CPU MTCNN detector for the whole session."""
+    from facecloak.detect import FaceDetector
+
+    return FaceDetector(device="cpu")

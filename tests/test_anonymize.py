@@ -1,0 +1,108 @@
+"""Anonymising: only the face regions change, and the faces are gone for a detector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from facecloak.anonymize import (
+    Anonymizer,
+    anonymize_faces,
+    blur_faces,
+    mask_faces,
+    pixelate_faces,
+    region_boxes,
+    region_mask,
+)
+from facecloak.errors import InvalidInputError
+from facecloak.faces import Faces
+from facecloak.io import read_image
+
+
+@pytest.fixture(scope="module")
+def group(samples_dir, detector):
+    image = read_image(samples_dir / "group.jpg").pixels[None]
+    return image, detector(image)
+
+
+def outside_regions(faces: Faces, height: int, width: int, scale: float = 1.3) -> torch.Tensor:
+    """Boolean (H, W): True where no region's bounding box reaches."""
+    keep = torch.ones(height, width, dtype=torch.bool)
+    for x1, y1, x2, y2 in region_boxes(faces, scale, height, width).tolist():
+        keep[int(y1) : int(y2) + 2, int(x1) : int(x2) + 2] = False
+    return keep
+
+
+@pytest.mark.parametrize("method", ["blur", "pixelate", "mask"])
+@pytest.mark.parametrize("shape", ["ellipse", "box"])
+def test_changes_faces_and_nothing_else(group, method, shape):
+    images, faces = group
+    out = anonymize_faces(images, faces, method, shape=shape)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    untouched = outside_regions(faces, *images.shape[-2:])
+    assert torch.equal(out[0][:, untouched], images[0][:, untouched])  # bit-identical
+    for x1, y1, x2, y2 in faces.boxes.round().int().tolist():
+        cx, cy, r = (x1 + x2) // 2, (y1 + y2) // 2, (x2 - x1) // 4
+        change = (out[0, :, cy - r : cy + r, cx - r : cx + r] - images[0, :, cy - r : cy + r, cx - r : cx + r])
+        assert float(change.abs().mean()) > 0.02, f"{method} left the face at {(x1, y1)} almost unchanged"
+
+
+def test_ellipse_leaves_region_corners(group):
+    images, faces = group
+    out = mask_faces(images, faces, shape="ellipse")
+    x1, y1, x2, y2 = region_boxes(faces, 1.3, *images.shape[-2:])[3].int().tolist()
+    assert torch.equal(out[0, :, y1 + 1, x1 + 1], images[0, :, y1 + 1, x1 + 1])  # corner outside the ellipse
+    assert float(out[0, :, (y1 + y2) // 2, (x1 + x2) // 2].abs().max()) == 0.0  # black centre
+
+
+@pytest.mark.parametrize("method,params", [("blur", {"strength": 0.5}), ("mask", {})])
+def test_detector_no_longer_finds_faces(group, detector, method, params):
+    images, faces = group
+    out = anonymize_faces(images, faces, method, **params)
+    assert len(detector(out)) == 0
+
+
+def test_pixelate_is_blocky(samples_dir, detector):
+    image = read_image(samples_dir / "grace_hopper.jpg").pixels[None]
+    faces = detector(image)
+    out = pixelate_faces(image, faces, blocks=6, shape="box", scale=1.0)
+    x1, y1, x2, y2 = faces.boxes[0].int().tolist()
+    face = out[0, 0, y1 + 2 : y2 - 1, x1 + 2 : x2 - 1]
+    distinct_rows = torch.unique(face, dim=0).shape[0]
+    assert distinct_rows <= 8  # ~6 blocks (+ partial blocks at the edges)
+
+
+def test_soft_edge_is_exactly_zero_outside():
+    box = torch.tensor([10.0, 10.0, 30.0, 20.0])
+    mask = region_mask(box, 0, 0, 40, 40, "ellipse", 0.2)
+    assert mask.shape == (1, 40, 40)
+    assert float(mask[0, 15, 20]) == 1.0 and float(mask[0, 0, 0]) == 0.0
+    assert float(mask[0, 15, 29]) < 1.0  # feathered near the edge
+    assert float(mask[0, 20:, :].max()) == 0.0  # y beyond the box
+
+
+def test_module_equals_function(group):
+    images, faces = group
+    module = Anonymizer("blur", strength=0.3, shape="box")
+    assert torch.equal(module(images, faces), blur_faces(images, faces, strength=0.3, shape="box"))
+    assert "strength=0.3" in repr(module)
+
+
+def test_no_faces_returns_copy(group):
+    images, _ = group
+    out = blur_faces(images, Faces.empty())
+    assert torch.equal(out, images) and out is not images
+
+
+def test_exceptions(group):
+    images, faces = group
+    with pytest.raises(InvalidInputError):
+        anonymize_faces(images, faces, "smudge")
+    with pytest.raises(InvalidInputError):
+        blur_faces(images, faces, shape="circle")
+    with pytest.raises(InvalidInputError):
+        blur_faces(images[0], faces)
+    with pytest.raises(InvalidInputError):
+        pixelate_faces(images, faces, blocks=0)
+    with pytest.raises(InvalidInputError):
+        blur_faces(images, faces.shifted(3))

@@ -1,0 +1,104 @@
+"""Face detection with MTCNN on the samples and on real LFW photos."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facecloak.errors import InvalidInputError
+from facecloak.faces import Faces
+from facecloak.io import read_image
+
+# Approximate boxes (x1, y1, x2, y2) of the faces in the bundled samples, checked by eye.
+SAMPLE_BOXES = {
+    "astronaut.jpg": [(181, 61, 268, 172)],
+    "grace_hopper.jpg": [(174, 120, 356, 340)],
+    "group.jpg": [(873, 85, 943, 173), (914, 423, 973, 495), (580, 96, 657, 196), (169, 158, 316, 344)],
+}
+
+
+def iou(a, b) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_BOXES))
+def test_finds_each_sample_face(detector, samples_dir, name):
+    faces = detector([read_image(samples_dir / name).pixels])
+    expected = SAMPLE_BOXES[name]
+    assert len(faces) == len(expected)
+    for box in expected:
+        assert max(iou(box, found) for found in faces.boxes.tolist()) > 0.8
+    assert bool((faces.scores > 0.99).all())
+    # landmarks sit inside their box, eyes above the mouth, viewer's-left eye first
+    for box, points in zip(faces.boxes, faces.landmarks):
+        assert bool(((points >= box[:2] - 2) & (points <= box[2:] + 2)).all())
+        assert points[0, 0] < points[1, 0] and points[3, 0] < points[4, 0]
+        assert points[:2, 1].max() < points[3:, 1].min()
+
+
+def test_batch_equals_single(detector, samples_dir):
+    images = [read_image(samples_dir / n).pixels for n in ("astronaut.jpg", "grace_hopper.jpg", "group.jpg")]
+    images.append(images[0].flip(-1))  # same size as the first: one MTCNN batch for both
+    batched = detector(images)
+    assert batched.count_per_image(4) == [1, 1, 4, 1]
+    for i, image in enumerate(images):
+        single = detector([image])
+        mine = batched.for_image(i)
+        assert torch.allclose(mine.boxes, single.boxes, atol=1e-3)
+        assert torch.allclose(mine.landmarks, single.landmarks, atol=1e-3)
+
+
+def test_tensor_batch_and_list_agree(detector, samples_dir):
+    image = read_image(samples_dir / "astronaut.jpg").pixels
+    as_tensor = detector(torch.stack([image, image]))
+    assert as_tensor.image_index.tolist() == [0, 1]
+    assert torch.allclose(as_tensor.boxes[0], as_tensor.boxes[1])
+
+
+def test_large_photo_is_downscaled_and_mapped_back(detector, samples_dir):
+    image = read_image(samples_dir / "astronaut.jpg").pixels
+    large = F.interpolate(image[None], size=(3000, 3000), mode="bilinear", align_corners=False)[0]
+    faces = detector([large])
+    assert len(faces) == 1
+    expected = torch.tensor(SAMPLE_BOXES["astronaut.jpg"][0], dtype=torch.float32) * (3000 / 512)
+    assert iou(expected.tolist(), faces.boxes[0].tolist()) > 0.8
+
+
+def test_no_face_is_empty_not_none(detector):
+    texture = torch.linspace(0, 1, 200 * 300).reshape(1, 200, 300).repeat(3, 1, 1)
+    faces = detector([texture])
+    assert isinstance(faces, Faces) and len(faces) == 0
+    assert faces.landmarks.shape == (0, 5, 2)
+
+
+def test_thresholds_and_bad_input(detector, samples_dir):
+    from facecloak.detect import FaceDetector
+
+    group = read_image(samples_dir / "group.jpg").pixels
+    assert len(FaceDetector(min_size=90)([group])) == 1  # only the big face is >= 90 px
+    with pytest.raises(InvalidInputError):
+        detector([torch.rand(3, 50, 50) * 3])
+    with pytest.raises(InvalidInputError):
+        FaceDetector(min_score=1.5)
+
+
+def test_centre_face_found_in_lfw(detector, lfw_dir):
+    """The subject (the face at the image centre) is found in >= 98% of 500 LFW photos."""
+    files = sorted((lfw_dir / "images").glob("*/*.jpg"))
+    random.Random(0).shuffle(files)
+    files = files[:500]
+    found = 0
+    for start in range(0, len(files), 50):
+        images = [read_image(f).pixels for f in files[start : start + 50]]
+        faces = detector(images)
+        for i in range(len(images)):
+            boxes = faces.for_image(i).boxes
+            inside = (boxes[:, 0] < 125) & (boxes[:, 2] > 125) & (boxes[:, 1] < 125) & (boxes[:, 3] > 125)
+            found += bool(inside.any())
+    assert found / len(files) >= 0.98, f"centre face found in {found}/{len(files)}"

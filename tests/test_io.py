@@ -1,0 +1,243 @@
+"""Image I/O: formats and modes, hostile files, atomic writes, metadata."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms
+
+from facecloak.errors import ImageReadError, ImageWriteError
+from facecloak.io import (
+    HEIF_AVAILABLE,
+    collect_images,
+    output_path,
+    read_image,
+    strip_location,
+    write_image,
+)
+
+GPS_IFD = 0x8825
+
+
+def gradient(width: int = 64, height: int = 48) -> np.ndarray:
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([xs * 255 // width, ys * 255 // height, (xs + ys) % 256], -1).astype(np.uint8)
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (a decompression bomb never gets decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+
+
+class TestRead:
+    def test_rgb_jpeg_sample(self, samples_dir):
+        image = read_image(samples_dir / "astronaut.jpg")
+        assert image.pixels.shape == (3, 512, 512)
+        assert image.pixels.dtype == torch.float32
+        assert 0.0 <= float(image.pixels.min()) and float(image.pixels.max()) <= 1.0
+        assert image.format == "JPEG" and image.alpha is None and not image.grayscale
+
+    @pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".bmp", "BMP"), (".tif", "TIFF"), (".webp", "WEBP")])
+    def test_lossless_formats_roundtrip_exactly(self, tmp_path, suffix, fmt):
+        array = gradient()
+        source = tmp_path / f"in{suffix}"
+        options = {"lossless": True} if fmt == "WEBP" else {}
+        Image.fromarray(array).save(source, format=fmt, **options)
+        image = read_image(source)
+        assert image.format == fmt
+        expected = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+        assert torch.equal(image.pixels, expected)
+
+    def test_gif_first_frame(self, tmp_path):
+        frames = [Image.new("P", (20, 10), i) for i in (3, 9)]
+        for frame in frames:
+            frame.putpalette([v for i in range(256) for v in (i, 255 - i, 7)])
+        frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+        image = read_image(tmp_path / "a.gif")
+        assert image.pixels.shape == (3, 10, 20)
+        assert torch.allclose(image.pixels[:, 0, 0], torch.tensor([3, 252, 7]) / 255)
+
+    def test_exif_orientation_is_applied(self, tmp_path):
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+        Image.fromarray(gradient(64, 48)).save(tmp_path / "o.jpg", exif=exif.tobytes())
+        assert read_image(tmp_path / "o.jpg").pixels.shape == (3, 64, 48)
+
+    def test_cmyk_becomes_rgb(self, tmp_path):
+        Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")  # pure red in CMYK
+        pixels = read_image(tmp_path / "c.jpg").pixels
+        assert pixels.shape == (3, 8, 8)
+        red, green, blue = pixels[:, 4, 4].tolist()
+        assert red > 0.9 and green < 0.1 and blue < 0.1
+
+    def test_palette_with_transparency_keeps_alpha(self, tmp_path):
+        image = Image.new("P", (10, 10), 1)
+        image.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+        image.info["transparency"] = 0
+        image.paste(0, (0, 0, 5, 10))
+        image.save(tmp_path / "p.png", transparency=0)
+        loaded = read_image(tmp_path / "p.png")
+        assert loaded.alpha is not None
+        assert float(loaded.alpha[0, 0, 0]) == 0.0 and float(loaded.alpha[0, 0, 9]) == 1.0
+        assert torch.allclose(loaded.pixels[:, 0, 9], torch.tensor([200, 100, 50]) / 255)
+
+    def test_sixteen_bit_grey(self, tmp_path):
+        values = (np.arange(16 * 16).reshape(16, 16) * 256).astype(np.uint16)
+        Image.fromarray(values).save(tmp_path / "g16.png")
+        loaded = read_image(tmp_path / "g16.png")
+        assert loaded.grayscale
+        assert loaded.pixels.shape == (3, 16, 16)
+        assert torch.allclose(loaded.pixels[0], torch.from_numpy(values.astype(np.float32) / 65535), atol=1e-6)
+        assert torch.equal(loaded.pixels[0], loaded.pixels[2])
+
+    def test_grey_and_rgba(self, tmp_path):
+        Image.fromarray(gradient()[..., 0]).save(tmp_path / "g.png")
+        grey = read_image(tmp_path / "g.png")
+        assert grey.grayscale and torch.equal(grey.pixels[0], grey.pixels[1])
+        rgba = np.dstack([gradient(), np.full((48, 64), 128, np.uint8)])
+        Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+        loaded = read_image(tmp_path / "a.png")
+        assert loaded.alpha is not None and torch.allclose(loaded.alpha, torch.full((1, 48, 64), 128 / 255))
+
+    @pytest.mark.skipif(not HEIF_AVAILABLE, reason="pillow-heif (the heic extra) not installed")
+    def test_heic(self, tmp_path):
+        Image.fromarray(gradient()).save(tmp_path / "h.heic", quality=95)
+        loaded = read_image(tmp_path / "h.heic")
+        assert loaded.pixels.shape == (3, 48, 64)
+        assert float((loaded.pixels - torch.from_numpy(gradient()).permute(2, 0, 1) / 255).abs().mean()) < 0.03
+
+
+class TestHostile:
+    def test_missing(self, tmp_path):
+        with pytest.raises(ImageReadError, match="no such file"):
+            read_image(tmp_path / "nope.jpg")
+
+    def test_zero_bytes(self, tmp_path):
+        (tmp_path / "zero.jpg").write_bytes(b"")
+        with pytest.raises(ImageReadError) as info:
+            read_image(tmp_path / "zero.jpg")
+        assert str(info.value) == f"{tmp_path / 'zero.jpg'}: empty file (0 bytes)"
+
+    def test_truncated_jpeg(self, tmp_path, samples_dir):
+        data = (samples_dir / "astronaut.jpg").read_bytes()
+        (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+        with pytest.raises(ImageReadError, match="truncated or corrupt"):
+            read_image(tmp_path / "cut.jpg")
+
+    def test_not_an_image(self, tmp_path):
+        (tmp_path / "text.png").write_text("hello, I am not a PNG\n" * 10)
+        with pytest.raises(ImageReadError, match="not an image"):
+            read_image(tmp_path / "text.png")
+
+    def test_decompression_bomb(self, tmp_path):
+        png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+        with pytest.raises(ImageReadError, match="more pixels than the limit|more than the limit") as info:
+            read_image(tmp_path / "bomb.png")
+        assert "\n" not in str(info.value) and "bomb.png" in str(info.value)
+
+    def test_limit_is_configurable(self, samples_dir, monkeypatch):
+        with pytest.raises(ImageReadError, match="more than the limit of 1,000"):
+            read_image(samples_dir / "astronaut.jpg", max_pixels=1000)
+        monkeypatch.setenv("FACECLOAK_MAX_PIXELS", "2000")
+        with pytest.raises(ImageReadError, match="2,000"):
+            read_image(samples_dir / "astronaut.jpg")
+
+    def test_directory_with_image_name(self, tmp_path):
+        (tmp_path / "folder.jpg").mkdir()
+        with pytest.raises(ImageReadError, match="not a regular file"):
+            read_image(tmp_path / "folder.jpg")
+
+
+class TestWrite:
+    def test_png_roundtrip_is_lossless(self, tmp_path):
+        pixels = torch.from_numpy(gradient()).permute(2, 0, 1).float() / 255
+        write_image(tmp_path / "out.png", pixels)
+        assert torch.equal(read_image(tmp_path / "out.png").pixels, pixels)
+
+    def test_alpha_is_put_back(self, tmp_path):
+        rgba = np.dstack([gradient(), np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))])
+        Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+        source = read_image(tmp_path / "a.png")
+        write_image(tmp_path / "b.png", source.pixels, source=source)
+        with Image.open(tmp_path / "b.png") as written:
+            assert written.mode == "RGBA"
+            assert np.array_equal(np.asarray(written), rgba)
+
+    def test_never_overwrites_an_input(self, tmp_path, samples_dir):
+        source = tmp_path / "in.png"
+        Image.fromarray(gradient()).save(source)
+        before = source.read_bytes()
+        with pytest.raises(ImageWriteError, match="refusing to overwrite an input"):
+            write_image(source, torch.zeros(3, 4, 4), protected=[source], overwrite=True)
+        assert source.read_bytes() == before
+
+    def test_existing_output_needs_overwrite(self, tmp_path):
+        target = tmp_path / "o.png"
+        write_image(target, torch.zeros(3, 4, 4))
+        with pytest.raises(ImageWriteError, match="output exists"):
+            write_image(target, torch.ones(3, 4, 4))
+        write_image(target, torch.ones(3, 4, 4), overwrite=True)
+        assert float(read_image(target).pixels.min()) == 1.0
+
+    def test_failed_write_leaves_nothing(self, tmp_path):
+        with pytest.raises(ImageWriteError):
+            write_image(tmp_path / "bad.png", torch.zeros(4, 4))  # not (3, H, W)
+        with pytest.raises(ImageWriteError, match="cannot write"):
+            write_image(tmp_path / "bad.xyz", torch.zeros(3, 4, 4))
+        assert list(tmp_path.iterdir()) == []
+
+    def test_gps_dropped_by_default_and_when_keeping_metadata(self, tmp_path):
+        exif = Image.Exif()
+        exif[0x010F] = "FaceCam"  # Make
+        exif[GPS_IFD] = {1: "N", 2: (48.0, 51.0, 24.0), 3: "E", 4: (2.0, 21.0, 3.0)}
+        Image.fromarray(gradient()).save(tmp_path / "gps.jpg", exif=exif.tobytes())
+        source = read_image(tmp_path / "gps.jpg")
+        assert GPS_IFD in Image.open(tmp_path / "gps.jpg").getexif()
+
+        write_image(tmp_path / "plain.jpg", source.pixels, source=source)
+        assert len(Image.open(tmp_path / "plain.jpg").getexif()) == 0
+
+        write_image(tmp_path / "kept.jpg", source.pixels, source=source, keep_metadata=True)
+        kept = Image.open(tmp_path / "kept.jpg").getexif()
+        assert kept.get(0x010F) == "FaceCam"
+        assert GPS_IFD not in kept
+        assert GPS_IFD not in _exif_of(strip_location(source.exif))
+
+    def test_icc_profile_is_kept(self, tmp_path):
+        profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+        Image.fromarray(gradient()).save(tmp_path / "icc.png", icc_profile=profile)
+        source = read_image(tmp_path / "icc.png")
+        write_image(tmp_path / "out.jpg", source.pixels, source=source)
+        assert Image.open(tmp_path / "out.jpg").info.get("icc_profile") == profile
+
+
+def _exif_of(data: bytes) -> Image.Exif:
+    exif = Image.Exif()
+    exif.load(data)
+    return exif
+
+
+class TestPaths:
+    def test_collect_mirrors_and_skips(self, tmp_path):
+        (tmp_path / "in" / "sub").mkdir(parents=True)
+        (tmp_path / "in" / "a.jpg").write_bytes(b"x")
+        (tmp_path / "in" / "sub" / "b.PNG").write_bytes(b"x")
+        (tmp_path / "in" / "notes.txt").write_text("hi")
+        (tmp_path / "in" / "out").mkdir()
+        (tmp_path / "in" / "out" / "old.jpg").write_bytes(b"x")
+        jobs, skipped = collect_images([tmp_path / "in"], exclude=tmp_path / "in" / "out")
+        assert [str(job.relative) for job in jobs] == ["a.jpg", "sub/b.PNG"]
+        assert [path.name for path, _ in skipped] == ["notes.txt"]
+        target = output_path(jobs[1], tmp_path / "o", "cloaked", None, "PNG")
+        assert target == tmp_path / "o" / "sub" / "b_cloaked.png"
+        assert output_path(jobs[0], None, "anonymized", "png", "JPEG") == tmp_path / "in" / "a_anonymized.png"
