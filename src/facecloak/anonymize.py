@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from facecloak import transforms
 from facecloak._checks import check_choice, check_faces, check_images
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
@@ -52,7 +53,7 @@ def region_mask(box: Tensor, x0: int, y0: int, height: int, width: int, shape: s
 
 
 def gaussian_blur(crop: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (1, C, H, W) with reflect padding; large sigmas blur a downscaled copy.
+    """Gaussian blur of (1, C, H, W) with reflect padding; large sigmas blur a downscaled copy.
 
     A strong blur has no fine detail left, so blurring at 1/k resolution and upsampling is the same
     picture at a fraction of the cost (a 1000 px face needs sigma ~150 px).
@@ -60,18 +61,7 @@ def gaussian_blur(crop: Tensor, sigma: float) -> Tensor:
     height, width = crop.shape[-2:]
     factor = max(1, int(sigma // 3))
     small = F.interpolate(crop, scale_factor=1 / factor, mode="area") if factor > 1 else crop
-    small_sigma = sigma / factor
-    radius = max(1, math.ceil(3 * small_sigma))
-    radius = min(radius, small.shape[-1] - 1, small.shape[-2] - 1)
-    if radius >= 1:
-        offsets = torch.arange(-radius, radius + 1, dtype=crop.dtype, device=crop.device)
-        kernel = torch.exp(-0.5 * (offsets / small_sigma) ** 2)
-        kernel = kernel / kernel.sum()
-        channels = small.shape[1]
-        padded = F.pad(small, (radius, radius, 0, 0), mode="reflect")
-        small = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-        padded = F.pad(small, (0, 0, radius, radius), mode="reflect")
-        small = F.conv2d(padded, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    small = transforms.gaussian_blur(small, sigma / factor)
     if factor > 1:
         small = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
     return small

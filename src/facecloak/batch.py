@@ -23,8 +23,9 @@ from torch import Tensor
 
 from facecloak import io
 from facecloak.anonymize import Anonymizer
+from facecloak.cloak import Cloak
 from facecloak.detect import FaceDetector
-from facecloak.errors import FacecloakError, ImageWriteError
+from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
 from facecloak.faces import Faces
 
 EXIT_OK = 0
@@ -267,23 +268,31 @@ def _write_output(
     return FileOutcome(str(path), status, output=str(target), faces=face_records, seconds=round(seconds, 3))
 
 
-def detect_files(
-    paths: Sequence[str | Path], options: Options, *, detector: FaceDetector | None = None
-) -> list[dict]:
-    """Faces per image for ``facecloak detect``: one dict per file (``faces`` or ``error``)."""
+def _faces_per_file(paths: Sequence[str | Path], options: Options, detector: FaceDetector | None):
+    """Yield (path, image, faces, error) for every image under ``paths``, one file at a time."""
     jobs, _ = io.collect_images(paths)
     detector = detector or FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
-    results = []
     for job in jobs:
         try:
             image = io.read_image(job.path, max_pixels=options.max_pixels)
         except FacecloakError as error:
-            results.append({"path": str(job.path), "error": str(error)})
+            yield job.path, None, None, str(error)
             continue
         with torch.no_grad():
-            faces = detector([image.pixels])
+            yield job.path, image, detector([image.pixels]), None
+
+
+def detect_files(
+    paths: Sequence[str | Path], options: Options, *, detector: FaceDetector | None = None
+) -> list[dict]:
+    """Faces per image for ``facecloak detect``: one dict per file (``faces`` or ``error``)."""
+    results = []
+    for path, image, faces, error in _faces_per_file(paths, options, detector):
+        if error:
+            results.append({"path": str(path), "error": error})
+            continue
         width, height = image.size
-        results.append({"path": str(job.path), "width": width, "height": height, "faces": faces.to_records()})
+        results.append({"path": str(path), "width": width, "height": height, "faces": faces.to_records()})
     return results
 
 
@@ -321,3 +330,80 @@ def anonymize_image(
     faces = detector([image])
     outputs, records = AnonymizeFaces(Anonymizer(method, **params))([image], faces)
     return outputs[0], records
+
+
+class CloakFaces:
+    """Protector that cloaks every face of a chunk of photos in one optimisation."""
+
+    tag = "cloaked"
+
+    def __init__(self, cloak: Cloak) -> None:
+        self.cloak = cloak
+
+    def __repr__(self) -> str:
+        return f"CloakFaces({self.cloak!r})"
+
+    def __call__(self, images: list[Tensor], faces: Faces) -> tuple[list[Tensor], list[dict]]:
+        """Cloak the faces; a face is protected when every model's distance after JPEG 75 passes."""
+        result = self.cloak(images, faces)
+        return [image.cpu() for image in result.images], result.records(faces)
+
+
+def cloak_image(
+    image: Tensor, cloak: Cloak, *, detector: FaceDetector | None = None
+) -> tuple[Tensor, list[dict]]:
+    """Cloak every face in one (3, H, W) image: the cloaked image and one record per face.
+
+    Example:
+        >>> cloak = create_cloak("untargeted", [create_embedder("dlib-resnet")])  # doctest: +SKIP
+        >>> cloaked, faces = cloak_image(read_image("samples/astronaut.jpg").pixels, cloak)
+    """
+    detector = detector or cloak.detector
+    faces = detector([image])
+    outputs, records = CloakFaces(cloak)([image], faces)
+    return outputs[0], records
+
+
+def _largest_face_embedding(path: Path, model, detector: FaceDetector, options: Options) -> Tensor:
+    from facecloak.embed import embed_faces
+
+    image = io.read_image(path, max_pixels=options.max_pixels)
+    faces = detector([image.pixels])
+    if len(faces) == 0:
+        raise InvalidInputError("no face found", path)
+    areas = (faces.boxes[:, 2] - faces.boxes[:, 0]) * (faces.boxes[:, 3] - faces.boxes[:, 1])
+    return embed_faces([image.pixels], faces.select([int(areas.argmax())]), model)[0]
+
+
+def verify_files(first: Path, second: Path, model, options: Options) -> dict:
+    """Whether the largest faces of two photos are the same person, by ``model``'s threshold."""
+    detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
+    a = _largest_face_embedding(first, model, detector, options)
+    b = _largest_face_embedding(second, model, detector, options)
+    distance = float(model.distance(a, b))
+    return {
+        "first": str(first),
+        "second": str(second),
+        "model": model.card.name,
+        "metric": model.card.distance,
+        "distance": round(distance, 5),
+        "threshold": model.card.match_threshold,
+        "same_person": distance < model.card.match_threshold,
+    }
+
+
+def embed_files(paths: Sequence[str | Path], model, options: Options) -> list[dict]:
+    """Embeddings of every face per image for ``facecloak embed``."""
+    from facecloak.embed import embed_faces
+
+    results = []
+    for path, image, faces, error in _faces_per_file(paths, options, None):
+        if error:
+            results.append({"path": str(path), "error": error})
+            continue
+        vectors = embed_faces([image.pixels], faces, model).cpu()
+        records = faces.to_records()
+        for record, vector in zip(records, vectors):
+            record["embedding"] = [round(float(v), 6) for v in vector]
+        results.append({"path": str(path), "model": model.card.name, "faces": records})
+    return results

@@ -274,7 +274,7 @@ def same_file(a: Path, b: Path) -> bool:
 def to_uint8(pixels: Tensor) -> np.ndarray:
     """(3, H, W) [0, 1] float tensor -> (H, W, 3) uint8 array, rounding to nearest."""
     array = (pixels.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
-    return array.permute(1, 2, 0).cpu().numpy()
+    return np.ascontiguousarray(array.permute(1, 2, 0).cpu().numpy())
 
 
 def _to_pil(pixels: Tensor, source: LoadedImage | None, format_name: str) -> Image.Image:
@@ -367,3 +367,16 @@ def output_path(job: ImageJob, out_dir: Path | None, tag: str, format_name: str 
     if out_dir is None:
         return job.path.with_name(name)
     return out_dir / job.relative.with_name(name)
+
+
+def jpeg_roundtrip(pixels: Tensor, quality: int = 75) -> Tensor:
+    """Encode a (3, H, W) [0, 1] image as a real JPEG in memory (PIL, 4:2:0) and decode it again.
+
+    This is what an upload site does to a photo; the cloak is checked against it.
+    """
+    buffer = _bytes_io.BytesIO()
+    Image.fromarray(to_uint8(pixels)).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        array = np.asarray(decoded.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(pixels.device)

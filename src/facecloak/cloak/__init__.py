@@ -1,0 +1,41 @@
+"""Cloaking: adversarial perturbations that move a face's embedding away from its identity.
+
+One class per method behind one contract (`Cloak.__call__(images, faces) -> CloakResult`):
+`UntargetedCloak` (default) and `TargetedCloak`. `create_cloak` builds one by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from facecloak._checks import check_choice
+from facecloak.cloak.base import LEVELS, VERIFY_JPEG_QUALITY, Cloak, CloakBudget, CloakResult
+from facecloak.cloak.targeted import TargetedCloak
+from facecloak.cloak.untargeted import UntargetedCloak
+from facecloak.models.registry import Embedder
+
+CLOAK_METHODS: dict[str, type[Cloak]] = {"untargeted": UntargetedCloak, "targeted": TargetedCloak}
+DEFAULT_MODE = "untargeted"
+
+
+def create_cloak(mode: str, models: Sequence[Embedder], level: str = "mid", **kwargs) -> Cloak:
+    """Build the cloak method ``mode`` ("untargeted" or "targeted"); ``None`` keywords keep defaults."""
+    check_choice(mode, tuple(CLOAK_METHODS), "mode")
+    options = {key: value for key, value in kwargs.items() if value is not None}
+    if mode != "targeted":
+        options.pop("identity_key", None)
+    return CLOAK_METHODS[mode](models, level, **options)
+
+
+__all__ = [
+    "CLOAK_METHODS",
+    "DEFAULT_MODE",
+    "LEVELS",
+    "VERIFY_JPEG_QUALITY",
+    "Cloak",
+    "CloakBudget",
+    "CloakResult",
+    "TargetedCloak",
+    "UntargetedCloak",
+    "create_cloak",
+]

@@ -1,0 +1,422 @@
+"""The cloak contract: budgets, the optimisation loop, the per-face result.
+
+A cloak is a small perturbation of each face, optimised at the photo's native resolution, inside
+a feathered face region, through the differentiable alignment into every chosen face model at
+once, and through random simulated uploads (JPEG, rescaling, blur, landmark noise). Subclasses
+(one file per method) only say what to minimise per face (`Cloak.objective`); the loop, the
+budget (L-infinity and DSSIM caps, both enforced, not just penalised), early stopping and the
+honest check after a real JPEG re-encode and re-detection live here.
+
+Budgets follow Fawkes' perceptual levels (DSSIM caps 0.004 / 0.012 / 0.017 for low / mid / high;
+Shan et al., USENIX Security 2020), measured on the face region at native resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from facecloak import io, quality
+from facecloak._checks import check_choice, check_faces, check_images
+from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
+from facecloak.cloak.regions import Bucket, build_buckets, face_regions, paste_perturbations, sample_chips
+from facecloak.detect import FaceDetector
+from facecloak.embed import embed_faces, model_device
+from facecloak.errors import InvalidInputError
+from facecloak.faces import Faces
+from facecloak.models.registry import Embedder
+
+
+@dataclass(frozen=True)
+class CloakBudget:
+    """How much a cloak may change a face, and how far it aims to move it.
+
+    Attributes:
+        max_dssim: cap on DSSIM over the face region (enforced by scaling the change down).
+        max_linf: cap on any pixel's change, in 1/255 units (enforced by clipping).
+        steps: most optimisation steps per face (faces that reach their aim stop early).
+        aim: distance to reach on every model, as a multiple of its match threshold, under
+            simulated uploads. Above 1 leaves a margin for a scraper's own pipeline.
+        step_size: Adam learning rate, in 1/255 units.
+    """
+
+    max_dssim: float
+    max_linf: float
+    steps: int
+    aim: float
+    step_size: float
+
+
+LEVELS: dict[str, CloakBudget] = {
+    "low": CloakBudget(max_dssim=0.004, max_linf=8.0, steps=30, aim=1.3, step_size=1.5),
+    "mid": CloakBudget(max_dssim=0.012, max_linf=12.0, steps=40, aim=1.5, step_size=2.0),
+    "high": CloakBudget(max_dssim=0.017, max_linf=16.0, steps=60, aim=1.7, step_size=2.5),
+}
+"""Preset budgets by name; explicit keywords to `Cloak` override single fields."""
+
+DSSIM_SAFETY = 0.95
+"""Enforce the DSSIM cap with this much headroom: rounding to 8 bits adds a little."""
+
+VERIFY_JPEG_QUALITY = 75
+"""The re-encode every cloak is checked against, as a typical upload site applies it."""
+
+
+@dataclass(frozen=True)
+class CloakResult:
+    """What a cloak did to each face.
+
+    Attributes:
+        images: the cloaked photos, (3, H_i, W_i) each, in [0, 1].
+        model_names: the models attacked, in column order of the distance tensors.
+        thresholds: (M,) each model's match threshold.
+        distance: (N, M) distance of each cloaked face to its clean embedding (our alignment).
+        distance_jpeg: (N, M) the same after a real JPEG re-encode at `VERIFY_JPEG_QUALITY` and
+            detection from scratch; NaN where the face was not found again.
+        found_after_jpeg: (N,) the face was detected again after the re-encode.
+        dssim, psnr, linf: (N,) image change over the face region (linf in 1/255 units).
+        steps: (N,) optimisation steps taken.
+        protected: (N,) every model's ``distance_jpeg`` reached its match threshold (a face not
+            found again counts as protected: a scraper cannot enrol it).
+        seconds: wall time of the whole call.
+    """
+
+    images: list[Tensor]
+    model_names: tuple[str, ...]
+    thresholds: Tensor
+    distance: Tensor
+    distance_jpeg: Tensor
+    found_after_jpeg: Tensor
+    dssim: Tensor
+    psnr: Tensor
+    linf: Tensor
+    steps: Tensor
+    protected: Tensor
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+    def records(self, faces: Faces) -> list[dict]:
+        """One JSON-ready dict per face, in ``faces`` order."""
+        out = []
+        base = faces.to_records()
+        for n in range(len(faces)):
+            models = {
+                name: {
+                    "threshold": round(float(self.thresholds[m]), 4),
+                    "distance": round(float(self.distance[n, m]), 4),
+                    "distance_after_jpeg75": None
+                    if math.isnan(float(self.distance_jpeg[n, m]))
+                    else round(float(self.distance_jpeg[n, m]), 4),
+                }
+                for m, name in enumerate(self.model_names)
+            }
+            out.append(
+                dict(
+                    base[n],
+                    protected=bool(self.protected[n]),
+                    found_after_jpeg75=bool(self.found_after_jpeg[n]),
+                    models=models,
+                    dssim=round(float(self.dssim[n]), 5),
+                    psnr=round(float(self.psnr[n]), 2),
+                    linf=round(float(self.linf[n]), 2),
+                    steps=int(self.steps[n]),
+                )
+            )
+        return out
+
+
+class Cloak:
+    """Base of every cloak method: ``cloak(images, faces) -> CloakResult``.
+
+    Args:
+        models: face models to attack at once (an ensemble is just several).
+        level: preset budget, "low", "mid" or "high" (see `LEVELS`).
+        steps, max_dssim, max_linf, aim: override single fields of the preset.
+        robust_to: simulated upload transformations to optimise through (see `ROBUSTNESS`).
+        eot_samples: random draws per step; more is steadier and slower.
+        region_scale: face region (the only pixels changed) relative to the detection box.
+        detector: detector used to check each cloak after a real JPEG re-encode (default MTCNN).
+        verify: run that check (the evaluator measures separately and may switch it off).
+        seed: seed of the random draws; the same seed gives the same perturbation.
+    """
+
+    name = "base"
+
+    def __init__(
+        self,
+        models: Sequence[Embedder],
+        level: str = "mid",
+        *,
+        steps: int | None = None,
+        max_dssim: float | None = None,
+        max_linf: float | None = None,
+        aim: float | None = None,
+        robust_to: Sequence[str] = ROBUSTNESS,
+        eot_samples: int = 2,
+        region_scale: float = 1.3,
+        feather: float = 0.15,
+        detector: FaceDetector | None = None,
+        verify: bool = True,
+        seed: int | None = 0,
+    ) -> None:
+        if not models:
+            raise InvalidInputError("a cloak needs at least one face model")
+        check_choice(level, tuple(LEVELS), "level")
+        for item in robust_to:
+            check_choice(item, ROBUSTNESS, "robust_to")
+        overrides = {"steps": steps, "max_dssim": max_dssim, "max_linf": max_linf, "aim": aim}
+        self.budget = replace(LEVELS[level], **{k: v for k, v in overrides.items() if v is not None})
+        if self.budget.steps < 0 or self.budget.max_dssim <= 0 or self.budget.max_linf <= 0:
+            raise InvalidInputError("steps must be >= 0 and the DSSIM and L-infinity caps > 0")
+        self.models = list(models)
+        self.level = level
+        self.simulator = UploadSimulator(robust_to=tuple(robust_to))
+        self.eot_samples = max(1, int(eot_samples))
+        self.region_scale = float(region_scale)
+        self.feather = float(feather)
+        self._detector = detector
+        self.verify = verify
+        self.seed = seed
+        self.device = model_device(self.models[0])
+        self.thresholds = torch.tensor([m.card.match_threshold for m in self.models], device=self.device)
+
+    def __repr__(self) -> str:
+        names = ", ".join(m.card.name for m in self.models)
+        return f"{type(self).__name__}(models=[{names}], level={self.level!r}, budget={self.budget})"
+
+    # -- what subclasses define -------------------------------------------------------------
+    def prepare(self, clean: list[Tensor], faces: Faces) -> None:
+        """Called once per call with the clean embeddings (one (N, D_m) per model)."""
+
+    def objective(self, embeddings: list[Tensor], clean: list[Tensor], face_index: Tensor) -> Tensor:
+        """(n,) loss to minimise per face, from this draw's (n, D_m) embeddings per model."""
+        raise NotImplementedError
+
+    # -- the contract -----------------------------------------------------------------------
+    def __call__(self, images: Tensor | Sequence[Tensor], faces: Faces) -> CloakResult:
+        """Cloak every face in ``images``.
+
+        Args:
+            images: (B, 3, H, W) in [0, 1], or a list of (3, H_i, W_i).
+            faces: the faces to cloak, from `facecloak.detect`.
+        """
+        started = time.perf_counter()
+        photos = [images[i] for i in range(images.shape[0])] if isinstance(images, Tensor) else list(images)
+        for i, photo in enumerate(photos):
+            check_images(photo[None], name=f"images[{i}]")
+        check_faces(faces, len(photos))
+        photos = [photo.to(self.device, torch.float32) for photo in photos]
+        faces = faces.to("cpu")
+        if len(faces) == 0:
+            return self._result(photos, photos, faces, [], torch.zeros(0, dtype=torch.long), started)
+        clean = [embed_faces(photos, faces, model) for model in self.models]
+        self.prepare(clean, faces)
+        generator = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
+        jitter = self.simulator.max_jitter_px(faces.landmarks)
+        buckets = build_buckets(
+            photos, faces, self.models, region_scale=self.region_scale, feather=self.feather, jitter_px=jitter
+        )
+        deltas, steps = self._optimise(buckets, faces, clean, generator)
+        cloaked = paste_perturbations(photos, faces, buckets, deltas)
+        return self._result(photos, cloaked, faces, clean, steps, started)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _optimise(
+        self, buckets: list[Bucket], faces: Faces, clean: list[Tensor], generator: torch.Generator
+    ) -> tuple[list[Tensor], Tensor]:
+        budget = self.budget
+        eps = budget.max_linf / 255.0
+        lr = budget.step_size / 255.0
+        landmarks = faces.landmarks.to(self.device)
+        steps_taken = torch.zeros(len(faces), dtype=torch.long)
+        active = torch.ones(len(faces), dtype=torch.bool)
+        reached = torch.zeros(len(faces), dtype=torch.long)  # consecutive steps at or past the aim
+        deltas = [torch.zeros_like(bucket.crops) for bucket in buckets]
+        first = [torch.zeros_like(delta) for delta in deltas]
+        second = [torch.zeros_like(delta) for delta in deltas]
+        region_boxes = [self._boxes_in_crop(bucket, faces) for bucket in buckets]
+        beta1, beta2 = 0.9, 0.999
+        for step in range(1, budget.steps + 1):
+            if not bool(active.any()):
+                break
+            for b, bucket in enumerate(buckets):
+                rows = active[bucket.faces].nonzero()[:, 0]
+                if len(rows) == 0:
+                    continue
+                rows_device = rows.to(self.device)
+                face_index = bucket.faces[rows]
+                delta = deltas[b][rows_device].clone().requires_grad_(True)
+                crops, masks = bucket.crops[rows_device], bucket.masks[rows_device]
+                adversarial = (crops + masks * delta).clamp(0, 1)
+                loss, ratios = self._draws(adversarial, landmarks[face_index.to(self.device)], bucket, rows, clean, face_index, generator)
+                penalty = quality.box_dssim(crops, adversarial, region_boxes[b][rows])
+                total = loss + 20.0 * torch.relu(penalty / budget.max_dssim - 0.8)
+                (gradient,) = torch.autograd.grad(total.sum(), delta)
+                gradient = gradient * masks
+                with torch.no_grad():
+                    m = first[b][rows_device].mul_(beta1).add_(gradient, alpha=1 - beta1)
+                    v = second[b][rows_device].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+                    first[b][rows_device], second[b][rows_device] = m, v
+                    m_hat = m / (1 - beta1**step)
+                    v_hat = v / (1 - beta2**step)
+                    updated = (delta - lr * m_hat / (v_hat.sqrt() + 1e-12)).clamp(-eps, eps)
+                    updated = (crops + updated).clamp(0, 1) - crops  # stay a valid image
+                    updated = self._enforce_dssim(crops, masks, updated, region_boxes[b][rows])
+                    deltas[b][rows_device] = updated
+                steps_taken[face_index] += 1
+                at_aim = (ratios >= budget.aim).all(dim=1).cpu()
+                reached[face_index] = torch.where(at_aim, reached[face_index] + 1, torch.zeros_like(reached[face_index]))
+                active[face_index] = reached[face_index] < 2
+        return deltas, steps_taken
+
+    def _draws(
+        self,
+        adversarial: Tensor,
+        landmarks: Tensor,
+        bucket: Bucket,
+        rows: Tensor,
+        clean: list[Tensor],
+        face_index: Tensor,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, Tensor]:
+        """Mean loss over ``eot_samples`` random uploads, and the worst (n, M) distance ratios seen."""
+        n = adversarial.shape[0]
+        transformed, moved = zip(*(self.simulator(adversarial, landmarks, generator) for _ in range(self.eot_samples)))
+        crops = torch.cat(transformed)
+        points = torch.cat(moved)
+        origins = bucket.origins[rows].to(self.device).repeat(self.eot_samples, 1)
+        embeddings = []
+        ratios = []
+        device_index = face_index.to(self.device)
+        for m, model in enumerate(self.models):
+            chips = sample_chips(crops, points, origins, model, bucket.factors[m])
+            embedding = model(chips)
+            embeddings.append(embedding)
+            reference = clean[m][device_index].repeat(self.eot_samples, 1)
+            ratios.append(model.distance(embedding, reference).detach() / self.thresholds[m])
+        repeated = face_index.repeat(self.eot_samples)
+        loss = self.objective(embeddings, clean, repeated).view(self.eot_samples, n).mean(0)
+        worst = torch.stack(ratios, dim=1).view(self.eot_samples, n, len(self.models)).amin(0)
+        return loss, worst
+
+    def _boxes_in_crop(self, bucket: Bucket, faces: Faces) -> Tensor:
+        """(n, 4) integer region boxes relative to each crop, clipped to its valid area."""
+        regions = face_regions(faces.select(bucket.faces), self.region_scale)
+        x0 = (regions[:, 0].floor() - bucket.origins[:, 0]).clamp_min(0)
+        y0 = (regions[:, 1].floor() - bucket.origins[:, 1]).clamp_min(0)
+        x1 = torch.minimum(regions[:, 2].ceil() + 1 - bucket.origins[:, 0], bucket.sizes[:, 0].float())
+        y1 = torch.minimum(regions[:, 3].ceil() + 1 - bucket.origins[:, 1], bucket.sizes[:, 1].float())
+        return torch.stack([x0, y0, x1, y1], dim=1).long()
+
+    def _enforce_dssim(self, crops: Tensor, masks: Tensor, delta: Tensor, boxes: Tensor) -> Tensor:
+        """Scale each face's change down (bisection) until its DSSIM is within the cap."""
+        cap = self.budget.max_dssim * DSSIM_SAFETY
+        measured = quality.box_dssim(crops, (crops + masks * delta).clamp(0, 1), boxes)
+        over = measured > cap
+        if not bool(over.any()):
+            return delta
+        low = torch.zeros(len(crops), device=crops.device)
+        high = torch.ones(len(crops), device=crops.device)
+        for _ in range(8):
+            middle = (low + high) / 2
+            scaled = (crops + masks * delta * middle.view(-1, 1, 1, 1)).clamp(0, 1)
+            fits = quality.box_dssim(crops, scaled, boxes) <= cap
+            low = torch.where(fits, middle, low)
+            high = torch.where(fits, high, middle)
+        factor = torch.where(over, low, torch.ones_like(low))
+        return delta * factor.view(-1, 1, 1, 1)
+
+    # -- the honest check -------------------------------------------------------------------
+    @property
+    def detector(self) -> FaceDetector:
+        """The detector of the after-upload check (built on first use)."""
+        if self._detector is None:
+            self._detector = FaceDetector(device=self.device)
+        return self._detector
+
+    def _result(
+        self,
+        originals: list[Tensor],
+        cloaked: list[Tensor],
+        faces: Faces,
+        clean: list[Tensor],
+        steps: Tensor,
+        started: float,
+    ) -> CloakResult:
+        n, models = len(faces), len(self.models)
+        stored = [torch.from_numpy(io.to_uint8(image)).permute(2, 0, 1).float().div(255).to(image) for image in cloaked]
+        distance = torch.zeros(n, models)
+        for m, model in enumerate(self.models):
+            if n:
+                distance[:, m] = model.distance(embed_faces(stored, faces, model), clean[m]).cpu()
+        distance_jpeg = torch.full((n, models), math.nan)
+        found = torch.zeros(n, dtype=torch.bool)
+        if self.verify and n:
+            distance_jpeg, found = self._after_upload(stored, faces, clean)
+        metrics = self._quality(originals, stored, faces)
+        passes = torch.nan_to_num(distance_jpeg if self.verify else distance, nan=math.inf) >= self.thresholds.cpu()
+        protected = passes.all(dim=1) if models else torch.zeros(n, dtype=torch.bool)
+        return CloakResult(
+            images=stored,
+            model_names=tuple(m.card.name for m in self.models),
+            thresholds=self.thresholds.cpu(),
+            distance=distance,
+            distance_jpeg=distance_jpeg,
+            found_after_jpeg=found,
+            dssim=metrics[0],
+            psnr=metrics[1],
+            linf=metrics[2],
+            steps=steps,
+            protected=protected,
+            seconds=time.perf_counter() - started,
+            settings={"method": self.name, "level": self.level, **self.budget.__dict__},
+        )
+
+    def _after_upload(self, stored: list[Tensor], faces: Faces, clean: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Re-encode each photo as JPEG 75, detect from scratch, match faces by box overlap, embed."""
+        recompressed = [io.jpeg_roundtrip(image, VERIFY_JPEG_QUALITY) for image in stored]
+        found_faces = self.detector(recompressed)
+        n = len(faces)
+        distance = torch.full((n, len(self.models)), math.nan)
+        found = torch.zeros(n, dtype=torch.bool)
+        matched = torch.full((n,), -1, dtype=torch.long)
+        for k in range(n):
+            candidates = (found_faces.image_index == faces.image_index[k]).nonzero()[:, 0]
+            if len(candidates):
+                overlaps = _iou(faces.boxes[k], found_faces.boxes[candidates])
+                best = int(overlaps.argmax())
+                if float(overlaps[best]) >= 0.3:
+                    matched[k] = candidates[best]
+                    found[k] = True
+        if bool(found.any()):
+            again = found_faces.select(matched[found])
+            for m, model in enumerate(self.models):
+                embedding = embed_faces(recompressed, again, model)
+                distance[found, m] = model.distance(embedding, clean[m][found.to(clean[m].device)]).cpu()
+        return distance, found
+
+    def _quality(self, originals: list[Tensor], stored: list[Tensor], faces: Faces) -> tuple[Tensor, Tensor, Tensor]:
+        regions = face_regions(faces, self.region_scale)
+        values = torch.zeros(3, len(faces))
+        for k in range(len(faces)):
+            i = int(faces.image_index[k])
+            height, width = originals[i].shape[-2:]
+            x0, y0 = max(0, int(regions[k, 0].floor())), max(0, int(regions[k, 1].floor()))
+            x1, y1 = min(width, int(regions[k, 2].ceil()) + 1), min(height, int(regions[k, 3].ceil()) + 1)
+            a = originals[i][None, :, y0:y1, x0:x1].float()
+            b = stored[i][None, :, y0:y1, x0:x1].float()
+            values[:, k] = torch.stack([quality.dssim(a, b)[0], quality.psnr(a, b)[0], quality.linf(a, b)[0]]).cpu()
+        return values[0], values[1], values[2]
+
+
+def _iou(box: Tensor, boxes: Tensor) -> Tensor:
+    top_left = torch.maximum(box[:2], boxes[:, :2])
+    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
+    inter = (bottom_right - top_left).clamp_min(0).prod(dim=1)
+    area = (box[2:] - box[:2]).prod()
+    areas = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
+    return inter / (area + areas - inter)

@@ -1,0 +1,191 @@
+"""The pixels a cloak may change: one crop per face, at native resolution, with its feathered mask.
+
+A cloak never touches a whole photo: each face owns the crop its models' chips can read (plus a
+margin for landmark jitter), aligned to the 16-pixel JPEG grid of the photo so that simulated
+JPEG blocks fall where a real encoder's would. Crops are stacked into buckets of equal padded
+size (faces needing the same antialiasing factor per model), so every step is a handful of
+batched tensor operations whatever the number of photos and their sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from facecloak.align import (
+    _pool_factor,
+    affine_scale,
+    chip_footprint,
+    estimate_similarity,
+    pool_sources,
+    shift_affine,
+    warp_to_chips,
+)
+from facecloak.anonymize import region_mask
+from facecloak.faces import Faces
+from facecloak.models.registry import Embedder
+
+JPEG_GRID_PX = 16
+"""Crops start on multiples of this (a JPEG MCU with 4:2:0 chroma subsampling)."""
+
+MAX_BUCKET_FACES = 64
+
+
+@dataclass
+class Bucket:
+    """Faces whose crops are stacked into one padded batch.
+
+    Attributes:
+        faces: (n,) indices into the cloak's face list.
+        crops: (n, 3, h, w) clean pixels, zero-padded at the bottom/right.
+        masks: (n, 1, h, w) feathered face-region masks (0 on padding and outside the region).
+        origins: (n, 2) image pixel of each crop's top-left corner (x0, y0).
+        sizes: (n, 2) valid crop width and height.
+        factors: per model, the area-averaging factor used before sampling its chips.
+    """
+
+    faces: Tensor
+    crops: Tensor
+    masks: Tensor
+    origins: Tensor
+    sizes: Tensor
+    factors: tuple[int, ...]
+
+
+def face_regions(faces: Faces, region_scale: float) -> Tensor:
+    """(N, 4) region boxes: each detection box scaled by ``region_scale`` about its centre."""
+    centre = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
+    half = (faces.boxes[:, 2:] - faces.boxes[:, :2]) / 2 * region_scale
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
+def build_buckets(
+    images: Sequence[Tensor],
+    faces: Faces,
+    models: Sequence[Embedder],
+    *,
+    region_scale: float,
+    feather: float,
+    jitter_px: Tensor,
+) -> list[Bucket]:
+    """Cut one crop per face covering every model's chip, pad and stack them into buckets.
+
+    Args:
+        images: the photos, (3, H_i, W_i) each.
+        faces: the faces to cloak (``image_index`` into ``images``).
+        models: the embedders whose chips the crop must cover.
+        region_scale: face region size relative to the detection box (the only pixels changed).
+        feather: soft edge of the region, as a fraction of its half-size.
+        jitter_px: (N,) largest landmark jitter per face, widening the crop.
+    """
+    regions = face_regions(faces, region_scale)
+    boxes, keys = [], []
+    for n in range(len(faces)):
+        image = images[int(faces.image_index[n])]
+        height, width = image.shape[-2:]
+        low = regions[n, :2].clone()
+        high = regions[n, 2:].clone()
+        factors = []
+        for model in models:
+            card = model.card
+            chip_from_image = estimate_similarity(faces.landmarks[n : n + 1], torch.tensor(card.template))
+            factor = _pool_factor(float(affine_scale(chip_from_image)[0]))
+            factors.append(factor)
+            footprint = chip_footprint(chip_from_image, card.input_size, margin=float(jitter_px[n]) * 1.5 + 2 * factor)[0]
+            low = torch.minimum(low, footprint[:2].float())
+            high = torch.maximum(high, footprint[2:].float())
+        x0 = max(0, int(math.floor(float(low[0]))) // JPEG_GRID_PX * JPEG_GRID_PX)
+        y0 = max(0, int(math.floor(float(low[1]))) // JPEG_GRID_PX * JPEG_GRID_PX)
+        x1 = min(width, int(math.ceil(float(high[0]))) + 1)
+        y1 = min(height, int(math.ceil(float(high[1]))) + 1)
+        boxes.append((x0, y0, x1, y1))
+        keys.append(tuple(factors))
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for n, key in enumerate(keys):
+        groups[key].append(n)
+    buckets = []
+    for key, members in groups.items():
+        members.sort(key=lambda n: (boxes[n][2] - boxes[n][0]) * (boxes[n][3] - boxes[n][1]))
+        for start in range(0, len(members), MAX_BUCKET_FACES):
+            chunk = members[start : start + MAX_BUCKET_FACES]
+            buckets.append(_stack(images, faces, regions, boxes, chunk, key, feather))
+    return buckets
+
+
+def _stack(images, faces, regions, boxes, members, factors, feather) -> Bucket:
+    height = max(boxes[n][3] - boxes[n][1] for n in members)
+    width = max(boxes[n][2] - boxes[n][0] for n in members)
+    reference = images[int(faces.image_index[members[0]])]
+    crops = reference.new_zeros(len(members), 3, height, width)
+    masks = reference.new_zeros(len(members), 1, height, width)
+    for row, n in enumerate(members):
+        x0, y0, x1, y1 = boxes[n]
+        image = images[int(faces.image_index[n])]
+        crops[row, :, : y1 - y0, : x1 - x0] = image[:, y0:y1, x0:x1]
+        region = regions[n].to(reference)
+        masks[row, :, : y1 - y0, : x1 - x0] = region_mask(region, x0, y0, y1 - y0, x1 - x0, "ellipse", feather)
+    index = torch.tensor(members, dtype=torch.long)
+    origins = torch.tensor([boxes[n][:2] for n in members], dtype=torch.float32)
+    sizes = torch.tensor([(boxes[n][2] - boxes[n][0], boxes[n][3] - boxes[n][1]) for n in members])
+    return Bucket(index, crops, masks, origins, sizes, tuple(factors))
+
+
+def sample_chips(
+    crops: Tensor, landmarks: Tensor, origins: Tensor, model: Embedder, factor: int
+) -> Tensor:
+    """Aligned chips for ``model`` from (n, 3, h, w) crops, differentiable w.r.t. the crops.
+
+    Args:
+        crops: (n, 3, h, w) crop pixels (perturbed and transformed as the caller wishes).
+        landmarks: (n, 5, 2) landmarks in image pixels.
+        origins: (n, 2) top-left image pixel of each crop.
+        model: the embedder (its card gives template and chip size).
+        factor: area-averaging factor for this model's bucket.
+    """
+    template = torch.tensor(model.card.template, dtype=crops.dtype, device=crops.device)
+    chip_from_image = estimate_similarity(landmarks.to(crops), template)
+    chip_from_crop = shift_affine(chip_from_image, origins[:, 0].to(crops), origins[:, 1].to(crops))
+    sources, chip_from_source = pool_sources(crops, chip_from_crop, factor)
+    return warp_to_chips(sources, chip_from_source, model.card.input_size)
+
+
+def paste_perturbations(images: Sequence[Tensor], faces: Faces, buckets: Sequence[Bucket], deltas: Sequence[Tensor]) -> list[Tensor]:
+    """Add each face's masked perturbation back into its photo; clamp to [0, 1].
+
+    Where two faces' crops overlap, their perturbations add (each is already inside its budget).
+    """
+    outputs = [image.clone() for image in images]
+    for bucket, delta in zip(buckets, deltas):
+        change = bucket.masks * delta
+        for row, n in enumerate(bucket.faces.tolist()):
+            image = outputs[int(faces.image_index[n])]
+            x0, y0 = (int(v) for v in bucket.origins[row].tolist())
+            width, height = (int(v) for v in bucket.sizes[row].tolist())
+            image[:, y0 : y0 + height, x0 : x0 + width] += change[row, :, :height, :width].to(image)
+    return [output.clamp_(0, 1) for output in outputs]
+
+
+def region_crops(images: Sequence[Tensor], faces: Faces, region_scale: float) -> list[Tensor]:
+    """(3, h, w) crops of each face's region box (where DSSIM and PSNR are measured)."""
+    regions = face_regions(faces, region_scale)
+    crops = []
+    for n in range(len(faces)):
+        image = images[int(faces.image_index[n])]
+        height, width = image.shape[-2:]
+        x0, y0 = max(0, int(regions[n, 0])), max(0, int(regions[n, 1]))
+        x1, y1 = min(width, int(math.ceil(float(regions[n, 2]))) + 1), min(height, int(math.ceil(float(regions[n, 3]))) + 1)
+        crops.append(image[:, y0:y1, x0:x1])
+    return crops
+
+
+def pad_to(tensors: Sequence[Tensor]) -> Tensor:
+    """Stack (C, h_i, w_i) tensors into (n, C, max h, max w), zero-padded bottom/right."""
+    height = max(t.shape[-2] for t in tensors)
+    width = max(t.shape[-1] for t in tensors)
+    return torch.stack([F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2])) for t in tensors])

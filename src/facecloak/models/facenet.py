@@ -1,0 +1,89 @@
+"""facenet-pytorch's InceptionResnetV1 (VGGFace2 or CASIA-WebFace weights), from a file the user gives.
+
+facenet-pytorch downloads these weights on first use; facecloak never does. Point the model at
+the state-dict file (``20180402-114759-vggface2.pt`` / ``20180408-102900-casia-webface.pt``)
+with ``weights=`` or the environment variables below; it loads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from facecloak.errors import ModelNotFoundError
+from facecloak.models.registry import Embedder, FaceModelCard, register_embedder
+
+ARCFACE_TEMPLATE_112 = (
+    (38.2946, 51.6963),
+    (73.5318, 51.5014),
+    (56.0252, 71.7366),
+    (41.5493, 92.3655),
+    (70.7299, 92.2041),
+)
+"""The standard 5-point ArcFace template for a 112x112 chip (insightface)."""
+
+FACENET_TEMPLATE_160 = tuple((x * 160 / 112, y * 160 / 112) for x, y in ARCFACE_TEMPLATE_112)
+"""ArcFace's template scaled to facenet's 160 px chip: close to the tight MTCNN crops it was trained on."""
+
+
+class FacenetEmbedder(Embedder):
+    """InceptionResnetV1 on 160 px chips; unit-norm 512-d embeddings, compared by cosine distance."""
+
+    def __init__(self, card: FaceModelCard, state_dict: dict[str, Tensor]) -> None:
+        super().__init__()
+        from facenet_pytorch.models.inception_resnet_v1 import InceptionResnetV1
+
+        self.card = card
+        classes = state_dict["logits.weight"].shape[0] if "logits.weight" in state_dict else None
+        self.net = InceptionResnetV1(pretrained=None, classify=False, num_classes=classes)
+        self.net.load_state_dict(state_dict, strict=classes is not None)
+
+    def forward(self, chips: Tensor) -> Tensor:
+        """(N, 3, 160, 160) RGB in [0, 1] -> (N, 512) unit-norm embeddings."""
+        return self.net((chips * 255.0 - 127.5) / 128.0)
+
+
+def _load(card: FaceModelCard, path: Path) -> FacenetEmbedder:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a bad file
+        raise ModelNotFoundError(f"not a PyTorch state dict ({type(error).__name__})", path) from None
+    if not isinstance(state, dict) or "conv2d_1a.conv.weight" not in state:
+        raise ModelNotFoundError("not an InceptionResnetV1 state dict", path)
+    try:
+        return FacenetEmbedder(card, state)
+    except RuntimeError as error:
+        raise ModelNotFoundError(f"weights do not fit InceptionResnetV1 ({str(error).splitlines()[0]})", path) from None
+
+
+def _card(name: str, dataset: str, file: str, env: str) -> FaceModelCard:
+    return FaceModelCard(
+        name=name,
+        input_size=160,
+        template=FACENET_TEMPLATE_160,
+        embedding_dim=512,
+        distance="cosine",
+        match_threshold=0.6,
+        weights=f"user-supplied {file} (facenet-pytorch's {dataset} weights; never downloaded)",
+        license="MIT code (facenet-pytorch); weights under their dataset's terms",
+        description=f"InceptionResnetV1 trained on {dataset} (facenet-pytorch)",
+        weights_env=env,
+    )
+
+
+VGGFACE2 = _card("facenet-vggface2", "VGGFace2", "20180402-114759-vggface2.pt", "FACECLOAK_FACENET_VGGFACE2")
+CASIA = _card("facenet-casia", "CASIA-WebFace", "20180408-102900-casia-webface.pt", "FACECLOAK_FACENET_CASIA")
+
+
+@register_embedder(VGGFACE2)
+def facenet_vggface2(weights: Path | None) -> FacenetEmbedder:
+    """InceptionResnetV1 with VGGFace2 weights from the user's file."""
+    return _load(VGGFACE2, weights)
+
+
+@register_embedder(CASIA)
+def facenet_casia(weights: Path | None) -> FacenetEmbedder:
+    """InceptionResnetV1 with CASIA-WebFace weights from the user's file."""
+    return _load(CASIA, weights)

@@ -1,0 +1,102 @@
+"""Image-quality measures of a protection: SSIM / DSSIM, PSNR and L-infinity, as pure tensor functions.
+
+DSSIM = (1 - SSIM) / 2, the measure Fawkes budgets its cloaks in. SSIM uses the usual 11-tap
+Gaussian window (sigma 1.5) and constants of Wang et al. (2004), averaged over RGB channels and
+over the pixels where the window fits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_C1 = 0.01**2
+_C2 = 0.03**2
+
+
+def _gaussian_window(size: int, sigma: float, like: Tensor) -> Tensor:
+    offsets = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def ssim_map(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """Per-pixel SSIM of (B, C, H, W) images in [0, 1], over the 'valid' area: (B, C, H-10, W-10).
+
+    Images smaller than the window use a window as large as they allow.
+    """
+    size = min(window, a.shape[-1], a.shape[-2])
+    size = size if size % 2 == 1 else size - 1
+    kernel = _gaussian_window(size, sigma, a)
+    channels = a.shape[1]
+    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, size)
+    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, size, 1)
+
+    def blur(x: Tensor) -> Tensor:
+        return F.conv2d(F.conv2d(x, horizontal, groups=channels), vertical, groups=channels)
+
+    mean_a, mean_b = blur(a), blur(b)
+    var_a = blur(a * a) - mean_a**2
+    var_b = blur(b * b) - mean_b**2
+    covariance = blur(a * b) - mean_a * mean_b
+    numerator = (2 * mean_a * mean_b + _C1) * (2 * covariance + _C2)
+    denominator = (mean_a**2 + mean_b**2 + _C1) * (var_a + var_b + _C2)
+    return numerator / denominator
+
+
+def ssim(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) mean SSIM of (B, C, H, W) images in [0, 1].
+
+    Example:
+        >>> x = torch.rand(2, 3, 32, 32)
+        >>> ssim(x, x)
+        tensor([1., 1.])
+    """
+    return ssim_map(a, b).flatten(1).mean(1)
+
+
+def dssim(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) structural dissimilarity (1 - SSIM) / 2: 0 identical, Fawkes' 'mid' budget is 0.012 (its scale)."""
+    return (1.0 - ssim(a, b)) / 2.0
+
+
+def box_dssim(a: Tensor, b: Tensor, boxes: Tensor) -> Tensor:
+    """(B,) DSSIM of (B, C, H, W) crops measured only inside integer ``boxes`` (B, 4) ``x0, y0, x1, y1``.
+
+    Equal to `dssim` of ``a[..., y0:y1, x0:x1]`` and ``b[...]``: only windows that fit inside the
+    box count. Lets a batch of padded crops of different faces be measured in one pass.
+    """
+    values = ssim_map(a, b)
+    margin_y = (a.shape[-2] - values.shape[-2]) // 2
+    margin_x = (a.shape[-1] - values.shape[-1]) // 2
+    ys = torch.arange(values.shape[-2], device=a.device)[None, :, None] + margin_y
+    xs = torch.arange(values.shape[-1], device=a.device)[None, None, :] + margin_x
+    x0, y0, x1, y1 = (boxes[:, k].to(a.device)[:, None, None] for k in range(4))
+    inside = (xs >= x0 + margin_x) & (xs < x1 - margin_x) & (ys >= y0 + margin_y) & (ys < y1 - margin_y)
+    weight = inside[:, None].to(values.dtype)
+    mean = (values * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) * a.shape[1]).clamp_min(1)
+    return (1.0 - mean) / 2.0
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) peak signal-to-noise ratio in dB of images in [0, 1] (inf when identical)."""
+    mse = (a - b).square().flatten(1).mean(1)
+    return torch.where(mse > 0, 10.0 * torch.log10(1.0 / mse.clamp_min(1e-20)), torch.full_like(mse, math.inf))
+
+
+def linf(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) largest absolute change, in units of 1/255."""
+    return (a - b).abs().flatten(1).amax(1) * 255.0
+
+
+def quality_report(original: Tensor, changed: Tensor) -> dict[str, float]:
+    """DSSIM, PSNR and L-infinity between two (3, H, W) images, as plain floats for a report."""
+    a, b = original[None].float(), changed[None].float()
+    return {
+        "dssim": round(float(dssim(a, b)[0]), 6),
+        "psnr": round(float(psnr(a, b)[0]), 3),
+        "linf": round(float(linf(a, b)[0]), 3),
+    }
