@@ -16,7 +16,7 @@ import click
 
 from facecloak import __version__
 from facecloak.batch import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE, Options
-from facecloak.errors import FacecloakError
+from facecloak.errors import FacecloakError, InvalidInputError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -444,6 +444,176 @@ def models(context) -> None:
         click.echo(f"{name:<22} {state:<14} {card.input_size}px {card.embedding_dim}-d {card.distance} "
                    f"< {card.match_threshold}  {card.description}")
         click.echo(f"{'':<22} {'weights:' if ok else 'why:'} {where}")
+    from facecloak.models.plugins import BROKEN_CARDS
+
+    for path, reason in BROKEN_CARDS:
+        click.echo(f"error: {path}: {reason}", err=True)
+
+
+@models.command("add", context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--input-size", type=click.IntRange(16, 1024), default=112, show_default=True, help="Chip side in pixels.")
+@click.option(
+    "--template",
+    default="arcface",
+    show_default=True,
+    help="Where the 5 landmarks go in the chip: arcface, dlib, or a JSON file of 5 [x, y] chip pixels.",
+)
+@click.option("--mean", nargs=3, type=float, default=(0.0, 0.0, 0.0), show_default=True, help="Subtracted from 0..255 RGB.")
+@click.option("--std", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True, help="Divides after the mean.")
+@click.option("--bgr", is_flag=True, help="The model takes BGR channel order.")
+@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Same person below this distance [cosine 0.6, euclidean 1.0]; calibrate it for real use.",
+)
+def models_add(name, file, input_size, template, mean, std, bgr, metric, threshold) -> None:
+    """Attach a face model from an ONNX file or an MXNet NAME-symbol.json (+ NAME-0000.params).
+
+    The file is loaded and run once to check it; its card (a reference to the file, not a copy)
+    goes to $XDG_CONFIG_HOME/facecloak/models. Nothing is downloaded.
+
+    \b
+    facecloak models add arcface-r100 model.onnx --mean 127.5 127.5 127.5 --std 128 128 128
+    facecloak models add mobileface MobileFace_Identification_V2-symbol.json --threshold 0.65
+    """
+    from facecloak.models.plugins import add_user_model
+
+    try:
+        card = add_user_model(
+            name, file, input_size=input_size, template=template, mean=mean, std=std, bgr=bgr,
+            metric=metric, threshold=threshold,
+        )
+    except FacecloakError as error:
+        _fail(error, EXIT_USAGE if isinstance(error, InvalidInputError) else EXIT_FAILED)
+    click.echo(f"added {card.name}: {card.input_size}px -> {card.embedding_dim}-d, {card.distance} < {card.match_threshold}")
+
+
+@models.command("remove", context_settings=CONTEXT)
+@click.argument("name")
+def models_remove(name) -> None:
+    """Forget an added model (the model file itself is left alone)."""
+    from facecloak.models.plugins import remove_user_model
+
+    try:
+        remove_user_model(name)
+    except FacecloakError as error:
+        _fail(error)
+    click.echo(f"removed {name}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--method",
+    type=click.Choice(["cloak", "blur", "pixelate", "mask", "none"]),
+    default="cloak",
+    show_default=True,
+    help="Protection to measure ('none' is the baseline).",
+)
+@click.option(
+    "--level",
+    type=click.Choice(["low", "mid", "high", "all"]),
+    default="mid",
+    show_default=True,
+    help="cloak: budget level; 'all' runs the three and plots quality vs protection.",
+)
+@click.option("--mode", type=click.Choice(["untargeted", "targeted"]), default="untargeted", show_default=True)
+@click.option("--models", default=None, help="cloak: models to attack (comma-separated). Default: all available.")
+@click.option(
+    "--protected-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Take already protected photos from DIR/<person>/<photo>[_tag].<ext> instead of protecting.",
+)
+@click.option("--people", type=click.IntRange(1, None), default=20, show_default=True, help="People to protect.")
+@click.option("--control", type=click.IntRange(0, None), default=20, show_default=True, help="Unprotected control people.")
+@click.option("--min-photos", type=click.IntRange(2, None), default=10, show_default=True, help="Photos a person needs.")
+@click.option("--probes", type=click.IntRange(1, None), default=2, show_default=True, help="Clean probes per person.")
+@click.option(
+    "--attackers",
+    default=None,
+    help="Comma-separated scrapers: registry models and 'dlib-cpp' (dlib's own C++ pipeline). "
+    "Default: every available model, plus dlib-cpp when dlib-bin is installed.",
+)
+@click.option(
+    "--uploads",
+    default="none,jpeg95,jpeg75,jpeg50,downscale0.5,blur",
+    show_default=True,
+    help="Upload transforms, one table row each.",
+)
+@click.option("--adaptive", is_flag=True, help="Add an adaptive attacker that learns to undo the protection.")
+@click.option("--leave-one-out", is_flag=True, help="cloak: also cloak without each model and measure on it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw of people and of the cloak.")
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path.home() / ".cache" / "facecloak" / "embeddings",
+    show_default=True,
+    help="Where clean embeddings are cached between runs.",
+)
+@click.option("--device", default=None, help="torch device. Default: CUDA if present.")
+@click.option(
+    "-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def evaluate(data, method, level, mode, models, protected_dir, people, control, min_photos, probes, attackers,
+             uploads, adaptive, leave_one_out, seed, cache, device, out_dir, quiet) -> None:
+    """Measure how much matching accuracy a scraper loses against a protection.
+
+    Protected people's photos are protected, pass through each upload transform (JPEG, downscale,
+    blur) into a scraper's gallery with everyone else's clean photos, and each attacker identifies
+    every held-out clean probe by nearest neighbour. Writes report.json and report.html to -o.
+
+    \b
+    facecloak evaluate ../shared/data/lfw/images --method none -o reports/none
+    facecloak evaluate ../shared/data/lfw/images --method cloak --level all --adaptive -o reports/cloak
+    facecloak evaluate photos_by_person/ --protected-dir cloaked/ --people 5 -o reports/mine
+    """
+    from facecloak.evaluate import EvaluationRequest, run_evaluation
+    from facecloak.report import summary_table, write_html, write_json
+
+    request = EvaluationRequest(
+        data=data, method=method, level=level, mode=mode, models=models, protected_dir=protected_dir,
+        people=people, control=control, min_photos=min_photos, probes=probes, attackers=attackers,
+        uploads=tuple(u.strip() for u in uploads.split(",") if u.strip()), adaptive=adaptive,
+        leave_one_out=leave_one_out, seed=seed, cache=cache, device=device,
+    )
+    try:
+        with _stage_progress(quiet) as progress:
+            result = run_evaluation(request, on_progress=progress)
+    except FacecloakError as error:
+        _fail(error, EXIT_USAGE if "unknown" in str(error) else EXIT_FAILED)
+    write_json(result, out_dir / "report.json")
+    write_html(result, out_dir / "report.html")
+    click.echo(summary_table(result))
+    click.echo(f"report: {out_dir / 'report.html'} and {out_dir / 'report.json'}")
+
+
+@contextmanager
+def _stage_progress(quiet: bool):
+    """A progress bar per evaluation stage; yields a callback ``(stage, done, total)``."""
+    if quiet:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    tasks: dict[str, int] = {}
+    with Progress(
+        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
 
 
 __all__ = ["main", "EXIT_OK", "EXIT_UNPROTECTED", "EXIT_USAGE", "EXIT_FAILED"]

@@ -240,6 +240,28 @@ class DlibResNet(Embedder):
         self.alevel0 = AResDown(256, 256)
         self.fc = nn.Linear(256, 128, bias=False)
 
+    @torch.no_grad()
+    def fold_affine(self) -> DlibResNet:
+        """Fold every frozen affine (batch-norm) layer into the conv before it, in place.
+
+        ``affine(con(x)) = con'(x)`` with the filters scaled per output channel and the bias
+        shifted: the same function (to float rounding) with a third fewer passes over memory,
+        which is most of what a small CPU network spends its time on.
+        """
+        pairs = [(self, "con", "affine")]
+        for level in (self.alevel4, self.alevel3, self.alevel2, self.alevel1, [self.alevel0]):
+            for block in level:
+                pairs += [(block, "con1", "affine1"), (block, "con2", "affine2")]
+        for owner, con_name, affine_name in pairs:
+            affine = getattr(owner, affine_name)
+            if not isinstance(affine, Affine):
+                continue
+            con = getattr(owner, con_name)
+            con.weight.mul_(affine.scale.view(-1, 1, 1, 1))
+            con.bias.mul_(affine.scale).add_(affine.shift)
+            setattr(owner, affine_name, nn.Identity())
+        return self
+
     def forward(self, chips: Tensor) -> Tensor:
         """Embed aligned chips.
 
@@ -571,4 +593,4 @@ def load_dlib_resnet(path: Path | str) -> DlibResNet:
     if fc.config != (128, 256, 1) or fc.params.size != 256 * 128:
         fail(f"fc settings (outputs, inputs, bias mode) {fc.config}, expected (128, 256, 1)")
     model.fc.weight.data.copy_(torch.from_numpy(fc.params.reshape(256, 128).T.copy()))
-    return model.eval()
+    return model.fold_affine().eval()

@@ -1,7 +1,233 @@
-"""Face models the user added with ``facecloak models add`` (filled in with the plug-in work)."""
+"""Face models the user attaches: ONNX or MXNet files, wrapped as differentiable embedders.
+
+``facecloak models add NAME FILE ...`` writes a small model card (JSON) into the user's config
+folder (``$XDG_CONFIG_HOME/facecloak/models``, default ``~/.config/facecloak/models``) that refers
+to the user's file; nothing is copied and nothing is downloaded. On first listing, every card
+there is registered like a built-in model, so ``embed``, ``verify``, ``cloak --models`` and
+``evaluate --attackers`` can use it by name.
+
+ONNX files are converted with onnx2torch; MXNet files (``NAME-symbol.json`` with its
+``NAME-0000.params``) with facecloak's own reader (`facecloak.models.mxnet_import`). Both become
+``nn.Module``s that gradients flow through. The wrapper turns facecloak's chips (RGB in [0, 1])
+into what the file expects: 0..255, minus ``mean``, divided by ``std``, optionally BGR.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from facecloak.errors import InvalidInputError, ModelNotFoundError
+from facecloak.models.registry import (
+    Embedder,
+    FaceModelCard,
+    _REGISTRY,
+    register_embedder,
+    unregister_embedder,
+)
+
+ARCFACE_TEMPLATE_112 = (
+    (38.2946, 51.6963),
+    (73.5318, 51.5014),
+    (56.0252, 71.7366),
+    (41.5493, 92.3655),
+    (70.7299, 92.2041),
+)
+"""The standard 5-point ArcFace/insightface template for a 112x112 chip."""
+
+DEFAULT_THRESHOLDS = {"cosine": 0.6, "euclidean": 1.0}
+"""Match thresholds used when the user gives none (calibrate with --threshold for real use)."""
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def config_dir() -> Path:
+    """Where added models' cards live (respects XDG_CONFIG_HOME)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "facecloak" / "models"
+
+
+def template_for(spec: str, input_size: int) -> tuple[tuple[float, float], ...]:
+    """Landmark template in chip pixels: "arcface", "dlib", or a JSON file of 5 [x, y] points."""
+    if spec == "arcface":
+        points = ARCFACE_TEMPLATE_112
+        scale = input_size / 112.0
+    elif spec == "dlib":
+        from facecloak.models.dlib_resnet import DLIB_CHIP_TEMPLATE_150
+
+        points = DLIB_CHIP_TEMPLATE_150
+        scale = input_size / 150.0
+    else:
+        path = Path(spec)
+        try:
+            points = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise InvalidInputError(f"template must be arcface, dlib or a JSON file of 5 points ({error})", path) from None
+        if not (isinstance(points, list) and len(points) == 5 and all(len(p) == 2 for p in points)):
+            raise InvalidInputError("template file must hold 5 [x, y] points in chip pixels", path)
+        scale = 1.0
+    return tuple((float(x) * scale, float(y) * scale) for x, y in points)
+
+
+class PluginEmbedder(Embedder):
+    """An imported network behind facecloak's chip contract.
+
+    ``forward(chips (N, 3, S, S) RGB in [0, 1]) -> (N, D)``; unit-norm when the card's metric is
+    cosine, raw otherwise.
+    """
+
+    def __init__(self, card: FaceModelCard, network: nn.Module) -> None:
+        super().__init__()
+        self.card = card
+        self.network = network
+        extra = card.extra
+        self.register_buffer("mean", torch.tensor(extra.get("mean", [0.0, 0.0, 0.0]), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(extra.get("std", [1.0, 1.0, 1.0]), dtype=torch.float32).view(1, 3, 1, 1))
+        self.bgr = bool(extra.get("bgr", False))
+
+    def forward(self, chips: Tensor) -> Tensor:
+        """Embed (N, 3, S, S) RGB chips in [0, 1]."""
+        x = (chips * 255.0 - self.mean) / self.std
+        if self.bgr:
+            x = x.flip(1)
+        out = self.network(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        out = out.flatten(1)
+        if self.card.distance == "cosine":
+            out = nn.functional.normalize(out, dim=1)
+        return out
+
+
+def load_network(file: Path) -> nn.Module:
+    """An ONNX or MXNet file as a differentiable torch module (no weights are fetched)."""
+    file = Path(file)
+    if not file.is_file():
+        raise ModelNotFoundError("model file not found", file)
+    name = file.name.lower()
+    if name.endswith(".onnx"):
+        try:
+            import onnx
+            from onnx2torch import convert
+        except ImportError:
+            raise ModelNotFoundError("ONNX models need the onnx extra: pip install 'facecloak[onnx]'", file) from None
+        try:
+            model = onnx.load(str(file))
+            return convert(model)
+        except Exception as error:  # onnx and onnx2torch raise many types for a bad file
+            raise ModelNotFoundError(f"not a usable ONNX model ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})", file) from None
+    if name.endswith("-symbol.json") or name.endswith(".json"):
+        from facecloak.models.mxnet_import import load_mxnet_model
+
+        return load_mxnet_model(file)
+    raise ModelNotFoundError("unsupported model file: expected .onnx or an MXNet NAME-symbol.json", file)
+
+
+def make_card(
+    name: str,
+    file: Path,
+    *,
+    input_size: int = 112,
+    template: str = "arcface",
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    bgr: bool = False,
+    metric: str = "cosine",
+    threshold: float | None = None,
+    embedding_dim: int = 0,
+) -> FaceModelCard:
+    """The card of a user model (the embedding width is measured when the model is added)."""
+    if not NAME_PATTERN.match(name):
+        raise InvalidInputError(f"model name {name!r}: use lower-case letters, digits, '.', '_' or '-'")
+    if metric not in DEFAULT_THRESHOLDS:
+        raise InvalidInputError(f"metric must be cosine or euclidean, got {metric!r}")
+    return FaceModelCard(
+        name=name,
+        input_size=int(input_size),
+        template=template_for(template, int(input_size)),
+        embedding_dim=int(embedding_dim),
+        distance=metric,  # type: ignore[arg-type]
+        match_threshold=float(threshold if threshold is not None else DEFAULT_THRESHOLDS[metric]),
+        weights=str(Path(file).resolve()),
+        license="user-supplied file (see its source)",
+        description=f"user model from {Path(file).name}",
+        extra={"mean": list(mean), "std": list(std), "bgr": bool(bgr), "template_spec": template},
+    )
+
+
+def load_model_file(file: Path, **card_options) -> PluginEmbedder:
+    """Import ``file`` and wrap it with a card built from ``card_options`` (see `make_card`).
+
+    The embedding width is measured with one forward pass. Used by ``models add`` and by
+    benchmarks and tests that attach a model without touching the user's config.
+    """
+    name = card_options.pop("name", Path(file).stem.lower().replace("-symbol", ""))
+    card = make_card(name, Path(file), **card_options)
+    network = load_network(Path(file))
+    probe = PluginEmbedder(card, network).eval().requires_grad_(False)
+    with torch.no_grad():
+        output = probe(torch.full((1, 3, card.input_size, card.input_size), 0.5))
+    if output.ndim != 2 or not torch.isfinite(output).all():
+        raise ModelNotFoundError(f"model output is not a finite embedding (shape {tuple(output.shape)})", file)
+    card = FaceModelCard(**{**card.__dict__, "embedding_dim": int(output.shape[1])})
+    model = PluginEmbedder(card, network)
+    return model.eval().requires_grad_(False)
+
+
+def add_user_model(name: str, file: Path, **card_options) -> FaceModelCard:
+    """Check that ``file`` loads and embeds, then save its card to `config_dir` and register it."""
+    if name in _REGISTRY and not (config_dir() / f"{name}.json").is_file():
+        raise InvalidInputError(f"{name!r} is a built-in model; choose another name")
+    model = load_model_file(file, name=name, **card_options)
+    folder = config_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.json"
+    temporary = target.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(model.card.to_dict(), indent=2))
+    temporary.replace(target)
+    _register(model.card)
+    return model.card
+
+
+def remove_user_model(name: str) -> None:
+    """Forget an added model (its file is left alone)."""
+    target = config_dir() / f"{name}.json"
+    if not target.is_file():
+        raise ModelNotFoundError(f"no added model named {name!r} (see `facecloak models`)")
+    target.unlink()
+    unregister_embedder(name)
+
+
+def _register(card: FaceModelCard) -> None:
+    file = Path(card.weights)
+
+    def locate() -> Path | None:
+        return file if file.is_file() else None
+
+    @register_embedder(card, locate=locate)
+    def factory(weights: Path | None) -> PluginEmbedder:
+        return PluginEmbedder(card, load_network(weights or file))
+
+
+BROKEN_CARDS: list[tuple[Path, str]] = []
+"""Cards in the config folder that could not be read, with the reason (``facecloak models`` shows them)."""
+
 
 def register_user_models() -> None:
-    """Register the models the user added."""
+    """Register every card in `config_dir`; a broken card is listed in `BROKEN_CARDS`, not fatal."""
+    BROKEN_CARDS.clear()
+    folder = config_dir()
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            data["template"] = tuple(tuple(point) for point in data["template"])
+            _register(FaceModelCard(**data))
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            BROKEN_CARDS.append((path, f"unreadable model card ({type(error).__name__}: {error})"))

@@ -1,0 +1,72 @@
+"""Shared helpers of the benchmark scripts: devices, timing, shared data, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """FACECLOAK_DATA, default ../shared/data beside the checkout."""
+    return Path(os.environ.get("FACECLOAK_DATA", REPO.parent / "shared" / "data"))
+
+
+def models_root() -> Path:
+    """FACECLOAK_MODELS, default ../shared/models beside the checkout."""
+    return Path(os.environ.get("FACECLOAK_MODELS", REPO.parent / "shared" / "models"))
+
+
+def devices(requested: str | None) -> list[str]:
+    """The devices to measure: the one asked for, else CPU and CUDA when present."""
+    if requested:
+        return [requested]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def synchronise(device: str) -> None:
+    """Wait for queued GPU work, so wall time measures it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(function: Callable[[], object], device: str, repeats: int = 3, warmup: int = 1) -> float:
+    """Best wall time of ``repeats`` runs after ``warmup`` runs, in seconds."""
+    for _ in range(warmup):
+        function()
+    synchronise(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronise(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_json(path: Path, results: dict) -> None:
+    """Print the results and write them as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print(f"written: {path}")

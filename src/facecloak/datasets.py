@@ -1,0 +1,149 @@
+"""Labelled face folders for evaluation: one sub-folder per person (ImageFolder style), LFW pairs.
+
+Only file lists and labels live here; pixels are read by `facecloak.io` when needed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from facecloak.errors import InvalidInputError
+from facecloak.io import IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Person:
+    """A person's photos, in sorted file order (LFW: ``_0001``, ``_0002``, ...)."""
+
+    name: str
+    photos: tuple[Path, ...]
+
+
+def list_people(root: str | Path) -> list[Person]:
+    """Every sub-folder of ``root`` holding images, as a `Person`, sorted by name.
+
+    Raises:
+        InvalidInputError: ``root`` is not a folder or holds no person folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidInputError("not a folder of people (one sub-folder per person)", root)
+    people = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        photos = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        if photos:
+            people.append(Person(folder.name, photos))
+    if not people:
+        raise InvalidInputError("no person folders with images found", root)
+    return people
+
+
+@dataclass(frozen=True)
+class Split:
+    """Who is protected, who is the unprotected control, and everyone else (distractors).
+
+    Each protected and control person's first ``probes`` photos are the clean probes; their other
+    photos go into the scraper's gallery (protected ones after protection).
+    """
+
+    protected: tuple[Person, ...]
+    control: tuple[Person, ...]
+    distractors: tuple[Person, ...]
+    probes: int
+
+    def probe_photos(self, person: Person) -> tuple[Path, ...]:
+        """The held-out clean photos of ``person``."""
+        return person.photos[: self.probes]
+
+    def gallery_photos(self, person: Person) -> tuple[Path, ...]:
+        """The photos of ``person`` the scraper collects."""
+        return person.photos[self.probes :]
+
+
+def split_people(
+    people: list[Person],
+    *,
+    protected: int | list[str] = 20,
+    control: int = 20,
+    min_photos: int = 10,
+    probes: int = 2,
+    seed: int = 0,
+) -> Split:
+    """Choose protected and control people among those with at least ``min_photos`` photos.
+
+    Args:
+        people: from `list_people`.
+        protected: how many to protect (drawn with ``seed``), or their names.
+        control: how many unprotected people to use as the control group.
+        min_photos: only people with at least this many photos are eligible.
+        probes: photos per person held out as clean probes.
+        seed: random seed of the draw.
+    """
+    if probes < 1 or min_photos <= probes:
+        raise InvalidInputError("need probes >= 1 and min_photos > probes")
+    eligible = [p for p in people if len(p.photos) >= min_photos]
+    rng = random.Random(seed)
+    if isinstance(protected, list):
+        by_name = {p.name: p for p in people}
+        missing = [name for name in protected if name not in by_name]
+        if missing:
+            raise InvalidInputError(f"unknown people: {', '.join(missing)}")
+        chosen = [by_name[name] for name in protected]
+        others = [p for p in eligible if p.name not in set(protected)]
+    else:
+        if protected + control > len(eligible):
+            raise InvalidInputError(
+                f"only {len(eligible)} people have >= {min_photos} photos; asked for {protected} + {control}"
+            )
+        shuffled = eligible[:]
+        rng.shuffle(shuffled)
+        chosen, others = shuffled[:protected], shuffled[protected:]
+    rng.shuffle(others)
+    control_people = others[:control]
+    taken = {p.name for p in chosen} | {p.name for p in control_people}
+    distractors = [p for p in people if p.name not in taken]
+    return Split(tuple(chosen), tuple(control_people), tuple(distractors), probes)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One LFW verification pair."""
+
+    first: Path
+    second: Path
+    same: bool
+    fold: int
+
+
+def read_lfw_pairs(pairs_file: str | Path, images: str | Path | None = None) -> list[Pair]:
+    """Parse LFW's ``pairs.txt`` (View 2 format) into `Pair`s with image paths.
+
+    The first line is ``<folds> <pairs per class>``; each fold lists that many matched pairs
+    (``name i j``) then that many mismatched pairs (``name1 i name2 j``).
+    """
+    pairs_file = Path(pairs_file)
+    images = Path(images) if images else pairs_file.parent / "images"
+    lines = pairs_file.read_text().split("\n")
+    try:
+        folds, per_class = (int(v) for v in lines[0].split())
+    except ValueError:
+        raise InvalidInputError("first line must be '<folds> <pairs per class>'", pairs_file) from None
+
+    def photo(name: str, number: str) -> Path:
+        return images / name / f"{name}_{int(number):04d}.jpg"
+
+    pairs = []
+    rows = [line.split() for line in lines[1:] if line.strip()]
+    if len(rows) != folds * per_class * 2:
+        raise InvalidInputError(f"expected {folds * per_class * 2} pairs, found {len(rows)}", pairs_file)
+    for index, row in enumerate(rows):
+        fold = index // (2 * per_class)
+        if len(row) == 3:
+            pairs.append(Pair(photo(row[0], row[1]), photo(row[0], row[2]), True, fold))
+        elif len(row) == 4:
+            pairs.append(Pair(photo(row[0], row[1]), photo(row[2], row[3]), False, fold))
+        else:
+            raise InvalidInputError(f"malformed pair on line {index + 2}", pairs_file)
+    return pairs

@@ -1,0 +1,232 @@
+"""Render an `EvaluationResult` as JSON and as one self-contained HTML file; compute nothing new.
+
+The HTML embeds its plots (matplotlib, PNG as base64) and example image pairs with a magnified
+difference image, so it opens anywhere without network or side files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io as _bytes_io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+from facecloak.evaluate import EvaluationResult
+from facecloak.io import to_uint8
+
+DIFFERENCE_GAIN = 10.0
+"""Difference images show |protected - original| magnified this many times."""
+
+
+def write_json(result: EvaluationResult, path: Path) -> Path:
+    """Write every figure and setting as JSON (atomically)."""
+    return _atomic_text(path, json.dumps(result.to_dict(), indent=2, default=_json_default))
+
+
+def write_html(result: EvaluationResult, path: Path) -> Path:
+    """Write the self-contained HTML report (atomically)."""
+    return _atomic_text(path, render_html(result))
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=path.suffix, dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    os.replace(temporary, path)
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def _png(array: np.ndarray) -> str:
+    buffer = _bytes_io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure_png(figure) -> str:
+    buffer = _bytes_io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(row.get(key))}</td>" for key, _ in columns) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+ROW_COLUMNS = [
+    ("upload", "upload"),
+    ("adaptive", "adaptive attacker"),
+    ("protection", "protection (1 - rank-1)"),
+    ("protected_rank1", "protected rank-1"),
+    ("protected_rank5", "protected rank-5"),
+    ("control_rank1", "control rank-1"),
+    ("control_rank5", "control rank-5"),
+    ("tar_at_far_1e-3", "TAR @ FAR 1e-3"),
+    ("protected_gallery_faces_found", "protected faces found"),
+]
+
+
+def plots(result: EvaluationResult) -> dict[str, str]:
+    """The report's figures, as base64 PNG by name (empty if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    figures: dict[str, str] = {}
+    attackers = list(dict.fromkeys(row["attacker"] for row in result.rows))
+    jpeg = [(name, q) for name, q in (("none", 100), ("jpeg95", 95), ("jpeg75", 75), ("jpeg50", 50))]
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for attacker in attackers:
+        points = [(q, r["protection"]) for name, q in jpeg for r in result.rows
+                  if r["attacker"] == attacker and r["upload"] == name and not r["adaptive"]]
+        if points:
+            points.sort()
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=attacker)
+    axis.set_xlabel("JPEG quality of the upload (100 = no re-encode)")
+    axis.set_ylabel("protection (1 - rank-1)")
+    axis.set_ylim(-0.02, 1.02)
+    axis.invert_xaxis()
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title("Protection vs JPEG re-compression")
+    figures["protection_vs_jpeg"] = _figure_png(figure)
+
+    for attacker, entry in result.distances.items():
+        figure, axis = plt.subplots(figsize=(6, 3.6))
+        bins = 40
+        for key, label in (
+            ("clean_genuine", "same person, clean vs clean"),
+            ("protected_vs_own_clean", f"protected vs its own clean photo ({entry.get('protected_upload', '')})"),
+            ("impostor", "different people"),
+        ):
+            values = entry.get(key) or []
+            if values:
+                axis.hist(values, bins=bins, alpha=0.5, density=True, label=label)
+        axis.axvline(entry.get("threshold", 0), color="k", linestyle="--", label="match threshold")
+        axis.set_xlabel(f"{entry.get('metric', '')} distance")
+        axis.set_title(f"Distances on {attacker}")
+        axis.legend(fontsize=7)
+        figures[f"distances_{attacker}"] = _figure_png(figure)
+
+    levels = result.settings.get("level_sweep")
+    if levels:
+        figure, axis = plt.subplots(figsize=(6, 3.6))
+        for attacker in {row["attacker"] for level in levels for row in level["rows"]}:
+            xs = [level["dssim"] for level in levels]
+            ys = [next((r["protection"] for r in level["rows"] if r["attacker"] == attacker), math.nan) for level in levels]
+            axis.plot(xs, ys, marker="o", label=attacker)
+            for level, x, y in zip(levels, xs, ys):
+                axis.annotate(level["level"], (x, y), fontsize=7)
+        axis.set_xlabel("mean DSSIM (face region)")
+        axis.set_ylabel("protection")
+        axis.set_title("Quality vs protection per level")
+        axis.legend(fontsize=8)
+        figures["quality_vs_protection"] = _figure_png(figure)
+    return figures
+
+
+def render_html(result: EvaluationResult) -> str:
+    """The whole report as one HTML string."""
+    settings = result.settings
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>facecloak evaluation</title><style>",
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}",
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}",
+        "img{max-width:100%}.pair img{width:24%;margin-right:1%}.note{color:#555}</style></head><body>",
+        f"<h1>facecloak evaluation: {html.escape(str(settings.get('method')))}</h1>",
+        f"<p class='note'>{html.escape(_summary_line(result))}</p>",
+        "<h2>Settings</h2><pre>" + html.escape(json.dumps({k: v for k, v in settings.items() if k != "level_sweep"}, indent=1, default=str)) + "</pre>",
+    ]
+    for attacker in dict.fromkeys(row["attacker"] for row in result.rows):
+        rows = [row for row in result.rows if row["attacker"] == attacker]
+        parts.append(f"<h2>Attacker: {html.escape(attacker)}</h2>")
+        parts.append(_table(rows, ROW_COLUMNS))
+    if settings.get("leave_one_out"):
+        parts.append("<h2>Leave-one-out: cloaked without the model, measured on it</h2>")
+        parts.append(_table(settings["leave_one_out"], [("left_out", "model left out"), ("cloaked_with", "cloaked with"), ("upload", "upload"), ("protection", "protection"), ("control_rank1", "control rank-1")]))
+    quality = result.quality
+    if quality:
+        parts.append("<h2>Image quality of the protected photos (whole photo)</h2>")
+        parts.append(_table([{"measure": key, **quality[key]} for key in ("dssim", "psnr", "linf") if key in quality], [("measure", "measure"), ("mean", "mean"), ("max", "max")]))
+        if "face_region_dssim" in quality:
+            fr = quality["face_region_dssim"]
+            parts.append(f"<p>Face-region DSSIM (the cloak's budget): mean {fr['mean']:.4f}, max {fr['max']:.4f}; "
+                         f"{quality.get('cloak_faces_protected')} of {quality.get('cloak_faces')} faces passed the cloak's own JPEG-75 check.</p>")
+    figures = plots(result)
+    if figures:
+        parts.append("<h2>Plots</h2>")
+        for name, data in figures.items():
+            parts.append(f"<h3>{html.escape(name.replace('_', ' '))}</h3><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+    if result.examples:
+        parts.append(f"<h2>Examples</h2><p class='note'>original, protected, |difference| x{DIFFERENCE_GAIN:g}</p>")
+        for example in result.examples:
+            original, protected = example["original"], example["protected"]
+            images = [to_uint8(original), to_uint8(protected)]
+            if original.shape == protected.shape:
+                difference = ((protected - original).abs() * DIFFERENCE_GAIN).clamp(0, 1)
+                images.append(to_uint8(difference))
+            tags = "".join(f"<img src='data:image/png;base64,{_png(a)}'>" for a in images)
+            parts.append(f"<div class='pair'><p>{html.escape(example['person'])} / {html.escape(example['photo'])}</p>{tags}</div>")
+    parts.append(f"<p class='note'>timings: {html.escape(json.dumps(result.timings))}</p></body></html>")
+    return "\n".join(parts)
+
+
+def _summary_line(result: EvaluationResult) -> str:
+    lines = []
+    for row in result.rows:
+        if row["upload"] in ("jpeg75", "none") and not row["adaptive"]:
+            lines.append(f"{row['attacker']} after {row['upload']}: protection {_fmt(row['protection'])} (control rank-1 {_fmt(row['control_rank1'])})")
+    return "; ".join(lines)
+
+
+def summary_table(result: EvaluationResult) -> str:
+    """A plain-text table of the rows, for the terminal."""
+    header = f"{'attacker':<18}{'upload':<14}{'adaptive':<10}{'protection':>11}{'rank1 prot':>11}{'rank1 ctrl':>11}{'TAR@1e-3':>10}"
+    lines = [header, "-" * len(header)]
+    for row in result.rows:
+        lines.append(
+            f"{row['attacker']:<18}{row['upload']:<14}{str(row['adaptive']):<10}{_fmt(row['protection']):>11}"
+            f"{_fmt(row['protected_rank1']):>11}{_fmt(row['control_rank1']):>11}{_fmt(row['tar_at_far_1e-3']):>10}"
+        )
+    quality = result.quality
+    if quality.get("dssim"):
+        lines.append(
+            f"quality (whole photo): DSSIM mean {quality['dssim']['mean']:.4f}, PSNR mean {quality['psnr']['mean']:.1f} dB, "
+            f"L-inf max {quality['linf']['max']:.0f}/255"
+        )
+    if "face_region_dssim" in quality:
+        lines.append(f"face-region DSSIM mean {quality['face_region_dssim']['mean']:.4f} (max {quality['face_region_dssim']['max']:.4f})")
+    lines.append(f"timings: {result.timings}")
+    return "\n".join(lines)
