@@ -5,6 +5,8 @@ dlib is the oracle here only (``import dlib`` happens in the fixtures); the libr
 
 from __future__ import annotations
 
+import copy
+
 import math
 from pathlib import Path
 
@@ -90,7 +92,23 @@ def test_matches_dlib_on_lfw_faces(model, dlib_chips_and_descriptors):
 
 
 def test_parameter_count(model):
-    assert sum(p.numel() for p in model.parameters()) == 5_614_592
+    # dlib's network as stored; loading folds the 29 affine layers (2 x 3,552 values) into the convs
+    assert sum(p.numel() for p in DlibResNet().parameters()) == 5_614_592
+    assert sum(p.numel() for p in model.parameters()) == 5_614_592 - 7_104
+
+
+def test_folding_affine_keeps_the_function():
+    torch.manual_seed(0)
+    unfolded = DlibResNet().eval()
+    for module in unfolded.modules():
+        if hasattr(module, "scale"):
+            module.scale.data.uniform_(0.5, 1.5)
+            module.shift.data.uniform_(-0.1, 0.1)
+    chips = torch.rand(2, 3, 150, 150)
+    with torch.no_grad():
+        before = unfolded(chips)
+        after = copy.deepcopy(unfolded).fold_affine()(chips)
+    assert torch.allclose(before, after, atol=1e-5)
 
 
 def test_cardinality_and_batch_equals_single(model):

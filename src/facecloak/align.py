@@ -232,6 +232,14 @@ def _pixel_grid(size: int, like: Tensor) -> Tensor:
     return torch.stack([xs, ys], dim=-1)
 
 
+def chip_from_landmarks(points: Tensor, card) -> Tensor:
+    """(N, 2, 3) chip_from_image for a model's card from its (N, 5, 2) landmarks (`facecloak.landmarks`)."""
+    template = torch.tensor(card.template, dtype=torch.float64)
+    if card.alignment == "dlib":
+        return dlib_chip_from_image(points.double(), template, card.input_size).float()
+    return estimate_similarity(points.double(), template).float()
+
+
 class FaceAligner(nn.Module):
     """Aligns faces to a model's template: ``forward(images, landmarks, image_index) -> chips``.
 

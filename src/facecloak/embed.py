@@ -7,24 +7,24 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from facecloak.align import align_faces, estimate_similarity
+from facecloak.align import align_faces, chip_from_landmarks
 from facecloak.faces import Faces
+from facecloak.landmarks import model_landmarks
 from facecloak.models.registry import Embedder
 
 EMBED_BATCH = 64
 
 
 def face_chips(images: Tensor | Sequence[Tensor], faces: Faces, model: Embedder) -> Tensor:
-    """(N, 3, S, S) chips of ``faces`` aligned to ``model``'s template, differentiable w.r.t. the images."""
+    """(N, 3, S, S) chips of ``faces`` aligned as ``model``'s card says, differentiable w.r.t. the images."""
     device = model_device(model)
     size = model.card.input_size
-    template = torch.tensor(model.card.template, dtype=torch.float32)
+    chip_from_image = chip_from_landmarks(model_landmarks(images, faces, model.card), model.card)
     chips = torch.zeros(len(faces), 3, size, size, device=device)
     for i in faces.image_index.unique().tolist():
         mine = (faces.image_index == i).nonzero()[:, 0]
-        chip_from_image = estimate_similarity(faces.landmarks[mine].float().cpu(), template).to(device)
         source = images[i][None].to(device)
-        chips[mine] = align_faces(source, chip_from_image, torch.zeros(len(mine), dtype=torch.long), size)
+        chips[mine] = align_faces(source, chip_from_image[mine].to(device), torch.zeros(len(mine), dtype=torch.long), size)
     return chips
 
 

@@ -418,6 +418,7 @@ def evaluate(
     uploads: Sequence[str] = ("none", "jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur"),
     adaptive_protect: ProtectFunction | None = None,
     adaptive_people: int = 20,
+    max_distractors: int | None = None,
     seed: int = 0,
     cache: EmbeddingCache | None = None,
     settings: dict | None = None,
@@ -437,6 +438,8 @@ def evaluate(
         uploads: upload transforms, one row each (see `UPLOADS`).
         adaptive_protect: if given, run the adaptive attacker, protecting ``adaptive_people``
             further people's photos with it to learn the correction.
+        adaptive_people: how many further people the adaptive attacker learns from.
+        max_distractors: use at most this many distractor photos (drawn with ``seed``); None: all.
         seed: seed of the draw of people.
         cache: cache of clean embeddings (distractors and probes).
         settings: extra settings to record.
@@ -456,6 +459,7 @@ def evaluate(
             "protected_people": [p.name for p in split.protected],
             "control_people": len(split.control),
             "distractor_people": len(split.distractors),
+            "max_distractors": max_distractors,
             "min_photos": min_photos,
             "probes": probes,
             "uploads": list(uploads),
@@ -492,8 +496,12 @@ def evaluate(
     probe_paths = [path for person in probe_people for path in split.probe_photos(person)]
     probe_labels = torch.tensor([labels[p.name] for p in probe_people for _ in split.probe_photos(p)])
     is_protected_probe = torch.tensor([i < len(split.protected) for i, p in enumerate(probe_people) for _ in split.probe_photos(p)])
-    distractor_paths = [path for person in split.distractors for path in person.photos]
-    distractor_labels = torch.tensor([labels[p.name] for p in split.distractors for _ in p.photos])
+    distractor_pairs = [(path, labels[p.name]) for p in split.distractors for path in p.photos]
+    if max_distractors is not None and max_distractors < len(distractor_pairs):
+        order = np.random.default_rng(seed).permutation(len(distractor_pairs))[:max_distractors]
+        distractor_pairs = [distractor_pairs[i] for i in sorted(order)]
+    distractor_paths = [path for path, _ in distractor_pairs]
+    distractor_labels = torch.tensor([label for _, label in distractor_pairs], dtype=torch.long)
 
     adaptive_pairs = None
     if adaptive_protect is not None:
@@ -851,3 +859,36 @@ def _leave_one_out(request, models, detector, cache, on_progress) -> list[dict]:
         for row in partial.rows:
             rows.append(dict(row, left_out=left_out.card.name, cloaked_with=",".join(m.card.name for m in kept)))
     return rows
+
+
+def lfw_verification(
+    pairs: Sequence, attackers: Sequence[Attacker], *, cache: EmbeddingCache | None = None, on_progress: ProgressCallback | None = None
+) -> dict[str, dict]:
+    """k-fold verification accuracy of each attacker's pipeline on `facecloak.datasets.Pair`s.
+
+    Each image is embedded once (its centre face); the threshold of each fold is chosen on the
+    other folds (`verification_accuracy`). A pair with a face not found counts as wrong.
+    """
+    cache = cache or EmbeddingCache(None)
+    progress = on_progress or (lambda stage, done, total: None)
+    images = sorted({path for pair in pairs for path in (pair.first, pair.second)})
+    index = {path: i for i, path in enumerate(images)}
+    same = torch.tensor([pair.same for pair in pairs])
+    folds = torch.tensor([pair.fold for pair in pairs])
+    results = {}
+    for attacker in attackers:
+        started = time.perf_counter()
+        embeddings = _embed_files(attacker, images, cache, lambda d, t, name=attacker.name: progress(f"embed ({name})", d, t))
+        seconds = time.perf_counter() - started
+        first = embeddings[[index[pair.first] for pair in pairs]]
+        second = embeddings[[index[pair.second] for pair in pairs]]
+        distances = embedding_distance(first, second, attacker.metric)
+        results[attacker.name] = {
+            **verification_accuracy(distances, same, folds),
+            "pairs": len(pairs),
+            "images": len(images),
+            "faces_not_found": int(torch.isnan(embeddings).any(1).sum()),
+            "images_per_second": round(len(images) / max(seconds, 1e-9), 2),
+        }
+        cache.save()
+    return results

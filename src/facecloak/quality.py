@@ -67,8 +67,13 @@ def box_dssim(a: Tensor, b: Tensor, boxes: Tensor) -> Tensor:
     """(B,) DSSIM of (B, C, H, W) crops measured only inside integer ``boxes`` (B, 4) ``x0, y0, x1, y1``.
 
     Equal to `dssim` of ``a[..., y0:y1, x0:x1]`` and ``b[...]``: only windows that fit inside the
-    box count. Lets a batch of padded crops of different faces be measured in one pass.
+    box count. Lets a batch of padded crops of different faces be measured in one pass, over
+    just the rectangle that holds all the boxes.
     """
+    left, top = int(boxes[:, 0].min()), int(boxes[:, 1].min())
+    right, bottom = int(boxes[:, 2].max()), int(boxes[:, 3].max())
+    a, b = a[..., top:bottom, left:right], b[..., top:bottom, left:right]
+    boxes = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype, device=boxes.device)
     values = ssim_map(a, b)
     margin_y = (a.shape[-2] - values.shape[-2]) // 2
     margin_x = (a.shape[-1] - values.shape[-1]) // 2

@@ -7,6 +7,7 @@ and aligner are not ours). Optimising the cloak through many such draws makes it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,10 @@ class UploadSimulator:
         resize_probability: share of draws that rescale.
         blur_sigma: range of Gaussian blur sigmas, in pixels.
         blur_probability: share of draws that blur.
-        landmark_jitter: standard deviation of landmark noise, as a fraction of the eye distance.
+        shift: standard deviation of the chip's shift, as a fraction of its side ("landmarks":
+            a scraper's detector and aligner put the chip a little elsewhere).
+        rotation_degrees: standard deviation of the chip's rotation.
+        scale: standard deviation of the chip's relative scale.
     """
 
     robust_to: tuple[str, ...] = ROBUSTNESS
@@ -39,33 +43,43 @@ class UploadSimulator:
     resize_probability: float = 0.3
     blur_sigma: tuple[float, float] = (0.3, 1.0)
     blur_probability: float = 0.2
-    landmark_jitter: float = 0.03
+    shift: float = 0.012
+    rotation_degrees: float = 2.0
+    scale: float = 0.02
 
-    def __call__(self, crops: Tensor, landmarks: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """One random draw: transformed (n, 3, h, w) crops and jittered (n, 5, 2) landmarks."""
+    def transform_pixels(self, crops: Tensor, generator: torch.Generator) -> Tensor:
+        """One random draw of the pixel transformations of (n, 3, h, w) crops."""
         n = crops.shape[0]
-        uniform = lambda: float(torch.rand((), generator=generator))  # noqa: E731
         out = crops
-        if "resize" in self.robust_to and uniform() < self.resize_probability:
+        if "resize" in self.robust_to and _uniform(generator) < self.resize_probability:
             low, high = self.resize_scale
-            out = transforms.resize_roundtrip(out, low + (high - low) * uniform())
-        if "blur" in self.robust_to and uniform() < self.blur_probability:
+            out = transforms.resize_roundtrip(out, low + (high - low) * _uniform(generator))
+        if "blur" in self.robust_to and _uniform(generator) < self.blur_probability:
             low, high = self.blur_sigma
-            out = transforms.gaussian_blur(out, low + (high - low) * uniform())
-        if "jpeg" in self.robust_to and uniform() < self.jpeg_probability:
+            out = transforms.gaussian_blur(out, low + (high - low) * _uniform(generator))
+        if "jpeg" in self.robust_to and _uniform(generator) < self.jpeg_probability:
             low, high = self.jpeg_quality
             quality = low + (high - low) * torch.rand(n, generator=generator)
             out = transforms.jpeg_compress(out, quality.round().to(out))
-        moved = landmarks
-        if "landmarks" in self.robust_to and self.landmark_jitter > 0:
-            eye_distance = (landmarks[:, 1] - landmarks[:, 0]).norm(dim=-1).clamp_min(1.0)
-            noise = torch.randn(landmarks.shape, generator=generator).to(landmarks)
-            moved = landmarks + noise * (self.landmark_jitter * eye_distance)[:, None, None]
-        return out, moved
+        return out
 
-    def max_jitter_px(self, landmarks: Tensor) -> Tensor:
-        """(n,) a generous bound on landmark movement, to size the crops."""
+    def jitter_alignment(self, chip_from_source: Tensor, size: int, generator: torch.Generator) -> Tensor:
+        """(n, 2, 3) alignments moved by a random small similarity about the chip's centre."""
         if "landmarks" not in self.robust_to:
-            return torch.zeros(landmarks.shape[0])
-        eye_distance = (landmarks[:, 1] - landmarks[:, 0]).norm(dim=-1)
-        return 3.0 * self.landmark_jitter * eye_distance.cpu()
+            return chip_from_source
+        n = chip_from_source.shape[0]
+        noise = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+        angle = noise[:, 0] * math.radians(self.rotation_degrees)
+        factor = torch.exp(noise[:, 1] * self.scale)
+        shift = noise[:, 2:] * self.shift * size
+        cos, sin = torch.cos(angle) * factor, torch.sin(angle) * factor
+        linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)
+        centre = torch.full((n, 2), (size - 1) / 2.0, dtype=torch.float64)
+        offset = centre - (linear @ centre[:, :, None])[:, :, 0] + shift
+        matrix = chip_from_source.double()
+        moved = torch.cat([linear @ matrix[:, :, :2], (linear @ matrix[:, :, 2:]) + offset[:, :, None]], dim=2)
+        return moved.to(chip_from_source)
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator))

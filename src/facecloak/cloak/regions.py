@@ -22,7 +22,6 @@ from facecloak.align import (
     _pool_factor,
     affine_scale,
     chip_footprint,
-    estimate_similarity,
     pool_sources,
     shift_affine,
     warp_to_chips,
@@ -36,6 +35,9 @@ JPEG_GRID_PX = 16
 
 MAX_BUCKET_FACES = 64
 
+JITTER_MARGIN = 0.12
+"""Border around each chip, as a fraction of its side, that jittered alignments may read."""
+
 
 @dataclass
 class Bucket:
@@ -47,6 +49,7 @@ class Bucket:
         masks: (n, 1, h, w) feathered face-region masks (0 on padding and outside the region).
         origins: (n, 2) image pixel of each crop's top-left corner (x0, y0).
         sizes: (n, 2) valid crop width and height.
+        chip_from_crop: per model, (n, 2, 3) maps from crop pixels to that model's chip.
         factors: per model, the area-averaging factor used before sampling its chips.
     """
 
@@ -55,6 +58,7 @@ class Bucket:
     masks: Tensor
     origins: Tensor
     sizes: Tensor
+    chip_from_crop: list[Tensor]
     factors: tuple[int, ...]
 
 
@@ -69,10 +73,11 @@ def build_buckets(
     images: Sequence[Tensor],
     faces: Faces,
     models: Sequence[Embedder],
+    chip_from_image: Sequence[Tensor],
     *,
     region_scale: float,
     feather: float,
-    jitter_px: Tensor,
+    jitter_margin: float = JITTER_MARGIN,
 ) -> list[Bucket]:
     """Cut one crop per face covering every model's chip, pad and stack them into buckets.
 
@@ -80,24 +85,26 @@ def build_buckets(
         images: the photos, (3, H_i, W_i) each.
         faces: the faces to cloak (``image_index`` into ``images``).
         models: the embedders whose chips the crop must cover.
+        chip_from_image: per model, (N, 2, 3) its alignment of every face.
         region_scale: face region size relative to the detection box (the only pixels changed).
         feather: soft edge of the region, as a fraction of its half-size.
-        jitter_px: (N,) largest landmark jitter per face, widening the crop.
+        jitter_margin: extra border around each chip, as a fraction of its side, that random
+            alignment jitter may read.
     """
     regions = face_regions(faces, region_scale)
     boxes, keys = [], []
     for n in range(len(faces)):
         image = images[int(faces.image_index[n])]
         height, width = image.shape[-2:]
-        low = regions[n, :2].clone()
-        high = regions[n, 2:].clone()
+        low, high = regions[n, :2].clone(), regions[n, 2:].clone()
         factors = []
-        for model in models:
-            card = model.card
-            chip_from_image = estimate_similarity(faces.landmarks[n : n + 1], torch.tensor(card.template))
-            factor = _pool_factor(float(affine_scale(chip_from_image)[0]))
+        for model, matrices in zip(models, chip_from_image):
+            size = model.card.input_size
+            matrix = matrices[n : n + 1].double()
+            factor = _pool_factor(float(affine_scale(matrix)[0]))
             factors.append(factor)
-            footprint = chip_footprint(chip_from_image, card.input_size, margin=float(jitter_px[n]) * 1.5 + 2 * factor)[0]
+            pixels_per_chip = 1.0 / float(affine_scale(matrix)[0])
+            footprint = chip_footprint(matrix, size, margin=jitter_margin * size * pixels_per_chip + 2 * factor)[0]
             low = torch.minimum(low, footprint[:2].float())
             high = torch.maximum(high, footprint[2:].float())
         x0 = max(0, int(math.floor(float(low[0]))) // JPEG_GRID_PX * JPEG_GRID_PX)
@@ -114,11 +121,11 @@ def build_buckets(
         members.sort(key=lambda n: (boxes[n][2] - boxes[n][0]) * (boxes[n][3] - boxes[n][1]))
         for start in range(0, len(members), MAX_BUCKET_FACES):
             chunk = members[start : start + MAX_BUCKET_FACES]
-            buckets.append(_stack(images, faces, regions, boxes, chunk, key, feather))
+            buckets.append(_stack(images, faces, regions, boxes, chunk, key, feather, chip_from_image))
     return buckets
 
 
-def _stack(images, faces, regions, boxes, members, factors, feather) -> Bucket:
+def _stack(images, faces, regions, boxes, members, factors, feather, chip_from_image) -> Bucket:
     height = max(boxes[n][3] - boxes[n][1] for n in members)
     width = max(boxes[n][2] - boxes[n][0] for n in members)
     reference = images[int(faces.image_index[members[0]])]
@@ -133,25 +140,23 @@ def _stack(images, faces, regions, boxes, members, factors, feather) -> Bucket:
     index = torch.tensor(members, dtype=torch.long)
     origins = torch.tensor([boxes[n][:2] for n in members], dtype=torch.float32)
     sizes = torch.tensor([(boxes[n][2] - boxes[n][0], boxes[n][3] - boxes[n][1]) for n in members])
-    return Bucket(index, crops, masks, origins, sizes, tuple(factors))
+    to_crop = [
+        shift_affine(matrices[index].double(), origins[:, 0].double(), origins[:, 1].double()).to(reference)
+        for matrices in chip_from_image
+    ]
+    return Bucket(index, crops, masks, origins, sizes, to_crop, tuple(factors))
 
 
-def sample_chips(
-    crops: Tensor, landmarks: Tensor, origins: Tensor, model: Embedder, factor: int
-) -> Tensor:
+def sample_chips(crops: Tensor, chip_from_crop: Tensor, model: Embedder, factor: int) -> Tensor:
     """Aligned chips for ``model`` from (n, 3, h, w) crops, differentiable w.r.t. the crops.
 
     Args:
         crops: (n, 3, h, w) crop pixels (perturbed and transformed as the caller wishes).
-        landmarks: (n, 5, 2) landmarks in image pixels.
-        origins: (n, 2) top-left image pixel of each crop.
-        model: the embedder (its card gives template and chip size).
+        chip_from_crop: (n, 2, 3) maps from crop pixels to the model's chip.
+        model: the embedder (its card gives the chip size).
         factor: area-averaging factor for this model's bucket.
     """
-    template = torch.tensor(model.card.template, dtype=crops.dtype, device=crops.device)
-    chip_from_image = estimate_similarity(landmarks.to(crops), template)
-    chip_from_crop = shift_affine(chip_from_image, origins[:, 0].to(crops), origins[:, 1].to(crops))
-    sources, chip_from_source = pool_sources(crops, chip_from_crop, factor)
+    sources, chip_from_source = pool_sources(crops, chip_from_crop.to(crops), factor)
     return warp_to_chips(sources, chip_from_source, model.card.input_size)
 
 

@@ -46,6 +46,7 @@ from facecloak.models.registry import Embedder, FaceModelCard, register_embedder
 
 __all__ = [
     "DLIB_5POINT_TEMPLATE",
+    "DLIB_5POINT_TEMPLATE_150",
     "DLIB_CHIP_PADDING",
     "DLIB_CHIP_TEMPLATE_150",
     "DLIB_MEAN_RGB",
@@ -94,14 +95,24 @@ DLIB_CHIP_PADDING = 0.25
 
 DLIB_CHIP_TEMPLATE_150 = ((48.024, 46.055), (102.339, 45.923), (74.821, 78.105), (51.122, 105.763), (98.983, 105.752))
 """Where left eye centre, right eye centre, nose tip, left and right mouth corner (viewer's left
-first) land in dlib's 150 px chip. Fitted by ``scripts/fit_dlib_template.py``: the mean position of
+first) land in dlib's 150 px chip: the alignment for other models that share dlib's chip (plug-ins
+with ``--template dlib``); dlib-resnet itself aligns by dlib's own landmarks. Fitted by ``scripts/fit_dlib_template.py``: the mean position of
 MTCNN's points inside dlib's own chips of 1,191 LFW faces (eyes scatter ~2 px, nose and mouth ~6.5
 px around it). Aligned this way our embeddings have mean cosine 0.994 with dlib's whole pipeline."""
+
+DLIB_5POINT_TEMPLATE_150 = tuple(
+    ((DLIB_CHIP_PADDING + x) / (1 + 2 * DLIB_CHIP_PADDING) * DLIB_CHIP_SIZE_PX,
+     (DLIB_CHIP_PADDING + y) / (1 + 2 * DLIB_CHIP_PADDING) * DLIB_CHIP_SIZE_PX)
+    for x, y in DLIB_5POINT_TEMPLATE
+)
+"""dlib's 5-point template in pixels of its 150 px chip with padding 0.25 (what ``get_face_chip`` uses)."""
 
 DLIB_RESNET_CARD = FaceModelCard(
     name="dlib-resnet",
     input_size=DLIB_CHIP_SIZE_PX,
-    template=DLIB_CHIP_TEMPLATE_150,
+    template=DLIB_5POINT_TEMPLATE_150,
+    landmarks="dlib5",
+    alignment="dlib",
     embedding_dim=128,
     distance="euclidean",
     match_threshold=0.6,

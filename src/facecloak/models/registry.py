@@ -38,6 +38,12 @@ class FaceModelCard:
         license: licence of the weights.
         description: one line for ``facecloak models``.
         weights_env: environment variable that may name the weights file.
+        landmarks: which five points ``template`` refers to: "mtcnn" (eye centres, nose tip,
+            mouth corners, as detected) or "dlib5" (dlib's eye corners and nose base, found by
+            facecloak's port of dlib's shape predictor inside the MTCNN box).
+        alignment: "similarity" (least squares onto the template) or "dlib" (dlib's
+            ``get_face_chip_details``: the same fit kept as a rectangle and an angle).
+        extra: model-specific settings (plug-ins: input mean, std, channel order).
     """
 
     name: str
@@ -50,6 +56,8 @@ class FaceModelCard:
     license: str
     description: str = ""
     weights_env: str | None = None
+    landmarks: Literal["mtcnn", "dlib5"] = "mtcnn"
+    alignment: Literal["similarity", "dlib"] = "similarity"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

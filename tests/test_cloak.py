@@ -1,0 +1,166 @@
+"""Cloaking on real faces with the real dlib model: contract, budget, white-box effect, honesty."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from facecloak.cloak import CLOAK_METHODS, LEVELS, TargetedCloak, UntargetedCloak, create_cloak
+from facecloak.cloak.regions import face_regions
+from facecloak.cloak.targeted import key_direction, synthetic_targets
+from facecloak.errors import InvalidInputError
+from facecloak.faces import Faces
+from facecloak.io import read_image
+from facecloak.models import create_embedder
+
+PEOPLE = ("Colin_Powell", "Hugo_Chavez")
+
+
+@pytest.fixture(scope="module")
+def dlib_model():
+    return create_embedder("dlib-resnet", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photos(lfw_dir):
+    return [read_image(lfw_dir / "images" / name / f"{name}_0003.jpg").pixels for name in PEOPLE]
+
+
+@pytest.fixture(scope="module")
+def centre_faces(photos, detector):
+    faces = detector(photos)
+    keep = []
+    for i in range(len(photos)):
+        mine = (faces.image_index == i).nonzero()[:, 0]
+        centres = (faces.boxes[mine, :2] + faces.boxes[mine, 2:]) / 2
+        keep.append(int(mine[(centres - 125).norm(dim=1).argmin()]))
+    return faces.select(keep)
+
+
+@pytest.fixture(scope="module")
+def mid_result(dlib_model, detector, photos, centre_faces):
+    return UntargetedCloak([dlib_model], "mid", detector=detector, seed=0)(photos, centre_faces)
+
+
+def changed_outside_regions(original: torch.Tensor, cloaked: torch.Tensor, faces: Faces, scale: float) -> bool:
+    keep = torch.ones(original.shape[-2:], dtype=torch.bool)
+    for x1, y1, x2, y2 in face_regions(faces, scale).tolist():
+        keep[max(0, int(y1) - 1) : int(y2) + 2, max(0, int(x1) - 1) : int(x2) + 2] = False
+    return bool((original[:, keep] != cloaked[:, keep]).any())
+
+
+@pytest.mark.parametrize("mode", sorted(CLOAK_METHODS))
+def test_every_method_keeps_the_contract(mode, dlib_model, detector, photos, centre_faces):
+    cloak = create_cloak(mode, [dlib_model], "low", detector=detector, steps=8, identity_key="test-key")
+    result = cloak(photos, centre_faces)
+    budget = cloak.budget
+    assert len(result.images) == len(photos)
+    for original, cloaked, k in zip(photos, result.images, range(len(photos))):
+        assert cloaked.shape == original.shape
+        assert float(cloaked.min()) >= 0.0 and float(cloaked.max()) <= 1.0
+        assert not changed_outside_regions(original, cloaked, centre_faces.for_image(k), cloak.region_scale)
+    assert bool((result.linf <= budget.max_linf + 0.51).all())  # + rounding to 8 bits
+    assert bool((result.dssim <= budget.max_dssim).all())
+    assert result.distance.shape == result.distance_jpeg.shape == (len(centre_faces), 1)
+    assert result.steps.max() <= 8
+    records = result.records(centre_faces)
+    assert set(records[0]["models"]["dlib-resnet"]) == {"threshold", "distance", "distance_after_jpeg75"}
+
+
+def test_white_box_distance_passes_threshold_after_jpeg(mid_result):
+    threshold = 0.6
+    assert bool((mid_result.distance[:, 0] > threshold).all()), mid_result.distance
+    assert bool(mid_result.found_after_jpeg.all())
+    assert bool((mid_result.distance_jpeg[:, 0] > threshold).all()), mid_result.distance_jpeg
+    assert bool(mid_result.protected.all())
+    assert bool((mid_result.dssim <= LEVELS["mid"].max_dssim).all())
+    assert bool((mid_result.psnr > 30).all())
+
+
+def test_levels_order_strength(dlib_model, detector, photos, centre_faces, mid_result):
+    low = UntargetedCloak([dlib_model], "low", detector=detector, seed=0, verify=False)(photos, centre_faces)
+    assert float(low.dssim.max()) <= LEVELS["low"].max_dssim
+    assert float(low.dssim.mean()) < float(mid_result.dssim.mean())
+    assert float(low.distance.mean()) < float(mid_result.distance.mean())
+
+
+def test_same_seed_same_perturbation(dlib_model, detector, photos, centre_faces):
+    def run(seed: int) -> list[torch.Tensor]:
+        cloak = UntargetedCloak([dlib_model], "low", detector=detector, steps=5, seed=seed, verify=False)
+        return cloak(photos[:1], centre_faces.for_image(0)).images
+
+    first, again, other = run(3), run(3), run(4)
+    assert torch.equal(first[0], again[0])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_a_face_that_falls_short_is_not_protected(dlib_model, detector, photos, centre_faces):
+    result = UntargetedCloak([dlib_model], "mid", detector=detector, steps=0)(photos, centre_faces)
+    assert not bool(result.protected.any())
+    assert torch.equal(result.images[0], photos[0])
+    assert all(record["protected"] is False for record in result.records(centre_faces))
+
+
+def test_no_faces_gives_empty_result(dlib_model, detector, photos):
+    result = UntargetedCloak([dlib_model], detector=detector)(photos, Faces.empty())
+    assert len(result.protected) == 0 and torch.equal(result.images[0], photos[0])
+
+
+def test_bad_arguments(dlib_model):
+    with pytest.raises(InvalidInputError):
+        UntargetedCloak([], "mid")
+    with pytest.raises(InvalidInputError):
+        UntargetedCloak([dlib_model], "extreme")
+    with pytest.raises(InvalidInputError):
+        UntargetedCloak([dlib_model], robust_to=("teleport",))
+    with pytest.raises(InvalidInputError):
+        create_cloak("sideways", [dlib_model])
+
+
+def test_targeted_key_gives_one_direction_per_person():
+    first, again = key_direction("alice", "dlib-resnet", 128), key_direction("alice", "dlib-resnet", 128)
+    other = key_direction("bob", "dlib-resnet", 128)
+    assert torch.equal(first, again) and math.isclose(float(first.norm()), 1.0, rel_tol=1e-5)
+    assert abs(float(first @ other)) < 0.5
+    clean = torch.randn(3, 128)
+    targets = synthetic_targets(clean, first, 1.8, "euclidean")
+    assert torch.allclose((targets - clean).norm(dim=1), torch.full((3,), 1.8), atol=1e-5)
+    unit = torch.nn.functional.normalize(torch.randn(2, 64), dim=1)
+    rotated = synthetic_targets(unit, key_direction("alice", "m", 64), 0.7, "cosine")
+    assert torch.allclose(1 - (rotated * unit).sum(1), torch.full((2,), 0.7), atol=1e-5)
+
+
+def test_targeted_pulls_toward_its_target(dlib_model, detector, photos, centre_faces):
+    cloak = TargetedCloak([dlib_model], "mid", identity_key="k1", detector=detector, steps=20, verify=False)
+    result = cloak(photos, centre_faces)
+    clean = torch.stack([cloak.targets[0][k] for k in range(len(centre_faces))])
+    from facecloak.embed import embed_faces
+
+    after = embed_faces(result.images, centre_faces, dlib_model)
+    before = embed_faces(photos, centre_faces, dlib_model)
+    assert bool(((after - clean).norm(dim=1) < (before - clean).norm(dim=1)).all())
+
+
+def test_cloak_drops_rank1_for_dlibs_own_pipeline(lfw_dir, dlib_model, detector):
+    """End to end on a few people: cloaked, re-encoded as JPEG 75, matched by dlib's C++ pipeline."""
+    pytest.importorskip("dlib")
+    from facecloak.evaluate import DlibAttacker, cloak_protection, evaluate
+
+    cloak = UntargetedCloak([dlib_model], "mid", detector=detector, verify=False)
+    result = evaluate(
+        lfw_dir / "images",
+        cloak_protection(cloak, detector),
+        [DlibAttacker()],
+        people=["Ian_Thorpe", "Jacques_Rogge", "Richard_Gere"],
+        control=3,
+        seed=1,
+        min_photos=10,
+        probes=2,
+        uploads=("jpeg75",),
+        max_distractors=150,
+    )
+    row = result.row("dlib-cpp", "jpeg75")
+    assert row["control_rank1"] >= 0.8  # the attacker works on people who did not cloak
+    assert row["protected_rank1"] <= 0.2  # and fails on those who did

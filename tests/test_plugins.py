@@ -1,0 +1,115 @@
+"""Plug-in face models: ONNX (exported from our own model) and MXNet (MobileFace from ../shared)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from facecloak.cli import main
+from facecloak.datasets import read_lfw_pairs
+from facecloak.errors import InvalidInputError, ModelNotFoundError
+from facecloak.evaluate import PipelineAttacker, lfw_verification
+from facecloak.models import create_embedder, get_card, list_embedders
+from facecloak.models.plugins import add_user_model, load_model_file, remove_user_model, template_for
+from facecloak.models.registry import _REGISTRY
+
+MOBILEFACE_SYMBOL = "MobileFace_Identification_V2-symbol.json"
+
+
+@pytest.fixture()
+def config_home(tmp_path, monkeypatch):
+    """A private XDG_CONFIG_HOME, so tests never touch the user's added models."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    yield tmp_path / "config"
+    for name in [n for n in _REGISTRY if n.startswith("test-")]:
+        _REGISTRY.pop(name)
+
+
+@pytest.fixture(scope="module")
+def onnx_dlib(tmp_path_factory):
+    """Our dlib-resnet exported to ONNX with torch.onnx."""
+    pytest.importorskip("onnx2torch")
+    model = create_embedder("dlib-resnet", device="cpu")
+    path = tmp_path_factory.mktemp("onnx") / "dlib.onnx"
+    chips = torch.rand(2, 3, 150, 150)
+
+    class Raw(torch.nn.Module):  # the file takes 0..255 RGB, as most published models do
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x / 255.0)
+
+    torch.onnx.export(Raw(), (chips * 255,), str(path), input_names=["data"], output_names=["embedding"],
+                      dynamic_axes={"data": {0: "n"}, "embedding": {0: "n"}}, opset_version=13, dynamo=False)
+    return path, model
+
+
+def test_onnx_export_roundtrip_matches_and_is_differentiable(onnx_dlib, config_home):
+    path, original = onnx_dlib
+    card = add_user_model("test-dlib-onnx", path, input_size=150, template="dlib", metric="euclidean", threshold=0.6)
+    assert card.embedding_dim == 128 and (config_home / "facecloak" / "models" / "test-dlib-onnx.json").is_file()
+    assert "test-dlib-onnx" in list_embedders()
+    imported = create_embedder("test-dlib-onnx", device="cpu")
+    chips = torch.rand(3, 3, 150, 150, requires_grad=True)
+    ours = imported(chips)
+    assert torch.allclose(ours, original(chips), atol=1e-4)
+    ours.square().sum().backward()
+    assert chips.grad is not None and torch.isfinite(chips.grad).all() and chips.grad.abs().sum() > 0
+    remove_user_model("test-dlib-onnx")
+    assert "test-dlib-onnx" not in list_embedders()
+
+
+def test_bad_model_files_are_one_line_errors(tmp_path, config_home):
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x01garbage")
+    for file, match in ((tmp_path / "missing.onnx", "not found"), (tmp_path / "broken.onnx", "ONNX"),
+                        (tmp_path / "weights.bin", "unsupported")):
+        if file.suffix == ".bin":
+            file.write_bytes(b"x")
+        with pytest.raises(ModelNotFoundError, match=match) as info:
+            add_user_model("test-bad", file)
+        assert str(file) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(InvalidInputError):
+        add_user_model("Bad Name!", tmp_path / "broken.onnx")
+    with pytest.raises(InvalidInputError, match="built-in"):
+        add_user_model("dlib-resnet", tmp_path / "broken.onnx")
+    with pytest.raises(ModelNotFoundError):
+        remove_user_model("test-never-added")
+
+
+def test_templates():
+    arcface = template_for("arcface", 112)
+    assert arcface[0] == pytest.approx((38.2946, 51.6963))
+    assert template_for("arcface", 224)[0] == pytest.approx((76.5892, 103.3926))
+    assert len(template_for("dlib", 150)) == 5
+
+
+def test_cli_add_list_remove(mobileface_dir, config_home):
+    runner = CliRunner()
+    symbol = mobileface_dir / MOBILEFACE_SYMBOL
+    added = runner.invoke(main, ["models", "add", "test-mobileface", str(symbol), "--threshold", "0.65"])
+    assert added.exit_code == 0, added.output
+    assert "256-d" in added.output
+    card = json.loads((config_home / "facecloak" / "models" / "test-mobileface.json").read_text())
+    assert card["weights"] == str(symbol.resolve()) and card["embedding_dim"] == 256
+    listed = runner.invoke(main, ["models"])
+    assert "test-mobileface" in listed.output and "dlib-resnet" in listed.output
+    missing = runner.invoke(main, ["models", "add", "test-x", str(mobileface_dir / "nope-symbol.json")])
+    assert missing.exit_code == 3 and "not found" in missing.stderr
+    assert runner.invoke(main, ["models", "remove", "test-mobileface"]).exit_code == 0
+    assert "test-mobileface" not in runner.invoke(main, ["models"]).output
+
+
+def test_mobileface_lfw_accuracy(mobileface_dir, lfw_dir, detector):
+    """MobileFace imported from MXNet, aligned on the ArcFace template, on a 5-fold subset of the pairs."""
+    model = load_model_file(mobileface_dir / MOBILEFACE_SYMBOL, name="mobileface-v2", input_size=112,
+                            template="arcface", metric="cosine")
+    assert get_card("dlib-resnet").embedding_dim == 128 and model.card.embedding_dim == 256
+    pairs = read_lfw_pairs(lfw_dir / "pairs.txt")
+    subset = [pair for i, pair in enumerate(pairs) if (i % 300) < 40]
+    result = lfw_verification(subset, [PipelineAttacker(model, detector)])["mobileface-v2"]
+    assert result["accuracy"] >= 0.97, result  # ~99.1% on all 3,000 pairs (scripts/eval_lfw_verification.py)
