@@ -545,6 +545,12 @@ def models_remove(name) -> None:
     show_default=True,
     help="Upload transforms, one table row each.",
 )
+@click.option(
+    "--max-distractors",
+    type=click.IntRange(0, None),
+    default=None,
+    help="Use at most this many photos of other people as distractors [all].",
+)
 @click.option("--adaptive", is_flag=True, help="Add an adaptive attacker that learns to undo the protection.")
 @click.option("--leave-one-out", is_flag=True, help="cloak: also cloak without each model and measure on it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw of people and of the cloak.")
@@ -561,7 +567,7 @@ def models_remove(name) -> None:
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def evaluate(data, method, level, mode, models, protected_dir, people, control, min_photos, probes, attackers,
-             uploads, adaptive, leave_one_out, seed, cache, device, out_dir, quiet) -> None:
+             uploads, max_distractors, adaptive, leave_one_out, seed, cache, device, out_dir, quiet) -> None:
     """Measure how much matching accuracy a scraper loses against a protection.
 
     Protected people's photos are protected, pass through each upload transform (JPEG, downscale,
@@ -580,6 +586,7 @@ def evaluate(data, method, level, mode, models, protected_dir, people, control, 
         data=data, method=method, level=level, mode=mode, models=models, protected_dir=protected_dir,
         people=people, control=control, min_photos=min_photos, probes=probes, attackers=attackers,
         uploads=tuple(u.strip() for u in uploads.split(",") if u.strip()), adaptive=adaptive,
+        max_distractors=max_distractors,
         leave_one_out=leave_one_out, seed=seed, cache=cache, device=device,
     )
     try:

@@ -17,6 +17,7 @@ Protocol (Clearview-style scraper: detect, align, embed, nearest neighbour):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,9 @@ from facecloak.embed import embed_faces
 from facecloak.errors import FacecloakError, InvalidInputError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder, embedding_distance
+
+CACHE_VERSION = 1
+"""Bump when the embedding pipeline changes in a way cards and settings do not show."""
 
 # -- pure metrics ------------------------------------------------------------------------------
 
@@ -82,18 +86,19 @@ def rank_k_hit_rate(
 def tar_at_far(genuine: Tensor, impostor: Tensor, far: float = 1e-3) -> tuple[float, float]:
     """True-accept rate at a false-accept rate, for distances (accept when distance < threshold).
 
-    The threshold is the largest one admitting at most ``far`` of the impostor pairs.
+    The threshold is the largest one admitting at most ``far`` of the impostor pairs. A genuine
+    pair that is NaN (a face the scraper could not find) counts as rejected.
 
     Returns:
         (tar, threshold).
     """
-    genuine = genuine[~torch.isnan(genuine)]
     impostor = impostor[~torch.isnan(impostor)].sort().values
     if len(genuine) == 0 or len(impostor) == 0:
         return math.nan, math.nan
     allowed = int(math.floor(far * len(impostor)))
     threshold = float(impostor[allowed]) if allowed < len(impostor) else math.inf
-    return float((genuine < threshold).float().mean()), threshold
+    accepted = torch.nan_to_num(genuine, nan=math.inf) < threshold
+    return float(accepted.float().mean()), threshold
 
 
 def verification_accuracy(distances: Tensor, same: Tensor, folds: Tensor) -> dict:
@@ -109,13 +114,8 @@ def verification_accuracy(distances: Tensor, same: Tensor, folds: Tensor) -> dic
     for fold in folds.unique().tolist():
         train = (folds != fold) & valid
         test = folds == fold
-        candidates = distances[train].sort().values
-        best, best_threshold = -1.0, 0.0
-        for threshold in candidates.tolist():
-            accuracy = float(((distances[train] <= threshold) == same[train]).float().mean())
-            if accuracy > best:
-                best, best_threshold = accuracy, threshold
-        predicted = (torch.nan_to_num(distances[test], nan=math.inf) <= best_threshold) & valid[test]
+        best_threshold = _best_threshold(distances[train].double(), same[train])
+        predicted = torch.nan_to_num(distances[test], nan=math.inf) <= best_threshold
         correct = (predicted == same[test]) & valid[test]
         accuracies.append(float(correct.float().mean()))
         thresholds.append(best_threshold)
@@ -126,6 +126,16 @@ def verification_accuracy(distances: Tensor, same: Tensor, folds: Tensor) -> dic
         "thresholds": thresholds,
         "pairs_with_missing_face": int((~valid).sum()),
     }
+
+
+def _best_threshold(distances: Tensor, same: Tensor) -> float:
+    """The threshold (midway between observed distances) that classifies the most pairs right;
+    among equally good ones, the middle one."""
+    values = distances.unique()  # sorted
+    candidates = torch.cat([values[:1] - 1e-6, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-6])
+    accuracy = ((distances[None, :] <= candidates[:, None]) == same[None, :]).double().mean(1)
+    best = (accuracy == accuracy.max()).nonzero()[:, 0]
+    return float(candidates[best[len(best) // 2]])
 
 
 def fit_correction(source: Tensor, target: Tensor, ridge: float = 1e-2) -> Tensor:
@@ -162,6 +172,11 @@ class Attacker:
     threshold: float
     dim: int
 
+    @property
+    def fingerprint(self) -> str:
+        """Name plus a hash of everything that changes its embeddings (cache key)."""
+        return self.name
+
     def embed(self, images: Sequence[Tensor]) -> Tensor:
         """(n, D) embedding of each photo's subject (the face nearest the centre), NaN if none."""
         raise NotImplementedError
@@ -177,6 +192,13 @@ class PipelineAttacker(Attacker):
         self.metric = model.card.distance
         self.threshold = model.card.match_threshold
         self.dim = model.card.embedding_dim
+
+    @property
+    def fingerprint(self) -> str:
+        """Model card (template, alignment, landmarks...) and detector settings, hashed."""
+        card = json.dumps(self.model.card.to_dict(), sort_keys=True, default=str)
+        settings = f"{card}|{self.detector!r}|{CACHE_VERSION}"
+        return f"{self.name}-{hashlib.sha1(settings.encode()).hexdigest()[:10]}"
 
     def embed(self, images: Sequence[Tensor]) -> Tensor:
         """Detect in batches of same-size photos, keep the centre face, embed all chips together."""
@@ -216,6 +238,13 @@ class DlibAttacker(Attacker):
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(str(folder / "shape_predictor_5_face_landmarks.dat"))
         self._model = dlib.face_recognition_model_v1(str(folder / "dlib_face_recognition_resnet_model_v1.dat"))
+
+    @property
+    def fingerprint(self) -> str:
+        """dlib's version: its pipeline is fixed."""
+        import dlib
+
+        return f"{self.name}-{dlib.__version__}"
 
     @staticmethod
     def available() -> bool:
@@ -568,7 +597,7 @@ def _embed_files(attacker: Attacker, paths: list[Path], cache: EmbeddingCache, p
     out = torch.full((len(paths), attacker.dim), math.nan)
     missing = []
     for i, path in enumerate(paths):
-        cached = cache.get(attacker.name, path)
+        cached = cache.get(attacker.fingerprint, path)
         if cached is None:
             missing.append(i)
         else:
@@ -584,7 +613,7 @@ def _embed_files(attacker: Attacker, paths: list[Path], cache: EmbeddingCache, p
         if readable:
             out[readable] = attacker.embed(images)
         for i in missing[start : start + 32]:
-            cache.put(attacker.name, paths[i], out[i].numpy())
+            cache.put(attacker.fingerprint, paths[i], out[i].numpy())
         progress(min(start + 32, len(missing)), len(missing))
     return out
 
@@ -735,6 +764,7 @@ class EvaluationRequest:
     attackers: str | None = None  # comma-separated; None: all available models + dlib-cpp
     uploads: tuple[str, ...] = ("none", "jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur")
     adaptive: bool = False
+    max_distractors: int | None = None
     leave_one_out: bool = False
     seed: int = 0
     cache: Path | None = None
@@ -789,6 +819,7 @@ def run_evaluation(request: EvaluationRequest, on_progress: ProgressCallback | N
     cache = EmbeddingCache(request.cache)
     levels = ["low", "mid", "high"] if request.level == "all" else [request.level]
     common = dict(
+        max_distractors=request.max_distractors,
         people=request.people,
         control=request.control,
         min_photos=request.min_photos,
@@ -852,6 +883,7 @@ def _leave_one_out(request, models, detector, cache, on_progress) -> list[dict]:
             min_photos=request.min_photos,
             probes=request.probes,
             uploads=("jpeg75",),
+            max_distractors=request.max_distractors,
             seed=request.seed,
             cache=cache,
             on_progress=on_progress,

@@ -69,6 +69,10 @@ share of its cap, steering the change toward textured areas before the hard cap 
 DSSIM_CHECK_EVERY = 4
 """Steps between hard DSSIM checks (the penalty in the loss keeps faces under the cap meanwhile)."""
 
+CHROMA_SHARE = 0.35
+"""Colour (Cb, Cr) changes may be at most this share of the brightness (Y) cap: the eye sees
+coloured blotches on skin long before it sees the same energy as fine brightness texture."""
+
 DSSIM_SAFETY = 0.95
 """Enforce the DSSIM cap with this much headroom: rounding to 8 bits adds a little."""
 
@@ -274,7 +278,7 @@ class Cloak:
                     first[b][rows_device], second[b][rows_device] = m, v
                     m_hat = m / (1 - beta1**step)
                     v_hat = v / (1 - beta2**step)
-                    updated = (delta - lr * m_hat / (v_hat.sqrt() + 1e-12)).clamp(-eps, eps)
+                    updated = limit_change(delta - lr * m_hat / (v_hat.sqrt() + 1e-12), eps, CHROMA_SHARE)
                     updated = (crops + updated).clamp(0, 1) - crops  # stay a valid image
                     if step % DSSIM_CHECK_EVERY == 0 or step == budget.steps:
                         updated = self._enforce_dssim(crops, masks, updated, region_boxes[b][rows])
@@ -440,6 +444,19 @@ class Cloak:
             b = stored[i][None, :, y0:y1, x0:x1].float()
             values[:, k] = torch.stack([quality.dssim(a, b)[0], quality.psnr(a, b)[0], quality.linf(a, b)[0]]).cpu()
         return values[0], values[1], values[2]
+
+
+_RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+
+
+def limit_change(delta: Tensor, max_luma: float, chroma_share: float) -> Tensor:
+    """Clip a (n, 3, h, w) RGB change: |Y| <= max_luma, |Cb|, |Cr| <= chroma_share x max_luma, and
+    every RGB channel to max_luma (the L-infinity cap)."""
+    to_ycbcr = _RGB_TO_YCBCR.to(delta)
+    ycbcr = torch.einsum("ij,njhw->nihw", to_ycbcr, delta)
+    limits = torch.tensor([max_luma, chroma_share * max_luma, chroma_share * max_luma]).to(delta).view(1, 3, 1, 1)
+    ycbcr = torch.maximum(torch.minimum(ycbcr, limits), -limits)
+    return torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycbcr), ycbcr).clamp(-max_luma, max_luma)
 
 
 def _as_stored(image: Tensor) -> Tensor:

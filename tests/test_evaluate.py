@@ -1,0 +1,178 @@
+"""The evaluator: pure metrics, the protocol against a direct computation, the adaptive attacker, the report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from facecloak.cli import main
+from facecloak.datasets import list_people, read_lfw_pairs, split_people
+from facecloak.embed import embed_faces
+from facecloak.errors import InvalidInputError
+from facecloak.evaluate import (
+    EmbeddingCache,
+    PipelineAttacker,
+    apply_correction,
+    distance_matrix,
+    evaluate,
+    fit_correction,
+    rank_k_hit_rate,
+    rank_k_hits,
+    tar_at_far,
+    verification_accuracy,
+)
+from facecloak.io import read_image
+from facecloak.models import create_embedder
+from facecloak.report import render_html, summary_table
+
+PEOPLE = ["Ian_Thorpe", "Jacques_Rogge", "Richard_Gere", "Paul_Wolfowitz"]
+
+
+@pytest.fixture(scope="module")
+def attacker(detector):
+    return PipelineAttacker(create_embedder("dlib-resnet", device="cpu"), detector)
+
+
+# -- pure metrics -------------------------------------------------------------------------------
+
+
+def test_rank_k_on_a_hand_made_gallery():
+    gallery = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [float("nan"), 0.0]])
+    ids = torch.tensor([1, 2, 3, 4])
+    probes = torch.tensor([[0.9, 0.0], [0.1, 0.8], [0.0, 0.0], [float("nan"), 1.0]])
+    probe_ids = torch.tensor([2, 1, 4, 3])
+    assert rank_k_hits(gallery, ids, probes, probe_ids, k=1).tolist() == [True, False, False, False]
+    assert rank_k_hits(gallery, ids, probes, probe_ids, k=2).tolist() == [True, True, False, False]
+    assert float(rank_k_hit_rate(gallery, ids, probes, probe_ids, k=1)) == 0.25
+    cosine = distance_matrix(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0], [3.0, 0.0]]), "cosine")
+    assert torch.allclose(cosine, torch.tensor([[1.0, 0.0]]))
+
+
+def test_tar_at_far():
+    impostor = torch.linspace(0.5, 1.5, 1000)
+    genuine = torch.tensor([0.1, 0.2, 0.49, 0.6, float("nan")])  # NaN: face not found, never accepted
+    tar, threshold = tar_at_far(genuine, impostor, far=1e-3)
+    assert math.isclose(threshold, float(impostor[1]), rel_tol=1e-6)
+    assert tar == pytest.approx(3 / 5)
+
+
+def test_verification_accuracy_picks_thresholds_on_other_folds():
+    distances = torch.tensor([0.1, 0.2, 0.9, 0.8] * 3 + [0.3, float("nan"), 0.7, 0.95])
+    same = torch.tensor([True, True, False, False] * 4)
+    folds = torch.arange(16) // 4
+    result = verification_accuracy(distances, same, folds)
+    assert result["fold_accuracies"][:3] == [1.0, 1.0, 1.0]
+    assert result["fold_accuracies"][3] == 0.75  # the NaN pair counts as wrong
+    assert result["pairs_with_missing_face"] == 1
+
+
+def test_correction_undoes_a_linear_distortion_of_real_embeddings(lfw_dir, attacker):
+    """The adaptive attacker's tool, on real dlib embeddings distorted by a fixed affine map."""
+    people = [p for p in list_people(lfw_dir / "images") if len(p.photos) >= 6][:24]
+    images = [read_image(path).pixels for person in people for path in person.photos[:6]]
+    labels = torch.tensor([i for i, _ in enumerate(people) for _ in range(6)])
+    clean = attacker.embed(images)
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.linalg.qr(torch.randn(128, 128, generator=generator))[0] * 1.5
+    protected = clean @ mixing + 0.3
+    train, test = labels < 12, labels >= 12
+    gallery_ids, probe_ids = labels[test][1::2], labels[test][0::2]
+    probes = clean[test][0::2]
+    before = rank_k_hit_rate(protected[test][1::2], gallery_ids, probes, probe_ids)
+    correction = fit_correction(protected[train], clean[train])
+    after = rank_k_hit_rate(apply_correction(protected[test][1::2], correction), gallery_ids, probes, probe_ids)
+    assert float(before) < 0.3 and float(after) > 0.9
+
+
+# -- the protocol -------------------------------------------------------------------------------
+
+
+def test_rank1_matches_a_direct_nearest_neighbour(lfw_dir, attacker):
+    result = evaluate(
+        lfw_dir / "images",
+        lambda photos, paths, person: (photos, [{} for _ in photos]),
+        [attacker],
+        method="none",
+        people=PEOPLE,
+        control=0,
+        uploads=("none",),
+        max_distractors=0,
+    )
+    people = {p.name: p for p in list_people(lfw_dir / "images")}
+    probes, probe_ids, gallery, gallery_ids = [], [], [], []
+    for index, name in enumerate(PEOPLE):
+        photos = people[name].photos
+        probes += [read_image(p).pixels for p in photos[:2]]
+        gallery += [read_image(p).pixels for p in photos[2:]]
+        probe_ids += [index] * 2
+        gallery_ids += [index] * (len(photos) - 2)
+    distances = distance_matrix(attacker.embed(probes), attacker.embed(gallery), "euclidean")
+    nearest = torch.tensor(gallery_ids)[distances.argmin(dim=1)]
+    direct = float((nearest == torch.tensor(probe_ids)).float().mean())
+    row = result.row("dlib-resnet", "none")
+    assert row["protected_rank1"] == pytest.approx(direct)
+    assert row["protection"] == pytest.approx(1 - direct)
+
+
+def test_split_is_seeded_and_disjoint(lfw_dir):
+    people = list_people(lfw_dir / "images")
+    split = split_people(people, protected=5, control=5, min_photos=10, probes=2, seed=3)
+    again = split_people(people, protected=5, control=5, min_photos=10, probes=2, seed=3)
+    assert [p.name for p in split.protected] == [p.name for p in again.protected]
+    names = [p.name for p in split.protected + split.control]
+    assert len(set(names)) == 10 and all(len(p.photos) >= 10 for p in split.protected)
+    assert not set(names) & {p.name for p in split.distractors}
+    with pytest.raises(InvalidInputError):
+        split_people(people, protected=["Nobody_Here"])
+    assert len(read_lfw_pairs(lfw_dir / "pairs.txt")) == 3000
+
+
+def test_cli_blur_with_adaptive_row_and_report(lfw_dir, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        main,
+        ["evaluate", str(lfw_dir / "images"), "--method", "blur", "--people", "3", "--control", "3",
+         "--attackers", "dlib-resnet", "--uploads", "none,jpeg75", "--adaptive", "--max-distractors", "200",
+         "--cache", str(tmp_path / "cache"), "-o", str(out), "-q"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["upload"], r["adaptive"]): r for r in report["rows"]}
+    assert set(rows) == {("none", False), ("none", True), ("jpeg75", False), ("jpeg75", True)}
+    assert rows[("jpeg75", False)]["protection"] >= 0.9  # blur hides the face from the scraper
+    assert rows[("jpeg75", False)]["control_rank1"] >= 0.8
+    assert report["settings"]["seed"] == 0 and "torch" in report["settings"]["versions"]
+    assert report["quality"]["dssim"]["mean"] > 0.01
+    html = (out / "report.html").read_text()
+    names = re.findall(r"<img alt='([^']+)'", html)
+    assert "protection_vs_jpeg" in names and "distances_dlib-resnet" in names
+    for data in re.findall(r"src='data:image/png;base64,([^']+)'", html):
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    assert "Attacker: dlib-resnet" in html
+    assert list((tmp_path / "cache").glob("*.npz"))  # clean embeddings cached for the next run
+
+
+def test_summary_table_and_html_render_without_matplotlib_data(lfw_dir, attacker):
+    result = evaluate(
+        lfw_dir / "images",
+        lambda photos, paths, person: ([p.flip(-1) for p in photos], [{} for _ in photos]),
+        [attacker],
+        method="mirror",
+        people=PEOPLE[:2],
+        control=2,
+        uploads=("none",),
+        max_distractors=50,
+    )
+    text = summary_table(result)
+    assert "dlib-resnet" in text and "protection" in text
+    assert result.row("dlib-resnet", "none")["protection"] <= 0.5  # mirroring is no protection
+    assert "<table>" in render_html(result)
+    assert json.dumps(result.to_dict(), default=str)
