@@ -138,3 +138,36 @@ def test_help_has_examples(runner):
     assert result.exit_code == 0 and "facecloak anonymize photos/" in result.output
     text = " ".join(result.output.split())
     assert "[default: 1.3; 0.5<=x<=4.0]" in text and "-o, --output" in text
+
+
+def test_cloak_command_protects_and_reports(runner, samples_dir, tmp_path):
+    result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    face = report["files"][0]["faces"][0]
+    assert face["protected"] is True and face["found_after_jpeg75"] is True
+    assert face["models"]["dlib-resnet"]["distance_after_jpeg75"] > 0.6
+    assert face["dssim"] <= 0.012 and report["options"]["level"] == "mid"
+    assert (tmp_path / "astronaut_cloaked.jpg").is_file()
+
+
+def test_cloak_that_falls_short_says_so(runner, samples_dir, tmp_path):
+    result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), "--steps", "0"])
+    assert result.exit_code == 1
+    assert "NOT protected" in result.stdout and "1 face(s) NOT protected" in result.stderr
+
+
+def test_cloak_unknown_model_is_an_error(runner, samples_dir, tmp_path):
+    result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "--models", "nope"])
+    assert result.exit_code == 3 and "unknown face model 'nope'" in result.stderr
+
+
+def test_models_and_verify_commands(runner, samples_dir, tmp_path):
+    listed = runner.invoke(main, ["models"])
+    assert listed.exit_code == 0 and "dlib-resnet" in listed.stdout and "NOT available" in listed.stdout
+    same = runner.invoke(main, ["verify", str(samples_dir / "astronaut.jpg"), str(samples_dir / "group.jpg")])
+    assert same.exit_code in (0, 1) and "threshold 0.6" in same.stdout
+    other = runner.invoke(main, ["verify", str(samples_dir / "astronaut.jpg"), str(samples_dir / "grace_hopper.jpg")])
+    assert other.exit_code == 1 and "DIFFERENT people" in other.stdout
+    embedded = runner.invoke(main, ["embed", str(samples_dir / "astronaut.jpg"), "--json"])
+    assert len(json.loads(embedded.stdout)[0]["faces"][0]["embedding"]) == 128

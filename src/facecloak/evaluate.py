@@ -37,7 +37,7 @@ from facecloak.errors import FacecloakError, InvalidInputError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder, embedding_distance
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when the embedding pipeline changes in a way cards and settings do not show."""
 
 # -- pure metrics ------------------------------------------------------------------------------

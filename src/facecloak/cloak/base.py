@@ -307,13 +307,21 @@ class Cloak:
             size = model.card.input_size
             alignment = bucket.chip_from_crop[m][rows]
             jittered = torch.cat([self.simulator.jitter_alignment(alignment, size, generator) for _ in range(draws)])
-            embedding = model(sample_chips(crops, jittered, model, bucket.factors[m]))
+            chips = sample_chips(crops, jittered, model, bucket.factors[m])
+            if "flip" in self.simulator.robust_to:  # scrapers average a face with its mirror image
+                chips = torch.where(self._flips(len(chips), generator).to(chips.device), chips.flip(-1), chips)
+            embedding = model(chips)
             embeddings.append(embedding)
             reference = clean[m][device_index].repeat(draws, 1)
             ratios.append(model.distance(embedding, reference).detach() / self.thresholds[m])
         loss = self.objective(embeddings, clean, face_index.repeat(draws)).view(draws, n).mean(0)
         worst = torch.stack(ratios, dim=1).view(draws, n, len(self.models)).amin(0)
         return loss, worst
+
+    @staticmethod
+    def _flips(count: int, generator: torch.Generator) -> Tensor:
+        """(count, 1, 1, 1) random booleans: which chips of this draw to mirror."""
+        return (torch.rand(count, generator=generator) < 0.5).view(-1, 1, 1, 1)
 
     def _boxes_in_crop(self, bucket: Bucket, faces: Faces) -> Tensor:
         """(n, 4) integer region boxes relative to each crop, clipped to its valid area."""

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from facecloak import transforms
 
-ROBUSTNESS = ("jpeg", "resize", "blur", "landmarks")
+ROBUSTNESS = ("jpeg", "resize", "blur", "landmarks", "flip")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class UploadSimulator:
     """Random upload transformations for a batch of face crops.
 
     Attributes:
-        robust_to: which of "jpeg", "resize", "blur", "landmarks" to simulate.
+        robust_to: which of "jpeg", "resize", "blur", "landmarks", "flip" to simulate ("flip":
+            scrapers that average a face with its mirror image; see `facecloak.embed`).
         jpeg_quality: range of JPEG qualities drawn per face.
         jpeg_probability: share of draws that re-compress (the rest keep the exact pixels).
         resize_scale: range of downscale factors (then back up).
