@@ -88,8 +88,16 @@ def measure_deface(images: list[torch.Tensor]) -> dict | None:
         boxes = [d[:4] for d in detections]
         total += len(boxes)
         found += centre_found(boxes) if array.shape[:2] == (250, 250) else 0
-        anonymize_frame(detections, array.copy(), mask_scale=1.3, replacewith="blur", ellipse=True,
-                        draw_scores=False, replaceimg=None, mosaicsize=20)
+        anonymize_frame(
+            detections,
+            array.copy(),
+            mask_scale=1.3,
+            replacewith="blur",
+            ellipse=True,
+            draw_scores=False,
+            replaceimg=None,
+            mosaicsize=20,
+        )
     seconds = time.perf_counter() - start
     return {
         "detect_and_anonymize_images_per_s": round(len(arrays) / seconds, 2),
@@ -109,12 +117,23 @@ def main() -> None:
     large = [large_photo()]
     results = {"machine": machine(), "lfw_images": len(lfw), "results": []}
     for device in devices(args.device):
-        results["results"].append({"tool": "facecloak", "device": device, "set": "lfw", **measure_facecloak(lfw, device, 32)})
-        results["results"].append({"tool": "facecloak", "device": device, "set": "4000x3000", **measure_facecloak(large * 3, device, 1)})
+        results["results"].append(
+            {"tool": "facecloak", "device": device, "set": "lfw", **measure_facecloak(lfw, device, 32)}
+        )
+        results["results"].append(
+            {
+                "tool": "facecloak",
+                "device": device,
+                "set": "4000x3000",
+                **measure_facecloak(large * 3, device, 1),
+            }
+        )
     deface_lfw = measure_deface(lfw)
     if deface_lfw:
         results["results"].append({"tool": "deface", "device": "cpu", "set": "lfw", **deface_lfw})
-        results["results"].append({"tool": "deface", "device": "cpu", "set": "4000x3000", **measure_deface(large * 3)})
+        results["results"].append(
+            {"tool": "deface", "device": "cpu", "set": "4000x3000", **measure_deface(large * 3)}
+        )
     else:
         results["deface"] = "not installed (pip install deface) - not measured"
     write_json(args.out, results)

@@ -15,8 +15,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from _bench import REPO, data_root, devices, machine, models_root, synchronise, write_json
 from facecloak.cloak import create_cloak
 from facecloak.detect import FaceDetector
@@ -31,7 +29,9 @@ def ensembles(device: str) -> dict[str, list]:
     if symbol.is_file():
         from facecloak.models.plugins import load_model_file
 
-        mobileface = load_model_file(symbol, input_size=112, template="arcface", metric="cosine", name="mobileface-v2")
+        mobileface = load_model_file(
+            symbol, input_size=112, template="arcface", metric="cosine", name="mobileface-v2"
+        )
         found["dlib-resnet+mobileface-v2"] = [dlib, mobileface.to(device)]
     return found
 

@@ -1,6 +1,7 @@
 """Chips per second of each face model, forward and forward+backward, by batch size and device.
 
-    python scripts/bench_models.py [--device cpu|cuda] [--batches 1,8,32,128] [--out bench-results/models.json]
+    python scripts/bench_models.py [--device cpu|cuda] [--batches 1,8,32,128]
+                                   [--out bench-results/models.json]
 
 Measures every registry model available here (dlib-resnet always; MobileFace from
 ../shared/models when present, imported from its MXNet files).
@@ -9,6 +10,7 @@ Measures every registry model available here (dlib-resnet always; MobileFace fro
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,9 +25,20 @@ def models_to_measure(device: str) -> dict:
     if mobileface.is_file() and not any(m.card.input_size == 112 for m in found.values()):
         from facecloak.models.plugins import load_model_file
 
-        found["mobileface-v2 (shared)"] = load_model_file(mobileface, input_size=112, template="arcface",
-                                                          metric="cosine", name="mobileface-v2").to(device)
+        found["mobileface-v2 (shared)"] = load_model_file(
+            mobileface, input_size=112, template="arcface", metric="cosine", name="mobileface-v2"
+        ).to(device)
     return found
+
+
+def forward(model, chips: torch.Tensor) -> None:
+    with torch.no_grad():
+        model(chips)
+
+
+def forward_backward(model, chips: torch.Tensor) -> None:
+    x = chips.clone().requires_grad_(True)
+    model(x).square().sum().backward()
 
 
 def main() -> None:
@@ -43,16 +56,8 @@ def main() -> None:
                 chips = torch.rand(batch, 3, size, size, device=device)
                 repeats = 3 if batch <= 32 else 2
 
-                def forward() -> None:
-                    with torch.no_grad():
-                        model(chips)
-
-                def forward_backward() -> None:
-                    x = chips.clone().requires_grad_(True)
-                    model(x).square().sum().backward()
-
-                seconds_forward = timed(forward, device, repeats)
-                seconds_both = timed(forward_backward, device, repeats)
+                seconds_forward = timed(partial(forward, model, chips), device, repeats)
+                seconds_both = timed(partial(forward_backward, model, chips), device, repeats)
                 row = {
                     "model": name,
                     "device": device,

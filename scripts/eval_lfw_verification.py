@@ -34,7 +34,9 @@ def main() -> None:
         from facecloak.models.plugins import load_model_file
 
         symbol = models_root() / "mobileface-v2" / "MobileFace_Identification_V2-symbol.json"
-        model = load_model_file(symbol, name="mobileface-v2", input_size=112, template="arcface", metric="cosine")
+        model = load_model_file(
+            symbol, name="mobileface-v2", input_size=112, template="arcface", metric="cosine"
+        )
         attackers.append(PipelineAttacker(model, detector))
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -42,7 +44,10 @@ def main() -> None:
             print(f"{stage}: {done}/{total}", flush=True)
 
     results = lfw_verification(pairs, attackers, cache=EmbeddingCache(args.cache), on_progress=progress)
-    write_json(args.out, {"machine": machine(), "pairs_file": str(data_root() / "lfw" / "pairs.txt"), "results": results})
+    write_json(
+        args.out,
+        {"machine": machine(), "pairs_file": str(data_root() / "lfw" / "pairs.txt"), "results": results},
+    )
 
 
 if __name__ == "__main__":

@@ -26,16 +26,14 @@ import torch
 from facecloak.align import align_faces, dlib_chip_from_image, dlib_template_pixels, transform_points
 from facecloak.detect import FaceDetector
 from facecloak.io import read_image, to_uint8
+from facecloak.models.dlib_format import locate_package_model
 from facecloak.models.dlib_resnet import DLIB_5POINT_TEMPLATE
 
 DATA = Path(os.environ.get("FACECLOAK_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def shape_predictor_path() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("face_recognition_models")
-    return Path(spec.origin).parent / "models" / "shape_predictor_5_face_landmarks.dat"
+    return locate_package_model("shape_predictor_5_face_landmarks.dat")
 
 
 def centre_index(centres: np.ndarray, width: int, height: int) -> int:
@@ -66,15 +64,27 @@ def main() -> None:
         faces = detector([image.pixels])
         if not len(found) or not len(faces):
             continue
-        rect = found[centre_index(np.array([[(r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2] for r in found]), width, height)]
+        rect = found[
+            centre_index(
+                np.array([[(r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2] for r in found]),
+                width,
+                height,
+            )
+        ]
         shape = predictor(array, rect)
-        points = torch.tensor([[shape.part(i).x, shape.part(i).y] for i in range(5)], dtype=torch.float32)[None]
+        points = torch.tensor([[shape.part(i).x, shape.part(i).y] for i in range(5)], dtype=torch.float32)[
+            None
+        ]
         chip_from_image = dlib_chip_from_image(points.double(), template.double(), 150).float()
         k = centre_index(((faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2).numpy(), width, height)
         mapped.append(transform_points(chip_from_image, faces.landmarks[k : k + 1])[0])
         if len(chip_errors) < 200:
             ours = align_faces(image.pixels[None], chip_from_image, torch.tensor([0]), 150)[0]
-            theirs = torch.from_numpy(dlib.get_face_chip(array, shape, size=150, padding=0.25)).permute(2, 0, 1).float()
+            theirs = (
+                torch.from_numpy(dlib.get_face_chip(array, shape, size=150, padding=0.25))
+                .permute(2, 0, 1)
+                .float()
+            )
             chip_errors.append(float((ours * 255 - theirs).abs().mean()))
     points = torch.stack(mapped)
     fitted = points.mean(0)

@@ -36,9 +36,13 @@ def main() -> None:
         photo = read_image(REPO / "samples" / f"{name}.jpg")
         found = detector([photo.pixels])
         for level in levels:
-            result = create_cloak("untargeted", [model], level, detector=detector, seed=0)([photo.pixels], found)
+            result = create_cloak("untargeted", [model], level, detector=detector, seed=0)(
+                [photo.pixels], found
+            )
             cloaked = result.images[0]
-            write_image(OUT / f"{name}_cloaked_{level}.jpg", cloaked, source=photo, overwrite=True, jpeg_quality=92)
+            write_image(
+                OUT / f"{name}_cloaked_{level}.jpg", cloaked, source=photo, overwrite=True, jpeg_quality=92
+            )
             difference = ((cloaked - photo.pixels).abs() * GAIN).clamp(0, 1)
             x1, y1, x2, y2 = found.boxes[0].tolist()
             cx, cy, half = (x1 + x2) / 2, (y1 + y2) / 2, 0.85 * max(x2 - x1, y2 - y1)
@@ -49,8 +53,12 @@ def main() -> None:
             )
             write_image(OUT / f"{name}_strip_{level}.jpg", strip, overwrite=True, jpeg_quality=92)
             record = result.records(found)[0]
-            print(name, level, {k: record[k] for k in ("dssim", "psnr", "linf", "protected")},
-                  record["models"]["dlib-resnet"])
+            print(
+                name,
+                level,
+                {k: record[k] for k in ("dssim", "psnr", "linf", "protected")},
+                record["models"]["dlib-resnet"],
+            )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ absent, so a user's fresh clone still runs its own tests.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Tests never see (or change) the models the person running them added with `facecloak models add`.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="facecloak-test-config-")
 
 
 def data_root() -> Path:

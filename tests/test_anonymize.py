@@ -43,7 +43,7 @@ def test_changes_faces_and_nothing_else(group, method, shape):
     assert torch.equal(out[0][:, untouched], images[0][:, untouched])  # bit-identical
     for x1, y1, x2, y2 in faces.boxes.round().int().tolist():
         cx, cy, r = (x1 + x2) // 2, (y1 + y2) // 2, (x2 - x1) // 4
-        change = (out[0, :, cy - r : cy + r, cx - r : cx + r] - images[0, :, cy - r : cy + r, cx - r : cx + r])
+        change = out[0, :, cy - r : cy + r, cx - r : cx + r] - images[0, :, cy - r : cy + r, cx - r : cx + r]
         assert float(change.abs().mean()) > 0.02, f"{method} left the face at {(x1, y1)} almost unchanged"
 
 

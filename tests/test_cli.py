@@ -17,7 +17,11 @@ GPS_IFD = 0x8825
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture()
@@ -55,7 +59,12 @@ def test_batch_goes_on_past_bad_files(runner, mixed_batch, tmp_path):
     assert (out / "sky_anonymized.png").is_file()  # written unchanged, but reported
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 4
-    expected = {"zero.jpg": "empty file", "truncated.jpg": "truncated", "fake.png": "not an image", "bomb.png": "limit"}
+    expected = {
+        "zero.jpg": "empty file",
+        "truncated.jpg": "truncated",
+        "fake.png": "not an image",
+        "bomb.png": "limit",
+    }
     for name, reason in expected.items():
         assert any(name in line and reason in line for line in errors), (name, errors)
     assert "4 file(s) failed" in result.stderr
@@ -87,8 +96,13 @@ def test_exit_codes_all_good_and_no_face(runner, samples_dir, tmp_path):
 
 def test_usage_errors_exit_2(runner, tmp_path, samples_dir):
     assert runner.invoke(main, ["anonymize", str(tmp_path / "missing.jpg")]).exit_code == 2
-    assert runner.invoke(main, ["anonymize", str(samples_dir / "astronaut.jpg"), "--method", "smear"]).exit_code == 2
-    result = runner.invoke(main, ["anonymize", str(samples_dir / "astronaut.jpg"), "--method", "mask", "--blocks", "3"])
+    assert (
+        runner.invoke(main, ["anonymize", str(samples_dir / "astronaut.jpg"), "--method", "smear"]).exit_code
+        == 2
+    )
+    result = runner.invoke(
+        main, ["anonymize", str(samples_dir / "astronaut.jpg"), "--method", "mask", "--blocks", "3"]
+    )
     assert result.exit_code == 2
 
 
@@ -102,7 +116,10 @@ def test_default_output_beside_input_never_overwrites(runner, samples_dir, tmp_p
     assert again.exit_code == 3 and "output exists" in again.stderr
     assert runner.invoke(main, ["anonymize", str(photo), "-q", "--overwrite"]).exit_code == 0
     # writing into the input folder itself: outputs get a tag, inputs stay
-    assert runner.invoke(main, ["anonymize", str(tmp_path), "-o", str(tmp_path), "-q", "--overwrite"]).exit_code == 0
+    assert (
+        runner.invoke(main, ["anonymize", str(tmp_path), "-o", str(tmp_path), "-q", "--overwrite"]).exit_code
+        == 0
+    )
     assert photo.read_bytes() == original
 
 
@@ -113,13 +130,20 @@ def test_gps_removed_from_output(runner, samples_dir, tmp_path):
     Image.open(samples_dir / "astronaut.jpg").save(tmp_path / "gps.jpg", exif=exif.tobytes(), quality=95)
     for flags, make in (([], None), (["--keep-metadata"], "FaceCam")):
         out = tmp_path / f"out{len(flags)}"
-        assert runner.invoke(main, ["anonymize", str(tmp_path / "gps.jpg"), "-o", str(out), "-q", *flags]).exit_code == 0
+        assert (
+            runner.invoke(
+                main, ["anonymize", str(tmp_path / "gps.jpg"), "-o", str(out), "-q", *flags]
+            ).exit_code
+            == 0
+        )
         written = Image.open(out / "gps_anonymized.jpg").getexif()
         assert GPS_IFD not in written and written.get(0x010F) == make
 
 
 def test_format_option(runner, samples_dir, tmp_path):
-    result = runner.invoke(main, ["anonymize", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), "--format", "png", "-q"])
+    result = runner.invoke(
+        main, ["anonymize", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), "--format", "png", "-q"]
+    )
     assert result.exit_code == 0
     assert Image.open(tmp_path / "astronaut_anonymized.png").format == "PNG"
 
@@ -128,7 +152,13 @@ def test_detect_command(runner, samples_dir):
     result = runner.invoke(main, ["detect", str(samples_dir / "group.jpg"), "--json"])
     assert result.exit_code == 0
     faces = json.loads(result.stdout)[0]["faces"]
-    assert len(faces) == 4 and set(faces[0]["landmarks"]) == {"left_eye", "right_eye", "nose", "mouth_left", "mouth_right"}
+    assert len(faces) == 4 and set(faces[0]["landmarks"]) == {
+        "left_eye",
+        "right_eye",
+        "nose",
+        "mouth_left",
+        "mouth_right",
+    }
     text = runner.invoke(main, ["detect", str(samples_dir / "astronaut.jpg")])
     assert "1 face(s)" in text.stdout
 
@@ -152,7 +182,9 @@ def test_cloak_command_protects_and_reports(runner, samples_dir, tmp_path):
 
 
 def test_cloak_that_falls_short_says_so(runner, samples_dir, tmp_path):
-    result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), "--steps", "0"])
+    result = runner.invoke(
+        main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), "--steps", "0"]
+    )
     assert result.exit_code == 1
     assert "NOT protected" in result.stdout and "1 face(s) NOT protected" in result.stderr
 
@@ -167,7 +199,9 @@ def test_models_and_verify_commands(runner, samples_dir, tmp_path):
     assert listed.exit_code == 0 and "dlib-resnet" in listed.stdout and "NOT available" in listed.stdout
     same = runner.invoke(main, ["verify", str(samples_dir / "astronaut.jpg"), str(samples_dir / "group.jpg")])
     assert same.exit_code in (0, 1) and "threshold 0.6" in same.stdout
-    other = runner.invoke(main, ["verify", str(samples_dir / "astronaut.jpg"), str(samples_dir / "grace_hopper.jpg")])
+    other = runner.invoke(
+        main, ["verify", str(samples_dir / "astronaut.jpg"), str(samples_dir / "grace_hopper.jpg")]
+    )
     assert other.exit_code == 1 and "DIFFERENT people" in other.stdout
     embedded = runner.invoke(main, ["embed", str(samples_dir / "astronaut.jpg"), "--json"])
     assert len(json.loads(embedded.stdout)[0]["faces"][0]["embedding"]) == 128

@@ -44,7 +44,9 @@ def mid_result(dlib_model, detector, photos, centre_faces):
     return UntargetedCloak([dlib_model], "mid", detector=detector, seed=0)(photos, centre_faces)
 
 
-def changed_outside_regions(original: torch.Tensor, cloaked: torch.Tensor, faces: Faces, scale: float) -> bool:
+def changed_outside_regions(
+    original: torch.Tensor, cloaked: torch.Tensor, faces: Faces, scale: float
+) -> bool:
     keep = torch.ones(original.shape[-2:], dtype=torch.bool)
     for x1, y1, x2, y2 in face_regions(faces, scale).tolist():
         keep[max(0, int(y1) - 1) : int(y2) + 2, max(0, int(x1) - 1) : int(x2) + 2] = False

@@ -6,7 +6,6 @@ dlib is the oracle here only (``import dlib`` happens in the fixtures); the libr
 from __future__ import annotations
 
 import copy
-
 import math
 from pathlib import Path
 

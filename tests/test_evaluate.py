@@ -1,4 +1,4 @@
-"""The evaluator: pure metrics, the protocol against a direct computation, the adaptive attacker, the report."""
+"""The evaluator: pure metrics, the protocol vs a direct computation, the adaptive attacker, the report."""
 
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ from PIL import Image
 
 from facecloak.cli import main
 from facecloak.datasets import list_people, read_lfw_pairs, split_people
-from facecloak.embed import embed_faces
 from facecloak.errors import InvalidInputError
 from facecloak.evaluate import (
-    EmbeddingCache,
     PipelineAttacker,
     apply_correction,
     distance_matrix,
@@ -88,7 +86,9 @@ def test_correction_undoes_a_linear_distortion_of_real_embeddings(lfw_dir, attac
     probes = clean[test][0::2]
     before = rank_k_hit_rate(protected[test][1::2], gallery_ids, probes, probe_ids)
     correction = fit_correction(protected[train], clean[train])
-    after = rank_k_hit_rate(apply_correction(protected[test][1::2], correction), gallery_ids, probes, probe_ids)
+    after = rank_k_hit_rate(
+        apply_correction(protected[test][1::2], correction), gallery_ids, probes, probe_ids
+    )
     assert float(before) < 0.3 and float(after) > 0.9
 
 
@@ -139,9 +139,28 @@ def test_cli_blur_with_adaptive_row_and_report(lfw_dir, tmp_path):
     out = tmp_path / "report"
     result = CliRunner().invoke(
         main,
-        ["evaluate", str(lfw_dir / "images"), "--method", "blur", "--people", "3", "--control", "3",
-         "--attackers", "dlib-resnet", "--uploads", "none,jpeg75", "--adaptive", "--max-distractors", "200",
-         "--cache", str(tmp_path / "cache"), "-o", str(out), "-q"],
+        [
+            "evaluate",
+            str(lfw_dir / "images"),
+            "--method",
+            "blur",
+            "--people",
+            "3",
+            "--control",
+            "3",
+            "--attackers",
+            "dlib-resnet",
+            "--uploads",
+            "none,jpeg75",
+            "--adaptive",
+            "--max-distractors",
+            "200",
+            "--cache",
+            str(tmp_path / "cache"),
+            "-o",
+            str(out),
+            "-q",
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())

@@ -36,7 +36,9 @@ def png_header_only(path: Path, width: int, height: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    )
 
 
 class TestRead:
@@ -47,7 +49,9 @@ class TestRead:
         assert 0.0 <= float(image.pixels.min()) and float(image.pixels.max()) <= 1.0
         assert image.format == "JPEG" and image.alpha is None and not image.grayscale
 
-    @pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".bmp", "BMP"), (".tif", "TIFF"), (".webp", "WEBP")])
+    @pytest.mark.parametrize(
+        "suffix,fmt", [(".png", "PNG"), (".bmp", "BMP"), (".tif", "TIFF"), (".webp", "WEBP")]
+    )
     def test_lossless_formats_roundtrip_exactly(self, tmp_path, suffix, fmt):
         array = gradient()
         source = tmp_path / f"in{suffix}"
@@ -97,7 +101,9 @@ class TestRead:
         loaded = read_image(tmp_path / "g16.png")
         assert loaded.grayscale
         assert loaded.pixels.shape == (3, 16, 16)
-        assert torch.allclose(loaded.pixels[0], torch.from_numpy(values.astype(np.float32) / 65535), atol=1e-6)
+        assert torch.allclose(
+            loaded.pixels[0], torch.from_numpy(values.astype(np.float32) / 65535), atol=1e-6
+        )
         assert torch.equal(loaded.pixels[0], loaded.pixels[2])
 
     def test_grey_and_rgba(self, tmp_path):
@@ -114,7 +120,9 @@ class TestRead:
         Image.fromarray(gradient()).save(tmp_path / "h.heic", quality=95)
         loaded = read_image(tmp_path / "h.heic")
         assert loaded.pixels.shape == (3, 48, 64)
-        assert float((loaded.pixels - torch.from_numpy(gradient()).permute(2, 0, 1) / 255).abs().mean()) < 0.03
+        assert (
+            float((loaded.pixels - torch.from_numpy(gradient()).permute(2, 0, 1) / 255).abs().mean()) < 0.03
+        )
 
 
 class TestHostile:

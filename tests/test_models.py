@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 from pathlib import Path
@@ -28,11 +27,12 @@ from facecloak.evaluate import PipelineAttacker, lfw_verification
 from facecloak.io import read_image, to_uint8
 from facecloak.landmarks import model_landmarks
 from facecloak.models import available_embedders, create_embedder, embedder_status, get_card, list_embedders
+from facecloak.models.dlib_format import locate_package_model
 from facecloak.models.dlib_resnet import DLIB_5POINT_TEMPLATE
 
 
 def dlib_files() -> Path:
-    return Path(importlib.util.find_spec("face_recognition_models").origin).parent / "models"
+    return locate_package_model("shape_predictor_5_face_landmarks.dat").parent
 
 
 # -- registry -----------------------------------------------------------------------------------
@@ -133,9 +133,20 @@ def test_our_dlib_chip_matches_dlibs_within_a_grey_level(lfw_dir):
         if not len(found):
             continue
         shape = predictor(array, found[0])
-        points = torch.tensor([[shape.part(i).x, shape.part(i).y] for i in range(5)], dtype=torch.float64)[None]
-        ours = align_faces(image.pixels[None], dlib_chip_from_image(points, template.double(), 150).float(), torch.tensor([0]), 150)
-        theirs = torch.from_numpy(dlib.get_face_chip(array, shape, size=150, padding=0.25)).permute(2, 0, 1).float()
+        points = torch.tensor([[shape.part(i).x, shape.part(i).y] for i in range(5)], dtype=torch.float64)[
+            None
+        ]
+        ours = align_faces(
+            image.pixels[None],
+            dlib_chip_from_image(points, template.double(), 150).float(),
+            torch.tensor([0]),
+            150,
+        )
+        theirs = (
+            torch.from_numpy(dlib.get_face_chip(array, shape, size=150, padding=0.25))
+            .permute(2, 0, 1)
+            .float()
+        )
         errors.append(float((ours[0] * 255 - theirs).abs().mean()))
     assert len(errors) >= 15
     assert np.mean(errors) < 1.0, errors  # dlib truncates to 8 bits: about half a level
@@ -168,7 +179,9 @@ def test_whole_pipeline_agrees_with_dlibs(lfw_dir, detector):
     dlib = pytest.importorskip("dlib")
     hog = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(str(dlib_files() / "shape_predictor_5_face_landmarks.dat"))
-    recogniser = dlib.face_recognition_model_v1(str(dlib_files() / "dlib_face_recognition_resnet_model_v1.dat"))
+    recogniser = dlib.face_recognition_model_v1(
+        str(dlib_files() / "dlib_face_recognition_resnet_model_v1.dat")
+    )
     model = create_embedder("dlib-resnet", device="cpu")
     files = sorted((lfw_dir / "images").glob("*/*.jpg"))
     random.Random(11).shuffle(files)
@@ -180,7 +193,11 @@ def test_whole_pipeline_agrees_with_dlibs(lfw_dir, detector):
         faces = detector([image.pixels])
         if not len(found) or not len(faces):
             continue
-        k = int(np.argmin([abs((r.left() + r.right()) / 2 - 125) + abs((r.top() + r.bottom()) / 2 - 125) for r in found]))
+        k = int(
+            np.argmin(
+                [abs((r.left() + r.right()) / 2 - 125) + abs((r.top() + r.bottom()) / 2 - 125) for r in found]
+            )
+        )
         theirs = np.array(recogniser.compute_face_descriptor(array, predictor(array, found[k]), 0))
         centres = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
         j = int((centres - 125).norm(dim=1).argmin())

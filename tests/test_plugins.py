@@ -44,15 +44,27 @@ def onnx_dlib(tmp_path_factory):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.model(x / 255.0)
 
-    torch.onnx.export(Raw(), (chips * 255,), str(path), input_names=["data"], output_names=["embedding"],
-                      dynamic_axes={"data": {0: "n"}, "embedding": {0: "n"}}, opset_version=13, dynamo=False)
+    torch.onnx.export(
+        Raw(),
+        (chips * 255,),
+        str(path),
+        input_names=["data"],
+        output_names=["embedding"],
+        dynamic_axes={"data": {0: "n"}, "embedding": {0: "n"}},
+        opset_version=13,
+        dynamo=False,
+    )
     return path, model
 
 
 def test_onnx_export_roundtrip_matches_and_is_differentiable(onnx_dlib, config_home):
     path, original = onnx_dlib
-    card = add_user_model("test-dlib-onnx", path, input_size=150, template="dlib", metric="euclidean", threshold=0.6)
-    assert card.embedding_dim == 128 and (config_home / "facecloak" / "models" / "test-dlib-onnx.json").is_file()
+    card = add_user_model(
+        "test-dlib-onnx", path, input_size=150, template="dlib", metric="euclidean", threshold=0.6
+    )
+    assert (
+        card.embedding_dim == 128 and (config_home / "facecloak" / "models" / "test-dlib-onnx.json").is_file()
+    )
     assert "test-dlib-onnx" in list_embedders()
     imported = create_embedder("test-dlib-onnx", device="cpu")
     chips = torch.rand(3, 3, 150, 150, requires_grad=True)
@@ -66,8 +78,11 @@ def test_onnx_export_roundtrip_matches_and_is_differentiable(onnx_dlib, config_h
 
 def test_bad_model_files_are_one_line_errors(tmp_path, config_home):
     (tmp_path / "broken.onnx").write_bytes(b"\x08\x01garbage")
-    for file, match in ((tmp_path / "missing.onnx", "not found"), (tmp_path / "broken.onnx", "ONNX"),
-                        (tmp_path / "weights.bin", "unsupported")):
+    for file, match in (
+        (tmp_path / "missing.onnx", "not found"),
+        (tmp_path / "broken.onnx", "ONNX"),
+        (tmp_path / "weights.bin", "unsupported"),
+    ):
         if file.suffix == ".bin":
             file.write_bytes(b"x")
         with pytest.raises(ModelNotFoundError, match=match) as info:
@@ -106,8 +121,13 @@ def test_cli_add_list_remove(mobileface_dir, config_home):
 
 def test_mobileface_lfw_accuracy(mobileface_dir, lfw_dir, detector):
     """MobileFace imported from MXNet, aligned on the ArcFace template, on a 5-fold subset of the pairs."""
-    model = load_model_file(mobileface_dir / MOBILEFACE_SYMBOL, name="mobileface-v2", input_size=112,
-                            template="arcface", metric="cosine")
+    model = load_model_file(
+        mobileface_dir / MOBILEFACE_SYMBOL,
+        name="mobileface-v2",
+        input_size=112,
+        template="arcface",
+        metric="cosine",
+    )
     assert get_card("dlib-resnet").embedding_dim == 128 and model.card.embedding_dim == 256
     pairs = read_lfw_pairs(lfw_dir / "pairs.txt")
     subset = [pair for i, pair in enumerate(pairs) if (i % 300) < 40]

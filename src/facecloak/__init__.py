@@ -15,7 +15,13 @@ __version__ = "0.1.0"
 
 from facecloak.anonymize import Anonymizer, anonymize_faces, blur_faces, mask_faces, pixelate_faces
 from facecloak.detect import FaceDetector, detect_faces
-from facecloak.errors import FacecloakError, ImageReadError, ImageWriteError, InvalidInputError, ModelNotFoundError
+from facecloak.errors import (
+    FacecloakError,
+    ImageReadError,
+    ImageWriteError,
+    InvalidInputError,
+    ModelNotFoundError,
+)
 from facecloak.faces import Faces
 from facecloak.io import LoadedImage, read_image, write_image
 

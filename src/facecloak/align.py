@@ -107,7 +107,7 @@ def dlib_chip_from_image(points: Tensor, template: Tensor, size: int) -> Tensor:
 
 
 def dlib_template_pixels(template_units: Tensor, size: int, padding: float = DLIB_PADDING) -> Tensor:
-    """dlib's template in chip units -> chip pixels for a chip of ``size`` with ``padding``."""
+    """Dlib's template in chip units -> chip pixels for a chip of ``size`` with ``padding``."""
     return (padding + template_units) / (1.0 + 2.0 * padding) * size
 
 
@@ -149,7 +149,10 @@ def pool_sources(sources: Tensor, chip_from_source: Tensor, factor: int) -> tupl
         return sources, chip_from_source
     pooled = F.avg_pool2d(sources, factor, ceil_mode=True, count_include_pad=False)
     pooled_from_source = torch.tensor(
-        [[1.0 / factor, 0.0, -(factor - 1) / (2.0 * factor)], [0.0, 1.0 / factor, -(factor - 1) / (2.0 * factor)]],
+        [
+            [1.0 / factor, 0.0, -(factor - 1) / (2.0 * factor)],
+            [0.0, 1.0 / factor, -(factor - 1) / (2.0 * factor)],
+        ],
         dtype=chip_from_source.dtype,
         device=chip_from_source.device,
     )
@@ -169,7 +172,9 @@ def warp_to_chips(sources: Tensor, chip_from_source: Tensor, size: int) -> Tenso
     """
     image_from_chip = invert_affine(chip_from_source.double()).to(sources.dtype)
     grid = _pixel_grid(size, sources)
-    points = torch.einsum("hwk,njk->nhwj", grid, image_from_chip[:, :, :2]) + image_from_chip[:, None, None, :, 2]
+    points = (
+        torch.einsum("hwk,njk->nhwj", grid, image_from_chip[:, :, :2]) + image_from_chip[:, None, None, :, 2]
+    )
     height, width = sources.shape[-2:]
     normalised = torch.stack(
         [(2.0 * points[..., 0] + 1.0) / width - 1.0, (2.0 * points[..., 1] + 1.0) / height - 1.0], dim=-1

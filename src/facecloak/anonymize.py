@@ -122,7 +122,9 @@ def blur_faces(
     """
     if strength <= 0:
         raise InvalidInputError(f"strength must be > 0, got {strength}")
-    return _apply_per_face(images, faces, scale, shape, feather, lambda crop, side: gaussian_blur(crop, strength * side))
+    return _apply_per_face(
+        images, faces, scale, shape, feather, lambda crop, side: gaussian_blur(crop, strength * side)
+    )
 
 
 def pixelate_faces(

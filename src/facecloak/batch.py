@@ -136,7 +136,9 @@ class BatchReport:
             f"{self.faces - self.unprotected_faces} protected, in {self.seconds:.1f} s"
         ]
         if self.count("no_face"):
-            lines.append(f"  {self.count('no_face')} image(s) with NO face found (nothing was changed in them):")
+            lines.append(
+                f"  {self.count('no_face')} image(s) with NO face found (nothing was changed in them):"
+            )
             lines += [f"    {o.path}" for o in self.outcomes if o.status == "no_face"]
         if self.unprotected_faces:
             lines.append(f"  {self.unprotected_faces} face(s) NOT protected (fell short of the target):")
@@ -230,7 +232,9 @@ def _process_chunk(
         outputs, records = protector(pixels, faces)
         seconds = (time.perf_counter() - started) / len(loaded)
         for k, (i, image, target) in enumerate(loaded):
-            face_records = [record for record, index in zip(records, faces.image_index.tolist()) if index == k]
+            face_records = [
+                record for record, index in zip(records, faces.image_index.tolist()) if index == k
+            ]
             outcomes[i] = _write_output(
                 jobs[i].path, image, outputs[k], target, face_records, options, inputs, seconds
             )
@@ -271,7 +275,9 @@ def _write_output(
 def _faces_per_file(paths: Sequence[str | Path], options: Options, detector: FaceDetector | None):
     """Yield (path, image, faces, error) for every image under ``paths``, one file at a time."""
     jobs, _ = io.collect_images(paths)
-    detector = detector or FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
+    detector = detector or FaceDetector(
+        min_score=options.min_score, min_size=options.min_size, device=options.device
+    )
     for job in jobs:
         try:
             image = io.read_image(job.path, max_pixels=options.max_pixels)
@@ -313,7 +319,9 @@ class AnonymizeFaces:
         for k, image in enumerate(images):
             mine = faces.for_image(k)
             outputs.append(self.anonymizer(image[None], mine.to(image.device))[0] if len(mine) else image)
-        records = [dict(record, protected=True, method=self.anonymizer.method) for record in faces.to_records()]
+        records = [
+            dict(record, protected=True, method=self.anonymizer.method) for record in faces.to_records()
+        ]
         return outputs, records
 
 

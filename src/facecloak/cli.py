@@ -47,7 +47,11 @@ def _io_options(function: Callable) -> Callable:
         ),
         click.option("--overwrite", is_flag=True, help="Replace earlier outputs (never an input)."),
         click.option(
-            "--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality."
+            "--jpeg-quality",
+            type=click.IntRange(1, 100),
+            default=95,
+            show_default=True,
+            help="JPEG/WebP quality.",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-file lines."),
@@ -75,7 +79,9 @@ def _detect_options(function: Callable) -> Callable:
             show_default=True,
             help="Smallest face side to look for, in pixels. Smaller is slower.",
         ),
-        click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: CUDA if present."),
+        click.option(
+            "--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: CUDA if present."
+        ),
         click.option(
             "--max-pixels",
             type=click.IntRange(1, None),
@@ -129,7 +135,12 @@ def _progress(quiet: bool, label: str):
 
     console = Console(stderr=True)
     with Progress(
-        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     ) as bar:
         task = bar.add_task(label, total=None)
 
@@ -158,6 +169,24 @@ def _fail(error: FacecloakError, code: int = EXIT_FAILED) -> None:
     sys.exit(code)
 
 
+def _print_per_file(results: list[dict], as_json: bool, describe: Callable[[dict], str]) -> None:
+    """Print per-file face listings (or JSON), then exit: 3 a file failed, 1 an image had no face."""
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            if "error" in result:
+                click.echo(f"error: {result['error']}", err=True)
+                continue
+            faces = result["faces"]
+            click.echo(f"{result['path']}: {len(faces)} face(s)" + ("" if faces else " -- NO face found"))
+            for face in faces:
+                click.echo(f"  {describe(face)}")
+    failed = any("error" in r for r in results)
+    no_face = any(not r.get("faces") for r in results if "error" not in r)
+    sys.exit(EXIT_FAILED if failed else EXIT_UNPROTECTED if no_face else EXIT_OK)
+
+
 def _require_paths(paths: tuple[Path, ...]) -> None:
     missing = [str(path) for path in paths if not path.exists()]
     if missing:
@@ -183,21 +212,12 @@ def detect(paths, threshold, min_face, device, max_pixels, as_json) -> None:
         results = detect_files(paths, options)
     except FacecloakError as error:
         _fail(error)
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            if "error" in result:
-                click.echo(f"error: {result['error']}", err=True)
-                continue
-            faces = result["faces"]
-            click.echo(f"{result['path']}: {len(faces)} face(s)" + ("" if faces else " -- NO face found"))
-            for face in faces:
-                box = ", ".join(f"{v:.0f}" for v in face["box"])
-                click.echo(f"  box ({box})  score {face['score']:.3f}")
-    failed = any("error" in r for r in results)
-    no_face = any(not r.get("faces") for r in results if "error" not in r)
-    sys.exit(EXIT_FAILED if failed else EXIT_UNPROTECTED if no_face else EXIT_OK)
+
+    def describe(face: dict) -> str:
+        box = ", ".join(f"{v:.0f}" for v in face["box"])
+        return f"box ({box})  score {face['score']:.3f}"
+
+    _print_per_file(results, as_json, describe)
 
 
 @main.command(context_settings=CONTEXT)
@@ -210,7 +230,11 @@ def detect(paths, threshold, min_face, device, max_pixels, as_json) -> None:
     help="blur: Gaussian blur scaled to the face; pixelate: mosaic; mask: solid fill.",
 )
 @click.option(
-    "--shape", type=click.Choice(["ellipse", "box"]), default="ellipse", show_default=True, help="Region shape."
+    "--shape",
+    type=click.Choice(["ellipse", "box"]),
+    default="ellipse",
+    show_default=True,
+    help="Region shape.",
 )
 @click.option(
     "--mask-scale",
@@ -309,8 +333,12 @@ def _load_models(names: str | None, device: str | None) -> list:
     default=None,
     help="targeted: a per-person secret; photos cloaked with the same key get the same target.",
 )
-@click.option("--steps", type=click.IntRange(0, 10_000), default=None, help="Most steps per face [level's default].")
-@click.option("--max-dssim", type=click.FloatRange(0.0001, 0.5), default=None, help="DSSIM cap [level's default].")
+@click.option(
+    "--steps", type=click.IntRange(0, 10_000), default=None, help="Most steps per face [level's default]."
+)
+@click.option(
+    "--max-dssim", type=click.FloatRange(0.0001, 0.5), default=None, help="DSSIM cap [level's default]."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
 @click.option(
     "--batch-size",
@@ -374,20 +402,12 @@ def embed(paths, model_name, threshold, min_face, device, max_pixels, as_json) -
         results = embed_files(paths, model, options)
     except FacecloakError as error:
         _fail(error)
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            if "error" in result:
-                click.echo(f"error: {result['error']}", err=True)
-                continue
-            click.echo(f"{result['path']}: {len(result['faces'])} face(s)")
-            for face in result["faces"]:
-                head = " ".join(f"{v:+.3f}" for v in face["embedding"][:6])
-                click.echo(f"  [{head} ...] ({len(face['embedding'])}-d, {model_name})")
-    failed = any("error" in r for r in results)
-    no_face = any(not r.get("faces") for r in results if "error" not in r)
-    sys.exit(EXIT_FAILED if failed else EXIT_UNPROTECTED if no_face else EXIT_OK)
+
+    def describe(face: dict) -> str:
+        head = " ".join(f"{v:+.3f}" for v in face["embedding"][:6])
+        return f"[{head} ...] ({len(face['embedding'])}-d, {model_name})"
+
+    _print_per_file(results, as_json, describe)
 
 
 @main.command(context_settings=CONTEXT)
@@ -441,8 +461,10 @@ def models(context) -> None:
         card = get_card(name)
         ok, where = embedder_status(name)
         state = "available" if ok else "NOT available"
-        click.echo(f"{name:<22} {state:<14} {card.input_size}px {card.embedding_dim}-d {card.distance} "
-                   f"< {card.match_threshold}  {card.description}")
+        click.echo(
+            f"{name:<22} {state:<14} {card.input_size}px {card.embedding_dim}-d {card.distance} "
+            f"< {card.match_threshold}  {card.description}"
+        )
         click.echo(f"{'':<22} {'weights:' if ok else 'why:'} {where}")
     from facecloak.models.plugins import BROKEN_CARDS
 
@@ -453,15 +475,26 @@ def models(context) -> None:
 @models.command("add", context_settings=CONTEXT)
 @click.argument("name")
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--input-size", type=click.IntRange(16, 1024), default=112, show_default=True, help="Chip side in pixels.")
+@click.option(
+    "--input-size", type=click.IntRange(16, 1024), default=112, show_default=True, help="Chip side in pixels."
+)
 @click.option(
     "--template",
     default="arcface",
     show_default=True,
     help="Where the 5 landmarks go in the chip: arcface, dlib, or a JSON file of 5 [x, y] chip pixels.",
 )
-@click.option("--mean", nargs=3, type=float, default=(0.0, 0.0, 0.0), show_default=True, help="Subtracted from 0..255 RGB.")
-@click.option("--std", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True, help="Divides after the mean.")
+@click.option(
+    "--mean",
+    nargs=3,
+    type=float,
+    default=(0.0, 0.0, 0.0),
+    show_default=True,
+    help="Subtracted from 0..255 RGB.",
+)
+@click.option(
+    "--std", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True, help="Divides after the mean."
+)
 @click.option("--bgr", is_flag=True, help="The model takes BGR channel order.")
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
 @click.option(
@@ -484,12 +517,22 @@ def models_add(name, file, input_size, template, mean, std, bgr, metric, thresho
 
     try:
         card = add_user_model(
-            name, file, input_size=input_size, template=template, mean=mean, std=std, bgr=bgr,
-            metric=metric, threshold=threshold,
+            name,
+            file,
+            input_size=input_size,
+            template=template,
+            mean=mean,
+            std=std,
+            bgr=bgr,
+            metric=metric,
+            threshold=threshold,
         )
     except FacecloakError as error:
         _fail(error, EXIT_USAGE if isinstance(error, InvalidInputError) else EXIT_FAILED)
-    click.echo(f"added {card.name}: {card.input_size}px -> {card.embedding_dim}-d, {card.distance} < {card.match_threshold}")
+    click.echo(
+        f"added {card.name}: {card.input_size}px -> {card.embedding_dim}-d, "
+        f"{card.distance} < {card.match_threshold}"
+    )
 
 
 @models.command("remove", context_settings=CONTEXT)
@@ -521,18 +564,34 @@ def models_remove(name) -> None:
     show_default=True,
     help="cloak: budget level; 'all' runs the three and plots quality vs protection.",
 )
-@click.option("--mode", type=click.Choice(["untargeted", "targeted"]), default="untargeted", show_default=True)
-@click.option("--models", default=None, help="cloak: models to attack (comma-separated). Default: all available.")
+@click.option(
+    "--mode", type=click.Choice(["untargeted", "targeted"]), default="untargeted", show_default=True
+)
+@click.option(
+    "--models", default=None, help="cloak: models to attack (comma-separated). Default: all available."
+)
 @click.option(
     "--protected-dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
     help="Take already protected photos from DIR/<person>/<photo>[_tag].<ext> instead of protecting.",
 )
-@click.option("--people", type=click.IntRange(1, None), default=20, show_default=True, help="People to protect.")
-@click.option("--control", type=click.IntRange(0, None), default=20, show_default=True, help="Unprotected control people.")
-@click.option("--min-photos", type=click.IntRange(2, None), default=10, show_default=True, help="Photos a person needs.")
-@click.option("--probes", type=click.IntRange(1, None), default=2, show_default=True, help="Clean probes per person.")
+@click.option(
+    "--people", type=click.IntRange(1, None), default=20, show_default=True, help="People to protect."
+)
+@click.option(
+    "--control",
+    type=click.IntRange(0, None),
+    default=20,
+    show_default=True,
+    help="Unprotected control people.",
+)
+@click.option(
+    "--min-photos", type=click.IntRange(2, None), default=10, show_default=True, help="Photos a person needs."
+)
+@click.option(
+    "--probes", type=click.IntRange(1, None), default=2, show_default=True, help="Clean probes per person."
+)
 @click.option(
     "--attackers",
     default=None,
@@ -553,7 +612,9 @@ def models_remove(name) -> None:
 )
 @click.option("--adaptive", is_flag=True, help="Add an adaptive attacker that learns to undo the protection.")
 @click.option("--leave-one-out", is_flag=True, help="cloak: also cloak without each model and measure on it.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw of people and of the cloak.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the draw of people and of the cloak."
+)
 @click.option(
     "--cache",
     type=click.Path(file_okay=False, path_type=Path),
@@ -563,11 +624,36 @@ def models_remove(name) -> None:
 )
 @click.option("--device", default=None, help="torch device. Default: CUDA if present.")
 @click.option(
-    "-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder."
+    "-o",
+    "--output",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Report folder.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def evaluate(data, method, level, mode, models, protected_dir, people, control, min_photos, probes, attackers,
-             uploads, max_distractors, adaptive, leave_one_out, seed, cache, device, out_dir, quiet) -> None:
+def evaluate(
+    data,
+    method,
+    level,
+    mode,
+    models,
+    protected_dir,
+    people,
+    control,
+    min_photos,
+    probes,
+    attackers,
+    uploads,
+    max_distractors,
+    adaptive,
+    leave_one_out,
+    seed,
+    cache,
+    device,
+    out_dir,
+    quiet,
+) -> None:
     """Measure how much matching accuracy a scraper loses against a protection.
 
     Protected people's photos are protected, pass through each upload transform (JPEG, downscale,
@@ -583,11 +669,24 @@ def evaluate(data, method, level, mode, models, protected_dir, people, control, 
     from facecloak.report import summary_table, write_html, write_json
 
     request = EvaluationRequest(
-        data=data, method=method, level=level, mode=mode, models=models, protected_dir=protected_dir,
-        people=people, control=control, min_photos=min_photos, probes=probes, attackers=attackers,
-        uploads=tuple(u.strip() for u in uploads.split(",") if u.strip()), adaptive=adaptive,
+        data=data,
+        method=method,
+        level=level,
+        mode=mode,
+        models=models,
+        protected_dir=protected_dir,
+        people=people,
+        control=control,
+        min_photos=min_photos,
+        probes=probes,
+        attackers=attackers,
+        uploads=tuple(u.strip() for u in uploads.split(",") if u.strip()),
+        adaptive=adaptive,
         max_distractors=max_distractors,
-        leave_one_out=leave_one_out, seed=seed, cache=cache, device=device,
+        leave_one_out=leave_one_out,
+        seed=seed,
+        cache=cache,
+        device=device,
     )
     try:
         with _stage_progress(quiet) as progress:
@@ -611,7 +710,10 @@ def _stage_progress(quiet: bool):
 
     tasks: dict[str, int] = {}
     with Progress(
-        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
         console=Console(stderr=True),
     ) as bar:
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facecloak._checks import check_images
+from facecloak._device import default_device
 from facecloak.errors import InvalidInputError, ModelNotFoundError
 from facecloak.faces import Faces
-from facecloak._device import default_device
 
 MIN_FACE_PX = 20
 """Default smallest face side, in original-image pixels, that detection looks for."""

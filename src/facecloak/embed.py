@@ -24,7 +24,9 @@ def face_chips(images: Tensor | Sequence[Tensor], faces: Faces, model: Embedder)
     for i in faces.image_index.unique().tolist():
         mine = (faces.image_index == i).nonzero()[:, 0]
         source = images[i][None].to(device)
-        chips[mine] = align_faces(source, chip_from_image[mine].to(device), torch.zeros(len(mine), dtype=torch.long), size)
+        chips[mine] = align_faces(
+            source, chip_from_image[mine].to(device), torch.zeros(len(mine), dtype=torch.long), size
+        )
     return chips
 
 
@@ -36,7 +38,9 @@ def model_device(model: Embedder) -> torch.device:
 
 
 @torch.no_grad()
-def embed_chips(model: Embedder, chips: Tensor, *, flip_average: bool = True, batch_size: int = EMBED_BATCH) -> Tensor:
+def embed_chips(
+    model: Embedder, chips: Tensor, *, flip_average: bool = True, batch_size: int = EMBED_BATCH
+) -> Tensor:
     """(N, D) embeddings of (N, 3, S, S) chips, in batches.
 
     With ``flip_average`` each chip's embedding is averaged with its mirror image's (test-time

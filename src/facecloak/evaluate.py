@@ -53,7 +53,12 @@ def distance_matrix(a: Tensor, b: Tensor, metric: str) -> Tensor:
 
 
 def rank_k_hits(
-    gallery: Tensor, gallery_ids: Tensor, probes: Tensor, probe_ids: Tensor, k: int = 1, metric: str = "euclidean"
+    gallery: Tensor,
+    gallery_ids: Tensor,
+    probes: Tensor,
+    probe_ids: Tensor,
+    k: int = 1,
+    metric: str = "euclidean",
 ) -> Tensor:
     """(P,) whether each probe's identity is among its ``k`` nearest gallery entries.
 
@@ -76,7 +81,12 @@ def rank_k_hits(
 
 
 def rank_k_hit_rate(
-    gallery: Tensor, gallery_ids: Tensor, probes: Tensor, probe_ids: Tensor, k: int = 1, metric: str = "euclidean"
+    gallery: Tensor,
+    gallery_ids: Tensor,
+    probes: Tensor,
+    probe_ids: Tensor,
+    k: int = 1,
+    metric: str = "euclidean",
 ) -> Tensor:
     """Share of probes whose identity is among their ``k`` nearest gallery entries (see `rank_k_hits`)."""
     hits = rank_k_hits(gallery, gallery_ids, probes, probe_ids, k, metric)
@@ -129,8 +139,10 @@ def verification_accuracy(distances: Tensor, same: Tensor, folds: Tensor) -> dic
 
 
 def _best_threshold(distances: Tensor, same: Tensor) -> float:
-    """The threshold (midway between observed distances) that classifies the most pairs right;
-    among equally good ones, the middle one."""
+    """The threshold, midway between observed distances, that classifies the most pairs right.
+
+    Among equally good thresholds the middle one is taken.
+    """
     values = distances.unique()  # sorted
     candidates = torch.cat([values[:1] - 1e-6, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-6])
     accuracy = ((distances[None, :] <= candidates[:, None]) == same[None, :]).double().mean(1)
@@ -230,18 +242,20 @@ class DlibAttacker(Attacker):
     dim = 128
 
     def __init__(self) -> None:
-        import importlib.util
-
         import dlib
 
-        folder = Path(importlib.util.find_spec("face_recognition_models").origin).parent / "models"
+        from facecloak.models.dlib_format import locate_package_model
+
         self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(str(folder / "shape_predictor_5_face_landmarks.dat"))
-        self._model = dlib.face_recognition_model_v1(str(folder / "dlib_face_recognition_resnet_model_v1.dat"))
+        landmarks = locate_package_model("shape_predictor_5_face_landmarks.dat")
+        self._predictor = dlib.shape_predictor(str(landmarks))
+        self._model = dlib.face_recognition_model_v1(
+            str(locate_package_model("dlib_face_recognition_resnet_model_v1.dat"))
+        )
 
     @property
     def fingerprint(self) -> str:
-        """dlib's version: its pipeline is fixed."""
+        """Dlib's version: its pipeline is fixed."""
         import dlib
 
         return f"{self.name}-{dlib.__version__}"
@@ -380,7 +394,9 @@ def folder_protection(folder: Path) -> ProtectFunction:
     def protect(photos: list[Tensor], paths: list[Path], person: str) -> tuple[list[Tensor], list[dict]]:
         outputs = []
         for path in paths:
-            candidates = sorted((folder / person).glob(f"{path.stem}.*")) + sorted((folder / person).glob(f"{path.stem}_*.*"))
+            candidates = sorted((folder / person).glob(f"{path.stem}.*")) + sorted(
+                (folder / person).glob(f"{path.stem}_*.*")
+            )
             if not candidates:
                 raise InvalidInputError(f"no protected version of {path.name}", folder / person)
             outputs.append(io.read_image(candidates[0]).pixels)
@@ -406,7 +422,9 @@ class EvaluationResult:
     def to_dict(self) -> dict:
         """JSON-ready (example images are left to the HTML report)."""
         data = asdict(self)
-        data["examples"] = [{k: v for k, v in e.items() if k not in ("original", "protected")} for e in self.examples]
+        data["examples"] = [
+            {k: v for k, v in e.items() if k not in ("original", "protected")} for e in self.examples
+        ]
         return data
 
     def row(self, attacker: str, upload: str, adaptive: bool = False) -> dict:
@@ -480,7 +498,9 @@ def evaluate(
     progress = on_progress or (lambda stage, done, total: None)
     cache = cache or EmbeddingCache(None)
     everyone = list_people(data)
-    split = split_people(everyone, protected=people, control=control, min_photos=min_photos, probes=probes, seed=seed)
+    split = split_people(
+        everyone, protected=people, control=control, min_photos=min_photos, probes=probes, seed=seed
+    )
     result = EvaluationResult(
         settings={
             "data": str(data),
@@ -524,7 +544,9 @@ def evaluate(
     probe_people = list(split.protected) + list(split.control)
     probe_paths = [path for person in probe_people for path in split.probe_photos(person)]
     probe_labels = torch.tensor([labels[p.name] for p in probe_people for _ in split.probe_photos(p)])
-    is_protected_probe = torch.tensor([i < len(split.protected) for i, p in enumerate(probe_people) for _ in split.probe_photos(p)])
+    is_protected_probe = torch.tensor(
+        [i < len(split.protected) for i, p in enumerate(probe_people) for _ in split.probe_photos(p)]
+    )
     distractor_pairs = [(path, labels[p.name]) for p in split.distractors for path in p.photos]
     if max_distractors is not None and max_distractors < len(distractor_pairs):
         order = np.random.default_rng(seed).permutation(len(distractor_pairs))[:max_distractors]
@@ -534,17 +556,25 @@ def evaluate(
 
     adaptive_pairs = None
     if adaptive_protect is not None:
-        adaptive_pairs = _adaptive_training(everyone, split, adaptive_protect, adaptive_people, seed, progress)
+        adaptive_pairs = _adaptive_training(
+            everyone, split, adaptive_protect, adaptive_people, seed, progress
+        )
 
     embed_seconds, embedded = 0.0, 0
     for a, attacker in enumerate(attackers):
         tick = time.perf_counter()
-        probe_embeddings = _embed_files(attacker, probe_paths, cache, lambda d, t: progress(f"probes ({attacker.name})", d, t))
-        distractors = _embed_files(attacker, distractor_paths, cache, lambda d, t: progress(f"distractors ({attacker.name})", d, t))
+        probe_embeddings = _embed_files(
+            attacker, probe_paths, cache, _stage(progress, f"probes ({attacker.name})")
+        )
+        distractors = _embed_files(
+            attacker, distractor_paths, cache, _stage(progress, f"distractors ({attacker.name})")
+        )
         clean_embeddings = _embed_in_batches(attacker, clean.images)
         embed_seconds += time.perf_counter() - tick
         embedded += len(probe_paths) + len(clean.images)
-        result.distances[attacker.name] = _distance_summary(attacker, clean_embeddings, probe_embeddings, probe_labels, clean, distractors)
+        result.distances[attacker.name] = _distance_summary(
+            attacker, clean_embeddings, probe_embeddings, probe_labels, clean, distractors
+        )
         correction = None
         if adaptive_pairs is not None:
             source, target = (_embed_in_batches(attacker, images) for images in adaptive_pairs)
@@ -552,20 +582,43 @@ def evaluate(
             correction = fit_correction(source[keep], target[keep])
         for u, upload in enumerate(uploads):
             tick = time.perf_counter()
-            gallery_protected = _embed_in_batches(attacker, [UPLOADS[upload](image) for image in protected.images])
-            gallery_control = _embed_in_batches(attacker, [UPLOADS[upload](image) for image in control.images])
+            gallery_protected = _embed_in_batches(
+                attacker, [UPLOADS[upload](image) for image in protected.images]
+            )
+            gallery_control = _embed_in_batches(
+                attacker, [UPLOADS[upload](image) for image in control.images]
+            )
             embed_seconds += time.perf_counter() - tick
             embedded += len(protected.images) + len(control.images)
             gallery = torch.cat([gallery_protected, gallery_control, distractors])
-            gallery_ids = torch.cat([torch.tensor(protected.labels), torch.tensor(control.labels), distractor_labels])
+            gallery_ids = torch.cat(
+                [torch.tensor(protected.labels), torch.tensor(control.labels), distractor_labels]
+            )
             if u == 0:
                 add_protected_distances(result, attacker, clean_embeddings, gallery_protected, upload)
             variants = [(False, gallery, probe_embeddings)]
             if correction is not None:
-                variants.append((True, apply_correction(gallery, correction), apply_correction(probe_embeddings, correction)))
+                variants.append(
+                    (
+                        True,
+                        apply_correction(gallery, correction),
+                        apply_correction(probe_embeddings, correction),
+                    )
+                )
             for adaptive, gallery_used, probes_used in variants:
                 result.rows.append(
-                    _row(attacker, upload, adaptive, gallery_used, gallery_ids, probes_used, probe_labels, is_protected_probe, len(gallery_protected), gallery_protected)
+                    _row(
+                        attacker,
+                        upload,
+                        adaptive,
+                        gallery_used,
+                        gallery_ids,
+                        probes_used,
+                        probe_labels,
+                        is_protected_probe,
+                        len(gallery_protected),
+                        gallery_protected,
+                    )
                 )
             progress(f"uploads ({attacker.name})", u + 1, len(uploads))
         cache.save()
@@ -579,6 +632,11 @@ def evaluate(
         "embed_photos_per_second": round(embedded / max(embed_seconds, 1e-9), 2),
     }
     return result
+
+
+def _stage(progress: ProgressCallback, stage: str) -> Callable[[int, int], None]:
+    """A (done, total) callback reporting under ``stage``."""
+    return lambda done, total: progress(stage, done, total)
 
 
 def _versions() -> dict:
@@ -618,11 +676,24 @@ def _embed_files(attacker: Attacker, paths: list[Path], cache: EmbeddingCache, p
     return out
 
 
-def _row(attacker, upload, adaptive, gallery, gallery_ids, probes, probe_ids, is_protected, n_protected, gallery_protected) -> dict:
+def _row(
+    attacker,
+    upload,
+    adaptive,
+    gallery,
+    gallery_ids,
+    probes,
+    probe_ids,
+    is_protected,
+    n_protected,
+    gallery_protected,
+) -> dict:
     metric = attacker.metric
     ranks = {k: rank_k_hits(gallery, gallery_ids, probes, probe_ids, k, metric) for k in (1, 5)}
     protected, control = is_protected, ~is_protected
-    genuine, impostor = _verification_pairs(gallery, gallery_ids, probes, probe_ids, protected, n_protected, metric)
+    genuine, impostor = _verification_pairs(
+        gallery, gallery_ids, probes, probe_ids, protected, n_protected, metric
+    )
     tar, threshold = tar_at_far(genuine, impostor, 1e-3)
     rank1_protected = float(ranks[1][protected].float().mean())
     return {
@@ -638,12 +709,16 @@ def _row(attacker, upload, adaptive, gallery, gallery_ids, probes, probe_ids, is
         "far_threshold": threshold,
         "protected_probes": int(protected.sum()),
         "control_probes": int(control.sum()),
-        "protected_gallery_faces_found": float((~torch.isnan(gallery_protected).any(1)).float().mean()) if len(gallery_protected) else math.nan,
+        "protected_gallery_faces_found": float((~torch.isnan(gallery_protected).any(1)).float().mean())
+        if len(gallery_protected)
+        else math.nan,
         "gallery_size": len(gallery),
     }
 
 
-def _verification_pairs(gallery, gallery_ids, probes, probe_ids, is_protected, n_protected, metric) -> tuple[Tensor, Tensor]:
+def _verification_pairs(
+    gallery, gallery_ids, probes, probe_ids, is_protected, n_protected, metric
+) -> tuple[Tensor, Tensor]:
     """Genuine: protected people's clean probe vs their protected photos; impostor: vs everyone else's."""
     probe_rows = probes[is_protected]
     ids = probe_ids[is_protected]
@@ -667,9 +742,15 @@ def _distance_summary(attacker, clean, probes, probe_ids, photos: _Photos, distr
     for i in range(len(clean)):
         same = probe_ids == labels[i]
         if bool(same.any()):
-            genuine.append(distance_matrix(torch.nan_to_num(clean[i : i + 1]), torch.nan_to_num(probes[same]), attacker.metric)[0])
+            genuine.append(
+                distance_matrix(
+                    torch.nan_to_num(clean[i : i + 1]), torch.nan_to_num(probes[same]), attacker.metric
+                )[0]
+            )
     genuine_values = torch.cat(genuine) if genuine else torch.zeros(0)
-    impostor = distance_matrix(torch.nan_to_num(probes[:20]), torch.nan_to_num(distractors[:500]), attacker.metric).flatten()
+    impostor = distance_matrix(
+        torch.nan_to_num(probes[:20]), torch.nan_to_num(distractors[:500]), attacker.metric
+    ).flatten()
     return {
         "metric": attacker.metric,
         "threshold": attacker.threshold,
@@ -678,7 +759,9 @@ def _distance_summary(attacker, clean, probes, probe_ids, photos: _Photos, distr
     }
 
 
-def add_protected_distances(result: EvaluationResult, attacker: Attacker, clean: Tensor, protected: Tensor, upload: str) -> None:
+def add_protected_distances(
+    result: EvaluationResult, attacker: Attacker, clean: Tensor, protected: Tensor, upload: str
+) -> None:
     """Record each protected photo's distance to its own clean version (the protection's displacement)."""
     distances = embedding_distance(clean, protected, attacker.metric)
     entry = result.distances.setdefault(attacker.name, {})
@@ -686,7 +769,9 @@ def add_protected_distances(result: EvaluationResult, attacker: Attacker, clean:
     entry["protected_upload"] = upload
 
 
-def _adaptive_training(everyone, split: Split, protect: ProtectFunction, count: int, seed: int, progress) -> tuple[list[Tensor], list[Tensor]]:
+def _adaptive_training(
+    everyone, split: Split, protect: ProtectFunction, count: int, seed: int, progress
+) -> tuple[list[Tensor], list[Tensor]]:
     """Protect photos of people outside the test; return (protected, clean) image lists to learn from."""
     used = {p.name for p in split.protected} | {p.name for p in split.control}
     pool = [p for p in everyone if p.name not in used and len(p.photos) >= 3]
@@ -697,7 +782,8 @@ def _adaptive_training(everyone, split: Split, protect: ProtectFunction, count: 
         paths = list(person.photos[:6])
         photos = [io.read_image(path).pixels for path in paths]
         outputs, _ = protect(photos, paths, person.name)
-        protected_images += outputs + photos  # cloaked -> clean, and clean -> clean (keep clean intact)
+        uploaded = [UPLOADS["jpeg75"](output) for output in outputs]  # as the scraper collects them
+        protected_images += uploaded + photos  # protected -> clean, and clean -> clean (keep clean intact)
         clean_images += photos + photos
         progress("adaptive training", done + 1, len(chosen))
     return protected_images, clean_images
@@ -739,7 +825,12 @@ def _examples(clean: _Photos, protected: _Photos, everyone: list[Person], count:
     examples = []
     for i in range(0, len(clean.images), step)[:count]:
         examples.append(
-            {"person": names[clean.labels[i]], "photo": clean.paths[i].name, "original": clean.images[i], "protected": protected.images[i]}
+            {
+                "person": names[clean.labels[i]],
+                "photo": clean.paths[i].name,
+                "original": clean.images[i],
+                "protected": protected.images[i],
+            }
         )
     return examples
 
@@ -803,7 +894,9 @@ def _protection(request: EvaluationRequest, level: str, models: list[Embedder], 
     return anonymise_protection(request.method, detector), None
 
 
-def run_evaluation(request: EvaluationRequest, on_progress: ProgressCallback | None = None) -> EvaluationResult:
+def run_evaluation(
+    request: EvaluationRequest, on_progress: ProgressCallback | None = None
+) -> EvaluationResult:
     """Build models, attackers and protection from ``request`` and run `evaluate` (per level if "all").
 
     With ``leave_one_out`` (cloak, two or more models) each model is also left out of the cloak in
@@ -815,7 +908,9 @@ def run_evaluation(request: EvaluationRequest, on_progress: ProgressCallback | N
     detector = FaceDetector(device=request.device)
     attackers = build_attackers(request.attackers, detector, request.device)
     names = [n.strip() for n in request.models.split(",")] if request.models else available_embedders()
-    models = [create_embedder(name, device=request.device) for name in names] if request.method == "cloak" else []
+    models = (
+        [create_embedder(name, device=request.device) for name in names] if request.method == "cloak" else []
+    )
     cache = EmbeddingCache(request.cache)
     levels = ["low", "mid", "high"] if request.level == "all" else [request.level]
     common = dict(
@@ -847,6 +942,9 @@ def run_evaluation(request: EvaluationRequest, on_progress: ProgressCallback | N
                 **common,
             )
         )
+    for level, partial in zip(levels, results):
+        for row in partial.rows:
+            row["level"] = level if request.method == "cloak" else "-"
     result = results[-1] if len(results) == 1 else results[levels.index("mid")]
     if len(results) > 1:
         result.settings["level_sweep"] = [
@@ -857,9 +955,7 @@ def run_evaluation(request: EvaluationRequest, on_progress: ProgressCallback | N
             }
             for level, r in zip(levels, results)
         ]
-        for level, r in zip(levels, results):
-            if level != "mid":
-                result.rows += [dict(row, level=level) for row in r.rows]
+        result.rows = [row for r in results for row in r.rows]
     if request.leave_one_out and request.method == "cloak" and len(models) >= 2:
         result.settings["leave_one_out"] = _leave_one_out(request, models, detector, cache, on_progress)
     return result
@@ -889,12 +985,18 @@ def _leave_one_out(request, models, detector, cache, on_progress) -> list[dict]:
             on_progress=on_progress,
         )
         for row in partial.rows:
-            rows.append(dict(row, left_out=left_out.card.name, cloaked_with=",".join(m.card.name for m in kept)))
+            rows.append(
+                dict(row, left_out=left_out.card.name, cloaked_with=",".join(m.card.name for m in kept))
+            )
     return rows
 
 
 def lfw_verification(
-    pairs: Sequence, attackers: Sequence[Attacker], *, cache: EmbeddingCache | None = None, on_progress: ProgressCallback | None = None
+    pairs: Sequence,
+    attackers: Sequence[Attacker],
+    *,
+    cache: EmbeddingCache | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> dict[str, dict]:
     """k-fold verification accuracy of each attacker's pipeline on `facecloak.datasets.Pair`s.
 
@@ -910,7 +1012,7 @@ def lfw_verification(
     results = {}
     for attacker in attackers:
         started = time.perf_counter()
-        embeddings = _embed_files(attacker, images, cache, lambda d, t, name=attacker.name: progress(f"embed ({name})", d, t))
+        embeddings = _embed_files(attacker, images, cache, _stage(progress, f"embed ({attacker.name})"))
         seconds = time.perf_counter() - started
         first = embeddings[[index[pair.first] for pair in pairs]]
         second = embeddings[[index[pair.second] for pair in pairs]]

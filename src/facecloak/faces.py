@@ -90,7 +90,9 @@ class Faces:
         """The faces of image ``i``; with ``reindex`` their `image_index` becomes 0."""
         picked = self.select(self.image_index == i)
         if reindex:
-            picked = Faces(picked.boxes, picked.landmarks, picked.scores, torch.zeros_like(picked.image_index))
+            picked = Faces(
+                picked.boxes, picked.landmarks, picked.scores, torch.zeros_like(picked.image_index)
+            )
         return picked
 
     def count_per_image(self, num_images: int) -> list[int]:

@@ -53,7 +53,14 @@ IMAGE_SUFFIXES = {
 }
 """File suffixes picked up when walking folders, with the format each one names."""
 
-OUTPUT_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "HEIF": ".heic"}
+OUTPUT_FORMATS = {
+    "JPEG": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "TIFF": ".tif",
+    "BMP": ".bmp",
+    "HEIF": ".heic",
+}
 """Formats facecloak writes, with their suffix. GIF inputs are written as PNG: a palette would
 quantise a cloak away."""
 
@@ -143,7 +150,8 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
         raise
     except Image.DecompressionBombError:
         raise ImageReadError(
-            f"more pixels than the limit of {limit:,} (decompression-bomb guard; raise it with --max-pixels)", path
+            f"more pixels than the limit of {limit:,} (decompression-bomb guard; raise it with --max-pixels)",
+            path,
         ) from None
     except UnidentifiedImageError:
         raise ImageReadError("not an image, or an unsupported format", path) from None
@@ -265,6 +273,7 @@ def _current_umask() -> int:
 
 
 def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (hard links and symlinks included)."""
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
@@ -356,7 +365,9 @@ def collect_images(
     return jobs, skipped
 
 
-def output_path(job: ImageJob, out_dir: Path | None, tag: str, format_name: str | None, source_format: str) -> Path:
+def output_path(
+    job: ImageJob, out_dir: Path | None, tag: str, format_name: str | None, source_format: str
+) -> Path:
     """Where the output of ``job`` goes: ``<stem>_<tag><suffix>``, mirrored under ``out_dir``.
 
     Without ``out_dir`` the output sits beside the input. The tag guarantees that an output never

@@ -59,7 +59,7 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
 
 
 def dssim(a: Tensor, b: Tensor) -> Tensor:
-    """(B,) structural dissimilarity (1 - SSIM) / 2: 0 identical, Fawkes' 'mid' budget is 0.012 (its scale)."""
+    """(B,) structural dissimilarity (1 - SSIM) / 2: 0 when identical; Fawkes' 'mid' cap is 0.012."""
     return (1.0 - ssim(a, b)) / 2.0
 
 
@@ -89,7 +89,9 @@ def box_dssim(a: Tensor, b: Tensor, boxes: Tensor) -> Tensor:
 def psnr(a: Tensor, b: Tensor) -> Tensor:
     """(B,) peak signal-to-noise ratio in dB of images in [0, 1] (inf when identical)."""
     mse = (a - b).square().flatten(1).mean(1)
-    return torch.where(mse > 0, 10.0 * torch.log10(1.0 / mse.clamp_min(1e-20)), torch.full_like(mse, math.inf))
+    return torch.where(
+        mse > 0, 10.0 * torch.log10(1.0 / mse.clamp_min(1e-20)), torch.full_like(mse, math.inf)
+    )
 
 
 def linf(a: Tensor, b: Tensor) -> Tensor:

@@ -78,7 +78,9 @@ def _fmt(value) -> str:
 
 def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(row.get(key))}</td>" for key, _ in columns) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(row.get(key))}</td>" for key, _ in columns) + "</tr>" for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -109,8 +111,12 @@ def plots(result: EvaluationResult) -> dict[str, str]:
     jpeg = [(name, q) for name, q in (("none", 100), ("jpeg95", 95), ("jpeg75", 75), ("jpeg50", 50))]
     figure, axis = plt.subplots(figsize=(6, 3.6))
     for attacker in attackers:
-        points = [(q, r["protection"]) for name, q in jpeg for r in result.rows
-                  if r["attacker"] == attacker and r["upload"] == name and not r["adaptive"]]
+        points = [
+            (q, r["protection"])
+            for name, q in jpeg
+            for r in result.rows
+            if r["attacker"] == attacker and r["upload"] == name and not r["adaptive"]
+        ]
         if points:
             points.sort()
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=attacker)
@@ -128,7 +134,10 @@ def plots(result: EvaluationResult) -> dict[str, str]:
         bins = 40
         for key, label in (
             ("clean_genuine", "same person, clean vs clean"),
-            ("protected_vs_own_clean", f"protected vs its own clean photo ({entry.get('protected_upload', '')})"),
+            (
+                "protected_vs_own_clean",
+                f"protected vs its own clean photo ({entry.get('protected_upload', '')})",
+            ),
             ("impostor", "different people"),
         ):
             values = entry.get(key) or []
@@ -145,7 +154,10 @@ def plots(result: EvaluationResult) -> dict[str, str]:
         figure, axis = plt.subplots(figsize=(6, 3.6))
         for attacker in {row["attacker"] for level in levels for row in level["rows"]}:
             xs = [level["dssim"] for level in levels]
-            ys = [next((r["protection"] for r in level["rows"] if r["attacker"] == attacker), math.nan) for level in levels]
+            ys = [
+                next((r["protection"] for r in level["rows"] if r["attacker"] == attacker), math.nan)
+                for level in levels
+            ]
             axis.plot(xs, ys, marker="o", label=attacker)
             for level, x, y in zip(levels, xs, ys):
                 axis.annotate(level["level"], (x, y), fontsize=7)
@@ -157,76 +169,122 @@ def plots(result: EvaluationResult) -> dict[str, str]:
     return figures
 
 
+STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
+    "img{max-width:100%}.pair img{width:24%;margin-right:1%}.note{color:#555}"
+)
+LEAVE_ONE_OUT_COLUMNS = [
+    ("left_out", "model left out"),
+    ("cloaked_with", "cloaked with"),
+    ("upload", "upload"),
+    ("protection", "protection"),
+    ("control_rank1", "control rank-1"),
+]
+
+
 def render_html(result: EvaluationResult) -> str:
     """The whole report as one HTML string."""
-    settings = result.settings
+    settings = {key: value for key, value in result.settings.items() if key != "level_sweep"}
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>facecloak evaluation</title><style>",
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}",
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}",
-        "img{max-width:100%}.pair img{width:24%;margin-right:1%}.note{color:#555}</style></head><body>",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>facecloak evaluation</title>"
+        f"<style>{STYLE}</style></head><body>",
         f"<h1>facecloak evaluation: {html.escape(str(settings.get('method')))}</h1>",
         f"<p class='note'>{html.escape(_summary_line(result))}</p>",
-        "<h2>Settings</h2><pre>" + html.escape(json.dumps({k: v for k, v in settings.items() if k != "level_sweep"}, indent=1, default=str)) + "</pre>",
+        f"<h2>Settings</h2><pre>{html.escape(json.dumps(settings, indent=1, default=str))}</pre>",
     ]
+    columns = ([("level", "level")] if any("level" in row for row in result.rows) else []) + ROW_COLUMNS
     for attacker in dict.fromkeys(row["attacker"] for row in result.rows):
         rows = [row for row in result.rows if row["attacker"] == attacker]
-        parts.append(f"<h2>Attacker: {html.escape(attacker)}</h2>")
-        parts.append(_table(rows, ROW_COLUMNS))
-    if settings.get("leave_one_out"):
+        parts.append(f"<h2>Attacker: {html.escape(attacker)}</h2>{_table(rows, columns)}")
+    if result.settings.get("leave_one_out"):
         parts.append("<h2>Leave-one-out: cloaked without the model, measured on it</h2>")
-        parts.append(_table(settings["leave_one_out"], [("left_out", "model left out"), ("cloaked_with", "cloaked with"), ("upload", "upload"), ("protection", "protection"), ("control_rank1", "control rank-1")]))
-    quality = result.quality
-    if quality:
-        parts.append("<h2>Image quality of the protected photos (whole photo)</h2>")
-        parts.append(_table([{"measure": key, **quality[key]} for key in ("dssim", "psnr", "linf") if key in quality], [("measure", "measure"), ("mean", "mean"), ("max", "max")]))
-        if "face_region_dssim" in quality:
-            fr = quality["face_region_dssim"]
-            parts.append(f"<p>Face-region DSSIM (the cloak's budget): mean {fr['mean']:.4f}, max {fr['max']:.4f}; "
-                         f"{quality.get('cloak_faces_protected')} of {quality.get('cloak_faces')} faces passed the cloak's own JPEG-75 check.</p>")
+        parts.append(_table(result.settings["leave_one_out"], LEAVE_ONE_OUT_COLUMNS))
+    parts += _quality_section(result.quality)
     figures = plots(result)
     if figures:
         parts.append("<h2>Plots</h2>")
         for name, data in figures.items():
-            parts.append(f"<h3>{html.escape(name.replace('_', ' '))}</h3><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
-    if result.examples:
-        parts.append(f"<h2>Examples</h2><p class='note'>original, protected, |difference| x{DIFFERENCE_GAIN:g}</p>")
-        for example in result.examples:
-            original, protected = example["original"], example["protected"]
-            images = [to_uint8(original), to_uint8(protected)]
-            if original.shape == protected.shape:
-                difference = ((protected - original).abs() * DIFFERENCE_GAIN).clamp(0, 1)
-                images.append(to_uint8(difference))
-            tags = "".join(f"<img src='data:image/png;base64,{_png(a)}'>" for a in images)
-            parts.append(f"<div class='pair'><p>{html.escape(example['person'])} / {html.escape(example['photo'])}</p>{tags}</div>")
+            title = html.escape(name.replace("_", " "))
+            parts.append(
+                f"<h3>{title}</h3><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
+            )
+    parts += _examples_section(result.examples)
     parts.append(f"<p class='note'>timings: {html.escape(json.dumps(result.timings))}</p></body></html>")
     return "\n".join(parts)
 
 
+def _quality_section(quality: dict) -> list[str]:
+    if not quality:
+        return []
+    rows = [{"measure": key, **quality[key]} for key in ("dssim", "psnr", "linf") if key in quality]
+    parts = [
+        "<h2>Image quality of the protected photos (whole photo)</h2>",
+        _table(rows, [("measure", "measure"), ("mean", "mean"), ("max", "max")]),
+    ]
+    if "face_region_dssim" in quality:
+        region = quality["face_region_dssim"]
+        parts.append(
+            f"<p>Face-region DSSIM (the cloak's budget): mean {region['mean']:.4f}, max {region['max']:.4f}; "
+            f"{quality.get('cloak_faces_protected')} of {quality.get('cloak_faces')} faces passed the "
+            "cloak's own JPEG-75 check.</p>"
+        )
+    return parts
+
+
+def _examples_section(examples: list[dict]) -> list[str]:
+    if not examples:
+        return []
+    parts = [f"<h2>Examples</h2><p class='note'>original, protected, |difference| x{DIFFERENCE_GAIN:g}</p>"]
+    for example in examples:
+        original, protected = example["original"], example["protected"]
+        images = [to_uint8(original), to_uint8(protected)]
+        if original.shape == protected.shape:
+            images.append(to_uint8(((protected - original).abs() * DIFFERENCE_GAIN).clamp(0, 1)))
+        tags = "".join(f"<img src='data:image/png;base64,{_png(array)}'>" for array in images)
+        title = f"{html.escape(example['person'])} / {html.escape(example['photo'])}"
+        parts.append(f"<div class='pair'><p>{title}</p>{tags}</div>")
+    return parts
+
+
 def _summary_line(result: EvaluationResult) -> str:
-    lines = []
-    for row in result.rows:
-        if row["upload"] in ("jpeg75", "none") and not row["adaptive"]:
-            lines.append(f"{row['attacker']} after {row['upload']}: protection {_fmt(row['protection'])} (control rank-1 {_fmt(row['control_rank1'])})")
-    return "; ".join(lines)
+    return "; ".join(
+        f"{row['attacker']} after {row['upload']}: protection {_fmt(row['protection'])} "
+        f"(control rank-1 {_fmt(row['control_rank1'])})"
+        for row in result.rows
+        if row["upload"] in ("jpeg75", "none")
+        and not row["adaptive"]
+        and row.get("level", "-") in ("-", result.settings.get("level"))
+    )
+
+
+TEXT_COLUMNS = [
+    ("attacker", "attacker", 16),
+    ("level", "level", 7),
+    ("upload", "upload", 13),
+    ("adaptive", "adaptive", 9),
+    ("protection", "protection", 11),
+    ("protected_rank1", "rank1 prot", 11),
+    ("control_rank1", "rank1 ctrl", 11),
+    ("tar_at_far_1e-3", "TAR@1e-3", 10),
+]
 
 
 def summary_table(result: EvaluationResult) -> str:
     """A plain-text table of the rows, for the terminal."""
-    header = f"{'attacker':<18}{'upload':<14}{'adaptive':<10}{'protection':>11}{'rank1 prot':>11}{'rank1 ctrl':>11}{'TAR@1e-3':>10}"
-    lines = [header, "-" * len(header)]
+    lines = ["".join(f"{title:<{width}}" for _, title, width in TEXT_COLUMNS)]
+    lines.append("-" * len(lines[0]))
     for row in result.rows:
-        lines.append(
-            f"{row['attacker']:<18}{row['upload']:<14}{str(row['adaptive']):<10}{_fmt(row['protection']):>11}"
-            f"{_fmt(row['protected_rank1']):>11}{_fmt(row['control_rank1']):>11}{_fmt(row['tar_at_far_1e-3']):>10}"
-        )
+        lines.append("".join(f"{_fmt(row.get(key, '-')):<{width}}" for key, _, width in TEXT_COLUMNS))
     quality = result.quality
     if quality.get("dssim"):
         lines.append(
-            f"quality (whole photo): DSSIM mean {quality['dssim']['mean']:.4f}, PSNR mean {quality['psnr']['mean']:.1f} dB, "
-            f"L-inf max {quality['linf']['max']:.0f}/255"
+            f"quality (whole photo): DSSIM mean {quality['dssim']['mean']:.4f}, "
+            f"PSNR mean {quality['psnr']['mean']:.1f} dB, L-inf max {quality['linf']['max']:.0f}/255"
         )
     if "face_region_dssim" in quality:
-        lines.append(f"face-region DSSIM mean {quality['face_region_dssim']['mean']:.4f} (max {quality['face_region_dssim']['max']:.4f})")
+        region = quality["face_region_dssim"]
+        lines.append(f"face-region DSSIM mean {region['mean']:.4f} (max {region['max']:.4f})")
     lines.append(f"timings: {result.timings}")
     return "\n".join(lines)

@@ -101,7 +101,9 @@ def jpeg_compress(images: Tensor, quality: float | Tensor, *, subsample_chroma: 
     padded = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else images
     conversion = torch.tensor(_RGB_TO_YCBCR, dtype=images.dtype, device=images.device)
     ycbcr = torch.einsum("ij,bjhw->bihw", conversion, padded * 255.0)
-    ycbcr = ycbcr + torch.tensor([0.0, 128.0, 128.0], dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    ycbcr = ycbcr + torch.tensor([0.0, 128.0, 128.0], dtype=images.dtype, device=images.device).view(
+        1, 3, 1, 1
+    )
     dct = _dct_matrix(images)
     luma = _quantise_blocks(ycbcr[:, 0] - 128.0, luma_table, dct) + 128.0
     chroma = ycbcr[:, 1:] - 128.0

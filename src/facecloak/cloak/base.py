@@ -23,8 +23,8 @@ from torch import Tensor
 
 from facecloak import io, quality
 from facecloak._checks import check_choice, check_faces, check_images
-from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
 from facecloak.align import chip_from_landmarks
+from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
 from facecloak.cloak.regions import Bucket, build_buckets, face_regions, paste_perturbations, sample_chips
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces, model_device
@@ -232,7 +232,9 @@ class Cloak:
         clean = [embed_faces(photos, faces, model) for model in self.models]
         self.prepare(clean, faces)
         generator = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
-        alignments = [chip_from_landmarks(model_landmarks(photos, faces, m.card), m.card) for m in self.models]
+        alignments = [
+            chip_from_landmarks(model_landmarks(photos, faces, m.card), m.card) for m in self.models
+        ]
         buckets = build_buckets(
             photos, faces, self.models, alignments, region_scale=self.region_scale, feather=self.feather
         )
@@ -285,7 +287,9 @@ class Cloak:
                     deltas[b][rows_device] = updated
                 steps_taken[face_index] += 1
                 at_aim = (ratios >= budget.aim).all(dim=1).cpu()
-                reached[face_index] = torch.where(at_aim, reached[face_index] + 1, torch.zeros_like(reached[face_index]))
+                reached[face_index] = torch.where(
+                    at_aim, reached[face_index] + 1, torch.zeros_like(reached[face_index])
+                )
                 active[face_index] = reached[face_index] < 2
         return deltas, steps_taken
 
@@ -306,10 +310,14 @@ class Cloak:
         for m, model in enumerate(self.models):
             size = model.card.input_size
             alignment = bucket.chip_from_crop[m][rows]
-            jittered = torch.cat([self.simulator.jitter_alignment(alignment, size, generator) for _ in range(draws)])
+            jittered = torch.cat(
+                [self.simulator.jitter_alignment(alignment, size, generator) for _ in range(draws)]
+            )
             chips = sample_chips(crops, jittered, model, bucket.factors[m])
             if "flip" in self.simulator.robust_to:  # scrapers average a face with its mirror image
-                chips = torch.where(self._flips(len(chips), generator).to(chips.device), chips.flip(-1), chips)
+                chips = torch.where(
+                    self._flips(len(chips), generator).to(chips.device), chips.flip(-1), chips
+                )
             embedding = model(chips)
             embeddings.append(embedding)
             reference = clean[m][device_index].repeat(draws, 1)
@@ -353,14 +361,19 @@ class Cloak:
     def _compose_within_budget(
         self, photos: list[Tensor], faces: Faces, buckets: list[Bucket], deltas: list[Tensor]
     ) -> list[Tensor]:
-        """Paste every face's change into its photo, rounded to 8 bits as it will be stored; where that
-        rounding, or neighbouring faces' overlapping changes, push a face past the DSSIM cap, scale
-        the changes near it down until every face fits."""
+        """Paste every face's change into its photo, rounded to 8 bits as it will be stored.
+
+        Where that rounding, or neighbouring faces' overlapping changes, push a face past the DSSIM
+        cap, the changes near it are scaled down until every face fits.
+        """
         cap = self.budget.max_dssim * DSSIM_SAFETY
         regions = face_regions(faces, self.region_scale)
         scale = torch.ones(len(faces))
         for _ in range(8):
-            scaled = [delta * scale[bucket.faces].to(delta).view(-1, 1, 1, 1) for bucket, delta in zip(buckets, deltas)]
+            scaled = [
+                delta * scale[bucket.faces].to(delta).view(-1, 1, 1, 1)
+                for bucket, delta in zip(buckets, deltas)
+            ]
             cloaked = [_as_stored(image) for image in paste_perturbations(photos, faces, buckets, scaled)]
             over = self._quality(photos, cloaked, faces)[0] > cap
             if not bool(over.any()):
@@ -399,7 +412,10 @@ class Cloak:
         if self.verify and n:
             distance_jpeg, found = self._after_upload(stored, faces, clean)
         metrics = self._quality(originals, stored, faces)
-        passes = torch.nan_to_num(distance_jpeg if self.verify else distance, nan=math.inf) >= self.thresholds.cpu()
+        passes = (
+            torch.nan_to_num(distance_jpeg if self.verify else distance, nan=math.inf)
+            >= self.thresholds.cpu()
+        )
         protected = passes.all(dim=1) if models else torch.zeros(n, dtype=torch.bool)
         return CloakResult(
             images=stored,
@@ -440,7 +456,9 @@ class Cloak:
                 distance[found, m] = model.distance(embedding, clean[m][found.to(clean[m].device)]).cpu()
         return distance, found
 
-    def _quality(self, originals: list[Tensor], stored: list[Tensor], faces: Faces) -> tuple[Tensor, Tensor, Tensor]:
+    def _quality(
+        self, originals: list[Tensor], stored: list[Tensor], faces: Faces
+    ) -> tuple[Tensor, Tensor, Tensor]:
         regions = face_regions(faces, self.region_scale)
         values = torch.zeros(3, len(faces))
         for k in range(len(faces)):
@@ -450,19 +468,28 @@ class Cloak:
             x1, y1 = min(width, int(regions[k, 2].ceil()) + 1), min(height, int(regions[k, 3].ceil()) + 1)
             a = originals[i][None, :, y0:y1, x0:x1].float()
             b = stored[i][None, :, y0:y1, x0:x1].float()
-            values[:, k] = torch.stack([quality.dssim(a, b)[0], quality.psnr(a, b)[0], quality.linf(a, b)[0]]).cpu()
+            values[:, k] = torch.stack(
+                [quality.dssim(a, b)[0], quality.psnr(a, b)[0], quality.linf(a, b)[0]]
+            ).cpu()
         return values[0], values[1], values[2]
 
 
-_RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_RGB_TO_YCBCR = torch.tensor(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
+)
 
 
 def limit_change(delta: Tensor, max_luma: float, chroma_share: float) -> Tensor:
-    """Clip a (n, 3, h, w) RGB change: |Y| <= max_luma, |Cb|, |Cr| <= chroma_share x max_luma, and
-    every RGB channel to max_luma (the L-infinity cap)."""
+    """Clip a (n, 3, h, w) RGB change in brightness, colour, and per channel.
+
+    |Y| <= max_luma, |Cb| and |Cr| <= chroma_share x max_luma, every RGB channel <= max_luma (the
+    L-infinity cap).
+    """
     to_ycbcr = _RGB_TO_YCBCR.to(delta)
     ycbcr = torch.einsum("ij,njhw->nihw", to_ycbcr, delta)
-    limits = torch.tensor([max_luma, chroma_share * max_luma, chroma_share * max_luma]).to(delta).view(1, 3, 1, 1)
+    limits = (
+        torch.tensor([max_luma, chroma_share * max_luma, chroma_share * max_luma]).to(delta).view(1, 3, 1, 1)
+    )
     ycbcr = torch.maximum(torch.minimum(ycbcr, limits), -limits)
     return torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycbcr), ycbcr).clamp(-max_luma, max_luma)
 

@@ -78,7 +78,9 @@ class UploadSimulator:
         centre = torch.full((n, 2), (size - 1) / 2.0, dtype=torch.float64)
         offset = centre - (linear @ centre[:, :, None])[:, :, 0] + shift
         matrix = chip_from_source.double()
-        moved = torch.cat([linear @ matrix[:, :, :2], (linear @ matrix[:, :, 2:]) + offset[:, :, None]], dim=2)
+        moved = torch.cat(
+            [linear @ matrix[:, :, :2], (linear @ matrix[:, :, 2:]) + offset[:, :, None]], dim=2
+        )
         return moved.to(chip_from_source)
 
 

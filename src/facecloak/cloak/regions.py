@@ -104,7 +104,9 @@ def build_buckets(
             factor = _pool_factor(float(affine_scale(matrix)[0]))
             factors.append(factor)
             pixels_per_chip = 1.0 / float(affine_scale(matrix)[0])
-            footprint = chip_footprint(matrix, size, margin=jitter_margin * size * pixels_per_chip + 2 * factor)[0]
+            footprint = chip_footprint(
+                matrix, size, margin=jitter_margin * size * pixels_per_chip + 2 * factor
+            )[0]
             low = torch.minimum(low, footprint[:2].float())
             high = torch.maximum(high, footprint[2:].float())
         x0 = max(0, int(math.floor(float(low[0]))) // JPEG_GRID_PX * JPEG_GRID_PX)
@@ -136,7 +138,9 @@ def _stack(images, faces, regions, boxes, members, factors, feather, chip_from_i
         image = images[int(faces.image_index[n])]
         crops[row, :, : y1 - y0, : x1 - x0] = image[:, y0:y1, x0:x1]
         region = regions[n].to(reference)
-        masks[row, :, : y1 - y0, : x1 - x0] = region_mask(region, x0, y0, y1 - y0, x1 - x0, "ellipse", feather)
+        masks[row, :, : y1 - y0, : x1 - x0] = region_mask(
+            region, x0, y0, y1 - y0, x1 - x0, "ellipse", feather
+        )
     index = torch.tensor(members, dtype=torch.long)
     origins = torch.tensor([boxes[n][:2] for n in members], dtype=torch.float32)
     sizes = torch.tensor([(boxes[n][2] - boxes[n][0], boxes[n][3] - boxes[n][1]) for n in members])
@@ -160,7 +164,9 @@ def sample_chips(crops: Tensor, chip_from_crop: Tensor, model: Embedder, factor:
     return warp_to_chips(sources, chip_from_source, model.card.input_size)
 
 
-def paste_perturbations(images: Sequence[Tensor], faces: Faces, buckets: Sequence[Bucket], deltas: Sequence[Tensor]) -> list[Tensor]:
+def paste_perturbations(
+    images: Sequence[Tensor], faces: Faces, buckets: Sequence[Bucket], deltas: Sequence[Tensor]
+) -> list[Tensor]:
     """Add each face's masked perturbation back into its photo; clamp to [0, 1].
 
     Where two faces' crops overlap, their perturbations add (each is already inside its budget).
@@ -184,7 +190,10 @@ def region_crops(images: Sequence[Tensor], faces: Faces, region_scale: float) ->
         image = images[int(faces.image_index[n])]
         height, width = image.shape[-2:]
         x0, y0 = max(0, int(regions[n, 0])), max(0, int(regions[n, 1]))
-        x1, y1 = min(width, int(math.ceil(float(regions[n, 2]))) + 1), min(height, int(math.ceil(float(regions[n, 3]))) + 1)
+        x1, y1 = (
+            min(width, int(math.ceil(float(regions[n, 2]))) + 1),
+            min(height, int(math.ceil(float(regions[n, 3]))) + 1),
+        )
         crops.append(image[:, y0:y1, x0:x1])
     return crops
 

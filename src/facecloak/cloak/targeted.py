@@ -55,7 +55,8 @@ class TargetedCloak(Cloak):
         **kwargs: as `Cloak`.
 
     Example:
-        >>> cloak = TargetedCloak([create_embedder("dlib-resnet")], identity_key="alice-2026")  # doctest: +SKIP
+        >>> model = create_embedder("dlib-resnet")  # doctest: +SKIP
+        >>> cloak = TargetedCloak([model], identity_key="alice-2026")  # doctest: +SKIP
     """
 
     name = "targeted"

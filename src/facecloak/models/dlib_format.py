@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -307,3 +308,19 @@ class DlibReader:
         if min(shape) < 0:
             self.fail(f"negative alias_tensor shape {shape}")
         return shape  # type: ignore[return-value]
+
+
+def locate_package_model(filename: str) -> Path | None:
+    """Find ``filename`` among the models of the installed ``face_recognition_models`` package.
+
+    The package is located with `importlib.util.find_spec`, never imported: its ``__init__``
+    needs ``pkg_resources``, which recent setuptools no longer provides.
+    """
+    try:
+        spec = importlib.util.find_spec("face_recognition_models")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "models" / filename
+    return path if path.is_file() else None

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecloak.errors import InvalidInputError, ModelNotFoundError
-from facecloak.models.dlib_format import DlibReader
+from facecloak.models.dlib_format import DlibReader, locate_package_model
 from facecloak.models.registry import Embedder, FaceModelCard, register_embedder
 
 __all__ = [
@@ -93,16 +92,25 @@ separately. With ``padding`` (dlib's ``get_face_chip`` default 0.2; the descript
 DLIB_CHIP_PADDING = 0.25
 """Padding dlib's face-recognition example uses in ``get_face_chip`` for this network."""
 
-DLIB_CHIP_TEMPLATE_150 = ((48.024, 46.055), (102.339, 45.923), (74.821, 78.105), (51.122, 105.763), (98.983, 105.752))
+DLIB_CHIP_TEMPLATE_150 = (
+    (48.024, 46.055),
+    (102.339, 45.923),
+    (74.821, 78.105),
+    (51.122, 105.763),
+    (98.983, 105.752),
+)
 """Where left eye centre, right eye centre, nose tip, left and right mouth corner (viewer's left
 first) land in dlib's 150 px chip: the alignment for other models that share dlib's chip (plug-ins
-with ``--template dlib``); dlib-resnet itself aligns by dlib's own landmarks. Fitted by ``scripts/fit_dlib_template.py``: the mean position of
-MTCNN's points inside dlib's own chips of 1,191 LFW faces (eyes scatter ~2 px, nose and mouth ~6.5
-px around it). Aligned this way our embeddings have mean cosine 0.994 with dlib's whole pipeline."""
+with ``--template dlib``); dlib-resnet itself aligns by dlib's own landmarks. Fitted by
+``scripts/fit_dlib_template.py``: the mean position of MTCNN's points inside dlib's own chips of
+1,191 LFW faces (eyes scatter ~2 px, nose and mouth ~6.5 px around it). Aligned this way our
+embeddings have mean cosine 0.994 with dlib's whole pipeline."""
 
 DLIB_5POINT_TEMPLATE_150 = tuple(
-    ((DLIB_CHIP_PADDING + x) / (1 + 2 * DLIB_CHIP_PADDING) * DLIB_CHIP_SIZE_PX,
-     (DLIB_CHIP_PADDING + y) / (1 + 2 * DLIB_CHIP_PADDING) * DLIB_CHIP_SIZE_PX)
+    (
+        (DLIB_CHIP_PADDING + x) / (1 + 2 * DLIB_CHIP_PADDING) * DLIB_CHIP_SIZE_PX,
+        (DLIB_CHIP_PADDING + y) / (1 + 2 * DLIB_CHIP_PADDING) * DLIB_CHIP_SIZE_PX,
+    )
     for x, y in DLIB_5POINT_TEMPLATE
 )
 """dlib's 5-point template in pixels of its 150 px chip with padding 0.25 (what ``get_face_chip`` uses)."""
@@ -494,19 +502,8 @@ def read_dlib_net(path: Path | str) -> DlibNet:
 
 
 def locate_dlib_resnet_weights() -> Path | None:
-    """Find the weights file inside the installed ``face_recognition_models`` package, if any.
-
-    The package is located with `importlib.util.find_spec`, never imported: its ``__init__``
-    needs ``pkg_resources``, which recent setuptools no longer provides.
-    """
-    try:
-        spec = importlib.util.find_spec("face_recognition_models")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "models" / DLIB_RESNET_FILENAME
-    return path if path.is_file() else None
+    """Find the weights file inside the installed ``face_recognition_models`` package, if any."""
+    return locate_package_model(DLIB_RESNET_FILENAME)
 
 
 def _load_con(conv: nn.Conv2d, layer: DlibLayer, fail: Callable[[str], NoReturn]) -> None:

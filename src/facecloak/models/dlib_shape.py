@@ -51,7 +51,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -62,7 +61,7 @@ from torch import Tensor
 
 from facecloak._checks import check_images
 from facecloak.errors import InvalidInputError, ModelNotFoundError
-from facecloak.models.dlib_format import DlibReader
+from facecloak.models.dlib_format import DlibReader, locate_package_model
 
 __all__ = [
     "DLIB_SHAPE_PREDICTOR_5_FILENAME",
@@ -307,19 +306,8 @@ def _box_array(boxes: np.ndarray | Tensor) -> np.ndarray:
 
 
 def locate_shape_predictor(filename: str = DLIB_SHAPE_PREDICTOR_5_FILENAME) -> Path | None:
-    """Find ``filename`` inside the installed ``face_recognition_models`` package, if any.
-
-    The package is located with `importlib.util.find_spec`, never imported (its ``__init__``
-    needs ``pkg_resources``, which recent setuptools no longer provides).
-    """
-    try:
-        spec = importlib.util.find_spec("face_recognition_models")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "models" / filename
-    return path if path.is_file() else None
+    """Find ``filename`` inside the installed ``face_recognition_models`` package, if any."""
+    return locate_package_model(filename)
 
 
 def load_shape_predictor(path: Path | str | None = None) -> ShapePredictor:

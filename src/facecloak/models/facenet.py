@@ -13,16 +13,7 @@ import torch
 from torch import Tensor
 
 from facecloak.errors import ModelNotFoundError
-from facecloak.models.registry import Embedder, FaceModelCard, register_embedder
-
-ARCFACE_TEMPLATE_112 = (
-    (38.2946, 51.6963),
-    (73.5318, 51.5014),
-    (56.0252, 71.7366),
-    (41.5493, 92.3655),
-    (70.7299, 92.2041),
-)
-"""The standard 5-point ArcFace template for a 112x112 chip (insightface)."""
+from facecloak.models.registry import ARCFACE_TEMPLATE_112, Embedder, FaceModelCard, register_embedder
 
 FACENET_TEMPLATE_160 = tuple((x * 160 / 112, y * 160 / 112) for x, y in ARCFACE_TEMPLATE_112)
 """ArcFace's template scaled to facenet's 160 px chip: close to the tight MTCNN crops it was trained on."""
@@ -55,7 +46,9 @@ def _load(card: FaceModelCard, path: Path) -> FacenetEmbedder:
     try:
         return FacenetEmbedder(card, state)
     except RuntimeError as error:
-        raise ModelNotFoundError(f"weights do not fit InceptionResnetV1 ({str(error).splitlines()[0]})", path) from None
+        raise ModelNotFoundError(
+            f"weights do not fit InceptionResnetV1 ({str(error).splitlines()[0]})", path
+        ) from None
 
 
 def _card(name: str, dataset: str, file: str, env: str) -> FaceModelCard:

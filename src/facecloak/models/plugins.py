@@ -24,21 +24,13 @@ from torch import Tensor, nn
 
 from facecloak.errors import InvalidInputError, ModelNotFoundError
 from facecloak.models.registry import (
+    _REGISTRY,
+    ARCFACE_TEMPLATE_112,
     Embedder,
     FaceModelCard,
-    _REGISTRY,
     register_embedder,
     unregister_embedder,
 )
-
-ARCFACE_TEMPLATE_112 = (
-    (38.2946, 51.6963),
-    (73.5318, 51.5014),
-    (56.0252, 71.7366),
-    (41.5493, 92.3655),
-    (70.7299, 92.2041),
-)
-"""The standard 5-point ArcFace/insightface template for a 112x112 chip."""
 
 DEFAULT_THRESHOLDS = {"cosine": 0.6, "euclidean": 1.0}
 """Match thresholds used when the user gives none (calibrate with --threshold for real use)."""
@@ -67,7 +59,9 @@ def template_for(spec: str, input_size: int) -> tuple[tuple[float, float], ...]:
         try:
             points = json.loads(path.read_text())
         except (OSError, ValueError) as error:
-            raise InvalidInputError(f"template must be arcface, dlib or a JSON file of 5 points ({error})", path) from None
+            raise InvalidInputError(
+                f"template must be arcface, dlib or a JSON file of 5 points ({error})", path
+            ) from None
         if not (isinstance(points, list) and len(points) == 5 and all(len(p) == 2 for p in points)):
             raise InvalidInputError("template file must hold 5 [x, y] points in chip pixels", path)
         scale = 1.0
@@ -86,8 +80,12 @@ class PluginEmbedder(Embedder):
         self.card = card
         self.network = network
         extra = card.extra
-        self.register_buffer("mean", torch.tensor(extra.get("mean", [0.0, 0.0, 0.0]), dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(extra.get("std", [1.0, 1.0, 1.0]), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(extra.get("mean", [0.0, 0.0, 0.0]), dtype=torch.float32).view(1, 3, 1, 1)
+        )
+        self.register_buffer(
+            "std", torch.tensor(extra.get("std", [1.0, 1.0, 1.0]), dtype=torch.float32).view(1, 3, 1, 1)
+        )
         self.bgr = bool(extra.get("bgr", False))
 
     def forward(self, chips: Tensor) -> Tensor:
@@ -115,12 +113,17 @@ def load_network(file: Path) -> nn.Module:
             import onnx
             from onnx2torch import convert
         except ImportError:
-            raise ModelNotFoundError("ONNX models need the onnx extra: pip install 'facecloak[onnx]'", file) from None
+            raise ModelNotFoundError(
+                "ONNX models need the onnx extra: pip install 'facecloak[onnx]'", file
+            ) from None
         try:
             model = onnx.load(str(file))
             return convert(model)
         except Exception as error:  # onnx and onnx2torch raise many types for a bad file
-            raise ModelNotFoundError(f"not a usable ONNX model ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})", file) from None
+            detail = str(error).splitlines()[0][:120] if str(error) else ""
+            raise ModelNotFoundError(
+                f"not a usable ONNX model ({type(error).__name__}: {detail})", file
+            ) from None
     if name.endswith("-symbol.json") or name.endswith(".json"):
         from facecloak.models.mxnet_import import load_mxnet_model
 
@@ -173,7 +176,9 @@ def load_model_file(file: Path, **card_options) -> PluginEmbedder:
     with torch.no_grad():
         output = probe(torch.full((1, 3, card.input_size, card.input_size), 0.5))
     if output.ndim != 2 or not torch.isfinite(output).all():
-        raise ModelNotFoundError(f"model output is not a finite embedding (shape {tuple(output.shape)})", file)
+        raise ModelNotFoundError(
+            f"model output is not a finite embedding (shape {tuple(output.shape)})", file
+        )
     card = FaceModelCard(**{**card.__dict__, "embedding_dim": int(output.shape[1])})
     model = PluginEmbedder(card, network)
     return model.eval().requires_grad_(False)

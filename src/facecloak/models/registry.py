@@ -21,6 +21,15 @@ from torch import Tensor, nn
 from facecloak._device import default_device
 from facecloak.errors import ModelNotFoundError
 
+ARCFACE_TEMPLATE_112 = (
+    (38.2946, 51.6963),
+    (73.5318, 51.5014),
+    (56.0252, 71.7366),
+    (41.5493, 92.3655),
+    (70.7299, 92.2041),
+)
+"""The standard 5-point ArcFace/insightface template for a 112x112 chip (MTCNN's five points)."""
+
 
 @dataclass(frozen=True)
 class FaceModelCard:
