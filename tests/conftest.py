@@ -62,3 +62,33 @@ def detector():
     from facecloak.detect import FaceDetector
 
     return FaceDetector(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def remembering_detector():
+    """A CPU MTCNN detector that detects each distinct photo once per session.
+
+    For tests that measure recognition models on the same LFW photos (dlib-resnet, MobileFace):
+    detection is not what they test, and doing it once keeps the suite inside CI's time.
+    """
+    import hashlib
+
+    from facecloak.detect import FaceDetector
+    from facecloak.faces import Faces
+
+    class RememberingDetector(FaceDetector):
+        def __init__(self) -> None:
+            super().__init__(device="cpu")
+            self.seen: dict[str, Faces] = {}
+
+        def __call__(self, images) -> Faces:
+            batch = list(images)
+            keys = [hashlib.sha1(image.contiguous().cpu().numpy().tobytes()).hexdigest() for image in batch]
+            new = [i for i, key in enumerate(keys) if key not in self.seen]
+            if new:
+                found = super().__call__([batch[i] for i in new])
+                for j, i in enumerate(new):
+                    self.seen[keys[i]] = found.for_image(j)
+            return Faces.cat([self.seen[key].shifted(i) for i, key in enumerate(keys)])
+
+    return RememberingDetector()

@@ -153,6 +153,8 @@ def test_cli_blur_with_adaptive_row_and_report(lfw_dir, tmp_path):
             "--uploads",
             "none,jpeg75",
             "--adaptive",
+            "--adaptive-people",
+            "8",
             "--max-distractors",
             "200",
             "--cache",

@@ -611,6 +611,13 @@ def models_remove(name) -> None:
     help="Use at most this many photos of other people as distractors [all].",
 )
 @click.option("--adaptive", is_flag=True, help="Add an adaptive attacker that learns to undo the protection.")
+@click.option(
+    "--adaptive-people",
+    type=click.IntRange(1, None),
+    default=20,
+    show_default=True,
+    help="People outside the test whose protected photos the adaptive attacker learns from.",
+)
 @click.option("--leave-one-out", is_flag=True, help="cloak: also cloak without each model and measure on it.")
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed of the draw of people and of the cloak."
@@ -647,6 +654,7 @@ def evaluate(
     uploads,
     max_distractors,
     adaptive,
+    adaptive_people,
     leave_one_out,
     seed,
     cache,
@@ -682,6 +690,7 @@ def evaluate(
         attackers=attackers,
         uploads=tuple(u.strip() for u in uploads.split(",") if u.strip()),
         adaptive=adaptive,
+        adaptive_people=adaptive_people,
         max_distractors=max_distractors,
         leave_one_out=leave_one_out,
         seed=seed,

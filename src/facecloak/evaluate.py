@@ -513,6 +513,7 @@ def evaluate(
             "probes": probes,
             "uploads": list(uploads),
             "attackers": [a.name for a in attackers],
+            "adaptive_people": adaptive_people if adaptive_protect is not None else 0,
             "seed": seed,
             "versions": _versions(),
             **(settings or {}),
@@ -855,6 +856,7 @@ class EvaluationRequest:
     attackers: str | None = None  # comma-separated; None: all available models + dlib-cpp
     uploads: tuple[str, ...] = ("none", "jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur")
     adaptive: bool = False
+    adaptive_people: int = 20
     max_distractors: int | None = None
     leave_one_out: bool = False
     seed: int = 0
@@ -938,6 +940,7 @@ def run_evaluation(
                 method=request.method if request.protected_dir is None else f"folder:{request.protected_dir}",
                 uploads=request.uploads,
                 adaptive_protect=adaptive,
+                adaptive_people=request.adaptive_people,
                 settings=settings,
                 **common,
             )

@@ -156,7 +156,8 @@ class Cloak:
         region_scale: face region (the only pixels changed) relative to the detection box.
         detector: detector used to check each cloak after a real JPEG re-encode (default MTCNN).
         verify: run that check (the evaluator measures separately and may switch it off).
-        seed: seed of the random draws; the same seed gives the same perturbation.
+        seed: seed of the random draws; the same seed gives the same perturbation on the same
+            device and thread count (threaded float reductions differ in their last bits).
     """
 
     name = "base"
