@@ -130,7 +130,7 @@ def test_mobileface_lfw_accuracy(mobileface_dir, lfw_dir, remembering_detector):
     )
     assert get_card("dlib-resnet").embedding_dim == 128 and model.card.embedding_dim == 256
     pairs = read_lfw_pairs(lfw_dir / "pairs.txt")
-    subset = [pair for i, pair in enumerate(pairs) if (i % 300) < 30]
+    subset = [pair for i, pair in enumerate(pairs) if (i % 300) < 40]
     result = lfw_verification(subset, [PipelineAttacker(model, remembering_detector)])["mobileface-v2"]
     # 98.77% on all 3,000 pairs: python scripts/eval_lfw_verification.py --mobileface
     assert result["accuracy"] >= 0.97, result
