@@ -6,7 +6,8 @@
 "One-face photo" is samples/astronaut.jpg (512x512) through detection, the cloak and the honest
 JPEG-75 re-detection check: what `facecloak cloak photo.jpg` spends per photo after start-up.
 Batch throughput cloaks --batch LFW photos (one face each) in one optimisation. With MobileFace
-in ../shared/models, the two-model ensemble (dlib-resnet + MobileFace) is measured too.
+in ../shared/models, the two-model ensemble (dlib-resnet + MobileFace) is measured too, and with
+the HSE MobileNet beside it the three-model one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from facecloak.detect import FaceDetector
 from facecloak.io import read_image
 from facecloak.models import create_embedder
 
+HSE_THRESHOLD = 0.3461
+"""`facecloak models calibrate hse-mobilenet ../shared/data/lfw/images --max-photos 600` (FAR 1e-3)."""
+
 
 def ensembles(device: str) -> dict[str, list]:
     dlib = create_embedder("dlib-resnet", device=device)
@@ -33,6 +37,24 @@ def ensembles(device: str) -> dict[str, list]:
             symbol, input_size=112, template="arcface", metric="cosine", name="mobileface-v2"
         )
         found["dlib-resnet+mobileface-v2"] = [dlib, mobileface.to(device)]
+        hse = models_root() / "hse-mobilenet-vggface2" / "hse_mobilenet_vggface2.onnx"
+        if hse.is_file():
+            box_model = load_model_file(
+                hse,
+                name="hse-mobilenet",
+                input_size=224,
+                crop="box",
+                margin=10,
+                layout="nhwc",
+                bgr=True,
+                mean=(103.939, 116.779, 123.68),
+                threshold=HSE_THRESHOLD,
+            )
+            found["dlib-resnet+mobileface-v2+hse-mobilenet"] = [
+                dlib,
+                mobileface.to(device),
+                box_model.to(device),
+            ]
     return found
 
 
@@ -87,17 +109,23 @@ def main() -> None:
     parser.add_argument("--levels", default="low,mid,high")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ensembles", default=None, help="only these model sets (comma-separated names)")
+    parser.add_argument("--no-batch", action="store_true", help="skip the batch throughput run")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "cloak.json")
     args = parser.parse_args()
     results = {"machine": machine(), "results": []}
     for device in devices(args.device):
         detector = FaceDetector(device=device)
         for name, models in ensembles(device).items():
+            if args.ensembles and name not in args.ensembles.split(","):
+                continue
             for level in args.levels.split(","):
                 row = {"models": name, "device": device, "level": level}
                 row["one_face_photo"] = one_face_photo(models, level, device, detector, args.repeats)
                 batch = args.batch if device == "cpu" else max(args.batch, 256)
-                row["batch"] = batch_throughput(models, level, device, detector, batch)
+                row["batch"] = (
+                    None if args.no_batch else batch_throughput(models, level, device, detector, batch)
+                )
                 results["results"].append(row)
                 print(row, flush=True)
     write_json(args.out, results)

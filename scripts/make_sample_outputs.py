@@ -3,27 +3,43 @@
     python scripts/make_sample_outputs.py
 
 For each mode: the protected photo, and for cloaks a difference image |cloaked - original| x 10
-and a side-by-side strip (original | cloaked | difference) of the face.
+and a side-by-side strip (original | cloaked | difference) of the face, and one lossless PNG per
+photo with the face at 2x zoom: original | low | mid | high (``*_levels_2x.png``), to judge by eye.
+
+    python scripts/make_sample_outputs.py --models dlib-resnet,mobileface,hse-mobilenet
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from facecloak.anonymize import anonymize_faces
 from facecloak.cloak import create_cloak
 from facecloak.detect import FaceDetector
-from facecloak.io import read_image, write_image
-from facecloak.models import create_embedder
+from facecloak.io import read_image, to_uint8, write_image
+from facecloak.models import available_embedders, create_embedder
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "samples" / "outputs"
 GAIN = 10.0
 
 
+ZOOM = 2
+LEVELS = ("low", "mid", "high")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default=None, help="models to attack [every available one]")
+    args = parser.parse_args()
+    names = args.models.split(",") if args.models else available_embedders()
     OUT.mkdir(parents=True, exist_ok=True)
     detector = FaceDetector(device="cpu")
     group = read_image(REPO / "samples" / "group.jpg")
@@ -31,15 +47,18 @@ def main() -> None:
     for method in ("blur", "pixelate", "mask"):
         out = anonymize_faces(group.pixels[None], faces, method)[0]
         write_image(OUT / f"group_{method}.jpg", out, source=group, overwrite=True, jpeg_quality=88)
-    model = create_embedder("dlib-resnet", device="cpu")
-    for name, levels in (("astronaut", ("low", "mid", "high")), ("grace_hopper", ("mid",))):
+    models = [create_embedder(name, device="cpu") for name in names]
+    print("models:", ", ".join(names))
+    for name in ("astronaut", "grace_hopper"):
         photo = read_image(REPO / "samples" / f"{name}.jpg")
         found = detector([photo.pixels])
-        for level in levels:
-            result = create_cloak("untargeted", [model], level, detector=detector, seed=0)(
+        tiles = []
+        for level in LEVELS:
+            result = create_cloak("untargeted", models, level, detector=detector, seed=0)(
                 [photo.pixels], found
             )
             cloaked = result.images[0]
+            tiles.append(cloaked)
             write_image(
                 OUT / f"{name}_cloaked_{level}.jpg", cloaked, source=photo, overwrite=True, jpeg_quality=92
             )
@@ -56,9 +75,20 @@ def main() -> None:
             print(
                 name,
                 level,
-                {k: record[k] for k in ("dssim", "psnr", "linf", "protected")},
-                record["models"]["dlib-resnet"],
+                {
+                    k: record[k]
+                    for k in ("dssim", "psnr", "linf", "ciede2000_mean", "ciede2000_p99", "protected")
+                },
+                {model: values["distance_after_jpeg75"] for model, values in record["models"].items()},
             )
+        x1, y1, x2, y2 = found.boxes[0].tolist()
+        cx, cy, half = (x1 + x2) / 2, (y1 + y2) / 2, 0.75 * max(x2 - x1, y2 - y1)
+        top, left = max(0, int(cy - half)), max(0, int(cx - half))
+        crops = [to_uint8(t)[top : int(cy + half), left : int(cx + half)] for t in [photo.pixels, *tiles]]
+        gap = np.full((crops[0].shape[0], 6, 3), 255, dtype=np.uint8)
+        row = np.concatenate([part for crop in crops for part in (crop, gap)][:-1], axis=1)
+        zoomed = Image.fromarray(row).resize((row.shape[1] * ZOOM, row.shape[0] * ZOOM), Image.NEAREST)
+        zoomed.save(OUT / f"{name}_levels_2x.png", optimize=True)
 
 
 if __name__ == "__main__":

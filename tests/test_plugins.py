@@ -134,3 +134,97 @@ def test_mobileface_lfw_accuracy(mobileface_dir, lfw_dir, remembering_detector):
     result = lfw_verification(subset, [PipelineAttacker(model, remembering_detector)])["mobileface-v2"]
     # 98.77% on all 3,000 pairs: python scripts/eval_lfw_verification.py --mobileface
     assert result["accuracy"] >= 0.97, result
+
+
+HSE_ONNX = "hse_mobilenet_vggface2.onnx"
+
+
+@pytest.fixture(scope="session")
+def hse_dir():
+    """The shared HSE MobileNet (VGGFace2) ONNX model folder."""
+    from conftest import models_root
+
+    path = models_root() / "hse-mobilenet-vggface2"
+    if not (path / HSE_ONNX).is_file():
+        pytest.skip(f"shared HSE MobileNet model not found at {path} (set FACECLOAK_MODELS)")
+    return path
+
+
+def test_box_crop_alignment_maps_the_widened_box_onto_the_chip():
+    from facecloak.align import box_chip_from_image, transform_points
+
+    boxes = torch.tensor([[50.0, 40.0, 150.0, 180.0], [-5.0, 10.0, 60.0, 70.0]])
+    sizes = torch.tensor([[250.0, 250.0], [100.0, 80.0]])
+    matrix = box_chip_from_image(boxes, sizes, 224, margin=10.0)
+    # pixel edges of the widened box (clipped to the photo) land on the chip's edges
+    corners = torch.tensor([[[39.5, 29.5], [159.5, 189.5]], [[-0.5, -0.5], [69.5, 79.5]]])
+    assert torch.allclose(
+        transform_points(matrix, corners),
+        torch.tensor([[-0.5, -0.5], [223.5, 223.5]]).expand(2, 2, 2),
+        atol=1e-4,
+    )
+    image = torch.rand(1, 3, 100, 80)
+    from facecloak.align import align_faces
+
+    whole = box_chip_from_image(
+        torch.tensor([[0.0, 0.0, 80.0, 100.0]]), torch.tensor([[80.0, 100.0]]), 40, 0.0
+    )
+    chip = align_faces(image, whole, torch.tensor([0]), 40, antialias=False)
+    assert chip.shape == (1, 3, 40, 40)
+
+
+def test_hse_box_crop_nhwc_bgr_plugin_and_calibration(hse_dir, lfw_dir, config_home):
+    """The exact commands of the README: add the NHWC BGR box-crop ONNX model, then calibrate it."""
+    runner = CliRunner()
+    onnx_file = hse_dir / HSE_ONNX
+    added = runner.invoke(
+        main,
+        [
+            "models",
+            "add",
+            "test-hse",
+            str(onnx_file),
+            "--crop",
+            "box",
+            "--margin",
+            "10",
+            "--input-size",
+            "224",
+            "--layout",
+            "nhwc",
+            "--bgr",
+            "--mean",
+            "103.939",
+            "116.779",
+            "123.68",
+        ],
+    )
+    assert added.exit_code == 0, added.output
+    assert "1024-d" in added.output and "calibrate" in added.stderr
+    card = get_card("test-hse")
+    assert card.alignment == "box" and card.extra["margin"] == 10.0 and card.extra["layout"] == "nhwc"
+    model = create_embedder("test-hse", device="cpu")
+    # BGR order: the first mean (103.939) is subtracted from the blue channel
+    probe = torch.zeros(1, 3, 224, 224)
+    probe[:, 2] = 103.939 / 255
+    with torch.no_grad():
+        seen = {}
+
+        def grab(module, args):
+            seen["x"] = args[0]
+
+        handle = model.network.register_forward_pre_hook(grab)
+        model(probe)
+        handle.remove()
+    assert seen["x"].shape == (1, 224, 224, 3) and float(seen["x"][..., 0].abs().max()) < 1e-3
+    calibrated = runner.invoke(
+        main,
+        ["models", "calibrate", "test-hse", str(lfw_dir / "images"), "--max-photos", "80", "--device", "cpu"],
+    )
+    assert calibrated.exit_code == 0, calibrated.output
+    threshold = get_card("test-hse").match_threshold
+    assert 0.15 < threshold < 0.6 and threshold != 0.6  # set from the data, not the default guess
+    saved = json.loads((config_home / "facecloak" / "models" / "test-hse.json").read_text())
+    assert saved["match_threshold"] == pytest.approx(threshold)
+    builtin = runner.invoke(main, ["models", "calibrate", "dlib-resnet", str(lfw_dir / "images")])
+    assert builtin.exit_code == 2 and "built-in" in builtin.stderr

@@ -16,6 +16,7 @@ chip is not aliased and the gradient spreads over all the face's pixels instead 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +236,57 @@ def _pixel_grid(size: int, like: Tensor) -> Tensor:
     coords = torch.arange(size, dtype=like.dtype, device=like.device)
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
     return torch.stack([xs, ys], dim=-1)
+
+
+def box_chip_from_image(boxes: Tensor, image_sizes: Tensor, size: int, margin: float) -> Tensor:
+    """(N, 2, 3) chip_from_image of a "box crop": the detection box widened, clipped, resized.
+
+    Some models (e.g. the HSE MobileNet) see no landmark alignment: the detection box grown by
+    ``margin`` pixels on every side and clipped to the photo, resized to ``size`` x ``size``
+    (generally not square in the photo, so the map scales x and y differently). Pixel edges, as
+    in the module's convention: the crop spans ``[left - 0.5, right - 0.5]`` and chip pixel
+    ``u`` reads image ``x = left - 0.5 + (u + 0.5) * (right - left) / size``.
+
+    Args:
+        boxes: (N, 4) detection boxes ``x0, y0, x1, y1`` in image pixels.
+        image_sizes: (N, 2) width and height of each face's photo.
+        size: chip side.
+        margin: pixels added on every side before clipping.
+    """
+    boxes = boxes.double()
+    limits = image_sizes.to(boxes)
+    left = (boxes[:, 0] - margin).clamp_min(0)
+    top = (boxes[:, 1] - margin).clamp_min(0)
+    right = torch.minimum(boxes[:, 2] + margin, limits[:, 0])
+    bottom = torch.minimum(boxes[:, 3] + margin, limits[:, 1])
+    sx = size / (right - left).clamp_min(1.0)  # chip pixels per image pixel
+    sy = size / (bottom - top).clamp_min(1.0)
+    zero = torch.zeros_like(sx)
+    return torch.stack(
+        [
+            torch.stack([sx, zero, (0.5 - left) * sx - 0.5], -1),
+            torch.stack([zero, sy, (0.5 - top) * sy - 0.5], -1),
+        ],
+        1,
+    ).float()
+
+
+def model_alignment(images: Tensor | Sequence[Tensor], faces, card) -> Tensor:
+    """(N, 2, 3) chip_from_image of every face, as ``card`` aligns it.
+
+    The one place that knows a model's alignment end to end: landmark-based ("similarity",
+    "dlib": the model's own five points, `facecloak.landmarks`, onto its template) or "box" (the
+    widened detection box, see `box_chip_from_image`).
+    """
+    if card.alignment == "box":
+        sizes = torch.tensor(
+            [tuple(images[int(i)].shape[-1:-3:-1]) for i in faces.image_index.tolist()], dtype=torch.float64
+        ).view(-1, 2)
+        margin = float(card.extra.get("margin", 0.0))
+        return box_chip_from_image(faces.boxes.float().cpu(), sizes, card.input_size, margin)
+    from facecloak.landmarks import model_landmarks  # landmarks -> models -> align: import late
+
+    return chip_from_landmarks(model_landmarks(images, faces, card), card)
 
 
 def chip_from_landmarks(points: Tensor, card) -> Tensor:

@@ -321,7 +321,10 @@ def _load_models(names: str | None, device: str | None) -> list:
     type=click.Choice(["low", "mid", "high"]),
     default="mid",
     show_default=True,
-    help="Budget: DSSIM cap 0.004 / 0.012 / 0.017 on the face. Higher protects more and shows more.",
+    help="How visible: low is not seen at 200% zoom, mid not at 100%, high is faint at 100% "
+    "(per-pixel allowance 1.0 / 1.6 / 2.0 x the just-noticeable difference; "
+    "DSSIM cap 0.004 / 0.008 / 0.012). "
+    "Higher protects more, on unseen models too.",
 )
 @click.option(
     "--models",
@@ -339,6 +342,32 @@ def _load_models(names: str | None, device: str | None) -> list:
 @click.option(
     "--max-dssim", type=click.FloatRange(0.0001, 0.5), default=None, help="DSSIM cap [level's default]."
 )
+@click.option(
+    "--diversity",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Transfer: share of steps that also zoom and shift each face's crop at random (input diversity) "
+    "[measured default, see README].",
+)
+@click.option(
+    "--smoothing",
+    type=click.FloatRange(0, 8),
+    default=None,
+    help="Transfer: Gaussian sigma (chip pixels) smoothing each step's gradient (translation invariance) "
+    "[measured default].",
+)
+@click.option(
+    "--update",
+    type=click.Choice(["adam", "momentum"]),
+    default=None,
+    help="Step rule: adam, or momentum (MI-FGSM sign steps) [adam].",
+)
+@click.option(
+    "--spend-budget/--stop-at-aim",
+    default=None,
+    help="Use every step (more distance on the attacked models, which is what transfers to others) "
+    "or stop once the attacked models are past the aim (faster) [measured default].",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
 @click.option(
     "--batch-size",
@@ -348,7 +377,22 @@ def _load_models(names: str | None, device: str | None) -> list:
     help="Photos cloaked together in one optimisation (larger uses the GPU better).",
 )
 @_io_options
-def cloak(paths, mode, level, models, identity_key, steps, max_dssim, seed, batch_size, **io_values) -> None:
+def cloak(
+    paths,
+    mode,
+    level,
+    models,
+    identity_key,
+    steps,
+    max_dssim,
+    diversity,
+    smoothing,
+    update,
+    spend_budget,
+    seed,
+    batch_size,
+    **io_values,
+) -> None:
     """Cloak every face: a near-invisible change that face-search scrapers mis-recognise.
 
     Each face is optimised at the photo's native resolution against every chosen face model at
@@ -372,7 +416,17 @@ def cloak(paths, mode, level, models, identity_key, steps, max_dssim, seed, batc
     try:
         embedders = _load_models(models, options.device)
         method = create_cloak(
-            mode, embedders, level, steps=steps, max_dssim=max_dssim, seed=seed, identity_key=identity_key
+            mode,
+            embedders,
+            level,
+            steps=steps,
+            max_dssim=max_dssim,
+            seed=seed,
+            identity_key=identity_key,
+            diversity=diversity,
+            smoothing=smoothing,
+            update=update,
+            spend_budget=spend_budget,
         )
         with _progress(quiet or as_json, "cloaking") as progress:
             report = run_batch(paths, CloakFaces(method), options, command="cloak", on_progress=progress)
@@ -490,20 +544,43 @@ def models(context) -> None:
     type=float,
     default=(0.0, 0.0, 0.0),
     show_default=True,
-    help="Subtracted from 0..255 RGB.",
+    help="Subtracted from 0..255 pixel values, in the model's own channel order (B, G, R with --bgr).",
 )
 @click.option(
     "--std", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True, help="Divides after the mean."
 )
 @click.option("--bgr", is_flag=True, help="The model takes BGR channel order.")
+@click.option(
+    "--crop",
+    type=click.Choice(["landmarks", "box"]),
+    default="landmarks",
+    show_default=True,
+    help="landmarks: 5 points aligned onto --template; box: the detection box widened by --margin, resized.",
+)
+@click.option(
+    "--margin",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Pixels added around a box crop.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["nchw", "nhwc"]),
+    default="nchw",
+    show_default=True,
+    help="Input layout the file expects (nhwc: channels last, as TensorFlow exports).",
+)
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
 @click.option(
     "--threshold",
     type=float,
     default=None,
-    help="Same person below this distance [cosine 0.6, euclidean 1.0]; calibrate it for real use.",
+    help="Same person below this distance [cosine 0.6, euclidean 1.0]; set it with `models calibrate`.",
 )
-def models_add(name, file, input_size, template, mean, std, bgr, metric, threshold) -> None:
+def models_add(  # noqa: D301 - click help keeps the backslash line breaks
+    name, file, input_size, template, mean, std, bgr, crop, margin, layout, metric, threshold
+) -> None:
     """Attach a face model from an ONNX file or an MXNet NAME-symbol.json (+ NAME-0000.params).
 
     The file is loaded and run once to check it; its card (a reference to the file, not a copy)
@@ -512,6 +589,9 @@ def models_add(name, file, input_size, template, mean, std, bgr, metric, thresho
     \b
     facecloak models add arcface-r100 model.onnx --mean 127.5 127.5 127.5 --std 128 128 128
     facecloak models add mobileface MobileFace_Identification_V2-symbol.json --threshold 0.65
+    facecloak models add hse-mobilenet hse_mobilenet_vggface2.onnx --crop box --margin 10 \\
+        --input-size 224 --layout nhwc --bgr --mean 103.939 116.779 123.68
+    facecloak models calibrate hse-mobilenet ../shared/data/lfw/images
     """
     from facecloak.models.plugins import add_user_model
 
@@ -526,6 +606,9 @@ def models_add(name, file, input_size, template, mean, std, bgr, metric, thresho
             bgr=bgr,
             metric=metric,
             threshold=threshold,
+            crop=crop,
+            margin=margin,
+            layout=layout,
         )
     except FacecloakError as error:
         _fail(error, EXIT_USAGE if isinstance(error, InvalidInputError) else EXIT_FAILED)
@@ -533,6 +616,61 @@ def models_add(name, file, input_size, template, mean, std, bgr, metric, thresho
         f"added {card.name}: {card.input_size}px -> {card.embedding_dim}-d, "
         f"{card.distance} < {card.match_threshold}"
     )
+    if threshold is None:
+        click.echo(
+            f"note: the threshold {card.match_threshold} is a default guess; "
+            "set it from labelled photos with\n"
+            f"  facecloak models calibrate {card.name} PEOPLE_FOLDER",
+            err=True,
+        )
+
+
+@models.command("calibrate", context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--far",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=1e-3,
+    show_default=True,
+    help="False-accept rate the threshold admits among different-person pairs.",
+)
+@click.option(
+    "--max-photos",
+    type=click.IntRange(10),
+    default=1200,
+    show_default=True,
+    help="Embed at most this many photos (people with 2+ photos first); more is slower and steadier.",
+)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [CUDA if present]")
+def models_calibrate(name, data, far, max_photos, device) -> None:
+    """Set an added model's match threshold from a folder of labelled photos (one sub-folder per person).
+
+    Every same-person and different-person pair of the photos' centre faces is scored; the
+    threshold admits --far of the different-person pairs. The card is updated in place.
+
+    \b
+    facecloak models calibrate hse-mobilenet ../shared/data/lfw/images
+    facecloak models calibrate mobileface ./people --far 1e-4 --max-photos 3000
+    """
+    from dataclasses import replace
+
+    from facecloak.calibrate import calibrate_threshold
+    from facecloak.models import create_embedder, get_card
+    from facecloak.models.plugins import is_user_model, save_user_card
+
+    try:
+        card = get_card(name)
+        if not is_user_model(name):
+            raise InvalidInputError(
+                f"{name} is a built-in model with a published threshold; calibrate added models"
+            )
+        model = create_embedder(name, device=device)
+        result = calibrate_threshold(model, data, far=far, max_photos=max_photos)
+    except FacecloakError as error:
+        _fail(error, EXIT_USAGE if isinstance(error, InvalidInputError) else EXIT_FAILED)
+    save_user_card(replace(card, match_threshold=round(result.threshold, 4)))
+    click.echo(f"{result.summary()}\nsaved: {name} now matches below {round(result.threshold, 4)}")
 
 
 @models.command("remove", context_settings=CONTEXT)
@@ -610,7 +748,16 @@ def models_remove(name) -> None:
     default=None,
     help="Use at most this many photos of other people as distractors [all].",
 )
-@click.option("--adaptive", is_flag=True, help="Add an adaptive attacker that learns to undo the protection.")
+@click.option(
+    "--adaptive",
+    type=click.Choice(["linear", "finetune", "both"]),
+    is_flag=False,
+    flag_value="linear",
+    default=None,
+    help="Add an adaptive attacker that learns to undo the protection from people it protected itself: "
+    "linear (a learnt map of embeddings; --adaptive alone) or finetune (FaceCure: the model's last block "
+    "fine-tuned; re-embeds the gallery, so pair it with --max-distractors).",
+)
 @click.option(
     "--adaptive-people",
     type=click.IntRange(1, None),

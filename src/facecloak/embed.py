@@ -7,9 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from facecloak.align import align_faces, chip_from_landmarks
+from facecloak.align import align_faces, model_alignment
 from facecloak.faces import Faces
-from facecloak.landmarks import model_landmarks
 from facecloak.models.registry import Embedder
 
 EMBED_BATCH = 64
@@ -19,7 +18,7 @@ def face_chips(images: Tensor | Sequence[Tensor], faces: Faces, model: Embedder)
     """(N, 3, S, S) chips of ``faces`` aligned as ``model``'s card says, differentiable w.r.t. the images."""
     device = model_device(model)
     size = model.card.input_size
-    chip_from_image = chip_from_landmarks(model_landmarks(images, faces, model.card), model.card)
+    chip_from_image = model_alignment(images, faces, model.card)
     chips = torch.zeros(len(faces), 3, size, size, device=device)
     for i in faces.image_index.unique().tolist():
         mine = (faces.image_index == i).nonzero()[:, 0]

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from facecloak import io, quality, transforms
 from facecloak._checks import check_choice
+from facecloak.adaptive import ADAPTIVE_KINDS, finetune_model, finetune_summary
 from facecloak.datasets import Person, Split, list_people, split_people
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces
@@ -427,7 +428,7 @@ class EvaluationResult:
         ]
         return data
 
-    def row(self, attacker: str, upload: str, adaptive: bool = False) -> dict:
+    def row(self, attacker: str, upload: str, adaptive: bool | str = False) -> dict:
         """The row of one attacker and upload transform."""
         for row in self.rows:
             if row["attacker"] == attacker and row["upload"] == upload and row["adaptive"] == adaptive:
@@ -465,6 +466,7 @@ def evaluate(
     uploads: Sequence[str] = ("none", "jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur"),
     adaptive_protect: ProtectFunction | None = None,
     adaptive_people: int = 20,
+    adaptive_kind: str = "linear",
     max_distractors: int | None = None,
     seed: int = 0,
     cache: EmbeddingCache | None = None,
@@ -486,6 +488,8 @@ def evaluate(
         adaptive_protect: if given, run the adaptive attacker, protecting ``adaptive_people``
             further people's photos with it to learn the correction.
         adaptive_people: how many further people the adaptive attacker learns from.
+        adaptive_kind: "linear" (a learnt map of embeddings), "finetune" (the model's last block
+            fine-tuned, `facecloak.adaptive`; facecloak's own pipelines only) or "both".
         max_distractors: use at most this many distractor photos (drawn with ``seed``); None: all.
         seed: seed of the draw of people.
         cache: cache of clean embeddings (distractors and probes).
@@ -494,6 +498,7 @@ def evaluate(
     """
     for upload in uploads:
         check_choice(upload, tuple(UPLOADS), "upload")
+    check_choice(adaptive_kind, ADAPTIVE_KINDS, "adaptive_kind")
     started = time.perf_counter()
     progress = on_progress or (lambda stage, done, total: None)
     cache = cache or EmbeddingCache(None)
@@ -576,11 +581,23 @@ def evaluate(
         result.distances[attacker.name] = _distance_summary(
             attacker, clean_embeddings, probe_embeddings, probe_labels, clean, distractors
         )
-        correction = None
-        if adaptive_pairs is not None:
+        correction, tuned = None, None
+        if adaptive_pairs is not None and adaptive_kind in ("linear", "both"):
             source, target = (_embed_in_batches(attacker, images) for images in adaptive_pairs)
             keep = ~(torch.isnan(source).any(1) | torch.isnan(target).any(1))
             correction = fit_correction(source[keep], target[keep])
+        if (
+            adaptive_pairs is not None
+            and adaptive_kind in ("finetune", "both")
+            and isinstance(attacker, PipelineAttacker)
+        ):
+            tick = time.perf_counter()
+            model = finetune_model(attacker.model, *adaptive_pairs, attacker.detector, seed=seed)
+            tuned = PipelineAttacker(model, attacker.detector)
+            tuned_probes = _embed_in_batches(tuned, [io.read_image(path).pixels for path in probe_paths])
+            tuned_distractors = _embed_files(tuned, distractor_paths, EmbeddingCache(None), lambda d, t: None)
+            result.settings.setdefault("finetune", {})[attacker.name] = finetune_summary(model)
+            embed_seconds += time.perf_counter() - tick
         for u, upload in enumerate(uploads):
             tick = time.perf_counter()
             gallery_protected = _embed_in_batches(
@@ -601,11 +618,20 @@ def evaluate(
             if correction is not None:
                 variants.append(
                     (
-                        True,
+                        "linear",
                         apply_correction(gallery, correction),
                         apply_correction(probe_embeddings, correction),
                     )
                 )
+            if tuned is not None:
+                tuned_gallery = torch.cat(
+                    [
+                        _embed_in_batches(tuned, [UPLOADS[upload](image) for image in protected.images]),
+                        _embed_in_batches(tuned, [UPLOADS[upload](image) for image in control.images]),
+                        tuned_distractors,
+                    ]
+                )
+                variants.append(("finetune", tuned_gallery, tuned_probes))
             for adaptive, gallery_used, probes_used in variants:
                 result.rows.append(
                     _row(
@@ -812,6 +838,10 @@ def _quality_summary(clean: list[Tensor], protected: list[Tensor], records: list
     summary["per_photo"] = values
     if face_dssim:
         summary["face_region_dssim"] = _stats(face_dssim)
+        cloaked = [face for r in records for face in r.get("cloak", []) if "ciede2000_mean" in face]
+        if cloaked:
+            summary["face_region_ciede2000_mean"] = _stats([face["ciede2000_mean"] for face in cloaked])
+            summary["face_region_ciede2000_p99"] = _stats([face["ciede2000_p99"] for face in cloaked])
         cloak_faces = [face for r in records for face in r.get("cloak", [])]
         summary["cloak_faces"] = len(cloak_faces)
         summary["cloak_faces_protected"] = sum(face["protected"] for face in cloak_faces)
@@ -855,7 +885,7 @@ class EvaluationRequest:
     probes: int = 2
     attackers: str | None = None  # comma-separated; None: all available models + dlib-cpp
     uploads: tuple[str, ...] = ("none", "jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur")
-    adaptive: bool = False
+    adaptive: bool | str = False  # False, True (= "linear"), "linear", "finetune" or "both"
     adaptive_people: int = 20
     max_distractors: int | None = None
     leave_one_out: bool = False
@@ -929,6 +959,7 @@ def run_evaluation(
     for level in levels:
         protect, cloak = _protection(request, level, models, detector)
         adaptive = protect if request.adaptive else None
+        adaptive_kind = "linear" if request.adaptive in (True, False, None) else str(request.adaptive)
         settings = {"level": level, "mode": request.mode, "cloak_models": names if models else []}
         if cloak is not None:
             settings["budget"] = asdict(cloak.budget)
@@ -941,6 +972,7 @@ def run_evaluation(
                 uploads=request.uploads,
                 adaptive_protect=adaptive,
                 adaptive_people=request.adaptive_people,
+                adaptive_kind=adaptive_kind,
                 settings=settings,
                 **common,
             )

@@ -21,17 +21,19 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from facecloak import io, quality
+from facecloak import io, quality, transforms
 from facecloak._checks import check_choice, check_faces, check_images
-from facecloak.align import chip_from_landmarks
+from facecloak.align import affine_scale, model_alignment
+from facecloak.cloak.budget import jnd_map, limit_change
 from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
 from facecloak.cloak.regions import Bucket, build_buckets, face_regions, paste_perturbations, sample_chips
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces, model_device
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
-from facecloak.landmarks import model_landmarks
 from facecloak.models.registry import Embedder
+
+UPDATES = ("adam", "momentum")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class CloakBudget:
         aim: distance to reach on every model, as a multiple of its match threshold, under
             simulated uploads. Above 1 leaves a margin for a scraper's own pipeline.
         step_size: Adam learning rate, in 1/255 units.
+        jnd_scale: per-pixel brightness allowance as a multiple of the face's just-noticeable
+            difference (`facecloak.cloak.budget.jnd_map`); None: a flat ``max_linf`` everywhere.
+        chroma_share: colour (Cb, Cr) changes may be at most this share of the brightness allowance.
     """
 
     max_dssim: float
@@ -52,14 +57,56 @@ class CloakBudget:
     steps: int
     aim: float
     step_size: float
+    jnd_scale: float | None = None
+    chroma_share: float = 0.35
 
 
 LEVELS: dict[str, CloakBudget] = {
+    "low": CloakBudget(
+        max_dssim=0.004, max_linf=12.0, steps=40, aim=1.3, step_size=1.0, jnd_scale=1.0, chroma_share=0.1
+    ),
+    "mid": CloakBudget(
+        max_dssim=0.008, max_linf=16.0, steps=40, aim=1.5, step_size=1.25, jnd_scale=1.6, chroma_share=0.1
+    ),
+    "high": CloakBudget(
+        max_dssim=0.012, max_linf=20.0, steps=50, aim=1.8, step_size=1.5, jnd_scale=2.0, chroma_share=0.1
+    ),
+}
+"""Preset budgets by name, defined by what a person sees (README: "How the cloak looks"): low is
+not seen at 200% zoom, mid not at 100%, high is faint at 100%. Explicit keywords to `Cloak`
+override single fields."""
+
+LEGACY_LEVELS: dict[str, CloakBudget] = {
     "low": CloakBudget(max_dssim=0.004, max_linf=12.0, steps=40, aim=1.3, step_size=1.0),
     "mid": CloakBudget(max_dssim=0.012, max_linf=24.0, steps=40, aim=1.5, step_size=1.25),
     "high": CloakBudget(max_dssim=0.017, max_linf=32.0, steps=50, aim=1.8, step_size=1.5),
 }
-"""Preset budgets by name; explicit keywords to `Cloak` override single fields."""
+"""The flat-budget levels of facecloak 0.1 (per-pixel L-infinity cap, no JND map), kept for
+comparison in the ablation (`scripts/ablate_transfer.py`)."""
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPSILON = 1e-12
+MOMENTUM_DECAY = 1.0
+"""MI-FGSM's decay of the accumulated, L1-normalised gradient (Dong et al., CVPR 2018)."""
+
+STEADY_STEPS = 2
+"""A face stops once every model is past its stopping distance this many steps running."""
+
+SPEND_TARGET = 3.0
+"""With ``spend_budget`` on, each model pulls, and the face keeps going, until its distance is this
+multiple of its threshold (in practice: until the steps run out)."""
+
+OBJECTIVE_MARGIN = 0.25
+"""The objective aims this far (in thresholds) past ``aim``, so the aim is reached, not approached."""
+
+DSSIM_BISECTIONS = 8
+COMPOSE_ROUNDS = 8
+COMPOSE_SHRINK = 0.8
+"""Pasting faces back: up to COMPOSE_ROUNDS rounds that scale the changes near an over-budget face
+by COMPOSE_SHRINK."""
+
+REDETECT_IOU = 0.3
+"""A face found again after the JPEG check is the same face when the boxes overlap this much."""
 
 DSSIM_PENALTY = 3.0
 DSSIM_PENALTY_FROM = 0.9
@@ -68,10 +115,6 @@ share of its cap, steering the change toward textured areas before the hard cap 
 
 DSSIM_CHECK_EVERY = 4
 """Steps between hard DSSIM checks (the penalty in the loss keeps faces under the cap meanwhile)."""
-
-CHROMA_SHARE = 0.35
-"""Colour (Cb, Cr) changes may be at most this share of the brightness (Y) cap: the eye sees
-coloured blotches on skin long before it sees the same energy as fine brightness texture."""
 
 DSSIM_SAFETY = 0.95
 """Enforce the DSSIM cap with this much headroom: rounding to 8 bits adds a little."""
@@ -93,6 +136,8 @@ class CloakResult:
             detection from scratch; NaN where the face was not found again.
         found_after_jpeg: (N,) the face was detected again after the re-encode.
         dssim, psnr, linf: (N,) image change over the face region (linf in 1/255 units).
+        ciede_mean, ciede_p99: (N,) CIEDE2000 colour difference over the face region: mean and
+            99th percentile (about 1 is just noticeable side by side).
         steps: (N,) optimisation steps taken.
         protected: (N,) every model's ``distance_jpeg`` reached its match threshold (a face not
             found again counts as protected: a scraper cannot enrol it).
@@ -108,6 +153,8 @@ class CloakResult:
     dssim: Tensor
     psnr: Tensor
     linf: Tensor
+    ciede_mean: Tensor
+    ciede_p99: Tensor
     steps: Tensor
     protected: Tensor
     seconds: float
@@ -137,6 +184,8 @@ class CloakResult:
                     dssim=round(float(self.dssim[n]), 5),
                     psnr=round(float(self.psnr[n]), 2),
                     linf=round(float(self.linf[n]), 2),
+                    ciede2000_mean=round(float(self.ciede_mean[n]), 3),
+                    ciede2000_p99=round(float(self.ciede_p99[n]), 3),
                     steps=int(self.steps[n]),
                 )
             )
@@ -154,6 +203,14 @@ class Cloak:
         eot_samples: random draws per step; more is steadier and slower. Default 1 on the CPU
             (more steps for the same time serve better), 4 on a GPU (batched almost for free).
         region_scale: face region (the only pixels changed) relative to the detection box.
+        diversity: input diversity (DI, Xie et al. 2019): share of draws whose chips are also
+            zoomed and shifted at random, so the change does not fit one exact crop.
+        smoothing: translation-invariant gradients (TI, Dong et al. 2019): Gaussian sigma, in chip
+            pixels of the first model, that each step's gradient is smoothed with (0: off).
+        update: "adam" or "momentum" (MI-FGSM sign steps on the accumulated normalised gradient).
+        spend_budget: keep optimising for all ``steps`` (pulling each model to `SPEND_TARGET`)
+            instead of stopping once the attacked models pass the aim: the margin on the
+            surrogates is only a proxy, and the extra distance is what transfers.
         detector: detector used to check each cloak after a real JPEG re-encode (default MTCNN).
         verify: run that check (the evaluator measures separately and may switch it off).
         seed: seed of the random draws; the same seed gives the same perturbation on the same
@@ -175,6 +232,11 @@ class Cloak:
         eot_samples: int | None = None,
         region_scale: float = 1.3,
         feather: float = 0.15,
+        diversity: float = 0.0,
+        smoothing: float = 0.0,
+        update: str = "adam",
+        spend_budget: bool = False,
+        budget: CloakBudget | None = None,
         detector: FaceDetector | None = None,
         verify: bool = True,
         seed: int | None = 0,
@@ -184,13 +246,18 @@ class Cloak:
         check_choice(level, tuple(LEVELS), "level")
         for item in robust_to:
             check_choice(item, ROBUSTNESS, "robust_to")
+        check_choice(update, UPDATES, "update")
         overrides = {"steps": steps, "max_dssim": max_dssim, "max_linf": max_linf, "aim": aim}
-        self.budget = replace(LEVELS[level], **{k: v for k, v in overrides.items() if v is not None})
+        base_budget = budget if budget is not None else LEVELS[level]
+        self.budget = replace(base_budget, **{k: v for k, v in overrides.items() if v is not None})
         if self.budget.steps < 0 or self.budget.max_dssim <= 0 or self.budget.max_linf <= 0:
             raise InvalidInputError("steps must be >= 0 and the DSSIM and L-infinity caps > 0")
         self.models = list(models)
         self.level = level
-        self.simulator = UploadSimulator(robust_to=tuple(robust_to))
+        self.simulator = UploadSimulator(robust_to=tuple(robust_to), diversity=float(diversity))
+        self.smoothing = float(smoothing)
+        self.update = update
+        self.spend_budget = bool(spend_budget)
         self.region_scale = float(region_scale)
         self.feather = float(feather)
         self._detector = detector
@@ -233,9 +300,7 @@ class Cloak:
         clean = [embed_faces(photos, faces, model) for model in self.models]
         self.prepare(clean, faces)
         generator = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
-        alignments = [
-            chip_from_landmarks(model_landmarks(photos, faces, m.card), m.card) for m in self.models
-        ]
+        alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         buckets = build_buckets(
             photos, faces, self.models, alignments, region_scale=self.region_scale, feather=self.feather
         )
@@ -248,7 +313,6 @@ class Cloak:
         self, buckets: list[Bucket], faces: Faces, clean: list[Tensor], generator: torch.Generator
     ) -> tuple[list[Tensor], Tensor]:
         budget = self.budget
-        eps = budget.max_linf / 255.0
         lr = budget.step_size / 255.0
         steps_taken = torch.zeros(len(faces), dtype=torch.long)
         active = torch.ones(len(faces), dtype=torch.bool)
@@ -257,7 +321,9 @@ class Cloak:
         first = [torch.zeros_like(delta) for delta in deltas]
         second = [torch.zeros_like(delta) for delta in deltas]
         region_boxes = [self._boxes_in_crop(bucket, faces) for bucket in buckets]
-        beta1, beta2 = 0.9, 0.999
+        allowances = [self._allowance(bucket) for bucket in buckets]
+        sigmas = [self._smoothing_sigmas(bucket) for bucket in buckets]
+        beta1, beta2 = ADAM_BETAS
         for step in range(1, budget.steps + 1):
             if not bool(active.any()):
                 break
@@ -274,25 +340,53 @@ class Cloak:
                 penalty = quality.box_dssim(crops, adversarial, region_boxes[b][rows])
                 total = loss + DSSIM_PENALTY * torch.relu(penalty / budget.max_dssim - DSSIM_PENALTY_FROM)
                 (gradient,) = torch.autograd.grad(total.sum(), delta)
-                gradient = gradient * masks
+                gradient = _smooth(gradient, sigmas[b][rows]) * masks
                 with torch.no_grad():
-                    m = first[b][rows_device].mul_(beta1).add_(gradient, alpha=1 - beta1)
-                    v = second[b][rows_device].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-                    first[b][rows_device], second[b][rows_device] = m, v
-                    m_hat = m / (1 - beta1**step)
-                    v_hat = v / (1 - beta2**step)
-                    updated = limit_change(delta - lr * m_hat / (v_hat.sqrt() + 1e-12), eps, CHROMA_SHARE)
+                    if self.update == "momentum":
+                        norm = gradient.abs().flatten(1).mean(1).clamp_min(1e-20).view(-1, 1, 1, 1)
+                        m = first[b][rows_device].mul_(MOMENTUM_DECAY).add_(gradient / norm)
+                        first[b][rows_device] = m
+                        direction = m.sign()
+                    else:
+                        m = first[b][rows_device].mul_(beta1).add_(gradient, alpha=1 - beta1)
+                        v = second[b][rows_device].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+                        first[b][rows_device], second[b][rows_device] = m, v
+                        m_hat = m / (1 - beta1**step)
+                        v_hat = v / (1 - beta2**step)
+                        direction = m_hat / (v_hat.sqrt() + ADAM_EPSILON)
+                    allowance = allowances[b] if allowances[b].ndim == 0 else allowances[b][rows_device]
+                    updated = limit_change(delta - lr * direction, allowance, budget.chroma_share)
                     updated = (crops + updated).clamp(0, 1) - crops  # stay a valid image
                     if step % DSSIM_CHECK_EVERY == 0 or step == budget.steps:
                         updated = self._enforce_dssim(crops, masks, updated, region_boxes[b][rows])
                     deltas[b][rows_device] = updated
                 steps_taken[face_index] += 1
-                at_aim = (ratios >= budget.aim).all(dim=1).cpu()
+                stop_at = SPEND_TARGET if self.spend_budget else budget.aim
+                at_aim = (ratios >= stop_at).all(dim=1).cpu()
                 reached[face_index] = torch.where(
                     at_aim, reached[face_index] + 1, torch.zeros_like(reached[face_index])
                 )
-                active[face_index] = reached[face_index] < 2
+                active[face_index] = reached[face_index] < STEADY_STEPS
         return deltas, steps_taken
+
+    @property
+    def target_ratio(self) -> float:
+        """Distance, in thresholds, each model is pulled to (the objectives' aim)."""
+        return SPEND_TARGET if self.spend_budget else self.budget.aim + OBJECTIVE_MARGIN
+
+    def _allowance(self, bucket: Bucket) -> Tensor:
+        """Per-pixel brightness allowance of a bucket's crops: (n, 1, h, w), or a number if flat."""
+        eps = self.budget.max_linf / 255.0
+        if self.budget.jnd_scale is None:
+            return torch.tensor(eps, device=self.device)
+        return (self.budget.jnd_scale * jnd_map(bucket.crops)).clamp(max=eps)
+
+    def _smoothing_sigmas(self, bucket: Bucket) -> Tensor:
+        """(n,) TI smoothing sigma of each face, in crop pixels (``smoothing`` is in chip pixels)."""
+        if self.smoothing <= 0:
+            return torch.zeros(len(bucket.faces))
+        chip_per_crop = affine_scale(bucket.chip_from_crop[0].double().cpu()).float()
+        return self.smoothing / chip_per_crop.clamp_min(1e-6)
 
     def _draws(
         self,
@@ -350,7 +444,7 @@ class Cloak:
             return delta
         low = torch.zeros(len(crops), device=crops.device)
         high = torch.ones(len(crops), device=crops.device)
-        for _ in range(8):
+        for _ in range(DSSIM_BISECTIONS):
             middle = (low + high) / 2
             scaled = (crops + masks * delta * middle.view(-1, 1, 1, 1)).clamp(0, 1)
             fits = quality.box_dssim(crops, scaled, boxes) <= cap
@@ -370,7 +464,7 @@ class Cloak:
         cap = self.budget.max_dssim * DSSIM_SAFETY
         regions = face_regions(faces, self.region_scale)
         scale = torch.ones(len(faces))
-        for _ in range(8):
+        for _ in range(COMPOSE_ROUNDS):
             scaled = [
                 delta * scale[bucket.faces].to(delta).view(-1, 1, 1, 1)
                 for bucket, delta in zip(buckets, deltas)
@@ -382,7 +476,7 @@ class Cloak:
             for k in over.nonzero()[:, 0].tolist():
                 same_photo = faces.image_index == faces.image_index[k]
                 touching = same_photo & _boxes_overlap(regions[k], regions)
-                scale[touching] *= 0.8
+                scale[touching] *= COMPOSE_SHRINK
         return cloaked
 
     # -- the honest check -------------------------------------------------------------------
@@ -428,10 +522,20 @@ class Cloak:
             dssim=metrics[0],
             psnr=metrics[1],
             linf=metrics[2],
+            ciede_mean=metrics[3],
+            ciede_p99=metrics[4],
             steps=steps,
             protected=protected,
             seconds=time.perf_counter() - started,
-            settings={"method": self.name, "level": self.level, **self.budget.__dict__},
+            settings={
+                "method": self.name,
+                "level": self.level,
+                **self.budget.__dict__,
+                "diversity": self.simulator.diversity,
+                "smoothing": self.smoothing,
+                "update": self.update,
+                "spend_budget": self.spend_budget,
+            },
         )
 
     def _after_upload(self, stored: list[Tensor], faces: Faces, clean: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -447,7 +551,7 @@ class Cloak:
             if len(candidates):
                 overlaps = _iou(faces.boxes[k], found_faces.boxes[candidates])
                 best = int(overlaps.argmax())
-                if float(overlaps[best]) >= 0.3:
+                if float(overlaps[best]) >= REDETECT_IOU:
                     matched[k] = candidates[best]
                     found[k] = True
         if bool(found.any()):
@@ -457,11 +561,10 @@ class Cloak:
                 distance[found, m] = model.distance(embedding, clean[m][found.to(clean[m].device)]).cpu()
         return distance, found
 
-    def _quality(
-        self, originals: list[Tensor], stored: list[Tensor], faces: Faces
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _quality(self, originals: list[Tensor], stored: list[Tensor], faces: Faces) -> tuple[Tensor, ...]:
+        """(N,) DSSIM, PSNR, L-infinity, mean and 99th-percentile CIEDE2000 over each face region."""
         regions = face_regions(faces, self.region_scale)
-        values = torch.zeros(3, len(faces))
+        values = torch.zeros(5, len(faces))
         for k in range(len(faces)):
             i = int(faces.image_index[k])
             height, width = originals[i].shape[-2:]
@@ -469,30 +572,29 @@ class Cloak:
             x1, y1 = min(width, int(regions[k, 2].ceil()) + 1), min(height, int(regions[k, 3].ceil()) + 1)
             a = originals[i][None, :, y0:y1, x0:x1].float()
             b = stored[i][None, :, y0:y1, x0:x1].float()
-            values[:, k] = torch.stack(
-                [quality.dssim(a, b)[0], quality.psnr(a, b)[0], quality.linf(a, b)[0]]
-            ).cpu()
-        return values[0], values[1], values[2]
+            colour = quality.ciede2000_stats(a[0].cpu(), b[0].cpu())
+            values[:, k] = torch.tensor(
+                [
+                    float(quality.dssim(a, b)[0]),
+                    float(quality.psnr(a, b)[0]),
+                    float(quality.linf(a, b)[0]),
+                    *colour,
+                ]
+            )
+        return tuple(values)
 
 
-_RGB_TO_YCBCR = torch.tensor(
-    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
-)
-
-
-def limit_change(delta: Tensor, max_luma: float, chroma_share: float) -> Tensor:
-    """Clip a (n, 3, h, w) RGB change in brightness, colour, and per channel.
-
-    |Y| <= max_luma, |Cb| and |Cr| <= chroma_share x max_luma, every RGB channel <= max_luma (the
-    L-infinity cap).
-    """
-    to_ycbcr = _RGB_TO_YCBCR.to(delta)
-    ycbcr = torch.einsum("ij,njhw->nihw", to_ycbcr, delta)
-    limits = (
-        torch.tensor([max_luma, chroma_share * max_luma, chroma_share * max_luma]).to(delta).view(1, 3, 1, 1)
-    )
-    ycbcr = torch.maximum(torch.minimum(ycbcr, limits), -limits)
-    return torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycbcr), ycbcr).clamp(-max_luma, max_luma)
+def _smooth(gradient: Tensor, sigmas: Tensor) -> Tensor:
+    """Gaussian-smooth each face's (n, 3, h, w) gradient with its own sigma (TI); 0 leaves it."""
+    if not bool((sigmas > 0).any()):
+        return gradient
+    out = gradient.clone()
+    rounded = (sigmas * 4).round() / 4  # faces of similar size share one convolution
+    for sigma in rounded.unique().tolist():
+        if sigma > 0:
+            rows = (rounded == sigma).nonzero()[:, 0].to(gradient.device)
+            out[rows] = transforms.gaussian_blur(gradient[rows], sigma)
+    return out
 
 
 def _as_stored(image: Tensor) -> Tensor:

@@ -35,6 +35,11 @@ class UploadSimulator:
             a scraper's detector and aligner put the chip a little elsewhere).
         rotation_degrees: standard deviation of the chip's rotation.
         scale: standard deviation of the chip's relative scale.
+        diversity: share of draws (per face) whose chip is also zoomed by a factor drawn from
+            ``diversity_zoom`` and shifted by up to ``diversity_shift`` of its side (input
+            diversity: a change that only works on one exact crop does not transfer).
+        diversity_zoom: range of the input-diversity zoom.
+        diversity_shift: largest input-diversity shift, as a fraction of the chip's side.
     """
 
     robust_to: tuple[str, ...] = ROBUSTNESS
@@ -47,6 +52,9 @@ class UploadSimulator:
     shift: float = 0.012
     rotation_degrees: float = 2.0
     scale: float = 0.02
+    diversity: float = 0.0
+    diversity_zoom: tuple[float, float] = (0.9, 1.1)
+    diversity_shift: float = 0.05
 
     def transform_pixels(self, crops: Tensor, generator: torch.Generator) -> Tensor:
         """One random draw of the pixel transformations of (n, 3, h, w) crops."""
@@ -66,13 +74,23 @@ class UploadSimulator:
 
     def jitter_alignment(self, chip_from_source: Tensor, size: int, generator: torch.Generator) -> Tensor:
         """(n, 2, 3) alignments moved by a random small similarity about the chip's centre."""
-        if "landmarks" not in self.robust_to:
+        jitter = "landmarks" in self.robust_to
+        if not jitter and self.diversity <= 0:
             return chip_from_source
         n = chip_from_source.shape[0]
-        noise = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+        noise = torch.randn(n, 4, generator=generator, dtype=torch.float64) * float(jitter)
         angle = noise[:, 0] * math.radians(self.rotation_degrees)
         factor = torch.exp(noise[:, 1] * self.scale)
         shift = noise[:, 2:] * self.shift * size
+        if self.diversity > 0:
+            chosen = (torch.rand(n, generator=generator, dtype=torch.float64) < self.diversity).double()
+            low, high = self.diversity_zoom
+            zoom = low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+            offset = (
+                2 * torch.rand(n, 2, generator=generator, dtype=torch.float64) - 1
+            ) * self.diversity_shift
+            factor = factor * (1 + chosen * (zoom - 1))
+            shift = shift + chosen[:, None] * offset * size
         cos, sin = torch.cos(angle) * factor, torch.sin(angle) * factor
         linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)
         centre = torch.full((n, 2), (size - 1) / 2.0, dtype=torch.float64)

@@ -35,5 +35,5 @@ class UntargetedCloak(Cloak):
         for m, (model, embedding) in enumerate(zip(self.models, embeddings)):
             reference = clean[m][face_index.to(clean[m].device)]
             ratio = model.distance(embedding, reference) / self.thresholds[m]
-            loss = loss + torch.relu(self.budget.aim + 0.25 - ratio)
+            loss = loss + torch.relu(self.target_ratio - ratio)
         return loss

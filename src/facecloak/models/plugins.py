@@ -9,11 +9,14 @@ there is registered like a built-in model, so ``embed``, ``verify``, ``cloak --m
 ONNX files are converted with onnx2torch; MXNet files (``NAME-symbol.json`` with its
 ``NAME-0000.params``) with facecloak's own reader (`facecloak.models.mxnet_import`). Both become
 ``nn.Module``s that gradients flow through. The wrapper turns facecloak's chips (RGB in [0, 1])
-into what the file expects: 0..255, minus ``mean``, divided by ``std``, optionally BGR.
+into what the file expects: optionally BGR, 0..255, minus ``mean`` and divided by ``std`` (both in
+the model's own channel order), optionally channels-last (NHWC). A model either aligns by five
+landmarks onto a template, or sees a "box crop" (the detection box widened by a margin).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -34,6 +37,11 @@ from facecloak.models.registry import (
 
 DEFAULT_THRESHOLDS = {"cosine": 0.6, "euclidean": 1.0}
 """Match thresholds used when the user gives none (calibrate with --threshold for real use)."""
+
+CROPS = ("landmarks", "box")
+"""How a plug-in sees a face: aligned by five landmarks onto a template, or a widened box crop."""
+
+LAYOUTS = ("nchw", "nhwc")
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -87,12 +95,14 @@ class PluginEmbedder(Embedder):
             "std", torch.tensor(extra.get("std", [1.0, 1.0, 1.0]), dtype=torch.float32).view(1, 3, 1, 1)
         )
         self.bgr = bool(extra.get("bgr", False))
+        self.channels_last_input = extra.get("layout", "nchw") == "nhwc"
 
     def forward(self, chips: Tensor) -> Tensor:
         """Embed (N, 3, S, S) RGB chips in [0, 1]."""
-        x = (chips * 255.0 - self.mean) / self.std
-        if self.bgr:
-            x = x.flip(1)
+        x = chips.flip(1) if self.bgr else chips
+        x = (x * 255.0 - self.mean) / self.std  # mean and std are in the model's channel order
+        if self.channels_last_input:
+            x = x.permute(0, 2, 3, 1)
         out = self.network(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
@@ -100,6 +110,30 @@ class PluginEmbedder(Embedder):
         if self.card.distance == "cosine":
             out = nn.functional.normalize(out, dim=1)
         return out
+
+
+def _pairwise(operator, *tensors: Tensor) -> Tensor:
+    out = tensors[0]
+    for tensor in tensors[1:]:
+        out = operator(out, tensor)
+    return out
+
+
+def _fast_elementwise(network: nn.Module) -> nn.Module:
+    """Make onnx2torch's Min/Max nodes (ReLU6 in TensorFlow exports) pairwise ``minimum``/``maximum``.
+
+    onnx2torch broadcasts every input to the full shape, stacks and reduces: the same values at
+    several times the cost, forward and backward, on every cloak step. Pairwise is exact.
+    """
+    try:
+        from onnx2torch.node_converters.min_max import OnnxMinMax
+    except ImportError:  # pragma: no cover - another onnx2torch layout: keep its own
+        return network
+    for module in network.modules():
+        if isinstance(module, OnnxMinMax):
+            operator = torch.minimum if module._op_type == "Min" else torch.maximum
+            module.apply_reduction = functools.partial(_pairwise, operator)
+    return network
 
 
 def load_network(file: Path) -> nn.Module:
@@ -118,7 +152,7 @@ def load_network(file: Path) -> nn.Module:
             ) from None
         try:
             model = onnx.load(str(file))
-            return convert(model)
+            return _fast_elementwise(convert(model))
         except Exception as error:  # onnx and onnx2torch raise many types for a bad file
             detail = str(error).splitlines()[0][:120] if str(error) else ""
             raise ModelNotFoundError(
@@ -143,12 +177,35 @@ def make_card(
     metric: str = "cosine",
     threshold: float | None = None,
     embedding_dim: int = 0,
+    crop: str = "landmarks",
+    margin: float = 0.0,
+    layout: str = "nchw",
 ) -> FaceModelCard:
-    """The card of a user model (the embedding width is measured when the model is added)."""
+    """The card of a user model (the embedding width is measured when the model is added).
+
+    ``crop="landmarks"`` aligns five landmarks onto ``template``; ``crop="box"`` feeds the
+    detection box widened by ``margin`` pixels (clipped to the photo) and resized, no alignment.
+    ``layout`` is the input the file expects: "nchw" or "nhwc" (channels last, TensorFlow's).
+    """
     if not NAME_PATTERN.match(name):
         raise InvalidInputError(f"model name {name!r}: use lower-case letters, digits, '.', '_' or '-'")
     if metric not in DEFAULT_THRESHOLDS:
         raise InvalidInputError(f"metric must be cosine or euclidean, got {metric!r}")
+    if crop not in CROPS:
+        raise InvalidInputError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    if layout not in LAYOUTS:
+        raise InvalidInputError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if margin < 0:
+        raise InvalidInputError(f"margin must be >= 0 pixels, got {margin}")
+    extra = {
+        "mean": list(mean),
+        "std": list(std),
+        "bgr": bool(bgr),
+        "template_spec": template,
+        "layout": layout,
+    }
+    if crop == "box":
+        extra["margin"] = float(margin)
     return FaceModelCard(
         name=name,
         input_size=int(input_size),
@@ -158,8 +215,10 @@ def make_card(
         match_threshold=float(threshold if threshold is not None else DEFAULT_THRESHOLDS[metric]),
         weights=str(Path(file).resolve()),
         license="user-supplied file (see its source)",
-        description=f"user model from {Path(file).name}",
-        extra={"mean": list(mean), "std": list(std), "bgr": bool(bgr), "template_spec": template},
+        description=f"user model from {Path(file).name}"
+        + (f", box crop +{margin:g} px" if crop == "box" else ""),
+        alignment="box" if crop == "box" else "similarity",
+        extra=extra,
     )
 
 
@@ -189,14 +248,24 @@ def add_user_model(name: str, file: Path, **card_options) -> FaceModelCard:
     if name in _REGISTRY and not (config_dir() / f"{name}.json").is_file():
         raise InvalidInputError(f"{name!r} is a built-in model; choose another name")
     model = load_model_file(file, name=name, **card_options)
+    save_user_card(model.card)
+    return model.card
+
+
+def save_user_card(card: FaceModelCard) -> None:
+    """Write ``card`` to `config_dir` atomically and (re-)register it."""
     folder = config_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}.json"
+    target = folder / f"{card.name}.json"
     temporary = target.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(model.card.to_dict(), indent=2))
+    temporary.write_text(json.dumps(card.to_dict(), indent=2))
     temporary.replace(target)
-    _register(model.card)
-    return model.card
+    _register(card)
+
+
+def is_user_model(name: str) -> bool:
+    """Whether ``name`` was added by the user (its card lives in `config_dir`)."""
+    return (config_dir() / f"{name}.json").is_file()
 
 
 def remove_user_model(name: str) -> None:

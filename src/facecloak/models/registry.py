@@ -50,8 +50,9 @@ class FaceModelCard:
         landmarks: which five points ``template`` refers to: "mtcnn" (eye centres, nose tip,
             mouth corners, as detected) or "dlib5" (dlib's eye corners and nose base, found by
             facecloak's port of dlib's shape predictor inside the MTCNN box).
-        alignment: "similarity" (least squares onto the template) or "dlib" (dlib's
-            ``get_face_chip_details``: the same fit kept as a rectangle and an angle).
+        alignment: "similarity" (least squares onto the template), "dlib" (dlib's
+            ``get_face_chip_details``: the same fit kept as a rectangle and an angle) or "box"
+            (no landmarks: the detection box widened by ``extra["margin"]`` pixels, resized).
         extra: model-specific settings (plug-ins: input mean, std, channel order).
     """
 
@@ -66,7 +67,7 @@ class FaceModelCard:
     description: str = ""
     weights_env: str | None = None
     landmarks: Literal["mtcnn", "dlib5"] = "mtcnn"
-    alignment: Literal["similarity", "dlib"] = "similarity"
+    alignment: Literal["similarity", "dlib", "box"] = "similarity"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -1,0 +1,177 @@
+"""Ablation of the cloak's transfer methods: leave-one-out over the surrogate models, after JPEG 75.
+
+For every configuration (a row) and every model left out in turn, the cloak attacks the other
+models and `facecloak.evaluate.evaluate` measures the left-out one: protection (1 - rank-1 of
+the protected people's clean probes against a gallery of their cloaked, JPEG-75 re-encoded
+photos plus controls and distractors), the cloak's displacement on the left-out model (distance
+of each cloaked photo to its own clean version, in thresholds), and the visibility (face-region
+DSSIM, CIEDE2000 mean and 99th percentile).
+
+To keep it affordable on a CPU, each protected person contributes ``--gallery`` photos (their
+folder is narrowed in a temporary tree of links); the embeddings of clean photos are cached.
+
+    python scripts/ablate_transfer.py --models dlib-resnet,mobileface,hse-mobilenet \\
+        --configs legacy,jnd,jnd+di+ti --people 6 --gallery 4 --out reports/ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from facecloak.cloak import create_cloak
+from facecloak.cloak.base import LEGACY_LEVELS
+from facecloak.datasets import list_people
+from facecloak.detect import FaceDetector
+from facecloak.evaluate import EmbeddingCache, PipelineAttacker, cloak_protection, evaluate
+from facecloak.models import create_embedder
+
+CONFIGS = {
+    "legacy": {"budget": "legacy"},
+    "jnd": {},
+    "jnd+di": {"diversity": 0.7},
+    "jnd+ti": {"smoothing": 1.0},
+    "jnd+mi": {"update": "momentum"},
+    "jnd+spend": {"spend_budget": True},
+    "jnd+di+ti": {"diversity": 0.7, "smoothing": 1.0},
+    "jnd+di+ti+spend": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True},
+}
+"""Named configurations: keyword arguments to `create_cloak` on top of the level's budget."""
+
+
+def narrowed_tree(data: Path, root: Path, names: list[str], keep: int) -> None:
+    """Links to every person's folder, except ``names``, whose folders keep their first ``keep`` photos."""
+    for person in list_people(data):
+        target = root / person.name
+        if person.name in names:
+            target.mkdir()
+            for photo in person.photos[:keep]:
+                (target / photo.name).symlink_to(photo.resolve())
+        else:
+            target.symlink_to(person.photos[0].parent.resolve())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default="../shared/data/lfw/images")
+    parser.add_argument("--models", default="dlib-resnet,mobileface,hse-mobilenet")
+    parser.add_argument("--configs", default="legacy,jnd,jnd+di+ti,jnd+di+ti+spend")
+    parser.add_argument("--level", default="mid")
+    parser.add_argument("--left-out", default=None, help="leave out only these models (comma-separated)")
+    parser.add_argument(
+        "--cloak-with",
+        default=None,
+        help="instead of leave-one-out: cloak with these models only, measure each of the others",
+    )
+    parser.add_argument("--people", type=int, default=6)
+    parser.add_argument("--gallery", type=int, default=4, help="cloaked photos per protected person")
+    parser.add_argument("--probes", type=int, default=2)
+    parser.add_argument("--control", type=int, default=10)
+    parser.add_argument("--distractors", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default=".cache/ablation")
+    parser.add_argument("--out", default="reports/ablation.json")
+    args = parser.parse_args()
+
+    names = [n.strip() for n in args.models.split(",")]
+    models = [create_embedder(name) for name in names]
+    detector = FaceDetector()
+    cache = EmbeddingCache(Path(args.cache))
+    eligible = [p.name for p in list_people(args.data) if len(p.photos) >= 10]
+    chosen = sorted(random.Random(args.seed).sample(eligible, args.people))
+    rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        narrowed_tree(Path(args.data), root, chosen, args.probes + args.gallery)
+        for config in args.configs.split(","):
+            options = dict(CONFIGS[config])
+            if options.pop("budget", None) == "legacy":
+                options["budget"] = LEGACY_LEVELS[args.level]
+            if args.cloak_with:
+                surrogates = args.cloak_with.split(",")
+                plan = [
+                    (
+                        [m for m in models if m.card.name in surrogates],
+                        [m for m in models if m.card.name not in surrogates],
+                    )
+                ]
+            else:
+                leave = args.left_out.split(",") if args.left_out else names
+                plan = [
+                    ([m for m in models if m is not left_out], [left_out])
+                    for left_out in models
+                    if left_out.card.name in leave
+                ]
+            for kept, unseen in plan:
+                cloak = create_cloak(
+                    "untargeted", kept, args.level, detector=detector, seed=args.seed, **options
+                )
+                started = time.perf_counter()
+                result = evaluate(
+                    root,
+                    cloak_protection(cloak, detector),
+                    [PipelineAttacker(model, detector) for model in unseen],
+                    people=chosen,
+                    control=args.control,
+                    min_photos=10,
+                    probes=args.probes,
+                    uploads=("jpeg75",),
+                    max_distractors=args.distractors,
+                    seed=args.seed,
+                    cache=cache,
+                )
+                seconds = round(time.perf_counter() - started, 1)
+                q = result.quality
+                for row, left_out in zip(result.rows, unseen):
+                    displacement = result.distances[left_out.card.name].get("protected_vs_own_clean", [])
+                    record = {
+                        "config": config,
+                        "left_out": left_out.card.name,
+                        "cloaked_with": ",".join(m.card.name for m in kept),
+                        "protection": row["protection"],
+                        "protected_probes": row["protected_probes"],
+                        "control_rank1": row["control_rank1"],
+                        "displacement_over_threshold": statistics.mean(displacement)
+                        / left_out.card.match_threshold
+                        if displacement
+                        else math.nan,
+                        "face_dssim": q.get("face_region_dssim", {}).get("mean", math.nan),
+                        "ciede2000_mean": q.get("face_region_ciede2000_mean", {}).get("mean", math.nan),
+                        "ciede2000_p99": q.get("face_region_ciede2000_p99", {}).get("mean", math.nan),
+                        "faces": q.get("cloak_faces", 0),
+                        "faces_protected_on_surrogates": q.get("cloak_faces_protected", 0),
+                        "steps_mean": q.get("cloak_steps_mean", math.nan),
+                        "seconds": seconds,
+                    }
+                    rows.append(record)
+                    print(json.dumps(record), flush=True)
+                    out.write_text(
+                        json.dumps({"settings": vars(args), "people": chosen, "rows": rows}, indent=2)
+                    )
+    print("\n| config | left out | protection | displacement / thr | face DSSIM | CIEDE2000 mean | p99 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['config']} | {r['left_out']} | {r['protection']:.2f} "
+            f"| {r['displacement_over_threshold']:.2f} | {r['face_dssim']:.4f} "
+            f"| {r['ciede2000_mean']:.2f} | {r['ciede2000_p99']:.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    sys.exit(main())

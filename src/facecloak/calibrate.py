@@ -1,0 +1,137 @@
+"""Setting a face model's match threshold from labelled photos instead of a guess.
+
+A plug-in model arrives without a threshold, and the cloak aims at a multiple of it: a threshold
+set too low makes every cloak look successful. `calibrate_threshold` embeds the centre face of
+photos in a folder with one sub-folder per person, forms every same-person (genuine) and
+different-person (impostor) pair, and takes the distance that admits ``far`` of the impostor
+pairs: the operating point a scraper that tolerates that false-match rate would use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facecloak import io
+from facecloak.datasets import list_people
+from facecloak.detect import FaceDetector
+from facecloak.errors import FacecloakError, InvalidInputError
+from facecloak.evaluate import PipelineAttacker, distance_matrix, tar_at_far
+from facecloak.models.registry import Embedder
+
+DEFAULT_FAR = 1e-3
+DEFAULT_MAX_PHOTOS = 1200
+"""Photos embedded by default: enough for ~700k impostor pairs (FAR 1e-3 rests on ~700 of them)."""
+
+EMBED_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The threshold found and what it rests on."""
+
+    model: str
+    threshold: float
+    far: float
+    tar: float
+    genuine_pairs: int
+    impostor_pairs: int
+    photos: int
+    photos_without_face: int
+    people: int
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        return (
+            f"{self.model}: threshold {self.threshold:.4f} at FAR {self.far:g} "
+            f"(TAR {self.tar:.3f}; {self.genuine_pairs} genuine / {self.impostor_pairs} impostor pairs "
+            f"from {self.photos} photos of {self.people} people, {self.photos_without_face} without a face)"
+        )
+
+
+def calibration_photos(data: str | Path, max_photos: int, seed: int = 0) -> list[tuple[Path, int]]:
+    """(path, person label) of up to ``max_photos`` photos, people with two or more photos first.
+
+    People are drawn at random (``seed``) and taken whole, so genuine pairs are plentiful.
+    """
+    people = list_people(data)
+    if not people:
+        raise InvalidInputError("no labelled photos: expected one sub-folder of photos per person", data)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(people))
+    several = [people[i] for i in order if len(people[i].photos) >= 2]
+    single = [people[i] for i in order if len(people[i].photos) < 2]
+    chosen: list[tuple[Path, int]] = []
+    for label, person in enumerate(several + single):
+        if len(chosen) >= max_photos:
+            break
+        chosen += [(path, label) for path in person.photos[: max_photos - len(chosen)]]
+    return chosen
+
+
+def calibrate_threshold(
+    model: Embedder,
+    data: str | Path,
+    *,
+    far: float = DEFAULT_FAR,
+    max_photos: int = DEFAULT_MAX_PHOTOS,
+    detector: FaceDetector | None = None,
+    seed: int = 0,
+) -> Calibration:
+    """The distance below which ``model`` calls two faces the same person, at false-accept rate ``far``.
+
+    Args:
+        model: the face model to calibrate.
+        data: folder with one sub-folder of photos per person (the subject is the centre face).
+        far: share of impostor pairs allowed under the threshold.
+        max_photos: at most this many photos are embedded (see `calibration_photos`).
+        detector: face detector (default MTCNN on the model's device).
+        seed: seed of the draw of people.
+    """
+    if not 0 < far < 1:
+        raise InvalidInputError(f"far must be between 0 and 1, got {far}")
+    photos = calibration_photos(data, max_photos, seed)
+    attacker = PipelineAttacker(model, detector or FaceDetector())
+    embeddings, labels = [], []
+    for start in range(0, len(photos), EMBED_CHUNK):
+        images, chunk_labels = [], []
+        for path, label in photos[start : start + EMBED_CHUNK]:
+            try:
+                images.append(io.read_image(path).pixels)
+                chunk_labels.append(label)
+            except FacecloakError:
+                continue
+        if images:
+            embeddings.append(attacker.embed(images))
+            labels += chunk_labels
+    if not embeddings:
+        raise InvalidInputError("no readable photos", data)
+    everything = torch.cat(embeddings)
+    found = ~torch.isnan(everything).any(1)
+    vectors, ids = everything[found], torch.tensor(labels)[found]
+    distances = distance_matrix(vectors, vectors, model.card.distance)
+    upper = torch.triu(torch.ones_like(distances, dtype=torch.bool), diagonal=1)
+    same = ids[:, None] == ids[None, :]
+    genuine, impostor = distances[upper & same], distances[upper & ~same]
+    if len(genuine) == 0 or len(impostor) * far < 1:
+        raise InvalidInputError(
+            f"too few pairs to calibrate at FAR {far:g} ({len(genuine)} genuine, {len(impostor)} impostor): "
+            "give more people with two or more photos",
+            data,
+        )
+    tar, threshold = tar_at_far(genuine, impostor, far)
+    return Calibration(
+        model=model.card.name,
+        threshold=float(threshold) if math.isfinite(threshold) else float(impostor.max()),
+        far=far,
+        tar=tar,
+        genuine_pairs=int(len(genuine)),
+        impostor_pairs=int(len(impostor)),
+        photos=int(found.sum()),
+        photos_without_face=int((~found).sum()),
+        people=int(len(ids.unique())),
+    )

@@ -1,0 +1,86 @@
+"""How much a cloak may change each pixel: a just-noticeable-difference map, and the limits that enforce it.
+
+A flat per-pixel cap spends the same change on a smooth cheek as on hair, and the eye sees it
+on the cheek first. The perceptual budget gives each pixel an allowance from a
+just-noticeable-difference (JND) model of the clean face: luminance adaptation (a change is
+harder to see in dark and in very bright areas; Chou & Li, 1995) and texture masking (harder
+to see where the image already varies: hair, brows, beard, textured skin), combined by the
+nonlinear additivity model of Yang et al. (2005). Colour changes are held to a small share of
+the brightness allowance: a shift of hue on skin, or an iris turning a colour, is what people
+notice first, while the face models read mostly brightness structure.
+
+All functions are pure tensor functions on (n, 3, h, w) RGB crops in [0, 1]; allowances are in
+the same units (multiply by 255 for grey levels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+"""JFIF's RGB -> YCbCr matrix (without the 128 offset), for changes rather than pixels."""
+
+BACKGROUND_WINDOW = 5
+"""Side of the window whose mean brightness a pixel's change is seen against (pixels)."""
+
+TEXTURE_WEIGHT = 0.6
+"""Texture masking: the allowance grows by this times the local standard deviation of brightness."""
+
+MASKING_OVERLAP = 0.3
+"""Yang et al.'s overlap constant: the two masking effects do not simply add."""
+
+MAX_JND = 24.0 / 255.0
+"""No pixel's allowance exceeds this, however dark or textured its surroundings."""
+
+
+def _local_mean(x: Tensor, window: int) -> Tensor:
+    pad = window // 2
+    return F.avg_pool2d(F.pad(x, (pad, pad, pad, pad), mode="replicate"), window, stride=1)
+
+
+def luminance_adaptation(background: Tensor) -> Tensor:
+    """Visibility threshold of a brightness change against ``background`` brightness (both in [0, 1]).
+
+    Chou & Li's curve, in grey levels: 17 (1 - sqrt(L / 127)) + 3 below mid-grey, rising slowly
+    (3 / 128 per level) above it. About 3 levels on mid-grey, up to 20 in the dark.
+    """
+    level = background * 255.0
+    dark = 17.0 * (1.0 - torch.sqrt(level.clamp_min(0) / 127.0)) + 3.0
+    bright = 3.0 / 128.0 * (level - 127.0) + 3.0
+    return torch.where(level <= 127.0, dark, bright) / 255.0
+
+
+def jnd_map(crops: Tensor, *, texture_weight: float = TEXTURE_WEIGHT) -> Tensor:
+    """(n, 1, h, w) just-noticeable brightness change of every pixel of (n, 3, h, w) RGB crops.
+
+    Example:
+        >>> flat = torch.full((1, 3, 16, 16), 0.5)
+        >>> float(jnd_map(flat).mean() * 255)  # mid-grey, no texture: about 3 grey levels
+        3.0...
+    """
+    luma = (RGB_TO_YCBCR[0].to(crops).view(1, 3, 1, 1) * crops).sum(1, keepdim=True)
+    background = _local_mean(luma, BACKGROUND_WINDOW)
+    spread = (_local_mean(luma * luma, BACKGROUND_WINDOW) - background**2).clamp_min(0).sqrt()
+    adaptation = luminance_adaptation(background)
+    texture = texture_weight * spread
+    combined = adaptation + texture - MASKING_OVERLAP * torch.minimum(adaptation, texture)
+    return combined.clamp(max=MAX_JND)
+
+
+def limit_change(delta: Tensor, max_luma: Tensor | float, chroma_share: float) -> Tensor:
+    """Clip a (n, 3, h, w) RGB change in brightness, colour, and per channel.
+
+    |Y| <= max_luma, |Cb| and |Cr| <= chroma_share x max_luma, every RGB channel <= max_luma.
+    ``max_luma`` is a number or a (n, 1, h, w) per-pixel allowance (e.g. a scaled `jnd_map`).
+    """
+    to_ycbcr = RGB_TO_YCBCR.to(delta)
+    ycbcr = torch.einsum("ij,njhw->nihw", to_ycbcr, delta)
+    luma_limit = torch.as_tensor(max_luma, dtype=delta.dtype, device=delta.device)
+    if luma_limit.ndim == 0:
+        luma_limit = luma_limit.view(1, 1, 1, 1)
+    limits = torch.cat([luma_limit, chroma_share * luma_limit, chroma_share * luma_limit], dim=1)
+    ycbcr = torch.maximum(torch.minimum(ycbcr, limits), -limits)
+    rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycbcr), ycbcr)
+    return torch.maximum(torch.minimum(rgb, luma_limit), -luma_limit)

@@ -1,0 +1,127 @@
+"""The cloak's perceptual budget (JND map, change limits), CIEDE2000, DSSIM, the EOT sampler and JPEG."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from facecloak import quality, transforms
+from facecloak.cloak.budget import RGB_TO_YCBCR, jnd_map, limit_change, luminance_adaptation
+from facecloak.cloak.eot import UploadSimulator
+
+# Sharma, Wu & Dalal (2005), table 1: (L, a, b) pairs and their CIEDE2000 difference.
+SHARMA_PAIRS = [
+    ((50.0, 2.6772, -79.7751), (50.0, 0.0, -82.7485), 2.0425),
+    ((50.0, -1.3802, -84.2814), (50.0, 0.0, -82.7485), 1.0000),
+    ((50.0, 2.5, 0.0), (50.0, 0.0, -2.5), 4.3065),
+    ((50.0, 2.5, 0.0), (56.0, -27.0, -3.0), 31.9030),
+    ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644),
+    ((22.7233, 20.0904, -46.6940), (23.0331, 14.9730, -42.5619), 2.0373),
+    ((90.9257, -0.5406, -0.9208), (88.6381, -0.8985, -0.7239), 1.5381),
+]
+
+
+@pytest.mark.parametrize("lab1,lab2,expected", SHARMA_PAIRS)
+def test_ciede2000_matches_published_pairs(monkeypatch, lab1, lab2, expected):
+    monkeypatch.setattr(quality, "rgb_to_lab", lambda x: x)  # feed Lab directly
+    a = torch.tensor(lab1, dtype=torch.float64).view(1, 3, 1, 1)
+    b = torch.tensor(lab2, dtype=torch.float64).view(1, 3, 1, 1)
+    assert float(quality.ciede2000_map(a, b)) == pytest.approx(expected, abs=1e-4)
+
+
+def test_rgb_to_lab_white_and_red():
+    white = quality.rgb_to_lab(torch.ones(1, 3, 1, 1)).flatten()
+    red = quality.rgb_to_lab(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)).flatten()
+    assert torch.allclose(white, torch.tensor([100.0, 0.0, 0.0]), atol=1e-3)
+    assert torch.allclose(red, torch.tensor([53.24, 80.09, 67.20]), atol=0.02)
+
+
+def test_ciede2000_stats_zero_for_identical_and_grows_with_change():
+    image = torch.rand(3, 20, 20)
+    assert quality.ciede2000_stats(image, image) == (0.0, 0.0)
+    small = quality.ciede2000_stats(image, (image + 2 / 255).clamp(0, 1))
+    large = quality.ciede2000_stats(image, (image + 8 / 255).clamp(0, 1))
+    assert 0 < small[0] < large[0] and small[1] <= large[1]
+
+
+def test_luminance_adaptation_curve():
+    levels = torch.tensor([0.0, 127.0, 255.0]) / 255
+    assert torch.allclose(luminance_adaptation(levels) * 255, torch.tensor([20.0, 3.0, 6.0]), atol=1e-4)
+
+
+def test_jnd_map_more_allowance_in_texture_and_dark_than_on_smooth_midtones():
+    smooth = torch.full((1, 3, 32, 32), 0.6)
+    textured = smooth + 0.15 * (torch.arange(32) % 2).float().view(1, 1, 1, 32)
+    dark = torch.full((1, 3, 32, 32), 0.08)
+    flat, busy, shadow = (float(jnd_map(x).mean()) for x in (smooth, textured, dark))
+    assert jnd_map(smooth).shape == (1, 1, 32, 32)
+    assert busy > 2 * flat and shadow > 2 * flat
+    assert 2.5 / 255 < flat < 5 / 255  # a smooth mid-tone allows a few grey levels, no more
+
+
+def test_limit_change_respects_per_pixel_luma_and_chroma_caps():
+    torch.manual_seed(0)
+    delta = torch.randn(2, 3, 8, 8) * 0.1
+    allowance = torch.rand(2, 1, 8, 8) * 0.05
+    limited = limit_change(delta, allowance, chroma_share=0.1)
+    ycbcr = torch.einsum("ij,njhw->nihw", RGB_TO_YCBCR, limited)
+    assert bool((ycbcr[:, :1].abs() <= allowance + 1e-6).all())
+    assert bool((ycbcr[:, 1:].abs() <= 0.1 * allowance + 1e-6).all())
+    assert bool((limited.abs() <= allowance + 1e-6).all())
+    # a change already inside every cap is left alone
+    tiny = torch.full((1, 3, 4, 4), 0.001)
+    assert torch.allclose(limit_change(tiny, 0.01, 0.35), tiny, atol=1e-7)
+
+
+def test_dssim_zero_for_identical_and_box_dssim_equals_cropped_dssim():
+    torch.manual_seed(1)
+    a = torch.rand(2, 3, 40, 48)
+    b = (a + 0.05 * torch.randn_like(a)).clamp(0, 1)
+    assert torch.allclose(quality.dssim(a, a), torch.zeros(2), atol=1e-6)
+    boxes = torch.tensor([[3, 5, 30, 35], [10, 0, 48, 40]])
+    direct = torch.stack(
+        [
+            quality.dssim(a[i : i + 1, :, y0:y1, x0:x1], b[i : i + 1, :, y0:y1, x0:x1])[0]
+            for i, (x0, y0, x1, y1) in enumerate(boxes.tolist())
+        ]
+    )
+    assert torch.allclose(quality.box_dssim(a, b, boxes), direct, atol=1e-5)
+    assert bool((direct > 0.003).all())
+
+
+def test_differentiable_jpeg_close_to_real_jpeg_and_passes_gradients(samples_dir):
+    from facecloak import io
+
+    image = io.read_image(samples_dir / "grace_hopper.jpg").pixels[:, :128, :128][None]
+    for quality_level in (50, 75, 95):
+        ours = transforms.jpeg_compress(image, float(quality_level))
+        real = io.jpeg_roundtrip(image[0], quality_level)[None]
+        error = (ours - real).abs().mean() * 255
+        assert error < 1.5, (quality_level, float(error))  # the codec modelled, not a blur
+        assert (ours - image).abs().mean() * 255 > 0.2  # and it does change the image
+    x = image.clone().requires_grad_(True)
+    transforms.jpeg_compress(x, 75.0).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_upload_simulator_is_seeded_and_input_diversity_moves_alignments():
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]).repeat(64, 1, 1)
+    plain = UploadSimulator(robust_to=("jpeg",))
+    assert torch.equal(plain.jitter_alignment(identity, 112, torch.Generator().manual_seed(0)), identity)
+    diverse = UploadSimulator(robust_to=("jpeg",), diversity=1.0)
+    moved = diverse.jitter_alignment(identity, 112, torch.Generator().manual_seed(0))
+    again = diverse.jitter_alignment(identity, 112, torch.Generator().manual_seed(0))
+    assert torch.equal(moved, again)
+    zoom = torch.linalg.det(moved[:, :, :2]).sqrt()
+    assert 0.9 - 1e-6 <= float(zoom.min()) and float(zoom.max()) <= 1.1 + 1e-6
+    assert float(zoom.std()) > 0.02
+    assert (
+        float(moved[:, :, 2].abs().max()) <= 0.05 * 112 + 0.1 * 111 / 2 + 1e-6
+    )  # shift + zoom about the centre
+    crops = torch.rand(4, 3, 32, 32)
+    first = plain.transform_pixels(crops, torch.Generator().manual_seed(3))
+    second = plain.transform_pixels(crops, torch.Generator().manual_seed(3))
+    assert torch.equal(first, second) and first.shape == crops.shape
+    assert not math.isnan(float(first.sum()))
