@@ -86,7 +86,7 @@ class FaceDetector:
         self.max_side = int(max_side)
         self.device = default_device(device)
         self.backend = check_choice(backend, DETECTOR_BACKENDS, "backend")
-        self.nets = load_mtcnn_nets(self.device, channels_last=backend == "batched")
+        self.nets = load_mtcnn_nets(self.device, raw_pixels=backend == "batched")
 
     def __repr__(self) -> str:
         return (

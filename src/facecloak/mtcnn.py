@@ -54,6 +54,10 @@ PNET_WINDOW_PX = 12
 PNET_STRIDE_PX = 2
 """Step of P-Net's window, in pixels of the scaled image."""
 
+MTCNN_PIXEL_MEAN = 127.5
+MTCNN_PIXEL_SCALE = 0.0078125
+"""MTCNN's nets read ``(pixel - 127.5) * 0.0078125`` (pixels 0..255)."""
+
 RNET_INPUT_PX = 24
 ONET_INPUT_PX = 48
 
@@ -89,9 +93,18 @@ def mtcnn_weights_dir() -> Path:
 
 
 def load_mtcnn_nets(
-    device: str | torch.device, *, channels_last: bool = True
+    device: str | torch.device, *, raw_pixels: bool = True
 ) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """P-Net, R-Net and O-Net with facenet-pytorch's weights, in eval mode on ``device``."""
+    """P-Net, R-Net and O-Net with facenet-pytorch's weights, in eval mode on ``device``.
+
+    Args:
+        device: where the nets run.
+        raw_pixels: the nets `detect_mtcnn` runs: they take pixels 0..255 as they are (MTCNN's
+            normalisation ``(x - 127.5) / 128`` folded into each first convolution, exact but for
+            float rounding, as no convolution pads), run channels-last, and P-Net's two 1x1
+            heads are one matrix product returning ``(offsets, face probability)``. False:
+            facenet-pytorch's modules unchanged (what its ``detect_face`` expects).
+    """
     from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
 
     folder = mtcnn_weights_dir()
@@ -99,9 +112,45 @@ def load_mtcnn_nets(
     for net_class, file in ((PNet, "pnet.pt"), (RNet, "rnet.pt"), (ONet, "onet.pt")):
         net = net_class(pretrained=False)
         net.load_state_dict(torch.load(folder / file, map_location="cpu", weights_only=True))
-        net = net.eval().requires_grad_(False).to(device)
-        nets.append(net.to(memory_format=torch.channels_last) if channels_last else net)
+        if raw_pixels:
+            net.conv1 = _fold_normalisation(net.conv1)
+            net = _PNetHeads(net) if net_class is PNet else net
+            net = net.to(memory_format=torch.channels_last)
+        nets.append(net.eval().requires_grad_(False).to(device))
     return nets[0], nets[1], nets[2]
+
+
+def _fold_normalisation(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` applied to ``(x - 127.5) / 128`` as one convolution of ``x`` (it must not pad)."""
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight * MTCNN_PIXEL_SCALE)
+        shift = (conv.weight * MTCNN_PIXEL_SCALE * MTCNN_PIXEL_MEAN).sum(dim=(1, 2, 3))
+        folded.bias.copy_(conv.bias - shift)
+    return folded
+
+
+class _PNetHeads(nn.Module):
+    """facenet-pytorch's P-Net with its two 1x1 heads as one matrix product on channels-last features.
+
+    ``forward`` returns ``(B, 4, h, w)`` box offsets and the ``(B, h, w)`` face probability.
+    """
+
+    def __init__(self, pnet: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            pnet.conv1, pnet.prelu1, pnet.pool1, pnet.conv2, pnet.prelu2, pnet.conv3, pnet.prelu3
+        )
+        self.heads = nn.Linear(32, 6)
+        with torch.no_grad():
+            self.heads.weight.copy_(torch.cat([pnet.conv4_1.weight, pnet.conv4_2.weight]).flatten(1))
+            self.heads.bias.copy_(torch.cat([pnet.conv4_1.bias, pnet.conv4_2.bias]))
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.body(pixels).permute(0, 2, 3, 1)  # (B, h, w, 32), contiguous if channels-last
+        heads = self.heads(features)
+        probability = torch.softmax(heads[..., :2], dim=-1)[..., 1]
+        return heads[..., 2:].permute(0, 3, 1, 2), probability
 
 
 def pyramid_scales(
@@ -180,9 +229,9 @@ def area_resize(table: Tensor, size: tuple[int, int]) -> Tensor:
     row0, row1 = (edge[0] for edge in _area_bins(zero, zero + table_height - 1, size[0]))
     col0, col1 = (edge[0] for edge in _area_bins(zero, zero + table_width - 1, size[1]))
     bands = table.index_select(1, row1) - table.index_select(1, row0)  # (B, h, W + 1, 3)
-    sums = bands.index_select(2, col1) - bands.index_select(2, col0)  # (B, h, w, 3)
+    sums = (bands.index_select(2, col1) - bands.index_select(2, col0)).float()  # (B, h, w, 3)
     area = ((row1 - row0)[:, None] * (col1 - col0)[None, :])[..., None]
-    return (sums / area).float().permute(0, 3, 1, 2)
+    return (sums / area).permute(0, 3, 1, 2)
 
 
 def area_crops(
@@ -222,8 +271,8 @@ def area_crops(
     cols = torch.stack([col1, col1, col0, col0])[:, :, None, :]  # (4, K, 1, size)
     flat = (rows * table_width + cols).reshape(-1)
     corners = table.reshape(-1, 3).index_select(0, flat).view(4, len(top), size, size, 3)
-    sums = corners[0] - corners[1] - corners[2] + corners[3]
-    return (sums / area).float().permute(0, 3, 1, 2)
+    sums = (corners[0] - corners[1] - corners[2] + corners[3]).float()
+    return (sums / area).permute(0, 3, 1, 2)
 
 
 def detect_mtcnn(
@@ -307,7 +356,7 @@ class _Cropper:
             for mine in chosen[groups == g].split(step):
                 local = self.local_of[image_index[mine]]
                 out[mine] = area_crops(table, local, top[mine], bottom[mine], left[mine], right[mine], size)
-        return (out - 127.5) * 0.0078125, valid
+        return out, valid
 
 
 def _square(boxes: Tensor) -> Tensor:
@@ -353,12 +402,12 @@ def _pnet_candidates(
         tables.append(summed_area_table(chunk.float()))
         for scale, parts in zip(scales, outputs):
             size = (int(height * scale + 1), int(width * scale + 1))
-            parts.append(pnet((area_resize(tables[-1], size) - 127.5) * 0.0078125))
+            parts.append(pnet(area_resize(tables[-1], size)))
     found = [torch.zeros(0, 9, device=chunks[0].device)]
     index = [torch.zeros(0, dtype=torch.long, device=chunks[0].device)]
     for scale, parts in zip(scales, outputs):
-        offsets, probs = (torch.cat(output) for output in zip(*parts))
-        boxes, image_index = _pnet_boxes(offsets, probs[:, 1], scale, threshold)
+        offsets, probability = (torch.cat(output) for output in zip(*parts))
+        boxes, image_index = _pnet_boxes(offsets, probability, scale, threshold)
         pick = batched_nms(boxes[:, :4], boxes[:, 4], image_index, NMS_IOU_PNET_SCALE)
         found.append(boxes[pick])
         index.append(image_index[pick])
