@@ -1,27 +1,35 @@
-"""Face detection: MTCNN (facenet-pytorch 2.5.3, weights from the installed package) -> `Faces`.
+"""Face detection: MTCNN (facenet-pytorch 2.5.3's weights, from the installed package) -> `Faces`.
 
-Images of one size go through MTCNN in one batch; photos larger than ``max_side`` are
-downscaled for detection (faces in them are large) and the results mapped back to the
-original pixels. MTCNN's raw outputs (object arrays under numpy 2, ``None`` for no face) are
-turned into plain float tensors; "no face" is a `Faces` of length 0.
+Photos larger than ``max_side`` are downscaled for detection (faces in them are large) and the
+results mapped back to the original pixels. Photos of one size share P-Net's calls; R-Net and
+O-Net see the candidate boxes of every photo of the batch at once (`facecloak.mtcnn`, the default
+``backend="batched"``). ``backend="facenet-pytorch"`` runs facenet-pytorch's own ``detect_face``
+instead, one size group at a time: the reference the batched stages are tested against. Its raw
+outputs (object arrays under numpy 2) are cast to plain float tensors; "no face" is a `Faces`
+of length 0.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facecloak._checks import check_images
+from facecloak._checks import check_choice, check_images
 from facecloak._device import default_device
-from facecloak.errors import InvalidInputError, ModelNotFoundError
+from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
+from facecloak.mtcnn import (
+    MTCNN_STAGE_THRESHOLDS,
+    PNET_WINDOW_PX,
+    PYRAMID_FACTOR,
+    detect_mtcnn,
+    load_mtcnn_nets,
+)
 
 MIN_FACE_PX = 20
 """Default smallest face side, in original-image pixels, that detection looks for."""
@@ -29,18 +37,17 @@ MIN_FACE_PX = 20
 DETECT_MAX_SIDE_PX = 1600
 """Photos whose longer side exceeds this are downscaled to it for detection."""
 
-MTCNN_STAGE_THRESHOLDS = (0.6, 0.7, 0.7)
-"""facenet-pytorch's per-stage thresholds; ``min_score`` filters the final stage on top."""
+DETECTOR_BACKENDS = ("batched", "facenet-pytorch")
+"""How MTCNN's stages run: batched across photos (default), or facenet-pytorch's own code."""
 
-
-def _mtcnn_weights_dir() -> Path:
-    spec = importlib.util.find_spec("facenet_pytorch")
-    if spec is None or spec.origin is None:
-        raise ModelNotFoundError("facenet-pytorch is not installed (pip install facenet-pytorch==2.5.3)")
-    folder = Path(spec.origin).parent / "data"
-    if not (folder / "pnet.pt").is_file():
-        raise ModelNotFoundError("facenet-pytorch's MTCNN weights (data/pnet.pt) are missing", folder)
-    return folder
+__all__ = [
+    "DETECTOR_BACKENDS",
+    "DETECT_MAX_SIDE_PX",
+    "MIN_FACE_PX",
+    "MTCNN_STAGE_THRESHOLDS",
+    "FaceDetector",
+    "detect_faces",
+]
 
 
 class FaceDetector:
@@ -52,6 +59,9 @@ class FaceDetector:
         min_size: smallest face side to look for, in original pixels. Smaller is slower.
         max_side: longer image side used for detection; larger photos are downscaled first.
         device: torch device; default CUDA when present, else CPU.
+        backend: ``"batched"`` (default) runs R-Net and O-Net once over every photo's candidate
+            boxes; ``"facenet-pytorch"`` runs facenet-pytorch's ``detect_face`` (slower on small
+            photos: one resampling call per candidate box), kept as the reference.
 
     Example:
         >>> detector = FaceDetector()  # doctest: +SKIP
@@ -65,9 +75,8 @@ class FaceDetector:
         min_size: int = MIN_FACE_PX,
         max_side: int = DETECT_MAX_SIDE_PX,
         device: str | torch.device | None = None,
+        backend: str = "batched",
     ) -> None:
-        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
-
         if not 0.0 <= min_score <= 1.0:
             raise InvalidInputError(f"min_score must lie in [0, 1], got {min_score}")
         if min_size < 1 or max_side < 64:
@@ -76,17 +85,15 @@ class FaceDetector:
         self.min_size = int(min_size)
         self.max_side = int(max_side)
         self.device = default_device(device)
-        folder = _mtcnn_weights_dir()
-        self.nets = []
-        for net_class, file in ((PNet, "pnet.pt"), (RNet, "rnet.pt"), (ONet, "onet.pt")):
-            net = net_class(pretrained=False)
-            net.load_state_dict(torch.load(folder / file, map_location="cpu", weights_only=True))
-            self.nets.append(net.eval().requires_grad_(False).to(self.device))
+        self.backend = check_choice(backend, DETECTOR_BACKENDS, "backend")
+        self.nets = load_mtcnn_nets(self.device, raw_pixels=backend == "batched")
 
     def __repr__(self) -> str:
         return (
             f"FaceDetector(min_score={self.min_score}, min_size={self.min_size}, "
-            f"max_side={self.max_side}, device={self.device})"
+            f"max_side={self.max_side}, device={self.device}"
+            + ("" if self.backend == "batched" else f", backend={self.backend!r}")
+            + ")"
         )
 
     def __call__(self, images: Tensor | Sequence[Tensor]) -> Faces:
@@ -104,44 +111,56 @@ class FaceDetector:
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(batch):
             groups[tuple(image.shape[1:])].append(i)
-        found = [Faces.empty()] * len(batch)
+        stacks, min_faces, scales, order = [], [], [], []
         for (height, width), indices in groups.items():
             scale = min(1.0, self.max_side / max(height, width))
             stack = torch.stack([batch[i] for i in indices]).to(self.device, torch.float32)
             if scale < 1.0:
                 size = (max(1, round(height * scale)), max(1, round(width * scale)))
                 stack = F.interpolate(stack, size=size, mode="area")
-            for i, faces in zip(indices, self._detect_same_size(stack, scale)):
-                found[i] = faces.scaled(1.0 / scale) if scale < 1.0 else faces
-        return Faces.cat([faces.shifted(i) for i, faces in enumerate(found)])
+            stacks.append(stack * 255.0)
+            min_faces.append(max(float(PNET_WINDOW_PX), self.min_size * scale))
+            scales += [scale] * len(indices)
+            order += indices
+        with torch.no_grad():
+            if self.backend == "batched":
+                found = detect_mtcnn(stacks, min_faces, self.nets)
+            else:
+                found = [f for stack, m in zip(stacks, min_faces) for f in self._facenet_pytorch(stack, m)]
+        faces = [Faces.empty()] * len(batch)
+        for i, scale, (boxes, points) in zip(order, scales, found):
+            faces[i] = self._keep(boxes, points, scale)
+        return Faces.cat([f.shifted(i) for i, f in enumerate(faces)])
 
-    @torch.no_grad()
-    def _detect_same_size(self, stack: Tensor, scale: float) -> list[Faces]:
+    def _keep(self, boxes: Tensor, points: Tensor, scale: float) -> Faces:
+        """Faces above ``min_score`` and at least ``min_size`` (original pixels), best first."""
+        side = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / scale
+        keep = (boxes[:, 4] >= self.min_score) & (side >= self.min_size)
+        boxes, points = boxes[keep], points[keep]
+        order = torch.argsort(-boxes[:, 4], stable=True)
+        boxes, points = boxes[order], points[order]
+        faces = Faces(
+            boxes=boxes[:, :4].contiguous(),
+            landmarks=points.contiguous(),
+            scores=boxes[:, 4].contiguous(),
+            image_index=torch.zeros(len(boxes), dtype=torch.long),
+        )
+        return faces.scaled(1.0 / scale) if scale < 1.0 else faces
+
+    def _facenet_pytorch(self, stack: Tensor, min_face: float) -> list[tuple[Tensor, Tensor]]:
+        """facenet-pytorch's ``detect_face`` on one stack of same-size photos (pixels 0..255)."""
         from facenet_pytorch.models.utils.detect_face import detect_face
 
         pnet, rnet, onet = self.nets
-        min_size = max(12.0, self.min_size * scale)
-        pixels = (stack * 255.0).permute(0, 2, 3, 1).contiguous()
+        pixels = stack.permute(0, 2, 3, 1).contiguous()
         boxes_per_image, points_per_image = detect_face(
-            pixels, min_size, pnet, rnet, onet, list(MTCNN_STAGE_THRESHOLDS), 0.709, self.device
+            pixels, min_face, pnet, rnet, onet, list(MTCNN_STAGE_THRESHOLDS), PYRAMID_FACTOR, self.device
         )
         results = []
         for boxes, points in zip(boxes_per_image, points_per_image):
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 5)  # numpy 2: cast object arrays
             points = np.asarray(points, dtype=np.float32).reshape(-1, 5, 2)
-            side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / scale
-            keep = (boxes[:, 4] >= self.min_score) & (side >= self.min_size)
-            order = np.argsort(-boxes[keep, 4], kind="stable")
-            kept_boxes, kept_points = boxes[keep][order], points[keep][order]
-            count = len(kept_boxes)
-            results.append(
-                Faces(
-                    boxes=torch.from_numpy(kept_boxes[:, :4].copy()),
-                    landmarks=torch.from_numpy(kept_points.copy()),
-                    scores=torch.from_numpy(kept_boxes[:, 4].copy()),
-                    image_index=torch.zeros(count, dtype=torch.long),
-                )
-            )
+            results.append((torch.from_numpy(boxes.copy()), torch.from_numpy(points.copy())))
         return results
 
 

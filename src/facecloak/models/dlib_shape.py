@@ -62,6 +62,7 @@ from torch import Tensor
 from facecloak._checks import check_images
 from facecloak.errors import InvalidInputError, ModelNotFoundError
 from facecloak.models.dlib_format import DlibReader, locate_package_model
+from facecloak.models.parsed_cache import load_parsed
 
 __all__ = [
     "DLIB_SHAPE_PREDICTOR_5_FILENAME",
@@ -99,6 +100,12 @@ Unmapped MTCNN boxes give 1.07 px."""
 
 # --------------------------------------------------------------------------------------------------
 # the model
+
+
+_ARRAY_FIELDS = ("initial_shape", "split_pixels", "split_thresholds", "leaf_values", "anchor_idx", "deltas")
+
+SHAPE_PREDICTOR_CACHE_FORMAT = "shape-predictor-v1"
+"""Name and version of the parsed form kept in the cache (`facecloak.models.parsed_cache`)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,44 @@ class ShapePredictor:
     def tree_depth(self) -> int:
         """Depth of every tree (4 in dlib's models)."""
         return int(self.split_thresholds.shape[2] + 1).bit_length() - 1
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The fields as named arrays (what the parsed-model cache stores)."""
+        return {name: getattr(self, name) for name in _ARRAY_FIELDS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ShapePredictor:
+        """Rebuild a predictor from `to_arrays`' output, checking shapes, dtypes and index ranges.
+
+        Raises:
+            KeyError: a field is missing.
+            ValueError: the arrays do not make a predictor.
+        """
+        fields = {name: np.ascontiguousarray(arrays[name]) for name in _ARRAY_FIELDS}
+        initial, splits = fields["initial_shape"], fields["split_pixels"]
+        thresholds, anchors = fields["split_thresholds"], fields["anchor_idx"]
+        if initial.ndim != 2 or initial.shape[1] != 2 or thresholds.ndim != 3:
+            raise ValueError("not a shape predictor: bad mean shape or thresholds")
+        cascades, trees, num_splits = thresholds.shape
+        parts, pixels = initial.shape[0], anchors.shape[-1]
+        expected = {
+            "split_pixels": ((cascades, 2, trees * num_splits), np.int64),
+            "split_thresholds": ((cascades, trees, num_splits), np.float32),
+            "leaf_values": ((cascades, trees * (num_splits + 1), parts, 2), np.float32),
+            "anchor_idx": ((cascades, pixels), np.int64),
+            "deltas": ((cascades, pixels, 2), np.float32),
+            "initial_shape": ((parts, 2), np.float32),
+        }
+        for name, (shape, dtype) in expected.items():
+            if fields[name].shape != shape or fields[name].dtype != dtype:
+                raise ValueError(
+                    f"not a shape predictor: {name} is {fields[name].shape} {fields[name].dtype}"
+                )
+        if (num_splits + 1) & num_splits or not cascades or not pixels:
+            raise ValueError("not a shape predictor: incomplete trees")
+        if splits.min() < 0 or splits.max() >= pixels or anchors.min() < 0 or anchors.max() >= parts:
+            raise ValueError("not a shape predictor: a split or anchor index out of range")
+        return cls(**fields)
 
     def __repr__(self) -> str:
         cascades, trees = self.split_thresholds.shape[:2]
@@ -310,19 +355,22 @@ def locate_shape_predictor(filename: str = DLIB_SHAPE_PREDICTOR_5_FILENAME) -> P
     return locate_package_model(filename)
 
 
-def load_shape_predictor(path: Path | str | None = None) -> ShapePredictor:
+def load_shape_predictor(path: Path | str | None = None, *, cache: bool = True) -> ShapePredictor:
     """Read a dlib shape predictor file (5-point by default; the 68-point file works too).
 
     The file is replayed as dlib's ``serialize(shape_predictor)`` wrote it: version (1), the
     mean shape (``matrix<float,0,1>``, x and y interleaved), the forests
     (``vector<vector<regression_tree>>``, a tree being its splits ``{idx1, idx2, thresh}`` then
     its leaf values), then per cascade the pixels' anchor landmarks (``vector<vector<unsigned
-    long>>``) and offsets (``vector<vector<vector<float,2>>>``). Parsing the 5-point file takes a
-    few seconds (pure Python); the 68-point file, 14 times larger, takes proportionally longer.
+    long>>``) and offsets (``vector<vector<vector<float,2>>>``). Parsing the 5-point file takes
+    about 4 s of CPU (pure Python; the 68-point file, 11 times larger, proportionally longer), so
+    the parsed arrays are cached on disk (`facecloak.models.parsed_cache`, keyed by the file's
+    size, modification time and SHA-256) and later loads take milliseconds.
 
     Args:
         path: the ``.dat`` file; default `DLIB_SHAPE_PREDICTOR_5_FILENAME` from the installed
             ``face_recognition_models`` package.
+        cache: read and write the parsed-model cache (False: always parse the file).
 
     Returns:
         The predictor.
@@ -343,6 +391,18 @@ def load_shape_predictor(path: Path | str | None = None) -> ShapePredictor:
                 f"dlib's {DLIB_SHAPE_PREDICTOR_5_FILENAME} not found: install face-recognition-models "
                 "or pass the file's path"
             )
+    if not cache:
+        return _parse_shape_predictor(Path(path))
+    return load_parsed(
+        path,
+        SHAPE_PREDICTOR_CACHE_FORMAT,
+        lambda source: _parse_shape_predictor(source).to_arrays(),
+        ShapePredictor.from_arrays,
+    )
+
+
+def _parse_shape_predictor(path: Path) -> ShapePredictor:
+    """Replay the ``.dat`` file (see `load_shape_predictor`)."""
     reader = DlibReader.from_file(path)
     reader.expect_int(SHAPE_PREDICTOR_VERSION, what="the shape_predictor version")
     initial = reader.read_column_vector()
@@ -424,7 +484,7 @@ _default_predictor: ShapePredictor | None = None
 
 
 def _default_shape_predictor() -> ShapePredictor:
-    """Load dlib's 5-point predictor once: parsing it takes seconds."""
+    """Load dlib's 5-point predictor once per process (from the parsed-model cache after the first run)."""
     global _default_predictor
     if _default_predictor is None:
         _default_predictor = load_shape_predictor()

@@ -1,0 +1,527 @@
+"""MTCNN (Zhang et al., 2016) batched across photos, on facenet-pytorch 2.5.3's weights.
+
+facenet-pytorch's ``detect_face`` runs P-Net once per pyramid scale for a batch of same-size
+photos, but then cuts every candidate box out of its photo and resamples it with one
+``F.interpolate(..., mode="area")`` call per box, some 60 calls per 250 px photo, before R-Net
+and again before O-Net. Here every stage is one call per batch:
+
+- P-Net: one call per pyramid scale for all photos of one size (stacked).
+- R-Net and O-Net: one call over all candidate boxes of all photos, whatever their sizes. The
+  crops are read from a summed-area table of each photo by `area_crops`: each output pixel is the
+  mean of its input rectangle, which is what ``mode="area"`` (adaptive average pooling) computes,
+  for every box at once.
+- The nets run channels-last (the layout the CPU's pooling and convolution kernels are fastest
+  in; about twice as fast for O-Net on a CPU).
+
+Everything else (pyramid scales, thresholds, box regression, squaring, NMS and its order) follows
+facenet-pytorch's ``detect_face`` step by step, so the faces, boxes and landmarks agree with it
+to float rounding (tests/test_detect_batched.py). Two places depart from it, on purpose:
+
+- A candidate box wholly outside its photo has no crop; facenet-pytorch skips the crop but not
+  the box, which misaligns every later box with its scores. Here the box is dropped.
+- The last NMS ("Min" overlap) runs per photo. facenet-pytorch runs it once for the batch with
+  each photo's boxes shifted by ``index * (max coordinate + 1)``, which lets boxes with negative
+  coordinates reach into the previous photo's range and suppress its faces.
+
+Example:
+    >>> nets = load_mtcnn_nets("cpu")  # doctest: +SKIP
+    >>> found = detect_mtcnn([pixels * 255], [20.0], nets)  # doctest: +SKIP
+    >>> boxes, points = found[0]  # (n, 5) x1, y1, x2, y2, score; (n, 5, 2)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from facecloak.errors import ModelNotFoundError
+
+MTCNN_STAGE_THRESHOLDS = (0.6, 0.7, 0.7)
+"""facenet-pytorch's score thresholds of P-Net, R-Net and O-Net."""
+
+PYRAMID_FACTOR = 0.709
+"""Ratio between successive scales of P-Net's image pyramid (facenet-pytorch's default)."""
+
+PNET_WINDOW_PX = 12
+"""Side of P-Net's window: a face of this many pixels at some pyramid scale is found there."""
+
+PNET_STRIDE_PX = 2
+"""Step of P-Net's window, in pixels of the scaled image."""
+
+MTCNN_PIXEL_MEAN = 127.5
+MTCNN_PIXEL_SCALE = 0.0078125
+"""MTCNN's nets read ``(pixel - 127.5) * 0.0078125`` (pixels 0..255)."""
+
+RNET_INPUT_PX = 24
+ONET_INPUT_PX = 48
+
+CPU_CHUNK_CROPS = {RNET_INPUT_PX: 256, ONET_INPUT_PX: 64}
+"""Crops per R-Net / O-Net call on a CPU: activations of a few MB stay in cache and need no fresh
+pages; measured twice as fast as 1,000 crops per call."""
+
+CPU_PNET_CHUNK_PX = 1 << 18
+"""Photo pixels per P-Net call on a CPU (four 250 px photos), for the same reason."""
+
+CPU_CROP_CHUNK_PX = 1 << 15
+"""Crop pixels cut per `area_crops` call on a CPU (56 crops for R-Net): its float64 temporaries
+stay in cache."""
+
+GPU_CHUNK_CROPS = 4096
+"""Crops per R-Net / O-Net call on a GPU (bounds memory on big group photos)."""
+
+NMS_IOU_PNET_SCALE = 0.5
+NMS_IOU_PNET_IMAGE = 0.7
+NMS_IOU_RNET = 0.7
+NMS_MIN_ONET = 0.7
+
+
+def mtcnn_weights_dir() -> Path:
+    """The folder of facenet-pytorch's ``pnet.pt``, ``rnet.pt`` and ``onet.pt`` (never downloaded)."""
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError("facenet-pytorch is not installed (pip install facenet-pytorch==2.5.3)")
+    folder = Path(spec.origin).parent / "data"
+    if not (folder / "pnet.pt").is_file():
+        raise ModelNotFoundError("facenet-pytorch's MTCNN weights (data/pnet.pt) are missing", folder)
+    return folder
+
+
+def load_mtcnn_nets(
+    device: str | torch.device, *, raw_pixels: bool = True
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """P-Net, R-Net and O-Net with facenet-pytorch's weights, in eval mode on ``device``.
+
+    Args:
+        device: where the nets run.
+        raw_pixels: the nets `detect_mtcnn` runs: they take pixels 0..255 as they are (MTCNN's
+            normalisation ``(x - 127.5) / 128`` folded into each first convolution, exact but for
+            float rounding, as no convolution pads), run channels-last, and P-Net's two 1x1
+            heads are one matrix product returning ``(offsets, face probability)``. False:
+            facenet-pytorch's modules unchanged (what its ``detect_face`` expects).
+    """
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+
+    folder = mtcnn_weights_dir()
+    nets = []
+    for net_class, file in ((PNet, "pnet.pt"), (RNet, "rnet.pt"), (ONet, "onet.pt")):
+        net = net_class(pretrained=False)
+        net.load_state_dict(torch.load(folder / file, map_location="cpu", weights_only=True))
+        if raw_pixels:
+            net.conv1 = _fold_normalisation(net.conv1)
+            net = _PNetHeads(net) if net_class is PNet else net
+            net = net.to(memory_format=torch.channels_last)
+        nets.append(net.eval().requires_grad_(False).to(device))
+    return nets[0], nets[1], nets[2]
+
+
+def _fold_normalisation(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` applied to ``(x - 127.5) / 128`` as one convolution of ``x`` (it must not pad)."""
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight * MTCNN_PIXEL_SCALE)
+        shift = (conv.weight * MTCNN_PIXEL_SCALE * MTCNN_PIXEL_MEAN).sum(dim=(1, 2, 3))
+        folded.bias.copy_(conv.bias - shift)
+    return folded
+
+
+class _PNetHeads(nn.Module):
+    """facenet-pytorch's P-Net with its two 1x1 heads as one matrix product on channels-last features.
+
+    ``forward`` returns ``(B, 4, h, w)`` box offsets and the ``(B, h, w)`` face probability.
+    """
+
+    def __init__(self, pnet: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            pnet.conv1, pnet.prelu1, pnet.pool1, pnet.conv2, pnet.prelu2, pnet.conv3, pnet.prelu3
+        )
+        self.heads = nn.Linear(32, 6)
+        with torch.no_grad():
+            self.heads.weight.copy_(torch.cat([pnet.conv4_1.weight, pnet.conv4_2.weight]).flatten(1))
+            self.heads.bias.copy_(torch.cat([pnet.conv4_1.bias, pnet.conv4_2.bias]))
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.body(pixels).permute(0, 2, 3, 1)  # (B, h, w, 32), contiguous if channels-last
+        heads = self.heads(features)
+        probability = torch.softmax(heads[..., :2], dim=-1)[..., 1]
+        return heads[..., 2:].permute(0, 3, 1, 2), probability
+
+
+def pyramid_scales(
+    height: int, width: int, min_face_px: float, factor: float = PYRAMID_FACTOR
+) -> list[float]:
+    """P-Net's scales for a ``height`` x ``width`` photo: the first maps ``min_face_px`` to 12 px.
+
+    Computed with facenet-pytorch's float operations, so the scaled sizes match to the pixel.
+
+    Example:
+        >>> [round(s, 3) for s in pyramid_scales(250, 250, 20.0)][:3]
+        [0.6, 0.425, 0.302]
+    """
+    scale = PNET_WINDOW_PX / min_face_px
+    side = min(height, width) * scale
+    scales = []
+    while side >= PNET_WINDOW_PX:
+        scales.append(scale)
+        scale = scale * factor
+        side = side * factor
+    return scales
+
+
+def summed_area_table(images: Tensor) -> Tensor:
+    """``(B, H + 1, W + 1, 3)`` float64 sums of ``images`` ``(B, 3, H, W)`` above and left of each point.
+
+    ``table[b, y, x]`` is the sum of ``images[b, :, :y, :x]`` per channel; float64 keeps the
+    differences of large sums exact to far below a grey level. Channels last, so that one
+    look-up reads a pixel's three channels. On a CPU the sums run photo by photo (a 250 px
+    photo's fit in cache: measured six times faster than over the whole batch at once).
+
+    Example:
+        >>> summed_area_table(torch.ones(1, 3, 2, 2))[0, :, :, 0].tolist()
+        [[0.0, 0.0, 0.0], [0.0, 1.0, 2.0], [0.0, 2.0, 4.0]]
+    """
+    batch, _, height, width = images.shape
+    table = images.new_empty((batch, height + 1, width + 1, 3), dtype=torch.float64)
+    table[:, 0] = 0
+    table[:, 1:, 0] = 0
+    table[:, 1:, 1:] = images.permute(0, 2, 3, 1)
+    for photo in [table] if images.is_cuda else table.split(1):
+        photo.cumsum_(1).cumsum_(2)  # in place: no second table-sized buffer
+    return table
+
+
+def _area_bins(start: Tensor, stop: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """First and last (exclusive) input index of each of ``size`` adaptive-average-pooling bins.
+
+    For ``n = stop - start`` inputs, output ``i`` averages ``floor(i n / size)`` to
+    ``ceil((i + 1) n / size)``, PyTorch's ``adaptive_avg_pool2d`` (``mode="area"``) rule.
+    ``start`` and ``stop`` are ``(K,)``; the result is two ``(K, size)`` tensors.
+    """
+    steps = torch.arange(size + 1, device=start.device)
+    count = (stop - start)[:, None]
+    first = start[:, None] + (steps[None, :-1] * count) // size
+    last = start[:, None] + (steps[None, 1:] * count + size - 1) // size
+    return first, last
+
+
+def area_resize(table: Tensor, size: tuple[int, int]) -> Tensor:
+    """Whole photos resized to ``size`` as ``F.interpolate(images, size, mode="area")`` does.
+
+    Row bands are summed first (two row look-ups), then their columns, from the photos'
+    `summed_area_table` ``(B, H + 1, W + 1, 3)``.
+
+    Returns:
+        ``(B, 3, h, w)`` float32, channels-last memory format.
+
+    Example:
+        >>> image = torch.arange(16.0).view(1, 1, 4, 4).expand(1, 3, 4, 4)
+        >>> area_resize(summed_area_table(image), (2, 2))[0, 0].tolist()
+        [[2.5, 4.5], [10.5, 12.5]]
+    """
+    _, table_height, table_width, _ = table.shape
+    zero = torch.zeros(1, dtype=torch.long, device=table.device)
+    row0, row1 = (edge[0] for edge in _area_bins(zero, zero + table_height - 1, size[0]))
+    col0, col1 = (edge[0] for edge in _area_bins(zero, zero + table_width - 1, size[1]))
+    bands = table.index_select(1, row1) - table.index_select(1, row0)  # (B, h, W + 1, 3)
+    sums = (bands.index_select(2, col1) - bands.index_select(2, col0)).float()  # (B, h, w, 3)
+    area = ((row1 - row0)[:, None] * (col1 - col0)[None, :])[..., None]
+    return (sums / area).permute(0, 3, 1, 2)
+
+
+def area_crops(
+    table: Tensor, image_index: Tensor, top: Tensor, bottom: Tensor, left: Tensor, right: Tensor, size: int
+) -> Tensor:
+    """Crops resampled to ``size`` x ``size`` the way ``F.interpolate(mode="area")`` does, all at once.
+
+    Crop ``k`` is rows ``[top[k], bottom[k])`` and columns ``[left[k], right[k])`` of photo
+    ``image_index[k]``; each output pixel is the mean of its bin (`_area_bins`), summed from the
+    summed-area table with four look-ups.
+
+    Args:
+        table: `summed_area_table` of the photos, ``(B, H + 1, W + 1, 3)``.
+        image_index: ``(K,)`` long, which photo each crop comes from.
+        top: ``(K,)`` long, first row of each crop.
+        bottom: ``(K,)`` long, the row after its last (every crop holds at least one row).
+        left: ``(K,)`` long, first column.
+        right: ``(K,)`` long, the column after its last.
+        size: output side.
+
+    Returns:
+        ``(K, 3, size, size)`` float32 in channels-last memory format.
+
+    Example:
+        >>> image = torch.arange(16.0).view(1, 1, 4, 4).expand(1, 3, 4, 4)
+        >>> one = torch.tensor([0])
+        >>> crop = area_crops(summed_area_table(image), one, one, one + 4, one, one + 4, 2)
+        >>> crop[0, 0].tolist()
+        [[2.5, 4.5], [10.5, 12.5]]
+    """
+    _, table_height, table_width, _ = table.shape
+    row0, row1 = _area_bins(top, bottom, size)  # (K, size)
+    col0, col1 = _area_bins(left, right, size)
+    area = ((row1 - row0)[:, :, None] * (col1 - col0)[:, None, :])[..., None]
+    base = (image_index * table_height)[None, :, None, None]
+    rows = torch.stack([row1, row0, row1, row0])[:, :, :, None] + base  # (4, K, size, 1)
+    cols = torch.stack([col1, col1, col0, col0])[:, :, None, :]  # (4, K, 1, size)
+    flat = (rows * table_width + cols).reshape(-1)
+    corners = table.reshape(-1, 3).index_select(0, flat).view(4, len(top), size, size, 3)
+    sums = (corners[0] - corners[1] - corners[2] + corners[3]).float()
+    return (sums / area).permute(0, 3, 1, 2)
+
+
+def detect_mtcnn(
+    groups: Sequence[Tensor],
+    min_face_px: Sequence[float],
+    nets: tuple[nn.Module, nn.Module, nn.Module],
+    *,
+    thresholds: tuple[float, float, float] = MTCNN_STAGE_THRESHOLDS,
+    factor: float = PYRAMID_FACTOR,
+) -> list[tuple[Tensor, Tensor]]:
+    """Run MTCNN over groups of same-size photos; R-Net and O-Net see every group's boxes at once.
+
+    Args:
+        groups: stacks ``(B_g, 3, H_g, W_g)`` of photos, pixel values 0..255 (MTCNN's scale), all
+            on the nets' device.
+        min_face_px: per group, the smallest face side looked for, in that group's pixels
+            (at least 12, P-Net's window).
+        nets: `load_mtcnn_nets`'s P-Net, R-Net and O-Net.
+        thresholds: score thresholds of the three stages.
+        factor: pyramid scale ratio.
+
+    Returns:
+        For every photo, groups in order: ``(n, 5)`` boxes ``x1, y1, x2, y2, score`` and
+        ``(n, 5, 2)`` landmarks ``(x, y)``, best score first, float32 on the CPU.
+    """
+    pnet, rnet, onet = nets
+    with torch.no_grad():
+        tables, boxes, image_index, first = [], [], [], 0
+        for stack, min_face in zip(groups, min_face_px):
+            height, width = stack.shape[2:]
+            chunk = len(stack) if stack.is_cuda else max(1, CPU_PNET_CHUNK_PX // (height * width))
+            found, index, group_tables = _pnet_candidates(
+                pnet, stack.split(chunk), min_face, thresholds[0], factor
+            )
+            boxes.append(found)
+            image_index.append(index + first)
+            tables += group_tables
+            first += len(stack)
+        if first == 0:
+            return []
+        crops = _Cropper(tables)
+        boxes, image_index = torch.cat(boxes), torch.cat(image_index)
+        boxes, image_index = _rnet_refine(rnet, crops, boxes, image_index, thresholds[1])
+        boxes, points, image_index = _onet_output(onet, crops, boxes, image_index, thresholds[2])
+
+    boxes, points, image_index = boxes.cpu(), points.cpu(), image_index.cpu()
+    order = torch.argsort(image_index, stable=True)  # per photo, keeping the NMS (score) order
+    counts = torch.bincount(image_index, minlength=first).tolist()
+    return list(zip(boxes[order].split(counts), points[order].split(counts)))
+
+
+class _Cropper:
+    """Cuts candidate boxes out of photos of several sizes, as facenet-pytorch does (its ``pad``)."""
+
+    def __init__(self, tables: list[Tensor]) -> None:
+        self.tables = tables
+        device = tables[0].device
+        self.group_of = torch.cat([torch.full((len(t),), g, device=device) for g, t in enumerate(tables)])
+        self.local_of = torch.cat([torch.arange(len(t), device=device) for t in tables])
+        self.heights = torch.cat([torch.full((len(t),), t.shape[1] - 1, device=device) for t in tables])
+        self.widths = torch.cat([torch.full((len(t),), t.shape[2] - 1, device=device) for t in tables])
+
+    def __call__(self, boxes: Tensor, image_index: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        """Normalised ``(K, 3, size, size)`` crops of ``boxes`` and a ``(K,)`` mask of boxes that have one.
+
+        The box is truncated to integers, clipped to 1..W and 1..H, and rows ``y1 - 1`` to ``y2``
+        (exclusive) and the like columns are cut out (not padded), then resampled to ``size``.
+        """
+        corners = boxes[:, :4].trunc().int().long()
+        left = corners[:, 0].clamp(min=1) - 1
+        top = corners[:, 1].clamp(min=1) - 1
+        right = torch.minimum(corners[:, 2], self.widths[image_index])
+        bottom = torch.minimum(corners[:, 3], self.heights[image_index])
+        valid = (right > left) & (bottom > top)
+        out = boxes.new_zeros(len(boxes), 3, size, size).contiguous(memory_format=torch.channels_last)
+        chosen = valid.nonzero()[:, 0]
+        chosen = chosen[torch.argsort(image_index[chosen], stable=True)]  # photo by photo: cache-friendly
+        groups = self.group_of[image_index[chosen]]
+        step = len(chosen) if boxes.is_cuda else max(1, CPU_CROP_CHUNK_PX // size**2)
+        for g, table in enumerate(self.tables):
+            for mine in chosen[groups == g].split(step):
+                local = self.local_of[image_index[mine]]
+                out[mine] = area_crops(table, local, top[mine], bottom[mine], left[mine], right[mine], size)
+        return out, valid
+
+
+def _square(boxes: Tensor) -> Tensor:
+    """facenet-pytorch's ``rerec``: the square of the longer side about the same centre (in place)."""
+    height = boxes[:, 3] - boxes[:, 1]
+    width = boxes[:, 2] - boxes[:, 0]
+    side = torch.max(width, height)
+    boxes[:, 0] = boxes[:, 0] + width * 0.5 - side * 0.5
+    boxes[:, 1] = boxes[:, 1] + height * 0.5 - side * 0.5
+    boxes[:, 2:4] = boxes[:, :2] + side[:, None]
+    return boxes
+
+
+def _regress(boxes: Tensor, offsets: Tensor) -> Tensor:
+    """facenet-pytorch's ``bbreg``: move each side by ``offsets`` times the (inclusive) box size."""
+    width = boxes[:, 2] - boxes[:, 0] + 1
+    height = boxes[:, 3] - boxes[:, 1] + 1
+    moved = torch.stack(
+        [
+            boxes[:, 0] + offsets[:, 0] * width,
+            boxes[:, 1] + offsets[:, 1] * height,
+            boxes[:, 2] + offsets[:, 2] * width,
+            boxes[:, 3] + offsets[:, 3] * height,
+        ],
+        dim=1,
+    )
+    return torch.cat([moved, boxes[:, 4:]], dim=1)
+
+
+def _pnet_candidates(
+    pnet: nn.Module, chunks: Sequence[Tensor], min_face_px: float, threshold: float, factor: float
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Stage 1 on one size group, given in chunks of photos (pixels 0..255).
+
+    Returns ``(K, 5)`` squared boxes with P-Net's score, the photo of each (index in the group),
+    and the chunks' summed-area tables (for R-Net's and O-Net's crops). Each chunk's table is
+    built, then resized to every scale, while it is in cache.
+    """
+    height, width = chunks[0].shape[2:]
+    scales = pyramid_scales(height, width, min_face_px, factor)
+    tables, outputs = [], [[] for _ in scales]
+    for chunk in chunks:
+        tables.append(summed_area_table(chunk.float()))
+        for scale, parts in zip(scales, outputs):
+            size = (int(height * scale + 1), int(width * scale + 1))
+            parts.append(pnet(area_resize(tables[-1], size)))
+    found = [torch.zeros(0, 9, device=chunks[0].device)]
+    index = [torch.zeros(0, dtype=torch.long, device=chunks[0].device)]
+    for scale, parts in zip(scales, outputs):
+        offsets, probability = (torch.cat(output) for output in zip(*parts))
+        boxes, image_index = _pnet_boxes(offsets, probability, scale, threshold)
+        pick = batched_nms(boxes[:, :4], boxes[:, 4], image_index, NMS_IOU_PNET_SCALE)
+        found.append(boxes[pick])
+        index.append(image_index[pick])
+    boxes, image_index = torch.cat(found), torch.cat(index)
+    pick = batched_nms(boxes[:, :4], boxes[:, 4], image_index, NMS_IOU_PNET_IMAGE)
+    boxes, image_index = boxes[pick], image_index[pick]
+    width_reg = boxes[:, 2] - boxes[:, 0]
+    height_reg = boxes[:, 3] - boxes[:, 1]
+    moved = torch.stack(
+        [
+            boxes[:, 0] + boxes[:, 5] * width_reg,
+            boxes[:, 1] + boxes[:, 6] * height_reg,
+            boxes[:, 2] + boxes[:, 7] * width_reg,
+            boxes[:, 3] + boxes[:, 8] * height_reg,
+            boxes[:, 4],
+        ],
+        dim=1,
+    )
+    return _square(moved), image_index, tables
+
+
+def _pnet_boxes(offsets: Tensor, scores: Tensor, scale: float, threshold: float) -> tuple[Tensor, Tensor]:
+    """facenet-pytorch's ``generateBoundingBox``: one box per P-Net cell scoring at least ``threshold``.
+
+    Returns ``(K, 9)`` rows ``x1, y1, x2, y2, score, 4 offsets`` in photo pixels, and each box's photo.
+    """
+    mask = scores >= threshold
+    cells = mask.nonzero()  # (K, 3): photo, row, column, in row-major order
+    corner = cells[:, 1:].to(offsets.dtype).flip(1)  # (x, y) of the cell
+    first = ((PNET_STRIDE_PX * corner + 1) / scale).floor()
+    last = ((PNET_STRIDE_PX * corner + PNET_WINDOW_PX - 1 + 1) / scale).floor()
+    moves = offsets.permute(1, 0, 2, 3)[:, mask].permute(1, 0)
+    return torch.cat([first, last, scores[mask][:, None], moves], dim=1), cells[:, 0]
+
+
+def _run_chunked(net: nn.Module, crops: Tensor) -> tuple[Tensor, ...]:
+    """``net`` over ``crops`` in chunks (see `CPU_CHUNK_CROPS`), outputs concatenated."""
+    chunk = GPU_CHUNK_CROPS if crops.is_cuda else CPU_CHUNK_CROPS.get(crops.shape[-1], 256)
+    parts = [net(crops[start : start + chunk]) for start in range(0, len(crops), chunk)]
+    return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+
+def _rnet_refine(
+    rnet: nn.Module, crops: _Cropper, boxes: Tensor, image_index: Tensor, threshold: float
+) -> tuple[Tensor, Tensor]:
+    """Stage 2: R-Net's score on every candidate, NMS per photo, regression, squaring."""
+    if len(boxes) == 0:
+        return boxes[:, :5], image_index
+    chips, valid = crops(boxes, image_index, RNET_INPUT_PX)
+    offsets, probs = _run_chunked(rnet, chips)
+    score = probs[:, 1]
+    keep = valid & (score > threshold)
+    boxes = torch.cat([boxes[keep, :4], score[keep, None]], dim=1)
+    image_index, offsets = image_index[keep], offsets[keep]
+    pick = batched_nms(boxes[:, :4], boxes[:, 4], image_index, NMS_IOU_RNET)
+    boxes, image_index, offsets = boxes[pick], image_index[pick], offsets[pick]
+    return _square(_regress(boxes, offsets)), image_index
+
+
+def _onet_output(
+    onet: nn.Module, crops: _Cropper, boxes: Tensor, image_index: Tensor, threshold: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stage 3: O-Net's score, landmarks and regression, then "Min" NMS per photo."""
+    if len(boxes) == 0:
+        return boxes, boxes.new_zeros(0, 5, 2), image_index
+    chips, valid = crops(boxes, image_index, ONET_INPUT_PX)
+    offsets, landmarks, probs = _run_chunked(onet, chips)
+    score = probs[:, 1]
+    keep = valid & (score > threshold)
+    boxes = torch.cat([boxes[keep, :4], score[keep, None]], dim=1)
+    image_index, offsets, landmarks = image_index[keep], offsets[keep], landmarks[keep]
+    width = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+    height = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+    points_x = width * landmarks[:, :5] + boxes[:, 0, None] - 1
+    points_y = height * landmarks[:, 5:] + boxes[:, 1, None] - 1
+    points = torch.stack([points_x, points_y], dim=2)
+    boxes = _regress(boxes, offsets)
+    pick = torch.from_numpy(
+        nms_min_overlap(
+            boxes[:, :4].cpu().numpy(), boxes[:, 4].cpu().numpy(), image_index.cpu().numpy(), NMS_MIN_ONET
+        )
+    ).to(boxes.device)
+    return boxes[pick], points[pick], image_index[pick]
+
+
+def nms_min_overlap(
+    boxes: np.ndarray, scores: np.ndarray, image_index: np.ndarray, threshold: float
+) -> np.ndarray:
+    """Greedy NMS per photo with MTCNN's "Min" overlap: intersection over the smaller box's area.
+
+    Areas count pixels inclusively (``x2 - x1 + 1``), as facenet-pytorch's ``nms_numpy``. Returns
+    the kept indices, photo by photo, best score first.
+
+    Example:
+        >>> boxes = np.array([[0, 0, 9, 9], [2, 2, 7, 7], [20, 20, 29, 29]], np.float32)
+        >>> nms_min_overlap(boxes, np.array([0.9, 0.95, 0.8]), np.zeros(3, int), 0.7).tolist()
+        [1, 2]
+    """
+    kept = []
+    areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    for photo in np.unique(image_index):
+        mine = np.nonzero(image_index == photo)[0]
+        order = mine[np.argsort(-scores[mine], kind="stable")]
+        while order.size:
+            best, rest = order[0], order[1:]
+            kept.append(best)
+            width = np.maximum(
+                0.0,
+                np.minimum(boxes[best, 2], boxes[rest, 2]) - np.maximum(boxes[best, 0], boxes[rest, 0]) + 1,
+            )
+            height = np.maximum(
+                0.0,
+                np.minimum(boxes[best, 3], boxes[rest, 3]) - np.maximum(boxes[best, 1], boxes[rest, 1]) + 1,
+            )
+            overlap = width * height / np.minimum(areas[best], areas[rest])
+            order = rest[overlap <= threshold]
+    return np.asarray(kept, dtype=np.int64)
