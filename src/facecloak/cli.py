@@ -7,6 +7,7 @@ fell short of its target; 2 usage error; 3 a file failed (the others were still 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -188,9 +189,51 @@ def _print_per_file(results: list[dict], as_json: bool, describe: Callable[[dict
 
 
 def _require_paths(paths: tuple[Path, ...]) -> None:
-    missing = [str(path) for path in paths if not path.exists()]
+    missing = [str(path) for path in paths if not path.exists() and not _URI.match(str(path))]
     if missing:
         raise click.UsageError(f"no such file or folder: {', '.join(missing)}")
+
+
+_URI = re.compile(r"^[a-z][a-z0-9+.-]*:/")  # s3://..., gs://... (a Path keeps one slash of the two)
+
+
+def _ray_option(function: Callable) -> Callable:
+    """``--ray [ADDRESS]``: run the batch on a Ray cluster (facecloak.distributed)."""
+    return click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run on Ray: --ray alone starts or joins the local cluster (RAY_ADDRESS), --ray=ADDRESS joins "
+        "that one (e.g. ray://head:10001). Inputs may be s3:// or other pyarrow URIs; needs -o and "
+        "pip install 'facecloak[ray]'. Put it after the paths.",
+    )(function)
+
+
+def _run_batch(paths, protector, spec, options: Options, command: str, progress, ray_address: str | None):
+    """Run a batch: on Ray, or journaled and resumable into -o, or plainly beside the inputs."""
+    if ray_address is not None:
+        if not options.out_dir:
+            raise click.UsageError("--ray needs an output folder (-o)")
+        try:
+            from facecloak.distributed import run_distributed
+        except ImportError as error:
+            raise click.UsageError(f"--ray needs pip install 'facecloak[ray]' ({error})") from None
+        uris = [_URI.sub(lambda m: m.group(0) + "/", str(p)) if _URI.match(str(p)) else p for p in paths]
+        return run_distributed(
+            uris, spec, options, address=ray_address or None, command=command, on_progress=progress
+        )
+    if options.out_dir:
+        from facecloak.pipeline import run_resumable_batch
+
+        return run_resumable_batch(
+            paths, protector, options, settings=spec.settings(), command=command, on_progress=progress
+        )
+    from facecloak.batch import run_batch
+
+    return run_batch(paths, protector, options, command=command, on_progress=progress)
 
 
 @main.command(context_settings=CONTEXT)
@@ -262,6 +305,7 @@ def detect(paths, threshold, min_face, device, max_pixels, as_json) -> None:
     help="Soft edge as a fraction of the region (blur default 0.15, others 0).",
 )
 @_io_options
+@_ray_option
 def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_values) -> None:
     """Blur, pixelate or mask every face, at the photo's full resolution.
 
@@ -275,10 +319,12 @@ def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_
     facecloak anonymize photos/ -o out/ --method mask --shape box --json
     """
     from facecloak.anonymize import Anonymizer
-    from facecloak.batch import AnonymizeFaces, run_batch
+    from facecloak.batch import AnonymizeFaces
+    from facecloak.pipeline import ProtectorSpec
 
     _require_paths(paths)
     as_json, quiet = io_values.pop("as_json"), io_values.pop("quiet")
+    ray_address = io_values.pop("ray_address", None)
     options = _options(io_values.pop("out_dir"), **io_values)
     params = {"scale": mask_scale, "shape": shape, "feather": feather}
     if method == "blur":
@@ -289,8 +335,9 @@ def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_
         raise click.UsageError("--strength is for blur and --blocks for pixelate")
     try:
         protector = AnonymizeFaces(Anonymizer(method, **params))
+        spec = ProtectorSpec("anonymize", {"method": method, **params})
         with _progress(quiet or as_json, "anonymizing") as progress:
-            report = run_batch(paths, protector, options, command="anonymize", on_progress=progress)
+            report = _run_batch(paths, protector, spec, options, "anonymize", progress, ray_address)
     except FacecloakError as error:
         _fail(error)
     _finish(report, as_json, quiet)
@@ -348,6 +395,7 @@ def _load_models(names: str | None, device: str | None) -> list:
     help="Photos cloaked together in one optimisation (larger uses the GPU better).",
 )
 @_io_options
+@_ray_option
 def cloak(paths, mode, level, models, identity_key, steps, max_dssim, seed, batch_size, **io_values) -> None:
     """Cloak every face: a near-invisible change that face-search scrapers mis-recognise.
 
@@ -362,23 +410,39 @@ def cloak(paths, mode, level, models, identity_key, steps, max_dssim, seed, batc
     facecloak cloak photos/ -o cloaked/ --level high
     facecloak cloak photos/ -o out/ --mode targeted --identity-key "my secret" --json
     """
-    from facecloak.batch import CloakFaces, run_batch
+    from facecloak.batch import CloakFaces
     from facecloak.cloak import create_cloak
+    from facecloak.pipeline import ProtectorSpec
 
     _require_paths(paths)
     as_json, quiet = io_values.pop("as_json"), io_values.pop("quiet")
+    ray_address = io_values.pop("ray_address", None)
     options = _options(io_values.pop("out_dir"), **io_values)
     options = Options(**{**options.__dict__, "chunk": batch_size})
     try:
-        embedders = _load_models(models, options.device)
-        method = create_cloak(
-            mode, embedders, level, steps=steps, max_dssim=max_dssim, seed=seed, identity_key=identity_key
+        # On Ray each actor loads the models; here only their names are needed.
+        embedders = None if ray_address is not None else _load_models(models, options.device)
+        names = [m.card.name for m in embedders] if embedders else (models or "").replace(" ", "").split(",")
+        spec = ProtectorSpec.cloak(
+            mode,
+            level,
+            [n for n in names if n],
+            identity_key=identity_key,
+            steps=steps,
+            max_dssim=max_dssim,
+            seed=seed,
         )
+        protector = None
+        if embedders is not None:
+            method = create_cloak(
+                mode, embedders, level, steps=steps, max_dssim=max_dssim, seed=seed, identity_key=identity_key
+            )
+            protector = CloakFaces(method)
         with _progress(quiet or as_json, "cloaking") as progress:
-            report = run_batch(paths, CloakFaces(method), options, command="cloak", on_progress=progress)
+            report = _run_batch(paths, protector, spec, options, "cloak", progress, ray_address)
     except FacecloakError as error:
         _fail(error)
-    report.options.update(mode=mode, level=level, models=[m.card.name for m in embedders], seed=seed)
+    report.options.update(mode=mode, level=level, models=spec.params["models"], seed=seed)
     _finish(report, as_json, quiet)
 
 
