@@ -154,6 +154,10 @@ class Journal:
         except OSError:
             return None
 
+    def last_record(self, relative: str) -> dict | None:
+        """The latest line about input ``relative``, if any."""
+        return self._last.get(relative)
+
     def owns(self, relative_output: str) -> bool:
         """Whether an earlier record of this journal names the output (so it may be replaced)."""
         return relative_output in self._owned
