@@ -54,7 +54,8 @@ def check_upload(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
         format_name, width, height = io.probe_image_bytes(data)
     except ImageReadError as error:
         if "pixels" in error.reason:
-            raise UploadRejected(413, "too_many_pixels", error.reason) from None
+            reason = f"{error.reason} (this service's limit is {max_pixels:,} pixels)"
+            raise UploadRejected(413, "too_many_pixels", reason) from None
         raise UploadRejected(
             415,
             "unsupported_media_type",
