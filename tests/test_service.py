@@ -271,6 +271,7 @@ def test_metrics_and_docs(service):
     assert {"/v1/cloak", "/v1/anonymize", "/v1/detect"} <= set(schema["paths"])
     docs = httpx.get(f"{url}/docs", timeout=10)
     assert docs.status_code == 200 and "cdn" not in docs.text.lower()
+    assert httpx.get(f"{url}/docs-assets/swagger-ui-bundle.js", timeout=10).status_code == 200  # offline docs
     page = httpx.get(f"{url}/", timeout=10).text
     assert "/static/app.js" in page and "http" not in page.replace("http-equiv", "")
 
