@@ -11,8 +11,9 @@ cluster has several machines) or any URI pyarrow reads (``s3://bucket/photos``):
     facecloak anonymize s3://bucket/photos -o out --ray                # local Ray, or RAY_ADDRESS
     facecloak cloak /shared/photos -o out --ray=ray://head:10001       # a running cluster
 
-Each actor reads its photos itself and hashes them; a photo whose journal record still holds
-(same hash, same settings, output intact) is skipped without computing. The driver is the only
+A photo whose journal record still holds (same hash, same settings, output intact) is skipped:
+local files are hashed on the driver and not sent at all, remote ones are read and hashed by the
+actors, which skip them without computing. The driver is the only
 writer of the output folder and its journal. Needs ``pip install 'facecloak[ray]'``.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from facecloak import io
 from facecloak.batch import FileOutcome, Options, ProgressCallback
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
-from facecloak.journal import Journal
+from facecloak.journal import Journal, file_sha256
 from facecloak.pipeline import ProtectorSpec, ResumableReport, ResumedOutcome, _output_options
 
 
@@ -199,7 +200,15 @@ def run_distributed(
     with Journal(out_dir, {**spec.settings(), **_output_options(options), "tag": tag}) as journal:
         report.journal = str(journal.path)
         done = {} if options.overwrite else _still_done(journal, found)
-        items = [{"index": i, "uri": uri, "relative": rel} for i, (uri, rel) in enumerate(found)]
+        items = []
+        for i, (uri, relative) in enumerate(found):
+            record = journal.last_record(relative) if relative in done and "://" not in uri else None
+            if record is not None and file_sha256(uri) == done[relative]:  # local: no need to ship it
+                outcomes[i] = _resumed(uri, record, out_dir)
+            else:
+                items.append({"index": i, "uri": uri, "relative": relative})
+        if on_progress is not None and outcomes:
+            on_progress(len(outcomes), len(found))
         if items:
             dataset = ray.data.from_items(items).map_batches(
                 ProtectActor,
@@ -236,6 +245,11 @@ def _still_done(journal: Journal, found: list[tuple[str, str]]) -> dict[str, str
     return done
 
 
+def _resumed(uri: str, record: dict, out_dir: Path) -> ResumedOutcome:
+    status = record.get("status", "protected")
+    return ResumedOutcome(uri, status, output=str(out_dir / record["output"]), faces=record.get("faces", []))
+
+
 def _pool(ray, actors: int | None, gpus_per_actor: float | None) -> dict:
     """Actor pool options: one actor per GPU, else one per 2 CPUs (each with its model copy)."""
     resources = ray.cluster_resources()
@@ -254,14 +268,8 @@ def _finish_row(
     row, uri, relative, tag, options: Options, journal: Journal, out_dir: Path, inputs
 ) -> FileOutcome:
     """Write one actor result: journal ``start``, atomic write, journal ``done`` (as the local batch)."""
-    record = journal.last_record(relative)
     if bool(row["skipped"]):
-        return ResumedOutcome(
-            uri,
-            record.get("status", "protected"),
-            output=str(out_dir / record["output"]),
-            faces=record.get("faces", []),
-        )
+        return _resumed(uri, journal.last_record(relative), out_dir)
     if str(row["error"]):
         return FileOutcome(uri, "failed", error=str(row["error"]))
     faces = json.loads(str(row["faces"]))
