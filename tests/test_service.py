@@ -335,3 +335,40 @@ def test_micro_batching_and_full_queue():
     finally:
         gate.set()
         batcher.stop()
+
+
+def test_timeout_504_and_full_queue_503_over_http(monkeypatch, samples_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+    from facecloak.service.batcher import Engine
+
+    real_run = Engine.run
+
+    def slow_run(self, jobs):
+        time.sleep(1.5)
+        return real_run(self, jobs)
+
+    monkeypatch.setattr(Engine, "run", slow_run)
+    settings = ServiceSettings(device="cpu", preload=False, queue_size=1, max_batch=1, request_timeout_s=0.5)
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    with TestClient(create_app(settings)) as client:
+
+        def post(_):
+            return client.post("/v1/detect", files={"image": ("g.jpg", photo)})
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(post, range(4)))
+        statuses = sorted(answer.status_code for answer in answers)
+        assert 503 in statuses and 504 in statuses and set(statuses) <= {503, 504}
+        busy = next(answer for answer in answers if answer.status_code == 503)
+        assert int(busy.headers["retry-after"]) >= 1 and busy.json()["error"] == "queue_full"
+        late = next(answer for answer in answers if answer.status_code == 504)
+        assert "limit of 0.5 s" in late.json()["reason"]
+        deadline = time.monotonic() + 60  # the job that timed out still runs to its end, then is released
+        while client.get("/healthz").json()["queue_depth"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get("/healthz").json()["queue_depth"] == 0
+        assert 'facecloak_rejected_total{reason="queue_full"}' in client.get("/metrics").text
