@@ -24,12 +24,13 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from facecloak.cloak import create_cloak
-from facecloak.cloak.base import LEGACY_LEVELS
+from facecloak.cloak.base import LEGACY_LEVELS, LEVELS
 from facecloak.datasets import list_people
 from facecloak.detect import FaceDetector
 from facecloak.evaluate import EmbeddingCache, PipelineAttacker, cloak_protection, evaluate
@@ -44,6 +45,8 @@ CONFIGS = {
     "jnd+spend": {"spend_budget": True},
     "jnd+di+ti": {"diversity": 0.7, "smoothing": 1.0},
     "jnd+di+ti+spend": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True},
+    "jnd2.4+di+ti": {"jnd_scale": 2.4, "diversity": 0.7, "smoothing": 1.0},
+    "jnd2.4": {"jnd_scale": 2.4},
 }
 """Named configurations: keyword arguments to `create_cloak` on top of the level's budget."""
 
@@ -100,6 +103,8 @@ def main() -> int:
             options = dict(CONFIGS[config])
             if options.pop("budget", None) == "legacy":
                 options["budget"] = LEGACY_LEVELS[args.level]
+            if "jnd_scale" in options:
+                options["budget"] = replace(LEVELS[args.level], jnd_scale=options.pop("jnd_scale"))
             if args.cloak_with:
                 surrogates = args.cloak_with.split(",")
                 plan = [

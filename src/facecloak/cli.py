@@ -7,6 +7,7 @@ fell short of its target; 2 usage error; 3 a file failed (the others were still 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -188,9 +189,51 @@ def _print_per_file(results: list[dict], as_json: bool, describe: Callable[[dict
 
 
 def _require_paths(paths: tuple[Path, ...]) -> None:
-    missing = [str(path) for path in paths if not path.exists()]
+    missing = [str(path) for path in paths if not path.exists() and not _URI.match(str(path))]
     if missing:
         raise click.UsageError(f"no such file or folder: {', '.join(missing)}")
+
+
+_URI = re.compile(r"^[a-z][a-z0-9+.-]*:/")  # s3://..., gs://... (a Path keeps one slash of the two)
+
+
+def _ray_option(function: Callable) -> Callable:
+    """``--ray [ADDRESS]``: run the batch on a Ray cluster (facecloak.distributed)."""
+    return click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run on Ray: --ray alone starts or joins the local cluster (RAY_ADDRESS), --ray=ADDRESS joins "
+        "that one (e.g. ray://head:10001). Inputs may be s3:// or other pyarrow URIs; needs -o and "
+        "pip install 'facecloak[ray]'. Put it after the paths.",
+    )(function)
+
+
+def _run_batch(paths, protector, spec, options: Options, command: str, progress, ray_address: str | None):
+    """Run a batch: on Ray, or journaled and resumable into -o, or plainly beside the inputs."""
+    if ray_address is not None:
+        if not options.out_dir:
+            raise click.UsageError("--ray needs an output folder (-o)")
+        try:
+            from facecloak.distributed import run_distributed
+        except ImportError as error:
+            raise click.UsageError(f"--ray needs pip install 'facecloak[ray]' ({error})") from None
+        uris = [_URI.sub(lambda m: m.group(0) + "/", str(p)) if _URI.match(str(p)) else p for p in paths]
+        return run_distributed(
+            uris, spec, options, address=ray_address or None, command=command, on_progress=progress
+        )
+    if options.out_dir:
+        from facecloak.pipeline import run_resumable_batch
+
+        return run_resumable_batch(
+            paths, protector, options, settings=spec.settings(), command=command, on_progress=progress
+        )
+    from facecloak.batch import run_batch
+
+    return run_batch(paths, protector, options, command=command, on_progress=progress)
 
 
 @main.command(context_settings=CONTEXT)
@@ -262,6 +305,7 @@ def detect(paths, threshold, min_face, device, max_pixels, as_json) -> None:
     help="Soft edge as a fraction of the region (blur default 0.15, others 0).",
 )
 @_io_options
+@_ray_option
 def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_values) -> None:
     """Blur, pixelate or mask every face, at the photo's full resolution.
 
@@ -275,10 +319,12 @@ def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_
     facecloak anonymize photos/ -o out/ --method mask --shape box --json
     """
     from facecloak.anonymize import Anonymizer
-    from facecloak.batch import AnonymizeFaces, run_batch
+    from facecloak.batch import AnonymizeFaces
+    from facecloak.pipeline import ProtectorSpec
 
     _require_paths(paths)
     as_json, quiet = io_values.pop("as_json"), io_values.pop("quiet")
+    ray_address = io_values.pop("ray_address", None)
     options = _options(io_values.pop("out_dir"), **io_values)
     params = {"scale": mask_scale, "shape": shape, "feather": feather}
     if method == "blur":
@@ -289,8 +335,9 @@ def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_
         raise click.UsageError("--strength is for blur and --blocks for pixelate")
     try:
         protector = AnonymizeFaces(Anonymizer(method, **params))
+        spec = ProtectorSpec("anonymize", {"method": method, **params})
         with _progress(quiet or as_json, "anonymizing") as progress:
-            report = run_batch(paths, protector, options, command="anonymize", on_progress=progress)
+            report = _run_batch(paths, protector, spec, options, "anonymize", progress, ray_address)
     except FacecloakError as error:
         _fail(error)
     _finish(report, as_json, quiet)
@@ -377,6 +424,7 @@ def _load_models(names: str | None, device: str | None) -> list:
     help="Photos cloaked together in one optimisation (larger uses the GPU better).",
 )
 @_io_options
+@_ray_option
 def cloak(
     paths,
     mode,
@@ -406,33 +454,48 @@ def cloak(
     facecloak cloak photos/ -o cloaked/ --level high
     facecloak cloak photos/ -o out/ --mode targeted --identity-key "my secret" --json
     """
-    from facecloak.batch import CloakFaces, run_batch
+    from facecloak.batch import CloakFaces
     from facecloak.cloak import create_cloak
+    from facecloak.pipeline import ProtectorSpec
 
     _require_paths(paths)
     as_json, quiet = io_values.pop("as_json"), io_values.pop("quiet")
+    ray_address = io_values.pop("ray_address", None)
     options = _options(io_values.pop("out_dir"), **io_values)
     options = Options(**{**options.__dict__, "chunk": batch_size})
     try:
-        embedders = _load_models(models, options.device)
-        method = create_cloak(
+        # On Ray each actor loads the models; here only their names are needed.
+        embedders = None if ray_address is not None else _load_models(models, options.device)
+        names = [m.card.name for m in embedders] if embedders else (models or "").replace(" ", "").split(",")
+        transfer = dict(diversity=diversity, smoothing=smoothing, update=update, spend_budget=spend_budget)
+        spec = ProtectorSpec.cloak(
             mode,
-            embedders,
             level,
+            [n for n in names if n],
+            identity_key=identity_key,
             steps=steps,
             max_dssim=max_dssim,
             seed=seed,
-            identity_key=identity_key,
-            diversity=diversity,
-            smoothing=smoothing,
-            update=update,
-            spend_budget=spend_budget,
+            **transfer,
         )
+        protector = None
+        if embedders is not None:
+            method = create_cloak(
+                mode,
+                embedders,
+                level,
+                steps=steps,
+                max_dssim=max_dssim,
+                seed=seed,
+                identity_key=identity_key,
+                **transfer,
+            )
+            protector = CloakFaces(method)
         with _progress(quiet or as_json, "cloaking") as progress:
-            report = run_batch(paths, CloakFaces(method), options, command="cloak", on_progress=progress)
+            report = _run_batch(paths, protector, spec, options, "cloak", progress, ray_address)
     except FacecloakError as error:
         _fail(error)
-    report.options.update(mode=mode, level=level, models=[m.card.name for m in embedders], seed=seed)
+    report.options.update(mode=mode, level=level, models=spec.params["models"], seed=seed)
     _finish(report, as_json, quiet)
 
 
@@ -853,6 +916,129 @@ def evaluate(
     write_html(result, out_dir / "report.html")
     click.echo(summary_table(result))
     click.echo(f"report: {out_dir / 'report.html'} and {out_dir / 'report.json'}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind. 0.0.0.0 exposes the service."
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: CUDA if present.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Model workers, each with its own copy of the models (one per GPU; on a CPU keep 1).",
+)
+@click.option(
+    "--models", default=None, help="Comma-separated models the cloak attacks. Default: all available."
+)
+@click.option(
+    "--max-upload-mb",
+    type=click.IntRange(1, 4096),
+    default=50,
+    show_default=True,
+    help="Upload cap (413 above).",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1, None),
+    default=50_000_000,
+    show_default=True,
+    help="Pixel cap, read from the image header before decoding (413 above).",
+)
+@click.option(
+    "--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Photos per model call."
+)
+@click.option(
+    "--batch-wait-ms",
+    type=click.FloatRange(0, 1000),
+    default=10.0,
+    show_default=True,
+    help="How long a worker waits for more photos to batch after the first.",
+)
+@click.option(
+    "--queue-size",
+    type=click.IntRange(1, 100_000),
+    default=32,
+    show_default=True,
+    help="Photos waiting at most; more get 503 with Retry-After.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, None),
+    default=300.0,
+    show_default=True,
+    help="Per-request limit, s (504).",
+)
+@click.option(
+    "--api-keys",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File of accepted API keys, one per line. Default: no key needed.",
+)
+@click.option(
+    "--cors-origin", multiple=True, help="Allow this origin by CORS (repeatable). Default: CORS off."
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def serve(
+    host,
+    port,
+    device,
+    workers,
+    models,
+    max_upload_mb,
+    max_pixels,
+    max_batch,
+    batch_wait_ms,
+    queue_size,
+    timeout,
+    api_keys,
+    cors_origin,
+    log_level,
+) -> None:
+    """Run the HTTP service and its web page (FastAPI on uvicorn).
+
+    Open http://127.0.0.1:8000/ for the page, /docs for the API. The models are loaded once at
+    start-up; concurrent uploads are batched onto them. Needs pip install 'facecloak[serve]'.
+
+    \b
+    facecloak serve
+    curl -F image=@photo.jpg -F method=blur http://127.0.0.1:8000/v1/anonymize -o out.jpg
+    curl -F image=@photo.jpg -F level=high -F response=json http://127.0.0.1:8000/v1/cloak
+    """
+    try:
+        import uvicorn
+
+        from facecloak.service import ServiceSettings, create_app
+    except ImportError as error:
+        raise click.UsageError(f"the service needs pip install 'facecloak[serve]' ({error})") from None
+    import logging
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServiceSettings(
+        device=device,
+        workers=workers,
+        models=tuple(name.strip() for name in models.split(",") if name.strip()) if models else None,
+        max_upload_bytes=max_upload_mb * 1024 * 1024,
+        max_pixels=max_pixels,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        queue_size=queue_size,
+        request_timeout_s=timeout,
+        api_keys_file=api_keys,
+        cors_origins=tuple(cors_origin),
+    )
+    try:
+        settings.api_keys()
+    except (OSError, ValueError) as error:
+        raise click.UsageError(str(error)) from None
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_keys:
+        click.echo(
+            f"warning: serving on {host} without --api-keys: anyone who reaches it can use it", err=True
+        )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io as _bytes_io
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -391,3 +392,117 @@ def jpeg_roundtrip(pixels: Tensor, quality: int = 75) -> Tensor:
     with Image.open(buffer) as decoded:
         array = np.asarray(decoded.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(pixels.device)
+
+
+# -- in-memory photos (the service and the distributed batch) ---------------------------------------
+
+
+def probe_image_bytes(data: bytes) -> tuple[str, int, int]:
+    """Format and size of an in-memory photo from its header alone, without decoding pixels.
+
+    The format is sniffed from the content (PIL's signatures), never taken from a file name or a
+    declared content type. A 30,000 x 30,000 PNG costs a few bytes to probe.
+
+    Returns:
+        (PIL format name, width, height), the size before EXIF rotation.
+
+    Raises:
+        ImageReadError: the bytes are not an image of a format facecloak reads.
+    """
+    if not data:
+        raise ImageReadError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(_bytes_io.BytesIO(data)) as opened:  # lazy: reads the header only
+                return opened.format or "", int(opened.size[0]), int(opened.size[1])
+    except Image.DecompressionBombError as error:  # PIL refuses over twice its own limit at open
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        raise ImageReadError(f"{size}, more than the decompression-bomb limit") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        raise ImageReadError("not an image, or an unsupported format") from None
+
+
+def read_image_bytes(data: bytes, name: str = "upload", *, max_pixels: int | None = None) -> LoadedImage:
+    """Decode an in-memory photo with exactly `read_image`'s checks and conversions.
+
+    The bytes are handed to `read_image` through an anonymous in-memory file (``memfd`` on Linux,
+    an unlinked temporary file elsewhere), so an upload never gets a name on disk and nothing is
+    left behind, even after a crash. Errors name ``name`` instead of that file.
+
+    Example:
+        >>> image = read_image_bytes(Path("samples/astronaut.jpg").read_bytes(), "astronaut.jpg")
+        >>> image.size
+        (512, 512)
+    """
+    if hasattr(os, "memfd_create"):
+        handle = os.memfd_create("facecloak-upload", getattr(os, "MFD_CLOEXEC", 0))
+        stream = os.fdopen(handle, "w+b")
+    else:  # pragma: no cover - macOS, Windows
+        stream = tempfile.TemporaryFile(prefix=".facecloak-")
+    with stream:
+        stream.write(data)
+        stream.flush()
+        fd_folder = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+        try:
+            image = read_image(f"{fd_folder}/{stream.fileno()}", max_pixels=max_pixels)
+        except ImageReadError as error:
+            raise ImageReadError(error.reason, name) from None
+    image.path = Path(name)
+    return image
+
+
+def encode_image(
+    pixels: Tensor,
+    format_name: str,
+    *,
+    source: LoadedImage | None = None,
+    keep_metadata: bool = False,
+    jpeg_quality: int = JPEG_QUALITY,
+) -> bytes:
+    """Encode a (3, H, W) [0, 1] tensor as `write_image` would write it, into bytes.
+
+    Same conversion, colour profile, alpha, EXIF policy (dropped unless ``keep_metadata``, GPS
+    always dropped) and encoder settings, so the bytes equal the file `write_image` writes.
+    """
+    format_name = format_name.upper()
+    if format_name not in OUTPUT_FORMATS:
+        raise ImageWriteError(f"cannot write format {format_name!r}")
+    image = _to_pil(pixels, source, format_name)
+    buffer = _bytes_io.BytesIO()
+    try:
+        image.save(
+            buffer, format=format_name, **_save_options(format_name, source, keep_metadata, jpeg_quality)
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise ImageWriteError(f"could not encode ({_short(error)})") from None
+    return buffer.getvalue()
+
+
+def write_bytes_atomic(
+    path: str | Path, data: bytes, *, protected: Iterable[Path] = (), overwrite: bool = False
+) -> Path:
+    """Write already encoded bytes to ``path`` atomically (temporary file, fsync, rename).
+
+    The same guarantees as `write_image`: a final name never holds a partial file, an input is
+    never replaced, an existing file only with ``overwrite``.
+    """
+    path = Path(path)
+    if any(same_file(path, other) for other in protected):
+        raise ImageWriteError("refusing to overwrite an input file", path)
+    if path.exists() and not overwrite:
+        raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise ImageWriteError(f"could not write ({_short(error)})", path) from None
+    return path

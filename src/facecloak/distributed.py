@@ -1,0 +1,297 @@
+"""The batch on a Ray cluster, for when one machine is not enough.
+
+The same protection as the CLI's batch (the same `ProtectorSpec` -> `Protector`, detector,
+decoding and encoding), spread with Ray Data: the inputs become a dataset of file references,
+``map_batches`` runs them through a pool of actors, each holding **one copy of the models**
+(loaded once, on a GPU when the actor has one), and the driver writes what comes back into the
+output folder with the same journal as the local batch (`facecloak.journal`): same outputs, same
+names, same resume semantics. Inputs may be local paths (on a shared file system when the
+cluster has several machines) or any URI pyarrow reads (``s3://bucket/photos``)::
+
+    facecloak anonymize s3://bucket/photos -o out --ray                # local Ray, or RAY_ADDRESS
+    facecloak cloak /shared/photos -o out --ray=ray://head:10001       # a running cluster
+
+A photo whose journal record still holds (same hash, same settings, output intact) is skipped:
+local files are hashed on the driver and not sent at all, remote ones are read and hashed by the
+actors, which skip them without computing. The driver is the only
+writer of the output folder and its journal. Needs ``pip install 'facecloak[ray]'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from facecloak import io
+from facecloak.batch import FileOutcome, Options, ProgressCallback
+from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
+from facecloak.journal import Journal, file_sha256
+from facecloak.pipeline import ProtectorSpec, ResumableReport, ResumedOutcome, _output_options
+
+
+def list_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(uri, relative output path) of every image under ``paths``, and the files skipped.
+
+    Local paths are walked exactly as the local batch walks them (`facecloak.io.collect_images`),
+    URIs through pyarrow's file systems with the same rules (image suffixes, no hidden files,
+    one folder mirrored as is, several prefixed by their names).
+    """
+    local = [p for p in paths if "://" not in str(p)]
+    remote = [str(p) for p in paths if "://" in str(p)]
+    jobs, skipped = io.collect_images(local) if local else ([], [])
+    several = len(paths) > 1
+    found = [(str(job.path), job.relative.as_posix()) for job in jobs]
+    skipped_out = [(str(path), reason) for path, reason in skipped]
+    for uri in remote:
+        from pyarrow import fs as pafs
+
+        filesystem, root = pafs.FileSystem.from_uri(uri)
+        scheme = uri.split("://", 1)[0]
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            found.append((uri, Path(root).name))
+            continue
+        selector = pafs.FileSelector(root, recursive=True)
+        for entry in sorted(filesystem.get_file_info(selector), key=lambda e: e.path):
+            if entry.type != pafs.FileType.File:
+                continue
+            relative = Path(entry.path).relative_to(root)
+            if any(part.startswith(".") for part in relative.parts):
+                continue
+            if relative.suffix.lower() not in io.IMAGE_SUFFIXES:
+                skipped_out.append((f"{scheme}://{entry.path}", "not an image suffix"))
+                continue
+            mirrored = Path(Path(root).name) / relative if several else relative
+            found.append((f"{scheme}://{entry.path}", mirrored.as_posix()))
+    return found, skipped_out
+
+
+def _read_bytes(uri: str) -> bytes:
+    if "://" not in uri:
+        return Path(uri).read_bytes()
+    from pyarrow import fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(uri)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.readall()
+
+
+class ProtectActor:
+    """One Ray actor: one copy of the detector and the protector's models, used for every batch it gets.
+
+    Called by Ray Data's ``map_batches`` with a batch of columns ``uri``, ``relative``, ``index``;
+    returns per photo the encoded output (or why not), the source format, the input's SHA-256
+    and the per-face report as JSON.
+    """
+
+    def __init__(self, spec: ProtectorSpec, options: Options, done: dict[str, str]) -> None:
+        import torch
+
+        from facecloak.detect import FaceDetector
+
+        self.options = options
+        self.done = done
+        device = options.device
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.protector = spec.build(device)
+        self.detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=device)
+
+    def __call__(self, batch: dict) -> dict:
+        """Read, hash, decode, detect, protect and encode one batch of photos."""
+        rows = len(batch["uri"])
+        # No None in the columns: Arrow would turn it into NaN. Empty means "not there".
+        out: dict[str, list] = {key: [""] * rows for key in ("suffix", "error", "sha256")}
+        out["data"] = [b""] * rows
+        out["faces"] = ["[]"] * rows
+        out["skipped"] = [False] * rows
+        out["index"] = [int(i) for i in batch["index"]]
+        decoded = []
+        for r in range(rows):
+            uri, relative = str(batch["uri"][r]), str(batch["relative"][r])
+            try:
+                data = _read_bytes(uri)
+            except OSError as error:
+                out["error"][r] = f"{uri}: cannot read ({error})"
+                continue
+            out["sha256"][r] = hashlib.sha256(data).hexdigest()
+            if self.done.get(relative) == out["sha256"][r]:
+                out["skipped"][r] = True
+                continue
+            try:
+                image = io.read_image_bytes(data, uri, max_pixels=self.options.max_pixels)
+                out["suffix"][r] = io.output_suffix(image.format, self.options.format)
+            except FacecloakError as error:
+                out["error"][r] = str(error)
+                continue
+            decoded.append((r, image))
+        if decoded:
+            pixels = [image.pixels for _, image in decoded]
+            try:
+                faces = self.detector(pixels)
+                outputs, records = self.protector(pixels, faces)
+            except FacecloakError as error:
+                for r, _ in decoded:
+                    out["error"][r] = str(error)
+                return out
+            owner = faces.image_index.tolist()
+            for k, (r, image) in enumerate(decoded):
+                mine = [record for record, index in zip(records, owner) if index == k]
+                try:
+                    out["data"][r] = io.encode_image(
+                        outputs[k],
+                        io.IMAGE_SUFFIXES[out["suffix"][r]],
+                        source=image,
+                        keep_metadata=self.options.keep_metadata,
+                        jpeg_quality=self.options.jpeg_quality,
+                    )
+                except FacecloakError as error:
+                    out["error"][r] = f"{image.path}: {error}"
+                out["faces"][r] = json.dumps(mine)
+        return out
+
+
+def run_distributed(
+    paths: Sequence[str | Path],
+    spec: ProtectorSpec,
+    options: Options,
+    *,
+    address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    command: str = "",
+    on_progress: ProgressCallback | None = None,
+) -> ResumableReport:
+    """Protect every image under ``paths`` into ``options.out_dir`` on Ray; journaled like the local batch.
+
+    Args:
+        paths: local files and folders, or URIs pyarrow reads (``s3://...``).
+        spec: the protection, by value (each actor builds it once).
+        options: the batch's settings; ``out_dir`` (on the driver's file system) is required,
+            ``chunk`` is the batch size per actor call.
+        address: the Ray cluster to join; None: the running one in this process, else
+            ``RAY_ADDRESS``, else a new local one.
+        actors: actor pool size; default one per GPU in the cluster, else one per 2 CPUs.
+        gpus_per_actor: GPUs per actor; default 1 when the cluster has GPUs, else 0.
+        command: name shown in the summary.
+        on_progress: called with (files finished, files total).
+
+    Example:
+        >>> import ray; ray.init(num_cpus=2)  # doctest: +SKIP
+        >>> spec = ProtectorSpec("anonymize", {"method": "blur"})
+        >>> report = run_distributed(["samples"], spec, Options(out_dir="out"))
+    """
+    import ray
+
+    if not options.out_dir:
+        raise InvalidInputError("a distributed batch needs an output folder (-o)")
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    out_dir = Path(options.out_dir)
+    found, skipped = list_inputs(paths)
+    tag = spec.build().tag if spec.kind == "anonymize" else "cloaked"
+    report = ResumableReport(command or tag, asdict(options), skipped=skipped)
+    outcomes: dict[int, FileOutcome] = {}
+    with Journal(out_dir, {**spec.settings(), **_output_options(options), "tag": tag}) as journal:
+        report.journal = str(journal.path)
+        done = {} if options.overwrite else _still_done(journal, found)
+        items = []
+        for i, (uri, relative) in enumerate(found):
+            record = journal.last_record(relative) if relative in done and "://" not in uri else None
+            if record is not None and file_sha256(uri) == done[relative]:  # local: no need to ship it
+                outcomes[i] = _resumed(uri, record, out_dir)
+            else:
+                items.append({"index": i, "uri": uri, "relative": relative})
+        if on_progress is not None and outcomes:
+            on_progress(len(outcomes), len(found))
+        if items:
+            dataset = ray.data.from_items(items).map_batches(
+                ProtectActor,
+                fn_constructor_kwargs={"spec": spec, "options": options, "done": done},
+                batch_size=max(1, options.chunk),
+                batch_format="numpy",
+                **_pool(ray, actors, gpus_per_actor),
+            )
+            inputs = [Path(uri) for uri, _ in found if "://" not in uri]
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                for r in range(len(batch["index"])):
+                    index = int(batch["index"][r])
+                    uri, relative = found[index]
+                    row = {key: batch[key][r] for key in batch}
+                    outcomes[index] = _finish_row(row, uri, relative, tag, options, journal, out_dir, inputs)
+                    if on_progress is not None:
+                        on_progress(len(outcomes), len(found))
+    report.outcomes = [outcomes[i] for i in sorted(outcomes)]
+    report.resumed = sum(isinstance(outcome, ResumedOutcome) for outcome in report.outcomes)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _still_done(journal: Journal, found: list[tuple[str, str]]) -> dict[str, str]:
+    """Input hash by relative path of the photos whose journal record holds (for the actors).
+
+    An actor compares it with the hash of what it reads: equal means done, and skipped.
+    """
+    done = {}
+    for _, relative in found:
+        record = journal.last_record(relative)
+        if record is not None and journal.done_record(relative, record.get("sha256", "")) is not None:
+            done[relative] = record["sha256"]
+    return done
+
+
+def _resumed(uri: str, record: dict, out_dir: Path) -> ResumedOutcome:
+    status = record.get("status", "protected")
+    return ResumedOutcome(uri, status, output=str(out_dir / record["output"]), faces=record.get("faces", []))
+
+
+def _pool(ray, actors: int | None, gpus_per_actor: float | None) -> dict:
+    """Actor pool options: one actor per GPU, else one per 2 CPUs (each with its model copy)."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    if gpus_per_actor is None:
+        gpus_per_actor = 1 if gpus else 0
+    if actors is None:
+        actors = max(1, gpus) if gpus_per_actor else max(1, cpus // 2)
+    cpus_per_actor = 1 if gpus_per_actor else max(1, cpus // actors)
+    pool = ray.data.ActorPoolStrategy(size=actors)
+    return {"compute": pool, "num_gpus": gpus_per_actor, "num_cpus": cpus_per_actor}
+
+
+def _finish_row(
+    row, uri, relative, tag, options: Options, journal: Journal, out_dir: Path, inputs
+) -> FileOutcome:
+    """Write one actor result: journal ``start``, atomic write, journal ``done`` (as the local batch)."""
+    if bool(row["skipped"]):
+        return _resumed(uri, journal.last_record(relative), out_dir)
+    if str(row["error"]):
+        return FileOutcome(uri, "failed", error=str(row["error"]))
+    faces = json.loads(str(row["faces"]))
+    status = (
+        "no_face"
+        if not faces
+        else "protected"
+        if all(f.get("protected", True) for f in faces)
+        else "unprotected"
+    )
+    target = out_dir / Path(relative).with_name(f"{Path(relative).stem}_{tag}{row['suffix']}")
+    relative_output = target.relative_to(out_dir).as_posix()
+    sha256 = str(row["sha256"])
+    try:
+        if target.exists() and not (options.overwrite or journal.owns(relative_output)):
+            raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", target)
+        journal.record("start", relative, sha256, relative_output)
+        io.write_bytes_atomic(target, bytes(row["data"]), protected=inputs, overwrite=True)
+        size = target.stat().st_size
+        journal.record(
+            "done", relative, sha256, relative_output, status=status, output_bytes=size, faces=faces
+        )
+    except FacecloakError as error:
+        return FileOutcome(uri, "failed", error=str(error), faces=faces)
+    return FileOutcome(uri, status, output=str(target), faces=faces)

@@ -1,0 +1,198 @@
+"""The journal of a batch: what was done in an output folder, so a killed batch resumes.
+
+A batch writing into ``OUT`` appends one JSON line per event to ``OUT/.facecloak-journal.jsonl``:
+``start`` before an output is written, ``done`` after it was renamed into place (with the
+input's SHA-256, the settings fingerprint, the output's size and the per-face report). Each line
+is flushed and fsync'd before the batch goes on, and outputs are written atomically (temporary
+file, fsync, rename), so after a crash or ``kill -9``:
+
+- a final output name never holds a partial file;
+- a photo counts as done only with a ``done`` line whose input hash and settings match the
+  present ones and whose output is still there with the recorded size; everything else is
+  redone (a photo interrupted between its rename and its ``done`` line is computed again and
+  its output replaced: done exactly once, computed at least once);
+- a changed input (other hash) or changed settings (other fingerprint) is redone;
+- a torn last line (the crash hit mid-append) is cut off on the next open, and temporary files
+  of interrupted writes (``.facecloak-*``) are removed.
+
+One batch at a time may use a folder: the journal is locked (``flock``) while open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from facecloak import __version__
+from facecloak.errors import FacecloakError
+
+JOURNAL_NAME = ".facecloak-journal.jsonl"
+TEMPORARY_PREFIX = ".facecloak-"  # io's atomic writes use this prefix for their temporary files
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings_fingerprint(settings: dict) -> str:
+    """Short stable hash of the settings that shape an output (canonical JSON, with the version)."""
+    canonical = json.dumps({"facecloak": __version__, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class JournalError(FacecloakError):
+    """The journal cannot be used (locked by another batch, unwritable)."""
+
+
+class Journal:
+    """Append-only record of a batch's work in its output folder; see the module docstring.
+
+    Args:
+        out_dir: the batch's output folder (the journal lives in it).
+        settings: what shapes the outputs (method and parameters, format, quality...); its
+            fingerprint is stored with every line.
+
+    Example:
+        >>> with Journal(Path("out"), {"method": "blur"}) as journal:  # doctest: +SKIP
+        ...     if journal.done_record("a.jpg", sha) is None:
+        ...         journal.record("start", "a.jpg", sha, "a_anonymized.jpg")
+    """
+
+    def __init__(self, out_dir: str | Path, settings: dict) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / JOURNAL_NAME
+        self.settings = settings
+        self.fingerprint = settings_fingerprint(settings)
+        self._last: dict[str, dict] = {}  # input -> its last record
+        self._owned: set[str] = set()  # outputs any record names (ours to replace)
+        self._meta: list[dict] = []  # lines that are not about an input (settings)
+        self._stream = None
+
+    def __enter__(self) -> Journal:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Lock the folder, read what was done, cut a torn tail, remove interrupted temporary files."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._stream = open(self.path, "a+b")  # held open (and locked) until close()
+        except OSError as error:
+            raise JournalError(f"cannot open the journal ({error.strerror})", self.path) from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._stream.close()
+                self._stream = None
+                busy = "another facecloak batch is writing into this folder"
+                raise JournalError(busy, self.out_dir) from None
+        self._load()
+        self._remove_temporary_files()
+        known = {record.get("fingerprint") for record in self._meta if record.get("event") == "settings"}
+        if self.fingerprint not in known:
+            self._append({"event": "settings", "fingerprint": self.fingerprint, "settings": self.settings})
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self._stream is not None:
+            self._stream.close()  # closing the descriptor releases the flock
+            self._stream = None
+
+    def _load(self) -> None:
+        self._stream.seek(0)
+        data = self._stream.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a crash mid-append left a torn line: cut it off
+            self._stream.truncate(end)
+            os.fsync(self._stream.fileno())
+            data = data[:end]
+        for line in data.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "input" in record:
+                self._last[record["input"]] = record
+                if record.get("output"):
+                    self._owned.add(record["output"])
+            else:
+                self._meta.append(record)
+
+    def _remove_temporary_files(self) -> None:
+        """Temporary files of writes a crash interrupted (never renamed into place): ours, remove them."""
+        for temporary in self.out_dir.rglob(f"{TEMPORARY_PREFIX}*"):
+            if temporary.is_file() and temporary.name != JOURNAL_NAME:
+                temporary.unlink(missing_ok=True)
+
+    def done_record(self, relative: str, sha256: str) -> dict | None:
+        """The ``done`` record of ``relative`` if it still holds (same input, settings, output intact)."""
+        record = self._last.get(relative)
+        if record is None or record.get("event") != "done":
+            return None
+        if record.get("sha256") != sha256 or record.get("settings") != self.fingerprint:
+            return None
+        output = self.out_dir / record["output"]
+        try:
+            return record if output.stat().st_size == record.get("output_bytes") else None
+        except OSError:
+            return None
+
+    def last_record(self, relative: str) -> dict | None:
+        """The latest line about input ``relative``, if any."""
+        return self._last.get(relative)
+
+    def owns(self, relative_output: str) -> bool:
+        """Whether an earlier record of this journal names the output (so it may be replaced)."""
+        return relative_output in self._owned
+
+    def record(self, event: str, relative: str, sha256: str, output: str, **extra) -> dict:
+        """Append one durable line (written, flushed, fsync'd before returning)."""
+        record = {
+            "event": event,
+            "input": relative,
+            "sha256": sha256,
+            "settings": self.fingerprint,
+            "output": output,
+            "time": round(time.time(), 3),
+            **extra,
+        }
+        self._append(record)
+        self._last[relative] = record
+        self._owned.add(output)
+        return record
+
+    def _append(self, record: dict) -> None:
+        if self._stream is None:
+            raise JournalError("the journal is not open", self.path)
+        self._stream.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
+
+
+def read_journal(out_dir: str | Path) -> list[dict]:
+    """Every intact line of a folder's journal, in order (for reports and tests)."""
+    path = Path(out_dir) / JOURNAL_NAME
+    records = []
+    for line in path.read_bytes().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

@@ -1,0 +1,475 @@
+"""The FastAPI app: endpoints, error bodies, security middleware, the web page.
+
+Every endpoint takes the photo as the multipart field ``image`` and options as form fields named
+like the CLI's options (``--mask-scale`` is ``mask_scale``):
+
+    curl -F image=@photo.jpg -F method=blur http://127.0.0.1:8000/v1/anonymize -o out.jpg
+    curl -F image=@photo.jpg -F level=high -F response=json http://127.0.0.1:8000/v1/cloak
+
+The answer is the protected image (EXIF dropped as in the CLI; headers ``X-Facecloak-Faces`` and
+``X-Facecloak-Unprotected-Faces``), or with ``response=json`` (or ``Accept: application/json``)
+the per-face report with the image in base64. Every refusal is JSON
+``{"error": code, "reason": one line, "status": n}``; the service keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from facecloak import __version__, io
+from facecloak.cloak import LEVELS
+from facecloak.errors import FacecloakError, ImageReadError
+from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
+from facecloak.service.limits import BodySizeLimit, UploadRejected, check_upload
+from facecloak.service.metrics import MetricsMiddleware, ServiceMetrics
+from facecloak.service.security import ApiKeyAuth
+from facecloak.service.settings import ServiceSettings
+
+log = logging.getLogger("facecloak.service")
+STATIC = Path(__file__).parent / "static"
+CONTENT_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "TIFF": "image/tiff",
+    "BMP": "image/bmp",
+    "HEIF": "image/heic",
+}
+COMMON_FIELDS = {"image", "format", "jpeg_quality", "keep_metadata", "threshold", "min_face", "response"}
+ANONYMIZE_FIELDS = COMMON_FIELDS | {"method", "shape", "mask_scale", "strength", "blocks", "feather"}
+CLOAK_FIELDS = COMMON_FIELDS | {"mode", "level", "models", "identity_key", "steps", "max_dssim", "seed"}
+DETECT_FIELDS = {"image", "threshold", "min_face"}
+
+
+class CommonForm:
+    """Form fields every photo endpoint shares (same names and defaults as the CLI's options)."""
+
+    def __init__(
+        self,
+        format: Annotated[
+            Literal["jpeg", "png", "webp", "tiff", "bmp"] | None,
+            Form(description="Output format. Default: the upload's own (GIF becomes PNG)."),
+        ] = None,
+        jpeg_quality: Annotated[int, Form(ge=1, le=100, description="JPEG/WebP quality.")] = 95,
+        keep_metadata: Annotated[
+            bool, Form(description="Keep EXIF minus GPS. Default: drop all EXIF (as the CLI).")
+        ] = False,
+        threshold: Annotated[float, Form(ge=0, le=1, description="Detection confidence.")] = 0.9,
+        min_face: Annotated[int, Form(ge=4, description="Smallest face side looked for, in pixels.")] = 20,
+        response: Annotated[
+            Literal["image", "json"],
+            Form(
+                description="image: the protected photo; json: the per-face report with the photo in base64."
+            ),
+        ] = "image",
+    ) -> None:
+        self.format = format
+        self.jpeg_quality = jpeg_quality
+        self.keep_metadata = keep_metadata
+        self.threshold = threshold
+        self.min_face = min_face
+        self.response = response
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """Build the service: load the models (once, at start-up), wire the endpoints and limits.
+
+    Example:
+        >>> import uvicorn  # doctest: +SKIP
+        >>> uvicorn.run(create_app(ServiceSettings(device="cpu")), host="127.0.0.1", port=8000)
+    """
+    settings = settings or ServiceSettings()
+    metrics = ServiceMetrics()
+    batcher = MicroBatcher(settings, on_batch=lambda size, seconds: metrics.batch_size.observe(size))
+    decoding = asyncio.Semaphore(4)  # decoded photos in flight, beside those queued (memory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(batcher.start)
+        log.info(
+            "facecloak service ready: %d model worker(s), device %s",
+            settings.workers,
+            settings.device or "auto",
+        )
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(
+        title="facecloak",
+        version=__version__,
+        description="Cloak faces against face-recognition scrapers, or anonymise them. "
+        "Upload the photo as multipart field `image`; options are form fields named like the CLI's.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.batcher = batcher
+
+    # Middleware, innermost first: the body cap, the API key check (before a byte of the body is
+    # read), CORS (only when origins are given), and the request metrics around everything.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    keys = settings.api_keys()
+    if keys:
+        app.add_middleware(ApiKeyAuth, keys=keys, prefix="/v1/")
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    _add_error_handlers(app, metrics)
+
+    async def protect(
+        request: Request, kind: str, upload: UploadFile, params: dict, common: CommonForm, known: set[str]
+    ) -> Response:
+        await _reject_unknown_fields(request, known)
+        batcher.check_room()
+        data = await upload.read()
+        name = _safe_name(upload.filename)
+        async with decoding:
+            image = await run_in_threadpool(_decode, data, name, settings.max_pixels)
+            future = batcher.submit(Job(kind, params, (common.threshold, common.min_face), image))
+        result: JobResult = await _wait(future, settings.request_timeout_s)
+        endpoint = request.url.path
+        faces = [_with_reason(face, kind) for face in result.faces]
+        metrics.faces.labels(endpoint).inc(len(faces))
+        metrics.unprotected.labels(endpoint).inc(sum(not f.get("protected", True) for f in faces))
+        if not faces:
+            metrics.no_face.labels(endpoint).inc()
+        if kind == "detect":
+            width, height = image.size
+            return JSONResponse({"width": width, "height": height, "faces": faces, "faces_found": len(faces)})
+        suffix = io.output_suffix(image.format, common.format)
+        format_name = io.IMAGE_SUFFIXES[suffix]
+        encoded = await run_in_threadpool(
+            io.encode_image,
+            result.output,
+            format_name,
+            source=image,
+            keep_metadata=common.keep_metadata,
+            jpeg_quality=common.jpeg_quality,
+        )
+        tag = "cloaked" if kind == "cloak" else "anonymized"
+        filename = f"{Path(name).stem}_{tag}{suffix}"
+        unprotected = sum(not face["protected"] for face in faces)
+        status = "no_face" if not faces else "unprotected" if unprotected else "protected"
+        wants_json = common.response == "json" or "application/json" in request.headers.get("accept", "")
+        if wants_json:
+            width, height = image.size
+            return JSONResponse(
+                {
+                    "status": status,
+                    "faces_found": len(faces),
+                    "unprotected_faces": unprotected,
+                    "faces": faces,
+                    "width": width,
+                    "height": height,
+                    "filename": filename,
+                    "content_type": CONTENT_TYPES[format_name],
+                    "image_base64": base64.b64encode(encoded).decode("ascii"),
+                    "batch_images": result.batch_images,
+                    "settings": {key: (list(v) if isinstance(v, tuple) else v) for key, v in params.items()},
+                }
+            )
+        headers = {
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Facecloak-Status": status,
+            "X-Facecloak-Faces": str(len(faces)),
+            "X-Facecloak-Unprotected-Faces": str(unprotected),
+        }
+        return Response(encoded, media_type=CONTENT_TYPES[format_name], headers=headers)
+
+    @app.post("/v1/anonymize", tags=["protect"], response_class=Response, responses=_RESPONSES)
+    async def anonymize(
+        request: Request,
+        image: Annotated[UploadFile, File(description="The photo (JPEG, PNG, WebP, TIFF, BMP, GIF).")],
+        common: Annotated[CommonForm, Depends()],
+        method: Annotated[Literal["blur", "pixelate", "mask"], Form()] = "blur",
+        shape: Annotated[Literal["ellipse", "box"], Form()] = "ellipse",
+        mask_scale: Annotated[
+            float, Form(ge=0.5, le=4.0, description="Region size relative to the box.")
+        ] = 1.3,
+        strength: Annotated[
+            float | None, Form(ge=0.01, le=2.0, description="blur sigma / face size.")
+        ] = None,
+        blocks: Annotated[
+            int | None, Form(ge=1, le=64, description="pixelate: blocks across the face.")
+        ] = None,
+        feather: Annotated[float | None, Form(ge=0, le=1, description="Soft edge.")] = None,
+    ) -> Response:
+        """Blur, pixelate or mask every face; pixels outside the face regions are unchanged."""
+        if method != "blur" and strength is not None:
+            raise UploadRejected(422, "invalid_option", "strength is an option of method=blur")
+        if method != "pixelate" and blocks is not None:
+            raise UploadRejected(422, "invalid_option", "blocks is an option of method=pixelate")
+        params = {"method": method, "shape": shape, "scale": mask_scale, "feather": feather}
+        params |= {"strength": strength, "blocks": blocks}  # each checked above to suit the method
+        params = {key: value for key, value in params.items() if value is not None}
+        return await protect(request, "anonymize", image, params, common, ANONYMIZE_FIELDS)
+
+    @app.post("/v1/cloak", tags=["protect"], response_class=Response, responses=_RESPONSES)
+    async def cloak(
+        request: Request,
+        image: Annotated[UploadFile, File(description="The photo (JPEG, PNG, WebP, TIFF, BMP, GIF).")],
+        common: Annotated[CommonForm, Depends()],
+        mode: Annotated[Literal["untargeted", "targeted"], Form()] = "untargeted",
+        level: Annotated[
+            Literal["low", "mid", "high"], Form(description="DSSIM cap 0.004/0.012/0.017.")
+        ] = "mid",
+        models: Annotated[
+            str | None, Form(description="Comma-separated models to attack. Default: all.")
+        ] = None,
+        identity_key: Annotated[str | None, Form(description="targeted: a per-person secret.")] = None,
+        steps: Annotated[int | None, Form(ge=0, description="Most steps per face [level's default].")] = None,
+        max_dssim: Annotated[float | None, Form(ge=0.0001, le=0.5, description="DSSIM cap.")] = None,
+        seed: Annotated[int, Form()] = 0,
+    ) -> Response:
+        """Cloak every face; each is checked after a real JPEG 75 re-encode and reported."""
+        if steps is not None and steps > settings.max_steps:
+            raise UploadRejected(422, "invalid_option", f"steps may be at most {settings.max_steps} here")
+        if mode == "targeted" and not identity_key:
+            raise UploadRejected(422, "invalid_option", "mode=targeted needs an identity_key")
+        wanted = tuple(sorted(n.strip() for n in models.split(",") if n.strip())) if models else None
+        params = {
+            "mode": mode,
+            "level": level,
+            "models": wanted,
+            "identity_key": identity_key,
+            "steps": steps,
+            "max_dssim": max_dssim,
+            "seed": seed,
+        }
+        params = {key: value for key, value in params.items() if value is not None}
+        return await protect(request, "cloak", image, params, common, CLOAK_FIELDS)
+
+    @app.post("/v1/detect", tags=["detect"])
+    async def detect(
+        request: Request,
+        image: Annotated[UploadFile, File(description="The photo.")],
+        threshold: Annotated[float, Form(ge=0, le=1, description="Detection confidence.")] = 0.9,
+        min_face: Annotated[int, Form(ge=4, description="Smallest face side looked for, in pixels.")] = 20,
+    ) -> JSONResponse:
+        """The faces found: boxes, scores and five landmarks each."""
+        common = CommonForm(threshold=threshold, min_face=min_face)
+        return await protect(request, "detect", image, {}, common, DETECT_FIELDS)
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict:
+        """Liveness and readiness: models loaded, queue depth."""
+        return {"status": "ok", "version": __version__, "queue_depth": batcher.depth}
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus text: requests, latencies, faces, unprotected faces, queue depth, batch sizes."""
+        metrics.queue_depth.set(batcher.depth)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/info", tags=["service"])
+    async def info() -> dict:
+        """What the web page needs: methods, levels, limits, whether an API key is required."""
+        return {
+            "version": __version__,
+            "methods": ["cloak", "blur", "pixelate", "mask"],
+            "levels": list(LEVELS),
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_pixels": settings.max_pixels,
+            "api_key_required": bool(keys),
+        }
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_docs(app)
+    return app
+
+
+_RESPONSES = {
+    200: {
+        "content": {"image/jpeg": {}, "image/png": {}, "application/json": {}},
+        "description": "The photo.",
+    },
+    400: {"description": "Empty body or upload."},
+    401: {"description": "API key missing."},
+    403: {"description": "API key wrong."},
+    413: {"description": "Upload or pixel count over the limit."},
+    415: {"description": "Not an image of a readable format (content sniffed)."},
+    422: {"description": "Corrupt image, or a bad or unknown field."},
+    503: {"description": "Queue full: retry after the Retry-After header's seconds."},
+    504: {"description": "The per-request time limit passed."},
+}
+
+
+def _decode(data: bytes, name: str, max_pixels: int) -> io.LoadedImage:
+    """Sniff and size-check the upload from its header, then decode it as the CLI does."""
+    check_upload(data, max_pixels=max_pixels)
+    try:
+        return io.read_image_bytes(data, name, max_pixels=max_pixels)
+    except ImageReadError as error:
+        status = 413 if "limit" in error.reason else 422
+        raise UploadRejected(status, "unreadable_image", error.reason) from None
+
+
+async def _wait(future, timeout_s: float) -> JobResult:
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        raise UploadRejected(
+            504, "timeout", f"not finished within this service's limit of {timeout_s:g} s"
+        ) from None
+
+
+async def _reject_unknown_fields(request: Request, known: set[str]) -> None:
+    form = await request.form()  # already parsed by FastAPI: this only reads the cache
+    unknown = sorted(set(form.keys()) - known)
+    if unknown:
+        hints = [
+            f"{name} (did you mean {name.replace('-', '_')}?)" if name.replace("-", "_") in known else name
+            for name in unknown
+        ]
+        raise UploadRejected(
+            422,
+            "unknown_field",
+            f"unknown form field(s): {', '.join(hints)}; known: {', '.join(sorted(known))}",
+        )
+
+
+def _safe_name(filename: str | None) -> str:
+    """The upload's base name with only safe characters (it is used in the download's name)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename or "photo").name).strip("._")[:100]
+    return stem or "photo"
+
+
+def _with_reason(face: dict, kind: str) -> dict:
+    """Add ``protected`` and a one-line ``reason`` a person can read, per face."""
+    if kind == "detect":
+        return face
+    if kind == "anonymize":
+        verb = {"blur": "blurred", "pixelate": "pixelated", "mask": "masked"}.get(
+            face.get("method"), "anonymised"
+        )
+        return dict(face, protected=True, reason=f"{verb}: the face is gone for a recognition model")
+    if face.get("protected") and not face.get("found_after_jpeg75", True):
+        return dict(face, reason="not even detected after JPEG 75 re-compression: a scraper cannot enrol it")
+    parts = []
+    for name, model in face.get("models", {}).items():
+        distance = model.get("distance_after_jpeg75")
+        if distance is None:
+            distance = model["distance"]
+        relation = ">=" if distance >= model["threshold"] else "<"
+        parts.append(f"{name} distance {distance:.2f} {relation} match threshold {model['threshold']:.2f}")
+    detail = "; ".join(parts)
+    if face.get("protected"):
+        return dict(face, reason=f"after JPEG 75: {detail} (a scraper no longer matches this face)")
+    return dict(
+        face,
+        reason=f"NOT protected: after JPEG 75, {detail}: a scraper would still match this face; "
+        "try a higher level",
+    )
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
+    def refusal(error: UploadRejected) -> JSONResponse:
+        metrics.rejected.labels(error.code).inc()
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(UploadRejected)
+    async def rejected(request: Request, error: UploadRejected) -> JSONResponse:
+        return refusal(error)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, error: QueueFull) -> JSONResponse:
+        return refusal(
+            UploadRejected(503, "queue_full", str(error), headers={"Retry-After": str(error.retry_after_s)})
+        )
+
+    @app.exception_handler(FacecloakError)
+    async def facecloak_error(request: Request, error: FacecloakError) -> JSONResponse:
+        return refusal(UploadRejected(422, "invalid_input", str(error)))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return refusal(_explain_validation(request, error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
+        reason = str(error.detail)
+        if error.status_code == 400 and "parsing the body" in reason:
+            reason = "the request body is not valid multipart/form-data; send the photo as the field 'image'"
+        return refusal(UploadRejected(error.status_code, code, reason, headers=dict(error.headers or {})))
+
+
+def _explain_validation(request: Request, error: RequestValidationError) -> UploadRejected:
+    """One readable line for FastAPI's validation errors (missing image, bad option values)."""
+    content_type = request.headers.get("content-type", "")
+    length = request.headers.get("content-length")
+    if length == "0" or (length is None and not content_type):
+        return UploadRejected(
+            400, "empty_body", "the request body is empty; send the photo as multipart field 'image'"
+        )
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item.get("loc", ())[1:]) or "body"
+        if item.get("type") == "missing" and field == "image":
+            if "multipart/form-data" not in content_type:
+                problems.append(
+                    f"expected multipart/form-data with the photo in field 'image', got content type "
+                    f"{content_type.split(';')[0] or 'none'}"
+                )
+            else:
+                problems.append("missing the multipart field 'image' (the photo must be sent as image=@file)")
+        else:
+            problems.append(f"{field}: {item.get('msg', 'invalid')}")
+    return UploadRejected(422, "invalid_request", "; ".join(problems))
+
+
+def _add_docs(app: FastAPI) -> None:
+    """OpenAPI docs at /docs from Swagger UI files installed with the package (no CDN), if present."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:  # pragma: no cover - the serve extra installs it
+        swagger = None
+    else:
+        swagger = Path(swagger_ui_bundle.swagger_ui_path)
+    if swagger is not None:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        app.mount("/docs-assets", StaticFiles(directory=swagger), name="docs-assets")
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> HTMLResponse:
+            return get_swagger_ui_html(
+                openapi_url="/openapi.json",
+                title="facecloak API",
+                swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                swagger_css_url="/docs-assets/swagger-ui.css",
+                swagger_favicon_url="/docs-assets/favicon-32x32.png",
+            )
+    else:  # pragma: no cover
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> HTMLResponse:
+            return HTMLResponse('<p>The API is described in <a href="/openapi.json">/openapi.json</a>.</p>')

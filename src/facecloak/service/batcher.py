@@ -1,0 +1,346 @@
+"""Micro-batching: concurrent uploads go through one detection and one protection call.
+
+Request handlers decode their upload (in the HTTP thread pool) and `MicroBatcher.submit` a `Job`.
+Each model worker is a thread with its own `Engine` (its own copy of the models, loaded once):
+it takes the first waiting job, collects more for up to ``batch_wait_ms`` or until ``max_batch``,
+groups them by settings, and runs one `FaceDetector` call and one protector call per group, so
+several uploads share one cloak optimisation (what makes a GPU pay). Encoding happens back in
+the handler, so the models never wait on decoding or encoding.
+
+The queue is bounded twice, in photos and in pixels (memory); past either bound `submit` raises
+`QueueFull` and the handler answers 503 with a Retry-After estimated from recent batch times.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from facecloak.anonymize import Anonymizer
+from facecloak.batch import AnonymizeFaces, CloakFaces
+from facecloak.detect import FaceDetector
+from facecloak.errors import FacecloakError
+from facecloak.faces import Faces
+from facecloak.io import LoadedImage
+from facecloak.service.settings import ServiceSettings
+
+log = logging.getLogger("facecloak.service")
+
+
+class QueueFull(Exception):
+    """The queue holds as many photos (or pixels) as it may; retry after ``retry_after_s``."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the queue is full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Job:
+    """One uploaded photo and what to do with it.
+
+    Attributes:
+        kind: "anonymize", "cloak" or "detect".
+        params: the protection's settings (method and its parameters, or the cloak's).
+        detection: (min_score, min_size) of the detector.
+        image: the decoded upload.
+        future: resolved by a worker with a `JobResult`.
+    """
+
+    kind: str
+    params: dict
+    detection: tuple[float, int]
+    image: LoadedImage
+    future: Future = field(default_factory=Future)
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys share one model call."""
+        return (self.kind, tuple(sorted(self.params.items())), self.detection)
+
+    @property
+    def pixels(self) -> int:
+        """Pixel count (the queue's memory bound counts these)."""
+        width, height = self.image.size
+        return width * height
+
+
+@dataclass
+class JobResult:
+    """What a worker hands back: the output pixels (None for detect) and one record per face."""
+
+    output: Tensor | None
+    faces: list[dict]
+    batch_images: int
+    seconds: float
+
+
+class Engine:
+    """The models of one worker, loaded once, and the one-call-per-group protection over them."""
+
+    def __init__(self, settings: ServiceSettings, device: str | None) -> None:
+        from facecloak._device import default_device
+
+        self.settings = settings
+        self.device = str(default_device(device))
+        self._detectors: dict[tuple[float, int], FaceDetector] = {}
+        self._cloaks: dict[tuple, object] = {}
+        self._embedders: list | None = None
+        self.detector(0.9, 20)
+        if settings.preload:
+            self.embedders()
+
+    def detector(self, min_score: float, min_size: int) -> FaceDetector:
+        """A detector per detection setting (MTCNN is small), built on first use."""
+        key = (float(min_score), int(min_size))
+        if key not in self._detectors:
+            self._detectors[key] = FaceDetector(min_score=key[0], min_size=key[1], device=self.device)
+        return self._detectors[key]
+
+    def embedders(self) -> list:
+        """The face models the cloak attacks (the service's ``models`` or all available), loaded once."""
+        if self._embedders is None:
+            from facecloak.models import available_embedders, create_embedder
+
+            names = list(self.settings.models) if self.settings.models else available_embedders()
+            self._embedders = [create_embedder(name, device=self.device) for name in names]
+        if not self._embedders:
+            raise FacecloakError("no face model is available on this server (see `facecloak models`)")
+        return self._embedders
+
+    def protector(self, kind: str, params: dict):
+        """The batch protector (`facecloak.batch`) for these settings, as the CLI builds it."""
+        if kind == "anonymize":
+            method = params["method"]
+            options = {key: value for key, value in params.items() if key != "method"}
+            return AnonymizeFaces(Anonymizer(method, **options))
+        key = tuple(sorted(params.items()))
+        if key not in self._cloaks:
+            from facecloak.cloak import create_cloak
+
+            options = dict(params)
+            wanted = options.pop("models", None)
+            embedders = [m for m in self.embedders() if not wanted or m.card.name in wanted]
+            if wanted and len(embedders) != len(wanted):
+                loaded = ", ".join(m.card.name for m in self.embedders())
+                raise FacecloakError(f"models {', '.join(wanted)} are not all loaded here (loaded: {loaded})")
+            mode, level = options.pop("mode"), options.pop("level")
+            self._cloaks[key] = create_cloak(
+                mode, embedders, level, detector=self.detector(0.9, 20), **options
+            )
+        return CloakFaces(self._cloaks[key])
+
+    def run(self, jobs: Sequence[Job]) -> list[JobResult]:
+        """Detect and protect every job's photo in one call (all jobs share one key)."""
+        started = time.perf_counter()
+        kind, params, detection = jobs[0].kind, jobs[0].params, jobs[0].detection
+        pixels = [job.image.pixels for job in jobs]
+        with torch.no_grad():
+            faces = self.detector(*detection)(pixels)
+        if kind == "detect":
+            outputs: list[Tensor | None] = [None] * len(jobs)
+            records = faces.to_records()
+        else:
+            protect = self.protector(kind, params)
+            if kind == "anonymize":
+                with torch.no_grad():
+                    outputs, records = protect(pixels, faces)
+            else:
+                outputs, records = protect(pixels, faces)
+        seconds = time.perf_counter() - started
+        return [
+            JobResult(
+                output=None if outputs[k] is None else outputs[k].detach().cpu(),
+                faces=_records_of(records, faces, k),
+                batch_images=len(jobs),
+                seconds=seconds,
+            )
+            for k in range(len(jobs))
+        ]
+
+
+def _records_of(records: list[dict], faces: Faces, k: int) -> list[dict]:
+    return [
+        dict(record, image_index=0)
+        for record, index in zip(records, faces.image_index.tolist())
+        if index == k
+    ]
+
+
+class MicroBatcher:
+    """A bounded queue of jobs and the model workers that drain it in micro-batches.
+
+    Args:
+        settings: batching, queue bounds and models.
+        on_batch: called after each model call with its size and seconds (metrics).
+        engine_factory: builds a worker's engine from a device name (tests swap it).
+    """
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        *,
+        on_batch: Callable[[int, float], None] | None = None,
+        engine_factory: Callable[[str | None], Engine] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0  # queued + being processed
+        self._pending_pixels = 0
+        self._batch_seconds = 1.0  # moving average, for Retry-After
+        self._on_batch = on_batch
+        self._engine_factory = engine_factory or (lambda device: Engine(settings, device))
+        self._threads: list[threading.Thread] = []
+        self._ready = threading.Event()
+        self._errors: list[BaseException] = []
+
+    @property
+    def depth(self) -> int:
+        """Photos queued or being processed."""
+        return self._pending
+
+    def start(self) -> None:
+        """Start the workers; returns when every worker has loaded its models (or raises)."""
+        count = max(1, self.settings.workers)
+        loaded = threading.Barrier(count + 1)
+        for index in range(count):
+            thread = threading.Thread(
+                target=self._work,
+                args=(self._device(index), loaded),
+                name=f"facecloak-model-{index}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+        loaded.wait()
+        if self._errors:
+            raise self._errors[0]
+        self._ready.set()
+
+    def _device(self, index: int) -> str | None:
+        device = self.settings.device
+        if device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            return f"cuda:{index % torch.cuda.device_count()}"  # one worker per GPU
+        return device
+
+    def stop(self) -> None:
+        """Let the workers finish what they hold and stop; waiting jobs are cancelled."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.future.cancel()
+                self._release(job)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+
+    def submit(self, job: Job) -> Future:
+        """Queue ``job``; its future resolves to a `JobResult`.
+
+        Raises:
+            QueueFull: the queue holds ``queue_size`` photos or ``max_queued_pixels`` pixels.
+        """
+        with self._lock:
+            full = self._pending >= self.settings.queue_size
+            heavy = self._pending > 0 and self._pending_pixels + job.pixels > self.settings.max_queued_pixels
+            if full or heavy:
+                raise QueueFull(self.retry_after_s())
+            self._pending += 1
+            self._pending_pixels += job.pixels
+        self._queue.put(job)
+        return job.future
+
+    def check_room(self) -> None:
+        """Raise `QueueFull` now if no photo could be queued (before spending time on decoding)."""
+        if self._pending >= self.settings.queue_size:
+            raise QueueFull(self.retry_after_s())
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained enough to take a photo again."""
+        batches = self._pending / max(1, self.settings.max_batch * max(1, self.settings.workers))
+        return int(min(120, max(1, math.ceil(self._batch_seconds * max(1.0, batches)))))
+
+    def _release(self, job: Job) -> None:
+        with self._lock:
+            self._pending -= 1
+            self._pending_pixels -= job.pixels
+
+    def _work(self, device: str | None, loaded: threading.Barrier) -> None:
+        try:
+            engine = self._engine_factory(device)
+        except BaseException as error:  # reported by start(), which re-raises it
+            self._errors.append(error)
+            loaded.wait()
+            return
+        loaded.wait()
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            for group in _groups(batch):
+                self._run(engine, group)
+
+    def _collect(self) -> list[Job] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000.0
+        while len(batch) < self.settings.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # keep the stop signal for this worker's next turn
+                break
+            batch.append(job)
+        return batch
+
+    def _run(self, engine: Engine, jobs: list[Job]) -> None:
+        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        for job in jobs:
+            if job not in live:
+                self._release(job)  # timed out while waiting: nothing to compute
+        if not live:
+            return
+        started = time.perf_counter()
+        try:
+            results = engine.run(live)
+        except Exception as error:  # one bad group must not stop the worker
+            log.exception("model call failed for %d photo(s)", len(live))
+            for job in live:
+                job.future.set_exception(error)
+                self._release(job)
+            return
+        seconds = time.perf_counter() - started
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        if self._on_batch is not None:
+            self._on_batch(len(live), seconds)
+        for job, result in zip(live, results):
+            self._release(job)
+            job.future.set_result(result)
+
+
+def _groups(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs split by settings key, in arrival order of each key's first job."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.key, []).append(job)
+    return list(groups.values())

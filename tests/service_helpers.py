@@ -1,0 +1,63 @@
+"""Start `facecloak serve` in a subprocess on a free loopback port, for the service and browser tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_service(workdir: Path, *args: str, startup_s: float = 180.0):
+    """Yield (base URL, the server's TMPDIR, process); the server is stopped afterwards.
+
+    The server gets a TMPDIR of its own, so a test can check that no temporary file is left.
+    """
+    temporary = workdir / "server-tmp"
+    temporary.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = dict(os.environ, TMPDIR=str(temporary), PYTHONPATH=str(REPO / "src"))
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(workdir / "torch-cache")  # torch caches there, not in TMPDIR
+    command = [sys.executable, "-c", "from facecloak.cli import main; main()", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--device", "cpu", *args]
+    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the service exited: {(workdir / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the service did not start: {(workdir / 'server.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        yield url, temporary, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()

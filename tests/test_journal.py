@@ -1,0 +1,170 @@
+"""The resumable batch: kill -9 in the middle, run again, every photo done exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from facecloak.anonymize import Anonymizer
+from facecloak.batch import AnonymizeFaces, Options
+from facecloak.errors import ImageReadError
+from facecloak.io import read_image
+from facecloak.journal import JOURNAL_NAME, Journal, JournalError, read_journal
+from facecloak.pipeline import run_resumable_batch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def photo_folder(folder: Path, lfw_images: Path | None, count: int, samples_dir: Path) -> list[Path]:
+    """``count`` photos in nested folders: real LFW faces when present, else copies of the samples."""
+    sources = sorted(lfw_images.rglob("*.jpg"))[:count] if lfw_images else []
+    while len(sources) < count:
+        sources += sorted(samples_dir.glob("*.jpg"))
+    made = []
+    for i, source in enumerate(sources[:count]):
+        target = folder / f"set{i % 3}" / f"photo_{i:03d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        made.append(target)
+    return made
+
+
+def done_records(out: Path) -> list[dict]:
+    return [record for record in read_journal(out) if record.get("event") == "done"]
+
+
+def facecloak(*args: str, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-c", "from facecloak.cli import main; main()", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_kill_9_then_resume(tmp_path, samples_dir):
+    from conftest import data_root
+
+    lfw = data_root() / "lfw" / "images"
+    inputs = photo_folder(tmp_path / "photos", lfw if lfw.is_dir() else None, 60, samples_dir)
+    out = tmp_path / "out"
+    command = ("anonymize", str(tmp_path / "photos"), "-o", str(out), "-q", "--json")
+
+    first = facecloak(*command)
+    deadline = time.monotonic() + 300
+    while len(done_records(out)) < 8 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.poll() is None, "the batch ended before it could be killed"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done_before = len(done_records(out))
+    assert 8 <= done_before < len(inputs)
+    for output in out.rglob("*_anonymized.jpg"):  # whatever has a final name is a whole image
+        read_image(output)
+
+    second = facecloak(*command)
+    stdout, stderr = second.communicate(timeout=600)
+    assert second.returncode in (0, 1), stderr.decode()[-2000:]
+    report = json.loads(stdout)
+    assert report["resumed_files"] == done_before
+    assert report["images"] == len(inputs) and report["failed_files"] == 0
+
+    done = Counter(record["input"] for record in done_records(out))
+    assert len(done) == len(inputs) and set(done.values()) == {1}  # every photo done exactly once
+    for path in inputs:
+        relative = path.relative_to(tmp_path / "photos")
+        read_image(out / relative.with_name(f"{path.stem}_anonymized.jpg"))  # none lost, none corrupt
+    assert not [p for p in out.rglob(".facecloak-*") if p.name != JOURNAL_NAME]  # no temporary file left
+
+    third = facecloak(*command)
+    stdout, _ = third.communicate(timeout=600)
+    assert json.loads(stdout)["resumed_files"] == len(inputs)  # nothing left to do
+    assert len(done_records(out)) == len(inputs)
+
+
+@pytest.fixture()
+def three_photos(tmp_path, samples_dir) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut.jpg", "grace_hopper.jpg", "group.jpg"):
+        shutil.copy(samples_dir / name, folder / name)
+    return folder
+
+
+def blur_batch(folder: Path, out: Path, detector, method: str = "blur", **options):
+    protector = AnonymizeFaces(Anonymizer(method))
+    return run_resumable_batch(
+        [folder],
+        protector,
+        Options(out_dir=str(out), **options),
+        settings={"method": method},
+        detector=detector,
+    )
+
+
+def test_changed_input_or_settings_is_redone(three_photos, tmp_path, detector):
+    out = tmp_path / "out"
+    first = blur_batch(three_photos, out, detector)
+    assert first.resumed == 0 and first.count("protected") == 3
+    assert blur_batch(three_photos, out, detector).resumed == 3
+
+    shutil.copy(three_photos / "astronaut.jpg", three_photos / "grace_hopper.jpg")  # changed input
+    again = blur_batch(three_photos, out, detector)
+    assert again.resumed == 2
+    assert [o.path for o in again.outcomes if not getattr(o, "resumed", False)] == [
+        str(three_photos / "grace_hopper.jpg")
+    ]
+    pixelated = blur_batch(three_photos, out, detector, method="pixelate")  # changed settings
+    assert pixelated.resumed == 0 and pixelated.count("protected") == 3
+    assert Counter(r["input"] for r in done_records(out)) == {
+        "astronaut.jpg": 2,
+        "grace_hopper.jpg": 3,
+        "group.jpg": 2,
+    }
+
+
+def test_torn_journal_line_and_lost_output(three_photos, tmp_path, detector):
+    out = tmp_path / "out"
+    blur_batch(three_photos, out, detector)
+    with open(out / JOURNAL_NAME, "ab") as journal:  # a crash in the middle of an append
+        journal.write(b'{"event":"done","input":"astro')
+    (out / "group_anonymized.jpg").unlink()  # an output lost since
+    (out / ".facecloak-abc123.jpg").write_bytes(b"half an image")  # an interrupted write
+    again = blur_batch(three_photos, out, detector)
+    assert again.resumed == 2 and again.count("failed") == 0
+    assert (out / "group_anonymized.jpg").is_file() and not (out / ".facecloak-abc123.jpg").exists()
+    assert (out / JOURNAL_NAME).read_bytes().endswith(b"\n")
+
+
+def test_a_file_the_journal_does_not_know_is_not_replaced(three_photos, tmp_path, detector):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "group_anonymized.jpg").write_bytes(b"the user's own file")
+    report = blur_batch(three_photos, out, detector)
+    assert report.count("failed") == 1 and "output exists" in report.outcomes[2].error
+    assert (out / "group_anonymized.jpg").read_bytes() == b"the user's own file"
+    assert blur_batch(three_photos, out, detector, overwrite=True).count("failed") == 0
+
+
+def test_one_batch_per_folder(tmp_path):
+    with Journal(tmp_path, {"method": "blur"}):
+        with pytest.raises(JournalError, match="another facecloak batch"):
+            Journal(tmp_path, {"method": "blur"}).open()
+
+
+def test_unreadable_inputs_are_reported_not_journaled(tmp_path, detector, samples_dir):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(samples_dir / "grace_hopper.jpg", folder / "ok.jpg")
+    (folder / "broken.jpg").write_bytes(b"not a photo")
+    report = blur_batch(folder, tmp_path / "out", detector)
+    assert report.count("failed") == 1 and report.exit_code == 3
+    assert [r["input"] for r in done_records(tmp_path / "out")] == ["ok.jpg"]
+    with pytest.raises(ImageReadError):
+        read_image(folder / "broken.jpg")

@@ -1,0 +1,374 @@
+"""The HTTP service against a real `facecloak serve` on loopback: protection, bad input, limits, keys."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the service needs pip install 'facecloak[serve]'")
+import httpx  # noqa: E402
+
+from service_helpers import running_service  # noqa: E402
+from test_io import png_header_only  # noqa: E402
+
+MAX_UPLOAD_MB = 20
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("service")
+    with running_service(workdir, "--max-upload-mb", str(MAX_UPLOAD_MB), "--timeout", "600") as running:
+        yield running
+
+
+def decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def changed_only_in_faces(original: np.ndarray, output: np.ndarray, boxes: list[list[float]], scale=1.3):
+    """Return (changed pixels inside the face regions, changed pixels outside)."""
+    height, width = original.shape[:2]
+    inside = np.zeros((height, width), dtype=bool)
+    for x1, y1, x2, y2 in boxes:
+        cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2 * scale, (y2 - y1) / 2 * scale
+        inside[max(0, int(cy - hh) - 1) : int(cy + hh) + 2, max(0, int(cx - hw) - 1) : int(cx + hw) + 2] = (
+            True
+        )
+    changed = (original != output).any(axis=2)
+    return int((changed & inside).sum()), int((changed & ~inside).sum())
+
+
+def test_anonymize_as_in_the_readme(service, samples_dir):
+    url, _, _ = service
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    answer = httpx.post(
+        f"{url}/v1/anonymize",
+        files={"image": ("grace_hopper.jpg", photo, "image/jpeg")},
+        data={"method": "blur", "format": "png"},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "image/png"
+    assert answer.headers["x-facecloak-faces"] == "1"
+    assert 'filename="grace_hopper_anonymized.png"' in answer.headers["content-disposition"]
+    boxes = httpx.post(f"{url}/v1/detect", files={"image": ("g.jpg", photo)}, timeout=120).json()["faces"]
+    inside, outside = changed_only_in_faces(decode(photo), decode(answer.content), [f["box"] for f in boxes])
+    assert inside > 5000 and outside == 0
+
+
+def test_json_report_and_exif_dropped(service, samples_dir, tmp_path):
+    url, _, _ = service
+    photo = tmp_path / "with_gps.jpg"
+    exif = Image.Exif()
+    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 29.0)}  # GPS
+    exif[0x010F] = "camera maker"
+    Image.open(samples_dir / "grace_hopper.jpg").save(photo, exif=exif.tobytes())
+    answer = httpx.post(
+        f"{url}/v1/anonymize",
+        files={"image": ("with_gps.jpg", photo.read_bytes(), "image/jpeg")},
+        data={"method": "pixelate", "response": "json"},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    report = answer.json()
+    assert report["status"] == "protected" and report["faces_found"] == 1
+    assert report["faces"][0]["protected"] is True and "pixelated" in report["faces"][0]["reason"]
+    import base64
+
+    with Image.open(io.BytesIO(base64.b64decode(report["image_base64"]))) as output:
+        assert output.format == "JPEG" and not output.getexif()
+
+
+def test_cloak_over_http(service, samples_dir):
+    url, _, _ = service
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    answer = httpx.post(
+        f"{url}/v1/cloak",
+        files={"image": ("grace_hopper.jpg", photo, "image/jpeg")},
+        data={"level": "mid", "format": "png", "response": "json"},
+        timeout=600,
+    )
+    assert answer.status_code == 200, answer.text
+    report = answer.json()
+    assert report["faces_found"] == 1
+    face = report["faces"][0]
+    assert set(face["models"]) and "dssim" in face and face["reason"]
+    assert face["protected"] == (report["status"] == "protected")
+    for model in face["models"].values():  # the honest check ran: distances after a real JPEG 75
+        assert model["distance_after_jpeg75"] is not None
+    import base64
+
+    output = decode(base64.b64decode(report["image_base64"]))
+    inside, outside = changed_only_in_faces(decode(photo), output, [face["box"]])
+    assert inside > 1000 and outside == 0
+    assert face["dssim"] <= 0.012
+
+
+def raw_upload(url: str, declared: int, send: int, chunk: int = 1 << 20) -> tuple[int, dict]:
+    """POST a multipart body of ``send`` bytes declaring ``declared``, as a client that reads early answers.
+
+    Stops sending as soon as the server answers (as curl does); returns (status, JSON body).
+    """
+    parts = urlparse(url)
+    head = (
+        f"POST /v1/anonymize HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        "Content-Type: multipart/form-data; boundary=XyZ\r\n"
+        f"Content-Length: {declared}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as connection:
+        connection.sendall(head)
+        prefix = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n\r\n\xff\xd8'
+        sent, block = 0, bytes(chunk)
+        connection.setblocking(False)
+        answer = b""
+        while sent < send:
+            try:
+                answer += connection.recv(65536)
+                if answer:
+                    break
+            except BlockingIOError:
+                pass
+            try:
+                data = prefix if sent == 0 else block[: min(chunk, send - sent)]
+                sent += connection.send(data)
+            except BlockingIOError:
+                time.sleep(0.001)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        connection.setblocking(True)
+        try:
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                more = connection.recv(65536)
+                if not more:
+                    break
+                answer += more
+        except (ConnectionResetError, TimeoutError):
+            pass
+    head_text, _, body = answer.partition(b"\r\n\r\n")
+    return int(head_text.split()[1]), json.loads(body)
+
+
+def bad_requests(samples_dir: Path, tmp_path: Path) -> dict:
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    png_header_only(tmp_path / "bomb.png", 30_000, 30_000)
+    return {
+        "empty body": (400, "empty", {"content": b""}),
+        "empty file": (400, "empty", {"files": {"image": ("e.jpg", b"", "image/jpeg")}}),
+        "truncated JPEG": (
+            422,
+            "truncated",
+            {"files": {"image": ("t.jpg", photo[: len(photo) // 2], "image/jpeg")}},
+        ),
+        "text renamed .jpg": (
+            415,
+            "not an image",
+            {"files": {"image": ("x.jpg", b"just text\n" * 50, "image/jpeg")}},
+        ),
+        "30000x30000 PNG bomb": (
+            413,
+            "900,000,000 pixels",
+            {"files": {"image": ("b.png", (tmp_path / "bomb.png").read_bytes())}},
+        ),
+        "wrong file field": (422, "'image'", {"files": {"photo": ("g.jpg", photo, "image/jpeg")}}),
+        "wrong option field": (
+            422,
+            "mask_scale",
+            {"files": {"image": ("g.jpg", photo)}, "data": {"mask-scale": "2"}},
+        ),
+        "bad option value": (
+            422,
+            "method",
+            {"files": {"image": ("g.jpg", photo)}, "data": {"method": "smear"}},
+        ),
+        "raw body, no multipart": (
+            422,
+            "multipart",
+            {"content": photo, "headers": {"content-type": "image/jpeg"}},
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty body",
+        "empty file",
+        "truncated JPEG",
+        "text renamed .jpg",
+        "30000x30000 PNG bomb",
+        "wrong file field",
+        "wrong option field",
+        "bad option value",
+        "raw body, no multipart",
+    ],
+)
+def test_bad_input_gets_a_4xx_with_a_reason(service, samples_dir, tmp_path, case):
+    url, temporary, process = service
+    status, words, request = bad_requests(samples_dir, tmp_path)[case]
+    answer = httpx.post(f"{url}/v1/anonymize", timeout=60, **request)
+    assert answer.status_code == status, answer.text
+    body = answer.json()
+    assert body["status"] == status and body["error"] and words in body["reason"], body
+    assert httpx.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+    assert process.poll() is None
+    assert list(temporary.iterdir()) == []
+
+
+def test_200_mb_upload_is_refused_early(service):
+    url, temporary, _ = service
+    # Declared honestly: refused from the header, before the body is read.
+    status, body = raw_upload(url, declared=200 * 2**20, send=200 * 2**20)
+    assert status == 413 and "larger than this service's limit" in body["reason"]
+    # Declared small but sent big: counted while reading, cut at the cap.
+    status, body = raw_upload(url, declared=MAX_UPLOAD_MB * 2**20 - 1, send=MAX_UPLOAD_MB * 2**20 - 1)
+    assert status in (413, 422), body  # under the cap by a byte: read in full, then refused as not an image
+    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+    assert list(temporary.iterdir()) == []
+
+
+def test_chunked_upload_over_the_cap(service):
+    url, temporary, _ = service
+
+    def body():
+        yield b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n\r\n'
+        for _ in range(MAX_UPLOAD_MB + 5):
+            yield bytes(2**20)
+        yield b"\r\n--XyZ--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=XyZ"}
+    try:
+        answer = httpx.post(f"{url}/v1/anonymize", content=body(), headers=headers, timeout=60)
+    except httpx.HTTPError:  # the server may close before the client finished sending: also a refusal
+        answer = None
+    if answer is not None:
+        assert answer.status_code == 413 and "limit" in answer.json()["reason"]
+    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+    assert list(temporary.iterdir()) == []
+
+
+def test_metrics_and_docs(service):
+    url, _, _ = service
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for name in (
+        "facecloak_requests_total",
+        "facecloak_request_seconds_bucket",
+        "facecloak_faces_total",
+        "facecloak_unprotected_faces_total",
+        "facecloak_queue_depth",
+    ):
+        assert name in text
+    schema = httpx.get(f"{url}/openapi.json", timeout=10).json()
+    assert {"/v1/cloak", "/v1/anonymize", "/v1/detect"} <= set(schema["paths"])
+    docs = httpx.get(f"{url}/docs", timeout=10)
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()
+    assert httpx.get(f"{url}/docs-assets/swagger-ui-bundle.js", timeout=10).status_code == 200  # offline docs
+    page = httpx.get(f"{url}/", timeout=10).text
+    assert "/static/app.js" in page and "http" not in page.replace("http-equiv", "")
+
+
+def test_api_keys(tmp_path, samples_dir):
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# our clients\nsecret-one\nsecret-two\n")
+    app = create_app(ServiceSettings(device="cpu", preload=False, api_keys_file=keys))
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    with TestClient(app) as client:
+        missing = client.post("/v1/detect", files={"image": ("g.jpg", photo)})
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        wrong = client.post("/v1/detect", files={"image": ("g.jpg", photo)}, headers={"X-API-Key": "nope"})
+        assert wrong.status_code == 403 and wrong.json()["error"] == "api_key_wrong"
+        right = client.post(
+            "/v1/detect", files={"image": ("g.jpg", photo)}, headers={"Authorization": "Bearer secret-two"}
+        )
+        assert right.status_code == 200 and len(right.json()["faces"]) == 1
+        assert client.get("/healthz").status_code == 200  # health and the page stay open
+        assert client.get("/v1/info").json()["api_key_required"] is True
+        assert (
+            "access-control-allow-origin"
+            not in client.get("/healthz", headers={"Origin": "http://x"}).headers
+        )
+
+
+def test_micro_batching_and_full_queue():
+    """Concurrent jobs share one model call; past the queue bound, submit refuses (the 503)."""
+    import torch
+
+    from facecloak.io import LoadedImage
+    from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
+    from facecloak.service.settings import ServiceSettings
+
+    calls: list[int] = []
+    gate = threading.Event()
+
+    class SlowEngine:
+        def run(self, jobs):
+            gate.wait(10)
+            calls.append(len(jobs))
+            return [JobResult(None, [], len(jobs), 0.0) for _ in jobs]
+
+    settings = ServiceSettings(max_batch=8, batch_wait_ms=200, queue_size=6)
+    batcher = MicroBatcher(settings, engine_factory=lambda device: SlowEngine())
+    batcher.start()
+    try:
+        image = LoadedImage(Path("x"), torch.zeros(3, 8, 8))
+        futures = [batcher.submit(Job("detect", {}, (0.9, 20), image)) for _ in range(6)]
+        with pytest.raises(QueueFull) as full:
+            batcher.submit(Job("detect", {}, (0.9, 20), image))
+        assert full.value.retry_after_s >= 1
+        gate.set()
+        results = [future.result(timeout=10) for future in futures]
+        assert calls == [6] and all(result.batch_images == 6 for result in results)
+        assert batcher.depth == 0
+    finally:
+        gate.set()
+        batcher.stop()
+
+
+def test_timeout_504_and_full_queue_503_over_http(monkeypatch, samples_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+    from facecloak.service.batcher import Engine
+
+    real_run = Engine.run
+
+    def slow_run(self, jobs):
+        time.sleep(1.5)
+        return real_run(self, jobs)
+
+    monkeypatch.setattr(Engine, "run", slow_run)
+    settings = ServiceSettings(device="cpu", preload=False, queue_size=1, max_batch=1, request_timeout_s=0.5)
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    with TestClient(create_app(settings)) as client:
+
+        def post(_):
+            return client.post("/v1/detect", files={"image": ("g.jpg", photo)})
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(post, range(4)))
+        statuses = sorted(answer.status_code for answer in answers)
+        assert 503 in statuses and 504 in statuses and set(statuses) <= {503, 504}
+        busy = next(answer for answer in answers if answer.status_code == 503)
+        assert int(busy.headers["retry-after"]) >= 1 and busy.json()["error"] == "queue_full"
+        late = next(answer for answer in answers if answer.status_code == 504)
+        assert "limit of 0.5 s" in late.json()["reason"]
+        deadline = time.monotonic() + 60  # the job that timed out still runs to its end, then is released
+        while client.get("/healthz").json()["queue_depth"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get("/healthz").json()["queue_depth"] == 0
+        assert 'facecloak_rejected_total{reason="queue_full"}' in client.get("/metrics").text

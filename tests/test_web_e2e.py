@@ -1,0 +1,140 @@
+"""End to end in a real browser: headless Chromium drives the web page of a running `facecloak serve`.
+
+Uses Debian's ``chromium`` and ``chromium-driver`` packages (``.ci/run`` installs them); skips with
+the reason when they are missing. Saves the screenshot shown in the README.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the service needs pip install 'facecloak[serve]'")
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
+)
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from service_helpers import REPO, running_service  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+SCREENSHOT = REPO / "samples" / "outputs" / "web_page.png"
+
+FETCH_AS_BASE64 = """
+const [url, done] = [arguments[0], arguments[arguments.length - 1]];
+fetch(url).then((r) => r.blob()).then((blob) => {
+  const reader = new FileReader();
+  reader.onload = () => done(reader.result.split(",")[1]);
+  reader.readAsDataURL(blob);
+}).catch((error) => done("ERROR " + error));
+"""
+
+ZIP_AS_BASE64 = """
+const done = arguments[arguments.length - 1];
+makeZip(finished).then((blob) => {
+  const reader = new FileReader();
+  reader.onload = () => done(reader.result.split(",")[1]);
+  reader.readAsDataURL(blob);
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(
+            f"no Chromium here ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver "
+            "(.ci/run does it where apt is available)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,1400",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_page_protects_a_photo(browser, tmp_path, samples_dir):
+    original_path = samples_dir / "grace_hopper.jpg"
+    with running_service(tmp_path) as (url, temporary, _):
+        browser.get(url + "/")
+        assert browser.find_element(By.CSS_SELECTOR, "label[for=file-input]").text  # labelled controls
+        browser.find_element(By.ID, "file-input").send_keys(str(original_path))
+        browser.find_element(By.CSS_SELECTOR, "input[name=method][value=blur]").click()
+        browser.find_element(By.CSS_SELECTOR, "#format option[value=png]").click()  # lossless: exact check
+        browser.find_element(By.ID, "protect-button").click()
+        WebDriverWait(browser, 300).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+
+        card = browser.find_element(By.CSS_SELECTOR, "#results .card")
+        assert "Protected (1 face)" in card.find_element(By.CSS_SELECTOR, ".badge").text
+        face = card.find_element(By.CSS_SELECTOR, ".faces li").text
+        assert face.startswith("Face 1: protected.") and "blurred" in face
+        after = card.find_element(By.CSS_SELECTOR, ".after img")
+        assert (
+            browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", after) == 512
+        )
+        link = card.find_element(By.CSS_SELECTOR, "a.download")
+        assert link.get_attribute("download") == "grace_hopper_anonymized.png" and link.is_displayed()
+
+        downloaded = base64.b64decode(
+            browser.execute_async_script(FETCH_AS_BASE64, link.get_attribute("href"))
+        )
+        before, output = pixels(original_path.read_bytes()), pixels(downloaded)
+        assert output.shape == before.shape
+        # The face region: the box the service reports, scaled by 1.3 (the anonymiser's region).
+        box = browser.execute_script(
+            "const b = arguments[0].style; return [b.left, b.top, b.width, b.height].map(parseFloat);",
+            card.find_element(By.CSS_SELECTOR, ".before .box"),
+        )
+        height, width = before.shape[:2]
+        x1, y1 = box[0] * width / 100, box[1] * height / 100
+        x2, y2 = x1 + box[2] * width / 100, y1 + box[3] * height / 100
+        cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) * 0.65, (y2 - y1) * 0.65
+        inside = np.zeros((height, width), dtype=bool)
+        inside[max(0, int(cy - hh) - 1) : int(cy + hh) + 2, max(0, int(cx - hw) - 1) : int(cx + hw) + 2] = (
+            True
+        )
+        changed = (before != output).any(axis=2)
+        assert changed[inside].mean() > 0.3  # the face is changed...
+        assert not changed[~inside].any()  # ...and not one pixel elsewhere (PNG: exact)
+
+        toggle = card.find_element(By.CSS_SELECTOR, "button.toggle")
+        toggle.click()
+        assert toggle.get_attribute("aria-pressed") == "true"
+        toggle.click()
+
+        archive = zipfile.ZipFile(io.BytesIO(base64.b64decode(browser.execute_async_script(ZIP_AS_BASE64))))
+        assert archive.testzip() is None and archive.namelist() == ["grace_hopper_anonymized.png"]
+        assert archive.read("grace_hopper_anonymized.png") == downloaded
+
+        height = browser.execute_script(
+            "return document.documentElement.scrollHeight + window.outerHeight - window.innerHeight"
+        )
+        browser.set_window_size(1100, height)
+        browser.execute_script("window.scrollTo(0, 0)")
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOT))
+        assert list(temporary.iterdir()) == []
+    assert SCREENSHOT.stat().st_size > 10_000
