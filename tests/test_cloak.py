@@ -173,3 +173,41 @@ def test_cloak_drops_rank1_for_dlibs_own_pipeline(lfw_dir, dlib_model, detector)
     row = result.row("dlib-cpp", "jpeg75")
     assert row["control_rank1"] >= 0.8  # the attacker works on people who did not cloak
     assert row["protected_rank1"] <= 0.2  # and fails on those who did
+
+
+def test_perceptual_budget_bounds_every_pixel(photos, mid_result, centre_faces):
+    """mid: brightness change within 1.6 x the clean photo's JND map, colour within 10% of it."""
+    from facecloak.cloak.budget import RGB_TO_YCBCR, jnd_map
+
+    budget = LEVELS["mid"]
+    for original, cloaked in zip(photos, mid_result.images):
+        allowance = (budget.jnd_scale * jnd_map(original[None])[0]).clamp(max=budget.max_linf / 255)
+        change = torch.einsum("ij,jhw->ihw", RGB_TO_YCBCR, cloaked - original)
+        rounding = 1.0 / 255  # the written image is rounded to 8 bits
+        assert bool((change[0].abs() <= allowance[0] + rounding).all())
+        assert bool((change[1:].abs() <= budget.chroma_share * allowance + rounding).all())
+        assert float((cloaked - original).abs().max()) > 2 / 255  # and it did change the face
+    records = mid_result.records(centre_faces)
+    assert all(0 < r["ciede2000_mean"] < 1.5 and r["ciede2000_p99"] >= r["ciede2000_mean"] for r in records)
+
+
+def test_transfer_options_change_the_cloak_and_are_validated(dlib_model, detector, photos, centre_faces):
+    def run(**options):
+        cloak = UntargetedCloak(
+            [dlib_model], "low", detector=detector, steps=4, seed=0, verify=False, **options
+        )
+        return cloak(photos[:1], centre_faces.for_image(0))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = run(diversity=0.0, smoothing=0.0)
+        boosted = run(diversity=1.0, smoothing=1.5)
+        momentum = run(update="momentum")
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(plain.images[0], boosted.images[0])
+    assert not torch.equal(plain.images[0], momentum.images[0])
+    assert boosted.settings["diversity"] == 1.0 and boosted.settings["smoothing"] == 1.5
+    with pytest.raises(InvalidInputError):
+        UntargetedCloak([dlib_model], "low", update="sgd")
