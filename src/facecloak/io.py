@@ -173,6 +173,50 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
     return LoadedImage(path, pixels, alpha, source_format, grayscale, icc, exif, orientation)
 
 
+def probe_image(path: str | Path, *, max_pixels: int | None = None) -> str:
+    """The format of the photo at ``path`` ("JPEG", "PNG", ...), from its header alone.
+
+    Cheap (nothing is decoded): a batch calls it for every input before any work, so that a
+    missing, empty, unidentifiable or oversized file fails at once and every output name is
+    known up front. A file that passes can still fail at `read_image` (truncated data).
+
+    Raises:
+        ImageReadError: one line naming the file and the reason.
+    """
+    path = Path(path)
+    limit = max_pixels or max_pixels_default()
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
+    if not path.exists():
+        raise ImageReadError("no such file or folder", path)
+    if not path.is_file():
+        raise ImageReadError("not a regular file", path)
+    if path.stat().st_size == 0:
+        raise ImageReadError("empty file (0 bytes)", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                source_format = opened.format or "PNG"
+    except Image.DecompressionBombError:
+        raise ImageReadError(
+            f"more pixels than the limit of {limit:,} (decompression-bomb guard; raise it with --max-pixels)",
+            path,
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image, or an unsupported format", path) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
+    if width * height > limit:
+        raise ImageReadError(
+            f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
+            "(decompression-bomb guard; raise it with --max-pixels)",
+            path,
+        )
+    return source_format
+
+
 def _orientation(opened: Image.Image) -> int:
     try:
         value = int(opened.getexif().get(_ORIENTATION_TAG, 1))
