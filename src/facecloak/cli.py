@@ -215,7 +215,12 @@ def _finish(report, as_json: bool, as_jsonl: bool, quiet: bool) -> None:
 
 
 def _render_table(rows: list[list[str]]) -> str:
-    """Plain aligned columns (readable in a terminal, a log or a pipe); numbers right-aligned."""
+    """Plain aligned columns (readable in a terminal, a log or a pipe); numbers right-aligned.
+
+    Columns with nothing to say (every value "-", e.g. cloak distances in an anonymise run) are left out.
+    """
+    keep = [k for k in range(len(rows[0])) if any(row[k] != "-" for row in rows[1:])]
+    rows = [[row[k] for k in keep] for row in rows]
     widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
     numeric = [all(_is_number(row[k]) for row in rows[1:]) for k in range(len(rows[0]))]
     lines = []
@@ -261,7 +266,8 @@ def _print_per_file(
             if not result["faces"]:
                 click.echo(json.dumps({**head, "face": None}))
             for index, face in enumerate(result["faces"]):
-                click.echo(json.dumps({**head, "face": index, **face}))
+                fields = {key: value for key, value in face.items() if key != "image_index"}
+                click.echo(json.dumps({**head, "face": index, **fields}))
     else:
         for result in results:
             if "error" in result:
@@ -873,9 +879,27 @@ def evaluate(
 
 @contextmanager
 def _stage_progress(quiet: bool):
-    """A progress bar per evaluation stage; yields a callback ``(stage, done, total)``."""
+    """A progress bar per evaluation stage (plain lines when stderr is not a terminal).
+
+    Yields a callback ``(stage, done, total)``.
+    """
     if quiet:
         yield None
+        return
+    if not sys.stderr.isatty():
+        import time
+
+        from facecloak.progress import PLAIN_EVERY_S
+
+        said: dict[str, float] = {}
+
+        def say(stage: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if stage not in said or done >= total or now - said[stage] >= PLAIN_EVERY_S:
+                said[stage] = now
+                click.echo(f"{stage}: {done}/{total}", err=True)
+
+        yield say
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -133,7 +133,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
     if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = limit  # PIL's own guard must not be stricter than the user's explicit limit
     if not path.exists():
-        raise ImageReadError("no such file", path)
+        raise ImageReadError("no such file or folder", path)
     if not path.is_file():
         raise ImageReadError("not a regular file", path)
     if path.stat().st_size == 0:

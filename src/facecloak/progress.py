@@ -21,7 +21,7 @@ PLAIN_EVERY_S = 5.0
 
 
 def resolve_mode(mode: str, stream: TextIO | None = None) -> str:
-    """ "auto" becomes "bar" when ``stream`` (default stderr) is a terminal, else "plain"."""
+    """Resolve "auto": "bar" when ``stream`` (default stderr) is a terminal, else "plain"."""
     if mode != "auto":
         return mode
     stream = stream or sys.stderr
@@ -112,7 +112,8 @@ class BatchDisplay:
             if self.on_file is not None:
                 self.on_file(event)
         elif event.stage == "plan" and event.plan is not None:
-            self._say(plan_line(self.command, event))
+            if not event.plan.empty:
+                self._say(plan_line(self.command, event))
         else:
             self._progress(event)
 
