@@ -193,7 +193,7 @@ class BatchReport:
             lines.append(f"  {self.count('failed')} file(s) failed:")
             lines += [f"    {o.error}" for o in self.outcomes if o.status == "failed"]
         if self.skipped:
-            lines.append(f"  {len(self.skipped)} file(s) skipped (not images)")
+            lines.append(f"  {len(self.skipped)} file(s) skipped (not images, or outputs of this command)")
         return "\n".join(lines)
 
     def table(self) -> list[list[str]]:
@@ -256,7 +256,8 @@ class BatchPlan:
         todo: (input job, output path) of the photos to protect.
         existing: (input, output) of photos skipped because their output exists.
         failed: inputs that cannot be done (missing, not an image, output clash), with the reason.
-        not_images: files inside folders passed over (not an image suffix), with the reason.
+        not_images: files passed over, with the reason: inside folders, files without an image
+            suffix; anywhere, files that are this command's output of another input.
         inputs: the paths as given.
         order: every input file in the order found (the report lists files in this order).
     """
@@ -293,20 +294,35 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
         not_images=not_images, inputs=[str(path) for path in paths], order=[str(job.path) for job in jobs]
     )
     inputs = [job.path for job in jobs]
-    claimed: dict[Path, Path] = {}
+    planned: list[tuple[io.ImageJob, Path]] = []
     for job in jobs:
         try:
             source_format = io.probe_image(job.path, max_pixels=options.max_pixels)
             target = io.output_path(job, out_dir, tag, options.format, source_format)
-            if any(io.same_file(target, other) for other in inputs):
-                raise ImageWriteError("refusing to overwrite an input file", target)
-            key = target.resolve()
-            if key in claimed:
-                raise ImageWriteError(f"same output as {claimed[key]}", target)
-            claimed[key] = job.path
         except FacecloakError as error:
             plan.failed.append(FileOutcome(str(job.path), "failed", error=str(error)))
             continue
+        planned.append((job, target))
+    targets = {target.resolve(): job.path for job, target in planned}
+    earlier = {job.path for job, _ in planned if targets.get(job.path.resolve(), job.path) != job.path}
+    inputs = [path for path in inputs if path not in earlier]
+    claimed: dict[Path, Path] = {}
+    for job, target in planned:
+        if job.path in earlier:  # this command's output of another input here: never an input
+            plan.not_images.append((job.path, f"the {tag} output of {targets[job.path.resolve()]}"))
+            plan.order.remove(str(job.path))
+            continue
+        key = target.resolve()
+        problem = None
+        if any(io.same_file(target, other) for other in inputs):
+            problem = "refusing to overwrite an input file"
+        elif key in claimed:
+            problem = f"same output as {claimed[key]}"
+        if problem:
+            error = ImageWriteError(problem, target)
+            plan.failed.append(FileOutcome(str(job.path), "failed", error=str(error)))
+            continue
+        claimed[key] = job.path
         if target.exists() and not options.overwrite:
             plan.existing.append((job.path, target))
         else:

@@ -514,16 +514,19 @@ def collect_images(
 
     Files named explicitly are always tried (a bad one fails with a reason later); inside folders
     only files with an image suffix are taken and the rest are returned as skipped, with a note.
-    ``exclude`` (the output folder) is never walked, so outputs are not re-read as inputs.
+    ``exclude`` (the output folder) is never walked when it lies inside a folder given, so
+    outputs are not re-read as inputs (a batch also passes over files that are the outputs of
+    other inputs, see `facecloak.batch.plan_batch`).
     """
     jobs: list[ImageJob] = []
     skipped: list[tuple[Path, str]] = []
     excluded = exclude.resolve() if exclude is not None and exclude.exists() else None
     for given in map(Path, paths):
         if given.is_dir():
+            skip = excluded if excluded is not None and excluded != given.resolve() else None
             for file in sorted(p for p in given.rglob("*") if p.is_file()):
                 relative = file.relative_to(given)
-                if excluded is not None and excluded in file.resolve().parents:
+                if skip is not None and skip in file.resolve().parents:
                     continue
                 if any(part.startswith(".") for part in relative.parts):
                     continue
