@@ -29,6 +29,23 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def models_built_once():
+    """Every CLI call builds its face models through `cli._create_model`: build each one once here.
+
+    The models are frozen (eval, no gradients to their weights), so sharing them between calls
+    changes nothing but the time spent loading weights.
+    """
+    import functools
+
+    import facecloak.cli
+
+    original = facecloak.cli._create_model
+    facecloak.cli._create_model = functools.lru_cache(maxsize=None)(original)
+    yield
+    facecloak.cli._create_model = original
+
+
 @pytest.fixture()
 def mixed_batch(tmp_path, samples_dir) -> Path:
     """Good photos, a photo with no face, and every kind of hostile file, in nested folders."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io as bytes_io
 
-import jpeglib
 import numpy as np
 import pytest
 import torch
@@ -15,6 +14,8 @@ from facecloak.batch import CloakFaces
 from facecloak.cloak import create_cloak
 from facecloak.io import read_image, to_uint8, write_image
 from facecloak.jpeg_blocks import BlocksUnavailable, changed_mcus, splice_jpeg
+
+jpeglib = pytest.importorskip("jpeglib", reason="jpeglib (JPEG block editing) is not installed here")
 
 GPS_IFD = 0x8825
 REGION_SCALE = 1.3  # the anonymisers' and the cloak's default face region, relative to the box
