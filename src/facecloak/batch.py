@@ -335,9 +335,10 @@ class ProgressEvent:
     """Where a batch is, for a progress display.
 
     Attributes:
-        stage: "plan" (once, before any work), "detect" (per chunk), "protect" (per chunk and,
-            for cloaks, per optimisation step), "check" (a cloak's last step is done: its
-            after-upload check runs), "file" (one file finished: ``outcome``).
+        stage: "plan" (once, before any work), "load" (building the face detector), "detect"
+            (per chunk), "protect" (per chunk and, for cloaks, per optimisation step), "check"
+            (a cloak's last step is done: its after-upload check runs), "file" (one file
+            finished: ``outcome``).
         files_done: input files finished (written, failed or skipped) out of ``files_total``.
         faces_done: faces finished (protection done) out of ``faces_total`` (None while
             faces are still being detected).
@@ -421,9 +422,11 @@ def run_batch(
     if plan.todo:
         if protector is None:
             raise InvalidInputError("run_batch has photos to protect but no protector")
-        detector = detector or FaceDetector(
-            min_score=options.min_score, min_size=options.min_size, device=options.device
-        )
+        if detector is None:
+            tracker.emit("load")
+            detector = FaceDetector(
+                min_score=options.min_score, min_size=options.min_size, device=options.device
+            )
         found = _detect_all(plan.todo, detector, options, tracker)
         tracker.faces_total = sum(len(faces) for faces in found.values() if faces is not None)
         for index, _ in enumerate(plan.todo):

@@ -181,7 +181,9 @@ def _print_file(as_json: bool, as_jsonl: bool, quiet: bool) -> Callable:
     return print_file
 
 
-def _run_protection(command: str, tag: str, paths, options: Options, build: Callable, io_values: dict):
+def _run_protection(
+    command: str, tag: str, paths, options: Options, build: Callable, io_values: dict, loading: str = ""
+):
     """Plan, build the protector only if there is work, run the batch with its progress display."""
     from facecloak.batch import plan_batch, run_batch
     from facecloak.progress import BatchDisplay
@@ -192,8 +194,13 @@ def _run_protection(command: str, tag: str, paths, options: Options, build: Call
     mode = "none" if quiet else io_values["progress_mode"]
     try:
         plan = plan_batch(paths, tag, options)
-        protector = build() if plan.todo else None
         with BatchDisplay(command, mode, on_file=_print_file(as_json, as_jsonl, quiet)) as display:
+            display.show_plan(plan)
+            protector = None
+            if plan.todo:
+                if loading:
+                    display.status(loading)
+                protector = build()
             return run_batch(paths, protector, options, command=command, on_progress=display, plan=plan)
     except FacecloakError as error:
         _fail(error)
@@ -492,7 +499,9 @@ def cloak(paths, mode, level, models, identity_key, steps, max_dssim, seed, batc
             )
         )
 
-    report = _run_protection("cloak", CloakFaces.tag, paths, options, build, io_values)
+    report = _run_protection(
+        "cloak", CloakFaces.tag, paths, options, build, io_values, loading=f"loading {', '.join(names)}"
+    )
     report.options.update(mode=mode, level=level, models=names, seed=seed)
     _finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])
 

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import TextIO
 
-from facecloak.batch import ProgressEvent
+from facecloak.batch import BatchPlan, ProgressEvent
 
 PROGRESS_MODES = ("auto", "bar", "plain", "none")
 
@@ -46,7 +46,9 @@ def describe(event: ProgressEvent) -> str:
     parts = [f"photos {event.files_done}/{event.files_total}"]
     if event.faces_total is not None:
         parts.append(f"faces {event.faces_done}/{event.faces_total}")
-    if event.stage == "detect":
+    if event.stage == "load":
+        parts.insert(0, "loading the face detector")
+    elif event.stage == "detect":
         parts.insert(0, "detecting faces")
     elif event.stage in ("protect", "check") and event.steps:
         if event.stage == "check":
@@ -83,19 +85,26 @@ class BatchDisplay:
         self._task = None
         self._last_line = 0.0
         self._last_stage: tuple | None = None
+        self._plan_shown = False
 
     def __enter__(self) -> BatchDisplay:
         if self.mode == "bar":
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.table import Column
 
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
+            self._bar = Progress(  # on a narrow terminal the status is cut at its end (file names)
+                TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
+                BarColumn(bar_width=20),
                 TimeElapsedColumn(),
-                TextColumn("{task.fields[status]}"),
+                TextColumn(
+                    "{task.fields[status]}",
+                    markup=False,
+                    table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1),
+                ),
                 console=Console(stderr=True),
                 transient=True,
+                expand=True,
             )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.command, total=1000, status="planning")
@@ -112,10 +121,22 @@ class BatchDisplay:
             if self.on_file is not None:
                 self.on_file(event)
         elif event.stage == "plan" and event.plan is not None:
-            if not event.plan.empty:
-                self._say(plan_line(self.command, event))
+            self.show_plan(event.plan)
         else:
             self._progress(event)
+
+    def show_plan(self, plan: BatchPlan) -> None:
+        """Say once, before any work, how many photos will be done, skipped and failed."""
+        if not self._plan_shown and not plan.empty:
+            self._say(plan_line(self.command, plan))
+        self._plan_shown = True
+
+    def status(self, text: str) -> None:
+        """Say what is happening outside a batch's own events (loading models)."""
+        if self._bar is not None:
+            self._bar.update(self._task, status=text)
+        elif self.mode == "plain":
+            self._say(f"{self.command}: {text}")
 
     def _progress(self, event: ProgressEvent) -> None:
         if self._bar is not None:
@@ -139,9 +160,8 @@ class BatchDisplay:
         self._last_line = time.monotonic()
 
 
-def plan_line(command: str, event: ProgressEvent) -> str:
+def plan_line(command: str, plan: BatchPlan) -> str:
     """The line said before any work: how many photos to do, skip and fail."""
-    plan = event.plan
     line = f"{command}: {len(plan.todo)} photo(s) to do"
     if plan.existing:
         line += f", {len(plan.existing)} skipped: output exists (--overwrite redoes them)"
