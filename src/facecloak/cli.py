@@ -1,7 +1,8 @@
 """The ``facecloak`` command: parse options, call the Python API, print the report, exit.
 
 Exit codes: 0 every face found was protected; 1 finished, but an image had no face or a face
-fell short of its target; 2 usage error; 3 a file failed (the others were still processed).
+fell short of its target, or no image was found; 2 usage error; 3 a file failed (missing,
+unreadable or unwritable; the others were still processed).
 """
 
 from __future__ import annotations
@@ -144,8 +145,9 @@ def main() -> None:
     facecloak detect photo.jpg --json         list the faces found
     facecloak evaluate DATA --method cloak    measure what a protection buys
 
-    Exit codes: 0 all faces protected; 1 an image had no face or a face was not protected;
-    2 usage error; 3 some file failed.
+    Exit codes: 0 all faces protected (inputs whose output exists are skipped); 1 an image had
+    no face, a face was not protected, or no image was found; 2 usage error; 3 some file failed
+    (missing, unreadable, unwritable; the others were still done).
     """
 
 
