@@ -65,6 +65,14 @@ def detector():
 
 
 @pytest.fixture(scope="session")
+def dlib_resnet():
+    """dlib's ResNet on the CPU, built once for the whole session (tests must not change it)."""
+    from facecloak.models import create_embedder
+
+    return create_embedder("dlib-resnet", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def remembering_detector():
     """A CPU MTCNN detector that detects each distinct photo once per session.
 

@@ -29,6 +29,23 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def models_built_once():
+    """Every CLI call builds its face models through `cli._create_model`: build each one once here.
+
+    The models are frozen (eval, no gradients to their weights), so sharing them between calls
+    changes nothing but the time spent loading weights.
+    """
+    import functools
+
+    import facecloak.cli
+
+    original = facecloak.cli._create_model
+    facecloak.cli._create_model = functools.lru_cache(maxsize=None)(original)
+    yield
+    facecloak.cli._create_model = original
+
+
 @pytest.fixture()
 def mixed_batch(tmp_path, samples_dir) -> Path:
     """Good photos, a photo with no face, and every kind of hostile file, in nested folders."""
@@ -54,9 +71,9 @@ def test_batch_goes_on_past_bad_files(runner, mixed_batch, tmp_path):
     result = runner.invoke(main, ["anonymize", str(mixed_batch), "-o", str(out), "-q"])
     assert result.exit_code == 3, result.output
     assert digest(mixed_batch) == before  # no input changed
-    assert (out / "astronaut_anonymized.jpg").is_file()
-    assert (out / "nested" / "group_anonymized.jpg").is_file()
-    assert (out / "sky_anonymized.png").is_file()  # written unchanged, but reported
+    assert (out / "astronaut_blur.jpg").is_file()
+    assert (out / "nested" / "group_blur.jpg").is_file()
+    assert (out / "sky_blur.png").is_file()  # written unchanged, but reported
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 4
     expected = {
@@ -70,9 +87,8 @@ def test_batch_goes_on_past_bad_files(runner, mixed_batch, tmp_path):
     assert "4 file(s) failed" in result.stderr
     assert "NO face found" in result.stderr and "sky.png" in result.stderr
     assert "skipped" in result.stderr
-    assert sorted(p.name for p in out.rglob("*")) == sorted(
-        ["astronaut_anonymized.jpg", "nested", "group_anonymized.jpg", "sky_anonymized.png"]
-    )
+    written = sorted(p.name for p in out.rglob("*") if p.name != ".facecloak-journal.jsonl")  # -o: journaled
+    assert written == sorted(["astronaut_blur.jpg", "nested", "group_blur.jpg", "sky_blur.png"])
 
 
 def test_json_report(runner, mixed_batch, tmp_path):
@@ -95,7 +111,6 @@ def test_exit_codes_all_good_and_no_face(runner, samples_dir, tmp_path):
 
 
 def test_usage_errors_exit_2(runner, tmp_path, samples_dir):
-    assert runner.invoke(main, ["anonymize", str(tmp_path / "missing.jpg")]).exit_code == 2
     assert (
         runner.invoke(main, ["anonymize", str(samples_dir / "astronaut.jpg"), "--method", "smear"]).exit_code
         == 2
@@ -111,10 +126,15 @@ def test_default_output_beside_input_never_overwrites(runner, samples_dir, tmp_p
     shutil.copy(samples_dir / "astronaut.jpg", photo)
     original = photo.read_bytes()
     assert runner.invoke(main, ["anonymize", str(photo), "-q"]).exit_code == 0
-    assert (tmp_path / "me_anonymized.jpg").is_file() and photo.read_bytes() == original
-    again = runner.invoke(main, ["anonymize", str(photo), "-q"])
-    assert again.exit_code == 3 and "output exists" in again.stderr
+    output = tmp_path / "me_blur.jpg"
+    assert output.is_file() and photo.read_bytes() == original
+    output.write_bytes(b"an earlier output")
+    again = runner.invoke(main, ["anonymize", str(photo)])
+    assert again.exit_code == 0, again.output  # skipped, not an error
+    assert "1 skipped: output exists" in again.stderr and "1 image(s) skipped" in again.stdout
+    assert output.read_bytes() == b"an earlier output"
     assert runner.invoke(main, ["anonymize", str(photo), "-q", "--overwrite"]).exit_code == 0
+    assert output.read_bytes() != b"an earlier output"
     # writing into the input folder itself: outputs get a tag, inputs stay
     assert (
         runner.invoke(main, ["anonymize", str(tmp_path), "-o", str(tmp_path), "-q", "--overwrite"]).exit_code
@@ -136,7 +156,7 @@ def test_gps_removed_from_output(runner, samples_dir, tmp_path):
             ).exit_code
             == 0
         )
-        written = Image.open(out / "gps_anonymized.jpg").getexif()
+        written = Image.open(out / "gps_blur.jpg").getexif()
         assert GPS_IFD not in written and written.get(0x010F) == make
 
 
@@ -145,12 +165,13 @@ def test_format_option(runner, samples_dir, tmp_path):
         main, ["anonymize", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), "--format", "png", "-q"]
     )
     assert result.exit_code == 0
-    assert Image.open(tmp_path / "astronaut_anonymized.png").format == "PNG"
+    assert Image.open(tmp_path / "astronaut_blur.png").format == "PNG"
 
 
 def test_detect_command(runner, samples_dir):
     result = runner.invoke(main, ["detect", str(samples_dir / "group.jpg"), "--json"])
     assert result.exit_code == 0
+    assert len(result.stdout.strip().splitlines()) == 1  # compact: one document, one line
     faces = json.loads(result.stdout)[0]["faces"]
     assert len(faces) == 4 and set(faces[0]["landmarks"]) == {
         "left_eye",
@@ -163,6 +184,20 @@ def test_detect_command(runner, samples_dir):
     assert "1 face(s)" in text.stdout
 
 
+def test_detect_jsonl_one_face_per_line(runner, samples_dir, tmp_path):
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "blank.png")
+    paths = [samples_dir / "group.jpg", tmp_path / "blank.png", tmp_path / "missing.jpg"]
+    result = runner.invoke(main, ["detect", *map(str, paths), "--jsonl"])
+    assert result.exit_code == 3  # the missing file; the others are still listed
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # every line parses alone
+    faces = [line for line in lines if line.get("face") is not None]
+    assert [line["face"] for line in faces] == [0, 1, 2, 3]
+    assert all(line["path"].endswith("group.jpg") and len(line["box"]) == 4 for line in faces)
+    assert {"path": str(tmp_path / "blank.png"), "width": 64, "height": 64, "face": None} in lines
+    assert any("error" in line and "missing.jpg" in line["path"] for line in lines)
+    assert "error:" in result.stderr
+
+
 def test_help_has_examples(runner):
     result = runner.invoke(main, ["anonymize", "--help"])
     assert result.exit_code == 0 and "facecloak anonymize photos/" in result.output
@@ -173,12 +208,100 @@ def test_help_has_examples(runner):
 def test_cloak_command_protects_and_reports(runner, samples_dir, tmp_path):
     result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = json.loads(result.stdout)  # progress went to stderr: stdout is one JSON document
+    assert len(result.stdout.strip().splitlines()) == 1
     face = report["files"][0]["faces"][0]
     assert face["protected"] is True and face["found_after_jpeg75"] is True
     assert face["models"]["dlib-resnet"]["distance_after_jpeg75"] > 0.6
     assert face["dssim"] <= 0.012 and report["options"]["level"] == "mid"
+    assert report["files"][0]["written"]["encoding"] == "jpeg-blocks"
     assert (tmp_path / "astronaut_cloaked.jpg").is_file()
+    # stderr is not a terminal here: plain progress lines, per step, with the distance and faces
+    progress = result.stderr.splitlines()
+    assert progress[0] == "cloak: 1 photo(s) to do"
+    assert any("step 1/40" in line and "distance" in line and "faces 0/1" in line for line in progress)
+    assert any("checking after a JPEG 75 re-encode" in line for line in progress)
+
+
+def test_rerun_skips_existing_outputs_before_any_work(runner, samples_dir, tmp_path, monkeypatch):
+    out = tmp_path / "cloaked"
+    out.mkdir()
+    for name in ("astronaut", "group"):
+        (out / f"{name}_cloaked.jpg").write_bytes(b"earlier output")
+    import facecloak.batch
+    import facecloak.cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a re-run with every output present must not load models or detect faces")
+
+    monkeypatch.setattr(facecloak.cli, "_create_model", no_work)
+    monkeypatch.setattr(facecloak.batch, "FaceDetector", no_work)
+    photos = [str(samples_dir / "astronaut.jpg"), str(samples_dir / "group.jpg")]
+    result = runner.invoke(main, ["cloak", *photos, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "0 photo(s) to do, 2 skipped: output exists" in result.stderr
+    assert "2 image(s) skipped: their output exists (--overwrite redoes them)" in result.stdout
+    assert all(p.read_bytes() == b"earlier output" for p in out.iterdir())
+    report = json.loads(runner.invoke(main, ["cloak", *photos, "-o", str(out), "--json"]).stdout)
+    assert report["skipped_existing"] == 2 and {f["status"] for f in report["files"]} == {"skipped"}
+
+
+def test_missing_path_is_one_files_error_and_the_batch_goes_on(runner, samples_dir, tmp_path):
+    missing = tmp_path / "not-there.jpg"
+    result = runner.invoke(
+        main, ["anonymize", str(missing), str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 3, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {missing}: no such file or folder"]
+    assert (tmp_path / "o" / "astronaut_blur.jpg").is_file()
+    assert "astronaut.jpg: 1 face(s)" in result.stdout
+    # a missing path alone is the same per-file error, not a usage error
+    alone = runner.invoke(main, ["cloak", str(missing)])
+    assert alone.exit_code == 3 and "no such file or folder" in alone.stderr
+
+
+def test_empty_input_exits_1_with_a_message(runner, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("no photo here")
+    for folder in ("empty", "text"):
+        result = runner.invoke(main, ["anonymize", str(tmp_path / folder), "-o", str(tmp_path / "o")])
+        assert result.exit_code == 1, result.output
+        assert "no image found in" in result.stderr and "nothing to do" in result.stderr
+    assert not (tmp_path / "o").exists()
+    detect = runner.invoke(main, ["detect", str(tmp_path / "empty")])
+    assert detect.exit_code == 1 and "no image found" in detect.stderr
+
+
+def test_anonymise_outputs_are_tagged_by_method(runner, samples_dir, tmp_path):
+    photo = str(samples_dir / "astronaut.jpg")
+    for method in ("blur", "pixelate", "mask"):
+        result = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--method", method, "-q"])
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".facecloak-journal.jsonl") == [
+        "astronaut_blur.jpg",
+        "astronaut_mask.jpg",
+        "astronaut_pixelate.jpg",
+    ]
+
+
+def test_jsonl_streams_one_line_per_file_and_a_summary(runner, samples_dir, tmp_path):
+    result = runner.invoke(
+        main,
+        [
+            "anonymize",
+            str(samples_dir / "group.jpg"),
+            str(tmp_path / "gone.png"),
+            "-o",
+            str(tmp_path),
+            "--jsonl",
+        ],
+    )
+    assert result.exit_code == 3
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line.get("status") for line in lines[:2]] == ["failed", "protected"]
+    assert len(lines[1]["faces"]) == 4 and lines[2]["summary"]["failed_files"] == 1
 
 
 def test_cloak_that_falls_short_says_so(runner, samples_dir, tmp_path):
@@ -194,14 +317,43 @@ def test_cloak_unknown_model_is_an_error(runner, samples_dir, tmp_path):
     assert result.exit_code == 3 and "unknown face model 'nope'" in result.stderr
 
 
-def test_models_and_verify_commands(runner, samples_dir, tmp_path):
+def test_models_and_verify_commands(runner, samples_dir, tmp_path, monkeypatch):
     listed = runner.invoke(main, ["models"])
     assert listed.exit_code == 0 and "dlib-resnet" in listed.stdout and "NOT available" in listed.stdout
+    assert "weights=" not in listed.stdout  # CLI terms: an environment variable, not a Python argument
+    assert "set the environment variable FACECLOAK_FACENET_VGGFACE2" in listed.stdout
+    assert "facecloak models add NAME FILE" in listed.stdout
+    folder = tmp_path / "models" / "my-model"
+    folder.mkdir(parents=True)
+    (folder / "net.onnx").write_bytes(b"not really onnx")
+    monkeypatch.setenv("FACECLOAK_MODELS", str(tmp_path / "models"))
+    suggested = runner.invoke(main, ["models"])
+    assert f"facecloak models add my-model {(folder / 'net.onnx').resolve()}" in suggested.stdout
     same = runner.invoke(main, ["verify", str(samples_dir / "astronaut.jpg"), str(samples_dir / "group.jpg")])
-    assert same.exit_code in (0, 1) and "threshold 0.6" in same.stdout
+    assert same.exit_code in (0, 1) and "match threshold 0.6" in same.stdout
     other = runner.invoke(
         main, ["verify", str(samples_dir / "astronaut.jpg"), str(samples_dir / "grace_hopper.jpg")]
     )
     assert other.exit_code == 1 and "DIFFERENT people" in other.stdout
     embedded = runner.invoke(main, ["embed", str(samples_dir / "astronaut.jpg"), "--json"])
     assert len(json.loads(embedded.stdout)[0]["faces"][0]["embedding"]) == 128
+
+
+def test_verify_has_a_match_and_a_detection_threshold(runner, samples_dir):
+    pair = [str(samples_dir / "astronaut.jpg"), str(samples_dir / "grace_hopper.jpg")]
+    loose = runner.invoke(
+        main, ["verify", *pair, "--match-threshold", "5", "--detect-threshold", "0.8", "--json"]
+    )
+    assert loose.exit_code == 0, loose.output
+    result = json.loads(loose.stdout)
+    assert result["same_person"] is True and result["match_threshold"] == 5.0
+    assert result["model_match_threshold"] == 0.6 and result["detect_threshold"] == 0.8
+    assert 0.6 < result["distance"] < 5.0
+    strict = runner.invoke(main, ["verify", *pair, "--match-threshold", "0.01"])
+    assert strict.exit_code == 1 and ">= match threshold 0.01" in strict.stdout
+    # the old name still works, sets detection, and says so
+    old = runner.invoke(main, ["verify", *pair, "--threshold", "0.8", "--json"])
+    assert old.exit_code == 1 and "deprecated" in old.stderr
+    assert json.loads(old.stdout)["detect_threshold"] == 0.8
+    # the other commands take the clearer name too
+    assert runner.invoke(main, ["detect", pair[0], "--detect-threshold", "0.95"]).exit_code == 0

@@ -13,14 +13,13 @@ from facecloak.cloak.targeted import key_direction, synthetic_targets
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
 from facecloak.io import read_image
-from facecloak.models import create_embedder
 
 PEOPLE = ("Colin_Powell", "Hugo_Chavez")
 
 
 @pytest.fixture(scope="module")
-def dlib_model():
-    return create_embedder("dlib-resnet", device="cpu")
+def dlib_model(dlib_resnet):
+    return dlib_resnet  # built once per session (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ from facecloak.models.dlib_shape import (
     locate_shape_predictor,
     mtcnn_box_to_dlib,
 )
-from facecloak.models.registry import create_embedder
 
 NUM_LFW_FACES = 100
 HOG_UPSAMPLE = 1  # as face_recognition does
@@ -210,14 +209,14 @@ def test_mtcnn_boxes_land_near_dlibs_landmarks(predictor, lfw_faces):
     assert mapped.mean() < 0.8 * unmapped.mean()
 
 
-def test_whole_pipeline_matches_dlib(predictor, lfw_faces):
+def test_whole_pipeline_matches_dlib(predictor, lfw_faces, dlib_resnet):
     """MTCNN -> mapped box -> our predictor -> dlib's chip -> our ResNet, against dlib's whole pipeline.
 
     Also better than aligning from MTCNN's own landmarks with the fitted template (the card's).
     Measured on these 100 faces: mean cosine 0.9986 (worst face 0.952), template 0.9946; on 150
     other LFW faces 0.9980 against 0.9943.
     """
-    embedder = create_embedder("dlib-resnet", device="cpu")
+    embedder = dlib_resnet
     template = dlib_template_pixels(torch.tensor(DLIB_5POINT_TEMPLATE, dtype=torch.float64), 150)
     ours, baseline = [], []
     for face in lfw_faces:

@@ -28,15 +28,14 @@ from facecloak.evaluate import (
     verification_accuracy,
 )
 from facecloak.io import read_image
-from facecloak.models import create_embedder
 from facecloak.report import render_html, summary_table
 
 PEOPLE = ["Ian_Thorpe", "Jacques_Rogge", "Richard_Gere", "Paul_Wolfowitz"]
 
 
 @pytest.fixture(scope="module")
-def attacker(detector):
-    return PipelineAttacker(create_embedder("dlib-resnet", device="cpu"), detector)
+def attacker(detector, dlib_resnet):
+    return PipelineAttacker(dlib_resnet, detector)
 
 
 # -- pure metrics -------------------------------------------------------------------------------

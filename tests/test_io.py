@@ -16,6 +16,7 @@ from facecloak.io import (
     HEIF_AVAILABLE,
     collect_images,
     output_path,
+    probe_image,
     read_image,
     strip_location,
     write_image,
@@ -249,3 +250,30 @@ class TestPaths:
         target = output_path(jobs[1], tmp_path / "o", "cloaked", None, "PNG")
         assert target == tmp_path / "o" / "sub" / "b_cloaked.png"
         assert output_path(jobs[0], None, "anonymized", "png", "JPEG") == tmp_path / "in" / "a_anonymized.png"
+
+    def test_output_folder_equal_to_the_input_folder_is_walked(self, tmp_path):
+        (tmp_path / "a.jpg").write_bytes(b"x")
+        jobs, _ = collect_images([tmp_path], exclude=tmp_path)
+        assert [job.path.name for job in jobs] == ["a.jpg"]
+
+
+class TestProbe:
+    def test_format_from_the_header_alone(self, tmp_path, samples_dir):
+        assert probe_image(samples_dir / "astronaut.jpg") == "JPEG"
+        Image.fromarray(gradient()).save(tmp_path / "g.webp")
+        assert probe_image(tmp_path / "g.webp") == "WEBP"
+
+    def test_every_early_failure_is_one_line(self, tmp_path):
+        (tmp_path / "empty.jpg").write_bytes(b"")
+        (tmp_path / "text.png").write_text("hello")
+        png_header_only(tmp_path / "bomb.png", 60_000, 60_000)
+        cases = {
+            tmp_path / "missing.jpg": "no such file or folder",
+            tmp_path / "empty.jpg": "empty file",
+            tmp_path / "text.png": "not an image",
+            tmp_path / "bomb.png": "limit",
+            tmp_path: "not a regular file",
+        }
+        for path, reason in cases.items():
+            with pytest.raises(ImageReadError, match=reason):
+                probe_image(path)

@@ -65,7 +65,7 @@ def test_kill_9_then_resume(tmp_path, samples_dir):
     first.wait()
     done_before = len(done_records(out))
     assert 8 <= done_before < len(inputs)
-    for output in out.rglob("*_anonymized.jpg"):  # whatever has a final name is a whole image
+    for output in out.rglob("*_blur.jpg"):  # whatever has a final name is a whole image
         read_image(output)
 
     second = facecloak(*command)
@@ -79,7 +79,7 @@ def test_kill_9_then_resume(tmp_path, samples_dir):
     assert len(done) == len(inputs) and set(done.values()) == {1}  # every photo done exactly once
     for path in inputs:
         relative = path.relative_to(tmp_path / "photos")
-        read_image(out / relative.with_name(f"{path.stem}_anonymized.jpg"))  # none lost, none corrupt
+        read_image(out / relative.with_name(f"{path.stem}_blur.jpg"))  # none lost, none corrupt
     assert not [p for p in out.rglob(".facecloak-*") if p.name != JOURNAL_NAME]  # no temporary file left
 
     third = facecloak(*command)
@@ -134,22 +134,24 @@ def test_torn_journal_line_and_lost_output(three_photos, tmp_path, detector):
     blur_batch(three_photos, out, detector)
     with open(out / JOURNAL_NAME, "ab") as journal:  # a crash in the middle of an append
         journal.write(b'{"event":"done","input":"astro')
-    (out / "group_anonymized.jpg").unlink()  # an output lost since
+    (out / "group_blur.jpg").unlink()  # an output lost since
     (out / ".facecloak-abc123.jpg").write_bytes(b"half an image")  # an interrupted write
     again = blur_batch(three_photos, out, detector)
     assert again.resumed == 2 and again.count("failed") == 0
-    assert (out / "group_anonymized.jpg").is_file() and not (out / ".facecloak-abc123.jpg").exists()
+    assert (out / "group_blur.jpg").is_file() and not (out / ".facecloak-abc123.jpg").exists()
     assert (out / JOURNAL_NAME).read_bytes().endswith(b"\n")
 
 
 def test_a_file_the_journal_does_not_know_is_not_replaced(three_photos, tmp_path, detector):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "group_anonymized.jpg").write_bytes(b"the user's own file")
-    report = blur_batch(three_photos, out, detector)
-    assert report.count("failed") == 1 and "output exists" in report.outcomes[2].error
-    assert (out / "group_anonymized.jpg").read_bytes() == b"the user's own file"
-    assert blur_batch(three_photos, out, detector, overwrite=True).count("failed") == 0
+    (out / "group_blur.jpg").write_bytes(b"the user's own file")
+    report = blur_batch(three_photos, out, detector)  # skipped, as in a batch without journal
+    assert report.count("skipped") == 1 and report.outcomes[2].status == "skipped"
+    assert report.count("failed") == 0 and report.exit_code == 0
+    assert (out / "group_blur.jpg").read_bytes() == b"the user's own file"
+    replaced = blur_batch(three_photos, out, detector, overwrite=True)
+    assert replaced.count("failed") == 0 and replaced.count("protected") == 3
 
 
 def test_one_batch_per_folder(tmp_path):

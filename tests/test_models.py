@@ -152,9 +152,9 @@ def test_our_dlib_chip_matches_dlibs_within_a_grey_level(lfw_dir):
     assert np.mean(errors) < 1.0, errors  # dlib truncates to 8 bits: about half a level
 
 
-def test_gradient_reaches_the_image_and_predicts_the_change(samples_dir, detector):
+def test_gradient_reaches_the_image_and_predicts_the_change(samples_dir, detector, dlib_resnet):
     """A small step along the gradient moves the embedding as the first-order term predicts."""
-    model = create_embedder("dlib-resnet", device="cpu")
+    model = dlib_resnet
     image = read_image(samples_dir / "astronaut.jpg").pixels * 0.98 + 0.01  # room to step both ways
     faces = detector([image])
     direction = torch.randn(128, generator=torch.Generator().manual_seed(0))
@@ -174,7 +174,7 @@ def test_gradient_reaches_the_image_and_predicts_the_change(samples_dir, detecto
 # -- the whole pipeline -------------------------------------------------------------------------
 
 
-def test_whole_pipeline_agrees_with_dlibs(lfw_dir, detector):
+def test_whole_pipeline_agrees_with_dlibs(lfw_dir, detector, dlib_resnet):
     """Our detection + landmarks + alignment + network vs dlib's HOG + predictor + network."""
     dlib = pytest.importorskip("dlib")
     hog = dlib.get_frontal_face_detector()
@@ -182,7 +182,7 @@ def test_whole_pipeline_agrees_with_dlibs(lfw_dir, detector):
     recogniser = dlib.face_recognition_model_v1(
         str(dlib_files() / "dlib_face_recognition_resnet_model_v1.dat")
     )
-    model = create_embedder("dlib-resnet", device="cpu")
+    model = dlib_resnet
     files = sorted((lfw_dir / "images").glob("*/*.jpg"))
     random.Random(11).shuffle(files)
     cosines = []
@@ -218,11 +218,11 @@ def test_dlib_landmarks_drive_dlib_resnet_alignment(samples_dir, detector):
     assert (chip_points - torch.tensor(card.template)).norm(dim=-1).max() < 8
 
 
-def test_lfw_verification_accuracy(lfw_dir, remembering_detector):
+def test_lfw_verification_accuracy(lfw_dir, remembering_detector, dlib_resnet):
     """5-fold protocol on a subset of the shared pairs (all 3,000 are in scripts/eval_lfw_verification.py)."""
     pairs = read_lfw_pairs(lfw_dir / "pairs.txt")
     subset = [pair for i, pair in enumerate(pairs) if (i % 300) < 40]  # 40 same + 40 different per fold
-    attacker = PipelineAttacker(create_embedder("dlib-resnet", device="cpu"), remembering_detector)
+    attacker = PipelineAttacker(dlib_resnet, remembering_detector)
     result = lfw_verification(subset, [attacker])["dlib-resnet"]
     assert result["pairs"] == 400
     assert result["accuracy"] >= 0.98, result

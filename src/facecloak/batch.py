@@ -1,13 +1,17 @@
-"""Batches of files: read, detect, protect, write, and count what happened to each file.
+"""Batches of files: plan, read, detect, protect, write, and count what happened to each file.
 
-Layered like black: a `Protector` turns a list of decoded images and their `Faces` into output
-images and per-face records; `process_files` runs it over files in chunks, catching each
-file's `FacecloakError` so one bad file never stops the batch; `BatchReport` counts outcomes,
-derives the exit code and renders the summary. The CLI only parses options, calls
-`run_batch` and prints the report.
+Layered like black: `plan_batch` decides every output path before any work (an input whose
+output exists is skipped unless ``overwrite``; a missing or unreadable path is one file's
+error, not the batch's); a `Protector` turns a list of decoded images and their `Faces` into
+output images and per-face records; `run_batch` detects every face first (so the totals are
+known), then protects the photos in chunks, catching each file's `FacecloakError` so one bad
+file never stops the batch, and reports progress as `ProgressEvent`s; `BatchReport` counts
+outcomes, derives the exit code and renders the summary. The CLI only parses options, calls
+`run_batch` and prints.
 
-Exit codes: 0 every face found was protected; 1 finished, but some image had no face or a face
-fell short of its protection target; 2 usage error (from the CLI); 3 some file failed.
+Exit codes: 0 every face found was protected (skipped files count as done); 1 finished, but
+some image had no face or a face fell short of its protection target, or there was no image at
+all; 2 usage error (from the CLI); 3 some file failed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import Tensor
 from facecloak import io
 from facecloak.anonymize import Anonymizer
 from facecloak.cloak import Cloak
+from facecloak.cloak.base import StepCallback
 from facecloak.detect import FaceDetector
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
 from facecloak.faces import Faces
@@ -42,13 +47,15 @@ class Options:
         out_dir: output folder (mirrors the input tree); None writes beside each input.
         format: output format name ("jpeg", "png", ...); None keeps each input's format.
         keep_metadata: keep EXIF minus GPS (default: drop it all).
-        overwrite: replace earlier outputs (inputs are never replaced).
+        overwrite: redo inputs whose output exists and replace it (inputs are never replaced);
+            without it such inputs are skipped before any work.
         max_pixels: decompression-bomb guard per image.
         min_score: detection confidence threshold.
         min_size: smallest face side looked for, in pixels.
         device: torch device name, None for CUDA when present else CPU.
         chunk: images read, detected and processed together.
-        jpeg_quality: quality of JPEG/WebP outputs.
+        jpeg_quality: quality of JPEG/WebP outputs; None keeps a JPEG input's own quantisation
+            and re-encodes only the blocks around the faces (`facecloak.jpeg_blocks`).
     """
 
     out_dir: str | None = None
@@ -60,15 +67,22 @@ class Options:
     min_size: int = 20
     device: str | None = None
     chunk: int = 8
-    jpeg_quality: int = io.JPEG_QUALITY
+    jpeg_quality: int | None = None
 
 
 class Protector(Protocol):
-    """What a batch runs: anonymise or cloak the faces of a list of images."""
+    """What a batch runs: anonymise or cloak the faces of a list of images.
 
-    tag: str  # output name suffix, e.g. "anonymized"
+    A protector that optimises (a cloak) sets ``steps`` (most steps per face) and accepts an
+    ``on_step`` keyword, called after every step; others set ``steps = 0`` and ignore it.
+    """
 
-    def __call__(self, images: list[Tensor], faces: Faces) -> tuple[list[Tensor], list[dict]]:
+    tag: str  # output name suffix, e.g. "cloaked", "blur"
+    steps: int
+
+    def __call__(
+        self, images: list[Tensor], faces: Faces, *, on_step: StepCallback | None = None
+    ) -> tuple[list[Tensor], list[dict]]:
         """Return one output per image and one record per face (with a bool ``protected``)."""
         ...
 
@@ -78,38 +92,58 @@ class FileOutcome:
     """What happened to one input file."""
 
     path: str
-    status: str  # "protected", "no_face", "unprotected", "failed"
+    status: str  # "protected", "no_face", "unprotected", "failed", "skipped" (output exists)
     output: str | None = None
     faces: list[dict] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    written: dict = field(default_factory=dict)  # how the output was encoded (see io.write_image)
 
     @property
     def message(self) -> str:
         """One line for the terminal."""
         if self.status == "failed":
             return f"error: {self.error}"
+        if self.status == "skipped":
+            return f"{self.path}: skipped, output exists: {self.output}"
         if self.status == "no_face":
-            return f"{self.path}: no face found; written unchanged to {self.output}"
+            return f"{self.path}: no face found; written unchanged to {self.output}{self._encoding_note()}"
         short = sum(not face.get("protected", True) for face in self.faces)
         if self.status == "unprotected":
-            return f"{self.path}: {short} of {len(self.faces)} face(s) NOT protected -> {self.output}"
-        return f"{self.path}: {len(self.faces)} face(s) -> {self.output}"
+            return (
+                f"{self.path}: {short} of {len(self.faces)} face(s) NOT protected -> {self.output}"
+                f"{self._encoding_note()}"
+            )
+        return f"{self.path}: {len(self.faces)} face(s) -> {self.output}{self._encoding_note()}"
+
+    def _encoding_note(self) -> str:
+        if self.written.get("encoding") == "jpeg-blocks":
+            kept = self.written["mcus_total"] - self.written["mcus_reencoded"]
+            return f" (JPEG: {kept} of {self.written['mcus_total']} blocks kept bit-exact)"
+        if "jpeg_fallback" in self.written:
+            return f" ({self.written['jpeg_fallback']})"
+        return ""
 
 
 @dataclass
 class BatchReport:
-    """Outcomes of a batch, with its options; renders the summary and the exit code."""
+    """Outcomes of a batch, with its options; renders the summary, the table and the exit code."""
 
     command: str
     options: dict
     outcomes: list[FileOutcome] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # files in folders that are not images
     seconds: float = 0.0
+    inputs: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         """Number of files with ``status``."""
         return sum(outcome.status == status for outcome in self.outcomes)
+
+    @property
+    def empty(self) -> bool:
+        """No image at all under the paths given."""
+        return not self.outcomes
 
     @property
     def faces(self) -> int:
@@ -123,18 +157,30 @@ class BatchReport:
 
     @property
     def exit_code(self) -> int:
-        """3 if a file failed, else 1 if an image had no face or a face fell short, else 0."""
+        """3 if a file failed; else 1 if an image had no face, a face fell short, or nothing was found."""
         if self.count("failed"):
             return EXIT_FAILED
-        if self.count("no_face") or self.count("unprotected"):
+        if self.empty or self.count("no_face") or self.count("unprotected"):
             return EXIT_UNPROTECTED
         return EXIT_OK
 
     def __str__(self) -> str:
+        if self.empty:
+            where = ", ".join(self.inputs) or "(nothing given)"
+            lines = [f"{self.command}: no image found in {where}; nothing to do"]
+            if self.skipped:
+                lines.append(f"  {len(self.skipped)} file(s) skipped (not images)")
+            return "\n".join(lines)
+        done = len(self.outcomes) - self.count("skipped") - self.count("failed")
         lines = [
-            f"{self.command}: {len(self.outcomes)} image(s), {self.faces} face(s) found, "
+            f"{self.command}: {len(self.outcomes)} image(s): {done} done, {self.count('skipped')} skipped, "
+            f"{self.count('failed')} failed; {self.faces} face(s) found, "
             f"{self.faces - self.unprotected_faces} protected, in {self.seconds:.1f} s"
         ]
+        if self.count("skipped"):
+            lines.append(
+                f"  {self.count('skipped')} image(s) skipped: their output exists (--overwrite redoes them)"
+            )
         if self.count("no_face"):
             lines.append(
                 f"  {self.count('no_face')} image(s) with NO face found (nothing was changed in them):"
@@ -147,8 +193,31 @@ class BatchReport:
             lines.append(f"  {self.count('failed')} file(s) failed:")
             lines += [f"    {o.error}" for o in self.outcomes if o.status == "failed"]
         if self.skipped:
-            lines.append(f"  {len(self.skipped)} file(s) skipped (not images)")
+            lines.append(f"  {len(self.skipped)} file(s) skipped (not images, or outputs of this command)")
         return "\n".join(lines)
+
+    def table(self) -> list[list[str]]:
+        """Rows of the final table (first row the header): one per file that was worked on."""
+        rows = [["file", "faces", "protected", "distance / threshold", "face DSSIM", "s", "output"]]
+        for outcome in self.outcomes:
+            if outcome.status in ("failed", "skipped"):
+                continue
+            ratios = [_worst_ratio(face) for face in outcome.faces]
+            ratios = [r for r in ratios if r is not None]
+            dssims = [face["dssim"] for face in outcome.faces if "dssim" in face]
+            protected = sum(face.get("protected", True) for face in outcome.faces)
+            rows.append(
+                [
+                    outcome.path,
+                    str(len(outcome.faces)),
+                    f"{protected}/{len(outcome.faces)}",
+                    f"{min(ratios):.2f}x" if ratios else "-",
+                    f"{max(dssims):.4f}" if dssims else "-",
+                    f"{outcome.seconds:.1f}",
+                    outcome.output or "-",
+                ]
+            )
+        return rows
 
     def to_dict(self) -> dict:
         """Everything, JSON-ready."""
@@ -161,84 +230,355 @@ class BatchReport:
             "unprotected_faces": self.unprotected_faces,
             "no_face_images": self.count("no_face"),
             "failed_files": self.count("failed"),
+            "skipped_existing": self.count("skipped"),
             "seconds": round(self.seconds, 3),
             "files": [asdict(outcome) for outcome in self.outcomes],
             "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped],
         }
 
 
-ProgressCallback = Callable[[int, int], None]
+def _worst_ratio(face: dict) -> float | None:
+    """A cloaked face's smallest distance / threshold over its models (after JPEG 75 when measured)."""
+    ratios = []
+    for model in face.get("models", {}).values():
+        distance = model.get("distance_after_jpeg75")
+        distance = model.get("distance") if distance is None else distance
+        if distance is not None and model.get("threshold"):
+            ratios.append(distance / model["threshold"])
+    return min(ratios) if ratios else None
+
+
+@dataclass
+class BatchPlan:
+    """Every input and what will happen to it, decided before any work.
+
+    Attributes:
+        todo: (input job, output path) of the photos to protect.
+        existing: (input, output) of photos skipped because their output exists.
+        failed: inputs that cannot be done (missing, not an image, output clash), with the reason.
+        not_images: files passed over, with the reason: inside folders, files without an image
+            suffix; anywhere, files that are this command's output of another input.
+        inputs: the paths as given.
+        order: every input file in the order found (the report lists files in this order).
+    """
+
+    todo: list[tuple[io.ImageJob, Path]] = field(default_factory=list)
+    existing: list[tuple[Path, Path]] = field(default_factory=list)
+    failed: list[FileOutcome] = field(default_factory=list)
+    not_images: list[tuple[Path, str]] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """No image at all under the paths given."""
+        return not (self.todo or self.existing or self.failed)
+
+
+def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> BatchPlan:
+    """Decide every output path, and which inputs to skip or fail, before any work.
+
+    Args:
+        paths: files and folders (walked recursively); a missing path is one failed file.
+        tag: output name suffix (``<stem>_<tag>.<ext>``).
+        options: file settings (``out_dir``, ``format``, ``overwrite``, ``max_pixels``).
+
+    Example:
+        >>> plan = plan_batch(["samples/"], "cloaked", Options(out_dir="out"))  # doctest: +SKIP
+        >>> len(plan.todo), len(plan.existing)
+        (3, 0)
+    """
+    out_dir = Path(options.out_dir) if options.out_dir else None
+    jobs, not_images = io.collect_images(paths, exclude=out_dir)
+    plan = BatchPlan(
+        not_images=not_images, inputs=[str(path) for path in paths], order=[str(job.path) for job in jobs]
+    )
+    inputs = [job.path for job in jobs]
+    planned: list[tuple[io.ImageJob, Path]] = []
+    for job in jobs:
+        try:
+            source_format = io.probe_image(job.path, max_pixels=options.max_pixels)
+            target = io.output_path(job, out_dir, tag, options.format, source_format)
+        except FacecloakError as error:
+            plan.failed.append(FileOutcome(str(job.path), "failed", error=str(error)))
+            continue
+        planned.append((job, target))
+    targets = {target.resolve(): job.path for job, target in planned}
+    earlier = {job.path for job, _ in planned if targets.get(job.path.resolve(), job.path) != job.path}
+    inputs = [path for path in inputs if path not in earlier]
+    claimed: dict[Path, Path] = {}
+    for job, target in planned:
+        if job.path in earlier:  # this command's output of another input here: never an input
+            plan.not_images.append((job.path, f"the {tag} output of {targets[job.path.resolve()]}"))
+            plan.order.remove(str(job.path))
+            continue
+        key = target.resolve()
+        problem = None
+        if any(io.same_file(target, other) for other in inputs):
+            problem = "refusing to overwrite an input file"
+        elif key in claimed:
+            problem = f"same output as {claimed[key]}"
+        if problem:
+            error = ImageWriteError(problem, target)
+            plan.failed.append(FileOutcome(str(job.path), "failed", error=str(error)))
+            continue
+        claimed[key] = job.path
+        if target.exists() and not options.overwrite:
+            plan.existing.append((job.path, target))
+        else:
+            plan.todo.append((job, target))
+    return plan
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where a batch is, for a progress display.
+
+    Attributes:
+        stage: "plan" (once, before any work), "load" (building the face detector), "detect"
+            (per chunk), "protect" (per chunk and, for cloaks, per optimisation step), "check"
+            (a cloak's last step is done: its after-upload check runs), "file" (one file
+            finished: ``outcome``).
+        files_done: input files finished (written, failed or skipped) out of ``files_total``.
+        faces_done: faces finished (protection done) out of ``faces_total`` (None while
+            faces are still being detected).
+        step: optimisation step of the current chunk, out of ``steps`` (0 when not optimising).
+        distance: current chunk, the farthest-behind unfinished face's distance from its
+            identity as a multiple of its match threshold, under this step's simulated upload
+            (cloaks only; the closest face once all are done).
+        aim: the multiple the cloak aims at.
+        fraction: share of the whole batch's work done, 0 to 1 (detection counts one unit per
+            photo, protection one per photo plus, for cloaks, the most steps per face).
+        eta_seconds: estimated time left (None until it can be estimated).
+        current: names of the files being worked on.
+        outcome: the finished file (stage "file").
+        plan: the plan (stage "plan").
+    """
+
+    stage: str
+    files_done: int
+    files_total: int
+    faces_done: int = 0
+    faces_total: int | None = None
+    step: int = 0
+    steps: int = 0
+    distance: float | None = None
+    aim: float | None = None
+    fraction: float = 0.0
+    eta_seconds: float | None = None
+    current: tuple[str, ...] = ()
+    outcome: FileOutcome | None = None
+    plan: BatchPlan | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
 
 
 def run_batch(
     paths: Sequence[str | Path],
-    protector: Protector,
+    protector: Protector | None,
     options: Options,
     *,
     detector: FaceDetector | None = None,
     command: str = "",
     on_progress: ProgressCallback | None = None,
+    plan: BatchPlan | None = None,
 ) -> BatchReport:
     """Protect every image under ``paths``; never raise for a bad file, report it instead.
 
+    Every output path is decided first (`plan_batch`): inputs whose output exists are skipped
+    (status "skipped", exit code unaffected) unless ``options.overwrite``; missing or unreadable
+    paths fail alone (status "failed", exit code 3). Then every face is detected, then the
+    photos are protected chunk by chunk and each output is written as soon as its chunk is done.
+
     Args:
         paths: files and folders (walked recursively).
-        protector: what to do with the faces (an anonymiser or a cloak).
+        protector: what to do with the faces (an anonymiser or a cloak); may be None when
+            ``plan`` has nothing to do (so a re-run loads no model).
         options: file and detection settings.
         detector: a ready detector (default: built from ``options``).
         command: name shown in the summary.
-        on_progress: called with (files done, files total) after each chunk.
+        on_progress: called with a `ProgressEvent` at each stage, step and finished file.
+        plan: a plan made beforehand with `plan_batch` (default: made here, with ``protector.tag``).
     """
     started = time.perf_counter()
-    out_dir = Path(options.out_dir) if options.out_dir else None
-    jobs, skipped = io.collect_images(paths, exclude=out_dir)
-    report = BatchReport(command or protector.tag, asdict(options), skipped=[(str(p), r) for p, r in skipped])
-    detector = detector or FaceDetector(
-        min_score=options.min_score, min_size=options.min_size, device=options.device
+    if plan is None:
+        if protector is None:
+            raise InvalidInputError("run_batch needs a protector or a plan")
+        plan = plan_batch(paths, protector.tag, options)
+    tracker = _Tracker(plan, protector, on_progress, started)
+    report = BatchReport(
+        command or (protector.tag if protector else "batch"),
+        asdict(options),
+        skipped=[(str(p), r) for p, r in plan.not_images],
+        inputs=plan.inputs,
     )
-    inputs = [job.path for job in jobs]
-    for start in range(0, len(jobs), max(1, options.chunk)):
-        chunk = jobs[start : start + max(1, options.chunk)]
-        report.outcomes += _process_chunk(chunk, protector, detector, options, out_dir, inputs)
-        if on_progress is not None:
-            on_progress(min(start + len(chunk), len(jobs)), len(jobs))
+    report.outcomes += plan.failed
+    for path, target in plan.existing:
+        report.outcomes.append(FileOutcome(str(path), "skipped", output=str(target)))
+    tracker.emit("plan", plan=plan)
+    for outcome in report.outcomes:
+        tracker.finish(outcome)
+    if plan.todo:
+        if protector is None:
+            raise InvalidInputError("run_batch has photos to protect but no protector")
+        if detector is None:
+            tracker.emit("load")
+            detector = FaceDetector(
+                min_score=options.min_score, min_size=options.min_size, device=options.device
+            )
+        found = _detect_all(plan.todo, detector, options, tracker)
+        tracker.faces_total = sum(len(faces) for faces in found.values() if faces is not None)
+        for index, _ in enumerate(plan.todo):
+            if found[index] is None:
+                report.outcomes.append(tracker.failures.pop(index))
+        ready = [index for index in range(len(plan.todo)) if found[index] is not None]
+        for start in range(0, len(ready), max(1, options.chunk)):
+            chunk = ready[start : start + max(1, options.chunk)]
+            report.outcomes += _protect_chunk(
+                [plan.todo[i] for i in chunk], [found[i] for i in chunk], protector, options, tracker
+            )
+    order = {path: k for k, path in enumerate(plan.order)}
+    report.outcomes.sort(key=lambda outcome: order.get(outcome.path, len(order)))
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _process_chunk(
-    jobs: list[io.ImageJob],
-    protector: Protector,
-    detector: FaceDetector,
-    options: Options,
-    out_dir: Path | None,
-    inputs: list[Path],
-) -> list[FileOutcome]:
-    started = time.perf_counter()
-    outcomes: dict[int, FileOutcome] = {}
-    loaded: list[tuple[int, io.LoadedImage, Path]] = []
-    for i, job in enumerate(jobs):
-        try:
-            image = io.read_image(job.path, max_pixels=options.max_pixels)
-            target = io.output_path(job, out_dir, protector.tag, options.format, image.format)
-            if any(io.same_file(target, other) for other in inputs):
-                raise ImageWriteError("refusing to overwrite an input file", target)
-            loaded.append((i, image, target))
-        except FacecloakError as error:
-            outcomes[i] = FileOutcome(str(job.path), "failed", error=str(error))
-    if loaded:
-        pixels = [image.pixels for _, image, _ in loaded]
-        faces = detector(pixels)
-        outputs, records = protector(pixels, faces)
-        seconds = (time.perf_counter() - started) / len(loaded)
-        for k, (i, image, target) in enumerate(loaded):
-            face_records = [
-                record for record, index in zip(records, faces.image_index.tolist()) if index == k
-            ]
-            outcomes[i] = _write_output(
-                jobs[i].path, image, outputs[k], target, face_records, options, inputs, seconds
+class _Tracker:
+    """Counts finished files and faces, estimates the time left, and sends `ProgressEvent`s."""
+
+    def __init__(
+        self, plan: BatchPlan, protector: Protector | None, callback: ProgressCallback | None, started: float
+    ) -> None:
+        self.callback = callback
+        self.files_total = len(plan.todo) + len(plan.existing) + len(plan.failed)
+        self.files_done = 0
+        self.faces_total: int | None = None
+        self.faces_done = 0
+        self.steps = int(getattr(protector, "steps", 0) or 0)
+        self.aim = getattr(protector, "aim", None)
+        self.work_total = 0.0  # detection counts 1 per photo; each face `steps` more (1 if none)
+        self.work_done = 0.0
+        self.work_started: float | None = None
+        self.started = started
+        self.failures: dict[int, FileOutcome] = {}
+
+    def emit(self, stage: str, **fields) -> None:
+        if self.callback is None:
+            return
+        self.callback(
+            ProgressEvent(
+                stage=stage,
+                files_done=self.files_done,
+                files_total=self.files_total,
+                faces_done=self.faces_done,
+                faces_total=self.faces_total,
+                fraction=min(1.0, self.work_done / self.work_total) if self.work_total else 0.0,
+                eta_seconds=self.eta(),
+                **fields,
             )
-    return [outcomes[i] for i in range(len(jobs))]
+        )
+
+    def eta(self) -> float | None:
+        if self.work_started is None or self.work_done <= 0 or self.work_total <= 0:
+            return None
+        elapsed = time.perf_counter() - self.work_started
+        return max(0.0, elapsed * (self.work_total - self.work_done) / self.work_done)
+
+    def finish(self, outcome: FileOutcome) -> None:
+        self.files_done += 1
+        self.emit("file", outcome=outcome)
+
+    def face_work(self) -> float:
+        return float(max(1, self.steps))
+
+
+def _detect_all(
+    todo: list[tuple[io.ImageJob, Path]], detector: FaceDetector, options: Options, tracker: _Tracker
+) -> dict[int, Faces | None]:
+    """Detect the faces of every photo to do (decoded chunk by chunk, not kept): None where unreadable."""
+    found: dict[int, Faces | None] = {}
+    size = max(1, options.chunk)
+    tracker.work_total = float(len(todo))
+    tracker.work_started = time.perf_counter()
+    for start in range(0, len(todo), size):
+        indices = list(range(start, min(start + size, len(todo))))
+        tracker.emit("detect", current=tuple(todo[i][0].path.name for i in indices))
+        images: list[tuple[int, Tensor]] = []
+        for i in indices:
+            try:
+                images.append((i, io.read_image(todo[i][0].path, max_pixels=options.max_pixels).pixels))
+            except FacecloakError as error:
+                found[i] = None
+                tracker.failures[i] = FileOutcome(str(todo[i][0].path), "failed", error=str(error))
+        if images:
+            with torch.no_grad():
+                faces = detector([pixels for _, pixels in images]).to("cpu")
+            for k, (i, _) in enumerate(images):
+                found[i] = faces.for_image(k)
+        tracker.work_done += len(indices)
+        for i in indices:
+            if found[i] is None:
+                tracker.finish(tracker.failures[i])
+    faces_total = sum(len(faces) for faces in found.values() if faces is not None)
+    readable = sum(faces is not None for faces in found.values())
+    tracker.work_total = tracker.work_done + readable + faces_total * tracker.face_work()
+    return found
+
+
+def _protect_chunk(
+    todo: list[tuple[io.ImageJob, Path]],
+    found: list[Faces],
+    protector: Protector,
+    options: Options,
+    tracker: _Tracker,
+) -> list[FileOutcome]:
+    """Read a chunk again, protect its faces together, write each output; one outcome per file."""
+    started = time.perf_counter()
+    names = tuple(job.path.name for job, _ in todo)
+    outcomes: list[FileOutcome] = []
+    loaded: list[tuple[io.ImageJob, Path, io.LoadedImage, Faces]] = []
+    for (job, target), faces in zip(todo, found):
+        try:
+            loaded.append((job, target, io.read_image(job.path, max_pixels=options.max_pixels), faces))
+        except FacecloakError as error:
+            outcome = FileOutcome(str(job.path), "failed", error=str(error))
+            tracker.work_done += 1 + len(faces) * tracker.face_work()
+            tracker.finish(outcome)
+            outcomes.append(outcome)
+    if not loaded:
+        return outcomes
+    faces = Faces.cat([faces.shifted(k) for k, (_, _, _, faces) in enumerate(loaded)])
+    face_count = len(faces)
+    work_before = tracker.work_done
+    faces_before = tracker.faces_done
+    tracker.emit("protect", current=names, steps=tracker.steps, aim=tracker.aim)
+
+    def on_step(step: int, steps: int, done: Tensor, ratios: Tensor) -> None:
+        finished = int(done.sum())
+        tracker.faces_done = faces_before + finished
+        per_face = tracker.face_work()
+        tracker.work_done = work_before + sum(per_face if d else min(step, per_face) for d in done.tolist())
+        waiting = ratios[~done]
+        distance = float(waiting.min()) if len(waiting) else float(ratios.min()) if len(ratios) else None
+        stage = "check" if finished == len(done) or step >= steps else "protect"
+        tracker.emit(stage, current=names, step=step, steps=steps, distance=distance, aim=tracker.aim)
+
+    pixels = [image.pixels for _, _, image, _ in loaded]
+    if getattr(protector, "steps", 0):
+        outputs, records = protector(pixels, faces, on_step=on_step)
+    else:
+        outputs, records = protector(pixels, faces)
+    tracker.faces_done = faces_before + face_count
+    tracker.work_done = work_before + len(loaded) + face_count * tracker.face_work()
+    seconds = (time.perf_counter() - started) / len(loaded)
+    indices = faces.image_index.tolist()
+    for k, (job, target, image, _) in enumerate(loaded):
+        face_records = [record for record, index in zip(records, indices) if index == k]
+        outcome = _write_output(job.path, image, outputs[k], target, face_records, options, seconds)
+        tracker.finish(outcome)
+        outcomes.append(outcome)
+    return outcomes
 
 
 def _write_output(
@@ -248,18 +588,19 @@ def _write_output(
     target: Path,
     face_records: list[dict],
     options: Options,
-    inputs: list[Path],
     seconds: float,
 ) -> FileOutcome:
+    written: dict = {}
     try:
         io.write_image(
             target,
             output,
             source=image,
             keep_metadata=options.keep_metadata,
-            protected=inputs,
+            protected=[path],
             overwrite=options.overwrite,
             jpeg_quality=options.jpeg_quality,
+            info=written,
         )
     except FacecloakError as error:
         return FileOutcome(str(path), "failed", error=str(error), faces=face_records, seconds=seconds)
@@ -269,7 +610,9 @@ def _write_output(
         status = "protected"
     else:
         status = "unprotected"
-    return FileOutcome(str(path), status, output=str(target), faces=face_records, seconds=round(seconds, 3))
+    return FileOutcome(
+        str(path), status, output=str(target), faces=face_records, seconds=round(seconds, 3), written=written
+    )
 
 
 def _faces_per_file(paths: Sequence[str | Path], options: Options, detector: FaceDetector | None):
@@ -303,17 +646,24 @@ def detect_files(
 
 
 class AnonymizeFaces:
-    """Protector that anonymises every face (see `facecloak.anonymize`)."""
+    """Protector that anonymises every face (see `facecloak.anonymize`).
 
-    tag = "anonymized"
+    Its outputs are tagged by method (``photo_blur.jpg``, ``photo_pixelate.jpg``,
+    ``photo_mask.jpg``), so runs of different methods into one folder do not collide.
+    """
+
+    steps = 0
 
     def __init__(self, anonymizer: Anonymizer) -> None:
         self.anonymizer = anonymizer
+        self.tag = anonymizer.method
 
     def __repr__(self) -> str:
         return f"AnonymizeFaces({self.anonymizer!r})"
 
-    def __call__(self, images: list[Tensor], faces: Faces) -> tuple[list[Tensor], list[dict]]:
+    def __call__(
+        self, images: list[Tensor], faces: Faces, *, on_step: StepCallback | None = None
+    ) -> tuple[list[Tensor], list[dict]]:
         """Anonymise each image's faces; every face found counts as protected."""
         outputs = []
         for k, image in enumerate(images):
@@ -347,13 +697,17 @@ class CloakFaces:
 
     def __init__(self, cloak: Cloak) -> None:
         self.cloak = cloak
+        self.steps = cloak.budget.steps
+        self.aim = cloak.budget.aim
 
     def __repr__(self) -> str:
         return f"CloakFaces({self.cloak!r})"
 
-    def __call__(self, images: list[Tensor], faces: Faces) -> tuple[list[Tensor], list[dict]]:
+    def __call__(
+        self, images: list[Tensor], faces: Faces, *, on_step: StepCallback | None = None
+    ) -> tuple[list[Tensor], list[dict]]:
         """Cloak the faces; a face is protected when every model's distance after JPEG 75 passes."""
-        result = self.cloak(images, faces)
+        result = self.cloak(images, faces, on_step=on_step)
         return [image.cpu() for image in result.images], result.records(faces)
 
 
@@ -383,20 +737,33 @@ def _largest_face_embedding(path: Path, model, detector: FaceDetector, options: 
     return embed_faces([image.pixels], faces.select([int(areas.argmax())]), model)[0]
 
 
-def verify_files(first: Path, second: Path, model, options: Options) -> dict:
-    """Whether the largest faces of two photos are the same person, by ``model``'s threshold."""
+def verify_files(
+    first: Path, second: Path, model, options: Options, *, match_threshold: float | None = None
+) -> dict:
+    """Whether the largest faces of two photos are the same person.
+
+    Args:
+        first: one photo.
+        second: the other photo.
+        model: the face model that compares them.
+        options: detection settings (``min_score`` is the detection confidence).
+        match_threshold: same person below this distance; default the model's own threshold.
+    """
     detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
     a = _largest_face_embedding(first, model, detector, options)
     b = _largest_face_embedding(second, model, detector, options)
     distance = float(model.distance(a, b))
+    threshold = model.card.match_threshold if match_threshold is None else float(match_threshold)
     return {
         "first": str(first),
         "second": str(second),
         "model": model.card.name,
         "metric": model.card.distance,
         "distance": round(distance, 5),
-        "threshold": model.card.match_threshold,
-        "same_person": distance < model.card.match_threshold,
+        "match_threshold": threshold,
+        "model_match_threshold": model.card.match_threshold,
+        "detect_threshold": options.min_score,
+        "same_person": distance < threshold,
     }
 
 

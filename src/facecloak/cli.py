@@ -1,7 +1,8 @@
 """The ``facecloak`` command: parse options, call the Python API, print the report, exit.
 
 Exit codes: 0 every face found was protected; 1 finished, but an image had no face or a face
-fell short of its target; 2 usage error; 3 a file failed (the others were still processed).
+fell short of its target, or no image was found; 2 usage error; 3 a file failed (missing,
+unreadable or unwritable; the others were still processed).
 """
 
 from __future__ import annotations
@@ -50,12 +51,32 @@ def _io_options(function: Callable) -> Callable:
         click.option(
             "--jpeg-quality",
             type=click.IntRange(1, 100),
-            default=95,
-            show_default=True,
-            help="JPEG/WebP quality.",
+            default=None,
+            help="Re-encode JPEG/WebP outputs whole at this quality. Default: a JPEG written from a "
+            "JPEG keeps the input's own quantisation and re-encodes only the 8x8 blocks around the "
+            "faces (every other block stays bit-exact); other outputs use 95.",
         ),
-        click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-file lines."),
+        click.option(
+            "--json", "as_json", is_flag=True, help="Print the full report as one JSON document on stdout."
+        ),
+        click.option(
+            "--jsonl",
+            "as_jsonl",
+            is_flag=True,
+            help="Print one JSON line per file on stdout as each is done, then a summary line (for pipes).",
+        ),
+        click.option(
+            "--progress",
+            "progress_mode",
+            type=click.Choice(["auto", "bar", "plain", "none"]),
+            default="auto",
+            show_default=True,
+            help="Progress on stderr: a live bar, plain lines (for logs), or none. auto: bar on a "
+            "terminal, plain otherwise.",
+        ),
+        click.option(
+            "-q", "--quiet", is_flag=True, help="No progress, and per-file lines only for problems."
+        ),
     ]
     function = _detect_options(function)
     for decorator in reversed(decorators):
@@ -63,15 +84,21 @@ def _io_options(function: Callable) -> Callable:
     return function
 
 
-def _detect_options(function: Callable) -> Callable:
-    """Options of face detection and of reading images."""
+def _detect_options(function: Callable, *, verify: bool = False) -> Callable:
+    """Options of face detection and of reading images.
+
+    ``verify`` drops the ``--threshold`` alias of ``--detect-threshold`` (verify has two
+    thresholds; there ``--threshold`` is a deprecated alias added by the command itself).
+    """
     decorators = [
         click.option(
+            "--detect-threshold",
             "--threshold",
+            "threshold",
             type=click.FloatRange(0, 1),
             default=0.9,
             show_default=True,
-            help="Detection confidence. Lower finds more faces (profiles, blur) and more false ones.",
+            help="Face detection confidence. Lower finds more faces (profiles, blur) and more false ones.",
         ),
         click.option(
             "--min-face",
@@ -90,9 +117,22 @@ def _detect_options(function: Callable) -> Callable:
             help="Refuse images with more pixels (decompression-bomb guard). Default 120,000,000.",
         ),
     ]
+    if verify:
+        decorators[0] = click.option(
+            "--detect-threshold",
+            "threshold",
+            type=click.FloatRange(0, 1),
+            default=0.9,
+            show_default=True,
+            help="Face detection confidence (not the same-person threshold: see --match-threshold).",
+        )
     for decorator in reversed(decorators):
         function = decorator(function)
     return function
+
+
+def _verify_detect_options(function: Callable) -> Callable:
+    return _detect_options(function, verify=True)
 
 
 @click.group(context_settings=CONTEXT)
@@ -106,8 +146,9 @@ def main() -> None:
     facecloak detect photo.jpg --json         list the faces found
     facecloak evaluate DATA --method cloak    measure what a protection buys
 
-    Exit codes: 0 all faces protected; 1 an image had no face or a face was not protected;
-    2 usage error; 3 some file failed.
+    Exit codes: 0 all faces protected (inputs whose output exists are skipped); 1 an image had
+    no face, a face was not protected, or no image was found; 2 usage error; 3 some file failed
+    (missing, unreadable, unwritable; the others were still done).
     """
 
 
@@ -121,48 +162,135 @@ def _options(out_dir: Path | None, **values) -> Options:
         min_score=values.get("threshold", 0.9),
         min_size=values.get("min_face", 20),
         device=values.get("device"),
-        jpeg_quality=values.get("jpeg_quality", 95),
+        jpeg_quality=values.get("jpeg_quality"),
     )
 
 
-@contextmanager
-def _progress(quiet: bool, label: str):
-    """A rich progress bar on stderr; yields a callback ``(done, total)``."""
-    if quiet:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _print_file(as_json: bool, as_jsonl: bool, quiet: bool) -> Callable:
+    """What to print as each file finishes: its line (stdout; errors on stderr) or its JSON line."""
+    from dataclasses import asdict
 
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
+    def print_file(event) -> None:
+        outcome = event.outcome
+        if outcome.status == "failed":
+            click.echo(outcome.message, err=True)
+        if as_jsonl:
+            click.echo(json.dumps(asdict(outcome)))
+        elif as_json or outcome.status in ("failed", "skipped"):
+            return
+        elif not quiet or outcome.status != "protected":
+            click.echo(outcome.message)
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
+    return print_file
 
 
-def _finish(report, as_json: bool, quiet: bool) -> None:
-    """Print per-file lines, errors and the summary, then exit with the report's code."""
+def _run_protection(
+    command: str,
+    tag: str,
+    paths,
+    options: Options,
+    build: Callable,
+    io_values: dict,
+    loading: str = "",
+    *,
+    spec=None,
+    ray_address: str | None = None,
+):
+    """Run a batch with its progress display; the protector is built only if there is work.
+
+    Three ways, one set of rules (an output that exists and is not this batch's own is skipped
+    unless --overwrite; a missing or unreadable path is one file's error; no image at all exits 1):
+
+    - ``--ray``: on a Ray cluster (`facecloak.distributed`), journaled into -o;
+    - ``-o OUT``: journaled and resumable (`facecloak.pipeline`): a killed batch run again does only
+      what is left, outputs its journal recorded are "done earlier";
+    - neither: planned (`facecloak.batch.plan_batch`), then written beside each input.
+    """
+    from facecloak.batch import plan_batch, run_batch
+    from facecloak.progress import BatchDisplay
+
+    as_json, as_jsonl, quiet = io_values["as_json"], io_values["as_jsonl"], io_values["quiet"]
+    if as_json and as_jsonl:
+        raise click.UsageError("--json and --jsonl cannot be used together")
+    if ray_address is not None:
+        if not options.out_dir:
+            raise click.UsageError("--ray needs an output folder (-o)")
+        _require_paths(paths)
+        try:
+            from facecloak.distributed import run_distributed
+        except ImportError as error:
+            raise click.UsageError(f"--ray needs pip install 'facecloak[ray]' ({error})") from None
+    mode = "none" if quiet else io_values["progress_mode"]
+    try:
+        with BatchDisplay(command, mode, on_file=_print_file(as_json, as_jsonl, quiet)) as display:
+
+            def build_now():
+                if loading:
+                    display.status(loading)
+                return build()
+
+            if ray_address is not None:
+                uris = [
+                    _URI.sub(lambda m: m.group(0) + "/", str(p)) if _URI.match(str(p)) else p for p in paths
+                ]
+                return run_distributed(
+                    uris, spec, options, address=ray_address or None, command=command, on_progress=display
+                )
+            if options.out_dir:
+                from facecloak.pipeline import run_resumable_batch
+
+                return run_resumable_batch(
+                    paths,
+                    None,
+                    options,
+                    settings=spec.settings(),
+                    command=command,
+                    on_progress=display,
+                    tag=tag,
+                    build=build_now,
+                )
+            plan = plan_batch(paths, tag, options)
+            display.show_plan(plan)
+            protector = build_now() if plan.todo else None
+            return run_batch(paths, protector, options, command=command, on_progress=display, plan=plan)
+    except FacecloakError as error:
+        _fail(error)
+
+
+def _finish(report, as_json: bool, as_jsonl: bool, quiet: bool) -> None:
+    """Print the final table and the summary (or the JSON), then exit with the report's code."""
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(report.to_dict()))
+    elif as_jsonl:
+        summary = {key: value for key, value in report.to_dict().items() if key != "files"}
+        click.echo(json.dumps({"summary": summary}))
     else:
-        for outcome in report.outcomes:
-            if outcome.status == "failed":
-                click.echo(outcome.message, err=True)
-            elif not quiet or outcome.status != "protected":
-                click.echo(outcome.message)
+        rows = report.table()
+        if not quiet and len(rows) > 1:
+            click.echo(_render_table(rows))
         click.echo(str(report), err=report.exit_code != EXIT_OK)
     sys.exit(report.exit_code)
+
+
+def _render_table(rows: list[list[str]]) -> str:
+    """Plain aligned columns (readable in a terminal, a log or a pipe); numbers right-aligned.
+
+    Columns with nothing to say (every value "-", e.g. cloak distances in an anonymise run) are left out.
+    """
+    keep = [k for k in range(len(rows[0])) if any(row[k] != "-" for row in rows[1:])]
+    rows = [[row[k] for k in keep] for row in rows]
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    numeric = [all(_is_number(row[k]) for row in rows[1:]) for k in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(row, widths, numeric)]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    return text == "-" or text.rstrip("x").replace(".", "", 1).replace("/", "", 1).isdigit()
 
 
 def _fail(error: FacecloakError, code: int = EXIT_FAILED) -> None:
@@ -170,10 +298,34 @@ def _fail(error: FacecloakError, code: int = EXIT_FAILED) -> None:
     sys.exit(code)
 
 
-def _print_per_file(results: list[dict], as_json: bool, describe: Callable[[dict], str]) -> None:
-    """Print per-file face listings (or JSON), then exit: 3 a file failed, 1 an image had no face."""
+def _print_per_file(
+    results: list[dict], as_json: bool, describe: Callable[[dict], str], *, as_jsonl: bool = False, paths=()
+) -> None:
+    """Print per-file face listings (or JSON), then exit: 3 a file failed, 1 an image had no face.
+
+    ``--json`` prints one compact document (a list, one entry per file); ``--jsonl`` one line
+    per face (``path``, ``face`` index and the face's fields), a line with ``"face": null`` for
+    an image without faces and one with ``error`` for a file that failed.
+    """
+    if as_json and as_jsonl:
+        raise click.UsageError("--json and --jsonl cannot be used together")
+    if not results:
+        click.echo(f"error: no image found in {', '.join(map(str, paths))}; nothing to do", err=True)
+        sys.exit(EXIT_UNPROTECTED)
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps(results))
+    elif as_jsonl:
+        for result in results:
+            if "error" in result:
+                click.echo(f"error: {result['error']}", err=True)
+                click.echo(json.dumps(result))
+                continue
+            head = {key: value for key, value in result.items() if key != "faces"}
+            if not result["faces"]:
+                click.echo(json.dumps({**head, "face": None}))
+            for index, face in enumerate(result["faces"]):
+                fields = {key: value for key, value in face.items() if key != "image_index"}
+                click.echo(json.dumps({**head, "face": index, **fields}))
     else:
         for result in results:
             if "error" in result:
@@ -188,7 +340,13 @@ def _print_per_file(results: list[dict], as_json: bool, describe: Callable[[dict
     sys.exit(EXIT_FAILED if failed else EXIT_UNPROTECTED if no_face else EXIT_OK)
 
 
+_JSONL_OPTION = click.option(
+    "--jsonl", "as_jsonl", is_flag=True, help="Print one JSON line per face (for pipes: grep, head, jq)."
+)
+
+
 def _require_paths(paths: tuple[Path, ...]) -> None:
+    """For Ray only: local paths must exist (URIs such as s3://... are checked by the workers)."""
     missing = [str(path) for path in paths if not path.exists() and not _URI.match(str(path))]
     if missing:
         raise click.UsageError(f"no such file or folder: {', '.join(missing)}")
@@ -212,44 +370,23 @@ def _ray_option(function: Callable) -> Callable:
     )(function)
 
 
-def _run_batch(paths, protector, spec, options: Options, command: str, progress, ray_address: str | None):
-    """Run a batch: on Ray, or journaled and resumable into -o, or plainly beside the inputs."""
-    if ray_address is not None:
-        if not options.out_dir:
-            raise click.UsageError("--ray needs an output folder (-o)")
-        try:
-            from facecloak.distributed import run_distributed
-        except ImportError as error:
-            raise click.UsageError(f"--ray needs pip install 'facecloak[ray]' ({error})") from None
-        uris = [_URI.sub(lambda m: m.group(0) + "/", str(p)) if _URI.match(str(p)) else p for p in paths]
-        return run_distributed(
-            uris, spec, options, address=ray_address or None, command=command, on_progress=progress
-        )
-    if options.out_dir:
-        from facecloak.pipeline import run_resumable_batch
-
-        return run_resumable_batch(
-            paths, protector, options, settings=spec.settings(), command=command, on_progress=progress
-        )
-    from facecloak.batch import run_batch
-
-    return run_batch(paths, protector, options, command=command, on_progress=progress)
-
-
 @main.command(context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_detect_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def detect(paths, threshold, min_face, device, max_pixels, as_json) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+@_JSONL_OPTION
+def detect(paths, threshold, min_face, device, max_pixels, as_json, as_jsonl) -> None:
     """List the faces found in photos (boxes, confidence, five landmarks).
+
+    A missing or unreadable file gets one error line and the others are still listed (exit 3).
 
     \b
     facecloak detect photo.jpg
     facecloak detect photos/ --json > faces.json
+    facecloak detect photos/ --jsonl | head -3
     """
     from facecloak.batch import detect_files
 
-    _require_paths(paths)
     options = _options(None, threshold=threshold, min_face=min_face, device=device, max_pixels=max_pixels)
     try:
         results = detect_files(paths, options)
@@ -260,7 +397,7 @@ def detect(paths, threshold, min_face, device, max_pixels, as_json) -> None:
         box = ", ".join(f"{v:.0f}" for v in face["box"])
         return f"box ({box})  score {face['score']:.3f}"
 
-    _print_per_file(results, as_json, describe)
+    _print_per_file(results, as_json, describe, as_jsonl=as_jsonl, paths=paths)
 
 
 @main.command(context_settings=CONTEXT)
@@ -309,9 +446,11 @@ def detect(paths, threshold, min_face, device, max_pixels, as_json) -> None:
 def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_values) -> None:
     """Blur, pixelate or mask every face, at the photo's full resolution.
 
-    Pixels outside the face regions are left exactly as they were. Outputs are written
-    atomically as <name>_anonymized.<ext>; inputs are never overwritten; EXIF (GPS above all)
-    is dropped unless --keep-metadata.
+    Pixels outside the face regions are left exactly as they were (for a JPEG, every 8x8 block
+    away from the faces stays bit-exact). Outputs are written atomically as
+    <name>_<method>.<ext> (photo_blur.jpg, photo_pixelate.jpg, photo_mask.jpg); inputs are never
+    overwritten; an input whose output exists is skipped unless --overwrite; EXIF (GPS above
+    all) is dropped unless --keep-metadata.
 
     \b
     facecloak anonymize photo.jpg
@@ -322,10 +461,7 @@ def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_
     from facecloak.batch import AnonymizeFaces
     from facecloak.pipeline import ProtectorSpec
 
-    _require_paths(paths)
-    as_json, quiet = io_values.pop("as_json"), io_values.pop("quiet")
-    ray_address = io_values.pop("ray_address", None)
-    options = _options(io_values.pop("out_dir"), **io_values)
+    options = _options(**{k: v for k, v in io_values.items() if k != "ray_address"})
     params = {"scale": mask_scale, "shape": shape, "feather": feather}
     if method == "blur":
         params["strength"] = strength
@@ -334,23 +470,45 @@ def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_
     elif strength is not None or blocks is not None:
         raise click.UsageError("--strength is for blur and --blocks for pixelate")
     try:
-        protector = AnonymizeFaces(Anonymizer(method, **params))
+        anonymizer = Anonymizer(method, **params)
         spec = ProtectorSpec("anonymize", {"method": method, **params})
-        with _progress(quiet or as_json, "anonymizing") as progress:
-            report = _run_batch(paths, protector, spec, options, "anonymize", progress, ray_address)
     except FacecloakError as error:
-        _fail(error)
-    _finish(report, as_json, quiet)
+        _fail(error, EXIT_USAGE)
+    report = _run_protection(
+        "anonymize",
+        method,
+        paths,
+        options,
+        lambda: AnonymizeFaces(anonymizer),
+        io_values,
+        spec=spec,
+        ray_address=io_values.get("ray_address"),
+    )
+    report.options.update(method=method)
+    _finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])
 
 
-def _load_models(names: str | None, device: str | None) -> list:
-    """Build the named models (comma-separated), or every model available here."""
-    from facecloak.models import available_embedders, create_embedder
+def _model_names(names: str | None) -> list[str]:
+    """The named models (comma-separated), checked to exist, or every model available here."""
+    from facecloak.models import available_embedders, get_card
 
     wanted = [name.strip() for name in names.split(",") if name.strip()] if names else available_embedders()
     if not wanted:
         raise FacecloakError("no face model is available here; see `facecloak models`")
-    return [create_embedder(name, device=device) for name in wanted]
+    for name in wanted:
+        get_card(name)  # an unknown name fails now, before any photo is read
+    return wanted
+
+
+def _create_model(name: str, device: str | None):
+    from facecloak.models import create_embedder
+
+    return create_embedder(name, device=device)
+
+
+def _load_models(names: str | None, device: str | None) -> list:
+    """Build the named models (comma-separated), or every model available here."""
+    return [_create_model(name, device) for name in _model_names(names)]
 
 
 @main.command(context_settings=CONTEXT)
@@ -458,29 +616,33 @@ def cloak(
     from facecloak.cloak import create_cloak
     from facecloak.pipeline import ProtectorSpec
 
-    _require_paths(paths)
-    as_json, quiet = io_values.pop("as_json"), io_values.pop("quiet")
-    ray_address = io_values.pop("ray_address", None)
-    options = _options(io_values.pop("out_dir"), **io_values)
+    options = _options(**{k: v for k, v in io_values.items() if k != "ray_address"})
     options = Options(**{**options.__dict__, "chunk": batch_size})
+    ray_address = io_values.get("ray_address")
+    transfer = dict(diversity=diversity, smoothing=smoothing, update=update, spend_budget=spend_budget)
     try:
-        # On Ray each actor loads the models; here only their names are needed.
-        embedders = None if ray_address is not None else _load_models(models, options.device)
-        names = [m.card.name for m in embedders] if embedders else (models or "").replace(" ", "").split(",")
-        transfer = dict(diversity=diversity, smoothing=smoothing, update=update, spend_budget=spend_budget)
+        if ray_address is None:
+            names = _model_names(models)
+        else:  # on Ray each actor loads the models; here only their names are needed
+            names = [name for name in (models or "").replace(" ", "").split(",") if name]
         spec = ProtectorSpec.cloak(
             mode,
             level,
-            [n for n in names if n],
+            names or None,
             identity_key=identity_key,
             steps=steps,
             max_dssim=max_dssim,
             seed=seed,
             **transfer,
         )
-        protector = None
-        if embedders is not None:
-            method = create_cloak(
+    except FacecloakError as error:
+        _fail(error)
+    names = spec.params["models"]
+
+    def build() -> CloakFaces:
+        embedders = [_create_model(name, options.device) for name in names]
+        return CloakFaces(
+            create_cloak(
                 mode,
                 embedders,
                 level,
@@ -490,29 +652,38 @@ def cloak(
                 identity_key=identity_key,
                 **transfer,
             )
-            protector = CloakFaces(method)
-        with _progress(quiet or as_json, "cloaking") as progress:
-            report = _run_batch(paths, protector, spec, options, "cloak", progress, ray_address)
-    except FacecloakError as error:
-        _fail(error)
-    report.options.update(mode=mode, level=level, models=spec.params["models"], seed=seed)
-    _finish(report, as_json, quiet)
+        )
+
+    report = _run_protection(
+        "cloak",
+        CloakFaces.tag,
+        paths,
+        options,
+        build,
+        io_values,
+        loading=f"loading {', '.join(names)}",
+        spec=spec,
+        ray_address=ray_address,
+    )
+    report.options.update(mode=mode, level=level, models=names, seed=seed)
+    _finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_name", default="dlib-resnet", show_default=True, help="Face model.")
 @_detect_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the full vectors).")
-def embed(paths, model_name, threshold, min_face, device, max_pixels, as_json) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (with the full vectors).")
+@_JSONL_OPTION
+def embed(paths, model_name, threshold, min_face, device, max_pixels, as_json, as_jsonl) -> None:
     """Print the embedding of every face found.
 
     \b
     facecloak embed photo.jpg --json
+    facecloak embed photos/ --jsonl > embeddings.jsonl
     """
     from facecloak.batch import embed_files
 
-    _require_paths(paths)
     options = _options(None, threshold=threshold, min_face=min_face, device=device, max_pixels=max_pixels)
     try:
         model = _load_models(model_name, device)[0]
@@ -524,38 +695,65 @@ def embed(paths, model_name, threshold, min_face, device, max_pixels, as_json) -
         head = " ".join(f"{v:+.3f}" for v in face["embedding"][:6])
         return f"[{head} ...] ({len(face['embedding'])}-d, {model_name})"
 
-    _print_per_file(results, as_json, describe)
+    _print_per_file(results, as_json, describe, as_jsonl=as_jsonl, paths=paths)
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("first", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("second", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "model_name", default="dlib-resnet", show_default=True, help="Face model.")
-@_detect_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def verify(first, second, model_name, threshold, min_face, device, max_pixels, as_json) -> None:
+@click.option(
+    "--match-threshold",
+    type=click.FloatRange(0, None),
+    default=None,
+    help="Same person when the distance is below this. Default: the model's own threshold "
+    "(see `facecloak models`: dlib-resnet 0.6, euclidean). Lower is stricter.",
+)
+@_verify_detect_options
+@click.option(
+    "--threshold",
+    "deprecated_threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    hidden=True,
+    help="Deprecated alias of --detect-threshold.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def verify(first, second, model_name, match_threshold, deprecated_threshold, as_json, **detection) -> None:
     """Say whether two photos show the same person (largest face of each).
 
+    Two thresholds: --match-threshold decides "same person" from the distance between the two
+    faces (default: the model's own); --detect-threshold is the face detector's confidence.
     Exit code 0 when they match, 1 when they do not, 3 when a photo has no face or fails.
 
     \b
     facecloak verify me.jpg me_cloaked.jpg
+    facecloak verify me.jpg other.jpg --match-threshold 0.5 --json
     """
     from facecloak.batch import verify_files
 
-    options = _options(None, threshold=threshold, min_face=min_face, device=device, max_pixels=max_pixels)
+    if deprecated_threshold is not None:
+        click.echo(
+            "warning: verify --threshold is deprecated: it sets the face detection confidence; "
+            "use --detect-threshold for that, or --match-threshold for the same-person threshold",
+            err=True,
+        )
+        detection["threshold"] = deprecated_threshold
+    options = _options(None, **detection)
     try:
-        model = _load_models(model_name, device)[0]
-        result = verify_files(first, second, model, options)
+        model = _load_models(model_name, options.device)[0]
+        result = verify_files(first, second, model, options, match_threshold=match_threshold)
     except FacecloakError as error:
         _fail(error)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result))
     else:
-        verdict = "SAME person" if result["same_person"] else "DIFFERENT people"
+        same = result["same_person"]
+        verdict = "SAME person" if same else "DIFFERENT people"
+        relation = "<" if same else ">="
         click.echo(
-            f"{verdict}: distance {result['distance']:.4f} ({result['metric']}), "
-            f"threshold {result['threshold']} ({model_name})"
+            f"{verdict}: distance {result['distance']:.4f} ({result['metric']}) {relation} "
+            f"match threshold {result['match_threshold']:g} ({model_name})"
         )
     sys.exit(EXIT_OK if result["same_person"] else EXIT_UNPROTECTED)
 
@@ -563,16 +761,21 @@ def verify(first, second, model_name, threshold, min_face, device, max_pixels, a
 @main.group(context_settings=CONTEXT, invoke_without_command=True)
 @click.pass_context
 def models(context) -> None:
-    """List the face models, and whether each is available here (and why not).
+    """List the face models, whether each is available here (and why not), and how to add one.
+
+    Model files found under FACECLOAK_MODELS (default ../shared/models) that are not added yet
+    are listed with the command that adds them.
 
     \b
     facecloak models
+    facecloak models add mobileface ../shared/models/mobileface-v2/MobileFace_Identification_V2-symbol.json
     facecloak models add arcface ./arcface-r50.onnx --template arcface --metric cosine
     facecloak models remove arcface
     """
     if context.invoked_subcommand is not None:
         return
     from facecloak.models import embedder_status, get_card, list_embedders
+    from facecloak.models.plugins import BROKEN_CARDS, find_model_files, models_search_roots
 
     for name in list_embedders():
         card = get_card(name)
@@ -583,10 +786,31 @@ def models(context) -> None:
             f"< {card.match_threshold}  {card.description}"
         )
         click.echo(f"{'':<22} {'weights:' if ok else 'why:'} {where}")
-    from facecloak.models.plugins import BROKEN_CARDS
-
     for path, reason in BROKEN_CARDS:
         click.echo(f"error: {path}: {reason}", err=True)
+    click.echo(
+        "\nTo add a face model (an ONNX file, or an MXNet NAME-symbol.json with its NAME-0000.params):\n"
+        "  facecloak models add NAME FILE [--input-size PX] [--template arcface|dlib|points.json]\n"
+        "                       [--mean R G B] [--std R G B] [--bgr] [--metric cosine|euclidean] "
+        "[--threshold T]\n"
+        "It is checked (loaded and run once) and then usable by name: cloak --models NAME, verify "
+        "--model NAME,\nevaluate --attackers NAME. See `facecloak models add --help`."
+    )
+    roots = models_search_roots()
+    found = find_model_files(roots)
+    where = " or ".join(str(root) for root in roots)
+    if not found:
+        click.echo(f"\nNo model files found under {where} (set FACECLOAK_MODELS to look elsewhere).")
+        return
+    click.echo(f"\nModel files found under {where}, not added yet:")
+    for name, file, readme in found:
+        click.echo(f"  facecloak models add {name} {file}")
+        note = (
+            f"read {readme} for its input size, mean/std, channel order and threshold first; "
+            if readme
+            else ""
+        )
+        click.echo(f"      {note}calibrate --threshold for real use")
 
 
 @models.command("add", context_settings=CONTEXT)
@@ -1043,9 +1267,27 @@ def serve(
 
 @contextmanager
 def _stage_progress(quiet: bool):
-    """A progress bar per evaluation stage; yields a callback ``(stage, done, total)``."""
+    """A progress bar per evaluation stage (plain lines when stderr is not a terminal).
+
+    Yields a callback ``(stage, done, total)``.
+    """
     if quiet:
         yield None
+        return
+    if not sys.stderr.isatty():
+        import time
+
+        from facecloak.progress import PLAIN_EVERY_S
+
+        said: dict[str, float] = {}
+
+        def say(stage: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if stage not in said or done >= total or now - said[stage] >= PLAIN_EVERY_S:
+                said[stage] = now
+                click.echo(f"{stage}: {done}/{total}", err=True)
+
+        yield say
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -1068,3 +1310,7 @@ def _stage_progress(quiet: bool):
 
 
 __all__ = ["main", "EXIT_OK", "EXIT_UNPROTECTED", "EXIT_USAGE", "EXIT_FAILED"]
+
+
+if __name__ == "__main__":  # python -m facecloak.cli (python -m facecloak works too)
+    main()

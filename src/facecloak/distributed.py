@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from facecloak import io
-from facecloak.batch import FileOutcome, Options, ProgressCallback
+from facecloak.batch import FileOutcome, Options, ProgressCallback, ProgressEvent
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
 from facecloak.journal import Journal, file_sha256
 from facecloak.pipeline import ProtectorSpec, ResumableReport, ResumedOutcome, _output_options
@@ -178,7 +178,7 @@ def run_distributed(
         actors: actor pool size; default one per GPU in the cluster, else one per 2 CPUs.
         gpus_per_actor: GPUs per actor; default 1 when the cluster has GPUs, else 0.
         command: name shown in the summary.
-        on_progress: called with (files finished, files total).
+        on_progress: called with a `facecloak.batch.ProgressEvent` (stage "file") as each file finishes.
 
     Example:
         >>> import ray; ray.init(num_cpus=2)  # doctest: +SKIP
@@ -207,8 +207,9 @@ def run_distributed(
                 outcomes[i] = _resumed(uri, record, out_dir)
             else:
                 items.append({"index": i, "uri": uri, "relative": relative})
-        if on_progress is not None and outcomes:
-            on_progress(len(outcomes), len(found))
+        if on_progress is not None:
+            for k, outcome in enumerate(outcomes.values(), 1):
+                on_progress(_file_event(outcome, k, len(found)))
         if items:
             dataset = ray.data.from_items(items).map_batches(
                 ProtectActor,
@@ -225,11 +226,15 @@ def run_distributed(
                     row = {key: batch[key][r] for key in batch}
                     outcomes[index] = _finish_row(row, uri, relative, tag, options, journal, out_dir, inputs)
                     if on_progress is not None:
-                        on_progress(len(outcomes), len(found))
+                        on_progress(_file_event(outcomes[index], len(outcomes), len(found)))
     report.outcomes = [outcomes[i] for i in sorted(outcomes)]
     report.resumed = sum(isinstance(outcome, ResumedOutcome) for outcome in report.outcomes)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _file_event(outcome: FileOutcome, done: int, total: int) -> ProgressEvent:
+    return ProgressEvent("file", done, total, fraction=done / total if total else 1.0, outcome=outcome)
 
 
 def _still_done(journal: Journal, found: list[tuple[str, str]]) -> dict[str, str]:

@@ -5,6 +5,8 @@ EXIF orientation, converts CMYK, palette, grey, 16-bit and alpha images, and tur
 bad file (missing, empty, truncated, not an image, too many pixels) into an `ImageReadError`
 whose message is one line naming the file. Writing is atomic (temporary file in the target
 folder, then `os.replace`), never replaces an input, and drops EXIF (GPS above all) unless asked.
+A JPEG written from a JPEG keeps every 8x8 block the protection did not touch bit for bit
+(`facecloak.jpeg_blocks`); other formats are written losslessly where they were lossless.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from facecloak import jpeg_blocks
 from facecloak.errors import ImageReadError, ImageWriteError
 
 try:  # HEIC/HEIF support is an optional extra (pip install facecloak[heic]).
@@ -66,6 +70,8 @@ OUTPUT_FORMATS = {
 quantise a cloak away."""
 
 JPEG_QUALITY = 95
+"""Quality of JPEG/WebP/HEIF outputs that are encoded from pixels (a JPEG written from a JPEG
+keeps the input's own quantisation instead, see `write_image`)."""
 _GPS_IFD_TAG = 0x8825
 _ORIENTATION_TAG = 0x0112
 
@@ -82,6 +88,8 @@ class LoadedImage:
         grayscale: the source had no colour (written back as grey unless colour was added).
         icc_profile: the source's ICC profile, kept on output (None after a CMYK conversion).
         exif: the source's EXIF block (orientation already applied), used only when asked.
+        orientation: the source's EXIF orientation (1-8), already applied to ``pixels``; a JPEG
+            edited block by block is stored in the source's orientation and keeps this tag.
     """
 
     path: Path
@@ -91,6 +99,7 @@ class LoadedImage:
     grayscale: bool = False
     icc_profile: bytes | None = None
     exif: bytes | None = field(default=None, repr=False)
+    orientation: int = 1
 
     @property
     def size(self) -> tuple[int, int]:
@@ -125,7 +134,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
     if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = limit  # PIL's own guard must not be stricter than the user's explicit limit
     if not path.exists():
-        raise ImageReadError("no such file", path)
+        raise ImageReadError("no such file or folder", path)
     if not path.is_file():
         raise ImageReadError("not a regular file", path)
     if path.stat().st_size == 0:
@@ -145,6 +154,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
                 source_format = opened.format or "PNG"
                 exif = opened.info.get("exif")
                 icc = opened.info.get("icc_profile")
+                orientation = _orientation(opened)
                 image = ImageOps.exif_transpose(opened)
                 image.load()
     except ImageReadError:
@@ -161,7 +171,59 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
     except MemoryError:
         raise ImageReadError("image too large to decode in memory", path) from None
     pixels, alpha, grayscale, icc = _to_rgb_tensor(image, icc)
-    return LoadedImage(path, pixels, alpha, source_format, grayscale, icc, exif)
+    return LoadedImage(path, pixels, alpha, source_format, grayscale, icc, exif, orientation)
+
+
+def probe_image(path: str | Path, *, max_pixels: int | None = None) -> str:
+    """The format of the photo at ``path`` ("JPEG", "PNG", ...), from its header alone.
+
+    Cheap (nothing is decoded): a batch calls it for every input before any work, so that a
+    missing, empty, unidentifiable or oversized file fails at once and every output name is
+    known up front. A file that passes can still fail at `read_image` (truncated data).
+
+    Raises:
+        ImageReadError: one line naming the file and the reason.
+    """
+    path = Path(path)
+    limit = max_pixels or max_pixels_default()
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
+    if not path.exists():
+        raise ImageReadError("no such file or folder", path)
+    if not path.is_file():
+        raise ImageReadError("not a regular file", path)
+    if path.stat().st_size == 0:
+        raise ImageReadError("empty file (0 bytes)", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                source_format = opened.format or "PNG"
+    except Image.DecompressionBombError:
+        raise ImageReadError(
+            f"more pixels than the limit of {limit:,} (decompression-bomb guard; raise it with --max-pixels)",
+            path,
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image, or an unsupported format", path) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
+    if width * height > limit:
+        raise ImageReadError(
+            f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
+            "(decompression-bomb guard; raise it with --max-pixels)",
+            path,
+        )
+    return source_format
+
+
+def _orientation(opened: Image.Image) -> int:
+    try:
+        value = int(opened.getexif().get(_ORIENTATION_TAG, 1))
+    except (TypeError, ValueError, SyntaxError, OSError):
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def _short(error: BaseException) -> str:
@@ -225,9 +287,17 @@ def write_image(
     keep_metadata: bool = False,
     protected: Iterable[Path] = (),
     overwrite: bool = False,
-    jpeg_quality: int = JPEG_QUALITY,
+    jpeg_quality: int | None = None,
+    info: dict | None = None,
 ) -> Path:
     """Write a (3, H, W) [0, 1] tensor atomically, in the format the suffix of ``path`` names.
+
+    A JPEG written from a JPEG ``source`` with ``jpeg_quality`` None is edited in the JPEG's own
+    domain: only the 8x8 blocks (MCUs) holding a changed pixel are re-encoded, with the source's
+    own quantisation tables, and every other block keeps the source's exact coefficients, so it
+    decodes to exactly the same pixels (see `facecloak.jpeg_blocks`). Where that is not possible
+    (a kind of JPEG libjpeg cannot edit, no jpeglib) the whole photo is encoded at
+    `JPEG_QUALITY`, and ``info["jpeg_fallback"]`` says why.
 
     Args:
         path: destination; its suffix picks the format.
@@ -236,12 +306,17 @@ def write_image(
         keep_metadata: keep the source's EXIF minus GPS (default: drop all EXIF).
         protected: files that must never be replaced (the batch's inputs).
         overwrite: replace an existing output file (never a protected one).
-        jpeg_quality: quality for JPEG/WebP/HEIF outputs.
+        jpeg_quality: quality for JPEG/WebP/HEIF outputs encoded from pixels; None keeps a JPEG
+            source's own quantisation (block by block) and uses `JPEG_QUALITY` otherwise. Giving
+            a number re-encodes the whole photo at it.
+        info: if given, filled with how the file was written (``encoding``: "jpeg-blocks" with
+            the re-encoded MCU counts, or the format name; ``jpeg_fallback``: why not blocks).
 
     Raises:
         ImageWriteError: one line naming the file and the reason; nothing is left behind.
     """
     path = Path(path)
+    info = {} if info is None else info
     if any(same_file(path, other) for other in protected):
         raise ImageWriteError("refusing to overwrite an input file", path)
     if path.exists() and not overwrite:
@@ -250,13 +325,39 @@ def write_image(
     format_name = IMAGE_SUFFIXES.get(suffix)
     if format_name is None or format_name == "GIF":
         raise ImageWriteError(f"cannot write format {suffix or '(none)'}", path)
-    image = _to_pil(pixels, source, format_name)
-    options = _save_options(format_name, source, keep_metadata, jpeg_quality)
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ImageWriteError(f"expected a (3, H, W) tensor, got {tuple(pixels.shape)}", path)
+    data = None
+    if format_name == "JPEG" and jpeg_quality is None and source is not None:
+        try:
+            data = _jpeg_keeping_blocks(pixels, source, keep_metadata, info)
+        except jpeg_blocks.BlocksUnavailable as why:
+            info["jpeg_fallback"] = f"whole photo re-encoded at quality {JPEG_QUALITY}: {why}"
+    quality = JPEG_QUALITY if jpeg_quality is None else jpeg_quality
+    if data is None:
+        image = _to_pil(pixels, source, format_name)
+        options = _save_options(format_name, source, keep_metadata, quality)
+        info["encoding"] = format_name.lower()
+
+        def save(stream) -> None:
+            image.save(stream, format=format_name, **options)
+
+    else:
+
+        def save(stream) -> None:
+            stream.write(data)
+
+    _write_atomically(path, suffix, save)
+    return path
+
+
+def _write_atomically(path: Path, suffix: str, save: Callable[[BinaryIO], None]) -> None:
+    """Write through a temporary file in the target folder, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format=format_name, **options)
+            save(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(temporary, 0o666 & ~_current_umask())
@@ -264,7 +365,77 @@ def write_image(
     except (OSError, ValueError, KeyError) as error:
         Path(temporary).unlink(missing_ok=True)
         raise ImageWriteError(f"could not write ({_short(error)})", path) from None
-    return path
+
+
+_UNDO_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+"""The inverse of each EXIF orientation's transform (as `ImageOps.exif_transpose` applies it)."""
+
+
+def _jpeg_keeping_blocks(pixels: Tensor, source: LoadedImage, keep_metadata: bool, info: dict) -> bytes:
+    """The output JPEG's bytes, edited block by block from the source file (see `write_image`)."""
+    if source.format not in ("JPEG", "MPO"):
+        raise jpeg_blocks.BlocksUnavailable(f"the input is {source.format}, not JPEG")
+    if source.alpha is not None or not source.path.is_file():
+        raise jpeg_blocks.BlocksUnavailable("the input file is not a plain JPEG on disk")
+    before, after = to_uint8(source.pixels), to_uint8(pixels)
+    if before.shape != after.shape:
+        raise jpeg_blocks.BlocksUnavailable("the output's size differs from the input's")
+    undo = _UNDO_ORIENTATION.get(source.orientation)
+    if undo is not None:  # edit the file in its stored orientation; the EXIF tag keeps it upright
+        before = np.asarray(Image.fromarray(before).transpose(undo))
+        after = np.asarray(Image.fromarray(after).transpose(undo))
+    data, edit = jpeg_blocks.splice_jpeg(source.path, before, after)
+    info.update(encoding="jpeg-blocks", **edit.summary())
+    return _with_metadata(data, _jpeg_exif(source, keep_metadata), source.icc_profile)
+
+
+def _jpeg_exif(source: LoadedImage, keep_metadata: bool) -> bytes | None:
+    """EXIF for a block-edited JPEG: as `strip_location` when kept, but with the stored orientation."""
+    if keep_metadata and source.exif:
+        exif = Image.Exif()
+        exif.load(source.exif)
+        exif.pop(_GPS_IFD_TAG, None)
+    elif source.orientation != 1:
+        exif = Image.Exif()  # nothing but the orientation, so that viewers turn the photo upright
+    else:
+        return None
+    if source.orientation != 1:
+        exif[_ORIENTATION_TAG] = source.orientation
+    else:
+        exif.pop(_ORIENTATION_TAG, None)
+    return exif.tobytes()
+
+
+_ICC_CHUNK_BYTES = 65_519
+
+
+def _with_metadata(data: bytes, exif: bytes | None, icc: bytes | None) -> bytes:
+    """Insert an EXIF (APP1) and ICC profile (APP2 chunks) segment after a JPEG's JFIF header."""
+    segments = []
+    if exif:
+        payload = exif if exif.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + exif
+        if len(payload) + 2 > 0xFFFF:
+            raise jpeg_blocks.BlocksUnavailable("EXIF block too large for one segment")
+        segments.append(b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload)
+    if icc:
+        chunks = [icc[i : i + _ICC_CHUNK_BYTES] for i in range(0, len(icc), _ICC_CHUNK_BYTES)]
+        if len(chunks) > 255:
+            raise jpeg_blocks.BlocksUnavailable("ICC profile too large")
+        for number, chunk in enumerate(chunks, start=1):
+            payload = b"ICC_PROFILE\x00" + bytes([number, len(chunks)]) + chunk
+            segments.append(b"\xff\xe2" + (len(payload) + 2).to_bytes(2, "big") + payload)
+    position = 2  # after SOI; then past the JFIF APP0 libjpeg wrote
+    if data[2:4] == b"\xff\xe0":
+        position = 4 + int.from_bytes(data[4:6], "big")
+    return data[:position] + b"".join(segments) + data[position:]
 
 
 def _current_umask() -> int:
@@ -344,16 +515,19 @@ def collect_images(
 
     Files named explicitly are always tried (a bad one fails with a reason later); inside folders
     only files with an image suffix are taken and the rest are returned as skipped, with a note.
-    ``exclude`` (the output folder) is never walked, so outputs are not re-read as inputs.
+    ``exclude`` (the output folder) is never walked when it lies inside a folder given, so
+    outputs are not re-read as inputs (a batch also passes over files that are the outputs of
+    other inputs, see `facecloak.batch.plan_batch`).
     """
     jobs: list[ImageJob] = []
     skipped: list[tuple[Path, str]] = []
     excluded = exclude.resolve() if exclude is not None and exclude.exists() else None
     for given in map(Path, paths):
         if given.is_dir():
+            skip = excluded if excluded is not None and excluded != given.resolve() else None
             for file in sorted(p for p in given.rglob("*") if p.is_file()):
                 relative = file.relative_to(given)
-                if excluded is not None and excluded in file.resolve().parents:
+                if skip is not None and skip in file.resolve().parents:
                     continue
                 if any(part.startswith(".") for part in relative.parts):
                     continue

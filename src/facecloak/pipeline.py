@@ -18,15 +18,24 @@ import hashlib
 import queue
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from facecloak import io
-from facecloak.batch import BatchReport, FileOutcome, Options, ProgressCallback, Protector
+from facecloak.batch import (
+    BatchPlan,
+    BatchReport,
+    FileOutcome,
+    Options,
+    ProgressCallback,
+    ProgressEvent,
+    Protector,
+    plan_batch,
+)
 from facecloak.detect import FaceDetector
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
-from facecloak.journal import Journal, file_sha256
+from facecloak.journal import JOURNAL_NAME, Journal, file_sha256
 
 READER_THREADS = 2
 _END = object()
@@ -43,7 +52,7 @@ class ProtectorSpec:
 
     Example:
         >>> ProtectorSpec("anonymize", {"method": "blur"}).build().tag
-        'anonymized'
+        'blur'
     """
 
     kind: str
@@ -134,7 +143,7 @@ class _Decoded:
 
 def run_resumable_batch(
     paths: Sequence[str | Path],
-    protector: Protector,
+    protector: Protector | None,
     options: Options,
     *,
     settings: dict,
@@ -142,20 +151,34 @@ def run_resumable_batch(
     command: str = "",
     on_progress: ProgressCallback | None = None,
     readers: int = READER_THREADS,
+    tag: str | None = None,
+    build: Callable[[], Protector] | None = None,
 ) -> ResumableReport:
     """Protect every image under ``paths`` into ``options.out_dir``, journaled and pipelined.
 
+    The rules of `facecloak.batch.run_batch` hold: every output is decided first
+    (`facecloak.batch.plan_batch`); a missing or unreadable path fails alone; an output that
+    exists and that this journal did not write is skipped (status "skipped") unless
+    ``overwrite``; no image at all gives an empty report (exit code 1). Outputs the journal
+    recorded for the same input and settings are not redone (`ResumedOutcome`).
+
     Args:
         paths: files and folders (walked recursively).
-        protector: what to do with the faces (`facecloak.batch.AnonymizeFaces`, `CloakFaces`).
+        protector: what to do with the faces (`facecloak.batch.AnonymizeFaces`, `CloakFaces`);
+            may be None with ``tag`` and ``build`` (then built only once a photo needs it, so a
+            pure resume or re-run loads no model).
         options: file and detection settings; ``out_dir`` is required (the journal lives there).
             With ``overwrite`` every file is redone, whatever the journal says.
         settings: what shapes the outputs besides ``options`` (method, parameters, models...):
             a change of these redoes the files.
         detector: a ready detector (default: built from ``options``).
         command: name shown in the summary.
-        on_progress: called with (files finished, files total) as files finish.
+        on_progress: called with a `facecloak.batch.ProgressEvent` at the plan, while loading,
+            per chunk and (cloaks) per optimisation step, and for every finished file (stage
+            "file"; called from worker threads, one call at a time).
         readers: decoding threads.
+        tag: output name suffix when ``protector`` is None.
+        build: makes the protector when ``protector`` is None.
 
     Example:
         >>> protector = AnonymizeFaces(Anonymizer("blur"))  # doctest: +SKIP
@@ -163,27 +186,65 @@ def run_resumable_batch(
     """
     if not options.out_dir:
         raise InvalidInputError("a resumable batch needs an output folder (-o)")
+    if protector is None and (tag is None or build is None):
+        raise InvalidInputError("run_resumable_batch needs a protector, or a tag and a build function")
+    tag = protector.tag if protector is not None else tag
     started = time.perf_counter()
     out_dir = Path(options.out_dir)
-    jobs, skipped = io.collect_images(paths, exclude=out_dir)
-    journal_settings = {**settings, **_output_options(options), "tag": protector.tag}
+    # Every output path decided up front; which existing outputs to skip needs the journal (below).
+    plan = plan_batch(paths, tag, replace(options, overwrite=True))
+    journal_settings = {**settings, **_output_options(options), "tag": tag}
     report = ResumableReport(
-        command or protector.tag, asdict(options), skipped=[(str(p), r) for p, r in skipped]
+        command or tag,
+        asdict(options),
+        skipped=[(str(p), r) for p, r in plan.not_images],
+        inputs=plan.inputs,
     )
-    inputs = [job.path for job in jobs]
-    outcomes: dict[int, FileOutcome] = {}
-    lock = threading.Lock()
+    outcomes: list[FileOutcome] = []
+    lock = threading.RLock()
     timings = {"decode_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
+    progress = _Progress(on_progress, lock, started)
+    state: dict = {"protector": protector}
 
-    def finish(index: int, outcome: FileOutcome) -> None:
+    def finish(outcome: FileOutcome) -> None:
         with lock:
-            outcomes[index] = outcome
-            done = len(outcomes)
-        if on_progress is not None:
-            on_progress(done, len(jobs))
+            outcomes.append(outcome)
+            progress.finish(outcome)
 
+    if not (out_dir / JOURNAL_NAME).exists() and not any(
+        options.overwrite or not target.exists() for _, target in plan.todo
+    ):  # nothing to write (no image, or every output exists and is not ours): no journal, no folder
+        shown = BatchPlan([], [(job.path, target) for job, target in plan.todo], plan.failed)
+        shown.not_images, shown.inputs, shown.order = plan.not_images, plan.inputs, plan.order
+        progress.files_total = len(plan.todo) + len(plan.failed)
+        progress.emit("plan", plan=shown)
+        for outcome in plan.failed:
+            finish(outcome)
+        for path, target in shown.existing:
+            finish(FileOutcome(str(path), "skipped", output=str(target)))
+        order = {path: k for k, path in enumerate(plan.order)}
+        report.outcomes = sorted(outcomes, key=lambda outcome: order.get(outcome.path, len(order)))
+        report.seconds = time.perf_counter() - started
+        return report
     with Journal(out_dir, journal_settings) as journal:
         report.journal = str(journal.path)
+        jobs: list[tuple[io.ImageJob, Path]] = []
+        existing: list[tuple[Path, Path]] = []
+        for job, target in plan.todo:
+            owned = journal.owns(target.relative_to(out_dir).as_posix())
+            if target.exists() and not options.overwrite and not owned:
+                existing.append((job.path, target))
+            else:
+                jobs.append((job, target))
+        shown = BatchPlan(jobs, existing, plan.failed, plan.not_images, plan.inputs, plan.order)
+        progress.files_total = len(jobs) + len(existing) + len(plan.failed)
+        progress.steps = int(getattr(protector, "steps", 0) or 0)
+        progress.emit("plan", plan=shown)
+        for outcome in plan.failed:
+            finish(outcome)
+        for path, target in existing:
+            finish(FileOutcome(str(path), "skipped", output=str(target)))
+        inputs = [job.path for job, _ in plan.todo]
         decoded: queue.Queue = queue.Queue(maxsize=max(2, 2 * options.chunk))
         finished: queue.Queue = queue.Queue(maxsize=max(2, 2 * options.chunk))
         next_job = iter(range(len(jobs)))
@@ -195,7 +256,7 @@ def run_resumable_batch(
                     index = next(next_job, None)
                 if index is None:
                     break
-                job = jobs[index]
+                job, target = jobs[index]
                 tick = time.perf_counter()
                 try:
                     sha256 = file_sha256(job.path)
@@ -203,17 +264,14 @@ def run_resumable_batch(
                         None if options.overwrite else journal.done_record(job.relative.as_posix(), sha256)
                     )
                     if record is not None:
-                        finish(index, _resumed(job, record, out_dir))
+                        finish(_resumed(job, record, out_dir))
                         continue
                     image = io.read_image(job.path, max_pixels=options.max_pixels)
-                    target = io.output_path(job, out_dir, protector.tag, options.format, image.format)
-                    if any(io.same_file(target, other) for other in inputs):
-                        raise ImageWriteError("refusing to overwrite an input file", target)
                 except OSError as error:
-                    finish(index, FileOutcome(str(job.path), "failed", error=f"{job.path}: {error.strerror}"))
+                    finish(FileOutcome(str(job.path), "failed", error=f"{job.path}: {error.strerror}"))
                     continue
                 except FacecloakError as error:
-                    finish(index, FileOutcome(str(job.path), "failed", error=str(error)))
+                    finish(FileOutcome(str(job.path), "failed", error=str(error)))
                     continue
                 with lock:
                     timings["decode_s"] += time.perf_counter() - tick
@@ -227,9 +285,7 @@ def run_resumable_batch(
                     return
                 entry, output, records, seconds = item
                 tick = time.perf_counter()
-                finish(
-                    entry.index, _write(entry, output, records, seconds, options, journal, out_dir, inputs)
-                )
+                finish(_write(entry, output, records, seconds, options, journal, out_dir, inputs))
                 with lock:
                     timings["write_s"] += time.perf_counter() - tick
 
@@ -244,16 +300,24 @@ def run_resumable_batch(
                 if not chunk:
                     continue
                 tick = time.perf_counter()
-                detector = detector or FaceDetector(  # built only once there is work (not on a pure resume)
-                    min_score=options.min_score, min_size=options.min_size, device=options.device
-                )
                 try:
+                    if state["protector"] is None:  # built only once there is work (not on a pure resume)
+                        state["protector"] = build()
+                        progress.steps = int(getattr(state["protector"], "steps", 0) or 0)
+                    if detector is None:
+                        progress.emit("load")
+                        detector = FaceDetector(
+                            min_score=options.min_score, min_size=options.min_size, device=options.device
+                        )
                     pixels = [entry.image.pixels for entry in chunk]
+                    names = tuple(entry.job.path.name for entry in chunk)
+                    progress.emit("detect", current=names)
                     faces = detector(pixels)
-                    outputs, records = protector(pixels, faces)
+                    progress.found(len(faces))
+                    outputs, records = _protect(state["protector"], pixels, faces, progress, names)
                 except FacecloakError as error:
                     for entry in chunk:
-                        finish(entry.index, FileOutcome(str(entry.job.path), "failed", error=str(error)))
+                        finish(FileOutcome(str(entry.job.path), "failed", error=str(error)))
                     continue
                 seconds = (time.perf_counter() - tick) / len(chunk)
                 timings["compute_s"] += time.perf_counter() - tick
@@ -268,11 +332,92 @@ def run_resumable_batch(
             writer.join()
             for thread in readers_running:
                 thread.join()
-    report.outcomes = [outcomes[i] for i in range(len(jobs)) if i in outcomes]
+    order = {path: k for k, path in enumerate(plan.order)}
+    report.outcomes = sorted(outcomes, key=lambda outcome: order.get(outcome.path, len(order)))
     report.resumed = sum(isinstance(outcome, ResumedOutcome) for outcome in report.outcomes)
     report.seconds = time.perf_counter() - started
     report.timings = {key: round(value, 3) for key, value in timings.items()}
     return report
+
+
+class _Progress:
+    """`ProgressEvent`s of a pipelined batch: files finished, faces, and the chunk's optimisation steps."""
+
+    def __init__(self, callback: ProgressCallback | None, lock: threading.RLock, started: float) -> None:
+        self.callback = callback
+        self.lock = lock
+        self.started = started
+        self.files_total = 0
+        self.files_done = 0
+        self.faces_done = 0
+        self.faces_seen: int | None = None  # faces detected so far (resumed files' included)
+        self.steps = 0
+        self.partial = 0.0  # the current chunk's share of its files, while it is optimised
+
+    def emit(self, stage: str, **fields) -> None:
+        if self.callback is None:
+            return
+        with self.lock:
+            done = min(self.files_total, self.files_done + self.partial)
+            fraction = done / self.files_total if self.files_total else 0.0
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed * (1 - fraction) / fraction if 0 < fraction < 1 else None
+            self.callback(
+                ProgressEvent(
+                    stage=stage,
+                    files_done=self.files_done,
+                    files_total=self.files_total,
+                    faces_done=self.faces_done,
+                    faces_total=self.faces_seen,
+                    fraction=fraction,
+                    eta_seconds=eta,
+                    **fields,
+                )
+            )
+
+    def found(self, faces: int) -> None:
+        with self.lock:
+            self.faces_seen = (self.faces_seen or 0) + faces
+
+    def finish(self, outcome: FileOutcome) -> None:
+        with self.lock:
+            self.files_done += 1
+            self.faces_done += len(outcome.faces)
+            if isinstance(outcome, ResumedOutcome):
+                self.found(len(outcome.faces))
+            self.emit("file", outcome=outcome)
+
+
+def _protect(protector: Protector, pixels, faces, progress: _Progress, names: tuple[str, ...]):
+    """Run the protector on a chunk, sending its per-step progress (cloaks)."""
+    aim = getattr(protector, "aim", None)
+    progress.emit("protect", current=names, steps=progress.steps, aim=aim)
+    if not getattr(protector, "steps", 0):
+        return protector(pixels, faces)
+
+    def on_step(step: int, steps: int, done, ratios) -> None:
+        waiting = ratios[~done]
+        distance = float(waiting.min()) if len(waiting) else float(ratios.min()) if len(ratios) else None
+        finished = int(done.sum()) == len(done) or step >= steps
+        with progress.lock:
+            progress.partial = len(names) * min(1.0, step / max(1, steps)) * 0.9
+            faces_done, progress.faces_done = progress.faces_done, progress.faces_done + int(done.sum())
+        progress.emit(
+            "check" if finished else "protect",
+            current=names,
+            step=step,
+            steps=steps,
+            distance=distance,
+            aim=aim,
+        )
+        with progress.lock:
+            progress.faces_done = faces_done
+
+    try:
+        return protector(pixels, faces, on_step=on_step)
+    finally:
+        with progress.lock:
+            progress.partial = 0.0
 
 
 def _output_options(options: Options) -> dict:
@@ -346,6 +491,7 @@ def _write(
         status = "protected"
     else:
         status = "unprotected"
+    written: dict = {}
     try:
         if entry.target.exists() and not (options.overwrite or journal.owns(relative_output)):
             raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", entry.target)
@@ -358,6 +504,7 @@ def _write(
             protected=inputs,
             overwrite=True,
             jpeg_quality=options.jpeg_quality,
+            info=written,
         )
         size = entry.target.stat().st_size
         journal.record(
@@ -373,4 +520,6 @@ def _write(
         return FileOutcome(path, "failed", error=str(error), faces=records, seconds=round(seconds, 3))
     except OSError as error:
         return FileOutcome(path, "failed", error=f"{entry.target}: {error.strerror}", faces=records)
-    return FileOutcome(path, status, output=str(entry.target), faces=records, seconds=round(seconds, 3))
+    return FileOutcome(
+        path, status, output=str(entry.target), faces=records, seconds=round(seconds, 3), written=written
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -129,6 +129,10 @@ DSSIM_SAFETY = 0.95
 
 VERIFY_JPEG_QUALITY = 75
 """The re-encode every cloak is checked against, as a typical upload site applies it."""
+
+StepCallback = Callable[[int, int, Tensor, Tensor], None]
+"""Called after each optimisation step with (step, most steps, (N,) bool faces done, (N,) each
+face's latest distance as a multiple of its match threshold, worst model)."""
 
 
 @dataclass(frozen=True)
@@ -289,12 +293,15 @@ class Cloak:
         raise NotImplementedError
 
     # -- the contract -----------------------------------------------------------------------
-    def __call__(self, images: Tensor | Sequence[Tensor], faces: Faces) -> CloakResult:
+    def __call__(
+        self, images: Tensor | Sequence[Tensor], faces: Faces, on_step: StepCallback | None = None
+    ) -> CloakResult:
         """Cloak every face in ``images``.
 
         Args:
             images: (B, 3, H, W) in [0, 1], or a list of (3, H_i, W_i).
             faces: the faces to cloak, from `facecloak.detect`.
+            on_step: optional progress hook, called after every step (see `StepCallback`).
         """
         started = time.perf_counter()
         photos = [images[i] for i in range(images.shape[0])] if isinstance(images, Tensor) else list(images)
@@ -312,19 +319,25 @@ class Cloak:
         buckets = build_buckets(
             photos, faces, self.models, alignments, region_scale=self.region_scale, feather=self.feather
         )
-        deltas, steps = self._optimise(buckets, faces, clean, generator)
+        deltas, steps = self._optimise(buckets, faces, clean, generator, on_step)
         cloaked = self._compose_within_budget(photos, faces, buckets, deltas)
         return self._result(photos, cloaked, faces, clean, steps, started)
 
     # -- the loop ---------------------------------------------------------------------------
     def _optimise(
-        self, buckets: list[Bucket], faces: Faces, clean: list[Tensor], generator: torch.Generator
+        self,
+        buckets: list[Bucket],
+        faces: Faces,
+        clean: list[Tensor],
+        generator: torch.Generator,
+        on_step: StepCallback | None = None,
     ) -> tuple[list[Tensor], Tensor]:
         budget = self.budget
         lr = budget.step_size / 255.0
         steps_taken = torch.zeros(len(faces), dtype=torch.long)
         active = torch.ones(len(faces), dtype=torch.bool)
         reached = torch.zeros(len(faces), dtype=torch.long)  # consecutive steps at or past the aim
+        latest = torch.zeros(len(faces))  # for on_step: each face's last distance / threshold
         deltas = [torch.zeros_like(bucket.crops) for bucket in buckets]
         first = [torch.zeros_like(delta) for delta in deltas]
         second = [torch.zeros_like(delta) for delta in deltas]
@@ -375,6 +388,9 @@ class Cloak:
                     at_aim, reached[face_index] + 1, torch.zeros_like(reached[face_index])
                 )
                 active[face_index] = reached[face_index] < STEADY_STEPS
+                latest[face_index] = ratios.amin(dim=1).cpu()
+            if on_step is not None:
+                on_step(step, budget.steps, ~active, latest.clone())
         return deltas, steps_taken
 
     @property

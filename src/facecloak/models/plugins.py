@@ -305,3 +305,44 @@ def register_user_models() -> None:
             _register(FaceModelCard(**data))
         except (OSError, ValueError, TypeError, KeyError) as error:
             BROKEN_CARDS.append((path, f"unreadable model card ({type(error).__name__}: {error})"))
+
+
+MODEL_FILE_PATTERNS = ("*.onnx", "*-symbol.json")
+"""Files `find_model_files` offers to add: ONNX models and MXNet graphs (with their params)."""
+
+
+def models_search_roots() -> list[Path]:
+    """Where `facecloak models` looks for model files to suggest: FACECLOAK_MODELS, else ../shared/models."""
+    given = os.environ.get("FACECLOAK_MODELS")
+    return [Path(given)] if given else [Path("..") / "shared" / "models"]
+
+
+def find_model_files(roots: list[Path] | None = None) -> list[tuple[str, Path, Path | None]]:
+    """Model files under ``roots`` that are not added yet: (suggested name, file, README or None).
+
+    Only files `add_user_model` can load are listed (ONNX; MXNet ``NAME-symbol.json`` with its
+    ``NAME-0000.params`` beside it). The name is the file's folder (or its stem when a folder
+    holds several models), made lower-case to fit `NAME_PATTERN`.
+    """
+    found = []
+    added = {str(Path(_REGISTRY[name].card.weights).resolve()) for name in _REGISTRY}
+    for root in roots if roots is not None else models_search_roots():
+        if not root.is_dir():
+            continue
+        files = sorted(f for pattern in MODEL_FILE_PATTERNS for f in root.rglob(pattern) if f.is_file())
+        for file in files:
+            if file.name.endswith("-symbol.json"):
+                params = file.with_name(file.name[: -len("-symbol.json")] + "-0000.params")
+                if not params.is_file():
+                    continue
+            if str(file.resolve()) in added:
+                continue
+            alone = sum(f.parent == file.parent for f in files) == 1
+            if alone and file.parent != root:
+                stem = file.parent.name
+            else:
+                stem = file.name.removesuffix("-symbol.json").removesuffix(".onnx")
+            name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "model"
+            readme = next((r for r in sorted(file.parent.glob("README*")) if r.is_file()), None)
+            found.append((name, file.resolve(), readme.resolve() if readme else None))
+    return found

@@ -170,7 +170,9 @@ def resolve_weights(name: str, weights: Path | str | None = None) -> Path:
         return path
     found = entry.locate()
     if found is None:
-        hint = f" (set {card.weights_env} or pass weights=...)" if card.weights_env else ""
+        hint = ""
+        if card.weights_env:
+            hint = f"; to use it, set the environment variable {card.weights_env} to that file's path"
         raise ModelNotFoundError(f"model {name} is not available: {card.weights}{hint}")
     return found
 

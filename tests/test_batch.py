@@ -1,0 +1,95 @@
+"""The batch API: planning before work, skipping existing outputs, progress events, per-file errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from facecloak.anonymize import Anonymizer
+from facecloak.batch import AnonymizeFaces, CloakFaces, Options, plan_batch, run_batch
+from facecloak.cloak import create_cloak
+
+
+@pytest.fixture()
+def photos(tmp_path, samples_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("astronaut.jpg", "group.jpg"):
+        shutil.copy(samples_dir / name, folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return folder
+
+
+class RefusingDetector:
+    """Stands in for the detector where a run must do no work at all."""
+
+    def __call__(self, images):
+        raise AssertionError("nothing should be detected")
+
+
+def test_plan_decides_every_output_before_any_work(photos, tmp_path):
+    out = tmp_path / "out"
+    (out / "in").mkdir(parents=True)  # several paths given: each is mirrored under its own name
+    (out / "in" / "astronaut_blur.jpg").write_bytes(b"earlier")
+    plan = plan_batch([photos, tmp_path / "missing.png"], "blur", Options(out_dir=str(out)))
+    assert [(job.path.name, target) for job, target in plan.todo] == [
+        ("group.jpg", out / "in" / "group_blur.jpg")
+    ]
+    assert plan.existing == [(photos / "astronaut.jpg", out / "in" / "astronaut_blur.jpg")]
+    failed = {outcome.path: outcome.error for outcome in plan.failed}
+    assert "not an image" in failed[str(photos / "broken.jpg")]
+    assert "no such file or folder" in failed[str(tmp_path / "missing.png")]
+    again = plan_batch([photos, tmp_path / "missing.png"], "blur", Options(out_dir=str(out), overwrite=True))
+    assert len(again.todo) == 2 and not again.existing
+
+
+def test_run_batch_reports_progress_and_skips_on_rerun(photos, tmp_path, detector):
+    out = tmp_path / "out"
+    events = []
+    protector = AnonymizeFaces(Anonymizer("pixelate"))
+    options = Options(out_dir=str(out), chunk=1)
+    report = run_batch([photos], protector, options, detector=detector, on_progress=events.append)
+    assert report.exit_code == 3 and report.count("protected") == 2 and report.count("failed") == 1
+    assert protector.tag == "pixelate" and (out / "group_pixelate.jpg").is_file()
+    stages = [event.stage for event in events]
+    assert stages[0] == "plan" and "detect" in stages and "protect" in stages
+    assert stages.count("file") == 3  # one per input, as each finishes
+    first_protect = next(event for event in events if event.stage == "protect")
+    assert first_protect.faces_total == 5  # every face is known before protecting starts
+    finished = [event for event in events if event.stage == "file"]
+    assert [event.files_done for event in finished] == [1, 2, 3]
+    assert finished[0].outcome.status == "failed"  # the unreadable file is reported before any work
+    assert events[-1].faces_done == 5 and events[-1].fraction == pytest.approx(1.0)
+    # a re-run skips what exists: nothing detected, exit code 0 apart from the broken file
+    rerun = run_batch(
+        [photos / "astronaut.jpg", photos / "group.jpg"],
+        None,
+        options,
+        plan=plan_batch([photos / "astronaut.jpg", photos / "group.jpg"], "pixelate", options),
+        detector=RefusingDetector(),
+    )
+    assert rerun.exit_code == 0 and rerun.count("skipped") == 2 and "2 image(s) skipped" in str(rerun)
+
+
+def test_cloak_progress_reports_steps_and_distance(samples_dir, tmp_path, detector, dlib_resnet):
+    events = []
+    cloak = CloakFaces(create_cloak("untargeted", [dlib_resnet], "low", steps=4, detector=detector))
+    report = run_batch(
+        [samples_dir / "astronaut.jpg"],
+        cloak,
+        Options(out_dir=str(tmp_path)),
+        detector=detector,
+        on_progress=events.append,
+    )
+    assert report.count("failed") == 0
+    steps = [event for event in events if event.stage in ("protect", "check") and event.step]
+    assert [event.step for event in steps] == [1, 2, 3, 4] and steps[0].steps == 4
+    assert all(event.distance is not None and event.distance > 0 for event in steps)
+    assert steps[-1].stage == "check" and steps[0].aim == pytest.approx(1.3)
+    assert steps[-1].eta_seconds is not None and steps[0].fraction < steps[-1].fraction <= 1.0
+
+
+def test_empty_input_is_exit_1(tmp_path):
+    report = run_batch([tmp_path], AnonymizeFaces(Anonymizer("blur")), Options(), detector=RefusingDetector())
+    assert report.empty and report.exit_code == 1 and "no image found" in str(report)
