@@ -141,7 +141,7 @@ def main() -> None:
     """Protect the faces in your photos from face-search scrapers.
 
     \b
-    facecloak cloak photo.jpg                 near-invisible cloak -> photo_cloaked.jpg
+    facecloak cloak photo.jpg                 cloak every face -> photo_cloaked.jpg
     facecloak anonymize photos/ -o out/       blur every face in a folder
     facecloak detect photo.jpg --json         list the faces found
     facecloak evaluate DATA --method cloak    measure what a protection buys
@@ -599,11 +599,13 @@ def cloak(
     batch_size,
     **io_values,
 ) -> None:
-    """Cloak every face: a near-invisible change that face-search scrapers mis-recognise.
+    """Cloak every face: a change kept under what people notice, that face models mis-recognise.
 
     Each face is optimised at the photo's native resolution against every chosen face model at
-    once, through simulated JPEG, rescaling, blur and landmark noise, within the level's DSSIM
-    and L-infinity caps. Then each photo is re-encoded as JPEG 75 and detected from scratch:
+    once, through simulated JPEG, rescaling, blur and landmark noise, within the level's per-pixel
+    (JND) and DSSIM budget: `mid` is not seen at 100% zoom, `high` is faint. Models the cloak did
+    not attack are fooled only part of the time (README: leave-one-out results); attack every
+    model you can add. Then each photo is re-encoded as JPEG 75 and detected from scratch:
     a face whose distance from its own identity does not pass every model's match threshold
     is reported as NOT protected (exit code 1).
 
