@@ -305,7 +305,7 @@ def _check_layout(attrs: _Attrs) -> None:
         raise attrs.fail(f"layout {layout!r} is not supported (channels-first only)")
 
 
-def _build_convolution(attrs: _Attrs) -> OpFn:
+def _build_convolution(attrs: _Attrs, *, with_bias: bool | None = None) -> OpFn:
     _check_layout(attrs)
     kernel = attrs.integers("kernel")
     if not 1 <= len(kernel) <= 3:
@@ -316,7 +316,7 @@ def _build_convolution(attrs: _Attrs) -> OpFn:
     pad = _spatial(attrs, "pad", n_dims, 0)
     dilate = _spatial(attrs, "dilate", n_dims, 1)
     groups = attrs.integer("num_group", 1)
-    no_bias = attrs.flag("no_bias", False)
+    no_bias = attrs.flag("no_bias", False) if with_bias is None else not with_bias
 
     def convolution(inputs: list[Tensor]) -> Tensor:
         bias = inputs[2] if len(inputs) > 2 and not no_bias else None
@@ -448,8 +448,8 @@ def _build_pooling(attrs: _Attrs) -> OpFn:
     return pooling
 
 
-def _build_fully_connected(attrs: _Attrs) -> OpFn:
-    no_bias = attrs.flag("no_bias", False)
+def _build_fully_connected(attrs: _Attrs, *, with_bias: bool | None = None) -> OpFn:
+    no_bias = attrs.flag("no_bias", False) if with_bias is None else not with_bias
     flatten = attrs.flag("flatten", True)
 
     def fully_connected(inputs: list[Tensor]) -> Tensor:
@@ -688,6 +688,7 @@ class _Step:
     op: str
     function: OpFn
     inputs: tuple[tuple[str, Any, int], ...]
+    attrs: _Attrs
 
 
 def _safe_attr_name(name: str, taken: Collection[str]) -> str:
@@ -838,7 +839,7 @@ class MXNetGraph(nn.Module):
                 refs += [weight_ref(f"{name}_{state}") for state in _BATCH_NORM_STATES[len(refs) - 1 :]]
             if op == "BatchNorm" and len(refs) != 5:
                 raise attrs.fail(f"expected 5 inputs, got {len(refs)}")
-            steps.append(_Step(index, name, op, _BUILDERS[op](attrs), tuple(refs)))
+            steps.append(_Step(index, name, op, _BUILDERS[op](attrs), tuple(refs), attrs))
 
         for step in steps:
             for kind, ref, out_index in step.inputs:
@@ -849,9 +850,13 @@ class MXNetGraph(nn.Module):
         if head[1] != 0:
             raise fail(f"output {head[1]} of node {head[0]} is requested; only output 0 is supported")
 
-        self._steps = tuple(steps)
         self._output_node = head[0]
         self.output_name = str(nodes[head[0]].get("name", head[0]))
+        self._set_steps(steps)
+
+    def _set_steps(self, steps: Sequence[_Step]) -> None:
+        """Install the steps to run, and plan when each intermediate can be freed."""
+        self._steps = tuple(steps)
         self.operator_counts = Counter(step.op for step in steps)
         # Free each intermediate after its last reader, so deep graphs keep little alive.
         last_use: dict[int, int] = {}
@@ -861,9 +866,98 @@ class MXNetGraph(nn.Module):
                     last_use[ref] = position
         release_after: list[list[int]] = [[] for _ in steps]
         for ref, position in last_use.items():
-            if ref != head[0]:
+            if ref != self._output_node:
                 release_after[position].append(ref)
         self._release_after = tuple(tuple(refs) for refs in release_after)
+
+    @torch.no_grad()
+    def fold_batch_norm(self) -> int:
+        """Fold each BatchNorm that reads a Convolution or FullyConnected output into its weights.
+
+        Inference BatchNorm is a per-channel ``scale x + shift`` (``scale = gamma / sqrt(var + eps)``,
+        ``shift = beta - mean scale``), so ``bn(conv(x, W, b))`` is ``conv(x, W scale, b scale +
+        shift)``: the same function (computed in float64, then float32: outputs agree to about
+        1e-6) with one pass over memory fewer per folded pair. A pair is folded only when the BN
+        is the producer's only reader, normalises channel axis 1, and the producer's weights are
+        used by no other node. The folded weights replace the producer's (``state_dict`` then has
+        no BatchNorm entries for it; a producer without bias gains ``<node>_folded_bias``).
+
+        Returns:
+            How many BatchNorm nodes were folded.
+
+        Example:
+            >>> model = load_mxnet_model(Path("MobileFace_Identification_V2-symbol.json"))  # doctest: +SKIP
+            >>> model.fold_batch_norm()  # doctest: +SKIP
+            37
+        """
+        readers: Counter[Any] = Counter({self._output_node: 1})
+        for step in self._steps:
+            readers.update(ref for kind, ref, _ in step.inputs if kind == "value")
+            readers.update(("param", ref) for kind, ref, _ in step.inputs if kind == "param")
+        position_of = {step.node: i for i, step in enumerate(self._steps)}
+        steps: list[_Step | None] = list(self._steps)
+        folded = 0
+        for i, step in enumerate(self._steps):
+            if step.op != "BatchNorm" or step.inputs[0][0] != "value" or step.inputs[0][1] not in position_of:
+                continue
+            producer = self._steps[position_of[step.inputs[0][1]]]
+            if not self._foldable(producer, step, readers):
+                continue
+            steps[position_of[producer.node]] = None
+            steps[i] = self._fold_pair(producer, step)
+            folded += 1
+        if folded:
+            self._set_steps([step for step in steps if step is not None])
+            used = {ref for step in self._steps for kind, ref, _ in step.inputs if kind == "param"}
+            for name, attr in list(self.names.items()):
+                if attr not in used:
+                    delattr(self.weights, attr)
+                    del self.names[name]
+        return folded
+
+    @staticmethod
+    def _foldable(producer: _Step, bn: _Step, readers: Counter[Any]) -> bool:
+        if producer.op not in ("Convolution", "FullyConnected") or readers[producer.node] != 1:
+            return False
+        if bn.attrs.integer("axis", 1) != 1 or any(kind != "param" for kind, _, _ in bn.inputs[1:5]):
+            return False
+        if producer.op == "FullyConnected" and not producer.attrs.flag("flatten", True):
+            return False  # the BN's axis 1 is not the output features then
+        if len(producer.inputs) < 2 or producer.inputs[1][0] != "param":
+            return False
+        return all(readers[("param", ref)] == 1 for kind, ref, _ in producer.inputs[1:] if kind == "param")
+
+    def _fold_pair(self, producer: _Step, bn: _Step) -> _Step:
+        """One step computing ``bn(producer(x))``, under the BN's node (its readers are unchanged)."""
+        gamma, beta, mean, var = (getattr(self.weights, ref).double() for _, ref, _ in bn.inputs[1:5])
+        if bn.attrs.flag("fix_gamma", True):
+            gamma = torch.ones_like(gamma)
+        scale = gamma / torch.sqrt(var + bn.attrs.number("eps", 1e-3))
+        weight_ref = producer.inputs[1][1]
+        weight = getattr(self.weights, weight_ref)
+        weight.copy_((weight.double() * scale.view(-1, *[1] * (weight.ndim - 1))).to(weight.dtype))
+        has_bias = len(producer.inputs) > 2 and not producer.attrs.flag("no_bias", False)
+        bias_value = (
+            getattr(self.weights, producer.inputs[2][1]).double() if has_bias else torch.zeros_like(scale)
+        )
+        new_bias = ((bias_value - mean) * scale + beta).to(weight.dtype)
+        if has_bias:
+            bias_ref = producer.inputs[2][1]
+            getattr(self.weights, bias_ref).copy_(new_bias)
+        else:
+            bias_name = f"{producer.name}_folded_bias"
+            bias_ref = _safe_attr_name(bias_name, self.names.values())
+            self.weights.register_parameter(bias_ref, nn.Parameter(new_bias, requires_grad=False))
+            self.names[bias_name] = bias_ref
+        builder = _build_convolution if producer.op == "Convolution" else _build_fully_connected
+        return _Step(
+            bn.node,
+            f"{producer.name}+{bn.name}",
+            producer.op,
+            builder(producer.attrs, with_bias=True),
+            (producer.inputs[0], producer.inputs[1], ("param", bias_ref, 0)),
+            producer.attrs,
+        )
 
     @staticmethod
     def _pick_output(

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from facecloak.errors import InvalidInputError, ModelNotFoundError
+from facecloak.models.fold import fold_fx_batch_norm
 from facecloak.models.registry import (
     _REGISTRY,
     ARCFACE_TEMPLATE_112,
@@ -102,7 +103,11 @@ class PluginEmbedder(Embedder):
         x = chips.flip(1) if self.bgr else chips
         x = (x * 255.0 - self.mean) / self.std  # mean and std are in the model's channel order
         if self.channels_last_input:
-            x = x.permute(0, 2, 3, 1)
+            x = x.permute(0, 2, 3, 1)  # the file itself takes NHWC
+        else:
+            # channels-last memory: the layout the CPU's convolution kernels are fastest in
+            # (MobileFace V2: forward 20% faster); the values are unchanged.
+            x = x.contiguous(memory_format=torch.channels_last)
         out = self.network(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
@@ -137,7 +142,13 @@ def _fast_elementwise(network: nn.Module) -> nn.Module:
 
 
 def load_network(file: Path) -> nn.Module:
-    """An ONNX or MXNet file as a differentiable torch module (no weights are fetched)."""
+    """An ONNX or MXNet file as a differentiable torch module (no weights are fetched).
+
+    Inference BatchNorm layers (and BatchNorm exported as a per-channel multiply and add) are
+    folded into the convolution before them (`facecloak.models.fold`,
+    `MXNetGraph.fold_batch_norm`): the same function to float rounding (MobileFace V2's
+    embeddings move by under 2e-6 relative), one pass over memory fewer per layer.
+    """
     file = Path(file)
     if not file.is_file():
         raise ModelNotFoundError("model file not found", file)
@@ -151,17 +162,20 @@ def load_network(file: Path) -> nn.Module:
                 "ONNX models need the onnx extra: pip install 'facecloak[onnx]'", file
             ) from None
         try:
-            model = onnx.load(str(file))
-            return _fast_elementwise(convert(model))
+            network = _fast_elementwise(convert(onnx.load(str(file))))
         except Exception as error:  # onnx and onnx2torch raise many types for a bad file
             detail = str(error).splitlines()[0][:120] if str(error) else ""
             raise ModelNotFoundError(
                 f"not a usable ONNX model ({type(error).__name__}: {detail})", file
             ) from None
+        fold_fx_batch_norm(network.eval())
+        return network
     if name.endswith("-symbol.json") or name.endswith(".json"):
         from facecloak.models.mxnet_import import load_mxnet_model
 
-        return load_mxnet_model(file)
+        graph = load_mxnet_model(file)
+        graph.fold_batch_norm()
+        return graph
     raise ModelNotFoundError("unsupported model file: expected .onnx or an MXNet NAME-symbol.json", file)
 
 

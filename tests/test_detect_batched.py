@@ -1,0 +1,145 @@
+"""The batched MTCNN (`facecloak.mtcnn`) against facenet-pytorch's own ``detect_face`` on real faces.
+
+facenet-pytorch's code path (``FaceDetector(backend="facenet-pytorch")``) is the oracle: the
+batched stages must find the same faces, with boxes and landmarks within a pixel (in practice
+they agree to float rounding) and scores within 1e-4.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facecloak.detect import FaceDetector
+from facecloak.faces import Faces
+from facecloak.io import read_image
+from facecloak.mtcnn import area_crops, area_resize, nms_min_overlap, pyramid_scales, summed_area_table
+
+NUM_LFW_PHOTOS = 100
+MAX_PX = 1.0
+MAX_SCORE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def reference() -> FaceDetector:
+    """facenet-pytorch's detect_face, every face it returns (min_score 0)."""
+    return FaceDetector(device="cpu", backend="facenet-pytorch", min_score=0.0)
+
+
+@pytest.fixture(scope="module")
+def batched() -> FaceDetector:
+    return FaceDetector(device="cpu", min_score=0.0)
+
+
+@pytest.fixture(scope="module")
+def lfw_photos(lfw_dir) -> list[torch.Tensor]:
+    files = sorted((lfw_dir / "images").glob("*/*.jpg"))
+    random.Random(14).shuffle(files)
+    return [read_image(path).pixels for path in files[:NUM_LFW_PHOTOS]]
+
+
+def assert_same_faces(found: Faces, expected: Faces, num_images: int) -> tuple[float, float]:
+    """Same faces per image in the same order; returns the largest box and landmark differences (px)."""
+    assert found.count_per_image(num_images) == expected.count_per_image(num_images)
+    assert torch.equal(found.image_index, expected.image_index)
+    if len(expected) == 0:
+        return 0.0, 0.0
+    box_px = float((found.boxes - expected.boxes).abs().max())
+    landmark_px = float((found.landmarks - expected.landmarks).abs().max())
+    assert box_px <= MAX_PX, f"boxes differ by up to {box_px:.3f} px"
+    assert landmark_px <= MAX_PX, f"landmarks differ by up to {landmark_px:.3f} px"
+    assert float((found.scores - expected.scores).abs().max()) <= MAX_SCORE
+    return box_px, landmark_px
+
+
+def test_matches_facenet_pytorch_on_lfw(lfw_photos, reference, batched):
+    """100 LFW photos, 32 per batch as the CLI and evaluator send them: same faces, same boxes and points."""
+    worst = (0.0, 0.0)
+    faces = 0
+    for start in range(0, len(lfw_photos), 32):
+        photos = lfw_photos[start : start + 32]
+        expected = reference(photos)
+        worst = max(worst, assert_same_faces(batched(photos), expected, len(photos)))
+        faces += len(expected)
+    assert faces >= NUM_LFW_PHOTOS  # every photo has its subject, some have more people
+    assert worst[0] < 0.01 and worst[1] < 0.01  # float rounding, far inside the pixel allowed
+
+
+def test_same_recall_on_lfw_centre_faces(lfw_photos, reference, batched):
+    """At the default score threshold both find the subject (the face at the centre) as often."""
+
+    def centre_found(faces: Faces) -> int:
+        boxes = faces.boxes
+        inside = (boxes[:, 0] < 125) & (boxes[:, 2] > 125) & (boxes[:, 1] < 125) & (boxes[:, 3] > 125)
+        return len(faces.image_index[inside].unique())
+
+    ours, theirs = batched(lfw_photos[:50]), reference(lfw_photos[:50])
+    found = centre_found(ours.select(ours.scores >= 0.9))
+    assert found == centre_found(theirs.select(theirs.scores >= 0.9))
+    assert found >= 49
+
+
+def test_matches_on_samples_of_mixed_sizes(samples_dir, lfw_photos, reference, batched):
+    """Photos of several sizes in one call (R-Net and O-Net see all their boxes at once), one large."""
+    samples = [read_image(path).pixels for path in sorted(samples_dir.glob("*.jpg"))]
+    large = F.interpolate(samples[0][None], size=(2000, 1700), mode="bilinear", align_corners=False)[0]
+    photos = [*samples, lfw_photos[0], large, lfw_photos[1], samples[0].flip(-1)]
+    expected = reference(photos)
+    assert_same_faces(batched(photos), expected, len(photos))
+    assert expected.count_per_image(len(photos))[:3] == [1, 1, 4]  # astronaut, grace_hopper, group
+
+
+def test_batch_composition_does_not_change_results(lfw_photos, batched):
+    together = batched(lfw_photos[:8])
+    for i in range(8):
+        alone = batched([lfw_photos[i]])
+        mine = together.for_image(i)
+        assert torch.allclose(mine.boxes, alone.boxes, atol=1e-3)
+        assert torch.allclose(mine.landmarks, alone.landmarks, atol=1e-3)
+
+
+def test_no_face_and_tiny_photos(batched):
+    assert len(batched([torch.full((3, 200, 300), 0.5)])) == 0
+    assert len(batched([torch.rand(3, 10, 10)])) == 0  # smaller than the smallest face: no pyramid
+    assert pyramid_scales(10, 10, 20.0) == []
+
+
+def test_area_resize_and_crops_are_interpolate_area():
+    """The summed-area resampling equals F.interpolate(mode="area"), down and up, on odd sizes."""
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand(2, 3, 61, 47, generator=generator) * 255).round()
+    table = summed_area_table(images)
+    for size in ((37, 29), (61, 47), (62, 48), (12, 12), (90, 20)):
+        expected = F.interpolate(images, size=size, mode="area")
+        assert torch.allclose(area_resize(table, size), expected, atol=1e-4)
+    index = torch.tensor([0, 1, 1, 0])
+    top, bottom = torch.tensor([0, 5, 40, 3]), torch.tensor([61, 50, 41, 20])
+    left, right = torch.tensor([0, 7, 10, 30]), torch.tensor([47, 30, 46, 31])
+    for size in (24, 48):
+        crops = area_crops(table, index, top, bottom, left, right, size)
+        for k in range(4):
+            window = images[index[k], :, top[k] : bottom[k], left[k] : right[k]][None]
+            expected = F.interpolate(window, size=(size, size), mode="area")[0]
+            assert torch.allclose(crops[k], expected, atol=1e-4)
+
+
+def test_min_overlap_nms_matches_facenet_pytorch():
+    """Per photo, the "Min" NMS keeps what facenet-pytorch's nms_numpy keeps (distinct scores)."""
+    from facenet_pytorch.models.utils.detect_face import nms_numpy
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        corners = rng.uniform(0, 200, size=(40, 2)).astype(np.float32)
+        sides = rng.uniform(10, 80, size=(40, 1)).astype(np.float32)
+        boxes = np.concatenate([corners, corners + sides], axis=1)
+        scores = rng.permutation(40).astype(np.float32) / 40
+        photos = rng.integers(0, 3, size=40)
+        kept = nms_min_overlap(boxes, scores, photos, 0.7)
+        for photo in range(3):
+            mine = np.nonzero(photos == photo)[0]
+            expected = mine[nms_numpy(boxes[mine], scores[mine], 0.7, "Min")]
+            assert kept[photos[kept] == photo].tolist() == expected.tolist()
