@@ -156,6 +156,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
+    parser.add_argument("--methods", default="blur,cloak", help="what to measure (blur, cloak)")
     parser.add_argument("--blur-requests", type=int, default=300, help="blur requests per cell")
     parser.add_argument("--cloak-requests", type=int, default=32, help="cloak requests per cell")
     parser.add_argument("--cell-seconds", type=float, default=120, help="stop a cell after this long")
@@ -174,7 +175,9 @@ def main() -> None:
     results: dict = {"machine": machine(), "photo": PHOTO.name, "cells": []}
     try:
         asyncio.run(load(server.url, "blur", 2, 4, 60))  # warm-up
-        for method, requests in (("blur", args.blur_requests), ("cloak", args.cloak_requests)):
+        requests_per_cell = {"blur": args.blur_requests, "cloak": args.cloak_requests}
+        for method in args.methods.split(","):
+            requests = requests_per_cell[method]
             for count in clients:
                 cell = asyncio.run(load(server.url, method, count, requests, args.cell_seconds))
                 results["cells"].append(cell)
