@@ -44,7 +44,7 @@ def free_port() -> int:
 class Server:
     """`facecloak serve` in a subprocess on 127.0.0.1."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.temporary = Path(tempfile.mkdtemp(prefix="facecloak-bench-"))
@@ -62,9 +62,8 @@ class Server:
             "warning",
             *args,
         ]
-        self.process = subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        output = open(log, "ab") if log else subprocess.DEVNULL  # open as long as the server runs
+        self.process = subprocess.Popen(command, env=env, stdout=output, stderr=output)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -157,6 +156,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
+    parser.add_argument("--methods", default="blur,cloak", help="what to measure (blur, cloak)")
     parser.add_argument("--blur-requests", type=int, default=300, help="blur requests per cell")
     parser.add_argument("--cloak-requests", type=int, default=32, help="cloak requests per cell")
     parser.add_argument("--cell-seconds", type=float, default=120, help="stop a cell after this long")
@@ -169,11 +169,15 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",")]
     device = ["--device", args.device] if args.device else []
 
-    server = Server(*device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    server_log = args.out.with_suffix(".server.log")  # the servers' own log (warnings and errors only)
+    server = Server(*device, log=server_log)
     results: dict = {"machine": machine(), "photo": PHOTO.name, "cells": []}
     try:
         asyncio.run(load(server.url, "blur", 2, 4, 60))  # warm-up
-        for method, requests in (("blur", args.blur_requests), ("cloak", args.cloak_requests)):
+        requests_per_cell = {"blur": args.blur_requests, "cloak": args.cloak_requests}
+        for method in args.methods.split(","):
+            requests = requests_per_cell[method]
             for count in clients:
                 cell = asyncio.run(load(server.url, method, count, requests, args.cell_seconds))
                 results["cells"].append(cell)
@@ -200,7 +204,7 @@ def main() -> None:
     finally:
         server.stop()
 
-    overloaded = Server(*device, "--queue-size", "4", "--max-batch", "2")
+    overloaded = Server(*device, "--queue-size", "4", "--max-batch", "2", log=server_log)
     try:
         results["overload_queue_4"] = asyncio.run(load(overloaded.url, "blur", 16, 64, args.cell_seconds))
         results["overload_queue_4_with_retry"] = asyncio.run(

@@ -323,15 +323,15 @@ def test_micro_batching_and_full_queue():
     batcher = MicroBatcher(settings, engine_factory=lambda device: SlowEngine())
     batcher.start()
     try:
-        image = LoadedImage(Path("x"), torch.zeros(3, 8, 8))
-        futures = [batcher.submit(Job("detect", {}, (0.9, 20), image)) for _ in range(6)]
+        images = [LoadedImage(Path("photo.jpg"), torch.rand(3, 8, 8)) for _ in range(7)]  # same name, other pixels
+        futures = [batcher.submit(Job("detect", {}, (0.9, 20), image)) for image in images[:6]]
         with pytest.raises(QueueFull) as full:
-            batcher.submit(Job("detect", {}, (0.9, 20), image))
+            batcher.submit(Job("detect", {}, (0.9, 20), images[6]))
         assert full.value.retry_after_s >= 1
         gate.set()
         results = [future.result(timeout=10) for future in futures]
         assert calls == [6] and all(result.batch_images == 6 for result in results)
-        assert batcher.depth == 0
+        assert batcher.depth == 0 and batcher.alive == 1
     finally:
         gate.set()
         batcher.stop()

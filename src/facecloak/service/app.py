@@ -275,9 +275,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         return await protect(request, "detect", image, {}, common, DETECT_FIELDS)
 
     @app.get("/healthz", tags=["service"])
-    async def healthz() -> dict:
-        """Liveness and readiness: models loaded, queue depth."""
-        return {"status": "ok", "version": __version__, "queue_depth": batcher.depth}
+    async def healthz() -> JSONResponse:
+        """Liveness and readiness: model workers running (503 when none is), queue depth."""
+        workers = batcher.alive
+        body = {
+            "status": "ok" if workers else "no model worker running",
+            "version": __version__,
+            "workers": workers,
+            "queue_depth": batcher.depth,
+        }
+        return JSONResponse(body, status_code=200 if workers else 503)
 
     @app.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus() -> Response:

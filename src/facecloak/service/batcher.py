@@ -44,7 +44,7 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity (comparing fields would compare image tensors)
 class Job:
     """One uploaded photo and what to do with it.
 
@@ -209,6 +209,11 @@ class MicroBatcher:
         """Photos queued or being processed."""
         return self._pending
 
+    @property
+    def alive(self) -> int:
+        """Model workers running (fewer than started means the service is degraded)."""
+        return sum(thread.is_alive() for thread in self._threads)
+
     def start(self) -> None:
         """Start the workers; returns when every worker has loaded its models (or raises)."""
         count = max(1, self.settings.workers)
@@ -293,7 +298,13 @@ class MicroBatcher:
             if batch is None:
                 return
             for group in _groups(batch):
-                self._run(engine, group)
+                try:
+                    self._run(engine, group)
+                except Exception as error:  # never let a bug end the worker: fail this group, go on
+                    log.exception("model worker: unexpected error")
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(error)
 
     def _collect(self) -> list[Job] | None:
         first = self._queue.get()
@@ -314,9 +325,11 @@ class MicroBatcher:
         return batch
 
     def _run(self, engine: Engine, jobs: list[Job]) -> None:
-        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        live = []
         for job in jobs:
-            if job not in live:
+            if job.future.set_running_or_notify_cancel():
+                live.append(job)
+            else:
                 self._release(job)  # timed out while waiting: nothing to compute
         if not live:
             return
