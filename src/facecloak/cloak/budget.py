@@ -83,4 +83,7 @@ def limit_change(delta: Tensor, max_luma: Tensor | float, chroma_share: float) -
     limits = torch.cat([luma_limit, chroma_share * luma_limit, chroma_share * luma_limit], dim=1)
     ycbcr = torch.maximum(torch.minimum(ycbcr, limits), -limits)
     rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycbcr), ycbcr)
-    return torch.maximum(torch.minimum(rgb, luma_limit), -luma_limit)
+    # the L-infinity cap scales the whole change of a pixel (clipping channels one by one would
+    # change its colour balance, i.e. add chroma)
+    largest = rgb.abs().amax(dim=1, keepdim=True)
+    return rgb * (luma_limit / largest.clamp_min(1e-12)).clamp(max=1.0)
