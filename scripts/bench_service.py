@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -49,6 +50,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.temporary = Path(tempfile.mkdtemp(prefix="facecloak-bench-"))
         env = dict(os.environ, PYTHONPATH=str(REPO / "src"), TMPDIR=str(self.temporary))
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(self.temporary.with_name(self.temporary.name + "-torch"))
         command = [
             sys.executable,
             "-c",
@@ -84,6 +86,8 @@ class Server:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        shutil.rmtree(self.temporary, ignore_errors=True)
+        shutil.rmtree(self.temporary.with_name(self.temporary.name + "-torch"), ignore_errors=True)
 
 
 def form(method: str) -> tuple[str, dict]:
@@ -196,7 +200,7 @@ def main() -> None:
             "rss_after_mb": round(after, 1),
             "growth_mb": round(after - before, 1),
         }
-        results["temporary_files_left"] = len(list(server.temporary.rglob("*")))
+        results["temporary_files_left"] = sum(path.is_file() for path in server.temporary.rglob("*"))
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
         results["metrics_sample"] = [
             line for line in metrics.splitlines() if line.startswith("facecloak_batch_images_")

@@ -323,7 +323,7 @@ def test_micro_batching_and_full_queue():
     batcher = MicroBatcher(settings, engine_factory=lambda device: SlowEngine())
     batcher.start()
     try:
-        # same name, other pixels
+        # Same name, other pixels: jobs must not be compared by their fields (that compared tensors).
         images = [LoadedImage(Path("photo.jpg"), torch.rand(3, 8, 8)) for _ in range(7)]
         futures = [batcher.submit(Job("detect", {}, (0.9, 20), image)) for image in images[:6]]
         with pytest.raises(QueueFull) as full:
