@@ -92,7 +92,9 @@ class FaceReplacer:
 
     Args:
         bank: the donor bank (from `facecloak.donors.load_bank`); must be built with ``models``.
-        models: the recognisers every new face is checked with (default: the bank's own models).
+        models: the recognisers every new face is checked with (default: every model available
+            here, `facecloak.models.available_embedders`); the bank must have been built with the
+            same ones (`DonorBank.check_models`).
         donors_per_face: donors mixed into each new face (K). More makes each donor less visible
             and the face more average; 3 is the least that keeps every donor well beyond threshold.
         seed: seed of the donor draw and the grain; the same seed gives the same output.
@@ -137,7 +139,7 @@ class FaceReplacer:
         if attempts < 1 or margin <= 0 or min_face < 1:
             raise InvalidInputError("attempts and min_face must be >= 1 and margin > 0")
         self.bank = bank
-        self.models = list(models) if models is not None else _bank_models(bank)
+        self.models = list(models) if models is not None else _available_models()
         bank.check_models(self.models)
         if len(bank) < donors_per_face:
             raise InvalidInputError(
@@ -480,11 +482,11 @@ def _iou(box: Tensor, boxes: Tensor) -> Tensor:
     return inter / (area + areas - inter).clamp_min(1e-6)
 
 
-def _bank_models(bank: DonorBank) -> list[Embedder]:
-    """Build the recognisers a bank was made with (each must be available here)."""
-    from facecloak.models import create_embedder
+def _available_models() -> list[Embedder]:
+    """Every recogniser available here (what a bank is checked against by default)."""
+    from facecloak.models import available_embedders, create_embedder
 
-    return [create_embedder(name) for name in bank.models]
+    return [create_embedder(name) for name in available_embedders()]
 
 
 _replacers: dict[tuple, FaceReplacer] = {}
@@ -509,7 +511,7 @@ def replace_faces(
         donors_per_face: donors mixed into each new face.
         seed: the same seed gives the same faces.
         min_face: smaller faces are blurred instead (and reported).
-        models: recognisers of the check (default: the bank's).
+        models: recognisers of the check (default: every one available here).
 
     Returns:
         `ReplaceResult`: the new photos, one record per face, and which faces are protected.
