@@ -90,7 +90,7 @@ class DonorBank:
         donors: one manifest record per donor (``id``, ``source``, ``licence``, ...).
         points: (N, 5, 2) landmarks in chip pixels.
         pose: (N, 3) ``yaw, pitch, roll`` (`facecloak.synthesis.estimate_pose`).
-        stats: (N, 8) colour statistics (`facecloak.synthesis.FACE_STATISTICS`).
+        stats: (N, 9) colour statistics (`facecloak.synthesis.FACE_STATISTICS`).
         embeddings: model name -> (N, D) embedding of each donor's chip.
         models: model name -> {"fingerprint", "metric", "threshold"} the bank was built with.
         sources: one record per ``add`` (folder, licence note, photos, skipped).
@@ -194,7 +194,7 @@ def load_bank(name: str | Path = DEFAULT_BANK, *, allow_empty: bool = False) -> 
         donors=donors,
         points=_tensor([d["chip_landmarks"] for d in donors], (0, 5, 2)),
         pose=_tensor([d["pose"] for d in donors], (0, 3)),
-        stats=_tensor([d["stats"] for d in donors], (0, 8)),
+        stats=_tensor([d["stats"] for d in donors], (0, 9)),
         embeddings=embeddings,
         models=manifest.get("models", {}),
         sources=manifest.get("sources", []),
@@ -562,7 +562,7 @@ def refresh_bank(
     _write_npz(bank_data.folder / "embeddings.npz", {"ids": np.array(bank_data.ids, dtype=str), **tables})
     manifest = json.loads((bank_data.folder / "bank.json").read_text())
     manifest["models"] = _manifest(bank_data.folder, bank_data, models)["models"]
-    stats = face_statistics(chips) if len(chips) else torch.zeros(0, 8)
+    stats = face_statistics(chips) if len(chips) else torch.zeros(0, 9)
     for donor, row in zip(manifest["donors"], stats):
         donor["stats"] = [round(float(v), 4) for v in row]
     _write_json(bank_data.folder / "bank.json", manifest)

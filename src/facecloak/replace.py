@@ -288,7 +288,7 @@ class FaceReplacer:
         pose_cost = 3.0 * torch.minimum((yaw - pose[0]).abs(), (mirrored_yaw - pose[0]).abs())
         pose_cost += 1.5 * (bank.pose[:, 1] - pose[1]).abs()
         colour = (bank.stats[:, :3] - stats[:3]).norm(dim=1) / 12.0
-        beard = (bank.stats[:, 6] - stats[6]).abs() / 6.0
+        beard = (bank.stats[:, 6] - stats[6]).abs() / 6.0 + (bank.stats[:, 8] - stats[8]).abs() / 8.0
         expression = (bank.stats[:, 7] - stats[7]).abs() / 8.0 + 3.0 * (self._smiles - smile).abs()
         ratios = torch.stack(
             [

@@ -503,18 +503,28 @@ def mouth_weight(points: Tensor) -> Tensor:
     return _ellipses(points, [(nose_x, mouth_y + 0.03 * unit, 0.35 * unit, 0.1 * unit)])
 
 
-FACE_STATISTICS = ("L", "a", "b", "L_std", "a_std", "b_std", "beard", "mouth")
+def eyes_weight(points: Tensor) -> Tensor:
+    """Weight of the two eyes (lids and sockets) at canonical-chip ``points``."""
+    (left_x, left_y), (right_x, right_y) = CANONICAL_TEMPLATE[:2]
+    unit = right_x - left_x
+    return _ellipses(
+        points, [(left_x, left_y, 0.28 * unit, 0.13 * unit), (right_x, right_y, 0.28 * unit, 0.13 * unit)]
+    )
+
+
+FACE_STATISTICS = ("L", "a", "b", "L_std", "a_std", "b_std", "beard", "mouth", "eyes")
 """What `face_statistics` returns per face: Lab mean and spread of the skin; how much darker the
 upper lip and chin are than the cheeks (a beard or moustache); how much lighter the inside of the
-mouth is than the cheeks (teeth: an open smile), all in L units."""
+mouth is than the cheeks (teeth: an open smile); how much lighter the eyes are than the cheeks
+(very dark: sunglasses or deep shadow), all in L units."""
 
 
 def face_statistics(chips: Tensor) -> Tensor:
-    """(N, 8) colour statistics of canonical chips (`FACE_STATISTICS`), to match donors to a target.
+    """(N, 9) colour statistics of canonical chips (`FACE_STATISTICS`), to match donors to a target.
 
     Example:
         >>> face_statistics(torch.full((1, 3, CHIP_SIZE_PX, CHIP_SIZE_PX), 0.5)).shape
-        torch.Size([1, 8])
+        torch.Size([1, 9])
     """
     coords = torch.arange(CHIP_SIZE_PX, dtype=chips.dtype, device=chips.device)
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
@@ -524,10 +534,10 @@ def face_statistics(chips: Tensor) -> Tensor:
     mean, std = weighted_moments(lab, skin_weight(points)[None, None].expand(n, 1, -1, -1))
     beard, _ = weighted_moments(lab[:, :1], lower_face_weight(points)[None, None].expand(n, 1, -1, -1))
     mouth, _ = weighted_moments(lab[:, :1], mouth_weight(points)[None, None].expand(n, 1, -1, -1))
+    eyes, _ = weighted_moments(lab[:, :1], eyes_weight(points)[None, None].expand(n, 1, -1, -1))
     cheeks = mean[:, :1]
-    return torch.cat(
-        [mean.flatten(1), std.flatten(1), (cheeks - beard).flatten(1), (mouth - cheeks).flatten(1)], 1
-    )
+    contrasts = [cheeks - beard, mouth - cheeks, eyes - cheeks]
+    return torch.cat([mean.flatten(1), std.flatten(1), *(c.flatten(1) for c in contrasts)], 1)
 
 
 def mouth_width(landmarks: Tensor) -> Tensor:
@@ -683,7 +693,7 @@ def _match_and_blend(
     if settings.grain > 0:
         target_grain = _detail_std(target_lab[:, :1], skin)
         new_grain = _detail_std(new_lab[:, :1], skin)
-        missing = settings.grain * math.sqrt(max(0.0, target_grain**2 - new_grain**2))
+        missing = settings.grain * min(_MAX_GRAIN_L, math.sqrt(max(0.0, target_grain**2 - new_grain**2)))
         if missing > 0:
             noise = torch.randn(new_lab[:, :1].shape, generator=generator, dtype=new_lab.dtype)
             new_lab[:, :1] += missing * noise.to(new_lab.device)
@@ -704,17 +714,26 @@ def part_weights(points: Tensor, count: int, *, softness: float = 0.08) -> Tenso
     y = points[..., 1]
     below_eyes = torch.sigmoid((y - (eye_y + 0.33 * unit)) / (softness * unit))
     below_nose = torch.sigmoid((y - (nose_y + mouth_y) / 2) / (softness * unit))
-    bands = [1 - below_eyes, below_eyes * (1 - below_nose), below_nose]
+    bands = [1 - below_eyes, below_eyes * (1 - below_nose), below_eyes * below_nose]
     weights = torch.zeros((count, *y.shape), dtype=points.dtype, device=points.device)
     for band, donor in zip(bands, (0, 1 % count, 2 % count)):
         weights[donor] += band
     return weights
 
 
+_MAX_GRAIN_L = 2.5
+"""Most grain (L units) added to a new face: more would be noise, not film grain."""
+
+
 def _detail_std(lightness: Tensor, weight: Tensor) -> float:
-    """Standard deviation of the finest detail (pixel minus its 3x3 neighbourhood) over ``weight``."""
+    """Robust spread of the finest detail (pixel minus its 3x3 mean) where ``weight`` > 0.5.
+
+    The median absolute value, scaled to a standard deviation: sensor noise and film grain count,
+    the few strong edges of wrinkles, glasses or hair do not.
+    """
     detail = lightness - F.avg_pool2d(F.pad(lightness, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    return float(weighted_moments(detail, weight)[1].mean())
+    values = detail[weight.expand_as(detail) > 0.5]
+    return float(values.abs().median() * 1.4826) if values.numel() else 0.0
 
 
 def synthesize_faces(
