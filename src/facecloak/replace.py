@@ -306,13 +306,12 @@ class FaceReplacer:
         pool = [int(r) for r in order[: self.pool] if math.isfinite(float(cost[r]))]
         if len(pool) < self.donors_per_face:
             return []
-        scored = []
-        for rows in itertools.combinations(pool, self.donors_per_face):
-            margins = self._predicted_margin(list(rows), target)
-            if margins is None:
-                continue
-            scored.append((2.0 * min(margins, 1.0) - float(cost[list(rows)].mean()), rows))
-        scored.sort(key=lambda item: -item[0])
+        combos = torch.tensor(list(itertools.combinations(pool, self.donors_per_face)), dtype=torch.long)
+        margins = self._predicted_margins(combos, target)
+        scores = 2.0 * margins.clamp(max=1.0) - cost[combos].mean(1)
+        usable = torch.isfinite(scores)
+        order = scores[usable].argsort(descending=True)
+        scored = [(None, tuple(rows)) for rows in combos[usable][order].tolist()]
         mouth_cost = expression.tolist()
         eye_cost = pose_cost.tolist()
         sets = []
@@ -325,25 +324,24 @@ class FaceReplacer:
             sets.append((ordered, tuple(bool(mirror[r]) for r in ordered)))
         return sets
 
-    def _predicted_margin(self, rows: list[int], target: dict[str, Tensor]) -> float | None:
-        """Smallest distance (in thresholds) from the donors' mean embedding to a donor or the person.
+    def _predicted_margins(self, combos: Tensor, target: dict[str, Tensor]) -> Tensor:
+        """(C,) smallest distance (in thresholds) from each set's mean embedding to a donor or the person.
 
-        None if two donors are the same identity (their mix would be that person).
+        -inf where two donors of a set are the same identity (their mix would be that person).
         """
-        worst = math.inf
+        worst = torch.full((len(combos),), math.inf)
+        k = combos.shape[1]
         for model in self.models:
             name, metric, threshold = model.card.name, model.card.distance, model.card.match_threshold
-            table = self.bank.embeddings[name][rows]
-            pairwise = embedding_distance(table[:, None], table[None], metric)
-            pairwise = pairwise + torch.eye(len(rows)) * 1e9
-            if float(pairwise.min()) < threshold:
-                return None
-            centre = table.mean(0)
+            table = self.bank.embeddings[name][combos]  # (C, K, D)
+            pairwise = embedding_distance(table[:, :, None], table[:, None], metric) + torch.eye(k) * 1e9
+            centre = table.mean(1)
             if metric == "cosine":
-                centre = torch.nn.functional.normalize(centre, dim=0)
-            to_donors = float(embedding_distance(table, centre[None], metric).min())
-            to_target = float(embedding_distance(target[name], centre, metric))
-            worst = min(worst, to_donors / threshold, to_target / threshold)
+                centre = torch.nn.functional.normalize(centre, dim=1)
+            to_donors = embedding_distance(table, centre[:, None], metric).amin(1)
+            to_target = embedding_distance(target[name][None], centre, metric)
+            worst = torch.minimum(worst, torch.minimum(to_donors, to_target) / threshold)
+            worst[pairwise.flatten(1).amin(1) < threshold] = -math.inf
         return worst
 
     # -- synthesis and the check -------------------------------------------------------------------
