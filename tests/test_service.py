@@ -323,7 +323,8 @@ def test_micro_batching_and_full_queue():
     batcher = MicroBatcher(settings, engine_factory=lambda device: SlowEngine())
     batcher.start()
     try:
-        images = [LoadedImage(Path("photo.jpg"), torch.rand(3, 8, 8)) for _ in range(7)]  # same name, other pixels
+        # same name, other pixels
+        images = [LoadedImage(Path("photo.jpg"), torch.rand(3, 8, 8)) for _ in range(7)]
         futures = [batcher.submit(Job("detect", {}, (0.9, 20), image)) for image in images[:6]]
         with pytest.raises(QueueFull) as full:
             batcher.submit(Job("detect", {}, (0.9, 20), images[6]))
