@@ -247,12 +247,16 @@ def test_cli_donors_then_replace_exactly_as_documented(data_home, donor_dir, lfw
         main, ["anonymize", str(photos), "-o", str(out), "--method", "replace", "--donors", "clibank"]
     )
     assert result.exit_code == 0, result.output
-    written = sorted(out.glob("*_anonymized.jpg"))
+    written = sorted(out.glob("*_replace.jpg"))
     assert len(written) == 2
-    again = runner.invoke(
-        main, ["anonymize", str(photos), "-o", str(out), "--method", "replace", "--donors", "clibank"]
-    )
-    assert again.exit_code == 3 and "output exists" in again.output  # never overwritten silently
+    before = [path.read_bytes() for path in written]
+    command = ["anonymize", str(photos), "-o", str(out), "--method", "replace", "--donors", "clibank"]
+    again = runner.invoke(main, [*command, "--json"])
+    assert again.exit_code == 0, again.output  # -o is journaled: a second run redoes nothing
+    assert json.loads(again.stdout)["resumed_files"] == 2
+    assert [path.read_bytes() for path in written] == before
+    ray = runner.invoke(main, [*command, "--ray"])
+    assert ray.exit_code == 2 and "--ray" in ray.output
 
 
 def test_cli_bad_banks_are_one_line_usage_errors(data_home, lfw_dir, tmp_path):
