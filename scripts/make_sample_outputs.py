@@ -1,17 +1,24 @@
 """Regenerate the before/after images of the README (samples/outputs/), deterministically.
 
-    python scripts/make_sample_outputs.py
+    python scripts/make_sample_outputs.py [--models NAMES] [--only replace] [--donors BANK]
 
 For each mode: the protected photo, and for cloaks a difference image |cloaked - original| x 10
 and a side-by-side strip (original | cloaked | difference) of the face, and one lossless PNG per
 photo with the face at 2x zoom: original | low | mid | high (``*_levels_2x.png``), to judge by eye.
 
     python scripts/make_sample_outputs.py --models dlib-resnet,mobileface,hse-mobilenet
+
+``group_replace.jpg`` needs donors: ``--donors BANK``, or else a temporary bank built from the
+first 300 LFW people (``../shared/data/lfw``, FACECLOAK_DATA) with one or two photos. LFW is for
+research use: neither its photos nor the bank are committed, only the replaced sample.
+``group_replace_zoom.jpg`` shows each face, original above replaced, at exactly 2x, to judge seams.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +34,52 @@ from facecloak.models import available_embedders, create_embedder
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "samples" / "outputs"
 GAIN = 10.0
-
-
 ZOOM = 2
 LEVELS = ("low", "mid", "high")
+
+
+def lfw_bank(count: int = 300) -> str:
+    """A temporary bank of the first ``count`` LFW people with one or two photos."""
+    from facecloak.donors import add_donors
+
+    data = Path(os.environ.get("FACECLOAK_DATA", REPO.parent / "shared" / "data")) / "lfw" / "images"
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="facecloak-samples-")
+    people = [p for p in sorted(data.iterdir()) if len(list(p.glob("*.jpg"))) <= 2][:count]
+    models = [create_embedder(name, device="cpu") for name in available_embedders()]
+    report = add_donors([sorted(p.glob("*.jpg"))[0] for p in people], models, bank="lfw", licence="LFW")
+    print(report)
+    return "lfw"
+
+
+def make_replace(group, faces, detector, donors: str | None) -> None:
+    """group_replace.jpg and a 2x zoom of every face (original above, replaced below)."""
+    import torch.nn.functional as F
+
+    from facecloak.donors import load_bank
+    from facecloak.replace import FaceReplacer
+
+    bank = load_bank(donors or lfw_bank())
+    result = FaceReplacer(bank, detector=detector, seed=0)([group.pixels], faces)
+    for record in result.records:
+        print(
+            {k: record.get(k) for k in ("donors", "protected", "distance_to_original", "distance_to_donors")}
+        )
+    replaced = result.images[0]
+    write_image(OUT / "group_replace.jpg", replaced, source=group, overwrite=True, jpeg_quality=88)
+    columns = []
+    for x1, y1, x2, y2 in sorted(faces.boxes.tolist()):
+        side = 1.5 * max(x2 - x1, y2 - y1)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        top, left = max(0, int(cy - side / 2)), max(0, int(cx - side / 2))
+        crops = [
+            image[:, top : int(cy + side / 2), left : int(cx + side / 2)]
+            for image in (group.pixels, replaced)
+        ]
+        pair = torch.cat(crops, dim=1)[None]
+        columns.append(F.interpolate(pair, scale_factor=2, mode="nearest")[0])  # exactly 2x, no smoothing
+    height = max(column.shape[1] for column in columns)
+    columns = [F.pad(c, (0, 8, 0, height - c.shape[1]), value=0.5) for c in columns]
+    write_image(OUT / "group_replace_zoom.jpg", torch.cat(columns, dim=2), overwrite=True, jpeg_quality=92)
 
 
 def main() -> None:
@@ -38,12 +87,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default=None, help="models to attack [every available one]")
+    parser.add_argument("--only", choices=["replace"], default=None)
+    parser.add_argument("--donors", default=None, help="donor bank for group_replace.jpg")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else available_embedders()
     OUT.mkdir(parents=True, exist_ok=True)
     detector = FaceDetector(device="cpu")
     group = read_image(REPO / "samples" / "group.jpg")
     faces = detector([group.pixels])
+    make_replace(group, faces, detector, args.donors)
+    if args.only == "replace":
+        return
     for method in ("blur", "pixelate", "mask"):
         out = anonymize_faces(group.pixels[None], faces, method)[0]
         write_image(OUT / f"group_{method}.jpg", out, source=group, overwrite=True, jpeg_quality=88)

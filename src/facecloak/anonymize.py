@@ -19,7 +19,7 @@ from facecloak._checks import check_choice, check_faces, check_images
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
 
-METHODS = ("blur", "pixelate", "mask")
+METHODS = ("blur", "pixelate", "mask", "replace")
 SHAPES = ("ellipse", "box")
 
 
@@ -168,11 +168,25 @@ def mask_faces(
     return _apply_per_face(images, faces, scale, shape, feather, lambda crop, side: fill.expand_as(crop))
 
 
-_FUNCTIONS = {"blur": blur_faces, "pixelate": pixelate_faces, "mask": mask_faces}
+def _replace(images: Tensor, faces: Faces, *, bank, **params) -> Tensor:
+    """Replace every face with a verified donor mix (`facecloak.replace.replace_faces`), images only.
+
+    Use `facecloak.replace.replace_faces` to also get which faces passed the verification.
+    """
+    from facecloak.replace import replace_faces
+
+    return torch.stack(replace_faces(images, faces, bank, **params).images)
+
+
+_FUNCTIONS = {"blur": blur_faces, "pixelate": pixelate_faces, "mask": mask_faces, "replace": _replace}
 
 
 def anonymize_faces(images: Tensor, faces: Faces, method: str = "blur", **params) -> Tensor:
-    """Anonymise faces with ``method`` ("blur", "pixelate" or "mask") and its keyword ``params``."""
+    """Anonymise faces with ``method`` ("blur", "pixelate", "mask" or "replace") and its ``params``.
+
+    "replace" takes ``bank=`` (a donor bank or its name) and the keywords of
+    `facecloak.replace.replace_faces`.
+    """
     check_choice(method, METHODS, "method")
     return _FUNCTIONS[method](images, faces, **params)
 

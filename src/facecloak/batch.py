@@ -194,6 +194,15 @@ class BatchReport:
             lines += [f"    {o.error}" for o in self.outcomes if o.status == "failed"]
         if self.skipped:
             lines.append(f"  {len(self.skipped)} file(s) skipped (not images, or outputs of this command)")
+        blurred = [
+            (o.path, f)
+            for o in self.outcomes
+            for f in o.faces
+            if f.get("method") == "blur" and f.get("reason")
+        ]
+        if blurred:
+            lines.append(f"  {len(blurred)} face(s) blurred instead of replaced:")
+            lines += [f"    {path}: {face['reason']}" for path, face in blurred]
         return "\n".join(lines)
 
     def table(self) -> list[list[str]]:
@@ -688,6 +697,23 @@ def anonymize_image(
     faces = detector([image])
     outputs, records = AnonymizeFaces(Anonymizer(method, **params))([image], faces)
     return outputs[0], records
+
+
+class ReplaceFaces:
+    """Protector that replaces every face with a verified donor mix (see `facecloak.replace`)."""
+
+    tag = "replace"
+
+    def __init__(self, replacer) -> None:
+        self.replacer = replacer
+
+    def __repr__(self) -> str:
+        return f"ReplaceFaces({self.replacer!r})"
+
+    def __call__(self, images: list[Tensor], faces: Faces) -> tuple[list[Tensor], list[dict]]:
+        """Replace the faces; a face is protected when it passed every check (a tiny one is blurred)."""
+        result = self.replacer(images, faces)
+        return [image.cpu() for image in result.images], result.records
 
 
 class CloakFaces:

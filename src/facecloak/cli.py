@@ -404,10 +404,11 @@ def detect(paths, threshold, min_face, device, max_pixels, as_json, as_jsonl) ->
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--method",
-    type=click.Choice(["blur", "pixelate", "mask"]),
+    type=click.Choice(["blur", "pixelate", "mask", "replace"]),
     default="blur",
     show_default=True,
-    help="blur: Gaussian blur scaled to the face; pixelate: mosaic; mask: solid fill.",
+    help="blur: Gaussian blur scaled to the face; pixelate: mosaic; mask: solid fill; "
+    "replace: a new face mixed from --donors, checked to match nobody.",
 )
 @click.option(
     "--shape",
@@ -441,26 +442,67 @@ def detect(paths, threshold, min_face, device, max_pixels, as_json, as_jsonl) ->
     default=None,
     help="Soft edge as a fraction of the region (blur default 0.15, others 0).",
 )
+@click.option(
+    "--donors",
+    "donor_bank",
+    default=None,
+    help="replace: the donor bank (a name from `facecloak donors list`, or a bank folder).",
+)
+@click.option(
+    "--donors-per-face",
+    type=click.IntRange(2, 8),
+    default=3,
+    show_default=True,
+    help="replace: donors mixed into each new face. More: each donor shows less, the face is more average.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="replace: seed of the donor draw and the grain."
+)
 @_io_options
 @_ray_option
-def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_values) -> None:
-    """Blur, pixelate or mask every face, at the photo's full resolution.
+def anonymize(
+    paths,
+    method,
+    shape,
+    mask_scale,
+    strength,
+    blocks,
+    feather,
+    donor_bank,
+    donors_per_face,
+    seed,
+    **io_values,
+) -> None:
+    """Blur, pixelate, mask or replace every face, at the photo's full resolution.
 
     Pixels outside the face regions are left exactly as they were (for a JPEG, every 8x8 block
-    away from the faces stays bit-exact). Outputs are written atomically as
-    <name>_<method>.<ext> (photo_blur.jpg, photo_pixelate.jpg, photo_mask.jpg); inputs are never
+    away from the faces stays bit-exact). Outputs are written atomically as <name>_<method>.<ext>
+    (photo_blur.jpg, photo_pixelate.jpg, photo_mask.jpg, photo_replace.jpg); inputs are never
     overwritten; an input whose output exists is skipped unless --overwrite; EXIF (GPS above
     all) is dropped unless --keep-metadata.
+
+    --method replace puts a new face mixed from several donors of a bank (`facecloak donors add`)
+    in place of each face, keeping hair, ears and background. Each new face is checked after
+    JPEG 75: found again by the detector, and on every available recogniser beyond the match
+    threshold from the original face and from every donor used; a face that fails is retried
+    with other donors, then reported as NOT protected (exit code 1). Faces under --min-face
+    (default 40 px with replace) are blurred instead, and reported.
 
     \b
     facecloak anonymize photo.jpg
     facecloak anonymize photos/ -o anonymized/ --method pixelate --blocks 6
     facecloak anonymize photos/ -o out/ --method mask --shape box --json
+    facecloak anonymize photos/ -o out/ --method replace --donors mybank
     """
     from facecloak.anonymize import Anonymizer
     from facecloak.batch import AnonymizeFaces
     from facecloak.pipeline import ProtectorSpec
 
+    if method == "replace":
+        _replace_command(paths, donor_bank, donors_per_face, seed, io_values)
+        return
+    if donor_bank is not None:
+        raise click.UsageError("--donors is for --method replace")
     options = _options(**{k: v for k, v in io_values.items() if k != "ray_address"})
     params = {"scale": mask_scale, "shape": shape, "feather": feather}
     if method == "blur":
@@ -485,6 +527,75 @@ def anonymize(paths, method, shape, mask_scale, strength, blocks, feather, **io_
         ray_address=io_values.get("ray_address"),
     )
     report.options.update(method=method)
+    _finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])
+
+
+def _replace_command(paths, donor_bank, donors_per_face, seed, io_values) -> None:
+    """``anonymize --method replace``: load the bank and every available model, run the batch."""
+    from facecloak.batch import ReplaceFaces
+    from facecloak.detect import MIN_FACE_PX, FaceDetector
+    from facecloak.donors import load_bank
+    from facecloak.errors import DonorBankError
+    from facecloak.pipeline import ProtectorSpec
+    from facecloak.replace import REPLACE_MIN_FACE_PX, FaceReplacer
+
+    if donor_bank is None:
+        raise click.UsageError(
+            "--method replace needs --donors BANK; "
+            "create a bank with `facecloak donors add PHOTOS_DIR --bank NAME`"
+        )
+    if io_values.get("ray_address") is not None:
+        raise click.UsageError("--method replace does not run on Ray (--ray) yet; run it without --ray")
+    source = click.get_current_context().get_parameter_source("min_face")
+    explicit = source is not None and source.name != "DEFAULT"
+    min_face = io_values["min_face"] if explicit else REPLACE_MIN_FACE_PX
+    io_values["min_face"] = min(min_face, MIN_FACE_PX)  # smaller faces are found, then blurred
+    options = _options(**{k: v for k, v in io_values.items() if k != "ray_address"})
+    try:
+        bank = load_bank(donor_bank)
+        model_names = _model_names(None)
+    except DonorBankError as error:
+        _fail(error, EXIT_USAGE)
+    except FacecloakError as error:
+        _fail(error, EXIT_USAGE if isinstance(error, InvalidInputError) else EXIT_FAILED)
+    spec = ProtectorSpec(
+        "replace",
+        {
+            "donors": str(bank.folder),
+            "donors_per_face": donors_per_face,
+            "seed": seed,
+            "min_face": min_face,
+            "models": model_names,
+        },
+    )
+
+    def build() -> ReplaceFaces:
+        models = [_create_model(name, options.device) for name in model_names]
+        detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
+        replacer = FaceReplacer(
+            bank, models, donors_per_face=donors_per_face, seed=seed, min_face=min_face, detector=detector
+        )
+        return ReplaceFaces(replacer)
+
+    report = _run_protection(
+        "anonymize",
+        "replace",
+        paths,
+        options,
+        build,
+        io_values,
+        "loading the face models",
+        spec=spec,
+        ray_address=None,
+    )
+    report.options.update(
+        method="replace",
+        donors=str(bank.folder),
+        donors_per_face=donors_per_face,
+        seed=seed,
+        min_face=min_face,
+        models=model_names,
+    )
     _finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])
 
 
@@ -975,14 +1086,145 @@ def models_remove(name) -> None:
     click.echo(f"removed {name}")
 
 
+@main.group(context_settings=CONTEXT)
+def donors() -> None:
+    """Donor banks: the faces `anonymize --method replace` makes new faces from.
+
+    A bank is a folder under $XDG_DATA_HOME/facecloak/donors/NAME (bank.json, chips/, embeddings.npz):
+    copy it, inspect it, delete it. Donor photos are yours: your own stock photos, or a face set
+    whose licence allows it. facecloak ships none and downloads none.
+
+    \b
+    facecloak donors add stock_photos/ --bank mybank --licence "own photos, CC0"
+    facecloak donors list
+    facecloak donors list mybank
+    facecloak donors remove mybank --donor d00007
+    facecloak donors refresh mybank          after `facecloak models add`
+    """
+
+
+@donors.command("add", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--bank", default="default", show_default=True, help="Bank name (created if missing) or folder."
+)
+@click.option(
+    "--licence",
+    "--license",
+    "licence",
+    default="",
+    help="Where the photos come from and under which licence; stored with every donor.",
+)
+@click.option("--all-faces", is_flag=True, help="Take every usable face of a photo, not only the largest.")
+@click.option("--device", default=None, help="torch device. Default: CUDA if present.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def donors_add(paths, bank, licence, all_faces, device, as_json) -> None:
+    """Detect, align and store the donor faces of photos (files or folders) in a bank.
+
+    Each photo gives its largest clear, near-frontal face of at least 60 px; a photo without one
+    is listed and skipped. Every available face model embeds each donor, so new faces can be
+    checked against it. Exit code 1 when a photo was skipped, 3 when a file failed.
+    """
+    from facecloak.donors import add_donors
+
+    _require_paths(paths)
+    try:
+        models = _load_models(None, device)
+        report = add_donors(paths, models, bank=bank, licence=licence, all_faces=all_faces)
+    except FacecloakError as error:
+        _fail(error, EXIT_USAGE)
+    if not licence:
+        click.echo(
+            "note: no --licence given; record where these photos come from and their licence", err=True
+        )
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
+    sys.exit(EXIT_FAILED if report.failed else EXIT_UNPROTECTED if report.skipped else EXIT_OK)
+
+
+@donors.command("list", context_settings=CONTEXT)
+@click.argument("bank", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def donors_list(bank, as_json) -> None:
+    """List the banks, or the donors of one bank (id, licence note, source photo)."""
+    from facecloak.donors import data_dir, list_banks, load_bank
+
+    if bank is None:
+        banks = list_banks()
+        if as_json:
+            click.echo(json.dumps(banks, indent=2))
+            return
+        if not banks:
+            click.echo(
+                f"no donor bank in {data_dir()}; "
+                "create one with `facecloak donors add PHOTOS_DIR --bank NAME`"
+            )
+        for entry in banks:
+            if "error" in entry:
+                click.echo(f"error: {entry['error']}", err=True)
+                continue
+            click.echo(
+                f"{entry['name']:<20} {entry['donors']:>5} donor(s)  models: {', '.join(entry['models'])}  "
+                f"({entry['folder']})"
+            )
+        return
+    try:
+        data = load_bank(bank, allow_empty=True)
+    except FacecloakError as error:
+        _fail(error, EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps({**data.summary(), "donor_records": data.donors}, indent=2))
+        return
+    click.echo(f"{data.name}: {len(data)} donor(s), models {', '.join(sorted(data.models))} ({data.folder})")
+    for donor in data.donors:
+        click.echo(f"  {donor['id']}  licence: {donor.get('licence') or '-'}  {donor['source']}")
+
+
+@donors.command("remove", context_settings=CONTEXT)
+@click.argument("bank")
+@click.option(
+    "--donor", "ids", multiple=True, help="Remove only this donor (repeatable). Default: the whole bank."
+)
+def donors_remove(bank, ids) -> None:
+    """Remove a whole bank, or some of its donors."""
+    from facecloak.donors import remove_donors
+
+    try:
+        count = remove_donors(bank, ids)
+    except FacecloakError as error:
+        _fail(error, EXIT_USAGE)
+    click.echo(f"removed {count} donor(s)" + ("" if ids else f" and bank {bank}"))
+
+
+@donors.command("refresh", context_settings=CONTEXT)
+@click.argument("bank")
+@click.option("--device", default=None, help="torch device. Default: CUDA if present.")
+def donors_refresh(bank, device) -> None:
+    """Re-embed a bank's donors with every face model available now (from its stored chips)."""
+    from facecloak.donors import refresh_bank
+
+    try:
+        data = refresh_bank(bank, _load_models(None, device))
+    except FacecloakError as error:
+        _fail(error, EXIT_USAGE)
+    click.echo(f"{data.name}: {len(data)} donor(s) re-embedded with {', '.join(sorted(data.models))}")
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--method",
-    type=click.Choice(["cloak", "blur", "pixelate", "mask", "none"]),
+    type=click.Choice(["cloak", "blur", "pixelate", "mask", "replace", "none"]),
     default="cloak",
     show_default=True,
-    help="Protection to measure ('none' is the baseline).",
+    help="Protection to measure ('none' is the baseline; 'replace' needs --donors).",
+)
+@click.option("--donors", "donor_bank", default=None, help="replace: the donor bank (name or folder).")
+@click.option(
+    "--donors-per-face",
+    type=click.IntRange(2, 8),
+    default=3,
+    show_default=True,
+    help="replace: donors per face.",
 )
 @click.option(
     "--level",
@@ -1078,6 +1320,8 @@ def models_remove(name) -> None:
 def evaluate(
     data,
     method,
+    donor_bank,
+    donors_per_face,
     level,
     mode,
     models,
@@ -1108,6 +1352,7 @@ def evaluate(
     facecloak evaluate ../shared/data/lfw/images --method none -o reports/none
     facecloak evaluate ../shared/data/lfw/images --method cloak --level all --adaptive -o reports/cloak
     facecloak evaluate photos_by_person/ --protected-dir cloaked/ --people 5 -o reports/mine
+    facecloak evaluate ../shared/data/lfw/images --method replace --donors lfwbank -o reports/replace
     """
     from facecloak.evaluate import EvaluationRequest, run_evaluation
     from facecloak.report import summary_table, write_html, write_json
@@ -1132,7 +1377,11 @@ def evaluate(
         seed=seed,
         cache=cache,
         device=device,
+        donors=donor_bank,
+        donors_per_face=donors_per_face,
     )
+    if method == "replace" and not donor_bank:
+        raise click.UsageError("--method replace needs --donors BANK (see `facecloak donors add`)")
     try:
         with _stage_progress(quiet) as progress:
             result = run_evaluation(request, on_progress=progress)

@@ -36,3 +36,7 @@ class ModelNotFoundError(FacecloakError):
 
 class InvalidInputError(FacecloakError):
     """A tensor or option given to the Python API is malformed."""
+
+
+class DonorBankError(FacecloakError):
+    """A donor bank is missing, empty, damaged, or was built with other face models."""

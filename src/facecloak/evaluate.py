@@ -350,7 +350,7 @@ UPLOADS: dict[str, Callable[[Tensor], Tensor]] = {
 ProtectFunction = Callable[[list[Tensor], list[Path], str], tuple[list[Tensor], list[dict]]]
 """(photos of one person, their paths, person name) -> (protected photos, one record per photo)."""
 
-PROTECTION_METHODS = ("none", "cloak", "blur", "pixelate", "mask")
+PROTECTION_METHODS = ("none", "cloak", "blur", "pixelate", "mask", "replace")
 
 
 def anonymise_protection(method: str, detector: FaceDetector, **params) -> ProtectFunction:
@@ -363,7 +363,104 @@ def anonymise_protection(method: str, detector: FaceDetector, **params) -> Prote
         for k, photo in enumerate(photos):
             mine = faces.for_image(k)
             outputs.append(anonymize_faces(photo[None], mine, method, **params)[0] if len(mine) else photo)
-        return outputs, [{"faces": n} for n in faces.count_per_image(len(photos))]
+        realism = realism_records(detector, photos, outputs, faces)
+        counts = faces.count_per_image(len(photos))
+        return outputs, [{"faces": n, "realism": r} for n, r in zip(counts, realism)]
+
+    return protect
+
+
+def realism_records(
+    detector: FaceDetector, photos: list[Tensor], outputs: list[Tensor], faces: Faces
+) -> list[dict]:
+    """How much each protected photo still looks like a photo of a face: the realism beside protection.
+
+    Per photo, for its subject (the face nearest the centre): whether a detector still finds it after
+    JPEG 75 and with what confidence, against the original's, and `facecloak.quality.face_detail`
+    (no reference needed) of the original and of the protected face. A blurred face is found less
+    and has little detail; a replaced one should be found as surely and be as detailed as before.
+    """
+    uploaded = [io.jpeg_roundtrip(output, 75) for output in outputs]
+    with torch.no_grad():
+        found = detector(uploaded)
+    records = []
+    for i, (photo, after) in enumerate(zip(photos, uploaded)):
+        mine = faces.for_image(i)
+        if not len(mine):
+            records.append({})
+            continue
+        k = centre_face(mine, photo.shape[-1], photo.shape[-2])
+        box = mine.boxes[k]
+        again = found.for_image(i)
+        score = 0.0
+        if len(again):
+            overlaps = _box_iou(box, again.boxes)
+            if float(overlaps.max()) >= 0.3:
+                score = float(again.scores[int(overlaps.argmax())])
+        records.append(
+            {
+                "found": score > 0,
+                "score_original": float(mine.scores[k]),
+                "score_protected": score,
+                "detail_original": quality.face_detail(photo, box),
+                "detail_protected": quality.face_detail(after, box),
+            }
+        )
+    return records
+
+
+def _box_iou(box: Tensor, boxes: Tensor) -> Tensor:
+    top_left = torch.maximum(box[:2], boxes[:, :2])
+    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
+    inter = (bottom_right - top_left).clamp_min(0).prod(1)
+    union = (box[2:] - box[:2]).prod() + (boxes[:, 2:] - boxes[:, :2]).prod(1) - inter
+    return inter / union.clamp_min(1e-6)
+
+
+def replace_protection(
+    replacer, detector: FaceDetector, attackers: Sequence[Attacker] = ()
+) -> ProtectFunction:
+    """Protection that replaces every face with a verified donor mix (`facecloak.replace.FaceReplacer`).
+
+    Each photo's record holds the replacer's per-face records, the realism of the subject face
+    (`realism_records`) and, per attacker, whether the replaced subject (after JPEG 75) still
+    matches any donor used: each donor's chip from the bank embedded by the attacker's own
+    pipeline, accepted below the attacker's threshold. That share must be 0.
+    """
+    donor_embeddings: dict[tuple[str, str], Tensor] = {}
+
+    def donor_embedding(attacker: Attacker, donor_id: str) -> Tensor:
+        key = (attacker.name, donor_id)
+        if key not in donor_embeddings:
+            chip = io.read_image(replacer.bank.folder / "chips" / f"{donor_id}.png").pixels
+            donor_embeddings[key] = attacker.embed([chip])[0]
+        return donor_embeddings[key]
+
+    def protect(photos: list[Tensor], paths: list[Path], person: str) -> tuple[list[Tensor], list[dict]]:
+        faces = detector(photos)
+        result = replacer(photos, faces)
+        outputs = [image.cpu() for image in result.images]
+        realism = realism_records(detector, photos, outputs, faces)
+        uploaded = [io.jpeg_roundtrip(output, 75) for output in outputs]
+        embedded = {attacker.name: attacker.embed(uploaded) for attacker in attackers}
+        records = []
+        for i, photo in enumerate(photos):
+            rows = (faces.image_index == i).nonzero()[:, 0].tolist()
+            mine = [result.records[r] for r in rows]
+            record = {"faces": len(rows), "replace": mine, "realism": realism[i]}
+            if rows:
+                subject = mine[centre_face(faces.select(rows), photo.shape[-1], photo.shape[-2])]
+                matches = {}
+                for attacker in attackers:
+                    embedding = embedded[attacker.name][i]
+                    if subject.get("method") != "replace" or bool(torch.isnan(embedding).any()):
+                        continue
+                    donors = torch.stack([donor_embedding(attacker, d) for d in subject["donors"]])
+                    distances = embedding_distance(donors, embedding[None], attacker.metric)
+                    matches[attacker.name] = bool((distances < attacker.threshold).any())
+                record["donor_match"] = matches
+            records.append(record)
+        return outputs, records
 
     return protect
 
@@ -847,7 +944,31 @@ def _quality_summary(clean: list[Tensor], protected: list[Tensor], records: list
         summary["cloak_faces_protected"] = sum(face["protected"] for face in cloak_faces)
         summary["cloak_steps_mean"] = float(np.mean([face["steps"] for face in cloak_faces]))
     summary["photos_without_face"] = sum(1 for r in records if r.get("faces", 1) == 0)
+    realism = [r["realism"] for r in records if r.get("realism")]
+    if realism:
+        summary["realism"] = {
+            "subjects": len(realism),
+            "redetected": float(np.mean([r["found"] for r in realism])),
+            **{key: _stats([r[key] for r in realism])["mean"] for key in REALISM_KEYS},
+        }
+    replaced = [face for r in records for face in r.get("replace", [])]
+    if replaced:
+        matches: dict[str, list[bool]] = {}
+        for r in records:
+            for name, matched in r.get("donor_match", {}).items():
+                matches.setdefault(name, []).append(matched)
+        summary["replace"] = {
+            "faces": len(replaced),
+            "replaced": sum(face.get("method") == "replace" for face in replaced),
+            "protected": sum(bool(face.get("protected")) for face in replaced),
+            "blurred_small": sum(face.get("method") == "blur" for face in replaced),
+            "attempts_mean": float(np.mean([face.get("attempts", 1) for face in replaced])),
+            "subjects_matching_a_donor": {name: float(np.mean(v)) for name, v in matches.items()},
+        }
     return summary
+
+
+REALISM_KEYS = ("score_original", "score_protected", "detail_original", "detail_protected")
 
 
 def _examples(clean: _Photos, protected: _Photos, everyone: list[Person], count: int) -> list[dict]:
@@ -892,6 +1013,8 @@ class EvaluationRequest:
     seed: int = 0
     cache: Path | None = None
     device: str | None = None
+    donors: str | None = None  # replace: the donor bank's name or folder
+    donors_per_face: int = 3
 
 
 def build_attackers(names: str | None, detector: FaceDetector, device: str | None) -> list[Attacker]:
@@ -913,9 +1036,17 @@ def build_attackers(names: str | None, detector: FaceDetector, device: str | Non
     return attackers
 
 
-def _protection(request: EvaluationRequest, level: str, models: list[Embedder], detector: FaceDetector):
+def _protection(
+    request: EvaluationRequest,
+    level: str,
+    models: list[Embedder],
+    detector: FaceDetector,
+    attackers: Sequence[Attacker] = (),
+):
     from facecloak.cloak import create_cloak
 
+    if request.method == "replace" and request.protected_dir is None:
+        return replace_protection(_replacer(request, detector), detector, attackers), None
     if request.protected_dir is not None:
         return folder_protection(request.protected_dir), None
     if request.method == "none":
@@ -924,6 +1055,23 @@ def _protection(request: EvaluationRequest, level: str, models: list[Embedder], 
         cloak = create_cloak(request.mode, models, level, detector=detector, seed=request.seed)
         return cloak_protection(cloak, detector), cloak
     return anonymise_protection(request.method, detector), None
+
+
+def _replacer(request: EvaluationRequest, detector: FaceDetector):
+    from facecloak.donors import load_bank
+    from facecloak.models import available_embedders, create_embedder
+    from facecloak.replace import FaceReplacer
+
+    if not request.donors:
+        raise InvalidInputError("--method replace needs --donors BANK (see `facecloak donors add`)")
+    models = [create_embedder(name, device=request.device) for name in available_embedders()]
+    return FaceReplacer(
+        load_bank(request.donors),
+        models,
+        donors_per_face=request.donors_per_face,
+        seed=request.seed,
+        detector=detector,
+    )
 
 
 def run_evaluation(
@@ -957,10 +1105,12 @@ def run_evaluation(
     )
     results = []
     for level in levels:
-        protect, cloak = _protection(request, level, models, detector)
+        protect, cloak = _protection(request, level, models, detector, attackers)
         adaptive = protect if request.adaptive else None
         adaptive_kind = "linear" if request.adaptive in (True, False, None) else str(request.adaptive)
         settings = {"level": level, "mode": request.mode, "cloak_models": names if models else []}
+        if request.method == "replace":
+            settings.update(donors=request.donors, donors_per_face=request.donors_per_face)
         if cloak is not None:
             settings["budget"] = asdict(cloak.budget)
         results.append(

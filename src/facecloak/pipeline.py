@@ -46,8 +46,9 @@ class ProtectorSpec:
     """A protector described by value: what the journal fingerprints and what a remote worker builds.
 
     Attributes:
-        kind: "anonymize" (params: method and its keywords) or "cloak" (params: mode, level,
-            models, identity_key, steps, max_dssim, seed).
+        kind: "anonymize" (params: method and its keywords), "cloak" (params: mode, level,
+            models, identity_key, steps, max_dssim, seed) or "replace" (params: donors (the bank's
+            folder), donors_per_face, seed, min_face, models; not run on Ray).
         params: the settings, as the CLI gives them.
 
     Example:
@@ -75,8 +76,20 @@ class ProtectorSpec:
             from facecloak.anonymize import Anonymizer
 
             return AnonymizeFaces(Anonymizer(params.pop("method"), **params))
+        if self.kind == "replace":
+            from facecloak.batch import ReplaceFaces
+            from facecloak.detect import MIN_FACE_PX, FaceDetector
+            from facecloak.donors import load_bank
+            from facecloak.models import create_embedder
+            from facecloak.replace import FaceReplacer
+
+            models = [create_embedder(name, device=device) for name in params.pop("models")]
+            min_face = params.pop("min_face")
+            detector = FaceDetector(min_size=min(min_face, MIN_FACE_PX), device=device)
+            bank = load_bank(params.pop("donors"))
+            return ReplaceFaces(FaceReplacer(bank, models, min_face=min_face, detector=detector, **params))
         if self.kind != "cloak":
-            raise InvalidInputError(f"unknown protector kind {self.kind!r} (anonymize or cloak)")
+            raise InvalidInputError(f"unknown protector kind {self.kind!r} (anonymize, cloak or replace)")
         from facecloak.cloak import create_cloak
         from facecloak.models import create_embedder
 

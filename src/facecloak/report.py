@@ -230,7 +230,33 @@ def _quality_section(quality: dict) -> list[str]:
             f"{quality.get('cloak_faces_protected')} of {quality.get('cloak_faces')} faces passed the "
             "cloak's own JPEG-75 check.</p>"
         )
+    parts += [f"<p>{html.escape(line)}</p>" for line in _realism_lines(quality)]
     return parts
+
+
+def _realism_lines(quality: dict) -> list[str]:
+    """Realism beside protection (re-detection, confidence, detail) and the replacement's checks."""
+    lines = []
+    realism = quality.get("realism")
+    if realism:
+        lines.append(
+            f"realism (subject face, after JPEG 75): re-detected {realism['redetected']:.3f}, "
+            f"detector confidence {realism['score_protected']:.3f} "
+            f"(original {realism['score_original']:.3f}), "
+            f"face detail {realism['detail_protected']:.2f} (original {realism['detail_original']:.2f})"
+        )
+    replace = quality.get("replace")
+    if replace:
+        matches = ", ".join(
+            f"{name} {share:.3f}" for name, share in replace["subjects_matching_a_donor"].items()
+        )
+        lines.append(
+            f"replace: {replace['protected']} of {replace['faces']} faces passed every check "
+            f"({replace['blurred_small']} too small, blurred), "
+            f"{replace['attempts_mean']:.2f} tries per face; "
+            f"subjects matching a donor used: {matches or '-'}"
+        )
+    return lines
 
 
 def _examples_section(examples: list[dict]) -> list[str]:
@@ -286,5 +312,6 @@ def summary_table(result: EvaluationResult) -> str:
     if "face_region_dssim" in quality:
         region = quality["face_region_dssim"]
         lines.append(f"face-region DSSIM mean {region['mean']:.4f} (max {region['max']:.4f})")
+    lines += _realism_lines(quality)
     lines.append(f"timings: {result.timings}")
     return "\n".join(lines)

@@ -1,0 +1,528 @@
+"""Face replacement: every face becomes a new one mixed from donors, and is proved to be nobody's.
+
+The third protection beside cloaking and blurring, for photos that must stay usable as photos
+(a blurred face breaks face-detection and crowd-analysis pipelines; a replaced one does not).
+Per face:
+
+1. **Pick donors** from a donor bank (`facecloak.donors`): close in pose (a donor may be mirrored)
+   and in skin tone and beard, not a look-alike of the person (beyond ``look_alike`` x every
+   recogniser's threshold), no two of the same identity; among the sets of ``K`` such donors the
+   one whose embeddings' mean lies farthest from each donor and from the person is tried first.
+2. **Synthesise** (`facecloak.synthesis`): the donors averaged in their common shape, warped onto
+   the face's five landmarks, given its colour, shading and grain, pasted with a feathered mask.
+3. **Verify, never silently**: the photo is re-encoded as JPEG 75 and faces are detected from
+   scratch. The new face must (a) be found again, (b) be beyond every recogniser's match
+   threshold (x ``margin``) from the original face and (c) from every donor used. A face that
+   fails is retried with other donors (the donors it matched are dropped), and after
+   ``attempts`` tries is reported as NOT protected (its best try is kept).
+
+Faces smaller than ``min_face`` pixels are blurred instead and reported: too small for a new face
+to be checked by a recogniser.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from facecloak import io
+from facecloak._checks import check_faces, check_images
+from facecloak.anonymize import blur_faces
+from facecloak.detect import FaceDetector
+from facecloak.donors import DonorBank, load_bank
+from facecloak.embed import embed_faces
+from facecloak.errors import InvalidInputError
+from facecloak.faces import Faces
+from facecloak.models.registry import Embedder, embedding_distance
+from facecloak.synthesis import (
+    SynthesisSettings,
+    canonical_chips,
+    estimate_pose,
+    face_statistics,
+    mirror_chips,
+    mouth_width,
+    synthesize_face,
+)
+
+REPLACE_MIN_FACE_PX = 40
+"""Default smallest face (shorter box side, pixels) that is replaced; smaller ones are blurred."""
+
+VERIFY_JPEG_QUALITY = 75
+"""The re-encode every replaced photo is checked after (what upload sites do)."""
+
+DONORS_PER_FACE = 3
+
+
+@dataclass(frozen=True)
+class ReplaceResult:
+    """Replaced photos and what happened to each face.
+
+    Attributes:
+        images: one (3, H, W) output per input photo.
+        records: one dict per face, in ``faces`` order: ``method`` ("replace", or "blur" for a
+            face under ``min_face``), ``protected``, ``redetected``, ``attempts``, ``donors`` (ids),
+            ``distance_to_original`` and ``distance_to_donors`` (closest donor) per model, the
+            detector's confidence before and after, and a ``reason`` when not protected.
+        protected: (N,) bool, every check passed (a blurred tiny face counts as protected).
+    """
+
+    images: list[Tensor]
+    records: list[dict]
+    protected: Tensor
+
+
+@dataclass
+class _Plan:
+    """One face's donor sets to try, the donors ruled out, and the best try so far."""
+
+    sets: list[tuple[tuple[int, ...], tuple[bool, ...]]]
+    excluded: set[int] = field(default_factory=set)
+    attempts: int = 0
+    best: tuple | None = None  # (score, crop, record)
+    done: bool = False
+
+
+class FaceReplacer:
+    """Replaces faces with donor mixes and verifies each one: ``replacer(images, faces)``.
+
+    Args:
+        bank: the donor bank (from `facecloak.donors.load_bank`); must be built with ``models``.
+        models: the recognisers every new face is checked with (default: every model available
+            here, `facecloak.models.available_embedders`); the bank must have been built with the
+            same ones (`DonorBank.check_models`).
+        donors_per_face: donors mixed into each new face (K). More makes each donor less visible
+            and the face more average; 3 is the least that keeps every donor well beyond threshold.
+        seed: seed of the donor draw and the grain; the same seed gives the same output.
+        attempts: donor sets tried per face before it is reported as NOT protected.
+        margin: required distance, as a multiple of each model's match threshold.
+        look_alike: donors closer than this multiple of a threshold to the person are never used.
+        min_face: faces with a shorter box side are blurred instead, and reported.
+        detector: the detector of the check (default MTCNN on the models' device).
+        settings: how faces are synthesised and pasted (`facecloak.synthesis.SynthesisSettings`).
+        pool: donors (nearest in pose and colour) among which the sets are chosen.
+        affinity: weight of a donor's closeness to the person in the recognisers' space (beyond
+            ``look_alike``): close donors share the person's sex, age and origin, so the new face
+            fits the photo; the verification keeps the result away from the person.
+
+    Example:
+        >>> bank = load_bank("mybank")  # doctest: +SKIP
+        >>> result = FaceReplacer(bank)([image.pixels], detect_faces([image.pixels]))
+        >>> result.records[0]["protected"]
+        True
+    """
+
+    def __init__(
+        self,
+        bank: DonorBank,
+        models: Sequence[Embedder] | None = None,
+        *,
+        donors_per_face: int = DONORS_PER_FACE,
+        seed: int = 0,
+        attempts: int = 4,
+        margin: float = 1.0,
+        look_alike: float = 1.2,
+        min_face: int = REPLACE_MIN_FACE_PX,
+        detector: FaceDetector | None = None,
+        settings: SynthesisSettings | None = None,
+        pool: int = 14,
+        affinity: float = 3.0,
+    ) -> None:
+        if donors_per_face < 2:
+            raise InvalidInputError(
+                f"donors_per_face must be >= 2 (one donor would be reproduced), got {donors_per_face}"
+            )
+        if attempts < 1 or margin <= 0 or min_face < 1:
+            raise InvalidInputError("attempts and min_face must be >= 1 and margin > 0")
+        self.bank = bank
+        self.models = list(models) if models is not None else _available_models()
+        bank.check_models(self.models)
+        if len(bank) < donors_per_face:
+            raise InvalidInputError(
+                f"bank {bank.name!r} holds {len(bank)} donor(s), "
+                f"fewer than --donors-per-face {donors_per_face}"
+            )
+        self.donors_per_face = int(donors_per_face)
+        self.seed = int(seed)
+        self.attempts = int(attempts)
+        self.margin = float(margin)
+        self.look_alike = float(look_alike)
+        self.min_face = int(min_face)
+        self.settings = settings or SynthesisSettings()
+        self.pool = max(int(pool), self.donors_per_face)
+        self.affinity = float(affinity)
+        self._detector = detector
+        self.thresholds = torch.tensor([m.card.match_threshold for m in self.models])
+        self._smiles = mouth_width(bank.points)
+
+    def __repr__(self) -> str:
+        return (
+            f"FaceReplacer(bank={self.bank.name!r}, donors={len(self.bank)}, "
+            f"models={[m.card.name for m in self.models]}, donors_per_face={self.donors_per_face}, "
+            f"seed={self.seed}, attempts={self.attempts}, margin={self.margin}, min_face={self.min_face})"
+        )
+
+    @property
+    def detector(self) -> FaceDetector:
+        """The detector of the check (built on first use)."""
+        if self._detector is None:
+            device = next(iter(self.models[0].parameters())).device if self.models else None
+            self._detector = FaceDetector(device=device)
+        return self._detector
+
+    # -- the whole run ---------------------------------------------------------------------------
+
+    def __call__(self, images: Tensor | Sequence[Tensor], faces: Faces) -> ReplaceResult:
+        """Replace every face of ``faces`` in ``images`` ((B, 3, H, W) or a list of (3, H, W))."""
+        photos = [images[i] for i in range(images.shape[0])] if isinstance(images, Tensor) else list(images)
+        for i, photo in enumerate(photos):
+            check_images(photo[None], name=f"images[{i}]")
+        check_faces(faces, len(photos))
+        faces = faces.to("cpu")
+        records: list[dict] = [dict(record) for record in faces.to_records()]
+        sides = torch.minimum(faces.boxes[:, 2] - faces.boxes[:, 0], faces.boxes[:, 3] - faces.boxes[:, 1])
+        small = (sides < self.min_face).nonzero()[:, 0].tolist()
+        large = (sides >= self.min_face).nonzero()[:, 0].tolist()
+        base = [photo.clone() for photo in photos]
+        for n in small:
+            i = int(faces.image_index[n])
+            base[i] = blur_faces(base[i][None], faces.select([n]).shifted(-i))[0]
+            records[n].update(
+                method="blur",
+                protected=True,
+                reason=f"smaller than min_face ({float(sides[n]):.0f} px < {self.min_face} px): "
+                "blurred instead",
+            )
+        crops = self._replace(photos, base, faces, large, records) if large else {}
+        outputs = _compose(base, crops, faces)
+        protected = torch.tensor([bool(record["protected"]) for record in records], dtype=torch.bool)
+        return ReplaceResult(images=outputs, records=records, protected=protected)
+
+    def _replace(
+        self, photos: list[Tensor], base: list[Tensor], faces: Faces, rows: list[int], records: list[dict]
+    ) -> dict[int, tuple]:
+        """Synthesise and verify the faces at ``rows``; returns each one's final crop."""
+        chosen = faces.select(rows)
+        targets = {m.card.name: embed_faces(photos, chosen, m).cpu() for m in self.models}
+        chips = torch.cat(
+            [
+                canonical_chips(
+                    photos[int(chosen.image_index[j])][None],
+                    chosen.landmarks[j : j + 1],
+                    torch.zeros(1, dtype=torch.long),
+                )[0]
+                for j in range(len(chosen))
+            ]
+        )
+        poses, stats = estimate_pose(chosen.landmarks), face_statistics(chips)
+        smiles = mouth_width(chosen.landmarks)
+        plans = {
+            n: _Plan(
+                self._donor_sets(poses[j], smiles[j], stats[j], {k: v[j] for k, v in targets.items()}, n)
+            )
+            for j, n in enumerate(rows)
+        }
+        crops: dict[int, tuple] = {}
+        for _ in range(self.attempts):
+            pending = [n for n in rows if not plans[n].done and plans[n].sets]
+            if not pending:
+                break
+            tried = {}
+            for n in pending:
+                plan = plans[n]
+                donors, mirrored = plan.sets.pop(0)
+                plan.attempts += 1
+                crop = self._synthesise(
+                    photos[int(faces.image_index[n])], faces.landmarks[n], donors, mirrored, n, plan.attempts
+                )
+                if crop is not None:
+                    crops[n] = crop
+                    tried[n] = (donors, mirrored)
+            outputs = _compose(base, crops, faces)
+            checks = self._verify(
+                outputs, faces, list(tried), {n: targets_row(targets, rows, n) for n in tried}, tried
+            )
+            for n, (check, score) in checks.items():
+                plan = plans[n]
+                record = dict(check, attempts=plan.attempts)
+                if plan.best is None or score > plan.best[0]:
+                    plan.best = (score, crops[n], record)
+                if check["protected"]:
+                    plan.done = True
+                else:
+                    plan.excluded |= set(check.pop("_matched_donors", []))
+                    plan.sets = [s for s in plan.sets if not set(s[0]) & plan.excluded]
+                if plan.best is not None:
+                    crops[n] = plan.best[1]
+        for n in rows:
+            plan = plans[n]
+            if plan.best is None:
+                records[n].update(
+                    method="replace",
+                    protected=False,
+                    redetected=False,
+                    attempts=plan.attempts,
+                    reason="no donor set could be used for this face",
+                )
+                crops.pop(n, None)
+                continue
+            _, crop, record = plan.best
+            crops[n] = crop
+            record.pop("_matched_donors", None)
+            records[n].update(record, attempts=plan.attempts)
+        return crops
+
+    # -- donors ------------------------------------------------------------------------------------
+
+    def _donor_sets(
+        self, pose: Tensor, smile: Tensor, stats: Tensor, target: dict[str, Tensor], face: int
+    ) -> list:
+        """Donor sets to try for one face, best first: ``[(rows, mirrored flags), ...]``."""
+        bank = self.bank
+        yaw, mirrored_yaw = bank.pose[:, 0], -bank.pose[:, 0]
+        mirror = (mirrored_yaw - pose[0]).abs() < (yaw - pose[0]).abs()
+        pose_cost = 3.0 * torch.minimum((yaw - pose[0]).abs(), (mirrored_yaw - pose[0]).abs())
+        pose_cost += 1.5 * (bank.pose[:, 1] - pose[1]).abs()
+        colour = (bank.stats[:, :3] - stats[:3]).norm(dim=1) / 12.0
+        beard = (bank.stats[:, 6] - stats[6]).abs() / 6.0 + (bank.stats[:, 8] - stats[8]).abs() / 8.0
+        expression = (bank.stats[:, 7] - stats[7]).abs() / 8.0 + 3.0 * (self._smiles - smile).abs()
+        ratios = torch.stack(
+            [
+                embedding_distance(bank.embeddings[m.card.name], target[m.card.name][None], m.card.distance)
+                / m.card.match_threshold
+                for m in self.models
+            ],
+            dim=1,
+        )  # (donors, models): distance to the person in thresholds
+        cost = pose_cost + colour + beard + expression + self.affinity * ratios.mean(1)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + face)
+        cost = cost + 0.15 * torch.rand(len(cost), generator=generator)  # variety between faces
+        cost[ratios.min(1).values < self.look_alike] = math.inf
+        order = cost.argsort()
+        pool = [int(r) for r in order[: self.pool] if math.isfinite(float(cost[r]))]
+        if len(pool) < self.donors_per_face:
+            return []
+        combos = torch.tensor(list(itertools.combinations(pool, self.donors_per_face)), dtype=torch.long)
+        margins = self._predicted_margins(combos, target)
+        scores = 2.0 * margins.clamp(max=1.0) - cost[combos].mean(1)
+        usable = torch.isfinite(scores)
+        order = scores[usable].argsort(descending=True)
+        scored = [(None, tuple(rows)) for rows in combos[usable][order].tolist()]
+        mouth_cost = expression.tolist()
+        eye_cost = pose_cost.tolist()
+        sets = []
+        for _, rows in scored:
+            # parts (`facecloak.synthesis.part_weights`): eyes, nose, mouth; the mouth from the donor
+            # whose expression is closest, the eyes from the one whose pose is closest
+            mouth = min(rows, key=lambda r: mouth_cost[r])
+            rest = sorted((r for r in rows if r != mouth), key=lambda r: eye_cost[r])
+            ordered = (rest[0], rest[1], mouth, *rest[2:]) if len(rest) >= 2 else (rest[0], mouth)
+            sets.append((ordered, tuple(bool(mirror[r]) for r in ordered)))
+        return sets
+
+    def _predicted_margins(self, combos: Tensor, target: dict[str, Tensor]) -> Tensor:
+        """(C,) smallest distance (in thresholds) from each set's mean embedding to a donor or the person.
+
+        -inf where two donors of a set are the same identity (their mix would be that person).
+        """
+        worst = torch.full((len(combos),), math.inf)
+        k = combos.shape[1]
+        for model in self.models:
+            name, metric, threshold = model.card.name, model.card.distance, model.card.match_threshold
+            table = self.bank.embeddings[name][combos]  # (C, K, D)
+            pairwise = embedding_distance(table[:, :, None], table[:, None], metric) + torch.eye(k) * 1e9
+            centre = table.mean(1)
+            if metric == "cosine":
+                centre = torch.nn.functional.normalize(centre, dim=1)
+            to_donors = embedding_distance(table, centre[:, None], metric).amin(1)
+            to_target = embedding_distance(target[name][None], centre, metric)
+            worst = torch.minimum(worst, torch.minimum(to_donors, to_target) / threshold)
+            worst[pairwise.flatten(1).amin(1) < threshold] = -math.inf
+        return worst
+
+    # -- synthesis and the check -------------------------------------------------------------------
+
+    def _synthesise(
+        self,
+        photo: Tensor,
+        landmarks: Tensor,
+        rows: tuple[int, ...],
+        mirrored: tuple[bool, ...],
+        face: int,
+        attempt: int,
+    ):
+        chips = self.bank.chips(rows)
+        points = self.bank.points[list(rows)].clone()
+        flips = torch.tensor(mirrored)
+        if bool(flips.any()):
+            flipped_chips, flipped_points = mirror_chips(chips[flips], points[flips])
+            chips[flips], points[flips] = flipped_chips, flipped_points
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + face) * 31 + attempt)
+        result = synthesize_face(
+            photo,
+            landmarks,
+            chips.to(photo.device),
+            points.to(photo.device),
+            settings=self.settings,
+            generator=generator,
+        )
+        if result is None:
+            return None
+        return (result.box, result.pixels, result.weight, rows, mirrored)
+
+    def _verify(
+        self, outputs: list[Tensor], faces: Faces, rows: list[int], targets: dict, tried: dict
+    ) -> dict:
+        """Check faces ``rows`` after a JPEG-75 re-encode and a fresh detection."""
+        if not rows:
+            return {}
+        images = sorted({int(faces.image_index[n]) for n in rows})
+        stored = {i: io.jpeg_roundtrip(outputs[i], VERIFY_JPEG_QUALITY) for i in images}
+        with torch.no_grad():
+            found = self.detector([stored[i] for i in images])
+        local = {i: k for k, i in enumerate(images)}
+        results = {}
+        matches, matched_rows = [], []
+        for n in rows:
+            candidates = (found.image_index == local[int(faces.image_index[n])]).nonzero()[:, 0]
+            best = -1
+            if len(candidates):
+                overlaps = _iou(faces.boxes[n], found.boxes[candidates])
+                if float(overlaps.max()) >= 0.3:
+                    best = int(candidates[int(overlaps.argmax())])
+            if best < 0:
+                results[n] = (
+                    self._record(
+                        tried[n], redetected=False, reason="the new face was not detected again after JPEG 75"
+                    ),
+                    -1.0,
+                )
+            else:
+                matches.append(best)
+                matched_rows.append(n)
+        if matched_rows:
+            again = found.select(matches)
+            batch = [stored[i] for i in images]
+            embeddings = {m.card.name: embed_faces(batch, again, m).cpu() for m in self.models}
+            for j, n in enumerate(matched_rows):
+                results[n] = self._judge(
+                    n, tried[n], targets[n], {k: v[j] for k, v in embeddings.items()}, float(again.scores[j])
+                )
+        return results
+
+    def _judge(self, n: int, tried, target: dict[str, Tensor], embedding: dict[str, Tensor], score: float):
+        rows, mirrored = tried
+        to_original, to_donors, matched = {}, {}, set()
+        worst = math.inf
+        for model in self.models:
+            name, metric = model.card.name, model.card.distance
+            needed = model.card.match_threshold * self.margin
+            original = float(embedding_distance(embedding[name], target[name], metric))
+            donors = embedding_distance(self.bank.embeddings[name][list(rows)], embedding[name][None], metric)
+            to_original[name], to_donors[name] = round(original, 4), round(float(donors.min()), 4)
+            matched |= {rows[k] for k in (donors < needed).nonzero()[:, 0].tolist()}
+            worst = min(worst, original / needed, float(donors.min()) / needed)
+        protected = worst >= 1.0
+        reason = None
+        if not protected:
+            reason = "still matches a donor used" if matched else "still matches the original face"
+        record = self._record(tried, redetected=True, reason=reason, protected=protected)
+        record.update(
+            distance_to_original=to_original,
+            distance_to_donors=to_donors,
+            score_after=round(score, 4),
+            _matched_donors=sorted(matched),
+        )
+        return record, worst
+
+    def _record(self, tried, *, redetected: bool, reason: str | None, protected: bool = False) -> dict:
+        rows, mirrored = tried
+        record = {
+            "method": "replace",
+            "protected": bool(protected and redetected),
+            "redetected": redetected,
+            "donors": [self.bank.donors[r]["id"] for r in rows],
+            "mirrored": list(mirrored),
+            "thresholds": {m.card.name: m.card.match_threshold * self.margin for m in self.models},
+        }
+        if reason:
+            record["reason"] = reason
+        return record
+
+
+def targets_row(targets: dict[str, Tensor], rows: list[int], n: int) -> dict[str, Tensor]:
+    """The original face's embeddings (per model) of face ``n`` (``targets`` is in ``rows`` order)."""
+    j = rows.index(n)
+    return {name: table[j] for name, table in targets.items()}
+
+
+def _compose(base: list[Tensor], crops: dict[int, tuple], faces: Faces) -> list[Tensor]:
+    """The photos with every face's current crop blended in (in face order)."""
+    outputs = [photo.clone() for photo in base]
+    for n in sorted(crops):
+        (x0, y0, x1, y1), pixels, weight = crops[n][:3]
+        i = int(faces.image_index[n])
+        region = outputs[i][:, y0:y1, x0:x1]
+        outputs[i][:, y0:y1, x0:x1] = torch.where(weight > 0, pixels.to(region), region)
+    return outputs
+
+
+def _iou(box: Tensor, boxes: Tensor) -> Tensor:
+    top_left = torch.maximum(box[:2], boxes[:, :2])
+    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
+    inter = (bottom_right - top_left).clamp_min(0).prod(1)
+    area = (box[2:] - box[:2]).prod()
+    areas = (boxes[:, 2:] - boxes[:, :2]).prod(1)
+    return inter / (area + areas - inter).clamp_min(1e-6)
+
+
+def _available_models() -> list[Embedder]:
+    """Every recogniser available here (what a bank is checked against by default)."""
+    from facecloak.models import available_embedders, create_embedder
+
+    return [create_embedder(name) for name in available_embedders()]
+
+
+_replacers: dict[tuple, FaceReplacer] = {}
+
+
+def replace_faces(
+    images: Tensor | Sequence[Tensor],
+    faces: Faces,
+    bank: DonorBank | str,
+    *,
+    donors_per_face: int = DONORS_PER_FACE,
+    seed: int = 0,
+    min_face: int = REPLACE_MIN_FACE_PX,
+    models: Sequence[Embedder] | None = None,
+) -> ReplaceResult:
+    """Replace every face with a verified mix of donors (see the module docstring).
+
+    Args:
+        images: (B, 3, H, W) in [0, 1], or a list of (3, H_i, W_i).
+        faces: the faces to replace (e.g. from `facecloak.detect.detect_faces`).
+        bank: a loaded `DonorBank`, or a bank's name or folder.
+        donors_per_face: donors mixed into each new face.
+        seed: the same seed gives the same faces.
+        min_face: smaller faces are blurred instead (and reported).
+        models: recognisers of the check (default: every one available here).
+
+    Returns:
+        `ReplaceResult`: the new photos, one record per face, and which faces are protected.
+
+    Example:
+        >>> result = replace_faces([image.pixels], detect_faces([image.pixels]), "mybank")  # doctest: +SKIP
+        >>> result.protected
+        tensor([True])
+    """
+    bank = load_bank(bank) if not isinstance(bank, DonorBank) else bank
+    key = (str(bank.folder), id(bank), donors_per_face, seed, min_face, tuple(id(m) for m in models or ()))
+    if key not in _replacers:
+        _replacers[key] = FaceReplacer(
+            bank, models, donors_per_face=donors_per_face, seed=seed, min_face=min_face
+        )
+    return _replacers[key](images, faces)

@@ -1,0 +1,332 @@
+"""Face replacement on real faces: a bank of LFW donors, LFW photos of other people replaced.
+
+Donors are people with one or two LFW photos (sorted by name); the replaced photos are of people
+with ten or more, so the two groups are disjoint. The three properties of a replaced face are
+checked independently of the replacer's own check: found again after JPEG 75, and on every
+recogniser beyond the match threshold from the original face and from each donor's own photo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from conftest import models_root
+from facecloak import io
+from facecloak.cli import main
+from facecloak.donors import DonorBank, add_donors, bank_folder, load_bank, remove_donors
+from facecloak.embed import embed_faces
+from facecloak.errors import DonorBankError
+from facecloak.evaluate import centre_face
+from facecloak.models import create_embedder
+from facecloak.models.registry import embedding_distance
+from facecloak.replace import FaceReplacer, replace_faces
+from facecloak.synthesis import (
+    CANONICAL_TEMPLATE,
+    apply_thin_plate,
+    estimate_pose,
+    fit_thin_plate,
+    lab_to_rgb,
+    part_weights,
+    rgb_to_lab,
+    synthesize_face,
+)
+
+DONORS = 12
+TARGETS = 4
+
+
+def _people(images: Path, fewest: int, most: int) -> list[Path]:
+    return [
+        folder
+        for folder in sorted(p for p in images.iterdir() if p.is_dir())
+        if fewest <= len(list(folder.glob("*.jpg"))) <= most
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_home(tmp_path_factory):
+    """A private XDG_DATA_HOME: banks made here never touch the user's."""
+    path = tmp_path_factory.mktemp("data-home")
+    before = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = before
+
+
+@pytest.fixture(scope="module")
+def donor_dir(lfw_dir, tmp_path_factory):
+    """12 donor photos (LFW people with 1-2 photos, first by name) and one photo with no face."""
+    folder = tmp_path_factory.mktemp("donor-photos")
+    for person in _people(lfw_dir / "images", 1, 2)[:DONORS]:
+        photo = sorted(person.glob("*.jpg"))[0]
+        shutil.copy(photo, folder / photo.name)
+    ramp = torch.linspace(0, 1, 200)
+    io.write_image(folder / "zz_no_face.png", torch.stack([ramp[None].expand(200, -1)] * 3))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models():
+    """dlib-resnet, and MobileFace V2 when ../shared has it (not registered: the user's config stays)."""
+    found = [create_embedder("dlib-resnet", device="cpu")]
+    symbol = models_root() / "mobileface-v2" / "MobileFace_Identification_V2-symbol.json"
+    if symbol.is_file():
+        from facecloak.models.plugins import load_model_file
+
+        found.append(load_model_file(symbol, name="mobileface", threshold=0.73))
+    return found
+
+
+@pytest.fixture(scope="module")
+def bank(data_home, donor_dir, models, detector) -> DonorBank:
+    report = add_donors([donor_dir], models, bank="lfw-test", licence="LFW, research use", detector=detector)
+    assert [Path(p).name for p, _ in report.skipped] == ["zz_no_face.png"]
+    assert len(report.added) == DONORS
+    return load_bank("lfw-test")
+
+
+@pytest.fixture(scope="module")
+def targets(lfw_dir, detector):
+    """Photos of 4 people with >= 10 LFW photos, and their centre faces."""
+    photos = [sorted(p.glob("*.jpg"))[2] for p in _people(lfw_dir / "images", 10, 10_000)[:TARGETS]]
+    images = [io.read_image(path).pixels for path in photos]
+    faces = detector(images)
+    centre = [
+        int(faces.image_index.eq(i).nonzero()[centre_face(faces.for_image(i), 250, 250), 0])
+        for i in range(len(images))
+    ]
+    return images, faces.select(centre)
+
+
+@pytest.fixture(scope="module")
+def replaced(bank, models, detector, targets):
+    images, faces = targets
+    replacer = FaceReplacer(bank, models, detector=detector, seed=0)
+    return replacer(images, faces)
+
+
+def _centre_embeddings(images, detector, model):
+    faces = detector(images)
+    picked = [
+        int(
+            faces.image_index.eq(i).nonzero()[centre_face(faces.for_image(i), *images[i].shape[-2:][::-1]), 0]
+        )
+        for i in range(len(images))
+    ]
+    return embed_faces(images, faces.select(picked), model)
+
+
+def test_replaced_faces_are_found_again_and_match_nobody(replaced, bank, models, detector, targets):
+    images, faces = targets
+    assert all(record["method"] == "replace" for record in replaced.records)
+    assert bool(replaced.protected.all()), [r.get("reason") for r in replaced.records]
+    uploaded = [io.jpeg_roundtrip(image, 75) for image in replaced.images]
+    assert min(detector(uploaded).count_per_image(len(uploaded))) >= 1
+    for model in models:
+        threshold = model.card.match_threshold
+        original = embed_faces(images, faces, model)
+        after = _centre_embeddings(uploaded, detector, model)
+        to_original = embedding_distance(after, original, model.card.distance)
+        assert bool((to_original > threshold).all()), (model.card.name, to_original)
+        for k, record in enumerate(replaced.records):
+            rows = [bank.ids.index(donor_id) for donor_id in record["donors"]]
+            assert len(set(rows)) == 3
+            sources = [io.read_image(bank.donors[r]["source"]).pixels for r in rows]
+            donor_embeddings = _centre_embeddings(sources, detector, model)
+            to_donors = embedding_distance(donor_embeddings, after[k][None], model.card.distance)
+            assert bool((to_donors > threshold).all()), (model.card.name, record["donors"], to_donors)
+
+
+def test_only_the_face_region_changes(replaced, targets):
+    images, faces = targets
+    for image, output, box in zip(images, replaced.images, faces.boxes):
+        x1, y1, x2, y2 = box.tolist()
+        width, height = x2 - x1, y2 - y1
+        keep = torch.ones(image.shape[-2:], dtype=torch.bool)
+        keep[
+            int(y1 - 0.3 * height) : int(y2 + 0.3 * height), int(x1 - 0.3 * width) : int(x2 + 0.3 * width)
+        ] = False
+        assert torch.equal(output[:, keep], image[:, keep])
+        cx, cy = int((x1 + x2) / 2), int((y1 + y2) / 2)
+        centre = (output - image)[:, cy - 10 : cy + 10, cx - 10 : cx + 10]
+        assert float(centre.abs().mean()) > 0.01
+
+
+def test_same_seed_same_faces(bank, models, detector, targets, replaced):
+    images, faces = targets
+    again = FaceReplacer(bank, models, detector=detector, seed=0)(images[:1], faces.select([0]))
+    assert torch.equal(again.images[0], replaced.images[0])
+    assert again.records[0]["donors"] == replaced.records[0]["donors"]
+
+
+def test_bank_round_trip(bank, data_home, tmp_path, models):
+    assert len(bank) == DONORS and len(set(bank.ids)) == DONORS
+    manifest = json.loads((bank.folder / "bank.json").read_text())
+    assert set(manifest["models"]) == {m.card.name for m in models}
+    for donor in bank.donors:
+        assert Path(donor["source"]).is_file() and donor["licence"] == "LFW, research use"
+        assert (bank.folder / "chips" / f"{donor['id']}.png").is_file()
+    for model in models:
+        assert bank.embeddings[model.card.name].shape == (DONORS, model.card.embedding_dim)
+    chips = bank.chips([0, 3])
+    assert chips.shape == (2, 3, 256, 256) and 0 <= float(chips.min()) and float(chips.max()) <= 1
+    # a bank is a folder: a copy loads by its path, with the same content
+    copy = tmp_path / "copied-bank"
+    shutil.copytree(bank.folder, copy)
+    copied = load_bank(copy)
+    assert copied.ids == bank.ids and torch.equal(copied.stats, bank.stats)
+    for name, table in bank.embeddings.items():
+        assert torch.equal(copied.embeddings[name], table)
+    # removing a donor removes its chip and its embedding row
+    assert remove_donors(copy, [bank.ids[1]]) == 1
+    smaller = load_bank(copy)
+    assert smaller.ids == bank.ids[:1] + bank.ids[2:]
+    assert not (copy / "chips" / f"{bank.ids[1]}.png").exists()
+    assert torch.equal(smaller.embeddings["dlib-resnet"][1], bank.embeddings["dlib-resnet"][2])
+
+
+def test_missing_and_empty_banks_say_how_to_fix(data_home, tmp_path, bank):
+    with pytest.raises(DonorBankError, match="facecloak donors add") as error:
+        load_bank("no-such-bank")
+    assert "\n" not in str(error.value)
+    empty = tmp_path / "empty-bank"
+    shutil.copytree(bank.folder, empty)
+    remove_donors(empty, bank.ids)
+    with pytest.raises(DonorBankError, match="is empty.*facecloak donors add"):
+        load_bank(empty)
+
+
+def test_model_set_mismatch_says_how_to_fix(bank, tmp_path):
+    changed = tmp_path / "other-models"
+    shutil.copytree(bank.folder, changed)
+    manifest = json.loads((changed / "bank.json").read_text())
+    manifest["models"]["dlib-resnet"]["fingerprint"] = "0" * 12
+    (changed / "bank.json").write_text(json.dumps(manifest))
+    with pytest.raises(DonorBankError, match="donors refresh") as error:
+        FaceReplacer(load_bank(changed), [create_embedder("dlib-resnet", device="cpu")])
+    assert "\n" not in str(error.value)
+
+
+def test_tiny_face_is_blurred_and_reported(bank, models, detector, lfw_dir):
+    photo = sorted(_people(lfw_dir / "images", 10, 10_000)[0].glob("*.jpg"))[3]
+    image = io.read_image(photo).pixels
+    small = F.interpolate(image[None], size=(90, 90), mode="area")[0]
+    faces = detector([small])
+    assert len(faces)
+    result = FaceReplacer(bank, models, detector=detector)([small], faces)
+    record = result.records[centre_face(faces, 90, 90)]
+    assert record["method"] == "blur" and record["protected"] and "blurred instead" in record["reason"]
+    assert not torch.equal(result.images[0], small)
+
+
+def test_cli_donors_then_replace_exactly_as_documented(data_home, donor_dir, lfw_dir, tmp_path):
+    runner = CliRunner()
+    added = runner.invoke(main, ["donors", "add", str(donor_dir), "--bank", "clibank"])
+    assert added.exit_code == 1, added.output  # the photo without a face is listed and skipped
+    assert "zz_no_face.png: no face found" in added.output
+    assert f"{DONORS} donor(s) added" in added.output
+    listed = runner.invoke(main, ["donors", "list"])
+    assert listed.exit_code == 0 and "clibank" in listed.output
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for person in _people(lfw_dir / "images", 10, 10_000)[TARGETS : TARGETS + 2]:
+        shutil.copy(sorted(person.glob("*.jpg"))[4], photos)
+    out = tmp_path / "out"
+    result = runner.invoke(
+        main, ["anonymize", str(photos), "-o", str(out), "--method", "replace", "--donors", "clibank"]
+    )
+    assert result.exit_code == 0, result.output
+    written = sorted(out.glob("*_replace.jpg"))
+    assert len(written) == 2
+    before = [path.read_bytes() for path in written]
+    command = ["anonymize", str(photos), "-o", str(out), "--method", "replace", "--donors", "clibank"]
+    again = runner.invoke(main, [*command, "--json"])
+    assert again.exit_code == 0, again.output  # -o is journaled: a second run redoes nothing
+    assert json.loads(again.stdout)["resumed_files"] == 2
+    assert [path.read_bytes() for path in written] == before
+    ray = runner.invoke(main, [*command, "--ray"])
+    assert ray.exit_code == 2 and "--ray" in ray.output
+
+
+def test_cli_bad_banks_are_one_line_usage_errors(data_home, lfw_dir, tmp_path):
+    runner = CliRunner()
+    photo = str(sorted(_people(lfw_dir / "images", 10, 10_000)[0].glob("*.jpg"))[0])
+    missing = runner.invoke(
+        main, ["anonymize", photo, "-o", str(tmp_path), "--method", "replace", "--donors", "nope"]
+    )
+    assert missing.exit_code == 2
+    assert missing.output.strip().count("\n") == 0 and "facecloak donors add" in missing.output
+    no_bank = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--method", "replace"])
+    assert no_bank.exit_code == 2 and "--donors" in no_bank.output
+
+
+def test_replace_faces_api_and_anonymizer(bank, models, detector, targets):
+    from facecloak.anonymize import Anonymizer
+
+    images, faces = targets
+    result = replace_faces(images[:1], faces.select([0]), bank, models=models)
+    assert result.records[0]["method"] == "replace" and len(result.images) == 1
+    out = Anonymizer("replace", bank=bank, models=models)(images[0][None], faces.select([0]))
+    assert torch.equal(out[0], result.images[0])
+
+
+# -- the pure parts --------------------------------------------------------------------------------
+
+
+def test_thin_plate_interpolates_its_control_points():
+    generator = torch.Generator().manual_seed(0)
+    source = torch.rand(2, 9, 2, generator=generator) * 100
+    target = source + torch.randn(2, 9, 2, generator=generator) * 3
+    params = fit_thin_plate(source, target)  # lightly regularised: within a tenth of a pixel
+    assert torch.allclose(apply_thin_plate(params, source, source), target, atol=0.1)
+    shift = fit_thin_plate(source, source + 5.0)  # an affine map is reproduced everywhere
+    points = torch.rand(2, 20, 2) * 100
+    assert torch.allclose(apply_thin_plate(shift, source, points), points + 5.0, atol=1e-2)
+
+
+def test_lab_round_trip_and_known_colours():
+    colours = torch.rand(1, 3, 8, 8)
+    assert torch.allclose(lab_to_rgb(rgb_to_lab(colours)), colours, atol=1e-4)
+    white = rgb_to_lab(torch.ones(1, 3, 1, 1)).flatten()
+    assert torch.allclose(white, torch.tensor([100.0, 0.0, 0.0]), atol=0.05)
+
+
+def test_pose_of_a_frontal_template_and_a_turned_face():
+    frontal = torch.tensor([CANONICAL_TEMPLATE])
+    assert float(estimate_pose(frontal).abs().max()) < 0.05
+    turned = frontal.clone()
+    turned[0, 2, 0] += 10  # nose to the viewer's right
+    assert float(estimate_pose(turned)[0, 0]) > 0.1
+
+
+def test_part_weights_sum_to_one():
+    points = torch.rand(50, 2) * 256
+    for count in (2, 3, 5):
+        weights = part_weights(points, count)
+        assert weights.shape == (count, 50) and torch.allclose(weights.sum(0), torch.ones(50))
+
+
+def test_synthesis_changes_only_inside_its_weight(bank, targets):
+    images, faces = targets
+    result = synthesize_face(images[0], faces.landmarks[0], bank.chips([0, 1, 2]), bank.points[:3])
+    x0, y0, x1, y1 = result.box
+    outside = result.weight[0] == 0
+    assert torch.equal(result.pixels[:, outside], images[0][:, y0:y1, x0:x1][:, outside])
+    assert float(result.weight.max()) == 1.0
+
+
+def test_bank_folder_accepts_names_and_paths(data_home, tmp_path):
+    assert bank_folder("mine") == data_home / "facecloak" / "donors" / "mine"
+    with pytest.raises(DonorBankError):
+        bank_folder("bad name!")
