@@ -330,3 +330,18 @@ def test_bank_folder_accepts_names_and_paths(data_home, tmp_path):
     assert bank_folder("mine") == data_home / "facecloak" / "donors" / "mine"
     with pytest.raises(DonorBankError):
         bank_folder("bad name!")
+
+
+def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detector, targets):
+    from facecloak.evaluate import PipelineAttacker, replace_protection
+
+    images, _ = targets
+    replacer = FaceReplacer(bank, models, detector=detector)
+    protect = replace_protection(replacer, detector, [PipelineAttacker(models[0], detector)])
+    outputs, records = protect(images[:2], [Path("a.jpg"), Path("b.jpg")], "someone")
+    assert len(outputs) == 2 and len(records) == 2
+    for record in records:
+        realism = record["realism"]
+        assert realism["found"] and realism["score_protected"] > 0.9
+        assert 0.3 < realism["detail_protected"] < 3.0
+        assert record["donor_match"] == {"dlib-resnet": False}
