@@ -17,7 +17,7 @@ all; 2 usage error (from the CLI); 3 some file failed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -624,20 +624,50 @@ def _write_output(
     )
 
 
-def _faces_per_file(paths: Sequence[str | Path], options: Options, detector: FaceDetector | None):
-    """Yield (path, image, faces, error) for every image under ``paths``, one file at a time."""
+READ_CHUNK_FILES = 32
+"""Files `detect` and `embed` decode and detect together (MTCNN batches across photos)."""
+
+READ_CHUNK_PIXELS = 64_000_000
+"""...or fewer, once their pixels add up to this (about 770 MB as float32): bounds memory."""
+
+
+def _faces_per_chunk(
+    paths: Sequence[str | Path], options: Options, detector: FaceDetector | None
+) -> Iterator[list[tuple[Path, io.LoadedImage | None, Faces | None, str | None]]]:
+    """Yield chunks of (path, image, faces, error), one entry per file, detected together.
+
+    Files are decoded until `READ_CHUNK_FILES` or `READ_CHUNK_PIXELS` is reached, then the
+    chunk goes through the detector in one call; a file that fails to read has its error set.
+    """
     jobs, _ = io.collect_images(paths)
     detector = detector or FaceDetector(
         min_score=options.min_score, min_size=options.min_size, device=options.device
     )
-    for job in jobs:
+    chunk: list[tuple[Path, io.LoadedImage | None, str | None]] = []
+    pixels = 0
+    for position, job in enumerate(jobs):
         try:
             image = io.read_image(job.path, max_pixels=options.max_pixels)
+            chunk.append((job.path, image, None))
+            pixels += image.pixels.shape[1] * image.pixels.shape[2]
         except FacecloakError as error:
-            yield job.path, None, None, str(error)
-            continue
-        with torch.no_grad():
-            yield job.path, image, detector([image.pixels]), None
+            chunk.append((job.path, None, str(error)))
+        if len(chunk) >= READ_CHUNK_FILES or pixels >= READ_CHUNK_PIXELS or position == len(jobs) - 1:
+            loaded = [image for _, image, _ in chunk if image is not None]
+            with torch.no_grad():
+                faces = detector([image.pixels for image in loaded]) if loaded else Faces.empty()
+            per_image = iter(range(len(loaded)))
+            yield [
+                (path, image, None if image is None else faces.for_image(next(per_image)), error)
+                for path, image, error in chunk
+            ]
+            chunk, pixels = [], 0
+
+
+def _faces_per_file(paths: Sequence[str | Path], options: Options, detector: FaceDetector | None):
+    """Yield (path, image, faces, error) for every image under ``paths`` (detected in chunks)."""
+    for chunk in _faces_per_chunk(paths, options, detector):
+        yield from chunk
 
 
 def detect_files(
@@ -752,15 +782,11 @@ def cloak_image(
     return outputs[0], records
 
 
-def _largest_face_embedding(path: Path, model, detector: FaceDetector, options: Options) -> Tensor:
-    from facecloak.embed import embed_faces
-
-    image = io.read_image(path, max_pixels=options.max_pixels)
-    faces = detector([image.pixels])
+def _largest_face(path: Path, faces: Faces) -> Faces:
     if len(faces) == 0:
         raise InvalidInputError("no face found", path)
     areas = (faces.boxes[:, 2] - faces.boxes[:, 0]) * (faces.boxes[:, 3] - faces.boxes[:, 1])
-    return embed_faces([image.pixels], faces.select([int(areas.argmax())]), model)[0]
+    return faces.select([int(areas.argmax())])
 
 
 def verify_files(
@@ -774,10 +800,19 @@ def verify_files(
         model: the face model that compares them.
         options: detection settings (``min_score`` is the detection confidence).
         match_threshold: same person below this distance; default the model's own threshold.
+
+    Both photos are detected in one call and both faces embedded in one batch.
     """
+    from facecloak.embed import embed_faces
+
     detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
-    a = _largest_face_embedding(first, model, detector, options)
-    b = _largest_face_embedding(second, model, detector, options)
+    images = [io.read_image(path, max_pixels=options.max_pixels).pixels for path in (first, second)]
+    with torch.no_grad():
+        found = detector(images)
+    faces = Faces.cat(
+        [_largest_face(path, found.for_image(i)).shifted(i) for i, path in enumerate((first, second))]
+    )
+    a, b = embed_faces(images, faces, model)
     distance = float(model.distance(a, b))
     threshold = model.card.match_threshold if match_threshold is None else float(match_threshold)
     return {
@@ -794,17 +829,28 @@ def verify_files(
 
 
 def embed_files(paths: Sequence[str | Path], model, options: Options) -> list[dict]:
-    """Embeddings of every face per image for ``facecloak embed``."""
+    """Embeddings of every face per image for ``facecloak embed``.
+
+    Photos are detected in chunks (`READ_CHUNK_FILES`) and every face of a chunk is aligned and
+    embedded in one batch, not one file at a time.
+    """
     from facecloak.embed import embed_faces
 
     results = []
-    for path, image, faces, error in _faces_per_file(paths, options, None):
-        if error:
-            results.append({"path": str(path), "error": error})
-            continue
-        vectors = embed_faces([image.pixels], faces, model).cpu()
-        records = faces.to_records()
-        for record, vector in zip(records, vectors):
-            record["embedding"] = [round(float(v), 6) for v in vector]
-        results.append({"path": str(path), "model": model.card.name, "faces": records})
+    for chunk in _faces_per_chunk(paths, options, None):
+        loaded = [(image.pixels, faces) for _, image, faces, error in chunk if error is None]
+        everyone = Faces.cat([faces.shifted(k) for k, (_, faces) in enumerate(loaded)])
+        vectors = (
+            embed_faces([pixels for pixels, _ in loaded], everyone, model).cpu() if len(everyone) else None
+        )
+        first = 0
+        for path, _, faces, error in chunk:
+            if error is not None:
+                results.append({"path": str(path), "error": error})
+                continue
+            records = faces.to_records()
+            for record, vector in zip(records, vectors[first : first + len(faces)] if len(faces) else []):
+                record["embedding"] = [round(float(v), 6) for v in vector]
+            first += len(faces)
+            results.append({"path": str(path), "model": model.card.name, "faces": records})
     return results
