@@ -12,7 +12,7 @@ from PIL import Image, ImageCms
 from facecloak.anonymize import anonymize_faces
 from facecloak.batch import CloakFaces
 from facecloak.cloak import create_cloak
-from facecloak.io import read_image, to_uint8, write_image
+from facecloak.io import encode_image, read_image, read_image_bytes, to_uint8, write_image
 from facecloak.jpeg_blocks import BlocksUnavailable, changed_mcus, splice_jpeg
 
 jpeglib = pytest.importorskip("jpeglib", reason="jpeglib (JPEG block editing) is not installed here")
@@ -94,6 +94,18 @@ def test_anonymised_jpeg_differs_only_in_the_face_blocks(group, tmp_path, sample
     original = jpeglib.read_spatial(str(samples_dir / "group.jpg")).spatial
     written = jpeglib.read_spatial(str(tmp_path / "out.jpg")).spatial
     assert (original != written).any(axis=2)[~region].sum() == 0
+
+
+def test_upload_read_from_bytes_is_edited_block_by_block_too(group, tmp_path, samples_dir):
+    """The service and the Ray batch decode from bytes: same blocks, same bytes as from the file."""
+    image, faces = group
+    blurred = anonymize_faces(image.pixels[None], faces, "blur")[0]
+    upload = read_image_bytes((samples_dir / "group.jpg").read_bytes(), "group.jpg")
+    info: dict = {}
+    data = encode_image(blurred, "JPEG", source=upload, info=info)
+    assert info["encoding"] == "jpeg-blocks", info.get("jpeg_fallback")
+    write_image(tmp_path / "from_file.jpg", blurred, source=image)
+    assert data == (tmp_path / "from_file.jpg").read_bytes()
 
 
 def test_cloaked_jpeg_differs_only_in_the_face_blocks(samples_dir, detector, dlib_resnet, tmp_path):

@@ -16,10 +16,9 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -90,6 +89,8 @@ class LoadedImage:
         exif: the source's EXIF block (orientation already applied), used only when asked.
         orientation: the source's EXIF orientation (1-8), already applied to ``pixels``; a JPEG
             edited block by block is stored in the source's orientation and keeps this tag.
+        encoded: a JPEG's own bytes when it was decoded from memory (`read_image_bytes`), so
+            that it can be edited block by block without a file on disk; None otherwise.
     """
 
     path: Path
@@ -100,6 +101,7 @@ class LoadedImage:
     icc_profile: bytes | None = None
     exif: bytes | None = field(default=None, repr=False)
     orientation: int = 1
+    encoded: bytes | None = field(default=None, repr=False)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -316,55 +318,21 @@ def write_image(
         ImageWriteError: one line naming the file and the reason; nothing is left behind.
     """
     path = Path(path)
-    info = {} if info is None else info
-    if any(same_file(path, other) for other in protected):
-        raise ImageWriteError("refusing to overwrite an input file", path)
-    if path.exists() and not overwrite:
-        raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", path)
-    suffix = path.suffix.lower()
-    format_name = IMAGE_SUFFIXES.get(suffix)
-    if format_name is None or format_name == "GIF":
-        raise ImageWriteError(f"cannot write format {suffix or '(none)'}", path)
-    if pixels.ndim != 3 or pixels.shape[0] != 3:
-        raise ImageWriteError(f"expected a (3, H, W) tensor, got {tuple(pixels.shape)}", path)
-    data = None
-    if format_name == "JPEG" and jpeg_quality is None and source is not None:
-        try:
-            data = _jpeg_keeping_blocks(pixels, source, keep_metadata, info)
-        except jpeg_blocks.BlocksUnavailable as why:
-            info["jpeg_fallback"] = f"whole photo re-encoded at quality {JPEG_QUALITY}: {why}"
-    quality = JPEG_QUALITY if jpeg_quality is None else jpeg_quality
-    if data is None:
-        image = _to_pil(pixels, source, format_name)
-        options = _save_options(format_name, source, keep_metadata, quality)
-        info["encoding"] = format_name.lower()
-
-        def save(stream) -> None:
-            image.save(stream, format=format_name, **options)
-
-    else:
-
-        def save(stream) -> None:
-            stream.write(data)
-
-    _write_atomically(path, suffix, save)
-    return path
-
-
-def _write_atomically(path: Path, suffix: str, save: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the target folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=suffix, dir=path.parent)
+    _check_target(path, protected, overwrite)
+    if path.suffix.lower() not in IMAGE_SUFFIXES or IMAGE_SUFFIXES[path.suffix.lower()] == "GIF":
+        raise ImageWriteError(f"cannot write format {path.suffix.lower() or '(none)'}", path)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            save(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, path)
-    except (OSError, ValueError, KeyError) as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise ImageWriteError(f"could not write ({_short(error)})", path) from None
+        data = encode_image(
+            pixels,
+            IMAGE_SUFFIXES[path.suffix.lower()],
+            source=source,
+            keep_metadata=keep_metadata,
+            jpeg_quality=jpeg_quality,
+            info=info,
+        )
+    except ImageWriteError as error:
+        raise ImageWriteError(error.reason, path) from None
+    return write_bytes_atomic(path, data, protected=protected, overwrite=overwrite)
 
 
 _UNDO_ORIENTATION = {
@@ -383,8 +351,9 @@ def _jpeg_keeping_blocks(pixels: Tensor, source: LoadedImage, keep_metadata: boo
     """The output JPEG's bytes, edited block by block from the source file (see `write_image`)."""
     if source.format not in ("JPEG", "MPO"):
         raise jpeg_blocks.BlocksUnavailable(f"the input is {source.format}, not JPEG")
-    if source.alpha is not None or not source.path.is_file():
-        raise jpeg_blocks.BlocksUnavailable("the input file is not a plain JPEG on disk")
+    original = source.encoded if source.encoded is not None else source.path
+    if source.alpha is not None or (source.encoded is None and not source.path.is_file()):
+        raise jpeg_blocks.BlocksUnavailable("the input's own JPEG bytes are not at hand")
     before, after = to_uint8(source.pixels), to_uint8(pixels)
     if before.shape != after.shape:
         raise jpeg_blocks.BlocksUnavailable("the output's size differs from the input's")
@@ -392,7 +361,7 @@ def _jpeg_keeping_blocks(pixels: Tensor, source: LoadedImage, keep_metadata: boo
     if undo is not None:  # edit the file in its stored orientation; the EXIF tag keeps it upright
         before = np.asarray(Image.fromarray(before).transpose(undo))
         after = np.asarray(Image.fromarray(after).transpose(undo))
-    data, edit = jpeg_blocks.splice_jpeg(source.path, before, after)
+    data, edit = jpeg_blocks.splice_jpeg(original, before, after)
     info.update(encoding="jpeg-blocks", **edit.summary())
     return _with_metadata(data, _jpeg_exif(source, keep_metadata), source.icc_profile)
 
@@ -436,6 +405,14 @@ def _with_metadata(data: bytes, exif: bytes | None, icc: bytes | None) -> bytes:
     if data[2:4] == b"\xff\xe0":
         position = 4 + int.from_bytes(data[4:6], "big")
     return data[:position] + b"".join(segments) + data[position:]
+
+
+def _check_target(path: Path, protected: Iterable[Path], overwrite: bool) -> None:
+    """Refuse an input's own file always, and an existing output unless ``overwrite``."""
+    if any(same_file(path, other) for other in protected):
+        raise ImageWriteError("refusing to overwrite an input file", path)
+    if path.exists() and not overwrite:
+        raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", path)
 
 
 def _current_umask() -> int:
@@ -624,6 +601,8 @@ def read_image_bytes(data: bytes, name: str = "upload", *, max_pixels: int | Non
         except ImageReadError as error:
             raise ImageReadError(error.reason, name) from None
     image.path = Path(name)
+    if image.format in ("JPEG", "MPO"):
+        image.encoded = data
     return image
 
 
@@ -633,24 +612,35 @@ def encode_image(
     *,
     source: LoadedImage | None = None,
     keep_metadata: bool = False,
-    jpeg_quality: int = JPEG_QUALITY,
+    jpeg_quality: int | None = None,
+    info: dict | None = None,
 ) -> bytes:
-    """Encode a (3, H, W) [0, 1] tensor as `write_image` would write it, into bytes.
+    """Encode a (3, H, W) [0, 1] tensor into the bytes `write_image` writes (see its Args).
 
     Same conversion, colour profile, alpha, EXIF policy (dropped unless ``keep_metadata``, GPS
-    always dropped) and encoder settings, so the bytes equal the file `write_image` writes.
+    always dropped) and encoder settings. A JPEG made from a JPEG ``source`` with
+    ``jpeg_quality`` None is edited block by block in the source's own coefficients, whether the
+    source was read from a file or from bytes (`read_image_bytes`).
     """
     format_name = format_name.upper()
+    info = {} if info is None else info
     if format_name not in OUTPUT_FORMATS:
         raise ImageWriteError(f"cannot write format {format_name!r}")
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ImageWriteError(f"expected a (3, H, W) tensor, got {tuple(pixels.shape)}")
+    if format_name == "JPEG" and jpeg_quality is None and source is not None:
+        try:
+            return _jpeg_keeping_blocks(pixels, source, keep_metadata, info)
+        except jpeg_blocks.BlocksUnavailable as why:
+            info["jpeg_fallback"] = f"whole photo re-encoded at quality {JPEG_QUALITY}: {why}"
+    quality = JPEG_QUALITY if jpeg_quality is None else jpeg_quality
     image = _to_pil(pixels, source, format_name)
     buffer = _bytes_io.BytesIO()
     try:
-        image.save(
-            buffer, format=format_name, **_save_options(format_name, source, keep_metadata, jpeg_quality)
-        )
+        image.save(buffer, format=format_name, **_save_options(format_name, source, keep_metadata, quality))
     except (OSError, ValueError, KeyError) as error:
         raise ImageWriteError(f"could not encode ({_short(error)})") from None
+    info["encoding"] = format_name.lower()
     return buffer.getvalue()
 
 
@@ -663,10 +653,7 @@ def write_bytes_atomic(
     never replaced, an existing file only with ``overwrite``.
     """
     path = Path(path)
-    if any(same_file(path, other) for other in protected):
-        raise ImageWriteError("refusing to overwrite an input file", path)
-    if path.exists() and not overwrite:
-        raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", path)
+    _check_target(path, protected, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=path.suffix, dir=path.parent)
     try:

@@ -119,11 +119,11 @@ def changed_mcus(before: np.ndarray, after: np.ndarray, mcu_size: tuple[int, int
     return padded.reshape(rows, mcu_h, cols, mcu_w).any(axis=(1, 3))
 
 
-def splice_jpeg(source: str | Path, before: np.ndarray, after: np.ndarray) -> tuple[bytes, BlockEdit]:
+def splice_jpeg(source: str | Path | bytes, before: np.ndarray, after: np.ndarray) -> tuple[bytes, BlockEdit]:
     """Encode ``after`` as a JPEG that keeps every MCU of ``source`` where it equals ``before``.
 
     Args:
-        source: the input JPEG file.
+        source: the input JPEG: its file, or its bytes.
         before: (H, W, 3) uint8, the input as decoded (stored orientation, no EXIF rotation).
         after: (H, W, 3) uint8, the new pixels, same orientation and size.
 
@@ -161,10 +161,17 @@ def splice_jpeg(source: str | Path, before: np.ndarray, after: np.ndarray) -> tu
     return data, BlockEdit(mcu_size, replaced, subsampled)
 
 
-def _read_dct(source: str | Path):
+def _read_dct(source: str | Path | bytes):
     try:
-        jpeg = jpeglib.read_dct(str(source))
-        jpeg.load()
+        if isinstance(source, bytes):  # libjpeg (through jpeglib) reads files only
+            with tempfile.TemporaryDirectory(prefix="facecloak-jpeg-") as folder:
+                path = os.path.join(folder, "source.jpg")
+                Path(path).write_bytes(source)
+                jpeg = jpeglib.read_dct(path)
+                jpeg.load()
+        else:
+            jpeg = jpeglib.read_dct(str(source))
+            jpeg.load()
     except Exception as error:  # libjpeg reports unsupported kinds (arithmetic, 12-bit) many ways
         raise BlocksUnavailable(f"libjpeg cannot read its coefficients ({_short(error)})") from None
     space = str(jpeg.jpeg_color_space)
