@@ -112,11 +112,13 @@ def test_changed_input_or_settings_is_redone(three_photos, tmp_path, detector):
     out = tmp_path / "out"
     first = blur_batch(three_photos, out, detector)
     assert first.resumed == 0 and first.count("protected") == 3
-    assert blur_batch(three_photos, out, detector).resumed == 3
+    rerun = blur_batch(three_photos, out, detector)
+    assert rerun.resumed == 3
+    assert "3 image(s): 0 done, 3 skipped, 0 failed" in str(rerun)  # the summary counts them as skipped
 
     shutil.copy(three_photos / "astronaut.jpg", three_photos / "grace_hopper.jpg")  # changed input
     again = blur_batch(three_photos, out, detector)
-    assert again.resumed == 2
+    assert again.resumed == 2 and "3 image(s): 1 done, 2 skipped" in str(again)
     assert [o.path for o in again.outcomes if not getattr(o, "resumed", False)] == [
         str(three_photos / "grace_hopper.jpg")
     ]

@@ -171,9 +171,10 @@ class BatchReport:
             if self.skipped:
                 lines.append(f"  {len(self.skipped)} file(s) skipped (not images)")
             return "\n".join(lines)
-        done = len(self.outcomes) - self.count("skipped") - self.count("failed")
+        earlier = sum(bool(getattr(o, "resumed", False)) for o in self.outcomes)  # done by a previous run
+        done = len(self.outcomes) - self.count("skipped") - self.count("failed") - earlier
         lines = [
-            f"{self.command}: {len(self.outcomes)} image(s): {done} done, {self.count('skipped')} skipped, "
+            f"{self.command}: {len(self.outcomes)} image(s): {done} done, {self.count('skipped') + earlier} skipped, "
             f"{self.count('failed')} failed; {self.faces} face(s) found, "
             f"{self.faces - self.unprotected_faces} protected, in {self.seconds:.1f} s"
         ]
