@@ -85,7 +85,7 @@ def main() -> int:
     first_s = time.perf_counter() - started
     done_before = len(done(out))
     torn_outputs = 0
-    for output in out.rglob("*_anonymized.*"):
+    for output in out.rglob(f"*_{args.method}.*"):
         try:
             read_image(output)
         except ImageReadError:
@@ -102,7 +102,7 @@ def main() -> int:
     for path in inputs:
         relative = path.relative_to(photos)
         try:
-            read_image(out / relative.with_name(f"{path.stem}_anonymized.jpg"))
+            read_image(out / relative.with_name(f"{path.stem}_{args.method}.jpg"))
         except ImageReadError:
             undecodable += 1
     result = {
