@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecloak.align import align_faces, dlib_chip_from_image, dlib_template_pixels, transform_points
+from facecloak.align import align_faces, dlib_chip_from_image, transform_points
 from facecloak.detect import FaceDetector
 from facecloak.io import read_image, to_uint8
 from facecloak.models.dlib_format import locate_package_model
-from facecloak.models.dlib_resnet import DLIB_5POINT_TEMPLATE
+from facecloak.models.templates import DLIB_5POINT_TEMPLATE, dlib_template_pixels
 
 DATA = Path(os.environ.get("FACECLOAK_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

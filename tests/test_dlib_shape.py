@@ -12,14 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from facecloak.align import align_faces, dlib_chip_from_image, dlib_template_pixels, estimate_similarity
+from facecloak.align import align_faces, dlib_chip_from_image, estimate_similarity
 from facecloak.errors import InvalidInputError, ModelNotFoundError
 from facecloak.io import read_image, to_uint8
-from facecloak.models.dlib_resnet import (
-    DLIB_5POINT_TEMPLATE,
-    DLIB_CHIP_TEMPLATE_150,
-    locate_dlib_resnet_weights,
-)
+from facecloak.models.dlib_resnet import locate_dlib_resnet_weights
+from facecloak.models.templates import DLIB_5POINT_TEMPLATE, DLIB_CHIP_TEMPLATE_150, dlib_template_pixels
 from facecloak.models.dlib_shape import (
     MTCNN_TO_DLIB_BOX,
     ShapePredictor,

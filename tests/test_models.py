@@ -14,7 +14,6 @@ from facecloak.align import (
     align_faces,
     chip_from_landmarks,
     dlib_chip_from_image,
-    dlib_template_pixels,
     estimate_similarity,
     invert_affine,
     transform_points,
@@ -28,7 +27,7 @@ from facecloak.io import read_image, to_uint8
 from facecloak.landmarks import model_landmarks
 from facecloak.models import available_embedders, create_embedder, embedder_status, get_card, list_embedders
 from facecloak.models.dlib_format import locate_package_model
-from facecloak.models.dlib_resnet import DLIB_5POINT_TEMPLATE
+from facecloak.models.templates import DLIB_5POINT_TEMPLATE, dlib_template_pixels
 
 
 def dlib_files() -> Path:

@@ -25,10 +25,6 @@ from torch import Tensor, nn
 from facecloak._checks import check_images
 from facecloak.errors import InvalidInputError
 
-DLIB_PADDING = 0.25
-"""dlib's default chip padding (`get_face_chip`): the template occupies the middle 1/1.5 of the chip."""
-
-
 def estimate_similarity(points: Tensor, template: Tensor) -> Tensor:
     """Least-squares similarity (rotation, uniform scale, translation) taking points to template.
 
@@ -105,11 +101,6 @@ def dlib_chip_from_image(points: Tensor, template: Tensor, size: int) -> Tensor:
     ty = centre[:, 1] - (sin * mid + cos * mid)
     image_from_chip = torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)
     return invert_affine(image_from_chip)
-
-
-def dlib_template_pixels(template_units: Tensor, size: int, padding: float = DLIB_PADDING) -> Tensor:
-    """Dlib's template in chip units -> chip pixels for a chip of ``size`` with ``padding``."""
-    return (padding + template_units) / (1.0 + 2.0 * padding) * size
 
 
 def _pool_factor(scale: float) -> int:

@@ -888,7 +888,7 @@ def models(context) -> None:
     if context.invoked_subcommand is not None:
         return
     from facecloak.models import embedder_status, get_card, list_embedders
-    from facecloak.models.plugins import BROKEN_CARDS, find_model_files, models_search_roots
+    from facecloak.models.user_models import BROKEN_CARDS, find_model_files, models_search_roots
 
     for name in list_embedders():
         card = get_card(name)
@@ -993,7 +993,7 @@ def models_add(  # noqa: D301 - click help keeps the backslash line breaks
         --input-size 224 --layout nhwc --bgr --mean 103.939 116.779 123.68
     facecloak models calibrate hse-mobilenet ../shared/data/lfw/images
     """
-    from facecloak.models.plugins import add_user_model
+    from facecloak.models.user_models import add_user_model
 
     try:
         card = add_user_model(
@@ -1057,7 +1057,7 @@ def models_calibrate(name, data, far, max_photos, device) -> None:
 
     from facecloak.calibrate import calibrate_threshold
     from facecloak.models import create_embedder, get_card
-    from facecloak.models.plugins import is_user_model, save_user_card
+    from facecloak.models.user_models import is_user_model, save_user_card
 
     try:
         card = get_card(name)
@@ -1077,7 +1077,7 @@ def models_calibrate(name, data, far, max_photos, device) -> None:
 @click.argument("name")
 def models_remove(name) -> None:
     """Forget an added model (the model file itself is left alone)."""
-    from facecloak.models.plugins import remove_user_model
+    from facecloak.models.user_models import remove_user_model
 
     try:
         remove_user_model(name)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facecloak.align import align_faces, estimate_similarity, invert_affine, transform_points
-from facecloak.models.registry import ARCFACE_TEMPLATE_112
+from facecloak.models.templates import ARCFACE_TEMPLATE_112
 
 CHIP_SIZE_PX = 256
 """Side of a donor's canonical chip, in pixels."""
