@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from facecloak.cloak import create_cloak
-from facecloak.cloak.base import LEGACY_LEVELS, LEVELS
+from facecloak.cloak.budget import LEGACY_LEVELS, LEVELS
 from facecloak.datasets import list_people
 from facecloak.detect import FaceDetector
 from facecloak.evaluate import EmbeddingCache, PipelineAttacker, cloak_protection, evaluate

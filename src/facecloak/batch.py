@@ -30,13 +30,16 @@ from facecloak.anonymize import Anonymizer
 from facecloak.cloak import Cloak
 from facecloak.cloak.base import StepCallback
 from facecloak.detect import FaceDetector
-from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
+from facecloak.errors import (  # noqa: F401  (EXIT_* re-exported: the exit codes live in errors)
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNPROTECTED,
+    EXIT_USAGE,
+    FacecloakError,
+    ImageWriteError,
+    InvalidInputError,
+)
 from facecloak.faces import Faces
-
-EXIT_OK = 0
-EXIT_UNPROTECTED = 1
-EXIT_USAGE = 2
-EXIT_FAILED = 3
 
 
 @dataclass(frozen=True)

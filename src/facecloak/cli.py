@@ -17,8 +17,15 @@ from pathlib import Path
 import click
 
 from facecloak import __version__
-from facecloak.batch import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE, Options
-from facecloak.errors import FacecloakError, InvalidInputError
+from facecloak.batch import Options
+from facecloak.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNPROTECTED,
+    EXIT_USAGE,
+    FacecloakError,
+    InvalidInputError,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -557,7 +564,7 @@ def _replace_command(paths, donor_bank, donors_per_face, seed, io_values) -> Non
     except DonorBankError as error:
         _fail(error, EXIT_USAGE)
     except FacecloakError as error:
-        _fail(error, EXIT_USAGE if isinstance(error, InvalidInputError) else EXIT_FAILED)
+        _fail(error, error.exit_code)
     spec = ProtectorSpec(
         "replace",
         {
@@ -1011,7 +1018,7 @@ def models_add(  # noqa: D301 - click help keeps the backslash line breaks
             layout=layout,
         )
     except FacecloakError as error:
-        _fail(error, EXIT_USAGE if isinstance(error, InvalidInputError) else EXIT_FAILED)
+        _fail(error, error.exit_code)
     click.echo(
         f"added {card.name}: {card.input_size}px -> {card.embedding_dim}-d, "
         f"{card.distance} < {card.match_threshold}"
@@ -1068,7 +1075,7 @@ def models_calibrate(name, data, far, max_photos, device) -> None:
         model = create_embedder(name, device=device)
         result = calibrate_threshold(model, data, far=far, max_photos=max_photos)
     except FacecloakError as error:
-        _fail(error, EXIT_USAGE if isinstance(error, InvalidInputError) else EXIT_FAILED)
+        _fail(error, error.exit_code)
     save_user_card(replace(card, match_threshold=round(result.threshold, 4)))
     click.echo(f"{result.summary()}\nsaved: {name} now matches below {round(result.threshold, 4)}")
 
@@ -1386,7 +1393,7 @@ def evaluate(
         with _stage_progress(quiet) as progress:
             result = run_evaluation(request, on_progress=progress)
     except FacecloakError as error:
-        _fail(error, EXIT_USAGE if "unknown" in str(error) else EXIT_FAILED)
+        _fail(error, error.exit_code)
     write_json(result, out_dir / "report.json")
     write_html(result, out_dir / "report.html")
     click.echo(summary_table(result))

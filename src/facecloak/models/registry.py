@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from facecloak._device import default_device
-from facecloak.errors import ModelNotFoundError
+from facecloak.errors import ModelNotFoundError, UnknownModelError
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def get_card(name: str) -> FaceModelCard:
 
 def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
-        raise ModelNotFoundError(f"unknown face model {name!r}; known: {', '.join(_REGISTRY)}")
+        raise UnknownModelError(f"unknown face model {name!r}; known: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 
 
