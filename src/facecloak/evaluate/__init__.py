@@ -7,7 +7,8 @@ The package, in the order data flows:
 - `cache`: clean photos' embeddings kept on disk;
 - `uploads`: what an upload site does to a photo;
 - `protect`: the protect phase, running a `facecloak.protection.Protection` per person;
-- `protocol`: `evaluate` (protect -> collect -> score) and its typed `EvaluationRow`s;
+- `protocol`: `evaluate`, in three phases: protect -> collect -> score;
+- `rows`: the typed `EvaluationRow` and `EvaluationResult`, and scoring one row from embeddings;
 - `summary`: image-change, realism and replacement figures of the protect phase;
 - `adaptive`: the fine-tuning adaptive scraper;
 - `requests`: an evaluation from the CLI's names (`run_evaluation`);
@@ -29,7 +30,7 @@ from facecloak.evaluate.metrics import (
     verification_accuracy,
 )
 from facecloak.evaluate.protect import PersonProtector, realism_records
-from facecloak.evaluate.protocol import EvaluationResult, EvaluationRow, ProgressCallback, evaluate
+from facecloak.evaluate.protocol import evaluate
 from facecloak.evaluate.requests import (
     PROTECTION_METHODS,
     EvaluationRequest,
@@ -37,6 +38,7 @@ from facecloak.evaluate.requests import (
     build_protection,
     run_evaluation,
 )
+from facecloak.evaluate.rows import EvaluationResult, EvaluationRow, ProgressCallback
 from facecloak.evaluate.uploads import DEFAULT_UPLOADS, UPLOADS
 
 __all__ = [

@@ -20,10 +20,9 @@ Protocol (Clearview-style scraper: detect, align, embed, nearest neighbour):
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,93 +38,23 @@ from facecloak.evaluate.attackers import Attacker, PipelineAttacker, embed_in_ba
 from facecloak.evaluate.cache import EmbeddingCache, embed_files
 from facecloak.evaluate.metrics import (
     apply_correction,
-    distance_matrix,
     fit_correction,
-    rank_k_hits,
-    tar_at_far,
-    verification_pairs,
 )
 from facecloak.evaluate.protect import PersonProtector
+from facecloak.evaluate.rows import (
+    EvaluationResult,
+    ProgressCallback,
+    add_protected_distances,
+    distance_summary,
+    score_row,
+)
 from facecloak.evaluate.summary import Photos, examples, quality_summary
 from facecloak.evaluate.uploads import ADAPTIVE_UPLOAD, DEFAULT_UPLOADS, UPLOADS
-from facecloak.models.registry import embedding_distance
 from facecloak.protection import Protection
-
-ProgressCallback = Callable[[str, int, int], None]
-"""Called with (stage, done, total)."""
-
-REPORTED_FAR = 1e-3
-"""The false-accept rate each row's true-accept rate is read at (``tar_at_far_1e-3``)."""
 
 ADAPTIVE_PHOTOS_PER_PERSON = 6
 ADAPTIVE_MIN_PHOTOS = 3
 EXAMPLES = 4
-HISTOGRAM_PROBES = 20
-HISTOGRAM_DISTRACTORS = 500
-HISTOGRAM_IMPOSTORS = 2000
-
-
-@dataclass
-class EvaluationRow:
-    """One attacker's figures after one upload transform (and adaptive variant).
-
-    ``to_json`` gives the report's keys: the field names, with ``tar_at_far_1e3`` written as
-    ``tar_at_far_1e-3``, and ``level`` only when set (`run_evaluation` sets it).
-    """
-
-    attacker: str
-    upload: str
-    adaptive: bool | str
-    protected_rank1: float
-    protected_rank5: float
-    control_rank1: float
-    control_rank5: float
-    protection: float
-    tar_at_far_1e3: float
-    far_threshold: float
-    protected_probes: int
-    control_probes: int
-    protected_gallery_faces_found: float
-    gallery_size: int
-    level: str | None = None
-
-    def to_json(self) -> dict:
-        """The row as the JSON report writes it."""
-        data = {}
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if item.name == "level" and value is None:
-                continue
-            data["tar_at_far_1e-3" if item.name == "tar_at_far_1e3" else item.name] = value
-        return data
-
-
-@dataclass
-class EvaluationResult:
-    """Every figure of an evaluation, with the settings that produced it."""
-
-    settings: dict
-    rows: list[EvaluationRow] = field(default_factory=list)
-    quality: dict = field(default_factory=dict)
-    distances: dict = field(default_factory=dict)
-    examples: list[dict] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """JSON-ready (example images are left to the HTML report)."""
-        data = asdict(self)
-        data["rows"] = [row.to_json() for row in self.rows]
-        data["examples"] = [
-            {k: v for k, v in e.items() if k not in ("original", "protected")} for e in self.examples
-        ]
-        return data
-
-    def row(self, attacker: str, upload: str, adaptive: bool | str = False) -> EvaluationRow:
-        """The row of one attacker and upload transform."""
-        for row in self.rows:
-            if row.attacker == attacker and row.upload == upload and row.adaptive == adaptive:
-                return row
-        raise KeyError((attacker, upload, adaptive))
 
 
 @dataclass
@@ -384,8 +313,8 @@ def _score_phase(
     clean_embeddings = embed_in_batches(attacker, clean.images)
     embed_seconds = time.perf_counter() - tick
     embedded = len(collected.probe_paths) + len(clean.images)
-    result.distances[attacker.name] = _distance_summary(
-        attacker, clean_embeddings, probes, collected.probe_labels, clean, distractors
+    result.distances[attacker.name] = distance_summary(
+        attacker, clean_embeddings, probes, collected.probe_labels, clean.labels, distractors
     )
     pairs = collected.adaptive_pairs
     correction, tuned = None, None
@@ -445,83 +374,6 @@ def _score_phase(
             )
         progress(f"uploads ({attacker.name})", u + 1, len(uploads))
     return embed_seconds, embedded
-
-
-def score_row(
-    attacker: Attacker,
-    upload: str,
-    adaptive: bool | str,
-    gallery: Tensor,
-    gallery_ids: Tensor,
-    probes: Tensor,
-    probe_ids: Tensor,
-    is_protected: Tensor,
-    gallery_protected: Tensor,
-) -> EvaluationRow:
-    """One row from embeddings: the gallery starts with the protected people's photos."""
-    metric = attacker.metric
-    ranks = {k: rank_k_hits(gallery, gallery_ids, probes, probe_ids, k, metric) for k in (1, 5)}
-    protected, control = is_protected, ~is_protected
-    genuine, impostor = verification_pairs(
-        gallery, gallery_ids, probes, probe_ids, protected, len(gallery_protected), metric
-    )
-    tar, threshold = tar_at_far(genuine, impostor, REPORTED_FAR)
-    rank1_protected = float(ranks[1][protected].float().mean())
-    has_control = bool(control.any())
-    return EvaluationRow(
-        attacker=attacker.name,
-        upload=upload,
-        adaptive=adaptive,
-        protected_rank1=rank1_protected,
-        protected_rank5=float(ranks[5][protected].float().mean()),
-        control_rank1=float(ranks[1][control].float().mean()) if has_control else math.nan,
-        control_rank5=float(ranks[5][control].float().mean()) if has_control else math.nan,
-        protection=1.0 - rank1_protected,
-        tar_at_far_1e3=tar,
-        far_threshold=threshold,
-        protected_probes=int(protected.sum()),
-        control_probes=int(control.sum()),
-        protected_gallery_faces_found=float((~torch.isnan(gallery_protected).any(1)).float().mean())
-        if len(gallery_protected)
-        else math.nan,
-        gallery_size=len(gallery),
-    )
-
-
-def add_protected_distances(
-    result: EvaluationResult, attacker: Attacker, clean: Tensor, protected: Tensor, upload: str
-) -> None:
-    """Record each protected photo's distance to its own clean version (the protection's displacement)."""
-    distances = embedding_distance(clean, protected, attacker.metric)
-    entry = result.distances.setdefault(attacker.name, {})
-    entry["protected_vs_own_clean"] = [round(float(v), 4) for v in distances if not math.isnan(float(v))]
-    entry["protected_upload"] = upload
-
-
-def _distance_summary(attacker, clean, probes, probe_ids, photos: Photos, distractors) -> dict:
-    """Distances for the histograms: protected-vs-own-clean is filled in later by the caller."""
-    labels = torch.tensor(photos.labels)
-    genuine = []
-    for i in range(len(clean)):
-        same = probe_ids == labels[i]
-        if bool(same.any()):
-            genuine.append(
-                distance_matrix(
-                    torch.nan_to_num(clean[i : i + 1]), torch.nan_to_num(probes[same]), attacker.metric
-                )[0]
-            )
-    genuine_values = torch.cat(genuine) if genuine else torch.zeros(0)
-    impostor = distance_matrix(
-        torch.nan_to_num(probes[:HISTOGRAM_PROBES]),
-        torch.nan_to_num(distractors[:HISTOGRAM_DISTRACTORS]),
-        attacker.metric,
-    ).flatten()
-    return {
-        "metric": attacker.metric,
-        "threshold": attacker.threshold,
-        "clean_genuine": [round(float(v), 4) for v in genuine_values if not math.isnan(float(v))],
-        "impostor": [round(float(v), 4) for v in impostor[:HISTOGRAM_IMPOSTORS]],
-    }
 
 
 def _stage(progress: ProgressCallback, stage: str) -> Callable[[int, int], None]:
