@@ -392,7 +392,7 @@ def detect(paths, threshold, min_face, device, max_pixels, as_json, as_jsonl) ->
     facecloak detect photos/ --json > faces.json
     facecloak detect photos/ --jsonl | head -3
     """
-    from facecloak.batch import detect_files
+    from facecloak.commands import detect_files
 
     options = _options(None, threshold=threshold, min_face=min_face, device=device, max_pixels=max_pixels)
     try:
@@ -502,8 +502,8 @@ def anonymize(
     facecloak anonymize photos/ -o out/ --method replace --donors mybank
     """
     from facecloak.anonymize import Anonymizer
-    from facecloak.batch import AnonymizeFaces
     from facecloak.pipeline import ProtectorSpec
+    from facecloak.protection import AnonymizeFaces
 
     if method == "replace":
         _replace_command(paths, donor_bank, donors_per_face, seed, io_values)
@@ -539,11 +539,11 @@ def anonymize(
 
 def _replace_command(paths, donor_bank, donors_per_face, seed, io_values) -> None:
     """``anonymize --method replace``: load the bank and every available model, run the batch."""
-    from facecloak.batch import ReplaceFaces
     from facecloak.detect import MIN_FACE_PX, FaceDetector
     from facecloak.donors import load_bank
     from facecloak.errors import DonorBankError
     from facecloak.pipeline import ProtectorSpec
+    from facecloak.protection import ReplaceFaces
     from facecloak.replace import REPLACE_MIN_FACE_PX, FaceReplacer
 
     if donor_bank is None:
@@ -732,9 +732,9 @@ def cloak(
     facecloak cloak photos/ -o cloaked/ --level high
     facecloak cloak photos/ -o out/ --mode targeted --identity-key "my secret" --json
     """
-    from facecloak.batch import CloakFaces
     from facecloak.cloak import create_cloak
     from facecloak.pipeline import ProtectorSpec
+    from facecloak.protection import CloakFaces
 
     options = _options(**{k: v for k, v in io_values.items() if k != "ray_address"})
     options = Options(**{**options.__dict__, "chunk": batch_size})
@@ -802,7 +802,7 @@ def embed(paths, model_name, threshold, min_face, device, max_pixels, as_json, a
     facecloak embed photo.jpg --json
     facecloak embed photos/ --jsonl > embeddings.jsonl
     """
-    from facecloak.batch import embed_files
+    from facecloak.commands import embed_files
 
     options = _options(None, threshold=threshold, min_face=min_face, device=device, max_pixels=max_pixels)
     try:
@@ -850,7 +850,7 @@ def verify(first, second, model_name, match_threshold, deprecated_threshold, as_
     facecloak verify me.jpg me_cloaked.jpg
     facecloak verify me.jpg other.jpg --match-threshold 0.5 --json
     """
-    from facecloak.batch import verify_files
+    from facecloak.commands import verify_files
 
     if deprecated_threshold is not None:
         click.echo(

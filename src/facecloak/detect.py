@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facecloak._checks import check_choice, check_images
+from facecloak._checks import check_choice, check_image_list
 from facecloak._device import default_device
 from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.errors import InvalidInputError
@@ -106,9 +106,7 @@ class FaceDetector:
         Returns:
             `Faces` in original pixel coordinates, sorted by image then by score.
         """
-        batch = [images[i] for i in range(images.shape[0])] if isinstance(images, Tensor) else list(images)
-        for i, image in enumerate(batch):
-            check_images(image[None], name=f"images[{i}]")
+        batch = check_image_list(images)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(batch):
             groups[tuple(image.shape[1:])].append(i)

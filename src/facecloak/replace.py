@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from facecloak import io
-from facecloak._checks import check_faces, check_images
+from facecloak._checks import check_faces, check_image_list
 from facecloak.anonymize import blur_faces
 from facecloak.defaults import REDETECT_IOU, VERIFY_JPEG_QUALITY
 from facecloak.detect import FaceDetector
@@ -176,9 +176,7 @@ class FaceReplacer:
 
     def __call__(self, images: Tensor | Sequence[Tensor], faces: Faces) -> ReplaceResult:
         """Replace every face of ``faces`` in ``images`` ((B, 3, H, W) or a list of (3, H, W))."""
-        photos = [images[i] for i in range(images.shape[0])] if isinstance(images, Tensor) else list(images)
-        for i, photo in enumerate(photos):
-            check_images(photo[None], name=f"images[{i}]")
+        photos = check_image_list(images)
         check_faces(faces, len(photos))
         faces = faces.to("cpu")
         records: list[dict] = [dict(record) for record in faces.to_records()]

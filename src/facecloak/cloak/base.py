@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from facecloak import io, quality, transforms
-from facecloak._checks import check_choice, check_faces, check_images
+from facecloak._checks import check_choice, check_faces, check_image_list
 from facecloak.align import affine_scale, model_alignment
 from facecloak.cloak.budget import DSSIM_SAFETY, LEVELS, CloakBudget, enforce_dssim, jnd_map, limit_change
 from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
@@ -213,8 +213,11 @@ class Cloak:
         return f"{type(self).__name__}(models=[{names}], level={self.level!r}, budget={self.budget})"
 
     # -- what subclasses define -------------------------------------------------------------
-    def prepare(self, clean: list[Tensor], faces: Faces) -> None:
-        """Called once per call with the clean embeddings (one (N, D_m) per model)."""
+    def prepare(self, clean: list[Tensor], faces: Faces, identity: str | None = None) -> None:
+        """Called once per call with the clean embeddings (one (N, D_m) per model).
+
+        ``identity`` is the caller's per-person key (None: the cloak's own, if it has one).
+        """
 
     def objective(self, embeddings: list[Tensor], clean: list[Tensor], face_index: Tensor) -> Tensor:
         """(n,) loss to minimise per face, from this draw's (n, D_m) embeddings per model."""
@@ -222,7 +225,12 @@ class Cloak:
 
     # -- the contract -----------------------------------------------------------------------
     def __call__(
-        self, images: Tensor | Sequence[Tensor], faces: Faces, on_step: StepCallback | None = None
+        self,
+        images: Tensor | Sequence[Tensor],
+        faces: Faces,
+        on_step: StepCallback | None = None,
+        *,
+        identity: str | None = None,
     ) -> CloakResult:
         """Cloak every face in ``images``.
 
@@ -230,18 +238,18 @@ class Cloak:
             images: (B, 3, H, W) in [0, 1], or a list of (3, H_i, W_i).
             faces: the faces to cloak, from `facecloak.detect`.
             on_step: optional progress hook, called after every step (see `StepCallback`).
+            identity: the person these photos show, as a key (targeted cloaks pull every photo
+                of one key the same way); None keeps the cloak's own key.
         """
         started = time.perf_counter()
-        photos = [images[i] for i in range(images.shape[0])] if isinstance(images, Tensor) else list(images)
-        for i, photo in enumerate(photos):
-            check_images(photo[None], name=f"images[{i}]")
+        photos = check_image_list(images)
         check_faces(faces, len(photos))
         photos = [photo.to(self.device, torch.float32) for photo in photos]
         faces = faces.to("cpu")
         if len(faces) == 0:
             return self._result(photos, photos, faces, [], torch.zeros(0, dtype=torch.long), started)
         clean = [embed_faces(photos, faces, model) for model in self.models]
-        self.prepare(clean, faces)
+        self.prepare(clean, faces, identity)
         generator = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
         alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         buckets = build_buckets(
