@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from facecloak.cloak import CLOAK_METHODS, LEVELS, TargetedCloak, UntargetedCloak, create_cloak
-from facecloak.cloak.regions import face_regions
+from facecloak.faces import face_regions
 from facecloak.cloak.targeted import key_direction, synthetic_targets
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
