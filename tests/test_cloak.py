@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from facecloak.cloak import CLOAK_METHODS, LEVELS, TargetedCloak, UntargetedCloak, create_cloak
-from facecloak.faces import face_regions
 from facecloak.cloak.targeted import key_direction, synthetic_targets
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces
+from facecloak.faces import Faces, face_regions
 from facecloak.io import read_image
 
 PEOPLE = ("Colin_Powell", "Hugo_Chavez")
