@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 from facecloak.cloak import create_cloak
-from facecloak.cloak.base import LEGACY_LEVELS, LEVELS
+from facecloak.cloak.budget import LEGACY_LEVELS, LEVELS
 from facecloak.datasets import list_people
 from facecloak.detect import FaceDetector
-from facecloak.evaluate import EmbeddingCache, PipelineAttacker, cloak_protection, evaluate
+from facecloak.evaluate import EmbeddingCache, PipelineAttacker, evaluate
 from facecloak.models import create_embedder
+from facecloak.protection import CloakFaces
 
 CONFIGS = {
     "legacy": {"budget": "legacy"},
@@ -127,8 +128,9 @@ def main() -> int:
                 started = time.perf_counter()
                 result = evaluate(
                     root,
-                    cloak_protection(cloak, detector),
+                    CloakFaces(cloak),
                     [PipelineAttacker(model, detector) for model in unseen],
+                    detector=detector,
                     people=chosen,
                     control=args.control,
                     min_photos=10,
@@ -146,9 +148,9 @@ def main() -> int:
                         "config": config,
                         "left_out": left_out.card.name,
                         "cloaked_with": ",".join(m.card.name for m in kept),
-                        "protection": row["protection"],
-                        "protected_probes": row["protected_probes"],
-                        "control_rank1": row["control_rank1"],
+                        "protection": row.protection,
+                        "protected_probes": row.protected_probes,
+                        "control_rank1": row.control_rank1,
                         "displacement_over_threshold": statistics.mean(displacement)
                         / left_out.card.match_threshold
                         if displacement

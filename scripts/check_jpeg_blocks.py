@@ -30,11 +30,11 @@ import torch
 
 from _bench import REPO, data_root, machine, write_json
 from facecloak.anonymize import Anonymizer
-from facecloak.batch import AnonymizeFaces, CloakFaces
 from facecloak.cloak import create_cloak
 from facecloak.detect import FaceDetector
 from facecloak.io import read_image, to_uint8, write_image
 from facecloak.models import create_embedder
+from facecloak.protection import AnonymizeFaces, CloakFaces
 
 REGION_SCALE = 1.3  # the face region the cloak and the anonymisers change, relative to the box
 
@@ -142,7 +142,7 @@ def main() -> None:
             chunk = photos[start : start + args.chunk]
             images = [read_image(path) for path in chunk]
             faces = detector([image.pixels for image in images]).to("cpu")
-            outputs, _ = protector([image.pixels for image in images], faces)
+            outputs = protector.protect([image.pixels for image in images], faces).images
             for k, (path, image) in enumerate(zip(chunk, images)):
                 output = Path(folder) / f"{start + k}_{path.stem}_{protector.tag}.jpg"
                 whole = Path(folder) / f"{start + k}_{path.stem}_q95.jpg"

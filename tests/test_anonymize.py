@@ -11,11 +11,9 @@ from facecloak.anonymize import (
     blur_faces,
     mask_faces,
     pixelate_faces,
-    region_boxes,
-    region_mask,
 )
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces
+from facecloak.faces import Faces, face_regions, region_mask
 from facecloak.io import read_image
 
 
@@ -28,7 +26,7 @@ def group(samples_dir, detector):
 def outside_regions(faces: Faces, height: int, width: int, scale: float = 1.3) -> torch.Tensor:
     """Boolean (H, W): True where no region's bounding box reaches."""
     keep = torch.ones(height, width, dtype=torch.bool)
-    for x1, y1, x2, y2 in region_boxes(faces, scale, height, width).tolist():
+    for x1, y1, x2, y2 in face_regions(faces, scale, (height, width)).tolist():
         keep[int(y1) : int(y2) + 2, int(x1) : int(x2) + 2] = False
     return keep
 
@@ -50,7 +48,7 @@ def test_changes_faces_and_nothing_else(group, method, shape):
 def test_ellipse_leaves_region_corners(group):
     images, faces = group
     out = mask_faces(images, faces, shape="ellipse")
-    x1, y1, x2, y2 = region_boxes(faces, 1.3, *images.shape[-2:])[3].int().tolist()
+    x1, y1, x2, y2 = face_regions(faces, 1.3, tuple(images.shape[-2:]))[3].int().tolist()
     assert torch.equal(out[0, :, y1 + 1, x1 + 1], images[0, :, y1 + 1, x1 + 1])  # corner outside the ellipse
     assert float(out[0, :, (y1 + y2) // 2, (x1 + x2) // 2].abs().max()) == 0.0  # black centre
 

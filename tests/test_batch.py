@@ -7,8 +7,9 @@ import shutil
 import pytest
 
 from facecloak.anonymize import Anonymizer
-from facecloak.batch import AnonymizeFaces, CloakFaces, Options, plan_batch, run_batch
+from facecloak.batch import Options, plan_batch, run_batch
 from facecloak.cloak import create_cloak
+from facecloak.protection import AnonymizeFaces, CloakFaces
 
 
 @pytest.fixture()

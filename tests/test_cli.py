@@ -32,19 +32,19 @@ def runner() -> CliRunner:
 
 @pytest.fixture(scope="module", autouse=True)
 def models_built_once():
-    """Every CLI call builds its face models through `cli._create_model`: build each one once here.
+    """Every CLI call builds its face models through `cli.running.create_model`: build each once here.
 
     The models are frozen (eval, no gradients to their weights), so sharing them between calls
     changes nothing but the time spent loading weights.
     """
     import functools
 
-    import facecloak.cli
+    import facecloak.cli.running
 
-    original = facecloak.cli._create_model
-    facecloak.cli._create_model = functools.lru_cache(maxsize=None)(original)
+    original = facecloak.cli.running.create_model
+    facecloak.cli.running.create_model = functools.lru_cache(maxsize=None)(original)
     yield
-    facecloak.cli._create_model = original
+    facecloak.cli.running.create_model = original
 
 
 @pytest.fixture()
@@ -232,12 +232,12 @@ def test_rerun_skips_existing_outputs_before_any_work(runner, samples_dir, tmp_p
     for name in ("astronaut", "group"):
         (out / f"{name}_cloaked.jpg").write_bytes(b"earlier output")
     import facecloak.batch
-    import facecloak.cli
+    import facecloak.cli.running
 
     def no_work(*args, **kwargs):
         raise AssertionError("a re-run with every output present must not load models or detect faces")
 
-    monkeypatch.setattr(facecloak.cli, "_create_model", no_work)
+    monkeypatch.setattr(facecloak.cli.running, "create_model", no_work)
     monkeypatch.setattr(facecloak.batch, "FaceDetector", no_work)
     photos = [str(samples_dir / "astronaut.jpg"), str(samples_dir / "group.jpg")]
     result = runner.invoke(main, ["cloak", *photos, "-o", str(out)])

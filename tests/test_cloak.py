@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from facecloak.cloak import CLOAK_METHODS, LEVELS, TargetedCloak, UntargetedCloak, create_cloak
-from facecloak.cloak.regions import face_regions
 from facecloak.cloak.targeted import key_direction, synthetic_targets
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces
+from facecloak.faces import Faces, face_regions
 from facecloak.io import read_image
 
 PEOPLE = ("Colin_Powell", "Hugo_Chavez")
@@ -154,13 +153,15 @@ def test_targeted_pulls_toward_its_target(dlib_model, detector, photos, centre_f
 def test_cloak_drops_rank1_for_dlibs_own_pipeline(lfw_dir, dlib_model, detector):
     """End to end on a few people: cloaked, re-encoded as JPEG 75, matched by dlib's C++ pipeline."""
     pytest.importorskip("dlib")
-    from facecloak.evaluate import DlibAttacker, cloak_protection, evaluate
+    from facecloak.evaluate import DlibAttacker, evaluate
+    from facecloak.protection import CloakFaces
 
     cloak = UntargetedCloak([dlib_model], "mid", detector=detector, verify=False)
     result = evaluate(
         lfw_dir / "images",
-        cloak_protection(cloak, detector),
+        CloakFaces(cloak),
         [DlibAttacker()],
+        detector=detector,
         people=["Ian_Thorpe", "Jacques_Rogge", "Richard_Gere"],
         control=3,
         seed=1,
@@ -170,8 +171,8 @@ def test_cloak_drops_rank1_for_dlibs_own_pipeline(lfw_dir, dlib_model, detector)
         max_distractors=150,
     )
     row = result.row("dlib-cpp", "jpeg75")
-    assert row["control_rank1"] >= 0.8  # the attacker works on people who did not cloak
-    assert row["protected_rank1"] <= 0.2  # and fails on those who did
+    assert row.control_rank1 >= 0.8  # the attacker works on people who did not cloak
+    assert row.protected_rank1 <= 0.2  # and fails on those who did
 
 
 def test_perceptual_budget_bounds_every_pixel(photos, mid_result, centre_faces):

@@ -14,14 +14,13 @@ import pytest
 import torch
 
 from facecloak.errors import InvalidInputError, ModelNotFoundError
-from facecloak.models.dlib_format import DlibReader
+from facecloak.models.dlib_format import DlibReader, read_dlib_net
 from facecloak.models.dlib_resnet import (
     DLIB_RESNET_CARD,
     DlibResNet,
     add_prev,
     load_dlib_resnet,
     locate_dlib_resnet_weights,
-    read_dlib_net,
 )
 from facecloak.models.registry import create_embedder, get_card, list_embedders
 

@@ -12,14 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from facecloak.align import align_faces, dlib_chip_from_image, dlib_template_pixels, estimate_similarity
+from facecloak.align import align_faces, dlib_chip_from_image, estimate_similarity
 from facecloak.errors import InvalidInputError, ModelNotFoundError
 from facecloak.io import read_image, to_uint8
-from facecloak.models.dlib_resnet import (
-    DLIB_5POINT_TEMPLATE,
-    DLIB_CHIP_TEMPLATE_150,
-    locate_dlib_resnet_weights,
-)
+from facecloak.models.dlib_resnet import locate_dlib_resnet_weights
 from facecloak.models.dlib_shape import (
     MTCNN_TO_DLIB_BOX,
     ShapePredictor,
@@ -29,6 +25,7 @@ from facecloak.models.dlib_shape import (
     locate_shape_predictor,
     mtcnn_box_to_dlib,
 )
+from facecloak.models.templates import DLIB_5POINT_TEMPLATE, DLIB_CHIP_TEMPLATE_150, dlib_template_pixels
 
 NUM_LFW_FACES = 100
 HOG_UPSAMPLE = 1  # as face_recognition does
@@ -192,7 +189,7 @@ def test_mtcnn_boxes_land_near_dlibs_landmarks(predictor, lfw_faces):
     Measured on these 100 faces: mean 0.64 px, 95th percentile 1.3 px, worst 14 px (two faces
     whose MTCNN box is a quarter smaller or shifted against HOG's); unmapped MTCNN boxes 1.17 px.
     dlib's rounding to whole pixels alone accounts for 0.38 px on average.
-    (scripts/fit_dlib_box_mapping.py on 396 other faces: 0.53 px mean.)
+    (scripts/calibrate/fit_dlib_box_mapping.py on 396 other faces: 0.53 px mean.)
     """
     mapped, unmapped = [], []
     for face in lfw_faces:

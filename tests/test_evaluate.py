@@ -1,11 +1,10 @@
-"""The evaluator: pure metrics, the protocol vs a direct computation, the adaptive attacker, the report."""
+"""The evaluator's protocol vs a direct computation, the adaptive attacker, the report."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import math
 import re
 
 import pytest
@@ -23,11 +22,9 @@ from facecloak.evaluate import (
     evaluate,
     fit_correction,
     rank_k_hit_rate,
-    rank_k_hits,
-    tar_at_far,
-    verification_accuracy,
 )
 from facecloak.io import read_image
+from facecloak.protection import ProtectionResult
 from facecloak.report import render_html, summary_table
 
 PEOPLE = ["Ian_Thorpe", "Jacques_Rogge", "Richard_Gere", "Paul_Wolfowitz"]
@@ -38,37 +35,17 @@ def attacker(detector, dlib_resnet):
     return PipelineAttacker(dlib_resnet, detector)
 
 
-# -- pure metrics -------------------------------------------------------------------------------
+class MirrorPhotos:
+    """A `facecloak.protection.Protection` that mirrors each photo: no protection at all."""
 
+    kind = "mirror"
+    tag = "mirror"
+    steps = 0
+    aim = None
 
-def test_rank_k_on_a_hand_made_gallery():
-    gallery = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [float("nan"), 0.0]])
-    ids = torch.tensor([1, 2, 3, 4])
-    probes = torch.tensor([[0.9, 0.0], [0.1, 0.8], [0.0, 0.0], [float("nan"), 1.0]])
-    probe_ids = torch.tensor([2, 1, 4, 3])
-    assert rank_k_hits(gallery, ids, probes, probe_ids, k=1).tolist() == [True, False, False, False]
-    assert rank_k_hits(gallery, ids, probes, probe_ids, k=2).tolist() == [True, True, False, False]
-    assert float(rank_k_hit_rate(gallery, ids, probes, probe_ids, k=1)) == 0.25
-    cosine = distance_matrix(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0], [3.0, 0.0]]), "cosine")
-    assert torch.allclose(cosine, torch.tensor([[1.0, 0.0]]))
-
-
-def test_tar_at_far():
-    impostor = torch.linspace(0.5, 1.5, 1000)
-    genuine = torch.tensor([0.1, 0.2, 0.49, 0.6, float("nan")])  # NaN: face not found, never accepted
-    tar, threshold = tar_at_far(genuine, impostor, far=1e-3)
-    assert math.isclose(threshold, float(impostor[1]), rel_tol=1e-6)
-    assert tar == pytest.approx(3 / 5)
-
-
-def test_verification_accuracy_picks_thresholds_on_other_folds():
-    distances = torch.tensor([0.1, 0.2, 0.9, 0.8] * 3 + [0.3, float("nan"), 0.7, 0.95])
-    same = torch.tensor([True, True, False, False] * 4)
-    folds = torch.arange(16) // 4
-    result = verification_accuracy(distances, same, folds)
-    assert result["fold_accuracies"][:3] == [1.0, 1.0, 1.0]
-    assert result["fold_accuracies"][3] == 0.75  # the NaN pair counts as wrong
-    assert result["pairs_with_missing_face"] == 1
+    def protect(self, images, faces, *, identity=None, on_step=None) -> ProtectionResult:
+        records = [{"protected": False} for _ in range(len(faces))]
+        return ProtectionResult([p.flip(-1) for p in images], records, tuple(faces.image_index.tolist()))
 
 
 def test_correction_undoes_a_linear_distortion_of_real_embeddings(lfw_dir, attacker):
@@ -97,9 +74,8 @@ def test_correction_undoes_a_linear_distortion_of_real_embeddings(lfw_dir, attac
 def test_rank1_matches_a_direct_nearest_neighbour(lfw_dir, attacker):
     result = evaluate(
         lfw_dir / "images",
-        lambda photos, paths, person: (photos, [{} for _ in photos]),
+        None,
         [attacker],
-        method="none",
         people=PEOPLE,
         control=0,
         uploads=("none",),
@@ -117,8 +93,8 @@ def test_rank1_matches_a_direct_nearest_neighbour(lfw_dir, attacker):
     nearest = torch.tensor(gallery_ids)[distances.argmin(dim=1)]
     direct = float((nearest == torch.tensor(probe_ids)).float().mean())
     row = result.row("dlib-resnet", "none")
-    assert row["protected_rank1"] == pytest.approx(direct)
-    assert row["protection"] == pytest.approx(1 - direct)
+    assert row.protected_rank1 == pytest.approx(direct)
+    assert row.protection == pytest.approx(1 - direct)
 
 
 def test_split_is_seeded_and_disjoint(lfw_dir):
@@ -183,9 +159,9 @@ def test_cli_blur_with_adaptive_row_and_report(lfw_dir, tmp_path):
 def test_summary_table_and_html_render_without_matplotlib_data(lfw_dir, attacker):
     result = evaluate(
         lfw_dir / "images",
-        lambda photos, paths, person: ([p.flip(-1) for p in photos], [{} for _ in photos]),
+        MirrorPhotos(),
         [attacker],
-        method="mirror",
+        detector=attacker.detector,
         people=PEOPLE[:2],
         control=2,
         uploads=("none",),
@@ -193,7 +169,8 @@ def test_summary_table_and_html_render_without_matplotlib_data(lfw_dir, attacker
     )
     text = summary_table(result)
     assert "dlib-resnet" in text and "protection" in text
-    assert result.row("dlib-resnet", "none")["protection"] <= 0.5  # mirroring is no protection
+    assert result.settings["method"] == "mirror"
+    assert result.row("dlib-resnet", "none").protection <= 0.5  # mirroring is no protection
     assert "<table>" in render_html(result)
     assert json.dumps(result.to_dict(), default=str)
 
@@ -201,7 +178,7 @@ def test_summary_table_and_html_render_without_matplotlib_data(lfw_dir, attacker
 def test_finetuned_attacker_learns_to_undo_a_distortion(lfw_dir, attacker):
     """FaceCure-style fine-tuning of the last block pulls distorted faces back, keeps clean ones put."""
     from facecloak import transforms
-    from facecloak.adaptive import finetune_model, last_block
+    from facecloak.evaluate.adaptive import finetune_model, last_block
 
     people = [p for p in list_people(lfw_dir / "images") if len(p.photos) >= 10][:7]
     photos = [read_image(path).pixels for p in people for path in p.photos[:4]]

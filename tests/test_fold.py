@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from facecloak.models.fold import fold_fx_batch_norm
-from facecloak.models.mxnet_import import load_mxnet_model
+from facecloak.models.mxnet import load_mxnet_model
 
 
 def randomise_statistics(*norms: nn.Module) -> None:
@@ -86,7 +86,7 @@ def test_hse_onnx_fold(tmp_path):
     """The HSE MobileNet (BatchNorm frozen as Mul and Add after each depthwise conv), if present."""
     pytest.importorskip("onnx2torch")
     from conftest import models_root
-    from facecloak.models.plugins import load_network
+    from facecloak.models.loaders import load_network
 
     path = models_root() / "hse-mobilenet-vggface2" / "hse_mobilenet_vggface2.onnx"
     if not path.is_file():

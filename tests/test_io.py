@@ -161,6 +161,18 @@ class TestHostile:
         with pytest.raises(ImageReadError, match="2,000"):
             read_image(samples_dir / "astronaut.jpg")
 
+    def test_pil_guard_is_restored_after_a_read(self, samples_dir, tmp_path):
+        """PIL's process-wide limits are raised for a read only, and never set at import."""
+        from PIL import ImageFile
+
+        before = Image.MAX_IMAGE_PIXELS
+        read_image(samples_dir / "astronaut.jpg", max_pixels=10 * (before or 1))
+        png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+        with pytest.raises(ImageReadError):
+            read_image(tmp_path / "bomb.png", max_pixels=10 * (before or 1))
+        assert Image.MAX_IMAGE_PIXELS == before
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
     def test_directory_with_image_name(self, tmp_path):
         (tmp_path / "folder.jpg").mkdir()
         with pytest.raises(ImageReadError, match="not a regular file"):

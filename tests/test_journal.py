@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from facecloak.anonymize import Anonymizer
-from facecloak.batch import AnonymizeFaces, Options
+from facecloak.batch import Options
 from facecloak.errors import ImageReadError
 from facecloak.io import read_image
 from facecloak.journal import JOURNAL_NAME, Journal, JournalError, read_journal
 from facecloak.pipeline import run_resumable_batch
+from facecloak.protection import AnonymizeFaces
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import torch
 from PIL import Image, ImageCms
 
 from facecloak.anonymize import anonymize_faces
-from facecloak.batch import CloakFaces
 from facecloak.cloak import create_cloak
 from facecloak.io import encode_image, read_image, read_image_bytes, to_uint8, write_image
 from facecloak.jpeg_blocks import BlocksUnavailable, changed_mcus, splice_jpeg
+from facecloak.protection import CloakFaces
 
 jpeglib = pytest.importorskip("jpeglib", reason="jpeglib (JPEG block editing) is not installed here")
 
@@ -112,7 +112,7 @@ def test_cloaked_jpeg_differs_only_in_the_face_blocks(samples_dir, detector, dli
     image = read_image(samples_dir / "astronaut.jpg")
     faces = detector([image.pixels])
     cloak = CloakFaces(create_cloak("untargeted", [dlib_resnet], "mid", steps=3, detector=detector))
-    outputs, _ = cloak([image.pixels], faces)
+    outputs = cloak.protect([image.pixels], faces).images
     info: dict = {}
     write_image(tmp_path / "astronaut_cloaked.jpg", outputs[0], source=image, info=info)
     before, after = decoded(samples_dir / "astronaut.jpg"), decoded(tmp_path / "astronaut_cloaked.jpg")

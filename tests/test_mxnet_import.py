@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from facecloak.errors import InvalidInputError, ModelNotFoundError
-from facecloak.models.mxnet_import import MXNetGraph, load_mxnet_model, read_mxnet_params
+from facecloak.models.mxnet import MXNetGraph, load_mxnet_model, read_mxnet_params
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("FACECLOAK_MODELS", REPO.parent / "shared" / "models"))

@@ -13,8 +13,10 @@ from facecloak.datasets import read_lfw_pairs
 from facecloak.errors import InvalidInputError, ModelNotFoundError
 from facecloak.evaluate import PipelineAttacker, lfw_verification
 from facecloak.models import create_embedder, get_card, list_embedders
-from facecloak.models.plugins import add_user_model, load_model_file, remove_user_model, template_for
+from facecloak.models.plugins import load_model_file
 from facecloak.models.registry import _REGISTRY
+from facecloak.models.templates import template_for
+from facecloak.models.user_models import add_user_model, remove_user_model
 
 MOBILEFACE_SYMBOL = "MobileFace_Identification_V2-symbol.json"
 

@@ -333,11 +333,12 @@ def test_bank_folder_accepts_names_and_paths(data_home, tmp_path):
 
 
 def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detector, targets):
-    from facecloak.evaluate import PipelineAttacker, replace_protection
+    from facecloak.evaluate import PersonProtector, PipelineAttacker
+    from facecloak.protection import ReplaceFaces
 
     images, _ = targets
     replacer = FaceReplacer(bank, models, detector=detector)
-    protect = replace_protection(replacer, detector, [PipelineAttacker(models[0], detector)])
+    protect = PersonProtector(ReplaceFaces(replacer), detector, [PipelineAttacker(models[0], detector)])
     outputs, records = protect(images[:2], [Path("a.jpg"), Path("b.jpg")], "someone")
     assert len(outputs) == 2 and len(records) == 2
     for record in records:

@@ -36,3 +36,22 @@ def check_choice(value: str, choices: tuple[str, ...] | list[str], name: str) ->
     if value not in choices:
         raise InvalidInputError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
     return value
+
+
+def check_image_list(images: object, name: str = "images") -> list[Tensor]:
+    """Check a (B, 3, H, W) batch or a sequence of (3, H_i, W_i) images; return them as a list.
+
+    The one entry check of every stage that takes photos of different sizes together (detector,
+    cloak, replacer, `facecloak.protection`), so each accepts ``Tensor | Sequence[Tensor]`` alike.
+    """
+    if isinstance(images, Tensor):
+        check_images(images, name)
+        return [images[i] for i in range(images.shape[0])]
+    if isinstance(images, (str, bytes)) or not hasattr(images, "__len__"):
+        raise InvalidInputError(f"{name} must be a (B, 3, H, W) tensor or a list of (3, H, W) tensors")
+    photos = list(images)
+    for i, photo in enumerate(photos):
+        if not isinstance(photo, Tensor):
+            raise InvalidInputError(f"{name}[{i}] must be a torch.Tensor, got {type(photo).__name__}")
+        check_images(photo[None], name=f"{name}[{i}]")
+    return photos

@@ -20,13 +20,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from facecloak._checks import check_images
 from facecloak.errors import InvalidInputError
-
-DLIB_PADDING = 0.25
-"""dlib's default chip padding (`get_face_chip`): the template occupies the middle 1/1.5 of the chip."""
+from facecloak.faces import Faces
+from facecloak.landmarks import model_landmarks
+from facecloak.models.registry import FaceModelCard
 
 
 def estimate_similarity(points: Tensor, template: Tensor) -> Tensor:
@@ -107,12 +107,7 @@ def dlib_chip_from_image(points: Tensor, template: Tensor, size: int) -> Tensor:
     return invert_affine(image_from_chip)
 
 
-def dlib_template_pixels(template_units: Tensor, size: int, padding: float = DLIB_PADDING) -> Tensor:
-    """Dlib's template in chip units -> chip pixels for a chip of ``size`` with ``padding``."""
-    return (padding + template_units) / (1.0 + 2.0 * padding) * size
-
-
-def _pool_factor(scale: float) -> int:
+def pool_factor(scale: float) -> int:
     """Integer area-averaging factor so that at most about one image pixel feeds each chip pixel."""
     return max(1, int(math.floor(1.0 / max(scale, 1e-6))))
 
@@ -213,7 +208,7 @@ def align_faces(
     if len(chip_from_image) == 0:
         return images.new_zeros(0, 3, size, size)
     matrices = chip_from_image.to(images)
-    factors = [_pool_factor(s) if antialias else 1 for s in affine_scale(matrices).tolist()]
+    factors = [pool_factor(s) if antialias else 1 for s in affine_scale(matrices).tolist()]
     boxes = chip_footprint(matrices, size, margin=2.0 * max(factors)).long().tolist()
     height, width = images.shape[-2:]
     chips = []
@@ -271,7 +266,7 @@ def box_chip_from_image(boxes: Tensor, image_sizes: Tensor, size: int, margin: f
     ).float()
 
 
-def model_alignment(images: Tensor | Sequence[Tensor], faces, card) -> Tensor:
+def model_alignment(images: Tensor | Sequence[Tensor], faces: Faces, card: FaceModelCard) -> Tensor:
     """(N, 2, 3) chip_from_image of every face, as ``card`` aligns it.
 
     The one place that knows a model's alignment end to end: landmark-based ("similarity",
@@ -284,39 +279,12 @@ def model_alignment(images: Tensor | Sequence[Tensor], faces, card) -> Tensor:
         ).view(-1, 2)
         margin = float(card.extra.get("margin", 0.0))
         return box_chip_from_image(faces.boxes.float().cpu(), sizes, card.input_size, margin)
-    from facecloak.landmarks import model_landmarks  # landmarks -> models -> align: import late
-
     return chip_from_landmarks(model_landmarks(images, faces, card), card)
 
 
-def chip_from_landmarks(points: Tensor, card) -> Tensor:
+def chip_from_landmarks(points: Tensor, card: FaceModelCard) -> Tensor:
     """(N, 2, 3) chip_from_image for a model's card from its (N, 5, 2) landmarks (`facecloak.landmarks`)."""
     template = torch.tensor(card.template, dtype=torch.float64)
     if card.alignment == "dlib":
         return dlib_chip_from_image(points.double(), template, card.input_size).float()
     return estimate_similarity(points.double(), template).float()
-
-
-class FaceAligner(nn.Module):
-    """Aligns faces to a model's template: ``forward(images, landmarks, image_index) -> chips``.
-
-    Args:
-        template: (5, 2) landmark positions in chip pixels (from the model's card).
-        size: chip side in pixels.
-    """
-
-    def __init__(self, template: Tensor | tuple, size: int) -> None:
-        super().__init__()
-        self.register_buffer("template", torch.as_tensor(template, dtype=torch.float32))
-        self.size = int(size)
-
-    def __repr__(self) -> str:
-        return f"FaceAligner(size={self.size})"
-
-    def chip_from_image(self, landmarks: Tensor) -> Tensor:
-        """(N, 5, 2) image landmarks -> (N, 2, 3) chip_from_image."""
-        return estimate_similarity(landmarks.to(self.template), self.template)
-
-    def forward(self, images: Tensor, landmarks: Tensor, image_index: Tensor) -> Tensor:
-        """Aligned chips (N, 3, size, size) for faces with (N, 5, 2) landmarks."""
-        return align_faces(images, self.chip_from_image(landmarks), image_index, self.size)

@@ -16,55 +16,12 @@ from torch import Tensor, nn
 
 from facecloak import transforms
 from facecloak._checks import check_choice, check_faces, check_images
+from facecloak.defaults import REGION_SCALE
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces
+from facecloak.faces import Faces, face_regions, region_mask
 
 METHODS = ("blur", "pixelate", "mask", "replace")
 SHAPES = ("ellipse", "box")
-
-
-def region_boxes(faces: Faces, scale: float, height: int, width: int) -> Tensor:
-    """(N, 4) float ``x1, y1, x2, y2`` of each face's region: its box scaled by ``scale``, clipped."""
-    centre = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
-    half = (faces.boxes[:, 2:] - faces.boxes[:, :2]) / 2 * scale
-    boxes = torch.cat([centre - half, centre + half], dim=1)
-    limits = torch.tensor([width - 1, height - 1] * 2, dtype=boxes.dtype, device=boxes.device)
-    return torch.minimum(boxes.clamp_min(0), limits)
-
-
-def region_mask(box: Tensor, x0: int, y0: int, height: int, width: int, shape: str, feather: float) -> Tensor:
-    """(1, height, width) soft mask of one region, for the crop whose top-left is ``(x0, y0)``.
-
-    1 well inside, falling to exactly 0 at the region's edge over ``feather`` (a fraction of the
-    region's half-size), 0 outside.
-    """
-    ys = torch.arange(y0, y0 + height, dtype=box.dtype, device=box.device)[:, None]
-    xs = torch.arange(x0, x0 + width, dtype=box.dtype, device=box.device)[None, :]
-    centre_x, centre_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    half_w = ((box[2] - box[0]) / 2).clamp_min(0.5)
-    half_h = ((box[3] - box[1]) / 2).clamp_min(0.5)
-    dx, dy = (xs - centre_x) / half_w, (ys - centre_y) / half_h
-    radius = torch.sqrt(dx * dx + dy * dy) if shape == "ellipse" else torch.maximum(dx.abs(), dy.abs())
-    if feather <= 0:
-        mask = (radius < 1).to(box.dtype)
-    else:
-        mask = ((1 - radius) / feather).clamp(0, 1)
-    return mask[None]
-
-
-def gaussian_blur(crop: Tensor, sigma: float) -> Tensor:
-    """Gaussian blur of (1, C, H, W) with reflect padding; large sigmas blur a downscaled copy.
-
-    A strong blur has no fine detail left, so blurring at 1/k resolution and upsampling is the same
-    picture at a fraction of the cost (a 1000 px face needs sigma ~150 px).
-    """
-    height, width = crop.shape[-2:]
-    factor = max(1, int(sigma // 3))
-    small = F.interpolate(crop, scale_factor=1 / factor, mode="area") if factor > 1 else crop
-    small = transforms.gaussian_blur(small, sigma / factor)
-    if factor > 1:
-        small = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
-    return small
 
 
 def _apply_per_face(
@@ -78,7 +35,7 @@ def _apply_per_face(
         raise InvalidInputError("scale must be > 0 and feather in [0, 1]")
     output = images.clone()
     height, width = images.shape[-2:]
-    regions = region_boxes(faces.to(images.device), scale, height, width)
+    regions = face_regions(faces.to(images.device), scale, (height, width))
     for n, image_index in enumerate(faces.image_index.tolist()):
         box = regions[n]
         x0, y0 = int(math.floor(float(box[0]))), int(math.floor(float(box[1])))
@@ -99,7 +56,7 @@ def blur_faces(
     faces: Faces,
     *,
     strength: float = 0.25,
-    scale: float = 1.3,
+    scale: float = REGION_SCALE,
     shape: str = "ellipse",
     feather: float = 0.15,
 ) -> Tensor:
@@ -122,9 +79,10 @@ def blur_faces(
     """
     if strength <= 0:
         raise InvalidInputError(f"strength must be > 0, got {strength}")
-    return _apply_per_face(
-        images, faces, scale, shape, feather, lambda crop, side: gaussian_blur(crop, strength * side)
-    )
+    def blur(crop: Tensor, side: float) -> Tensor:
+        return transforms.downscaled_gaussian_blur(crop, strength * side)
+
+    return _apply_per_face(images, faces, scale, shape, feather, blur)
 
 
 def pixelate_faces(
@@ -132,7 +90,7 @@ def pixelate_faces(
     faces: Faces,
     *,
     blocks: int = 8,
-    scale: float = 1.3,
+    scale: float = REGION_SCALE,
     shape: str = "ellipse",
     feather: float = 0.0,
 ) -> Tensor:
@@ -159,7 +117,7 @@ def mask_faces(
     faces: Faces,
     *,
     color: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    scale: float = 1.3,
+    scale: float = REGION_SCALE,
     shape: str = "ellipse",
     feather: float = 0.0,
 ) -> Tensor:

@@ -2,8 +2,8 @@
 
 Layered like black: `plan_batch` decides every output path before any work (an input whose
 output exists is skipped unless ``overwrite``; a missing or unreadable path is one file's
-error, not the batch's); a `Protector` turns a list of decoded images and their `Faces` into
-output images and per-face records; `run_batch` detects every face first (so the totals are
+error, not the batch's); a `facecloak.protection.Protection` turns a list of decoded images and
+their `Faces` into output images and per-face records; `run_batch` detects every face first (so the totals are
 known), then protects the photos in chunks, catching each file's `FacecloakError` so one bad
 file never stops the batch, and reports progress as `ProgressEvent`s; `BatchReport` counts
 outcomes, derives the exit code and renders the summary. The CLI only parses options, calls
@@ -17,26 +17,26 @@ all; 2 usage error (from the CLI); 3 some file failed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from facecloak import io
-from facecloak.anonymize import Anonymizer
-from facecloak.cloak import Cloak
-from facecloak.cloak.base import StepCallback
 from facecloak.detect import FaceDetector
-from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
+from facecloak.errors import (  # noqa: F401  (EXIT_* re-exported: the exit codes live in errors)
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNPROTECTED,
+    EXIT_USAGE,
+    FacecloakError,
+    ImageWriteError,
+    InvalidInputError,
+)
 from facecloak.faces import Faces
-
-EXIT_OK = 0
-EXIT_UNPROTECTED = 1
-EXIT_USAGE = 2
-EXIT_FAILED = 3
+from facecloak.protection import Protection
 
 
 @dataclass(frozen=True)
@@ -68,23 +68,6 @@ class Options:
     device: str | None = None
     chunk: int = 8
     jpeg_quality: int | None = None
-
-
-class Protector(Protocol):
-    """What a batch runs: anonymise or cloak the faces of a list of images.
-
-    A protector that optimises (a cloak) sets ``steps`` (most steps per face) and accepts an
-    ``on_step`` keyword, called after every step; others set ``steps = 0`` and ignore it.
-    """
-
-    tag: str  # output name suffix, e.g. "cloaked", "blur"
-    steps: int
-
-    def __call__(
-        self, images: list[Tensor], faces: Faces, *, on_step: StepCallback | None = None
-    ) -> tuple[list[Tensor], list[dict]]:
-        """Return one output per image and one record per face (with a bool ``protected``)."""
-        ...
 
 
 @dataclass
@@ -386,7 +369,7 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 def run_batch(
     paths: Sequence[str | Path],
-    protector: Protector | None,
+    protection: Protection | None,
     options: Options,
     *,
     detector: FaceDetector | None = None,
@@ -403,22 +386,22 @@ def run_batch(
 
     Args:
         paths: files and folders (walked recursively).
-        protector: what to do with the faces (an anonymiser or a cloak); may be None when
+        protection: what to do with the faces (an anonymiser or a cloak); may be None when
             ``plan`` has nothing to do (so a re-run loads no model).
         options: file and detection settings.
         detector: a ready detector (default: built from ``options``).
         command: name shown in the summary.
         on_progress: called with a `ProgressEvent` at each stage, step and finished file.
-        plan: a plan made beforehand with `plan_batch` (default: made here, with ``protector.tag``).
+        plan: a plan made beforehand with `plan_batch` (default: made here, with ``protection.tag``).
     """
     started = time.perf_counter()
     if plan is None:
-        if protector is None:
-            raise InvalidInputError("run_batch needs a protector or a plan")
-        plan = plan_batch(paths, protector.tag, options)
-    tracker = _Tracker(plan, protector, on_progress, started)
+        if protection is None:
+            raise InvalidInputError("run_batch needs a protection or a plan")
+        plan = plan_batch(paths, protection.tag, options)
+    tracker = _Tracker(plan, protection, on_progress, started)
     report = BatchReport(
-        command or (protector.tag if protector else "batch"),
+        command or (protection.tag if protection else "batch"),
         asdict(options),
         skipped=[(str(p), r) for p, r in plan.not_images],
         inputs=plan.inputs,
@@ -430,8 +413,8 @@ def run_batch(
     for outcome in report.outcomes:
         tracker.finish(outcome)
     if plan.todo:
-        if protector is None:
-            raise InvalidInputError("run_batch has photos to protect but no protector")
+        if protection is None:
+            raise InvalidInputError("run_batch has photos to protect but no protection")
         if detector is None:
             tracker.emit("load")
             detector = FaceDetector(
@@ -446,7 +429,7 @@ def run_batch(
         for start in range(0, len(ready), max(1, options.chunk)):
             chunk = ready[start : start + max(1, options.chunk)]
             report.outcomes += _protect_chunk(
-                [plan.todo[i] for i in chunk], [found[i] for i in chunk], protector, options, tracker
+                [plan.todo[i] for i in chunk], [found[i] for i in chunk], protection, options, tracker
             )
     order = {path: k for k, path in enumerate(plan.order)}
     report.outcomes.sort(key=lambda outcome: order.get(outcome.path, len(order)))
@@ -458,15 +441,19 @@ class _Tracker:
     """Counts finished files and faces, estimates the time left, and sends `ProgressEvent`s."""
 
     def __init__(
-        self, plan: BatchPlan, protector: Protector | None, callback: ProgressCallback | None, started: float
+        self,
+        plan: BatchPlan,
+        protection: Protection | None,
+        callback: ProgressCallback | None,
+        started: float,
     ) -> None:
         self.callback = callback
         self.files_total = len(plan.todo) + len(plan.existing) + len(plan.failed)
         self.files_done = 0
         self.faces_total: int | None = None
         self.faces_done = 0
-        self.steps = int(getattr(protector, "steps", 0) or 0)
-        self.aim = getattr(protector, "aim", None)
+        self.steps = protection.steps if protection is not None else 0
+        self.aim = protection.aim if protection is not None else None
         self.work_total = 0.0  # detection counts 1 per photo; each face `steps` more (1 if none)
         self.work_done = 0.0
         self.work_started: float | None = None
@@ -539,7 +526,7 @@ def _detect_all(
 def _protect_chunk(
     todo: list[tuple[io.ImageJob, Path]],
     found: list[Faces],
-    protector: Protector,
+    protection: Protection,
     options: Options,
     tracker: _Tracker,
 ) -> list[FileOutcome]:
@@ -575,17 +562,14 @@ def _protect_chunk(
         tracker.emit(stage, current=names, step=step, steps=steps, distance=distance, aim=tracker.aim)
 
     pixels = [image.pixels for _, _, image, _ in loaded]
-    if getattr(protector, "steps", 0):
-        outputs, records = protector(pixels, faces, on_step=on_step)
-    else:
-        outputs, records = protector(pixels, faces)
+    result = protection.protect(pixels, faces, on_step=on_step)
     tracker.faces_done = faces_before + face_count
     tracker.work_done = work_before + len(loaded) + face_count * tracker.face_work()
     seconds = (time.perf_counter() - started) / len(loaded)
-    indices = faces.image_index.tolist()
     for k, (job, target, image, _) in enumerate(loaded):
-        face_records = [record for record, index in zip(records, indices) if index == k]
-        outcome = _write_output(job.path, image, outputs[k], target, face_records, options, seconds)
+        outcome = _write_output(
+            job.path, image, result.images[k], target, result.records_for(k), options, seconds
+        )
         tracker.finish(outcome)
         outcomes.append(outcome)
     return outcomes
@@ -623,235 +607,3 @@ def _write_output(
     return FileOutcome(
         str(path), status, output=str(target), faces=face_records, seconds=round(seconds, 3), written=written
     )
-
-
-READ_CHUNK_FILES = 32
-"""Files `detect` and `embed` decode and detect together (MTCNN batches across photos)."""
-
-READ_CHUNK_PIXELS = 64_000_000
-"""...or fewer, once their pixels add up to this (about 770 MB as float32): bounds memory."""
-
-
-def _faces_per_chunk(
-    paths: Sequence[str | Path], options: Options, detector: FaceDetector | None
-) -> Iterator[list[tuple[Path, io.LoadedImage | None, Faces | None, str | None]]]:
-    """Yield chunks of (path, image, faces, error), one entry per file, detected together.
-
-    Files are decoded until `READ_CHUNK_FILES` or `READ_CHUNK_PIXELS` is reached, then the
-    chunk goes through the detector in one call; a file that fails to read has its error set.
-    """
-    jobs, _ = io.collect_images(paths)
-    detector = detector or FaceDetector(
-        min_score=options.min_score, min_size=options.min_size, device=options.device
-    )
-    chunk: list[tuple[Path, io.LoadedImage | None, str | None]] = []
-    pixels = 0
-    for position, job in enumerate(jobs):
-        try:
-            image = io.read_image(job.path, max_pixels=options.max_pixels)
-            chunk.append((job.path, image, None))
-            pixels += image.pixels.shape[1] * image.pixels.shape[2]
-        except FacecloakError as error:
-            chunk.append((job.path, None, str(error)))
-        if len(chunk) >= READ_CHUNK_FILES or pixels >= READ_CHUNK_PIXELS or position == len(jobs) - 1:
-            loaded = [image for _, image, _ in chunk if image is not None]
-            with torch.no_grad():
-                faces = detector([image.pixels for image in loaded]) if loaded else Faces.empty()
-            per_image = iter(range(len(loaded)))
-            yield [
-                (path, image, None if image is None else faces.for_image(next(per_image)), error)
-                for path, image, error in chunk
-            ]
-            chunk, pixels = [], 0
-
-
-def _faces_per_file(paths: Sequence[str | Path], options: Options, detector: FaceDetector | None):
-    """Yield (path, image, faces, error) for every image under ``paths`` (detected in chunks)."""
-    for chunk in _faces_per_chunk(paths, options, detector):
-        yield from chunk
-
-
-def detect_files(
-    paths: Sequence[str | Path], options: Options, *, detector: FaceDetector | None = None
-) -> list[dict]:
-    """Faces per image for ``facecloak detect``: one dict per file (``faces`` or ``error``)."""
-    results = []
-    for path, image, faces, error in _faces_per_file(paths, options, detector):
-        if error:
-            results.append({"path": str(path), "error": error})
-            continue
-        width, height = image.size
-        results.append({"path": str(path), "width": width, "height": height, "faces": faces.to_records()})
-    return results
-
-
-class AnonymizeFaces:
-    """Protector that anonymises every face (see `facecloak.anonymize`).
-
-    Its outputs are tagged by method (``photo_blur.jpg``, ``photo_pixelate.jpg``,
-    ``photo_mask.jpg``), so runs of different methods into one folder do not collide.
-    """
-
-    steps = 0
-
-    def __init__(self, anonymizer: Anonymizer) -> None:
-        self.anonymizer = anonymizer
-        self.tag = anonymizer.method
-
-    def __repr__(self) -> str:
-        return f"AnonymizeFaces({self.anonymizer!r})"
-
-    def __call__(
-        self, images: list[Tensor], faces: Faces, *, on_step: StepCallback | None = None
-    ) -> tuple[list[Tensor], list[dict]]:
-        """Anonymise each image's faces; every face found counts as protected."""
-        outputs = []
-        for k, image in enumerate(images):
-            mine = faces.for_image(k)
-            outputs.append(self.anonymizer(image[None], mine.to(image.device))[0] if len(mine) else image)
-        records = [
-            dict(record, protected=True, method=self.anonymizer.method) for record in faces.to_records()
-        ]
-        return outputs, records
-
-
-def anonymize_image(
-    image: Tensor, *, method: str = "blur", detector: FaceDetector | None = None, **params
-) -> tuple[Tensor, list[dict]]:
-    """Anonymise every face in one (3, H, W) image: returns the new image and one record per face.
-
-    Example:
-        >>> from facecloak.io import read_image
-        >>> out, faces = anonymize_image(read_image("samples/astronaut.jpg").pixels)  # doctest: +SKIP
-    """
-    detector = detector or FaceDetector()
-    faces = detector([image])
-    outputs, records = AnonymizeFaces(Anonymizer(method, **params))([image], faces)
-    return outputs[0], records
-
-
-class ReplaceFaces:
-    """Protector that replaces every face with a verified donor mix (see `facecloak.replace`)."""
-
-    tag = "replace"
-
-    def __init__(self, replacer) -> None:
-        self.replacer = replacer
-
-    def __repr__(self) -> str:
-        return f"ReplaceFaces({self.replacer!r})"
-
-    def __call__(self, images: list[Tensor], faces: Faces) -> tuple[list[Tensor], list[dict]]:
-        """Replace the faces; a face is protected when it passed every check (a tiny one is blurred)."""
-        result = self.replacer(images, faces)
-        return [image.cpu() for image in result.images], result.records
-
-
-class CloakFaces:
-    """Protector that cloaks every face of a chunk of photos in one optimisation."""
-
-    tag = "cloaked"
-
-    def __init__(self, cloak: Cloak) -> None:
-        self.cloak = cloak
-        self.steps = cloak.budget.steps
-        self.aim = cloak.budget.aim
-
-    def __repr__(self) -> str:
-        return f"CloakFaces({self.cloak!r})"
-
-    def __call__(
-        self, images: list[Tensor], faces: Faces, *, on_step: StepCallback | None = None
-    ) -> tuple[list[Tensor], list[dict]]:
-        """Cloak the faces; a face is protected when every model's distance after JPEG 75 passes."""
-        result = self.cloak(images, faces, on_step=on_step)
-        return [image.cpu() for image in result.images], result.records(faces)
-
-
-def cloak_image(
-    image: Tensor, cloak: Cloak, *, detector: FaceDetector | None = None
-) -> tuple[Tensor, list[dict]]:
-    """Cloak every face in one (3, H, W) image: the cloaked image and one record per face.
-
-    Example:
-        >>> cloak = create_cloak("untargeted", [create_embedder("dlib-resnet")])  # doctest: +SKIP
-        >>> cloaked, faces = cloak_image(read_image("samples/astronaut.jpg").pixels, cloak)
-    """
-    detector = detector or cloak.detector
-    faces = detector([image])
-    outputs, records = CloakFaces(cloak)([image], faces)
-    return outputs[0], records
-
-
-def _largest_face(path: Path, faces: Faces) -> Faces:
-    if len(faces) == 0:
-        raise InvalidInputError("no face found", path)
-    areas = (faces.boxes[:, 2] - faces.boxes[:, 0]) * (faces.boxes[:, 3] - faces.boxes[:, 1])
-    return faces.select([int(areas.argmax())])
-
-
-def verify_files(
-    first: Path, second: Path, model, options: Options, *, match_threshold: float | None = None
-) -> dict:
-    """Whether the largest faces of two photos are the same person.
-
-    Args:
-        first: one photo.
-        second: the other photo.
-        model: the face model that compares them.
-        options: detection settings (``min_score`` is the detection confidence).
-        match_threshold: same person below this distance; default the model's own threshold.
-
-    Both photos are detected in one call and both faces embedded in one batch.
-    """
-    from facecloak.embed import embed_faces
-
-    detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
-    images = [io.read_image(path, max_pixels=options.max_pixels).pixels for path in (first, second)]
-    with torch.no_grad():
-        found = detector(images)
-    faces = Faces.cat(
-        [_largest_face(path, found.for_image(i)).shifted(i) for i, path in enumerate((first, second))]
-    )
-    a, b = embed_faces(images, faces, model)
-    distance = float(model.distance(a, b))
-    threshold = model.card.match_threshold if match_threshold is None else float(match_threshold)
-    return {
-        "first": str(first),
-        "second": str(second),
-        "model": model.card.name,
-        "metric": model.card.distance,
-        "distance": round(distance, 5),
-        "match_threshold": threshold,
-        "model_match_threshold": model.card.match_threshold,
-        "detect_threshold": options.min_score,
-        "same_person": distance < threshold,
-    }
-
-
-def embed_files(paths: Sequence[str | Path], model, options: Options) -> list[dict]:
-    """Embeddings of every face per image for ``facecloak embed``.
-
-    Photos are detected in chunks (`READ_CHUNK_FILES`) and every face of a chunk is aligned and
-    embedded in one batch, not one file at a time.
-    """
-    from facecloak.embed import embed_faces
-
-    results = []
-    for chunk in _faces_per_chunk(paths, options, None):
-        loaded = [(image.pixels, faces) for _, image, faces, error in chunk if error is None]
-        everyone = Faces.cat([faces.shifted(k) for k, (_, faces) in enumerate(loaded)])
-        vectors = (
-            embed_faces([pixels for pixels, _ in loaded], everyone, model).cpu() if len(everyone) else None
-        )
-        first = 0
-        for path, _, faces, error in chunk:
-            if error is not None:
-                results.append({"path": str(path), "error": error})
-                continue
-            records = faces.to_records()
-            for record, vector in zip(records, vectors[first : first + len(faces)] if len(faces) else []):
-                record["embedding"] = [round(float(v), 6) for v in vector]
-            first += len(faces)
-            results.append({"path": str(path), "model": model.card.name, "faces": records})
-    return results

@@ -11,6 +11,7 @@ of length 0.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -19,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facecloak._checks import check_choice, check_images
+from facecloak._checks import check_choice, check_image_list
 from facecloak._device import default_device
+from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
 from facecloak.mtcnn import (
@@ -30,9 +32,6 @@ from facecloak.mtcnn import (
     detect_mtcnn,
     load_mtcnn_nets,
 )
-
-MIN_FACE_PX = 20
-"""Default smallest face side, in original-image pixels, that detection looks for."""
 
 DETECT_MAX_SIDE_PX = 1600
 """Photos whose longer side exceeds this are downscaled to it for detection."""
@@ -44,8 +43,10 @@ __all__ = [
     "DETECTOR_BACKENDS",
     "DETECT_MAX_SIDE_PX",
     "MIN_FACE_PX",
+    "MIN_FACE_SCORE",
     "MTCNN_STAGE_THRESHOLDS",
     "FaceDetector",
+    "default_detector",
     "detect_faces",
 ]
 
@@ -71,7 +72,7 @@ class FaceDetector:
     def __init__(
         self,
         *,
-        min_score: float = 0.9,
+        min_score: float = MIN_FACE_SCORE,
         min_size: int = MIN_FACE_PX,
         max_side: int = DETECT_MAX_SIDE_PX,
         device: str | torch.device | None = None,
@@ -105,9 +106,7 @@ class FaceDetector:
         Returns:
             `Faces` in original pixel coordinates, sorted by image then by score.
         """
-        batch = [images[i] for i in range(images.shape[0])] if isinstance(images, Tensor) else list(images)
-        for i, image in enumerate(batch):
-            check_images(image[None], name=f"images[{i}]")
+        batch = check_image_list(images)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(batch):
             groups[tuple(image.shape[1:])].append(i)
@@ -164,24 +163,31 @@ class FaceDetector:
         return results
 
 
-_default_detectors: dict[tuple, FaceDetector] = {}
+@functools.lru_cache(maxsize=8)
+def default_detector(
+    min_score: float = MIN_FACE_SCORE, min_size: int = MIN_FACE_PX, device: str = "cpu"
+) -> FaceDetector:
+    """The shared `FaceDetector` for these settings on ``device`` (a device name, e.g. "cuda:0").
+
+    An explicit, documented cache keyed by settings and device, used by `detect_faces` only:
+    building MTCNN costs more than detecting in one photo. Code that runs many photos should
+    build its own `FaceDetector` and pass it on; ``default_detector.cache_clear()`` drops these.
+    """
+    return FaceDetector(min_score=min_score, min_size=min_size, device=device)
 
 
 def detect_faces(
     images: Tensor | Sequence[Tensor],
     *,
-    min_score: float = 0.9,
+    min_score: float = MIN_FACE_SCORE,
     min_size: int = MIN_FACE_PX,
     device: str | torch.device | None = None,
 ) -> Faces:
-    """Detect faces with a cached `FaceDetector` (built once per settings).
+    """Detect faces with the shared `default_detector` for these settings and device.
 
     Example:
         >>> faces = detect_faces(images)  # doctest: +SKIP
         >>> faces.boxes.shape
         torch.Size([1, 4])
     """
-    key = (min_score, min_size, str(default_device(device)))
-    if key not in _default_detectors:
-        _default_detectors[key] = FaceDetector(min_score=min_score, min_size=min_size, device=device)
-    return _default_detectors[key](images)
+    return default_detector(min_score, min_size, str(default_device(device)))(images)

@@ -1,6 +1,6 @@
 """The batch on a Ray cluster, for when one machine is not enough.
 
-The same protection as the CLI's batch (the same `ProtectorSpec` -> `Protector`, detector,
+The same protection as the CLI's batch (the same `ProtectorSpec` -> `Protection`, detector,
 decoding and encoding), spread with Ray Data: the inputs become a dataset of file references,
 ``map_batches`` runs them through a pool of actors, each holding **one copy of the models**
 (loaded once, on a GPU when the actor has one), and the driver writes what comes back into the
@@ -98,7 +98,7 @@ class ProtectActor:
         device = options.device
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.protector = spec.build(device)
+        self.protection = spec.build(device)
         self.detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=device)
 
     def __call__(self, batch: dict) -> dict:
@@ -133,17 +133,15 @@ class ProtectActor:
             pixels = [image.pixels for _, image in decoded]
             try:
                 faces = self.detector(pixels)
-                outputs, records = self.protector(pixels, faces)
+                result = self.protection.protect(pixels, faces)
             except FacecloakError as error:
                 for r, _ in decoded:
                     out["error"][r] = str(error)
                 return out
-            owner = faces.image_index.tolist()
             for k, (r, image) in enumerate(decoded):
-                mine = [record for record, index in zip(records, owner) if index == k]
                 try:
                     out["data"][r] = io.encode_image(
-                        outputs[k],
+                        result.images[k],
                         io.IMAGE_SUFFIXES[out["suffix"][r]],
                         source=image,
                         keep_metadata=self.options.keep_metadata,
@@ -151,7 +149,7 @@ class ProtectActor:
                     )
                 except FacecloakError as error:
                     out["error"][r] = f"{image.path}: {error}"
-                out["faces"][r] = json.dumps(mine)
+                out["faces"][r] = json.dumps(result.records_for(k))
         return out
 
 

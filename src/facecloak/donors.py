@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import datetime as _datetime
 import hashlib
+import io as io_bytes
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ from torch import Tensor
 from facecloak import io
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces
-from facecloak.errors import DonorBankError, FacecloakError
+from facecloak.errors import DonorBankError, FacecloakError, ImageWriteError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
 from facecloak.synthesis import CHIP_SIZE_PX, canonical_chips, estimate_pose, face_statistics
@@ -494,25 +494,21 @@ def _manifest(folder: Path, existing: DonorBank | None, models: Sequence[Embedde
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temporary, path)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise DonorBankError(f"could not write ({error})", path) from None
+    buffer = io_bytes.BytesIO()
+    np.savez(buffer, **arrays)
+    _write_atomic(path, buffer.getvalue())
 
 
 def _write_json(path: Path, data: dict) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=".json", dir=path.parent)
+    _write_atomic(path, json.dumps(data, indent=1).encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """`facecloak.io.write_bytes_atomic`, failing as a `DonorBankError` (the bank is what broke)."""
     try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=1)
-        os.replace(temporary, path)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise DonorBankError(f"could not write ({error})", path) from None
+        io.write_bytes_atomic(path, data, overwrite=True)
+    except ImageWriteError as error:
+        raise DonorBankError(error.reason, path) from None
 
 
 def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from facecloak._checks import check_faces, check_image_list
 from facecloak.align import align_faces, model_alignment
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
@@ -70,5 +71,7 @@ def embed_faces(
         >>> embed_faces([image.pixels], detect_faces([image.pixels]), model).shape
         torch.Size([1, 128])
     """
+    photos = check_image_list(images)
+    check_faces(faces, len(photos))
     with torch.no_grad():
-        return embed_chips(model, face_chips(images, faces, model), flip_average=flip_average)
+        return embed_chips(model, face_chips(photos, faces, model), flip_average=flip_average)

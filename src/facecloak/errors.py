@@ -2,16 +2,28 @@
 
 Every failure a user can cause is a `FacecloakError`; its `str()` is one line,
 ``"<path>: <reason>"`` when a file is involved, so the CLI and a batch can print it
-as is and go on with the next file.
+as is and go on with the next file. Each class carries the exit code the CLI ends with
+(`exit_code`): 2 for what the user asked wrongly, 3 for what failed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+EXIT_OK = 0
+"""Every face was protected."""
+EXIT_UNPROTECTED = 1
+"""Finished, but a photo had no face or a face fell short of its target."""
+EXIT_USAGE = 2
+"""The command line or an option was wrong (click uses 2 for its own usage errors too)."""
+EXIT_FAILED = 3
+"""A file or a model failed."""
+
 
 class FacecloakError(Exception):
     """Base class of all user-facing facecloak errors."""
+
+    exit_code = EXIT_FAILED
 
     def __init__(self, reason: str, path: str | Path | None = None) -> None:
         self.reason = " ".join(str(reason).split())  # always one line
@@ -34,8 +46,16 @@ class ModelNotFoundError(FacecloakError):
     """A face model is unknown, or its weights are not available on this machine."""
 
 
+class UnknownModelError(ModelNotFoundError):
+    """No face model of that name is registered: the user mistyped it (a usage error)."""
+
+    exit_code = EXIT_USAGE
+
+
 class InvalidInputError(FacecloakError):
     """A tensor or option given to the Python API is malformed."""
+
+    exit_code = EXIT_USAGE
 
 
 class DonorBankError(FacecloakError):

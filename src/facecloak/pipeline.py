@@ -1,6 +1,6 @@
 """A resumable, pipelined batch: the CLI's batch when it writes into an output folder.
 
-Same contract as `facecloak.batch.run_batch` (the same `Protector`, `Options`, per-file
+Same contract as `facecloak.batch.run_batch` (the same `Protection`, `Options`, per-file
 outcomes, summary and exit code), plus:
 
 - a `facecloak.journal.Journal` in the output folder: a killed batch, run again with the same
@@ -30,12 +30,12 @@ from facecloak.batch import (
     Options,
     ProgressCallback,
     ProgressEvent,
-    Protector,
     plan_batch,
 )
 from facecloak.detect import FaceDetector
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
 from facecloak.journal import JOURNAL_NAME, Journal, file_sha256
+from facecloak.protection import Protection, ProtectionResult
 
 READER_THREADS = 2
 _END = object()
@@ -43,7 +43,7 @@ _END = object()
 
 @dataclass(frozen=True)
 class ProtectorSpec:
-    """A protector described by value: what the journal fingerprints and what a remote worker builds.
+    """A protection described by value: what the journal fingerprints and what a remote worker builds.
 
     Attributes:
         kind: "anonymize" (params: method and its keywords), "cloak" (params: mode, level,
@@ -67,9 +67,9 @@ class ProtectorSpec:
         names = list(models) if models else available_embedders()
         return ProtectorSpec("cloak", {"mode": mode, "level": level, "models": names, **params})
 
-    def build(self, device: str | None = None) -> Protector:
-        """The protector, with its models loaded on ``device`` (default: CUDA if present)."""
-        from facecloak.batch import AnonymizeFaces, CloakFaces
+    def build(self, device: str | None = None) -> Protection:
+        """The protection, with its models loaded on ``device`` (default: CUDA if present)."""
+        from facecloak.protection import AnonymizeFaces, CloakFaces, ReplaceFaces
 
         params = dict(self.params)
         if self.kind == "anonymize":
@@ -77,7 +77,6 @@ class ProtectorSpec:
 
             return AnonymizeFaces(Anonymizer(params.pop("method"), **params))
         if self.kind == "replace":
-            from facecloak.batch import ReplaceFaces
             from facecloak.detect import MIN_FACE_PX, FaceDetector
             from facecloak.donors import load_bank
             from facecloak.models import create_embedder
@@ -156,7 +155,7 @@ class _Decoded:
 
 def run_resumable_batch(
     paths: Sequence[str | Path],
-    protector: Protector | None,
+    protection: Protection | None,
     options: Options,
     *,
     settings: dict,
@@ -165,7 +164,7 @@ def run_resumable_batch(
     on_progress: ProgressCallback | None = None,
     readers: int = READER_THREADS,
     tag: str | None = None,
-    build: Callable[[], Protector] | None = None,
+    build: Callable[[], Protection] | None = None,
 ) -> ResumableReport:
     """Protect every image under ``paths`` into ``options.out_dir``, journaled and pipelined.
 
@@ -177,9 +176,9 @@ def run_resumable_batch(
 
     Args:
         paths: files and folders (walked recursively).
-        protector: what to do with the faces (`facecloak.batch.AnonymizeFaces`, `CloakFaces`);
-            may be None with ``tag`` and ``build`` (then built only once a photo needs it, so a
-            pure resume or re-run loads no model).
+        protection: what to do with the faces (`facecloak.protection.AnonymizeFaces`,
+            `CloakFaces`, `ReplaceFaces`); may be None with ``tag`` and ``build`` (then built only
+            once a photo needs it, so a pure resume or re-run loads no model).
         options: file and detection settings; ``out_dir`` is required (the journal lives there).
             With ``overwrite`` every file is redone, whatever the journal says.
         settings: what shapes the outputs besides ``options`` (method, parameters, models...):
@@ -190,18 +189,18 @@ def run_resumable_batch(
             per chunk and (cloaks) per optimisation step, and for every finished file (stage
             "file"; called from worker threads, one call at a time).
         readers: decoding threads.
-        tag: output name suffix when ``protector`` is None.
-        build: makes the protector when ``protector`` is None.
+        tag: output name suffix when ``protection`` is None.
+        build: makes the protection when ``protection`` is None.
 
     Example:
-        >>> protector = AnonymizeFaces(Anonymizer("blur"))  # doctest: +SKIP
-        >>> report = run_resumable_batch(["photos"], protector, Options(out_dir="out"), settings={})
+        >>> protection = AnonymizeFaces(Anonymizer("blur"))  # doctest: +SKIP
+        >>> report = run_resumable_batch(["photos"], protection, Options(out_dir="out"), settings={})
     """
     if not options.out_dir:
         raise InvalidInputError("a resumable batch needs an output folder (-o)")
-    if protector is None and (tag is None or build is None):
-        raise InvalidInputError("run_resumable_batch needs a protector, or a tag and a build function")
-    tag = protector.tag if protector is not None else tag
+    if protection is None and (tag is None or build is None):
+        raise InvalidInputError("run_resumable_batch needs a protection, or a tag and a build function")
+    tag = protection.tag if protection is not None else tag
     started = time.perf_counter()
     out_dir = Path(options.out_dir)
     # Every output path decided up front; which existing outputs to skip needs the journal (below).
@@ -217,7 +216,7 @@ def run_resumable_batch(
     lock = threading.RLock()
     timings = {"decode_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
     progress = _Progress(on_progress, lock, started)
-    state: dict = {"protector": protector}
+    state: dict = {"protection": protection}
 
     def finish(outcome: FileOutcome) -> None:
         with lock:
@@ -251,7 +250,7 @@ def run_resumable_batch(
                 jobs.append((job, target))
         shown = BatchPlan(jobs, existing, plan.failed, plan.not_images, plan.inputs, plan.order)
         progress.files_total = len(jobs) + len(existing) + len(plan.failed)
-        progress.steps = int(getattr(protector, "steps", 0) or 0)
+        progress.steps = protection.steps if protection is not None else 0
         progress.emit("plan", plan=shown)
         for outcome in plan.failed:
             finish(outcome)
@@ -314,9 +313,9 @@ def run_resumable_batch(
                     continue
                 tick = time.perf_counter()
                 try:
-                    if state["protector"] is None:  # built only once there is work (not on a pure resume)
-                        state["protector"] = build()
-                        progress.steps = int(getattr(state["protector"], "steps", 0) or 0)
+                    if state["protection"] is None:  # built only once there is work (not on a pure resume)
+                        state["protection"] = build()
+                        progress.steps = state["protection"].steps
                     if detector is None:
                         progress.emit("load")
                         detector = FaceDetector(
@@ -327,17 +326,15 @@ def run_resumable_batch(
                     progress.emit("detect", current=names)
                     faces = detector(pixels)
                     progress.found(len(faces))
-                    outputs, records = _protect(state["protector"], pixels, faces, progress, names)
+                    result = _protect(state["protection"], pixels, faces, progress, names)
                 except FacecloakError as error:
                     for entry in chunk:
                         finish(FileOutcome(str(entry.job.path), "failed", error=str(error)))
                     continue
                 seconds = (time.perf_counter() - tick) / len(chunk)
                 timings["compute_s"] += time.perf_counter() - tick
-                image_of_face = faces.image_index.tolist()
                 for k, entry in enumerate(chunk):
-                    mine = [record for record, index in zip(records, image_of_face) if index == k]
-                    finished.put((entry, outputs[k], mine, seconds))
+                    finished.put((entry, result.images[k], result.records_for(k), seconds))
         finally:
             stop.set()
             _drain(decoded)
@@ -401,12 +398,14 @@ class _Progress:
             self.emit("file", outcome=outcome)
 
 
-def _protect(protector: Protector, pixels, faces, progress: _Progress, names: tuple[str, ...]):
-    """Run the protector on a chunk, sending its per-step progress (cloaks)."""
-    aim = getattr(protector, "aim", None)
+def _protect(
+    protection: Protection, pixels, faces, progress: _Progress, names: tuple[str, ...]
+) -> ProtectionResult:
+    """Run the protection on a chunk, sending its per-step progress (cloaks)."""
+    aim = protection.aim
     progress.emit("protect", current=names, steps=progress.steps, aim=aim)
-    if not getattr(protector, "steps", 0):
-        return protector(pixels, faces)
+    if not protection.steps:
+        return protection.protect(pixels, faces)
 
     def on_step(step: int, steps: int, done, ratios) -> None:
         waiting = ratios[~done]
@@ -427,7 +426,7 @@ def _protect(protector: Protector, pixels, faces, progress: _Progress, names: tu
             progress.faces_done = faces_done
 
     try:
-        return protector(pixels, faces, on_step=on_step)
+        return protection.protect(pixels, faces, on_step=on_step)
     finally:
         with progress.lock:
             progress.partial = 0.0

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from facecloak.transforms import LUMA_WEIGHTS
+
 _C1 = 0.01**2
 _C2 = 0.03**2
 
@@ -204,7 +206,7 @@ def face_detail(image: Tensor, box: Tensor | list[float]) -> float:
         >>> round(face_detail(torch.rand(3, 64, 64), [16, 16, 48, 48]), 1)
         1.0
     """
-    luminance = (image * torch.tensor([0.299, 0.587, 0.114], device=image.device).view(3, 1, 1)).sum(0)
+    luminance = (image * torch.tensor(LUMA_WEIGHTS, device=image.device).view(3, 1, 1)).sum(0)
     gradient = (luminance[1:, :-1] - luminance[:-1, :-1]).abs() + (
         luminance[:-1, 1:] - luminance[:-1, :-1]
     ).abs()

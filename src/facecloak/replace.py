@@ -31,13 +31,14 @@ import torch
 from torch import Tensor
 
 from facecloak import io
-from facecloak._checks import check_faces, check_images
+from facecloak._checks import check_faces, check_image_list
 from facecloak.anonymize import blur_faces
+from facecloak.defaults import REDETECT_IOU, VERIFY_JPEG_QUALITY
 from facecloak.detect import FaceDetector
 from facecloak.donors import DonorBank, load_bank
 from facecloak.embed import embed_faces
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces
+from facecloak.faces import Faces, box_iou
 from facecloak.models.registry import Embedder, embedding_distance
 from facecloak.synthesis import (
     SynthesisSettings,
@@ -51,9 +52,6 @@ from facecloak.synthesis import (
 
 REPLACE_MIN_FACE_PX = 40
 """Default smallest face (shorter box side, pixels) that is replaced; smaller ones are blurred."""
-
-VERIFY_JPEG_QUALITY = 75
-"""The re-encode every replaced photo is checked after (what upload sites do)."""
 
 DONORS_PER_FACE = 3
 
@@ -178,9 +176,7 @@ class FaceReplacer:
 
     def __call__(self, images: Tensor | Sequence[Tensor], faces: Faces) -> ReplaceResult:
         """Replace every face of ``faces`` in ``images`` ((B, 3, H, W) or a list of (3, H, W))."""
-        photos = [images[i] for i in range(images.shape[0])] if isinstance(images, Tensor) else list(images)
-        for i, photo in enumerate(photos):
-            check_images(photo[None], name=f"images[{i}]")
+        photos = check_image_list(images)
         check_faces(faces, len(photos))
         faces = faces.to("cpu")
         records: list[dict] = [dict(record) for record in faces.to_records()]
@@ -391,13 +387,15 @@ class FaceReplacer:
             candidates = (found.image_index == local[int(faces.image_index[n])]).nonzero()[:, 0]
             best = -1
             if len(candidates):
-                overlaps = _iou(faces.boxes[n], found.boxes[candidates])
-                if float(overlaps.max()) >= 0.3:
+                overlaps = box_iou(faces.boxes[n], found.boxes[candidates])
+                if float(overlaps.max()) >= REDETECT_IOU:
                     best = int(candidates[int(overlaps.argmax())])
             if best < 0:
                 results[n] = (
                     self._record(
-                        tried[n], redetected=False, reason="the new face was not detected again after JPEG 75"
+                        tried[n],
+                        redetected=False,
+                        reason=f"the new face was not detected again after JPEG {VERIFY_JPEG_QUALITY}",
                     ),
                     -1.0,
                 )
@@ -469,15 +467,6 @@ def _compose(base: list[Tensor], crops: dict[int, tuple], faces: Faces) -> list[
         region = outputs[i][:, y0:y1, x0:x1]
         outputs[i][:, y0:y1, x0:x1] = torch.where(weight > 0, pixels.to(region), region)
     return outputs
-
-
-def _iou(box: Tensor, boxes: Tensor) -> Tensor:
-    top_left = torch.maximum(box[:2], boxes[:, :2])
-    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
-    inter = (bottom_right - top_left).clamp_min(0).prod(1)
-    area = (box[2:] - box[:2]).prod()
-    areas = (boxes[:, 2:] - boxes[:, :2]).prod(1)
-    return inter / (area + areas - inter).clamp_min(1e-6)
 
 
 def _available_models() -> list[Embedder]:

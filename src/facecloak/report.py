@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from facecloak.evaluate import EvaluationResult
+from facecloak.evaluate import EvaluationResult, EvaluationRow
 from facecloak.io import to_uint8
 
 DIFFERENCE_GAIN = 10.0
@@ -84,6 +84,16 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _row_table(rows: list[EvaluationRow], columns: list[tuple[str, str]]) -> str:
+    """`_table` for result rows: columns name `EvaluationRow` attributes."""
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(getattr(row, name))}</td>" for name, _ in columns) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 ROW_COLUMNS = [
     ("upload", "upload"),
     ("adaptive", "adaptive attacker"),
@@ -92,7 +102,7 @@ ROW_COLUMNS = [
     ("protected_rank5", "protected rank-5"),
     ("control_rank1", "control rank-1"),
     ("control_rank5", "control rank-5"),
-    ("tar_at_far_1e-3", "TAR @ FAR 1e-3"),
+    ("tar_at_far_1e3", "TAR @ FAR 1e-3"),
     ("protected_gallery_faces_found", "protected faces found"),
 ]
 
@@ -107,15 +117,15 @@ def plots(result: EvaluationResult) -> dict[str, str]:
     except ImportError:
         return {}
     figures: dict[str, str] = {}
-    attackers = list(dict.fromkeys(row["attacker"] for row in result.rows))
+    attackers = list(dict.fromkeys(row.attacker for row in result.rows))
     jpeg = [(name, q) for name, q in (("none", 100), ("jpeg95", 95), ("jpeg75", 75), ("jpeg50", 50))]
     figure, axis = plt.subplots(figsize=(6, 3.6))
     for attacker in attackers:
         points = [
-            (q, r["protection"])
+            (q, r.protection)
             for name, q in jpeg
             for r in result.rows
-            if r["attacker"] == attacker and r["upload"] == name and not r["adaptive"]
+            if r.attacker == attacker and r.upload == name and not r.adaptive
         ]
         if points:
             points.sort()
@@ -194,10 +204,12 @@ def render_html(result: EvaluationResult) -> str:
         f"<p class='note'>{html.escape(_summary_line(result))}</p>",
         f"<h2>Settings</h2><pre>{html.escape(json.dumps(settings, indent=1, default=str))}</pre>",
     ]
-    columns = ([("level", "level")] if any("level" in row for row in result.rows) else []) + ROW_COLUMNS
-    for attacker in dict.fromkeys(row["attacker"] for row in result.rows):
-        rows = [row for row in result.rows if row["attacker"] == attacker]
-        parts.append(f"<h2>Attacker: {html.escape(attacker)}</h2>{_table(rows, columns)}")
+    columns = (
+        [("level", "level")] if any(row.level is not None for row in result.rows) else []
+    ) + ROW_COLUMNS
+    for attacker in dict.fromkeys(row.attacker for row in result.rows):
+        rows = [row for row in result.rows if row.attacker == attacker]
+        parts.append(f"<h2>Attacker: {html.escape(attacker)}</h2>{_row_table(rows, columns)}")
     if result.settings.get("leave_one_out"):
         parts.append("<h2>Leave-one-out: cloaked without the model, measured on it</h2>")
         parts.append(_table(result.settings["leave_one_out"], LEAVE_ONE_OUT_COLUMNS))
@@ -276,12 +288,12 @@ def _examples_section(examples: list[dict]) -> list[str]:
 
 def _summary_line(result: EvaluationResult) -> str:
     return "; ".join(
-        f"{row['attacker']} after {row['upload']}: protection {_fmt(row['protection'])} "
-        f"(control rank-1 {_fmt(row['control_rank1'])})"
+        f"{row.attacker} after {row.upload}: protection {_fmt(row.protection)} "
+        f"(control rank-1 {_fmt(row.control_rank1)})"
         for row in result.rows
-        if row["upload"] in ("jpeg75", "none")
-        and not row["adaptive"]
-        and row.get("level", "-") in ("-", result.settings.get("level"))
+        if row.upload in ("jpeg75", "none")
+        and not row.adaptive
+        and (row.level or "-") in ("-", result.settings.get("level"))
     )
 
 
@@ -293,7 +305,7 @@ TEXT_COLUMNS = [
     ("protection", "protection", 11),
     ("protected_rank1", "rank1 prot", 11),
     ("control_rank1", "rank1 ctrl", 11),
-    ("tar_at_far_1e-3", "TAR@1e-3", 10),
+    ("tar_at_far_1e3", "TAR@1e-3", 10),
 ]
 
 
@@ -302,7 +314,13 @@ def summary_table(result: EvaluationResult) -> str:
     lines = ["".join(f"{title:<{width}}" for _, title, width in TEXT_COLUMNS)]
     lines.append("-" * len(lines[0]))
     for row in result.rows:
-        lines.append("".join(f"{_fmt(row.get(key, '-')):<{width}}" for key, _, width in TEXT_COLUMNS))
+        cells = [getattr(row, name) for name, _, _ in TEXT_COLUMNS]
+        lines.append(
+            "".join(
+                f"{_fmt('-' if cell is None else cell):<{width}}"
+                for cell, (_, _, width) in zip(cells, TEXT_COLUMNS)
+            )
+        )
     quality = result.quality
     if quality.get("dssim"):
         lines.append(

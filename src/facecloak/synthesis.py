@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from facecloak.align import align_faces, estimate_similarity, invert_affine, transform_points
-from facecloak.models.registry import ARCFACE_TEMPLATE_112
+from facecloak.models.templates import ARCFACE_TEMPLATE_112
+from facecloak.transforms import LUMA_WEIGHTS, downscaled_gaussian_blur, gaussian_blur
 
 CHIP_SIZE_PX = 256
 """Side of a donor's canonical chip, in pixels."""
@@ -311,14 +312,12 @@ def donor_warps(mean_points: Tensor, donor_points: Tensor, chips: Tensor, regist
 
 
 def _luminance(chips: Tensor) -> Tensor:
-    weights = torch.tensor([0.299, 0.587, 0.114], dtype=chips.dtype, device=chips.device)
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=chips.dtype, device=chips.device)
     return (chips * weights.view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def _structure(gray: Tensor, sigma: float) -> Tensor:
     """Local contrast normalisation: structure without each donor's lighting and skin tone."""
-    from facecloak.transforms import gaussian_blur
-
     centred = gray - gaussian_blur(gray, sigma)
     spread = gaussian_blur(centred.square(), sigma).clamp_min(1e-8).sqrt()
     return centred / (spread + 0.02)
@@ -352,8 +351,6 @@ def register_groupwise(
     Returns:
         (K, 2, h, w) displacement, in lattice steps, to add before reading ``coords``.
     """
-    from facecloak.transforms import gaussian_blur
-
     k, height, width, _ = coords.shape
     # only the part of the chips the window reads (with room for the spline's bend)
     left, top = max(0, _WINDOW_PX[0] - 32), max(0, _WINDOW_PX[1] - 32)
@@ -546,9 +543,7 @@ def mouth_width(landmarks: Tensor) -> Tensor:
 
 
 def _low_pass(image: Tensor, sigma: float) -> Tensor:
-    from facecloak.anonymize import gaussian_blur
-
-    return gaussian_blur(image, sigma) if sigma > 0.3 else image
+    return downscaled_gaussian_blur(image, sigma) if sigma > 0.3 else image
 
 
 # -- synthesis ---------------------------------------------------------------------------------

@@ -2,6 +2,11 @@
 
 One class per method behind one contract (`Cloak.__call__(images, faces) -> CloakResult`):
 `UntargetedCloak` (default) and `TargetedCloak`. `create_cloak` builds one by name.
+
+Modules: `base` (the contract and the optimisation loop), `budget` (preset levels, the perceptual
+per-pixel limits, the DSSIM cap), `eot` (simulated uploads), `regions` (the crops a cloak may
+change), `verify` (the check after a real JPEG re-encode, and the per-face records), and one file
+per method (`untargeted`, `targeted`).
 """
 
 from __future__ import annotations
@@ -9,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from facecloak._checks import check_choice
-from facecloak.cloak.base import LEVELS, VERIFY_JPEG_QUALITY, Cloak, CloakBudget, CloakResult
+from facecloak.cloak.base import Cloak, CloakResult
+from facecloak.cloak.budget import LEVELS, CloakBudget
 from facecloak.cloak.targeted import TargetedCloak
 from facecloak.cloak.untargeted import UntargetedCloak
+from facecloak.cloak.verify import VERIFY_JPEG_QUALITY
 from facecloak.models.registry import Embedder
 
 CLOAK_METHODS: dict[str, type[Cloak]] = {"untargeted": UntargetedCloak, "targeted": TargetedCloak}

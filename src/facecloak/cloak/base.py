@@ -22,67 +22,21 @@ import torch
 from torch import Tensor
 
 from facecloak import io, quality, transforms
-from facecloak._checks import check_choice, check_faces, check_images
+from facecloak._checks import check_choice, check_faces, check_image_list
 from facecloak.align import affine_scale, model_alignment
-from facecloak.cloak.budget import jnd_map, limit_change
+from facecloak.cloak.budget import DSSIM_SAFETY, LEVELS, CloakBudget, enforce_dssim, jnd_map, limit_change
 from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
-from facecloak.cloak.regions import Bucket, build_buckets, face_regions, paste_perturbations, sample_chips
+from facecloak.cloak.regions import Bucket, build_buckets, paste_perturbations, sample_chips
+from facecloak.cloak.verify import face_records, verify_after_upload
+from facecloak.defaults import REGION_SCALE
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces, model_device
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces
+from facecloak.faces import Faces, boxes_overlap, face_regions
 from facecloak.models.registry import Embedder
 
 UPDATES = ("adam", "momentum")
 
-
-@dataclass(frozen=True)
-class CloakBudget:
-    """How much a cloak may change a face, and how far it aims to move it.
-
-    Attributes:
-        max_dssim: cap on DSSIM over the face region (enforced by scaling the change down).
-        max_linf: cap on any pixel's change, in 1/255 units (enforced by clipping).
-        steps: most optimisation steps per face (faces that reach their aim stop early).
-        aim: distance to reach on every model, as a multiple of its match threshold, under
-            simulated uploads. Above 1 leaves a margin for a scraper's own pipeline.
-        step_size: Adam learning rate, in 1/255 units.
-        jnd_scale: per-pixel brightness allowance as a multiple of the face's just-noticeable
-            difference (`facecloak.cloak.budget.jnd_map`); None: a flat ``max_linf`` everywhere.
-        chroma_share: colour (Cb, Cr) changes may be at most this share of the brightness allowance.
-    """
-
-    max_dssim: float
-    max_linf: float
-    steps: int
-    aim: float
-    step_size: float
-    jnd_scale: float | None = None
-    chroma_share: float = 0.35
-
-
-LEVELS: dict[str, CloakBudget] = {
-    "low": CloakBudget(
-        max_dssim=0.004, max_linf=12.0, steps=40, aim=1.3, step_size=1.0, jnd_scale=1.0, chroma_share=0.1
-    ),
-    "mid": CloakBudget(
-        max_dssim=0.008, max_linf=16.0, steps=40, aim=1.5, step_size=1.25, jnd_scale=1.6, chroma_share=0.1
-    ),
-    "high": CloakBudget(
-        max_dssim=0.012, max_linf=20.0, steps=50, aim=1.8, step_size=1.5, jnd_scale=2.0, chroma_share=0.1
-    ),
-}
-"""Preset budgets by name, defined by what a person sees (README: "How the cloak looks"): low is
-not seen at 200% zoom, mid not at 100%, high is faint at 100%. Explicit keywords to `Cloak`
-override single fields."""
-
-LEGACY_LEVELS: dict[str, CloakBudget] = {
-    "low": CloakBudget(max_dssim=0.004, max_linf=12.0, steps=40, aim=1.3, step_size=1.0),
-    "mid": CloakBudget(max_dssim=0.012, max_linf=24.0, steps=40, aim=1.5, step_size=1.25),
-    "high": CloakBudget(max_dssim=0.017, max_linf=32.0, steps=50, aim=1.8, step_size=1.5),
-}
-"""The flat-budget levels of facecloak 0.1 (per-pixel L-infinity cap, no JND map), kept for
-comparison in the ablation (`scripts/ablate_transfer.py`)."""
 
 DEFAULT_DIVERSITY = 0.7
 DEFAULT_SMOOTHING = 1.0
@@ -93,7 +47,9 @@ every step rather than stopping at the aim, each moved faces further on the mode
 the same visibility (small gains: the DSSIM cap is what limits a `mid` cloak)."""
 
 ADAM_BETAS = (0.9, 0.999)
+"""Adam's decay rates of the gradient's first and second moments (Kingma & Ba's defaults)."""
 ADAM_EPSILON = 1e-12
+"""Added to Adam's root second moment; tiny, because gradients w.r.t. pixels are tiny."""
 MOMENTUM_DECAY = 1.0
 """MI-FGSM's decay of the accumulated, L1-normalised gradient (Dong et al., CVPR 2018)."""
 
@@ -107,14 +63,10 @@ multiple of its threshold (in practice: until the steps run out)."""
 OBJECTIVE_MARGIN = 0.25
 """The objective aims this far (in thresholds) past ``aim``, so the aim is reached, not approached."""
 
-DSSIM_BISECTIONS = 8
 COMPOSE_ROUNDS = 8
 COMPOSE_SHRINK = 0.8
 """Pasting faces back: up to COMPOSE_ROUNDS rounds that scale the changes near an over-budget face
 by COMPOSE_SHRINK."""
-
-REDETECT_IOU = 0.3
-"""A face found again after the JPEG check is the same face when the boxes overlap this much."""
 
 DSSIM_PENALTY = 3.0
 DSSIM_PENALTY_FROM = 0.9
@@ -124,11 +76,14 @@ share of its cap, steering the change toward textured areas before the hard cap 
 DSSIM_CHECK_EVERY = 4
 """Steps between hard DSSIM checks (the penalty in the loss keeps faces under the cap meanwhile)."""
 
-DSSIM_SAFETY = 0.95
-"""Enforce the DSSIM cap with this much headroom: rounding to 8 bits adds a little."""
+PIXEL_LEVELS = 255.0
+"""8-bit grey levels per unit of intensity: budgets and step sizes are given in 1/255."""
 
-VERIFY_JPEG_QUALITY = 75
-"""The re-encode every cloak is checked against, as a typical upload site applies it."""
+FLIP_PROBABILITY = 0.5
+"""Share of chips mirrored in each draw when ``robust_to`` includes "flip"."""
+
+GRADIENT_NORM_FLOOR = 1e-20
+"""Smallest mean absolute gradient momentum divides by (a face with no gradient stays put)."""
 
 StepCallback = Callable[[int, int, Tensor, Tensor], None]
 """Called after each optimisation step with (step, most steps, (N,) bool faces done, (N,) each
@@ -173,35 +128,8 @@ class CloakResult:
     settings: dict = field(default_factory=dict)
 
     def records(self, faces: Faces) -> list[dict]:
-        """One JSON-ready dict per face, in ``faces`` order."""
-        out = []
-        base = faces.to_records()
-        for n in range(len(faces)):
-            models = {
-                name: {
-                    "threshold": round(float(self.thresholds[m]), 4),
-                    "distance": round(float(self.distance[n, m]), 4),
-                    "distance_after_jpeg75": None
-                    if math.isnan(float(self.distance_jpeg[n, m]))
-                    else round(float(self.distance_jpeg[n, m]), 4),
-                }
-                for m, name in enumerate(self.model_names)
-            }
-            out.append(
-                dict(
-                    base[n],
-                    protected=bool(self.protected[n]),
-                    found_after_jpeg75=bool(self.found_after_jpeg[n]),
-                    models=models,
-                    dssim=round(float(self.dssim[n]), 5),
-                    psnr=round(float(self.psnr[n]), 2),
-                    linf=round(float(self.linf[n]), 2),
-                    ciede2000_mean=round(float(self.ciede_mean[n]), 3),
-                    ciede2000_p99=round(float(self.ciede_p99[n]), 3),
-                    steps=int(self.steps[n]),
-                )
-            )
-        return out
+        """One JSON-ready dict per face, in ``faces`` order (`facecloak.cloak.verify.face_records`)."""
+        return face_records(self, faces)
 
 
 class Cloak:
@@ -242,7 +170,7 @@ class Cloak:
         aim: float | None = None,
         robust_to: Sequence[str] = ROBUSTNESS,
         eot_samples: int | None = None,
-        region_scale: float = 1.3,
+        region_scale: float = REGION_SCALE,
         feather: float = 0.15,
         diversity: float = DEFAULT_DIVERSITY,
         smoothing: float = DEFAULT_SMOOTHING,
@@ -285,8 +213,11 @@ class Cloak:
         return f"{type(self).__name__}(models=[{names}], level={self.level!r}, budget={self.budget})"
 
     # -- what subclasses define -------------------------------------------------------------
-    def prepare(self, clean: list[Tensor], faces: Faces) -> None:
-        """Called once per call with the clean embeddings (one (N, D_m) per model)."""
+    def prepare(self, clean: list[Tensor], faces: Faces, identity: str | None = None) -> None:
+        """Called once per call with the clean embeddings (one (N, D_m) per model).
+
+        ``identity`` is the caller's per-person key (None: the cloak's own, if it has one).
+        """
 
     def objective(self, embeddings: list[Tensor], clean: list[Tensor], face_index: Tensor) -> Tensor:
         """(n,) loss to minimise per face, from this draw's (n, D_m) embeddings per model."""
@@ -294,7 +225,12 @@ class Cloak:
 
     # -- the contract -----------------------------------------------------------------------
     def __call__(
-        self, images: Tensor | Sequence[Tensor], faces: Faces, on_step: StepCallback | None = None
+        self,
+        images: Tensor | Sequence[Tensor],
+        faces: Faces,
+        on_step: StepCallback | None = None,
+        *,
+        identity: str | None = None,
     ) -> CloakResult:
         """Cloak every face in ``images``.
 
@@ -302,18 +238,18 @@ class Cloak:
             images: (B, 3, H, W) in [0, 1], or a list of (3, H_i, W_i).
             faces: the faces to cloak, from `facecloak.detect`.
             on_step: optional progress hook, called after every step (see `StepCallback`).
+            identity: the person these photos show, as a key (targeted cloaks pull every photo
+                of one key the same way); None keeps the cloak's own key.
         """
         started = time.perf_counter()
-        photos = [images[i] for i in range(images.shape[0])] if isinstance(images, Tensor) else list(images)
-        for i, photo in enumerate(photos):
-            check_images(photo[None], name=f"images[{i}]")
+        photos = check_image_list(images)
         check_faces(faces, len(photos))
         photos = [photo.to(self.device, torch.float32) for photo in photos]
         faces = faces.to("cpu")
         if len(faces) == 0:
             return self._result(photos, photos, faces, [], torch.zeros(0, dtype=torch.long), started)
         clean = [embed_faces(photos, faces, model) for model in self.models]
-        self.prepare(clean, faces)
+        self.prepare(clean, faces, identity)
         generator = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
         alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         buckets = build_buckets(
@@ -333,7 +269,7 @@ class Cloak:
         on_step: StepCallback | None = None,
     ) -> tuple[list[Tensor], Tensor]:
         budget = self.budget
-        lr = budget.step_size / 255.0
+        lr = budget.step_size / PIXEL_LEVELS
         steps_taken = torch.zeros(len(faces), dtype=torch.long)
         active = torch.ones(len(faces), dtype=torch.bool)
         reached = torch.zeros(len(faces), dtype=torch.long)  # consecutive steps at or past the aim
@@ -345,6 +281,7 @@ class Cloak:
         allowances = [self._allowance(bucket) for bucket in buckets]
         sigmas = [self._smoothing_sigmas(bucket) for bucket in buckets]
         beta1, beta2 = ADAM_BETAS
+        dssim_cap = budget.max_dssim * DSSIM_SAFETY
         for step in range(1, budget.steps + 1):
             if not bool(active.any()):
                 break
@@ -364,7 +301,8 @@ class Cloak:
                 gradient = _smooth(gradient, sigmas[b][rows]) * masks
                 with torch.no_grad():
                     if self.update == "momentum":
-                        norm = gradient.abs().flatten(1).mean(1).clamp_min(1e-20).view(-1, 1, 1, 1)
+                        norm = gradient.abs().flatten(1).mean(1).clamp_min(GRADIENT_NORM_FLOOR)
+                        norm = norm.view(-1, 1, 1, 1)
                         m = first[b][rows_device].mul_(MOMENTUM_DECAY).add_(gradient / norm)
                         first[b][rows_device] = m
                         direction = m.sign()
@@ -379,7 +317,7 @@ class Cloak:
                     updated = limit_change(delta - lr * direction, allowance, budget.chroma_share)
                     updated = (crops + updated).clamp(0, 1) - crops  # stay a valid image
                     if step % DSSIM_CHECK_EVERY == 0 or step == budget.steps:
-                        updated = self._enforce_dssim(crops, masks, updated, region_boxes[b][rows])
+                        updated = enforce_dssim(crops, masks, updated, region_boxes[b][rows], dssim_cap)
                     deltas[b][rows_device] = updated
                 steps_taken[face_index] += 1
                 stop_at = SPEND_TARGET if self.spend_budget else budget.aim
@@ -400,7 +338,7 @@ class Cloak:
 
     def _allowance(self, bucket: Bucket) -> Tensor:
         """Per-pixel brightness allowance of a bucket's crops: (n, 1, h, w), or a number if flat."""
-        eps = self.budget.max_linf / 255.0
+        eps = self.budget.max_linf / PIXEL_LEVELS
         if self.budget.jnd_scale is None:
             return torch.tensor(eps, device=self.device)
         return (self.budget.jnd_scale * jnd_map(bucket.crops)).clamp(max=eps)
@@ -448,7 +386,7 @@ class Cloak:
     @staticmethod
     def _flips(count: int, generator: torch.Generator) -> Tensor:
         """(count, 1, 1, 1) random booleans: which chips of this draw to mirror."""
-        return (torch.rand(count, generator=generator) < 0.5).view(-1, 1, 1, 1)
+        return (torch.rand(count, generator=generator) < FLIP_PROBABILITY).view(-1, 1, 1, 1)
 
     def _boxes_in_crop(self, bucket: Bucket, faces: Faces) -> Tensor:
         """(n, 4) integer region boxes relative to each crop, clipped to its valid area."""
@@ -458,24 +396,6 @@ class Cloak:
         x1 = torch.minimum(regions[:, 2].ceil() + 1 - bucket.origins[:, 0], bucket.sizes[:, 0].float())
         y1 = torch.minimum(regions[:, 3].ceil() + 1 - bucket.origins[:, 1], bucket.sizes[:, 1].float())
         return torch.stack([x0, y0, x1, y1], dim=1).long()
-
-    def _enforce_dssim(self, crops: Tensor, masks: Tensor, delta: Tensor, boxes: Tensor) -> Tensor:
-        """Scale each face's change down (bisection) until its DSSIM is within the cap."""
-        cap = self.budget.max_dssim * DSSIM_SAFETY
-        measured = quality.box_dssim(crops, (crops + masks * delta).clamp(0, 1), boxes)
-        over = measured > cap
-        if not bool(over.any()):
-            return delta
-        low = torch.zeros(len(crops), device=crops.device)
-        high = torch.ones(len(crops), device=crops.device)
-        for _ in range(DSSIM_BISECTIONS):
-            middle = (low + high) / 2
-            scaled = (crops + masks * delta * middle.view(-1, 1, 1, 1)).clamp(0, 1)
-            fits = quality.box_dssim(crops, scaled, boxes) <= cap
-            low = torch.where(fits, middle, low)
-            high = torch.where(fits, high, middle)
-        factor = torch.where(over, low, torch.ones_like(low))
-        return delta * factor.view(-1, 1, 1, 1)
 
     def _compose_within_budget(
         self, photos: list[Tensor], faces: Faces, buckets: list[Bucket], deltas: list[Tensor]
@@ -499,7 +419,7 @@ class Cloak:
                 return cloaked
             for k in over.nonzero()[:, 0].tolist():
                 same_photo = faces.image_index == faces.image_index[k]
-                touching = same_photo & _boxes_overlap(regions[k], regions)
+                touching = same_photo & boxes_overlap(regions[k], regions)
                 scale[touching] *= COMPOSE_SHRINK
         return cloaked
 
@@ -529,7 +449,7 @@ class Cloak:
         distance_jpeg = torch.full((n, models), math.nan)
         found = torch.zeros(n, dtype=torch.bool)
         if self.verify and n:
-            distance_jpeg, found = self._after_upload(stored, faces, clean)
+            distance_jpeg, found = verify_after_upload(stored, faces, clean, self.models, self.detector)
         metrics = self._quality(originals, stored, faces)
         passes = (
             torch.nan_to_num(distance_jpeg if self.verify else distance, nan=math.inf)
@@ -561,29 +481,6 @@ class Cloak:
                 "spend_budget": self.spend_budget,
             },
         )
-
-    def _after_upload(self, stored: list[Tensor], faces: Faces, clean: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Re-encode each photo as JPEG 75, detect from scratch, match faces by box overlap, embed."""
-        recompressed = [io.jpeg_roundtrip(image, VERIFY_JPEG_QUALITY) for image in stored]
-        found_faces = self.detector(recompressed)
-        n = len(faces)
-        distance = torch.full((n, len(self.models)), math.nan)
-        found = torch.zeros(n, dtype=torch.bool)
-        matched = torch.full((n,), -1, dtype=torch.long)
-        for k in range(n):
-            candidates = (found_faces.image_index == faces.image_index[k]).nonzero()[:, 0]
-            if len(candidates):
-                overlaps = _iou(faces.boxes[k], found_faces.boxes[candidates])
-                best = int(overlaps.argmax())
-                if float(overlaps[best]) >= REDETECT_IOU:
-                    matched[k] = candidates[best]
-                    found[k] = True
-        if bool(found.any()):
-            again = found_faces.select(matched[found])
-            for m, model in enumerate(self.models):
-                embedding = embed_faces(recompressed, again, model)
-                distance[found, m] = model.distance(embedding, clean[m][found.to(clean[m].device)]).cpu()
-        return distance, found
 
     def _quality(self, originals: list[Tensor], stored: list[Tensor], faces: Faces) -> tuple[Tensor, ...]:
         """(N,) DSSIM, PSNR, L-infinity, mean and 99th-percentile CIEDE2000 over each face region."""
@@ -624,17 +521,3 @@ def _smooth(gradient: Tensor, sigmas: Tensor) -> Tensor:
 def _as_stored(image: Tensor) -> Tensor:
     """The image as it will be written: rounded to 8 bits."""
     return torch.from_numpy(io.to_uint8(image)).permute(2, 0, 1).float().div(255).to(image)
-
-
-def _boxes_overlap(box: Tensor, boxes: Tensor) -> Tensor:
-    """(N,) whether each of ``boxes`` intersects ``box`` (x1, y1, x2, y2)."""
-    return (boxes[:, 0] < box[2]) & (boxes[:, 2] > box[0]) & (boxes[:, 1] < box[3]) & (boxes[:, 3] > box[1])
-
-
-def _iou(box: Tensor, boxes: Tensor) -> Tensor:
-    top_left = torch.maximum(box[:2], boxes[:, :2])
-    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
-    inter = (bottom_right - top_left).clamp_min(0).prod(dim=1)
-    area = (box[2:] - box[:2]).prod()
-    areas = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
-    return inter / (area + areas - inter)

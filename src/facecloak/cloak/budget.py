@@ -15,12 +15,16 @@ the same units (multiply by 255 for grey levels).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-"""JFIF's RGB -> YCbCr matrix (without the 128 offset), for changes rather than pixels."""
+from facecloak import quality, transforms
+
+RGB_TO_YCBCR = torch.tensor(transforms.RGB_TO_YCBCR)
+"""`facecloak.transforms.RGB_TO_YCBCR` as a float32 tensor: for changes rather than pixels."""
 
 BACKGROUND_WINDOW = 5
 """Side of the window whose mean brightness a pixel's change is seen against (pixels)."""
@@ -87,3 +91,94 @@ def limit_change(delta: Tensor, max_luma: Tensor | float, chroma_share: float) -
     # change its colour balance, i.e. add chroma)
     largest = rgb.abs().amax(dim=1, keepdim=True)
     return rgb * (luma_limit / largest.clamp_min(1e-12)).clamp(max=1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the preset budgets, and the DSSIM cap
+
+
+@dataclass(frozen=True)
+class CloakBudget:
+    """How much a cloak may change a face, and how far it aims to move it.
+
+    Attributes:
+        max_dssim: cap on DSSIM over the face region (enforced by scaling the change down).
+        max_linf: cap on any pixel's change, in 1/255 units (enforced by clipping).
+        steps: most optimisation steps per face (faces that reach their aim stop early).
+        aim: distance to reach on every model, as a multiple of its match threshold, under
+            simulated uploads. Above 1 leaves a margin for a scraper's own pipeline.
+        step_size: Adam learning rate, in 1/255 units.
+        jnd_scale: per-pixel brightness allowance as a multiple of the face's just-noticeable
+            difference (`facecloak.cloak.budget.jnd_map`); None: a flat ``max_linf`` everywhere.
+        chroma_share: colour (Cb, Cr) changes may be at most this share of the brightness allowance.
+    """
+
+    max_dssim: float
+    max_linf: float
+    steps: int
+    aim: float
+    step_size: float
+    jnd_scale: float | None = None
+    chroma_share: float = 0.35
+
+
+LEVELS: dict[str, CloakBudget] = {
+    "low": CloakBudget(
+        max_dssim=0.004, max_linf=12.0, steps=40, aim=1.3, step_size=1.0, jnd_scale=1.0, chroma_share=0.1
+    ),
+    "mid": CloakBudget(
+        max_dssim=0.008, max_linf=16.0, steps=40, aim=1.5, step_size=1.25, jnd_scale=1.6, chroma_share=0.1
+    ),
+    "high": CloakBudget(
+        max_dssim=0.012, max_linf=20.0, steps=50, aim=1.8, step_size=1.5, jnd_scale=2.0, chroma_share=0.1
+    ),
+}
+"""Preset budgets by name, defined by what a person sees (README: "How the cloak looks"): low is
+not seen at 200% zoom, mid not at 100%, high is faint at 100%. Explicit keywords to `Cloak`
+override single fields."""
+
+LEGACY_LEVELS: dict[str, CloakBudget] = {
+    "low": CloakBudget(max_dssim=0.004, max_linf=12.0, steps=40, aim=1.3, step_size=1.0),
+    "mid": CloakBudget(max_dssim=0.012, max_linf=24.0, steps=40, aim=1.5, step_size=1.25),
+    "high": CloakBudget(max_dssim=0.017, max_linf=32.0, steps=50, aim=1.8, step_size=1.5),
+}
+"""The flat-budget levels of facecloak 0.1 (per-pixel L-infinity cap, no JND map), kept for
+comparison in the ablation (`scripts/ablate_transfer.py`)."""
+
+
+DSSIM_BISECTIONS = 8
+"""Halvings of the scale factor when a face's change is scaled down under its DSSIM cap (the
+factor found is within 1/256 of the largest that fits)."""
+
+DSSIM_SAFETY = 0.95
+"""Enforce the DSSIM cap with this much headroom: rounding to 8 bits adds a little."""
+
+
+def enforce_dssim(crops: Tensor, masks: Tensor, delta: Tensor, boxes: Tensor, cap: float) -> Tensor:
+    """Scale each face's change down (bisection) until its DSSIM over its region box is within ``cap``.
+
+    Args:
+        crops: (n, 3, h, w) clean crops in [0, 1].
+        masks: (n, 1, h, w) feathered region masks the change is applied through.
+        delta: (n, 3, h, w) the change.
+        boxes: (n, 4) integer region boxes inside each crop (`facecloak.quality.box_dssim`).
+        cap: the largest DSSIM allowed.
+
+    Returns:
+        ``delta``, each face's row multiplied by the largest factor in [0, 1] found to fit (1 for
+        faces already within the cap).
+    """
+    measured = quality.box_dssim(crops, (crops + masks * delta).clamp(0, 1), boxes)
+    over = measured > cap
+    if not bool(over.any()):
+        return delta
+    low = torch.zeros(len(crops), device=crops.device)
+    high = torch.ones(len(crops), device=crops.device)
+    for _ in range(DSSIM_BISECTIONS):
+        middle = (low + high) / 2
+        scaled = (crops + masks * delta * middle.view(-1, 1, 1, 1)).clamp(0, 1)
+        fits = quality.box_dssim(crops, scaled, boxes) <= cap
+        low = torch.where(fits, middle, low)
+        high = torch.where(fits, high, middle)
+    factor = torch.where(over, low, torch.ones_like(low))
+    return delta * factor.view(-1, 1, 1, 1)

@@ -15,19 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from facecloak.align import (
-    _pool_factor,
     affine_scale,
     chip_footprint,
+    pool_factor,
     pool_sources,
     shift_affine,
     warp_to_chips,
 )
-from facecloak.anonymize import region_mask
-from facecloak.faces import Faces
+from facecloak.faces import Faces, face_regions, region_mask
 from facecloak.models.registry import Embedder
 
 JPEG_GRID_PX = 16
@@ -62,13 +60,6 @@ class Bucket:
     factors: tuple[int, ...]
 
 
-def face_regions(faces: Faces, region_scale: float) -> Tensor:
-    """(N, 4) region boxes: each detection box scaled by ``region_scale`` about its centre."""
-    centre = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
-    half = (faces.boxes[:, 2:] - faces.boxes[:, :2]) / 2 * region_scale
-    return torch.cat([centre - half, centre + half], dim=1)
-
-
 def build_buckets(
     images: Sequence[Tensor],
     faces: Faces,
@@ -101,7 +92,7 @@ def build_buckets(
         for model, matrices in zip(models, chip_from_image):
             size = model.card.input_size
             matrix = matrices[n : n + 1].double()
-            factor = _pool_factor(float(affine_scale(matrix)[0]))
+            factor = pool_factor(float(affine_scale(matrix)[0]))
             factors.append(factor)
             pixels_per_chip = 1.0 / float(affine_scale(matrix)[0])
             footprint = chip_footprint(
@@ -180,26 +171,3 @@ def paste_perturbations(
             width, height = (int(v) for v in bucket.sizes[row].tolist())
             image[:, y0 : y0 + height, x0 : x0 + width] += change[row, :, :height, :width].to(image)
     return [output.clamp_(0, 1) for output in outputs]
-
-
-def region_crops(images: Sequence[Tensor], faces: Faces, region_scale: float) -> list[Tensor]:
-    """(3, h, w) crops of each face's region box (where DSSIM and PSNR are measured)."""
-    regions = face_regions(faces, region_scale)
-    crops = []
-    for n in range(len(faces)):
-        image = images[int(faces.image_index[n])]
-        height, width = image.shape[-2:]
-        x0, y0 = max(0, int(regions[n, 0])), max(0, int(regions[n, 1]))
-        x1, y1 = (
-            min(width, int(math.ceil(float(regions[n, 2]))) + 1),
-            min(height, int(math.ceil(float(regions[n, 3]))) + 1),
-        )
-        crops.append(image[:, y0:y1, x0:x1])
-    return crops
-
-
-def pad_to(tensors: Sequence[Tensor]) -> Tensor:
-    """Stack (C, h_i, w_i) tensors into (n, C, max h, max w), zero-padded bottom/right."""
-    height = max(t.shape[-2] for t in tensors)
-    width = max(t.shape[-1] for t in tensors)
-    return torch.stack([F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2])) for t in tensors])

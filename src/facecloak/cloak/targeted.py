@@ -66,9 +66,12 @@ class TargetedCloak(Cloak):
         self.identity_key = identity_key
         self.targets: list[Tensor] = []
 
-    def prepare(self, clean: list[Tensor], faces: Faces) -> None:
-        """Make each face's target on each model from the key and its clean embedding."""
-        key = self.identity_key or secrets.token_hex(16)
+    def prepare(self, clean: list[Tensor], faces: Faces, identity: str | None = None) -> None:
+        """Make each face's target on each model from the key and its clean embedding.
+
+        The key is the call's ``identity`` if given, else this cloak's ``identity_key``.
+        """
+        key = identity or self.identity_key or secrets.token_hex(16)
         self.targets = []
         for m, model in enumerate(self.models):
             card = model.card

@@ -18,7 +18,7 @@ class UntargetedCloak(Cloak):
     """Move every face at least ``aim`` x each model's threshold away from its clean embedding.
 
     Distance measure: each model's own (Euclidean for dlib, 1 - cosine for ArcFace-style models),
-    normalised by its match threshold. Budget: see `facecloak.cloak.base.LEVELS`.
+    normalised by its match threshold. Budget: see `facecloak.cloak.budget.LEVELS`.
 
     Example:
         >>> cloak = UntargetedCloak([create_embedder("dlib-resnet")], level="mid")  # doctest: +SKIP

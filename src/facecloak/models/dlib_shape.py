@@ -51,6 +51,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -70,6 +71,7 @@ __all__ = [
     "MTCNN_TO_DLIB_BOX",
     "ShapePredictor",
     "dlib_grey",
+    "default_shape_predictor",
     "dlib_landmarks",
     "load_shape_predictor",
     "locate_shape_predictor",
@@ -90,7 +92,7 @@ MTCNN_TO_DLIB_BOX = (-0.0267, 0.0434, 1.1277, 0.8381)
 
 ``(c0, c1, c2, c3)``: dlib's box centre is MTCNN's plus ``(c0 w, c1 h)``, and it spans ``(c2 w,
 c3 h)`` pixels (``right - left``, ``bottom - top``). Fitted by least squares in pixels by
-``scripts/fit_dlib_box_mapping.py`` on 396 LFW faces found by both detectors (HOG upsampled once,
+``scripts/calibrate/fit_dlib_box_mapping.py`` on 396 LFW faces found by both detectors (HOG upsampled once,
 as ``face_recognition`` does). HOG boxes come in discrete pyramid sizes, so single boxes still
 differ by about 7 px RMS per corner, but the predictor hardly minds: on mapped MTCNN boxes its
 landmarks land 0.53 px (mean; 0.56 on faces held out of the fit, 95th percentile 1.3 px) from
@@ -480,15 +482,16 @@ def _assemble(
 # --------------------------------------------------------------------------------------------------
 # on facecloak images and MTCNN boxes
 
-_default_predictor: ShapePredictor | None = None
+@functools.lru_cache(maxsize=1)
+def default_shape_predictor() -> ShapePredictor:
+    """Dlib's 5-point predictor from its package, loaded once per process and shared.
 
-
-def _default_shape_predictor() -> ShapePredictor:
-    """Load dlib's 5-point predictor once per process (from the parsed-model cache after the first run)."""
-    global _default_predictor
-    if _default_predictor is None:
-        _default_predictor = load_shape_predictor()
-    return _default_predictor
+    An explicit, documented cache (the predictor is read-only numpy arrays, the same on every
+    device): `dlib_landmarks` uses it when no ``predictor`` is passed;
+    ``default_shape_predictor.cache_clear()`` drops it. After the first run it loads from the
+    parsed-model cache (`facecloak.models.parsed_cache`).
+    """
+    return load_shape_predictor()
 
 
 def dlib_grey(image: Tensor) -> Tensor:
@@ -520,7 +523,7 @@ def dlib_landmarks(
         image: ``(3, H, W)`` RGB in [0, 1].
         boxes: ``(N, 4)`` dlib rectangles ``(left, top, right, bottom)``; for MTCNN's boxes,
             map them first with `mtcnn_box_to_dlib`.
-        predictor: default dlib's 5-point model, loaded once.
+        predictor: default `default_shape_predictor()`, dlib's 5-point model loaded once.
         round_to_pixel: round to integer pixels as dlib does (see `ShapePredictor.predict`).
 
     Returns:
@@ -535,7 +538,7 @@ def dlib_landmarks(
     """
     if image.ndim != 3:
         raise InvalidInputError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
-    model = predictor if predictor is not None else _default_shape_predictor()
+    model = predictor if predictor is not None else default_shape_predictor()
     return model.predict(dlib_grey(image), boxes, round_to_pixel=round_to_pixel)
 
 

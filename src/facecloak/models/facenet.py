@@ -13,10 +13,8 @@ import torch
 from torch import Tensor
 
 from facecloak.errors import ModelNotFoundError
-from facecloak.models.registry import ARCFACE_TEMPLATE_112, Embedder, FaceModelCard, register_embedder
-
-FACENET_TEMPLATE_160 = tuple((x * 160 / 112, y * 160 / 112) for x, y in ARCFACE_TEMPLATE_112)
-"""ArcFace's template scaled to facenet's 160 px chip: close to the tight MTCNN crops it was trained on."""
+from facecloak.models.registry import Embedder, FaceModelCard, register_embedder
+from facecloak.models.templates import FACENET_TEMPLATE_160
 
 
 class FacenetEmbedder(Embedder):

@@ -3,7 +3,7 @@
 In inference a BatchNorm is a per-channel ``scale x + shift``, so ``bn(conv(x))`` is one
 convolution with scaled filters and a shifted bias: the same function to float rounding, with one
 pass over the activations fewer per pair, which is much of what a small network costs on a CPU.
-`facecloak.models.mxnet_import.MXNetGraph.fold_batch_norm` does it for MXNet graphs; this module
+`facecloak.models.mxnet.MXNetGraph.fold_batch_norm` does it for MXNet graphs; this module
 does it for ``torch.fx`` graphs, the form onnx2torch gives ONNX models. It folds:
 
 - ``BatchNorm1d/2d/3d`` (eval statistics) after a ``Conv1d/2d/3d`` or a ``Linear``;

@@ -1,24 +1,15 @@
-"""Face models the user attaches: ONNX or MXNet files, wrapped as differentiable embedders.
+"""Face models the user attaches (ONNX or MXNet files), wrapped as differentiable embedders.
 
-``facecloak models add NAME FILE ...`` writes a small model card (JSON) into the user's config
-folder (``$XDG_CONFIG_HOME/facecloak/models``, default ``~/.config/facecloak/models``) that refers
-to the user's file; nothing is copied and nothing is downloaded. On first listing, every card
-there is registered like a built-in model, so ``embed``, ``verify``, ``cloak --models`` and
-``evaluate --attackers`` can use it by name.
-
-ONNX files are converted with onnx2torch; MXNet files (``NAME-symbol.json`` with its
-``NAME-0000.params``) with facecloak's own reader (`facecloak.models.mxnet_import`). Both become
-``nn.Module``s that gradients flow through. The wrapper turns facecloak's chips (RGB in [0, 1])
-into what the file expects: optionally BGR, 0..255, minus ``mean`` and divided by ``std`` (both in
-the model's own channel order), optionally channels-last (NHWC). A model either aligns by five
-landmarks onto a template, or sees a "box crop" (the detection box widened by a margin).
+This module is the wrapper: `PluginEmbedder` turns facecloak's chips (RGB in [0, 1]) into what
+the file expects: optionally BGR, 0..255, minus ``mean`` and divided by ``std`` (both in the
+model's own channel order), optionally channels-last (NHWC); `make_card` describes such a model.
+A model either aligns by five landmarks onto a template, or sees a "box crop" (the detection box
+widened by a margin). Reading the files is `facecloak.models.loaders`; remembering the models
+the user added is `facecloak.models.user_models`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 import re
 from pathlib import Path
 
@@ -26,15 +17,19 @@ import torch
 from torch import Tensor, nn
 
 from facecloak.errors import InvalidInputError, ModelNotFoundError
-from facecloak.models.fold import fold_fx_batch_norm
-from facecloak.models.registry import (
-    _REGISTRY,
-    ARCFACE_TEMPLATE_112,
-    Embedder,
-    FaceModelCard,
-    register_embedder,
-    unregister_embedder,
-)
+from facecloak.models.loaders import load_network
+from facecloak.models.registry import Embedder, FaceModelCard
+from facecloak.models.templates import template_for
+
+__all__ = [
+    "CROPS",
+    "DEFAULT_THRESHOLDS",
+    "LAYOUTS",
+    "NAME_PATTERN",
+    "PluginEmbedder",
+    "load_model_file",
+    "make_card",
+]
 
 DEFAULT_THRESHOLDS = {"cosine": 0.6, "euclidean": 1.0}
 """Match thresholds used when the user gives none (calibrate with --threshold for real use)."""
@@ -45,36 +40,6 @@ CROPS = ("landmarks", "box")
 LAYOUTS = ("nchw", "nhwc")
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
-def config_dir() -> Path:
-    """Where added models' cards live (respects XDG_CONFIG_HOME)."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "facecloak" / "models"
-
-
-def template_for(spec: str, input_size: int) -> tuple[tuple[float, float], ...]:
-    """Landmark template in chip pixels: "arcface", "dlib", or a JSON file of 5 [x, y] points."""
-    if spec == "arcface":
-        points = ARCFACE_TEMPLATE_112
-        scale = input_size / 112.0
-    elif spec == "dlib":
-        from facecloak.models.dlib_resnet import DLIB_CHIP_TEMPLATE_150
-
-        points = DLIB_CHIP_TEMPLATE_150
-        scale = input_size / 150.0
-    else:
-        path = Path(spec)
-        try:
-            points = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise InvalidInputError(
-                f"template must be arcface, dlib or a JSON file of 5 points ({error})", path
-            ) from None
-        if not (isinstance(points, list) and len(points) == 5 and all(len(p) == 2 for p in points)):
-            raise InvalidInputError("template file must hold 5 [x, y] points in chip pixels", path)
-        scale = 1.0
-    return tuple((float(x) * scale, float(y) * scale) for x, y in points)
 
 
 class PluginEmbedder(Embedder):
@@ -115,68 +80,6 @@ class PluginEmbedder(Embedder):
         if self.card.distance == "cosine":
             out = nn.functional.normalize(out, dim=1)
         return out
-
-
-def _pairwise(operator, *tensors: Tensor) -> Tensor:
-    out = tensors[0]
-    for tensor in tensors[1:]:
-        out = operator(out, tensor)
-    return out
-
-
-def _fast_elementwise(network: nn.Module) -> nn.Module:
-    """Make onnx2torch's Min/Max nodes (ReLU6 in TensorFlow exports) pairwise ``minimum``/``maximum``.
-
-    onnx2torch broadcasts every input to the full shape, stacks and reduces: the same values at
-    several times the cost, forward and backward, on every cloak step. Pairwise is exact.
-    """
-    try:
-        from onnx2torch.node_converters.min_max import OnnxMinMax
-    except ImportError:  # pragma: no cover - another onnx2torch layout: keep its own
-        return network
-    for module in network.modules():
-        if isinstance(module, OnnxMinMax):
-            operator = torch.minimum if module._op_type == "Min" else torch.maximum
-            module.apply_reduction = functools.partial(_pairwise, operator)
-    return network
-
-
-def load_network(file: Path) -> nn.Module:
-    """An ONNX or MXNet file as a differentiable torch module (no weights are fetched).
-
-    Inference BatchNorm layers (and BatchNorm exported as a per-channel multiply and add) are
-    folded into the convolution before them (`facecloak.models.fold`,
-    `MXNetGraph.fold_batch_norm`): the same function to float rounding (MobileFace V2's
-    embeddings move by under 2e-6 relative), one pass over memory fewer per layer.
-    """
-    file = Path(file)
-    if not file.is_file():
-        raise ModelNotFoundError("model file not found", file)
-    name = file.name.lower()
-    if name.endswith(".onnx"):
-        try:
-            import onnx
-            from onnx2torch import convert
-        except ImportError:
-            raise ModelNotFoundError(
-                "ONNX models need the onnx extra: pip install 'facecloak[onnx]'", file
-            ) from None
-        try:
-            network = _fast_elementwise(convert(onnx.load(str(file))))
-        except Exception as error:  # onnx and onnx2torch raise many types for a bad file
-            detail = str(error).splitlines()[0][:120] if str(error) else ""
-            raise ModelNotFoundError(
-                f"not a usable ONNX model ({type(error).__name__}: {detail})", file
-            ) from None
-        fold_fx_batch_norm(network.eval())
-        return network
-    if name.endswith("-symbol.json") or name.endswith(".json"):
-        from facecloak.models.mxnet_import import load_mxnet_model
-
-        graph = load_mxnet_model(file)
-        graph.fold_batch_norm()
-        return graph
-    raise ModelNotFoundError("unsupported model file: expected .onnx or an MXNet NAME-symbol.json", file)
 
 
 def make_card(
@@ -255,108 +158,3 @@ def load_model_file(file: Path, **card_options) -> PluginEmbedder:
     card = FaceModelCard(**{**card.__dict__, "embedding_dim": int(output.shape[1])})
     model = PluginEmbedder(card, network)
     return model.eval().requires_grad_(False)
-
-
-def add_user_model(name: str, file: Path, **card_options) -> FaceModelCard:
-    """Check that ``file`` loads and embeds, then save its card to `config_dir` and register it."""
-    if name in _REGISTRY and not (config_dir() / f"{name}.json").is_file():
-        raise InvalidInputError(f"{name!r} is a built-in model; choose another name")
-    model = load_model_file(file, name=name, **card_options)
-    save_user_card(model.card)
-    return model.card
-
-
-def save_user_card(card: FaceModelCard) -> None:
-    """Write ``card`` to `config_dir` atomically and (re-)register it."""
-    folder = config_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{card.name}.json"
-    temporary = target.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(card.to_dict(), indent=2))
-    temporary.replace(target)
-    _register(card)
-
-
-def is_user_model(name: str) -> bool:
-    """Whether ``name`` was added by the user (its card lives in `config_dir`)."""
-    return (config_dir() / f"{name}.json").is_file()
-
-
-def remove_user_model(name: str) -> None:
-    """Forget an added model (its file is left alone)."""
-    target = config_dir() / f"{name}.json"
-    if not target.is_file():
-        raise ModelNotFoundError(f"no added model named {name!r} (see `facecloak models`)")
-    target.unlink()
-    unregister_embedder(name)
-
-
-def _register(card: FaceModelCard) -> None:
-    file = Path(card.weights)
-
-    def locate() -> Path | None:
-        return file if file.is_file() else None
-
-    @register_embedder(card, locate=locate)
-    def factory(weights: Path | None) -> PluginEmbedder:
-        return PluginEmbedder(card, load_network(weights or file))
-
-
-BROKEN_CARDS: list[tuple[Path, str]] = []
-"""Cards in the config folder that could not be read, with the reason (``facecloak models`` shows them)."""
-
-
-def register_user_models() -> None:
-    """Register every card in `config_dir`; a broken card is listed in `BROKEN_CARDS`, not fatal."""
-    BROKEN_CARDS.clear()
-    folder = config_dir()
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-            data["template"] = tuple(tuple(point) for point in data["template"])
-            _register(FaceModelCard(**data))
-        except (OSError, ValueError, TypeError, KeyError) as error:
-            BROKEN_CARDS.append((path, f"unreadable model card ({type(error).__name__}: {error})"))
-
-
-MODEL_FILE_PATTERNS = ("*.onnx", "*-symbol.json")
-"""Files `find_model_files` offers to add: ONNX models and MXNet graphs (with their params)."""
-
-
-def models_search_roots() -> list[Path]:
-    """Where `facecloak models` looks for model files to suggest: FACECLOAK_MODELS, else ../shared/models."""
-    given = os.environ.get("FACECLOAK_MODELS")
-    return [Path(given)] if given else [Path("..") / "shared" / "models"]
-
-
-def find_model_files(roots: list[Path] | None = None) -> list[tuple[str, Path, Path | None]]:
-    """Model files under ``roots`` that are not added yet: (suggested name, file, README or None).
-
-    Only files `add_user_model` can load are listed (ONNX; MXNet ``NAME-symbol.json`` with its
-    ``NAME-0000.params`` beside it). The name is the file's folder (or its stem when a folder
-    holds several models), made lower-case to fit `NAME_PATTERN`.
-    """
-    found = []
-    added = {str(Path(_REGISTRY[name].card.weights).resolve()) for name in _REGISTRY}
-    for root in roots if roots is not None else models_search_roots():
-        if not root.is_dir():
-            continue
-        files = sorted(f for pattern in MODEL_FILE_PATTERNS for f in root.rglob(pattern) if f.is_file())
-        for file in files:
-            if file.name.endswith("-symbol.json"):
-                params = file.with_name(file.name[: -len("-symbol.json")] + "-0000.params")
-                if not params.is_file():
-                    continue
-            if str(file.resolve()) in added:
-                continue
-            alone = sum(f.parent == file.parent for f in files) == 1
-            if alone and file.parent != root:
-                stem = file.parent.name
-            else:
-                stem = file.name.removesuffix("-symbol.json").removesuffix(".onnx")
-            name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "model"
-            readme = next((r for r in sorted(file.parent.glob("README*")) if r.is_file()), None)
-            found.append((name, file.resolve(), readme.resolve() if readme else None))
-    return found

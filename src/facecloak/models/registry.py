@@ -1,6 +1,9 @@
 """Face-embedding models by name: a card per model, a factory per card, nothing downloaded.
 
-A model is registered with its `FaceModelCard` (input size, alignment template, distance and
+The registry knows cards and factories only: it imports no model. Built-in models register
+themselves when `facecloak.models` imports them; models the user added are registered by
+`facecloak.models.user_models`, also from `facecloak.models`' import. A model is registered with
+its `FaceModelCard` (input size, alignment template, distance and
 match threshold, where its weights come from). `create_embedder` builds it from an installed
 package or a file the user names; a model whose weights are missing raises
 `ModelNotFoundError` saying why, it never falls back to random weights or a download.
@@ -19,16 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from facecloak._device import default_device
-from facecloak.errors import ModelNotFoundError
-
-ARCFACE_TEMPLATE_112 = (
-    (38.2946, 51.6963),
-    (73.5318, 51.5014),
-    (56.0252, 71.7366),
-    (41.5493, 92.3655),
-    (70.7299, 92.2041),
-)
-"""The standard 5-point ArcFace/insightface template for a 112x112 chip (MTCNN's five points)."""
+from facecloak.errors import ModelNotFoundError, UnknownModelError
 
 
 @dataclass(frozen=True)
@@ -108,7 +102,6 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
-_user_models_loaded = False
 
 
 def register_embedder(card: FaceModelCard, locate: WeightsLocator = lambda: None):
@@ -126,18 +119,8 @@ def unregister_embedder(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def _ensure_user_models() -> None:
-    global _user_models_loaded
-    if not _user_models_loaded:
-        _user_models_loaded = True
-        from facecloak.models.plugins import register_user_models
-
-        register_user_models()
-
-
 def list_embedders(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style ``pattern``, built-in first."""
-    _ensure_user_models()
     return [name for name in _REGISTRY if fnmatch.fnmatch(name, pattern)]
 
 
@@ -147,9 +130,8 @@ def get_card(name: str) -> FaceModelCard:
 
 
 def _entry(name: str) -> _Entry:
-    _ensure_user_models()
     if name not in _REGISTRY:
-        raise ModelNotFoundError(f"unknown face model {name!r}; known: {', '.join(_REGISTRY)}")
+        raise UnknownModelError(f"unknown face model {name!r}; known: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 
 

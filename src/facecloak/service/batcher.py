@@ -26,11 +26,11 @@ import torch
 from torch import Tensor
 
 from facecloak.anonymize import Anonymizer
-from facecloak.batch import AnonymizeFaces, CloakFaces
 from facecloak.detect import FaceDetector
 from facecloak.errors import FacecloakError
 from facecloak.faces import Faces
 from facecloak.io import LoadedImage
+from facecloak.protection import AnonymizeFaces, CloakFaces, Protection
 from facecloak.service.settings import ServiceSettings
 
 log = logging.getLogger("facecloak.service")
@@ -117,8 +117,8 @@ class Engine:
             raise FacecloakError("no face model is available on this server (see `facecloak models`)")
         return self._embedders
 
-    def protector(self, kind: str, params: dict):
-        """The batch protector (`facecloak.batch`) for these settings, as the CLI builds it."""
+    def protection(self, kind: str, params: dict) -> Protection:
+        """The protection (`facecloak.protection`) for these settings, as the CLI builds it."""
         if kind == "anonymize":
             method = params["method"]
             options = {key: value for key, value in params.items() if key != "method"}
@@ -150,12 +150,13 @@ class Engine:
             outputs: list[Tensor | None] = [None] * len(jobs)
             records = faces.to_records()
         else:
-            protect = self.protector(kind, params)
+            protection = self.protection(kind, params)
             if kind == "anonymize":
                 with torch.no_grad():
-                    outputs, records = protect(pixels, faces)
+                    result = protection.protect(pixels, faces)
             else:
-                outputs, records = protect(pixels, faces)
+                result = protection.protect(pixels, faces)
+            outputs, records = result.images, result.records
         seconds = time.perf_counter() - started
         return [
             JobResult(

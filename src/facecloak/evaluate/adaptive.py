@@ -4,7 +4,7 @@ A scraper can run the same cloak on photos of people it already knows (FaceCure,
 Tramèr, ICLR 2022) and learn the way back. Two strengths are measured:
 
 - ``linear``: a ridge-regression map from protected to clean embeddings
-  (`facecloak.evaluate.fit_correction`), cheap and model-agnostic (dlib's C++ pipeline too).
+  (`facecloak.evaluate.metrics.fit_correction`), cheap and model-agnostic (dlib's C++ pipeline too).
 - ``finetune``: FaceCure's robust training, as feature regression: a copy of the model whose last
   block (the trailing parameter tensors, at least `FINETUNE_SHARE` of its weights) is fine-tuned
   so that protected photos of other people embed where their clean photos do, while clean photos
@@ -52,7 +52,7 @@ def _subject_chips(
     images: Sequence[Tensor], model: Embedder, detector: FaceDetector
 ) -> tuple[Tensor, Tensor]:
     """(n, 3, S, S) chips of each photo's centre face, and (len(images),) whether one was found."""
-    from facecloak.evaluate import centre_face  # evaluate imports this module's users lazily
+    from facecloak.evaluate.attackers import centre_face
 
     with torch.no_grad():
         faces = detector(list(images))

@@ -16,7 +16,7 @@ landmarks on mapped MTCNN boxes land from dlib's own landmarks on its HOG boxes,
 used for the fit (a third of them) and on all; the constants printed are fitted on all faces.
 
 dlib-bin is a test/dev dependency only. Usage:
-    python scripts/fit_dlib_box_mapping.py [--images 400] [--upsample 1] [--json out.json]
+    python scripts/calibrate/fit_dlib_box_mapping.py [--images 400] [--upsample 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from facecloak.detect import FaceDetector
 from facecloak.io import read_image, to_uint8
 from facecloak.models.dlib_shape import load_shape_predictor, locate_shape_predictor
 
-DATA = Path(os.environ.get("FACECLOAK_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("FACECLOAK_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 def nearest_to_centre(centres: np.ndarray, width: int, height: int) -> int:

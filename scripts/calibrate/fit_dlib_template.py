@@ -9,7 +9,7 @@ template then reproduces dlib's chip. It also checks our chip against dlib's own
 (`dlib.get_face_chip`) to within grey levels.
 
 dlib-bin is a test/dev dependency only. Usage:
-    python scripts/fit_dlib_template.py [--images 1200] [--json out.json]
+    python scripts/calibrate/fit_dlib_template.py [--images 1200] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecloak.align import align_faces, dlib_chip_from_image, dlib_template_pixels, transform_points
+from facecloak.align import align_faces, dlib_chip_from_image, transform_points
 from facecloak.detect import FaceDetector
 from facecloak.io import read_image, to_uint8
 from facecloak.models.dlib_format import locate_package_model
-from facecloak.models.dlib_resnet import DLIB_5POINT_TEMPLATE
+from facecloak.models.templates import DLIB_5POINT_TEMPLATE, dlib_template_pixels
 
-DATA = Path(os.environ.get("FACECLOAK_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("FACECLOAK_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 def shape_predictor_path() -> Path:

@@ -1,0 +1,55 @@
+"""The ``facecloak`` command: parse options, call the Python API, print the report, exit.
+
+Exit codes: 0 every face found was protected; 1 finished, but an image had no face or a face
+fell short of its target, or no image was found; 2 usage error; 3 a file failed (missing,
+unreadable or unwritable; the others were still processed).
+
+One module per command group: `faces` (detect, embed, verify), `anonymize`, `cloak`, `models`,
+`donors`, `evaluate`, `serve`. They share `facecloak.cli.options` (the option blocks several
+commands take, written once) and `facecloak.cli.running` (running a batch with its progress,
+printing results, exiting). Each module defines plain click commands; this one adds them to
+`main`, the ``facecloak`` entry point.
+"""
+
+from __future__ import annotations
+
+import click
+
+from facecloak import __version__
+from facecloak.cli import anonymize, cloak, donors, evaluate, faces, models, serve
+from facecloak.cli.options import CONTEXT
+from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="facecloak")
+def main() -> None:
+    """Protect the faces in your photos from face-search scrapers.
+
+    \b
+    facecloak cloak photo.jpg                 cloak every face -> photo_cloaked.jpg
+    facecloak anonymize photos/ -o out/       blur every face in a folder
+    facecloak detect photo.jpg --json         list the faces found
+    facecloak evaluate DATA --method cloak    measure what a protection buys
+
+    Exit codes: 0 all faces protected (inputs whose output exists are skipped); 1 an image had
+    no face, a face was not protected, or no image was found; 2 usage error; 3 some file failed
+    (missing, unreadable, unwritable; the others were still done).
+    """
+
+
+for _command in (
+    anonymize.anonymize,
+    cloak.cloak,
+    faces.detect,
+    donors.donors,
+    faces.embed,
+    evaluate.evaluate,
+    models.models,
+    serve.serve,
+    faces.verify,
+):
+    main.add_command(_command)
+del _command
+
+__all__ = ["main", "EXIT_OK", "EXIT_UNPROTECTED", "EXIT_USAGE", "EXIT_FAILED"]

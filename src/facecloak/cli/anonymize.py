@@ -1,0 +1,212 @@
+"""``facecloak anonymize``: blur, pixelate, mask or replace every face."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from facecloak.cli import running
+from facecloak.cli.options import CONTEXT, batch_options, io_options, ray_option
+from facecloak.cli.running import fail, finish, run_protection
+from facecloak.defaults import REGION_SCALE
+from facecloak.errors import EXIT_USAGE, FacecloakError
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--method",
+    type=click.Choice(["blur", "pixelate", "mask", "replace"]),
+    default="blur",
+    show_default=True,
+    help="blur: Gaussian blur scaled to the face; pixelate: mosaic; mask: solid fill; "
+    "replace: a new face mixed from --donors, checked to match nobody.",
+)
+@click.option(
+    "--shape",
+    type=click.Choice(["ellipse", "box"]),
+    default="ellipse",
+    show_default=True,
+    help="Region shape.",
+)
+@click.option(
+    "--mask-scale",
+    type=click.FloatRange(0.5, 4.0),
+    default=REGION_SCALE,
+    show_default=True,
+    help="Region size relative to the detected box. Larger also covers hair and ears.",
+)
+@click.option(
+    "--strength",
+    type=click.FloatRange(0.01, 2.0),
+    default=None,
+    help="blur: sigma as a fraction of the face size [default 0.25]. Lower keeps more of the face.",
+)
+@click.option(
+    "--blocks",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="pixelate: mosaic blocks across the face [default 8]. More blocks keep more identity.",
+)
+@click.option(
+    "--feather",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Soft edge as a fraction of the region (blur default 0.15, others 0).",
+)
+@click.option(
+    "--donors",
+    "donor_bank",
+    default=None,
+    help="replace: the donor bank (a name from `facecloak donors list`, or a bank folder).",
+)
+@click.option(
+    "--donors-per-face",
+    type=click.IntRange(2, 8),
+    default=3,
+    show_default=True,
+    help="replace: donors mixed into each new face. More: each donor shows less, the face is more average.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="replace: seed of the donor draw and the grain."
+)
+@io_options
+@ray_option
+def anonymize(
+    paths,
+    method,
+    shape,
+    mask_scale,
+    strength,
+    blocks,
+    feather,
+    donor_bank,
+    donors_per_face,
+    seed,
+    **io_values,
+) -> None:
+    """Blur, pixelate, mask or replace every face, at the photo's full resolution.
+
+    Pixels outside the face regions are left exactly as they were (for a JPEG, every 8x8 block
+    away from the faces stays bit-exact). Outputs are written atomically as <name>_<method>.<ext>
+    (photo_blur.jpg, photo_pixelate.jpg, photo_mask.jpg, photo_replace.jpg); inputs are never
+    overwritten; an input whose output exists is skipped unless --overwrite; EXIF (GPS above
+    all) is dropped unless --keep-metadata.
+
+    --method replace puts a new face mixed from several donors of a bank (`facecloak donors add`)
+    in place of each face, keeping hair, ears and background. Each new face is checked after
+    JPEG 75: found again by the detector, and on every available recogniser beyond the match
+    threshold from the original face and from every donor used; a face that fails is retried
+    with other donors, then reported as NOT protected (exit code 1). Faces under --min-face
+    (default 40 px with replace) are blurred instead, and reported.
+
+    \b
+    facecloak anonymize photo.jpg
+    facecloak anonymize photos/ -o anonymized/ --method pixelate --blocks 6
+    facecloak anonymize photos/ -o out/ --method mask --shape box --json
+    facecloak anonymize photos/ -o out/ --method replace --donors mybank
+    """
+    from facecloak.anonymize import Anonymizer
+    from facecloak.pipeline import ProtectorSpec
+    from facecloak.protection import AnonymizeFaces
+
+    if method == "replace":
+        _replace_command(paths, donor_bank, donors_per_face, seed, io_values)
+        return
+    if donor_bank is not None:
+        raise click.UsageError("--donors is for --method replace")
+    options = batch_options(**{k: v for k, v in io_values.items() if k != "ray_address"})
+    params = {"scale": mask_scale, "shape": shape, "feather": feather}
+    if method == "blur":
+        params["strength"] = strength
+    elif method == "pixelate":
+        params["blocks"] = blocks
+    elif strength is not None or blocks is not None:
+        raise click.UsageError("--strength is for blur and --blocks for pixelate")
+    try:
+        anonymizer = Anonymizer(method, **params)
+        spec = ProtectorSpec("anonymize", {"method": method, **params})
+    except FacecloakError as error:
+        fail(error, EXIT_USAGE)
+    report = run_protection(
+        "anonymize",
+        method,
+        paths,
+        options,
+        lambda: AnonymizeFaces(anonymizer),
+        io_values,
+        spec=spec,
+        ray_address=io_values.get("ray_address"),
+    )
+    report.options.update(method=method)
+    finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])
+
+
+def _replace_command(paths, donor_bank, donors_per_face, seed, io_values) -> None:
+    """``anonymize --method replace``: load the bank and every available model, run the batch."""
+    from facecloak.detect import MIN_FACE_PX, FaceDetector
+    from facecloak.donors import load_bank
+    from facecloak.errors import DonorBankError
+    from facecloak.pipeline import ProtectorSpec
+    from facecloak.protection import ReplaceFaces
+    from facecloak.replace import REPLACE_MIN_FACE_PX, FaceReplacer
+
+    if donor_bank is None:
+        raise click.UsageError(
+            "--method replace needs --donors BANK; "
+            "create a bank with `facecloak donors add PHOTOS_DIR --bank NAME`"
+        )
+    if io_values.get("ray_address") is not None:
+        raise click.UsageError("--method replace does not run on Ray (--ray) yet; run it without --ray")
+    source = click.get_current_context().get_parameter_source("min_face")
+    explicit = source is not None and source.name != "DEFAULT"
+    min_face = io_values["min_face"] if explicit else REPLACE_MIN_FACE_PX
+    io_values["min_face"] = min(min_face, MIN_FACE_PX)  # smaller faces are found, then blurred
+    options = batch_options(**{k: v for k, v in io_values.items() if k != "ray_address"})
+    try:
+        bank = load_bank(donor_bank)
+        model_names = running.model_names(None)
+    except DonorBankError as error:
+        fail(error, EXIT_USAGE)
+    except FacecloakError as error:
+        fail(error, error.exit_code)
+    spec = ProtectorSpec(
+        "replace",
+        {
+            "donors": str(bank.folder),
+            "donors_per_face": donors_per_face,
+            "seed": seed,
+            "min_face": min_face,
+            "models": model_names,
+        },
+    )
+
+    def build() -> ReplaceFaces:
+        models = [running.create_model(name, options.device) for name in model_names]
+        detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
+        replacer = FaceReplacer(
+            bank, models, donors_per_face=donors_per_face, seed=seed, min_face=min_face, detector=detector
+        )
+        return ReplaceFaces(replacer)
+
+    report = run_protection(
+        "anonymize",
+        "replace",
+        paths,
+        options,
+        build,
+        io_values,
+        "loading the face models",
+        spec=spec,
+        ray_address=None,
+    )
+    report.options.update(
+        method="replace",
+        donors=str(bank.folder),
+        donors_per_face=donors_per_face,
+        seed=seed,
+        min_face=min_face,
+        models=model_names,
+    )
+    finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])

@@ -1,0 +1,136 @@
+"""``facecloak donors``: the donor banks that face replacement draws new faces from."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from facecloak.cli.options import CONTEXT, require_paths
+from facecloak.cli.running import fail, load_models
+from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE, FacecloakError
+
+
+@click.group(context_settings=CONTEXT)
+def donors() -> None:
+    """Donor banks: the faces `anonymize --method replace` makes new faces from.
+
+    A bank is a folder under $XDG_DATA_HOME/facecloak/donors/NAME (bank.json, chips/, embeddings.npz):
+    copy it, inspect it, delete it. Donor photos are yours: your own stock photos, or a face set
+    whose licence allows it. facecloak ships none and downloads none.
+
+    \b
+    facecloak donors add stock_photos/ --bank mybank --licence "own photos, CC0"
+    facecloak donors list
+    facecloak donors list mybank
+    facecloak donors remove mybank --donor d00007
+    facecloak donors refresh mybank          after `facecloak models add`
+    """
+
+
+@donors.command("add", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--bank", default="default", show_default=True, help="Bank name (created if missing) or folder."
+)
+@click.option(
+    "--licence",
+    "--license",
+    "licence",
+    default="",
+    help="Where the photos come from and under which licence; stored with every donor.",
+)
+@click.option("--all-faces", is_flag=True, help="Take every usable face of a photo, not only the largest.")
+@click.option("--device", default=None, help="torch device. Default: CUDA if present.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def donors_add(paths, bank, licence, all_faces, device, as_json) -> None:
+    """Detect, align and store the donor faces of photos (files or folders) in a bank.
+
+    Each photo gives its largest clear, near-frontal face of at least 60 px; a photo without one
+    is listed and skipped. Every available face model embeds each donor, so new faces can be
+    checked against it. Exit code 1 when a photo was skipped, 3 when a file failed.
+    """
+    from facecloak.donors import add_donors
+
+    require_paths(paths)
+    try:
+        models = load_models(None, device)
+        report = add_donors(paths, models, bank=bank, licence=licence, all_faces=all_faces)
+    except FacecloakError as error:
+        fail(error, EXIT_USAGE)
+    if not licence:
+        click.echo(
+            "note: no --licence given; record where these photos come from and their licence", err=True
+        )
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
+    sys.exit(EXIT_FAILED if report.failed else EXIT_UNPROTECTED if report.skipped else EXIT_OK)
+
+
+@donors.command("list", context_settings=CONTEXT)
+@click.argument("bank", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def donors_list(bank, as_json) -> None:
+    """List the banks, or the donors of one bank (id, licence note, source photo)."""
+    from facecloak.donors import data_dir, list_banks, load_bank
+
+    if bank is None:
+        banks = list_banks()
+        if as_json:
+            click.echo(json.dumps(banks, indent=2))
+            return
+        if not banks:
+            click.echo(
+                f"no donor bank in {data_dir()}; "
+                "create one with `facecloak donors add PHOTOS_DIR --bank NAME`"
+            )
+        for entry in banks:
+            if "error" in entry:
+                click.echo(f"error: {entry['error']}", err=True)
+                continue
+            click.echo(
+                f"{entry['name']:<20} {entry['donors']:>5} donor(s)  models: {', '.join(entry['models'])}  "
+                f"({entry['folder']})"
+            )
+        return
+    try:
+        data = load_bank(bank, allow_empty=True)
+    except FacecloakError as error:
+        fail(error, EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps({**data.summary(), "donor_records": data.donors}, indent=2))
+        return
+    click.echo(f"{data.name}: {len(data)} donor(s), models {', '.join(sorted(data.models))} ({data.folder})")
+    for donor in data.donors:
+        click.echo(f"  {donor['id']}  licence: {donor.get('licence') or '-'}  {donor['source']}")
+
+
+@donors.command("remove", context_settings=CONTEXT)
+@click.argument("bank")
+@click.option(
+    "--donor", "ids", multiple=True, help="Remove only this donor (repeatable). Default: the whole bank."
+)
+def donors_remove(bank, ids) -> None:
+    """Remove a whole bank, or some of its donors."""
+    from facecloak.donors import remove_donors
+
+    try:
+        count = remove_donors(bank, ids)
+    except FacecloakError as error:
+        fail(error, EXIT_USAGE)
+    click.echo(f"removed {count} donor(s)" + ("" if ids else f" and bank {bank}"))
+
+
+@donors.command("refresh", context_settings=CONTEXT)
+@click.argument("bank")
+@click.option("--device", default=None, help="torch device. Default: CUDA if present.")
+def donors_refresh(bank, device) -> None:
+    """Re-embed a bank's donors with every face model available now (from its stored chips)."""
+    from facecloak.donors import refresh_bank
+
+    try:
+        data = refresh_bank(bank, load_models(None, device))
+    except FacecloakError as error:
+        fail(error, EXIT_USAGE)
+    click.echo(f"{data.name}: {len(data)} donor(s) re-embedded with {', '.join(sorted(data.models))}")

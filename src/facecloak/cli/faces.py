@@ -1,0 +1,136 @@
+"""``facecloak detect``, ``embed`` and ``verify``: look at faces, change nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from facecloak.cli.options import CONTEXT, JSONL_OPTION, batch_options, detect_options, verify_detect_options
+from facecloak.cli.running import fail, load_models, print_per_file
+from facecloak.errors import EXIT_OK, EXIT_UNPROTECTED, FacecloakError
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@detect_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+@JSONL_OPTION
+def detect(paths, threshold, min_face, device, max_pixels, as_json, as_jsonl) -> None:
+    """List the faces found in photos (boxes, confidence, five landmarks).
+
+    A missing or unreadable file gets one error line and the others are still listed (exit 3).
+
+    \b
+    facecloak detect photo.jpg
+    facecloak detect photos/ --json > faces.json
+    facecloak detect photos/ --jsonl | head -3
+    """
+    from facecloak.commands import detect_files
+
+    options = batch_options(
+        None, threshold=threshold, min_face=min_face, device=device, max_pixels=max_pixels
+    )
+    try:
+        results = detect_files(paths, options)
+    except FacecloakError as error:
+        fail(error)
+
+    def describe(face: dict) -> str:
+        box = ", ".join(f"{v:.0f}" for v in face["box"])
+        return f"box ({box})  score {face['score']:.3f}"
+
+    print_per_file(results, as_json, describe, as_jsonl=as_jsonl, paths=paths)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_name", default="dlib-resnet", show_default=True, help="Face model.")
+@detect_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (with the full vectors).")
+@JSONL_OPTION
+def embed(paths, model_name, threshold, min_face, device, max_pixels, as_json, as_jsonl) -> None:
+    """Print the embedding of every face found.
+
+    \b
+    facecloak embed photo.jpg --json
+    facecloak embed photos/ --jsonl > embeddings.jsonl
+    """
+    from facecloak.commands import embed_files
+
+    options = batch_options(
+        None, threshold=threshold, min_face=min_face, device=device, max_pixels=max_pixels
+    )
+    try:
+        model = load_models(model_name, device)[0]
+        results = embed_files(paths, model, options)
+    except FacecloakError as error:
+        fail(error)
+
+    def describe(face: dict) -> str:
+        head = " ".join(f"{v:+.3f}" for v in face["embedding"][:6])
+        return f"[{head} ...] ({len(face['embedding'])}-d, {model_name})"
+
+    print_per_file(results, as_json, describe, as_jsonl=as_jsonl, paths=paths)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("first", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("second", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_name", default="dlib-resnet", show_default=True, help="Face model.")
+@click.option(
+    "--match-threshold",
+    type=click.FloatRange(0, None),
+    default=None,
+    help="Same person when the distance is below this. Default: the model's own threshold "
+    "(see `facecloak models`: dlib-resnet 0.6, euclidean). Lower is stricter.",
+)
+@verify_detect_options
+@click.option(
+    "--threshold",
+    "deprecated_threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    hidden=True,
+    help="Deprecated alias of --detect-threshold.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def verify(first, second, model_name, match_threshold, deprecated_threshold, as_json, **detection) -> None:
+    """Say whether two photos show the same person (largest face of each).
+
+    Two thresholds: --match-threshold decides "same person" from the distance between the two
+    faces (default: the model's own); --detect-threshold is the face detector's confidence.
+    Exit code 0 when they match, 1 when they do not, 3 when a photo has no face or fails.
+
+    \b
+    facecloak verify me.jpg me_cloaked.jpg
+    facecloak verify me.jpg other.jpg --match-threshold 0.5 --json
+    """
+    from facecloak.commands import verify_files
+
+    if deprecated_threshold is not None:
+        click.echo(
+            "warning: verify --threshold is deprecated: it sets the face detection confidence; "
+            "use --detect-threshold for that, or --match-threshold for the same-person threshold",
+            err=True,
+        )
+        detection["threshold"] = deprecated_threshold
+    options = batch_options(None, **detection)
+    try:
+        model = load_models(model_name, options.device)[0]
+        result = verify_files(first, second, model, options, match_threshold=match_threshold)
+    except FacecloakError as error:
+        fail(error)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        same = result["same_person"]
+        verdict = "SAME person" if same else "DIFFERENT people"
+        relation = "<" if same else ">="
+        click.echo(
+            f"{verdict}: distance {result['distance']:.4f} ({result['metric']}) {relation} "
+            f"match threshold {result['match_threshold']:g} ({model_name})"
+        )
+    sys.exit(EXIT_OK if result["same_person"] else EXIT_UNPROTECTED)

@@ -1,0 +1,176 @@
+"""Option blocks several commands share, written once, and turning their values into `Options`.
+
+Every default shown in ``--help`` comes from `facecloak.defaults` (or the library it describes),
+so the CLI, batch `Options`, the service and the docs agree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from facecloak.batch import Options
+from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def io_options(function: Callable) -> Callable:
+    """Options every photo-writing command shares."""
+    decorators = [
+        click.option(
+            "-o",
+            "--output",
+            "out_dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Output folder (the input tree is mirrored under it). Default: beside each input, "
+            "as <name>_<tag>.<ext>. Inputs are never overwritten.",
+        ),
+        click.option(
+            "--format",
+            "format_name",
+            type=click.Choice(["jpeg", "png", "webp", "tiff", "bmp", "heif"], case_sensitive=False),
+            default=None,
+            help="Output format. Default: the input's own (GIF becomes PNG).",
+        ),
+        click.option(
+            "--keep-metadata",
+            is_flag=True,
+            help="Keep EXIF (camera, date...) minus GPS. Default: drop all EXIF; the colour profile is kept.",
+        ),
+        click.option("--overwrite", is_flag=True, help="Replace earlier outputs (never an input)."),
+        click.option(
+            "--jpeg-quality",
+            type=click.IntRange(1, 100),
+            default=None,
+            help="Re-encode JPEG/WebP outputs whole at this quality. Default: a JPEG written from a "
+            "JPEG keeps the input's own quantisation and re-encodes only the 8x8 blocks around the "
+            "faces (every other block stays bit-exact); other outputs use 95.",
+        ),
+        click.option(
+            "--json", "as_json", is_flag=True, help="Print the full report as one JSON document on stdout."
+        ),
+        click.option(
+            "--jsonl",
+            "as_jsonl",
+            is_flag=True,
+            help="Print one JSON line per file on stdout as each is done, then a summary line (for pipes).",
+        ),
+        click.option(
+            "--progress",
+            "progress_mode",
+            type=click.Choice(["auto", "bar", "plain", "none"]),
+            default="auto",
+            show_default=True,
+            help="Progress on stderr: a live bar, plain lines (for logs), or none. auto: bar on a "
+            "terminal, plain otherwise.",
+        ),
+        click.option(
+            "-q", "--quiet", is_flag=True, help="No progress, and per-file lines only for problems."
+        ),
+    ]
+    function = detect_options(function)
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def detect_options(function: Callable, *, verify: bool = False) -> Callable:
+    """Options of face detection and of reading images.
+
+    ``verify`` drops the ``--threshold`` alias of ``--detect-threshold`` (verify has two
+    thresholds; there ``--threshold`` is a deprecated alias added by the command itself).
+    """
+    decorators = [
+        click.option(
+            "--detect-threshold",
+            "--threshold",
+            "threshold",
+            type=click.FloatRange(0, 1),
+            default=MIN_FACE_SCORE,
+            show_default=True,
+            help="Face detection confidence. Lower finds more faces (profiles, blur) and more false ones.",
+        ),
+        click.option(
+            "--min-face",
+            type=click.IntRange(4, None),
+            default=MIN_FACE_PX,
+            show_default=True,
+            help="Smallest face side to look for, in pixels. Smaller is slower.",
+        ),
+        click.option(
+            "--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: CUDA if present."
+        ),
+        click.option(
+            "--max-pixels",
+            type=click.IntRange(1, None),
+            default=None,
+            help="Refuse images with more pixels (decompression-bomb guard). Default 120,000,000.",
+        ),
+    ]
+    if verify:
+        decorators[0] = click.option(
+            "--detect-threshold",
+            "threshold",
+            type=click.FloatRange(0, 1),
+            default=MIN_FACE_SCORE,
+            show_default=True,
+            help="Face detection confidence (not the same-person threshold: see --match-threshold).",
+        )
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def verify_detect_options(function: Callable) -> Callable:
+    """`detect_options` for ``verify``: ``--detect-threshold`` only (there ``--threshold`` is its own)."""
+    return detect_options(function, verify=True)
+
+
+def batch_options(out_dir: Path | None, **values) -> Options:
+    """The batch `Options` from a command's option values (defaults as in `facecloak.defaults`)."""
+    return Options(
+        out_dir=str(out_dir) if out_dir else None,
+        format=values.get("format_name"),
+        keep_metadata=values.get("keep_metadata", False),
+        overwrite=values.get("overwrite", False),
+        max_pixels=values.get("max_pixels"),
+        min_score=values.get("threshold", MIN_FACE_SCORE),
+        min_size=values.get("min_face", MIN_FACE_PX),
+        device=values.get("device"),
+        jpeg_quality=values.get("jpeg_quality"),
+    )
+
+
+JSONL_OPTION = click.option(
+    "--jsonl", "as_jsonl", is_flag=True, help="Print one JSON line per face (for pipes: grep, head, jq)."
+)
+
+
+def require_paths(paths: tuple[Path, ...]) -> None:
+    """For Ray only: local paths must exist (URIs such as s3://... are checked by the workers)."""
+    missing = [str(path) for path in paths if not path.exists() and not URI.match(str(path))]
+    if missing:
+        raise click.UsageError(f"no such file or folder: {', '.join(missing)}")
+
+
+URI = re.compile(r"^[a-z][a-z0-9+.-]*:/")  # s3://..., gs://... (a Path keeps one slash of the two)
+
+
+def ray_option(function: Callable) -> Callable:
+    """``--ray [ADDRESS]``: run the batch on a Ray cluster (facecloak.distributed)."""
+    return click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run on Ray: --ray alone starts or joins the local cluster (RAY_ADDRESS), --ray=ADDRESS joins "
+        "that one (e.g. ray://head:10001). Inputs may be s3:// or other pyarrow URIs; needs -o and "
+        "pip install 'facecloak[ray]'. Put it after the paths.",
+    )(function)

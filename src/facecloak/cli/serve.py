@@ -1,0 +1,132 @@
+"""``facecloak serve``: the HTTP service (FastAPI on uvicorn) over the same Python API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from facecloak.cli.options import CONTEXT
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind. 0.0.0.0 exposes the service."
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: CUDA if present.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Model workers, each with its own copy of the models (one per GPU; on a CPU keep 1).",
+)
+@click.option(
+    "--models", default=None, help="Comma-separated models the cloak attacks. Default: all available."
+)
+@click.option(
+    "--max-upload-mb",
+    type=click.IntRange(1, 4096),
+    default=50,
+    show_default=True,
+    help="Upload cap (413 above).",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1, None),
+    default=50_000_000,
+    show_default=True,
+    help="Pixel cap, read from the image header before decoding (413 above).",
+)
+@click.option(
+    "--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Photos per model call."
+)
+@click.option(
+    "--batch-wait-ms",
+    type=click.FloatRange(0, 1000),
+    default=10.0,
+    show_default=True,
+    help="How long a worker waits for more photos to batch after the first.",
+)
+@click.option(
+    "--queue-size",
+    type=click.IntRange(1, 100_000),
+    default=32,
+    show_default=True,
+    help="Photos waiting at most; more get 503 with Retry-After.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, None),
+    default=300.0,
+    show_default=True,
+    help="Per-request limit, s (504).",
+)
+@click.option(
+    "--api-keys",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File of accepted API keys, one per line. Default: no key needed.",
+)
+@click.option(
+    "--cors-origin", multiple=True, help="Allow this origin by CORS (repeatable). Default: CORS off."
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def serve(
+    host,
+    port,
+    device,
+    workers,
+    models,
+    max_upload_mb,
+    max_pixels,
+    max_batch,
+    batch_wait_ms,
+    queue_size,
+    timeout,
+    api_keys,
+    cors_origin,
+    log_level,
+) -> None:
+    """Run the HTTP service and its web page (FastAPI on uvicorn).
+
+    Open http://127.0.0.1:8000/ for the page, /docs for the API. The models are loaded once at
+    start-up; concurrent uploads are batched onto them. Needs pip install 'facecloak[serve]'.
+
+    \b
+    facecloak serve
+    curl -F image=@photo.jpg -F method=blur http://127.0.0.1:8000/v1/anonymize -o out.jpg
+    curl -F image=@photo.jpg -F level=high -F response=json http://127.0.0.1:8000/v1/cloak
+    """
+    try:
+        import uvicorn
+
+        from facecloak.service import ServiceSettings, create_app
+    except ImportError as error:
+        raise click.UsageError(f"the service needs pip install 'facecloak[serve]' ({error})") from None
+    import logging
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServiceSettings(
+        device=device,
+        workers=workers,
+        models=tuple(name.strip() for name in models.split(",") if name.strip()) if models else None,
+        max_upload_bytes=max_upload_mb * 1024 * 1024,
+        max_pixels=max_pixels,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        queue_size=queue_size,
+        request_timeout_s=timeout,
+        api_keys_file=api_keys,
+        cors_origins=tuple(cors_origin),
+    )
+    try:
+        settings.api_keys()
+    except (OSError, ValueError) as error:
+        raise click.UsageError(str(error)) from None
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_keys:
+        click.echo(
+            f"warning: serving on {host} without --api-keys: anyone who reaches it can use it", err=True
+        )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)

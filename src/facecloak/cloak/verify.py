@@ -1,0 +1,125 @@
+"""The honest check after an upload: re-encode, detect from scratch, match, embed, and the records.
+
+A cloak is only worth what survives an upload site: each cloaked photo is re-encoded as a real
+JPEG at `VERIFY_JPEG_QUALITY`, faces are detected again by the detector passed in (no hidden
+one), each original face is matched to a new detection by box overlap (`REDETECT_IOU`), and the
+matched faces are embedded by every attacked model. `face_records` turns a `CloakResult` into the
+per-face JSON the CLI, batch and service write.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from facecloak import io
+from facecloak.defaults import REDETECT_IOU, VERIFY_JPEG_QUALITY
+from facecloak.embed import embed_faces
+from facecloak.faces import Faces, box_iou
+from facecloak.models.registry import Embedder
+
+if TYPE_CHECKING:  # typing only: base.py builds CloakResult and imports this module
+    from facecloak.cloak.base import CloakResult
+
+__all__ = [
+    "DISTANCE_AFTER_UPLOAD_KEY",
+    "FOUND_AFTER_UPLOAD_KEY",
+    "REDETECT_IOU",
+    "VERIFY_JPEG_QUALITY",
+    "face_records",
+    "match_redetected",
+    "verify_after_upload",
+]
+
+DISTANCE_AFTER_UPLOAD_KEY = f"distance_after_jpeg{VERIFY_JPEG_QUALITY}"
+"""Per-model record key: distance to the clean face after the re-encode (None: not found again)."""
+
+FOUND_AFTER_UPLOAD_KEY = f"found_after_jpeg{VERIFY_JPEG_QUALITY}"
+"""Per-face record key: the face was detected again after the re-encode."""
+
+Detector = Callable[[Sequence[Tensor]], Faces]
+
+
+def match_redetected(faces: Faces, found: Faces) -> tuple[Tensor, Tensor]:
+    """Match each of ``faces`` to the best-overlapping face of ``found`` in the same photo.
+
+    Returns:
+        matched: (N,) index into ``found``, -1 where none overlaps by at least `REDETECT_IOU`.
+        is_found: (N,) bool, ``matched >= 0``.
+    """
+    n = len(faces)
+    matched = torch.full((n,), -1, dtype=torch.long)
+    is_found = torch.zeros(n, dtype=torch.bool)
+    for k in range(n):
+        candidates = (found.image_index == faces.image_index[k]).nonzero()[:, 0]
+        if len(candidates):
+            overlaps = box_iou(faces.boxes[k], found.boxes[candidates])
+            best = int(overlaps.argmax())
+            if float(overlaps[best]) >= REDETECT_IOU:
+                matched[k] = candidates[best]
+                is_found[k] = True
+    return matched, is_found
+
+
+def verify_after_upload(
+    stored: list[Tensor], faces: Faces, clean: list[Tensor], models: Sequence[Embedder], detector: Detector
+) -> tuple[Tensor, Tensor]:
+    """Re-encode each photo as JPEG, detect from scratch, match faces by box overlap, embed.
+
+    Args:
+        stored: the protected photos as they will be written, (3, H_i, W_i) each.
+        faces: the faces that were protected (``image_index`` into ``stored``).
+        clean: per model, (N, D_m) embeddings of the clean faces.
+        models: the models to measure.
+        detector: finds faces in the re-encoded photos.
+
+    Returns:
+        distance: (N, M) each model's distance to the clean face; NaN where not found again.
+        found: (N,) bool, the face was detected again.
+    """
+    recompressed = [io.jpeg_roundtrip(image, VERIFY_JPEG_QUALITY) for image in stored]
+    found_faces = detector(recompressed)
+    distance = torch.full((len(faces), len(models)), math.nan)
+    matched, found = match_redetected(faces, found_faces)
+    if bool(found.any()):
+        again = found_faces.select(matched[found])
+        for m, model in enumerate(models):
+            embedding = embed_faces(recompressed, again, model)
+            distance[found, m] = model.distance(embedding, clean[m][found.to(clean[m].device)]).cpu()
+    return distance, found
+
+
+def face_records(result: CloakResult, faces: Faces) -> list[dict]:
+    """One JSON-ready dict per face of ``result``, in ``faces`` order."""
+    out = []
+    base = faces.to_records()
+    for n in range(len(faces)):
+        models = {
+            name: {
+                "threshold": round(float(result.thresholds[m]), 4),
+                "distance": round(float(result.distance[n, m]), 4),
+                DISTANCE_AFTER_UPLOAD_KEY: None
+                if math.isnan(float(result.distance_jpeg[n, m]))
+                else round(float(result.distance_jpeg[n, m]), 4),
+            }
+            for m, name in enumerate(result.model_names)
+        }
+        out.append(
+            {
+                **base[n],
+                "protected": bool(result.protected[n]),
+                FOUND_AFTER_UPLOAD_KEY: bool(result.found_after_jpeg[n]),
+                "models": models,
+                "dssim": round(float(result.dssim[n]), 5),
+                "psnr": round(float(result.psnr[n]), 2),
+                "linf": round(float(result.linf[n]), 2),
+                "ciede2000_mean": round(float(result.ciede_mean[n]), 3),
+                "ciede2000_p99": round(float(result.ciede_p99[n]), 3),
+                "steps": int(result.steps[n]),
+            }
+        )
+    return out

@@ -1,0 +1,36 @@
+"""Every user-facing default, defined once.
+
+The CLI options, batch `Options`, the service's form fields, the library's keyword defaults and
+the docs all read them from here.
+
+Nothing here imports the rest of facecloak, so any module may import it. A default that belongs
+to one algorithm alone (a cloak's Adam betas, MTCNN's stage thresholds) stays a named constant in
+that algorithm's module; this file holds the numbers several layers must agree on.
+"""
+
+from __future__ import annotations
+
+MIN_FACE_SCORE = 0.9
+"""Detection confidence (MTCNN's final stage, 0..1) a face must reach to be kept."""
+
+MIN_FACE_PX = 20
+"""Smallest face side looked for, in original pixels (smaller is slower)."""
+
+REGION_SCALE = 1.3
+"""A face's region (the only pixels an anonymiser or a cloak changes) relative to its detection
+box, scaled about its centre (deface uses 1.3)."""
+
+OUTPUT_JPEG_QUALITY = 95
+"""Quality of JPEG/WebP/HEIF outputs encoded from pixels, when a JPEG source's own blocks cannot
+be kept and the user gave none."""
+
+VERIFY_JPEG_QUALITY = 75
+"""The re-encode every protection is checked against, as a typical upload site applies it."""
+
+REDETECT_IOU = 0.3
+"""Box overlap (intersection over union) at which a face found again after that re-encode counts
+as the same face."""
+
+UPLOADS = ("none", "jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur")
+"""What the evaluator's scraper does to a photo before embedding it, by default (see
+`facecloak.evaluate.UPLOADS` for each name)."""

@@ -1,0 +1,95 @@
+"""The disk cache of clean photos' embeddings per attacker, and embedding files through it."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from facecloak import io
+from facecloak.errors import FacecloakError
+
+if TYPE_CHECKING:
+    from facecloak.evaluate.attackers import Attacker
+
+CACHE_VERSION = 2
+"""Bump when the embedding pipeline changes in a way cards and settings do not show."""
+
+FILES_PER_CALL = 32
+"""Clean files decoded and embedded together."""
+
+
+class EmbeddingCache:
+    """Embeddings of clean files per attacker, kept on disk so repeated evaluations skip them."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.memory: dict[str, dict[str, np.ndarray]] = {}
+
+    def _file(self, attacker: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{attacker}.npz"
+
+    def _load(self, attacker: str) -> dict[str, np.ndarray]:
+        if attacker not in self.memory:
+            path = self._file(attacker)
+            self.memory[attacker] = dict(np.load(path)) if path is not None and path.is_file() else {}
+        return self.memory[attacker]
+
+    @staticmethod
+    def key(path: Path) -> str:
+        """Cache key: the file's path, size and modification time."""
+        stat = path.stat()
+        return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+
+    def get(self, attacker: str, path: Path) -> np.ndarray | None:
+        """The cached embedding of ``path``, if any."""
+        return self._load(attacker).get(self.key(path))
+
+    def put(self, attacker: str, path: Path, embedding: np.ndarray) -> None:
+        """Remember an embedding (saved by `save`)."""
+        self._load(attacker)[self.key(path)] = embedding
+
+    def save(self) -> None:
+        """Write every attacker's embeddings to the cache folder."""
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for attacker, table in self.memory.items():
+            target = self._file(attacker)
+            temporary = target.with_suffix(".tmp.npz")
+            np.savez(temporary, **table)
+            temporary.replace(target)
+
+
+def embed_files(
+    attacker: Attacker, paths: list[Path], cache: EmbeddingCache, progress: Callable[[int, int], None]
+) -> Tensor:
+    """Embeddings of clean files, from the cache where possible (unreadable files give NaN rows)."""
+    out = torch.full((len(paths), attacker.dim), math.nan)
+    missing = []
+    for i, path in enumerate(paths):
+        cached = cache.get(attacker.fingerprint, path)
+        if cached is None:
+            missing.append(i)
+        else:
+            out[i] = torch.from_numpy(cached)
+    for start in range(0, len(missing), FILES_PER_CALL):
+        readable, images = [], []
+        for i in missing[start : start + FILES_PER_CALL]:
+            try:
+                images.append(io.read_image(paths[i]).pixels)
+                readable.append(i)
+            except FacecloakError:
+                continue
+        if readable:
+            out[readable] = attacker.embed(images)
+        for i in missing[start : start + FILES_PER_CALL]:
+            cache.put(attacker.fingerprint, paths[i], out[i].numpy())
+        progress(min(start + FILES_PER_CALL, len(missing)), len(missing))
+    return out

@@ -1,0 +1,387 @@
+"""How much matching accuracy a scraper loses: the protocol, in three phases.
+
+Protocol (Clearview-style scraper: detect, align, embed, nearest neighbour):
+    - From a folder of people, draw the protected people and an unprotected control group (people
+      with at least ``min_photos`` photos); each one's first ``probes`` photos are clean probes.
+    - protect: the protected people's other photos are protected (cloak, blur, ... or taken from a
+      folder of already protected photos); the control's stay clean.
+    - collect: the control's gallery photos, everyone's probes and the distractors (everyone
+      else's clean photos); for the adaptive attacker, protected and clean photos of people outside
+      the test.
+    - score: both galleries go through the upload transform under test (JPEG, downscale, blur)
+      into the scraper's gallery. Each attacker (every registry model, white-box when the cloak
+      attacked it, and dlib's own C++ pipeline when dlib-bin is installed) identifies each probe
+      by its nearest gallery faces: one `EvaluationRow` per attacker, upload and adaptive variant.
+      Protection = 1 - rank-1 of the protected; the control's rank-1 shows the attacker works.
+    - An adaptive attacker (FaceCure's point) learns from photos it protected itself: a linear map
+      taking protected embeddings back to clean ones, or a fine-tuned model
+      (`facecloak.evaluate.adaptive`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from facecloak import io
+from facecloak._checks import check_choice
+from facecloak.datasets import Person, Split, list_people, split_people
+from facecloak.detect import FaceDetector
+from facecloak.evaluate.adaptive import ADAPTIVE_KINDS, finetune_model, finetune_summary
+from facecloak.evaluate.attackers import Attacker, PipelineAttacker, embed_in_batches
+from facecloak.evaluate.cache import EmbeddingCache, embed_files
+from facecloak.evaluate.metrics import (
+    apply_correction,
+    fit_correction,
+)
+from facecloak.evaluate.protect import PersonProtector
+from facecloak.evaluate.rows import (
+    EvaluationResult,
+    ProgressCallback,
+    add_protected_distances,
+    distance_summary,
+    score_row,
+)
+from facecloak.evaluate.summary import Photos, examples, quality_summary
+from facecloak.evaluate.uploads import ADAPTIVE_UPLOAD, DEFAULT_UPLOADS, UPLOADS
+from facecloak.protection import Protection
+
+ADAPTIVE_PHOTOS_PER_PERSON = 6
+ADAPTIVE_MIN_PHOTOS = 3
+EXAMPLES = 4
+
+
+@dataclass
+class _Protected:
+    """What the protect phase gives: clean and protected gallery photos, one record per photo."""
+
+    clean: Photos
+    protected: Photos
+    records: list[dict]
+    seconds: float
+
+
+@dataclass
+class _Collected:
+    """What the collect phase gives: everything the scrapers see besides the protected photos."""
+
+    control: Photos
+    probe_paths: list[Path]
+    probe_labels: Tensor
+    is_protected_probe: Tensor
+    distractor_paths: list[Path]
+    distractor_labels: Tensor
+    adaptive_pairs: tuple[list[Tensor], list[Tensor]] | None
+
+
+def evaluate(
+    data: str | Path,
+    protection: Protection | None,
+    attackers: Sequence[Attacker],
+    *,
+    detector: FaceDetector | None = None,
+    protected_dir: Path | None = None,
+    method: str | None = None,
+    people: int | list[str] = 20,
+    control: int = 20,
+    min_photos: int = 10,
+    probes: int = 2,
+    uploads: Sequence[str] = DEFAULT_UPLOADS,
+    adaptive: str | None = None,
+    adaptive_people: int = 20,
+    max_distractors: int | None = None,
+    seed: int = 0,
+    cache: EmbeddingCache | None = None,
+    settings: dict | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> EvaluationResult:
+    """Run the protocol of the module docstring.
+
+    Args:
+        data: folder with one sub-folder of photos per person.
+        protection: the protection under test (`facecloak.protection.CloakFaces`, ...); None
+            leaves the photos unprotected (the baseline) or, with ``protected_dir``, reads them.
+        attackers: the scrapers to measure.
+        detector: finds the faces to protect (default: a `FaceDetector` with default settings).
+        protected_dir: photos protected elsewhere, ``protected_dir/<person>/<photo stem>...``.
+        method: name of the protection, for the report (default: from ``protection``).
+        people: how many people to protect (or their names).
+        control: unprotected people measured alongside (the control).
+        min_photos: protected and control people have at least this many photos.
+        probes: clean photos held out per person.
+        uploads: upload transforms, one row each (see `facecloak.evaluate.uploads.UPLOADS`).
+        adaptive: also run the adaptive attacker, protecting ``adaptive_people`` further people's
+            photos to learn from: "linear" (a learnt map of embeddings), "finetune" (the model's
+            last block fine-tuned; facecloak's own pipelines only) or "both". None: not run.
+        adaptive_people: how many further people the adaptive attacker learns from.
+        max_distractors: use at most this many distractor photos (drawn with ``seed``); None: all.
+        seed: seed of the draw of people.
+        cache: cache of clean embeddings (distractors and probes).
+        settings: extra settings to record.
+        on_progress: called with (stage, done, total).
+    """
+    for upload in uploads:
+        check_choice(upload, tuple(UPLOADS), "upload")
+    if adaptive is not None:
+        check_choice(adaptive, ADAPTIVE_KINDS, "adaptive")
+    started = time.perf_counter()
+    progress = on_progress or (lambda stage, done, total: None)
+    cache = cache or EmbeddingCache(None)
+    if detector is None and protection is not None and protected_dir is None:
+        detector = FaceDetector()
+    protector = PersonProtector(protection, detector, attackers, protected_dir=protected_dir)
+    everyone = list_people(data)
+    split = split_people(
+        everyone, protected=people, control=control, min_photos=min_photos, probes=probes, seed=seed
+    )
+    result = EvaluationResult(
+        settings={
+            "data": str(data),
+            "method": method or _method_name(protection, protected_dir),
+            "protected_people": [p.name for p in split.protected],
+            "control_people": len(split.control),
+            "distractor_people": len(split.distractors),
+            "max_distractors": max_distractors,
+            "min_photos": min_photos,
+            "probes": probes,
+            "uploads": list(uploads),
+            "attackers": [a.name for a in attackers],
+            "adaptive_people": adaptive_people if adaptive is not None else 0,
+            "seed": seed,
+            "versions": _versions(),
+            **(settings or {}),
+        }
+    )
+    labels = {person.name: index for index, person in enumerate(everyone)}
+
+    gallery = _protect_phase(split, protector, labels, progress)
+    result.quality = quality_summary(gallery.clean.images, gallery.protected.images, gallery.records)
+    result.examples = examples(gallery.clean, gallery.protected, everyone, count=EXAMPLES)
+    collected = _collect_phase(
+        everyone, split, labels, protector if adaptive is not None else None, adaptive_people,
+        max_distractors, seed, progress,
+    )  # fmt: skip
+    embed_seconds, embedded = 0.0, 0
+    for a, attacker in enumerate(attackers):
+        seconds, count = _score_phase(
+            result, attacker, gallery, collected, uploads, adaptive, cache, seed, progress
+        )
+        embed_seconds += seconds
+        embedded += count
+        cache.save()
+        progress("attackers", a + 1, len(attackers))
+    protected_photos = len(gallery.protected.images)
+    result.timings = {
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "protect_seconds": round(gallery.seconds, 2),
+        "protected_photos": protected_photos,
+        "protect_seconds_per_photo": round(gallery.seconds / max(1, protected_photos), 3),
+        "embedded_photos": embedded,
+        "embed_photos_per_second": round(embedded / max(embed_seconds, 1e-9), 2),
+    }
+    return result
+
+
+def _method_name(protection: Protection | None, protected_dir: Path | None) -> str:
+    """The report's name: "none", "cloak", "replace", the anonymiser's method or "folder:<dir>"."""
+    if protected_dir is not None:
+        return f"folder:{protected_dir}"
+    if protection is None:
+        return "none"
+    return protection.tag if protection.kind == "anonymize" else protection.kind
+
+
+# -- phase 1: protect ---------------------------------------------------------------------------
+
+
+def _protect_phase(
+    split: Split, protector: PersonProtector, labels: dict[str, int], progress: ProgressCallback
+) -> _Protected:
+    """Protect each protected person's gallery photos."""
+    clean, protected, records = Photos(), Photos(), []
+    started = time.perf_counter()
+    for done, person in enumerate(split.protected):
+        paths = list(split.gallery_photos(person))
+        photos = [io.read_image(path).pixels for path in paths]
+        outputs, person_records = protector(photos, paths, person.name)
+        for path, photo, output, record in zip(paths, photos, outputs, person_records):
+            clean.add(photo, labels[person.name], path)
+            protected.add(output, labels[person.name], path)
+            records.append(record)
+        progress("protect", done + 1, len(split.protected))
+    return _Protected(clean, protected, records, time.perf_counter() - started)
+
+
+# -- phase 2: collect ---------------------------------------------------------------------------
+
+
+def _collect_phase(
+    everyone: list[Person],
+    split: Split,
+    labels: dict[str, int],
+    adaptive_protector: PersonProtector | None,
+    adaptive_people: int,
+    max_distractors: int | None,
+    seed: int,
+    progress: ProgressCallback,
+) -> _Collected:
+    """The control's gallery photos, everyone's probes, the distractors and the adaptive training pairs."""
+    control = Photos()
+    for person in split.control:
+        for path in split.gallery_photos(person):
+            control.add(io.read_image(path).pixels, labels[person.name], path)
+    probe_people = list(split.protected) + list(split.control)
+    probe_paths = [path for person in probe_people for path in split.probe_photos(person)]
+    probe_labels = torch.tensor([labels[p.name] for p in probe_people for _ in split.probe_photos(p)])
+    is_protected_probe = torch.tensor(
+        [i < len(split.protected) for i, p in enumerate(probe_people) for _ in split.probe_photos(p)]
+    )
+    distractor_pairs = [(path, labels[p.name]) for p in split.distractors for path in p.photos]
+    if max_distractors is not None and max_distractors < len(distractor_pairs):
+        order = np.random.default_rng(seed).permutation(len(distractor_pairs))[:max_distractors]
+        distractor_pairs = [distractor_pairs[i] for i in sorted(order)]
+    adaptive_pairs = None
+    if adaptive_protector is not None:
+        adaptive_pairs = _adaptive_training(
+            everyone, split, adaptive_protector, adaptive_people, seed, progress
+        )
+    return _Collected(
+        control=control,
+        probe_paths=probe_paths,
+        probe_labels=probe_labels,
+        is_protected_probe=is_protected_probe,
+        distractor_paths=[path for path, _ in distractor_pairs],
+        distractor_labels=torch.tensor([label for _, label in distractor_pairs], dtype=torch.long),
+        adaptive_pairs=adaptive_pairs,
+    )
+
+
+def _adaptive_training(
+    everyone: list[Person],
+    split: Split,
+    protector: PersonProtector,
+    count: int,
+    seed: int,
+    progress: ProgressCallback,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Protect photos of people outside the test; return (protected, clean) image lists to learn from."""
+    used = {p.name for p in split.protected} | {p.name for p in split.control}
+    pool = [p for p in everyone if p.name not in used and len(p.photos) >= ADAPTIVE_MIN_PHOTOS]
+    rng = np.random.default_rng(seed + 1)
+    chosen = [pool[i] for i in rng.permutation(len(pool))[:count]]
+    protected_images, clean_images = [], []
+    for done, person in enumerate(chosen):
+        paths = list(person.photos[:ADAPTIVE_PHOTOS_PER_PERSON])
+        photos = [io.read_image(path).pixels for path in paths]
+        outputs, _ = protector(photos, paths, person.name)
+        uploaded = [UPLOADS[ADAPTIVE_UPLOAD](output) for output in outputs]
+        protected_images += uploaded + photos  # protected -> clean, and clean -> clean (keep clean intact)
+        clean_images += photos + photos
+        progress("adaptive training", done + 1, len(chosen))
+    return protected_images, clean_images
+
+
+# -- phase 3: score -----------------------------------------------------------------------------
+
+
+def _score_phase(
+    result: EvaluationResult,
+    attacker: Attacker,
+    gallery: _Protected,
+    collected: _Collected,
+    uploads: Sequence[str],
+    adaptive: str | None,
+    cache: EmbeddingCache,
+    seed: int,
+    progress: ProgressCallback,
+) -> tuple[float, int]:
+    """One attacker's rows (per upload, plain and adaptive) and distances; returns (embed seconds, photos)."""
+    clean, protected, control = gallery.clean, gallery.protected, collected.control
+    tick = time.perf_counter()
+    probes = embed_files(
+        attacker, collected.probe_paths, cache, _stage(progress, f"probes ({attacker.name})")
+    )
+    distractors = embed_files(
+        attacker, collected.distractor_paths, cache, _stage(progress, f"distractors ({attacker.name})")
+    )
+    clean_embeddings = embed_in_batches(attacker, clean.images)
+    embed_seconds = time.perf_counter() - tick
+    embedded = len(collected.probe_paths) + len(clean.images)
+    result.distances[attacker.name] = distance_summary(
+        attacker, clean_embeddings, probes, collected.probe_labels, clean.labels, distractors
+    )
+    pairs = collected.adaptive_pairs
+    correction, tuned = None, None
+    if pairs is not None and adaptive in ("linear", "both"):
+        source, target = (embed_in_batches(attacker, images) for images in pairs)
+        keep = ~(torch.isnan(source).any(1) | torch.isnan(target).any(1))
+        correction = fit_correction(source[keep], target[keep])
+    if pairs is not None and adaptive in ("finetune", "both") and isinstance(attacker, PipelineAttacker):
+        tick = time.perf_counter()
+        model = finetune_model(attacker.model, *pairs, attacker.detector, seed=seed)
+        tuned = PipelineAttacker(model, attacker.detector)
+        tuned_probes = embed_in_batches(tuned, [io.read_image(path).pixels for path in collected.probe_paths])
+        tuned_distractors = embed_files(
+            tuned, collected.distractor_paths, EmbeddingCache(None), lambda d, t: None
+        )
+        result.settings.setdefault("finetune", {})[attacker.name] = finetune_summary(model)
+        embed_seconds += time.perf_counter() - tick
+    gallery_ids = torch.cat(
+        [torch.tensor(protected.labels), torch.tensor(control.labels), collected.distractor_labels]
+    )
+    for u, upload in enumerate(uploads):
+        tick = time.perf_counter()
+        gallery_protected = embed_in_batches(attacker, [UPLOADS[upload](image) for image in protected.images])
+        gallery_control = embed_in_batches(attacker, [UPLOADS[upload](image) for image in control.images])
+        embed_seconds += time.perf_counter() - tick
+        embedded += len(protected.images) + len(control.images)
+        everything = torch.cat([gallery_protected, gallery_control, distractors])
+        if u == 0:
+            add_protected_distances(result, attacker, clean_embeddings, gallery_protected, upload)
+        variants = [(False, everything, probes)]
+        if correction is not None:
+            variants.append(
+                ("linear", apply_correction(everything, correction), apply_correction(probes, correction))
+            )
+        if tuned is not None:
+            tuned_gallery = torch.cat(
+                [
+                    embed_in_batches(tuned, [UPLOADS[upload](image) for image in protected.images]),
+                    embed_in_batches(tuned, [UPLOADS[upload](image) for image in control.images]),
+                    tuned_distractors,
+                ]
+            )
+            variants.append(("finetune", tuned_gallery, tuned_probes))
+        for variant, gallery_used, probes_used in variants:
+            result.rows.append(
+                score_row(
+                    attacker,
+                    upload,
+                    variant,
+                    gallery_used,
+                    gallery_ids,
+                    probes_used,
+                    collected.probe_labels,
+                    collected.is_protected_probe,
+                    gallery_protected,
+                )
+            )
+        progress(f"uploads ({attacker.name})", u + 1, len(uploads))
+    return embed_seconds, embedded
+
+
+def _stage(progress: ProgressCallback, stage: str) -> Callable[[int, int], None]:
+    """A (done, total) callback reporting under ``stage``."""
+    return lambda done, total: progress(stage, done, total)
+
+
+def _versions() -> dict:
+    from facecloak import __version__
+
+    return {"facecloak": __version__, "torch": torch.__version__, "numpy": np.__version__}

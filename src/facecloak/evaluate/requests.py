@@ -1,0 +1,220 @@
+"""Assembling an evaluation from names, as ``facecloak evaluate`` gives them.
+
+`EvaluationRequest` holds the CLI's names; `run_evaluation` turns them into models, attackers and a
+`facecloak.protection.Protection`, runs `facecloak.evaluate.protocol.evaluate` per level, and adds
+the level sweep and the leave-one-out rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from facecloak._checks import check_choice
+from facecloak.detect import FaceDetector
+from facecloak.errors import InvalidInputError
+from facecloak.evaluate.attackers import Attacker, DlibAttacker, PipelineAttacker
+from facecloak.evaluate.cache import EmbeddingCache
+from facecloak.evaluate.protocol import EvaluationResult, ProgressCallback, evaluate
+from facecloak.evaluate.uploads import DEFAULT_UPLOADS
+from facecloak.models.registry import Embedder
+from facecloak.protection import AnonymizeFaces, CloakFaces, Protection, ReplaceFaces
+
+PROTECTION_METHODS = ("none", "cloak", "blur", "pixelate", "mask", "replace")
+"""What ``facecloak evaluate --method`` accepts."""
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """An evaluation described by names, as ``facecloak evaluate`` takes it."""
+
+    data: Path
+    method: str = "cloak"
+    level: str = "mid"  # or "all"
+    mode: str = "untargeted"
+    models: str | None = None  # cloak's models, comma-separated; None: all available
+    protected_dir: Path | None = None
+    people: int = 20
+    control: int = 20
+    min_photos: int = 10
+    probes: int = 2
+    attackers: str | None = None  # comma-separated; None: all available models + dlib-cpp
+    uploads: tuple[str, ...] = DEFAULT_UPLOADS
+    adaptive: bool | str = False  # False, True (= "linear"), "linear", "finetune" or "both"
+    adaptive_people: int = 20
+    max_distractors: int | None = None
+    leave_one_out: bool = False
+    seed: int = 0
+    cache: Path | None = None
+    device: str | None = None
+    donors: str | None = None  # replace: the donor bank's name or folder
+    donors_per_face: int = 3
+
+
+def build_attackers(names: str | None, detector: FaceDetector, device: str | None) -> list[Attacker]:
+    """Attackers by name: registry models and "dlib-cpp"; default every available one."""
+    from facecloak.models import available_embedders, create_embedder
+
+    if names:
+        wanted = [name.strip() for name in names.split(",") if name.strip()]
+    else:
+        wanted = available_embedders() + (["dlib-cpp"] if DlibAttacker.available() else [])
+    attackers: list[Attacker] = []
+    for name in wanted:
+        if name == "dlib-cpp":
+            if not DlibAttacker.available():
+                raise InvalidInputError("attacker dlib-cpp needs dlib (pip install dlib-bin)")
+            attackers.append(DlibAttacker())
+        else:
+            attackers.append(PipelineAttacker(create_embedder(name, device=device), detector))
+    return attackers
+
+
+def build_protection(
+    request: EvaluationRequest, level: str, models: list[Embedder], detector: FaceDetector
+) -> Protection | None:
+    """The protection ``request.method`` names at ``level``; None for "none" or a protected folder."""
+    from facecloak.anonymize import Anonymizer
+    from facecloak.cloak import create_cloak
+
+    if request.method == "replace" and request.protected_dir is None:
+        return ReplaceFaces(_replacer(request, detector))
+    if request.protected_dir is not None or request.method == "none":
+        return None
+    if request.method == "cloak":
+        return CloakFaces(create_cloak(request.mode, models, level, detector=detector, seed=request.seed))
+    return AnonymizeFaces(Anonymizer(request.method))
+
+
+def _replacer(request: EvaluationRequest, detector: FaceDetector):
+    from facecloak.donors import load_bank
+    from facecloak.models import available_embedders, create_embedder
+    from facecloak.replace import FaceReplacer
+
+    if not request.donors:
+        raise InvalidInputError("--method replace needs --donors BANK (see `facecloak donors add`)")
+    models = [create_embedder(name, device=request.device) for name in available_embedders()]
+    return FaceReplacer(
+        load_bank(request.donors),
+        models,
+        donors_per_face=request.donors_per_face,
+        seed=request.seed,
+        detector=detector,
+    )
+
+
+def run_evaluation(
+    request: EvaluationRequest, on_progress: ProgressCallback | None = None
+) -> EvaluationResult:
+    """Build models, attackers and protection from ``request`` and run `evaluate` (per level if "all").
+
+    With ``leave_one_out`` (cloak, two or more models) each model is also left out of the cloak in
+    turn and measured alone: the honest estimate for a model the cloak never saw.
+    """
+    from facecloak.models import available_embedders, create_embedder
+
+    check_choice(request.method, PROTECTION_METHODS, "method")
+    detector = FaceDetector(device=request.device)
+    attackers = build_attackers(request.attackers, detector, request.device)
+    names = [n.strip() for n in request.models.split(",")] if request.models else available_embedders()
+    models = (
+        [create_embedder(name, device=request.device) for name in names] if request.method == "cloak" else []
+    )
+    cache = EmbeddingCache(request.cache)
+    levels = ["low", "mid", "high"] if request.level == "all" else [request.level]
+    common = dict(
+        max_distractors=request.max_distractors,
+        people=request.people,
+        control=request.control,
+        min_photos=request.min_photos,
+        probes=request.probes,
+        seed=request.seed,
+        cache=cache,
+        on_progress=on_progress,
+    )
+    results = []
+    adaptive = None
+    if request.adaptive:
+        adaptive = "linear" if request.adaptive is True else str(request.adaptive)
+    for level in levels:
+        protection = build_protection(request, level, models, detector)
+        settings = {"level": level, "mode": request.mode, "cloak_models": names if models else []}
+        if request.method == "replace":
+            settings.update(donors=request.donors, donors_per_face=request.donors_per_face)
+        if isinstance(protection, CloakFaces):
+            settings["budget"] = asdict(protection.cloak.budget)
+        results.append(
+            evaluate(
+                request.data,
+                protection,
+                attackers,
+                detector=detector,
+                protected_dir=request.protected_dir,
+                method=request.method if request.protected_dir is None else f"folder:{request.protected_dir}",
+                uploads=request.uploads,
+                adaptive=adaptive,
+                adaptive_people=request.adaptive_people,
+                settings=settings,
+                **common,
+            )
+        )
+    for level, partial in zip(levels, results):
+        for row in partial.rows:
+            row.level = level if request.method == "cloak" else "-"
+    result = results[-1] if len(results) == 1 else results[levels.index("mid")]
+    if len(results) > 1:
+        result.settings["level_sweep"] = [
+            {
+                "level": level,
+                "dssim": r.quality.get("face_region_dssim", r.quality.get("dssim", {})).get("mean", math.nan),
+                "rows": [row.to_json() for row in r.rows if row.upload == "jpeg75" and not row.adaptive],
+            }
+            for level, r in zip(levels, results)
+        ]
+        result.rows = [row for r in results for row in r.rows]
+    if request.leave_one_out and request.method == "cloak" and len(models) >= 2:
+        result.settings["leave_one_out"] = _leave_one_out(request, models, detector, cache, on_progress)
+    return result
+
+
+def _leave_one_out(
+    request: EvaluationRequest,
+    models: list[Embedder],
+    detector: FaceDetector,
+    cache: EmbeddingCache,
+    on_progress: ProgressCallback | None,
+) -> list[dict]:
+    """Each model left out of the cloak in turn, measured alone (after JPEG 75)."""
+    from facecloak.cloak import create_cloak
+
+    rows = []
+    level = "mid" if request.level == "all" else request.level
+    for left_out in models:
+        kept = [m for m in models if m is not left_out]
+        cloak = create_cloak(request.mode, kept, level, detector=detector, seed=request.seed)
+        partial = evaluate(
+            request.data,
+            CloakFaces(cloak),
+            [PipelineAttacker(left_out, detector)],
+            detector=detector,
+            method="cloak",
+            people=request.people,
+            control=request.control,
+            min_photos=request.min_photos,
+            probes=request.probes,
+            uploads=("jpeg75",),
+            max_distractors=request.max_distractors,
+            seed=request.seed,
+            cache=cache,
+            on_progress=on_progress,
+        )
+        for row in partial.rows:
+            rows.append(
+                dict(
+                    row.to_json(),
+                    left_out=left_out.card.name,
+                    cloaked_with=",".join(m.card.name for m in kept),
+                )
+            )
+    return rows

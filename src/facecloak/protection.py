@@ -1,0 +1,180 @@
+"""The one contract for "a protection": photos and their faces in, protected photos and per-face records out.
+
+Batch, pipeline, service, distributed workers and the evaluator all run a protection through
+`Protection.protect`; the three kinds (`AnonymizeFaces`, `CloakFaces`, `ReplaceFaces`) wrap the
+library's tensor-level classes (`facecloak.anonymize.Anonymizer`, `facecloak.cloak.Cloak`,
+`facecloak.replace.FaceReplacer`). Per-person state is an argument: ``identity`` is the key of the
+person the photos show (a targeted cloak pulls every photo of one key the same way), never set
+on the object from outside.
+
+Example:
+    >>> protection = AnonymizeFaces(Anonymizer("blur"))  # doctest: +SKIP
+    >>> result = protection.protect([photo], detector([photo]))
+    >>> result.images[0].shape, result.records_for(0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from facecloak._checks import check_faces, check_image_list
+from facecloak.anonymize import Anonymizer
+from facecloak.cloak import Cloak
+from facecloak.cloak.base import StepCallback
+from facecloak.faces import Faces
+
+
+@dataclass(frozen=True)
+class ProtectionResult:
+    """What a protection did to a chunk of photos.
+
+    Attributes:
+        images: one protected (3, H_i, W_i) image per input, on the CPU, in [0, 1].
+        records: one JSON-ready dict per face, in ``faces`` order, each with a bool ``protected``.
+        image_index: (N,) which input image each record's face belongs to.
+    """
+
+    images: list[Tensor]
+    records: list[dict]
+    image_index: tuple[int, ...]
+
+    def records_for(self, k: int) -> list[dict]:
+        """The records of image ``k``'s faces."""
+        return [record for record, index in zip(self.records, self.image_index) if index == k]
+
+
+class Protection(Protocol):
+    """Anything that protects the faces of a chunk of photos.
+
+    Attributes:
+        kind: "anonymize", "cloak" or "replace" (as `facecloak.pipeline.ProtectorSpec.kind`).
+        tag: output name suffix, e.g. "cloaked", "blur".
+        steps: most optimisation steps per face (0 for a protection that does not optimise).
+        aim: the multiple of a model's match threshold an optimising protection aims at, else None.
+    """
+
+    kind: str
+    tag: str
+    steps: int
+    aim: float | None
+
+    def protect(
+        self,
+        images: Tensor | Sequence[Tensor],
+        faces: Faces,
+        *,
+        identity: str | None = None,
+        on_step: StepCallback | None = None,
+    ) -> ProtectionResult:
+        """Protect every face; ``on_step`` is called after each optimisation step (if any)."""
+        ...
+
+
+def _result(images: list[Tensor], records: list[dict], faces: Faces) -> ProtectionResult:
+    return ProtectionResult([image.cpu() for image in images], records, tuple(faces.image_index.tolist()))
+
+
+class AnonymizeFaces:
+    """Anonymise every face (see `facecloak.anonymize`); every face found counts as protected.
+
+    Its outputs are tagged by method (``photo_blur.jpg``, ``photo_pixelate.jpg``,
+    ``photo_mask.jpg``), so runs of different methods into one folder do not collide.
+    """
+
+    kind = "anonymize"
+    steps = 0
+    aim = None
+
+    def __init__(self, anonymizer: Anonymizer) -> None:
+        self.anonymizer = anonymizer
+        self.tag = anonymizer.method
+
+    def __repr__(self) -> str:
+        return f"AnonymizeFaces({self.anonymizer!r})"
+
+    def protect(
+        self,
+        images: Tensor | Sequence[Tensor],
+        faces: Faces,
+        *,
+        identity: str | None = None,
+        on_step: StepCallback | None = None,
+    ) -> ProtectionResult:
+        """Anonymise each image's faces (images of any sizes: one anonymiser call per image)."""
+        photos = check_image_list(images)
+        check_faces(faces, len(photos))
+        outputs = []
+        for k, image in enumerate(photos):
+            mine = faces.for_image(k)
+            outputs.append(self.anonymizer(image[None], mine.to(image.device))[0] if len(mine) else image)
+        records = [
+            dict(record, protected=True, method=self.anonymizer.method) for record in faces.to_records()
+        ]
+        return _result(outputs, records, faces)
+
+
+class CloakFaces:
+    """Cloak every face of a chunk of photos in one optimisation (see `facecloak.cloak`).
+
+    A face is protected when every model's distance after a JPEG 75 re-encode passes its threshold.
+    """
+
+    kind = "cloak"
+    tag = "cloaked"
+
+    def __init__(self, cloak: Cloak) -> None:
+        self.cloak = cloak
+        self.steps = cloak.budget.steps
+        self.aim = cloak.budget.aim
+
+    def __repr__(self) -> str:
+        return f"CloakFaces({self.cloak!r})"
+
+    def protect(
+        self,
+        images: Tensor | Sequence[Tensor],
+        faces: Faces,
+        *,
+        identity: str | None = None,
+        on_step: StepCallback | None = None,
+    ) -> ProtectionResult:
+        """Cloak the faces; ``identity`` keys a targeted cloak's direction for this person."""
+        result = self.cloak(images, faces, on_step=on_step, identity=identity)
+        return _result(result.images, result.records(faces), faces)
+
+
+class ReplaceFaces:
+    """Replace every face with a verified donor mix (see `facecloak.replace`).
+
+    A face is protected when it passed every check; one too small to replace is blurred.
+    """
+
+    kind = "replace"
+    tag = "replace"
+    steps = 0
+    aim = None
+
+    def __init__(self, replacer) -> None:
+        self.replacer = replacer
+
+    def __repr__(self) -> str:
+        return f"ReplaceFaces({self.replacer!r})"
+
+    def protect(
+        self,
+        images: Tensor | Sequence[Tensor],
+        faces: Faces,
+        *,
+        identity: str | None = None,
+        on_step: StepCallback | None = None,
+    ) -> ProtectionResult:
+        """Replace the faces (the donors are drawn per face; ``identity`` is not used)."""
+        result = self.replacer(images, faces)
+        return _result(result.images, result.records, faces)
+
+
+__all__ = ["AnonymizeFaces", "CloakFaces", "Protection", "ProtectionResult", "ReplaceFaces"]

@@ -1,0 +1,95 @@
+"""The evaluator's pure metrics (`facecloak.evaluate.metrics`) and its typed result rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from facecloak.evaluate import (
+    EvaluationResult,
+    EvaluationRow,
+    distance_matrix,
+    rank_k_hit_rate,
+    rank_k_hits,
+    tar_at_far,
+    verification_accuracy,
+)
+from facecloak.evaluate.metrics import verification_pairs
+
+
+def test_rank_k_on_a_hand_made_gallery():
+    gallery = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [float("nan"), 0.0]])
+    ids = torch.tensor([1, 2, 3, 4])
+    probes = torch.tensor([[0.9, 0.0], [0.1, 0.8], [0.0, 0.0], [float("nan"), 1.0]])
+    probe_ids = torch.tensor([2, 1, 4, 3])
+    assert rank_k_hits(gallery, ids, probes, probe_ids, k=1).tolist() == [True, False, False, False]
+    assert rank_k_hits(gallery, ids, probes, probe_ids, k=2).tolist() == [True, True, False, False]
+    assert float(rank_k_hit_rate(gallery, ids, probes, probe_ids, k=1)) == 0.25
+    cosine = distance_matrix(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0], [3.0, 0.0]]), "cosine")
+    assert torch.allclose(cosine, torch.tensor([[1.0, 0.0]]))
+
+
+def test_tar_at_far():
+    impostor = torch.linspace(0.5, 1.5, 1000)
+    genuine = torch.tensor([0.1, 0.2, 0.49, 0.6, float("nan")])  # NaN: face not found, never accepted
+    tar, threshold = tar_at_far(genuine, impostor, far=1e-3)
+    assert math.isclose(threshold, float(impostor[1]), rel_tol=1e-6)
+    assert tar == pytest.approx(3 / 5)
+
+
+def test_verification_accuracy_picks_thresholds_on_other_folds():
+    distances = torch.tensor([0.1, 0.2, 0.9, 0.8] * 3 + [0.3, float("nan"), 0.7, 0.95])
+    same = torch.tensor([True, True, False, False] * 4)
+    folds = torch.arange(16) // 4
+    result = verification_accuracy(distances, same, folds)
+    assert result["fold_accuracies"][:3] == [1.0, 1.0, 1.0]
+    assert result["fold_accuracies"][3] == 0.75  # the NaN pair counts as wrong
+    assert result["pairs_with_missing_face"] == 1
+
+
+def test_verification_pairs_split_genuine_and_impostor():
+    gallery = torch.tensor([[0.0, 0.0], [1.0, 0.0], [float("nan"), 0.0], [0.0, 2.0]])
+    gallery_ids = torch.tensor([1, 2, 1, 1])
+    probes = torch.tensor([[0.0, 1.0], [3.0, 0.0]])
+    probe_ids = torch.tensor([1, 2])
+    is_protected = torch.tensor([True, False])
+    genuine, impostor = verification_pairs(
+        gallery, gallery_ids, probes, probe_ids, is_protected, 3, "euclidean"
+    )
+    # probe 0 (person 1) vs the protected rows of person 1: row 0 (1.0) and row 2 (NaN: no face)
+    assert genuine[0] == pytest.approx(1.0) and math.isnan(float(genuine[1]))
+    assert impostor.tolist() == pytest.approx([math.sqrt(2.0)])  # vs person 2's row 1
+
+
+def _row(**changes) -> EvaluationRow:
+    values = dict(
+        attacker="a",
+        upload="jpeg75",
+        adaptive=False,
+        protected_rank1=0.25,
+        protected_rank5=0.5,
+        control_rank1=1.0,
+        control_rank5=1.0,
+        protection=0.75,
+        tar_at_far_1e3=0.1,
+        far_threshold=0.5,
+        protected_probes=4,
+        control_probes=4,
+        protected_gallery_faces_found=1.0,
+        gallery_size=10,
+    )
+    return EvaluationRow(**{**values, **changes})
+
+
+def test_rows_keep_the_report_keys():
+    data = _row().to_json()
+    assert "tar_at_far_1e-3" in data and "tar_at_far_1e3" not in data and "level" not in data
+    assert list(data)[:3] == ["attacker", "upload", "adaptive"]
+    assert _row(level="mid").to_json()["level"] == "mid"
+    result = EvaluationResult(settings={}, rows=[_row(), _row(upload="none", adaptive="linear")])
+    assert result.to_dict()["rows"][1]["adaptive"] == "linear"
+    assert result.row("a", "none", "linear").upload == "none"
+    with pytest.raises(KeyError):
+        result.row("a", "blur")

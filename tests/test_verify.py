@@ -1,0 +1,76 @@
+"""The after-upload check's pieces on hand-made faces: region boxes, overlaps, matching, DSSIM cap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from facecloak import quality
+from facecloak.cloak.budget import enforce_dssim
+from facecloak.cloak.verify import (
+    DISTANCE_AFTER_UPLOAD_KEY,
+    FOUND_AFTER_UPLOAD_KEY,
+    REDETECT_IOU,
+    VERIFY_JPEG_QUALITY,
+    match_redetected,
+)
+from facecloak.errors import EXIT_FAILED, EXIT_USAGE, InvalidInputError, ModelNotFoundError, UnknownModelError
+from facecloak.faces import Faces, box_iou, boxes_overlap, face_regions
+from facecloak.models import get_card
+
+
+def faces_at(boxes: list[list[float]], image_index: list[int]) -> Faces:
+    n = len(boxes)
+    return Faces(torch.tensor(boxes), torch.zeros(n, 5, 2), torch.ones(n), torch.tensor(image_index))
+
+
+def test_face_regions_scale_about_the_centre_and_clip_only_when_asked():
+    faces = faces_at([[10.0, 10.0, 30.0, 50.0]], [0])
+    assert face_regions(faces, 1.5).tolist() == [[5.0, 0.0, 35.0, 60.0]]
+    assert face_regions(faces, 2.0).tolist() == [[0.0, -10.0, 40.0, 70.0]]
+    assert face_regions(faces, 2.0, (40, 100)).tolist() == [[0.0, 0.0, 40.0, 39.0]]
+
+
+def test_box_iou_and_overlap():
+    box = torch.tensor([0.0, 0.0, 2.0, 2.0])
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [1.0, 0.0, 3.0, 2.0], [5.0, 5.0, 6.0, 6.0]])
+    assert box_iou(box, boxes).tolist() == pytest.approx([1.0, 1 / 3, 0.0])
+    assert boxes_overlap(box, boxes).tolist() == [True, True, False]
+
+
+def test_match_redetected_takes_the_best_overlap_in_the_same_photo():
+    faces = faces_at([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [0.0, 0.0, 10.0, 10.0]], [0, 0, 1])
+    found = faces_at(
+        [[1.0, 1.0, 11.0, 11.0], [50.0, 50.0, 60.0, 60.0], [0.0, 0.0, 10.0, 10.0], [21.0, 40.0, 31.0, 50.0]],
+        [0, 0, 0, 1],
+    )
+    matched, is_found = match_redetected(faces, found)
+    assert matched.tolist() == [2, -1, -1]  # exact box wins; a box in photo 1 is no match for photo 0
+    assert is_found.tolist() == [True, False, False]
+    assert 0 < REDETECT_IOU < 1
+
+
+def test_record_keys_follow_the_verify_quality():
+    assert DISTANCE_AFTER_UPLOAD_KEY == f"distance_after_jpeg{VERIFY_JPEG_QUALITY}"
+    assert FOUND_AFTER_UPLOAD_KEY == f"found_after_jpeg{VERIFY_JPEG_QUALITY}"
+
+
+def test_enforce_dssim_scales_only_faces_over_the_cap():
+    generator = torch.Generator().manual_seed(0)
+    crops = torch.rand(2, 3, 24, 24, generator=generator) * 0.5 + 0.25
+    masks = torch.ones(2, 1, 24, 24)
+    delta = torch.stack([torch.full((3, 24, 24), 0.001), torch.randn(3, 24, 24, generator=generator) * 0.1])
+    boxes = torch.tensor([[0, 0, 24, 24], [0, 0, 24, 24]])
+    cap = 0.01
+    limited = enforce_dssim(crops, masks, delta, boxes, cap)
+    after = quality.box_dssim(crops, (crops + limited).clamp(0, 1), boxes)
+    assert torch.equal(limited[0], delta[0])  # already within the cap: untouched
+    assert float(after[1]) <= cap and float(after[1]) > 0.5 * cap  # scaled down, not to nothing
+
+
+def test_errors_carry_their_exit_code():
+    assert InvalidInputError("x").exit_code == EXIT_USAGE
+    assert ModelNotFoundError("x").exit_code == EXIT_FAILED
+    with pytest.raises(UnknownModelError) as info:
+        get_card("no-such-model")
+    assert isinstance(info.value, ModelNotFoundError) and info.value.exit_code == EXIT_USAGE
