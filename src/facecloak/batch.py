@@ -156,8 +156,9 @@ class BatchReport:
             return "\n".join(lines)
         earlier = sum(bool(getattr(o, "resumed", False)) for o in self.outcomes)  # done by a previous run
         done = len(self.outcomes) - self.count("skipped") - self.count("failed") - earlier
+        skipped = self.count("skipped") + earlier
         lines = [
-            f"{self.command}: {len(self.outcomes)} image(s): {done} done, {self.count('skipped') + earlier} skipped, "
+            f"{self.command}: {len(self.outcomes)} image(s): {done} done, {skipped} skipped, "
             f"{self.count('failed')} failed; {self.faces} face(s) found, "
             f"{self.faces - self.unprotected_faces} protected, in {self.seconds:.1f} s"
         ]
