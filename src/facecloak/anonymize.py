@@ -79,6 +79,7 @@ def blur_faces(
     """
     if strength <= 0:
         raise InvalidInputError(f"strength must be > 0, got {strength}")
+
     def blur(crop: Tensor, side: float) -> Tensor:
         return transforms.downscaled_gaussian_blur(crop, strength * side)
 

@@ -482,6 +482,7 @@ def _assemble(
 # --------------------------------------------------------------------------------------------------
 # on facecloak images and MTCNN boxes
 
+
 @functools.lru_cache(maxsize=1)
 def default_shape_predictor() -> ShapePredictor:
     """Dlib's 5-point predictor from its package, loaded once per process and shared.
