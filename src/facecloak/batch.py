@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 
 from facecloak import io
+from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY
+from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.detect import FaceDetector
 from facecloak.errors import (  # noqa: F401  (EXIT_* re-exported: the exit codes live in errors)
     EXIT_FAILED,
@@ -63,8 +65,8 @@ class Options:
     keep_metadata: bool = False
     overwrite: bool = False
     max_pixels: int | None = None
-    min_score: float = 0.9
-    min_size: int = 20
+    min_score: float = MIN_FACE_SCORE
+    min_size: int = MIN_FACE_PX
     device: str | None = None
     chunk: int = 8
     jpeg_quality: int | None = None
@@ -235,7 +237,7 @@ def _worst_ratio(face: dict) -> float | None:
     """A cloaked face's smallest distance / threshold over its models (after JPEG 75 when measured)."""
     ratios = []
     for model in face.get("models", {}).values():
-        distance = model.get("distance_after_jpeg75")
+        distance = model.get(DISTANCE_AFTER_UPLOAD_KEY)
         distance = model.get("distance") if distance is None else distance
         if distance is not None and model.get("threshold"):
             ratios.append(distance / model["threshold"])

@@ -11,14 +11,13 @@ import html
 import io as _bytes_io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from facecloak import io
 from facecloak.evaluate import EvaluationResult, EvaluationRow
 from facecloak.io import to_uint8
 
@@ -37,12 +36,7 @@ def write_html(result: EvaluationResult, path: Path) -> Path:
 
 
 def _atomic_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=path.suffix, dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
-    return path
+    return io.write_bytes_atomic(path, text.encode("utf-8"), overwrite=True)
 
 
 def _json_default(value):

@@ -38,7 +38,7 @@ from facecloak.evaluate.requests import (
     build_protection,
     run_evaluation,
 )
-from facecloak.evaluate.rows import EvaluationResult, EvaluationRow, ProgressCallback
+from facecloak.evaluate.rows import EvaluationResult, EvaluationRow, StageProgress
 from facecloak.evaluate.uploads import DEFAULT_UPLOADS, UPLOADS
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
     "EvaluationRow",
     "PersonProtector",
     "PipelineAttacker",
-    "ProgressCallback",
+    "StageProgress",
     "apply_correction",
     "build_attackers",
     "build_protection",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,10 +62,9 @@ class EmbeddingCache:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         for attacker, table in self.memory.items():
-            target = self._file(attacker)
-            temporary = target.with_suffix(".tmp.npz")
-            np.savez(temporary, **table)
-            temporary.replace(target)
+            buffer = BytesIO()
+            np.savez(buffer, **table)
+            io.write_bytes_atomic(self._file(attacker), buffer.getvalue(), overwrite=True)
 
 
 def embed_files(

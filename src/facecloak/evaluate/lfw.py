@@ -10,7 +10,7 @@ import torch
 from facecloak.evaluate.attackers import Attacker
 from facecloak.evaluate.cache import EmbeddingCache, embed_files
 from facecloak.evaluate.metrics import verification_accuracy
-from facecloak.evaluate.protocol import ProgressCallback, _stage
+from facecloak.evaluate.protocol import StageProgress, _stage
 from facecloak.models.registry import embedding_distance
 
 
@@ -19,7 +19,7 @@ def lfw_verification(
     attackers: Sequence[Attacker],
     *,
     cache: EmbeddingCache | None = None,
-    on_progress: ProgressCallback | None = None,
+    on_progress: StageProgress | None = None,
 ) -> dict[str, dict]:
     """k-fold verification accuracy of each attacker's pipeline on `facecloak.datasets.Pair`s.
 

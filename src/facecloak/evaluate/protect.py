@@ -18,7 +18,7 @@ from facecloak import io, quality
 from facecloak.detect import FaceDetector
 from facecloak.errors import InvalidInputError
 from facecloak.evaluate.attackers import Attacker, centre_face
-from facecloak.faces import Faces
+from facecloak.faces import Faces, box_iou
 from facecloak.models.registry import embedding_distance
 from facecloak.protection import Protection
 
@@ -69,15 +69,6 @@ def realism_records(
             }
         )
     return records
-
-
-def box_iou(box: Tensor, boxes: Tensor) -> Tensor:
-    """(K,) intersection over union of one (4,) xyxy box with (K, 4) boxes."""
-    top_left = torch.maximum(box[:2], boxes[:, :2])
-    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
-    inter = (bottom_right - top_left).clamp_min(0).prod(1)
-    union = (box[2:] - box[:2]).prod() + (boxes[:, 2:] - boxes[:, :2]).prod(1) - inter
-    return inter / union.clamp_min(1e-6)
 
 
 class PersonProtector:

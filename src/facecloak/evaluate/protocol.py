@@ -43,7 +43,7 @@ from facecloak.evaluate.metrics import (
 from facecloak.evaluate.protect import PersonProtector
 from facecloak.evaluate.rows import (
     EvaluationResult,
-    ProgressCallback,
+    StageProgress,
     add_protected_distances,
     distance_summary,
     score_row,
@@ -99,7 +99,7 @@ def evaluate(
     seed: int = 0,
     cache: EmbeddingCache | None = None,
     settings: dict | None = None,
-    on_progress: ProgressCallback | None = None,
+    on_progress: StageProgress | None = None,
 ) -> EvaluationResult:
     """Run the protocol of the module docstring.
 
@@ -201,7 +201,7 @@ def _method_name(protection: Protection | None, protected_dir: Path | None) -> s
 
 
 def _protect_phase(
-    split: Split, protector: PersonProtector, labels: dict[str, int], progress: ProgressCallback
+    split: Split, protector: PersonProtector, labels: dict[str, int], progress: StageProgress
 ) -> _Protected:
     """Protect each protected person's gallery photos."""
     clean, protected, records = Photos(), Photos(), []
@@ -229,7 +229,7 @@ def _collect_phase(
     adaptive_people: int,
     max_distractors: int | None,
     seed: int,
-    progress: ProgressCallback,
+    progress: StageProgress,
 ) -> _Collected:
     """The control's gallery photos, everyone's probes, the distractors and the adaptive training pairs."""
     control = Photos()
@@ -268,7 +268,7 @@ def _adaptive_training(
     protector: PersonProtector,
     count: int,
     seed: int,
-    progress: ProgressCallback,
+    progress: StageProgress,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Protect photos of people outside the test; return (protected, clean) image lists to learn from."""
     used = {p.name for p in split.protected} | {p.name for p in split.control}
@@ -299,7 +299,7 @@ def _score_phase(
     adaptive: str | None,
     cache: EmbeddingCache,
     seed: int,
-    progress: ProgressCallback,
+    progress: StageProgress,
 ) -> tuple[float, int]:
     """One attacker's rows (per upload, plain and adaptive) and distances; returns (embed seconds, photos)."""
     clean, protected, control = gallery.clean, gallery.protected, collected.control
@@ -376,7 +376,7 @@ def _score_phase(
     return embed_seconds, embedded
 
 
-def _stage(progress: ProgressCallback, stage: str) -> Callable[[int, int], None]:
+def _stage(progress: StageProgress, stage: str) -> Callable[[int, int], None]:
     """A (done, total) callback reporting under ``stage``."""
     return lambda done, total: progress(stage, done, total)
 

@@ -16,7 +16,7 @@ from facecloak.detect import FaceDetector
 from facecloak.errors import InvalidInputError
 from facecloak.evaluate.attackers import Attacker, DlibAttacker, PipelineAttacker
 from facecloak.evaluate.cache import EmbeddingCache
-from facecloak.evaluate.protocol import EvaluationResult, ProgressCallback, evaluate
+from facecloak.evaluate.protocol import EvaluationResult, StageProgress, evaluate
 from facecloak.evaluate.uploads import DEFAULT_UPLOADS
 from facecloak.models.registry import Embedder
 from facecloak.protection import AnonymizeFaces, CloakFaces, Protection, ReplaceFaces
@@ -104,9 +104,7 @@ def _replacer(request: EvaluationRequest, detector: FaceDetector):
     )
 
 
-def run_evaluation(
-    request: EvaluationRequest, on_progress: ProgressCallback | None = None
-) -> EvaluationResult:
+def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None = None) -> EvaluationResult:
     """Build models, attackers and protection from ``request`` and run `evaluate` (per level if "all").
 
     With ``leave_one_out`` (cloak, two or more models) each model is also left out of the cloak in
@@ -183,7 +181,7 @@ def _leave_one_out(
     models: list[Embedder],
     detector: FaceDetector,
     cache: EmbeddingCache,
-    on_progress: ProgressCallback | None,
+    on_progress: StageProgress | None,
 ) -> list[dict]:
     """Each model left out of the cloak in turn, measured alone (after JPEG 75)."""
     from facecloak.cloak import create_cloak

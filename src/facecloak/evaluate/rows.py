@@ -17,8 +17,9 @@ from facecloak.evaluate.attackers import Attacker
 from facecloak.evaluate.metrics import distance_matrix, rank_k_hits, tar_at_far, verification_pairs
 from facecloak.models.registry import embedding_distance
 
-ProgressCallback = Callable[[str, int, int], None]
-"""Called with (stage, done, total)."""
+StageProgress = Callable[[str, int, int], None]
+"""Called with (stage, done, total) as the evaluator moves through its stages (a batch's
+per-photo events are `facecloak.batch.ProgressCallback`, a different stream)."""
 
 REPORTED_FAR = 1e-3
 """The false-accept rate each row's true-accept rate is read at (``tar_at_far_1e-3``)."""

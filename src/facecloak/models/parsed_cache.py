@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+
+from facecloak.errors import FacecloakError
+from facecloak.io import write_bytes_atomic
 
 __all__ = ["file_key", "load_parsed", "parsed_cache_dir"]
 
@@ -87,17 +90,10 @@ def load_parsed(
 
 
 def _save_atomically(target: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``target`` through a temporary file; give up quietly if the folder is read-only."""
-    temporary = None
+    """Write ``arrays`` to ``target`` atomically; give up quietly if the folder is read-only."""
+    buffer = BytesIO()
+    np.savez(buffer, **arrays)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as stream:
-            temporary = Path(stream.name)
-            np.savez(stream, **arrays)
-        os.replace(temporary, target)
-        temporary = None
-    except OSError:
+        write_bytes_atomic(target, buffer.getvalue(), overwrite=True)
+    except FacecloakError:
         pass  # caching is an optimisation: a read-only or full disk costs only the parse
-    finally:
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)

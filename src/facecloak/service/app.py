@@ -32,6 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facecloak import __version__, io
 from facecloak.cloak import LEVELS
+from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY, FOUND_AFTER_UPLOAD_KEY
+from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.errors import FacecloakError, ImageReadError
 from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
 from facecloak.service.limits import BodySizeLimit, UploadRejected, check_upload
@@ -68,8 +70,10 @@ class CommonForm:
         keep_metadata: Annotated[
             bool, Form(description="Keep EXIF minus GPS. Default: drop all EXIF (as the CLI).")
         ] = False,
-        threshold: Annotated[float, Form(ge=0, le=1, description="Detection confidence.")] = 0.9,
-        min_face: Annotated[int, Form(ge=4, description="Smallest face side looked for, in pixels.")] = 20,
+        threshold: Annotated[float, Form(ge=0, le=1, description="Detection confidence.")] = MIN_FACE_SCORE,
+        min_face: Annotated[
+            int, Form(ge=4, description="Smallest face side looked for, in pixels.")
+        ] = MIN_FACE_PX,
         response: Annotated[
             Literal["image", "json"],
             Form(
@@ -267,8 +271,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def detect(
         request: Request,
         image: Annotated[UploadFile, File(description="The photo.")],
-        threshold: Annotated[float, Form(ge=0, le=1, description="Detection confidence.")] = 0.9,
-        min_face: Annotated[int, Form(ge=4, description="Smallest face side looked for, in pixels.")] = 20,
+        threshold: Annotated[float, Form(ge=0, le=1, description="Detection confidence.")] = MIN_FACE_SCORE,
+        min_face: Annotated[
+            int, Form(ge=4, description="Smallest face side looked for, in pixels.")
+        ] = MIN_FACE_PX,
     ) -> JSONResponse:
         """The faces found: boxes, scores and five landmarks each."""
         common = CommonForm(threshold=threshold, min_face=min_face)
@@ -378,11 +384,11 @@ def _with_reason(face: dict, kind: str) -> dict:
             face.get("method"), "anonymised"
         )
         return dict(face, protected=True, reason=f"{verb}: the face is gone for a recognition model")
-    if face.get("protected") and not face.get("found_after_jpeg75", True):
+    if face.get("protected") and not face.get(FOUND_AFTER_UPLOAD_KEY, True):
         return dict(face, reason="not even detected after JPEG 75 re-compression: a scraper cannot enrol it")
     parts = []
     for name, model in face.get("models", {}).items():
-        distance = model.get("distance_after_jpeg75")
+        distance = model.get(DISTANCE_AFTER_UPLOAD_KEY)
         if distance is None:
             distance = model["distance"]
         relation = ">=" if distance >= model["threshold"] else "<"

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from facecloak.anonymize import Anonymizer
+from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.detect import FaceDetector
 from facecloak.errors import FacecloakError
 from facecloak.faces import Faces
@@ -95,7 +96,7 @@ class Engine:
         self._detectors: dict[tuple[float, int], FaceDetector] = {}
         self._cloaks: dict[tuple, object] = {}
         self._embedders: list | None = None
-        self.detector(0.9, 20)
+        self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
         if settings.preload:
             self.embedders()
 
@@ -135,7 +136,7 @@ class Engine:
                 raise FacecloakError(f"models {', '.join(wanted)} are not all loaded here (loaded: {loaded})")
             mode, level = options.pop("mode"), options.pop("level")
             self._cloaks[key] = create_cloak(
-                mode, embedders, level, detector=self.detector(0.9, 20), **options
+                mode, embedders, level, detector=self.detector(MIN_FACE_SCORE, MIN_FACE_PX), **options
             )
         return CloakFaces(self._cloaks[key])
 
