@@ -702,8 +702,13 @@ def write_bytes_atomic(
     """
     path = Path(path)
     _check_target(path, protected, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            prefix=".facecloak-", suffix=path.suffix, dir=path.parent
+        )
+    except OSError as error:
+        raise ImageWriteError(f"could not write ({_short(error)})", path) from None
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
