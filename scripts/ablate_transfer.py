@@ -48,7 +48,24 @@ CONFIGS = {
     "jnd+di+ti+spend": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True},
     "jnd2.4+di+ti": {"jnd_scale": 2.4, "diversity": 0.7, "smoothing": 1.0},
     "jnd2.4": {"jnd_scale": 2.4},
+    "jnd+di+ti3+spend": {"diversity": 0.7, "smoothing": 3.0, "spend_budget": True},
+    "jnd2.4+di+ti3+spend": {"jnd_scale": 2.4, "diversity": 0.7, "smoothing": 3.0, "spend_budget": True},
+    "default+steps80": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "steps": 80},
+    "default+chroma0.25": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "chroma_share": 0.25},
+    "default+chroma0.4": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "chroma_share": 0.4},
+    "default+steps20": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "steps": 20},
+    "default+chroma0.25+steps20": {
+        "diversity": 0.7,
+        "smoothing": 1.0,
+        "spend_budget": True,
+        "chroma_share": 0.25,
+        "steps": 20,
+    },
+    "default+drop0.1": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "dropout": 0.1},
+    "default+drop0.03": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "dropout": 0.03},
 }
+BUDGET_FIELDS = ("jnd_scale", "chroma_share", "max_dssim")
+"""Configuration keys that change the level's budget rather than the cloak's options."""
 """Named configurations: keyword arguments to `create_cloak` on top of the level's budget."""
 
 
@@ -104,8 +121,9 @@ def main() -> int:
             options = dict(CONFIGS[config])
             if options.pop("budget", None) == "legacy":
                 options["budget"] = LEGACY_LEVELS[args.level]
-            if "jnd_scale" in options:
-                options["budget"] = replace(LEVELS[args.level], jnd_scale=options.pop("jnd_scale"))
+            changes = {key: options.pop(key) for key in BUDGET_FIELDS if key in options}
+            if changes:
+                options["budget"] = replace(LEVELS[args.level], **changes)
             if args.cloak_with:
                 surrogates = args.cloak_with.split(",")
                 plan = [

@@ -125,3 +125,22 @@ def test_upload_simulator_is_seeded_and_input_diversity_moves_alignments():
     second = plain.transform_pixels(crops, torch.Generator().manual_seed(3))
     assert torch.equal(first, second) and first.shape == crops.shape
     assert not math.isnan(float(first.sum()))
+
+
+def test_feature_dropout_perturbs_inside_the_block_and_restores_the_exact_model():
+    """Feature dropout (a transfer option) must change every kind of model while on, and nothing after."""
+    from facecloak.cloak.dropout import feature_dropout
+    from facecloak.models import create_embedder
+
+    model = create_embedder("dlib-resnet", device="cpu")
+    chips = torch.rand(2, 3, 150, 150, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(chips)
+        with feature_dropout([model], 0.05, torch.Generator().manual_seed(1)):
+            dropped = model(chips)
+        after = model(chips)
+    assert float(model.distance(before, dropped).min()) > 0.01
+    assert torch.equal(before, after)
+    with pytest.raises(ValueError):
+        with feature_dropout([model], 1.0, torch.Generator()):
+            pass

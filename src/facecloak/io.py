@@ -704,9 +704,7 @@ def write_bytes_atomic(
     _check_target(path, protected, overwrite)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(
-            prefix=".facecloak-", suffix=path.suffix, dir=path.parent
-        )
+        handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=path.suffix, dir=path.parent)
     except OSError as error:
         raise ImageWriteError(f"could not write ({_short(error)})", path) from None
     try:

@@ -25,6 +25,7 @@ from facecloak import io, quality, transforms
 from facecloak._checks import check_choice, check_faces, check_image_list
 from facecloak.align import affine_scale, model_alignment
 from facecloak.cloak.budget import DSSIM_SAFETY, LEVELS, CloakBudget, enforce_dssim, jnd_map, limit_change
+from facecloak.cloak.dropout import feature_dropout
 from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
 from facecloak.cloak.regions import Bucket, build_buckets, paste_perturbations, sample_chips
 from facecloak.cloak.verify import face_records, verify_after_upload
@@ -41,6 +42,7 @@ UPDATES = ("adam", "momentum")
 DEFAULT_DIVERSITY = 0.7
 DEFAULT_SMOOTHING = 1.0
 DEFAULT_SPEND_BUDGET = True
+DEFAULT_DROPOUT = 0.0
 """Transfer defaults, chosen on the leave-one-out ablation (README, "Transfer to models the cloak
 never saw"; `scripts/ablate_transfer.py`): input diversity and gradient smoothing, and spending
 every step rather than stopping at the aim, each moved faces further on the model left out, at
@@ -148,6 +150,8 @@ class Cloak:
         smoothing: translation-invariant gradients (TI, Dong et al. 2019): Gaussian sigma, in chip
             pixels of the first model, that each step's gradient is smoothed with (0: off).
         update: "adam" or "momentum" (MI-FGSM sign steps on the accumulated normalised gradient).
+        dropout: feature dropout (DFANet, Zhong & Deng 2021): share of every convolution's outputs
+            zeroed at random in each step's forward pass, a self-ensemble of each model (0: off).
         spend_budget: keep optimising for all ``steps`` (pulling each model to `SPEND_TARGET`)
             instead of stopping once the attacked models pass the aim: the margin on the
             surrogates is only a proxy, and the extra distance is what transfers.
@@ -176,6 +180,7 @@ class Cloak:
         smoothing: float = DEFAULT_SMOOTHING,
         update: str = "adam",
         spend_budget: bool = DEFAULT_SPEND_BUDGET,
+        dropout: float = DEFAULT_DROPOUT,
         budget: CloakBudget | None = None,
         detector: FaceDetector | None = None,
         verify: bool = True,
@@ -198,6 +203,9 @@ class Cloak:
         self.smoothing = float(smoothing)
         self.update = update
         self.spend_budget = bool(spend_budget)
+        if not 0 <= dropout < 1:
+            raise InvalidInputError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         self.region_scale = float(region_scale)
         self.feather = float(feather)
         self._detector = detector
@@ -255,7 +263,9 @@ class Cloak:
         buckets = build_buckets(
             photos, faces, self.models, alignments, region_scale=self.region_scale, feather=self.feather
         )
-        deltas, steps = self._optimise(buckets, faces, clean, generator, on_step)
+        dropout_generator = torch.Generator(device=self.device).manual_seed(int(generator.initial_seed()))
+        with feature_dropout(self.models, self.dropout, dropout_generator):
+            deltas, steps = self._optimise(buckets, faces, clean, generator, on_step)
         cloaked = self._compose_within_budget(photos, faces, buckets, deltas)
         return self._result(photos, cloaked, faces, clean, steps, started)
 
@@ -479,6 +489,7 @@ class Cloak:
                 "smoothing": self.smoothing,
                 "update": self.update,
                 "spend_budget": self.spend_budget,
+                "dropout": self.dropout,
             },
         )
 

@@ -168,12 +168,14 @@ def evaluate(
         max_distractors, seed, progress,
     )  # fmt: skip
     embed_seconds, embedded = 0.0, 0
+    rate_by_attacker: dict[str, float] = {}
     for a, attacker in enumerate(attackers):
         seconds, count = _score_phase(
             result, attacker, gallery, collected, uploads, adaptive, cache, seed, progress
         )
         embed_seconds += seconds
         embedded += count
+        rate_by_attacker[attacker.name] = round(count / max(seconds, 1e-9), 2)
         cache.save()
         progress("attackers", a + 1, len(attackers))
     protected_photos = len(gallery.protected.images)
@@ -184,6 +186,7 @@ def evaluate(
         "protect_seconds_per_photo": round(gallery.seconds / max(1, protected_photos), 3),
         "embedded_photos": embedded,
         "embed_photos_per_second": round(embedded / max(embed_seconds, 1e-9), 2),
+        "embed_photos_per_second_by_attacker": rate_by_attacker,
     }
     return result
 

@@ -107,6 +107,8 @@ class MXNetGraph(nn.Module):
 
         """
         super().__init__()
+        self.feature_hook: Callable[[Tensor], Tensor] | None = None
+        """Applied to every convolution's output when set (`facecloak.cloak.dropout`)."""
         symbol_where = None if symbol_path is None else str(symbol_path)
         params_where = None if params_path is None else str(params_path)
 
@@ -366,6 +368,8 @@ class MXNetGraph(nn.Module):
             ]
             try:
                 values[step.node] = step.function(inputs)
+                if self.feature_hook is not None and step.op == "Convolution":
+                    values[step.node] = self.feature_hook(values[step.node])
             except (RuntimeError, ValueError) as err:
                 if isinstance(err, torch.OutOfMemoryError):
                     raise
