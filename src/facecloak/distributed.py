@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from facecloak import io
-from facecloak.batch import FileOutcome, Options, ProgressCallback, ProgressEvent
+from facecloak.batch import FileOutcome, Options, ProgressCallback, ProgressEvent, face_status
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
 from facecloak.journal import Journal, file_sha256
 from facecloak.pipeline import ProtectorSpec, ResumableReport, ResumedOutcome, _output_options
@@ -276,13 +276,7 @@ def _finish_row(
     if str(row["error"]):
         return FileOutcome(uri, "failed", error=str(row["error"]))
     faces = json.loads(str(row["faces"]))
-    status = (
-        "no_face"
-        if not faces
-        else "protected"
-        if all(f.get("protected", True) for f in faces)
-        else "unprotected"
-    )
+    status = face_status(faces)
     target = out_dir / Path(relative).with_name(f"{Path(relative).stem}_{tag}{row['suffix']}")
     relative_output = target.relative_to(out_dir).as_posix()
     sha256 = str(row["sha256"])

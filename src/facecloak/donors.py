@@ -37,7 +37,7 @@ from torch import Tensor
 from facecloak import io
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces
-from facecloak.errors import DonorBankError, FacecloakError, ImageWriteError
+from facecloak.errors import DonorBankError, FacecloakError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
 from facecloak.synthesis import CHIP_SIZE_PX, canonical_chips, estimate_pose, face_statistics
@@ -307,6 +307,7 @@ def add_donors(
 
     Raises:
         DonorBankError: no model given, or an existing bank built with other models.
+        ImageWriteError: a file of the bank could not be written (the message names it).
     """
     if not models:
         raise DonorBankError("no face model is available to embed donors; see `facecloak models`")
@@ -496,19 +497,11 @@ def _manifest(folder: Path, existing: DonorBank | None, models: Sequence[Embedde
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     buffer = io_bytes.BytesIO()
     np.savez(buffer, **arrays)
-    _write_atomic(path, buffer.getvalue())
+    io.write_bytes_atomic(path, buffer.getvalue(), overwrite=True)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, json.dumps(data, indent=1).encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """`facecloak.io.write_bytes_atomic`, failing as a `DonorBankError` (the bank is what broke)."""
-    try:
-        io.write_bytes_atomic(path, data, overwrite=True)
-    except ImageWriteError as error:
-        raise DonorBankError(error.reason, path) from None
+    io.write_bytes_atomic(path, json.dumps(data, indent=1).encode(), overwrite=True)
 
 
 def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int:
@@ -516,6 +509,7 @@ def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int:
 
     Raises:
         DonorBankError: no such bank, or an id not in it.
+        ImageWriteError: a file of the bank could not be written (the message names it).
     """
     bank_data = load_bank(bank, allow_empty=True)
     if not ids:

@@ -31,6 +31,7 @@ from facecloak.batch import (
     ProgressCallback,
     ProgressEvent,
     plan_batch,
+    write_output,
 )
 from facecloak.detect import FaceDetector
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
@@ -497,27 +498,13 @@ def _write(
     relative_input = entry.job.relative.as_posix()
     relative_output = entry.target.relative_to(out_dir).as_posix()
     path = str(entry.job.path)
-    if not records:
-        status = "no_face"
-    elif all(record.get("protected", True) for record in records):
-        status = "protected"
-    else:
-        status = "unprotected"
-    written: dict = {}
-    try:
+
+    def start() -> None:
         if entry.target.exists() and not (options.overwrite or journal.owns(relative_output)):
             raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", entry.target)
         journal.record("start", relative_input, entry.sha256, relative_output)  # from here the output is ours
-        io.write_image(
-            entry.target,
-            output,
-            source=entry.image,
-            keep_metadata=options.keep_metadata,
-            protected=inputs,
-            overwrite=True,
-            jpeg_quality=options.jpeg_quality,
-            info=written,
-        )
+
+    def done(status: str) -> None:
         size = entry.target.stat().st_size
         journal.record(
             "done",
@@ -528,10 +515,20 @@ def _write(
             output_bytes=size,
             faces=records,
         )
-    except FacecloakError as error:
-        return FileOutcome(path, "failed", error=str(error), faces=records, seconds=round(seconds, 3))
+
+    try:
+        return write_output(
+            entry.job.path,
+            entry.image,
+            output,
+            entry.target,
+            records,
+            options,
+            seconds,
+            protected=inputs,
+            overwrite=True,
+            before=start,
+            after=done,
+        )
     except OSError as error:
         return FileOutcome(path, "failed", error=f"{entry.target}: {error.strerror}", faces=records)
-    return FileOutcome(
-        path, status, output=str(entry.target), faces=records, seconds=round(seconds, 3), written=written
-    )

@@ -1,0 +1,290 @@
+"""The data of a batch: its options, its plan, each file's outcome, the report and progress events.
+
+`BatchReport` counts outcomes, derives the exit code and renders the summary and the table;
+`facecloak.batch` fills these in (and re-exports every name here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY
+from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
+from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED
+from facecloak.io import ImageJob
+
+
+@dataclass(frozen=True)
+class Options:
+    """File and detection settings of a run; written verbatim into the JSON report.
+
+    Attributes:
+        out_dir: output folder (mirrors the input tree); None writes beside each input.
+        format: output format name ("jpeg", "png", ...); None keeps each input's format.
+        keep_metadata: keep EXIF minus GPS (default: drop it all).
+        overwrite: redo inputs whose output exists and replace it (inputs are never replaced);
+            without it such inputs are skipped before any work.
+        max_pixels: decompression-bomb guard per image.
+        min_score: detection confidence threshold.
+        min_size: smallest face side looked for, in pixels.
+        device: torch device name, None for CUDA when present else CPU.
+        chunk: images read, detected and processed together.
+        jpeg_quality: quality of JPEG/WebP outputs; None keeps a JPEG input's own quantisation
+            and re-encodes only the blocks around the faces (`facecloak.jpeg_blocks`).
+    """
+
+    out_dir: str | None = None
+    format: str | None = None
+    keep_metadata: bool = False
+    overwrite: bool = False
+    max_pixels: int | None = None
+    min_score: float = MIN_FACE_SCORE
+    min_size: int = MIN_FACE_PX
+    device: str | None = None
+    chunk: int = 8
+    jpeg_quality: int | None = None
+
+
+@dataclass
+class FileOutcome:
+    """What happened to one input file."""
+
+    path: str
+    status: str  # "protected", "no_face", "unprotected", "failed", "skipped" (output exists)
+    output: str | None = None
+    faces: list[dict] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    written: dict = field(default_factory=dict)  # how the output was encoded (see io.write_image)
+
+    @property
+    def message(self) -> str:
+        """One line for the terminal."""
+        if self.status == "failed":
+            return f"error: {self.error}"
+        if self.status == "skipped":
+            return f"{self.path}: skipped, output exists: {self.output}"
+        if self.status == "no_face":
+            return f"{self.path}: no face found; written unchanged to {self.output}{self._encoding_note()}"
+        short = sum(not face.get("protected", True) for face in self.faces)
+        if self.status == "unprotected":
+            return (
+                f"{self.path}: {short} of {len(self.faces)} face(s) NOT protected -> {self.output}"
+                f"{self._encoding_note()}"
+            )
+        return f"{self.path}: {len(self.faces)} face(s) -> {self.output}{self._encoding_note()}"
+
+    def _encoding_note(self) -> str:
+        if self.written.get("encoding") == "jpeg-blocks":
+            kept = self.written["mcus_total"] - self.written["mcus_reencoded"]
+            return f" (JPEG: {kept} of {self.written['mcus_total']} blocks kept bit-exact)"
+        if "jpeg_fallback" in self.written:
+            return f" ({self.written['jpeg_fallback']})"
+        return ""
+
+
+@dataclass
+class BatchReport:
+    """Outcomes of a batch, with its options; renders the summary, the table and the exit code."""
+
+    command: str
+    options: dict
+    outcomes: list[FileOutcome] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # files in folders that are not images
+    seconds: float = 0.0
+    inputs: list[str] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        """Number of files with ``status``."""
+        return sum(outcome.status == status for outcome in self.outcomes)
+
+    @property
+    def empty(self) -> bool:
+        """No image at all under the paths given."""
+        return not self.outcomes
+
+    @property
+    def faces(self) -> int:
+        """Faces found in all files."""
+        return sum(len(outcome.faces) for outcome in self.outcomes)
+
+    @property
+    def unprotected_faces(self) -> int:
+        """Faces found whose protection fell short."""
+        return sum(not face.get("protected", True) for outcome in self.outcomes for face in outcome.faces)
+
+    @property
+    def exit_code(self) -> int:
+        """3 if a file failed; else 1 if an image had no face, a face fell short, or nothing was found."""
+        if self.count("failed"):
+            return EXIT_FAILED
+        if self.empty or self.count("no_face") or self.count("unprotected"):
+            return EXIT_UNPROTECTED
+        return EXIT_OK
+
+    def __str__(self) -> str:
+        if self.empty:
+            where = ", ".join(self.inputs) or "(nothing given)"
+            lines = [f"{self.command}: no image found in {where}; nothing to do"]
+            if self.skipped:
+                lines.append(f"  {len(self.skipped)} file(s) skipped (not images)")
+            return "\n".join(lines)
+        earlier = sum(bool(getattr(o, "resumed", False)) for o in self.outcomes)  # done by a previous run
+        done = len(self.outcomes) - self.count("skipped") - self.count("failed") - earlier
+        skipped = self.count("skipped") + earlier
+        lines = [
+            f"{self.command}: {len(self.outcomes)} image(s): {done} done, {skipped} skipped, "
+            f"{self.count('failed')} failed; {self.faces} face(s) found, "
+            f"{self.faces - self.unprotected_faces} protected, in {self.seconds:.1f} s"
+        ]
+        if self.count("skipped"):
+            lines.append(
+                f"  {self.count('skipped')} image(s) skipped: their output exists (--overwrite redoes them)"
+            )
+        if self.count("no_face"):
+            lines.append(
+                f"  {self.count('no_face')} image(s) with NO face found (nothing was changed in them):"
+            )
+            lines += [f"    {o.path}" for o in self.outcomes if o.status == "no_face"]
+        if self.unprotected_faces:
+            lines.append(f"  {self.unprotected_faces} face(s) NOT protected (fell short of the target):")
+            lines += [f"    {o.path}" for o in self.outcomes if o.status == "unprotected"]
+        if self.count("failed"):
+            lines.append(f"  {self.count('failed')} file(s) failed:")
+            lines += [f"    {o.error}" for o in self.outcomes if o.status == "failed"]
+        if self.skipped:
+            lines.append(f"  {len(self.skipped)} file(s) skipped (not images, or outputs of this command)")
+        blurred = [
+            (o.path, f)
+            for o in self.outcomes
+            for f in o.faces
+            if f.get("method") == "blur" and f.get("reason")
+        ]
+        if blurred:
+            lines.append(f"  {len(blurred)} face(s) blurred instead of replaced:")
+            lines += [f"    {path}: {face['reason']}" for path, face in blurred]
+        return "\n".join(lines)
+
+    def table(self) -> list[list[str]]:
+        """Rows of the final table (first row the header): one per file that was worked on."""
+        rows = [["file", "faces", "protected", "distance / threshold", "face DSSIM", "s", "output"]]
+        for outcome in self.outcomes:
+            if outcome.status in ("failed", "skipped"):
+                continue
+            ratios = [_worst_ratio(face) for face in outcome.faces]
+            ratios = [r for r in ratios if r is not None]
+            dssims = [face["dssim"] for face in outcome.faces if "dssim" in face]
+            protected = sum(face.get("protected", True) for face in outcome.faces)
+            rows.append(
+                [
+                    outcome.path,
+                    str(len(outcome.faces)),
+                    f"{protected}/{len(outcome.faces)}",
+                    f"{min(ratios):.2f}x" if ratios else "-",
+                    f"{max(dssims):.4f}" if dssims else "-",
+                    f"{outcome.seconds:.1f}",
+                    outcome.output or "-",
+                ]
+            )
+        return rows
+
+    def to_dict(self) -> dict:
+        """Everything, JSON-ready."""
+        return {
+            "command": self.command,
+            "options": self.options,
+            "exit_code": self.exit_code,
+            "images": len(self.outcomes),
+            "faces": self.faces,
+            "unprotected_faces": self.unprotected_faces,
+            "no_face_images": self.count("no_face"),
+            "failed_files": self.count("failed"),
+            "skipped_existing": self.count("skipped"),
+            "seconds": round(self.seconds, 3),
+            "files": [asdict(outcome) for outcome in self.outcomes],
+            "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped],
+        }
+
+
+def _worst_ratio(face: dict) -> float | None:
+    """A cloaked face's smallest distance / threshold over its models (after JPEG 75 when measured)."""
+    ratios = []
+    for model in face.get("models", {}).values():
+        distance = model.get(DISTANCE_AFTER_UPLOAD_KEY)
+        distance = model.get("distance") if distance is None else distance
+        if distance is not None and model.get("threshold"):
+            ratios.append(distance / model["threshold"])
+    return min(ratios) if ratios else None
+
+
+@dataclass
+class BatchPlan:
+    """Every input and what will happen to it, decided before any work.
+
+    Attributes:
+        todo: (input job, output path) of the photos to protect.
+        existing: (input, output) of photos skipped because their output exists.
+        failed: inputs that cannot be done (missing, not an image, output clash), with the reason.
+        not_images: files passed over, with the reason: inside folders, files without an image
+            suffix; anywhere, files that are this command's output of another input.
+        inputs: the paths as given.
+        order: every input file in the order found (the report lists files in this order).
+    """
+
+    todo: list[tuple[ImageJob, Path]] = field(default_factory=list)
+    existing: list[tuple[Path, Path]] = field(default_factory=list)
+    failed: list[FileOutcome] = field(default_factory=list)
+    not_images: list[tuple[Path, str]] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """No image at all under the paths given."""
+        return not (self.todo or self.existing or self.failed)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where a batch is, for a progress display.
+
+    Attributes:
+        stage: "plan" (once, before any work), "load" (building the face detector), "detect"
+            (per chunk), "protect" (per chunk and, for cloaks, per optimisation step), "check"
+            (a cloak's last step is done: its after-upload check runs), "file" (one file
+            finished: ``outcome``).
+        files_done: input files finished (written, failed or skipped) out of ``files_total``.
+        faces_done: faces finished (protection done) out of ``faces_total`` (None while
+            faces are still being detected).
+        step: optimisation step of the current chunk, out of ``steps`` (0 when not optimising).
+        distance: current chunk, the farthest-behind unfinished face's distance from its
+            identity as a multiple of its match threshold, under this step's simulated upload
+            (cloaks only; the closest face once all are done).
+        aim: the multiple the cloak aims at.
+        fraction: share of the whole batch's work done, 0 to 1 (detection counts one unit per
+            photo, protection one per photo plus, for cloaks, the most steps per face).
+        eta_seconds: estimated time left (None until it can be estimated).
+        current: names of the files being worked on.
+        outcome: the finished file (stage "file").
+        plan: the plan (stage "plan").
+    """
+
+    stage: str
+    files_done: int
+    files_total: int
+    faces_done: int = 0
+    faces_total: int | None = None
+    step: int = 0
+    steps: int = 0
+    distance: float | None = None
+    aim: float | None = None
+    fraction: float = 0.0
+    eta_seconds: float | None = None
+    current: tuple[str, ...] = ()
+    outcome: FileOutcome | None = None
+    plan: BatchPlan | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]

@@ -1,0 +1,71 @@
+"""Reading and writing photos: the only package that touches files, PIL, uint8 and EXIF.
+
+Everything past this package sees a (3, H, W) float32 RGB tensor in [0, 1]. Reading applies the
+EXIF orientation, converts CMYK, palette, grey, 16-bit and alpha images, and turns every kind of
+bad file (missing, empty, truncated, not an image, too many pixels) into an `ImageReadError`
+whose message is one line naming the file. Writing is atomic (temporary file in the target
+folder, then `os.replace`), never replaces an input, and drops EXIF (GPS above all) unless asked.
+A JPEG written from a JPEG keeps every 8x8 block the protection did not touch bit for bit
+(`facecloak.jpeg_blocks`); other formats are written losslessly where they were lossless.
+
+Modules: `read` (decoding, pixel limit, `LoadedImage`), `write` (encoding, metadata, atomic
+writes), `files` (suffixes, folder walking, output names). Every public name is re-exported
+here; a constant such as `MAX_IMAGE_PIXELS` is read where it is defined (``facecloak.io.read``),
+so patch it there.
+"""
+
+from __future__ import annotations
+
+from facecloak.io.files import (
+    IMAGE_SUFFIXES,
+    OUTPUT_FORMATS,
+    ImageJob,
+    collect_images,
+    output_path,
+    output_suffix,
+    same_file,
+)
+from facecloak.io.read import (
+    HEIF_AVAILABLE,
+    MAX_IMAGE_PIXELS,
+    LoadedImage,
+    max_pixels_default,
+    probe_image,
+    probe_image_bytes,
+    read_image,
+    read_image_bytes,
+)
+from facecloak.io.write import (
+    JPEG_QUALITY,
+    encode_image,
+    jpeg_roundtrip,
+    strip_location,
+    to_uint8,
+    write_bytes_atomic,
+    write_image,
+)
+
+__all__ = [
+    "HEIF_AVAILABLE",
+    "IMAGE_SUFFIXES",
+    "JPEG_QUALITY",
+    "MAX_IMAGE_PIXELS",
+    "OUTPUT_FORMATS",
+    "ImageJob",
+    "LoadedImage",
+    "collect_images",
+    "encode_image",
+    "jpeg_roundtrip",
+    "max_pixels_default",
+    "output_path",
+    "output_suffix",
+    "probe_image",
+    "probe_image_bytes",
+    "read_image",
+    "read_image_bytes",
+    "same_file",
+    "strip_location",
+    "to_uint8",
+    "write_bytes_atomic",
+    "write_image",
+]

@@ -1,0 +1,111 @@
+"""Which files a run reads and writes: image suffixes, walking folders, output names and formats."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from facecloak.errors import ImageWriteError
+from facecloak.io.read import HEIF_AVAILABLE
+
+IMAGE_SUFFIXES = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".png": "PNG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".heic": "HEIF",
+    ".heif": "HEIF",
+}
+"""File suffixes picked up when walking folders, with the format each one names."""
+
+OUTPUT_FORMATS = {
+    "JPEG": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "TIFF": ".tif",
+    "BMP": ".bmp",
+    "HEIF": ".heic",
+}
+"""Formats facecloak writes, with their suffix. GIF inputs are written as PNG: a palette would
+quantise a cloak away."""
+
+
+def output_suffix(source_format: str, requested: str | None = None) -> str:
+    """The file suffix for an output: the requested format, else the source's (GIF -> PNG)."""
+    name = (requested or source_format).upper()
+    name = {"JPG": "JPEG", "TIF": "TIFF", "HEIC": "HEIF", "GIF": "PNG", "MPO": "JPEG"}.get(name, name)
+    if name == "HEIF" and not HEIF_AVAILABLE:
+        name = "JPEG"
+    if name not in OUTPUT_FORMATS:
+        raise ImageWriteError(f"unsupported output format {requested or source_format!r}")
+    return OUTPUT_FORMATS[name]
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (hard links and symlinks included)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One input photo and where its output goes, relative to the output folder."""
+
+    path: Path
+    relative: Path  # mirrors the input tree under the output folder
+
+
+def collect_images(
+    paths: Sequence[str | Path], *, exclude: Path | None = None
+) -> tuple[list[ImageJob], list[tuple[Path, str]]]:
+    """Expand files and folders (recursively, sorted) into image jobs.
+
+    Files named explicitly are always tried (a bad one fails with a reason later); inside folders
+    only files with an image suffix are taken and the rest are returned as skipped, with a note.
+    ``exclude`` (the output folder) is never walked when it lies inside a folder given, so
+    outputs are not re-read as inputs (a batch also passes over files that are the outputs of
+    other inputs, see `facecloak.batch.plan_batch`).
+    """
+    jobs: list[ImageJob] = []
+    skipped: list[tuple[Path, str]] = []
+    excluded = exclude.resolve() if exclude is not None and exclude.exists() else None
+    for given in map(Path, paths):
+        if given.is_dir():
+            skip = excluded if excluded is not None and excluded != given.resolve() else None
+            for file in sorted(p for p in given.rglob("*") if p.is_file()):
+                relative = file.relative_to(given)
+                if skip is not None and skip in file.resolve().parents:
+                    continue
+                if any(part.startswith(".") for part in relative.parts):
+                    continue
+                if file.suffix.lower() in IMAGE_SUFFIXES:
+                    jobs.append(ImageJob(file, Path(given.name) / relative if len(paths) > 1 else relative))
+                else:
+                    skipped.append((file, "not an image suffix"))
+        else:
+            jobs.append(ImageJob(given, Path(given.name)))
+    return jobs, skipped
+
+
+def output_path(
+    job: ImageJob, out_dir: Path | None, tag: str, format_name: str | None, source_format: str
+) -> Path:
+    """Where the output of ``job`` goes: ``<stem>_<tag><suffix>``, mirrored under ``out_dir``.
+
+    Without ``out_dir`` the output sits beside the input. The tag guarantees that an output never
+    has an input's name, even when both live in the same folder.
+    """
+    suffix = output_suffix(source_format, format_name)
+    name = f"{job.path.stem}_{tag}{suffix}"
+    if out_dir is None:
+        return job.path.with_name(name)
+    return out_dir / job.relative.with_name(name)

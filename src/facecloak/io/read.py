@@ -1,0 +1,336 @@
+"""Reading photos: decoding files and bytes into (3, H, W) float RGB tensors, with every check."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from facecloak.errors import ImageReadError
+
+try:  # HEIC/HEIF support is an optional extra (pip install facecloak[heic]).
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the extra
+    HEIF_AVAILABLE = False
+
+MAX_IMAGE_PIXELS = 120_000_000
+"""Default decompression-bomb guard: images with more pixels are refused (a 200 MP phone photo
+needs ``max_pixels`` raised explicitly). Override per call or with FACECLOAK_MAX_PIXELS."""
+
+_ORIENTATION_TAG = 0x0112
+
+
+@dataclass
+class LoadedImage:
+    """A decoded photo and what is needed to write it back faithfully.
+
+    Attributes:
+        path: the file it came from.
+        pixels: (3, H, W) float32 RGB in [0, 1], EXIF orientation applied.
+        alpha: (1, H, W) float32 in [0, 1] for images with transparency, else None.
+        format: PIL format name of the source ("JPEG", "PNG", ...).
+        grayscale: the source had no colour (written back as grey unless colour was added).
+        icc_profile: the source's ICC profile, kept on output (None after a CMYK conversion).
+        exif: the source's EXIF block (orientation already applied), used only when asked.
+        orientation: the source's EXIF orientation (1-8), already applied to ``pixels``; a JPEG
+            edited block by block is stored in the source's orientation and keeps this tag.
+        encoded: a JPEG's own bytes when it was decoded from memory (`read_image_bytes`), so
+            that it can be edited block by block without a file on disk; None otherwise.
+    """
+
+    path: Path
+    pixels: Tensor
+    alpha: Tensor | None = None
+    format: str = "PNG"
+    grayscale: bool = False
+    icc_profile: bytes | None = None
+    exif: bytes | None = field(default=None, repr=False)
+    orientation: int = 1
+    encoded: bytes | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return int(self.pixels.shape[2]), int(self.pixels.shape[1])
+
+
+def max_pixels_default() -> int:
+    """The pixel limit in force: FACECLOAK_MAX_PIXELS if set, else `MAX_IMAGE_PIXELS`."""
+    value = os.environ.get("FACECLOAK_MAX_PIXELS")
+    return int(value) if value else MAX_IMAGE_PIXELS
+
+
+class _PilPixelLimit:
+    """PIL's process-wide decompression-bomb guard, raised only while facecloak reads a photo.
+
+    PIL refuses to open an image over ``2 * Image.MAX_IMAGE_PIXELS`` before our own, explicit
+    limit is checked; a user who raises ``max_pixels`` must not be stopped by it. So each read
+    raises PIL's guard to its own limit for the duration of the read, and the last read to finish
+    puts back whatever was there before: nothing stays changed after facecloak returns. (A
+    truncated file is an error because PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False by
+    default; facecloak does not set it.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._limits: list[int] = []  # the limits of the reads in progress
+        self._saved: int | None = None
+
+    @contextmanager
+    def at_least(self, limit: int) -> Iterator[None]:
+        """Within the block PIL's guard is at least ``limit`` (unless the process switched it off)."""
+        with self._lock:
+            if not self._limits:
+                self._saved = Image.MAX_IMAGE_PIXELS
+            self._limits.append(limit)
+            self._apply()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._limits.remove(limit)
+                if self._limits:
+                    self._apply()
+                else:
+                    Image.MAX_IMAGE_PIXELS = self._saved
+
+    def _apply(self) -> None:
+        if self._saved is not None:
+            Image.MAX_IMAGE_PIXELS = max(self._saved, *self._limits)
+
+
+_PIL_PIXEL_LIMIT = _PilPixelLimit()
+
+
+def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImage:
+    """Decode one photo into a (3, H, W) float tensor in [0, 1].
+
+    Args:
+        path: the file to read.
+        max_pixels: refuse images with more pixels than this (decompression-bomb guard);
+            default `max_pixels_default()`.
+
+    Raises:
+        ImageReadError: one line naming the file and the reason.
+
+    Example:
+        >>> image = read_image("samples/astronaut.jpg")  # doctest: +SKIP
+        >>> image.pixels.shape
+        torch.Size([3, 512, 512])
+    """
+    path = Path(path)
+    limit = max_pixels or max_pixels_default()
+    with _PIL_PIXEL_LIMIT.at_least(limit):  # PIL's own guard must not be stricter than ours
+        return _read_image(path, limit)
+
+
+def _read_image(path: Path, limit: int) -> LoadedImage:
+    if not path.exists():
+        raise ImageReadError("no such file or folder", path)
+    if not path.is_file():
+        raise ImageReadError("not a regular file", path)
+    if path.stat().st_size == 0:
+        raise ImageReadError("empty file (0 bytes)", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > limit:
+                    raise ImageReadError(
+                        f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
+                        "(decompression-bomb guard; raise it with --max-pixels)",
+                        path,
+                    )
+                opened.seek(0)  # first frame of a GIF or multi-page TIFF
+                source_format = opened.format or "PNG"
+                exif = opened.info.get("exif")
+                icc = opened.info.get("icc_profile")
+                orientation = _orientation(opened)
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageReadError(
+            f"more pixels than the limit of {limit:,} (decompression-bomb guard; raise it with --max-pixels)",
+            path,
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image, or an unsupported format", path) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
+    except MemoryError:
+        raise ImageReadError("image too large to decode in memory", path) from None
+    pixels, alpha, grayscale, icc = _to_rgb_tensor(image, icc)
+    return LoadedImage(path, pixels, alpha, source_format, grayscale, icc, exif, orientation)
+
+
+def probe_image(path: str | Path, *, max_pixels: int | None = None) -> str:
+    """The format of the photo at ``path`` ("JPEG", "PNG", ...), from its header alone.
+
+    Cheap (nothing is decoded): a batch calls it for every input before any work, so that a
+    missing, empty, unidentifiable or oversized file fails at once and every output name is
+    known up front. A file that passes can still fail at `read_image` (truncated data).
+
+    Raises:
+        ImageReadError: one line naming the file and the reason.
+    """
+    path = Path(path)
+    limit = max_pixels or max_pixels_default()
+    with _PIL_PIXEL_LIMIT.at_least(limit):
+        return _probe_image(path, limit)
+
+
+def _probe_image(path: Path, limit: int) -> str:
+    if not path.exists():
+        raise ImageReadError("no such file or folder", path)
+    if not path.is_file():
+        raise ImageReadError("not a regular file", path)
+    if path.stat().st_size == 0:
+        raise ImageReadError("empty file (0 bytes)", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                source_format = opened.format or "PNG"
+    except Image.DecompressionBombError:
+        raise ImageReadError(
+            f"more pixels than the limit of {limit:,} (decompression-bomb guard; raise it with --max-pixels)",
+            path,
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image, or an unsupported format", path) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
+    if width * height > limit:
+        raise ImageReadError(
+            f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
+            "(decompression-bomb guard; raise it with --max-pixels)",
+            path,
+        )
+    return source_format
+
+
+def _orientation(opened: Image.Image) -> int:
+    try:
+        value = int(opened.getexif().get(_ORIENTATION_TAG, 1))
+    except (TypeError, ValueError, SyntaxError, OSError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _short(error: BaseException) -> str:
+    return " ".join(str(error).split())[:120] or type(error).__name__
+
+
+def _to_rgb_tensor(image: Image.Image, icc: bytes | None) -> tuple[Tensor, Tensor | None, bool, bytes | None]:
+    """Convert any PIL mode to float RGB in [0, 1] plus an optional alpha plane."""
+    mode = image.mode
+    alpha: np.ndarray | None = None
+    grayscale = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La")
+    if mode == "P":
+        has_alpha = "transparency" in image.info or image.palette.mode == "RGBA"
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        mode = image.mode
+    if mode == "CMYK":
+        image = _cmyk_to_srgb(image, icc)
+        icc = None  # the source profile described CMYK; the pixels are sRGB now
+        mode = image.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        grey = np.asarray(image, dtype=np.float32)
+        scale = 65535.0 if mode != "F" or grey.max() > 1.0 else 1.0
+        rgb = np.repeat((grey / scale).clip(0, 1)[..., None], 3, axis=2)
+    else:
+        if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+            alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    pixels = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    alpha_tensor = None if alpha is None else torch.from_numpy(alpha)[None]
+    return pixels, alpha_tensor, grayscale, icc
+
+
+def _cmyk_to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
+    """Colour-managed CMYK -> sRGB when the file carries a profile, PIL's plain formula otherwise."""
+    if icc:
+        try:
+            source = ImageCms.ImageCmsProfile(BytesIO(icc))
+            target = ImageCms.createProfile("sRGB")
+            return ImageCms.profileToProfile(image, source, target, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            pass
+    return image.convert("RGB")
+
+
+def probe_image_bytes(data: bytes) -> tuple[str, int, int]:
+    """Format and size of an in-memory photo from its header alone, without decoding pixels.
+
+    The format is sniffed from the content (PIL's signatures), never taken from a file name or a
+    declared content type. A 30,000 x 30,000 PNG costs a few bytes to probe.
+
+    Returns:
+        (PIL format name, width, height), the size before EXIF rotation.
+
+    Raises:
+        ImageReadError: the bytes are not an image of a format facecloak reads.
+    """
+    if not data:
+        raise ImageReadError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings(), _PIL_PIXEL_LIMIT.at_least(max_pixels_default()):
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(BytesIO(data)) as opened:  # lazy: reads the header only
+                return opened.format or "", int(opened.size[0]), int(opened.size[1])
+    except Image.DecompressionBombError as error:  # PIL refuses over twice its own limit at open
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        raise ImageReadError(f"{size}, more than the decompression-bomb limit") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        raise ImageReadError("not an image, or an unsupported format") from None
+
+
+def read_image_bytes(data: bytes, name: str = "upload", *, max_pixels: int | None = None) -> LoadedImage:
+    """Decode an in-memory photo with exactly `read_image`'s checks and conversions.
+
+    The bytes are handed to `read_image` through an anonymous in-memory file (``memfd`` on Linux,
+    an unlinked temporary file elsewhere), so an upload never gets a name on disk and nothing is
+    left behind, even after a crash. Errors name ``name`` instead of that file.
+
+    Example:
+        >>> image = read_image_bytes(Path("samples/astronaut.jpg").read_bytes(), "astronaut.jpg")
+        >>> image.size
+        (512, 512)
+    """
+    if hasattr(os, "memfd_create"):
+        handle = os.memfd_create("facecloak-upload", getattr(os, "MFD_CLOEXEC", 0))
+        stream = os.fdopen(handle, "w+b")
+    else:  # pragma: no cover - macOS, Windows
+        stream = tempfile.TemporaryFile(prefix=".facecloak-")
+    with stream:
+        stream.write(data)
+        stream.flush()
+        fd_folder = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+        try:
+            image = read_image(f"{fd_folder}/{stream.fileno()}", max_pixels=max_pixels)
+        except ImageReadError as error:
+            raise ImageReadError(error.reason, name) from None
+    image.path = Path(name)
+    if image.format in ("JPEG", "MPO"):
+        image.encoded = data
+    return image

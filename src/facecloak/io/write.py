@@ -1,0 +1,291 @@
+"""Writing photos: encoding tensors (metadata, ICC, JPEG blocks kept) and atomic file writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from facecloak import jpeg_blocks
+from facecloak.errors import ImageWriteError
+from facecloak.io.files import IMAGE_SUFFIXES, OUTPUT_FORMATS, same_file
+from facecloak.io.read import _ORIENTATION_TAG, LoadedImage, _short
+
+JPEG_QUALITY = 95
+"""Quality of JPEG/WebP/HEIF outputs that are encoded from pixels (a JPEG written from a JPEG
+keeps the input's own quantisation instead, see `write_image`)."""
+_GPS_IFD_TAG = 0x8825
+
+
+def write_image(
+    path: str | Path,
+    pixels: Tensor,
+    *,
+    source: LoadedImage | None = None,
+    keep_metadata: bool = False,
+    protected: Iterable[Path] = (),
+    overwrite: bool = False,
+    jpeg_quality: int | None = None,
+    info: dict | None = None,
+) -> Path:
+    """Write a (3, H, W) [0, 1] tensor atomically, in the format the suffix of ``path`` names.
+
+    A JPEG written from a JPEG ``source`` with ``jpeg_quality`` None is edited in the JPEG's own
+    domain: only the 8x8 blocks (MCUs) holding a changed pixel are re-encoded, with the source's
+    own quantisation tables, and every other block keeps the source's exact coefficients, so it
+    decodes to exactly the same pixels (see `facecloak.jpeg_blocks`). Where that is not possible
+    (a kind of JPEG libjpeg cannot edit, no jpeglib) the whole photo is encoded at
+    `JPEG_QUALITY`, and ``info["jpeg_fallback"]`` says why.
+
+    Args:
+        path: destination; its suffix picks the format.
+        pixels: (3, H, W) float RGB in [0, 1].
+        source: the image it was made from: its alpha plane, ICC profile and greyness carry over.
+        keep_metadata: keep the source's EXIF minus GPS (default: drop all EXIF).
+        protected: files that must never be replaced (the batch's inputs).
+        overwrite: replace an existing output file (never a protected one).
+        jpeg_quality: quality for JPEG/WebP/HEIF outputs encoded from pixels; None keeps a JPEG
+            source's own quantisation (block by block) and uses `JPEG_QUALITY` otherwise. Giving
+            a number re-encodes the whole photo at it.
+        info: if given, filled with how the file was written (``encoding``: "jpeg-blocks" with
+            the re-encoded MCU counts, or the format name; ``jpeg_fallback``: why not blocks).
+
+    Raises:
+        ImageWriteError: one line naming the file and the reason; nothing is left behind.
+    """
+    path = Path(path)
+    _check_target(path, protected, overwrite)
+    if path.suffix.lower() not in IMAGE_SUFFIXES or IMAGE_SUFFIXES[path.suffix.lower()] == "GIF":
+        raise ImageWriteError(f"cannot write format {path.suffix.lower() or '(none)'}", path)
+    try:
+        data = encode_image(
+            pixels,
+            IMAGE_SUFFIXES[path.suffix.lower()],
+            source=source,
+            keep_metadata=keep_metadata,
+            jpeg_quality=jpeg_quality,
+            info=info,
+        )
+    except ImageWriteError as error:
+        raise ImageWriteError(error.reason, path) from None
+    return write_bytes_atomic(path, data, protected=protected, overwrite=overwrite)
+
+
+_UNDO_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+"""The inverse of each EXIF orientation's transform (as `ImageOps.exif_transpose` applies it)."""
+
+
+def _jpeg_keeping_blocks(pixels: Tensor, source: LoadedImage, keep_metadata: bool, info: dict) -> bytes:
+    """The output JPEG's bytes, edited block by block from the source file (see `write_image`)."""
+    if source.format not in ("JPEG", "MPO"):
+        raise jpeg_blocks.BlocksUnavailable(f"the input is {source.format}, not JPEG")
+    original = source.encoded if source.encoded is not None else source.path
+    if source.alpha is not None or (source.encoded is None and not source.path.is_file()):
+        raise jpeg_blocks.BlocksUnavailable("the input's own JPEG bytes are not at hand")
+    before, after = to_uint8(source.pixels), to_uint8(pixels)
+    if before.shape != after.shape:
+        raise jpeg_blocks.BlocksUnavailable("the output's size differs from the input's")
+    undo = _UNDO_ORIENTATION.get(source.orientation)
+    if undo is not None:  # edit the file in its stored orientation; the EXIF tag keeps it upright
+        before = np.asarray(Image.fromarray(before).transpose(undo))
+        after = np.asarray(Image.fromarray(after).transpose(undo))
+    data, edit = jpeg_blocks.splice_jpeg(original, before, after)
+    info.update(encoding="jpeg-blocks", **edit.summary())
+    return _with_metadata(data, _jpeg_exif(source, keep_metadata), source.icc_profile)
+
+
+def _jpeg_exif(source: LoadedImage, keep_metadata: bool) -> bytes | None:
+    """EXIF for a block-edited JPEG: as `strip_location` when kept, but with the stored orientation."""
+    if keep_metadata and source.exif:
+        exif = Image.Exif()
+        exif.load(source.exif)
+        exif.pop(_GPS_IFD_TAG, None)
+    elif source.orientation != 1:
+        exif = Image.Exif()  # nothing but the orientation, so that viewers turn the photo upright
+    else:
+        return None
+    if source.orientation != 1:
+        exif[_ORIENTATION_TAG] = source.orientation
+    else:
+        exif.pop(_ORIENTATION_TAG, None)
+    return exif.tobytes()
+
+
+_ICC_CHUNK_BYTES = 65_519
+
+
+def _with_metadata(data: bytes, exif: bytes | None, icc: bytes | None) -> bytes:
+    """Insert an EXIF (APP1) and ICC profile (APP2 chunks) segment after a JPEG's JFIF header."""
+    segments = []
+    if exif:
+        payload = exif if exif.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + exif
+        if len(payload) + 2 > 0xFFFF:
+            raise jpeg_blocks.BlocksUnavailable("EXIF block too large for one segment")
+        segments.append(b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload)
+    if icc:
+        chunks = [icc[i : i + _ICC_CHUNK_BYTES] for i in range(0, len(icc), _ICC_CHUNK_BYTES)]
+        if len(chunks) > 255:
+            raise jpeg_blocks.BlocksUnavailable("ICC profile too large")
+        for number, chunk in enumerate(chunks, start=1):
+            payload = b"ICC_PROFILE\x00" + bytes([number, len(chunks)]) + chunk
+            segments.append(b"\xff\xe2" + (len(payload) + 2).to_bytes(2, "big") + payload)
+    position = 2  # after SOI; then past the JFIF APP0 libjpeg wrote
+    if data[2:4] == b"\xff\xe0":
+        position = 4 + int.from_bytes(data[4:6], "big")
+    return data[:position] + b"".join(segments) + data[position:]
+
+
+def _check_target(path: Path, protected: Iterable[Path], overwrite: bool) -> None:
+    """Refuse an input's own file always, and an existing output unless ``overwrite``."""
+    if any(same_file(path, other) for other in protected):
+        raise ImageWriteError("refusing to overwrite an input file", path)
+    if path.exists() and not overwrite:
+        raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", path)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def to_uint8(pixels: Tensor) -> np.ndarray:
+    """(3, H, W) [0, 1] float tensor -> (H, W, 3) uint8 array, rounding to nearest."""
+    array = (pixels.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return np.ascontiguousarray(array.permute(1, 2, 0).cpu().numpy())
+
+
+def _to_pil(pixels: Tensor, source: LoadedImage | None, format_name: str) -> Image.Image:
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ImageWriteError(f"expected a (3, H, W) tensor, got {tuple(pixels.shape)}")
+    rgb = to_uint8(pixels)
+    grey = source is not None and source.grayscale and bool((rgb.max(2) == rgb.min(2)).all())
+    image = Image.fromarray(rgb[..., 0] if grey else rgb, "L" if grey else "RGB")
+    alpha = source.alpha if source is not None else None
+    if alpha is not None and format_name in ("PNG", "WEBP", "TIFF"):
+        plane = (alpha[0].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        image.putalpha(Image.fromarray(plane, "L"))
+    return image
+
+
+def _save_options(format_name: str, source: LoadedImage | None, keep_metadata: bool, quality: int) -> dict:
+    options: dict = {}
+    if source is not None and source.icc_profile:
+        options["icc_profile"] = source.icc_profile
+    if keep_metadata and source is not None and source.exif:
+        options["exif"] = strip_location(source.exif)
+    if format_name == "JPEG":
+        options.update(quality=quality, subsampling=0, optimize=True)
+    elif format_name == "WEBP":
+        options.update(quality=quality, method=4)
+    elif format_name == "HEIF":
+        options.update(quality=quality)
+    elif format_name == "TIFF":
+        options.update(compression="tiff_deflate")
+    elif format_name == "PNG":
+        options.update(compress_level=6)
+    return options
+
+
+def strip_location(exif_bytes: bytes) -> bytes:
+    """EXIF without the GPS block, with orientation reset (the pixels are already upright)."""
+    exif = Image.Exif()
+    exif.load(exif_bytes)
+    exif.pop(_GPS_IFD_TAG, None)
+    if _ORIENTATION_TAG in exif:
+        exif[_ORIENTATION_TAG] = 1
+    return exif.tobytes()
+
+
+def jpeg_roundtrip(pixels: Tensor, quality: int = 75) -> Tensor:
+    """Encode a (3, H, W) [0, 1] image as a real JPEG in memory (PIL, 4:2:0) and decode it again.
+
+    This is what an upload site does to a photo; the cloak is checked against it.
+    """
+    buffer = BytesIO()
+    Image.fromarray(to_uint8(pixels)).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        array = np.asarray(decoded.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(pixels.device)
+
+
+def encode_image(
+    pixels: Tensor,
+    format_name: str,
+    *,
+    source: LoadedImage | None = None,
+    keep_metadata: bool = False,
+    jpeg_quality: int | None = None,
+    info: dict | None = None,
+) -> bytes:
+    """Encode a (3, H, W) [0, 1] tensor into the bytes `write_image` writes (see its Args).
+
+    Same conversion, colour profile, alpha, EXIF policy (dropped unless ``keep_metadata``, GPS
+    always dropped) and encoder settings. A JPEG made from a JPEG ``source`` with
+    ``jpeg_quality`` None is edited block by block in the source's own coefficients, whether the
+    source was read from a file or from bytes (`read_image_bytes`).
+    """
+    format_name = format_name.upper()
+    info = {} if info is None else info
+    if format_name not in OUTPUT_FORMATS:
+        raise ImageWriteError(f"cannot write format {format_name!r}")
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ImageWriteError(f"expected a (3, H, W) tensor, got {tuple(pixels.shape)}")
+    if format_name == "JPEG" and jpeg_quality is None and source is not None:
+        try:
+            return _jpeg_keeping_blocks(pixels, source, keep_metadata, info)
+        except jpeg_blocks.BlocksUnavailable as why:
+            info["jpeg_fallback"] = f"whole photo re-encoded at quality {JPEG_QUALITY}: {why}"
+    quality = JPEG_QUALITY if jpeg_quality is None else jpeg_quality
+    image = _to_pil(pixels, source, format_name)
+    buffer = BytesIO()
+    try:
+        image.save(buffer, format=format_name, **_save_options(format_name, source, keep_metadata, quality))
+    except (OSError, ValueError, KeyError) as error:
+        raise ImageWriteError(f"could not encode ({_short(error)})") from None
+    info["encoding"] = format_name.lower()
+    return buffer.getvalue()
+
+
+def write_bytes_atomic(
+    path: str | Path, data: bytes, *, protected: Iterable[Path] = (), overwrite: bool = False
+) -> Path:
+    """Write already encoded bytes to ``path`` atomically (temporary file, fsync, rename).
+
+    The same guarantees as `write_image`: a final name never holds a partial file, an input is
+    never replaced, an existing file only with ``overwrite``.
+    """
+    path = Path(path)
+    _check_target(path, protected, overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=path.suffix, dir=path.parent)
+    except OSError as error:
+        raise ImageWriteError(f"could not write ({_short(error)})", path) from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise ImageWriteError(f"could not write ({_short(error)})", path) from None
+    return path
