@@ -150,7 +150,7 @@ def build_bench_bank(device: str, count: int = 100) -> tuple[str, dict]:
 
 
 def measure_replace(paths: list[Path], device: str, bank_name: str | None) -> dict:
-    from facecloak.donors import load_bank
+    from facecloak.donor_bank import load_bank
     from facecloak.models import available_embedders, create_embedder
     from facecloak.replace import FaceReplacer
 

@@ -55,7 +55,7 @@ def make_replace(group, faces, detector, donors: str | None) -> None:
     """group_replace.jpg and a 2x zoom of every face (original above, replaced below)."""
     import torch.nn.functional as F
 
-    from facecloak.donors import load_bank
+    from facecloak.donor_bank import load_bank
     from facecloak.replace import FaceReplacer
 
     bank = load_bank(donors or lfw_bank())

@@ -21,7 +21,8 @@ from click.testing import CliRunner
 from conftest import models_root
 from facecloak import io
 from facecloak.cli import main
-from facecloak.donors import DonorBank, add_donors, bank_folder, load_bank, remove_donors
+from facecloak.donor_bank import DonorBank, bank_folder, load_bank
+from facecloak.donors import add_donors, remove_donors
 from facecloak.embed import embed_faces
 from facecloak.errors import DonorBankError
 from facecloak.evaluate import centre_face

@@ -20,11 +20,8 @@ facecloak ships none and downloads none.
 from __future__ import annotations
 
 import datetime as _datetime
-import hashlib
 import io as io_bytes
 import json
-import os
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,213 +33,22 @@ from torch import Tensor
 
 from facecloak import io
 from facecloak.detect import FaceDetector
+from facecloak.donor_bank import (
+    BANK_FORMAT,
+    DEFAULT_BANK,
+    DONOR_MAX_YAW,
+    DONOR_MIN_FACE_PX,
+    DONOR_MIN_SCORE,
+    DonorBank,
+    bank_folder,
+    load_bank,
+    model_fingerprint,
+)
 from facecloak.embed import embed_faces
 from facecloak.errors import DonorBankError, FacecloakError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
 from facecloak.synthesis import CHIP_SIZE_PX, canonical_chips, estimate_pose, face_statistics
-
-BANK_FORMAT = 1
-"""Version of the on-disk layout; a bank of another version is refused with a way out."""
-
-DEFAULT_BANK = "default"
-DONOR_MIN_FACE_PX = 60
-"""Smallest donor face (shorter box side) taken: smaller faces make blurry new faces."""
-
-DONOR_MIN_SCORE = 0.95
-"""Smallest detector confidence of a donor face."""
-
-DONOR_MAX_YAW = 0.45
-"""Donors turned further than this (`facecloak.synthesis.estimate_pose` units) are skipped."""
-
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def data_dir() -> Path:
-    """Where banks live: ``$XDG_DATA_HOME/facecloak/donors`` (default ``~/.local/share/...``)."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "facecloak" / "donors"
-
-
-def bank_folder(name: str | Path) -> Path:
-    """The folder of bank ``name``: a name in `data_dir`, or the path of a bank folder itself."""
-    given = Path(name).expanduser()
-    if (given / "bank.json").is_file() or os.sep in str(name):
-        return given
-    if not NAME_PATTERN.match(str(name)):
-        raise DonorBankError(f"bank name {name!r} must be letters, digits, '.', '_' or '-'")
-    return data_dir() / str(name)
-
-
-def model_fingerprint(model: Embedder) -> str:
-    """A short hash of a model's card: what changes its embeddings (template, threshold, weights)."""
-    card = json.dumps(model.card.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha1(card.encode()).hexdigest()[:12]
-
-
-@dataclass
-class DonorBank:
-    """A loaded bank: statistics and embeddings in memory, chips read from disk when needed.
-
-    Attributes:
-        name: the bank's name (its folder's name).
-        folder: where it lives.
-        donors: one manifest record per donor (``id``, ``source``, ``licence``, ...).
-        points: (N, 5, 2) landmarks in chip pixels.
-        pose: (N, 3) ``yaw, pitch, roll`` (`facecloak.synthesis.estimate_pose`).
-        stats: (N, 9) colour statistics (`facecloak.synthesis.FACE_STATISTICS`).
-        embeddings: model name -> (N, D) embedding of each donor's chip.
-        models: model name -> {"fingerprint", "metric", "threshold"} the bank was built with.
-        sources: one record per ``add`` (folder, licence note, photos, skipped).
-    """
-
-    name: str
-    folder: Path
-    donors: list[dict]
-    points: Tensor
-    pose: Tensor
-    stats: Tensor
-    embeddings: dict[str, Tensor]
-    models: dict[str, dict]
-    sources: list[dict] = field(default_factory=list)
-    _chips: dict[int, Tensor] = field(default_factory=dict, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.donors)
-
-    @property
-    def ids(self) -> list[str]:
-        """Donor ids, in row order."""
-        return [donor["id"] for donor in self.donors]
-
-    def chips(self, rows: Sequence[int]) -> Tensor:
-        """(K, 3, S, S) float chips of donors at ``rows`` (read once, then kept as uint8)."""
-        out = []
-        for row in rows:
-            if row not in self._chips:
-                pixels = io.read_image(self.folder / "chips" / f"{self.donors[row]['id']}.png").pixels
-                if pixels.shape[-2:] != (CHIP_SIZE_PX, CHIP_SIZE_PX):
-                    raise DonorBankError(
-                        f"chip of donor {self.donors[row]['id']} has the wrong size", self.folder
-                    )
-                self._chips[row] = (pixels * 255).round().to(torch.uint8)
-            out.append(self._chips[row].float() / 255)
-        return torch.stack(out) if out else torch.zeros(0, 3, CHIP_SIZE_PX, CHIP_SIZE_PX)
-
-    def check_models(self, models: Sequence[Embedder]) -> None:
-        """Raise `DonorBankError` unless the bank was built with exactly these models (same cards)."""
-        wanted = {model.card.name: model_fingerprint(model) for model in models}
-        have = {name: entry["fingerprint"] for name, entry in self.models.items()}
-        if wanted != have:
-            raise DonorBankError(
-                f"bank {self.name!r} was built with models {_describe(have)} but this run uses "
-                f"{_describe(wanted)}; run `facecloak donors refresh {self.name}` to re-embed its donors"
-            )
-
-    def summary(self) -> dict:
-        """Name, folder, size, models and licence notes, for ``facecloak donors list``."""
-        return {
-            "name": self.name,
-            "folder": str(self.folder),
-            "donors": len(self),
-            "models": sorted(self.models),
-            "licences": sorted({donor.get("licence", "") for donor in self.donors}),
-            "sources": [source.get("folder") for source in self.sources],
-        }
-
-
-def _describe(models: dict[str, str]) -> str:
-    return ", ".join(sorted(models)) if models else "(none)"
-
-
-# -- reading -----------------------------------------------------------------------------------
-
-
-def load_bank(name: str | Path = DEFAULT_BANK, *, allow_empty: bool = False) -> DonorBank:
-    """Load a bank by name (or folder path).
-
-    Raises:
-        DonorBankError: no such bank, an empty bank, or a damaged one; the message says what to run.
-    """
-    folder = bank_folder(name)
-    manifest_path = folder / "bank.json"
-    label = Path(name).name
-    if not manifest_path.is_file():
-        raise DonorBankError(
-            f"no donor bank {label!r} (looked in {folder}); create it with "
-            f"`facecloak donors add PHOTOS_DIR --bank {label}`"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as error:
-        raise DonorBankError(f"bank manifest is unreadable ({error})", manifest_path) from None
-    if manifest.get("format") != BANK_FORMAT:
-        raise DonorBankError(
-            f"bank format {manifest.get('format')} is not {BANK_FORMAT}; "
-            "rebuild it with `facecloak donors add`",
-            manifest_path,
-        )
-    donors = manifest.get("donors", [])
-    if not donors and not allow_empty:
-        raise DonorBankError(
-            f"donor bank {label!r} is empty; add photos with `facecloak donors add PHOTOS_DIR --bank {label}`"
-        )
-    embeddings = _read_embeddings(folder, [d["id"] for d in donors], manifest.get("models", {}))
-    return DonorBank(
-        name=manifest.get("name", label),
-        folder=folder,
-        donors=donors,
-        points=_tensor([d["chip_landmarks"] for d in donors], (0, 5, 2)),
-        pose=_tensor([d["pose"] for d in donors], (0, 3)),
-        stats=_tensor([d["stats"] for d in donors], (0, 9)),
-        embeddings=embeddings,
-        models=manifest.get("models", {}),
-        sources=manifest.get("sources", []),
-    )
-
-
-def _tensor(rows: list, empty_shape: tuple[int, ...]) -> Tensor:
-    return torch.tensor(rows, dtype=torch.float32) if rows else torch.zeros(empty_shape)
-
-
-def _read_embeddings(folder: Path, ids: list[str], models: dict) -> dict[str, Tensor]:
-    path = folder / "embeddings.npz"
-    if not ids:
-        return {name: torch.zeros(0, 1) for name in models}
-    try:
-        with np.load(path) as data:
-            stored_ids = [str(v) for v in data["ids"]]
-            tables = {name: data[name] for name in models}
-    except (OSError, KeyError, ValueError) as error:
-        raise DonorBankError(
-            f"bank embeddings are missing or damaged ({error}); run `facecloak donors refresh {folder.name}`",
-            path,
-        ) from None
-    row = {donor_id: i for i, donor_id in enumerate(stored_ids)}
-    missing = [donor_id for donor_id in ids if donor_id not in row]
-    if missing:
-        raise DonorBankError(
-            f"{len(missing)} donor(s) have no embedding; run `facecloak donors refresh {folder.name}`", path
-        )
-    order = [row[donor_id] for donor_id in ids]
-    return {
-        name: torch.from_numpy(np.asarray(table[order], dtype=np.float32)) for name, table in tables.items()
-    }
-
-
-def list_banks() -> list[dict]:
-    """Summaries of every bank in `data_dir` (a damaged one says why)."""
-    root = data_dir()
-    summaries = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        try:
-            summaries.append(load_bank(folder, allow_empty=True).summary())
-        except FacecloakError as error:
-            summaries.append({"name": folder.name, "folder": str(folder), "error": str(error)})
-    return summaries
-
-
-# -- writing -----------------------------------------------------------------------------------
 
 
 @dataclass

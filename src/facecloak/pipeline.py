@@ -79,7 +79,7 @@ class ProtectorSpec:
             return AnonymizeFaces(Anonymizer(params.pop("method"), **params))
         if self.kind == "replace":
             from facecloak.detect import MIN_FACE_PX, FaceDetector
-            from facecloak.donors import load_bank
+            from facecloak.donor_bank import load_bank
             from facecloak.models import create_embedder
             from facecloak.replace import FaceReplacer
 

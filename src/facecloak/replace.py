@@ -35,7 +35,7 @@ from facecloak._checks import check_faces, check_image_list
 from facecloak.anonymize import blur_faces
 from facecloak.defaults import REDETECT_IOU, VERIFY_JPEG_QUALITY
 from facecloak.detect import FaceDetector
-from facecloak.donors import DonorBank, load_bank
+from facecloak.donor_bank import DonorBank, load_bank
 from facecloak.embed import embed_faces
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces, box_iou
@@ -89,7 +89,7 @@ class FaceReplacer:
     """Replaces faces with donor mixes and verifies each one: ``replacer(images, faces)``.
 
     Args:
-        bank: the donor bank (from `facecloak.donors.load_bank`); must be built with ``models``.
+        bank: the donor bank (from `facecloak.donor_bank.load_bank`); must be built with ``models``.
         models: the recognisers every new face is checked with (default: every model available
             here, `facecloak.models.available_embedders`); the bank must have been built with the
             same ones (`DonorBank.check_models`).

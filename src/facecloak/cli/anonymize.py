@@ -146,7 +146,7 @@ def anonymize(
 def _replace_command(paths, donor_bank, donors_per_face, seed, io_values) -> None:
     """``anonymize --method replace``: load the bank and every available model, run the batch."""
     from facecloak.detect import MIN_FACE_PX, FaceDetector
-    from facecloak.donors import load_bank
+    from facecloak.donor_bank import load_bank
     from facecloak.errors import DonorBankError
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import ReplaceFaces

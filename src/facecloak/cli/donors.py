@@ -73,7 +73,7 @@ def donors_add(paths, bank, licence, all_faces, device, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def donors_list(bank, as_json) -> None:
     """List the banks, or the donors of one bank (id, licence note, source photo)."""
-    from facecloak.donors import data_dir, list_banks, load_bank
+    from facecloak.donor_bank import data_dir, list_banks, load_bank
 
     if bank is None:
         banks = list_banks()

@@ -88,7 +88,7 @@ def build_protection(
 
 
 def _replacer(request: EvaluationRequest, detector: FaceDetector):
-    from facecloak.donors import load_bank
+    from facecloak.donor_bank import load_bank
     from facecloak.models import available_embedders, create_embedder
     from facecloak.replace import FaceReplacer
 

@@ -14,13 +14,13 @@ from PIL import Image
 from torch import Tensor
 
 from facecloak import jpeg_blocks
+from facecloak.defaults import OUTPUT_JPEG_QUALITY
 from facecloak.errors import ImageWriteError
 from facecloak.io.files import IMAGE_SUFFIXES, OUTPUT_FORMATS, same_file
 from facecloak.io.read import _ORIENTATION_TAG, LoadedImage, _short
 
-JPEG_QUALITY = 95
-"""Quality of JPEG/WebP/HEIF outputs that are encoded from pixels (a JPEG written from a JPEG
-keeps the input's own quantisation instead, see `write_image`)."""
+JPEG_QUALITY = OUTPUT_JPEG_QUALITY
+"""Quality of outputs encoded from pixels (`facecloak.defaults.OUTPUT_JPEG_QUALITY`)."""
 _GPS_IFD_TAG = 0x8825
 
 
