@@ -74,6 +74,14 @@ def test_onnx_export_roundtrip_matches_and_is_differentiable(onnx_dlib, config_h
     assert torch.allclose(ours, original(chips), atol=1e-4)
     ours.square().sum().backward()
     assert chips.grad is not None and torch.isfinite(chips.grad).all() and chips.grad.abs().sum() > 0
+    # Without gradients the plug-in runs a channels-last copy: same numbers, and it follows the
+    # weights when they change in place (the adaptive evaluator fine-tunes them).
+    with torch.no_grad():
+        assert torch.allclose(imported(chips), ours, atol=1e-5)
+        next(imported.network.parameters()).mul_(1.5)
+        changed = imported(chips)
+    assert not torch.allclose(changed, ours, atol=1e-3)
+    assert torch.allclose(changed, imported(chips).detach(), atol=1e-5)
     remove_user_model("test-dlib-onnx")
     assert "test-dlib-onnx" not in list_embedders()
 

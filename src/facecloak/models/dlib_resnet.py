@@ -241,7 +241,7 @@ class DlibResNet(Embedder):
         """
         if chips.ndim != 4 or tuple(chips.shape[1:]) != (3, DLIB_CHIP_SIZE_PX, DLIB_CHIP_SIZE_PX):
             raise InvalidInputError(f"chips must have shape (N, 3, 150, 150), got {tuple(chips.shape)}")
-        x = (chips * 255.0 - self.mean) / 256.0
+        x = ((chips * 255.0 - self.mean) / 256.0).contiguous(memory_format=torch.channels_last)
         x = F.relu(self.affine(self.con(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = self.alevel4(x)
@@ -366,4 +366,6 @@ def load_dlib_resnet(path: Path | str) -> DlibResNet:
     if fc.config != (128, 256, 1) or fc.params.size != 256 * 128:
         fail(f"fc settings (outputs, inputs, bias mode) {fc.config}, expected (128, 256, 1)")
     model.fc.weight.data.copy_(torch.from_numpy(fc.params.reshape(256, 128).T.copy()))
-    return model.fold_affine().eval()
+    # channels-last weights: the CPU's convolutions run a forward pass 1.4x faster, and a cloak
+    # step's forward and backward 1.2x (2 cores); the values are unchanged.
+    return model.fold_affine().eval().to(memory_format=torch.channels_last)

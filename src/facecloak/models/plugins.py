@@ -11,6 +11,7 @@ the user added is `facecloak.models.user_models`.
 from __future__ import annotations
 
 import re
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -63,6 +64,24 @@ class PluginEmbedder(Embedder):
         self.bgr = bool(extra.get("bgr", False))
         self.channels_last_input = extra.get("layout", "nchw") == "nhwc"
 
+    def _inference_network(self) -> nn.Module:
+        """The network with channels-last weights, for passes without gradients.
+
+        The CPU's convolutions run a forward pass 1.4-1.5x faster with channels-last weights (HSE
+        MobileNet, MobileFace V2; batches of 32), but a forward and backward pass of a cloak step
+        ~10% slower: so embedding uses this copy and the cloak the original. Built on first use,
+        rebuilt if the network was moved or its weights changed since (fine-tuning).
+        """
+        key = (tuple((p.data_ptr(), p._version) for p in self.network.parameters()), self.training)
+        if getattr(self, "_inference_key", None) != key:
+            copy = deepcopy(self.network).to(memory_format=torch.channels_last)
+            copy.train(self.training)
+            for parameter in copy.parameters():
+                parameter.requires_grad_(False)
+            self._inference = [copy]  # a list: not registered as a submodule (no state_dict entry)
+            self._inference_key = key
+        return self._inference[0]
+
     def forward(self, chips: Tensor) -> Tensor:
         """Embed (N, 3, S, S) RGB chips in [0, 1]."""
         x = chips.flip(1) if self.bgr else chips
@@ -73,7 +92,7 @@ class PluginEmbedder(Embedder):
             # channels-last memory: the layout the CPU's convolution kernels are fastest in
             # (MobileFace V2: forward 20% faster); the values are unchanged.
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.network(x)
+        out = self._inference_network()(x) if not torch.is_grad_enabled() else self.network(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
         out = out.flatten(1)
