@@ -217,7 +217,7 @@ def test_hse_box_crop_nhwc_bgr_plugin_and_calibration(hse_dir, lfw_dir, config_h
     # BGR order: the first mean (103.939) is subtracted from the blue channel
     probe = torch.zeros(1, 3, 224, 224)
     probe[:, 2] = 103.939 / 255
-    with torch.no_grad():
+    with torch.enable_grad():  # the hooked network itself (passes without gradients use a copy)
         seen = {}
 
         def grab(module, args):
