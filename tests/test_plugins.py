@@ -238,3 +238,25 @@ def test_hse_box_crop_nhwc_bgr_plugin_and_calibration(hse_dir, lfw_dir, config_h
     assert saved["match_threshold"] == pytest.approx(threshold)
     builtin = runner.invoke(main, ["models", "calibrate", "dlib-resnet", str(lfw_dir / "images")])
     assert builtin.exit_code == 2 and "built-in" in builtin.stderr
+
+
+def test_relu6_fusion_is_the_same_function(hse_dir):
+    """TensorFlow's ReLU6 (Relu, Min 6, Max 0) becomes one clamp: same outputs and gradients."""
+    import onnx
+    from onnx2torch import convert
+
+    from facecloak.models.loaders import _fast_elementwise, load_network
+
+    path = next(hse_dir.glob("*.onnx"))
+    plain = _fast_elementwise(convert(onnx.load(str(path)))).eval()
+    fused = load_network(path).eval()
+    assert sum(node.target is torch.clamp for node in fused.graph.nodes) > 0
+    assert not any("clip_by_value" in str(node.target) for node in fused.graph.nodes)
+    x = (torch.rand(2, 224, 224, 3, generator=torch.Generator().manual_seed(0)) * 255 - 120).requires_grad_(
+        True
+    )
+    a, b = plain(x), fused(x)
+    assert torch.allclose(a, b, atol=1e-4)
+    (grad_a,) = torch.autograd.grad(a.sum(), x)
+    (grad_b,) = torch.autograd.grad(b.sum(), x)
+    assert torch.allclose(grad_a, grad_b, rtol=1e-3, atol=1e-3 * float(grad_a.abs().max()))

@@ -47,6 +47,63 @@ def _fast_elementwise(network: nn.Module) -> nn.Module:
     return network
 
 
+def _scalar_constant(network: nn.Module, node) -> float | None:
+    """The value of an fx ``get_attr`` node holding a one-element tensor, else None."""
+    if getattr(node, "op", None) != "get_attr":
+        return None
+    value = network
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return float(value)
+    return None
+
+
+def _fuse_relu6(network: nn.Module) -> nn.Module:
+    """Rewrite ``Max(Min(Relu(x), a), b)`` (TensorFlow's ReLU6 in ONNX) as one ``clamp(x, 0, a)``.
+
+    Three passes over memory become one, forward and backward: about a quarter of the HSE
+    MobileNet's time. Only the exact case ``b <= 0 <= a`` is rewritten, where both are the same
+    function; anything else is left as it was.
+    """
+    graph = getattr(network, "graph", None)
+    if graph is None:
+        return network
+    modules = dict(network.named_modules())
+
+    def kind(node) -> str | None:
+        if node.op != "call_module":
+            return None
+        module = modules.get(str(node.target))
+        if isinstance(module, nn.ReLU):
+            return "Relu"
+        return getattr(module, "_op_type", None)
+
+    changed = False
+    for node in list(graph.nodes):
+        if kind(node) != "Max" or len(node.args) != 2:
+            continue
+        inner = node.args[0]
+        if not hasattr(inner, "op") or kind(inner) != "Min" or len(inner.args) != 2 or len(inner.users) != 1:
+            continue
+        relu = inner.args[0]
+        if not hasattr(relu, "op") or kind(relu) != "Relu" or len(relu.users) != 1:
+            continue
+        high, low = _scalar_constant(network, inner.args[1]), _scalar_constant(network, node.args[1])
+        if high is None or low is None or not low <= 0.0 <= high:
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(torch.clamp, (relu.args[0],), {"min": 0.0, "max": high})
+        node.replace_all_uses_with(fused)
+        for dead in (node, inner, relu):
+            graph.erase_node(dead)
+        changed = True
+    if changed:
+        graph.eliminate_dead_code()
+        network.recompile()
+    return network
+
+
 def load_network(file: Path) -> nn.Module:
     """An ONNX or MXNet file as a differentiable torch module (no weights are fetched).
 
@@ -68,7 +125,7 @@ def load_network(file: Path) -> nn.Module:
                 "ONNX models need the onnx extra: pip install 'facecloak[onnx]'", file
             ) from None
         try:
-            network = _fast_elementwise(convert(onnx.load(str(file))))
+            network = _fuse_relu6(_fast_elementwise(convert(onnx.load(str(file)))))
         except Exception as error:  # onnx and onnx2torch raise many types for a bad file
             detail = str(error).splitlines()[0][:120] if str(error) else ""
             raise ModelNotFoundError(
