@@ -139,22 +139,31 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
         return _read_image(path, limit)
 
 
-def _read_image(path: Path, limit: int) -> LoadedImage:
+def _check_regular_file(path: Path) -> None:
+    """Refuse, in one line, a path that is missing, not a regular file, or empty."""
     if not path.exists():
         raise ImageReadError("no such file or folder", path)
     if not path.is_file():
         raise ImageReadError("not a regular file", path)
     if path.stat().st_size == 0:
         raise ImageReadError("empty file (0 bytes)", path)
+
+
+def _over_limit(what: str, path: Path) -> ImageReadError:
+    """The decompression-bomb refusal: ``what`` says by how much, and the user is told the way out."""
+    return ImageReadError(f"{what} (decompression-bomb guard; raise it with --max-pixels)", path)
+
+
+def _read_image(path: Path, limit: int) -> LoadedImage:
+    _check_regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 width, height = opened.size
                 if width * height > limit:
-                    raise ImageReadError(
-                        f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
-                        "(decompression-bomb guard; raise it with --max-pixels)",
+                    raise _over_limit(
+                        f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,}",
                         path,
                     )
                 opened.seek(0)  # first frame of a GIF or multi-page TIFF
@@ -167,10 +176,7 @@ def _read_image(path: Path, limit: int) -> LoadedImage:
     except ImageReadError:
         raise
     except Image.DecompressionBombError:
-        raise ImageReadError(
-            f"more pixels than the limit of {limit:,} (decompression-bomb guard; raise it with --max-pixels)",
-            path,
-        ) from None
+        raise _over_limit(f"more pixels than the limit of {limit:,}", path) from None
     except UnidentifiedImageError:
         raise ImageReadError("not an image, or an unsupported format", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
@@ -198,12 +204,7 @@ def probe_image(path: str | Path, *, max_pixels: int | None = None) -> str:
 
 
 def _probe_image(path: Path, limit: int) -> str:
-    if not path.exists():
-        raise ImageReadError("no such file or folder", path)
-    if not path.is_file():
-        raise ImageReadError("not a regular file", path)
-    if path.stat().st_size == 0:
-        raise ImageReadError("empty file (0 bytes)", path)
+    _check_regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -211,19 +212,14 @@ def _probe_image(path: Path, limit: int) -> str:
                 width, height = opened.size
                 source_format = opened.format or "PNG"
     except Image.DecompressionBombError:
-        raise ImageReadError(
-            f"more pixels than the limit of {limit:,} (decompression-bomb guard; raise it with --max-pixels)",
-            path,
-        ) from None
+        raise _over_limit(f"more pixels than the limit of {limit:,}", path) from None
     except UnidentifiedImageError:
         raise ImageReadError("not an image, or an unsupported format", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
     if width * height > limit:
-        raise ImageReadError(
-            f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
-            "(decompression-bomb guard; raise it with --max-pixels)",
-            path,
+        raise _over_limit(
+            f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,}", path
         )
     return source_format
 
