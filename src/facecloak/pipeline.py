@@ -23,15 +23,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from facecloak import io
-from facecloak.batch import (
+from facecloak.batch import plan_batch, write_output
+from facecloak.batch_types import (
     BatchPlan,
     BatchReport,
     FileOutcome,
     Options,
     ProgressCallback,
     ProgressEvent,
-    plan_batch,
-    write_output,
 )
 from facecloak.detect import FaceDetector
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
