@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facecloak import __version__, io
+from facecloak.batch import face_status
 from facecloak.cloak import LEVELS
 from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY, FOUND_AFTER_UPLOAD_KEY
 from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
@@ -176,8 +177,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         )
         tag = "cloaked" if kind == "cloak" else "anonymized"
         filename = f"{Path(name).stem}_{tag}{suffix}"
-        unprotected = sum(not face["protected"] for face in faces)
-        status = "no_face" if not faces else "unprotected" if unprotected else "protected"
+        status = face_status(faces)
+        unprotected = sum(not face.get("protected", True) for face in faces)
         wants_json = common.response == "json" or "application/json" in request.headers.get("accept", "")
         if wants_json:
             width, height = image.size
