@@ -63,6 +63,17 @@ CONFIGS = {
     },
     "default+drop0.1": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "dropout": 0.1},
     "default+drop0.03": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "dropout": 0.03},
+    "default+sgm0.5": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "skip_gradient": 0.5},
+    "default+sgm0.2": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "skip_gradient": 0.2},
+    "default+feat1": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "feature_weight": 1.0},
+    "default+feat3": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "feature_weight": 3.0},
+    "default+feat1@0.3": {
+        "diversity": 0.7,
+        "smoothing": 1.0,
+        "spend_budget": True,
+        "feature_weight": 1.0,
+        "feature_depth": 0.3,
+    },
 }
 BUDGET_FIELDS = ("jnd_scale", "chroma_share", "max_dssim")
 """Configuration keys that change the level's budget rather than the cloak's options."""

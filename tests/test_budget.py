@@ -144,3 +144,56 @@ def test_feature_dropout_perturbs_inside_the_block_and_restores_the_exact_model(
     with pytest.raises(ValueError):
         with feature_dropout([model], 1.0, torch.Generator()):
             pass
+
+
+def test_skip_gradient_keeps_the_forward_pass_and_bends_only_the_gradient():
+    """The skip gradient method must leave embeddings exact and change the input gradient, then undo."""
+    from facecloak.cloak.skip_gradient import skip_gradient
+    from facecloak.models import create_embedder
+
+    model = create_embedder("dlib-resnet", device="cpu")
+    chips = torch.rand(1, 3, 150, 150, generator=torch.Generator().manual_seed(0))
+
+    def forward_and_gradient() -> tuple[torch.Tensor, torch.Tensor]:
+        x = chips.clone().requires_grad_(True)
+        embedding = model(x)
+        (gradient,) = torch.autograd.grad(embedding.square().sum(), x)
+        return embedding.detach(), gradient
+
+    plain_embedding, plain_gradient = forward_and_gradient()
+    with skip_gradient([model], 0.3):
+        skip_embedding, skip_gradient_ = forward_and_gradient()
+    again_embedding, again_gradient = forward_and_gradient()
+    assert torch.allclose(plain_embedding, skip_embedding, atol=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(plain_gradient.flatten(), skip_gradient_.flatten(), dim=0)
+    assert float(cosine) < 0.99  # a different direction, not only a different length
+    assert torch.equal(plain_gradient, again_gradient) and torch.equal(plain_embedding, again_embedding)
+    with pytest.raises(ValueError):
+        with skip_gradient([model], 0.0):
+            pass
+
+
+def test_feature_tap_reads_the_middle_layer_of_a_port_and_of_an_imported_graph(mobileface_dir):
+    """The intermediate-feature loss needs one middle layer per model, and nothing left behind after."""
+    from facecloak.cloak.features import FeatureTap, feature_displacement
+    from facecloak.models import create_embedder
+    from facecloak.models.plugins import load_model_file
+
+    dlib = create_embedder("dlib-resnet", device="cpu")
+    mobileface = load_model_file(mobileface_dir / "MobileFace_Identification_V2-symbol.json")
+    generator = torch.Generator().manual_seed(0)
+    for model, size in ((dlib, 150), (mobileface, 112)):
+        chips = torch.rand(2, 3, size, size, generator=generator)
+        nudged = (chips + 0.03 * torch.randn(chips.shape, generator=generator)).clamp(0, 1)
+        with torch.enable_grad(), FeatureTap(model, 0.5) as tap:
+            model(chips)
+            clean = tap.value.detach()
+            model(nudged)
+            moved = feature_displacement(tap.value, clean)
+            model(chips)
+            again = feature_displacement(tap.value, clean)
+        assert clean.ndim == 4 and clean.shape[0] == 2
+        assert clean.shape[-1] < size  # a middle layer: downsampled, not the input
+        assert bool((moved > 0.01).all()) and float(again.max()) < 1e-5
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        assert all(getattr(m, "feature_hook", None) is None for m in model.modules())

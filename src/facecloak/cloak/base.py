@@ -27,7 +27,9 @@ from facecloak.align import affine_scale, model_alignment
 from facecloak.cloak.budget import DSSIM_SAFETY, LEVELS, CloakBudget, enforce_dssim, jnd_map, limit_change
 from facecloak.cloak.dropout import feature_dropout
 from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
+from facecloak.cloak.features import FeatureTap, feature_displacement
 from facecloak.cloak.regions import Bucket, build_buckets, paste_perturbations, sample_chips
+from facecloak.cloak.skip_gradient import skip_gradient
 from facecloak.cloak.verify import face_records, verify_after_upload
 from facecloak.defaults import REGION_SCALE
 from facecloak.detect import FaceDetector
@@ -48,6 +50,11 @@ every step rather than stopping at the aim, each moved faces further on the mode
 the same visibility (small gains: the DSSIM cap is what limits a `mid` cloak)."""
 DEFAULT_DROPOUT = 0.0
 """Feature dropout is off: on the same ablation it moved faces less on the left-out model."""
+DEFAULT_SKIP_GRADIENT = 1.0
+"""Residual branches pass back their whole gradient (the skip gradient method is off)."""
+DEFAULT_FEATURE_WEIGHT = 0.0
+DEFAULT_FEATURE_DEPTH = 0.5
+"""The intermediate-feature loss is off; when on, it takes the convolution halfway through."""
 
 ADAM_BETAS = (0.9, 0.999)
 """Adam's decay rates of the gradient's first and second moments (Kingma & Ba's defaults)."""
@@ -153,6 +160,12 @@ class Cloak:
         update: "adam" or "momentum" (MI-FGSM sign steps on the accumulated normalised gradient).
         dropout: feature dropout (DFANet, Zhong & Deng 2021): share of every convolution's outputs
             zeroed at random in each step's forward pass, a self-ensemble of each model (0: off).
+        skip_gradient: share of the gradient residual branches pass back (the skip gradient
+            method, Wu et al. 2020; `facecloak.cloak.skip_gradient`); 1: off.
+        feature_weight: weight of the intermediate-feature loss (`facecloak.cloak.features`):
+            each model's features at ``feature_depth`` are pushed away from the clean face's,
+            seen through the same random upload; 0: off.
+        feature_depth: which convolution, as a relative depth (0 first, 1 last).
         spend_budget: keep optimising for all ``steps`` (pulling each model to `SPEND_TARGET`)
             instead of stopping once the attacked models pass the aim: the margin on the
             surrogates is only a proxy, and the extra distance is what transfers.
@@ -182,6 +195,9 @@ class Cloak:
         update: str = "adam",
         spend_budget: bool = DEFAULT_SPEND_BUDGET,
         dropout: float = DEFAULT_DROPOUT,
+        skip_gradient: float = DEFAULT_SKIP_GRADIENT,
+        feature_weight: float = DEFAULT_FEATURE_WEIGHT,
+        feature_depth: float = DEFAULT_FEATURE_DEPTH,
         budget: CloakBudget | None = None,
         detector: FaceDetector | None = None,
         verify: bool = True,
@@ -207,6 +223,12 @@ class Cloak:
         if not 0 <= dropout < 1:
             raise InvalidInputError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = float(dropout)
+        if not 0 < skip_gradient <= 1:
+            raise InvalidInputError(f"skip_gradient must be in (0, 1], got {skip_gradient}")
+        self.skip_gradient = float(skip_gradient)
+        if feature_weight < 0 or not 0 <= feature_depth <= 1:
+            raise InvalidInputError("feature_weight must be >= 0 and feature_depth in [0, 1]")
+        self.feature_weight, self.feature_depth = float(feature_weight), float(feature_depth)
         self.region_scale = float(region_scale)
         self.feather = float(feather)
         self._detector = detector
@@ -265,7 +287,10 @@ class Cloak:
             photos, faces, self.models, alignments, region_scale=self.region_scale, feather=self.feather
         )
         dropout_generator = torch.Generator(device=self.device).manual_seed(int(generator.initial_seed()))
-        with feature_dropout(self.models, self.dropout, dropout_generator):
+        with (
+            feature_dropout(self.models, self.dropout, dropout_generator),
+            skip_gradient(self.models, self.skip_gradient),
+        ):
             deltas, steps = self._optimise(buckets, faces, clean, generator, on_step)
         cloaked = self._compose_within_budget(photos, faces, buckets, deltas)
         return self._result(photos, cloaked, faces, clean, steps, started)
@@ -305,7 +330,9 @@ class Cloak:
                 delta = deltas[b][rows_device].clone().requires_grad_(True)
                 crops, masks = bucket.crops[rows_device], bucket.masks[rows_device]
                 adversarial = (crops + masks * delta).clamp(0, 1)
-                loss, ratios = self._draws(adversarial, bucket, rows_device, clean, face_index, generator)
+                loss, ratios = self._draws(
+                    adversarial, bucket, rows_device, clean, face_index, generator, clean_crops=crops
+                )
                 penalty = quality.box_dssim(crops, adversarial, region_boxes[b][rows])
                 total = loss + DSSIM_PENALTY * torch.relu(penalty / budget.max_dssim - DSSIM_PENALTY_FROM)
                 (gradient,) = torch.autograd.grad(total.sum(), delta)
@@ -369,28 +396,48 @@ class Cloak:
         clean: list[Tensor],
         face_index: Tensor,
         generator: torch.Generator,
+        *,
+        clean_crops: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Mean loss over ``eot_samples`` random uploads, and the worst (n, M) distance ratios seen."""
+        """Mean loss over ``eot_samples`` random uploads, and the worst (n, M) distance ratios seen.
+
+        With the intermediate-feature loss on, ``clean_crops`` go through the same uploads and
+        alignments as the cloaked ones, so their features differ only by the cloak.
+        """
         n, draws = adversarial.shape[0], self.eot_samples
-        crops = torch.cat([self.simulator.transform_pixels(adversarial, generator) for _ in range(draws)])
+        features = self.feature_weight > 0 and clean_crops is not None
+        pairs = torch.cat([adversarial, clean_crops]) if features else adversarial
+        uploaded = [self.simulator.transform_pixels(pairs, generator) for _ in range(draws)]
+        crops = torch.cat([u[:n] for u in uploaded])
+        clean_uploaded = torch.cat([u[n:] for u in uploaded]) if features else None
         device_index = face_index.to(self.device)
         embeddings, ratios = [], []
+        pushed = torch.zeros(n * draws, device=adversarial.device)
         for m, model in enumerate(self.models):
             size = model.card.input_size
             alignment = bucket.chip_from_crop[m][rows]
             jittered = torch.cat(
                 [self.simulator.jitter_alignment(alignment, size, generator) for _ in range(draws)]
             )
-            chips = sample_chips(crops, jittered, model, bucket.factors[m])
+            flips = None
             if "flip" in self.simulator.robust_to:  # scrapers average a face with its mirror image
-                chips = torch.where(
-                    self._flips(len(chips), generator).to(chips.device), chips.flip(-1), chips
-                )
-            embedding = model(chips)
+                flips = self._flips(n * draws, generator).to(adversarial.device)
+            chips = _flipped(sample_chips(crops, jittered, model, bucket.factors[m]), flips)
+            if features:
+                clean_chips = sample_chips(clean_uploaded, jittered, model, bucket.factors[m])
+                clean_chips = _flipped(clean_chips, flips)
+                with FeatureTap(model, self.feature_depth) as tap:
+                    model(clean_chips)
+                    reference_features = tap.value.detach()
+                    embedding = model(chips)
+                    pushed = pushed + feature_displacement(tap.value, reference_features) / len(self.models)
+            else:
+                embedding = model(chips)
             embeddings.append(embedding)
             reference = clean[m][device_index].repeat(draws, 1)
             ratios.append(model.distance(embedding, reference).detach() / self.thresholds[m])
-        loss = self.objective(embeddings, clean, face_index.repeat(draws)).view(draws, n).mean(0)
+        loss = self.objective(embeddings, clean, face_index.repeat(draws))
+        loss = (loss - self.feature_weight * pushed).view(draws, n).mean(0)
         worst = torch.stack(ratios, dim=1).view(draws, n, len(self.models)).amin(0)
         return loss, worst
 
@@ -491,6 +538,9 @@ class Cloak:
                 "update": self.update,
                 "spend_budget": self.spend_budget,
                 "dropout": self.dropout,
+                "skip_gradient": self.skip_gradient,
+                "feature_weight": self.feature_weight,
+                "feature_depth": self.feature_depth,
             },
         )
 
@@ -515,6 +565,11 @@ class Cloak:
                 ]
             )
         return tuple(values)
+
+
+def _flipped(chips: Tensor, flips: Tensor | None) -> Tensor:
+    """``chips`` with the ones marked in ``flips`` ((n, 1, 1, 1) booleans) mirrored."""
+    return chips if flips is None else torch.where(flips, chips.flip(-1), chips)
 
 
 def _smooth(gradient: Tensor, sigmas: Tensor) -> Tensor:

@@ -118,6 +118,17 @@ def add_prev(x: Tensor, y: Tensor) -> Tensor:
     return pad(x) + pad(y)
 
 
+def scale_gradient(x: Tensor, share: float) -> Tensor:
+    """``x`` unchanged going forward; going back, only ``share`` of its gradient passes.
+
+    The skip gradient method (Wu et al., ICLR 2020) sets ``share`` < 1 on residual branches so
+    an attack follows the skip connections' lower-level, more transferable features.
+    """
+    if share == 1.0 or not x.requires_grad:
+        return x
+    return x * share + (x * (1.0 - share)).detach()
+
+
 class ARes(nn.Module):
     """dlib's ``ares<N>``: ``relu(x + affine(con(relu(affine(con(x))))))``, 3x3 convs, stride 1.
 
@@ -136,10 +147,13 @@ class ARes(nn.Module):
         self.con2 = nn.Conv2d(channels, channels, 3, stride=1, padding=1)
         self.affine2 = Affine(channels)
 
+    branch_gradient = 1.0
+    """Share of the gradient that flows back through the residual branch (`scale_gradient`)."""
+
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` -> ``(N, C, H, W)``."""
         y = F.relu(self.affine1(self.con1(x)))
-        y = self.affine2(self.con2(y))
+        y = scale_gradient(self.affine2(self.con2(y)), self.branch_gradient)
         return F.relu(x + y)
 
 
@@ -169,10 +183,13 @@ class AResDown(nn.Module):
         self.con2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
         self.affine2 = Affine(out_channels)
 
+    branch_gradient = 1.0
+    """Share of the gradient that flows back through the residual branch (`scale_gradient`)."""
+
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C_in, H, W)`` -> ``(N, C_out, ceil((H - 1) / 2), ...)``."""
         y = F.relu(self.affine1(self.con1(x)))
-        y = self.affine2(self.con2(y))
+        y = scale_gradient(self.affine2(self.con2(y)), self.branch_gradient)
         return F.relu(add_prev(y, F.avg_pool2d(x, 2, stride=2)))
 
 
