@@ -181,10 +181,15 @@ def measure_replace(paths: list[Path], device: str, bank_name: str | None) -> di
         "models": [m.card.name for m in models],
         "images": len(images),
         "faces": len(faces),
-        "faces_replaced": len(replaced),
-        "faces_blurred_small": len(records) - len(replaced),
+        "faces_replaced": len(replaced),  # every check passed (or, with fallback "keep", the best try)
+        "faces_blurred_after_failed_tries": sum(r.get("replaced") is False for r in records),
+        "faces_blurred_small": sum(r["method"] == "blur" and r.get("replaced") is not False for r in records),
         "faces_protected": sum(bool(r["protected"]) for r in records),
-        "tries_per_face": round(sum(r.get("attempts", 1) for r in replaced) / max(1, len(replaced)), 2),
+        "tries_per_face": round(
+            sum(r["attempts"] for r in records if r.get("attempts"))
+            / max(1, sum(1 for r in records if r.get("attempts"))),
+            2,
+        ),
         "replace_faces_per_s": round(len(faces) / replace_seconds, 2),
         "detect_and_replace_faces_per_s": round(len(faces) / (detect_seconds + replace_seconds), 2),
         # CPU time of this process (all its threads): what a loaded machine distorts least

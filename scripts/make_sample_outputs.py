@@ -62,7 +62,10 @@ def make_replace(group, faces, detector, donors: str | None) -> None:
     result = FaceReplacer(bank, detector=detector, seed=0)([group.pixels], faces)
     for record in result.records:
         print(
-            {k: record.get(k) for k in ("donors", "protected", "distance_to_original", "distance_to_donors")}
+            {
+                k: record.get(k)
+                for k in ("method", "donors", "protected", "distance_to_original", "distance_to_donors")
+            }
         )
     replaced = result.images[0]
     write_image(OUT / "group_replace.jpg", replaced, source=group, overwrite=True, jpeg_quality=88)

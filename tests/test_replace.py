@@ -20,11 +20,12 @@ from click.testing import CliRunner
 
 from conftest import models_root
 from facecloak import io
+from facecloak.anonymize import blur_faces
 from facecloak.cli import main
 from facecloak.donor_bank import DonorBank, bank_folder, load_bank
 from facecloak.donors import add_donors, remove_donors
 from facecloak.embed import embed_faces
-from facecloak.errors import DonorBankError
+from facecloak.errors import DonorBankError, InvalidInputError
 from facecloak.evaluate import centre_face
 from facecloak.models import create_embedder
 from facecloak.models.registry import embedding_distance
@@ -113,7 +114,9 @@ def targets(lfw_dir, detector):
 @pytest.fixture(scope="module")
 def replaced(bank, models, detector, targets):
     images, faces = targets
-    replacer = FaceReplacer(bank, models, detector=detector, seed=0)
+    # 12 donors leave few beyond the preferred 1.3 thresholds of each person: allow down to the
+    # hard look-alike limit, so every face here is replaced and each one checked independently
+    replacer = FaceReplacer(bank, models, detector=detector, seed=0, prefer_beyond=1.2)
     return replacer(images, faces)
 
 
@@ -164,9 +167,27 @@ def test_only_the_face_region_changes(replaced, targets):
         assert float(centre.abs().mean()) > 0.01
 
 
+def test_a_face_no_mix_protects_is_blurred_or_reported_not_protected(bank, models, detector, targets):
+    """A margin no donor mix reaches: the default blurs the face; ``keep`` reports it NOT protected."""
+    images, faces = targets
+    one, face = images[:1], faces.select([0])
+    blurred = FaceReplacer(bank, models, detector=detector, attempts=1, margin=3.0)(one, face)
+    record = blurred.records[0]
+    assert record["method"] == "blur" and record["protected"] and record["replaced"] is False
+    assert "blurred instead" in record["reason"] and "1 tries" in record["reason"]
+    assert torch.equal(blurred.images[0], blur_faces(one[0][None], face)[0])
+    kept = FaceReplacer(bank, models, detector=detector, attempts=1, margin=3.0, fallback="keep")(one, face)
+    assert kept.records[0]["method"] == "replace" and not bool(kept.protected[0])
+    assert not torch.equal(kept.images[0], one[0]) and not torch.equal(kept.images[0], blurred.images[0])
+    with pytest.raises(InvalidInputError, match="fallback"):
+        FaceReplacer(bank, models, fallback="ignore")
+
+
 def test_same_seed_same_faces(bank, models, detector, targets, replaced):
     images, faces = targets
-    again = FaceReplacer(bank, models, detector=detector, seed=0)(images[:1], faces.select([0]))
+    again = FaceReplacer(bank, models, detector=detector, seed=0, prefer_beyond=1.2)(
+        images[:1], faces.select([0])
+    )
     assert torch.equal(again.images[0], replaced.images[0])
     assert again.records[0]["donors"] == replaced.records[0]["donors"]
 
@@ -338,7 +359,7 @@ def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detec
     from facecloak.protection import ReplaceFaces
 
     images, _ = targets
-    replacer = FaceReplacer(bank, models, detector=detector)
+    replacer = FaceReplacer(bank, models, detector=detector, prefer_beyond=1.2)  # 12 donors: see `replaced`
     protect = PersonProtector(ReplaceFaces(replacer), detector, [PipelineAttacker(models[0], detector)])
     outputs, records = protect(images[:2], [Path("a.jpg"), Path("b.jpg")], "someone")
     assert len(outputs) == 2 and len(records) == 2

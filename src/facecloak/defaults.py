@@ -34,3 +34,7 @@ as the same face."""
 UPLOADS = ("none", "jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur")
 """What the evaluator's scraper does to a photo before embedding it, by default (see
 `facecloak.evaluate.UPLOADS` for each name)."""
+
+REPLACE_FALLBACKS = ("blur", "keep")
+"""What replace does with a face no donor mix protects: blur it instead (the default), or keep its
+best try and report it NOT protected."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from facecloak.cli import running
-from facecloak.cli.options import CONTEXT, batch_options, io_options, ray_option
+from facecloak.cli.options import CONTEXT, batch_options, fallback_option, io_options, ray_option
 from facecloak.cli.running import fail, finish, run_protection
 from facecloak.defaults import REGION_SCALE
 from facecloak.errors import EXIT_USAGE, FacecloakError
@@ -71,6 +71,7 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="replace: seed of the donor draw and the grain."
 )
+@fallback_option
 @io_options
 @ray_option
 def anonymize(
@@ -84,6 +85,7 @@ def anonymize(
     donor_bank,
     donors_per_face,
     seed,
+    fallback,
     **io_values,
 ) -> None:
     """Blur, pixelate, mask or replace every face, at the photo's full resolution.
@@ -98,8 +100,9 @@ def anonymize(
     in place of each face, keeping hair, ears and background. Each new face is checked after
     JPEG 75: found again by the detector, and on every available recogniser beyond the match
     threshold from the original face and from every donor used; a face that fails is retried
-    with other donors, then reported as NOT protected (exit code 1). Faces under --min-face
-    (default 40 px with replace) are blurred instead, and reported.
+    with other donors, then blurred instead and reported (with --fallback keep: its best try is
+    kept and reported as NOT protected, exit code 1). Faces under --min-face (default 40 px with
+    replace) are blurred instead, and reported.
 
     \b
     facecloak anonymize photo.jpg
@@ -112,7 +115,7 @@ def anonymize(
     from facecloak.protection import AnonymizeFaces
 
     if method == "replace":
-        _replace_command(paths, donor_bank, donors_per_face, seed, io_values)
+        _replace_command(paths, donor_bank, donors_per_face, seed, fallback, io_values)
         return
     if donor_bank is not None:
         raise click.UsageError("--donors is for --method replace")
@@ -143,7 +146,7 @@ def anonymize(
     finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])
 
 
-def _replace_command(paths, donor_bank, donors_per_face, seed, io_values) -> None:
+def _replace_command(paths, donor_bank, donors_per_face, seed, fallback, io_values) -> None:
     """``anonymize --method replace``: load the bank and every available model, run the batch."""
     from facecloak.detect import MIN_FACE_PX, FaceDetector
     from facecloak.donor_bank import load_bank
@@ -178,6 +181,7 @@ def _replace_command(paths, donor_bank, donors_per_face, seed, io_values) -> Non
             "donors_per_face": donors_per_face,
             "seed": seed,
             "min_face": min_face,
+            "fallback": fallback,
             "models": model_names,
         },
     )
@@ -186,7 +190,13 @@ def _replace_command(paths, donor_bank, donors_per_face, seed, io_values) -> Non
         models = [running.create_model(name, options.device) for name in model_names]
         detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
         replacer = FaceReplacer(
-            bank, models, donors_per_face=donors_per_face, seed=seed, min_face=min_face, detector=detector
+            bank,
+            models,
+            donors_per_face=donors_per_face,
+            seed=seed,
+            min_face=min_face,
+            fallback=fallback,
+            detector=detector,
         )
         return ReplaceFaces(replacer)
 
@@ -207,6 +217,7 @@ def _replace_command(paths, donor_bank, donors_per_face, seed, io_values) -> Non
         donors_per_face=donors_per_face,
         seed=seed,
         min_face=min_face,
+        fallback=fallback,
         models=model_names,
     )
     finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])

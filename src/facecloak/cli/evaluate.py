@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT
+from facecloak.cli.options import CONTEXT, fallback_option
 from facecloak.cli.running import fail
 from facecloak.defaults import UPLOADS
 from facecloak.errors import FacecloakError
@@ -31,6 +31,7 @@ from facecloak.errors import FacecloakError
     show_default=True,
     help="replace: donors per face.",
 )
+@fallback_option
 @click.option(
     "--level",
     type=click.Choice(["low", "mid", "high", "all"]),
@@ -127,6 +128,7 @@ def evaluate(
     method,
     donor_bank,
     donors_per_face,
+    fallback,
     level,
     mode,
     models,
@@ -184,6 +186,7 @@ def evaluate(
         device=device,
         donors=donor_bank,
         donors_per_face=donors_per_face,
+        fallback=fallback,
     )
     if method == "replace" and not donor_bank:
         raise click.UsageError("--method replace needs --donors BANK (see `facecloak donors add`)")

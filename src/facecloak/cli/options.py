@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from facecloak.batch import Options
-from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
+from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE, REPLACE_FALLBACKS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -173,4 +173,16 @@ def ray_option(function: Callable) -> Callable:
         help="Run on Ray: --ray alone starts or joins the local cluster (RAY_ADDRESS), --ray=ADDRESS joins "
         "that one (e.g. ray://head:10001). Inputs may be s3:// or other pyarrow URIs; needs -o and "
         "pip install 'facecloak[ray]'. Put it after the paths.",
+    )(function)
+
+
+def fallback_option(function: Callable) -> Callable:
+    """``--fallback blur|keep``: what replace does with a face no donor mix protects."""
+    return click.option(
+        "--fallback",
+        type=click.Choice(REPLACE_FALLBACKS),
+        default=REPLACE_FALLBACKS[0],
+        show_default=True,
+        help="replace: a face no donor mix protects is blurred instead, or keeps its best try "
+        "(reported NOT protected, exit code 1).",
     )(function)

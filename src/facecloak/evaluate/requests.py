@@ -50,6 +50,7 @@ class EvaluationRequest:
     device: str | None = None
     donors: str | None = None  # replace: the donor bank's name or folder
     donors_per_face: int = 3
+    fallback: str = "blur"  # replace: what a face no donor mix protects becomes ("blur" or "keep")
 
 
 def build_attackers(names: str | None, detector: FaceDetector, device: str | None) -> list[Attacker]:
@@ -100,6 +101,7 @@ def _replacer(request: EvaluationRequest, detector: FaceDetector):
         models,
         donors_per_face=request.donors_per_face,
         seed=request.seed,
+        fallback=request.fallback,
         detector=detector,
     )
 
@@ -139,7 +141,9 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
         protection = build_protection(request, level, models, detector)
         settings = {"level": level, "mode": request.mode, "cloak_models": names if models else []}
         if request.method == "replace":
-            settings.update(donors=request.donors, donors_per_face=request.donors_per_face)
+            settings.update(
+                donors=request.donors, donors_per_face=request.donors_per_face, fallback=request.fallback
+            )
         if isinstance(protection, CloakFaces):
             settings["budget"] = asdict(protection.cloak.budget)
         results.append(

@@ -78,8 +78,14 @@ def quality_summary(clean: list[Tensor], protected: list[Tensor], records: list[
         summary["replace"] = {
             "faces": len(replaced),
             "replaced": sum(face.get("method") == "replace" for face in replaced),
-            "protected": sum(bool(face.get("protected")) for face in replaced),
-            "blurred_small": sum(face.get("method") == "blur" for face in replaced),
+            "protected": sum(
+                face.get("method") == "replace" and bool(face.get("protected")) for face in replaced
+            ),
+            "blurred_small": sum(
+                face.get("method") == "blur" and face.get("replaced") is not False for face in replaced
+            ),
+            "blurred_after_failed_tries": sum(face.get("replaced") is False for face in replaced),
+            "not_protected": sum(not face.get("protected") for face in replaced),
             "attempts_mean": float(np.mean([face.get("attempts", 1) for face in replaced])),
             "subjects_matching_a_donor": {name: float(np.mean(v)) for name, v in matches.items()},
         }
