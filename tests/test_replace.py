@@ -368,3 +368,22 @@ def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detec
         assert realism["found"] and realism["score_protected"] > 0.9
         assert 0.3 < realism["detail_protected"] < 3.0
         assert record["donor_match"] == {"dlib-resnet": False}
+
+
+def test_a_turned_face_narrows_only_the_side_turned_away():
+    """far_side_shrink keeps the new face off the hair and background behind a turned face's far cheek."""
+    from facecloak.synthesis import SynthesisSettings, region_weight
+
+    template = torch.tensor(CANONICAL_TEMPLATE)
+    unit = float((template[1] - template[0]).norm())
+    centre_x, centre_y = float(template[:2, 0].mean()), float(template[2, 1])
+    left = torch.tensor([centre_x - 0.85 * unit, centre_y])
+    right = torch.tensor([centre_x + 0.85 * unit, centre_y])
+    points = torch.stack([left, right])
+    plain = region_weight(points, SynthesisSettings(), yaw=0.4)
+    shrunk = region_weight(points, SynthesisSettings(far_side_shrink=1.0), yaw=0.4)  # nose to the right
+    assert torch.equal(plain, region_weight(points, SynthesisSettings()))  # off by default
+    assert float(shrunk[0]) == float(plain[0]) > 0  # the near (left) side keeps its reach
+    assert float(shrunk[1]) == 0 < float(plain[1])  # the far (right) side ends sooner
+    mirrored = region_weight(points, SynthesisSettings(far_side_shrink=1.0), yaw=-0.4)
+    assert torch.allclose(mirrored, shrunk.flip(0))

@@ -67,6 +67,8 @@ class SynthesisSettings:
         detail_sigma: the split between structure and detail, in eye distances.
         outlier_delta_e: colour difference (CIE76) from the donors' median beyond which a donor
             gives way to the others at that spot.
+        far_side_shrink: on a turned face, how much the side turned away narrows per unit of yaw
+            (`estimate_pose`), so the new face does not spill onto hair or background there.
     """
 
     mask_half_width: float = 1.0
@@ -81,6 +83,7 @@ class SynthesisSettings:
     part_share: float = 0.5
     detail_sigma: float = 0.12
     outlier_delta_e: float = 12.0
+    far_side_shrink: float = 0.0
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -145,22 +148,32 @@ def mirror_chips(chips: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
     return chips.flip(-1), mirrored[:, [1, 0, 2, 4, 3]]
 
 
-def _superellipse_radius(xs: Tensor, ys: Tensor, settings: SynthesisSettings, unit: float) -> Tensor:
-    """Normalised radius (1 on the edge) of the replaced region around the nose tip, in canonical pixels."""
+def _superellipse_radius(
+    xs: Tensor, ys: Tensor, settings: SynthesisSettings, unit: float, yaw: float = 0.0
+) -> Tensor:
+    """Normalised radius (1 on the edge) of the replaced region around the nose tip, in canonical pixels.
+
+    On a face turned by ``yaw`` (`estimate_pose`), the side turned away is foreshortened: its
+    half of the region narrows by ``far_side_shrink`` x |yaw|, so it ends on the cheek, not on
+    the hair or background behind it.
+    """
     template = CANONICAL_TEMPLATE
     centre_x = (template[0][0] + template[1][0]) / 2
     centre_y = template[2][1]
-    dx = (xs - centre_x).abs() / (settings.mask_half_width * unit)
+    far = max(0.5, 1.0 - settings.far_side_shrink * abs(yaw))
+    far_side = (xs - centre_x) * (1.0 if yaw >= 0 else -1.0) > 0  # yaw > 0: nose to the right
+    half_width = torch.where(far_side, far, 1.0) * settings.mask_half_width * unit
+    dx = (xs - centre_x).abs() / half_width
     reach = torch.where(ys < centre_y, settings.mask_top * unit, settings.mask_bottom * unit)
     dy = (ys - centre_y).abs() / reach
     exponent = settings.mask_exponent
     return (dx.pow(exponent) + dy.pow(exponent)).pow(1.0 / exponent)
 
 
-def region_weight(points: Tensor, settings: SynthesisSettings) -> Tensor:
+def region_weight(points: Tensor, settings: SynthesisSettings, yaw: float = 0.0) -> Tensor:
     """Blend weight (1 inside, feathered to 0 at the edge) at canonical-chip ``points`` (..., 2)."""
     unit = float(torch.tensor(CANONICAL_TEMPLATE)[:2].diff(dim=0).norm())
-    radius = _superellipse_radius(points[..., 0], points[..., 1], settings, unit)
+    radius = _superellipse_radius(points[..., 0], points[..., 1], settings, unit, yaw)
     return ((1.0 - radius) / settings.feather).clamp(0, 1)
 
 
@@ -632,7 +645,8 @@ def synthesize_face(
     parts = part_weights(in_mean[0], len(sampled))[:, None] if settings.parts else None
     if parts is None:
         parts = torch.full_like(sampled[:, :1], 1.0 / len(sampled))
-    weight = region_weight(in_mean[0], settings)[None, None]
+    yaw = float(estimate_pose(target)[0, 0])
+    weight = region_weight(in_mean[0], settings, yaw)[None, None]
     skin = skin_weight(in_mean[0])[None, None]
     original = image[None, :, y0:y1, x0:x1]
     result = _match_and_blend(original, sampled, parts, weight, skin, unit_px, settings, generator)
