@@ -65,6 +65,7 @@ CONFIGS = {
     "default+drop0.03": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "dropout": 0.03},
     "default+sgm0.5": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "skip_gradient": 0.5},
     "default+sgm0.2": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "skip_gradient": 0.2},
+    "default+opom": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "person_level": True},
     "default+feat1": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "feature_weight": 1.0},
     "default+feat3": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "feature_weight": 3.0},
     "default+feat1@0.3": {

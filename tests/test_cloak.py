@@ -213,3 +213,33 @@ def test_transfer_options_change_the_cloak_and_are_validated(dlib_model, detecto
     assert boosted.settings["diversity"] == 1.0 and boosted.settings["smoothing"] == 1.5
     with pytest.raises(InvalidInputError):
         UntargetedCloak([dlib_model], "low", update="sgd")
+
+
+def test_person_level_references_average_only_the_same_persons_faces(lfw_dir, dlib_model, detector):
+    """OPOM-style references: two photos of one person share their mean; another person keeps their own."""
+    from facecloak.embed import embed_faces
+
+    files = [
+        lfw_dir / "images" / "Colin_Powell" / "Colin_Powell_0001.jpg",
+        lfw_dir / "images" / "Colin_Powell" / "Colin_Powell_0002.jpg",
+        lfw_dir / "images" / "Hugo_Chavez" / "Hugo_Chavez_0001.jpg",
+    ]
+    images = [read_image(path).pixels for path in files]
+    found = detector(images)
+    centres = (found.boxes[:, :2] + found.boxes[:, 2:]) / 2
+    faces = found.select(
+        [
+            int(idx[(centres[idx] - 125).norm(dim=1).argmin()])
+            for idx in ((found.image_index == i).nonzero()[:, 0] for i in range(3))
+        ]
+    )
+    clean = [embed_faces(images, faces, dlib_model)]
+    cloak = UntargetedCloak([dlib_model], "mid", person_level=True, verify=False)
+    cloak.prepare(clean, faces)
+    (references,) = cloak._references
+    powell = clean[0][:2].mean(0)
+    assert torch.allclose(references[:2], powell.expand(2, -1), atol=1e-5)
+    assert torch.allclose(references[2], clean[0][2])
+    plain = UntargetedCloak([dlib_model], "mid", verify=False)
+    plain.prepare(clean, faces)
+    assert plain._references is None

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from facecloak.cloak.base import Cloak
+from facecloak.faces import Faces
 
 
 class UntargetedCloak(Cloak):
@@ -29,11 +30,42 @@ class UntargetedCloak(Cloak):
 
     name = "untargeted"
 
+    def __init__(self, models, level: str = "mid", *, person_level: bool = False, **options) -> None:
+        """``person_level``: push away from the person's photos in this call (`prepare`); else as `Cloak`."""
+        super().__init__(models, level, **options)
+        self.person_level = bool(person_level)
+        self._references: list[Tensor] | None = None
+
+    def prepare(self, clean: list[Tensor], faces: Faces, identity: str | None = None) -> None:
+        """With ``person_level``, each face's reference becomes the mean of the call's faces of its person.
+
+        Person-level protection (OPOM, Zhong & Deng 2022) pushes a photo away from the person, not
+        from its own embedding: the scraper matches a probe against *other* photos of them. The
+        faces of one person are those within every model's threshold of each other in this call
+        (so bystanders in the photos are not averaged in); a face alone keeps its own embedding.
+        """
+        self._references = None
+        if not self.person_level or len(faces) < 2:
+            return
+        same = torch.ones(len(faces), len(faces), dtype=torch.bool)
+        for m, model in enumerate(self.models):
+            table = clean[m]
+            distances = model.distance(table[:, None], table[None])
+            same &= (distances < self.thresholds[m]).cpu()
+        weights = same.float() / same.float().sum(1, keepdim=True)
+        self._references = []
+        for m, model in enumerate(self.models):
+            centre = weights.to(clean[m].device) @ clean[m]
+            if model.card.distance == "cosine":
+                centre = torch.nn.functional.normalize(centre, dim=1)
+            self._references.append(centre)
+
     def objective(self, embeddings: list[Tensor], clean: list[Tensor], face_index: Tensor) -> Tensor:
         """Sum over models of how far each still is from the aim (0 once past it)."""
+        references = self._references if self._references is not None else clean
         loss = torch.zeros(len(face_index), device=embeddings[0].device)
         for m, (model, embedding) in enumerate(zip(self.models, embeddings)):
-            reference = clean[m][face_index.to(clean[m].device)]
+            reference = references[m][face_index.to(references[m].device)]
             ratio = model.distance(embedding, reference) / self.thresholds[m]
             loss = loss + torch.relu(self.target_ratio - ratio)
         return loss
