@@ -8,11 +8,15 @@ the ensemble and the budget goes where it is still needed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from facecloak.cloak.base import Cloak
 from facecloak.faces import Faces
+from facecloak.models.registry import Embedder
 
 
 class UntargetedCloak(Cloak):
@@ -30,7 +34,9 @@ class UntargetedCloak(Cloak):
 
     name = "untargeted"
 
-    def __init__(self, models, level: str = "mid", *, person_level: bool = False, **options) -> None:
+    def __init__(
+        self, models: Sequence[Embedder], level: str = "mid", *, person_level: bool = False, **options: Any
+    ) -> None:
         """``person_level``: push away from the person's photos in this call (`prepare`); else as `Cloak`."""
         super().__init__(models, level, **options)
         self.person_level = bool(person_level)
