@@ -37,6 +37,8 @@ from facecloak.evaluate import EmbeddingCache, PipelineAttacker, evaluate
 from facecloak.models import create_embedder
 from facecloak.protection import CloakFaces
 
+DEFAULT = {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True}
+"""Today's transfer defaults (`facecloak.cloak.base`): the base of every ``default+...`` row."""
 CONFIGS = {
     "legacy": {"budget": "legacy"},
     "jnd": {},
@@ -45,36 +47,24 @@ CONFIGS = {
     "jnd+mi": {"update": "momentum"},
     "jnd+spend": {"spend_budget": True},
     "jnd+di+ti": {"diversity": 0.7, "smoothing": 1.0},
-    "jnd+di+ti+spend": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True},
+    "jnd+di+ti+spend": DEFAULT,
     "jnd2.4+di+ti": {"jnd_scale": 2.4, "diversity": 0.7, "smoothing": 1.0},
     "jnd2.4": {"jnd_scale": 2.4},
-    "jnd+di+ti3+spend": {"diversity": 0.7, "smoothing": 3.0, "spend_budget": True},
-    "jnd2.4+di+ti3+spend": {"jnd_scale": 2.4, "diversity": 0.7, "smoothing": 3.0, "spend_budget": True},
-    "default+steps80": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "steps": 80},
-    "default+chroma0.25": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "chroma_share": 0.25},
-    "default+chroma0.4": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "chroma_share": 0.4},
-    "default+steps20": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "steps": 20},
-    "default+chroma0.25+steps20": {
-        "diversity": 0.7,
-        "smoothing": 1.0,
-        "spend_budget": True,
-        "chroma_share": 0.25,
-        "steps": 20,
-    },
-    "default+drop0.1": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "dropout": 0.1},
-    "default+drop0.03": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "dropout": 0.03},
-    "default+sgm0.5": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "skip_gradient": 0.5},
-    "default+sgm0.2": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "skip_gradient": 0.2},
-    "default+opom": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "person_level": True},
-    "default+feat1": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "feature_weight": 1.0},
-    "default+feat3": {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True, "feature_weight": 3.0},
-    "default+feat1@0.3": {
-        "diversity": 0.7,
-        "smoothing": 1.0,
-        "spend_budget": True,
-        "feature_weight": 1.0,
-        "feature_depth": 0.3,
-    },
+    "jnd+di+ti3+spend": {**DEFAULT, "smoothing": 3.0},
+    "jnd2.4+di+ti3+spend": {**DEFAULT, "jnd_scale": 2.4, "smoothing": 3.0},
+    "default+steps80": {**DEFAULT, "steps": 80},
+    "default+chroma0.25": {**DEFAULT, "chroma_share": 0.25},
+    "default+chroma0.4": {**DEFAULT, "chroma_share": 0.4},
+    "default+steps20": {**DEFAULT, "steps": 20},
+    "default+chroma0.25+steps20": {**DEFAULT, "chroma_share": 0.25, "steps": 20},
+    "default+drop0.1": {**DEFAULT, "dropout": 0.1},
+    "default+drop0.03": {**DEFAULT, "dropout": 0.03},
+    "default+sgm0.5": {**DEFAULT, "skip_gradient": 0.5},
+    "default+sgm0.2": {**DEFAULT, "skip_gradient": 0.2},
+    "default+opom": {**DEFAULT, "person_level": True},
+    "default+feat1": {**DEFAULT, "feature_weight": 1.0},
+    "default+feat3": {**DEFAULT, "feature_weight": 3.0},
+    "default+feat1@0.3": {**DEFAULT, "feature_weight": 1.0, "feature_depth": 0.3},
 }
 BUDGET_FIELDS = ("jnd_scale", "chroma_share", "max_dssim")
 """Configuration keys that change the level's budget rather than the cloak's options."""

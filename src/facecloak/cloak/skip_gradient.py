@@ -23,12 +23,10 @@ def skip_gradient(models: Sequence[nn.Module], share: float) -> Iterator[None]:
     """
     if not 0 < share <= 1:
         raise ValueError(f"skip-gradient share must be in (0, 1], got {share}")
-    blocks = [
-        module
-        for model in models
-        for module in model.modules()
-        if hasattr(module, "branch_gradient") and share != 1.0
-    ]
+    if share == 1.0:
+        yield
+        return
+    blocks = [module for model in models for module in model.modules() if hasattr(module, "branch_gradient")]
     try:
         for block in blocks:
             block.branch_gradient = share
