@@ -120,7 +120,7 @@ def main() -> int:
         root = Path(folder)
         narrowed_tree(Path(args.data), root, chosen, args.probes + args.gallery)
         for config in args.configs.split(","):
-            options = dict(CONFIGS[config])
+            options = {"person_level": False, **CONFIGS[config]}  # rows are per photo unless named
             if options.pop("budget", None) == "legacy":
                 options["budget"] = LEGACY_LEVELS[args.level]
             changes = {key: options.pop(key) for key in BUDGET_FIELDS if key in options}

@@ -207,9 +207,11 @@ def test_help_has_examples(runner):
 
 
 def test_cloak_command_protects_and_reports(runner, samples_dir, tmp_path):
-    result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), "--json"])
+    photo = str(samples_dir / "astronaut.jpg")
+    result = runner.invoke(main, ["cloak", photo, "-o", str(tmp_path), "--json", "--person-level"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # progress went to stderr: stdout is one JSON document
+    assert report["options"]["person_level"] is True
     assert len(result.stdout.strip().splitlines()) == 1
     face = report["files"][0]["faces"][0]
     assert face["protected"] is True and face["found_after_jpeg75"] is True

@@ -240,6 +240,16 @@ def test_person_level_references_average_only_the_same_persons_faces(lfw_dir, dl
     powell = clean[0][:2].mean(0)
     assert torch.allclose(references[:2], powell.expand(2, -1), atol=1e-5)
     assert torch.allclose(references[2], clean[0][2])
-    plain = UntargetedCloak([dlib_model], "mid", verify=False)
+    plain = UntargetedCloak([dlib_model], "mid", person_level=False, verify=False)
     plain.prepare(clean, faces)
     assert plain._references is None
+    assert cloak.settings()["person_level"] is True and plain.settings()["person_level"] is False
+    # the honest check measures what the cloak pushed from: the person's mean, for grouped faces
+    result = UntargetedCloak([dlib_model], "mid", steps=2, verify=False)(images, faces)
+    assert result.reference_photos.tolist() == [2, 2, 1]
+    after = embed_faces(result.images, faces, dlib_model)
+    expected = torch.stack(
+        [(after[0] - powell).norm(), (after[1] - powell).norm(), (after[2] - clean[0][2]).norm()]
+    )
+    assert torch.allclose(result.distance[:, 0], expected, atol=1e-4)
+    assert [record["reference_photos"] for record in result.records(faces)] == [2, 2, 1]

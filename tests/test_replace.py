@@ -29,7 +29,7 @@ from facecloak.errors import DonorBankError, InvalidInputError
 from facecloak.evaluate import centre_face
 from facecloak.models import create_embedder
 from facecloak.models.registry import embedding_distance
-from facecloak.replace import FaceReplacer, replace_faces
+from facecloak.replace import DONOR_MARGIN, FaceReplacer, replace_faces
 from facecloak.synthesis import (
     CANONICAL_TEMPLATE,
     apply_thin_plate,
@@ -150,6 +150,10 @@ def test_replaced_faces_are_found_again_and_match_nobody(replaced, bank, models,
             donor_embeddings = _centre_embeddings(sources, detector, model)
             to_donors = embedding_distance(donor_embeddings, after[k][None], model.card.distance)
             assert bool((to_donors > threshold).all()), (model.card.name, record["donors"], to_donors)
+            # the replacer's own check kept the larger margin from each donor's stored chip
+            name = model.card.name
+            assert record["donor_thresholds"][name] == pytest.approx(threshold * DONOR_MARGIN)
+            assert record["distance_to_donors"][name] >= record["donor_thresholds"][name]
 
 
 def test_only_the_face_region_changes(replaced, targets):

@@ -75,6 +75,13 @@ from facecloak.errors import FacecloakError
     help="Use every step (more distance on the attacked models, which is what transfers to others) "
     "or stop once the attacked models are past the aim (faster) [measured default].",
 )
+@click.option(
+    "--person-level/--per-photo",
+    default=None,
+    help="untargeted: push each face away from the mean of every photo of the same person in its batch "
+    "(faces within every model's threshold of each other), not only from its own photo: a scraper "
+    "matches other photos of you (OPOM; README) [measured default].",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
 @click.option(
     "--batch-size",
@@ -97,6 +104,7 @@ def cloak(
     smoothing,
     update,
     spend_budget,
+    person_level,
     seed,
     batch_size,
     **io_values,
@@ -123,7 +131,13 @@ def cloak(
     options = batch_options(**{k: v for k, v in io_values.items() if k != "ray_address"})
     options = Options(**{**options.__dict__, "chunk": batch_size})
     ray_address = io_values.get("ray_address")
-    transfer = dict(diversity=diversity, smoothing=smoothing, update=update, spend_budget=spend_budget)
+    transfer = dict(
+        diversity=diversity,
+        smoothing=smoothing,
+        update=update,
+        spend_budget=spend_budget,
+        person_level=person_level,
+    )
     try:
         if ray_address is None:
             names = model_names(models)
@@ -169,5 +183,6 @@ def cloak(
         spec=spec,
         ray_address=ray_address,
     )
-    report.options.update(mode=mode, level=level, models=names, seed=seed)
+    given = {key: value for key, value in transfer.items() if value is not None}  # else: the defaults
+    report.options.update(mode=mode, level=level, models=names, seed=seed, **given)
     finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])

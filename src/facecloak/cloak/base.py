@@ -108,7 +108,9 @@ class CloakResult:
         images: the cloaked photos, (3, H_i, W_i) each, in [0, 1].
         model_names: the models attacked, in column order of the distance tensors.
         thresholds: (M,) each model's match threshold.
-        distance: (N, M) distance of each cloaked face to its clean embedding (our alignment).
+        distance: (N, M) distance of each cloaked face to its reference (our alignment): its own clean
+            embedding, or, for a person-level cloak, the mean clean embedding of its person's photos
+            in the call (``reference_photos`` says how many).
         distance_jpeg: (N, M) the same after a real JPEG re-encode at `VERIFY_JPEG_QUALITY` and
             detection from scratch; NaN where the face was not found again.
         found_after_jpeg: (N,) the face was detected again after the re-encode.
@@ -119,6 +121,7 @@ class CloakResult:
         protected: (N,) every model's ``distance_jpeg`` reached its match threshold (a face not
             found again counts as protected: a scraper cannot enrol it).
         seconds: wall time of the whole call.
+        reference_photos: (N,) how many clean photos each face's reference averages (1: its own).
     """
 
     images: list[Tensor]
@@ -136,6 +139,7 @@ class CloakResult:
     protected: Tensor
     seconds: float
     settings: dict = field(default_factory=dict)
+    reference_photos: Tensor | None = None
 
     def records(self, faces: Faces) -> list[dict]:
         """One JSON-ready dict per face, in ``faces`` order (`facecloak.cloak.verify.face_records`)."""
@@ -254,6 +258,14 @@ class Cloak:
         """(n,) loss to minimise per face, from this draw's (n, D_m) embeddings per model."""
         raise NotImplementedError
 
+    def references(self, clean: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """What each face must end far from, per model, and how many clean photos that averages.
+
+        The face's own clean embedding by default; a person-level cloak returns its person's mean,
+        so the honest check measures what the cloak aimed at.
+        """
+        return clean, torch.ones(len(clean[0]) if clean else 0, dtype=torch.long)
+
     # -- the contract -----------------------------------------------------------------------
     def __call__(
         self,
@@ -291,7 +303,8 @@ class Cloak:
             feature_dropout(self.models, self.dropout, dropout_generator),
             skip_gradient(self.models, self.skip_gradient),
         ):
-            deltas, steps = self._optimise(buckets, faces, clean, generator, on_step)
+            # progress and stopping measure what the objective pushes from (`references`)
+            deltas, steps = self._optimise(buckets, faces, self.references(clean)[0], generator, on_step)
         cloaked = self._compose_within_budget(photos, faces, buckets, deltas)
         return self._result(photos, cloaked, faces, clean, steps, started)
 
@@ -500,14 +513,15 @@ class Cloak:
     ) -> CloakResult:
         n, models = len(faces), len(self.models)
         stored = [_as_stored(image) for image in cloaked]
+        reference, counts = self.references(clean) if n else (clean, torch.zeros(0, dtype=torch.long))
         distance = torch.zeros(n, models)
         for m, model in enumerate(self.models):
             if n:
-                distance[:, m] = model.distance(embed_faces(stored, faces, model), clean[m]).cpu()
+                distance[:, m] = model.distance(embed_faces(stored, faces, model), reference[m]).cpu()
         distance_jpeg = torch.full((n, models), math.nan)
         found = torch.zeros(n, dtype=torch.bool)
         if self.verify and n:
-            distance_jpeg, found = verify_after_upload(stored, faces, clean, self.models, self.detector)
+            distance_jpeg, found = verify_after_upload(stored, faces, reference, self.models, self.detector)
         metrics = self._quality(originals, stored, faces)
         passes = (
             torch.nan_to_num(distance_jpeg if self.verify else distance, nan=math.inf)
@@ -529,20 +543,25 @@ class Cloak:
             steps=steps,
             protected=protected,
             seconds=time.perf_counter() - started,
-            settings={
-                "method": self.name,
-                "level": self.level,
-                **self.budget.__dict__,
-                "diversity": self.simulator.diversity,
-                "smoothing": self.smoothing,
-                "update": self.update,
-                "spend_budget": self.spend_budget,
-                "dropout": self.dropout,
-                "skip_gradient": self.skip_gradient,
-                "feature_weight": self.feature_weight,
-                "feature_depth": self.feature_depth,
-            },
+            settings=self.settings(),
+            reference_photos=counts,
         )
+
+    def settings(self) -> dict:
+        """What this cloak was run with, for each face's record (subclasses add their own options)."""
+        return {
+            "method": self.name,
+            "level": self.level,
+            **self.budget.__dict__,
+            "diversity": self.simulator.diversity,
+            "smoothing": self.smoothing,
+            "update": self.update,
+            "spend_budget": self.spend_budget,
+            "dropout": self.dropout,
+            "skip_gradient": self.skip_gradient,
+            "feature_weight": self.feature_weight,
+            "feature_depth": self.feature_depth,
+        }
 
     def _quality(self, originals: list[Tensor], stored: list[Tensor], faces: Faces) -> tuple[Tensor, ...]:
         """(N,) DSSIM, PSNR, L-infinity, mean and 99th-percentile CIEDE2000 over each face region."""

@@ -18,6 +18,11 @@ from facecloak.cloak.base import Cloak
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
 
+DEFAULT_PERSON_LEVEL = True
+"""Push each face away from its person's photos in the call, not only its own: on the leave-one-out
+ablation (12 people, 24 probes per model left out) protection on the unseen model rose from 0.75 /
+0.58 / 0.58 to 0.88 / 0.75 / 0.75 (dlib / MobileFace / HSE left out) at the same visibility."""
+
 
 class UntargetedCloak(Cloak):
     """Move every face at least ``aim`` x each model's threshold away from its clean embedding.
@@ -35,12 +40,22 @@ class UntargetedCloak(Cloak):
     name = "untargeted"
 
     def __init__(
-        self, models: Sequence[Embedder], level: str = "mid", *, person_level: bool = False, **options: Any
+        self,
+        models: Sequence[Embedder],
+        level: str = "mid",
+        *,
+        person_level: bool = DEFAULT_PERSON_LEVEL,
+        **options: Any,
     ) -> None:
         """``person_level``: push away from the person's photos in this call (`prepare`); else as `Cloak`."""
         super().__init__(models, level, **options)
         self.person_level = bool(person_level)
         self._references: list[Tensor] | None = None
+        self._counts = torch.zeros(0, dtype=torch.long)
+
+    def settings(self) -> dict:
+        """The base settings and whether the reference was the person (``person_level``)."""
+        return {**super().settings(), "person_level": self.person_level}
 
     def prepare(self, clean: list[Tensor], faces: Faces, identity: str | None = None) -> None:
         """With ``person_level``, each face's reference becomes the mean of the call's faces of its person.
@@ -58,6 +73,7 @@ class UntargetedCloak(Cloak):
             table = clean[m]
             distances = model.distance(table[:, None], table[None])
             same &= (distances < self.thresholds[m]).cpu()
+        self._counts = same.sum(1)
         weights = same.float() / same.float().sum(1, keepdim=True)
         self._references = []
         for m, model in enumerate(self.models):
@@ -65,6 +81,12 @@ class UntargetedCloak(Cloak):
             if model.card.distance == "cosine":
                 centre = torch.nn.functional.normalize(centre, dim=1)
             self._references.append(centre)
+
+    def references(self, clean: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """The person's mean where `prepare` grouped photos; else each face's own embedding."""
+        if self._references is None:
+            return super().references(clean)
+        return self._references, self._counts.clone()
 
     def objective(self, embeddings: list[Tensor], clean: list[Tensor], face_index: Tensor) -> Tensor:
         """Sum over models of how far each still is from the aim (0 once past it)."""

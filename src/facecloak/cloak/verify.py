@@ -73,7 +73,8 @@ def verify_after_upload(
     Args:
         stored: the protected photos as they will be written, (3, H_i, W_i) each.
         faces: the faces that were protected (``image_index`` into ``stored``).
-        clean: per model, (N, D_m) embeddings of the clean faces.
+        clean: per model, (N, D_m) embeddings each face must end far from (its clean face, or its
+            person's mean: `Cloak.references`).
         models: the models to measure.
         detector: finds faces in the re-encoded photos.
 
@@ -120,6 +121,8 @@ def face_records(result: CloakResult, faces: Faces) -> list[dict]:
                 "ciede2000_mean": round(float(result.ciede_mean[n]), 3),
                 "ciede2000_p99": round(float(result.ciede_p99[n]), 3),
                 "steps": int(result.steps[n]),
+                # distances are from the mean of this many clean photos of the person (1: its own)
+                "reference_photos": 1 if result.reference_photos is None else int(result.reference_photos[n]),
             }
         )
     return out
