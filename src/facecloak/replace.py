@@ -28,6 +28,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -533,6 +534,7 @@ def replace_faces(
     seed: int = 0,
     min_face: int = REPLACE_MIN_FACE_PX,
     models: Sequence[Embedder] | None = None,
+    **options: Any,
 ) -> ReplaceResult:
     """Replace every face with a verified mix of donors (see the module docstring).
 
@@ -544,6 +546,8 @@ def replace_faces(
         seed: the same seed gives the same faces.
         min_face: smaller faces are blurred instead (and reported).
         models: recognisers of the check (default: every one available here).
+        **options: further `FaceReplacer` keywords (``attempts``, ``margin``, ``donor_margin``,
+            ``fallback``, ...).
 
     Returns:
         `ReplaceResult`: the new photos, one record per face, and which faces are protected.
@@ -554,9 +558,17 @@ def replace_faces(
         tensor([True])
     """
     bank = load_bank(bank) if not isinstance(bank, DonorBank) else bank
-    key = (str(bank.folder), id(bank), donors_per_face, seed, min_face, tuple(id(m) for m in models or ()))
+    key = (
+        str(bank.folder),
+        id(bank),
+        donors_per_face,
+        seed,
+        min_face,
+        tuple(id(m) for m in models or ()),
+        tuple(sorted(options.items())),
+    )
     if key not in _replacers:
         _replacers[key] = FaceReplacer(
-            bank, models, donors_per_face=donors_per_face, seed=seed, min_face=min_face
+            bank, models, donors_per_face=donors_per_face, seed=seed, min_face=min_face, **options
         )
     return _replacers[key](images, faces)
