@@ -196,3 +196,18 @@ def test_finetuned_attacker_learns_to_undo_a_distortion(lfw_dir, attacker):
     drift = float(torch.nanmean(model.distance(clean, tuned_attacker.embed(photos))))
     assert after < 0.95 * before, (before, after)
     assert drift < 0.15 < model.card.match_threshold  # clean faces still match themselves
+
+
+def test_evaluation_request_chooses_person_level_or_per_photo(dlib_resnet, detector, tmp_path):
+    """`facecloak evaluate --per-photo` reaches the cloak; left unset, the cloak's default (person-level)."""
+    from facecloak.cloak.untargeted import DEFAULT_PERSON_LEVEL
+    from facecloak.evaluate.requests import EvaluationRequest, build_protection
+
+    chosen = {
+        value: build_protection(
+            EvaluationRequest(data=tmp_path, person_level=value), "mid", [dlib_resnet], detector
+        )
+        for value in (True, False, None)
+    }
+    assert chosen[True].cloak.person_level is True and chosen[False].cloak.person_level is False
+    assert chosen[None].cloak.person_level is DEFAULT_PERSON_LEVEL is True

@@ -43,6 +43,11 @@ from facecloak.errors import FacecloakError
     "--mode", type=click.Choice(["untargeted", "targeted"]), default="untargeted", show_default=True
 )
 @click.option(
+    "--person-level/--per-photo",
+    default=None,
+    help="cloak: push each photo from its person's photos (the default) or from itself only.",
+)
+@click.option(
     "--models", default=None, help="cloak: models to attack (comma-separated). Default: all available."
 )
 @click.option(
@@ -131,6 +136,7 @@ def evaluate(
     fallback,
     level,
     mode,
+    person_level,
     models,
     protected_dir,
     people,
@@ -169,6 +175,7 @@ def evaluate(
         method=method,
         level=level,
         mode=mode,
+        person_level=person_level,
         models=models,
         protected_dir=protected_dir,
         people=people,

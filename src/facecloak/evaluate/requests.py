@@ -33,6 +33,7 @@ class EvaluationRequest:
     method: str = "cloak"
     level: str = "mid"  # or "all"
     mode: str = "untargeted"
+    person_level: bool | None = None  # untargeted cloak: from the person's photos; None: the default
     models: str | None = None  # cloak's models, comma-separated; None: all available
     protected_dir: Path | None = None
     people: int = 20
@@ -84,7 +85,8 @@ def build_protection(
     if request.protected_dir is not None or request.method == "none":
         return None
     if request.method == "cloak":
-        return CloakFaces(create_cloak(request.mode, models, level, detector=detector, seed=request.seed))
+        options = {"detector": detector, "seed": request.seed, "person_level": request.person_level}
+        return CloakFaces(create_cloak(request.mode, models, level, **options))
     return AnonymizeFaces(Anonymizer(request.method))
 
 
@@ -140,6 +142,8 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
     for level in levels:
         protection = build_protection(request, level, models, detector)
         settings = {"level": level, "mode": request.mode, "cloak_models": names if models else []}
+        if request.method == "cloak" and request.person_level is not None:
+            settings["person_level"] = request.person_level
         if request.method == "replace":
             settings.update(
                 donors=request.donors, donors_per_face=request.donors_per_face, fallback=request.fallback
@@ -194,7 +198,8 @@ def _leave_one_out(
     level = "mid" if request.level == "all" else request.level
     for left_out in models:
         kept = [m for m in models if m is not left_out]
-        cloak = create_cloak(request.mode, kept, level, detector=detector, seed=request.seed)
+        options = {"detector": detector, "seed": request.seed, "person_level": request.person_level}
+        cloak = create_cloak(request.mode, kept, level, **options)
         partial = evaluate(
             request.data,
             CloakFaces(cloak),
