@@ -382,6 +382,13 @@ def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detec
         assert realism["found"] and realism["score_protected"] > 0.9
         assert 0.3 < realism["detail_protected"] < 3.0
         assert record["donor_match"] == {"dlib-resnet": False}
+    # the summary counts replaced subjects apart from any blurred fallback
+    from facecloak.evaluate.summary import quality_summary
+
+    replaced_subjects = sum(r["replace"][r["realism"]["face"]]["method"] == "replace" for r in records)
+    summary = quality_summary(images[:2], outputs, records)["realism"]
+    assert summary["replaced_subjects"] == replaced_subjects == 2
+    assert summary["redetected_replaced"] == 1.0
 
 
 def test_a_turned_face_narrows_only_the_side_turned_away():

@@ -240,13 +240,22 @@ def _quality_section(quality: dict) -> list[str]:
     return parts
 
 
+def _replaced_redetection(realism: dict) -> str:
+    """The re-detection of replaced subjects alone, where faces were replaced; else nothing."""
+    if "redetected_replaced" not in realism:
+        return ""
+    return f" (replaced subjects: {realism['redetected_replaced']:.3f} of {realism['replaced_subjects']})"
+
+
 def _realism_lines(quality: dict) -> list[str]:
     """Realism beside protection (re-detection, confidence, detail) and the replacement's checks."""
     lines = []
     realism = quality.get("realism")
     if realism:
         lines.append(
-            f"realism (subject face, after JPEG 75): re-detected {realism['redetected']:.3f}, "
+            f"realism (subject face, after JPEG 75): re-detected {realism['redetected']:.3f}"
+            + _replaced_redetection(realism)
+            + ", "
             f"detector confidence {realism['score_protected']:.3f} "
             f"(original {realism['score_original']:.3f}), "
             f"face detail {realism['detail_protected']:.2f} (original {realism['detail_original']:.2f})"

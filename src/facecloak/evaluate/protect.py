@@ -61,6 +61,7 @@ def realism_records(
                 score = float(again.scores[int(overlaps.argmax())])
         records.append(
             {
+                "face": k,  # the subject's place among the photo's faces (its protection record)
                 "found": score > 0,
                 "score_original": float(mine.scores[k]),
                 "score_protected": score,

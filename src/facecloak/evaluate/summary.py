@@ -69,6 +69,18 @@ def quality_summary(clean: list[Tensor], protected: list[Tensor], records: list[
             "redetected": float(np.mean([r["found"] for r in realism])),
             **{key: _stats([r[key] for r in realism])["mean"] for key in REALISM_KEYS},
         }
+        # replaced subjects apart: a blurred fallback is, by design, no longer found as a face
+        replaced_found = [
+            r["realism"]["found"]
+            for r in records
+            if r.get("realism")
+            and r.get("replace")
+            and "face" in r["realism"]
+            and r["replace"][r["realism"]["face"]].get("method") == "replace"
+        ]
+        if replaced_found:
+            summary["realism"]["replaced_subjects"] = len(replaced_found)
+            summary["realism"]["redetected_replaced"] = float(np.mean(replaced_found))
     replaced = [face for r in records for face in r.get("replace", [])]
     if replaced:
         matches: dict[str, list[bool]] = {}
