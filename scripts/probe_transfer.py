@@ -34,6 +34,7 @@ from facecloak.cloak import create_cloak
 from facecloak.cloak.budget import LEVELS, CloakBudget
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces
+from facecloak.evaluate import centre_face
 from facecloak.faces import Faces
 from facecloak.io import read_image
 from facecloak.io.write import jpeg_roundtrip
@@ -48,13 +49,8 @@ def central_faces(images: list[torch.Tensor], faces: Faces) -> Faces:
     keep = []
     for i, image in enumerate(images):
         rows = (faces.image_index == i).nonzero()[:, 0]
-        if len(rows) == 0:
-            continue
-        boxes = faces.boxes[rows]
-        centre_x, centre_y = image.shape[-1] / 2, image.shape[-2] / 2
-        across = ((boxes[:, 0] + boxes[:, 2]) / 2 - centre_x).abs()
-        offset = across + ((boxes[:, 1] + boxes[:, 3]) / 2 - centre_y).abs()
-        keep.append(int(rows[offset.argmin()]))
+        if len(rows):
+            keep.append(int(rows[centre_face(faces.select(rows), image.shape[-1], image.shape[-2])]))
     return faces.select(torch.tensor(keep, dtype=torch.long))
 
 

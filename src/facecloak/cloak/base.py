@@ -290,9 +290,12 @@ class Cloak:
         photos = [photo.to(self.device, torch.float32) for photo in photos]
         faces = faces.to("cpu")
         if len(faces) == 0:
-            return self._result(photos, photos, faces, [], torch.zeros(0, dtype=torch.long), started)
+            nothing = torch.zeros(0, dtype=torch.long)
+            return self._result(photos, photos, faces, ([], nothing), nothing, started)
         clean = [embed_faces(photos, faces, model) for model in self.models]
         self.prepare(clean, faces, identity)
+        # what the objective pushes from: progress, stopping and the honest check all measure it
+        references = self.references(clean)
         generator = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
         alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         buckets = build_buckets(
@@ -303,10 +306,9 @@ class Cloak:
             feature_dropout(self.models, self.dropout, dropout_generator),
             skip_gradient(self.models, self.skip_gradient),
         ):
-            # progress and stopping measure what the objective pushes from (`references`)
-            deltas, steps = self._optimise(buckets, faces, self.references(clean)[0], generator, on_step)
+            deltas, steps = self._optimise(buckets, faces, references[0], generator, on_step)
         cloaked = self._compose_within_budget(photos, faces, buckets, deltas)
-        return self._result(photos, cloaked, faces, clean, steps, started)
+        return self._result(photos, cloaked, faces, references, steps, started)
 
     # -- the loop ---------------------------------------------------------------------------
     def _optimise(
@@ -507,13 +509,14 @@ class Cloak:
         originals: list[Tensor],
         cloaked: list[Tensor],
         faces: Faces,
-        clean: list[Tensor],
+        references: tuple[list[Tensor], Tensor],
         steps: Tensor,
         started: float,
     ) -> CloakResult:
+        """The stored photos, measured from ``references`` (`references`) and checked after upload."""
         n, models = len(faces), len(self.models)
         stored = [_as_stored(image) for image in cloaked]
-        reference, counts = self.references(clean) if n else (clean, torch.zeros(0, dtype=torch.long))
+        reference, counts = references
         distance = torch.zeros(n, models)
         for m, model in enumerate(self.models):
             if n:

@@ -73,6 +73,11 @@ def build_attackers(names: str | None, detector: FaceDetector, device: str | Non
     return attackers
 
 
+def _cloak_options(request: EvaluationRequest, detector: FaceDetector) -> dict:
+    """The keywords every cloak of this evaluation is built with (`create_cloak` drops None)."""
+    return {"detector": detector, "seed": request.seed, "person_level": request.person_level}
+
+
 def build_protection(
     request: EvaluationRequest, level: str, models: list[Embedder], detector: FaceDetector
 ) -> Protection | None:
@@ -85,8 +90,7 @@ def build_protection(
     if request.protected_dir is not None or request.method == "none":
         return None
     if request.method == "cloak":
-        options = {"detector": detector, "seed": request.seed, "person_level": request.person_level}
-        return CloakFaces(create_cloak(request.mode, models, level, **options))
+        return CloakFaces(create_cloak(request.mode, models, level, **_cloak_options(request, detector)))
     return AnonymizeFaces(Anonymizer(request.method))
 
 
@@ -198,8 +202,7 @@ def _leave_one_out(
     level = "mid" if request.level == "all" else request.level
     for left_out in models:
         kept = [m for m in models if m is not left_out]
-        options = {"detector": detector, "seed": request.seed, "person_level": request.person_level}
-        cloak = create_cloak(request.mode, kept, level, **options)
+        cloak = create_cloak(request.mode, kept, level, **_cloak_options(request, detector))
         partial = evaluate(
             request.data,
             CloakFaces(cloak),
