@@ -1,23 +1,34 @@
-"""Cloak speed: seconds per one-face photo (end to end) and faces/s in batches, per level and device.
+"""Cloak speed: seconds per one-face photo, faces/s in batches, and the whole pipeline, per device.
 
     python scripts/bench_cloak.py [--device cpu|cuda] [--levels low,mid,high] [--batch 32]
+                                  [--pipeline N] [--chunk C] [--precisions float32,bfloat16]
                                   [--out bench-results/cloak.json]
 
 "One-face photo" is samples/astronaut.jpg (512x512) through detection, the cloak and the honest
 JPEG-75 re-detection check: what `facecloak cloak photo.jpg` spends per photo after start-up.
-Batch throughput cloaks --batch LFW photos (one face each) in one optimisation. With MobileFace
-in ../shared/models, the two-model ensemble (dlib-resnet + MobileFace) is measured too, and with
-the HSE MobileNet beside it the three-model one.
+Batch throughput cloaks --batch LFW photos (one face each) in one optimisation. The whole pipeline
+(default on a GPU: 4096 photos; `--pipeline N` on the CPU) runs `facecloak cloak DIR -o OUT` as the
+CLI does, files in and files out, and reports faces/s, per-stage seconds, protection, GPU
+utilisation (NVML) and peak GPU memory. With MobileFace in ../shared/models, the two-model ensemble
+(dlib-resnet + MobileFace) is measured too, and with the HSE MobileNet beside it the three-model
+one. FACECLOAK_DATA and FACECLOAK_MODELS point elsewhere than ../shared.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
+
+import torch
 
 from _bench import REPO, data_root, devices, machine, models_root, synchronise, write_json
 from facecloak.cloak import create_cloak
+from facecloak.defaults import cloak_batch_size
 from facecloak.detect import FaceDetector
 from facecloak.io import read_image
 from facecloak.models import create_embedder
@@ -103,6 +114,169 @@ def batch_throughput(models, level: str, device: str, detector: FaceDetector, ba
     }
 
 
+class _TimedDetector:
+    """The pipeline's detector, timed (GPU work included)."""
+
+    def __init__(self, detector: FaceDetector, device: str) -> None:
+        self.detector, self.device, self.seconds = detector, device, 0.0
+
+    def __call__(self, images):
+        start = time.perf_counter()
+        faces = self.detector(images)
+        synchronise(self.device)
+        self.seconds += time.perf_counter() - start
+        return faces
+
+
+class _StageTotals:
+    """Wraps a cloak so the pipeline's calls add up their per-stage seconds and peak memory."""
+
+    def __init__(self, cloak) -> None:
+        self.cloak, self.totals, self.faces = cloak, {}, 0
+        self.budget = cloak.budget
+
+    def __call__(self, images, faces, **kwargs):
+        result = self.cloak(images, faces, **kwargs)
+        for stage, seconds in result.timings.items():
+            self.totals[stage] = self.totals.get(stage, 0.0) + seconds
+        self.faces += len(faces)
+        return result
+
+
+class _GpuSampler:
+    """Samples the GPU's utilisation (NVML) every 0.2 s on a thread while a run lasts."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _GpuSampler:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        except Exception:  # no NVML here: utilisation is not reported
+            return self
+
+        def sample() -> None:
+            while not self._stop.wait(0.2):
+                self.samples.append(int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def staged_photos(count: int, workdir: Path) -> Path | None:
+    """A folder of ``count`` LFW photos (copies of the first ones, repeated if the set is smaller)."""
+    folder = data_root() / "lfw" / "images"
+    sources = sorted(folder.glob("*/*.jpg"))
+    if not sources:
+        return None
+    target = workdir / "in"
+    target.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        source = sources[k % len(sources)]
+        shutil.copyfile(source, target / f"{k:05d}_{source.name}")
+    return target
+
+
+def whole_pipeline(
+    models,
+    level: str,
+    device: str,
+    photos: int,
+    chunk: int,
+    precision: str | None,
+    eot: int | None,
+    row_seconds: float,
+) -> dict | None:
+    """Files in, files out, as `facecloak cloak DIR -o OUT --batch-size CHUNK` runs it.
+
+    A few photos first as a warm-up (CUDA's start, the models' first passes); the timed photos are
+    cut to what the warm-up's rate finishes in about ``row_seconds``, one chunk at least.
+    """
+    from facecloak.batch_types import Options
+    from facecloak.pipeline import run_resumable_batch
+    from facecloak.protection import CloakFaces
+
+    with tempfile.TemporaryDirectory() as workdir:
+        source = staged_photos(photos + chunk, Path(workdir))
+        if source is None:
+            return None
+        files = sorted(source.iterdir())
+        warm, timed_files = files[: min(chunk, 64)], files[chunk:]
+        detector = _TimedDetector(FaceDetector(device=device), device)
+        cloak = create_cloak(
+            "untargeted", models, level, detector=detector.detector, precision=precision, eot_samples=eot
+        )
+        stages = _StageTotals(cloak)
+        protection = CloakFaces(stages)
+        options = Options(out_dir=str(Path(workdir) / "out"), chunk=chunk, device=device)
+        tick = time.perf_counter()
+        run_resumable_batch(warm, protection, options, settings={}, detector=detector)  # warm-up
+        rate = len(warm) / (time.perf_counter() - tick)
+        fits = max(chunk, int(rate * row_seconds) // chunk * chunk)
+        timed_files = timed_files[:fits]
+        detector.seconds, stages.totals, stages.faces = 0.0, {}, 0
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        synchronise(device)
+        with _GpuSampler() as sampler:
+            start = time.perf_counter()
+            report = run_resumable_batch(timed_files, protection, options, settings={}, detector=detector)
+            synchronise(device)
+            seconds = time.perf_counter() - start
+    faces = [face for outcome in report.outcomes for face in outcome.faces]
+    protected = sum(1 for face in faces if face.get("protected"))
+    dssim = [face["dssim"] for face in faces if "dssim" in face]
+    ciede = [face["ciede2000_mean"] for face in faces if "ciede2000_mean" in face]
+    row = {
+        "photos": len(timed_files),
+        "faces": len(faces),
+        "chunk": chunk,
+        "precision": cloak.precision,
+        "eot_samples": cloak.eot_samples,
+        "seconds": round(seconds, 2),
+        "photos_per_s": round(len(timed_files) / seconds, 1),
+        "faces_per_s": round(len(faces) / seconds, 1),
+        "protected_share": round(protected / max(1, len(faces)), 3),
+        "mean_dssim": round(sum(dssim) / max(1, len(dssim)), 5),
+        "mean_ciede2000": round(sum(ciede) / max(1, len(ciede)), 3),
+        "stage_seconds": {
+            "decode (reader threads, summed)": report.timings.get("decode_s"),
+            "detect": round(detector.seconds, 2),
+            **{f"cloak {stage}": round(value, 2) for stage, value in stages.totals.items()},
+            "write (writer thread)": report.timings.get("write_s"),
+        },
+        "failed_files": sum(outcome.status == "failed" for outcome in report.outcomes),
+    }
+    if device.startswith("cuda"):
+        row["gpu_utilisation_mean_pct"] = sampler.mean
+        row["gpu_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row
+
+
+def _attempt(measure, *args):
+    """One measurement; a failure is reported in its row and the benchmark goes on."""
+    try:
+        return measure(*args)
+    except Exception as error:  # noqa: BLE001 - a benchmark row, not a program path
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None)
@@ -111,6 +285,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ensembles", default=None, help="only these model sets (comma-separated names)")
     parser.add_argument("--no-batch", action="store_true", help="skip the batch throughput run")
+    parser.add_argument(
+        "--pipeline",
+        type=int,
+        default=None,
+        help="photos for the whole-pipeline run (files in, files out; default 0 on the CPU, 4096 on a GPU)",
+    )
+    parser.add_argument("--chunk", type=int, default=None, help="pipeline photos per optimisation")
+    parser.add_argument("--precisions", default=None, help="pipeline precisions, e.g. float32,bfloat16")
+    parser.add_argument("--eot", type=int, default=None, help="random draws per step (default: the cloak's)")
+    parser.add_argument("--row-seconds", type=float, default=60.0, help="rough cap per pipeline row")
+    parser.add_argument("--no-single", action="store_true", help="skip the one-face-photo timing")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "cloak.json")
     args = parser.parse_args()
     results = {"machine": machine(), "results": []}
@@ -121,11 +306,21 @@ def main() -> None:
                 continue
             for level in args.levels.split(","):
                 row = {"models": name, "device": device, "level": level}
-                row["one_face_photo"] = one_face_photo(models, level, device, detector, args.repeats)
+                if not args.no_single:
+                    row["one_face_photo"] = _attempt(
+                        one_face_photo, models, level, device, detector, args.repeats
+                    )
                 batch = args.batch if device == "cpu" else max(args.batch, 256)
-                row["batch"] = (
-                    None if args.no_batch else batch_throughput(models, level, device, detector, batch)
-                )
+                if not args.no_batch:
+                    row["batch"] = _attempt(batch_throughput, models, level, device, detector, batch)
+                photos = args.pipeline if args.pipeline is not None else (0 if device == "cpu" else 4096)
+                if photos:
+                    chunk = args.chunk or cloak_batch_size(device)
+                    row["pipeline"] = []
+                    for precision in args.precisions.split(",") if args.precisions else [None]:
+                        run = (models, level, device, photos, chunk, precision, args.eot, args.row_seconds)
+                        row["pipeline"].append(_attempt(whole_pipeline, *run))
+                        print(row["pipeline"][-1], flush=True)
                 results["results"].append(row)
                 print(row, flush=True)
     write_json(args.out, results)

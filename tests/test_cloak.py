@@ -247,9 +247,59 @@ def test_person_level_references_average_only_the_same_persons_faces(lfw_dir, dl
     # the honest check measures what the cloak pushed from: the person's mean, for grouped faces
     result = UntargetedCloak([dlib_model], "mid", steps=2, verify=False)(images, faces)
     assert result.reference_photos.tolist() == [2, 2, 1]
-    after = embed_faces(result.images, faces, dlib_model)
+    # read where the cloak optimised: through the clean photo's alignment
+    from facecloak.align import model_alignment
+
+    alignment = model_alignment(images, faces, dlib_model.card)
+    after = embed_faces(result.images, faces, dlib_model, chip_from_image=alignment)
     expected = torch.stack(
         [(after[0] - powell).norm(), (after[1] - powell).norm(), (after[2] - clean[0][2]).norm()]
     )
     assert torch.allclose(result.distance[:, 0], expected, atol=1e-4)
     assert [record["reference_photos"] for record in result.records(faces)] == [2, 2, 1]
+
+
+def test_stage_timings_and_batched_dssim_match_the_per_face_measure(
+    dlib_model, detector, photos, centre_faces
+):
+    cloak = UntargetedCloak([dlib_model], "mid", detector=detector, steps=6, seed=0)
+    result = cloak(photos, centre_faces)
+    assert set(result.timings) == {"embed", "prepare", "optimise", "compose", "check", "quality"}
+    assert result.timings["optimise"] > 0
+    # compose checks the cap with the batched, bucket-wise DSSIM: it must be the reported one
+    from facecloak.align import model_alignment
+    from facecloak.cloak.regions import build_buckets
+
+    alignment = [model_alignment(photos, centre_faces, dlib_model.card)]
+    buckets = build_buckets(
+        photos, centre_faces, [dlib_model], alignment, region_scale=cloak.region_scale, feather=cloak.feather
+    )
+    batched = cloak._stored_dssim(result.images, centre_faces, buckets)
+    assert float(result.dssim.min()) > 1e-4  # the faces did change
+    assert torch.allclose(batched, result.dssim, atol=1e-6)
+
+
+def test_bfloat16_precision_runs_the_models_in_bfloat16_and_still_moves_the_face(
+    dlib_model, detector, photos, centre_faces
+):
+    faces = centre_faces.for_image(0)
+    seen = []
+    hook = dlib_model.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    try:
+        result = UntargetedCloak(
+            [dlib_model], "mid", detector=detector, steps=3, seed=0, precision="bfloat16", verify=False
+        )(photos[:1], faces)
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen  # the optimisation's passes
+    assert seen[-1] == torch.float32  # the measurement of the stored photo is float32
+    assert result.settings["precision"] == "bfloat16"
+    assert float(result.distance[0, 0]) > 0.1
+    with pytest.raises(InvalidInputError):
+        UntargetedCloak([dlib_model], "mid", precision="float16")
+
+
+def test_cloak_batch_size_follows_the_device():
+    from facecloak.defaults import CPU_CLOAK_BATCH, cloak_batch_size
+
+    assert cloak_batch_size("cpu") == CPU_CLOAK_BATCH

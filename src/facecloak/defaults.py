@@ -38,3 +38,26 @@ UPLOADS = ("none", "jpeg95", "jpeg75", "jpeg50", "downscale0.5", "blur")
 REPLACE_FALLBACKS = ("blur", "keep")
 """What replace does with a face no donor mix protects: blur it instead (the default), or keep its
 best try and report it NOT protected."""
+
+CPU_CLOAK_BATCH = 8
+"""Photos cloaked together on the CPU: faces/s do not grow with the batch there, latency does."""
+
+GPU_CLOAK_BATCH = 512
+"""Photos cloaked together on a GPU, at most: enough faces in one optimisation to fill the chip
+(`scripts/bench_cloak.py --device cuda`), fewer where its free memory is short."""
+
+GPU_BYTES_PER_PHOTO = 160 * 2**20
+"""GPU memory one photo of a cloak batch may take (a few faces at native resolution, four random
+uploads per step through every model): the batch is cut to the free memory over this."""
+
+
+def cloak_batch_size(device: str | None = None) -> int:
+    """Photos per cloak optimisation on ``device`` (None: CUDA when present, else the CPU)."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not str(device).startswith("cuda"):
+        return CPU_CLOAK_BATCH
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return max(CPU_CLOAK_BATCH, min(GPU_CLOAK_BATCH, free // GPU_BYTES_PER_PHOTO))

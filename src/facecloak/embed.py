@@ -15,11 +15,18 @@ from facecloak.models.registry import Embedder
 EMBED_BATCH = 64
 
 
-def face_chips(images: Tensor | Sequence[Tensor], faces: Faces, model: Embedder) -> Tensor:
-    """(N, 3, S, S) chips of ``faces`` aligned as ``model``'s card says, differentiable w.r.t. the images."""
+def face_chips(
+    images: Tensor | Sequence[Tensor], faces: Faces, model: Embedder, chip_from_image: Tensor | None = None
+) -> Tensor:
+    """(N, 3, S, S) chips of ``faces`` aligned as ``model``'s card says, differentiable w.r.t. the images.
+
+    ``chip_from_image`` ((N, 2, 3), from `facecloak.align.model_alignment`) reuses an alignment
+    already computed for these faces (a cloak measures its output where it optimised).
+    """
     device = model_device(model)
     size = model.card.input_size
-    chip_from_image = model_alignment(images, faces, model.card)
+    if chip_from_image is None:
+        chip_from_image = model_alignment(images, faces, model.card)
     chips = torch.zeros(len(faces), 3, size, size, device=device)
     for i in faces.image_index.unique().tolist():
         mine = (faces.image_index == i).nonzero()[:, 0]
@@ -62,9 +69,16 @@ def embed_chips(
 
 
 def embed_faces(
-    images: Tensor | Sequence[Tensor], faces: Faces, model: Embedder, *, flip_average: bool = True
+    images: Tensor | Sequence[Tensor],
+    faces: Faces,
+    model: Embedder,
+    *,
+    flip_average: bool = True,
+    chip_from_image: Tensor | None = None,
 ) -> Tensor:
     """(N, D) embeddings of ``faces`` (no gradient), one per face, in ``faces`` order.
+
+    ``chip_from_image``: an alignment of these faces computed before (see `face_chips`).
 
     Example:
         >>> model = create_embedder("dlib-resnet")  # doctest: +SKIP
@@ -74,4 +88,5 @@ def embed_faces(
     photos = check_image_list(images)
     check_faces(faces, len(photos))
     with torch.no_grad():
-        return embed_chips(model, face_chips(photos, faces, model), flip_average=flip_average)
+        chips = face_chips(photos, faces, model, chip_from_image)
+        return embed_chips(model, chips, flip_average=flip_average)

@@ -86,9 +86,9 @@ from facecloak.errors import FacecloakError
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 4096),
-    default=8,
-    show_default=True,
-    help="Photos cloaked together in one optimisation (larger uses the GPU better).",
+    default=None,
+    help="Photos cloaked together in one optimisation [8 on the CPU; on a GPU up to 256, as its free "
+    "memory allows].",
 )
 @io_options
 @ray_option
@@ -125,11 +125,12 @@ def cloak(
     facecloak cloak photos/ -o out/ --mode targeted --identity-key "my secret" --json
     """
     from facecloak.cloak import create_cloak
+    from facecloak.defaults import cloak_batch_size
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import CloakFaces
 
     options = batch_options(**{k: v for k, v in io_values.items() if k != "ray_address"})
-    options = Options(**{**options.__dict__, "chunk": batch_size})
+    options = Options(**{**options.__dict__, "chunk": batch_size or cloak_batch_size(options.device)})
     ray_address = io_values.get("ray_address")
     transfer = dict(
         diversity=diversity,

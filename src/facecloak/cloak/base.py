@@ -21,14 +21,21 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from facecloak import io, quality, transforms
+from facecloak import quality, transforms
 from facecloak._checks import check_choice, check_faces, check_image_list
 from facecloak.align import affine_scale, model_alignment
 from facecloak.cloak.budget import DSSIM_SAFETY, LEVELS, CloakBudget, enforce_dssim, jnd_map, limit_change
 from facecloak.cloak.dropout import feature_dropout
 from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
 from facecloak.cloak.features import FeatureTap, feature_displacement
-from facecloak.cloak.regions import Bucket, build_buckets, paste_perturbations, sample_chips
+from facecloak.cloak.regions import (
+    GPU_BUCKET_FACES,
+    MAX_BUCKET_FACES,
+    Bucket,
+    build_buckets,
+    paste_perturbations,
+    sample_chips,
+)
 from facecloak.cloak.skip_gradient import skip_gradient
 from facecloak.cloak.verify import face_records, verify_after_upload
 from facecloak.defaults import REGION_SCALE
@@ -39,6 +46,12 @@ from facecloak.faces import Faces, boxes_overlap, face_regions
 from facecloak.models.registry import Embedder
 
 UPDATES = ("adam", "momentum")
+PRECISIONS = ("float32", "bfloat16")
+CUDA_PRECISION = "float32"
+"""The optimisation's model passes on a GPU stay float32 (cuDNN's convolutions run as TF32 there):
+on an H200 bfloat16 moved neither faces/s (18.3 vs 20.1 for dlib-resnet, whole pipeline, 512-photo
+chunks) nor protection (0.938 vs 0.945) (README, "Speed"; `scripts/bench_cloak.py --device cuda
+--precisions float32,bfloat16`): the step is bound by its many small operations, not by arithmetic."""
 
 
 DEFAULT_DIVERSITY = 0.7
@@ -122,6 +135,8 @@ class CloakResult:
             found again counts as protected: a scraper cannot enrol it).
         seconds: wall time of the whole call.
         reference_photos: (N,) how many clean photos each face's reference averages (1: its own).
+        timings: seconds per stage of the call ("embed", "prepare", "optimise", "compose",
+            "check", "quality"), GPU work included: where the time goes, for benchmarks.
     """
 
     images: list[Tensor]
@@ -140,6 +155,7 @@ class CloakResult:
     seconds: float
     settings: dict = field(default_factory=dict)
     reference_photos: Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     def records(self, faces: Faces) -> list[dict]:
         """One JSON-ready dict per face, in ``faces`` order (`facecloak.cloak.verify.face_records`)."""
@@ -175,6 +191,9 @@ class Cloak:
             surrogates is only a proxy, and the extra distance is what transfers.
         detector: detector used to check each cloak after a real JPEG re-encode (default MTCNN).
         verify: run that check (the evaluator measures separately and may switch it off).
+        precision: "float32" or "bfloat16" for the models' passes inside the optimisation (the
+            distances, the budget and the after-upload check are always float32). Default: float32
+            on the CPU, `CUDA_PRECISION` on a GPU.
         seed: seed of the random draws; the same seed gives the same perturbation on the same
             device and thread count (threaded float reductions differ in their last bits).
     """
@@ -205,6 +224,7 @@ class Cloak:
         budget: CloakBudget | None = None,
         detector: FaceDetector | None = None,
         verify: bool = True,
+        precision: str | None = None,
         seed: int | None = 0,
     ) -> None:
         if not models:
@@ -241,6 +261,10 @@ class Cloak:
         self.device = model_device(self.models[0])
         default_draws = 1 if self.device.type == "cpu" else 4
         self.eot_samples = max(1, int(eot_samples if eot_samples is not None else default_draws))
+        if precision is None:
+            precision = "float32" if self.device.type == "cpu" else CUDA_PRECISION
+        check_choice(precision, PRECISIONS, "precision")
+        self.precision = precision
         self.thresholds = torch.tensor([m.card.match_threshold for m in self.models], device=self.device)
 
     def __repr__(self) -> str:
@@ -285,30 +309,45 @@ class Cloak:
                 of one key the same way); None keeps the cloak's own key.
         """
         started = time.perf_counter()
+        clock = _StageClock(self.device)
         photos = check_image_list(images)
         check_faces(faces, len(photos))
         photos = [photo.to(self.device, torch.float32) for photo in photos]
         faces = faces.to("cpu")
         if len(faces) == 0:
             nothing = torch.zeros(0, dtype=torch.long)
-            return self._result(photos, photos, faces, ([], nothing), nothing, started)
-        clean = [embed_faces(photos, faces, model) for model in self.models]
+            return self._result(photos, photos, faces, ([], nothing), nothing, started, clock)
+        # one alignment per model, shared by the clean embedding, the crops and the cloaked output
+        alignments = [model_alignment(photos, faces, m.card) for m in self.models]
+        clean = [
+            embed_faces(photos, faces, model, chip_from_image=alignment)
+            for model, alignment in zip(self.models, alignments)
+        ]
         self.prepare(clean, faces, identity)
         # what the objective pushes from: progress, stopping and the honest check all measure it
         references = self.references(clean)
+        clock.lap("embed")
         generator = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
-        alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         buckets = build_buckets(
-            photos, faces, self.models, alignments, region_scale=self.region_scale, feather=self.feather
+            photos,
+            faces,
+            self.models,
+            alignments,
+            region_scale=self.region_scale,
+            feather=self.feather,
+            max_faces=MAX_BUCKET_FACES if self.device.type == "cpu" else GPU_BUCKET_FACES,
         )
         dropout_generator = torch.Generator(device=self.device).manual_seed(int(generator.initial_seed()))
+        clock.lap("prepare")
         with (
             feature_dropout(self.models, self.dropout, dropout_generator),
             skip_gradient(self.models, self.skip_gradient),
         ):
             deltas, steps = self._optimise(buckets, faces, references[0], generator, on_step)
+        clock.lap("optimise")
         cloaked = self._compose_within_budget(photos, faces, buckets, deltas)
-        return self._result(photos, cloaked, faces, references, steps, started)
+        clock.lap("compose")
+        return self._result(photos, cloaked, faces, references, steps, started, clock, alignments)
 
     # -- the loop ---------------------------------------------------------------------------
     def _optimise(
@@ -441,13 +480,15 @@ class Cloak:
             if features:
                 clean_chips = sample_chips(clean_uploaded, jittered, model, bucket.factors[m])
                 clean_chips = _flipped(clean_chips, flips)
-                with FeatureTap(model, self.feature_depth) as tap:
+                with FeatureTap(model, self.feature_depth) as tap, self._autocast():
                     model(clean_chips)
-                    reference_features = tap.value.detach()
-                    embedding = model(chips)
-                    pushed = pushed + feature_displacement(tap.value, reference_features) / len(self.models)
+                    reference_features = tap.value.detach().float()
+                    embedding = model(chips).float()
+                    displacement = feature_displacement(tap.value.float(), reference_features)
+                pushed = pushed + displacement / len(self.models)
             else:
-                embedding = model(chips)
+                with self._autocast():
+                    embedding = model(chips).float()
             embeddings.append(embedding)
             reference = clean[m][device_index].repeat(draws, 1)
             ratios.append(model.distance(embedding, reference).detach() / self.thresholds[m])
@@ -455,6 +496,10 @@ class Cloak:
         loss = (loss - self.feature_weight * pushed).view(draws, n).mean(0)
         worst = torch.stack(ratios, dim=1).view(draws, n, len(self.models)).amin(0)
         return loss, worst
+
+    def _autocast(self) -> torch.autocast:
+        """The models' passes in ``precision`` (a no-op context in float32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
 
     @staticmethod
     def _flips(count: int, generator: torch.Generator) -> Tensor:
@@ -487,7 +532,7 @@ class Cloak:
                 for bucket, delta in zip(buckets, deltas)
             ]
             cloaked = [_as_stored(image) for image in paste_perturbations(photos, faces, buckets, scaled)]
-            over = self._quality(photos, cloaked, faces)[0] > cap
+            over = self._stored_dssim(cloaked, faces, buckets) > cap
             if not bool(over.any()):
                 return cloaked
             for k in over.nonzero()[:, 0].tolist():
@@ -495,6 +540,24 @@ class Cloak:
                 touching = same_photo & boxes_overlap(regions[k], regions)
                 scale[touching] *= COMPOSE_SHRINK
         return cloaked
+
+    def _stored_dssim(self, cloaked: list[Tensor], faces: Faces, buckets: list[Bucket]) -> Tensor:
+        """(N,) DSSIM of each face region of the composed photos, a bucket at a time.
+
+        The same number as the per-face `_quality` (each crop holds its region whole, and
+        `facecloak.quality.box_dssim` measures only inside the region box), in a few batched passes.
+        """
+        values = torch.zeros(len(faces))
+        for bucket in buckets:
+            stored = torch.zeros_like(bucket.crops)
+            for row, n in enumerate(bucket.faces.tolist()):
+                x0, y0 = (int(v) for v in bucket.origins[row].tolist())
+                width, height = (int(v) for v in bucket.sizes[row].tolist())
+                image = cloaked[int(faces.image_index[n])]
+                stored[row, :, :height, :width] = image[:, y0 : y0 + height, x0 : x0 + width]
+            boxes = self._boxes_in_crop(bucket, faces)
+            values[bucket.faces] = quality.box_dssim(bucket.crops, stored, boxes).float().cpu()
+        return values
 
     # -- the honest check -------------------------------------------------------------------
     @property
@@ -512,20 +575,30 @@ class Cloak:
         references: tuple[list[Tensor], Tensor],
         steps: Tensor,
         started: float,
+        clock: _StageClock,
+        alignments: Sequence[Tensor] | None = None,
     ) -> CloakResult:
-        """The stored photos, measured from ``references`` (`references`) and checked after upload."""
+        """The stored photos, measured from ``references`` (`references`) and checked after upload.
+
+        ``distance`` is read through the alignments the cloak optimised through (the clean photo's);
+        the after-upload distance through a detection and alignment from scratch.
+        """
         n, models = len(faces), len(self.models)
         stored = [_as_stored(image) for image in cloaked]
         reference, counts = references
         distance = torch.zeros(n, models)
         for m, model in enumerate(self.models):
             if n:
-                distance[:, m] = model.distance(embed_faces(stored, faces, model), reference[m]).cpu()
+                alignment = alignments[m] if alignments is not None else None
+                embedding = embed_faces(stored, faces, model, chip_from_image=alignment)
+                distance[:, m] = model.distance(embedding, reference[m]).cpu()
         distance_jpeg = torch.full((n, models), math.nan)
         found = torch.zeros(n, dtype=torch.bool)
         if self.verify and n:
             distance_jpeg, found = verify_after_upload(stored, faces, reference, self.models, self.detector)
+        clock.lap("check")
         metrics = self._quality(originals, stored, faces)
+        clock.lap("quality")
         passes = (
             torch.nan_to_num(distance_jpeg if self.verify else distance, nan=math.inf)
             >= self.thresholds.cpu()
@@ -548,6 +621,7 @@ class Cloak:
             seconds=time.perf_counter() - started,
             settings=self.settings(),
             reference_photos=counts,
+            timings=clock.laps,
         )
 
     def settings(self) -> dict:
@@ -564,6 +638,7 @@ class Cloak:
             "skip_gradient": self.skip_gradient,
             "feature_weight": self.feature_weight,
             "feature_depth": self.feature_depth,
+            "precision": self.precision,
         }
 
     def _quality(self, originals: list[Tensor], stored: list[Tensor], faces: Faces) -> tuple[Tensor, ...]:
@@ -577,7 +652,7 @@ class Cloak:
             x1, y1 = min(width, int(regions[k, 2].ceil()) + 1), min(height, int(regions[k, 3].ceil()) + 1)
             a = originals[i][None, :, y0:y1, x0:x1].float()
             b = stored[i][None, :, y0:y1, x0:x1].float()
-            colour = quality.ciede2000_stats(a[0].cpu(), b[0].cpu())
+            colour = quality.ciede2000_stats(a[0], b[0])
             values[:, k] = torch.tensor(
                 [
                     float(quality.dssim(a, b)[0]),
@@ -587,6 +662,22 @@ class Cloak:
                 ]
             )
         return tuple(values)
+
+
+class _StageClock:
+    """Seconds per stage of one call; waits for queued GPU work at each lap so the time is its own."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[stage] = round(self.laps.get(stage, 0.0) + now - self._last, 4)
+        self._last = now
 
 
 def _flipped(chips: Tensor, flips: Tensor | None) -> Tensor:
@@ -608,5 +699,5 @@ def _smooth(gradient: Tensor, sigmas: Tensor) -> Tensor:
 
 
 def _as_stored(image: Tensor) -> Tensor:
-    """The image as it will be written: rounded to 8 bits."""
-    return torch.from_numpy(io.to_uint8(image)).permute(2, 0, 1).float().div(255).to(image)
+    """The image as it will be written: rounded to 8 bits (as `facecloak.io.to_uint8`, on its device)."""
+    return (image.detach().float().clamp(0, 1) * 255.0).round().div(255.0).to(image)

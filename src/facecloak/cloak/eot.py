@@ -95,7 +95,7 @@ class UploadSimulator:
         linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)
         centre = torch.full((n, 2), (size - 1) / 2.0, dtype=torch.float64)
         offset = centre - (linear @ centre[:, :, None])[:, :, 0] + shift
-        matrix = chip_from_source.double()
+        matrix = chip_from_source.double().cpu()  # the draws are made on the CPU (same on every device)
         moved = torch.cat(
             [linear @ matrix[:, :, :2], (linear @ matrix[:, :, 2:]) + offset[:, :, None]], dim=2
         )

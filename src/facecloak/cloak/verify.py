@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,7 +83,7 @@ def verify_after_upload(
         distance: (N, M) each model's distance to the clean face; NaN where not found again.
         found: (N,) bool, the face was detected again.
     """
-    recompressed = [io.jpeg_roundtrip(image, VERIFY_JPEG_QUALITY) for image in stored]
+    recompressed = _recompress(stored)
     found_faces = detector(recompressed)
     distance = torch.full((len(faces), len(models)), math.nan)
     matched, found = match_redetected(faces, found_faces)
@@ -126,3 +127,17 @@ def face_records(result: CloakResult, faces: Faces) -> list[dict]:
             }
         )
     return out
+
+
+RECOMPRESS_THREADS = 8
+"""Threads that JPEG-encode and decode a batch's photos at once (PIL lets go of the GIL)."""
+
+
+def _recompress(stored: list[Tensor]) -> list[Tensor]:
+    """Every photo through a real JPEG at `VERIFY_JPEG_QUALITY`, several at a time."""
+    if len(stored) < 2 * RECOMPRESS_THREADS:
+        return [io.jpeg_roundtrip(image, VERIFY_JPEG_QUALITY) for image in stored]
+    on_cpu = [image.cpu() for image in stored]
+    with ThreadPoolExecutor(RECOMPRESS_THREADS) as pool:
+        decoded = list(pool.map(lambda image: io.jpeg_roundtrip(image, VERIFY_JPEG_QUALITY), on_cpu))
+    return [image.to(original.device) for image, original in zip(decoded, stored)]
