@@ -263,6 +263,21 @@ def test_cardinality_dtype_and_batch(predictor, lfw_faces):
     assert predictor.predict(grey, torch.zeros(0, 4)).shape == (0, 5, 2)
 
 
+def test_many_images_in_one_pass_match_one_image_at_a_time(predictor, lfw_faces):
+    """Faces of photos of different sizes, several per photo, some near or past the edge."""
+    faces = lfw_faces[:6]
+    greys = [dlib_grey(face.pixels) for face in faces]
+    greys[1] = greys[1][10:, :200]  # another size: the flat buffer's offsets and widths must follow
+    boxes = [torch.from_numpy(np.stack([f.hog_box, f.hog_box + 5.0])) for f in faces]
+    boxes[3] = torch.from_numpy(np.stack([faces[3].hog_box + 120.0]))  # reaches past the border
+    boxes[4] = torch.zeros(0, 4, dtype=torch.float64)  # a photo with no face
+    together = predictor.predict_many(greys, boxes)
+    for grey, box, points in zip(greys, boxes, together):
+        torch.testing.assert_close(points, predictor.predict(grey, box), rtol=0, atol=0)
+    with pytest.raises(InvalidInputError):
+        predictor.predict_many(greys, boxes[:2])
+
+
 def test_rejects_bad_input(predictor):
     grey = torch.zeros(20, 20, dtype=torch.uint8)
     with pytest.raises(InvalidInputError, match=r"\(H, W\)"):

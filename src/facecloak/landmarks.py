@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from facecloak.faces import Faces
-from facecloak.models.dlib_shape import dlib_landmarks, mtcnn_box_to_dlib
+from facecloak.models.dlib_shape import dlib_landmarks_many, mtcnn_box_to_dlib
 from facecloak.models.registry import FaceModelCard
 
 
@@ -29,8 +29,10 @@ def model_landmarks(images: Tensor | Sequence[Tensor], faces: Faces, card: FaceM
     if card.landmarks == "mtcnn" or len(faces) == 0:
         return faces.landmarks.float()
     points = torch.zeros(len(faces), 5, 2)
-    for i in faces.image_index.unique().tolist():
-        mine = (faces.image_index == i).nonzero()[:, 0]
-        boxes = mtcnn_box_to_dlib(faces.boxes[mine].float().cpu())
-        points[mine] = dlib_landmarks(images[i].detach().cpu(), boxes).float()
+    owners = faces.image_index.unique().tolist()
+    rows = [(faces.image_index == i).nonzero()[:, 0] for i in owners]
+    boxes = [mtcnn_box_to_dlib(faces.boxes[mine].float().cpu()) for mine in rows]
+    found = dlib_landmarks_many([images[i].detach() for i in owners], boxes)  # one pass for all photos
+    for mine, landmarks in zip(rows, found):
+        points[mine] = landmarks.float()
     return points

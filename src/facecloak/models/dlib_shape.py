@@ -52,6 +52,7 @@ Example:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -229,19 +230,60 @@ class ShapePredictor:
             torch.Size([1, 5, 2])
 
         """
-        pixels = _grey_array(grey)
-        box_array = _box_array(boxes)
-        points = self._predict_array(pixels, box_array, round_to_pixel)
-        like = boxes if isinstance(boxes, Tensor) and boxes.is_floating_point() else None
-        dtype = like.dtype if like is not None else torch.float32
-        device = boxes.device if isinstance(boxes, Tensor) else torch.device("cpu")
-        return torch.from_numpy(points).to(device=device, dtype=dtype)
+        return self.predict_many([grey], [boxes], round_to_pixel=round_to_pixel)[0]
 
-    def _predict_array(self, pixels: np.ndarray, boxes: np.ndarray, round_to_pixel: bool) -> np.ndarray:
-        """`predict` on a float32 ``(H, W)`` image and float64 ``(N, 4)`` boxes; float64 result."""
+    def predict_many(
+        self,
+        greys: Sequence[np.ndarray | Tensor],
+        boxes: Sequence[np.ndarray | Tensor],
+        *,
+        round_to_pixel: bool = False,
+    ) -> list[Tensor]:
+        """`predict` for the faces of several images in one pass: ``boxes[i]`` are in ``greys[i]``.
+
+        The cascade's cost is mostly per call, not per face, so a batch of photos costs about what
+        one does (the cloak and the evaluator align hundreds at once).
+
+        Returns:
+            One ``(N_i, P, 2)`` tensor per image, as `predict` gives it.
+        """
+        if len(greys) != len(boxes):
+            raise InvalidInputError(f"{len(greys)} images but {len(boxes)} box sets")
+        pixels = [_grey_array(grey) for grey in greys]
+        box_arrays = [_box_array(b) for b in boxes]
+        counts = [len(b) for b in box_arrays]
+        sizes = np.array([p.size for p in pixels], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        flat = np.concatenate([p.reshape(-1) for p in pixels]) if pixels else np.zeros(0, np.float32)
+        owner = np.repeat(np.arange(len(pixels)), counts)
+        shapes = np.array([p.shape for p in pixels], dtype=np.int64).reshape(-1, 2)
+        every_box = np.concatenate(box_arrays) if box_arrays else np.zeros((0, 4))
+        points = self._predict_array(
+            flat, starts[owner], shapes[owner, 1], shapes[owner, 0], every_box, round_to_pixel
+        )
+        out = []
+        for b, part in zip(boxes, np.split(points, np.cumsum(counts)[:-1])):
+            like = b if isinstance(b, Tensor) and b.is_floating_point() else None
+            dtype = like.dtype if like is not None else torch.float32
+            device = b.device if isinstance(b, Tensor) else torch.device("cpu")
+            out.append(torch.from_numpy(np.ascontiguousarray(part)).to(device=device, dtype=dtype))
+        return out
+
+    def _predict_array(
+        self,
+        flat_pixels: np.ndarray,
+        starts: np.ndarray,
+        widths: np.ndarray,
+        heights: np.ndarray,
+        boxes: np.ndarray,
+        round_to_pixel: bool,
+    ) -> np.ndarray:
+        """`predict` on float32 images laid end to end in ``flat_pixels``; float64 ``(N, P, 2)`` result.
+
+        Face n reads the ``heights[n] x widths[n]`` image that starts at ``flat_pixels[starts[n]]``.
+        """
         count = len(boxes)
-        height, width = pixels.shape
-        flat_pixels = pixels.reshape(-1)
+        width, height = widths.astype(np.float64), heights.astype(np.float64)
         # Work in (feature or tree, face) layout: gathers then copy contiguous rows of N values.
         left, top = boxes[:, 0], boxes[:, 1]  # (N,) float64: where the normalised (0, 0) goes
         span_x, span_y = boxes[:, 2] - left, boxes[:, 3] - top  # and (1, 1) - (0, 0)
@@ -264,7 +306,7 @@ class ShapePredictor:
             column = np.floor(x.astype(np.float64) * span_x + left + 0.5)  # dlib's point(): round half up
             row = np.floor(y.astype(np.float64) * span_y + top + 0.5)
             inside = (column >= 0) & (column < width) & (row >= 0) & (row < height)
-            index = np.where(inside, row * width + column, 0).astype(np.int64)
+            index = np.where(inside, starts + row * width + column, 0).astype(np.int64)
             features = np.where(inside, flat_pixels[index], np.float32(0))  # (F, N) float32
 
             # every split of every tree, then depth steps down each tree: left (2i + 1) if true
@@ -537,10 +579,26 @@ def dlib_landmarks(
         torch.Size([1, 5, 2])
 
     """
-    if image.ndim != 3:
-        raise InvalidInputError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
+    return dlib_landmarks_many([image], [boxes], predictor=predictor, round_to_pixel=round_to_pixel)[0]
+
+
+def dlib_landmarks_many(
+    images: Sequence[Tensor],
+    boxes: Sequence[Tensor],
+    *,
+    predictor: ShapePredictor | None = None,
+    round_to_pixel: bool = False,
+) -> list[Tensor]:
+    """`dlib_landmarks` for several RGB images at once (``boxes[i]`` in ``images[i]``), in one pass.
+
+    The grey conversion runs on each image's device; only the grey levels come to the CPU.
+    """
+    for image in images:
+        if image.ndim != 3:
+            raise InvalidInputError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
     model = predictor if predictor is not None else default_shape_predictor()
-    return model.predict(dlib_grey(image), boxes, round_to_pixel=round_to_pixel)
+    greys = [dlib_grey(image).cpu() for image in images]
+    return model.predict_many(greys, boxes, round_to_pixel=round_to_pixel)
 
 
 def mtcnn_box_to_dlib(boxes: Tensor) -> Tensor:
