@@ -89,6 +89,12 @@ def test_dssim_zero_for_identical_and_box_dssim_equals_cropped_dssim():
     )
     assert torch.allclose(quality.box_dssim(a, b, boxes), direct, atol=1e-5)
     assert bool((direct > 0.003).all())
+    # the clean image's local means computed once (as the cloak's loop does) give the same values,
+    # also where a box is smaller than the window (then they are not used)
+    means = quality.reference_means(a)
+    assert torch.allclose(quality.box_dssim(a, b, boxes, means), direct, atol=1e-6)
+    tiny = torch.tensor([[3, 5, 12, 14], [20, 10, 28, 19]])
+    assert torch.equal(quality.box_dssim(a, b, tiny, means), quality.box_dssim(a, b, tiny))
 
 
 def test_differentiable_jpeg_close_to_real_jpeg_and_passes_gradients(samples_dir):

@@ -25,25 +25,54 @@ def _gaussian_window(size: int, sigma: float, like: Tensor) -> Tensor:
     return kernel / kernel.sum()
 
 
-def ssim_map(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
-    """Per-pixel SSIM of (B, C, H, W) images in [0, 1], over the 'valid' area: (B, C, H-10, W-10).
-
-    Images smaller than the window use a window as large as they allow.
-    """
+def _window_size(a: Tensor, window: int) -> int:
+    """The Gaussian window's side for images ``a``: ``window``, or as large as they allow (odd)."""
     size = min(window, a.shape[-1], a.shape[-2])
-    size = size if size % 2 == 1 else size - 1
-    kernel = _gaussian_window(size, sigma, a)
-    channels = a.shape[1]
+    return size if size % 2 == 1 else size - 1
+
+
+def _blur(x: Tensor, size: int, sigma: float) -> Tensor:
+    """Separable Gaussian blur of every channel, 'valid' area only."""
+    kernel = _gaussian_window(size, sigma, x)
+    channels = x.shape[1]
     horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, size)
     vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, size, 1)
+    return F.conv2d(F.conv2d(x, horizontal, groups=channels), vertical, groups=channels)
 
-    def blur(x: Tensor) -> Tensor:
-        return F.conv2d(F.conv2d(x, horizontal, groups=channels), vertical, groups=channels)
 
-    mean_a, mean_b = blur(a), blur(b)
-    var_a = blur(a * a) - mean_a**2
-    var_b = blur(b * b) - mean_b**2
-    covariance = blur(a * b) - mean_a * mean_b
+def reference_means(a: Tensor, window: int = 11, sigma: float = 1.5) -> tuple[Tensor, Tensor]:
+    """The local means of ``a`` and of ``a**2`` that `ssim_map` needs of its first image.
+
+    An optimisation that measures many changed versions against one clean image computes these
+    once (`box_dssim`'s ``reference``): two of SSIM's five blurs, each step.
+    """
+    size = _window_size(a, window)
+    return tuple(_blur(torch.cat([a, a * a], 1), size, sigma).split(a.shape[1], 1))
+
+
+def ssim_map(
+    a: Tensor,
+    b: Tensor,
+    window: int = 11,
+    sigma: float = 1.5,
+    reference: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Per-pixel SSIM of (B, C, H, W) images in [0, 1], over the 'valid' area: (B, C, H-10, W-10).
+
+    Images smaller than the window use a window as large as they allow. ``reference``:
+    `reference_means` of ``a``, if already computed with the same window.
+    """
+    size = _window_size(a, window)
+    channels = a.shape[1]
+    if reference is not None:
+        mean_a, square_a = reference
+        mean_b, square_b, cross = _blur(torch.cat([b, b * b, a * b], 1), size, sigma).split(channels, 1)
+    else:
+        stacked = torch.cat([a, b, a * a, b * b, a * b], 1)  # one blur for the five statistics
+        mean_a, mean_b, square_a, square_b, cross = _blur(stacked, size, sigma).split(channels, 1)
+    var_a = square_a - mean_a**2
+    var_b = square_b - mean_b**2
+    covariance = cross - mean_a * mean_b
     numerator = (2 * mean_a * mean_b + _C1) * (2 * covariance + _C2)
     denominator = (mean_a**2 + mean_b**2 + _C1) * (var_a + var_b + _C2)
     return numerator / denominator
@@ -65,18 +94,23 @@ def dssim(a: Tensor, b: Tensor) -> Tensor:
     return (1.0 - ssim(a, b)) / 2.0
 
 
-def box_dssim(a: Tensor, b: Tensor, boxes: Tensor) -> Tensor:
+def box_dssim(a: Tensor, b: Tensor, boxes: Tensor, reference: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """(B,) DSSIM of (B, C, H, W) crops measured only inside integer ``boxes`` (B, 4) ``x0, y0, x1, y1``.
 
     Equal to `dssim` of ``a[..., y0:y1, x0:x1]`` and ``b[...]``: only windows that fit inside the
     box count. Lets a batch of padded crops of different faces be measured in one pass, over
-    just the rectangle that holds all the boxes.
+    just the rectangle that holds all the boxes. ``reference``: `reference_means` of the whole
+    of ``a`` (a 'valid' blur is local, so the rectangle's are a slice of it).
     """
     left, top = int(boxes[:, 0].min()), int(boxes[:, 1].min())
     right, bottom = int(boxes[:, 2].max()), int(boxes[:, 3].max())
     a, b = a[..., top:bottom, left:right], b[..., top:bottom, left:right]
     boxes = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype, device=boxes.device)
-    values = ssim_map(a, b)
+    if reference is not None and _window_size(a, 11) == 11:
+        reference = tuple(m[..., top : bottom - 10, left : right - 10] for m in reference)
+    else:
+        reference = None
+    values = ssim_map(a, b, reference=reference)
     margin_y = (a.shape[-2] - values.shape[-2]) // 2
     margin_x = (a.shape[-1] - values.shape[-1]) // 2
     ys = torch.arange(values.shape[-2], device=a.device)[None, :, None] + margin_y

@@ -370,6 +370,7 @@ class Cloak:
         region_boxes = [self._boxes_in_crop(bucket, faces) for bucket in buckets]
         allowances = [self._allowance(bucket) for bucket in buckets]
         sigmas = [self._smoothing_sigmas(bucket) for bucket in buckets]
+        clean_means = [quality.reference_means(bucket.crops) for bucket in buckets]  # fixed: once
         beta1, beta2 = ADAM_BETAS
         dssim_cap = budget.max_dssim * DSSIM_SAFETY
         for step in range(1, budget.steps + 1):
@@ -387,7 +388,8 @@ class Cloak:
                 loss, ratios = self._draws(
                     adversarial, bucket, rows_device, clean, face_index, generator, clean_crops=crops
                 )
-                penalty = quality.box_dssim(crops, adversarial, region_boxes[b][rows])
+                means = tuple(m[rows_device] for m in clean_means[b])
+                penalty = quality.box_dssim(crops, adversarial, region_boxes[b][rows], means)
                 total = loss + DSSIM_PENALTY * torch.relu(penalty / budget.max_dssim - DSSIM_PENALTY_FROM)
                 (gradient,) = torch.autograd.grad(total.sum(), delta)
                 gradient = _smooth(gradient, sigmas[b][rows]) * masks
@@ -409,7 +411,9 @@ class Cloak:
                     updated = limit_change(delta - lr * direction, allowance, budget.chroma_share)
                     updated = (crops + updated).clamp(0, 1) - crops  # stay a valid image
                     if step % DSSIM_CHECK_EVERY == 0 or step == budget.steps:
-                        updated = enforce_dssim(crops, masks, updated, region_boxes[b][rows], dssim_cap)
+                        updated = enforce_dssim(
+                            crops, masks, updated, region_boxes[b][rows], dssim_cap, reference=means
+                        )
                     deltas[b][rows_device] = updated
                 steps_taken[face_index] += 1
                 stop_at = SPEND_TARGET if self.spend_budget else budget.aim

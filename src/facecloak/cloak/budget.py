@@ -154,7 +154,15 @@ DSSIM_SAFETY = 0.95
 """Enforce the DSSIM cap with this much headroom: rounding to 8 bits adds a little."""
 
 
-def enforce_dssim(crops: Tensor, masks: Tensor, delta: Tensor, boxes: Tensor, cap: float) -> Tensor:
+def enforce_dssim(
+    crops: Tensor,
+    masks: Tensor,
+    delta: Tensor,
+    boxes: Tensor,
+    cap: float,
+    *,
+    reference: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Scale each face's change down (bisection) until its DSSIM over its region box is within ``cap``.
 
     Args:
@@ -163,12 +171,13 @@ def enforce_dssim(crops: Tensor, masks: Tensor, delta: Tensor, boxes: Tensor, ca
         delta: (n, 3, h, w) the change.
         boxes: (n, 4) integer region boxes inside each crop (`facecloak.quality.box_dssim`).
         cap: the largest DSSIM allowed.
+        reference: `facecloak.quality.reference_means` of ``crops``, if already computed.
 
     Returns:
         ``delta``, each face's row multiplied by the largest factor in [0, 1] found to fit (1 for
         faces already within the cap).
     """
-    measured = quality.box_dssim(crops, (crops + masks * delta).clamp(0, 1), boxes)
+    measured = quality.box_dssim(crops, (crops + masks * delta).clamp(0, 1), boxes, reference)
     over = measured > cap
     if not bool(over.any()):
         return delta
@@ -177,7 +186,7 @@ def enforce_dssim(crops: Tensor, masks: Tensor, delta: Tensor, boxes: Tensor, ca
     for _ in range(DSSIM_BISECTIONS):
         middle = (low + high) / 2
         scaled = (crops + masks * delta * middle.view(-1, 1, 1, 1)).clamp(0, 1)
-        fits = quality.box_dssim(crops, scaled, boxes) <= cap
+        fits = quality.box_dssim(crops, scaled, boxes, reference) <= cap
         low = torch.where(fits, middle, low)
         high = torch.where(fits, high, middle)
     factor = torch.where(over, low, torch.ones_like(low))
