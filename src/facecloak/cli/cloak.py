@@ -10,6 +10,7 @@ from facecloak.batch import Options
 from facecloak.cli import running
 from facecloak.cli.options import CONTEXT, batch_options, io_options, ray_option
 from facecloak.cli.running import fail, finish, model_names, run_protection
+from facecloak.defaults import CPU_CLOAK_BATCH, GPU_CLOAK_BATCH
 from facecloak.errors import FacecloakError
 
 
@@ -87,8 +88,8 @@ from facecloak.errors import FacecloakError
     "--batch-size",
     type=click.IntRange(1, 4096),
     default=None,
-    help="Photos cloaked together in one optimisation [8 on the CPU; on a GPU up to 256, as its free "
-    "memory allows].",
+    help=f"Photos cloaked together in one optimisation [{CPU_CLOAK_BATCH} on the CPU; on a GPU up to "
+    f"{GPU_CLOAK_BATCH}, as its free memory allows].",
 )
 @io_options
 @ray_option
