@@ -11,6 +11,7 @@ import functools
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecloak.errors import ModelNotFoundError
@@ -60,11 +61,14 @@ def _scalar_constant(network: nn.Module, node) -> float | None:
 
 
 def _fuse_relu6(network: nn.Module) -> nn.Module:
-    """Rewrite ``Max(Min(Relu(x), a), b)`` (TensorFlow's ReLU6 in ONNX) as one ``clamp(x, 0, a)``.
+    """Rewrite ``Max(Min(Relu(x), a), b)`` (TensorFlow's ReLU6 in ONNX) as one ``hardtanh(x, 0, a)``.
 
     Three passes over memory become one, forward and backward: about a quarter of the HSE
-    MobileNet's time. Only the exact case ``b <= 0 <= a`` is rewritten, where both are the same
-    function; anything else is left as it was.
+    MobileNet's time. ``hardtanh`` (PyTorch's ReLU6), not ``clamp``: the same values, and a
+    backward pass ten times faster on the CPU (one fused kernel instead of two comparisons and a
+    select; the gradient differs only at exactly 0 or ``a``, where ``Relu`` already passes none).
+    Only the exact case ``b <= 0 <= a`` is rewritten, where both are the same function; anything
+    else is left as it was.
     """
     graph = getattr(network, "graph", None)
     if graph is None:
@@ -93,7 +97,7 @@ def _fuse_relu6(network: nn.Module) -> nn.Module:
         if high is None or low is None or not low <= 0.0 <= high:
             continue
         with graph.inserting_before(node):
-            fused = graph.call_function(torch.clamp, (relu.args[0],), {"min": 0.0, "max": high})
+            fused = graph.call_function(F.hardtanh, (relu.args[0], 0.0, high))
         node.replace_all_uses_with(fused)
         for dead in (node, inner, relu):
             graph.erase_node(dead)
