@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,3 +71,34 @@ def write_json(path: Path, results: dict) -> None:
     path.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print(f"written: {path}")
+
+
+def peak_rss_mb(function: Callable[[], object]) -> tuple[object, float]:
+    """``function()``'s result and the process's peak resident memory while it ran, in MB.
+
+    Sampled every 5 ms on a thread (psutil); without psutil, the process's peak so far.
+    """
+    try:
+        import psutil
+    except ImportError:
+        import resource
+
+        result = function()
+        return result, round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    process = psutil.Process()
+    peak = [process.memory_info().rss]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = function()
+    finally:
+        done.set()
+        sampler.join()
+    peak[0] = max(peak[0], process.memory_info().rss)
+    return result, round(peak[0] / 2**20, 1)

@@ -18,6 +18,7 @@ detection, share of faces that passed, and the process's peak memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import resource
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _bench import REPO, data_root, devices, machine, synchronise, write_json
+from _bench import REPO, data_root, devices, machine, peak_rss_mb, synchronise, write_json
 from facecloak.anonymize import blur_faces
 from facecloak.detect import FaceDetector
 from facecloak.faces import Faces
@@ -217,13 +218,9 @@ def main() -> None:
         results["results"].append(
             {"tool": "facecloak", "device": device, "set": "lfw", **measure_facecloak(lfw, device, 32)}
         )
+        measured, peak = peak_rss_mb(functools.partial(measure_facecloak, large * 3, device, 1))
         results["results"].append(
-            {
-                "tool": "facecloak",
-                "device": device,
-                "set": "4000x3000",
-                **measure_facecloak(large * 3, device, 1),
-            }
+            {"tool": "facecloak", "device": device, "set": "4000x3000", **measured, "peak_rss_mb": peak}
         )
     if not args.no_replace:
         targets = replace_targets(args.replace_images)
@@ -239,8 +236,9 @@ def main() -> None:
     deface_lfw = measure_deface(lfw)
     if deface_lfw:
         results["results"].append({"tool": "deface", "device": "cpu", "set": "lfw", **deface_lfw})
+        measured, peak = peak_rss_mb(lambda: measure_deface(large * 3))
         results["results"].append(
-            {"tool": "deface", "device": "cpu", "set": "4000x3000", **measure_deface(large * 3)}
+            {"tool": "deface", "device": "cpu", "set": "4000x3000", **measured, "peak_rss_mb": peak}
         )
     else:
         results["deface"] = "not installed (pip install deface) - not measured"

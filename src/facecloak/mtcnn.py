@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
@@ -210,30 +211,6 @@ def _area_bins(start: Tensor, stop: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return first, last
 
 
-def area_resize(table: Tensor, size: tuple[int, int]) -> Tensor:
-    """Whole photos resized to ``size`` as ``F.interpolate(images, size, mode="area")`` does.
-
-    Row bands are summed first (two row look-ups), then their columns, from the photos'
-    `summed_area_table` ``(B, H + 1, W + 1, 3)``.
-
-    Returns:
-        ``(B, 3, h, w)`` float32, channels-last memory format.
-
-    Example:
-        >>> image = torch.arange(16.0).view(1, 1, 4, 4).expand(1, 3, 4, 4)
-        >>> area_resize(summed_area_table(image), (2, 2))[0, 0].tolist()
-        [[2.5, 4.5], [10.5, 12.5]]
-    """
-    _, table_height, table_width, _ = table.shape
-    zero = torch.zeros(1, dtype=torch.long, device=table.device)
-    row0, row1 = (edge[0] for edge in _area_bins(zero, zero + table_height - 1, size[0]))
-    col0, col1 = (edge[0] for edge in _area_bins(zero, zero + table_width - 1, size[1]))
-    bands = table.index_select(1, row1) - table.index_select(1, row0)  # (B, h, W + 1, 3)
-    sums = (bands.index_select(2, col1) - bands.index_select(2, col0)).float()  # (B, h, w, 3)
-    area = ((row1 - row0)[:, None] * (col1 - col0)[None, :])[..., None]
-    return (sums / area).permute(0, 3, 1, 2)
-
-
 def area_crops(
     table: Tensor, image_index: Tensor, top: Tensor, bottom: Tensor, left: Tensor, right: Tensor, size: int
 ) -> Tensor:
@@ -392,17 +369,19 @@ def _pnet_candidates(
     """Stage 1 on one size group, given in chunks of photos (pixels 0..255).
 
     Returns ``(K, 5)`` squared boxes with P-Net's score, the photo of each (index in the group),
-    and the chunks' summed-area tables (for R-Net's and O-Net's crops). Each chunk's table is
-    built, then resized to every scale, while it is in cache.
+    and the chunks' summed-area tables (for R-Net's and O-Net's crops). The pyramid itself is
+    facenet-pytorch's own ``F.interpolate(mode="area")`` of the whole chunk: on the CPU about a
+    third faster than reading it from the table (measured on 250 px photos), the same values.
     """
     height, width = chunks[0].shape[2:]
     scales = pyramid_scales(height, width, min_face_px, factor)
     tables, outputs = [], [[] for _ in scales]
     for chunk in chunks:
-        tables.append(summed_area_table(chunk.float()))
+        pixels = chunk.float()
+        tables.append(summed_area_table(pixels))
         for scale, parts in zip(scales, outputs):
             size = (int(height * scale + 1), int(width * scale + 1))
-            parts.append(pnet(area_resize(tables[-1], size)))
+            parts.append(pnet(F.interpolate(pixels, size=size, mode="area")))
     found = [torch.zeros(0, 9, device=chunks[0].device)]
     index = [torch.zeros(0, dtype=torch.long, device=chunks[0].device)]
     for scale, parts in zip(scales, outputs):
