@@ -69,6 +69,15 @@ def _dct_matrix(like: Tensor) -> Tensor:
     return matrix
 
 
+def levels_8bit(pixels: Tensor) -> Tensor:
+    """``pixels`` in [0, 1] as the 8-bit levels a saved image holds (0..255, as float).
+
+    The one rounding rule for "as it will be written": `facecloak.io.to_uint8`, the cloak's stored
+    output and dlib's grey conversion all go through it, on the tensor's own device.
+    """
+    return (pixels.detach().float().clamp(0, 1) * 255.0).round()
+
+
 def straight_through_round(x: Tensor) -> Tensor:
     """Round in the forward pass, identity in the backward pass."""
     return x + (torch.round(x) - x).detach()

@@ -703,5 +703,5 @@ def _smooth(gradient: Tensor, sigmas: Tensor) -> Tensor:
 
 
 def _as_stored(image: Tensor) -> Tensor:
-    """The image as it will be written: rounded to 8 bits (as `facecloak.io.to_uint8`, on its device)."""
-    return (image.detach().float().clamp(0, 1) * 255.0).round().div(255.0).to(image)
+    """The image as it will be written: rounded to 8 bits (`facecloak.transforms.levels_8bit`)."""
+    return transforms.levels_8bit(image).div(255.0).to(image)

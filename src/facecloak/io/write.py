@@ -18,6 +18,7 @@ from facecloak.defaults import OUTPUT_JPEG_QUALITY
 from facecloak.errors import ImageWriteError
 from facecloak.io.files import IMAGE_SUFFIXES, OUTPUT_FORMATS, same_file
 from facecloak.io.read import _ORIENTATION_TAG, LoadedImage, _short
+from facecloak.transforms import levels_8bit
 
 JPEG_QUALITY = OUTPUT_JPEG_QUALITY
 """Quality of outputs encoded from pixels (`facecloak.defaults.OUTPUT_JPEG_QUALITY`)."""
@@ -166,7 +167,7 @@ def _current_umask() -> int:
 
 def to_uint8(pixels: Tensor) -> np.ndarray:
     """(3, H, W) [0, 1] float tensor -> (H, W, 3) uint8 array, rounding to nearest."""
-    array = (pixels.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    array = levels_8bit(pixels).to(torch.uint8)
     return np.ascontiguousarray(array.permute(1, 2, 0).cpu().numpy())
 
 

@@ -65,6 +65,7 @@ from facecloak._checks import check_images
 from facecloak.errors import InvalidInputError, ModelNotFoundError
 from facecloak.models.dlib_format import DlibReader, locate_package_model
 from facecloak.models.parsed_cache import load_parsed
+from facecloak.transforms import levels_8bit
 
 __all__ = [
     "DLIB_SHAPE_PREDICTOR_5_FILENAME",
@@ -553,7 +554,7 @@ def dlib_grey(image: Tensor) -> Tensor:
 
     """
     check_images(image.detach()[None])
-    levels = (image.detach().float().clamp(0, 1) * 255.0).round().to(torch.int32)
+    levels = levels_8bit(image).to(torch.int32)
     return (levels.sum(dim=0) // 3).to(torch.uint8)
 
 
