@@ -15,6 +15,10 @@ from torch import Tensor
 
 from facecloak.transforms import LUMA_WEIGHTS
 
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+"""Wang et al.'s Gaussian window: side and sigma, in pixels."""
+
 _C1 = 0.01**2
 _C2 = 0.03**2
 
@@ -40,7 +44,7 @@ def _blur(x: Tensor, size: int, sigma: float) -> Tensor:
     return F.conv2d(F.conv2d(x, horizontal, groups=channels), vertical, groups=channels)
 
 
-def reference_means(a: Tensor, window: int = 11, sigma: float = 1.5) -> tuple[Tensor, Tensor]:
+def reference_means(a: Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> tuple[Tensor, Tensor]:
     """The local means of ``a`` and of ``a**2`` that `ssim_map` needs of its first image.
 
     An optimisation that measures many changed versions against one clean image computes these
@@ -53,8 +57,8 @@ def reference_means(a: Tensor, window: int = 11, sigma: float = 1.5) -> tuple[Te
 def ssim_map(
     a: Tensor,
     b: Tensor,
-    window: int = 11,
-    sigma: float = 1.5,
+    window: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
     reference: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Per-pixel SSIM of (B, C, H, W) images in [0, 1], over the 'valid' area: (B, C, H-10, W-10).
@@ -106,8 +110,9 @@ def box_dssim(a: Tensor, b: Tensor, boxes: Tensor, reference: tuple[Tensor, Tens
     right, bottom = int(boxes[:, 2].max()), int(boxes[:, 3].max())
     a, b = a[..., top:bottom, left:right], b[..., top:bottom, left:right]
     boxes = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype, device=boxes.device)
-    if reference is not None and _window_size(a, 11) == 11:
-        reference = tuple(m[..., top : bottom - 10, left : right - 10] for m in reference)
+    if reference is not None and _window_size(a, SSIM_WINDOW) == SSIM_WINDOW:
+        edge = SSIM_WINDOW - 1  # a 'valid' blur is this much smaller than its input
+        reference = tuple(m[..., top : bottom - edge, left : right - edge] for m in reference)
     else:
         reference = None
     values = ssim_map(a, b, reference=reference)

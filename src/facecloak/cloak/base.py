@@ -345,9 +345,9 @@ class Cloak:
         ):
             deltas, steps = self._optimise(buckets, faces, references[0], generator, on_step)
         clock.lap("optimise")
-        cloaked = self._compose_within_budget(photos, faces, buckets, deltas)
+        cloaked, dssim = self._compose_within_budget(photos, faces, buckets, deltas)
         clock.lap("compose")
-        return self._result(photos, cloaked, faces, references, steps, started, clock, alignments)
+        return self._result(photos, cloaked, faces, references, steps, started, clock, alignments, dssim)
 
     # -- the loop ---------------------------------------------------------------------------
     def _optimise(
@@ -521,11 +521,12 @@ class Cloak:
 
     def _compose_within_budget(
         self, photos: list[Tensor], faces: Faces, buckets: list[Bucket], deltas: list[Tensor]
-    ) -> list[Tensor]:
+    ) -> tuple[list[Tensor], Tensor]:
         """Paste every face's change into its photo, rounded to 8 bits as it will be stored.
 
         Where that rounding, or neighbouring faces' overlapping changes, push a face past the DSSIM
-        cap, the changes near it are scaled down until every face fits.
+        cap, the changes near it are scaled down until every face fits. Returns the photos and each
+        face's DSSIM in them (the report's: it is not measured twice).
         """
         cap = self.budget.max_dssim * DSSIM_SAFETY
         regions = face_regions(faces, self.region_scale)
@@ -536,14 +537,15 @@ class Cloak:
                 for bucket, delta in zip(buckets, deltas)
             ]
             cloaked = [_as_stored(image) for image in paste_perturbations(photos, faces, buckets, scaled)]
-            over = self._stored_dssim(cloaked, faces, buckets) > cap
+            dssim = self._stored_dssim(cloaked, faces, buckets)
+            over = dssim > cap
             if not bool(over.any()):
-                return cloaked
+                return cloaked, dssim
             for k in over.nonzero()[:, 0].tolist():
                 same_photo = faces.image_index == faces.image_index[k]
                 touching = same_photo & boxes_overlap(regions[k], regions)
                 scale[touching] *= COMPOSE_SHRINK
-        return cloaked
+        return cloaked, dssim
 
     def _stored_dssim(self, cloaked: list[Tensor], faces: Faces, buckets: list[Bucket]) -> Tensor:
         """(N,) DSSIM of each face region of the composed photos, a bucket at a time.
@@ -581,11 +583,13 @@ class Cloak:
         started: float,
         clock: _StageClock,
         alignments: Sequence[Tensor] | None = None,
+        dssim: Tensor | None = None,
     ) -> CloakResult:
         """The stored photos, measured from ``references`` (`references`) and checked after upload.
 
         ``distance`` is read through the alignments the cloak optimised through (the clean photo's);
-        the after-upload distance through a detection and alignment from scratch.
+        the after-upload distance through a detection and alignment from scratch. ``dssim``: each
+        face's DSSIM in ``cloaked``, if already measured (`_compose_within_budget`).
         """
         n, models = len(faces), len(self.models)
         stored = [_as_stored(image) for image in cloaked]
@@ -601,7 +605,7 @@ class Cloak:
         if self.verify and n:
             distance_jpeg, found = verify_after_upload(stored, faces, reference, self.models, self.detector)
         clock.lap("check")
-        metrics = self._quality(originals, stored, faces)
+        metrics = self._quality(originals, stored, faces, dssim)
         clock.lap("quality")
         passes = (
             torch.nan_to_num(distance_jpeg if self.verify else distance, nan=math.inf)
@@ -645,8 +649,13 @@ class Cloak:
             "precision": self.precision,
         }
 
-    def _quality(self, originals: list[Tensor], stored: list[Tensor], faces: Faces) -> tuple[Tensor, ...]:
-        """(N,) DSSIM, PSNR, L-infinity, mean and 99th-percentile CIEDE2000 over each face region."""
+    def _quality(
+        self, originals: list[Tensor], stored: list[Tensor], faces: Faces, dssim: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """(N,) DSSIM, PSNR, L-infinity, mean and 99th-percentile CIEDE2000 over each face region.
+
+        ``dssim``: the (N,) DSSIM already measured on these photos, taken as it is.
+        """
         regions = face_regions(faces, self.region_scale)
         values = torch.zeros(5, len(faces))
         for k in range(len(faces)):
@@ -659,7 +668,7 @@ class Cloak:
             colour = quality.ciede2000_stats(a[0], b[0])
             values[:, k] = torch.tensor(
                 [
-                    float(quality.dssim(a, b)[0]),
+                    float(quality.dssim(a, b)[0]) if dssim is None else float(dssim[k]),
                     float(quality.psnr(a, b)[0]),
                     float(quality.linf(a, b)[0]),
                     *colour,
