@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from _bench import REPO, data_root, devices, machine, models_root, synchronise, write_json
+from facecloak._device import cloak_batch_size
 from facecloak.cloak import create_cloak
-from facecloak.defaults import cloak_batch_size
 from facecloak.detect import FaceDetector
 from facecloak.io import read_image
 from facecloak.models import create_embedder

@@ -304,6 +304,7 @@ def test_bfloat16_precision_runs_the_models_in_bfloat16_and_still_moves_the_face
 
 
 def test_cloak_batch_size_follows_the_device():
-    from facecloak.defaults import CPU_CLOAK_BATCH, cloak_batch_size
+    from facecloak._device import cloak_batch_size
+    from facecloak.defaults import CPU_CLOAK_BATCH
 
     assert cloak_batch_size("cpu") == CPU_CLOAK_BATCH

@@ -10,3 +10,18 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cloak_batch_size(device: str | torch.device | None = None) -> int:
+    """Photos per cloak optimisation on ``device`` (`default_device`'s choice when None).
+
+    `facecloak.defaults.CPU_CLOAK_BATCH` on the CPU; on a GPU up to `GPU_CLOAK_BATCH`, cut to its
+    free memory over `GPU_BYTES_PER_PHOTO`.
+    """
+    from facecloak.defaults import CPU_CLOAK_BATCH, GPU_BYTES_PER_PHOTO, GPU_CLOAK_BATCH
+
+    chosen = default_device(device)
+    if chosen.type != "cuda":
+        return CPU_CLOAK_BATCH
+    free, _total = torch.cuda.mem_get_info(chosen)
+    return max(CPU_CLOAK_BATCH, min(GPU_CLOAK_BATCH, free // GPU_BYTES_PER_PHOTO))

@@ -49,15 +49,3 @@ GPU_CLOAK_BATCH = 512
 GPU_BYTES_PER_PHOTO = 160 * 2**20
 """GPU memory one photo of a cloak batch may take (a few faces at native resolution, four random
 uploads per step through every model): the batch is cut to the free memory over this."""
-
-
-def cloak_batch_size(device: str | None = None) -> int:
-    """Photos per cloak optimisation on ``device`` (None: CUDA when present, else the CPU)."""
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not str(device).startswith("cuda"):
-        return CPU_CLOAK_BATCH
-    free, _total = torch.cuda.mem_get_info(torch.device(device))
-    return max(CPU_CLOAK_BATCH, min(GPU_CLOAK_BATCH, free // GPU_BYTES_PER_PHOTO))

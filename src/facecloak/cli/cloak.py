@@ -125,8 +125,8 @@ def cloak(
     facecloak cloak photos/ -o cloaked/ --level high
     facecloak cloak photos/ -o out/ --mode targeted --identity-key "my secret" --json
     """
+    from facecloak._device import cloak_batch_size
     from facecloak.cloak import create_cloak
-    from facecloak.defaults import cloak_batch_size
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import CloakFaces
 
