@@ -73,6 +73,28 @@ def write_json(path: Path, results: dict) -> None:
     print(f"written: {path}")
 
 
+class Sampler:
+    """Reads ``read()`` every ``every`` seconds on a thread while a ``with`` block runs."""
+
+    def __init__(self, read: Callable[[], float], every: float) -> None:
+        self.read, self.every = read, every
+        self.values: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.values.append(self.read())
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def peak_rss_mb(function: Callable[[], object]) -> tuple[object, float]:
     """``function()``'s result and the process's peak resident memory while it ran, in MB.
 
@@ -86,19 +108,8 @@ def peak_rss_mb(function: Callable[[], object]) -> tuple[object, float]:
         result = function()
         return result, round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     process = psutil.Process()
-    peak = [process.memory_info().rss]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], process.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    before = process.memory_info().rss
+    with Sampler(lambda: process.memory_info().rss, 0.005) as rss:
         result = function()
-    finally:
-        done.set()
-        sampler.join()
-    peak[0] = max(peak[0], process.memory_info().rss)
-    return result, round(peak[0] / 2**20, 1)
+    peak = max(before, *rss.values, process.memory_info().rss)
+    return result, round(peak / 2**20, 1)

@@ -17,16 +17,16 @@ one. FACECLOAK_DATA and FACECLOAK_MODELS point elsewhere than ../shared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-from _bench import REPO, data_root, devices, machine, models_root, synchronise, write_json
+from _bench import REPO, Sampler, data_root, devices, machine, models_root, synchronise, write_json
 from facecloak._device import cloak_batch_size
 from facecloak.cloak import create_cloak
 from facecloak.detect import FaceDetector
@@ -143,39 +143,16 @@ class _StageTotals:
         return result
 
 
-class _GpuSampler:
-    """Samples the GPU's utilisation (NVML) every 0.2 s on a thread while a run lasts."""
+def gpu_utilisation() -> Sampler | None:
+    """A `Sampler` of the GPU's utilisation (NVML, every 0.2 s), or None where NVML is missing."""
+    try:
+        import pynvml
 
-    def __init__(self) -> None:
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> _GpuSampler:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        except Exception:  # no NVML here: utilisation is not reported
-            return self
-
-        def sample() -> None:
-            while not self._stop.wait(0.2):
-                self.samples.append(int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    @property
-    def mean(self) -> float | None:
-        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    except Exception:  # no NVML here: utilisation is not reported
+        return None
+    return Sampler(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu, 0.2)
 
 
 def staged_photos(count: int, workdir: Path) -> Path | None:
@@ -233,7 +210,8 @@ def whole_pipeline(
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         synchronise(device)
-        with _GpuSampler() as sampler:
+        sampler = gpu_utilisation() if device.startswith("cuda") else None
+        with sampler or contextlib.nullcontext():
             start = time.perf_counter()
             report = run_resumable_batch(timed_files, protection, options, settings={}, detector=detector)
             synchronise(device)
@@ -263,7 +241,8 @@ def whole_pipeline(
         "failed_files": sum(outcome.status == "failed" for outcome in report.outcomes),
     }
     if device.startswith("cuda"):
-        row["gpu_utilisation_mean_pct"] = sampler.mean
+        busy = sampler.values if sampler else []
+        row["gpu_utilisation_mean_pct"] = round(sum(busy) / len(busy), 1) if busy else None
         row["gpu_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return row
 
