@@ -88,6 +88,18 @@ def test_thresholds_and_bad_input(detector, samples_dir):
         FaceDetector(min_score=1.5)
 
 
+def test_a_call_can_look_only_for_larger_faces(detector, samples_dir):
+    """``min_size`` per call: the group's big face alone, found where the full pyramid finds it."""
+    group = read_image(samples_dir / "group.jpg").pixels
+    every = detector([group])
+    sides = torch.minimum(every.boxes[:, 2] - every.boxes[:, 0], every.boxes[:, 3] - every.boxes[:, 1])
+    big = detector([group], min_size=90)
+    assert len(big) == int((sides >= 90).sum()) == 1
+    # the same face (a coarser pyramid proposes other candidate boxes: O-Net settles a few px apart)
+    assert iou(big.boxes[0].tolist(), every.boxes[int(sides.argmax())].tolist()) > 0.85
+    assert detector.min_size < 90 and len(detector([group])) == len(every)  # the detector's own setting
+
+
 def test_centre_face_found_in_lfw(detector, lfw_dir):
     """The subject (the face at the image centre) is found in >= 98% of 500 LFW photos."""
     files = sorted((lfw_dir / "images").glob("*/*.jpg"))

@@ -97,16 +97,20 @@ class FaceDetector:
             + ")"
         )
 
-    def __call__(self, images: Tensor | Sequence[Tensor]) -> Faces:
+    def __call__(self, images: Tensor | Sequence[Tensor], *, min_size: int | None = None) -> Faces:
         """Detect faces in a batch.
 
         Args:
             images: (B, 3, H, W) in [0, 1], or a list of (3, H_i, W_i) of any sizes.
+            min_size: this call's smallest face side (default ``self.min_size``): a caller that
+                knows how large the faces it looks for are skips the pyramid's finest, costliest
+                levels.
 
         Returns:
             `Faces` in original pixel coordinates, sorted by image then by score.
         """
         batch = check_image_list(images)
+        min_size = self.min_size if min_size is None else int(min_size)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(batch):
             groups[tuple(image.shape[1:])].append(i)
@@ -118,7 +122,7 @@ class FaceDetector:
                 size = (max(1, round(height * scale)), max(1, round(width * scale)))
                 stack = F.interpolate(stack, size=size, mode="area")
             stacks.append(stack * 255.0)
-            min_faces.append(max(float(PNET_WINDOW_PX), self.min_size * scale))
+            min_faces.append(max(float(PNET_WINDOW_PX), min_size * scale))
             scales += [scale] * len(indices)
             order += indices
         with torch.no_grad():
@@ -128,13 +132,13 @@ class FaceDetector:
                 found = [f for stack, m in zip(stacks, min_faces) for f in self._facenet_pytorch(stack, m)]
         faces = [Faces.empty()] * len(batch)
         for i, scale, (boxes, points) in zip(order, scales, found):
-            faces[i] = self._keep(boxes, points, scale)
+            faces[i] = self._keep(boxes, points, scale, min_size)
         return Faces.cat([f.shifted(i) for i, f in enumerate(faces)])
 
-    def _keep(self, boxes: Tensor, points: Tensor, scale: float) -> Faces:
+    def _keep(self, boxes: Tensor, points: Tensor, scale: float, min_size: int) -> Faces:
         """Faces above ``min_score`` and at least ``min_size`` (original pixels), best first."""
         side = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / scale
-        keep = (boxes[:, 4] >= self.min_score) & (side >= self.min_size)
+        keep = (boxes[:, 4] >= self.min_score) & (side >= min_size)
         boxes, points = boxes[keep], points[keep]
         order = torch.argsort(-boxes[:, 4], stable=True)
         boxes, points = boxes[order], points[order]

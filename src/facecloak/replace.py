@@ -46,10 +46,12 @@ from facecloak.models.registry import Embedder, embedding_distance
 from facecloak.synthesis import (
     SynthesisSettings,
     canonical_chips,
+    donor_warps,
     estimate_pose,
     face_statistics,
     mirror_chips,
     mouth_width,
+    registration_luminance,
     synthesize_face,
 )
 
@@ -57,6 +59,13 @@ REPLACE_MIN_FACE_PX = 40
 """Default smallest face (shorter box side, pixels) that is replaced; smaller ones are blurred."""
 
 DONORS_PER_FACE = 3
+
+_SETS_PER_ATTEMPT = 30
+"""Donor sets kept per face and attempt, best first (120 of the 364 a pool of 14 gives at 4
+attempts): each failed try rules out at most 3 donors, each in about a fifth of the sets."""
+
+_WARP_GROUPS = 16
+"""Faces whose donors are registered in one call (bounds the memory of a round)."""
 
 DONOR_MARGIN = 1.05
 """Required distance from each donor used, in thresholds: a little more than from the original,
@@ -183,6 +192,7 @@ class FaceReplacer:
         self._detector = detector
         self.thresholds = torch.tensor([m.card.match_threshold for m in self.models])
         self._smiles = mouth_width(bank.points)
+        self._registration: dict[tuple[int, bool], Tensor] = {}  # see `_luminance`
 
     def __repr__(self) -> str:
         return (
@@ -240,7 +250,12 @@ class FaceReplacer:
         return ReplaceResult(images=outputs, records=records, protected=protected)
 
     def _replace(
-        self, photos: list[Tensor], base: list[Tensor], faces: Faces, rows: list[int], records: list[dict]
+        self,
+        photos: list[Tensor],
+        base: list[Tensor],
+        faces: Faces,
+        rows: list[int],
+        records: list[dict],
     ) -> dict[int, tuple]:
         """Synthesise and verify the faces at ``rows``; returns each one's final crop."""
         chosen = faces.select(rows)
@@ -268,17 +283,14 @@ class FaceReplacer:
             pending = [n for n in rows if not plans[n].done and plans[n].sets]
             if not pending:
                 break
-            tried = {}
+            picks = {}
             for n in pending:
-                plan = plans[n]
-                donors, mirrored = plan.sets.pop(0)
-                plan.attempts += 1
-                crop = self._synthesise(
-                    photos[int(faces.image_index[n])], faces.landmarks[n], donors, mirrored, n, plan.attempts
-                )
-                if crop is not None:
-                    crops[n] = crop
-                    tried[n] = (donors, mirrored)
+                plans[n].attempts += 1
+                picks[n] = plans[n].sets.pop(0)
+            tried = {}
+            for n, crop in self._synthesise(photos, faces, picks, plans).items():
+                crops[n] = crop
+                tried[n] = picks[n]
             outputs = _compose(base, crops, faces)
             checks = self._verify(
                 outputs, faces, list(tried), {n: targets_row(targets, rows, n) for n in tried}, tried
@@ -321,7 +333,7 @@ class FaceReplacer:
         """Donor sets to try for one face, best first: ``[(rows, mirrored flags), ...]``."""
         bank = self.bank
         yaw, mirrored_yaw = bank.pose[:, 0], -bank.pose[:, 0]
-        mirror = (mirrored_yaw - pose[0]).abs() < (yaw - pose[0]).abs()
+        mirror = ((mirrored_yaw - pose[0]).abs() < (yaw - pose[0]).abs()).tolist()
         pose_cost = 3.0 * torch.minimum((yaw - pose[0]).abs(), (mirrored_yaw - pose[0]).abs())
         pose_cost += 1.5 * (bank.pose[:, 1] - pose[1]).abs()
         colour = (bank.stats[:, :3] - stats[:3]).norm(dim=1) / 12.0
@@ -349,7 +361,7 @@ class FaceReplacer:
         margins = self._predicted_margins(combos, target)
         scores = 2.0 * margins.clamp(max=1.0) - cost[combos].mean(1)
         usable = torch.isfinite(scores)
-        order = scores[usable].argsort(descending=True)
+        order = scores[usable].argsort(descending=True)[: _SETS_PER_ATTEMPT * self.attempts]
         scored = [(None, tuple(rows)) for rows in combos[usable][order].tolist()]
         mouth_cost = expression.tolist()
         eye_cost = pose_cost.tolist()
@@ -360,7 +372,7 @@ class FaceReplacer:
             mouth = min(rows, key=lambda r: mouth_cost[r])
             rest = sorted((r for r in rows if r != mouth), key=lambda r: eye_cost[r])
             ordered = (rest[0], rest[1], mouth, *rest[2:]) if len(rest) >= 2 else (rest[0], mouth)
-            sets.append((ordered, tuple(bool(mirror[r]) for r in ordered)))
+            sets.append((ordered, tuple(mirror[r] for r in ordered)))
         return sets
 
     def _predicted_margins(self, combos: Tensor, target: dict[str, Tensor]) -> Tensor:
@@ -385,33 +397,55 @@ class FaceReplacer:
 
     # -- synthesis and the check -------------------------------------------------------------------
 
-    def _synthesise(
-        self,
-        photo: Tensor,
-        landmarks: Tensor,
-        rows: tuple[int, ...],
-        mirrored: tuple[bool, ...],
-        face: int,
-        attempt: int,
-    ):
-        chips = self.bank.chips(rows)
-        points = self.bank.points[list(rows)].clone()
-        flips = torch.tensor(mirrored)
-        if bool(flips.any()):
-            flipped_chips, flipped_points = mirror_chips(chips[flips], points[flips])
-            chips[flips], points[flips] = flipped_chips, flipped_points
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + face) * 31 + attempt)
-        result = synthesize_face(
-            photo,
-            landmarks,
-            chips.to(photo.device),
-            points.to(photo.device),
-            settings=self.settings,
-            generator=generator,
-        )
-        if result is None:
-            return None
-        return (result.box, result.pixels, result.weight, rows, mirrored)
+    def _synthesise(self, photos: list[Tensor], faces: Faces, picks: dict, plans: dict) -> dict[int, tuple]:
+        """One new face per face ``n`` of ``picks`` (``n -> (donor rows, mirrored flags)``).
+
+        The donors of every face are registered together (`facecloak.synthesis.donor_warps` over
+        groups): the same warps as one face at a time, for a fraction of the calls.
+        """
+        sets = {}
+        for n, (rows, mirrored) in picks.items():
+            chips = self.bank.chips(rows)
+            points = self.bank.points[list(rows)].clone()
+            flips = torch.tensor(mirrored)
+            if bool(flips.any()):
+                chips[flips], points[flips] = mirror_chips(chips[flips], points[flips])
+            luminance = torch.stack(
+                [self._luminance(r, m, chip) for r, m, chip in zip(rows, mirrored, chips)]
+            )
+            sets[n] = (chips, points, luminance)
+        order = list(sets)
+        warps = {}
+        for start in range(0, len(order), _WARP_GROUPS):
+            part = order[start : start + _WARP_GROUPS]
+            chips, points, luminance = (torch.stack([sets[n][i] for n in part]) for i in range(3))
+            found = donor_warps(points.mean(1), points, chips, self.settings.register, luminance=luminance)
+            warps.update(zip(part, found))
+        crops = {}
+        for n in order:
+            rows, mirrored = picks[n]
+            chips, points, _ = sets[n]
+            photo = photos[int(faces.image_index[n])]
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + n) * 31 + plans[n].attempts)
+            result = synthesize_face(
+                photo,
+                faces.landmarks[n],
+                chips.to(photo.device),
+                points.to(photo.device),
+                settings=self.settings,
+                generator=generator,
+                warps=warps[n],
+            )
+            if result is not None:
+                crops[n] = (result.box, result.pixels, result.weight, rows, mirrored)
+        return crops
+
+    def _luminance(self, row: int, mirrored: bool, chip: Tensor) -> Tensor:
+        """A donor's `registration_luminance` (as used, mirrored or not): computed once per run."""
+        key = (row, mirrored)
+        if key not in self._registration:
+            self._registration[key] = registration_luminance(chip[None])[0]
+        return self._registration[key]
 
     def _verify(
         self, outputs: list[Tensor], faces: Faces, rows: list[int], targets: dict, tried: dict
@@ -421,8 +455,12 @@ class FaceReplacer:
             return {}
         images = sorted({int(faces.image_index[n]) for n in rows})
         stored = {i: io.jpeg_roundtrip(outputs[i], VERIFY_JPEG_QUALITY) for i in images}
+        boxes = faces.boxes[rows]
+        smallest = float(torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).min())
         with torch.no_grad():
-            found = self.detector([stored[i] for i in images])
+            detector = self.detector
+            least = max(detector.min_size, _redetect_min_size(smallest))
+            found = detector([stored[i] for i in images], min_size=least)
         local = {i: k for k, i in enumerate(images)}
         results = {}
         matches, matched_rows = [], []
@@ -497,6 +535,16 @@ class FaceReplacer:
         if reason:
             record["reason"] = reason
         return record
+
+
+def _redetect_min_size(smallest_side: float) -> int:
+    """Smallest face the check looks for: a box much smaller than the face cannot pass `REDETECT_IOU`.
+
+    A square box of side ``a x s`` inside a square of side ``s`` overlaps it by at most ``a**2``
+    (IoU), so below ``sqrt(REDETECT_IOU)`` x the face's side (0.55 at 0.3) nothing can pass; 0.4
+    leaves room for boxes that are not square. The pyramid's finest levels, the costliest, are skipped.
+    """
+    return max(1, int(0.4 * smallest_side))
 
 
 def targets_row(targets: dict[str, Tensor], rows: list[int], n: int) -> dict[str, Tensor]:
