@@ -173,3 +173,44 @@ def test_unreadable_inputs_are_reported_not_journaled(tmp_path, detector, sample
     assert [r["input"] for r in done_records(tmp_path / "out")] == ["ok.jpg"]
     with pytest.raises(ImageReadError):
         read_image(folder / "broken.jpg")
+
+
+def test_two_compute_workers_give_the_same_outputs(tmp_path, detector, samples_dir):
+    """Two chunks at once (the CPU default) write what one at a time writes, each photo once."""
+    import threading
+
+    from conftest import data_root
+
+    lfw = data_root() / "lfw" / "images"
+    photo_folder(tmp_path / "photos", lfw if lfw.is_dir() else None, 12, samples_dir)
+    threads: set[str] = set()
+
+    class Recording(AnonymizeFaces):
+        def for_worker(self):
+            return self
+
+        def protect(self, images, faces, **kwargs):
+            threads.add(threading.current_thread().name)
+            return super().protect(images, faces, **kwargs)
+
+    reports = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        reports[workers] = run_resumable_batch(
+            [tmp_path / "photos"],
+            Recording(Anonymizer("blur")),
+            Options(out_dir=str(out), chunk=2),
+            settings={"method": "blur"},
+            detector=detector,
+            workers=workers,
+        )
+        done = Counter(record["input"] for record in done_records(out))
+        assert len(done) == 12 and set(done.values()) == {1}
+    assert len({name for name in threads if name.startswith("facecloak-compute")}) == 2
+    one, two = ({o.path: o for o in reports[w].outcomes} for w in (1, 2))
+    assert one.keys() == two.keys()
+    for path, outcome in one.items():
+        assert outcome.status == two[path].status and outcome.error is None
+        assert len(outcome.faces) == len(two[path].faces)
+        a, b = read_image(outcome.output).pixels, read_image(two[path].output).pixels
+        assert float((a - b).abs().max()) <= 2 / 255  # thread counts may round a blur differently

@@ -59,3 +59,21 @@ def test_identity_is_passed_not_poked(group, dlib_resnet, detector):
     assert cloak.identity_key == "own"
     protection = CloakFaces(cloak)
     assert protection.kind == "cloak" and protection.steps == cloak.budget.steps and protection.aim
+
+
+def test_worker_copies_share_the_models_not_the_call_state(group, dlib_resnet, detector):
+    """The pipeline runs two chunks at once on a CPU through `for_worker` copies."""
+    image, faces = group
+    cloak = TargetedCloak([dlib_resnet], "low", identity_key="own", detector=detector, steps=1)
+    protection = CloakFaces(cloak)
+    copy = protection.for_worker()
+    assert copy is not None and copy.cloak is not cloak and copy.cloak.models[0] is dlib_resnet
+    clean = [embed_faces([image], faces, dlib_resnet)]
+    copy.cloak.prepare(clean, faces, "alice")
+    cloak.prepare(clean, faces, "bob")
+    assert not torch.equal(copy.cloak.targets[0], cloak.targets[0])  # each its own person's targets
+    # cloaks that hook into the shared models while they run cannot run beside each other
+    for hooked in ({"skip_gradient": 0.5}, {"dropout": 0.03}, {"feature_weight": 1.0}):
+        assert CloakFaces(TargetedCloak([dlib_resnet], "low", steps=1, **hooked)).for_worker() is None
+    anonymize = AnonymizeFaces(Anonymizer("blur"))
+    assert anonymize.for_worker() is anonymize

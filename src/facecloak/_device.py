@@ -25,3 +25,16 @@ def cloak_batch_size(device: str | torch.device | None = None) -> int:
         return CPU_CLOAK_BATCH
     free, _total = torch.cuda.mem_get_info(chosen)
     return max(CPU_CLOAK_BATCH, min(GPU_CLOAK_BATCH, free // GPU_BYTES_PER_PHOTO))
+
+
+def compute_workers(device: str | torch.device | None = None) -> int:
+    """Chunks a batch protects at once on ``device``.
+
+    One on a GPU (one chunk fills it); on a CPU `facecloak.defaults.CPU_COMPUTE_WORKERS`, at most
+    one per intra-op thread.
+    """
+    from facecloak.defaults import CPU_COMPUTE_WORKERS
+
+    if default_device(device).type == "cuda":
+        return 1
+    return max(1, min(CPU_COMPUTE_WORKERS, torch.get_num_threads()))

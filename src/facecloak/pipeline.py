@@ -7,9 +7,11 @@ outcomes, summary and exit code), plus:
   command, does only what is left; a changed input or changed settings is redone;
 - decoding, computing and encoding overlap: reader threads hash and decode the next photos and a
   writer thread encodes and writes the finished ones while the models work on the current chunk,
-  so the model never waits on the disk.
+  so the model never waits on the disk;
+- on a CPU two chunks are protected at once, each on a thread with half the cores (small layers
+  use two single-threaded workers better than one two-threaded one).
 
-    reader threads --(decoded, bounded queue)--> models (this thread) --(queue)--> writer thread
+    reader threads --(decoded, bounded queue)--> models (1-2 compute threads) --(queue)--> writer thread
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from facecloak import io
+from facecloak._device import compute_workers
 from facecloak.batch import plan_batch, write_output
 from facecloak.batch_types import (
     BatchPlan,
@@ -165,6 +171,7 @@ def run_resumable_batch(
     readers: int = READER_THREADS,
     tag: str | None = None,
     build: Callable[[], Protection] | None = None,
+    workers: int | None = None,
 ) -> ResumableReport:
     """Protect every image under ``paths`` into ``options.out_dir``, journaled and pipelined.
 
@@ -191,6 +198,9 @@ def run_resumable_batch(
         readers: decoding threads.
         tag: output name suffix when ``protection`` is None.
         build: makes the protection when ``protection`` is None.
+        workers: chunks protected at once, each on its own thread (default
+            `facecloak._device.compute_workers`: 2 on a CPU, 1 on a GPU). Only protections that
+            offer ``for_worker`` run concurrently; outputs do not depend on it.
 
     Example:
         >>> protection = AnonymizeFaces(Anonymizer("blur"))  # doctest: +SKIP
@@ -305,37 +315,77 @@ def run_resumable_batch(
         writer = threading.Thread(target=write, daemon=True)
         for thread in [*readers_running, writer]:
             thread.start()
+        count = compute_workers(options.device) if workers is None else max(1, int(workers))
+        worker_state = threading.local()
+        threads_before = torch.get_num_threads()
+
+        def ready() -> tuple[Protection, FaceDetector]:
+            """The calling thread's protection and the shared detector, built on the first chunk."""
+            nonlocal detector
+            with lock:
+                if state["protection"] is None:  # built only once there is work (not on a pure resume)
+                    state["protection"] = build()
+                    progress.steps = state["protection"].steps
+                if detector is None:
+                    progress.emit("load")
+                    detector = FaceDetector(
+                        min_score=options.min_score, min_size=options.min_size, device=options.device
+                    )
+                if count == 1 or threading.current_thread() is threading.main_thread():
+                    return state["protection"], detector
+                if not hasattr(worker_state, "protection"):
+                    worker_state.protection = state["protection"].for_worker()
+                    torch.set_num_threads(max(1, threads_before // count))  # this thread's OpenMP team
+                return worker_state.protection, detector
+
+        def compute(chunk: list[_Decoded]) -> None:
+            tick = time.perf_counter()
+            try:
+                protection, found_by = ready()
+                pixels = [entry.image.pixels for entry in chunk]
+                names = tuple(entry.job.path.name for entry in chunk)
+                progress.emit("detect", current=names)
+                faces = found_by(pixels)
+                progress.found(len(faces))
+                result = _protect(protection, pixels, faces, progress, names)
+            except FacecloakError as error:
+                for entry in chunk:
+                    finish(FileOutcome(str(entry.job.path), "failed", error=str(error)))
+                return
+            seconds = (time.perf_counter() - tick) / len(chunk)
+            with lock:
+                timings["compute_s"] += time.perf_counter() - tick
+            for k, entry in enumerate(chunk):
+                finished.put((entry, result.images[k], result.records_for(k), seconds))
+
+        pool = None
         try:
-            ended = 0
+            ended, running = 0, []
             while ended < len(readers_running):
                 chunk, ended = _take_chunk(decoded, max(1, options.chunk), ended, len(readers_running))
                 if not chunk:
                     continue
-                tick = time.perf_counter()
-                try:
-                    if state["protection"] is None:  # built only once there is work (not on a pure resume)
-                        state["protection"] = build()
-                        progress.steps = state["protection"].steps
-                    if detector is None:
-                        progress.emit("load")
-                        detector = FaceDetector(
-                            min_score=options.min_score, min_size=options.min_size, device=options.device
-                        )
-                    pixels = [entry.image.pixels for entry in chunk]
-                    names = tuple(entry.job.path.name for entry in chunk)
-                    progress.emit("detect", current=names)
-                    faces = detector(pixels)
-                    progress.found(len(faces))
-                    result = _protect(state["protection"], pixels, faces, progress, names)
-                except FacecloakError as error:
-                    for entry in chunk:
-                        finish(FileOutcome(str(entry.job.path), "failed", error=str(error)))
+                if pool is None and count > 1:
+                    ready()  # build first, to learn whether the protection can run on workers
+                    if getattr(state["protection"], "for_worker", lambda: None)() is None:
+                        count = 1
+                    else:
+                        pool = ThreadPoolExecutor(count, thread_name_prefix="facecloak-compute")
+                if pool is None:
+                    compute(chunk)
                     continue
-                seconds = (time.perf_counter() - tick) / len(chunk)
-                timings["compute_s"] += time.perf_counter() - tick
-                for k, entry in enumerate(chunk):
-                    finished.put((entry, result.images[k], result.records_for(k), seconds))
+                while len(running) >= count:  # at most one chunk per worker in flight
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()  # re-raise what a worker did not expect
+                    running = [future for future in running if not future.done()]
+                running.append(pool.submit(compute, chunk))
+            for future in running:
+                future.result()
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+                torch.set_num_threads(threads_before)  # MKL's count is process-wide: put it back
             stop.set()
             _drain(decoded)
             finished.put(_END)
@@ -362,13 +412,14 @@ class _Progress:
         self.faces_done = 0
         self.faces_seen: int | None = None  # faces detected so far (resumed files' included)
         self.steps = 0
-        self.partial = 0.0  # the current chunk's share of its files, while it is optimised
+        self.partial: dict[int, float] = {}  # per compute thread: its chunk's share of its files
 
-    def emit(self, stage: str, **fields) -> None:
+    def emit(self, stage: str, *, faces_ahead: int = 0, **fields) -> None:
+        """Send an event; ``faces_ahead``: faces of a chunk in progress already past their aim."""
         if self.callback is None:
             return
         with self.lock:
-            done = min(self.files_total, self.files_done + self.partial)
+            done = min(self.files_total, self.files_done + sum(self.partial.values()))
             fraction = done / self.files_total if self.files_total else 0.0
             elapsed = time.perf_counter() - self.started
             eta = elapsed * (1 - fraction) / fraction if 0 < fraction < 1 else None
@@ -377,7 +428,7 @@ class _Progress:
                     stage=stage,
                     files_done=self.files_done,
                     files_total=self.files_total,
-                    faces_done=self.faces_done,
+                    faces_done=self.faces_done + faces_ahead,
                     faces_total=self.faces_seen,
                     fraction=fraction,
                     eta_seconds=eta,
@@ -412,24 +463,22 @@ def _protect(
         distance = float(waiting.min()) if len(waiting) else float(ratios.min()) if len(ratios) else None
         finished = int(done.sum()) == len(done) or step >= steps
         with progress.lock:
-            progress.partial = len(names) * min(1.0, step / max(1, steps)) * 0.9
-            faces_done, progress.faces_done = progress.faces_done, progress.faces_done + int(done.sum())
+            progress.partial[threading.get_ident()] = len(names) * min(1.0, step / max(1, steps)) * 0.9
         progress.emit(
             "check" if finished else "protect",
+            faces_ahead=int(done.sum()),
             current=names,
             step=step,
             steps=steps,
             distance=distance,
             aim=aim,
         )
-        with progress.lock:
-            progress.faces_done = faces_done
 
     try:
         return protection.protect(pixels, faces, on_step=on_step)
     finally:
         with progress.lock:
-            progress.partial = 0.0
+            progress.partial.pop(threading.get_ident(), None)
 
 
 def _output_options(options: Options) -> dict:

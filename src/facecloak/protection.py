@@ -7,6 +7,10 @@ library's tensor-level classes (`facecloak.anonymize.Anonymizer`, `facecloak.clo
 person the photos show (a targeted cloak pulls every photo of one key the same way), never set
 on the object from outside.
 
+A protection may also offer ``for_worker()``: a copy that can run beside the original on another
+thread (the models shared, the per-call state its own), or None where it cannot. The pipeline
+runs chunks concurrently on a CPU only for protections that offer one.
+
 Example:
     >>> protection = AnonymizeFaces(Anonymizer("blur"))  # doctest: +SKIP
     >>> result = protection.protect([photo], detector([photo]))
@@ -15,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -96,6 +101,10 @@ class AnonymizeFaces:
     def __repr__(self) -> str:
         return f"AnonymizeFaces({self.anonymizer!r})"
 
+    def for_worker(self) -> AnonymizeFaces:
+        """Itself: anonymising keeps no state between calls."""
+        return self
+
     def protect(
         self,
         images: Tensor | Sequence[Tensor],
@@ -134,6 +143,17 @@ class CloakFaces:
     def __repr__(self) -> str:
         return f"CloakFaces({self.cloak!r})"
 
+    def for_worker(self) -> CloakFaces | None:
+        """A copy with its own per-call state (references, targets), sharing the models.
+
+        None for a cloak that hooks into the shared models while it runs (feature dropout, skip
+        gradients, feature losses).
+        """
+        cloak = self.cloak
+        if cloak.dropout > 0 or cloak.skip_gradient < 1 or cloak.feature_weight > 0:
+            return None
+        return CloakFaces(copy.copy(cloak))
+
     def protect(
         self,
         images: Tensor | Sequence[Tensor],
@@ -163,6 +183,10 @@ class ReplaceFaces:
 
     def __repr__(self) -> str:
         return f"ReplaceFaces({self.replacer!r})"
+
+    def for_worker(self) -> ReplaceFaces:
+        """A copy sharing the models and the donor bank (whose chip cache only grows)."""
+        return ReplaceFaces(copy.copy(self.replacer))
 
     def protect(
         self,
