@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -129,17 +131,31 @@ class _TimedDetector:
 
 
 class _StageTotals:
-    """Wraps a cloak so the pipeline's calls add up their per-stage seconds and peak memory."""
+    """Wraps a cloak so the pipeline's calls add up their per-stage seconds and peak memory.
+
+    On a CPU the pipeline runs two chunks at once on copies (`CloakFaces.for_worker`): a copy
+    wraps its own copy of the cloak and adds to the same totals (thread seconds, summed).
+    """
 
     def __init__(self, cloak) -> None:
         self.cloak, self.totals, self.faces = cloak, {}, 0
-        self.budget = cloak.budget
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name: str):  # budget, dropout, ...: the cloak's
+        return getattr(self.__dict__["cloak"], name)
+
+    def __copy__(self) -> _StageTotals:
+        twin = _StageTotals.__new__(_StageTotals)
+        twin.__dict__.update(self.__dict__, cloak=copy.copy(self.cloak), _shared=self.__dict__)
+        return twin
 
     def __call__(self, images, faces, **kwargs):
         result = self.cloak(images, faces, **kwargs)
-        for stage, seconds in result.timings.items():
-            self.totals[stage] = self.totals.get(stage, 0.0) + seconds
-        self.faces += len(faces)
+        shared = self.__dict__.get("_shared", self.__dict__)
+        with self.lock:
+            for stage, seconds in result.timings.items():
+                shared["totals"][stage] = shared["totals"].get(stage, 0.0) + seconds
+            shared["faces"] += len(faces)
         return result
 
 
