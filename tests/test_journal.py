@@ -214,3 +214,13 @@ def test_two_compute_workers_give_the_same_outputs(tmp_path, detector, samples_d
         assert len(outcome.faces) == len(two[path].faces)
         a, b = read_image(outcome.output).pixels, read_image(two[path].output).pixels
         assert float((a - b).abs().max()) <= 2 / 255  # thread counts may round a blur differently
+    threads.clear()  # a batch of one chunk keeps every core on it: no worker threads
+    run_resumable_batch(
+        [tmp_path / "photos"],
+        Recording(Anonymizer("blur")),
+        Options(out_dir=str(tmp_path / "one_chunk"), chunk=12),
+        settings={"method": "blur"},
+        detector=detector,
+        workers=2,
+    )
+    assert threads == {threading.main_thread().name}

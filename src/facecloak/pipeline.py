@@ -9,7 +9,8 @@ outcomes, summary and exit code), plus:
   writer thread encodes and writes the finished ones while the models work on the current chunk,
   so the model never waits on the disk;
 - on a CPU two chunks are protected at once, each on a thread with half the cores (small layers
-  use two single-threaded workers better than one two-threaded one).
+  use two single-threaded workers better than one two-threaded one); a batch of one chunk runs
+  alone, on every core.
 
     reader threads --(decoded, bounded queue)--> models (1-2 compute threads) --(queue)--> writer thread
 """
@@ -316,6 +317,8 @@ def run_resumable_batch(
         for thread in [*readers_running, writer]:
             thread.start()
         count = compute_workers(options.device) if workers is None else max(1, int(workers))
+        chunks = -(-len(jobs) // max(1, options.chunk))
+        count = max(1, min(count, chunks))  # one chunk alone keeps every core (a worker gets its share)
         worker_state = threading.local()
         threads_before = torch.get_num_threads()
 
