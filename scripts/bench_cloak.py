@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import shutil
 import tempfile
 import threading
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from _bench import REPO, Sampler, data_root, devices, machine, models_root, synchronise, write_json
-from facecloak._device import cloak_batch_size
+from facecloak._device import cloak_batch_size, compute_workers
 from facecloak.cloak import create_cloak
 from facecloak.detect import FaceDetector
 from facecloak.io import read_image
@@ -194,11 +195,14 @@ def whole_pipeline(
     precision: str | None,
     eot: int | None,
     row_seconds: float,
+    workers: int | None = None,
 ) -> dict | None:
     """Files in, files out, as `facecloak cloak DIR -o OUT --batch-size CHUNK` runs it.
 
     A few photos first as a warm-up (CUDA's start, the models' first passes); the timed photos are
     cut to what the warm-up's rate finishes in about ``row_seconds``, one chunk at least.
+    ``workers``: chunks in flight at once (default: the pipeline's, 2 on a CPU and 1 on a GPU;
+    on a GPU, 2 lets one chunk's CPU stages run while the other's optimisation holds the GPU).
     """
     from facecloak.batch_types import Options
     from facecloak.pipeline import run_resumable_batch
@@ -218,7 +222,8 @@ def whole_pipeline(
         protection = CloakFaces(stages)
         options = Options(out_dir=str(Path(workdir) / "out"), chunk=chunk, device=device)
         tick = time.perf_counter()
-        run_resumable_batch(warm, protection, options, settings={}, detector=detector)  # warm-up
+        batch = functools.partial(run_resumable_batch, settings={}, detector=detector, workers=workers)
+        batch(warm, protection, options)  # warm-up
         rate = len(warm) / (time.perf_counter() - tick)
         fits = max(chunk, int(rate * row_seconds) // chunk * chunk)
         timed_files = timed_files[:fits]
@@ -229,7 +234,7 @@ def whole_pipeline(
         sampler = gpu_utilisation() if device.startswith("cuda") else None
         with sampler or contextlib.nullcontext():
             start = time.perf_counter()
-            report = run_resumable_batch(timed_files, protection, options, settings={}, detector=detector)
+            report = batch(timed_files, protection, options)
             synchronise(device)
             seconds = time.perf_counter() - start
     faces = [face for outcome in report.outcomes for face in outcome.faces]
@@ -240,6 +245,7 @@ def whole_pipeline(
         "photos": len(timed_files),
         "faces": len(faces),
         "chunk": chunk,
+        "workers": workers or compute_workers(device),
         "precision": cloak.precision,
         "eot_samples": cloak.eot_samples,
         "seconds": round(seconds, 2),
@@ -289,6 +295,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="pipeline photos per optimisation")
     parser.add_argument("--precisions", default=None, help="pipeline precisions, e.g. float32,bfloat16")
     parser.add_argument("--eot", type=int, default=None, help="random draws per step (default: the cloak's)")
+    parser.add_argument(
+        "--workers", default=None, help="pipeline chunks in flight at once, e.g. 1,2 (default: pipeline's)"
+    )
     parser.add_argument("--row-seconds", type=float, default=60.0, help="rough cap per pipeline row")
     parser.add_argument("--no-single", action="store_true", help="skip the one-face-photo timing")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "cloak.json")
@@ -312,10 +321,12 @@ def main() -> None:
                 if photos:
                     chunk = args.chunk or cloak_batch_size(device)
                     row["pipeline"] = []
+                    counts = [int(w) for w in args.workers.split(",")] if args.workers else [None]
                     for precision in args.precisions.split(",") if args.precisions else [None]:
-                        run = (models, level, device, photos, chunk, precision, args.eot, args.row_seconds)
-                        row["pipeline"].append(_attempt(whole_pipeline, *run))
-                        print(row["pipeline"][-1], flush=True)
+                        for workers in counts:
+                            run = (models, level, device, photos, chunk, precision, args.eot)
+                            row["pipeline"].append(_attempt(whole_pipeline, *run, args.row_seconds, workers))
+                            print(row["pipeline"][-1], flush=True)
                 results["results"].append(row)
                 print(row, flush=True)
     write_json(args.out, results)
