@@ -387,7 +387,7 @@ def run_resumable_batch(
                 future.result()
         finally:
             if pool is not None:
-                pool.shutdown(wait=True)
+                pool.shutdown(wait=True, cancel_futures=True)
                 torch.set_num_threads(threads_before)  # MKL's count is process-wide: put it back
             stop.set()
             _drain(decoded)
