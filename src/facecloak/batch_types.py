@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY
-from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
+from facecloak.defaults import DISTANCE_AFTER_UPLOAD_KEY, MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED
-from facecloak.io import ImageJob
+
+if TYPE_CHECKING:  # the CLI reads these types before any image is touched: no torch at import
+    from facecloak.io import ImageJob
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,9 @@ be kept and the user gave none."""
 VERIFY_JPEG_QUALITY = 75
 """The re-encode every protection is checked against, as a typical upload site applies it."""
 
+DISTANCE_AFTER_UPLOAD_KEY = f"distance_after_jpeg{VERIFY_JPEG_QUALITY}"
+"""Per-model record key: distance to the clean face after the re-encode (None: not found again)."""
+
 REDETECT_IOU = 0.3
 """Box overlap (intersection over union) at which a face found again after that re-encode counts
 as the same face."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.batch import Options
+from facecloak.batch_types import Options
 from facecloak.cli import running
 from facecloak.cli.options import CONTEXT, batch_options, io_options, ray_option
 from facecloak.cli.running import fail, finish, model_names, run_protection

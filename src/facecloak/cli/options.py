@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.batch import Options
+from facecloak.batch_types import Options
 from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE, REPLACE_FALLBACKS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

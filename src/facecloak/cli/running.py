@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import click
 
-from facecloak.batch import Options
+from facecloak.batch_types import Options
 from facecloak.cli.options import URI, require_paths
 from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, FacecloakError
 

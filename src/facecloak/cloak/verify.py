@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from facecloak import io
-from facecloak.defaults import REDETECT_IOU, VERIFY_JPEG_QUALITY
+from facecloak.defaults import DISTANCE_AFTER_UPLOAD_KEY, REDETECT_IOU, VERIFY_JPEG_QUALITY
 from facecloak.embed import embed_faces
 from facecloak.faces import Faces, box_iou
 from facecloak.models.registry import Embedder
@@ -35,9 +35,6 @@ __all__ = [
     "match_redetected",
     "verify_after_upload",
 ]
-
-DISTANCE_AFTER_UPLOAD_KEY = f"distance_after_jpeg{VERIFY_JPEG_QUALITY}"
-"""Per-model record key: distance to the clean face after the re-encode (None: not found again)."""
 
 FOUND_AFTER_UPLOAD_KEY = f"found_after_jpeg{VERIFY_JPEG_QUALITY}"
 """Per-face record key: the face was detected again after the re-encode."""
