@@ -6,6 +6,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -362,3 +364,13 @@ def test_verify_has_a_match_and_a_detection_threshold(runner, samples_dir):
     assert json.loads(old.stdout)["detect_threshold"] == 0.8
     # the other commands take the clearer name too
     assert runner.invoke(main, ["detect", pair[0], "--detect-threshold", "0.95"]).exit_code == 0
+
+
+def test_help_does_not_import_torch():
+    """``facecloak --help`` answers at once: the package and the command line import no model code."""
+    check = "import sys, facecloak, facecloak.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import facecloak
+
+    assert facecloak.blur_faces.__module__ == "facecloak.anonymize"  # public names still there
