@@ -289,3 +289,20 @@ class TestProbe:
         for path, reason in cases.items():
             with pytest.raises(ImageReadError, match=reason):
                 probe_image(path)
+
+
+def test_protected_files_match_as_same_file_does(tmp_path):
+    """A batch's inputs, looked at once: hard links and symlinks to one count; other files do not."""
+    from facecloak.io import ProtectedFiles, same_file
+
+    first, second = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    first.write_bytes(b"a")
+    second.write_bytes(b"b")
+    (tmp_path / "hard.jpg").hardlink_to(first)
+    (tmp_path / "soft.jpg").symlink_to(first)
+    protected = ProtectedFiles([first, tmp_path / "missing.jpg"])
+    assert len(protected) == 1  # a path with no file protects nothing
+    for name in ("a.jpg", "hard.jpg", "soft.jpg", "b.jpg", "missing.jpg", "new.jpg"):
+        path = tmp_path / name
+        assert (path in protected) == same_file(path, first), name
+    assert str(first) in protected and 3 not in protected

@@ -78,7 +78,7 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
         planned.append((job, target))
     targets = {target.resolve(): job.path for job, target in planned}
     earlier = {job.path for job, _ in planned if targets.get(job.path.resolve(), job.path) != job.path}
-    inputs = [path for path in inputs if path not in earlier]
+    inputs = io.ProtectedFiles(path for path in inputs if path not in earlier)
     claimed: dict[Path, Path] = {}
     for job, target in planned:
         if job.path in earlier:  # this command's output of another input here: never an input
@@ -87,7 +87,7 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
             continue
         key = target.resolve()
         problem = None
-        if any(io.same_file(target, other) for other in inputs):
+        if target in inputs:
             problem = "refusing to overwrite an input file"
         elif key in claimed:
             problem = f"same output as {claimed[key]}"
@@ -329,7 +329,7 @@ def write_output(
     options: Options,
     seconds: float,
     *,
-    protected: Sequence[Path] | None = None,
+    protected: Sequence[Path] | io.ProtectedFiles | None = None,
     overwrite: bool | None = None,
     before: Callable[[], None] | None = None,
     after: Callable[[str], None] | None = None,

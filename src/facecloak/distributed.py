@@ -216,7 +216,7 @@ def run_distributed(
                 batch_format="numpy",
                 **_pool(ray, actors, gpus_per_actor),
             )
-            inputs = [Path(uri) for uri, _ in found if "://" not in uri]
+            inputs = io.ProtectedFiles(Path(uri) for uri, _ in found if "://" not in uri)
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 for r in range(len(batch["index"])):
                     index = int(batch["index"][r])

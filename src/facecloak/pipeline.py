@@ -267,7 +267,7 @@ def run_resumable_batch(
             finish(outcome)
         for path, target in existing:
             finish(FileOutcome(str(path), "skipped", output=str(target)))
-        inputs = [job.path for job, _ in plan.todo]
+        inputs = io.ProtectedFiles(job.path for job, _ in plan.todo)  # never replaced: one stat a check
         decoded: queue.Queue = queue.Queue(maxsize=max(2, 2 * options.chunk))
         finished: queue.Queue = queue.Queue(maxsize=max(2, 2 * options.chunk))
         next_job = iter(range(len(jobs)))
@@ -543,7 +543,7 @@ def _write(
     options: Options,
     journal: Journal,
     out_dir: Path,
-    inputs: list[Path],
+    inputs: io.ProtectedFiles,
 ) -> FileOutcome:
     """Journal ``start``, write atomically, journal ``done``: the order that makes a resume exact."""
     relative_input = entry.job.relative.as_posix()

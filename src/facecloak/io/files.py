@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,34 @@ def same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return a.resolve() == b.resolve()
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file ``path`` names (symlinks followed), or None if there is none."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+class ProtectedFiles:
+    """Files that must never be replaced (a batch's inputs), matched as `same_file` matches.
+
+    By device and inode, so hard links and symlinks count. The inputs are looked at once; each
+    question is then one ``stat`` of the path asked about, however many inputs the batch has
+    (a comparison with every input per output made a batch quadratic in its size).
+    """
+
+    def __init__(self, paths: Iterable[str | Path]) -> None:
+        self._identities = {found for path in paths if (found := file_identity(Path(path))) is not None}
+
+    def __contains__(self, path: object) -> bool:
+        found = file_identity(Path(path)) if isinstance(path, (str, Path)) else None
+        return found is not None and found in self._identities
+
+    def __len__(self) -> int:
+        return len(self._identities)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from torch import Tensor
 from facecloak import jpeg_blocks
 from facecloak.defaults import OUTPUT_JPEG_QUALITY
 from facecloak.errors import ImageWriteError
-from facecloak.io.files import IMAGE_SUFFIXES, OUTPUT_FORMATS, same_file
+from facecloak.io.files import IMAGE_SUFFIXES, OUTPUT_FORMATS, ProtectedFiles
 from facecloak.io.read import _ORIENTATION_TAG, LoadedImage, _short
 from facecloak.transforms import levels_8bit
 
@@ -31,7 +31,7 @@ def write_image(
     *,
     source: LoadedImage | None = None,
     keep_metadata: bool = False,
-    protected: Iterable[Path] = (),
+    protected: Iterable[Path] | ProtectedFiles = (),
     overwrite: bool = False,
     jpeg_quality: int | None = None,
     info: dict | None = None,
@@ -151,9 +151,14 @@ def _with_metadata(data: bytes, exif: bytes | None, icc: bytes | None) -> bytes:
     return data[:position] + b"".join(segments) + data[position:]
 
 
-def _check_target(path: Path, protected: Iterable[Path], overwrite: bool) -> None:
-    """Refuse an input's own file always, and an existing output unless ``overwrite``."""
-    if any(same_file(path, other) for other in protected):
+def _check_target(path: Path, protected: Iterable[Path] | ProtectedFiles, overwrite: bool) -> None:
+    """Refuse an input's own file always, and an existing output unless ``overwrite``.
+
+    ``protected``: paths, or a `ProtectedFiles` built once for a whole batch (one ``stat`` here).
+    """
+    if not isinstance(protected, ProtectedFiles):
+        protected = ProtectedFiles(protected)
+    if path in protected:
         raise ImageWriteError("refusing to overwrite an input file", path)
     if path.exists() and not overwrite:
         raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", path)
@@ -265,7 +270,11 @@ def encode_image(
 
 
 def write_bytes_atomic(
-    path: str | Path, data: bytes, *, protected: Iterable[Path] = (), overwrite: bool = False
+    path: str | Path,
+    data: bytes,
+    *,
+    protected: Iterable[Path] | ProtectedFiles = (),
+    overwrite: bool = False,
 ) -> Path:
     """Write already encoded bytes to ``path`` atomically (temporary file, fsync, rename).
 
