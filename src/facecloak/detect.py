@@ -117,7 +117,9 @@ class FaceDetector:
         stacks, min_faces, scales, order = [], [], [], []
         for (height, width), indices in groups.items():
             scale = min(1.0, self.max_side / max(height, width))
-            stack = torch.stack([batch[i] for i in indices]).to(self.device, torch.float32)
+            # one photo: a view, not a copy (a 12 MP photo's copy costs as much as its P-Net level)
+            stack = batch[indices[0]][None] if len(indices) == 1 else torch.stack([batch[i] for i in indices])
+            stack = stack.to(self.device, torch.float32)
             if scale < 1.0:
                 size = (max(1, round(height * scale)), max(1, round(width * scale)))
                 stack = F.interpolate(stack, size=size, mode="area")
