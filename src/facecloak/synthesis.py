@@ -369,11 +369,7 @@ REGISTRATION_LEVELS = (0.25, 0.5)
 
 
 def _registration_window() -> tuple[int, int, int, int]:
-    """``left, top, right, bottom`` of the chip part the registration reads.
-
-    The window and room for the spline's bend; left-right symmetric in the chip, so a mirrored
-    chip reads the mirrored part.
-    """
+    """``left, top, right, bottom`` of the chip part the registration reads (window and bend room)."""
     return max(0, _WINDOW_PX[0] - 32), max(0, _WINDOW_PX[1] - 32), _WINDOW_PX[2] + 32, _WINDOW_PX[3] + 32
 
 
