@@ -201,7 +201,9 @@ def run_resumable_batch(
         build: makes the protection when ``protection`` is None.
         workers: chunks protected at once, each on its own thread (default
             `facecloak._device.compute_workers`: 2 on a CPU, 1 on a GPU). Only protections that
-            offer ``for_worker`` run concurrently; outputs do not depend on it.
+            offer ``for_worker`` run concurrently. The method and settings are the same either
+            way, but one thread's float sums are not two threads', so a face at the edge of a
+            threshold can land on either side.
 
     Example:
         >>> protection = AnonymizeFaces(Anonymizer("blur"))  # doctest: +SKIP

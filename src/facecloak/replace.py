@@ -192,7 +192,7 @@ class FaceReplacer:
         self._detector = detector
         self.thresholds = torch.tensor([m.card.match_threshold for m in self.models])
         self._smiles = mouth_width(bank.points)
-        self._registration: dict[tuple[int, bool], Tensor] = {}  # see `_luminance`
+        self._registration: dict[tuple[int, bool], Tensor] = {}  # see `_registration_luminance`
 
     def __repr__(self) -> str:
         return (
@@ -250,12 +250,7 @@ class FaceReplacer:
         return ReplaceResult(images=outputs, records=records, protected=protected)
 
     def _replace(
-        self,
-        photos: list[Tensor],
-        base: list[Tensor],
-        faces: Faces,
-        rows: list[int],
-        records: list[dict],
+        self, photos: list[Tensor], base: list[Tensor], faces: Faces, rows: list[int], records: list[dict]
     ) -> dict[int, tuple]:
         """Synthesise and verify the faces at ``rows``; returns each one's final crop."""
         chosen = faces.select(rows)
@@ -411,7 +406,7 @@ class FaceReplacer:
             if bool(flips.any()):
                 chips[flips], points[flips] = mirror_chips(chips[flips], points[flips])
             luminance = torch.stack(
-                [self._luminance(r, m, chip) for r, m, chip in zip(rows, mirrored, chips)]
+                [self._registration_luminance(r, m, chip) for r, m, chip in zip(rows, mirrored, chips)]
             )
             sets[n] = (chips, points, luminance)
         order = list(sets)
@@ -440,7 +435,7 @@ class FaceReplacer:
                 crops[n] = (result.box, result.pixels, result.weight, rows, mirrored)
         return crops
 
-    def _luminance(self, row: int, mirrored: bool, chip: Tensor) -> Tensor:
+    def _registration_luminance(self, row: int, mirrored: bool, chip: Tensor) -> Tensor:
         """A donor's `registration_luminance` (as used, mirrored or not): computed once per run."""
         key = (row, mirrored)
         if key not in self._registration:
