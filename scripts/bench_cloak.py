@@ -196,11 +196,13 @@ def whole_pipeline(
     eot: int | None,
     row_seconds: float,
     workers: int | None = None,
+    min_chunks: int = 1,
 ) -> dict | None:
     """Files in, files out, as `facecloak cloak DIR -o OUT --batch-size CHUNK` runs it.
 
     A few photos first as a warm-up (CUDA's start, the models' first passes); the timed photos are
-    cut to what the warm-up's rate finishes in about ``row_seconds``, one chunk at least.
+    cut to what the warm-up's rate finishes in about ``row_seconds``, ``min_chunks`` chunks at least
+    (two workers overlap only where there are several chunks).
     ``workers``: chunks in flight at once (default: the pipeline's, 2 on a CPU and 1 on a GPU;
     on a GPU, 2 lets one chunk's CPU stages run while the other's optimisation holds the GPU).
     """
@@ -225,7 +227,7 @@ def whole_pipeline(
         batch = functools.partial(run_resumable_batch, settings={}, detector=detector, workers=workers)
         batch(warm, protection, options)  # warm-up
         rate = len(warm) / (time.perf_counter() - tick)
-        fits = max(chunk, int(rate * row_seconds) // chunk * chunk)
+        fits = max(chunk * min_chunks, int(rate * row_seconds) // chunk * chunk)
         timed_files = timed_files[:fits]
         detector.seconds, stages.totals, stages.faces = 0.0, {}, 0
         if device.startswith("cuda"):
@@ -269,6 +271,41 @@ def whole_pipeline(
     return row
 
 
+def profiled(measure, out: Path):
+    """``measure`` run under `torch.profiler`: the busiest operators and kernels, and how busy the GPU was.
+
+    The table (by device time, then by CPU time) is written beside ``out``; the row gains the
+    sum of kernel time against the wall time, which says whether the GPU or the host bounds it.
+    """
+
+    def run(*args):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        start = time.perf_counter()
+        with profile(activities=activities) as trace:
+            row = measure(*args)
+        wall = time.perf_counter() - start
+        averages = trace.key_averages()
+        kernels = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA]
+        kernel_us = sum(event.self_device_time_total for event in kernels)
+        tables = [
+            averages.table(sort_by="self_device_time_total", row_limit=25),
+            averages.table(sort_by="self_cpu_time_total", row_limit=25),
+        ]
+        out.with_suffix(".profile.txt").write_text("\n\n".join(tables))
+        row["profile"] = {
+            "wall_s": round(wall, 2),
+            "kernel_s": round(kernel_us / 1e6, 2),
+            "kernels": sum(event.count for event in kernels),
+        }
+        return row
+
+    return run
+
+
 def _attempt(measure, *args):
     """One measurement; a failure is reported in its row and the benchmark goes on."""
     try:
@@ -299,6 +336,8 @@ def main() -> None:
         "--workers", default=None, help="pipeline chunks in flight at once, e.g. 1,2 (default: pipeline's)"
     )
     parser.add_argument("--row-seconds", type=float, default=60.0, help="rough cap per pipeline row")
+    parser.add_argument("--min-chunks", type=int, default=1, help="pipeline chunks per row at least")
+    parser.add_argument("--profile", action="store_true", help="profile the batch run (torch.profiler)")
     parser.add_argument("--no-single", action="store_true", help="skip the one-face-photo timing")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "cloak.json")
     args = parser.parse_args()
@@ -316,7 +355,8 @@ def main() -> None:
                     )
                 batch = args.batch if device == "cpu" else max(args.batch, 256)
                 if not args.no_batch:
-                    row["batch"] = _attempt(batch_throughput, models, level, device, detector, batch)
+                    measure = profiled(batch_throughput, args.out) if args.profile else batch_throughput
+                    row["batch"] = _attempt(measure, models, level, device, detector, batch)
                 photos = args.pipeline if args.pipeline is not None else (0 if device == "cpu" else 4096)
                 if photos:
                     chunk = args.chunk or cloak_batch_size(device)
@@ -325,7 +365,8 @@ def main() -> None:
                     for precision in args.precisions.split(",") if args.precisions else [None]:
                         for workers in counts:
                             run = (models, level, device, photos, chunk, precision, args.eot)
-                            row["pipeline"].append(_attempt(whole_pipeline, *run, args.row_seconds, workers))
+                            timing = (args.row_seconds, workers, args.min_chunks)
+                            row["pipeline"].append(_attempt(whole_pipeline, *run, *timing))
                             print(row["pipeline"][-1], flush=True)
                 results["results"].append(row)
                 print(row, flush=True)

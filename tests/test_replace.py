@@ -195,6 +195,38 @@ def test_a_face_no_mix_protects_is_blurred_or_reported_not_protected(bank, model
     assert default["donor_thresholds"]["dlib-resnet"] == pytest.approx(DONOR_MARGIN * 0.6)
 
 
+def test_faces_beside_a_blurred_one_are_checked_in_the_final_photo(bank, models, detector, samples_dir):
+    """A neighbour blurred after its tries failed changes the pixels around the faces that passed.
+
+    Their check must have seen the photo as returned, not the one with the neighbour's last try:
+    the blur moved a replaced LFW face's MobileFace distance to a donor by 0.17 thresholds.
+    """
+    photo = io.read_image(samples_dir / "group.jpg").pixels
+    faces = detector([photo])
+    assert len(faces) >= 3
+    failing = int((faces.boxes[:, 2] - faces.boxes[:, 0]).argmax())  # the largest face: never passes
+    replacer = FaceReplacer(bank, models, detector=detector, seed=0, prefer_beyond=1.2, donor_margin=1.0)
+    seen = []
+    verify = replacer._verify
+
+    def forced(outputs, faces_, rows, targets_, tried):
+        results = verify(outputs, faces_, rows, targets_, tried)
+        seen.append({n: outputs[0].clone() for n in rows})
+        if failing in results:
+            record, _ = results[failing]
+            results[failing] = (dict(record, protected=False, reason="still matches the original face"), -1.0)
+        return results
+
+    replacer._verify = forced
+    result = replacer([photo], faces)
+    assert result.records[failing]["method"] == "blur" and result.records[failing]["replaced"] is False
+    kept = [n for n, r in enumerate(result.records) if r["method"] == "replace" and r["protected"]]
+    assert kept, "no face beside the blurred one was replaced"
+    for n in kept:
+        last = [checked[n] for checked in seen if n in checked][-1]
+        assert torch.equal(last, result.images[0]), f"face {n} was last checked on other pixels"
+
+
 def test_same_seed_same_faces(bank, models, detector, targets, replaced):
     images, faces = targets
     again = FaceReplacer(bank, models, detector=detector, seed=0, prefer_beyond=1.2, donor_margin=1.0)(

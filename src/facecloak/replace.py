@@ -231,28 +231,51 @@ class FaceReplacer:
                 reason=f"smaller than min_face ({float(sides[n]):.0f} px < {self.min_face} px): "
                 "blurred instead",
             )
-        crops = self._replace(photos, base, faces, large, records) if large else {}
+        crops, checked = self._replace(photos, base, faces, large, records) if large else ({}, {})
         failed = [n for n in large if not records[n]["protected"]]
-        if self.fallback == "blur":
-            for n in failed:
-                crops.pop(n, None)
-                records[n].update(
-                    method="blur",
-                    protected=True,
-                    replaced=False,
-                    reason=f"no donor mix passed every check in {records[n]['attempts']} tries "
-                    f"({records[n].get('reason', 'failed')}): blurred instead",
-                )
-                i = int(faces.image_index[n])
-                base[i] = blur_faces(base[i][None], faces.select([n]).shifted(-i))[0]
+        # A face checked while its neighbours still changed (their later tries, their fallback
+        # blur) is checked again in the final photo: a blur beside it moves its embedding too.
+        crowded = _photos_with_several(faces, large)
+        while True:
+            if self.fallback == "blur":
+                for n in failed:
+                    crops.pop(n, None)
+                    records[n].update(
+                        method="blur",
+                        protected=True,
+                        replaced=False,
+                        reason=f"no donor mix passed every check in {records[n]['attempts']} tries "
+                        f"({records[n].get('reason', 'failed')}): blurred instead",
+                    )
+                    i = int(faces.image_index[n])
+                    base[i] = blur_faces(base[i][None], faces.select([n]).shifted(-i))[0]
+            stale = [n for n in crops if records[n]["protected"] and int(faces.image_index[n]) in crowded]
+            if not stale:
+                break
+            outputs = _compose(base, crops, faces)
+            again = self._verify(
+                outputs, faces, stale, {n: checked[n][0] for n in stale}, {n: checked[n][1] for n in stale}
+            )
+            failed = []
+            for n, (check, _) in again.items():
+                check.pop("_matched_donors", None)
+                records[n].update(check)
+                if not check["protected"]:
+                    records[n]["reason"] = f"{check['reason']} once the faces beside it were final"
+                    failed.append(n)
+            crowded = {int(faces.image_index[n]) for n in failed} if self.fallback == "blur" else set()
         outputs = _compose(base, crops, faces)
         protected = torch.tensor([bool(record["protected"]) for record in records], dtype=torch.bool)
         return ReplaceResult(images=outputs, records=records, protected=protected)
 
     def _replace(
         self, photos: list[Tensor], base: list[Tensor], faces: Faces, rows: list[int], records: list[dict]
-    ) -> dict[int, tuple]:
-        """Synthesise and verify the faces at ``rows``; returns each one's final crop."""
+    ) -> tuple[dict[int, tuple], dict[int, tuple]]:
+        """Synthesise and verify the faces at ``rows``.
+
+        Returns each face's final crop, and what its check needs to run again (its original
+        embeddings and the donor set of the crop kept).
+        """
         chosen = faces.select(rows)
         targets = {m.card.name: embed_faces(photos, chosen, m).cpu() for m in self.models}
         chips = torch.cat(
@@ -274,6 +297,7 @@ class FaceReplacer:
             for j, n in enumerate(rows)
         }
         crops: dict[int, tuple] = {}
+        checked: dict[int, tuple] = {}
         for _ in range(self.attempts):
             pending = [n for n in rows if not plans[n].done and plans[n].sets]
             if not pending:
@@ -316,9 +340,10 @@ class FaceReplacer:
                 continue
             _, crop, record = plan.best
             crops[n] = crop
+            checked[n] = (targets_row(targets, rows, n), (crop[3], crop[4]))
             record.pop("_matched_donors", None)
             records[n].update(record, attempts=plan.attempts)
-        return crops
+        return crops, checked
 
     # -- donors ------------------------------------------------------------------------------------
 
@@ -546,6 +571,12 @@ def targets_row(targets: dict[str, Tensor], rows: list[int], n: int) -> dict[str
     """The original face's embeddings (per model) of face ``n`` (``targets`` is in ``rows`` order)."""
     j = rows.index(n)
     return {name: table[j] for name, table in targets.items()}
+
+
+def _photos_with_several(faces: Faces, rows: list[int]) -> set[int]:
+    """The photos holding two or more of the faces ``rows``."""
+    photos = faces.image_index[rows].tolist()
+    return {i for i in photos if photos.count(i) > 1}
 
 
 def _compose(base: list[Tensor], crops: dict[int, tuple], faces: Faces) -> list[Tensor]:
