@@ -1,5 +1,6 @@
 #!/bin/bash
-# GPU check of facecloak on the lent device: the CLI on CUDA, then the cloak and detection benchmarks.
+# GPU check of facecloak on the lent device: the CLI on CUDA, then the cloak and detection benchmarks;
+# with OVERLAP=1 instead: two chunks in flight against one over several chunks, and a profile of one batch.
 # Runs here too (DEVICE=cpu QUICK=1) to check the script itself before device time is spent.
 # Staging (the device machine has PyTorch but not these; nothing may be downloaded there): .gpu/whl
 # holds the facenet-pytorch 2.5.3 and onnx2torch wheels (pip download --no-deps), .gpu/site a copy
@@ -14,6 +15,17 @@ export PYTHONPATH=$PWD/src:/tmp/site:$PWD/.gpu/site:$PWD/scripts
 export FACECLOAK_DATA=$PWD/.gpu/data FACECLOAK_MODELS=$PWD/.gpu/models XDG_CACHE_HOME=/tmp/fc_cache XDG_CONFIG_HOME=/tmp/fc_conf PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,utilization.gpu --format=csv 2>&1 | tail -2
 python3 -c "import torch, numpy, PIL; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numpy', numpy.__version__, 'PIL', PIL.__version__, 'cpus', torch.get_num_threads())"
+if [ -n "$OVERLAP" ]; then
+  CHUNK=${CHUNK:-128}; BATCH=${BATCH:-256}; MINC=${MINC:-4}
+  timeout ${BENCH_TIMEOUT:-300} python3 scripts/bench_cloak.py --device $DEVICE --levels mid --ensembles dlib-resnet \
+    --batch $BATCH --profile --no-single --chunk $CHUNK --min-chunks $MINC --workers 1,2 --row-seconds 10 \
+    --out "$OUT/overlap.json" > "$OUT/overlap.log" 2>&1
+  echo "rc=$?"
+  grep -E "^\{'photos'|Error|error" "$OUT/overlap.log" | cut -c1-1200
+  grep -A12 '"batch"' "$OUT/overlap.json" | tr -d ' \n'; echo
+  head -40 "$OUT/overlap.profile.txt" | cut -c1-200
+  exit
+fi
 ROW=${ROW_SECONDS:-25}
 if [ -n "$QUICK" ]; then ROW=2; PIPE="--pipeline 16 --chunk 8"; else PIPE="--chunk ${CHUNK:-256}"; fi
 

@@ -273,6 +273,9 @@ def _realism_lines(quality: dict) -> list[str]:
             f"{replace['attempts_mean']:.2f} tries per face; "
             f"subjects matching a donor used: {matches or '-'}"
         )
+        for photo, distances in replace.get("photos_matching_a_donor", {}).items():
+            near = ", ".join(f"{name} at {ratio:.3f}x its threshold" for name, ratio in distances.items())
+            lines.append(f"  matches a donor: {photo} ({near})")
     return lines
 
 

@@ -132,7 +132,7 @@ class PersonProtector:
         for record, realism in zip(records, realism_records(self.detector, photos, outputs, faces)):
             record["realism"] = realism
         if kind == "replace":
-            self._donor_matches(photos, outputs, faces, records)
+            self._donor_matches(photos, paths, outputs, faces, records)
         return outputs, records
 
     def _from_folder(self, paths: list[Path], person: str) -> list[Tensor]:
@@ -146,9 +146,18 @@ class PersonProtector:
         return outputs
 
     def _donor_matches(
-        self, photos: list[Tensor], outputs: list[Tensor], faces: Faces, records: list[dict]
+        self,
+        photos: list[Tensor],
+        paths: list[Path],
+        outputs: list[Tensor],
+        faces: Faces,
+        records: list[dict],
     ) -> None:
-        """Per photo, whether each attacker still matches the replaced subject to a donor used."""
+        """Per photo, whether each attacker still matches the replaced subject to a donor used.
+
+        Also records the nearest donor's distance in the attacker's thresholds (``donor_distance``),
+        and the photo's name where one matched, so a match can be looked at.
+        """
         uploaded = [io.jpeg_roundtrip(output, REALISM_JPEG_QUALITY) for output in outputs]
         embedded = {attacker.name: attacker.embed(uploaded) for attacker in self.attackers}
         for i, (photo, record) in enumerate(zip(photos, records)):
@@ -156,7 +165,7 @@ class PersonProtector:
             if not rows:
                 continue
             subject = record["replace"][centre_face(faces.select(rows), photo.shape[-1], photo.shape[-2])]
-            matches = {}
+            matches, nearest = {}, {}
             for attacker in self.attackers:
                 embedding = embedded[attacker.name][i]
                 if subject.get("method") != "replace" or bool(torch.isnan(embedding).any()):
@@ -164,7 +173,10 @@ class PersonProtector:
                 donors = torch.stack([self._donor_embedding(attacker, d) for d in subject["donors"]])
                 distances = embedding_distance(donors, embedding[None], attacker.metric)
                 matches[attacker.name] = bool((distances < attacker.threshold).any())
-            record["donor_match"] = matches
+                nearest[attacker.name] = round(float(distances.min()) / attacker.threshold, 4)
+            record["donor_match"], record["donor_distance"] = matches, nearest
+            if any(matches.values()):
+                record["photo"] = paths[i].name
 
     def _donor_embedding(self, attacker: Attacker, donor_id: str) -> Tensor:
         key = (attacker.name, donor_id)

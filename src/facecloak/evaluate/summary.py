@@ -100,6 +100,11 @@ def quality_summary(clean: list[Tensor], protected: list[Tensor], records: list[
             "not_protected": sum(not face.get("protected") for face in replaced),
             "attempts_mean": float(np.mean([face.get("attempts", 1) for face in replaced])),
             "subjects_matching_a_donor": {name: float(np.mean(v)) for name, v in matches.items()},
+            "photos_matching_a_donor": {
+                r["photo"]: {name: r["donor_distance"][name] for name, hit in r["donor_match"].items() if hit}
+                for r in records
+                if any(r.get("donor_match", {}).values())
+            },
         }
     return summary
 
