@@ -415,13 +415,20 @@ def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detec
         assert realism["found"] and realism["score_protected"] > 0.9
         assert 0.3 < realism["detail_protected"] < 3.0
         assert record["donor_match"] == {"dlib-resnet": False}
+        assert record["donor_distance"]["dlib-resnet"] >= 1.0 and "photo" not in record
     # the summary counts replaced subjects apart from any blurred fallback
     from facecloak.evaluate.summary import quality_summary
 
     replaced_subjects = sum(r["replace"][r["realism"]["face"]]["method"] == "replace" for r in records)
-    summary = quality_summary(images[:2], outputs, records)["realism"]
-    assert summary["replaced_subjects"] == replaced_subjects == 2
-    assert summary["redetected_replaced"] == 1.0
+    summary = quality_summary(images[:2], outputs, records)
+    assert summary["realism"]["replaced_subjects"] == replaced_subjects == 2
+    assert summary["realism"]["redetected_replaced"] == 1.0
+    assert summary["replace"]["photos_matching_a_donor"] == {}
+    # a subject within a donor's threshold is named, with its distance, in the summary
+    records[1].update(donor_match={"dlib-resnet": True}, donor_distance={"dlib-resnet": 0.97}, photo="b.jpg")
+    named = quality_summary(images[:2], outputs, records)["replace"]
+    assert named["photos_matching_a_donor"] == {"b.jpg": {"dlib-resnet": 0.97}}
+    assert named["subjects_matching_a_donor"] == {"dlib-resnet": 0.5}
 
 
 def test_a_turned_face_narrows_only_the_side_turned_away():
