@@ -29,7 +29,7 @@ from facecloak.errors import DonorBankError, InvalidInputError
 from facecloak.evaluate import centre_face
 from facecloak.models import create_embedder
 from facecloak.models.registry import embedding_distance
-from facecloak.replace import DONOR_MARGIN, FaceReplacer, replace_faces
+from facecloak.replace import DONOR_MARGIN, MEASURED_DONOR_MARGINS, FaceReplacer, replace_faces
 from facecloak.synthesis import (
     CANONICAL_TEMPLATE,
     apply_thin_plate,
@@ -192,7 +192,12 @@ def test_a_face_no_mix_protects_is_blurred_or_reported_not_protected(bank, model
     assert record["reason"] == "still matches a donor used" and not record["protected"]
     assert record["donor_thresholds"]["dlib-resnet"] == pytest.approx(3.0 * 0.6)
     default = FaceReplacer(bank, models, detector=detector, attempts=1, fallback="keep")(one, face).records[0]
-    assert default["donor_thresholds"]["dlib-resnet"] == pytest.approx(DONOR_MARGIN * 0.6)
+    # each model's own margin: dlib-resnet's measured one, the conservative default for a plug-in
+    dlib_margin = MEASURED_DONOR_MARGINS["dlib-resnet"]
+    assert default["donor_thresholds"]["dlib-resnet"] == pytest.approx(dlib_margin * 0.6)
+    for model in models[1:]:
+        expected = DONOR_MARGIN * model.card.match_threshold
+        assert default["donor_thresholds"][model.card.name] == pytest.approx(expected)
 
 
 def test_faces_beside_a_blurred_one_are_checked_in_the_final_photo(bank, models, detector, samples_dir):

@@ -68,12 +68,19 @@ _WARP_GROUPS = 16
 """Faces whose donors are registered in one call (bounds the memory of a round)."""
 
 DONOR_MARGIN = 1.08
-"""Required distance from each donor used, in thresholds: more than from the original, because a
-scraper sees the new face through its own detector and alignment, not the check's. Two MTCNN
-pyramids of the same JPEG (the check's and a scraper's default one) moved a replaced face's distance
-to its donors by up to 0.076 thresholds on MobileFace and the HSE MobileNet, 0.014 on dlib (150 LFW
-faces); 1.08 covers that. On LFW (373 faces, README): at 1.05, 1 of 186 replaced subjects matched a
-donor on MobileFace (at 0.999 of its threshold); at 1.08 none did, with 160 faces replaced instead of 196."""
+"""Required distance from each donor used, in thresholds, for a model not in `MEASURED_DONOR_MARGINS`:
+more than from the original, because a scraper sees the new face through its own detector and
+alignment, not the check's. Two MTCNN pyramids of the same JPEG (the check's and a scraper's
+default one) moved a replaced face's distance to its donors by up to 0.076 thresholds on
+MobileFace and the HSE MobileNet (150 LFW faces); 1.08 covers that. On LFW (373 faces, README): at
+1.05, 1 of 186 replaced subjects matched a donor on MobileFace (at 0.999 of its threshold); at
+1.08 none did."""
+
+MEASURED_DONOR_MARGINS = {"dlib-resnet": 1.05}
+"""Donor margins of the models whose alignment sensitivity was measured here. dlib-resnet's 150 px
+chip with a wide border moves little: 0.012 thresholds between two MTCNN pyramids, 0.039 between
+the check and dlib's own C++ pipeline (HOG detector, 68-point alignment; 80 replaced LFW faces);
+two evaluator runs at 1.05 found no replaced subject matching a donor on either."""
 
 NEAR_DONOR_COST = 2.0
 """Extra cost of a donor within ``prefer_beyond`` thresholds of the person (about a pose's worth)."""
@@ -121,7 +128,8 @@ class FaceReplacer:
         seed: seed of the donor draw and the grain; the same seed gives the same output.
         attempts: donor sets tried per face before ``fallback`` applies.
         margin: required distance from the original face, as a multiple of each model's match threshold.
-        donor_margin: required distance from each donor used, likewise (`DONOR_MARGIN`).
+        donor_margin: required distance from each donor used, likewise: one number for every model,
+            or None for each model's own (`MEASURED_DONOR_MARGINS`, else `DONOR_MARGIN`).
         look_alike: donors closer than this multiple of a threshold to the person are never used.
         prefer_beyond: donors closer than this are used only when the bank has too few others
             (they cost `NEAR_DONOR_COST` more in the choice).
@@ -154,7 +162,7 @@ class FaceReplacer:
         seed: int = 0,
         attempts: int = 4,
         margin: float = 1.0,
-        donor_margin: float = DONOR_MARGIN,
+        donor_margin: float | None = None,
         look_alike: float = 1.2,
         prefer_beyond: float = 1.3,
         min_face: int = REPLACE_MIN_FACE_PX,
@@ -168,7 +176,7 @@ class FaceReplacer:
             raise InvalidInputError(
                 f"donors_per_face must be >= 2 (one donor would be reproduced), got {donors_per_face}"
             )
-        if attempts < 1 or margin <= 0 or donor_margin <= 0 or min_face < 1:
+        if attempts < 1 or margin <= 0 or (donor_margin is not None and donor_margin <= 0) or min_face < 1:
             raise InvalidInputError("attempts and min_face must be >= 1 and the margins > 0")
         check_choice(fallback, REPLACE_FALLBACKS, "fallback")
         self.fallback = fallback
@@ -184,7 +192,12 @@ class FaceReplacer:
         self.seed = int(seed)
         self.attempts = int(attempts)
         self.margin = float(margin)
-        self.donor_margin = float(donor_margin)
+        self.donor_margins = {
+            m.card.name: float(donor_margin)
+            if donor_margin is not None
+            else MEASURED_DONOR_MARGINS.get(m.card.name, DONOR_MARGIN)
+            for m in self.models
+        }
         self.look_alike = float(look_alike)
         self.prefer_beyond = float(prefer_beyond)
         self.min_face = int(min_face)
@@ -201,7 +214,7 @@ class FaceReplacer:
             f"FaceReplacer(bank={self.bank.name!r}, donors={len(self.bank)}, "
             f"models={[m.card.name for m in self.models]}, donors_per_face={self.donors_per_face}, "
             f"seed={self.seed}, attempts={self.attempts}, margin={self.margin}, "
-            f"donor_margin={self.donor_margin}, min_face={self.min_face})"
+            f"donor_margins={self.donor_margins}, min_face={self.min_face})"
         )
 
     @property
@@ -522,7 +535,7 @@ class FaceReplacer:
         for model in self.models:
             name, metric = model.card.name, model.card.distance
             needed = model.card.match_threshold * self.margin
-            needed_from_donor = model.card.match_threshold * self.donor_margin
+            needed_from_donor = model.card.match_threshold * self.donor_margins[name]
             original = float(embedding_distance(embedding[name], target[name], metric))
             donors = embedding_distance(self.bank.embeddings[name][list(rows)], embedding[name][None], metric)
             to_original[name], to_donors[name] = round(original, 4), round(float(donors.min()), 4)
@@ -551,7 +564,7 @@ class FaceReplacer:
             "mirrored": list(mirrored),
             "thresholds": {m.card.name: m.card.match_threshold * self.margin for m in self.models},
             "donor_thresholds": {
-                m.card.name: m.card.match_threshold * self.donor_margin for m in self.models
+                m.card.name: m.card.match_threshold * self.donor_margins[m.card.name] for m in self.models
             },
         }
         if reason:
