@@ -218,19 +218,28 @@ class FaceReplacer:
         )
 
     @property
+    def _device(self) -> torch.device:
+        """Where the recognisers run (the CPU when none has parameters)."""
+        for model in self.models:
+            for tensor in model.parameters():
+                return tensor.device
+        return torch.device("cpu")
+
+    @property
     def detector(self) -> FaceDetector:
         """The detector of the check (built on first use)."""
         if self._detector is None:
-            device = next(iter(self.models[0].parameters())).device if self.models else None
-            self._detector = FaceDetector(device=device)
+            self._detector = FaceDetector(device=self._device)
         return self._detector
 
     # -- the whole run ---------------------------------------------------------------------------
 
     def __call__(self, images: Tensor | Sequence[Tensor], faces: Faces) -> ReplaceResult:
         """Replace every face of ``faces`` in ``images`` ((B, 3, H, W) or a list of (3, H, W))."""
-        photos = check_image_list(images)
-        check_faces(faces, len(photos))
+        given = check_image_list(images)
+        check_faces(faces, len(given))
+        # synthesis and the check run where the models are (a GPU's convolutions and resampling)
+        photos = [photo.to(self._device) for photo in given]
         faces = faces.to("cpu")
         records: list[dict] = [dict(record) for record in faces.to_records()]
         sides = torch.minimum(faces.boxes[:, 2] - faces.boxes[:, 0], faces.boxes[:, 3] - faces.boxes[:, 1])
@@ -279,7 +288,7 @@ class FaceReplacer:
                     records[n]["reason"] = f"{check['reason']} once the faces beside it were final"
                     failed.append(n)
             crowded = {int(faces.image_index[n]) for n in failed} if self.fallback == "blur" else set()
-        outputs = _compose(base, crops, faces)
+        outputs = [image.to(photo.device) for image, photo in zip(_compose(base, crops, faces), given)]
         protected = torch.tensor([bool(record["protected"]) for record in records], dtype=torch.bool)
         return ReplaceResult(images=outputs, records=records, protected=protected)
 
@@ -303,7 +312,7 @@ class FaceReplacer:
                 for j in range(len(chosen))
             ]
         )
-        poses, stats = estimate_pose(chosen.landmarks), face_statistics(chips)
+        poses, stats = estimate_pose(chosen.landmarks), face_statistics(chips).cpu()
         smiles = mouth_width(chosen.landmarks)
         plans = {
             n: _Plan(
@@ -448,7 +457,8 @@ class FaceReplacer:
             luminance = torch.stack(
                 [self._registration_luminance(r, m, chip) for r, m, chip in zip(rows, mirrored, chips)]
             )
-            sets[n] = (chips, points, luminance)
+            device = photos[int(faces.image_index[n])].device
+            sets[n] = (chips.to(device), points.to(device), luminance.to(device))
         order = list(sets)
         warps = {}
         for start in range(0, len(order), _WARP_GROUPS):
