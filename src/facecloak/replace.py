@@ -256,10 +256,29 @@ class FaceReplacer:
                 "blurred instead",
             )
         crops, checked = self._replace(photos, base, faces, large, records) if large else ({}, {})
-        failed = [n for n in large if not records[n]["protected"]]
-        # A face checked while its neighbours still changed (their later tries, their fallback
-        # blur) is checked again in the final photo: a blur beside it moves its embedding too.
-        crowded = _photos_with_several(faces, large)
+        self._settle(base, crops, checked, faces, large, records)
+        outputs = [image.to(photo.device) for image, photo in zip(_compose(base, crops, faces), given)]
+        protected = torch.tensor([bool(record["protected"]) for record in records], dtype=torch.bool)
+        return ReplaceResult(images=outputs, records=records, protected=protected)
+
+    def _settle(
+        self,
+        base: list[Tensor],
+        crops: dict[int, tuple],
+        checked: dict[int, tuple],
+        faces: Faces,
+        rows: list[int],
+        records: list[dict],
+    ) -> None:
+        """Apply the fallback to the faces that failed, and check again the faces beside them.
+
+        A face checked while its neighbours still changed (their later tries, their fallback blur)
+        is checked again in the final photo: a blur across the edge of its crop moves its embedding
+        too. One that no longer passes falls back in turn, until nothing changes. ``base`` (the
+        blurs), ``crops`` and ``records`` are updated in place.
+        """
+        failed = [n for n in rows if not records[n]["protected"]]
+        crowded = _photos_with_several(faces, rows)
         while True:
             if self.fallback == "blur":
                 for n in failed:
@@ -288,9 +307,6 @@ class FaceReplacer:
                     records[n]["reason"] = f"{check['reason']} once the faces beside it were final"
                     failed.append(n)
             crowded = {int(faces.image_index[n]) for n in failed} if self.fallback == "blur" else set()
-        outputs = [image.to(photo.device) for image, photo in zip(_compose(base, crops, faces), given)]
-        protected = torch.tensor([bool(record["protected"]) for record in records], dtype=torch.bool)
-        return ReplaceResult(images=outputs, records=records, protected=protected)
 
     def _replace(
         self, photos: list[Tensor], base: list[Tensor], faces: Faces, rows: list[int], records: list[dict]
