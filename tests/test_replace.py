@@ -330,6 +330,25 @@ def test_cli_donors_then_replace_exactly_as_documented(data_home, donor_dir, lfw
     assert ray.exit_code == 2 and "--ray" in ray.output
 
 
+def test_cli_donor_margin_sets_one_margin_for_every_model(data_home, donor_dir, lfw_dir, tmp_path):
+    runner = CliRunner()
+    added = runner.invoke(main, ["donors", "add", str(donor_dir), "--bank", "marginbank"])
+    assert f"{DONORS} donor(s) added" in added.output
+    photo = str(sorted(_people(lfw_dir / "images", 10, 10_000)[TARGETS].glob("*.jpg"))[5])
+    command = ["anonymize", photo, "-o", str(tmp_path), "--method", "replace", "--donors", "marginbank"]
+    # three thresholds from every donor: no mix gets there, so the face is blurred and says why
+    strict = runner.invoke(main, [*command, "--donor-margin", "3", "--json"])
+    assert strict.exit_code == 0, strict.output
+    report = json.loads(strict.stdout)
+    face = report["files"][0]["faces"][0]
+    assert face["method"] == "blur" and face["replaced"] is False
+    assert "still matches a donor used" in face["reason"]
+    assert face["donor_thresholds"]["dlib-resnet"] == pytest.approx(3.0 * 0.6)
+    assert report["options"]["donor_margin"] == 3.0
+    blur = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path / "b"), "--donor-margin", "1.1"])
+    assert blur.exit_code == 2 and "--donor-margin is for --method replace" in blur.output
+
+
 def test_cli_bad_banks_are_one_line_usage_errors(data_home, lfw_dir, tmp_path):
     runner = CliRunner()
     photo = str(sorted(_people(lfw_dir / "images", 10, 10_000)[0].glob("*.jpg"))[0])

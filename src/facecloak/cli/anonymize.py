@@ -86,6 +86,7 @@ def anonymize(
     donors_per_face,
     seed,
     fallback,
+    donor_margin,
     **io_values,
 ) -> None:
     """Blur, pixelate, mask or replace every face, at the photo's full resolution.
@@ -115,10 +116,12 @@ def anonymize(
     from facecloak.protection import AnonymizeFaces
 
     if method == "replace":
-        _replace_command(paths, donor_bank, donors_per_face, seed, fallback, io_values)
+        _replace_command(paths, donor_bank, donors_per_face, seed, fallback, donor_margin, io_values)
         return
     if donor_bank is not None:
         raise click.UsageError("--donors is for --method replace")
+    if donor_margin is not None:
+        raise click.UsageError("--donor-margin is for --method replace")
     options = batch_options(**{k: v for k, v in io_values.items() if k != "ray_address"})
     params = {"scale": mask_scale, "shape": shape, "feather": feather}
     if method == "blur":
@@ -146,7 +149,7 @@ def anonymize(
     finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])
 
 
-def _replace_command(paths, donor_bank, donors_per_face, seed, fallback, io_values) -> None:
+def _replace_command(paths, donor_bank, donors_per_face, seed, fallback, donor_margin, io_values) -> None:
     """``anonymize --method replace``: load the bank and every available model, run the batch."""
     from facecloak.detect import MIN_FACE_PX, FaceDetector
     from facecloak.donor_bank import load_bank
@@ -182,6 +185,7 @@ def _replace_command(paths, donor_bank, donors_per_face, seed, fallback, io_valu
             "seed": seed,
             "min_face": min_face,
             "fallback": fallback,
+            "donor_margin": donor_margin,
             "models": model_names,
         },
     )
@@ -196,6 +200,7 @@ def _replace_command(paths, donor_bank, donors_per_face, seed, fallback, io_valu
             seed=seed,
             min_face=min_face,
             fallback=fallback,
+            donor_margin=donor_margin,
             detector=detector,
         )
         return ReplaceFaces(replacer)
@@ -218,6 +223,7 @@ def _replace_command(paths, donor_bank, donors_per_face, seed, fallback, io_valu
         seed=seed,
         min_face=min_face,
         fallback=fallback,
+        donor_margin=donor_margin,
         models=model_names,
     )
     finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])

@@ -134,6 +134,7 @@ def evaluate(
     donor_bank,
     donors_per_face,
     fallback,
+    donor_margin,
     level,
     mode,
     person_level,
@@ -194,6 +195,7 @@ def evaluate(
         donors=donor_bank,
         donors_per_face=donors_per_face,
         fallback=fallback,
+        donor_margin=donor_margin,
     )
     if method == "replace" and not donor_bank:
         raise click.UsageError("--method replace needs --donors BANK (see `facecloak donors add`)")

@@ -177,7 +177,18 @@ def ray_option(function: Callable) -> Callable:
 
 
 def fallback_option(function: Callable) -> Callable:
-    """``--fallback blur|keep``: what replace does with a face no donor mix protects."""
+    """``--fallback blur|keep`` and ``--donor-margin``: what replace does with a face no mix protects.
+
+    The margin is how strict its donor check is (see `facecloak.replace.DONOR_MARGIN`).
+    """
+    function = click.option(
+        "--donor-margin",
+        type=click.FloatRange(min=0.5, max=3.0),
+        default=None,
+        help="replace: how far each new face must be from every donor used, in each recogniser's "
+        "thresholds (default: each model's own, 1.05 for dlib-resnet and 1.08 for others). Lower "
+        "replaces more faces; a scraper may then match a few to a donor.",
+    )(function)
     return click.option(
         "--fallback",
         type=click.Choice(REPLACE_FALLBACKS),

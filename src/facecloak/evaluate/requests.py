@@ -52,6 +52,7 @@ class EvaluationRequest:
     donors: str | None = None  # replace: the donor bank's name or folder
     donors_per_face: int = 3
     fallback: str = "blur"  # replace: what a face no donor mix protects becomes ("blur" or "keep")
+    donor_margin: float | None = None  # replace: one donor margin for every model (None: each its own)
 
 
 def build_attackers(names: str | None, detector: FaceDetector, device: str | None) -> list[Attacker]:
@@ -108,6 +109,7 @@ def _replacer(request: EvaluationRequest, detector: FaceDetector):
         donors_per_face=request.donors_per_face,
         seed=request.seed,
         fallback=request.fallback,
+        donor_margin=request.donor_margin,
         detector=detector,
     )
 
@@ -150,7 +152,10 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
             settings["person_level"] = request.person_level
         if request.method == "replace":
             settings.update(
-                donors=request.donors, donors_per_face=request.donors_per_face, fallback=request.fallback
+                donors=request.donors,
+                donors_per_face=request.donors_per_face,
+                fallback=request.fallback,
+                donor_margin=request.donor_margin,
             )
         if isinstance(protection, CloakFaces):
             settings["budget"] = asdict(protection.cloak.budget)
