@@ -39,7 +39,7 @@ from facecloak.anonymize import blur_faces
 from facecloak.defaults import REDETECT_IOU, REPLACE_FALLBACKS, VERIFY_JPEG_QUALITY
 from facecloak.detect import FaceDetector
 from facecloak.donor_bank import DonorBank, load_bank
-from facecloak.embed import embed_faces
+from facecloak.embed import embed_faces, model_device
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces, box_iou
 from facecloak.models.registry import Embedder, embedding_distance
@@ -219,11 +219,8 @@ class FaceReplacer:
 
     @property
     def _device(self) -> torch.device:
-        """Where the recognisers run (the CPU when none has parameters)."""
-        for model in self.models:
-            for tensor in model.parameters():
-                return tensor.device
-        return torch.device("cpu")
+        """Where the recognisers run (the CPU without any)."""
+        return model_device(self.models[0]) if self.models else torch.device("cpu")
 
     @property
     def detector(self) -> FaceDetector:
@@ -491,8 +488,8 @@ class FaceReplacer:
             result = synthesize_face(
                 photo,
                 faces.landmarks[n],
-                chips.to(photo.device),
-                points.to(photo.device),
+                chips,
+                points,
                 settings=self.settings,
                 generator=generator,
                 warps=warps[n],

@@ -499,6 +499,15 @@ _WHITE_D65 = (0.950456, 1.0, 1.088754)
 _DELTA = 6.0 / 29.0
 
 
+def _power(x: Tensor, exponent: float) -> Tensor:
+    """``x ** exponent`` for x >= 0, as ``exp(exponent * log x)``.
+
+    The same values to about 1e-7, twice as fast as a float ``pow`` on the CPU (the Lab
+    conversions run at every try of a face).
+    """
+    return x.clamp_min(1e-12).log().mul_(exponent).exp_()
+
+
 def rgb_to_lab(rgb: Tensor) -> Tensor:
     """Convert sRGB (B, 3, H, W) in [0, 1] to CIE Lab (D65): L in [0, 100], a and b around 0.
 
@@ -507,15 +516,11 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
         >>> torch.allclose(lab_to_rgb(rgb_to_lab(x)), x, atol=1e-4)
         True
     """
-    # x ** p as exp(p log x): the same values (to 1e-7), about twice as fast as a float pow on the CPU
-    linear = torch.where(
-        rgb <= 0.04045, rgb / 12.92, ((rgb.clamp_min(0) + 0.055) / 1.055).log().mul_(2.4).exp_()
-    )
+    linear = torch.where(rgb <= 0.04045, rgb / 12.92, _power((rgb.clamp_min(0) + 0.055) / 1.055, 2.4))
     matrix = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
     xyz = torch.einsum("ij,bjhw->bihw", matrix, linear)
     xyz = xyz / torch.tensor(_WHITE_D65, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-    cube_root = xyz.clamp_min(1e-12).log().div_(3.0).exp_()
-    f = torch.where(xyz > _DELTA**3, cube_root, xyz / (3 * _DELTA**2) + 4.0 / 29.0)
+    f = torch.where(xyz > _DELTA**3, _power(xyz, 1.0 / 3.0), xyz / (3 * _DELTA**2) + 4.0 / 29.0)
     return torch.stack([116.0 * f[:, 1] - 16.0, 500.0 * (f[:, 0] - f[:, 1]), 200.0 * (f[:, 1] - f[:, 2])], 1)
 
 
@@ -527,8 +532,8 @@ def lab_to_rgb(lab: Tensor) -> Tensor:
     xyz = xyz * torch.tensor(_WHITE_D65, dtype=lab.dtype, device=lab.device).view(1, 3, 1, 1)
     matrix = torch.linalg.inv(torch.tensor(_RGB_TO_XYZ, dtype=torch.float64)).to(lab)
     linear = torch.einsum("ij,bjhw->bihw", matrix, xyz).clamp(0, 1)
-    gamma = linear.clamp_min(1e-12).log().div_(2.4).exp_()  # linear ** (1 / 2.4), as in `rgb_to_lab`
-    return torch.where(linear <= 0.0031308, linear * 12.92, 1.055 * gamma - 0.055).clamp(0, 1)
+    gamma = 1.055 * _power(linear, 1.0 / 2.4) - 0.055
+    return torch.where(linear <= 0.0031308, linear * 12.92, gamma).clamp(0, 1)
 
 
 def weighted_moments(values: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:

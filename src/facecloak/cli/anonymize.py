@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from facecloak.cli import running
-from facecloak.cli.options import CONTEXT, batch_options, fallback_option, io_options, ray_option
+from facecloak.cli.options import (
+    CONTEXT,
+    batch_options,
+    donor_margin_option,
+    fallback_option,
+    io_options,
+    ray_option,
+)
 from facecloak.cli.running import fail, finish, run_protection
 from facecloak.defaults import REGION_SCALE
 from facecloak.errors import EXIT_USAGE, FacecloakError
@@ -72,6 +79,7 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
     "--seed", type=int, default=0, show_default=True, help="replace: seed of the donor draw and the grain."
 )
 @fallback_option
+@donor_margin_option
 @io_options
 @ray_option
 def anonymize(

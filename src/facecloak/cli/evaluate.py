@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, fallback_option
+from facecloak.cli.options import CONTEXT, donor_margin_option, fallback_option
 from facecloak.cli.running import fail
 from facecloak.defaults import UPLOADS
 from facecloak.errors import FacecloakError
@@ -32,6 +32,7 @@ from facecloak.errors import FacecloakError
     help="replace: donors per face.",
 )
 @fallback_option
+@donor_margin_option
 @click.option(
     "--level",
     type=click.Choice(["low", "mid", "high", "all"]),

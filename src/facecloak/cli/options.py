@@ -176,12 +176,9 @@ def ray_option(function: Callable) -> Callable:
     )(function)
 
 
-def fallback_option(function: Callable) -> Callable:
-    """``--fallback blur|keep`` and ``--donor-margin``: what replace does with a face no mix protects.
-
-    The margin is how strict its donor check is (see `facecloak.replace.DONOR_MARGIN`).
-    """
-    function = click.option(
+def donor_margin_option(function: Callable) -> Callable:
+    """``--donor-margin``: how strict replace's donor check is (see `facecloak.replace.DONOR_MARGIN`)."""
+    return click.option(
         "--donor-margin",
         type=click.FloatRange(min=0.5, max=3.0),
         default=None,
@@ -189,6 +186,10 @@ def fallback_option(function: Callable) -> Callable:
         "thresholds (default: each model's own, 1.05 for dlib-resnet and 1.08 for others). Lower "
         "replaces more faces; a scraper may then match a few to a donor.",
     )(function)
+
+
+def fallback_option(function: Callable) -> Callable:
+    """``--fallback blur|keep``: what replace does with a face no donor mix protects."""
     return click.option(
         "--fallback",
         type=click.Choice(REPLACE_FALLBACKS),
