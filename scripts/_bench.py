@@ -113,3 +113,26 @@ def peak_rss_mb(function: Callable[[], object]) -> tuple[object, float]:
         result = function()
     peak = max(before, *rss.values, process.memory_info().rss)
     return result, round(peak / 2**20, 1)
+
+
+CLOAK_CONSTANTS = (
+    "DSSIM_PENALTY",
+    "DSSIM_PENALTY_FROM",
+    "DSSIM_SAFETY",
+    "DSSIM_CHECK_EVERY",
+    "FILL_BUDGET",
+    "FILL_MAX_FACTOR",
+    "COMPOSE_MAX_SHRINK",
+)
+"""Constants of `facecloak.cloak.base` that the transfer scripts' ``--set NAME=VALUE`` may override."""
+
+
+def set_cloak_constants(items: list[str], parser) -> None:
+    """Apply ``--set NAME=VALUE`` items to `facecloak.cloak.base` (for this run only)."""
+    from facecloak.cloak import base
+
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in CLOAK_CONSTANTS:
+            parser.error(f"--set {name}: not one of {', '.join(CLOAK_CONSTANTS)}")
+        setattr(base, name, type(getattr(base, name))(float(value)))

@@ -9,6 +9,8 @@ DSSIM, CIEDE2000 mean and 99th percentile).
 
 To keep it affordable on a CPU, each protected person contributes ``--gallery`` photos (their
 folder is narrowed in a temporary tree of links); the embeddings of clean photos are cached.
+``--set NAME=VALUE`` overrides a constant of `facecloak.cloak.base` for the run (e.g.
+``--set FILL_BUDGET=0``: no final enlargement of the change up to the DSSIM cap).
 
     python scripts/ablate_transfer.py --models dlib-resnet,mobileface,hse-mobilenet \\
         --configs legacy,jnd,jnd+di+ti --people 6 --gallery 4 --out reports/ablation.json
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from _bench import set_cloak_constants
 from facecloak.cloak import create_cloak
 from facecloak.cloak.budget import LEGACY_LEVELS, LEVELS
 from facecloak.datasets import list_people
@@ -107,7 +110,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=".cache/ablation")
     parser.add_argument("--out", default="reports/ablation.json")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="override a cloak constant"
+    )
     args = parser.parse_args()
+    set_cloak_constants(args.set, parser)
 
     names = [n.strip() for n in args.models.split(",")]
     models = [create_embedder(name) for name in names]

@@ -14,7 +14,8 @@ Models not in ``--cloak-with`` are the unseen ones.
 ``--options`` are keyword arguments to `facecloak.cloak.create_cloak` (budget fields such as
 ``jnd_scale``, ``chroma_share``, ``steps`` or ``step_size`` change the level's budget);
 ``--set NAME=VALUE`` overrides a numeric constant of `facecloak.cloak.base` for this run (the
-DSSIM penalty's weight and onset, the DSSIM safety margin, how often the hard cap is checked).
+DSSIM penalty's weight and onset, the DSSIM safety margin, how often the hard cap is checked,
+whether the final change is enlarged up to the cap: `_bench.CLOAK_CONSTANTS`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from _bench import data_root, machine, write_json
-from facecloak.cloak import base as cloak_base
+from _bench import data_root, machine, set_cloak_constants, write_json
 from facecloak.cloak import create_cloak
 from facecloak.cloak.budget import LEVELS, CloakBudget
 from facecloak.detect import FaceDetector
@@ -39,9 +39,6 @@ from facecloak.faces import Faces
 from facecloak.io import read_image
 from facecloak.io.write import jpeg_roundtrip
 from facecloak.models import available_embedders, create_embedder
-
-TUNABLE = ("DSSIM_PENALTY", "DSSIM_PENALTY_FROM", "DSSIM_SAFETY", "DSSIM_CHECK_EVERY")
-"""Constants of `facecloak.cloak.base` that ``--set`` may override."""
 
 
 def central_faces(images: list[torch.Tensor], faces: Faces) -> Faces:
@@ -67,11 +64,7 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in TUNABLE:
-            parser.error(f"--set {name}: not one of {', '.join(TUNABLE)}")
-        setattr(cloak_base, name, type(getattr(cloak_base, name))(float(value)))
+    set_cloak_constants(args.set, parser)
     options = json.loads(args.options)
     budget_keys = {f.name for f in fields(CloakBudget)}
     changes = {key: options.pop(key) for key in list(options) if key in budget_keys}

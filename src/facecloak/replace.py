@@ -82,6 +82,14 @@ chip with a wide border moves little: 0.012 thresholds between two MTCNN pyramid
 the check and dlib's own C++ pipeline (HOG detector, 68-point alignment; 80 replaced LFW faces);
 two evaluator runs at 1.05 found no replaced subject matching a donor on either."""
 
+REPLAN_LANDING = 1.05
+REPLAN_WEIGHT = 20.0
+"""After a try that stayed too near the person, the weight of a set's predicted landing (up to
+REPLAN_LANDING thresholds) against the donors' cost (pose, colour, expression; a few units):
+sets predicted to land farther come first, and among those that land past, the best-matched
+ones. (Keeping the first plan's order where no set is predicted to land past REPLAN_LANDING
+replaced 22, 20 and 38 faces of the README's three probe sets, against 26, 27 and 45.)"""
+
 NEAR_DONOR_COST = 2.0
 """Extra cost of a donor within ``prefer_beyond`` thresholds of the person (about a pose's worth)."""
 
@@ -109,7 +117,10 @@ class _Plan:
     """One face's donor sets to try, the donors ruled out, and the best try so far."""
 
     sets: list[tuple[tuple[int, ...], tuple[bool, ...]]]
+    face: tuple = ()  # what `FaceReplacer._donor_sets` needs to plan again: pose, smile, stats, target
     excluded: set[int] = field(default_factory=set)
+    tried: set[tuple[int, ...]] = field(default_factory=set)
+    shrink: Tensor | None = None  # (models,) see `FaceReplacer._shrink`; None before any try fell short
     attempts: int = 0
     best: tuple | None = None  # (score, crop, record)
     done: bool = False
@@ -327,12 +338,10 @@ class FaceReplacer:
         )
         poses, stats = estimate_pose(chosen.landmarks), face_statistics(chips).cpu()
         smiles = mouth_width(chosen.landmarks)
-        plans = {
-            n: _Plan(
-                self._donor_sets(poses[j], smiles[j], stats[j], {k: v[j] for k, v in targets.items()}, n)
-            )
-            for j, n in enumerate(rows)
-        }
+        plans = {}
+        for j, n in enumerate(rows):
+            face = (poses[j], smiles[j], stats[j], {k: v[j] for k, v in targets.items()})
+            plans[n] = _Plan(self._donor_sets(*face, n), face=face)
         crops: dict[int, tuple] = {}
         checked: dict[int, tuple] = {}
         for _ in range(self.attempts):
@@ -343,6 +352,7 @@ class FaceReplacer:
             for n in pending:
                 plans[n].attempts += 1
                 picks[n] = plans[n].sets.pop(0)
+                plans[n].tried.add(tuple(sorted(picks[n][0])))
             tried = {}
             for n, crop in self._synthesise(photos, faces, picks, plans).items():
                 crops[n] = crop
@@ -360,7 +370,16 @@ class FaceReplacer:
                     plan.done = True
                 else:
                     plan.excluded |= set(check.pop("_matched_donors", []))
-                    plan.sets = [s for s in plan.sets if not set(s[0]) & plan.excluded]
+                    if self._too_near(check):
+                        # it stayed too near the person: plan again with donors that reach farther
+                        shrink = self._shrink(check, picks[n][0], plan.face[3])
+                        plan.shrink = shrink if plan.shrink is None else torch.minimum(plan.shrink, shrink)
+                        plan.sets = self._donor_sets(*plan.face, n, shrink=plan.shrink)
+                    plan.sets = [
+                        s
+                        for s in plan.sets
+                        if not set(s[0]) & plan.excluded and tuple(sorted(s[0])) not in plan.tried
+                    ]
                 if plan.best is not None:
                     crops[n] = plan.best[1]
         for n in rows:
@@ -385,9 +404,23 @@ class FaceReplacer:
     # -- donors ------------------------------------------------------------------------------------
 
     def _donor_sets(
-        self, pose: Tensor, smile: Tensor, stats: Tensor, target: dict[str, Tensor], face: int
+        self,
+        pose: Tensor,
+        smile: Tensor,
+        stats: Tensor,
+        target: dict[str, Tensor],
+        face: int,
+        *,
+        shrink: Tensor | None = None,
     ) -> list:
-        """Donor sets to try for one face, best first: ``[(rows, mirrored flags), ...]``."""
+        """Donor sets to try for one face, best first: ``[(rows, mirrored flags), ...]``.
+
+        ``shrink``: after a try that stayed too near the person, how much nearer than its donors'
+        mean a new face lands, per model (`_shrink`). The sets are then ranked first by how far
+        from the person that predicts their new face to land; closeness to the person weighs
+        less in the donors' cost, donors nearer than ``prefer_beyond`` / the smallest shrink
+        count as near (`NEAR_DONOR_COST`), and the pool doubles.
+        """
         bank = self.bank
         yaw, mirrored_yaw = bank.pose[:, 0], -bank.pose[:, 0]
         mirror = ((mirrored_yaw - pose[0]).abs() < (yaw - pose[0]).abs()).tolist()
@@ -404,19 +437,24 @@ class FaceReplacer:
             ],
             dim=1,
         )  # (donors, models): distance to the person in thresholds
-        cost = pose_cost + colour + beard + expression + self.affinity * ratios.mean(1)
+        reach = 1.0 if shrink is None else float(1.0 / shrink.min().clamp_min(1 / 3))
+        cost = pose_cost + colour + beard + expression + self.affinity / reach * ratios.mean(1)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + face)
         cost = cost + 0.15 * torch.rand(len(cost), generator=generator)  # variety between faces
         nearest = ratios.min(1).values
-        cost[nearest < self.prefer_beyond] += NEAR_DONOR_COST
+        cost[nearest < self.prefer_beyond * reach] += NEAR_DONOR_COST
         cost[nearest < self.look_alike] = math.inf
         order = cost.argsort()
-        pool = [int(r) for r in order[: self.pool] if math.isfinite(float(cost[r]))]
+        pool_size = self.pool if shrink is None else 2 * self.pool
+        pool = [int(r) for r in order[:pool_size] if math.isfinite(float(cost[r]))]
         if len(pool) < self.donors_per_face:
             return []
         combos = torch.tensor(list(itertools.combinations(pool, self.donors_per_face)), dtype=torch.long)
-        margins = self._predicted_margins(combos, target)
-        scores = 2.0 * margins.clamp(max=1.0) - cost[combos].mean(1)
+        to_donors, to_target = self._predicted_margins(combos, target)
+        landing = to_target.amin(1) if shrink is None else (to_target * shrink).amin(1)
+        scores = 2.0 * torch.minimum(to_donors, landing).clamp(max=1.0) - cost[combos].mean(1)
+        if shrink is not None:  # first: sets predicted to land past every threshold (5% to spare)
+            scores = scores + REPLAN_WEIGHT * (landing / REPLAN_LANDING).clamp(max=1.0)
         usable = torch.isfinite(scores)
         order = scores[usable].argsort(descending=True)[: _SETS_PER_ATTEMPT * self.attempts]
         scored = [(None, tuple(rows)) for rows in combos[usable][order].tolist()]
@@ -432,25 +470,52 @@ class FaceReplacer:
             sets.append((ordered, tuple(mirror[r] for r in ordered)))
         return sets
 
-    def _predicted_margins(self, combos: Tensor, target: dict[str, Tensor]) -> Tensor:
-        """(C,) smallest distance (in thresholds) from each set's mean embedding to a donor or the person.
+    def _predicted_margins(self, combos: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Distances, in thresholds, from each set's mean embedding to its nearest donor and the person.
 
-        -inf where two donors of a set are the same identity (their mix would be that person).
+        Returns (C,) to the nearest donor, -inf where two donors of a set are the same identity
+        (their mix would be that person), and (C, models) to the person. Every distance comes
+        from the dot products among the sets' donors and with the person (`_mean_distances`),
+        so thousands of sets cost no more than their donors.
         """
         worst = torch.full((len(combos),), math.inf)
-        k = combos.shape[1]
+        person = []
+        members, local = combos.unique(return_inverse=True)
         for model in self.models:
-            name, metric, threshold = model.card.name, model.card.distance, model.card.match_threshold
-            table = self.bank.embeddings[name][combos]  # (C, K, D)
-            pairwise = embedding_distance(table[:, :, None], table[:, None], metric) + torch.eye(k) * 1e9
-            centre = table.mean(1)
-            if metric == "cosine":
-                centre = torch.nn.functional.normalize(centre, dim=1)
-            to_donors = embedding_distance(table, centre[:, None], metric).amin(1)
-            to_target = embedding_distance(target[name][None], centre, metric)
-            worst = torch.minimum(worst, torch.minimum(to_donors, to_target) / threshold)
-            worst[pairwise.flatten(1).amin(1) < threshold] = -math.inf
-        return worst
+            name, threshold = model.card.name, model.card.match_threshold
+            to_donors, to_target, closest_pair = _mean_distances(
+                self.bank.embeddings[name][members].double(),
+                target[name].double(),
+                local,
+                model.card.distance,
+            )
+            worst = torch.minimum(worst, to_donors.float() / threshold)
+            person.append(to_target.float() / threshold)
+            worst[closest_pair < threshold] = -math.inf
+        return worst, torch.stack(person, 1)
+
+    def _too_near(self, check: dict) -> bool:
+        """Whether a checked try's new face stayed within some model's margin of the original face."""
+        distances = check.get("distance_to_original", {})
+        return any(
+            distances.get(m.card.name, math.inf) < m.card.match_threshold * self.margin for m in self.models
+        )
+
+    def _shrink(self, check: dict, rows: Sequence[int], target: dict[str, Tensor]) -> Tensor:
+        """(models,) how much nearer the person a try's new face landed than its donors' mean, per model.
+
+        The new face keeps the person's hair, outline, glasses and lighting, so it lies nearer the
+        person than the mean of its donors' embeddings: the measured distance over the predicted
+        one (at most 1), which `_donor_sets` applies to the sets left.
+        """
+        shrink = []
+        for model in self.models:
+            name = model.card.name
+            centre = self.bank.embeddings[name][list(rows)].mean(0)
+            predicted = float(embedding_distance(target[name], centre, model.card.distance))
+            reached = check["distance_to_original"][name]
+            shrink.append(min(1.0, reached / max(predicted, 1e-6)))
+        return torch.tensor(shrink)
 
     # -- synthesis and the check -------------------------------------------------------------------
 
@@ -593,6 +658,42 @@ class FaceReplacer:
         if reason:
             record["reason"] = reason
         return record
+
+
+def _mean_distances(
+    donors: Tensor, person: Tensor, sets: Tensor, metric: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Distances of each set's mean embedding, from Gram matrices instead of the vectors.
+
+    Args:
+        donors: (P, D) embeddings of the donors the sets are drawn from.
+        person: (D,) the person's embedding.
+        sets: (C, K) rows of ``donors`` in each set.
+        metric: ``"euclidean"`` or ``"cosine"`` (scale-free: the mean need not be normalised).
+
+    Returns:
+        (C,) from each set's mean to its nearest donor, (C,) from it to the person, and (C,) the
+        distance between the set's two closest donors.
+    """
+    gram = donors @ donors.T  # (P, P)
+    with_person = donors @ person  # (P,)
+    k = sets.shape[1]
+    among = gram[sets[:, :, None], sets[:, None, :]]  # (C, K, K)
+    donor_dot_mean = among.sum(2) / k  # (C, K): each donor . the set's mean
+    mean_dot_mean = donor_dot_mean.sum(1) / k  # (C,)
+    person_dot_mean = with_person[sets].sum(1) / k
+    own = among.diagonal(dim1=1, dim2=2)  # (C, K): each donor . itself
+    if metric == "euclidean":
+        to_donors = (own - 2 * donor_dot_mean + mean_dot_mean[:, None]).clamp_min(1e-12).sqrt()
+        to_person = (person @ person - 2 * person_dot_mean + mean_dot_mean).clamp_min(1e-12).sqrt()
+        pairs = (own[:, :, None] + own[:, None, :] - 2 * among).clamp_min(1e-12).sqrt()
+    else:
+        norms, mean_norm = own.clamp_min(1e-24).sqrt(), mean_dot_mean.clamp_min(1e-24).sqrt()
+        to_donors = 1 - donor_dot_mean / (norms * mean_norm[:, None])
+        to_person = 1 - person_dot_mean / (person.norm().clamp_min(1e-12) * mean_norm)
+        pairs = 1 - among / (norms[:, :, None] * norms[:, None, :])
+    pairs = pairs + torch.eye(k, dtype=pairs.dtype) * 1e9  # a donor and itself are not a pair
+    return to_donors.amin(1), to_person, pairs.flatten(1).amin(1)
 
 
 def _redetect_min_size(smallest_side: float) -> int:

@@ -73,8 +73,9 @@ from facecloak.errors import FacecloakError
 @click.option(
     "--spend-budget/--stop-at-aim",
     default=None,
-    help="Use every step (more distance on the attacked models, which is what transfers to others) "
-    "or stop once the attacked models are past the aim (faster) [measured default].",
+    help="Use every step and then the whole DSSIM cap (more distance on the attacked models, which "
+    "is what transfers to others) or stop once the attacked models are past the aim (faster, a "
+    "smaller change) [measured default].",
 )
 @click.option(
     "--person-level/--per-photo",

@@ -88,8 +88,9 @@ OBJECTIVE_MARGIN = 0.25
 
 COMPOSE_ROUNDS = 8
 COMPOSE_SHRINK = 0.8
+COMPOSE_MAX_SHRINK = 0.98
 """Pasting faces back: up to COMPOSE_ROUNDS rounds that scale the changes near an over-budget face
-by COMPOSE_SHRINK."""
+by the square root of cap / DSSIM, kept within [COMPOSE_SHRINK, COMPOSE_MAX_SHRINK]."""
 
 DSSIM_PENALTY = 3.0
 DSSIM_PENALTY_FROM = 0.9
@@ -98,6 +99,14 @@ share of its cap, steering the change toward textured areas before the hard cap 
 
 DSSIM_CHECK_EVERY = 4
 """Steps between hard DSSIM checks (the penalty in the loss keeps faces under the cap meanwhile)."""
+
+FILL_BUDGET = True
+FILL_MAX_FACTOR = 2.0
+FILL_BISECTIONS = 6
+"""With the budget spent (``spend_budget``), the change of each face is finally enlarged, by at
+most FILL_MAX_FACTOR (its direction was chosen for a change of about its own size), until the
+stored face reaches the DSSIM cap (`Cloak._fill`); FILL_BISECTIONS halvings find the factor to
+within 1/64."""
 
 PIXEL_LEVELS = 255.0
 """8-bit grey levels per unit of intensity: budgets and step sizes are given in 1/255."""
@@ -187,8 +196,9 @@ class Cloak:
             seen through the same random upload; 0: off.
         feature_depth: which convolution, as a relative depth (0 first, 1 last).
         spend_budget: keep optimising for all ``steps`` (pulling each model to `SPEND_TARGET`)
-            instead of stopping once the attacked models pass the aim: the margin on the
-            surrogates is only a proxy, and the extra distance is what transfers.
+            instead of stopping once the attacked models pass the aim, then enlarge the change up
+            to the DSSIM cap (`_fill`): the margin on the surrogates is only a proxy, and the
+            extra distance is what transfers.
         detector: detector used to check each cloak after a real JPEG re-encode (default MTCNN).
         verify: run that check (the evaluator measures separately and may switch it off).
         precision: "float32" or "bfloat16" for the models' passes inside the optimisation (the
@@ -530,6 +540,8 @@ class Cloak:
         """
         cap = self.budget.max_dssim * DSSIM_SAFETY
         regions = face_regions(faces, self.region_scale)
+        if self.spend_budget and FILL_BUDGET:
+            deltas = self._fill(faces, buckets, deltas, cap)
         scale = torch.ones(len(faces))
         for _ in range(COMPOSE_ROUNDS):
             scaled = [
@@ -544,8 +556,54 @@ class Cloak:
             for k in over.nonzero()[:, 0].tolist():
                 same_photo = faces.image_index == faces.image_index[k]
                 touching = same_photo & boxes_overlap(regions[k], regions)
-                scale[touching] *= COMPOSE_SHRINK
+                # DSSIM grows about as the square of a small change: shrink by the square root of
+                # the excess (a face 2% over loses 1% of its change, not a fifth), within limits
+                scale[touching] *= min(COMPOSE_MAX_SHRINK, max(COMPOSE_SHRINK, float(cap / dssim[k]) ** 0.5))
         return cloaked, dssim
+
+    def _fill(self, faces: Faces, buckets: list[Bucket], deltas: list[Tensor], cap: float) -> list[Tensor]:
+        """Enlarge each face's change until the face as stored (8 bits) reaches the DSSIM cap.
+
+        The optimisation keeps a face under its cap (the DSSIM penalty starts below it, the hard
+        cap has headroom, and rounding to 8 bits drops the smallest changes), so part of the
+        allowed change goes unused. Scaling the change it found up to the cap moves the face
+        further on every model, the ones it never saw included, at the visibility the level
+        allows. The per-pixel limits still hold: the enlarged change is clipped again by the JND
+        allowance (`limit_change`) and to a valid image. A bisection on the factor, in
+        [1, `FILL_MAX_FACTOR`], over every face at once; faces already at the cap keep factor 1.
+        """
+        allowances = [self._allowance(bucket) for bucket in buckets]
+        regions = [self._boxes_in_crop(bucket, faces) for bucket in buckets]
+
+        def enlarged(factor: Tensor) -> list[Tensor]:
+            out = []
+            for bucket, delta, allowance in zip(buckets, deltas, allowances):
+                rows = factor[bucket.faces].to(delta).view(-1, 1, 1, 1)
+                change = limit_change(delta * rows, allowance, self.budget.chroma_share)
+                out.append(torch.where(rows > 1, (bucket.crops + change).clamp(0, 1) - bucket.crops, delta))
+            return out
+
+        def measure(changes: list[Tensor]) -> Tensor:
+            # on each face's own crop, rounded as stored: the photo's value except where two faces'
+            # regions overlap, which the compose step after this one checks on the whole photo
+            values = torch.zeros(len(faces))
+            for bucket, change, boxes in zip(buckets, changes, regions):
+                stored = _as_stored((bucket.crops + bucket.masks * change).clamp(0, 1))
+                values[bucket.faces] = quality.box_dssim(bucket.crops, stored, boxes).float().cpu()
+            return values
+
+        low = torch.ones(len(faces))
+        high = torch.full((len(faces),), FILL_MAX_FACTOR)
+        under = measure(deltas) < cap
+        if not bool(under.any()):
+            return deltas
+        high[~under] = 1.0
+        for _ in range(FILL_BISECTIONS):
+            middle = (low + high) / 2
+            fits = measure(enlarged(middle)) <= cap
+            low = torch.where(fits, middle, low)
+            high = torch.where(fits, high, middle)
+        return enlarged(low)
 
     def _stored_dssim(self, cloaked: list[Tensor], faces: Faces, buckets: list[Bucket]) -> Tensor:
         """(N,) DSSIM of each face region of the composed photos, a bucket at a time.

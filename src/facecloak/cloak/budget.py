@@ -150,8 +150,9 @@ DSSIM_BISECTIONS = 8
 """Halvings of the scale factor when a face's change is scaled down under its DSSIM cap (the
 factor found is within 1/256 of the largest that fits)."""
 
-DSSIM_SAFETY = 0.95
-"""Enforce the DSSIM cap with this much headroom: rounding to 8 bits adds a little."""
+DSSIM_SAFETY = 0.98
+"""Enforce the DSSIM cap with this much headroom: the optimisation's hard cap works on unrounded
+changes, and a JPEG written by editing only the changed blocks re-quantises them."""
 
 
 def enforce_dssim(

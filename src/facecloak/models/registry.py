@@ -87,7 +87,9 @@ def embedding_distance(a: Tensor, b: Tensor, metric: str) -> Tensor:
     """Euclidean distance, or 1 - cosine similarity, along the last dimension."""
     if metric == "euclidean":
         return (a - b).square().sum(-1).clamp_min(1e-12).sqrt()
-    return 1.0 - nn.functional.cosine_similarity(a, b, dim=-1)
+    # normalise, then a dot product: the value of `cosine_similarity`, several times faster when
+    # one side broadcasts (thousands of donor sets against their means)
+    return 1.0 - (nn.functional.normalize(a, dim=-1) * nn.functional.normalize(b, dim=-1)).sum(-1)
 
 
 Factory = Callable[[Path | None], Embedder]
