@@ -32,6 +32,7 @@ from facecloak.models.registry import embedding_distance
 from facecloak.replace import DONOR_MARGIN, MEASURED_DONOR_MARGINS, FaceReplacer, replace_faces
 from facecloak.synthesis import (
     CANONICAL_TEMPLATE,
+    SynthesisSettings,
     apply_thin_plate,
     donor_warps,
     estimate_pose,
@@ -465,6 +466,33 @@ def test_synthesis_changes_only_inside_its_weight(bank, targets):
     outside = result.weight[0] == 0
     assert torch.equal(result.pixels[:, outside], images[0][:, y0:y1, x0:x1][:, outside])
     assert float(result.weight.max()) == 1.0
+
+
+def test_eye_share_leans_only_the_eyes_to_their_donor(bank, targets):
+    images, faces = targets
+    chips, points = bank.chips([0, 1, 2]), bank.points[:3]
+    warps = donor_warps(points.mean(0), points, chips)
+
+    def made(eye_share: float):
+        settings = SynthesisSettings(eye_share=eye_share, grain=0.0)
+        return synthesize_face(images[0], faces.landmarks[0], chips, points, settings=settings, warps=warps)
+
+    plain, leaning, whole = made(0.5), made(0.8), made(1.0)
+    # the eyes' band: the rows above the eye line plus a fifth of an eye distance
+    eye_row = float(faces.landmarks[0, :2, 1].mean())
+    unit = float((faces.landmarks[0, 1] - faces.landmarks[0, 0]).norm())
+    top = plain.box[1]
+    eyes = slice(0, max(1, int(eye_row + 0.2 * unit) - top))
+    mouth = slice(int(eye_row + 1.2 * unit) - top, None)
+
+    def gap(a, b, rows):
+        return float((a.pixels[:, rows] - b.pixels[:, rows]).abs().mean())
+
+    # the structure there moves linearly toward the eye donor's: 0.8 is 2/5 of 0.5's way from 1.0
+    assert gap(leaning, whole, eyes) < 0.6 * gap(plain, whole, eyes)
+    assert gap(plain, whole, eyes) > 1e-3
+    # and nothing below the eyes' band moves (up to the band's soft edge)
+    assert gap(plain, leaning, mouth) < 0.05 * gap(plain, leaning, eyes)
 
 
 def test_bank_folder_accepts_names_and_paths(data_home, tmp_path):
