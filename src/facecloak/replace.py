@@ -370,7 +370,7 @@ class FaceReplacer:
                     plan.done = True
                 else:
                     plan.excluded |= set(check.pop("_matched_donors", []))
-                    if self._too_near(check):
+                    if _too_near(check):
                         # it stayed too near the person: plan again with donors that reach farther
                         shrink = self._shrink(check, picks[n][0], plan.face[3])
                         plan.shrink = shrink if plan.shrink is None else torch.minimum(plan.shrink, shrink)
@@ -494,28 +494,18 @@ class FaceReplacer:
             worst[closest_pair < threshold] = -math.inf
         return worst, torch.stack(person, 1)
 
-    def _too_near(self, check: dict) -> bool:
-        """Whether a checked try's new face stayed within some model's margin of the original face."""
-        distances = check.get("distance_to_original", {})
-        return any(
-            distances.get(m.card.name, math.inf) < m.card.match_threshold * self.margin for m in self.models
-        )
-
     def _shrink(self, check: dict, rows: Sequence[int], target: dict[str, Tensor]) -> Tensor:
         """(models,) how much nearer the person a try's new face landed than its donors' mean, per model.
 
         The new face keeps the person's hair, outline, glasses and lighting, so it lies nearer the
-        person than the mean of its donors' embeddings: the measured distance over the predicted
-        one (at most 1), which `_donor_sets` applies to the sets left.
+        person than the mean of its donors' embeddings: the measured distance over the one
+        `_predicted_margins` predicted (at most 1), which `_donor_sets` applies to the sets left.
         """
-        shrink = []
-        for model in self.models:
-            name = model.card.name
-            centre = self.bank.embeddings[name][list(rows)].mean(0)
-            predicted = float(embedding_distance(target[name], centre, model.card.distance))
-            reached = check["distance_to_original"][name]
-            shrink.append(min(1.0, reached / max(predicted, 1e-6)))
-        return torch.tensor(shrink)
+        predicted = self._predicted_margins(torch.tensor([sorted(rows)]), target)[1][0]
+        reached = torch.tensor(
+            [check["distance_to_original"][m.card.name] / m.card.match_threshold for m in self.models]
+        )
+        return (reached / predicted.clamp_min(1e-6)).clamp(max=1.0)
 
     # -- synthesis and the check -------------------------------------------------------------------
 
@@ -710,6 +700,12 @@ def targets_row(targets: dict[str, Tensor], rows: list[int], n: int) -> dict[str
     """The original face's embeddings (per model) of face ``n`` (``targets`` is in ``rows`` order)."""
     j = rows.index(n)
     return {name: table[j] for name, table in targets.items()}
+
+
+def _too_near(check: dict) -> bool:
+    """Whether a checked try's new face stayed within some model's margin of the original face."""
+    thresholds = check.get("thresholds", {})
+    return any(d < thresholds[name] for name, d in check.get("distance_to_original", {}).items())
 
 
 def _photos_with_several(faces: Faces, rows: list[int]) -> set[int]:

@@ -24,7 +24,15 @@ from torch import Tensor
 from facecloak import quality, transforms
 from facecloak._checks import check_choice, check_faces, check_image_list
 from facecloak.align import affine_scale, model_alignment
-from facecloak.cloak.budget import DSSIM_SAFETY, LEVELS, CloakBudget, enforce_dssim, jnd_map, limit_change
+from facecloak.cloak.budget import (
+    DSSIM_SAFETY,
+    LEVELS,
+    CloakBudget,
+    enforce_dssim,
+    jnd_map,
+    largest_fitting_factor,
+    limit_change,
+)
 from facecloak.cloak.dropout import feature_dropout
 from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
 from facecloak.cloak.features import FeatureTap, feature_displacement
@@ -592,18 +600,13 @@ class Cloak:
                 values[bucket.faces] = quality.box_dssim(bucket.crops, stored, boxes).float().cpu()
             return values
 
-        low = torch.ones(len(faces))
-        high = torch.full((len(faces),), FILL_MAX_FACTOR)
         under = measure(deltas) < cap
         if not bool(under.any()):
             return deltas
-        high[~under] = 1.0
-        for _ in range(FILL_BISECTIONS):
-            middle = (low + high) / 2
-            fits = measure(enlarged(middle)) <= cap
-            low = torch.where(fits, middle, low)
-            high = torch.where(fits, high, middle)
-        return enlarged(low)
+        low = torch.ones(len(faces))
+        high = torch.where(under, FILL_MAX_FACTOR, 1.0)
+        factor = largest_fitting_factor(lambda f: measure(enlarged(f)) <= cap, low, high, FILL_BISECTIONS)
+        return enlarged(factor)
 
     def _stored_dssim(self, cloaked: list[Tensor], faces: Faces, buckets: list[Bucket]) -> Tensor:
         """(N,) DSSIM of each face region of the composed photos, a bucket at a time.

@@ -15,6 +15,7 @@ the same units (multiply by 255 for grey levels).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -182,13 +183,28 @@ def enforce_dssim(
     over = measured > cap
     if not bool(over.any()):
         return delta
+
+    def fits(factor: Tensor) -> Tensor:
+        scaled = (crops + masks * delta * factor.view(-1, 1, 1, 1)).clamp(0, 1)
+        return quality.box_dssim(crops, scaled, boxes, reference) <= cap
+
     low = torch.zeros(len(crops), device=crops.device)
-    high = torch.ones(len(crops), device=crops.device)
-    for _ in range(DSSIM_BISECTIONS):
-        middle = (low + high) / 2
-        scaled = (crops + masks * delta * middle.view(-1, 1, 1, 1)).clamp(0, 1)
-        fits = quality.box_dssim(crops, scaled, boxes, reference) <= cap
-        low = torch.where(fits, middle, low)
-        high = torch.where(fits, high, middle)
-    factor = torch.where(over, low, torch.ones_like(low))
+    factor = largest_fitting_factor(fits, low, torch.ones_like(low), DSSIM_BISECTIONS)
+    factor = torch.where(over, factor, torch.ones_like(factor))
     return delta * factor.view(-1, 1, 1, 1)
+
+
+def largest_fitting_factor(
+    fits: Callable[[Tensor], Tensor], low: Tensor, high: Tensor, halvings: int
+) -> Tensor:
+    """Per row, the largest factor in [low, high] that ``fits`` (bisection, ``halvings`` steps).
+
+    ``fits`` maps (n,) factors to (n,) booleans and must hold at ``low``; a row with
+    ``low == high`` stays where it is.
+    """
+    for _ in range(halvings):
+        middle = (low + high) / 2
+        ok = fits(middle)
+        low = torch.where(ok, middle, low)
+        high = torch.where(ok, high, middle)
+    return low

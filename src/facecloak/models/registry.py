@@ -88,7 +88,7 @@ def embedding_distance(a: Tensor, b: Tensor, metric: str) -> Tensor:
     if metric == "euclidean":
         return (a - b).square().sum(-1).clamp_min(1e-12).sqrt()
     # normalise, then a dot product: the value of `cosine_similarity`, several times faster when
-    # one side broadcasts (thousands of donor sets against their means)
+    # one side broadcasts (a table against itself, many faces against one reference)
     return 1.0 - (nn.functional.normalize(a, dim=-1) * nn.functional.normalize(b, dim=-1)).sum(-1)
 
 
