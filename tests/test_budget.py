@@ -203,3 +203,41 @@ def test_feature_tap_reads_the_middle_layer_of_a_port_and_of_an_imported_graph(m
         assert bool((moved > 0.01).all()) and float(again.max()) < 1e-5
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
         assert all(getattr(m, "feature_hook", None) is None for m in model.modules())
+
+
+def test_separable_filter_gives_the_grouped_convolution_values_and_gradients():
+    """The channels-last fast path computes exactly what the plain grouped convolution computes."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 9, 37, 41, generator=generator, requires_grad=True)
+    kernel = torch.rand(7, generator=generator)
+    flat = images.shape[1]
+    plain = F.conv2d(
+        F.conv2d(images, kernel.view(1, 1, 1, 7).expand(flat, 1, 1, 7), groups=flat),
+        kernel.view(1, 1, 7, 1).expand(flat, 1, 7, 1),
+        groups=flat,
+    )
+    fast = transforms.separable_filter(images, kernel)
+    assert fast.shape == plain.shape == (2, 9, 31, 35) and fast.is_contiguous()
+    assert torch.allclose(fast, plain, atol=1e-6)
+    (grad_plain,) = torch.autograd.grad(plain.square().sum(), images)
+    (grad_fast,) = torch.autograd.grad(fast.square().sum(), images)
+    assert torch.allclose(grad_fast, grad_plain, atol=1e-5)
+    # with padding the size is kept, and a normalised kernel leaves a flat image flat
+    flat_image = torch.full((1, 3, 20, 20), 0.4)
+    same = transforms.separable_filter(flat_image, kernel / kernel.sum(), "reflect")
+    assert same.shape == flat_image.shape and torch.allclose(same, flat_image, atol=1e-6)
+
+
+def test_block_dct_is_the_two_sided_8x8_transform():
+    """One 64x64 product per block (`_block_dct`) equals D x D^T on the 8x8 block."""
+    generator = torch.Generator().manual_seed(4)
+    blocks = torch.rand(5, 8, 8, generator=generator, dtype=torch.float64)
+    d = transforms._dct_matrix(blocks)
+    two_sided = d @ blocks @ d.T
+    one_product = (blocks.reshape(5, 64) @ transforms._block_dct(blocks).T).reshape(5, 8, 8)
+    assert torch.allclose(one_product, two_sided, atol=1e-12)
+    # a flat block has only its DC coefficient, 8 x its value
+    flat = (torch.full((1, 64), 0.5, dtype=torch.float64) @ transforms._block_dct(blocks).T)[0]
+    assert abs(float(flat[0]) - 4.0) < 1e-12 and float(flat[1:].abs().max()) < 1e-12

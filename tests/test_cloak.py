@@ -316,3 +316,62 @@ def test_cloak_batch_size_follows_the_device():
     from facecloak.defaults import CPU_CLOAK_BATCH
 
     assert cloak_batch_size("cpu") == CPU_CLOAK_BATCH
+
+
+def test_each_step_goes_through_a_fresh_subset_of_the_models(
+    dlib_model, mobileface_dir, detector, photos, centre_faces
+):
+    """``models_per_step``: a random subset per step, every model drawn over the steps, all measured."""
+    from facecloak.cloak.base import default_models_per_step
+    from facecloak.models.plugins import load_model_file
+
+    mobileface = load_model_file(mobileface_dir / "MobileFace_Identification_V2-symbol.json")
+    models = [dlib_model, mobileface]
+    passes: list[list[int]] = [[], []]  # per model: one entry per pass with a gradient (a step)
+    hooks = [
+        model.register_forward_hook(lambda *_, k=k: passes[k].append(1) if torch.is_grad_enabled() else None)
+        for k, model in enumerate(models)
+    ]
+    try:
+        cloak = UntargetedCloak(models, "low", steps=10, models_per_step=1, detector=detector, seed=0)
+        result = cloak(photos[:1], centre_faces.for_image(0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(passes[0]) + len(passes[1]) == 10  # one model per step
+    assert passes[0] and passes[1]  # and both drawn
+    assert result.settings["models_per_step"] == 1
+    assert bool((result.distance > 0).all()) and not bool(result.distance_jpeg.isnan().any())
+    # defaults: every model up to two, all but one from three on
+    assert [default_models_per_step(m) for m in (1, 2, 3, 4)] == [1, 2, 2, 3]
+    assert UntargetedCloak(models, "low").models_per_step == 2
+    assert UntargetedCloak([dlib_model, dlib_model, mobileface], "low").models_per_step == 2
+    for wrong in (0, 3):
+        with pytest.raises(InvalidInputError):
+            UntargetedCloak(models, "low", models_per_step=wrong)
+
+
+def test_the_dssim_penalty_is_exactly_zero_under_its_onset_and_pushes_back_above_it(dlib_model, photos):
+    """Under the onset the term is 0 with no graph (no backward pass); above it, it has a gradient."""
+    from facecloak import quality
+    from facecloak.cloak.base import DSSIM_PENALTY_FROM
+
+    cloak = UntargetedCloak([dlib_model], "mid")
+    crops = photos[0][None, :, 60:190, 60:190]
+    boxes = torch.tensor([[0, 0, 130, 130]])
+    means = quality.reference_means(crops)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(crops.shape, generator=generator)
+    for size, active in ((0.5 / 255, False), (12 / 255, True)):
+        delta = (size * noise).requires_grad_(True)
+        adversarial = (crops + delta).clamp(0, 1)
+        penalty = cloak._dssim_penalty(crops, adversarial, boxes, means)
+        measured = float(quality.box_dssim(crops, adversarial, boxes)[0]) / cloak.budget.max_dssim
+        assert (measured > DSSIM_PENALTY_FROM) == active
+        if not active:
+            assert float(penalty[0]) == 0.0 and not penalty.requires_grad
+        else:
+            assert float(penalty[0]) > 0
+            (gradient,) = torch.autograd.grad(penalty.sum(), delta)
+            # descending the penalty shrinks the change: the gradient points along it
+            assert float((gradient * delta).sum()) > 0

@@ -166,16 +166,20 @@ def warp_to_chips(sources: Tensor, chip_from_source: Tensor, size: int) -> Tenso
         chip_from_source: (N, 2, 3) maps from source pixels to chip pixels.
         size: chip side.
     """
-    image_from_chip = invert_affine(chip_from_source.double()).to(sources.dtype)
-    grid = _pixel_grid(size, sources)
-    points = (
-        torch.einsum("hwk,njk->nhwj", grid, image_from_chip[:, :, :2]) + image_from_chip[:, None, None, :, 2]
-    )
+    image_from_chip = invert_affine(chip_from_source.double())
+    # affine_grid works in normalised coordinates (-1..1 across pixel edges): compose the pixel map
+    # with those of the chip and of the source, so one built-in call makes the whole grid
     height, width = sources.shape[-2:]
-    normalised = torch.stack(
-        [(2.0 * points[..., 0] + 1.0) / width - 1.0, (2.0 * points[..., 1] + 1.0) / height - 1.0], dim=-1
+    to_normalised = image_from_chip.new_tensor([2.0 / width, 2.0 / height]).view(1, 2, 1)
+    half, centre = size / 2.0, (size - 1) / 2.0
+    linear = to_normalised * image_from_chip[:, :, :2] * half
+    shift = to_normalised * (
+        image_from_chip[:, :, :2].sum(2, keepdim=True) * centre + image_from_chip[:, :, 2:]
     )
-    return F.grid_sample(sources, normalised, mode="bilinear", padding_mode="zeros", align_corners=False)
+    shift = shift + image_from_chip.new_tensor([1.0 / width - 1.0, 1.0 / height - 1.0]).view(1, 2, 1)
+    theta = torch.cat([linear, shift], dim=2).to(sources.dtype)
+    grid = F.affine_grid(theta, [len(sources), sources.shape[1], size, size], align_corners=False)
+    return F.grid_sample(sources, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def align_faces(
@@ -224,13 +228,6 @@ def align_faces(
         sources, chip_from_crop = pool_sources(crop, shift_affine(matrices[n : n + 1], x0, y0), factor)
         chips.append(warp_to_chips(sources, chip_from_crop, size))
     return torch.cat(chips)
-
-
-def _pixel_grid(size: int, like: Tensor) -> Tensor:
-    """(size, size, 2) chip pixel centres as (x, y)."""
-    coords = torch.arange(size, dtype=like.dtype, device=like.device)
-    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
-    return torch.stack([xs, ys], dim=-1)
 
 
 def box_chip_from_image(boxes: Tensor, image_sizes: Tensor, size: int, margin: float) -> Tensor:

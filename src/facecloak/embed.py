@@ -57,13 +57,17 @@ def embed_chips(
     if len(chips) == 0:
         return torch.zeros(0, model.card.embedding_dim, device=chips.device)
     parts = []
-    for start in range(0, len(chips), batch_size):
-        batch = chips[start : start + batch_size]
-        embedding = model(batch)
-        if flip_average:
-            embedding = (embedding + model(batch.flip(-1))) / 2
-            if model.card.distance == "cosine":
-                embedding = torch.nn.functional.normalize(embedding, dim=1)
+    step = max(1, batch_size // 2) if flip_average else batch_size
+    for start in range(0, len(chips), step):
+        batch = chips[start : start + step]
+        if not flip_average:
+            parts.append(model(batch))
+            continue
+        # the chips and their mirror images in one pass: a CPU runs a batch of 2k faster than two of k
+        both = model(torch.cat([batch, batch.flip(-1)]))
+        embedding = (both[: len(batch)] + both[len(batch) :]) / 2
+        if model.card.distance == "cosine":
+            embedding = torch.nn.functional.normalize(embedding, dim=1)
         parts.append(embedding)
     return torch.cat(parts)
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from facecloak.transforms import LUMA_WEIGHTS
+from facecloak.transforms import LUMA_WEIGHTS, separable_filter
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -37,11 +36,7 @@ def _window_size(a: Tensor, window: int) -> int:
 
 def _blur(x: Tensor, size: int, sigma: float) -> Tensor:
     """Separable Gaussian blur of every channel, 'valid' area only."""
-    kernel = _gaussian_window(size, sigma, x)
-    channels = x.shape[1]
-    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, size)
-    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, size, 1)
-    return F.conv2d(F.conv2d(x, horizontal, groups=channels), vertical, groups=channels)
+    return separable_filter(x, _gaussian_window(size, sigma, x))
 
 
 def reference_means(a: Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> tuple[Tensor, Tensor]:

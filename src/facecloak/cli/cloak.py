@@ -65,6 +65,13 @@ from facecloak.errors import FacecloakError
     "[measured default].",
 )
 @click.option(
+    "--models-per-step",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="How many of the models each optimisation step goes through, a random subset each step "
+    "[all of one or two; all but one from three on: a third faster with three, about as strong].",
+)
+@click.option(
     "--update",
     type=click.Choice(["adam", "momentum"]),
     default=None,
@@ -104,6 +111,7 @@ def cloak(
     max_dssim,
     diversity,
     smoothing,
+    models_per_step,
     update,
     spend_budget,
     person_level,
@@ -137,6 +145,7 @@ def cloak(
     transfer = dict(
         diversity=diversity,
         smoothing=smoothing,
+        models_per_step=models_per_step,
         update=update,
         spend_budget=spend_budget,
         person_level=person_level,
@@ -159,6 +168,10 @@ def cloak(
     except FacecloakError as error:
         fail(error)
     names = spec.params["models"]
+    if models_per_step is not None and models_per_step > len(names):
+        raise click.BadParameter(
+            f"{models_per_step} > the {len(names)} model(s) attacked", param_hint="--models-per-step"
+        )
 
     def build() -> CloakFaces:
         embedders = [running.create_model(name, options.device) for name in names]

@@ -79,10 +79,12 @@ class TargetedCloak(Cloak):
             length = 2.0 * self.budget.aim * card.match_threshold
             self.targets.append(synthetic_targets(clean[m], direction, length, card.distance))
 
-    def objective(self, embeddings: list[Tensor], clean: list[Tensor], face_index: Tensor) -> Tensor:
+    def objective(self, embeddings: list[Tensor | None], clean: list[Tensor], face_index: Tensor) -> Tensor:
         """Sum over models of the threshold-normalised distance to the target."""
-        loss = torch.zeros(len(face_index), device=embeddings[0].device)
+        loss = torch.zeros(len(face_index), device=self.device)
         for m, (model, embedding) in enumerate(zip(self.models, embeddings)):
+            if embedding is None:  # not in this step's models
+                continue
             target = self.targets[m][face_index.to(self.targets[m].device)]
             loss = loss + model.distance(embedding, target) / self.thresholds[m]
         return loss

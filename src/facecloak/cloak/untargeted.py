@@ -88,11 +88,13 @@ class UntargetedCloak(Cloak):
             return super().references(clean)
         return self._references, self._counts.clone()
 
-    def objective(self, embeddings: list[Tensor], clean: list[Tensor], face_index: Tensor) -> Tensor:
+    def objective(self, embeddings: list[Tensor | None], clean: list[Tensor], face_index: Tensor) -> Tensor:
         """Sum over models of how far each still is from the aim (0 once past it)."""
         references = self._references if self._references is not None else clean
-        loss = torch.zeros(len(face_index), device=embeddings[0].device)
+        loss = torch.zeros(len(face_index), device=self.device)
         for m, (model, embedding) in enumerate(zip(self.models, embeddings)):
+            if embedding is None:  # not in this step's models
+                continue
             reference = references[m][face_index.to(references[m].device)]
             ratio = model.distance(embedding, reference) / self.thresholds[m]
             loss = loss + torch.relu(self.target_ratio - ratio)

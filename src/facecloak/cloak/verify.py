@@ -19,7 +19,7 @@ from torch import Tensor
 
 from facecloak import io
 from facecloak.defaults import DISTANCE_AFTER_UPLOAD_KEY, REDETECT_IOU, VERIFY_JPEG_QUALITY
-from facecloak.embed import embed_faces
+from facecloak.embed import embed_chips, face_chips
 from facecloak.faces import Faces, box_iou
 from facecloak.models.registry import Embedder
 
@@ -33,7 +33,7 @@ __all__ = [
     "VERIFY_JPEG_QUALITY",
     "face_records",
     "match_redetected",
-    "verify_after_upload",
+    "measure_cloaked",
 ]
 
 FOUND_AFTER_UPLOAD_KEY = f"found_after_jpeg{VERIFY_JPEG_QUALITY}"
@@ -63,33 +63,59 @@ def match_redetected(faces: Faces, found: Faces) -> tuple[Tensor, Tensor]:
     return matched, is_found
 
 
-def verify_after_upload(
-    stored: list[Tensor], faces: Faces, clean: list[Tensor], models: Sequence[Embedder], detector: Detector
-) -> tuple[Tensor, Tensor]:
-    """Re-encode each photo as JPEG, detect from scratch, match faces by box overlap, embed.
+def measure_cloaked(
+    stored: list[Tensor],
+    faces: Faces,
+    reference: list[Tensor],
+    models: Sequence[Embedder],
+    detector: Detector | None,
+    alignments: Sequence[Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each face's distance as stored and after an upload: a real JPEG, a detection from scratch.
+
+    The stored faces are read through ``alignments`` (the cloak's own; None: aligned afresh).
+    With a ``detector``, each photo is re-encoded as JPEG at `VERIFY_JPEG_QUALITY`,
+    detected again, and every original face matched to a new detection by box overlap
+    (`REDETECT_IOU`). Both kinds of chip go through each model in one batch.
 
     Args:
         stored: the protected photos as they will be written, (3, H_i, W_i) each.
         faces: the faces that were protected (``image_index`` into ``stored``).
-        clean: per model, (N, D_m) embeddings each face must end far from (its clean face, or its
-            person's mean: `Cloak.references`).
+        reference: per model, (N, D_m) embeddings each face must end far from (its clean face, or
+            its person's mean: `Cloak.references`).
         models: the models to measure.
-        detector: finds faces in the re-encoded photos.
+        detector: finds faces in the re-encoded photos; None skips the upload.
+        alignments: per model, the (N, 2, 3) chip_from_image to read the stored faces through.
 
     Returns:
-        distance: (N, M) each model's distance to the clean face; NaN where not found again.
+        distance: (N, M) each model's distance as stored.
+        distance_after_upload: (N, M) the same after the upload; NaN where not found again (and
+            everywhere without a detector).
         found: (N,) bool, the face was detected again.
     """
-    recompressed = _recompress(stored)
-    found_faces = detector(recompressed)
-    distance = torch.full((len(faces), len(models)), math.nan)
-    matched, found = match_redetected(faces, found_faces)
-    if bool(found.any()):
-        again = found_faces.select(matched[found])
-        for m, model in enumerate(models):
-            embedding = embed_faces(recompressed, again, model)
-            distance[found, m] = model.distance(embedding, clean[m][found.to(clean[m].device)]).cpu()
-    return distance, found
+    n = len(faces)
+    distance = torch.zeros(n, len(models))
+    after = torch.full((n, len(models)), math.nan)
+    found = torch.zeros(n, dtype=torch.bool)
+    again, recompressed = None, None
+    if detector is not None and n:
+        recompressed = _recompress(stored)
+        found_faces = detector(recompressed)
+        matched, found = match_redetected(faces, found_faces)
+        again = found_faces.select(matched[found]) if bool(found.any()) else None
+    for m, model in enumerate(models):
+        if not n:
+            break
+        with torch.no_grad():
+            chips = face_chips(stored, faces, model, alignments[m] if alignments is not None else None)
+            if again is not None:
+                chips = torch.cat([chips, face_chips(recompressed, again, model)])
+            embedding = embed_chips(model, chips)
+        own = reference[m]
+        distance[:, m] = model.distance(embedding[:n], own).cpu()
+        if again is not None:
+            after[found, m] = model.distance(embedding[n:], own[found.to(own.device)]).cpu()
+    return distance, after, found
 
 
 def face_records(result: CloakResult, faces: Faces) -> list[dict]:
