@@ -74,3 +74,30 @@ def test_errors_carry_their_exit_code():
     with pytest.raises(UnknownModelError) as info:
         get_card("no-such-model")
     assert isinstance(info.value, ModelNotFoundError) and info.value.exit_code == EXIT_USAGE
+
+
+def test_the_check_looks_only_for_faces_large_enough_to_match_a_cloaked_one(samples_dir, detector):
+    """The re-detection skips the pyramid's finest levels: no smaller face could reach REDETECT_IOU."""
+    from facecloak.cloak.verify import REDETECT_SIZE_SHARE, _recompress, _redetect
+    from facecloak.detect import MIN_FACE_PX, FaceDetector
+    from facecloak.io import read_image
+
+    photos = [read_image(samples_dir / name).pixels for name in ("astronaut.jpg", "group.jpg")]
+    faces = detector(photos)
+    asked: list[int | None] = []
+
+    class Recording(FaceDetector):
+        def __call__(self, images, *, min_size=None):
+            asked.append(min_size)
+            return super().__call__(images, min_size=min_size)
+
+    again = _redetect(Recording(device="cpu"), _recompress(photos), faces)
+    smallest = float((faces.boxes[:, 2:] - faces.boxes[:, :2]).amin())
+    assert asked == [int(REDETECT_SIZE_SHARE * smallest)] and asked[0] > MIN_FACE_PX
+    # a box of this share of a face's side covers less than REDETECT_IOU of it: it could not match
+    assert REDETECT_SIZE_SHARE**2 < REDETECT_IOU
+    _, found = match_redetected(faces, again)
+    assert bool(found.all())  # every cloaked-size face is still found after the JPEG re-encode
+    # a detector that takes no size hint is called as it is
+    plain = _redetect(lambda images: detector(images), photos, faces)
+    assert len(plain) >= len(faces)

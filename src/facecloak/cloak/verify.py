@@ -19,6 +19,7 @@ from torch import Tensor
 
 from facecloak import io
 from facecloak.defaults import DISTANCE_AFTER_UPLOAD_KEY, REDETECT_IOU, VERIFY_JPEG_QUALITY
+from facecloak.detect import FaceDetector
 from facecloak.embed import embed_chips, face_chips
 from facecloak.faces import Faces, box_iou
 from facecloak.models.registry import Embedder
@@ -35,6 +36,12 @@ __all__ = [
     "match_redetected",
     "measure_cloaked",
 ]
+
+REDETECT_SIZE_SHARE = 0.4
+"""The check looks only for faces at least this share of the smallest cloaked face's side: a box
+smaller than about 0.55x a face's side covers under 0.3 of it (`REDETECT_IOU`) and cannot be
+matched to it, so the pyramid's finest, costliest levels would only find faces that do not count
+(on the 512 px astronaut, 57 -> 29 ms)."""
 
 FOUND_AFTER_UPLOAD_KEY = f"found_after_jpeg{VERIFY_JPEG_QUALITY}"
 """Per-face record key: the face was detected again after the re-encode."""
@@ -100,7 +107,7 @@ def measure_cloaked(
     again, recompressed = None, None
     if detector is not None and n:
         recompressed = _recompress(stored)
-        found_faces = detector(recompressed)
+        found_faces = _redetect(detector, recompressed, faces)
         matched, found = match_redetected(faces, found_faces)
         again = found_faces.select(matched[found]) if bool(found.any()) else None
     for m, model in enumerate(models):
@@ -154,6 +161,15 @@ def face_records(result: CloakResult, faces: Faces) -> list[dict]:
 
 RECOMPRESS_THREADS = 8
 """Threads that JPEG-encode and decode a batch's photos at once (PIL lets go of the GIL)."""
+
+
+def _redetect(detector: Detector, photos: list[Tensor], faces: Faces) -> Faces:
+    """``detector`` on ``photos``, told the smallest face that could match one of ``faces``."""
+    if not isinstance(detector, FaceDetector) or len(faces) == 0:
+        return detector(photos)
+    sides = (faces.boxes[:, 2:] - faces.boxes[:, :2]).amin(1)
+    smallest = int(REDETECT_SIZE_SHARE * float(sides.min()))
+    return detector(photos, min_size=max(detector.min_size, smallest))
 
 
 def _recompress(stored: list[Tensor]) -> list[Tensor]:
