@@ -74,12 +74,12 @@ DEFAULT_DROPOUT = 0.0
 DEFAULT_SKIP_GRADIENT = 1.0
 """Residual branches pass back their whole gradient (the skip gradient method is off)."""
 SUBSET_FROM_MODELS = 3
-"""From this many models on, each step attacks all of them but one, a different random subset each
-step (`default_models_per_step`). On 16 LFW faces cloaked with all three of our models, the
-displacement after JPEG 75 moved from 1.236 / 0.997 / 1.248 to 1.199 / 1.019 / 1.233 thresholds
-(dlib-resnet / MobileFace / HSE) while each step cost two thirds of the models' time: with the
-DSSIM cap binding, a step's change is limited by the cap, not by how many gradients it averages
-(README, "Speed"; `scripts/probe_transfer.py --options '{"models_per_step": 3}'`)."""
+"""From this many models on, each step attacks all of them but one, a different random one left
+out each step (`default_models_per_step`): two thirds of the models' time with three. Measured on
+24 LFW faces cloaked with our three models, displacement after JPEG 75: 1.22 / 0.99 / 1.29
+thresholds (dlib-resnet / MobileFace / HSE) against 1.25 / 1.01 / 1.37 with every model every
+step; the DSSIM cap, more than the number of gradients a step averages, limits a step (README,
+"How the cloak works"; `scripts/probe_transfer.py --options '{"models_per_step": 3}'`)."""
 DEFAULT_FEATURE_WEIGHT = 0.0
 DEFAULT_FEATURE_DEPTH = 0.5
 """The intermediate-feature loss is off; when on, it takes the convolution halfway through."""
