@@ -104,15 +104,15 @@ def measure_cloaked(
     distance = torch.zeros(n, len(models))
     after = torch.full((n, len(models)), math.nan)
     found = torch.zeros(n, dtype=torch.bool)
+    if n == 0:
+        return distance, after, found
     again, recompressed = None, None
-    if detector is not None and n:
+    if detector is not None:
         recompressed = _recompress(stored)
         found_faces = _redetect(detector, recompressed, faces)
         matched, found = match_redetected(faces, found_faces)
         again = found_faces.select(matched[found]) if bool(found.any()) else None
     for m, model in enumerate(models):
-        if not n:
-            break
         with torch.no_grad():
             chips = face_chips(stored, faces, model, alignments[m] if alignments is not None else None)
             if again is not None:
