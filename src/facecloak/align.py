@@ -177,7 +177,7 @@ def warp_to_chips(sources: Tensor, chip_from_source: Tensor, size: int) -> Tenso
         image_from_chip[:, :, :2].sum(2, keepdim=True) * centre + image_from_chip[:, :, 2:]
     )
     shift = shift + image_from_chip.new_tensor([1.0 / width - 1.0, 1.0 / height - 1.0]).view(1, 2, 1)
-    theta = torch.cat([linear, shift], dim=2).to(sources.dtype)
+    theta = torch.cat([linear, shift], dim=2).to(sources)  # the sources' dtype and device
     grid = F.affine_grid(theta, [len(sources), sources.shape[1], size, size], align_corners=False)
     return F.grid_sample(sources, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
