@@ -64,7 +64,14 @@ def make_replace(group, faces, detector, donors: str | None) -> None:
         print(
             {
                 k: record.get(k)
-                for k in ("method", "donors", "protected", "distance_to_original", "distance_to_donors")
+                for k in (
+                    "method",
+                    "donors",
+                    "protected",
+                    "distance_to_original",
+                    "distance_to_donors",
+                    "donor_upscale",
+                )
             }
         )
     replaced = result.images[0]

@@ -9,6 +9,7 @@ recogniser beyond the match threshold from the original face and from each donor
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -160,6 +161,13 @@ def test_replaced_faces_are_found_again_and_match_nobody(replaced, bank, models,
             # the replacer's own check held its margin from each donor's stored chip
             name = model.card.name
             assert record["distance_to_donors"][name] >= record["donor_thresholds"][name]
+    # how much larger each face is than its smallest donor, in their photos (a sign of softness)
+    for k in kept:
+        record = replaced.records[k]
+        donors = [bank.donors[bank.ids.index(donor_id)] for donor_id in record["donors"]]
+        donor_eyes = min(math.dist(*donor["landmarks"][:2]) for donor in donors)
+        face_eyes = float((faces.landmarks[k][1] - faces.landmarks[k][0]).norm())
+        assert record["donor_upscale"] == pytest.approx(face_eyes / donor_eyes, abs=0.01)
 
 
 def test_only_the_face_region_changes(replaced, targets):

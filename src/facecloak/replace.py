@@ -48,6 +48,7 @@ from facecloak.synthesis import (
     canonical_chips,
     donor_warps,
     estimate_pose,
+    eye_distance,
     face_statistics,
     mirror_chips,
     mouth_width,
@@ -103,7 +104,9 @@ class ReplaceResult:
         records: one dict per face, in ``faces`` order: ``method`` ("replace", or "blur" for a
             face under ``min_face``), ``protected``, ``redetected``, ``attempts``, ``donors`` (ids),
             ``distance_to_original`` and ``distance_to_donors`` (closest donor) per model, the
-            detector's confidence before and after, and a ``reason`` when not protected.
+            detector's confidence before and after, ``donor_upscale`` (the face's eye distance over
+            its smallest donor's, in their photos: above about 2 the new face looks soft), and a
+            ``reason`` when not protected.
         protected: (N,) bool, every check passed (a blurred tiny face counts as protected).
     """
 
@@ -398,8 +401,19 @@ class FaceReplacer:
             crops[n] = crop
             checked[n] = (targets_row(targets, rows, n), (crop[3], crop[4]))
             record.pop("_matched_donors", None)
-            records[n].update(record, attempts=plan.attempts)
+            upscale = self._donor_upscale(chosen.landmarks[rows.index(n)], record["donors"])
+            records[n].update(record, attempts=plan.attempts, donor_upscale=upscale)
         return crops, checked
+
+    def _donor_upscale(self, landmarks: Tensor, donor_ids: Sequence[str]) -> float:
+        """How many times larger this face is than the smallest of its donors in their own photos.
+
+        Eye distances, in pixels. The new face has no finer detail than its donors: above about
+        2 it looks softer than the photo around it (the largest face of `samples/group.jpg`: 1.74).
+        """
+        donors = {donor["id"]: donor for donor in self.bank.donors}
+        eyes = eye_distance(torch.tensor([donors[i]["landmarks"] for i in donor_ids], dtype=torch.float32))
+        return round(float(eye_distance(landmarks[None].cpu())[0]) / max(float(eyes.min()), 1e-6), 2)
 
     # -- donors ------------------------------------------------------------------------------------
 
