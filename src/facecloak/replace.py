@@ -36,12 +36,13 @@ from torch import Tensor
 from facecloak import io
 from facecloak._checks import check_choice, check_faces, check_image_list
 from facecloak.anonymize import blur_faces
-from facecloak.defaults import REDETECT_IOU, REPLACE_FALLBACKS, VERIFY_JPEG_QUALITY
+from facecloak.cloak.verify import match_redetected, redetect_min_size
+from facecloak.defaults import REPLACE_FALLBACKS, VERIFY_JPEG_QUALITY
 from facecloak.detect import FaceDetector
 from facecloak.donor_bank import DonorBank, load_bank
 from facecloak.embed import embed_faces, model_device
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces, box_iou
+from facecloak.faces import Faces
 from facecloak.models.registry import Embedder, embedding_distance
 from facecloak.synthesis import (
     SynthesisSettings,
@@ -582,22 +583,18 @@ class FaceReplacer:
             return {}
         images = sorted({int(faces.image_index[n]) for n in rows})
         stored = {i: io.jpeg_roundtrip(outputs[i], VERIFY_JPEG_QUALITY) for i in images}
-        boxes = faces.boxes[rows]
-        smallest = float(torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).min())
         with torch.no_grad():
             detector = self.detector
-            least = max(detector.min_size, _redetect_min_size(smallest))
+            least = max(detector.min_size, redetect_min_size(faces.boxes[rows]))
             found = detector([stored[i] for i in images], min_size=least)
         local = {i: k for k, i in enumerate(images)}
+        checked = faces.select(rows)  # numbered as the photos given to the detector
+        in_found = torch.tensor([local[int(i)] for i in checked.image_index], dtype=torch.long)
+        checked = Faces(checked.boxes, checked.landmarks, checked.scores, in_found)
+        matched, _ = match_redetected(checked, found)
         results = {}
         matches, matched_rows = [], []
-        for n in rows:
-            candidates = (found.image_index == local[int(faces.image_index[n])]).nonzero()[:, 0]
-            best = -1
-            if len(candidates):
-                overlaps = box_iou(faces.boxes[n], found.boxes[candidates])
-                if float(overlaps.max()) >= REDETECT_IOU:
-                    best = int(candidates[int(overlaps.argmax())])
+        for n, best in zip(rows, matched.tolist()):
             if best < 0:
                 results[n] = (
                     self._record(
@@ -698,16 +695,6 @@ def _mean_distances(
         pairs = 1 - among / (norms[:, :, None] * norms[:, None, :])
     pairs = pairs + torch.eye(k, dtype=pairs.dtype) * 1e9  # a donor and itself are not a pair
     return to_donors.amin(1), to_person, pairs.flatten(1).amin(1)
-
-
-def _redetect_min_size(smallest_side: float) -> int:
-    """Smallest face the check looks for: a box much smaller than the face cannot pass `REDETECT_IOU`.
-
-    A square box of side ``a x s`` inside a square of side ``s`` overlaps it by at most ``a**2``
-    (IoU), so below ``sqrt(REDETECT_IOU)`` x the face's side (0.55 at 0.3) nothing can pass; 0.4
-    leaves room for boxes that are not square. The pyramid's finest levels, the costliest, are skipped.
-    """
-    return max(1, int(0.4 * smallest_side))
 
 
 def targets_row(targets: dict[str, Tensor], rows: list[int], n: int) -> dict[str, Tensor]:

@@ -35,13 +35,15 @@ __all__ = [
     "face_records",
     "match_redetected",
     "measure_cloaked",
+    "redetect_min_size",
 ]
 
 REDETECT_SIZE_SHARE = 0.4
-"""The check looks only for faces at least this share of the smallest cloaked face's side: a box
-smaller than about 0.55x a face's side covers under 0.3 of it (`REDETECT_IOU`) and cannot be
-matched to it, so the pyramid's finest, costliest levels would only find faces that do not count
-(on the 512 px astronaut, 57 -> 29 ms)."""
+"""A check after upload looks only for faces at least this share of the smallest checked face's
+side (`redetect_min_size`). A square box of side ``a x s`` inside a square of side ``s`` overlaps
+it by at most ``a**2`` (IoU), so below ``sqrt(REDETECT_IOU)`` x the face's side (0.55 at 0.3)
+nothing can be matched to it; 0.4 leaves room for boxes that are not square. The pyramid's
+finest levels, the costliest, are skipped (on the 512 px astronaut, 57 -> 29 ms)."""
 
 FOUND_AFTER_UPLOAD_KEY = f"found_after_jpeg{VERIFY_JPEG_QUALITY}"
 """Per-face record key: the face was detected again after the re-encode."""
@@ -163,13 +165,21 @@ RECOMPRESS_THREADS = 8
 """Threads that JPEG-encode and decode a batch's photos at once (PIL lets go of the GIL)."""
 
 
+def redetect_min_size(boxes: Tensor) -> int:
+    """Smallest face side a re-detection must look for to find the faces ``boxes`` (N, 4) again.
+
+    `REDETECT_SIZE_SHARE` of the shortest side among them: anything smaller could not be matched
+    to one of them by `match_redetected`.
+    """
+    sides = (boxes[:, 2:] - boxes[:, :2]).amin(1)
+    return max(1, int(REDETECT_SIZE_SHARE * float(sides.min())))
+
+
 def _redetect(detector: Detector, photos: list[Tensor], faces: Faces) -> Faces:
     """``detector`` on ``photos``, told the smallest face that could match one of ``faces``."""
     if not isinstance(detector, FaceDetector) or len(faces) == 0:
         return detector(photos)
-    sides = (faces.boxes[:, 2:] - faces.boxes[:, :2]).amin(1)
-    smallest = int(REDETECT_SIZE_SHARE * float(sides.min()))
-    return detector(photos, min_size=max(detector.min_size, smallest))
+    return detector(photos, min_size=max(detector.min_size, redetect_min_size(faces.boxes)))
 
 
 def _recompress(stored: list[Tensor]) -> list[Tensor]:
