@@ -241,3 +241,26 @@ def test_block_dct_is_the_two_sided_8x8_transform():
     # a flat block has only its DC coefficient, 8 x its value
     flat = (torch.full((1, 64), 0.5, dtype=torch.float64) @ transforms._block_dct(blocks).T)[0]
     assert abs(float(flat[0]) - 4.0) < 1e-12 and float(flat[1:].abs().max()) < 1e-12
+
+
+def test_the_written_out_jpeg_backward_is_the_straight_through_gradient(samples_dir):
+    """`_JpegRoundTrip.backward` equals autograd through every block product of `jpeg_decoded`.
+
+    Odd sizes (padding), both chroma layouts, per-image qualities, pixels clipped at 0 and 1.
+    """
+    from facecloak import io
+
+    photo = io.read_image(samples_dir / "grace_hopper.jpg").pixels
+    for (height, width), subsample in (((75, 61), True), ((64, 48), True), ((70, 41), False)):
+        images = torch.stack([photo[:, :height, :width], photo[:, 100 : 100 + height, 50 : 50 + width]])
+        images[0, :, :8, :8] = 1.0  # saturated: the clip's gradient is 0 where the decoded value is past 1
+        qualities = torch.tensor([55.0, 90.0])
+        weights = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height))
+        fast = images.clone().requires_grad_(True)
+        (transforms.jpeg_compress(fast, qualities, subsample_chroma=subsample) * weights).sum().backward()
+        traced = images.clone().requires_grad_(True)
+        reference = transforms.jpeg_decoded(traced, qualities, subsample).clamp(0, 1)
+        (reference * weights).sum().backward()
+        assert torch.equal(transforms.jpeg_compress(images, qualities, subsample_chroma=subsample), reference)
+        assert torch.allclose(fast.grad, traced.grad, atol=1e-5), float((fast.grad - traced.grad).abs().max())
+        assert float(fast.grad.abs().max()) > 0.5  # a real gradient, not zeros on both sides

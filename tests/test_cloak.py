@@ -321,7 +321,7 @@ def test_cloak_batch_size_follows_the_device():
 def test_each_step_goes_through_a_fresh_subset_of_the_models(
     dlib_model, mobileface_dir, detector, photos, centre_faces
 ):
-    """``models_per_step``: a random subset per step, every model drawn over the steps, all measured."""
+    """``models_per_step``: a random subset per step, each model in the same share of steps, all measured."""
     from facecloak.cloak.base import default_models_per_step
     from facecloak.models.plugins import load_model_file
 
@@ -338,8 +338,7 @@ def test_each_step_goes_through_a_fresh_subset_of_the_models(
     finally:
         for hook in hooks:
             hook.remove()
-    assert len(passes[0]) + len(passes[1]) == 10  # one model per step
-    assert passes[0] and passes[1]  # and both drawn
+    assert len(passes[0]) == len(passes[1]) == 5  # one model per step, each in half of the steps
     assert result.settings["models_per_step"] == 1
     assert bool((result.distance > 0).all()) and not bool(result.distance_jpeg.isnan().any())
     # defaults: every model up to two, all but one from three on
@@ -349,6 +348,14 @@ def test_each_step_goes_through_a_fresh_subset_of_the_models(
     for wrong in (0, 3):
         with pytest.raises(InvalidInputError):
             UntargetedCloak(models, "low", models_per_step=wrong)
+    # the schedule: distinct models in every step, each model's share within one step of the others'
+    for count, per_step, steps in ((3, 2, 40), (4, 2, 13), (4, 3, 7)):
+        cloak = UntargetedCloak([dlib_model] * count, "low", models_per_step=per_step)
+        schedule = cloak._model_schedule(steps, torch.Generator().manual_seed(3))
+        assert len(schedule) == steps
+        assert all(len(set(chosen)) == per_step for chosen in schedule)
+        shares = torch.bincount(torch.tensor(sum(schedule, [])), minlength=count)
+        assert int(shares.sum()) == steps * per_step and int(shares.max() - shares.min()) <= 1
 
 
 def test_the_dssim_penalty_is_exactly_zero_under_its_onset_and_pushes_back_above_it(dlib_model, photos):

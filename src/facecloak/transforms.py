@@ -11,6 +11,7 @@ All functions take (B, 3, H, W) tensors in [0, 1] and keep their shape.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -73,8 +74,14 @@ def _block_dct(like: Tensor) -> Tensor:
     """(64, 64) 2-D DCT K of flattened 8x8 blocks: coefficients = block @ K^T, block = coefficients @ K.
 
     K = D (x) D, so one matrix product over every block replaces two tiny 8x8 products per block.
+    Built once per dtype and device (the cloak calls the JPEG round trip every step).
     """
-    dct = _dct_matrix(like)
+    return _block_dct_for(like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_dct_for(dtype: torch.dtype, device: torch.device) -> Tensor:
+    dct = _dct_matrix(torch.empty(0, dtype=dtype, device=device))
     return torch.kron(dct, dct)
 
 
@@ -124,20 +131,28 @@ def jpeg_compress(images: Tensor, quality: float | Tensor, *, subsample_chroma: 
         >>> jpeg_compress(x, 75).shape
         torch.Size([1, 3, 32, 32])
     """
+    quality = torch.as_tensor(quality, dtype=images.dtype, device=images.device).expand(images.shape[0])
+    if not images.requires_grad:
+        return jpeg_decoded(images, quality, subsample_chroma).clamp(0, 1)
+    return _JpegRoundTrip.apply(images, quality, subsample_chroma)
+
+
+def jpeg_decoded(images: Tensor, quality: Tensor, subsample_chroma: bool = True) -> Tensor:
+    """The JPEG round trip of `jpeg_compress` before its final clip to [0, 1], built of autograd ops.
+
+    Differentiable as it is (straight-through rounding), but `jpeg_compress` runs it without a
+    graph and back-propagates by `_JpegRoundTrip`: the same gradient at a third of the cost.
+    """
     batch, _, height, width = images.shape
-    quality = torch.as_tensor(quality, dtype=images.dtype, device=images.device).expand(batch)
     luma_table, chroma_table = quantisation_tables(quality)
     unit = 16 if subsample_chroma else 8
     pad_h, pad_w = (-height) % unit, (-width) % unit
     padded = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else images
     conversion = torch.tensor(RGB_TO_YCBCR, dtype=images.dtype, device=images.device)
     ycbcr = torch.einsum("ij,bjhw->bihw", conversion, padded * 255.0)
-    ycbcr = ycbcr + torch.tensor([0.0, 128.0, 128.0], dtype=images.dtype, device=images.device).view(
-        1, 3, 1, 1
-    )
     dct = _block_dct(images)
-    luma = _quantise_blocks(ycbcr[:, :1] - 128.0, luma_table, dct)[:, 0] + 128.0
-    chroma = ycbcr[:, 1:] - 128.0
+    luma = _quantise_blocks(ycbcr[:, :1] - 128.0, luma_table, dct)[:, 0] + 128.0  # JPEG's level shift
+    chroma = ycbcr[:, 1:]  # centred on 0 already (the file's +128 offset and its removal cancel)
     if subsample_chroma:
         chroma = F.avg_pool2d(chroma, 2)
     chroma = _quantise_blocks(chroma, chroma_table, dct)
@@ -145,7 +160,54 @@ def jpeg_compress(images: Tensor, quality: float | Tensor, *, subsample_chroma: 
         chroma = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)
     y, cb, cr = luma, chroma[:, 0], chroma[:, 1]
     rgb = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1) / 255.0
-    return rgb[..., :height, :width].clamp(0, 1)
+    return rgb[..., :height, :width]
+
+
+class _JpegRoundTrip(torch.autograd.Function):
+    """`jpeg_decoded` clipped to [0, 1], with its backward pass written out.
+
+    With rounding passed straight through, the round trip is linear: the 8x8 DCT is orthonormal
+    and quantisation divides and multiplies by the same table, so the luma path is the identity
+    and the chroma path is the 2x2 average followed by the 2x bilinear upscale. The backward pass
+    applies the transposes of those few linear maps instead of retracing every block product.
+    """
+
+    @staticmethod
+    def forward(ctx, images: Tensor, quality: Tensor, subsample_chroma: bool) -> Tensor:
+        decoded = jpeg_decoded(images, quality, subsample_chroma)
+        ctx.save_for_backward((decoded >= 0) & (decoded <= 1))
+        ctx.subsample_chroma = subsample_chroma
+        return decoded.clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inside,) = ctx.saved_tensors
+        height, width = grad.shape[-2:]
+        unit = 16 if ctx.subsample_chroma else 8
+        grad = F.pad(grad * inside / 255.0, (0, (-width) % unit, 0, (-height) % unit))
+        red, green, blue = grad.unbind(1)
+        luma = red + green + blue
+        chroma = torch.stack([-0.344136 * green + 1.772 * blue, 1.402 * red - 0.714136 * green], 1)
+        if ctx.subsample_chroma:  # transposes of the bilinear 2x upscale and of the 2x2 average
+            batch, channels, rows, columns = chroma.shape
+            half = [batch, channels, rows // 2, columns // 2]
+            upscale_transpose = torch.ops.aten.upsample_bilinear2d_backward
+            chroma = upscale_transpose(chroma, [rows, columns], half, False, 2.0, 2.0)
+            chroma = F.interpolate(chroma, scale_factor=2, mode="nearest") / 4.0
+        conversion = torch.tensor(RGB_TO_YCBCR, dtype=grad.dtype, device=grad.device)
+        padded = torch.einsum("ij,bihw->bjhw", conversion, torch.cat([luma[:, None], chroma], 1)) * 255.0
+        return _replicate_pad_transpose(padded, height, width), None, None
+
+
+def _replicate_pad_transpose(grad: Tensor, height: int, width: int) -> Tensor:
+    """Gradient w.r.t. (..., height, width) images of their replicate padding (right, bottom) to ``grad``."""
+    out = grad[..., :height, :width].clone()
+    if grad.shape[-1] > width:
+        out[..., width - 1] += grad[..., :height, width:].sum(-1)
+    if grad.shape[-2] > height:
+        out[..., height - 1, :] += grad[..., height:, :].sum(-2)[..., :width]
+        out[..., height - 1, width - 1] += grad[..., height:, width:].sum((-1, -2))
+    return out
 
 
 def resize_roundtrip(images: Tensor, scale: float) -> Tensor:
