@@ -840,9 +840,12 @@ def _smooth(gradient: Tensor, sigmas: Tensor) -> Tensor:
     """Gaussian-smooth each face's (n, 3, h, w) gradient with its own sigma (TI); 0 leaves it."""
     if not bool((sigmas > 0).any()):
         return gradient
-    out = gradient.clone()
     rounded = (sigmas * 4).round() / 4  # faces of similar size share one convolution
-    for sigma in rounded.unique().tolist():
+    distinct = rounded.unique().tolist()
+    if len(distinct) == 1:  # one face, or faces of one size: no gathering
+        return transforms.gaussian_blur(gradient, distinct[0])
+    out = gradient.clone()
+    for sigma in distinct:
         if sigma > 0:
             rows = (rounded == sigma).nonzero()[:, 0].to(gradient.device)
             out[rows] = transforms.gaussian_blur(gradient[rows], sigma)

@@ -26,6 +26,8 @@ from facecloak import quality, transforms
 
 RGB_TO_YCBCR = torch.tensor(transforms.RGB_TO_YCBCR)
 """`facecloak.transforms.RGB_TO_YCBCR` as a float32 tensor: for changes rather than pixels."""
+YCBCR_TO_RGB = torch.linalg.inv(RGB_TO_YCBCR)
+"""Its inverse (inverted once: `limit_change` runs every step)."""
 
 BACKGROUND_WINDOW = 5
 """Side of the window whose mean brightness a pixel's change is seen against (pixels)."""
@@ -87,7 +89,7 @@ def limit_change(delta: Tensor, max_luma: Tensor | float, chroma_share: float) -
         luma_limit = luma_limit.view(1, 1, 1, 1)
     limits = torch.cat([luma_limit, chroma_share * luma_limit, chroma_share * luma_limit], dim=1)
     ycbcr = torch.maximum(torch.minimum(ycbcr, limits), -limits)
-    rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycbcr), ycbcr)
+    rgb = torch.einsum("ij,njhw->nihw", YCBCR_TO_RGB.to(delta), ycbcr)
     # the L-infinity cap scales the whole change of a pixel (clipping channels one by one would
     # change its colour balance, i.e. add chroma)
     largest = rgb.abs().amax(dim=1, keepdim=True)
