@@ -140,3 +140,16 @@ def test_min_overlap_nms_matches_facenet_pytorch():
             mine = np.nonzero(photos == photo)[0]
             expected = mine[nms_numpy(boxes[mine], scores[mine], 0.7, "Min")]
             assert kept[photos[kept] == photo].tolist() == expected.tolist()
+
+
+def test_pnet_pair_pooling_is_max_pooling_with_ceil_mode():
+    """`_PairMaxPool` (strided maximums) gives `nn.MaxPool2d(2, 2, ceil_mode=True)`'s exact values."""
+    from facecloak.mtcnn import PAIR_POOL_MIN_PX, _PairMaxPool
+
+    generator = torch.Generator().manual_seed(7)
+    pool, reference = _PairMaxPool(), torch.nn.MaxPool2d(2, 2, ceil_mode=True)
+    for height, width in ((148, 148), (105, 107), (64, 33), (13, 13)):
+        features = torch.randn(3, 10, height, width, generator=generator)
+        features = features.contiguous(memory_format=torch.channels_last)
+        assert (height * width >= PAIR_POOL_MIN_PX) == (height > 13)  # both paths are exercised
+        assert torch.equal(pool(features), reference(features)), (height, width)
