@@ -36,15 +36,16 @@ def _apply_per_face(
     output = images.clone()
     height, width = images.shape[-2:]
     regions = face_regions(faces.to(images.device), scale, (height, width))
-    for n, image_index in enumerate(faces.image_index.tolist()):
-        box = regions[n]
-        x0, y0 = int(math.floor(float(box[0]))), int(math.floor(float(box[1])))
-        x1, y1 = int(math.ceil(float(box[2]))) + 1, int(math.ceil(float(box[3]))) + 1
+    corners = regions.tolist()  # the loop's numbers as Python floats: no tensor op per coordinate
+    sides = torch.minimum(faces.boxes[:, 2] - faces.boxes[:, 0], faces.boxes[:, 3] - faces.boxes[:, 1])
+    for n, (image_index, side) in enumerate(zip(faces.image_index.tolist(), sides.tolist())):
+        left, top, right, bottom = corners[n]
+        x0, y0 = int(math.floor(left)), int(math.floor(top))
+        x1, y1 = int(math.ceil(right)) + 1, int(math.ceil(bottom)) + 1
         if x1 - x0 < 2 or y1 - y0 < 2:
             continue
         crop = output[image_index : image_index + 1, :, y0:y1, x0:x1]
-        mask = region_mask(box, x0, y0, y1 - y0, x1 - x0, shape, feather)
-        side = float(min(faces.boxes[n, 2] - faces.boxes[n, 0], faces.boxes[n, 3] - faces.boxes[n, 1]))
+        mask = region_mask(regions[n], x0, y0, y1 - y0, x1 - x0, shape, feather)
         filtered = filter_crop(crop, max(side, 1.0))
         blended = torch.where(mask > 0, crop * (1 - mask) + filtered * mask, crop)
         output[image_index, :, y0:y1, x0:x1] = blended[0]
