@@ -153,3 +153,35 @@ def test_pnet_pair_pooling_is_max_pooling_with_ceil_mode():
         features = features.contiguous(memory_format=torch.channels_last)
         assert (height * width >= PAIR_POOL_MIN_PX) == (height > 13)  # both paths are exercised
         assert torch.equal(pool(features), reference(features)), (height, width)
+
+
+def test_pnet_in_pieces_gives_the_whole_levels_outputs():
+    """`run_pnet`: groups of photos and strips of rows give P-Net's outputs on the whole level."""
+    from facecloak.mtcnn import load_mtcnn_nets, run_pnet
+
+    pnet = load_mtcnn_nets("cpu")[0]
+    generator = torch.Generator().manual_seed(5)
+    for shape in ((1, 3, 301, 157), (1, 3, 300, 160), (3, 3, 64, 75)):
+        pixels = torch.rand(*shape, generator=generator) * 255
+        whole_offsets, whole_probability = pnet(pixels)
+        offsets, probability = run_pnet(pnet, pixels, tile_px=4000)  # strips of 7 to 21 output rows
+        assert offsets.shape == whole_offsets.shape and probability.shape == whole_probability.shape
+        assert torch.allclose(offsets, whole_offsets, atol=1e-5), shape
+        assert torch.allclose(probability, whole_probability, atol=1e-5), shape
+
+
+def test_area_resize_from_the_table_is_interpolate_area():
+    """`area_resize` reads F.interpolate(mode="area")'s values from the summed-area table."""
+    from facecloak.mtcnn import area_resize
+
+    generator = torch.Generator().manual_seed(6)
+    photos = (torch.rand(2, 3, 61, 47, generator=generator) * 255).round()
+    table = summed_area_table(photos)
+    for size in (
+        (37, 29),
+        (14, 20),
+        (62, 48),
+        (61, 47),
+    ):  # down, uneven, up by a pixel (P-Net's first level), same
+        expected = F.interpolate(photos, size=size, mode="area")
+        assert torch.allclose(area_resize(table, size), expected, atol=1e-4), size

@@ -232,8 +232,8 @@ def summed_area_table(images: Tensor) -> Tensor:
     ``table[b, y, x]`` is the sum of ``images[b, :, :y, :x]`` per channel, the pixels taken as
     whole grey levels (0..255): a photo's are, and rounding removes only the float noise of the
     scaling to 0..1 and back (a 16-bit photo would lose under half a level). Integer sums are
-    exact, and half the size of float64 ones: building the table and reading crops from it move
-    half the memory (a table of a 1600 px photo sums to under 2**31). Channels last, so that one
+    exact, and (int32, up to 8 MP) half the size of float64 ones: building the table and reading
+    crops from it move half the memory. Channels last, so that one
     look-up reads a pixel's three channels. On a CPU the sums run photo by photo (a 250 px
     photo's fit in cache).
 
@@ -242,7 +242,8 @@ def summed_area_table(images: Tensor) -> Tensor:
         [[0, 0, 0], [0, 1, 2], [0, 2, 4]]
     """
     batch, _, height, width = images.shape
-    table = images.new_empty((batch, height + 1, width + 1, 3), dtype=torch.int32)
+    exact = torch.int32 if height * width * 255 < 2**31 else torch.int64  # photos over 8 MP: int64
+    table = images.new_empty((batch, height + 1, width + 1, 3), dtype=exact)
     table[:, 0] = 0
     table[:, 1:, 0] = 0
     table[:, 1:, 1:] = images.round().permute(0, 2, 3, 1)
@@ -488,8 +489,8 @@ def run_pnet(pnet: nn.Module, pixels: Tensor, tile_px: int = CPU_PNET_TILE_PX) -
     A pyramid level larger than the CPU's caches runs several times slower per pixel (P-Net's
     first convolution: 12 MP photo's 1201x1601 level 157 ms in one call). P-Net has no padding,
     a 12-pixel window and a stride of 2, so photos can go in groups and a large photo in strips of
-    rows, each strip ``2k + 10`` rows tall for ``k`` output rows (the last runs to the bottom, as
-    the whole level would): the same outputs, to float rounding. On a GPU, one call.
+    rows, each strip ``2 (k - 1) + 12`` rows tall for ``k`` output rows (the last runs to the
+    bottom, as the whole level would): the same outputs, to float rounding. On a GPU, one call.
     """
     batch, _, height, width = pixels.shape
     if pixels.is_cuda or batch * height * width <= tile_px:
@@ -505,7 +506,7 @@ def run_pnet(pnet: nn.Module, pixels: Tensor, tile_px: int = CPU_PNET_TILE_PX) -
     offsets, probability = [], []
     for first in range(0, out_rows, rows):
         top = PNET_STRIDE_PX * first
-        bottom = height if first + rows >= out_rows else top + PNET_STRIDE_PX * rows + 10
+        bottom = height if first + rows >= out_rows else top + PNET_STRIDE_PX * (rows - 1) + PNET_WINDOW_PX
         strip_offsets, strip_probability = pnet(pixels[:, :, top:bottom])
         offsets.append(strip_offsets)
         probability.append(strip_probability)
