@@ -304,6 +304,17 @@ def main() -> None:
     lfw = [read_image(path).pixels for path in lfw_sample(args.images)]
     large = [large_photo()]
     results = {"machine": machine(), "lfw_images": len(lfw), "rounds": args.rounds, "results": []}
+    if not args.no_replace:  # first: its peak memory is the process's so far
+        targets = replace_targets(args.replace_images)
+        for device in devices(args.device):
+            results["results"].append(
+                {
+                    "tool": "facecloak replace",
+                    "device": device,
+                    "set": "lfw",
+                    **measure_replace(targets, device, args.donors),
+                }
+            )
     # facecloak and deface take turns, round after round, and each keeps its best round: this
     # machine's speed drifts by 10-20% over minutes, and a slow spell must not fall on one tool only
     best: dict[tuple[str, str, str], dict] = {}
@@ -331,17 +342,6 @@ def main() -> None:
         results["results"].append({"tool": tool, "device": device, "set": name, **measured})
     if ("deface", "cpu", "lfw") not in best:
         results["deface"] = "not installed (pip install deface) - not measured"
-    if not args.no_replace:
-        targets = replace_targets(args.replace_images)
-        for device in devices(args.device):
-            results["results"].append(
-                {
-                    "tool": "facecloak replace",
-                    "device": device,
-                    "set": "lfw",
-                    **measure_replace(targets, device, args.donors),
-                }
-            )
     write_json(args.out, results)
 
 
