@@ -246,7 +246,7 @@ def summed_area_table(images: Tensor) -> Tensor:
     table = images.new_empty((batch, height + 1, width + 1, 3), dtype=exact)
     table[:, 0] = 0
     table[:, 1:, 0] = 0
-    table[:, 1:, 1:] = images.round().permute(0, 2, 3, 1)
+    table[:, 1:, 1:] = images.permute(0, 2, 3, 1) + 0.5  # to the nearest level (the copy truncates)
     for photo in [table] if images.is_cuda else table.split(1):
         photo.cumsum_(1).cumsum_(2)  # in place: no second table-sized buffer
     return table
