@@ -141,7 +141,8 @@ def jpeg_decoded(images: Tensor, quality: Tensor, subsample_chroma: bool = True)
     """The JPEG round trip of `jpeg_compress` before its final clip to [0, 1], built of autograd ops.
 
     Differentiable as it is (straight-through rounding), but `jpeg_compress` runs it without a
-    graph and back-propagates by `_JpegRoundTrip`: the same gradient at a third of the cost.
+    graph and back-propagates by `_JpegRoundTrip`: the same gradient, and forward and backward
+    together about a third faster (a 175x163 face crop: 3.6 -> 2.3 ms on 2 CPU cores).
     """
     batch, _, height, width = images.shape
     luma_table, chroma_table = quantisation_tables(quality)

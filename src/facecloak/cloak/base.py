@@ -75,12 +75,13 @@ DEFAULT_SKIP_GRADIENT = 1.0
 """Residual branches pass back their whole gradient (the skip gradient method is off)."""
 SUBSET_FROM_MODELS = 3
 """From this many models on, each step attacks all of them but one, each model left out once in
-every round of as many steps, in random order (`default_models_per_step`, `Cloak._model_schedule`):
-two thirds of the models' time with three. Measured on
-24 LFW faces cloaked with our three models, displacement after JPEG 75: 1.22 / 0.99 / 1.29
-thresholds (dlib-resnet / MobileFace / HSE) against 1.25 / 1.01 / 1.37 with every model every
-step; the DSSIM cap, more than the number of gradients a step averages, limits a step (README,
-"How the cloak works"; `scripts/probe_transfer.py --options '{"models_per_step": 3}'`)."""
+every round of as many steps, in random order (`default_models_per_step`,
+`Cloak._model_schedule`): two thirds of the models' time with three. Measured on 24 LFW faces
+cloaked with our three models, displacement after JPEG 75: 1.25 / 1.02 / 1.31 thresholds
+(dlib-resnet / MobileFace / HSE; 1.22 / 0.99 / 1.29 with each step's subset drawn independently)
+against 1.25 / 1.01 / 1.37 with every model every step; the DSSIM cap, more than the number of
+gradients a step averages, limits a step (README, "How the cloak works";
+`scripts/probe_transfer.py --options '{"models_per_step": 3}'`)."""
 DEFAULT_FEATURE_WEIGHT = 0.0
 DEFAULT_FEATURE_DEPTH = 0.5
 """The intermediate-feature loss is off; when on, it takes the convolution halfway through."""
