@@ -78,7 +78,7 @@ def test_errors_carry_their_exit_code():
 
 def test_the_check_looks_only_for_faces_large_enough_to_match_a_cloaked_one(samples_dir, detector):
     """The re-detection skips the pyramid's finest levels: no smaller face could reach REDETECT_IOU."""
-    from facecloak.cloak.verify import REDETECT_SIZE_SHARE, _recompress, _redetect
+    from facecloak.cloak.verify import REDETECT_SIZE_SHARE, _recompress, redetect
     from facecloak.detect import MIN_FACE_PX, FaceDetector
     from facecloak.io import read_image
 
@@ -91,7 +91,7 @@ def test_the_check_looks_only_for_faces_large_enough_to_match_a_cloaked_one(samp
             asked.append(min_size)
             return super().__call__(images, min_size=min_size)
 
-    again = _redetect(Recording(device="cpu"), _recompress(photos), faces)
+    again = redetect(Recording(device="cpu"), _recompress(photos), faces)
     smallest = float((faces.boxes[:, 2:] - faces.boxes[:, :2]).amin())
     assert asked == [int(REDETECT_SIZE_SHARE * smallest)] and asked[0] > MIN_FACE_PX
     # a box of this share of a face's side covers less than REDETECT_IOU of it: it could not match
@@ -99,5 +99,5 @@ def test_the_check_looks_only_for_faces_large_enough_to_match_a_cloaked_one(samp
     _, found = match_redetected(faces, again)
     assert bool(found.all())  # every cloaked-size face is still found after the JPEG re-encode
     # a detector that takes no size hint is called as it is
-    plain = _redetect(lambda images: detector(images), photos, faces)
+    plain = redetect(lambda images: detector(images), photos, faces)
     assert len(plain) >= len(faces)

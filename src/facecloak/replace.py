@@ -36,7 +36,7 @@ from torch import Tensor
 from facecloak import io
 from facecloak._checks import check_choice, check_faces, check_image_list
 from facecloak.anonymize import blur_faces
-from facecloak.cloak.verify import match_redetected, redetect_min_size
+from facecloak.cloak.verify import match_redetected, redetect
 from facecloak.defaults import REPLACE_FALLBACKS, VERIFY_JPEG_QUALITY
 from facecloak.detect import FaceDetector
 from facecloak.donor_bank import DonorBank, load_bank
@@ -582,15 +582,13 @@ class FaceReplacer:
         if not rows:
             return {}
         images = sorted({int(faces.image_index[n]) for n in rows})
-        stored = {i: io.jpeg_roundtrip(outputs[i], VERIFY_JPEG_QUALITY) for i in images}
-        with torch.no_grad():
-            detector = self.detector
-            least = max(detector.min_size, redetect_min_size(faces.boxes[rows]))
-            found = detector([stored[i] for i in images], min_size=least)
+        batch = [io.jpeg_roundtrip(outputs[i], VERIFY_JPEG_QUALITY) for i in images]
         local = {i: k for k, i in enumerate(images)}
         checked = faces.select(rows)  # numbered as the photos given to the detector
         in_found = torch.tensor([local[int(i)] for i in checked.image_index], dtype=torch.long)
         checked = Faces(checked.boxes, checked.landmarks, checked.scores, in_found)
+        with torch.no_grad():
+            found = redetect(self.detector, batch, checked)
         matched, _ = match_redetected(checked, found)
         results = {}
         matches, matched_rows = [], []
@@ -609,7 +607,6 @@ class FaceReplacer:
                 matched_rows.append(n)
         if matched_rows:
             again = found.select(matches)
-            batch = [stored[i] for i in images]
             embeddings = {m.card.name: embed_faces(batch, again, m).cpu() for m in self.models}
             for j, n in enumerate(matched_rows):
                 results[n] = self._judge(

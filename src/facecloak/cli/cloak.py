@@ -68,7 +68,8 @@ from facecloak.errors import FacecloakError
     "--models-per-step",
     type=click.IntRange(1, 64),
     default=None,
-    help="How many of the models each optimisation step goes through, a random subset each step "
+    help="How many of the models each optimisation step goes through, a random subset each step, "
+    "every model in the same share of the steps "
     "[all of one or two; all but one from three on: a third faster with three, about as strong].",
 )
 @click.option(

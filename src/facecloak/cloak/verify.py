@@ -35,6 +35,7 @@ __all__ = [
     "face_records",
     "match_redetected",
     "measure_cloaked",
+    "redetect",
     "redetect_min_size",
 ]
 
@@ -111,7 +112,7 @@ def measure_cloaked(
     again, recompressed = None, None
     if detector is not None:
         recompressed = _recompress(stored)
-        found_faces = _redetect(detector, recompressed, faces)
+        found_faces = redetect(detector, recompressed, faces)
         matched, found = match_redetected(faces, found_faces)
         again = found_faces.select(matched[found]) if bool(found.any()) else None
     for m, model in enumerate(models):
@@ -175,8 +176,12 @@ def redetect_min_size(boxes: Tensor) -> int:
     return max(1, int(REDETECT_SIZE_SHARE * float(sides.min())))
 
 
-def _redetect(detector: Detector, photos: list[Tensor], faces: Faces) -> Faces:
-    """``detector`` on ``photos``, told the smallest face that could match one of ``faces``."""
+def redetect(detector: Detector, photos: list[Tensor], faces: Faces) -> Faces:
+    """``detector`` on ``photos``, told the smallest face that could match one of ``faces``.
+
+    The re-detection of both checks after upload, the cloak's (`measure_cloaked`) and the
+    replacer's. Detectors that take no size hint are called as they are.
+    """
     if not isinstance(detector, FaceDetector) or len(faces) == 0:
         return detector(photos)
     return detector(photos, min_size=max(detector.min_size, redetect_min_size(faces.boxes)))
