@@ -1,15 +1,17 @@
 """Detection and anonymisation speed (images/s, faces/s) on LFW photos and on a large photo, vs deface.
 
     python scripts/bench_anonymize.py [--device cpu|cuda] [--images 200] [--out bench-results/anonymize.json]
-        [--rounds 3] [--replace-images 60] [--donors BANK] [--no-replace]
+        [--rounds 3] [--replace-images 60] [--donors BANK] [--no-replace] [--default-allocator]
 
 facecloak and deface take turns for ``--rounds`` rounds and each tool's best round is reported
 (this 2-core machine's speed drifts by 10-20% over minutes). facecloak is measured two ways:
 chunks one after another with every core on each (the library called plainly), and as
 `facecloak anonymize DIR -o OUT` runs it: chunks of 8 photos (the CLI's ``--chunk``) on
 `compute_workers` threads at once, each with its share of the cores
-(``workers_detect_and_anonymize_images_per_s``). deface is measured as its command line runs:
-one frame after another, onnxruntime using every core. Decoding and encoding are left out for
+(``workers_detect_and_anonymize_images_per_s``), with glibc's allocator tuned as the command
+line tunes it (`facecloak.tune_allocator`; ``--default-allocator`` leaves it). deface is measured
+as its command line runs: one frame after another, onnxruntime using every core, in a process of
+its own that keeps glibc's defaults. Decoding and encoding are left out for
 both. Also counts how many LFW subjects (the face at the image centre) each finds. deface is
 measured when installed (pip install deface).
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
 import os
 import random
 import resource
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from _bench import REPO, data_root, devices, machine, peak_rss_mb, synchronise, write_json
+from facecloak._allocator import tune_allocator
 from facecloak._device import compute_workers
 from facecloak.anonymize import blur_faces
 from facecloak.detect import FaceDetector
@@ -136,13 +140,13 @@ def measure_facecloak_workers(images: list[torch.Tensor], device: str, chunk: in
     }
 
 
-def measure_deface(images: list[torch.Tensor]) -> dict | None:
+def measure_deface(arrays: list) -> dict | None:
+    """deface as its command line runs, on (H, W, 3) uint8 photos; None if it is not installed."""
     try:
         from deface.centerface import CenterFace
         from deface.deface import anonymize_frame
     except ImportError:
         return None
-    arrays = [to_uint8(image) for image in images]
     centerface = CenterFace(in_shape=None, backend="auto")
     centerface(arrays[0], threshold=0.2)
     start = time.perf_counter()
@@ -169,6 +173,19 @@ def measure_deface(images: list[torch.Tensor]) -> dict | None:
         "centre_faces_found": found,
         "threshold": 0.2,
     }
+
+
+def deface_round(lfw: list, large: list) -> dict[str, dict]:
+    """One round of deface on both sets, with its peak memory on the large photo.
+
+    Runs in a process of its own (`main`), started before facecloak tunes this one's allocator
+    (`facecloak.tune_allocator`): deface keeps glibc's defaults, as its command line has them.
+    """
+    measured = {"lfw": measure_deface(lfw)}
+    if measured["lfw"] is not None:
+        large_run, peak = peak_rss_mb(lambda: measure_deface(large * 3))
+        measured["4000x3000"] = {**large_run, "peak_rss_mb": peak}
+    return measured
 
 
 def replace_targets(count: int) -> list[Path]:
@@ -300,10 +317,25 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating rounds of facecloak and deface (best kept)"
     )
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc as it is (the command line tunes it: facecloak.tune_allocator)",
+    )
     args = parser.parse_args()
     lfw = [read_image(path).pixels for path in lfw_sample(args.images)]
     large = [large_photo()]
-    results = {"machine": machine(), "lfw_images": len(lfw), "rounds": args.rounds, "results": []}
+    deface = multiprocessing.get_context("spawn").Pool(1)  # before the tuning: a fresh process anyway
+    deface.apply(os.getpid)  # wait until it has started (imported torch): no CPU taken from the runs
+    deface_photos = ([to_uint8(image) for image in lfw], [to_uint8(image) for image in large])
+    tuned = False if args.default_allocator else tune_allocator()
+    results = {
+        "machine": machine(),
+        "allocator_tuned": tuned,
+        "lfw_images": len(lfw),
+        "rounds": args.rounds,
+        "results": [],
+    }
     if not args.no_replace:  # first: its peak memory is the process's so far
         targets = replace_targets(args.replace_images)
         for device in devices(args.device):
@@ -334,10 +366,9 @@ def main() -> None:
             )
             large_run.update(workers, peak_rss_mb=peak, workers_peak_rss_mb=workers_peak)
             keep(("facecloak", device, "4000x3000"), large_run, "workers_" + both)
-        keep(("deface", "cpu", "lfw"), measure_deface(lfw), both)
-        if ("deface", "cpu", "lfw") in best:
-            large_run, peak = peak_rss_mb(lambda: measure_deface(large * 3))
-            keep(("deface", "cpu", "4000x3000"), {**large_run, "peak_rss_mb": peak}, both)
+        for name, measured in deface.apply(deface_round, deface_photos).items():
+            keep(("deface", "cpu", name), measured, both)
+    deface.close()
     for (tool, device, name), measured in best.items():
         results["results"].append({"tool": tool, "device": device, "set": name, **measured})
     if ("deface", "cpu", "lfw") not in best:

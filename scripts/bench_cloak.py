@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from _bench import REPO, Sampler, data_root, devices, machine, models_root, synchronise, write_json
+from facecloak._allocator import tune_allocator
 from facecloak._device import cloak_batch_size, compute_workers
 from facecloak.cloak import create_cloak
 from facecloak.detect import FaceDetector
@@ -348,8 +349,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the batch run (torch.profiler)")
     parser.add_argument("--no-single", action="store_true", help="skip the one-face-photo timing")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "cloak.json")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc as it is (the command line tunes it: facecloak.tune_allocator)",
+    )
     args = parser.parse_args()
-    results = {"machine": machine(), "results": []}
+    tuned = False if args.default_allocator else tune_allocator()
+    results = {"machine": machine(), "allocator_tuned": tuned, "results": []}
     for device in devices(args.device):
         detector = FaceDetector(device=device)
         for name, models in ensembles(device).items():

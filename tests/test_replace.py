@@ -572,3 +572,25 @@ def test_donor_warps_of_several_faces_at_once_equal_one_at_a_time(bank):
         assert torch.allclose(together[k], alone, atol=1e-3)
     moved = (together - donor_warps(points.mean(1), points, chips, register=False)).abs()
     assert float(moved.amax()) > 0.5  # the registration did move the donors beyond the spline
+
+
+def test_a_face_larger_than_its_donors_is_reported_softer(bank, models, detector, samples_dir, targets):
+    """Grace Hopper's face is about twice an LFW donor's: the summary says it is soft, and why."""
+    from facecloak.batch_types import BatchReport, FileOutcome
+    from facecloak.defaults import SOFT_DONOR_UPSCALE
+
+    photo = io.read_image(samples_dir / "grace_hopper.jpg").pixels
+    large = detector([photo])
+    lfw_images, lfw_faces = targets
+    replacer = FaceReplacer(bank, models, detector=detector, seed=0, prefer_beyond=1.2, donor_margin=1.0)
+    records = replacer([photo], large).records + replacer(lfw_images[:1], lfw_faces.select([0])).records
+    assert [r["method"] for r in records] == ["replace", "replace"], records
+    assert records[0]["donor_upscale"] >= SOFT_DONOR_UPSCALE > records[1]["donor_upscale"]
+    outcomes = [
+        FileOutcome("grace_hopper.jpg", "protected", faces=[records[0]]),
+        FileOutcome("lfw.jpg", "protected", faces=[records[1]]),
+    ]
+    summary = str(BatchReport("anonymize", {}, outcomes))
+    assert "1 replaced face(s) softer than their photo" in summary
+    assert f"grace_hopper.jpg: {records[0]['donor_upscale']:.2f}x its smallest donor" in summary
+    assert "lfw.jpg" not in summary.split("softer than their photo")[1]

@@ -33,11 +33,13 @@ _EXPORTS = {
     "LoadedImage": "facecloak.io",
     "read_image": "facecloak.io",
     "write_image": "facecloak.io",
+    "tune_allocator": "facecloak._allocator",
 }
 """Where each public name lives. They are imported on first use, so ``facecloak --help`` and the
 commands that need no model do not wait for torch (about 3 s on a small machine)."""
 
 if TYPE_CHECKING:
+    from facecloak._allocator import tune_allocator
     from facecloak.anonymize import Anonymizer, anonymize_faces, blur_faces, mask_faces, pixelate_faces
     from facecloak.detect import FaceDetector, detect_faces
     from facecloak.errors import (
@@ -75,5 +77,6 @@ __all__ = [
     "mask_faces",
     "pixelate_faces",
     "read_image",
+    "tune_allocator",
     "write_image",
 ]

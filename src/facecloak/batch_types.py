@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from facecloak.defaults import DISTANCE_AFTER_UPLOAD_KEY, MIN_FACE_PX, MIN_FACE_SCORE
+from facecloak.defaults import DISTANCE_AFTER_UPLOAD_KEY, MIN_FACE_PX, MIN_FACE_SCORE, SOFT_DONOR_UPSCALE
 from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED
 
 if TYPE_CHECKING:  # the CLI reads these types before any image is touched: no torch at import
@@ -167,6 +167,18 @@ class BatchReport:
         if blurred:
             lines.append(f"  {len(blurred)} face(s) blurred instead of replaced:")
             lines += [f"    {path}: {face['reason']}" for path, face in blurred]
+        soft = [
+            (o.path, f["donor_upscale"])
+            for o in self.outcomes
+            for f in o.faces
+            if f.get("method") == "replace" and f.get("donor_upscale", 0.0) >= SOFT_DONOR_UPSCALE
+        ]
+        if soft:
+            lines.append(
+                f"  {len(soft)} replaced face(s) softer than their photo, larger than their donors' "
+                "faces (add larger, sharp donor photos: facecloak donors add):"
+            )
+            lines += [f"    {path}: {upscale:.2f}x its smallest donor" for path, upscale in soft]
         return "\n".join(lines)
 
     def table(self) -> list[list[str]]:

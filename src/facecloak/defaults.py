@@ -57,3 +57,9 @@ GPU_CLOAK_BATCH = 512
 GPU_BYTES_PER_PHOTO = 160 * 2**20
 """GPU memory one photo of a cloak batch may take (a few faces at native resolution, four random
 uploads per step through every model): the batch is cut to the free memory over this."""
+
+
+SOFT_DONOR_UPSCALE = 1.5
+"""A replaced face this many times larger than its smallest donor in that donor's own photo (eye
+distances) has less fine detail than the photo around it: the batch summary says so, and how to
+fix it (larger, sharp donor photos). The largest face of `samples/group.jpg` with LFW donors: 1.74."""

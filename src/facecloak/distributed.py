@@ -91,8 +91,10 @@ class ProtectActor:
     def __init__(self, spec: ProtectorSpec, options: Options, done: dict[str, str]) -> None:
         import torch
 
+        from facecloak._allocator import tune_allocator
         from facecloak.detect import FaceDetector
 
+        tune_allocator()  # a worker process of its own: the command line's setting does not reach it
         self.options = options
         self.done = done
         device = options.device

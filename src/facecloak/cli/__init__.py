@@ -36,6 +36,9 @@ def main() -> None:
     no face, a face was not protected, or no image was found; 2 usage error; 3 some file failed
     (missing, unreadable, unwritable; the others were still done).
     """
+    from facecloak._allocator import tune_allocator
+
+    tune_allocator()  # batches reuse freed memory instead of page-faulting it in again
 
 
 for _command in (

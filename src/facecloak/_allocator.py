@@ -1,0 +1,48 @@
+"""Host memory: keep freed tensor memory in the process instead of handing it back to the system.
+
+glibc's malloc gives blocks it considers large back to the kernel when they are freed (``mmap``
+above a threshold that adapts, and trimming of the heap's free top). Detection and the cloak
+allocate and free the same few megabytes of activations for every batch, so each batch page-faults
+them in again: 744 minor page faults per 250 px photo in batched MTCNN, about a tenth of its time
+on the 2-core machine (`tune_allocator`). The command line, the service and the distributed
+workers call `tune_allocator` once at start; a program using the Python API may call it too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import platform
+
+MMAP_THRESHOLD_BYTES = 32 << 20
+"""Blocks this large or larger are still mapped apart and returned when freed (a 12 MP photo's
+float copy, 144 MB); smaller ones come from the heap and are reused."""
+
+TRIM_THRESHOLD_BYTES = 128 << 20
+"""Free memory at the heap's top kept for reuse, at most; beyond it, the excess goes back."""
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+"""``mallopt`` parameter numbers (glibc's malloc.h)."""
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Fix glibc's mmap and trim thresholds (`MMAP_THRESHOLD_BYTES`, `TRIM_THRESHOLD_BYTES`).
+
+    Measured on 96 LFW photos, detection in batches of 8: 71,464 minor page faults and 19.2-20.5
+    ms per photo on one thread with the defaults, 1-5 faults and 17.4-18.5 ms with these (two
+    threads: 12.7-13.4 -> 11.1-12.4 ms). Process-wide and idempotent; a no-op (False) where the C
+    library is not glibc (macOS, musl, Windows).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    set_option = libc.mallopt
+    set_option.argtypes, set_option.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = set_option(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    return set_option(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and done
