@@ -31,10 +31,10 @@ _M_MMAP_THRESHOLD = -3
 def tune_allocator() -> bool:
     """Fix glibc's mmap and trim thresholds (`MMAP_THRESHOLD_BYTES`, `TRIM_THRESHOLD_BYTES`).
 
-    Measured on 96 LFW photos, detection in batches of 8: 71,464 minor page faults and 19.2-20.5
-    ms per photo on one thread with the defaults, 1-5 faults and 17.4-18.5 ms with these (two
-    threads: 12.7-13.4 -> 11.1-12.4 ms). Process-wide and idempotent; a no-op (False) where the C
-    library is not glibc (macOS, musl, Windows).
+    `scripts/bench_detect.py` (96 LFW photos, batches of 8): 744-803 minor page faults and
+    19.6-19.9 ms per photo on one thread with the defaults, 0-15 faults and 17.2-18.0 ms with these
+    (two threads: 12.2-13.3 -> 10.7-10.8 ms). Process-wide and idempotent; a no-op (False) where
+    the C library is not glibc (macOS, musl, Windows).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
