@@ -425,15 +425,20 @@ class Cloak:
                 rows = active[bucket.faces].nonzero()[:, 0]
                 if len(rows) == 0:
                     continue
-                rows_device = rows.to(self.device)
+                # every face of the bucket still active (always, when the whole budget is spent):
+                # slices read the per-face state in place, instead of gathering and scattering
+                # copies of it every step
+                gathered = len(rows) < len(bucket.faces)
+                index = rows.to(self.device) if gathered else slice(None)
+                on_cpu = rows if gathered else slice(None)
                 face_index = bucket.faces[rows]
-                delta = deltas[b][rows_device].clone().requires_grad_(True)
-                crops, masks = bucket.crops[rows_device], bucket.masks[rows_device]
+                delta = deltas[b][index].clone().requires_grad_(True)
+                crops, masks = bucket.crops[index], bucket.masks[index]
                 adversarial = (crops + masks * delta).clamp(0, 1)
                 loss, ratios = self._draws(
                     adversarial,
                     bucket,
-                    rows_device,
+                    index,
                     clean,
                     face_index,
                     generator,
@@ -443,32 +448,37 @@ class Cloak:
                 ratios = ratios.cpu()
                 # a model this step left out keeps its last ratio for the stopping rule
                 ratios = seen[face_index] = torch.where(ratios.isnan(), seen[face_index], ratios)
-                means = tuple(m[rows_device] for m in clean_means[b])
-                total = loss + self._dssim_penalty(crops, adversarial, region_boxes[b][rows], means)
+                means = tuple(m[index] for m in clean_means[b])
+                total = loss + self._dssim_penalty(crops, adversarial, region_boxes[b][on_cpu], means)
                 (gradient,) = torch.autograd.grad(total.sum(), delta)
-                gradient = _smooth(gradient, sigmas[b][rows]) * masks
+                gradient = _smooth(gradient, sigmas[b][on_cpu]) * masks
                 with torch.no_grad():
                     if self.update == "momentum":
                         norm = gradient.abs().flatten(1).mean(1).clamp_min(GRADIENT_NORM_FLOOR)
                         norm = norm.view(-1, 1, 1, 1)
-                        m = first[b][rows_device].mul_(MOMENTUM_DECAY).add_(gradient / norm)
-                        first[b][rows_device] = m
+                        m = first[b][index].mul_(MOMENTUM_DECAY).add_(gradient / norm)
+                        if gathered:
+                            first[b][index] = m
                         direction = m.sign()
                     else:
-                        m = first[b][rows_device].mul_(beta1).add_(gradient, alpha=1 - beta1)
-                        v = second[b][rows_device].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-                        first[b][rows_device], second[b][rows_device] = m, v
+                        m = first[b][index].mul_(beta1).add_(gradient, alpha=1 - beta1)
+                        v = second[b][index].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+                        if gathered:
+                            first[b][index], second[b][index] = m, v
                         m_hat = m / (1 - beta1**step)
                         v_hat = v / (1 - beta2**step)
                         direction = m_hat / (v_hat.sqrt() + ADAM_EPSILON)
-                    allowance = allowances[b] if allowances[b].ndim == 0 else allowances[b][rows_device]
+                    allowance = allowances[b] if allowances[b].ndim == 0 else allowances[b][index]
                     updated = limit_change(delta - lr * direction, allowance, budget.chroma_share)
                     updated = (crops + updated).clamp(0, 1) - crops  # stay a valid image
                     if step % DSSIM_CHECK_EVERY == 0 or step == budget.steps:
                         updated = enforce_dssim(
-                            crops, masks, updated, region_boxes[b][rows], dssim_cap, reference=means
+                            crops, masks, updated, region_boxes[b][on_cpu], dssim_cap, reference=means
                         )
-                    deltas[b][rows_device] = updated
+                    if gathered:
+                        deltas[b][index] = updated
+                    else:
+                        deltas[b] = updated
                 steps_taken[face_index] += 1
                 stop_at = SPEND_TARGET if self.spend_budget else budget.aim
                 at_aim = (ratios >= stop_at).all(dim=1)
@@ -540,7 +550,7 @@ class Cloak:
         self,
         adversarial: Tensor,
         bucket: Bucket,
-        rows: Tensor,
+        rows: Tensor | slice,
         clean: list[Tensor],
         face_index: Tensor,
         generator: torch.Generator,
@@ -549,6 +559,8 @@ class Cloak:
         clean_crops: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Mean loss over ``eot_samples`` random uploads, and the worst (n, M) distance ratios seen.
+
+        ``rows``: the bucket's rows these faces are (an index, or ``slice(None)`` for all).
 
         ``chosen``: the models this step goes through (default all); the others' embeddings reach
         the objective as None and their ratios come back NaN. With the intermediate-feature loss
