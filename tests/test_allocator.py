@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import platform
 import resource
 
 import pytest
 import torch
 
 from facecloak import tune_allocator
+from facecloak._allocator import is_glibc
 
-pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only"
-)
+pytestmark = pytest.mark.skipif(not is_glibc(), reason="glibc's mallopt only")
 
 
 def _faults_of_batches(batches: int, tensors: int, megabytes: int) -> int:

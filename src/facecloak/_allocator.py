@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import platform
+import os
 
 MMAP_THRESHOLD_BYTES = 32 << 20
 """Blocks this large or larger are still mapped apart and returned when freed (a 12 MP photo's
@@ -27,6 +27,14 @@ _M_MMAP_THRESHOLD = -3
 """``mallopt`` parameter numbers (glibc's malloc.h)."""
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (asked of the C library: no scan of the executable)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # not POSIX, or not glibc
+        return False
+
+
 @functools.cache
 def tune_allocator() -> bool:
     """Fix glibc's mmap and trim thresholds (`MMAP_THRESHOLD_BYTES`, `TRIM_THRESHOLD_BYTES`).
@@ -36,7 +44,7 @@ def tune_allocator() -> bool:
     (two threads: 12.2-13.3 -> 10.7-10.8 ms). Process-wide and idempotent; a no-op (False) where
     the C library is not glibc (macOS, musl, Windows).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
