@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from facecloak._allocator import tune_allocator
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -93,6 +95,20 @@ class Sampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def add_allocator_option(parser) -> None:
+    """``--default-allocator``: measure with glibc's malloc as it is instead of as the CLI sets it."""
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc as it is (the command line tunes it: facecloak.tune_allocator)",
+    )
+
+
+def set_allocator(default: bool) -> bool:
+    """Tune the allocator as the command line does, unless ``default``; whether it is tuned."""
+    return False if default else tune_allocator()
 
 
 def peak_rss_mb(function: Callable[[], object]) -> tuple[object, float]:

@@ -43,8 +43,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _bench import REPO, data_root, devices, machine, peak_rss_mb, synchronise, write_json
-from facecloak._allocator import tune_allocator
+from _bench import (
+    REPO,
+    add_allocator_option,
+    data_root,
+    devices,
+    machine,
+    peak_rss_mb,
+    set_allocator,
+    synchronise,
+    write_json,
+)
 from facecloak._device import compute_workers
 from facecloak.anonymize import blur_faces
 from facecloak.detect import FaceDetector
@@ -317,18 +326,14 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating rounds of facecloak and deface (best kept)"
     )
-    parser.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="leave glibc's malloc as it is (the command line tunes it: facecloak.tune_allocator)",
-    )
+    add_allocator_option(parser)
     args = parser.parse_args()
     lfw = [read_image(path).pixels for path in lfw_sample(args.images)]
     large = [large_photo()]
     deface = multiprocessing.get_context("spawn").Pool(1)  # before the tuning: a fresh process anyway
     deface.apply(os.getpid)  # wait until it has started (imported torch): no CPU taken from the runs
     deface_photos = ([to_uint8(image) for image in lfw], [to_uint8(image) for image in large])
-    tuned = False if args.default_allocator else tune_allocator()
+    tuned = set_allocator(args.default_allocator)
     results = {
         "machine": machine(),
         "allocator_tuned": tuned,

@@ -29,8 +29,18 @@ from pathlib import Path
 
 import torch
 
-from _bench import REPO, Sampler, data_root, devices, machine, models_root, synchronise, write_json
-from facecloak._allocator import tune_allocator
+from _bench import (
+    REPO,
+    Sampler,
+    add_allocator_option,
+    data_root,
+    devices,
+    machine,
+    models_root,
+    set_allocator,
+    synchronise,
+    write_json,
+)
 from facecloak._device import cloak_batch_size, compute_workers
 from facecloak.cloak import create_cloak
 from facecloak.detect import FaceDetector
@@ -349,13 +359,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the batch run (torch.profiler)")
     parser.add_argument("--no-single", action="store_true", help="skip the one-face-photo timing")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "cloak.json")
-    parser.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="leave glibc's malloc as it is (the command line tunes it: facecloak.tune_allocator)",
-    )
+    add_allocator_option(parser)
     args = parser.parse_args()
-    tuned = False if args.default_allocator else tune_allocator()
+    tuned = set_allocator(args.default_allocator)
     results = {"machine": machine(), "allocator_tuned": tuned, "results": []}
     for device in devices(args.device):
         detector = FaceDetector(device=device)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from _bench import REPO, machine, write_json
+from _bench import REPO, machine, set_allocator, write_json
 
 
 def measure(images: int, chunk: int, threads: int, tuned: bool) -> dict:
@@ -30,12 +30,11 @@ def measure(images: int, chunk: int, threads: int, tuned: bool) -> dict:
     import torch
 
     from bench_anonymize import lfw_sample
-    from facecloak import tune_allocator
     from facecloak.detect import FaceDetector
     from facecloak.io import read_image
 
     torch.set_num_threads(threads)
-    applied = tune_allocator() if tuned else False
+    applied = set_allocator(default=not tuned)
     photos = [read_image(path).pixels for path in lfw_sample(images)]
     detector = FaceDetector(device="cpu")
 
