@@ -92,6 +92,14 @@ sets predicted to land farther come first, and among those that land past, the b
 ones. (Keeping the first plan's order where no set is predicted to land past REPLAN_LANDING
 replaced 22, 20 and 38 faces of the README's three probe sets, against 26, 27 and 45.)"""
 
+MAX_YAW_GAP = 0.15
+TURNED_DONOR_COST = 10.0
+"""A donor turned more than MAX_YAW_GAP (`estimate_pose` yaw, eye distances; mirroring counts)
+from the face costs TURNED_DONOR_COST more: used only when the bank has too few others. Five
+points cannot warp a profile onto a frontal face: the samples' astronaut got a donor turned by
+0.34 (a quarter of the bank's 296 LFW donors are past 0.15 from a frontal face, one in ten past
+0.22), whose eyes came out doubled."""
+
 NEAR_DONOR_COST = 2.0
 """Extra cost of a donor within ``prefer_beyond`` thresholds of the person (about a pose's worth)."""
 
@@ -439,8 +447,9 @@ class FaceReplacer:
         bank = self.bank
         yaw, mirrored_yaw = bank.pose[:, 0], -bank.pose[:, 0]
         mirror = ((mirrored_yaw - pose[0]).abs() < (yaw - pose[0]).abs()).tolist()
-        pose_cost = 3.0 * torch.minimum((yaw - pose[0]).abs(), (mirrored_yaw - pose[0]).abs())
-        pose_cost += 1.5 * (bank.pose[:, 1] - pose[1]).abs()
+        yaw_gap = torch.minimum((yaw - pose[0]).abs(), (mirrored_yaw - pose[0]).abs())
+        pose_cost = 3.0 * yaw_gap + 1.5 * (bank.pose[:, 1] - pose[1]).abs()
+        pose_cost[yaw_gap > MAX_YAW_GAP] += TURNED_DONOR_COST
         colour = (bank.stats[:, :3] - stats[:3]).norm(dim=1) / 12.0
         beard = (bank.stats[:, 6] - stats[6]).abs() / 6.0 + (bank.stats[:, 8] - stats[8]).abs() / 8.0
         expression = (bank.stats[:, 7] - stats[7]).abs() / 8.0 + 3.0 * (self._smiles - smile).abs()

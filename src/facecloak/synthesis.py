@@ -59,6 +59,9 @@ class SynthesisSettings:
         feather: width of the soft edge, as a fraction of the region's radius.
         shading_sigma: sigma of the low-pass kept from the target (its lighting); larger keeps less
             of the target (more of the new identity), smaller matches its shading more closely.
+        shading_from_skin: measure both lightings on skin only (eyes, brows, nostrils and mouth
+            filled in from the skin around them, `features_weight`), so the target's features do
+            not come back as dark ghosts under the new face's, nor the donors' features go.
         grain: add luminance noise so the new face is as grainy as the target (1) or not (0).
         register: align the donors densely with each other before averaging (sharper mix).
         parts: take each region's fine detail from one donor (eyes, nose, mouth: `part_weights`)
@@ -83,6 +86,7 @@ class SynthesisSettings:
     mask_exponent: float = 2.5
     feather: float = 0.3
     shading_sigma: float = 0.5
+    shading_from_skin: bool = True
     grain: float = 1.0
     register: bool = True
     parts: bool = True
@@ -559,6 +563,25 @@ def _ellipses(points: Tensor, ellipses: list[tuple[float, float, float, float]])
     return weight
 
 
+def features_weight(points: Tensor) -> Tensor:
+    """1 on the eyes with their brows, the nostrils and the mouth at canonical-chip ``points``, else 0.
+
+    What is not lighting: `_match_and_blend` measures a face's shading around these parts.
+    """
+    (left_x, left_y), (right_x, right_y), (nose_x, nose_y), _, _ = CANONICAL_TEMPLATE
+    unit = right_x - left_x
+    mouth_x, mouth_y = (CANONICAL_TEMPLATE[3][0] + CANONICAL_TEMPLATE[4][0]) / 2, CANONICAL_TEMPLATE[3][1]
+    return _ellipses(
+        points,
+        [
+            (left_x, left_y - 0.12 * unit, 0.36 * unit, 0.3 * unit),
+            (right_x, right_y - 0.12 * unit, 0.36 * unit, 0.3 * unit),
+            (nose_x, nose_y + 0.04 * unit, 0.24 * unit, 0.12 * unit),
+            (mouth_x, mouth_y, 0.5 * unit, 0.2 * unit),
+        ],
+    )
+
+
 def lower_face_weight(points: Tensor) -> Tensor:
     """Weight of the upper lip and the chin at canonical-chip ``points``: where beards grow."""
     (_, eye_y), _, (nose_x, nose_y), (_, mouth_y), _ = CANONICAL_TEMPLATE
@@ -726,8 +749,11 @@ def synthesize_face(
     yaw = float(estimate_pose(target)[0, 0])
     weight = region_weight(in_mean[0], settings, yaw)[None, None]
     skin = skin_weight(in_mean[0])[None, None]
+    lighting = (1 - features_weight(in_mean[0]))[None, None] if settings.shading_from_skin else None
     original = image[None, :, y0:y1, x0:x1]
-    result = _match_and_blend(original, sampled, parts, weight, skin, unit_px, settings, generator)
+    result = _match_and_blend(
+        original, sampled, parts, weight, skin, unit_px, settings, generator, lighting=lighting
+    )
     return SynthesisResult((x0, y0, x1, y1), result[0], weight[0])
 
 
@@ -740,6 +766,8 @@ def _match_and_blend(
     unit_px: float,
     settings: SynthesisSettings,
     generator: torch.Generator | None,
+    *,
+    lighting: Tensor | None = None,
 ) -> Tensor:
     """Mix the donors, give the mix the target's colour, shading and grain, feather it in.
 
@@ -752,6 +780,7 @@ def _match_and_blend(
         unit_px: the target's eye distance in pixels.
         settings: see `SynthesisSettings`.
         generator: for the grain.
+        lighting: (1, 1, h, w) where shading is measured (0 on the features), or None: everywhere.
     """
     target_lab, donor_lab = rgb_to_lab(original), rgb_to_lab(donors)
     if float(skin.sum()) < 8:
@@ -777,7 +806,7 @@ def _match_and_blend(
     # low frequencies (lighting, skin tone gradients) from the target, the rest from the donors
     sigma = settings.shading_sigma * unit_px
     if sigma > 0.3:
-        new_lab = new_lab - _low_pass(new_lab, sigma) + _low_pass(target_lab, sigma)
+        new_lab = new_lab - _shading(new_lab, sigma, lighting) + _shading(target_lab, sigma, lighting)
     if settings.grain > 0:
         target_grain = _detail_std(target_lab[:, :1], skin)
         new_grain = _detail_std(new_lab[:, :1], skin)
@@ -807,6 +836,17 @@ def part_weights(points: Tensor, count: int, *, softness: float = 0.08) -> Tenso
     for band, donor in zip(bands, (0, 1 % count, 2 % count)):
         weights[donor] += band
     return weights
+
+
+def _shading(lab: Tensor, sigma: float, where: Tensor | None) -> Tensor:
+    """Low-pass of ``lab``: its lighting.
+
+    With ``where``, measured there only (a normalised convolution): the features (weight 0) are
+    filled in from the skin around them instead of darkening it.
+    """
+    if where is None:
+        return _low_pass(lab, sigma)
+    return _low_pass(lab * where, sigma) / _low_pass(where, sigma).clamp_min(1e-3)
 
 
 _MAX_GRAIN_L = 2.5
