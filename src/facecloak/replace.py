@@ -451,9 +451,9 @@ class FaceReplacer:
         count as near (`NEAR_DONOR_COST`), and the pool doubles.
         """
         bank = self.bank
-        yaw, mirrored_yaw = bank.pose[:, 0], -bank.pose[:, 0]
-        mirror = ((mirrored_yaw - pose[0]).abs() < (yaw - pose[0]).abs()).tolist()
-        yaw_gap = torch.minimum((yaw - pose[0]).abs(), (mirrored_yaw - pose[0]).abs())
+        as_is, mirrored = (bank.pose[:, 0] - pose[0]).abs(), (-bank.pose[:, 0] - pose[0]).abs()
+        mirror = (mirrored < as_is).tolist()
+        yaw_gap = torch.minimum(as_is, mirrored)
         pose_cost = 3.0 * yaw_gap + 1.5 * (bank.pose[:, 1] - pose[1]).abs()
         pose_cost[yaw_gap > MAX_YAW_GAP] += TURNED_DONOR_COST
         colour = (bank.stats[:, :3] - stats[:3]).norm(dim=1) / 12.0

@@ -806,7 +806,9 @@ def _match_and_blend(
     # low frequencies (lighting, skin tone gradients) from the target, the rest from the donors
     sigma = settings.shading_sigma * unit_px
     if sigma > 0.3:
-        new_lab = new_lab - _shading(new_lab, sigma, lighting) + _shading(target_lab, sigma, lighting)
+        # both lightings in one call: one blur of the pair, and one of the weight that normalises it
+        new_lighting, target_lighting = _shading(torch.cat([new_lab, target_lab]), sigma, lighting)
+        new_lab = new_lab - new_lighting + target_lighting
     if settings.grain > 0:
         target_grain = _detail_std(target_lab[:, :1], skin)
         new_grain = _detail_std(new_lab[:, :1], skin)
