@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--photo", type=int, default=0, help="first photo of each person (sorted)")
     parser.add_argument("--per-person", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--no-finish", action="store_true", help="no away cloak on near misses")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -46,7 +47,7 @@ def main() -> None:
         for photo in sorted(person.glob("*.jpg"))[args.photo : args.photo + args.per_person]
     ]
     detector = FaceDetector(device="cpu")
-    replacer = FaceReplacer(load_bank(args.donors), detector=detector, seed=0)
+    replacer = FaceReplacer(load_bank(args.donors), detector=detector, seed=0, finish=not args.no_finish)
     counts: collections.Counter = collections.Counter()
     started = time.perf_counter()
     for start in range(0, len(paths), args.batch):
@@ -57,6 +58,7 @@ def main() -> None:
             counts["tries"] += record.get("attempts", 0)
             if record.get("replaced", record["method"] == "replace"):
                 counts["replaced"] += 1
+                counts["of which finished by an away cloak"] += bool(record.get("finished"))
                 continue
             reason = record.get("reason", "")
             counts["blurred, too small" if "min_face" in reason else "blurred after failed tries"] += 1

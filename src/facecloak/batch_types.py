@@ -179,6 +179,14 @@ class BatchReport:
                 "faces (add larger, sharp donor photos: facecloak donors add):"
             )
             lines += [f"    {path}: {upscale:.2f}x its smallest donor" for path, upscale in soft]
+        finished = sum(
+            f.get("method") == "replace" and bool(f.get("finished")) for o in self.outcomes for f in o.faces
+        )
+        if finished:
+            lines.append(
+                f"  {finished} replaced face(s) finished with a faint cloak: they fell a little short of a "
+                "check (--no-finish blurs them instead)"
+            )
         return "\n".join(lines)
 
     def table(self) -> list[list[str]]:

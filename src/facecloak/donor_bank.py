@@ -109,11 +109,16 @@ class DonorBank:
             out.append(self._chips[row].float() / 255)
         return torch.stack(out) if out else torch.zeros(0, 3, CHIP_SIZE_PX, CHIP_SIZE_PX)
 
-    def check_models(self, models: Sequence[Embedder]) -> None:
-        """Raise `DonorBankError` unless the bank was built with exactly these models (same cards)."""
+    def check_models(self, models: Sequence[Embedder], *, exact: bool = True) -> None:
+        """Raise `DonorBankError` unless the bank was built with these models (same cards).
+
+        ``exact``: with no others either (adding donors embeds each with every model of the bank);
+        a replacement checked by fewer recognisers than the bank holds needs only theirs.
+        """
         wanted = {model.card.name: model_fingerprint(model) for model in models}
         have = {name: entry["fingerprint"] for name, entry in self.models.items()}
-        if wanted != have:
+        held = have if exact else {name: have.get(name) for name in wanted}
+        if wanted != held:
             raise DonorBankError(
                 f"bank {self.name!r} was built with models {_describe(have)} but this run uses "
                 f"{_describe(wanted)}; run `facecloak donors refresh {self.name}` to re-embed its donors"

@@ -17,6 +17,11 @@ Per face:
    dropped). After ``attempts`` tries it is blurred instead and reported so (``fallback="blur"``,
    the default: a new face that still matches the person or a donor is never left in the output),
    or its best try is kept and it is reported as NOT protected (``fallback="keep"``).
+4. **Finish a near miss** (``finish``): a new face whose best try was found again and came within
+   `FINISH_FROM` of every threshold, but not past it, gets a `low`-level away cloak
+   (`facecloak.cloak.away`) that pushes it from the original face and its donors on every
+   recogniser, and is checked again as in 3. The new face already carries nobody's features; the
+   cloak closes the last few percent that the person's hair, outline and lighting hold.
 
 Faces smaller than ``min_face`` pixels are blurred instead and reported: too small for a new face
 to be checked by a recogniser.
@@ -36,6 +41,7 @@ from torch import Tensor
 from facecloak import io
 from facecloak._checks import check_choice, check_faces, check_image_list
 from facecloak.anonymize import blur_faces
+from facecloak.cloak.away import AwayCloak
 from facecloak.cloak.verify import match_redetected, redetect
 from facecloak.defaults import REPLACE_FALLBACKS, VERIFY_JPEG_QUALITY
 from facecloak.detect import FaceDetector
@@ -106,6 +112,13 @@ points cannot warp a profile onto a frontal face: the samples' astronaut got a d
 0.34 (a quarter of the bank's 296 LFW donors are past 0.15 from a frontal face, one in ten past
 0.22), whose eyes came out doubled."""
 
+FINISH_FROM = 0.8
+FINISH_LEVEL = "low"
+FINISH_STEPS = 12
+"""A new face whose worst check reached this share of its threshold (and was found again) is
+finished by an away cloak at FINISH_LEVEL (not seen at 200% zoom), instead of blurred. A face
+farther off is not: pushing it across would make the cloak, not the new face, what protects it."""
+
 NEAR_DONOR_COST = 2.0
 """Extra cost of a donor within ``prefer_beyond`` thresholds of the person (about a pose's worth)."""
 
@@ -150,8 +163,8 @@ class FaceReplacer:
     Args:
         bank: the donor bank (from `facecloak.donor_bank.load_bank`); must be built with ``models``.
         models: the recognisers every new face is checked with (default: every model available
-            here, `facecloak.models.available_embedders`); the bank must have been built with the
-            same ones (`DonorBank.check_models`).
+            here, `facecloak.models.available_embedders`); the bank must have been built with
+            them, and may hold more (`DonorBank.check_models`).
         donors_per_face: donors mixed into each new face (K). More makes each donor less visible
             and the face more average; 3 is the least that keeps every donor well beyond threshold.
         seed: seed of the donor draw and the grain; the same seed gives the same output.
@@ -174,6 +187,8 @@ class FaceReplacer:
             sits on the person's hair, outline and lighting, so donors a little farther from the
             person are what moves it past every threshold: preferring donors beyond 1.3
             (``prefer_beyond``) passed every check on 41 of 66 LFW faces instead of 37 (README).
+        finish: give a near miss (`FINISH_FROM`) an away cloak and check it again, before the
+            fallback (step 4 of the module docstring).
 
     Example:
         >>> bank = load_bank("mybank")  # doctest: +SKIP
@@ -200,6 +215,7 @@ class FaceReplacer:
         settings: SynthesisSettings | None = None,
         pool: int = 14,
         affinity: float = 3.0,
+        finish: bool = True,
     ) -> None:
         if donors_per_face < 2:
             raise InvalidInputError(
@@ -211,7 +227,7 @@ class FaceReplacer:
         self.fallback = fallback
         self.bank = bank
         self.models = list(models) if models is not None else _available_models()
-        bank.check_models(self.models)
+        bank.check_models(self.models, exact=False)
         if len(bank) < donors_per_face:
             raise InvalidInputError(
                 f"bank {bank.name!r} holds {len(bank)} donor(s), "
@@ -233,6 +249,7 @@ class FaceReplacer:
         self.settings = settings or SynthesisSettings()
         self.pool = max(int(pool), self.donors_per_face)
         self.affinity = float(affinity)
+        self.finish = bool(finish)
         self._detector = detector
         self.thresholds = torch.tensor([m.card.match_threshold for m in self.models])
         self._smiles = mouth_width(bank.points)
@@ -400,6 +417,10 @@ class FaceReplacer:
                     ]
                 if plan.best is not None:
                     crops[n] = plan.best[1]
+        if self.finish:
+            self._finish_near_misses(
+                base, crops, faces, [n for n in rows if not plans[n].done], plans, targets, rows
+            )
         for n in rows:
             plan = plans[n]
             if plan.best is None:
@@ -417,8 +438,91 @@ class FaceReplacer:
             checked[n] = (targets_row(targets, rows, n), (crop[3], crop[4]))
             record.pop("_matched_donors", None)
             upscale = self._donor_upscale(chosen.landmarks[rows.index(n)], record["donors"])
-            records[n].update(record, attempts=plan.attempts, donor_upscale=upscale)
+            records[n].update(
+                record, attempts=plan.attempts, donor_upscale=upscale, finished=bool(record.get("finished"))
+            )
         return crops, checked
+
+    def _finish_near_misses(
+        self,
+        base: list[Tensor],
+        crops: dict[int, tuple],
+        faces: Faces,
+        failed: list[int],
+        plans: dict[int, _Plan],
+        targets: dict[str, Tensor],
+        rows: list[int],
+    ) -> None:
+        """Cloak each near miss of ``failed`` away from its original face and donors; keep what passes.
+
+        One away cloak over every photo holding a near miss, then the check of `_verify`. A face
+        that passes becomes its plan's best (``finished`` in its record); one that does not keeps
+        its best try, and the fallback applies as before.
+        """
+        near = [n for n in failed if plans[n].best is not None and plans[n].best[0] >= FINISH_FROM]
+        if not near:
+            return
+        photos = _compose(base, crops, faces)
+        images = sorted({int(faces.image_index[n]) for n in near})
+        local = {i: k for k, i in enumerate(images)}
+        chosen = faces.select(near)
+        chosen = Faces(
+            chosen.boxes,
+            chosen.landmarks,
+            chosen.scores,
+            torch.tensor([local[int(i)] for i in chosen.image_index], dtype=torch.long),
+        )
+        away_from, margins = [], []
+        for model in self.models:
+            name = model.card.name
+            table = self.bank.embeddings[name]
+            away_from.append(
+                torch.stack(
+                    [
+                        torch.cat(
+                            [targets_row(targets, rows, n)[name][None], table[list(plans[n].best[1][3])]]
+                        )
+                        for n in near
+                    ]
+                )
+            )
+            donors = len(plans[near[0]].best[1][3])
+            margins.append(torch.tensor([[self.margin] + [self.donor_margins[name]] * donors] * len(near)))
+        cloak = AwayCloak(
+            self.models,
+            away_from,
+            margins,
+            FINISH_LEVEL,
+            steps=FINISH_STEPS,
+            verify=False,
+            seed=self.seed,
+            detector=self.detector,
+        )
+        cloaked = cloak([photos[i] for i in images], chosen).images
+        finished = {}
+        for n in near:
+            (x0, y0, x1, y1), pixels, weight, donor_rows, mirrored = plans[n].best[1]
+            region = cloaked[local[int(faces.image_index[n])]][:, y0:y1, x0:x1].to(pixels)
+            finished[n] = (
+                (x0, y0, x1, y1),
+                torch.where(weight > 0, region, pixels),
+                weight,
+                donor_rows,
+                mirrored,
+            )
+        trial = {**crops, **finished}
+        checks = self._verify(
+            _compose(base, trial, faces),
+            faces,
+            near,
+            {n: targets_row(targets, rows, n) for n in near},
+            {n: finished[n][3:] for n in near},
+        )
+        for n, (check, score) in checks.items():
+            if check["protected"]:
+                plans[n].best = (score, finished[n], dict(check, attempts=plans[n].attempts, finished=True))
+                plans[n].done = True
+                crops[n] = finished[n]
 
     def _donor_upscale(self, landmarks: Tensor, donor_ids: Sequence[str]) -> float:
         """How many times larger this face is than the smallest of its donors in their own photos.

@@ -266,7 +266,8 @@ def _realism_lines(quality: dict) -> list[str]:
             f"{name} {share:.3f}" for name, share in replace["subjects_matching_a_donor"].items()
         )
         lines.append(
-            f"replace: {replace['protected']} of {replace['faces']} faces passed every check; "
+            f"replace: {replace['protected']} of {replace['faces']} faces passed every check "
+            f"({replace.get('finished', 0)} finished with a faint cloak); "
             f"{replace.get('blurred_after_failed_tries', 0)} blurred after failed tries, "
             f"{replace['blurred_small']} too small (blurred), "
             f"{replace.get('not_protected', 0)} NOT protected; "

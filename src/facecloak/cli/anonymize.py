@@ -12,6 +12,7 @@ from facecloak.cli.options import (
     batch_options,
     donor_margin_option,
     fallback_option,
+    finish_option,
     io_options,
     ray_option,
 )
@@ -80,6 +81,7 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
 )
 @fallback_option
 @donor_margin_option
+@finish_option
 @io_options
 @ray_option
 def anonymize(
@@ -95,6 +97,7 @@ def anonymize(
     seed,
     fallback,
     donor_margin,
+    finish_near_misses,
     **io_values,
 ) -> None:
     """Blur, pixelate, mask or replace every face, at the photo's full resolution.
@@ -109,9 +112,10 @@ def anonymize(
     in place of each face, keeping hair, ears and background. Each new face is checked after
     JPEG 75: found again by the detector, and on every available recogniser beyond the match
     threshold from the original face and from every donor used; a face that fails is retried
-    with other donors, then blurred instead and reported (with --fallback keep: its best try is
-    kept and reported as NOT protected, exit code 1). Faces under --min-face (default 40 px with
-    replace) are blurred instead, and reported.
+    with other donors; a near miss gets a faint cloak that finishes it (--no-finish: none), then is
+    checked again; a face that still fails is blurred instead and reported (with --fallback keep:
+    its best try is kept and reported as NOT protected, exit code 1). Faces under --min-face
+    (default 40 px with replace) are blurred instead, and reported.
 
     \b
     facecloak anonymize photo.jpg
@@ -124,12 +128,16 @@ def anonymize(
     from facecloak.protection import AnonymizeFaces
 
     if method == "replace":
-        _replace_command(paths, donor_bank, donors_per_face, seed, fallback, donor_margin, io_values)
+        _replace_command(
+            paths, donor_bank, donors_per_face, seed, fallback, donor_margin, finish_near_misses, io_values
+        )
         return
     if donor_bank is not None:
         raise click.UsageError("--donors is for --method replace")
     if donor_margin is not None:
         raise click.UsageError("--donor-margin is for --method replace")
+    if not finish_near_misses:
+        raise click.UsageError("--no-finish is for --method replace")
     options = batch_options(**{k: v for k, v in io_values.items() if k != "ray_address"})
     params = {"scale": mask_scale, "shape": shape, "feather": feather}
     if method == "blur":
@@ -157,7 +165,9 @@ def anonymize(
     finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])
 
 
-def _replace_command(paths, donor_bank, donors_per_face, seed, fallback, donor_margin, io_values) -> None:
+def _replace_command(
+    paths, donor_bank, donors_per_face, seed, fallback, donor_margin, finish_near_misses, io_values
+) -> None:
     """``anonymize --method replace``: load the bank and every available model, run the batch."""
     from facecloak.detect import MIN_FACE_PX, FaceDetector
     from facecloak.donor_bank import load_bank
@@ -194,6 +204,7 @@ def _replace_command(paths, donor_bank, donors_per_face, seed, fallback, donor_m
             "min_face": min_face,
             "fallback": fallback,
             "donor_margin": donor_margin,
+            "finish": finish_near_misses,
             "models": model_names,
         },
     )
@@ -209,6 +220,7 @@ def _replace_command(paths, donor_bank, donors_per_face, seed, fallback, donor_m
             min_face=min_face,
             fallback=fallback,
             donor_margin=donor_margin,
+            finish=finish_near_misses,
             detector=detector,
         )
         return ReplaceFaces(replacer)
@@ -232,6 +244,7 @@ def _replace_command(paths, donor_bank, donors_per_face, seed, fallback, donor_m
         min_face=min_face,
         fallback=fallback,
         donor_margin=donor_margin,
+        finish=finish_near_misses,
         models=model_names,
     )
     finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])

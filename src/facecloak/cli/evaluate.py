@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, donor_margin_option, fallback_option
+from facecloak.cli.options import CONTEXT, donor_margin_option, fallback_option, finish_option
 from facecloak.cli.running import fail
 from facecloak.defaults import UPLOADS
 from facecloak.errors import FacecloakError
@@ -33,6 +33,7 @@ from facecloak.errors import FacecloakError
 )
 @fallback_option
 @donor_margin_option
+@finish_option
 @click.option(
     "--level",
     type=click.Choice(["low", "mid", "high", "all"]),
@@ -49,7 +50,10 @@ from facecloak.errors import FacecloakError
     help="cloak: push each photo from its person's photos (the default) or from itself only.",
 )
 @click.option(
-    "--models", default=None, help="cloak: models to attack (comma-separated). Default: all available."
+    "--models",
+    default=None,
+    help="cloak: models to attack; replace: recognisers that check each new face "
+    "(comma-separated; the bank must hold them). Default: all available.",
 )
 @click.option(
     "--protected-dir",
@@ -136,6 +140,7 @@ def evaluate(
     donors_per_face,
     fallback,
     donor_margin,
+    finish_near_misses,
     level,
     mode,
     person_level,
@@ -197,6 +202,7 @@ def evaluate(
         donors_per_face=donors_per_face,
         fallback=fallback,
         donor_margin=donor_margin,
+        finish=finish_near_misses,
     )
     if method == "replace" and not donor_bank:
         raise click.UsageError("--method replace needs --donors BANK (see `facecloak donors add`)")

@@ -198,3 +198,16 @@ def fallback_option(function: Callable) -> Callable:
         help="replace: a face no donor mix protects is blurred instead, or keeps its best try "
         "(reported NOT protected, exit code 1).",
     )(function)
+
+
+def finish_option(function: Callable) -> Callable:
+    """``--finish/--no-finish``: whether replace finishes a near miss with a faint cloak."""
+    return click.option(
+        "--finish/--no-finish",
+        "finish_near_misses",
+        default=True,
+        show_default=True,
+        help="replace: a new face that falls a little short of a check (its worst at 0.8 of a "
+        "threshold or more) gets a faint cloak (level low) that pushes it from the original face and "
+        "its donors, and is checked again, instead of being blurred.",
+    )(function)

@@ -53,6 +53,7 @@ class EvaluationRequest:
     donors_per_face: int = 3
     fallback: str = "blur"  # replace: what a face no donor mix protects becomes ("blur" or "keep")
     donor_margin: float | None = None  # replace: one donor margin for every model (None: each its own)
+    finish: bool = True  # replace: finish near misses with an away cloak (`FaceReplacer`)
 
 
 def build_attackers(names: str | None, detector: FaceDetector, device: str | None) -> list[Attacker]:
@@ -102,7 +103,8 @@ def _replacer(request: EvaluationRequest, detector: FaceDetector):
 
     if not request.donors:
         raise InvalidInputError("--method replace needs --donors BANK (see `facecloak donors add`)")
-    models = [create_embedder(name, device=request.device) for name in available_embedders()]
+    names = [n.strip() for n in request.models.split(",")] if request.models else available_embedders()
+    models = [create_embedder(name, device=request.device) for name in names]
     return FaceReplacer(
         load_bank(request.donors),
         models,
@@ -110,6 +112,7 @@ def _replacer(request: EvaluationRequest, detector: FaceDetector):
         seed=request.seed,
         fallback=request.fallback,
         donor_margin=request.donor_margin,
+        finish=request.finish,
         detector=detector,
     )
 
@@ -156,7 +159,10 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
                 donors_per_face=request.donors_per_face,
                 fallback=request.fallback,
                 donor_margin=request.donor_margin,
+                finish=request.finish,
             )
+            if isinstance(protection, ReplaceFaces):
+                settings["replace_models"] = [m.card.name for m in protection.replacer.models]
         if isinstance(protection, CloakFaces):
             settings["budget"] = asdict(protection.cloak.budget)
         results.append(

@@ -96,6 +96,9 @@ def quality_summary(clean: list[Tensor], protected: list[Tensor], records: list[
             "blurred_small": sum(
                 face.get("method") == "blur" and face.get("replaced") is not False for face in replaced
             ),
+            "finished": sum(
+                face.get("method") == "replace" and bool(face.get("finished")) for face in replaced
+            ),
             "blurred_after_failed_tries": sum(face.get("replaced") is False for face in replaced),
             "not_protected": sum(not face.get("protected") for face in replaced),
             "attempts_mean": float(np.mean([face.get("attempts", 1) for face in replaced])),
