@@ -362,6 +362,23 @@ def test_model_set_mismatch_says_how_to_fix(bank, tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_a_bank_with_more_models_serves_a_check_with_fewer(bank, models):
+    """A bank embeds its donors with every model it was built with; a replacement checked by some
+    of them (the evaluator's --models) needs only theirs, and a model it lacks is refused."""
+    if len(models) < 2:
+        pytest.skip("needs MobileFace V2 in ../shared/models")
+    assert set(bank.models) == {m.card.name for m in models}
+    FaceReplacer(bank, models[:1])  # dlib-resnet alone
+    with pytest.raises(DonorBankError, match="donors refresh"):
+        bank.check_models(models[:1])  # adding donors needs every model of the bank
+    from facecloak.models.plugins import load_model_file
+
+    symbol = models_root() / "mobileface-v2" / "MobileFace_Identification_V2-symbol.json"
+    unknown = load_model_file(symbol, name="not-in-the-bank", threshold=0.73)
+    with pytest.raises(DonorBankError, match="donors refresh"):
+        FaceReplacer(bank, [models[0], unknown])
+
+
 def test_tiny_face_is_blurred_and_reported(bank, models, detector, lfw_dir):
     photo = sorted(_people(lfw_dir / "images", 10, 10_000)[0].glob("*.jpg"))[3]
     image = io.read_image(photo).pixels
@@ -432,6 +449,8 @@ def test_cli_bad_banks_are_one_line_usage_errors(data_home, lfw_dir, tmp_path):
     assert missing.output.strip().count("\n") == 0 and "facecloak donors add" in missing.output
     no_bank = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--method", "replace"])
     assert no_bank.exit_code == 2 and "--donors" in no_bank.output
+    not_replace = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--no-finish"])
+    assert not_replace.exit_code == 2 and "--no-finish is for --method replace" in not_replace.output
 
 
 def test_replace_faces_api_and_anonymizer(bank, models, detector, targets):

@@ -41,7 +41,7 @@ from torch import Tensor
 from facecloak import io
 from facecloak._checks import check_choice, check_faces, check_image_list
 from facecloak.anonymize import blur_faces
-from facecloak.cloak.away import AwayCloak
+from facecloak.cloak import AwayCloak
 from facecloak.cloak.verify import match_redetected, redetect
 from facecloak.defaults import REPLACE_FALLBACKS, VERIFY_JPEG_QUALITY
 from facecloak.detect import FaceDetector

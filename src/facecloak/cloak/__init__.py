@@ -1,12 +1,13 @@
 """Cloaking: adversarial perturbations that move a face's embedding away from its identity.
 
 One class per method behind one contract (`Cloak.__call__(images, faces) -> CloakResult`):
-`UntargetedCloak` (default) and `TargetedCloak`. `create_cloak` builds one by name.
+`UntargetedCloak` (default) and `TargetedCloak`. `create_cloak` builds one by name. `AwayCloak`
+pushes faces away from given embeddings (face replacement finishes its near misses with it).
 
 Modules: `base` (the contract and the optimisation loop), `budget` (preset levels, the perceptual
 per-pixel limits, the DSSIM cap), `eot` (simulated uploads), `regions` (the crops a cloak may
 change), `verify` (the check after a real JPEG re-encode, and the per-face records), and one file
-per method (`untargeted`, `targeted`).
+per method (`untargeted`, `targeted`, `away`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from facecloak._checks import check_choice
+from facecloak.cloak.away import AwayCloak
 from facecloak.cloak.base import Cloak, CloakResult
 from facecloak.cloak.budget import LEVELS, CloakBudget
 from facecloak.cloak.targeted import TargetedCloak
@@ -37,6 +39,7 @@ def create_cloak(mode: str, models: Sequence[Embedder], level: str = "mid", **kw
 
 
 __all__ = [
+    "AwayCloak",
     "CLOAK_METHODS",
     "DEFAULT_MODE",
     "LEVELS",
