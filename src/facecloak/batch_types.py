@@ -184,8 +184,8 @@ class BatchReport:
         )
         if finished:
             lines.append(
-                f"  {finished} replaced face(s) finished with a faint cloak: they fell a little short of a "
-                "check (--no-finish blurs them instead)"
+                f"  {finished} replaced face(s) finished with a faint cloak: they missed or passed a check "
+                "by a few percent (--no-finish: none)"
             )
         return "\n".join(lines)
 

@@ -112,10 +112,10 @@ def anonymize(
     in place of each face, keeping hair, ears and background. Each new face is checked after
     JPEG 75: found again by the detector, and on every available recogniser beyond the match
     threshold from the original face and from every donor used; a face that fails is retried
-    with other donors; a near miss gets a faint cloak that finishes it (--no-finish: none), then is
-    checked again; a face that still fails is blurred instead and reported (with --fallback keep:
-    its best try is kept and reported as NOT protected, exit code 1). Faces under --min-face
-    (default 40 px with replace) are blurred instead, and reported.
+    with other donors; a near miss or thin pass gets a faint cloak that finishes it (--no-finish:
+    none), then is checked again; a face that still fails is blurred instead and reported (with
+    --fallback keep: its best try is kept and reported as NOT protected, exit code 1). Faces under
+    --min-face (default 40 px with replace) are blurred instead, and reported.
 
     \b
     facecloak anonymize photo.jpg

@@ -207,7 +207,7 @@ def finish_option(function: Callable) -> Callable:
         "finish_near_misses",
         default=True,
         show_default=True,
-        help="replace: a new face that falls a little short of a check (its worst at 0.8 of a "
-        "threshold or more) gets a faint cloak (level low) that pushes it from the original face and "
-        "its donors, and is checked again, instead of being blurred.",
+        help="replace: a new face within 0.8-1.15 of a recogniser's threshold (a near miss, or a thin "
+        "pass another recogniser may still link) gets a faint cloak (level low) that pushes it from the "
+        "original face and its donors, and is checked again; --no-finish blurs near misses instead.",
     )(function)
