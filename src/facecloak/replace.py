@@ -427,7 +427,7 @@ class FaceReplacer:
                 if plan.best is not None:
                     crops[n] = plan.best[1]
         if self.finish:
-            self._finish_near_misses(base, crops, faces, plans, targets, rows)
+            self._finish(base, crops, faces, plans, targets, rows)
         for n in rows:
             plan = plans[n]
             if plan.best is None:
@@ -450,7 +450,7 @@ class FaceReplacer:
             )
         return crops, checked
 
-    def _finish_near_misses(
+    def _finish(
         self,
         base: list[Tensor],
         crops: dict[int, tuple],
@@ -472,15 +472,7 @@ class FaceReplacer:
         if not near:
             return
         photos = _compose(base, crops, faces)
-        images = sorted({int(faces.image_index[n]) for n in near})
-        local = {i: k for k, i in enumerate(images)}
-        chosen = faces.select(near)
-        chosen = Faces(
-            chosen.boxes,
-            chosen.landmarks,
-            chosen.scores,
-            torch.tensor([local[int(i)] for i in chosen.image_index], dtype=torch.long),
-        )
+        images, chosen = _in_their_photos(faces, near)
         away_from, margins = [], []
         for model in self.models:
             name = model.card.name
@@ -488,9 +480,7 @@ class FaceReplacer:
             away_from.append(
                 torch.stack(
                     [
-                        torch.cat(
-                            [targets_row(targets, rows, n)[name][None], table[list(plans[n].best[1][3])]]
-                        )
+                        torch.cat([targets[name][rows.index(n)][None], table[list(plans[n].best[1][3])]])
                         for n in near
                     ]
                 )
@@ -511,7 +501,7 @@ class FaceReplacer:
         finished = {}
         for n in near:
             (x0, y0, x1, y1), pixels, weight, donor_rows, mirrored = plans[n].best[1]
-            region = cloaked[local[int(faces.image_index[n])]][:, y0:y1, x0:x1].to(pixels)
+            region = cloaked[images.index(int(faces.image_index[n]))][:, y0:y1, x0:x1].to(pixels)
             finished[n] = (
                 (x0, y0, x1, y1),
                 torch.where(weight > 0, region, pixels),
@@ -709,12 +699,8 @@ class FaceReplacer:
         """Check faces ``rows`` after a JPEG-75 re-encode and a fresh detection."""
         if not rows:
             return {}
-        images = sorted({int(faces.image_index[n]) for n in rows})
+        images, checked = _in_their_photos(faces, rows)  # numbered as the photos given to the detector
         batch = [io.jpeg_roundtrip(outputs[i], VERIFY_JPEG_QUALITY) for i in images]
-        local = {i: k for k, i in enumerate(images)}
-        checked = faces.select(rows)  # numbered as the photos given to the detector
-        in_found = torch.tensor([local[int(i)] for i in checked.image_index], dtype=torch.long)
-        checked = Faces(checked.boxes, checked.landmarks, checked.scores, in_found)
         with torch.no_grad():
             found = redetect(self.detector, batch, checked)
         matched, _ = match_redetected(checked, found)
@@ -832,6 +818,15 @@ def _too_near(check: dict) -> bool:
     """Whether a checked try's new face stayed within some model's margin of the original face."""
     thresholds = check.get("thresholds", {})
     return any(d < thresholds[name] for name, d in check.get("distance_to_original", {}).items())
+
+
+def _in_their_photos(faces: Faces, rows: list[int]) -> tuple[list[int], Faces]:
+    """The photos holding faces ``rows`` (sorted), and those faces numbered as in that list."""
+    images = sorted({int(faces.image_index[n]) for n in rows})
+    local = {i: k for k, i in enumerate(images)}
+    chosen = faces.select(rows)
+    index = torch.tensor([local[int(i)] for i in chosen.image_index], dtype=torch.long)
+    return images, Faces(chosen.boxes, chosen.landmarks, chosen.scores, index)
 
 
 def _photos_with_several(faces: Faces, rows: list[int]) -> set[int]:
