@@ -20,7 +20,7 @@ Per face:
 4. **Finish a near miss or a thin pass** (``finish``): a new face whose best try was found again
    and lies between `FINISH_FROM` and `FINISH_UNTIL` of every margin gets a `low`-level away cloak
    (`facecloak.cloak.away`) that pushes it from the original face and its donors on every
-   recogniser, and is checked again as in 3. The new face already carries nobody's features; the
+   recogniser, and is checked again as in 3 (one that falls short gets a `mid` one instead). The new face already carries nobody's features; the
    cloak closes the last few percent that the person's hair, outline and lighting hold, and moves
    a face that passed only just far enough that a recogniser outside the check does not link it.
 
@@ -115,18 +115,20 @@ points cannot warp a profile onto a frontal face: the samples' astronaut got a d
 
 FINISH_FROM = 0.8
 FINISH_UNTIL = 1.15
-FINISH_LEVEL = "low"
+FINISH_LEVELS = ("low", "mid")
 FINISH_STEPS = 12
 FINISH_SPARE = 1.05
 """A new face whose worst check lies between FINISH_FROM and FINISH_UNTIL of its margin (and was
-found again) is finished by FINISH_STEPS steps of an away cloak at FINISH_LEVEL (not seen at 200%
-zoom): a near miss instead of being blurred, a thin pass so that a recogniser outside the check
-does not link it (leave-one-out, README: the HSE MobileNet, left out of the check, linked 7 of 40
-probes; with a margin of 1.15 on the other two, 1). A face farther off is not
-finished: pushing it across would make the cloak, not the new face, what protects it. A finished
-face must pass with FINISH_SPARE to spare: a cloak's distance moves more with the alignment than a
-new face's (a finished LFW face read 0.7308 of MobileFace's 0.73 in the check, 0.7075 through a
-full-pyramid detection of the same JPEG)."""
+found again) is finished by FINISH_STEPS steps of an away cloak at the first of FINISH_LEVELS
+(`low`: not seen at 200% zoom): a near miss instead of being blurred, a thin pass so that a
+recogniser outside the check does not link it (leave-one-out, README: the HSE MobileNet, left out
+of the check, linked 7 of 40 probes; with a margin of 1.15 on the other two, 1). A face farther
+off is not finished: pushing it across would make the cloak, not the new face, what protects it.
+A finished face must pass with FINISH_SPARE to spare: a cloak's distance moves more with the
+alignment than a new face's (a finished LFW face read 0.7308 of MobileFace's 0.73 in the check,
+0.7075 through a full-pyramid detection of the same JPEG). One that falls short of the spare is
+finished again from its unfinished try at the next level (`mid`: not seen at 100%): with `low`
+alone, 17 of the README's 373 LFW faces fell short and were blurred."""
 
 NEAR_DONOR_COST = 2.0
 """Extra cost of a donor within ``prefer_beyond`` thresholds of the person (about a pose's worth)."""
@@ -462,15 +464,32 @@ class FaceReplacer:
         """Cloak each near miss and thin pass away from its original face and donors; keep what passes.
 
         The faces of ``rows`` whose best try reached between FINISH_FROM and FINISH_UNTIL of every
-        margin: one away cloak over every photo holding one, then the check of `_verify`. A face
-        that passes with `FINISH_SPARE` to spare becomes its plan's best (``finished`` in its
-        record); one that does not keeps its best try (passed or not: the fallback applies as before).
+        margin get one away cloak per level of `FINISH_LEVELS` (over every photo holding one), each
+        followed by the check of `_verify`, until they pass. A face that passes with
+        `FINISH_SPARE` to spare becomes its plan's best (``finished`` in its record); one that
+        never does keeps its best try (passed or not: the fallback applies as before).
         """
         near = [
             n for n in rows if plans[n].best is not None and FINISH_FROM <= plans[n].best[0] < FINISH_UNTIL
         ]
-        if not near:
-            return
+        for level in FINISH_LEVELS:
+            if not near:
+                return
+            passed = self._finish_at(level, base, crops, faces, plans, targets, rows, near)
+            near = [n for n in near if n not in passed]
+
+    def _finish_at(
+        self,
+        level: str,
+        base: list[Tensor],
+        crops: dict[int, tuple],
+        faces: Faces,
+        plans: dict[int, _Plan],
+        targets: dict[str, Tensor],
+        rows: list[int],
+        near: list[int],
+    ) -> set[int]:
+        """One away cloak at ``level`` on the unfinished best tries of ``near``; the faces it finished."""
         photos = _compose(base, crops, faces)
         images, chosen = _in_their_photos(faces, near)
         away_from, margins = [], []
@@ -491,7 +510,7 @@ class FaceReplacer:
             self.models,
             away_from,
             margins,
-            FINISH_LEVEL,
+            level,
             steps=FINISH_STEPS,
             verify=False,
             seed=self.seed,
@@ -517,11 +536,15 @@ class FaceReplacer:
             {n: targets_row(targets, rows, n) for n in near},
             {n: finished[n][3:] for n in near},
         )
+        passed = set()
         for n, (check, score) in checks.items():
             if check["protected"] and score >= FINISH_SPARE:
-                plans[n].best = (score, finished[n], dict(check, attempts=plans[n].attempts, finished=True))
+                record = dict(check, attempts=plans[n].attempts, finished=True, finish_level=level)
+                plans[n].best = (score, finished[n], record)
                 plans[n].done = True
                 crops[n] = finished[n]
+                passed.add(n)
+        return passed
 
     def _donor_upscale(self, landmarks: Tensor, donor_ids: Sequence[str]) -> float:
         """How many times larger this face is than the smallest of its donors in their own photos.

@@ -267,7 +267,8 @@ def _realism_lines(quality: dict) -> list[str]:
         )
         lines.append(
             f"replace: {replace['protected']} of {replace['faces']} faces passed every check "
-            f"({replace.get('finished', 0)} finished with a faint cloak); "
+            f"({replace.get('finished', 0)} finished with a faint cloak, "
+            f"{replace.get('finished_at_mid', 0)} of them at mid); "
             f"{replace.get('blurred_after_failed_tries', 0)} blurred after failed tries, "
             f"{replace['blurred_small']} too small (blurred), "
             f"{replace.get('not_protected', 0)} NOT protected; "

@@ -99,6 +99,9 @@ def quality_summary(clean: list[Tensor], protected: list[Tensor], records: list[
             "finished": sum(
                 face.get("method") == "replace" and bool(face.get("finished")) for face in replaced
             ),
+            "finished_at_mid": sum(
+                face.get("method") == "replace" and face.get("finish_level") == "mid" for face in replaced
+            ),
             "blurred_after_failed_tries": sum(face.get("replaced") is False for face in replaced),
             "not_protected": sum(not face.get("protected") for face in replaced),
             "attempts_mean": float(np.mean([face.get("attempts", 1) for face in replaced])),
