@@ -144,7 +144,8 @@ class ReplaceResult:
             face under ``min_face``), ``protected``, ``redetected``, ``attempts``, ``donors`` (ids),
             ``distance_to_original`` and ``distance_to_donors`` (closest donor) per model, the
             detector's confidence before and after, ``donor_upscale`` (the face's eye distance over
-            its smallest donor's, in their photos: above about 2 the new face looks soft), and a
+            its smallest donor's, in their photos: above about 2 the new face looks soft),
+            ``finished`` and ``finish_level`` (the faint cloak of step 4, and its level), and a
             ``reason`` when not protected.
         protected: (N,) bool, every check passed (a blurred tiny face counts as protected).
     """
