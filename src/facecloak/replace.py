@@ -20,9 +20,10 @@ Per face:
 4. **Finish a near miss or a thin pass** (``finish``): a new face whose best try was found again
    and lies between `FINISH_FROM` and `FINISH_UNTIL` of every margin gets a `low`-level away cloak
    (`facecloak.cloak.away`) that pushes it from the original face and its donors on every
-   recogniser, and is checked again as in 3 (one that falls short gets a `mid` one instead). The new face already carries nobody's features; the
-   cloak closes the last few percent that the person's hair, outline and lighting hold, and moves
-   a face that passed only just far enough that a recogniser outside the check does not link it.
+   recogniser, and is checked again as in 3 (one that falls short gets a `mid` one instead). The
+   new face already carries nobody's features; the cloak closes the last few percent that the
+   person's hair, outline and lighting hold, and moves a face that passed only just far enough
+   that a recogniser outside the check does not link it.
 
 Faces smaller than ``min_face`` pixels are blurred instead and reported: too small for a new face
 to be checked by a recogniser.
