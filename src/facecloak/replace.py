@@ -477,22 +477,38 @@ class FaceReplacer:
         for level in FINISH_LEVELS:
             if not near:
                 return
-            passed = self._finish_at(level, base, crops, faces, plans, targets, rows, near)
+            finished = self._cloaked_tries(
+                level, _compose(base, crops, faces), faces, plans, targets, rows, near
+            )
+            checks = self._verify(
+                _compose(base, {**crops, **finished}, faces),
+                faces,
+                near,
+                {n: targets_row(targets, rows, n) for n in near},
+                {n: finished[n][3:] for n in near},
+            )
+            passed = {
+                n for n, (check, score) in checks.items() if check["protected"] and score >= FINISH_SPARE
+            }
+            for n in passed:
+                check, score = checks[n]
+                record = dict(check, attempts=plans[n].attempts, finished=True, finish_level=level)
+                plans[n].best = (score, finished[n], record)
+                plans[n].done = True
+                crops[n] = finished[n]
             near = [n for n in near if n not in passed]
 
-    def _finish_at(
+    def _cloaked_tries(
         self,
         level: str,
-        base: list[Tensor],
-        crops: dict[int, tuple],
+        photos: list[Tensor],
         faces: Faces,
         plans: dict[int, _Plan],
         targets: dict[str, Tensor],
         rows: list[int],
         near: list[int],
-    ) -> set[int]:
-        """One away cloak at ``level`` on the unfinished best tries of ``near``; the faces it finished."""
-        photos = _compose(base, crops, faces)
+    ) -> dict[int, tuple]:
+        """The best try of each face of ``near`` (in ``photos``) after an away cloak at ``level``."""
         images, chosen = _in_their_photos(faces, near)
         away_from, margins = [], []
         for model in self.models:
@@ -530,23 +546,7 @@ class FaceReplacer:
                 donor_rows,
                 mirrored,
             )
-        trial = {**crops, **finished}
-        checks = self._verify(
-            _compose(base, trial, faces),
-            faces,
-            near,
-            {n: targets_row(targets, rows, n) for n in near},
-            {n: finished[n][3:] for n in near},
-        )
-        passed = set()
-        for n, (check, score) in checks.items():
-            if check["protected"] and score >= FINISH_SPARE:
-                record = dict(check, attempts=plans[n].attempts, finished=True, finish_level=level)
-                plans[n].best = (score, finished[n], record)
-                plans[n].done = True
-                crops[n] = finished[n]
-                passed.add(n)
-        return passed
+        return finished
 
     def _donor_upscale(self, landmarks: Tensor, donor_ids: Sequence[str]) -> float:
         """How many times larger this face is than the smallest of its donors in their own photos.
