@@ -762,8 +762,9 @@ MAX_COLOUR_GAIN = 1.0
 """Bounds of the factor that scales a donor's colour spread (a, b over its skin) to the target's.
 Never above 1: the spread of skin is small, so a larger factor also enlarged every feature's
 colour difference from the skin. At 1.6 (before 2026-12-05) the samples' irises and lids turned
-purple and an old woman's lips a vivid pink blob; at 1.0 neither, and the faces that pass every
-check on `scripts/probe_replace.py`'s three sets are the same in number (149 of 159 both)."""
+purple and an old woman's lips a vivid pink blob; at 1.0 neither, and as many faces pass every
+check (149 of 159 both on three `scripts/probe_replace.py` sets: the defaults, ``--photo 1``, and
+``--photo 2 --per-person 2``)."""
 
 
 def _match_and_blend(
