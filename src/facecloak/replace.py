@@ -522,8 +522,8 @@ class FaceReplacer:
                     ]
                 )
             )
-            donors = len(plans[near[0]].best[1][3])
-            margins.append(torch.tensor([[self.margin] + [self.donor_margins[name]] * donors] * len(near)))
+            margin = [self.margin] + [self.donor_margins[name]] * self.donors_per_face
+            margins.append(torch.tensor([margin] * len(near)))
         cloak = AwayCloak(
             self.models,
             away_from,

@@ -208,6 +208,7 @@ def finish_option(function: Callable) -> Callable:
         default=True,
         show_default=True,
         help="replace: a new face within 0.8-1.15 of a recogniser's threshold (a near miss, or a thin "
-        "pass another recogniser may still link) gets a faint cloak (level low) that pushes it from the "
-        "original face and its donors, and is checked again; --no-finish blurs near misses instead.",
+        "pass another recogniser may still link) gets a faint cloak (level low; mid for one that low leaves "
+        "short) that pushes it from the original face and its donors, and is checked again; --no-finish "
+        "blurs near misses instead.",
     )(function)

@@ -96,14 +96,24 @@ def build_protection(
     return AnonymizeFaces(Anonymizer(request.method))
 
 
+def _model_names(request: EvaluationRequest) -> list[str]:
+    """The models ``--models`` names (comma-separated), or every model available here.
+
+    The cloak attacks them; the replacer checks each new face with them.
+    """
+    from facecloak.models import available_embedders
+
+    return [n.strip() for n in request.models.split(",")] if request.models else available_embedders()
+
+
 def _replacer(request: EvaluationRequest, detector: FaceDetector):
     from facecloak.donor_bank import load_bank
-    from facecloak.models import available_embedders, create_embedder
+    from facecloak.models import create_embedder
     from facecloak.replace import FaceReplacer
 
     if not request.donors:
         raise InvalidInputError("--method replace needs --donors BANK (see `facecloak donors add`)")
-    names = [n.strip() for n in request.models.split(",")] if request.models else available_embedders()
+    names = _model_names(request)
     models = [create_embedder(name, device=request.device) for name in names]
     return FaceReplacer(
         load_bank(request.donors),
@@ -123,12 +133,12 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
     With ``leave_one_out`` (cloak, two or more models) each model is also left out of the cloak in
     turn and measured alone: the honest estimate for a model the cloak never saw.
     """
-    from facecloak.models import available_embedders, create_embedder
+    from facecloak.models import create_embedder
 
     check_choice(request.method, PROTECTION_METHODS, "method")
     detector = FaceDetector(device=request.device)
     attackers = build_attackers(request.attackers, detector, request.device)
-    names = [n.strip() for n in request.models.split(",")] if request.models else available_embedders()
+    names = _model_names(request)
     models = (
         [create_embedder(name, device=request.device) for name in names] if request.method == "cloak" else []
     )
