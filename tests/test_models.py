@@ -11,10 +11,17 @@ import torch
 
 from facecloak.datasets import read_lfw_pairs
 from facecloak.embed import embed_faces
-from facecloak.errors import ModelNotFoundError
+from facecloak.errors import ModelNotFoundError, UnknownModelError
 from facecloak.evaluate import PipelineAttacker, lfw_verification
 from facecloak.io import read_image, to_uint8
-from facecloak.models import available_embedders, create_embedder, embedder_status, get_card, list_embedders
+from facecloak.models import (
+    available_embedders,
+    choose_embedders,
+    create_embedder,
+    embedder_status,
+    get_card,
+    list_embedders,
+)
 from facecloak.models.dlib_format import locate_package_model
 
 
@@ -36,6 +43,14 @@ def test_registry_lists_builtin_models_and_why_not():
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(ModelNotFoundError, match="known: dlib-resnet"):
         create_embedder("arcface-r999")
+
+
+def test_a_models_option_is_read_one_way_everywhere():
+    """`--models` of cloak, anonymize, evaluate and the service all go through choose_embedders."""
+    assert choose_embedders(None) == choose_embedders("") == available_embedders()
+    assert choose_embedders(" dlib-resnet , ,facenet-casia") == ["dlib-resnet", "facenet-casia"]
+    with pytest.raises(UnknownModelError, match="'arcface-r999'"):
+        choose_embedders("dlib-resnet,arcface-r999")
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):

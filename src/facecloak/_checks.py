@@ -57,3 +57,13 @@ def check_image_list(images: object, name: str = "images") -> list[Tensor]:
             raise InvalidInputError(f"{name}[{i}] must be a torch.Tensor, got {type(photo).__name__}")
         check_images(photo[None], name=f"{name}[{i}]")
     return photos
+
+
+def split_names(text: str | None) -> list[str]:
+    """The entries of a comma-separated option, stripped, empty ones dropped ([] for None).
+
+    Example:
+        >>> split_names("dlib-resnet, mobileface,")
+        ['dlib-resnet', 'mobileface']
+    """
+    return [name.strip() for name in (text or "").split(",") if name.strip()]

@@ -172,6 +172,7 @@ def _replace_command(
     from facecloak.detect import MIN_FACE_PX, FaceDetector
     from facecloak.donor_bank import load_bank
     from facecloak.errors import DonorBankError
+    from facecloak.models import choose_embedders
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import ReplaceFaces
     from facecloak.replace import REPLACE_MIN_FACE_PX, FaceReplacer
@@ -190,7 +191,7 @@ def _replace_command(
     options = batch_options(**{k: v for k, v in io_values.items() if k != "ray_address"})
     try:
         bank = load_bank(donor_bank)
-        model_names = running.model_names(None)
+        model_names = choose_embedders(None)
     except DonorBankError as error:
         fail(error, EXIT_USAGE)
     except FacecloakError as error:

@@ -9,7 +9,7 @@ import click
 from facecloak.batch_types import Options
 from facecloak.cli import running
 from facecloak.cli.options import CONTEXT, batch_options, io_options, ray_option
-from facecloak.cli.running import fail, finish, model_names, run_protection
+from facecloak.cli.running import fail, finish, run_protection
 from facecloak.defaults import CPU_CLOAK_BATCH, GPU_CLOAK_BATCH
 from facecloak.errors import FacecloakError
 
@@ -135,8 +135,10 @@ def cloak(
     facecloak cloak photos/ -o cloaked/ --level high
     facecloak cloak photos/ -o out/ --mode targeted --identity-key "my secret" --json
     """
+    from facecloak._checks import split_names
     from facecloak._device import cloak_batch_size
     from facecloak.cloak import create_cloak
+    from facecloak.models import choose_embedders
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import CloakFaces
 
@@ -153,9 +155,9 @@ def cloak(
     )
     try:
         if ray_address is None:
-            names = model_names(models)
+            names = choose_embedders(models)
         else:  # on Ray each actor loads the models; here only their names are needed
-            names = [name for name in (models or "").replace(" ", "").split(",") if name]
+            names = split_names(models)
         spec = ProtectorSpec.cloak(
             mode,
             level,

@@ -174,6 +174,7 @@ def evaluate(
     facecloak evaluate photos_by_person/ --protected-dir cloaked/ --people 5 -o reports/mine
     facecloak evaluate ../shared/data/lfw/images --method replace --donors lfwbank -o reports/replace
     """
+    from facecloak._checks import split_names
     from facecloak.evaluate import EvaluationRequest, run_evaluation
     from facecloak.report import summary_table, write_html, write_json
 
@@ -190,7 +191,7 @@ def evaluate(
         min_photos=min_photos,
         probes=probes,
         attackers=attackers,
-        uploads=tuple(u.strip() for u in uploads.split(",") if u.strip()),
+        uploads=tuple(split_names(uploads)),
         adaptive=adaptive,
         adaptive_people=adaptive_people,
         max_distractors=max_distractors,

@@ -189,18 +189,6 @@ def print_per_file(
     sys.exit(EXIT_FAILED if failed else EXIT_UNPROTECTED if no_face else EXIT_OK)
 
 
-def model_names(names: str | None) -> list[str]:
-    """The named models (comma-separated), checked to exist, or every model available here."""
-    from facecloak.models import available_embedders, get_card
-
-    wanted = [name.strip() for name in names.split(",") if name.strip()] if names else available_embedders()
-    if not wanted:
-        raise FacecloakError("no face model is available here; see `facecloak models`")
-    for name in wanted:
-        get_card(name)  # an unknown name fails now, before any photo is read
-    return wanted
-
-
 def create_model(name: str, device: str | None):
     """Build face model ``name`` (the one place commands build models; tests cache it)."""
     from facecloak.models import create_embedder
@@ -210,4 +198,6 @@ def create_model(name: str, device: str | None):
 
 def load_models(names: str | None, device: str | None) -> list:
     """Build the named models (comma-separated), or every model available here."""
-    return [create_model(name, device) for name in model_names(names)]
+    from facecloak.models import choose_embedders
+
+    return [create_model(name, device) for name in choose_embedders(names)]

@@ -107,11 +107,13 @@ def serve(
         raise click.UsageError(f"the service needs pip install 'facecloak[serve]' ({error})") from None
     import logging
 
+    from facecloak._checks import split_names
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServiceSettings(
         device=device,
         workers=workers,
-        models=tuple(name.strip() for name in models.split(",") if name.strip()) if models else None,
+        models=tuple(split_names(models)) or None,
         max_upload_bytes=max_upload_mb * 1024 * 1024,
         max_pixels=max_pixels,
         max_batch=max_batch,

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from facecloak._checks import check_choice
+from facecloak._checks import check_choice, split_names
 from facecloak.detect import FaceDetector
 from facecloak.errors import InvalidInputError
 from facecloak.evaluate.attackers import Attacker, DlibAttacker, PipelineAttacker
@@ -60,10 +60,7 @@ def build_attackers(names: str | None, detector: FaceDetector, device: str | Non
     """Attackers by name: registry models and "dlib-cpp"; default every available one."""
     from facecloak.models import available_embedders, create_embedder
 
-    if names:
-        wanted = [name.strip() for name in names.split(",") if name.strip()]
-    else:
-        wanted = available_embedders() + (["dlib-cpp"] if DlibAttacker.available() else [])
+    wanted = split_names(names) or available_embedders() + (["dlib-cpp"] if DlibAttacker.available() else [])
     attackers: list[Attacker] = []
     for name in wanted:
         if name == "dlib-cpp":
@@ -96,24 +93,14 @@ def build_protection(
     return AnonymizeFaces(Anonymizer(request.method))
 
 
-def _model_names(request: EvaluationRequest) -> list[str]:
-    """The models ``--models`` names (comma-separated), or every model available here.
-
-    The cloak attacks them; the replacer checks each new face with them.
-    """
-    from facecloak.models import available_embedders
-
-    return [n.strip() for n in request.models.split(",")] if request.models else available_embedders()
-
-
 def _replacer(request: EvaluationRequest, detector: FaceDetector):
     from facecloak.donor_bank import load_bank
-    from facecloak.models import create_embedder
+    from facecloak.models import choose_embedders, create_embedder
     from facecloak.replace import FaceReplacer
 
     if not request.donors:
         raise InvalidInputError("--method replace needs --donors BANK (see `facecloak donors add`)")
-    names = _model_names(request)
+    names = choose_embedders(request.models)
     models = [create_embedder(name, device=request.device) for name in names]
     return FaceReplacer(
         load_bank(request.donors),
@@ -133,12 +120,12 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
     With ``leave_one_out`` (cloak, two or more models) each model is also left out of the cloak in
     turn and measured alone: the honest estimate for a model the cloak never saw.
     """
-    from facecloak.models import create_embedder
+    from facecloak.models import choose_embedders, create_embedder
 
     check_choice(request.method, PROTECTION_METHODS, "method")
     detector = FaceDetector(device=request.device)
     attackers = build_attackers(request.attackers, detector, request.device)
-    names = _model_names(request)
+    names = choose_embedders(request.models)
     models = (
         [create_embedder(name, device=request.device) for name in names] if request.method == "cloak" else []
     )

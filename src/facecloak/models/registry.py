@@ -174,6 +174,22 @@ def available_embedders() -> list[str]:
     return [name for name in list_embedders() if embedder_status(name)[0]]
 
 
+def choose_embedders(names: str | None) -> list[str]:
+    """The models named (comma-separated), each checked to be registered; none named: every available one.
+
+    The one reading of a ``--models`` option (command line, evaluator, replacer): an unknown name
+    fails here, before any photo is read.
+    """
+    from facecloak._checks import split_names
+
+    wanted = split_names(names) or available_embedders()
+    if not wanted:
+        raise ModelNotFoundError("no face model is available here; see `facecloak models`")
+    for name in wanted:
+        _entry(name)
+    return wanted
+
+
 def create_embedder(
     name: str, *, weights: Path | str | None = None, device: str | torch.device | None = None
 ) -> Embedder:

@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facecloak import __version__, io
+from facecloak._checks import split_names
 from facecloak.batch import face_status
 from facecloak.cloak import LEVELS
 from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY, FOUND_AFTER_UPLOAD_KEY
@@ -255,7 +256,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             raise UploadRejected(422, "invalid_option", f"steps may be at most {settings.max_steps} here")
         if mode == "targeted" and not identity_key:
             raise UploadRejected(422, "invalid_option", "mode=targeted needs an identity_key")
-        wanted = tuple(sorted(n.strip() for n in models.split(",") if n.strip())) if models else None
+        wanted = tuple(sorted(split_names(models))) or None
         params = {
             "mode": mode,
             "level": level,
