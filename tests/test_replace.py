@@ -586,9 +586,11 @@ def test_a_turned_face_narrows_only_the_side_turned_away():
     left = torch.tensor([centre_x - 0.85 * unit, centre_y])
     right = torch.tensor([centre_x + 0.85 * unit, centre_y])
     points = torch.stack([left, right])
-    plain = region_weight(points, SynthesisSettings(), yaw=0.4)
+    plain = region_weight(points, SynthesisSettings(far_side_shrink=0.0), yaw=0.4)
     shrunk = region_weight(points, SynthesisSettings(far_side_shrink=1.0), yaw=0.4)  # nose to the right
-    assert torch.equal(plain, region_weight(points, SynthesisSettings()))  # off by default
+    assert torch.equal(shrunk, region_weight(points, SynthesisSettings(), yaw=0.4))  # on by default
+    frontal = region_weight(points, SynthesisSettings(), yaw=0.0)
+    assert torch.equal(frontal, region_weight(points, SynthesisSettings(far_side_shrink=0.0), yaw=0.0))
     assert float(shrunk[0]) == float(plain[0]) > 0  # the near (left) side keeps its reach
     assert float(shrunk[1]) == 0 < float(plain[1])  # the far (right) side ends sooner
     mirrored = region_weight(points, SynthesisSettings(far_side_shrink=1.0), yaw=-0.4)
