@@ -21,6 +21,7 @@ from facecloak.models.dlib_shape import (
     ShapePredictor,
     dlib_grey,
     dlib_landmarks,
+    dlib_landmarks_many,
     load_shape_predictor,
     locate_shape_predictor,
     mtcnn_box_to_dlib,
@@ -276,6 +277,39 @@ def test_many_images_in_one_pass_match_one_image_at_a_time(predictor, lfw_faces)
         torch.testing.assert_close(points, predictor.predict(grey, box), rtol=0, atol=0)
     with pytest.raises(InvalidInputError):
         predictor.predict_many(greys, boxes[:2])
+
+
+def test_each_face_read_around_its_box_gives_the_whole_photos_points(
+    predictor, lfw_faces, detector, samples_dir
+):
+    """`dlib_landmarks_many` cuts a grey image around each face: the points must not move by a bit.
+
+    On a 12 MP photo (the group sample scaled up, faces of 250-640 px), the group sample itself,
+    and 100 LFW faces each from dlib's box, from MTCNN's, and from boxes shifted and enlarged, one
+    past the border. Cut at 0.2 box sides instead of `LANDMARK_REGION_MARGIN`, faces here move.
+    """
+    group = read_image(samples_dir / "group.jpg").pixels
+    large = torch.full((3, 3000, 4000), 0.5)
+    large[:, 372:2627] = torch.nn.functional.interpolate(group[None], size=(2255, 4000), mode="bilinear")[0]
+    found = detector([large, group])
+    images = [large, group]
+    boxes = [mtcnn_box_to_dlib(found.boxes[found.image_index == i]).double() for i in range(2)]
+    assert [len(b) for b in boxes] == [4, 4]
+    for face in lfw_faces:
+        hog = torch.from_numpy(face.hog_box)
+        side = float(hog[2] - hog[0])
+        shift = torch.tensor([0.15, 0.1, 0.15, 0.1], dtype=torch.float64) * side
+        centre = (hog[:2] + hog[2:]).repeat(2) / 2
+        images.append(face.pixels)
+        from_mtcnn = mtcnn_box_to_dlib(face.mtcnn_box[None])[0]
+        boxes.append(torch.stack([hog, from_mtcnn, hog + shift, centre + (hog - centre) * 1.4]))
+    boxes[2] = torch.cat([boxes[2], boxes[2][:1] + 120.0])  # one reaching past the border
+    images.append(lfw_faces[0].pixels)
+    boxes.append(torch.zeros(0, 4, dtype=torch.float64))  # a photo with no face
+    whole = predictor.predict_many([dlib_grey(image) for image in images], boxes)
+    cut = dlib_landmarks_many(images, boxes, predictor=predictor)
+    for expected, points in zip(whole, cut):
+        torch.testing.assert_close(points, expected, rtol=0, atol=0)
 
 
 def test_rejects_bad_input(predictor):

@@ -52,6 +52,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,11 +240,14 @@ class ShapePredictor:
         boxes: Sequence[np.ndarray | Tensor],
         *,
         round_to_pixel: bool = False,
+        origins: Sequence[tuple[int, int]] | None = None,
     ) -> list[Tensor]:
         """`predict` for the faces of several images in one pass: ``boxes[i]`` are in ``greys[i]``.
 
         The cascade's cost is mostly per call, not per face, so a batch of photos costs about what
-        one does (the cloak and the evaluator align hundreds at once).
+        one does (the cloak and the evaluator align hundreds at once). ``origins[i]``: where
+        ``greys[i]`` lies in a larger photo whose coordinates ``boxes[i]`` and the points are in (a
+        cut-out of it; pixels outside the cut-out read as outside the image).
 
         Returns:
             One ``(N_i, P, 2)`` tensor per image, as `predict` gives it.
@@ -259,8 +263,11 @@ class ShapePredictor:
         owner = np.repeat(np.arange(len(pixels)), counts)
         shapes = np.array([p.shape for p in pixels], dtype=np.int64).reshape(-1, 2)
         every_box = np.concatenate(box_arrays) if box_arrays else np.zeros((0, 4))
+        corners = np.array(origins if origins is not None else [(0, 0)] * len(pixels), dtype=np.float64)
+        if corners.shape != (len(pixels), 2):
+            raise InvalidInputError(f"{len(greys)} images but origins of shape {corners.shape}")
         points = self._predict_array(
-            flat, starts[owner], shapes[owner, 1], shapes[owner, 0], every_box, round_to_pixel
+            flat, starts[owner], shapes[owner, 1], shapes[owner, 0], every_box, round_to_pixel, corners[owner]
         )
         out = []
         for b, part in zip(boxes, np.split(points, np.cumsum(counts)[:-1])):
@@ -278,10 +285,12 @@ class ShapePredictor:
         heights: np.ndarray,
         boxes: np.ndarray,
         round_to_pixel: bool,
+        origins: np.ndarray,
     ) -> np.ndarray:
         """`predict` on float32 images laid end to end in ``flat_pixels``; float64 ``(N, P, 2)`` result.
 
-        Face n reads the ``heights[n] x widths[n]`` image that starts at ``flat_pixels[starts[n]]``.
+        Face n reads the ``heights[n] x widths[n]`` image that starts at ``flat_pixels[starts[n]]``,
+        whose top-left pixel is pixel ``origins[n]`` (x, y) of the photo ``boxes[n]`` is in.
         """
         count = len(boxes)
         width, height = widths.astype(np.float64), heights.astype(np.float64)
@@ -304,8 +313,8 @@ class ShapePredictor:
             y = linear[1, 0] * delta_x
             y += linear[1, 1] * delta_y
             y += anchors[:, 1]
-            column = np.floor(x.astype(np.float64) * span_x + left + 0.5)  # dlib's point(): round half up
-            row = np.floor(y.astype(np.float64) * span_y + top + 0.5)
+            column = np.floor(x.astype(np.float64) * span_x + left + 0.5) - origins[:, 0]  # dlib's point()
+            row = np.floor(y.astype(np.float64) * span_y + top + 0.5) - origins[:, 1]  # rounds half up
             inside = (column >= 0) & (column < width) & (row >= 0) & (row < height)
             index = np.where(inside, starts + row * width + column, 0).astype(np.int64)
             features = np.where(inside, flat_pixels[index], np.float32(0))  # (F, N) float32
@@ -598,8 +607,46 @@ def dlib_landmarks_many(
         if image.ndim != 3:
             raise InvalidInputError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
     model = predictor if predictor is not None else default_shape_predictor()
-    greys = [dlib_grey(image).cpu() for image in images]
-    return model.predict_many(greys, boxes, round_to_pixel=round_to_pixel)
+    greys, faces, origins, counts = [], [], [], []
+    for image, image_boxes in zip(images, boxes):
+        array = torch.as_tensor(image_boxes, dtype=torch.float64).reshape(-1, 4).cpu()
+        counts.append(len(array))
+        for box in array:  # each face reads only the pixels around it
+            x0, y0, x1, y1 = _region_around(box, image.shape[-2:])
+            greys.append(dlib_grey(image[:, y0:y1, x0:x1]).cpu())
+            faces.append(box[None])
+            origins.append((x0, y0))
+    found = model.predict_many(greys, faces, round_to_pixel=round_to_pixel, origins=origins)
+    out, start = [], 0
+    for image_boxes, count in zip(boxes, counts):
+        like = image_boxes if isinstance(image_boxes, Tensor) and image_boxes.is_floating_point() else None
+        device = image_boxes.device if isinstance(image_boxes, Tensor) else torch.device("cpu")
+        points = torch.cat(found[start : start + count]) if count else torch.zeros(0, model.num_parts, 2)
+        out.append(points.to(device=device, dtype=like.dtype if like is not None else torch.float32))
+        start += count
+    return out
+
+
+LANDMARK_REGION_MARGIN = 0.75
+"""Each face's landmarks are read from a grey image cut around its box, this many box sides beyond
+it on every side (clamped to the photo), so a large photo is not converted to grey levels and
+copied whole at every call (a 12 MP photo with 4 faces: 0.29-0.39 -> 0.03 s). The cascade reads pixels
+at a landmark plus an offset of at most half a box (the 5-point model's offsets, all inside its
+mean shape's box): 0.4 gave the same points to the last bit as the whole photo on 342 LFW and
+sample faces (0.3: 3 faces moved, by up to 0.74 px), and 0.75 leaves room for a landmark a
+quarter of a box outside its box."""
+
+
+def _region_around(box: Tensor, size: Sequence[int]) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)``: the part of an image of ``size`` (H, W) the predictor reads for ``box``."""
+    height, width = int(size[0]), int(size[1])
+    left, top, right, bottom = (float(v) for v in box)
+    margin = LANDMARK_REGION_MARGIN * max(right - left, bottom - top, 1.0)
+    x0 = min(max(0, math.floor(left - margin)), width - 1)
+    y0 = min(max(0, math.floor(top - margin)), height - 1)
+    x1 = max(min(width, math.ceil(right + margin) + 1), x0 + 1)
+    y1 = max(min(height, math.ceil(bottom + margin) + 1), y0 + 1)
+    return x0, y0, x1, y1
 
 
 def mtcnn_box_to_dlib(boxes: Tensor) -> Tensor:
