@@ -382,3 +382,43 @@ def test_the_dssim_penalty_is_exactly_zero_under_its_onset_and_pushes_back_above
             (gradient,) = torch.autograd.grad(penalty.sum(), delta)
             # descending the penalty shrinks the change: the gradient points along it
             assert float((gradient * delta).sum()) > 0
+
+
+def test_changes_pasted_crop_by_crop_equal_the_whole_photo_pasted_and_rounded(
+    dlib_model, detector, samples_dir
+):
+    """The compose step rounds only the face crops: the same photos, to the last bit, as pasting
+    every change into the whole photo, clamping and rounding it whole, with crops that overlap."""
+    from facecloak.align import model_alignment
+    from facecloak.cloak.base import _as_stored
+    from facecloak.cloak.regions import build_buckets, paste_perturbations
+
+    photos = [read_image(samples_dir / "group.jpg").pixels, read_image(samples_dir / "astronaut.jpg").pixels]
+    found = detector(photos)
+    nudged = Faces(
+        found.boxes[:1] + 25.0, found.landmarks[:1] + 25.0, found.scores[:1], found.image_index[:1]
+    )
+    faces = Faces.cat([found, nudged])  # a face whose crop overlaps the first one's
+    alignment = model_alignment(photos, faces, dlib_model.card)
+    buckets = build_buckets(
+        photos, faces, [dlib_model], [alignment], region_scale=1.3, feather=0.15, max_faces=3
+    )
+    generator = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(b.crops.shape, generator=generator) * 0.05 for b in buckets]
+
+    expected = [image.clone() for image in photos]  # the whole-photo paste the compose step did before
+    for bucket, delta in zip(buckets, deltas):
+        for row, n in enumerate(bucket.faces.tolist()):
+            x0, y0 = (int(v) for v in bucket.origins[row].tolist())
+            width, height = (int(v) for v in bucket.sizes[row].tolist())
+            change = (bucket.masks * delta)[row, :, :height, :width]
+            expected[int(faces.image_index[n])][:, y0 : y0 + height, x0 : x0 + width] += change
+    expected = [_as_stored(image.clamp_(0, 1)) for image in expected]
+
+    stored = [_as_stored(photo) for photo in photos]
+    composed = paste_perturbations(photos, faces, buckets, deltas, unchanged=stored, finish=_as_stored)
+    for want, got in zip(expected, composed):
+        assert torch.equal(want, got)
+    assert not torch.equal(composed[0], stored[0])  # the changes are there
+    plain = paste_perturbations(photos, faces, buckets, deltas)  # no rounding: the float paste
+    assert torch.equal(_as_stored(plain[0]), expected[0])

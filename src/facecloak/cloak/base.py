@@ -358,7 +358,8 @@ class Cloak:
         faces = faces.to("cpu")
         if len(faces) == 0:
             nothing = torch.zeros(0, dtype=torch.long)
-            return self._result(photos, photos, faces, ([], nothing), nothing, started, clock)
+            stored = [_as_stored(photo) for photo in photos]
+            return self._result(photos, stored, faces, ([], nothing), nothing, started, clock)
         # one alignment per model, shared by the clean embedding, the crops and the cloaked output
         alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         clean = [
@@ -641,12 +642,15 @@ class Cloak:
         if self.spend_budget and FILL_BUDGET:
             deltas = self._fill(faces, buckets, deltas, cap)
         scale = torch.ones(len(faces))
+        stored_photos = [_as_stored(photo) for photo in photos]  # once: only the face crops change
         for _ in range(COMPOSE_ROUNDS):
             scaled = [
                 delta * scale[bucket.faces].to(delta).view(-1, 1, 1, 1)
                 for bucket, delta in zip(buckets, deltas)
             ]
-            cloaked = [_as_stored(image) for image in paste_perturbations(photos, faces, buckets, scaled)]
+            cloaked = paste_perturbations(
+                photos, faces, buckets, scaled, unchanged=stored_photos, finish=_as_stored
+            )
             dssim = self._stored_dssim(cloaked, faces, buckets)
             over = dssim > cap
             if not bool(over.any()):
@@ -739,11 +743,12 @@ class Cloak:
         """The stored photos, measured from ``references`` (`references`) and checked after upload.
 
         ``distance`` is read through the alignments the cloak optimised through (the clean photo's);
-        the after-upload distance through a detection and alignment from scratch. ``dssim``: each
-        face's DSSIM in ``cloaked``, if already measured (`_compose_within_budget`).
+        the after-upload distance through a detection and alignment from scratch. ``cloaked``: the
+        photos already rounded to 8 bits as they will be stored. ``dssim``: each face's DSSIM in
+        ``cloaked``, if already measured (`_compose_within_budget`).
         """
         n, models = len(faces), len(self.models)
-        stored = [_as_stored(image) for image in cloaked]
+        stored = cloaked  # already rounded to 8 bits as stored (`_compose_within_budget`)
         reference, counts = references
         detector = self.detector if self.verify and n else None
         distance, distance_jpeg, found = measure_cloaked(

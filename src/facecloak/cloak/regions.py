@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,18 +163,39 @@ def sample_chips(crops: Tensor, chip_from_crop: Tensor, model: Embedder, factor:
 
 
 def paste_perturbations(
-    images: Sequence[Tensor], faces: Faces, buckets: Sequence[Bucket], deltas: Sequence[Tensor]
+    images: Sequence[Tensor],
+    faces: Faces,
+    buckets: Sequence[Bucket],
+    deltas: Sequence[Tensor],
+    *,
+    unchanged: Sequence[Tensor] | None = None,
+    finish: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Tensor]:
     """Add each face's masked perturbation back into its photo; clamp to [0, 1].
 
-    Where two faces' crops overlap, their perturbations add (each is already inside its budget).
+    Where two faces' crops overlap, their perturbations add (each is already inside its budget),
+    in bucket and row order. Only the face crops are computed, each after the other: outside them
+    an output is ``unchanged[i]`` (default: ``images[i]`` clamped), so a 12 MP photo is not copied,
+    summed and clamped whole. ``finish`` is applied to each clamped crop (e.g. rounding to 8 bits
+    as stored, with ``unchanged`` the photos rounded once), as it would be to the whole photo.
     """
-    outputs = [image.clone() for image in images]
+    areas = []  # (photo, x0, y0, x1, y1, change), in the order the changes add up
     for bucket, delta in zip(buckets, deltas):
         change = bucket.masks * delta
         for row, n in enumerate(bucket.faces.tolist()):
-            image = outputs[int(faces.image_index[n])]
             x0, y0 = (int(v) for v in bucket.origins[row].tolist())
             width, height = (int(v) for v in bucket.sizes[row].tolist())
-            image[:, y0 : y0 + height, x0 : x0 + width] += change[row, :, :height, :width].to(image)
-    return [output.clamp_(0, 1) for output in outputs]
+            crop = change[row, :, :height, :width]
+            areas.append((int(faces.image_index[n]), x0, y0, x0 + width, y0 + height, crop))
+    base = unchanged if unchanged is not None else [image.clamp(0, 1) for image in images]
+    outputs = [image.clone() for image in base]
+    for i, x0, y0, x1, y1, _ in areas:
+        region = images[i][:, y0:y1, x0:x1].clone()
+        for j, u0, v0, u1, v1, change in areas:
+            left, top, right, bottom = max(x0, u0), max(y0, v0), min(x1, u1), min(y1, v1)
+            if j == i and left < right and top < bottom:
+                part = change[:, top - v0 : bottom - v0, left - u0 : right - u0]
+                region[:, top - y0 : bottom - y0, left - x0 : right - x0] += part.to(region)
+        region = region.clamp_(0, 1)
+        outputs[i][:, y0:y1, x0:x1] = finish(region) if finish is not None else region
+    return outputs
