@@ -597,6 +597,36 @@ def test_a_turned_face_narrows_only_the_side_turned_away():
     assert torch.allclose(mirrored, shrunk.flip(0))
 
 
+def test_a_turned_face_keeps_the_background_behind_its_far_cheek(bank, lfw_dir, detector):
+    """On a real turned face (LFW, yaw -0.39) no new pixel lands half an eye distance past the far eye.
+
+    Without the narrowing (far_side_shrink 0) the new face reached there, over the curtain behind
+    the cheek (seen at 2x: skin and a second nose on the background); the near side is unchanged.
+    """
+    from facecloak.synthesis import SynthesisSettings, estimate_pose, eye_distance, synthesize_face
+
+    image = io.read_image(lfw_dir / "images" / "Paul_Bremer" / "Paul_Bremer_0002.jpg").pixels
+    found = detector([image])
+    landmarks = found.landmarks[centre_face(found, 250, 250)]
+    assert float(estimate_pose(landmarks[None])[0, 0]) < -0.3  # nose to the viewer's left: far side left
+    unit = float(eye_distance(landmarks[None])[0])
+    rows = [0, 1, 2]
+
+    def reach(settings: SynthesisSettings) -> tuple[int, int]:
+        made = synthesize_face(image, landmarks, bank.chips(rows), bank.points[rows], settings=settings)
+        x0, y0, x1, y1 = made.box
+        xs = torch.arange(x0, x1, dtype=torch.float32).expand(y1 - y0, -1)
+        changed = made.weight[0] > 0
+        far = int((changed & (xs < float(landmarks[0, 0]) - 0.5 * unit)).sum())
+        near = int((changed & (xs > float(landmarks[1, 0]) + 0.5 * unit)).sum())
+        return far, near
+
+    far, near = reach(SynthesisSettings(grain=0.0))
+    far_before, near_before = reach(SynthesisSettings(grain=0.0, far_side_shrink=0.0))
+    assert far == 0 < 100 < far_before
+    assert near == near_before > 0
+
+
 def test_donor_warps_of_several_faces_at_once_equal_one_at_a_time(bank):
     """The replacer registers every face's donors in one call: the same warps as face by face."""
     sets = [[0, 1, 2], [3, 4, 5], [2, 6, 7]]
