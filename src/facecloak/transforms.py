@@ -91,7 +91,7 @@ def levels_8bit(pixels: Tensor) -> Tensor:
     The one rounding rule for "as it will be written": `facecloak.io.to_uint8`, the cloak's stored
     output and dlib's grey conversion all go through it, on the tensor's own device.
     """
-    return (pixels.detach().float().clamp(0, 1) * 255.0).round()
+    return pixels.detach().float().clamp(0, 1).mul_(255.0).round_()  # in place: one 12 MP copy, not three
 
 
 def straight_through_round(x: Tensor) -> Tensor:
