@@ -474,17 +474,16 @@ class FaceReplacer:
         near = [
             n for n in rows if plans[n].best is not None and FINISH_FROM <= plans[n].best[0] < FINISH_UNTIL
         ]
+        originals = {n: targets_row(targets, rows, n) for n in near}
         for level in FINISH_LEVELS:
             if not near:
                 return
-            finished = self._cloaked_tries(
-                level, _compose(base, crops, faces), faces, plans, targets, rows, near
-            )
+            finished = self._cloaked_tries(level, _compose(base, crops, faces), faces, plans, originals, near)
             checks = self._verify(
                 _compose(base, {**crops, **finished}, faces),
                 faces,
                 near,
-                {n: targets_row(targets, rows, n) for n in near},
+                {n: originals[n] for n in near},
                 {n: finished[n][3:] for n in near},
             )
             passed = {
@@ -504,24 +503,20 @@ class FaceReplacer:
         photos: list[Tensor],
         faces: Faces,
         plans: dict[int, _Plan],
-        targets: dict[str, Tensor],
-        rows: list[int],
+        originals: dict[int, dict[str, Tensor]],
         near: list[int],
     ) -> dict[int, tuple]:
-        """The best try of each face of ``near`` (in ``photos``) after an away cloak at ``level``."""
+        """The best try of each face of ``near`` (in ``photos``) after an away cloak at ``level``.
+
+        ``originals``: each face's original embeddings per model (`targets_row`).
+        """
         images, chosen = _in_their_photos(faces, near)
         away_from, margins = [], []
         for model in self.models:
             name = model.card.name
             table = self.bank.embeddings[name]
-            away_from.append(
-                torch.stack(
-                    [
-                        torch.cat([targets[name][rows.index(n)][None], table[list(plans[n].best[1][3])]])
-                        for n in near
-                    ]
-                )
-            )
+            leave = [torch.cat([originals[n][name][None], table[list(plans[n].best[1][3])]]) for n in near]
+            away_from.append(torch.stack(leave))
             margin = [self.margin] + [self.donor_margins[name]] * self.donors_per_face
             margins.append(torch.tensor([margin] * len(near)))
         cloak = AwayCloak(

@@ -179,23 +179,24 @@ def paste_perturbations(
     summed and clamped whole. ``finish`` is applied to each clamped crop (e.g. rounding to 8 bits
     as stored, with ``unchanged`` the photos rounded once), as it would be to the whole photo.
     """
-    areas = []  # (photo, x0, y0, x1, y1, change), in the order the changes add up
+    areas = defaultdict(list)  # per photo: (x0, y0, x1, y1, change), in the order the changes add up
     for bucket, delta in zip(buckets, deltas):
         change = bucket.masks * delta
         for row, n in enumerate(bucket.faces.tolist()):
             x0, y0 = (int(v) for v in bucket.origins[row].tolist())
             width, height = (int(v) for v in bucket.sizes[row].tolist())
             crop = change[row, :, :height, :width]
-            areas.append((int(faces.image_index[n]), x0, y0, x0 + width, y0 + height, crop))
+            areas[int(faces.image_index[n])].append((x0, y0, x0 + width, y0 + height, crop))
     base = unchanged if unchanged is not None else [image.clamp(0, 1) for image in images]
     outputs = [image.clone() for image in base]
-    for i, x0, y0, x1, y1, _ in areas:
-        region = images[i][:, y0:y1, x0:x1].clone()
-        for j, u0, v0, u1, v1, change in areas:
-            left, top, right, bottom = max(x0, u0), max(y0, v0), min(x1, u1), min(y1, v1)
-            if j == i and left < right and top < bottom:
-                part = change[:, top - v0 : bottom - v0, left - u0 : right - u0]
-                region[:, top - y0 : bottom - y0, left - x0 : right - x0] += part.to(region)
-        region = region.clamp_(0, 1)
-        outputs[i][:, y0:y1, x0:x1] = finish(region) if finish is not None else region
+    for i, photo_areas in areas.items():
+        for x0, y0, x1, y1, _ in photo_areas:
+            region = images[i][:, y0:y1, x0:x1].clone()
+            for u0, v0, u1, v1, change in photo_areas:
+                left, top, right, bottom = max(x0, u0), max(y0, v0), min(x1, u1), min(y1, v1)
+                if left < right and top < bottom:
+                    part = change[:, top - v0 : bottom - v0, left - u0 : right - u0]
+                    region[:, top - y0 : bottom - y0, left - x0 : right - x0] += part.to(region)
+            region = region.clamp_(0, 1)
+            outputs[i][:, y0:y1, x0:x1] = finish(region) if finish is not None else region
     return outputs

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from facecloak._checks import split_names
 from facecloak._device import default_device
 from facecloak.errors import ModelNotFoundError, UnknownModelError
 
@@ -180,8 +181,6 @@ def choose_embedders(names: str | None) -> list[str]:
     The one reading of a ``--models`` option (command line, evaluator, replacer): an unknown name
     fails here, before any photo is read.
     """
-    from facecloak._checks import split_names
-
     wanted = split_names(names) or available_embedders()
     if not wanted:
         raise ModelNotFoundError("no face model is available here; see `facecloak models`")
