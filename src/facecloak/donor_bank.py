@@ -20,7 +20,7 @@ from torch import Tensor
 from facecloak import io
 from facecloak.errors import DonorBankError, FacecloakError
 from facecloak.models.registry import Embedder
-from facecloak.synthesis import CHIP_SIZE_PX
+from facecloak.synthesis import CHIP_SIZE_PX, FACE_STATISTICS, face_statistics
 
 BANK_FORMAT = 1
 """Version of the on-disk layout; a bank of another version is refused with a way out."""
@@ -70,7 +70,8 @@ class DonorBank:
         donors: one manifest record per donor (``id``, ``source``, ``licence``, ...).
         points: (N, 5, 2) landmarks in chip pixels.
         pose: (N, 3) ``yaw, pitch, roll`` (`facecloak.synthesis.estimate_pose`).
-        stats: (N, 9) colour statistics (`facecloak.synthesis.FACE_STATISTICS`).
+        stats: (N, len(FACE_STATISTICS)) colour and appearance statistics
+            (`facecloak.synthesis.FACE_STATISTICS`).
         embeddings: model name -> (N, D) embedding of each donor's chip.
         models: model name -> {"fingerprint", "metric", "threshold"} the bank was built with.
         sources: one record per ``add`` (folder, licence note, photos, skipped).
@@ -173,17 +174,34 @@ def load_bank(name: str | Path = DEFAULT_BANK, *, allow_empty: bool = False) -> 
             f"donor bank {label!r} is empty; add photos with `facecloak donors add PHOTOS_DIR --bank {label}`"
         )
     embeddings = _read_embeddings(folder, [d["id"] for d in donors], manifest.get("models", {}))
-    return DonorBank(
+    complete = all(len(d["stats"]) == len(FACE_STATISTICS) for d in donors)
+    bank = DonorBank(
         name=manifest.get("name", label),
         folder=folder,
         donors=donors,
         points=_tensor([d["chip_landmarks"] for d in donors], (0, 5, 2)),
         pose=_tensor([d["pose"] for d in donors], (0, 3)),
-        stats=_tensor([d["stats"] for d in donors], (0, 9)),
+        stats=_tensor([d["stats"] for d in donors] if complete else [], (0, len(FACE_STATISTICS))),
         embeddings=embeddings,
         models=manifest.get("models", {}),
         sources=manifest.get("sources", []),
     )
+    if not complete:
+        # made by an older facecloak, before its last statistic: computed from the stored chips
+        # (a second or so for a few hundred donors; `facecloak donors refresh` stores them)
+        bank.stats = _statistics_from_chips(bank)
+    return bank
+
+
+def _statistics_from_chips(bank: DonorBank, chunk: int = 64) -> Tensor:
+    """Every donor's `face_statistics`, from its stored chip, a chunk at a time (none kept in memory)."""
+    parts = []
+    for start in range(0, len(bank), chunk):
+        rows = range(start, min(len(bank), start + chunk))
+        parts.append(face_statistics(bank.chips(rows)))
+        for row in rows:
+            bank._chips.pop(row, None)
+    return torch.cat(parts)
 
 
 def _tensor(rows: list, empty_shape: tuple[int, ...]) -> Tensor:

@@ -48,7 +48,13 @@ from facecloak.embed import embed_faces
 from facecloak.errors import DonorBankError, FacecloakError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
-from facecloak.synthesis import CHIP_SIZE_PX, canonical_chips, estimate_pose, face_statistics
+from facecloak.synthesis import (
+    CHIP_SIZE_PX,
+    FACE_STATISTICS,
+    canonical_chips,
+    estimate_pose,
+    face_statistics,
+)
 
 
 @dataclass
@@ -358,7 +364,7 @@ def refresh_bank(
     _write_npz(bank_data.folder / "embeddings.npz", {"ids": np.array(bank_data.ids, dtype=str), **tables})
     manifest = json.loads((bank_data.folder / "bank.json").read_text())
     manifest["models"] = _manifest(bank_data.folder, bank_data, models)["models"]
-    stats = face_statistics(chips) if len(chips) else torch.zeros(0, 9)
+    stats = face_statistics(chips) if len(chips) else torch.zeros(0, len(FACE_STATISTICS))
     for donor, row in zip(manifest["donors"], stats):
         donor["stats"] = [round(float(v), 4) for v in row]
     _write_json(bank_data.folder / "bank.json", manifest)

@@ -615,11 +615,45 @@ def eyes_weight(points: Tensor) -> Tensor:
     )
 
 
-FACE_STATISTICS = ("L", "a", "b", "L_std", "a_std", "b_std", "beard", "mouth", "eyes")
+FACE_STATISTICS = ("L", "a", "b", "L_std", "a_std", "b_std", "beard", "mouth", "eyes", "glasses")
 """What `face_statistics` returns per face: Lab mean and spread of the skin; how much darker the
 upper lip and chin are than the cheeks (a beard or moustache); how much lighter the inside of the
 mouth is than the cheeks (teeth: an open smile); how much lighter the eyes are than the cheeks
-(very dark: sunglasses or deep shadow), all in L units."""
+(very dark: sunglasses or deep shadow), all in L units; and how strongly the face shows a
+spectacle frame (`glasses_strength`, L units)."""
+
+GLASSES_LINE_PX = 3
+"""Half-height, in canonical-chip pixels, of the thin horizontal lines `glasses_strength` looks for:
+a spectacle frame's bridge and lower rims are a few pixels thick there, a brow's shadow or a
+cheek's shading is much broader and barely registers."""
+
+
+def glasses_strength(lightness: Tensor) -> Tensor:
+    """(N,) how strongly (N, 1, S, S) canonical-chip lightness (Lab L) shows a spectacle frame.
+
+    A frame crosses the bridge of the nose between the eyes and runs under each eye as a thin
+    line, dark or bright; bare skin there is smooth. Measured as the strongest thin-line response
+    (a row's lightness against the rows ``GLASSES_LINE_PX`` above and below, averaged along the
+    row) on the bridge, plus the weaker of the two under-eye ones (both rims, not one eye's lid).
+    On 296 LFW donors, those above about 12 all wear glasses; bare faces lie mostly under 7.
+    """
+    (left_x, left_y), (right_x, right_y) = CANONICAL_TEMPLATE[:2]
+    unit, eye_y, centre_x = right_x - left_x, (left_y + right_y) / 2, (left_x + right_x) / 2
+    d = GLASSES_LINE_PX
+    top, bottom = int(eye_y - 0.3 * unit) - d, int(eye_y + 0.55 * unit) + d + 1
+    rows = gaussian_blur(lightness[..., top:bottom, :], 0.7)
+    line = (rows[..., : -2 * d, :] + rows[..., 2 * d :, :]) / 2 - rows[..., d:-d, :]  # row r: y = top + d + r
+
+    def strongest(x0: float, x1: float, y0: float, y1: float) -> Tensor:
+        band = line[..., int(y0) - top - d : int(y1) - top - d, int(x0) : int(x1)]
+        return band.mean(-1).abs().flatten(1).amax(1)
+
+    bridge = strongest(centre_x - 0.1 * unit, centre_x + 0.1 * unit, eye_y - 0.3 * unit, eye_y + 0.15 * unit)
+    rims = [
+        strongest(x - 0.3 * unit, x + 0.3 * unit, eye_y + 0.22 * unit, eye_y + 0.55 * unit)
+        for x in (left_x, right_x)
+    ]
+    return bridge + torch.minimum(*rims)
 
 
 @functools.lru_cache(maxsize=8)
@@ -637,7 +671,7 @@ def face_statistics(chips: Tensor) -> Tensor:
 
     Example:
         >>> face_statistics(torch.full((1, 3, CHIP_SIZE_PX, CHIP_SIZE_PX), 0.5)).shape
-        torch.Size([1, 9])
+        torch.Size([1, 10])
     """
     skin, lower_face, mouth_region, eye_region = _statistics_regions(chips.dtype, chips.device)
     lab = rgb_to_lab(chips)
@@ -648,7 +682,8 @@ def face_statistics(chips: Tensor) -> Tensor:
     eyes, _ = weighted_moments(lab[:, :1], eye_region.expand(n, 1, -1, -1))
     cheeks = mean[:, :1]
     contrasts = [cheeks - beard, mouth - cheeks, eyes - cheeks]
-    return torch.cat([mean.flatten(1), std.flatten(1), *(c.flatten(1) for c in contrasts)], 1)
+    glasses = glasses_strength(lab[:, :1])[:, None]
+    return torch.cat([mean.flatten(1), std.flatten(1), *(c.flatten(1) for c in contrasts), glasses], 1)
 
 
 def mouth_width(landmarks: Tensor) -> Tensor:
