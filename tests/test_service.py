@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import socket
@@ -373,3 +374,77 @@ def test_timeout_504_and_full_queue_503_over_http(monkeypatch, samples_dir):
             time.sleep(0.2)
         assert client.get("/healthz").json()["queue_depth"] == 0
         assert 'facecloak_rejected_total{reason="queue_full"}' in client.get("/metrics").text
+
+
+@pytest.fixture(scope="module")
+def donor_bank(lfw_dir, detector, tmp_path_factory) -> Path:
+    """24 LFW people with one or two photos (first by name), embedded by dlib-resnet."""
+    from facecloak.donors import add_donors
+    from facecloak.models import create_embedder
+
+    people = [p for p in sorted((lfw_dir / "images").iterdir()) if len(list(p.glob("*.jpg"))) <= 2]
+    photos = [sorted(person.glob("*.jpg"))[0] for person in people[:24]]
+    folder = tmp_path_factory.mktemp("bank") / "lfw-donors"
+    model = create_embedder("dlib-resnet", device="cpu")
+    add_donors(photos, [model], bank=str(folder), licence="LFW, research use", detector=detector)
+    return folder
+
+
+def test_replace_over_http_with_a_donor_bank(donor_bank, lfw_dir):
+    """`facecloak serve --donors BANK` offers method=replace: the face becomes a verified donor mix,
+    reported per face like the CLI's; only the face region changes. Without a bank the method is
+    refused with the fix in one line, and the web page does not offer it."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    photo_path = sorted((lfw_dir / "images" / "Colin_Powell").glob("*.jpg"))[3]
+    photo = photo_path.read_bytes()
+    settings = ServiceSettings(device="cpu", models=("dlib-resnet",), donors=str(donor_bank))
+    with TestClient(create_app(settings)) as client:
+        assert "replace" in client.get("/v1/info").json()["methods"]
+        answer = client.post(
+            "/v1/anonymize",
+            files={"image": (photo_path.name, photo)},
+            data={"method": "replace", "response": "json", "format": "png"},
+        )
+        assert answer.status_code == 200, answer.text
+        report = answer.json()
+        subject = min(
+            report["faces"],
+            key=lambda f: (
+                abs((f["box"][0] + f["box"][2]) / 2 - 125) + abs((f["box"][1] + f["box"][3]) / 2 - 125)
+            ),
+        )
+        assert subject["method"] == "replace" and subject["protected"], subject
+        assert subject["reason"].startswith("replaced by a mix of 3 donors; after JPEG 75: dlib-resnet")
+        assert len(subject["donors"]) == 3 and subject["redetected"]
+        output = decode(base64.b64decode(report["image_base64"]))
+        inside, outside = changed_only_in_faces(
+            decode(photo), output, [f["box"] for f in report["faces"]], scale=1.6
+        )
+        assert inside > 1000 and outside == 0, (inside, outside)
+        refused = client.post(
+            "/v1/anonymize",
+            files={"image": (photo_path.name, photo)},
+            data={"method": "replace", "blocks": "8"},
+        )
+        assert refused.status_code == 422 and "takes no" in refused.json()["reason"]
+    bare = create_app(ServiceSettings(device="cpu", preload=False))
+    with TestClient(bare) as client:
+        assert "replace" not in client.get("/v1/info").json()["methods"]
+        refused = client.post(
+            "/v1/anonymize", files={"image": (photo_path.name, photo)}, data={"method": "replace"}
+        )
+        assert refused.status_code == 422
+        assert "facecloak serve --donors BANK" in refused.json()["reason"]
+
+
+def test_serve_with_a_missing_bank_is_a_one_line_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    from facecloak.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--donors", str(tmp_path / "no-bank")])
+    assert result.exit_code == 2
+    assert "no donor bank 'no-bank'" in result.output and "facecloak donors add" in result.output

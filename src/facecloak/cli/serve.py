@@ -72,6 +72,13 @@ from facecloak.cli.options import CONTEXT
 @click.option(
     "--cors-origin", multiple=True, help="Allow this origin by CORS (repeatable). Default: CORS off."
 )
+@click.option(
+    "--donors",
+    "donor_bank",
+    default=None,
+    metavar="BANK",
+    help="Donor bank (name or folder) for method=replace. Default: replace is not offered.",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve(
     host,
@@ -87,6 +94,7 @@ def serve(
     timeout,
     api_keys,
     cors_origin,
+    donor_bank,
     log_level,
 ) -> None:
     """Run the HTTP service and its web page (FastAPI on uvicorn).
@@ -98,6 +106,7 @@ def serve(
     facecloak serve
     curl -F image=@photo.jpg -F method=blur http://127.0.0.1:8000/v1/anonymize -o out.jpg
     curl -F image=@photo.jpg -F level=high -F response=json http://127.0.0.1:8000/v1/cloak
+    facecloak serve --donors mybank    # also offers method=replace (see `facecloak donors`)
     """
     try:
         import uvicorn
@@ -110,10 +119,13 @@ def serve(
     from facecloak._checks import split_names
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_names = tuple(split_names(models)) or None
+    if donor_bank is not None:
+        donor_bank = _checked_bank(donor_bank, models)
     settings = ServiceSettings(
         device=device,
         workers=workers,
-        models=tuple(split_names(models)) or None,
+        models=model_names,
         max_upload_bytes=max_upload_mb * 1024 * 1024,
         max_pixels=max_pixels,
         max_batch=max_batch,
@@ -122,6 +134,7 @@ def serve(
         request_timeout_s=timeout,
         api_keys_file=api_keys,
         cors_origins=tuple(cors_origin),
+        donors=donor_bank,
     )
     try:
         settings.api_keys()
@@ -132,3 +145,23 @@ def serve(
             f"warning: serving on {host} without --api-keys: anyone who reaches it can use it", err=True
         )
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+
+
+def _checked_bank(name: str, models: str | None) -> str:
+    """The bank's folder, or a one-line usage error (no bank, empty, built without a model served)."""
+    from facecloak.donor_bank import load_bank
+    from facecloak.errors import FacecloakError
+    from facecloak.models import choose_embedders
+
+    try:
+        bank = load_bank(name)
+        served = choose_embedders(models)
+    except FacecloakError as error:
+        raise click.UsageError(str(error)) from None
+    missing = [model for model in served if model not in bank.models]
+    if missing:
+        raise click.UsageError(
+            f"bank {bank.name!r} holds no embeddings of {', '.join(missing)}, which the service checks "
+            f"new faces with; run `facecloak donors refresh {bank.name}`"
+        )
+    return str(bank.folder)

@@ -211,7 +211,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         request: Request,
         image: Annotated[UploadFile, File(description="The photo (JPEG, PNG, WebP, TIFF, BMP, GIF).")],
         common: Annotated[CommonForm, Depends()],
-        method: Annotated[Literal["blur", "pixelate", "mask"], Form()] = "blur",
+        method: Annotated[
+            Literal["blur", "pixelate", "mask", "replace"],
+            Form(description="replace: a new face mixed from donors (when the server has a donor bank)."),
+        ] = "blur",
         shape: Annotated[Literal["ellipse", "box"], Form()] = "ellipse",
         mask_scale: Annotated[
             float, Form(ge=0.5, le=4.0, description="Region size relative to the box.")
@@ -224,7 +227,20 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         ] = None,
         feather: Annotated[float | None, Form(ge=0, le=1, description="Soft edge.")] = None,
     ) -> Response:
-        """Blur, pixelate or mask every face; pixels outside the face regions are unchanged."""
+        """Blur, pixelate, mask or replace every face; pixels outside the face regions are unchanged."""
+        if method == "replace":
+            if not settings.donors:
+                raise UploadRejected(
+                    422,
+                    "invalid_option",
+                    "method=replace needs a donor bank on the server: start it with "
+                    "`facecloak serve --donors BANK`",
+                )
+            if feather is not None or strength is not None or blocks is not None:
+                raise UploadRejected(
+                    422, "invalid_option", "method=replace takes no feather, strength or blocks"
+                )
+            return await protect(request, "anonymize", image, {"method": "replace"}, common, ANONYMIZE_FIELDS)
         if method != "blur" and strength is not None:
             raise UploadRejected(422, "invalid_option", "strength is an option of method=blur")
         if method != "pixelate" and blocks is not None:
@@ -305,7 +321,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         """What the web page needs: methods, levels, limits, whether an API key is required."""
         return {
             "version": __version__,
-            "methods": ["cloak", "blur", "pixelate", "mask"],
+            "methods": ["cloak", "blur", "pixelate", "mask"] + (["replace"] if settings.donors else []),
             "levels": list(LEVELS),
             "max_upload_bytes": settings.max_upload_bytes,
             "max_pixels": settings.max_pixels,
@@ -381,6 +397,8 @@ def _with_reason(face: dict, kind: str) -> dict:
     """Add ``protected`` and a one-line ``reason`` a person can read, per face."""
     if kind == "detect":
         return face
+    if kind == "anonymize" and (face.get("method") == "replace" or "reason" in face):  # method=replace
+        return _replace_reason(face)
     if kind == "anonymize":
         verb = {"blur": "blurred", "pixelate": "pixelated", "mask": "masked"}.get(
             face.get("method"), "anonymised"
@@ -402,6 +420,24 @@ def _with_reason(face: dict, kind: str) -> dict:
         face,
         reason=f"NOT protected: after JPEG 75, {detail}: a scraper would still match this face; "
         "try a higher level",
+    )
+
+
+def _replace_reason(face: dict) -> dict:
+    """A replaced face's one-line reason: how far the new face lies from the person and its donors."""
+    if face.get("method") != "replace":  # too small, or no donor mix passed: blurred (its reason says)
+        return dict(face, reason=face.get("reason", "blurred instead of replaced"))
+    if not face.get("protected"):
+        return dict(face, reason=f"NOT protected: {face.get('reason', 'the new face failed its check')}")
+    parts = [
+        f"{name} {distance:.2f} >= {face['thresholds'][name]:.2f} from the person"
+        for name, distance in face.get("distance_to_original", {}).items()
+    ]
+    return dict(
+        face,
+        reason=f"replaced by a mix of {len(face.get('donors', []))} donors; after JPEG 75: "
+        + "; ".join(parts)
+        + ", and past every donor's threshold",
     )
 
 

@@ -31,7 +31,7 @@ from facecloak.detect import FaceDetector
 from facecloak.errors import FacecloakError
 from facecloak.faces import Faces
 from facecloak.io import LoadedImage
-from facecloak.protection import AnonymizeFaces, CloakFaces, Protection
+from facecloak.protection import AnonymizeFaces, CloakFaces, Protection, ReplaceFaces
 from facecloak.service.settings import ServiceSettings
 
 log = logging.getLogger("facecloak.service")
@@ -96,9 +96,12 @@ class Engine:
         self._detectors: dict[tuple[float, int], FaceDetector] = {}
         self._cloaks: dict[tuple, object] = {}
         self._embedders: list | None = None
+        self._replace: ReplaceFaces | None = None
         self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
         if settings.preload:
             self.embedders()
+            if settings.donors:
+                self.replacement()
 
     def detector(self, min_score: float, min_size: int) -> FaceDetector:
         """A detector per detection setting (MTCNN is small), built on first use."""
@@ -118,8 +121,29 @@ class Engine:
             raise FacecloakError("no face model is available on this server (see `facecloak models`)")
         return self._embedders
 
+    def replacement(self) -> ReplaceFaces:
+        """``method=replace`` over the service's donor bank and models, built once.
+
+        As `facecloak anonymize --method replace` runs it: faces under its ``min_face`` (40 px)
+        and faces no donor mix takes past every check are blurred instead, and say so.
+        """
+        if self._replace is None:
+            from facecloak.donor_bank import load_bank
+            from facecloak.replace import FaceReplacer
+
+            if not self.settings.donors:
+                raise FacecloakError(
+                    "this server has no donor bank; start it with `facecloak serve --donors BANK`"
+                )
+            bank = load_bank(self.settings.donors)
+            detector = self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
+            self._replace = ReplaceFaces(FaceReplacer(bank, self.embedders(), detector=detector))
+        return self._replace
+
     def protection(self, kind: str, params: dict) -> Protection:
         """The protection (`facecloak.protection`) for these settings, as the CLI builds it."""
+        if kind == "anonymize" and params["method"] == "replace":
+            return self.replacement()
         if kind == "anonymize":
             method = params["method"]
             options = {key: value for key, value in params.items() if key != "method"}
@@ -152,7 +176,7 @@ class Engine:
             records = faces.to_records()
         else:
             protection = self.protection(kind, params)
-            if kind == "anonymize":
+            if kind == "anonymize" and params["method"] != "replace":  # replace's finish is a cloak
                 with torch.no_grad():
                     result = protection.protect(pixels, faces)
             else:

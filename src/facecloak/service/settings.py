@@ -33,6 +33,8 @@ class ServiceSettings:
         api_keys_file: file of accepted API keys, one per line (``#`` comments); None: no keys.
         cors_origins: origins allowed by CORS; empty (default): CORS off.
         preload: load the models at start-up (the first request does not pay for it).
+        donors: donor bank (name or folder) for ``method=replace``; None: replace is not offered.
+            Its faces are checked with the same models as the cloak (the bank must hold them).
     """
 
     device: str | None = None
@@ -49,6 +51,7 @@ class ServiceSettings:
     api_keys_file: Path | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     preload: bool = True
+    donors: str | None = None
 
     def api_keys(self) -> frozenset[str]:
         """The accepted keys (empty: the service is open)."""

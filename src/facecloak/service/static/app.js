@@ -19,6 +19,7 @@ let info = { api_key_required: false, max_upload_bytes: Infinity };
 fetch("/v1/info").then((r) => r.json()).then((data) => {
   info = data;
   $("#key-row").hidden = !data.api_key_required;
+  $("#replace-choice").hidden = !(data.methods || []).includes("replace");
 }).catch(() => {});
 
 function choose(files) {
