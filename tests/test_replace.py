@@ -734,9 +734,12 @@ def test_a_bare_face_is_not_given_a_donor_with_glasses(bank, models, targets, mo
     assert first_set(spectacled) == first_set(original)
 
 
-def test_a_bank_from_before_a_new_statistic_gets_it_from_its_chips(bank, tmp_path):
+def test_a_bank_from_before_a_new_statistic_gets_it_from_its_chips(
+    bank, models, detector, donor_dir, tmp_path
+):
     """A bank whose donors carry one statistic fewer (made before `glasses`) still loads: the
-    statistics are computed from its stored chips, the same as a new bank's."""
+    statistics are computed from its stored chips, the same as a new bank's; adding donors to it
+    stores them."""
     old = tmp_path / "old-bank"
     shutil.copytree(bank.folder, old)
     manifest = json.loads((old / "bank.json").read_text())
@@ -747,6 +750,11 @@ def test_a_bank_from_before_a_new_statistic_gets_it_from_its_chips(bank, tmp_pat
     assert loaded.stats.shape == bank.stats.shape
     torch.testing.assert_close(loaded.stats, bank.stats, atol=1e-3, rtol=0)
     assert not loaded._chips, "the chips read for it are not kept"
+    photo = sorted(donor_dir.glob("*.jpg"))[0]
+    add_donors([photo], models, bank=str(old), licence="LFW, research use", detector=detector)
+    stored = json.loads((old / "bank.json").read_text())["donors"]
+    assert len(stored) == len(bank) + 1
+    assert all(len(donor["stats"]) == bank.stats.shape[1] for donor in stored)
 
 
 def test_a_donor_turned_away_from_the_face_is_not_chosen(bank, models, detector, targets, monkeypatch):

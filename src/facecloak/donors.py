@@ -279,7 +279,13 @@ def _commit(
     ids = old_ids + [record["id"] for record in records]
     _write_npz(folder / "embeddings.npz", {"ids": np.array(ids, dtype=str), **tables})
     manifest = _manifest(folder, existing, models)
-    manifest["donors"] = (existing.donors if existing is not None else []) + records
+    kept = []
+    if existing is not None:  # statistics as loaded: a bank made before a statistic gets it stored
+        kept = [
+            dict(donor, stats=[round(float(v), 4) for v in row])
+            for donor, row in zip(existing.donors, existing.stats)
+        ]
+    manifest["donors"] = kept + records
     manifest["sources"] = (existing.sources if existing is not None else []) + [source]
     _write_json(folder / "bank.json", manifest)
 
