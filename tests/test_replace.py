@@ -759,8 +759,9 @@ def test_a_bank_from_before_a_new_statistic_gets_it_from_its_chips(
 
 def test_a_donor_turned_away_from_the_face_is_not_chosen(bank, models, detector, targets, monkeypatch):
     """Five points cannot warp a turned face onto a frontal one (its eyes come out doubled): the
-    donor ranked first for a face is dropped from its sets once it is turned a little more than
-    MAX_YAW_GAP away from that face, which its pose cost alone would not do."""
+    donor ranked first for a face drops out of every set a replacement tries once it is turned a
+    little more than MAX_YAW_GAP away from that face; its pose cost alone keeps it in one of the
+    first three."""
     images, faces = targets
     replacer = FaceReplacer(bank, models, detector=detector, seed=0, prefer_beyond=1.2)
     face = faces.select([0])
@@ -776,16 +777,16 @@ def test_a_donor_turned_away_from_the_face_is_not_chosen(bank, models, detector,
     side = 1.0 if float(pose[0]) >= 0 else -1.0
     turned[favourite, 0] = side * (float(pose[0].abs()) + MAX_YAW_GAP + 0.02)
 
-    def first_set() -> tuple[int, ...]:
+    def first_sets(count: int) -> list[tuple[int, ...]]:
         try:
             bank.pose = turned
-            return replacer._donor_sets(*plan, target, 0)[0][0]
+            return [rows for rows, _ in replacer._donor_sets(*plan, target, 0)[:count]]
         finally:
             bank.pose = original
 
-    assert favourite not in first_set()
+    assert not any(favourite in rows for rows in first_sets(replacer.attempts))
     monkeypatch.setattr("facecloak.replace.MAX_YAW_GAP", math.inf)  # the pose cost alone keeps it
-    assert favourite in first_set()
+    assert any(favourite in rows for rows in first_sets(3))
 
 
 def test_shading_from_skin_keeps_the_faces_features_out_of_the_new_face(bank, targets):
@@ -873,13 +874,13 @@ def test_a_near_miss_is_finished_by_an_away_cloak_and_then_passes(bank, models, 
 
 
 def test_a_face_the_low_finish_leaves_short_is_finished_at_mid(bank, models, detector, targets, monkeypatch):
-    """A first try landing at 0.795 of the margin is too far for the `low` finish (it fell short
-    from about 0.81 down on this face) but not for `mid` (which reached from about 0.77): the
-    second level of `FINISH_LEVELS` starts again from the unfinished try and passes. FINISH_FROM
-    is lowered so the try is a near miss whichever side of 0.8 it lands."""
+    """A first try landing at 0.87 of the margin is too far for the `low` finish (it fell short
+    from about 0.89 down on this face's first donor set) but not for `mid` (which reached from
+    about 0.855): the second level of `FINISH_LEVELS` starts again from the unfinished try and
+    passes. FINISH_FROM is lowered so the try counts as a near miss wherever the test puts it."""
     images, faces = targets
     one, face = images[:1], faces.select([0])
-    options = _landing_at(bank, models, detector, one, face, 0.795)
+    options = _landing_at(bank, models, detector, one, face, 0.87)
     monkeypatch.setattr(replace_module, "FINISH_FROM", 0.7)
     monkeypatch.setattr(replace_module, "FINISH_LEVELS", ("low",))
     kept = FaceReplacer(bank, models, **options)(one, face)
