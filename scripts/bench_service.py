@@ -2,6 +2,7 @@
 
     python scripts/bench_service.py                          # the full run (an idle machine: ~10 min)
     python scripts/bench_service.py --blur-requests 60 --cloak-requests 4 --memory-requests 200  # small
+    python scripts/bench_service.py --donors BANK --methods replace --clients 1,4   # face replacement
 
 Starts the service on 127.0.0.1 on a free port (a subprocess), then for blur and for cloak at 1,
 4 and 16 concurrent clients sends a bounded number of requests (each cell also stops after
@@ -9,7 +10,9 @@ Starts the service on 127.0.0.1 on a free port (a subprocess), then for blur and
 the answered requests and the answers by HTTP status. Then ``--memory-requests`` blur requests
 measure the server's resident memory before and after (growth = a leak). Last, an overload
 cell against a second server with a tiny queue shows the intended 503s with Retry-After, and that
-clients who wait that long get through. Only loopback is contacted; everything is bounded.
+clients who wait that long get through. With ``--donors BANK`` the servers hold a donor bank and
+``replace`` is measured like the others (``--replace-requests`` per cell). Only loopback is
+contacted; everything is bounded.
 Prints a table and writes JSON (``--out``).
 """
 
@@ -167,8 +170,10 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default="blur,cloak",
-        help="what to measure (blur, cloak; none: only memory and overload)",
+        help="what to measure (blur, cloak, replace with --donors; none: only memory and overload)",
     )
+    parser.add_argument("--donors", default=None, help="donor bank for replace (`facecloak serve --donors`)")
+    parser.add_argument("--replace-requests", type=int, default=16, help="replace requests per cell")
     parser.add_argument("--blur-requests", type=int, default=300, help="blur requests per cell")
     parser.add_argument("--cloak-requests", type=int, default=32, help="cloak requests per cell")
     parser.add_argument("--cell-seconds", type=float, default=120, help="stop a cell after this long")
@@ -180,6 +185,10 @@ def main() -> None:
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     device = ["--device", args.device] if args.device else []
+    if args.donors:
+        device += ["--donors", args.donors]
+    elif "replace" in args.methods.split(","):
+        parser.error("replace needs --donors BANK")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     server_log = args.out.with_suffix(".server.log")  # the servers' own log (warnings and errors only)
@@ -187,14 +196,18 @@ def main() -> None:
     results: dict = {"machine": machine(), "photo": PHOTO.name, "cells": []}
     try:
         asyncio.run(load(server.url, "blur", 2, 4, 60))  # warm-up
-        requests_per_cell = {"blur": args.blur_requests, "cloak": args.cloak_requests}
+        requests_per_cell = {
+            "blur": args.blur_requests,
+            "cloak": args.cloak_requests,
+            "replace": args.replace_requests,
+        }
         for method in [m for m in args.methods.split(",") if m in requests_per_cell]:
             requests = requests_per_cell[method]
             for count in clients:
                 cell = asyncio.run(load(server.url, method, count, requests, args.cell_seconds))
                 results["cells"].append(cell)
                 print(
-                    f"{method:6} {count:3} clients: {cell['requests_per_s']} req/s, p50 {cell['p50_s']} s, "
+                    f"{method:7} {count:3} clients: {cell['requests_per_s']} req/s, p50 {cell['p50_s']} s, "
                     f"p95 {cell['p95_s']} s, answers {cell['answers']}",
                     flush=True,
                 )
