@@ -11,7 +11,8 @@ photo with the face at 2x zoom: original | low | mid | high (``*_levels_2x.png``
 ``group_replace.jpg`` needs donors: ``--donors BANK``, or else a temporary bank built from the
 first 300 LFW people (``../shared/data/lfw``, FACECLOAK_DATA) with one or two photos. LFW is for
 research use: neither its photos nor the bank are committed, only the replaced sample.
-``group_replace_zoom.jpg`` shows each face, original above replaced, at exactly 2x, to judge seams.
+``group_replace_zoom.jpg`` shows each face, original above replaced, at exactly 2x, to judge seams;
+``group_replace_mouth_zoom.jpg`` the same with ``--keep-mouth`` (the person's own lips) below.
 """
 
 from __future__ import annotations
@@ -52,9 +53,7 @@ def lfw_bank(count: int = 300) -> str:
 
 
 def make_replace(group, faces, detector, donors: str | None) -> None:
-    """group_replace.jpg and a 2x zoom of every face (original above, replaced below)."""
-    import torch.nn.functional as F
-
+    """group_replace.jpg and 2x zooms of every face: original above, replaced below (and --keep-mouth)."""
     from facecloak.donor_bank import load_bank
     from facecloak.replace import FaceReplacer
 
@@ -76,20 +75,29 @@ def make_replace(group, faces, detector, donors: str | None) -> None:
         )
     replaced = result.images[0]
     write_image(OUT / "group_replace.jpg", replaced, source=group, overwrite=True, jpeg_quality=88)
+    kept = FaceReplacer(bank, detector=detector, seed=0, keep_mouth=True)([group.pixels], faces).images[0]
+    for name, versions in (
+        ("group_replace_zoom.jpg", (group.pixels, replaced)),
+        ("group_replace_mouth_zoom.jpg", (group.pixels, replaced, kept)),
+    ):
+        write_image(OUT / name, _zoomed_faces(faces, versions), overwrite=True, jpeg_quality=92)
+
+
+def _zoomed_faces(faces, versions) -> torch.Tensor:
+    """Each face at exactly 2x (no smoothing), one column per face, one row per version."""
+    import torch.nn.functional as F
+
     columns = []
     for x1, y1, x2, y2 in sorted(faces.boxes.tolist()):
         side = 1.5 * max(x2 - x1, y2 - y1)
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         top, left = max(0, int(cy - side / 2)), max(0, int(cx - side / 2))
-        crops = [
-            image[:, top : int(cy + side / 2), left : int(cx + side / 2)]
-            for image in (group.pixels, replaced)
-        ]
-        pair = torch.cat(crops, dim=1)[None]
-        columns.append(F.interpolate(pair, scale_factor=2, mode="nearest")[0])  # exactly 2x, no smoothing
+        crops = [image[:, top : int(cy + side / 2), left : int(cx + side / 2)] for image in versions]
+        stacked = torch.cat(crops, dim=1)[None]
+        columns.append(F.interpolate(stacked, scale_factor=2, mode="nearest")[0])
     height = max(column.shape[1] for column in columns)
     columns = [F.pad(c, (0, 8, 0, height - c.shape[1]), value=0.5) for c in columns]
-    write_image(OUT / "group_replace_zoom.jpg", torch.cat(columns, dim=2), overwrite=True, jpeg_quality=92)
+    return torch.cat(columns, dim=2)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """How many faces `--method replace` can replace, and why the others fail: a quick probe on LFW.
 
     python scripts/probe_replace.py --donors BANK [--min-photos 3] [--people 40] [--photo 0] [--per-person 1]
+        [--keep-mouth]
 
 Takes LFW people with at least ``--min-photos`` photos, every n-th of them so that ``--people`` are
 spread over the set, and photos ``--photo`` .. ``--photo + --per-person - 1`` of each (sorted by
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--per-person", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--no-finish", action="store_true", help="no away cloak on near misses")
+    parser.add_argument("--keep-mouth", action="store_true", help="keep the person's own lips")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -47,7 +49,13 @@ def main() -> None:
         for photo in sorted(person.glob("*.jpg"))[args.photo : args.photo + args.per_person]
     ]
     detector = FaceDetector(device="cpu")
-    replacer = FaceReplacer(load_bank(args.donors), detector=detector, seed=0, finish=not args.no_finish)
+    replacer = FaceReplacer(
+        load_bank(args.donors),
+        detector=detector,
+        seed=0,
+        finish=not args.no_finish,
+        keep_mouth=args.keep_mouth,
+    )
     counts: collections.Counter = collections.Counter()
     started = time.perf_counter()
     for start in range(0, len(paths), args.batch):

@@ -454,6 +454,50 @@ def test_cli_bad_banks_are_one_line_usage_errors(data_home, lfw_dir, tmp_path):
     assert no_bank.exit_code == 2 and "--donors" in no_bank.output
     not_replace = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--no-finish"])
     assert not_replace.exit_code == 2 and "--no-finish is for --method replace" in not_replace.output
+    mouth = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--keep-mouth"])
+    assert mouth.exit_code == 2 and "--keep-mouth is for --method replace" in mouth.output
+
+
+def test_keep_mouth_leaves_the_persons_lips_and_replaces_the_rest(bank, models, detector, targets):
+    """With ``keep_mouth`` the middle of the person's mouth is their own pixels, exactly; the eyes
+    are new as without it. Through `FaceReplacer` (as ``--keep-mouth`` runs it), the new face still
+    passes every check and its record says so."""
+    images, faces = targets
+    image, landmarks = images[1], faces.landmarks[1]
+    chips, points = bank.chips([0, 1, 2]), bank.points[:3]
+    warps = donor_warps(points.mean(0), points, chips)
+    made = {
+        keep: synthesize_face(
+            image, landmarks, chips, points, settings=SynthesisSettings(keep_mouth=keep), warps=warps
+        )
+        for keep in (False, True)
+    }
+    mouth = landmarks[3:].mean(0)
+    eyes = landmarks[:2]
+
+    def patch(result, centre) -> torch.Tensor:
+        x0, y0 = result.box[:2]
+        x, y = int(centre[0]) - x0, int(centre[1]) - y0
+        return result.pixels[:, y - 1 : y + 2, x - 2 : x + 3]
+
+    def original(result, centre) -> torch.Tensor:
+        x, y = int(centre[0]), int(centre[1])
+        return image[:, y - 1 : y + 2, x - 2 : x + 3]
+
+    assert torch.equal(patch(made[True], mouth), original(made[True], mouth))
+    assert (patch(made[False], mouth) - original(made[False], mouth)).abs().amax() > 0.05
+    for keep in (False, True):
+        for eye in eyes:
+            assert (patch(made[keep], eye) - original(made[keep], eye)).abs().amax() > 0.05, (keep, eye)
+    replacer = FaceReplacer(bank, models, detector=detector, seed=0, prefer_beyond=1.2, keep_mouth=True)
+    assert replacer.settings.keep_mouth and not FaceReplacer(bank, models).settings.keep_mouth
+    result = replacer(images[1:2], faces.select([1]).shifted(-1))
+    record = result.records[0]
+    if record["method"] == "replace":
+        assert torch.equal(
+            result.images[0][:, int(mouth[1]), int(mouth[0])], image[:, int(mouth[1]), int(mouth[0])]
+        )
+    assert bool(result.protected[0]), record
 
 
 def test_replace_faces_api_and_anonymizer(bank, models, detector, targets):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -218,6 +218,8 @@ class FaceReplacer:
             (``prefer_beyond``) passed every check on 41 of 66 LFW faces instead of 37 (README).
         finish: give a near miss or a thin pass (`FINISH_FROM`, `FINISH_UNTIL`) an away cloak and
             check it again, before the fallback (step 4 of the module docstring).
+        keep_mouth: keep the person's own lips and mouth (`SynthesisSettings.keep_mouth`), whatever
+            ``settings`` says.
 
     Example:
         >>> bank = load_bank("mybank")  # doctest: +SKIP
@@ -245,6 +247,7 @@ class FaceReplacer:
         pool: int = 14,
         affinity: float = 3.0,
         finish: bool = True,
+        keep_mouth: bool = False,
     ) -> None:
         if donors_per_face < 2:
             raise InvalidInputError(
@@ -276,6 +279,8 @@ class FaceReplacer:
         self.prefer_beyond = float(prefer_beyond)
         self.min_face = int(min_face)
         self.settings = settings or SynthesisSettings()
+        if keep_mouth:
+            self.settings = replace(self.settings, keep_mouth=True)
         self.pool = max(int(pool), self.donors_per_face)
         self.affinity = float(affinity)
         self.finish = bool(finish)

@@ -76,6 +76,10 @@ class SynthesisSettings:
         detail_sigma: the split between structure and detail, in eye distances.
         outlier_delta_e: colour difference (CIE76) from the donors' median beyond which a donor
             gives way to the others at that spot.
+        keep_mouth: leave the person's own lips and mouth (`kept_mouth_weight`) and replace the
+            rest: the expression stays whole (an open laugh, red lips, teeth) instead of the
+            donors' mouths of another openness, which mix into a dark or blurred blob. The lips
+            carry a little of the person: fewer new faces pass every check (README).
         far_side_shrink: on a turned face, how much the side turned away narrows per unit of yaw
             (`estimate_pose`), so the new face does not spill onto hair or background there. At 0
             a turned LFW face got a second nose and skin pasted over the curtain behind its far
@@ -99,6 +103,7 @@ class SynthesisSettings:
     detail_sigma: float = 0.12
     outlier_delta_e: float = 12.0
     far_side_shrink: float = 1.0
+    keep_mouth: bool = False
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -606,6 +611,29 @@ def mouth_weight(points: Tensor) -> Tensor:
     return _ellipses(points, [(nose_x, mouth_y + 0.03 * unit, 0.35 * unit, 0.1 * unit)])
 
 
+KEPT_MOUTH_RADII = (0.55, 0.26)
+KEPT_MOUTH_FEATHER = 0.35
+"""The lips kept by ``keep_mouth``: an ellipse around the mouth corners, these half-axes (x, y) in
+eye distances, feathered over this share of its radius (the corners lie at 0.74 of the width)."""
+
+
+def kept_mouth_weight(points: Tensor, landmarks: Tensor) -> Tensor:
+    """How much of the person's own mouth ``keep_mouth`` keeps at image ``points`` (..., 2), 0-1.
+
+    An ellipse around the mouth corners of the face's five ``landmarks`` (5, 2), in the face's own
+    frame (its eye line) and units (its eye distance): the person's lips, wherever the warp puts
+    the donors' mouth.
+    """
+    eyes = landmarks[1] - landmarks[0]
+    unit = eyes.norm().clamp_min(1e-6)
+    along, across = eyes / unit, torch.stack([-eyes[1], eyes[0]]) / unit  # x along the eyes, y down
+    centre = landmarks[3:].mean(0) + 0.02 * unit * across
+    offset = points - centre
+    radius_x, radius_y = (r * unit for r in KEPT_MOUTH_RADII)
+    radius = ((offset @ along / radius_x).square() + (offset @ across / radius_y).square()).sqrt()
+    return ((1.0 - radius) / KEPT_MOUTH_FEATHER).clamp(0, 1)
+
+
 def eyes_weight(points: Tensor) -> Tensor:
     """Weight of the two eyes (lids and sockets) at canonical-chip ``points``."""
     (left_x, left_y), (right_x, right_y) = CANONICAL_TEMPLATE[:2]
@@ -787,6 +815,14 @@ def synthesize_face(
         parts = torch.full_like(sampled[:, :1], 1.0 / len(sampled))
     yaw = float(estimate_pose(target)[0, 0])
     weight = region_weight(in_mean[0], settings, yaw)[None, None]
+    if settings.keep_mouth:
+        rows, columns = torch.meshgrid(
+            torch.arange(y0, y1, dtype=dtype, device=device),
+            torch.arange(x0, x1, dtype=dtype, device=device),
+            indexing="ij",
+        )
+        pixels = torch.stack([columns, rows], -1)
+        weight = weight * (1 - kept_mouth_weight(pixels, target[0]))[None, None]
     skin = skin_weight(in_mean[0])[None, None]
     lighting = (1 - features_weight(in_mean[0]))[None, None] if settings.shading_from_skin else None
     original = image[None, :, y0:y1, x0:x1]

@@ -14,6 +14,7 @@ from facecloak.cli.options import (
     fallback_option,
     finish_option,
     io_options,
+    keep_mouth_option,
     ray_option,
 )
 from facecloak.cli.running import fail, finish, run_protection
@@ -82,6 +83,7 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
 @fallback_option
 @donor_margin_option
 @finish_option
+@keep_mouth_option
 @io_options
 @ray_option
 def anonymize(
@@ -98,6 +100,7 @@ def anonymize(
     fallback,
     donor_margin,
     finish_near_misses,
+    keep_mouth,
     **io_values,
 ) -> None:
     """Blur, pixelate, mask or replace every face, at the photo's full resolution.
@@ -113,7 +116,8 @@ def anonymize(
     JPEG 75: found again by the detector, and on every available recogniser beyond the match
     threshold from the original face and from every donor used; a face that fails is retried
     with other donors; a near miss or thin pass gets a faint cloak that finishes it (--no-finish:
-    none), then is checked again; a face that still fails is blurred instead and reported (with
+    none), then is checked again (--keep-mouth: the person's own lips stay, the rest is new); a
+    face that still fails is blurred instead and reported (with
     --fallback keep: its best try is kept and reported as NOT protected, exit code 1). Faces under
     --min-face (default 40 px with replace) are blurred instead, and reported.
 
@@ -128,9 +132,15 @@ def anonymize(
     from facecloak.protection import AnonymizeFaces
 
     if method == "replace":
-        _replace_command(
-            paths, donor_bank, donors_per_face, seed, fallback, donor_margin, finish_near_misses, io_values
-        )
+        replacer_options = {
+            "donors_per_face": donors_per_face,
+            "seed": seed,
+            "fallback": fallback,
+            "donor_margin": donor_margin,
+            "finish": finish_near_misses,
+            "keep_mouth": keep_mouth,
+        }
+        _replace_command(paths, donor_bank, replacer_options, io_values)
         return
     if donor_bank is not None:
         raise click.UsageError("--donors is for --method replace")
@@ -138,6 +148,8 @@ def anonymize(
         raise click.UsageError("--donor-margin is for --method replace")
     if not finish_near_misses:
         raise click.UsageError("--no-finish is for --method replace")
+    if keep_mouth:
+        raise click.UsageError("--keep-mouth is for --method replace")
     options = batch_options(**{k: v for k, v in io_values.items() if k != "ray_address"})
     params = {"scale": mask_scale, "shape": shape, "feather": feather}
     if method == "blur":
@@ -165,10 +177,12 @@ def anonymize(
     finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])
 
 
-def _replace_command(
-    paths, donor_bank, donors_per_face, seed, fallback, donor_margin, finish_near_misses, io_values
-) -> None:
-    """``anonymize --method replace``: load the bank and every available model, run the batch."""
+def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> None:
+    """``anonymize --method replace``: load the bank and every available model, run the batch.
+
+    ``replacer_options``: the `FaceReplacer` settings of the command line (donors per face, seed,
+    fallback, donor margin, finish, keep mouth), recorded in the journal and the report as given.
+    """
     from facecloak.detect import MIN_FACE_PX, FaceDetector
     from facecloak.donor_bank import load_bank
     from facecloak.errors import DonorBankError
@@ -196,34 +210,13 @@ def _replace_command(
         fail(error, EXIT_USAGE)
     except FacecloakError as error:
         fail(error, error.exit_code)
-    spec = ProtectorSpec(
-        "replace",
-        {
-            "donors": str(bank.folder),
-            "donors_per_face": donors_per_face,
-            "seed": seed,
-            "min_face": min_face,
-            "fallback": fallback,
-            "donor_margin": donor_margin,
-            "finish": finish_near_misses,
-            "models": model_names,
-        },
-    )
+    settings = {"donors": str(bank.folder), "min_face": min_face, "models": model_names, **replacer_options}
+    spec = ProtectorSpec("replace", settings)
 
     def build() -> ReplaceFaces:
         models = [running.create_model(name, options.device) for name in model_names]
         detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
-        replacer = FaceReplacer(
-            bank,
-            models,
-            donors_per_face=donors_per_face,
-            seed=seed,
-            min_face=min_face,
-            fallback=fallback,
-            donor_margin=donor_margin,
-            finish=finish_near_misses,
-            detector=detector,
-        )
+        replacer = FaceReplacer(bank, models, min_face=min_face, detector=detector, **replacer_options)
         return ReplaceFaces(replacer)
 
     report = run_protection(
@@ -237,15 +230,5 @@ def _replace_command(
         spec=spec,
         ray_address=None,
     )
-    report.options.update(
-        method="replace",
-        donors=str(bank.folder),
-        donors_per_face=donors_per_face,
-        seed=seed,
-        min_face=min_face,
-        fallback=fallback,
-        donor_margin=donor_margin,
-        finish=finish_near_misses,
-        models=model_names,
-    )
+    report.options.update(method="replace", **settings)
     finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, donor_margin_option, fallback_option, finish_option
+from facecloak.cli.options import (
+    CONTEXT,
+    donor_margin_option,
+    fallback_option,
+    finish_option,
+    keep_mouth_option,
+)
 from facecloak.cli.running import fail
 from facecloak.defaults import UPLOADS
 from facecloak.errors import FacecloakError
@@ -34,6 +40,7 @@ from facecloak.errors import FacecloakError
 @fallback_option
 @donor_margin_option
 @finish_option
+@keep_mouth_option
 @click.option(
     "--level",
     type=click.Choice(["low", "mid", "high", "all"]),
@@ -141,6 +148,7 @@ def evaluate(
     fallback,
     donor_margin,
     finish_near_misses,
+    keep_mouth,
     level,
     mode,
     person_level,
@@ -204,6 +212,7 @@ def evaluate(
         fallback=fallback,
         donor_margin=donor_margin,
         finish=finish_near_misses,
+        keep_mouth=keep_mouth,
     )
     if method == "replace" and not donor_bank:
         raise click.UsageError("--method replace needs --donors BANK (see `facecloak donors add`)")

@@ -212,3 +212,15 @@ def finish_option(function: Callable) -> Callable:
         "short) that pushes it from the original face and its donors, and is checked again; --no-finish "
         "blurs near misses instead.",
     )(function)
+
+
+def keep_mouth_option(function: Callable) -> Callable:
+    """``--keep-mouth``: replace keeps the person's own lips (the expression) and replaces the rest."""
+    return click.option(
+        "--keep-mouth",
+        is_flag=True,
+        default=False,
+        help="replace: keep the person's own lips and mouth (an open laugh, teeth, lipstick stay as they "
+        "are) and replace the rest of the face. More natural expressions; the lips carry a little of the "
+        "person, so somewhat fewer new faces pass every check.",
+    )(function)

@@ -54,6 +54,7 @@ class EvaluationRequest:
     fallback: str = "blur"  # replace: what a face no donor mix protects becomes ("blur" or "keep")
     donor_margin: float | None = None  # replace: one donor margin for every model (None: each its own)
     finish: bool = True  # replace: finish near misses with an away cloak (`FaceReplacer`)
+    keep_mouth: bool = False  # replace: keep the person's own lips (`FaceReplacer`)
 
 
 def build_attackers(names: str | None, detector: FaceDetector, device: str | None) -> list[Attacker]:
@@ -110,6 +111,7 @@ def _replacer(request: EvaluationRequest, detector: FaceDetector):
         fallback=request.fallback,
         donor_margin=request.donor_margin,
         finish=request.finish,
+        keep_mouth=request.keep_mouth,
         detector=detector,
     )
 
@@ -157,6 +159,7 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
                 fallback=request.fallback,
                 donor_margin=request.donor_margin,
                 finish=request.finish,
+                keep_mouth=request.keep_mouth,
             )
             if isinstance(protection, ReplaceFaces):
                 settings["replace_models"] = [m.card.name for m in protection.replacer.models]
