@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the service needs pip install 'facecloak[serve]'")
@@ -430,6 +431,22 @@ def test_replace_over_http_with_a_donor_bank(donor_bank, lfw_dir):
             data={"method": "replace", "blocks": "8"},
         )
         assert refused.status_code == 422 and "takes no" in refused.json()["reason"]
+        kept = client.post(
+            "/v1/anonymize",
+            files={"image": (photo_path.name, photo)},
+            data={"method": "replace", "keep_mouth": "true", "response": "json", "format": "png"},
+        ).json()
+        face = min(kept["faces"], key=lambda f: abs(f["box"][0] - subject["box"][0]))
+        assert face["method"] == "replace" and face["protected"], face
+        corners = [face["landmarks"]["mouth_left"], face["landmarks"]["mouth_right"]]
+        x, y = (int(v) for v in torch.tensor(corners).mean(0))
+        lips = decode(base64.b64decode(kept["image_base64"]))[y, x]
+        assert (lips == decode(photo)[y, x]).all()  # the person's own lips
+        assert (output[y, x] != decode(photo)[y, x]).any()  # replaced without keep_mouth
+        mouth_on_blur = client.post(
+            "/v1/anonymize", files={"image": (photo_path.name, photo)}, data={"keep_mouth": "true"}
+        )
+        assert mouth_on_blur.status_code == 422 and "method=replace" in mouth_on_blur.json()["reason"]
     bare = create_app(ServiceSettings(device="cpu", preload=False))
     with TestClient(bare) as client:
         assert "replace" not in client.get("/v1/info").json()["methods"]

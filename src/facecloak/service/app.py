@@ -55,6 +55,7 @@ CONTENT_TYPES = {
 }
 COMMON_FIELDS = {"image", "format", "jpeg_quality", "keep_metadata", "threshold", "min_face", "response"}
 ANONYMIZE_FIELDS = COMMON_FIELDS | {"method", "shape", "mask_scale", "strength", "blocks", "feather"}
+ANONYMIZE_FIELDS |= {"keep_mouth"}  # replace only
 CLOAK_FIELDS = COMMON_FIELDS | {"mode", "level", "models", "identity_key", "steps", "max_dssim", "seed"}
 DETECT_FIELDS = {"image", "threshold", "min_face"}
 
@@ -226,6 +227,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             int | None, Form(ge=1, le=64, description="pixelate: blocks across the face.")
         ] = None,
         feather: Annotated[float | None, Form(ge=0, le=1, description="Soft edge.")] = None,
+        keep_mouth: Annotated[
+            bool, Form(description="replace: keep the person's own lips, replace the rest.")
+        ] = False,
     ) -> Response:
         """Blur, pixelate, mask or replace every face; pixels outside the face regions are unchanged."""
         if method == "replace":
@@ -240,7 +244,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 raise UploadRejected(
                     422, "invalid_option", "method=replace takes no feather, strength or blocks"
                 )
-            return await protect(request, "anonymize", image, {"method": "replace"}, common, ANONYMIZE_FIELDS)
+            params = {"method": "replace", "keep_mouth": keep_mouth}
+            return await protect(request, "anonymize", image, params, common, ANONYMIZE_FIELDS)
+        if keep_mouth:
+            raise UploadRejected(422, "invalid_option", "keep_mouth is an option of method=replace")
         if method != "blur" and strength is not None:
             raise UploadRejected(422, "invalid_option", "strength is an option of method=blur")
         if method != "pixelate" and blocks is not None:

@@ -96,7 +96,7 @@ class Engine:
         self._detectors: dict[tuple[float, int], FaceDetector] = {}
         self._cloaks: dict[tuple, object] = {}
         self._embedders: list | None = None
-        self._replace: ReplaceFaces | None = None
+        self._replace: dict[bool, ReplaceFaces] = {}
         self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
         if settings.preload:
             self.embedders()
@@ -121,13 +121,13 @@ class Engine:
             raise FacecloakError("no face model is available on this server (see `facecloak models`)")
         return self._embedders
 
-    def replacement(self) -> ReplaceFaces:
-        """``method=replace`` over the service's donor bank and models, built once.
+    def replacement(self, keep_mouth: bool = False) -> ReplaceFaces:
+        """``method=replace`` over the service's donor bank and models, built once (per ``keep_mouth``).
 
         As `facecloak anonymize --method replace` runs it: faces under its ``min_face`` (40 px)
         and faces no donor mix takes past every check are blurred instead, and say so.
         """
-        if self._replace is None:
+        if keep_mouth not in self._replace:
             from facecloak.donor_bank import load_bank
             from facecloak.replace import FaceReplacer
 
@@ -135,15 +135,17 @@ class Engine:
                 raise FacecloakError(
                     "this server has no donor bank; start it with `facecloak serve --donors BANK`"
                 )
-            bank = load_bank(self.settings.donors)
+            known = next(iter(self._replace.values()), None)  # the other variant's bank, if loaded
+            bank = known.replacer.bank if known else load_bank(self.settings.donors)
             detector = self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
-            self._replace = ReplaceFaces(FaceReplacer(bank, self.embedders(), detector=detector))
-        return self._replace
+            replacer = FaceReplacer(bank, self.embedders(), detector=detector, keep_mouth=keep_mouth)
+            self._replace[keep_mouth] = ReplaceFaces(replacer)
+        return self._replace[keep_mouth]
 
     def protection(self, kind: str, params: dict) -> Protection:
         """The protection (`facecloak.protection`) for these settings, as the CLI builds it."""
         if kind == "anonymize" and params["method"] == "replace":
-            return self.replacement()
+            return self.replacement(bool(params.get("keep_mouth")))
         if kind == "anonymize":
             method = params["method"]
             options = {key: value for key, value in params.items() if key != "method"}

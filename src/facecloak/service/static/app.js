@@ -20,6 +20,7 @@ fetch("/v1/info").then((r) => r.json()).then((data) => {
   info = data;
   $("#key-row").hidden = !data.api_key_required;
   $("#replace-choice").hidden = !(data.methods || []).includes("replace");
+  $("#mouth-row").hidden = $("#replace-choice").hidden;
 }).catch(() => {});
 
 function choose(files) {
@@ -44,6 +45,7 @@ dropZone.addEventListener("drop", (event) => choose(event.dataTransfer.files));
 function syncLevel() {
   const method = form.elements.method.value;
   $("#level").disabled = method !== "cloak";
+  $("#keep-mouth").disabled = method !== "replace";
 }
 form.addEventListener("change", syncLevel);
 syncLevel();
@@ -55,6 +57,7 @@ form.addEventListener("submit", async (event) => {
   const settings = {
     method: form.elements.method.value,
     level: $("#level").value,
+    keepMouth: $("#keep-mouth").checked,
     format: $("#format").value,
     key: $("#api-key").value.trim(),
   };
@@ -113,6 +116,7 @@ async function protect(file, card, settings) {
     body.append("level", settings.level);
   } else {
     body.append("method", settings.method);
+    if (settings.method === "replace" && settings.keepMouth) body.append("keep_mouth", "true");
   }
   const headers = settings.key ? { Authorization: `Bearer ${settings.key}` } : {};
   for (let attempt = 0; attempt < 5; attempt += 1) {
