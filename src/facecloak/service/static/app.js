@@ -21,6 +21,9 @@ fetch("/v1/info").then((r) => r.json()).then((data) => {
   $("#key-row").hidden = !data.api_key_required;
   $("#replace-choice").hidden = !(data.methods || []).includes("replace");
   $("#mouth-row").hidden = $("#replace-choice").hidden;
+  if (!$("#replace-choice").hidden) {
+    $("#form-help").textContent = "Cloaking and replacing take a few seconds per photo; blur, pixelate and mask are quick.";
+  }
 }).catch(() => {});
 
 function choose(files) {
