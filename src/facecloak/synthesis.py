@@ -816,12 +816,7 @@ def synthesize_face(
     yaw = float(estimate_pose(target)[0, 0])
     weight = region_weight(in_mean[0], settings, yaw)[None, None]
     if settings.keep_mouth:
-        rows, columns = torch.meshgrid(
-            torch.arange(y0, y1, dtype=dtype, device=device),
-            torch.arange(x0, x1, dtype=dtype, device=device),
-            indexing="ij",
-        )
-        pixels = torch.stack([columns, rows], -1)
+        pixels = _dense(lambda points: points, (x0, y0, x1, y1), 1, image)[0]  # the crop's pixel centres
         weight = weight * (1 - kept_mouth_weight(pixels, target[0]))[None, None]
     skin = skin_weight(in_mean[0])[None, None]
     lighting = (1 - features_weight(in_mean[0]))[None, None] if settings.shading_from_skin else None

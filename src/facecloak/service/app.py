@@ -54,8 +54,15 @@ CONTENT_TYPES = {
     "HEIF": "image/heic",
 }
 COMMON_FIELDS = {"image", "format", "jpeg_quality", "keep_metadata", "threshold", "min_face", "response"}
-ANONYMIZE_FIELDS = COMMON_FIELDS | {"method", "shape", "mask_scale", "strength", "blocks", "feather"}
-ANONYMIZE_FIELDS |= {"keep_mouth"}  # replace only
+ANONYMIZE_FIELDS = COMMON_FIELDS | {
+    "method",
+    "shape",
+    "mask_scale",
+    "strength",
+    "blocks",
+    "feather",
+    "keep_mouth",
+}
 CLOAK_FIELDS = COMMON_FIELDS | {"mode", "level", "models", "identity_key", "steps", "max_dssim", "seed"}
 DETECT_FIELDS = {"image", "threshold", "min_face"}
 
