@@ -497,15 +497,14 @@ class Cloak:
     ) -> Tensor:
         """(n,) the loss's DSSIM term: `DSSIM_PENALTY` x each face's excess over `DSSIM_PENALTY_FROM`.
 
-        Measured first without a graph: most steps no face is past the onset (the hard cap keeps
-        them under), and then the term is exactly 0 and its backward pass is skipped.
+        Measured once, with its graph: where no face is past the onset (the hard cap keeps them
+        under) the term is exactly 0, and returning a constant drops the graph, so its backward
+        pass is skipped.
         """
-        cap = self.budget.max_dssim
-        with torch.no_grad():
-            excess = quality.box_dssim(crops, adversarial, boxes, means) / cap - DSSIM_PENALTY_FROM
+        dssim = quality.box_dssim(crops, adversarial, boxes, means)
+        excess = dssim / self.budget.max_dssim - DSSIM_PENALTY_FROM
         if not bool((excess > 0).any()):
-            return torch.zeros_like(excess)
-        excess = quality.box_dssim(crops, adversarial, boxes, means) / cap - DSSIM_PENALTY_FROM
+            return torch.zeros_like(excess.detach())
         return DSSIM_PENALTY * torch.relu(excess)
 
     def _model_schedule(self, steps: int, generator: torch.Generator) -> list[list[int]]:
