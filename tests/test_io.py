@@ -15,6 +15,8 @@ from facecloak.errors import ImageReadError, ImageWriteError
 from facecloak.io import (
     HEIF_AVAILABLE,
     collect_images,
+    jpeg_roundtrip,
+    jpeg_roundtrip_changed,
     output_path,
     probe_image,
     read_image,
@@ -306,3 +308,25 @@ def test_protected_files_match_as_same_file_does(tmp_path):
         path = tmp_path / name
         assert (path in protected) == same_file(path, first), name
     assert str(first) in protected and 3 not in protected
+
+
+@pytest.mark.parametrize(
+    "boxes",
+    [
+        [],  # nothing changed
+        [(37, 51, 301, 277)],  # one face-sized area off the coding grid
+        [(0, 0, 100, 90), (1023, 587, 1100, 620)],  # two corners: windows clipped by the edges
+        [(366, 155, 371, 158), (406, 175, 426, 225), (800, 5, 850, 60)],  # near areas merge
+    ],
+)
+def test_a_partly_changed_photo_re_encodes_exactly_as_the_whole_photo(boxes) -> None:
+    """The replacer's upload check re-encodes only around a try's faces: same pixels, to the bit."""
+    original = read_image(Path(__file__).parents[1] / "samples" / "group.jpg").pixels  # 1100 x 620
+    changed = original.clone()
+    noise = torch.Generator().manual_seed(0)
+    for x0, y0, x1, y1 in boxes:
+        changed[:, y0:y1, x0:x1] = torch.rand(3, y1 - y0, x1 - x0, generator=noise)
+    whole = jpeg_roundtrip(changed, 75)
+    assert torch.equal(jpeg_roundtrip_changed(changed, original, jpeg_roundtrip(original, 75), 75), whole)
+    if boxes:  # and the areas changed did change after the round trip (the test can fail)
+        assert not torch.equal(whole, jpeg_roundtrip(original, 75))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -229,6 +230,55 @@ def jpeg_roundtrip(pixels: Tensor, quality: int = 75) -> Tensor:
     with Image.open(buffer) as decoded:
         array = np.asarray(decoded.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(pixels.device)
+
+
+_JPEG_MCU = 16
+"""Side of a JPEG minimum coded unit with 4:2:0 chroma, as `jpeg_roundtrip` encodes: each is
+transformed and quantised on its own, and decoding reaches at most one chroma sample (2 px) into
+its neighbours."""
+
+_SEPARATE_AREAS_UNITS = 3
+"""Changed areas this many coded units apart or more are re-encoded as separate windows."""
+
+
+def jpeg_roundtrip_changed(
+    pixels: Tensor, original: Tensor, original_roundtrip: Tensor, quality: int = 75
+) -> Tensor:
+    """`jpeg_roundtrip` of ``pixels``, which differs from ``original`` only in places, exactly.
+
+    ``original_roundtrip`` is `jpeg_roundtrip(original, quality)`. Only windows of whole coded
+    units around what changed (one window per separate area, with a unit of margin) are encoded
+    and decoded again; every pixel farther than half a unit from a changed unit is the original's.
+    A check that re-encodes a 12 MP photo for each try of a face costs a few hundredths of a
+    second instead of half a second, with the same values.
+    """
+    unit = _JPEG_MCU
+    changed = (pixels != original).any(0)
+    units = F.max_pool2d(changed[None, None].float(), unit, ceil_mode=True)[0, 0] > 0
+    result = original_roundtrip.clone()
+    height, width = pixels.shape[-2:]
+    for column_start, column_end in _runs(units.any(0), _SEPARATE_AREAS_UNITS):
+        for row_start, row_end in _runs(units[:, column_start:column_end].any(1), _SEPARATE_AREAS_UNITS):
+            x0, y0, x1, y1 = column_start * unit, row_start * unit, column_end * unit, row_end * unit
+            # encoded: a unit of margin (the window starts on the photo's grid); kept: half a unit
+            wx0, wy0 = max(0, x0 - unit), max(0, y0 - unit)
+            wx1, wy1 = min(width, x1 + unit), min(height, y1 + unit)
+            kx0, ky0 = max(0, x0 - unit // 2), max(0, y0 - unit // 2)
+            kx1, ky1 = min(width, x1 + unit // 2), min(height, y1 + unit // 2)
+            window = jpeg_roundtrip(pixels[:, wy0:wy1, wx0:wx1], quality)
+            result[:, ky0:ky1, kx0:kx1] = window[:, ky0 - wy0 : ky1 - wy0, kx0 - wx0 : kx1 - wx0]
+    return result
+
+
+def _runs(flags: Tensor, gap: int) -> list[tuple[int, int]]:
+    """[start, end) runs of True in 1-D ``flags``, runs less than ``gap`` apart merged."""
+    runs: list[list[int]] = []
+    for k in flags.nonzero()[:, 0].tolist():
+        if runs and k - runs[-1][1] < gap:
+            runs[-1][1] = k + 1
+        else:
+            runs.append([k, k + 1])
+    return [(start, end) for start, end in runs]
 
 
 def encode_image(
