@@ -242,8 +242,8 @@ def test_faces_beside_a_blurred_one_are_checked_in_the_final_photo(bank, models,
     seen = []
     verify = replacer._verify
 
-    def forced(outputs, faces_, rows, targets_, tried):
-        results = verify(outputs, faces_, rows, targets_, tried)
+    def forced(uploads, outputs, faces_, rows, targets_, tried):
+        results = verify(uploads, outputs, faces_, rows, targets_, tried)
         seen.append({n: outputs[0].clone() for n in rows})
         if failing in results:
             record, _ = results[failing]
@@ -275,8 +275,8 @@ def test_a_try_that_stays_near_the_person_is_followed_by_donors_that_reach_farth
     picks, forced_checks = [], []
     verify = replacer._verify
 
-    def first_try_too_near(outputs, faces_, rows, targets_, tried):
-        results = verify(outputs, faces_, rows, targets_, tried)
+    def first_try_too_near(uploads, outputs, faces_, rows, targets_, tried):
+        results = verify(uploads, outputs, faces_, rows, targets_, tried)
         picks.append(tried[0][0])
         if len(picks) == 1:  # as if the new face had stayed at 0.95 of every threshold
             record, _ = results[0]
@@ -934,3 +934,79 @@ def test_a_face_the_low_finish_leaves_short_is_finished_at_mid(bank, models, det
     record = finished.records[0]
     assert bool(finished.protected[0]) and record["finish_level"] == "mid", record
     _assert_finished_and_faint(finished, kept, one, face, models, detector, options["margin"], 16)
+
+
+KIN_WOMEN = (
+    "Amber_Tamblyn",
+    "Amy_Pascal",
+    "Beatrice_Dalle",
+    "Betty_Williams",
+    "Brooke_Gordon",
+    "Carey_Lowell",
+    "Carin_Koch",
+    "Catherine_Bell",
+    "Charlotte_Rampling",
+    "Cindy_Margolis",
+)
+KIN_MEN = (
+    "Aaron_Patterson",
+    "Aaron_Sorkin",
+    "Abbas_Kiarostami",
+    "Alex_Wallau",
+    "Arturo_Gatti",
+    "Atom_Egoyan",
+    "Barry_Zito",
+    "Bison_Dele",
+    "Brett_Boone",
+    "Carlos_Ghosn",
+)
+"""LFW people with one or two photos, women and men: a labelled donor bank."""
+
+
+def test_donors_are_matched_on_the_kin_they_share_with_the_face(lfw_dir, detector, data_home, monkeypatch):
+    """Of 20 labelled donors, the first set chosen for 5 women and 3 men holds at most one donor of
+    the other sex, and fewer such donors in all than without the kin cost (where Caroline Kennedy,
+    as on the README's contact sheet, was given two men)."""
+    images = lfw_dir / "images"
+    folder = data_home / "kin-photos"
+    folder.mkdir()
+    for name in KIN_WOMEN + KIN_MEN:
+        shutil.copy(sorted((images / name).glob("*.jpg"))[0], folder)
+    models = [create_embedder("dlib-resnet", device="cpu")]
+    add_donors([folder], models, bank="kin-test", licence="LFW, research use", detector=detector)
+    bank = load_bank("kin-test")
+    people = [Path(donor["source"]).name.rsplit("_", 1)[0] for donor in bank.donors]
+    women = {row for row, person in enumerate(people) if person in KIN_WOMEN}
+    assert len(women) == len(KIN_WOMEN) and len(bank) == len(KIN_WOMEN) + len(KIN_MEN)
+    faces = {
+        "Caroline_Kennedy": True,
+        "Emmanuelle_Beart": True,
+        "Nicole_Kidman": True,
+        "Julie_Gerberding": True,
+        "Renee_Zellweger": True,
+        "Colin_Powell": False,
+        "Tiger_Woods": False,
+        "Hu_Jintao": False,
+    }
+    plans = []
+    for name in faces:
+        image = io.read_image(sorted((images / name).glob("*.jpg"))[0]).pixels
+        found = detector([image])
+        face = found.select([centre_face(found, 250, 250)])
+        chips, _ = canonical_chips(image[None], face.landmarks, torch.zeros(1, dtype=torch.long))
+        plan = (estimate_pose(face.landmarks)[0], mouth_width(face.landmarks)[0], face_statistics(chips)[0])
+        plans.append((plan, {m.card.name: embed_faces([image], face, m)[0] for m in models}))
+
+    def other_sex() -> list[int]:
+        replacer = FaceReplacer(bank, models, seed=0, prefer_beyond=1.2)
+        counts = []
+        for (plan, target), woman in zip(plans, faces.values()):
+            rows = replacer._donor_sets(*plan, target, 0)[0][0]
+            counts.append(sum((row in women) != woman for row in rows))
+        return counts
+
+    matched = other_sex()
+    monkeypatch.setattr("facecloak.replace.KIN_COST", 0.0)
+    unmatched = other_sex()
+    assert max(matched) <= 1, matched
+    assert sum(matched) < sum(unmatched) and max(unmatched) >= 2, (matched, unmatched)
