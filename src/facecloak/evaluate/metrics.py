@@ -11,14 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def distance_matrix(a: Tensor, b: Tensor, metric: str) -> Tensor:
-    """(n, m) distances between rows of ``a`` (n, D) and ``b`` (m, D): Euclidean or 1 - cosine."""
-    if metric == "euclidean":
-        return torch.cdist(a.double(), b.double()).to(a.dtype)
-    a_unit = torch.nn.functional.normalize(a, dim=1)
-    b_unit = torch.nn.functional.normalize(b, dim=1)
-    return 1.0 - a_unit @ b_unit.T
+from facecloak.models.registry import distance_matrix
 
 
 def rank_k_hits(

@@ -93,6 +93,15 @@ def embedding_distance(a: Tensor, b: Tensor, metric: str) -> Tensor:
     return 1.0 - (nn.functional.normalize(a, dim=-1) * nn.functional.normalize(b, dim=-1)).sum(-1)
 
 
+def distance_matrix(a: Tensor, b: Tensor, metric: str) -> Tensor:
+    """(n, m) `embedding_distance` between each row of ``a`` (n, D) and each row of ``b`` (m, D)."""
+    if metric == "euclidean":
+        return torch.cdist(a.double(), b.double()).to(a.dtype)
+    a_unit = torch.nn.functional.normalize(a, dim=1)
+    b_unit = torch.nn.functional.normalize(b, dim=1)
+    return 1.0 - a_unit @ b_unit.T
+
+
 Factory = Callable[[Path | None], Embedder]
 WeightsLocator = Callable[[], Path | None]
 
