@@ -56,6 +56,16 @@ class EvaluationRequest:
     finish: bool = True  # replace: finish near misses with an away cloak (`FaceReplacer`)
     keep_mouth: bool = False  # replace: keep the person's own lips (`FaceReplacer`)
 
+    def replacer_options(self) -> dict:
+        """The `FaceReplacer` settings this request gives (seed aside): the replacer's and the report's."""
+        return {
+            "donors_per_face": self.donors_per_face,
+            "fallback": self.fallback,
+            "donor_margin": self.donor_margin,
+            "finish": self.finish,
+            "keep_mouth": self.keep_mouth,
+        }
+
 
 def build_attackers(names: str | None, detector: FaceDetector, device: str | None) -> list[Attacker]:
     """Attackers by name: registry models and "dlib-cpp"; default every available one."""
@@ -104,15 +114,7 @@ def _replacer(request: EvaluationRequest, detector: FaceDetector):
     names = choose_embedders(request.models)
     models = [create_embedder(name, device=request.device) for name in names]
     return FaceReplacer(
-        load_bank(request.donors),
-        models,
-        donors_per_face=request.donors_per_face,
-        seed=request.seed,
-        fallback=request.fallback,
-        donor_margin=request.donor_margin,
-        finish=request.finish,
-        keep_mouth=request.keep_mouth,
-        detector=detector,
+        load_bank(request.donors), models, seed=request.seed, detector=detector, **request.replacer_options()
     )
 
 
@@ -153,14 +155,7 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
         if request.method == "cloak" and request.person_level is not None:
             settings["person_level"] = request.person_level
         if request.method == "replace":
-            settings.update(
-                donors=request.donors,
-                donors_per_face=request.donors_per_face,
-                fallback=request.fallback,
-                donor_margin=request.donor_margin,
-                finish=request.finish,
-                keep_mouth=request.keep_mouth,
-            )
+            settings.update(donors=request.donors, **request.replacer_options())
             if isinstance(protection, ReplaceFaces):
                 settings["replace_models"] = [m.card.name for m in protection.replacer.models]
         if isinstance(protection, CloakFaces):
