@@ -749,18 +749,21 @@ def test_glasses_strength_tells_faces_with_spectacles_from_bare_ones(lfw_dir, de
     assert max(bare) < GLASSES_FROM + 0.6, bare
 
 
+def _donor_choice_inputs(image: torch.Tensor, face, models) -> tuple[tuple, dict]:
+    """What `FaceReplacer._donor_sets` takes for one face: (pose, smile, statistics), embeddings."""
+    chips, _ = canonical_chips(image[None], face.landmarks, torch.zeros(1, dtype=torch.long))
+    plan = (estimate_pose(face.landmarks)[0], mouth_width(face.landmarks)[0], face_statistics(chips)[0])
+    return plan, {m.card.name: embed_faces([image], face, m)[0] for m in models}
+
+
 def test_a_bare_face_is_not_given_a_donor_with_glasses(bank, models, targets, monkeypatch):
     """On 40 LFW faces, 7 bare ones came out with a ghost of a donor's spectacle frames across the
     eyes: the donor ranked first for a bare face drops out of its first set once it wears glasses,
     and nothing but the glasses cost drops it."""
     images, faces = targets
     replacer = FaceReplacer(bank, models, seed=0, prefer_beyond=1.2)
-    face = faces.select([0])
-    chips, _ = canonical_chips(images[0][None], face.landmarks, torch.zeros(1, dtype=torch.long))
-    stats = face_statistics(chips)[0]
-    assert float(stats[-1]) < GLASSES_FROM, "the target must be a bare face"
-    plan = (estimate_pose(face.landmarks)[0], mouth_width(face.landmarks)[0], stats)
-    target = {m.card.name: embed_faces(images[:1], face, m)[0] for m in models}
+    plan, target = _donor_choice_inputs(images[0], faces.select([0]), models)
+    assert float(plan[2][-1]) < GLASSES_FROM, "the target must be a bare face"
     favourite = replacer._donor_sets(*plan, target, 0)[0][0][0]
     original = bank.stats
     spectacled = original.clone()
@@ -808,11 +811,8 @@ def test_a_donor_turned_away_from_the_face_is_not_chosen(bank, models, detector,
     first three."""
     images, faces = targets
     replacer = FaceReplacer(bank, models, detector=detector, seed=0, prefer_beyond=1.2)
-    face = faces.select([0])
-    chips, _ = canonical_chips(images[0][None], face.landmarks, torch.zeros(1, dtype=torch.long))
-    pose = estimate_pose(face.landmarks)[0]
-    plan = (pose, mouth_width(face.landmarks)[0], face_statistics(chips)[0])
-    target = {m.card.name: embed_faces(images[:1], face, m)[0] for m in models}
+    plan, target = _donor_choice_inputs(images[0], faces.select([0]), models)
+    pose = plan[0]
     favourite = replacer._donor_sets(*plan, target, 0)[0][0][0]
     assert int(((bank.pose[:, 0] - pose[0]).abs() <= MAX_YAW_GAP).sum()) >= 4, "too few frontal donors"
     original = bank.pose
@@ -992,10 +992,7 @@ def test_donors_are_matched_on_the_kin_they_share_with_the_face(lfw_dir, detecto
     for name in faces:
         image = io.read_image(sorted((images / name).glob("*.jpg"))[0]).pixels
         found = detector([image])
-        face = found.select([centre_face(found, 250, 250)])
-        chips, _ = canonical_chips(image[None], face.landmarks, torch.zeros(1, dtype=torch.long))
-        plan = (estimate_pose(face.landmarks)[0], mouth_width(face.landmarks)[0], face_statistics(chips)[0])
-        plans.append((plan, {m.card.name: embed_faces([image], face, m)[0] for m in models}))
+        plans.append(_donor_choice_inputs(image, found.select([centre_face(found, 250, 250)]), models))
 
     def other_sex() -> list[int]:
         replacer = FaceReplacer(bank, models, seed=0, prefer_beyond=1.2)
