@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ from facecloak.replace import (
 )
 from facecloak.synthesis import (
     CANONICAL_TEMPLATE,
+    CHIP_EYE_DISTANCE_PX,
     SynthesisSettings,
     apply_thin_plate,
     canonical_chips,
@@ -181,8 +183,10 @@ def test_replaced_faces_are_found_again_and_match_nobody(replaced, bank, models,
         record = replaced.records[k]
         donors = [bank.donors[bank.ids.index(donor_id)] for donor_id in record["donors"]]
         donor_eyes = min(math.dist(*donor["landmarks"][:2]) for donor in donors)
+        assert donor_eyes < CHIP_EYE_DISTANCE_PX  # LFW's donors, not the chip, limit the detail
         face_eyes = float((faces.landmarks[k][1] - faces.landmarks[k][0]).norm())
         assert record["donor_upscale"] == pytest.approx(face_eyes / donor_eyes, abs=0.01)
+        assert record["detail_limit"] == "donors"
 
 
 def test_only_the_face_region_changes(replaced, targets):
@@ -687,7 +691,12 @@ def test_donor_warps_of_several_faces_at_once_equal_one_at_a_time(bank):
 
 
 def test_a_face_larger_than_its_donors_is_reported_softer(bank, models, detector, samples_dir, targets):
-    """Grace Hopper's face is about twice an LFW donor's: the summary says it is soft, and why."""
+    """Grace Hopper's face is about twice an LFW donor's: the summary says it is soft, and why.
+
+    With donors from photos three times larger, the chip the new face is made in limits it
+    instead (her eyes are 88 px apart, the chip's 56): still soft, and the summary says the donors
+    are not the cause.
+    """
     from facecloak.batch_types import BatchReport, FileOutcome
     from facecloak.defaults import SOFT_DONOR_UPSCALE
 
@@ -698,6 +707,7 @@ def test_a_face_larger_than_its_donors_is_reported_softer(bank, models, detector
     records = replacer([photo], large).records + replacer(lfw_images[:1], lfw_faces.select([0])).records
     assert [r["method"] for r in records] == ["replace", "replace"], records
     assert records[0]["donor_upscale"] >= SOFT_DONOR_UPSCALE > records[1]["donor_upscale"]
+    assert [r["detail_limit"] for r in records] == ["donors", "donors"]
     outcomes = [
         FileOutcome("grace_hopper.jpg", "protected", faces=[records[0]]),
         FileOutcome("lfw.jpg", "protected", faces=[records[1]]),
@@ -706,6 +716,27 @@ def test_a_face_larger_than_its_donors_is_reported_softer(bank, models, detector
     assert "1 replaced face(s) softer than their photo" in summary
     assert f"grace_hopper.jpg: {records[0]['donor_upscale']:.2f}x its smallest donor" in summary
     assert "lfw.jpg" not in summary.split("softer than their photo")[1]
+
+    as_if_larger = [
+        dict(donor, landmarks=[[3 * x, 3 * y] for x, y in donor["landmarks"]]) for donor in bank.donors
+    ]
+    from_larger = FaceReplacer(
+        replace(bank, donors=as_if_larger),
+        models,
+        detector=detector,
+        seed=0,
+        prefer_beyond=1.2,
+        donor_margin=1.0,
+    )
+    record = from_larger([photo], large).records[0]
+    assert record["detail_limit"] == "chip"
+    eyes = float((large.landmarks[0][1] - large.landmarks[0][0]).norm())
+    assert record["donor_upscale"] == pytest.approx(eyes / CHIP_EYE_DISTANCE_PX, abs=0.01)
+    assert record["donor_upscale"] >= SOFT_DONOR_UPSCALE
+    summary = str(
+        BatchReport("anonymize", {}, [FileOutcome("grace_hopper.jpg", "protected", faces=[record])])
+    )
+    assert "the scale its new face is made at" in summary and "smallest donor" not in summary
 
 
 WITH_GLASSES = (

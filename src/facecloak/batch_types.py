@@ -168,17 +168,16 @@ class BatchReport:
             lines.append(f"  {len(blurred)} face(s) blurred instead of replaced:")
             lines += [f"    {path}: {face['reason']}" for path, face in blurred]
         soft = [
-            (o.path, f["donor_upscale"])
+            (o.path, f)
             for o in self.outcomes
             for f in o.faces
             if f.get("method") == "replace" and f.get("donor_upscale", 0.0) >= SOFT_DONOR_UPSCALE
         ]
         if soft:
             lines.append(
-                f"  {len(soft)} replaced face(s) softer than their photo, larger than their donors' "
-                "faces (add larger, sharp donor photos: facecloak donors add):"
+                f"  {len(soft)} replaced face(s) softer than their photo (each made from a smaller face):"
             )
-            lines += [f"    {path}: {upscale:.2f}x its smallest donor" for path, upscale in soft]
+            lines += [f"    {path}: {_soft_reason(face)}" for path, face in soft]
         finished = sum(
             f.get("method") == "replace" and bool(f.get("finished")) for o in self.outcomes for f in o.faces
         )
@@ -239,6 +238,17 @@ def _worst_ratio(face: dict) -> float | None:
         if distance is not None and model.get("threshold"):
             ratios.append(distance / model["threshold"])
     return min(ratios) if ratios else None
+
+
+def _soft_reason(face: dict) -> str:
+    """Why a replaced face is soft, and what to do: its donors are small, or the synthesis chip is."""
+    upscale = face["donor_upscale"]
+    if face.get("detail_limit") == "chip":
+        return (
+            f"{upscale:.2f}x the scale its new face is made at "
+            "(eyes 56 px apart: a limit of this version, not of the donors)"
+        )
+    return f"{upscale:.2f}x its smallest donor (add larger, sharp donor photos: facecloak donors add)"
 
 
 @dataclass

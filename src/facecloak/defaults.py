@@ -60,6 +60,8 @@ uploads per step through every model): the batch is cut to the free memory over 
 
 
 SOFT_DONOR_UPSCALE = 1.5
-"""A replaced face this many times larger than its smallest donor in that donor's own photo (eye
-distances) has less fine detail than the photo around it: the batch summary says so, and how to
-fix it (larger, sharp donor photos). The largest face of `samples/group.jpg` with LFW donors: 1.74."""
+"""A replaced face this many times larger than the finest detail its new face can hold (eye
+distances) is softer than the photo around it, and the batch summary says so and why: its
+smallest donor in that donor's own photo (fix: larger, sharp donor photos), or the 256 px chip the
+new face is made in, whose eyes are 56 px apart (a limit of this version; any face whose eyes are
+more than 85 px apart). The largest face of `samples/group.jpg` with LFW donors: 1.74, donors."""

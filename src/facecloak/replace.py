@@ -54,6 +54,7 @@ from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder, distance_matrix, embedding_distance
 from facecloak.synthesis import (
+    CHIP_EYE_DISTANCE_PX,
     SynthesisSettings,
     canonical_chips,
     donor_warps,
@@ -179,7 +180,9 @@ class ReplaceResult:
             face under ``min_face``), ``protected``, ``redetected``, ``attempts``, ``donors`` (ids),
             ``distance_to_original`` and ``distance_to_donors`` (closest donor) per model, the
             detector's confidence before and after, ``donor_upscale`` (the face's eye distance over
-            its smallest donor's, in their photos: above about 2 the new face looks soft),
+            its smallest donor's in their photos, or over the synthesis chip's when that is
+            smaller: above about 2 the new face looks soft) and ``detail_limit`` (``"donors"`` or
+            ``"chip"``: which of the two it is),
             ``finished`` and ``finish_level`` (the faint cloak of step 4, and its level), and a
             ``reason`` when not protected.
         protected: (N,) bool, every check passed (a blurred tiny face counts as protected).
@@ -502,9 +505,13 @@ class FaceReplacer:
             crops[n] = crop
             checked[n] = (targets_row(targets, rows, n), (crop[3], crop[4]))
             record.pop("_matched_donors", None)
-            upscale = self._donor_upscale(chosen.landmarks[rows.index(n)], record["donors"])
+            upscale, limit = self._donor_upscale(chosen.landmarks[rows.index(n)], record["donors"])
             records[n].update(
-                record, attempts=plan.attempts, donor_upscale=upscale, finished=bool(record.get("finished"))
+                record,
+                attempts=plan.attempts,
+                donor_upscale=upscale,
+                detail_limit=limit,
+                finished=bool(record.get("finished")),
             )
         return crops, checked
 
@@ -599,15 +606,20 @@ class FaceReplacer:
             )
         return finished
 
-    def _donor_upscale(self, landmarks: Tensor, donor_ids: Sequence[str]) -> float:
-        """How many times larger this face is than the smallest of its donors in their own photos.
+    def _donor_upscale(self, landmarks: Tensor, donor_ids: Sequence[str]) -> tuple[float, str]:
+        """How many times larger this face is than the finest detail its new face can hold, and why.
 
-        Eye distances, in pixels. The new face has no finer detail than its donors: above about
-        2 it looks softer than the photo around it (the largest face of `samples/group.jpg`: 1.74).
+        Eye distances, in pixels. The new face has no finer detail than the smallest of its donors
+        in their own photos (``"donors"``), nor than the canonical chip it is made in, whose eyes
+        are `CHIP_EYE_DISTANCE_PX` apart (``"chip"``, whatever the donors). Above about 2 it looks
+        softer than the photo around it (the largest face of `samples/group.jpg`: 1.74, donors).
         """
         donors = {donor["id"]: donor for donor in self.bank.donors}
         eyes = eye_distance(torch.tensor([donors[i]["landmarks"] for i in donor_ids], dtype=torch.float32))
-        return round(float(eye_distance(landmarks[None].cpu())[0]) / max(float(eyes.min()), 1e-6), 2)
+        finest, limit = float(eyes.min()), "donors"
+        if CHIP_EYE_DISTANCE_PX < finest:
+            finest, limit = CHIP_EYE_DISTANCE_PX, "chip"
+        return round(float(eye_distance(landmarks[None].cpu())[0]) / max(finest, 1e-6), 2), limit
 
     # -- donors ------------------------------------------------------------------------------------
 

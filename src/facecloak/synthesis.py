@@ -46,6 +46,11 @@ CANONICAL_TEMPLATE = tuple(
 )
 """Where the five landmarks sit in a canonical chip: eyes 56 px apart, room for forehead and chin."""
 
+CHIP_EYE_DISTANCE_PX = math.dist(CANONICAL_TEMPLATE[0], CANONICAL_TEMPLATE[1])
+"""Eye distance in a canonical chip: a new face is made at this scale, so a face whose eyes lie
+farther apart in its photo is upscaled from it and holds less fine detail than the photo around it,
+whatever its donors' size."""
+
 
 @dataclass(frozen=True)
 class SynthesisSettings:
