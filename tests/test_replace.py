@@ -44,6 +44,9 @@ from facecloak.replace import (
 from facecloak.synthesis import (
     CANONICAL_TEMPLATE,
     CHIP_EYE_DISTANCE_PX,
+    CHIP_SIZE_PX,
+    DETAIL_FROM,
+    DETAIL_SCALE,
     SynthesisSettings,
     apply_thin_plate,
     canonical_chips,
@@ -59,6 +62,7 @@ from facecloak.synthesis import (
     rgb_to_lab,
     synthesize_face,
 )
+from facecloak.transforms import gaussian_blur
 
 DONORS = 12
 TARGETS = 4
@@ -693,9 +697,9 @@ def test_donor_warps_of_several_faces_at_once_equal_one_at_a_time(bank):
 def test_a_face_larger_than_its_donors_is_reported_softer(bank, models, detector, samples_dir, targets):
     """Grace Hopper's face is about twice an LFW donor's: the summary says it is soft, and why.
 
-    With donors from photos three times larger, the chip the new face is made in limits it
-    instead (her eyes are 88 px apart, the chip's 56): still soft, and the summary says the donors
-    are not the cause.
+    With donors from photos three times larger but no detail chips (a bank made before them), the
+    chip the new face is read from limits it instead (her eyes are 88 px apart, the chip's 56):
+    still soft, and the summary says the donors are not the cause.
     """
     from facecloak.batch_types import BatchReport, FileOutcome
     from facecloak.defaults import SOFT_DONOR_UPSCALE
@@ -736,7 +740,68 @@ def test_a_face_larger_than_its_donors_is_reported_softer(bank, models, detector
     summary = str(
         BatchReport("anonymize", {}, [FileOutcome("grace_hopper.jpg", "protected", faces=[record])])
     )
-    assert "the scale its new face is made at" in summary and "smallest donor" not in summary
+    assert "the chips its new face is read from" in summary and "smallest donor" not in summary
+
+
+def _textured_large_photos(donor_dir: Path, count: int) -> list[torch.Tensor]:
+    """LFW donor photos at 3x, with a fine texture (2 px checks) only a detail chip can hold."""
+    photos = []
+    for path in sorted(donor_dir.glob("*.jpg"))[:count]:
+        pixels = F.interpolate(io.read_image(path).pixels[None], scale_factor=3, mode="bicubic")[0]
+        ys, xs = torch.meshgrid(torch.arange(750), torch.arange(750), indexing="ij")
+        checks = ((ys // 2 + xs // 2) % 2).float() * 2 - 1
+        photos.append((pixels + 0.06 * checks).clamp(0, 1))
+    return photos
+
+
+def test_a_large_face_reads_its_pixels_from_detail_chips(donor_dir, detector, samples_dir):
+    """Donors from large photos: a large new face holds detail a 256 px chip cannot, in the same place."""
+    photos = _textured_large_photos(donor_dir, 3)
+    found = detector(photos)
+    first = [int((found.image_index == i).nonzero()[0, 0]) for i in range(3)]
+    donors = found.select(first)
+    stacked = torch.stack(photos)
+    chips, points = canonical_chips(stacked, donors.landmarks, donors.image_index)
+    detail, detail_points = canonical_chips(stacked, donors.landmarks, donors.image_index, DETAIL_SCALE)
+    assert detail.shape[-1] == DETAIL_SCALE * chips.shape[-1] and torch.equal(points, detail_points)
+    photo = io.read_image(samples_dir / "grace_hopper.jpg").pixels
+    face = detector([photo])
+    assert float((face.landmarks[0, 1] - face.landmarks[0, 0]).norm()) > DETAIL_FROM * CHIP_EYE_DISTANCE_PX
+    settings = SynthesisSettings(grain=0.0)
+    plain = synthesize_face(photo, face.landmarks[0], chips, points, settings=settings)
+    fine = synthesize_face(photo, face.landmarks[0], chips, points, settings=settings, detail_chips=detail)
+    assert plain.box == fine.box
+    inside = (plain.weight > 0.9).expand(3, -1, -1)
+
+    def fine_detail(pixels):  # what a 3 px blur takes away: the checks, the edges
+        return (pixels - gaussian_blur(pixels[None], 1.0)[0])[inside].std()
+
+    assert float(fine_detail(fine.pixels)) > 1.5 * float(fine_detail(plain.pixels))
+    # the same face, finer: both chips are read at the same places
+    coarse_gap = (gaussian_blur(fine.pixels[None], 3.0) - gaussian_blur(plain.pixels[None], 3.0))[0][inside]
+    assert float(coarse_gap.abs().mean()) < 0.004  # 0.0008; a chip pixel off: 0.012
+
+
+def test_a_bank_keeps_detail_chips_of_large_donor_photos(tmp_path, donor_dir, models, detector):
+    """Large donor photos keep a 2x chip (written, read, removed); small ones give their chip upscaled."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k, pixels in enumerate(_textured_large_photos(donor_dir, 2)):
+        io.write_image(folder / f"large_{k}.png", pixels)
+    shutil.copy(sorted(donor_dir.glob("*.jpg"))[2], folder / "small.jpg")
+    report = add_donors([folder], models[:1], bank=tmp_path / "bank", licence="test", detector=detector)
+    assert len(report.added) == 3
+    bank = load_bank(tmp_path / "bank")
+    assert [bank.detail_scale(row) for row in range(3)] == [DETAIL_SCALE, DETAIL_SCALE, 1]
+    large_id = bank.ids[0]
+    assert (bank.folder / "chips" / f"{large_id}@{DETAIL_SCALE}x.jpg").is_file()
+    detail = bank.detail_chips([0, 2])
+    assert detail.shape == (2, 3, DETAIL_SCALE * CHIP_SIZE_PX, DETAIL_SCALE * CHIP_SIZE_PX)
+    # a detail chip is its chip, finer: the same face at the same place
+    coarse = F.avg_pool2d(detail, DETAIL_SCALE)
+    assert float((coarse - bank.chips([0, 2])).abs().mean()) < 0.01
+    remove_donors(tmp_path / "bank", [large_id])
+    assert not (bank.folder / "chips" / f"{large_id}@{DETAIL_SCALE}x.jpg").exists()
 
 
 WITH_GLASSES = (

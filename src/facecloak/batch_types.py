@@ -245,8 +245,8 @@ def _soft_reason(face: dict) -> str:
     upscale = face["donor_upscale"]
     if face.get("detail_limit") == "chip":
         return (
-            f"{upscale:.2f}x the scale its new face is made at "
-            "(eyes 56 px apart: a limit of this version, not of the donors)"
+            f"{upscale:.2f}x the chips its new face is read from "
+            "(eyes 56 px apart, 112 in donors' detail chips: a limit of facecloak, not of the donors)"
         )
     return f"{upscale:.2f}x its smallest donor (add larger, sharp donor photos: facecloak donors add)"
 

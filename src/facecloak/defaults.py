@@ -62,6 +62,6 @@ uploads per step through every model): the batch is cut to the free memory over 
 SOFT_DONOR_UPSCALE = 1.5
 """A replaced face this many times larger than the finest detail its new face can hold (eye
 distances) is softer than the photo around it, and the batch summary says so and why: its
-smallest donor in that donor's own photo (fix: larger, sharp donor photos), or the 256 px chip the
-new face is made in, whose eyes are 56 px apart (a limit of this version; any face whose eyes are
-more than 85 px apart). The largest face of `samples/group.jpg` with LFW donors: 1.74, donors."""
+smallest donor in that donor's own photo (fix: larger, sharp donor photos), or the chips it is read
+from (`facecloak.synthesis`: eyes 56 px apart in a 256 px chip, 112 in a donor's detail chip).
+The largest face of `samples/group.jpg` with LFW donors: 1.74, donors."""

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from facecloak import io
 from facecloak.errors import DonorBankError, FacecloakError
 from facecloak.models.registry import Embedder
-from facecloak.synthesis import CHIP_SIZE_PX, FACE_STATISTICS, face_statistics
+from facecloak.synthesis import CHIP_SIZE_PX, DETAIL_SCALE, FACE_STATISTICS, face_statistics
 
 BANK_FORMAT = 1
 """Version of the on-disk layout; a bank of another version is refused with a way out."""
@@ -109,6 +110,34 @@ class DonorBank:
                 self._chips[row] = (pixels * 255).round().to(torch.uint8)
             out.append(self._chips[row].float() / 255)
         return torch.stack(out) if out else torch.zeros(0, 3, CHIP_SIZE_PX, CHIP_SIZE_PX)
+
+    def detail_scale(self, row: int) -> int:
+        """How much finer than its chip a donor's detail chip is (1: it has none)."""
+        return int(self.donors[row].get("detail_scale", 1))
+
+    def detail_chips(self, rows: Sequence[int]) -> Tensor:
+        """(K, 3, 2S, 2S) detail chips of donors at ``rows`` (`facecloak.synthesis.DETAIL_SCALE`).
+
+        A donor without one (its photo held no more detail than its chip) gives its chip, upsampled
+        onto the same pixel grid. Read from disk on every call: large, and only large faces need them.
+        """
+        out = []
+        size = CHIP_SIZE_PX * DETAIL_SCALE
+        for row in rows:
+            if self.detail_scale(row) == DETAIL_SCALE:
+                path = self.folder / "chips" / f"{self.donors[row]['id']}@{DETAIL_SCALE}x.jpg"
+                pixels = io.read_image(path).pixels
+                if pixels.shape[-2:] != (size, size):
+                    raise DonorBankError(
+                        f"detail chip of donor {self.donors[row]['id']} has the wrong size", self.folder
+                    )
+            else:
+                chip = self.chips([row])
+                pixels = F.interpolate(chip, scale_factor=DETAIL_SCALE, mode="bilinear", align_corners=False)[
+                    0
+                ]
+            out.append(pixels.clamp(0, 1))
+        return torch.stack(out) if out else torch.zeros(0, 3, size, size)
 
     def check_models(self, models: Sequence[Embedder], *, exact: bool = True) -> None:
         """Raise `DonorBankError` unless the bank was built with these models (same cards).

@@ -7,6 +7,9 @@ A bank is a folder under ``$XDG_DATA_HOME/facecloak/donors/<name>`` (default
                      photo, box, landmarks, pose, colour statistics, the user's licence note)
     chips/<id>.png   each donor's canonical chip (`facecloak.synthesis`: 256 px, landmarks on
                      `CANONICAL_TEMPLATE`), what faces are synthesised from
+    chips/<id>@2x.jpg  the same face at twice the resolution, for donors whose photo holds that
+                     much (`DETAIL_FROM`): large new faces read their pixels from it (JPEG 95:
+                     only pixels are read from it, never an embedding)
     embeddings.npz   each recogniser's embedding of every chip (rows named by ``ids``)
 
 Every embedding is computed from the stored chip, so a bank can be re-embedded from its own files
@@ -49,12 +52,19 @@ from facecloak.errors import DonorBankError, FacecloakError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
 from facecloak.synthesis import (
+    CHIP_EYE_DISTANCE_PX,
     CHIP_SIZE_PX,
+    DETAIL_FROM,
+    DETAIL_SCALE,
     FACE_STATISTICS,
     canonical_chips,
     estimate_pose,
+    eye_distance,
     face_statistics,
 )
+
+DETAIL_CHIP_QUALITY = 95
+"""JPEG quality of detail chips: a quarter of a PNG's size, and nothing is measured on them."""
 
 
 @dataclass
@@ -151,9 +161,12 @@ def add_donors(
         face_chips = (face_chips * 255).round() / 255  # exactly what the PNG will hold
         poses = estimate_pose(picked.landmarks)
         stats = face_statistics(face_chips)
+        detailed = (eye_distance(picked.landmarks) >= DETAIL_FROM * CHIP_EYE_DISTANCE_PX).tolist()
         for k in range(len(picked)):
             donor_id = f"d{next_id:05d}"
             next_id += 1
+            if detailed[k]:  # written now (a large chip is not held for the whole folder)
+                _write_detail_chip(folder, donor_id, image.pixels, picked.select([k]))
             records.append(
                 {
                     "id": donor_id,
@@ -166,6 +179,7 @@ def add_donors(
                     "stats": [round(float(v), 4) for v in stats[k]],
                     "licence": licence,
                     "added": now,
+                    **({"detail_scale": DETAIL_SCALE} if detailed[k] else {}),
                 }
             )
             chips.append(face_chips[k])
@@ -184,6 +198,14 @@ def add_donors(
     report.added = [record["id"] for record in records]
     report.total_donors = (len(existing) if existing is not None else 0) + len(records)
     return report
+
+
+def _write_detail_chip(folder: Path, donor_id: str, pixels: Tensor, face: Faces) -> None:
+    """Cut and write one donor's detail chip (`DETAIL_SCALE` x the chip's resolution)."""
+    detail, _ = canonical_chips(pixels[None], face.landmarks, torch.zeros(1, dtype=torch.long), DETAIL_SCALE)
+    (folder / "chips").mkdir(parents=True, exist_ok=True)
+    path = folder / "chips" / f"{donor_id}@{DETAIL_SCALE}x.jpg"
+    io.write_image(path, detail[0], overwrite=True, jpeg_quality=DETAIL_CHIP_QUALITY)
 
 
 def _usable_faces(faces: Faces, all_faces: bool) -> tuple[list[int], str]:
@@ -347,6 +369,7 @@ def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int:
     _write_json(bank_data.folder / "bank.json", manifest)
     for donor_id in ids:
         (bank_data.folder / "chips" / f"{donor_id}.png").unlink(missing_ok=True)
+        (bank_data.folder / "chips" / f"{donor_id}@{DETAIL_SCALE}x.jpg").unlink(missing_ok=True)
     return len(ids)
 
 

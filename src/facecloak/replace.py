@@ -55,6 +55,7 @@ from facecloak.faces import Faces
 from facecloak.models.registry import Embedder, distance_matrix, embedding_distance
 from facecloak.synthesis import (
     CHIP_EYE_DISTANCE_PX,
+    DETAIL_FROM,
     SynthesisSettings,
     canonical_chips,
     donor_warps,
@@ -610,16 +611,23 @@ class FaceReplacer:
         """How many times larger this face is than the finest detail its new face can hold, and why.
 
         Eye distances, in pixels. The new face has no finer detail than the smallest of its donors
-        in their own photos (``"donors"``), nor than the canonical chip it is made in, whose eyes
-        are `CHIP_EYE_DISTANCE_PX` apart (``"chip"``, whatever the donors). Above about 2 it looks
-        softer than the photo around it (the largest face of `samples/group.jpg`: 1.74, donors).
+        in their own photos (``"donors"``), nor than the chips it is read from (``"chip"``,
+        whatever the donors): eyes `CHIP_EYE_DISTANCE_PX` apart, twice that in a donor's detail
+        chip. Above about 2 it looks softer than the photo around it (the largest face of
+        `samples/group.jpg`: 1.74, donors).
         """
-        donors = {donor["id"]: donor for donor in self.bank.donors}
-        eyes = eye_distance(torch.tensor([donors[i]["landmarks"] for i in donor_ids], dtype=torch.float32))
-        finest, limit = float(eyes.min()), "donors"
-        if CHIP_EYE_DISTANCE_PX < finest:
-            finest, limit = CHIP_EYE_DISTANCE_PX, "chip"
-        return round(float(eye_distance(landmarks[None].cpu())[0]) / max(finest, 1e-6), 2), limit
+        rows = [self.bank.ids.index(i) for i in donor_ids]
+        eyes = eye_distance(
+            torch.tensor([self.bank.donors[r]["landmarks"] for r in rows], dtype=torch.float32)
+        )
+        chips = torch.tensor([CHIP_EYE_DISTANCE_PX * self.bank.detail_scale(r) for r in rows])
+        face = float(eye_distance(landmarks[None].cpu())[0])
+        if face <= DETAIL_FROM * CHIP_EYE_DISTANCE_PX:  # read from the chips, not the detail chips
+            chips = torch.full_like(chips, CHIP_EYE_DISTANCE_PX)
+        finest = torch.minimum(eyes, chips)
+        smallest = int(finest.argmin())
+        limit = "chip" if float(chips[smallest]) < float(eyes[smallest]) else "donors"
+        return round(face / max(float(finest[smallest]), 1e-6), 2), limit
 
     # -- donors ------------------------------------------------------------------------------------
 
@@ -776,10 +784,24 @@ class FaceReplacer:
                 settings=self.settings,
                 generator=generator,
                 warps=warps[n],
+                detail_chips=self._detail_chips(faces.landmarks[n], rows, mirrored),
             )
             if result is not None:
                 crops[n] = (result.box, result.pixels, result.weight, rows, mirrored)
         return crops
+
+    def _detail_chips(
+        self, landmarks: Tensor, rows: Sequence[int], mirrored: Sequence[bool]
+    ) -> Tensor | None:
+        """The donors' detail chips (mirrored as used) for a face larger than a chip, if any has one."""
+        large = float(eye_distance(landmarks[None].cpu())[0]) > DETAIL_FROM * CHIP_EYE_DISTANCE_PX
+        if not large or all(self.bank.detail_scale(row) == 1 for row in rows):
+            return None
+        detail = self.bank.detail_chips(rows)
+        flips = torch.tensor(mirrored)
+        if bool(flips.any()):
+            detail[flips] = detail[flips].flip(-1)
+        return detail
 
     def _registration_luminance(self, row: int, mirrored: bool, chip: Tensor) -> Tensor:
         """A donor's `registration_luminance` (as used, mirrored or not): computed once per run."""

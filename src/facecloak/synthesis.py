@@ -49,7 +49,16 @@ CANONICAL_TEMPLATE = tuple(
 CHIP_EYE_DISTANCE_PX = math.dist(CANONICAL_TEMPLATE[0], CANONICAL_TEMPLATE[1])
 """Eye distance in a canonical chip: a new face is made at this scale, so a face whose eyes lie
 farther apart in its photo is upscaled from it and holds less fine detail than the photo around it,
-whatever its donors' size."""
+unless its donors have detail chips (`DETAIL_SCALE`)."""
+
+DETAIL_SCALE = 2
+DETAIL_FROM = 1.25
+"""A donor whose eyes lie more than DETAIL_FROM x `CHIP_EYE_DISTANCE_PX` apart in its photo also
+keeps a *detail chip*: the same canonical frame at DETAIL_SCALE times the resolution
+(`canonical_chips`' ``scale``). Everything is measured and registered on the ordinary chip; only
+the pixels of a new face larger than DETAIL_FROM x the chip's eye distance are read from the
+detail chips (`synthesize_face`'s ``detail_chips``), so a large face made from large donor photos
+is not an upscaled 256 px face."""
 
 
 @dataclass(frozen=True)
@@ -153,21 +162,33 @@ def estimate_pose(landmarks: Tensor) -> Tensor:
     return torch.stack([yaw, pitch, roll], dim=1)
 
 
-def canonical_chips(images: Tensor, landmarks: Tensor, image_index: Tensor) -> tuple[Tensor, Tensor]:
+def canonical_chips(
+    images: Tensor, landmarks: Tensor, image_index: Tensor, scale: int = 1
+) -> tuple[Tensor, Tensor]:
     """Cut (N, 3, S, S) canonical chips of faces, and their landmarks in chip pixels (N, 5, 2).
 
     Args:
         images: (B, 3, H, W) in [0, 1].
         landmarks: (N, 5, 2) in image pixels.
         image_index: (N,) which image each face is in.
+        scale: cut detail chips of ``scale`` x `CHIP_SIZE_PX` instead (the same frame, finer); the
+            landmarks returned stay in ordinary chip pixels.
     """
     chip_from_image = estimate_similarity(landmarks.double(), _template(landmarks).double()).float()
-    chips = align_faces(images, chip_from_image, image_index, CHIP_SIZE_PX)
+    cut = chip_from_image
+    if scale != 1:  # pixel centres: ordinary chip pixel x lies at scale * x + (scale - 1) / 2
+        cut = torch.cat(
+            [chip_from_image[:, :, :2] * scale, chip_from_image[:, :, 2:] * scale + (scale - 1) / 2], 2
+        )
+    chips = align_faces(images, cut, image_index, CHIP_SIZE_PX * scale)
     return chips.clamp(0, 1), transform_points(chip_from_image, landmarks.float())
 
 
 def mirror_chips(chips: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
-    """Mirror canonical chips left-right; landmarks follow, swapped so "left" stays the viewer's left."""
+    """Mirror canonical chips left-right; landmarks follow, swapped so "left" stays the viewer's left.
+
+    Detail chips mirror the same way (their landmarks are ordinary chip pixels too).
+    """
     mirrored = points.clone()
     mirrored[..., 0] = CHIP_SIZE_PX - 1 - points[..., 0]
     return chips.flip(-1), mirrored[:, [1, 0, 2, 4, 3]]
@@ -481,12 +502,19 @@ def _smooth(field: Tensor) -> Tensor:
 
 
 def sample_donors(chips: Tensor, warps: Tensor, points: Tensor) -> Tensor:
-    """(K, 3, H, W) donors read at canonical-chip ``points`` (1, H, W, 2) through lattice ``warps``."""
+    """(K, 3, H, W) donors read at canonical-chip ``points`` (1, H, W, 2) through lattice ``warps``.
+
+    ``chips``: (K, 3, S, S) ordinary chips, or detail chips (a multiple of `CHIP_SIZE_PX`), read at
+    the same places.
+    """
     x0, y0 = _WINDOW_PX[:2]
     k, height, width, _ = warps.shape
     origin = torch.tensor([x0, y0], dtype=points.dtype, device=points.device)
     local = ((points - origin) / _FIELD_STEP_PX).expand(k, -1, -1, -1)
     coords = _sample(warps.permute(0, 3, 1, 2), local, (height, width)).permute(0, 2, 3, 1)
+    scale = chips.shape[-1] / CHIP_SIZE_PX
+    if scale != 1:
+        coords = coords * scale + (scale - 1) / 2
     return _sample(chips, coords, chips.shape[-2:])
 
 
@@ -755,6 +783,7 @@ def synthesize_face(
     settings: SynthesisSettings | None = None,
     generator: torch.Generator | None = None,
     warps: Tensor | None = None,
+    detail_chips: Tensor | None = None,
 ) -> SynthesisResult | None:
     """Blend donors into one new face on ``image``'s face with ``landmarks``; return the new crop.
 
@@ -766,6 +795,8 @@ def synthesize_face(
         settings: region, feather, shading (defaults: `SynthesisSettings`).
         generator: for the grain noise (reproducible with a seeded generator).
         warps: the donors' `donor_warps`, if already computed (several faces' in one call).
+        detail_chips: (K, 3, s*S, s*S) the donors' detail chips (`DETAIL_SCALE`), to read the new
+            face's pixels from when the face is larger than the ordinary chip; None: the chips.
 
     Returns:
         The crop with the new face, or None if the face lies outside the image.
@@ -805,7 +836,9 @@ def synthesize_face(
         warps = donor_warps(mean_shape[0], donor_points.to(device, dtype), chips, settings.register)
     to_donors = warps.to(device, dtype)
     chip_px_per_image_px = unit_chip / max(unit_px, 1e-6)
-    if chip_px_per_image_px > 1.6:  # the chip is much finer than the target: low-pass where it is read
+    if detail_chips is not None and chip_px_per_image_px < 1 / DETAIL_FROM:  # a large face: finer chips
+        chips = detail_chips.to(device, dtype)
+    elif chip_px_per_image_px > 1.6:  # the chip is much finer than the target: low-pass where it is read
         wx0, wy0, wx1, wy1 = (
             max(0, _WINDOW_PX[0] - 24),
             max(0, _WINDOW_PX[1] - 24),

@@ -103,7 +103,8 @@ def donors_list(bank, as_json) -> None:
         return
     click.echo(f"{data.name}: {len(data)} donor(s), models {', '.join(sorted(data.models))} ({data.folder})")
     for donor in data.donors:
-        click.echo(f"  {donor['id']}  licence: {donor.get('licence') or '-'}  {donor['source']}")
+        detail = f"  detail chip {donor['detail_scale']}x" if donor.get("detail_scale", 1) > 1 else ""
+        click.echo(f"  {donor['id']}  licence: {donor.get('licence') or '-'}{detail}  {donor['source']}")
 
 
 @donors.command("remove", context_settings=CONTEXT)
