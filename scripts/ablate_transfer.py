@@ -65,6 +65,7 @@ CONFIGS = {
     "default+sgm0.5": {**DEFAULT, "skip_gradient": 0.5},
     "default+sgm0.2": {**DEFAULT, "skip_gradient": 0.2},
     "default+opom": {**DEFAULT, "person_level": True},
+    "default+opom+lag0": {**DEFAULT, "person_level": True, "laggard_weight": 0.0},
     "default+opom+eot2": {**DEFAULT, "person_level": True, "eot_samples": 2},
     "default+opom+eot4": {**DEFAULT, "person_level": True, "eot_samples": 4},
     "default+feat1": {**DEFAULT, "feature_weight": 1.0},

@@ -92,6 +92,14 @@ from facecloak.errors import FacecloakError
     "(faces within every model's threshold of each other), not only from its own photo: a scraper "
     "matches other photos of you (OPOM; README) [measured default].",
 )
+@click.option(
+    "--laggard-weight",
+    type=click.FloatRange(0, 20),
+    default=None,
+    help="untargeted: extra pull on a model the face is still near (under 1.25x its threshold), so the "
+    "budget goes first where the face would be NOT protected; 0: every model pulled alike "
+    "[measured default].",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
 @click.option(
     "--batch-size",
@@ -116,6 +124,7 @@ def cloak(
     update,
     spend_budget,
     person_level,
+    laggard_weight,
     seed,
     batch_size,
     **io_values,
@@ -152,6 +161,7 @@ def cloak(
         update=update,
         spend_budget=spend_budget,
         person_level=person_level,
+        laggard_weight=laggard_weight,
     )
     try:
         if ray_address is None:

@@ -33,8 +33,9 @@ def create_cloak(mode: str, models: Sequence[Embedder], level: str = "mid", **kw
     options = {key: value for key, value in kwargs.items() if value is not None}
     if mode != "targeted":
         options.pop("identity_key", None)
-    else:  # a targeted cloak's reference is its key's target, never the person
+    else:  # a targeted cloak's reference is its key's target, never the person; it pulls, not pushes
         options.pop("person_level", None)
+        options.pop("laggard_weight", None)
     return CLOAK_METHODS[mode](models, level, **options)
 
 

@@ -23,6 +23,12 @@ DEFAULT_PERSON_LEVEL = True
 ablation (12 people, 24 probes per model left out) protection on the unseen model rose from 0.75 /
 0.58 / 0.58 to 0.88 / 0.75 / 0.75 (dlib / MobileFace / HSE left out) at the same visibility."""
 
+DEFAULT_LAGGARD_WEIGHT = 2.0
+LAGGARD_AIM = 1.25
+"""``laggard_weight``: extra pull, per unit of this weight, on every model still under LAGGARD_AIM
+thresholds, on top of the pull toward the spending target that every model gets alike: the
+budget goes first to the model that would leave the face NOT protected."""
+
 
 class UntargetedCloak(Cloak):
     """Move every face at least ``aim`` x each model's threshold away from its clean embedding.
@@ -45,17 +51,26 @@ class UntargetedCloak(Cloak):
         level: str = "mid",
         *,
         person_level: bool = DEFAULT_PERSON_LEVEL,
+        laggard_weight: float = DEFAULT_LAGGARD_WEIGHT,
         **options: Any,
     ) -> None:
-        """``person_level``: push away from the person's photos in this call (`prepare`); else as `Cloak`."""
+        """``person_level``: push away from the person's photos in this call (`prepare`).
+
+        ``laggard_weight``: see `LAGGARD_AIM`. Everything else: as `Cloak`.
+        """
         super().__init__(models, level, **options)
         self.person_level = bool(person_level)
+        self.laggard_weight = float(laggard_weight)
         self._references: list[Tensor] | None = None
         self._counts = torch.zeros(0, dtype=torch.long)
 
     def settings(self) -> dict:
-        """The base settings and whether the reference was the person (``person_level``)."""
-        return {**super().settings(), "person_level": self.person_level}
+        """The base settings, whether the reference was the person, and the laggards' extra pull."""
+        return {
+            **super().settings(),
+            "person_level": self.person_level,
+            "laggard_weight": self.laggard_weight,
+        }
 
     def prepare(self, clean: list[Tensor], faces: Faces, identity: str | None = None) -> None:
         """With ``person_level``, each face's reference becomes the mean of the call's faces of its person.
@@ -98,4 +113,6 @@ class UntargetedCloak(Cloak):
             reference = references[m][face_index.to(references[m].device)]
             ratio = model.distance(embedding, reference) / self.thresholds[m]
             loss = loss + torch.relu(self.target_ratio - ratio)
+            if self.laggard_weight > 0:
+                loss = loss + self.laggard_weight * torch.relu(LAGGARD_AIM - ratio)
         return loss
