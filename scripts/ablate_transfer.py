@@ -66,6 +66,8 @@ CONFIGS = {
     "default+sgm0.2": {**DEFAULT, "skip_gradient": 0.2},
     "default+opom": {**DEFAULT, "person_level": True},
     "default+opom+lag0": {**DEFAULT, "person_level": True, "laggard_weight": 0.0},
+    "default+opom+chroma0.2": {**DEFAULT, "person_level": True, "chroma_share": 0.2},
+    "default+opom+steps60": {**DEFAULT, "person_level": True, "steps": 60},
     "default+opom+eot2": {**DEFAULT, "person_level": True, "eot_samples": 2},
     "default+opom+eot4": {**DEFAULT, "person_level": True, "eot_samples": 4},
     "default+feat1": {**DEFAULT, "feature_weight": 1.0},

@@ -461,3 +461,30 @@ def test_the_laggard_pull_moves_the_model_that_leaves_faces_unprotected(
     assert results[DEFAULT_LAGGARD_WEIGHT].settings["laggard_weight"] == DEFAULT_LAGGARD_WEIGHT
     for result in results.values():
         assert float(result.dssim.max()) <= LEVELS["mid"].max_dssim
+
+
+def test_mid_caps_the_face_colour_difference_by_shrinking_colour_only(dlib_model, detector, samples_dir):
+    """``max_ciede``: a face over its CIEDE2000 cap keeps its brightness change and loses colour."""
+    from dataclasses import replace
+
+    from facecloak.cloak.budget import scale_colour
+
+    photo = read_image(samples_dir / "astronaut.jpg").pixels
+    face = detector([photo])
+    mid = LEVELS["mid"]
+    assert mid.max_ciede is not None and mid.chroma_share > LEVELS["low"].chroma_share
+    colourful = replace(mid, chroma_share=0.3)  # more colour than mid's, so the cap has work to do
+    uncapped = UntargetedCloak(
+        [dlib_model], "mid", budget=replace(colourful, max_ciede=None), seed=0, verify=False
+    )
+    capped = UntargetedCloak([dlib_model], "mid", budget=colourful, seed=0, verify=False)
+    free, held = uncapped([photo], face), capped([photo], face)
+    assert float(free.ciede_mean[0]) > mid.max_ciede + 0.2  # this face takes more colour than the cap allows
+    assert float(held.ciede_mean[0]) <= mid.max_ciede + 0.02
+    assert float(held.dssim[0]) <= mid.max_dssim
+    # what is scaled is colour alone: brightness (Y) stays, Cb and Cr shrink by the factor
+    change = torch.randn(2, 3, 8, 8) * 0.02
+    scaled = scale_colour(change, torch.tensor([0.5, 0.0]).view(2, 1, 1, 1))
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    assert torch.allclose((scaled * weights).sum(1), (change * weights).sum(1), atol=1e-6)
+    assert float(scaled[1].std(0).max()) < 1e-6  # no colour left: the three channels move alike

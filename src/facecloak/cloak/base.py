@@ -32,6 +32,7 @@ from facecloak.cloak.budget import (
     jnd_map,
     largest_fitting_factor,
     limit_change,
+    scale_colour,
 )
 from facecloak.cloak.dropout import feature_dropout
 from facecloak.cloak.eot import ROBUSTNESS, UploadSimulator
@@ -116,6 +117,9 @@ share of its cap, steering the change toward textured areas before the hard cap 
 
 DSSIM_CHECK_EVERY = 4
 """Steps between hard DSSIM checks (the penalty in the loss keeps faces under the cap meanwhile)."""
+
+COLOUR_BISECTIONS = 6
+"""Halvings of the colour factor of a face over its CIEDE2000 cap (`Cloak._limit_colour`)."""
 
 FILL_BUDGET = True
 FILL_MAX_FACTOR = 2.0
@@ -640,6 +644,8 @@ class Cloak:
         regions = face_regions(faces, self.region_scale)
         if self.spend_budget and FILL_BUDGET:
             deltas = self._fill(faces, buckets, deltas, cap)
+        if self.budget.max_ciede is not None:
+            deltas = self._limit_colour(faces, buckets, deltas, self.budget.max_ciede)
         scale = torch.ones(len(faces))
         stored_photos = [_as_stored(photo) for photo in photos]  # once: only the face crops change
         for _ in range(COMPOSE_ROUNDS):
@@ -700,6 +706,46 @@ class Cloak:
         high = torch.where(under, FILL_MAX_FACTOR, 1.0)
         factor = largest_fitting_factor(lambda f: measure(enlarged(f)) <= cap, low, high, FILL_BISECTIONS)
         return enlarged(factor)
+
+    def _limit_colour(
+        self, faces: Faces, buckets: list[Bucket], deltas: list[Tensor], cap: float
+    ) -> list[Tensor]:
+        """Scale down the colour change of each face whose mean CIEDE2000 (as stored) is over ``cap``.
+
+        Only Cb and Cr shrink (`scale_colour`): the brightness change, which the DSSIM cap already
+        bounds, is where the distance comes from. A bisection on the factor in [0, 1] over every
+        face over the cap at once; a face over it on brightness alone loses all its colour change
+        and stays over (its report says so).
+        """
+        regions = [self._boxes_in_crop(bucket, faces) for bucket in buckets]
+
+        def coloured(factor: Tensor) -> list[Tensor]:
+            return [
+                scale_colour(delta, factor[bucket.faces].to(delta).view(-1, 1, 1, 1))
+                for bucket, delta in zip(buckets, deltas)
+            ]
+
+        def measure(changes: list[Tensor]) -> Tensor:
+            # on each face's own crop, rounded as stored, over its region's rectangle (`_quality`'s)
+            values = torch.zeros(len(faces))
+            for bucket, change, boxes in zip(buckets, changes, regions):
+                stored = _as_stored((bucket.crops + bucket.masks * change).clamp(0, 1))
+                for row, n in enumerate(bucket.faces.tolist()):
+                    x0, y0, x1, y1 = boxes[row].tolist()
+                    clean, changed = bucket.crops[row, :, y0:y1, x0:x1], stored[row, :, y0:y1, x0:x1]
+                    values[n] = quality.ciede2000_stats(clean, changed)[0]
+            return values
+
+        over = measure(deltas) > cap
+        if not bool(over.any()):
+            return deltas
+        factor = largest_fitting_factor(
+            lambda f: measure(coloured(f)) <= cap,
+            torch.where(over, 0.0, 1.0),
+            torch.ones(len(faces)),
+            COLOUR_BISECTIONS,
+        )
+        return coloured(factor)
 
     def _stored_dssim(self, cloaked: list[Tensor], faces: Faces, buckets: list[Bucket]) -> Tensor:
         """(N,) DSSIM of each face region of the composed photos, a bucket at a time.

@@ -114,6 +114,9 @@ class CloakBudget:
         jnd_scale: per-pixel brightness allowance as a multiple of the face's just-noticeable
             difference (`facecloak.cloak.budget.jnd_map`); None: a flat ``max_linf`` everywhere.
         chroma_share: colour (Cb, Cr) changes may be at most this share of the brightness allowance.
+        max_ciede: cap on the mean CIEDE2000 colour difference over the face region, or None; a face
+            over it has its colour change (not its brightness change) scaled down
+            (`Cloak._limit_colour`), so ``chroma_share`` gives colour where a face takes it unseen.
     """
 
     max_dssim: float
@@ -123,14 +126,29 @@ class CloakBudget:
     step_size: float
     jnd_scale: float | None = None
     chroma_share: float = 0.35
+    max_ciede: float | None = None
 
+
+MID_CHROMA_SHARE = 0.2
+MID_MAX_CIEDE = 1.4
+"""`mid` allows colour changes of up to a fifth of the brightness allowance, under a mean CIEDE2000
+of 1.4 over the face (the issue's goal: 1.5). On the leave-one-out ablation (12 people, HSE
+MobileNet never seen) a share of 0.2 moved the unseen model 0.88 thresholds instead of 0.82, at
+CIEDE2000 1.32 instead of 1.00; on the astronaut sample it reached 1.71 uncapped."""
 
 LEVELS: dict[str, CloakBudget] = {
     "low": CloakBudget(
         max_dssim=0.004, max_linf=12.0, steps=40, aim=1.3, step_size=1.0, jnd_scale=1.0, chroma_share=0.1
     ),
     "mid": CloakBudget(
-        max_dssim=0.008, max_linf=16.0, steps=40, aim=1.5, step_size=1.25, jnd_scale=1.6, chroma_share=0.1
+        max_dssim=0.008,
+        max_linf=16.0,
+        steps=40,
+        aim=1.5,
+        step_size=1.25,
+        jnd_scale=1.6,
+        chroma_share=MID_CHROMA_SHARE,
+        max_ciede=MID_MAX_CIEDE,
     ),
     "high": CloakBudget(
         max_dssim=0.012, max_linf=20.0, steps=50, aim=1.8, step_size=1.5, jnd_scale=2.0, chroma_share=0.1
@@ -194,6 +212,18 @@ def enforce_dssim(
     factor = largest_fitting_factor(fits, low, torch.ones_like(low), DSSIM_BISECTIONS)
     factor = torch.where(over, factor, torch.ones_like(factor))
     return delta * factor.view(-1, 1, 1, 1)
+
+
+def scale_colour(delta: Tensor, factor: Tensor | float) -> Tensor:
+    """A (n, 3, h, w) RGB change with its colour (Cb, Cr) scaled by ``factor`` and its brightness kept.
+
+    ``factor``: a number or (n, 1, 1, 1).
+    """
+    to_ycbcr = RGB_TO_YCBCR.to(delta)
+    ycbcr = torch.einsum("ij,njhw->nihw", to_ycbcr, delta)
+    factor = torch.as_tensor(factor, dtype=delta.dtype, device=delta.device)
+    ycbcr = torch.cat([ycbcr[:, :1], ycbcr[:, 1:] * factor], dim=1)
+    return torch.einsum("ij,njhw->nihw", YCBCR_TO_RGB.to(delta), ycbcr)
 
 
 def largest_fitting_factor(
