@@ -730,10 +730,13 @@ class Cloak:
             values = torch.zeros(len(faces))
             for bucket, change, boxes in zip(buckets, changes, regions):
                 stored = _as_stored((bucket.crops + bucket.masks * change).clamp(0, 1))
-                for row, n in enumerate(bucket.faces.tolist()):
-                    x0, y0, x1, y1 = boxes[row].tolist()
-                    clean, changed = bucket.crops[row, :, y0:y1, x0:x1], stored[row, :, y0:y1, x0:x1]
-                    values[n] = quality.ciede2000_stats(clean, changed)[0]
+                differences = quality.ciede2000_map(bucket.crops.float(), stored.float())  # (n, h, w)
+                ys = torch.arange(differences.shape[-2], device=differences.device)[None, :, None]
+                xs = torch.arange(differences.shape[-1], device=differences.device)[None, None, :]
+                x0, y0, x1, y1 = (boxes[:, k].to(differences.device)[:, None, None] for k in range(4))
+                inside = ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).to(differences.dtype)
+                mean = (differences * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
+                values[bucket.faces] = mean.cpu()
             return values
 
         over = measure(deltas) > cap
