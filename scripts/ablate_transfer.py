@@ -66,7 +66,8 @@ CONFIGS = {
     "default+sgm0.2": {**DEFAULT, "skip_gradient": 0.2},
     "default+opom": {**DEFAULT, "person_level": True},
     "default+opom+lag0": {**DEFAULT, "person_level": True, "laggard_weight": 0.0},
-    "default+opom+chroma0.2": {**DEFAULT, "person_level": True, "chroma_share": 0.2},
+    "default+opom+chroma0.1": {**DEFAULT, "person_level": True, "chroma_share": 0.1, "max_ciede": None},
+    "default+opom+chroma0.3": {**DEFAULT, "person_level": True, "chroma_share": 0.3},
     "default+opom+steps60": {**DEFAULT, "person_level": True, "steps": 60},
     "default+opom+eot2": {**DEFAULT, "person_level": True, "eot_samples": 2},
     "default+opom+eot4": {**DEFAULT, "person_level": True, "eot_samples": 4},
@@ -74,7 +75,7 @@ CONFIGS = {
     "default+feat3": {**DEFAULT, "feature_weight": 3.0},
     "default+feat1@0.3": {**DEFAULT, "feature_weight": 1.0, "feature_depth": 0.3},
 }
-BUDGET_FIELDS = ("jnd_scale", "chroma_share", "max_dssim")
+BUDGET_FIELDS = ("jnd_scale", "chroma_share", "max_dssim", "max_ciede")
 """Configuration keys that change the level's budget rather than the cloak's options."""
 """Named configurations: keyword arguments to `create_cloak` on top of the level's budget."""
 
