@@ -317,6 +317,9 @@ def test_cloak_that_falls_short_says_so(runner, samples_dir, tmp_path):
     )
     assert result.exit_code == 1
     assert "NOT protected" in result.stdout and "1 face(s) NOT protected" in result.stderr
+    # the summary says on which model the face stayed near, and how near
+    assert re.search(r"astronaut\.jpg: dlib-resnet at 0\.\d\dx of its match threshold", result.stderr)
+    assert "a higher --level moves faces further" in result.stderr
 
 
 def test_cloak_unknown_model_is_an_error(runner, samples_dir, tmp_path):

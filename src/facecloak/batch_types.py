@@ -152,7 +152,13 @@ class BatchReport:
             lines += [f"    {o.path}" for o in self.outcomes if o.status == "no_face"]
         if self.unprotected_faces:
             lines.append(f"  {self.unprotected_faces} face(s) NOT protected (fell short of the target):")
-            lines += [f"    {o.path}" for o in self.outcomes if o.status == "unprotected"]
+            for o in self.outcomes:
+                if o.status == "unprotected":
+                    short = [_shortfall(face) for face in o.faces if face.get("protected") is False]
+                    details = "; ".join(text for text in short if text)
+                    lines.append(f"    {o.path}" + (f": {details}" if details else ""))
+            if any(_shortfall(f) for o in self.outcomes for f in o.faces if f.get("protected") is False):
+                lines.append("    (a higher --level moves faces further, at a more visible change)")
         if self.count("failed"):
             lines.append(f"  {self.count('failed')} file(s) failed:")
             lines += [f"    {o.error}" for o in self.outcomes if o.status == "failed"]
@@ -238,6 +244,20 @@ def _worst_ratio(face: dict) -> float | None:
         if distance is not None and model.get("threshold"):
             ratios.append(distance / model["threshold"])
     return min(ratios) if ratios else None
+
+
+def _shortfall(face: dict) -> str:
+    """Which models a cloaked face stayed within, and how far it got: ``"mobileface at 0.61x ..."``.
+
+    '' when no model's distance is known (a face not found again after the upload).
+    """
+    near = []
+    for name, model in face.get("models", {}).items():
+        distance = model.get(DISTANCE_AFTER_UPLOAD_KEY)
+        distance = model.get("distance") if distance is None else distance
+        if distance is not None and model.get("threshold") and distance < model["threshold"]:
+            near.append(f"{name} at {distance / model['threshold']:.2f}x")
+    return f"{', '.join(near)} of its match threshold" if near else ""
 
 
 def _soft_reason(face: dict) -> str:
