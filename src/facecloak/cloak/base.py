@@ -119,7 +119,9 @@ DSSIM_CHECK_EVERY = 4
 """Steps between hard DSSIM checks (the penalty in the loss keeps faces under the cap meanwhile)."""
 
 COLOUR_BISECTIONS = 6
-"""Halvings of the colour factor of a face over its CIEDE2000 cap (`Cloak._limit_colour`)."""
+COLOUR_CHUNK = 32
+"""Halvings of the colour factor of a face over its CIEDE2000 cap (`Cloak._limit_colour`), and how
+many faces' CIEDE2000 maps are computed at once."""
 
 FILL_BUDGET = True
 FILL_MAX_FACTOR = 2.0
@@ -730,13 +732,11 @@ class Cloak:
             values = torch.zeros(len(faces))
             for bucket, change, boxes in zip(buckets, changes, regions):
                 stored = _as_stored((bucket.crops + bucket.masks * change).clamp(0, 1))
-                differences = quality.ciede2000_map(bucket.crops.float(), stored.float())  # (n, h, w)
-                ys = torch.arange(differences.shape[-2], device=differences.device)[None, :, None]
-                xs = torch.arange(differences.shape[-1], device=differences.device)[None, None, :]
-                x0, y0, x1, y1 = (boxes[:, k].to(differences.device)[:, None, None] for k in range(4))
-                inside = ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).to(differences.dtype)
-                mean = (differences * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
-                values[bucket.faces] = mean.cpu()
+                for start in range(0, len(stored), COLOUR_CHUNK):  # the map is float64: bound its memory
+                    rows = slice(start, start + COLOUR_CHUNK)
+                    values[bucket.faces[rows]] = _box_means(
+                        quality.ciede2000_map(bucket.crops[rows].float(), stored[rows].float()), boxes[rows]
+                    ).cpu()
             return values
 
         over = measure(deltas) > cap
@@ -916,6 +916,15 @@ def _smooth(gradient: Tensor, sigmas: Tensor) -> Tensor:
             rows = (rounded == sigma).nonzero()[:, 0].to(gradient.device)
             out[rows] = transforms.gaussian_blur(gradient[rows], sigma)
     return out
+
+
+def _box_means(values: Tensor, boxes: Tensor) -> Tensor:
+    """(n,) mean of (n, h, w) ``values`` inside each row's box ``x0, y0, x1, y1`` (x1, y1 excluded)."""
+    ys = torch.arange(values.shape[-2], device=values.device)[None, :, None]
+    xs = torch.arange(values.shape[-1], device=values.device)[None, None, :]
+    x0, y0, x1, y1 = (boxes[:, k].to(values.device)[:, None, None] for k in range(4))
+    inside = ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).to(values.dtype)
+    return (values * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
 
 
 def _as_stored(image: Tensor) -> Tensor:
