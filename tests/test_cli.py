@@ -319,7 +319,7 @@ def test_cloak_that_falls_short_says_so(runner, samples_dir, tmp_path):
     assert "NOT protected" in result.stdout and "1 face(s) NOT protected" in result.stderr
     # the summary says on which model the face stayed near, and how near
     assert re.search(r"astronaut\.jpg: dlib-resnet at 0\.\d\dx of its match threshold", result.stderr)
-    assert "a higher --level moves faces further" in result.stderr
+    assert "a higher --level, or --escalate for these faces alone" in result.stderr
 
 
 def test_cloak_unknown_model_is_an_error(runner, samples_dir, tmp_path):
@@ -377,3 +377,16 @@ def test_help_does_not_import_torch():
     import facecloak
 
     assert facecloak.blur_faces.__module__ == "facecloak.anonymize"  # public names still there
+
+
+def test_cloak_escalate_recloaks_faces_that_fell_short_one_level_up(runner, samples_dir, tmp_path):
+    """``--escalate``: a face two `low` steps leave short is cloaked again at `mid`, and said so."""
+    photo = str(samples_dir / "astronaut.jpg")
+    args = ["cloak", photo, "-o", str(tmp_path), "--level", "low", "--steps", "2"]
+    result = runner.invoke(main, [*args, "--escalate", "--json"])
+    assert result.exit_code == 0, result.stderr
+    face = json.loads(result.stdout)["files"][0]["faces"][0]
+    assert face["protected"] and face["escalated_from"] == "low" and face["level"] == "mid"
+    summary = runner.invoke(main, [*args, "--escalate", "--overwrite"]).output
+    assert "1 face(s) fell short, cloaked again one level up (--escalate):" in summary
+    assert "astronaut.jpg: low -> mid" in summary

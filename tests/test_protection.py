@@ -11,7 +11,7 @@ from facecloak.cloak import TargetedCloak
 from facecloak.embed import embed_faces
 from facecloak.errors import InvalidInputError
 from facecloak.io import read_image
-from facecloak.protection import AnonymizeFaces, CloakFaces, Protection, ProtectionResult
+from facecloak.protection import AnonymizeFaces, CloakFaces, Protection, ProtectionResult, escalate
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,40 @@ def test_worker_copies_share_the_models_not_the_call_state(group, dlib_resnet, d
         assert CloakFaces(TargetedCloak([dlib_resnet], "low", steps=1, **hooked)).for_worker() is None
     anonymize = AnonymizeFaces(Anonymizer("blur"))
     assert anonymize.for_worker() is anonymize
+
+
+def test_escalation_recloaks_only_the_faces_that_fell_short(samples_dir, dlib_resnet, detector):
+    """``escalate_to``: faces a weak cloak leaves NOT protected get the stronger cloak's region; the rest
+    of every photo, and every face that passed, stays the first cloak's, pixel for pixel."""
+    from facecloak.cloak import UntargetedCloak
+    from facecloak.faces import face_regions
+
+    photos = [read_image(samples_dir / name).pixels for name in ("astronaut.jpg", "group.jpg")]
+    faces = detector(photos)
+    weak = UntargetedCloak([dlib_resnet], "low", steps=2, detector=detector, seed=0)
+    strong = UntargetedCloak([dlib_resnet], "mid", detector=detector, seed=0)
+    first = CloakFaces(weak).protect(photos, faces)
+    short = [n for n, record in enumerate(first.records) if not record["protected"]]
+    assert 0 in short and len(short) > 1  # two steps at `low` leave faces short
+    escalated = CloakFaces(weak, escalate_to=strong).protect(photos, faces)
+    again = CloakFaces(strong).protect(photos, faces.select(short))
+    regions = face_regions(faces, strong.region_scale)
+    changed = [torch.zeros(photo.shape[-2:], dtype=torch.bool) for photo in photos]
+    for n, record in enumerate(escalated.records):
+        if n not in short:
+            assert record == first.records[n]
+            continue
+        assert record["protected"] and record["escalated_from"] == "low" and record["level"] == "mid"
+        i = int(faces.image_index[n])
+        x0, y0 = int(regions[n, 0].floor()), int(regions[n, 1].floor())
+        x1, y1 = int(regions[n, 2].ceil()) + 1, int(regions[n, 3].ceil()) + 1
+        y0, x0 = max(0, y0), max(0, x0)
+        assert torch.equal(escalated.images[i][:, y0:y1, x0:x1], again.images[i][:, y0:y1, x0:x1])
+        changed[i][y0:y1, x0:x1] = True
+    for i, photo in enumerate(escalated.images):
+        assert torch.equal(photo[:, ~changed[i]], first.images[i][:, ~changed[i]])
+    # a face that passed is left as it was: the astronaut, marked as passed, keeps its photo whole
+    records = [dict(r, protected=n == 0 or r["protected"]) for n, r in enumerate(first.records)]
+    outputs, kept = escalate(strong, photos, faces, first.images, records, "low")
+    assert kept[0] == records[0] and torch.equal(outputs[0], first.images[0])
+    assert all(kept[n].get("escalated_from") == "low" for n in short if n != 0)

@@ -158,7 +158,14 @@ class BatchReport:
                     details = "; ".join(text for text in short if text)
                     lines.append(f"    {o.path}" + (f": {details}" if details else ""))
             if any(_shortfall(f) for o in self.outcomes for f in o.faces if f.get("protected") is False):
-                lines.append("    (a higher --level moves faces further, at a more visible change)")
+                lines.append(
+                    "    (a higher --level, or --escalate for these faces alone, moves faces further, "
+                    "at a more visible change)"
+                )
+        escalated = [(o.path, f) for o in self.outcomes for f in o.faces if f.get("escalated_from")]
+        if escalated:
+            lines.append(f"  {len(escalated)} face(s) fell short, cloaked again one level up (--escalate):")
+            lines += [f"    {path}: {f['escalated_from']} -> {f['level']}" for path, f in escalated]
         if self.count("failed"):
             lines.append(f"  {self.count('failed')} file(s) failed:")
             lines += [f"    {o.error}" for o in self.outcomes if o.status == "failed"]

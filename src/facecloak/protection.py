@@ -30,7 +30,7 @@ from facecloak._checks import check_faces, check_image_list
 from facecloak.anonymize import Anonymizer
 from facecloak.cloak import Cloak
 from facecloak.cloak.base import StepCallback
-from facecloak.faces import Faces
+from facecloak.faces import Faces, boxes_overlap, face_regions
 
 
 @dataclass(frozen=True)
@@ -135,13 +135,19 @@ class CloakFaces:
     kind = "cloak"
     tag = "cloaked"
 
-    def __init__(self, cloak: Cloak) -> None:
+    def __init__(self, cloak: Cloak, escalate_to: Cloak | None = None) -> None:
+        """``escalate_to``: a stronger cloak (the next level) for the faces that fall short.
+
+        They are cloaked again with it from their original pixels (`escalate`); None: they are
+        reported as they are.
+        """
         self.cloak = cloak
+        self.escalate_to = escalate_to
         self.steps = cloak.budget.steps
         self.aim = cloak.budget.aim
 
     def __repr__(self) -> str:
-        return f"CloakFaces({self.cloak!r})"
+        return f"CloakFaces({self.cloak!r}, escalate_to={self.escalate_to!r})"
 
     def for_worker(self) -> CloakFaces | None:
         """A copy with its own per-call state (references, targets), sharing the models.
@@ -152,7 +158,8 @@ class CloakFaces:
         cloak = self.cloak
         if cloak.dropout > 0 or cloak.skip_gradient < 1 or cloak.feature_weight > 0:
             return None
-        return CloakFaces(copy.copy(cloak))
+        stronger = None if self.escalate_to is None else copy.copy(self.escalate_to)
+        return CloakFaces(copy.copy(cloak), stronger)
 
     def protect(
         self,
@@ -164,7 +171,58 @@ class CloakFaces:
     ) -> ProtectionResult:
         """Cloak the faces; ``identity`` keys a targeted cloak's direction for this person."""
         result = self.cloak(images, faces, on_step=on_step, identity=identity)
-        return _result(result.images, result.records(faces), faces)
+        outputs, records = list(result.images), result.records(faces)
+        if self.escalate_to is not None:
+            originals = check_image_list(images)
+            outputs, records = escalate(
+                self.escalate_to, originals, faces, outputs, records, self.cloak.level, identity
+            )
+        return _result(outputs, records, faces)
+
+
+def escalate(
+    stronger: Cloak,
+    originals: list[Tensor],
+    faces: Faces,
+    outputs: list[Tensor],
+    records: list[dict],
+    level: str,
+    identity: str | None = None,
+) -> tuple[list[Tensor], list[dict]]:
+    """Cloak the faces that fell short again with ``stronger``; keep each new face that passes.
+
+    The stronger cloak starts from the original pixels (its budget and its check measure from the
+    clean face, as the first cloak's did), and a face it protects has its region taken from that
+    result, the rest of the photo from ``outputs``. A face whose region overlaps another face's is
+    left as it was: pasting it would undo part of its neighbour's cloak. A face the stronger cloak
+    does not protect either keeps its first, less visible, result (``escalation`` in its record
+    says so). ``level``: the first cloak's, recorded as ``escalated_from`` beside the new ``level``.
+    Returns new outputs and records; those given are not changed.
+    """
+    regions = face_regions(faces, stronger.region_scale)
+    short = []
+    for n, record in enumerate(records):
+        if record.get("protected"):
+            continue
+        others = (faces.image_index == faces.image_index[n]) & boxes_overlap(regions[n], regions)
+        others[n] = False
+        if not bool(others.any()):
+            short.append(n)
+    if not short:
+        return outputs, records
+    retried = stronger(originals, faces.select(short), identity=identity)
+    outputs, records = [image.clone() for image in outputs], [dict(record) for record in records]
+    for n, record in zip(short, retried.records(faces.select(short))):
+        if not record.get("protected"):
+            records[n]["escalation"] = f"{stronger.level} fell short too"
+            continue
+        i = int(faces.image_index[n])
+        height, width = outputs[i].shape[-2:]
+        x0, y0 = max(0, int(regions[n, 0].floor())), max(0, int(regions[n, 1].floor()))
+        x1, y1 = min(width, int(regions[n, 2].ceil()) + 1), min(height, int(regions[n, 3].ceil()) + 1)
+        outputs[i][:, y0:y1, x0:x1] = retried.images[i][:, y0:y1, x0:x1].to(outputs[i])
+        records[n] = {**record, "escalated_from": level, "level": stronger.level}
+    return outputs, records
 
 
 class ReplaceFaces:
@@ -201,4 +259,4 @@ class ReplaceFaces:
         return _result(result.images, result.records, faces)
 
 
-__all__ = ["AnonymizeFaces", "CloakFaces", "Protection", "ProtectionResult", "ReplaceFaces"]
+__all__ = ["AnonymizeFaces", "CloakFaces", "Protection", "ProtectionResult", "ReplaceFaces", "escalate"]

@@ -100,6 +100,13 @@ from facecloak.errors import FacecloakError
     "budget goes first where the face would be NOT protected; 0: every model pulled alike "
     "[measured default].",
 )
+@click.option(
+    "--escalate",
+    is_flag=True,
+    help="Cloak a face that falls short again at the next level (low -> mid, mid -> high: a faint "
+    "change at 100%), with that level's own steps and DSSIM cap, and keep it if it then passes; "
+    "the summary lists such faces.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
 @click.option(
     "--batch-size",
@@ -125,6 +132,7 @@ def cloak(
     spend_budget,
     person_level,
     laggard_weight,
+    escalate,
     seed,
     batch_size,
     **io_values,
@@ -147,6 +155,7 @@ def cloak(
     from facecloak._checks import split_names
     from facecloak._device import cloak_batch_size
     from facecloak.cloak import create_cloak
+    from facecloak.cloak.budget import STRONGER_LEVEL
     from facecloak.models import choose_embedders
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import CloakFaces
@@ -176,6 +185,7 @@ def cloak(
             steps=steps,
             max_dssim=max_dssim,
             seed=seed,
+            escalate=escalate or None,  # absent unless asked: earlier batches' journals still match
             **transfer,
         )
     except FacecloakError as error:
@@ -188,18 +198,12 @@ def cloak(
 
     def build() -> CloakFaces:
         embedders = [running.create_model(name, options.device) for name in names]
-        return CloakFaces(
-            create_cloak(
-                mode,
-                embedders,
-                level,
-                steps=steps,
-                max_dssim=max_dssim,
-                seed=seed,
-                identity_key=identity_key,
-                **transfer,
-            )
-        )
+        settings = dict(seed=seed, identity_key=identity_key, **transfer)
+        stronger = None
+        if escalate and level in STRONGER_LEVEL:  # the next level as it is (--steps etc. are this one's)
+            stronger = create_cloak(mode, embedders, STRONGER_LEVEL[level], **settings)
+        cloak = create_cloak(mode, embedders, level, steps=steps, max_dssim=max_dssim, **settings)
+        return CloakFaces(cloak, stronger)
 
     report = run_protection(
         "cloak",

@@ -158,6 +158,9 @@ LEVELS: dict[str, CloakBudget] = {
 not seen at 200% zoom, mid not at 100%, high is faint at 100%. Explicit keywords to `Cloak`
 override single fields."""
 
+STRONGER_LEVEL = {"low": "mid", "mid": "high"}
+"""The level a face that fell short is cloaked again at, with ``--escalate``."""
+
 LEGACY_LEVELS: dict[str, CloakBudget] = {
     "low": CloakBudget(max_dssim=0.004, max_linf=12.0, steps=40, aim=1.3, step_size=1.0),
     "mid": CloakBudget(max_dssim=0.012, max_linf=24.0, steps=40, aim=1.5, step_size=1.25),
