@@ -96,20 +96,13 @@ class ProtectorSpec:
             return ReplaceFaces(FaceReplacer(bank, models, min_face=min_face, detector=detector, **params))
         if self.kind != "cloak":
             raise InvalidInputError(f"unknown protector kind {self.kind!r} (anonymize, cloak or replace)")
-        from facecloak.cloak import create_cloak
-        from facecloak.cloak.budget import STRONGER_LEVEL
         from facecloak.models import create_embedder
 
         embedders = [create_embedder(name, device=device) for name in params.pop("models")]
         if not embedders:
             raise FacecloakError("no face model is available here; see `facecloak models`")
         mode, level, escalate = params.pop("mode"), params.pop("level"), params.pop("escalate", False)
-        stronger = None
-        if escalate and level in STRONGER_LEVEL:  # the next level as it is, with the same options
-            budget_fields = ("steps", "max_dssim")
-            options = {key: value for key, value in params.items() if key not in budget_fields}
-            stronger = create_cloak(mode, embedders, STRONGER_LEVEL[level], **options)
-        return CloakFaces(create_cloak(mode, embedders, level, **params), stronger)
+        return CloakFaces.create(mode, embedders, level, escalate=bool(escalate), **params)
 
     def settings(self) -> dict:
         """The settings for the journal's fingerprint (a targeted cloak's key only as a hash)."""

@@ -28,9 +28,11 @@ from torch import Tensor
 
 from facecloak._checks import check_faces, check_image_list
 from facecloak.anonymize import Anonymizer
-from facecloak.cloak import Cloak
+from facecloak.cloak import Cloak, create_cloak
 from facecloak.cloak.base import StepCallback
+from facecloak.cloak.budget import STRONGER_LEVEL
 from facecloak.faces import Faces, boxes_overlap, face_regions
+from facecloak.models.registry import Embedder
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,10 @@ class AnonymizeFaces:
         return _result(outputs, records, faces)
 
 
+_BUDGET_OVERRIDES = ("budget", "steps", "max_dssim", "max_linf", "aim")
+"""`Cloak` keywords that change a level's budget: an escalation's stronger level keeps its own."""
+
+
 class CloakFaces:
     """Cloak every face of a chunk of photos in one optimisation (see `facecloak.cloak`).
 
@@ -148,6 +154,21 @@ class CloakFaces:
 
     def __repr__(self) -> str:
         return f"CloakFaces({self.cloak!r}, escalate_to={self.escalate_to!r})"
+
+    @classmethod
+    def create(
+        cls, mode: str, models: Sequence[Embedder], level: str, *, escalate: bool = False, **options
+    ) -> CloakFaces:
+        """`create_cloak`'s cloak, and with ``escalate`` the next level's for faces that fall short.
+
+        The stronger cloak (`STRONGER_LEVEL`) takes the same options but its own level's budget:
+        ``steps``, ``max_dssim`` and the other budget overrides are the first level's.
+        """
+        stronger = None
+        if escalate and level in STRONGER_LEVEL:
+            own = {key: value for key, value in options.items() if key not in _BUDGET_OVERRIDES}
+            stronger = create_cloak(mode, models, STRONGER_LEVEL[level], **own)
+        return cls(create_cloak(mode, models, level, **options), stronger)
 
     def for_worker(self) -> CloakFaces | None:
         """A copy with its own per-call state (references, targets), sharing the models.

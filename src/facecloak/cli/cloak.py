@@ -154,8 +154,6 @@ def cloak(
     """
     from facecloak._checks import split_names
     from facecloak._device import cloak_batch_size
-    from facecloak.cloak import create_cloak
-    from facecloak.cloak.budget import STRONGER_LEVEL
     from facecloak.models import choose_embedders
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import CloakFaces
@@ -198,12 +196,17 @@ def cloak(
 
     def build() -> CloakFaces:
         embedders = [running.create_model(name, options.device) for name in names]
-        settings = dict(seed=seed, identity_key=identity_key, **transfer)
-        stronger = None
-        if escalate and level in STRONGER_LEVEL:  # the next level as it is (--steps etc. are this one's)
-            stronger = create_cloak(mode, embedders, STRONGER_LEVEL[level], **settings)
-        cloak = create_cloak(mode, embedders, level, steps=steps, max_dssim=max_dssim, **settings)
-        return CloakFaces(cloak, stronger)
+        return CloakFaces.create(
+            mode,
+            embedders,
+            level,
+            escalate=escalate,
+            steps=steps,
+            max_dssim=max_dssim,
+            seed=seed,
+            identity_key=identity_key,
+            **transfer,
+        )
 
     report = run_protection(
         "cloak",
