@@ -114,3 +114,19 @@ def test_escalation_recloaks_only_the_faces_that_fell_short(samples_dir, dlib_re
     outputs, kept = escalate(strong, photos, faces, first.images, records, "low")
     assert kept[0] == records[0] and torch.equal(outputs[0], first.images[0])
     assert all(kept[n].get("escalated_from") == "low" for n in short if n != 0)
+
+
+def test_faces_whose_regions_overlap_are_escalated_together():
+    """Clusters: faces of one photo whose regions touch, directly or through a neighbour."""
+    from facecloak.faces import Faces
+    from facecloak.protection import _overlap_clusters
+
+    boxes = torch.tensor([[0, 0, 10, 10], [8, 0, 18, 10], [16, 0, 26, 10], [40, 0, 50, 10], [0, 0, 10, 10]])
+    boxes = boxes.float()
+    faces = Faces(
+        boxes=boxes,
+        landmarks=torch.zeros(5, 5, 2),
+        scores=torch.ones(5),
+        image_index=torch.tensor([0, 0, 0, 0, 1]),
+    )
+    assert _overlap_clusters(faces, boxes) == [[0, 1, 2], [3], [4]]

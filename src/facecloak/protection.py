@@ -210,40 +210,58 @@ def escalate(
     level: str,
     identity: str | None = None,
 ) -> tuple[list[Tensor], list[dict]]:
-    """Cloak the faces that fell short again with ``stronger``; keep each new face that passes.
+    """Cloak the faces that fell short again with ``stronger``; keep those that then pass.
 
     The stronger cloak starts from the original pixels (its budget and its check measure from the
-    clean face, as the first cloak's did), and a face it protects has its region taken from that
-    result, the rest of the photo from ``outputs``. A face whose region overlaps another face's is
-    left as it was: pasting it would undo part of its neighbour's cloak. A face the stronger cloak
-    does not protect either keeps its first, less visible, result (``escalation`` in its record
-    says so). ``level``: the first cloak's, recorded as ``escalated_from`` beside the new ``level``.
+    clean face, as the first cloak's did). Faces whose regions overlap go together, a *cluster*
+    (pasting one face's region alone would undo part of its neighbour's cloak): a cluster holding
+    a face that fell short is cloaked again whole, and taken from the stronger result, region by
+    region, only if every face of it then passes; the rest of the photo stays ``outputs``'. A face
+    not helped keeps its first, less visible, result (``escalation`` in its record says so).
+    ``level``: the first cloak's, recorded as ``escalated_from`` beside the new ``level``.
     Returns new outputs and records; those given are not changed.
     """
     regions = face_regions(faces, stronger.region_scale)
-    short = []
-    for n, record in enumerate(records):
-        if record.get("protected"):
-            continue
-        others = (faces.image_index == faces.image_index[n]) & boxes_overlap(regions[n], regions)
-        others[n] = False
-        if not bool(others.any()):
-            short.append(n)
-    if not short:
+    clusters = _overlap_clusters(faces, regions)
+    retry = [cluster for cluster in clusters if any(not records[n].get("protected") for n in cluster)]
+    if not retry:
         return outputs, records
-    retried = stronger(originals, faces.select(short), identity=identity)
+    rows = sorted(n for cluster in retry for n in cluster)
+    retried = stronger(originals, faces.select(rows), identity=identity)
+    again = dict(zip(rows, retried.records(faces.select(rows))))
     outputs, records = [image.clone() for image in outputs], [dict(record) for record in records]
-    for n, record in zip(short, retried.records(faces.select(short))):
-        if not record.get("protected"):
-            records[n]["escalation"] = f"{stronger.level} fell short too"
+    for cluster in retry:
+        if not all(again[n].get("protected") for n in cluster):
+            for n in cluster:
+                if not records[n].get("protected"):
+                    records[n]["escalation"] = f"{stronger.level} fell short too"
             continue
-        i = int(faces.image_index[n])
-        height, width = outputs[i].shape[-2:]
-        x0, y0 = max(0, int(regions[n, 0].floor())), max(0, int(regions[n, 1].floor()))
-        x1, y1 = min(width, int(regions[n, 2].ceil()) + 1), min(height, int(regions[n, 3].ceil()) + 1)
-        outputs[i][:, y0:y1, x0:x1] = retried.images[i][:, y0:y1, x0:x1].to(outputs[i])
-        records[n] = {**record, "escalated_from": level, "level": stronger.level}
+        for n in cluster:
+            i = int(faces.image_index[n])
+            height, width = outputs[i].shape[-2:]
+            x0, y0 = max(0, int(regions[n, 0].floor())), max(0, int(regions[n, 1].floor()))
+            x1, y1 = min(width, int(regions[n, 2].ceil()) + 1), min(height, int(regions[n, 3].ceil()) + 1)
+            outputs[i][:, y0:y1, x0:x1] = retried.images[i][:, y0:y1, x0:x1].to(outputs[i])
+            records[n] = {**again[n], "escalated_from": level, "level": stronger.level}
     return outputs, records
+
+
+def _overlap_clusters(faces: Faces, regions: Tensor) -> list[list[int]]:
+    """The faces grouped by overlapping regions in the same photo (connected components)."""
+    unassigned, clusters = set(range(len(faces))), []
+    while unassigned:
+        stack, cluster = [min(unassigned)], []
+        unassigned.discard(stack[0])
+        while stack:
+            n = stack.pop()
+            cluster.append(n)
+            touching = (faces.image_index == faces.image_index[n]) & boxes_overlap(regions[n], regions)
+            for m in touching.nonzero()[:, 0].tolist():
+                if m in unassigned:
+                    unassigned.discard(m)
+                    stack.append(m)
+        clusters.append(sorted(cluster))
+    return clusters
 
 
 class ReplaceFaces:
