@@ -55,7 +55,6 @@ from facecloak.faces import Faces
 from facecloak.models.registry import Embedder, distance_matrix, embedding_distance
 from facecloak.synthesis import (
     CHIP_EYE_DISTANCE_PX,
-    DETAIL_FROM,
     SynthesisSettings,
     canonical_chips,
     donor_warps,
@@ -64,6 +63,7 @@ from facecloak.synthesis import (
     face_statistics,
     mirror_chips,
     mouth_width,
+    reads_detail_chips,
     registration_luminance,
     synthesize_face,
 )
@@ -506,7 +506,7 @@ class FaceReplacer:
             crops[n] = crop
             checked[n] = (targets_row(targets, rows, n), (crop[3], crop[4]))
             record.pop("_matched_donors", None)
-            upscale, limit = self._donor_upscale(chosen.landmarks[rows.index(n)], record["donors"])
+            upscale, limit = self._donor_upscale(chosen.landmarks[rows.index(n)], crop[3])
             records[n].update(
                 record,
                 attempts=plan.attempts,
@@ -607,7 +607,7 @@ class FaceReplacer:
             )
         return finished
 
-    def _donor_upscale(self, landmarks: Tensor, donor_ids: Sequence[str]) -> tuple[float, str]:
+    def _donor_upscale(self, landmarks: Tensor, donor_rows: Sequence[int]) -> tuple[float, str]:
         """How many times larger this face is than the finest detail its new face can hold, and why.
 
         Eye distances, in pixels. The new face has no finer detail than the smallest of its donors
@@ -616,14 +616,13 @@ class FaceReplacer:
         chip. Above about 2 it looks softer than the photo around it (the largest face of
         `samples/group.jpg`: 1.74, donors).
         """
-        rows = [self.bank.ids.index(i) for i in donor_ids]
-        eyes = eye_distance(
-            torch.tensor([self.bank.donors[r]["landmarks"] for r in rows], dtype=torch.float32)
-        )
-        chips = torch.tensor([CHIP_EYE_DISTANCE_PX * self.bank.detail_scale(r) for r in rows])
+        landmarks_in_photos = [self.bank.donors[r]["landmarks"] for r in donor_rows]
+        eyes = eye_distance(torch.tensor(landmarks_in_photos, dtype=torch.float32))
         face = float(eye_distance(landmarks[None].cpu())[0])
-        if face <= DETAIL_FROM * CHIP_EYE_DISTANCE_PX:  # read from the chips, not the detail chips
-            chips = torch.full_like(chips, CHIP_EYE_DISTANCE_PX)
+        detailed = reads_detail_chips(face)  # else read from the chips, whatever detail chips exist
+        chips = torch.tensor(
+            [CHIP_EYE_DISTANCE_PX * (self.bank.detail_scale(r) if detailed else 1) for r in donor_rows]
+        )
         finest = torch.minimum(eyes, chips)
         smallest = int(finest.argmin())
         limit = "chip" if float(chips[smallest]) < float(eyes[smallest]) else "donors"
@@ -794,7 +793,7 @@ class FaceReplacer:
         self, landmarks: Tensor, rows: Sequence[int], mirrored: Sequence[bool]
     ) -> Tensor | None:
         """The donors' detail chips (mirrored as used) for a face larger than a chip, if any has one."""
-        large = float(eye_distance(landmarks[None].cpu())[0]) > DETAIL_FROM * CHIP_EYE_DISTANCE_PX
+        large = reads_detail_chips(float(eye_distance(landmarks[None].cpu())[0]))
         if not large or all(self.bank.detail_scale(row) == 1 for row in rows):
             return None
         detail = self.bank.detail_chips(rows)

@@ -61,6 +61,11 @@ detail chips (`synthesize_face`'s ``detail_chips``), so a large face made from l
 is not an upscaled 256 px face."""
 
 
+def reads_detail_chips(eye_distance_px: float) -> bool:
+    """Whether a face whose eyes are this far apart in its photo is read from detail chips."""
+    return eye_distance_px > DETAIL_FROM * CHIP_EYE_DISTANCE_PX
+
+
 @dataclass(frozen=True)
 class SynthesisSettings:
     """How a new face is made and pasted; distances are in units of the target's eye distance.
@@ -836,7 +841,7 @@ def synthesize_face(
         warps = donor_warps(mean_shape[0], donor_points.to(device, dtype), chips, settings.register)
     to_donors = warps.to(device, dtype)
     chip_px_per_image_px = unit_chip / max(unit_px, 1e-6)
-    if detail_chips is not None and chip_px_per_image_px < 1 / DETAIL_FROM:  # a large face: finer chips
+    if detail_chips is not None and reads_detail_chips(unit_px):  # a large face: the finer chips
         chips = detail_chips.to(device, dtype)
     elif chip_px_per_image_px > 1.6:  # the chip is much finer than the target: low-pass where it is read
         wx0, wy0, wx1, wy1 = (
