@@ -76,20 +76,28 @@ def jnd_map(crops: Tensor, *, texture_weight: float = TEXTURE_WEIGHT) -> Tensor:
     return combined.clamp(max=MAX_JND)
 
 
+def _change_to_ycbcr(delta: Tensor) -> Tensor:
+    """A (n, 3, h, w) RGB change as brightness (Y) and colour (Cb, Cr) changes."""
+    return torch.einsum("ij,njhw->nihw", RGB_TO_YCBCR.to(delta), delta)
+
+
+def _change_to_rgb(ycbcr: Tensor) -> Tensor:
+    """The inverse of `_change_to_ycbcr`."""
+    return torch.einsum("ij,njhw->nihw", YCBCR_TO_RGB.to(ycbcr), ycbcr)
+
+
 def limit_change(delta: Tensor, max_luma: Tensor | float, chroma_share: float) -> Tensor:
     """Clip a (n, 3, h, w) RGB change in brightness, colour, and per channel.
 
     |Y| <= max_luma, |Cb| and |Cr| <= chroma_share x max_luma, every RGB channel <= max_luma.
     ``max_luma`` is a number or a (n, 1, h, w) per-pixel allowance (e.g. a scaled `jnd_map`).
     """
-    to_ycbcr = RGB_TO_YCBCR.to(delta)
-    ycbcr = torch.einsum("ij,njhw->nihw", to_ycbcr, delta)
+    ycbcr = _change_to_ycbcr(delta)
     luma_limit = torch.as_tensor(max_luma, dtype=delta.dtype, device=delta.device)
     if luma_limit.ndim == 0:
         luma_limit = luma_limit.view(1, 1, 1, 1)
     limits = torch.cat([luma_limit, chroma_share * luma_limit, chroma_share * luma_limit], dim=1)
-    ycbcr = torch.maximum(torch.minimum(ycbcr, limits), -limits)
-    rgb = torch.einsum("ij,njhw->nihw", YCBCR_TO_RGB.to(delta), ycbcr)
+    rgb = _change_to_rgb(torch.maximum(torch.minimum(ycbcr, limits), -limits))
     # the L-infinity cap scales the whole change of a pixel (clipping channels one by one would
     # change its colour balance, i.e. add chroma)
     largest = rgb.abs().amax(dim=1, keepdim=True)
@@ -222,11 +230,9 @@ def scale_colour(delta: Tensor, factor: Tensor | float) -> Tensor:
 
     ``factor``: a number or (n, 1, 1, 1).
     """
-    to_ycbcr = RGB_TO_YCBCR.to(delta)
-    ycbcr = torch.einsum("ij,njhw->nihw", to_ycbcr, delta)
+    ycbcr = _change_to_ycbcr(delta)
     factor = torch.as_tensor(factor, dtype=delta.dtype, device=delta.device)
-    ycbcr = torch.cat([ycbcr[:, :1], ycbcr[:, 1:] * factor], dim=1)
-    return torch.einsum("ij,njhw->nihw", YCBCR_TO_RGB.to(delta), ycbcr)
+    return _change_to_rgb(torch.cat([ycbcr[:, :1], ycbcr[:, 1:] * factor], dim=1))
 
 
 def largest_fitting_factor(
