@@ -727,10 +727,13 @@ class Cloak:
                 for bucket, delta in zip(buckets, deltas)
             ]
 
-        def measure(changes: list[Tensor]) -> Tensor:
-            # on each face's own crop, rounded as stored, over its region's rectangle (`_quality`'s)
-            values = torch.zeros(len(faces))
+        def measure(changes: list[Tensor], known: Tensor | None = None) -> Tensor:
+            # on each face's own crop, rounded as stored, over its region's rectangle (`_quality`'s);
+            # with ``known``, a bucket with no face over the cap keeps those values (its factor is 1)
+            values = torch.zeros(len(faces)) if known is None else known.clone()
             for bucket, change, boxes in zip(buckets, changes, regions):
+                if known is not None and not bool(over[bucket.faces].any()):
+                    continue
                 stored = _as_stored((bucket.crops + bucket.masks * change).clamp(0, 1))
                 for start in range(0, len(stored), COLOUR_CHUNK):  # the map is float64: bound its memory
                     rows = slice(start, start + COLOUR_CHUNK)
@@ -739,11 +742,12 @@ class Cloak:
                     ).cpu()
             return values
 
-        over = measure(deltas) > cap
+        first = measure(deltas)
+        over = first > cap
         if not bool(over.any()):
             return deltas
         factor = largest_fitting_factor(
-            lambda f: measure(coloured(f)) <= cap,
+            lambda f: measure(coloured(f), first) <= cap,
             torch.where(over, 0.0, 1.0),
             torch.ones(len(faces)),
             COLOUR_BISECTIONS,
