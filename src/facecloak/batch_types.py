@@ -152,12 +152,14 @@ class BatchReport:
             lines += [f"    {o.path}" for o in self.outcomes if o.status == "no_face"]
         if self.unprotected_faces:
             lines.append(f"  {self.unprotected_faces} face(s) NOT protected (fell short of the target):")
+            explained = False
             for o in self.outcomes:
                 if o.status == "unprotected":
                     short = [_shortfall(face) for face in o.faces if face.get("protected") is False]
                     details = "; ".join(text for text in short if text)
+                    explained = explained or bool(details)
                     lines.append(f"    {o.path}" + (f": {details}" if details else ""))
-            if any(_shortfall(f) for o in self.outcomes for f in o.faces if f.get("protected") is False):
+            if explained:
                 lines.append(
                     "    (a higher --level, or --escalate for these faces alone, moves faces further, "
                     "at a more visible change)"
@@ -242,14 +244,20 @@ class BatchReport:
         }
 
 
-def _worst_ratio(face: dict) -> float | None:
-    """A cloaked face's smallest distance / threshold over its models (after JPEG 75 when measured)."""
-    ratios = []
-    for model in face.get("models", {}).values():
+def _model_ratios(face: dict) -> dict[str, float]:
+    """A cloaked face's distance / threshold per model (after JPEG 75 when measured), where known."""
+    ratios = {}
+    for name, model in face.get("models", {}).items():
         distance = model.get(DISTANCE_AFTER_UPLOAD_KEY)
         distance = model.get("distance") if distance is None else distance
         if distance is not None and model.get("threshold"):
-            ratios.append(distance / model["threshold"])
+            ratios[name] = distance / model["threshold"]
+    return ratios
+
+
+def _worst_ratio(face: dict) -> float | None:
+    """A cloaked face's smallest distance / threshold over its models (after JPEG 75 when measured)."""
+    ratios = _model_ratios(face).values()
     return min(ratios) if ratios else None
 
 
@@ -258,12 +266,7 @@ def _shortfall(face: dict) -> str:
 
     '' when no model's distance is known (a face not found again after the upload).
     """
-    near = []
-    for name, model in face.get("models", {}).items():
-        distance = model.get(DISTANCE_AFTER_UPLOAD_KEY)
-        distance = model.get("distance") if distance is None else distance
-        if distance is not None and model.get("threshold") and distance < model["threshold"]:
-            near.append(f"{name} at {distance / model['threshold']:.2f}x")
+    near = [f"{name} at {ratio:.2f}x" for name, ratio in _model_ratios(face).items() if ratio < 1]
     return f"{', '.join(near)} of its match threshold" if near else ""
 
 
