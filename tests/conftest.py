@@ -6,7 +6,9 @@ absent, so a user's fresh clone still runs its own tests.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,7 +21,9 @@ SAMPLES = REPO / "samples"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # Tests never see (or change) the models the person running them added with `facecloak models add`.
-os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="facecloak-test-config-")
+_TEST_CONFIG = tempfile.mkdtemp(prefix="facecloak-test-config-")
+os.environ["XDG_CONFIG_HOME"] = _TEST_CONFIG
+atexit.register(shutil.rmtree, _TEST_CONFIG, ignore_errors=True)
 
 
 def data_root() -> Path:

@@ -488,3 +488,33 @@ def test_mid_caps_the_face_colour_difference_by_shrinking_colour_only(dlib_model
     weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     assert torch.allclose((scaled * weights).sum(1), (change * weights).sum(1), atol=1e-6)
     assert float(scaled[1].std(0).max()) < 1e-6  # no colour left: the three channels move alike
+
+
+def test_an_away_cloak_that_stops_at_its_aim_waits_for_every_embedding_it_leaves(
+    dlib_model, detector, photos, centre_faces
+):
+    """`AwayCloak.progress`: with ``spend_budget`` off, a face stops once it is past the margin of
+    *every* embedding it must leave, not only of its reference (the first). Each face leaves
+    the other person's face (far already) and then its own. When its own needs 1.1 thresholds
+    it keeps going, past it; when its own needs nearly nothing, it stops after the fewest steps."""
+    from facecloak.cloak import AwayCloak
+    from facecloak.cloak.base import STEADY_STEPS
+    from facecloak.embed import embed_faces
+
+    clean = embed_faces(photos, centre_faces, dlib_model)
+    threshold = dlib_model.card.match_threshold
+    assert float(dlib_model.distance(clean[0], clean[1])) > 1.2 * threshold  # the reference: far
+    away_from = [torch.stack([clean.flip(0), clean], dim=1)]  # (2 faces, 2 to leave, D)
+
+    def run(own_margin: float):
+        margins = [torch.tensor([[1.0, own_margin]] * 2)]
+        cloak = AwayCloak(
+            [dlib_model], away_from, margins, "mid", spend_budget=False, aim=1.0, verify=False, seed=0
+        )
+        return cloak(photos, centre_faces)
+
+    far, near = run(1.1), run(0.05)
+    assert int(near.steps.max()) == STEADY_STEPS  # every embedding past its margin from the start
+    assert int(far.steps.min()) > STEADY_STEPS
+    moved = dlib_model.distance(embed_faces(far.images, centre_faces, dlib_model), clean) / threshold
+    assert float(moved.min()) > 1.0, moved  # past its own face, though its reference was far all along

@@ -65,6 +65,16 @@ class AwayCloak(Cloak):
                 f"away_from holds embeddings for another number of faces than {len(faces)}"
             )
 
+    def progress(self, m: int, embedding: Tensor, clean: list[Tensor], face_index: Tensor) -> Tensor:
+        """(n,) the nearest embedding to leave, as a multiple of its margin x model ``m``'s threshold.
+
+        So a cloak that stops at its aim (``spend_budget=False``) stops once every embedding is
+        past its own margin, the donors' included, not only the reference.
+        """
+        rows = face_index.to(self.device)
+        distance = self.models[m].distance(embedding[:, None], self.away_from[m][rows])  # (n, R)
+        return (distance / (self.thresholds[m] * self.margins[m][rows])).amin(1)
+
     def objective(self, embeddings: list[Tensor | None], clean: list[Tensor], face_index: Tensor) -> Tensor:
         """Sum, over models and embeddings to leave, of how far each still is from the aim."""
         loss = torch.zeros(len(face_index), device=self.device)

@@ -330,6 +330,14 @@ class Cloak:
         """
         raise NotImplementedError
 
+    def progress(self, m: int, embedding: Tensor, clean: list[Tensor], face_index: Tensor) -> Tensor:
+        """(n,) how far each face of this draw is, in thresholds of model ``m``: the stopping rule's measure.
+
+        Distance to the face's reference (``clean``, from `references`) by default; a cloak with
+        several embeddings to leave measures the nearest of them.
+        """
+        return self.models[m].distance(embedding, clean[m][face_index]) / self.thresholds[m]
+
     def references(self, clean: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """What each face must end far from, per model, and how many clean photos that averages.
 
@@ -608,8 +616,7 @@ class Cloak:
                 with self._autocast():
                     embedding = model(chips).float()
             embeddings[m] = embedding
-            reference = clean[m][device_index].repeat(draws, 1)
-            ratio = model.distance(embedding, reference).detach() / self.thresholds[m]
+            ratio = self.progress(m, embedding.detach(), clean, device_index.repeat(draws))
             worst[:, m] = ratio.view(draws, n).amin(0)
         loss = self.objective(embeddings, clean, face_index.repeat(draws))
         loss = (loss - self.feature_weight * pushed / len(chosen)).view(draws, n).mean(0)
