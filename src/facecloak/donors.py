@@ -52,15 +52,14 @@ from facecloak.errors import DonorBankError, FacecloakError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
 from facecloak.synthesis import (
-    CHIP_EYE_DISTANCE_PX,
     CHIP_SIZE_PX,
-    DETAIL_FROM,
     DETAIL_SCALE,
     FACE_STATISTICS,
     canonical_chips,
     estimate_pose,
     eye_distance,
     face_statistics,
+    reads_detail_chips,
 )
 
 DETAIL_CHIP_QUALITY = 95
@@ -161,7 +160,7 @@ def add_donors(
         face_chips = (face_chips * 255).round() / 255  # exactly what the PNG will hold
         poses = estimate_pose(picked.landmarks)
         stats = face_statistics(face_chips)
-        detailed = (eye_distance(picked.landmarks) >= DETAIL_FROM * CHIP_EYE_DISTANCE_PX).tolist()
+        detailed = [reads_detail_chips(float(eyes)) for eyes in eye_distance(picked.landmarks)]
         for k in range(len(picked)):
             donor_id = f"d{next_id:05d}"
             next_id += 1
