@@ -116,6 +116,32 @@ def test_cloak_over_http(service, samples_dir):
     assert face["dssim"] <= 0.012
 
 
+def test_escalate_cloaks_a_face_that_falls_short_again_one_level_up(service, samples_dir):
+    """``escalate``: a `low` cloak given no steps leaves the face as it was (NOT protected); with
+    escalate on, the face is cloaked again at `mid`, with mid's own steps, and its reason says so."""
+    url, _, _ = service
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+
+    def cloak(**extra: str) -> dict:
+        answer = httpx.post(
+            f"{url}/v1/cloak",
+            files={"image": ("grace_hopper.jpg", photo, "image/jpeg")},
+            data={"level": "low", "steps": "0", "format": "png", "response": "json", **extra},
+            timeout=600,
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    short = cloak()["faces"][0]
+    assert short["protected"] is False and "or escalate" in short["reason"], short["reason"]
+    report = cloak(escalate="true")
+    face = report["faces"][0]
+    assert face["protected"] is True and report["status"] == "protected", face["reason"]
+    assert face["escalated_from"] == "low" and face["level"] == "mid"
+    assert "cloaked again at mid: low fell short" in face["reason"]
+    assert face["dssim"] <= 0.012  # mid's cap, not low's
+
+
 def raw_upload(url: str, declared: int, send: int, chunk: int = 1 << 20) -> tuple[int, dict]:
     """POST a multipart body of ``send`` bytes declaring ``declared``, as a client that reads early answers.
 

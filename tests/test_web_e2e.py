@@ -82,7 +82,10 @@ def test_page_protects_a_photo(browser, tmp_path, samples_dir):
         browser.get(url + "/")
         assert browser.find_element(By.CSS_SELECTOR, "label[for=file-input]").text  # labelled controls
         browser.find_element(By.ID, "file-input").send_keys(str(original_path))
+        escalate = browser.find_element(By.ID, "escalate")
+        assert escalate.is_selected() and escalate.is_enabled()  # a cloak that falls short goes one level up
         browser.find_element(By.CSS_SELECTOR, "input[name=method][value=blur]").click()
+        assert not escalate.is_enabled()  # a cloak's option only
         browser.find_element(By.CSS_SELECTOR, "#format option[value=png]").click()  # lossless: exact check
         browser.find_element(By.ID, "protect-button").click()
         WebDriverWait(browser, 300).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))

@@ -150,7 +150,7 @@ def face_records(result: CloakResult, faces: Faces) -> list[dict]:
                 FOUND_AFTER_UPLOAD_KEY: bool(result.found_after_jpeg[n]),
                 "models": models,
                 "dssim": round(float(result.dssim[n]), 5),
-                "psnr": round(float(result.psnr[n]), 2),
+                "psnr": _finite_or_none(float(result.psnr[n]), 2),  # None: the face is unchanged
                 "linf": round(float(result.linf[n]), 2),
                 "ciede2000_mean": round(float(result.ciede_mean[n]), 3),
                 "ciede2000_p99": round(float(result.ciede_p99[n]), 3),
@@ -160,6 +160,11 @@ def face_records(result: CloakResult, faces: Faces) -> list[dict]:
             }
         )
     return out
+
+
+def _finite_or_none(value: float, digits: int) -> float | None:
+    """``value`` rounded, or None where it is infinite (JSON has no infinity)."""
+    return round(value, digits) if math.isfinite(value) else None
 
 
 RECOMPRESS_THREADS = 8

@@ -63,7 +63,16 @@ ANONYMIZE_FIELDS = COMMON_FIELDS | {
     "feather",
     "keep_mouth",
 }
-CLOAK_FIELDS = COMMON_FIELDS | {"mode", "level", "models", "identity_key", "steps", "max_dssim", "seed"}
+CLOAK_FIELDS = COMMON_FIELDS | {
+    "mode",
+    "level",
+    "models",
+    "identity_key",
+    "steps",
+    "max_dssim",
+    "seed",
+    "escalate",
+}
 DETECT_FIELDS = {"image", "threshold", "min_face"}
 
 
@@ -280,6 +289,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         steps: Annotated[int | None, Form(ge=0, description="Most steps per face [level's default].")] = None,
         max_dssim: Annotated[float | None, Form(ge=0.0001, le=0.5, description="DSSIM cap.")] = None,
         seed: Annotated[int, Form()] = 0,
+        escalate: Annotated[
+            bool,
+            Form(description="Cloak a face that falls short again one level up (low -> mid -> high)."),
+        ] = False,
     ) -> Response:
         """Cloak every face; each is checked after a real JPEG 75 re-encode and reported."""
         if steps is not None and steps > settings.max_steps:
@@ -295,6 +308,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             "steps": steps,
             "max_dssim": max_dssim,
             "seed": seed,
+            "escalate": escalate or None,  # left out when off: the same cloak as before serves it
         }
         params = {key: value for key, value in params.items() if value is not None}
         return await protect(request, "cloak", image, params, common, CLOAK_FIELDS)
@@ -429,11 +443,17 @@ def _with_reason(face: dict, kind: str) -> dict:
         parts.append(f"{name} distance {distance:.2f} {relation} match threshold {model['threshold']:.2f}")
     detail = "; ".join(parts)
     if face.get("protected"):
-        return dict(face, reason=f"after JPEG 75: {detail} (a scraper no longer matches this face)")
+        reason = f"after JPEG 75: {detail} (a scraper no longer matches this face)"
+        if face.get("escalated_from"):
+            reason += f" (cloaked again at {face['level']}: {face['escalated_from']} fell short)"
+        return dict(face, reason=reason)
+    if face.get("escalation"):
+        advice = f"cloaked again one level up, and {face['escalation']}"
+    else:
+        advice = "try a higher level, or escalate"
     return dict(
         face,
-        reason=f"NOT protected: after JPEG 75, {detail}: a scraper would still match this face; "
-        "try a higher level",
+        reason=f"NOT protected: after JPEG 75, {detail}: a scraper would still match this face; {advice}",
     )
 
 

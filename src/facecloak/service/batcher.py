@@ -94,7 +94,7 @@ class Engine:
         self.settings = settings
         self.device = str(default_device(device))
         self._detectors: dict[tuple[float, int], FaceDetector] = {}
-        self._cloaks: dict[tuple, object] = {}
+        self._cloaks: dict[tuple, CloakFaces] = {}
         self._embedders: list | None = None
         self._replace: dict[bool, ReplaceFaces] = {}
         self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
@@ -152,8 +152,6 @@ class Engine:
             return AnonymizeFaces(Anonymizer(method, **options))
         key = tuple(sorted(params.items()))
         if key not in self._cloaks:
-            from facecloak.cloak import create_cloak
-
             options = dict(params)
             wanted = options.pop("models", None)
             embedders = [m for m in self.embedders() if not wanted or m.card.name in wanted]
@@ -161,10 +159,15 @@ class Engine:
                 loaded = ", ".join(m.card.name for m in self.embedders())
                 raise FacecloakError(f"models {', '.join(wanted)} are not all loaded here (loaded: {loaded})")
             mode, level = options.pop("mode"), options.pop("level")
-            self._cloaks[key] = create_cloak(
-                mode, embedders, level, detector=self.detector(MIN_FACE_SCORE, MIN_FACE_PX), **options
+            self._cloaks[key] = CloakFaces.create(
+                mode,
+                embedders,
+                level,
+                escalate=bool(options.pop("escalate", False)),
+                detector=self.detector(MIN_FACE_SCORE, MIN_FACE_PX),
+                **options,
             )
-        return CloakFaces(self._cloaks[key])
+        return self._cloaks[key]
 
     def run(self, jobs: Sequence[Job]) -> list[JobResult]:
         """Detect and protect every job's photo in one call (all jobs share one key)."""

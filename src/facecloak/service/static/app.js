@@ -48,6 +48,7 @@ dropZone.addEventListener("drop", (event) => choose(event.dataTransfer.files));
 function syncLevel() {
   const method = form.elements.method.value;
   $("#level").disabled = method !== "cloak";
+  $("#escalate").disabled = method !== "cloak";
   $("#keep-mouth").disabled = method !== "replace";
 }
 form.addEventListener("change", syncLevel);
@@ -60,6 +61,7 @@ form.addEventListener("submit", async (event) => {
   const settings = {
     method: form.elements.method.value,
     level: $("#level").value,
+    escalate: $("#escalate").checked,
     keepMouth: $("#keep-mouth").checked,
     format: $("#format").value,
     key: $("#api-key").value.trim(),
@@ -117,6 +119,7 @@ async function protect(file, card, settings) {
   if (settings.method === "cloak") {
     url = "/v1/cloak";
     body.append("level", settings.level);
+    if (settings.escalate) body.append("escalate", "true");
   } else {
     body.append("method", settings.method);
     if (settings.method === "replace" && settings.keepMouth) body.append("keep_mouth", "true");
