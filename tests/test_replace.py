@@ -782,6 +782,26 @@ def test_a_large_face_reads_its_pixels_from_detail_chips(donor_dir, detector, sa
     assert float(coarse_gap.abs().mean()) < 0.004  # 0.0008; a chip pixel off: 0.012
 
 
+def test_a_folder_added_in_small_blocks_gives_the_same_bank(
+    tmp_path, bank, donor_dir, models, detector, monkeypatch
+):
+    """`EMBED_BLOCK`: donors are embedded and written a block at a time (bounded memory); blocks
+    of 5 give the bank one block gives: the same ids, chips and embeddings, in the same order."""
+    from facecloak import donors as donors_module
+
+    monkeypatch.setattr(donors_module, "EMBED_BLOCK", 5)
+    report = add_donors(
+        [donor_dir], models, bank=tmp_path / "blocks", licence="LFW, research use", detector=detector
+    )
+    assert len(report.added) == DONORS
+    blocks = load_bank(tmp_path / "blocks")
+    assert blocks.ids == bank.ids
+    assert torch.equal(blocks.chips(list(range(DONORS))), bank.chips(list(range(DONORS))))
+    for model in models:
+        name = model.card.name
+        assert torch.allclose(blocks.embeddings[name], bank.embeddings[name], atol=1e-5), name
+
+
 def test_a_bank_keeps_detail_chips_of_large_donor_photos(tmp_path, donor_dir, models, detector):
     """Large donor photos keep a 2x chip (written, read, removed); small ones give their chip upscaled."""
     folder = tmp_path / "photos"

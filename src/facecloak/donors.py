@@ -62,6 +62,10 @@ from facecloak.synthesis import (
     reads_detail_chips,
 )
 
+EMBED_BLOCK = 64
+"""Donor chips embedded and written at a time while a folder is added: a bank of ten thousand
+donors is added with the memory of 64 chips, not of all of them (0.8 MB each as floats)."""
+
 DETAIL_CHIP_QUALITY = 95
 """JPEG quality of detail chips: a quarter of a PNG's size, and nothing is measured on them."""
 
@@ -140,8 +144,21 @@ def add_donors(
     jobs, _ = io.collect_images(paths)
     report = AddReport(bank=folder.name, folder=str(folder))
     records: list[dict] = []
-    chips: list[Tensor] = []
+    pending: list[Tensor] = []  # chips not yet embedded and written: at most EMBED_BLOCK
+    embedded: dict[str, list[np.ndarray]] = {model.card.name: [] for model in models}
     next_id = _next_id(existing)
+
+    def flush() -> None:
+        """Embed the pending chips and write them: memory stays bounded however large the folder."""
+        if not pending:
+            return
+        for name, table in embed_donor_chips(torch.stack(pending), models, detector).items():
+            embedded[name].append(table)
+        (folder / "chips").mkdir(parents=True, exist_ok=True)
+        for record, chip in zip(records[len(records) - len(pending) :], pending):
+            io.write_image(folder / "chips" / f"{record['id']}.png", chip, overwrite=True)
+        pending.clear()
+
     now = _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds")
     for done, job in enumerate(jobs):
         try:
@@ -181,10 +198,13 @@ def add_donors(
                     **({"detail_scale": DETAIL_SCALE} if detailed[k] else {}),
                 }
             )
-            chips.append(face_chips[k])
+            pending.append(face_chips[k])
+        if len(pending) >= EMBED_BLOCK:
+            flush()
         if on_progress is not None:
             on_progress(done + 1, len(jobs))
-    embeddings = embed_donor_chips(torch.stack(chips), models, detector) if chips else {}
+    flush()
+    embeddings = {name: np.concatenate(tables) for name, tables in embedded.items() if tables}
     source = {
         "folder": ", ".join(str(Path(p).resolve()) for p in paths),
         "licence": licence,
@@ -193,7 +213,7 @@ def add_donors(
         "donors": len(records),
         "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
     }
-    _commit(folder, existing, records, chips, embeddings, models, source)
+    _commit(folder, existing, records, embeddings, models, source)
     report.added = [record["id"] for record in records]
     report.total_donors = (len(existing) if existing is not None else 0) + len(records)
     return report
@@ -278,15 +298,15 @@ def _commit(
     folder: Path,
     existing: DonorBank | None,
     records: list[dict],
-    chips: list[Tensor],
     embeddings: dict[str, np.ndarray],
     models: Sequence[Embedder],
     source: dict,
 ) -> None:
-    """Write new chips, then all embeddings, then the manifest: the manifest is the commit point."""
-    (folder / "chips").mkdir(parents=True, exist_ok=True)
-    for record, chip in zip(records, chips):
-        io.write_image(folder / "chips" / f"{record['id']}.png", chip, overwrite=True)
+    """Write all embeddings, then the manifest: the manifest is the commit point.
+
+    The new chips are written before (`add_donors`); until the manifest names them, a bank that
+    is loaded does not see them, and a later add writes over them.
+    """
     old_ids = existing.ids if existing is not None else []
     tables = {}
     for model in models:
