@@ -139,6 +139,7 @@ CLOAK_CONSTANTS = (
     "FILL_BUDGET",
     "FILL_MAX_FACTOR",
     "COMPOSE_MAX_SHRINK",
+    "EXTRA_STEPS_BELOW",
 )
 """Constants of `facecloak.cloak.base` that the transfer scripts' ``--set NAME=VALUE`` may override."""
 

@@ -69,13 +69,14 @@ CONFIGS = {
     "default+opom+chroma0.1": {**DEFAULT, "person_level": True, "chroma_share": 0.1, "max_ciede": None},
     "default+opom+chroma0.3": {**DEFAULT, "person_level": True, "chroma_share": 0.3},
     "default+opom+steps60": {**DEFAULT, "person_level": True, "steps": 60},
+    "default+opom+extra0": {**DEFAULT, "person_level": True, "extra_steps": 0},
     "default+opom+eot2": {**DEFAULT, "person_level": True, "eot_samples": 2},
     "default+opom+eot4": {**DEFAULT, "person_level": True, "eot_samples": 4},
     "default+feat1": {**DEFAULT, "feature_weight": 1.0},
     "default+feat3": {**DEFAULT, "feature_weight": 3.0},
     "default+feat1@0.3": {**DEFAULT, "feature_weight": 1.0, "feature_depth": 0.3},
 }
-BUDGET_FIELDS = ("jnd_scale", "chroma_share", "max_dssim", "max_ciede")
+BUDGET_FIELDS = ("jnd_scale", "chroma_share", "max_dssim", "max_ciede", "extra_steps")
 """Configuration keys that change the level's budget rather than the cloak's options."""
 """Named configurations: keyword arguments to `create_cloak` on top of the level's budget."""
 

@@ -518,3 +518,27 @@ def test_an_away_cloak_that_stops_at_its_aim_waits_for_every_embedding_it_leaves
     assert int(far.steps.min()) > STEADY_STEPS
     moved = dlib_model.distance(embed_faces(far.images, centre_faces, dlib_model), clean) / threshold
     assert float(moved.min()) > 1.0, moved  # past its own face, though its reference was far all along
+
+
+def test_extra_steps_go_only_to_faces_still_near_their_reference(
+    dlib_model, photos, centre_faces, mid_result
+):
+    """`CloakBudget.extra_steps`: once the steps are spent, a face some model still sees under
+    `EXTRA_STEPS_BELOW` thresholds goes on for the extra steps; one past it stops. At `mid` on dlib
+    alone (white box) both faces are far past after 40 steps and take none of mid's 20 extra; after
+    2 steps neither is, and both take the 3 extra steps given."""
+    from dataclasses import replace
+
+    from facecloak.cloak.base import EXTRA_STEPS_BELOW
+
+    mid = LEVELS["mid"]
+    assert mid.extra_steps > 0
+    assert mid_result.steps.tolist() == [mid.steps] * 2
+    assert float((mid_result.distance / mid_result.thresholds).min()) > EXTRA_STEPS_BELOW
+    short = replace(mid, steps=2, extra_steps=3)
+    result = UntargetedCloak([dlib_model], "mid", budget=short, verify=False, seed=0)(photos, centre_faces)
+    assert result.steps.tolist() == [5, 5]
+    unspent = UntargetedCloak(
+        [dlib_model], "mid", budget=short, spend_budget=False, aim=9.0, verify=False, seed=0
+    )(photos, centre_faces)
+    assert unspent.steps.tolist() == [2, 2]  # a cloak that stops at its aim has no extra steps

@@ -94,6 +94,14 @@ ADAM_EPSILON = 1e-12
 MOMENTUM_DECAY = 1.0
 """MI-FGSM's decay of the accumulated, L1-normalised gradient (Dong et al., CVPR 2018)."""
 
+EXTRA_STEPS_BELOW = 1.15
+RECENT_DECAY = 0.8
+"""With the budget spent (``spend_budget``), a face whose distance on some model, through the
+simulated upload, is still under EXTRA_STEPS_BELOW thresholds takes up to the budget's
+``extra_steps`` more steps; the others stop. The time goes to the faces that would otherwise fall
+short. The distance is a running mean over the steps (each step's weight RECENT_DECAY times the
+next one's: about the last five): one random upload's swings by a fifth from step to step."""
+
 STEADY_STEPS = 2
 """A face stops once every model is past its stopping distance this many steps running."""
 
@@ -272,6 +280,8 @@ class Cloak:
             check_choice(item, ROBUSTNESS, "robust_to")
         check_choice(update, UPDATES, "update")
         overrides = {"steps": steps, "max_dssim": max_dssim, "max_linf": max_linf, "aim": aim}
+        if steps is not None:
+            overrides["extra_steps"] = 0  # steps asked for are all the steps
         base_budget = budget if budget is not None else LEVELS[level]
         self.budget = replace(base_budget, **{k: v for k, v in overrides.items() if v is not None})
         if self.budget.steps < 0 or self.budget.max_dssim <= 0 or self.budget.max_linf <= 0:
@@ -422,6 +432,7 @@ class Cloak:
         reached = torch.zeros(len(faces), dtype=torch.long)  # consecutive steps at or past the aim
         latest = torch.zeros(len(faces))  # for on_step: each face's last distance / threshold
         seen = torch.zeros(len(faces), len(self.models))  # each model's latest ratio, per face
+        recent = torch.zeros(len(faces), len(self.models))  # and its running mean
         deltas = [torch.zeros_like(bucket.crops) for bucket in buckets]
         first = [torch.zeros_like(delta) for delta in deltas]
         second = [torch.zeros_like(delta) for delta in deltas]
@@ -431,8 +442,10 @@ class Cloak:
         clean_means = [quality.reference_means(bucket.crops) for bucket in buckets]  # fixed: once
         beta1, beta2 = ADAM_BETAS
         dssim_cap = budget.max_dssim * DSSIM_SAFETY
-        schedule = self._model_schedule(budget.steps, generator)
-        for step in range(1, budget.steps + 1):
+        extra = budget.extra_steps if self.spend_budget else 0
+        last_step = budget.steps + extra
+        schedule = self._model_schedule(last_step, generator)
+        for step in range(1, last_step + 1):
             if not bool(active.any()):
                 break
             chosen = schedule[step - 1]
@@ -463,6 +476,11 @@ class Cloak:
                 ratios = ratios.cpu()
                 # a model this step left out keeps its last ratio for the stopping rule
                 ratios = seen[face_index] = torch.where(ratios.isnan(), seen[face_index], ratios)
+                # one draw's ratio swings by a fifth from step to step: the extra steps go by a
+                # running mean of the last few
+                recent[face_index] = (
+                    ratios if step == 1 else RECENT_DECAY * recent[face_index] + (1 - RECENT_DECAY) * ratios
+                )
                 means = tuple(m[index] for m in clean_means[b])
                 total = loss + self._dssim_penalty(crops, adversarial, region_boxes[b][on_cpu], means)
                 (gradient,) = torch.autograd.grad(total.sum(), delta)
@@ -486,7 +504,7 @@ class Cloak:
                     allowance = allowances[b] if allowances[b].ndim == 0 else allowances[b][index]
                     updated = limit_change(delta - lr * direction, allowance, budget.chroma_share)
                     updated = (crops + updated).clamp(0, 1) - crops  # stay a valid image
-                    if step % DSSIM_CHECK_EVERY == 0 or step == budget.steps:
+                    if step % DSSIM_CHECK_EVERY == 0 or step in (budget.steps, last_step):
                         updated = enforce_dssim(
                             crops, masks, updated, region_boxes[b][on_cpu], dssim_cap, reference=means
                         )
@@ -502,8 +520,12 @@ class Cloak:
                 )
                 active[face_index] = reached[face_index] < STEADY_STEPS
                 latest[face_index] = ratios.amin(dim=1)
+            if step == budget.steps and extra:
+                # the budget is spent: only faces some model still sees near their reference go on
+                active &= recent.amin(dim=1) < EXTRA_STEPS_BELOW
             if on_step is not None:
-                on_step(step, budget.steps, ~active, latest.clone())
+                going_on = step >= budget.steps and bool(active.any())
+                on_step(step, last_step if going_on else budget.steps, ~active, latest.clone())
         return deltas, steps_taken
 
     def _dssim_penalty(

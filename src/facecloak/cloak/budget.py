@@ -125,6 +125,8 @@ class CloakBudget:
         max_ciede: cap on the mean CIEDE2000 colour difference over the face region, or None; a face
             over it has its colour change (not its brightness change) scaled down
             (`Cloak._limit_colour`), so ``chroma_share`` gives colour where a face takes it unseen.
+        extra_steps: with the budget spent (``spend_budget``), more steps for the faces still near
+            their reference on some model (`facecloak.cloak.base.EXTRA_STEPS_BELOW`).
     """
 
     max_dssim: float
@@ -135,6 +137,7 @@ class CloakBudget:
     jnd_scale: float | None = None
     chroma_share: float = 0.35
     max_ciede: float | None = None
+    extra_steps: int = 0
 
 
 MID_CHROMA_SHARE = 0.2
@@ -143,6 +146,14 @@ MID_MAX_CIEDE = 1.4
 of 1.4 over the face (the issue's goal: 1.5). On the leave-one-out ablation (12 people, HSE
 MobileNet never seen) a share of 0.2 moved the unseen model 0.88 thresholds instead of 0.82, at
 CIEDE2000 1.32 instead of 1.00; on the astronaut sample it reached 1.71 uncapped."""
+
+MID_EXTRA_STEPS = 20
+"""`mid`'s extra steps for a face some attacked model still sees near its reference once the 40 are
+spent (`facecloak.cloak.base.EXTRA_STEPS_BELOW`). With dlib-resnet, MobileFace and the HSE
+MobileNet attacked, on three sets of 48 LFW photos (`scripts/probe_transfer.py --photos 48 --seed
+2|3|4`), faces past every model after JPEG 75: 104 -> 118 of 144, for 9-19% more time; 20 more
+gave none. `low` gains no face (none of 48 passes all three models at low), `high` passes 47 of
+48 without them."""
 
 LEVELS: dict[str, CloakBudget] = {
     "low": CloakBudget(
@@ -157,6 +168,7 @@ LEVELS: dict[str, CloakBudget] = {
         jnd_scale=1.6,
         chroma_share=MID_CHROMA_SHARE,
         max_ciede=MID_MAX_CIEDE,
+        extra_steps=MID_EXTRA_STEPS,
     ),
     "high": CloakBudget(
         max_dssim=0.012, max_linf=20.0, steps=50, aim=1.8, step_size=1.5, jnd_scale=2.0, chroma_share=0.1
