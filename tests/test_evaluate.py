@@ -211,3 +211,18 @@ def test_evaluation_request_chooses_person_level_or_per_photo(dlib_resnet, detec
     }
     assert chosen[True].cloak.person_level is True and chosen[False].cloak.person_level is False
     assert chosen[None].cloak.person_level is DEFAULT_PERSON_LEVEL is True
+
+
+def test_evaluation_request_escalates_as_the_cli_does(dlib_resnet, detector, tmp_path):
+    """`facecloak evaluate --escalate` builds the cloak `facecloak cloak --escalate` builds: a face
+    that falls short is cloaked again one level up (none above high); without it, no second cloak."""
+    from facecloak.evaluate.requests import EvaluationRequest, build_protection
+
+    def built(level: str, escalate: bool):
+        request = EvaluationRequest(data=tmp_path, escalate=escalate)
+        return build_protection(request, level, [dlib_resnet], detector)
+
+    assert built("low", True).escalate_to.level == "mid"
+    assert built("mid", True).escalate_to.level == "high"
+    assert built("high", True).escalate_to is None and built("mid", False).escalate_to is None
+    assert built("mid", True).escalate_to.budget.max_dssim > built("mid", True).cloak.budget.max_dssim

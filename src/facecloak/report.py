@@ -233,11 +233,21 @@ def _quality_section(quality: dict) -> list[str]:
         region = quality["face_region_dssim"]
         parts.append(
             f"<p>Face-region DSSIM (the cloak's budget): mean {region['mean']:.4f}, max {region['max']:.4f}; "
-            f"{quality.get('cloak_faces_protected')} of {quality.get('cloak_faces')} faces passed the "
-            "cloak's own JPEG-75 check.</p>"
+            f"{html.escape(_cloak_check(quality))}.</p>"
         )
     parts += [f"<p>{html.escape(line)}</p>" for line in _realism_lines(quality)]
     return parts
+
+
+def _cloak_check(quality: dict) -> str:
+    """How many cloaked faces passed the cloak's own check, and how many only one level up."""
+    line = (
+        f"{quality.get('cloak_faces_protected')} of {quality.get('cloak_faces')} faces passed the "
+        "cloak's own JPEG-75 check"
+    )
+    if quality.get("cloak_faces_escalated"):
+        line += f", {quality['cloak_faces_escalated']} of them cloaked again one level up (--escalate)"
+    return line
 
 
 def _replaced_redetection(realism: dict) -> str:
@@ -339,7 +349,9 @@ def summary_table(result: EvaluationResult) -> str:
         )
     if "face_region_dssim" in quality:
         region = quality["face_region_dssim"]
-        lines.append(f"face-region DSSIM mean {region['mean']:.4f} (max {region['max']:.4f})")
+        lines.append(
+            f"face-region DSSIM mean {region['mean']:.4f} (max {region['max']:.4f}); {_cloak_check(quality)}"
+        )
     lines += _realism_lines(quality)
     lines.append(f"timings: {result.timings}")
     return "\n".join(lines)

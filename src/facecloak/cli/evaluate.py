@@ -52,6 +52,12 @@ from facecloak.errors import FacecloakError
     "--mode", type=click.Choice(["untargeted", "targeted"]), default="untargeted", show_default=True
 )
 @click.option(
+    "--escalate",
+    is_flag=True,
+    help="cloak: a face that falls short is cloaked again at the next level, as `facecloak cloak "
+    "--escalate` does; the report counts such faces.",
+)
+@click.option(
     "--person-level/--per-photo",
     default=None,
     help="cloak: push each photo from its person's photos (the default) or from itself only.",
@@ -151,6 +157,7 @@ def evaluate(
     keep_mouth,
     level,
     mode,
+    escalate,
     person_level,
     models,
     protected_dir,
@@ -191,6 +198,7 @@ def evaluate(
         method=method,
         level=level,
         mode=mode,
+        escalate=escalate,
         person_level=person_level,
         models=models,
         protected_dir=protected_dir,

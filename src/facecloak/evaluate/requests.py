@@ -33,6 +33,7 @@ class EvaluationRequest:
     method: str = "cloak"
     level: str = "mid"  # or "all"
     mode: str = "untargeted"
+    escalate: bool = False  # cloak: a face that falls short is cloaked again one level up
     person_level: bool | None = None  # untargeted cloak: from the person's photos; None: the default
     models: str | None = None  # cloak's models, comma-separated; None: all available
     protected_dir: Path | None = None
@@ -93,15 +94,22 @@ def build_protection(
 ) -> Protection | None:
     """The protection ``request.method`` names at ``level``; None for "none" or a protected folder."""
     from facecloak.anonymize import Anonymizer
-    from facecloak.cloak import create_cloak
 
     if request.method == "replace" and request.protected_dir is None:
         return ReplaceFaces(_replacer(request, detector))
     if request.protected_dir is not None or request.method == "none":
         return None
     if request.method == "cloak":
-        return CloakFaces(create_cloak(request.mode, models, level, **_cloak_options(request, detector)))
+        return _cloak_faces(request, models, level, detector)
     return AnonymizeFaces(Anonymizer(request.method))
+
+
+def _cloak_faces(
+    request: EvaluationRequest, models: list[Embedder], level: str, detector: FaceDetector
+) -> CloakFaces:
+    """The request's cloak at ``level`` over ``models``, escalating when the request asks."""
+    options = _cloak_options(request, detector)
+    return CloakFaces.create(request.mode, models, level, escalate=request.escalate, **options)
 
 
 def _replacer(request: EvaluationRequest, detector: FaceDetector):
@@ -160,6 +168,8 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
                 settings["replace_models"] = [m.card.name for m in protection.replacer.models]
         if isinstance(protection, CloakFaces):
             settings["budget"] = asdict(protection.cloak.budget)
+            if protection.escalate_to is not None:
+                settings["escalate_to"] = protection.escalate_to.level
         results.append(
             evaluate(
                 request.data,
@@ -202,16 +212,13 @@ def _leave_one_out(
     on_progress: StageProgress | None,
 ) -> list[dict]:
     """Each model left out of the cloak in turn, measured alone (after JPEG 75)."""
-    from facecloak.cloak import create_cloak
-
     rows = []
     level = "mid" if request.level == "all" else request.level
     for left_out in models:
         kept = [m for m in models if m is not left_out]
-        cloak = create_cloak(request.mode, kept, level, **_cloak_options(request, detector))
         partial = evaluate(
             request.data,
-            CloakFaces(cloak),
+            _cloak_faces(request, kept, level, detector),
             [PipelineAttacker(left_out, detector)],
             detector=detector,
             method="cloak",

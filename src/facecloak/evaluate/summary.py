@@ -60,6 +60,7 @@ def quality_summary(clean: list[Tensor], protected: list[Tensor], records: list[
         cloak_faces = [face for r in records for face in r.get("cloak", [])]
         summary["cloak_faces"] = len(cloak_faces)
         summary["cloak_faces_protected"] = sum(face["protected"] for face in cloak_faces)
+        summary["cloak_faces_escalated"] = sum(bool(face.get("escalated_from")) for face in cloak_faces)
         summary["cloak_steps_mean"] = float(np.mean([face["steps"] for face in cloak_faces]))
     summary["photos_without_face"] = sum(1 for r in records if r.get("faces", 1) == 0)
     realism = [r["realism"] for r in records if r.get("realism")]
