@@ -1123,3 +1123,13 @@ def test_donors_are_matched_on_the_kin_they_share_with_the_face(lfw_dir, detecto
     unmatched = other_sex()
     assert max(matched) <= 1, matched
     assert sum(matched) < sum(unmatched) and max(unmatched) >= 2, (matched, unmatched)
+
+
+def test_a_replacer_keeping_the_mouth_shares_what_the_bank_costs(bank, models, detector):
+    """`FaceReplacer.keeping_mouth`: the other variant, with the same bank, models and kin (not
+    related again), and the first replacer left as it was."""
+    plain = FaceReplacer(bank, models, detector=detector)
+    mouth = plain.keeping_mouth(True)
+    assert mouth.settings.keep_mouth and not plain.settings.keep_mouth
+    assert mouth._kin is plain._kin and mouth.bank is plain.bank and mouth.models == plain.models
+    assert not mouth.keeping_mouth(False).settings.keep_mouth

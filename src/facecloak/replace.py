@@ -32,6 +32,7 @@ to be checked by a recogniser.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Sequence
@@ -330,6 +331,16 @@ class FaceReplacer:
             f"seed={self.seed}, attempts={self.attempts}, margin={self.margin}, "
             f"donor_margins={self.donor_margins}, min_face={self.min_face})"
         )
+
+    def keeping_mouth(self, keep_mouth: bool) -> FaceReplacer:
+        """A copy of this replacer with ``keep_mouth`` set, sharing its bank, models, kin and caches.
+
+        Relating every donor to its kin takes seconds per model on a large bank; a service that
+        offers both variants computes it once.
+        """
+        other = copy.copy(self)
+        other.settings = replace(self.settings, keep_mouth=bool(keep_mouth))
+        return other
 
     @property
     def _device(self) -> torch.device:

@@ -135,10 +135,13 @@ class Engine:
                 raise FacecloakError(
                     "this server has no donor bank; start it with `facecloak serve --donors BANK`"
                 )
-            known = next(iter(self._replace.values()), None)  # the other variant's bank, if loaded
-            bank = known.replacer.bank if known else load_bank(self.settings.donors)
-            detector = self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
-            replacer = FaceReplacer(bank, self.embedders(), detector=detector, keep_mouth=keep_mouth)
+            known = next(iter(self._replace.values()), None)  # the other variant, if built
+            if known is not None:  # its bank, kin and caches shared
+                replacer = known.replacer.keeping_mouth(keep_mouth)
+            else:
+                bank = load_bank(self.settings.donors)
+                detector = self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
+                replacer = FaceReplacer(bank, self.embedders(), detector=detector, keep_mouth=keep_mouth)
             self._replace[keep_mouth] = ReplaceFaces(replacer)
         return self._replace[keep_mouth]
 
