@@ -88,6 +88,23 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
     return ssim_map(a, b).flatten(1).mean(1)
 
 
+def box_mask(size: tuple[int, int] | torch.Size, boxes: Tensor, device: torch.device | str) -> Tensor:
+    """(n, h, w) bool: which pixels of a ``size`` (h, w) grid lie inside each row's box.
+
+    ``boxes``: (n, 4) integer ``x0, y0, x1, y1``, x1 and y1 excluded.
+    """
+    ys = torch.arange(size[0], device=device)[None, :, None]
+    xs = torch.arange(size[1], device=device)[None, None, :]
+    x0, y0, x1, y1 = (boxes[:, k].to(device)[:, None, None] for k in range(4))
+    return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+
+
+def box_means(values: Tensor, boxes: Tensor) -> Tensor:
+    """(n,) mean of (n, h, w) ``values`` inside each row's box (`box_mask`)."""
+    inside = box_mask(values.shape[-2:], boxes, values.device).to(values.dtype)
+    return (values * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
+
+
 def dssim(a: Tensor, b: Tensor) -> Tensor:
     """(B,) structural dissimilarity (1 - SSIM) / 2: 0 when identical; Fawkes' 'mid' cap is 0.012."""
     return (1.0 - ssim(a, b)) / 2.0
@@ -113,10 +130,12 @@ def box_dssim(a: Tensor, b: Tensor, boxes: Tensor, reference: tuple[Tensor, Tens
     values = ssim_map(a, b, reference=reference)
     margin_y = (a.shape[-2] - values.shape[-2]) // 2
     margin_x = (a.shape[-1] - values.shape[-1]) // 2
-    ys = torch.arange(values.shape[-2], device=a.device)[None, :, None] + margin_y
-    xs = torch.arange(values.shape[-1], device=a.device)[None, None, :] + margin_x
-    x0, y0, x1, y1 = (boxes[:, k].to(a.device)[:, None, None] for k in range(4))
-    inside = (xs >= x0 + margin_x) & (xs < x1 - margin_x) & (ys >= y0 + margin_y) & (ys < y1 - margin_y)
+    # the map's pixel (y, x) is the window centred on (y + margin_y, x + margin_x): a window fits
+    # inside a box when its centre lies a margin inside it
+    shrunk = boxes + torch.tensor(
+        [0, 0, -2 * margin_x, -2 * margin_y], dtype=boxes.dtype, device=boxes.device
+    )
+    inside = box_mask(values.shape[-2:], shrunk, a.device)
     weight = inside[:, None].to(values.dtype)
     mean = (values * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) * a.shape[1]).clamp_min(1)
     return (1.0 - mean) / 2.0

@@ -761,12 +761,12 @@ class Cloak:
             # with ``known``, a bucket with no face over the cap keeps those values (its factor is 1)
             values = torch.zeros(len(faces)) if known is None else known.clone()
             for bucket, change, boxes in zip(buckets, changes, regions):
-                if known is not None and not bool(over[bucket.faces].any()):
+                if known is not None and not bool((known[bucket.faces] > cap).any()):
                     continue
                 stored = _as_stored((bucket.crops + bucket.masks * change).clamp(0, 1))
                 for start in range(0, len(stored), COLOUR_CHUNK):  # the map is float64: bound its memory
                     rows = slice(start, start + COLOUR_CHUNK)
-                    values[bucket.faces[rows]] = _box_means(
+                    values[bucket.faces[rows]] = quality.box_means(
                         quality.ciede2000_map(bucket.crops[rows].float(), stored[rows].float()), boxes[rows]
                     ).cpu()
             return values
@@ -949,15 +949,6 @@ def _smooth(gradient: Tensor, sigmas: Tensor) -> Tensor:
             rows = (rounded == sigma).nonzero()[:, 0].to(gradient.device)
             out[rows] = transforms.gaussian_blur(gradient[rows], sigma)
     return out
-
-
-def _box_means(values: Tensor, boxes: Tensor) -> Tensor:
-    """(n,) mean of (n, h, w) ``values`` inside each row's box ``x0, y0, x1, y1`` (x1, y1 excluded)."""
-    ys = torch.arange(values.shape[-2], device=values.device)[None, :, None]
-    xs = torch.arange(values.shape[-1], device=values.device)[None, None, :]
-    x0, y0, x1, y1 = (boxes[:, k].to(values.device)[:, None, None] for k in range(4))
-    inside = ((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)).to(values.dtype)
-    return (values * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
 
 
 def _as_stored(image: Tensor) -> Tensor:
