@@ -126,7 +126,6 @@ FINISH_UNTIL = 1.15
 FINISH_LEVELS = ("low", "mid")
 FINISH_STEPS = 12
 FINISH_SPARE = 1.05
-FINISH_AIM: float | None = None
 """A new face whose worst check lies between FINISH_FROM and FINISH_UNTIL of its margin (and was
 found again) is finished by FINISH_STEPS steps of an away cloak at the first of FINISH_LEVELS
 (`low`: not seen at 200% zoom): a near miss instead of being blurred, a thin pass so that a
@@ -139,10 +138,10 @@ alignment than a new face's (a finished LFW face read 0.7308 of MobileFace's 0.7
 finished again from its unfinished try at the next level (`mid`: not seen at 100%): with `low`
 alone, 17 of the README's 373 LFW faces fell short and were blurred.
 
-FINISH_AIM, when set, stops the finish once the face is that many times past every margin (the
-original's and each donor's, through the simulated upload) for two steps running
-(`AwayCloak.progress`), without enlarging its change to the level's DSSIM cap; None (the default)
-spends every step and fills the cap. Stopping at 1.15 was measured and not kept: on the README's
+The finish spends every step and then fills the level's DSSIM cap. Stopping it once the face was
+1.15 times past every margin (the original's and each donor's, through the simulated upload) for
+two steps running (`AwayCloak(..., spend_budget=False, aim=1.15)`; `AwayCloak.progress`), without
+filling the cap, was measured and not kept: on the README's
 373 LFW faces it replaced 345 instead of 338, re-detected 0.976 instead of 0.967 and took 0.90 s
 a photo instead of 1.48 (6.6 steps on average), but with MobileFace left out of the check 3.1% of
 the replaced subjects matched a donor on it, against 0.6% with every step spent (filling the cap
@@ -610,8 +609,6 @@ class FaceReplacer:
             margins,
             level,
             steps=FINISH_STEPS,
-            spend_budget=FINISH_AIM is None,
-            aim=FINISH_AIM,
             verify=False,
             seed=self.seed,
             detector=self.detector,
