@@ -5,7 +5,9 @@
                                   [--out bench-results/cloak.json]
 
 "One-face photo" is samples/astronaut.jpg (512x512) through detection, the cloak and the honest
-JPEG-75 re-detection check: what `facecloak cloak photo.jpg` spends per photo after start-up.
+JPEG-75 re-detection check: what `facecloak cloak photo.jpg` spends per photo after start-up; the
+same is timed on samples/grace_hopper.jpg (a face that lags: mid's extra steps) and on that photo
+upscaled 5x (7.7 MP, a phone portrait's face size: the cloak's working scale), `--photos`.
 Batch throughput cloaks --batch LFW photos (one face each) in one optimisation. The whole pipeline
 (default on a GPU: 4096 photos; `--pipeline N` on the CPU) runs `facecloak cloak DIR -o OUT` as the
 CLI does, files in and files out, and reports faces/s, per-stage seconds, protection, GPU
@@ -28,6 +30,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from _bench import (
     REPO,
@@ -43,9 +46,11 @@ from _bench import (
 )
 from facecloak._device import cloak_batch_size, compute_workers
 from facecloak.cloak import create_cloak
+from facecloak.defaults import DISTANCE_AFTER_UPLOAD_KEY
 from facecloak.detect import FaceDetector
 from facecloak.io import read_image
 from facecloak.models import create_embedder
+from facecloak.transforms import levels_8bit
 
 HSE_THRESHOLD = 0.3461
 """`facecloak models calibrate hse-mobilenet ../shared/data/lfw/images --max-photos 600` (FAR 1e-3)."""
@@ -83,8 +88,27 @@ def ensembles(device: str) -> dict[str, list]:
     return found
 
 
-def one_face_photo(models, level: str, device: str, detector: FaceDetector, repeats: int) -> dict:
-    image = read_image(REPO / "samples" / "astronaut.jpg").pixels
+LARGE_UPSCALE = 5
+"""The large one-face photo: Grace Hopper's sample upscaled this much (3000 x 2560, 7.7 MP, the face
+about 890 pixels wide, as in a phone's portrait), to time the working scale (`facecloak.cloak.scale`)."""
+
+ONE_FACE_PHOTOS = ("astronaut", "grace_hopper", "large")
+"""The one-face photos timed: the astronaut (512 x 512, past every model within 40 steps), Grace
+Hopper (600 x 512, a face MobileFace lags on: mid's 20 extra steps) and the large one."""
+
+
+def one_face_image(name: str) -> torch.Tensor:
+    """One of `ONE_FACE_PHOTOS`, as pixels."""
+    if name != "large":
+        return read_image(REPO / "samples" / f"{name}.jpg").pixels
+    photo = read_image(REPO / "samples" / "grace_hopper.jpg").pixels
+    large = F.interpolate(photo[None], scale_factor=LARGE_UPSCALE, mode="bicubic", align_corners=False)[0]
+    return levels_8bit(large.clamp(0, 1)).float() / 255
+
+
+def one_face_photo(
+    models, level: str, device: str, detector: FaceDetector, repeats: int, image: torch.Tensor
+) -> dict:
     cloak = create_cloak("untargeted", models, level, detector=detector)
     cloak([image], detector([image]))  # warm-up
     times, steps, protected, stages = [], [], [], []
@@ -100,10 +124,21 @@ def one_face_photo(models, level: str, device: str, detector: FaceDetector, repe
         protected.append(bool(result.protected[0]))
         stages.append({"detect": round(detected - start, 4), **result.timings})
     best = min(range(len(times)), key=times.__getitem__)
+    record = result.records(faces)[0]
     return {
+        "size": list(image.shape[-2:]),
         "seconds_per_photo": round(times[best], 3),
         "steps": steps[0],
         "protected": all(protected),
+        "working_factor": record["working_factor"],
+        "distance_after_jpeg_over_threshold": {
+            name: None
+            if m[DISTANCE_AFTER_UPLOAD_KEY] is None
+            else round(m[DISTANCE_AFTER_UPLOAD_KEY] / m["threshold"], 3)
+            for name, m in record["models"].items()
+        },
+        "face_dssim": record["dssim"],
+        "ciede2000_mean": record["ciede2000_mean"],
         "stage_seconds": stages[best],  # of the fastest run: where a photo's time goes
     }
 
@@ -358,6 +393,9 @@ def main() -> None:
     parser.add_argument("--min-chunks", type=int, default=1, help="pipeline chunks per row at least")
     parser.add_argument("--profile", action="store_true", help="profile the batch run (torch.profiler)")
     parser.add_argument("--no-single", action="store_true", help="skip the one-face-photo timing")
+    parser.add_argument(
+        "--photos", default=",".join(ONE_FACE_PHOTOS), help="one-face photos to time (of ONE_FACE_PHOTOS)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "cloak.json")
     add_allocator_option(parser)
     args = parser.parse_args()
@@ -371,9 +409,13 @@ def main() -> None:
             for level in args.levels.split(","):
                 row = {"models": name, "device": device, "level": level}
                 if not args.no_single:
-                    row["one_face_photo"] = _attempt(
-                        one_face_photo, models, level, device, detector, args.repeats
-                    )
+                    for photo in args.photos.split(","):
+                        key = "one_face_photo" if photo == "astronaut" else f"one_face_photo_{photo}"
+                        image = one_face_image(photo)
+                        row[key] = _attempt(
+                            one_face_photo, models, level, device, detector, args.repeats, image
+                        )
+                        print(key, row[key], flush=True)
                 batch = args.batch if device == "cpu" else max(args.batch, 256)
                 if not args.no_batch:
                     measure = profiled(batch_throughput, args.out) if args.profile else batch_throughput

@@ -45,6 +45,7 @@ from facecloak.cloak.regions import (
     paste_perturbations,
     sample_chips,
 )
+from facecloak.cloak.scale import working_factors, working_photos
 from facecloak.cloak.skip_gradient import skip_gradient
 from facecloak.cloak.verify import face_records, measure_cloaked
 from facecloak.defaults import REGION_SCALE
@@ -177,6 +178,8 @@ class CloakResult:
         reference_photos: (N,) how many clean photos each face's reference averages (1: its own).
         timings: seconds per stage of the call ("embed", "prepare", "optimise", "compose",
             "check", "quality"), GPU work included: where the time goes, for benchmarks.
+        working_factors: (N,) how much each face's photo was area-averaged for the optimisation
+            (1: its native resolution; a large face's change is upsampled, `facecloak.cloak.scale`).
     """
 
     images: list[Tensor]
@@ -196,6 +199,7 @@ class CloakResult:
     settings: dict = field(default_factory=dict)
     reference_photos: Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    working_factors: Tensor | None = None
 
     def records(self, faces: Faces) -> list[dict]:
         """One JSON-ready dict per face, in ``faces`` order (`facecloak.cloak.verify.face_records`)."""
@@ -386,6 +390,12 @@ class Cloak:
             return self._result(photos, stored, faces, ([], nothing), nothing, started, clock)
         # one alignment per model, shared by the clean embedding, the crops and the cloaked output
         alignments = [model_alignment(photos, faces, m.card) for m in self.models]
+        native = photos, faces, alignments
+        # a face every model reads area-averaged is worked on at that scale (`facecloak.cloak.scale`)
+        working = working_photos(photos, faces, working_factors(faces, alignments), stored=_as_stored)
+        if not working.native:
+            photos, faces = working.photos, working.faces
+            alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         clean = [
             embed_faces(photos, faces, model, chip_from_image=alignment)
             for model, alignment in zip(self.models, alignments)
@@ -413,8 +423,13 @@ class Cloak:
             deltas, steps = self._optimise(buckets, faces, references[0], generator, on_step)
         clock.lap("optimise")
         cloaked, dssim = self._compose_within_budget(photos, faces, buckets, deltas)
+        if not working.native:
+            # measured again on the photos as stored: the caps held at the working scale
+            cloaked, dssim = working.to_native(native[0], cloaked, _as_stored), None
+            photos, faces, alignments = native
         clock.lap("compose")
-        return self._result(photos, cloaked, faces, references, steps, started, clock, alignments, dssim)
+        result = self._result(photos, cloaked, faces, references, steps, started, clock, alignments, dssim)
+        return replace(result, working_factors=working.factors[working.faces.image_index.cpu()].float())
 
     # -- the loop ---------------------------------------------------------------------------
     def _optimise(

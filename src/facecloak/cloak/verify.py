@@ -157,6 +157,10 @@ def face_records(result: CloakResult, faces: Faces) -> list[dict]:
                 "steps": int(result.steps[n]),
                 # distances are from the mean of this many clean photos of the person (1: its own)
                 "reference_photos": 1 if result.reference_photos is None else int(result.reference_photos[n]),
+                # > 1: a large face, cloaked on its photo area-averaged this much (`facecloak.cloak.scale`)
+                "working_factor": 1.0
+                if result.working_factors is None
+                else round(float(result.working_factors[n]), 3),
             }
         )
     return out
