@@ -1,7 +1,8 @@
 """The cloak contract: budgets, the optimisation loop, the per-face result.
 
-A cloak is a small perturbation of each face, optimised at the photo's native resolution, inside
-a feathered face region, through the differentiable alignment into every chosen face model at
+A cloak is a small perturbation of each face, optimised at the photo's native resolution (a face
+far larger than the models' chips: at its working scale, `facecloak.cloak.scale`), inside a
+feathered face region, through the differentiable alignment into every chosen face model at
 once, and through random simulated uploads (JPEG, rescaling, blur, landmark noise). Subclasses
 (one file per method) only say what to minimise per face (`Cloak.objective`); the loop, the
 budget (L-infinity and DSSIM caps, both enforced, not just penalised), early stopping and the
