@@ -140,16 +140,19 @@ CLOAK_CONSTANTS = (
     "FILL_MAX_FACTOR",
     "COMPOSE_MAX_SHRINK",
     "EXTRA_STEPS_BELOW",
+    "WORKING_FACE_PX",
 )
-"""Constants of `facecloak.cloak.base` that the transfer scripts' ``--set NAME=VALUE`` may override."""
+"""Constants of `facecloak.cloak.base` (and `facecloak.cloak.scale`) that the transfer scripts'
+``--set NAME=VALUE`` may override."""
 
 
 def set_cloak_constants(items: list[str], parser) -> None:
-    """Apply ``--set NAME=VALUE`` items to `facecloak.cloak.base` (for this run only)."""
-    from facecloak.cloak import base
+    """Apply ``--set NAME=VALUE`` items to `facecloak.cloak.base` or `.scale` (for this run only)."""
+    from facecloak.cloak import base, scale
 
     for item in items:
         name, _, value = item.partition("=")
         if name not in CLOAK_CONSTANTS:
             parser.error(f"--set {name}: not one of {', '.join(CLOAK_CONSTANTS)}")
-        setattr(base, name, type(getattr(base, name))(float(value)))
+        module = base if hasattr(base, name) else scale
+        setattr(module, name, type(getattr(module, name))(float(value)))
