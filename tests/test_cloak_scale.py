@@ -103,3 +103,24 @@ def test_a_large_face_is_cloaked_at_its_working_scale_and_changed_only_around_it
     outside = change.clone()
     outside[max(0, y0 - margin) : y1 + margin, max(0, x0 - margin) : x1 + margin] = 0
     assert float(change.max()) > 4 / 255 and float(outside.max()) == 0
+
+
+def test_a_photo_with_a_large_and_a_small_face_cloaks_each_at_its_own_scale(
+    large_photo, samples_dir, detector, dlib_resnet
+):
+    small = read_image(samples_dir / "grace_hopper.jpg").pixels
+    canvas = large_photo.clone()
+    canvas[:, -small.shape[-2] :, -small.shape[-1] :] = small  # bottom right, clear of the large face
+    faces = detector([canvas])
+    assert len(faces) == 2
+    cloak = create_cloak("untargeted", [dlib_resnet], "mid", detector=detector, seed=0)
+    result = cloak([canvas], faces)
+    widths = faces.boxes[:, 2] - faces.boxes[:, 0]
+    large, little = int(widths.argmax()), int(widths.argmin())
+    assert float(result.working_factors[large]) > MIN_WORKING_FACTOR
+    assert float(result.working_factors[little]) == 1
+    assert result.protected.all(), result.distance_jpeg
+    regions = face_regions(faces, cloak.region_scale)
+    for n in (large, little):
+        x0, y0, x1, y1 = (int(v) for v in regions[n].round().tolist())
+        assert float((result.images[0] - canvas)[:, y0:y1, x0:x1].abs().max()) > 4 / 255
