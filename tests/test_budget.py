@@ -264,3 +264,43 @@ def test_the_written_out_jpeg_backward_is_the_straight_through_gradient(samples_
         assert torch.equal(transforms.jpeg_compress(images, qualities, subsample_chroma=subsample), reference)
         assert torch.allclose(fast.grad, traced.grad, atol=1e-5), float((fast.grad - traced.grad).abs().max())
         assert float(fast.grad.abs().max()) > 0.5  # a real gradient, not zeros on both sides
+
+
+def test_largest_factor_under_cap_fits_nearly_the_whole_cap_in_few_measures():
+    from facecloak.cloak.budget import CAP_SLACK, largest_factor_under_cap
+
+    calls = []
+    scale = torch.tensor([0.002, 0.012, 0.03, 0.5, 0.02])
+
+    def dssim_like(factor: torch.Tensor) -> torch.Tensor:  # about quadratic, a little less for large factors
+        calls.append(1)
+        return scale * factor**2 / (1 + 0.3 * factor)
+
+    cap = 0.008
+    low = torch.zeros(5)
+    high = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])  # the last row: nothing to search
+    at_high = dssim_like(high)
+    calls.clear()
+    factor = largest_factor_under_cap(
+        dssim_like, cap, low, high, low_values=torch.zeros(5), high_values=at_high
+    )
+    values = scale * factor**2 / (1 + 0.3 * factor)
+    assert factor[0] == 1 and factor[4] == 0  # fits already / an empty bracket
+    assert (values <= cap).all()
+    assert (values[1:4] >= (1 - 2 * CAP_SLACK) * cap).all()  # the cap is nearly reached
+    assert len(calls) <= 4  # a bisection to 1/256: 8
+
+    # a measure that is not a power of the factor (colour over a fixed brightness change)
+    def colour_like(factor: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(0.8**2 + (1.9 * factor) ** 2)
+
+    f = largest_factor_under_cap(
+        colour_like,
+        1.4,
+        torch.zeros(1),
+        torch.ones(1),
+        low_values=colour_like(torch.zeros(1)),
+        high_values=colour_like(torch.ones(1)),
+    )
+    exact = math.sqrt(1.4**2 - 0.8**2) / 1.9
+    assert exact * 0.98 <= float(f) <= exact

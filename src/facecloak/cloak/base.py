@@ -31,7 +31,7 @@ from facecloak.cloak.budget import (
     CloakBudget,
     enforce_dssim,
     jnd_map,
-    largest_fitting_factor,
+    largest_factor_under_cap,
     limit_change,
     scale_colour,
 )
@@ -128,18 +128,14 @@ share of its cap, steering the change toward textured areas before the hard cap 
 DSSIM_CHECK_EVERY = 4
 """Steps between hard DSSIM checks (the penalty in the loss keeps faces under the cap meanwhile)."""
 
-COLOUR_BISECTIONS = 6
 COLOUR_CHUNK = 32
-"""Halvings of the colour factor of a face over its CIEDE2000 cap (`Cloak._limit_colour`), and how
-many faces' CIEDE2000 maps are computed at once."""
+"""How many faces' CIEDE2000 maps `Cloak._limit_colour` computes at once."""
 
 FILL_BUDGET = True
 FILL_MAX_FACTOR = 2.0
-FILL_BISECTIONS = 6
 """With the budget spent (``spend_budget``), the change of each face is finally enlarged, by at
 most FILL_MAX_FACTOR (its direction was chosen for a change of about its own size), until the
-stored face reaches the DSSIM cap (`Cloak._fill`); FILL_BISECTIONS halvings find the factor to
-within 1/64."""
+stored face reaches the DSSIM cap (`Cloak._fill`, `facecloak.cloak.budget.largest_factor_under_cap`)."""
 
 PIXEL_LEVELS = 255.0
 """8-bit grey levels per unit of intensity: budgets and step sizes are given in 1/255."""
@@ -746,12 +742,16 @@ class Cloak:
                 values[bucket.faces] = quality.box_dssim(bucket.crops, stored, boxes).float().cpu()
             return values
 
-        under = measure(deltas) < cap
+        now = measure(deltas)
+        under = now < cap
         if not bool(under.any()):
             return deltas
         low = torch.ones(len(faces))
         high = torch.where(under, FILL_MAX_FACTOR, 1.0)
-        factor = largest_fitting_factor(lambda f: measure(enlarged(f)) <= cap, low, high, FILL_BISECTIONS)
+        at_high = measure(enlarged(high))
+        factor = largest_factor_under_cap(
+            lambda f: measure(enlarged(f)), cap, low, high, low_values=now, high_values=at_high
+        )
         return enlarged(factor)
 
     def _limit_colour(
@@ -791,13 +791,19 @@ class Cloak:
         over = first > cap
         if not bool(over.any()):
             return deltas
-        factor = largest_fitting_factor(
-            lambda f: measure(coloured(f), first) <= cap,
-            torch.where(over, 0.0, 1.0),
+        low = torch.where(over, 0.0, 1.0)
+        grey = measure(coloured(low), first)  # brightness change only, for the faces over the cap
+        if not bool((grey[over] < cap).any()):
+            return coloured(low)  # over on brightness alone: no colour change can be kept
+        factor = largest_factor_under_cap(
+            lambda f: measure(coloured(f), first),
+            cap,
+            torch.where(grey <= cap, low, 1.0),
             torch.ones(len(faces)),
-            COLOUR_BISECTIONS,
+            low_values=torch.where(grey <= cap, grey, first),
+            high_values=first,
         )
-        return coloured(factor)
+        return coloured(torch.where(over & (grey > cap), 0.0, factor))
 
     def _stored_dssim(self, cloaked: list[Tensor], faces: Faces, buckets: list[Bucket]) -> Tensor:
         """(N,) DSSIM of each face region of the composed photos, a bucket at a time.
