@@ -304,3 +304,16 @@ def test_largest_factor_under_cap_fits_nearly_the_whole_cap_in_few_measures():
     )
     exact = math.sqrt(1.4**2 - 0.8**2) / 1.9
     assert exact * 0.98 <= float(f) <= exact
+
+    # a measure that flattens out (a change clipped to its allowance past factor 1.3): regula falsi
+    # alone would keep closing in from above; the Illinois form reaches the cap from below too
+    calls.clear()
+
+    def clipped(factor: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return torch.where(factor < 1.3, 0.8 * factor**2, 0.8 * 1.69 + 0.01 * (factor - 1.3))
+
+    one, two = torch.ones(1), torch.full((1,), 2.0)
+    f = largest_factor_under_cap(clipped, 1.0, one, two, low_values=clipped(one), high_values=clipped(two))
+    assert (1 / 0.8) ** 0.5 * 0.995 <= float(f) <= (1 / 0.8) ** 0.5
+    assert len(calls) <= 2 + 5
