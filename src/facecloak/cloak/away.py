@@ -36,6 +36,7 @@ class AwayCloak(Cloak):
     """
 
     name = "away"
+    embeds_clean_faces = False  # the embeddings to leave are given
 
     def __init__(
         self,

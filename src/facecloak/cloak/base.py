@@ -245,6 +245,9 @@ class Cloak:
     """
 
     name = "base"
+    embeds_clean_faces = True
+    """Whether `prepare` and `references` read the clean faces' embeddings (a cloak given the
+    embeddings to leave does not: the call then skips a pass of every model over every face)."""
 
     def __init__(
         self,
@@ -393,10 +396,14 @@ class Cloak:
         if not working.native:
             photos, faces = working.photos, working.faces
             alignments = [model_alignment(photos, faces, m.card) for m in self.models]
-        clean = [
-            embed_faces(photos, faces, model, chip_from_image=alignment)
-            for model, alignment in zip(self.models, alignments)
-        ]
+        clean = (
+            [
+                embed_faces(photos, faces, model, chip_from_image=alignment)
+                for model, alignment in zip(self.models, alignments)
+            ]
+            if self.embeds_clean_faces
+            else []
+        )
         self.prepare(clean, faces, identity)
         # what the objective pushes from: progress, stopping and the honest check all measure it
         references = self.references(clean)
