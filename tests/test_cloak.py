@@ -542,3 +542,20 @@ def test_extra_steps_go_only_to_faces_still_near_their_reference(
         [dlib_model], "mid", budget=short, spend_budget=False, aim=9.0, verify=False, seed=0
     )(photos, centre_faces)
     assert unspent.steps.tolist() == [2, 2]  # a cloak that stops at its aim has no extra steps
+
+
+def test_the_extra_steps_always_go_through_the_model_the_faces_lag_on():
+    """With a subset of the models per step, an extra step swaps in the model most of the faces
+    still going on lag on (under `EXTRA_STEPS_BELOW`) for the one they are furthest past; a step
+    that already holds it, or with no model lagging behind another, keeps its models."""
+    from facecloak.cloak.base import EXTRA_STEPS_BELOW, _with_laggard
+
+    recent = torch.tensor([[1.4, 1.9, 0.8], [1.3, 1.6, 1.0], [1.5, 1.2, 1.2]])  # MobileFace-like laggard: 2
+    assert EXTRA_STEPS_BELOW > 1.0
+    assert _with_laggard([0, 1], recent) == [0, 2]  # model 1 is the furthest past: it sits out
+    assert _with_laggard([1, 2], recent) == [1, 2]
+    assert _with_laggard([0, 2], recent) == [0, 2]
+    assert _with_laggard([1], recent) == [2]
+    recent[:, 0] = 0.9  # now model 0 lags for every face
+    assert _with_laggard([1, 2], recent) == [0, 2]
+    assert _with_laggard([1, 2], torch.full((3, 3), 1.3)) == [1, 2]  # nobody lags any more

@@ -468,6 +468,8 @@ class Cloak:
             if not bool(active.any()):
                 break
             chosen = schedule[step - 1]
+            if step > budget.steps and len(chosen) < len(self.models):
+                chosen = _with_laggard(chosen, recent[active])
             for b, bucket in enumerate(buckets):
                 rows = active[bucket.faces].nonzero()[:, 0]
                 if len(rows) == 0:
@@ -957,6 +959,22 @@ class _StageClock:
         now = time.perf_counter()
         self.laps[stage] = round(self.laps.get(stage, 0.0) + now - self._last, 4)
         self._last = now
+
+
+def _with_laggard(chosen: list[int], recent: Tensor) -> list[int]:
+    """``chosen`` with the model most faces lag on in place of the one they are furthest past.
+
+    For the extra steps (`EXTRA_STEPS_BELOW`): ``recent`` (n, M) is the running distance, in
+    thresholds, of the faces still going on. The step keeps its number of models (its cost), but
+    the model that leaves faces short is in every step, not in ``models_per_step`` of ``M``. With
+    no face under `EXTRA_STEPS_BELOW` on any model, the step keeps its own models.
+    """
+    lagging = (recent < EXTRA_STEPS_BELOW).sum(0)
+    laggard = int(lagging.argmax())
+    if laggard in chosen or int(lagging[laggard]) == 0:
+        return chosen
+    furthest = max(chosen, key=lambda m: float(recent[:, m].mean()))
+    return sorted([m for m in chosen if m != furthest] + [laggard])
 
 
 def _flipped(chips: Tensor, flips: Tensor | None) -> Tensor:

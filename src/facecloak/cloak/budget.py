@@ -152,8 +152,9 @@ MID_EXTRA_STEPS = 20
 spent (`facecloak.cloak.base.EXTRA_STEPS_BELOW`). With dlib-resnet, MobileFace and the HSE
 MobileNet attacked, on three sets of 48 LFW photos (`scripts/probe_transfer.py --photos 48 --seed
 2|3|4`), faces past every model after JPEG 75: 104 -> 118 of 144, for 9-19% more time; 20 more
-gave none. `low` gains no face (none of 48 passes all three models at low), `high` passes 47 of
-48 without them."""
+gave none. With the laggard in every extra step (`facecloak.cloak.base._with_laggard`): 126.
+`low` gains no face (none of 48 passes all three models at low), `high` passes 47 of 48 without
+them."""
 
 LEVELS: dict[str, CloakBudget] = {
     "low": CloakBudget(
