@@ -392,7 +392,8 @@ class Cloak:
         alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         native = photos, faces, alignments
         # a face every model reads area-averaged is worked on at that scale (`facecloak.cloak.scale`)
-        working = working_photos(photos, faces, working_factors(faces, alignments), stored=_as_stored)
+        factors = working_factors(faces, alignments)
+        working = working_photos(photos, faces, factors, stored=_as_stored)
         if not working.native:
             photos, faces = working.photos, working.faces
             alignments = [model_alignment(photos, faces, m.card) for m in self.models]
@@ -433,7 +434,7 @@ class Cloak:
             photos, faces, alignments = native
         clock.lap("compose")
         result = self._result(photos, cloaked, faces, references, steps, started, clock, alignments, dssim)
-        return replace(result, working_factors=working.factors[working.faces.image_index.cpu()].float())
+        return replace(result, working_factors=factors.float())
 
     # -- the loop ---------------------------------------------------------------------------
     def _optimise(
@@ -802,17 +803,17 @@ class Cloak:
             return deltas
         low = torch.where(over, 0.0, 1.0)
         grey = measure(coloured(low), first)  # brightness change only, for the faces over the cap
-        if not bool((grey[over] < cap).any()):
-            return coloured(low)  # over on brightness alone: no colour change can be kept
+        # a face over the cap on brightness alone keeps no colour change: its bracket is [0, 0]
+        high = torch.where(over & (grey > cap), 0.0, 1.0)
         factor = largest_factor_under_cap(
             lambda f: measure(coloured(f), first),
             cap,
-            torch.where(grey <= cap, low, 1.0),
-            torch.ones(len(faces)),
-            low_values=torch.where(grey <= cap, grey, first),
-            high_values=first,
+            low,
+            high,
+            low_values=grey,
+            high_values=torch.where(high > 0, first, grey),
         )
-        return coloured(torch.where(over & (grey > cap), 0.0, factor))
+        return coloured(factor)
 
     def _stored_dssim(self, cloaked: list[Tensor], faces: Faces, buckets: list[Bucket]) -> Tensor:
         """(N,) DSSIM of each face region of the composed photos, a bucket at a time.
