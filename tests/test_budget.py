@@ -228,6 +228,35 @@ def test_separable_filter_gives_the_grouped_convolution_values_and_gradients():
     flat_image = torch.full((1, 3, 20, 20), 0.4)
     same = transforms.separable_filter(flat_image, kernel / kernel.sum(), "reflect")
     assert same.shape == flat_image.shape and torch.allclose(same, flat_image, atol=1e-6)
+    # without a graph to record, the CPU takes shifted sums: the same values, padded or not
+    for pad_mode in (None, "reflect", "replicate"):
+        recorded = transforms.separable_filter(images, kernel, pad_mode)
+        with torch.no_grad():
+            summed = transforms.separable_filter(images, kernel, pad_mode)
+        assert summed.shape == recorded.shape and summed.is_contiguous()
+        assert torch.allclose(summed, recorded, atol=1e-6)
+
+
+def test_box_dssim_gradient_in_closed_form_is_the_recorded_one():
+    """With the clean image's means given, box_dssim's gradient is written out; it must be autograd's."""
+    generator = torch.Generator().manual_seed(4)
+    a = torch.rand(2, 3, 40, 48, generator=generator, dtype=torch.float64)
+    noise = 0.05 * torch.randn(a.shape, generator=generator, dtype=torch.float64)
+    b = (a + noise).clamp(0, 1).requires_grad_(True)
+    boxes = torch.tensor([[3, 5, 30, 35], [10, 0, 48, 40]])
+    written = quality.box_dssim(a, b, boxes, quality.reference_means(a))
+    recorded = quality.box_dssim(a, b, boxes)  # no means: autograd through the SSIM map
+    assert torch.allclose(written, recorded, atol=1e-12)
+    weights = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    (grad_written,) = torch.autograd.grad((written * weights).sum(), b)
+    (grad_recorded,) = torch.autograd.grad((recorded * weights).sum(), b)
+    assert float(grad_recorded.abs().max()) > 1e-5
+    assert torch.allclose(grad_written, grad_recorded, atol=1e-12, rtol=1e-9)
+    # outside each box nothing counts
+    outside = torch.ones_like(grad_written, dtype=torch.bool)
+    outside[0, :, 5:35, 3:30] = False
+    outside[1, :, 0:40, 10:48] = False
+    assert float(grad_written[outside].abs().max()) == 0.0
 
 
 def test_block_dct_is_the_two_sided_8x8_transform():

@@ -454,12 +454,23 @@ class Cloak:
         seen = torch.zeros(len(faces), len(self.models))  # each model's latest ratio, per face
         recent = torch.zeros(len(faces), len(self.models))  # and its running mean
         deltas = [torch.zeros_like(bucket.crops) for bucket in buckets]
-        first = [torch.zeros_like(delta) for delta in deltas]
-        second = [torch.zeros_like(delta) for delta in deltas]
+        # each step works on the rectangle that holds the bucket's regions (the masks are 0
+        # outside it); the chips, which read the whole crop, see it pasted into the clean crop
         region_boxes = [self._boxes_in_crop(bucket, faces) for bucket in buckets]
-        allowances = [self._allowance(bucket) for bucket in buckets]
+        rects = [
+            _changed_rectangle(boxes, bucket.crops.shape[-2:]) for boxes, bucket in zip(region_boxes, buckets)
+        ]
+        rect_boxes = [_boxes_in_rectangle(boxes, rect) for boxes, rect in zip(region_boxes, rects)]
+        rect_crops = [bucket.crops[..., ys, xs] for bucket, (ys, xs) in zip(buckets, rects)]
+        rect_masks = [bucket.masks[..., ys, xs] for bucket, (ys, xs) in zip(buckets, rects)]
+        first = [torch.zeros_like(crops) for crops in rect_crops]
+        second = [torch.zeros_like(crops) for crops in rect_crops]
+        allowances = [
+            allowance if allowance.ndim == 0 else allowance[..., ys, xs]
+            for allowance, (ys, xs) in zip((self._allowance(bucket) for bucket in buckets), rects)
+        ]
         sigmas = [self._smoothing_sigmas(bucket) for bucket in buckets]
-        clean_means = [quality.reference_means(bucket.crops) for bucket in buckets]  # fixed: once
+        clean_means = [quality.reference_means(crops) for crops in rect_crops]  # fixed: once
         beta1, beta2 = ADAM_BETAS
         dssim_cap = budget.max_dssim * DSSIM_SAFETY
         extra = budget.extra_steps if self.spend_budget else 0
@@ -482,9 +493,13 @@ class Cloak:
                 index = rows.to(self.device) if gathered else slice(None)
                 on_cpu = rows if gathered else slice(None)
                 face_index = bucket.faces[rows]
-                delta = deltas[b][index].clone().requires_grad_(True)
-                crops, masks = bucket.crops[index], bucket.masks[index]
-                adversarial = (crops + masks * delta).clamp(0, 1)
+                ys, xs = rects[b]
+                delta = deltas[b][index][..., ys, xs].clone().requires_grad_(True)
+                crops, masks = bucket.crops[index], rect_masks[b][index]
+                clean_rect = rect_crops[b][index]
+                changed = (clean_rect + masks * delta).clamp(0, 1)
+                adversarial = crops.clone()
+                adversarial[..., ys, xs] = changed
                 loss, ratios = self._draws(
                     adversarial,
                     bucket,
@@ -504,7 +519,8 @@ class Cloak:
                     ratios if step == 1 else RECENT_DECAY * recent[face_index] + (1 - RECENT_DECAY) * ratios
                 )
                 means = tuple(m[index] for m in clean_means[b])
-                total = loss + self._dssim_penalty(crops, adversarial, region_boxes[b][on_cpu], means)
+                boxes = rect_boxes[b][on_cpu]
+                total = loss + self._dssim_penalty(clean_rect, changed, boxes, means)
                 (gradient,) = torch.autograd.grad(total.sum(), delta)
                 gradient = _smooth(gradient, sigmas[b][on_cpu]) * masks
                 with torch.no_grad():
@@ -525,15 +541,13 @@ class Cloak:
                         direction = m_hat / (v_hat.sqrt() + ADAM_EPSILON)
                     allowance = allowances[b] if allowances[b].ndim == 0 else allowances[b][index]
                     updated = limit_change(delta - lr * direction, allowance, budget.chroma_share)
-                    updated = (crops + updated).clamp(0, 1) - crops  # stay a valid image
+                    updated = (clean_rect + updated).clamp(0, 1) - clean_rect  # stay a valid image
                     if step % DSSIM_CHECK_EVERY == 0 or step in (budget.steps, last_step):
-                        updated = enforce_dssim(
-                            crops, masks, updated, region_boxes[b][on_cpu], dssim_cap, reference=means
-                        )
+                        updated = enforce_dssim(clean_rect, masks, updated, boxes, dssim_cap, reference=means)
                     if gathered:
-                        deltas[b][index] = updated
+                        deltas[b][index, :, ys, xs] = updated
                     else:
-                        deltas[b] = updated
+                        deltas[b][..., ys, xs] = updated
                 steps_taken[face_index] += 1
                 stop_at = SPEND_TARGET if self.spend_budget else budget.aim
                 at_aim = (ratios >= stop_at).all(dim=1)
@@ -976,6 +990,24 @@ def _with_laggard(chosen: list[int], recent: Tensor) -> list[int]:
         return chosen
     furthest = max(chosen, key=lambda m: float(recent[:, m].mean()))
     return sorted([m for m in chosen if m != furthest] + [laggard])
+
+
+def _changed_rectangle(boxes: Tensor, size: torch.Size) -> tuple[slice, slice]:
+    """(rows, columns) of a bucket's crops that hold every face's region box (``boxes``: (n, 4)).
+
+    The whole crop where the boxes are empty.
+    """
+    x0, y0 = int(boxes[:, 0].min()), int(boxes[:, 1].min())
+    x1, y1 = int(boxes[:, 2].max()), int(boxes[:, 3].max())
+    if x1 <= x0 or y1 <= y0:
+        return slice(0, size[0]), slice(0, size[1])
+    return slice(y0, y1), slice(x0, x1)
+
+
+def _boxes_in_rectangle(boxes: Tensor, rectangle: tuple[slice, slice]) -> Tensor:
+    """(n, 4) region boxes relative to the `_changed_rectangle` they lie in."""
+    ys, xs = rectangle
+    return boxes - torch.tensor([xs.start, ys.start, xs.start, ys.start], dtype=boxes.dtype)
 
 
 def _flipped(chips: Tensor, flips: Tensor | None) -> Tensor:
