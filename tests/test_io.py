@@ -330,3 +330,16 @@ def test_a_partly_changed_photo_re_encodes_exactly_as_the_whole_photo(boxes) -> 
     assert torch.equal(jpeg_roundtrip_changed(changed, original, jpeg_roundtrip(original, 75), 75), whole)
     if boxes:  # and the areas changed did change after the round trip (the test can fail)
         assert not torch.equal(whole, jpeg_roundtrip(original, 75))
+
+
+def test_rgb_pixels_are_the_8_bit_levels_over_255_in_every_mode():
+    """The torch conversion of a decoded photo gives exactly numpy's float values, as (3, H, W)."""
+    from facecloak.io.read import rgb_pixels
+
+    generator = np.random.default_rng(5)
+    rgb = Image.fromarray(generator.integers(0, 256, (7, 5, 3), dtype=np.uint8), "RGB")
+    for image in (rgb, rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("P")):
+        expected = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        pixels = rgb_pixels(image)
+        assert pixels.dtype == torch.float32 and pixels.shape == (3, 7, 5) and pixels.is_contiguous()
+        assert torch.equal(pixels, torch.from_numpy(np.ascontiguousarray(expected)))

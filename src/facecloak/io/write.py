@@ -18,7 +18,7 @@ from facecloak import jpeg_blocks
 from facecloak.defaults import OUTPUT_JPEG_QUALITY
 from facecloak.errors import ImageWriteError
 from facecloak.io.files import IMAGE_SUFFIXES, OUTPUT_FORMATS, ProtectedFiles
-from facecloak.io.read import _ORIENTATION_TAG, LoadedImage, _short
+from facecloak.io.read import _ORIENTATION_TAG, LoadedImage, _short, rgb_pixels
 from facecloak.transforms import levels_8bit
 
 JPEG_QUALITY = OUTPUT_JPEG_QUALITY
@@ -228,8 +228,7 @@ def jpeg_roundtrip(pixels: Tensor, quality: int = 75) -> Tensor:
     Image.fromarray(to_uint8(pixels)).save(buffer, format="JPEG", quality=int(quality))
     buffer.seek(0)
     with Image.open(buffer) as decoded:
-        array = np.asarray(decoded.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(pixels.device)
+        return rgb_pixels(decoded).to(pixels.device)
 
 
 _JPEG_MCU = 16
