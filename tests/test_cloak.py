@@ -424,6 +424,45 @@ def test_changes_pasted_crop_by_crop_equal_the_whole_photo_pasted_and_rounded(
     assert torch.equal(_as_stored(plain[0]), expected[0])
 
 
+def test_each_step_works_on_a_rectangle_that_holds_every_mask(dlib_model, detector, samples_dir):
+    """The optimisation's steps change only `_changed_rectangle` of each bucket's crops: every
+    face's mask must lie inside it (else part of a change would be lost), and for a lone face it
+    is the region, well inside the crop its models read."""
+    from facecloak.align import model_alignment
+    from facecloak.cloak import create_cloak
+    from facecloak.cloak.base import _boxes_in_rectangle, _changed_rectangle
+    from facecloak.cloak.regions import build_buckets
+
+    cloak = create_cloak("untargeted", [dlib_model], "mid", detector=detector)
+    photos = [read_image(samples_dir / name).pixels for name in ("group.jpg", "grace_hopper.jpg")]
+    faces = detector(photos)
+    alignment = model_alignment(photos, faces, dlib_model.card)
+    for max_faces in (1, 8):
+        buckets = build_buckets(
+            photos,
+            faces,
+            [dlib_model],
+            [alignment],
+            region_scale=cloak.region_scale,
+            feather=0.15,
+            max_faces=max_faces,
+        )
+        for bucket in buckets:
+            boxes = cloak._boxes_in_crop(bucket, faces)
+            ys, xs = _changed_rectangle(boxes, bucket.crops.shape[-2:])
+            inside = bucket.masks[..., ys, xs].sum()
+            assert float(inside) > 0 and torch.allclose(inside, bucket.masks.sum())
+            shifted = _boxes_in_rectangle(boxes, (ys, xs))
+            assert int(shifted[:, :2].min()) == 0
+            assert (
+                int(shifted[:, 2].max()) == xs.stop - xs.start
+                and int(shifted[:, 3].max()) == ys.stop - ys.start
+            )
+            if max_faces == 1:
+                area = (ys.stop - ys.start) * (xs.stop - xs.start)
+                assert area < 0.8 * bucket.crops.shape[-2] * bucket.crops.shape[-1]
+
+
 def test_the_laggard_pull_moves_the_model_that_leaves_faces_unprotected(
     lfw_dir, mobileface_dir, dlib_model, detector
 ):

@@ -1007,7 +1007,9 @@ def _changed_rectangle(boxes: Tensor, size: torch.Size) -> tuple[slice, slice]:
 def _boxes_in_rectangle(boxes: Tensor, rectangle: tuple[slice, slice]) -> Tensor:
     """(n, 4) region boxes relative to the `_changed_rectangle` they lie in."""
     ys, xs = rectangle
-    return boxes - torch.tensor([xs.start, ys.start, xs.start, ys.start], dtype=boxes.dtype)
+    return boxes - torch.tensor(
+        [xs.start, ys.start, xs.start, ys.start], dtype=boxes.dtype, device=boxes.device
+    )
 
 
 def _flipped(chips: Tensor, flips: Tensor | None) -> Tensor:
