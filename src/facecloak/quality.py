@@ -259,9 +259,13 @@ def ciede2000_map(a: Tensor, b: Tensor) -> Tensor:
     """(B, H, W) per-pixel CIEDE2000 colour difference of (B, 3, H, W) sRGB images in [0, 1].
 
     Sharma, Wu & Dalal (2005), with kL = kC = kH = 1. About 1 is a just-noticeable difference
-    side by side; 2-3 is visible at a glance.
+    side by side; 2-3 is visible at a glance. Computed in the images' precision, at least float32:
+    on a cloaked sample photo float32 is within 1e-4 of float64 everywhere (the same mean to seven
+    digits) in half the time, which the colour cap and the native-size measure of a phone photo's
+    face pay.
     """
-    lab1, lab2 = rgb_to_lab(a.double()), rgb_to_lab(b.double())
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    lab1, lab2 = rgb_to_lab(a.to(dtype)), rgb_to_lab(b.to(dtype))
     l1, a1, b1 = lab1.unbind(1)
     l2, a2, b2 = lab2.unbind(1)
     chroma_mean = (torch.hypot(a1, b1) + torch.hypot(a2, b2)) / 2
