@@ -170,6 +170,16 @@ def test_grey_is_dlibs_channel_average(dlib_predictor, lfw_faces):
     assert [(p.x, p.y) for p in on_grey.parts()] == [tuple(p) for p in face.dlib_points.astype(int).tolist()]
 
 
+def test_grey_is_the_integer_third_of_every_possible_sum():
+    """Every sum of three 8-bit levels (0..765) gives its integer third, as dlib's (r + g + b) // 3."""
+    sums = torch.arange(766)
+    red = sums.clamp(max=255)
+    green = (sums - red).clamp(max=255)
+    blue = sums - red - green
+    image = torch.stack([red, green, blue]).float().div(255.0)[:, None, :]  # (3, 1, 766)
+    assert torch.equal(dlib_grey(image)[0].long(), sums // 3)
+
+
 def test_dlib_landmarks_is_predict_on_dlib_grey(predictor, lfw_faces):
     face = lfw_faces[1]
     box = torch.from_numpy(face.hog_box[None])

