@@ -40,7 +40,7 @@ def _blur(x: Tensor, size: int, sigma: float) -> Tensor:
 
 
 def reference_means(a: Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> tuple[Tensor, Tensor]:
-    """The local means of ``a`` and of ``a**2`` that `ssim_map` needs of its first image.
+    """The local means of ``a`` and of ``a**2``: the statistics of SSIM's first image.
 
     An optimisation that measures many changed versions against one clean image computes these
     once (`box_dssim`'s ``reference``): two of SSIM's five blurs, each step.
@@ -49,38 +49,40 @@ def reference_means(a: Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SI
     return tuple(_blur(torch.cat([a, a * a], 1), size, sigma).split(a.shape[1], 1))
 
 
-def ssim_map(
-    a: Tensor,
-    b: Tensor,
-    window: int = SSIM_WINDOW,
-    sigma: float = SSIM_SIGMA,
-    reference: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
+def _ssim_factors(
+    mean_a: Tensor, mean_b: Tensor, square_a: Tensor, square_b: Tensor, cross: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SSIM's two numerator and two denominator factors from the five local statistics.
+
+    SSIM = (2 mu_a mu_b + C1)(2 cov + C2) / ((mu_a^2 + mu_b^2 + C1)(var_a + var_b + C2)).
+    """
+    means = mean_a * mean_b
+    squares = mean_a.square() + mean_b.square()
+    numerator_mean = 2 * means + _C1
+    numerator_cov = 2 * (cross - means) + _C2
+    denominator_mean = squares + _C1
+    denominator_var = square_a + square_b - squares + _C2
+    return numerator_mean, numerator_cov, denominator_mean, denominator_var
+
+
+def ssim_map(a: Tensor, b: Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> Tensor:
     """Per-pixel SSIM of (B, C, H, W) images in [0, 1], over the 'valid' area: (B, C, H-10, W-10).
 
-    Images smaller than the window use a window as large as they allow. ``reference``:
-    `reference_means` of ``a``, if already computed with the same window.
+    Images smaller than the window use a window as large as they allow.
     """
     size = _window_size(a, window)
-    channels = a.shape[1]
-    if reference is not None:
-        mean_a, square_a = reference
-        mean_b, square_b, cross = _blur(torch.cat([b, b * b, a * b], 1), size, sigma).split(channels, 1)
-    else:
-        stacked = torch.cat([a, b, a * a, b * b, a * b], 1)  # one blur for the five statistics
-        mean_a, mean_b, square_a, square_b, cross = _blur(stacked, size, sigma).split(channels, 1)
-    var_a = square_a - mean_a**2
-    var_b = square_b - mean_b**2
-    covariance = cross - mean_a * mean_b
-    numerator = (2 * mean_a * mean_b + _C1) * (2 * covariance + _C2)
-    denominator = (mean_a**2 + mean_b**2 + _C1) * (var_a + var_b + _C2)
-    return numerator / denominator
+    stacked = torch.cat([a, b, a * a, b * b, a * b], 1)  # one blur for the five statistics
+    mean_a, mean_b, square_a, square_b, cross = _blur(stacked, size, sigma).split(a.shape[1], 1)
+    numerator_mean, numerator_cov, denominator_mean, denominator_var = _ssim_factors(
+        mean_a, mean_b, square_a, square_b, cross
+    )
+    return numerator_mean * numerator_cov / (denominator_mean * denominator_var)
 
 
 class _WeightedSsim(torch.autograd.Function):
     """(B,) sum of ``weight`` x SSIM of ``b`` against ``a``, whose local means are given.
 
-    The same value as `ssim_map` (with ``reference``) times the weight, summed; the gradient with
+    The same value as `ssim_map` times the weight, summed; the gradient with
     respect to ``b`` comes in closed form instead of through autograd's record of some twenty
     operations over the map: SSIM depends on ``b`` only through three blurred maps (its mean, its
     mean square and its mean product with ``a``), so the gradient is one blur (transposed: the
@@ -100,12 +102,9 @@ class _WeightedSsim(torch.autograd.Function):
     ) -> Tensor:
         channels = a.shape[1]
         mean_b, square_b, cross = separable_filter(torch.cat([b, b * b, a * b], 1), kernel).split(channels, 1)
-        means = mean_a * mean_b
-        numerator_mean = 2 * means + _C1
-        numerator_cov = 2 * (cross - means) + _C2
-        squares = mean_a.square() + mean_b.square()
-        denominator_mean = squares + _C1
-        denominator_var = square_a + square_b - squares + _C2
+        numerator_mean, numerator_cov, denominator_mean, denominator_var = _ssim_factors(
+            mean_a, mean_b, square_a, square_b, cross
+        )
         values = numerator_mean * numerator_cov / (denominator_mean * denominator_var)
         ctx.save_for_backward(
             a,
