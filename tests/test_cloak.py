@@ -94,21 +94,25 @@ def test_levels_order_strength(dlib_model, detector, photos, centre_faces, mid_r
     assert float(low.distance.mean()) < float(mid_result.distance.mean())
 
 
-def test_same_seed_same_perturbation(dlib_model, detector, photos, centre_faces):
-    def run(seed: int) -> list[torch.Tensor]:
-        cloak = UntargetedCloak([dlib_model], "low", detector=detector, steps=5, seed=seed, verify=False)
-        return cloak(photos[:1], centre_faces.for_image(0)).images
+def test_same_seed_same_perturbation_with_or_without_the_check(dlib_model, detector, photos, centre_faces):
+    def run(seed: int, checked: bool = True) -> list[torch.Tensor]:
+        cloak = UntargetedCloak([dlib_model], "low", detector=detector, steps=5, seed=seed)
+        faces = centre_faces.for_image(0)
+        return cloak(photos[:1], faces).images if checked else cloak.perturb(photos[:1], faces)
 
     # Bit-exact repeats need a fixed thread count: multi-threaded CPU reductions differ in their
     # last bits from call to call, and the sign-like first Adam steps amplify that.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        first, again, other = run(3), run(3), run(4)
+        first, again, other, unchecked = run(3), run(3), run(4), run(3, checked=False)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(first[0], again[0])
     assert not torch.equal(first[0], other[0])
+    # perturb() stores exactly what a checked call stores (the replacer's finish relies on it)
+    assert torch.equal(first[0], unchecked[0])
+    assert not torch.equal(first[0], photos[0])
 
 
 def test_a_face_that_falls_short_is_not_protected(dlib_model, detector, photos, centre_faces):

@@ -603,17 +603,9 @@ class FaceReplacer:
             away_from.append(torch.stack(leave))
             margin = [self.margin] + [self.donor_margins[name]] * self.donors_per_face
             margins.append(torch.tensor([margin] * len(near)))
-        cloak = AwayCloak(
-            self.models,
-            away_from,
-            margins,
-            level,
-            steps=FINISH_STEPS,
-            verify=False,
-            seed=self.seed,
-            detector=self.detector,
-        )
-        cloaked = cloak([photos[i] for i in images], chosen).images
+        cloak = AwayCloak(self.models, away_from, margins, level, steps=FINISH_STEPS, seed=self.seed)
+        # `_verify` checks the photo kept, on every recogniser: the cloak's own check is not needed
+        cloaked = cloak.perturb([photos[i] for i in images], chosen)
         finished = {}
         for n in near:
             (x0, y0, x1, y1), pixels, weight, donor_rows, mirrored = plans[n].best[1]

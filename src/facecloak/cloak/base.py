@@ -369,7 +369,7 @@ class Cloak:
         *,
         identity: str | None = None,
     ) -> CloakResult:
-        """Cloak every face in ``images``.
+        """Cloak every face in ``images``, then check each after a simulated upload and measure it.
 
         Args:
             images: (B, 3, H, W) in [0, 1], or a list of (3, H_i, W_i).
@@ -378,6 +378,44 @@ class Cloak:
             identity: the person these photos show, as a key (targeted cloaks pull every photo
                 of one key the same way); None keeps the cloak's own key.
         """
+        run = self._perturb(images, faces, on_step, identity)
+        if run.steps is None:  # no face: nothing to check
+            nothing = torch.zeros(0, dtype=torch.long)
+            return self._result(
+                run.photos, run.cloaked, faces, ([], nothing), nothing, run.started, run.clock
+            )
+        result = self._result(
+            run.photos,
+            run.cloaked,
+            run.faces,
+            run.references,
+            run.steps,
+            run.started,
+            run.clock,
+            run.alignments,
+            run.dssim,
+        )
+        return replace(result, working_factors=run.factors.float())
+
+    def perturb(
+        self, images: Tensor | Sequence[Tensor], faces: Faces, *, identity: str | None = None
+    ) -> list[Tensor]:
+        """The cloaked photos as `__call__` stores them, without its check and measures.
+
+        For a caller that checks the faces itself (the replacer's finish runs its own check, on
+        every recogniser, of the photo it keeps): the check's detection and embeddings and the
+        quality measures are a few percent of a cloak's time.
+        """
+        return self._perturb(images, faces, None, identity).cloaked
+
+    def _perturb(
+        self,
+        images: Tensor | Sequence[Tensor],
+        faces: Faces,
+        on_step: StepCallback | None,
+        identity: str | None,
+    ) -> _Run:
+        """Everything `__call__` does before its check: the photos as stored, and what the check needs."""
         started = time.perf_counter()
         clock = _StageClock(self.device)
         photos = check_image_list(images)
@@ -385,9 +423,7 @@ class Cloak:
         photos = [photo.to(self.device, torch.float32) for photo in photos]
         faces = faces.to("cpu")
         if len(faces) == 0:
-            nothing = torch.zeros(0, dtype=torch.long)
-            stored = [_as_stored(photo) for photo in photos]
-            return self._result(photos, stored, faces, ([], nothing), nothing, started, clock)
+            return _Run(photos, [_as_stored(photo) for photo in photos], faces, started, clock)
         # one alignment per model, shared by the clean embedding, the crops and the cloaked output
         alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         native = photos, faces, alignments
@@ -433,8 +469,7 @@ class Cloak:
             cloaked, dssim = working.to_native(native[0], cloaked, _as_stored), None
             photos, faces, alignments = native
         clock.lap("compose")
-        result = self._result(photos, cloaked, faces, references, steps, started, clock, alignments, dssim)
-        return replace(result, working_factors=factors.float())
+        return _Run(photos, cloaked, faces, started, clock, references, steps, alignments, dssim, factors)
 
     # -- the loop ---------------------------------------------------------------------------
     def _optimise(
@@ -958,6 +993,22 @@ class Cloak:
 def default_models_per_step(models: int) -> int:
     """Models each step goes through by default: all of up to two, all but one from `SUBSET_FROM_MODELS`."""
     return models if models < SUBSET_FROM_MODELS else models - 1
+
+
+@dataclass
+class _Run:
+    """What `Cloak._perturb` hands to the check: the photos (native), as stored, and the run's state."""
+
+    photos: list[Tensor]
+    cloaked: list[Tensor]
+    faces: Faces
+    started: float
+    clock: _StageClock
+    references: tuple[list[Tensor], Tensor] | None = None
+    steps: Tensor | None = None
+    alignments: list[Tensor] | None = None
+    dssim: Tensor | None = None
+    factors: Tensor | None = None
 
 
 class _StageClock:
