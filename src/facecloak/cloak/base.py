@@ -379,11 +379,6 @@ class Cloak:
                 of one key the same way); None keeps the cloak's own key.
         """
         run = self._perturb(images, faces, on_step, identity)
-        if run.steps is None:  # no face: nothing to check
-            nothing = torch.zeros(0, dtype=torch.long)
-            return self._result(
-                run.photos, run.cloaked, faces, ([], nothing), nothing, run.started, run.clock
-            )
         result = self._result(
             run.photos,
             run.cloaked,
@@ -395,7 +390,7 @@ class Cloak:
             run.alignments,
             run.dssim,
         )
-        return replace(result, working_factors=run.factors.float())
+        return result if run.factors is None else replace(result, working_factors=run.factors.float())
 
     def perturb(
         self, images: Tensor | Sequence[Tensor], faces: Faces, *, identity: str | None = None
@@ -422,8 +417,10 @@ class Cloak:
         check_faces(faces, len(photos))
         photos = [photo.to(self.device, torch.float32) for photo in photos]
         faces = faces.to("cpu")
-        if len(faces) == 0:
-            return _Run(photos, [_as_stored(photo) for photo in photos], faces, started, clock)
+        if len(faces) == 0:  # nothing to cloak, nor to check
+            nothing = torch.zeros(0, dtype=torch.long)
+            stored = [_as_stored(photo) for photo in photos]
+            return _Run(photos, stored, faces, started, clock, ([], nothing), nothing)
         # one alignment per model, shared by the clean embedding, the crops and the cloaked output
         alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         native = photos, faces, alignments
@@ -997,15 +994,19 @@ def default_models_per_step(models: int) -> int:
 
 @dataclass
 class _Run:
-    """What `Cloak._perturb` hands to the check: the photos (native), as stored, and the run's state."""
+    """What `Cloak._perturb` hands to the check: the photos (native), as stored, and the run's state.
+
+    ``alignments`` and ``factors`` are None when there was no face to cloak; ``dssim`` is None
+    when the stored photos were not measured yet (no face, or a face cloaked at a working scale).
+    """
 
     photos: list[Tensor]
     cloaked: list[Tensor]
     faces: Faces
     started: float
     clock: _StageClock
-    references: tuple[list[Tensor], Tensor] | None = None
-    steps: Tensor | None = None
+    references: tuple[list[Tensor], Tensor]
+    steps: Tensor
     alignments: list[Tensor] | None = None
     dssim: Tensor | None = None
     factors: Tensor | None = None
