@@ -1,6 +1,6 @@
 """Regenerate the before/after images of the README (samples/outputs/), deterministically.
 
-    python scripts/make_sample_outputs.py [--models NAMES] [--only replace] [--donors BANK]
+    python scripts/make_sample_outputs.py [--models NAMES] [--only replace|cloak] [--donors BANK]
 
 For each mode: the protected photo, and for cloaks a difference image |cloaked - original| x 10
 and a side-by-side strip (original | cloaked | difference) of the face, and one lossless PNG per
@@ -105,7 +105,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default=None, help="models to attack [every available one]")
-    parser.add_argument("--only", choices=["replace"], default=None)
+    parser.add_argument("--only", choices=["replace", "cloak"], default=None)
     parser.add_argument("--donors", default=None, help="donor bank for group_replace.jpg")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else available_embedders()
@@ -113,10 +113,11 @@ def main() -> None:
     detector = FaceDetector(device="cpu")
     group = read_image(REPO / "samples" / "group.jpg")
     faces = detector([group.pixels])
-    make_replace(group, faces, detector, args.donors)
+    if args.only != "cloak":
+        make_replace(group, faces, detector, args.donors)
     if args.only == "replace":
         return
-    for method in ("blur", "pixelate", "mask"):
+    for method in ("blur", "pixelate", "mask") if args.only is None else ():
         out = anonymize_faces(group.pixels[None], faces, method)[0]
         write_image(OUT / f"group_{method}.jpg", out, source=group, overwrite=True, jpeg_quality=88)
     models = [create_embedder(name, device="cpu") for name in names]

@@ -279,20 +279,31 @@ def test_stage_timings_and_batched_dssim_match_the_per_face_measure(
     assert set(result.timings) == {"embed", "prepare", "optimise", "compose", "check", "quality"}
     assert result.timings["optimise"] > 0
     # the reported DSSIM comes from compose's batched, bucket-wise measure: it must be the plain
-    # DSSIM of each face region cut from the photos
+    # DSSIM of the face's detection box cut from the photos; the cap holds there, where the change
+    # concentrates, and the region around it keeps to its share of the cap
+    from facecloak.cloak.base import REGION_SHARE
     from facecloak.quality import dssim
 
-    regions = face_regions(centre_faces, cloak.region_scale)
-    direct = []
-    for k, (x0, y0, x1, y1) in enumerate(regions.tolist()):
-        i = int(centre_faces.image_index[k])
-        height, width = photos[i].shape[-2:]
-        rows = slice(max(0, math.floor(y0)), min(height, math.ceil(y1) + 1))
-        columns = slice(max(0, math.floor(x0)), min(width, math.ceil(x1) + 1))
-        before, after = photos[i][None, :, rows, columns], result.images[i][None, :, rows, columns]
-        direct.append(float(dssim(before, after)[0]))
+    def direct(result, scale: float) -> list[float]:
+        values = []
+        for k, (x0, y0, x1, y1) in enumerate(face_regions(centre_faces, scale).tolist()):
+            i = int(centre_faces.image_index[k])
+            height, width = photos[i].shape[-2:]
+            rows = slice(max(0, math.floor(y0)), min(height, math.ceil(y1) + 1))
+            columns = slice(max(0, math.floor(x0)), min(width, math.ceil(x1) + 1))
+            before, after = photos[i][None, :, rows, columns], result.images[i][None, :, rows, columns]
+            values.append(float(dssim(before, after)[0]))
+        return values
+
+    on_face, on_region = torch.tensor(direct(result, 1.0)), torch.tensor(direct(result, cloak.region_scale))
     assert float(result.dssim.min()) > 1e-4  # the faces did change
-    assert torch.allclose(result.dssim, torch.tensor(direct), atol=1e-6)
+    assert torch.allclose(result.dssim, on_face, atol=1e-6)
+    assert bool((on_face <= cloak.budget.max_dssim).all())
+    assert bool((on_region <= REGION_SHARE * cloak.budget.max_dssim).all())
+    # measured on the region alone (facecloak before 2026-12-06) the same cap lets the face box
+    # itself take far more change
+    wide = UntargetedCloak([dlib_model], "mid", detector=detector, steps=6, measured_on="region", seed=0)
+    assert float(torch.tensor(direct(wide(photos, centre_faces), 1.0)).mean()) > 1.2 * float(on_face.mean())
 
 
 def test_bfloat16_precision_runs_the_models_in_bfloat16_and_still_moves_the_face(
@@ -490,9 +501,17 @@ def test_the_laggard_pull_moves_the_model_that_leaves_faces_unprotected(
     mobileface = load_model_file(
         mobileface_dir / "MobileFace_Identification_V2-symbol.json", name="mobileface", threshold=0.73
     )
+    # measured on the region, whose looser cap brings these faces to MobileFace's threshold in 20
+    # steps: the pull decides which side of it they end on
     results = {
         weight: UntargetedCloak(
-            [dlib_model, mobileface], "mid", laggard_weight=weight, steps=20, detector=detector, seed=0
+            [dlib_model, mobileface],
+            "mid",
+            laggard_weight=weight,
+            steps=20,
+            measured_on="region",
+            detector=detector,
+            seed=0,
         )(images, faces)
         for weight in (0.0, DEFAULT_LAGGARD_WEIGHT)
     }
@@ -568,16 +587,20 @@ def test_extra_steps_go_only_to_faces_still_near_their_reference(
 ):
     """`CloakBudget.extra_steps`: once the steps are spent, a face some model still sees under
     `EXTRA_STEPS_BELOW` thresholds goes on for the extra steps; one past it stops. At `mid` on dlib
-    alone (white box) both faces are far past after 40 steps and take none of mid's 20 extra; after
-    2 steps neither is, and both take the 3 extra steps given."""
+    alone (white box) a face far past after 40 steps takes none of mid's 20 extra; after 2 steps
+    neither face is, and both take the 3 extra steps given."""
     from dataclasses import replace
 
     from facecloak.cloak.base import EXTRA_STEPS_BELOW
 
     mid = LEVELS["mid"]
     assert mid.extra_steps > 0
-    assert mid_result.steps.tolist() == [mid.steps] * 2
-    assert float((mid_result.distance / mid_result.thresholds).min()) > EXTRA_STEPS_BELOW
+    ratios = (mid_result.distance / mid_result.thresholds).amin(dim=1)
+    assert mid.steps in mid_result.steps.tolist()
+    for steps, ratio in zip(mid_result.steps.tolist(), ratios.tolist()):
+        assert steps in (mid.steps, mid.steps + mid.extra_steps)
+        if steps == mid.steps:
+            assert ratio > EXTRA_STEPS_BELOW
     short = replace(mid, steps=2, extra_steps=3)
     result = UntargetedCloak([dlib_model], "mid", budget=short, verify=False, seed=0)(photos, centre_faces)
     assert result.steps.tolist() == [5, 5]

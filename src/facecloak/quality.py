@@ -8,6 +8,7 @@ over the pixels where the window fits.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -80,7 +81,7 @@ def ssim_map(a: Tensor, b: Tensor, window: int = SSIM_WINDOW, sigma: float = SSI
 
 
 class _WeightedSsim(torch.autograd.Function):
-    """(B,) sum of ``weight`` x SSIM of ``b`` against ``a``, whose local means are given.
+    """(B, K) sums of SSIM of ``b`` against ``a`` under each of K weights, ``a``'s local means given.
 
     The same value as `ssim_map` times the weight, summed; the gradient with
     respect to ``b`` comes in closed form instead of through autograd's record of some twenty
@@ -119,12 +120,12 @@ class _WeightedSsim(torch.autograd.Function):
             weight,
             kernel,
         )
-        return (values * weight).flatten(1).sum(1)
+        return torch.einsum("bchw,bkhw->bk", values, weight)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, b, mean_a, mean_b, num_mean, num_cov, den_mean, den_var, values, weight, kernel = ctx.saved_tensors
-        scaled = values * weight * grad.view(-1, 1, 1, 1)
+        scaled = values * torch.einsum("bkhw,bk->bhw", weight, grad)[:, None]
         inverse_cov, inverse_var = num_cov.reciprocal(), den_var.reciprocal()
         # partial derivatives of SSIM by b's blurred mean, mean square and mean product with a
         by_mean = (
@@ -157,20 +158,37 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
 
 
 def box_mask(size: tuple[int, int] | torch.Size, boxes: Tensor, device: torch.device | str) -> Tensor:
-    """(n, h, w) bool: which pixels of a ``size`` (h, w) grid lie inside each row's box.
+    """(..., h, w) bool: which pixels of a ``size`` (h, w) grid lie inside each box.
 
-    ``boxes``: (n, 4) integer ``x0, y0, x1, y1``, x1 and y1 excluded.
+    ``boxes``: (..., 4) integer ``x0, y0, x1, y1``, x1 and y1 excluded.
     """
-    ys = torch.arange(size[0], device=device)[None, :, None]
-    xs = torch.arange(size[1], device=device)[None, None, :]
-    x0, y0, x1, y1 = (boxes[:, k].to(device)[:, None, None] for k in range(4))
+    ys = torch.arange(size[0], device=device)[:, None]
+    xs = torch.arange(size[1], device=device)[None, :]
+    x0, y0, x1, y1 = (boxes[..., k].to(device)[..., None, None] for k in range(4))
     return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
 
 
-def box_means(values: Tensor, boxes: Tensor) -> Tensor:
-    """(n,) mean of (n, h, w) ``values`` inside each row's box (`box_mask`)."""
-    inside = box_mask(values.shape[-2:], boxes, values.device).to(values.dtype)
-    return (values * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
+def _as_box_sets(boxes: Tensor) -> Tensor:
+    """``boxes`` as (n, K, 4): one box per row (n, 4) becomes a set of one."""
+    return boxes[:, None] if boxes.ndim == 2 else boxes
+
+
+def _largest_share(values: Tensor, shares: Sequence[float] | None) -> Tensor:
+    """(n,) the largest of (n, K) ``values``, each first divided by its box's share of the cap."""
+    if shares is not None:
+        values = values / torch.tensor(shares, dtype=values.dtype, device=values.device)
+    return values.amax(1)
+
+
+def box_means(values: Tensor, boxes: Tensor, shares: Sequence[float] | None = None) -> Tensor:
+    """(n,) mean of (n, h, w) ``values`` inside each row's box (`box_mask`).
+
+    ``boxes``: (n, 4), or (n, K, 4) for K boxes per row: then the largest of the K means, each
+    divided by its share (``shares``, K numbers: a box with share 0.5 is held to half the cap).
+    """
+    inside = box_mask(values.shape[-2:], _as_box_sets(boxes), values.device).to(values.dtype)
+    means = (values[:, None] * inside).flatten(2).sum(2) / inside.flatten(2).sum(2).clamp_min(1)
+    return _largest_share(means, shares)
 
 
 def dssim(a: Tensor, b: Tensor) -> Tensor:
@@ -178,16 +196,36 @@ def dssim(a: Tensor, b: Tensor) -> Tensor:
     return (1.0 - ssim(a, b)) / 2.0
 
 
-def box_dssim(a: Tensor, b: Tensor, boxes: Tensor, reference: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """(B,) DSSIM of (B, C, H, W) crops measured only inside integer ``boxes`` (B, 4) ``x0, y0, x1, y1``.
+def box_dssim(
+    a: Tensor,
+    b: Tensor,
+    boxes: Tensor,
+    reference: tuple[Tensor, Tensor] | None = None,
+    shares: Sequence[float] | None = None,
+) -> Tensor:
+    """(B,) DSSIM of crops inside their boxes (`box_dssims`); with K boxes a crop, the largest.
+
+    ``shares``: K numbers, each box's DSSIM divided by its own before the largest is taken, so a
+    cap on the result holds each box to its share of it (a face box to all of a cap, the wider
+    region around it to part).
+    """
+    return _largest_share(box_dssims(a, b, boxes, reference), shares)
+
+
+def box_dssims(a: Tensor, b: Tensor, boxes: Tensor, reference: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """(B, K) DSSIM of (B, C, H, W) crops measured only inside integer ``boxes`` (B, 4) ``x0, y0, x1, y1``.
 
     Equal to `dssim` of ``a[..., y0:y1, x0:x1]`` and ``b[...]``: only windows that fit inside the
     box count. Lets a batch of padded crops of different faces be measured in one pass, over
     just the rectangle that holds all the boxes. ``reference``: `reference_means` of the whole
     of ``a`` (a 'valid' blur is local, so the rectangle's are a slice of it).
+
+    ``boxes`` (B, K, 4): K boxes per crop (a face and the wider region around it), measured from
+    one SSIM map; (B, 4) is one box a crop (K = 1).
     """
-    left, top = int(boxes[:, 0].min()), int(boxes[:, 1].min())
-    right, bottom = int(boxes[:, 2].max()), int(boxes[:, 3].max())
+    boxes = _as_box_sets(boxes)
+    left, top = int(boxes[..., 0].min()), int(boxes[..., 1].min())
+    right, bottom = int(boxes[..., 2].max()), int(boxes[..., 3].max())
     a, b = a[..., top:bottom, left:right], b[..., top:bottom, left:right]
     boxes = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype, device=boxes.device)
     if reference is not None and _window_size(a, SSIM_WINDOW) == SSIM_WINDOW:
@@ -201,12 +239,12 @@ def box_dssim(a: Tensor, b: Tensor, boxes: Tensor, reference: tuple[Tensor, Tens
     # the map's pixel (y, x) is the window centred on (y + margin, x + margin): a window fits
     # inside a box when its centre lies a margin inside it
     shrunk = boxes + torch.tensor([0, 0, -2 * margin, -2 * margin], dtype=boxes.dtype, device=boxes.device)
-    weight = box_mask(map_size, shrunk, a.device)[:, None].to(a.dtype)
-    weight = weight / (weight.flatten(1).sum(1) * a.shape[1]).clamp_min(1).view(-1, 1, 1, 1)
+    weight = box_mask(map_size, shrunk, a.device).to(a.dtype)  # (B, K, h, w)
+    weight = weight / (weight.flatten(2).sum(2) * a.shape[1]).clamp_min(1)[..., None, None]
     if reference is not None:
         mean = _WeightedSsim.apply(a, b, *reference, weight, _gaussian_window(size, SSIM_SIGMA, a))
     else:
-        mean = (ssim_map(a, b) * weight).flatten(1).sum(1)
+        mean = torch.einsum("bchw,bkhw->bk", ssim_map(a, b), weight)
     return (1.0 - mean) / 2.0
 
 

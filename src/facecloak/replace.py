@@ -603,7 +603,11 @@ class FaceReplacer:
             away_from.append(torch.stack(leave))
             margin = [self.margin] + [self.donor_margins[name]] * self.donors_per_face
             margins.append(torch.tensor([margin] * len(near)))
-        cloak = AwayCloak(self.models, away_from, margins, level, steps=FINISH_STEPS, seed=self.seed)
+        # the finish's caps bound a change to a new face, which shows no one: they keep the
+        # region's measure its figures were tuned on
+        cloak = AwayCloak(
+            self.models, away_from, margins, level, steps=FINISH_STEPS, measured_on="region", seed=self.seed
+        )
         # `_verify` checks the photo kept, on every recogniser: the cloak's own check is not needed
         cloaked = cloak.perturb([photos[i] for i in images], chosen)
         finished = {}

@@ -165,7 +165,7 @@ def plots(result: EvaluationResult) -> dict[str, str]:
             axis.plot(xs, ys, marker="o", label=attacker)
             for level, x, y in zip(levels, xs, ys):
                 axis.annotate(level["level"], (x, y), fontsize=7)
-        axis.set_xlabel("mean DSSIM (face region)")
+        axis.set_xlabel("mean face DSSIM")
         axis.set_ylabel("protection")
         axis.set_title("Quality vs protection per level")
         axis.legend(fontsize=8)
@@ -232,7 +232,8 @@ def _quality_section(quality: dict) -> list[str]:
     if "face_region_dssim" in quality:
         region = quality["face_region_dssim"]
         parts.append(
-            f"<p>Face-region DSSIM (the cloak's budget): mean {region['mean']:.4f}, max {region['max']:.4f}; "
+            "<p>Face DSSIM (the cloak's budget, over each face's detection box): "
+            f"mean {region['mean']:.4f}, max {region['max']:.4f}; "
             f"{html.escape(_cloak_check(quality))}.</p>"
         )
     parts += [f"<p>{html.escape(line)}</p>" for line in _realism_lines(quality)]
@@ -350,7 +351,7 @@ def summary_table(result: EvaluationResult) -> str:
     if "face_region_dssim" in quality:
         region = quality["face_region_dssim"]
         lines.append(
-            f"face-region DSSIM mean {region['mean']:.4f} (max {region['max']:.4f}); {_cloak_check(quality)}"
+            f"face DSSIM mean {region['mean']:.4f} (max {region['max']:.4f}); {_cloak_check(quality)}"
         )
     lines += _realism_lines(quality)
     lines.append(f"timings: {result.timings}")

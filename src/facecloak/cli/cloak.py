@@ -31,7 +31,7 @@ from facecloak.errors import FacecloakError
     show_default=True,
     help="How visible: low is not seen at 200% zoom, mid not at 100%, high is faint at 100% "
     "(per-pixel allowance 1.0 / 1.6 / 2.0 x the just-noticeable difference; "
-    "DSSIM cap 0.004 / 0.008 / 0.012). "
+    "DSSIM cap 0.004 / 0.008 / 0.012 over the face's detection box). "
     "Higher protects more, on unseen models too; low rarely passes several models at once.",
 )
 @click.option(

@@ -15,7 +15,7 @@ the same units (multiply by 255 for grey levels).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +113,8 @@ class CloakBudget:
     """How much a cloak may change a face, and how far it aims to move it.
 
     Attributes:
-        max_dssim: cap on DSSIM over the face region (enforced by scaling the change down).
+        max_dssim: cap on DSSIM over the face: its detection box and the region around it, each
+            (`facecloak.cloak.base.MEASURED_ON`); enforced by scaling the change down.
         max_linf: cap on any pixel's change, in 1/255 units (enforced by clipping).
         steps: most optimisation steps per face (faces that reach their aim stop early).
         aim: distance to reach on every model, as a multiple of its match threshold, under
@@ -122,7 +123,7 @@ class CloakBudget:
         jnd_scale: per-pixel brightness allowance as a multiple of the face's just-noticeable
             difference (`facecloak.cloak.budget.jnd_map`); None: a flat ``max_linf`` everywhere.
         chroma_share: colour (Cb, Cr) changes may be at most this share of the brightness allowance.
-        max_ciede: cap on the mean CIEDE2000 colour difference over the face region, or None; a face
+        max_ciede: cap on the mean CIEDE2000 colour difference over the face (as DSSIM), or None; a face
             over it has its colour change (not its brightness change) scaled down
             (`Cloak._limit_colour`), so ``chroma_share`` gives colour where a face takes it unseen.
         extra_steps: with the budget spent (``spend_budget``), more steps for the faces still near
@@ -204,29 +205,32 @@ def enforce_dssim(
     cap: float,
     *,
     reference: tuple[Tensor, Tensor] | None = None,
+    shares: Sequence[float] | None = None,
 ) -> Tensor:
-    """Scale each face's change down until its DSSIM over its region box is within ``cap``.
+    """Scale each face's change down until its DSSIM over its boxes is within ``cap``.
 
     Args:
         crops: (n, 3, h, w) clean crops in [0, 1].
         masks: (n, 1, h, w) feathered region masks the change is applied through.
         delta: (n, 3, h, w) the change.
-        boxes: (n, 4) integer region boxes inside each crop (`facecloak.quality.box_dssim`).
+        boxes: (n, 4) or (n, K, 4) integer boxes inside each crop, the cap holding on each
+            (`facecloak.quality.box_dssim`).
         cap: the largest DSSIM allowed.
         reference: `facecloak.quality.reference_means` of ``crops``, if already computed.
+        shares: with K boxes a crop, each box's share of ``cap`` (`facecloak.quality.box_dssim`).
 
     Returns:
         ``delta``, each face's row multiplied by nearly the largest factor in [0, 1] that fits (1
         for faces already within the cap; `largest_factor_under_cap`).
     """
-    measured = quality.box_dssim(crops, (crops + masks * delta).clamp(0, 1), boxes, reference)
+    measured = quality.box_dssim(crops, (crops + masks * delta).clamp(0, 1), boxes, reference, shares)
     over = measured > cap
     if not bool(over.any()):
         return delta
 
     def dssim(factor: Tensor) -> Tensor:
         scaled = (crops + masks * delta * factor.view(-1, 1, 1, 1)).clamp(0, 1)
-        return quality.box_dssim(crops, scaled, boxes, reference)
+        return quality.box_dssim(crops, scaled, boxes, reference, shares)
 
     low = torch.zeros(len(crops), device=crops.device, dtype=measured.dtype)
     factor = largest_factor_under_cap(
