@@ -173,7 +173,7 @@ def _as_box_sets(boxes: Tensor) -> Tensor:
     return boxes[:, None] if boxes.ndim == 2 else boxes
 
 
-def _largest_share(values: Tensor, shares: Sequence[float] | None) -> Tensor:
+def largest_share(values: Tensor, shares: Sequence[float] | None) -> Tensor:
     """(n,) the largest of (n, K) ``values``, each first divided by its box's share of the cap."""
     if shares is not None:
         values = values / torch.tensor(shares, dtype=values.dtype, device=values.device)
@@ -188,7 +188,7 @@ def box_means(values: Tensor, boxes: Tensor, shares: Sequence[float] | None = No
     """
     inside = box_mask(values.shape[-2:], _as_box_sets(boxes), values.device).to(values.dtype)
     means = (values[:, None] * inside).flatten(2).sum(2) / inside.flatten(2).sum(2).clamp_min(1)
-    return _largest_share(means, shares)
+    return largest_share(means, shares)
 
 
 def dssim(a: Tensor, b: Tensor) -> Tensor:
@@ -209,7 +209,7 @@ def box_dssim(
     cap on the result holds each box to its share of it (a face box to all of a cap, the wider
     region around it to part).
     """
-    return _largest_share(box_dssims(a, b, boxes, reference), shares)
+    return largest_share(box_dssims(a, b, boxes, reference), shares)
 
 
 def box_dssims(a: Tensor, b: Tensor, boxes: Tensor, reference: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -800,7 +800,7 @@ class Cloak:
                 photos, faces, buckets, scaled, unchanged=stored_photos, finish=_as_stored
             )
             dssims = self._stored_dssim(cloaked, faces, buckets)
-            dssim = (dssims / torch.tensor(self._box_shares)).amax(1)  # what the cap holds
+            dssim = quality.largest_share(dssims, self._box_shares)  # what the cap holds
             over = dssim > cap
             if not bool(over.any()):
                 return cloaked, dssims
@@ -1101,8 +1101,8 @@ def _changed_rectangle(boxes: Tensor, size: torch.Size) -> tuple[slice, slice]:
 
     The whole crop where the boxes are empty.
     """
-    x0, y0 = int(boxes[..., 0].min()), int(boxes[..., 1].min())
-    x1, y1 = int(boxes[..., 2].max()), int(boxes[..., 3].max())
+    x0, y0 = int(boxes[:, 0].min()), int(boxes[:, 1].min())
+    x1, y1 = int(boxes[:, 2].max()), int(boxes[:, 3].max())
     if x1 <= x0 or y1 <= y0:
         return slice(0, size[0]), slice(0, size[1])
     return slice(y0, y1), slice(x0, x1)
