@@ -217,15 +217,14 @@ def test_hse_box_crop_nhwc_bgr_plugin_and_calibration(hse_dir, lfw_dir, config_h
     # BGR order: the first mean (103.939) is subtracted from the blue channel
     probe = torch.zeros(1, 3, 224, 224)
     probe[:, 2] = 103.939 / 255
-    with torch.enable_grad():  # the hooked network itself (passes without gradients use a copy)
-        seen = {}
+    seen = {}
 
-        def grab(module, args):
-            seen["x"] = args[0]
+    def grab(module, args):
+        seen["x"] = args[0]
 
-        handle = model.network.register_forward_pre_hook(grab)
-        model(probe)
-        handle.remove()
+    handle = model._network_for_pass(probe).register_forward_pre_hook(grab)  # the network this pass runs
+    model(probe)
+    handle.remove()
     assert seen["x"].shape == (1, 224, 224, 3) and float(seen["x"][..., 0].abs().max()) < 1e-3
     calibrated = runner.invoke(
         main,
