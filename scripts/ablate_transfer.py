@@ -45,17 +45,20 @@ from facecloak.protection import CloakFaces
 
 DEFAULT = {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True}
 """Today's transfer defaults (`facecloak.cloak.base`): the base of every ``default+...`` row."""
+NO_BOOSTERS = {"diversity": 0.0, "smoothing": 0.0, "spend_budget": False}
+"""The perceptual budget alone: the base of every ``jnd...`` row. The cloak's defaults turn all
+three boosters on, so a row that named only what it adds would carry the others too."""
 CONFIGS = {
     "legacy": {"budget": "legacy"},
-    "jnd": {},
-    "jnd+di": {"diversity": 0.7},
-    "jnd+ti": {"smoothing": 1.0},
-    "jnd+mi": {"update": "momentum"},
-    "jnd+spend": {"spend_budget": True},
-    "jnd+di+ti": {"diversity": 0.7, "smoothing": 1.0},
+    "jnd": NO_BOOSTERS,
+    "jnd+di": {**NO_BOOSTERS, "diversity": 0.7},
+    "jnd+ti": {**NO_BOOSTERS, "smoothing": 1.0},
+    "jnd+mi": {**NO_BOOSTERS, "update": "momentum"},
+    "jnd+spend": {**NO_BOOSTERS, "spend_budget": True},
+    "jnd+di+ti": {**NO_BOOSTERS, "diversity": 0.7, "smoothing": 1.0},
     "jnd+di+ti+spend": DEFAULT,
-    "jnd2.4+di+ti": {"jnd_scale": 2.4, "diversity": 0.7, "smoothing": 1.0},
-    "jnd2.4": {"jnd_scale": 2.4},
+    "jnd2.4+di+ti": {**NO_BOOSTERS, "jnd_scale": 2.4, "diversity": 0.7, "smoothing": 1.0},
+    "jnd2.4": {**NO_BOOSTERS, "jnd_scale": 2.4},
     "jnd+di+ti3+spend": {**DEFAULT, "smoothing": 3.0},
     "jnd2.4+di+ti3+spend": {**DEFAULT, "jnd_scale": 2.4, "smoothing": 3.0},
     "default+steps80": {**DEFAULT, "steps": 80},
