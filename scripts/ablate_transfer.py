@@ -253,9 +253,9 @@ def seed_rows(args, seed: int, chosen: list[str], names: list[str], models, dete
                         / left_out.card.match_threshold
                         if displacement
                         else math.nan,
-                        "face_dssim": q.get("face_region_dssim", {}).get("mean", math.nan),
-                        "ciede2000_mean": q.get("face_region_ciede2000_mean", {}).get("mean", math.nan),
-                        "ciede2000_p99": q.get("face_region_ciede2000_p99", {}).get("mean", math.nan),
+                        "face_dssim": q.get("face_dssim", {}).get("mean", math.nan),
+                        "ciede2000_mean": q.get("face_ciede2000_mean", {}).get("mean", math.nan),
+                        "ciede2000_p99": q.get("face_ciede2000_p99", {}).get("mean", math.nan),
                         "faces": q.get("cloak_faces", 0),
                         "faces_protected_on_surrogates": q.get("cloak_faces_protected", 0),
                         "steps_mean": q.get("cloak_steps_mean", math.nan),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +228,29 @@ def test_evaluation_request_escalates_as_the_cli_does(dlib_resnet, detector, tmp
     assert built("mid", True).escalate_to.level == "high"
     assert built("high", True).escalate_to is None and built("mid", False).escalate_to is None
     assert built("mid", True).escalate_to.budget.max_dssim > built("mid", True).cloak.budget.max_dssim
+
+
+def test_quality_summary_gives_each_cloaked_faces_own_figures(samples_dir, dlib_resnet, detector):
+    """The evaluator's face DSSIM and CIEDE2000 are the cloak's per face, over the detection box:
+    under the level's caps, and larger than the same change read over the whole photo."""
+    from facecloak import quality
+    from facecloak.cloak import create_cloak
+    from facecloak.evaluate import PersonProtector
+    from facecloak.evaluate.summary import quality_summary
+    from facecloak.io import read_image
+    from facecloak.protection import CloakFaces
+
+    photo = read_image(samples_dir / "astronaut.jpg").pixels
+    cloak = create_cloak("untargeted", [dlib_resnet], "low", detector=detector, steps=6, seed=0)
+    outputs, records = PersonProtector(CloakFaces(cloak), detector)([photo], [Path("a.jpg")], "someone")
+    summary = quality_summary([photo], outputs, records)
+    faces = records[0]["cloak"]
+    assert summary["cloak_faces"] == len(faces) == 1
+    assert summary["face_dssim"]["mean"] == pytest.approx(faces[0]["dssim"])
+    assert 0 < summary["face_dssim"]["max"] <= cloak.budget.max_dssim * 1.001
+    assert summary["face_dssim"]["mean"] > 3 * summary["dssim"]["mean"]  # the face, not the photo
+    x0, y0, x1, y1 = detector([photo]).boxes[0].tolist()
+    box = torch.tensor([[math.floor(x0), math.floor(y0), math.ceil(x1) + 1, math.ceil(y1) + 1]])
+    over_box = float(quality.box_dssim(photo[None], outputs[0][None], box)[0])
+    assert summary["face_dssim"]["mean"] == pytest.approx(over_box, rel=0.03)  # not the wider region
+    assert 0 < summary["face_ciede2000_mean"]["mean"] <= summary["face_ciede2000_p99"]["mean"]

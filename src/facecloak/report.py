@@ -229,8 +229,8 @@ def _quality_section(quality: dict) -> list[str]:
         "<h2>Image quality of the protected photos (whole photo)</h2>",
         _table(rows, [("measure", "measure"), ("mean", "mean"), ("max", "max")]),
     ]
-    if "face_region_dssim" in quality:
-        region = quality["face_region_dssim"]
+    if "face_dssim" in quality:
+        region = quality["face_dssim"]
         parts.append(
             "<p>Face DSSIM (the cloak's budget, over each face's detection box): "
             f"mean {region['mean']:.4f}, max {region['max']:.4f}; "
@@ -348,8 +348,8 @@ def summary_table(result: EvaluationResult) -> str:
             f"quality (whole photo): DSSIM mean {quality['dssim']['mean']:.4f}, "
             f"PSNR mean {quality['psnr']['mean']:.1f} dB, L-inf max {quality['linf']['max']:.0f}/255"
         )
-    if "face_region_dssim" in quality:
-        region = quality["face_region_dssim"]
+    if "face_dssim" in quality:
+        region = quality["face_dssim"]
         lines.append(
             f"face DSSIM mean {region['mean']:.4f} (max {region['max']:.4f}); {_cloak_check(quality)}"
         )

@@ -193,7 +193,7 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
         result.settings["level_sweep"] = [
             {
                 "level": level,
-                "dssim": r.quality.get("face_region_dssim", r.quality.get("dssim", {})).get("mean", math.nan),
+                "dssim": r.quality.get("face_dssim", r.quality.get("dssim", {})).get("mean", math.nan),
                 "rows": [row.to_json() for row in r.rows if row.upload == "jpeg75" and not row.adaptive],
             }
             for level, r in zip(levels, results)
