@@ -259,3 +259,50 @@ def test_relu6_fusion_is_the_same_function(hse_dir):
     (grad_a,) = torch.autograd.grad(a.sum(), x)
     (grad_b,) = torch.autograd.grad(b.sum(), x)
     assert torch.allclose(grad_a, grad_b, rtol=1e-3, atol=1e-3 * float(grad_a.abs().max()))
+
+
+def test_gradient_passes_run_the_channels_last_copy_until_the_weights_take_gradients(hse_dir):
+    """The cloak's gradient passes on the CPU use the channels-last copy, with the original's
+    gradients; once the weights take gradients (fine-tuning) the original runs, and a change of
+    its weights is seen by the next copy."""
+    model = load_model_file(
+        hse_dir / HSE_ONNX,
+        name="hse-grad",
+        input_size=224,
+        crop="box",
+        margin=10,
+        layout="nhwc",
+        bgr=True,
+        mean=(103.939, 116.779, 123.68),
+    )
+    chips = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    weights = torch.linspace(-1, 1, 1024)  # any fixed direction: the embedding is unit-norm
+
+    def gradient() -> torch.Tensor:
+        return torch.autograd.grad((model(chips) * weights).sum(), chips)[0]
+
+    assert model._network_for_pass(chips) is not model.network
+    through_copy = gradient()
+    model.network.requires_grad_(True)
+    assert model._network_for_pass(chips) is model.network
+    through_original = gradient()
+    assert _relative_difference(through_copy, through_original) < 1e-3  # the same sums, reordered
+    with torch.no_grad():  # as a fine-tuning step would
+        next(p for p in model.network.parameters() if p.ndim == 4).mul_(0.5)
+    model.network.requires_grad_(False)
+    after = _original_gradient(model, chips, weights)
+    assert _relative_difference(gradient(), after) < 1e-2  # a ReLU6 edge or two may flip
+    assert _relative_difference(through_copy, after) > 0.3  # what a stale copy would give
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _original_gradient(model, chips: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The gradient through ``model``'s own network, whatever `_network_for_pass` would pick."""
+    model.network.requires_grad_(True)
+    try:
+        return torch.autograd.grad((model(chips) * weights).sum(), chips)[0]
+    finally:
+        model.network.requires_grad_(False)
