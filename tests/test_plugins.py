@@ -291,7 +291,7 @@ def test_gradient_passes_run_the_channels_last_copy_until_the_weights_take_gradi
         next(p for p in model.network.parameters() if p.ndim == 4).mul_(0.5)
     model.network.requires_grad_(False)
     after = _original_gradient(model, chips, weights)
-    assert _relative_difference(gradient(), after) < 1e-2  # a ReLU6 edge or two may flip
+    assert _relative_difference(gradient(), after) < 0.05  # 0.003 here: a few ReLU6 edges flip
     assert _relative_difference(through_copy, after) > 0.3  # what a stale copy would give
 
 
