@@ -72,6 +72,7 @@ CONFIGS = {
     "default+sgm0.2": {**DEFAULT, "skip_gradient": 0.2},
     "default+opom": {**DEFAULT, "person_level": True},
     "jnd+opom": {**NO_BOOSTERS, "person_level": True},
+    "jnd+spend+opom": {**NO_BOOSTERS, "spend_budget": True, "person_level": True},
     "default+opom+region": {**DEFAULT, "person_level": True, "measured_on": "region"},
     "default+opom+lag0": {**DEFAULT, "person_level": True, "laggard_weight": 0.0},
     "default+opom+chroma0.1": {**DEFAULT, "person_level": True, "chroma_share": 0.1, "max_ciede": None},
