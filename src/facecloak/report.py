@@ -230,10 +230,10 @@ def _quality_section(quality: dict) -> list[str]:
         _table(rows, [("measure", "measure"), ("mean", "mean"), ("max", "max")]),
     ]
     if "face_dssim" in quality:
-        region = quality["face_dssim"]
+        face = quality["face_dssim"]
         parts.append(
             "<p>Face DSSIM (the cloak's budget, over each face's detection box): "
-            f"mean {region['mean']:.4f}, max {region['max']:.4f}; "
+            f"mean {face['mean']:.4f}, max {face['max']:.4f}; "
             f"{html.escape(_cloak_check(quality))}.</p>"
         )
     parts += [f"<p>{html.escape(line)}</p>" for line in _realism_lines(quality)]
@@ -349,10 +349,8 @@ def summary_table(result: EvaluationResult) -> str:
             f"PSNR mean {quality['psnr']['mean']:.1f} dB, L-inf max {quality['linf']['max']:.0f}/255"
         )
     if "face_dssim" in quality:
-        region = quality["face_dssim"]
-        lines.append(
-            f"face DSSIM mean {region['mean']:.4f} (max {region['max']:.4f}); {_cloak_check(quality)}"
-        )
+        face = quality["face_dssim"]
+        lines.append(f"face DSSIM mean {face['mean']:.4f} (max {face['max']:.4f}); {_cloak_check(quality)}")
     lines += _realism_lines(quality)
     lines.append(f"timings: {result.timings}")
     return "\n".join(lines)
