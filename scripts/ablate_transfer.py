@@ -36,6 +36,7 @@ import torch
 
 from _bench import set_cloak_constants
 from facecloak.cloak import create_cloak
+from facecloak.cloak.base import DEFAULT_DIVERSITY, DEFAULT_SMOOTHING, DEFAULT_SPEND_BUDGET
 from facecloak.cloak.budget import LEGACY_LEVELS, LEVELS
 from facecloak.datasets import list_people
 from facecloak.detect import FaceDetector
@@ -43,8 +44,13 @@ from facecloak.evaluate import EmbeddingCache, PipelineAttacker, evaluate
 from facecloak.models import create_embedder
 from facecloak.protection import CloakFaces
 
-DEFAULT = {"diversity": 0.7, "smoothing": 1.0, "spend_budget": True}
-"""Today's transfer defaults (`facecloak.cloak.base`): the base of every ``default+...`` row."""
+DEFAULT = {
+    "diversity": DEFAULT_DIVERSITY,
+    "smoothing": DEFAULT_SMOOTHING,
+    "spend_budget": DEFAULT_SPEND_BUDGET,
+}
+"""The cloak's transfer defaults, read from `facecloak.cloak.base` so that a ``default+...`` row
+follows them when they change: the base of every such row."""
 NO_BOOSTERS = {"diversity": 0.0, "smoothing": 0.0, "spend_budget": False}
 """The perceptual budget alone: the base of every ``jnd...`` row. The cloak's defaults turn all
 three boosters on, so a row that named only what it adds would carry the others too."""
@@ -56,11 +62,17 @@ CONFIGS = {
     "jnd+mi": {**NO_BOOSTERS, "update": "momentum"},
     "jnd+spend": {**NO_BOOSTERS, "spend_budget": True},
     "jnd+di+ti": {**NO_BOOSTERS, "diversity": 0.7, "smoothing": 1.0},
-    "jnd+di+ti+spend": DEFAULT,
+    "jnd+di+ti+spend": {**NO_BOOSTERS, "diversity": 0.7, "smoothing": 1.0, "spend_budget": True},
     "jnd2.4+di+ti": {**NO_BOOSTERS, "jnd_scale": 2.4, "diversity": 0.7, "smoothing": 1.0},
     "jnd2.4": {**NO_BOOSTERS, "jnd_scale": 2.4},
-    "jnd+di+ti3+spend": {**DEFAULT, "smoothing": 3.0},
-    "jnd2.4+di+ti3+spend": {**DEFAULT, "jnd_scale": 2.4, "smoothing": 3.0},
+    "jnd+di+ti3+spend": {**NO_BOOSTERS, "diversity": 0.7, "smoothing": 3.0, "spend_budget": True},
+    "jnd2.4+di+ti3+spend": {
+        **NO_BOOSTERS,
+        "jnd_scale": 2.4,
+        "diversity": 0.7,
+        "smoothing": 3.0,
+        "spend_budget": True,
+    },
     "default+steps80": {**DEFAULT, "steps": 80},
     "default+chroma0.25": {**DEFAULT, "chroma_share": 0.25},
     "default+chroma0.4": {**DEFAULT, "chroma_share": 0.4},
