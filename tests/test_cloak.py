@@ -482,7 +482,12 @@ def test_the_laggard_pull_moves_the_model_that_leaves_faces_unprotected(
     lfw_dir, mobileface_dir, dlib_model, detector
 ):
     """``laggard_weight``: with dlib-resnet and MobileFace, MobileFace lags; pulling harder on it
-    below `LAGGARD_AIM` moves it further and leaves fewer faces NOT protected, at the same cap."""
+    below `LAGGARD_AIM` moves it further, brings the faces it leaves NOT protected nearer its
+    threshold, and leaves no more of them, at the same cap.
+
+    (Which of 8 faces ends on which side of the threshold depends on the CPU's arithmetic: on an
+    AVX-512 machine the pull carried one more face across, on an AVX2 one none; the shortfall below
+    the threshold is what the pull moves everywhere: 0.50 -> 0.29 thresholds on the AVX2 one.)"""
     import random
 
     from facecloak.cloak.untargeted import DEFAULT_LAGGARD_WEIGHT
@@ -519,7 +524,15 @@ def test_the_laggard_pull_moves_the_model_that_leaves_faces_unprotected(
     plain, pulled = ratios[0.0], ratios[DEFAULT_LAGGARD_WEIGHT]
     assert float(plain[:, 1].mean()) < float(plain[:, 0].mean())  # MobileFace is the laggard
     assert float(pulled[:, 1].mean()) > float(plain[:, 1].mean()) + 0.02
-    assert int(results[DEFAULT_LAGGARD_WEIGHT].protected.sum()) > int(results[0.0].protected.sum())
+    unprotected = ~results[0.0].protected
+    assert bool(unprotected.any())
+
+    def shortfall(ratio: torch.Tensor) -> float:
+        """How far, in thresholds, the faces left NOT protected without the pull stay under MobileFace's."""
+        return float(torch.relu(1 - ratio[unprotected, 1]).sum())
+
+    assert shortfall(pulled) < 0.75 * shortfall(plain)
+    assert int(results[DEFAULT_LAGGARD_WEIGHT].protected.sum()) >= int(results[0.0].protected.sum())
     assert results[DEFAULT_LAGGARD_WEIGHT].settings["laggard_weight"] == DEFAULT_LAGGARD_WEIGHT
     for result in results.values():
         assert float(result.dssim.max()) <= LEVELS["mid"].max_dssim
