@@ -36,7 +36,12 @@ import torch
 
 from _bench import set_cloak_constants
 from facecloak.cloak import create_cloak
-from facecloak.cloak.base import DEFAULT_DIVERSITY, DEFAULT_SMOOTHING, DEFAULT_SPEND_BUDGET
+from facecloak.cloak.base import (
+    DEFAULT_AVERAGE_ITERATES,
+    DEFAULT_DIVERSITY,
+    DEFAULT_SMOOTHING,
+    DEFAULT_SPEND_BUDGET,
+)
 from facecloak.cloak.budget import LEGACY_LEVELS, LEVELS
 from facecloak.datasets import list_people
 from facecloak.detect import FaceDetector
@@ -48,12 +53,13 @@ DEFAULT = {
     "diversity": DEFAULT_DIVERSITY,
     "smoothing": DEFAULT_SMOOTHING,
     "spend_budget": DEFAULT_SPEND_BUDGET,
+    "average_iterates": DEFAULT_AVERAGE_ITERATES,
 }
 """The cloak's transfer defaults, read from `facecloak.cloak.base` so that a ``default+...`` row
 follows them when they change: the base of every such row."""
-NO_BOOSTERS = {"diversity": 0.0, "smoothing": 0.0, "spend_budget": False}
-"""The perceptual budget alone: the base of every ``jnd...`` row. The cloak's defaults turn all
-three boosters on, so a row that named only what it adds would carry the others too."""
+NO_BOOSTERS = {"diversity": 0.0, "smoothing": 0.0, "spend_budget": False, "average_iterates": False}
+"""The perceptual budget alone: the base of every ``jnd...`` row. The cloak's defaults turn every
+booster on, so a row that named only what it adds would carry the others too."""
 CONFIGS = {
     "legacy": {"budget": "legacy"},
     "jnd": NO_BOOSTERS,
@@ -87,6 +93,7 @@ CONFIGS = {
     "jnd+spend+opom": {**NO_BOOSTERS, "spend_budget": True, "person_level": True},
     "default+opom+region": {**DEFAULT, "person_level": True, "measured_on": "region"},
     "default+opom+lag0": {**DEFAULT, "person_level": True, "laggard_weight": 0.0},
+    "default+opom+noavg": {**DEFAULT, "person_level": True, "average_iterates": False},
     "default+opom+chroma0.1": {**DEFAULT, "person_level": True, "chroma_share": 0.1, "max_ciede": None},
     "default+opom+chroma0.3": {**DEFAULT, "person_level": True, "chroma_share": 0.3},
     "default+opom+steps60": {**DEFAULT, "person_level": True, "steps": 60},

@@ -227,6 +227,62 @@ def test_transfer_options_change_the_cloak_and_are_validated(dlib_model, detecto
         UntargetedCloak([dlib_model], "low", update="sgd")
 
 
+def test_a_spent_budget_returns_the_running_average_of_its_last_steps(
+    dlib_model, detector, photos, centre_faces, monkeypatch
+):
+    """``average_iterates``: the steps are the same either way; with the budget spent the change
+    returned is the running average of the steps' changes from `AVERAGE_FROM` of them on, not the
+    last one; a cloak that stops at its aim, or has fewer than `AVERAGE_MIN_STEPS` steps, returns
+    its last step whatever the option."""
+    from facecloak.cloak import base
+
+    steps_seen: list[torch.Tensor] = []
+    returned: list[torch.Tensor] = []
+    running_average, compose = base._running_average, UntargetedCloak._compose_within_budget
+
+    def recording_average(average, delta):
+        steps_seen.append(delta.clone())
+        return running_average(average, delta)
+
+    def recording_compose(self, photos, faces, buckets, deltas):
+        returned.append(deltas[0].clone())
+        return compose(self, photos, faces, buckets, deltas)
+
+    monkeypatch.setattr(base, "_running_average", recording_average)
+    monkeypatch.setattr(UntargetedCloak, "_compose_within_budget", recording_compose)
+
+    def run(steps: int = base.AVERAGE_MIN_STEPS, **options):
+        steps_seen.clear()
+        cloak = UntargetedCloak(
+            [dlib_model], "low", detector=detector, steps=steps, seed=0, verify=False, **options
+        )
+        return cloak(photos[:1], centre_faces.for_image(0)), list(steps_seen), returned[-1]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same steps twice, bit for bit
+    try:
+        averaged, seen, average = run(average_iterates=True)
+        last, unseen, final = run(average_iterates=False)
+        stopping, _, _ = run(average_iterates=True, spend_budget=False, aim=9.0)
+        stopping_plain, _, _ = run(average_iterates=False, spend_budget=False, aim=9.0)
+        short, short_seen, _ = run(steps=base.AVERAGE_MIN_STEPS - 1, average_iterates=True)
+        short_plain, _, _ = run(steps=base.AVERAGE_MIN_STEPS - 1, average_iterates=False)
+    finally:
+        torch.set_num_threads(threads)
+    steps = base.AVERAGE_MIN_STEPS
+    assert len(seen) == steps - math.ceil(base.AVERAGE_FROM * steps) + 1 and not unseen
+    assert torch.equal(seen[-1], final)  # averaging leaves the steps themselves alone
+    expected = seen[0]
+    for delta in seen[1:]:
+        expected = base.AVERAGE_DECAY * expected + (1 - base.AVERAGE_DECAY) * delta
+    assert torch.allclose(average, expected, atol=1e-7)
+    assert float((average - final).abs().max()) > 1 / 255  # not the last step
+    assert not torch.equal(averaged.images[0], last.images[0])
+    assert averaged.settings["average_iterates"] and not last.settings["average_iterates"]
+    assert torch.equal(stopping.images[0], stopping_plain.images[0])
+    assert not short_seen and torch.equal(short.images[0], short_plain.images[0])
+
+
 def test_person_level_references_average_only_the_same_persons_faces(lfw_dir, dlib_model, detector):
     """OPOM-style references: two photos of one person share their mean; another person keeps their own."""
     from facecloak.embed import embed_faces
@@ -515,6 +571,7 @@ def test_the_laggard_pull_moves_the_model_that_leaves_faces_unprotected(
             laggard_weight=weight,
             steps=20,
             measured_on="region",
+            average_iterates=False,  # the steps' own effect, as the pull leaves it
             detector=detector,
             seed=0,
         )(images, faces)

@@ -604,9 +604,17 @@ class FaceReplacer:
             margin = [self.margin] + [self.donor_margins[name]] * self.donors_per_face
             margins.append(torch.tensor([margin] * len(near)))
         # the finish's caps bound a change to a new face, which shows no one: they keep the
-        # region's measure its figures were tuned on
+        # region's measure its figures were tuned on; and its last step, as measured (the
+        # cloak's average of its last steps came later and was not measured on replaced faces)
         cloak = AwayCloak(
-            self.models, away_from, margins, level, steps=FINISH_STEPS, measured_on="region", seed=self.seed
+            self.models,
+            away_from,
+            margins,
+            level,
+            steps=FINISH_STEPS,
+            measured_on="region",
+            average_iterates=False,
+            seed=self.seed,
         )
         # `_verify` checks the photo kept, on every recogniser: the cloak's own check is not needed
         cloaked = cloak.perturb([photos[i] for i in images], chosen)
