@@ -949,6 +949,55 @@ def test_a_donor_turned_away_from_the_face_is_not_chosen(bank, models, detector,
     assert any(favourite in rows for rows in first_sets(3))
 
 
+def test_a_large_face_is_made_from_donors_whose_photos_hold_its_detail(
+    bank, models, detector, samples_dir, targets, monkeypatch
+):
+    """Grace Hopper's eyes are 88 px apart, an LFW donor's about 40. When half the bank's donors come
+    from large photos (detail chips), her face is given more of them than without the size cost
+    (`RESOLUTION_COST`), whichever half it is; an LFW-sized face, which every donor fills, is given
+    the same sets as from the plain bank."""
+    photo = io.read_image(samples_dir / "grace_hopper.jpg").pixels
+    large_face = detector([photo])
+    images, faces = targets
+    small_face = faces.select([0])
+    eyes = [float((f.landmarks[0, 1] - f.landmarks[0, 0]).norm()) for f in (large_face, small_face)]
+    donor_eyes = torch.tensor([donor["landmarks"] for donor in bank.donors]).diff(dim=1)[:, 0].norm(dim=-1)
+    held = donor_eyes.clamp(max=CHIP_EYE_DISTANCE_PX)  # what each plain donor's chip can give
+    assert eyes[0] > replace_module.RESOLUTION_FREE * float(held.max()), "every plain donor is too small"
+    assert eyes[1] <= replace_module.RESOLUTION_FREE * float(held.min()), "every donor fills the LFW face"
+
+    def as_if_from_large_photos(rows: set[int]) -> DonorBank:
+        donors = [
+            dict(donor, landmarks=[[3 * x, 3 * y] for x, y in donor["landmarks"]], detail_scale=DETAIL_SCALE)
+            if row in rows
+            else donor
+            for row, donor in enumerate(bank.donors)
+        ]
+        return replace(bank, donors=donors)
+
+    def chosen(mixed: DonorBank, image, face, eye_px: float, count: int = 6) -> list[int]:
+        replacer = FaceReplacer(mixed, models, detector=detector, seed=0, prefer_beyond=1.2)
+        plan, target = _donor_choice_inputs(image, face, models)
+        sets = replacer._donor_sets(*plan, target, 0, eye_px=eye_px)[:count]
+        return [row for rows, _ in sets for row in rows]
+
+    halves = [set(range(0, DONORS, 2)), set(range(1, DONORS, 2))]
+    shares = []
+    for cost in (replace_module.RESOLUTION_COST, 0.0):
+        monkeypatch.setattr("facecloak.replace.RESOLUTION_COST", cost)
+        for large in halves:
+            rows = chosen(as_if_from_large_photos(large), photo, large_face, eyes[0])
+            shares.append(sum(row in large for row in rows) / len(rows))
+        if cost > 0:
+            for large in halves:
+                mixed = as_if_from_large_photos(large)
+                assert chosen(mixed, images[0], small_face, eyes[1]) == chosen(
+                    bank, images[0], small_face, eyes[1]
+                )
+    with_cost, without = shares[:2], shares[2:]
+    assert all(a >= b + 0.1 for a, b in zip(with_cost, without)), shares  # here 0.56 -> 0.72, 0.44 -> 0.61
+
+
 def test_shading_from_skin_keeps_the_faces_features_out_of_the_new_face(bank, targets):
     """The target's lighting is measured on its skin only, so its eyes, brows and mouth do not come
     back, low-passed, as dark ghosts under the donors' (they move the new face back toward the

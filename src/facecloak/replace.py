@@ -147,6 +147,14 @@ a photo instead of 1.48 (6.6 steps on average), but with MobileFace left out of 
 the replaced subjects matched a donor on it, against 0.6% with every step spent (filling the cap
 after the early stop: 3.1% too)."""
 
+RESOLUTION_FREE = 1.25
+RESOLUTION_COST = 2.0
+"""A donor that would be enlarged more than RESOLUTION_FREE times to fill the face (`_held_detail`:
+its eye distance in its own photo, or its chip's, against the face's) costs RESOLUTION_COST more
+per doubling beyond that: a large face is made from large donor photos where the bank has them,
+so it is not an upscaled, soft face. On LFW-sized faces (eyes about 40 px apart) no donor of a
+250 px LFW bank pays anything, so the choice there is unchanged."""
+
 NEAR_DONOR_COST = 2.0
 """Extra cost of a donor within ``prefer_beyond`` thresholds of the person (about a pose's worth)."""
 
@@ -210,6 +218,7 @@ class _Plan:
 
     sets: list[tuple[tuple[int, ...], tuple[bool, ...]]]
     face: tuple = ()  # what `FaceReplacer._donor_sets` needs to plan again: pose, smile, stats, target
+    eye_px: float = 0.0  # the face's eye distance in its photo
     excluded: set[int] = field(default_factory=set)
     tried: set[tuple[int, ...]] = field(default_factory=set)
     shrink: Tensor | None = None  # (models,) see `FaceReplacer._shrink`; None before any try fell short
@@ -320,6 +329,10 @@ class FaceReplacer:
         self._detector = detector
         self.thresholds = torch.tensor([m.card.match_threshold for m in self.models])
         self._smiles = mouth_width(bank.points)
+        self._donor_eye_px = eye_distance(
+            torch.tensor([donor["landmarks"] for donor in bank.donors], dtype=torch.float32)
+        )
+        self._detail_scales = torch.tensor([bank.detail_scale(row) for row in range(len(bank))])
         self._kin = _kin_of_donors(bank, self.models)
         self._registration: dict[tuple[int, bool], Tensor] = {}  # see `_registration_luminance`
 
@@ -463,11 +476,12 @@ class FaceReplacer:
             ]
         )
         poses, stats = estimate_pose(chosen.landmarks), face_statistics(chips).cpu()
-        smiles = mouth_width(chosen.landmarks)
+        smiles, eyes = mouth_width(chosen.landmarks), eye_distance(chosen.landmarks.cpu())
         plans = {}
         for j, n in enumerate(rows):
             face = (poses[j], smiles[j], stats[j], {k: v[j] for k, v in targets.items()})
-            plans[n] = _Plan(self._donor_sets(*face, n), face=face)
+            eye_px = float(eyes[j])
+            plans[n] = _Plan(self._donor_sets(*face, n, eye_px=eye_px), face=face, eye_px=eye_px)
         crops: dict[int, tuple] = {}
         checked: dict[int, tuple] = {}
         for _ in range(self.attempts):
@@ -500,7 +514,7 @@ class FaceReplacer:
                         # it stayed too near the person: plan again with donors that reach farther
                         shrink = self._shrink(check, picks[n][0], plan.face[3])
                         plan.shrink = shrink if plan.shrink is None else torch.minimum(plan.shrink, shrink)
-                        plan.sets = self._donor_sets(*plan.face, n, shrink=plan.shrink)
+                        plan.sets = self._donor_sets(*plan.face, n, eye_px=plan.eye_px, shrink=plan.shrink)
                     plan.sets = [
                         s
                         for s in plan.sets
@@ -631,26 +645,32 @@ class FaceReplacer:
             )
         return finished
 
+    def _held_detail(self, face_eye_px: float) -> tuple[Tensor, Tensor]:
+        """Each donor's finest detail for a face this large (N,), and whether its chip limits it (N,).
+
+        The detail is an eye distance in pixels. The new face holds no finer detail than a donor's
+        own photo, nor than the chip it is read from (eyes `CHIP_EYE_DISTANCE_PX` apart, times a
+        donor's detail scale for a face large enough to read detail chips).
+        """
+        detailed = reads_detail_chips(face_eye_px)  # else read from the chips, whatever detail chips exist
+        chips = CHIP_EYE_DISTANCE_PX * (
+            self._detail_scales.float() if detailed else torch.ones(len(self.bank))
+        )
+        return torch.minimum(self._donor_eye_px, chips), chips < self._donor_eye_px
+
     def _donor_upscale(self, landmarks: Tensor, donor_rows: Sequence[int]) -> tuple[float, str]:
         """How many times larger this face is than the finest detail its new face can hold, and why.
 
-        Eye distances, in pixels. The new face has no finer detail than the smallest of its donors
-        in their own photos (``"donors"``), nor than the chips it is read from (``"chip"``,
-        whatever the donors): eyes `CHIP_EYE_DISTANCE_PX` apart, twice that in a donor's detail
-        chip. Above about 2 it looks softer than the photo around it (the largest face of
-        `samples/group.jpg`: 1.74, donors).
+        Eye distances, in pixels (`_held_detail`): limited by the smallest of its donors in their
+        own photos (``"donors"``) or by the chips it is read from (``"chip"``). Above about 2 it
+        looks softer than the photo around it (the largest face of `samples/group.jpg`: 1.74, donors).
         """
-        landmarks_in_photos = [self.bank.donors[r]["landmarks"] for r in donor_rows]
-        eyes = eye_distance(torch.tensor(landmarks_in_photos, dtype=torch.float32))
         face = float(eye_distance(landmarks[None].cpu())[0])
-        detailed = reads_detail_chips(face)  # else read from the chips, whatever detail chips exist
-        chips = torch.tensor(
-            [CHIP_EYE_DISTANCE_PX * (self.bank.detail_scale(r) if detailed else 1) for r in donor_rows]
-        )
-        finest = torch.minimum(eyes, chips)
-        smallest = int(finest.argmin())
-        limit = "chip" if float(chips[smallest]) < float(eyes[smallest]) else "donors"
-        return round(face / max(float(finest[smallest]), 1e-6), 2), limit
+        held, by_chip = self._held_detail(face)
+        rows = list(donor_rows)
+        smallest = rows[int(held[rows].argmin())]
+        limit = "chip" if bool(by_chip[smallest]) else "donors"
+        return round(face / max(float(held[smallest]), 1e-6), 2), limit
 
     # -- donors ------------------------------------------------------------------------------------
 
@@ -662,9 +682,13 @@ class FaceReplacer:
         target: dict[str, Tensor],
         face: int,
         *,
+        eye_px: float = 0.0,
         shrink: Tensor | None = None,
     ) -> list:
         """Donor sets to try for one face, best first: ``[(rows, mirrored flags), ...]``.
+
+        ``eye_px``: the face's eye distance in its photo; donors too small for it cost more
+        (`RESOLUTION_COST`; 0: size not weighed).
 
         ``shrink``: after a try that stayed too near the person, how much nearer than its donors'
         mean a new face lands, per model (`_shrink`). The sets are then ranked first by how far
@@ -682,6 +706,8 @@ class FaceReplacer:
         beard = (bank.stats[:, 6] - stats[6]).abs() / 6.0 + (bank.stats[:, 8] - stats[8]).abs() / 8.0
         expression = (bank.stats[:, 7] - stats[7]).abs() / 8.0 + 3.0 * (self._smiles - smile).abs()
         glasses = GLASSES_COST * (glasses_likelihood(bank.stats[:, 9]) - glasses_likelihood(stats[9])).abs()
+        enlarged = eye_px / self._held_detail(eye_px)[0].clamp_min(1e-6)
+        resolution = RESOLUTION_COST * torch.log2(enlarged.clamp_min(1e-6) / RESOLUTION_FREE).clamp(min=0)
         ratios = torch.stack(
             [
                 embedding_distance(bank.embeddings[m.card.name], target[m.card.name][None], m.card.distance)
@@ -696,7 +722,14 @@ class FaceReplacer:
         shared = kin_of_face[self._kin].float().mean(1)  # (donors,) the share of kin in common
         kin = KIN_COST / reach * (1 - shared / KIN_ENOUGH).clamp(min=0)  # less, once a try fell short
         cost = (
-            pose_cost + colour + beard + glasses + expression + kin + self.affinity / reach * ratios.mean(1)
+            pose_cost
+            + colour
+            + beard
+            + glasses
+            + expression
+            + resolution
+            + kin
+            + self.affinity / reach * ratios.mean(1)
         )
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + face)
         cost = cost + 0.15 * torch.rand(len(cost), generator=generator)  # variety between faces
