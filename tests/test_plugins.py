@@ -295,3 +295,53 @@ def test_gradient_passes_run_the_channels_last_copy_until_the_weights_take_gradi
 
 def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def test_a_feature_tap_and_dropout_reach_plug_ins_that_already_run_their_channels_last_copy(
+    mobileface_dir, hse_dir
+):
+    """Plug-ins run a channels-last copy of their network on the CPU, built on the first pass. The
+    intermediate-feature loss and feature dropout hook the original's layers: once the copy exists
+    (a cloak embeds the clean faces first), passes under a hook must run the original, and no hook
+    may live on in the copy. Before, a cloak with ``feature_weight`` found no features on MobileFace
+    and the HSE MobileNet, and dropout changed nothing."""
+    from facecloak.cloak.dropout import feature_dropout
+    from facecloak.cloak.features import FeatureTap
+
+    mobileface = load_model_file(mobileface_dir / "MobileFace_Identification_V2-symbol.json")
+    hse = load_model_file(
+        hse_dir / HSE_ONNX,
+        name="hse-hooks",
+        input_size=224,
+        crop="box",
+        margin=10,
+        layout="nhwc",
+        bgr=True,
+        mean=(103.939, 116.779, 123.68),
+    )
+    generator = torch.Generator().manual_seed(0)
+    for model in (mobileface, hse):
+        chips = torch.rand(2, 3, model.card.input_size, model.card.input_size, generator=generator)
+        with torch.no_grad():
+            plain = model(chips)  # builds the copy, as the cloak's clean embeddings do
+        assert model._network_for_pass(chips) is not model.network
+        with FeatureTap(model, 0.5) as tap:
+            with torch.no_grad():
+                model(chips)
+            assert tap.value is not None and tap.value.ndim == 4
+            tap.value = None
+            model(chips.clone().requires_grad_(True))  # a cloak step's pass
+            assert tap.value is not None and tap.value.requires_grad
+        with torch.no_grad():
+            with feature_dropout([model], 0.05, torch.Generator().manual_seed(1)):
+                dropped = model(chips)
+            after = model(chips)
+        assert float(model.distance(plain, dropped).min()) > 0.01
+        assert torch.equal(plain, after)
+        assert model._network_for_pass(chips) is not model.network  # back on the copy
+        # a copy rebuilt while a hook is on (new weights) carries none of it
+        with torch.no_grad():
+            next(p for p in model.network.parameters() if p.ndim == 4).mul_(1.0001)
+        with feature_dropout([model], 0.05, torch.Generator().manual_seed(1)):
+            copy = model._inference_network()
+        assert not any(m._forward_hooks or getattr(m, "feature_hook", None) for m in copy.modules())

@@ -76,12 +76,17 @@ class PluginEmbedder(Embedder):
             copy.train(self.training)
             for parameter in copy.parameters():
                 parameter.requires_grad_(False)
+            for module in copy.modules():  # a tap or dropout on the original must not live on here
+                module._forward_hooks.clear()
+                module._forward_pre_hooks.clear()
+                if getattr(module, "feature_hook", None) is not None:
+                    module.feature_hook = None
             self._inference = [copy]  # a list: not registered as a submodule (no state_dict entry)
             self._inference_key = key
         return self._inference[0]
 
     def _network_for_pass(self, x: Tensor) -> nn.Module:
-        """The channels-last copy, unless this pass must reach the weights or runs on a GPU.
+        """The channels-last copy, unless this pass must reach the weights or their hooks, or runs on a GPU.
 
         The CPU's convolutions run a forward pass 1.4-1.5x faster with channels-last weights (HSE
         MobileNet, MobileFace V2; batches of 32), and a cloak step's forward and backward pass to
@@ -89,11 +94,29 @@ class PluginEmbedder(Embedder):
         on one, MobileFace V2 the same (2026-12-06). A pass whose weights take gradients
         (fine-tuning) needs the original; a GPU's gradient passes keep it (not measured there).
         """
+        if self._hooked():
+            return self.network
         if not torch.is_grad_enabled():
             return self._inference_network()
         if x.device.type != "cpu" or any(p.requires_grad for p in self.network.parameters()):
             return self.network
         return self._inference_network()
+
+    def _hooked(self) -> bool:
+        """Whether something watches or changes the network's layers: a `FeatureTap`, feature dropout.
+
+        They hook the original's modules, so while they do, passes run the original (the copy
+        would bypass them: the intermediate-feature loss found no features on a plug-in, and
+        dropout changed nothing).
+        """
+        listed_for = getattr(self, "_watched_network", [None])  # a list: not registered as a submodule
+        if listed_for[0] is not self.network:  # the modules listed once: 0.3 -> 0.015 ms a pass
+            self._watched = [(m, hasattr(m, "feature_hook")) for m in self.network.modules()]
+            self._watched_network = [self.network]
+        return any(
+            module._forward_hooks or module._forward_pre_hooks or (graph and module.feature_hook is not None)
+            for module, graph in self._watched
+        )
 
     def forward(self, chips: Tensor) -> Tensor:
         """Embed (N, 3, S, S) RGB chips in [0, 1]."""
