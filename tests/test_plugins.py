@@ -261,13 +261,11 @@ def test_relu6_fusion_is_the_same_function(hse_dir):
     assert torch.allclose(grad_a, grad_b, rtol=1e-3, atol=1e-3 * float(grad_a.abs().max()))
 
 
-def test_gradient_passes_run_the_channels_last_copy_until_the_weights_take_gradients(hse_dir):
-    """The cloak's gradient passes on the CPU use the channels-last copy, with the original's
-    gradients; once the weights take gradients (fine-tuning) the original runs, and a change of
-    its weights is seen by the next copy."""
-    model = load_model_file(
+def _hse_plugin(hse_dir, name: str):
+    """The HSE MobileNet loaded as its README says: a 224 px NHWC BGR box crop, its own means."""
+    return load_model_file(
         hse_dir / HSE_ONNX,
-        name="hse-grad",
+        name=name,
         input_size=224,
         crop="box",
         margin=10,
@@ -275,6 +273,13 @@ def test_gradient_passes_run_the_channels_last_copy_until_the_weights_take_gradi
         bgr=True,
         mean=(103.939, 116.779, 123.68),
     )
+
+
+def test_gradient_passes_run_the_channels_last_copy_until_the_weights_take_gradients(hse_dir):
+    """The cloak's gradient passes on the CPU use the channels-last copy, with the original's
+    gradients; once the weights take gradients (fine-tuning) the original runs, and a change of
+    its weights is seen by the next copy."""
+    model = _hse_plugin(hse_dir, "hse-grad")
     chips = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     weights = torch.linspace(-1, 1, 1024)  # any fixed direction: the embedding is unit-norm
 
@@ -309,16 +314,7 @@ def test_a_feature_tap_and_dropout_reach_plug_ins_that_already_run_their_channel
     from facecloak.cloak.features import FeatureTap
 
     mobileface = load_model_file(mobileface_dir / "MobileFace_Identification_V2-symbol.json")
-    hse = load_model_file(
-        hse_dir / HSE_ONNX,
-        name="hse-hooks",
-        input_size=224,
-        crop="box",
-        margin=10,
-        layout="nhwc",
-        bgr=True,
-        mean=(103.939, 116.779, 123.68),
-    )
+    hse = _hse_plugin(hse_dir, "hse-hooks")
     generator = torch.Generator().manual_seed(0)
     for model in (mobileface, hse):
         chips = torch.rand(2, 3, model.card.input_size, model.card.input_size, generator=generator)
