@@ -1182,3 +1182,39 @@ def test_a_replacer_keeping_the_mouth_shares_what_the_bank_costs(bank, models, d
     assert mouth.settings.keep_mouth and not plain.settings.keep_mouth
     assert mouth._kin is plain._kin and mouth.bank is plain.bank and mouth.models == plain.models
     assert not mouth.keeping_mouth(False).settings.keep_mouth
+
+
+def test_a_donors_grey_features_stay_grey_in_a_cooler_skin():
+    """A donor's colours reach the target's skin by a gain on a* and b*, not by a shift: a shift
+    by the skins' difference turned a donor's grey eye shadow blue on the samples' astronaut
+    (warm donor skin, cooler target skin). Synthetic: a warm donor with a grey patch, a cooler
+    target; the new skin takes the target's colour, the patch stays neutral."""
+    from facecloak.synthesis import _match_and_blend
+
+    size = 96
+    donor_lab = torch.zeros(1, 3, size, size)
+    donor_lab[:, 0], donor_lab[:, 1], donor_lab[:, 2] = 65.0, 15.0, 25.0  # warm skin
+    patch = (slice(40, 56), slice(24, 72))
+    donor_lab[0, 0][patch], donor_lab[0, 1][patch], donor_lab[0, 2][patch] = 40.0, 0.0, 0.0  # grey
+    target_lab = torch.zeros(1, 3, size, size)
+    target_lab[:, 0], target_lab[:, 1], target_lab[:, 2] = 70.0, 10.0, 12.0  # cooler skin
+    donors = lab_to_rgb(donor_lab).expand(2, -1, -1, -1)
+    lighting = torch.ones(1, 1, size, size)
+    lighting[..., patch[0], patch[1]] = 0.0
+    out = _match_and_blend(
+        lab_to_rgb(target_lab),
+        donors,
+        torch.full((2, 1, size, size), 0.5),
+        torch.ones(1, 1, size, size),
+        lighting,
+        40.0,
+        SynthesisSettings(grain=0.0),
+        None,
+        lighting=lighting,
+    )
+    new_lab = rgb_to_lab(out)[0]
+    skin_ab = new_lab[1:, 4:20, 4:20].mean((1, 2))
+    patch_ab = new_lab[1:, 44:52, 36:60].mean((1, 2))
+    assert torch.allclose(skin_ab, torch.tensor([10.0, 12.0]), atol=1.5), skin_ab
+    assert float(patch_ab.min()) > -1.0, patch_ab  # a shift gave b* -8: blue
+    assert float(patch_ab.abs().max()) < 6.0, patch_ab  # near neutral, not the skin's colour
