@@ -923,9 +923,9 @@ def _match_and_blend(
     ratio[:, 0] = 1.0  # lightness contrast comes from the shading below, not from the skin's spread
     # every donor in the target's colours: lightness by a shift (its contrast comes from the shading
     # below), a* and b* by a gain (the skins' ratio), so a grey or white feature stays neutral
-    gain = (target_mean / donor_mean.clamp_min(1.0)).clamp(*CHROMA_GAIN_BOUNDS)
+    chroma_gain = (target_mean[:, 1:] / donor_mean[:, 1:].clamp_min(1.0)).clamp(*CHROMA_GAIN_BOUNDS)
     matched = torch.cat(
-        [donor_lab[:, :1] - donor_mean[:, :1] + target_mean[:, :1], donor_lab[:, 1:] * gain[:, 1:]], 1
+        [donor_lab[:, :1] - donor_mean[:, :1] + target_mean[:, :1], donor_lab[:, 1:] * chroma_gain], 1
     )
     donor_lab = (matched - target_mean) * ratio + target_mean
     # structure averaged over all donors; fine detail (eyelids, nostrils, lips) each from one donor
