@@ -59,7 +59,7 @@ def machine() -> dict:
 
     ``cpu_capability`` is the vector instruction set torch's CPU kernels run with ("AVX2",
     "AVX512", ...). Two 2-core "AMD EPYC" machines of this project, one with AVX-512 and one
-    without, cloaked the same one-face photo with three models in 2.0 and 4.1 s (README, "Speed"):
+    without, cloaked the same one-face photo with three models in 2.0 and 4.1 s (docs/speed.md):
     a time means little without the CPU it ran on.
     """
     info = {

@@ -1,6 +1,6 @@
 """Cloak speed: seconds per one-face photo, faces/s in batches, and the whole pipeline, per device.
 
-    python scripts/bench_cloak.py [--device cpu|cuda] [--levels low,mid,high] [--batch 32]
+    python scripts/bench_cloak.py [--device cpu|cuda] [--levels low,mid,high] [--batch 32] [--loop-cost]
                                   [--pipeline N] [--chunk C] [--precisions float32,bfloat16]
                                   [--out bench-results/cloak.json]
 
@@ -13,7 +13,9 @@ Batch throughput cloaks --batch LFW photos (one face each) in one optimisation. 
 CLI does, files in and files out, and reports faces/s, per-stage seconds, protection, GPU
 utilisation (NVML) and peak GPU memory. With MobileFace in ../shared/models, the two-model ensemble
 (dlib-resnet + MobileFace) is measured too, and with the HSE MobileNet beside it the three-model
-one. FACECLOAK_DATA and FACECLOAK_MODELS point elsewhere than ../shared.
+one. FACECLOAK_DATA and FACECLOAK_MODELS point elsewhere than ../shared. ``--loop-cost`` also
+times each one-face photo's optimisation with every model replaced by a stub (`StubEmbedder`),
+over the same steps: the loop's own cost per step, which faster models would not shrink.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import math
 import shutil
 import tempfile
 import threading
@@ -50,6 +53,7 @@ from facecloak.defaults import DISTANCE_AFTER_UPLOAD_KEY
 from facecloak.detect import FaceDetector
 from facecloak.io import read_image
 from facecloak.models import create_embedder
+from facecloak.models.registry import Embedder
 from facecloak.transforms import levels_8bit
 
 HSE_THRESHOLD = 0.3461
@@ -140,6 +144,52 @@ def one_face_photo(
         "face_dssim": record["dssim"],
         "ciede2000_mean": record["ciede2000_mean"],
         "stage_seconds": stages[best],  # of the fastest run: where a photo's time goes
+    }
+
+
+class StubEmbedder(Embedder):
+    """A model's card with next to no network: an 8x8 average pooling and one matrix product.
+
+    A cloak run with stubs in place of its models does every step's own work (the simulated
+    upload, sampling each model's chip and its backward pass, the DSSIM terms, the limits, Adam)
+    for the same chips, so its optimisation time is the loop's own cost (`loop_cost`).
+    """
+
+    def __init__(self, model: Embedder) -> None:
+        super().__init__()
+        self.card = model.card
+        self.project = torch.nn.Linear(3 * 64, 128, bias=False).requires_grad_(False)
+
+    def forward(self, chips: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.project(F.adaptive_avg_pool2d(chips, 8).flatten(1)), dim=1)
+
+
+def loop_cost(
+    models, level: str, device: str, detector: FaceDetector, repeats: int, image: torch.Tensor
+) -> dict:
+    """Optimisation time of one face with the real models and with stubs, over the same number of steps.
+
+    The difference is the models' forward and backward passes; the stubs' time is the loop's own
+    work per step, which does not shrink with faster models.
+    """
+    faces = detector([image])
+    seconds, steps = {}, None
+    for kind, used in (("models", models), ("stubs", [StubEmbedder(m).to(device) for m in models])):
+        options = {} if steps is None else {"steps": steps}  # the stubs take the real run's steps
+        cloak = create_cloak("untargeted", used, level, detector=detector, **options)
+        cloak([image], faces)  # warm-up
+        best = math.inf
+        for _ in range(repeats):
+            result = cloak([image], faces)
+            best = min(best, result.timings["optimise"])
+        steps = steps if steps is not None else int(result.steps[0])
+        seconds[kind] = best
+    return {
+        "steps": steps,
+        "optimise_seconds": round(seconds["models"], 3),
+        "loop_seconds": round(seconds["stubs"], 3),
+        "loop_ms_per_step": round(1000 * seconds["stubs"] / steps, 1),
+        "models_share": round(1 - seconds["stubs"] / seconds["models"], 3),
     }
 
 
@@ -394,6 +444,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the batch run (torch.profiler)")
     parser.add_argument("--no-single", action="store_true", help="skip the one-face-photo timing")
     parser.add_argument(
+        "--loop-cost",
+        action="store_true",
+        help="also time each one-face photo's optimisation with stub models: the loop's own cost",
+    )
+    parser.add_argument(
         "--photos", default=",".join(ONE_FACE_PHOTOS), help="one-face photos to time (of ONE_FACE_PHOTOS)"
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "cloak.json")
@@ -416,6 +471,10 @@ def main() -> None:
                             one_face_photo, models, level, device, detector, args.repeats, image
                         )
                         print(key, row[key], flush=True)
+                        if args.loop_cost:
+                            loop = _attempt(loop_cost, models, level, device, detector, args.repeats, image)
+                            row[f"loop_cost_{photo}"] = loop
+                            print(f"loop_cost_{photo}", loop, flush=True)
                 batch = args.batch if device == "cpu" else max(args.batch, 256)
                 if not args.no_batch:
                     measure = profiled(batch_throughput, args.out) if args.profile else batch_throughput

@@ -71,15 +71,15 @@ PRECISIONS = ("float32", "bfloat16")
 CUDA_PRECISION = "float32"
 """The optimisation's model passes on a GPU stay float32 (cuDNN's convolutions run as TF32 there):
 on an H200 bfloat16 moved neither faces/s (18.3 vs 20.1 for dlib-resnet, whole pipeline, 512-photo
-chunks) nor protection (0.938 vs 0.945) (README, "Speed"; `scripts/bench_cloak.py --device cuda
+chunks) nor protection (0.938 vs 0.945) (docs/speed.md; `scripts/bench_cloak.py --device cuda
 --precisions float32,bfloat16`): the step is bound by its many small operations, not by arithmetic."""
 
 
 DEFAULT_DIVERSITY = 0.7
 DEFAULT_SMOOTHING = 1.0
 DEFAULT_SPEND_BUDGET = True
-"""Transfer defaults, chosen on the leave-one-out ablation (README, "Transfer to models the cloak
-never saw"; `scripts/ablate_transfer.py`): input diversity and gradient smoothing, and spending
+"""Transfer defaults, chosen on the leave-one-out ablation (docs/transfer.md;
+`scripts/ablate_transfer.py`): input diversity and gradient smoothing, and spending
 every step rather than stopping at the aim, each moved faces further on the model left out, at
 the same visibility (small gains: the DSSIM cap is what limits a `mid` cloak)."""
 DEFAULT_DROPOUT = 0.0
@@ -108,7 +108,7 @@ average keeps is the part every step agreed on (Polyak's averaging, as stochasti
 uses it for weights). On 16 LFW photos (JPEG 75, `mid`, same face DSSIM 0.0077), dlib-resnet +
 MobileFace moved the unseen HSE MobileNet 0.674 thresholds instead of 0.656 (another 16: 0.630
 against 0.610) and both attacked models 0.01-0.04 further; dlib-resnet + HSE moved the unseen
-MobileFace 0.605 instead of 0.587 (README, "Transfer", with the leave-one-out figures). A
+MobileFace 0.605 instead of 0.587 (docs/transfer.md, with the leave-one-out figures). A
 shorter run is still growing its change when the average starts, and the average lags it: 8 LFW
 faces, 20 steps under the region's looser cap, moved MobileFace 0.92 thresholds averaged against
 0.99 from the last step, hence AVERAGE_MIN_STEPS (every level has 40 or more)."""
