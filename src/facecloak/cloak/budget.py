@@ -176,7 +176,7 @@ LEVELS: dict[str, CloakBudget] = {
         max_dssim=0.012, max_linf=20.0, steps=50, aim=1.8, step_size=1.5, jnd_scale=2.0, chroma_share=0.1
     ),
 }
-"""Preset budgets by name, defined by what a person sees (README: "How the cloak looks"): low is
+"""Preset budgets by name, defined by what a person sees (README: "How the cloak works"): low is
 not seen at 200% zoom, mid not at 100%, high is faint at 100%. Explicit keywords to `Cloak`
 override single fields."""
 
