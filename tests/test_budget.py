@@ -133,6 +133,20 @@ def test_upload_simulator_is_seeded_and_input_diversity_moves_alignments():
     assert not math.isnan(float(first.sum()))
 
 
+def test_stacked_copies_of_a_face_go_through_the_same_upload():
+    """The intermediate-feature loss compares a face with its clean original "through the same random
+    upload": each face's copies must get the same JPEG quality, not one drawn per row."""
+    simulator = UploadSimulator(robust_to=("jpeg",), jpeg_probability=1.0, jpeg_quality=(20.0, 95.0))
+    faces = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    stacked = torch.cat([faces, faces])
+    together = simulator.transform_pixels(stacked, torch.Generator().manual_seed(5), copies=2)
+    assert torch.equal(together[:3], together[3:])
+    apart = simulator.transform_pixels(stacked, torch.Generator().manual_seed(5))
+    assert not torch.equal(apart[:3], apart[3:])  # one quality per row: the copies differ
+    with pytest.raises(ValueError, match="stacked copies"):
+        simulator.transform_pixels(faces, torch.Generator(), copies=2)
+
+
 def test_feature_dropout_perturbs_inside_the_block_and_restores_the_exact_model():
     """Feature dropout (a transfer option) must change every kind of model while on, and nothing after."""
     from facecloak.cloak.dropout import feature_dropout

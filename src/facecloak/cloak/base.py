@@ -731,7 +731,8 @@ class Cloak:
         n, draws = adversarial.shape[0], self.eot_samples
         features = self.feature_weight > 0 and clean_crops is not None
         pairs = torch.cat([adversarial, clean_crops]) if features else adversarial
-        uploaded = [self.simulator.transform_pixels(pairs, generator) for _ in range(draws)]
+        copies = 2 if features else 1  # a face and its clean original: the same upload
+        uploaded = [self.simulator.transform_pixels(pairs, generator, copies=copies) for _ in range(draws)]
         crops = torch.cat([u[:n] for u in uploaded])
         clean_uploaded = torch.cat([u[n:] for u in uploaded]) if features else None
         device_index = face_index.to(self.device)

@@ -56,9 +56,16 @@ class UploadSimulator:
     diversity_zoom: tuple[float, float] = (0.9, 1.1)
     diversity_shift: float = 0.05
 
-    def transform_pixels(self, crops: Tensor, generator: torch.Generator) -> Tensor:
-        """One random draw of the pixel transformations of (n, 3, h, w) crops."""
+    def transform_pixels(self, crops: Tensor, generator: torch.Generator, *, copies: int = 1) -> Tensor:
+        """One random draw of the pixel transformations of (n, 3, h, w) crops.
+
+        ``copies``: the crops are that many versions of the same n / copies faces, stacked (a
+        cloaked face and its clean original, for the intermediate-feature loss): each face's
+        versions go through the same upload, so they differ only by what was given.
+        """
         n = crops.shape[0]
+        if n % copies:
+            raise ValueError(f"{n} crops are not {copies} stacked copies of the same faces")
         out = crops
         if "resize" in self.robust_to and _uniform(generator) < self.resize_probability:
             low, high = self.resize_scale
@@ -68,7 +75,7 @@ class UploadSimulator:
             out = transforms.gaussian_blur(out, low + (high - low) * _uniform(generator))
         if "jpeg" in self.robust_to and _uniform(generator) < self.jpeg_probability:
             low, high = self.jpeg_quality
-            quality = low + (high - low) * torch.rand(n, generator=generator)
+            quality = (low + (high - low) * torch.rand(n // copies, generator=generator)).repeat(copies)
             out = transforms.jpeg_compress(out, quality.round().to(out))
         return out
 
