@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import math
 import shutil
 import tempfile
 import threading
@@ -165,31 +164,27 @@ class StubEmbedder(Embedder):
 
 
 def loop_cost(
-    models, level: str, device: str, detector: FaceDetector, repeats: int, image: torch.Tensor
+    models, level: str, device: str, detector: FaceDetector, repeats: int, image: torch.Tensor, timed: dict
 ) -> dict:
-    """Optimisation time of one face with the real models and with stubs, over the same number of steps.
+    """The loop's own cost: ``image``'s optimisation with stubs for the models, over the same steps.
 
-    The difference is the models' forward and backward passes; the stubs' time is the loop's own
-    work per step, which does not shrink with faster models.
+    ``timed`` is `one_face_photo`'s row for the same photo and models: its steps and its fastest
+    run's optimisation time, so the real models are not run again. The difference is the models'
+    forward and backward passes; the stubs' time is the loop's own work, which does not shrink
+    with faster models.
     """
+    steps, optimise = timed["steps"], timed["stage_seconds"]["optimise"]
+    stubs = [StubEmbedder(m).to(device) for m in models]
+    cloak = create_cloak("untargeted", stubs, level, detector=detector, steps=steps)
     faces = detector([image])
-    seconds, steps = {}, None
-    for kind, used in (("models", models), ("stubs", [StubEmbedder(m).to(device) for m in models])):
-        options = {} if steps is None else {"steps": steps}  # the stubs take the real run's steps
-        cloak = create_cloak("untargeted", used, level, detector=detector, **options)
-        cloak([image], faces)  # warm-up
-        best = math.inf
-        for _ in range(repeats):
-            result = cloak([image], faces)
-            best = min(best, result.timings["optimise"])
-        steps = steps if steps is not None else int(result.steps[0])
-        seconds[kind] = best
+    cloak([image], faces)  # warm-up
+    loop = min(cloak([image], faces).timings["optimise"] for _ in range(repeats))
     return {
         "steps": steps,
-        "optimise_seconds": round(seconds["models"], 3),
-        "loop_seconds": round(seconds["stubs"], 3),
-        "loop_ms_per_step": round(1000 * seconds["stubs"] / steps, 1),
-        "models_share": round(1 - seconds["stubs"] / seconds["models"], 3),
+        "optimise_seconds": round(optimise, 3),
+        "loop_seconds": round(loop, 3),
+        "loop_ms_per_step": round(1000 * loop / steps, 1),
+        "models_share": round(1 - loop / optimise, 3),
     }
 
 
@@ -471,8 +466,9 @@ def main() -> None:
                             one_face_photo, models, level, device, detector, args.repeats, image
                         )
                         print(key, row[key], flush=True)
-                        if args.loop_cost:
-                            loop = _attempt(loop_cost, models, level, device, detector, args.repeats, image)
+                        if args.loop_cost and "error" not in row[key]:
+                            run = (models, level, device, detector, args.repeats, image, row[key])
+                            loop = _attempt(loop_cost, *run)
                             row[f"loop_cost_{photo}"] = loop
                             print(f"loop_cost_{photo}", loop, flush=True)
                 batch = args.batch if device == "cpu" else max(args.batch, 256)
