@@ -27,7 +27,7 @@ from facecloak.align import estimate_similarity, transform_points
 from facecloak.anonymize import blur_faces
 from facecloak.cli import main
 from facecloak.donor_bank import DonorBank, bank_folder, load_bank
-from facecloak.donors import add_donors, remove_donors
+from facecloak.donors import add_donors, refresh_bank, remove_donors
 from facecloak.embed import embed_faces
 from facecloak.errors import DonorBankError, InvalidInputError
 from facecloak.evaluate import centre_face
@@ -61,6 +61,7 @@ from facecloak.synthesis import (
     part_weights,
     rgb_to_lab,
     synthesize_face,
+    window_outside_share,
 )
 from facecloak.transforms import gaussian_blur
 
@@ -918,6 +919,69 @@ def test_a_bank_from_before_a_new_statistic_gets_it_from_its_chips(
     stored = json.loads((old / "bank.json").read_text())["donors"]
     assert len(stored) == len(bank) + 1
     assert all(len(donor["stats"]) == bank.stats.shape[1] for donor in stored)
+
+
+def test_a_face_cut_off_by_the_photos_edge_is_no_donor(lfw_dir, models, detector, data_home, tmp_path):
+    """A face at a photo's edge is detected with landmarks beyond it; as a donor its chip was half
+    black or showed the person beside it (4 of 296 LFW donors). The largest face of this LFW photo
+    is such a man; the donor taken from it is the photo's subject instead, and a crop holding
+    only him is skipped with the reason. The photo's size is stored, so a loaded bank knows."""
+    photo = lfw_dir / "images" / "Alberta_Lee" / "Alberta_Lee_0001.jpg"
+    image = io.read_image(photo)
+    faces = detector([image.pixels])
+    outside = window_outside_share(faces.landmarks, *image.size)
+    sides = (faces.boxes[:, 2:] - faces.boxes[:, :2]).amin(1)
+    assert float(outside[sides.argmax()]) > 0.5, "the largest face must be the one cut off"
+    report = add_donors([photo], models, bank=str(tmp_path / "edge"), licence="LFW", detector=detector)
+    bank = load_bank(tmp_path / "edge")
+    assert len(report.added) == 1 and bank.donors[0]["photo_size"] == [250, 250]
+    assert float(bank.outside[0]) == 0.0 and bool(bank.usable[0])
+    centre = torch.tensor(bank.donors[0]["box"]).view(2, 2).mean(0)
+    assert (centre - 125).abs().max() < 40, "the subject at the centre, not the man at the edge"
+
+    crop = tmp_path / "only_him.png"
+    io.write_image(crop, image.pixels[:, 90:250, 0:100])
+    skipped = add_donors([crop], models, bank=str(tmp_path / "edge"), licence="LFW", detector=detector)
+    assert not skipped.added
+    assert len(skipped.skipped) == 1 and "cut off by the photo's edge" in skipped.skipped[0][1]
+
+
+def test_a_cut_off_donor_of_an_older_bank_is_found_by_refresh_and_never_used(
+    bank, models, detector, targets, tmp_path
+):
+    """A bank made before photo sizes were stored cannot tell a cut-off donor (every donor counts
+    as usable); `refresh` reads each source photo's size again, and a donor cut off by its edge is
+    then never in a set the replacer tries."""
+    old = tmp_path / "old-bank"
+    shutil.copytree(bank.folder, old)
+    manifest = json.loads((old / "bank.json").read_text())
+    for donor in manifest["donors"]:
+        donor.pop("photo_size")
+    # the first donor as if its photo had been cropped through its face: 100 px wide
+    manifest["donors"][0]["source"] = str(tmp_path / "cropped.png")
+    source = io.read_image(Path(bank.donors[0]["source"])).pixels
+    io.write_image(tmp_path / "cropped.png", source[:, :, :100])
+    (old / "bank.json").write_text(json.dumps(manifest))
+    loaded = load_bank(old)
+    assert bool(loaded.outside.isnan().all()) and bool(loaded.usable.all())
+    assert loaded.summary()["unmeasured"] == len(bank)
+    refreshed = refresh_bank(old, models, detector)
+    assert refreshed.donors[0]["photo_size"] == [100, 250]
+    assert not bool(refreshed.usable[0]) and bool(refreshed.usable[1:].all())
+    assert refreshed.summary()["cut_off"] == 1 and refreshed.summary()["unmeasured"] == 0
+
+    images, faces = targets
+    plan, target = _donor_choice_inputs(images[0], faces.select([0]), models)
+    replacer = FaceReplacer(bank, models, seed=0, prefer_beyond=1.2)
+    favourite = replacer._donor_sets(*plan, target, 0)[0][0][0]
+    original = bank.outside
+    try:
+        bank.outside = original.clone()
+        bank.outside[favourite] = 0.5
+        sets = replacer._donor_sets(*plan, target, 0)
+    finally:
+        bank.outside = original
+    assert sets and not any(favourite in rows for rows, _ in sets)
 
 
 def test_a_donor_turned_away_from_the_face_is_not_chosen(bank, models, detector, targets, monkeypatch):

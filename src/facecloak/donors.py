@@ -39,6 +39,7 @@ from facecloak.detect import FaceDetector
 from facecloak.donor_bank import (
     BANK_FORMAT,
     DEFAULT_BANK,
+    DONOR_MAX_OUTSIDE,
     DONOR_MAX_YAW,
     DONOR_MIN_FACE_PX,
     DONOR_MIN_SCORE,
@@ -60,6 +61,7 @@ from facecloak.synthesis import (
     eye_distance,
     face_statistics,
     reads_detail_chips,
+    window_outside_share,
 )
 
 EMBED_BLOCK = 64
@@ -168,7 +170,7 @@ def add_donors(
             continue
         with torch.no_grad():
             faces = detector([image.pixels])
-        usable, reason = _usable_faces(faces, all_faces)
+        usable, reason = _usable_faces(faces, all_faces, *image.size)
         if not usable:
             report.skipped.append((str(job.path), reason))
             continue
@@ -190,6 +192,7 @@ def add_donors(
                     "box": [round(float(v), 2) for v in picked.boxes[k]],
                     "landmarks": [[round(float(v), 2) for v in point] for point in picked.landmarks[k]],
                     "score": round(float(picked.scores[k]), 4),
+                    "photo_size": list(image.size),
                     "chip_landmarks": [[round(float(v), 3) for v in point] for point in chip_points[k]],
                     "pose": [round(float(v), 4) for v in poses[k]],
                     "stats": [round(float(v), 4) for v in stats[k]],
@@ -227,13 +230,19 @@ def _write_detail_chip(folder: Path, donor_id: str, pixels: Tensor, face: Faces)
     io.write_image(path, detail[0], overwrite=True, jpeg_quality=DETAIL_CHIP_QUALITY)
 
 
-def _usable_faces(faces: Faces, all_faces: bool) -> tuple[list[int], str]:
-    """Indices of the donor-worthy faces of one photo, or none and the reason."""
+def _usable_faces(faces: Faces, all_faces: bool, width: int, height: int) -> tuple[list[int], str]:
+    """Indices of the donor-worthy faces of one ``width`` x ``height`` photo, or none and the reason."""
     if len(faces) == 0:
         return [], "no face found"
     sides = torch.minimum(faces.boxes[:, 2] - faces.boxes[:, 0], faces.boxes[:, 3] - faces.boxes[:, 1])
     yaw = estimate_pose(faces.landmarks)[:, 0].abs()
-    good = (sides >= DONOR_MIN_FACE_PX) & (faces.scores >= DONOR_MIN_SCORE) & (yaw <= DONOR_MAX_YAW)
+    outside = window_outside_share(faces.landmarks, width, height)
+    good = (
+        (sides >= DONOR_MIN_FACE_PX)
+        & (faces.scores >= DONOR_MIN_SCORE)
+        & (yaw <= DONOR_MAX_YAW)
+        & (outside <= DONOR_MAX_OUTSIDE)
+    )
     if not bool(good.any()):
         largest = int(sides.argmax())
         if float(sides[largest]) < DONOR_MIN_FACE_PX:
@@ -243,6 +252,8 @@ def _usable_faces(faces: Faces, all_faces: bool) -> tuple[list[int], str]:
             )
         if float(yaw[largest]) > DONOR_MAX_YAW:
             return [], "face turned too far from the camera"
+        if float(outside[largest]) > DONOR_MAX_OUTSIDE:
+            return [], f"face cut off by the photo's edge ({float(outside[largest]):.0%} of it beyond)"
         return [], f"face not clear enough (detector confidence {float(faces.scores[largest]):.2f})"
     candidates = good.nonzero()[:, 0]
     if all_faces:
@@ -286,6 +297,17 @@ def _canonical_face(index: int) -> Faces:
         [[centre_x - 1.1 * unit, centre_y - 1.35 * unit, centre_x + 1.1 * unit, centre_y + 1.25 * unit]]
     )
     return Faces(box, points[None], torch.ones(1), torch.full((1,), index, dtype=torch.long))
+
+
+def _photo_size(source: str) -> dict:
+    """``{"photo_size": [w, h]}`` of a donor's source photo as read (EXIF rotation applied).
+
+    ``{}`` where it can no longer be read: that donor stays unmeasured (`DonorBank.outside`).
+    """
+    try:
+        return {"photo_size": list(io.read_image(Path(source)).size)}
+    except FacecloakError:
+        return {}
 
 
 def _next_id(bank: DonorBank | None) -> int:
@@ -398,7 +420,9 @@ def refresh_bank(
     """Re-embed every donor's stored chip with ``models`` (after adding or changing a recogniser).
 
     Colour statistics are recomputed from the chips too, so a bank made by an older facecloak
-    picks up new statistics.
+    picks up new statistics, and a donor added before photo sizes were stored gets its photo's
+    (read again from its source, where that still exists), so a face cut off by the photo's edge
+    is found and left out (`DonorBank.usable`).
     """
     bank_data = load_bank(bank, allow_empty=True)
     if not models:
@@ -415,5 +439,7 @@ def refresh_bank(
     stats = face_statistics(chips) if len(chips) else torch.zeros(0, len(FACE_STATISTICS))
     for donor, row in zip(manifest["donors"], stats):
         donor["stats"] = [round(float(v), 4) for v in row]
+        if "photo_size" not in donor:
+            donor.update(_photo_size(donor["source"]))
     _write_json(bank_data.folder / "bank.json", manifest)
     return load_bank(bank_data.folder, allow_empty=True)

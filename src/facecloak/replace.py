@@ -736,6 +736,7 @@ class FaceReplacer:
         nearest = ratios.min(1).values
         cost[nearest < self.prefer_beyond * reach] += NEAR_DONOR_COST
         cost[nearest < self.look_alike] = math.inf
+        cost[~bank.usable] = math.inf  # cut off by its photo's edge: black or someone else in its chip
         order = cost.argsort()
         pool_size = self.pool if shrink is None else 2 * self.pool
         pool = [int(r) for r in order[:pool_size] if math.isfinite(float(cost[r]))]

@@ -324,6 +324,34 @@ def _window_grid(like: Tensor, step: float = 1.0) -> Tensor:
     return torch.stack([grid_x, grid_y], -1)
 
 
+def window_outside_share(landmarks: Tensor, width: Tensor | int, height: Tensor | int) -> Tensor:
+    """(N,) share of each face's replaced region (its chip's window) that lies outside its photo.
+
+    A face at the photo's edge can be detected with landmarks beyond it; its canonical chip is
+    then black where the photo ends, and as a donor it would mix that black, or the wrong person
+    beside it, into new faces. ``landmarks``: (N, 5, 2) in pixels of photos ``width`` x ``height``
+    (one size, or (N,) each).
+
+    Example:
+        >>> inside = torch.tensor([CANONICAL_TEMPLATE])
+        >>> float(window_outside_share(inside, CHIP_SIZE_PX, CHIP_SIZE_PX)[0])
+        0.0
+    """
+    if len(landmarks) == 0:
+        return torch.zeros(0)
+    points = landmarks.double()
+    image_from_chip = invert_affine(
+        estimate_similarity(points, _template(points).expand(len(points), -1, -1))
+    )
+    window = _window_grid(points, step=4.0).reshape(1, -1, 2).expand(len(points), -1, -1)
+    where = transform_points(image_from_chip, window)
+    # pixel centres are integers: the photo spans -0.5 .. size - 0.5
+    right = torch.as_tensor(width, dtype=points.dtype).reshape(-1, 1) - 0.5
+    bottom = torch.as_tensor(height, dtype=points.dtype).reshape(-1, 1) - 0.5
+    outside = (where < -0.5).any(-1) | (where[..., 0] > right) | (where[..., 1] > bottom)
+    return outside.double().mean(1).float()
+
+
 def _sample(images: Tensor, points: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear samples of (N, C, h, w) ``images`` at pixel ``points`` (N, H, W, 2); border padding."""
     height, width = size

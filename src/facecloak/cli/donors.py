@@ -102,9 +102,23 @@ def donors_list(bank, as_json) -> None:
         click.echo(json.dumps({**data.summary(), "donor_records": data.donors}, indent=2))
         return
     click.echo(f"{data.name}: {len(data)} donor(s), models {', '.join(sorted(data.models))} ({data.folder})")
-    for donor in data.donors:
+    summary = data.summary()
+    if summary["cut_off"]:
+        click.echo(
+            f"  {summary['cut_off']} donor(s) cut off by their photo's edge, never used "
+            f"(`facecloak donors remove {data.name} --donor ID` removes one)"
+        )
+    if summary["unmeasured"]:
+        click.echo(
+            f"  {summary['unmeasured']} donor(s) added before photo sizes were stored: "
+            f"`facecloak donors refresh {data.name}` checks them for faces cut off by the photo's edge"
+        )
+    for donor, usable in zip(data.donors, data.usable.tolist()):
         detail = f"  detail chip {donor['detail_scale']}x" if donor.get("detail_scale", 1) > 1 else ""
-        click.echo(f"  {donor['id']}  licence: {donor.get('licence') or '-'}{detail}  {donor['source']}")
+        unused = "" if usable else "  CUT OFF (not used)"
+        click.echo(
+            f"  {donor['id']}  licence: {donor.get('licence') or '-'}{detail}{unused}  {donor['source']}"
+        )
 
 
 @donors.command("remove", context_settings=CONTEXT)
