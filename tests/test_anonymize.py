@@ -104,3 +104,26 @@ def test_exceptions(group):
         pixelate_faces(images, faces, blocks=0)
     with pytest.raises(InvalidInputError):
         blur_faces(images, faces.shifted(3))
+
+
+@pytest.mark.parametrize("method", ["blur", "pixelate", "mask"])
+def test_a_face_cut_off_by_the_photos_edge_is_covered_up_to_the_edge(lfw_dir, detector, method):
+    """In this LFW photo a man's face is cut in half by the left edge (his box starts 77 px
+    beyond it). The region's shape is his whole region's, so every pixel of its core that lies in
+    the photo changes; a shape fitted to the region clipped to the photo left 1,183 of those
+    7,816 pixels, at the edge, untouched."""
+    image = read_image(lfw_dir / "images" / "Alberta_Lee" / "Alberta_Lee_0001.jpg").pixels[None]
+    faces = detector(image)
+    cut = faces.select([int(faces.boxes[:, 0].argmin())])
+    assert float(cut.boxes[0, 0]) < -50, "the face must be cut off by the left edge"
+    out = anonymize_faces(image, cut, method)
+    x1, y1, x2, y2 = face_regions(cut, 1.3)[0].tolist()
+    ys = torch.arange(image.shape[-2], dtype=torch.float32)[:, None]
+    xs = torch.arange(image.shape[-1], dtype=torch.float32)[None, :]
+    radius = (
+        ((xs - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2 + ((ys - (y1 + y2) / 2) / ((y2 - y1) / 2)) ** 2
+    ).sqrt()
+    core = radius < 0.8
+    changed = (out - image)[0].abs().amax(0) > 0
+    assert int(core.sum()) > 5000 and bool(changed[core].all())
+    assert bool(changed[:, :4][core[:, :4]].all()), "the columns at the edge"

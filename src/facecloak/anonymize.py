@@ -35,8 +35,11 @@ def _apply_per_face(
         raise InvalidInputError("scale must be > 0 and feather in [0, 1]")
     output = images.clone()
     height, width = images.shape[-2:]
-    regions = face_regions(faces.to(images.device), scale, (height, width))
-    corners = regions.tolist()  # the loop's numbers as Python floats: no tensor op per coordinate
+    # the mask is the whole region's shape, the crop its part inside the photo: a face cut off by
+    # the photo's edge is covered up to that edge (a shape fitted to the clipped box was not: its
+    # centre moved inwards and left a strip of the face at the edge untouched)
+    regions = face_regions(faces.to(images.device), scale)
+    corners = face_regions(faces.to(images.device), scale, (height, width)).tolist()
     sides = torch.minimum(faces.boxes[:, 2] - faces.boxes[:, 0], faces.boxes[:, 3] - faces.boxes[:, 1])
     for n, (image_index, side) in enumerate(zip(faces.image_index.tolist(), sides.tolist())):
         left, top, right, bottom = corners[n]
