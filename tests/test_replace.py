@@ -965,10 +965,15 @@ def test_a_cut_off_donor_of_an_older_bank_is_found_by_refresh_and_never_used(
     loaded = load_bank(old)
     assert bool(loaded.outside.isnan().all()) and bool(loaded.usable.all())
     assert loaded.summary()["unmeasured"] == len(bank)
+    listed = CliRunner().invoke(main, ["donors", "list", str(old)])
+    assert f"{len(bank)} donor(s) added before photo sizes were stored" in listed.output
     refreshed = refresh_bank(old, models, detector)
     assert refreshed.donors[0]["photo_size"] == [100, 250]
     assert not bool(refreshed.usable[0]) and bool(refreshed.usable[1:].all())
     assert refreshed.summary()["cut_off"] == 1 and refreshed.summary()["unmeasured"] == 0
+    listed = CliRunner().invoke(main, ["donors", "list", str(old)]).output
+    assert "1 donor(s) cut off by their photo's edge" in listed
+    assert f"{bank.ids[0]}  licence: LFW, research use  CUT OFF (not used)" in listed
 
     images, faces = targets
     plan, target = _donor_choice_inputs(images[0], faces.select([0]), models)

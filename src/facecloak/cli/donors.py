@@ -89,9 +89,12 @@ def donors_list(bank, as_json) -> None:
             if "error" in entry:
                 click.echo(f"error: {entry['error']}", err=True)
                 continue
+            notes = [f"{entry['cut_off']} cut off, not used"] if entry["cut_off"] else []
+            if entry["unmeasured"]:
+                notes.append(f"{entry['unmeasured']} unmeasured: `facecloak donors refresh {entry['name']}`")
             click.echo(
                 f"{entry['name']:<20} {entry['donors']:>5} donor(s)  models: {', '.join(entry['models'])}  "
-                f"({entry['folder']})"
+                f"({entry['folder']})" + (f"  [{'; '.join(notes)}]" if notes else "")
             )
         return
     try:
