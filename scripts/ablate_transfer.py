@@ -100,6 +100,8 @@ CONFIGS = {
     "default+opom+extra0": {**DEFAULT, "person_level": True, "extra_steps": 0},
     "default+opom+eot2": {**DEFAULT, "person_level": True, "eot_samples": 2},
     "default+opom+eot4": {**DEFAULT, "person_level": True, "eot_samples": 4},
+    "default+opom+region1.7": {**DEFAULT, "person_level": True, "region_scale": 1.7},
+    "default+opom+region2": {**DEFAULT, "person_level": True, "region_scale": 2.0},
     "default+feat1": {**DEFAULT, "feature_weight": 1.0},
     "default+feat3": {**DEFAULT, "feature_weight": 3.0},
     "default+feat1@0.3": {**DEFAULT, "feature_weight": 1.0, "feature_depth": 0.3},
