@@ -159,6 +159,8 @@ CLOAK_CONSTANTS = (
     "FILL_MAX_FACTOR",
     "COMPOSE_MAX_SHRINK",
     "EXTRA_STEPS_BELOW",
+    "AVERAGE_DECAY",
+    "AVERAGE_FROM",
     "WORKING_FACE_PX",
 )
 """Constants of `facecloak.cloak.base` (and `facecloak.cloak.scale`) that the transfer scripts'
