@@ -188,7 +188,7 @@ class DonorBank:
             "models": sorted(self.models),
             "licences": sorted({donor.get("licence", "") for donor in self.donors}),
             "sources": [source.get("folder") for source in self.sources],
-            "cut_off": int((self.outside > DONOR_MAX_OUTSIDE).sum()),
+            "cut_off": int((~self.usable).sum()),
             "unmeasured": int(self.outside.isnan().sum()),
         }
 

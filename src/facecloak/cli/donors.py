@@ -89,13 +89,12 @@ def donors_list(bank, as_json) -> None:
             if "error" in entry:
                 click.echo(f"error: {entry['error']}", err=True)
                 continue
-            notes = [f"{entry['cut_off']} cut off, not used"] if entry["cut_off"] else []
-            if entry["unmeasured"]:
-                notes.append(f"{entry['unmeasured']} unmeasured: `facecloak donors refresh {entry['name']}`")
             click.echo(
                 f"{entry['name']:<20} {entry['donors']:>5} donor(s)  models: {', '.join(entry['models'])}  "
-                f"({entry['folder']})" + (f"  [{'; '.join(notes)}]" if notes else "")
+                f"({entry['folder']})"
             )
+            for note in _edge_notes(entry):
+                click.echo(f"  {note}")
         return
     try:
         data = load_bank(bank, allow_empty=True)
@@ -105,23 +104,30 @@ def donors_list(bank, as_json) -> None:
         click.echo(json.dumps({**data.summary(), "donor_records": data.donors}, indent=2))
         return
     click.echo(f"{data.name}: {len(data)} donor(s), models {', '.join(sorted(data.models))} ({data.folder})")
-    summary = data.summary()
-    if summary["cut_off"]:
-        click.echo(
-            f"  {summary['cut_off']} donor(s) cut off by their photo's edge, never used "
-            f"(`facecloak donors remove {data.name} --donor ID` removes one)"
-        )
-    if summary["unmeasured"]:
-        click.echo(
-            f"  {summary['unmeasured']} donor(s) added before photo sizes were stored: "
-            f"`facecloak donors refresh {data.name}` checks them for faces cut off by the photo's edge"
-        )
+    for note in _edge_notes(data.summary()):
+        click.echo(f"  {note}")
     for donor, usable in zip(data.donors, data.usable.tolist()):
         detail = f"  detail chip {donor['detail_scale']}x" if donor.get("detail_scale", 1) > 1 else ""
         unused = "" if usable else "  CUT OFF (not used)"
         click.echo(
             f"  {donor['id']}  licence: {donor.get('licence') or '-'}{detail}{unused}  {donor['source']}"
         )
+
+
+def _edge_notes(summary: dict) -> list[str]:
+    """What `donors list` says of a bank's donors cut off by their photo's edge (`DonorBank.summary`)."""
+    notes = []
+    if summary["cut_off"]:
+        notes.append(
+            f"{summary['cut_off']} donor(s) cut off by their photo's edge, never used "
+            f"(`facecloak donors remove {summary['name']} --donor ID` removes one)"
+        )
+    if summary["unmeasured"]:
+        notes.append(
+            f"{summary['unmeasured']} donor(s) added before photo sizes were stored: "
+            f"`facecloak donors refresh {summary['name']}` checks them for faces cut off by the photo's edge"
+        )
+    return notes
 
 
 @donors.command("remove", context_settings=CONTEXT)
