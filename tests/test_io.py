@@ -109,6 +109,14 @@ class TestRead:
         )
         assert torch.equal(loaded.pixels[0], loaded.pixels[2])
 
+    @pytest.mark.parametrize("white", [1.0, 255.0, 65535.0])
+    def test_float_grey_in_any_range_keeps_its_levels(self, tmp_path, white):
+        values = np.arange(16 * 16, dtype=np.float32).reshape(16, 16) / 255.0  # 0 to 1
+        Image.fromarray(values * white, mode="F").save(tmp_path / "f.tif")
+        loaded = read_image(tmp_path / "f.tif")
+        assert loaded.grayscale
+        assert torch.allclose(loaded.pixels[1], torch.from_numpy(values), atol=1e-6)
+
     def test_grey_and_rgba(self, tmp_path):
         Image.fromarray(gradient()[..., 0]).save(tmp_path / "g.png")
         grey = read_image(tmp_path / "g.png")

@@ -250,13 +250,25 @@ def _to_rgb_tensor(image: Image.Image, icc: bytes | None) -> tuple[Tensor, Tenso
         mode = image.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         grey = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if mode != "F" or grey.max() > 1.0 else 1.0
+        scale = 65535.0 if mode != "F" else _float_grey_scale(float(grey.max(initial=0.0)))
         rgb = np.repeat((grey / scale).clip(0, 1)[..., None], 3, axis=2)
         return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))), None, grayscale, icc
     alpha = None
     if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
         alpha = torch.from_numpy(np.array(image.getchannel("A"))).float().div_(255.0)[None]
     return rgb_pixels(image), alpha, grayscale, icc
+
+
+def _float_grey_scale(peak: float) -> float:
+    """The white of a 32-bit float grey image (PIL mode "F"), which no file states.
+
+    Writers store such images as 0-1, as 8-bit values (0-255, what PIL's own conversion of an
+    8-bit grey image gives) or as 16-bit values: the brightest pixel tells which. A float image of
+    a photo read as 16-bit when it held 8-bit values came out nearly black, with no face found.
+    """
+    if peak <= 1.0:
+        return 1.0
+    return 255.0 if peak <= 255.0 else 65535.0
 
 
 def rgb_pixels(image: Image.Image) -> Tensor:
