@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -228,6 +229,19 @@ def test_cloak_command_protects_and_reports(runner, samples_dir, tmp_path):
     stepped = [line for line in progress if re.search(r"step \d+/40", line) and "distance" in line]
     assert stepped and all("faces" in line for line in stepped)
     assert any("checking after a JPEG 75 re-encode" in line for line in progress)
+
+
+def test_a_black_and_white_photo_stays_grey_when_cloaked(runner, samples_dir, tmp_path):
+    """The cloak gives a grey face no colour: the output is a grey file (it was a tinted colour one)."""
+    source = tmp_path / "in" / "grey.png"
+    source.parent.mkdir()
+    Image.open(samples_dir / "astronaut.jpg").convert("L").save(source)
+    result = runner.invoke(main, ["cloak", str(source), "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["files"][0]["faces"][0]["protected"] is True
+    written = Image.open(tmp_path / "out" / "grey_cloaked.png")
+    assert written.mode == "L"
+    assert np.abs(np.asarray(written, dtype=int) - np.asarray(Image.open(source), dtype=int)).max() > 0
 
 
 def test_rerun_skips_existing_outputs_before_any_work(runner, samples_dir, tmp_path, monkeypatch):

@@ -565,6 +565,21 @@ def test_synthesis_changes_only_inside_its_weight(bank, targets):
     assert float(result.weight.max()) == 1.0
 
 
+def test_a_grey_photo_gets_a_grey_face(bank, targets):
+    """Colour donors on a black-and-white photo: the new face is grey too (it came out tinted)."""
+    from facecloak.transforms import is_grey, to_grey
+
+    images, faces = targets
+    grey = to_grey(images[0][None])[0]
+    coloured = synthesize_face(images[0], faces.landmarks[0], bank.chips([0, 1, 2]), bank.points[:3])
+    result = synthesize_face(grey, faces.landmarks[0], bank.chips([0, 1, 2]), bank.points[:3])
+    inside = result.weight[0] > 0
+    assert float((coloured.pixels.amax(0) - coloured.pixels.amin(0))[inside].max()) > 0.02
+    assert bool(is_grey(result.pixels[None])[0])
+    x0, y0, x1, y1 = result.box
+    assert float((result.pixels - grey[:, y0:y1, x0:x1])[:, inside].abs().mean()) > 0.02  # still replaced
+
+
 def test_eye_share_leans_only_the_eyes_to_their_donor(bank, targets):
     images, faces = targets
     chips, points = bank.chips([0, 1, 2]), bank.points[:3]

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from facecloak.align import align_faces, estimate_similarity, invert_affine, transform_points
 from facecloak.models.templates import ARCFACE_TEMPLATE_112
-from facecloak.transforms import LUMA_WEIGHTS, downscaled_gaussian_blur, gaussian_blur
+from facecloak.transforms import LUMA_WEIGHTS, downscaled_gaussian_blur, gaussian_blur, is_grey, to_grey
 
 CHIP_SIZE_PX = 256
 """Side of a donor's canonical chip, in pixels."""
@@ -895,6 +895,8 @@ def synthesize_face(
     result = _match_and_blend(
         original, sampled, parts, weight, skin, unit_px, settings, generator, lighting=lighting
     )
+    if bool(is_grey(original)[0]):  # a black-and-white photo: a face of any colour would show at once
+        result = to_grey(result)
     return SynthesisResult((x0, y0, x1, y1), result[0], weight[0])
 
 

@@ -52,6 +52,18 @@ DOWNSCALED_BLUR_SIGMA_PX = 3.0
 detail finer than a few sigma, so the smaller copy loses nothing visible)."""
 
 
+def is_grey(images: Tensor) -> Tensor:
+    """(B,) whether each (B, 3, H, W) image has equal channels everywhere: a black-and-white photo."""
+    return (images.amax(1) - images.amin(1)).flatten(1).amax(1) == 0
+
+
+def to_grey(images: Tensor) -> Tensor:
+    """(B, 3, H, W) images as their luma in all three channels: what a grey photo can hold."""
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=images.dtype, device=images.device)
+    luma = torch.einsum("c,bchw->bhw", weights, images)
+    return luma[:, None].expand_as(images).contiguous()
+
+
 def quantisation_tables(quality: Tensor) -> tuple[Tensor, Tensor]:
     """(B, 8, 8) luma and chroma tables for per-image ``quality`` (B,) in [1, 100], as libjpeg scales them."""
     quality = quality.clamp(1, 100)

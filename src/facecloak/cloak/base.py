@@ -547,6 +547,7 @@ class Cloak:
             for allowance, (ys, xs) in zip((self._allowance(bucket) for bucket in buckets), rects)
         ]
         sigmas = [self._smoothing_sigmas(bucket) for bucket in buckets]
+        chroma = [self._chroma_shares(bucket) for bucket in buckets]
         clean_means = [quality.reference_means(crops) for crops in rect_crops]  # fixed: once
         beta1, beta2 = ADAM_BETAS
         dssim_cap = budget.max_dssim * DSSIM_SAFETY
@@ -617,7 +618,7 @@ class Cloak:
                         v_hat = v / (1 - beta2**step)
                         direction = m_hat / (v_hat.sqrt() + ADAM_EPSILON)
                     allowance = allowances[b] if allowances[b].ndim == 0 else allowances[b][index]
-                    updated = limit_change(delta - lr * direction, allowance, budget.chroma_share)
+                    updated = limit_change(delta - lr * direction, allowance, chroma[b][index])
                     updated = (clean_rect + updated).clamp(0, 1) - clean_rect  # stay a valid image
                     if step % DSSIM_CHECK_EVERY == 0 or step in (budget.steps, last_step):
                         updated = enforce_dssim(
@@ -699,6 +700,15 @@ class Cloak:
         if self.budget.jnd_scale is None:
             return torch.tensor(eps, device=self.device)
         return (self.budget.jnd_scale * jnd_map(bucket.crops)).clamp(max=eps)
+
+    def _chroma_shares(self, bucket: Bucket) -> Tensor:
+        """(n, 1, 1, 1) colour allowance of each face, as a share of its brightness allowance.
+
+        The level's share, and none on a grey face (a black-and-white photo): any colour there is
+        a tint a viewer sees at once, and it would turn a grey file into a colour one.
+        """
+        colour = ~transforms.is_grey(bucket.crops)
+        return colour.to(bucket.crops).mul_(self.budget.chroma_share).view(-1, 1, 1, 1)
 
     def _smoothing_sigmas(self, bucket: Bucket) -> Tensor:
         """(n,) TI smoothing sigma of each face, in crop pixels (``smoothing`` is in chip pixels)."""
@@ -855,13 +865,14 @@ class Cloak:
         [1, `FILL_MAX_FACTOR`], over every face at once; faces already at the cap keep factor 1.
         """
         allowances = [self._allowance(bucket) for bucket in buckets]
+        chroma = [self._chroma_shares(bucket) for bucket in buckets]
         regions = [self._measured_boxes(bucket, faces) for bucket in buckets]
 
         def enlarged(factor: Tensor) -> list[Tensor]:
             out = []
-            for bucket, delta, allowance in zip(buckets, deltas, allowances):
+            for bucket, delta, allowance, shares in zip(buckets, deltas, allowances, chroma):
                 rows = factor[bucket.faces].to(delta).view(-1, 1, 1, 1)
-                change = limit_change(delta * rows, allowance, self.budget.chroma_share)
+                change = limit_change(delta * rows, allowance, shares)
                 out.append(torch.where(rows > 1, (bucket.crops + change).clamp(0, 1) - bucket.crops, delta))
             return out
 

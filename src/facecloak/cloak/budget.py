@@ -86,11 +86,12 @@ def _change_to_rgb(ycbcr: Tensor) -> Tensor:
     return torch.einsum("ij,njhw->nihw", YCBCR_TO_RGB.to(ycbcr), ycbcr)
 
 
-def limit_change(delta: Tensor, max_luma: Tensor | float, chroma_share: float) -> Tensor:
+def limit_change(delta: Tensor, max_luma: Tensor | float, chroma_share: Tensor | float) -> Tensor:
     """Clip a (n, 3, h, w) RGB change in brightness, colour, and per channel.
 
     |Y| <= max_luma, |Cb| and |Cr| <= chroma_share x max_luma, every RGB channel <= max_luma.
-    ``max_luma`` is a number or a (n, 1, h, w) per-pixel allowance (e.g. a scaled `jnd_map`).
+    ``max_luma`` is a number or a (n, 1, h, w) per-pixel allowance (e.g. a scaled `jnd_map`);
+    ``chroma_share`` a number or one per face, (n, 1, 1, 1).
     """
     ycbcr = _change_to_ycbcr(delta)
     luma_limit = torch.as_tensor(max_luma, dtype=delta.dtype, device=delta.device)
