@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io as io_module
 import struct
 import zlib
 from pathlib import Path
@@ -244,12 +245,52 @@ class TestWrite:
         assert GPS_IFD not in kept
         assert GPS_IFD not in _exif_of(strip_location(source.exif))
 
+    @pytest.mark.parametrize("suffix", [".jpg", ".png"])
+    def test_kept_metadata_never_carries_a_preview_of_the_original(self, tmp_path, samples_dir, suffix):
+        """Cameras store preview JPEGs in the maker note and a thumbnail in IFD1: with
+        ``keep_metadata`` the protected file must hold neither (they show the unprotected face)."""
+        face = Image.open(samples_dir / "astronaut.jpg")
+        buffer = io_module.BytesIO()
+        face.resize((160, 160)).save(buffer, "JPEG", quality=80)
+        preview = buffer.getvalue()
+        source_path = tmp_path / "camera.jpg"
+        face.save(source_path, exif=_exif_with_previews(preview), quality=92)
+        assert open(source_path, "rb").read().count(b"\xff\xd8\xff") == 3  # the photo and two previews
+        assert len(Image.open(source_path).getexif().get_ifd(0x8769)[0x927C]) == len(preview)
+
+        source = read_image(source_path)
+        out = tmp_path / f"kept{suffix}"
+        write_image(out, source.pixels, source=source, keep_metadata=True)
+        kept = Image.open(out).getexif()
+        assert kept.get(0x010F) == "Cam"  # the rest of the EXIF is kept
+        assert 0x927C not in kept.get_ifd(0x8769)
+        assert out.read_bytes().count(b"\xff\xd8\xff") == (1 if suffix == ".jpg" else 0)
+
     def test_icc_profile_is_kept(self, tmp_path):
         profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
         Image.fromarray(gradient()).save(tmp_path / "icc.png", icc_profile=profile)
         source = read_image(tmp_path / "icc.png")
         write_image(tmp_path / "out.jpg", source.pixels, source=source)
         assert Image.open(tmp_path / "out.jpg").info.get("icc_profile") == profile
+
+
+def _exif_with_previews(preview: bytes) -> bytes:
+    """Little-endian EXIF whose maker note is ``preview`` (a JPEG) and whose IFD1 is its thumbnail."""
+
+    def directory(entries: list[tuple[int, int, int, bytes]], following: int) -> bytes:
+        body = b"".join(struct.pack("<HHI", tag, kind, count) + value for tag, kind, count, value in entries)
+        return struct.pack("<H", len(entries)) + body + struct.pack("<I", following)
+
+    # IFD0 at 8 (Make, the Exif pointer; 30 bytes), the Exif IFD at 38 (the maker note; 18 bytes),
+    # IFD1 at 56 (the thumbnail's offset and length; 30 bytes), then the two copies of the preview
+    maker_note_at, thumbnail_at = 86, 86 + len(preview)
+    first = directory([(0x010F, 2, 4, b"Cam\x00"), (0x8769, 4, 1, struct.pack("<I", 38))], 56)
+    exif_ifd = directory([(0x927C, 7, len(preview), struct.pack("<I", maker_note_at))], 0)
+    thumbnail = directory(
+        [(0x0201, 4, 1, struct.pack("<I", thumbnail_at)), (0x0202, 4, 1, struct.pack("<I", len(preview)))], 0
+    )
+    tiff = b"II*\x00" + struct.pack("<I", 8) + first + exif_ifd + thumbnail + preview + preview
+    return b"Exif\x00\x00" + tiff
 
 
 def _exif_of(data: bytes) -> Image.Exif:

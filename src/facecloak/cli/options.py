@@ -40,7 +40,10 @@ def io_options(function: Callable) -> Callable:
         click.option(
             "--keep-metadata",
             is_flag=True,
-            help="Keep EXIF (camera, date...) minus GPS. Default: drop all EXIF; the colour profile is kept.",
+            help=(
+                "Keep EXIF (camera, date...) minus GPS and any thumbnail or preview. "
+                "Default: drop all EXIF; the colour profile is kept."
+            ),
         ),
         click.option("--overwrite", is_flag=True, help="Replace earlier outputs (never an input)."),
         click.option(

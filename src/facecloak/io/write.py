@@ -24,6 +24,26 @@ from facecloak.transforms import levels_8bit
 JPEG_QUALITY = OUTPUT_JPEG_QUALITY
 """Quality of outputs encoded from pixels (`facecloak.defaults.OUTPUT_JPEG_QUALITY`)."""
 _GPS_IFD_TAG = 0x8825
+_EXIF_IFD_TAG = 0x8769
+
+_PIXEL_TAGS = {
+    0x0201: "JPEGInterchangeFormat (a thumbnail's offset)",
+    0x0202: "JPEGInterchangeFormatLength",
+    0x0111: "StripOffsets (image data)",
+    0x0117: "StripByteCounts",
+    0x0144: "TileOffsets",
+    0x0145: "TileByteCounts",
+    0x014A: "SubIFDs (previews of raw files)",
+    0x02BC: "XMP (may hold base64 thumbnails)",
+    0x83BB: "IPTC",
+    0x8649: "Photoshop resources (hold a thumbnail)",
+}
+"""EXIF tags of the main directory that hold or point to pixels of the original photo: a
+thumbnail or preview of the unprotected face. Never kept, whatever ``keep_metadata`` says."""
+
+_MAKER_NOTE_TAG = 0x927C
+"""The camera maker's private block (in the Exif directory): Canon, Nikon, Olympus, Pentax and
+Sony cameras store preview JPEGs of the whole photo in it. Never kept."""
 
 
 def write_image(
@@ -114,9 +134,7 @@ def _jpeg_keeping_blocks(pixels: Tensor, source: LoadedImage, keep_metadata: boo
 def _jpeg_exif(source: LoadedImage, keep_metadata: bool) -> bytes | None:
     """EXIF for a block-edited JPEG: as `strip_location` when kept, but with the stored orientation."""
     if keep_metadata and source.exif:
-        exif = Image.Exif()
-        exif.load(source.exif)
-        exif.pop(_GPS_IFD_TAG, None)
+        exif = _exif_to_keep(source.exif)
     elif source.orientation != 1:
         exif = Image.Exif()  # nothing but the orientation, so that viewers turn the photo upright
     else:
@@ -209,11 +227,25 @@ def _save_options(format_name: str, source: LoadedImage | None, keep_metadata: b
     return options
 
 
-def strip_location(exif_bytes: bytes) -> bytes:
-    """EXIF without the GPS block, with orientation reset (the pixels are already upright)."""
+def _exif_to_keep(exif_bytes: bytes) -> Image.Exif:
+    """The source's EXIF less what betrays the person: its GPS block and its copies of the photo.
+
+    Thumbnails, previews and the maker note would carry the unprotected face inside the
+    protected file. The thumbnail's own directory (IFD1) is never written back by Pillow.
+    """
     exif = Image.Exif()
     exif.load(exif_bytes)
     exif.pop(_GPS_IFD_TAG, None)
+    for tag in _PIXEL_TAGS:
+        exif.pop(tag, None)
+    if _EXIF_IFD_TAG in exif:
+        exif.get_ifd(_EXIF_IFD_TAG).pop(_MAKER_NOTE_TAG, None)  # written back from this cached copy
+    return exif
+
+
+def strip_location(exif_bytes: bytes) -> bytes:
+    """EXIF without the GPS block or any thumbnail or preview, orientation reset (the pixels are upright)."""
+    exif = _exif_to_keep(exif_bytes)
     if _ORIENTATION_TAG in exif:
         exif[_ORIENTATION_TAG] = 1
     return exif.tobytes()
