@@ -45,6 +45,39 @@ def test_plan_decides_every_output_before_any_work(photos, tmp_path):
     assert len(again.todo) == 2 and not again.existing
 
 
+def test_a_file_named_on_the_command_line_is_always_an_input(tmp_path, samples_dir):
+    """``anonymize party.jpg party_blur.jpg --overwrite`` replaced the user's party_blur.jpg."""
+    shutil.copy(samples_dir / "grace_hopper.jpg", tmp_path / "party.jpg")
+    shutil.copy(samples_dir / "astronaut.jpg", tmp_path / "party_blur.jpg")
+    named = [tmp_path / "party.jpg", tmp_path / "party_blur.jpg", tmp_path / "party.jpg"]
+    plan = plan_batch(named, "blur", Options(overwrite=True))
+    assert [job.path.name for job, _ in plan.todo] == ["party_blur.jpg"]  # named twice: one input
+    assert not plan.not_images
+    (failed,) = plan.failed
+    assert failed.path == str(tmp_path / "party.jpg")
+    assert "party_blur.jpg is an input too: not overwritten" in failed.error
+    # found in a folder instead, the same file is taken for an earlier output, and named as such
+    walked = plan_batch([tmp_path], "blur", Options())
+    assert walked.not_images == [
+        (tmp_path / "party_blur.jpg", f"the blur output of {tmp_path / 'party.jpg'}")
+    ]
+
+
+def test_outputs_of_other_methods_in_a_folder_are_not_taken_for_photos(tmp_path, samples_dir):
+    """Runs of several methods into one folder: a_pixelate.jpg was masked, then both were cloaked."""
+    shutil.copy(samples_dir / "astronaut.jpg", tmp_path / "a.jpg")
+    for earlier in ("a_pixelate.jpg", "a_mask.jpg", "a_pixelate_mask.jpg", "a_cloaked.jpg"):
+        shutil.copy(samples_dir / "astronaut.jpg", tmp_path / earlier)
+    shutil.copy(samples_dir / "group.jpg", tmp_path / "b_blurry.jpg")  # not a tag: a photo
+    plan = plan_batch([tmp_path], "cloaked", Options())
+    assert [job.path.name for job, _ in plan.todo] == ["b_blurry.jpg"]
+    assert plan.existing == [(tmp_path / "a.jpg", tmp_path / "a_cloaked.jpg")]  # cloaked before
+    reasons = {path.name: reason for path, reason in plan.not_images}
+    assert reasons["a_pixelate_mask.jpg"] == f"the mask output of {tmp_path / 'a_pixelate.jpg'}"
+    assert reasons["a_mask.jpg"] == f"the mask output of {tmp_path / 'a.jpg'}"
+    assert len(reasons) == 4
+
+
 def test_run_batch_reports_progress_and_skips_on_rerun(photos, tmp_path, detector):
     out = tmp_path / "out"
     events = []

@@ -336,9 +336,21 @@ def test_cloak_that_falls_short_says_so(runner, samples_dir, tmp_path):
     assert "a higher --level, or --escalate for these faces alone" in result.stderr
 
 
+def test_targeted_without_a_key_and_detect_json_of_nothing(runner, samples_dir, tmp_path):
+    """A random target per photo would not hide a person: targeted needs its key (exit 2). And
+    ``detect --json`` of a folder with no image still prints a JSON document."""
+    photo = str(samples_dir / "astronaut.jpg")
+    targeted = runner.invoke(main, ["cloak", photo, "--mode", "targeted", "-o", str(tmp_path / "out")])
+    assert targeted.exit_code == 2 and "--identity-key" in targeted.output
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    listed = runner.invoke(main, ["detect", str(tmp_path / "empty"), "--json"])
+    assert listed.exit_code == 1 and json.loads(listed.stdout) == []
+
+
 def test_cloak_unknown_model_is_an_error(runner, samples_dir, tmp_path):
     result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "--models", "nope"])
-    assert result.exit_code == 3 and "unknown face model 'nope'" in result.stderr
+    assert result.exit_code == 2 and "unknown face model 'nope'" in result.stderr  # a usage error
 
 
 def test_models_and_verify_commands(runner, samples_dir, tmp_path, monkeypatch):

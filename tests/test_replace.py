@@ -326,7 +326,7 @@ def test_same_seed_same_faces(bank, models, detector, targets):
     assert not torch.equal(other.images[0], first.images[0])  # the seed matters: grain, draw order
 
 
-def test_bank_round_trip(bank, data_home, tmp_path, models):
+def test_bank_round_trip(bank, data_home, tmp_path, models, donor_dir, detector):
     assert len(bank) == DONORS and len(set(bank.ids)) == DONORS
     manifest = json.loads((bank.folder / "bank.json").read_text())
     assert set(manifest["models"]) == {m.card.name for m in models}
@@ -344,6 +344,10 @@ def test_bank_round_trip(bank, data_home, tmp_path, models):
     assert copied.ids == bank.ids and torch.equal(copied.stats, bank.stats)
     for name, table in bank.embeddings.items():
         assert torch.equal(copied.embeddings[name], table)
+    # the same photos added again add nothing (they doubled the bank); a removed donor comes back
+    again = add_donors([donor_dir], models, bank=copy, detector=detector)
+    assert again.added == [] and again.total_donors == DONORS
+    assert sum("in the bank already" in reason for _, reason in again.skipped) == DONORS
     # removing a donor removes its chip and its embedding row
     assert remove_donors(copy, [bank.ids[1]]) == 1
     smaller = load_bank(copy)
@@ -929,7 +933,8 @@ def test_a_bank_from_before_a_new_statistic_gets_it_from_its_chips(
     assert loaded.stats.shape == bank.stats.shape
     torch.testing.assert_close(loaded.stats, bank.stats, atol=1e-3, rtol=0)
     assert not loaded._chips, "the chips read for it are not kept"
-    photo = sorted(donor_dir.glob("*.jpg"))[0]
+    photo = tmp_path / "another_copy.jpg"  # a photo the bank holds already would not be added again
+    shutil.copy(sorted(donor_dir.glob("*.jpg"))[0], photo)
     add_donors([photo], models, bank=str(old), licence="LFW, research use", detector=detector)
     stored = json.loads((old / "bank.json").read_text())["donors"]
     assert len(stored) == len(bank) + 1

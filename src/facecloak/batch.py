@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from facecloak import io
+from facecloak.anonymize import METHODS as ANONYMIZE_METHODS
 from facecloak.batch_types import (
     BatchPlan,
     BatchReport,
@@ -45,7 +46,7 @@ from facecloak.errors import (  # noqa: F401  (EXIT_* re-exported: the exit code
     InvalidInputError,
 )
 from facecloak.faces import Faces
-from facecloak.protection import Protection
+from facecloak.protection import CloakFaces, Protection
 
 
 def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> BatchPlan:
@@ -76,24 +77,24 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
             plan.failed.append(FileOutcome(str(job.path), "failed", error=str(error)))
             continue
         planned.append((job, target))
-    targets = {target.resolve(): job.path for job, target in planned}
-    earlier = {job.path for job, _ in planned if targets.get(job.path.resolve(), job.path) != job.path}
+    earlier = _earlier_outputs(planned, tag)
     inputs = io.ProtectedFiles(path for path in inputs if path not in earlier)
     claimed: dict[Path, Path] = {}
     for job, target in planned:
-        if job.path in earlier:  # this command's output of another input here: never an input
-            plan.not_images.append((job.path, f"the {tag} output of {targets[job.path.resolve()]}"))
+        if job.path in earlier:  # an output of an earlier run here: never an input
+            plan.not_images.append((job.path, earlier[job.path]))
             plan.order.remove(str(job.path))
             continue
         key = target.resolve()
         problem = None
         if target in inputs:
-            problem = "refusing to overwrite an input file"
+            problem = f"its output {target} is an input too: not overwritten (give -o, or rename one)"
         elif key in claimed:
-            problem = f"same output as {claimed[key]}"
+            problem = f"its output {target} is also the output of {claimed[key]} (give -o, or rename one)"
         if problem:
-            error = ImageWriteError(problem, target)
-            plan.failed.append(FileOutcome(str(job.path), "failed", error=str(error)))
+            plan.failed.append(
+                FileOutcome(str(job.path), "failed", error=str(ImageWriteError(problem, job.path)))
+            )
             continue
         claimed[key] = job.path
         if target.exists() and not options.overwrite:
@@ -101,6 +102,36 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
         else:
             plan.todo.append((job, target))
     return plan
+
+
+OUTPUT_TAGS = (CloakFaces.tag, *ANONYMIZE_METHODS)
+"""The name tags of every command's outputs (``photo_cloaked.jpg``, ``photo_blur.jpg``...)."""
+
+
+def _earlier_outputs(planned: list[tuple[io.ImageJob, Path]], tag: str) -> dict[Path, str]:
+    """The files found in folders that are outputs of earlier runs, each with the reason.
+
+    This command's output of another input here, or any command's output (``<stem>_<tag>``) of
+    a photo beside it: runs of several methods into one folder do not take each other's outputs
+    for photos. A file named on the command line is always an input.
+    """
+    targets = {target.resolve(): job.path for job, target in planned}
+    beside = {(job.path.parent.resolve(), job.path.stem): job.path for job, _ in planned}
+    earlier: dict[Path, str] = {}
+    for job, _ in planned:
+        if job.named:
+            continue
+        source = targets.get(job.path.resolve(), job.path)
+        if source != job.path:
+            earlier[job.path] = f"the {tag} output of {source}"
+            continue
+        for other in OUTPUT_TAGS:
+            stem = job.path.stem.removesuffix(f"_{other}")
+            source = beside.get((job.path.parent.resolve(), stem))
+            if stem != job.path.stem and source is not None:
+                earlier[job.path] = f"the {other} output of {source}"
+                break
+    return earlier
 
 
 def run_batch(

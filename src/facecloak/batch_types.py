@@ -18,6 +18,10 @@ if TYPE_CHECKING:  # the CLI reads these types before any image is touched: no t
     from facecloak.io import ImageJob
 
 
+LISTED_SKIPPED = 20
+"""Files passed over that the summary names; the JSON report lists every one."""
+
+
 @dataclass(frozen=True)
 class Options:
     """File and detection settings of a run; written verbatim into the JSON report.
@@ -130,9 +134,7 @@ class BatchReport:
         if self.empty:
             where = ", ".join(self.inputs) or "(nothing given)"
             lines = [f"{self.command}: no image found in {where}; nothing to do"]
-            if self.skipped:
-                lines.append(f"  {len(self.skipped)} file(s) skipped (not images)")
-            return "\n".join(lines)
+            return "\n".join(lines + self._passed_over())
         earlier = sum(bool(getattr(o, "resumed", False)) for o in self.outcomes)  # done by a previous run
         done = len(self.outcomes) - self.count("skipped") - self.count("failed") - earlier
         skipped = self.count("skipped") + earlier
@@ -159,11 +161,18 @@ class BatchReport:
                     details = "; ".join(text for text in short if text)
                     explained = explained or bool(details)
                     lines.append(f"    {o.path}" + (f": {details}" if details else ""))
-            if explained:
+            escalated = any(
+                face.get("escalated_from") and face.get("protected") is False
+                for o in self.outcomes
+                for face in o.faces
+            )
+            if explained and not escalated:
                 lines.append(
                     "    (a higher --level, or --escalate for these faces alone, moves faces further, "
                     "at a more visible change)"
                 )
+            elif explained:
+                lines.append("    (cloaked again one level up and still short: a face hard for these models)")
         escalated = [(o.path, f) for o in self.outcomes for f in o.faces if f.get("escalated_from")]
         if escalated:
             lines.append(f"  {len(escalated)} face(s) fell short, cloaked again one level up (--escalate):")
@@ -171,8 +180,7 @@ class BatchReport:
         if self.count("failed"):
             lines.append(f"  {self.count('failed')} file(s) failed:")
             lines += [f"    {o.error}" for o in self.outcomes if o.status == "failed"]
-        if self.skipped:
-            lines.append(f"  {len(self.skipped)} file(s) skipped (not images, or outputs of this command)")
+        lines += self._passed_over()
         blurred = [
             (o.path, f)
             for o in self.outcomes
@@ -202,6 +210,16 @@ class BatchReport:
                 "by a few percent (--no-finish: none)"
             )
         return "\n".join(lines)
+
+    def _passed_over(self) -> list[str]:
+        """The summary's lines on the files passed over: each named, with the reason."""
+        if not self.skipped:
+            return []
+        lines = [f"  {len(self.skipped)} file(s) passed over (not images, or outputs of earlier runs):"]
+        lines += [f"    {path}: {reason}" for path, reason in self.skipped[:LISTED_SKIPPED]]
+        if len(self.skipped) > LISTED_SKIPPED:
+            lines.append(f"    and {len(self.skipped) - LISTED_SKIPPED} more (--json lists them all)")
+        return lines
 
     def table(self) -> list[list[str]]:
         """Rows of the final table (first row the header): one per file that was worked on."""

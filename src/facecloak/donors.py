@@ -88,7 +88,7 @@ class AddReport:
             f"bank {self.bank}: {len(self.added)} donor(s) added, {self.total_donors} in all ({self.folder})"
         ]
         if self.skipped:
-            lines.append(f"  {len(self.skipped)} photo(s) skipped (no usable face):")
+            lines.append(f"  {len(self.skipped)} photo(s) skipped (no usable face, or in the bank already):")
             lines += [f"    {path}: {reason}" for path, reason in self.skipped]
         if self.failed:
             lines.append(f"  {len(self.failed)} file(s) failed:")
@@ -149,6 +149,8 @@ def add_donors(
     pending: list[Tensor] = []  # chips not yet embedded and written: at most EMBED_BLOCK
     embedded: dict[str, list[np.ndarray]] = {model.card.name: [] for model in models}
     next_id = _next_id(existing)
+    # a photo added before is not added again (the same folder given twice doubled the bank)
+    known = {record["source"]: record["id"] for record in existing.donors} if existing is not None else {}
 
     def flush() -> None:
         """Embed the pending chips and write them: memory stays bounded however large the folder."""
@@ -163,6 +165,11 @@ def add_donors(
 
     now = _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds")
     for done, job in enumerate(jobs):
+        if str(job.path.resolve()) in known:
+            report.skipped.append(
+                (str(job.path), f"in the bank already (donor {known[str(job.path.resolve())]})")
+            )
+            continue
         try:
             image = io.read_image(job.path)
         except FacecloakError as error:

@@ -108,7 +108,8 @@ def anonymize(
     Pixels outside the face regions are left exactly as they were (for a JPEG, every 8x8 block
     away from the faces stays bit-exact). Outputs are written atomically as <name>_<method>.<ext>
     (photo_blur.jpg, photo_pixelate.jpg, photo_mask.jpg, photo_replace.jpg); inputs are never
-    overwritten; an input whose output exists is skipped unless --overwrite; EXIF (GPS above
+    overwritten; an input whose output exists is skipped unless --overwrite (with -o, an output
+    this command wrote with other settings is redone); EXIF (GPS above
     all) is dropped unless --keep-metadata.
 
     --method replace puts a new face mixed from several donors of a bank (`facecloak donors add`)

@@ -152,6 +152,11 @@ def cloak(
     facecloak cloak photos/ -o cloaked/ --level high
     facecloak cloak photos/ -o out/ --mode targeted --identity-key "my secret" --json
     """
+    if mode == "targeted" and not identity_key:
+        raise click.UsageError(
+            "--mode targeted needs --identity-key: a per-person secret, so that every photo of the "
+            "person is pulled toward the same target (a random target per photo would not hide them)"
+        )
     from facecloak._checks import split_names
     from facecloak._device import cloak_batch_size
     from facecloak.models import choose_embedders

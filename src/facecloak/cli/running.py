@@ -141,10 +141,13 @@ def is_number(text: str) -> bool:
     return text == "-" or text.rstrip("x").replace(".", "", 1).replace("/", "", 1).isdigit()
 
 
-def fail(error: FacecloakError, code: int = EXIT_FAILED) -> None:
-    """Print ``error: <one line>`` on stderr and exit with ``code``."""
+def fail(error: FacecloakError, code: int | None = None) -> None:
+    """Print ``error: <one line>`` on stderr and exit with ``code``, by default the error's own.
+
+    2 for a usage error such as an unknown model, 3 for a file that failed.
+    """
     click.echo(f"error: {error}", err=True)
-    sys.exit(code)
+    sys.exit(error.exit_code if code is None else code)
 
 
 def print_per_file(
@@ -160,6 +163,8 @@ def print_per_file(
         raise click.UsageError("--json and --jsonl cannot be used together")
     if not results:
         click.echo(f"error: no image found in {', '.join(map(str, paths))}; nothing to do", err=True)
+        if as_json:  # a pipe into jq still gets a document: the empty list
+            click.echo(json.dumps([]))
         sys.exit(EXIT_UNPROTECTED)
     if as_json:
         click.echo(json.dumps(results))

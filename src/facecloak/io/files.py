@@ -14,6 +14,7 @@ IMAGE_SUFFIXES = {
     ".jpg": "JPEG",
     ".jpeg": "JPEG",
     ".jpe": "JPEG",
+    ".jfif": "JPEG",
     ".png": "PNG",
     ".webp": "WEBP",
     ".tif": "TIFF",
@@ -90,6 +91,7 @@ class ImageJob:
 
     path: Path
     relative: Path  # mirrors the input tree under the output folder
+    named: bool = False  # given by name, not found in a folder: always an input
 
 
 def collect_images(
@@ -97,8 +99,9 @@ def collect_images(
 ) -> tuple[list[ImageJob], list[tuple[Path, str]]]:
     """Expand files and folders (recursively, sorted) into image jobs.
 
-    Files named explicitly are always tried (a bad one fails with a reason later); inside folders
-    only files with an image suffix are taken and the rest are returned as skipped, with a note.
+    Files named explicitly are always tried (a bad one fails with a reason later), once however
+    often they are named; inside folders only files with an image suffix are taken and the rest
+    are returned as skipped, with a note.
     ``exclude`` (the output folder) is never walked when it lies inside a folder given, so
     outputs are not re-read as inputs (a batch also passes over files that are the outputs of
     other inputs, see `facecloak.batch.plan_batch`).
@@ -106,7 +109,13 @@ def collect_images(
     jobs: list[ImageJob] = []
     skipped: list[tuple[Path, str]] = []
     excluded = exclude.resolve() if exclude is not None and exclude.exists() else None
+    seen: set[Path] = set()
     for given in map(Path, paths):
+        if given.is_file():
+            if given.resolve() not in seen:  # the same file named twice is one input
+                seen.add(given.resolve())
+                jobs.append(ImageJob(given, Path(given.name), named=True))
+            continue
         if given.is_dir():
             skip = excluded if excluded is not None and excluded != given.resolve() else None
             for file in sorted(p for p in given.rglob("*") if p.is_file()):
@@ -115,12 +124,13 @@ def collect_images(
                     continue
                 if any(part.startswith(".") for part in relative.parts):
                     continue
-                if file.suffix.lower() in IMAGE_SUFFIXES:
-                    jobs.append(ImageJob(file, Path(given.name) / relative if len(paths) > 1 else relative))
-                else:
+                if file.suffix.lower() not in IMAGE_SUFFIXES:
                     skipped.append((file, "not an image suffix"))
+                elif file.resolve() not in seen:
+                    seen.add(file.resolve())
+                    jobs.append(ImageJob(file, Path(given.name) / relative if len(paths) > 1 else relative))
         else:
-            jobs.append(ImageJob(given, Path(given.name)))
+            jobs.append(ImageJob(given, Path(given.name), named=True))  # missing: fails with its reason
     return jobs, skipped
 
 
