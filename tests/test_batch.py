@@ -63,6 +63,19 @@ def test_a_file_named_on_the_command_line_is_always_an_input(tmp_path, samples_d
     ]
 
 
+def test_an_output_path_held_by_a_folder_fails_and_protects_nothing(tmp_path, samples_dir, detector):
+    """It counted as "skipped: output exists" (exit 0), and with --overwrite its face as protected."""
+    shutil.copy(samples_dir / "astronaut.jpg", tmp_path / "a.jpg")
+    (tmp_path / "out" / "a_blur.jpg").mkdir(parents=True)
+    for overwrite in (False, True):
+        options = Options(out_dir=str(tmp_path / "out"), overwrite=overwrite)
+        report = run_batch(
+            [tmp_path / "a.jpg"], AnonymizeFaces(Anonymizer("blur")), options, detector=detector
+        )
+        assert report.exit_code == 3 and "a_blur.jpg is a folder" in report.outcomes[0].error
+        assert report.protected_faces == 0 and "0 protected" in str(report)
+
+
 def test_outputs_of_other_methods_in_a_folder_are_not_taken_for_photos(tmp_path, samples_dir):
     """Runs of several methods into one folder: a_pixelate.jpg was masked, then both were cloaked."""
     shutil.copy(samples_dir / "astronaut.jpg", tmp_path / "a.jpg")

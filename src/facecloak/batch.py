@@ -87,7 +87,9 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
             continue
         key = target.resolve()
         problem = None
-        if target in inputs:
+        if target.is_dir():
+            problem = f"its output {target} is a folder"
+        elif target in inputs:
             problem = f"its output {target} is an input too: not overwritten (give -o, or rename one)"
         elif key in claimed:
             problem = f"its output {target} is also the output of {claimed[key]} (give -o, or rename one)"

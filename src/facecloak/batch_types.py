@@ -122,6 +122,13 @@ class BatchReport:
         return sum(not face.get("protected", True) for outcome in self.outcomes for face in outcome.faces)
 
     @property
+    def protected_faces(self) -> int:
+        """Faces protected in an output that was written (a file that failed protects nothing)."""
+        return sum(
+            face.get("protected", True) for o in self.outcomes if o.status != "failed" for face in o.faces
+        )
+
+    @property
     def exit_code(self) -> int:
         """3 if a file failed; else 1 if an image had no face, a face fell short, or nothing was found."""
         if self.count("failed"):
@@ -141,7 +148,7 @@ class BatchReport:
         lines = [
             f"{self.command}: {len(self.outcomes)} image(s): {done} done, {skipped} skipped, "
             f"{self.count('failed')} failed; {self.faces} face(s) found, "
-            f"{self.faces - self.unprotected_faces} protected, in {self.seconds:.1f} s"
+            f"{self.protected_faces} protected, in {self.seconds:.1f} s"
         ]
         if self.count("skipped"):
             lines.append(
@@ -253,6 +260,7 @@ class BatchReport:
             "images": len(self.outcomes),
             "faces": self.faces,
             "unprotected_faces": self.unprotected_faces,
+            "protected_faces": self.protected_faces,
             "no_face_images": self.count("no_face"),
             "failed_files": self.count("failed"),
             "skipped_existing": self.count("skipped"),
