@@ -168,12 +168,12 @@ class BatchReport:
                     details = "; ".join(text for text in short if text)
                     explained = explained or bool(details)
                     lines.append(f"    {o.path}" + (f": {details}" if details else ""))
-            escalated = any(
+            short_after_escalating = any(
                 face.get("escalated_from") and face.get("protected") is False
                 for o in self.outcomes
                 for face in o.faces
             )
-            if explained and not escalated:
+            if explained and not short_after_escalating:
                 lines.append(
                     "    (a higher --level, or --escalate for these faces alone, moves faces further, "
                     "at a more visible change)"
