@@ -16,7 +16,7 @@ from facecloak.models import create_embedder, get_card, list_embedders
 from facecloak.models.plugins import load_model_file
 from facecloak.models.registry import _REGISTRY
 from facecloak.models.templates import template_for
-from facecloak.models.user_models import add_user_model, remove_user_model
+from facecloak.models.user_models import BROKEN_CARDS, add_user_model, register_user_models, remove_user_model
 
 MOBILEFACE_SYMBOL = "MobileFace_Identification_V2-symbol.json"
 
@@ -125,6 +125,28 @@ def test_cli_add_list_remove(mobileface_dir, config_home):
     assert "test-mobileface" in listed.output and "dlib-resnet" in listed.output
     missing = runner.invoke(main, ["models", "add", "test-x", str(mobileface_dir / "nope-symbol.json")])
     assert missing.exit_code == 3 and "not found" in missing.stderr
+    # a threshold that is no distance is refused (NaN blacked out the cloaked face, a negative one
+    # called an untouched face protected); the card added before stays as it was
+    for bad in ("nan", "-1", "0", "2.5", "inf"):
+        refused = runner.invoke(main, ["models", "add", "test-mobileface", str(symbol), "--threshold", bad])
+        assert refused.exit_code == 2 and "match threshold" in refused.stderr, bad
+    assert json.loads((config_home / "facecloak" / "models" / "test-mobileface.json").read_text()) == card
+    # adding the same name again says what it replaced (a calibrated threshold is not lost silently)
+    again = runner.invoke(main, ["models", "add", "test-mobileface", str(symbol), "--threshold", "0.7"])
+    assert (
+        again.exit_code == 0
+        and "replaced the earlier card of test-mobileface (threshold 0.65" in again.stderr
+    )
+    # a card edited by hand into nonsense is listed as broken, not used
+    path = config_home / "facecloak" / "models" / "test-mobileface.json"
+    path.write_text(json.dumps({**card, "match_threshold": -0.5}))
+    register_user_models()  # as every command does at start-up
+    assert [reason for broken, reason in BROKEN_CARDS if broken == path] == [
+        "unreadable model card (InvalidInputError: model 'test-mobileface': match threshold -0.5 must be "
+        "between 0 and 2 (a cosine distance))"
+    ]
+    path.write_text(json.dumps(card))
+    register_user_models()
     assert runner.invoke(main, ["models", "remove", "test-mobileface"]).exit_code == 0
     assert "test-mobileface" not in runner.invoke(main, ["models"]).output
 

@@ -469,6 +469,25 @@ def test_cli_bad_banks_are_one_line_usage_errors(data_home, lfw_dir, tmp_path):
     assert not_replace.exit_code == 2 and "--no-finish is for --method replace" in not_replace.output
     mouth = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--keep-mouth"])
     assert mouth.exit_code == 2 and "--keep-mouth is for --method replace" in mouth.output
+    seed = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--seed", str(10**20)])
+    assert seed.exit_code == 2 and "--seed" in seed.output  # it crashed deep in torch
+
+
+def test_a_bank_built_with_other_models_is_a_usage_error_before_any_work(bank, data_home, lfw_dir, tmp_path):
+    """It was found once the models were loaded: printed twice, and the photo failed (exit 3)."""
+    other = bank_folder("other-models")
+    shutil.copytree(bank.folder, other)
+    manifest = json.loads((other / "bank.json").read_text())
+    manifest["models"]["dlib-resnet"]["fingerprint"] = "0" * 12  # as if built with another dlib card
+    (other / "bank.json").write_text(json.dumps(manifest))
+    photo = str(sorted(_people(lfw_dir / "images", 10, 10_000)[0].glob("*.jpg"))[0])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["anonymize", photo, "-o", str(out), "--method", "replace", "--donors", "other-models"]
+    )
+    assert result.exit_code == 2 and "facecloak donors refresh other-models" in result.stderr
+    assert result.stderr.count("was built with models") == 1 and "photo(s) to do" not in result.stderr
+    assert not out.exists()
 
 
 def test_keep_mouth_leaves_the_persons_lips_and_replaces_the_rest(bank, models, detector, targets):

@@ -252,6 +252,16 @@ def test_bad_input_gets_a_4xx_with_a_reason(service, samples_dir, tmp_path, case
     assert list(temporary.iterdir()) == []
 
 
+def test_a_seed_beyond_64_bits_is_refused_not_a_500(service, samples_dir):
+    url, temporary, process = service
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    answer = httpx.post(
+        f"{url}/v1/cloak", timeout=60, files={"image": ("g.jpg", photo)}, data={"seed": str(10**20)}
+    )
+    assert answer.status_code == 422 and "seed" in answer.json()["reason"], answer.text
+    assert process.poll() is None and list(temporary.iterdir()) == []
+
+
 def test_200_mb_upload_is_refused_early(service):
     url, temporary, _ = service
     # Declared honestly: refused from the header, before the body is read.

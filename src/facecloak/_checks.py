@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
+from facecloak.defaults import MAX_SEED
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
 
@@ -40,6 +43,15 @@ def check_choice(value: str, choices: tuple[str, ...] | list[str], name: str) ->
     return value
 
 
+def check_seed(seed: int | None, name: str = "seed") -> int | None:
+    """Check a seed lies in [0, `facecloak.defaults.MAX_SEED`] (None: a fresh draw each call)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise InvalidInputError(f"{name} must be an integer from 0 to {MAX_SEED}; got {seed!r}")
+    return int(seed)
+
+
 def check_image_list(images: object, name: str = "images") -> list[Tensor]:
     """Check a (B, 3, H, W) batch or a sequence of (3, H_i, W_i) images; return them as a list.
 
@@ -60,10 +72,10 @@ def check_image_list(images: object, name: str = "images") -> list[Tensor]:
 
 
 def split_names(text: str | None) -> list[str]:
-    """The entries of a comma-separated option, stripped, empty ones dropped ([] for None).
+    """The entries of a comma-separated option, stripped, empty and repeated ones dropped ([] for None).
 
     Example:
-        >>> split_names("dlib-resnet, mobileface,")
+        >>> split_names("dlib-resnet, mobileface,dlib-resnet")
         ['dlib-resnet', 'mobileface']
     """
-    return [name.strip() for name in (text or "").split(",") if name.strip()]
+    return list(dict.fromkeys(name.strip() for name in (text or "").split(",") if name.strip()))

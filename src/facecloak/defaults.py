@@ -65,3 +65,8 @@ distances) is softer than the photo around it, and the batch summary says so and
 smallest donor in that donor's own photo (fix: larger, sharp donor photos), or the chips it is read
 from (`facecloak.synthesis`: eyes 56 px apart in a 256 px chip, 112 in a donor's detail chip).
 The largest face of `samples/group.jpg` with LFW donors: 1.74, donors."""
+
+MAX_SEED = 2**31 - 1
+"""Largest seed taken anywhere (CLI, service, Python API): the replacer derives each face's
+generator seed from it by arithmetic that must stay within torch's 64 bits (a seed of 10**20
+crashed the service with a 500 and the CLI with a traceback)."""

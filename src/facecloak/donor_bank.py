@@ -21,7 +21,7 @@ from torch import Tensor
 
 from facecloak import io
 from facecloak.errors import DonorBankError, FacecloakError
-from facecloak.models.registry import Embedder
+from facecloak.models.registry import Embedder, FaceModelCard
 from facecloak.synthesis import (
     CHIP_SIZE_PX,
     DETAIL_SCALE,
@@ -68,10 +68,11 @@ def bank_folder(name: str | Path) -> Path:
     return data_dir() / str(name)
 
 
-def model_fingerprint(model: Embedder) -> str:
+def model_fingerprint(model: Embedder | FaceModelCard) -> str:
     """A short hash of a model's card: what changes its embeddings (template, threshold, weights)."""
-    card = json.dumps(model.card.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha1(card.encode()).hexdigest()[:12]
+    card = model if isinstance(model, FaceModelCard) else model.card
+    text = json.dumps(card.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -164,20 +165,26 @@ class DonorBank:
             out.append(pixels.clamp(0, 1))
         return torch.stack(out) if out else torch.zeros(0, 3, size, size)
 
-    def check_models(self, models: Sequence[Embedder], *, exact: bool = True) -> None:
+    def check_models(self, models: Sequence[Embedder | FaceModelCard], *, exact: bool = True) -> None:
         """Raise `DonorBankError` unless the bank was built with these models (same cards).
 
         ``exact``: with no others either (adding donors embeds each with every model of the bank);
-        a replacement checked by fewer recognisers than the bank holds needs only theirs.
+        a replacement checked by fewer recognisers than the bank holds needs only theirs. Cards
+        alone will do: the command line checks a bank before it loads any model.
         """
-        wanted = {model.card.name: model_fingerprint(model) for model in models}
+        cards = [model if isinstance(model, FaceModelCard) else model.card for model in models]
+        wanted = {card.name: model_fingerprint(card) for card in cards}
         have = {name: entry["fingerprint"] for name, entry in self.models.items()}
         held = have if exact else {name: have.get(name) for name in wanted}
         if wanted != held:
             raise DonorBankError(
                 f"bank {self.name!r} was built with models {_describe(have)} but this run uses "
-                f"{_describe(wanted)}; run `facecloak donors refresh {self.name}` to re-embed its donors"
+                f"{_describe(wanted)}; run `facecloak donors refresh {self._called()}` to re-embed its donors"
             )
+
+    def _called(self) -> str:
+        """What to give a command for this bank: its name in the data folder, else its path."""
+        return self.name if bank_folder(self.name).resolve() == self.folder.resolve() else str(self.folder)
 
     def summary(self) -> dict:
         """Name, folder, size, models and licence notes, for ``facecloak donors list``."""
@@ -232,7 +239,7 @@ def load_bank(name: str | Path = DEFAULT_BANK, *, allow_empty: bool = False) -> 
     embeddings = _read_embeddings(folder, [d["id"] for d in donors], manifest.get("models", {}))
     complete = all(len(d["stats"]) == len(FACE_STATISTICS) for d in donors)
     bank = DonorBank(
-        name=manifest.get("name", label),
+        name=label,  # the folder's: a copied or renamed bank is called by its new name
         folder=folder,
         donors=donors,
         points=_tensor([d["chip_landmarks"] for d in donors], (0, 5, 2)),

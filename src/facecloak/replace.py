@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from facecloak import io
-from facecloak._checks import check_choice, check_faces, check_image_list
+from facecloak._checks import check_choice, check_faces, check_image_list, check_seed
 from facecloak.anonymize import blur_faces
 from facecloak.cloak import AwayCloak
 from facecloak.cloak.verify import match_redetected, redetect
@@ -308,7 +308,7 @@ class FaceReplacer:
                 f"fewer than --donors-per-face {donors_per_face}"
             )
         self.donors_per_face = int(donors_per_face)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.attempts = int(attempts)
         self.margin = float(margin)
         self.donor_margins = {

@@ -18,7 +18,7 @@ from facecloak.cli.options import (
     ray_option,
 )
 from facecloak.cli.running import fail, finish, run_protection
-from facecloak.defaults import REGION_SCALE
+from facecloak.defaults import MAX_SEED, REGION_SCALE
 from facecloak.errors import EXIT_USAGE, FacecloakError
 
 
@@ -78,7 +78,11 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
     help="replace: donors mixed into each new face. More: each donor shows less, the face is more average.",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="replace: seed of the donor draw and the grain."
+    "--seed",
+    type=click.IntRange(0, MAX_SEED),
+    default=0,
+    show_default=True,
+    help="replace: seed of the donor draw and the grain.",
 )
 @fallback_option
 @donor_margin_option
@@ -188,6 +192,7 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
     from facecloak.donor_bank import load_bank
     from facecloak.errors import DonorBankError
     from facecloak.models import choose_embedders
+    from facecloak.models.registry import get_card
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import ReplaceFaces
     from facecloak.replace import REPLACE_MIN_FACE_PX, FaceReplacer
@@ -207,6 +212,7 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
     try:
         bank = load_bank(donor_bank)
         model_names = choose_embedders(None)
+        bank.check_models([get_card(name) for name in model_names], exact=False)  # before any work
     except DonorBankError as error:
         fail(error, EXIT_USAGE)
     except FacecloakError as error:

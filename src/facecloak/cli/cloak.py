@@ -10,7 +10,7 @@ from facecloak.batch_types import Options
 from facecloak.cli import running
 from facecloak.cli.options import CONTEXT, batch_options, io_options, ray_option
 from facecloak.cli.running import fail, finish, run_protection
-from facecloak.defaults import CPU_CLOAK_BATCH, GPU_CLOAK_BATCH
+from facecloak.defaults import CPU_CLOAK_BATCH, GPU_CLOAK_BATCH, MAX_SEED
 from facecloak.errors import FacecloakError
 
 
@@ -107,7 +107,9 @@ from facecloak.errors import FacecloakError
     "change at 100%), with that level's own steps and DSSIM cap, and keep it if it then passes; "
     "the summary lists such faces.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
+@click.option(
+    "--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed of the random draws."
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 4096),

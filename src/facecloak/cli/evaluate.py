@@ -16,7 +16,7 @@ from facecloak.cli.options import (
     keep_mouth_option,
 )
 from facecloak.cli.running import fail
-from facecloak.defaults import UPLOADS
+from facecloak.defaults import MAX_SEED, UPLOADS
 from facecloak.errors import FacecloakError
 
 
@@ -127,7 +127,11 @@ from facecloak.errors import FacecloakError
 )
 @click.option("--leave-one-out", is_flag=True, help="cloak: also cloak without each model and measure on it.")
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the draw of people and of the cloak."
+    "--seed",
+    type=click.IntRange(0, MAX_SEED),
+    default=0,
+    show_default=True,
+    help="Seed of the draw of people and of the cloak.",
 )
 @click.option(
     "--cache",

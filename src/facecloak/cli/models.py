@@ -63,7 +63,7 @@ def models(context) -> None:
             if readme
             else ""
         )
-        click.echo(f"      {note}calibrate --threshold for real use")
+        click.echo(f"      {note}then `facecloak models calibrate {name} PEOPLE_FOLDER` sets its threshold")
 
 
 @models.command("add", context_settings=CONTEXT)
@@ -133,8 +133,10 @@ def models_add(  # noqa: D301 - click help keeps the backslash line breaks
         --input-size 224 --layout nhwc --bgr --mean 103.939 116.779 123.68
     facecloak models calibrate hse-mobilenet ../shared/data/lfw/images
     """
-    from facecloak.models.user_models import add_user_model
+    from facecloak.models.registry import get_card
+    from facecloak.models.user_models import add_user_model, is_user_model
 
+    previous = get_card(name) if is_user_model(name) else None
     try:
         card = add_user_model(
             name,
@@ -156,6 +158,12 @@ def models_add(  # noqa: D301 - click help keeps the backslash line breaks
         f"added {card.name}: {card.input_size}px -> {card.embedding_dim}-d, "
         f"{card.distance} < {card.match_threshold}"
     )
+    if previous is not None:  # a calibrated threshold must not be lost without a word
+        click.echo(
+            f"note: this replaced the earlier card of {name} (threshold {previous.match_threshold}, "
+            f"file {previous.weights})",
+            err=True,
+        )
     if threshold is None:
         click.echo(
             f"note: the threshold {card.match_threshold} is a default guess; "

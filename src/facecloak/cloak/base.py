@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from facecloak import quality, transforms
-from facecloak._checks import check_choice, check_faces, check_image_list
+from facecloak._checks import check_choice, check_faces, check_image_list, check_seed
 from facecloak.align import affine_scale, model_alignment
 from facecloak.cloak.budget import (
     DSSIM_SAFETY,
@@ -354,7 +354,7 @@ class Cloak:
         self.feather = float(feather)
         self._detector = detector
         self.verify = verify
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.device = model_device(self.models[0])
         default_draws = 1 if self.device.type == "cpu" else 4
         self.eot_samples = max(1, int(eot_samples if eot_samples is not None else default_draws))

@@ -12,6 +12,7 @@ package or a file the user names; a model whose weights are missing raises
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from facecloak._checks import split_names
 from facecloak._device import default_device
-from facecloak.errors import ModelNotFoundError, UnknownModelError
+from facecloak.errors import InvalidInputError, ModelNotFoundError, UnknownModelError
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,15 @@ class FaceModelCard:
     landmarks: Literal["mtcnn", "dlib5"] = "mtcnn"
     alignment: Literal["similarity", "dlib", "box"] = "similarity"
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # a NaN threshold blacked out the cloaked face, a negative one called an untouched face
+        # protected: every card, added, calibrated or read from a file, is checked once here
+        threshold = self.match_threshold
+        largest = 2.0 if self.distance == "cosine" else math.inf
+        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 < threshold < largest):
+            bound = "between 0 and 2 (a cosine distance)" if self.distance == "cosine" else "positive"
+            raise InvalidInputError(f"model {self.name!r}: match threshold {threshold!r} must be {bound}")
 
     def to_dict(self) -> dict:
         """The card as plain JSON-ready data."""

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from facecloak.errors import InvalidInputError, ModelNotFoundError
+from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError
 from facecloak.io import write_bytes_atomic
 from facecloak.models.loaders import MODEL_FILE_PATTERNS, load_network
 from facecloak.models.plugins import PluginEmbedder, load_model_file
@@ -101,7 +101,7 @@ def register_user_models() -> None:
             data = json.loads(path.read_text())
             data["template"] = tuple(tuple(point) for point in data["template"])
             _register(FaceModelCard(**data))
-        except (OSError, ValueError, TypeError, KeyError) as error:
+        except (OSError, ValueError, TypeError, KeyError, FacecloakError) as error:
             BROKEN_CARDS.append((path, f"unreadable model card ({type(error).__name__}: {error})"))
 
 

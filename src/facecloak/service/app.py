@@ -35,7 +35,7 @@ from facecloak._checks import split_names
 from facecloak.batch import face_status
 from facecloak.cloak import LEVELS
 from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY, FOUND_AFTER_UPLOAD_KEY
-from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
+from facecloak.defaults import MAX_SEED, MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.errors import FacecloakError, ImageReadError
 from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
 from facecloak.service.limits import BodySizeLimit, UploadRejected, check_upload
@@ -288,7 +288,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         identity_key: Annotated[str | None, Form(description="targeted: a per-person secret.")] = None,
         steps: Annotated[int | None, Form(ge=0, description="Most steps per face [level's default].")] = None,
         max_dssim: Annotated[float | None, Form(ge=0.0001, le=0.5, description="DSSIM cap.")] = None,
-        seed: Annotated[int, Form()] = 0,
+        seed: Annotated[int, Form(ge=0, le=MAX_SEED)] = 0,
         escalate: Annotated[
             bool,
             Form(description="Cloak a face that falls short again one level up (low -> mid -> high)."),
