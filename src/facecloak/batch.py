@@ -344,6 +344,40 @@ def _protect_chunk(
     return outcomes
 
 
+def _measure_written(target: Path, image: io.LoadedImage, output: Tensor, face_records: list[dict]) -> None:
+    """Add to each cloaked face the change of the file as written, beside the change as cloaked.
+
+    The cloak caps its change on the photo rounded to 8 bits; a JPEG output then quantises that
+    change with the input's own tables (or a whole re-encode adds its own noise), so the file a
+    viewer opens can differ more. Each face gets ``box_dssim_cloaked`` and ``box_dssim_written``,
+    both DSSIM over its detection box in the same measure, and ``linf_written`` (in 1/255).
+    """
+    boxes = [record["box"] for record in face_records if "dssim" in record]
+    if not boxes:
+        return
+    from facecloak.quality import box_dssims
+
+    written = io.read_image(target, max_pixels=None).pixels
+    if written.shape != image.pixels.shape:  # another orientation on disk: nothing to compare
+        return
+    source = image.pixels[None]
+    height, width = source.shape[-2:]
+    for record in (record for record in face_records if "dssim" in record):
+        x0, y0, x1, y1 = record["box"]
+        box = torch.tensor(
+            [[max(0, int(x0)), max(0, int(y0)), min(width, int(round(x1))), min(height, int(round(y1)))]]
+        )
+        x0, y0, x1, y1 = (int(v) for v in box[0])
+        cloaked = float(box_dssims(source, output[None].to(source), box)[0, 0])
+        stored = float(box_dssims(source, written[None], box)[0, 0])
+        change = (written - image.pixels)[:, y0:y1, x0:x1].abs()
+        record.update(
+            box_dssim_cloaked=round(cloaked, 5),
+            box_dssim_written=round(stored, 5),
+            linf_written=round(float(change.max()) * 255) if change.numel() else 0,
+        )
+
+
 def face_status(face_records: list[dict]) -> str:
     """A written file's status from its face records: "no_face", "protected" or "unprotected"."""
     if not face_records:
@@ -391,6 +425,7 @@ def write_output(
         )
         if after is not None:
             after(status)
+        _measure_written(target, image, output, face_records)
     except FacecloakError as error:
         return FileOutcome(
             str(path), "failed", error=str(error), faces=face_records, seconds=round(seconds, 3)

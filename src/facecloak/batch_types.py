@@ -11,7 +11,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from facecloak.defaults import DISTANCE_AFTER_UPLOAD_KEY, MIN_FACE_PX, MIN_FACE_SCORE, SOFT_DONOR_UPSCALE
+from facecloak.defaults import (
+    DISTANCE_AFTER_UPLOAD_KEY,
+    MIN_FACE_PX,
+    MIN_FACE_SCORE,
+    SOFT_DONOR_UPSCALE,
+    WRITTEN_DSSIM_EXCESS,
+)
 from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED
 
 if TYPE_CHECKING:  # the CLI reads these types before any image is touched: no torch at import
@@ -180,6 +186,7 @@ class BatchReport:
                 )
             elif explained:
                 lines.append("    (cloaked again one level up and still short: a face hard for these models)")
+        lines += self._written_wider()
         escalated = [(o.path, f) for o in self.outcomes for f in o.faces if f.get("escalated_from")]
         if escalated:
             lines.append(f"  {len(escalated)} face(s) fell short, cloaked again one level up (--escalate):")
@@ -217,6 +224,27 @@ class BatchReport:
                 "by a few percent (--no-finish: none)"
             )
         return "\n".join(lines)
+
+    def _written_wider(self) -> list[str]:
+        """The summary's lines on cloaked faces that the written file changes more than the cloak did."""
+        wider = [
+            (o.path, f)
+            for o in self.outcomes
+            for f in o.faces
+            if f.get("box_dssim_written", 0.0) > f.get("box_dssim_cloaked", 0.0) + WRITTEN_DSSIM_EXCESS
+        ]
+        if not wider:
+            return []
+        lines = [
+            f"  {len(wider)} cloaked face(s) changed more in the written file than as cloaked "
+            "(a JPEG output quantises the change again; --format png writes it as cloaked):"
+        ]
+        lines += [
+            f"    {path}: face DSSIM {f['box_dssim_written']:.4f} written, {f['box_dssim_cloaked']:.4f} "
+            f"as cloaked (largest change {f['linf_written']}/255)"
+            for path, f in wider
+        ]
+        return lines
 
     def _passed_over(self) -> list[str]:
         """The summary's lines on the files passed over: each named, with the reason."""

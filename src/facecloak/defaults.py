@@ -70,3 +70,7 @@ MAX_SEED = 2**31 - 1
 """Largest seed taken anywhere (CLI, service, Python API): the replacer derives each face's
 generator seed from it by arithmetic that must stay within torch's 64 bits (a seed of 10**20
 crashed the service with a 500 and the CLI with a traceback)."""
+
+WRITTEN_DSSIM_EXCESS = 0.0005
+"""A cloaked face whose written file changes it this much more (DSSIM over its box) than the
+cloak's own output did is listed in the summary: a JPEG output quantises the change again."""
