@@ -244,22 +244,34 @@ def test_a_black_and_white_photo_stays_grey_when_cloaked(runner, samples_dir, tm
     assert np.abs(np.asarray(written, dtype=int) - np.asarray(Image.open(source), dtype=int)).max() > 0
 
 
-def test_the_change_in_the_written_file_is_measured_and_a_jpegs_excess_is_said(runner, lfw_dir, tmp_path):
+def test_a_jpeg_output_holds_the_cap_as_its_file_decodes(runner, lfw_dir, tmp_path):
     """A JPEG output quantises the cloak's change again with the input's tables: on this LFW photo
-    the written face moved from DSSIM 0.0080 as cloaked to 0.0106. Both are measured and reported."""
+    the face in the file had DSSIM 0.0106 against 0.0080 as cloaked, over the 0.008 cap. The cap
+    now holds on the file as written, and the report measures the file itself."""
+    from facecloak.cloak.budget import LEVELS
+
     photo = lfw_dir / "images" / "Abdullah_Gul" / "Abdullah_Gul_0001.jpg"
     faces = {}
     for kind, extra in (("jpeg", []), ("png", ["--format", "png"])):
         result = runner.invoke(main, ["cloak", str(photo), "-o", str(tmp_path / kind), "--json", *extra])
-        assert result.exit_code == 0, result.output
+        assert result.exit_code in (0, 1), result.output
         (face,) = json.loads(result.stdout)["files"][0]["faces"]
         faces[kind] = face
+        assert "changed more in the written file" not in result.stderr
+    cap = LEVELS["mid"].max_dssim
     assert faces["png"]["box_dssim_written"] == faces["png"]["box_dssim_cloaked"]  # stored as cloaked
-    assert faces["jpeg"]["box_dssim_cloaked"] == pytest.approx(faces["png"]["box_dssim_cloaked"], abs=1e-4)
-    assert faces["jpeg"]["box_dssim_written"] > faces["jpeg"]["box_dssim_cloaked"] + 0.0005
-    assert faces["jpeg"]["linf_written"] > faces["png"]["linf_written"]
-    plain = runner.invoke(main, ["cloak", str(photo), "-o", str(tmp_path / "again"), "-q"])
-    assert "changed more in the written file than as cloaked" in plain.output + plain.stderr
+    assert faces["jpeg"]["box_dssim_written"] <= cap * 1.02  # 0.0106 before
+    assert faces["jpeg"]["box_dssim_written"] == pytest.approx(faces["jpeg"]["box_dssim_cloaked"], abs=5e-4)
+    assert faces["jpeg"]["dssim"] <= cap and faces["png"]["dssim"] <= cap
+
+
+def test_a_written_file_that_changes_a_face_more_than_its_cloak_is_listed():
+    from facecloak.batch import BatchReport, FileOutcome
+
+    face = {"protected": True, "dssim": 0.0077, "box_dssim_cloaked": 0.0078, "box_dssim_written": 0.0101}
+    face["linf_written"] = 24
+    report = BatchReport("cloak", {}, [FileOutcome("a.webp", "protected", output="out/a.webp", faces=[face])])
+    assert "a.webp: face DSSIM 0.0101 written, 0.0078 as cloaked (largest change 24/255)" in str(report)
 
 
 def test_rerun_skips_existing_outputs_before_any_work(runner, samples_dir, tmp_path, monkeypatch):

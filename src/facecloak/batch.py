@@ -331,7 +331,8 @@ def _protect_chunk(
         tracker.emit(stage, current=names, step=step, steps=steps, distance=distance, aim=tracker.aim)
 
     pixels = [image.pixels for _, _, image, _ in loaded]
-    result = protection.protect(pixels, faces, on_step=on_step)
+    storage = [io.stored_as(target, image, options.jpeg_quality) for _, target, image, _ in loaded]
+    result = protection.protect(pixels, faces, on_step=on_step, stored_as=storage)
     tracker.faces_done = faces_before + face_count
     tracker.work_done = work_before + len(loaded) + face_count * tracker.face_work()
     seconds = (time.perf_counter() - started) / len(loaded)

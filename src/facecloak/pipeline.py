@@ -352,7 +352,8 @@ def run_resumable_batch(
                 progress.emit("detect", current=names)
                 faces = found_by(pixels)
                 progress.found(len(faces))
-                result = _protect(protection, pixels, faces, progress, names)
+                storage = [io.stored_as(entry.target, entry.image, options.jpeg_quality) for entry in chunk]
+                result = _protect(protection, pixels, faces, progress, names, storage)
             except FacecloakError as error:
                 for entry in chunk:
                     finish(FileOutcome(str(entry.job.path), "failed", error=str(error)))
@@ -455,9 +456,12 @@ class _Progress:
 
 
 def _protect(
-    protection: Protection, pixels, faces, progress: _Progress, names: tuple[str, ...]
+    protection: Protection, pixels, faces, progress: _Progress, names: tuple[str, ...], storage=None
 ) -> ProtectionResult:
-    """Run the protection on a chunk, sending its per-step progress (cloaks)."""
+    """Run the protection on a chunk, sending its per-step progress (cloaks).
+
+    ``storage``: per photo, how its output file will hold it (`facecloak.io.stored_as`).
+    """
     aim = protection.aim
     progress.emit("protect", current=names, steps=progress.steps, aim=aim)
     if not protection.steps:
@@ -480,7 +484,7 @@ def _protect(
         )
 
     try:
-        return protection.protect(pixels, faces, on_step=on_step)
+        return protection.protect(pixels, faces, on_step=on_step, stored_as=storage)
     finally:
         with progress.lock:
             progress.partial.pop(threading.get_ident(), None)

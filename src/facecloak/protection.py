@@ -29,7 +29,7 @@ from torch import Tensor
 from facecloak._checks import check_faces, check_image_list
 from facecloak.anonymize import Anonymizer
 from facecloak.cloak import Cloak, create_cloak
-from facecloak.cloak.base import StepCallback
+from facecloak.cloak.base import StepCallback, StoredAs
 from facecloak.cloak.budget import STRONGER_LEVEL
 from facecloak.faces import Faces, boxes_overlap, face_regions
 from facecloak.models.registry import Embedder
@@ -76,8 +76,13 @@ class Protection(Protocol):
         *,
         identity: str | None = None,
         on_step: StepCallback | None = None,
+        stored_as: Sequence[StoredAs | None] | None = None,
     ) -> ProtectionResult:
-        """Protect every face; ``on_step`` is called after each optimisation step (if any)."""
+        """Protect every face; ``on_step`` is called after each optimisation step (if any).
+
+        ``stored_as``: per photo, how its output file will hold it (`facecloak.io.as_written`);
+        a cloak holds its caps and runs its check on that, an anonymiser needs none of it.
+        """
         ...
 
 
@@ -114,6 +119,7 @@ class AnonymizeFaces:
         *,
         identity: str | None = None,
         on_step: StepCallback | None = None,
+        stored_as: Sequence[StoredAs | None] | None = None,
     ) -> ProtectionResult:
         """Anonymise each image's faces (images of any sizes: one anonymiser call per image)."""
         photos = check_image_list(images)
@@ -189,14 +195,15 @@ class CloakFaces:
         *,
         identity: str | None = None,
         on_step: StepCallback | None = None,
+        stored_as: Sequence[StoredAs | None] | None = None,
     ) -> ProtectionResult:
         """Cloak the faces; ``identity`` keys a targeted cloak's direction for this person."""
-        result = self.cloak(images, faces, on_step=on_step, identity=identity)
+        result = self.cloak(images, faces, on_step=on_step, identity=identity, stored_as=stored_as)
         outputs, records = list(result.images), result.records(faces)
         if self.escalate_to is not None:
             originals = check_image_list(images)
             outputs, records = escalate(
-                self.escalate_to, originals, faces, outputs, records, self.cloak.level, identity
+                self.escalate_to, originals, faces, outputs, records, self.cloak.level, identity, stored_as
             )
         return _result(outputs, records, faces)
 
@@ -209,6 +216,7 @@ def escalate(
     records: list[dict],
     level: str,
     identity: str | None = None,
+    stored_as: Sequence[StoredAs | None] | None = None,
 ) -> tuple[list[Tensor], list[dict]]:
     """Cloak the faces that fell short again with ``stronger``; keep those that then pass.
 
@@ -227,7 +235,7 @@ def escalate(
     if not retry:
         return outputs, records
     rows = sorted(n for cluster in retry for n in cluster)
-    retried = stronger(originals, faces.select(rows), identity=identity)
+    retried = stronger(originals, faces.select(rows), identity=identity, stored_as=stored_as)
     again = dict(zip(rows, retried.records(faces.select(rows))))
     outputs, records = [image.clone() for image in outputs], [dict(record) for record in records]
     for cluster in retry:
@@ -292,6 +300,7 @@ class ReplaceFaces:
         *,
         identity: str | None = None,
         on_step: StepCallback | None = None,
+        stored_as: Sequence[StoredAs | None] | None = None,
     ) -> ProtectionResult:
         """Replace the faces (the donors are drawn per face; ``identity`` is not used)."""
         result = self.replacer(images, faces)

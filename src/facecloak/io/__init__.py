@@ -38,9 +38,12 @@ from facecloak.io.read import (
 )
 from facecloak.io.write import (
     JPEG_QUALITY,
+    LOSSY_FORMATS,
+    as_written,
     encode_image,
     jpeg_roundtrip,
     jpeg_roundtrip_changed,
+    stored_as,
     strip_location,
     to_uint8,
     write_bytes_atomic,
@@ -49,6 +52,8 @@ from facecloak.io.write import (
 
 __all__ = [
     "HEIF_AVAILABLE",
+    "LOSSY_FORMATS",
+    "as_written",
     "IMAGE_SUFFIXES",
     "JPEG_QUALITY",
     "MAX_IMAGE_PIXELS",
@@ -68,6 +73,7 @@ __all__ = [
     "read_image",
     "read_image_bytes",
     "same_file",
+    "stored_as",
     "strip_location",
     "to_uint8",
     "write_bytes_atomic",
