@@ -116,6 +116,28 @@ def test_cloak_over_http(service, samples_dir):
     assert face["dssim"] <= 0.012
 
 
+def test_a_jpeg_response_holds_the_cap_in_the_file_it_returns(service, samples_dir):
+    """The response's JPEG (re-encoded whole at quality 95 here) quantises the change again: the
+    cap holds on the file as returned, as the CLI's does."""
+    import base64
+
+    from facecloak.io import read_image_bytes
+    from facecloak.quality import box_dssim
+
+    url, _, _ = service
+    photo = (samples_dir / "astronaut.jpg").read_bytes()
+    answer = httpx.post(
+        f"{url}/v1/cloak", files={"image": ("a.jpg", photo)}, data={"response": "json"}, timeout=600
+    )
+    assert answer.status_code == 200, answer.text
+    report = answer.json()
+    (face,) = report["faces"]
+    returned = read_image_bytes(base64.b64decode(report["image_base64"])).pixels
+    original = read_image_bytes(photo).pixels
+    written = float(box_dssim(original[None], returned[None], torch.tensor([face["box"]]))[0])
+    assert written <= 0.008 * 1.02 and written == pytest.approx(face["dssim"], abs=6e-4)
+
+
 def test_escalate_cloaks_a_face_that_falls_short_again_one_level_up(service, samples_dir):
     """``escalate``: a `low` cloak given no steps leaves the face as it was (NOT protected); with
     escalate on, the face is cloaked again at `mid`, with mid's own steps, and its reason says so."""

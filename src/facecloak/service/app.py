@@ -172,7 +172,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         name = _safe_name(upload.filename)
         async with decoding:
             image = await run_in_threadpool(_decode, data, name, settings.max_pixels)
-            future = batcher.submit(Job(kind, params, (common.threshold, common.min_face), image))
+            suffix = io.output_suffix(image.format, common.format)
+            stored_as = io.stored_as(f"upload{suffix}", image, common.jpeg_quality)
+            job = Job(kind, params, (common.threshold, common.min_face), image, stored_as=stored_as)
+            future = batcher.submit(job)
         result: JobResult = await _wait(future, settings.request_timeout_s)
         endpoint = request.url.path
         faces = [_with_reason(face, kind) for face in result.faces]
@@ -183,7 +186,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if kind == "detect":
             width, height = image.size
             return JSONResponse({"width": width, "height": height, "faces": faces, "faces_found": len(faces)})
-        suffix = io.output_suffix(image.format, common.format)
         format_name = io.IMAGE_SUFFIXES[suffix]
         encoded = await run_in_threadpool(
             io.encode_image,

@@ -54,6 +54,8 @@ class Job:
         params: the protection's settings (method and its parameters, or the cloak's).
         detection: (min_score, min_size) of the detector.
         image: the decoded upload.
+        stored_as: how the response's file will hold the photo (`facecloak.io.stored_as`): a
+            cloak holds its caps on that.
         future: resolved by a worker with a `JobResult`.
     """
 
@@ -62,6 +64,7 @@ class Job:
     detection: tuple[float, int]
     image: LoadedImage
     future: Future = field(default_factory=Future)
+    stored_as: Callable[[Tensor], Tensor] | None = None
 
     @property
     def key(self) -> tuple:
@@ -188,7 +191,7 @@ class Engine:
                 with torch.no_grad():
                     result = protection.protect(pixels, faces)
             else:
-                result = protection.protect(pixels, faces)
+                result = protection.protect(pixels, faces, stored_as=[job.stored_as for job in jobs])
             outputs, records = result.images, result.records
         seconds = time.perf_counter() - started
         return [
