@@ -129,7 +129,9 @@ def main() -> None:
         for level in LEVELS:
             target = OUT / f"{name}_cloaked_{level}.jpg"
             result = create_cloak("untargeted", models, level, detector=detector, seed=0)(
-                [photo.pixels], found, stored_as=[stored_as(target, photo, 92)]  # as the JPEG will decode
+                [photo.pixels],
+                found,
+                stored_as=[stored_as(target, photo, 92)],  # as the JPEG will decode
             )
             cloaked = result.images[0]
             tiles.append(cloaked)
