@@ -13,6 +13,10 @@ faces past the threshold of every model attacked (what the cloak's check calls p
     python scripts/probe_transfer.py --set DSSIM_PENALTY=10 --out bench-results/probe.json
     python scripts/probe_transfer.py --upscale 4 --set WORKING_FACE_PX=1e6   # large faces, native
 
+``--written-as jpeg`` holds the caps on the JPEG the command line would write from each LFW JPEG
+(block by block with its own tables, `facecloak.io.stored_as`) and uploads that: what a user who
+keeps JPEG outputs gets; ``jpeg95`` on a whole re-encode at quality 95 (``--jpeg-quality 95``).
+
 ``--upscale N`` enlarges every photo N times (bicubic, rounded to 8 bits) before the cloak: faces
 of 360-420 px, which the cloak works on at a working scale (`facecloak.cloak.scale`);
 ``working_factor`` reports the mean factor.
@@ -43,7 +47,7 @@ from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces
 from facecloak.evaluate import centre_face
 from facecloak.faces import Faces
-from facecloak.io import read_image
+from facecloak.io import read_image, stored_as
 from facecloak.io.write import jpeg_roundtrip
 from facecloak.models import available_embedders, create_embedder
 from facecloak.quality import box_dssim
@@ -94,6 +98,13 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--seed", type=int, default=1, help="which LFW photos (shuffle seed)")
     parser.add_argument("--upscale", type=int, default=1, help="enlarge the photos this many times")
+    parser.add_argument(
+        "--written-as",
+        choices=["pixels", "jpeg", "jpeg95"],
+        default="pixels",
+        help="pixels: the cap on the 8-bit photo (a PNG output); jpeg: on the JPEG the CLI writes "
+        "from each LFW JPEG (block by block with its own tables); jpeg95: on a whole re-encode at 95",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -109,7 +120,14 @@ def main() -> int:
 
     files = sorted((data_root() / "lfw" / "images").glob("*/*.jpg"))
     random.Random(args.seed).shuffle(files)
-    images = [upscaled(read_image(path).pixels, args.upscale) for path in files[: args.photos]]
+    loaded = [read_image(path) for path in files[: args.photos]]
+    images = [upscaled(image.pixels, args.upscale) for image in loaded]
+    if args.written_as != "pixels" and args.upscale != 1:
+        parser.error("--written-as jpeg needs the photos as read (--upscale 1)")
+    quality = 95 if args.written_as == "jpeg95" else None  # a whole re-encode, or the input's own blocks
+    storage = (
+        None if args.written_as == "pixels" else [stored_as("out.jpg", image, quality) for image in loaded]
+    )
     detector = FaceDetector()
     faces = central_faces(images, detector(images))
     cloak = create_cloak(
@@ -123,7 +141,7 @@ def main() -> int:
         **options,
     )
     started = time.perf_counter()
-    result = cloak(images, faces)
+    result = cloak(images, faces, stored_as=storage)
     seconds = time.perf_counter() - started
     uploaded = [jpeg_roundtrip(image, 75) for image in result.images]
     row: dict = {
@@ -133,6 +151,7 @@ def main() -> int:
         "set": args.set,
         "faces": len(faces),
         "upscale": args.upscale,
+        "written_as": args.written_as,
         "working_factor": round(float(result.working_factors.mean()), 3),
         "seconds_per_face": round(seconds / max(1, len(faces)), 2),
         "face_dssim": round(float(result.dssim.mean()), 4),
