@@ -265,6 +265,16 @@ def test_a_jpeg_output_holds_the_cap_as_its_file_decodes(runner, lfw_dir, tmp_pa
     assert faces["jpeg"]["dssim"] <= cap and faces["png"]["dssim"] <= cap
 
 
+def test_a_face_short_in_a_jpeg_output_is_pointed_to_png():
+    from facecloak.batch import BatchReport, FileOutcome
+
+    model = {"distance_after_jpeg75": 0.5, "threshold": 0.6, "passed": False}
+    face = {"protected": False, "dssim": 0.0077, "models": {"dlib-resnet": model}}
+    for output, hinted in (("out/a_cloaked.jpg", True), ("out/a_cloaked.png", False)):
+        report = BatchReport("cloak", {}, [FileOutcome("a.jpg", "unprotected", output=output, faces=[face])])
+        assert ("--format png keeps more" in str(report)) == hinted
+
+
 def test_a_written_file_that_changes_a_face_more_than_its_cloak_is_listed():
     from facecloak.batch import BatchReport, FileOutcome
 

@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # the CLI reads these types before any image is touched: no t
     from facecloak.io import ImageJob
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".heic", ".heif")
+"""Outputs whose encoder quantises a cloak's change again (the cap holds on the file)."""
+
 LISTED_SKIPPED = 20
 """Files passed over that the summary names; the JSON report lists every one."""
 
@@ -186,6 +189,16 @@ class BatchReport:
                 )
             elif explained:
                 lines.append("    (cloaked again one level up and still short: a face hard for these models)")
+            lossy = [
+                o.path
+                for o in self.outcomes
+                if o.status == "unprotected" and Path(o.output or "").suffix.lower() in LOSSY_SUFFIXES
+            ]
+            if explained and lossy:
+                lines.append(
+                    "    (a JPEG or WebP output keeps less of the change than a PNG: its encoder quantises "
+                    "it again, and the cap holds on the file; --format png keeps more)"
+                )
         lines += self._written_wider()
         escalated = [(o.path, f) for o in self.outcomes for f in o.faces if f.get("escalated_from")]
         if escalated:
