@@ -130,6 +130,13 @@ def main() -> int:
     parser.add_argument("--data", default="../shared/data/lfw/images")
     parser.add_argument("--models", default="dlib-resnet,mobileface,hse-mobilenet")
     parser.add_argument("--configs", default="legacy,jnd,jnd+di+ti,jnd+di+ti+spend")
+    parser.add_argument(
+        "--written-as",
+        choices=["pixels", "jpeg"],
+        default="pixels",
+        help="pixels: the cloaked photos as cloaked (PNG); jpeg: held to the caps in the JPEG "
+        "the command line writes from each LFW photo, which the upload then re-encodes",
+    )
     parser.add_argument("--level", default="mid")
     parser.add_argument("--left-out", default=None, help="leave out only these models (comma-separated)")
     parser.add_argument(
@@ -259,6 +266,7 @@ def seed_rows(args, seed: int, chosen: list[str], names: list[str], models, dete
                     max_distractors=args.distractors,
                     seed=seed,
                     cache=cache,
+                    written_as=args.written_as,
                 )
                 seconds = round(time.perf_counter() - started, 1)
                 q = result.quality

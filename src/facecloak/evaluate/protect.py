@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from facecloak import io, quality
+from facecloak._checks import check_choice
 from facecloak.detect import FaceDetector
 from facecloak.errors import InvalidInputError
 from facecloak.evaluate.attackers import Attacker, centre_face
@@ -72,6 +73,10 @@ def realism_records(
     return records
 
 
+WRITTEN_AS = ("pixels", "jpeg")
+"""How a cloak's output is kept before the uploads: as cloaked (PNG), or as the JPEG the CLI writes."""
+
+
 class PersonProtector:
     """Protects one person's photos for the evaluation and records each photo.
 
@@ -81,6 +86,8 @@ class PersonProtector:
         attackers: a replacement's donor matches are checked against each attacker's pipeline.
         protected_dir: read ``protected_dir/<person>/<photo stem>[_tag].<ext>`` instead of
             protecting (photos protected by another tool).
+        written_as: "pixels" (a cloak as cloaked: a PNG output) or "jpeg" (a cloak held to its
+            cap in the JPEG the command line writes from each photo, `facecloak.io.stored_as`).
 
     Records per photo: ``faces`` (count), a cloak's per-face records under ``cloak``, a
     replacement's under ``replace`` with ``donor_match`` (attacker -> the replaced subject, after
@@ -94,10 +101,12 @@ class PersonProtector:
         attackers: Sequence[Attacker] = (),
         *,
         protected_dir: Path | None = None,
+        written_as: str = "pixels",
     ) -> None:
         self.protection = protection
         self.detector = detector
         self.attackers = list(attackers)
+        self.written_as = check_choice(written_as, WRITTEN_AS, "written_as")
         self.protected_dir = protected_dir
         self._donor_embeddings: dict[tuple[str, str], Tensor] = {}
 
@@ -117,7 +126,15 @@ class PersonProtector:
         for start in range(0, len(photos), chunk):
             part = photos[start : start + chunk]
             faces = self.detector(part)
-            result = self.protection.protect(part, faces, identity=f"evaluation:{person}")
+            storage = None
+            if self.written_as == "jpeg" and kind == "cloak":
+                sources = [io.read_image(path) for path in paths[start : start + chunk]]
+                storage = [
+                    io.stored_as(Path(path.name).with_suffix(".jpg"), image, None)
+                    for path, image in zip(paths[start : start + chunk], sources)
+                ]
+            written = {} if storage is None else {"stored_as": storage}  # a protection may not take it
+            result = self.protection.protect(part, faces, identity=f"evaluation:{person}", **written)
             outputs += result.images
             for k in range(len(part)):
                 mine = result.records_for(k)

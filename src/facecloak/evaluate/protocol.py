@@ -100,6 +100,7 @@ def evaluate(
     cache: EmbeddingCache | None = None,
     settings: dict | None = None,
     on_progress: StageProgress | None = None,
+    written_as: str = "pixels",
 ) -> EvaluationResult:
     """Run the protocol of the module docstring.
 
@@ -125,6 +126,8 @@ def evaluate(
         cache: cache of clean embeddings (distractors and probes).
         settings: extra settings to record.
         on_progress: called with (stage, done, total).
+        written_as: "pixels": a cloak's photos as cloaked (a PNG output); "jpeg": held to their
+            caps in the JPEG the command line writes from each photo, which the uploads then see.
     """
     for upload in uploads:
         check_choice(upload, tuple(UPLOADS), "upload")
@@ -135,7 +138,9 @@ def evaluate(
     cache = cache or EmbeddingCache(None)
     if detector is None and protection is not None and protected_dir is None:
         detector = FaceDetector()
-    protector = PersonProtector(protection, detector, attackers, protected_dir=protected_dir)
+    protector = PersonProtector(
+        protection, detector, attackers, protected_dir=protected_dir, written_as=written_as
+    )
     everyone = list_people(data)
     split = split_people(
         everyone, protected=people, control=control, min_photos=min_photos, probes=probes, seed=seed
