@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +155,22 @@ def face_regions(faces: Faces, scale: float, image_size: tuple[int, int] | None 
     height, width = image_size
     limits = torch.tensor([width - 1, height - 1] * 2, dtype=boxes.dtype, device=boxes.device)
     return torch.minimum(boxes.clamp_min(0), limits)
+
+
+def pixel_bounds(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    """The integer ``x0, y0, x1, y1`` slice bounds that hold a float ``box`` whole, inside the image.
+
+    Example:
+        >>> pixel_bounds([-2.5, 3.2, 10.1, 99.0], 50, 40)
+        (0, 3, 12, 50)
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return (
+        max(0, math.floor(x0)),
+        max(0, math.floor(y0)),
+        min(width, math.ceil(x1) + 1),
+        min(height, math.ceil(y1) + 1),
+    )
 
 
 def region_mask(box: Tensor, x0: int, y0: int, height: int, width: int, shape: str, feather: float) -> Tensor:

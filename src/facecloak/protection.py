@@ -31,7 +31,7 @@ from facecloak.anonymize import Anonymizer
 from facecloak.cloak import Cloak, create_cloak
 from facecloak.cloak.base import StepCallback, StoredAs
 from facecloak.cloak.budget import STRONGER_LEVEL
-from facecloak.faces import Faces, boxes_overlap, face_regions
+from facecloak.faces import Faces, boxes_overlap, face_regions, pixel_bounds
 from facecloak.models.registry import Embedder
 
 
@@ -246,9 +246,7 @@ def escalate(
             continue
         for n in cluster:
             i = int(faces.image_index[n])
-            height, width = outputs[i].shape[-2:]
-            x0, y0 = max(0, int(regions[n, 0].floor())), max(0, int(regions[n, 1].floor()))
-            x1, y1 = min(width, int(regions[n, 2].ceil()) + 1), min(height, int(regions[n, 3].ceil()) + 1)
+            x0, y0, x1, y1 = pixel_bounds(regions[n].tolist(), *outputs[i].shape[-2:])
             outputs[i][:, y0:y1, x0:x1] = retried.images[i][:, y0:y1, x0:x1].to(outputs[i])
             records[n] = {**again[n], "escalated_from": level, "level": stronger.level}
     return outputs, records

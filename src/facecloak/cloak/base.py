@@ -53,7 +53,7 @@ from facecloak.defaults import REGION_SCALE
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces, model_device
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces, boxes_overlap, face_regions
+from facecloak.faces import Faces, boxes_overlap, face_regions, pixel_bounds
 from facecloak.models.registry import Embedder
 
 UPDATES = ("adam", "momentum")
@@ -880,7 +880,7 @@ class Cloak:
         """
         cap = self.budget.max_dssim * DSSIM_SAFETY
         boxes = torch.stack([face_regions(faces, scale) for scale in self._box_scales], dim=1)
-        written = [photo for photo in cloaked]
+        written = list(cloaked)
         lossy = [
             i
             for i, store in enumerate(stored_as)
@@ -1120,9 +1120,7 @@ class Cloak:
         values = torch.zeros(5, len(faces))
         for k in range(len(faces)):
             i = int(faces.image_index[k])
-            height, width = originals[i].shape[-2:]
-            x0, y0 = max(0, int(boxes[k, 0].floor())), max(0, int(boxes[k, 1].floor()))
-            x1, y1 = min(width, int(boxes[k, 2].ceil()) + 1), min(height, int(boxes[k, 3].ceil()) + 1)
+            x0, y0, x1, y1 = pixel_bounds(boxes[k].tolist(), *originals[i].shape[-2:])
             a = originals[i][None, :, y0:y1, x0:x1].float()
             b = stored[i][None, :, y0:y1, x0:x1].float()
             colour = quality.ciede2000_stats(a[0], b[0])
@@ -1148,10 +1146,8 @@ def _box_dssims_in_photos(
     values = torch.zeros(boxes.shape[:2])
     for k in range(len(faces)):
         i = int(faces.image_index[k])
-        height, width = originals[i].shape[-2:]
-        for j, (x0, y0, x1, y1) in enumerate(boxes[k].tolist()):
-            x0, y0 = max(0, math.floor(x0)), max(0, math.floor(y0))
-            x1, y1 = min(width, math.ceil(x1) + 1), min(height, math.ceil(y1) + 1)
+        for j, box in enumerate(boxes[k].tolist()):
+            x0, y0, x1, y1 = pixel_bounds(box, *originals[i].shape[-2:])
             a = originals[i][None, :, y0:y1, x0:x1].float()
             b = photos[i][None, :, y0:y1, x0:x1].float()
             values[k, j] = float(quality.dssim(a, b)[0]) if a.numel() else 0.0
