@@ -29,7 +29,7 @@ from PIL import Image
 from facecloak.anonymize import anonymize_faces
 from facecloak.cloak import create_cloak
 from facecloak.detect import FaceDetector
-from facecloak.io import read_image, stored_as, to_uint8, write_image
+from facecloak.io import read_image, to_uint8, write_image
 from facecloak.models import available_embedders, create_embedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,15 +127,14 @@ def main() -> None:
         found = detector([photo.pixels])
         tiles = []
         for level in LEVELS:
-            target = OUT / f"{name}_cloaked_{level}.jpg"
+            # PNG, as the command line writes a cloak (`facecloak.defaults.CLOAK_OUTPUT_FORMAT`)
+            target = OUT / f"{name}_cloaked_{level}.png"
             result = create_cloak("untargeted", models, level, detector=detector, seed=0)(
-                [photo.pixels],
-                found,
-                stored_as=[stored_as(target, photo, 92)],  # as the JPEG will decode
+                [photo.pixels], found
             )
             cloaked = result.images[0]
             tiles.append(cloaked)
-            write_image(target, cloaked, source=photo, overwrite=True, jpeg_quality=92)
+            write_image(target, cloaked, source=photo, overwrite=True)
             difference = ((cloaked - photo.pixels).abs() * GAIN).clamp(0, 1)
             x1, y1, x2, y2 = found.boxes[0].tolist()
             cx, cy, half = (x1 + x2) / 2, (y1 + y2) / 2, 0.85 * max(x2 - x1, y2 - y1)

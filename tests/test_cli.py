@@ -220,8 +220,11 @@ def test_cloak_command_protects_and_reports(runner, samples_dir, tmp_path):
     assert face["protected"] is True and face["found_after_jpeg75"] is True
     assert face["models"]["dlib-resnet"]["distance_after_jpeg75"] > 0.6
     assert face["dssim"] <= 0.012 and report["options"]["level"] == "mid"
-    assert report["files"][0]["written"]["encoding"] == "jpeg-blocks"
-    assert (tmp_path / "astronaut_cloaked.jpg").is_file()
+    # a cloak is written as PNG unless asked (`CLOAK_OUTPUT_FORMAT`): a JPEG's rounding costs its cap
+    assert report["files"][0]["written"]["encoding"] == "png" and report["options"]["format"] == "png"
+    assert (tmp_path / "astronaut_cloaked.png").is_file() and not (
+        tmp_path / "astronaut_cloaked.jpg"
+    ).exists()
     # stderr is not a terminal here: plain progress lines, per step, with the distance and faces
     progress = result.stderr.splitlines()
     assert progress[0] == "cloak: 1 photo(s) to do"
@@ -252,7 +255,7 @@ def test_a_jpeg_output_holds_the_cap_as_its_file_decodes(runner, lfw_dir, tmp_pa
 
     photo = lfw_dir / "images" / "Abdullah_Gul" / "Abdullah_Gul_0001.jpg"
     faces = {}
-    for kind, extra in (("jpeg", []), ("png", ["--format", "png"])):
+    for kind, extra in (("jpeg", ["--format", "input"]), ("png", [])):
         result = runner.invoke(main, ["cloak", str(photo), "-o", str(tmp_path / kind), "--json", *extra])
         assert result.exit_code in (0, 1), result.output
         (face,) = json.loads(result.stdout)["files"][0]["faces"]
@@ -288,7 +291,7 @@ def test_rerun_skips_existing_outputs_before_any_work(runner, samples_dir, tmp_p
     out = tmp_path / "cloaked"
     out.mkdir()
     for name in ("astronaut", "group"):
-        (out / f"{name}_cloaked.jpg").write_bytes(b"earlier output")
+        (out / f"{name}_cloaked.png").write_bytes(b"earlier output")
     import facecloak.batch
     import facecloak.cli.running
 

@@ -107,7 +107,7 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
 
 
 OUTPUT_TAGS = (CloakFaces.tag, *ANONYMIZE_METHODS)
-"""The name tags of every command's outputs (``photo_cloaked.jpg``, ``photo_blur.jpg``...)."""
+"""The name tags of every command's outputs (``photo_cloaked.png``, ``photo_blur.jpg``...)."""
 
 
 def _earlier_outputs(planned: list[tuple[io.ImageJob, Path]], tag: str) -> dict[Path, str]:

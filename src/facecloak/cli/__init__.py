@@ -27,7 +27,7 @@ def main() -> None:
     """Protect the faces in your photos from face-search scrapers.
 
     \b
-    facecloak cloak photo.jpg                 cloak every face -> photo_cloaked.jpg
+    facecloak cloak photo.jpg                 cloak every face -> photo_cloaked.png
     facecloak anonymize photos/ -o out/       blur every face in a folder
     facecloak detect photo.jpg --json         list the faces found
     facecloak evaluate DATA --method cloak    measure what a protection buys

@@ -117,7 +117,7 @@ from facecloak.errors import FacecloakError
     help=f"Photos cloaked together in one optimisation [{CPU_CLOAK_BATCH} on the CPU; on a GPU up to "
     f"{GPU_CLOAK_BATCH}, as its free memory allows].",
 )
-@io_options
+@io_options(cloak=True)
 @ray_option
 def cloak(
     paths,

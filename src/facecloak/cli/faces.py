@@ -105,7 +105,7 @@ def verify(first, second, model_name, match_threshold, deprecated_threshold, as_
     Exit code 0 when they match, 1 when they do not, 3 when a photo has no face or fails.
 
     \b
-    facecloak verify me.jpg me_cloaked.jpg
+    facecloak verify me.jpg me_cloaked.png
     facecloak verify me.jpg other.jpg --match-threshold 0.5 --json
     """
     from facecloak.commands import verify_files

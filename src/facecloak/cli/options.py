@@ -13,13 +13,26 @@ from pathlib import Path
 import click
 
 from facecloak.batch_types import Options
-from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE, REPLACE_FALLBACKS
+from facecloak.defaults import CLOAK_OUTPUT_FORMAT, MIN_FACE_PX, MIN_FACE_SCORE, REPLACE_FALLBACKS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def io_options(function: Callable) -> Callable:
-    """Options every photo-writing command shares."""
+OUTPUT_FORMAT_CHOICES = ["input", "jpeg", "png", "webp", "tiff", "bmp", "heif"]
+"""``--format`` values: a format, or ``input`` for each input's own (GIF becomes PNG)."""
+
+
+def io_options(function: Callable | None = None, *, cloak: bool = False) -> Callable:
+    """Options every photo-writing command shares; ``cloak``: outputs default to `CLOAK_OUTPUT_FORMAT`."""
+    if function is None:
+        return lambda wrapped: io_options(wrapped, cloak=cloak)
+    format_help = (
+        f"Output format. Default: {CLOAK_OUTPUT_FORMAT} (a JPEG's rounding is charged to the cloak's "
+        "visibility cap, so it would have to shrink; the upload site re-encodes it anyway); input: "
+        "each input's own."
+        if cloak
+        else "Output format. Default: the input's own (GIF becomes PNG)."
+    )
     decorators = [
         click.option(
             "-o",
@@ -33,9 +46,9 @@ def io_options(function: Callable) -> Callable:
         click.option(
             "--format",
             "format_name",
-            type=click.Choice(["jpeg", "png", "webp", "tiff", "bmp", "heif"], case_sensitive=False),
-            default=None,
-            help="Output format. Default: the input's own (GIF becomes PNG).",
+            type=click.Choice(OUTPUT_FORMAT_CHOICES, case_sensitive=False),
+            default=CLOAK_OUTPUT_FORMAT if cloak else "input",
+            help=format_help,
         ),
         click.option(
             "--keep-metadata",
@@ -136,9 +149,10 @@ def verify_detect_options(function: Callable) -> Callable:
 
 def batch_options(out_dir: Path | None, **values) -> Options:
     """The batch `Options` from a command's option values (defaults as in `facecloak.defaults`)."""
+    format_name = (values.get("format_name") or "input").lower()
     return Options(
         out_dir=str(out_dir) if out_dir else None,
-        format=values.get("format_name"),
+        format=None if format_name == "input" else format_name,
         keep_metadata=values.get("keep_metadata", False),
         overwrite=values.get("overwrite", False),
         max_pixels=values.get("max_pixels"),

@@ -35,7 +35,7 @@ from facecloak._checks import split_names
 from facecloak.batch import face_status
 from facecloak.cloak import LEVELS
 from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY, FOUND_AFTER_UPLOAD_KEY
-from facecloak.defaults import MAX_SEED, MIN_FACE_PX, MIN_FACE_SCORE
+from facecloak.defaults import CLOAK_OUTPUT_FORMAT, MAX_SEED, MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.errors import FacecloakError, ImageReadError
 from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
 from facecloak.service.limits import BodySizeLimit, UploadRejected, check_upload
@@ -82,8 +82,12 @@ class CommonForm:
     def __init__(
         self,
         format: Annotated[
-            Literal["jpeg", "png", "webp", "tiff", "bmp"] | None,
-            Form(description="Output format. Default: the upload's own (GIF becomes PNG)."),
+            Literal["input", "jpeg", "png", "webp", "tiff", "bmp"] | None,
+            Form(
+                description=f"Output format. Default: {CLOAK_OUTPUT_FORMAT} for a cloak (a JPEG's "
+                "rounding would be charged to its visibility cap), the upload's own otherwise; "
+                "input: the upload's own (GIF becomes PNG)."
+            ),
         ] = None,
         jpeg_quality: Annotated[int, Form(ge=1, le=100, description="JPEG/WebP quality.")] = 95,
         keep_metadata: Annotated[
@@ -106,6 +110,13 @@ class CommonForm:
         self.threshold = threshold
         self.min_face = min_face
         self.response = response
+
+
+def _output_format(kind: str, requested: str | None) -> str | None:
+    """The format asked for, `CLOAK_OUTPUT_FORMAT` for a cloak when none was, None for the upload's own."""
+    if requested is None and kind == "cloak":
+        return CLOAK_OUTPUT_FORMAT
+    return None if requested == "input" else requested
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -172,7 +183,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         name = _safe_name(upload.filename)
         async with decoding:
             image = await run_in_threadpool(_decode, data, name, settings.max_pixels)
-            suffix = io.output_suffix(image.format, common.format)
+            suffix = io.output_suffix(image.format, _output_format(kind, common.format))
             stored_as = io.stored_as(f"upload{suffix}", image, common.jpeg_quality)
             job = Job(kind, params, (common.threshold, common.min_face), image, stored_as=stored_as)
             future = batcher.submit(job)
