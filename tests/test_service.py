@@ -236,6 +236,11 @@ def bad_requests(samples_dir: Path, tmp_path: Path) -> dict:
             {"files": {"image": ("b.png", (tmp_path / "bomb.png").read_bytes())}},
         ),
         "wrong file field": (422, "'image'", {"files": {"photo": ("g.jpg", photo, "image/jpeg")}}),
+        "photo sent as a text part": (
+            422,
+            "must be a file part",
+            {"files": {"image": (None, b"just text"), "method": (None, b"blur")}},
+        ),
         "wrong option field": (
             422,
             "mask_scale",
@@ -263,6 +268,7 @@ def bad_requests(samples_dir: Path, tmp_path: Path) -> dict:
         "text renamed .jpg",
         "30000x30000 PNG bomb",
         "wrong file field",
+        "photo sent as a text part",
         "wrong option field",
         "bad option value",
         "raw body, no multipart",
@@ -366,6 +372,167 @@ def test_api_keys(tmp_path, samples_dir):
             "access-control-allow-origin"
             not in client.get("/healthz", headers={"Origin": "http://x"}).headers
         )
+
+
+def test_metrics_need_the_api_key_when_keys_are_configured(tmp_path):
+    """With keys, /metrics (how much the service is used, by whom refused) needs a key as /v1/
+    does; health, the page, the docs and /v1/info stay open. Without keys it stays open."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("secret-one\n")
+    with TestClient(create_app(ServiceSettings(device="cpu", preload=False, api_keys_file=keys))) as client:
+        missing = client.get("/metrics")
+        assert missing.status_code == 401 and missing.json()["error"] == "api_key_missing"
+        assert client.get("/metrics", headers={"X-API-Key": "nope"}).status_code == 403
+        scraped = client.get("/metrics", headers={"Authorization": "Bearer secret-one"})
+        assert scraped.status_code == 200 and "facecloak_requests_total" in scraped.text
+        for path in ("/healthz", "/", "/v1/info", "/openapi.json", "/static/app.js"):
+            assert client.get(path).status_code == 200, path
+    with TestClient(create_app(ServiceSettings(device="cpu", preload=False))) as client:
+        assert client.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "data", "photos"),
+    [
+        ("/v1/cloak", "level", {"level": ["low", "high"], "steps": "0"}, 1),
+        ("/v1/anonymize", "method", {"method": ["mask", "replace"]}, 1),
+        ("/v1/detect", "threshold", {"threshold": ["0.5", "0.9"]}, 1),
+        ("/v1/anonymize", "image", {"method": "mask"}, 2),
+    ],
+)
+def test_a_repeated_field_is_refused_naming_it(service, samples_dir, endpoint, field, data, photos):
+    """``level=low`` and ``level=high`` (or two photos) in one request: which one counts is
+    unclear, so neither does (it was the last one, the others silently dropped)."""
+    url, _, _ = service
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    files = [("image", (f"g{k}.jpg", photo)) for k in range(photos)]
+    answer = httpx.post(f"{url}{endpoint}", files=files, data=data, timeout=120)
+    assert answer.status_code == 422, answer.text
+    body = answer.json()
+    assert body["error"] == "repeated_field" and f"more than once: {field};" in body["reason"], body
+
+
+def test_a_face_short_at_the_strongest_level_is_not_told_to_go_higher(service, samples_dir):
+    """At ``high`` (with escalate on, as the page sends it) there is no higher level to try and
+    nothing to escalate to: the reason said "try a higher level, or escalate" all the same."""
+    url, _, _ = service
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    for extra in ({}, {"escalate": "true"}):
+        answer = httpx.post(
+            f"{url}/v1/cloak",
+            files={"image": ("g.jpg", photo)},
+            data={"level": "high", "steps": "0", "response": "json", **extra},
+            timeout=600,
+        )
+        assert answer.status_code == 200, answer.text
+        (face,) = answer.json()["faces"]
+        assert face["protected"] is False
+        assert "higher level" not in face["reason"] and "high is the strongest level" in face["reason"]
+
+
+def test_refusals_by_the_middleware_are_counted_by_reason(tmp_path, samples_dir):
+    """A missing or wrong key and a body over the cap are refused before the app's error handlers:
+    ``facecloak_rejected_total`` counted none of them (only ``facecloak_requests_total`` did)."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("secret-one\n")
+    settings = ServiceSettings(device="cpu", preload=False, api_keys_file=keys, max_upload_bytes=1000)
+    key = {"X-API-Key": "secret-one"}
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/v1/detect", files={"image": ("g.jpg", photo)}).status_code == 401
+        assert client.get("/metrics", headers={"X-API-Key": "nope"}).status_code == 403
+        assert client.post("/v1/detect", files={"image": ("g.jpg", photo)}, headers=key).status_code == 413
+        chunked = client.post(  # no Content-Length: cut at the cap while the form is read
+            "/v1/detect",
+            content=iter(
+                [b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="g.jpg"\r\n\r\n', photo]
+            ),
+            headers={"content-type": "multipart/form-data; boundary=XyZ", **key},
+        )
+        assert chunked.status_code == 413, chunked.text
+        text = client.get("/metrics", headers=key).text
+    for reason, count in (("api_key_missing", 1), ("api_key_wrong", 1), ("upload_too_large", 2)):
+        assert f'facecloak_rejected_total{{reason="{reason}"}} {count}.0' in text, reason
+    assert "bad_request" not in text  # the 400 the app had begun for the cut body was never sent
+
+
+def test_a_page_on_an_allowed_origin_can_read_the_protection_headers(samples_dir):
+    """With ``--cors-origin``, a browser on that origin reads only the headers CORS exposes: the
+    faces and unprotected faces of the photo it got back (and Retry-After) were hidden from it."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    settings = ServiceSettings(device="cpu", preload=False, cors_origins=("https://photos.example",))
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    with TestClient(create_app(settings)) as client:
+        answer = client.post(
+            "/v1/anonymize",
+            files={"image": ("g.jpg", photo)},
+            data={"method": "mask"},
+            headers={"Origin": "https://photos.example"},
+        )
+        assert answer.status_code == 200 and answer.headers["x-facecloak-unprotected-faces"] == "0"
+        assert answer.headers["access-control-allow-origin"] == "https://photos.example"
+        exposed = {
+            name.strip().lower() for name in answer.headers["access-control-expose-headers"].split(",")
+        }
+        for header in (
+            "X-Facecloak-Faces",
+            "X-Facecloak-Unprotected-Faces",
+            "Content-Disposition",
+            "Retry-After",
+        ):
+            assert header.lower() in exposed, header
+
+
+def test_a_new_detection_setting_costs_no_new_model(samples_dir):
+    """Every ``threshold``/``min_face`` a client sends shares the worker's one MTCNN: a detector
+    built and kept per setting loaded its nets again (2 MB), so the server grew with each new value."""
+    from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
+    from facecloak.io import read_image_bytes
+    from facecloak.service.batcher import Engine
+    from facecloak.service.settings import ServiceSettings
+
+    engine = Engine(ServiceSettings(device="cpu", preload=False), "cpu")
+    default = engine.detector(MIN_FACE_SCORE, MIN_FACE_PX)
+    settings = [(0.5 + k / 1000, 20 + k) for k in range(8)]
+    detectors = [engine.detector(score, size) for score, size in settings]
+    assert all(detector.nets is default.nets for detector in detectors)
+    assert [(d.min_score, d.min_size) for d in detectors] == settings
+    assert (default.min_score, default.min_size) == (MIN_FACE_SCORE, MIN_FACE_PX)
+    photo = read_image_bytes((samples_dir / "grace_hopper.jpg").read_bytes()).pixels
+    assert len(engine.detector(0.5, 20)([photo])) == 1 and len(engine.detector(0.5, 2000)([photo])) == 0
+
+
+def test_cloaks_built_for_clients_settings_are_bounded(dlib_resnet):
+    """Seeds and identity keys come from clients: the worker keeps the last few cloaks it built,
+    not one per value ever sent (that grew without bound and kept every secret key)."""
+    from facecloak.service.batcher import MAX_CACHED_CLOAKS, Engine
+    from facecloak.service.settings import ServiceSettings
+
+    engine = Engine(ServiceSettings(device="cpu", preload=False), "cpu")
+    engine._embedders = [dlib_resnet]
+
+    def cloak(seed: int):
+        params = {"mode": "targeted", "level": "mid", "identity_key": f"secret-{seed}", "seed": seed}
+        return engine.protection("cloak", params)
+
+    first = cloak(0)
+    assert cloak(0) is first  # reused while recent
+    for seed in range(1, 3 * MAX_CACHED_CLOAKS):
+        cloak(seed)
+        assert cloak(0) is first  # used again: kept
+    assert len(engine._cloaks) == MAX_CACHED_CLOAKS
+    assert "secret-1" not in {dict(key).get("identity_key") for key in engine._cloaks}
 
 
 def test_micro_batching_and_full_queue():

@@ -19,6 +19,8 @@ import base64
 import contextlib
 import logging
 import re
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -34,11 +36,12 @@ from facecloak import __version__, io
 from facecloak._checks import split_names
 from facecloak.batch import face_status
 from facecloak.cloak import LEVELS
+from facecloak.cloak.budget import STRONGER_LEVEL
 from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY, FOUND_AFTER_UPLOAD_KEY
 from facecloak.defaults import CLOAK_OUTPUT_FORMAT, MAX_SEED, MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.errors import FacecloakError, ImageReadError
 from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
-from facecloak.service.limits import BodySizeLimit, UploadRejected, check_upload
+from facecloak.service.limits import BodySizeLimit, BodyTooLarge, UploadRejected, check_upload
 from facecloak.service.metrics import MetricsMiddleware, ServiceMetrics
 from facecloak.service.security import ApiKeyAuth
 from facecloak.service.settings import ServiceSettings
@@ -74,6 +77,15 @@ CLOAK_FIELDS = COMMON_FIELDS | {
     "escalate",
 }
 DETECT_FIELDS = {"image", "threshold", "min_face"}
+EXPOSED_HEADERS = (
+    "X-Facecloak-Status",
+    "X-Facecloak-Faces",
+    "X-Facecloak-Unprotected-Faces",
+    "Content-Disposition",
+    "Retry-After",
+)
+"""Answer headers a page on an allowed origin may read: CORS hides all but a few by default, and
+a cross-origin client could not see whether the faces of the photo it got back were protected."""
 
 
 class CommonForm:
@@ -157,27 +169,31 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.batcher = batcher
 
+    def refused(code: str) -> None:
+        """Count a middleware's refusal as the error handlers count theirs."""
+        metrics.rejected.labels(code).inc()
+
     # Middleware, innermost first: the body cap, the API key check (before a byte of the body is
     # read), CORS (only when origins are given), and the request metrics around everything.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, on_refusal=refused)
     keys = settings.api_keys()
-    if keys:
-        app.add_middleware(ApiKeyAuth, keys=keys, prefix="/v1/")
+    if keys:  # /v1/ (but /v1/info) and /metrics
+        app.add_middleware(ApiKeyAuth, keys=keys, on_refusal=refused)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key"],
+            expose_headers=list(EXPOSED_HEADERS),
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     _add_error_handlers(app, metrics)
 
     async def protect(
-        request: Request, kind: str, upload: UploadFile, params: dict, common: CommonForm, known: set[str]
+        request: Request, kind: str, upload: UploadFile, params: dict, common: CommonForm
     ) -> Response:
-        await _reject_unknown_fields(request, known)
         batcher.check_room()
         data = await upload.read()
         name = _safe_name(upload.filename)
@@ -189,7 +205,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             future = batcher.submit(job)
         result: JobResult = await _wait(future, settings.request_timeout_s)
         endpoint = request.url.path
-        faces = [_with_reason(face, kind) for face in result.faces]
+        faces = [_with_reason(face, kind, params.get("level")) for face in result.faces]
         metrics.faces.labels(endpoint).inc(len(faces))
         metrics.unprotected.labels(endpoint).inc(sum(not f.get("protected", True) for f in faces))
         if not faces:
@@ -236,7 +252,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         }
         return Response(encoded, media_type=CONTENT_TYPES[format_name], headers=headers)
 
-    @app.post("/v1/anonymize", tags=["protect"], response_class=Response, responses=_RESPONSES)
+    @app.post(
+        "/v1/anonymize",
+        tags=["protect"],
+        response_class=Response,
+        responses=_RESPONSES,
+        dependencies=[Depends(_checked_fields(ANONYMIZE_FIELDS))],
+    )
     async def anonymize(
         request: Request,
         image: Annotated[UploadFile, File(description="The photo (JPEG, PNG, WebP, TIFF, BMP, GIF).")],
@@ -274,7 +296,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                     422, "invalid_option", "method=replace takes no feather, strength or blocks"
                 )
             params = {"method": "replace", "keep_mouth": keep_mouth}
-            return await protect(request, "anonymize", image, params, common, ANONYMIZE_FIELDS)
+            return await protect(request, "anonymize", image, params, common)
         if keep_mouth:
             raise UploadRejected(422, "invalid_option", "keep_mouth is an option of method=replace")
         if method != "blur" and strength is not None:
@@ -284,9 +306,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         params = {"method": method, "shape": shape, "scale": mask_scale, "feather": feather}
         params |= {"strength": strength, "blocks": blocks}  # each checked above to suit the method
         params = {key: value for key, value in params.items() if value is not None}
-        return await protect(request, "anonymize", image, params, common, ANONYMIZE_FIELDS)
+        return await protect(request, "anonymize", image, params, common)
 
-    @app.post("/v1/cloak", tags=["protect"], response_class=Response, responses=_RESPONSES)
+    @app.post(
+        "/v1/cloak",
+        tags=["protect"],
+        response_class=Response,
+        responses=_RESPONSES,
+        dependencies=[Depends(_checked_fields(CLOAK_FIELDS))],
+    )
     async def cloak(
         request: Request,
         image: Annotated[UploadFile, File(description="The photo (JPEG, PNG, WebP, TIFF, BMP, GIF).")],
@@ -324,9 +352,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             "escalate": escalate or None,  # left out when off: the same cloak as before serves it
         }
         params = {key: value for key, value in params.items() if value is not None}
-        return await protect(request, "cloak", image, params, common, CLOAK_FIELDS)
+        return await protect(request, "cloak", image, params, common)
 
-    @app.post("/v1/detect", tags=["detect"])
+    @app.post("/v1/detect", tags=["detect"], dependencies=[Depends(_checked_fields(DETECT_FIELDS))])
     async def detect(
         request: Request,
         image: Annotated[UploadFile, File(description="The photo.")],
@@ -337,7 +365,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     ) -> JSONResponse:
         """The faces found: boxes, scores and five landmarks each."""
         common = CommonForm(threshold=threshold, min_face=min_face)
-        return await protect(request, "detect", image, {}, common, DETECT_FIELDS)
+        return await protect(request, "detect", image, {}, common)
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> JSONResponse:
@@ -353,7 +381,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus() -> Response:
-        """Prometheus text: requests, latencies, faces, unprotected faces, queue depth, batch sizes."""
+        """Prometheus text: requests, latencies, faces, unprotected faces, queue depth, batch sizes.
+
+        With API keys configured it needs a key too (`facecloak.service.security`).
+        """
         metrics.queue_depth.set(batcher.depth)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -388,7 +419,7 @@ _RESPONSES = {
     403: {"description": "API key wrong."},
     413: {"description": "Upload or pixel count over the limit."},
     415: {"description": "Not an image of a readable format (content sniffed)."},
-    422: {"description": "Corrupt image, or a bad or unknown field."},
+    422: {"description": "Corrupt image, or a bad, unknown or repeated field."},
     503: {"description": "Queue full: retry after the Retry-After header's seconds."},
     504: {"description": "The per-request time limit passed."},
 }
@@ -413,9 +444,32 @@ async def _wait(future, timeout_s: float) -> JobResult:
         ) from None
 
 
-async def _reject_unknown_fields(request: Request, known: set[str]) -> None:
-    form = await request.form()  # already parsed by FastAPI: this only reads the cache
-    unknown = sorted(set(form.keys()) - known)
+def _checked_fields(known: set[str]) -> Callable[[Request], Awaitable[None]]:
+    """A route dependency refusing unknown and repeated form fields, before any option is used.
+
+    FastAPI keeps one value of a repeated field (the last): ``level=low`` and ``level=high``, or
+    two ``image`` parts, were answered as if only one had been sent, the others silently dropped.
+    """
+
+    async def check(request: Request) -> None:
+        form = await request.form()  # already parsed by FastAPI: this only reads the cache
+        sent = Counter(name for name, _ in form.multi_items())
+        repeated = sorted(name for name, count in sent.items() if count > 1)
+        if repeated:
+            one_photo = " (one photo per request)" if "image" in repeated else ""
+            raise UploadRejected(
+                422,
+                "repeated_field",
+                f"form field(s) sent more than once: {', '.join(repeated)}; send each once{one_photo}",
+            )
+        if "image" in sent:  # without it the validation's "missing the field 'image'" says more
+            _reject_unknown_fields(set(sent), known)
+
+    return check
+
+
+def _reject_unknown_fields(sent: set[str], known: set[str]) -> None:
+    unknown = sorted(sent - known)
     if unknown:
         hints = [
             f"{name} (did you mean {name.replace('-', '_')}?)" if name.replace("-", "_") in known else name
@@ -434,8 +488,12 @@ def _safe_name(filename: str | None) -> str:
     return stem or "photo"
 
 
-def _with_reason(face: dict, kind: str) -> dict:
-    """Add ``protected`` and a one-line ``reason`` a person can read, per face."""
+def _with_reason(face: dict, kind: str, level: str | None = None) -> dict:
+    """Add ``protected`` and a one-line ``reason`` a person can read, per face.
+
+    ``level``: the cloak's; at the strongest one, a face that falls short is not told to try a
+    higher level or to escalate (neither exists: the page asks for high with escalate on).
+    """
     if kind == "detect":
         return face
     if kind == "anonymize" and (face.get("method") == "replace" or "reason" in face):  # method=replace
@@ -462,6 +520,8 @@ def _with_reason(face: dict, kind: str) -> dict:
         return dict(face, reason=reason)
     if face.get("escalation"):
         advice = f"cloaked again one level up, and {face['escalation']}"
+    elif level is not None and level not in STRONGER_LEVEL:
+        advice = f"{level} is the strongest level: a face hard for these models"
     else:
         advice = "try a higher level, or escalate"
     return dict(
@@ -513,6 +573,8 @@ def _add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if isinstance(error.__cause__, BodyTooLarge):  # the cap tripped while FastAPI read the form:
+            raise error.__cause__  # `BodySizeLimit` answers (and counts) the 413; not a 400 too
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
         reason = str(error.detail)
         if error.status_code == 400 and "parsing the body" in reason:
@@ -539,6 +601,8 @@ def _explain_validation(request: Request, error: RequestValidationError) -> Uplo
                 )
             else:
                 problems.append("missing the multipart field 'image' (the photo must be sent as image=@file)")
+        elif field == "image":  # a text part (curl -F 'image=<photo.jpg'): FastAPI's words name a class
+            problems.append("the field 'image' must be a file part, not text (send the photo as image=@file)")
         else:
             problems.append(f"{field}: {item.get('msg', 'invalid')}")
     return UploadRejected(422, "invalid_request", "; ".join(problems))

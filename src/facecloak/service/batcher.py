@@ -13,11 +13,13 @@ The queue is bounded twice, in photos and in pixels (memory); past either bound 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,6 +37,11 @@ from facecloak.protection import AnonymizeFaces, CloakFaces, Protection, Replace
 from facecloak.service.settings import ServiceSettings
 
 log = logging.getLogger("facecloak.service")
+
+MAX_CACHED_CLOAKS = 16
+"""Cloaks a worker keeps built, the least recently used dropped first. Their settings come from
+clients (a seed, an identity key, steps, a DSSIM cap): kept without a bound, every new value
+added one for good (a few kB each, and each targeted cloak kept its person's secret key)."""
 
 
 class QueueFull(Exception):
@@ -96,8 +103,8 @@ class Engine:
 
         self.settings = settings
         self.device = str(default_device(device))
-        self._detectors: dict[tuple[float, int], FaceDetector] = {}
-        self._cloaks: dict[tuple, CloakFaces] = {}
+        self._detector: FaceDetector | None = None
+        self._cloaks: OrderedDict[tuple, CloakFaces] = OrderedDict()
         self._embedders: list | None = None
         self._replace: dict[bool, ReplaceFaces] = {}
         self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
@@ -107,11 +114,20 @@ class Engine:
                 self.replacement()
 
     def detector(self, min_score: float, min_size: int) -> FaceDetector:
-        """A detector per detection setting (MTCNN is small), built on first use."""
+        """The detector for one detection setting: the worker's one MTCNN with these thresholds.
+
+        A shallow copy of the default detector shares its loaded nets. A detector built (and
+        kept) per setting loaded its own nets, 2 MB each: a client sending a new ``threshold``
+        with every request grew the server's memory without bound.
+        """
         key = (float(min_score), int(min_size))
-        if key not in self._detectors:
-            self._detectors[key] = FaceDetector(min_score=key[0], min_size=key[1], device=self.device)
-        return self._detectors[key]
+        if self._detector is None:
+            self._detector = FaceDetector(min_score=key[0], min_size=key[1], device=self.device)
+        if key == (self._detector.min_score, self._detector.min_size):
+            return self._detector
+        detector = copy.copy(self._detector)
+        detector.min_score, detector.min_size = key
+        return detector
 
     def embedders(self) -> list:
         """The face models the cloak attacks (the service's ``models`` or all available), loaded once."""
@@ -157,7 +173,9 @@ class Engine:
             options = {key: value for key, value in params.items() if key != "method"}
             return AnonymizeFaces(Anonymizer(method, **options))
         key = tuple(sorted(params.items()))
-        if key not in self._cloaks:
+        if key in self._cloaks:
+            self._cloaks.move_to_end(key)
+        else:
             options = dict(params)
             wanted = options.pop("models", None)
             embedders = [m for m in self.embedders() if not wanted or m.card.name in wanted]
@@ -173,6 +191,8 @@ class Engine:
                 detector=self.detector(MIN_FACE_SCORE, MIN_FACE_PX),
                 **options,
             )
+            if len(self._cloaks) > MAX_CACHED_CLOAKS:
+                self._cloaks.popitem(last=False)
         return self._cloaks[key]
 
     def run(self, jobs: Sequence[Job]) -> list[JobResult]:

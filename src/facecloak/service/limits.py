@@ -14,6 +14,7 @@ Each check fails with an `UploadRejected` carrying the HTTP status and a one-lin
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from facecloak import io
 from facecloak.errors import ImageReadError
@@ -88,9 +89,11 @@ class BodySizeLimit:
     the app was about to answer is dropped, and the 413 is sent instead.
     """
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, on_refusal: Callable[[str], None] | None = None) -> None:
+        """``on_refusal``: called with the refusal's code (the metrics count refusals by reason)."""
         self.app = app
         self.max_bytes = int(max_bytes)
+        self.on_refusal = on_refusal
 
     def _rejection(self) -> UploadRejected:
         return UploadRejected(
@@ -108,7 +111,7 @@ class BodySizeLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_json(send, self._rejection())
+            await _send_json(send, self._rejection(), self.on_refusal)
             return
         state = {"received": 0, "tripped": False, "started": False}
 
@@ -132,10 +135,15 @@ class BodySizeLimit:
         except BodyTooLarge:
             pass
         if state["tripped"] and not state["started"]:
-            await _send_json(send, self._rejection())
+            await _send_json(send, self._rejection(), self.on_refusal)
 
 
-async def _send_json(send, rejection: UploadRejected) -> None:
+async def _send_json(
+    send, rejection: UploadRejected, on_refusal: Callable[[str], None] | None = None
+) -> None:
+    """Answer with the refusal's JSON body, from a middleware (the app's error handlers are inside)."""
+    if on_refusal is not None:
+        on_refusal(rejection.code)
     body = json.dumps(rejection.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in rejection.headers.items()]

@@ -31,6 +31,7 @@ class ServiceSettings:
         request_timeout_s: a request still waiting after this gets 504.
         max_steps: the most cloak steps a client may ask for.
         api_keys_file: file of accepted API keys, one per line (``#`` comments); None: no keys.
+            With keys, ``/v1/`` endpoints (but ``/v1/info``) and ``/metrics`` need one.
         cors_origins: origins allowed by CORS; empty (default): CORS off.
         preload: load the models at start-up (the first request does not pay for it).
         donors: donor bank (name or folder) for ``method=replace``; None: replace is not offered.
