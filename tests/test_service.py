@@ -68,6 +68,25 @@ def test_anonymize_as_in_the_readme(service, samples_dir):
     assert inside > 5000 and outside == 0
 
 
+def test_a_phone_heic_comes_back_as_a_jpeg_a_browser_shows(service, samples_dir):
+    """A HEIC upload (an iPhone's photo) is anonymised into a JPEG unless a format is asked for:
+    the page shows the result, and browsers other than Safari cannot show HEIC."""
+    pillow_heif = pytest.importorskip("pillow_heif", reason="HEIC support (facecloak[heic]) is not installed")
+    pillow_heif.register_heif_opener()
+    buffer = io.BytesIO()
+    Image.open(samples_dir / "grace_hopper.jpg").save(buffer, format="HEIF")
+    url, _, _ = service
+    for extra, content_type in (({}, "image/jpeg"), ({"format": "input"}, "image/heic")):
+        answer = httpx.post(
+            f"{url}/v1/anonymize",
+            files={"image": ("IMG_0001.HEIC", buffer.getvalue(), "image/heic")},
+            data={"method": "blur", **extra},
+            timeout=120,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"] == content_type and answer.headers["x-facecloak-faces"] == "1"
+
+
 def test_json_report_and_exif_dropped(service, samples_dir, tmp_path):
     url, _, _ = service
     photo = tmp_path / "with_gps.jpg"

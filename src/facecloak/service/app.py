@@ -97,8 +97,9 @@ class CommonForm:
             Literal["input", "jpeg", "png", "webp", "tiff", "bmp"] | None,
             Form(
                 description=f"Output format. Default: {CLOAK_OUTPUT_FORMAT} for a cloak (a JPEG's "
-                "rounding would be charged to its visibility cap), the upload's own otherwise; "
-                "input: the upload's own (GIF becomes PNG)."
+                "rounding would be charged to its visibility cap), JPEG for a HEIC upload (browsers "
+                "do not show HEIC), the upload's own otherwise; input: the upload's own (GIF "
+                "becomes PNG)."
             ),
         ] = None,
         jpeg_quality: Annotated[int, Form(ge=1, le=100, description="JPEG/WebP quality.")] = 95,
@@ -124,10 +125,16 @@ class CommonForm:
         self.response = response
 
 
-def _output_format(kind: str, requested: str | None) -> str | None:
-    """The format asked for, `CLOAK_OUTPUT_FORMAT` for a cloak when none was, None for the upload's own."""
+def _output_format(kind: str, requested: str | None, upload_format: str) -> str | None:
+    """The format asked for, else the default for this kind of request and upload (None: the upload's own).
+
+    A cloak defaults to `CLOAK_OUTPUT_FORMAT`; a HEIC upload (a phone's photo) to JPEG: browsers
+    other than Safari show no HEIC, and the page shows the result.
+    """
     if requested is None and kind == "cloak":
         return CLOAK_OUTPUT_FORMAT
+    if requested is None and upload_format.upper() in ("HEIF", "HEIC"):
+        return "jpeg"
     return None if requested == "input" else requested
 
 
@@ -199,7 +206,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         name = _safe_name(upload.filename)
         async with decoding:
             image = await run_in_threadpool(_decode, data, name, settings.max_pixels)
-            suffix = io.output_suffix(image.format, _output_format(kind, common.format))
+            suffix = io.output_suffix(image.format, _output_format(kind, common.format, image.format))
             stored_as = io.stored_as(f"upload{suffix}", image, common.jpeg_quality)
             job = Job(kind, params, (common.threshold, common.min_face), image, stored_as=stored_as)
             future = batcher.submit(job)
