@@ -394,7 +394,10 @@ class MicroBatcher:
         try:
             results = engine.run(live)
         except Exception as error:  # one bad group must not stop the worker
-            log.exception("model call failed for %d photo(s)", len(live))
+            if isinstance(error, FacecloakError):  # a client's setting (a model not loaded here): no trace
+                log.warning("refused %d photo(s): %s", len(live), error)
+            else:
+                log.exception("model call failed for %d photo(s)", len(live))
             for job in live:
                 job.future.set_exception(error)
                 self._release(job)
