@@ -97,6 +97,7 @@ def test_rank1_matches_a_direct_nearest_neighbour(lfw_dir, attacker):
     row = result.row("dlib-resnet", "none")
     assert row.protected_rank1 == pytest.approx(direct)
     assert row.protection == pytest.approx(1 - direct)
+    assert result.settings["distractor_people"] == result.settings["distractor_photos"] == 0
 
 
 def test_split_is_seeded_and_disjoint(lfw_dir):
@@ -109,7 +110,130 @@ def test_split_is_seeded_and_disjoint(lfw_dir):
     assert not set(names) & {p.name for p in split.distractors}
     with pytest.raises(InvalidInputError):
         split_people(people, protected=["Nobody_Here"])
+
+
+def test_split_refuses_named_people_without_a_gallery_photo_or_named_twice(lfw_dir):
+    """A named person whose photos are all probes has nothing to protect and would count as
+    protected whatever the protection does; one named twice would be in the gallery twice."""
+    people = list_people(lfw_dir / "images")
+    with pytest.raises(InvalidInputError, match=r"Aaron_Sorkin \(2\)"):
+        split_people(people, protected=["Ian_Thorpe", "Aaron_Sorkin"], probes=2)
+    assert len(split_people(people, protected=["Aaron_Sorkin"], probes=1).protected) == 1
+    with pytest.raises(InvalidInputError, match="named twice: Ian_Thorpe"):
+        split_people(people, protected=["Ian_Thorpe", "Ian_Thorpe"])
+
+
+def test_list_people_skips_hidden_files_and_folders(lfw_dir, tmp_path):
+    """A copy from a Mac has ``._<photo>.jpg`` beside each photo: not photos, and sorted first
+    they would become the person's probes."""
+    source = lfw_dir / "images" / "Ian_Thorpe"
+    person = tmp_path / "Ian_Thorpe"
+    person.mkdir()
+    for photo in sorted(source.iterdir())[:3]:
+        (person / photo.name).write_bytes(photo.read_bytes())
+        (person / f"._{photo.name}").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    (tmp_path / ".thumbnails").mkdir()
+    (tmp_path / ".thumbnails" / "a.jpg").write_bytes(b"not a photo")
+    people = list_people(tmp_path)
+    assert [p.name for p in people] == ["Ian_Thorpe"]
+    assert [p.name for p in people[0].photos] == [p.name for p in sorted(source.iterdir())[:3]]
     assert len(read_lfw_pairs(lfw_dir / "pairs.txt")) == 3000
+
+
+def test_report_counts_the_distractors_drawn_and_the_photos_embedded(lfw_dir, attacker):
+    """``distractor_people`` counts the people of the distractor photos in the gallery (not everyone
+    left over); ``embedded_photos`` counts what the timed embedding did (a cached clean photo took
+    none); the same seed gives the same rows."""
+    from facecloak.evaluate import EmbeddingCache
+
+    cache = EmbeddingCache(None)
+    first, again = (
+        evaluate(
+            lfw_dir / "images",
+            None,
+            [attacker],
+            people=PEOPLE[:1],
+            control=0,
+            uploads=("none",),
+            max_distractors=6,
+            cache=cache,
+        )
+        for _ in range(2)
+    )
+    assert first.settings["distractor_photos"] == 6
+    assert 1 <= first.settings["distractor_people"] <= 6  # was every one of the 2,084 left over
+    row = first.row("dlib-resnet", "none")
+    probes = row.protected_probes + row.control_probes
+    uploaded = row.gallery_size - 6  # the protected gallery photos (no control here)
+    clean = first.timings["protected_photos"]
+    assert first.timings["embedded_photos"] == probes + 6 + clean + uploaded
+    assert again.timings["embedded_photos"] == clean + uploaded  # probes and distractors: cached
+    assert [r.to_json() for r in again.rows] == [r.to_json() for r in first.rows]
+
+
+def test_protected_folder_gives_each_photo_its_own_version(tmp_path):
+    """``a_b_cloaked.png`` is ``a_b.jpg``'s: taking it for ``a.jpg`` would put one photo in the
+    gallery twice and leave another out."""
+    from facecloak.evaluate import PersonProtector
+    from facecloak.io import write_image
+
+    data, protected = tmp_path / "data" / "P", tmp_path / "protected" / "P"
+    data.mkdir(parents=True)
+    protected.mkdir(parents=True)
+    shades = {"a": 0.2, "a_b": 0.5, "c": 0.8}
+    for stem, shade in shades.items():
+        write_image(data / f"{stem}.png", torch.full((3, 16, 16), shade))
+        write_image(protected / f"{stem}_cloaked.png", torch.full((3, 16, 16), 1 - shade))
+    (protected / "c.json").write_text("{}")  # a side file is no version of c.png
+    paths = sorted(data.iterdir())
+    outputs, _ = PersonProtector(None, None, protected_dir=protected.parent)([], paths, "P")
+    for path, output in zip(paths, outputs):
+        assert float(output.mean()) == pytest.approx(1 - shades[path.stem], abs=0.01), path.name
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "too_few"])
+def test_cli_bad_data_folder_fails_in_one_line(case, lfw_dir, tmp_path):
+    """A bad DATA folder: one line naming it and the reason, exit code 2 (not click's usage text)."""
+    data = tmp_path / "people"
+    if case == "file":
+        data.write_text("")
+    elif case == "too_few":
+        (data / "Ian_Thorpe").mkdir(parents=True)
+        for photo in sorted((lfw_dir / "images" / "Ian_Thorpe").iterdir())[:3]:
+            (data / "Ian_Thorpe" / photo.name).write_bytes(photo.read_bytes())
+    arguments = ["evaluate", str(data), "--method", "blur", "--attackers", "dlib-resnet"]
+    result = CliRunner().invoke(
+        main, [*arguments, "--people", "1", "--control", "0", "-o", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {data}: "), result.output
+    reason = {"missing": "no such folder", "file": "not a folder", "too_few": "only 0 people have >= 10"}
+    assert reason[case] in lines[0]
+
+
+def test_level_all_runs_a_non_cloak_protection_once(lfw_dir, tmp_path):
+    """``--level all`` sweeps a cloak's levels; a blur has none, and used to run three times with
+    every row repeated. One blurred person, nothing else in the gallery: no face is found there,
+    so none may be matched, at rank 1 or 5."""
+    from facecloak.evaluate import EvaluationRequest, run_evaluation
+
+    request = EvaluationRequest(
+        data=lfw_dir / "images",
+        method="blur",
+        level="all",
+        people=1,
+        control=0,
+        max_distractors=0,
+        uploads=("none",),
+        attackers="dlib-resnet",
+        device="cpu",
+    )
+    result = run_evaluation(request)
+    assert len(result.rows) == 1 and "level_sweep" not in result.settings
+    row = result.rows[0]
+    assert row.level == "-" and row.protected_gallery_faces_found == 0.0
+    assert row.protection == 1.0 and row.protected_rank5 == 0.0
 
 
 def test_cli_blur_with_adaptive_row_and_report(lfw_dir, tmp_path):

@@ -31,6 +31,18 @@ def test_rank_k_on_a_hand_made_gallery():
     assert torch.allclose(cosine, torch.tensor([[1.0, 0.0]]))
 
 
+def test_rank_k_never_matches_a_face_not_found_even_when_few_are_found():
+    """A gallery with fewer found faces than k (a blurred person, no control, no distractors):
+    the faces not found must not fill the k places and match the probe."""
+    nan = float("nan")
+    gallery = torch.tensor([[nan, nan], [nan, nan], [5.0, 5.0]])
+    ids = torch.tensor([1, 1, 2])
+    probe, probe_id = torch.tensor([[0.0, 0.0]]), torch.tensor([1])
+    assert rank_k_hits(gallery, ids, probe, probe_id, k=2).tolist() == [False]
+    assert rank_k_hits(gallery[:2], ids[:2], probe, probe_id, k=1).tolist() == [False]
+    assert rank_k_hits(gallery, ids, torch.tensor([[4.0, 4.0]]), torch.tensor([2]), k=5).tolist() == [True]
+
+
 def test_tar_at_far():
     impostor = torch.linspace(0.5, 1.5, 1000)
     genuine = torch.tensor([0.1, 0.2, 0.49, 0.6, float("nan")])  # NaN: face not found, never accepted

@@ -24,15 +24,27 @@ class Person:
 def list_people(root: str | Path) -> list[Person]:
     """Every sub-folder of ``root`` holding images, as a `Person`, sorted by name.
 
+    Hidden folders and files (a name starting with "."), as a folder walk skips them, are left
+    out: a copy from a Mac holds ``._<photo>.jpg`` files that are not photos, and they would sort
+    first and become a person's probes.
+
     Raises:
-        InvalidInputError: ``root`` is not a folder or holds no person folder.
+        InvalidInputError: ``root`` is missing, not a folder, or holds no person folder.
     """
     root = Path(root)
+    if not root.exists():
+        raise InvalidInputError("no such folder (give a folder of people, one sub-folder per person)", root)
     if not root.is_dir():
         raise InvalidInputError("not a folder of people (one sub-folder per person)", root)
     people = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        photos = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        photos = tuple(
+            sorted(
+                p
+                for p in folder.iterdir()
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+            )
+        )
         if photos:
             people.append(Person(folder.name, photos))
     if not people:
@@ -90,7 +102,15 @@ def split_people(
         missing = [name for name in protected if name not in by_name]
         if missing:
             raise InvalidInputError(f"unknown people: {', '.join(missing)}")
+        twice = sorted({name for name in protected if protected.count(name) > 1})
+        if twice:
+            raise InvalidInputError(f"people named twice: {', '.join(twice)}")
         chosen = [by_name[name] for name in protected]
+        # named people may have fewer than min_photos (a narrowed folder), but one with no photo
+        # left for the gallery would count as protected whatever the protection does
+        few = [f"{p.name} ({len(p.photos)})" for p in chosen if len(p.photos) <= probes]
+        if few:
+            raise InvalidInputError(f"people with no photo beside their {probes} probe(s): {', '.join(few)}")
         others = [p for p in eligible if p.name not in set(protected)]
     else:
         if protected + control > len(eligible):

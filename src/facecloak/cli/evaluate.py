@@ -21,7 +21,8 @@ from facecloak.errors import FacecloakError
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+# DATA is checked by the evaluator (`list_people`): one line with its path and reason, not click's usage text
+@click.argument("data", type=click.Path(path_type=Path))
 @click.option(
     "--method",
     type=click.Choice(["cloak", "blur", "pixelate", "mask", "replace", "none"]),

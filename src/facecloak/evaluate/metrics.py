@@ -24,7 +24,8 @@ def rank_k_hits(
 ) -> Tensor:
     """(P,) whether each probe's identity is among its ``k`` nearest gallery entries.
 
-    Rows of NaN (faces not found) are never matched. A probe that is NaN itself is a miss.
+    Rows of NaN (faces not found) are never matched, even when fewer than ``k`` rows are found
+    (``topk`` would otherwise fill the ``k`` places with them). A probe that is NaN itself is a miss.
 
     Example:
         >>> gallery = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
@@ -37,8 +38,9 @@ def rank_k_hits(
         return torch.zeros(len(probes), dtype=torch.bool)
     distances = distance_matrix(torch.nan_to_num(probes, nan=0.0), torch.nan_to_num(gallery, nan=0.0), metric)
     distances[:, torch.isnan(gallery).any(dim=1)] = math.inf
-    nearest = distances.topk(min(k, len(gallery)), dim=1, largest=False).indices
-    hits = (gallery_ids[nearest] == probe_ids[:, None]).any(dim=1)
+    nearest = distances.topk(min(k, len(gallery)), dim=1, largest=False)
+    found = torch.isfinite(nearest.values)
+    hits = ((gallery_ids[nearest.indices] == probe_ids[:, None]) & found).any(dim=1)
     return hits & ~torch.isnan(probes).any(dim=1)
 
 

@@ -73,6 +73,15 @@ def realism_records(
     return records
 
 
+def _named_after(stem: str, originals: set[str]) -> str | None:
+    """The original photo a protected file's ``stem`` names (None if none).
+
+    The longest original stem it equals or starts with followed by "_" (``<stem>_<tag>``).
+    """
+    owners = [original for original in originals if stem == original or stem.startswith(original + "_")]
+    return max(owners, key=len, default=None)
+
+
 WRITTEN_AS = ("pixels", "jpeg")
 """How a cloak's output is kept before the uploads: as cloaked (PNG), or as the JPEG the CLI writes."""
 
@@ -153,10 +162,28 @@ class PersonProtector:
         return outputs, records
 
     def _from_folder(self, paths: list[Path], person: str) -> list[Tensor]:
+        """Each photo's protected version: ``<stem>.<ext>``, else ``<stem>_<tag>.<ext>``.
+
+        A file is taken as the version of the photo with the longest stem it is named after, so
+        ``a_b_cloaked.png`` (of ``a_b.jpg``) is never taken for ``a.jpg``: that would put one
+        photo in the gallery twice and leave another out.
+        """
         outputs = []
         folder = self.protected_dir / person
+        images = sorted(
+            file
+            for file in (folder.iterdir() if folder.is_dir() else ())
+            if file.suffix.lower() in io.IMAGE_SUFFIXES and not file.name.startswith(".")
+        )
+        originals = {p.stem for p in paths} | {
+            p.stem
+            for path in paths[:1]
+            for p in path.parent.iterdir()
+            if p.suffix.lower() in io.IMAGE_SUFFIXES
+        }
         for path in paths:
-            candidates = sorted(folder.glob(f"{path.stem}.*")) + sorted(folder.glob(f"{path.stem}_*.*"))
+            mine = [file for file in images if _named_after(file.stem, originals) == path.stem]
+            candidates = [f for f in mine if f.stem == path.stem] + [f for f in mine if f.stem != path.stem]
             if not candidates:
                 raise InvalidInputError(f"no protected version of {path.name}", folder)
             outputs.append(io.read_image(candidates[0]).pixels)

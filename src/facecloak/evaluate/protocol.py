@@ -33,6 +33,7 @@ from facecloak import io
 from facecloak._checks import check_choice
 from facecloak.datasets import Person, Split, list_people, split_people
 from facecloak.detect import FaceDetector
+from facecloak.errors import InvalidInputError
 from facecloak.evaluate.adaptive import ADAPTIVE_KINDS, finetune_model, finetune_summary
 from facecloak.evaluate.attackers import Attacker, PipelineAttacker, embed_in_batches
 from facecloak.evaluate.cache import EmbeddingCache, embed_files
@@ -142,16 +143,22 @@ def evaluate(
         protection, detector, attackers, protected_dir=protected_dir, written_as=written_as
     )
     everyone = list_people(data)
-    split = split_people(
-        everyone, protected=people, control=control, min_photos=min_photos, probes=probes, seed=seed
-    )
+    try:
+        split = split_people(
+            everyone, protected=people, control=control, min_photos=min_photos, probes=probes, seed=seed
+        )
+    except InvalidInputError as error:  # the folder that falls short, named in the one line
+        raise InvalidInputError(error.reason, error.path or data) from None
+    labels = {person.name: index for index, person in enumerate(everyone)}
+    distractor_pairs = _draw_distractors(split, labels, max_distractors, seed)
     result = EvaluationResult(
         settings={
             "data": str(data),
             "method": method or _method_name(protection, protected_dir),
             "protected_people": [p.name for p in split.protected],
             "control_people": len(split.control),
-            "distractor_people": len(split.distractors),
+            "distractor_people": len({label for _, label in distractor_pairs}),
+            "distractor_photos": len(distractor_pairs),
             "max_distractors": max_distractors,
             "min_photos": min_photos,
             "probes": probes,
@@ -163,14 +170,13 @@ def evaluate(
             **(settings or {}),
         }
     )
-    labels = {person.name: index for index, person in enumerate(everyone)}
 
     gallery = _protect_phase(split, protector, labels, progress)
     result.quality = quality_summary(gallery.clean.images, gallery.protected.images, gallery.records)
     result.examples = examples(gallery.clean, gallery.protected, everyone, count=EXAMPLES)
     collected = _collect_phase(
         everyone, split, labels, protector if adaptive is not None else None, adaptive_people,
-        max_distractors, seed, progress,
+        distractor_pairs, seed, progress,
     )  # fmt: skip
     embed_seconds, embedded = 0.0, 0
     rate_by_attacker: dict[str, float] = {}
@@ -229,13 +235,27 @@ def _protect_phase(
 # -- phase 2: collect ---------------------------------------------------------------------------
 
 
+def _draw_distractors(
+    split: Split, labels: dict[str, int], max_distractors: int | None, seed: int
+) -> list[tuple[Path, int]]:
+    """(photo, label) of the distractor photos in the gallery: all, or ``max_distractors`` drawn.
+
+    Drawn with ``seed`` before the report's settings, which count the people these photos show.
+    """
+    pairs = [(path, labels[p.name]) for p in split.distractors for path in p.photos]
+    if max_distractors is not None and max_distractors < len(pairs):
+        order = np.random.default_rng(seed).permutation(len(pairs))[:max_distractors]
+        pairs = [pairs[i] for i in sorted(order)]
+    return pairs
+
+
 def _collect_phase(
     everyone: list[Person],
     split: Split,
     labels: dict[str, int],
     adaptive_protector: PersonProtector | None,
     adaptive_people: int,
-    max_distractors: int | None,
+    distractor_pairs: list[tuple[Path, int]],
     seed: int,
     progress: StageProgress,
 ) -> _Collected:
@@ -250,10 +270,6 @@ def _collect_phase(
     is_protected_probe = torch.tensor(
         [i < len(split.protected) for i, p in enumerate(probe_people) for _ in split.probe_photos(p)]
     )
-    distractor_pairs = [(path, labels[p.name]) for p in split.distractors for path in p.photos]
-    if max_distractors is not None and max_distractors < len(distractor_pairs):
-        order = np.random.default_rng(seed).permutation(len(distractor_pairs))[:max_distractors]
-        distractor_pairs = [distractor_pairs[i] for i in sorted(order)]
     adaptive_pairs = None
     if adaptive_protector is not None:
         adaptive_pairs = _adaptive_training(
@@ -311,6 +327,8 @@ def _score_phase(
 ) -> tuple[float, int]:
     """One attacker's rows (per upload, plain and adaptive) and distances; returns (embed seconds, photos)."""
     clean, protected, control = gallery.clean, gallery.protected, collected.control
+    files = collected.probe_paths + collected.distractor_paths
+    fresh = sum(cache.get(attacker.fingerprint, path) is None for path in files)  # not from the cache
     tick = time.perf_counter()
     probes = embed_files(
         attacker, collected.probe_paths, cache, _stage(progress, f"probes ({attacker.name})")
@@ -320,7 +338,7 @@ def _score_phase(
     )
     clean_embeddings = embed_in_batches(attacker, clean.images)
     embed_seconds = time.perf_counter() - tick
-    embedded = len(collected.probe_paths) + len(clean.images)
+    embedded = fresh + len(clean.images)  # the photos the time was spent on: cached ones took none
     result.distances[attacker.name] = distance_summary(
         attacker, clean_embeddings, probes, collected.probe_labels, clean.labels, distractors
     )
@@ -331,8 +349,8 @@ def _score_phase(
         keep = ~(torch.isnan(source).any(1) | torch.isnan(target).any(1))
         correction = fit_correction(source[keep], target[keep])
     if pairs is not None and adaptive in ("finetune", "both") and isinstance(attacker, PipelineAttacker):
-        tick = time.perf_counter()
         model = finetune_model(attacker.model, *pairs, attacker.detector, seed=seed)
+        tick = time.perf_counter()  # the rates are of embedding: the training is not timed
         tuned = PipelineAttacker(model, attacker.detector)
         tuned_probes = embed_in_batches(tuned, [io.read_image(path).pixels for path in collected.probe_paths])
         tuned_distractors = embed_files(
@@ -340,6 +358,7 @@ def _score_phase(
         )
         result.settings.setdefault("finetune", {})[attacker.name] = finetune_summary(model)
         embed_seconds += time.perf_counter() - tick
+        embedded += len(files)
     gallery_ids = torch.cat(
         [torch.tensor(protected.labels), torch.tensor(control.labels), collected.distractor_labels]
     )
@@ -358,6 +377,7 @@ def _score_phase(
                 ("linear", apply_correction(everything, correction), apply_correction(probes, correction))
             )
         if tuned is not None:
+            tick = time.perf_counter()
             tuned_gallery = torch.cat(
                 [
                     embed_in_batches(tuned, [UPLOADS[upload](image) for image in protected.images]),
@@ -365,6 +385,8 @@ def _score_phase(
                     tuned_distractors,
                 ]
             )
+            embed_seconds += time.perf_counter() - tick
+            embedded += len(protected.images) + len(control.images)
             variants.append(("finetune", tuned_gallery, tuned_probes))
         for variant, gallery_used, probes_used in variants:
             result.rows.append(

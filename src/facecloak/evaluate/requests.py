@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from facecloak._checks import check_choice, split_names
+from facecloak.datasets import list_people
 from facecloak.detect import FaceDetector
 from facecloak.errors import InvalidInputError
 from facecloak.evaluate.attackers import Attacker, DlibAttacker, PipelineAttacker
@@ -135,6 +136,7 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
     from facecloak.models import choose_embedders, create_embedder
 
     check_choice(request.method, PROTECTION_METHODS, "method")
+    list_people(request.data)  # a bad data folder fails in one line before any model is built
     detector = FaceDetector(device=request.device)
     attackers = build_attackers(request.attackers, detector, request.device)
     names = choose_embedders(request.models)
@@ -142,7 +144,12 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
         [create_embedder(name, device=request.device) for name in names] if request.method == "cloak" else []
     )
     cache = EmbeddingCache(request.cache)
-    levels = ["low", "mid", "high"] if request.level == "all" else [request.level]
+    # a level is a cloak's: anything else would run the same evaluation three times, rows repeated
+    cloaks = request.method == "cloak" and request.protected_dir is None
+    if request.level == "all":
+        levels = ["low", "mid", "high"] if cloaks else ["mid"]
+    else:
+        levels = [request.level]
     common = dict(
         max_distractors=request.max_distractors,
         people=request.people,
@@ -187,7 +194,7 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
         )
     for level, partial in zip(levels, results):
         for row in partial.rows:
-            row.level = level if request.method == "cloak" else "-"
+            row.level = level if cloaks else "-"
     result = results[-1] if len(results) == 1 else results[levels.index("mid")]
     if len(results) > 1:
         result.settings["level_sweep"] = [
