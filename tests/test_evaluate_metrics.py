@@ -105,3 +105,23 @@ def test_rows_keep_the_report_keys():
     assert result.row("a", "none", "linear").upload == "none"
     with pytest.raises(KeyError):
         result.row("a", "blur")
+
+
+def test_report_json_is_strict_json_with_null_for_figures_without_a_value(tmp_path):
+    """Control rank-1 without control people is NaN in memory; report.json said ``NaN``, which is
+    not JSON: strict parsers (jq, browsers) refused the whole report. It is ``null`` now."""
+    import json
+
+    from facecloak.evaluate import EvaluationResult
+    from facecloak.report import write_json
+
+    result = EvaluationResult(
+        settings={"control": 0, "rates": [0.5, float("inf")]}, timings={"s": float("nan")}
+    )
+    text = write_json(result, tmp_path / "report.json").read_text()
+
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads(text, parse_constant=refuse)
+    assert report["settings"]["rates"] == [0.5, None] and report["timings"]["s"] is None

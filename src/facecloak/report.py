@@ -26,8 +26,24 @@ DIFFERENCE_GAIN = 10.0
 
 
 def write_json(result: EvaluationResult, path: Path) -> Path:
-    """Write every figure and setting as JSON (atomically)."""
-    return _atomic_text(path, json.dumps(result.to_dict(), indent=2, default=_json_default))
+    """Write every figure and setting as strict JSON (atomically).
+
+    A figure that has no value (control rank-1 without control people, a rate over nothing) is
+    ``null``, not ``NaN``, which JSON does not have and strict parsers (``jq``, browsers) refuse.
+    """
+    data = _without_non_finite(json.loads(json.dumps(result.to_dict(), default=_json_default)))
+    return _atomic_text(path, json.dumps(data, indent=2, allow_nan=False))
+
+
+def _without_non_finite(value):
+    """``value`` with every NaN or infinite float, at any depth, replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _without_non_finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_non_finite(item) for item in value]
+    return value
 
 
 def write_html(result: EvaluationResult, path: Path) -> Path:
