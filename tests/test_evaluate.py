@@ -212,6 +212,20 @@ def test_cli_bad_data_folder_fails_in_one_line(case, lfw_dir, tmp_path):
     assert reason[case] in lines[0]
 
 
+@pytest.mark.parametrize("method", ["blur", "cloak"])
+def test_leave_one_out_that_cannot_run_is_refused_not_ignored(method, lfw_dir, tmp_path):
+    """``--leave-one-out`` with a blur, or a cloak of one model, gave a report without the
+    unseen-model rows it asked for, and said nothing. Now: one line, exit code 2, before any work."""
+    arguments = ["evaluate", str(lfw_dir / "images"), "--method", method, "--models", "dlib-resnet"]
+    result = CliRunner().invoke(
+        main, [*arguments, "--attackers", "dlib-resnet", "--leave-one-out", "-o", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--leave-one-out needs --method cloak with two or more" in lines[0]
+    assert f"--method {method}" in lines[0] and not (tmp_path / "r").exists()
+
+
 def test_level_all_runs_a_non_cloak_protection_once(lfw_dir, tmp_path):
     """``--level all`` sweeps a cloak's levels; a blur has none, and used to run three times with
     every row repeated. One blurred person, nothing else in the gallery: no face is found there,

@@ -140,6 +140,13 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
     detector = FaceDetector(device=request.device)
     attackers = build_attackers(request.attackers, detector, request.device)
     names = choose_embedders(request.models)
+    if request.leave_one_out and (request.method != "cloak" or request.protected_dir or len(names) < 2):
+        # it was silently ignored: a run asked for the unseen-model estimate and gave none
+        raise InvalidInputError(
+            "--leave-one-out needs --method cloak with two or more cloak models "
+            f"(here: --method {request.method}{', a protected folder' if request.protected_dir else ''}, "
+            f"{len(names)} model(s): {', '.join(names) or 'none'})"
+        )
     models = (
         [create_embedder(name, device=request.device) for name in names] if request.method == "cloak" else []
     )
