@@ -61,6 +61,10 @@ def test_a_file_named_on_the_command_line_is_always_an_input(tmp_path, samples_d
     assert walked.not_images == [
         (tmp_path / "party_blur.jpg", f"the blur output of {tmp_path / 'party.jpg'}")
     ]
+    # named after a folder that holds it, it is still named: an input (it was passed over)
+    both = plan_batch([tmp_path, tmp_path / "party_blur.jpg"], "blur", Options(out_dir=str(tmp_path / "o")))
+    assert sorted(job.path.name for job, _ in both.todo) == ["party.jpg", "party_blur.jpg"]
+    assert not both.not_images
 
 
 def test_an_output_path_held_by_a_folder_fails_and_protects_nothing(tmp_path, samples_dir, detector):
@@ -140,3 +144,27 @@ def test_cloak_progress_reports_steps_and_distance(samples_dir, tmp_path, detect
 def test_empty_input_is_exit_1(tmp_path):
     report = run_batch([tmp_path], AnonymizeFaces(Anonymizer("blur")), Options(), detector=RefusingDetector())
     assert report.empty and report.exit_code == 1 and "no image found" in str(report)
+
+
+def test_a_cloak_of_a_photo_over_the_default_pixel_limit_is_measured_not_failed(
+    tmp_path, samples_dir, monkeypatch
+):
+    """With --max-pixels raised for a large photo, reading its written cloak back failed the file.
+
+    The change as written was measured under the default limit: the output was in place (and
+    journaled done) but the file reported failed, "raise it with --max-pixels".
+    """
+    from facecloak import io
+    from facecloak.batch import write_output
+
+    image = io.read_image(samples_dir / "astronaut.jpg")
+    monkeypatch.setenv("FACECLOAK_MAX_PIXELS", "1000")  # the default limit, far under the photo
+    output = image.pixels.clone()
+    output[:, 80:160, 200:260] += 1 / 255
+    face = {"box": [190.0, 70.0, 270.0, 170.0], "dssim": 0.001, "protected": True}
+    options = Options(format="png", max_pixels=10_000_000)
+    outcome = write_output(
+        image.path, image, output.clamp(0, 1), tmp_path / "a_cloaked.png", [face], options, 1.0
+    )
+    assert outcome.status == "protected", outcome.error
+    assert face["box_dssim_written"] == pytest.approx(face["box_dssim_cloaked"], abs=1e-5)

@@ -325,6 +325,15 @@ def test_missing_path_is_one_files_error_and_the_batch_goes_on(runner, samples_d
     assert alone.exit_code == 3 and "no such file or folder" in alone.stderr
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line(runner, samples_dir, tmp_path):
+    """``-o file/out`` (or a read-only or full disk) ended in a traceback from the journal."""
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    out = tmp_path / "file" / "out"
+    result = runner.invoke(main, ["anonymize", str(samples_dir / "astronaut.jpg"), "-o", str(out), "-q"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.splitlines() == [f"error: {out}: cannot create the output folder (Not a directory)"]
+
+
 def test_empty_input_exits_1_with_a_message(runner, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "text").mkdir()

@@ -319,6 +319,48 @@ class TestPaths:
         jobs, _ = collect_images([tmp_path], exclude=tmp_path)
         assert [job.path.name for job in jobs] == ["a.jpg"]
 
+    def test_a_folder_given_as_dotdot_is_mirrored_under_its_own_name(self, tmp_path, monkeypatch):
+        """``cloak .. other/ -o out`` wrote ``out/../photos/a_cloaked.png``: outside ``out``."""
+        (tmp_path / "p" / "photos").mkdir(parents=True)
+        (tmp_path / "other").mkdir()
+        (tmp_path / "p" / "photos" / "a.jpg").write_bytes(b"x")
+        (tmp_path / "other" / "b.jpg").write_bytes(b"x")
+        monkeypatch.chdir(tmp_path / "p" / "photos")
+        jobs, _ = collect_images([Path(".."), Path("../../other")])
+        assert [str(job.relative) for job in jobs] == ["p/photos/a.jpg", "other/b.jpg"]
+        target = output_path(jobs[0], tmp_path / "out", "blur", None, "JPEG")
+        assert target.resolve().is_relative_to(tmp_path / "out")
+
+    def test_a_second_path_to_a_photo_taken_is_named_not_dropped(self, tmp_path):
+        """A symlink to a photo of the same folder (or one named twice) is one input, and said so."""
+        (tmp_path / "a.jpg").write_bytes(b"x")
+        (tmp_path / "link.jpg").symlink_to("a.jpg")
+        jobs, skipped = collect_images([tmp_path])
+        assert [job.path.name for job in jobs] == ["a.jpg"]
+        assert skipped == [(tmp_path / "link.jpg", f"the same file as {tmp_path / 'a.jpg'}")]
+        named = [tmp_path / "a.jpg", tmp_path / "a.jpg", tmp_path / "link.jpg"]
+        jobs, skipped = collect_images(named)
+        assert len(jobs) == 1 and [path.name for path, _ in skipped] == ["link.jpg"]
+
+    def test_a_link_to_a_folder_is_named_not_silently_left(self, tmp_path):
+        """rglob does not follow it: the photos under it were left without a word."""
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "b.jpg").write_bytes(b"x")
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "a.jpg").write_bytes(b"x")
+        (tmp_path / "in" / "trip").symlink_to(tmp_path / "elsewhere")
+        jobs, skipped = collect_images([tmp_path / "in"])
+        assert [job.path.name for job in jobs] == ["a.jpg"]
+        assert [(path.name, "not followed" in reason) for path, reason in skipped] == [("trip", True)]
+
+    def test_an_input_format_facecloak_does_not_write_fails_naming_the_photo(self, tmp_path):
+        (tmp_path / "scan.ppm").write_bytes(b"x")
+        (job,), _ = collect_images([tmp_path / "scan.ppm"])
+        with pytest.raises(ImageWriteError) as raised:
+            output_path(job, None, "blur", None, "PPM")
+        assert str(raised.value).startswith(f"{tmp_path / 'scan.ppm'}: ")
+        assert "--format png" in str(raised.value)
+
 
 class TestProbe:
     def test_format_from_the_header_alone(self, tmp_path, samples_dir):

@@ -163,6 +163,32 @@ def test_one_batch_per_folder(tmp_path):
             Journal(tmp_path, {"method": "blur"}).open()
 
 
+def test_a_full_disk_is_a_journal_error_and_leaves_no_torn_line(tmp_path):
+    """The journal's own append on a full disk raised a bare OSError: a traceback, no summary.
+
+    The disk is filled with RLIMIT_FSIZE (the file may not grow past its limit: EFBIG, as a full
+    disk gives ENOSPC), a few bytes into the next line, so the write fails half way.
+    """
+    import resource
+
+    with Journal(tmp_path, {"method": "blur"}) as journal:
+        journal.record("done", "a.jpg", "00", "a_blur.jpg", status="protected")
+    before = (tmp_path / JOURNAL_NAME).read_bytes()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 20, limits[1]))
+    try:
+        with pytest.raises(JournalError, match="cannot write the journal"):
+            Journal(tmp_path, {"method": "pixelate"}).open()  # its settings line does not fit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert (tmp_path / JOURNAL_NAME).read_bytes() == before  # the part written was cut back
+    with Journal(tmp_path, {"method": "pixelate"}):  # unlocked, and the next run goes on
+        pass
+    assert [record["event"] for record in read_journal(tmp_path)] == ["settings", "done", "settings"]
+
+
 def test_unreadable_inputs_are_reported_not_journaled(tmp_path, detector, samples_dir):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -358,7 +358,9 @@ def _measure_written(target: Path, image: io.LoadedImage, output: Tensor, face_r
         return
     from facecloak.quality import box_dssims
 
-    written = io.read_image(target, max_pixels=None).pixels
+    # our own file, as large as its input: the input's pixel limit (a raised --max-pixels) holds,
+    # not the default, which failed a cloak of a 200 MP photo after it was written and journaled
+    written = io.read_image(target, max_pixels=max(1, output.shape[-1] * output.shape[-2])).pixels
     if written.shape != image.pixels.shape:  # another orientation on disk: nothing to compare
         return
     source = image.pixels[None]

@@ -263,7 +263,7 @@ class BatchReport:
         """The summary's lines on the files passed over: each named, with the reason."""
         if not self.skipped:
             return []
-        lines = [f"  {len(self.skipped)} file(s) passed over (not images, or outputs of earlier runs):"]
+        lines = [f"  {len(self.skipped)} file(s) passed over (not images, outputs of earlier runs, links):"]
         lines += [f"    {path}: {reason}" for path, reason in self.skipped[:LISTED_SKIPPED]]
         if len(self.skipped) > LISTED_SKIPPED:
             lines.append(f"    and {len(self.skipped) - LISTED_SKIPPED} more (--json lists them all)")
@@ -357,7 +357,8 @@ class BatchPlan:
         existing: (input, output) of photos skipped because their output exists.
         failed: inputs that cannot be done (missing, not an image, output clash), with the reason.
         not_images: files passed over, with the reason: inside folders, files without an image
-            suffix; anywhere, files that are this command's output of another input.
+            suffix, and symlinks to folders (not followed); anywhere, files that are this command's
+            output of another input, and second paths (symlinks) to a photo already taken.
         inputs: the paths as given.
         order: every input file in the order found (the report lists files in this order).
     """

@@ -20,6 +20,7 @@ One batch at a time may use a folder: the journal is locked (``flock``) while op
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -89,25 +90,42 @@ class Journal:
         self.close()
 
     def open(self) -> None:
-        """Lock the folder, read what was done, cut a torn tail, remove interrupted temporary files."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        """Lock the folder, read what was done, cut a torn tail, remove interrupted temporary files.
+
+        Raises:
+            JournalError: one line (the output folder cannot be made, the journal cannot be
+                opened or written, another batch holds it); nothing stays open or locked.
+        """
         try:
-            self._stream = open(self.path, "a+b")  # held open (and locked) until close()
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise JournalError(f"cannot create the output folder ({error.strerror})", self.out_dir) from None
+        try:
+            # held open (and locked) until close(); unbuffered, so a failed append leaves nothing
+            # behind in a buffer for a later flush to write as a torn line
+            self._stream = open(self.path, "a+b", buffering=0)
         except OSError as error:
             raise JournalError(f"cannot open the journal ({error.strerror})", self.path) from None
         if fcntl is not None:
             try:
                 fcntl.flock(self._stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                self._stream.close()
-                self._stream = None
+                self.close()
                 busy = "another facecloak batch is writing into this folder"
                 raise JournalError(busy, self.out_dir) from None
-        self._load()
-        self._remove_temporary_files()
-        known = {record.get("fingerprint") for record in self._meta if record.get("event") == "settings"}
-        if self.fingerprint not in known:
-            self._append({"event": "settings", "fingerprint": self.fingerprint, "settings": self.settings})
+        try:
+            self._load()
+            self._remove_temporary_files()
+            known = {record.get("fingerprint") for record in self._meta if record.get("event") == "settings"}
+            if self.fingerprint not in known:
+                settings = {"event": "settings", "fingerprint": self.fingerprint, "settings": self.settings}
+                self._append(settings)
+        except OSError as error:  # a full disk or a read-only folder: one line, not a traceback
+            self.close()
+            raise JournalError(f"cannot write the journal ({error.strerror})", self.path) from None
+        except JournalError:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Release the lock."""
@@ -179,11 +197,24 @@ class Journal:
         return record
 
     def _append(self, record: dict) -> None:
+        """Write one line durably, or cut back what got written of it and raise `JournalError`.
+
+        A full disk can take part of a line: left there, the next append would run into it and
+        both lines would be lost to the next run's reading.
+        """
         if self._stream is None:
             raise JournalError("the journal is not open", self.path)
-        self._stream.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
-        self._stream.flush()
-        os.fsync(self._stream.fileno())
+        descriptor = self._stream.fileno()
+        line = memoryview((json.dumps(record, separators=(",", ":")) + "\n").encode())
+        end = os.lseek(descriptor, 0, os.SEEK_END)
+        try:
+            while line:
+                line = line[os.write(descriptor, line) :]
+            os.fsync(descriptor)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.ftruncate(descriptor, end)
+            raise JournalError(f"cannot write the journal ({error.strerror})", self.path) from None
 
 
 def read_journal(out_dir: str | Path) -> list[dict]:

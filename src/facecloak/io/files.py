@@ -100,8 +100,10 @@ def collect_images(
     """Expand files and folders (recursively, sorted) into image jobs.
 
     Files named explicitly are always tried (a bad one fails with a reason later), once however
-    often they are named; inside folders only files with an image suffix are taken and the rest
-    are returned as skipped, with a note.
+    often they are named, and stay named when a folder given before holds them too; inside
+    folders only files with an image suffix are taken and the rest are returned as skipped, with
+    a note, as is a second path to a photo already taken (a symlink to it): one input, never
+    silently dropped.
     ``exclude`` (the output folder) is never walked when it lies inside a folder given, so
     outputs are not re-read as inputs (a batch also passes over files that are the outputs of
     other inputs, see `facecloak.batch.plan_batch`).
@@ -109,29 +111,57 @@ def collect_images(
     jobs: list[ImageJob] = []
     skipped: list[tuple[Path, str]] = []
     excluded = exclude.resolve() if exclude is not None and exclude.exists() else None
-    seen: set[Path] = set()
+    seen: dict[Path, int] = {}  # each file (symlinks resolved) -> its job's index
     for given in map(Path, paths):
         if given.is_file():
-            if given.resolve() not in seen:  # the same file named twice is one input
-                seen.add(given.resolve())
+            first = seen.get(given.resolve())
+            if first is None:
+                seen[given.resolve()] = len(jobs)
                 jobs.append(ImageJob(given, Path(given.name), named=True))
+            elif not jobs[first].named:  # found in a folder given before: named, so an input
+                jobs[first] = ImageJob(jobs[first].path, jobs[first].relative, named=True)
+            elif not _same_path(jobs[first].path, given):  # the same file named twice is one input
+                skipped.append((given, f"the same file as {jobs[first].path}"))
             continue
         if given.is_dir():
             skip = excluded if excluded is not None and excluded != given.resolve() else None
-            for file in sorted(p for p in given.rglob("*") if p.is_file()):
+            mirrored = _folder_name(given) if len(paths) > 1 else Path()
+            # rglob does not go into a symlink to a folder: said, so its photos are not silently left
+            found = (p for p in given.rglob("*") if p.is_file() or (p.is_symlink() and p.is_dir()))
+            for file in sorted(found):
                 relative = file.relative_to(given)
                 if skip is not None and skip in file.resolve().parents:
                     continue
                 if any(part.startswith(".") for part in relative.parts):
                     continue
-                if file.suffix.lower() not in IMAGE_SUFFIXES:
+                if file.is_dir():
+                    skipped.append((file, "a link to a folder, not followed (give the folder itself)"))
+                elif file.suffix.lower() not in IMAGE_SUFFIXES:
                     skipped.append((file, "not an image suffix"))
-                elif file.resolve() not in seen:
-                    seen.add(file.resolve())
-                    jobs.append(ImageJob(file, Path(given.name) / relative if len(paths) > 1 else relative))
+                elif file.resolve() in seen:  # a photo already taken (a symlink to it): one input, named
+                    first = jobs[seen[file.resolve()]].path
+                    if not _same_path(first, file):
+                        skipped.append((file, f"the same file as {first}"))
+                else:
+                    seen[file.resolve()] = len(jobs)
+                    jobs.append(ImageJob(file, mirrored / relative))
         else:
             jobs.append(ImageJob(given, Path(given.name), named=True))  # missing: fails with its reason
     return jobs, skipped
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether two paths are spelt alike once made absolute (``./a.jpg`` is ``a.jpg``; a symlink is not)."""
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _folder_name(folder: Path) -> Path:
+    """The name a folder given among several is mirrored under: its own, never ``..``.
+
+    ``Path("..").name`` is ``..``, which put the outputs of ``cloak .. other/ -o out`` beside
+    the inputs, outside ``out``; the absolute path's last part is the folder's real name.
+    """
+    return Path(Path(os.path.abspath(folder)).name if folder.name == ".." else folder.name)
 
 
 def output_path(
@@ -142,7 +172,10 @@ def output_path(
     Without ``out_dir`` the output sits beside the input. The tag guarantees that an output never
     has an input's name, even when both live in the same folder.
     """
-    suffix = output_suffix(source_format, format_name)
+    try:
+        suffix = output_suffix(source_format, format_name)
+    except ImageWriteError as error:  # the batch's line names the photo, and the way out
+        raise ImageWriteError(f"{error.reason} (--format png writes it)", job.path) from None
     name = f"{job.path.stem}_{tag}{suffix}"
     if out_dir is None:
         return job.path.with_name(name)
