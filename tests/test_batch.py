@@ -67,6 +67,22 @@ def test_a_file_named_on_the_command_line_is_always_an_input(tmp_path, samples_d
     assert not both.not_images
 
 
+def test_two_formats_of_one_photo_clash_under_one_format_and_are_told_how_to_part_them(tmp_path, samples_dir):
+    """photo.jpg and photo.png both become photo_cloaked.png (a cloak's default format): one fails,
+    and its reason says what parts them. It said "give -o" also when -o was given, which mirrors
+    the folder and clashes the same."""
+    from PIL import Image
+
+    shutil.copy(samples_dir / "grace_hopper.jpg", tmp_path / "photo.jpg")
+    Image.open(samples_dir / "grace_hopper.jpg").save(tmp_path / "photo.png")
+    plan = plan_batch([tmp_path], "cloaked", Options(out_dir=str(tmp_path / "o"), format="png"))
+    (failed,) = plan.failed
+    assert "is also the output of" in failed.error and "give -o" not in failed.error
+    assert "--format input keeps each input's format" in failed.error
+    assert len(plan.todo) == 1
+    assert not plan_batch([tmp_path], "cloaked", Options(out_dir=str(tmp_path / "o"))).failed  # input formats
+
+
 def test_an_output_path_held_by_a_folder_fails_and_protects_nothing(tmp_path, samples_dir, detector):
     """It counted as "skipped: output exists" (exit 0), and with --overwrite its face as protected."""
     shutil.copy(samples_dir / "astronaut.jpg", tmp_path / "a.jpg")

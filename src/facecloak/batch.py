@@ -90,9 +90,16 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
         if target.is_dir():
             problem = f"its output {target} is a folder"
         elif target in inputs:
-            problem = f"its output {target} is an input too: not overwritten (give -o, or rename one)"
+            way_out = "rename one" if out_dir else "give -o, or rename one"
+            problem = f"its output {target} is an input too: not overwritten ({way_out})"
         elif key in claimed:
-            problem = f"its output {target} is also the output of {claimed[key]} (give -o, or rename one)"
+            # photo.jpg and photo.png both give photo_cloaked.png when one format is asked for
+            # (a cloak's default): -o mirrors the folder, so only a name or the format tells them apart
+            other = claimed[key]
+            way_out = "rename one"
+            if other.suffix.lower() != job.path.suffix.lower():
+                way_out += ", or --format input keeps each input's format"
+            problem = f"its output {target} is also the output of {other} ({way_out})"
         if problem:
             plan.failed.append(
                 FileOutcome(str(job.path), "failed", error=str(ImageWriteError(problem, job.path)))
