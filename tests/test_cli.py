@@ -468,3 +468,16 @@ def test_cloak_escalate_recloaks_faces_that_fell_short_one_level_up(runner, samp
     summary = runner.invoke(main, [*args, "--escalate", "--overwrite"]).output
     assert "1 face(s) fell short, cloaked again one level up (--escalate):" in summary
     assert "astronaut.jpg: low -> mid" in summary
+
+
+def test_ctrl_c_exits_130_not_1(runner, samples_dir, tmp_path, monkeypatch):
+    """click made Ctrl-C "Aborted!" and exit code 1, which a script reads as a face NOT protected."""
+    import facecloak.cli.running
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(facecloak.cli.running, "create_model", interrupted)
+    result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path)])
+    assert result.exit_code == 130, result.output
+    assert "interrupted: every output written so far is whole" in result.stderr

@@ -18,6 +18,8 @@ EXIT_USAGE = 2
 """The command line or an option was wrong (click uses 2 for its own usage errors too)."""
 EXIT_FAILED = 3
 """A file or a model failed."""
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C (128 + SIGINT, as shells report it): not to be read as 1, a face NOT protected."""
 
 
 class FacecloakError(Exception):

@@ -2,7 +2,7 @@
 
 Exit codes: 0 every face found was protected; 1 finished, but an image had no face or a face
 fell short of its target, or no image was found; 2 usage error; 3 a file failed (missing,
-unreadable or unwritable; the others were still processed).
+unreadable or unwritable; the others were still processed); 130 stopped by Ctrl-C.
 
 One module per command group: `faces` (detect, embed, verify), `anonymize`, `cloak`, `models`,
 `donors`, `evaluate`, `serve`. They share `facecloak.cli.options` (the option blocks several
@@ -18,10 +18,29 @@ import click
 from facecloak import __version__
 from facecloak.cli import anonymize, cloak, donors, evaluate, faces, models, serve
 from facecloak.cli.options import CONTEXT
-from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE
+from facecloak.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE
 
 
-@click.group(context_settings=CONTEXT)
+class _Commands(click.Group):
+    """The command group, with Ctrl-C as its own exit code.
+
+    click turns Ctrl-C into "Aborted!" and exit code 1, which a script reads as "a face NOT
+    protected". Every output is written whole or not at all, so the same command again goes on.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo(
+                "interrupted: every output written so far is whole; "
+                "the same command again goes on from there",
+                err=True,
+            )
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Commands, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="facecloak")
 def main() -> None:
     """Protect the faces in your photos from face-search scrapers.
@@ -34,7 +53,7 @@ def main() -> None:
 
     Exit codes: 0 all faces protected (inputs whose output exists are skipped); 1 an image had
     no face, a face was not protected, or no image was found; 2 usage error; 3 some file failed
-    (missing, unreadable, unwritable; the others were still done).
+    (missing, unreadable, unwritable; the others were still done); 130 stopped by Ctrl-C.
     """
     from facecloak._allocator import tune_allocator
 
@@ -55,4 +74,4 @@ for _command in (
     main.add_command(_command)
 del _command
 
-__all__ = ["main", "EXIT_OK", "EXIT_UNPROTECTED", "EXIT_USAGE", "EXIT_FAILED"]
+__all__ = ["main", "EXIT_OK", "EXIT_UNPROTECTED", "EXIT_USAGE", "EXIT_FAILED", "EXIT_INTERRUPTED"]
