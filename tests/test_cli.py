@@ -278,6 +278,40 @@ def test_a_face_short_in_a_jpeg_output_is_pointed_to_png():
         assert ("--format png keeps more" in str(report)) == hinted
 
 
+def test_a_face_protected_only_by_not_being_found_again_is_said_so(runner, samples_dir, tmp_path):
+    """The group shrunk 5x: faces of 12-28 px. The check (re-encoded as JPEG 75, detected again)
+    finds the smallest no more, and counts them protected; their cloak left them near the person
+    (steps 2). The summary said only "4 protected", and the table's distance was theirs as
+    cloaked (0.85x beside "4/4"). Now the summary lists them, and the table leaves them out."""
+    from PIL import Image
+
+    group = Image.open(samples_dir / "group.jpg")
+    photo = tmp_path / "small_faces.jpg"
+    group.resize((group.width // 5, group.height // 5), Image.LANCZOS).save(photo, quality=92)
+    arguments = ["cloak", str(photo), "-o", str(tmp_path / "out"), "--min-face", "8", "--level", "low"]
+    result = runner.invoke(main, [*arguments, "--steps", "2", "--models", "dlib-resnet"])
+    report = json.loads(
+        runner.invoke(
+            main, [*arguments, "--steps", "2", "--models", "dlib-resnet", "--json", "--overwrite"]
+        ).stdout
+    )
+    unseen = [f for f in report["files"][0]["faces"] if f["protected"] and not f["found_after_jpeg75"]]
+    assert unseen and all(f["models"]["dlib-resnet"]["distance"] < 0.6 for f in unseen)
+    summary = result.stderr
+    assert f"{len(unseen)} cloaked face(s) counted protected because the check found no face" in summary
+    assert "small_faces.jpg: dlib-resnet at 0." in summary and "(as cloaked)" in summary
+    found = [f for f in report["files"][0]["faces"] if f["found_after_jpeg75"]]
+    row = next(
+        line for line in result.stdout.splitlines() if line.startswith(str(photo)) and "->" not in line
+    )
+    shown = (
+        "-"
+        if not found
+        else f"{min(f['models']['dlib-resnet']['distance_after_jpeg75'] / 0.6 for f in found):.2f}x"
+    )
+    assert f" {shown} " in row
+
+
 def test_a_written_file_that_changes_a_face_more_than_its_cloak_is_listed():
     from facecloak.batch import BatchReport, FileOutcome
 

@@ -39,6 +39,9 @@ VERIFY_JPEG_QUALITY = 75
 DISTANCE_AFTER_UPLOAD_KEY = f"distance_after_jpeg{VERIFY_JPEG_QUALITY}"
 """Per-model record key: distance to the clean face after the re-encode (None: not found again)."""
 
+FOUND_AFTER_UPLOAD_KEY = f"found_after_jpeg{VERIFY_JPEG_QUALITY}"
+"""Per-face record key: the face was detected again after the re-encode."""
+
 REDETECT_IOU = 0.3
 """Box overlap (intersection over union) at which a face found again after that re-encode counts
 as the same face."""

@@ -18,7 +18,12 @@ import torch
 from torch import Tensor
 
 from facecloak import io
-from facecloak.defaults import DISTANCE_AFTER_UPLOAD_KEY, REDETECT_IOU, VERIFY_JPEG_QUALITY
+from facecloak.defaults import (
+    DISTANCE_AFTER_UPLOAD_KEY,
+    FOUND_AFTER_UPLOAD_KEY,
+    REDETECT_IOU,
+    VERIFY_JPEG_QUALITY,
+)
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_chips, face_chips
 from facecloak.faces import Faces, box_iou
@@ -45,9 +50,6 @@ side (`redetect_min_size`). A square box of side ``a x s`` inside a square of si
 it by at most ``a**2`` (IoU), so below ``sqrt(REDETECT_IOU)`` x the face's side (0.55 at 0.3)
 nothing can be matched to it; 0.4 leaves room for boxes that are not square. The pyramid's
 finest levels, the costliest, are skipped (on the 512 px astronaut, 57 -> 29 ms)."""
-
-FOUND_AFTER_UPLOAD_KEY = f"found_after_jpeg{VERIFY_JPEG_QUALITY}"
-"""Per-face record key: the face was detected again after the re-encode."""
 
 Detector = Callable[[Sequence[Tensor]], Faces]
 
