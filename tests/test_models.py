@@ -11,7 +11,7 @@ import torch
 
 from facecloak.datasets import read_lfw_pairs
 from facecloak.embed import embed_faces
-from facecloak.errors import ModelNotFoundError, UnknownModelError
+from facecloak.errors import InvalidInputError, ModelNotFoundError, UnknownModelError
 from facecloak.evaluate import PipelineAttacker, lfw_verification
 from facecloak.io import read_image, to_uint8
 from facecloak.models import (
@@ -57,6 +57,15 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(ModelNotFoundError) as info:
         create_embedder("facenet-vggface2", weights=tmp_path / "nope.pt")
     assert "nope.pt" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_device_that_does_not_exist_here_is_a_one_line_error():
+    """``--device cuda`` without a GPU (or a GPU number this machine lacks, or a misspelt device)
+    was torch's traceback from inside the model's ``.to``."""
+    for device in ("cuda:99", "gpu"):
+        with pytest.raises(InvalidInputError, match="device") as info:
+            create_embedder("dlib-resnet", device=device)
+        assert "\n" not in str(info.value)
 
 
 def test_facenet_loads_only_a_state_dict_from_a_user_file(tmp_path):

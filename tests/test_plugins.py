@@ -14,7 +14,7 @@ from facecloak.errors import InvalidInputError, ModelNotFoundError
 from facecloak.evaluate import PipelineAttacker, lfw_verification
 from facecloak.models import create_embedder, get_card, list_embedders
 from facecloak.models.plugins import load_model_file
-from facecloak.models.registry import _REGISTRY
+from facecloak.models.registry import _REGISTRY, Embedder, FaceModelCard
 from facecloak.models.templates import template_for
 from facecloak.models.user_models import BROKEN_CARDS, add_user_model, register_user_models, remove_user_model
 
@@ -363,3 +363,216 @@ def test_a_feature_tap_and_dropout_reach_plug_ins_that_already_run_their_channel
         with feature_dropout([model], 0.05, torch.Generator().manual_seed(1)):
             copy = model._inference_network()
         assert not any(m._forward_hooks or getattr(m, "feature_hook", None) for m in copy.modules())
+
+
+def _export_onnx(module: torch.nn.Module, path, *, batch: int = 2, dynamic: bool = True) -> None:
+    """A small model of our own as an ONNX file (112 px RGB input)."""
+    axes = {"data": {0: "n"}, "out": {0: "n"}} if dynamic else None
+    torch.onnx.export(
+        module.eval(),
+        (torch.rand(batch, 3, 112, 112),),
+        str(path),
+        input_names=["data"],
+        output_names=["out"],
+        dynamic_axes=axes,
+        opset_version=13,
+        dynamo=False,
+    )
+
+
+class _Tiny(torch.nn.Module):
+    """A stride-8 convolution, then one of several output shapes."""
+
+    def __init__(self, output: str) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 8, stride=8)  # 112 px -> (4, 14, 14)
+        self.fc = torch.nn.Linear(4 * 14 * 14, 8)
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.output == "map":  # a feature map, no embedding
+            return y
+        if self.output == "scalar":  # one number per face
+            return self.fc(y.flatten(1)).sum(1)
+        if self.output == "batch-one":  # written for one face at a time
+            return self.fc(y.reshape(1, -1))
+        if self.output == "nchw-pooled":  # (N, D, 1, 1), as a global pooling leaves it
+            return y.mean((2, 3), keepdim=True)
+        if self.output == "nhwc-pooled":  # (N, 1, 1, D), as TensorFlow's keepdims leaves it
+            return y.mean((2, 3), keepdim=True).permute(0, 2, 3, 1)
+        return self.fc(y.flatten(1))
+
+
+def test_a_model_that_gives_no_embedding_per_face_is_refused_when_added(tmp_path, config_home):
+    """``models add`` runs the file once: an output that is not one vector per chip, a file fixed to
+    one chip at a time, or a wrong input size or layout is a one-line error naming the file. Before,
+    a feature map was added as a 784-d "embedding", one number per face crashed with an IndexError,
+    the file fixed to batch 1 was added and failed on its first batch, and a wrong input size was a
+    RuntimeError traceback."""
+    pytest.importorskip("onnx2torch")
+    for output in ("map", "scalar", "batch-one", "nchw-pooled", "nhwc-pooled", "vector"):
+        _export_onnx(_Tiny(output), tmp_path / f"{output}.onnx", batch=1, dynamic=output != "batch-one")
+    for output in ("map", "scalar", "batch-one"):
+        with pytest.raises(ModelNotFoundError) as info:
+            add_user_model("test-tiny", tmp_path / f"{output}.onnx")
+        assert str(tmp_path / f"{output}.onnx") in str(info.value) and "\n" not in str(info.value), output
+    for options, words in (({"input_size": 150}, "150x150"), ({"layout": "nhwc"}, "nhwc")):
+        with pytest.raises(ModelNotFoundError, match=words):
+            add_user_model("test-tiny", tmp_path / "vector.onnx", **options)
+    assert "test-tiny" not in list_embedders()
+    for output in ("nchw-pooled", "nhwc-pooled", "vector"):  # pooled outputs are embeddings
+        card = add_user_model(f"test-{output}", tmp_path / f"{output}.onnx")
+        assert card.embedding_dim == (8 if output == "vector" else 4)
+        assert create_embedder(f"test-{output}", device="cpu")(torch.rand(3, 3, 112, 112)).shape == (
+            3,
+            card.embedding_dim,
+        )
+
+
+def _tiny_card(name: str, file) -> dict:
+    """The JSON of a valid added card (the file need not exist to be listed)."""
+    from facecloak.models.plugins import make_card
+
+    return {**make_card(name, file).to_dict(), "embedding_dim": 8}
+
+
+def test_hand_edited_cards_are_one_line_errors_and_never_replace_a_built_in(tmp_path, config_home):
+    """A card edited by hand into something invalid is listed as broken, naming its file, and the
+    other models still load. Before, a card naming ``dlib-resnet`` replaced the built-in model, a
+    name that was no string broke every listing (TypeError in `list_embedders`), and a mean of two
+    numbers, an unknown metric or a chip size of "big" were registered as available models."""
+    from facecloak.models.dlib_resnet import DLIB_RESNET_CARD
+
+    folder = config_home / "facecloak" / "models"
+    folder.mkdir(parents=True)
+    good = _tiny_card("test-good", tmp_path / "x.onnx")
+    edits = {
+        "dlib-resnet": {**good, "name": "dlib-resnet"},
+        "test-int-name": {**good, "name": 5},
+        "test-other-name": {**good, "name": "test-good"},
+        "test-mean": {**good, "name": "test-mean", "extra": {**good["extra"], "mean": [1, 2]}},
+        "test-layout": {**good, "name": "test-layout", "extra": {**good["extra"], "layout": "hwc"}},
+        "test-metric": {**good, "name": "test-metric", "distance": "manhattan"},
+        "test-size": {**good, "name": "test-size", "input_size": "big"},
+        "test-extra": {**good, "name": "test-extra", "extra": []},
+        "test-width": {**good, "name": "test-width", "embedding_dim": 0},
+    }
+    for name, card in {**edits, "test-good": good}.items():
+        (folder / f"{name}.json").write_text(json.dumps(card))
+    builtin = _REGISTRY["dlib-resnet"]
+    try:
+        register_user_models()
+        broken = dict(BROKEN_CARDS)
+        assert set(broken) == {folder / f"{name}.json" for name in edits}
+        assert all("\n" not in reason for reason in broken.values())
+        names = list_embedders()  # every listing still works
+        assert "test-good" in names and not set(edits) - {"dlib-resnet"} & set(names)
+        assert get_card("dlib-resnet") == DLIB_RESNET_CARD
+    finally:
+        _REGISTRY["dlib-resnet"] = builtin
+
+
+def test_remove_touches_only_added_cards(tmp_path, config_home):
+    """``models remove`` deletes a card in the config folder and nothing else: ``../x`` once deleted
+    ``x.json`` beside it, and a stray ``dlib-resnet.json`` made the built-in removable."""
+    from facecloak.models.user_models import config_dir, is_user_model
+
+    folder = config_dir()
+    folder.mkdir(parents=True)
+    outside = folder.parent / "precious.json"
+    outside.write_text("{}")
+    (folder / "dlib-resnet.json").write_text(json.dumps(_tiny_card("test-good", tmp_path / "x.onnx")))
+    register_user_models()
+    assert not is_user_model("dlib-resnet")
+    with pytest.raises(InvalidInputError, match="built-in"):
+        remove_user_model("dlib-resnet")
+    with pytest.raises(ModelNotFoundError):
+        remove_user_model("../precious")
+    assert outside.is_file() and "dlib-resnet" in list_embedders()
+
+
+def test_card_options_that_cannot_be_saved_are_refused(tmp_path):
+    """A name with a trailing newline (``$`` matched before it) and a margin of NaN (saved as a card
+    that no longer loaded) are refused when the card is made."""
+    from facecloak.models.plugins import make_card
+
+    with pytest.raises(InvalidInputError, match="model name"):
+        make_card("test-x\n", tmp_path / "x.onnx")
+    with pytest.raises(InvalidInputError, match="margin"):
+        make_card("test-x", tmp_path / "x.onnx", crop="box", margin=float("nan"))
+    with pytest.raises(InvalidInputError, match="std"):
+        make_card("test-x", tmp_path / "x.onnx", std=(0.0, 1.0, 1.0))
+
+
+def test_a_template_file_of_anything_but_five_points_is_a_one_line_error(tmp_path):
+    """Five numbers, strings or NaN in a ``--template`` file were a TypeError or ValueError
+    traceback (or a NaN chip), not the one-line error."""
+    for text in ("[1, 2, 3, 4, 5]", '[[1, "a"]' + ", [1, 2]" * 4 + "]", "[[1, NaN]" + ", [1, 2]" * 4 + "]"):
+        path = tmp_path / "points.json"
+        path.write_text(text)
+        with pytest.raises(InvalidInputError, match="5 \\[x, y\\] points"):
+            template_for(str(path), 112)
+    path.write_text("[[1, 2]" + ", [3, 4.5]" * 4 + "]")
+    assert template_for(str(path), 112)[1] == (3.0, 4.5)
+
+
+class _PixelEmbedder(Embedder):
+    """A stand-in face model: a 4x4 colour thumbnail of the chip, or the same vector for every face."""
+
+    def __init__(self, constant: bool = False) -> None:
+        super().__init__()
+        self.card = FaceModelCard(
+            name="test-pixels",
+            input_size=112,
+            template=template_for("arcface", 112),
+            embedding_dim=48,
+            distance="cosine",
+            match_threshold=0.6,
+            weights="none",
+            license="none",
+        )
+        self.constant = constant
+        self.anchor = torch.nn.Parameter(torch.ones(48), requires_grad=False)
+
+    def forward(self, chips: torch.Tensor) -> torch.Tensor:
+        thumbnail = torch.nn.functional.adaptive_avg_pool2d(chips, 4).flatten(1)
+        vector = self.anchor.expand_as(thumbnail) if self.constant else thumbnail
+        return torch.nn.functional.normalize(vector, dim=1)
+
+
+@pytest.fixture(scope="module")
+def three_people(lfw_dir, tmp_path_factory):
+    """Three LFW people with three photos each."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("people")
+    people = [p for p in sorted((lfw_dir / "images").iterdir()) if len(list(p.glob("*.jpg"))) >= 3][:3]
+    for person in people:
+        (folder / person.name).mkdir()
+        for photo in sorted(person.glob("*.jpg"))[:3]:
+            shutil.copy(photo, folder / person.name)
+    return folder
+
+
+def test_calibration_refuses_a_threshold_of_zero(three_people, remembering_detector):
+    """A model that puts different people at distance 0 gave threshold 0, which `models calibrate`
+    then failed to save with a traceback; now it is a one-line error."""
+    from facecloak.calibrate import calibrate_threshold
+
+    constant = _PixelEmbedder(constant=True)
+    with pytest.raises(InvalidInputError, match="distance 0"):
+        calibrate_threshold(constant, three_people, far=0.1, detector=remembering_detector)
+    result = calibrate_threshold(_PixelEmbedder(), three_people, far=0.1, detector=remembering_detector)
+    assert 0 < result.threshold < 2 and result.impostor_pairs == 27
+
+
+def test_calibration_detects_on_the_models_device(three_people, monkeypatch):
+    """The detector calibration builds runs where the model is: with CUDA present and the model on
+    the CPU (``--device cpu``) it was built on CUDA. Here CUDA is only claimed, so a detector put
+    there fails."""
+    from facecloak.calibrate import calibrate_threshold
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    result = calibrate_threshold(_PixelEmbedder(), three_people, far=0.1)
+    assert result.photos == 9

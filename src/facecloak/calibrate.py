@@ -19,6 +19,7 @@ import torch
 from facecloak import io
 from facecloak.datasets import list_people
 from facecloak.detect import FaceDetector
+from facecloak.embed import model_device
 from facecloak.errors import FacecloakError, InvalidInputError
 from facecloak.evaluate import PipelineAttacker, distance_matrix, tar_at_far
 from facecloak.models.registry import Embedder
@@ -91,11 +92,16 @@ def calibrate_threshold(
         max_photos: at most this many photos are embedded (see `calibration_photos`).
         detector: face detector (default MTCNN on the model's device).
         seed: seed of the draw of people.
+
+    Raises:
+        InvalidInputError: too few pairs, or impostor pairs so close that no threshold above 0
+            admits only ``far`` of them (a model that does not tell these people apart).
     """
     if not 0 < far < 1:
         raise InvalidInputError(f"far must be between 0 and 1, got {far}")
     photos = calibration_photos(data, max_photos, seed)
-    attacker = PipelineAttacker(model, detector or FaceDetector())
+    # on the model's device, not CUDA whenever present: `--device cpu` put MTCNN on the GPU
+    attacker = PipelineAttacker(model, detector or FaceDetector(device=model_device(model)))
     embeddings, labels = [], []
     for start in range(0, len(photos), EMBED_CHUNK):
         images, chunk_labels = [], []
@@ -124,6 +130,12 @@ def calibrate_threshold(
             data,
         )
     tar, threshold = tar_at_far(genuine, impostor, far)
+    if not threshold > 0:  # saved as the card's threshold it was refused with a traceback
+        raise InvalidInputError(
+            f"at FAR {far:g} the threshold would be {threshold:.4g}: {model.card.name} puts different "
+            "people at distance 0 in these photos, so it cannot be calibrated on them",
+            data,
+        )
     return Calibration(
         model=model.card.name,
         threshold=float(threshold) if math.isfinite(threshold) else float(impostor.max()),

@@ -10,6 +10,7 @@ the user added is `facecloak.models.user_models`.
 
 from __future__ import annotations
 
+import math
 import re
 from copy import deepcopy
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from facecloak.errors import InvalidInputError, ModelNotFoundError
+from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError
 from facecloak.models.loaders import load_network
 from facecloak.models.registry import Embedder, FaceModelCard
 from facecloak.models.templates import template_for
@@ -28,6 +29,7 @@ __all__ = [
     "LAYOUTS",
     "NAME_PATTERN",
     "PluginEmbedder",
+    "check_plugin_card",
     "load_model_file",
     "make_card",
 ]
@@ -40,7 +42,8 @@ CROPS = ("landmarks", "box")
 
 LAYOUTS = ("nchw", "nhwc")
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+"""A model's name, matched whole (``fullmatch``: ``$`` let a trailing newline in)."""
 
 
 class PluginEmbedder(Embedder):
@@ -131,10 +134,31 @@ class PluginEmbedder(Embedder):
         out = self._network_for_pass(x)(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
-        out = out.flatten(1)
+        out = self._one_vector_per_chip(out, len(chips))
         if self.card.distance == "cosine":
             out = nn.functional.normalize(out, dim=1)
         return out
+
+    def _one_vector_per_chip(self, out: Tensor, count: int) -> Tensor:
+        """The network's output as (N, D): (N, D, 1, 1) and (N, 1, 1, D) flattened, anything else refused.
+
+        Flattening whatever came out took a feature map as a 24,200-d "embedding" and crashed on
+        one number per face (IndexError). The width is checked against the card's once it is
+        measured (non-zero): a card pointed at another file failed deep inside the evaluator.
+        """
+        width = self.card.embedding_dim
+        if (
+            out.ndim < 2
+            or out.shape[0] != count
+            or sum(size != 1 for size in out.shape[1:]) > 1
+            or (width and out[0].numel() != width)
+        ):
+            wanted = f"one {width}-d embedding" if width else "one embedding vector"
+            raise InvalidInputError(
+                f"model {self.card.name}: output {tuple(out.shape)} for {count} chips is not "
+                f"{wanted} per chip"
+            )
+        return out.flatten(1)
 
 
 def make_card(
@@ -159,7 +183,7 @@ def make_card(
     detection box widened by ``margin`` pixels (clipped to the photo) and resized, no alignment.
     ``layout`` is the input the file expects: "nchw" or "nhwc" (channels last, TensorFlow's).
     """
-    if not NAME_PATTERN.match(name):
+    if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
         raise InvalidInputError(f"model name {name!r}: use lower-case letters, digits, '.', '_' or '-'")
     if metric not in DEFAULT_THRESHOLDS:
         raise InvalidInputError(f"metric must be cosine or euclidean, got {metric!r}")
@@ -167,8 +191,6 @@ def make_card(
         raise InvalidInputError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     if layout not in LAYOUTS:
         raise InvalidInputError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if margin < 0:
-        raise InvalidInputError(f"margin must be >= 0 pixels, got {margin}")
     extra = {
         "mean": list(mean),
         "std": list(std),
@@ -178,7 +200,7 @@ def make_card(
     }
     if crop == "box":
         extra["margin"] = float(margin)
-    return FaceModelCard(
+    card = FaceModelCard(
         name=name,
         input_size=int(input_size),
         template=template_for(template, int(input_size)),
@@ -192,20 +214,66 @@ def make_card(
         alignment="box" if crop == "box" else "similarity",
         extra=extra,
     )
+    check_plugin_card(card)
+    return card
+
+
+def check_plugin_card(card: FaceModelCard) -> None:
+    """Refuse a plug-in card whose input settings `PluginEmbedder` cannot apply.
+
+    Checked when a card is made and when one is read back: a mean of two numbers or a layout of
+    "hwc" edited into a card was registered as available and failed with a traceback on first
+    use, and ``--margin nan`` was saved as a card that no longer loaded.
+    """
+    extra = card.extra
+
+    def finite(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def finite_triple(value: object) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) == 3 and all(finite(v) for v in value)
+
+    mean, std, margin = extra.get("mean", [0.0] * 3), extra.get("std", [1.0] * 3), extra.get("margin", 0.0)
+    problem = None
+    if not finite_triple(mean) or not finite_triple(std) or 0 in std:
+        problem = f"mean {mean!r} and std {std!r} must be three finite numbers each (std not 0)"
+    elif not isinstance(extra.get("bgr", False), bool):
+        problem = f"bgr {extra.get('bgr')!r} must be true or false"
+    elif extra.get("layout", "nchw") not in LAYOUTS:
+        problem = f"layout {extra.get('layout')!r} must be one of {', '.join(LAYOUTS)}"
+    elif not finite(margin) or margin < 0:
+        problem = f"margin {margin!r} must be a finite number of pixels >= 0"
+    if problem:
+        raise InvalidInputError(f"model {card.name!r}: {problem}")
 
 
 def load_model_file(file: Path, **card_options) -> PluginEmbedder:
     """Import ``file`` and wrap it with a card built from ``card_options`` (see `make_card`).
 
-    The embedding width is measured with one forward pass. Used by ``models add`` and by
-    benchmarks and tests that attach a model without touching the user's config.
+    The embedding width is measured with one forward pass of two chips: a file that runs only
+    on one chip at a time, at another input size or layout, or gives no embedding is refused
+    here with a one-line error, not when it is first used (a traceback then).
+    Used by ``models add`` and by benchmarks and tests that attach a model without touching the
+    user's config.
     """
     name = card_options.pop("name", Path(file).stem.lower().replace("-symbol", ""))
     card = make_card(name, Path(file), **card_options)
     network = load_network(Path(file))
     probe = PluginEmbedder(card, network).eval().requires_grad_(False)
-    with torch.no_grad():
-        output = probe(torch.full((1, 3, card.input_size, card.input_size), 0.5))
+    size = card.input_size
+    try:
+        with torch.no_grad():
+            output = probe(torch.full((2, 3, size, size), 0.5))
+    except FacecloakError as error:
+        raise ModelNotFoundError(error.reason, file) from None
+    except Exception as error:  # torch and onnx2torch raise many types for a shape they cannot take
+        detail = (str(error).splitlines() or [""])[0][:160]
+        raise ModelNotFoundError(
+            f"model does not run on two {size}x{size} {card.extra['layout']} chips at once "
+            f"({type(error).__name__}: {detail}): check the input size and layout, and that the "
+            "file takes a batch of any size",
+            file,
+        ) from None
     if output.ndim != 2 or not torch.isfinite(output).all():
         raise ModelNotFoundError(
             f"model output is not a finite embedding (shape {tuple(output.shape)})", file

@@ -69,11 +69,48 @@ class FaceModelCard:
     def __post_init__(self) -> None:
         # a NaN threshold blacked out the cloaked face, a negative one called an untouched face
         # protected: every card, added, calibrated or read from a file, is checked once here
+        self._check_shape()
         threshold = self.match_threshold
         largest = 2.0 if self.distance == "cosine" else math.inf
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 < threshold < largest):
             bound = "between 0 and 2 (a cosine distance)" if self.distance == "cosine" else "positive"
             raise InvalidInputError(f"model {self.name!r}: match threshold {threshold!r} must be {bound}")
+
+    def _check_shape(self) -> None:
+        """Refuse field values no model can run with (a card edited by hand is read through here).
+
+        Without this, a card naming an unknown metric was compared as cosine, and a chip size,
+        template or ``extra`` of the wrong type failed with a traceback in the middle of a cloak.
+        """
+
+        def whole(value: object, least: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        points = self.template
+        problem = None
+        if not isinstance(self.name, str) or not self.name:
+            problem = "name must be a non-empty string"
+        elif self.distance not in ("euclidean", "cosine"):
+            problem = f"distance {self.distance!r} must be euclidean or cosine"
+        elif not whole(self.input_size, 1) or not whole(self.embedding_dim, 0):
+            problem = f"input size {self.input_size!r} and width {self.embedding_dim!r} must be whole numbers"
+        elif not (
+            isinstance(points, tuple)
+            and len(points) == 5
+            and all(isinstance(p, tuple) and len(p) == 2 and all(number(v) for v in p) for p in points)
+        ):
+            problem = f"template {points!r} must be five (x, y) chip pixels"
+        elif self.alignment not in ("similarity", "dlib", "box"):
+            problem = f"alignment {self.alignment!r} must be similarity, dlib or box"
+        elif self.landmarks not in ("mtcnn", "dlib5"):
+            problem = f"landmarks {self.landmarks!r} must be mtcnn or dlib5"
+        elif not isinstance(self.extra, dict) or not isinstance(self.weights, str):
+            problem = "extra must be a mapping and weights a string"
+        if problem:
+            raise InvalidInputError(f"model {self.name!r}: {problem}")
 
     def to_dict(self) -> dict:
         """The card as plain JSON-ready data."""
@@ -121,19 +158,28 @@ class _Entry:
     card: FaceModelCard
     factory: Factory
     locate: WeightsLocator  # weights found on this machine without the user's help, or None
+    user: bool = False  # added by the user (`facecloak.models.user_models`), not built in
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_embedder(card: FaceModelCard, locate: WeightsLocator = lambda: None):
-    """Register the decorated factory ``f(weights_path | None) -> Embedder`` under ``card.name``."""
+def register_embedder(card: FaceModelCard, locate: WeightsLocator = lambda: None, *, user: bool = False):
+    """Register the decorated factory ``f(weights_path | None) -> Embedder`` under ``card.name``.
+
+    ``user``: the model is one the user added, which the user may replace, calibrate and remove.
+    """
 
     def decorator(factory: Factory) -> Factory:
-        _REGISTRY[card.name] = _Entry(card, factory, locate)
+        _REGISTRY[card.name] = _Entry(card, factory, locate, user)
         return factory
 
     return decorator
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is a model facecloak itself registers (never replaced by a user's card)."""
+    return name in _REGISTRY and not _REGISTRY[name].user
 
 
 def unregister_embedder(name: str) -> None:
@@ -211,8 +257,16 @@ def choose_embedders(names: str | None) -> list[str]:
 def create_embedder(
     name: str, *, weights: Path | str | None = None, device: str | torch.device | None = None
 ) -> Embedder:
-    """Build model ``name`` in eval mode with frozen parameters, on ``device`` (default: CUDA if present)."""
+    """Build model ``name`` in eval mode with frozen parameters, on ``device`` (default: CUDA if present).
+
+    A device that does not exist here (``cuda`` without a GPU, ``cuda:7`` on a machine with one,
+    a misspelt name) is a one-line error, not torch's traceback.
+    """
     path = resolve_weights(name, weights)
     model = _entry(name).factory(path)
     model.eval().requires_grad_(False)
-    return model.to(default_device(device))
+    try:
+        return model.to(default_device(device))
+    except (RuntimeError, AssertionError) as error:  # torch: no driver, not compiled with CUDA, bad ordinal
+        detail = (str(error).splitlines() or [""])[0][:160]
+        raise InvalidInputError(f"device {device!r} cannot be used here ({detail})") from None

@@ -9,6 +9,7 @@ dlib's padding formula is written once (`dlib_template_pixels`). Templates are t
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import overload
@@ -121,6 +122,16 @@ def template_for(spec: str, input_size: int) -> Template:
         raise InvalidInputError(
             f"template must be arcface, dlib or a JSON file of 5 points ({error})", path
         ) from None
-    if not (isinstance(points, list) and len(points) == 5 and all(len(p) == 2 for p in points)):
+    # every value checked, so a file of five numbers or of strings is this one-line error,
+    # not a TypeError or ValueError traceback
+    if not (
+        isinstance(points, list)
+        and len(points) == 5
+        and all(isinstance(p, list) and len(p) == 2 and all(_finite_number(v) for v in p) for p in points)
+    ):
         raise InvalidInputError("template file must hold 5 [x, y] points in chip pixels", path)
     return tuple((float(x), float(y)) for x, y in points)
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

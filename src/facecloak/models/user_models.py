@@ -17,10 +17,11 @@ from pathlib import Path
 from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError
 from facecloak.io import write_bytes_atomic
 from facecloak.models.loaders import MODEL_FILE_PATTERNS, load_network
-from facecloak.models.plugins import PluginEmbedder, load_model_file
+from facecloak.models.plugins import NAME_PATTERN, PluginEmbedder, check_plugin_card, load_model_file
 from facecloak.models.registry import (
     FaceModelCard,
     get_card,
+    is_builtin,
     list_embedders,
     register_embedder,
     unregister_embedder,
@@ -47,7 +48,7 @@ def config_dir() -> Path:
 
 def add_user_model(name: str, file: Path, **card_options) -> FaceModelCard:
     """Check that ``file`` loads and embeds, then save its card to `config_dir` and register it."""
-    if name in list_embedders() and not is_user_model(name):
+    if is_builtin(name):
         raise InvalidInputError(f"{name!r} is a built-in model; choose another name")
     model = load_model_file(file, name=name, **card_options)
     save_user_card(model.card)
@@ -62,14 +63,23 @@ def save_user_card(card: FaceModelCard) -> None:
 
 
 def is_user_model(name: str) -> bool:
-    """Whether ``name`` was added by the user (its card lives in `config_dir`)."""
-    return (config_dir() / f"{name}.json").is_file()
+    """Whether ``name`` is a model the user added: registered from its card in `config_dir`.
+
+    Not a file test: a hand-made ``dlib-resnet.json`` made the built-in look added (so it could
+    be calibrated, replaced and removed), and a broken card looked registered.
+    """
+    return name in list_embedders() and not is_builtin(name)
 
 
 def remove_user_model(name: str) -> None:
-    """Forget an added model (its file is left alone)."""
+    """Forget an added model, or delete its broken card (the model file is left alone).
+
+    Only a model name is looked up: ``../../x`` once deleted ``x.json`` outside the config folder.
+    """
+    if is_builtin(name):
+        raise InvalidInputError(f"{name!r} is a built-in model; only added models can be removed")
     target = config_dir() / f"{name}.json"
-    if not target.is_file():
+    if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name) and target.is_file()):
         raise ModelNotFoundError(f"no added model named {name!r} (see `facecloak models`)")
     target.unlink()
     unregister_embedder(name)
@@ -81,7 +91,7 @@ def _register(card: FaceModelCard) -> None:
     def locate() -> Path | None:
         return file if file.is_file() else None
 
-    @register_embedder(card, locate=locate)
+    @register_embedder(card, locate=locate, user=True)
     def factory(weights: Path | None) -> PluginEmbedder:
         return PluginEmbedder(card, load_network(weights or file))
 
@@ -98,11 +108,31 @@ def register_user_models() -> None:
         return
     for path in sorted(folder.glob("*.json")):
         try:
-            data = json.loads(path.read_text())
-            data["template"] = tuple(tuple(point) for point in data["template"])
-            _register(FaceModelCard(**data))
+            _register(_read_card(path))
         except (OSError, ValueError, TypeError, KeyError, FacecloakError) as error:
             BROKEN_CARDS.append((path, f"unreadable model card ({type(error).__name__}: {error})"))
+
+
+def _read_card(path: Path) -> FaceModelCard:
+    """The card in ``path``, checked as an added one is: its own file's name, never a built-in's.
+
+    A card edited to name ``dlib-resnet`` replaced the built-in model for every command, and a
+    name that is no string (or unlike its file) broke every listing of the models.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    name = data.get("name")
+    if name != path.stem or not NAME_PATTERN.fullmatch(path.stem):
+        raise ValueError(f"its name {name!r} must be its file's name, a valid model name")
+    if is_builtin(name):
+        raise ValueError(f"{name!r} is a built-in model's name")
+    data["template"] = tuple(tuple(point) for point in data["template"])
+    card = FaceModelCard(**data)
+    check_plugin_card(card)
+    if card.embedding_dim < 1:  # measured when added; the evaluator sizes its tables by it
+        raise ValueError(f"embedding width {card.embedding_dim} must be at least 1")
+    return card
 
 
 def models_search_roots() -> list[Path]:
