@@ -1326,3 +1326,161 @@ def test_a_donors_grey_features_stay_grey_in_a_cooler_skin():
     assert torch.allclose(skin_ab, torch.tensor([10.0, 12.0]), atol=1.5), skin_ab
     assert float(patch_ab.min()) > -1.0, patch_ab  # a shift gave b* -8: blue
     assert float(patch_ab.abs().max()) < 6.0, patch_ab  # near neutral, not the skin's colour
+
+
+def test_a_damaged_embeddings_file_says_how_to_fix_and_refresh_mends_it(bank, models, detector, tmp_path):
+    """A truncated ``embeddings.npz`` (not a zip any more) was a traceback from every command
+    that loads the bank, `donors list` included; and the fix every embeddings error names,
+    `donors refresh`, loaded the embeddings first and failed the same way."""
+    copy = tmp_path / "damaged-bank"
+    shutil.copytree(bank.folder, copy)
+    path = copy / "embeddings.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DonorBankError, match=f"donors refresh {copy}`") as error:
+        load_bank(copy)  # a bank outside the data folder is named by its path
+    assert "\n" not in str(error.value)
+    mended = refresh_bank(copy, models, detector)
+    assert mended.ids == bank.ids
+    for name, table in bank.embeddings.items():
+        assert torch.allclose(mended.embeddings[name], table, atol=1e-4)
+    path.unlink()  # missing altogether: the same error, the same fix
+    with pytest.raises(DonorBankError, match="donors refresh"):
+        load_bank(copy)
+    assert refresh_bank(copy, models[:1], detector).ids == bank.ids
+
+
+def test_a_deleted_chip_names_its_donor_and_the_fix(bank, tmp_path):
+    """A chip deleted by hand failed each photo whose donors included it with the file's path
+    alone; the error names the donor and the command that mends the bank."""
+    copy = tmp_path / "chipless-bank"
+    shutil.copytree(bank.folder, copy)
+    (copy / "chips" / f"{bank.ids[2]}.png").unlink()
+    damaged = load_bank(copy)
+    assert damaged.chips([0, 1]).shape[0] == 2
+    with pytest.raises(DonorBankError, match=f"donors remove {copy} --donor {bank.ids[2]}`") as error:
+        damaged.chips([1, 2])
+    assert "\n" not in str(error.value)
+    remove_donors(copy, [bank.ids[2]])
+    assert len(load_bank(copy).chips(range(DONORS - 1))) == DONORS - 1
+
+
+def test_replace_faces_by_bank_name_builds_one_replacer(bank, models, detector, lfw_dir):
+    """`replace_faces(..., "NAME")` (and ``Anonymizer("replace", bank=NAME)``, once per batch)
+    loaded the bank afresh each call, so each call built and kept a new replacer: 25 MB more per
+    call with dlib-resnet alone. One is kept per bank while its folder is unchanged."""
+    photo = sorted(_people(lfw_dir / "images", 10, 10_000)[0].glob("*.jpg"))[3]
+    small = F.interpolate(io.read_image(photo).pixels[None], size=(90, 90), mode="area")[0]
+    faces = detector([small])  # a face under min_face: blurred, so each call is quick
+    assert len(faces)
+    replace_module._replacers.clear()
+    first = replace_faces([small], faces, "lfw-test", models=models, detector=detector)
+    again = replace_faces([small], faces, "lfw-test", models=models, detector=detector)
+    assert len(replace_module._replacers) == 1
+    assert torch.equal(first.images[0], again.images[0])
+    (replacer,) = replace_module._replacers.values()
+    assert replacer.bank.folder == bank.folder
+    # the bank changed on disk (donors added or removed): loaded again, and its old replacer goes
+    manifest = bank.folder / "bank.json"
+    stamp = manifest.stat()
+    os.utime(manifest, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))
+    replace_faces([small], faces, "lfw-test", models=models, detector=detector)
+    assert len(replace_module._replacers) == 1
+    assert next(iter(replace_module._replacers.values())) is not replacer
+    replace_module._replacers.clear()
+
+
+def test_many_donors_per_face_plan_a_bounded_number_of_sets(bank, models, targets, monkeypatch):
+    """After a try that fell short the pool of donors doubles (to 28): at --donors-per-face 8
+    its 3.1 million sets took 46 s and 7.7 GB to plan one face, after every such try. The pool
+    narrows until it gives at most `MAX_DONOR_SETS`; 3 donors (3,276 sets) plan as before."""
+    images, faces = targets
+    # the bank's 12 donors three times over: a pool of 28 from a bank of 36
+    bigger = DonorBank(
+        name="bigger",
+        folder=bank.folder,
+        donors=[dict(donor, id=f"{donor['id']}-{k}") for k in range(3) for donor in bank.donors],
+        points=bank.points.repeat(3, 1, 1),
+        pose=bank.pose.repeat(3, 1),
+        stats=bank.stats.repeat(3, 1),
+        embeddings={name: table.repeat(3, 1) for name, table in bank.embeddings.items()},
+        models=bank.models,
+    )
+    plan, target = _donor_choice_inputs(images[0], faces.select([0]), models)
+    scored = []
+    predicted = FaceReplacer._predicted_margins
+
+    def counted(self, combos, target_):
+        scored.append(len(combos))
+        return predicted(self, combos, target_)
+
+    monkeypatch.setattr(FaceReplacer, "_predicted_margins", counted)
+    replacer = FaceReplacer(bigger, models, donors_per_face=5, prefer_beyond=1.2)
+    sets = replacer._donor_sets(*plan, target, 0, shrink=torch.full((len(models),), 0.9))
+    assert sets and all(len(rows) == 5 for rows, _ in sets)
+    assert len(scored) == 1 and 0 < scored[0] <= 25_000, scored  # `MAX_DONOR_SETS`; 42,504 before
+
+
+def test_a_manifest_edited_by_hand_is_a_one_line_error(bank, data_home, tmp_path):
+    """A donor record that lost a field (a hand edit) was a KeyError traceback from every command
+    that loads the bank, `donors list` of every bank included."""
+    copy = tmp_path / "edited-bank"
+    shutil.copytree(bank.folder, copy)
+    manifest = json.loads((copy / "bank.json").read_text())
+    del manifest["donors"][1]["pose"]
+    (copy / "bank.json").write_text(json.dumps(manifest))
+    with pytest.raises(DonorBankError, match="bank manifest is damaged.*'pose'") as error:
+        load_bank(copy)
+    assert "\n" not in str(error.value)
+
+
+def test_a_donor_named_twice_is_removed_and_counted_once(bank, tmp_path):
+    copy = tmp_path / "removal-bank"
+    shutil.copytree(bank.folder, copy)
+    assert remove_donors(copy, [bank.ids[0], bank.ids[0]]) == 1  # said "removed 2 donor(s)"
+    assert load_bank(copy).ids == bank.ids[1:]
+
+
+def test_a_replacer_without_a_seed_is_refused_at_once(bank, models):
+    """`check_seed` lets None through (a fresh draw, for a cloak); the replacer then failed with a
+    TypeError deep in its first donor draw."""
+    with pytest.raises(InvalidInputError, match="seed must be an integer"):
+        FaceReplacer(bank, models, seed=None)
+
+
+def test_refresh_embeds_a_block_at_a_time(tmp_path, bank, models, detector, monkeypatch):
+    """`donors refresh` held every chip of the bank as floats and detected them all in one batch
+    (0.8 MB a donor: 8 GB for ten thousand); it goes `EMBED_BLOCK` chips at a time, as `donors add`
+    does, to the same embeddings and statistics."""
+    from facecloak import donors as donors_module
+
+    copy = tmp_path / "refreshed-bank"
+    shutil.copytree(bank.folder, copy)
+    sizes = []
+    embed = donors_module.embed_donor_chips
+
+    def counted(chips, models_, detector_=None):
+        sizes.append(len(chips))
+        return embed(chips, models_, detector_)
+
+    monkeypatch.setattr(donors_module, "EMBED_BLOCK", 5)
+    monkeypatch.setattr(donors_module, "embed_donor_chips", counted)
+    refreshed = refresh_bank(copy, models, detector)
+    assert sizes == [5, 5, DONORS - 10], sizes
+    assert refreshed.ids == bank.ids and torch.allclose(refreshed.stats, bank.stats, atol=1e-3)
+    for name, table in bank.embeddings.items():
+        assert torch.allclose(refreshed.embeddings[name], table, atol=1e-5), name
+
+
+def test_donors_add_lists_the_files_it_passes_over(tmp_path, donor_dir, models, detector):
+    """The folder walk's passed-over files were dropped: a link to a folder of donor photos
+    (not followed) added nothing and said nothing. Listed now, as a batch lists them."""
+    photos = tmp_path / "donor-photos"
+    photos.mkdir()
+    shutil.copy(sorted(donor_dir.glob("*.jpg"))[0], photos)
+    (photos / "LICENCE.txt").write_text("own photos")
+    (photos / "more").symlink_to(donor_dir, target_is_directory=True)
+    report = add_donors([photos], models, bank=tmp_path / "walked", detector=detector)
+    assert len(report.added) == 1
+    reasons = {Path(path).name: reason for path, reason in report.passed_over}
+    assert reasons.keys() == {"LICENCE.txt", "more"} and "not followed" in reasons["more"]
+    assert "2 file(s) passed over" in str(report) and len(report.to_dict()["passed_over"]) == 2

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,7 @@ class DonorBank:
         out = []
         for row in rows:
             if row not in self._chips:
-                pixels = io.read_image(self.folder / "chips" / f"{self.donors[row]['id']}.png").pixels
+                pixels = self._read_chip(row, f"{self.donors[row]['id']}.png")
                 if pixels.shape[-2:] != (CHIP_SIZE_PX, CHIP_SIZE_PX):
                     raise DonorBankError(
                         f"chip of donor {self.donors[row]['id']} has the wrong size", self.folder
@@ -136,6 +137,23 @@ class DonorBank:
                 self._chips[row] = (pixels * 255).round().to(torch.uint8)
             out.append(self._chips[row].float() / 255)
         return torch.stack(out) if out else torch.zeros(0, 3, CHIP_SIZE_PX, CHIP_SIZE_PX)
+
+    def _read_chip(self, row: int, name: str) -> Tensor:
+        """(3, h, w) pixels of one chip file of donor ``row``.
+
+        A chip deleted or damaged by hand failed every photo whose donors included it with only
+        the file's path: the error says which donor it is and how to mend the bank.
+        """
+        try:
+            return io.read_image(self.folder / "chips" / name).pixels
+        except FacecloakError as error:
+            donor_id = self.donors[row]["id"]
+            raise DonorBankError(
+                f"chip of donor {donor_id} is missing or unreadable ({error.reason}); "
+                f"run `facecloak donors remove {self._called()} --donor {donor_id}` "
+                "(and `facecloak donors add` its photo again to keep it)",
+                error.path,
+            ) from None
 
     def detail_scale(self, row: int) -> int:
         """How much finer than its chip a donor's detail chip is (1: it has none)."""
@@ -151,8 +169,7 @@ class DonorBank:
         size = CHIP_SIZE_PX * DETAIL_SCALE
         for row in rows:
             if self.detail_scale(row) == DETAIL_SCALE:
-                path = self.folder / "chips" / f"{self.donors[row]['id']}@{DETAIL_SCALE}x.jpg"
-                pixels = io.read_image(path).pixels
+                pixels = self._read_chip(row, f"{self.donors[row]['id']}@{DETAIL_SCALE}x.jpg")
                 if pixels.shape[-2:] != (size, size):
                     raise DonorBankError(
                         f"detail chip of donor {self.donors[row]['id']} has the wrong size", self.folder
@@ -184,7 +201,7 @@ class DonorBank:
 
     def _called(self) -> str:
         """What to give a command for this bank: its name in the data folder, else its path."""
-        return self.name if bank_folder(self.name).resolve() == self.folder.resolve() else str(self.folder)
+        return _called(self.name, self.folder)
 
     def summary(self) -> dict:
         """Name, folder, size, models and licence notes, for ``facecloak donors list``."""
@@ -200,6 +217,19 @@ class DonorBank:
         }
 
 
+def _called(name: str, folder: Path) -> str:
+    """What to give a command for the bank in ``folder``: ``name`` where that finds it, else its path.
+
+    A bank given by its path outside the data folder was told to run ``--bank NAME``, which
+    made or mended another bank, in the data folder.
+    """
+    try:
+        found = bank_folder(name).resolve() == folder.resolve()
+    except DonorBankError:  # not a valid name
+        found = False
+    return name if found else str(folder)
+
+
 def _describe(models: dict[str, str]) -> str:
     return ", ".join(sorted(models)) if models else "(none)"
 
@@ -207,8 +237,14 @@ def _describe(models: dict[str, str]) -> str:
 # -- reading -----------------------------------------------------------------------------------
 
 
-def load_bank(name: str | Path = DEFAULT_BANK, *, allow_empty: bool = False) -> DonorBank:
+def load_bank(
+    name: str | Path = DEFAULT_BANK, *, allow_empty: bool = False, embeddings: bool = True
+) -> DonorBank:
     """Load a bank by name (or folder path).
+
+    ``embeddings``: read ``embeddings.npz`` too. `facecloak.donors.refresh_bank` loads without
+    them: it writes them anew from the chips, so a bank whose embeddings are missing or damaged is
+    mended by the command its error names.
 
     Raises:
         DonorBankError: no such bank, an empty bank, or a damaged one; the message says what to run.
@@ -216,10 +252,11 @@ def load_bank(name: str | Path = DEFAULT_BANK, *, allow_empty: bool = False) -> 
     folder = bank_folder(name)
     manifest_path = folder / "bank.json"
     label = Path(name).name
+    called = _called(label, folder)
     if not manifest_path.is_file():
         raise DonorBankError(
             f"no donor bank {label!r} (looked in {folder}); create it with "
-            f"`facecloak donors add PHOTOS_DIR --bank {label}`"
+            f"`facecloak donors add PHOTOS_DIR --bank {called}`"
         )
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -234,20 +271,32 @@ def load_bank(name: str | Path = DEFAULT_BANK, *, allow_empty: bool = False) -> 
     donors = manifest.get("donors", [])
     if not donors and not allow_empty:
         raise DonorBankError(
-            f"donor bank {label!r} is empty; add photos with `facecloak donors add PHOTOS_DIR --bank {label}`"
+            f"donor bank {label!r} is empty; "
+            f"add photos with `facecloak donors add PHOTOS_DIR --bank {called}`"
         )
-    embeddings = _read_embeddings(folder, [d["id"] for d in donors], manifest.get("models", {}))
-    complete = all(len(d["stats"]) == len(FACE_STATISTICS) for d in donors)
+    try:  # a manifest edited by hand: one line that says so, not a traceback from every command
+        ids = [d["id"] for d in donors]
+        complete = all(len(d["stats"]) == len(FACE_STATISTICS) for d in donors)
+        points = _tensor([d["chip_landmarks"] for d in donors], (0, 5, 2))
+        pose = _tensor([d["pose"] for d in donors], (0, 3))
+        stats = _tensor([d["stats"] for d in donors] if complete else [], (0, len(FACE_STATISTICS)))
+        outside = outside_shares(donors)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        raise DonorBankError(
+            f"bank manifest is damaged (a donor record is incomplete: {type(error).__name__} {error})",
+            manifest_path,
+        ) from None
     bank = DonorBank(
         name=label,  # the folder's: a copied or renamed bank is called by its new name
         folder=folder,
         donors=donors,
-        points=_tensor([d["chip_landmarks"] for d in donors], (0, 5, 2)),
-        pose=_tensor([d["pose"] for d in donors], (0, 3)),
-        stats=_tensor([d["stats"] for d in donors] if complete else [], (0, len(FACE_STATISTICS))),
-        embeddings=embeddings,
+        points=points,
+        pose=pose,
+        stats=stats,
+        embeddings=_read_embeddings(folder, called, ids, manifest.get("models", {})) if embeddings else {},
         models=manifest.get("models", {}),
         sources=manifest.get("sources", []),
+        outside=outside,
     )
     if not complete:
         # made by an older facecloak, before its last statistic: computed from the stored chips
@@ -282,7 +331,8 @@ def _tensor(rows: list, empty_shape: tuple[int, ...]) -> Tensor:
     return torch.tensor(rows, dtype=torch.float32) if rows else torch.zeros(empty_shape)
 
 
-def _read_embeddings(folder: Path, ids: list[str], models: dict) -> dict[str, Tensor]:
+def _read_embeddings(folder: Path, called: str, ids: list[str], models: dict) -> dict[str, Tensor]:
+    """Each model's (N, D) embeddings of donors ``ids``; ``called``: the bank as a command names it."""
     path = folder / "embeddings.npz"
     if not ids:
         return {name: torch.zeros(0, 1) for name in models}
@@ -290,16 +340,20 @@ def _read_embeddings(folder: Path, ids: list[str], models: dict) -> dict[str, Te
         with np.load(path) as data:
             stored_ids = [str(v) for v in data["ids"]]
             tables = {name: data[name] for name in models}
-    except (OSError, KeyError, ValueError) as error:
+        if any(len(table) != len(stored_ids) for table in tables.values()):
+            raise ValueError("a model's table and the ids differ in length")
+    # a truncated or overwritten file is not a zip (BadZipFile) or ends early (EOFError): the same
+    # one-line error with its fix as a missing file, not a traceback from every command that loads it
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise DonorBankError(
-            f"bank embeddings are missing or damaged ({error}); run `facecloak donors refresh {folder.name}`",
+            f"bank embeddings are missing or damaged ({error}); run `facecloak donors refresh {called}`",
             path,
         ) from None
     row = {donor_id: i for i, donor_id in enumerate(stored_ids)}
     missing = [donor_id for donor_id in ids if donor_id not in row]
     if missing:
         raise DonorBankError(
-            f"{len(missing)} donor(s) have no embedding; run `facecloak donors refresh {folder.name}`", path
+            f"{len(missing)} donor(s) have no embedding; run `facecloak donors refresh {called}`", path
         )
     order = [row[donor_id] for donor_id in ids]
     return {

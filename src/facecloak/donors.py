@@ -82,6 +82,9 @@ class AddReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     total_donors: int = 0
+    passed_over: list[tuple[str, str]] = field(default_factory=list)
+    """Files of the folders given that were not read: not a photo's suffix, a link to a folder
+    (not followed), a second path to a photo. Listed, as a batch lists them, never dropped silently."""
 
     def __str__(self) -> str:
         lines = [
@@ -90,6 +93,9 @@ class AddReport:
         if self.skipped:
             lines.append(f"  {len(self.skipped)} photo(s) skipped (no usable face, or in the bank already):")
             lines += [f"    {path}: {reason}" for path, reason in self.skipped]
+        if self.passed_over:
+            lines.append(f"  {len(self.passed_over)} file(s) passed over:")
+            lines += [f"    {path}: {reason}" for path, reason in self.passed_over]
         if self.failed:
             lines.append(f"  {len(self.failed)} file(s) failed:")
             lines += [f"    error: {reason}" for _, reason in self.failed]
@@ -104,6 +110,7 @@ class AddReport:
             "total_donors": self.total_donors,
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "failed": [{"path": p, "error": r} for p, r in self.failed],
+            "passed_over": [{"path": p, "reason": r} for p, r in self.passed_over],
         }
 
 
@@ -143,8 +150,9 @@ def add_donors(
     if existing is not None:
         existing.check_models(models)
     detector = detector or FaceDetector()
-    jobs, _ = io.collect_images(paths)
+    jobs, passed_over = io.collect_images(paths)
     report = AddReport(bank=folder.name, folder=str(folder))
+    report.passed_over = [(str(path), reason) for path, reason in passed_over]
     records: list[dict] = []
     pending: list[Tensor] = []  # chips not yet embedded and written: at most EMBED_BLOCK
     embedded: dict[str, list[np.ndarray]] = {model.card.name: [] for model in models}
@@ -403,6 +411,7 @@ def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int:
     if not ids:
         shutil.rmtree(bank_data.folder)
         return len(bank_data)
+    ids = list(dict.fromkeys(ids))  # a donor named twice is removed, and counted, once
     unknown = sorted(set(ids) - set(bank_data.ids))
     if unknown:
         raise DonorBankError(f"no donor {', '.join(unknown)} in bank {bank_data.name!r}")
@@ -429,21 +438,35 @@ def refresh_bank(
     Colour statistics are recomputed from the chips too, so a bank made by an older facecloak
     picks up new statistics, and a donor added before photo sizes were stored gets its photo's
     (read again from its source, where that still exists), so a face cut off by the photo's edge
-    is found and left out (`DonorBank.usable`).
+    is found and left out (`DonorBank.usable`). The bank's embeddings are not read: this is how
+    a bank whose embeddings are missing or damaged is mended (`load_bank` says to run it).
     """
-    bank_data = load_bank(bank, allow_empty=True)
+    bank_data = load_bank(bank, allow_empty=True, embeddings=False)
     if not models:
         raise DonorBankError("no face model is available to embed donors; see `facecloak models`")
-    chips = bank_data.chips(range(len(bank_data)))
-    embeddings = embed_donor_chips(chips, models, detector) if len(chips) else {}
+    # `EMBED_BLOCK` chips at a time, as `add_donors` does: every chip of the bank held as floats at
+    # once (0.8 MB a donor, 8 GB for ten thousand) and detected in one batch did not scale
+    detector = detector or FaceDetector()
+    parts: dict[str, list[np.ndarray]] = {model.card.name: [] for model in models}
+    measured = [torch.zeros(0, len(FACE_STATISTICS))]
+    for start in range(0, len(bank_data), EMBED_BLOCK):
+        rows = range(start, min(len(bank_data), start + EMBED_BLOCK))
+        chips = bank_data.chips(rows)
+        for name, table in embed_donor_chips(chips, models, detector).items():
+            parts[name].append(table)
+        measured.append(face_statistics(chips))
+        for row in rows:
+            bank_data._chips.pop(row, None)
     tables = {
-        model.card.name: embeddings.get(model.card.name, np.zeros((0, model.card.embedding_dim), np.float32))
+        model.card.name: np.concatenate(parts[model.card.name])
+        if parts[model.card.name]
+        else np.zeros((0, model.card.embedding_dim), np.float32)
         for model in models
     }
     _write_npz(bank_data.folder / "embeddings.npz", {"ids": np.array(bank_data.ids, dtype=str), **tables})
     manifest = json.loads((bank_data.folder / "bank.json").read_text())
     manifest["models"] = _manifest(bank_data.folder, bank_data, models)["models"]
-    stats = face_statistics(chips) if len(chips) else torch.zeros(0, len(FACE_STATISTICS))
+    stats = torch.cat(measured)
     for donor, row in zip(manifest["donors"], stats):
         donor["stats"] = [round(float(v), 4) for v in row]
         if "photo_size" not in donor:

@@ -37,6 +37,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ from facecloak.cloak import AwayCloak
 from facecloak.cloak.verify import match_redetected, redetect
 from facecloak.defaults import REPLACE_FALLBACKS, VERIFY_JPEG_QUALITY
 from facecloak.detect import FaceDetector
-from facecloak.donor_bank import DonorBank, load_bank
+from facecloak.donor_bank import DonorBank, bank_folder, load_bank
 from facecloak.embed import embed_faces, model_device
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
@@ -83,6 +84,13 @@ face instead of 3.0); 7 tries 31 and 31 of the first two (3.9)."""
 _SETS_PER_ATTEMPT = 30
 """Donor sets kept per face and attempt, best first (180 of the 364 a pool of 14 gives at 6
 attempts): each failed try rules out at most 3 donors, each in about a fifth of the sets."""
+
+MAX_DONOR_SETS = 25_000
+"""Most donor sets of one pool that are scored, when a face is planned: the pool is narrowed
+(its costliest donors left out) until it gives no more. After a try that fell short the pool
+doubles to 28, and at ``--donors-per-face 8`` its 3.1 million sets took 46 s and 7.7 GB to plan
+one face, again after every such try (6 donors: 2.6 s and 1.3 GB). A pool of 28 gives 3,276 sets
+of 3 donors (the default) and 20,475 of 4: those plans are unchanged."""
 
 _WARP_GROUPS = 16
 """Faces whose donors are registered in one call (bounds the memory of a round)."""
@@ -309,6 +317,8 @@ class FaceReplacer:
             )
         self.donors_per_face = int(donors_per_face)
         self.seed = check_seed(seed)
+        if self.seed is None:  # `check_seed` lets None through ("a fresh draw"): here a TypeError later
+            raise InvalidInputError("seed must be an integer: a replacement is reproducible from its seed")
         self.attempts = int(attempts)
         self.margin = float(margin)
         self.donor_margins = {
@@ -739,6 +749,10 @@ class FaceReplacer:
         cost[~bank.usable] = math.inf  # cut off by its photo's edge: black or someone else in its chip
         order = cost.argsort()
         pool_size = self.pool if shrink is None else 2 * self.pool
+        while (
+            pool_size > self.donors_per_face and math.comb(pool_size, self.donors_per_face) > MAX_DONOR_SETS
+        ):
+            pool_size -= 1
         pool = [int(r) for r in order[:pool_size] if math.isfinite(float(cost[r]))]
         if len(pool) < self.donors_per_face:
             return []
@@ -1070,6 +1084,29 @@ def _available_models() -> list[Embedder]:
 
 
 _replacers: dict[tuple, FaceReplacer] = {}
+_banks: dict[str, tuple[tuple[int, int], DonorBank]] = {}
+
+
+def _named_bank(name: str | Path) -> DonorBank:
+    """The bank called ``name``, loaded again only when its manifest changed.
+
+    `replace_faces` keeps one replacer per bank object: a bank loaded afresh on every call (a
+    name given to it, or to ``Anonymizer("replace", bank=NAME)`` once per batch) built and kept
+    a new replacer, with new models, each time (25 MB more per call with dlib-resnet alone).
+    """
+    manifest = bank_folder(name) / "bank.json"
+    try:
+        stat = manifest.stat()
+    except OSError:
+        return load_bank(name)  # raises the error that says what to run
+    key, stamp = str(manifest.resolve()), (stat.st_mtime_ns, stat.st_size)
+    held = _banks.get(key)
+    if held is None or held[0] != stamp:
+        if held is not None:  # the bank changed on disk: its replacers go with its old version
+            for stale in [k for k, replacer in _replacers.items() if replacer.bank is held[1]]:
+                del _replacers[stale]
+        _banks[key] = (stamp, load_bank(name))
+    return _banks[key][1]
 
 
 def replace_faces(
@@ -1104,7 +1141,7 @@ def replace_faces(
         >>> result.protected
         tensor([True])
     """
-    bank = load_bank(bank) if not isinstance(bank, DonorBank) else bank
+    bank = _named_bank(bank) if not isinstance(bank, DonorBank) else bank
     key = (
         str(bank.folder),
         id(bank),
