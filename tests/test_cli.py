@@ -312,6 +312,18 @@ def test_a_face_protected_only_by_not_being_found_again_is_said_so(runner, sampl
     assert f" {shown} " in row
 
 
+def test_a_replaced_face_kept_after_failing_says_which_check_it_failed():
+    """``--fallback keep``: the summary said "NOT protected (fell short of the target)" and the
+    cloak's advice (a higher --level); the reason, e.g. a donor still matched, was in the JSON only."""
+    from facecloak.batch import BatchReport, FileOutcome
+
+    face = {"protected": False, "method": "replace", "reason": "still matches a donor used (0.58 < 0.63)"}
+    outcome = FileOutcome("a.jpg", "unprotected", output="out/a_replace.jpg", faces=[face])
+    text = str(BatchReport("anonymize", {}, [outcome]))
+    assert "a.jpg: still matches a donor used (0.58 < 0.63)" in text
+    assert "fell short of the target" not in text and "--level" not in text
+
+
 def test_a_written_file_that_changes_a_face_more_than_its_cloak_is_listed():
     from facecloak.batch import BatchReport, FileOutcome
 
@@ -515,3 +527,19 @@ def test_ctrl_c_exits_130_not_1(runner, samples_dir, tmp_path, monkeypatch):
     result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path)])
     assert result.exit_code == 130, result.output
     assert "interrupted: every output written so far is whole" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["anonymize", "cloak", "detect"])
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(runner, samples_dir, tmp_path, command):
+    """``--device cuda`` without a GPU gave torch's traceback (cloak), or a C++ abort with the
+    batch's threads running (anonymize, exit 134); a misspelt device the same."""
+    import torch
+
+    photo = str(samples_dir / "astronaut.jpg")
+    devices = ["cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        extra = [] if command == "detect" else ["-o", str(tmp_path / "out")]
+        result = runner.invoke(main, [command, photo, "--device", device, *extra])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: device '{device}'")
+        assert not (tmp_path / "out").exists()

@@ -453,6 +453,17 @@ def test_cli_donor_margin_sets_one_margin_for_every_model(data_home, donor_dir, 
     assert report["options"]["donor_margin"] == 3.0
     blur = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path / "b"), "--donor-margin", "1.1"])
     assert blur.exit_code == 2 and "--donor-margin is for --method replace" in blur.output
+    # more donors per face than the bank holds: a usage error before any work (every photo failed, exit 3)
+    few = tmp_path / "three donors"
+    few.mkdir()
+    for donor in sorted(donor_dir.glob("*.jpg"))[:3]:
+        shutil.copy(donor, few / donor.name)
+    assert runner.invoke(main, ["donors", "add", str(few), "--bank", "threebank"]).exit_code == 0
+    many = ["anonymize", photo, "-o", str(tmp_path / "many"), "--method", "replace", "--donors", "threebank"]
+    too_many = runner.invoke(main, [*many, "--donors-per-face", "4"])
+    assert too_many.exit_code == 2, too_many.output
+    assert "holds 3 donor(s), fewer than --donors-per-face 4" in too_many.output
+    assert not (tmp_path / "many").exists()
 
 
 def test_cli_bad_banks_are_one_line_usage_errors(data_home, lfw_dir, tmp_path):

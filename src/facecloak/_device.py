@@ -6,10 +6,30 @@ import torch
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else CUDA when present, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` if given and usable here, else CUDA when present, else CPU.
+
+    Raises:
+        InvalidInputError: ``device`` is not a torch device, or a CUDA device this machine does
+            not have (``--device cuda`` without a GPU failed deep in torch, with its traceback).
+    """
+    from facecloak.errors import InvalidInputError
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidInputError(
+            f"device {str(device)!r} is not a torch device (cpu, cuda, cuda:0...)"
+        ) from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"device {str(device)!r}: no CUDA GPU is available here (--device cpu)")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise InvalidInputError(
+                f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    return chosen
 
 
 def cloak_batch_size(device: str | torch.device | None = None) -> int:

@@ -170,11 +170,18 @@ class BatchReport:
             )
             lines += [f"    {o.path}" for o in self.outcomes if o.status == "no_face"]
         if self.unprotected_faces:
-            lines.append(f"  {self.unprotected_faces} face(s) NOT protected (fell short of the target):")
+            why = " (fell short of the target)" if self.command == "cloak" else ""
+            lines.append(f"  {self.unprotected_faces} face(s) NOT protected{why}:")
             explained = False
             for o in self.outcomes:
                 if o.status == "unprotected":
-                    short = [_shortfall(face) for face in o.faces if face.get("protected") is False]
+                    # a cloak's shortfall by model; a replaced face kept after failing (--fallback
+                    # keep) says which check it failed
+                    short = [
+                        _shortfall(face) or face.get("reason", "")
+                        for face in o.faces
+                        if face.get("protected") is False
+                    ]
                     details = "; ".join(text for text in short if text)
                     explained = explained or bool(details)
                     lines.append(f"    {o.path}" + (f": {details}" if details else ""))
@@ -183,6 +190,7 @@ class BatchReport:
                 for o in self.outcomes
                 for face in o.faces
             )
+            explained = explained and self.command == "cloak"  # the hints below are a cloak's
             if explained and not short_after_escalating:
                 lines.append(
                     "    (a higher --level, or --escalate for these faces alone, moves faces further, "

@@ -18,12 +18,21 @@ import click
 from facecloak import __version__
 from facecloak.cli import anonymize, cloak, donors, evaluate, faces, models, serve
 from facecloak.cli.options import CONTEXT
-from facecloak.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE
+from facecloak.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNPROTECTED,
+    EXIT_USAGE,
+    FacecloakError,
+)
 
 
 class _Commands(click.Group):
-    """The command group, with Ctrl-C as its own exit code.
+    """The command group: any facecloak error one line, and Ctrl-C its own exit code.
 
+    A `FacecloakError` a command did not catch itself (a device this machine does not have,
+    found before the batch starts) is ``error: <reason>`` and its exit code, never a traceback.
     click turns Ctrl-C into "Aborted!" and exit code 1, which a script reads as "a face NOT
     protected". Every output is written whole or not at all, so the same command again goes on.
     """
@@ -31,6 +40,9 @@ class _Commands(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except FacecloakError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo(
                 "interrupted: every output written so far is whole; "

@@ -195,7 +195,7 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
     from facecloak.models.registry import get_card
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import ReplaceFaces
-    from facecloak.replace import REPLACE_MIN_FACE_PX, FaceReplacer
+    from facecloak.replace import DONORS_PER_FACE, REPLACE_MIN_FACE_PX, FaceReplacer
 
     if donor_bank is None:
         raise click.UsageError(
@@ -213,6 +213,12 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
         bank = load_bank(donor_bank)
         model_names = choose_embedders(None)
         bank.check_models([get_card(name) for name in model_names], exact=False)  # before any work
+        wanted = replacer_options.get("donors_per_face", DONORS_PER_FACE)
+        if len(bank) < wanted:  # found only when building the replacer: every photo failed, exit 3
+            raise DonorBankError(
+                f"bank {bank.name!r} holds {len(bank)} donor(s), fewer than --donors-per-face {wanted}: "
+                "add donors (`facecloak donors add`) or ask for fewer"
+            )
     except DonorBankError as error:
         fail(error, EXIT_USAGE)
     except FacecloakError as error:

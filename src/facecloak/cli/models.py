@@ -215,10 +215,12 @@ def models_calibrate(name, data, far, max_photos, device) -> None:
             )
         model = create_embedder(name, device=device)
         result = calibrate_threshold(model, data, far=far, max_photos=max_photos)
+        # four decimals, or four significant digits for a threshold they would make 0 (refused)
+        threshold = round(result.threshold, 4) or float(f"{result.threshold:.4g}")
+        save_user_card(replace(card, match_threshold=threshold))  # an unwritable config: one line
     except FacecloakError as error:
         fail(error, error.exit_code)
-    save_user_card(replace(card, match_threshold=round(result.threshold, 4)))
-    click.echo(f"{result.summary()}\nsaved: {name} now matches below {round(result.threshold, 4)}")
+    click.echo(f"{result.summary()}\nsaved: {name} now matches below {threshold}")
 
 
 @models.command("remove", context_settings=CONTEXT)

@@ -148,7 +148,15 @@ def verify_detect_options(function: Callable) -> Callable:
 
 
 def batch_options(out_dir: Path | None, **values) -> Options:
-    """The batch `Options` from a command's option values (defaults as in `facecloak.defaults`)."""
+    """The batch `Options` from a command's option values (defaults as in `facecloak.defaults`).
+
+    A ``--device`` this machine does not have is refused here, before any photo or model is
+    touched (deep in a batch, with its threads running, it ended in a C++ abort).
+    """
+    if values.get("device"):
+        from facecloak._device import default_device
+
+        default_device(values["device"])
     format_name = (values.get("format_name") or "input").lower()
     return Options(
         out_dir=str(out_dir) if out_dir else None,

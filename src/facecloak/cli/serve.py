@@ -120,6 +120,10 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_names = tuple(split_names(models)) or None
+    if device:  # refused here in one line, not inside the server's start-up with a traceback
+        from facecloak._device import default_device
+
+        default_device(device)
     if donor_bank is not None:
         donor_bank = _checked_bank(donor_bank, models)
     settings = ServiceSettings(
