@@ -106,6 +106,68 @@ def test_exceptions(group):
         blur_faces(images, faces.shifted(3))
 
 
+ODD_FACES = (
+    "NaN box",
+    "infinite box",
+    "NaN landmark",
+    "NaN score",
+    "float image index",
+    "x2 before x1",
+    "empty box",
+    "box right of the photo",
+    "box above the photo",
+)
+
+
+def odd_face(faces: Faces, case: str) -> Faces:
+    """``faces``' first face with one value changed into what no detector gives (`ODD_FACES`)."""
+    one = faces.select([0])
+    boxes, landmarks, scores, index = one.boxes.clone(), one.landmarks.clone(), one.scores, one.image_index
+    nan = float("nan")
+    if case == "NaN box":
+        boxes[0, 2] = nan
+    elif case == "infinite box":
+        boxes[0, 0] = -float("inf")
+    elif case == "NaN landmark":
+        landmarks[0, 3, 1] = nan
+    elif case == "NaN score":
+        scores = torch.full((1,), nan)
+    elif case == "float image index":
+        index = index.float()
+    elif case == "x2 before x1":
+        boxes = boxes[:, [2, 1, 0, 3]]
+    elif case == "empty box":
+        boxes = boxes[:, [0, 1, 0, 3]]
+    elif case == "box right of the photo":
+        boxes += torch.tensor([5000.0, 0.0, 5000.0, 0.0])
+    elif case == "box above the photo":
+        boxes -= torch.tensor([0.0, 5000.0, 0.0, 5000.0])
+    return Faces(boxes, landmarks, scores, index)
+
+
+@pytest.mark.parametrize("case", ODD_FACES)
+def test_faces_built_by_hand_with_odd_values_are_refused_in_one_line(group, case):
+    """A NaN, an infinite coordinate, a float image index, an empty or inverted box or one wholly
+    outside the photo: `InvalidInputError` naming what is wrong. Before 2026-12-07 a NaN box failed
+    with "cannot convert float NaN to integer", a float index with a slice error, and a box off the
+    photo or inverted was passed over in silence, the photo returned as if anonymised."""
+    images, faces = group
+    for method in ("blur", "pixelate", "mask"):
+        with pytest.raises(InvalidInputError, match="faces"):
+            anonymize_faces(images, odd_face(faces, case), method)
+
+
+def test_a_box_partly_off_the_photo_and_landmarks_outside_it_are_still_a_face(group):
+    """What the check refuses is only what cannot be a face: a face cut off by the edge is covered."""
+    images, faces = group
+    one = faces.select([0])
+    shift = float(one.boxes[0, 0]) + 20  # the box's left 20 px off the photo
+    moved = torch.tensor([shift, 0.0, shift, 0.0])
+    edge = Faces(one.boxes - moved, one.landmarks - shift, one.scores, one.image_index)
+    for method in ("blur", "pixelate", "mask"):
+        assert not torch.equal(anonymize_faces(images, edge, method), images)
+
+
 @pytest.mark.parametrize("method", ["blur", "pixelate", "mask"])
 def test_a_face_cut_off_by_the_photos_edge_is_covered_up_to_the_edge(lfw_dir, detector, method):
     """In this LFW photo a man's face is cut in half by the left edge (his box starts 77 px

@@ -264,7 +264,9 @@ def test_a_jpeg_output_holds_the_cap_as_its_file_decodes(runner, lfw_dir, tmp_pa
     cap = LEVELS["mid"].max_dssim
     assert faces["png"]["box_dssim_written"] == faces["png"]["box_dssim_cloaked"]  # stored as cloaked
     assert faces["jpeg"]["box_dssim_written"] <= cap * 1.02  # 0.0106 before
-    assert faces["jpeg"]["box_dssim_written"] == pytest.approx(faces["jpeg"]["box_dssim_cloaked"], abs=5e-4)
+    # the file holds what the cloak measured: it is written from the pixels whose file that is
+    # (written from the measured photo itself, its change was quantised a second time)
+    assert faces["jpeg"]["box_dssim_written"] == pytest.approx(faces["jpeg"]["box_dssim_cloaked"], abs=2e-5)
     assert faces["jpeg"]["dssim"] <= cap and faces["png"]["dssim"] <= cap
 
 

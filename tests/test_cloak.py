@@ -327,6 +327,31 @@ def test_person_level_references_average_only_the_same_persons_faces(lfw_dir, dl
     assert [record["reference_photos"] for record in result.records(faces)] == [2, 2, 1]
 
 
+@pytest.mark.parametrize(
+    ("case", "change"),
+    [
+        ("NaN box", lambda b, lm: (b.index_fill(1, torch.tensor([2]), float("nan")), lm)),
+        ("NaN landmark", lambda b, lm: (b, lm.index_fill(1, torch.tensor([0]), float("nan")))),
+        ("x2 before x1", lambda b, lm: (b[:, [2, 1, 0, 3]], lm)),
+        ("box off the photo", lambda b, lm: (b + 3000, lm + 3000)),
+    ],
+)
+def test_faces_built_by_hand_with_odd_values_are_refused_before_any_work(
+    dlib_model, photos, centre_faces, case, change
+):
+    """A face no detector gives is an `InvalidInputError` naming ``faces``. Before 2026-12-07 a NaN
+    box failed converting NaN to an integer, an inverted box or one off the photo failed deep in
+    the crops ("negative dimension"), and a NaN landmark was cloaked: dlib-resnet finds its own
+    landmarks, but a model aligned on MTCNN's would read a NaN chip, whose NaN distance counts
+    as past every threshold."""
+    one = centre_faces.for_image(0)
+    boxes, landmarks = change(one.boxes.clone(), one.landmarks.clone())
+    odd = Faces(boxes, landmarks, one.scores, one.image_index)
+    cloak = UntargetedCloak([dlib_model], "low", steps=1, verify=False)
+    with pytest.raises(InvalidInputError, match="faces"):
+        cloak(photos[:1], odd)
+
+
 def test_stage_timings_and_batched_dssim_match_the_per_face_measure(
     dlib_model, detector, photos, centre_faces
 ):
@@ -695,3 +720,40 @@ def test_the_extra_steps_always_go_through_the_model_the_faces_lag_on():
     recent[:, 0] = 0.9  # now model 0 lags for every face
     assert _with_laggard([1, 2], recent) == [0, 2]
     assert _with_laggard([1, 2], torch.full((3, 3), 1.3)) == [1, 2]  # nobody lags any more
+
+
+def test_a_photo_held_to_its_jpeg_file_is_written_from_pixels_whose_file_is_what_was_measured(
+    dlib_model, detector, samples_dir, tmp_path
+):
+    """With a lossy ``stored_as``, the result's images are the photo as its file decodes, which every
+    measure reads, and ``to_write`` the pixels to hand the writer: the face's DSSIM and largest
+    change in the JPEG written from them are the record's. Until 2026-12-07 only the decoded photo
+    was returned, and writing it encoded the change a second time: on this photo the file's face
+    had DSSIM 0.0031 and a largest change of 12 levels where the record said 0.0029 and 9."""
+    from facecloak.faces import pixel_bounds
+    from facecloak.io import stored_as, write_image
+    from facecloak.protection import CloakFaces
+    from facecloak.quality import dssim, linf
+
+    source = read_image(samples_dir / "grace_hopper.jpg")
+    faces = detector([source.pixels])
+    target = tmp_path / "cloaked.jpg"
+    storage = [stored_as(target, source, None)]
+    cloak = UntargetedCloak([dlib_model], "low", detector=detector, steps=2, seed=0)
+    result = cloak([source.pixels], faces, stored_as=storage)
+    assert result.to_write is not None
+    write_image(target, result.to_write[0], source=source)
+    written = read_image(target).pixels
+    assert torch.equal(written, result.images[0])  # the file decodes to the photo measured
+    x0, y0, x1, y1 = pixel_bounds(face_regions(faces, 1.0)[0].tolist(), *written.shape[-2:])
+    before, after = source.pixels[None, :, y0:y1, x0:x1], written[None, :, y0:y1, x0:x1]
+    assert float(result.dssim[0]) > 1e-4  # the face did change
+    assert float(dssim(before, after)[0]) == pytest.approx(float(result.dssim[0]), abs=1e-6)
+    assert float(linf(before, after)[0]) == pytest.approx(float(result.linf[0]), abs=1e-3)
+    assert float(result.dssim[0]) <= cloak.budget.max_dssim
+    # the protection hands its callers (batch, service) the same pixels to write
+    protected = CloakFaces(cloak).protect([source.pixels], faces, stored_as=storage)
+    assert torch.equal(protected.to_encode(0), result.to_write[0])
+    assert torch.equal(protected.images[0], result.images[0])
+    # a PNG stores the pixels as they are: nothing else to write
+    assert cloak([source.pixels], faces, stored_as=[None]).to_write is None

@@ -114,3 +114,29 @@ def test_centre_face_found_in_lfw(detector, lfw_dir):
             inside = (boxes[:, 0] < 125) & (boxes[:, 2] > 125) & (boxes[:, 1] < 125) & (boxes[:, 3] > 125)
             found += bool(inside.any())
     assert found / len(files) >= 0.98, f"centre face found in {found}/{len(files)}"
+
+
+def test_a_score_threshold_under_onets_own_finds_the_faces_scoring_between(lfw_dir):
+    """``min_score`` under 0.7, MTCNN's last-stage threshold, finds the faces scoring between them.
+
+    Until 2026-12-07 O-Net dropped every face under its own 0.7 before ``min_score`` was applied:
+    ``--detect-threshold 0.5`` found nothing more than 0.7 did. Faces at 0.7 and over are the same.
+    """
+    from facecloak.detect import FaceDetector
+    from facecloak.mtcnn import MTCNN_STAGE_THRESHOLDS
+
+    onet = MTCNN_STAGE_THRESHOLDS[2]
+    names = ("Amanda_Coetzer_0002", "Carla_Del_Ponte_0002")
+    photos = [read_image(lfw_dir / "images" / n.rsplit("_", 1)[0] / f"{n}.jpg").pixels for n in names]
+    low, usual = FaceDetector(min_score=0.5), FaceDetector(min_score=onet)
+    found, above = low(photos), usual(photos)
+    between = (found.scores >= 0.5) & (found.scores < onet)
+    assert found.image_index[between].unique().tolist() == [0, 1]  # in each photo
+    assert bool((found.scores >= 0.5).all())
+    kept = found.select(found.scores >= onet)
+    assert torch.equal(kept.image_index, above.image_index)
+    assert torch.allclose(kept.boxes, above.boxes) and torch.allclose(kept.scores, above.scores)
+    # facenet-pytorch's own stages (the reference backend) are told the same threshold
+    reference = FaceDetector(min_score=0.5, backend="facenet-pytorch")(photos)
+    assert torch.equal(reference.image_index, found.image_index)
+    assert torch.allclose(reference.boxes, found.boxes, atol=1e-2)

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from facecloak.detect import FaceDetector
 from facecloak.faces import Faces
 from facecloak.io import read_image
-from facecloak.mtcnn import area_crops, nms_min_overlap, pyramid_scales, summed_area_table
+from facecloak.mtcnn import (
+    MTCNN_STAGE_THRESHOLDS,
+    area_crops,
+    nms_min_overlap,
+    pyramid_scales,
+    summed_area_table,
+)
 
 NUM_LFW_PHOTOS = 100
 MAX_PX = 1.0
@@ -26,13 +32,13 @@ MAX_SCORE = 1e-4
 
 @pytest.fixture(scope="module")
 def reference() -> FaceDetector:
-    """facenet-pytorch's detect_face, every face it returns (min_score 0)."""
-    return FaceDetector(device="cpu", backend="facenet-pytorch", min_score=0.0)
+    """facenet-pytorch's detect_face, every face it returns at its own thresholds (O-Net's 0.7)."""
+    return FaceDetector(device="cpu", backend="facenet-pytorch", min_score=MTCNN_STAGE_THRESHOLDS[2])
 
 
 @pytest.fixture(scope="module")
 def batched() -> FaceDetector:
-    return FaceDetector(device="cpu", min_score=0.0)
+    return FaceDetector(device="cpu", min_score=MTCNN_STAGE_THRESHOLDS[2])
 
 
 @pytest.fixture(scope="module")

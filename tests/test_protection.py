@@ -111,9 +111,39 @@ def test_escalation_recloaks_only_the_faces_that_fell_short(samples_dir, dlib_re
         assert torch.equal(photo[:, ~changed[i]], first.images[i][:, ~changed[i]])
     # a face that passed is left as it was: the astronaut, marked as passed, keeps its photo whole
     records = [dict(r, protected=n == 0 or r["protected"]) for n, r in enumerate(first.records)]
-    outputs, kept = escalate(strong, photos, faces, first.images, records, "low")
+    outputs, kept, to_write = escalate(strong, photos, faces, first.images, records, "low")
+    assert to_write is None  # no lossy writer: the images are what to write
     assert kept[0] == records[0] and torch.equal(outputs[0], first.images[0])
     assert all(kept[n].get("escalated_from") == "low" for n in short if n != 0)
+
+
+def test_an_escalated_photo_held_to_its_jpeg_file_is_written_from_what_its_records_measured(
+    samples_dir, dlib_resnet, detector, tmp_path
+):
+    """Escalation with a lossy writer: the stronger cloak's region goes into the pixels to write
+    (`ProtectionResult.to_encode`) as into the images, and the images are that file as it decodes,
+    so the escalated face's record is the file's."""
+    from facecloak.cloak import UntargetedCloak
+    from facecloak.faces import face_regions, pixel_bounds
+    from facecloak.io import stored_as, write_image
+    from facecloak.quality import dssim
+
+    source = read_image(samples_dir / "astronaut.jpg")
+    faces = detector([source.pixels])
+    target = tmp_path / "astronaut_cloaked.jpg"
+    weak = UntargetedCloak([dlib_resnet], "low", steps=2, detector=detector, seed=0)
+    strong = UntargetedCloak([dlib_resnet], "mid", detector=detector, seed=0)
+    result = CloakFaces(weak, escalate_to=strong).protect(
+        [source.pixels], faces, stored_as=[stored_as(target, source, None)]
+    )
+    (record,) = result.records
+    assert record["escalated_from"] == "low" and record["protected"]
+    write_image(target, result.to_encode(0), source=source)
+    written = read_image(target).pixels
+    assert torch.equal(written, result.images[0])
+    x0, y0, x1, y1 = pixel_bounds(face_regions(faces, 1.0)[0].tolist(), *written.shape[-2:])
+    before, after = source.pixels[None, :, y0:y1, x0:x1], written[None, :, y0:y1, x0:x1]
+    assert float(dssim(before, after)[0]) == pytest.approx(record["dssim"], abs=1e-5)
 
 
 def test_faces_whose_regions_overlap_are_escalated_together():

@@ -18,7 +18,7 @@ from facecloak import transforms
 from facecloak._checks import check_choice, check_faces, check_images
 from facecloak.defaults import REGION_SCALE
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces, face_regions, region_mask
+from facecloak.faces import Faces, check_face_values, face_regions, region_mask
 
 METHODS = ("blur", "pixelate", "mask", "replace")
 SHAPES = ("ellipse", "box")
@@ -29,7 +29,7 @@ def _apply_per_face(
 ) -> Tensor:
     """Blend ``filter_crop(crop, face_side)`` into each face region; other pixels are copied untouched."""
     check_images(images)
-    check_faces(faces, images.shape[0])
+    check_face_values(check_faces(faces, images.shape[0]), [images.shape[-2:]] * images.shape[0])
     check_choice(shape, SHAPES, "shape")
     if scale <= 0 or not 0 <= feather <= 1:
         raise InvalidInputError("scale must be > 0 and feather in [0, 1]")

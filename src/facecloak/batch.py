@@ -345,7 +345,14 @@ def _protect_chunk(
     seconds = (time.perf_counter() - started) / len(loaded)
     for k, (job, target, image, _) in enumerate(loaded):
         outcome = write_output(
-            job.path, image, result.images[k], target, result.records_for(k), options, seconds
+            job.path,
+            image,
+            result.images[k],
+            target,
+            result.records_for(k),
+            options,
+            seconds,
+            encode=result.to_encode(k),
         )
         tracker.finish(outcome)
         outcomes.append(outcome)
@@ -410,13 +417,16 @@ def write_output(
     overwrite: bool | None = None,
     before: Callable[[], None] | None = None,
     after: Callable[[str], None] | None = None,
+    encode: Tensor | None = None,
 ) -> FileOutcome:
     """Write one protected photo atomically and say what happened to it (both batches use this).
 
     A `FacecloakError` is this file's failure, never the batch's. ``protected`` (default: the
     input itself) is never replaced; ``overwrite`` defaults to ``options.overwrite``. The
     resumable batch journals around the write: ``before()`` runs first and may refuse with a
-    `FacecloakError`, ``after(status)`` runs once the output is in place.
+    `FacecloakError`, ``after(status)`` runs once the output is in place. ``output`` is the photo
+    the records measured; ``encode`` (default ``output``) the pixels to hand the encoder, whose
+    file decodes to it (`ProtectionResult.to_encode`).
     """
     status = face_status(face_records)
     written: dict = {}
@@ -425,7 +435,7 @@ def write_output(
             before()
         io.write_image(
             target,
-            output,
+            output if encode is None else encode,
             source=image,
             keep_metadata=options.keep_metadata,
             protected=[path] if protected is None else protected,

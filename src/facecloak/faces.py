@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from facecloak.errors import InvalidInputError
+
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 """The five landmarks, in order. "Left" is as the viewer sees it (the subject's right eye)."""
 
@@ -127,6 +129,41 @@ class Faces:
             }
             for i in range(len(self))
         ]
+
+
+def check_face_values(faces: Faces, sizes: Sequence[tuple[int, int]]) -> Faces:
+    """Check that every face's numbers describe a face on its photo; return ``faces``.
+
+    A `Faces` built by hand can hold what the detector never gives, which failed deep inside a
+    stage or did nothing and said nothing: a NaN or infinite coordinate (a cloak failed converting
+    it to a pixel; a NaN landmark gives a NaN embedding, whose NaN distance reads as past every
+    threshold), a float ``image_index`` (a failed slice), a box with x2 <= x1 or y2 <= y1, or one
+    wholly outside its photo (a cloak failed on a crop of negative size, an anonymiser changed
+    nothing). A box partly outside its photo is a face cut off by the edge: it is kept.
+    ``sizes``: each photo's ``(height, width)``, in ``image_index`` order. Run after
+    `facecloak._checks.check_faces`, which checks the indices against the batch.
+    """
+    if faces.image_index.is_floating_point() or faces.image_index.is_complex():
+        raise InvalidInputError(f"faces.image_index must hold integers, got {faces.image_index.dtype}")
+    if len(faces) == 0:
+        return faces
+    for name in ("boxes", "landmarks", "scores"):
+        if not bool(torch.isfinite(getattr(faces, name)).all()):
+            raise InvalidInputError(f"faces.{name} must hold finite numbers (no NaN or infinity)")
+    boxes = faces.boxes.detach().cpu().double()
+    if not bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()):
+        raise InvalidInputError("faces.boxes must be x1, y1, x2, y2 with x2 > x1 and y2 > y1")
+    heights, widths = torch.tensor(sizes, dtype=torch.float64)[faces.image_index.cpu().long()].unbind(1)
+    # pixel centres lie at 0 .. width - 1: the box must reach one of them
+    on_photo = (
+        (boxes[:, 2] >= 0) & (boxes[:, 3] >= 0) & (boxes[:, 0] <= widths - 1) & (boxes[:, 1] <= heights - 1)
+    )
+    if not bool(on_photo.all()):
+        k = int((~on_photo).nonzero()[0, 0])
+        height, width = int(heights[k]), int(widths[k])
+        box = [round(float(v), 2) for v in boxes[k]]
+        raise InvalidInputError(f"faces.boxes[{k}] {box} lies wholly outside its {width} x {height} photo")
+    return faces
 
 
 # --------------------------------------------------------------------------------------------------

@@ -362,7 +362,7 @@ def run_resumable_batch(
             with lock:
                 timings["compute_s"] += time.perf_counter() - tick
             for k, entry in enumerate(chunk):
-                finished.put((entry, result.images[k], result.records_for(k), seconds))
+                finished.put((entry, (result.images[k], result.to_encode(k)), result.records_for(k), seconds))
 
         pool = None
         try:
@@ -543,7 +543,7 @@ def _resumed(job: io.ImageJob, record: dict, out_dir: Path) -> ResumedOutcome:
 
 def _write(
     entry: _Decoded,
-    output,
+    output: tuple[torch.Tensor, torch.Tensor],
     records: list[dict],
     seconds: float,
     options: Options,
@@ -573,11 +573,12 @@ def _write(
             faces=records,
         )
 
+    measured, encode = output  # the photo the records measured, and the pixels to encode for it
     try:
         return write_output(
             entry.job.path,
             entry.image,
-            output,
+            measured,
             entry.target,
             records,
             options,
@@ -586,6 +587,7 @@ def _write(
             overwrite=True,
             before=start,
             after=done,
+            encode=encode,
         )
     except OSError as error:
         return FileOutcome(path, "failed", error=f"{entry.target}: {error.strerror}", faces=records)

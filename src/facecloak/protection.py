@@ -43,15 +43,27 @@ class ProtectionResult:
         images: one protected (3, H_i, W_i) image per input, on the CPU, in [0, 1].
         records: one JSON-ready dict per face, in ``faces`` order, each with a bool ``protected``.
         image_index: (N,) which input image each record's face belongs to.
+        to_write: where a cloak held its photos to a lossy ``stored_as``, one (3, H_i, W_i) per
+            input to hand to its writer, whose file then decodes to ``images`` (what the records
+            measure); None: ``images`` are what to write (`to_encode`).
     """
 
     images: list[Tensor]
     records: list[dict]
     image_index: tuple[int, ...]
+    to_write: list[Tensor] | None = None
 
     def records_for(self, k: int) -> list[dict]:
         """The records of image ``k``'s faces."""
         return [record for record, index in zip(self.records, self.image_index) if index == k]
+
+    def to_encode(self, k: int) -> Tensor:
+        """The pixels to hand image ``k``'s writer so that its file holds what the records measured.
+
+        A cloak held to a JPEG measures the photo as that file decodes (``images``); encoding
+        that decoded photo again quantises its change a second time (`CloakResult.to_write`).
+        """
+        return self.images[k] if self.to_write is None else self.to_write[k]
 
 
 class Protection(Protocol):
@@ -86,8 +98,15 @@ class Protection(Protocol):
         ...
 
 
-def _result(images: list[Tensor], records: list[dict], faces: Faces) -> ProtectionResult:
-    return ProtectionResult([image.cpu() for image in images], records, tuple(faces.image_index.tolist()))
+def _result(
+    images: list[Tensor], records: list[dict], faces: Faces, to_write: list[Tensor] | None = None
+) -> ProtectionResult:
+    return ProtectionResult(
+        [image.cpu() for image in images],
+        records,
+        tuple(faces.image_index.tolist()),
+        None if to_write is None else [image.cpu() for image in to_write],
+    )
 
 
 class AnonymizeFaces:
@@ -199,13 +218,21 @@ class CloakFaces:
     ) -> ProtectionResult:
         """Cloak the faces; ``identity`` keys a targeted cloak's direction for this person."""
         result = self.cloak(images, faces, on_step=on_step, identity=identity, stored_as=stored_as)
-        outputs, records = list(result.images), result.records(faces)
+        outputs, records, to_write = list(result.images), result.records(faces), result.to_write
         if self.escalate_to is not None:
             originals = check_image_list(images)
-            outputs, records = escalate(
-                self.escalate_to, originals, faces, outputs, records, self.cloak.level, identity, stored_as
+            outputs, records, to_write = escalate(
+                self.escalate_to,
+                originals,
+                faces,
+                outputs,
+                records,
+                self.cloak.level,
+                identity,
+                stored_as,
+                to_write=to_write,
             )
-        return _result(outputs, records, faces)
+        return _result(outputs, records, faces, to_write)
 
 
 def escalate(
@@ -217,7 +244,9 @@ def escalate(
     level: str,
     identity: str | None = None,
     stored_as: Sequence[StoredAs | None] | None = None,
-) -> tuple[list[Tensor], list[dict]]:
+    *,
+    to_write: list[Tensor] | None = None,
+) -> tuple[list[Tensor], list[dict], list[Tensor] | None]:
     """Cloak the faces that fell short again with ``stronger``; keep those that then pass.
 
     The stronger cloak starts from the original pixels (its budget and its check measure from the
@@ -227,17 +256,23 @@ def escalate(
     region, only if every face of it then passes; the rest of the photo stays ``outputs``'. A face
     not helped keeps its first, less visible, result (``escalation`` in its record says so).
     ``level``: the first cloak's, recorded as ``escalated_from`` beside the new ``level``.
-    Returns new outputs and records; those given are not changed.
+    ``to_write``: the first cloak's photos for a lossy writer (`CloakResult.to_write`), which
+    take the stronger cloak's regions as ``outputs`` do. Returns new outputs, records and
+    ``to_write`` (None if neither cloak had any); those given are not changed.
     """
     regions = face_regions(faces, stronger.region_scale)
     clusters = _overlap_clusters(faces, regions)
     retry = [cluster for cluster in clusters if any(not records[n].get("protected") for n in cluster)]
     if not retry:
-        return outputs, records
+        return outputs, records, to_write
     rows = sorted(n for cluster in retry for n in cluster)
     retried = stronger(originals, faces.select(rows), identity=identity, stored_as=stored_as)
     again = dict(zip(rows, retried.records(faces.select(rows))))
     outputs, records = [image.clone() for image in outputs], [dict(record) for record in records]
+    if to_write is not None or retried.to_write is not None:
+        to_write = [image.clone() for image in (outputs if to_write is None else to_write)]
+    sources = retried.images if retried.to_write is None else retried.to_write
+    pasted = set()
     for cluster in retry:
         if not all(again[n].get("protected") for n in cluster):
             for n in cluster:
@@ -248,8 +283,14 @@ def escalate(
             i = int(faces.image_index[n])
             x0, y0, x1, y1 = pixel_bounds(regions[n].tolist(), *outputs[i].shape[-2:])
             outputs[i][:, y0:y1, x0:x1] = retried.images[i][:, y0:y1, x0:x1].to(outputs[i])
+            if to_write is not None:
+                to_write[i][:, y0:y1, x0:x1] = sources[i][:, y0:y1, x0:x1].to(to_write[i])
+                pasted.add(i)
             records[n] = {**again[n], "escalated_from": level, "level": stronger.level}
-    return outputs, records
+    for i in pasted:  # a lossy file's blocks reach past a region: the photo as its file decodes
+        if stored_as is not None and stored_as[i] is not None:
+            outputs[i] = stored_as[i](to_write[i]).to(outputs[i])
+    return outputs, records, to_write
 
 
 def _overlap_clusters(faces: Faces, regions: Tensor) -> list[list[int]]:

@@ -212,7 +212,8 @@ class Engine:
                     result = protection.protect(pixels, faces)
             else:
                 result = protection.protect(pixels, faces, stored_as=[job.stored_as for job in jobs])
-            outputs, records = result.images, result.records
+            # what to encode: a cloak held to a JPEG gives the pixels whose file is what it measured
+            outputs, records = [result.to_encode(k) for k in range(len(jobs))], result.records
         seconds = time.perf_counter() - started
         return [
             JobResult(
