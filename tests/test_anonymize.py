@@ -12,6 +12,7 @@ from facecloak.anonymize import (
     mask_faces,
     pixelate_faces,
 )
+from facecloak.embed import embed_faces
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces, face_regions, region_mask
 from facecloak.io import read_image
@@ -146,15 +147,17 @@ def odd_face(faces: Faces, case: str) -> Faces:
 
 
 @pytest.mark.parametrize("case", ODD_FACES)
-def test_faces_built_by_hand_with_odd_values_are_refused_in_one_line(group, case):
+def test_faces_built_by_hand_with_odd_values_are_refused_in_one_line(group, case, dlib_resnet):
     """A NaN, an infinite coordinate, a float image index, an empty or inverted box or one wholly
-    outside the photo: `InvalidInputError` naming what is wrong. Before 2026-12-07 a NaN box failed
+    outside the photo: `InvalidInputError` naming what is wrong. Until 2026-12-06 a NaN box failed
     with "cannot convert float NaN to integer", a float index with a slice error, and a box off the
     photo or inverted was passed over in silence, the photo returned as if anonymised."""
     images, faces = group
     for method in ("blur", "pixelate", "mask"):
         with pytest.raises(InvalidInputError, match="faces"):
             anonymize_faces(images, odd_face(faces, case), method)
+    with pytest.raises(InvalidInputError, match="faces"):  # embedding them too (a NaN distance passed)
+        embed_faces(images, odd_face(faces, case), dlib_resnet)
 
 
 def test_a_box_partly_off_the_photo_and_landmarks_outside_it_are_still_a_face(group):

@@ -339,7 +339,7 @@ def test_person_level_references_average_only_the_same_persons_faces(lfw_dir, dl
 def test_faces_built_by_hand_with_odd_values_are_refused_before_any_work(
     dlib_model, photos, centre_faces, case, change
 ):
-    """A face no detector gives is an `InvalidInputError` naming ``faces``. Before 2026-12-07 a NaN
+    """A face no detector gives is an `InvalidInputError` naming ``faces``. Until 2026-12-06 a NaN
     box failed converting NaN to an integer, an inverted box or one off the photo failed deep in
     the crops ("negative dimension"), and a NaN landmark was cloaked: dlib-resnet finds its own
     landmarks, but a model aligned on MTCNN's would read a NaN chip, whose NaN distance counts
@@ -727,7 +727,7 @@ def test_a_photo_held_to_its_jpeg_file_is_written_from_pixels_whose_file_is_what
 ):
     """With a lossy ``stored_as``, the result's images are the photo as its file decodes, which every
     measure reads, and ``to_write`` the pixels to hand the writer: the face's DSSIM and largest
-    change in the JPEG written from them are the record's. Until 2026-12-07 only the decoded photo
+    change in the JPEG written from them are the record's. Until 2026-12-06 only the decoded photo
     was returned, and writing it encoded the change a second time: on this photo the file's face
     had DSSIM 0.0031 and a largest change of 12 levels where the record said 0.0029 and 9."""
     from facecloak.faces import pixel_bounds

@@ -119,7 +119,7 @@ def test_centre_face_found_in_lfw(detector, lfw_dir):
 def test_a_score_threshold_under_onets_own_finds_the_faces_scoring_between(lfw_dir):
     """``min_score`` under 0.7, MTCNN's last-stage threshold, finds the faces scoring between them.
 
-    Until 2026-12-07 O-Net dropped every face under its own 0.7 before ``min_score`` was applied:
+    Until 2026-12-06 O-Net dropped every face under its own 0.7 before ``min_score`` was applied:
     ``--detect-threshold 0.5`` found nothing more than 0.7 did. Faces at 0.7 and over are the same.
     """
     from facecloak.detect import FaceDetector

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from facecloak._checks import check_faces, check_image_list
 from facecloak.align import align_faces, model_alignment
-from facecloak.faces import Faces
+from facecloak.faces import Faces, check_face_values
 from facecloak.models.registry import Embedder
 
 EMBED_BATCH = 64
@@ -90,7 +90,7 @@ def embed_faces(
         torch.Size([1, 128])
     """
     photos = check_image_list(images)
-    check_faces(faces, len(photos))
+    check_face_values(check_faces(faces, len(photos)), [photo.shape[-2:] for photo in photos])
     with torch.no_grad():
         chips = face_chips(photos, faces, model, chip_from_image)
         return embed_chips(model, chips, flip_average=flip_average)

@@ -53,7 +53,7 @@ from facecloak.detect import FaceDetector
 from facecloak.donor_bank import DonorBank, bank_folder, load_bank
 from facecloak.embed import embed_faces, model_device
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces
+from facecloak.faces import Faces, check_face_values
 from facecloak.models.registry import Embedder, distance_matrix, embedding_distance
 from facecloak.synthesis import (
     CHIP_EYE_DISTANCE_PX,
@@ -381,7 +381,7 @@ class FaceReplacer:
     def __call__(self, images: Tensor | Sequence[Tensor], faces: Faces) -> ReplaceResult:
         """Replace every face of ``faces`` in ``images`` ((B, 3, H, W) or a list of (3, H, W))."""
         given = check_image_list(images)
-        check_faces(faces, len(given))
+        check_face_values(check_faces(faces, len(given)), [photo.shape[-2:] for photo in given])
         # synthesis and the check run where the models are (a GPU's convolutions and resampling)
         photos = [photo.to(self._device) for photo in given]
         faces = faces.to("cpu")
