@@ -125,3 +125,26 @@ def test_report_json_is_strict_json_with_null_for_figures_without_a_value(tmp_pa
 
     report = json.loads(text, parse_constant=refuse)
     assert report["settings"]["rates"] == [0.5, None] and report["timings"]["s"] is None
+
+
+def test_a_row_counts_the_probes_the_attacker_could_search_with():
+    """A probe with no face found is a miss for protected and control people alike; the row now
+    says how many each had, so a protection the attacker's own detector gives can be told apart."""
+    from types import SimpleNamespace
+
+    from facecloak.evaluate.rows import score_row
+
+    nan = float("nan")
+    gallery = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    gallery_ids = torch.tensor([1, 2, 3])
+    probes = torch.tensor([[nan, nan], [0.05, 0.0], [1.0, 0.1], [0.0, 0.9]])
+    probe_ids = torch.tensor([1, 1, 2, 3])
+    is_protected = torch.tensor([True, True, False, False])
+    attacker = SimpleNamespace(name="toy", metric="euclidean")
+    row = score_row(
+        attacker, "none", False, gallery, gallery_ids, probes, probe_ids, is_protected, gallery[:1]
+    )
+    assert (row.protected_probes, row.protected_probes_found) == (2, 1)
+    assert (row.control_probes, row.control_probes_found) == (2, 2)
+    assert row.protection == 0.5 and row.control_rank1 == 1.0  # the probe not found: a miss
+    assert row.to_json()["protected_probes_found"] == 1

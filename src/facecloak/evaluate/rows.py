@@ -34,7 +34,11 @@ class EvaluationRow:
     """One attacker's figures after one upload transform (and adaptive variant).
 
     ``to_json`` gives the report's keys: the field names, with ``tar_at_far_1e3`` written as
-    ``tar_at_far_1e-3``, and ``level`` only when set (`run_evaluation` sets it).
+    ``tar_at_far_1e-3``, and ``level`` only when set (`run_evaluation` sets it). A probe the
+    attacker finds no face in is a miss, for protected and control people alike (the scraper
+    cannot search with it): ``*_probes_found`` say how many of the probes it could search with,
+    so that protection the attacker's own detector gives (dlib's HOG misses some clean faces)
+    can be told apart.
     """
 
     attacker: str
@@ -52,6 +56,8 @@ class EvaluationRow:
     protected_gallery_faces_found: float
     gallery_size: int
     level: str | None = None
+    protected_probes_found: int | None = None
+    control_probes_found: int | None = None
 
     def to_json(self) -> dict:
         """The row as the JSON report writes it."""
@@ -112,6 +118,7 @@ def score_row(
     )
     tar, threshold = tar_at_far(genuine, impostor, REPORTED_FAR)
     rank1_protected = float(ranks[1][protected].float().mean())
+    found = ~torch.isnan(probes).any(dim=1)
     has_control = bool(control.any())
     return EvaluationRow(
         attacker=attacker.name,
@@ -130,6 +137,8 @@ def score_row(
         if len(gallery_protected)
         else math.nan,
         gallery_size=len(gallery),
+        protected_probes_found=int(found[protected].sum()),
+        control_probes_found=int(found[control].sum()),
     )
 
 
