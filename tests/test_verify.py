@@ -50,6 +50,17 @@ def test_match_redetected_takes_the_best_overlap_in_the_same_photo():
     assert 0 < REDETECT_IOU < 1
 
 
+def test_match_redetected_pairs_one_face_with_one_detection():
+    """Two overlapping faces, one of them no longer detected: each face matched its own best
+    overlap, so both took the one detection left, and the lost face was read through its
+    neighbour's chip (found again, and far from its person). One to one, best overlap first."""
+    faces = faces_at([[0.0, 0.0, 10.0, 10.0], [4.0, 0.0, 14.0, 10.0]], [0, 0])
+    found = faces_at([[4.0, 0.0, 14.0, 10.0]], [0])  # only the second face is found again
+    assert box_iou(faces.boxes[0], found.boxes).tolist()[0] >= REDETECT_IOU  # it overlaps the first too
+    matched, is_found = match_redetected(faces, found)
+    assert matched.tolist() == [-1, 0] and is_found.tolist() == [False, True]
+
+
 def test_record_keys_follow_the_verify_quality():
     assert DISTANCE_AFTER_UPLOAD_KEY == f"distance_after_jpeg{VERIFY_JPEG_QUALITY}"
     assert FOUND_AFTER_UPLOAD_KEY == f"found_after_jpeg{VERIFY_JPEG_QUALITY}"

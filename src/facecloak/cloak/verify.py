@@ -55,24 +55,31 @@ Detector = Callable[[Sequence[Tensor]], Faces]
 
 
 def match_redetected(faces: Faces, found: Faces) -> tuple[Tensor, Tensor]:
-    """Match each of ``faces`` to the best-overlapping face of ``found`` in the same photo.
+    """Match each of ``faces`` to a face of ``found`` in the same photo, one to one, best overlap first.
+
+    One to one: matched each to its own best overlap, two overlapping faces could take the same
+    detection, and a face the detector no longer finds was then read through its neighbour's
+    chip: "found again" and far from its person (the neighbour is someone else), which passed a
+    replaced face's check without a face of its own there.
 
     Returns:
-        matched: (N,) index into ``found``, -1 where none overlaps by at least `REDETECT_IOU`.
+        matched: (N,) index into ``found``, -1 where none is left overlapping by `REDETECT_IOU`.
         is_found: (N,) bool, ``matched >= 0``.
     """
     n = len(faces)
     matched = torch.full((n,), -1, dtype=torch.long)
-    is_found = torch.zeros(n, dtype=torch.bool)
+    pairs = []  # (overlap, face, detection) over every pair in the same photo
     for k in range(n):
         candidates = (found.image_index == faces.image_index[k]).nonzero()[:, 0]
         if len(candidates):
             overlaps = box_iou(faces.boxes[k], found.boxes[candidates])
-            best = int(overlaps.argmax())
-            if float(overlaps[best]) >= REDETECT_IOU:
-                matched[k] = candidates[best]
-                is_found[k] = True
-    return matched, is_found
+            pairs += [(float(o), k, int(c)) for o, c in zip(overlaps, candidates) if float(o) >= REDETECT_IOU]
+    taken = set()
+    for _, k, c in sorted(pairs, key=lambda pair: (-pair[0], pair[1], pair[2])):
+        if matched[k] < 0 and c not in taken:
+            matched[k] = c
+            taken.add(c)
+    return matched, matched >= 0
 
 
 def measure_cloaked(
