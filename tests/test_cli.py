@@ -545,3 +545,16 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_work(runner, samples
         assert result.exit_code == 2, result.output
         assert result.stderr.strip().splitlines()[-1].startswith(f"error: device '{device}'")
         assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_cannot_start_still_prints_its_json(runner, samples_dir, tmp_path):
+    """``--json`` promises one JSON document on stdout; a fatal error (here an output folder that
+    cannot be made: a file is in its way) printed none, and a pipe's parser failed on nothing."""
+    (tmp_path / "in_the_way").write_text("a file")
+    out = tmp_path / "in_the_way" / "out"
+    for flag in ("--json", "--jsonl"):
+        result = runner.invoke(main, ["anonymize", str(samples_dir / "astronaut.jpg"), "-o", str(out), flag])
+        assert result.exit_code == 3, result.output
+        document = json.loads(result.stdout)
+        assert document["exit_code"] == 3 and "cannot create the output folder" in document["error"]
+        assert document["command"] == "anonymize"

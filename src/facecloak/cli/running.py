@@ -101,6 +101,8 @@ def run_protection(
             protector = build_now() if plan.todo else None
             return run_batch(paths, protector, options, command=command, on_progress=display, plan=plan)
     except FacecloakError as error:
+        if as_json or as_jsonl:  # the run ends here: stdout still gets the one document it promises
+            click.echo(json.dumps({"command": command, "error": str(error), "exit_code": error.exit_code}))
         fail(error)
 
 
