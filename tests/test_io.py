@@ -434,3 +434,19 @@ def test_rgb_pixels_are_the_8_bit_levels_over_255_in_every_mode():
         pixels = rgb_pixels(image)
         assert pixels.dtype == torch.float32 and pixels.shape == (3, 7, 5) and pixels.is_contiguous()
         assert torch.equal(pixels, torch.from_numpy(np.ascontiguousarray(expected)))
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Ctrl-C between the temporary file and its rename left a hidden ``.facecloak-*`` file
+    beside the outputs (only an OSError cleaned up)."""
+    import os
+
+    from facecloak.io import write_bytes_atomic
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_bytes_atomic(tmp_path / "out.png", b"bytes")
+    assert list(tmp_path.iterdir()) == []

@@ -413,4 +413,7 @@ def write_bytes_atomic(
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
         raise ImageWriteError(f"could not write ({_short(error)})", path) from None
+    except BaseException:  # Ctrl-C mid-write: no hidden half-written file left beside the outputs
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return path
