@@ -102,7 +102,16 @@ class CommonForm:
                 "becomes PNG)."
             ),
         ] = None,
-        jpeg_quality: Annotated[int, Form(ge=1, le=100, description="JPEG/WebP quality.")] = 95,
+        jpeg_quality: Annotated[
+            int | None,
+            Form(
+                ge=1,
+                le=100,
+                description="JPEG/WebP quality: the whole photo re-encoded at it. Default: a JPEG "
+                "upload written as JPEG keeps its own quantisation, only the blocks around the faces "
+                "re-encoded and every other block bit-exact (as the CLI); other lossy outputs 95.",
+            ),
+        ] = None,
         keep_metadata: Annotated[
             bool, Form(description="Keep EXIF minus GPS. Default: drop all EXIF (as the CLI).")
         ] = False,
