@@ -558,3 +558,17 @@ def test_a_run_that_cannot_start_still_prints_its_json(runner, samples_dir, tmp_
         document = json.loads(result.stdout)
         assert document["exit_code"] == 3 and "cannot create the output folder" in document["error"]
         assert document["command"] == "anonymize"
+
+
+def test_a_photo_on_its_side_finds_no_face_and_says_why_that_may_be(runner, samples_dir, tmp_path):
+    """The detector finds upright faces: the astronaut turned 90 degrees (a scan, or a phone photo
+    without its orientation tag) gave "NO face found" and nothing to act on."""
+    from PIL import Image
+
+    turned = tmp_path / "turned.jpg"
+    Image.open(samples_dir / "astronaut.jpg").rotate(90, expand=True).save(turned, quality=92)
+    result = runner.invoke(main, ["anonymize", str(turned), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    summary = result.stderr
+    assert "1 image(s) with NO face found" in summary and str(turned) in summary
+    assert "turn a photo lying on its side upright" in summary

@@ -169,6 +169,12 @@ class BatchReport:
                 f"  {self.count('no_face')} image(s) with NO face found (nothing was changed in them):"
             )
             lines += [f"    {o.path}" for o in self.outcomes if o.status == "no_face"]
+            # MTCNN finds upright faces only: a scan or a photo on its side (no EXIF orientation)
+            # finds none, and a face under --min-face is not looked for
+            lines.append(
+                "    (faces are looked for upright and at least --min-face pixels: turn a photo lying on "
+                "its side upright, or lower --min-face)"
+            )
         if self.unprotected_faces:
             why = " (fell short of the target)" if self.command == "cloak" else ""
             lines.append(f"  {self.unprotected_faces} face(s) NOT protected{why}:")
