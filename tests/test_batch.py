@@ -184,3 +184,16 @@ def test_a_cloak_of_a_photo_over_the_default_pixel_limit_is_measured_not_failed(
     )
     assert outcome.status == "protected", outcome.error
     assert face["box_dssim_written"] == pytest.approx(face["box_dssim_cloaked"], abs=1e-5)
+
+
+def test_the_plan_line_does_not_call_an_output_clash_unreadable(tmp_path, samples_dir):
+    """photo.jpg and photo.png clash under one format: the plan line said "1 cannot be read"."""
+    from PIL import Image
+
+    from facecloak.progress import plan_line
+
+    shutil.copy(samples_dir / "grace_hopper.jpg", tmp_path / "photo.jpg")
+    Image.open(samples_dir / "grace_hopper.jpg").save(tmp_path / "photo.png")
+    plan = plan_batch([tmp_path], "cloaked", Options(out_dir=str(tmp_path / "o"), format="png"))
+    line = plan_line("cloak", plan)
+    assert line == "cloak: 1 photo(s) to do, 1 failed already (named at the end)"

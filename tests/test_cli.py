@@ -572,3 +572,20 @@ def test_a_photo_on_its_side_finds_no_face_and_says_why_that_may_be(runner, samp
     summary = result.stderr
     assert "1 image(s) with NO face found" in summary and str(turned) in summary
     assert "turn a photo lying on its side upright" in summary
+
+
+def test_a_resumed_run_says_which_photos_an_earlier_run_did(runner, samples_dir, tmp_path):
+    """Run again into the same -o: the plan line said "3 photo(s) to do" for photos it then
+    skipped as done by the earlier run."""
+    import shutil
+
+    (tmp_path / "photos").mkdir()
+    for name in ("astronaut.jpg", "grace_hopper.jpg", "group.jpg"):
+        shutil.copy(samples_dir / name, tmp_path / "photos" / name)
+    command = ["anonymize", str(tmp_path / "photos"), "-o", str(tmp_path / "out")]
+    assert runner.invoke(main, command).exit_code == 0
+    again = runner.invoke(main, command)
+    assert again.exit_code == 0, again.output
+    plan = again.stderr.splitlines()[0]
+    assert plan == "anonymize: 3 photo(s) to do (3 of them done by an earlier run: skipped if unchanged)"
+    assert "3 file(s) done by an earlier run, skipped" in again.stdout + again.stderr

@@ -395,6 +395,8 @@ class BatchPlan:
             output of another input, and second paths (symlinks) to a photo already taken.
         inputs: the paths as given.
         order: every input file in the order found (the report lists files in this order).
+        written_before: of ``todo``, the photos whose output an earlier run of this journaled
+            batch wrote: each is skipped once its photo is found unchanged (a hash, when read).
     """
 
     todo: list[tuple[ImageJob, Path]] = field(default_factory=list)
@@ -403,6 +405,7 @@ class BatchPlan:
     not_images: list[tuple[Path, str]] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
+    written_before: int = 0
 
     @property
     def empty(self) -> bool:

@@ -255,13 +255,17 @@ def run_resumable_batch(
         report.journal = str(journal.path)
         jobs: list[tuple[io.ImageJob, Path]] = []
         existing: list[tuple[Path, Path]] = []
+        written_before = 0
         for job, target in plan.todo:
             owned = journal.owns(target.relative_to(out_dir).as_posix())
             if target.exists() and not options.overwrite and not owned:
                 existing.append((job.path, target))
             else:
                 jobs.append((job, target))
-        shown = BatchPlan(jobs, existing, plan.failed, plan.not_images, plan.inputs, plan.order)
+                written_before += bool(owned and target.exists() and not options.overwrite)
+        shown = BatchPlan(
+            jobs, existing, plan.failed, plan.not_images, plan.inputs, plan.order, written_before
+        )
         progress.files_total = len(jobs) + len(existing) + len(plan.failed)
         progress.steps = protection.steps if protection is not None else 0
         progress.emit("plan", plan=shown)

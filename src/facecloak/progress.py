@@ -163,8 +163,10 @@ class BatchDisplay:
 def plan_line(command: str, plan: BatchPlan) -> str:
     """The line said before any work: how many photos to do, skip and fail."""
     line = f"{command}: {len(plan.todo)} photo(s) to do"
+    if plan.written_before:  # a resumed run: they were counted as to do, and took no time
+        line += f" ({plan.written_before} of them done by an earlier run: skipped if unchanged)"
     if plan.existing:
         line += f", {len(plan.existing)} skipped: output exists (--overwrite redoes them)"
-    if plan.failed:
-        line += f", {len(plan.failed)} cannot be read"
+    if plan.failed:  # unreadable, or an output that would clash: not only "cannot be read"
+        line += f", {len(plan.failed)} failed already (named at the end)"
     return line
