@@ -91,6 +91,19 @@ def test_a_jpeg_upload_keeps_every_block_away_from_the_faces(service, samples_di
     assert moved[False] == 0 and moved[True] > 10_000
 
 
+def test_a_name_in_any_script_names_the_download(service, samples_dir):
+    """``фото.jpg`` came back as ``jpg_anonymized.jpg``: every letter outside ASCII was cut."""
+    url, _, _ = service
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    sent = {"files": {"image": ("фото.jpg", photo, "image/jpeg")}, "timeout": 120}
+    report = httpx.post(f"{url}/v1/anonymize", data={"method": "blur", "response": "json"}, **sent).json()
+    assert report["filename"] == "фото_anonymized.jpg"
+    answer = httpx.post(f"{url}/v1/anonymize", data={"method": "blur"}, **sent)
+    disposition = answer.headers["content-disposition"]
+    assert "filename*=UTF-8''%D1%84%D0%BE%D1%82%D0%BE_anonymized.jpg" in disposition
+    assert 'filename="anonymized.jpg"' in disposition  # for clients that read only ASCII
+
+
 def test_a_phone_heic_comes_back_as_a_jpeg_a_browser_shows(service, samples_dir):
     """A HEIC upload (an iPhone's photo) is anonymised into a JPEG unless a format is asked for:
     the page shows the result, and browsers other than Safari cannot show HEIC."""

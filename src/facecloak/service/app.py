@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -261,7 +262,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 }
             )
         headers = {
-            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Content-Disposition": _attachment(filename),
             "X-Facecloak-Status": status,
             "X-Facecloak-Faces": str(len(faces)),
             "X-Facecloak-Unprotected-Faces": str(unprotected),
@@ -499,9 +500,21 @@ def _reject_unknown_fields(sent: set[str], known: set[str]) -> None:
 
 
 def _safe_name(filename: str | None) -> str:
-    """The upload's base name with only safe characters (it is used in the download's name)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename or "photo").name).strip("._")[:100]
+    """The upload's base name with only letters, digits, ``.``, ``-`` and ``_`` (it names the download).
+
+    Letters of any script: ``фото.jpg`` was cut to ``jpg`` and came back as ``jpg_anonymized.jpg``.
+    No quote, slash or line break survives, so the name cannot break out of a header.
+    """
+    stem = re.sub(r"[^\w.-]+", "_", Path(filename or "photo").name).strip("._")[:100]
     return stem or "photo"
+
+
+def _attachment(filename: str) -> str:
+    """A Content-Disposition naming the download: ASCII for old clients, UTF-8 (RFC 6266) for the rest."""
+    fallback = re.sub(r"[^A-Za-z0-9._-]+", "_", filename).strip("._") or "photo"
+    if fallback == filename:
+        return f'attachment; filename="{filename}"'
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def _with_reason(face: dict, kind: str, level: str | None = None) -> dict:
