@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, require_paths
+from facecloak.cli.options import CONTEXT, require_paths, usable_device
 from facecloak.cli.running import fail, load_models
 from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE, FacecloakError
 
@@ -43,7 +43,9 @@ def donors() -> None:
     help="Where the photos come from and under which licence; stored with every donor.",
 )
 @click.option("--all-faces", is_flag=True, help="Take every usable face of a photo, not only the largest.")
-@click.option("--device", default=None, help="torch device. Default: CUDA if present.")
+@click.option(
+    "--device", default=None, callback=usable_device, help="torch device. Default: CUDA if present."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def donors_add(paths, bank, licence, all_faces, device, as_json) -> None:
     """Detect, align and store the donor faces of photos (files or folders) in a bank.
@@ -148,7 +150,9 @@ def donors_remove(bank, ids) -> None:
 
 @donors.command("refresh", context_settings=CONTEXT)
 @click.argument("bank")
-@click.option("--device", default=None, help="torch device. Default: CUDA if present.")
+@click.option(
+    "--device", default=None, callback=usable_device, help="torch device. Default: CUDA if present."
+)
 def donors_refresh(bank, device) -> None:
     """Re-embed a bank's donors with every face model available now (from its stored chips)."""
     from facecloak.donors import refresh_bank

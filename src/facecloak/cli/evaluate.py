@@ -14,6 +14,7 @@ from facecloak.cli.options import (
     fallback_option,
     finish_option,
     keep_mouth_option,
+    usable_device,
 )
 from facecloak.cli.running import fail
 from facecloak.defaults import MAX_SEED, UPLOADS
@@ -141,7 +142,9 @@ from facecloak.errors import FacecloakError
     show_default=True,
     help="Where clean embeddings are cached between runs.",
 )
-@click.option("--device", default=None, help="torch device. Default: CUDA if present.")
+@click.option(
+    "--device", default=None, callback=usable_device, help="torch device. Default: CUDA if present."
+)
 @click.option(
     "-o",
     "--output",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT
+from facecloak.cli.options import CONTEXT, usable_device
 from facecloak.cli.running import fail
 from facecloak.errors import FacecloakError, InvalidInputError
 
@@ -190,7 +190,9 @@ def models_add(  # noqa: D301 - click help keeps the backslash line breaks
     show_default=True,
     help="Embed at most this many photos (people with 2+ photos first); more is slower and steadier.",
 )
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [CUDA if present]")
+@click.option(
+    "--device", default=None, callback=usable_device, help="cpu, cuda, cuda:1 ... [CUDA if present]"
+)
 def models_calibrate(name, data, far, max_photos, device) -> None:
     """Set an added model's match threshold from a folder of labelled photos (one sub-folder per person).
 

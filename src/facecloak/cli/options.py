@@ -18,6 +18,20 @@ from facecloak.defaults import CLOAK_OUTPUT_FORMAT, MIN_FACE_PX, MIN_FACE_SCORE,
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def usable_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--device``'s check, for every command that takes one: refused as the options are read.
+
+    A device this machine lacks is refused before any photo or model is touched (`default_device`
+    raises the one-line error). Deep in a batch, with its threads running, it ended in a C++
+    abort; elsewhere in torch's traceback.
+    """
+    if value:
+        from facecloak._device import default_device
+
+        default_device(value)
+    return value
+
+
 OUTPUT_FORMAT_CHOICES = ["input", "jpeg", "png", "webp", "tiff", "bmp", "heif"]
 """``--format`` values: a format, or ``input`` for each input's own (GIF becomes PNG)."""
 
@@ -119,7 +133,10 @@ def detect_options(function: Callable, *, verify: bool = False) -> Callable:
             help="Smallest face side to look for, in pixels. Smaller is slower.",
         ),
         click.option(
-            "--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: CUDA if present."
+            "--device",
+            default=None,
+            callback=usable_device,
+            help="torch device, e.g. cpu or cuda:0. Default: CUDA if present.",
         ),
         click.option(
             "--max-pixels",
@@ -148,15 +165,7 @@ def verify_detect_options(function: Callable) -> Callable:
 
 
 def batch_options(out_dir: Path | None, **values) -> Options:
-    """The batch `Options` from a command's option values (defaults as in `facecloak.defaults`).
-
-    A ``--device`` this machine does not have is refused here, before any photo or model is
-    touched (deep in a batch, with its threads running, it ended in a C++ abort).
-    """
-    if values.get("device"):
-        from facecloak._device import default_device
-
-        default_device(values["device"])
+    """The batch `Options` from a command's option values (defaults as in `facecloak.defaults`)."""
     format_name = (values.get("format_name") or "input").lower()
     return Options(
         out_dir=str(out_dir) if out_dir else None,

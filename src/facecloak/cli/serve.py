@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT
+from facecloak.cli.options import CONTEXT, usable_device
 
 
 @click.command(context_settings=CONTEXT)
@@ -14,7 +14,12 @@ from facecloak.cli.options import CONTEXT
     "--host", default="127.0.0.1", show_default=True, help="Address to bind. 0.0.0.0 exposes the service."
 )
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
-@click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0. Default: CUDA if present.")
+@click.option(
+    "--device",
+    default=None,
+    callback=usable_device,
+    help="torch device, e.g. cpu or cuda:0. Default: CUDA if present.",
+)
 @click.option(
     "--workers",
     type=click.IntRange(1, 64),
@@ -120,10 +125,6 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_names = tuple(split_names(models)) or None
-    if device:  # refused here in one line, not inside the server's start-up with a traceback
-        from facecloak._device import default_device
-
-        default_device(device)
     if donor_bank is not None:
         donor_bank = _checked_bank(donor_bank, models)
     settings = ServiceSettings(
