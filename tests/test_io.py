@@ -330,6 +330,9 @@ class TestPaths:
         assert [str(job.relative) for job in jobs] == ["p/photos/a.jpg", "other/b.jpg"]
         target = output_path(jobs[0], tmp_path / "out", "blur", None, "JPEG")
         assert target.resolve().is_relative_to(tmp_path / "out")
+        # "." among several is mirrored under its name too (it was put loose in out, beside other/)
+        jobs, _ = collect_images([Path("."), Path("../../other")])
+        assert [str(job.relative) for job in jobs] == ["photos/a.jpg", "other/b.jpg"]
 
     def test_a_second_path_to_a_photo_taken_is_named_not_dropped(self, tmp_path):
         """A symlink to a photo of the same folder (or one named twice) is one input, and said so."""

@@ -156,12 +156,14 @@ def _same_path(a: Path, b: Path) -> bool:
 
 
 def _folder_name(folder: Path) -> Path:
-    """The name a folder given among several is mirrored under: its own, never ``..``.
+    """The name a folder given among several is mirrored under: its own, as the absolute path says.
 
     ``Path("..").name`` is ``..``, which put the outputs of ``cloak .. other/ -o out`` beside
-    the inputs, outside ``out``; the absolute path's last part is the folder's real name.
+    the inputs, outside ``out``; ``Path(".").name`` is empty, which put ``.``'s outputs loose in
+    ``out`` beside the other folders'. The absolute path's last part is the folder's real name
+    (symlinks are not resolved: a linked folder keeps the name it was given under).
     """
-    return Path(Path(os.path.abspath(folder)).name if folder.name == ".." else folder.name)
+    return Path(Path(os.path.abspath(folder)).name)
 
 
 def output_path(
