@@ -56,12 +56,11 @@ def _atomic_text(path: Path, text: str) -> Path:
 
 
 def _json_default(value):
+    """What ``json`` cannot write itself (floats it writes: `_without_non_finite` handles NaN)."""
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, Tensor):
         return value.tolist()
-    if isinstance(value, float) and math.isnan(value):
-        return None
     return str(value)
 
 
