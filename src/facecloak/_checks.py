@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -10,6 +11,11 @@ from torch import Tensor
 from facecloak.defaults import MAX_SEED
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
+
+
+def is_finite_number(value: object) -> bool:
+    """Whether ``value`` is a finite int or float, and not a bool (JSON's ``true`` reads as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_images(images: object, name: str = "images") -> Tensor:

@@ -10,7 +10,6 @@ the user added is `facecloak.models.user_models`.
 
 from __future__ import annotations
 
-import math
 import re
 from copy import deepcopy
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from facecloak._checks import is_finite_number
 from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError
 from facecloak.models.loaders import load_network
 from facecloak.models.registry import Embedder, FaceModelCard
@@ -227,11 +227,10 @@ def check_plugin_card(card: FaceModelCard) -> None:
     """
     extra = card.extra
 
-    def finite(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
     def finite_triple(value: object) -> bool:
-        return isinstance(value, (list, tuple)) and len(value) == 3 and all(finite(v) for v in value)
+        return (
+            isinstance(value, (list, tuple)) and len(value) == 3 and all(is_finite_number(v) for v in value)
+        )
 
     mean, std, margin = extra.get("mean", [0.0] * 3), extra.get("std", [1.0] * 3), extra.get("margin", 0.0)
     problem = None
@@ -241,7 +240,7 @@ def check_plugin_card(card: FaceModelCard) -> None:
         problem = f"bgr {extra.get('bgr')!r} must be true or false"
     elif extra.get("layout", "nchw") not in LAYOUTS:
         problem = f"layout {extra.get('layout')!r} must be one of {', '.join(LAYOUTS)}"
-    elif not finite(margin) or margin < 0:
+    elif not is_finite_number(margin) or margin < 0:
         problem = f"margin {margin!r} must be a finite number of pixels >= 0"
     if problem:
         raise InvalidInputError(f"model {card.name!r}: {problem}")

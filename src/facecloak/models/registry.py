@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from facecloak._checks import split_names
+from facecloak._checks import is_finite_number, split_names
 from facecloak._device import default_device
 from facecloak.errors import InvalidInputError, ModelNotFoundError, UnknownModelError
 
@@ -86,9 +86,6 @@ class FaceModelCard:
         def whole(value: object, least: int) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
-        def number(value: object) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
         points = self.template
         problem = None
         if not isinstance(self.name, str) or not self.name:
@@ -100,7 +97,9 @@ class FaceModelCard:
         elif not (
             isinstance(points, tuple)
             and len(points) == 5
-            and all(isinstance(p, tuple) and len(p) == 2 and all(number(v) for v in p) for p in points)
+            and all(
+                isinstance(p, tuple) and len(p) == 2 and all(is_finite_number(v) for v in p) for p in points
+            )
         ):
             problem = f"template {points!r} must be five (x, y) chip pixels"
         elif self.alignment not in ("similarity", "dlib", "box"):

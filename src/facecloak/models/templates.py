@@ -9,13 +9,13 @@ dlib's padding formula is written once (`dlib_template_pixels`). Templates are t
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import overload
 
 from torch import Tensor
 
+from facecloak._checks import is_finite_number
 from facecloak.errors import InvalidInputError
 
 Template = tuple[tuple[float, float], ...]
@@ -127,11 +127,7 @@ def template_for(spec: str, input_size: int) -> Template:
     if not (
         isinstance(points, list)
         and len(points) == 5
-        and all(isinstance(p, list) and len(p) == 2 and all(_finite_number(v) for v in p) for p in points)
+        and all(isinstance(p, list) and len(p) == 2 and all(is_finite_number(v) for v in p) for p in points)
     ):
         raise InvalidInputError("template file must hold 5 [x, y] points in chip pixels", path)
     return tuple((float(x), float(y)) for x, y in points)
-
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
