@@ -44,6 +44,7 @@ from facecloak.cloak.base import (
 )
 from facecloak.cloak.budget import LEGACY_LEVELS, LEVELS
 from facecloak.datasets import list_people
+from facecloak.defaults import SCRAPER_ROTATIONS
 from facecloak.detect import FaceDetector
 from facecloak.evaluate import EmbeddingCache, PipelineAttacker, evaluate
 from facecloak.models import create_embedder
@@ -162,7 +163,7 @@ def main() -> int:
 
     names = [n.strip() for n in args.models.split(",")]
     models = [create_embedder(name) for name in names]
-    detector = FaceDetector()
+    detector = FaceDetector(rotations=SCRAPER_ROTATIONS)  # LFW is upright
     cache = EmbeddingCache(Path(args.cache))
     eligible = [p.name for p in list_people(args.data) if len(p.photos) >= 10]
     seeds = [int(s) for s in str(args.seed).split(",")]

@@ -2,6 +2,11 @@
 
     python scripts/bench_anonymize.py [--device cpu|cuda] [--images 200] [--out bench-results/anonymize.json]
         [--rounds 3] [--replace-images 60] [--donors BANK] [--no-replace] [--default-allocator]
+        [--rotations all|auto|none]
+
+facecloak's detector searches the quarter turns as the command line does (``--rotations``, default
+all: four detections a photo); deface looks upright only, so ``--rotations none`` compares like
+with like.
 
 facecloak and deface take turns for ``--rounds`` rounds and each tool's best round is reported
 (this 2-core machine's speed drifts by 10-20% over minutes). facecloak is measured two ways:
@@ -56,9 +61,13 @@ from _bench import (
 )
 from facecloak._device import compute_workers
 from facecloak.anonymize import blur_faces
+from facecloak.defaults import DETECT_ROTATIONS, ROTATION_MODES
 from facecloak.detect import FaceDetector
 from facecloak.faces import Faces
 from facecloak.io import read_image, to_uint8
+
+ROTATIONS = DETECT_ROTATIONS
+"""The detector's quarter-turn search in every facecloak measurement (``--rotations``)."""
 
 
 def lfw_sample(count: int) -> list[Path]:
@@ -81,7 +90,7 @@ def large_photo() -> torch.Tensor:
 
 
 def measure_facecloak(images: list[torch.Tensor], device: str, chunk: int) -> dict:
-    detector = FaceDetector(device=device)
+    detector = FaceDetector(device=device, rotations=ROTATIONS)
     detector(images[:2])
     synchronise(device)
     start = time.perf_counter()
@@ -118,7 +127,7 @@ def measure_facecloak_workers(images: list[torch.Tensor], device: str, chunk: in
     from facecloak.anonymize import Anonymizer
     from facecloak.protection import AnonymizeFaces
 
-    detector = FaceDetector(device=device)
+    detector = FaceDetector(device=device, rotations=ROTATIONS)
     protection = AnonymizeFaces(Anonymizer("blur"))
     workers, threads = compute_workers(device), torch.get_num_threads()
     local = threading.local()
@@ -239,7 +248,7 @@ def measure_replace(paths: list[Path], device: str, bank_name: str | None) -> di
         bank_name, info = build_bench_bank(device)
     bank = load_bank(bank_name)
     models = [create_embedder(name, device=device) for name in available_embedders()]
-    detector = FaceDetector(device=device)
+    detector = FaceDetector(device=device, rotations=ROTATIONS)
     replacer = FaceReplacer(bank, models, detector=detector)
     images = [read_image(path).pixels for path in paths]
     replacer(images[:2], detector(images[:2]))  # warm-up: weights, the landmark predictor, chips
@@ -326,8 +335,16 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating rounds of facecloak and deface (best kept)"
     )
+    parser.add_argument(
+        "--rotations",
+        choices=ROTATION_MODES,
+        default=DETECT_ROTATIONS,
+        help="the detector's quarter-turn search (deface looks upright only: none compares like with like)",
+    )
     add_allocator_option(parser)
     args = parser.parse_args()
+    global ROTATIONS
+    ROTATIONS = args.rotations
     lfw = [read_image(path).pixels for path in lfw_sample(args.images)]
     large = [large_photo()]
     deface = multiprocessing.get_context("spawn").Pool(1)  # before the tuning: a fresh process anyway
@@ -339,6 +356,7 @@ def main() -> None:
         "allocator_tuned": tuned,
         "lfw_images": len(lfw),
         "rounds": args.rounds,
+        "rotations": args.rotations,
         "results": [],
     }
     if not args.no_replace:  # first: its peak memory is the process's so far

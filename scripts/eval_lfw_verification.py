@@ -16,6 +16,7 @@ from pathlib import Path
 
 from _bench import REPO, data_root, machine, models_root, write_json
 from facecloak.datasets import read_lfw_pairs
+from facecloak.defaults import SCRAPER_ROTATIONS
 from facecloak.detect import FaceDetector
 from facecloak.evaluate import EmbeddingCache, PipelineAttacker, build_attackers, lfw_verification
 
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "lfw_verification.json")
     args = parser.parse_args()
     pairs = read_lfw_pairs(data_root() / "lfw" / "pairs.txt")
-    detector = FaceDetector()
+    detector = FaceDetector(rotations=SCRAPER_ROTATIONS)  # LFW is upright
     attackers = build_attackers(args.attackers, detector, None)
     if args.mobileface:
         from facecloak.models.plugins import load_model_file

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from _bench import data_root, write_json
+from facecloak.defaults import SCRAPER_ROTATIONS
 from facecloak.detect import FaceDetector
 from facecloak.donor_bank import load_bank
 from facecloak.io import read_image
@@ -48,7 +49,7 @@ def main() -> None:
         for person in people[::step][: args.people]
         for photo in sorted(person.glob("*.jpg"))[args.photo : args.photo + args.per_person]
     ]
-    detector = FaceDetector(device="cpu")
+    detector = FaceDetector(device="cpu", rotations=SCRAPER_ROTATIONS)  # LFW is upright
     replacer = FaceReplacer(
         load_bank(args.donors),
         detector=detector,

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from _bench import data_root, machine, set_cloak_constants, write_json
 from facecloak.cloak import create_cloak
 from facecloak.cloak.budget import LEVELS, CloakBudget
+from facecloak.defaults import SCRAPER_ROTATIONS
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces
 from facecloak.evaluate import centre_face
@@ -128,7 +129,7 @@ def main() -> int:
     storage = (
         None if args.written_as == "pixels" else [stored_as("out.jpg", image, quality) for image in loaded]
     )
-    detector = FaceDetector()
+    detector = FaceDetector(rotations=SCRAPER_ROTATIONS)  # LFW is upright
     faces = central_faces(images, detector(images))
     cloak = create_cloak(
         "untargeted",

@@ -62,10 +62,15 @@ def samples_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def detector():
-    """One CPU MTCNN detector for the whole session."""
+    """One CPU MTCNN detector for the whole session, upright only.
+
+    The tests' photos are upright, and the quarter turns (`facecloak.turns`, the default
+    ``rotations="all"``) would cost four detections each: about two minutes of the suite. The
+    turns are tested in test_turns.py, and through the CLI and the service, which keep the default.
+    """
     from facecloak.detect import FaceDetector
 
-    return FaceDetector(device="cpu")
+    return FaceDetector(device="cpu", rotations="none")
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +95,7 @@ def remembering_detector():
 
     class RememberingDetector(FaceDetector):
         def __init__(self) -> None:
-            super().__init__(device="cpu")
+            super().__init__(device="cpu", rotations="none")  # LFW is upright
             self.seen: dict[str, Faces] = {}
 
         def __call__(self, images) -> Faces:

@@ -560,18 +560,27 @@ def test_a_run_that_cannot_start_still_prints_its_json(runner, samples_dir, tmp_
         assert document["command"] == "anonymize"
 
 
-def test_a_photo_on_its_side_finds_no_face_and_says_why_that_may_be(runner, samples_dir, tmp_path):
-    """The detector finds upright faces: the astronaut turned 90 degrees (a scan, or a phone photo
-    without its orientation tag) gave "NO face found" and nothing to act on."""
+def test_a_photo_on_its_side_is_protected_and_upright_only_says_why_it_found_none(
+    runner, samples_dir, tmp_path
+):
+    """The detector found upright faces only: the astronaut turned 90 degrees (a scan, or a phone
+    photo without its orientation tag) gave "NO face found" and nothing to act on. The quarter
+    turns now find it; upright only, the summary says where faces were looked for."""
     from PIL import Image
 
     turned = tmp_path / "turned.jpg"
     Image.open(samples_dir / "astronaut.jpg").rotate(90, expand=True).save(turned, quality=92)
-    result = runner.invoke(main, ["anonymize", str(turned), "-o", str(tmp_path / "out")])
+    result = runner.invoke(main, ["anonymize", str(turned), "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    (outcome,) = json.loads(result.stdout)["files"]
+    assert outcome["status"] == "protected" and len(outcome["faces"]) == 1
+    result = runner.invoke(
+        main, ["anonymize", str(turned), "-o", str(tmp_path / "out2"), "--rotations", "none"]
+    )
     assert result.exit_code == 1, result.output
     summary = result.stderr
     assert "1 image(s) with NO face found" in summary and str(turned) in summary
-    assert "turn a photo lying on its side upright" in summary
+    assert "looked for upright only: --rotations all also looks in every photo turned" in summary
 
 
 def test_a_resumed_run_says_which_photos_an_earlier_run_did(runner, samples_dir, tmp_path):

@@ -33,12 +33,14 @@ MAX_SCORE = 1e-4
 @pytest.fixture(scope="module")
 def reference() -> FaceDetector:
     """facenet-pytorch's detect_face, every face it returns at its own thresholds (O-Net's 0.7)."""
-    return FaceDetector(device="cpu", backend="facenet-pytorch", min_score=MTCNN_STAGE_THRESHOLDS[2])
+    return FaceDetector(
+        device="cpu", backend="facenet-pytorch", min_score=MTCNN_STAGE_THRESHOLDS[2], rotations="none"
+    )
 
 
 @pytest.fixture(scope="module")
 def batched() -> FaceDetector:
-    return FaceDetector(device="cpu", min_score=MTCNN_STAGE_THRESHOLDS[2])
+    return FaceDetector(device="cpu", min_score=MTCNN_STAGE_THRESHOLDS[2], rotations="none")
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,32 @@ def test_anonymize_as_in_the_readme(service, samples_dir):
     assert inside > 5000 and outside == 0
 
 
+def test_an_upside_down_upload_has_every_face_found_and_rotations_none_looks_upright(service, samples_dir):
+    """As the CLI's --rotations: the group photo turned upside down gave two of its four faces."""
+    import io as bytes_io
+
+    from PIL import Image
+
+    url, _, _ = service
+    buffer = bytes_io.BytesIO()
+    Image.open(samples_dir / "group.jpg").rotate(180).save(buffer, "JPEG", quality=92)
+    photo = buffer.getvalue()
+    found = {}
+    for rotations in ("all", "none"):
+        answer = httpx.post(
+            f"{url}/v1/detect", files={"image": ("g.jpg", photo)}, data={"rotations": rotations}, timeout=120
+        )
+        assert answer.status_code == 200, answer.text
+        found[rotations] = len(answer.json()["faces"])
+    assert found["all"] == 4 and found["none"] < 4
+    default = httpx.post(f"{url}/v1/anonymize", files={"image": ("g.jpg", photo)}, timeout=120)
+    assert default.status_code == 200 and default.headers["x-facecloak-faces"] == "4"
+    wrong = httpx.post(
+        f"{url}/v1/detect", files={"image": ("g.jpg", photo)}, data={"rotations": "x"}, timeout=120
+    )
+    assert wrong.status_code == 422
+
+
 def test_a_jpeg_upload_keeps_every_block_away_from_the_faces(service, samples_dir):
     """As the CLI: a JPEG comes back edited block by block, the rest of the photo bit-exact. The
     service re-encoded every JPEG whole at quality 95 (a third of the pixels moved, up to 17 levels)."""

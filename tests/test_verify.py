@@ -98,9 +98,9 @@ def test_the_check_looks_only_for_faces_large_enough_to_match_a_cloaked_one(samp
     asked: list[int | None] = []
 
     class Recording(FaceDetector):
-        def __call__(self, images, *, min_size=None):
+        def __call__(self, images, *, min_size=None, **turns):
             asked.append(min_size)
-            return super().__call__(images, min_size=min_size)
+            return super().__call__(images, min_size=min_size, **turns)
 
     again = redetect(Recording(device="cpu"), _recompress(photos), faces)
     smallest = float((faces.boxes[:, 2:] - faces.boxes[:, :2]).amin())

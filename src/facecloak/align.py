@@ -27,6 +27,7 @@ from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
 from facecloak.landmarks import model_landmarks
 from facecloak.models.registry import FaceModelCard
+from facecloak.turns import face_turns, turn_chip_affine
 
 
 def estimate_similarity(points: Tensor, template: Tensor) -> Tensor:
@@ -275,7 +276,11 @@ def model_alignment(images: Tensor | Sequence[Tensor], faces: Faces, card: FaceM
             [tuple(images[int(i)].shape[-1:-3:-1]) for i in faces.image_index.tolist()], dtype=torch.float64
         ).view(-1, 2)
         margin = float(card.extra.get("margin", 0.0))
-        return box_chip_from_image(faces.boxes.float().cpu(), sizes, card.input_size, margin)
+        matrices = box_chip_from_image(faces.boxes.float().cpu(), sizes, card.input_size, margin)
+        turns = face_turns(faces.landmarks)
+        if bool((turns != 0).any()):  # a face lying on its side: its box crop turned upright
+            matrices = turn_chip_affine(matrices, turns, card.input_size)
+        return matrices
     return chip_from_landmarks(model_landmarks(images, faces, card), card)
 
 

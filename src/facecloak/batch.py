@@ -35,7 +35,7 @@ from facecloak.batch_types import (
     ProgressCallback,
     ProgressEvent,
 )
-from facecloak.detect import FaceDetector
+from facecloak.detect import FaceDetector, detector_for
 from facecloak.errors import (  # noqa: F401  (EXIT_* re-exported: the exit codes live in errors)
     EXIT_FAILED,
     EXIT_OK,
@@ -193,9 +193,7 @@ def run_batch(
             raise InvalidInputError("run_batch has photos to protect but no protection")
         if detector is None:
             tracker.emit("load")
-            detector = FaceDetector(
-                min_score=options.min_score, min_size=options.min_size, device=options.device
-            )
+            detector = detector_for(options)
         found = _detect_all(plan.todo, detector, options, tracker)
         tracker.faces_total = sum(len(faces) for faces in found.values() if faces is not None)
         for index, _ in enumerate(plan.todo):

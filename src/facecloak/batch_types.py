@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from facecloak.defaults import (
+    DETECT_ROTATIONS,
     DISTANCE_AFTER_UPLOAD_KEY,
     FOUND_AFTER_UPLOAD_KEY,
     MIN_FACE_PX,
@@ -45,6 +46,7 @@ class Options:
         max_pixels: decompression-bomb guard per image.
         min_score: detection confidence threshold.
         min_size: smallest face side looked for, in pixels.
+        rotations: quarter-turn search of the detector (`facecloak.defaults.DETECT_ROTATIONS`).
         device: torch device name, None for CUDA when present else CPU.
         chunk: images read, detected and processed together.
         jpeg_quality: quality of JPEG/WebP outputs; None keeps a JPEG input's own quantisation
@@ -58,6 +60,7 @@ class Options:
     max_pixels: int | None = None
     min_score: float = MIN_FACE_SCORE
     min_size: int = MIN_FACE_PX
+    rotations: str = DETECT_ROTATIONS
     device: str | None = None
     chunk: int = 8
     jpeg_quality: int | None = None
@@ -169,12 +172,16 @@ class BatchReport:
                 f"  {self.count('no_face')} image(s) with NO face found (nothing was changed in them):"
             )
             lines += [f"    {o.path}" for o in self.outcomes if o.status == "no_face"]
-            # MTCNN finds upright faces only: a scan or a photo on its side (no EXIF orientation)
-            # finds none, and a face under --min-face is not looked for
-            lines.append(
-                "    (faces are looked for upright and at least --min-face pixels: turn a photo lying on "
-                "its side upright, or lower --min-face)"
-            )
+            # a face under --min-face is not looked for; with --rotations none (or auto, fooled by
+            # a face it misreads as upright) a photo on its side or upside down finds none
+            where = self.options.get("rotations", DETECT_ROTATIONS)
+            if where == "all":
+                hint = "upright and turned by 90, 180 and 270 degrees"
+                fix = "lower --min-face or --detect-threshold"
+            else:
+                hint = "upright only" if where == "none" else "turned only where none is upright"
+                fix = "--rotations all also looks in every photo turned, or lower --min-face"
+            lines.append(f"    (faces of at least --min-face pixels are looked for {hint}: {fix})")
         if self.unprotected_faces:
             why = " (fell short of the target)" if self.command == "cloak" else ""
             lines.append(f"  {self.unprotected_faces} face(s) NOT protected{why}:")

@@ -18,6 +18,7 @@ import torch
 
 from facecloak import io
 from facecloak.datasets import list_people
+from facecloak.defaults import SCRAPER_ROTATIONS
 from facecloak.detect import FaceDetector
 from facecloak.embed import model_device
 from facecloak.errors import FacecloakError, InvalidInputError
@@ -101,7 +102,9 @@ def calibrate_threshold(
         raise InvalidInputError(f"far must be between 0 and 1, got {far}")
     photos = calibration_photos(data, max_photos, seed)
     # on the model's device, not CUDA whenever present: `--device cpu` put MTCNN on the GPU
-    attacker = PipelineAttacker(model, detector or FaceDetector(device=model_device(model)))
+    attacker = PipelineAttacker(
+        model, detector or FaceDetector(device=model_device(model), rotations=SCRAPER_ROTATIONS)
+    )
     embeddings, labels = [], []
     for start in range(0, len(photos), EMBED_CHUNK):
         images, chunk_labels = [], []

@@ -16,7 +16,7 @@ from facecloak import io
 from facecloak.anonymize import Anonymizer
 from facecloak.batch import Options
 from facecloak.cloak import Cloak
-from facecloak.detect import FaceDetector
+from facecloak.detect import FaceDetector, detector_for
 from facecloak.embed import embed_faces
 from facecloak.errors import FacecloakError, InvalidInputError
 from facecloak.faces import Faces
@@ -38,9 +38,7 @@ def _faces_per_chunk(
     chunk goes through the detector in one call; a file that fails to read has its error set.
     """
     jobs, _ = io.collect_images(paths)
-    detector = detector or FaceDetector(
-        min_score=options.min_score, min_size=options.min_size, device=options.device
-    )
+    detector = detector or detector_for(options)
     chunk: list[tuple[Path, io.LoadedImage | None, str | None]] = []
     pixels = 0
     for position, job in enumerate(jobs):
@@ -133,7 +131,7 @@ def verify_files(
 
     Both photos are detected in one call and both faces embedded in one batch.
     """
-    detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
+    detector = detector_for(options)
     images = [io.read_image(path, max_pixels=options.max_pixels).pixels for path in (first, second)]
     with torch.no_grad():
         found = detector(images)

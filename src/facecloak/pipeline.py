@@ -39,7 +39,7 @@ from facecloak.batch_types import (
     ProgressCallback,
     ProgressEvent,
 )
-from facecloak.detect import FaceDetector
+from facecloak.detect import FaceDetector, detector_for
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
 from facecloak.journal import JOURNAL_NAME, Journal, file_sha256
 from facecloak.protection import Protection, ProtectionResult
@@ -337,9 +337,7 @@ def run_resumable_batch(
                     progress.steps = state["protection"].steps
                 if detector is None:
                     progress.emit("load")
-                    detector = FaceDetector(
-                        min_score=options.min_score, min_size=options.min_size, device=options.device
-                    )
+                    detector = detector_for(options)
                 if count == 1 or threading.current_thread() is threading.main_thread():
                     return state["protection"], detector
                 if not hasattr(worker_state, "protection"):

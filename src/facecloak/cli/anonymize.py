@@ -188,7 +188,7 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
     ``replacer_options``: the `FaceReplacer` settings of the command line (donors per face, seed,
     fallback, donor margin, finish, keep mouth), recorded in the journal and the report as given.
     """
-    from facecloak.detect import MIN_FACE_PX, FaceDetector
+    from facecloak.detect import MIN_FACE_PX, detector_for
     from facecloak.donor_bank import load_bank
     from facecloak.errors import DonorBankError
     from facecloak.models import choose_embedders
@@ -228,7 +228,7 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
 
     def build() -> ReplaceFaces:
         models = [running.create_model(name, options.device) for name in model_names]
-        detector = FaceDetector(min_score=options.min_score, min_size=options.min_size, device=options.device)
+        detector = detector_for(options)
         replacer = FaceReplacer(bank, models, min_face=min_face, detector=detector, **replacer_options)
         return ReplaceFaces(replacer)
 

@@ -13,7 +13,14 @@ from pathlib import Path
 import click
 
 from facecloak.batch_types import Options
-from facecloak.defaults import CLOAK_OUTPUT_FORMAT, MIN_FACE_PX, MIN_FACE_SCORE, REPLACE_FALLBACKS
+from facecloak.defaults import (
+    CLOAK_OUTPUT_FORMAT,
+    DETECT_ROTATIONS,
+    MIN_FACE_PX,
+    MIN_FACE_SCORE,
+    REPLACE_FALLBACKS,
+    ROTATION_MODES,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -133,6 +140,15 @@ def detect_options(function: Callable, *, verify: bool = False) -> Callable:
             help="Smallest face side to look for, in pixels. Smaller is slower.",
         ),
         click.option(
+            "--rotations",
+            type=click.Choice(ROTATION_MODES),
+            default=DETECT_ROTATIONS,
+            show_default=True,
+            help="Also look for faces in each photo turned by 90, 180 and 270 degrees (a scan, a "
+            "photo lying on its side or upside down): all = every photo (4 detections each), "
+            "auto = only photos with no upright face (misses some), none = upright only.",
+        ),
+        click.option(
             "--device",
             default=None,
             callback=usable_device,
@@ -175,6 +191,7 @@ def batch_options(out_dir: Path | None, **values) -> Options:
         max_pixels=values.get("max_pixels"),
         min_score=values.get("threshold", MIN_FACE_SCORE),
         min_size=values.get("min_face", MIN_FACE_PX),
+        rotations=values.get("rotations", DETECT_ROTATIONS),
         device=values.get("device"),
         jpeg_quality=values.get("jpeg_quality"),
     )

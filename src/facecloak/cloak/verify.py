@@ -28,6 +28,7 @@ from facecloak.detect import FaceDetector
 from facecloak.embed import embed_chips, face_chips
 from facecloak.faces import Faces, box_iou
 from facecloak.models.registry import Embedder
+from facecloak.turns import face_turns
 
 if TYPE_CHECKING:  # typing only: base.py builds CloakResult and imports this module
     from facecloak.cloak.base import CloakResult
@@ -198,11 +199,14 @@ def redetect(detector: Detector, photos: list[Tensor], faces: Faces) -> Faces:
     """``detector`` on ``photos``, told the smallest face that could match one of ``faces``.
 
     The re-detection of both checks after upload, the cloak's (`measure_cloaked`) and the
-    replacer's. Detectors that take no size hint are called as they are.
+    replacer's. It looks at the quarter turns the faces lie at (`facecloak.turns.face_turns`), so
+    an upright face costs one detection and a face lying on its side is found again where it lies.
+    Detectors that take no such hints are called as they are.
     """
     if not isinstance(detector, FaceDetector) or len(faces) == 0:
         return detector(photos)
-    return detector(photos, min_size=max(detector.min_size, redetect_min_size(faces.boxes)))
+    turns = [0] if detector.rotations == "none" else sorted(set(face_turns(faces.landmarks).tolist()))
+    return detector(photos, min_size=max(detector.min_size, redetect_min_size(faces.boxes)), turns=turns)
 
 
 def _recompress(stored: list[Tensor]) -> list[Tensor]:

@@ -32,6 +32,7 @@ from torch import Tensor
 from facecloak import io
 from facecloak._checks import check_choice
 from facecloak.datasets import Person, Split, list_people, split_people
+from facecloak.defaults import SCRAPER_ROTATIONS
 from facecloak.detect import FaceDetector
 from facecloak.errors import InvalidInputError
 from facecloak.evaluate.adaptive import ADAPTIVE_KINDS, finetune_model, finetune_summary
@@ -138,7 +139,7 @@ def evaluate(
     progress = on_progress or (lambda stage, done, total: None)
     cache = cache or EmbeddingCache(None)
     if detector is None and protection is not None and protected_dir is None:
-        detector = FaceDetector()
+        detector = FaceDetector(rotations=SCRAPER_ROTATIONS)
     protector = PersonProtector(
         protection, detector, attackers, protected_dir=protected_dir, written_as=written_as
     )

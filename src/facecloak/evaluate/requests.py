@@ -13,6 +13,7 @@ from pathlib import Path
 
 from facecloak._checks import check_choice, split_names
 from facecloak.datasets import list_people
+from facecloak.defaults import SCRAPER_ROTATIONS
 from facecloak.detect import FaceDetector
 from facecloak.errors import InvalidInputError
 from facecloak.evaluate.attackers import Attacker, DlibAttacker, PipelineAttacker
@@ -137,7 +138,7 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
 
     check_choice(request.method, PROTECTION_METHODS, "method")
     list_people(request.data)  # a bad data folder fails in one line before any model is built
-    detector = FaceDetector(device=request.device)
+    detector = FaceDetector(device=request.device, rotations=SCRAPER_ROTATIONS)
     attackers = build_attackers(request.attackers, detector, request.device)
     names = choose_embedders(request.models)
     if request.leave_one_out and (request.method != "cloak" or request.protected_dir or len(names) < 2):

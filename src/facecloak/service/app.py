@@ -39,7 +39,7 @@ from facecloak.batch import face_status
 from facecloak.cloak import LEVELS
 from facecloak.cloak.budget import STRONGER_LEVEL
 from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY, FOUND_AFTER_UPLOAD_KEY
-from facecloak.defaults import CLOAK_OUTPUT_FORMAT, MAX_SEED, MIN_FACE_PX, MIN_FACE_SCORE
+from facecloak.defaults import CLOAK_OUTPUT_FORMAT, DETECT_ROTATIONS, MAX_SEED, MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.errors import FacecloakError, ImageReadError
 from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
 from facecloak.service.limits import BodySizeLimit, BodyTooLarge, UploadRejected, check_upload
@@ -57,7 +57,16 @@ CONTENT_TYPES = {
     "BMP": "image/bmp",
     "HEIF": "image/heic",
 }
-COMMON_FIELDS = {"image", "format", "jpeg_quality", "keep_metadata", "threshold", "min_face", "response"}
+COMMON_FIELDS = {
+    "image",
+    "format",
+    "jpeg_quality",
+    "keep_metadata",
+    "threshold",
+    "min_face",
+    "rotations",
+    "response",
+}
 ANONYMIZE_FIELDS = COMMON_FIELDS | {
     "method",
     "shape",
@@ -77,7 +86,7 @@ CLOAK_FIELDS = COMMON_FIELDS | {
     "seed",
     "escalate",
 }
-DETECT_FIELDS = {"image", "threshold", "min_face"}
+DETECT_FIELDS = {"image", "threshold", "min_face", "rotations"}
 EXPOSED_HEADERS = (
     "X-Facecloak-Status",
     "X-Facecloak-Faces",
@@ -87,6 +96,12 @@ EXPOSED_HEADERS = (
 )
 """Answer headers a page on an allowed origin may read: CORS hides all but a few by default, and
 a cross-origin client could not see whether the faces of the photo it got back were protected."""
+
+
+ROTATIONS_HELP = (
+    "Also look for faces in the photo turned by 90, 180 and 270 degrees (as the CLI's --rotations): "
+    "all = always, auto = only when no upright face is found, none = upright only."
+)
 
 
 class CommonForm:
@@ -120,6 +135,10 @@ class CommonForm:
         min_face: Annotated[
             int, Form(ge=4, description="Smallest face side looked for, in pixels.")
         ] = MIN_FACE_PX,
+        rotations: Annotated[
+            Literal["all", "auto", "none"],
+            Form(description=ROTATIONS_HELP),
+        ] = DETECT_ROTATIONS,
         response: Annotated[
             Literal["image", "json"],
             Form(
@@ -132,6 +151,7 @@ class CommonForm:
         self.keep_metadata = keep_metadata
         self.threshold = threshold
         self.min_face = min_face
+        self.rotations = rotations
         self.response = response
 
 
@@ -218,7 +238,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             image = await run_in_threadpool(_decode, data, name, settings.max_pixels)
             suffix = io.output_suffix(image.format, _output_format(kind, common.format, image.format))
             stored_as = io.stored_as(f"upload{suffix}", image, common.jpeg_quality)
-            job = Job(kind, params, (common.threshold, common.min_face), image, stored_as=stored_as)
+            job = Job(
+                kind,
+                params,
+                (common.threshold, common.min_face, common.rotations),
+                image,
+                stored_as=stored_as,
+            )
             future = batcher.submit(job)
         result: JobResult = await _wait(future, settings.request_timeout_s)
         endpoint = request.url.path
@@ -379,9 +405,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         min_face: Annotated[
             int, Form(ge=4, description="Smallest face side looked for, in pixels.")
         ] = MIN_FACE_PX,
+        rotations: Annotated[
+            Literal["all", "auto", "none"],
+            Form(description=ROTATIONS_HELP),
+        ] = DETECT_ROTATIONS,
     ) -> JSONResponse:
         """The faces found: boxes, scores and five landmarks each."""
-        common = CommonForm(threshold=threshold, min_face=min_face)
+        common = CommonForm(threshold=threshold, min_face=min_face, rotations=rotations)
         return await protect(request, "detect", image, {}, common)
 
     @app.get("/healthz", tags=["service"])

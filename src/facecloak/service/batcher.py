@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from facecloak.anonymize import Anonymizer
-from facecloak.defaults import MIN_FACE_PX, MIN_FACE_SCORE
+from facecloak.defaults import DETECT_ROTATIONS, MIN_FACE_PX, MIN_FACE_SCORE
 from facecloak.detect import FaceDetector
 from facecloak.errors import FacecloakError
 from facecloak.faces import Faces
@@ -59,7 +59,7 @@ class Job:
     Attributes:
         kind: "anonymize", "cloak" or "detect".
         params: the protection's settings (method and its parameters, or the cloak's).
-        detection: (min_score, min_size) of the detector.
+        detection: (min_score, min_size, rotations) of the detector.
         image: the decoded upload.
         stored_as: how the response's file will hold the photo (`facecloak.io.stored_as`): a
             cloak holds its caps on that.
@@ -68,7 +68,7 @@ class Job:
 
     kind: str
     params: dict
-    detection: tuple[float, int]
+    detection: tuple[float, int, str]
     image: LoadedImage
     future: Future = field(default_factory=Future)
     stored_as: Callable[[Tensor], Tensor] | None = None
@@ -107,26 +107,29 @@ class Engine:
         self._cloaks: OrderedDict[tuple, CloakFaces] = OrderedDict()
         self._embedders: list | None = None
         self._replace: dict[bool, ReplaceFaces] = {}
-        self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
+        self.detector(MIN_FACE_SCORE, MIN_FACE_PX, DETECT_ROTATIONS)
         if settings.preload:
             self.embedders()
             if settings.donors:
                 self.replacement()
 
-    def detector(self, min_score: float, min_size: int) -> FaceDetector:
+    def detector(self, min_score: float, min_size: int, rotations: str = DETECT_ROTATIONS) -> FaceDetector:
         """The detector for one detection setting: the worker's one MTCNN with these thresholds.
 
         A shallow copy of the default detector shares its loaded nets. A detector built (and
         kept) per setting loaded its own nets, 2 MB each: a client sending a new ``threshold``
         with every request grew the server's memory without bound.
         """
-        key = (float(min_score), int(min_size))
+        key = (float(min_score), int(min_size), str(rotations))
         if self._detector is None:
-            self._detector = FaceDetector(min_score=key[0], min_size=key[1], device=self.device)
-        if key == (self._detector.min_score, self._detector.min_size):
-            return self._detector
-        detector = copy.copy(self._detector)
-        detector.min_score, detector.min_size = key
+            self._detector = FaceDetector(
+                min_score=key[0], min_size=key[1], rotations=key[2], device=self.device
+            )
+        detector = self._detector
+        if key == (detector.min_score, detector.min_size, detector.rotations):
+            return detector
+        detector = copy.copy(detector)
+        detector.min_score, detector.min_size, detector.rotations = key
         return detector
 
     def embedders(self) -> list:
