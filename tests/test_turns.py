@@ -141,3 +141,40 @@ def test_a_large_turned_photo_is_searched_small_and_its_faces_read_again_at_full
     assert len(found) == len(upright) == 4
     expected = boxes_to_turned(upright.boxes, 3, *large.shape[-2:])
     assert min(float(box_iou(box, expected).max()) for box in found.boxes) > 0.99
+
+
+def test_a_face_found_at_two_turns_keeps_its_best_reading_in_a_photo_mixing_turns(samples_dir, detector):
+    """An upside-down face beside four upright ones: MTCNN also reads it upright (0.997, landmarks
+    misplaced as an upright face's). The upright turn finds the most faces, but that face must keep
+    its reading at its own turn, or it is aligned, cloaked and replaced upright."""
+    group = read_image(samples_dir / "group.jpg").pixels
+    turned = turn_image(read_image(samples_dir / "grace_hopper.jpg").pixels, 2)
+    height = max(group.shape[-2], turned.shape[-2])
+    photo = torch.zeros(3, height, group.shape[-1] + turned.shape[-1])
+    photo[:, : group.shape[-2], : group.shape[-1]] = group
+    photo[:, : turned.shape[-2], group.shape[-1] :] = turned
+    assert len(detector([photo], rotations="none")) == 5  # the turned face, read upright
+    found = detector([photo])
+    on_the_right = (found.boxes[:, 0] >= group.shape[-1]).tolist()
+    assert len(found) == 5 and sum(on_the_right) == 1
+    turns = face_turns(found.landmarks).tolist()
+    assert [k for k, right in zip(turns, on_the_right) if right] == [2]
+    assert [k for k, right in zip(turns, on_the_right) if not right] == [0] * 4
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_face_on_its_side_gets_the_working_scale_of_the_same_face_upright(k):
+    """`working_factors` measures a face's width: a face lying on its side is as wide as its box is
+    tall, so it is averaged no more than upright (its box's width, the face's height, took a 300 px
+    wide face at 400 px tall to 1.8x, 167 px across, where upright it stays native)."""
+    from facecloak.cloak.scale import working_factors
+    from facecloak.faces import Faces
+
+    box = torch.tensor([[100.0, 100.0, 400.0, 500.0]])  # 300 px wide, 400 px tall
+    points = torch.tensor([[[190.0, 260.0], [310.0, 260.0], [250.0, 330.0], [200.0, 410.0], [300.0, 410.0]]])
+    upright = Faces(box, points, torch.ones(1), torch.zeros(1, dtype=torch.long))
+    turned = Faces(
+        boxes_to_turned(box, k, 600, 700), to_turned(points, k, 600, 700), torch.ones(1), upright.image_index
+    )
+    assert face_turns(turned.landmarks).tolist() == [(4 - k) % 4]
+    assert working_factors(turned, []).tolist() == working_factors(upright, []).tolist() == [1.0]

@@ -50,15 +50,15 @@ photo's edge), 1 at 0.99, and still 199 of 200 LFW faces turned by 90 or 180 deg
 TURNED_MAX_SIDE_PX = 800
 """The turned passes read each photo downscaled to this longer side at most (the upright pass:
 ``max_side``, 1600): three passes at a quarter of the pixels cost about three quarters of the
-upright one on a 12 MP photo instead of three times it. A face found turned in a 12 MP photo
-must then be at least 100 px (``min_size`` at 800 px; upright, 50 px). A turn that finds a face
-there is read again at full detail, so its faces' boxes and landmarks are as precise as upright
-ones."""
+upright one on a 12 MP photo instead of three times it. A face found turned in a 12 MP photo must
+then be at least about 60 px (P-Net's 12 px window at 800 px; upright, about 30 px at 1600). A
+turn that finds a face there is read again at full detail, so its faces' boxes and landmarks are
+as precise as upright ones."""
 
 TURNED_OVERLAP_IOU = 0.3
 """A face found in a turned photo that overlaps a face already kept by this much (box IoU) is the
 same face read at another turn (MTCNN finds some upside-down faces, with misplaced landmarks):
-dropped. The turn that finds the most faces is kept first."""
+only its best-scoring reading is kept."""
 
 __all__ = [
     "DETECTOR_BACKENDS",
@@ -85,9 +85,10 @@ class FaceDetector:
         backend: ``"batched"`` (default) runs R-Net and O-Net once over every photo's candidate
             boxes; ``"facenet-pytorch"`` runs facenet-pytorch's ``detect_face`` (slower on small
             photos: one resampling call per candidate box), kept as the reference.
-        rotations: also look in each photo turned by quarter turns (`facecloak.turns`): "auto"
-            (default) in photos with no upright face only, "all" in every photo, "none" never.
-            Faces found turned come back in the photo's own pixels; their landmarks say the turn.
+        rotations: also look in each photo turned by quarter turns (`facecloak.turns`): "all"
+            (default, `facecloak.defaults.DETECT_ROTATIONS`) in every photo, "auto" in photos with
+            no upright face only, "none" never. Faces found turned come back in the photo's own
+            pixels; their landmarks say the turn.
 
     Example:
         >>> detector = FaceDetector()  # doctest: +SKIP
@@ -297,25 +298,32 @@ def _from_turned(faces: Faces, k: int, height: int, width: int) -> Faces:
 
 
 def _merge_turns(candidates: list[tuple[int, Faces]]) -> tuple[Faces, set[int]]:
-    """One photo's faces from its turns: the turn with the most faces, then the others' new ones.
+    """One photo's faces from its turns: every face once, read at the turn that scores it best.
 
-    The turn that finds the most faces (then the highest total score, then the least turned) is
-    how the photo lies; a face another turn finds where none is kept yet (a person lying down in
-    an upright photo) is added. A face found again at another turn (`TURNED_OVERLAP_IOU`) is not.
-    Returns the faces, best first, and the turns they come from.
+    A face found at several turns (`TURNED_OVERLAP_IOU`) is kept as its best-scoring reading: MTCNN
+    reads some upside-down faces upright (0.99+, landmarks misplaced as an upright face's), and in
+    a photo mixing upright and turned faces the turn with the most faces kept that misreading, so
+    the face was aligned, cloaked and replaced upright. Ties go to the turn that finds the most
+    faces (then the highest total score, then the least turned). Returns the faces, best first,
+    and the turns they come from.
     """
     ranked = sorted(candidates, key=lambda item: (-len(item[1]), -float(item[1].scores.sum()), item[0]))
+    readings = [
+        (float(score), rank, k, found, n)
+        for rank, (k, found) in enumerate(ranked)
+        for n, score in enumerate(found.scores.tolist())
+    ]
+    readings.sort(key=lambda item: (-item[0], item[1], item[4]))
     kept: list[Faces] = []
     turns: set[int] = set()
     boxes = torch.zeros(0, 4)
-    for k, found in ranked:
-        for n in range(len(found)):
-            box = found.boxes[n].float().cpu()
-            if len(boxes) and float(box_iou(box, boxes).max()) >= TURNED_OVERLAP_IOU:
-                continue
-            kept.append(found.select([n]))
-            turns.add(k)
-            boxes = torch.cat([boxes, box[None]])
+    for _, _, k, found, n in readings:
+        box = found.boxes[n].float().cpu()
+        if len(boxes) and float(box_iou(box, boxes).max()) >= TURNED_OVERLAP_IOU:
+            continue
+        kept.append(found.select([n]))
+        turns.add(k)
+        boxes = torch.cat([boxes, box[None]])
     if not kept:
         return candidates[0][1], set()
     merged = Faces.cat(kept)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from facecloak.align import affine_scale
 from facecloak.faces import Faces
+from facecloak.turns import face_turns
 
 WORKING_FACE_PX = 224
 """The narrowest a face's detection box is made at its working scale: the largest chip of the models
@@ -41,9 +42,12 @@ def working_factors(faces: Faces, alignments: Sequence[Tensor]) -> Tensor:
 
     The largest factor that leaves the face's box at least `WORKING_FACE_PX` wide and every model
     in ``alignments`` (per model, (N, 2, 3) chip_from_image) at least one working pixel per chip
-    pixel; 1 where that is under `MIN_WORKING_FACTOR`.
+    pixel; 1 where that is under `MIN_WORKING_FACTOR`. A face lying on its side
+    (`facecloak.turns.face_turns`) is as wide as its box is tall: its box's width (the face's
+    height) made it averaged more than the same face upright, to under `WORKING_FACE_PX` across.
     """
-    width = (faces.boxes[:, 2] - faces.boxes[:, 0]).double().cpu()
+    sides = (faces.boxes[:, 2:] - faces.boxes[:, :2]).double().cpu()
+    width = torch.where(face_turns(faces.landmarks) % 2 == 1, sides[:, 1], sides[:, 0])
     limit = width / WORKING_FACE_PX
     for matrix in alignments:
         limit = torch.minimum(limit, 1.0 / affine_scale(matrix.double().cpu()))
