@@ -250,3 +250,129 @@ def test_two_compute_workers_give_the_same_outputs(tmp_path, detector, samples_d
         workers=2,
     )
     assert threads == {threading.main_thread().name}
+
+
+def test_changed_rotations_redo_a_photo_with_no_face(tmp_path, samples_dir):
+    """--rotations was not in the journal's fingerprint: after a run with ``--rotations none``
+    found no face in a photo on its side, the run the summary suggests (``--rotations all``)
+    resumed it as "done earlier (no_face)" and left the face unprotected."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.open(samples_dir / "grace_hopper.jpg").rotate(90, expand=True).save(folder / "side.jpg")
+    out = tmp_path / "out"
+    upright = blur_batch(folder, out, None, rotations="none")
+    assert upright.count("no_face") == 1
+    turned = blur_batch(folder, out, None, rotations="all")
+    assert turned.resumed == 0 and turned.count("protected") == 1 and turned.exit_code == 0
+
+
+def _in_thread(function, seconds: float):
+    """Run ``function`` on a daemon thread: (finished in time, its exception or None)."""
+    import threading
+
+    raised: list[BaseException | None] = [None]
+
+    def target() -> None:
+        try:
+            function()
+        except BaseException as error:  # handed back to the test
+            raised[0] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive(), raised[0]
+
+
+@pytest.mark.parametrize("rerun", [False, True], ids=["writer", "reader"])
+def test_a_failing_progress_callback_stops_the_batch_instead_of_hanging(
+    tmp_path, detector, samples_dir, rerun
+):
+    """``facecloak anonymize DIR -o OUT | head -1``: the printer's BrokenPipeError killed the writer
+    thread (or a reader, for files done earlier) and the batch waited on its queue forever.
+    It must end, raise the error in the caller, and keep its journal consistent."""
+    from conftest import data_root
+
+    lfw = data_root() / "lfw" / "images"
+    photo_folder(tmp_path / "photos", lfw if lfw.is_dir() else None, 16, samples_dir)
+    out = tmp_path / "out"
+    if rerun:
+        blur_batch(tmp_path / "photos", out, detector)
+    files = []
+
+    def on_progress(event) -> None:
+        if event.stage == "file":
+            files.append(event.outcome.path)
+            raise BrokenPipeError(32, "Broken pipe")
+
+    def run() -> None:
+        run_resumable_batch(
+            [tmp_path / "photos"],
+            AnonymizeFaces(Anonymizer("blur")),
+            Options(out_dir=str(out), chunk=2),
+            settings={"method": "blur"},
+            detector=detector,
+            on_progress=on_progress,
+            workers=1,
+        )
+
+    ended, error = _in_thread(run, 120)
+    assert ended, "the batch hung after its progress callback raised"
+    assert isinstance(error, BrokenPipeError)
+    assert not [p for p in out.iterdir() if p.name.startswith(".facecloak-") and p.name != JOURNAL_NAME]
+    for record in done_records(out):  # every output the journal calls done is there, whole
+        assert (out / record["output"]).stat().st_size == record["output_bytes"]
+    with Journal(out, {"method": "blur"}):  # and the folder is free again
+        pass
+
+
+def test_damaged_journal_lines_that_still_parse_are_passed_over(three_photos, tmp_path, detector):
+    """A journal line damaged into other JSON (``1``, a list, a record without its output) made the
+    next run end in a TypeError or KeyError traceback instead of resuming."""
+    out = tmp_path / "out"
+    first = blur_batch(three_photos, out, detector)
+    group = next(r for r in done_records(out) if r["input"] == "group.jpg")
+    damaged = [1, [], "text", None, {"event": "done", "input": ["group.jpg"]}]
+    damaged.append({key: value for key, value in group.items() if key != "output"})
+    with open(out / JOURNAL_NAME, "a") as journal:
+        journal.writelines(json.dumps(line) + "\n" for line in damaged)
+    again = blur_batch(three_photos, out, detector)
+    assert first.count("protected") == 3
+    assert again.count("failed") == 0 and again.count("protected") == 3
+    assert again.resumed == 3  # the damaged lines are passed over: the intact ones still hold
+    assert all(isinstance(record, dict) for record in read_journal(out))
+
+
+def test_eta_of_a_resumed_batch_counts_only_the_files_worked_on(tmp_path, detector, samples_dir):
+    """Files done by an earlier run finish at once: counted in the ETA's rate they made it say a
+    fraction of the time really left (10 of 12 done earlier: a twelfth of it)."""
+    from conftest import data_root
+
+    lfw = data_root() / "lfw" / "images"
+    photos = photo_folder(tmp_path / "photos", lfw if lfw.is_dir() else None, 12, samples_dir)
+    out = tmp_path / "out"
+    blur_batch(tmp_path / "photos", out, detector)
+    for photo in photos[:2]:  # two changed inputs: redone, the ten others resumed
+        photo.write_bytes(photos[-1].read_bytes())
+    started = time.perf_counter()
+    seen = []
+
+    def on_progress(event) -> None:
+        if event.stage == "file" and not getattr(event.outcome, "resumed", False):
+            seen.append((event.files_done, event.eta_seconds, time.perf_counter() - started))
+
+    report = run_resumable_batch(
+        [tmp_path / "photos"],
+        AnonymizeFaces(Anonymizer("blur")),
+        Options(out_dir=str(out), chunk=1),
+        settings={"method": "blur"},
+        detector=detector,
+        on_progress=on_progress,
+        workers=1,
+    )
+    assert report.resumed == 10 and len(seen) == 2
+    done, eta, elapsed = min(seen)
+    assert done < 12 and eta is not None
+    assert eta >= 0.5 * elapsed  # one file left after one worked on: about the time so far

@@ -146,6 +146,8 @@ class Journal:
                 record = json.loads(line)
             except ValueError:
                 continue
+            if not _intact(record):  # a damaged line that still parses (``1``, ``[]``): not ours
+                continue
             if "input" in record:
                 self._last[record["input"]] = record
                 if record.get("output"):
@@ -169,7 +171,7 @@ class Journal:
         output = self.out_dir / record["output"]
         try:
             return record if output.stat().st_size == record.get("output_bytes") else None
-        except OSError:
+        except (OSError, ValueError):  # gone, or a name no file can have (a NUL)
             return None
 
     def last_record(self, relative: str) -> dict | None:
@@ -217,13 +219,24 @@ class Journal:
             raise JournalError(f"cannot write the journal ({error.strerror})", self.path) from None
 
 
+def _intact(record) -> bool:
+    """Whether a parsed journal line has the shape this module writes (a damaged one may not)."""
+    if not isinstance(record, dict):
+        return False
+    if "input" not in record:
+        return True
+    return isinstance(record["input"], str) and isinstance(record.get("output"), str)
+
+
 def read_journal(out_dir: str | Path) -> list[dict]:
     """Every intact line of a folder's journal, in order (for reports and tests)."""
     path = Path(out_dir) / JOURNAL_NAME
     records = []
     for line in path.read_bytes().splitlines() if path.exists() else []:
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if _intact(record):
+            records.append(record)
     return records

@@ -278,45 +278,63 @@ def run_resumable_batch(
         finished: queue.Queue = queue.Queue(maxsize=max(2, 2 * options.chunk))
         next_job = iter(range(len(jobs)))
         stop = threading.Event()
+        # what a reader or the writer did not expect (the progress callback's BrokenPipeError when
+        # stdout's reader went away, a bug): the batch stops and the main thread raises it, where
+        # a dead thread used to leave the others waiting on its queue forever
+        crashed: list[BaseException] = []
+
+        def crash(error: BaseException) -> None:
+            with lock:
+                crashed.append(error)
+            stop.set()
+
+        def read_one(index: int) -> _Decoded | FileOutcome:
+            job, target = jobs[index]
+            tick = time.perf_counter()
+            try:
+                sha256 = file_sha256(job.path)
+                record = None if options.overwrite else journal.done_record(job.relative.as_posix(), sha256)
+                if record is not None:
+                    return _resumed(job, record, out_dir)
+                image = io.read_image(job.path, max_pixels=options.max_pixels)
+            except OSError as error:
+                return FileOutcome(str(job.path), "failed", error=f"{job.path}: {error.strerror}")
+            except FacecloakError as error:
+                return FileOutcome(str(job.path), "failed", error=str(error))
+            with lock:
+                timings["decode_s"] += time.perf_counter() - tick
+            return _Decoded(index, job, sha256, image, target)
 
         def read() -> None:
-            while not stop.is_set():
-                with lock:
-                    index = next(next_job, None)
-                if index is None:
-                    break
-                job, target = jobs[index]
-                tick = time.perf_counter()
-                try:
-                    sha256 = file_sha256(job.path)
-                    record = (
-                        None if options.overwrite else journal.done_record(job.relative.as_posix(), sha256)
-                    )
-                    if record is not None:
-                        finish(_resumed(job, record, out_dir))
-                        continue
-                    image = io.read_image(job.path, max_pixels=options.max_pixels)
-                except OSError as error:
-                    finish(FileOutcome(str(job.path), "failed", error=f"{job.path}: {error.strerror}"))
-                    continue
-                except FacecloakError as error:
-                    finish(FileOutcome(str(job.path), "failed", error=str(error)))
-                    continue
-                with lock:
-                    timings["decode_s"] += time.perf_counter() - tick
-                _put(decoded, _Decoded(index, job, sha256, image, target), stop)
-            _put(decoded, _END, stop)
+            try:
+                while not stop.is_set():
+                    with lock:
+                        index = next(next_job, None)
+                    if index is None:
+                        break
+                    item = read_one(index)
+                    if isinstance(item, FileOutcome):
+                        finish(item)  # outside read_one: its callback's errors are not this file's
+                    else:
+                        _put(decoded, item, stop)
+            except BaseException as error:  # handed to the main thread
+                crash(error)
+            finally:
+                _put(decoded, _END, stop)
 
         def write() -> None:
-            while True:
-                item = finished.get()
-                if item is _END:
-                    return
-                entry, output, records, seconds = item
-                tick = time.perf_counter()
-                finish(_write(entry, output, records, seconds, options, journal, out_dir, inputs))
-                with lock:
-                    timings["write_s"] += time.perf_counter() - tick
+            try:
+                while True:
+                    item = finished.get()
+                    if item is _END:
+                        return
+                    entry, output, records, seconds = item
+                    tick = time.perf_counter()
+                    finish(_write(entry, output, records, seconds, options, journal, out_dir, inputs))
+                    with lock:
+                        timings["write_s"] += time.perf_counter() - tick
+            except BaseException as error:  # handed to the main thread
+                crash(error)
 
         readers_running = [threading.Thread(target=read, daemon=True) for _ in range(max(1, readers))]
         writer = threading.Thread(target=write, daemon=True)
@@ -364,14 +382,15 @@ def run_resumable_batch(
             with lock:
                 timings["compute_s"] += time.perf_counter() - tick
             for k, entry in enumerate(chunk):
-                finished.put((entry, (result.images[k], result.to_encode(k)), result.records_for(k), seconds))
+                item = (entry, (result.images[k], result.to_encode(k)), result.records_for(k), seconds)
+                _put(finished, item, stop)  # never blocks for good on a writer that stopped
 
         pool = None
         try:
             ended, running = 0, []
-            while ended < len(readers_running):
-                chunk, ended = _take_chunk(decoded, max(1, options.chunk), ended, len(readers_running))
-                if not chunk:
+            while ended < len(readers_running) and not stop.is_set():
+                chunk, ended = _take_chunk(decoded, max(1, options.chunk), ended, len(readers_running), stop)
+                if not chunk or stop.is_set():
                     continue
                 if pool is None and count > 1:
                     ready()  # build first, to learn whether the protection can run on workers
@@ -396,10 +415,17 @@ def run_resumable_batch(
                 torch.set_num_threads(threads_before)  # MKL's count is process-wide: put it back
             stop.set()
             _drain(decoded)
-            finished.put(_END)
+            while writer.is_alive():  # the writer writes what was computed, then ends
+                try:
+                    finished.put(_END, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
             writer.join()
             for thread in readers_running:
                 thread.join()
+        if crashed:
+            raise crashed[0]
     order = {path: k for k, path in enumerate(plan.order)}
     report.outcomes = sorted(outcomes, key=lambda outcome: order.get(outcome.path, len(order)))
     report.resumed = sum(isinstance(outcome, ResumedOutcome) for outcome in report.outcomes)
@@ -417,6 +443,7 @@ class _Progress:
         self.started = started
         self.files_total = 0
         self.files_done = 0
+        self.files_instant = 0  # done earlier or skipped: they took no time, so they say nothing of the ETA
         self.faces_done = 0
         self.faces_seen: int | None = None  # faces detected so far (resumed files' included)
         self.steps = 0
@@ -430,7 +457,11 @@ class _Progress:
             done = min(self.files_total, self.files_done + sum(self.partial.values()))
             fraction = done / self.files_total if self.files_total else 0.0
             elapsed = time.perf_counter() - self.started
-            eta = elapsed * (1 - fraction) / fraction if 0 < fraction < 1 else None
+            # the rate of the files worked on now: a resumed batch's files done earlier count for
+            # the bar, but an ETA from them said seconds for hours of work left
+            worked = done - min(done, self.files_instant)
+            left = self.files_total - done
+            eta = elapsed * left / worked if worked > 0 and left > 0 else None
             self.callback(
                 ProgressEvent(
                     stage=stage,
@@ -451,6 +482,7 @@ class _Progress:
     def finish(self, outcome: FileOutcome) -> None:
         with self.lock:
             self.files_done += 1
+            self.files_instant += isinstance(outcome, ResumedOutcome) or outcome.status == "skipped"
             self.faces_done += len(outcome.faces)
             if isinstance(outcome, ResumedOutcome):
                 self.found(len(outcome.faces))
@@ -493,13 +525,16 @@ def _protect(
 
 
 def _output_options(options: Options) -> dict:
-    """The options that change an output's bytes or name (the journal's fingerprint covers them)."""
+    """The options that change an output's bytes, name or faces (the journal's fingerprint covers them)."""
     return {
         "format": options.format,
         "keep_metadata": options.keep_metadata,
         "jpeg_quality": options.jpeg_quality,
         "min_score": options.min_score,
         "min_size": options.min_size,
+        # which quarter turns the detector looks in decides which faces are found (the summary
+        # of a photo with no face suggests --rotations all: a rerun with it must redo the photo)
+        "rotations": options.rotations,
     }
 
 
@@ -514,11 +549,21 @@ def _put(target: queue.Queue, item, stop: threading.Event) -> None:
                 return
 
 
-def _take_chunk(decoded: queue.Queue, size: int, ended: int, readers: int) -> tuple[list[_Decoded], int]:
-    """Up to ``size`` decoded photos: waits for a full chunk unless every reader has finished."""
+def _take_chunk(
+    decoded: queue.Queue, size: int, ended: int, readers: int, stop: threading.Event | None = None
+) -> tuple[list[_Decoded], int]:
+    """Up to ``size`` decoded photos: waits for a full chunk unless every reader has finished.
+
+    A set ``stop`` (a thread failed) ends the wait with what came.
+    """
     chunk: list[_Decoded] = []
     while len(chunk) < size and ended < readers:
-        item = decoded.get()
+        try:
+            item = decoded.get(timeout=0.1)
+        except queue.Empty:
+            if stop is not None and stop.is_set():
+                break
+            continue
         if item is _END:
             ended += 1
         else:
