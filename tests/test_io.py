@@ -12,18 +12,20 @@ import pytest
 import torch
 from PIL import Image, ImageCms
 
-from facecloak.errors import ImageReadError, ImageWriteError
+from facecloak.errors import ImageReadError, ImageWriteError, InvalidInputError
 from facecloak.io import (
     HEIF_AVAILABLE,
     collect_images,
     jpeg_roundtrip,
     jpeg_roundtrip_changed,
+    max_pixels_default,
     output_path,
     probe_image,
     read_image,
     strip_location,
     write_image,
 )
+from facecloak.io.read import rgb_pixels
 
 GPS_IFD = 0x8825
 
@@ -118,6 +120,36 @@ class TestRead:
         assert loaded.grayscale
         assert torch.allclose(loaded.pixels[1], torch.from_numpy(values), atol=1e-6)
 
+    def test_32_bit_integer_grey_of_8_bit_values_keeps_its_levels(self, tmp_path):
+        """A TIFF of PIL mode "I" (e.g. ``convert("I")`` of a grey photo) holds 0-255: read as
+        16-bit it came out nearly black (mean level 0.001), with no face to find."""
+        values = np.arange(16 * 16, dtype=np.int32).reshape(16, 16) % 256
+        Image.fromarray(values, mode="I").save(tmp_path / "i.tif")
+        loaded = read_image(tmp_path / "i.tif")
+        assert loaded.grayscale
+        assert torch.allclose(loaded.pixels[0], torch.from_numpy(values / 255.0).float(), atol=1e-6)
+
+    @pytest.mark.parametrize("mode", ["L", "RGB", "I;16"])
+    def test_png_transparent_level_or_colour_keeps_alpha(self, tmp_path, mode):
+        """A grey, 16-bit grey or RGB PNG's tRNS chunk makes one value transparent: it must come
+        through as alpha (it was dropped, and the output was opaque)."""
+        rgb = gradient()
+        if mode == "RGB":
+            image, key = Image.fromarray(rgb), tuple(int(v) for v in rgb[0, 0])
+            transparent = (rgb == rgb[0, 0]).all(2)
+        else:
+            grey = rgb[..., 0] if mode == "L" else rgb[..., 0].astype(np.uint16) * 257
+            image, key, transparent = Image.fromarray(grey), int(grey[0, 0]), grey == grey[0, 0]
+        image.save(tmp_path / "t.png", transparency=key)
+        assert Image.open(tmp_path / "t.png").mode == mode
+        loaded = read_image(tmp_path / "t.png")
+        assert loaded.alpha is not None
+        assert torch.equal(loaded.alpha[0] == 0, torch.from_numpy(transparent))
+        write_image(tmp_path / "out.png", loaded.pixels, source=loaded)
+        with Image.open(tmp_path / "out.png") as written:
+            alpha = np.asarray(written.convert("RGBA"))[..., 3]
+        assert np.array_equal(alpha == 0, transparent)
+
     def test_grey_and_rgba(self, tmp_path):
         Image.fromarray(gradient()[..., 0]).save(tmp_path / "g.png")
         grey = read_image(tmp_path / "g.png")
@@ -171,6 +203,19 @@ class TestHostile:
         monkeypatch.setenv("FACECLOAK_MAX_PIXELS", "2000")
         with pytest.raises(ImageReadError, match="2,000"):
             read_image(samples_dir / "astronaut.jpg")
+
+    @pytest.mark.parametrize("value", ["1e8", "100_000_000", " 100000000 "])
+    def test_limit_from_the_environment_in_any_whole_number_spelling(self, value, monkeypatch):
+        monkeypatch.setenv("FACECLOAK_MAX_PIXELS", value)
+        assert max_pixels_default() == 100_000_000
+
+    @pytest.mark.parametrize("value", ["lots", "1.5e3x", "0", "-5", "2.5", "nan"])
+    def test_bad_limit_in_the_environment_is_one_line_naming_it(self, value, samples_dir, monkeypatch):
+        """FACECLOAK_MAX_PIXELS=1e8 (or a typo) crashed every read with a bare int() ValueError."""
+        monkeypatch.setenv("FACECLOAK_MAX_PIXELS", value)
+        with pytest.raises(InvalidInputError, match="FACECLOAK_MAX_PIXELS must be a whole number") as caught:
+            read_image(samples_dir / "astronaut.jpg")
+        assert "\n" not in str(caught.value)
 
     def test_pil_guard_is_restored_after_a_read(self, samples_dir, tmp_path):
         """PIL's process-wide limits are raised for a read only, and never set at import."""
@@ -245,7 +290,7 @@ class TestWrite:
         assert GPS_IFD not in kept
         assert GPS_IFD not in _exif_of(strip_location(source.exif))
 
-    @pytest.mark.parametrize("suffix", [".jpg", ".png"])
+    @pytest.mark.parametrize("suffix", [".jpg", ".png", ".tif", ".webp"])
     def test_kept_metadata_never_carries_a_preview_of_the_original(self, tmp_path, samples_dir, suffix):
         """Cameras store preview JPEGs in the maker note and a thumbnail in IFD1: with
         ``keep_metadata`` the protected file must hold neither (they show the unprotected face)."""
@@ -264,7 +309,51 @@ class TestWrite:
         kept = Image.open(out).getexif()
         assert kept.get(0x010F) == "Cam"  # the rest of the EXIF is kept
         assert 0x927C not in kept.get_ifd(0x8769)
-        assert out.read_bytes().count(b"\xff\xd8\xff") == (1 if suffix == ".jpg" else 0)
+        data = out.read_bytes()
+        assert preview[-200:] not in data
+        if suffix != ".tif":  # an uncompressed TIFF's pixels can hold these three bytes by chance
+            assert data.count(b"\xff\xd8\xff") == (1 if suffix == ".jpg" else 0)
+
+    @pytest.mark.parametrize("suffix", [".jpg", ".png"])
+    def test_kept_metadata_drops_a_preview_under_any_tag(self, tmp_path, samples_dir, suffix):
+        """A preview of the photo in the main directory's DNGPrivateData, a misplaced maker note or
+        a private tag of the Exif directory was kept with ``keep_metadata``: the unprotected face."""
+        face = Image.open(samples_dir / "astronaut.jpg")
+        buffer = io_module.BytesIO()
+        face.resize((160, 160)).save(buffer, "JPEG", quality=80)
+        preview = buffer.getvalue()
+        exif = Image.Exif()
+        exif[0x010F] = "Cam"
+        exif[0xC634] = b"Adobe\x00MakN" + preview  # DNGPrivateData
+        exif[0x927C] = preview  # a maker note where it does not belong
+        exif.get_ifd(0x8769)[0x9003] = "2024:01:02 03:04:05"
+        exif.get_ifd(0x8769)[0xC000] = b"private" + preview  # an unknown private tag
+        face.save(tmp_path / "camera.jpg", exif=exif.tobytes(), quality=92)
+        source = read_image(tmp_path / "camera.jpg")
+        write_image(tmp_path / f"kept{suffix}", source.pixels, source=source, keep_metadata=True)
+        data = (tmp_path / f"kept{suffix}").read_bytes()
+        assert preview[-300:] not in data
+        kept = Image.open(tmp_path / f"kept{suffix}").getexif()
+        assert kept.get(0x010F) == "Cam" and kept.get_ifd(0x8769).get(0x9003) == "2024:01:02 03:04:05"
+
+    def test_kept_camera_exif_in_a_tiff_keeps_its_exif_directory_and_drops_gps(self, tmp_path):
+        """A camera's EXIF has an Exif directory (exposure, date): libtiff could not write it, and
+        ``--keep-metadata --format tif`` failed on every camera photo with a RuntimeError."""
+        exif = Image.Exif()
+        exif[0x010F] = "FaceCam"
+        exif[GPS_IFD] = {1: "N", 2: (48.0, 51.0, 24.0)}
+        exif.get_ifd(0x8769)[0x9003] = "2024:01:02 03:04:05"  # DateTimeOriginal
+        Image.fromarray(gradient()).save(tmp_path / "cam.jpg", exif=exif.tobytes())
+        source = read_image(tmp_path / "cam.jpg")
+        write_image(tmp_path / "kept.tif", source.pixels, source=source, keep_metadata=True)
+        with Image.open(tmp_path / "kept.tif") as written:
+            kept = written.getexif()
+            assert torch.equal(rgb_pixels(written), source.pixels)  # lossless
+        assert kept.get(0x010F) == "FaceCam"
+        assert kept.get_ifd(0x8769).get(0x9003) == "2024:01:02 03:04:05"
+        assert GPS_IFD not in kept and b"GPS" not in (tmp_path / "kept.tif").read_bytes()
+        write_image(tmp_path / "plain.tif", source.pixels, source=source)
+        assert 0x010F not in Image.open(tmp_path / "plain.tif").getexif()
 
     def test_icc_profile_is_kept(self, tmp_path):
         profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -272,6 +361,59 @@ class TestWrite:
         source = read_image(tmp_path / "icc.png")
         write_image(tmp_path / "out.jpg", source.pixels, source=source)
         assert Image.open(tmp_path / "out.jpg").info.get("icc_profile") == profile
+
+    @pytest.mark.parametrize("suffix", [".jpg", ".png", ".tif", ".webp"])
+    def test_grey_profile_is_not_put_on_a_colour_output(self, tmp_path, suffix):
+        """A grey photo's ICC profile describes one channel: an output with colour added that kept
+        it could not be colour-managed ("cannot build transform") and showed wrongly."""
+        grey = gradient()[..., 0]
+        Image.fromarray(grey).save(tmp_path / "g.jpg", icc_profile=_grey_profile(), quality=95)
+        source = read_image(tmp_path / "g.jpg")
+        assert source.grayscale and source.icc_profile == _grey_profile()
+        coloured = source.pixels.clone()
+        coloured[0, 10:20, 10:20] = 1.0  # a red patch
+        write_image(tmp_path / f"colour{suffix}", coloured, source=source)
+        with Image.open(tmp_path / f"colour{suffix}") as written:
+            assert written.mode == "RGB"
+            icc = written.info.get("icc_profile")
+            if icc:  # whatever it carries must describe RGB
+                assert ImageCms.ImageCmsProfile(io_module.BytesIO(icc)).profile.xcolor_space == "RGB "
+        write_image(tmp_path / f"grey{suffix}", source.pixels, source=source)  # still grey: kept
+        with Image.open(tmp_path / f"grey{suffix}") as written:  # WebP has no grey mode
+            assert written.mode == ("RGB" if suffix == ".webp" else "L")
+            assert written.info.get("icc_profile") == (None if suffix == ".webp" else _grey_profile())
+
+
+def _grey_profile() -> bytes:
+    """A minimal ICC v2 grey profile (description, white point, gamma 2.2 curve, copyright)."""
+
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    d50 = s15(0.9642) + s15(1.0) + s15(0.8249)
+    tags = [
+        (b"desc", b"desc" + bytes(4) + struct.pack(">I", 5) + b"grey\0" + bytes(4 + 4 + 3 + 67)),
+        (b"wtpt", b"XYZ " + bytes(4) + d50),
+        (b"kTRC", b"curv" + bytes(4) + struct.pack(">IH", 1, 0x0233) + bytes(2)),
+        (b"cprt", b"text" + bytes(4) + b"none\0"),
+    ]
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, data in tags:
+        data += bytes(-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (
+        struct.pack(">I", offset + len(body))
+        + b"lcms"
+        + bytes([2, 0x10, 0, 0])
+        + b"mntrGRAYXYZ "
+        + bytes(12)
+        + b"acspAPPL"
+        + bytes(24)
+        + d50
+        + bytes(48)
+    )
+    return header + struct.pack(">I", len(tags)) + table + body
 
 
 def _exif_with_previews(preview: bytes) -> bytes:

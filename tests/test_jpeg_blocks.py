@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io as bytes_io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,6 +107,28 @@ def test_upload_read_from_bytes_is_edited_block_by_block_too(group, tmp_path, sa
     assert info["encoding"] == "jpeg-blocks", info.get("jpeg_fallback")
     write_image(tmp_path / "from_file.jpg", blurred, source=image)
     assert data == (tmp_path / "from_file.jpg").read_bytes()
+
+
+def test_upload_never_gets_a_name_on_disk_when_edited_block_by_block(samples_dir, tmp_path, monkeypatch):
+    """An upload (the unprotected photo) was written to a named temporary file to read its
+    coefficients: a crash or a kill left it behind in the temporary folder."""
+    original = (samples_dir / "astronaut.jpg").read_bytes()
+    upload = read_image_bytes(original, "astronaut.jpg")
+    pixels = upload.pixels.clone()
+    pixels[:, 200:240, 200:240] = 0.5
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    written: list[bytes] = []
+    real_write_bytes = Path.write_bytes
+
+    def spy(self, data):  # every file written under the temporary folder, as it is written
+        written.append(bytes(data))
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", spy)
+    info: dict = {}
+    encode_image(pixels, "JPEG", source=upload, info=info)
+    assert info["encoding"] == "jpeg-blocks", info.get("jpeg_fallback")
+    assert original not in written
 
 
 def test_cloaked_jpeg_differs_only_in_the_face_blocks(samples_dir, detector, dlib_resnet, tmp_path):

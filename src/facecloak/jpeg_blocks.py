@@ -164,11 +164,7 @@ def splice_jpeg(source: str | Path | bytes, before: np.ndarray, after: np.ndarra
 def _read_dct(source: str | Path | bytes):
     try:
         if isinstance(source, bytes):  # libjpeg (through jpeglib) reads files only
-            with tempfile.TemporaryDirectory(prefix="facecloak-jpeg-") as folder:
-                path = os.path.join(folder, "source.jpg")
-                Path(path).write_bytes(source)
-                jpeg = jpeglib.read_dct(path)
-                jpeg.load()
+            jpeg = _read_dct_of_bytes(source)
         else:
             jpeg = jpeglib.read_dct(str(source))
             jpeg.load()
@@ -181,6 +177,30 @@ def _read_dct(source: str | Path | bytes):
     ):
         raise BlocksUnavailable(f"{jpeg.num_components}-component {space.split('_')[-1]} JPEG")
     return jpeg
+
+
+def _read_dct_of_bytes(data: bytes):
+    """`jpeglib.read_dct` of an in-memory JPEG (an upload: the unprotected photo).
+
+    Through an anonymous in-memory file where the system has one (``memfd``, as
+    `facecloak.io.read_image_bytes` reads it), so that the original never gets a name on disk; it
+    was written to a named temporary file, which a crash or a kill left behind in the temporary
+    folder. Elsewhere, a temporary folder as before.
+    """
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        handle = os.memfd_create("facecloak-jpeg", getattr(os, "MFD_CLOEXEC", 0))
+        with os.fdopen(handle, "w+b") as stream:
+            stream.write(data)
+            stream.flush()
+            jpeg = jpeglib.read_dct(f"/proc/self/fd/{stream.fileno()}")
+            jpeg.load()
+            return jpeg
+    with tempfile.TemporaryDirectory(prefix="facecloak-jpeg-") as folder:  # pragma: no cover - macOS, Windows
+        path = os.path.join(folder, "source.jpg")
+        Path(path).write_bytes(data)
+        jpeg = jpeglib.read_dct(path)
+        jpeg.load()
+        return jpeg
 
 
 def _encode_like(original, pixels: np.ndarray):

@@ -285,10 +285,19 @@ def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     if sigma <= 0:
         return images
     radius = max(1, math.ceil(3 * sigma))
-    radius = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    shortest = min(images.shape[-1], images.shape[-2])
+    if radius >= shortest:
+        # reflect padding needs a radius below each side; cutting the kernel to fit the shorter
+        # side left a thin strip (a face cut off by the photo's edge) all but unblurred, and one
+        # a pixel thin not blurred at all. Past the edge the border pixels are repeated instead.
+        return separable_filter(images, _gaussian_kernel(radius, sigma, images), "replicate")
+    return separable_filter(images, _gaussian_kernel(radius, sigma, images), "reflect")
+
+
+def _gaussian_kernel(radius: int, sigma: float, like: Tensor) -> Tensor:
+    offsets = torch.arange(-radius, radius + 1, dtype=like.dtype, device=like.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return separable_filter(images, kernel / kernel.sum(), "reflect")
+    return kernel / kernel.sum()
 
 
 def downscaled_gaussian_blur(images: Tensor, sigma: float) -> Tensor:
@@ -300,7 +309,10 @@ def downscaled_gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     """
     height, width = images.shape[-2:]
     factor = max(1, int(sigma // DOWNSCALED_BLUR_SIGMA_PX))
-    small = F.interpolate(images, scale_factor=1 / factor, mode="area") if factor > 1 else images
+    # at least one pixel each way: a crop thinner than the factor (a face cut off by the photo's
+    # edge, blurred strongly) had a side of zero and crashed the blur
+    small_size = (max(1, height // factor), max(1, width // factor))
+    small = F.interpolate(images, size=small_size, mode="area") if factor > 1 else images
     small = gaussian_blur(small, sigma / factor)
     if factor > 1:
         small = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -18,7 +19,7 @@ import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from facecloak.errors import ImageReadError
+from facecloak.errors import ImageReadError, InvalidInputError
 
 try:  # HEIC/HEIF support is an optional extra (pip install facecloak[heic]).
     from pillow_heif import register_heif_opener
@@ -71,8 +72,22 @@ class LoadedImage:
 
 def max_pixels_default() -> int:
     """The pixel limit in force: FACECLOAK_MAX_PIXELS if set, else `MAX_IMAGE_PIXELS`."""
-    value = os.environ.get("FACECLOAK_MAX_PIXELS")
-    return int(value) if value else MAX_IMAGE_PIXELS
+    value = os.environ.get("FACECLOAK_MAX_PIXELS", "").strip()
+    if not value:
+        return MAX_IMAGE_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:  # "1e8" is a whole number too; anything else is refused in one line
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        limit = int(number) if number.is_integer() else 0
+    if limit < 1:
+        raise InvalidInputError(
+            f"FACECLOAK_MAX_PIXELS must be a whole number of pixels above 0, got {value!r}"
+        )
+    return limit
 
 
 class _PilPixelLimit:
@@ -244,27 +259,43 @@ def _to_rgb_tensor(image: Image.Image, icc: bytes | None) -> tuple[Tensor, Tenso
         has_alpha = "transparency" in image.info or image.palette.mode == "RGBA"
         image = image.convert("RGBA" if has_alpha else "RGB")
         mode = image.mode
+    elif mode in ("1", "L", "RGB") and "transparency" in image.info:
+        # a PNG's tRNS chunk: one grey level or colour is transparent. Without this the pixels
+        # under it came out opaque and the written photo lost its transparency.
+        image = image.convert("RGBA" if mode == "RGB" else "LA")
+        mode = image.mode
     if mode == "CMYK":
         image = _cmyk_to_srgb(image, icc)
         icc = None  # the source profile described CMYK; the pixels are sRGB now
         mode = image.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         grey = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if mode != "F" else _float_grey_scale(float(grey.max(initial=0.0)))
+        # 16-bit modes state their white; 32-bit integer ("I") and float ("F") ones do not
+        scale = 65535.0 if mode.startswith("I;16") else _float_grey_scale(float(grey.max(initial=0.0)))
         rgb = np.repeat((grey / scale).clip(0, 1)[..., None], 3, axis=2)
-        return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))), None, grayscale, icc
+        alpha = _transparent_level(image, grey)
+        return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))), alpha, grayscale, icc
     alpha = None
     if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
         alpha = torch.from_numpy(np.array(image.getchannel("A"))).float().div_(255.0)[None]
     return rgb_pixels(image), alpha, grayscale, icc
 
 
+def _transparent_level(image: Image.Image, grey: np.ndarray) -> Tensor | None:
+    """The alpha plane of a 16-bit grey PNG whose tRNS chunk makes one level transparent, else None."""
+    level = image.info.get("transparency")
+    if not isinstance(level, int):
+        return None
+    return torch.from_numpy((grey != level).astype(np.float32))[None]
+
+
 def _float_grey_scale(peak: float) -> float:
-    """The white of a 32-bit float grey image (PIL mode "F"), which no file states.
+    """The white of a 32-bit float or integer grey image (PIL mode "F" or "I"), which no file states.
 
     Writers store such images as 0-1, as 8-bit values (0-255, what PIL's own conversion of an
     8-bit grey image gives) or as 16-bit values: the brightest pixel tells which. A float image of
-    a photo read as 16-bit when it held 8-bit values came out nearly black, with no face found.
+    a photo read as 16-bit when it held 8-bit values came out nearly black, with no face found
+    (and so did a 32-bit integer TIFF of 8-bit values).
     """
     if peak <= 1.0:
         return 1.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 from torch import Tensor
 
 from facecloak import jpeg_blocks
@@ -38,6 +38,8 @@ _PIXEL_TAGS = {
     0x02BC: "XMP (may hold base64 thumbnails)",
     0x83BB: "IPTC",
     0x8649: "Photoshop resources (hold a thumbnail)",
+    0x927C: "MakerNote (misplaced in the main directory: may hold previews)",
+    0xC634: "DNGPrivateData (Adobe's copy of the maker note, previews included)",
 }
 """EXIF tags of the main directory that hold or point to pixels of the original photo: a
 thumbnail or preview of the unprotected face. Never kept, whatever ``keep_metadata`` says."""
@@ -209,9 +211,11 @@ def _to_pil(pixels: Tensor, source: LoadedImage | None, format_name: str) -> Ima
     return image
 
 
-def _save_options(format_name: str, source: LoadedImage | None, keep_metadata: bool, quality: int) -> dict:
+def _save_options(
+    format_name: str, source: LoadedImage | None, keep_metadata: bool, quality: int, mode: str = "RGB"
+) -> dict:
     options: dict = {}
-    if source is not None and source.icc_profile:
+    if source is not None and source.icc_profile and _profile_fits(source.icc_profile, mode):
         options["icc_profile"] = source.icc_profile
     if keep_metadata and source is not None and source.exif:
         options["exif"] = strip_location(source.exif)
@@ -222,10 +226,31 @@ def _save_options(format_name: str, source: LoadedImage | None, keep_metadata: b
     elif format_name == "HEIF":
         options.update(quality=quality)
     elif format_name == "TIFF":
-        options.update(compression="tiff_deflate")
+        # libtiff (which Pillow's deflate needs) cannot write the EXIF's own directories (Exif,
+        # Interop): with EXIF kept it raised "Error setting from dictionary" and wrote nothing.
+        # Pillow's own writer, uncompressed, writes them.
+        options.update(compression=None if "exif" in options else "tiff_deflate")
     elif format_name == "PNG":
         options.update(compress_level=6)
     return options
+
+
+_PROFILE_SPACES = {"L": "GRAY", "LA": "GRAY", "RGB": "RGB", "RGBA": "RGB"}
+"""The ICC colour space (``xcolor_space``, stripped) each written PIL mode needs."""
+
+
+def _profile_fits(icc: bytes, mode: str) -> bool:
+    """Whether an ICC profile describes pixels of PIL ``mode``: a grey profile does not fit RGB.
+
+    A grey photo's own profile kept on an output with colour added (a cloak or a coloured cover)
+    made a file that colour-managed software rejects ("cannot build transform") or shows wrongly;
+    such an output is written without it (sRGB, as untagged pixels are read).
+    """
+    try:
+        space = ImageCms.ImageCmsProfile(BytesIO(icc)).profile.xcolor_space.strip()
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return True  # unreadable here: kept as before, the decision is the reader's
+    return space == _PROFILE_SPACES.get(mode, space)
 
 
 def _exif_to_keep(exif_bytes: bytes) -> Image.Exif:
@@ -239,9 +264,19 @@ def _exif_to_keep(exif_bytes: bytes) -> Image.Exif:
     exif.pop(_GPS_IFD_TAG, None)
     for tag in _PIXEL_TAGS:
         exif.pop(tag, None)
+    directories = [exif]
     if _EXIF_IFD_TAG in exif:
         exif.get_ifd(_EXIF_IFD_TAG).pop(_MAKER_NOTE_TAG, None)  # written back from this cached copy
+        directories.append(exif.get_ifd(_EXIF_IFD_TAG))
+    for directory in directories:  # any other tag that holds a JPEG: a preview under a private tag
+        for tag, value in list(directory.items()):
+            if isinstance(value, bytes) and _JPEG_START in value:
+                del directory[tag]
     return exif
+
+
+_JPEG_START = b"\xff\xd8\xff"
+"""A JPEG's first bytes (start of image, then a marker): a blob holding them holds a picture."""
 
 
 def strip_location(exif_bytes: bytes) -> bytes:
@@ -377,8 +412,10 @@ def encode_image(
     image = _to_pil(pixels, source, format_name)
     buffer = BytesIO()
     try:
-        image.save(buffer, format=format_name, **_save_options(format_name, source, keep_metadata, quality))
-    except (OSError, ValueError, KeyError) as error:
+        stored_mode = "RGB" if format_name == "WEBP" else image.mode  # WebP has no grey: stored as RGB
+        options = _save_options(format_name, source, keep_metadata, quality, stored_mode)
+        image.save(buffer, format=format_name, **options)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # RuntimeError: libtiff's
         raise ImageWriteError(f"could not encode ({_short(error)})") from None
     info["encoding"] = format_name.lower()
     return buffer.getvalue()

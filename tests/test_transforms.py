@@ -1,0 +1,27 @@
+"""Differentiable stand-ins for uploads: blurs on any crop size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from facecloak.transforms import downscaled_gaussian_blur, gaussian_blur
+
+
+@pytest.mark.parametrize("size", [(5, 200), (200, 2), (1, 50), (2, 50)])
+def test_strong_blur_of_a_thin_crop_blurs_and_keeps_its_size(size):
+    """A face cut off by the photo's edge leaves a thin crop; blurred with sigma a face's size it
+    crashed (a side of zero once downscaled) or was hardly blurred (the kernel cut to the short side)."""
+    torch.manual_seed(0)
+    crop = torch.rand(1, 3, *size)
+    blurred = downscaled_gaussian_blur(crop, 30.0)
+    assert blurred.shape == crop.shape
+    assert float(blurred.std()) < 0.2 * float(crop.std())
+
+
+def test_blur_of_a_photo_larger_than_the_kernel_is_unchanged():
+    """The usual case keeps its reflect padding: a ramp stays linear inside, a constant stays constant."""
+    ramp = torch.linspace(0, 1, 64).expand(1, 3, 48, 64).contiguous()
+    blurred = gaussian_blur(ramp, 2.0)
+    assert torch.allclose(blurred[..., 10:-10], ramp[..., 10:-10], atol=1e-5)
+    assert torch.allclose(gaussian_blur(torch.full((1, 3, 9, 9), 0.5), 1.0), torch.full((1, 3, 9, 9), 0.5))
