@@ -18,7 +18,7 @@ from facecloak.errors import EXIT_OK, EXIT_UNPROTECTED, FacecloakError
 @detect_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 @JSONL_OPTION
-def detect(paths, threshold, min_face, rotations, device, max_pixels, as_json, as_jsonl) -> None:
+def detect(paths, as_json, as_jsonl, **detection) -> None:
     """List the faces found in photos (boxes, confidence, five landmarks).
 
     A missing or unreadable file gets one error line and the others are still listed (exit 3).
@@ -30,14 +30,7 @@ def detect(paths, threshold, min_face, rotations, device, max_pixels, as_json, a
     """
     from facecloak.commands import detect_files
 
-    options = batch_options(
-        None,
-        threshold=threshold,
-        min_face=min_face,
-        rotations=rotations,
-        device=device,
-        max_pixels=max_pixels,
-    )
+    options = batch_options(None, **detection)
     try:
         results = detect_files(paths, options)
     except FacecloakError as error:
@@ -56,7 +49,7 @@ def detect(paths, threshold, min_face, rotations, device, max_pixels, as_json, a
 @detect_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (with the full vectors).")
 @JSONL_OPTION
-def embed(paths, model_name, threshold, min_face, rotations, device, max_pixels, as_json, as_jsonl) -> None:
+def embed(paths, model_name, as_json, as_jsonl, **detection) -> None:
     """Print the embedding of every face found.
 
     \b
@@ -65,16 +58,9 @@ def embed(paths, model_name, threshold, min_face, rotations, device, max_pixels,
     """
     from facecloak.commands import embed_files
 
-    options = batch_options(
-        None,
-        threshold=threshold,
-        min_face=min_face,
-        rotations=rotations,
-        device=device,
-        max_pixels=max_pixels,
-    )
+    options = batch_options(None, **detection)
     try:
-        model = load_models(model_name, device)[0]
+        model = load_models(model_name, options.device)[0]
         results = embed_files(paths, model, options)
     except FacecloakError as error:
         fail(error)
