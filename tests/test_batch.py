@@ -197,3 +197,59 @@ def test_the_plan_line_does_not_call_an_output_clash_unreadable(tmp_path, sample
     plan = plan_batch([tmp_path], "cloaked", Options(out_dir=str(tmp_path / "o"), format="png"))
     line = plan_line("cloak", plan)
     assert line == "cloak: 1 photo(s) to do, 1 failed already (named at the end)"
+
+
+def test_an_animation_is_written_as_its_first_frame_and_every_report_says_so(samples_dir, tmp_path, detector):
+    """Frames past the first of a GIF were dropped from the output with no word in any report."""
+    from PIL import Image
+
+    face = Image.open(samples_dir / "astronaut.jpg").convert("RGB")
+    frames = [face, face.transpose(Image.Transpose.FLIP_LEFT_RIGHT), face.rotate(5)]
+    frames[0].save(tmp_path / "wave.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    options = Options(out_dir=str(tmp_path / "out"))
+    report = run_batch(
+        [tmp_path / "wave.gif"], AnonymizeFaces(Anonymizer("blur")), options, detector=detector
+    )
+    (outcome,) = report.outcomes
+    assert outcome.status == "protected" and report.exit_code == 0  # the faces it holds are protected
+    assert "only the first of 3 frames was protected and written" in outcome.message
+    summary = str(report)
+    assert "1 image(s) with several frames or pages: ONLY THE FIRST frame" in summary
+    assert f"{tmp_path / 'wave.gif'}: first of 3 frames -> {outcome.output}" in summary
+    as_json = report.to_dict()
+    assert as_json["first_frame_only_files"] == 1
+    assert as_json["files"][0]["written"]["frames_in_source"] == 3
+    assert "only the first of 3 frames" in as_json["files"][0]["written"]["notes"][0]
+
+
+def test_a_transparent_photo_written_as_jpeg_is_flattened_onto_white_before_its_faces_are_protected(
+    samples_dir, tmp_path, detector
+):
+    """``--format jpeg`` of a transparent PNG showed black where it was transparent.
+
+    The resumable batch (``-o``) flattens at read time: the face is found and protected as the
+    JPEG shows it, and the written change is measured against that photo, not the black one.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from facecloak.pipeline import run_resumable_batch
+
+    rgba = np.array(Image.open(samples_dir / "astronaut.jpg").convert("RGBA"))
+    rgba[:, :60] = 0  # a cut-out: transparent black at the left
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+    options = Options(out_dir=str(tmp_path / "out"), format="jpeg")
+    report = run_resumable_batch(
+        [tmp_path / "cut.png"],
+        AnonymizeFaces(Anonymizer("blur")),
+        options,
+        settings={},
+        detector=detector,
+    )
+    (outcome,) = report.outcomes
+    assert outcome.status == "protected" and report.exit_code == 0
+    written = np.asarray(Image.open(outcome.output).convert("RGB"))
+    assert written[:, :50].min() >= 250  # white, as a browser shows the PNG
+    assert outcome.written["alpha_flattened"] == "white"
+    assert "transparency composited onto white: JPEG has none" in outcome.message
+    assert "composited onto white (--format png keeps it)" in str(report)

@@ -598,3 +598,30 @@ def test_a_resumed_run_says_which_photos_an_earlier_run_did(runner, samples_dir,
     plan = again.stderr.splitlines()[0]
     assert plan == "anonymize: 3 photo(s) to do (3 of them done by an earlier run: skipped if unchanged)"
     assert "3 file(s) done by an earlier run, skipped" in again.stdout + again.stderr
+
+
+def test_keep_metadata_too_large_for_a_jpeg_writes_the_photo_without_it(runner, samples_dir, tmp_path):
+    """A PNG with 70 KB of EXIF, --keep-metadata --format jpeg: the file failed ("EXIF data is too long")."""
+    exif = Image.Exif()
+    exif[0x010F] = "FaceCam"
+    exif[0x010E] = "x" * 70_000  # ImageDescription: more than a JPEG's one 64 KB segment
+    Image.open(samples_dir / "astronaut.jpg").save(tmp_path / "big.png", exif=exif.tobytes())
+    out = tmp_path / "out"
+    result = runner.invoke(
+        main,
+        [
+            "anonymize",
+            str(tmp_path / "big.png"),
+            "-o",
+            str(out),
+            "--format",
+            "jpeg",
+            "--keep-metadata",
+            "--json",
+        ],
+    )
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0 == report["exit_code"] and report["failed_files"] == 0
+    (written,) = [entry["written"] for entry in report["files"]]
+    assert "more than a JPEG's 65,533" in written["exif_dropped"]
+    assert len(Image.open(out / "big_blur.jpg").getexif()) == 0

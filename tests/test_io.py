@@ -16,6 +16,7 @@ from facecloak.errors import ImageReadError, ImageWriteError, InvalidInputError
 from facecloak.io import (
     HEIF_AVAILABLE,
     collect_images,
+    for_output,
     jpeg_roundtrip,
     jpeg_roundtrip_changed,
     max_pixels_default,
@@ -439,6 +440,100 @@ def _exif_of(data: bytes) -> Image.Exif:
     exif = Image.Exif()
     exif.load(data)
     return exif
+
+
+def _big_exif(size: int = 70_000) -> bytes:
+    """EXIF larger than a JPEG's one 64 KB segment holds (a PNG, WebP or HEIC may carry it)."""
+    exif = Image.Exif()
+    exif[0x010F] = "FaceCam"  # Make
+    exif[0x010E] = "x" * size  # ImageDescription
+    return exif.tobytes()
+
+
+class TestWhatTheOutputCannotHold:
+    """An output that lacks what its input had says so; the protected photo is always written."""
+
+    @pytest.mark.parametrize("suffix", [".gif", ".webp", ".tif", ".png"])
+    def test_an_animation_or_multi_page_file_says_only_its_first_frame_is_written(self, tmp_path, suffix):
+        """Frames past the first were dropped from the output without a word."""
+        frames = [Image.fromarray(np.roll(gradient(), k * 7, axis=1)) for k in range(3)]
+        frames[0].save(tmp_path / f"a{suffix}", save_all=True, append_images=frames[1:])
+        image = read_image(tmp_path / f"a{suffix}")
+        assert image.frames == 3
+        info: dict = {}
+        write_image(tmp_path / "out.png", image.pixels, source=image, info=info)
+        assert info["frames_in_source"] == 3 and info["frames_written"] == 1
+        assert "only the first of 3 frames was protected and written" in info["notes"][0]
+        assert getattr(Image.open(tmp_path / "out.png"), "n_frames", 1) == 1
+        frames[0].save(tmp_path / f"still{suffix}")
+        still, info = read_image(tmp_path / f"still{suffix}"), {}
+        write_image(tmp_path / "still_out.png", still.pixels, source=still, info=info)
+        assert still.frames == 1 and "frames_in_source" not in info and "notes" not in info
+
+    @pytest.mark.parametrize("suffix", [".jpg", ".bmp"])
+    def test_transparency_is_composited_onto_white_for_a_format_without_alpha(self, tmp_path, suffix):
+        """A transparent PNG written as JPEG or BMP showed what lay under the alpha: black here."""
+        rgba = np.dstack([gradient(), np.full((48, 64), 255, np.uint8)])
+        rgba[:, :20] = 0  # transparent black, as most editors store a cut-out's background
+        rgba[:, 20:30, 3] = 128  # half transparent
+        Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+        image = read_image(tmp_path / "cut.png")
+        info: dict = {}
+        write_image(tmp_path / f"out{suffix}", image.pixels, source=image, info=info)
+        written = np.asarray(Image.open(tmp_path / f"out{suffix}").convert("RGB")).astype(int)
+        assert (written[:, :20] >= 250).all()  # white, not black
+        expected = (rgba[:, 20:30, :3].astype(int) * 128 + 255 * 127 + 127) // 255
+        assert np.abs(written[:, 20:30] - expected).max() <= 6
+        assert np.abs(written[:, 30:] - rgba[:, 30:, :3]).max() <= 6  # opaque pixels as they were
+        assert info["alpha_flattened"] == "white"
+        assert any("transparency composited onto white" in note for note in info["notes"])
+        # prepared before the protection, the same photo says so once written, and stays as it was
+        flat = for_output(image, tmp_path / f"out{suffix}")
+        assert flat.alpha is None and flat.flattened and float(flat.pixels[:, 0, 0].min()) == 1.0
+        assert for_output(image, tmp_path / "out.png") is image  # PNG keeps its alpha
+        info = {}
+        write_image(tmp_path / f"flat{suffix}", flat.pixels, source=flat, info=info)
+        assert info["alpha_flattened"] == "white"
+
+    @pytest.mark.skipif(not HEIF_AVAILABLE, reason="pillow-heif not installed")
+    def test_heic_keeps_transparency(self, tmp_path):
+        rgba = np.dstack([gradient(), np.full((48, 64), 255, np.uint8)])
+        rgba[:, :20, 3] = 0
+        Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+        image = read_image(tmp_path / "cut.png")
+        info: dict = {}
+        write_image(tmp_path / "out.heic", image.pixels, source=image, info=info)
+        assert "alpha_flattened" not in info and for_output(image, tmp_path / "out.heic") is image
+        alpha = np.asarray(Image.open(tmp_path / "out.heic").convert("RGBA"))[..., 3]
+        assert (alpha[:, :16] <= 5).all() and (alpha[:, 24:] >= 250).all()  # lossy at the edge
+
+    @pytest.mark.parametrize("source_suffix", [".png", ".webp"])
+    def test_exif_too_large_for_a_jpeg_is_left_out_not_the_photo(self, tmp_path, source_suffix):
+        """--keep-metadata from a PNG with 70 KB of EXIF to .jpg failed: "EXIF data is too long"."""
+        Image.fromarray(gradient()).save(tmp_path / f"big{source_suffix}", exif=_big_exif())
+        image = read_image(tmp_path / f"big{source_suffix}")
+        assert image.exif is not None and len(image.exif) > 65_535
+        info: dict = {}
+        write_image(tmp_path / "out.jpg", image.pixels, source=image, keep_metadata=True, info=info)
+        assert len(Image.open(tmp_path / "out.jpg").getexif()) == 0
+        assert "more than a JPEG's 65,533" in info["exif_dropped"]
+        assert any(note.startswith("EXIF not kept") for note in info["notes"])
+        info = {}  # a format that holds it keeps it
+        write_image(tmp_path / "out.png", image.pixels, source=image, keep_metadata=True, info=info)
+        assert Image.open(tmp_path / "out.png").getexif().get(0x010F) == "FaceCam"
+        assert "exif_dropped" not in info
+
+    def test_a_block_edited_jpeg_leaves_out_exif_too_large_but_keeps_its_orientation(self, tmp_path):
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(gradient(64, 48)).save(tmp_path / "o.jpg", exif=exif.tobytes(), quality=90)
+        image = read_image(tmp_path / "o.jpg")
+        image.exif = _big_exif()  # as if the camera's EXIF had grown past one segment
+        info: dict = {}
+        write_image(tmp_path / "out.jpg", image.pixels, source=image, keep_metadata=True, info=info)
+        assert info["encoding"] == "jpeg-blocks" and "exif_dropped" in info
+        written = Image.open(tmp_path / "out.jpg").getexif()
+        assert written.get(0x0112) == 6 and 0x010F not in written
 
 
 class TestPaths:

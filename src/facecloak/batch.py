@@ -278,7 +278,11 @@ def _detect_all(
         images: list[tuple[int, Tensor]] = []
         for i in indices:
             try:
-                images.append((i, io.read_image(todo[i][0].path, max_pixels=options.max_pixels).pixels))
+                # flattened as the output will be: a viewer's face, not what lies under alpha
+                image = io.for_output(
+                    io.read_image(todo[i][0].path, max_pixels=options.max_pixels), todo[i][1]
+                )
+                images.append((i, image.pixels))
             except FacecloakError as error:
                 found[i] = None
                 tracker.failures[i] = FileOutcome(str(todo[i][0].path), "failed", error=str(error))
@@ -311,7 +315,8 @@ def _protect_chunk(
     loaded: list[tuple[io.ImageJob, Path, io.LoadedImage, Faces]] = []
     for (job, target), faces in zip(todo, found):
         try:
-            loaded.append((job, target, io.read_image(job.path, max_pixels=options.max_pixels), faces))
+            image = io.for_output(io.read_image(job.path, max_pixels=options.max_pixels), target)
+            loaded.append((job, target, image, faces))
         except FacecloakError as error:
             outcome = FileOutcome(str(job.path), "failed", error=str(error))
             tracker.work_done += 1 + len(faces) * tracker.face_work()

@@ -95,13 +95,20 @@ class FileOutcome:
             )
         return f"{self.path}: {len(self.faces)} face(s) -> {self.output}{self._encoding_note()}"
 
+    @property
+    def frames_left_out(self) -> int:
+        """Frames or pages of the input not in the output (an animation or multi-page file: all but one)."""
+        return max(0, self.written.get("frames_in_source", 1) - self.written.get("frames_written", 1))
+
     def _encoding_note(self) -> str:
+        """How the output was encoded, then what of the input it lacks (``written["notes"]``)."""
+        notes = list(self.written.get("notes", []))  # what is lost first: frames, alpha, EXIF
         if self.written.get("encoding") == "jpeg-blocks":
             kept = self.written["mcus_total"] - self.written["mcus_reencoded"]
-            return f" (JPEG: {kept} of {self.written['mcus_total']} blocks kept bit-exact)"
-        if "jpeg_fallback" in self.written:
-            return f" ({self.written['jpeg_fallback']})"
-        return ""
+            notes.append(f"JPEG: {kept} of {self.written['mcus_total']} blocks kept bit-exact")
+        elif "jpeg_fallback" in self.written:
+            notes.append(self.written["jpeg_fallback"])
+        return f" ({'; '.join(notes)})" if notes else ""
 
 
 @dataclass
@@ -163,6 +170,7 @@ class BatchReport:
             f"{self.count('failed')} failed; {self.faces} face(s) found, "
             f"{self.protected_faces} protected, in {self.seconds:.1f} s"
         ]
+        lines += self._frames_left_out()
         if self.count("skipped"):
             lines.append(
                 f"  {self.count('skipped')} image(s) skipped: their output exists (--overwrite redoes them)"
@@ -233,6 +241,7 @@ class BatchReport:
         if escalated:
             lines.append(f"  {len(escalated)} face(s) fell short, cloaked again one level up (--escalate):")
             lines += [f"    {path}: {f['escalated_from']} -> {f['level']}" for path, f in escalated]
+        lines += self._left_out_of_files()
         if self.count("failed"):
             lines.append(f"  {self.count('failed')} file(s) failed:")
             lines += [f"    {o.error}" for o in self.outcomes if o.status == "failed"]
@@ -288,6 +297,41 @@ class BatchReport:
         ]
         return lines
 
+    def _frames_left_out(self) -> list[str]:
+        """The summary's lines on animations and multi-page files: only their first frame is written.
+
+        Second in the summary: the other frames are missing from the output with no error, and a
+        user who sees only "done" would find out when the animation no longer moves.
+        """
+        cut = [o for o in self.outcomes if o.status != "failed" and o.frames_left_out]
+        if not cut:
+            return []
+        lines = [
+            f"  {len(cut)} image(s) with several frames or pages: ONLY THE FIRST frame of each was "
+            "protected and written; the others are NOT in the output:"
+        ]
+        lines += [f"    {o.path}: first of {o.written['frames_in_source']} frames -> {o.output}" for o in cut]
+        return lines
+
+    def _left_out_of_files(self) -> list[str]:
+        """The summary's lines on outputs that lack what their input had: transparency, EXIF."""
+        lines = []
+        flat = [o for o in self.outcomes if o.status != "failed" and o.written.get("alpha_flattened")]
+        if flat:
+            lines.append(
+                f"  {len(flat)} output(s) in a format without transparency: composited onto white "
+                "(--format png keeps it):"
+            )
+            lines += [f"    {o.output}" for o in flat]
+        bare = [o for o in self.outcomes if o.status != "failed" and o.written.get("exif_dropped")]
+        if bare:
+            lines.append(
+                f"  {len(bare)} output(s) written without their EXIF: too large for a JPEG "
+                "(--format png keeps it):"
+            )
+            lines += [f"    {o.output}: {o.written['exif_dropped']}" for o in bare]
+        return lines
+
     def _passed_over(self) -> list[str]:
         """The summary's lines on the files passed over: each named, with the reason."""
         if not self.skipped:
@@ -335,6 +379,10 @@ class BatchReport:
             "no_face_images": self.count("no_face"),
             "failed_files": self.count("failed"),
             "skipped_existing": self.count("skipped"),
+            # outputs holding only the first frame of an animation or multi-page input
+            "first_frame_only_files": sum(
+                o.status != "failed" and bool(o.frames_left_out) for o in self.outcomes
+            ),
             "seconds": round(self.seconds, 3),
             "files": [asdict(outcome) for outcome in self.outcomes],
             "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped],

@@ -296,7 +296,9 @@ def run_resumable_batch(
                 record = None if options.overwrite else journal.done_record(job.relative.as_posix(), sha256)
                 if record is not None:
                     return _resumed(job, record, out_dir)
-                image = io.read_image(job.path, max_pixels=options.max_pixels)
+                # transparency flattened here for a format without it: detection and the
+                # protection see the photo as its output will show it
+                image = io.for_output(io.read_image(job.path, max_pixels=options.max_pixels), target)
             except OSError as error:
                 return FileOutcome(str(job.path), "failed", error=f"{job.path}: {error.strerror}")
             except FacecloakError as error:

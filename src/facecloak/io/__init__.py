@@ -5,8 +5,10 @@ EXIF orientation, converts CMYK, palette, grey, 16-bit and alpha images, and tur
 bad file (missing, empty, truncated, not an image, too many pixels) into an `ImageReadError`
 whose message is one line naming the file. Writing is atomic (temporary file in the target
 folder, then `os.replace`), never replaces an input, and drops EXIF (GPS above all) unless asked.
-A JPEG written from a JPEG keeps every 8x8 block the protection did not touch bit for bit
-(`facecloak.jpeg_blocks`); other formats are written losslessly where they were lossless.
+A photo with transparency bound for a format without alpha is composited onto white
+(`for_output`); an animation or multi-page file is read and written as its first frame, and
+every output says so. A JPEG written from a JPEG keeps every 8x8 block the protection did not
+touch bit for bit (`facecloak.jpeg_blocks`); other formats are written losslessly where they were lossless.
 
 Modules: `read` (decoding, pixel limit, `LoadedImage`), `write` (encoding, metadata, atomic
 writes), `files` (suffixes, folder walking, output names). Every public name is re-exported
@@ -37,12 +39,15 @@ from facecloak.io.read import (
     read_image_bytes,
 )
 from facecloak.io.write import (
+    ALPHA_FORMATS,
     JPEG_QUALITY,
     LOSSY_FORMATS,
     as_written,
     encode_image,
+    for_output,
     jpeg_roundtrip,
     jpeg_roundtrip_changed,
+    over_white,
     stored_as,
     strip_location,
     to_uint8,
@@ -51,6 +56,7 @@ from facecloak.io.write import (
 )
 
 __all__ = [
+    "ALPHA_FORMATS",
     "HEIF_AVAILABLE",
     "LOSSY_FORMATS",
     "as_written",
@@ -63,11 +69,13 @@ __all__ = [
     "ProtectedFiles",
     "collect_images",
     "encode_image",
+    "for_output",
     "jpeg_roundtrip",
     "jpeg_roundtrip_changed",
     "max_pixels_default",
     "output_path",
     "output_suffix",
+    "over_white",
     "probe_image",
     "probe_image_bytes",
     "read_image",

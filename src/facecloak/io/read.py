@@ -52,6 +52,11 @@ class LoadedImage:
             edited block by block is stored in the source's orientation and keeps this tag.
         encoded: a JPEG's own bytes when it was decoded from memory (`read_image_bytes`), so
             that it can be edited block by block without a file on disk; None otherwise.
+        frames: frames or pages in the source (an animated GIF/WebP/PNG, a multi-page TIFF, a
+            HEIC holding several images); only the first is read, protected and written, and
+            every output says so (the others are left out, never written unprotected).
+        flattened: the transparency was composited onto white for an output format without
+            alpha (`facecloak.io.for_output`); ``alpha`` is None then.
     """
 
     path: Path
@@ -63,6 +68,8 @@ class LoadedImage:
     exif: bytes | None = field(default=None, repr=False)
     orientation: int = 1
     encoded: bytes | None = field(default=None, repr=False)
+    frames: int = 1
+    flattened: bool = False
 
     @property
     def size(self) -> tuple[int, int]:
@@ -181,8 +188,9 @@ def _read_image(path: Path, limit: int) -> LoadedImage:
                         f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,}",
                         path,
                     )
-                opened.seek(0)  # first frame of a GIF or multi-page TIFF
                 source_format = opened.format or "PNG"
+                frames = _frame_count(opened, source_format)
+                opened.seek(0)  # first frame of a GIF or multi-page TIFF
                 exif = opened.info.get("exif")
                 icc = opened.info.get("icc_profile")
                 orientation = _orientation(opened)
@@ -199,7 +207,21 @@ def _read_image(path: Path, limit: int) -> LoadedImage:
     except MemoryError:
         raise ImageReadError("image too large to decode in memory", path) from None
     pixels, alpha, grayscale, icc = _to_rgb_tensor(image, icc)
-    return LoadedImage(path, pixels, alpha, source_format, grayscale, icc, exif, orientation)
+    return LoadedImage(path, pixels, alpha, source_format, grayscale, icc, exif, orientation, frames=frames)
+
+
+def _frame_count(opened: Image.Image, source_format: str) -> int:
+    """Frames or pages of an open image whose others are content (animations, pages, bursts).
+
+    An MPO's second picture is a preview or the other eye of a stereo pair, a copy of the
+    unprotected face that is never wanted in the output: it counts as one frame.
+    """
+    if source_format == "MPO":
+        return 1
+    try:
+        return max(1, int(getattr(opened, "n_frames", 1)))
+    except (OSError, ValueError, EOFError, SyntaxError):
+        return 1  # a frame past the first is damaged: the first is still read, as before
 
 
 def probe_image(path: str | Path, *, max_pixels: int | None = None) -> str:
@@ -325,11 +347,17 @@ def _cmyk_to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
     return image.convert("RGB")
 
 
-def probe_image_bytes(data: bytes) -> tuple[str, int, int]:
+def probe_image_bytes(data: bytes, *, max_pixels: int | None = None) -> tuple[str, int, int]:
     """Format and size of an in-memory photo from its header alone, without decoding pixels.
 
     The format is sniffed from the content (PIL's signatures), never taken from a file name or a
     declared content type. A 30,000 x 30,000 PNG costs a few bytes to probe.
+
+    Args:
+        data: the encoded photo.
+        max_pixels: the caller's own pixel limit (default `max_pixels_default()`); PIL's
+            decompression-bomb guard is raised to it while probing, so a caller allowing more
+            than twice the default (a service set to 300 MP) is not refused below its limit.
 
     Returns:
         (PIL format name, width, height), the size before EXIF rotation.
@@ -340,7 +368,8 @@ def probe_image_bytes(data: bytes) -> tuple[str, int, int]:
     if not data:
         raise ImageReadError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings(), _PIL_PIXEL_LIMIT.at_least(max_pixels_default()):
+        limit = max_pixels or max_pixels_default()
+        with warnings.catch_warnings(), _PIL_PIXEL_LIMIT.at_least(limit):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(BytesIO(data)) as opened:  # lazy: reads the header only
                 return opened.format or "", int(opened.size[0]), int(opened.size[1])

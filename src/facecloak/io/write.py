@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import tempfile
@@ -131,22 +132,54 @@ def _jpeg_keeping_blocks(pixels: Tensor, source: LoadedImage, keep_metadata: boo
         after = np.asarray(Image.fromarray(after).transpose(undo))
     data, edit = jpeg_blocks.splice_jpeg(original, before, after)
     info.update(encoding="jpeg-blocks", **edit.summary())
-    return _with_metadata(data, _jpeg_exif(source, keep_metadata), source.icc_profile)
+    return _with_metadata(data, _jpeg_exif(source, keep_metadata, info), source.icc_profile)
 
 
-def _jpeg_exif(source: LoadedImage, keep_metadata: bool) -> bytes | None:
-    """EXIF for a block-edited JPEG: as `strip_location` when kept, but with the stored orientation."""
+def _jpeg_exif(source: LoadedImage, keep_metadata: bool, info: dict) -> bytes | None:
+    """EXIF for a block-edited JPEG: as `strip_location` when kept, but with the stored orientation.
+
+    Kept EXIF too large for the JPEG is left out (``info`` says so); the orientation stays.
+    """
     if keep_metadata and source.exif:
         exif = _exif_to_keep(source.exif)
-    elif source.orientation != 1:
-        exif = Image.Exif()  # nothing but the orientation, so that viewers turn the photo upright
-    else:
+        if source.orientation != 1:
+            exif[_ORIENTATION_TAG] = source.orientation
+        else:
+            exif.pop(_ORIENTATION_TAG, None)
+        kept = exif.tobytes()
+        if _exif_fits_jpeg(kept, info):
+            return kept
+    if source.orientation == 1:
         return None
-    if source.orientation != 1:
-        exif[_ORIENTATION_TAG] = source.orientation
-    else:
-        exif.pop(_ORIENTATION_TAG, None)
+    exif = Image.Exif()  # nothing but the orientation, so that viewers turn the photo upright
+    exif[_ORIENTATION_TAG] = source.orientation
     return exif.tobytes()
+
+
+_JPEG_EXIF_BYTES = 65_533
+"""The most EXIF a JPEG holds: one APP1 segment (its 2-byte length counts itself)."""
+
+
+def _exif_fits_jpeg(exif: bytes, info: dict) -> bool:
+    """Whether a JPEG can hold ``exif``; if not, ``info`` says that the output is written without it.
+
+    A PNG, WebP, TIFF or HEIC can carry far more EXIF than a JPEG's one 64 KB segment; such a
+    photo written as JPEG with --keep-metadata failed outright ("EXIF data is too long"), leaving
+    the user with no protected photo at all for the sake of its metadata.
+    """
+    size = len(exif) if exif.startswith(b"Exif\x00\x00") else len(exif) + 6
+    if size <= _JPEG_EXIF_BYTES:
+        return True
+    info["exif_dropped"] = f"{size:,} bytes, more than a JPEG's {_JPEG_EXIF_BYTES:,}"
+    _note(info, f"EXIF not kept: {size:,} bytes, more than a JPEG's {_JPEG_EXIF_BYTES:,}")
+    return False
+
+
+def _note(info: dict, text: str) -> None:
+    """Add a plain sentence to ``info["notes"]``: what the output lacks that its input had."""
+    notes = info.setdefault("notes", [])
+    if text not in notes:
+        notes.append(text)
 
 
 _ICC_CHUNK_BYTES = 65_519
@@ -205,20 +238,27 @@ def _to_pil(pixels: Tensor, source: LoadedImage | None, format_name: str) -> Ima
     grey = source is not None and source.grayscale and bool((rgb.max(2) == rgb.min(2)).all())
     image = Image.fromarray(rgb[..., 0] if grey else rgb, "L" if grey else "RGB")
     alpha = source.alpha if source is not None else None
-    if alpha is not None and format_name in ("PNG", "WEBP", "TIFF"):
+    if alpha is not None and format_name in ALPHA_FORMATS:
         plane = (alpha[0].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         image.putalpha(Image.fromarray(plane, "L"))
     return image
 
 
 def _save_options(
-    format_name: str, source: LoadedImage | None, keep_metadata: bool, quality: int, mode: str = "RGB"
+    format_name: str,
+    source: LoadedImage | None,
+    keep_metadata: bool,
+    quality: int,
+    mode: str = "RGB",
+    info: dict | None = None,
 ) -> dict:
     options: dict = {}
     if source is not None and source.icc_profile and _profile_fits(source.icc_profile, mode):
         options["icc_profile"] = source.icc_profile
     if keep_metadata and source is not None and source.exif:
-        options["exif"] = strip_location(source.exif)
+        exif = strip_location(source.exif)
+        if format_name != "JPEG" or _exif_fits_jpeg(exif, {} if info is None else info):
+            options["exif"] = exif
     if format_name == "JPEG":
         options.update(quality=quality, subsampling=0, optimize=True)
     elif format_name == "WEBP":
@@ -381,6 +421,54 @@ def stored_as(
     return functools.partial(as_written, format_name=format_name, source=source, jpeg_quality=jpeg_quality)
 
 
+ALPHA_FORMATS = ("PNG", "WEBP", "TIFF", "HEIF")
+"""Output formats that store transparency; a photo with alpha written in another one (JPEG, BMP)
+is composited onto white first (`for_output`)."""
+
+
+def over_white(pixels: Tensor, alpha: Tensor) -> Tensor:
+    """(3, H, W) ``pixels`` composited onto white through their (1, H, W) ``alpha``.
+
+    What a browser shows of a transparent PNG on a page, and what most tools flatten to. Without
+    it a format with no alpha showed whatever the transparent pixels held, most often black.
+    """
+    alpha = alpha.to(pixels).clamp(0, 1)
+    return pixels * alpha + (1.0 - alpha)
+
+
+def for_output(
+    image: LoadedImage, target: str | Path | None = None, format_name: str | None = None
+) -> LoadedImage:
+    """``image`` as a file of ``target``'s format (or ``format_name``) can hold it.
+
+    A photo with transparency bound for a format without alpha is composited onto white
+    (`over_white`) before any face is looked for or protected, so that detection, the cloak's
+    caps and the written file all see what a viewer will; it comes back with ``alpha`` None and
+    ``flattened`` set, and its output's record says so. Anything else comes back as it is.
+    """
+    if format_name is None:
+        format_name = IMAGE_SUFFIXES.get(Path(target or "").suffix.lower(), "")
+    if image.alpha is None or not format_name or format_name.upper() in ALPHA_FORMATS:
+        return image
+    return dataclasses.replace(
+        image, pixels=over_white(image.pixels, image.alpha), alpha=None, flattened=True
+    )
+
+
+def _note_what_is_left_out(source: LoadedImage, format_name: str, info: dict) -> None:
+    """Say in ``info`` what of ``source`` the output cannot hold: frames past the first, alpha."""
+    if source.frames > 1:
+        info.update(frames_in_source=source.frames, frames_written=1)
+        _note(
+            info,
+            f"only the first of {source.frames} frames was protected and written; "
+            f"the other {source.frames - 1} are not in the output",
+        )
+    if source.flattened:
+        info["alpha_flattened"] = "white"
+        _note(info, f"transparency composited onto white: {format_name} has none")
+
+
 def encode_image(
     pixels: Tensor,
     format_name: str,
@@ -403,6 +491,11 @@ def encode_image(
         raise ImageWriteError(f"cannot write format {format_name!r}")
     if pixels.ndim != 3 or pixels.shape[0] != 3:
         raise ImageWriteError(f"expected a (3, H, W) tensor, got {tuple(pixels.shape)}")
+    if source is not None and source.alpha is not None and format_name not in ALPHA_FORMATS:
+        pixels = over_white(pixels, source.alpha)
+        source = dataclasses.replace(source, alpha=None, flattened=True)
+    if source is not None:
+        _note_what_is_left_out(source, format_name, info)
     if format_name == "JPEG" and jpeg_quality is None and source is not None:
         try:
             return _jpeg_keeping_blocks(pixels, source, keep_metadata, info)
@@ -413,7 +506,7 @@ def encode_image(
     buffer = BytesIO()
     try:
         stored_mode = "RGB" if format_name == "WEBP" else image.mode  # WebP has no grey: stored as RGB
-        options = _save_options(format_name, source, keep_metadata, quality, stored_mode)
+        options = _save_options(format_name, source, keep_metadata, quality, stored_mode, info)
         image.save(buffer, format=format_name, **options)
     except (OSError, ValueError, KeyError, RuntimeError) as error:  # RuntimeError: libtiff's
         raise ImageWriteError(f"could not encode ({_short(error)})") from None
