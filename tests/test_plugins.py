@@ -576,3 +576,36 @@ def test_calibration_detects_on_the_models_device(three_people, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     result = calibrate_threshold(_PixelEmbedder(), three_people, far=0.1)
     assert result.photos == 9
+
+
+def test_cli_calibrate_on_photos_without_faces_says_so(mobileface_dir, config_home, tmp_path):
+    """Two people of faceless photos were "too few pairs (0 genuine, 0 impostor): give more people
+    with two or more photos", though they had two each; now the error says no face was found, and
+    the card keeps its threshold."""
+    import numpy as np
+    from PIL import Image
+
+    runner = CliRunner()
+    symbol = mobileface_dir / MOBILEFACE_SYMBOL
+    added = runner.invoke(main, ["models", "add", "test-mobileface", str(symbol), "--threshold", "0.65"])
+    assert added.exit_code == 0, added.output
+    people = tmp_path / "people"
+    noise = np.random.default_rng(0)
+    for person in ("a", "b"):
+        (people / person).mkdir(parents=True)
+        for k in range(2):
+            pixels = (noise.random((120, 120, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(people / person / f"{k}.png")
+    result = runner.invoke(main, ["models", "calibrate", "test-mobileface", str(people), "--device", "cpu"])
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0, result.output
+    assert str(people) in result.stderr and "no face found in any of the 4 photos" in result.stderr
+    card = json.loads((config_home / "facecloak" / "models" / "test-mobileface.json").read_text())
+    assert card["match_threshold"] == 0.65
+
+
+def test_cli_add_a_folder_says_it_is_a_folder(mobileface_dir, config_home):
+    """`models add NAME FOLDER` said "model file not found" of a folder that is there."""
+    result = CliRunner().invoke(main, ["models", "add", "test-mobileface", str(mobileface_dir)])
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0, result.output
+    assert f"{mobileface_dir}: a folder, not a model file" in result.stderr
+    assert not (config_home / "facecloak" / "models" / "test-mobileface.json").exists()

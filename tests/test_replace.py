@@ -484,6 +484,44 @@ def test_cli_bad_banks_are_one_line_usage_errors(data_home, lfw_dir, tmp_path):
     assert seed.exit_code == 2 and "--seed" in seed.output  # it crashed deep in torch
 
 
+def test_cli_donors_list_names_a_manifest_that_is_no_json_object(data_home):
+    """A bank.json holding ``[]`` or ``null`` was an AttributeError traceback from `donors list`,
+    which then listed no bank at all; now it is one line naming the file, the others still listed."""
+    runner = CliRunner()
+    for name, content in (("not-an-object", "[]"), ("null-manifest", "null")):
+        folder = bank_folder(name)
+        folder.mkdir(parents=True)
+        (folder / "bank.json").write_text(content)
+        one = runner.invoke(main, ["donors", "list", name])
+        assert one.exit_code == 2 and isinstance(one.exception, SystemExit)
+        assert one.output.strip().count("\n") == 0
+        assert str(folder / "bank.json") in one.output and "not a JSON object" in one.output
+        removed = runner.invoke(main, ["donors", "remove", name, "--donor", "d00001"])
+        assert removed.exit_code == 2 and "not a JSON object" in removed.output
+    listing = runner.invoke(main, ["donors", "list"])
+    assert not isinstance(listing.exception, AttributeError)
+    assert listing.stderr.count("not a JSON object") == 2
+    for name in ("not-an-object", "null-manifest"):
+        shutil.rmtree(bank_folder(name))
+
+
+def test_cli_donors_add_of_faceless_photos_creates_no_empty_bank(data_home, tmp_path):
+    """Photos without a face left an empty bank behind (under a mistyped name too), listed by
+    `donors list` and refused later by `anonymize --donors` as empty; now none is created."""
+    photos = tmp_path / "faceless"
+    photos.mkdir()
+    ramp = torch.linspace(0, 1, 200)
+    io.write_image(photos / "no_face.png", torch.stack([ramp[None].expand(200, -1)] * 3))
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["donors", "add", str(photos), "--bank", "faceless", "--licence", "x", "--device", "cpu"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "no_face.png: no face found" in result.output and "no bank was created" in result.output
+    assert not bank_folder("faceless").exists()
+    assert "faceless" not in runner.invoke(main, ["donors", "list"]).output
+
+
 def test_a_bank_built_with_other_models_is_a_usage_error_before_any_work(bank, data_home, lfw_dir, tmp_path):
     """It was found once the models were loaded: printed twice, and the photo failed (exit 3)."""
     other = bank_folder("other-models")

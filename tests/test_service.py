@@ -777,3 +777,16 @@ def test_serve_with_a_missing_bank_is_a_one_line_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["serve", "--donors", str(tmp_path / "no-bank")])
     assert result.exit_code == 2
     assert "no donor bank 'no-bank'" in result.output and "facecloak donors add" in result.output
+
+
+def test_pixel_limit_above_the_default_admits_uploads_under_it(tmp_path):
+    """A service set to 300 MP refused a 250 MP upload: the header probe kept PIL's guard at twice
+    the default 120 MP (240 MP) instead of raising it to the service's own limit."""
+    from facecloak.service.limits import UploadRejected, check_upload
+
+    png_header_only(tmp_path / "big.png", 20_000, 12_500)  # 250,000,000 pixels
+    data = (tmp_path / "big.png").read_bytes()
+    assert check_upload(data, max_pixels=300_000_000) == ("PNG", 20_000, 12_500)
+    with pytest.raises(UploadRejected) as refused:
+        check_upload(data, max_pixels=200_000_000)
+    assert refused.value.status == 413 and "200,000,000" in refused.value.reason

@@ -121,6 +121,10 @@ def calibrate_threshold(
         raise InvalidInputError("no readable photos", data)
     everything = torch.cat(embeddings)
     found = ~torch.isnan(everything).any(1)
+    if not bool(found.any()):  # it said "give more people with two or more photos"
+        raise InvalidInputError(
+            f"no face found in any of the {len(labels)} photos: calibration needs photos of faces", data
+        )
     vectors, ids = everything[found], torch.tensor(labels)[found]
     distances = distance_matrix(vectors, vectors, model.card.distance)
     upper = torch.triu(torch.ones_like(distances, dtype=torch.bool), diagonal=1)
@@ -128,8 +132,8 @@ def calibrate_threshold(
     genuine, impostor = distances[upper & same], distances[upper & ~same]
     if len(genuine) == 0 or len(impostor) * far < 1:
         raise InvalidInputError(
-            f"too few pairs to calibrate at FAR {far:g} ({len(genuine)} genuine, {len(impostor)} impostor): "
-            "give more people with two or more photos",
+            f"too few pairs to calibrate at FAR {far:g} ({len(genuine)} genuine, {len(impostor)} impostor"
+            f"{_without_face(found)}): give more people with two or more photos",
             data,
         )
     tar, threshold = tar_at_far(genuine, impostor, far)
@@ -150,3 +154,9 @@ def calibrate_threshold(
         photos_without_face=int((~found).sum()),
         people=int(len(ids.unique())),
     )
+
+
+def _without_face(found: torch.Tensor) -> str:
+    """``; N of M photos without a face`` where some were, for the too-few-pairs message."""
+    missing = int((~found).sum())
+    return f"; {missing} of {len(found)} photos without a face" if missing else ""

@@ -262,6 +262,8 @@ def load_bank(
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as error:
         raise DonorBankError(f"bank manifest is unreadable ({error})", manifest_path) from None
+    if not isinstance(manifest, dict):  # `[]` or `null` was a traceback from every listing of banks
+        raise DonorBankError("bank manifest is damaged (not a JSON object)", manifest_path)
     if manifest.get("format") != BANK_FORMAT:
         raise DonorBankError(
             f"bank format {manifest.get('format')} is not {BANK_FORMAT}; "

@@ -89,6 +89,8 @@ class AddReport:
     def __str__(self) -> str:
         lines = [
             f"bank {self.bank}: {len(self.added)} donor(s) added, {self.total_donors} in all ({self.folder})"
+            if self.total_donors
+            else f"bank {self.bank}: no donor added, so no bank was created ({self.folder})"
         ]
         if self.skipped:
             lines.append(f"  {len(self.skipped)} photo(s) skipped (no usable face, or in the bank already):")
@@ -231,6 +233,10 @@ def add_donors(
         "donors": len(records),
         "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
     }
+    if existing is None and not records:
+        # no face to add: no bank is created (an empty one, under a mistyped name too, was left
+        # behind to be refused later as empty by `anonymize --donors`)
+        return report
     _commit(folder, existing, records, embeddings, models, source)
     report.added = [record["id"] for record in records]
     report.total_donors = (len(existing) if existing is not None else 0) + len(records)

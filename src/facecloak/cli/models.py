@@ -138,6 +138,10 @@ def models_add(  # noqa: D301 - click help keeps the backslash line breaks
 
     previous = get_card(name) if is_user_model(name) else None
     try:
+        if file.is_dir():  # it said "model file not found" of a folder that is there
+            raise InvalidInputError(
+                "a folder, not a model file: give the .onnx or NAME-symbol.json file in it", file
+            )
         card = add_user_model(
             name,
             file,

@@ -52,7 +52,7 @@ def check_upload(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
     if not data:
         raise UploadRejected(400, "empty_upload", "the uploaded file is empty (0 bytes)")
     try:
-        format_name, width, height = io.probe_image_bytes(data)
+        format_name, width, height = io.probe_image_bytes(data, max_pixels=max_pixels)
     except ImageReadError as error:
         if "pixels" in error.reason:
             reason = f"{error.reason} (this service's limit is {max_pixels:,} pixels)"
