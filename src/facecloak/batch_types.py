@@ -316,20 +316,15 @@ class BatchReport:
     def _left_out_of_files(self) -> list[str]:
         """The summary's lines on outputs that lack what their input had: transparency, EXIF."""
         lines = []
-        flat = [o for o in self.outcomes if o.status != "failed" and o.written.get("alpha_flattened")]
-        if flat:
-            lines.append(
-                f"  {len(flat)} output(s) in a format without transparency: composited onto white "
-                "(--format png keeps it):"
-            )
-            lines += [f"    {o.output}" for o in flat]
-        bare = [o for o in self.outcomes if o.status != "failed" and o.written.get("exif_dropped")]
-        if bare:
-            lines.append(
-                f"  {len(bare)} output(s) written without their EXIF: too large for a JPEG "
-                "(--format png keeps it):"
-            )
-            lines += [f"    {o.output}: {o.written['exif_dropped']}" for o in bare]
+        for key, lacking in (
+            ("alpha_flattened", "in a format without transparency: composited onto white"),
+            ("exif_dropped", "written without their EXIF: too large for a JPEG"),
+        ):
+            cut = [o for o in self.outcomes if o.status != "failed" and o.written.get(key)]
+            if cut:
+                lines.append(f"  {len(cut)} output(s) {lacking} (--format png keeps it):")
+                detail = key == "exif_dropped"  # its value says what was left out; alpha's is True
+                lines += [f"    {o.output}" + (f": {o.written[key]}" if detail else "") for o in cut]
         return lines
 
     def _passed_over(self) -> list[str]:
