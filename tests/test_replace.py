@@ -501,6 +501,8 @@ def test_cli_donors_list_names_a_manifest_that_is_no_json_object(data_home):
     listing = runner.invoke(main, ["donors", "list"])
     assert not isinstance(listing.exception, AttributeError)
     assert listing.stderr.count("not a JSON object") == 2
+    assert listing.exit_code == 3  # the listing went on, and says a bank is damaged (it was 0)
+    assert runner.invoke(main, ["donors", "list", "--json"]).exit_code == 3
     for name in ("not-an-object", "null-manifest"):
         shutil.rmtree(bank_folder(name))
 

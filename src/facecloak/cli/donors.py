@@ -79,9 +79,12 @@ def donors_list(bank, as_json) -> None:
 
     if bank is None:
         banks = list_banks()
+        # a damaged bank is listed as an error line, the others still listed, and the exit code
+        # says it (it was 0: a script reading the listing could not tell)
+        damaged = any("error" in entry for entry in banks)
         if as_json:
             click.echo(json.dumps(banks, indent=2))
-            return
+            sys.exit(EXIT_FAILED if damaged else EXIT_OK)
         if not banks:
             click.echo(
                 f"no donor bank in {data_dir()}; "
@@ -97,7 +100,7 @@ def donors_list(bank, as_json) -> None:
             )
             for note in _edge_notes(entry):
                 click.echo(f"  {note}")
-        return
+        sys.exit(EXIT_FAILED if damaged else EXIT_OK)
     try:
         data = load_bank(bank, allow_empty=True)
     except FacecloakError as error:
