@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from facecloak import __version__
@@ -141,13 +142,7 @@ class Journal:
             self._stream.truncate(end)
             os.fsync(self._stream.fileno())
             data = data[:end]
-        for line in data.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if not _intact(record):  # a damaged line that still parses (``1``, ``[]``): not ours
-                continue
+        for record in _intact_records(data):
             if "input" in record:
                 self._last[record["input"]] = record
                 if record.get("output"):
@@ -231,12 +226,15 @@ def _intact(record) -> bool:
 def read_journal(out_dir: str | Path) -> list[dict]:
     """Every intact line of a folder's journal, in order (for reports and tests)."""
     path = Path(out_dir) / JOURNAL_NAME
-    records = []
-    for line in path.read_bytes().splitlines() if path.exists() else []:
+    return list(_intact_records(path.read_bytes())) if path.exists() else []
+
+
+def _intact_records(data: bytes) -> Iterator[dict]:
+    """The records of a journal's bytes: lines that parse and have this module's shape (`_intact`)."""
+    for line in data.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if _intact(record):
-            records.append(record)
-    return records
+        if _intact(record):  # a damaged line that still parses (``1``, ``[]``): not ours
+            yield record

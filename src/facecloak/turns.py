@@ -20,8 +20,6 @@ import math
 import torch
 from torch import Tensor
 
-QUARTER_TURNS = (0, 1, 2, 3)
-
 
 def turn_image(image: Tensor, k: int) -> Tensor:
     """``image`` (..., H, W) turned by ``k`` quarter turns (`torch.rot90` over the last two dims).
@@ -60,17 +58,9 @@ def from_turned(points: Tensor, k: int, height: int, width: int) -> Tensor:
         >>> from_turned(torch.tensor([[1.0, 4.0]]), 1, height=5, width=7).tolist()
         [[2.0, 1.0]]
     """
-    x, y = points[..., 0], points[..., 1]
-    k %= 4
-    if k == 0:
-        return points.clone()
-    if k == 1:
-        original = (width - 1 - y, x)
-    elif k == 2:
-        original = (width - 1 - x, height - 1 - y)
-    else:
-        original = (y, height - 1 - x)
-    return torch.stack(original, -1)
+    # turning the turned photo (``width`` x ``height`` for an odd k) on by the rest of a full turn
+    turned_height, turned_width = (width, height) if k % 2 else (height, width)
+    return to_turned(points, -k, turned_height, turned_width)
 
 
 def _boxes_through(boxes: Tensor, mapping) -> Tensor:

@@ -171,7 +171,7 @@ def _exif_fits_jpeg(exif: bytes, info: dict) -> bool:
     if size <= _JPEG_EXIF_BYTES:
         return True
     info["exif_dropped"] = f"{size:,} bytes, more than a JPEG's {_JPEG_EXIF_BYTES:,}"
-    _note(info, f"EXIF not kept: {size:,} bytes, more than a JPEG's {_JPEG_EXIF_BYTES:,}")
+    _note(info, f"EXIF not kept: {info['exif_dropped']}")
     return False
 
 
