@@ -186,6 +186,31 @@ def test_a_cloak_of_a_photo_over_the_default_pixel_limit_is_measured_not_failed(
     assert face["box_dssim_written"] == pytest.approx(face["box_dssim_cloaked"], abs=1e-5)
 
 
+def test_the_journal_s_done_record_holds_the_change_as_written(tmp_path, samples_dir):
+    """The change of the written file was measured after the journal's "done": its record lacked it."""
+    from facecloak import io
+    from facecloak.batch import write_output
+
+    image = io.read_image(samples_dir / "astronaut.jpg")
+    output = image.pixels.clone()
+    output[:, 80:160, 200:260] += 2 / 255
+    face = {"box": [190.0, 70.0, 270.0, 170.0], "dssim": 0.001, "protected": True}
+    journaled: list[dict] = []
+    outcome = write_output(
+        image.path,
+        image,
+        output.clamp(0, 1),
+        tmp_path / "a_cloaked.jpg",
+        [face],
+        Options(format="jpg"),
+        1.0,
+        after=lambda status: journaled.append(dict(face)),
+    )
+    assert outcome.status == "protected", outcome.error
+    assert journaled[0]["box_dssim_written"] == face["box_dssim_written"] > 0
+    assert journaled[0]["linf_written"] >= 1
+
+
 def test_the_plan_line_does_not_call_an_output_clash_unreadable(tmp_path, samples_dir):
     """photo.jpg and photo.png clash under one format: the plan line said "1 cannot be read"."""
     from PIL import Image

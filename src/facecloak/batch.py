@@ -446,9 +446,9 @@ def write_output(
             jpeg_quality=options.jpeg_quality,
             info=written,
         )
+        _measure_written(target, image, output, face_records)  # before "done": the journal keeps it
         if after is not None:
             after(status)
-        _measure_written(target, image, output, face_records)
     except FacecloakError as error:
         return FileOutcome(
             str(path), "failed", error=str(error), faces=face_records, seconds=round(seconds, 3)
