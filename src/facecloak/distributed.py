@@ -127,6 +127,8 @@ class ProtectActor:
             try:
                 image = io.read_image_bytes(data, uri, max_pixels=self.options.max_pixels)
                 out["suffix"][r] = io.output_suffix(image.format, self.options.format)
+                # flattened as the output will be before any face is looked for, as the local batch does
+                image = io.for_output(image, format_name=io.IMAGE_SUFFIXES[out["suffix"][r]])
             except FacecloakError as error:
                 out["error"][r] = str(error)
                 continue

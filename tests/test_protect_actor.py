@@ -1,0 +1,36 @@
+"""The Ray actor's per-batch work, run in this process: it needs no Ray (tests/test_distributed.py does)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from facecloak.batch import Options
+from facecloak.distributed import ProtectActor
+from facecloak.pipeline import ProtectorSpec
+
+
+def test_a_transparent_face_bound_for_jpeg_is_looked_for_as_the_viewer_will_see_it(tmp_path, samples_dir):
+    """The actor detected on a PNG's raw colours, then the JPEG was flattened onto white.
+
+    Here the face's pixels are fully transparent: the written JPEG shows white there, yet the
+    report said one face found and blurred. The local batch flattens before detecting.
+    """
+    pixels = np.asarray(Image.open(samples_dir / "astronaut.jpg").convert("RGB"))
+    alpha = np.full(pixels.shape[:2], 255, np.uint8)
+    alpha[40:220, 150:330] = 0
+    source = tmp_path / "face_hidden.png"
+    Image.fromarray(np.dstack([pixels, alpha])).save(source)
+    options = Options(out_dir=str(tmp_path / "out"), format="jpeg", rotations="none")
+    actor = ProtectActor(ProtectorSpec("anonymize", {"method": "blur"}), options, {})
+    out = actor({"uri": [str(source)], "relative": ["face_hidden.png"], "index": [0]})
+    assert out["error"] == [""] and out["suffix"] == [".jpg"]
+    assert json.loads(out["faces"][0]) == []  # one face "blurred" before
+
+    opaque = tmp_path / "opaque.png"
+    alpha[:] = 255
+    Image.fromarray(np.dstack([pixels, alpha])).save(opaque)
+    out = actor({"uri": [str(opaque)], "relative": ["opaque.png"], "index": [0]})
+    assert len(json.loads(out["faces"][0])) == 1  # the same face, seen, is found
