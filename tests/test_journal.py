@@ -157,6 +157,20 @@ def test_a_file_the_journal_does_not_know_is_not_replaced(three_photos, tmp_path
     assert replaced.count("failed") == 0 and replaced.count("protected") == 3
 
 
+def test_an_output_changed_since_it_was_written_is_not_replaced(three_photos, tmp_path, detector):
+    """The journal owned every output it ever named: a user's edit was replaced by the next run."""
+    out = tmp_path / "out"
+    blur_batch(three_photos, out, detector)
+    edited = (out / "group_blur.jpg").read_bytes() + b"the user's retouch"
+    (out / "group_blur.jpg").write_bytes(edited)
+    shutil.copy(three_photos / "astronaut.jpg", three_photos / "group.jpg")  # its input changed too
+    report = blur_batch(three_photos, out, detector)
+    assert report.outcomes[2].status == "skipped" and report.count("failed") == 0
+    assert (out / "group_blur.jpg").read_bytes() == edited
+    replaced = blur_batch(three_photos, out, detector, overwrite=True)
+    assert replaced.outcomes[2].status == "protected" and (out / "group_blur.jpg").read_bytes() != edited
+
+
 def test_one_batch_per_folder(tmp_path):
     with Journal(tmp_path, {"method": "blur"}):
         with pytest.raises(JournalError, match="another facecloak batch"):

@@ -79,7 +79,7 @@ class Journal:
         self.settings = settings
         self.fingerprint = settings_fingerprint(settings)
         self._last: dict[str, dict] = {}  # input -> its last record
-        self._owned: set[str] = set()  # outputs any record names (ours to replace)
+        self._owned: dict[str, dict] = {}  # output -> the last record naming it (ours to replace)
         self._meta: list[dict] = []  # lines that are not about an input (settings)
         self._stream = None
 
@@ -146,7 +146,7 @@ class Journal:
             if "input" in record:
                 self._last[record["input"]] = record
                 if record.get("output"):
-                    self._owned.add(record["output"])
+                    self._owned[record["output"]] = record
             else:
                 self._meta.append(record)
 
@@ -174,8 +174,21 @@ class Journal:
         return self._last.get(relative)
 
     def owns(self, relative_output: str) -> bool:
-        """Whether an earlier record of this journal names the output (so it may be replaced)."""
-        return relative_output in self._owned
+        """Whether the output is ours to replace: a record names it and nobody changed it since.
+
+        A file finished (``done``) at one size and found at another was edited or replaced by
+        someone else after we wrote it (our writes are atomic, so never torn): it is theirs now,
+        skipped like any file the journal does not know, unless ``--overwrite``.
+        """
+        record = self._owned.get(relative_output)
+        if record is None:
+            return False
+        if record.get("event") != "done" or "output_bytes" not in record:
+            return True
+        try:
+            return (self.out_dir / relative_output).stat().st_size == record["output_bytes"]
+        except (OSError, ValueError):  # gone: nothing of anyone's to lose
+            return True
 
     def record(self, event: str, relative: str, sha256: str, output: str, **extra) -> dict:
         """Append one durable line (written, flushed, fsync'd before returning)."""
@@ -190,7 +203,7 @@ class Journal:
         }
         self._append(record)
         self._last[relative] = record
-        self._owned.add(output)
+        self._owned[output] = record
         return record
 
     def _append(self, record: dict) -> None:
