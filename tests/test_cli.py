@@ -625,3 +625,62 @@ def test_keep_metadata_too_large_for_a_jpeg_writes_the_photo_without_it(runner, 
     (written,) = [entry["written"] for entry in report["files"]]
     assert "more than a JPEG's 65,533" in written["exif_dropped"]
     assert len(Image.open(out / "big_blur.jpg").getexif()) == 0
+
+
+def test_verify_a_photo_without_a_face_or_missing_exits_3_as_its_help_says(runner, samples_dir, tmp_path):
+    Image.new("RGB", (120, 120), (120, 130, 140)).save(tmp_path / "blank.png")
+    face = str(samples_dir / "astronaut.jpg")
+    none = runner.invoke(main, ["verify", face, str(tmp_path / "blank.png"), "--json"])
+    assert none.exit_code == 3, none.output  # was 2, a usage error
+    assert "blank.png: no face found" in none.stderr
+    assert json.loads(none.stdout) == {
+        "command": "verify",
+        "error": f"{tmp_path / 'blank.png'}: no face found",
+        "exit_code": 3,
+    }
+    missing = runner.invoke(main, ["verify", face, str(tmp_path / "gone.jpg")])
+    assert missing.exit_code == 3 and "gone.jpg: no such file" in missing.stderr
+
+
+def test_a_batch_refused_before_it_starts_still_prints_its_json(runner, samples_dir, tmp_path):
+    photo = str(samples_dir / "astronaut.jpg")
+    for args in (
+        ["cloak", photo, "--models", "no-such-model", "--json"],
+        ["anonymize", photo, "--method", "replace", "--donors", str(tmp_path / "no-bank"), "--jsonl"],
+    ):
+        result = runner.invoke(main, [*args, "-o", str(tmp_path / "out")])
+        assert result.exit_code == 2, result.output
+        document = json.loads(result.stdout)  # was empty: a pipe into jq got nothing
+        assert document["command"] == args[0] and document["exit_code"] == 2 and document["error"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--method", "pixelate", "--strength", "0.9"],
+        ["--blocks", "3"],
+        ["--method", "mask", "--strength", "0.5"],
+        ["--seed", "4"],
+        ["--method", "pixelate", "--fallback", "keep"],
+        ["--donors-per-face", "5"],
+    ],
+)
+def test_an_option_of_another_anonymise_method_is_refused_not_ignored(runner, samples_dir, tmp_path, args):
+    result = runner.invoke(
+        main, ["anonymize", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), *args]
+    )
+    assert result.exit_code == 2, result.output  # was 0: the option was silently ignored
+    assert f"{args[-2]} is for --method" in result.stderr
+    assert not list(tmp_path.glob("*.jpg"))
+
+
+@pytest.mark.parametrize("command", ["detect", "embed"])
+def test_json_and_jsonl_together_are_refused_before_any_work(runner, tmp_path, monkeypatch, command):
+    import facecloak.commands
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("photos were read before the options were checked")
+
+    monkeypatch.setattr(facecloak.commands, f"{command}_files", no_work)
+    result = runner.invoke(main, [command, str(tmp_path), "--json", "--jsonl"])
+    assert result.exit_code == 2 and "cannot be used together" in result.stderr, result.output

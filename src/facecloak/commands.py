@@ -18,7 +18,7 @@ from facecloak.batch import Options
 from facecloak.cloak import Cloak
 from facecloak.detect import FaceDetector, detector_for
 from facecloak.embed import embed_faces
-from facecloak.errors import FacecloakError, InvalidInputError
+from facecloak.errors import FacecloakError
 from facecloak.faces import Faces
 from facecloak.protection import AnonymizeFaces, CloakFaces
 
@@ -112,7 +112,7 @@ def cloak_image(
 
 def _largest_face(path: Path, faces: Faces) -> Faces:
     if len(faces) == 0:
-        raise InvalidInputError("no face found", path)
+        raise FacecloakError("no face found", path)  # a photo's outcome (exit 3), not a usage error
     areas = (faces.boxes[:, 2] - faces.boxes[:, 0]) * (faces.boxes[:, 3] - faces.boxes[:, 1])
     return faces.select([int(areas.argmax())])
 

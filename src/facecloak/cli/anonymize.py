@@ -17,7 +17,7 @@ from facecloak.cli.options import (
     keep_mouth_option,
     ray_option,
 )
-from facecloak.cli.running import fail, finish, run_protection
+from facecloak.cli.running import fail_run, finish, run_protection
 from facecloak.defaults import MAX_SEED, REGION_SCALE
 from facecloak.errors import EXIT_USAGE, FacecloakError
 
@@ -136,6 +136,20 @@ def anonymize(
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import AnonymizeFaces
 
+    if strength is not None and method != "blur":
+        raise click.UsageError(f"--strength is for --method blur (this is --method {method})")
+    if blocks is not None and method != "pixelate":
+        raise click.UsageError(f"--blocks is for --method pixelate (this is --method {method})")
+    if method != "replace":
+        context = click.get_current_context()
+        for name, flag in (
+            ("donors_per_face", "--donors-per-face"),
+            ("seed", "--seed"),
+            ("fallback", "--fallback"),
+        ):
+            source = context.get_parameter_source(name)
+            if source is not None and source.name != "DEFAULT":
+                raise click.UsageError(f"{flag} is for --method replace")
     if method == "replace":
         replacer_options = {
             "donors_per_face": donors_per_face,
@@ -161,13 +175,11 @@ def anonymize(
         params["strength"] = strength
     elif method == "pixelate":
         params["blocks"] = blocks
-    elif strength is not None or blocks is not None:
-        raise click.UsageError("--strength is for blur and --blocks for pixelate")
     try:
         anonymizer = Anonymizer(method, **params)
         spec = ProtectorSpec("anonymize", {"method": method, **params})
     except FacecloakError as error:
-        fail(error, EXIT_USAGE)
+        fail_run("anonymize", error, io_values, EXIT_USAGE)
     report = run_protection(
         "anonymize",
         method,
@@ -220,9 +232,9 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
                 "add donors (`facecloak donors add`) or ask for fewer"
             )
     except DonorBankError as error:
-        fail(error, EXIT_USAGE)
+        fail_run("anonymize", error, io_values, EXIT_USAGE)
     except FacecloakError as error:
-        fail(error, error.exit_code)
+        fail_run("anonymize", error, io_values)
     settings = {"donors": str(bank.folder), "min_face": min_face, "models": model_names, **replacer_options}
     spec = ProtectorSpec("replace", settings)
 

@@ -9,7 +9,7 @@ import click
 from facecloak.batch_types import Options
 from facecloak.cli import running
 from facecloak.cli.options import CONTEXT, batch_options, io_options, ray_option
-from facecloak.cli.running import fail, finish, run_protection
+from facecloak.cli.running import fail_run, finish, run_protection
 from facecloak.defaults import CPU_CLOAK_BATCH, GPU_CLOAK_BATCH, MAX_SEED
 from facecloak.errors import FacecloakError
 
@@ -194,7 +194,7 @@ def cloak(
             **transfer,
         )
     except FacecloakError as error:
-        fail(error)
+        fail_run("cloak", error, io_values)
     names = spec.params["models"]
     if models_per_step is not None and models_per_step > len(names):
         raise click.BadParameter(

@@ -28,6 +28,8 @@ def detect(paths, as_json, as_jsonl, **detection) -> None:
     facecloak detect photos/ --json > faces.json
     facecloak detect photos/ --jsonl | head -3
     """
+    if as_json and as_jsonl:  # refused before any photo is read, not after all are detected
+        raise click.UsageError("--json and --jsonl cannot be used together")
     from facecloak.commands import detect_files
 
     options = batch_options(None, **detection)
@@ -56,6 +58,8 @@ def embed(paths, model_name, as_json, as_jsonl, **detection) -> None:
     facecloak embed photo.jpg --json
     facecloak embed photos/ --jsonl > embeddings.jsonl
     """
+    if as_json and as_jsonl:  # refused before any photo is read, not after all are detected
+        raise click.UsageError("--json and --jsonl cannot be used together")
     from facecloak.commands import embed_files
 
     options = batch_options(None, **detection)
@@ -73,8 +77,8 @@ def embed(paths, model_name, as_json, as_jsonl, **detection) -> None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("first", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("second", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("first", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("second", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", "model_name", default="dlib-resnet", show_default=True, help="Face model.")
 @click.option(
     "--match-threshold",
@@ -118,6 +122,8 @@ def verify(first, second, model_name, match_threshold, deprecated_threshold, as_
         model = load_models(model_name, options.device)[0]
         result = verify_files(first, second, model, options, match_threshold=match_threshold)
     except FacecloakError as error:
+        if as_json:  # stdout still gets the one document it promises
+            click.echo(json.dumps({"command": "verify", "error": str(error), "exit_code": error.exit_code}))
         fail(error)
     if as_json:
         click.echo(json.dumps(result))

@@ -101,9 +101,19 @@ def run_protection(
             protector = build_now() if plan.todo else None
             return run_batch(paths, protector, options, command=command, on_progress=display, plan=plan)
     except FacecloakError as error:
-        if as_json or as_jsonl:  # the run ends here: stdout still gets the one document it promises
-            click.echo(json.dumps({"command": command, "error": str(error), "exit_code": error.exit_code}))
-        fail(error)
+        fail_run(command, error, io_values)
+
+
+def fail_run(command: str, error: FacecloakError, io_values: dict, code: int | None = None) -> None:
+    """`fail` for a batch command that cannot start: with --json/--jsonl, stdout still gets its document.
+
+    ``{"command", "error", "exit_code"}``, whether the batch was refused before it began (an unknown
+    model, a missing donor bank) or as it started (an output folder that cannot be made).
+    """
+    exit_code = error.exit_code if code is None else code
+    if io_values.get("as_json") or io_values.get("as_jsonl"):
+        click.echo(json.dumps({"command": command, "error": str(error), "exit_code": exit_code}))
+    fail(error, exit_code)
 
 
 def finish(report, as_json: bool, as_jsonl: bool, quiet: bool) -> None:
