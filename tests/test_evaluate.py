@@ -392,3 +392,83 @@ def test_quality_summary_gives_each_cloaked_faces_own_figures(samples_dir, dlib_
     over_box = float(quality.box_dssim(photo[None], outputs[0][None], box)[0])
     assert summary["face_dssim"]["mean"] == pytest.approx(over_box, rel=0.03)  # not the wider region
     assert 0 < summary["face_ciede2000_mean"]["mean"] <= summary["face_ciede2000_p99"]["mean"]
+
+
+def test_cli_unreadable_probe_fails_in_one_line_instead_of_counting_as_protected(lfw_dir, tmp_path):
+    """An unreadable probe gave a NaN row, scored as a miss: with no protection at all, a broken
+    probe of a protected person read as protection, exit code 0. Now: one line naming it, non-zero."""
+    data = tmp_path / "people"
+    for name in PEOPLE[:2]:
+        (data / name).mkdir(parents=True)
+        for photo in sorted((lfw_dir / "images" / name).iterdir())[:4]:
+            (data / name / photo.name).write_bytes(photo.read_bytes())
+    broken = sorted((data / PEOPLE[0]).iterdir())[0]  # the first photo: a probe
+    broken.write_bytes(b"not a photo")
+    arguments = ["evaluate", str(data), "--method", "none", "--attackers", "dlib-resnet", "--uploads", "none"]
+    result = CliRunner().invoke(
+        main,
+        [*arguments, "--people", "1", "--control", "1", "--min-photos", "3", "--probes", "1",
+         "--cache", str(tmp_path / "cache"), "-q", "-o", str(tmp_path / "r")],
+    )  # fmt: skip
+    assert result.exit_code != 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {broken}: "), result.output
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_distance_histograms_leave_out_faces_not_found(lfw_dir, attacker):
+    """A probe, gallery photo or distractor with no face found (NaN) was zeroed and gave a distance
+    to every face (the other embedding's norm): bogus pairs in both histograms."""
+    from facecloak.evaluate.rows import distance_summary
+
+    people = {p.name: p for p in list_people(lfw_dir / "images")}
+    blank = torch.full((3, 250, 250), 0.5)  # no face in it
+    a, b = people[PEOPLE[0]].photos, people[PEOPLE[1]].photos
+    probes = attacker.embed([read_image(p).pixels for p in a[:2]] + [blank])
+    clean = attacker.embed([read_image(p).pixels for p in a[2:5]] + [blank])
+    distractors = attacker.embed([read_image(p).pixels for p in b[:2]] + [blank])
+    assert int(torch.isnan(probes).any(1).sum()) == 1 and int(torch.isnan(distractors).any(1).sum()) == 1
+    summary = distance_summary(attacker, clean, probes, torch.tensor([0, 0, 0]), [0, 0, 0, 0], distractors)
+    assert len(summary["clean_genuine"]) == 3 * 2  # found gallery photos x found probes
+    assert len(summary["impostor"]) == 2 * 2
+    assert max(summary["clean_genuine"]) < attacker.threshold  # the same person, all of them
+
+
+def test_cli_adaptive_without_people_to_learn_from_fails_in_one_line(lfw_dir, tmp_path):
+    """With nobody outside the test to learn from, the linear map was fitted on no pairs: a
+    singular-matrix traceback after the whole protect phase. Now one line, exit code 2; and with
+    fewer people than asked for, the report says how many it learnt from (it said the number asked)."""
+    data = tmp_path / "people"
+
+    def copy(name: str, count: int) -> None:
+        (data / name).mkdir(parents=True)
+        for photo in sorted((lfw_dir / "images" / name).iterdir())[:count]:
+            (data / name / photo.name).write_bytes(photo.read_bytes())
+
+    copy(PEOPLE[0], 4)
+    copy(PEOPLE[1], 4)
+    copy("Aaron_Sorkin", 2)  # too few photos to learn from
+    arguments = ["evaluate", str(data), "--method", "none", "--attackers", "dlib-resnet", "--uploads", "none"]
+    arguments += ["--people", "1", "--control", "1", "--min-photos", "3", "--probes", "1", "--adaptive"]
+    arguments += ["--cache", str(tmp_path / "cache"), "-q"]
+    result = CliRunner().invoke(main, [*arguments, "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {data}: --adaptive"), result.output
+    copy(PEOPLE[2], 3)
+    result = CliRunner().invoke(main, [*arguments, "-o", str(tmp_path / "r2")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert report["settings"]["adaptive_people"] == 1
+    assert {r["adaptive"] for r in report["rows"]} == {False, "linear"}
+
+
+def test_cli_without_an_upload_transform_is_refused(lfw_dir, tmp_path):
+    """``--uploads ""`` (or ``,``) measured nothing: a report without a row, exit code 0."""
+    arguments = ["evaluate", str(lfw_dir / "images"), "--method", "none", "--attackers", "dlib-resnet"]
+    arguments += ["--people", "1", "--control", "0", "--uploads", ",", "--max-distractors", "0", "-q"]
+    result = CliRunner().invoke(main, [*arguments, "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "no upload transform" in lines[0], result.output
+    assert not (tmp_path / "r").exists()

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from facecloak import io
-from facecloak.errors import FacecloakError
 
 if TYPE_CHECKING:
     from facecloak.evaluate.attackers import Attacker
@@ -70,7 +69,12 @@ class EmbeddingCache:
 def embed_files(
     attacker: Attacker, paths: list[Path], cache: EmbeddingCache, progress: Callable[[int, int], None]
 ) -> Tensor:
-    """Embeddings of clean files, from the cache where possible (unreadable files give NaN rows)."""
+    """Embeddings of clean files, from the cache where possible (NaN rows: no face found).
+
+    Raises:
+        FacecloakError: a file cannot be read (naming it). It gave a NaN row, silently: an
+            unreadable probe counted as a miss, i.e. as protection the protection never gave.
+    """
     out = torch.full((len(paths), attacker.dim), math.nan)
     missing = []
     for i, path in enumerate(paths):
@@ -80,13 +84,8 @@ def embed_files(
         else:
             out[i] = torch.from_numpy(cached)
     for start in range(0, len(missing), FILES_PER_CALL):
-        readable, images = [], []
-        for i in missing[start : start + FILES_PER_CALL]:
-            try:
-                images.append(io.read_image(paths[i]).pixels)
-                readable.append(i)
-            except FacecloakError:
-                continue
+        readable = missing[start : start + FILES_PER_CALL]
+        images = [io.read_image(paths[i]).pixels for i in readable]
         if readable:
             out[readable] = attacker.embed(images)
         for i in missing[start : start + FILES_PER_CALL]:

@@ -131,6 +131,8 @@ def evaluate(
         written_as: "pixels": a cloak's photos as cloaked (a PNG output); "jpeg": held to their
             caps in the JPEG the command line writes from each photo, which the uploads then see.
     """
+    if not uploads:  # `--uploads ""` gave a report without a single row, and exit code 0
+        raise InvalidInputError(f"no upload transform to measure: give one or more of {', '.join(UPLOADS)}")
     for upload in uploads:
         check_choice(upload, tuple(UPLOADS), "upload")
     if adaptive is not None:
@@ -150,6 +152,15 @@ def evaluate(
         )
     except InvalidInputError as error:  # the folder that falls short, named in the one line
         raise InvalidInputError(error.reason, error.path or data) from None
+    if adaptive is not None:
+        pool = _adaptive_pool(everyone, split)
+        if not pool:  # fit_correction on no pairs: a traceback (a singular matrix), after the protect phase
+            raise InvalidInputError(
+                f"--adaptive learns from people outside the test with >= {ADAPTIVE_MIN_PHOTOS} photos, "
+                "and there are none here",
+                data,
+            )
+        adaptive_people = min(adaptive_people, len(pool))  # the report said how many were asked for
     labels = {person.name: index for index, person in enumerate(everyone)}
     distractor_pairs = _draw_distractors(split, labels, max_distractors, seed)
     result = EvaluationResult(
@@ -287,6 +298,12 @@ def _collect_phase(
     )
 
 
+def _adaptive_pool(everyone: list[Person], split: Split) -> list[Person]:
+    """The people the adaptive attacker may learn from: outside the test, with enough photos."""
+    used = {p.name for p in split.protected} | {p.name for p in split.control}
+    return [p for p in everyone if p.name not in used and len(p.photos) >= ADAPTIVE_MIN_PHOTOS]
+
+
 def _adaptive_training(
     everyone: list[Person],
     split: Split,
@@ -296,8 +313,7 @@ def _adaptive_training(
     progress: StageProgress,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Protect photos of people outside the test; return (protected, clean) image lists to learn from."""
-    used = {p.name for p in split.protected} | {p.name for p in split.control}
-    pool = [p for p in everyone if p.name not in used and len(p.photos) >= ADAPTIVE_MIN_PHOTOS]
+    pool = _adaptive_pool(everyone, split)
     rng = np.random.default_rng(seed + 1)
     chosen = [pool[i] for i in rng.permutation(len(pool))[:count]]
     protected_images, clean_images = [], []

@@ -164,21 +164,20 @@ def distance_summary(
 
     ``labels`` are the identities of the ``clean`` gallery photos.
     """
-    gallery_ids = torch.tensor(labels)
+    # faces not found (NaN rows) are left out: zeroed, they gave each a bogus distance (the other
+    # embedding's norm), a bump in both histograms where no pair of faces was
+    clean_found, probe_found = ~torch.isnan(clean).any(1), ~torch.isnan(probes).any(1)
+    clean, gallery_ids = clean[clean_found], torch.tensor(labels, dtype=torch.long)[clean_found]
+    probes, probe_ids = probes[probe_found], probe_ids[probe_found]
+    distractors = distractors[~torch.isnan(distractors).any(1)]
     genuine = []
     for i in range(len(clean)):
         same = probe_ids == gallery_ids[i]
         if bool(same.any()):
-            genuine.append(
-                distance_matrix(
-                    torch.nan_to_num(clean[i : i + 1]), torch.nan_to_num(probes[same]), attacker.metric
-                )[0]
-            )
+            genuine.append(distance_matrix(clean[i : i + 1], probes[same], attacker.metric)[0])
     genuine_values = torch.cat(genuine) if genuine else torch.zeros(0)
     impostor = distance_matrix(
-        torch.nan_to_num(probes[:HISTOGRAM_PROBES]),
-        torch.nan_to_num(distractors[:HISTOGRAM_DISTRACTORS]),
-        attacker.metric,
+        probes[:HISTOGRAM_PROBES], distractors[:HISTOGRAM_DISTRACTORS], attacker.metric
     ).flatten()
     return {
         "metric": attacker.metric,
