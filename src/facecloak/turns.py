@@ -64,7 +64,11 @@ def from_turned(points: Tensor, k: int, height: int, width: int) -> Tensor:
 
 
 def _boxes_through(boxes: Tensor, mapping) -> Tensor:
-    corners = mapping(boxes.view(-1, 2, 2))
+    # a box's sides are pixel edges: ``x0, y0, x1, y1`` spans ``[x0 - 0.5, x1 - 0.5]`` (x1 exclusive,
+    # as `facecloak.align.box_chip_from_image` reads it), so its corners are turned as the edge
+    # points they are; turned as pixel centres, a box moved one pixel off its face along every
+    # reversed axis (a turned face's box crop read a column of background instead of one of face)
+    corners = mapping(boxes.view(-1, 2, 2) - 0.5) + 0.5
     return torch.cat([corners.amin(1), corners.amax(1)], 1)
 
 
