@@ -172,6 +172,16 @@ def test_format_option(runner, samples_dir, tmp_path):
     assert Image.open(tmp_path / "astronaut_blur.png").format == "PNG"
 
 
+@pytest.mark.parametrize(("name", "format_"), [("jpg", "JPEG"), ("TIF", "TIFF")])
+def test_format_takes_the_suffix_name_people_type(runner, samples_dir, tmp_path, name, format_):
+    """``--format jpg`` was refused ("'jpg' is not one of 'input', 'jpeg', ...")."""
+    source = samples_dir / "astronaut.jpg"
+    result = runner.invoke(main, ["anonymize", str(source), "-o", str(tmp_path), "--format", name, "-q"])
+    assert result.exit_code == 0, result.output
+    (written,) = tmp_path.glob("astronaut_blur.*")
+    assert Image.open(written).format == format_
+
+
 def test_detect_command(runner, samples_dir):
     result = runner.invoke(main, ["detect", str(samples_dir / "group.jpg"), "--json"])
     assert result.exit_code == 0

@@ -609,3 +609,22 @@ def test_cli_add_a_folder_says_it_is_a_folder(mobileface_dir, config_home):
     assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0, result.output
     assert f"{mobileface_dir}: a folder, not a model file" in result.stderr
     assert not (config_home / "facecloak" / "models" / "test-mobileface.json").exists()
+
+
+def test_the_model_listing_exits_3_when_an_added_card_is_broken(config_home):
+    """``facecloak models`` printed the broken card's error line and exited 0: a script saw no fault."""
+    from click.testing import CliRunner
+
+    from facecloak.cli import main
+
+    folder = config_home / "facecloak" / "models"
+    folder.mkdir(parents=True)
+    (folder / "test-broken.json").write_text("{not json")
+    register_user_models()  # as a new process does on import
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 3
+    assert f"error: {folder / 'test-broken.json'}: unreadable model card" in result.stderr
+    assert "dlib-resnet" in result.stdout and "To add a face model" in result.stdout  # still listed
+    (folder / "test-broken.json").unlink()
+    register_user_models()
+    assert CliRunner().invoke(main, ["models"]).exit_code == 0

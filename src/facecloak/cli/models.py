@@ -8,7 +8,7 @@ import click
 
 from facecloak.cli.options import CONTEXT, usable_device
 from facecloak.cli.running import fail
-from facecloak.errors import FacecloakError, InvalidInputError
+from facecloak.errors import EXIT_FAILED, FacecloakError, InvalidInputError
 
 
 @click.group(context_settings=CONTEXT, invoke_without_command=True)
@@ -54,8 +54,8 @@ def models(context) -> None:
     where = " or ".join(str(root) for root in roots)
     if not found:
         click.echo(f"\nNo model files found under {where} (set FACECLOAK_MODELS to look elsewhere).")
-        return
-    click.echo(f"\nModel files found under {where}, not added yet:")
+    else:
+        click.echo(f"\nModel files found under {where}, not added yet:")
     for name, file, readme in found:
         click.echo(f"  facecloak models add {name} {file}")
         note = (
@@ -64,6 +64,8 @@ def models(context) -> None:
             else ""
         )
         click.echo(f"      {note}then `facecloak models calibrate {name} PEOPLE_FOLDER` sets its threshold")
+    if BROKEN_CARDS:  # a model the user added is unusable: a script checking the listing must see it
+        context.exit(EXIT_FAILED)
 
 
 @models.command("add", context_settings=CONTEXT)

@@ -42,6 +42,21 @@ def usable_device(ctx: click.Context, param: click.Parameter, value: str | None)
 OUTPUT_FORMAT_CHOICES = ["input", "jpeg", "png", "webp", "tiff", "bmp", "heif"]
 """``--format`` values: a format, or ``input`` for each input's own (GIF becomes PNG)."""
 
+FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff", "heic": "heif"}
+"""Other names people give these formats (their file suffixes): ``--format jpg`` was refused."""
+
+
+class FormatChoice(click.Choice):
+    """`click.Choice` of `OUTPUT_FORMAT_CHOICES` that also takes a suffix's name (jpg, tif, heic)."""
+
+    def __init__(self) -> None:
+        super().__init__(OUTPUT_FORMAT_CHOICES, case_sensitive=False)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            value = FORMAT_ALIASES.get(value.lower().lstrip("."), value)
+        return super().convert(value, param, ctx)
+
 
 def io_options(function: Callable | None = None, *, cloak: bool = False) -> Callable:
     """Options every photo-writing command shares; ``cloak``: outputs default to `CLOAK_OUTPUT_FORMAT`."""
@@ -67,7 +82,7 @@ def io_options(function: Callable | None = None, *, cloak: bool = False) -> Call
         click.option(
             "--format",
             "format_name",
-            type=click.Choice(OUTPUT_FORMAT_CHOICES, case_sensitive=False),
+            type=FormatChoice(),
             default=CLOAK_OUTPUT_FORMAT if cloak else "input",
             help=format_help,
         ),
