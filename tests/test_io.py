@@ -175,6 +175,12 @@ class TestHostile:
         with pytest.raises(ImageReadError, match="no such file"):
             read_image(tmp_path / "nope.jpg")
 
+    def test_a_dash_says_standard_input_is_not_read(self, tmp_path, monkeypatch):
+        """``facecloak anonymize - < photo.jpg`` said "-: no such file or folder"."""
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ImageReadError, match="standard input is not read"):
+            read_image("-")
+
     def test_zero_bytes(self, tmp_path):
         (tmp_path / "zero.jpg").write_bytes(b"")
         with pytest.raises(ImageReadError) as info:

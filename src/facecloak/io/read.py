@@ -164,6 +164,8 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
 def _check_regular_file(path: Path) -> None:
     """Refuse, in one line, a path that is missing, not a regular file, or empty."""
     if not path.exists():
+        if str(path) == "-":  # the Unix habit; photos are read from files, and so is their name
+            raise ImageReadError("standard input is not read: give the photo's file or folder", path)
         raise ImageReadError("no such file or folder", path)
     if not path.is_file():
         raise ImageReadError("not a regular file", path)
