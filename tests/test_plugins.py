@@ -567,6 +567,21 @@ def test_calibration_refuses_a_threshold_of_zero(three_people, remembering_detec
     assert 0 < result.threshold < 2 and result.impostor_pairs == 27
 
 
+def test_calibration_counts_and_names_the_photos_it_could_not_read(three_people, tmp_path, remembering_detector):
+    """Unreadable photos were left out of a calibration silently: its line said nothing of them."""
+    import shutil
+
+    from facecloak.calibrate import calibrate_threshold
+
+    people = tmp_path / "people"
+    shutil.copytree(three_people, people)
+    broken = sorted(next(people.iterdir()).glob("*.jpg"))[0]
+    broken.write_bytes(b"not a photo")
+    result = calibrate_threshold(_PixelEmbedder(), people, far=0.1, detector=remembering_detector)
+    assert result.photos == 8 and len(result.unreadable) == 1 and str(broken) in result.unreadable[0]
+    assert f"1 photo(s) left out, unreadable, the first: {broken}" in result.summary()
+
+
 def test_calibration_detects_on_the_models_device(three_people, monkeypatch):
     """The detector calibration builds runs where the model is: with CUDA present and the model on
     the CPU (``--device cpu``) it was built on CUDA. Here CUDA is only claimed, so a detector put

@@ -45,14 +45,19 @@ class Calibration:
     photos: int
     photos_without_face: int
     people: int
+    unreadable: tuple[str, ...] = ()
+    """One line per photo that could not be read (left out): a threshold resting on fewer photos says so."""
 
     def summary(self) -> str:
         """One line for the terminal."""
-        return (
+        line = (
             f"{self.model}: threshold {self.threshold:.4f} at FAR {self.far:g} "
             f"(TAR {self.tar:.3f}; {self.genuine_pairs} genuine / {self.impostor_pairs} impostor pairs "
             f"from {self.photos} photos of {self.people} people, {self.photos_without_face} without a face)"
         )
+        if self.unreadable:
+            line += f"; {len(self.unreadable)} photo(s) left out, unreadable, the first: {self.unreadable[0]}"
+        return line
 
 
 def calibration_photos(data: str | Path, max_photos: int, seed: int = 0) -> list[tuple[Path, int]]:
@@ -105,15 +110,15 @@ def calibrate_threshold(
     attacker = PipelineAttacker(
         model, detector or FaceDetector(device=model_device(model), rotations=SCRAPER_ROTATIONS)
     )
-    embeddings, labels = [], []
+    embeddings, labels, unreadable = [], [], []
     for start in range(0, len(photos), EMBED_CHUNK):
         images, chunk_labels = [], []
         for path, label in photos[start : start + EMBED_CHUNK]:
             try:
                 images.append(io.read_image(path).pixels)
                 chunk_labels.append(label)
-            except FacecloakError:
-                continue
+            except FacecloakError as error:  # left out, and counted: it was silent
+                unreadable.append(str(error))
         if images:
             embeddings.append(attacker.embed(images))
             labels += chunk_labels
@@ -153,6 +158,7 @@ def calibrate_threshold(
         photos=int(found.sum()),
         photos_without_face=int((~found).sum()),
         people=int(len(ids.unique())),
+        unreadable=tuple(unreadable),
     )
 
 
