@@ -16,7 +16,7 @@ from PIL import Image
 
 from facecloak.cli import main
 from facecloak.datasets import list_people, read_lfw_pairs, split_people
-from facecloak.errors import InvalidInputError
+from facecloak.errors import ImageReadError, InvalidInputError
 from facecloak.evaluate import (
     PipelineAttacker,
     apply_correction,
@@ -414,6 +414,30 @@ def test_cli_unreadable_probe_fails_in_one_line_instead_of_counting_as_protected
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {broken}: "), result.output
     assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_a_broken_distractor_fails_before_anything_is_protected(lfw_dir, tmp_path):
+    """A broken distractor was found only when the gallery was scored, after the protect phase."""
+    from facecloak.evaluate import evaluate
+    from facecloak.protection import Protection
+
+    class Refusing(Protection):
+        kind, tag = "anonymize", "refusing"
+
+        def protect(self, images, faces):  # pragma: no cover - the test fails if it is reached
+            raise AssertionError("protected before the photos were checked")
+
+    data = tmp_path / "people"
+    for name in PEOPLE[:3]:
+        (data / name).mkdir(parents=True)
+        for photo in sorted((lfw_dir / "images" / name).iterdir())[:3]:
+            (data / name / photo.name).write_bytes(photo.read_bytes())
+    (data / "Zz_Distractor").mkdir()
+    broken = data / "Zz_Distractor" / "photo.jpg"
+    broken.write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty file") as raised:
+        evaluate(data, Refusing(), [], people=1, control=1, min_photos=3, probes=1, uploads=("none",))
+    assert raised.value.path == str(broken)
 
 
 def test_distance_histograms_leave_out_faces_not_found(lfw_dir, attacker):
