@@ -541,6 +541,24 @@ def test_ctrl_c_exits_130_not_1(runner, samples_dir, tmp_path, monkeypatch):
     assert "interrupted: every output written so far is whole" in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--json", "--jsonl"])
+def test_ctrl_c_with_json_still_prints_its_document(runner, samples_dir, tmp_path, monkeypatch, flag):
+    """Ctrl-C under --json/--jsonl left stdout empty: a script reading it had nothing to parse."""
+    import facecloak.cli.running
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(facecloak.cli.running, "create_model", interrupted)
+    result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path), flag])
+    assert result.exit_code == 130, result.output
+    document = json.loads(result.stdout.strip().splitlines()[-1])
+    assert document["command"] == "cloak" and document["exit_code"] == 130
+    assert document["error"].startswith("interrupted")
+    plain = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(tmp_path)])
+    assert plain.exit_code == 130 and plain.stdout == ""  # no JSON asked, none printed
+
+
 @pytest.mark.parametrize("command", ["anonymize", "cloak", "detect"])
 def test_a_device_this_machine_lacks_is_one_line_before_any_work(runner, samples_dir, tmp_path, command):
     """``--device cuda`` without a GPU gave torch's traceback (cloak), or a C++ abort with the

@@ -13,11 +13,13 @@ printing results, exiting). Each module defines plain click commands; this one a
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from facecloak import __version__
 from facecloak.cli import anonymize, cloak, donors, evaluate, faces, models, serve
-from facecloak.cli.options import CONTEXT
+from facecloak.cli.options import CONTEXT, JSON_OUTPUT
 from facecloak.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -41,15 +43,23 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except FacecloakError as error:
+            self._json_document(ctx, str(error), error.exit_code)
             click.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
         except KeyboardInterrupt:
-            click.echo(
-                "interrupted: every output written so far is whole; "
-                "the same command again goes on from there",
-                err=True,
+            message = (
+                "interrupted: every output written so far is whole; the same command again goes on from there"
             )
+            self._json_document(ctx, message, EXIT_INTERRUPTED)
+            click.echo(message, err=True)
             ctx.exit(EXIT_INTERRUPTED)
+
+    @staticmethod
+    def _json_document(ctx: click.Context, error: str, exit_code: int) -> None:
+        """With --json/--jsonl, the run's end on stdout too: a script reading it got nothing at Ctrl-C."""
+        if ctx.meta.get(JSON_OUTPUT):
+            document = {"command": ctx.invoked_subcommand, "error": error, "exit_code": exit_code}
+            click.echo(json.dumps(document))
 
 
 @click.group(cls=_Commands, context_settings=CONTEXT)

@@ -53,9 +53,21 @@ class FormatChoice(click.Choice):
         super().__init__(OUTPUT_FORMAT_CHOICES, case_sensitive=False)
 
     def convert(self, value, param, ctx):
+        """``value`` with an alias replaced by its format's name, then checked as a choice."""
         if isinstance(value, str):
             value = FORMAT_ALIASES.get(value.lower().lstrip("."), value)
         return super().convert(value, param, ctx)
+
+
+JSON_OUTPUT = "facecloak.json_output"
+"""`click.Context.meta` key (shared by every context of a run): the command promised JSON on stdout."""
+
+
+def remember_json_output(context: click.Context, parameter: click.Parameter, value: bool) -> bool:
+    """Note a --json/--jsonl run, so that a Ctrl-C the command group catches still prints its document."""
+    if value:
+        context.meta[JSON_OUTPUT] = True
+    return value
 
 
 def io_options(function: Callable | None = None, *, cloak: bool = False) -> Callable:
@@ -104,12 +116,17 @@ def io_options(function: Callable | None = None, *, cloak: bool = False) -> Call
             "faces (every other block stays bit-exact); other outputs use 95.",
         ),
         click.option(
-            "--json", "as_json", is_flag=True, help="Print the full report as one JSON document on stdout."
+            "--json",
+            "as_json",
+            is_flag=True,
+            callback=remember_json_output,
+            help="Print the full report as one JSON document on stdout.",
         ),
         click.option(
             "--jsonl",
             "as_jsonl",
             is_flag=True,
+            callback=remember_json_output,
             help="Print one JSON line per file on stdout as each is done, then a summary line (for pipes).",
         ),
         click.option(
