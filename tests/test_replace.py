@@ -31,6 +31,7 @@ from facecloak.donors import add_donors, refresh_bank, remove_donors
 from facecloak.embed import embed_faces
 from facecloak.errors import DonorBankError, InvalidInputError
 from facecloak.evaluate import centre_face
+from facecloak.faces import Faces
 from facecloak.models import create_embedder
 from facecloak.models.registry import embedding_distance
 from facecloak.replace import (
@@ -1535,3 +1536,45 @@ def test_donors_add_lists_the_files_it_passes_over(tmp_path, donor_dir, models, 
     reasons = {Path(path).name: reason for path, reason in report.passed_over}
     assert reasons.keys() == {"LICENCE.txt", "more"} and "not followed" in reasons["more"]
     assert "2 file(s) passed over" in str(report) and len(report.to_dict()["passed_over"]) == 2
+
+
+def test_a_face_checked_alone_never_takes_its_overlapping_neighbours_detection(
+    bank, models, detector, lfw_dir
+):
+    """Face 1 overlaps face 0 (done at an earlier try) and has no face of its own: not found again."""
+    people = _people(lfw_dir / "images", 10, 10_000)
+    image = io.read_image(sorted(people[0].glob("*.jpg"))[0]).pixels
+    stranger = io.read_image(sorted(people[1].glob("*.jpg"))[0]).pixels
+    found = detector([image])
+    face = found.select([centre_face(found, image.shape[-1], image.shape[-2])])
+    shift = torch.tensor([0.3 * float(face.boxes[0, 2] - face.boxes[0, 0]), 0.0])
+    faces = Faces(
+        torch.cat([face.boxes, face.boxes + shift.repeat(2)]),
+        torch.cat([face.landmarks, face.landmarks + shift]),
+        face.scores.repeat(2),
+        torch.zeros(2, dtype=torch.long),
+    )
+    other = detector([stranger])
+    other = other.select([centre_face(other, stranger.shape[-1], stranger.shape[-2])])
+    target = {m.card.name: embed_faces([stranger], other, m)[0] for m in models}
+    replacer = FaceReplacer(bank, models, detector=detector)
+    check, _ = replacer._verify(
+        replace_module._Uploads([image]), [image], faces, [1], {1: target}, {1: ((0, 1, 2), (False,) * 3)}
+    )[1]
+    assert not check["redetected"] and not check["protected"]
+
+
+def test_embeddings_of_the_wrong_width_are_a_one_line_error_with_the_fix(bank, models, tmp_path):
+    """An embeddings table cut to the wrong width by hand was a traceback from the first distance."""
+    import numpy as np
+
+    copy = tmp_path / "narrow-bank"
+    shutil.copytree(bank.folder, copy)
+    with np.load(copy / "embeddings.npz") as data:
+        tables = dict(data)
+    name = models[0].card.name
+    tables[name] = tables[name][:, :64]
+    np.savez(copy / "embeddings.npz", **tables)
+    with pytest.raises(DonorBankError, match=f"donors refresh {copy}`") as error:
+        FaceReplacer(load_bank(copy), models)
+    assert "\n" not in str(error.value)

@@ -198,6 +198,19 @@ class DonorBank:
                 f"bank {self.name!r} was built with models {_describe(have)} but this run uses "
                 f"{_describe(wanted)}; run `facecloak donors refresh {self._called()}` to re-embed its donors"
             )
+        # a table of the wrong width or with NaNs (embeddings.npz edited or overwritten by hand)
+        # was a traceback from inside the first distance, after every model had been loaded
+        for card in cards:
+            table = self.embeddings.get(card.name)
+            if table is not None and (
+                table.ndim != 2 or table.shape[1] != card.embedding_dim or not bool(torch.isfinite(table).all())
+            ):
+                raise DonorBankError(
+                    f"bank embeddings of {card.name} are damaged (shape {tuple(table.shape)}, "
+                    f"expected (donors, {card.embedding_dim}) finite values); "
+                    f"run `facecloak donors refresh {self._called()}`",
+                    self.folder / "embeddings.npz",
+                )
 
     def _called(self) -> str:
         """What to give a command for this bank: its name in the data folder, else its path."""

@@ -897,7 +897,12 @@ class FaceReplacer:
         batch = [uploads(i, outputs[i]) for i in images]
         with torch.no_grad():
             found = redetect(self.detector, batch, checked)
-        matched, _ = match_redetected(checked, found)
+        # matched one to one among every face of these photos, not only those checked now: a face
+        # checked alone (its neighbour done at an earlier try) took its overlapping neighbour's
+        # detection when its own new face was not found, and passed as "found again" through it
+        beside = [m for m in range(len(faces)) if m not in rows and int(faces.image_index[m]) in images]
+        matched, _ = match_redetected(_in_their_photos(faces, list(rows) + beside)[1], found)
+        matched = matched[: len(rows)]
         results = {}
         matches, matched_rows = [], []
         for n, best in zip(rows, matched.tolist()):
