@@ -1578,3 +1578,13 @@ def test_embeddings_of_the_wrong_width_are_a_one_line_error_with_the_fix(bank, m
     with pytest.raises(DonorBankError, match=f"donors refresh {copy}`") as error:
         FaceReplacer(load_bank(copy), models)
     assert "\n" not in str(error.value)
+
+
+def test_a_face_no_donor_set_could_be_tried_for_is_not_said_to_have_failed_0_tries():
+    """A face with no usable donor set was "blurred: no donor mix passed every check in 0 tries"."""
+    from facecloak.replace import _fallback_reason
+
+    none_tried = _fallback_reason({"attempts": 0, "reason": "no donor set could be used for this face"})
+    assert none_tried == "no donor set could be used for this face: blurred instead"
+    tried = _fallback_reason({"attempts": 3, "reason": "matches donor"})
+    assert tried == "no donor mix passed every check in 3 tries (matches donor): blurred instead"

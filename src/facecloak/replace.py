@@ -433,8 +433,7 @@ class FaceReplacer:
                         method="blur",
                         protected=True,
                         replaced=False,
-                        reason=f"no donor mix passed every check in {records[n]['attempts']} tries "
-                        f"({records[n].get('reason', 'failed')}): blurred instead",
+                        reason=_fallback_reason(records[n]),
                     )
                     i = int(faces.image_index[n])
                     base[i] = blur_faces(base[i][None], faces.select([n]).shifted(-i))[0]
@@ -1161,3 +1160,12 @@ def replace_faces(
             bank, models, donors_per_face=donors_per_face, seed=seed, min_face=min_face, **options
         )
     return _replacers[key](images, faces)
+
+
+def _fallback_reason(record: dict) -> str:
+    """Why a face was blurred instead: its tries, or that no donor set could even be tried."""
+    why = record.get("reason", "failed")
+    if not record.get("attempts"):  # "no donor mix passed every check in 0 tries" read as a bug
+        return f"{why}: blurred instead"
+    return f"no donor mix passed every check in {record['attempts']} tries ({why}): blurred instead"
+
