@@ -567,7 +567,9 @@ def test_calibration_refuses_a_threshold_of_zero(three_people, remembering_detec
     assert 0 < result.threshold < 2 and result.impostor_pairs == 27
 
 
-def test_calibration_counts_and_names_the_photos_it_could_not_read(three_people, tmp_path, remembering_detector):
+def test_calibration_counts_and_names_the_photos_it_could_not_read(
+    three_people, tmp_path, remembering_detector
+):
     """Unreadable photos were left out of a calibration silently: its line said nothing of them."""
     import shutil
 

@@ -202,8 +202,12 @@ class DonorBank:
         # was a traceback from inside the first distance, after every model had been loaded
         for card in cards:
             table = self.embeddings.get(card.name)
-            if table is not None and (
-                table.ndim != 2 or table.shape[1] != card.embedding_dim or not bool(torch.isfinite(table).all())
+            if table is None:
+                continue
+            if (
+                table.ndim != 2
+                or table.shape[1] != card.embedding_dim
+                or not bool(torch.isfinite(table).all())
             ):
                 raise DonorBankError(
                     f"bank embeddings of {card.name} are damaged (shape {tuple(table.shape)}, "

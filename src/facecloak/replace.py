@@ -1168,4 +1168,3 @@ def _fallback_reason(record: dict) -> str:
     if not record.get("attempts"):  # "no donor mix passed every check in 0 tries" read as a bug
         return f"{why}: blurred instead"
     return f"no donor mix passed every check in {record['attempts']} tries ({why}): blurred instead"
-
