@@ -273,6 +273,8 @@ def test_a_jpeg_output_holds_the_cap_as_its_file_decodes(runner, lfw_dir, tmp_pa
         assert "changed more in the written file" not in result.stderr
     cap = LEVELS["mid"].max_dssim
     assert faces["png"]["box_dssim_written"] == faces["png"]["box_dssim_cloaked"]  # stored as cloaked
+    # over the very pixels the cloak measured its cap on (they left out its last column and row)
+    assert faces["png"]["box_dssim_cloaked"] == pytest.approx(faces["png"]["dssim"], abs=1e-5)
     assert faces["jpeg"]["box_dssim_written"] <= cap * 1.02  # 0.0106 before
     # the file holds what the cloak measured: it is written from the pixels whose file that is
     # (written from the measured photo itself, its change was quantised a second time)
