@@ -115,6 +115,19 @@ def test_same_seed_same_perturbation_with_or_without_the_check(dlib_model, detec
     assert not torch.equal(first[0], photos[0])
 
 
+def test_a_cloak_without_a_seed_leaves_the_callers_random_numbers_alone(dlib_model, photos, centre_faces):
+    """``seed=None`` called ``torch.seed()``, which re-seeds torch's global generator: a caller's
+    own seeded random numbers changed after a cloak."""
+    cloak = UntargetedCloak([dlib_model], "low", steps=2, seed=None, verify=False)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = cloak.perturb(photos[:1], centre_faces.for_image(0))
+    assert torch.equal(torch.rand(4), expected)
+    second = cloak.perturb(photos[:1], centre_faces.for_image(0))
+    assert not torch.equal(first[0], second[0])  # still a fresh draw each call
+
+
 def test_a_face_that_falls_short_is_not_protected(dlib_model, detector, photos, centre_faces):
     result = UntargetedCloak([dlib_model], "mid", detector=detector, steps=0)(photos, centre_faces)
     assert not bool(result.protected.any())

@@ -491,7 +491,12 @@ class Cloak:
         # what the objective pushes from: progress, stopping and the honest check all measure it
         references = self.references(clean)
         clock.lap("embed")
-        generator = torch.Generator().manual_seed(self.seed if self.seed is not None else torch.seed())
+        # no seed: a fresh generator seeds itself (`torch.seed()` re-seeded the caller's global one too)
+        generator = torch.Generator()
+        if self.seed is not None:
+            generator.manual_seed(self.seed)
+        else:
+            generator.seed()
         buckets = build_buckets(
             photos,
             faces,
