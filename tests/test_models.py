@@ -81,6 +81,26 @@ def test_facenet_loads_only_a_state_dict_from_a_user_file(tmp_path):
         create_embedder("facenet-vggface2", weights=tmp_path / "junk.pt")
 
 
+def test_facenet_takes_facenet_pytorchs_own_file_and_refuses_a_partial_one(tmp_path):
+    """facenet-pytorch's weight files hold the training classifier too (``logits.*``): a strict
+    load refused them; a file without it was loaded non-strictly, so a partial state dict ran
+    with random layers instead of failing."""
+    from facenet_pytorch.models.inception_resnet_v1 import InceptionResnetV1
+
+    torch.manual_seed(0)
+    net = InceptionResnetV1(pretrained=None, classify=False).eval()
+    state = net.state_dict()
+    shipped = {**state, "logits.weight": torch.randn(7, 512), "logits.bias": torch.randn(7)}
+    torch.save(shipped, tmp_path / "vggface2.pt")
+    model = create_embedder("facenet-vggface2", weights=tmp_path / "vggface2.pt", device="cpu")
+    chips = torch.rand(2, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.allclose(model(chips), net((chips * 255.0 - 127.5) / 128.0), atol=1e-5)
+    torch.save({k: v for k, v in state.items() if not k.startswith("repeat_3")}, tmp_path / "part.pt")
+    with pytest.raises(ModelNotFoundError, match="do not fit"):
+        create_embedder("facenet-vggface2", weights=tmp_path / "part.pt", device="cpu")
+
+
 @pytest.mark.parametrize("name", available_embedders())
 def test_every_available_model(name):
     model = create_embedder(name, device="cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -120,7 +121,7 @@ def test_cli_add_list_remove(mobileface_dir, config_home):
     assert added.exit_code == 0, added.output
     assert "256-d" in added.output
     card = json.loads((config_home / "facecloak" / "models" / "test-mobileface.json").read_text())
-    assert card["weights"] == str(symbol.resolve()) and card["embedding_dim"] == 256
+    assert card["weights"] == os.path.abspath(symbol) and card["embedding_dim"] == 256
     listed = runner.invoke(main, ["models"])
     assert "test-mobileface" in listed.output and "dlib-resnet" in listed.output
     missing = runner.invoke(main, ["models", "add", "test-x", str(mobileface_dir / "nope-symbol.json")])
@@ -428,6 +429,51 @@ def test_a_model_that_gives_no_embedding_per_face_is_refused_when_added(tmp_path
             3,
             card.embedding_dim,
         )
+
+
+def test_a_model_added_through_links_still_loads(mobileface_dir, tmp_path, config_home):
+    """Download caches (Hugging Face's among them) hold each file as ``blobs/<hash>`` and link to it
+    under its real name. The card saved the link's target: a file with no ``.onnx`` or
+    ``-symbol.json`` name and no params beside it, so the model was added, listed as available,
+    and failed on every use."""
+    pytest.importorskip("onnx2torch")
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    (blobs / "3f2a").write_bytes((mobileface_dir / MOBILEFACE_SYMBOL).read_bytes())
+    (blobs / "9c1d").write_bytes((mobileface_dir / "MobileFace_Identification_V2-0000.params").read_bytes())
+    _export_onnx(_Tiny("vector"), blobs / "77e0")
+    (snapshot / "mf-symbol.json").symlink_to(blobs / "3f2a")
+    (snapshot / "mf-0000.params").symlink_to(blobs / "9c1d")
+    (snapshot / "tiny.onnx").symlink_to(blobs / "77e0")
+    for name, file in (("test-linked-mf", "mf-symbol.json"), ("test-linked-onnx", "tiny.onnx")):
+        card = add_user_model(name, snapshot / file)
+        assert card.weights == str(snapshot / file)
+        _REGISTRY.pop(name)
+        register_user_models()  # a later command reads the card back
+        model = create_embedder(name, device="cpu")
+        assert model(torch.rand(2, 3, 112, 112)).shape == (2, card.embedding_dim)
+
+
+def test_a_card_edited_to_a_size_or_layout_its_file_cannot_take_is_a_one_line_error(tmp_path, config_home):
+    """``models add`` checks the input size and layout by running the file, but a card edited by
+    hand afterwards is read back unchecked: its first use was torch's RuntimeError traceback."""
+    pytest.importorskip("onnx2torch")
+    _export_onnx(_Tiny("vector"), tmp_path / "vector.onnx")
+    card = add_user_model("test-edited", tmp_path / "vector.onnx").to_dict()
+    path = config_home / "facecloak" / "models" / "test-edited.json"
+    for edit, chips in (
+        ({"input_size": 150}, (2, 3, 150, 150)),
+        ({"extra": {**card["extra"], "layout": "nhwc"}}, (2, 3, 112, 112)),
+    ):
+        path.write_text(json.dumps({**card, **edit}))
+        register_user_models()
+        model = create_embedder("test-edited", device="cpu")
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad), pytest.raises(ModelNotFoundError) as info:
+                model(torch.rand(chips))
+            assert str(tmp_path / "vector.onnx") in str(info.value) and "\n" not in str(info.value)
+            assert "does not run on 2" in str(info.value)
 
 
 def _tiny_card(name: str, file) -> dict:

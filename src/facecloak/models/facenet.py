@@ -25,9 +25,13 @@ class FacenetEmbedder(Embedder):
         from facenet_pytorch.models.inception_resnet_v1 import InceptionResnetV1
 
         self.card = card
-        classes = state_dict["logits.weight"].shape[0] if "logits.weight" in state_dict else None
-        self.net = InceptionResnetV1(pretrained=None, classify=False, num_classes=classes)
-        self.net.load_state_dict(state_dict, strict=classes is not None)
+        # facenet-pytorch's own files carry the training classifier (``logits.*``, 8631 classes for
+        # VGGFace2): not part of the embedding, so dropped. Everything else must fit exactly: with
+        # the classifier in the file, a strict load refused facenet-pytorch's own weights, and
+        # without it a non-strict load left every layer missing from the file random.
+        backbone = {key: value for key, value in state_dict.items() if not key.startswith("logits.")}
+        self.net = InceptionResnetV1(pretrained=None, classify=False)
+        self.net.load_state_dict(backbone, strict=True)
 
     def forward(self, chips: Tensor) -> Tensor:
         """(N, 3, 160, 160) RGB in [0, 1] -> (N, 512) unit-norm embeddings."""

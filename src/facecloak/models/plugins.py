@@ -10,6 +10,7 @@ the user added is `facecloak.models.user_models`.
 
 from __future__ import annotations
 
+import os
 import re
 from copy import deepcopy
 from pathlib import Path
@@ -44,6 +45,10 @@ LAYOUTS = ("nchw", "nhwc")
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 """A model's name, matched whole (``fullmatch``: ``$`` let a trailing newline in)."""
+
+
+class _DidNotRun(ModelNotFoundError):
+    """The file raised on the chips it was given (a hand-edited card's input size or layout)."""
 
 
 class PluginEmbedder(Embedder):
@@ -131,7 +136,18 @@ class PluginEmbedder(Embedder):
             # channels-last memory: the layout the CPU's convolution kernels are fastest in
             # (MobileFace V2: forward 20% faster); the values are unchanged.
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self._network_for_pass(x)(x)
+        try:
+            out = self._network_for_pass(x)(x)
+        except (FacecloakError, torch.OutOfMemoryError):
+            raise
+        except Exception as error:  # torch and onnx2torch raise many types for a shape they cannot take
+            detail = (str(error).splitlines() or [""])[0][:160]
+            raise _DidNotRun(
+                f"model {self.card.name} does not run on {len(chips)} {chips.shape[-2]}x{chips.shape[-1]} "
+                f"{self.card.extra.get('layout', 'nchw')} chips ({type(error).__name__}: {detail}): "
+                "was its card edited? Add the file again with its input size and layout",
+                self.card.weights,
+            ) from error
         if isinstance(out, (tuple, list)):
             out = out[0]
         out = self._one_vector_per_chip(out, len(chips))
@@ -207,7 +223,10 @@ def make_card(
         embedding_dim=int(embedding_dim),
         distance=metric,  # type: ignore[arg-type]
         match_threshold=float(threshold if threshold is not None else DEFAULT_THRESHOLDS[metric]),
-        weights=str(Path(file).resolve()),
+        # absolute, links kept: a model file is recognised by its name (``.onnx``, ``-symbol.json``)
+        # and MXNet's params are found beside it, so the target of a link (a download cache's
+        # ``blobs/<hash>``) was saved as a card that no longer loaded
+        weights=os.path.abspath(Path(file).expanduser()),
         license="user-supplied file (see its source)",
         description=f"user model from {Path(file).name}"
         + (f", box crop +{margin:g} px" if crop == "box" else ""),
@@ -263,13 +282,14 @@ def load_model_file(file: Path, **card_options) -> PluginEmbedder:
     try:
         with torch.no_grad():
             output = probe(torch.full((2, 3, size, size), 0.5))
-    except FacecloakError as error:
-        raise ModelNotFoundError(error.reason, file) from None
     except Exception as error:  # torch and onnx2torch raise many types for a shape they cannot take
-        detail = (str(error).splitlines() or [""])[0][:160]
+        if isinstance(error, FacecloakError) and not isinstance(error, _DidNotRun):
+            raise ModelNotFoundError(error.reason, file) from None
+        cause = error.__cause__ if isinstance(error, _DidNotRun) else error
+        detail = (str(cause).splitlines() or [""])[0][:160]
         raise ModelNotFoundError(
             f"model does not run on two {size}x{size} {card.extra['layout']} chips at once "
-            f"({type(error).__name__}: {detail}): check the input size and layout, and that the "
+            f"({type(cause).__name__}: {detail}): check the input size and layout, and that the "
             "file takes a batch of any size",
             file,
         ) from None

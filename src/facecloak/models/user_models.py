@@ -168,5 +168,5 @@ def find_model_files(roots: list[Path] | None = None) -> list[tuple[str, Path, P
                 stem = file.name.removesuffix("-symbol.json").removesuffix(".onnx")
             name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "model"
             readme = next((r for r in sorted(file.parent.glob("README*")) if r.is_file()), None)
-            found.append((name, file.resolve(), readme.resolve() if readme else None))
+            found.append((name, Path(os.path.abspath(file)), readme.resolve() if readme else None))
     return found
