@@ -159,6 +159,9 @@ def main() -> int:
         "--set", action="append", default=[], metavar="NAME=VALUE", help="override a cloak constant"
     )
     args = parser.parse_args()
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown:  # before minutes of model loading and embedding, not a KeyError after them
+        parser.error(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
     set_cloak_constants(args.set, parser)
 
     names = [n.strip() for n in args.models.split(",")]

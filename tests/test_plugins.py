@@ -406,15 +406,14 @@ class _Tiny(torch.nn.Module):
 
 
 def test_a_model_that_gives_no_embedding_per_face_is_refused_when_added(tmp_path, config_home):
-    """``models add`` runs the file once: an output that is not one vector per chip, a file fixed to
-    one chip at a time, or a wrong input size or layout is a one-line error naming the file. Before,
-    a feature map was added as a 784-d "embedding", one number per face crashed with an IndexError,
-    the file fixed to batch 1 was added and failed on its first batch, and a wrong input size was a
+    """``models add`` runs the file: an output that is not one vector per chip, or a wrong input
+    size or layout is a one-line error naming the file. Before, a feature map was added as a 784-d
+    "embedding", one number per face crashed with an IndexError, and a wrong input size was a
     RuntimeError traceback."""
     pytest.importorskip("onnx2torch")
-    for output in ("map", "scalar", "batch-one", "nchw-pooled", "nhwc-pooled", "vector"):
-        _export_onnx(_Tiny(output), tmp_path / f"{output}.onnx", batch=1, dynamic=output != "batch-one")
-    for output in ("map", "scalar", "batch-one"):
+    for output in ("map", "scalar", "nchw-pooled", "nhwc-pooled", "vector"):
+        _export_onnx(_Tiny(output), tmp_path / f"{output}.onnx", batch=1)
+    for output in ("map", "scalar"):
         with pytest.raises(ModelNotFoundError) as info:
             add_user_model("test-tiny", tmp_path / f"{output}.onnx")
         assert str(tmp_path / f"{output}.onnx") in str(info.value) and "\n" not in str(info.value), output
@@ -429,6 +428,25 @@ def test_a_model_that_gives_no_embedding_per_face_is_refused_when_added(tmp_path
             3,
             card.embedding_dim,
         )
+
+
+def test_a_file_fixed_to_one_face_at_a_time_runs_chip_by_chip(tmp_path, config_home):
+    """A file exported with its batch fixed to 1 (as many ArcFace exports are) was refused ("takes a
+    batch of any size"); it is now added to run one chip at a time, with the same embeddings."""
+    pytest.importorskip("onnx2torch")
+    tiny = _Tiny("batch-one").eval()
+    _export_onnx(tiny, tmp_path / "one.onnx", batch=1, dynamic=False)
+    card = add_user_model("test-one", tmp_path / "one.onnx", metric="euclidean")
+    assert card.extra["batch"] == 1 and card.embedding_dim == 8
+    model = create_embedder("test-one", device="cpu")
+    chips = torch.rand(3, 3, 112, 112, requires_grad=True)
+    embeddings = model(chips)
+    expected = torch.cat([tiny(chip[None] * 255.0) for chip in chips])  # the file takes 0..255
+    assert torch.allclose(embeddings, expected, atol=1e-4)
+    embeddings.sum().backward()  # the cloak's gradient reaches every chip
+    assert all(float(chips.grad[i].abs().sum()) > 0 for i in range(3))
+    _export_onnx(_Tiny("vector"), tmp_path / "any.onnx", batch=1)
+    assert "batch" not in add_user_model("test-any", tmp_path / "any.onnx").extra  # batched as before
 
 
 def test_a_model_added_through_links_still_loads(mobileface_dir, tmp_path, config_home):

@@ -164,6 +164,12 @@ def models_add(  # noqa: D301 - click help keeps the backslash line breaks
         f"added {card.name}: {card.input_size}px -> {card.embedding_dim}-d, "
         f"{card.distance} < {card.match_threshold}"
     )
+    if card.extra.get("batch") == 1:
+        click.echo(
+            f"note: {file.name} takes one face at a time (its batch is fixed to 1): it runs chip by chip, "
+            "slower than a file exported with a free batch size",
+            err=True,
+        )
     if previous is not None:  # a calibrated threshold must not be lost without a word
         click.echo(
             f"note: this replaced the earlier card of {name} (threshold {previous.match_threshold}, "

@@ -71,6 +71,9 @@ class PluginEmbedder(Embedder):
         )
         self.bgr = bool(extra.get("bgr", False))
         self.channels_last_input = extra.get("layout", "nchw") == "nhwc"
+        # a file exported for one face at a time (its batch fixed to 1, as many ArcFace exports
+        # are) runs once per chip: slower, but it was refused outright
+        self.one_chip_at_a_time = extra.get("batch") == 1
 
     def _inference_network(self) -> nn.Module:
         """The network with channels-last weights and no weight gradients (`_network_for_pass`).
@@ -137,7 +140,7 @@ class PluginEmbedder(Embedder):
             # (MobileFace V2: forward 20% faster); the values are unchanged.
             x = x.contiguous(memory_format=torch.channels_last)
         try:
-            out = self._network_for_pass(x)(x)
+            out = self._run(self._network_for_pass(x), x)
         except (FacecloakError, torch.OutOfMemoryError):
             raise
         except Exception as error:  # torch and onnx2torch raise many types for a shape they cannot take
@@ -148,12 +151,20 @@ class PluginEmbedder(Embedder):
                 "was its card edited? Add the file again with its input size and layout",
                 self.card.weights,
             ) from error
-        if isinstance(out, (tuple, list)):
-            out = out[0]
         out = self._one_vector_per_chip(out, len(chips))
         if self.card.distance == "cosine":
             out = nn.functional.normalize(out, dim=1)
         return out
+
+    def _run(self, network: nn.Module, x: Tensor) -> Tensor:
+        """The network's (first) output for the batch ``x``: whole, or chip by chip for a batch-1 file."""
+
+        def first(out) -> Tensor:
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        if self.one_chip_at_a_time and len(x) > 1:
+            return torch.cat([first(network(x[i : i + 1])) for i in range(len(x))])
+        return first(network(x))
 
     def _one_vector_per_chip(self, out: Tensor, count: int) -> Tensor:
         """The network's output as (N, D): (N, D, 1, 1) and (N, 1, 1, D) flattened, anything else refused.
@@ -261,36 +272,58 @@ def check_plugin_card(card: FaceModelCard) -> None:
         problem = f"layout {extra.get('layout')!r} must be one of {', '.join(LAYOUTS)}"
     elif not is_finite_number(margin) or margin < 0:
         problem = f"margin {margin!r} must be a finite number of pixels >= 0"
+    elif extra.get("batch", 1) != 1:
+        problem = f"batch {extra.get('batch')!r} must be 1 (a file that takes one chip at a time) or absent"
     if problem:
         raise InvalidInputError(f"model {card.name!r}: {problem}")
+
+
+def _probe(card: FaceModelCard, network: nn.Module) -> tuple[FaceModelCard, Tensor]:
+    """The card as the file runs, and its output for two different chips.
+
+    A file that cannot take two chips at once, gives one output for both, or gives a pair unlike
+    the two chips alone (its batch fixed to 1, as many exports are) gets ``batch: 1``: it runs one
+    chip at a time. A file that fails on one chip too raises the batch's error.
+    """
+    size = card.input_size
+    ramp = torch.linspace(0.2, 0.8, size).expand(3, size, size)
+    chips = torch.stack([ramp, ramp.flip(-1).flip(-2)])  # two chips, so a mixed-up batch shows
+    with torch.no_grad():
+        single = [PluginEmbedder(card, network).eval()(chip[None]) for chip in chips]
+        try:
+            together = PluginEmbedder(card, network).eval()(chips)
+            if torch.allclose(together, torch.cat(single), rtol=1e-3, atol=1e-4):
+                return card, together
+        except (_DidNotRun, InvalidInputError):
+            pass
+        one_at_a_time = FaceModelCard(**{**card.__dict__, "extra": {**card.extra, "batch": 1}})
+        return one_at_a_time, PluginEmbedder(one_at_a_time, network).eval()(chips)
 
 
 def load_model_file(file: Path, **card_options) -> PluginEmbedder:
     """Import ``file`` and wrap it with a card built from ``card_options`` (see `make_card`).
 
-    The embedding width is measured with one forward pass of two chips: a file that runs only
-    on one chip at a time, at another input size or layout, or gives no embedding is refused
-    here with a one-line error, not when it is first used (a traceback then).
+    The embedding width is measured on two chips (`_probe`): a file that runs only on one chip at
+    a time is run chip by chip from then on; one that fails at this input size or layout, or
+    gives no embedding, is refused here with a one-line error, not when it is first used (a
+    traceback then).
     Used by ``models add`` and by benchmarks and tests that attach a model without touching the
     user's config.
     """
     name = card_options.pop("name", Path(file).stem.lower().replace("-symbol", ""))
     card = make_card(name, Path(file), **card_options)
     network = load_network(Path(file))
-    probe = PluginEmbedder(card, network).eval().requires_grad_(False)
     size = card.input_size
     try:
-        with torch.no_grad():
-            output = probe(torch.full((2, 3, size, size), 0.5))
+        card, output = _probe(card, network)
     except Exception as error:  # torch and onnx2torch raise many types for a shape they cannot take
         if isinstance(error, FacecloakError) and not isinstance(error, _DidNotRun):
             raise ModelNotFoundError(error.reason, file) from None
         cause = error.__cause__ if isinstance(error, _DidNotRun) else error
         detail = (str(cause).splitlines() or [""])[0][:160]
         raise ModelNotFoundError(
-            f"model does not run on two {size}x{size} {card.extra['layout']} chips at once "
-            f"({type(cause).__name__}: {detail}): check the input size and layout, and that the "
-            "file takes a batch of any size",
+            f"model does not run on {size}x{size} {card.extra['layout']} chips "
+            f"({type(cause).__name__}: {detail}): check the input size and layout",
             file,
         ) from None
     if output.ndim != 2 or not torch.isfinite(output).all():
