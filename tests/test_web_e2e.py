@@ -141,3 +141,56 @@ def test_page_protects_a_photo(browser, tmp_path, samples_dir):
         browser.save_screenshot(str(SCREENSHOT))
         assert list(temporary.iterdir()) == []
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory):
+    with running_service(tmp_path_factory.mktemp("page")) as (url, _, _):
+        yield url
+
+
+def test_photos_chosen_during_a_run_wait_for_it(browser, page_url, samples_dir):
+    """Choosing photos while a run is going must not start a second run over the first.
+
+    The button came back on as soon as a photo was chosen; a second run cleared the cards and the
+    zip's list while the first was still cloaking, and the first's photo then landed in the
+    second's zip ("Done: 3 of 2 photos ready, -1 failed.").
+    """
+    browser.get(page_url + "/")
+    browser.find_element(By.ID, "file-input").send_keys(str(samples_dir / "grace_hopper.jpg"))
+    browser.execute_script("document.querySelector('#level').value = 'low'")
+    browser.find_element(By.ID, "escalate").click()  # one quick cloak, seconds long
+    button = browser.find_element(By.ID, "protect-button")
+    button.click()
+    browser.find_element(By.ID, "file-input").send_keys(str(samples_dir / "astronaut.jpg"))
+    assert browser.find_element(By.ID, "chosen").text.startswith("2 photos chosen")
+    assert not button.is_enabled()  # the cloak is still running
+    browser.execute_script("document.querySelector('#protect-form').requestSubmit()")  # ignored
+    WebDriverWait(browser, 120).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+    assert browser.find_element(By.ID, "status").text == "Done: 1 of 1 photo ready."
+    assert browser.execute_script("return finished.map((f) => f.filename)") == ["grace_hopper_cloaked.png"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results .card")) == 1
+    assert button.is_enabled()  # the photos chosen meanwhile can go next
+
+
+def test_a_photo_that_failed_shows_no_protected_photo_pane(browser, page_url, samples_dir, tmp_path):
+    """A failed upload's card showed an empty "After" pane labelled "Protected photo" (its alt text
+    beside a broken image) under the "Error" badge; a photo the browser cannot show, a broken one."""
+    not_a_photo = tmp_path / "notes.jpg"
+    not_a_photo.write_bytes(b"not a photo at all " * 50)
+    browser.get(page_url + "/")
+    browser.find_element(By.ID, "file-input").send_keys(
+        "\n".join([str(not_a_photo), str(samples_dir / "grace_hopper.jpg")])
+    )
+    browser.find_element(By.CSS_SELECTOR, "input[name=method][value=blur]").click()
+    browser.find_element(By.ID, "protect-button").click()
+    WebDriverWait(browser, 120).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+    failed, done = browser.find_elements(By.CSS_SELECTOR, "#results .card")
+    assert failed.find_element(By.CSS_SELECTOR, ".badge").text == "Error"
+    assert "not an image" in failed.find_element(By.CSS_SELECTOR, ".faces").text
+    assert not failed.find_element(By.CSS_SELECTOR, ".after").is_displayed()
+    assert not failed.find_element(By.CSS_SELECTOR, ".before").is_displayed()
+    assert not failed.find_element(By.CSS_SELECTOR, "button.toggle").is_displayed()
+    assert "Protected photo" not in failed.text
+    for pane in (".before", ".after"):  # a photo that went through keeps both panes
+        assert done.find_element(By.CSS_SELECTOR, pane).is_displayed()

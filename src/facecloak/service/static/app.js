@@ -14,6 +14,7 @@ const PARALLEL = 4; // uploads in flight: the service batches them onto the mode
 
 let chosen = [];
 let finished = []; // {filename, blob}
+let running = false; // a run in progress: a second one would mix its photos into this one's
 let info = { api_key_required: false, max_upload_bytes: Infinity };
 
 fetch("/v1/info").then((r) => r.json()).then((data) => {
@@ -31,7 +32,7 @@ function choose(files) {
   $("#chosen").textContent = chosen.length
     ? `${chosen.length} photo${chosen.length > 1 ? "s" : ""} chosen: ${chosen.map((f) => f.name).join(", ")}`
     : "No photo chosen yet.";
-  button.disabled = chosen.length === 0;
+  button.disabled = running || chosen.length === 0;
 }
 
 fileInput.addEventListener("change", () => choose(fileInput.files));
@@ -56,7 +57,8 @@ syncLevel();
 
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
-  if (!chosen.length) return;
+  if (!chosen.length || running) return;
+  running = true;
   const files = chosen.slice();
   const settings = {
     method: form.elements.method.value,
@@ -70,7 +72,8 @@ form.addEventListener("submit", async (event) => {
   downloadAll.disabled = true;
   $("#results-section").hidden = false;
   results.replaceChildren();
-  finished = [];
+  const ready = []; // this run's photos: the zip and the count hold only these
+  finished = ready;
   const cards = files.map((file) => addCard(file));
   let done = 0;
   statusLine.textContent = `Protecting ${files.length} photo${files.length > 1 ? "s" : ""}…`;
@@ -78,16 +81,17 @@ form.addEventListener("submit", async (event) => {
   async function lane() {
     while (next < files.length) {
       const index = next++;
-      await protect(files[index], cards[index], settings);
+      await protect(files[index], cards[index], settings, ready);
       done += 1;
       statusLine.textContent = `${done} of ${files.length} done.`;
     }
   }
   await Promise.all(Array.from({ length: Math.min(PARALLEL, files.length) }, lane));
-  const failed = files.length - finished.length;
-  statusLine.textContent = `Done: ${finished.length} of ${files.length} photo${files.length > 1 ? "s" : ""} ready`
+  const failed = files.length - ready.length;
+  statusLine.textContent = `Done: ${ready.length} of ${files.length} photo${files.length > 1 ? "s" : ""} ready`
     + (failed ? `, ${failed} failed.` : ".");
-  downloadAll.disabled = finished.length === 0;
+  downloadAll.disabled = ready.length === 0;
+  running = false;
   button.disabled = chosen.length === 0;
 });
 
@@ -96,7 +100,9 @@ function addCard(file) {
   $(".name", card).textContent = file.name;
   setBadge(card, "Working…", "");
   card.classList.add("busy");
-  $(".before img", card).src = URL.createObjectURL(file);
+  const before = $(".before img", card);
+  before.addEventListener("error", () => { $(".before", card).hidden = true; }); // not a photo the browser shows
+  before.src = URL.createObjectURL(file);
   results.append(card);
   return card;
 }
@@ -107,7 +113,7 @@ function setBadge(card, text, kind) {
   badge.className = `badge ${kind}`;
 }
 
-async function protect(file, card, settings) {
+async function protect(file, card, settings, ready) {
   if (file.size > info.max_upload_bytes) {
     return fail(card, `the photo is larger than this service's limit of ${Math.round(info.max_upload_bytes / 1048576)} MB`);
   }
@@ -145,7 +151,7 @@ async function protect(file, card, settings) {
       return fail(card, `unexpected answer (HTTP ${response.status})`);
     }
     if (!response.ok) return fail(card, data.reason || `HTTP ${response.status}`);
-    return show(card, data);
+    return show(card, data, ready);
   }
   return fail(card, "the service stayed busy; try again later");
 }
@@ -153,6 +159,8 @@ async function protect(file, card, settings) {
 function fail(card, reason) {
   card.classList.remove("busy");
   setBadge(card, "Error", "bad");
+  $(".after", card).hidden = true; // an empty pane labelled "Protected photo" said the opposite
+  $(".toggle", card).hidden = true;
   const item = document.createElement("li");
   item.className = "bad";
   item.innerHTML = "<strong>Not processed:</strong> ";
@@ -160,7 +168,7 @@ function fail(card, reason) {
   $(".faces", card).replaceChildren(item);
 }
 
-function show(card, data) {
+function show(card, data, ready) {
   const bytes = Uint8Array.from(atob(data.image_base64), (c) => c.charCodeAt(0));
   const blob = new Blob([bytes], { type: data.content_type });
   const url = URL.createObjectURL(blob);
@@ -169,7 +177,7 @@ function show(card, data) {
   after.src = url;
   card.classList.remove("busy");
   card.dataset.status = data.status;
-  finished.push({ filename: data.filename, blob });
+  ready.push({ filename: data.filename, blob });
 
   if (data.status === "protected") setBadge(card, `Protected (${data.faces_found} face${data.faces_found > 1 ? "s" : ""})`, "ok");
   else if (data.status === "unprotected") setBadge(card, `${data.unprotected_faces} face${data.unprotected_faces > 1 ? "s" : ""} NOT protected`, "bad");
