@@ -455,6 +455,36 @@ def test_api_keys(tmp_path, samples_dir):
         )
 
 
+def test_every_answer_carries_the_privacy_headers(tmp_path, samples_dir):
+    """A returned photo could be type-sniffed, kept by a shared cache, and the page framed by another
+    site: no answer said otherwise. Refusals get the headers too; the page is cacheable."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("secret\n")
+    app = create_app(ServiceSettings(device="cpu", preload=False, api_keys_file=keys))
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    with TestClient(app) as client:
+        answers = {
+            "photo": client.post(
+                "/v1/anonymize", files={"image": ("g.jpg", photo)}, headers={"X-API-Key": "secret"}
+            ),
+            "refusal": client.post("/v1/detect", files={"image": ("g.jpg", photo)}),
+            "page": client.get("/"),
+        }
+    assert [answers[k].status_code for k in answers] == [200, 401, 200]
+    for kind, answer in answers.items():
+        assert answer.headers["x-content-type-options"] == "nosniff", kind
+        assert answer.headers["referrer-policy"] == "no-referrer", kind
+        assert answer.headers["x-frame-options"] == "DENY", kind
+        assert answer.headers["content-security-policy"] == "frame-ancestors 'none'", kind
+    assert answers["photo"].headers["cache-control"] == "no-store"
+    assert answers["refusal"].headers["cache-control"] == "no-store"
+    assert "no-store" not in answers["page"].headers.get("cache-control", "")
+
+
 def test_metrics_need_the_api_key_when_keys_are_configured(tmp_path):
     """With keys, /metrics (how much the service is used, by whom refused) needs a key as /v1/
     does; health, the page, the docs and /v1/info stay open. Without keys it stays open."""

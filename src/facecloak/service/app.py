@@ -44,7 +44,7 @@ from facecloak.errors import FacecloakError, ImageReadError
 from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
 from facecloak.service.limits import BodySizeLimit, BodyTooLarge, UploadRejected, check_upload
 from facecloak.service.metrics import MetricsMiddleware, ServiceMetrics
-from facecloak.service.security import ApiKeyAuth
+from facecloak.service.security import ApiKeyAuth, PrivacyHeaders
 from facecloak.service.settings import ServiceSettings
 
 log = logging.getLogger("facecloak.service")
@@ -211,7 +211,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         metrics.rejected.labels(code).inc()
 
     # Middleware, innermost first: the body cap, the API key check (before a byte of the body is
-    # read), CORS (only when origins are given), and the request metrics around everything.
+    # read), CORS (only when origins are given), the request metrics, and the privacy headers outermost.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, on_refusal=refused)
     keys = settings.api_keys()
     if keys:  # /v1/ (but /v1/info) and /metrics
@@ -225,6 +225,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             expose_headers=list(EXPOSED_HEADERS),
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(PrivacyHeaders)  # outermost: refusals and errors get them too
 
     _add_error_handlers(app, metrics)
 

@@ -68,3 +68,46 @@ class ApiKeyAuth:
             await _send_json(send, wrong, self.on_refusal)
             return
         await self.app(scope, receive, send)
+
+
+PRIVACY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+)
+"""On every answer: no type sniffing of a returned photo, no page URL leaked to other sites, and
+the page never framed by another site (a click-jacking frame could pass photos to its uploads)."""
+
+NO_STORE_PREFIXES = ("/v1/",)
+"""Answers that carry a person's photo or its faces: ``Cache-Control: no-store``, so that no
+shared proxy or browser cache keeps a copy."""
+
+
+class PrivacyHeaders:
+    """ASGI middleware: `PRIVACY_HEADERS` on every HTTP answer, ``no-store`` under `NO_STORE_PREFIXES`.
+
+    A header the endpoint set itself is left as it is.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        """Pass the request on; add the headers to its answer's start."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = list(PRIVACY_HEADERS)
+        if scope["path"].startswith(NO_STORE_PREFIXES):
+            extra.append((b"cache-control", b"no-store"))
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in extra if name not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
