@@ -194,3 +194,24 @@ def test_a_photo_that_failed_shows_no_protected_photo_pane(browser, page_url, sa
     assert "Protected photo" not in failed.text
     for pane in (".before", ".after"):  # a photo that went through keeps both panes
         assert done.find_element(By.CSS_SELECTOR, pane).is_displayed()
+
+
+def test_a_page_without_its_api_key_says_to_fill_in_the_field(browser, tmp_path, samples_dir):
+    """With keys on, a page user who left the key empty read the API's own words, "send
+    'Authorization: Bearer KEY'": the page has a field for it."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("secret\n")
+    with running_service(tmp_path, "--api-keys", str(keys)) as (url, _, _):
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "key-row").is_displayed())
+        browser.find_element(By.ID, "file-input").send_keys(str(samples_dir / "grace_hopper.jpg"))
+        browser.find_element(By.CSS_SELECTOR, "input[name=method][value=blur]").click()
+        browser.find_element(By.ID, "protect-button").click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+        reason = browser.find_element(By.CSS_SELECTOR, "#results .card .faces").text
+        assert "enter it in the API key field above" in reason and "Bearer" not in reason
+        browser.find_element(By.ID, "api-key").send_keys("wrong")
+        browser.find_element(By.ID, "protect-button").click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+        reason = browser.find_element(By.CSS_SELECTOR, "#results .card .faces").text
+        assert "the API key in the field above is not accepted" in reason

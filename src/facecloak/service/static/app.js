@@ -150,6 +150,9 @@ async function protect(file, card, settings, ready) {
     } catch (error) {
       return fail(card, `unexpected answer (HTTP ${response.status})`);
     }
+    // the service's 401/403 speak to API clients ("send 'Authorization: Bearer KEY'"): here, the field
+    if (response.status === 401) return fail(card, "this service needs an API key: enter it in the API key field above");
+    if (response.status === 403) return fail(card, "the API key in the field above is not accepted");
     if (!response.ok) return fail(card, data.reason || `HTTP ${response.status}`);
     return show(card, data, ready);
   }
