@@ -278,3 +278,74 @@ def test_a_transparent_photo_written_as_jpeg_is_flattened_onto_white_before_its_
     assert outcome.written["alpha_flattened"] == "white"
     assert "transparency composited onto white: JPEG has none" in outcome.message
     assert "composited onto white (--format png keeps it)" in str(report)
+
+
+def test_a_photo_whose_output_name_is_too_long_fails_alone_instead_of_stopping_the_batch(
+    tmp_path, samples_dir
+):
+    """A 255-byte photo name gives a 260-byte NAME_blur.jpg: plan_batch raised OSError (a traceback)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long_name = "x" * 251 + ".jpg"  # 255 bytes: a legal name
+    shutil.copy(samples_dir / "astronaut.jpg", folder / long_name)
+    shutil.copy(samples_dir / "astronaut.jpg", folder / "short.jpg")
+    for out_dir in (None, str(tmp_path / "out")):
+        plan = plan_batch([folder], "blur", Options(out_dir=out_dir))
+        assert [job.path.name for job, _ in plan.todo] == ["short.jpg"]
+        (failed,) = plan.failed
+        assert failed.path == str(folder / long_name)
+        assert "more than the 255 a file name can have" in failed.error
+
+
+def test_photos_in_the_output_folder_are_named_and_its_outputs_are_never_re_read(
+    tmp_path, samples_dir, detector
+):
+    """``-o photos/sub`` passed over photos/sub/own.jpg without a word (a photo left unprotected and
+    unreported), and a later run without -o took photos/sub's outputs for photos and blurred them again."""
+    from facecloak.pipeline import run_resumable_batch
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    shutil.copy(samples_dir / "astronaut.jpg", photos / "a.jpg")
+    shutil.copy(samples_dir / "grace_hopper.jpg", photos / "sub" / "own.jpg")
+    options = Options(out_dir=str(photos / "sub"))
+    report = run_resumable_batch(
+        [photos], AnonymizeFaces(Anonymizer("blur")), options, settings={}, detector=detector
+    )
+    assert [(outcome.path, outcome.status) for outcome in report.outcomes] == [
+        (str(photos / "a.jpg"), "protected")
+    ]
+    assert (photos / "sub" / "a_blur.jpg").exists()
+    assert dict(report.skipped)[str(photos / "sub" / "own.jpg")].startswith("inside the output folder")
+    later = plan_batch([photos], "pixelate", Options())
+    assert sorted(job.path.name for job, _ in later.todo) == ["a.jpg", "own.jpg"]
+    assert "an output of an earlier run" in dict(later.not_images)[photos / "sub" / "a_blur.jpg"]
+
+
+def test_a_photo_replaced_after_its_faces_were_found_fails_instead_of_being_written_unprotected(
+    tmp_path, samples_dir, detector
+):
+    """run_batch reads each photo twice (detect all, then protect): a photo replaced in between
+    got the old photo's boxes blurred and its new face written in the clear, reported protected."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(samples_dir / "astronaut.jpg", folder / "a.jpg")
+    shutil.copy(samples_dir / "grace_hopper.jpg", folder / "b.jpg")
+
+    def replace_a_once_detected(event):
+        if event.stage == "detect" and event.current == ("b.jpg",):  # a.jpg's faces are known
+            shutil.copy(samples_dir / "grace_hopper.jpg", folder / "a.jpg")
+
+    report = run_batch(
+        [folder],
+        AnonymizeFaces(Anonymizer("blur")),
+        Options(chunk=1),
+        detector=detector,
+        on_progress=replace_a_once_detected,
+    )
+    outcomes = {outcome.path: outcome for outcome in report.outcomes}
+    assert outcomes[str(folder / "a.jpg")].status == "failed"
+    assert "changed while the batch ran" in outcomes[str(folder / "a.jpg")].error
+    assert not (folder / "a_blur.jpg").exists()
+    assert outcomes[str(folder / "b.jpg")].status == "protected"
+    assert report.exit_code == 3

@@ -552,7 +552,9 @@ class TestPaths:
         (tmp_path / "in" / "out" / "old.jpg").write_bytes(b"x")
         jobs, skipped = collect_images([tmp_path / "in"], exclude=tmp_path / "in" / "out")
         assert [str(job.relative) for job in jobs] == ["a.jpg", "sub/b.PNG"]
-        assert [path.name for path, _ in skipped] == ["notes.txt"]
+        # a photo in the output folder that no journal there wrote is not read, but named
+        assert [path.name for path, _ in skipped] == ["notes.txt", "old.jpg"]
+        assert skipped[1][1].startswith("inside the output folder")
         target = output_path(jobs[1], tmp_path / "o", "cloaked", None, "PNG")
         assert target == tmp_path / "o" / "sub" / "b_cloaked.png"
         assert output_path(jobs[0], None, "anonymized", "png", "JPEG") == tmp_path / "in" / "a_anonymized.png"

@@ -42,6 +42,7 @@ from facecloak.errors import (  # noqa: F401  (EXIT_* re-exported: the exit code
     EXIT_UNPROTECTED,
     EXIT_USAGE,
     FacecloakError,
+    ImageReadError,
     ImageWriteError,
     InvalidInputError,
 )
@@ -203,7 +204,12 @@ def run_batch(
         for start in range(0, len(ready), max(1, options.chunk)):
             chunk = ready[start : start + max(1, options.chunk)]
             report.outcomes += _protect_chunk(
-                [plan.todo[i] for i in chunk], [found[i] for i in chunk], protection, options, tracker
+                [plan.todo[i] for i in chunk],
+                [found[i] for i in chunk],
+                protection,
+                options,
+                tracker,
+                [tracker.stamps.get(i) for i in chunk],
             )
     order = {path: k for k, path in enumerate(plan.order)}
     report.outcomes.sort(key=lambda outcome: order.get(outcome.path, len(order)))
@@ -233,6 +239,7 @@ class _Tracker:
         self.work_started: float | None = None
         self.started = started
         self.failures: dict[int, FileOutcome] = {}
+        self.stamps: dict[int, tuple | None] = {}  # each photo's file as its faces were found in it
 
     def emit(self, stage: str, **fields) -> None:
         if self.callback is None:
@@ -278,6 +285,7 @@ def _detect_all(
         images: list[tuple[int, Tensor]] = []
         for i in indices:
             try:
+                tracker.stamps[i] = _stamp(todo[i][0].path)
                 # flattened as the output will be: a viewer's face, not what lies under alpha
                 image = io.for_output(
                     io.read_image(todo[i][0].path, max_pixels=options.max_pixels), todo[i][1]
@@ -307,15 +315,25 @@ def _protect_chunk(
     protection: Protection,
     options: Options,
     tracker: _Tracker,
+    stamps: Sequence[tuple | None] = (),
 ) -> list[FileOutcome]:
-    """Read a chunk again, protect its faces together, write each output; one outcome per file."""
+    """Read a chunk again, protect its faces together, write each output; one outcome per file.
+
+    ``stamps`` are the files as their faces were found (`_stamp`): a photo changed since (saved
+    again by an editor, replaced by a sync) fails, as its faces may lie elsewhere now.
+    """
     started = time.perf_counter()
     names = tuple(job.path.name for job, _ in todo)
     outcomes: list[FileOutcome] = []
     loaded: list[tuple[io.ImageJob, Path, io.LoadedImage, Faces]] = []
-    for (job, target), faces in zip(todo, found):
+    for k, ((job, target), faces) in enumerate(zip(todo, found)):
         try:
             image = io.for_output(io.read_image(job.path, max_pixels=options.max_pixels), target)
+            if k < len(stamps) and _stamp(job.path) != stamps[k]:
+                raise ImageReadError(
+                    "changed while the batch ran, after its faces were found: not protected (run again)",
+                    job.path,
+                )
             loaded.append((job, target, image, faces))
         except FacecloakError as error:
             outcome = FileOutcome(str(job.path), "failed", error=str(error))
@@ -360,6 +378,15 @@ def _protect_chunk(
         tracker.finish(outcome)
         outcomes.append(outcome)
     return outcomes
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What tells a changed file: its identity, size and modification time (None if unreadable)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _measure_written(target: Path, image: io.LoadedImage, output: Tensor, face_records: list[dict]) -> None:

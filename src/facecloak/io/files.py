@@ -26,6 +26,9 @@ IMAGE_SUFFIXES = {
 }
 """File suffixes picked up when walking folders, with the format each one names."""
 
+NAME_MAX = 255
+"""The most bytes a file name can have on the usual file systems (ext4, XFS, APFS, NTFS)."""
+
 OUTPUT_FORMATS = {
     "JPEG": ".jpg",
     "PNG": ".png",
@@ -128,11 +131,23 @@ def collect_images(
             mirrored = _folder_name(given) if len(paths) > 1 else Path()
             # rglob does not go into a symlink to a folder: said, so its photos are not silently left
             found = (p for p in given.rglob("*") if p.is_file() or (p.is_symlink() and p.is_dir()))
+            earlier = _journaled_outputs(given)  # outputs of -o runs into folders under this one
             for file in sorted(found):
                 relative = file.relative_to(given)
-                if skip is not None and skip in file.resolve().parents:
-                    continue
                 if any(part.startswith(".") for part in relative.parts):
+                    continue
+                if file.resolve() in earlier:  # never re-read as a photo, wherever this run writes
+                    if skip is None or skip not in file.resolve().parents:
+                        skipped.append(
+                            (file, f"an output of an earlier run (its journal: {earlier[file.resolve()]})")
+                        )
+                    continue
+                if skip is not None and skip in file.resolve().parents:
+                    # a photo there is named, never dropped silently (it would go unprotected)
+                    if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
+                        skipped.append(
+                            (file, "inside the output folder: not read (give it on its own, or another -o)")
+                        )
                     continue
                 if file.is_dir():
                     skipped.append((file, "a link to a folder, not followed (give the folder itself)"))
@@ -148,6 +163,26 @@ def collect_images(
         else:
             jobs.append(ImageJob(given, Path(given.name), named=True))  # missing: fails with its reason
     return jobs, skipped
+
+
+def _journaled_outputs(folder: Path) -> dict[Path, Path]:
+    """The files under ``folder`` that a facecloak journal names as outputs, each with its journal.
+
+    An output folder inside the photos (``-o photos/out``) is left out of that run's walk, but a
+    later run without -o, or with another -o, walked into it and took its outputs for photos.
+    """
+    from facecloak.journal import JOURNAL_NAME, read_journal
+
+    outputs: dict[Path, Path] = {}
+    for journal in folder.rglob(JOURNAL_NAME):
+        try:
+            records = read_journal(journal.parent)
+        except OSError:
+            continue
+        for record in records:
+            if record.get("output"):
+                outputs[(journal.parent / record["output"]).resolve()] = journal
+    return outputs
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -179,6 +214,12 @@ def output_path(
     except ImageWriteError as error:  # the batch's line names the photo, and the way out
         raise ImageWriteError(f"{error.reason} (--format png writes it)", job.path) from None
     name = f"{job.path.stem}_{tag}{suffix}"
+    if len(os.fsencode(name)) > NAME_MAX:  # a 255-byte input name: its output's is longer
+        raise ImageWriteError(
+            f"its output name {name[:40]}... would be {len(os.fsencode(name))} bytes, more than the "
+            f"{NAME_MAX} a file name can have (rename the photo)",
+            job.path,
+        )
     if out_dir is None:
         return job.path.with_name(name)
     return out_dir / job.relative.with_name(name)
