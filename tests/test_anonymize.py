@@ -192,3 +192,57 @@ def test_a_face_cut_off_by_the_photos_edge_is_covered_up_to_the_edge(lfw_dir, de
     changed = (out - image)[0].abs().amax(0) > 0
     assert int(core.sum()) > 5000 and bool(changed[core].all())
     assert bool(changed[:, :4][core[:, :4]].all()), "the columns at the edge"
+
+
+WEAKEST = [
+    ("blur", {"strength": 0.2, "scale": 1.0, "feather": 0.15}),
+    ("pixelate", {"blocks": 8, "scale": 1.0, "feather": 0.15}),
+    ("mask", {"scale": 1.0, "feather": 0.15}),
+]
+"""The weakest settings `facecloak.anonymize` allows (MIN_STRENGTH, MAX_BLOCKS, MIN_SCALE, MAX_FEATHER)."""
+
+
+@pytest.fixture(scope="module")
+def lfw_faces(lfw_dir, detector, dlib_resnet):
+    """Four LFW photos' central faces and their clean dlib embeddings."""
+    found = []
+    for name in ("Colin_Powell_0001", "Tony_Blair_0001", "Jennifer_Capriati_0001", "Hugo_Chavez_0001"):
+        image = read_image(lfw_dir / "images" / name.rsplit("_", 1)[0] / f"{name}.jpg").pixels[None]
+        faces = detector(image)
+        centres = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
+        face = faces.select([int((centres - 125).norm(dim=1).argmin())])
+        found.append((image, face, embed_faces(image, face, dlib_resnet)))
+    return found
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("blur", {"strength": 0.01}),
+        ("blur", {"strength": 0.05}),
+        ("pixelate", {"blocks": 64}),
+        ("pixelate", {"blocks": 16}),
+        ("mask", {"scale": 0.5}),
+        ("blur", {"scale": 0.5}),
+        ("blur", {"strength": 0.12, "scale": 1.0}),
+        ("blur", {"feather": 1.0}),
+        ("pixelate", {"feather": 1.0}),
+    ],
+)
+def test_settings_that_leave_a_recognisable_face_are_refused(lfw_faces, dlib_resnet, method, params):
+    """These settings were accepted (the CLI allows --strength 0.01, --blocks 64, --mask-scale 0.5)
+        and every face was reported protected, yet dlib-resnet still matches the anonymised face to
+        the clean one; on a 25 px face --blocks 64 changed no pixel at all. Weakest combined
+    (blur 0.12 at scale 1.0) matched this face at 0.57; --feather 1 left 21 of 24 blurred LFW faces matching."""
+    image, face, clean = lfw_faces[0]
+    with pytest.raises(InvalidInputError, match="recognisable"):
+        Anonymizer(method, **params)
+    with pytest.raises(InvalidInputError, match="recognisable"):
+        anonymize_faces(image, face, method, **params)
+
+
+@pytest.mark.parametrize("method,params", WEAKEST)
+def test_the_weakest_allowed_settings_still_remove_identity(lfw_faces, dlib_resnet, method, params):
+    for image, face, clean in lfw_faces:
+        out = Anonymizer(method, **params)(image, face)
+        assert float((embed_faces(out, face, dlib_resnet) - clean).norm()) > 0.6

@@ -18,7 +18,7 @@ from facecloak.cli.options import (
     ray_option,
 )
 from facecloak.cli.running import fail_run, finish, run_protection
-from facecloak.defaults import MAX_SEED, REGION_SCALE
+from facecloak.defaults import MAX_BLOCKS, MAX_FEATHER, MAX_SEED, MIN_SCALE, MIN_STRENGTH, REGION_SCALE
 from facecloak.errors import EXIT_USAGE, FacecloakError
 
 
@@ -41,28 +41,32 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
 )
 @click.option(
     "--mask-scale",
-    type=click.FloatRange(0.5, 4.0),
+    type=click.FloatRange(MIN_SCALE, 4.0),
     default=REGION_SCALE,
     show_default=True,
-    help="Region size relative to the detected box. Larger also covers hair and ears.",
+    help="Region size relative to the detected box. Larger also covers hair and ears; under "
+    f"{MIN_SCALE} a recognition model still matched faces.",
 )
 @click.option(
     "--strength",
-    type=click.FloatRange(0.01, 2.0),
+    type=click.FloatRange(MIN_STRENGTH, 2.0),
     default=None,
-    help="blur: sigma as a fraction of the face size [default 0.25]. Lower keeps more of the face.",
+    help=f"blur: sigma as a fraction of the face size [default 0.25]. Under {MIN_STRENGTH} a "
+    "recognition model still matched faces.",
 )
 @click.option(
     "--blocks",
-    type=click.IntRange(1, 64),
+    type=click.IntRange(1, MAX_BLOCKS),
     default=None,
-    help="pixelate: mosaic blocks across the face [default 8]. More blocks keep more identity.",
+    help=f"pixelate: mosaic blocks across the face [default 8]. Fewer hide more; over {MAX_BLOCKS} a "
+    "recognition model still matched faces.",
 )
 @click.option(
     "--feather",
-    type=click.FloatRange(0, 1),
+    type=click.FloatRange(0, MAX_FEATHER),
     default=None,
-    help="Soft edge as a fraction of the region (blur default 0.15, others 0).",
+    help=f"Soft edge as a fraction of the region (blur default 0.15, others 0; at most {MAX_FEATHER}: "
+    "a softer edge leaves the face's rim as it was).",
 )
 @click.option(
     "--donors",

@@ -39,7 +39,17 @@ from facecloak.batch import face_status
 from facecloak.cloak import LEVELS
 from facecloak.cloak.budget import STRONGER_LEVEL
 from facecloak.cloak.verify import DISTANCE_AFTER_UPLOAD_KEY, FOUND_AFTER_UPLOAD_KEY
-from facecloak.defaults import CLOAK_OUTPUT_FORMAT, DETECT_ROTATIONS, MAX_SEED, MIN_FACE_PX, MIN_FACE_SCORE
+from facecloak.defaults import (
+    CLOAK_OUTPUT_FORMAT,
+    DETECT_ROTATIONS,
+    MAX_BLOCKS,
+    MAX_FEATHER,
+    MAX_SEED,
+    MIN_FACE_PX,
+    MIN_FACE_SCORE,
+    MIN_SCALE,
+    MIN_STRENGTH,
+)
 from facecloak.errors import FacecloakError, ImageReadError
 from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
 from facecloak.service.limits import BodySizeLimit, BodyTooLarge, UploadRejected, check_upload
@@ -313,15 +323,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         ] = "blur",
         shape: Annotated[Literal["ellipse", "box"], Form()] = "ellipse",
         mask_scale: Annotated[
-            float, Form(ge=0.5, le=4.0, description="Region size relative to the box.")
+            float, Form(ge=MIN_SCALE, le=4.0, description="Region size relative to the box.")
         ] = 1.3,
         strength: Annotated[
-            float | None, Form(ge=0.01, le=2.0, description="blur sigma / face size.")
+            float | None, Form(ge=MIN_STRENGTH, le=2.0, description="blur sigma / face size.")
         ] = None,
         blocks: Annotated[
-            int | None, Form(ge=1, le=64, description="pixelate: blocks across the face.")
+            int | None, Form(ge=1, le=MAX_BLOCKS, description="pixelate: blocks across the face.")
         ] = None,
-        feather: Annotated[float | None, Form(ge=0, le=1, description="Soft edge.")] = None,
+        feather: Annotated[float | None, Form(ge=0, le=MAX_FEATHER, description="Soft edge.")] = None,
         keep_mouth: Annotated[
             bool, Form(description="replace: keep the person's own lips, replace the rest.")
         ] = False,
