@@ -216,7 +216,7 @@ def test_help_has_examples(runner):
     result = runner.invoke(main, ["anonymize", "--help"])
     assert result.exit_code == 0 and "facecloak anonymize photos/" in result.output
     text = " ".join(result.output.split())
-    assert "[default: 1.3; 0.5<=x<=4.0]" in text and "-o, --output" in text
+    assert "[default: 1.3; 1.0<=x<=4.0]" in text and "-o, --output" in text
 
 
 def test_cloak_command_protects_and_reports(runner, samples_dir, tmp_path):
