@@ -714,3 +714,19 @@ def test_json_and_jsonl_together_are_refused_before_any_work(runner, tmp_path, m
     monkeypatch.setattr(facecloak.commands, f"{command}_files", no_work)
     result = runner.invoke(main, [command, str(tmp_path), "--json", "--jsonl"])
     assert result.exit_code == 2 and "cannot be used together" in result.stderr, result.output
+
+
+def test_a_file_name_with_a_newline_stays_on_one_line(runner, samples_dir, tmp_path):
+    """A name holding a newline broke every line that named it: the error, the table, the progress."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(samples_dir / "astronaut.jpg", folder / "two\nlines.jpg")
+    (folder / "bad\nname.jpg").write_bytes(b"not a photo")
+    result = runner.invoke(
+        main, ["anonymize", str(folder), "-o", str(tmp_path / "out"), "--progress", "plain"]
+    )
+    assert result.exit_code == 3, result.output
+    text = result.stdout + result.stderr
+    assert "bad\\nname.jpg: not an image" in text and "two\\nlines.jpg: 1 face(s) -> " in text
+    assert not any(line.startswith(("lines", "name.jpg")) for line in text.splitlines())
+    assert (tmp_path / "out" / "two\nlines_blur.jpg").is_file()  # the file itself keeps its name

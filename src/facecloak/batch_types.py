@@ -20,7 +20,7 @@ from facecloak.defaults import (
     SOFT_DONOR_UPSCALE,
     WRITTEN_DSSIM_EXCESS,
 )
-from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED
+from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, shown_path
 
 if TYPE_CHECKING:  # the CLI reads these types before any image is touched: no torch at import
     from facecloak.io import ImageJob
@@ -83,17 +83,16 @@ class FileOutcome:
         """One line for the terminal."""
         if self.status == "failed":
             return f"error: {self.error}"
+        path, output = shown_path(self.path), shown_path(self.output or "")  # one line, whatever the names
         if self.status == "skipped":
-            return f"{self.path}: skipped, output exists: {self.output}"
+            return f"{path}: skipped, output exists: {output}"
         if self.status == "no_face":
-            return f"{self.path}: no face found; written unchanged to {self.output}{self._encoding_note()}"
+            return f"{path}: no face found; written unchanged to {output}{self._encoding_note()}"
         short = sum(not face.get("protected", True) for face in self.faces)
         if self.status == "unprotected":
-            return (
-                f"{self.path}: {short} of {len(self.faces)} face(s) NOT protected -> {self.output}"
-                f"{self._encoding_note()}"
-            )
-        return f"{self.path}: {len(self.faces)} face(s) -> {self.output}{self._encoding_note()}"
+            note = self._encoding_note()
+            return f"{path}: {short} of {len(self.faces)} face(s) NOT protected -> {output}{note}"
+        return f"{path}: {len(self.faces)} face(s) -> {output}{self._encoding_note()}"
 
     @property
     def frames_left_out(self) -> int:
@@ -179,7 +178,7 @@ class BatchReport:
             lines.append(
                 f"  {self.count('no_face')} image(s) with NO face found (nothing was changed in them):"
             )
-            lines += [f"    {o.path}" for o in self.outcomes if o.status == "no_face"]
+            lines += [f"    {shown_path(o.path)}" for o in self.outcomes if o.status == "no_face"]
             # a face under --min-face is not looked for; with --rotations none (or auto, fooled by
             # a face it misreads as upright) a photo on its side or upside down finds none
             where = self.options.get("rotations", DETECT_ROTATIONS)
@@ -332,7 +331,7 @@ class BatchReport:
         if not self.skipped:
             return []
         lines = [f"  {len(self.skipped)} file(s) passed over (not images, outputs of earlier runs, links):"]
-        lines += [f"    {path}: {reason}" for path, reason in self.skipped[:LISTED_SKIPPED]]
+        lines += [f"    {shown_path(path)}: {reason}" for path, reason in self.skipped[:LISTED_SKIPPED]]
         if len(self.skipped) > LISTED_SKIPPED:
             lines.append(f"    and {len(self.skipped) - LISTED_SKIPPED} more (--json lists them all)")
         return lines
@@ -350,13 +349,13 @@ class BatchReport:
             protected = sum(face.get("protected", True) for face in outcome.faces)
             rows.append(
                 [
-                    outcome.path,
+                    shown_path(outcome.path),
                     str(len(outcome.faces)),
                     f"{protected}/{len(outcome.faces)}",
                     f"{min(ratios):.2f}x" if ratios else "-",
                     f"{max(dssims):.4f}" if dssims else "-",
                     f"{outcome.seconds:.1f}",
-                    outcome.output or "-",
+                    shown_path(outcome.output) if outcome.output else "-",
                 ]
             )
         return rows

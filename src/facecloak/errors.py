@@ -33,7 +33,19 @@ class FacecloakError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.reason}" if self.path else self.reason
+        return f"{shown_path(self.path)}: {self.reason}" if self.path else self.reason
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` for a one-line message, a control character in it written as its escape.
+
+    A file name may hold a newline: printed as it is, the one-line error became two lines and
+    named no file exactly.
+    """
+    text = str(path)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class ImageReadError(FacecloakError):

@@ -13,6 +13,7 @@ import time
 from typing import TextIO
 
 from facecloak.batch import BatchPlan, ProgressEvent
+from facecloak.errors import shown_path
 
 PROGRESS_MODES = ("auto", "bar", "plain", "none")
 
@@ -64,7 +65,8 @@ def describe(event: ProgressEvent) -> str:
         parts.append(f"ETA {format_seconds(event.eta_seconds)}")
     if event.current:
         more = len(event.current) - 3
-        parts.append(", ".join(event.current[:3]) + (f" +{more}" if more > 0 else ""))
+        names = ", ".join(shown_path(name) for name in event.current[:3])  # one line, whatever the names
+        parts.append(names + (f" +{more}" if more > 0 else ""))
     return ", ".join(parts)
 
 
