@@ -138,9 +138,9 @@ def collect_images(
                     continue
                 if file.resolve() in earlier:  # never re-read as a photo, wherever this run writes
                     if skip is None or skip not in file.resolve().parents:
-                        skipped.append(
-                            (file, f"an output of an earlier run (its journal: {earlier[file.resolve()]})")
-                        )
+                        journal = earlier[file.resolve()]
+                        why = f"an output of an earlier run, not read again (its journal: {journal}; "
+                        skipped.append((file, why + "give the file itself to read it)"))
                     continue
                 if skip is not None and skip in file.resolve().parents:
                     # a photo there is named, never dropped silently (it would go unprotected)
