@@ -77,7 +77,7 @@ CPU_CLOAK_BATCH = 8
 CPU_COMPUTE_WORKERS = 2
 """Chunks a batch protects at once on a CPU, each on its own thread with its share of the cores.
 The models' layers are small at batch 1-8, and two threads of one core each do more than one
-chunk on two cores' intra-op threads: 1.4x the photos/s for cloaks, 1.2x for replace (README)."""
+chunk on two cores' intra-op threads: 1.4x the photos/s for cloaks, 1.7x for replace (README, "Large batches")."""
 
 GPU_CLOAK_BATCH = 512
 """Photos cloaked together on a GPU, at most: enough faces in one optimisation to fill the chip
