@@ -315,6 +315,63 @@ def test_summary_table_and_html_render_without_matplotlib_data(lfw_dir, attacker
     assert json.dumps(result.to_dict(), default=str)
 
 
+NASTY_NAMES = ["<img src=x onerror=alert(1)><script>alert(1)<\\script>", 'Zoë O\'Brien "Q" & Ñandú 日本']
+
+
+@pytest.fixture(scope="module")
+def nasty_result(lfw_dir, attacker, tmp_path_factory):
+    """An evaluation of real faces whose person folders and photo names are markup and non-ASCII."""
+    import shutil
+
+    data = tmp_path_factory.mktemp("nasty")
+    people = {p.name: p for p in list_people(lfw_dir / "images")}
+    for source, name in zip(PEOPLE, [*NASTY_NAMES, *PEOPLE[2:]]):
+        (data / name).mkdir()
+        for i, photo in enumerate(people[source].photos[:5]):
+            shutil.copy(photo, data / name / f"<b>&'{i}.jpg")
+    return evaluate(
+        data,
+        MirrorPhotos(),
+        [attacker],
+        detector=attacker.detector,
+        people=NASTY_NAMES,
+        control=2,
+        min_photos=4,
+        probes=1,
+        uploads=("none",),
+        max_distractors=0,
+    )
+
+
+def test_html_report_escapes_person_and_photo_names_and_shows_them_as_named(nasty_result):
+    page = render_html(nasty_result)
+    assert nasty_result.examples  # the names reach the examples and the settings
+    assert "onerror=" in page  # as text ...
+    assert "<img src=x" not in page and "<script>" not in page and "<b>" not in page  # ... not markup
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "&lt;b&gt;&amp;&#x27;" in page
+    # the page is UTF-8: a name is shown as written in the settings too, not as "Zo\u00eb"
+    assert page.count("Zoë O&#x27;Brien") >= 2 and "\\u00eb" not in page
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)  # opens offline: nothing to fetch
+
+
+def test_jpeg_figure_draws_one_line_per_level_after_a_level_sweep(nasty_result):
+    """``--level all`` reports each attacker's rows once per level: one line each, not a zigzag."""
+    import copy
+    from dataclasses import replace
+
+    from facecloak.report import jpeg_curves
+
+    result = copy.copy(nasty_result)
+    result.rows = []
+    for level in ("low", "mid", "high"):
+        for row in nasty_result.rows:
+            result.rows.append(replace(row, level=level, protection=row.protection + 0.01 * len(level)))
+    curves = jpeg_curves(result)
+    assert set(curves) == {f"dlib-resnet ({level})" for level in ("low", "mid", "high")}
+    assert all(len(points) == 1 for points in curves.values())  # "none" only, once per level
+    assert set(jpeg_curves(nasty_result)) == {"dlib-resnet"}
+
+
 def test_finetuned_attacker_learns_to_undo_a_distortion(lfw_dir, attacker):
     """FaceCure-style fine-tuning of the last block pulls distorted faces back, keeps clean ones put."""
     from facecloak import transforms

@@ -116,6 +116,27 @@ ROW_COLUMNS = [
 ]
 
 
+JPEG_UPLOADS = (("none", 100), ("jpeg95", 95), ("jpeg75", 75), ("jpeg50", 50))
+"""The uploads of the protection-vs-JPEG figure, with the JPEG quality each stands at."""
+
+
+def jpeg_curves(result: EvaluationResult) -> dict[str, list[tuple[int, float]]]:
+    """The protection-vs-JPEG figure's lines: (quality, protection) by label, non-adaptive rows.
+
+    One line per attacker, or per attacker and level after a level sweep (``--level all``): the
+    levels' rows, all on one line, made it zigzag between them at each quality.
+    """
+    levels = list(dict.fromkeys(row.level for row in result.rows if row.level not in (None, "-")))
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in result.rows:
+        quality = dict(JPEG_UPLOADS).get(row.upload)
+        if quality is None or row.adaptive:
+            continue
+        label = row.attacker if len(levels) < 2 else f"{row.attacker} ({row.level})"
+        curves.setdefault(label, []).append((quality, row.protection))
+    return {label: sorted(points) for label, points in curves.items()}
+
+
 def plots(result: EvaluationResult) -> dict[str, str]:
     """The report's figures, as base64 PNG by name (empty if matplotlib is missing)."""
     try:
@@ -126,19 +147,9 @@ def plots(result: EvaluationResult) -> dict[str, str]:
     except ImportError:
         return {}
     figures: dict[str, str] = {}
-    attackers = list(dict.fromkeys(row.attacker for row in result.rows))
-    jpeg = [(name, q) for name, q in (("none", 100), ("jpeg95", 95), ("jpeg75", 75), ("jpeg50", 50))]
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    for attacker in attackers:
-        points = [
-            (q, r.protection)
-            for name, q in jpeg
-            for r in result.rows
-            if r.attacker == attacker and r.upload == name and not r.adaptive
-        ]
-        if points:
-            points.sort()
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=attacker)
+    for label, points in jpeg_curves(result).items():
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     axis.set_xlabel("JPEG quality of the upload (100 = no re-encode)")
     axis.set_ylabel("protection (1 - rank-1)")
     axis.set_ylim(-0.02, 1.02)
@@ -211,7 +222,9 @@ def render_html(result: EvaluationResult) -> str:
         f"<style>{STYLE}</style></head><body>",
         f"<h1>facecloak evaluation: {html.escape(str(settings.get('method')))}</h1>",
         f"<p class='note'>{html.escape(_summary_line(result))}</p>",
-        f"<h2>Settings</h2><pre>{html.escape(json.dumps(settings, indent=1, default=str))}</pre>",
+        # ensure_ascii=False: a person named Zoë was shown as "Zo\u00eb" (the page is UTF-8)
+        "<h2>Settings</h2><pre>"
+        f"{html.escape(json.dumps(settings, indent=1, default=str, ensure_ascii=False))}</pre>",
     ]
     columns = (
         [("level", "level")] if any(row.level is not None for row in result.rows) else []
