@@ -553,3 +553,30 @@ def test_cli_without_an_upload_transform_is_refused(lfw_dir, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "no upload transform" in lines[0], result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_finetune_says_which_attacker_it_cannot_train(lfw_dir, tmp_path):
+    """``--adaptive finetune`` passed over dlib's C++ pipeline without a word: its rows simply had
+    no fine-tuned variant. The report's settings now say why."""
+    pytest.importorskip("dlib", reason="dlib's C++ pipeline is the attacker here (pip install dlib-bin)")
+    data = tmp_path / "people"
+    for name, count in ((PEOPLE[0], 4), (PEOPLE[1], 4), (PEOPLE[2], 3)):
+        (data / name).mkdir(parents=True)
+        for photo in sorted((lfw_dir / "images" / name).iterdir())[:count]:
+            (data / name / photo.name).write_bytes(photo.read_bytes())
+    arguments = ["evaluate", str(data), "--method", "none", "--attackers", "dlib-cpp", "--uploads", "none"]
+    arguments += ["--people", "1", "--control", "1", "--min-photos", "3", "--probes", "1"]
+    arguments += [
+        "--adaptive",
+        "finetune",
+        "--cache",
+        str(tmp_path / "cache"),
+        "-q",
+        "-o",
+        str(tmp_path / "r"),
+    ]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["settings"]["finetune"]["dlib-cpp"].startswith("not fine-tuned")
+    assert {r["adaptive"] for r in report["rows"]} == {False}

@@ -371,6 +371,11 @@ def _score_phase(
         source, target = (embed_in_batches(attacker, images) for images in pairs)
         keep = ~(torch.isnan(source).any(1) | torch.isnan(target).any(1))
         correction = fit_correction(source[keep], target[keep])
+    if pairs is not None and adaptive in ("finetune", "both") and not isinstance(attacker, PipelineAttacker):
+        # said, not passed over without a word: its rows simply had no fine-tuned variant
+        result.settings.setdefault("finetune", {})[attacker.name] = (
+            "not fine-tuned: a fixed pipeline with no weights to train here (dlib's own C++ one)"
+        )
     if pairs is not None and adaptive in ("finetune", "both") and isinstance(attacker, PipelineAttacker):
         model = finetune_model(attacker.model, *pairs, attacker.detector, seed=seed)
         tick = time.perf_counter()  # the rates are of embedding: the training is not timed
