@@ -770,3 +770,25 @@ def test_a_photo_held_to_its_jpeg_file_is_written_from_pixels_whose_file_is_what
     assert torch.equal(protected.images[0], result.images[0])
     # a PNG stores the pixels as they are: nothing else to write
     assert cloak([source.pixels], faces, stored_as=[None]).to_write is None
+
+
+def test_the_report_says_which_steps_cap_and_escalation_the_run_used(samples_dir, tmp_path):
+    """``--steps``, ``--max-dssim`` and ``--escalate`` change what a cloak does: the JSON report's
+    options name them beside the transfer options, as given (absent where the level's default ran)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from facecloak.cli import main
+
+    photo = str(samples_dir / "astronaut.jpg")
+    arguments = ["cloak", photo, "--models", "dlib-resnet", "--level", "low", "--json", "--progress", "none"]
+    runner = CliRunner()
+    given = runner.invoke(
+        main, [*arguments, "-o", str(tmp_path / "a"), "--steps", "1", "--max-dssim", "0.002", "--escalate"]
+    )
+    options = json.loads(given.stdout)["options"]
+    assert options["steps"] == 1 and options["max_dssim"] == 0.002 and options["escalate"] is True
+    plain = runner.invoke(main, [*arguments, "-o", str(tmp_path / "b"), "--steps", "1"])
+    options = json.loads(plain.stdout)["options"]
+    assert options["steps"] == 1 and "max_dssim" not in options and "escalate" not in options

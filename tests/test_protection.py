@@ -160,3 +160,27 @@ def test_faces_whose_regions_overlap_are_escalated_together():
         image_index=torch.tensor([0, 0, 0, 0, 1]),
     )
     assert _overlap_clusters(faces, boxes) == [[0, 1, 2], [3], [4]]
+
+
+def test_an_escalated_face_is_pushed_from_its_person_mean_over_the_whole_call(lfw_dir, dlib_resnet, detector):
+    """Person-level cloaking with escalation: a face that fell short is cloaked again from the mean of
+    its person's photos in the call (the reference its first cloak and its check measured), not
+    from a regrouping of the few faces that fell short (alone among them, a face lost its person)."""
+    from facecloak.cloak import UntargetedCloak
+
+    names = [f"Tony_Blair/Tony_Blair_000{k}.jpg" for k in (1, 2, 3)]
+    photos = [read_image(lfw_dir / "images" / name).pixels for name in names]
+    faces = detector(photos)
+    weak = UntargetedCloak([dlib_resnet], "low", steps=1, detector=detector, seed=0)
+    strong = UntargetedCloak([dlib_resnet], "mid", steps=1, detector=detector, seed=0)
+    first = CloakFaces(weak).protect(photos, faces)
+    counts = [record["reference_photos"] for record in first.records]
+    blair = [n for n, count in enumerate(counts) if count == 3]
+    assert len(blair) == 3  # one person's three photos, grouped
+    references = weak.person_references()
+    records = [dict(record, protected=n != blair[0]) for n, record in enumerate(first.records)]
+    escalate(strong, photos, faces, first.images, records, "low", references=references)
+    used = strong.person_references()
+    assert used is not None and used[1].tolist() == [3]
+    assert torch.allclose(used[0][0], references[0][0][blair[0] : blair[0] + 1])
+    assert strong.given_references is None  # lent for that call only

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from facecloak._checks import check_faces, check_image_list
@@ -221,6 +222,7 @@ class CloakFaces:
         outputs, records, to_write = list(result.images), result.records(faces), result.to_write
         if self.escalate_to is not None:
             originals = check_image_list(images)
+            person = getattr(self.cloak, "person_references", None)
             outputs, records, to_write = escalate(
                 self.escalate_to,
                 originals,
@@ -231,6 +233,7 @@ class CloakFaces:
                 identity,
                 stored_as,
                 to_write=to_write,
+                references=person() if person is not None else None,
             )
         return _result(outputs, records, faces, to_write)
 
@@ -246,6 +249,7 @@ def escalate(
     stored_as: Sequence[StoredAs | None] | None = None,
     *,
     to_write: list[Tensor] | None = None,
+    references: tuple[list[Tensor], Tensor] | None = None,
 ) -> tuple[list[Tensor], list[dict], list[Tensor] | None]:
     """Cloak the faces that fell short again with ``stronger``; keep those that then pass.
 
@@ -257,8 +261,11 @@ def escalate(
     not helped keeps its first, less visible, result (``escalation`` in its record says so).
     ``level``: the first cloak's, recorded as ``escalated_from`` beside the new ``level``.
     ``to_write``: the first cloak's photos for a lossy writer (`CloakResult.to_write`), which
-    take the stronger cloak's regions as ``outputs`` do. Returns new outputs, records and
-    ``to_write`` (None if neither cloak had any); those given are not changed.
+    take the stronger cloak's regions as ``outputs`` do. ``references``: the first cloak's per-face
+    person references and photo counts (`UntargetedCloak.person_references`): the faces cloaked
+    again are pushed from their person's mean over the whole call, as the first time, not from a
+    mean over the few that fell short (a face alone among them would lose it). Returns new
+    outputs, records and ``to_write`` (None if neither cloak had any); those given are not changed.
     """
     regions = face_regions(faces, stronger.region_scale)
     clusters = _overlap_clusters(faces, regions)
@@ -266,7 +273,18 @@ def escalate(
     if not retry:
         return outputs, records, to_write
     rows = sorted(n for cluster in retry for n in cluster)
-    retried = stronger(originals, faces.select(rows), identity=identity, stored_as=stored_as)
+    given = references is not None and hasattr(stronger, "given_references")
+    if given:
+        index = torch.tensor(rows, dtype=torch.long)
+        stronger.given_references = (
+            [table[index.to(table.device)] for table in references[0]],
+            references[1][index],
+        )
+    try:
+        retried = stronger(originals, faces.select(rows), identity=identity, stored_as=stored_as)
+    finally:
+        if given:
+            stronger.given_references = None
     again = dict(zip(rows, retried.records(faces.select(rows))))
     outputs, records = [image.clone() for image in outputs], [dict(record) for record in records]
     if to_write is not None or retried.to_write is not None:

@@ -226,6 +226,7 @@ def cloak(
         spec=spec,
         ray_address=ray_address,
     )
-    given = {key: value for key, value in transfer.items() if value is not None}  # else: the defaults
+    chosen = dict(transfer, steps=steps, max_dssim=max_dssim, escalate=escalate or None)
+    given = {key: value for key, value in chosen.items() if value is not None}  # else: the defaults
     report.options.update(mode=mode, level=level, models=names, seed=seed, **given)
     finish(report, io_values["as_json"], io_values["as_jsonl"], io_values["quiet"])

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from facecloak.cloak.base import Cloak
+from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
 
@@ -63,6 +64,16 @@ class UntargetedCloak(Cloak):
         self.laggard_weight = float(laggard_weight)
         self._references: list[Tensor] | None = None
         self._counts = torch.zeros(0, dtype=torch.long)
+        self.given_references: tuple[list[Tensor], Tensor] | None = None
+        """Per model (N, D) references and (N,) photo counts for the next call's N faces, instead of
+        grouping them anew: an escalation re-cloaks a few faces of a call from the person means
+        that call found (`facecloak.protection.escalate`), not from those few alone."""
+
+    def person_references(self) -> tuple[list[Tensor], Tensor] | None:
+        """The last call's per-face references and counts where `prepare` grouped photos; else None."""
+        if self._references is None:
+            return None
+        return list(self._references), self._counts.clone()
 
     def settings(self) -> dict:
         """The base settings, whether the reference was the person, and the laggards' extra pull."""
@@ -81,6 +92,13 @@ class UntargetedCloak(Cloak):
         (so bystanders in the photos are not averaged in); a face alone keeps its own embedding.
         """
         self._references = None
+        if self.given_references is not None:
+            given, counts = self.given_references
+            if any(len(table) != len(faces) for table in given) or len(counts) != len(faces):
+                raise InvalidInputError(f"given_references hold another number of faces than {len(faces)}")
+            self._references = [table.to(clean[m]) for m, table in enumerate(given)]
+            self._counts = counts.clone()
+            return
         if not self.person_level or len(faces) < 2:
             return
         same = torch.ones(len(faces), len(faces), dtype=torch.bool)
