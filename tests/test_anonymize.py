@@ -230,10 +230,10 @@ def lfw_faces(lfw_dir, detector, dlib_resnet):
     ],
 )
 def test_settings_that_leave_a_recognisable_face_are_refused(lfw_faces, dlib_resnet, method, params):
-    """These settings were accepted (the CLI allows --strength 0.01, --blocks 64, --mask-scale 0.5)
-        and every face was reported protected, yet dlib-resnet still matches the anonymised face to
-        the clean one; on a 25 px face --blocks 64 changed no pixel at all. Weakest combined
-    (blur 0.12 at scale 1.0) matched this face at 0.57; --feather 1 left 21 of 24 blurred LFW faces matching."""
+    """These settings were accepted (the CLI allowed --strength 0.01, --blocks 64, --mask-scale 0.5)
+    and every face was reported protected, yet dlib-resnet still matches the anonymised face to the
+    clean one; on a 25 px face --blocks 64 changed no pixel at all. Weakest combined (blur 0.12 at
+    scale 1.0) matched this face at 0.57; --feather 1 left 21 of 24 blurred LFW faces matching."""
     image, face, clean = lfw_faces[0]
     with pytest.raises(InvalidInputError, match="recognisable"):
         Anonymizer(method, **params)

@@ -730,3 +730,21 @@ def test_a_file_name_with_a_newline_stays_on_one_line(runner, samples_dir, tmp_p
     assert "bad\\nname.jpg: not an image" in text and "two\\nlines.jpg: 1 face(s) -> " in text
     assert not any(line.startswith(("lines", "name.jpg")) for line in text.splitlines())
     assert (tmp_path / "out" / "two\nlines_blur.jpg").is_file()  # the file itself keeps its name
+
+
+def test_a_face_short_after_escalating_or_at_high_is_not_told_to_escalate():
+    """A face tried one level up and kept as it was (``escalation``), or short at high, was still
+    told "a higher --level, or --escalate for these faces alone"."""
+    from facecloak.batch import BatchReport, FileOutcome
+
+    model = {"distance_after_jpeg75": 0.5, "threshold": 0.6, "passed": False}
+    face = {"protected": False, "dssim": 0.0077, "models": {"dlib-resnet": model}}
+    tried = dict(face, escalation="high fell short too")
+    for options, faces, hint in (
+        ({"level": "mid"}, [face], "a higher --level, or --escalate"),
+        ({"level": "mid"}, [tried], "cloaked again one level up and still short"),
+        ({"level": "high"}, [face], "at the strongest level already"),
+    ):
+        outcome = FileOutcome("a.jpg", "unprotected", output="out/a_cloaked.png", faces=faces)
+        text = str(BatchReport("cloak", options, [outcome]))
+        assert hint in text and (hint.startswith("a higher") or "--escalate for" not in text), options

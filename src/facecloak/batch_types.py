@@ -18,6 +18,7 @@ from facecloak.defaults import (
     MIN_FACE_PX,
     MIN_FACE_SCORE,
     SOFT_DONOR_UPSCALE,
+    STRONGEST_LEVEL,
     WRITTEN_DSSIM_EXCESS,
 )
 from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, shown_path
@@ -205,19 +206,24 @@ class BatchReport:
                     details = "; ".join(text for text in short if text)
                     explained = explained or bool(details)
                     lines.append(f"    {o.path}" + (f": {details}" if details else ""))
+            # cloaked again and still short (`escalated_from`), or tried one level up and kept as it
+            # was (`escalation`): told to try --escalate all the same, before
             short_after_escalating = any(
-                face.get("escalated_from") and face.get("protected") is False
+                (face.get("escalated_from") or face.get("escalation")) and face.get("protected") is False
                 for o in self.outcomes
                 for face in o.faces
             )
+            at_the_top = self.options.get("level") == STRONGEST_LEVEL
             explained = explained and self.command == "cloak"  # the hints below are a cloak's
-            if explained and not short_after_escalating:
+            if explained and short_after_escalating:
+                lines.append("    (cloaked again one level up and still short: a face hard for these models)")
+            elif explained and at_the_top:
+                lines.append("    (at the strongest level already: a face hard for these models)")
+            elif explained:
                 lines.append(
                     "    (a higher --level, or --escalate for these faces alone, moves faces further, "
                     "at a more visible change)"
                 )
-            elif explained:
-                lines.append("    (cloaked again one level up and still short: a face hard for these models)")
             lossy = [
                 o.path
                 for o in self.outcomes

@@ -77,7 +77,8 @@ CPU_CLOAK_BATCH = 8
 CPU_COMPUTE_WORKERS = 2
 """Chunks a batch protects at once on a CPU, each on its own thread with its share of the cores.
 The models' layers are small at batch 1-8, and two threads of one core each do more than one
-chunk on two cores' intra-op threads: 1.4x the photos/s for cloaks, 1.7x for replace (README, "Large batches")."""
+chunk on two cores' intra-op threads: 1.4x the photos/s for cloaks, 1.7x for replace (README,
+"Large batches")."""
 
 GPU_CLOAK_BATCH = 512
 """Photos cloaked together on a GPU, at most: enough faces in one optimisation to fill the chip
@@ -122,3 +123,7 @@ MAX_FEATHER = 0.15
 """Softest edge allowed (the blur's default; same measurement): a soft edge leaves the face's outer
 part partly as it was; feather 1 left 21 of 24 blurred faces matching, 0.5 left 2, 0.3 left 3
 pixelated ones at scale 1.0."""
+
+STRONGEST_LEVEL = "high"
+"""The cloak level with none above it (`facecloak.cloak.budget.STRONGER_LEVEL` has no entry for it):
+a face short there is not told to try a higher level."""
