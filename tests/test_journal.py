@@ -390,3 +390,20 @@ def test_eta_of_a_resumed_batch_counts_only_the_files_worked_on(tmp_path, detect
     done, eta, elapsed = min(seen)
     assert done < 12 and eta is not None
     assert eta >= 0.5 * elapsed  # one file left after one worked on: about the time so far
+
+
+def test_the_journal_keeps_a_targeted_key_only_behind_a_slow_hash():
+    """The journal (beside the photos in the output folder) kept a targeted cloak's identity key as
+    16 hex digits of a plain SHA-256: a short key was found by guessing. A changed key still shows."""
+    import hashlib
+
+    from facecloak.pipeline import ProtectorSpec
+
+    def kept(key: str) -> str:
+        return ProtectorSpec.cloak("targeted", "mid", ["dlib-resnet"], identity_key=key).settings()[
+            "identity_key"
+        ]
+
+    assert kept("1234").startswith("scrypt:") and "1234" not in kept("1234")
+    assert hashlib.sha256(b"1234").hexdigest()[:16] not in kept("1234")
+    assert kept("1234") == kept("1234") != kept("1235")

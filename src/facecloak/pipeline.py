@@ -108,7 +108,7 @@ class ProtectorSpec:
         """The settings for the journal's fingerprint (a targeted cloak's key only as a hash)."""
         params = {key: value for key, value in self.params.items() if value is not None}
         if params.get("identity_key"):
-            params["identity_key"] = hashlib.sha256(str(params["identity_key"]).encode()).hexdigest()[:16]
+            params["identity_key"] = key_fingerprint(str(params["identity_key"]))
         return {"kind": self.kind, **params}
 
 
@@ -158,6 +158,18 @@ class _Decoded:
     sha256: str
     image: io.LoadedImage
     target: Path
+
+
+def key_fingerprint(key: str) -> str:
+    """What the journal keeps of a targeted cloak's identity key: enough to notice a changed key.
+
+    A memory-hard hash (scrypt, about 0.1 s and 32 MB), not a plain SHA-256: the journal lies in
+    the output folder beside the photos, and a short key behind a fast hash is found by guessing.
+    """
+    digest = hashlib.scrypt(
+        key.encode(), salt=b"facecloak journal identity key", n=2**15, r=8, p=1, maxmem=64 * 2**20, dklen=8
+    )
+    return "scrypt:" + digest.hex()
 
 
 def run_resumable_batch(
