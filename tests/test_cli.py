@@ -455,6 +455,10 @@ def test_targeted_without_a_key_and_detect_json_of_nothing(runner, samples_dir, 
     targeted = runner.invoke(main, ["cloak", photo, "--mode", "targeted", "-o", str(tmp_path / "out")])
     assert targeted.exit_code == 2 and "--identity-key" in targeted.output
     assert not (tmp_path / "out").exists()
+    # a key without targeted mode was ignored: an untargeted cloak ran where a targeted one was meant
+    keyed = runner.invoke(main, ["cloak", photo, "--identity-key", "k", "-o", str(tmp_path / "out")])
+    assert keyed.exit_code == 2 and "--identity-key is for --mode targeted" in keyed.output
+    assert not (tmp_path / "out").exists()
     (tmp_path / "empty").mkdir()
     listed = runner.invoke(main, ["detect", str(tmp_path / "empty"), "--json"])
     assert listed.exit_code == 1 and json.loads(listed.stdout) == []

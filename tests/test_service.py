@@ -367,6 +367,17 @@ def test_bad_input_gets_a_4xx_with_a_reason(service, samples_dir, tmp_path, case
     assert list(temporary.iterdir()) == []
 
 
+def test_an_identity_key_without_targeted_mode_is_refused_not_ignored(service, samples_dir):
+    """``identity_key`` with the default untargeted mode was ignored: an untargeted cloak where a
+    targeted one was meant."""
+    url, _, _ = service
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    answer = httpx.post(
+        f"{url}/v1/cloak", timeout=60, files={"image": ("g.jpg", photo)}, data={"identity_key": "k"}
+    )
+    assert answer.status_code == 422 and "identity_key is for mode=targeted" in answer.json()["reason"]
+
+
 def test_a_seed_beyond_64_bits_is_refused_not_a_500(service, samples_dir):
     url, temporary, process = service
     photo = (samples_dir / "grace_hopper.jpg").read_bytes()

@@ -159,6 +159,8 @@ def cloak(
             "--mode targeted needs --identity-key: a per-person secret, so that every photo of the "
             "person is pulled toward the same target (a random target per photo would not hide them)"
         )
+    if mode != "targeted" and identity_key:  # ignored before: an untargeted cloak where one was meant
+        raise click.UsageError("--identity-key is for --mode targeted (add --mode targeted, or drop the key)")
     from facecloak._checks import split_names
     from facecloak._device import cloak_batch_size
     from facecloak.models import choose_embedders

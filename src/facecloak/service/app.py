@@ -394,6 +394,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             raise UploadRejected(422, "invalid_option", f"steps may be at most {settings.max_steps} here")
         if mode == "targeted" and not identity_key:
             raise UploadRejected(422, "invalid_option", "mode=targeted needs an identity_key")
+        if mode != "targeted" and identity_key:  # ignored before: an untargeted cloak where one was meant
+            raise UploadRejected(422, "invalid_option", "identity_key is for mode=targeted")
         wanted = tuple(sorted(split_names(models))) or None
         params = {
             "mode": mode,
