@@ -1588,3 +1588,88 @@ def test_a_face_no_donor_set_could_be_tried_for_is_not_said_to_have_failed_0_tri
     assert none_tried == "no donor set could be used for this face: blurred instead"
     tried = _fallback_reason({"attempts": 3, "reason": "matches donor"})
     assert tried == "no donor mix passed every check in 3 tries (matches donor): blurred instead"
+
+
+def test_a_bank_emptied_by_removal_takes_donors_again(bank, models, detector, donor_dir, tmp_path):
+    """Removing every donor left embeddings of width 1 (no row to say otherwise): the next
+    `donors add` into that bank was refused as "damaged", and `donors refresh` could not mend it."""
+    copy = tmp_path / "emptied-bank"
+    shutil.copytree(bank.folder, copy)
+    assert remove_donors(copy, bank.ids) == DONORS
+    assert len(load_bank(copy, allow_empty=True)) == 0
+    photos = tmp_path / "again"
+    photos.mkdir()
+    for photo in sorted(donor_dir.glob("*.jpg"))[:2]:
+        shutil.copy(photo, photos / photo.name)
+    report = add_donors([photos], models, bank=copy, detector=detector)
+    assert len(report.added) == 2 and report.total_donors == 2
+    again = load_bank(copy)
+    for model in models:
+        assert again.embeddings[model.card.name].shape == (2, model.card.embedding_dim)
+
+
+def test_two_adds_into_one_bank_at_once_keep_every_donor(bank, models, detector, donor_dir, tmp_path):
+    """Two `donors add` into one bank at once both numbered from the same manifest and wrote their
+    own: the first to finish lost every donor it reported added (and a chip could be another's).
+    Here the first add pauses after its first photo while the second runs."""
+    import threading
+
+    jpgs = sorted(donor_dir.glob("*.jpg"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, photos in ((first, jpgs[:2]), (second, jpgs[2:4])):
+        folder.mkdir()
+        for photo in photos:
+            shutil.copy(photo, folder / photo.name)
+    target = tmp_path / "shared-bank"
+    started, second_done = threading.Event(), threading.Event()
+    reports = {}
+
+    def pause(done, total):
+        if done == 1:
+            started.set()
+            second_done.wait(3)  # with the lock the second waits for us: go on after 3 s
+
+    def add(name, folder, progress=None):
+        reports[name] = add_donors([folder], models, bank=target, detector=detector, on_progress=progress)
+        if name == "second":
+            second_done.set()
+
+    one = threading.Thread(target=add, args=("first", first, pause))
+    one.start()
+    assert started.wait(60)
+    two = threading.Thread(target=add, args=("second", second))
+    two.start()
+    one.join(120)
+    two.join(120)
+    assert set(reports) == {"first", "second"}
+    final = load_bank(target)
+    assert len(final) == 4 and len(set(final.ids)) == 4
+    assert set(reports["first"].added) | set(reports["second"].added) == set(final.ids)
+    # each donor's stored embedding is its own chip's
+    again = refresh_bank(target, models[:1], detector)
+    name = models[0].card.name
+    assert torch.allclose(again.embeddings[name], final.embeddings[name], atol=1e-4)
+
+
+def test_adding_to_a_bank_with_a_model_this_run_lacks_does_not_advise_dropping_it(bank, models):
+    """`donors add` into a bank of three recognisers, run with one, was told to run `donors
+    refresh`: that re-embeds the bank with the run's one model and drops the others' embeddings.
+    The message names the model the run lacks, how to register it, and what a refresh drops."""
+    if len(models) < 2:
+        pytest.skip("needs MobileFace V2 in ../shared/models")
+    with pytest.raises(DonorBankError) as error:
+        bank.check_models(models[:1])
+    message = str(error.value)
+    lacking = models[1].card.name
+    assert "facecloak models add" in message and f"dropping {lacking}" in message and "\n" not in message
+    # a run with a model the bank lacks is still told to refresh, with nothing dropped
+    with pytest.raises(DonorBankError, match="donors refresh") as error:
+        bank.check_models([*models, _renamed(models[1], "not-in-the-bank")])
+    assert "dropping" not in str(error.value)
+
+
+def _renamed(model, name):
+    from facecloak.models.plugins import load_model_file
+
+    symbol = models_root() / "mobileface-v2" / "MobileFace_Identification_V2-symbol.json"
+    return load_model_file(symbol, name=name, threshold=model.card.match_threshold)

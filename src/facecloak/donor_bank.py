@@ -194,9 +194,19 @@ class DonorBank:
         have = {name: entry["fingerprint"] for name, entry in self.models.items()}
         held = have if exact else {name: have.get(name) for name in wanted}
         if wanted != held:
+            # a bank holding a model this run lacks was told to refresh, which re-embeds it with
+            # this run's models only: its other recognisers' embeddings were dropped
+            lacking = sorted(set(have) - set(wanted)) if exact else []
+            fix = (
+                f"register {', '.join(lacking)} (`facecloak models add`) to use it, or run "
+                f"`facecloak donors refresh {self._called()}` to re-embed its donors with this run's "
+                f"models only (dropping {', '.join(lacking)})"
+                if lacking
+                else f"run `facecloak donors refresh {self._called()}` to re-embed its donors"
+            )
             raise DonorBankError(
                 f"bank {self.name!r} was built with models {_describe(have)} but this run uses "
-                f"{_describe(wanted)}; run `facecloak donors refresh {self._called()}` to re-embed its donors"
+                f"{_describe(wanted)}; {fix}"
             )
         # a table of the wrong width or with NaNs (embeddings.npz edited or overwritten by hand)
         # was a traceback from inside the first distance, after every model had been loaded
@@ -204,9 +214,11 @@ class DonorBank:
             table = self.embeddings.get(card.name)
             if table is None:
                 continue
+            # a bank all of whose donors were removed holds no row of any width: adding donors to
+            # it again was refused as damaged, and `donors refresh` could not mend it
             if (
                 table.ndim != 2
-                or table.shape[1] != card.embedding_dim
+                or (len(table) and table.shape[1] != card.embedding_dim)
                 or not bool(torch.isfinite(table).all())
             ):
                 raise DonorBankError(

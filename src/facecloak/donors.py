@@ -26,7 +26,8 @@ import datetime as _datetime
 import io as io_bytes
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,20 @@ def add_donors(
     if not models:
         raise DonorBankError("no face model is available to embed donors; see `facecloak models`")
     folder = bank_folder(bank)
+    with bank_lock(folder):
+        return _add_donors(paths, models, folder, licence, detector, all_faces, on_progress)
+
+
+def _add_donors(
+    paths: Sequence[str | Path],
+    models: Sequence[Embedder],
+    folder: Path,
+    licence: str,
+    detector: FaceDetector | None,
+    all_faces: bool,
+    on_progress: Callable[[int, int], None] | None,
+) -> AddReport:
+    """`add_donors` once the bank's lock is held."""
     existing = load_bank(folder, allow_empty=True) if (folder / "bank.json").is_file() else None
     if existing is not None:
         existing.check_models(models)
@@ -241,6 +256,34 @@ def add_donors(
     report.added = [record["id"] for record in records]
     report.total_donors = (len(existing) if existing is not None else 0) + len(records)
     return report
+
+
+@contextmanager
+def bank_lock(folder: Path) -> Iterator[None]:
+    """Hold the bank in ``folder`` for one writer at a time (an advisory lock beside the folder).
+
+    Two `facecloak donors add` into one bank at once both numbered their donors from the same
+    manifest, wrote chips of the same ids over each other's and each wrote its own manifest: the
+    first to finish lost every donor it reported added, and a donor's chip could be another's.
+    The lock file lies beside the bank (``.NAME.lock``), so no bank folder is made for it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unguarded, as before
+        yield
+        return
+    path = folder.parent / f".{folder.name}.lock"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")  # noqa: SIM115 - held for the whole block
+    except OSError as error:
+        raise DonorBankError(f"cannot lock the bank ({error.strerror or error})", path) from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_detail_chip(folder: Path, donor_id: str, pixels: Tensor, face: Faces) -> None:
@@ -413,6 +456,12 @@ def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int:
         DonorBankError: no such bank, or an id not in it.
         ImageWriteError: a file of the bank could not be written (the message names it).
     """
+    with bank_lock(bank_folder(bank)):
+        return _remove_donors(bank, ids)
+
+
+def _remove_donors(bank: str | Path, ids: Sequence[str]) -> int:
+    """`remove_donors` once the bank's lock is held."""
     bank_data = load_bank(bank, allow_empty=True)
     if not ids:
         shutil.rmtree(bank_data.folder)
@@ -447,9 +496,15 @@ def refresh_bank(
     is found and left out (`DonorBank.usable`). The bank's embeddings are not read: this is how
     a bank whose embeddings are missing or damaged is mended (`load_bank` says to run it).
     """
-    bank_data = load_bank(bank, allow_empty=True, embeddings=False)
     if not models:
         raise DonorBankError("no face model is available to embed donors; see `facecloak models`")
+    with bank_lock(bank_folder(bank)):
+        return _refresh_bank(bank, models, detector)
+
+
+def _refresh_bank(bank: str | Path, models: Sequence[Embedder], detector: FaceDetector | None) -> DonorBank:
+    """`refresh_bank` once the bank's lock is held."""
+    bank_data = load_bank(bank, allow_empty=True, embeddings=False)
     # `EMBED_BLOCK` chips at a time, as `add_donors` does: every chip of the bank held as floats at
     # once (0.8 MB a donor, 8 GB for ten thousand) and detected in one batch did not scale
     detector = detector or FaceDetector()
