@@ -580,3 +580,20 @@ def test_finetune_says_which_attacker_it_cannot_train(lfw_dir, tmp_path):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["settings"]["finetune"]["dlib-cpp"].startswith("not fine-tuned")
     assert {r["adaptive"] for r in report["rows"]} == {False}
+
+
+def test_the_protected_people_who_are_donors_too_are_named():
+    """The report said nothing of donors who are protected people too: the protocol wants donors
+    from other people, and a bank built from the same labelled set can break it unseen."""
+    from facecloak.evaluate.requests import donor_people_among
+
+    donors = [
+        {"id": "d00001", "source": "/data/lfw/images/Colin_Powell/Colin_Powell_0007.jpg"},
+        {"id": "d00002", "source": "/stock/Ann_Veneman/Ann_Veneman_0002.jpg"},
+        {"id": "d00003", "source": "/stock/loose_photo.jpg"},
+    ]
+    assert donor_people_among(donors, ["Colin_Powell", "George_W_Bush", "Ann_Veneman"]) == [
+        "Ann_Veneman",
+        "Colin_Powell",
+    ]
+    assert donor_people_among(donors, ["George_W_Bush"]) == []

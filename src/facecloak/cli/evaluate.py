@@ -240,6 +240,14 @@ def evaluate(
     write_json(result, out_dir / "report.json")
     write_html(result, out_dir / "report.html")
     click.echo(summary_table(result))
+    shared = result.settings.get("donor_people_among_protected")
+    if shared:  # the protocol wants donors from other people: said, not hidden in the JSON
+        click.echo(
+            f"note: {len(shared)} protected person(s) are donors in the bank too ({', '.join(shared[:5])}"
+            f"{' ...' if len(shared) > 5 else ''}): a new face is kept from matching them only by the "
+            "look-alike cut-off; a bank of other people measures replacement cleanly",
+            err=True,
+        )
     click.echo(f"report: {out_dir / 'report.html'} and {out_dir / 'report.json'}")
 
 

@@ -204,6 +204,12 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
         for row in partial.rows:
             row.level = level if cloaks else "-"
     result = results[-1] if len(results) == 1 else results[levels.index("mid")]
+    if request.method == "replace" and isinstance(protection, ReplaceFaces):
+        # the claim "no donor is a protected person" rests on the look-alike cut-off alone unless
+        # the bank's people are other people: the report says which protected people are donors too
+        result.settings["donor_people_among_protected"] = donor_people_among(
+            protection.replacer.bank.donors, result.settings.get("protected_people", [])
+        )
     if len(results) > 1:
         result.settings["level_sweep"] = [
             {
@@ -256,3 +262,14 @@ def _leave_one_out(
                 )
             )
     return rows
+
+
+def donor_people_among(donors: list[dict], people: list[str]) -> list[str]:
+    """Which of ``people`` (person folder names) a bank's donors come from, by their source folders.
+
+    Donor photos are taken to be filed one folder per person, as labelled sets such as LFW are;
+    a bank of loose photos names no one here.
+    """
+    sources = {Path(str(donor.get("source", ""))).parent.name for donor in donors}
+    return sorted(set(people) & sources)
+
