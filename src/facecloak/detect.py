@@ -1,7 +1,8 @@
 """Face detection: MTCNN (facenet-pytorch 2.5.3's weights, from the installed package) -> `Faces`.
 
-Photos larger than ``max_side`` are downscaled for detection (faces in them are large) and the
-results mapped back to the original pixels. Photos of one size share P-Net's calls; R-Net and
+Photos larger than ``max_side`` are downscaled for detection (faces in them are large), never so
+far that a ``min_size`` face becomes too small for MTCNN (`detection_scale`), and the results mapped
+back to the original pixels. Photos of one size share P-Net's calls; R-Net and
 O-Net see the candidate boxes of every photo of the batch at once (`facecloak.mtcnn`, the default
 ``backend="batched"``). ``backend="facenet-pytorch"`` runs facenet-pytorch's own ``detect_face``
 instead, one size group at a time: the reference the batched stages are tested against. Its raw
@@ -12,6 +13,7 @@ of length 0.
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -41,6 +43,10 @@ DETECT_MAX_SIDE_PX = 1600
 
 DETECTOR_BACKENDS = ("batched", "facenet-pytorch")
 """How MTCNN's stages run: batched across photos (default), or facenet-pytorch's own code."""
+
+DETECT_MAX_PIXELS = 8_000_000
+"""The most pixels a photo is read at to keep its ``min_size`` faces findable (`detection_scale`):
+a 12 MP photo's 2400 x 1800 fits (all its 20 px faces), larger photos stop here."""
 
 TURNED_SCORE_SHARE = 0.9
 """A face found only in a turned photo must close this share of the gap between ``min_score`` and 1
@@ -81,7 +87,8 @@ class FaceDetector:
         min_score: keep faces whose final MTCNN confidence (O-Net's) is at least this (0..1).
             Lower finds more faces (side views, small, blurred) and more false ones.
         min_size: smallest face side to look for, in original pixels. Smaller is slower.
-        max_side: longer image side used for detection; larger photos are downscaled first.
+        max_side: longer image side used for detection; larger photos are downscaled first,
+            but never so far that a ``min_size`` face falls under P-Net's window (`detection_scale`).
         device: torch device; default CUDA when present, else CPU.
         backend: ``"batched"`` (default) runs R-Net and O-Net once over every photo's candidate
             boxes; ``"facenet-pytorch"`` runs facenet-pytorch's ``detect_face`` (slower on small
@@ -218,7 +225,7 @@ class FaceDetector:
             groups[(*image.shape[1:], sizes[i])].append(i)
         stacks, min_faces, scales, order = [], [], [], []
         for (height, width, min_face), indices in groups.items():
-            scale = min(1.0, self.max_side / max(height, width))
+            scale = detection_scale(height, width, min_face, self.max_side)
             # one photo: a view, not a copy (a 12 MP photo's copy costs as much as its P-Net level)
             stack = batch[indices[0]][None] if len(indices) == 1 else torch.stack([batch[i] for i in indices])
             stack = stack.to(self.device, torch.float32)
@@ -284,6 +291,25 @@ class FaceDetector:
             points = np.asarray(points, dtype=np.float32).reshape(-1, 5, 2)
             results.append((torch.from_numpy(boxes.copy()), torch.from_numpy(points.copy())))
         return results
+
+
+def detection_scale(height: int, width: int, min_face: float, max_side: int) -> float:
+    """How much a ``height`` x ``width`` photo is downscaled before MTCNN looks in it (1: not at all).
+
+    Down to ``max_side`` on its longer side, but never so far that a face of ``min_face`` pixels
+    falls under P-Net's `PNET_WINDOW_PX` window: MTCNN cannot find it there. At 1600 px alone a
+    12 MP photo's faces under about 30 px (``min_size`` 20), and a 30000 x 800 panorama's under
+    about 225 px, were lost before the pyramid's first level (13 of 60 faces of 40 px in a 12 MP
+    crowd, all found in its 1000 px tiles). The floor is the scale of the pyramid's own first level
+    at native resolution (`facecloak.mtcnn.pyramid_scales`), so nothing MTCNN would find in the
+    whole photo is lost; larger faces are found at the same coarser levels as before. The floor
+    never makes the photo read larger than `DETECT_MAX_PIXELS` (a 120 MP photo at 0.6 was a 43 MP
+    level: 8.2 GB peak and minutes on 2 cores); over about 24 MP the smallest face found is then
+    larger than ``min_size`` (about 29 px at 48 MP, 46 px at 120 MP; 95 and 150 px before).
+    """
+    floor = PNET_WINDOW_PX / max(float(min_face), 1e-6)
+    floor = min(floor, math.sqrt(DETECT_MAX_PIXELS / (height * width)))  # bounded cost and memory
+    return min(1.0, max(max_side / max(height, width), floor))
 
 
 def _from_turned(faces: Faces, k: int, height: int, width: int) -> Faces:
