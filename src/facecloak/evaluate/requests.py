@@ -272,4 +272,3 @@ def donor_people_among(donors: list[dict], people: list[str]) -> list[str]:
     """
     sources = {Path(str(donor.get("source", ""))).parent.name for donor in donors}
     return sorted(set(people) & sources)
-
