@@ -98,7 +98,9 @@ def three_photos(tmp_path, samples_dir) -> Path:
     return folder
 
 
-def blur_batch(folder: Path, out: Path, detector, method: str = "blur", **options):
+def blur_batch(
+    folder: Path, out: Path, detector, method: str = "blur", *, on_progress=None, workers=None, **options
+):
     protector = AnonymizeFaces(Anonymizer(method))
     return run_resumable_batch(
         [folder],
@@ -106,6 +108,8 @@ def blur_batch(folder: Path, out: Path, detector, method: str = "blur", **option
         Options(out_dir=str(out), **options),
         settings={"method": method},
         detector=detector,
+        on_progress=on_progress,
+        workers=workers,
     )
 
 
@@ -322,15 +326,7 @@ def test_a_failing_progress_callback_stops_the_batch_instead_of_hanging(
             raise BrokenPipeError(32, "Broken pipe")
 
     def run() -> None:
-        run_resumable_batch(
-            [tmp_path / "photos"],
-            AnonymizeFaces(Anonymizer("blur")),
-            Options(out_dir=str(out), chunk=2),
-            settings={"method": "blur"},
-            detector=detector,
-            on_progress=on_progress,
-            workers=1,
-        )
+        blur_batch(tmp_path / "photos", out, detector, chunk=2, on_progress=on_progress, workers=1)
 
     ended, error = _in_thread(run, 120)
     assert ended, "the batch hung after its progress callback raised"
@@ -377,15 +373,7 @@ def test_eta_of_a_resumed_batch_counts_only_the_files_worked_on(tmp_path, detect
         if event.stage == "file" and not getattr(event.outcome, "resumed", False):
             seen.append((event.files_done, event.eta_seconds, time.perf_counter() - started))
 
-    report = run_resumable_batch(
-        [tmp_path / "photos"],
-        AnonymizeFaces(Anonymizer("blur")),
-        Options(out_dir=str(out), chunk=1),
-        settings={"method": "blur"},
-        detector=detector,
-        on_progress=on_progress,
-        workers=1,
-    )
+    report = blur_batch(tmp_path / "photos", out, detector, chunk=1, on_progress=on_progress, workers=1)
     assert report.resumed == 10 and len(seen) == 2
     done, eta, elapsed = min(seen)
     assert done < 12 and eta is not None
