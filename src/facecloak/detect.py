@@ -27,7 +27,7 @@ from facecloak._device import default_device
 from facecloak.batch_types import Options
 from facecloak.defaults import DETECT_ROTATIONS, MIN_FACE_PX, MIN_FACE_SCORE, ROTATION_MODES
 from facecloak.errors import InvalidInputError
-from facecloak.faces import Faces, box_iou
+from facecloak.faces import Faces, box_iou, box_min_overlap
 from facecloak.mtcnn import (
     MTCNN_STAGE_THRESHOLDS,
     NMS_MIN_ONET,
@@ -351,7 +351,7 @@ def _merge_turns(candidates: list[tuple[int, Faces]]) -> tuple[Faces, set[int]]:
         # a reading at another turn nested in a kept face (MTCNN reads part of a face lying on its
         # side as a small upright face, 0.9+): IoU alone kept it, a second "face" inside the first
         other = torch.tensor([t != k for t in kept_turns], dtype=torch.bool)
-        if bool(other.any()) and float(_min_overlap(box, boxes[other]).max()) >= NMS_MIN_ONET:
+        if bool(other.any()) and float(box_min_overlap(box, boxes[other]).max()) >= NMS_MIN_ONET:
             continue
         kept.append(found.select([n]))
         turns.add(k)
@@ -361,18 +361,6 @@ def _merge_turns(candidates: list[tuple[int, Faces]]) -> tuple[Faces, set[int]]:
         return candidates[0][1], set()
     merged = Faces.cat(kept)
     return merged.select(torch.argsort(-merged.scores, stable=True)), turns
-
-
-def _min_overlap(box: Tensor, boxes: Tensor) -> Tensor:
-    """(N,) MTCNN's "Min" overlap of ``box`` with each of ``boxes``: intersection over the smaller area.
-
-    As `facecloak.mtcnn.nms_min_overlap`, it removes a box nested in another.
-    """
-    top_left = torch.maximum(box[:2], boxes[:, :2])
-    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
-    inter = (bottom_right - top_left).clamp_min(0).prod(dim=1)
-    areas = torch.minimum((box[2:] - box[:2]).prod(), (boxes[:, 2:] - boxes[:, :2]).prod(dim=1))
-    return inter / areas.clamp_min(1e-6)
 
 
 def detector_for(options: Options, *, device: str | torch.device | None = None) -> FaceDetector:

@@ -237,12 +237,27 @@ def box_iou(box: Tensor, boxes: Tensor) -> Tensor:
         >>> box_iou(torch.tensor([0.0, 0.0, 2.0, 2.0]), torch.tensor([[1.0, 0.0, 3.0, 2.0]]))
         tensor([0.3333])
     """
-    top_left = torch.maximum(box[:2], boxes[:, :2])
-    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
-    inter = (bottom_right - top_left).clamp_min(0).prod(dim=1)
+    inter = _intersection(box, boxes)
     area = (box[2:] - box[:2]).prod()
     areas = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
     return inter / (area + areas - inter).clamp_min(1e-6)
+
+
+def box_min_overlap(box: Tensor, boxes: Tensor) -> Tensor:
+    """(N,) MTCNN's "Min" overlap of ``box`` with each of ``boxes``: intersection over the smaller area.
+
+    Near 1 for a box nested in another, where IoU stays low (`facecloak.mtcnn.nms_min_overlap`'s
+    measure, on continuous boxes).
+    """
+    areas = torch.minimum((box[2:] - box[:2]).prod(), (boxes[:, 2:] - boxes[:, :2]).prod(dim=1))
+    return _intersection(box, boxes) / areas.clamp_min(1e-6)
+
+
+def _intersection(box: Tensor, boxes: Tensor) -> Tensor:
+    """(N,) area shared by ``box`` and each of (N, 4) ``boxes``."""
+    top_left = torch.maximum(box[:2], boxes[:, :2])
+    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
+    return (bottom_right - top_left).clamp_min(0).prod(dim=1)
 
 
 def boxes_overlap(box: Tensor, boxes: Tensor) -> Tensor:
