@@ -9,6 +9,7 @@ from pathlib import Path
 
 from facecloak.errors import ImageWriteError
 from facecloak.io.read import HEIF_AVAILABLE
+from facecloak.journal import JOURNAL_NAME, read_journal
 
 IMAGE_SUFFIXES = {
     ".jpg": "JPEG",
@@ -130,19 +131,21 @@ def collect_images(
             skip = excluded if excluded is not None and excluded != given.resolve() else None
             mirrored = _folder_name(given) if len(paths) > 1 else Path()
             # rglob does not go into a symlink to a folder: said, so its photos are not silently left
-            found = (p for p in given.rglob("*") if p.is_file() or (p.is_symlink() and p.is_dir()))
-            earlier = _journaled_outputs(given)  # outputs of -o runs into folders under this one
-            for file in sorted(found):
+            found = sorted(p for p in given.rglob("*") if p.is_file() or (p.is_symlink() and p.is_dir()))
+            # outputs of -o runs into folders under this one, from the journals this walk passes
+            earlier = _journaled_outputs(file for file in found if file.name == JOURNAL_NAME)
+            for file in found:
                 relative = file.relative_to(given)
                 if any(part.startswith(".") for part in relative.parts):
                     continue
-                if file.resolve() in earlier:  # never re-read as a photo, wherever this run writes
-                    if skip is None or skip not in file.resolve().parents:
-                        journal = earlier[file.resolve()]
+                resolved = file.resolve()  # once: a stat per link along the path, for every file
+                if resolved in earlier:  # never re-read as a photo, wherever this run writes
+                    if skip is None or skip not in resolved.parents:
+                        journal = earlier[resolved]
                         why = f"an output of an earlier run, not read again (its journal: {journal}; "
                         skipped.append((file, why + "give the file itself to read it)"))
                     continue
-                if skip is not None and skip in file.resolve().parents:
+                if skip is not None and skip in resolved.parents:
                     # a photo there is named, never dropped silently (it would go unprotected)
                     if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
                         skipped.append(
@@ -153,28 +156,26 @@ def collect_images(
                     skipped.append((file, "a link to a folder, not followed (give the folder itself)"))
                 elif file.suffix.lower() not in IMAGE_SUFFIXES:
                     skipped.append((file, "not an image suffix"))
-                elif file.resolve() in seen:  # a photo already taken (a symlink to it): one input, named
-                    first = jobs[seen[file.resolve()]].path
+                elif resolved in seen:  # a photo already taken (a symlink to it): one input, named
+                    first = jobs[seen[resolved]].path
                     if not _same_path(first, file):
                         skipped.append((file, f"the same file as {first}"))
                 else:
-                    seen[file.resolve()] = len(jobs)
+                    seen[resolved] = len(jobs)
                     jobs.append(ImageJob(file, mirrored / relative))
         else:
             jobs.append(ImageJob(given, Path(given.name), named=True))  # missing: fails with its reason
     return jobs, skipped
 
 
-def _journaled_outputs(folder: Path) -> dict[Path, Path]:
-    """The files under ``folder`` that a facecloak journal names as outputs, each with its journal.
+def _journaled_outputs(journals: Iterable[Path]) -> dict[Path, Path]:
+    """The files these facecloak ``journals`` name as outputs (resolved), each with its journal.
 
     An output folder inside the photos (``-o photos/out``) is left out of that run's walk, but a
     later run without -o, or with another -o, walked into it and took its outputs for photos.
     """
-    from facecloak.journal import JOURNAL_NAME, read_journal
-
     outputs: dict[Path, Path] = {}
-    for journal in folder.rglob(JOURNAL_NAME):
+    for journal in journals:
         try:
             records = read_journal(journal.parent)
         except OSError:
