@@ -288,16 +288,16 @@ def _probe(card: FaceModelCard, network: nn.Module) -> tuple[FaceModelCard, Tens
     size = card.input_size
     ramp = torch.linspace(0.2, 0.8, size).expand(3, size, size)
     chips = torch.stack([ramp, ramp.flip(-1).flip(-2)])  # two chips, so a mixed-up batch shows
+    probe = PluginEmbedder(card, network).eval()
     with torch.no_grad():
-        single = [PluginEmbedder(card, network).eval()(chip[None]) for chip in chips]
+        single = torch.cat([probe(chip[None]) for chip in chips])  # what a chip-by-chip run gives
         try:
-            together = PluginEmbedder(card, network).eval()(chips)
-            if torch.allclose(together, torch.cat(single), rtol=1e-3, atol=1e-4):
+            together = probe(chips)
+            if torch.allclose(together, single, rtol=1e-3, atol=1e-4):
                 return card, together
         except (_DidNotRun, InvalidInputError):
             pass
-        one_at_a_time = FaceModelCard(**{**card.__dict__, "extra": {**card.extra, "batch": 1}})
-        return one_at_a_time, PluginEmbedder(one_at_a_time, network).eval()(chips)
+    return FaceModelCard(**{**card.__dict__, "extra": {**card.extra, "batch": 1}}), single
 
 
 def load_model_file(file: Path, **card_options) -> PluginEmbedder:
