@@ -205,7 +205,7 @@ class BatchReport:
                     ]
                     details = "; ".join(text for text in short if text)
                     explained = explained or bool(details)
-                    lines.append(f"    {o.path}" + (f": {details}" if details else ""))
+                    lines.append(f"    {shown_path(o.path)}" + (f": {details}" if details else ""))
             # cloaked again and still short (`escalated_from`), or tried one level up and kept as it
             # was (`escalation`): told to try --escalate all the same, before
             short_after_escalating = any(
@@ -241,11 +241,13 @@ class BatchReport:
                 f"  {len(unseen)} cloaked face(s) counted protected because the check found no face there "
                 "after a JPEG 75 re-encode (small or soft faces; a finer detector may find them):"
             )
-            lines += [f"    {path}: {_shortfall(face)} (as cloaked)" for path, face in unseen]
+            lines += [f"    {shown_path(path)}: {_shortfall(face)} (as cloaked)" for path, face in unseen]
         escalated = [(o.path, f) for o in self.outcomes for f in o.faces if f.get("escalated_from")]
         if escalated:
             lines.append(f"  {len(escalated)} face(s) fell short, cloaked again one level up (--escalate):")
-            lines += [f"    {path}: {f['escalated_from']} -> {f['level']}" for path, f in escalated]
+            lines += [
+                f"    {shown_path(path)}: {f['escalated_from']} -> {f['level']}" for path, f in escalated
+            ]
         lines += self._left_out_of_files()
         if self.count("failed"):
             lines.append(f"  {self.count('failed')} file(s) failed:")
@@ -259,7 +261,7 @@ class BatchReport:
         ]
         if blurred:
             lines.append(f"  {len(blurred)} face(s) blurred instead of replaced:")
-            lines += [f"    {path}: {face['reason']}" for path, face in blurred]
+            lines += [f"    {shown_path(path)}: {face['reason']}" for path, face in blurred]
         soft = [
             (o.path, f)
             for o in self.outcomes
@@ -270,7 +272,7 @@ class BatchReport:
             lines.append(
                 f"  {len(soft)} replaced face(s) softer than their photo (each made from a smaller face):"
             )
-            lines += [f"    {path}: {_soft_reason(face)}" for path, face in soft]
+            lines += [f"    {shown_path(path)}: {_soft_reason(face)}" for path, face in soft]
         finished = sum(
             f.get("method") == "replace" and bool(f.get("finished")) for o in self.outcomes for f in o.faces
         )
@@ -296,8 +298,8 @@ class BatchReport:
             "(a JPEG output quantises the change again; --format png writes it as cloaked):"
         ]
         lines += [
-            f"    {path}: face DSSIM {f['box_dssim_written']:.4f} written, {f['box_dssim_cloaked']:.4f} "
-            f"as cloaked (largest change {f['linf_written']}/255)"
+            f"    {shown_path(path)}: face DSSIM {f['box_dssim_written']:.4f} written, "
+            f"{f['box_dssim_cloaked']:.4f} as cloaked (largest change {f['linf_written']}/255)"
             for path, f in wider
         ]
         return lines
@@ -315,7 +317,11 @@ class BatchReport:
             f"  {len(cut)} image(s) with several frames or pages: ONLY THE FIRST frame of each was "
             "protected and written; the others are NOT in the output:"
         ]
-        lines += [f"    {o.path}: first of {o.written['frames_in_source']} frames -> {o.output}" for o in cut]
+        lines += [
+            f"    {shown_path(o.path)}: first of {o.written['frames_in_source']} frames -> "
+            f"{shown_path(o.output)}"
+            for o in cut
+        ]
         return lines
 
     def _left_out_of_files(self) -> list[str]:

@@ -40,7 +40,7 @@ from facecloak.batch_types import (
     ProgressEvent,
 )
 from facecloak.detect import FaceDetector, detector_for
-from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
+from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError, shown_path
 from facecloak.journal import JOURNAL_NAME, Journal, file_sha256
 from facecloak.protection import Protection, ProtectionResult
 
@@ -121,7 +121,7 @@ class ResumedOutcome(FileOutcome):
     @property
     def message(self) -> str:
         """One line for the terminal."""
-        return f"{self.path}: done earlier ({self.status}), skipped -> {self.output}"
+        return f"{shown_path(self.path)}: done earlier ({self.status}), skipped -> {shown_path(self.output)}"
 
 
 @dataclass
