@@ -13,13 +13,12 @@ printing results, exiting). Each module defines plain click commands; this one a
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from facecloak import __version__
 from facecloak.cli import anonymize, cloak, donors, evaluate, faces, models, serve
 from facecloak.cli.options import CONTEXT, JSON_OUTPUT
+from facecloak.cli.running import echo_end_document
 from facecloak.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -58,8 +57,7 @@ class _Commands(click.Group):
     def _json_document(ctx: click.Context, error: str, exit_code: int) -> None:
         """With --json/--jsonl, the run's end on stdout too: a script reading it got nothing at Ctrl-C."""
         if ctx.meta.get(JSON_OUTPUT):
-            document = {"command": ctx.invoked_subcommand, "error": error, "exit_code": exit_code}
-            click.echo(json.dumps(document))
+            echo_end_document(ctx.invoked_subcommand, error, exit_code)
 
 
 @click.group(cls=_Commands, context_settings=CONTEXT)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from facecloak.cli.options import CONTEXT, JSONL_OPTION, batch_options, detect_options, verify_detect_options
-from facecloak.cli.running import fail, load_models, print_per_file
+from facecloak.cli.running import echo_end_document, fail, load_models, print_per_file
 from facecloak.errors import EXIT_OK, EXIT_UNPROTECTED, FacecloakError
 
 
@@ -123,7 +123,7 @@ def verify(first, second, model_name, match_threshold, deprecated_threshold, as_
         result = verify_files(first, second, model, options, match_threshold=match_threshold)
     except FacecloakError as error:
         if as_json:  # stdout still gets the one document it promises
-            click.echo(json.dumps({"command": "verify", "error": str(error), "exit_code": error.exit_code}))
+            echo_end_document("verify", str(error), error.exit_code)
         fail(error)
     if as_json:
         click.echo(json.dumps(result))

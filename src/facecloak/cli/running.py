@@ -112,8 +112,13 @@ def fail_run(command: str, error: FacecloakError, io_values: dict, code: int | N
     """
     exit_code = error.exit_code if code is None else code
     if io_values.get("as_json") or io_values.get("as_jsonl"):
-        click.echo(json.dumps({"command": command, "error": str(error), "exit_code": exit_code}))
+        echo_end_document(command, str(error), exit_code)
     fail(error, exit_code)
+
+
+def echo_end_document(command: str | None, error: str, exit_code: int) -> None:
+    """The one JSON document a --json/--jsonl run prints on stdout when it ends without a report."""
+    click.echo(json.dumps({"command": command, "error": error, "exit_code": exit_code}))
 
 
 def finish(report, as_json: bool, as_jsonl: bool, quiet: bool) -> None:
