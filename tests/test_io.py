@@ -130,6 +130,51 @@ class TestRead:
         assert loaded.grayscale
         assert torch.allclose(loaded.pixels[0], torch.from_numpy(values / 255.0).float(), atol=1e-6)
 
+    def test_a_float_grey_photo_with_no_data_pixels_keeps_its_levels(self, tmp_path, samples_dir):
+        """A NaN or infinite pixel (no data) set the float image's white: the whole face came
+        out black (levels / 65535) and the NaN went on into the tensor."""
+        with Image.open(samples_dir / "grace_hopper.jpg") as photo:
+            levels = np.asarray(photo.convert("L"), dtype=np.float32) / 255.0
+        stored = levels.copy()
+        stored[0, 0], stored[0, 1] = np.nan, np.inf
+        Image.fromarray(stored, mode="F").save(tmp_path / "f.tif")
+        loaded = read_image(tmp_path / "f.tif")
+        assert not loaded.pixels.isnan().any()
+        assert float(loaded.pixels[0, 0, 1]) == 1.0  # +inf is as white as it gets
+        assert torch.allclose(loaded.pixels[1, 1:], torch.from_numpy(levels[1:]), atol=1e-6)
+
+    @pytest.mark.parametrize("mode", ["I;16", "F"])
+    def test_a_min_is_white_tiff_of_any_depth_is_not_read_as_a_negative(self, tmp_path, samples_dir, mode):
+        """PhotometricInterpretation 0 (0 is white): PIL undoes it for 8-bit grey only."""
+        with Image.open(samples_dir / "grace_hopper.jpg") as photo:
+            levels = np.asarray(photo.convert("L"), dtype=np.float32) / 255.0
+        stored = (1.0 - levels) * 65535 if mode == "I;16" else 1.0 - levels
+        Image.fromarray(stored.astype(np.uint16 if mode == "I;16" else np.float32)).save(
+            tmp_path / "w.tif", tiffinfo={262: 0}
+        )
+        loaded = read_image(tmp_path / "w.tif")
+        assert torch.allclose(loaded.pixels[0], torch.from_numpy(levels), atol=1e-4)
+
+    def test_a_grey_tiff_with_premultiplied_alpha_is_read_not_a_crash(self, tmp_path, samples_dir):
+        """PIL's mode "La" names its alpha band "a": asking for "A" raised a ValueError that
+        stopped the whole batch with a traceback."""
+        with Image.open(samples_dir / "grace_hopper.jpg") as photo:
+            grey = np.asarray(photo.convert("L").resize((64, 48)))
+        alpha = np.full_like(grey, 128)
+        buffer = io_module.BytesIO()
+        Image.fromarray(np.dstack([grey, alpha]), "LA").save(buffer, format="TIFF")
+        data = buffer.getvalue()
+        extra_samples = bytes.fromhex("5201030001000000")  # tag 338, SHORT, 1 value, then 2
+        at = data.index(extra_samples) + len(extra_samples)
+        (tmp_path / "la.tif").write_bytes(data[:at] + b"\x01\x00" + data[at + 2 :])  # 1: associated
+        with Image.open(tmp_path / "la.tif") as stored:
+            assert stored.mode == "La"
+            expected = np.asarray(stored.convert("LA"))[..., 0] / 255.0
+        loaded = read_image(tmp_path / "la.tif")
+        assert loaded.grayscale and loaded.alpha is not None
+        assert torch.allclose(loaded.alpha, torch.full((1, 48, 64), 128 / 255))
+        assert torch.allclose(loaded.pixels[0], torch.from_numpy(expected).float(), atol=1e-6)
+
     @pytest.mark.parametrize("mode", ["L", "RGB", "I;16"])
     def test_png_transparent_level_or_colour_keeps_alpha(self, tmp_path, mode):
         """A grey, 16-bit grey or RGB PNG's tRNS chunk makes one value transparent: it must come
@@ -264,6 +309,18 @@ class TestWrite:
         with pytest.raises(ImageWriteError, match="refusing to overwrite an input"):
             write_image(source, torch.zeros(3, 4, 4), protected=[source], overwrite=True)
         assert source.read_bytes() == before
+
+    def test_never_overwrites_the_source_photo_even_with_overwrite(self, tmp_path, samples_dir):
+        """``source`` is an input: written back onto its own file, the original was replaced."""
+        photo = tmp_path / "astronaut.jpg"
+        photo.write_bytes((samples_dir / "astronaut.jpg").read_bytes())
+        (tmp_path / "link.jpg").symlink_to(photo)
+        before = photo.read_bytes()
+        image = read_image(photo)
+        for target in (photo, tmp_path / "link.jpg"):
+            with pytest.raises(ImageWriteError, match="refusing to overwrite an input"):
+                write_image(target, torch.zeros_like(image.pixels), source=image, overwrite=True)
+        assert photo.read_bytes() == before
 
     def test_existing_output_needs_overwrite(self, tmp_path):
         target = tmp_path / "o.png"

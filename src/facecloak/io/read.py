@@ -34,6 +34,7 @@ MAX_IMAGE_PIXELS = 120_000_000
 needs ``max_pixels`` raised explicitly). Override per call or with FACECLOAK_MAX_PIXELS."""
 
 _ORIENTATION_TAG = 0x0112
+_PHOTOMETRIC_TAG = 0x0106
 
 
 @dataclass
@@ -196,6 +197,7 @@ def _read_image(path: Path, limit: int) -> LoadedImage:
                 exif = opened.info.get("exif")
                 icc = opened.info.get("icc_profile")
                 orientation = _orientation(opened)
+                min_is_white = _min_is_white(opened, source_format)
                 image = ImageOps.exif_transpose(opened)
                 image.load()
     except ImageReadError:
@@ -208,7 +210,10 @@ def _read_image(path: Path, limit: int) -> LoadedImage:
         raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
     except MemoryError:
         raise ImageReadError("image too large to decode in memory", path) from None
-    pixels, alpha, grayscale, icc = _to_rgb_tensor(image, icc)
+    try:
+        pixels, alpha, grayscale, icc = _to_rgb_tensor(image, icc, min_is_white=min_is_white)
+    except ValueError as error:  # a pixel layout PIL opens but cannot convert: this file, not the batch
+        raise ImageReadError(f"unsupported pixel layout {image.mode} ({_short(error)})", path) from None
     return LoadedImage(path, pixels, alpha, source_format, grayscale, icc, exif, orientation, frames=frames)
 
 
@@ -263,6 +268,20 @@ def _probe_image(path: Path, limit: int) -> str:
     return source_format
 
 
+def _min_is_white(opened: Image.Image, source_format: str) -> bool:
+    """Whether a TIFF stores grey as 0 = white (PhotometricInterpretation 0).
+
+    PIL inverts such an 8-bit or 1-bit TIFF as it decodes it, but not a 16-bit, 32-bit or float
+    one: those came out as a negative (a scan's white page black, its face's skin dark).
+    """
+    if source_format != "TIFF":
+        return False
+    try:
+        return opened.tag_v2.get(_PHOTOMETRIC_TAG) == 0
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def _orientation(opened: Image.Image) -> int:
     try:
         value = int(opened.getexif().get(_ORIENTATION_TAG, 1))
@@ -275,9 +294,20 @@ def _short(error: BaseException) -> str:
     return " ".join(str(error).split())[:120] or type(error).__name__
 
 
-def _to_rgb_tensor(image: Image.Image, icc: bytes | None) -> tuple[Tensor, Tensor | None, bool, bytes | None]:
-    """Convert any PIL mode to float RGB in [0, 1] plus an optional alpha plane."""
+def _to_rgb_tensor(
+    image: Image.Image, icc: bytes | None, *, min_is_white: bool = False
+) -> tuple[Tensor, Tensor | None, bool, bytes | None]:
+    """Convert any PIL mode to float RGB in [0, 1] plus an optional alpha plane.
+
+    ``min_is_white``: a TIFF's grey is stored inverted (`_min_is_white`); PIL has undone that
+    for 8-bit and 1-bit modes only, so it is undone here for the wider ones.
+    """
     mode = image.mode
+    if mode in ("La", "RGBa"):
+        # premultiplied alpha (a TIFF's associated alpha): its bands are named "a", so asking
+        # for "A" raised and stopped the whole batch; un-premultiplied, it is LA or RGBA
+        image = image.convert(mode.upper())
+        mode = image.mode
     grayscale = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La")
     if mode == "P":
         has_alpha = "transparency" in image.info or image.palette.mode == "RGBA"
@@ -294,9 +324,15 @@ def _to_rgb_tensor(image: Image.Image, icc: bytes | None) -> tuple[Tensor, Tenso
         mode = image.mode
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         grey = np.asarray(image, dtype=np.float32)
-        # 16-bit modes state their white; 32-bit integer ("I") and float ("F") ones do not
-        scale = 65535.0 if mode.startswith("I;16") else _float_grey_scale(float(grey.max(initial=0.0)))
-        rgb = np.repeat((grey / scale).clip(0, 1)[..., None], 3, axis=2)
+        finite = np.isfinite(grey)
+        # 16-bit modes state their white; 32-bit integer ("I") and float ("F") ones do not. A
+        # float image's NaN or infinite pixels (no data) must not set it: one made it all black
+        peak = float(grey.max(initial=0.0, where=finite))
+        scale = 65535.0 if mode.startswith("I;16") else _float_grey_scale(peak)
+        levels = np.nan_to_num(grey, nan=0.0, posinf=scale, neginf=0.0) / scale
+        if min_is_white:
+            levels = 1.0 - levels
+        rgb = np.repeat(levels.clip(0, 1)[..., None], 3, axis=2)
         alpha = _transparent_level(image, grey)
         return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))), alpha, grayscale, icc
     alpha = None

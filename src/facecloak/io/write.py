@@ -19,7 +19,7 @@ from torch import Tensor
 from facecloak import jpeg_blocks
 from facecloak.defaults import OUTPUT_JPEG_QUALITY
 from facecloak.errors import ImageWriteError
-from facecloak.io.files import IMAGE_SUFFIXES, OUTPUT_FORMATS, ProtectedFiles
+from facecloak.io.files import IMAGE_SUFFIXES, OUTPUT_FORMATS, ProtectedFiles, same_file
 from facecloak.io.read import _ORIENTATION_TAG, LoadedImage, _short, rgb_pixels
 from facecloak.transforms import levels_8bit
 
@@ -73,7 +73,8 @@ def write_image(
     Args:
         path: destination; its suffix picks the format.
         pixels: (3, H, W) float RGB in [0, 1].
-        source: the image it was made from: its alpha plane, ICC profile and greyness carry over.
+        source: the image it was made from: its alpha plane, ICC profile and greyness carry over;
+            its file is never replaced, like those in ``protected``.
         keep_metadata: keep the source's EXIF minus GPS (default: drop all EXIF).
         protected: files that must never be replaced (the batch's inputs).
         overwrite: replace an existing output file (never a protected one).
@@ -87,6 +88,8 @@ def write_image(
         ImageWriteError: one line naming the file and the reason; nothing is left behind.
     """
     path = Path(path)
+    if source is not None and same_file(path, source.path):  # the photo it was made from is an input
+        raise ImageWriteError("refusing to overwrite an input file (the source photo)", path)
     _check_target(path, protected, overwrite)
     if path.suffix.lower() not in IMAGE_SUFFIXES or IMAGE_SUFFIXES[path.suffix.lower()] == "GIF":
         raise ImageWriteError(f"cannot write format {path.suffix.lower() or '(none)'}", path)
