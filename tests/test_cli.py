@@ -697,6 +697,9 @@ def test_a_batch_refused_before_it_starts_still_prints_its_json(runner, samples_
         ["--seed", "4"],
         ["--method", "pixelate", "--fallback", "keep"],
         ["--donors-per-face", "5"],
+        ["--method", "replace", "--feather", "0.1"],
+        ["--method", "replace", "--shape", "box"],
+        ["--method", "replace", "--mask-scale", "2"],
     ],
 )
 def test_an_option_of_another_anonymise_method_is_refused_not_ignored(runner, samples_dir, tmp_path, args):

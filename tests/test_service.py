@@ -784,6 +784,13 @@ def test_replace_over_http_with_a_donor_bank(donor_bank, lfw_dir):
             data={"method": "replace", "blocks": "8"},
         )
         assert refused.status_code == 422 and "takes no" in refused.json()["reason"]
+        for name, value in (("shape", "box"), ("mask_scale", "2")):  # were silently ignored
+            refused = client.post(
+                "/v1/anonymize",
+                files={"image": (photo_path.name, photo)},
+                data={"method": "replace", name: value},
+            )
+            assert refused.status_code == 422 and name in refused.json()["reason"], name
         kept = client.post(
             "/v1/anonymize",
             files={"image": (photo_path.name, photo)},
@@ -831,3 +838,81 @@ def test_pixel_limit_above_the_default_admits_uploads_under_it(tmp_path):
     with pytest.raises(UploadRejected) as refused:
         check_upload(data, max_pixels=200_000_000)
     assert refused.value.status == 413 and "200,000,000" in refused.value.reason
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    """The app in this process (no models but the detector): for checks that need no real server."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    with TestClient(create_app(ServiceSettings(device="cpu", preload=False))) as client:
+        yield client
+
+
+def test_a_face_drawn_by_the_alpha_is_found_when_the_output_has_none(in_process, samples_dir):
+    """A transparent PNG asked back as JPEG is flattened onto white before faces are looked for, as
+    the CLI does: its face, black under an alpha that draws it, was not found and came back bare."""
+    grey = np.asarray(Image.open(samples_dir / "grace_hopper.jpg").convert("L"))
+    rgba = np.zeros((*grey.shape, 4), dtype=np.uint8)
+    rgba[..., 3] = 255 - grey  # on white, a viewer sees the grey face
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+    answer = in_process.post(
+        "/v1/anonymize",
+        files={"image": ("logo.png", buffer.getvalue())},
+        data={"format": "jpeg", "rotations": "none", "response": "json"},
+    )
+    report = answer.json()
+    assert answer.status_code == 200 and report["faces_found"] == 1, report.get("reason")
+    assert report["status"] == "protected"
+    assert report["notes"] == ["transparency composited onto white: JPEG has none"]
+
+
+def test_the_frames_an_output_lacks_are_reported(in_process, samples_dir):
+    """A 2-frame GIF comes back as its first frame only: the CLI says so, the service said nothing."""
+    first = Image.open(samples_dir / "grace_hopper.jpg").convert("RGB")
+    buffer = io.BytesIO()
+    first.save(buffer, "GIF", save_all=True, append_images=[Image.new("RGB", first.size, "red")])
+    upload = {"image": ("moving.gif", buffer.getvalue())}
+    data = {"method": "mask", "rotations": "none"}
+    report = in_process.post("/v1/anonymize", files=upload, data={**data, "response": "json"}).json()
+    assert any("only the first of 2 frames" in note for note in report["notes"]), report
+    answer = in_process.post("/v1/anonymize", files=upload, data=data)
+    assert "only the first of 2 frames" in answer.headers["x-facecloak-notes"]
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    plain = in_process.post("/v1/anonymize", files={"image": ("g.jpg", photo)}, data=data)
+    assert plain.status_code == 200 and "x-facecloak-notes" not in plain.headers
+
+
+@pytest.mark.parametrize(("asked", "content_type"), [("jpg", "image/jpeg"), ("tif", "image/tiff")])
+def test_format_takes_the_suffix_names_the_cli_takes(in_process, samples_dir, asked, content_type):
+    """``format=jpg`` was refused (422) while ``--format jpg`` works in the CLI."""
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    answer = in_process.post(
+        "/v1/anonymize",
+        files={"image": ("g.png", photo)},
+        data={"method": "mask", "format": asked, "rotations": "none"},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == content_type
+    assert answer.headers["content-disposition"].endswith(f'_anonymized.{asked}"')
+
+
+def test_an_empty_x_api_key_header_does_not_hide_the_bearer_key():
+    """A client sending an empty ``X-API-Key`` (an unset variable) beside a right bearer key was
+    told its key was missing (401)."""
+    from fastapi.testclient import TestClient
+    from starlette.responses import PlainTextResponse
+
+    from facecloak.service.security import ApiKeyAuth
+
+    async def ok(scope, receive, send) -> None:
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    client = TestClient(ApiKeyAuth(ok, keys=frozenset({"secret-one"})))  # no lifespan: an app of one answer
+    both = client.get("/v1/detect", headers={"X-API-Key": "", "Authorization": "Bearer secret-one"})
+    assert both.status_code == 200, both.text
+    assert client.get("/v1/detect", headers={"X-API-Key": ""}).status_code == 401
+    assert client.get("/v1/detect", headers={"X-API-Key": "nope"}).status_code == 403

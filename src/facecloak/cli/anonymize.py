@@ -155,6 +155,12 @@ def anonymize(
             if source is not None and source.name != "DEFAULT":
                 raise click.UsageError(f"{flag} is for --method replace")
     if method == "replace":
+        context = click.get_current_context()
+        for name, flag in (("feather", "--feather"), ("shape", "--shape"), ("mask_scale", "--mask-scale")):
+            source = context.get_parameter_source(name)
+            if source is not None and source.name != "DEFAULT":
+                # the new face's region follows its landmarks: these would be ignored without a word
+                raise click.UsageError(f"{flag} is for --method blur, pixelate or mask")
         replacer_options = {
             "donors_per_face": donors_per_face,
             "seed": seed,

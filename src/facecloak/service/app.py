@@ -6,8 +6,9 @@ like the CLI's options (``--mask-scale`` is ``mask_scale``):
     curl -F image=@photo.jpg -F method=blur http://127.0.0.1:8000/v1/anonymize -o out.jpg
     curl -F image=@photo.jpg -F level=high -F response=json http://127.0.0.1:8000/v1/cloak
 
-The answer is the protected image (EXIF dropped as in the CLI; headers ``X-Facecloak-Faces`` and
-``X-Facecloak-Unprotected-Faces``), or with ``response=json`` (or ``Accept: application/json``)
+The answer is the protected image (EXIF dropped as in the CLI; headers ``X-Facecloak-Faces``,
+``X-Facecloak-Unprotected-Faces`` and, when the output lacks frames or transparency of the upload,
+``X-Facecloak-Notes``), or with ``response=json`` (or ``Accept: application/json``)
 the per-face report with the image in base64. Every refusal is JSON
 ``{"error": code, "reason": one line, "status": n}``; the service keeps serving.
 """
@@ -101,12 +102,16 @@ EXPOSED_HEADERS = (
     "X-Facecloak-Status",
     "X-Facecloak-Faces",
     "X-Facecloak-Unprotected-Faces",
+    "X-Facecloak-Notes",
     "Content-Disposition",
     "Retry-After",
 )
 """Answer headers a page on an allowed origin may read: CORS hides all but a few by default, and
 a cross-origin client could not see whether the faces of the photo it got back were protected."""
 
+
+FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
+"""The suffix names the CLI's ``--format`` takes too: ``format=jpg`` was refused (422)."""
 
 ROTATIONS_HELP = (
     "Also look for faces in the photo turned by 90, 180 and 270 degrees (as the CLI's --rotations): "
@@ -120,7 +125,7 @@ class CommonForm:
     def __init__(
         self,
         format: Annotated[
-            Literal["input", "jpeg", "png", "webp", "tiff", "bmp"] | None,
+            Literal["input", "jpeg", "jpg", "png", "webp", "tiff", "tif", "bmp"] | None,
             Form(
                 description=f"Output format. Default: {CLOAK_OUTPUT_FORMAT} for a cloak (a JPEG's "
                 "rounding would be charged to its visibility cap), JPEG for a HEIC upload (browsers "
@@ -156,13 +161,16 @@ class CommonForm:
             ),
         ] = "image",
     ) -> None:
-        self.format = format
+        self.format = FORMAT_ALIASES.get(format, format)
         self.jpeg_quality = jpeg_quality
         self.keep_metadata = keep_metadata
         self.threshold = threshold
         self.min_face = min_face
         self.rotations = rotations
         self.response = response
+
+
+_LEVEL_CAPS = "DSSIM cap over the face " + " / ".join(f"{name} {LEVELS[name].max_dssim}" for name in LEVELS)
 
 
 def _output_format(kind: str, requested: str | None, upload_format: str) -> str | None:
@@ -248,6 +256,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         async with decoding:
             image = await run_in_threadpool(_decode, data, name, settings.max_pixels)
             suffix = io.output_suffix(image.format, _output_format(kind, common.format, image.format))
+            # flattened as the output will be (as the CLI does): the faces a viewer sees, not what
+            # lies under the alpha (a face drawn by the alpha alone was not found, and came back bare)
+            image = io.for_output(image, format_name=io.IMAGE_SUFFIXES[suffix])
             stored_as = io.stored_as(f"upload{suffix}", image, common.jpeg_quality)
             job = Job(
                 kind,
@@ -268,6 +279,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             width, height = image.size
             return JSONResponse({"width": width, "height": height, "faces": faces, "faces_found": len(faces)})
         format_name = io.IMAGE_SUFFIXES[suffix]
+        written: dict = {}
         encoded = await run_in_threadpool(
             io.encode_image,
             result.output,
@@ -275,7 +287,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             source=image,
             keep_metadata=common.keep_metadata,
             jpeg_quality=common.jpeg_quality,
+            info=written,
         )
+        notes = written.get("notes", [])  # what the output lacks: frames past the first, alpha
         tag = "cloaked" if kind == "cloak" else "anonymized"
         filename = f"{Path(name).stem}_{tag}{suffix}"
         status = face_status(faces)
@@ -294,6 +308,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                     "filename": filename,
                     "content_type": CONTENT_TYPES[format_name],
                     "image_base64": base64.b64encode(encoded).decode("ascii"),
+                    "notes": notes,
                     "batch_images": result.batch_images,
                     "settings": {key: (list(v) if isinstance(v, tuple) else v) for key, v in params.items()},
                 }
@@ -304,6 +319,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             "X-Facecloak-Faces": str(len(faces)),
             "X-Facecloak-Unprotected-Faces": str(unprotected),
         }
+        if notes:
+            headers["X-Facecloak-Notes"] = "; ".join(notes)
         return Response(encoded, media_type=CONTENT_TYPES[format_name], headers=headers)
 
     @app.post(
@@ -321,10 +338,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             Literal["blur", "pixelate", "mask", "replace"],
             Form(description="replace: a new face mixed from donors (when the server has a donor bank)."),
         ] = "blur",
-        shape: Annotated[Literal["ellipse", "box"], Form()] = "ellipse",
+        shape: Annotated[
+            Literal["ellipse", "box"] | None, Form(description="Region shape [ellipse].")
+        ] = None,
         mask_scale: Annotated[
-            float, Form(ge=MIN_SCALE, le=4.0, description="Region size relative to the box.")
-        ] = 1.3,
+            float | None, Form(ge=MIN_SCALE, le=4.0, description="Region size relative to the box [1.3].")
+        ] = None,
         strength: Annotated[
             float | None, Form(ge=MIN_STRENGTH, le=2.0, description="blur sigma / face size.")
         ] = None,
@@ -345,9 +364,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                     "method=replace needs a donor bank on the server: start it with "
                     "`facecloak serve --donors BANK`",
                 )
-            if feather is not None or strength is not None or blocks is not None:
+            given = {"feather": feather, "strength": strength, "blocks": blocks, "shape": shape}
+            given["mask_scale"] = mask_scale  # the new face's region follows its landmarks
+            if any(value is not None for value in given.values()):
                 raise UploadRejected(
-                    422, "invalid_option", "method=replace takes no feather, strength or blocks"
+                    422,
+                    "invalid_option",
+                    "method=replace takes no feather, strength, blocks, shape or mask_scale",
                 )
             params = {"method": "replace", "keep_mouth": keep_mouth}
             return await protect(request, "anonymize", image, params, common)
@@ -374,9 +397,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         image: Annotated[UploadFile, File(description="The photo (JPEG, PNG, WebP, TIFF, BMP, GIF).")],
         common: Annotated[CommonForm, Depends()],
         mode: Annotated[Literal["untargeted", "targeted"], Form()] = "untargeted",
-        level: Annotated[
-            Literal["low", "mid", "high"], Form(description="DSSIM cap 0.004/0.012/0.017.")
-        ] = "mid",
+        level: Annotated[Literal["low", "mid", "high"], Form(description=_LEVEL_CAPS)] = "mid",
         models: Annotated[
             str | None, Form(description="Comma-separated models to attack. Default: all.")
         ] = None,

@@ -47,9 +47,9 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-api-key")
+        given = headers.get(b"x-api-key", b"").strip()
         authorization = headers.get(b"authorization", b"")
-        if given is None and authorization.lower().startswith(b"bearer "):
+        if not given and authorization.lower().startswith(b"bearer "):  # an empty X-API-Key is none
             given = authorization[7:].strip()
         if not given:
             await _send_json(

@@ -231,6 +231,12 @@ function show(card, data, ready) {
     box.append(number);
     boxes.append(box);
   });
+  (data.notes || []).forEach((note) => { // what the download lacks: frames past the first, transparency
+    const item = document.createElement("li");
+    item.className = "note";
+    item.textContent = `Note: ${note}.`;
+    list.append(item);
+  });
 }
 
 downloadAll.addEventListener("click", async () => {
