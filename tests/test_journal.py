@@ -395,3 +395,43 @@ def test_the_journal_keeps_a_targeted_key_only_behind_a_slow_hash():
     assert kept("1234").startswith("scrypt:") and "1234" not in kept("1234")
     assert hashlib.sha256(b"1234").hexdigest()[:16] not in kept("1234")
     assert kept("1234") == kept("1234") != kept("1235")
+
+
+def test_a_journal_that_cannot_be_written_names_each_photo_left_undone(
+    three_photos, tmp_path, detector, monkeypatch
+):
+    """On a full disk every photo failed with the journal's line alone: which were undone, unsaid."""
+    record = Journal.record
+
+    def full_disk(self, event, *args, **kwargs):
+        if (event == "done") == (args[0] == "group.jpg"):  # group.jpg: written, its "done" line lost
+            raise JournalError("cannot write the journal (No space left on device)", self.path)
+        return record(self, event, *args, **kwargs)
+
+    monkeypatch.setattr(Journal, "record", full_disk)
+    report = blur_batch(three_photos, tmp_path / "out", detector)
+    assert report.count("failed") == 3 and report.exit_code == 3
+    for outcome, name in zip(report.outcomes, ("astronaut.jpg", "grace_hopper.jpg")):
+        assert outcome.error.startswith(f"{three_photos / name}: not written: ")
+    written = (
+        f"{three_photos / 'group.jpg'}: written to {tmp_path / 'out' / 'group_blur.jpg'} but not journaled"
+    )
+    assert report.outcomes[2].error.startswith(written)
+    assert all(
+        o.error.endswith("cannot write the journal (No space left on device)") for o in report.outcomes
+    )
+    summary = str(report)
+    assert all(name in summary for name in ("astronaut.jpg", "grace_hopper.jpg", "group.jpg"))
+
+
+def test_a_batch_leaves_alone_the_writes_in_progress_of_a_batch_into_a_folder_below(tmp_path):
+    """Opening ``-o out`` removed the temporary files of a batch running into ``-o out/b``."""
+    with Journal(tmp_path / "out" / "b", {"method": "blur"}):
+        in_progress = tmp_path / "out" / "b" / ".facecloak-x1y2.jpg"
+        in_progress.write_bytes(b"half of b's output, being written")
+        crashed = tmp_path / "out" / "set0" / ".facecloak-z3.jpg"
+        crashed.parent.mkdir()
+        crashed.write_bytes(b"left by a killed run into out")
+        with Journal(tmp_path / "out", {"method": "blur"}):
+            pass
+        assert in_progress.exists() and not crashed.exists()

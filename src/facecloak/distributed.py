@@ -28,9 +28,15 @@ from pathlib import Path
 
 from facecloak import io
 from facecloak.batch import FileOutcome, Options, ProgressCallback, ProgressEvent, face_status
-from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
+from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError, shown_path
 from facecloak.journal import Journal, file_sha256
-from facecloak.pipeline import ProtectorSpec, ResumableReport, ResumedOutcome, _output_options
+from facecloak.pipeline import (
+    ProtectorSpec,
+    ResumableReport,
+    ResumedOutcome,
+    _output_options,
+    journal_failure_named,
+)
 
 
 def list_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -287,12 +293,15 @@ def _finish_row(
     try:
         if target.exists() and not (options.overwrite or journal.owns(relative_output)):
             raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", target)
-        journal.record("start", relative, sha256, relative_output)
+        with journal_failure_named(uri, "not written"):
+            journal.record("start", relative, sha256, relative_output)
         io.write_bytes_atomic(target, bytes(row["data"]), protected=inputs, overwrite=True)
         size = target.stat().st_size
-        journal.record(
-            "done", relative, sha256, relative_output, status=status, output_bytes=size, faces=faces
-        )
+        unjournaled = f"written to {shown_path(target)} but not journaled (redone next run)"
+        with journal_failure_named(uri, unjournaled):
+            journal.record(
+                "done", relative, sha256, relative_output, status=status, output_bytes=size, faces=faces
+            )
     except FacecloakError as error:
         return FileOutcome(uri, "failed", error=str(error), faces=faces)
     return FileOutcome(uri, status, output=str(target), faces=faces)

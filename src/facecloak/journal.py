@@ -151,10 +151,17 @@ class Journal:
                 self._meta.append(record)
 
     def _remove_temporary_files(self) -> None:
-        """Temporary files of writes a crash interrupted (never renamed into place): ours, remove them."""
-        for temporary in self.out_dir.rglob(f"{TEMPORARY_PREFIX}*"):
-            if temporary.is_file() and temporary.name != JOURNAL_NAME:
-                temporary.unlink(missing_ok=True)
+        """Temporary files of writes a crash interrupted (never renamed into place): ours, remove them.
+
+        A folder below with a journal of its own is another batch's output folder (``-o out/b``
+        beside ``-o out``): its temporary files may be that batch's writes in progress, and
+        removing them failed its photos. Its own next run cleans them up.
+        """
+        for folder, subfolders, files in os.walk(self.out_dir):
+            subfolders[:] = [name for name in subfolders if not (Path(folder, name) / JOURNAL_NAME).exists()]
+            for name in files:
+                if name.startswith(TEMPORARY_PREFIX) and name != JOURNAL_NAME:
+                    Path(folder, name).unlink(missing_ok=True)
 
     def done_record(self, relative: str, sha256: str) -> dict | None:
         """The ``done`` record of ``relative`` if it still holds (same input, settings, output intact)."""

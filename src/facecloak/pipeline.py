@@ -17,11 +17,12 @@ outcomes, summary and exit code), plus:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,7 +42,7 @@ from facecloak.batch_types import (
 )
 from facecloak.detect import FaceDetector, detector_for
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError, shown_path
-from facecloak.journal import JOURNAL_NAME, Journal, file_sha256
+from facecloak.journal import JOURNAL_NAME, Journal, JournalError, file_sha256
 from facecloak.protection import Protection, ProtectionResult
 
 READER_THREADS = 2
@@ -602,6 +603,19 @@ def _resumed(job: io.ImageJob, record: dict, out_dir: Path) -> ResumedOutcome:
     )
 
 
+@contextlib.contextmanager
+def journal_failure_named(photo: str | Path, what: str) -> Iterator[None]:
+    """A journal append that fails names the photo it was about, then the journal's reason.
+
+    The journal's own error names only the journal: on a full disk every photo after it failed
+    with the same line, and the summary did not say which photos were left undone.
+    """
+    try:
+        yield
+    except JournalError as error:
+        raise ImageWriteError(f"{what}: {error}", photo) from None
+
+
 def _write(
     entry: _Decoded,
     output: tuple[torch.Tensor, torch.Tensor],
@@ -620,19 +634,23 @@ def _write(
     def start() -> None:
         if entry.target.exists() and not (options.overwrite or journal.owns(relative_output)):
             raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", entry.target)
-        journal.record("start", relative_input, entry.sha256, relative_output)  # from here the output is ours
+        with journal_failure_named(entry.job.path, "not written"):  # from here the output is ours
+            journal.record("start", relative_input, entry.sha256, relative_output)
 
     def done(status: str) -> None:
         size = entry.target.stat().st_size
-        journal.record(
-            "done",
-            relative_input,
-            entry.sha256,
-            relative_output,
-            status=status,
-            output_bytes=size,
-            faces=records,
-        )
+        with journal_failure_named(
+            entry.job.path, f"written to {shown_path(entry.target)} but not journaled (redone next run)"
+        ):
+            journal.record(
+                "done",
+                relative_input,
+                entry.sha256,
+                relative_output,
+                status=status,
+                output_bytes=size,
+                faces=records,
+            )
 
     measured, encode = output  # the photo the records measured, and the pixels to encode for it
     try:
