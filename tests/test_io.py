@@ -616,6 +616,22 @@ class TestPaths:
         assert target == tmp_path / "o" / "sub" / "b_cloaked.png"
         assert output_path(jobs[0], None, "anonymized", "png", "JPEG") == tmp_path / "in" / "a_anonymized.png"
 
+    def test_hidden_photos_and_broken_links_are_named_not_dropped(self, tmp_path):
+        """A photo in a hidden file or folder, or a link to a photo that is gone, went unsaid."""
+        (tmp_path / ".hid").mkdir()
+        (tmp_path / "a.jpg").write_bytes(b"x")
+        (tmp_path / ".h.jpg").write_bytes(b"x")
+        (tmp_path / ".hid" / "y.png").write_bytes(b"x")
+        (tmp_path / ".hid" / "notes.txt").write_text("hi")  # not a photo: as before, not listed
+        (tmp_path / ".facecloak-tmp123.jpg").write_bytes(b"x")  # our own write in progress
+        (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+        jobs, skipped = collect_images([tmp_path])
+        assert [job.path.name for job in jobs] == ["a.jpg"]
+        reasons = {path.name: why for path, why in skipped}
+        assert set(reasons) == {".h.jpg", "y.png", "gone.jpg"}, reasons
+        assert reasons[".h.jpg"].startswith("hidden") and reasons["y.png"].startswith("hidden")
+        assert "broken link" in reasons["gone.jpg"]
+
     def test_output_folder_equal_to_the_input_folder_is_walked(self, tmp_path):
         (tmp_path / "a.jpg").write_bytes(b"x")
         jobs, _ = collect_images([tmp_path], exclude=tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from facecloak.errors import ImageWriteError
 from facecloak.io.read import HEIF_AVAILABLE
-from facecloak.journal import JOURNAL_NAME, read_journal
+from facecloak.journal import JOURNAL_NAME, TEMPORARY_PREFIX, read_journal
 
 IMAGE_SUFFIXES = {
     ".jpg": "JPEG",
@@ -107,7 +107,8 @@ def collect_images(
     often they are named, and stay named when a folder given before holds them too; inside
     folders only files with an image suffix are taken and the rest are returned as skipped, with
     a note, as is a second path to a photo already taken (a symlink to it): one input, never
-    silently dropped.
+    silently dropped. Hidden files and folders (a name starting with a dot) are not read, but a
+    photo among them is listed as skipped, and so is a link to a photo that is gone.
     ``exclude`` (the output folder) is never walked when it lies inside a folder given, so
     outputs are not re-read as inputs (a batch also passes over files that are the outputs of
     other inputs, see `facecloak.batch.plan_batch`).
@@ -131,12 +132,18 @@ def collect_images(
             skip = excluded if excluded is not None and excluded != given.resolve() else None
             mirrored = _folder_name(given) if len(paths) > 1 else Path()
             # rglob does not go into a symlink to a folder: said, so its photos are not silently left
-            found = sorted(p for p in given.rglob("*") if p.is_file() or (p.is_symlink() and p.is_dir()))
+            # (and a link whose target is gone is listed with the files: said, not dropped)
+            found = sorted(p for p in given.rglob("*") if p.is_file() or p.is_symlink())
             # outputs of -o runs into folders under this one, from the journals this walk passes
             earlier = _journaled_outputs(file for file in found if file.name == JOURNAL_NAME)
             for file in found:
                 relative = file.relative_to(given)
                 if any(part.startswith(".") for part in relative.parts):
+                    # hidden: not read, but a photo there is named (a face in it would go unprotected)
+                    if file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith(TEMPORARY_PREFIX):
+                        skipped.append(
+                            (file, "hidden (a name starting with a dot): not read (give it itself)")
+                        )
                     continue
                 resolved = file.resolve()  # once: a stat per link along the path, for every file
                 if resolved in earlier:  # never re-read as a photo, wherever this run writes
@@ -154,6 +161,8 @@ def collect_images(
                     continue
                 if file.is_dir():
                     skipped.append((file, "a link to a folder, not followed (give the folder itself)"))
+                elif not file.exists() and file.suffix.lower() in IMAGE_SUFFIXES:
+                    skipped.append((file, "a broken link: its target is missing"))
                 elif file.suffix.lower() not in IMAGE_SUFFIXES:
                     skipped.append((file, "not an image suffix"))
                 elif resolved in seen:  # a photo already taken (a symlink to it): one input, named
