@@ -175,6 +175,24 @@ def test_an_output_changed_since_it_was_written_is_not_replaced(three_photos, tm
     assert replaced.outcomes[2].status == "protected" and (out / "group_blur.jpg").read_bytes() != edited
 
 
+def test_a_photo_of_the_same_name_from_another_folder_does_not_replace_an_output(
+    three_photos, tmp_path, detector, samples_dir
+):
+    """day1/IMG.jpg and day2/IMG.jpg into one folder: the second was taken for the first, changed."""
+    out, day2 = tmp_path / "out", tmp_path / "day2"
+    blur_batch(three_photos, out, detector)
+    written = (out / "group_blur.jpg").read_bytes()
+    day2.mkdir()
+    shutil.copy(samples_dir / "astronaut.jpg", day2 / "group.jpg")  # another photo, the same name
+    report = blur_batch(day2, out, detector)
+    assert report.outcomes[0].status == "skipped" and report.count("failed") == 0
+    assert (out / "group_blur.jpg").read_bytes() == written  # was replaced, "1 done", exit code 0
+    moved = tmp_path / "moved"
+    shutil.move(three_photos, moved)  # the same photos in another place: still this batch's outputs
+    resumed = blur_batch(moved, out, detector)
+    assert resumed.resumed == 3 and resumed.count("failed") == 0
+
+
 def test_one_batch_per_folder(tmp_path):
     with Journal(tmp_path, {"method": "blur"}):
         with pytest.raises(JournalError, match="another facecloak batch"):

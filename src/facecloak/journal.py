@@ -55,6 +55,17 @@ def settings_fingerprint(settings: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def source_key(path: str | Path) -> str:
+    """A short hash of where an input really is (symlinks resolved): which photo a record is about.
+
+    Two photos of one name in two folders (``day1/IMG_0001.jpg``, ``day2/IMG_0001.jpg``) have one
+    output name in a folder both batches write into; the journal told them apart only by their
+    hashes, so the second batch took the first one's output for that of a changed photo and
+    replaced it. Hashed, so the journal in an output folder does not spell out the user's folders.
+    """
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+
+
 class JournalError(FacecloakError):
     """The journal cannot be used (locked by another batch, unwritable)."""
 
@@ -180,16 +191,25 @@ class Journal:
         """The latest line about input ``relative``, if any."""
         return self._last.get(relative)
 
-    def owns(self, relative_output: str) -> bool:
+    def owns(self, relative_output: str, source: str | Path | None = None) -> bool:
         """Whether the output is ours to replace: a record names it and nobody changed it since.
 
         A file finished (``done``) at one size and found at another was edited or replaced by
         someone else after we wrote it (our writes are atomic, so never torn): it is theirs now,
-        skipped like any file the journal does not know, unless ``--overwrite``.
+        skipped like any file the journal does not know, unless ``--overwrite``. With ``source``
+        (the input about to be written there), an output made from another photo (another place
+        and other bytes: `source_key`) is not this input's to replace either; a folder moved
+        with its photos unchanged still is.
         """
         record = self._owned.get(relative_output)
         if record is None:
             return False
+        if source is not None and record.get("source", source_key(source)) != source_key(source):
+            try:
+                if file_sha256(source) != record.get("sha256"):
+                    return False
+            except OSError:  # unreadable: its read fails with the reason, not a skip that hides it
+                return True
         if record.get("event") != "done" or "output_bytes" not in record:
             return True
         try:

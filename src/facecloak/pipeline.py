@@ -42,7 +42,7 @@ from facecloak.batch_types import (
 )
 from facecloak.detect import FaceDetector, detector_for
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError, shown_path
-from facecloak.journal import JOURNAL_NAME, Journal, JournalError, file_sha256
+from facecloak.journal import JOURNAL_NAME, Journal, JournalError, file_sha256, source_key
 from facecloak.protection import Protection, ProtectionResult
 
 READER_THREADS = 2
@@ -270,7 +270,7 @@ def run_resumable_batch(
         existing: list[tuple[Path, Path]] = []
         written_before = 0
         for job, target in plan.todo:
-            owned = journal.owns(target.relative_to(out_dir).as_posix())
+            owned = journal.owns(target.relative_to(out_dir).as_posix(), source=job.path)
             if target.exists() and not options.overwrite and not owned:
                 existing.append((job.path, target))
             else:
@@ -630,12 +630,13 @@ def _write(
     relative_input = entry.job.relative.as_posix()
     relative_output = entry.target.relative_to(out_dir).as_posix()
     path = str(entry.job.path)
+    source = source_key(entry.job.path)
 
     def start() -> None:
-        if entry.target.exists() and not (options.overwrite or journal.owns(relative_output)):
+        if entry.target.exists() and not (options.overwrite or journal.owns(relative_output, entry.job.path)):
             raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", entry.target)
         with journal_failure_named(entry.job.path, "not written"):  # from here the output is ours
-            journal.record("start", relative_input, entry.sha256, relative_output)
+            journal.record("start", relative_input, entry.sha256, relative_output, source=source)
 
     def done(status: str) -> None:
         size = entry.target.stat().st_size
@@ -650,6 +651,7 @@ def _write(
                 status=status,
                 output_bytes=size,
                 faces=records,
+                source=source,
             )
 
     measured, encode = output  # the photo the records measured, and the pixels to encode for it
