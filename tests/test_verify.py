@@ -112,3 +112,26 @@ def test_the_check_looks_only_for_faces_large_enough_to_match_a_cloaked_one(samp
     # a detector that takes no size hint is called as it is
     plain = redetect(lambda images: detector(images), photos, faces)
     assert len(plain) >= len(faces)
+
+
+def test_a_face_under_the_detectors_min_size_is_looked_for_again_not_counted_protected(lfw_dir, dlib_resnet):
+    """A 16 px face (found with a lower --min-face) was never looked for by the check's detector
+    (its own min_size, 20 px, was the floor): an unchanged face counted protected, exit code 0."""
+    import numpy as np
+    from PIL import Image
+
+    from facecloak.cloak import create_cloak
+    from facecloak.detect import FaceDetector
+
+    face = Image.open(lfw_dir / "images" / "Aaron_Sorkin" / "Aaron_Sorkin_0001.jpg")
+    face = face.resize((40, 40), Image.LANCZOS)
+    canvas = Image.new("RGB", (160, 160), (128, 128, 128))
+    canvas.paste(face, (60, 60))
+    photo = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+    faces = FaceDetector(device="cpu", min_size=8, rotations="none")([photo])
+    assert len(faces) == 1 and float((faces.boxes[0, 2:] - faces.boxes[0, :2]).amin()) < 20
+    check = FaceDetector(device="cpu", rotations="none")  # the cloak's own: min_size 20
+    result = create_cloak("untargeted", [dlib_resnet], steps=0, detector=check)([photo], faces)
+    assert torch.equal(result.images[0], photo)  # no step: the face is as it was
+    assert result.found_after_jpeg.tolist() == [True]
+    assert result.protected.tolist() == [False]

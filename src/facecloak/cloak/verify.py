@@ -201,12 +201,14 @@ def redetect(detector: Detector, photos: list[Tensor], faces: Faces) -> Faces:
     The re-detection of both checks after upload, the cloak's (`measure_cloaked`) and the
     replacer's. It looks at the quarter turns the faces lie at (`facecloak.turns.face_turns`), so
     an upright face costs one detection and a face lying on its side is found again where it lies.
+    The size comes from the faces, not the detector's own ``min_size``: a face under it (found
+    with a lower ``--min-face``) was never looked for, and counted protected unchanged.
     Detectors that take no such hints are called as they are.
     """
     if not isinstance(detector, FaceDetector) or len(faces) == 0:
         return detector(photos)
     turns = [0] if detector.rotations == "none" else sorted(set(face_turns(faces.landmarks).tolist()))
-    return detector(photos, min_size=max(detector.min_size, redetect_min_size(faces.boxes)), turns=turns)
+    return detector(photos, min_size=redetect_min_size(faces.boxes), turns=turns)
 
 
 def _recompress(stored: list[Tensor]) -> list[Tensor]:
