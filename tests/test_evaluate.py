@@ -597,3 +597,77 @@ def test_the_protected_people_who_are_donors_too_are_named():
         "Colin_Powell",
     ]
     assert donor_people_among(donors, ["George_W_Bush"]) == []
+
+
+def test_calibrated_threshold_as_the_card_keeps_it_admits_at_most_far(
+    lfw_dir, dlib_resnet, detector, monkeypatch
+):
+    """The card keeps 4 decimals: the exact threshold, rounded up to them, passed the impostor pair
+    it stops at, and `models calibrate` saved a threshold accepting more than ``--far`` of the
+    impostor pairs it measured (4 of 710 at FAR 0.0042 here, where 3 were allowed)."""
+    from facecloak import calibrate
+
+    seen = {}
+    exact = calibrate.tar_at_far
+
+    def spy(genuine, impostor, far):
+        seen["genuine"], seen["impostor"] = genuine, impostor
+        return exact(genuine, impostor, far)
+
+    monkeypatch.setattr(calibrate, "tar_at_far", spy)
+    far = 0.004226352112676056  # its exact threshold, 0.59819, rounds up to 0.5982
+    result = calibrate.calibrate_threshold(
+        dlib_resnet, lfw_dir / "images", far=far, max_photos=40, detector=detector
+    )
+    stored = round(result.threshold, 4) or float(f"{result.threshold:.4g}")  # as `models calibrate` saves it
+    impostor = seen["impostor"]
+    assert int((impostor < stored).sum()) <= math.floor(far * len(impostor))
+    assert result.tar == float((seen["genuine"] < result.threshold).float().mean())
+
+
+def test_cli_photos_without_a_face_fail_in_one_line_instead_of_counting_as_protected(tmp_path):
+    """Photos in which the scraper finds no face made every probe a miss: protection 1.00 and exit
+    code 0 for a folder of photos with no face to protect."""
+    generator = torch.Generator().manual_seed(0)
+    for person in ("P1", "P2"):
+        (tmp_path / "people" / person).mkdir(parents=True)
+        for index in range(3):
+            noise = (torch.rand(96, 96, 3, generator=generator) * 255).byte().numpy()
+            Image.fromarray(noise).save(tmp_path / "people" / person / f"{person}_{index:04d}.jpg")
+    arguments = ["evaluate", str(tmp_path / "people"), "--method", "blur", "--attackers", "dlib-resnet"]
+    arguments += ["--people", "1", "--control", "1", "--min-photos", "3", "--uploads", "none", "-q"]
+    result = CliRunner().invoke(
+        main, [*arguments, "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "found no face in any of the 4 probe photos" in lines[0], result.output
+
+
+def test_photos_protected_elsewhere_are_not_reported_as_cloaked_here(lfw_dir, tmp_path):
+    """With ``--protected-dir`` (the default method being cloak) the report's settings said the
+    photos were cloaked with the registry's models, at ``mid``, untargeted: nothing here cloaked
+    them, and they may not be cloaked at all."""
+    from facecloak.evaluate import EvaluationRequest, run_evaluation
+
+    photos = sorted((lfw_dir / "images" / PEOPLE[0]).iterdir())[:3]
+    for folder in ("data", "protected"):
+        (tmp_path / folder / PEOPLE[0]).mkdir(parents=True)
+        for photo in photos:
+            (tmp_path / folder / PEOPLE[0] / photo.name).write_bytes(photo.read_bytes())
+    request = EvaluationRequest(
+        data=tmp_path / "data",
+        protected_dir=tmp_path / "protected",
+        models="dlib-resnet",
+        people=1,
+        control=0,
+        min_photos=3,
+        probes=1,
+        max_distractors=0,
+        uploads=("none",),
+        attackers="dlib-resnet",
+        device="cpu",
+    )
+    settings = run_evaluation(request).settings
+    assert settings["method"] == f"folder:{tmp_path / 'protected'}"
+    assert settings["cloak_models"] == [] and settings["level"] == "-" and settings["mode"] == "-"

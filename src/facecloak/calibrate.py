@@ -38,6 +38,7 @@ class Calibration:
 
     model: str
     threshold: float
+    """Cut to the 4 decimals the card keeps, so the saved threshold admits at most ``far``."""
     far: float
     tar: float
     genuine_pairs: int
@@ -141,7 +142,9 @@ def calibrate_threshold(
             f"{_without_face(found)}): give more people with two or more photos",
             data,
         )
-    tar, threshold = tar_at_far(genuine, impostor, far)
+    _, exact = tar_at_far(genuine, impostor, far)
+    exact = float(exact) if math.isfinite(exact) else float(impostor.max())
+    threshold = _rounded_down(exact) if exact > 0 else exact
     if not threshold > 0:  # saved as the card's threshold it was refused with a traceback
         raise InvalidInputError(
             f"at FAR {far:g} the threshold would be {threshold:.4g}: {model.card.name} puts different "
@@ -150,9 +153,9 @@ def calibrate_threshold(
         )
     return Calibration(
         model=model.card.name,
-        threshold=float(threshold) if math.isfinite(threshold) else float(impostor.max()),
+        threshold=threshold,
         far=far,
-        tar=tar,
+        tar=float((genuine < threshold).float().mean()),
         genuine_pairs=int(len(genuine)),
         impostor_pairs=int(len(impostor)),
         photos=int(found.sum()),
@@ -160,6 +163,17 @@ def calibrate_threshold(
         people=int(len(ids.unique())),
         unreadable=tuple(unreadable),
     )
+
+
+def _rounded_down(threshold: float) -> float:
+    """``threshold`` cut to the 4 decimals a card keeps (4 significant digits below 1e-4).
+
+    The card keeps 4 decimals: rounded to the nearest, a threshold rounded up past the impostor
+    pair it stops at, which then matched, and more than ``far`` of the impostor pairs were accepted.
+    Cut down, it admits no more than the exact one.
+    """
+    digits = 4 if threshold >= 1e-4 else 3 - math.floor(math.log10(threshold))
+    return math.floor(threshold * 10**digits) / 10**digits
 
 
 def _without_face(found: torch.Tensor) -> str:

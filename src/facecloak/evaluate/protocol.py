@@ -34,7 +34,7 @@ from facecloak._checks import check_choice
 from facecloak.datasets import Person, Split, list_people, split_people
 from facecloak.defaults import SCRAPER_ROTATIONS
 from facecloak.detect import FaceDetector
-from facecloak.errors import InvalidInputError
+from facecloak.errors import InvalidInputError, shown_path
 from facecloak.evaluate.adaptive import ADAPTIVE_KINDS, finetune_model, finetune_summary
 from facecloak.evaluate.attackers import Attacker, PipelineAttacker, embed_in_batches
 from facecloak.evaluate.cache import EmbeddingCache, embed_files
@@ -356,6 +356,13 @@ def _score_phase(
     probes = embed_files(
         attacker, collected.probe_paths, cache, _stage(progress, f"probes ({attacker.name})")
     )
+    if len(probes) and bool(torch.isnan(probes).any(1).all()):
+        # every probe a miss: protection 1.00 and exit code 0, for photos with no face to protect
+        raise InvalidInputError(
+            f"{attacker.name} found no face in any of the {len(probes)} probe photos "
+            f"(the first: {shown_path(collected.probe_paths[0])}): "
+            "there is nothing to identify, so nothing to measure"
+        )
     distractors = embed_files(
         attacker, collected.distractor_paths, cache, _stage(progress, f"distractors ({attacker.name})")
     )

@@ -174,8 +174,13 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
         adaptive = "linear" if request.adaptive is True else str(request.adaptive)
     for level in levels:
         protection = build_protection(request, level, models, detector)
-        settings = {"level": level, "mode": request.mode, "cloak_models": names if models else []}
-        if request.method == "cloak" and request.person_level is not None:
+        # photos protected elsewhere were reported as cloaked here, at this level, with these models
+        settings = {
+            "level": level if cloaks else "-",
+            "mode": request.mode if cloaks else "-",
+            "cloak_models": names if cloaks else [],
+        }
+        if cloaks and request.person_level is not None:
             settings["person_level"] = request.person_level
         if request.method == "replace":
             settings.update(donors=request.donors, **request.replacer_options())
