@@ -327,6 +327,19 @@ def test_same_seed_same_faces(bank, models, detector, targets):
     assert not torch.equal(other.images[0], first.images[0])  # the seed matters: grain, draw order
 
 
+def test_a_photos_new_face_does_not_depend_on_the_photos_beside_it(bank, models, detector, targets):
+    # the draw and the grain were seeded by the face's place in the call: the same photo, seed and
+    # donors gave another face in a batch than alone (or after a resumed or re-chunked run)
+    images, faces = targets
+    replacer = FaceReplacer(
+        bank, models, detector=detector, seed=0, prefer_beyond=1.2, attempts=1, finish=False, fallback="keep"
+    )
+    alone = replacer([images[1]], faces.select([1]).shifted(-1))
+    beside = replacer(images[:2], faces.select([0, 1]))
+    assert beside.records[1]["donors"] == alone.records[0]["donors"]
+    assert torch.equal(beside.images[1], alone.images[0])
+
+
 def test_bank_round_trip(bank, data_home, tmp_path, models, donor_dir, detector):
     assert len(bank) == DONORS and len(set(bank.ids)) == DONORS
     manifest = json.loads((bank.folder / "bank.json").read_text())
@@ -686,6 +699,23 @@ def test_bank_folder_accepts_names_and_paths(data_home, tmp_path):
     assert bank_folder("mine") == data_home / "facecloak" / "donors" / "mine"
     with pytest.raises(DonorBankError):
         bank_folder("bad name!")
+
+
+def test_a_bank_name_means_the_listed_bank_not_a_copy_of_that_name_beside_it(
+    data_home, tmp_path, monkeypatch
+):
+    # `donors remove twin` run in a folder holding a copy called twin deleted the copy, and said
+    # it had removed bank twin: the bank `donors list` names stayed
+    manifest = json.dumps({"format": 1, "donors": [], "models": {}})
+    listed, beside = data_home / "facecloak" / "donors" / "twin", tmp_path / "twin"
+    for folder in (listed, beside):
+        folder.mkdir(parents=True)
+        (folder / "bank.json").write_text(manifest)
+    monkeypatch.chdir(tmp_path)
+    assert bank_folder("twin") == listed
+    remove_donors("twin")
+    assert not listed.exists() and (beside / "bank.json").is_file()
+    assert bank_folder("twin") == Path("twin")  # with no bank of that name listed, the folder here
 
 
 def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detector, targets):
@@ -1606,6 +1636,18 @@ def test_a_bank_emptied_by_removal_takes_donors_again(bank, models, detector, do
     again = load_bank(copy)
     for model in models:
         assert again.embeddings[model.card.name].shape == (2, model.card.embedding_dim)
+
+
+def test_an_emptied_bank_that_takes_no_donor_is_not_said_to_be_uncreated(bank, models, detector, tmp_path):
+    # "no donor added, so no bank was created" was said of a bank that exists, emptied by removal
+    emptied = tmp_path / "emptied"
+    shutil.copytree(bank.folder, emptied)
+    remove_donors(emptied, bank.ids)
+    ramp = torch.linspace(0, 1, 120)
+    io.write_image(tmp_path / "no_face.png", torch.stack([ramp[None].expand(120, -1)] * 3))
+    report = add_donors([tmp_path / "no_face.png"], models, bank=emptied, detector=detector)
+    assert (emptied / "bank.json").is_file()
+    assert str(report).splitlines()[0] == f"bank emptied: 0 donor(s) added, 0 in all ({emptied})"
 
 
 def test_two_adds_into_one_bank_at_once_keep_every_donor(bank, models, detector, donor_dir, tmp_path):

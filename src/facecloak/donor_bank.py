@@ -60,13 +60,22 @@ def data_dir() -> Path:
 
 
 def bank_folder(name: str | Path) -> Path:
-    """The folder of bank ``name``: a name in `data_dir`, or the path of a bank folder itself."""
+    """The folder of bank ``name``: a name in `data_dir`, or the path of a bank folder itself.
+
+    A bank of `data_dir` comes before a folder of the same name in the working directory: `donors
+    list` names it, and `donors remove NAME` run beside a copy called NAME deleted the copy.
+    """
     given = Path(name).expanduser()
-    if (given / "bank.json").is_file() or os.sep in str(name):
+    if os.sep in str(name):
+        return given
+    named = data_dir() / str(name)
+    if NAME_PATTERN.match(str(name)) and (named / "bank.json").is_file():
+        return named
+    if (given / "bank.json").is_file():
         return given
     if not NAME_PATTERN.match(str(name)):
         raise DonorBankError(f"bank name {name!r} must be letters, digits, '.', '_' or '-'")
-    return data_dir() / str(name)
+    return named
 
 
 def model_fingerprint(model: Embedder | FaceModelCard) -> str:

@@ -86,11 +86,14 @@ class AddReport:
     passed_over: list[tuple[str, str]] = field(default_factory=list)
     """Files of the folders given that were not read: not a photo's suffix, a link to a folder
     (not followed), a second path to a photo. Listed, as a batch lists them, never dropped silently."""
+    written: bool = False
+    """Whether the bank exists after the add: a bank emptied by `remove_donors` that took no donor
+    was said not to have been created."""
 
     def __str__(self) -> str:
         lines = [
             f"bank {self.bank}: {len(self.added)} donor(s) added, {self.total_donors} in all ({self.folder})"
-            if self.total_donors
+            if self.written
             else f"bank {self.bank}: no donor added, so no bank was created ({self.folder})"
         ]
         if self.skipped:
@@ -255,6 +258,7 @@ def _add_donors(
     _commit(folder, existing, records, embeddings, models, source)
     report.added = [record["id"] for record in records]
     report.total_donors = (len(existing) if existing is not None else 0) + len(records)
+    report.written = True
     return report
 
 

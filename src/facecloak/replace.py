@@ -227,6 +227,7 @@ class _Plan:
     sets: list[tuple[tuple[int, ...], tuple[bool, ...]]]
     face: tuple = ()  # what `FaceReplacer._donor_sets` needs to plan again: pose, smile, stats, target
     eye_px: float = 0.0  # the face's eye distance in its photo
+    draw: int = 0  # the face's place among its photo's faces: what its random draws are seeded by
     excluded: set[int] = field(default_factory=set)
     tried: set[tuple[int, ...]] = field(default_factory=set)
     shrink: Tensor | None = None  # (models,) see `FaceReplacer._shrink`; None before any try fell short
@@ -487,10 +488,12 @@ class FaceReplacer:
         poses, stats = estimate_pose(chosen.landmarks), face_statistics(chips).cpu()
         smiles, eyes = mouth_width(chosen.landmarks), eye_distance(chosen.landmarks.cpu())
         plans = {}
+        draws = _places_in_photo(faces)
         for j, n in enumerate(rows):
             face = (poses[j], smiles[j], stats[j], {k: v[j] for k, v in targets.items()})
             eye_px = float(eyes[j])
-            plans[n] = _Plan(self._donor_sets(*face, n, eye_px=eye_px), face=face, eye_px=eye_px)
+            sets = self._donor_sets(*face, draws[n], eye_px=eye_px)
+            plans[n] = _Plan(sets, face=face, eye_px=eye_px, draw=draws[n])
         crops: dict[int, tuple] = {}
         checked: dict[int, tuple] = {}
         for _ in range(self.attempts):
@@ -523,7 +526,9 @@ class FaceReplacer:
                         # it stayed too near the person: plan again with donors that reach farther
                         shrink = self._shrink(check, picks[n][0], plan.face[3])
                         plan.shrink = shrink if plan.shrink is None else torch.minimum(plan.shrink, shrink)
-                        plan.sets = self._donor_sets(*plan.face, n, eye_px=plan.eye_px, shrink=plan.shrink)
+                        plan.sets = self._donor_sets(
+                            *plan.face, plan.draw, eye_px=plan.eye_px, shrink=plan.shrink
+                        )
                     plan.sets = [
                         s
                         for s in plan.sets
@@ -689,12 +694,15 @@ class FaceReplacer:
         smile: Tensor,
         stats: Tensor,
         target: dict[str, Tensor],
-        face: int,
+        draw: int,
         *,
         eye_px: float = 0.0,
         shrink: Tensor | None = None,
     ) -> list:
         """Donor sets to try for one face, best first: ``[(rows, mirrored flags), ...]``.
+
+        ``draw``: the face's place among its photo's faces (`_places_in_photo`), which seeds the
+        little noise that varies the choice between faces.
 
         ``eye_px``: the face's eye distance in its photo; donors too small for it cost more
         (`RESOLUTION_COST`; 0: size not weighed).
@@ -740,7 +748,7 @@ class FaceReplacer:
             + kin
             + self.affinity / reach * ratios.mean(1)
         )
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + face)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
         cost = cost + 0.15 * torch.rand(len(cost), generator=generator)  # variety between faces
         nearest = ratios.min(1).values
         cost[nearest < self.prefer_beyond * reach] += NEAR_DONOR_COST
@@ -845,7 +853,9 @@ class FaceReplacer:
             rows, mirrored = picks[n]
             chips, points, _ = sets[n]
             photo = photos[int(faces.image_index[n])]
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + n) * 31 + plans[n].attempts)
+            generator = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + plans[n].draw) * 31 + plans[n].attempts
+            )
             result = synthesize_face(
                 photo,
                 faces.landmarks[n],
@@ -1061,6 +1071,21 @@ def _in_their_photos(faces: Faces, rows: list[int]) -> tuple[list[int], Faces]:
     chosen = faces.select(rows)
     index = torch.tensor([local[int(i)] for i in chosen.image_index], dtype=torch.long)
     return images, Faces(chosen.boxes, chosen.landmarks, chosen.scores, index)
+
+
+def _places_in_photo(faces: Faces) -> list[int]:
+    """Each face's place among the faces of its own photo (0, 1, ...).
+
+    A face's donor draw and grain are seeded by it, not by the face's place in the call: a photo
+    replaced in a batch got other faces than the same photo alone, or than after a resumed or
+    differently chunked run, with the same seed.
+    """
+    seen: dict[int, int] = {}
+    places = []
+    for i in faces.image_index.tolist():
+        places.append(seen.get(i, 0))
+        seen[i] = places[-1] + 1
+    return places
 
 
 def _photos_with_several(faces: Faces, rows: list[int]) -> set[int]:
