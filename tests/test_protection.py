@@ -184,3 +184,12 @@ def test_an_escalated_face_is_pushed_from_its_person_mean_over_the_whole_call(lf
     assert used is not None and used[1].tolist() == [3]
     assert torch.allclose(used[0][0], references[0][0][blair[0] : blair[0] + 1])
     assert strong.given_references is None  # lent for that call only
+
+
+def test_a_files_records_do_not_carry_its_place_in_the_chunk(samples_dir, detector):
+    """A batch's second photo reported ``"image_index": 1`` in its own file's face records."""
+    photos = [read_image(samples_dir / name).pixels for name in ("astronaut.jpg", "group.jpg")]
+    result = AnonymizeFaces(Anonymizer("blur")).protect(photos, detector(photos))
+    assert [len(result.records_for(k)) for k in (0, 1)] == [1, 4]
+    assert all("image_index" not in record for k in (0, 1) for record in result.records_for(k))
+    assert [record["image_index"] for record in result.records] == [0, 1, 1, 1, 1]  # the chunk's own

@@ -55,8 +55,16 @@ class ProtectionResult:
     to_write: list[Tensor] | None = None
 
     def records_for(self, k: int) -> list[dict]:
-        """The records of image ``k``'s faces."""
-        return [record for record, index in zip(self.records, self.image_index) if index == k]
+        """The records of image ``k``'s faces, for its own file's report.
+
+        Without ``image_index``: it is the photo's place in the chunk, which a file's report
+        showed as if it meant something there (a batch's second photo read ``"image_index": 1``).
+        """
+        return [
+            {key: value for key, value in record.items() if key != "image_index"}
+            for record, index in zip(self.records, self.image_index)
+            if index == k
+        ]
 
     def to_encode(self, k: int) -> Tensor:
         """The pixels to hand image ``k``'s writer so that its file holds what the records measured.
