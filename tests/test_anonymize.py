@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -169,6 +171,39 @@ def test_a_box_partly_off_the_photo_and_landmarks_outside_it_are_still_a_face(gr
     edge = Faces(one.boxes - moved, one.landmarks - shift, one.scores, one.image_index)
     for method in ("blur", "pixelate", "mask"):
         assert not torch.equal(anonymize_faces(images, edge, method), images)
+
+
+@pytest.mark.parametrize("color", [(255, 255, 255), (float("nan"), 0.0, 0.0), (1.0, 0.0), "red"])
+def test_a_mask_colour_that_is_not_three_levels_in_0_1_is_refused(group, color):
+    """255 for white wrote faces of 255 into images every later stage refuses as out of [0, 1],
+    NaN painted them NaN, and two numbers failed with a reshape error."""
+    images, faces = group
+    with pytest.raises(InvalidInputError, match="color"):
+        mask_faces(images, faces, color=color)
+    with pytest.raises(InvalidInputError, match="color"):
+        Anonymizer("mask", color=color)
+    assert float(mask_faces(images, faces, color=(1.0, 1.0, 1.0)).max()) <= 1.0
+
+
+@pytest.mark.parametrize("method", ["blur", "pixelate", "mask"])
+def test_a_photo_one_pixel_thin_through_a_face_is_still_covered(group, method):
+    """One row of the group photo through a face's eyes, the face's box moved with it (a 1 x W
+    photo), and the same row as a W x 1 column: the region is one pixel thin, and was skipped as
+    too thin, the face's pixels left untouched."""
+    images, faces = group
+    one = faces.select([0])
+    row = int(one.landmarks[0, 0, 1])
+    down = torch.tensor([0.0, float(row)])
+    face = Faces(one.boxes - down.repeat(2), one.landmarks - down, one.scores, one.image_index)
+    x1, _, x2, _ = face.boxes[0].tolist()
+    on_face = slice(math.ceil(x1), math.floor(x2) + 1)
+    strip = images[:, :, row : row + 1].contiguous()
+    changed = (anonymize_faces(strip, face, method, shape="box") - strip)[0].abs().amax(0)[0] > 0
+    assert bool(changed[on_face].all()), "a 1 x W photo"
+    column = strip.mT.contiguous()
+    turned = Faces(face.boxes[:, [1, 0, 3, 2]], face.landmarks.flip(-1), face.scores, face.image_index)
+    changed = (anonymize_faces(column, turned, method, shape="box") - column)[0].abs().amax(0)[:, 0] > 0
+    assert bool(changed[on_face].all()), "a W x 1 photo"
 
 
 @pytest.mark.parametrize("method", ["blur", "pixelate", "mask"])

@@ -77,6 +77,16 @@ def test_no_face_is_empty_not_none(detector):
     assert faces.landmarks.shape == (0, 5, 2)
 
 
+@pytest.mark.parametrize("rotations", ["none", "all"])
+@pytest.mark.parametrize("size", [(0, 40), (40, 0), (0, 0)])
+def test_a_photo_without_pixels_holds_no_face_beside_one_that_does(detector, samples_dir, size, rotations):
+    """A photo of no pixels passes the input check; its detection scale divided by its zero area
+    and the whole batch failed with a ZeroDivisionError."""
+    astronaut = read_image(samples_dir / "astronaut.jpg").pixels
+    faces = detector([torch.zeros(3, *size), astronaut], rotations=rotations)
+    assert faces.count_per_image(2) == [0, 1]
+
+
 def test_thresholds_and_bad_input(detector, samples_dir):
     from facecloak.detect import FaceDetector
 

@@ -225,3 +225,21 @@ def test_a_small_upright_misreading_nested_in_a_turned_face_is_not_a_second_face
     found = detector([strip])
     assert len(found) == len(names)
     assert face_turns(found.landmarks).tolist() == [1] * len(names)
+
+
+def test_overlapping_upright_faces_all_stay_when_the_turns_are_searched_too(lfw_dir, detector):
+    """A double exposure: an LFW face and the same face 38 px to its right, each at half strength.
+    MTCNN finds both upright (box IoU 0.47; its own "Min" NMS keeps them, at 0.69). The merge of
+    the turns also compared faces of the same turn by IoU: the default search dropped one of the
+    two faces MTCNN found upright, to be left as it was."""
+    face = read_image(lfw_dir / "images" / "Aaron_Patterson" / "Aaron_Patterson_0001.jpg").pixels
+    shift = 38
+    photo = torch.zeros(3, face.shape[-2], face.shape[-1] + shift)
+    photo[:, :, : face.shape[-1]] += 0.5 * face
+    photo[:, :, shift:] += 0.5 * face
+    photo[:, :, :shift] += 0.5 * face[:, :, :shift]  # the left edge at full strength
+    upright = detector([photo], rotations="none")
+    assert len(upright) == 2 and float(box_iou(upright.boxes[0], upright.boxes[1:])[0]) > 0.3
+    found = detector([photo])
+    assert len(found) == 2
+    assert min(float(box_iou(box, found.boxes).max()) for box in upright.boxes) > 0.99

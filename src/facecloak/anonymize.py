@@ -44,7 +44,7 @@ def _apply_per_face(
         left, top, right, bottom = corners[n]
         x0, y0 = int(math.floor(left)), int(math.floor(top))
         x1, y1 = int(math.ceil(right)) + 1, int(math.ceil(bottom)) + 1
-        if x1 - x0 < 2 or y1 - y0 < 2:
+        if x1 <= x0 or y1 <= y0:  # a photo one pixel thin is a region one pixel thin, not none
             continue
         crop = output[image_index : image_index + 1, :, y0:y1, x0:x1]
         mask = region_mask(regions[n], x0, y0, y1 - y0, x1 - x0, shape, feather)
@@ -125,8 +125,23 @@ def mask_faces(
     feather: float = 0.0,
 ) -> Tensor:
     """Cover every face with a solid ``color`` (RGB in [0, 1])."""
+    check_mask_color(color)
     fill = torch.tensor(color, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return _apply_per_face(images, faces, scale, shape, feather, lambda crop, side: fill.expand_as(crop))
+
+
+def check_mask_color(color: object) -> None:
+    """Refuse a ``mask_faces`` fill that is not three numbers in [0, 1].
+
+    255 wrote pixels far outside the images' range (every later stage refuses them), NaN painted
+    the faces NaN, two numbers failed with a reshape error.
+    """
+    try:
+        values = [] if isinstance(color, (str, bytes)) else [float(v) for v in color]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or not all(0 <= v <= 1 for v in values):  # NaN fails both comparisons
+        raise InvalidInputError(f"color must be three numbers (R, G, B) in [0, 1], got {color!r}")
 
 
 def _replace(images: Tensor, faces: Faces, *, bank, **params) -> Tensor:
@@ -195,6 +210,8 @@ class Anonymizer(nn.Module):
         self.params = {key: value for key, value in params.items() if value is not None}
         # refused here, before a batch starts, not photo by photo
         check_strength_settings(**{k: v for k, v in self.params.items() if k in _STRENGTH_SETTINGS})
+        if "color" in self.params:
+            check_mask_color(self.params["color"])
 
     def __repr__(self) -> str:
         options = ", ".join(f"{key}={value!r}" for key, value in self.params.items())

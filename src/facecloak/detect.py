@@ -208,7 +208,7 @@ class FaceDetector:
     def _for_turns(self, image: Tensor) -> tuple[Tensor, float]:
         """``image`` area-downscaled so its longer side is at most `TURNED_MAX_SIDE_PX`, and the factor."""
         height, width = image.shape[-2:]
-        factor = min(1.0, min(self.max_side, TURNED_MAX_SIDE_PX) / max(height, width))
+        factor = min(1.0, min(self.max_side, TURNED_MAX_SIDE_PX) / max(height, width, 1))
         if factor < 1.0:
             size = (max(1, round(height * factor)), max(1, round(width * factor)))
             image = F.interpolate(image[None].to(self.device, torch.float32), size=size, mode="area")[0]
@@ -222,7 +222,8 @@ class FaceDetector:
         sizes = [float(min_size)] * len(batch) if isinstance(min_size, (int, float)) else list(min_size)
         groups: dict[tuple[int, int, float], list[int]] = defaultdict(list)
         for i, image in enumerate(batch):
-            groups[(*image.shape[1:], sizes[i])].append(i)
+            if image.shape[-2] * image.shape[-1]:  # a photo with no pixels holds no face
+                groups[(*image.shape[1:], sizes[i])].append(i)
         stacks, min_faces, scales, order = [], [], [], []
         for (height, width, min_face), indices in groups.items():
             scale = detection_scale(height, width, min_face, self.max_side)
@@ -346,11 +347,13 @@ def _merge_turns(candidates: list[tuple[int, Faces]]) -> tuple[Faces, set[int]]:
     boxes, kept_turns = torch.zeros(0, 4), []
     for _, _, k, found, n in readings:
         box = found.boxes[n].float().cpu()
-        if len(boxes) and float(box_iou(box, boxes).max()) >= TURNED_OVERLAP_IOU:
+        # only readings at other turns are compared: MTCNN's own NMS already told one turn's faces
+        # apart (two overlapping upright faces, IoU 0.47, lost one of them to this merge)
+        other = torch.tensor([t != k for t in kept_turns], dtype=torch.bool)
+        if bool(other.any()) and float(box_iou(box, boxes[other]).max()) >= TURNED_OVERLAP_IOU:
             continue
         # a reading at another turn nested in a kept face (MTCNN reads part of a face lying on its
         # side as a small upright face, 0.9+): IoU alone kept it, a second "face" inside the first
-        other = torch.tensor([t != k for t in kept_turns], dtype=torch.bool)
         if bool(other.any()) and float(box_min_overlap(box, boxes[other]).max()) >= NMS_MIN_ONET:
             continue
         kept.append(found.select([n]))
