@@ -101,6 +101,34 @@ def test_facenet_takes_facenet_pytorchs_own_file_and_refuses_a_partial_one(tmp_p
         create_embedder("facenet-vggface2", weights=tmp_path / "part.pt", device="cpu")
 
 
+def test_facenet_names_the_keys_a_file_does_not_fit_by(tmp_path):
+    """torch lists the keys on lines after its first, so the one-line error said only "Error(s) in
+    loading state_dict for InceptionResnetV1:" of a file with an unexpected, missing or misshapen key."""
+    from facenet_pytorch.models.inception_resnet_v1 import InceptionResnetV1
+
+    state = InceptionResnetV1(pretrained=None, classify=False).state_dict()
+    edits = {
+        "unexpected keys (1): head.weight": {**state, "head.weight": torch.zeros(1)},
+        "missing keys (1): block8.conv2d.weight": {
+            k: v for k, v in state.items() if k != "block8.conv2d.weight"
+        },
+        "keys of another shape (1): last_bn.weight": {**state, "last_bn.weight": torch.zeros(3)},
+    }
+    for words, edited in edits.items():
+        torch.save(edited, tmp_path / "edited.pt")
+        with pytest.raises(ModelNotFoundError, match="do not fit") as info:
+            create_embedder("facenet-vggface2", weights=tmp_path / "edited.pt", device="cpu")
+        assert words in str(info.value)
+
+
+def test_a_threshold_of_true_is_refused():
+    """JSON's ``true`` reads as 1: a card edited to ``"match_threshold": true`` was listed and used as
+    ``< True``, and printed as a threshold of ``true`` in JSON output."""
+    card = get_card("dlib-resnet")
+    with pytest.raises(InvalidInputError, match="match threshold True"):
+        type(card)(**{**card.__dict__, "match_threshold": True})
+
+
 @pytest.mark.parametrize("name", available_embedders())
 def test_every_available_model(name):
     model = create_embedder(name, device="cpu")

@@ -709,3 +709,29 @@ def test_the_model_listing_exits_3_when_an_added_card_is_broken(config_home):
     (folder / "test-broken.json").unlink()
     register_user_models()
     assert CliRunner().invoke(main, ["models"]).exit_code == 0
+
+
+def test_an_mxnet_model_whose_params_were_moved_is_not_available(mobileface_dir, tmp_path, config_home):
+    """Only the graph was looked for: with its ``-0000.params`` moved away the model was listed as
+    available, so every command run with all available models (``cloak`` without ``--models``)
+    failed on it instead of leaving it out; the "why" of a missing file named it without a word."""
+    from facecloak.models import available_embedders, embedder_status
+
+    for suffix in ("-symbol.json", "-0000.params"):
+        (tmp_path / f"mf{suffix}").symlink_to(mobileface_dir / f"MobileFace_Identification_V2{suffix}")
+    add_user_model("test-moved", tmp_path / "mf-symbol.json")
+    assert "test-moved" in available_embedders()
+    (tmp_path / "mf-0000.params").unlink()
+    ok, why = embedder_status("test-moved")
+    assert not ok and "test-moved" not in available_embedders()
+    assert str(tmp_path / "mf-0000.params") in why and "moved or deleted" in why
+    (tmp_path / "mf-symbol.json").unlink()
+    assert str(tmp_path / "mf-symbol.json") in embedder_status("test-moved")[1]
+
+
+def test_a_graph_not_named_symbol_json_says_how_to_name_it(mobileface_dir, tmp_path, config_home):
+    """A ``.json`` graph named otherwise was told to "pass params=", an option ``models add`` lacks."""
+    (tmp_path / "graph.json").symlink_to(mobileface_dir / MOBILEFACE_SYMBOL)
+    result = CliRunner().invoke(main, ["models", "add", "test-graph", str(tmp_path / "graph.json")])
+    assert result.exit_code == 3
+    assert "params=" not in result.stderr and "NAME-symbol.json" in result.stderr

@@ -31,11 +31,34 @@ class FacenetEmbedder(Embedder):
         # without it a non-strict load left every layer missing from the file random.
         backbone = {key: value for key, value in state_dict.items() if not key.startswith("logits.")}
         self.net = InceptionResnetV1(pretrained=None, classify=False)
+        mismatch = _mismatch(self.net.state_dict(), backbone)
+        if mismatch:
+            raise ValueError(mismatch)
         self.net.load_state_dict(backbone, strict=True)
 
     def forward(self, chips: Tensor) -> Tensor:
         """(N, 3, 160, 160) RGB in [0, 1] -> (N, 512) unit-norm embeddings."""
         return self.net((chips * 255.0 - 127.5) / 128.0)
+
+
+def _mismatch(expected: dict[str, Tensor], given: dict[str, Tensor]) -> str:
+    """What keeps ``given`` from loading into a network whose state dict is ``expected`` ("" if nothing).
+
+    torch's own message puts the keys on lines after the first, so the one-line error named none.
+    """
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    unexpected = sorted(map(str, set(given) - set(expected)))  # str: a key of a foreign file may be none
+    missing = sorted(set(expected) - set(given))
+    misshapen = sorted(
+        key
+        for key in set(given) & set(expected)
+        if not isinstance(given[key], Tensor) or given[key].shape != expected[key].shape
+    )
+    found = {"unexpected keys": unexpected, "missing keys": missing, "keys of another shape": misshapen}
+    return "; ".join(f"{what} ({len(keys)}): {some(keys)}" for what, keys in found.items() if keys)
 
 
 def _load(card: FaceModelCard, path: Path) -> FacenetEmbedder:
@@ -47,7 +70,7 @@ def _load(card: FaceModelCard, path: Path) -> FacenetEmbedder:
         raise ModelNotFoundError("not an InceptionResnetV1 state dict", path)
     try:
         return FacenetEmbedder(card, state)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         raise ModelNotFoundError(
             f"weights do not fit InceptionResnetV1 ({str(error).splitlines()[0]})", path
         ) from None

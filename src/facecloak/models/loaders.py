@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from facecloak.errors import ModelNotFoundError
 from facecloak.models.fold import fold_fx_batch_norm
 from facecloak.models.mxnet import load_mxnet_model
+from facecloak.models.mxnet.graph import _default_params_path
 
-__all__ = ["MODEL_FILE_PATTERNS", "load_network"]
+__all__ = ["MODEL_FILE_PATTERNS", "load_network", "missing_model_file"]
 
 MODEL_FILE_PATTERNS = ("*.onnx", "*-symbol.json")
 """Files `load_network` reads: ONNX models and MXNet graphs (with their params beside them)."""
@@ -137,8 +138,28 @@ def load_network(file: Path) -> nn.Module:
             ) from None
         fold_fx_batch_norm(network.eval())
         return network
-    if name.endswith("-symbol.json") or name.endswith(".json"):
+    if file.name.endswith("-symbol.json"):
         graph = load_mxnet_model(file)
         graph.fold_batch_norm()
         return graph
+    if name.endswith(".json"):  # the params are found by the graph's name: "pass params=" was no option here
+        raise ModelNotFoundError(
+            "an MXNet graph must be named NAME-symbol.json, with its NAME-0000.params beside it", file
+        )
     raise ModelNotFoundError("unsupported model file: expected .onnx or an MXNet NAME-symbol.json", file)
+
+
+def missing_model_file(file: Path) -> Path | None:
+    """The first file `load_network` would read for ``file`` that is not there, else None.
+
+    An MXNet graph needs its params beside it: with them moved away, the model was listed as
+    available and every command that uses all available models failed on it.
+    """
+    file = Path(file)
+    if not file.is_file():
+        return file
+    if file.name.endswith("-symbol.json"):
+        params = _default_params_path(file, None)
+        if not params.is_file():
+            return params
+    return None

@@ -72,7 +72,7 @@ class FaceModelCard:
         self._check_shape()
         threshold = self.match_threshold
         largest = 2.0 if self.distance == "cosine" else math.inf
-        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 < threshold < largest):
+        if not (is_finite_number(threshold) and 0 < threshold < largest):  # JSON's true is no threshold
             bound = "between 0 and 2 (a cosine distance)" if self.distance == "cosine" else "positive"
             raise InvalidInputError(f"model {self.name!r}: match threshold {threshold!r} must be {bound}")
 
@@ -156,7 +156,7 @@ WeightsLocator = Callable[[], Path | None]
 class _Entry:
     card: FaceModelCard
     factory: Factory
-    locate: WeightsLocator  # weights found on this machine without the user's help, or None
+    locate: WeightsLocator  # weights found here without the user's help, else None (or it raises why not)
     user: bool = False  # added by the user (`facecloak.models.user_models`), not built in
 
 

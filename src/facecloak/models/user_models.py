@@ -16,7 +16,7 @@ from pathlib import Path
 
 from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError
 from facecloak.io import write_bytes_atomic
-from facecloak.models.loaders import MODEL_FILE_PATTERNS, load_network
+from facecloak.models.loaders import MODEL_FILE_PATTERNS, load_network, missing_model_file
 from facecloak.models.plugins import NAME_PATTERN, PluginEmbedder, check_plugin_card, load_model_file
 from facecloak.models.registry import (
     FaceModelCard,
@@ -88,8 +88,14 @@ def remove_user_model(name: str) -> None:
 def _register(card: FaceModelCard) -> None:
     file = Path(card.weights)
 
-    def locate() -> Path | None:
-        return file if file.is_file() else None
+    def locate() -> Path:
+        missing = missing_model_file(file)
+        if missing is not None:
+            raise ModelNotFoundError(
+                f"model {card.name} is not available: its file {missing} is not there (moved or deleted?); "
+                f"add it again with `facecloak models add {card.name} FILE`"
+            )
+        return file
 
     @register_embedder(card, locate=locate, user=True)
     def factory(weights: Path | None) -> PluginEmbedder:
