@@ -755,3 +755,77 @@ def test_a_face_short_after_escalating_or_at_high_is_not_told_to_escalate():
         outcome = FileOutcome("a.jpg", "unprotected", output="out/a_cloaked.png", faces=faces)
         text = str(BatchReport("cloak", options, [outcome]))
         assert hint in text and (hint.startswith("a higher") or "--escalate for" not in text), options
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--mode", "targeted", "--identity-key", "k", "--per-photo"],
+        ["--mode", "targeted", "--identity-key", "k", "--person-level"],
+        ["--mode", "targeted", "--identity-key", "k", "--laggard-weight", "5"],
+        ["--level", "high", "--escalate"],
+    ],
+)
+def test_a_cloak_option_with_no_effect_in_its_mode_or_level_is_refused(runner, samples_dir, tmp_path, args):
+    """A targeted cloak drops --per-photo and --laggard-weight, and high has no level to escalate to:
+    each ran (exit 0 or 1) while the report's options listed the setting as used."""
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["cloak", str(samples_dir / "astronaut.jpg"), "-o", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert "--escalate has no level above" in result.stderr or "is for --mode untargeted" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command, args",
+    [(["cloak"], []), (["anonymize"], ["--format", "png"]), (["anonymize"], ["--format", "tiff"])],
+)
+def test_jpeg_quality_for_a_lossless_output_is_refused(runner, samples_dir, tmp_path, command, args):
+    """``cloak photo.jpg --jpeg-quality 90`` wrote a PNG (the cloak's default format) and dropped
+    the quality without a word; a lossless --format the same."""
+    out = tmp_path / "out"
+    photo = str(samples_dir / "astronaut.jpg")
+    result = runner.invoke(main, [*command, photo, "-o", str(out), "--jpeg-quality", "90", *args])
+    assert result.exit_code == 2, result.output
+    assert "--jpeg-quality is for JPEG, WebP or HEIF outputs" in result.stderr
+    assert not out.exists()
+
+
+def test_donors_add_of_a_missing_path_is_one_files_error_and_the_others_are_added(
+    runner, samples_dir, tmp_path, monkeypatch
+):
+    """A missing photo was a usage error (exit 2, click's usage text) and stopped every other
+    photo; elsewhere, and in `donors add --help`, it is one file's error line and exit code 3."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    missing = tmp_path / "nope.jpg"
+    result = runner.invoke(
+        main,
+        ["donors", "add", str(missing), str(samples_dir / "astronaut.jpg"), "--bank", "b", "--licence", "x"],
+    )
+    assert result.exit_code == 3, result.output
+    assert f"error: {missing}: no such file or folder" in result.stdout
+    assert "1 donor(s) added" in result.stdout and "Usage:" not in result.output
+
+
+@pytest.mark.parametrize("flag", ["--json", "--jsonl"])
+def test_embed_that_cannot_start_or_is_stopped_still_prints_its_json(runner, samples_dir, monkeypatch, flag):
+    """``embed --json`` with an unknown model, and ``detect``/``embed``/``verify`` stopped by Ctrl-C,
+    left stdout empty (verify and the batch commands print their ``{command, error, exit_code}``)."""
+    photo = str(samples_dir / "astronaut.jpg")
+    unknown = runner.invoke(main, ["embed", photo, "--model", "nope", flag])
+    assert unknown.exit_code == 2, unknown.output
+    assert json.loads(unknown.stdout) == {
+        "command": "embed",
+        "error": unknown.stderr.strip().removeprefix("error: "),
+        "exit_code": 2,
+    }
+    import facecloak.commands
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(facecloak.commands, "detect_files", interrupted)
+    stopped = runner.invoke(main, ["detect", photo, flag])
+    assert stopped.exit_code == 130, stopped.output
+    document = json.loads(stopped.stdout)
+    assert document["command"] == "detect" and document["exit_code"] == 130

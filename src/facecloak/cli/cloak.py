@@ -10,7 +10,7 @@ from facecloak.batch_types import Options
 from facecloak.cli import running
 from facecloak.cli.options import CONTEXT, batch_options, io_options, ray_option
 from facecloak.cli.running import fail_run, finish, run_protection
-from facecloak.defaults import CPU_CLOAK_BATCH, GPU_CLOAK_BATCH, MAX_SEED
+from facecloak.defaults import CPU_CLOAK_BATCH, GPU_CLOAK_BATCH, MAX_SEED, STRONGEST_LEVEL
 from facecloak.errors import FacecloakError
 
 
@@ -161,6 +161,13 @@ def cloak(
         )
     if mode != "targeted" and identity_key:  # ignored before: an untargeted cloak where one was meant
         raise click.UsageError("--identity-key is for --mode targeted (add --mode targeted, or drop the key)")
+    if mode == "targeted":  # a targeted cloak drops them, yet the report listed them as used
+        untargeted_only = {"--person-level/--per-photo": person_level, "--laggard-weight": laggard_weight}
+        for flag, value in untargeted_only.items():
+            if value is not None:
+                raise click.UsageError(f"{flag} is for --mode untargeted (a targeted cloak pulls to its key)")
+    if escalate and level == STRONGEST_LEVEL:  # nothing above it: the report said "escalate" of nothing
+        raise click.UsageError(f"--escalate has no level above --level {level} to go to")
     from facecloak._checks import split_names
     from facecloak._device import cloak_batch_size
     from facecloak.models import choose_embedders

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, require_paths, usable_device
+from facecloak.cli.options import CONTEXT, usable_device
 from facecloak.cli.running import fail, load_models
 from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE, FacecloakError
 
@@ -56,8 +56,7 @@ def donors_add(paths, bank, licence, all_faces, device, as_json) -> None:
     """
     from facecloak.donors import add_donors
 
-    require_paths(paths)
-    try:
+    try:  # a missing path is one file's error in the report (exit 3), as in every other command
         models = load_models(None, device)
         report = add_donors(paths, models, bank=bank, licence=licence, all_faces=all_faces)
     except FacecloakError as error:

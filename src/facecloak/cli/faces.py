@@ -8,15 +8,35 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, JSONL_OPTION, batch_options, detect_options, verify_detect_options
+from facecloak.cli.options import (
+    CONTEXT,
+    JSONL_OPTION,
+    batch_options,
+    detect_options,
+    remember_json_output,
+    verify_detect_options,
+)
 from facecloak.cli.running import echo_end_document, fail, load_models, print_per_file
 from facecloak.errors import EXIT_OK, EXIT_UNPROTECTED, FacecloakError
+
+
+def _fail_listing(command: str, error: FacecloakError, as_json: bool) -> None:
+    """`fail`, and with --json/--jsonl the end document on stdout: a pipe into jq got nothing."""
+    if as_json:
+        echo_end_document(command, str(error), error.exit_code)
+    fail(error)
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @detect_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    callback=remember_json_output,
+    help="Print one JSON document instead of a table.",
+)
 @JSONL_OPTION
 def detect(paths, as_json, as_jsonl, **detection) -> None:
     """List the faces found in photos (boxes, confidence, five landmarks).
@@ -36,7 +56,7 @@ def detect(paths, as_json, as_jsonl, **detection) -> None:
     try:
         results = detect_files(paths, options)
     except FacecloakError as error:
-        fail(error)
+        _fail_listing("detect", error, as_json or as_jsonl)
 
     def describe(face: dict) -> str:
         box = ", ".join(f"{v:.0f}" for v in face["box"])
@@ -49,7 +69,13 @@ def detect(paths, as_json, as_jsonl, **detection) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_name", default="dlib-resnet", show_default=True, help="Face model.")
 @detect_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (with the full vectors).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    callback=remember_json_output,
+    help="Print one JSON document (with the full vectors).",
+)
 @JSONL_OPTION
 def embed(paths, model_name, as_json, as_jsonl, **detection) -> None:
     """Print the embedding of every face found.
@@ -67,7 +93,7 @@ def embed(paths, model_name, as_json, as_jsonl, **detection) -> None:
         model = load_models(model_name, options.device)[0]
         results = embed_files(paths, model, options)
     except FacecloakError as error:
-        fail(error)
+        _fail_listing("embed", error, as_json or as_jsonl)
 
     def describe(face: dict) -> str:
         head = " ".join(f"{v:+.3f}" for v in face["embedding"][:6])
@@ -96,7 +122,9 @@ def embed(paths, model_name, as_json, as_jsonl, **detection) -> None:
     hidden=True,
     help="Deprecated alias of --detect-threshold.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option(
+    "--json", "as_json", is_flag=True, callback=remember_json_output, help="Print one JSON document."
+)
 def verify(first, second, model_name, match_threshold, deprecated_threshold, as_json, **detection) -> None:
     """Say whether two photos show the same person (largest face of each).
 

@@ -111,7 +111,7 @@ def io_options(function: Callable | None = None, *, cloak: bool = False) -> Call
             "--jpeg-quality",
             type=click.IntRange(1, 100),
             default=None,
-            help="Re-encode JPEG/WebP outputs whole at this quality. Default: a JPEG written from a "
+            help="Re-encode JPEG/WebP/HEIF outputs whole at this quality. Default: a JPEG written from a "
             "JPEG keeps the input's own quantisation and re-encodes only the 8x8 blocks around the "
             "faces (every other block stays bit-exact); other outputs use 95.",
         ),
@@ -212,9 +212,19 @@ def verify_detect_options(function: Callable) -> Callable:
     return detect_options(function, verify=True)
 
 
+QUALITY_FORMATS = ("input", "jpeg", "webp", "heif")
+"""``--format`` values whose outputs can be lossy, so ``--jpeg-quality`` applies (input: some may be)."""
+
+
 def batch_options(out_dir: Path | None, **values) -> Options:
     """The batch `Options` from a command's option values (defaults as in `facecloak.defaults`)."""
     format_name = (values.get("format_name") or "input").lower()
+    if values.get("jpeg_quality") is not None and format_name not in QUALITY_FORMATS:
+        # a lossless output has no quality: a cloak (PNG by default) ignored it without a word
+        raise click.UsageError(
+            f"--jpeg-quality is for JPEG, WebP or HEIF outputs (this is --format {format_name}); "
+            "add --format jpeg, or --format input for each input's own"
+        )
     return Options(
         out_dir=str(out_dir) if out_dir else None,
         format=None if format_name == "input" else format_name,
@@ -230,7 +240,11 @@ def batch_options(out_dir: Path | None, **values) -> Options:
 
 
 JSONL_OPTION = click.option(
-    "--jsonl", "as_jsonl", is_flag=True, help="Print one JSON line per face (for pipes: grep, head, jq)."
+    "--jsonl",
+    "as_jsonl",
+    is_flag=True,
+    callback=remember_json_output,
+    help="Print one JSON line per face (for pipes: grep, head, jq).",
 )
 
 
