@@ -172,3 +172,16 @@ def test_small_faces_in_a_large_photo_are_not_downscaled_out_of_reach(detector, 
     assert len(faces) == len(lefts)
     centres = sorted(((faces.boxes[:, 0] + faces.boxes[:, 2]) / 2).tolist())
     assert all(abs(c - (left + 20)) < 15 for c, left in zip(centres, lefts))
+
+
+def test_a_reported_box_holds_the_same_pixels_as_the_exact_one():
+    """A bottom edge at 201.0018 was reported as 201.0: the written file's DSSIM, measured over the
+    reported box, left out the row the cloak had measured its caps on."""
+    from facecloak.faces import pixel_bounds
+
+    exact = [10.004, 19.996, 100.0018, 201.0018]
+    index = torch.zeros(1, dtype=torch.long)
+    faces = Faces(torch.tensor([exact]), torch.zeros(1, 5, 2), torch.ones(1), index)
+    reported = faces.to_records()[0]["box"]
+    assert pixel_bounds(reported, 400, 400) == pixel_bounds(faces.boxes[0].tolist(), 400, 400)
+    assert all(abs(a - b) <= 0.01 for a, b in zip(reported, exact))
