@@ -671,3 +671,23 @@ def test_photos_protected_elsewhere_are_not_reported_as_cloaked_here(lfw_dir, tm
     settings = run_evaluation(request).settings
     assert settings["method"] == f"folder:{tmp_path / 'protected'}"
     assert settings["cloak_models"] == [] and settings["level"] == "-" and settings["mode"] == "-"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--method", "blur", "--escalate"],
+        ["--method", "none", "--mode", "targeted"],
+        ["--method", "mask", "--per-photo"],
+        ["--method", "cloak", "--donors", "bank"],
+        ["--method", "cloak", "--keep-mouth"],
+        ["--method", "pixelate", "--models", "dlib-resnet"],
+    ],
+)
+def test_cli_an_option_of_another_method_is_refused_not_ignored(lfw_dir, tmp_path, args):
+    """`evaluate --method blur --escalate` ran a blur and said nothing of the option."""
+    arguments = ["evaluate", str(lfw_dir / "images"), *args, "-o", str(tmp_path / "r"), "-q"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2, result.output
+    assert "is for --method" in result.output
+    assert not (tmp_path / "r").exists()

@@ -201,6 +201,8 @@ def evaluate(
     from facecloak.evaluate import EvaluationRequest, run_evaluation
     from facecloak.report import summary_table, write_html, write_json
 
+    _refuse_options_of_other_methods(method)
+
     request = EvaluationRequest(
         data=data,
         method=method,
@@ -293,3 +295,38 @@ def _stage_progress(quiet: bool):
             bar.update(tasks[stage], completed=done, total=total)
 
         yield update
+
+
+_METHOD_OPTIONS = {
+    "cloak": (("mode", "--mode"), ("escalate", "--escalate"), ("person_level", "--person-level/--per-photo")),
+    "replace": (
+        ("donor_bank", "--donors"),
+        ("donors_per_face", "--donors-per-face"),
+        ("fallback", "--fallback"),
+        ("donor_margin", "--donor-margin"),
+        ("finish_near_misses", "--no-finish"),
+        ("keep_mouth", "--keep-mouth"),
+    ),
+}
+
+
+def _refuse_options_of_other_methods(method: str) -> None:
+    """A usage error for an option another ``--method`` takes: it was ignored without a word.
+
+    (``evaluate --method blur --escalate`` ran a blur and reported nothing of the option.)
+    """
+    context = click.get_current_context()
+
+    def given(name: str) -> bool:
+        source = context.get_parameter_source(name)
+        return source is not None and source.name != "DEFAULT"
+
+    for owner, options in _METHOD_OPTIONS.items():
+        for name, flag in options:
+            if method != owner and given(name):
+                raise click.UsageError(f"{flag} is for --method {owner} (this is --method {method})")
+    if method not in ("cloak", "replace") and given("models"):
+        raise click.UsageError(
+            f"--models is for --method cloak or replace (this is --method {method}); "
+            "the models that try to match the faces are --attackers"
+        )
