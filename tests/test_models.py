@@ -45,9 +45,16 @@ def test_unknown_model_lists_the_known_ones():
         create_embedder("arcface-r999")
 
 
-def test_a_models_option_is_read_one_way_everywhere():
+def test_a_models_option_is_read_one_way_everywhere(tmp_path, monkeypatch):
     """`--models` of cloak, anonymize, evaluate and the service all go through choose_embedders."""
     assert choose_embedders(None) == choose_embedders("") == available_embedders()
+    monkeypatch.delenv("FACECLOAK_FACENET_CASIA", raising=False)
+    # a registered model without its weights here: refused before any photo (it failed each photo)
+    with pytest.raises(ModelNotFoundError, match="FACECLOAK_FACENET_CASIA") as info:
+        choose_embedders("dlib-resnet,facenet-casia")
+    assert not isinstance(info.value, UnknownModelError)
+    (tmp_path / "casia.pt").write_bytes(b"weights")
+    monkeypatch.setenv("FACECLOAK_FACENET_CASIA", str(tmp_path / "casia.pt"))
     assert choose_embedders(" dlib-resnet , ,facenet-casia") == ["dlib-resnet", "facenet-casia"]
     with pytest.raises(UnknownModelError, match="'arcface-r999'"):
         choose_embedders("dlib-resnet,arcface-r999")

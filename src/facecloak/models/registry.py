@@ -240,16 +240,18 @@ def available_embedders() -> list[str]:
 
 
 def choose_embedders(names: str | None) -> list[str]:
-    """The models named (comma-separated), each checked to be registered; none named: every available one.
+    """The models named (comma-separated), each registered and available here; none: every available one.
 
-    The one reading of a ``--models`` option (command line, evaluator, replacer): an unknown name
-    fails here, before any photo is read.
+    The one reading of a ``--models`` option (command line, evaluator, replacer): an unknown name,
+    or a model whose weights are not here, fails here, before any photo is read (a model without
+    its weights was found only when the batch loaded it, and reported as a failed photo).
     """
     wanted = split_names(names) or available_embedders()
     if not wanted:
         raise ModelNotFoundError("no face model is available here; see `facecloak models`")
     for name in wanted:
         _entry(name)
+        resolve_weights(name)
     return wanted
 
 
