@@ -359,8 +359,10 @@ def test_bank_round_trip(bank, data_home, tmp_path, models, donor_dir, detector)
     for name, table in bank.embeddings.items():
         assert torch.equal(copied.embeddings[name], table)
     # the same photos added again add nothing (they doubled the bank); a removed donor comes back
+    manifest_before = (copy / "bank.json").read_bytes()
     again = add_donors([donor_dir], models, bank=copy, detector=detector)
     assert again.added == [] and again.total_donors == DONORS
+    assert (copy / "bank.json").read_bytes() == manifest_before  # not a source entry of 0 donors
     assert sum("in the bank already" in reason for _, reason in again.skipped) == DONORS
     # removing a donor removes its chip and its embedding row
     assert remove_donors(copy, [bank.ids[1]]) == 1

@@ -255,6 +255,12 @@ def _add_donors(
         # no face to add: no bank is created (an empty one, under a mistyped name too, was left
         # behind to be refused later as empty by `anonymize --donors`)
         return report
+    if existing is not None and not records:
+        # nothing new (every photo in the bank already, or faceless): the bank stays as it was,
+        # not rewritten with a source entry of 0 donors that `donors list` then showed
+        report.total_donors = len(existing)
+        report.written = True
+        return report
     _commit(folder, existing, records, embeddings, models, source)
     report.added = [record["id"] for record in records]
     report.total_donors = (len(existing) if existing is not None else 0) + len(records)
