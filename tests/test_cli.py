@@ -829,3 +829,17 @@ def test_embed_that_cannot_start_or_is_stopped_still_prints_its_json(runner, sam
     assert stopped.exit_code == 130, stopped.output
     document = json.loads(stopped.stdout)
     assert document["command"] == "detect" and document["exit_code"] == 130
+
+
+def test_a_cloak_of_no_steps_is_said_to_be_none_not_short(runner, samples_dir, tmp_path):
+    """`--steps 0` was said to have "fell short of the target", with advice to go a level up, and
+    its unchanged face read DSSIM -0.0000 (a float32 sum a hair under 0)."""
+    photo = str(samples_dir / "astronaut.jpg")
+    result = runner.invoke(main, ["cloak", photo, "-o", str(tmp_path), "--steps", "0", "--rotations", "none"])
+    assert result.exit_code == 1, result.output
+    assert "(--steps 0: not cloaked at all)" in result.output and "a higher --level" not in result.output
+    assert "-0.0000" not in result.output
+    arguments = ["cloak", photo, "-o", str(tmp_path), "--steps", "0", "--rotations", "none"]
+    document = runner.invoke(main, [*arguments, "--json", "--overwrite"])
+    face = json.loads(document.stdout)["files"][0]["faces"][0]
+    assert face["dssim"] >= 0 and face["box_dssim_written"] >= 0 and face["protected"] is False

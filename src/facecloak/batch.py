@@ -418,8 +418,8 @@ def _measure_written(target: Path, image: io.LoadedImage, output: Tensor, face_r
         stored = float(box_dssims(source, written[None], box)[0, 0])
         change = (written - image.pixels)[:, y0:y1, x0:x1].abs()
         record.update(
-            box_dssim_cloaked=round(cloaked, 5),
-            box_dssim_written=round(stored, 5),
+            box_dssim_cloaked=round(max(0.0, cloaked), 5),  # float32 sums: -1e-05 for no change
+            box_dssim_written=round(max(0.0, stored), 5),
             linf_written=round(float(change.max()) * 255) if change.numel() else 0,
         )
 

@@ -191,7 +191,10 @@ class BatchReport:
                 fix = "--rotations all also looks in every photo turned, or lower --min-face"
             lines.append(f"    (faces of at least --min-face pixels are looked for {hint}: {fix})")
         if self.unprotected_faces:
+            # --steps 0 changes nothing: "fell short" and the hints to go a level up misled
+            unchanged = self.command == "cloak" and self.options.get("steps") == 0
             why = " (fell short of the target)" if self.command == "cloak" else ""
+            why = " (--steps 0: not cloaked at all)" if unchanged else why
             lines.append(f"  {self.unprotected_faces} face(s) NOT protected{why}:")
             explained = False
             for o in self.outcomes:
@@ -214,7 +217,7 @@ class BatchReport:
                 for face in o.faces
             )
             at_the_top = self.options.get("level") == STRONGEST_LEVEL
-            explained = explained and self.command == "cloak"  # the hints below are a cloak's
+            explained = explained and self.command == "cloak" and not unchanged  # a cloak's hints
             if explained and short_after_escalating:
                 lines.append("    (cloaked again one level up and still short: a face hard for these models)")
             elif explained and at_the_top:

@@ -42,7 +42,7 @@ from facecloak.errors import FacecloakError
 @click.option(
     "--identity-key",
     default=None,
-    help="targeted: a per-person secret; photos cloaked with the same key get the same target.",
+    help="targeted: a per-person secret; photos cloaked with the same key are pulled the same way.",
 )
 @click.option(
     "--steps", type=click.IntRange(0, 10_000), default=None, help="Most steps per face [level's default]."
@@ -157,7 +157,7 @@ def cloak(
     if mode == "targeted" and not identity_key:
         raise click.UsageError(
             "--mode targeted needs --identity-key: a per-person secret, so that every photo of the "
-            "person is pulled toward the same target (a random target per photo would not hide them)"
+            "person is pulled the same way (a random direction per photo would not hide them)"
         )
     if mode != "targeted" and identity_key:  # ignored before: an untargeted cloak where one was meant
         raise click.UsageError("--identity-key is for --mode targeted (add --mode targeted, or drop the key)")

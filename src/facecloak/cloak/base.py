@@ -1147,7 +1147,8 @@ class Cloak:
             colour = quality.ciede2000_stats(a[0], b[0])
             values[:, k] = torch.tensor(
                 [
-                    float(quality.dssim(a, b)[0]) if dssim is None else float(dssim[k, 0]),
+                    # float32 sums leave an unchanged face a hair under 0 (-1e-05 was reported)
+                    max(0.0, float(quality.dssim(a, b)[0]) if dssim is None else float(dssim[k, 0])),
                     float(quality.psnr(a, b)[0]),
                     float(quality.linf(a, b)[0]),
                     *colour,

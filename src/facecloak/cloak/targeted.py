@@ -1,4 +1,4 @@
-"""Targeted cloak: pull every photo of a person toward one synthetic identity derived from a key.
+"""Targeted cloak: pull every photo of a person the same way, toward a synthetic identity from a key.
 
 Fawkes' paper pulls a user's photos toward the embedding of another, real person chosen among
 the farthest. We take no one's face: the target is synthesised per model from a per-person key,

@@ -481,7 +481,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             "api_key_required": bool(keys),
         }
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: uptime checks
     async def page() -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
@@ -604,7 +604,8 @@ def _with_reason(face: dict, kind: str, level: str | None = None) -> dict:
         if distance is None:
             distance = model["distance"]
         relation = ">=" if distance >= model["threshold"] else "<"
-        parts.append(f"{name} distance {distance:.2f} {relation} match threshold {model['threshold']:.2f}")
+        # three decimals: a miss by a hair read "0.60 < match threshold 0.60"
+        parts.append(f"{name} distance {distance:.3f} {relation} match threshold {model['threshold']:.3f}")
     detail = "; ".join(parts)
     if face.get("protected"):
         reason = f"after JPEG 75: {detail} (a scraper no longer matches this face)"
@@ -616,7 +617,7 @@ def _with_reason(face: dict, kind: str, level: str | None = None) -> dict:
     elif level is not None and level not in STRONGER_LEVEL:
         advice = f"{level} is the strongest level: a face hard for these models"
     else:
-        advice = "try a higher level, or escalate"
+        advice = "try a higher level, or cloak it again one level stronger (escalate)"
     return dict(
         face,
         reason=f"NOT protected: after JPEG 75, {detail}: a scraper would still match this face; {advice}",
