@@ -7,6 +7,7 @@ the reason when they are missing. Saves the screenshot shown in the README.
 from __future__ import annotations
 
 import base64
+import datetime
 import io
 import shutil
 import zipfile
@@ -196,22 +197,124 @@ def test_a_photo_that_failed_shows_no_protected_photo_pane(browser, page_url, sa
         assert done.find_element(By.CSS_SELECTOR, pane).is_displayed()
 
 
-def test_a_page_without_its_api_key_says_to_fill_in_the_field(browser, tmp_path, samples_dir):
+@pytest.fixture(scope="module")
+def keyed_page_url(tmp_path_factory):
+    """A service that needs the API key ``secret``."""
+    workdir = tmp_path_factory.mktemp("keyed")
+    keys = workdir / "keys.txt"
+    keys.write_text("secret\n")
+    with running_service(workdir, "--api-keys", str(keys)) as (url, _, _):
+        yield url
+
+
+def blur_with_key(browser, url: str, photo: Path, key: str) -> str:
+    """Blur one photo on the page with this API key typed in; the card's per-face text."""
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "key-row").is_displayed())
+    browser.find_element(By.ID, "file-input").send_keys(str(photo))
+    browser.find_element(By.CSS_SELECTOR, "input[name=method][value=blur]").click()
+    browser.find_element(By.ID, "api-key").send_keys(key)
+    browser.find_element(By.ID, "protect-button").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+    return browser.find_element(By.CSS_SELECTOR, "#results .card .faces").text
+
+
+def test_a_page_without_its_api_key_says_to_fill_in_the_field(browser, keyed_page_url, samples_dir):
     """With keys on, a page user who left the key empty read the API's own words, "send
     'Authorization: Bearer KEY'": the page has a field for it."""
-    keys = tmp_path / "keys.txt"
-    keys.write_text("secret\n")
-    with running_service(tmp_path, "--api-keys", str(keys)) as (url, _, _):
-        browser.get(url + "/")
-        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "key-row").is_displayed())
-        browser.find_element(By.ID, "file-input").send_keys(str(samples_dir / "grace_hopper.jpg"))
-        browser.find_element(By.CSS_SELECTOR, "input[name=method][value=blur]").click()
-        browser.find_element(By.ID, "protect-button").click()
-        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
-        reason = browser.find_element(By.CSS_SELECTOR, "#results .card .faces").text
-        assert "enter it in the API key field above" in reason and "Bearer" not in reason
-        browser.find_element(By.ID, "api-key").send_keys("wrong")
-        browser.find_element(By.ID, "protect-button").click()
-        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
-        reason = browser.find_element(By.CSS_SELECTOR, "#results .card .faces").text
-        assert "the API key in the field above is not accepted" in reason
+    reason = blur_with_key(browser, keyed_page_url, samples_dir / "grace_hopper.jpg", "")
+    assert "enter it in the API key field above" in reason and "Bearer" not in reason
+    reason = blur_with_key(browser, keyed_page_url, samples_dir / "grace_hopper.jpg", "wrong")
+    assert "the API key in the field above is not accepted" in reason
+
+
+def test_an_api_key_a_browser_cannot_send_is_named_as_the_problem(browser, keyed_page_url, samples_dir):
+    """A key pasted with a curly quote made fetch() throw before sending, and the card said
+    "the service could not be reached" of a service that was up."""
+    reason = blur_with_key(browser, keyed_page_url, samples_dir / "grace_hopper.jpg", "secret\u2019")
+    assert "API key" in reason and "could not be reached" not in reason
+    reason = blur_with_key(browser, keyed_page_url, samples_dir / "grace_hopper.jpg", "secret")
+    assert reason.startswith("Face 1: protected.")  # a key it can send, it still sends
+
+
+def test_a_photo_the_browser_cannot_show_says_so(browser, page_url, samples_dir, tmp_path):
+    """A blurred TIFF comes back as TIFF, which Chromium does not show: the card had no "Before"
+    and an "After" pane with a broken image labelled "Protected photo", and its face boxes (drawn
+    on "Before") were gone; a TIFF cloaked to PNG showed no face box either."""
+    tiff = tmp_path / "grace.tiff"
+    Image.open(samples_dir / "grace_hopper.jpg").save(tiff)
+    browser.get(page_url + "/")
+    browser.find_element(By.ID, "file-input").send_keys(str(tiff))
+    browser.find_element(By.CSS_SELECTOR, "input[name=method][value=blur]").click()
+    browser.find_element(By.ID, "protect-button").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+    card = browser.find_element(By.CSS_SELECTOR, "#results .card")
+    assert "Protected (1 face)" in card.find_element(By.CSS_SELECTOR, ".badge").text
+    after = card.find_element(By.CSS_SELECTOR, ".after")
+    WebDriverWait(browser, 10).until(lambda d: "cannot show TIFF" in after.text)
+    assert not card.find_elements(By.CSS_SELECTOR, ".after img")  # no broken image
+    assert not card.find_element(By.CSS_SELECTOR, "button.toggle").is_displayed()
+    link = card.find_element(By.CSS_SELECTOR, "a.download")
+    assert link.get_attribute("download") == "grace_anonymized.tif" and link.is_displayed()
+
+    browser.find_element(By.CSS_SELECTOR, "#format option[value=png]").click()  # shown, the original not
+    browser.find_element(By.ID, "protect-button").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+    card = browser.find_element(By.CSS_SELECTOR, "#results .card")
+    assert card.find_elements(By.CSS_SELECTOR, ".after .box")  # the face's box, on the photo shown
+    assert not card.find_element(By.CSS_SELECTOR, "button.toggle").is_enabled()  # no original to flip to
+
+
+STEPS_ZERO = """
+const send = window.fetch;
+window.fetch = (url, options) => {
+  if (options && options.body instanceof FormData) options.body.append("steps", "0");
+  return send(url, options);
+};
+"""
+
+
+def test_a_face_not_protected_says_so_once(browser, page_url, samples_dir):
+    """The face line read "Face 1: NOT protected. NOT protected: after JPEG 75, ...": the service's
+    reason starts with the words the page puts before it. A cloak of 0 steps leaves the face as it
+    was, NOT protected whatever the machine."""
+    browser.get(page_url + "/")
+    browser.execute_script(STEPS_ZERO)
+    browser.find_element(By.ID, "file-input").send_keys(str(samples_dir / "grace_hopper.jpg"))
+    browser.find_element(By.ID, "escalate").click()  # off: nothing to escalate with 0 steps
+    browser.find_element(By.ID, "protect-button").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+    card = browser.find_element(By.CSS_SELECTOR, "#results .card")
+    assert card.find_element(By.CSS_SELECTOR, ".badge").text == "1 face NOT protected"
+    line = card.find_element(By.CSS_SELECTOR, ".faces li.bad").text
+    assert line.startswith("Face 1: NOT protected. after JPEG 75") and line.count("NOT protected") == 1
+    assert card.find_element(By.CSS_SELECTOR, ".before .box").get_attribute("class").split() == ["box", "bad"]
+
+
+def test_files_left_out_as_not_photos_are_named(browser, page_url, samples_dir, tmp_path):
+    """A dropped folder's text file, or a photo with no extension, was left out without a word:
+    "1 photo chosen" of two files."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    browser.get(page_url + "/")
+    browser.find_element(By.ID, "file-input").send_keys(f"{samples_dir / 'grace_hopper.jpg'}\n{notes}")
+    chosen = browser.find_element(By.ID, "chosen").text
+    assert chosen.startswith("1 photo chosen: grace_hopper.jpg.") and "notes.txt" in chosen
+
+
+ZIP_OF_ONE = """
+const done = arguments[arguments.length - 1];
+makeZip([{ filename: "a.png", blob: new Blob(["x"]) }]).then((blob) => {
+  const reader = new FileReader();
+  reader.onload = () => done(reader.result.split(",")[1]);
+  reader.readAsDataURL(blob);
+});
+"""
+
+
+def test_the_zip_dates_its_photos(browser, page_url):
+    """The zip's entries had a zero date, month 0 day 0 (unzip listed 00-00-1980; datetime refused it)."""
+    browser.get(page_url + "/")
+    archive = zipfile.ZipFile(io.BytesIO(base64.b64decode(browser.execute_async_script(ZIP_OF_ONE))))
+    (entry,) = archive.infolist()
+    assert datetime.datetime(*entry.date_time).year >= 2024 and archive.read("a.png") == b"x"

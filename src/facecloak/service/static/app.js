@@ -27,11 +27,21 @@ fetch("/v1/info").then((r) => r.json()).then((data) => {
   }
 }).catch(() => {});
 
+function isPhoto(file) {
+  return file.type.startsWith("image/") || /\.(jpe?g|png|webp|gif|tiff?|bmp|heic)$/i.test(file.name);
+}
+
 function choose(files) {
-  chosen = Array.from(files).filter((f) => f.type.startsWith("image/") || /\.(jpe?g|png|webp|gif|tiff?|bmp|heic)$/i.test(f.name));
-  $("#chosen").textContent = chosen.length
-    ? `${chosen.length} photo${chosen.length > 1 ? "s" : ""} chosen: ${chosen.map((f) => f.name).join(", ")}`
-    : "No photo chosen yet.";
+  const all = Array.from(files);
+  chosen = all.filter(isPhoto);
+  // a file left out is named: a dropped folder lost one silently ("2 photos chosen" of 3)
+  const skipped = all.filter((f) => !isPhoto(f)).map((f) => f.name);
+  const left = skipped.length
+    ? ` Left out, not a photo by its name or type: ${skipped.join(", ")}.`
+    : "";
+  $("#chosen").textContent = (chosen.length
+    ? `${chosen.length} photo${chosen.length > 1 ? "s" : ""} chosen: ${chosen.map((f) => f.name).join(", ")}.`
+    : "No photo chosen yet.") + left;
   button.disabled = running || chosen.length === 0;
 }
 
@@ -101,7 +111,12 @@ function addCard(file) {
   setBadge(card, "Working…", "");
   card.classList.add("busy");
   const before = $(".before img", card);
-  before.addEventListener("error", () => { $(".before", card).hidden = true; }); // not a photo the browser shows
+  before.addEventListener("error", () => { // not a photo the browser shows (TIFF, HEIC): boxes go on "After"
+    $(".before", card).hidden = true;
+    card.dataset.noOriginal = "true";
+    $(".after .frame", card).append($(".boxes", card));
+    $(".toggle", card).disabled = true;
+  });
   before.src = URL.createObjectURL(file);
   results.append(card);
   return card;
@@ -129,6 +144,10 @@ async function protect(file, card, settings, ready) {
   } else {
     body.append("method", settings.method);
     if (settings.method === "replace" && settings.keepMouth) body.append("keep_mouth", "true");
+  }
+  if (/[^\x20-\x7e\xa0-\xff]/.test(settings.key)) { // fetch() throws on it: "could not be reached" misled
+    return fail(card, "the API key in the field above holds a character a browser cannot send "
+      + "(a curly quote or dash from copying, say): type it again");
   }
   const headers = settings.key ? { Authorization: `Bearer ${settings.key}` } : {};
   for (let attempt = 0; attempt < 5; attempt += 1) {
@@ -177,6 +196,14 @@ function show(card, data, ready) {
   const url = URL.createObjectURL(blob);
   const after = $(".after img", card);
   const before = $(".before img", card);
+  after.addEventListener("error", () => { // a TIFF: an empty pane labelled "Protected photo" looked broken
+    if (after.src !== url) return;
+    const frame = $(".after .frame", card);
+    frame.classList.add("unshown");
+    frame.replaceChildren(`This browser cannot show ${formatName(data.content_type)} photos: `
+      + "download the protected photo to look at it.");
+    $(".toggle", card).hidden = true;
+  });
   after.src = url;
   card.classList.remove("busy");
   card.dataset.status = data.status;
@@ -193,7 +220,7 @@ function show(card, data, ready) {
   link.hidden = false;
 
   const toggle = $(".toggle", card);
-  toggle.disabled = false;
+  toggle.disabled = card.dataset.noOriginal === "true"; // nothing to flip back to
   toggle.addEventListener("click", () => {
     const showing = toggle.getAttribute("aria-pressed") === "true";
     toggle.setAttribute("aria-pressed", String(!showing));
@@ -216,7 +243,8 @@ function show(card, data, ready) {
     item.className = face.protected ? "ok" : "bad";
     const label = document.createElement("strong");
     label.textContent = `Face ${index + 1}: ${face.protected ? "protected" : "NOT protected"}.`;
-    item.append(label, ` ${face.reason}`);
+    // the service's reason starts "NOT protected:" itself: "NOT protected. NOT protected: ..."
+    item.append(label, ` ${face.reason.replace(/^NOT protected:\s*/, "")}`);
     list.append(item);
 
     const [x1, y1, x2, y2] = face.box;
@@ -237,6 +265,10 @@ function show(card, data, ready) {
     item.textContent = `Note: ${note}.`;
     list.append(item);
   });
+}
+
+function formatName(contentType) {
+  return (contentType || "").replace(/^image\//, "").toUpperCase() || "these";
 }
 
 downloadAll.addEventListener("click", async () => {
@@ -266,8 +298,16 @@ function crc32(bytes) {
   return (crc ^ 0xffffffff) >>> 0;
 }
 
+function dosDateTime(date) {
+  // a zero date is month 0, day 0: unzip listed "00-00-1980" and Python's datetime() refused it
+  const time = (date.getHours() << 11) | (date.getMinutes() << 5) | (date.getSeconds() >> 1);
+  const day = ((date.getFullYear() - 1980) << 9) | ((date.getMonth() + 1) << 5) | date.getDate();
+  return [time, day];
+}
+
 async function makeZip(entries) {
   const encoder = new TextEncoder();
+  const [dosTime, dosDate] = dosDateTime(new Date());
   const parts = [];
   const central = [];
   const used = new Set();
@@ -283,6 +323,8 @@ async function makeZip(entries) {
     local.setUint32(0, 0x04034b50, true);
     local.setUint16(4, 20, true);
     local.setUint16(6, 0x0800, true); // UTF-8 names
+    local.setUint16(10, dosTime, true);
+    local.setUint16(12, dosDate, true);
     local.setUint32(14, crc, true);
     local.setUint32(18, data.length, true);
     local.setUint32(22, data.length, true);
@@ -293,6 +335,8 @@ async function makeZip(entries) {
     record.setUint16(4, 20, true);
     record.setUint16(6, 20, true);
     record.setUint16(8, 0x0800, true);
+    record.setUint16(12, dosTime, true);
+    record.setUint16(14, dosDate, true);
     record.setUint32(16, crc, true);
     record.setUint32(20, data.length, true);
     record.setUint32(24, data.length, true);
