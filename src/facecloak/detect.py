@@ -305,7 +305,7 @@ def detection_scale(height: int, width: int, min_face: float, max_side: int) -> 
     at native resolution (`facecloak.mtcnn.pyramid_scales`), so nothing MTCNN would find in the
     whole photo is lost; larger faces are found at the same coarser levels as before. The floor
     never makes the photo read larger than `DETECT_MAX_PIXELS` (a 120 MP photo at 0.6 was a 43 MP
-    level: 8.2 GB peak and minutes on 2 cores); over about 24 MP the smallest face found is then
+    level: 8.2 GB peak and minutes on 2 cores); over about 22 MP the smallest face found is then
     larger than ``min_size`` (about 29 px at 48 MP, 46 px at 120 MP; 95 and 150 px before).
     """
     floor = PNET_WINDOW_PX / max(float(min_face), 1e-6)
