@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import math
@@ -691,3 +692,113 @@ def test_cli_an_option_of_another_method_is_refused_not_ignored(lfw_dir, tmp_pat
     assert result.exit_code == 2, result.output
     assert "is for --method" in result.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def faceless_probe_result(lfw_dir, attacker, tmp_path_factory):
+    """An unprotected evaluation of real faces whose protected person's only probe shows no face.
+
+    Nothing is changed (PSNR infinite), and the attacker misses the probe: the 1.00 protection it
+    reports comes from its detector alone.
+    """
+    import shutil
+
+    data = tmp_path_factory.mktemp("faceless")
+    people = {p.name: p for p in list_people(lfw_dir / "images")}
+    for name in PEOPLE[:2]:
+        (data / name).mkdir()
+        for i, photo in enumerate(people[name].photos[:4]):
+            shutil.copy(photo, data / name / f"{i + 1}.jpg")
+    Image.new("RGB", (250, 250), (128, 120, 110)).save(data / PEOPLE[0] / "0.jpg")  # the probe
+    return evaluate(
+        data,
+        None,
+        [attacker],
+        detector=attacker.detector,
+        people=PEOPLE[:1],
+        control=1,
+        min_photos=4,
+        probes=1,
+        uploads=("jpeg75", "downscale0.5"),
+        max_distractors=0,
+    )
+
+
+def test_report_says_psnr_is_infinite_when_no_photo_changed(faceless_probe_result):
+    """An unprotected run printed "PSNR mean nan dB"."""
+    text = summary_table(faceless_probe_result)
+    assert "nan" not in text.lower()
+    assert "PSNR infinite (no photo changed)" in text
+    assert "PSNR infinite (no photo changed)" in render_html(faceless_probe_result)
+
+
+def test_report_states_what_each_upload_transform_does(faceless_probe_result, tmp_path):
+    """``downscale0.5`` re-encodes as JPEG 85, which no part of the report said."""
+    from facecloak.report import write_json
+
+    text = summary_table(faceless_probe_result)
+    assert "upload downscale0.5: halved in each side (area), then JPEG quality 85" in text
+    assert "upload jpeg75: JPEG quality 75" in text
+    assert "then JPEG quality 85" in render_html(faceless_probe_result)
+    report = json.loads(write_json(faceless_probe_result, tmp_path / "report.json").read_text())
+    assert report["settings"]["upload_transforms"]["downscale0.5"].endswith("JPEG quality 85")
+
+
+def test_report_shows_protected_probes_the_attacker_found_no_face_in(faceless_probe_result):
+    """A probe with no face found is a miss: the terminal showed protection 1.000 for photos left
+    as they were, and nothing that told it came from the attacker's detector."""
+    row = faceless_probe_result.row("dlib-resnet", "jpeg75")
+    assert row.protection == 1.0 and row.protected_probes_found == 0  # the probe was missed
+    text = summary_table(faceless_probe_result)
+    header, _, first = text.splitlines()[:3]
+    assert "found prot" in header and "0/1" in first and "1/1" in first
+    note = "dlib-resnet found no face in 1 of the 1 protected people's clean probes"
+    assert note in text and html.escape(note) in render_html(faceless_probe_result)
+
+
+def test_report_says_which_level_its_quality_figures_are_of(faceless_probe_result):
+    """After ``--level all`` the quality, distances and timings are of level mid alone, and the
+    terminal's quality line said no level."""
+    import copy
+    from dataclasses import replace
+
+    result = copy.copy(faceless_probe_result)
+    result.rows = [replace(row, level=level) for level in ("low", "mid", "high") for row in result.rows]
+    result.settings = dict(
+        result.settings,
+        level="mid",
+        level_sweep=[{"level": level, "upload": "jpeg75", "dssim": 0.01, "rows": []} for level in "ab"],
+    )
+    text = summary_table(result)
+    assert "quality at level mid (whole photo)" in text and "timings at level mid" in text
+    assert "by level: a: face DSSIM mean 0.0100; b: face DSSIM mean 0.0100" in text
+    page = render_html(result)
+    assert "Image quality of the protected photos at level mid" in page
+    assert "at level mid" not in summary_table(faceless_probe_result)  # one level: nothing to say
+
+
+def test_psnr_mean_says_it_leaves_the_unchanged_photos_out(samples_dir):
+    """An unchanged photo's PSNR is infinite and left out of the mean: the line says so."""
+    from facecloak.evaluate import EvaluationResult
+    from facecloak.evaluate.summary import quality_summary
+
+    photo = read_image(next(iter(sorted(samples_dir.glob("*.jpg"))))).pixels
+    changed = (photo + 0.02).clamp(0, 1)
+    result = EvaluationResult(settings={}, quality=quality_summary([photo, photo], [photo, changed], []))
+    assert "dB over the changed photos (1 of 2 unchanged)" in summary_table(result)
+
+
+def test_no_protection_vs_jpeg_figure_without_a_jpeg_upload(faceless_probe_result):
+    """``--uploads downscale0.5`` drew an empty "Protection vs JPEG" figure (and warned on stderr)."""
+    import copy
+    import warnings
+
+    from facecloak.report import plots
+
+    result = copy.copy(faceless_probe_result)
+    result.rows = [row for row in result.rows if row.upload == "downscale0.5"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figures = plots(result)
+    assert "protection_vs_jpeg" not in figures and "distances_dlib-resnet" in figures
+    assert "protection_vs_jpeg" in plots(faceless_probe_result)

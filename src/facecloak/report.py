@@ -19,6 +19,7 @@ from torch import Tensor
 
 from facecloak import io
 from facecloak.evaluate import EvaluationResult, EvaluationRow
+from facecloak.evaluate.uploads import UPLOAD_DESCRIPTIONS
 from facecloak.io import to_uint8
 
 DIFFERENCE_GAIN = 10.0
@@ -93,11 +94,25 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+PROBES_FOUND = {"protected_probes_found": "protected_probes", "control_probes_found": "control_probes"}
+"""Columns shown as "found/probes": a probe the attacker finds no face in is a miss."""
+
+
+def _cell(row: EvaluationRow, name: str):
+    """A row's value as a table shows it: probes found as "3/4", no adaptive variant as "-"."""
+    value = getattr(row, name)
+    if name in PROBES_FOUND:
+        return "-" if value is None else f"{value}/{getattr(row, PROBES_FOUND[name])}"
+    if value is None or (name == "adaptive" and value is False):
+        return "-"
+    return value
+
+
 def _row_table(rows: list[EvaluationRow], columns: list[tuple[str, str]]) -> str:
     """`_table` for result rows: columns name `EvaluationRow` attributes."""
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{_fmt(getattr(row, name))}</td>" for name, _ in columns) + "</tr>"
+        "<tr>" + "".join(f"<td>{_fmt(_cell(row, name))}</td>" for name, _ in columns) + "</tr>"
         for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -112,7 +127,9 @@ ROW_COLUMNS = [
     ("control_rank1", "control rank-1"),
     ("control_rank5", "control rank-5"),
     ("tar_at_far_1e3", "TAR @ FAR 1e-3"),
-    ("protected_gallery_faces_found", "protected faces found"),
+    ("protected_probes_found", "protected probes with a face found"),
+    ("control_probes_found", "control probes with a face found"),
+    ("protected_gallery_faces_found", "protected gallery faces found"),
 ]
 
 
@@ -147,17 +164,19 @@ def plots(result: EvaluationResult) -> dict[str, str]:
     except ImportError:
         return {}
     figures: dict[str, str] = {}
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    for label, points in jpeg_curves(result).items():
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    axis.set_xlabel("JPEG quality of the upload (100 = no re-encode)")
-    axis.set_ylabel("protection (1 - rank-1)")
-    axis.set_ylim(-0.02, 1.02)
-    axis.invert_xaxis()
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    axis.set_title("Protection vs JPEG re-compression")
-    figures["protection_vs_jpeg"] = _figure_png(figure)
+    curves = jpeg_curves(result)
+    if curves:  # only uploads of no single JPEG quality (downscale, blur): an empty figure was drawn
+        figure, axis = plt.subplots(figsize=(6, 3.6))
+        for label, points in curves.items():
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axis.set_xlabel("JPEG quality of the upload (100 = no re-encode)")
+        axis.set_ylabel("protection (1 - rank-1)")
+        axis.set_ylim(-0.02, 1.02)
+        axis.invert_xaxis()
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        axis.set_title("Protection vs JPEG re-compression")
+        figures["protection_vs_jpeg"] = _figure_png(figure)
 
     for attacker, entry in result.distances.items():
         figure, axis = plt.subplots(figsize=(6, 3.6))
@@ -175,12 +194,12 @@ def plots(result: EvaluationResult) -> dict[str, str]:
                 axis.hist(values, bins=bins, alpha=0.5, density=True, label=label)
         axis.axvline(entry.get("threshold", 0), color="k", linestyle="--", label="match threshold")
         axis.set_xlabel(f"{entry.get('metric', '')} distance")
-        axis.set_title(f"Distances on {attacker}")
+        axis.set_title(f"Distances on {attacker}{_quality_level(result)}")
         axis.legend(fontsize=7)
         figures[f"distances_{attacker}"] = _figure_png(figure)
 
     levels = result.settings.get("level_sweep")
-    if levels:
+    if levels and any(level["rows"] for level in levels):
         figure, axis = plt.subplots(figsize=(6, 3.6))
         for attacker in {row["attacker"] for level in levels for row in level["rows"]}:
             xs = [level["dssim"] for level in levels]
@@ -192,7 +211,7 @@ def plots(result: EvaluationResult) -> dict[str, str]:
             for level, x, y in zip(levels, xs, ys):
                 axis.annotate(level["level"], (x, y), fontsize=7)
         axis.set_xlabel("mean face DSSIM")
-        axis.set_ylabel("protection")
+        axis.set_ylabel(f"protection after {levels[0].get('upload', 'jpeg75')}")
         axis.set_title("Quality vs protection per level")
         axis.legend(fontsize=8)
         figures["quality_vs_protection"] = _figure_png(figure)
@@ -229,13 +248,20 @@ def render_html(result: EvaluationResult) -> str:
     columns = (
         [("level", "level")] if any(row.level is not None for row in result.rows) else []
     ) + ROW_COLUMNS
+    parts.append("<h2>Upload transforms</h2><ul>")
+    parts += [
+        f"<li><code>{html.escape(name)}</code>: {html.escape(description)}</li>"
+        for name, description in _upload_descriptions(result).items()
+    ]
+    parts.append("</ul>")
     for attacker in dict.fromkeys(row.attacker for row in result.rows):
         rows = [row for row in result.rows if row.attacker == attacker]
         parts.append(f"<h2>Attacker: {html.escape(attacker)}</h2>{_row_table(rows, columns)}")
+        parts += [f"<p class='note'>{html.escape(note)}</p>" for note in _missed_probe_notes(rows)]
     if result.settings.get("leave_one_out"):
         parts.append("<h2>Leave-one-out: cloaked without the model, measured on it</h2>")
         parts.append(_table(result.settings["leave_one_out"], LEAVE_ONE_OUT_COLUMNS))
-    parts += _quality_section(result.quality)
+    parts += _quality_section(result)
     figures = plots(result)
     if figures:
         parts.append("<h2>Plots</h2>")
@@ -244,27 +270,50 @@ def render_html(result: EvaluationResult) -> str:
             parts.append(
                 f"<h3>{title}</h3><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
             )
-    parts += _examples_section(result.examples)
-    parts.append(f"<p class='note'>timings: {html.escape(json.dumps(result.timings))}</p></body></html>")
+    parts += _examples_section(result.examples, _quality_level(result))
+    parts.append(
+        f"<p class='note'>timings{html.escape(_quality_level(result))}: "
+        f"{html.escape(json.dumps(result.timings))}</p></body></html>"
+    )
     return "\n".join(parts)
 
 
-def _quality_section(quality: dict) -> list[str]:
+QUALITY_MEASURES = (("dssim", "DSSIM"), ("psnr", "PSNR (dB)"), ("linf", "L-inf (of 255)"))
+QUALITY_DIGITS = {"dssim": 4, "psnr": 1, "linf": 0}
+"""Digits each measure is shown with, as the terminal shows it (a DSSIM of 0.0014 read 0.001)."""
+
+
+def _quality_figure(measure: str, value) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{QUALITY_DIGITS[measure]}f}"
+
+
+def _quality_section(result: EvaluationResult) -> list[str]:
+    quality = result.quality
     if not quality:
         return []
-    rows = [{"measure": key, **quality[key]} for key in ("dssim", "psnr", "linf") if key in quality]
+    at_level = _quality_level(result)
+    rows = [
+        {"measure": title, **{stat: _quality_figure(key, quality[key][stat]) for stat in ("mean", "max")}}
+        for key, title in QUALITY_MEASURES
+        if key in quality
+    ]
     parts = [
-        "<h2>Image quality of the protected photos (whole photo)</h2>",
+        f"<h2>Image quality of the protected photos{html.escape(at_level)} (whole photo)</h2>",
         _table(rows, [("measure", "measure"), ("mean", "mean"), ("max", "max")]),
     ]
+    psnr = quality.get("per_photo", {}).get("psnr", [])
+    if any(value is None or not math.isfinite(value) for value in psnr):  # the table's mean leaves them out
+        parts.append(f"<p class='note'>{html.escape(_psnr_text(quality))}</p>")
     if "face_dssim" in quality:
         face = quality["face_dssim"]
         parts.append(
-            "<p>Face DSSIM (the cloak's budget, over each face's detection box): "
+            f"<p>Face DSSIM{html.escape(at_level)} (the cloak's budget, over each face's detection box): "
             f"mean {face['mean']:.4f}, max {face['max']:.4f}; "
             f"{html.escape(_cloak_check(quality))}.</p>"
         )
-    parts += [f"<p>{html.escape(line)}</p>" for line in _realism_lines(quality)]
+    parts += [f"<p>{html.escape(line)}</p>" for line in _level_sweep_lines(result) + _realism_lines(quality)]
     return parts
 
 
@@ -320,10 +369,13 @@ def _realism_lines(quality: dict) -> list[str]:
     return lines
 
 
-def _examples_section(examples: list[dict]) -> list[str]:
+def _examples_section(examples: list[dict], at_level: str = "") -> list[str]:
     if not examples:
         return []
-    parts = [f"<h2>Examples</h2><p class='note'>original, protected, |difference| x{DIFFERENCE_GAIN:g}</p>"]
+    parts = [
+        f"<h2>Examples{html.escape(at_level)}</h2>"
+        f"<p class='note'>original, protected, |difference| x{DIFFERENCE_GAIN:g}</p>"
+    ]
     for example in examples:
         original, protected = example["original"], example["protected"]
         images = [to_uint8(original), to_uint8(protected)]
@@ -336,8 +388,9 @@ def _examples_section(examples: list[dict]) -> list[str]:
 
 
 def _summary_line(result: EvaluationResult) -> str:
+    at_level = _quality_level(result)
     return "; ".join(
-        f"{row.attacker} after {row.upload}: protection {_fmt(row.protection)} "
+        f"{row.attacker} after {row.upload}{at_level}: protection {_fmt(row.protection)} "
         f"(control rank-1 {_fmt(row.control_rank1)})"
         for row in result.rows
         if row.upload in ("jpeg75", "none")
@@ -355,6 +408,8 @@ TEXT_COLUMNS = [
     ("protected_rank1", "rank1 prot", 11),
     ("control_rank1", "rank1 ctrl", 11),
     ("tar_at_far_1e3", "TAR@1e-3", 10),
+    ("protected_probes_found", "found prot", 11),
+    ("control_probes_found", "found ctrl", 11),
 ]
 
 
@@ -363,22 +418,86 @@ def summary_table(result: EvaluationResult) -> str:
     lines = ["".join(f"{title:<{width}}" for _, title, width in TEXT_COLUMNS)]
     lines.append("-" * len(lines[0]))
     for row in result.rows:
-        cells = [getattr(row, name) for name, _, _ in TEXT_COLUMNS]
-        lines.append(
-            "".join(
-                f"{_fmt('-' if cell is None else cell):<{width}}"
-                for cell, (_, _, width) in zip(cells, TEXT_COLUMNS)
-            )
-        )
+        cells = [_cell(row, name) for name, _, _ in TEXT_COLUMNS]
+        lines.append("".join(f"{_fmt(cell):<{width}}" for cell, (_, _, width) in zip(cells, TEXT_COLUMNS)))
+    lines += _missed_probe_notes(result.rows)
+    lines += [f"upload {name}: {description}" for name, description in _upload_descriptions(result).items()]
     quality = result.quality
+    at_level = _quality_level(result)
     if quality.get("dssim"):
         lines.append(
-            f"quality (whole photo): DSSIM mean {quality['dssim']['mean']:.4f}, "
-            f"PSNR mean {quality['psnr']['mean']:.1f} dB, L-inf max {quality['linf']['max']:.0f}/255"
+            f"quality{at_level} (whole photo): DSSIM mean {quality['dssim']['mean']:.4f}, "
+            f"{_psnr_text(quality)}, L-inf max {quality['linf']['max']:.0f}/255"
         )
     if "face_dssim" in quality:
         face = quality["face_dssim"]
-        lines.append(f"face DSSIM mean {face['mean']:.4f} (max {face['max']:.4f}); {_cloak_check(quality)}")
+        lines.append(
+            f"face DSSIM{at_level}: mean {face['mean']:.4f} (max {face['max']:.4f}); {_cloak_check(quality)}"
+        )
+    lines += _level_sweep_lines(result)
     lines += _realism_lines(quality)
-    lines.append(f"timings: {result.timings}")
+    lines.append(f"timings{at_level}: {result.timings}")
     return "\n".join(lines)
+
+
+def _missed_probe_notes(rows: list[EvaluationRow]) -> list[str]:
+    """A note per attacker whose own detector missed protected probes: each counts as a miss.
+
+    Without it, protection the attacker's detector gives (dlib's HOG misses some clean faces)
+    read as protection the method gives.
+    """
+    notes = {}
+    for row in rows:
+        if row.protected_probes_found is not None and row.protected_probes_found < row.protected_probes:
+            missed = row.protected_probes - row.protected_probes_found
+            notes.setdefault(
+                row.attacker,
+                f"note: {row.attacker} found no face in {missed} of the {row.protected_probes} protected "
+                "people's clean probes; each counts as a miss, so that much of its protection comes from "
+                "its own detector, not from the protection",
+            )
+    return list(notes.values())
+
+
+def _upload_descriptions(result: EvaluationResult) -> dict[str, str]:
+    """What each upload of the rows did (a report from before they were recorded: looked up)."""
+    recorded = result.settings.get("upload_transforms") or {}
+    uploads = dict.fromkeys(row.upload for row in result.rows)
+    return {name: recorded.get(name) or UPLOAD_DESCRIPTIONS.get(name, "?") for name in uploads}
+
+
+def _quality_level(result: EvaluationResult) -> str:
+    """``" at level mid"`` where the rows span levels (``--level all``): the quality is that level's."""
+    levels = {row.level for row in result.rows if row.level not in (None, "-")}
+    level = result.settings.get("level")
+    return f" at level {level}" if len(levels) > 1 and level else ""
+
+
+def _level_sweep_lines(result: EvaluationResult) -> list[str]:
+    """Each level's face DSSIM and check after a level sweep, beside the one level the lines above give."""
+    sweep = result.settings.get("level_sweep") or []
+    if not sweep:
+        return []
+
+    def figures(level: dict) -> str:
+        dssim = level.get("dssim")
+        text = f"face DSSIM mean {dssim:.4f}" if dssim is not None and math.isfinite(dssim) else "no DSSIM"
+        if level.get("cloak_faces") is not None:
+            text += (
+                f" ({level.get('cloak_faces_protected')} of {level['cloak_faces']} faces passed the check)"
+            )
+        return text
+
+    return ["by level: " + "; ".join(f"{level['level']}: {figures(level)}" for level in sweep)]
+
+
+def _psnr_text(quality: dict) -> str:
+    """The PSNR mean, over the photos the protection changed (an unchanged one's is infinite)."""
+    values = quality.get("per_photo", {}).get("psnr", [])
+    unchanged = sum(1 for value in values if value is None or not math.isfinite(value))
+    mean = quality["psnr"]["mean"]
+    if mean is None or not math.isfinite(mean):
+        return "PSNR infinite (no photo changed)"
+    if unchanged:
+        return f"PSNR mean {mean:.1f} dB over the changed photos ({unchanged} of {len(values)} unchanged)"
+    return f"PSNR mean {mean:.1f} dB"

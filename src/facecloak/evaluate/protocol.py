@@ -51,7 +51,7 @@ from facecloak.evaluate.rows import (
     score_row,
 )
 from facecloak.evaluate.summary import Photos, examples, quality_summary
-from facecloak.evaluate.uploads import ADAPTIVE_UPLOAD, DEFAULT_UPLOADS, UPLOADS
+from facecloak.evaluate.uploads import ADAPTIVE_UPLOAD, DEFAULT_UPLOADS, UPLOAD_DESCRIPTIONS, UPLOADS
 from facecloak.protection import Protection
 
 ADAPTIVE_PHOTOS_PER_PERSON = 6
@@ -181,6 +181,7 @@ def evaluate(
             "min_photos": min_photos,
             "probes": probes,
             "uploads": list(uploads),
+            "upload_transforms": {upload: UPLOAD_DESCRIPTIONS[upload] for upload in uploads},
             "attackers": [a.name for a in attackers],
             "adaptive_people": adaptive_people if adaptive is not None else 0,
             "seed": seed,

@@ -216,11 +216,17 @@ def run_evaluation(request: EvaluationRequest, on_progress: StageProgress | None
             protection.replacer.bank.donors, result.settings.get("protected_people", [])
         )
     if len(results) > 1:
+        # the report's other figures (quality, distances, examples, timings) are those of "mid"
+        result.settings["levels"] = levels
+        sweep_upload = "jpeg75" if "jpeg75" in request.uploads else request.uploads[0]
         result.settings["level_sweep"] = [
             {
                 "level": level,
+                "upload": sweep_upload,
                 "dssim": r.quality.get("face_dssim", r.quality.get("dssim", {})).get("mean", math.nan),
-                "rows": [row.to_json() for row in r.rows if row.upload == "jpeg75" and not row.adaptive],
+                "cloak_faces": r.quality.get("cloak_faces"),
+                "cloak_faces_protected": r.quality.get("cloak_faces_protected"),
+                "rows": [row.to_json() for row in r.rows if row.upload == sweep_upload and not row.adaptive],
             }
             for level, r in zip(levels, results)
         ]
