@@ -134,3 +134,90 @@ def test_dlib_landmarks_drive_dlib_resnet_alignment(samples_dir, detector):
     assert not torch.allclose(points, faces.landmarks)  # eye corners, not MTCNN's eye centres
     chip_points = transform_points(chip_from_landmarks(points, card), points)
     assert (chip_points - torch.tensor(card.template)).norm(dim=-1).max() < 8
+
+
+# -- the Python API's inputs: refused in one line, or handled as a float32 photo is ----------------
+
+
+def test_embed_faces_of_a_float64_photo_is_that_of_its_float32_copy(samples_dir, detector, dlib_resnet):
+    """Every other stage takes float64 photos; embedding one failed writing into float32 chips."""
+    from facecloak.embed import embed_faces
+
+    image = read_image(samples_dir / "astronaut.jpg").pixels
+    faces = detector([image])
+    expected = embed_faces([image], faces, dlib_resnet)
+    assert torch.allclose(embed_faces([image.double()], faces, dlib_resnet), expected, atol=1e-5)
+
+
+def test_embed_chips_names_the_chips_it_was_given(dlib_resnet):
+    """The check ran after the mirror images were added: it named twice the chips given."""
+    from facecloak.embed import embed_chips
+    from facecloak.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"got \(1, 3, 100, 100\)"):
+        embed_chips(dlib_resnet, torch.rand(1, 3, 100, 100))
+    with pytest.raises(InvalidInputError, match="floating"):  # levels 0..255 were embedded as they were
+        embed_chips(dlib_resnet, torch.full((1, 3, 150, 150), 128, dtype=torch.uint8))
+
+
+def test_an_alignment_must_hold_one_matrix_per_face(samples_dir, detector, dlib_resnet):
+    """Two matrices for one face aligned it by the first without a word; one short, an IndexError."""
+    from facecloak.align import model_alignment
+    from facecloak.embed import embed_faces
+    from facecloak.errors import InvalidInputError
+
+    image = read_image(samples_dir / "astronaut.jpg").pixels
+    faces = detector([image])
+    matrices = model_alignment([image], faces, dlib_resnet.card)
+    for wrong in (matrices.repeat(2, 1, 1), matrices[:0]):
+        with pytest.raises(InvalidInputError, match="one per face"):
+            embed_faces([image], faces, dlib_resnet, chip_from_image=wrong)
+
+
+@pytest.mark.parametrize(
+    "matrix, image_index, size, message",
+    [
+        ([[[1.0, 0.0, -8.0], [0.0, 1.0, -8.0]]] * 2, [0], 32, "one per matrix"),  # gave one chip for two
+        ([[[1.0, 0.0, -8.0], [0.0, 1.0, -8.0]]], [1], 32, r"lie in \[0, 1\)"),
+        ([[[1.0, 0.0, -8.0], [0.0, 1.0, -8.0]]], [-1], 32, r"lie in \[0, 1\)"),
+        ([[[math.nan, 0.0, -8.0], [0.0, 1.0, -8.0]]], [0], 32, "finite"),
+        ([[[0.0, 0.0, -8.0], [0.0, 0.0, -8.0]]], [0], 32, "invertible"),
+        ([[[1.0, 0.0, -8.0], [0.0, 1.0, -8.0]]], [0], 0, "positive integer"),
+    ],
+)
+def test_align_faces_refuses_what_it_cannot_cut(matrix, image_index, size, message):
+    from facecloak.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=message):
+        align_faces(torch.rand(1, 3, 64, 64), torch.tensor(matrix), torch.tensor(image_index), size)
+
+
+def test_estimate_similarity_refuses_nan_and_a_template_of_other_points():
+    """A NaN reached LAPACK (its own error printed, then a torch internal assert); 4 template
+    points for 5 landmarks failed in ``expand_as``."""
+    from facecloak.errors import InvalidInputError
+
+    template = torch.rand(5, 2)
+    with pytest.raises(InvalidInputError, match="finite"):
+        estimate_similarity(torch.full((1, 5, 2), math.nan), template)
+    with pytest.raises(InvalidInputError, match=r"template must be \(5, 2\)"):
+        estimate_similarity(torch.rand(1, 5, 2), template[:4])
+
+
+def test_anonymize_image_names_the_batch_it_was_given(detector):
+    """A (1, 3, H, W) batch was refused as "got (1, 1, 3, H, W)": a shape the caller never wrote."""
+    from facecloak.commands import anonymize_image
+    from facecloak.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"one \(3, H, W\) tensor, got \(1, 3, 64, 64\)"):
+        anonymize_image(torch.rand(1, 3, 64, 64), detector=detector)
+
+
+def test_docstring_examples_of_the_python_api_run():
+    """`# doctest: +SKIP` skips its own line only: the lines after it ran and failed (NameError)."""
+    import doctest
+    import importlib
+
+    for name in ("facecloak", "facecloak.align", "facecloak.embed", "facecloak.commands"):
+        result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch}, report=False)
+        assert result.failed == 0, name

@@ -25,3 +25,21 @@ def test_blur_of_a_photo_larger_than_the_kernel_is_unchanged():
     blurred = gaussian_blur(ramp, 2.0)
     assert torch.allclose(blurred[..., 10:-10], ramp[..., 10:-10], atol=1e-5)
     assert torch.allclose(gaussian_blur(torch.full((1, 3, 9, 9), 0.5), 1.0), torch.full((1, 3, 9, 9), 0.5))
+
+
+def test_levels_8bit_refuses_integer_and_nan_pixels(samples_dir, tmp_path):
+    """A uint8 photo (levels 0..255) was clipped to [0, 1] and written as 0 or 255 everywhere; a
+    NaN pixel was written as a black one. Both wrote a file and said nothing."""
+    from facecloak.errors import InvalidInputError
+    from facecloak.io import read_image, write_image
+    from facecloak.transforms import levels_8bit
+
+    pixels = read_image(samples_dir / "astronaut.jpg").pixels
+    with pytest.raises(InvalidInputError, match="floating"):
+        write_image(tmp_path / "levels.png", (pixels * 255).round().to(torch.uint8))
+    broken = pixels.clone()
+    broken[:, 100:110, 100:110] = float("nan")
+    with pytest.raises(InvalidInputError, match="NaN"):
+        write_image(tmp_path / "nan.png", broken)
+    assert not list(tmp_path.iterdir())
+    assert torch.equal(levels_8bit(pixels), (pixels * 255).round())

@@ -48,6 +48,13 @@ def estimate_similarity(points: Tensor, template: Tensor) -> Tensor:
     """
     if points.ndim != 3 or points.shape[-1] != 2:
         raise InvalidInputError(f"points must be (N, K, 2), got {tuple(points.shape)}")
+    if template.shape not in ((points.shape[1], 2), tuple(points.shape)):
+        raise InvalidInputError(
+            f"template must be ({points.shape[1]}, 2) or {tuple(points.shape)}, got {tuple(template.shape)}"
+        )
+    if not (bool(torch.isfinite(points).all()) and bool(torch.isfinite(template).all())):
+        # a NaN reached LAPACK, which printed its own error and failed an internal assert of torch
+        raise InvalidInputError("points and template must hold finite numbers (no NaN or infinity)")
     template = template.to(points).expand_as(points)
     x, y = points[..., 0], points[..., 1]
     u, v = template[..., 0], template[..., 1]
@@ -210,6 +217,7 @@ def align_faces(
     check_images(images.detach())
     if chip_from_image.ndim != 3 or chip_from_image.shape[1:] != (2, 3):
         raise InvalidInputError(f"chip_from_image must be (N, 2, 3), got {tuple(chip_from_image.shape)}")
+    _check_chip_request(chip_from_image, image_index, len(images), size)
     if len(chip_from_image) == 0:
         return images.new_zeros(0, 3, size, size)
     matrices = chip_from_image.to(images)
@@ -229,6 +237,28 @@ def align_faces(
         sources, chip_from_crop = pool_sources(crop, shift_affine(matrices[n : n + 1], x0, y0), factor)
         chips.append(warp_to_chips(sources, chip_from_crop, size))
     return torch.cat(chips)
+
+
+def _check_chip_request(chip_from_image: Tensor, image_index: object, num_images: int, size: object) -> None:
+    """Refuse what `align_faces` would fail on deep in torch, or answer with the wrong chips.
+
+    An ``image_index`` shorter than the matrices silently gave fewer chips than faces; one out of
+    the batch, a NaN or singular matrix, or a size of 0 failed inside ``grid_sample`` or ``inv``.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InvalidInputError(f"size must be a positive integer (the chip's side), got {size!r}")
+    count = len(chip_from_image)
+    if not isinstance(image_index, Tensor) or image_index.shape != (count,):
+        got = tuple(image_index.shape) if isinstance(image_index, Tensor) else type(image_index).__name__
+        raise InvalidInputError(f"image_index must be a ({count},) tensor, one per matrix; got {got}")
+    if image_index.is_floating_point() or image_index.is_complex() or image_index.dtype == torch.bool:
+        raise InvalidInputError(f"image_index must hold integers, got {image_index.dtype}")
+    if count and (int(image_index.min()) < 0 or int(image_index.max()) >= num_images):
+        raise InvalidInputError(f"image_index must lie in [0, {num_images}) for this batch")
+    if count and not bool(torch.isfinite(chip_from_image).all()):
+        raise InvalidInputError("chip_from_image must hold finite numbers (no NaN or infinity)")
+    if count and not bool((torch.linalg.det(chip_from_image[:, :, :2].double()) != 0).all()):
+        raise InvalidInputError("chip_from_image must be invertible (a map that squashes the face to a line)")
 
 
 def box_chip_from_image(boxes: Tensor, image_sizes: Tensor, size: int, margin: float) -> Tensor:

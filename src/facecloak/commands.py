@@ -18,7 +18,7 @@ from facecloak.batch import Options
 from facecloak.cloak import Cloak
 from facecloak.detect import FaceDetector, detector_for
 from facecloak.embed import embed_faces
-from facecloak.errors import FacecloakError
+from facecloak.errors import FacecloakError, InvalidInputError
 from facecloak.faces import Faces
 from facecloak.protection import AnonymizeFaces, CloakFaces
 
@@ -89,6 +89,7 @@ def anonymize_image(
         >>> from facecloak.io import read_image
         >>> out, faces = anonymize_image(read_image("samples/astronaut.jpg").pixels)  # doctest: +SKIP
     """
+    _check_one_image(image)
     detector = detector or FaceDetector()
     faces = detector([image])
     result = AnonymizeFaces(Anonymizer(method, **params)).protect([image], faces)
@@ -102,12 +103,26 @@ def cloak_image(
 
     Example:
         >>> cloak = create_cloak("untargeted", [create_embedder("dlib-resnet")])  # doctest: +SKIP
-        >>> cloaked, faces = cloak_image(read_image("samples/astronaut.jpg").pixels, cloak)
+        >>> cloaked, faces = cloak_image(read_image("samples/astronaut.jpg").pixels, cloak)  # doctest: +SKIP
     """
+    _check_one_image(image)
     detector = detector or cloak.detector
     faces = detector([image])
     result = CloakFaces(cloak).protect([image], faces)
     return result.images[0], result.records
+
+
+def _check_one_image(image: object) -> None:
+    """Refuse anything but one (3, H, W) photo, naming what was given.
+
+    A batch (1, 3, H, W) was reported as "images[0] must have shape (B, 3, H, W), got (1, 1, 3, H, W)":
+    the shape the caller had passed, asked for, with a dimension they had not written.
+    """
+    if not isinstance(image, Tensor) or image.ndim != 3:
+        got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise InvalidInputError(
+            f"image must be one (3, H, W) tensor, got {got} (for a batch: facecloak.protection)"
+        )
 
 
 def _largest_face(path: Path, faces: Faces) -> Faces:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from facecloak.errors import InvalidInputError
+
 # Annex K of the JPEG standard (ITU-T T.81): base quantisation tables, row-major.
 _LUMA_TABLE = (
     (16, 11, 10, 16, 24, 40, 51, 61),
@@ -103,7 +105,13 @@ def levels_8bit(pixels: Tensor) -> Tensor:
     The one rounding rule for "as it will be written": `facecloak.io.to_uint8`, the cloak's stored
     output and dlib's grey conversion all go through it, on the tensor's own device.
     """
-    return pixels.detach().float().clamp(0, 1).mul_(255.0).round_()  # in place: one 12 MP copy, not three
+    if not pixels.is_floating_point():
+        # a uint8 photo of levels 0..255 was clipped to [0, 1]: every level above 0 written as 255
+        raise InvalidInputError(f"pixels must be a floating tensor in [0, 1], got {pixels.dtype}")
+    levels = pixels.detach().float().clamp(0, 1).mul_(255.0).round_()  # in place: one 12 MP copy, not three
+    if bool(levels.isnan().any()):  # a NaN pixel was written as level 0: a black patch, said nothing
+        raise InvalidInputError("pixels must hold finite values in [0, 1] (a NaN pixel has no 8-bit level)")
+    return levels
 
 
 def straight_through_round(x: Tensor) -> Tensor:
