@@ -60,7 +60,7 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
 
     Example:
         >>> plan = plan_batch(["samples/"], "cloaked", Options(out_dir="out"))  # doctest: +SKIP
-        >>> len(plan.todo), len(plan.existing)
+        >>> len(plan.todo), len(plan.existing)  # doctest: +SKIP
         (3, 0)
     """
     out_dir = Path(options.out_dir) if options.out_dir else None

@@ -100,7 +100,8 @@ class FaceDetector:
 
     Example:
         >>> detector = FaceDetector()  # doctest: +SKIP
-        >>> faces = detector(images)    # images: (B, 3, H, W) in [0, 1], or a list of (3, H, W)
+        >>> # images: (B, 3, H, W) in [0, 1], or a list of (3, H, W)
+        >>> faces = detector(images)  # doctest: +SKIP
     """
 
     def __init__(
@@ -400,7 +401,7 @@ def detect_faces(
 
     Example:
         >>> faces = detect_faces(images)  # doctest: +SKIP
-        >>> faces.boxes.shape
+        >>> faces.boxes.shape  # doctest: +SKIP
         torch.Size([1, 4])
     """
     return default_detector(min_score, min_size, str(default_device(device)))(images)

@@ -190,8 +190,8 @@ def run_distributed(
 
     Example:
         >>> import ray; ray.init(num_cpus=2)  # doctest: +SKIP
-        >>> spec = ProtectorSpec("anonymize", {"method": "blur"})
-        >>> report = run_distributed(["samples"], spec, Options(out_dir="out"))
+        >>> spec = ProtectorSpec("anonymize", {"method": "blur"})  # doctest: +SKIP
+        >>> report = run_distributed(["samples"], spec, Options(out_dir="out"))  # doctest: +SKIP
     """
     import ray
 

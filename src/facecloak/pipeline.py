@@ -220,7 +220,8 @@ def run_resumable_batch(
 
     Example:
         >>> protection = AnonymizeFaces(Anonymizer("blur"))  # doctest: +SKIP
-        >>> report = run_resumable_batch(["photos"], protection, Options(out_dir="out"), settings={})
+        >>> options = Options(out_dir="out")  # doctest: +SKIP
+        >>> report = run_resumable_batch(["photos"], protection, options, settings={})  # doctest: +SKIP
     """
     if not options.out_dir:
         raise InvalidInputError("a resumable batch needs an output folder (-o)")

@@ -13,8 +13,8 @@ runs chunks concurrently on a CPU only for protections that offer one.
 
 Example:
     >>> protection = AnonymizeFaces(Anonymizer("blur"))  # doctest: +SKIP
-    >>> result = protection.protect([photo], detector([photo]))
-    >>> result.images[0].shape, result.records_for(0)
+    >>> result = protection.protect([photo], detector([photo]))  # doctest: +SKIP
+    >>> result.images[0].shape, result.records_for(0)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -274,8 +274,8 @@ class FaceReplacer:
 
     Example:
         >>> bank = load_bank("mybank")  # doctest: +SKIP
-        >>> result = FaceReplacer(bank)([image.pixels], detect_faces([image.pixels]))
-        >>> result.records[0]["protected"]
+        >>> result = FaceReplacer(bank)([image.pixels], detect_faces([image.pixels]))  # doctest: +SKIP
+        >>> result.records[0]["protected"]  # doctest: +SKIP
         True
     """
 
@@ -1167,7 +1167,7 @@ def replace_faces(
 
     Example:
         >>> result = replace_faces([image.pixels], detect_faces([image.pixels]), "mybank")  # doctest: +SKIP
-        >>> result.protected
+        >>> result.protected  # doctest: +SKIP
         tensor([True])
     """
     bank = _named_bank(bank) if not isinstance(bank, DonorBank) else bank

@@ -32,7 +32,7 @@ class AwayCloak(Cloak):
 
     Example:
         >>> cloak = AwayCloak(models, [original[:, None]], [torch.ones(1, 1)], level="low")  # doctest: +SKIP
-        >>> result = cloak([photo], faces)
+        >>> result = cloak([photo], faces)  # doctest: +SKIP
     """
 
     name = "away"

@@ -39,8 +39,8 @@ class UntargetedCloak(Cloak):
 
     Example:
         >>> cloak = UntargetedCloak([create_embedder("dlib-resnet")], level="mid")  # doctest: +SKIP
-        >>> result = cloak(images, detect_faces(images))
-        >>> result.protected
+        >>> result = cloak(images, detect_faces(images))  # doctest: +SKIP
+        >>> result.protected  # doctest: +SKIP
         tensor([True])
     """
 

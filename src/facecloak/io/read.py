@@ -153,7 +153,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
 
     Example:
         >>> image = read_image("samples/astronaut.jpg")  # doctest: +SKIP
-        >>> image.pixels.shape
+        >>> image.pixels.shape  # doctest: +SKIP
         torch.Size([3, 512, 512])
     """
     path = Path(path)

@@ -191,7 +191,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     Example:
         >>> import uvicorn  # doctest: +SKIP
-        >>> uvicorn.run(create_app(ServiceSettings(device="cpu")), host="127.0.0.1", port=8000)
+        >>> app = create_app(ServiceSettings(device="cpu"))  # doctest: +SKIP
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
