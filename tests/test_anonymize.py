@@ -281,3 +281,17 @@ def test_the_weakest_allowed_settings_still_remove_identity(lfw_faces, dlib_resn
     for image, face, clean in lfw_faces:
         out = Anonymizer(method, **params)(image, face)
         assert float((embed_faces(out, face, dlib_resnet) - clean).norm()) > 0.6
+
+
+def test_keywords_a_method_does_not_take_are_refused_before_any_face():
+    """`Anonymizer("blur", foo=3)` built, then failed with a raw TypeError at the first photo; a
+    replace without a bank likewise; `mask_faces` of a list failed on ``.dtype``."""
+    with pytest.raises(InvalidInputError, match="blur takes no foo"):
+        Anonymizer("blur", foo=3)
+    with pytest.raises(InvalidInputError, match="pixelate takes no strength"):
+        anonymize_faces(torch.zeros(1, 3, 8, 8), Faces.empty(), "pixelate", strength=0.5)
+    with pytest.raises(InvalidInputError, match="replace needs bank="):
+        Anonymizer("replace")
+    with pytest.raises(InvalidInputError):
+        mask_faces([torch.zeros(3, 8, 8)], Faces.empty())
+    assert Anonymizer("mask", color=(1.0, 1.0, 1.0), scale=1.5).params["scale"] == 1.5

@@ -8,6 +8,7 @@ lossless output is byte-identical there. Everything is torch ops, on the GPU whe
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -125,6 +126,7 @@ def mask_faces(
     feather: float = 0.0,
 ) -> Tensor:
     """Cover every face with a solid ``color`` (RGB in [0, 1])."""
+    check_images(images)  # before the fill is made from their dtype (a list failed on .dtype)
     check_mask_color(color)
     fill = torch.tensor(color, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return _apply_per_face(images, faces, scale, shape, feather, lambda crop, side: fill.expand_as(crop))
@@ -164,7 +166,25 @@ def anonymize_faces(images: Tensor, faces: Faces, method: str = "blur", **params
     `facecloak.replace.replace_faces`.
     """
     check_choice(method, METHODS, "method")
+    check_method_params(method, params)
     return _FUNCTIONS[method](images, faces, **params)
+
+
+def check_method_params(method: str, params: dict) -> None:
+    """Refuse keywords ``method`` does not take, and a replace without its bank, in one line.
+
+    They failed as a raw TypeError when the first faces were processed (`Anonymizer` builds before
+    a batch starts, so a typo surfaced only photo by photo).
+    """
+    if method == "replace":  # its keywords are the replacer's (`facecloak.replace.replace_faces`)
+        if params.get("bank") is None:
+            raise InvalidInputError("replace needs bank= (a donor bank or its name: `facecloak donors add`)")
+        return
+    signature = inspect.signature(_FUNCTIONS[method]).parameters.values()
+    accepted = sorted(p.name for p in signature if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise InvalidInputError(f"{method} takes no {', '.join(unknown)} (it takes {', '.join(accepted)})")
 
 
 _STRENGTH_SETTINGS = ("strength", "blocks", "scale", "feather")
@@ -209,6 +229,7 @@ class Anonymizer(nn.Module):
         self.method = check_choice(method, METHODS, "method")
         self.params = {key: value for key, value in params.items() if value is not None}
         # refused here, before a batch starts, not photo by photo
+        check_method_params(self.method, self.params)
         check_strength_settings(**{k: v for k, v in self.params.items() if k in _STRENGTH_SETTINGS})
         if "color" in self.params:
             check_mask_color(self.params["color"])
