@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io as io_module
+import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -12,7 +14,8 @@ import pytest
 import torch
 from PIL import Image, ImageCms
 
-from facecloak.errors import ImageReadError, ImageWriteError, InvalidInputError
+from facecloak.donors import remove_donors
+from facecloak.errors import DonorBankError, ImageReadError, ImageWriteError, InvalidInputError
 from facecloak.io import (
     HEIF_AVAILABLE,
     collect_images,
@@ -771,3 +774,48 @@ def test_an_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_bytes_atomic(tmp_path / "out.png", b"bytes")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_journal_below_a_folder_cannot_claim_photos_outside_its_own_folder(tmp_path, samples_dir):
+    """A journal naming ``../a.jpg`` skipped a.jpg as an earlier output; a NUL in a name crashed the walk."""
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    shutil.copy(samples_dir / "grace_hopper.jpg", photos / "a.jpg")
+    journal = photos / "sub" / ".facecloak-journal.jsonl"
+    for output in ("../a.jpg", str(photos / "a.jpg"), "a\0.jpg"):
+        record = {"event": "done", "input": "x.jpg", "sha256": "0", "settings": "0", "output": output}
+        journal.write_text(json.dumps(record) + "\n")
+        jobs, skipped = collect_images([photos])
+        assert [job.path for job in jobs] == [photos / "a.jpg"], output
+        assert skipped == []
+
+
+def test_a_donor_id_that_is_a_path_is_refused_before_any_file_is_read_or_removed(tmp_path, monkeypatch):
+    """Chips are named by donor id: a bank.json id '../../victim' made `donors remove` delete victim.png."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    bank = tmp_path / "bank"
+    (bank / "chips").mkdir(parents=True)
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"someone else's file")
+    donor = {"id": "../../victim", "stats": [0] * 10, "chip_landmarks": [[0, 0]] * 5, "pose": [0, 0, 0]}
+    (bank / "bank.json").write_text(json.dumps({"format": 1, "donors": [donor], "models": {}}))
+    np.savez(bank / "embeddings.npz", ids=np.array(["../../victim"]))
+    with pytest.raises(DonorBankError, match="not a plain name"):
+        remove_donors(bank, ["../../victim"])
+    assert victim.exists()
+
+
+@pytest.mark.parametrize("exif", [b"Exif\x00\x00garbage!", b"Exif\x00\x00II*\x00"])
+def test_damaged_exif_kept_with_keep_metadata_is_left_out_not_a_crash(tmp_path, samples_dir, exif):
+    """A JPEG whose EXIF Pillow cannot parse stopped a --keep-metadata batch with a traceback."""
+    data = (samples_dir / "grace_hopper.jpg").read_bytes()
+    segment = b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif
+    photo = tmp_path / "damaged.jpg"
+    photo.write_bytes(data[:2] + segment + data[2:])
+    source = read_image(photo)
+    for name in ("out.jpg", "out.png"):
+        info: dict = {}
+        written = write_image(tmp_path / name, source.pixels, source=source, keep_metadata=True, info=info)
+        assert any(note.startswith("EXIF not kept: damaged") for note in info["notes"])
+        with Image.open(written) as opened:
+            assert "exif" not in opened.info

@@ -453,3 +453,36 @@ def test_a_batch_leaves_alone_the_writes_in_progress_of_a_batch_into_a_folder_be
         with Journal(tmp_path / "out", {"method": "blur"}):
             pass
         assert in_progress.exists() and not crashed.exists()
+
+
+def test_a_journal_naming_an_output_outside_its_folder_does_not_pass_a_photo_as_done(
+    tmp_path, detector, samples_dir
+):
+    """A planted ``done`` line naming the input itself as output: reported protected, never written."""
+    out, photos = tmp_path / "out", tmp_path / "photos"
+    photos.mkdir()
+    photo = Path(shutil.copy(samples_dir / "astronaut.jpg", photos))
+    blur_batch(photos, out, detector, rotations="none")
+    (out / "astronaut_blur.jpg").unlink()
+    lines = []
+    for line in (out / JOURNAL_NAME).read_text().splitlines():
+        record = json.loads(line)
+        if record.get("input") == "astronaut.jpg" and record["event"] == "done":
+            record.update(output=str(photo), output_bytes=photo.stat().st_size)
+        lines.append(json.dumps(record))
+    (out / JOURNAL_NAME).write_text("\n".join(lines) + "\n")
+    report = blur_batch(photos, out, detector, rotations="none")
+    assert (out / "astronaut_blur.jpg").is_file()
+    assert str(photo) not in [outcome.output for outcome in report.outcomes]
+
+
+def test_a_journal_that_is_a_symbolic_link_is_not_followed(tmp_path):
+    """A link planted as the journal had its target's unfinished last line cut off and lines appended."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("line one\nan unfinished last line")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / JOURNAL_NAME).symlink_to(notes)
+    with pytest.raises(JournalError, match="symbolic link"):
+        Journal(out, {"method": "blur"}).open()
+    assert notes.read_text() == "line one\nan unfinished last line"

@@ -326,6 +326,15 @@ def load_bank(
             f"bank manifest is damaged (a donor record is incomplete: {type(error).__name__} {error})",
             manifest_path,
         ) from None
+    # chips are files named by id: an id such as '../../x' was read, and `donors remove` deleted
+    # its files, outside the bank
+    strange = next((i for i in ids if not (isinstance(i, str) and NAME_PATTERN.match(i))), None)
+    if strange is not None:
+        raise DonorBankError(
+            f"bank manifest is damaged (donor id {strange!r} is not a plain name: "
+            "letters, digits, '.', '_' or '-')",
+            manifest_path,
+        )
     bank = DonorBank(
         name=label,  # the folder's: a copied or renamed bank is called by its new name
         folder=folder,

@@ -21,18 +21,27 @@ One batch at a time may use a folder: the journal is locked (``flock``) while op
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from facecloak import __version__
 from facecloak.errors import FacecloakError
 
 JOURNAL_NAME = ".facecloak-journal.jsonl"
 TEMPORARY_PREFIX = ".facecloak-"  # io's atomic writes use this prefix for their temporary files
+
+_JOURNAL_FLAGS = (
+    os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+)
+"""How the journal is opened: never through a symbolic link. A link planted under the journal's
+name sent its lines into the file it named, outside the output folder, and cut that file's last
+line off as a torn one."""
 
 try:
     import fcntl
@@ -115,9 +124,14 @@ class Journal:
         try:
             # held open (and locked) until close(); unbuffered, so a failed append leaves nothing
             # behind in a buffer for a later flush to write as a torn line
-            self._stream = open(self.path, "a+b", buffering=0)
+            self._stream = os.fdopen(os.open(self.path, _JOURNAL_FLAGS, 0o666), "a+b", buffering=0)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise JournalError("the journal is a symbolic link: not followed", self.path) from None
             raise JournalError(f"cannot open the journal ({error.strerror})", self.path) from None
+        if not stat.S_ISREG(os.fstat(self._stream.fileno()).st_mode):  # a FIFO said "Illegal seek"
+            self.close()
+            raise JournalError("the journal is not a regular file", self.path)
         if fcntl is not None:
             try:
                 fcntl.flock(self._stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -260,7 +274,19 @@ def _intact(record) -> bool:
         return False
     if "input" not in record:
         return True
-    return isinstance(record["input"], str) and isinstance(record.get("output"), str)
+    output = record.get("output")
+    return isinstance(record["input"], str) and isinstance(output, str) and _inside_folder(output)
+
+
+def _inside_folder(output: str) -> bool:
+    """Whether an output name stays inside the journal's folder, the only place a batch writes.
+
+    A journal edited or planted by someone else that named ``/elsewhere/photo.jpg`` or
+    ``../photo.jpg`` made a batch take that file for a photo's finished output (the photo was
+    reported protected and never written) and a folder walk skip a photo as an earlier output.
+    """
+    parts = PurePosixPath(output).parts
+    return not output.startswith(("/", "\\")) and ".." not in parts and "\0" not in output
 
 
 def read_journal(out_dir: str | Path) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Iterable
 from io import BytesIO
@@ -144,13 +145,17 @@ def _jpeg_exif(source: LoadedImage, keep_metadata: bool, info: dict) -> bytes | 
     Kept EXIF too large for the JPEG is left out (``info`` says so); the orientation stays.
     """
     if keep_metadata and source.exif:
-        exif = _exif_to_keep(source.exif)
-        if source.orientation != 1:
-            exif[_ORIENTATION_TAG] = source.orientation
-        else:
-            exif.pop(_ORIENTATION_TAG, None)
-        kept = exif.tobytes()
-        if _exif_fits_jpeg(kept, info):
+        try:
+            exif = _exif_to_keep(source.exif)
+            if source.orientation != 1:
+                exif[_ORIENTATION_TAG] = source.orientation
+            else:
+                exif.pop(_ORIENTATION_TAG, None)
+            kept = exif.tobytes()
+        except _DAMAGED_EXIF as error:
+            _exif_not_kept(info, error)
+            kept = b""
+        if kept and _exif_fits_jpeg(kept, info):
             return kept
     if source.orientation == 1:
         return None
@@ -259,8 +264,9 @@ def _save_options(
     if source is not None and source.icc_profile and _profile_fits(source.icc_profile, mode):
         options["icc_profile"] = source.icc_profile
     if keep_metadata and source is not None and source.exif:
-        exif = strip_location(source.exif)
-        if format_name != "JPEG" or _exif_fits_jpeg(exif, {} if info is None else info):
+        info = {} if info is None else info
+        exif = strip_location(source.exif, info)
+        if exif and (format_name != "JPEG" or _exif_fits_jpeg(exif, info)):
             options["exif"] = exif
     if format_name == "JPEG":
         options.update(quality=quality, subsampling=0, optimize=True)
@@ -301,6 +307,7 @@ def _exif_to_keep(exif_bytes: bytes) -> Image.Exif:
 
     Thumbnails, previews and the maker note would carry the unprotected face inside the
     protected file. The thumbnail's own directory (IFD1) is never written back by Pillow.
+    Raises one of `_DAMAGED_EXIF` on EXIF Pillow cannot parse or write back.
     """
     exif = Image.Exif()
     exif.load(exif_bytes)
@@ -322,12 +329,39 @@ _JPEG_START = b"\xff\xd8\xff"
 """A JPEG's first bytes (start of image, then a marker): a blob holding them holds a picture."""
 
 
-def strip_location(exif_bytes: bytes) -> bytes:
-    """EXIF without the GPS block or any thumbnail or preview, orientation reset (the pixels are upright)."""
-    exif = _exif_to_keep(exif_bytes)
-    if _ORIENTATION_TAG in exif:
-        exif[_ORIENTATION_TAG] = 1
-    return exif.tobytes()
+_DAMAGED_EXIF = (
+    SyntaxError,
+    struct.error,
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    OSError,
+    EOFError,
+)
+"""What Pillow raises parsing or writing back damaged EXIF (a bad header, a short block, a tag of
+the wrong type): with --keep-metadata such a photo stopped the whole batch with a traceback."""
+
+
+def _exif_not_kept(info: dict | None, error: BaseException) -> None:
+    """Say in ``info`` that the source's EXIF is damaged and left out (what it holds cannot be sorted)."""
+    if info is not None:
+        _note(info, f"EXIF not kept: damaged ({_short(error)})")
+
+
+def strip_location(exif_bytes: bytes, info: dict | None = None) -> bytes:
+    """EXIF without the GPS block or any thumbnail or preview, orientation reset (the pixels are upright).
+
+    Empty for damaged EXIF (`_DAMAGED_EXIF`); ``info`` says so.
+    """
+    try:
+        exif = _exif_to_keep(exif_bytes)
+        if _ORIENTATION_TAG in exif:
+            exif[_ORIENTATION_TAG] = 1
+        return exif.tobytes()
+    except _DAMAGED_EXIF as error:
+        _exif_not_kept(info, error)
+        return b""
 
 
 def jpeg_roundtrip(pixels: Tensor, quality: int = 75) -> Tensor:
