@@ -720,6 +720,18 @@ def test_a_bank_name_means_the_listed_bank_not_a_copy_of_that_name_beside_it(
     assert bank_folder("twin") == Path("twin")  # with no bank of that name listed, the folder here
 
 
+def test_removing_a_bank_linked_into_the_data_folder_removes_the_link_not_its_folder(data_home, tmp_path):
+    """`donors remove linked` of a bank symlinked in ended in rmtree's traceback."""
+    real = tmp_path / "realbank"
+    real.mkdir()
+    (real / "bank.json").write_text(json.dumps({"format": 1, "donors": [], "models": {}}))
+    linked = data_home / "facecloak" / "donors" / "linked"
+    linked.parent.mkdir(parents=True, exist_ok=True)
+    linked.symlink_to(real)
+    assert remove_donors("linked") == 0
+    assert not linked.is_symlink() and (real / "bank.json").is_file()
+
+
 def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detector, targets):
     from facecloak.evaluate import PersonProtector, PipelineAttacker
     from facecloak.protection import ReplaceFaces

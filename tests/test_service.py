@@ -466,6 +466,15 @@ def test_api_keys(tmp_path, samples_dir):
         )
 
 
+def test_a_keys_file_saved_with_a_byte_order_mark_keeps_its_first_key(tmp_path):
+    """Notepad's BOM stayed on the first key: that client was refused (403) with the right key."""
+    from facecloak.service import ServiceSettings
+
+    keys = tmp_path / "keys.txt"
+    keys.write_bytes(b"\xef\xbb\xbfk1\r\nk2\r\n")
+    assert ServiceSettings(api_keys_file=keys).api_keys() == {"k1", "k2"}
+
+
 def test_every_answer_carries_the_privacy_headers(tmp_path, samples_dir):
     """A returned photo could be type-sniffed, kept by a shared cache, and the page framed by another
     site: no answer said otherwise. Refusals get the headers too; the page is cacheable."""

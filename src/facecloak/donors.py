@@ -474,7 +474,10 @@ def _remove_donors(bank: str | Path, ids: Sequence[str]) -> int:
     """`remove_donors` once the bank's lock is held."""
     bank_data = load_bank(bank, allow_empty=True)
     if not ids:
-        shutil.rmtree(bank_data.folder)
+        if bank_data.folder.is_symlink():  # a bank linked in: the link goes, the folder it names stays
+            bank_data.folder.unlink()  # (rmtree refused it with a traceback)
+        else:
+            shutil.rmtree(bank_data.folder)
         return len(bank_data)
     ids = list(dict.fromkeys(ids))  # a donor named twice is removed, and counted, once
     unknown = sorted(set(ids) - set(bank_data.ids))

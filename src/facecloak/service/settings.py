@@ -58,7 +58,8 @@ class ServiceSettings:
         """The accepted keys (empty: the service is open)."""
         if self.api_keys_file is None:
             return frozenset()
-        lines = Path(self.api_keys_file).read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Notepad writes one) stayed on the first key, which never matched
+        lines = Path(self.api_keys_file).read_text(encoding="utf-8-sig").splitlines()
         keys = frozenset(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
         if not keys:
             raise ValueError(f"{self.api_keys_file}: no API key in the file")
