@@ -73,6 +73,12 @@ def test_a_device_that_does_not_exist_here_is_a_one_line_error():
         with pytest.raises(InvalidInputError, match="device") as info:
             create_embedder("dlib-resnet", device=device)
         assert "\n" not in str(info.value)
+    if not torch.backends.mps.is_available():  # the detector took "mps" and failed inside torch
+        from facecloak.detect import FaceDetector
+
+        with pytest.raises(InvalidInputError, match="'mps' cannot be used here") as info:
+            FaceDetector(device="mps")
+        assert "\n" not in str(info.value)
 
 
 def test_facenet_loads_only_a_state_dict_from_a_user_file(tmp_path):

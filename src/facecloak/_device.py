@@ -29,6 +29,12 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
             raise InvalidInputError(
                 f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
             )
+    elif chosen.type != "cpu":  # mps, xpu...: torch's own error came from deep inside a model's build
+        try:
+            torch.empty(0, device=chosen)
+        except (RuntimeError, AssertionError) as error:
+            detail = (str(error).splitlines() or [""])[0][:160]
+            raise InvalidInputError(f"device {str(device)!r} cannot be used here ({detail})") from None
     return chosen
 
 
