@@ -792,3 +792,14 @@ def test_the_report_says_which_steps_cap_and_escalation_the_run_used(samples_dir
     plain = runner.invoke(main, [*arguments, "-o", str(tmp_path / "b"), "--steps", "1"])
     options = json.loads(plain.stdout)["options"]
     assert options["steps"] == 1 and "max_dssim" not in options and "escalate" not in options
+
+
+def test_a_keyword_no_cloak_takes_is_one_line(dlib_resnet):
+    """`create_cloak(..., device="cuda")` was a raw TypeError from the class chain."""
+    from facecloak.cloak import create_cloak
+
+    with pytest.raises(InvalidInputError, match="the untargeted cloak takes no device"):
+        create_cloak("untargeted", [dlib_resnet], device="cuda")
+    with pytest.raises(InvalidInputError, match="the targeted cloak takes no stepz"):
+        create_cloak("targeted", [dlib_resnet], identity_key="k", stepz=3)
+    assert create_cloak("untargeted", [dlib_resnet], "low", steps=3, seed=1).budget.steps == 3

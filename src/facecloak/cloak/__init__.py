@@ -12,6 +12,7 @@ per method (`untargeted`, `targeted`, `away`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 from facecloak._checks import check_choice
@@ -21,6 +22,7 @@ from facecloak.cloak.budget import LEVELS, CloakBudget
 from facecloak.cloak.targeted import TargetedCloak
 from facecloak.cloak.untargeted import UntargetedCloak
 from facecloak.cloak.verify import VERIFY_JPEG_QUALITY
+from facecloak.errors import InvalidInputError
 from facecloak.models.registry import Embedder
 
 CLOAK_METHODS: dict[str, type[Cloak]] = {"untargeted": UntargetedCloak, "targeted": TargetedCloak}
@@ -36,7 +38,24 @@ def create_cloak(mode: str, models: Sequence[Embedder], level: str = "mid", **kw
     else:  # a targeted cloak's reference is its key's target, never the person; it pulls, not pushes
         options.pop("person_level", None)
         options.pop("laggard_weight", None)
+    unknown = sorted(set(options) - _keywords(CLOAK_METHODS[mode]))
+    if unknown:  # was a raw TypeError from deep in the class chain
+        raise InvalidInputError(f"the {mode} cloak takes no {', '.join(unknown)}")
     return CLOAK_METHODS[mode](models, level, **options)
+
+
+def _keywords(cloak_class: type) -> set[str]:
+    """The keyword arguments a cloak class's constructors, its own and its bases', take by name."""
+    names: set[str] = set()
+    for klass in cloak_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None and klass is not object:
+            names |= {
+                p.name
+                for p in inspect.signature(init).parameters.values()
+                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            }
+    return names - {"self", "models", "level"}
 
 
 __all__ = [
