@@ -157,6 +157,8 @@ def test_a_file_the_journal_does_not_know_is_not_replaced(three_photos, tmp_path
     assert report.count("skipped") == 1 and report.outcomes[2].status == "skipped"
     assert report.count("failed") == 0 and report.exit_code == 0
     assert (out / "group_blur.jpg").read_bytes() == b"the user's own file"
+    again = blur_batch(three_photos, out, detector)  # the skipped one was "processed now"
+    assert again.resumed == 2 and "skipped; 0 processed now" in str(again)
     replaced = blur_batch(three_photos, out, detector, overwrite=True)
     assert replaced.count("failed") == 0 and replaced.count("protected") == 3
 

@@ -136,9 +136,11 @@ class ResumableReport(BatchReport):
     def __str__(self) -> str:
         text = super().__str__()
         if self.resumed:
+            # files skipped because an output not ours was there were counted as processed now
+            now = sum(not getattr(o, "resumed", False) and o.status != "skipped" for o in self.outcomes)
             text += (
                 f"\n  {self.resumed} file(s) done by an earlier run, skipped; "
-                f"{len(self.outcomes) - self.resumed} processed now (journal: {self.journal})"
+                f"{now} processed now (journal: {self.journal})"
             )
         return text
 
