@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-ray = pytest.importorskip(
-    "ray", reason="Ray is not installed: pip install 'facecloak[ray]' (about 500 MB with pyarrow and pandas)"
-)
-pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'facecloak[ray]'")
+from facecloak.batch import Options, run_batch
+from facecloak.distributed import run_distributed
+from facecloak.errors import InvalidInputError
+from facecloak.journal import JOURNAL_NAME, read_journal
+from facecloak.pipeline import ProtectorSpec, run_resumable_batch
 
-from facecloak.batch import Options, run_batch  # noqa: E402
-from facecloak.distributed import run_distributed  # noqa: E402
-from facecloak.journal import read_journal  # noqa: E402
-from facecloak.pipeline import ProtectorSpec  # noqa: E402
+NO_RAY = "Ray is not installed: pip install 'facecloak[ray]' (about 500 MB with pyarrow and pandas)"
 
 
 @pytest.fixture(scope="module")
-def local_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ray_installed():
+    """Ray and Ray Data, for the tests that need them (the one without Ray runs anywhere)."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    pytest.importorskip("ray.data", reason=NO_RAY)
+    return ray
+
+
+@pytest.fixture(scope="module")
+def local_cluster(ray_installed):
+    ray_installed.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+    ray_installed.shutdown()
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -56,3 +65,105 @@ def test_samples_on_ray_match_the_plain_batch(local_cluster, tmp_path, samples_d
     assert again.resumed == 3 and again.faces == 6  # same journal semantics: nothing redone
     done = [r for r in read_journal(tmp_path / "ray") if r.get("event") == "done"]
     assert sorted(r["input"] for r in done) == ["astronaut.jpg", "grace_hopper.jpg", "nested/group.jpg"]
+
+
+BLUR = ProtectorSpec("anonymize", {"method": "blur"})
+
+
+def test_without_ray_a_batch_on_ray_says_what_to_install(tmp_path, samples_dir, monkeypatch):
+    """The CLI's guard imports this module, which needs no Ray: a missing Ray was a traceback."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does where it is not installed
+    with pytest.raises(InvalidInputError, match=r"pip install 'facecloak\[ray\]'"):
+        run_distributed([samples_dir / "grace_hopper.jpg"], BLUR, Options(out_dir=str(tmp_path / "out")))
+
+
+def test_an_output_the_journal_did_not_write_is_skipped_not_failed(ray_installed, tmp_path, samples_dir):
+    """As the local batch: a file of the user's under an output's name is left alone and skipped (exit 0).
+
+    The Ray batch computed the photo, then failed it ("output exists"): exit 3.
+    """
+    (tmp_path / "in").mkdir()
+    shutil.copy(samples_dir / "grace_hopper.jpg", tmp_path / "in" / "g.jpg")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "g_blur.jpg").write_bytes(b"mine")
+    report = run_distributed(
+        [tmp_path / "in"], BLUR, Options(out_dir=str(tmp_path / "out"), rotations="none")
+    )
+    assert [outcome.status for outcome in report.outcomes] == ["skipped"]
+    assert report.exit_code == 0
+    assert (tmp_path / "out" / "g_blur.jpg").read_bytes() == b"mine"
+
+
+def test_the_output_folder_inside_the_input_folder_is_not_read(ray_installed, tmp_path, samples_dir):
+    """``-o photos/out``: a photo in there is passed over and said, as the local batch does.
+
+    The Ray batch took it for an input and wrote ``out/out/mine_blur.jpg``.
+    """
+    photos, out = tmp_path / "photos", tmp_path / "photos" / "out"
+    out.mkdir(parents=True)
+    shutil.copy(samples_dir / "grace_hopper.jpg", photos / "g.jpg")
+    (out / "g_blur.jpg").write_bytes(b"mine")  # skipped too: no photo to compute, so no cluster to start
+    shutil.copy(samples_dir / "astronaut.jpg", out / "mine.jpg")
+    report = run_distributed([photos], BLUR, Options(out_dir=str(out), rotations="none"))
+    assert [(Path(o.path).name, o.status) for o in report.outcomes] == [("g.jpg", "skipped")]
+    why = "inside the output folder: not read (give it on its own, or another -o)"
+    passed_over = [(Path(path).name, reason) for path, reason in report.skipped]
+    assert passed_over == [("g_blur.jpg", why), ("mine.jpg", why)]
+    assert not (out / "out").exists()
+
+
+def test_two_photos_with_one_output_name_are_refused_not_overwritten(local_cluster, tmp_path, samples_dir):
+    """``g.jpg`` and ``g.png`` with ``--format png`` both make ``g_blur.png``: the second is refused.
+
+    The Ray batch wrote both there, the second over the first, and reported both protected.
+    """
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(samples_dir / "grace_hopper.jpg", photos / "g.jpg")
+    Image.open(samples_dir / "astronaut.jpg").save(photos / "g.png")
+    options = Options(out_dir=str(tmp_path / "out"), rotations="none", format="png", device="cpu")
+    report = run_distributed([photos], BLUR, options)
+    assert [(Path(o.path).name, o.status) for o in report.outcomes] == [
+        ("g.jpg", "protected"),
+        ("g.png", "failed"),
+    ]
+    assert "is also the output of" in report.outcomes[1].error
+    assert report.exit_code == 3
+    done = [r for r in read_journal(tmp_path / "out") if r.get("event") == "done"]
+    assert [r["input"] for r in done] == ["g.jpg"]
+
+
+def test_a_cloak_on_ray_is_held_on_its_file_as_written(local_cluster, tmp_path, samples_dir, dlib_resnet):
+    """A JPEG cloak holds its caps on the file as encoded (``stored_as``) and reports it, as locally.
+
+    The actor cloaked the pixels and encoded them after: other bytes than the local batch's, a
+    report measured on pixels no file holds, and no ``box_dssim_written``.
+    """
+    (tmp_path / "in").mkdir()
+    shutil.copy(samples_dir / "grace_hopper.jpg", tmp_path / "in" / "g.jpg")
+    spec = ProtectorSpec.cloak("untargeted", "low", ["dlib-resnet"], steps=3)
+
+    def options(name: str) -> Options:
+        return Options(out_dir=str(tmp_path / name), rotations="none", format="jpeg", device="cpu")
+
+    plain = run_resumable_batch(
+        [tmp_path / "in"], spec.build("cpu"), options("plain"), settings=spec.settings()
+    )
+    on_ray = run_distributed([tmp_path / "in"], spec, options("ray"))
+    assert "box_dssim_written" in on_ray.outcomes[0].faces[0]
+    assert on_ray.outcomes[0].faces == plain.outcomes[0].faces
+    assert digests(tmp_path / "ray") == digests(tmp_path / "plain")
+    (record,) = [r for r in read_journal(tmp_path / "ray") if r.get("event") == "done"]
+    assert json.dumps(record["faces"]) == json.dumps(on_ray.outcomes[0].faces)  # the journal keeps it
+
+
+def test_no_image_says_where_it_looked_and_leaves_no_folder(ray_installed, tmp_path):
+    """As the local batch: the summary names the folder given, and no journal is made for nothing.
+
+    The Ray batch said "no image found in (nothing given)" and created the output folder.
+    """
+    (tmp_path / "empty").mkdir()
+    report = run_distributed([tmp_path / "empty"], BLUR, Options(out_dir=str(tmp_path / "out")))
+    assert report.exit_code == 1
+    assert str(tmp_path / "empty") in str(report)
+    assert not (tmp_path / "out" / JOURNAL_NAME).exists()

@@ -21,15 +21,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from facecloak import io
-from facecloak.batch import FileOutcome, Options, ProgressCallback, ProgressEvent, face_status
+from facecloak.batch import (
+    BatchPlan,
+    FileOutcome,
+    Options,
+    ProgressCallback,
+    ProgressEvent,
+    _measure_written,
+    face_status,
+    plan_batch,
+)
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError, shown_path
-from facecloak.journal import Journal, file_sha256
+from facecloak.journal import JOURNAL_NAME, Journal, file_sha256, source_key
 from facecloak.pipeline import (
     ProtectorSpec,
     ResumableReport,
@@ -47,12 +57,19 @@ def list_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[str, str]], lis
     one folder mirrored as is, several prefixed by their names).
     """
     local = [p for p in paths if "://" not in str(p)]
-    remote = [str(p) for p in paths if "://" in str(p)]
     jobs, skipped = io.collect_images(local) if local else ([], [])
-    several = len(paths) > 1
     found = [(str(job.path), job.relative.as_posix()) for job in jobs]
-    skipped_out = [(str(path), reason) for path, reason in skipped]
-    for uri in remote:
+    remote, remote_skipped = _list_remote([str(p) for p in paths if "://" in str(p)], several=len(paths) > 1)
+    return found + remote, [(str(path), reason) for path, reason in skipped] + remote_skipped
+
+
+def _list_remote(
+    uris: Sequence[str], *, several: bool
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(uri, relative input path) of every image under the URIs, and the files skipped (`list_inputs`)."""
+    found: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
+    for uri in uris:
         from pyarrow import fs as pafs
 
         filesystem, root = pafs.FileSystem.from_uri(uri)
@@ -69,11 +86,11 @@ def list_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[str, str]], lis
             if any(part.startswith(".") for part in relative.parts):
                 continue
             if relative.suffix.lower() not in io.IMAGE_SUFFIXES:
-                skipped_out.append((f"{scheme}://{entry.path}", "not an image suffix"))
+                skipped.append((f"{scheme}://{entry.path}", "not an image suffix"))
                 continue
             mirrored = Path(Path(root).name) / relative if several else relative
             found.append((f"{scheme}://{entry.path}", mirrored.as_posix()))
-    return found, skipped_out
+    return found, skipped
 
 
 def _read_bytes(uri: str) -> bytes:
@@ -89,9 +106,11 @@ def _read_bytes(uri: str) -> bytes:
 class ProtectActor:
     """One Ray actor: one copy of the detector and the protector's models, used for every batch it gets.
 
-    Called by Ray Data's ``map_batches`` with a batch of columns ``uri``, ``relative``, ``index``;
-    returns per photo the encoded output (or why not), the source format, the input's SHA-256
-    and the per-face report as JSON.
+    Called by Ray Data's ``map_batches`` with a batch of columns ``uri``, ``relative``, ``index``
+    and optionally ``output`` (the output's relative path when the driver planned it, else empty);
+    returns per photo the encoded output (or why not), its suffix, the input's SHA-256, the
+    per-face report as JSON (measured on the file as it will be written, as the local batch does),
+    how it was encoded (JSON) and the seconds it took.
     """
 
     def __init__(self, spec: ProtectorSpec, options: Options, done: dict[str, str]) -> None:
@@ -111,13 +130,17 @@ class ProtectActor:
 
     def __call__(self, batch: dict) -> dict:
         """Read, hash, decode, detect, protect and encode one batch of photos."""
+        started = time.perf_counter()
         rows = len(batch["uri"])
         # No None in the columns: Arrow would turn it into NaN. Empty means "not there".
         out: dict[str, list] = {key: [""] * rows for key in ("suffix", "error", "sha256")}
         out["data"] = [b""] * rows
         out["faces"] = ["[]"] * rows
+        out["written"] = ["{}"] * rows
+        out["seconds"] = [0.0] * rows
         out["skipped"] = [False] * rows
         out["index"] = [int(i) for i in batch["index"]]
+        planned = [str(name) for name in batch["output"]] if "output" in batch else [""] * rows
         decoded = []
         for r in range(rows):
             uri, relative = str(batch["uri"][r]), str(batch["relative"][r])
@@ -132,35 +155,64 @@ class ProtectActor:
                 continue
             try:
                 image = io.read_image_bytes(data, uri, max_pixels=self.options.max_pixels)
-                out["suffix"][r] = io.output_suffix(image.format, self.options.format)
+                if planned[r]:
+                    out["suffix"][r] = Path(planned[r]).suffix
+                else:
+                    out["suffix"][r] = io.output_suffix(image.format, self.options.format)
                 # flattened as the output will be before any face is looked for, as the local batch does
-                image = io.for_output(image, format_name=io.IMAGE_SUFFIXES[out["suffix"][r]])
+                image = io.for_output(image, format_name=io.IMAGE_SUFFIXES[out["suffix"][r].lower()])
             except FacecloakError as error:
                 out["error"][r] = str(error)
                 continue
             decoded.append((r, image))
         if decoded:
             pixels = [image.pixels for _, image in decoded]
+            # how each output file will hold its photo: a cloak holds its caps on that, as locally
+            storage = [
+                io.stored_as(f"output{out['suffix'][r]}", image, self.options.jpeg_quality)
+                for r, image in decoded
+            ]
             try:
                 faces = self.detector(pixels)
-                result = self.protection.protect(pixels, faces)
+                result = self.protection.protect(pixels, faces, stored_as=storage)
             except FacecloakError as error:
                 for r, _ in decoded:
                     out["error"][r] = str(error)
                 return out
+            seconds = round((time.perf_counter() - started) / len(decoded), 3)
             for k, (r, image) in enumerate(decoded):
+                records = result.records_for(k)
+                written: dict = {}
                 try:
                     out["data"][r] = io.encode_image(
-                        result.images[k],
-                        io.IMAGE_SUFFIXES[out["suffix"][r]],
+                        result.to_encode(k),
+                        io.IMAGE_SUFFIXES[out["suffix"][r].lower()],
                         source=image,
                         keep_metadata=self.options.keep_metadata,
                         jpeg_quality=self.options.jpeg_quality,
+                        info=written,
                     )
+                    _measure_encoded(out["data"][r], out["suffix"][r], image, result.images[k], records)
                 except FacecloakError as error:
                     out["error"][r] = f"{image.path}: {error}"
-                out["faces"][r] = json.dumps(result.records_for(k))
+                out["faces"][r] = json.dumps(records)
+                out["written"][r] = json.dumps(written)
+                out["seconds"][r] = seconds
         return out
+
+
+def _measure_encoded(data: bytes, suffix: str, image: io.LoadedImage, output, records: list[dict]) -> None:
+    """The local batch's measure of the file as written (`facecloak.batch._measure_written`), on these bytes.
+
+    The driver writes exactly these bytes, so measuring them here, beside the models, gives the
+    records the local batch keeps (``box_dssim_written``, ``linf_written``) without shipping pixels.
+    """
+    if not any("dssim" in record for record in records):
+        return
+    with tempfile.TemporaryDirectory(prefix=".facecloak-measure-") as folder:
+        encoded = Path(folder) / f"output{suffix}"
+        encoded.write_bytes(data)
+        _measure_written(encoded, image, output, records)
 
 
 def run_distributed(
@@ -193,31 +245,70 @@ def run_distributed(
         >>> spec = ProtectorSpec("anonymize", {"method": "blur"})  # doctest: +SKIP
         >>> report = run_distributed(["samples"], spec, Options(out_dir="out"))  # doctest: +SKIP
     """
-    import ray
-
+    try:  # ray.data too: a Ray without it (no pandas) failed only once the photos were planned
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as error:  # the CLI's guard imports this module, which needs no Ray
+        raise InvalidInputError(f"a batch on Ray needs pip install 'facecloak[ray]' ({error})") from None
     if not options.out_dir:
         raise InvalidInputError("a distributed batch needs an output folder (-o)")
     started = time.perf_counter()
+    out_dir = Path(options.out_dir)
+    tag = spec.build().tag if spec.kind == "anonymize" else "cloaked"
+    local = [path for path in paths if "://" not in str(path)]
+    # local inputs planned as the local batch plans them: the output folder is not walked, outputs
+    # of earlier runs are not inputs, an output that would replace an input or another's is refused
+    plan = plan_batch(local, tag, replace(options, overwrite=True)) if local else BatchPlan()
+    remote, remote_skipped = _list_remote([str(p) for p in paths if "://" in str(p)], several=len(paths) > 1)
+    skipped = [(str(path), reason) for path, reason in plan.not_images] + remote_skipped
+    report = ResumableReport(command or tag, asdict(options), skipped=skipped, inputs=[str(p) for p in paths])
+    outcomes: list[FileOutcome] = list(plan.failed)
+    order = {path: k for k, path in enumerate([*plan.order, *(uri for uri, _ in remote)])}
+
+    def finished(outcome: FileOutcome) -> None:
+        outcomes.append(outcome)
+        if on_progress is not None:
+            on_progress(_file_event(outcome, len(outcomes), total))
+
+    total = len(plan.todo) + len(plan.failed) + len(remote)
+    if (
+        not remote
+        and not (out_dir / JOURNAL_NAME).exists()
+        and not any(options.overwrite or not target.exists() for _, target in plan.todo)
+    ):  # nothing to write (no image, or every output exists and is not ours): no journal, no folder
+        for outcome in list(outcomes):
+            outcomes.remove(outcome)
+            finished(outcome)
+        for job, target in plan.todo:
+            finished(FileOutcome(str(job.path), "skipped", output=str(target)))
+        return _ended(report, outcomes, order, started)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    out_dir = Path(options.out_dir)
-    found, skipped = list_inputs(paths)
-    tag = spec.build().tag if spec.kind == "anonymize" else "cloaked"
-    report = ResumableReport(command or tag, asdict(options), skipped=skipped)
-    outcomes: dict[int, FileOutcome] = {}
     with Journal(out_dir, {**spec.settings(), **_output_options(options), "tag": tag}) as journal:
         report.journal = str(journal.path)
+        for outcome in list(outcomes):
+            outcomes.remove(outcome)
+            finished(outcome)
+        found: list[tuple[str, str]] = []  # (uri, relative input) of every photo, by item index
+        targets: list[str] = []  # its planned relative output ("" for a URI: known once decoded)
+        for job, target in plan.todo:
+            relative_output = target.relative_to(out_dir).as_posix()
+            owned = journal.owns(relative_output, source=job.path)
+            if target.exists() and not options.overwrite and not owned:  # not ours: left alone
+                finished(FileOutcome(str(job.path), "skipped", output=str(target)))
+                continue
+            found.append((str(job.path), job.relative.as_posix()))
+            targets.append(relative_output)
+        found += remote
+        targets += [""] * len(remote)
         done = {} if options.overwrite else _still_done(journal, found)
         items = []
         for i, (uri, relative) in enumerate(found):
             record = journal.last_record(relative) if relative in done and "://" not in uri else None
             if record is not None and file_sha256(uri) == done[relative]:  # local: no need to ship it
-                outcomes[i] = _resumed(uri, record, out_dir)
+                finished(_resumed(uri, record, out_dir))
             else:
-                items.append({"index": i, "uri": uri, "relative": relative})
-        if on_progress is not None:
-            for k, outcome in enumerate(outcomes.values(), 1):
-                on_progress(_file_event(outcome, k, len(found)))
+                items.append({"index": i, "uri": uri, "relative": relative, "output": targets[i]})
         if items:
             dataset = ray.data.from_items(items).map_batches(
                 ProtectActor,
@@ -226,16 +317,19 @@ def run_distributed(
                 batch_format="numpy",
                 **_pool(ray, actors, gpus_per_actor),
             )
-            inputs = io.ProtectedFiles(Path(uri) for uri, _ in found if "://" not in uri)
+            inputs = io.ProtectedFiles(job.path for job, _ in plan.todo)  # never replaced
+            claimed: dict[str, str] = {}  # relative output -> the input written there by this run
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 for r in range(len(batch["index"])):
-                    index = int(batch["index"][r])
-                    uri, relative = found[index]
+                    uri, relative = found[int(batch["index"][r])]
                     row = {key: batch[key][r] for key in batch}
-                    outcomes[index] = _finish_row(row, uri, relative, tag, options, journal, out_dir, inputs)
-                    if on_progress is not None:
-                        on_progress(_file_event(outcomes[index], len(outcomes), len(found)))
-    report.outcomes = [outcomes[i] for i in sorted(outcomes)]
+                    finished(_finish_row(row, uri, relative, tag, options, journal, out_dir, inputs, claimed))
+    return _ended(report, outcomes, order, started)
+
+
+def _ended(report: ResumableReport, outcomes: list[FileOutcome], order: dict[str, int], started: float):
+    """The report with its outcomes in the order the inputs were found, as the local batch lists them."""
+    report.outcomes = sorted(outcomes, key=lambda outcome: order.get(outcome.path, len(order)))
     report.resumed = sum(isinstance(outcome, ResumedOutcome) for outcome in report.outcomes)
     report.seconds = time.perf_counter() - started
     return report
@@ -278,30 +372,65 @@ def _pool(ray, actors: int | None, gpus_per_actor: float | None) -> dict:
 
 
 def _finish_row(
-    row, uri, relative, tag, options: Options, journal: Journal, out_dir: Path, inputs
+    row,
+    uri: str,
+    relative: str,
+    tag: str,
+    options: Options,
+    journal: Journal,
+    out_dir: Path,
+    inputs: io.ProtectedFiles,
+    claimed: dict[str, str],
 ) -> FileOutcome:
-    """Write one actor result: journal ``start``, atomic write, journal ``done`` (as the local batch)."""
+    """Write one actor result: journal ``start``, atomic write, journal ``done`` (as the local batch).
+
+    ``claimed``: the outputs this run has written, by input; a URI's output, named only once it
+    was decoded, that another photo of this run took is refused, as the local plan refuses it.
+    """
     if bool(row["skipped"]):
         return _resumed(uri, journal.last_record(relative), out_dir)
     if str(row["error"]):
         return FileOutcome(uri, "failed", error=str(row["error"]))
     faces = json.loads(str(row["faces"]))
     status = face_status(faces)
-    target = out_dir / Path(relative).with_name(f"{Path(relative).stem}_{tag}{row['suffix']}")
+    planned = str(row.get("output", ""))
+    if planned:
+        target = out_dir / planned
+    else:
+        target = out_dir / Path(relative).with_name(f"{Path(relative).stem}_{tag}{row['suffix']}")
     relative_output = target.relative_to(out_dir).as_posix()
+    local = "://" not in uri
+    source = {"source": source_key(uri)} if local else {}
     sha256 = str(row["sha256"])
     try:
-        if target.exists() and not (options.overwrite or journal.owns(relative_output)):
-            raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", target)
+        if relative_output in claimed:
+            problem = f"its output {target} is also the output of {claimed[relative_output]} (rename one)"
+            raise ImageWriteError(problem, uri)
+        owned = journal.owns(relative_output, source=uri if local else None)
+        if target.exists() and not (options.overwrite or owned):
+            # not this journal's: left alone, as the local batch skips it
+            return FileOutcome(uri, "skipped", output=str(target))
+        claimed[relative_output] = uri
         with journal_failure_named(uri, "not written"):
-            journal.record("start", relative, sha256, relative_output)
+            journal.record("start", relative, sha256, relative_output, **source)
         io.write_bytes_atomic(target, bytes(row["data"]), protected=inputs, overwrite=True)
         size = target.stat().st_size
         unjournaled = f"written to {shown_path(target)} but not journaled (redone next run)"
         with journal_failure_named(uri, unjournaled):
             journal.record(
-                "done", relative, sha256, relative_output, status=status, output_bytes=size, faces=faces
+                "done",
+                relative,
+                sha256,
+                relative_output,
+                status=status,
+                output_bytes=size,
+                faces=faces,
+                **source,
             )
     except FacecloakError as error:
         return FileOutcome(uri, "failed", error=str(error), faces=faces)
-    return FileOutcome(uri, status, output=str(target), faces=faces)
+    except OSError as error:
+        return FileOutcome(uri, "failed", error=f"{target}: {error.strerror}", faces=faces)
+    seconds = float(row.get("seconds", 0.0))
+    written = json.loads(str(row.get("written", "{}")))
+    return FileOutcome(uri, status, output=str(target), faces=faces, seconds=seconds, written=written)
