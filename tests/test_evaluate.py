@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -802,3 +803,71 @@ def test_no_protection_vs_jpeg_figure_without_a_jpeg_upload(faceless_probe_resul
         figures = plots(result)
     assert "protection_vs_jpeg" not in figures and "distances_dlib-resnet" in figures
     assert "protection_vs_jpeg" in plots(faceless_probe_result)
+
+
+def test_linear_correction_learnt_from_unprotected_pairs_leaves_faces_as_they_are(lfw_dir, attacker):
+    """Fitted on fewer pairs than dimensions (a few people's photos), a map shrunk towards zero
+    flattened every face onto the span of those few: with no protection at all the linear scraper
+    lost its own matches, and a quarter of a run's probes were reported protected by nothing.
+    Pairs that show no protection must teach it nothing."""
+    people = [p for p in list_people(lfw_dir / "images") if len(p.photos) >= 4][:7]
+    learnt = attacker.embed([read_image(path).pixels for p in people[:3] for path in p.photos[:4]])
+    learnt = learnt[~torch.isnan(learnt).any(1)]  # about 12 pairs, for 129 weights per dimension
+    faces = attacker.embed([read_image(path).pixels for p in people[3:] for path in p.photos[:2]])
+    faces = faces[~torch.isnan(faces).any(1)]
+    correction = fit_correction(learnt, learnt)
+    moved = attacker.model.distance(apply_correction(faces, correction), faces)
+    assert len(faces) >= 6 and float(moved.max()) < 0.01 * attacker.threshold, moved
+
+
+def test_adaptive_with_a_protected_folder_learns_only_from_people_it_holds(lfw_dir, tmp_path):
+    """With ``--protected-dir``, the adaptive scraper drew people outside the test whose protected
+    photos the folder did not hold: "no protected version of Richard_Gere_0001.jpg", a person never
+    asked for. It learns from those the folder holds, and says so in one line when it holds none."""
+    data, protected = tmp_path / "people", tmp_path / "protected"
+    for name, count in ((PEOPLE[0], 4), (PEOPLE[1], 4), (PEOPLE[2], 3), (PEOPLE[3], 3)):
+        for folder in (data, protected):
+            (folder / name).mkdir(parents=True)
+            for photo in sorted((lfw_dir / "images" / name).iterdir())[:count]:
+                (folder / name / photo.name).write_bytes(photo.read_bytes())
+    shutil.rmtree(protected / PEOPLE[3])  # outside the test (3 photos < --min-photos 4), not protected
+    arguments = ["evaluate", str(data), "--protected-dir", str(protected), "--attackers", "dlib-resnet"]
+    arguments += ["--people", "1", "--control", "1", "--min-photos", "4", "--uploads", "none", "--adaptive"]
+    arguments += ["--cache", str(tmp_path / "cache"), "-q"]
+    result = CliRunner().invoke(main, [*arguments, "-o", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["settings"]["adaptive_people"] == 1
+    assert {r["adaptive"] for r in report["rows"]} == {False, "linear"}
+    shutil.rmtree(protected / PEOPLE[2])
+    result = CliRunner().invoke(main, [*arguments, "-o", str(tmp_path / "r2")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {data}: --adaptive"), result.output
+    assert str(protected) in lines[0] and not (tmp_path / "r2").exists()
+
+
+def test_adaptive_settings_say_how_many_protected_photos_each_scraper_learnt_from(lfw_dir, attacker):
+    """A blur hides every face, so the adaptive scrapers learnt from no protected photo at all; the
+    report said the fine-tuning rested on its pairs (the clean ones, each paired with itself) and
+    said nothing of the linear map's. Each now says how many of its pairs showed a protected face."""
+    from facecloak.anonymize import Anonymizer
+    from facecloak.protection import AnonymizeFaces
+
+    result = evaluate(
+        lfw_dir / "images",
+        AnonymizeFaces(Anonymizer("blur")),
+        [attacker],
+        detector=attacker.detector,
+        people=1,
+        control=1,
+        min_photos=4,
+        uploads=("none",),
+        adaptive="both",
+        adaptive_people=2,
+        max_distractors=10,
+    )
+    linear, finetune = (result.settings[kind]["dlib-resnet"] for kind in ("linear", "finetune"))
+    assert (linear["pairs"], linear["protected_pairs"]) == (finetune["pairs"], finetune["protected_pairs"])
+    assert linear["pairs"] >= 6 and linear["protected_pairs"] <= linear["pairs"] // 4, linear  # a face or so
+    assert {row.adaptive for row in result.rows} == {False, "linear", "finetune"}

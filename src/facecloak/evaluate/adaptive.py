@@ -94,6 +94,7 @@ def finetune_model(
     chips_in, found_in = _subject_chips(protected, model, detector)
     chips_out, found_out = _subject_chips(clean, model, detector)
     both = found_in & found_out
+    protected_pairs = int((both & protected_pairs_mask(protected, clean)).sum())
     chips_in = chips_in[both[found_in]]
     chips_out = chips_out[both[found_out]]
     with torch.no_grad():
@@ -119,10 +120,25 @@ def finetune_model(
             optimiser.step()
     tuned.requires_grad_(False)
     tuned.adaptive_pairs = count  # type: ignore[attr-defined]
+    tuned.adaptive_protected_pairs = protected_pairs  # type: ignore[attr-defined]
     return tuned
 
 
 def finetune_summary(model: Embedder) -> dict:
     """What the fine-tuning rested on, for the report."""
     pairs = getattr(model, "adaptive_pairs", math.nan)
-    return {"pairs": pairs, "trained_parameters": sum(p.numel() for p in last_block(model))}
+    protected_pairs = getattr(model, "adaptive_protected_pairs", math.nan)
+    return {
+        "pairs": pairs,
+        "protected_pairs": protected_pairs,
+        "trained_parameters": sum(p.numel() for p in last_block(model)),
+    }
+
+
+def protected_pairs_mask(protected: Sequence[Tensor], clean: Sequence[Tensor]) -> Tensor:
+    """(n,) which pairs show a protected photo, not a clean one paired with itself.
+
+    "pairs" alone counted the clean-to-clean ones too: a blur hides every face, so the scrapers
+    learnt from no protected photo at all, and the report still said they rested on ten pairs.
+    """
+    return torch.tensor([source is not target for source, target in zip(protected, clean)], dtype=torch.bool)

@@ -35,7 +35,12 @@ from facecloak.datasets import Person, Split, list_people, split_people
 from facecloak.defaults import SCRAPER_ROTATIONS
 from facecloak.detect import FaceDetector
 from facecloak.errors import InvalidInputError, shown_path
-from facecloak.evaluate.adaptive import ADAPTIVE_KINDS, finetune_model, finetune_summary
+from facecloak.evaluate.adaptive import (
+    ADAPTIVE_KINDS,
+    finetune_model,
+    finetune_summary,
+    protected_pairs_mask,
+)
 from facecloak.evaluate.attackers import Attacker, PipelineAttacker, embed_in_batches
 from facecloak.evaluate.cache import EmbeddingCache, embed_files
 from facecloak.evaluate.metrics import (
@@ -153,11 +158,12 @@ def evaluate(
     except InvalidInputError as error:  # the folder that falls short, named in the one line
         raise InvalidInputError(error.reason, error.path or data) from None
     if adaptive is not None:
-        pool = _adaptive_pool(everyone, split)
+        pool = _adaptive_pool(everyone, split, protected_dir)
         if not pool:  # fit_correction on no pairs: a traceback (a singular matrix), after the protect phase
+            where = "" if protected_dir is None else f" and protected photos in {shown_path(protected_dir)}"
             raise InvalidInputError(
-                f"--adaptive learns from people outside the test with >= {ADAPTIVE_MIN_PHOTOS} photos, "
-                "and there are none here",
+                f"--adaptive learns from people outside the test with >= {ADAPTIVE_MIN_PHOTOS} "
+                f"photos{where}, and there are none here",
                 data,
             )
         adaptive_people = min(adaptive_people, len(pool))  # the report said how many were asked for
@@ -195,7 +201,7 @@ def evaluate(
     result.examples = examples(gallery.clean, gallery.protected, everyone, count=EXAMPLES)
     collected = _collect_phase(
         everyone, split, labels, protector if adaptive is not None else None, adaptive_people,
-        distractor_pairs, seed, progress,
+        distractor_pairs, seed, progress, protected_dir,
     )  # fmt: skip
     embed_seconds, embedded = 0.0, 0
     rate_by_attacker: dict[str, float] = {}
@@ -277,6 +283,7 @@ def _collect_phase(
     distractor_pairs: list[tuple[Path, int]],
     seed: int,
     progress: StageProgress,
+    protected_dir: Path | None = None,
 ) -> _Collected:
     """The control's gallery photos, everyone's probes, the distractors and the adaptive training pairs."""
     control = Photos()
@@ -292,7 +299,7 @@ def _collect_phase(
     adaptive_pairs = None
     if adaptive_protector is not None:
         adaptive_pairs = _adaptive_training(
-            everyone, split, adaptive_protector, adaptive_people, seed, progress
+            everyone, split, adaptive_protector, adaptive_people, seed, progress, protected_dir
         )
     return _Collected(
         control=control,
@@ -305,10 +312,20 @@ def _collect_phase(
     )
 
 
-def _adaptive_pool(everyone: list[Person], split: Split) -> list[Person]:
-    """The people the adaptive attacker may learn from: outside the test, with enough photos."""
+def _adaptive_pool(everyone: list[Person], split: Split, protected_dir: Path | None = None) -> list[Person]:
+    """The people the adaptive attacker may learn from: outside the test, with enough photos.
+
+    With photos protected elsewhere, only people whose protected photos that folder holds: a
+    folder of the test's people alone failed with "no protected version" of a person never asked for.
+    """
     used = {p.name for p in split.protected} | {p.name for p in split.control}
-    return [p for p in everyone if p.name not in used and len(p.photos) >= ADAPTIVE_MIN_PHOTOS]
+    return [
+        p
+        for p in everyone
+        if p.name not in used
+        and len(p.photos) >= ADAPTIVE_MIN_PHOTOS
+        and (protected_dir is None or (protected_dir / p.name).is_dir())
+    ]
 
 
 def _adaptive_training(
@@ -318,9 +335,10 @@ def _adaptive_training(
     count: int,
     seed: int,
     progress: StageProgress,
+    protected_dir: Path | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Protect photos of people outside the test; return (protected, clean) image lists to learn from."""
-    pool = _adaptive_pool(everyone, split)
+    pool = _adaptive_pool(everyone, split, protected_dir)
     rng = np.random.default_rng(seed + 1)
     chosen = [pool[i] for i in rng.permutation(len(pool))[:count]]
     protected_images, clean_images = [], []
@@ -379,6 +397,10 @@ def _score_phase(
         source, target = (embed_in_batches(attacker, images) for images in pairs)
         keep = ~(torch.isnan(source).any(1) | torch.isnan(target).any(1))
         correction = fit_correction(source[keep], target[keep])
+        result.settings.setdefault("linear", {})[attacker.name] = {
+            "pairs": int(keep.sum()),
+            "protected_pairs": int((keep & protected_pairs_mask(*pairs)).sum()),
+        }
     if pairs is not None and adaptive in ("finetune", "both") and not isinstance(attacker, PipelineAttacker):
         # said, not passed over without a word: its rows simply had no fine-tuned variant
         result.settings.setdefault("finetune", {})[attacker.name] = (
