@@ -236,7 +236,7 @@ def test_escalate_cloaks_a_face_that_falls_short_again_one_level_up(service, sam
         return answer.json()
 
     short = cloak()["faces"][0]
-    assert short["protected"] is False and "or escalate" in short["reason"], short["reason"]
+    assert short["protected"] is False and "one level stronger (escalate)" in short["reason"], short["reason"]
     # a cloak comes back as PNG unless asked (a JPEG's rounding is charged to its cap); "input" keeps JPEG
     for format_name, content_type in ((None, "image/png"), ("input", "image/jpeg")):
         answer = cloak(**({"format": format_name} if format_name else {}))
