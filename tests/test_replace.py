@@ -370,6 +370,13 @@ def test_bank_round_trip(bank, data_home, tmp_path, models, donor_dir, detector)
     assert smaller.ids == bank.ids[:1] + bank.ids[2:]
     assert not (copy / "chips" / f"{bank.ids[1]}.png").exists()
     assert torch.equal(smaller.embeddings["dlib-resnet"][1], bank.embeddings["dlib-resnet"][2])
+    # the last donor removed and its photo added again: a new id (it got the removed one's, so a
+    # replaced face's record naming that id then named another person)
+    last = load_bank(copy).ids[-1]
+    assert remove_donors(copy, [last]) == 1
+    source = next(d["source"] for d in bank.donors if d["id"] == last)
+    back = add_donors([source], models, bank=copy, detector=detector)
+    assert len(back.added) == 1 and back.added[0] not in (last, bank.ids[1])
 
 
 def test_missing_and_empty_banks_say_how_to_fix(data_home, tmp_path, bank):

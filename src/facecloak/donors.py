@@ -385,9 +385,18 @@ def _photo_size(source: str) -> dict:
 
 
 def _next_id(bank: DonorBank | None) -> int:
-    if bank is None or not bank.donors:
+    """The number of the next donor's id: never one a removed donor had.
+
+    It came from the donors left, so after the last one was removed its id went to a new donor,
+    and a replaced face's record naming it then named another person.
+    """
+    if bank is None:
         return 1
-    return max(int(donor["id"][1:]) for donor in bank.donors) + 1
+    try:
+        issued = int(json.loads((bank.folder / "bank.json").read_text()).get("next_id", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        issued = 1
+    return max([issued, 1] + [int(donor["id"][1:]) + 1 for donor in bank.donors])
 
 
 def _commit(
@@ -424,6 +433,7 @@ def _commit(
         ]
     manifest["donors"] = kept + records
     manifest["sources"] = (existing.sources if existing is not None else []) + [source]
+    manifest["next_id"] = max([_next_id(existing)] + [int(record["id"][1:]) + 1 for record in records])
     _write_json(folder / "bank.json", manifest)
 
 
