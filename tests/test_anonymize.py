@@ -295,3 +295,16 @@ def test_keywords_a_method_does_not_take_are_refused_before_any_face():
     with pytest.raises(InvalidInputError):
         mask_faces([torch.zeros(3, 8, 8)], Faces.empty())
     assert Anonymizer("mask", color=(1.0, 1.0, 1.0), scale=1.5).params["scale"] == 1.5
+
+
+def test_a_face_no_wider_than_its_block_count_is_still_pixelated():
+    """With 8 blocks, a face of 8 px or less got 1 px blocks: it came out unchanged, "anonymised"."""
+    image = torch.rand(1, 3, 40, 40)
+    faces = Faces(
+        torch.tensor([[16.0, 16.0, 23.0, 23.0]]),
+        torch.zeros(1, 5, 2),
+        torch.ones(1),
+        torch.zeros(1, dtype=torch.long),
+    )
+    out = pixelate_faces(image, faces, blocks=8, shape="box", scale=1.0)
+    assert int((out != image).any(1).sum()) > 20

@@ -107,7 +107,9 @@ def pixelate_faces(
     check_strength_settings(blocks=blocks)
 
     def mosaic(crop: Tensor, side: float) -> Tensor:
-        block_px = max(1.0, side / blocks)
+        # at least 2 px: a face of ``blocks`` pixels or fewer got 1 px blocks, itself unchanged,
+        # and was reported anonymised
+        block_px = max(2.0, side / blocks)
         rows = max(1, round(crop.shape[-2] / block_px))
         cols = max(1, round(crop.shape[-1] / block_px))
         small = F.adaptive_avg_pool2d(crop, (rows, cols))
