@@ -261,7 +261,7 @@ def _add_donors(
         report.total_donors = len(existing)
         report.written = True
         return report
-    _commit(folder, existing, records, embeddings, models, source)
+    _commit(folder, existing, records, embeddings, models, source, next_id)
     report.added = [record["id"] for record in records]
     report.total_donors = (len(existing) if existing is not None else 0) + len(records)
     report.written = True
@@ -406,8 +406,11 @@ def _commit(
     embeddings: dict[str, np.ndarray],
     models: Sequence[Embedder],
     source: dict,
+    next_id: int,
 ) -> None:
     """Write all embeddings, then the manifest: the manifest is the commit point.
+
+    ``next_id``: the number the next donor's id takes (`_next_id`), kept in the manifest.
 
     The new chips are written before (`add_donors`); until the manifest names them, a bank that
     is loaded does not see them, and a later add writes over them.
@@ -433,7 +436,7 @@ def _commit(
         ]
     manifest["donors"] = kept + records
     manifest["sources"] = (existing.sources if existing is not None else []) + [source]
-    manifest["next_id"] = max([_next_id(existing)] + [int(record["id"][1:]) + 1 for record in records])
+    manifest["next_id"] = next_id
     _write_json(folder / "bank.json", manifest)
 
 
