@@ -13,6 +13,7 @@ from facecloak.cli.options import (
     donor_margin_option,
     fallback_option,
     finish_option,
+    given_on_command_line,
     io_options,
     keep_mouth_option,
     ray_option,
@@ -145,20 +146,16 @@ def anonymize(
     if blocks is not None and method != "pixelate":
         raise click.UsageError(f"--blocks is for --method pixelate (this is --method {method})")
     if method != "replace":
-        context = click.get_current_context()
         for name, flag in (
             ("donors_per_face", "--donors-per-face"),
             ("seed", "--seed"),
             ("fallback", "--fallback"),
         ):
-            source = context.get_parameter_source(name)
-            if source is not None and source.name != "DEFAULT":
+            if given_on_command_line(name):
                 raise click.UsageError(f"{flag} is for --method replace")
     if method == "replace":
-        context = click.get_current_context()
         for name, flag in (("feather", "--feather"), ("shape", "--shape"), ("mask_scale", "--mask-scale")):
-            source = context.get_parameter_source(name)
-            if source is not None and source.name != "DEFAULT":
+            if given_on_command_line(name):
                 # the new face's region follows its landmarks: these would be ignored without a word
                 raise click.UsageError(f"{flag} is for --method blur, pixelate or mask")
         replacer_options = {
@@ -226,9 +223,7 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
         )
     if io_values.get("ray_address") is not None:
         raise click.UsageError("--method replace does not run on Ray (--ray) yet; run it without --ray")
-    source = click.get_current_context().get_parameter_source("min_face")
-    explicit = source is not None and source.name != "DEFAULT"
-    min_face = io_values["min_face"] if explicit else REPLACE_MIN_FACE_PX
+    min_face = io_values["min_face"] if given_on_command_line("min_face") else REPLACE_MIN_FACE_PX
     io_values["min_face"] = min(min_face, MIN_FACE_PX)  # smaller faces are found, then blurred
     options = batch_options(**{k: v for k, v in io_values.items() if k != "ray_address"})
     try:

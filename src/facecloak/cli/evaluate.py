@@ -13,6 +13,7 @@ from facecloak.cli.options import (
     donor_margin_option,
     fallback_option,
     finish_option,
+    given_on_command_line,
     keep_mouth_option,
     usable_device,
 )
@@ -315,17 +316,11 @@ def _refuse_options_of_other_methods(method: str) -> None:
 
     (``evaluate --method blur --escalate`` ran a blur and reported nothing of the option.)
     """
-    context = click.get_current_context()
-
-    def given(name: str) -> bool:
-        source = context.get_parameter_source(name)
-        return source is not None and source.name != "DEFAULT"
-
     for owner, options in _METHOD_OPTIONS.items():
         for name, flag in options:
-            if method != owner and given(name):
+            if method != owner and given_on_command_line(name):
                 raise click.UsageError(f"{flag} is for --method {owner} (this is --method {method})")
-    if method not in ("cloak", "replace") and given("models"):
+    if method not in ("cloak", "replace") and given_on_command_line("models"):
         raise click.UsageError(
             f"--models is for --method cloak or replace (this is --method {method}); "
             "the models that try to match the faces are --attackers"

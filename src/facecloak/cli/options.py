@@ -59,6 +59,16 @@ class FormatChoice(click.Choice):
         return super().convert(value, param, ctx)
 
 
+def given_on_command_line(name: str) -> bool:
+    """Whether the option of parameter ``name`` was given, not left at its default.
+
+    How a command tells an option that another mode or method takes apart from its default, to
+    refuse it instead of ignoring it without a word.
+    """
+    source = click.get_current_context().get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
 JSON_OUTPUT = "facecloak.json_output"
 """`click.Context.meta` key (shared by every context of a run): the command promised JSON on stdout."""
 
