@@ -38,14 +38,15 @@ from facecloak.batch import (
     face_status,
     plan_batch,
 )
-from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError, shown_path
+from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
 from facecloak.journal import JOURNAL_NAME, Journal, file_sha256, source_key
 from facecloak.pipeline import (
     ProtectorSpec,
     ResumableReport,
     ResumedOutcome,
     _output_options,
-    journal_failure_named,
+    journal_done,
+    journal_start,
 )
 
 
@@ -262,23 +263,22 @@ def run_distributed(
     remote, remote_skipped = _list_remote([str(p) for p in paths if "://" in str(p)], several=len(paths) > 1)
     skipped = [(str(path), reason) for path, reason in plan.not_images] + remote_skipped
     report = ResumableReport(command or tag, asdict(options), skipped=skipped, inputs=[str(p) for p in paths])
-    outcomes: list[FileOutcome] = list(plan.failed)
+    outcomes: list[FileOutcome] = []
     order = {path: k for k, path in enumerate([*plan.order, *(uri for uri, _ in remote)])}
+    total = len(plan.todo) + len(plan.failed) + len(remote)
 
     def finished(outcome: FileOutcome) -> None:
         outcomes.append(outcome)
         if on_progress is not None:
             on_progress(_file_event(outcome, len(outcomes), total))
 
-    total = len(plan.todo) + len(plan.failed) + len(remote)
+    for outcome in plan.failed:
+        finished(outcome)
     if (
         not remote
         and not (out_dir / JOURNAL_NAME).exists()
         and not any(options.overwrite or not target.exists() for _, target in plan.todo)
     ):  # nothing to write (no image, or every output exists and is not ours): no journal, no folder
-        for outcome in list(outcomes):
-            outcomes.remove(outcome)
-            finished(outcome)
         for job, target in plan.todo:
             finished(FileOutcome(str(job.path), "skipped", output=str(target)))
         return _ended(report, outcomes, order, started)
@@ -286,9 +286,6 @@ def run_distributed(
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     with Journal(out_dir, {**spec.settings(), **_output_options(options), "tag": tag}) as journal:
         report.journal = str(journal.path)
-        for outcome in list(outcomes):
-            outcomes.remove(outcome)
-            finished(outcome)
         found: list[tuple[str, str]] = []  # (uri, relative input) of every photo, by item index
         targets: list[str] = []  # its planned relative output ("" for a URI: known once decoded)
         for job, target in plan.todo:
@@ -400,7 +397,7 @@ def _finish_row(
         target = out_dir / Path(relative).with_name(f"{Path(relative).stem}_{tag}{row['suffix']}")
     relative_output = target.relative_to(out_dir).as_posix()
     local = "://" not in uri
-    source = {"source": source_key(uri)} if local else {}
+    source = source_key(uri) if local else None
     sha256 = str(row["sha256"])
     try:
         if relative_output in claimed:
@@ -411,22 +408,11 @@ def _finish_row(
             # not this journal's: left alone, as the local batch skips it
             return FileOutcome(uri, "skipped", output=str(target))
         claimed[relative_output] = uri
-        with journal_failure_named(uri, "not written"):
-            journal.record("start", relative, sha256, relative_output, **source)
+        journal_start(journal, uri, relative, sha256, relative_output, source)
         io.write_bytes_atomic(target, bytes(row["data"]), protected=inputs, overwrite=True)
-        size = target.stat().st_size
-        unjournaled = f"written to {shown_path(target)} but not journaled (redone next run)"
-        with journal_failure_named(uri, unjournaled):
-            journal.record(
-                "done",
-                relative,
-                sha256,
-                relative_output,
-                status=status,
-                output_bytes=size,
-                faces=faces,
-                **source,
-            )
+        journal_done(
+            journal, uri, target, relative, sha256, relative_output, source, status=status, faces=faces
+        )
     except FacecloakError as error:
         return FileOutcome(uri, "failed", error=str(error), faces=faces)
     except OSError as error:

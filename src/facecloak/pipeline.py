@@ -607,7 +607,7 @@ def _resumed(job: io.ImageJob, record: dict, out_dir: Path) -> ResumedOutcome:
 
 
 @contextlib.contextmanager
-def journal_failure_named(photo: str | Path, what: str) -> Iterator[None]:
+def _journal_failure_named(photo: str | Path, what: str) -> Iterator[None]:
     """A journal append that fails names the photo it was about, then the journal's reason.
 
     The journal's own error names only the journal: on a full disk every photo after it failed
@@ -617,6 +617,41 @@ def journal_failure_named(photo: str | Path, what: str) -> Iterator[None]:
         yield
     except JournalError as error:
         raise ImageWriteError(f"{what}: {error}", photo) from None
+
+
+def journal_start(
+    journal: Journal, photo: str | Path, relative: str, sha256: str, output: str, source: str | None
+) -> None:
+    """Journal ``start`` of ``photo``'s output (from here it is this batch's to replace).
+
+    ``source``: where the photo really is (`facecloak.journal.source_key`), None where unknown
+    (a URI). A journal that cannot be written names the photo left undone.
+    """
+    where = {} if source is None else {"source": source}
+    with _journal_failure_named(photo, "not written"):
+        journal.record("start", relative, sha256, output, **where)
+
+
+def journal_done(
+    journal: Journal,
+    photo: str | Path,
+    target: Path,
+    relative: str,
+    sha256: str,
+    output: str,
+    source: str | None,
+    *,
+    status: str,
+    faces: list[dict],
+) -> None:
+    """Journal ``done`` of ``photo``'s output ``target``, renamed into place, with its size."""
+    size = target.stat().st_size
+    where = {} if source is None else {"source": source}
+    unjournaled = f"written to {shown_path(target)} but not journaled (redone next run)"
+    with _journal_failure_named(photo, unjournaled):
+        journal.record(
+            "done", relative, sha256, output, status=status, output_bytes=size, faces=faces, **where
+        )
 
 
 def _write(
@@ -638,24 +673,20 @@ def _write(
     def start() -> None:
         if entry.target.exists() and not (options.overwrite or journal.owns(relative_output, entry.job.path)):
             raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", entry.target)
-        with journal_failure_named(entry.job.path, "not written"):  # from here the output is ours
-            journal.record("start", relative_input, entry.sha256, relative_output, source=source)
+        journal_start(journal, entry.job.path, relative_input, entry.sha256, relative_output, source)
 
     def done(status: str) -> None:
-        size = entry.target.stat().st_size
-        with journal_failure_named(
-            entry.job.path, f"written to {shown_path(entry.target)} but not journaled (redone next run)"
-        ):
-            journal.record(
-                "done",
-                relative_input,
-                entry.sha256,
-                relative_output,
-                status=status,
-                output_bytes=size,
-                faces=records,
-                source=source,
-            )
+        journal_done(
+            journal,
+            entry.job.path,
+            entry.target,
+            relative_input,
+            entry.sha256,
+            relative_output,
+            source,
+            status=status,
+            faces=records,
+        )
 
     measured, encode = output  # the photo the records measured, and the pixels to encode for it
     try:
