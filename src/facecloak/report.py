@@ -19,7 +19,7 @@ from torch import Tensor
 
 from facecloak import io
 from facecloak.evaluate import EvaluationResult, EvaluationRow
-from facecloak.evaluate.uploads import UPLOAD_DESCRIPTIONS
+from facecloak.evaluate.uploads import UPLOAD_DESCRIPTIONS, UPLOAD_JPEG_QUALITY
 from facecloak.io import to_uint8
 
 DIFFERENCE_GAIN = 10.0
@@ -133,8 +133,11 @@ ROW_COLUMNS = [
 ]
 
 
-JPEG_UPLOADS = (("none", 100), ("jpeg95", 95), ("jpeg75", 75), ("jpeg50", 50))
-"""The uploads of the protection-vs-JPEG figure, with the JPEG quality each stands at."""
+JPEG_UPLOADS = (("none", 100),) + tuple(
+    (name, quality) for name, quality in UPLOAD_JPEG_QUALITY.items() if name.startswith("jpeg")
+)
+"""The uploads of the protection-vs-JPEG figure, with the JPEG quality each stands at (no re-encode:
+100; `facecloak.evaluate.uploads.UPLOAD_JPEG_QUALITY` for the others)."""
 
 
 def jpeg_curves(result: EvaluationResult) -> dict[str, list[tuple[int, float]]]:
