@@ -241,5 +241,5 @@ class Anonymizer(nn.Module):
         return f"Anonymizer(method={self.method!r}{', ' if options else ''}{options})"
 
     def forward(self, images: Tensor, faces: Faces) -> Tensor:
-        """Anonymise ``faces`` in (B, 3, H, W) ``images``."""
-        return anonymize_faces(images, faces, self.method, **self.params)
+        """Anonymise ``faces`` in (B, 3, H, W) ``images`` (method and keywords checked when built)."""
+        return _FUNCTIONS[self.method](images, faces, **self.params)
