@@ -41,6 +41,10 @@ OUTPUT_JPEG_QUALITY = 95
 """Quality of JPEG/WebP/HEIF outputs encoded from pixels, when a JPEG source's own blocks cannot
 be kept and the user gave none."""
 
+OUTPUT_FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff", "heic": "heif"}
+"""Other names people give the output formats (their file suffixes), as the CLI's ``--format`` and
+the service's ``format`` take them: ``jpg`` was refused by both."""
+
 CLOAK_OUTPUT_FORMAT = "png"
 """Format a cloak is written in unless the user names one (``--format input`` keeps the
 input's). A JPEG re-encodes the face's blocks, and its rounding adds a level of noise to about a

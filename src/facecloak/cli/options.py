@@ -18,6 +18,7 @@ from facecloak.defaults import (
     DETECT_ROTATIONS,
     MIN_FACE_PX,
     MIN_FACE_SCORE,
+    OUTPUT_FORMAT_ALIASES,
     REPLACE_FALLBACKS,
     ROTATION_MODES,
 )
@@ -42,9 +43,6 @@ def usable_device(ctx: click.Context, param: click.Parameter, value: str | None)
 OUTPUT_FORMAT_CHOICES = ["input", "jpeg", "png", "webp", "tiff", "bmp", "heif"]
 """``--format`` values: a format, or ``input`` for each input's own (GIF becomes PNG)."""
 
-FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff", "heic": "heif"}
-"""Other names people give these formats (their file suffixes): ``--format jpg`` was refused."""
-
 
 class FormatChoice(click.Choice):
     """`click.Choice` of `OUTPUT_FORMAT_CHOICES` that also takes a suffix's name (jpg, tif, heic)."""
@@ -55,7 +53,7 @@ class FormatChoice(click.Choice):
     def convert(self, value, param, ctx):
         """``value`` with an alias replaced by its format's name, then checked as a choice."""
         if isinstance(value, str):
-            value = FORMAT_ALIASES.get(value.lower().lstrip("."), value)
+            value = OUTPUT_FORMAT_ALIASES.get(value.lower().lstrip("."), value)
         return super().convert(value, param, ctx)
 
 

@@ -50,6 +50,7 @@ from facecloak.defaults import (
     MIN_FACE_SCORE,
     MIN_SCALE,
     MIN_STRENGTH,
+    OUTPUT_FORMAT_ALIASES,
 )
 from facecloak.errors import FacecloakError, ImageReadError
 from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
@@ -110,9 +111,6 @@ EXPOSED_HEADERS = (
 a cross-origin client could not see whether the faces of the photo it got back were protected."""
 
 
-FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
-"""The suffix names the CLI's ``--format`` takes too: ``format=jpg`` was refused (422)."""
-
 ROTATIONS_HELP = (
     "Also look for faces in the photo turned by 90, 180 and 270 degrees (as the CLI's --rotations): "
     "all = always, auto = only when no upright face is found, none = upright only."
@@ -161,7 +159,7 @@ class CommonForm:
             ),
         ] = "image",
     ) -> None:
-        self.format = FORMAT_ALIASES.get(format, format)
+        self.format = OUTPUT_FORMAT_ALIASES.get(format, format)
         self.jpeg_quality = jpeg_quality
         self.keep_metadata = keep_metadata
         self.threshold = threshold
