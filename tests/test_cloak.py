@@ -420,6 +420,15 @@ def test_bfloat16_precision_runs_the_models_in_bfloat16_and_still_moves_the_face
         UntargetedCloak([dlib_model], "mid", precision="float16")
 
 
+def test_the_cpu_default_precision_is_bfloat16_only_where_the_cpu_has_it_in_hardware(dlib_model, monkeypatch):
+    import facecloak.cloak.base as base
+
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(base, "cpu_has_native_bfloat16", lambda native=native: native)
+        assert UntargetedCloak([dlib_model], "mid").precision == expected
+    assert UntargetedCloak([dlib_model], "mid", precision="float32").precision == "float32"
+
+
 def test_cloak_batch_size_follows_the_device():
     from facecloak._device import cloak_batch_size
     from facecloak.defaults import CPU_CLOAK_BATCH

@@ -64,3 +64,15 @@ def compute_workers(device: str | torch.device | None = None) -> int:
     if default_device(device).type == "cuda":
         return 1
     return max(1, min(CPU_COMPUTE_WORKERS, torch.get_num_threads()))
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), as oneDNN reports.
+
+    Without it torch emulates bfloat16 on the CPU, slower than float32, so the cloak's default
+    precision on the CPU (`facecloak.cloak.base.cpu_precision`) turns on this answer.
+    """
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the probe: assume emulation
+        return False
