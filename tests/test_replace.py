@@ -270,6 +270,43 @@ def test_faces_beside_a_blurred_one_are_checked_in_the_final_photo(bank, models,
         assert torch.equal(last, result.images[0]), f"face {n} was last checked on other pixels"
 
 
+def test_a_blurred_face_stays_blurred_under_the_edge_of_a_new_face_beside_it(bank, models, detector, lfw_dir):
+    """A crop's feathered edge was blended with the original photo: pasted over a neighbour that fell
+    back to a blur, it put that face's own pixels back (a crescent of its cheek), still reported
+    protected. The blur must hold wherever it changed the photo."""
+    people = _people(lfw_dir / "images", 10, 10_000)[:2]
+    left, right = (io.read_image(sorted(person.glob("*.jpg"))[2]).pixels for person in people)
+    photo = torch.full((3, 250, 230), 0.5)
+    photo[:, :, :150] = left[:, :, 50:200]
+    photo[:, :, 80:230] = right[:, :, 50:200]  # the two faces' boxes overlap by a few pixels
+    faces = detector([photo])
+    assert len(faces) == 2
+    failing = int(faces.boxes[:, 0].argmin())  # the left face falls back to a blur
+    replacer = FaceReplacer(bank, models, detector=detector, seed=0, attempts=1, finish=False)
+    verify = replacer._verify
+
+    def forced(uploads, outputs, faces_, rows, targets_, tried):
+        results = verify(uploads, outputs, faces_, rows, targets_, tried)
+        for n in list(results):
+            record, _ = results[n]
+            results[n] = (
+                (dict(record, protected=False, reason="still matches the original face"), -1.0)
+                if n == failing
+                else (dict(record, protected=True, reason=None), 2.0)
+            )
+        return results
+
+    replacer._verify = forced
+    result = replacer([photo], faces)
+    assert result.records[failing]["method"] == "blur" and result.records[1 - failing]["method"] == "replace"
+    blurred = blur_faces(photo[None], faces.select([failing]))[0]
+    x0, y0, x1, y1 = (int(v) for v in faces.boxes[failing].clamp(min=0))
+    out, blur, original = (t[:, y0:y1, x0:x1] for t in (result.images[0], blurred, photo))
+    changed = (blur - original).abs().amax(0) > 0.02
+    back = ((out - original).abs().amax(0) < (out - blur).abs().amax(0)) & changed
+    assert int(back.sum()) == 0, f"{int(back.sum())} of the blurred face's pixels are its own again"
+
+
 def test_a_try_that_stays_near_the_person_is_followed_by_donors_that_reach_farther(
     bank, models, detector, targets
 ):

@@ -403,7 +403,9 @@ class FaceReplacer:
         uploads = _Uploads(photos)
         crops, checked = self._replace(photos, base, faces, large, records, uploads) if large else ({}, {})
         self._settle(base, crops, checked, faces, large, records, uploads)
-        outputs = [image.to(photo.device) for image, photo in zip(_compose(base, crops, faces), given)]
+        outputs = [
+            image.to(photo.device) for image, photo in zip(_compose(base, crops, faces, photos), given)
+        ]
         protected = torch.tensor([bool(record["protected"]) for record in records], dtype=torch.bool)
         return ReplaceResult(images=outputs, records=records, protected=protected)
 
@@ -441,7 +443,7 @@ class FaceReplacer:
             stale = [n for n in crops if records[n]["protected"] and int(faces.image_index[n]) in crowded]
             if not stale:
                 break
-            outputs = _compose(base, crops, faces)
+            outputs = _compose(base, crops, faces, uploads.originals)
             again = self._verify(
                 uploads,
                 outputs,
@@ -509,7 +511,7 @@ class FaceReplacer:
             for n, crop in self._synthesise(photos, faces, picks, plans).items():
                 crops[n] = crop
                 tried[n] = picks[n]
-            outputs = _compose(base, crops, faces)
+            outputs = _compose(base, crops, faces, photos)
             checks = self._verify(
                 uploads, outputs, faces, list(tried), {n: targets_row(targets, rows, n) for n in tried}, tried
             )
@@ -589,10 +591,12 @@ class FaceReplacer:
         for level in FINISH_LEVELS:
             if not near:
                 return
-            finished = self._cloaked_tries(level, _compose(base, crops, faces), faces, plans, originals, near)
+            finished = self._cloaked_tries(
+                level, _compose(base, crops, faces, uploads.originals), faces, plans, originals, near
+            )
             checks = self._verify(
                 uploads,
-                _compose(base, {**crops, **finished}, faces),
+                _compose(base, {**crops, **finished}, faces, uploads.originals),
                 faces,
                 near,
                 {n: originals[n] for n in near},
@@ -1094,14 +1098,22 @@ def _photos_with_several(faces: Faces, rows: list[int]) -> set[int]:
     return {i for i in photos if photos.count(i) > 1}
 
 
-def _compose(base: list[Tensor], crops: dict[int, tuple], faces: Faces) -> list[Tensor]:
-    """The photos with every face's current crop blended in (in face order)."""
+def _compose(
+    base: list[Tensor], crops: dict[int, tuple], faces: Faces, originals: list[Tensor]
+) -> list[Tensor]:
+    """The photos with every face's current crop blended in (in face order).
+
+    A crop's feathered edge is a blend with the original photo, so wherever ``base`` already
+    differs from ``originals`` (a face blurred there: too small, or fallen back) ``base`` is kept:
+    pasted over it, the edge of a neighbour's new face put the blurred face's own cheek back.
+    """
     outputs = [photo.clone() for photo in base]
     for n in sorted(crops):
         (x0, y0, x1, y1), pixels, weight = crops[n][:3]
         i = int(faces.image_index[n])
         region = outputs[i][:, y0:y1, x0:x1]
-        outputs[i][:, y0:y1, x0:x1] = torch.where(weight > 0, pixels.to(region), region)
+        blurred = (base[i][:, y0:y1, x0:x1] != originals[i][:, y0:y1, x0:x1]).any(0)
+        outputs[i][:, y0:y1, x0:x1] = torch.where((weight > 0) & ~blurred, pixels.to(region), region)
     return outputs
 
 
