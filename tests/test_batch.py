@@ -61,6 +61,20 @@ def test_a_file_named_on_the_command_line_is_always_an_input(tmp_path, samples_d
     assert walked.not_images == [
         (tmp_path / "party_blur.jpg", f"the blur output of {tmp_path / 'party.jpg'}")
     ]
+    # ...but never replaced for one by --overwrite: it is another photo, so it is an input, and
+    # party.jpg's output fails (`anonymize DIR --overwrite` replaced it with party.jpg blurred)
+    walked = plan_batch([tmp_path], "blur", Options(overwrite=True))
+    assert [job.path.name for job, _ in walked.todo] == ["party_blur.jpg"] and not walked.not_images
+    assert "party_blur.jpg is an input too: not overwritten" in walked.failed[0].error
+    # a real earlier output beside its photo is still redone by --overwrite
+    from PIL import Image, ImageFilter
+
+    with Image.open(tmp_path / "party.jpg") as photo:
+        face = photo.crop((200, 100, 400, 350)).filter(ImageFilter.GaussianBlur(12))
+        photo.paste(face, (200, 100))
+        photo.save(tmp_path / "party_blur.jpg", quality=90)
+    walked = plan_batch([tmp_path], "blur", Options(overwrite=True))
+    assert [job.path.name for job, _ in walked.todo] == ["party.jpg"] and not walked.failed
     # named after a folder that holds it, it is still named: an input (it was passed over)
     both = plan_batch([tmp_path, tmp_path / "party_blur.jpg"], "blur", Options(out_dir=str(tmp_path / "o")))
     assert sorted(job.path.name for job, _ in both.todo) == ["party.jpg", "party_blur.jpg"]
@@ -81,6 +95,10 @@ def test_two_formats_of_one_photo_clash_under_one_format_and_are_told_how_to_par
     assert "--format input keeps each input's format" in failed.error
     assert len(plan.todo) == 1
     assert not plan_batch([tmp_path], "cloaked", Options(out_dir=str(tmp_path / "o"))).failed  # input formats
+    # each input's format already: a JPEG named .png gives the same output; only a name parts them
+    shutil.copy(samples_dir / "astronaut.jpg", tmp_path / "photo.png")
+    (failed,) = plan_batch([tmp_path], "blur", Options(out_dir=str(tmp_path / "o"))).failed
+    assert failed.error.endswith("(rename one)"), failed.error
 
 
 def test_an_output_path_held_by_a_folder_fails_and_protects_nothing(tmp_path, samples_dir, detector):
@@ -204,7 +222,7 @@ def test_the_journal_s_done_record_holds_the_change_as_written(tmp_path, samples
         [face],
         Options(format="jpg"),
         1.0,
-        after=lambda status: journaled.append(dict(face)),
+        after=lambda status, written: journaled.append(dict(face)),
     )
     assert outcome.status == "protected", outcome.error
     assert journaled[0]["box_dssim_written"] == face["box_dssim_written"] > 0
@@ -349,3 +367,15 @@ def test_a_photo_replaced_after_its_faces_were_found_fails_instead_of_being_writ
     assert not (folder / "a_blur.jpg").exists()
     assert outcomes[str(folder / "b.jpg")].status == "protected"
     assert report.exit_code == 3
+
+
+def test_outputs_that_lack_what_their_input_had_are_named_on_one_line_each():
+    """A name holding a newline split the summary's line on a flattened output in two."""
+    from facecloak.batch import BatchReport, FileOutcome
+
+    output = "out/tr\nans_blur.jpg"
+    flattened = FileOutcome(
+        "in/tr\nans.png", "protected", output=output, written={"alpha_flattened": "white"}
+    )
+    lines = str(BatchReport("anonymize", {}, [flattened])).splitlines()
+    assert "    out/tr\\nans_blur.jpg" in lines

@@ -70,6 +70,22 @@ def test_samples_on_ray_match_the_plain_batch(local_cluster, tmp_path, samples_d
 BLUR = ProtectorSpec("anonymize", {"method": "blur"})
 
 
+def test_a_resumed_animation_on_ray_is_still_reported_as_its_first_frame_only(
+    local_cluster, tmp_path, samples_dir
+):
+    """As the local batch: the run that wrote a GIF's first frame said so; a resumed Ray run did
+    not (its journal kept no word of it)."""
+    face = Image.open(samples_dir / "astronaut.jpg").convert("RGB")
+    (tmp_path / "in").mkdir()
+    face.save(tmp_path / "in" / "wave.gif", save_all=True, append_images=[face.rotate(5)], duration=100)
+    options = Options(out_dir=str(tmp_path / "out"), rotations="none")
+    first = run_distributed([tmp_path / "in"], BLUR, options)
+    assert first.to_dict()["first_frame_only_files"] == 1
+    resumed = run_distributed([tmp_path / "in"], BLUR, options)
+    assert resumed.resumed == 1 and resumed.to_dict()["first_frame_only_files"] == 1
+    assert "ONLY THE FIRST frame" in str(resumed)
+
+
 def test_without_ray_a_batch_on_ray_says_what_to_install(tmp_path, samples_dir, monkeypatch):
     """The CLI's guard imports this module, which needs no Ray: a missing Ray was a traceback."""
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does where it is not installed

@@ -488,3 +488,47 @@ def test_a_journal_that_is_a_symbolic_link_is_not_followed(tmp_path):
     with pytest.raises(JournalError, match="symbolic link"):
         Journal(out, {"method": "blur"}).open()
     assert notes.read_text() == "line one\nan unfinished last line"
+
+
+def test_a_photo_whose_name_is_not_utf8_is_protected_not_a_traceback(tmp_path, detector, samples_dir):
+    """A Latin-1 name (``caf\\xe9.jpg`` from an old camera card) stopped the whole batch with a
+    UnicodeEncodeError when its output was journaled: no photo after it was written."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    latin1 = folder / os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(samples_dir / "grace_hopper.jpg", latin1)
+    shutil.copy(samples_dir / "astronaut.jpg", folder / "ok.jpg")
+    out = tmp_path / "out"
+    report = blur_batch(folder, out, detector)
+    assert [outcome.status for outcome in report.outcomes] == ["protected", "protected"]
+    assert (out / os.fsdecode(b"caf\xe9_blur.jpg")).is_file()
+    assert blur_batch(folder, out, detector).resumed == 2  # and it resumes
+
+
+def test_a_resumed_animation_is_still_reported_as_its_first_frame_only(tmp_path, detector, samples_dir):
+    """The run that wrote a GIF's first frame said so; a resumed run reported the file as whole
+    (``first_frame_only_files`` 0, nothing in the summary): the journal kept no word of it."""
+    from PIL import Image
+
+    face = Image.open(samples_dir / "astronaut.jpg").convert("RGB")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    face.save(folder / "wave.gif", save_all=True, append_images=[face.rotate(5)], duration=100)
+    out = tmp_path / "out"
+    assert blur_batch(folder, out, detector).to_dict()["first_frame_only_files"] == 1
+    resumed = blur_batch(folder, out, detector)
+    assert resumed.resumed == 1
+    assert resumed.to_dict()["first_frame_only_files"] == 1
+    assert "ONLY THE FIRST frame" in str(resumed)
+
+
+def test_a_resumed_files_line_says_what_was_done_in_words():
+    """It printed the journal's own word: ``a.jpg: done earlier (no_face), skipped``."""
+    from facecloak.pipeline import ResumedOutcome
+
+    lines = {
+        status: ResumedOutcome("a.jpg", status, output="out/a_blur.jpg").message
+        for status in ("protected", "no_face", "unprotected")
+    }
+    assert lines["no_face"] == "a.jpg: done earlier (no face found), skipped -> out/a_blur.jpg"
+    assert "(a face NOT protected)" in lines["unprotected"] and "(protected)" in lines["protected"]

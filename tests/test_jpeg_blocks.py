@@ -80,6 +80,20 @@ def test_splice_keeps_every_other_block(samples_dir, tmp_path, subsampling):
         assert (out != before)[~edit.affected(*before.shape[:2])].sum() == 0 and not edit.subsampled
 
 
+def test_a_jpeg_whose_name_is_not_utf8_is_edited_block_by_block(samples_dir, tmp_path):
+    """libjpeg (through jpeglib) takes a file name as UTF-8 text: a Latin-1 name from an old camera
+    card (``caf\xe9.jpg``) could not be read, and the photo was re-encoded whole instead."""
+    import os
+
+    source = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.jpg"))
+    source.write_bytes((samples_dir / "grace_hopper.jpg").read_bytes())
+    before = decoded(source)
+    after = before.copy()
+    after[200:260, 170:250] = 255 - after[200:260, 170:250]
+    data, edit = splice_jpeg(source, before, after)
+    assert 0 < edit.mcus_replaced < edit.mcus_total
+
+
 def test_anonymised_jpeg_differs_only_in_the_face_blocks(group, tmp_path, samples_dir):
     image, faces = group
     blurred = anonymize_faces(image.pixels[None], faces, "blur")[0]

@@ -78,7 +78,7 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
             plan.failed.append(FileOutcome(str(job.path), "failed", error=str(error)))
             continue
         planned.append((job, target))
-    earlier = _earlier_outputs(planned, tag)
+    earlier = _earlier_outputs(planned, tag, overwrite=options.overwrite)
     inputs = io.ProtectedFiles(path for path in inputs if path not in earlier)
     claimed: dict[Path, Path] = {}
     for job, target in planned:
@@ -98,7 +98,7 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
             # (a cloak's default): -o mirrors the folder, so only a name or the format tells them apart
             other = claimed[key]
             way_out = "rename one"
-            if other.suffix.lower() != job.path.suffix.lower():
+            if other.suffix.lower() != job.path.suffix.lower() and options.format is not None:
                 way_out += ", or --format input keeps each input's format"
             problem = f"its output {target} is also the output of {other} ({way_out})"
         if problem:
@@ -118,12 +118,17 @@ OUTPUT_TAGS = (CloakFaces.tag, *ANONYMIZE_METHODS)
 """The name tags of every command's outputs (``photo_cloaked.png``, ``photo_blur.jpg``...)."""
 
 
-def _earlier_outputs(planned: list[tuple[io.ImageJob, Path]], tag: str) -> dict[Path, str]:
+def _earlier_outputs(
+    planned: list[tuple[io.ImageJob, Path]], tag: str, *, overwrite: bool = False
+) -> dict[Path, str]:
     """The files found in folders that are outputs of earlier runs, each with the reason.
 
     This command's output of another input here, or any command's output (``<stem>_<tag>``) of
     a photo beside it: runs of several methods into one folder do not take each other's outputs
-    for photos. A file named on the command line is always an input.
+    for photos. A file named on the command line is always an input. With ``overwrite`` a name is
+    not enough (``anonymize photos/ --overwrite`` replaced the user's own ``x_blur.jpg``, another
+    photo, beside ``x.jpg``): the file must also look like its photo (`_looks_like`); one that does
+    not is an input, and its photo's output then fails as "an input too".
     """
     targets = {target.resolve(): job.path for job, target in planned}
     beside = {(job.path.parent.resolve(), job.path.stem): job.path for job, _ in planned}
@@ -133,15 +138,53 @@ def _earlier_outputs(planned: list[tuple[io.ImageJob, Path]], tag: str) -> dict[
             continue
         source = targets.get(job.path.resolve(), job.path)
         if source != job.path:
-            earlier[job.path] = f"the {tag} output of {source}"
+            if not overwrite or _looks_like(job.path, source):
+                earlier[job.path] = f"the {tag} output of {source}"
             continue
         for other in OUTPUT_TAGS:
             stem = job.path.stem.removesuffix(f"_{other}")
             source = beside.get((job.path.parent.resolve(), stem))
             if stem != job.path.stem and source is not None:
-                earlier[job.path] = f"the {other} output of {source}"
+                if not overwrite or _looks_like(job.path, source):
+                    earlier[job.path] = f"the {other} output of {source}"
                 break
     return earlier
+
+
+_ORIENTATION_TAG = 0x0112
+
+SAME_PHOTO_LEVELS = 8 / 255
+"""Median difference of two 32 x 32 grey thumbnails under which a file is taken for an output of a
+photo: an output differs from its photo only on the faces (under half of it), so the median pixel
+is unchanged. On 20 LFW photos: 0-1 levels for their cloaked, masked, pixelated and replaced
+outputs, 19 levels and more between any two of the photos."""
+
+
+def _looks_like(output: Path, photo: Path) -> bool:
+    """Whether ``output`` is ``photo`` with its faces changed: its size, and the rest of it.
+
+    Reads both photos' headers, and decodes each to a 32 x 32 grey thumbnail (a JPEG at a
+    fraction of its size). Any read error answers False: the file is then kept as an input.
+    """
+    from PIL import Image, ImageOps
+
+    thumbnails = []
+    try:
+        for path in (output, photo):
+            with Image.open(path) as opened:
+                width, height = opened.size
+                turned = opened.getexif().get(_ORIENTATION_TAG) in (5, 6, 7, 8)
+                opened.draft("L", (64, 64))  # a JPEG decodes at 1/2-1/8 of its size
+                upright = ImageOps.exif_transpose(opened).convert("L")
+                size = (height, width) if turned else (width, height)
+                thumbnails.append((size, upright.resize((32, 32), Image.Resampling.BOX)))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return False
+    (size_a, a), (size_b, b) = thumbnails
+    if size_a != size_b:
+        return False
+    grey = [torch.frombuffer(bytearray(t.tobytes()), dtype=torch.uint8).float() for t in (a, b)]
+    return float((grey[0] - grey[1]).abs().median()) / 255 <= SAME_PHOTO_LEVELS
 
 
 def run_batch(
@@ -445,7 +488,7 @@ def write_output(
     protected: Sequence[Path] | io.ProtectedFiles | None = None,
     overwrite: bool | None = None,
     before: Callable[[], None] | None = None,
-    after: Callable[[str], None] | None = None,
+    after: Callable[[str, dict], None] | None = None,
     encode: Tensor | None = None,
 ) -> FileOutcome:
     """Write one protected photo atomically and say what happened to it (both batches use this).
@@ -453,7 +496,8 @@ def write_output(
     A `FacecloakError` is this file's failure, never the batch's. ``protected`` (default: the
     input itself) is never replaced; ``overwrite`` defaults to ``options.overwrite``. The
     resumable batch journals around the write: ``before()`` runs first and may refuse with a
-    `FacecloakError`, ``after(status)`` runs once the output is in place. ``output`` is the photo
+    `FacecloakError`, ``after(status, written)`` runs once the output is in place (``written``:
+    how it was written, what it lacks, for the journal to say again on a resume). ``output`` is the photo
     the records measured; ``encode`` (default ``output``) the pixels to hand the encoder, whose
     file decodes to it (`ProtectionResult.to_encode`).
     """
@@ -474,7 +518,7 @@ def write_output(
         )
         _measure_written(target, image, output, face_records)  # before "done": the journal keeps it
         if after is not None:
-            after(status)
+            after(status, written)
     except FacecloakError as error:
         return FileOutcome(
             str(path), "failed", error=str(error), faces=face_records, seconds=round(seconds, 3)

@@ -338,7 +338,11 @@ class BatchReport:
             if cut:
                 lines.append(f"  {len(cut)} output(s) {lacking} (--format png keeps it):")
                 detail = key == "exif_dropped"  # its value says what was left out; alpha's is True
-                lines += [f"    {o.output}" + (f": {o.written[key]}" if detail else "") for o in cut]
+                # one line each, whatever the names (a newline in one split it in two)
+                lines += [
+                    f"    {shown_path(o.output or '')}" + (f": {o.written[key]}" if detail else "")
+                    for o in cut
+                ]
         return lines
 
     def _passed_over(self) -> list[str]:

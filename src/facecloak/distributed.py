@@ -351,7 +351,10 @@ def _still_done(journal: Journal, found: list[tuple[str, str]]) -> dict[str, str
 
 def _resumed(uri: str, record: dict, out_dir: Path) -> ResumedOutcome:
     status = record.get("status", "protected")
-    return ResumedOutcome(uri, status, output=str(out_dir / record["output"]), faces=record.get("faces", []))
+    written = record.get("written") if isinstance(record.get("written"), dict) else {}
+    return ResumedOutcome(
+        uri, status, output=str(out_dir / record["output"]), faces=record.get("faces", []), written=written
+    )
 
 
 def _pool(ray, actors: int | None, gpus_per_actor: float | None) -> dict:
@@ -399,6 +402,7 @@ def _finish_row(
     local = "://" not in uri
     source = source_key(uri) if local else None
     sha256 = str(row["sha256"])
+    written = json.loads(str(row.get("written", "{}")))
     try:
         if relative_output in claimed:
             problem = f"its output {target} is also the output of {claimed[relative_output]} (rename one)"
@@ -411,12 +415,20 @@ def _finish_row(
         journal_start(journal, uri, relative, sha256, relative_output, source)
         io.write_bytes_atomic(target, bytes(row["data"]), protected=inputs, overwrite=True)
         journal_done(
-            journal, uri, target, relative, sha256, relative_output, source, status=status, faces=faces
+            journal,
+            uri,
+            target,
+            relative,
+            sha256,
+            relative_output,
+            source,
+            status=status,
+            faces=faces,
+            written=written,
         )
     except FacecloakError as error:
         return FileOutcome(uri, "failed", error=str(error), faces=faces)
     except OSError as error:
         return FileOutcome(uri, "failed", error=f"{target}: {error.strerror}", faces=faces)
     seconds = float(row.get("seconds", 0.0))
-    written = json.loads(str(row.get("written", "{}")))
     return FileOutcome(uri, status, output=str(target), faces=faces, seconds=seconds, written=written)

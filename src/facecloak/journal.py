@@ -72,7 +72,9 @@ def source_key(path: str | Path) -> str:
     hashes, so the second batch took the first one's output for that of a changed photo and
     replaced it. Hashed, so the journal in an output folder does not spell out the user's folders.
     """
-    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    # os.fsencode: a name that is not UTF-8 (a Latin-1 camera card's) is bytes Python holds
+    # as surrogates, which ``.encode()`` refused: the whole batch stopped with a traceback
+    return hashlib.sha256(os.fsencode(Path(path).resolve())).hexdigest()[:16]
 
 
 class JournalError(FacecloakError):

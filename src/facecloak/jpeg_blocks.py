@@ -165,6 +165,10 @@ def _read_dct(source: str | Path | bytes):
     try:
         if isinstance(source, bytes):  # libjpeg (through jpeglib) reads files only
             jpeg = _read_dct_of_bytes(source)
+        elif not str(source).isascii() and not _utf8(str(source)):
+            # jpeglib passes the name on as UTF-8: a name in another encoding (caf\xe9.jpg from an
+            # old camera card) is read as its bytes
+            jpeg = _read_dct_of_bytes(Path(source).read_bytes())
         else:
             jpeg = jpeglib.read_dct(str(source))
             jpeg.load()
@@ -177,6 +181,15 @@ def _read_dct(source: str | Path | bytes):
     ):
         raise BlocksUnavailable(f"{jpeg.num_components}-component {space.split('_')[-1]} JPEG")
     return jpeg
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` (a file name, as Python decoded it) is valid UTF-8 text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept as surrogates
+        return False
+    return True
 
 
 def _read_dct_of_bytes(data: bytes):

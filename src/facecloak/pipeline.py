@@ -113,6 +113,14 @@ class ProtectorSpec:
         return {"kind": self.kind, **params}
 
 
+RESUMED_STATUS_WORDS = {
+    "protected": "protected",
+    "no_face": "no face found",
+    "unprotected": "a face NOT protected",
+}
+"""How a resumed file's journaled status reads in its line (it printed the journal's word, no_face)."""
+
+
 @dataclass
 class ResumedOutcome(FileOutcome):
     """A file done by an earlier run of the same batch (found in the journal), not redone."""
@@ -122,7 +130,8 @@ class ResumedOutcome(FileOutcome):
     @property
     def message(self) -> str:
         """One line for the terminal."""
-        return f"{shown_path(self.path)}: done earlier ({self.status}), skipped -> {shown_path(self.output)}"
+        done = RESUMED_STATUS_WORDS.get(self.status, self.status)
+        return f"{shown_path(self.path)}: done earlier ({done}), skipped -> {shown_path(self.output)}"
 
 
 @dataclass
@@ -603,6 +612,7 @@ def _resumed(job: io.ImageJob, record: dict, out_dir: Path) -> ResumedOutcome:
         record.get("status", "protected"),
         output=str(out_dir / record["output"]),
         faces=record.get("faces", []),
+        written=record.get("written", {}) if isinstance(record.get("written"), dict) else {},
     )
 
 
@@ -643,10 +653,17 @@ def journal_done(
     *,
     status: str,
     faces: list[dict],
+    written: dict | None = None,
 ) -> None:
-    """Journal ``done`` of ``photo``'s output ``target``, renamed into place, with its size."""
+    """Journal ``done`` of ``photo``'s output ``target``, renamed into place, with its size.
+
+    ``written`` (`facecloak.io.write_image`'s info: frames left out, alpha flattened...) is kept
+    so that a resumed run reports what the output lacks, as the run that wrote it did.
+    """
     size = target.stat().st_size
     where = {} if source is None else {"source": source}
+    if written:
+        where["written"] = written
     unjournaled = f"written to {shown_path(target)} but not journaled (redone next run)"
     with _journal_failure_named(photo, unjournaled):
         journal.record(
@@ -675,7 +692,7 @@ def _write(
             raise ImageWriteError("output exists (use --overwrite to replace earlier outputs)", entry.target)
         journal_start(journal, entry.job.path, relative_input, entry.sha256, relative_output, source)
 
-    def done(status: str) -> None:
+    def done(status: str, written: dict) -> None:
         journal_done(
             journal,
             entry.job.path,
@@ -686,6 +703,7 @@ def _write(
             source,
             status=status,
             faces=records,
+            written=written,
         )
 
     measured, encode = output  # the photo the records measured, and the pixels to encode for it
