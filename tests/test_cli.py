@@ -837,3 +837,29 @@ def test_a_cloak_of_no_steps_is_said_to_be_none_not_short(runner, samples_dir, t
     document = runner.invoke(main, [*arguments, "--json", "--overwrite"])
     face = json.loads(document.stdout)["files"][0]["faces"][0]
     assert face["dssim"] >= 0 and face["box_dssim_written"] >= 0 and face["protected"] is False
+
+
+def test_evaluate_refuses_a_report_folder_it_cannot_make_before_any_work(runner, tmp_path, monkeypatch):
+    """``evaluate -o file/reports`` ran the whole evaluation, then failed to write its report."""
+    import facecloak.evaluate
+
+    def run_evaluation(*args, **kwargs):
+        raise AssertionError("the evaluation ran before its report folder was made")
+
+    monkeypatch.setattr(facecloak.evaluate, "run_evaluation", run_evaluation)
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    out = tmp_path / "file" / "reports"
+    result = runner.invoke(main, ["evaluate", str(tmp_path), "--method", "blur", "-q", "-o", str(out)])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.splitlines() == [f"error: {out}: cannot create the report folder (Not a directory)"]
+
+
+def test_evaluate_of_a_missing_data_folder_leaves_no_report_folder(runner, tmp_path):
+    """The report folder is made before the work, and taken back when the work cannot start."""
+    out = tmp_path / "reports"
+    result = runner.invoke(
+        main, ["evaluate", str(tmp_path / "nope"), "--method", "blur", "-q", "-o", str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1
+    assert not out.exists()

@@ -622,7 +622,8 @@ def test_calibrated_threshold_as_the_card_keeps_it_admits_at_most_far(
     result = calibrate.calibrate_threshold(
         dlib_resnet, lfw_dir / "images", far=far, max_photos=40, detector=detector
     )
-    stored = round(result.threshold, 4) or float(f"{result.threshold:.4g}")  # as `models calibrate` saves it
+    stored = result.threshold  # as `models calibrate` saves it
+    assert stored == round(stored, 4)  # what the card keeps
     impostor = seen["impostor"]
     assert int((impostor < stored).sum()) <= math.floor(far * len(impostor))
     assert result.tar == float((seen["genuine"] < result.threshold).float().mean())
@@ -872,3 +873,35 @@ def test_adaptive_settings_say_how_many_protected_photos_each_scraper_learnt_fro
     assert (linear["pairs"], linear["protected_pairs"]) == (finetune["pairs"], finetune["protected_pairs"])
     assert linear["pairs"] >= 6 and linear["protected_pairs"] <= linear["pairs"] // 4, linear  # a face or so
     assert {row.adaptive for row in result.rows} == {False, "linear", "finetune"}
+
+
+def test_cached_embeddings_are_not_reused_after_the_model_file_is_replaced(
+    mobileface_dir, lfw_dir, detector, tmp_path
+):
+    """The cache key named the model's card, not what its file held: a plug-in re-exported to the
+    same path (or another file under the same variable) kept the old model's cached probes and
+    distractors, and the new model's gallery was scored against them."""
+    import os
+    import shutil
+
+    from facecloak.evaluate import EmbeddingCache
+    from facecloak.evaluate.cache import embed_files
+    from facecloak.models.plugins import load_model_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(mobileface_dir, folder)
+    symbol = folder / "MobileFace_Identification_V2-symbol.json"
+    model = load_model_file(symbol, name="mine", input_size=112, template="arcface", metric="cosine")
+    attacker = PipelineAttacker(model, detector)
+    photo = next((lfw_dir / "images" / "Abel_Pacheco").glob("*.jpg"))
+    cache = EmbeddingCache(tmp_path / "cache")
+    embed_files(attacker, [photo], cache, lambda done, total: None)
+    before = attacker.fingerprint
+    assert cache.get(before, photo) is not None and attacker.fingerprint == before  # unchanged: kept
+    params = folder / "MobileFace_Identification_V2-0000.params"
+    params.chmod(0o644)  # copied read-only from the shared folder
+    params.write_bytes(params.read_bytes())  # "new" weights at the same path
+    stat = params.stat()
+    os.utime(params, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert attacker.fingerprint != before
+    assert cache.get(attacker.fingerprint, photo) is None

@@ -148,3 +148,20 @@ def test_a_row_counts_the_probes_the_attacker_could_search_with():
     assert (row.control_probes, row.control_probes_found) == (2, 2)
     assert row.protection == 0.5 and row.control_rank1 == 1.0  # the probe not found: a miss
     assert row.to_json()["protected_probes_found"] == 1
+
+
+def test_report_does_not_call_photos_of_another_size_unchanged(lfw_dir):
+    """Photos protected elsewhere at another size cannot be compared with their originals; the
+    terminal said "PSNR infinite (no photo changed)" of photos that were every one changed."""
+    import torch.nn.functional as F
+
+    from facecloak.evaluate.summary import quality_summary
+    from facecloak.io import read_image
+    from facecloak.report import summary_table
+
+    photo = read_image(next((lfw_dir / "images" / "Abel_Pacheco").glob("*.jpg"))).pixels
+    smaller = F.interpolate(photo[None], scale_factor=0.5, mode="area")[0]
+    quality = quality_summary([photo], [smaller], [{"source": "folder"}])
+    text = summary_table(EvaluationResult(settings={}, quality=quality))
+    assert "no photo changed" not in text and "nan" not in text
+    assert "not measured" in text

@@ -684,6 +684,28 @@ def test_cli_calibrate_on_photos_without_faces_says_so(mobileface_dir, config_ho
     assert card["match_threshold"] == 0.65
 
 
+def test_cli_calibrate_saves_a_tiny_threshold_as_cut_never_rounded_up(
+    mobileface_dir, config_home, tmp_path, monkeypatch
+):
+    """`models calibrate` rounded the calibrated threshold again to 4 decimals: 5.678e-05, already
+    cut to 4 significant digits, was saved as 0.0001, which admits more than ``--far``."""
+    import facecloak.calibrate
+    from facecloak.calibrate import Calibration
+
+    runner = CliRunner()
+    added = runner.invoke(main, ["models", "add", "test-mobileface", str(mobileface_dir / MOBILEFACE_SYMBOL)])
+    assert added.exit_code == 0, added.output
+    measured = Calibration(
+        model="test-mobileface", threshold=5.678e-05, far=1e-3, tar=0.5, genuine_pairs=10,
+        impostor_pairs=1000, photos=20, photos_without_face=0, people=10,
+    )  # fmt: skip
+    monkeypatch.setattr(facecloak.calibrate, "calibrate_threshold", lambda *args, **kwargs: measured)
+    result = runner.invoke(main, ["models", "calibrate", "test-mobileface", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    card = json.loads((config_home / "facecloak" / "models" / "test-mobileface.json").read_text())
+    assert card["match_threshold"] == 5.678e-05 and "below 5.678e-05" in result.stdout
+
+
 def test_cli_add_a_folder_says_it_is_a_folder(mobileface_dir, config_home):
     """`models add NAME FOLDER` said "model file not found" of a folder that is there."""
     result = CliRunner().invoke(main, ["models", "add", "test-mobileface", str(mobileface_dir)])

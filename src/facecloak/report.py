@@ -427,7 +427,13 @@ def summary_table(result: EvaluationResult) -> str:
     lines += [f"upload {name}: {description}" for name, description in _upload_descriptions(result).items()]
     quality = result.quality
     at_level = _quality_level(result)
-    if quality.get("dssim"):
+    if quality.get("dssim") and quality.get("photos") == 0:
+        # no photo was compared (each protected one has another size): it read "PSNR infinite (no
+        # photo changed)" of photos that were all changed
+        lines.append(
+            f"quality{at_level} (whole photo): not measured, no protected photo has its original's size"
+        )
+    elif quality.get("dssim"):
         lines.append(
             f"quality{at_level} (whole photo): DSSIM mean {quality['dssim']['mean']:.4f}, "
             f"{_psnr_text(quality)}, L-inf max {quality['linf']['max']:.0f}/255"

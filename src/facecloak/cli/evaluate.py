@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import click
@@ -19,7 +19,7 @@ from facecloak.cli.options import (
 )
 from facecloak.cli.running import fail
 from facecloak.defaults import MAX_SEED, UPLOADS
-from facecloak.errors import FacecloakError
+from facecloak.errors import FacecloakError, ImageWriteError
 
 
 @click.command(context_settings=CONTEXT)
@@ -235,10 +235,15 @@ def evaluate(
     )
     if method == "replace" and not donor_bank:
         raise click.UsageError("--method replace needs --donors BANK (see `facecloak donors add`)")
+    made = not out_dir.exists()
+    _make_report_folder(out_dir)
     try:
         with _stage_progress(quiet) as progress:
             result = run_evaluation(request, on_progress=progress)
     except FacecloakError as error:
+        if made:  # a DATA mistyped left an empty report folder behind
+            with suppress(OSError):
+                out_dir.rmdir()
         fail(error, error.exit_code)
     write_json(result, out_dir / "report.json")
     write_html(result, out_dir / "report.html")
@@ -252,6 +257,14 @@ def evaluate(
             err=True,
         )
     click.echo(f"report: {out_dir / 'report.html'} and {out_dir / 'report.json'}")
+
+
+def _make_report_folder(out_dir: Path) -> None:
+    """Make -o before any work: one that cannot be made failed only at the end, the evaluation lost."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(ImageWriteError(f"cannot create the report folder ({error.strerror})", out_dir))
 
 
 @contextmanager

@@ -229,8 +229,9 @@ def models_calibrate(name, data, far, max_photos, device) -> None:
             )
         model = create_embedder(name, device=device)
         result = calibrate_threshold(model, data, far=far, max_photos=max_photos)
-        # four decimals, or four significant digits for a threshold they would make 0 (refused)
-        threshold = round(result.threshold, 4) or float(f"{result.threshold:.4g}")
+        # already cut to what a card keeps (`calibrate._rounded_down`): rounded again, a threshold
+        # under 1e-4 went up to 0.0001 and admitted more than --far
+        threshold = result.threshold
         save_user_card(replace(card, match_threshold=threshold))  # an unwritable config: one line
     except FacecloakError as error:
         fail(error, error.exit_code)

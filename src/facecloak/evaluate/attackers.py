@@ -11,7 +11,9 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -84,7 +86,7 @@ class PipelineAttacker(Attacker):
     def fingerprint(self) -> str:
         """Model card (template, alignment, landmarks...) and detector settings, hashed."""
         card = json.dumps(self.model.card.to_dict(), sort_keys=True, default=str)
-        settings = f"{card}|{self.detector!r}|{CACHE_VERSION}"
+        settings = f"{card}|{self.detector!r}|{CACHE_VERSION}|{weights_stamp(self.model.card)}"
         return f"{self.name}-{hashlib.sha1(settings.encode()).hexdigest()[:10]}"
 
     def embed(self, images: Sequence[Tensor]) -> Tensor:
@@ -102,6 +104,29 @@ class PipelineAttacker(Attacker):
             picked = faces.select(chosen)
             out[picked.image_index] = embed_faces(list(images), picked, self.model).cpu().float()
         return out
+
+
+def weights_stamp(card: FaceModelCard) -> str:
+    """Path, size and modification time of the weights files a card names (its file, or its variable's).
+
+    The card alone names a file, not what is in it: a model file replaced at the same path (a
+    re-exported plug-in, another file under the same environment variable) kept the old model's
+    cached embeddings, and the evaluation scored the new model's gallery against them.
+    """
+    named = [card.weights, os.environ.get(card.weights_env, "") if card.weights_env else ""]
+    files = [Path(value).expanduser() for value in named if value and Path(value).expanduser().is_file()]
+    # an MXNet graph reads its params beside it (NAME-symbol.json, NAME-0000.params)
+    files += [
+        params
+        for file in list(files)
+        if file.name.endswith("-symbol.json")
+        for params in sorted(file.parent.glob(f"{file.name[: -len('-symbol.json')]}-*.params"))
+    ]
+    stamps = []
+    for file in files:
+        stat = file.stat()
+        stamps.append(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return ";".join(stamps)
 
 
 class DlibAttacker(Attacker):

@@ -77,8 +77,9 @@ def embed_files(
     """
     out = torch.full((len(paths), attacker.dim), math.nan)
     missing = []
+    fingerprint = attacker.fingerprint  # once: it looks at the model's files
     for i, path in enumerate(paths):
-        cached = cache.get(attacker.fingerprint, path)
+        cached = cache.get(fingerprint, path)
         if cached is None:
             missing.append(i)
         else:
@@ -89,6 +90,6 @@ def embed_files(
         if readable:
             out[readable] = attacker.embed(images)
         for i in missing[start : start + FILES_PER_CALL]:
-            cache.put(attacker.fingerprint, paths[i], out[i].numpy())
+            cache.put(fingerprint, paths[i], out[i].numpy())
         progress(min(start + FILES_PER_CALL, len(missing)), len(missing))
     return out

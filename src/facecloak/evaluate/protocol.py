@@ -370,7 +370,8 @@ def _score_phase(
     """One attacker's rows (per upload, plain and adaptive) and distances; returns (embed seconds, photos)."""
     clean, protected, control = gallery.clean, gallery.protected, collected.control
     files = collected.probe_paths + collected.distractor_paths
-    fresh = sum(cache.get(attacker.fingerprint, path) is None for path in files)  # not from the cache
+    fingerprint = attacker.fingerprint
+    fresh = sum(cache.get(fingerprint, path) is None for path in files)  # not from the cache
     tick = time.perf_counter()
     probes = embed_files(
         attacker, collected.probe_paths, cache, _stage(progress, f"probes ({attacker.name})")
