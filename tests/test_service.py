@@ -837,6 +837,18 @@ def test_serve_with_a_missing_bank_is_a_one_line_usage_error(tmp_path):
     assert "no donor bank 'no-bank'" in result.output and "facecloak donors add" in result.output
 
 
+def test_serve_with_an_unknown_model_is_a_one_line_usage_error():
+    """``--models nosuch`` started the server, whose workers failed to load it: a 40-line traceback
+    from the start-up (exit 3) where every other command says one line (exit 2)."""
+    from click.testing import CliRunner
+
+    from facecloak.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--models", "nosuch", "--port", "0", "--device", "cpu"])
+    assert result.exit_code == 2 and "unknown face model 'nosuch'" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_pixel_limit_above_the_default_admits_uploads_under_it(tmp_path):
     """A service set to 300 MP refused a 250 MP upload: the header probe kept PIL's guard at twice
     the default 120 MP (240 MP) instead of raising it to the service's own limit."""
@@ -926,3 +938,72 @@ def test_an_empty_x_api_key_header_does_not_hide_the_bearer_key():
     assert both.status_code == 200, both.text
     assert client.get("/v1/detect", headers={"X-API-Key": ""}).status_code == 401
     assert client.get("/v1/detect", headers={"X-API-Key": "nope"}).status_code == 403
+
+
+def test_a_service_behind_a_path_prefix_still_needs_the_key(tmp_path, samples_dir):
+    """Served under a prefix (``uvicorn --root-path /fc`` behind a proxy, or mounted in another
+    app), the path the middleware saw was ``/fc/v1/detect``: it did not start with ``/v1/``, so every
+    endpoint and /metrics answered with no API key, and photos lost their ``no-store``."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("secret\n")
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    settings = ServiceSettings(device="cpu", preload=False, api_keys_file=keys)
+    with TestClient(create_app(settings), root_path="/fc") as client:
+        upload = {"files": {"image": ("g.jpg", photo)}, "data": {"rotations": "none"}}
+        assert client.post("/fc/v1/detect", **upload).status_code == 401
+        assert client.get("/fc/metrics").status_code == 401
+        assert client.get("/fc/v1/info").status_code == 200  # open, as without a prefix
+        answer = client.post("/fc/v1/detect", headers={"Authorization": "Bearer secret"}, **upload)
+        assert answer.status_code == 200 and answer.json()["faces_found"] == 1
+        assert answer.headers["cache-control"] == "no-store"
+        text = client.get("/fc/metrics", headers={"Authorization": "Bearer secret"}).text
+        assert 'facecloak_requests_total{endpoint="/v1/detect",status="401"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "query"),
+    [
+        ("/v1/cloak", {"level": "high"}),
+        ("/v1/anonymize", {"method": "mask"}),
+        ("/v1/detect", {"threshold": "0.5"}),
+    ],
+)
+def test_an_option_sent_in_the_url_is_refused_not_ignored(in_process, samples_dir, endpoint, query):
+    """``curl -F image=@p.jpg '.../v1/anonymize?method=mask'``: no endpoint reads the query string,
+    so the photo came back blurred (a cloak at mid, not high) with a 200, the option dropped."""
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    answer = in_process.post(endpoint, params=query, files={"image": ("g.jpg", photo)})
+    assert answer.status_code == 422, answer.headers
+    body = answer.json()
+    assert body["error"] == "unknown_field" and f"not in the URL: {next(iter(query))}" in body["reason"]
+
+
+def test_the_json_report_does_not_echo_the_identity_key(in_process, samples_dir):
+    """A targeted cloak's ``identity_key`` is a per-person secret (the CLI's report and journal never
+    hold it in clear); the service's JSON report gave it back under ``settings``."""
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    data = {"mode": "targeted", "identity_key": "alice-secret-2026", "steps": "0", "rotations": "none"}
+    answer = in_process.post(
+        "/v1/cloak", files={"image": ("g.jpg", photo)}, data={**data, "response": "json"}
+    )
+    assert answer.status_code == 200, answer.text
+    report = answer.json()
+    assert report["settings"]["mode"] == "targeted" and "alice-secret-2026" not in answer.text
+
+
+def test_response_image_wins_over_an_accept_header_naming_json(in_process, samples_dir):
+    """axios sends ``Accept: application/json, text/plain, */*`` with every request: its clients
+    got the JSON report where they asked for the photo with ``response=image``."""
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    accept = {"Accept": "application/json, text/plain, */*"}
+    upload = {"files": {"image": ("g.jpg", photo)}, "headers": accept}
+    data = {"method": "mask", "rotations": "none"}
+    asked = in_process.post("/v1/anonymize", data={**data, "response": "image"}, **upload)
+    assert asked.status_code == 200 and asked.headers["content-type"] == "image/jpeg"
+    assert asked.headers["x-facecloak-status"] == "protected"
+    unsaid = in_process.post("/v1/anonymize", data=data, **upload)  # no response field: the header decides
+    assert unsaid.headers["content-type"] == "application/json" and unsaid.json()["faces_found"] == 1

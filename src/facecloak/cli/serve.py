@@ -122,8 +122,14 @@ def serve(
     import logging
 
     from facecloak._checks import split_names
+    from facecloak.errors import FacecloakError
+    from facecloak.models import choose_embedders
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # a misspelt model, or one without its weights: found by the workers as a 40-line start-up traceback
+        choose_embedders(models)
+    except FacecloakError as error:
+        raise click.UsageError(str(error)) from None
     model_names = tuple(split_names(models)) or None
     if donor_bank is not None:
         donor_bank = _checked_bank(donor_bank, models)

@@ -56,7 +56,7 @@ from facecloak.errors import FacecloakError, ImageReadError
 from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
 from facecloak.service.limits import BodySizeLimit, BodyTooLarge, UploadRejected, check_upload
 from facecloak.service.metrics import MetricsMiddleware, ServiceMetrics
-from facecloak.service.security import ApiKeyAuth, PrivacyHeaders
+from facecloak.service.security import ApiKeyAuth, PrivacyHeaders, route_path
 from facecloak.service.settings import ServiceSettings
 
 log = logging.getLogger("facecloak.service")
@@ -153,11 +153,12 @@ class CommonForm:
             Form(description=ROTATIONS_HELP),
         ] = DETECT_ROTATIONS,
         response: Annotated[
-            Literal["image", "json"],
+            Literal["image", "json"] | None,
             Form(
-                description="image: the protected photo; json: the per-face report with the photo in base64."
+                description="image: the protected photo; json: the per-face report with the photo in base64. "
+                "Default: json when the Accept header names application/json, else image."
             ),
-        ] = "image",
+        ] = None,
     ) -> None:
         self.format = OUTPUT_FORMAT_ALIASES.get(format, format)
         self.jpeg_quality = jpeg_quality
@@ -268,7 +269,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             )
             future = batcher.submit(job)
         result: JobResult = await _wait(future, settings.request_timeout_s)
-        endpoint = request.url.path
+        endpoint = route_path(request.scope)  # its label as the request metrics', behind a prefix too
         faces = [_with_reason(face, kind, params.get("level")) for face in result.faces]
         metrics.faces.labels(endpoint).inc(len(faces))
         metrics.unprotected.labels(endpoint).inc(sum(not f.get("protected", True) for f in faces))
@@ -293,7 +294,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         filename = f"{Path(name).stem}_{tag}{suffix}"
         status = face_status(faces)
         unprotected = sum(not face.get("protected", True) for face in faces)
-        wants_json = common.response == "json" or "application/json" in request.headers.get("accept", "")
+        # an explicit response=image wins over the Accept header: axios sends "application/json,
+        # text/plain, */*" with every request, and its clients got JSON where they asked for the photo
+        accept = request.headers.get("accept", "")
+        wants_json = common.response == "json" or (common.response is None and "application/json" in accept)
         if wants_json:
             width, height = image.size
             return JSONResponse(
@@ -309,7 +313,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                     "image_base64": base64.b64encode(encoded).decode("ascii"),
                     "notes": notes,
                     "batch_images": result.batch_images,
-                    "settings": {key: (list(v) if isinstance(v, tuple) else v) for key, v in params.items()},
+                    # a targeted cloak's identity key is a per-person secret: a report kept or
+                    # logged beside the photo held it in clear (the CLI's report leaves it out)
+                    "settings": {
+                        key: (list(v) if isinstance(v, tuple) else v)
+                        for key, v in params.items()
+                        if key != "identity_key"
+                    },
                 }
             )
         headers = {
@@ -532,6 +542,13 @@ def _checked_fields(known: set[str]) -> Callable[[Request], Awaitable[None]]:
     """
 
     async def check(request: Request) -> None:
+        if request.query_params:  # read by no endpoint: ``?level=high`` got the default mid, silently
+            raise UploadRejected(
+                422,
+                "unknown_field",
+                f"options go in the form (-F name=value), not in the URL: "
+                f"{', '.join(sorted(set(request.query_params.keys())))}",
+            )
         form = await request.form()  # already parsed by FastAPI: this only reads the cache
         sent = Counter(name for name, _ in form.multi_items())
         repeated = sorted(name for name, count in sent.items() if count > 1)

@@ -16,6 +16,18 @@ OPEN_PATHS = frozenset({"/v1/info"})
 """Open even with keys: the web page reads it to know whether to ask for a key."""
 
 
+def route_path(scope) -> str:
+    """The path the app routes on: ``scope["path"]`` less the ``root_path`` it is served under.
+
+    Behind a proxy prefix (``uvicorn --root-path /fc``) or mounted in another app, ``path`` holds
+    the prefix: ``/fc/v1/cloak`` did not start with ``/v1/``, and every endpoint answered with no key.
+    """
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and (path == root or path.startswith(root.rstrip("/") + "/")):  # not /fcx under /fc
+        return path[len(root.rstrip("/")) :] or "/"
+    return path
+
+
 class ApiKeyAuth:
     """ASGI middleware: requests under ``prefixes`` (except ``OPEN_PATHS``) need one of ``keys``.
 
@@ -41,8 +53,8 @@ class ApiKeyAuth:
         """Check the key of API and metrics requests, then pass them on."""
         if (
             scope["type"] != "http"
-            or not scope["path"].startswith(self.prefixes)
-            or scope["path"] in OPEN_PATHS
+            or not route_path(scope).startswith(self.prefixes)
+            or route_path(scope) in OPEN_PATHS
         ):
             await self.app(scope, receive, send)
             return
@@ -99,7 +111,7 @@ class PrivacyHeaders:
             await self.app(scope, receive, send)
             return
         extra = list(PRIVACY_HEADERS)
-        if scope["path"].startswith(NO_STORE_PREFIXES):
+        if route_path(scope).startswith(NO_STORE_PREFIXES):
             extra.append((b"cache-control", b"no-store"))
 
         async def send_with_headers(message) -> None:

@@ -98,8 +98,16 @@ form.addEventListener("submit", async (event) => {
   }
   await Promise.all(Array.from({ length: Math.min(PARALLEL, files.length) }, lane));
   const failed = files.length - ready.length;
+  // the summary said "Done: 3 of 3 photos ready." of photos with a face NOT protected or no face
+  // found, each told only on its own card, down the list; the zip packs them all the same
+  const short = cards.filter((card) => card.dataset.status === "unprotected").length;
+  const faceless = cards.filter((card) => card.dataset.status === "no_face").length;
+  const warnings = [];
+  if (short) warnings.push(`${short} with a face NOT protected`);
+  if (faceless) warnings.push(`${faceless} with no face found (left unchanged)`);
   statusLine.textContent = `Done: ${ready.length} of ${files.length} photo${files.length > 1 ? "s" : ""} ready`
-    + (failed ? `, ${failed} failed.` : ".");
+    + (failed ? `, ${failed} failed.` : ".")
+    + (warnings.length ? ` Of those: ${warnings.join(", ")}.` : "");
   downloadAll.disabled = ready.length === 0;
   running = false;
   button.disabled = chosen.length === 0;
