@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from facecloak import quality, transforms
-from facecloak.cloak.budget import RGB_TO_YCBCR, jnd_map, limit_change, luminance_adaptation
+from facecloak.cloak.budget import RGB_TO_YCBCR, enforce_dssim, jnd_map, limit_change, luminance_adaptation
 from facecloak.cloak.eot import UploadSimulator
 
 # Sharma, Wu & Dalal (2005), table 1: (L, a, b) pairs and their CIEDE2000 difference.
@@ -95,6 +95,55 @@ def test_dssim_zero_for_identical_and_box_dssim_equals_cropped_dssim():
     assert torch.allclose(quality.box_dssim(a, b, boxes, means), direct, atol=1e-6)
     tiny = torch.tensor([[3, 5, 12, 14], [20, 10, 28, 19]])
     assert torch.equal(quality.box_dssim(a, b, tiny, means), quality.box_dssim(a, b, tiny))
+
+
+def test_box_dssim_of_a_box_thinner_than_the_window_is_its_crops_dssim(samples_dir):
+    """A face cut off by the photo's edge leaves a box under 11 px on a side: no SSIM window fit
+    inside it, and it read DSSIM 0.5 (also unchanged), so the cap scaled its cloak to nothing."""
+    from facecloak import io
+
+    photo = io.read_image(samples_dir / "grace_hopper.jpg").pixels[None, :, 60:160, 150:250]
+    noise = torch.randn(photo.shape, generator=torch.Generator().manual_seed(0))
+    changed = (photo + 4 / 255 * noise).clamp(0, 1)
+    # per crop: a thin face box at the edge, inside a region wide enough for the full window
+    boxes = torch.tensor([[[0, 10, 8, 60], [0, 0, 40, 80]], [[30, 92, 90, 100], [20, 50, 100, 100]]])
+    a, b = photo.expand(2, -1, -1, -1), changed.expand(2, -1, -1, -1)
+    direct = torch.tensor(
+        [
+            [
+                float(quality.dssim(a[:1, :, y0:y1, x0:x1], b[:1, :, y0:y1, x0:x1])[0])
+                for x0, y0, x1, y1 in row
+            ]
+            for row in boxes.tolist()
+        ]
+    )
+    assert torch.allclose(quality.box_dssims(a, b, boxes), direct, atol=1e-5)
+    assert torch.allclose(quality.box_dssims(a, b, boxes, quality.reference_means(a)), direct, atol=1e-5)
+    assert float(quality.box_dssims(a, a, boxes).abs().max()) < 1e-5  # unchanged: 0, not 0.5
+    assert float(direct.max()) < 0.1
+    # a change already within the cap is kept whole, not scaled to zero
+    delta = b - a
+    masks = torch.ones_like(a[:, :1])
+    kept = enforce_dssim(a, masks, delta, boxes, 0.1)
+    assert torch.equal(kept, delta)
+
+
+def test_limit_change_with_one_flat_allowance_and_a_share_per_face():
+    """A flat budget (no JND map: ``jnd_scale`` None, the legacy levels) gives one number for the
+    allowance beside each face's colour share: two faces in a bucket crashed the concatenation."""
+    torch.manual_seed(0)
+    delta = torch.randn(2, 3, 8, 8) * 0.1
+    shares = torch.tensor([0.35, 0.0]).view(-1, 1, 1, 1)  # a colour face and a grey one
+    limited = limit_change(delta, torch.tensor(0.05), shares)
+    ycbcr = torch.einsum("ij,njhw->nihw", RGB_TO_YCBCR, limited)
+    assert limited.shape == delta.shape
+    assert bool((limited.abs() <= 0.05 + 1e-6).all())
+    assert bool((ycbcr[0, 1:].abs() <= 0.35 * 0.05 + 1e-6).all())
+    assert float(ycbcr[1, 1:].abs().max()) < 1e-6  # the grey face gets no colour
+    for row in range(2):
+        assert torch.allclose(
+            limited[row : row + 1], limit_change(delta[row : row + 1], 0.05, float(shares[row]))
+        )
 
 
 def test_differentiable_jpeg_close_to_real_jpeg_and_passes_gradients(samples_dir):

@@ -43,3 +43,25 @@ def test_levels_8bit_refuses_integer_and_nan_pixels(samples_dir, tmp_path):
         write_image(tmp_path / "nan.png", broken)
     assert not list(tmp_path.iterdir())
     assert torch.equal(levels_8bit(pixels), (pixels * 255).round())
+
+
+def test_quantisation_tables_are_libjpegs_at_every_quality(samples_dir):
+    """Below quality 50 libjpeg scales by 5000 // quality (integers): a float division gave other
+    tables at 30, 33, ... than the real encoder the simulated JPEG stands in for."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from facecloak.transforms import quantisation_tables
+
+    with Image.open(samples_dir / "grace_hopper.jpg") as photo:
+        face = photo.convert("RGB").crop((150, 100, 214, 164))
+    for quality in range(1, 101):
+        buffer = io.BytesIO()
+        face.save(buffer, format="JPEG", quality=quality)
+        with Image.open(buffer) as encoded:
+            real = encoded.quantization
+        luma, chroma = quantisation_tables(torch.tensor([float(quality)]))
+        assert np.array_equal(np.array(real[0]).reshape(8, 8), luma[0].int().numpy()), quality
+        assert np.array_equal(np.array(real[1]).reshape(8, 8), chroma[0].int().numpy()), quality

@@ -69,7 +69,8 @@ def to_grey(images: Tensor) -> Tensor:
 def quantisation_tables(quality: Tensor) -> tuple[Tensor, Tensor]:
     """(B, 8, 8) luma and chroma tables for per-image ``quality`` (B,) in [1, 100], as libjpeg scales them."""
     quality = quality.clamp(1, 100)
-    scale = torch.where(quality < 50, 5000.0 / quality, 200.0 - 2.0 * quality)[:, None, None]
+    # libjpeg divides in integers: 5000 // 30 = 166, not 166.7 (a different table at quality 30)
+    scale = torch.where(quality < 50, torch.floor(5000.0 / quality), 200.0 - 2.0 * quality)[:, None, None]
     luma = torch.tensor(_LUMA_TABLE, dtype=quality.dtype, device=quality.device)
     chroma = torch.tensor(_CHROMA_TABLE, dtype=quality.dtype, device=quality.device)
     scaled = [torch.floor((table * scale + 50.0) / 100.0).clamp(1, 255) for table in (luma, chroma)]
@@ -144,7 +145,9 @@ def jpeg_compress(images: Tensor, quality: float | Tensor, *, subsample_chroma: 
         subsample_chroma: 4:2:0 chroma subsampling, as most encoders (and upload sites) use.
 
     Returns:
-        (B, 3, H, W): the decoded picture, within a grey level or two of a real codec's.
+        (B, 3, H, W): the decoded picture, on average within a grey level of a real codec's
+        (0.6-1.1 levels against PIL at qualities 10-100); single pixels differ by more (up to
+        15 levels at quality 75), where a coefficient rounds to the other side of a step.
 
     Example:
         >>> x = torch.rand(1, 3, 32, 32)

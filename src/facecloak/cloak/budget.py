@@ -97,7 +97,9 @@ def limit_change(delta: Tensor, max_luma: Tensor | float, chroma_share: Tensor |
     luma_limit = torch.as_tensor(max_luma, dtype=delta.dtype, device=delta.device)
     if luma_limit.ndim == 0:
         luma_limit = luma_limit.view(1, 1, 1, 1)
-    limits = torch.cat([luma_limit, chroma_share * luma_limit, chroma_share * luma_limit], dim=1)
+    chroma_limit = chroma_share * luma_limit
+    # one flat allowance with one share per face: (1, 1, 1, 1) beside (n, 1, 1, 1) did not concatenate
+    limits = torch.cat(torch.broadcast_tensors(luma_limit, chroma_limit, chroma_limit), dim=1)
     rgb = _change_to_rgb(torch.maximum(torch.minimum(ycbcr, limits), -limits))
     # the L-infinity cap scales the whole change of a pixel (clipping channels one by one would
     # change its colour balance, i.e. add chroma)
