@@ -168,6 +168,21 @@ def test_truncated_file_raises_one_line(weights_path, tmp_path, keep):
     assert message.startswith(str(truncated)) and "truncated" in message
 
 
+def test_an_empty_tensor_with_a_huge_dimension_raises_one_line(weights_path, tmp_path):
+    """A corrupt dimension beside a zero (no data to run out of) failed in numpy with a ValueError."""
+    empty = _int(2) + _int(0) * 4  # an add_layer's empty cached tensor, (0, 0, 0, 0)
+    data = weights_path.read_bytes()
+    assert empty in data
+    corrupt = tmp_path / "corrupt.dat"
+    corrupt.write_bytes(
+        data.replace(empty, _int(2) + _int(0) + _int(2**64 - 1) + _int(2**32 - 1) + _int(0), 1)
+    )
+    with pytest.raises(
+        ModelNotFoundError, match=r"^\S*corrupt.dat: malformed dlib file: implausible tensor shape"
+    ):
+        load_dlib_resnet(corrupt)
+
+
 def test_other_dlib_file_is_not_the_network(weights_path):
     with pytest.raises(ModelNotFoundError, match="shape_predictor_5_face_landmarks.dat: malformed dlib file"):
         load_dlib_resnet(weights_path.parent / "shape_predictor_5_face_landmarks.dat")

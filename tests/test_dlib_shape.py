@@ -371,3 +371,29 @@ def test_wrong_version_and_missing_file(tmp_path):
         load_shape_predictor(wrong)
     with pytest.raises(ModelNotFoundError, match="cannot read"):
         load_shape_predictor(tmp_path / "missing.dat")
+
+
+def _dlib_int(value: int) -> bytes:
+    """One integer as dlib serializes it: control byte (length, 0x80 if negative), magnitude."""
+    raw = abs(value).to_bytes(max(1, (abs(value).bit_length() + 7) // 8), "little")
+    return bytes([len(raw) | (0x80 if value < 0 else 0)]) + raw
+
+
+@pytest.mark.parametrize("huge", ["split", "anchor"])
+def test_an_index_past_int64_raises_one_line(tmp_path, huge):
+    """A corrupt split or anchor index too large for int64 failed with an OverflowError traceback."""
+    zero = _dlib_int(0) + _dlib_int(0)  # a float: mantissa, then exponent
+    column = _dlib_int(-10) + _dlib_int(-1) + zero * 10  # matrix<float,0,1> of 10 zeros: 5 points
+    index = _dlib_int(2**63)
+    data = (
+        _dlib_int(1) + column  # version, mean shape
+        + _dlib_int(1) + _dlib_int(1)  # one cascade of one tree
+        + _dlib_int(1) + (index if huge == "split" else _dlib_int(0)) + _dlib_int(0) + zero  # one split
+        + _dlib_int(2) + column + column  # two leaves
+        + _dlib_int(1) + _dlib_int(1) + (index if huge == "anchor" else _dlib_int(0))  # anchors
+        + _dlib_int(1) + _dlib_int(1) + zero + zero  # deltas
+    )  # fmt: skip
+    corrupt = tmp_path / "corrupt.dat"
+    corrupt.write_bytes(data)
+    with pytest.raises(ModelNotFoundError, match=r"^\S*corrupt.dat: .*index out of range$"):
+        load_shape_predictor(corrupt, cache=False)

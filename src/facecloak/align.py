@@ -9,7 +9,8 @@ Convention:
 
 Gradients flow from the chip back to every source pixel it was sampled from, so a cloak can be
 optimised at the photo's native resolution through the alignment. A face much larger than the
-chip is first area-averaged by an integer factor (as dlib does with its image pyramid) so the
+chip is first area-averaged by an integer factor (dlib shrinks with an image pyramid instead, a
+different filter: such chips differ from dlib's by a few grey levels on average) so the
 chip is not aliased and the gradient spreads over all the face's pixels instead of a sparse grid.
 """
 

@@ -65,6 +65,9 @@ ALIAS_TENSOR_VERSION = 1
 """Version dlib writes before an ``alias_tensor``."""
 MAX_STRING_BYTES = 1 << 20
 """Longest string we accept; dlib only writes short version tags, so more means a corrupt file."""
+MAX_TENSOR_ELEMENTS = 1 << 40
+"""Most elements a tensor's non-zero dimensions may span: an empty tensor (no data to read) with a
+huge dimension beside its zero made numpy fail with a ValueError traceback."""
 
 
 class DlibReader(ModelFileReader):
@@ -280,6 +283,8 @@ class DlibReader(ModelFileReader):
         shape = tuple(self.read_int("a tensor dimension") for _ in range(4))
         if min(shape) < 0:
             self.fail(f"negative tensor shape {shape}")
+        if math.prod(d for d in shape if d) > MAX_TENSOR_ELEMENTS:  # numpy cannot even shape it empty
+            self.fail(f"implausible tensor shape {shape}")
         count = math.prod(shape)
         raw = self.read_bytes(4 * count, f"a tensor of shape {shape}")
         return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)

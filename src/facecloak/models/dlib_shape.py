@@ -513,12 +513,17 @@ def _assemble(
                 fail(f"cascade {cascade} has a tree of {len(splits)} splits and {len(leaves)} leaves")
             if any(leaf.size != 2 * parts for leaf in leaves):
                 fail(f"cascade {cascade} has a leaf that does not hold {parts} points")
-    splits = np.array([[[s[:2] for s in tree[0]] for tree in forest] for forest in forests], dtype=np.int64)
+    try:  # an index past int64 (a corrupt file) raised OverflowError, a traceback
+        splits = np.array(
+            [[[s[:2] for s in tree[0]] for tree in forest] for forest in forests], dtype=np.int64
+        )
+        anchors = np.array(anchor_idx, dtype=np.int64)
+    except OverflowError:
+        fail("a split or anchor index out of range")
     thresholds = np.array(
         [[[s[2] for s in tree[0]] for tree in forest] for forest in forests], dtype=np.float32
     )
     leaves = np.stack([np.stack([np.stack(tree[1]) for tree in forest]) for forest in forests])
-    anchors = np.array(anchor_idx, dtype=np.int64)
     if splits.max() >= num_pixels or anchors.max() >= parts:
         fail("a split or anchor index out of range")
     return ShapePredictor(
