@@ -819,3 +819,17 @@ def test_damaged_exif_kept_with_keep_metadata_is_left_out_not_a_crash(tmp_path, 
         assert any(note.startswith("EXIF not kept: damaged") for note in info["notes"])
         with Image.open(written) as opened:
             assert "exif" not in opened.info
+
+
+def test_write_image_of_something_not_a_chw_float_tensor_is_a_usage_error(tmp_path):
+    """A numpy array or a PIL image failed with an AttributeError deep in the 8-bit conversion, and
+    an (H, W, 3) tensor as a file's error (exit 3) where the caller's mistake is a usage error."""
+    for wrong, said in (
+        (np.zeros((3, 4, 4), np.float32), "got ndarray"),
+        (torch.zeros(4, 4, 3), "got shape (4, 4, 3)"),
+        (torch.zeros(3, 4, 4, dtype=torch.uint8), "got a torch.uint8 tensor"),
+    ):
+        with pytest.raises(InvalidInputError, match=r"pixels must be a \(3, H, W\) float") as caught:
+            write_image(tmp_path / "x.png", wrong)
+        assert said in str(caught.value) and "\n" not in str(caught.value)
+    assert not list(tmp_path.iterdir())

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from facecloak import jpeg_blocks
 from facecloak.defaults import OUTPUT_JPEG_QUALITY
-from facecloak.errors import ImageWriteError
+from facecloak.errors import ImageWriteError, InvalidInputError
 from facecloak.io.files import IMAGE_SUFFIXES, OUTPUT_FORMATS, ProtectedFiles, same_file
 from facecloak.io.read import _ORIENTATION_TAG, LoadedImage, _short, rgb_pixels
 from facecloak.transforms import levels_8bit
@@ -526,8 +526,13 @@ def encode_image(
     info = {} if info is None else info
     if format_name not in OUTPUT_FORMATS:
         raise ImageWriteError(f"cannot write format {format_name!r}")
+    # the caller's mistake (a usage error), not a file's: a numpy array or a PIL image failed deep
+    # in the 8-bit conversion with an AttributeError
+    if not isinstance(pixels, Tensor) or not pixels.is_floating_point():
+        kind = f"a {pixels.dtype} tensor" if isinstance(pixels, Tensor) else type(pixels).__name__
+        raise InvalidInputError(f"pixels must be a (3, H, W) float torch.Tensor in [0, 1], got {kind}")
     if pixels.ndim != 3 or pixels.shape[0] != 3:
-        raise ImageWriteError(f"expected a (3, H, W) tensor, got {tuple(pixels.shape)}")
+        raise InvalidInputError(f"pixels must be a (3, H, W) float tensor, got shape {tuple(pixels.shape)}")
     if source is not None and source.alpha is not None and format_name not in ALPHA_FORMATS:
         pixels = over_white(pixels, source.alpha)
         source = dataclasses.replace(source, alpha=None, flattened=True)
