@@ -75,6 +75,10 @@ def check_image_list(images: object, name: str = "images") -> list[Tensor]:
     for i, photo in enumerate(photos):
         if not isinstance(photo, Tensor):
             raise InvalidInputError(f"{name}[{i}] must be a torch.Tensor, got {type(photo).__name__}")
+        # checked here, not as photo[None]: a (H, W, 3) photo was told it must be (B, 3, H, W), got
+        # (1, H, W, 3), a shape it was never given, and a (1, 3, H, W) one, which is (B, 3, H, W)
+        if photo.ndim != 3 or photo.shape[0] != 3:
+            raise InvalidInputError(f"{name}[{i}] must have shape (3, H, W), got {tuple(photo.shape)}")
         check_images(photo[None], name=f"{name}[{i}]")
     return photos
 

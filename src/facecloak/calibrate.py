@@ -10,6 +10,7 @@ pairs: the operating point a scraper that tolerates that false-match rate would 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,11 +102,16 @@ def calibrate_threshold(
         seed: seed of the draw of people.
 
     Raises:
-        InvalidInputError: too few pairs, or impostor pairs so close that no threshold above 0
-            admits only ``far`` of them (a model that does not tell these people apart).
+        InvalidInputError: ``far`` or ``max_photos`` out of range, too few pairs, or impostor
+            pairs so close that no threshold above 0 admits only ``far`` of them (a model that
+            does not tell these people apart).
     """
-    if not 0 < far < 1:
-        raise InvalidInputError(f"far must be between 0 and 1, got {far}")
+    if isinstance(far, bool) or not isinstance(far, numbers.Real) or not 0 < far < 1:  # "1e-3": a TypeError
+        raise InvalidInputError(f"far must be a number between 0 and 1, got {far!r}")
+    # 0 or less (the CLI takes 10 or more) was refused as "no readable photos", which they were
+    # not, and a float failed deep in a slice
+    if isinstance(max_photos, bool) or not isinstance(max_photos, numbers.Integral) or max_photos < 2:
+        raise InvalidInputError(f"max_photos must be a whole number of at least 2, got {max_photos!r}")
     photos = calibration_photos(data, max_photos, seed)
     # on the model's device, not CUDA whenever present: `--device cpu` put MTCNN on the GPU
     attacker = PipelineAttacker(

@@ -5,7 +5,9 @@ Only file lists and labels live here; pixels are read by `facecloak.io` when nee
 
 from __future__ import annotations
 
+import numbers
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +79,7 @@ class Split:
 def split_people(
     people: list[Person],
     *,
-    protected: int | list[str] = 20,
+    protected: int | Sequence[str] = 20,
     control: int = 20,
     min_photos: int = 10,
     probes: int = 2,
@@ -93,8 +95,18 @@ def split_people(
         probes: photos per person held out as clean probes.
         seed: random seed of the draw.
     """
-    if probes < 1 or min_photos <= probes:
-        raise InvalidInputError("need probes >= 1 and min_photos > probes")
+    # -1 protected all but one eligible person (a slice's end), without a word; a tuple of names,
+    # or a float, failed with a TypeError traceback
+    if isinstance(protected, Sequence) and not isinstance(protected, str):
+        protected = list(protected)
+    elif not _is_whole(protected) or protected < 1:
+        raise InvalidInputError(
+            f"protected must be a number of people from 1, or their names; got {protected!r}"
+        )
+    if not _is_whole(control) or control < 0:
+        raise InvalidInputError(f"control must be a number of people from 0; got {control!r}")
+    if not (_is_whole(probes) and _is_whole(min_photos)) or probes < 1 or min_photos <= probes:
+        raise InvalidInputError("need probes >= 1 and min_photos > probes, both whole numbers")
     eligible = [p for p in people if len(p.photos) >= min_photos]
     rng = random.Random(seed)
     if isinstance(protected, list):
@@ -127,6 +139,11 @@ def split_people(
     return Split(tuple(chosen), tuple(control_people), tuple(distractors), probes)
 
 
+def _is_whole(value: object) -> bool:
+    """Whether ``value`` is an integer, and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Pair:
     """One LFW verification pair."""
@@ -142,28 +159,54 @@ def read_lfw_pairs(pairs_file: str | Path, images: str | Path | None = None) -> 
 
     The first line is ``<folds> <pairs per class>``; each fold lists that many matched pairs
     (``name i j``) then that many mismatched pairs (``name1 i name2 j``).
+
+    Raises:
+        InvalidInputError: one line naming ``pairs_file`` (and the line, where one is at fault):
+            the file cannot be read, its counts do not add up, a pair is malformed, or it names a
+            photo missing under ``images`` (that failed only when the photo was embedded, after
+            every photo before it).
     """
     pairs_file = Path(pairs_file)
     images = Path(images) if images else pairs_file.parent / "images"
-    lines = pairs_file.read_text().split("\n")
+    try:
+        lines = pairs_file.read_text(encoding="utf-8-sig").split("\n")  # a BOM: Windows editors
+    except UnicodeDecodeError:
+        raise InvalidInputError("not a text file of LFW pairs", pairs_file) from None
+    except OSError as error:  # it was a FileNotFoundError traceback
+        raise InvalidInputError(
+            f"cannot read the pairs file ({error.strerror or error})", pairs_file
+        ) from None
     try:
         folds, per_class = (int(v) for v in lines[0].split())
     except ValueError:
         raise InvalidInputError("first line must be '<folds> <pairs per class>'", pairs_file) from None
+    if folds < 1 or per_class < 1:  # 0 folds gave no pairs, and no error
+        raise InvalidInputError("first line must be '<folds> <pairs per class>', both at least 1", pairs_file)
 
-    def photo(name: str, number: str) -> Path:
-        return images / name / f"{name}_{int(number):04d}.jpg"
+    def photo(name: str, number: str, line: int) -> Path:
+        if not number.isdecimal() or int(number) < 1:  # it was a ValueError traceback
+            raise InvalidInputError(
+                f"line {line}: photo number {number!r} is not a whole number from 1", pairs_file
+            )
+        path = images / name / f"{name}_{int(number):04d}.jpg"
+        if not path.is_file():
+            raise InvalidInputError(f"line {line}: no photo {path}", pairs_file)
+        return path
 
     pairs = []
-    rows = [line.split() for line in lines[1:] if line.strip()]
+    # numbered as in the file: blank lines between the pairs are skipped, and an error named the
+    # line counted without them
+    rows = [(number, line.split()) for number, line in enumerate(lines[1:], start=2) if line.strip()]
     if len(rows) != folds * per_class * 2:
         raise InvalidInputError(f"expected {folds * per_class * 2} pairs, found {len(rows)}", pairs_file)
-    for index, row in enumerate(rows):
+    for index, (line, row) in enumerate(rows):
         fold = index // (2 * per_class)
         if len(row) == 3:
-            pairs.append(Pair(photo(row[0], row[1]), photo(row[0], row[2]), True, fold))
+            pairs.append(Pair(photo(row[0], row[1], line), photo(row[0], row[2], line), True, fold))
         elif len(row) == 4:
-            pairs.append(Pair(photo(row[0], row[1]), photo(row[2], row[3]), False, fold))
+            pairs.append(Pair(photo(row[0], row[1], line), photo(row[2], row[3], line), False, fold))
         else:
-            raise InvalidInputError(f"malformed pair on line {index + 2}", pairs_file)
+            raise InvalidInputError(
+                f"malformed pair on line {line} (expected 'name i j' or 'name1 i name2 j')", pairs_file
+            )
     return pairs
