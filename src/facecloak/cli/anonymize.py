@@ -59,8 +59,8 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
     "--blocks",
     type=click.IntRange(1, MAX_BLOCKS),
     default=None,
-    help=f"pixelate: mosaic blocks across the face [default 8]. Fewer hide more; over {MAX_BLOCKS} a "
-    "recognition model still matched faces.",
+    help=f"pixelate: mosaic blocks across the face [default 8], each at least 5 px (a smaller face "
+    f"gets fewer). Fewer hide more; over {MAX_BLOCKS} a recognition model still matched faces.",
 )
 @click.option(
     "--feather",
