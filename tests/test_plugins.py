@@ -757,3 +757,34 @@ def test_a_graph_not_named_symbol_json_says_how_to_name_it(mobileface_dir, tmp_p
     result = CliRunner().invoke(main, ["models", "add", "test-graph", str(tmp_path / "graph.json")])
     assert result.exit_code == 3
     assert "params=" not in result.stderr and "NAME-symbol.json" in result.stderr
+
+
+def test_an_mxnet_card_edited_to_a_size_its_graph_cannot_take_names_the_file(mobileface_dir, config_home):
+    """The ONNX case above was a one-line error naming the file; an MXNet graph's own error passed
+    through as it was: "MXNet node fc5+fc5_bn ... failed", naming no file (a cloak's batch listed
+    failed photos by that line alone), exiting 2 as if the command had been mistyped."""
+    card = add_user_model("test-mf-edited", mobileface_dir / MOBILEFACE_SYMBOL).to_dict()
+    path = config_home / "facecloak" / "models" / "test-mf-edited.json"
+    path.write_text(json.dumps({**card, "input_size": 224}))
+    register_user_models()
+    model = create_embedder("test-mf-edited", device="cpu")
+    with pytest.raises(ModelNotFoundError) as info:
+        model(torch.rand(2, 3, 224, 224))
+    message = str(info.value)
+    assert str(mobileface_dir / MOBILEFACE_SYMBOL) in message and "\n" not in message
+    assert "does not run on 2 224x224" in message and "was its card edited?" in message
+
+
+def test_a_card_edited_to_another_embedding_width_names_the_file(tmp_path, config_home):
+    """A card whose width was edited by hand (or whose file was swapped for another model) was
+    refused on first use as "model X: output (2, 8) ... is not one 99-d embedding per chip",
+    naming no file: a batch listed every failed photo by that line alone."""
+    pytest.importorskip("onnx2torch")
+    _export_onnx(_Tiny("vector"), tmp_path / "vector.onnx")
+    card = add_user_model("test-width", tmp_path / "vector.onnx").to_dict()
+    path = config_home / "facecloak" / "models" / "test-width.json"
+    path.write_text(json.dumps({**card, "embedding_dim": 99}))
+    register_user_models()
+    with pytest.raises(InvalidInputError) as info:
+        create_embedder("test-width", device="cpu")(torch.rand(2, 3, 112, 112))
+    assert str(info.value).startswith(f"{tmp_path / 'vector.onnx'}: model test-width: output (2, 8)")

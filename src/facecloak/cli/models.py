@@ -130,7 +130,7 @@ def models_add(  # noqa: D301 - click help keeps the backslash line breaks
 
     \b
     facecloak models add arcface-r100 model.onnx --mean 127.5 127.5 127.5 --std 128 128 128
-    facecloak models add mobileface MobileFace_Identification_V2-symbol.json --threshold 0.65
+    facecloak models add mobileface MobileFace_Identification_V2-symbol.json --threshold 0.73
     facecloak models add hse-mobilenet hse_mobilenet_vggface2.onnx --crop box --margin 10 \\
         --input-size 224 --layout nhwc --bgr --mean 103.939 116.779 123.68
     facecloak models calibrate hse-mobilenet ../shared/data/lfw/images

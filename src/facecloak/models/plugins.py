@@ -141,9 +141,13 @@ class PluginEmbedder(Embedder):
             x = x.contiguous(memory_format=torch.channels_last)
         try:
             out = self._run(self._network_for_pass(x), x)
-        except (FacecloakError, torch.OutOfMemoryError):
+        except torch.OutOfMemoryError:
             raise
         except Exception as error:  # torch and onnx2torch raise many types for a shape they cannot take
+            # the MXNet graph says which node failed (InvalidInputError) but not which file, and
+            # exited 2 as a usage error: wrapped like an ONNX file's, it names the file and the fix
+            if isinstance(error, FacecloakError) and not isinstance(error, InvalidInputError):
+                raise
             detail = (str(error).splitlines() or [""])[0][:160]
             raise _DidNotRun(
                 f"model {self.card.name} does not run on {len(chips)} {chips.shape[-2]}x{chips.shape[-1]} "
@@ -181,9 +185,10 @@ class PluginEmbedder(Embedder):
             or (width and out[0].numel() != width)
         ):
             wanted = f"one {width}-d embedding" if width else "one embedding vector"
-            raise InvalidInputError(
+            raise InvalidInputError(  # the file named: a card edited by hand is read back unchecked
                 f"model {self.card.name}: output {tuple(out.shape)} for {count} chips is not "
-                f"{wanted} per chip"
+                f"{wanted} per chip",
+                self.card.weights,
             )
         return out.flatten(1)
 
