@@ -379,3 +379,23 @@ def test_outputs_that_lack_what_their_input_had_are_named_on_one_line_each():
     )
     lines = str(BatchReport("anonymize", {}, [flattened])).splitlines()
     assert "    out/tr\\nans_blur.jpg" in lines
+
+
+def test_a_photo_that_failed_on_another_files_error_is_still_named():
+    """The failed list printed each error alone: a model file's error named the model, twice, and
+    never which photos it failed."""
+    from facecloak.batch_types import BatchReport, FileOutcome
+
+    model_error = "/models/x.onnx: model does not run on 112x112 nchw chips"
+    report = BatchReport(
+        "cloak",
+        {},
+        [
+            FileOutcome("in/a.jpg", "failed", error=model_error),
+            FileOutcome("in/b.jpg", "failed", error="in/b.jpg: not an image"),
+        ],
+    )
+    text = str(report)
+    assert f"    in/a.jpg: {model_error}" in text
+    assert "    in/b.jpg: not an image" in text and "in/b.jpg: in/b.jpg" not in text
+    assert report.outcomes[0].message == f"error: in/a.jpg: {model_error}"

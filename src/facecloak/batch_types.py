@@ -83,7 +83,7 @@ class FileOutcome:
     def message(self) -> str:
         """One line for the terminal."""
         if self.status == "failed":
-            return f"error: {self.error}"
+            return f"error: {self.named_error}"
         path, output = shown_path(self.path), shown_path(self.output or "")  # one line, whatever the names
         if self.status == "skipped":
             return f"{path}: skipped, output exists: {output}"
@@ -94,6 +94,16 @@ class FileOutcome:
             note = self._encoding_note()
             return f"{path}: {short} of {len(self.faces)} face(s) NOT protected -> {output}{note}"
         return f"{path}: {len(self.faces)} face(s) -> {output}{self._encoding_note()}"
+
+    @property
+    def named_error(self) -> str:
+        """The error, led by this file's name where it names another file (a model) or none.
+
+        A photo that failed on a model's file was listed by the model's message alone, once per
+        photo, with no word of which photos failed.
+        """
+        error = self.error or ""
+        return error if shown_path(self.path) in error else f"{shown_path(self.path)}: {error}"
 
     @property
     def frames_left_out(self) -> int:
@@ -254,7 +264,7 @@ class BatchReport:
         lines += self._left_out_of_files()
         if self.count("failed"):
             lines.append(f"  {self.count('failed')} file(s) failed:")
-            lines += [f"    {o.error}" for o in self.outcomes if o.status == "failed"]
+            lines += [f"    {o.named_error}" for o in self.outcomes if o.status == "failed"]
         lines += self._passed_over()
         blurred = [
             (o.path, f)
