@@ -193,3 +193,30 @@ def test_area_resize_from_the_table_is_interpolate_area():
     ):  # down, uneven, up by a pixel (P-Net's first level), same
         expected = F.interpolate(photos, size=size, mode="area")
         assert torch.allclose(area_resize(table, size), expected, atol=1e-4), size
+
+
+def test_faces_under_pnets_window_are_found_with_a_small_min_size(lfw_dir):
+    """``min_size`` under 12 px enlarges the photo's first pyramid level, as facenet-pytorch's MTCNN does.
+
+    Held at P-Net's 12 px window, ``--min-face 6`` found none of these 7 px faces (LFW photos
+    shrunk to 20 px), which facenet-pytorch's ``MTCNN(min_face_size=6)`` finds.
+    """
+    from facenet_pytorch import MTCNN
+
+    names = ("Shane_Hmiel_0001", "Pat_Cox_0001", "Fred_Eckhard_0002")
+    photos = [
+        F.interpolate(
+            read_image(lfw_dir / "images" / n[:-5] / f"{n}.jpg").pixels[None], size=(20, 20), mode="area"
+        )[0]
+        for n in names
+    ]
+    theirs = MTCNN(keep_all=True, device="cpu", min_face_size=6, post_process=False)
+    ours = FaceDetector(device="cpu", min_size=6, rotations="none")(photos)
+    assert ours.count_per_image(len(photos)) == [1, 1, 1]
+    for i, photo in enumerate(photos):
+        boxes, scores = theirs.detect((photo.permute(1, 2, 0) * 255).round().byte().numpy())
+        boxes = torch.from_numpy(
+            np.asarray(boxes, dtype=np.float32)[np.asarray(scores, dtype=np.float32) >= 0.9]
+        )
+        assert len(boxes) == 1
+        assert torch.allclose(ours.for_image(i).boxes, boxes, atol=MAX_PX)

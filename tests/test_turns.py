@@ -110,9 +110,9 @@ def test_the_check_looks_again_only_at_the_turns_of_its_faces(astronaut, detecto
     calls = []
 
     class Counting(type(detector)):
-        def _detect_each(self, batch, min_size):
+        def _detect_each(self, batch, min_size, **options):
             calls.append(len(batch))
-            return super()._detect_each(batch, min_size)
+            return super()._detect_each(batch, min_size, **options)
 
     counting = Counting(device="cpu")
     turned_photo = turn_image(astronaut, 1)

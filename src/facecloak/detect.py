@@ -183,6 +183,7 @@ class FaceDetector:
             turned = self._detect_each(
                 [turn_image(image, k) for image, _ in smaller for k in (1, 2, 3)],
                 [min_size * factor for _, factor in smaller for _ in (1, 2, 3)],
+                enlarge=False,  # cheap passes: from P-Net's window up, never an enlarged copy
             )
             for j, (i, (image, factor)) in enumerate(zip(searched, smaller)):
                 small_height, small_width = image.shape[-2:]
@@ -215,10 +216,14 @@ class FaceDetector:
             image = F.interpolate(image[None].to(self.device, torch.float32), size=size, mode="area")[0]
         return image, factor
 
-    def _detect_each(self, batch: Sequence[Tensor], min_size: float | Sequence[float]) -> list[Faces]:
+    def _detect_each(
+        self, batch: Sequence[Tensor], min_size: float | Sequence[float], *, enlarge: bool = True
+    ) -> list[Faces]:
         """Upright faces of each photo (``image_index`` 0), in original pixels, best first.
 
-        ``min_size``: the smallest face side, one for every photo or one each.
+        ``min_size``: the smallest face side, one for every photo or one each (faces found smaller
+        are dropped). ``enlarge``: a photo read at full size may be enlarged to look for faces under
+        P-Net's window (`smallest_face_px`); without it the search starts at the window.
         """
         sizes = [float(min_size)] * len(batch) if isinstance(min_size, (int, float)) else list(min_size)
         groups: dict[tuple[int, int, float], list[int]] = defaultdict(list)
@@ -235,7 +240,8 @@ class FaceDetector:
                 size = (max(1, round(height * scale)), max(1, round(width * scale)))
                 stack = F.interpolate(stack, size=size, mode="area")
             stacks.append(stack * 255.0)
-            min_faces.append(max(float(PNET_WINDOW_PX), min_face * scale))
+            floor = smallest_face_px(height, width, scale) if enlarge else float(PNET_WINDOW_PX)
+            min_faces.append(max(floor, min_face * scale))
             scales += [scale] * len(indices)
             order += indices
         # inference mode: no autograd bookkeeping per op, the CPU's share of batched MTCNN (workers
@@ -312,6 +318,20 @@ def detection_scale(height: int, width: int, min_face: float, max_side: int) -> 
     floor = PNET_WINDOW_PX / max(float(min_face), 1e-6)
     floor = min(floor, math.sqrt(DETECT_MAX_PIXELS / (height * width)))  # bounded cost and memory
     return min(1.0, max(max_side / max(height, width), floor))
+
+
+def smallest_face_px(height: int, width: int, scale: float) -> float:
+    """The smallest face side, in detection pixels, MTCNN looks for in a photo read at ``scale``.
+
+    P-Net's window (12 px) in a downscaled photo (`detection_scale` never takes it under a
+    ``min_size`` face). At native resolution, smaller: the pyramid's first level then enlarges
+    the photo, as facenet-pytorch's does for a ``min_face_size`` under 12, up to
+    `DETECT_MAX_PIXELS`. Held at 12 px, ``--min-face`` 4 to 11 looked for nothing under about
+    9 px (on 60 LFW photos shrunk to 20 px, 14 faces found against facenet-pytorch's 19).
+    """
+    if scale < 1.0:
+        return float(PNET_WINDOW_PX)
+    return PNET_WINDOW_PX * min(1.0, math.sqrt(height * width / DETECT_MAX_PIXELS))
 
 
 def _from_turned(faces: Faces, k: int, height: int, width: int) -> Faces:

@@ -341,7 +341,7 @@ def detect_mtcnn(
         groups: stacks ``(B_g, 3, H_g, W_g)`` of photos, pixel values 0..255 (MTCNN's scale), all
             on the nets' device.
         min_face_px: per group, the smallest face side looked for, in that group's pixels
-            (at least 12, P-Net's window).
+            (under 12, P-Net's window, the pyramid's first level enlarges the photos).
         nets: `load_mtcnn_nets`'s P-Net, R-Net and O-Net.
         thresholds: score thresholds of the three stages.
         factor: pyramid scale ratio.
