@@ -126,3 +126,14 @@ def test_a_photo_with_a_large_and_a_small_face_cloaks_each_at_its_own_scale(
     for n in (large, little):
         x0, y0, x1, y1 = (int(v) for v in regions[n].round().tolist())
         assert float((result.images[0] - canvas)[:, y0:y1, x0:x1].abs().max()) > 4 / 255
+
+
+def test_a_large_face_is_measured_from_its_native_clean_embedding(large_photo, detector, dlib_resnet):
+    # no step taken: the photo is unchanged, so its face measures no distance from itself. The
+    # reference was the face embedded on its area-averaged working photo, 0.045 from the native
+    # face every measure reads: a record could claim "protected" 0.08 of a threshold early
+    faces = detector([large_photo])
+    cloak = create_cloak("untargeted", [dlib_resnet], "mid", steps=0, detector=detector, seed=0)
+    result = cloak([large_photo], faces)
+    assert float(result.working_factors[0]) > MIN_WORKING_FACTOR
+    assert float(result.distance[0, 0]) < 0.005, result.distance

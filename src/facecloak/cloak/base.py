@@ -486,12 +486,8 @@ class Cloak:
         # one alignment per model, shared by the clean embedding, the crops and the cloaked output
         alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         native = photos, faces, alignments
-        # a face every model reads area-averaged is worked on at that scale (`facecloak.cloak.scale`)
-        factors = working_factors(faces, alignments)
-        working = working_photos(photos, faces, factors, stored=_as_stored)
-        if not working.native:
-            photos, faces = working.photos, working.faces
-            alignments = [model_alignment(photos, faces, m.card) for m in self.models]
+        # embedded at native resolution, as every measure and the check read the face: embedded on
+        # its working photo, a large face's reference was 0.045 (dlib) from its own native face
         clean = (
             [
                 embed_faces(photos, faces, model, chip_from_image=alignment)
@@ -500,6 +496,12 @@ class Cloak:
             if self.embeds_clean_faces
             else []
         )
+        # a face every model reads area-averaged is worked on at that scale (`facecloak.cloak.scale`)
+        factors = working_factors(faces, alignments)
+        working = working_photos(photos, faces, factors, stored=_as_stored)
+        if not working.native:
+            photos, faces = working.photos, working.faces
+            alignments = [model_alignment(photos, faces, m.card) for m in self.models]
         self.prepare(clean, faces, identity)
         # what the objective pushes from: progress, stopping and the honest check all measure it
         references = self.references(clean)
@@ -896,16 +898,16 @@ class Cloak:
     ) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """The photos to write, each change scaled down until its faces fit the cap in its file.
 
-        A lossy output encodes the change again: a JPEG edited block by block quantises it with
-        the input's tables (on the samples and two LFW photos the face's DSSIM rose from 0.0077-
-        0.0080 to 0.0085-0.0106, the largest change from 16 to 20-26 levels). Each photo with a
-        ``stored_as`` is encoded and decoded as written; a photo with a face over the DSSIM cap has
-        its whole change scaled by the square root of cap / DSSIM (`COMPOSE_SHRINK` to
-        `COMPOSE_MAX_SHRINK`), for up to `COMPOSE_ROUNDS` rounds. Returns the photos to hand to the
-        writer (`CloakResult.to_write`), the same photos as their files will decode (what the
-        caps, the measures and the check see), and every face's (N, K) DSSIM over its measured
-        boxes in the latter, from the photo as its file would hold it uncloaked. A decoded photo
-        written as it is was quantised a second time: on a sample, up to 9 levels on 22,285
+        A lossy output encodes the change again: a JPEG edited block by block quantises it with the
+        input's tables (on the samples and two LFW photos the face's DSSIM rose from 0.0077-0.0080 to
+        0.0085-0.0106, the largest change from 16 to 20-26 levels). Each photo with a ``stored_as`` is
+        encoded and decoded as written; a photo with a face over the DSSIM cap (or the mean CIEDE2000
+        cap, ``max_ciede``) has its whole change scaled by the square root of cap / DSSIM
+        (`COMPOSE_SHRINK` to `COMPOSE_MAX_SHRINK`), for up to `COMPOSE_ROUNDS` rounds. Returns the
+        photos to hand to the writer (`CloakResult.to_write`), the same photos as their files will
+        decode (what the caps, the measures and the check see), and every face's (N, K) DSSIM over its
+        measured boxes in the latter, from the photo as its file would hold it uncloaked. A decoded
+        photo written as it is was quantised a second time: on a sample, up to 9 levels on 22,285
         pixels, the face's DSSIM in the file 0.0031 where 0.0029 was measured.
         """
         cap = self.budget.max_dssim * DSSIM_SAFETY
@@ -929,13 +931,21 @@ class Cloak:
                 planned[i] = _as_stored(originals[i] + factor[i] * change) if factor[i] < 1 else cloaked[i]
                 written[i] = stored_as[i](planned[i]).to(cloaked[i])
             dssims = _box_dssims_in_photos(references, written, faces, boxes)
-            share = quality.largest_share(dssims, self._box_shares)
-            over = {int(faces.image_index[k]) for k in (share > cap).nonzero()[:, 0].tolist()} & set(lossy)
+            # each face's excess as a DSSIM's share of its cap; the colour cap's too (the file's
+            # tables quantise colour again: a sample's face went from 1.39 to 1.44 over a cap of
+            # 1.4), squared, as a CIEDE2000 grows about linearly with the change and a DSSIM as its
+            # square. Colour on the box the report measures alone: held over the region too (to
+            # `REGION_SHARE`), the rounds shrank group.jpg's faces to DSSIM 0.0025, none protected
+            excess = quality.largest_share(dssims, self._box_shares) / cap
+            if self.budget.max_ciede is not None:
+                colour = _box_ciede_in_photos(references, written, faces, boxes[:, :1], (1.0,))
+                excess = torch.maximum(excess, (colour / self.budget.max_ciede) ** 2)
+            over = {int(faces.image_index[k]) for k in (excess > 1).nonzero()[:, 0].tolist()} & set(lossy)
             if not over or round_ == COMPOSE_ROUNDS:
                 return planned, written, dssims
             for i in over:
-                worst = float(share[faces.image_index == i].max())
-                factor[i] *= min(COMPOSE_MAX_SHRINK, max(COMPOSE_SHRINK, (cap / worst) ** 0.5))
+                worst = float(excess[faces.image_index == i].max())
+                factor[i] *= min(COMPOSE_MAX_SHRINK, max(COMPOSE_SHRINK, (1 / worst) ** 0.5))
         return planned, written, dssims
 
     def _fill(self, faces: Faces, buckets: list[Bucket], deltas: list[Tensor], cap: float) -> list[Tensor]:
@@ -1186,6 +1196,28 @@ def _box_dssims_in_photos(
             a = originals[i][None, :, y0:y1, x0:x1].float()
             b = photos[i][None, :, y0:y1, x0:x1].float()
             values[k, j] = float(quality.dssim(a, b)[0]) if a.numel() else 0.0
+    return values
+
+
+def _box_ciede_in_photos(
+    originals: list[Tensor], photos: list[Tensor], faces: Faces, boxes: Tensor, shares: Sequence[float]
+) -> Tensor:
+    """(N,) mean CIEDE2000 of each face between ``originals`` and ``photos``, as its colour cap holds it.
+
+    Over each of its K ``boxes`` (N, K, 4), the largest mean divided by its box's share of the cap.
+    """
+    values = torch.zeros(len(faces))
+    for k in range(len(faces)):
+        i = int(faces.image_index[k])
+        bounds = torch.tensor([pixel_bounds(box, *originals[i].shape[-2:]) for box in boxes[k].tolist()])
+        x0, y0 = (int(v) for v in bounds[:, :2].amin(0))
+        x1, y1 = (int(v) for v in bounds[:, 2:].amax(0))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        a = originals[i][None, :, y0:y1, x0:x1].float()
+        colour = quality.ciede2000_map(a, photos[i][None, :, y0:y1, x0:x1].float())
+        inside = bounds - torch.tensor([x0, y0, x0, y0])
+        values[k] = float(quality.box_means(colour, inside[None], shares)[0])
     return values
 
 
