@@ -697,6 +697,15 @@ def test_cli_an_option_of_another_method_is_refused_not_ignored(lfw_dir, tmp_pat
     assert not (tmp_path / "r").exists()
 
 
+def test_cli_per_photo_with_a_targeted_cloak_is_refused_not_reported_as_used(lfw_dir, tmp_path):
+    """A targeted cloak drops ``person_level``, yet the report's settings listed it as used."""
+    arguments = ["evaluate", str(lfw_dir / "images"), "--mode", "targeted", "--per-photo"]
+    result = CliRunner().invoke(main, [*arguments, "-o", str(tmp_path / "r"), "-q"])
+    assert result.exit_code == 2, result.output
+    assert "--person-level/--per-photo is for --mode untargeted" in result.output
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.fixture(scope="module")
 def faceless_probe_result(lfw_dir, attacker, tmp_path_factory):
     """An unprotected evaluation of real faces whose protected person's only probe shows no face.

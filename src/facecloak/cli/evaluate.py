@@ -333,6 +333,12 @@ def _refuse_options_of_other_methods(method: str) -> None:
         for name, flag in options:
             if method != owner and given_on_command_line(name):
                 raise click.UsageError(f"{flag} is for --method {owner} (this is --method {method})")
+    targeted = click.get_current_context().params.get("mode") == "targeted"
+    if method == "cloak" and targeted and given_on_command_line("person_level"):
+        # a targeted cloak drops it, and the report's settings listed it as used
+        raise click.UsageError(
+            "--person-level/--per-photo is for --mode untargeted (a targeted cloak pulls to its key)"
+        )
     if method not in ("cloak", "replace") and given_on_command_line("models"):
         raise click.UsageError(
             f"--models is for --method cloak or replace (this is --method {method}); "
