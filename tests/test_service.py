@@ -1007,3 +1007,100 @@ def test_response_image_wins_over_an_accept_header_naming_json(in_process, sampl
     assert asked.headers["x-facecloak-status"] == "protected"
     unsaid = in_process.post("/v1/anonymize", data=data, **upload)  # no response field: the header decides
     assert unsaid.headers["content-type"] == "application/json" and unsaid.json()["faces_found"] == 1
+
+
+def test_a_request_that_timed_out_frees_its_place_in_the_queue():
+    """A job cancelled while waiting (its request got 504) no longer counts as queued: it held its
+    place until a worker reached it, and new uploads got 503 for work nobody waited for."""
+    from facecloak.io import LoadedImage
+    from facecloak.service.batcher import Job, JobResult, MicroBatcher
+    from facecloak.service.settings import ServiceSettings
+
+    started, gate = threading.Event(), threading.Event()
+
+    class BlockingEngine:
+        def run(self, jobs):
+            started.set()
+            gate.wait(10)
+            return [JobResult(None, [], len(jobs), 0.0) for _ in jobs]
+
+    settings = ServiceSettings(max_batch=1, batch_wait_ms=0, queue_size=2, max_queued_pixels=2 * 64)
+    batcher = MicroBatcher(settings, engine_factory=lambda device: BlockingEngine())
+    batcher.start()
+
+    def job() -> Job:
+        return Job("detect", {}, (0.9, 20, "none"), LoadedImage(Path("p.png"), torch.rand(3, 8, 8)))
+
+    try:
+        running = batcher.submit(job())
+        assert started.wait(10)
+        waiting = batcher.submit(job())
+        assert waiting.cancel()  # what the request's timeout does to it
+        assert batcher.depth == 1
+        later = batcher.submit(job())  # no QueueFull: one place (and 64 pixels) is free again
+        gate.set()
+        assert running.result(10).batch_images == 1 and later.result(10).batch_images == 1
+        deadline = time.monotonic() + 10
+        while batcher.depth and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batcher.depth == 0 and batcher._pending_pixels == 0  # released once, not twice
+    finally:
+        gate.set()
+        batcher.stop()
+
+
+def test_one_photo_that_breaks_the_model_fails_only_its_own_request():
+    """Photos of several clients share one model call: one that made the call raise failed every
+    request of the micro-batch; each is now run alone, and only the bad one fails."""
+    from facecloak.io import LoadedImage
+    from facecloak.service.batcher import Job, JobResult, MicroBatcher
+    from facecloak.service.settings import ServiceSettings
+
+    calls: list[int] = []
+
+    class FragileEngine:
+        def run(self, jobs):
+            calls.append(len(jobs))
+            if any(job.image.path.name == "bad.png" for job in jobs):
+                raise RuntimeError("the model choked on bad.png")
+            return [JobResult(None, [], len(jobs), 0.0) for _ in jobs]
+
+    settings = ServiceSettings(max_batch=8, batch_wait_ms=300)
+    batcher = MicroBatcher(settings, engine_factory=lambda device: FragileEngine())
+    batcher.start()
+    try:
+        names = ["a.png", "bad.png", "c.png"]
+        jobs = [
+            Job("detect", {}, (0.9, 20, "none"), LoadedImage(Path(n), torch.rand(3, 8, 8))) for n in names
+        ]
+        futures = [batcher.submit(job) for job in jobs]
+        assert futures[0].result(10).faces == [] and futures[2].result(10).faces == []
+        with pytest.raises(RuntimeError, match="bad.png"):
+            futures[1].result(10)
+        assert calls == [3, 1, 1, 1] and batcher.depth == 0 and batcher.alive == 1
+    finally:
+        batcher.stop()
+
+
+def test_another_clients_photo_of_the_same_person_does_not_change_a_cloak(dlib_resnet, lfw_dir):
+    """A person-level cloak groups the call's faces into people; a micro-batch holds other clients'
+    uploads, so a stranger's photo of the same person became part of this client's reference
+    (``reference_photos`` 2, distances measured from a mean holding the other client's face)."""
+    from facecloak.io import read_image_bytes
+    from facecloak.service.batcher import Engine, Job
+    from facecloak.service.settings import ServiceSettings
+
+    engine = Engine(ServiceSettings(device="cpu", preload=False), "cpu")
+    engine._embedders = [dlib_resnet]
+    photos = sorted((lfw_dir / "images" / "Abdullah_Gul").glob("*.jpg"))[:2]
+    params = {"mode": "untargeted", "level": "low", "steps": 0, "seed": 0}
+
+    def job(photo: Path) -> Job:
+        return Job("cloak", dict(params), (0.9, 20, "none"), read_image_bytes(photo.read_bytes(), photo.name))
+
+    alone = engine.run([job(photos[1])])[0].faces
+    shared = engine.run([job(photos[0]), job(photos[1])])
+    assert [len(result.faces) for result in shared] == [1, 1] and len(alone) == 1
+    assert [result.faces[0]["reference_photos"] for result in shared] == [1, 1]
+    mine = shared[1].faces[0]["models"]["dlib-resnet"]
+    assert mine["distance"] == pytest.approx(alone[0]["models"]["dlib-resnet"]["distance"], abs=1e-3)

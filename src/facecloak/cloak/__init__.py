@@ -38,6 +38,7 @@ def create_cloak(mode: str, models: Sequence[Embedder], level: str = "mid", **kw
     else:  # a targeted cloak's reference is its key's target, never the person; it pulls, not pushes
         options.pop("person_level", None)
         options.pop("laggard_weight", None)
+        options.pop("people_per_photo", None)
     unknown = sorted(set(options) - _keywords(CLOAK_METHODS[mode]))
     if unknown:  # was a raw TypeError from deep in the class chain
         raise InvalidInputError(f"the {mode} cloak takes no {', '.join(unknown)}")

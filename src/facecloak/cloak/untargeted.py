@@ -53,15 +53,19 @@ class UntargetedCloak(Cloak):
         *,
         person_level: bool = DEFAULT_PERSON_LEVEL,
         laggard_weight: float = DEFAULT_LAGGARD_WEIGHT,
+        people_per_photo: bool = False,
         **options: Any,
     ) -> None:
         """``person_level``: push away from the person's photos in this call (`prepare`).
 
-        ``laggard_weight``: see `LAGGARD_AIM`. Everything else: as `Cloak`.
+        ``laggard_weight``: see `LAGGARD_AIM`. ``people_per_photo``: look for a face's person among
+        the faces of its own photo only, never across the call's photos (the service: a call holds
+        other clients' uploads). Everything else: as `Cloak`.
         """
         super().__init__(models, level, **options)
         self.person_level = bool(person_level)
         self.laggard_weight = float(laggard_weight)
+        self.people_per_photo = bool(people_per_photo)
         self._references: list[Tensor] | None = None
         self._counts = torch.zeros(0, dtype=torch.long)
         self.given_references: tuple[list[Tensor], Tensor] | None = None
@@ -106,6 +110,9 @@ class UntargetedCloak(Cloak):
             table = clean[m]
             distances = model.distance(table[:, None], table[None])
             same &= (distances < self.thresholds[m]).cpu()
+        if self.people_per_photo:  # another photo of the call is another client's upload
+            image_index = faces.image_index.cpu()
+            same &= image_index[:, None] == image_index[None]
         self._counts = same.sum(1)
         weights = same.float() / same.float().sum(1, keepdim=True)
         self._references = []

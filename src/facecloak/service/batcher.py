@@ -186,6 +186,11 @@ class Engine:
                 loaded = ", ".join(m.card.name for m in self.embedders())
                 raise FacecloakError(f"models {', '.join(wanted)} are not all loaded here (loaded: {loaded})")
             mode, level = options.pop("mode"), options.pop("level")
+            if mode == "untargeted":
+                # a call holds other clients' uploads: a face's person is sought in its own photo only
+                # (another client's photo of the same person changed this cloak, its verdict and its
+                # record: reference_photos 2, distances from a mean holding the other's face)
+                options["people_per_photo"] = True
             self._cloaks[key] = CloakFaces.create(
                 mode,
                 embedders,
@@ -258,6 +263,7 @@ class MicroBatcher:
         self._lock = threading.Lock()
         self._pending = 0  # queued + being processed
         self._pending_pixels = 0
+        self._held: dict[Job, int] = {}  # each counted job's pixels, until released (once)
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self._on_batch = on_batch
         self._engine_factory = engine_factory or (lambda device: Engine(settings, device))
@@ -328,6 +334,10 @@ class MicroBatcher:
                 raise QueueFull(self.retry_after_s())
             self._pending += 1
             self._pending_pixels += job.pixels
+            self._held[job] = job.pixels
+        # a job cancelled while waiting (its request timed out) frees its room now, not when a
+        # worker reaches it: until then new uploads got 503 for work nobody waited for
+        job.future.add_done_callback(lambda future: self._cancelled(job) if future.cancelled() else None)
         self._queue.put(job)
         return job.future
 
@@ -343,8 +353,16 @@ class MicroBatcher:
 
     def _release(self, job: Job) -> None:
         with self._lock:
+            pixels = self._held.pop(job, None)
+            if pixels is None:  # released already (cancelled while it waited)
+                return
             self._pending -= 1
-            self._pending_pixels -= job.pixels
+            self._pending_pixels -= pixels
+
+    def _cancelled(self, job: Job) -> None:
+        """A waiting job was cancelled: free its room, and its photo (the queue still holds the job)."""
+        self._release(job)
+        job.image = None  # type: ignore[assignment]  # a cancelled job is never run
 
     def _work(self, device: str | None, loaded: threading.Barrier) -> None:
         try:
@@ -392,12 +410,20 @@ class MicroBatcher:
                 live.append(job)
             else:
                 self._release(job)  # timed out while waiting: nothing to compute
-        if not live:
-            return
+        if live:
+            self._call(engine, live)
+
+    def _call(self, engine: Engine, live: list[Job]) -> None:
+        """One model call for ``live`` (running jobs of one key); each future gets its answer."""
         started = time.perf_counter()
         try:
             results = engine.run(live)
         except Exception as error:  # one bad group must not stop the worker
+            if len(live) > 1:  # one bad photo must not fail other clients' photos: each alone
+                log.warning("model call failed for %d photos (%s); running each alone", len(live), error)
+                for job in live:
+                    self._call(engine, [job])
+                return
             if isinstance(error, FacecloakError):  # a client's setting (a model not loaded here): no trace
                 log.warning("refused %d photo(s): %s", len(live), error)
             else:
