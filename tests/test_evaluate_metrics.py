@@ -165,3 +165,33 @@ def test_report_does_not_call_photos_of_another_size_unchanged(lfw_dir):
     text = summary_table(EvaluationResult(settings={}, quality=quality))
     assert "no photo changed" not in text and "nan" not in text
     assert "not measured" in text
+
+
+def test_report_says_which_protected_photos_its_figures_leave_out(lfw_dir):
+    """A protected photo of another size is not in the quality figures, and one the protection
+    found no face in went into the gallery as it was: both were silent in the terminal and HTML."""
+    import torch.nn.functional as F
+
+    from facecloak.evaluate.summary import quality_summary
+    from facecloak.io import read_image
+    from facecloak.report import render_html, summary_table
+
+    photo = read_image(next((lfw_dir / "images" / "Abel_Pacheco").glob("*.jpg"))).pixels
+    smaller = F.interpolate(photo[None], scale_factor=0.5, mode="area")[0]
+    quality = quality_summary(
+        [photo, photo, photo], [photo.flip(-1), smaller, photo], [{"faces": 1}, {"faces": 1}, {"faces": 0}]
+    )
+    assert quality["photos"] == 2 and quality["photos_of_another_size"] == 1
+    result = EvaluationResult(settings={}, quality=quality)
+    for text in (summary_table(result), render_html(result)):
+        assert "1 of 3 protected photos have another size" in text
+        assert "1 protected photo(s) had no face found by the protection" in text
+
+
+def test_row_after_a_level_sweep_is_that_of_the_reported_level():
+    """After ``--level all`` each attacker and upload has a row per level; ``row`` gave the first
+    (level low) while the result's other figures and settings are those of level mid."""
+    rows = [_row(level=level, protection=p) for level, p in (("low", 0.2), ("mid", 0.5), ("high", 0.9))]
+    result = EvaluationResult(settings={"level": "mid"}, rows=rows)
+    assert result.row("a", "jpeg75").level == "mid"
+    assert EvaluationResult(settings={}, rows=rows).row("a", "jpeg75").level == "low"

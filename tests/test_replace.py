@@ -776,7 +776,7 @@ def test_removing_a_bank_linked_into_the_data_folder_removes_the_link_not_its_fo
     assert not linked.is_symlink() and (real / "bank.json").is_file()
 
 
-def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detector, targets):
+def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detector, targets, monkeypatch):
     from facecloak.evaluate import PersonProtector, PipelineAttacker
     from facecloak.protection import ReplaceFaces
 
@@ -807,6 +807,12 @@ def test_evaluator_adapter_records_realism_and_donor_matches(bank, models, detec
     named = quality_summary(images, outputs, records)["replace"]
     assert named["photos_matching_a_donor"] == {"b.jpg": {"dlib-resnet": 0.97}}
     assert named["subjects_matching_a_donor"] == {"dlib-resnet": 0.5}
+    # a match names the photo with its person: two people's 1.jpg were one key, one match lost
+    import facecloak.evaluate.protect as protect_module
+
+    monkeypatch.setattr(protect_module, "embedding_distance", lambda a, b, metric: torch.zeros(len(a), 1))
+    _, matched = protect(images[:1], [Path("Alice") / "1.jpg"], "Alice")
+    assert matched[0]["photo"] == "Alice/1.jpg"
 
 
 def test_a_turned_face_narrows_only_the_side_turned_away():
@@ -1773,3 +1779,86 @@ def _renamed(model, name):
 
     symbol = models_root() / "mobileface-v2" / "MobileFace_Identification_V2-symbol.json"
     return load_model_file(symbol, name=name, threshold=model.card.match_threshold)
+
+
+def test_a_donor_id_given_twice_is_refused_not_made_from_the_other_donors_chip(bank, tmp_path):
+    """Donors copied in from another bank under ids this one holds: both records read the one chip
+    and embedding, so a face was silently made from another donor than its record named."""
+    copy = tmp_path / "merged-bank"
+    shutil.copytree(bank.folder, copy)
+    manifest = json.loads((copy / "bank.json").read_text())
+    manifest["donors"][1]["id"] = manifest["donors"][0]["id"]
+    (copy / "bank.json").write_text(json.dumps(manifest))
+    with pytest.raises(DonorBankError, match=f"donor id '{bank.ids[0]}' is given to 2 donors") as error:
+        load_bank(copy)
+    assert error.value.path == str(copy / "bank.json")
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (lambda m: m["donors"][0].update(licence=5), "'licence' of donor"),
+        (lambda m: m["donors"][0].update(licence=["CC0"]), "'licence' of donor"),
+        (lambda m: m["donors"][0].pop("source"), "no 'source'"),
+        (lambda m: m["donors"][0].update(detail_scale="2"), "'detail_scale' of donor"),
+        (lambda m: m.update(sources="my photos"), "'sources' must be"),
+        (lambda m: m.update(models=["dlib-resnet"]), "'models' must map"),
+        (lambda m: next(iter(m["models"].values())).pop("fingerprint"), "'models' must map"),
+    ],
+)
+def test_a_manifest_field_edited_to_the_wrong_type_is_a_one_line_error(bank, tmp_path, edit, said):
+    """A licence, source, detail scale, sources or models record of the wrong type (a hand edit)
+    was a TypeError, KeyError or AttributeError traceback from `donors list` (of every bank) and
+    `donors add`."""
+    copy = tmp_path / "edited"
+    shutil.copytree(bank.folder, copy)
+    manifest = json.loads((copy / "bank.json").read_text())
+    edit(manifest)
+    (copy / "bank.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["donors", "list", str(copy)])
+    assert result.exit_code == 2 and not isinstance(result.exception, Exception), result.output
+    assert result.output.startswith(f"error: {copy / 'bank.json'}: bank manifest is damaged (")
+    assert said in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_embeddings_of_text_are_a_one_line_error_with_the_fix(bank, tmp_path):
+    """An embeddings table of text (overwritten by hand) was a ValueError traceback."""
+    import numpy as np
+
+    copy = tmp_path / "text-embeddings"
+    shutil.copytree(bank.folder, copy)
+    with np.load(copy / "embeddings.npz") as data:
+        tables = dict(data)
+    for name in tables.keys() - {"ids"}:
+        tables[name] = tables[name].astype(str)
+        tables[name][0, 0] = "n/a"
+    np.savez(copy / "embeddings.npz", **tables)
+    with pytest.raises(DonorBankError, match=f"donors refresh {copy}`") as error:
+        load_bank(copy)
+    assert error.value.path == str(copy / "embeddings.npz")
+
+
+def test_a_donor_renamed_by_hand_does_not_stop_the_bank_taking_donors(
+    bank, models, detector, donor_dir, tmp_path
+):
+    """A donor id renamed by hand to another plain name (which `load_bank` accepts) was an int()
+    traceback from every later `donors add` into that bank."""
+    import numpy as np
+
+    copy = tmp_path / "renamed-bank"
+    shutil.copytree(bank.folder, copy)
+    manifest = json.loads((copy / "bank.json").read_text())
+    old = manifest["donors"][0]["id"]
+    manifest["donors"][0]["id"] = "alice"
+    (copy / "bank.json").write_text(json.dumps(manifest))
+    (copy / "chips" / f"{old}.png").rename(copy / "chips" / "alice.png")
+    with np.load(copy / "embeddings.npz") as data:
+        tables = dict(data)
+    tables["ids"] = np.array(["alice" if i == old else i for i in tables["ids"]])
+    np.savez(copy / "embeddings.npz", **tables)
+    photos = tmp_path / "one"
+    photos.mkdir()
+    shutil.copy(sorted(donor_dir.glob("*.jpg"))[0], photos)
+    report = add_donors([photos], models, bank=copy, detector=detector)
+    assert report.added == [f"d{DONORS + 1:05d}"] and report.total_donors == DONORS + 1
+    assert load_bank(copy).ids[0] == "alice"

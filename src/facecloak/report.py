@@ -316,8 +316,31 @@ def _quality_section(result: EvaluationResult) -> list[str]:
             f"mean {face['mean']:.4f}, max {face['max']:.4f}; "
             f"{html.escape(_cloak_check(quality))}.</p>"
         )
-    parts += [f"<p>{html.escape(line)}</p>" for line in _level_sweep_lines(result) + _realism_lines(quality)]
+    lines = _photo_notes(quality) + _level_sweep_lines(result) + _realism_lines(quality)
+    parts += [f"<p>{html.escape(line)}</p>" for line in lines]
     return parts
+
+
+def _photo_notes(quality: dict) -> list[str]:
+    """Protected photos the figures above leave out, and those the protection found no face in.
+
+    Both were silent: the quality read as that of every photo, and a photo left as it was (no
+    face to protect) went into the gallery unprotected with no word of it.
+    """
+    lines = []
+    other_size = quality.get("photos_of_another_size")
+    if other_size and quality.get("photos"):
+        lines.append(
+            f"quality: {other_size} of {other_size + quality['photos']} protected photos have another "
+            "size than their original's and are not in the figures"
+        )
+    faceless = quality.get("photos_without_face")
+    if faceless:
+        lines.append(
+            f"{faceless} protected photo(s) had no face found by the protection: left as they were, "
+            "unprotected in the scraper's gallery"
+        )
+    return lines
 
 
 def _cloak_check(quality: dict) -> str:
@@ -443,6 +466,7 @@ def summary_table(result: EvaluationResult) -> str:
         lines.append(
             f"face DSSIM{at_level}: mean {face['mean']:.4f} (max {face['max']:.4f}); {_cloak_check(quality)}"
         )
+    lines += _photo_notes(quality)
     lines += _level_sweep_lines(result)
     lines += _realism_lines(quality)
     lines.append(f"timings{at_level}: {result.timings}")

@@ -220,7 +220,8 @@ class PersonProtector:
                 nearest[attacker.name] = round(float(distances.min()) / attacker.threshold, 4)
             record["donor_match"], record["donor_distance"] = matches, nearest
             if any(matches.values()):
-                record["photo"] = paths[i].name
+                # person/name: two people's 1.jpg were one key, and one match was lost from the report
+                record["photo"] = f"{paths[i].parent.name}/{paths[i].name}"
 
     def _donor_embedding(self, attacker: Attacker, donor_id: str) -> Tensor:
         key = (attacker.name, donor_id)

@@ -91,11 +91,19 @@ class EvaluationResult:
         return data
 
     def row(self, attacker: str, upload: str, adaptive: bool | str = False) -> EvaluationRow:
-        """The row of one attacker and upload transform."""
-        for row in self.rows:
-            if row.attacker == attacker and row.upload == upload and row.adaptive == adaptive:
-                return row
-        raise KeyError((attacker, upload, adaptive))
+        """The row of one attacker and upload transform.
+
+        After a level sweep (``--level all``) the rows hold one per level: the row is that of the
+        settings' level, which the other figures are of (the first, level "low", was given).
+        """
+        rows = [
+            row
+            for row in self.rows
+            if row.attacker == attacker and row.upload == upload and row.adaptive == adaptive
+        ]
+        if not rows:
+            raise KeyError((attacker, upload, adaptive))
+        return next((row for row in rows if row.level == self.settings.get("level")), rows[0])
 
 
 def score_row(

@@ -54,6 +54,8 @@ def quality_summary(clean: list[Tensor], protected: list[Tensor], records: list[
     face_dssim = [face["dssim"] for r in records for face in r.get("cloak", [])]
     summary = {key: _stats(vals) for key, vals in values.items()}
     summary["photos"] = len(values["dssim"])
+    # said, not left out without a word: the figures were read as those of every protected photo
+    summary["photos_of_another_size"] = len(clean) - summary["photos"]
     summary["per_photo"] = values
     if face_dssim:
         summary["face_dssim"] = _stats(face_dssim)
