@@ -1862,3 +1862,19 @@ def test_a_donor_renamed_by_hand_does_not_stop_the_bank_taking_donors(
     report = add_donors([photos], models, bank=copy, detector=detector)
     assert report.added == [f"d{DONORS + 1:05d}"] and report.total_donors == DONORS + 1
     assert load_bank(copy).ids[0] == "alice"
+
+
+def test_a_licence_note_with_a_newline_lists_as_one_donor_line(bank, tmp_path):
+    """`donors list BANK` printed a licence note's newline as it was: a shared bank's note could
+    show a donor the bank does not hold, and push the real donor's source photo onto its line."""
+    copy = tmp_path / "shared-bank"
+    shutil.copytree(bank.folder, copy)
+    manifest = json.loads((copy / "bank.json").read_text())
+    manifest["donors"][0]["licence"] = "own photos ü\n  d09999  licence: CC0  /elsewhere/forged.jpg"
+    (copy / "bank.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["donors", "list", str(copy)])
+    assert result.exit_code == 0, result.output
+    donor_lines = [line for line in result.output.splitlines() if line.startswith("  d")]
+    assert len(donor_lines) == DONORS and not any(line.startswith("  d09999") for line in donor_lines)
+    assert donor_lines[0].startswith(f"  {bank.ids[0]}  licence: own photos ü\\n  d09999")
+    assert donor_lines[0].endswith(bank.donors[0]["source"])

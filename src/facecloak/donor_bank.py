@@ -11,6 +11,7 @@ import math
 import os
 import re
 import zipfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,7 +298,7 @@ def load_bank(
             f"`facecloak donors add PHOTOS_DIR --bank {called}`"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise DonorBankError(f"bank manifest is unreadable ({error})", manifest_path) from None
     if not isinstance(manifest, dict):  # `[]` or `null` was a traceback from every listing of banks
@@ -335,6 +336,18 @@ def load_bank(
             "letters, digits, '.', '_' or '-')",
             manifest_path,
         )
+    # a donor copied in from another bank under an id this one holds: both records read the one
+    # chip and embedding, so a face was made from another donor than its record (and list) said
+    twice = next(((i, n) for i, n in Counter(ids).items() if n > 1), None)
+    if twice is not None:
+        raise DonorBankError(
+            f"bank manifest is damaged (donor id {twice[0]!r} is given to {twice[1]} donors); "
+            "give each its own id and chip, or remove the copies from bank.json",
+            manifest_path,
+        )
+    wrong = _wrong_field(manifest, donors)
+    if wrong is not None:  # a hand edit of a field `donors list` or `donors add` reads: a traceback
+        raise DonorBankError(f"bank manifest is damaged ({wrong})", manifest_path)
     bank = DonorBank(
         name=label,  # the folder's: a copied or renamed bank is called by its new name
         folder=folder,
@@ -352,6 +365,27 @@ def load_bank(
         # (a second or so for a few hundred donors; `facecloak donors refresh` stores them)
         bank.stats = _statistics_from_chips(bank)
     return bank
+
+
+def _wrong_field(manifest: dict, donors: list[dict]) -> str | None:
+    """What is of the wrong type among the manifest's fields that commands read, or None."""
+    models = manifest.get("models", {})
+    if not isinstance(models, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str) for entry in models.values()
+    ):
+        return "'models' must map each model's name to its record with a 'fingerprint'"
+    sources = manifest.get("sources", [])
+    if not isinstance(sources, list) or not all(isinstance(source, dict) for source in sources):
+        return "'sources' must be a list of records"
+    for donor in donors:
+        if not isinstance(donor.get("source"), str):
+            return f"donor {donor['id']} has no 'source' text"
+        if not isinstance(donor.get("licence", ""), str):
+            return f"the 'licence' of donor {donor['id']} is not text"
+        scale = donor.get("detail_scale", 1)
+        if not isinstance(scale, int) or isinstance(scale, bool):
+            return f"the 'detail_scale' of donor {donor['id']} is not a whole number"
+    return None
 
 
 def _statistics_from_chips(bank: DonorBank, chunk: int = 64) -> Tensor:
@@ -391,6 +425,8 @@ def _read_embeddings(folder: Path, called: str, ids: list[str], models: dict) ->
             tables = {name: data[name] for name in models}
         if any(len(table) != len(stored_ids) for table in tables.values()):
             raise ValueError("a model's table and the ids differ in length")
+        # a table of text (or of records) was a ValueError traceback from the conversion below
+        tables = {name: np.asarray(table, dtype=np.float32) for name, table in tables.items()}
     # a truncated or overwritten file is not a zip (BadZipFile) or ends early (EOFError): the same
     # one-line error with its fix as a missing file, not a traceback from every command that loads it
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -405,9 +441,7 @@ def _read_embeddings(folder: Path, called: str, ids: list[str], models: dict) ->
             f"{len(missing)} donor(s) have no embedding; run `facecloak donors refresh {called}`", path
         )
     order = [row[donor_id] for donor_id in ids]
-    return {
-        name: torch.from_numpy(np.asarray(table[order], dtype=np.float32)) for name, table in tables.items()
-    }
+    return {name: torch.from_numpy(np.ascontiguousarray(table[order])) for name, table in tables.items()}
 
 
 def list_banks() -> list[dict]:

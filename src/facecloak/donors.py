@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as _datetime
 import io as io_bytes
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -393,10 +394,12 @@ def _next_id(bank: DonorBank | None) -> int:
     if bank is None:
         return 1
     try:
-        issued = int(json.loads((bank.folder / "bank.json").read_text()).get("next_id", 1))
+        issued = int(json.loads((bank.folder / "bank.json").read_text(encoding="utf-8")).get("next_id", 1))
     except (OSError, ValueError, TypeError, AttributeError):
         issued = 1
-    return max([issued, 1] + [int(donor["id"][1:]) + 1 for donor in bank.donors])
+    # an id renamed by hand (any plain name is a valid one) was an int() traceback from every add
+    numbered = [donor["id"][1:] for donor in bank.donors if re.fullmatch(r"d[0-9]+", donor["id"])]
+    return max([issued, 1] + [int(number) + 1 for number in numbered])
 
 
 def _commit(
@@ -502,7 +505,7 @@ def _remove_donors(bank: str | Path, ids: Sequence[str]) -> int:
         bank_data.folder / "embeddings.npz",
         {"ids": np.array([bank_data.ids[r] for r in keep], dtype=str), **tables},
     )
-    manifest = json.loads((bank_data.folder / "bank.json").read_text())
+    manifest = json.loads((bank_data.folder / "bank.json").read_text(encoding="utf-8"))
     manifest["donors"] = [bank_data.donors[row] for row in keep]
     _write_json(bank_data.folder / "bank.json", manifest)
     for donor_id in ids:
@@ -551,7 +554,7 @@ def _refresh_bank(bank: str | Path, models: Sequence[Embedder], detector: FaceDe
         for model in models
     }
     _write_npz(bank_data.folder / "embeddings.npz", {"ids": np.array(bank_data.ids, dtype=str), **tables})
-    manifest = json.loads((bank_data.folder / "bank.json").read_text())
+    manifest = json.loads((bank_data.folder / "bank.json").read_text(encoding="utf-8"))
     manifest["models"] = _manifest(bank_data.folder, bank_data, models)["models"]
     stats = torch.cat(measured)
     for donor, row in zip(manifest["donors"], stats):

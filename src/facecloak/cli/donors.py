@@ -10,7 +10,7 @@ import click
 
 from facecloak.cli.options import CONTEXT, usable_device
 from facecloak.cli.running import fail, load_models
-from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE, FacecloakError
+from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE, FacecloakError, shown_path
 
 
 @click.group(context_settings=CONTEXT)
@@ -113,9 +113,10 @@ def donors_list(bank, as_json) -> None:
     for donor, usable in zip(data.donors, data.usable.tolist()):
         detail = f"  detail chip {donor['detail_scale']}x" if donor.get("detail_scale", 1) > 1 else ""
         unused = "" if usable else "  CUT OFF (not used)"
-        click.echo(
-            f"  {donor['id']}  licence: {donor.get('licence') or '-'}{detail}{unused}  {donor['source']}"
-        )
+        # a licence note (or file name) holding a newline showed as a second donor line: one that
+        # forged a donor the bank does not hold, or hid the real donor's source photo
+        licence, source = shown_path(donor.get("licence") or "-"), shown_path(donor["source"])
+        click.echo(f"  {donor['id']}  licence: {licence}{detail}{unused}  {source}")
 
 
 def _edge_notes(summary: dict) -> list[str]:
