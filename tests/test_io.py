@@ -334,8 +334,8 @@ class TestWrite:
         assert float(read_image(target).pixels.min()) == 1.0
 
     def test_failed_write_leaves_nothing(self, tmp_path):
-        with pytest.raises(ImageWriteError):
-            write_image(tmp_path / "bad.png", torch.zeros(4, 4))  # not (3, H, W)
+        with pytest.raises(InvalidInputError):  # not (3, H, W): the caller's mistake, not the file's
+            write_image(tmp_path / "bad.png", torch.zeros(4, 4))
         with pytest.raises(ImageWriteError, match="cannot write"):
             write_image(tmp_path / "bad.xyz", torch.zeros(3, 4, 4))
         assert list(tmp_path.iterdir()) == []
