@@ -938,7 +938,7 @@ class Cloak:
             # `REGION_SHARE`), the rounds shrank group.jpg's faces to DSSIM 0.0025, none protected
             excess = quality.largest_share(dssims, self._box_shares) / cap
             if self.budget.max_ciede is not None:
-                colour = _box_ciede_in_photos(references, written, faces, boxes[:, :1], (1.0,))
+                colour = _box_ciede_in_photos(references, written, faces, boxes[:, 0])
                 excess = torch.maximum(excess, (colour / self.budget.max_ciede) ** 2)
             over = {int(faces.image_index[k]) for k in (excess > 1).nonzero()[:, 0].tolist()} & set(lossy)
             if not over or round_ == COMPOSE_ROUNDS:
@@ -1200,24 +1200,18 @@ def _box_dssims_in_photos(
 
 
 def _box_ciede_in_photos(
-    originals: list[Tensor], photos: list[Tensor], faces: Faces, boxes: Tensor, shares: Sequence[float]
+    originals: list[Tensor], photos: list[Tensor], faces: Faces, boxes: Tensor
 ) -> Tensor:
-    """(N,) mean CIEDE2000 of each face between ``originals`` and ``photos``, as its colour cap holds it.
+    """(N,) mean CIEDE2000 of each face between ``originals`` and ``photos`` over its box (N, 4).
 
-    Over each of its K ``boxes`` (N, K, 4), the largest mean divided by its box's share of the cap.
+    The measure `Cloak._quality` reports (`quality.ciede2000_stats`), so the colour cap is held
+    on what the record says.
     """
     values = torch.zeros(len(faces))
     for k in range(len(faces)):
         i = int(faces.image_index[k])
-        bounds = torch.tensor([pixel_bounds(box, *originals[i].shape[-2:]) for box in boxes[k].tolist()])
-        x0, y0 = (int(v) for v in bounds[:, :2].amin(0))
-        x1, y1 = (int(v) for v in bounds[:, 2:].amax(0))
-        if x1 <= x0 or y1 <= y0:
-            continue
-        a = originals[i][None, :, y0:y1, x0:x1].float()
-        colour = quality.ciede2000_map(a, photos[i][None, :, y0:y1, x0:x1].float())
-        inside = bounds - torch.tensor([x0, y0, x0, y0])
-        values[k] = float(quality.box_means(colour, inside[None], shares)[0])
+        x0, y0, x1, y1 = pixel_bounds(boxes[k].tolist(), *originals[i].shape[-2:])
+        values[k] = quality.ciede2000_stats(originals[i][:, y0:y1, x0:x1], photos[i][:, y0:y1, x0:x1])[0]
     return values
 
 
