@@ -137,17 +137,16 @@ def _earlier_outputs(
         if job.named:
             continue
         source = targets.get(job.path.resolve(), job.path)
-        if source != job.path:
-            if not overwrite or io.looks_like(job.path, source):
-                earlier[job.path] = f"the {tag} output of {source}"
-            continue
-        for other in OUTPUT_TAGS:
-            stem = job.path.stem.removesuffix(f"_{other}")
-            source = beside.get((job.path.parent.resolve(), stem))
-            if stem != job.path.stem and source is not None:
-                if not overwrite or io.looks_like(job.path, source):
-                    earlier[job.path] = f"the {other} output of {source}"
-                break
+        output_tag = tag if source != job.path else None
+        if output_tag is None:  # not this command's: any command's output of a photo beside it
+            for other in OUTPUT_TAGS:
+                stem = job.path.stem.removesuffix(f"_{other}")
+                source = beside.get((job.path.parent.resolve(), stem), job.path)
+                if stem != job.path.stem and source != job.path:
+                    output_tag = other
+                    break
+        if output_tag is not None and (not overwrite or io.looks_like(job.path, source)):
+            earlier[job.path] = f"the {output_tag} output of {source}"
     return earlier
 
 
