@@ -263,7 +263,7 @@ class MicroBatcher:
         self._lock = threading.Lock()
         self._pending = 0  # queued + being processed
         self._pending_pixels = 0
-        self._held: dict[Job, int] = {}  # each counted job's pixels, until released (once)
+        self._held: set[Job] = set()  # the jobs counted in the two, until released (once)
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self._on_batch = on_batch
         self._engine_factory = engine_factory or (lambda device: Engine(settings, device))
@@ -334,7 +334,7 @@ class MicroBatcher:
                 raise QueueFull(self.retry_after_s())
             self._pending += 1
             self._pending_pixels += job.pixels
-            self._held[job] = job.pixels
+            self._held.add(job)
         # a job cancelled while waiting (its request timed out) frees its room now, not when a
         # worker reaches it: until then new uploads got 503 for work nobody waited for
         job.future.add_done_callback(lambda future: self._cancelled(job) if future.cancelled() else None)
@@ -353,11 +353,11 @@ class MicroBatcher:
 
     def _release(self, job: Job) -> None:
         with self._lock:
-            pixels = self._held.pop(job, None)
-            if pixels is None:  # released already (cancelled while it waited)
+            if job not in self._held:  # released already (cancelled while it waited)
                 return
+            self._held.remove(job)
             self._pending -= 1
-            self._pending_pixels -= pixels
+            self._pending_pixels -= job.pixels
 
     def _cancelled(self, job: Job) -> None:
         """A waiting job was cancelled: free its room, and its photo (the queue still holds the job)."""
