@@ -47,6 +47,7 @@ from facecloak.pipeline import (
     _output_options,
     journal_done,
     journal_start,
+    resumed_outcome,
 )
 
 
@@ -303,7 +304,7 @@ def run_distributed(
         for i, (uri, relative) in enumerate(found):
             record = journal.last_record(relative) if relative in done and "://" not in uri else None
             if record is not None and file_sha256(uri) == done[relative]:  # local: no need to ship it
-                finished(_resumed(uri, record, out_dir))
+                finished(resumed_outcome(uri, record, out_dir))
             else:
                 items.append({"index": i, "uri": uri, "relative": relative, "output": targets[i]})
         if items:
@@ -349,14 +350,6 @@ def _still_done(journal: Journal, found: list[tuple[str, str]]) -> dict[str, str
     return done
 
 
-def _resumed(uri: str, record: dict, out_dir: Path) -> ResumedOutcome:
-    status = record.get("status", "protected")
-    written = record.get("written") if isinstance(record.get("written"), dict) else {}
-    return ResumedOutcome(
-        uri, status, output=str(out_dir / record["output"]), faces=record.get("faces", []), written=written
-    )
-
-
 def _pool(ray, actors: int | None, gpus_per_actor: float | None) -> dict:
     """Actor pool options: one actor per GPU, else one per 2 CPUs (each with its model copy)."""
     resources = ray.cluster_resources()
@@ -388,7 +381,7 @@ def _finish_row(
     was decoded, that another photo of this run took is refused, as the local plan refuses it.
     """
     if bool(row["skipped"]):
-        return _resumed(uri, journal.last_record(relative), out_dir)
+        return resumed_outcome(uri, journal.last_record(relative), out_dir)
     if str(row["error"]):
         return FileOutcome(uri, "failed", error=str(row["error"]))
     faces = json.loads(str(row["faces"]))

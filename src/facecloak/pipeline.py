@@ -320,7 +320,7 @@ def run_resumable_batch(
                 sha256 = file_sha256(job.path)
                 record = None if options.overwrite else journal.done_record(job.relative.as_posix(), sha256)
                 if record is not None:
-                    return _resumed(job, record, out_dir)
+                    return resumed_outcome(str(job.path), record, out_dir)
                 # transparency flattened here for a format without it: detection and the
                 # protection see the photo as its output will show it
                 image = io.for_output(io.read_image(job.path, max_pixels=options.max_pixels), target)
@@ -606,9 +606,10 @@ def _drain(target: queue.Queue) -> None:
             return
 
 
-def _resumed(job: io.ImageJob, record: dict, out_dir: Path) -> ResumedOutcome:
+def resumed_outcome(photo: str, record: dict, out_dir: Path) -> ResumedOutcome:
+    """``photo`` as its journal's last ``done`` ``record`` says an earlier run left it (both batches)."""
     return ResumedOutcome(
-        str(job.path),
+        photo,
         record.get("status", "protected"),
         output=str(out_dir / record["output"]),
         faces=record.get("faces", []),
