@@ -226,5 +226,7 @@ def test_docstring_examples_of_the_python_api_run():
     assert len(names) > 60
     for name in names:  # every module's: twelve more failed the same way (detect, pipeline, replace...)
         module, flags = importlib.import_module(name), doctest.ELLIPSIS
-        result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=flags, report=False)
-        assert result.failed == 0, name
+        for seed in range(3):  # an example whose output hangs on unseeded noise failed 1 CI run in many
+            torch.manual_seed(seed)
+            result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=flags, report=False)
+            assert result.failed == 0, (name, seed)
