@@ -21,22 +21,47 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+MOUNTED = """
+import sys
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+run = uvicorn.run
+
+
+def mounted(app, **options):
+    # the service mounted in another ASGI app at a path prefix, its lifespan run by the parent
+    parent = Starlette(routes=[Mount(PREFIX, app=app)], lifespan=lambda _: app.router.lifespan_context(app))
+    run(parent, **options)
+
+
+uvicorn.run = mounted
+from facecloak.cli import main
+
+main()
+"""
+
+
 @contextlib.contextmanager
-def running_service(workdir: Path, *args: str, startup_s: float = 180.0):
+def running_service(workdir: Path, *args: str, startup_s: float = 180.0, prefix: str = ""):
     """Yield (base URL, the server's TMPDIR, process); the server is stopped afterwards.
 
     The server gets a TMPDIR of its own, so a test can check that no temporary file is left.
+    ``prefix`` (``/fc``): the service mounted there in another app, as behind a proxy's path
+    prefix; the base URL ends with it.
     """
     temporary = workdir / "server-tmp"
     temporary.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = dict(os.environ, TMPDIR=str(temporary), PYTHONPATH=str(REPO / "src"))
     env["TORCHINDUCTOR_CACHE_DIR"] = str(workdir / "torch-cache")  # torch caches there, not in TMPDIR
-    command = [sys.executable, "-c", "from facecloak.cli import main; main()", "serve", "--host", "127.0.0.1"]
+    script = MOUNTED.replace("PREFIX", repr(prefix)) if prefix else "from facecloak.cli import main; main()"
+    command = [sys.executable, "-c", script, "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--device", "cpu", *args]
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}{prefix}"
     try:
         deadline = time.monotonic() + startup_s
         while True:

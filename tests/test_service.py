@@ -437,7 +437,7 @@ def test_metrics_and_docs(service):
     assert docs.status_code == 200 and "cdn" not in docs.text.lower()
     assert httpx.get(f"{url}/docs-assets/swagger-ui-bundle.js", timeout=10).status_code == 200  # offline docs
     page = httpx.get(f"{url}/", timeout=10).text
-    assert "/static/app.js" in page and "http" not in page.replace("http-equiv", "")
+    assert "static/app.js" in page and "http" not in page.replace("http-equiv", "")
 
 
 def test_api_keys(tmp_path, samples_dir):
@@ -964,6 +964,71 @@ def test_a_service_behind_a_path_prefix_still_needs_the_key(tmp_path, samples_di
         assert 'facecloak_requests_total{endpoint="/v1/detect",status="401"} 1.0' in text
 
 
+def page_urls(page: str) -> list[str]:
+    """The URLs a page names in ``href`` and ``src`` attributes."""
+    from html.parser import HTMLParser
+
+    found: list[str] = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs) -> None:
+            for name, value in attrs:
+                if name in ("href", "src") and value is not None:
+                    found.append(value)
+
+    Links().feed(page)
+    return found
+
+
+def test_the_page_and_the_docs_call_the_service_under_its_path_prefix(samples_dir):
+    """Behind a proxy prefix or mounted in another app, the API answered at ``/fc/v1/...`` but the
+    page loaded ``/static/app.js`` and sent its photos to ``/v1/cloak``, and the docs read
+    ``/openapi.json``: paths outside the prefix, which the proxy does not pass to this service."""
+    import re
+    from urllib.parse import urljoin
+
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    with TestClient(create_app(ServiceSettings(device="cpu", preload=False)), root_path="/fc") as client:
+        answer = client.get("/fc/")
+        assert answer.status_code == 200
+        bare = client.get("/fc", follow_redirects=False)  # the relative URLs need the page's slash
+        assert bare.status_code in (307, 308) and bare.headers["location"].endswith("/fc/")
+        base = str(answer.url)
+        assets = [urljoin(base, url) for url in page_urls(answer.text)]
+        assert any(url.endswith("/app.js") for url in assets), assets
+        for url in assets:
+            assert urlparse(url).path.startswith("/fc/"), url
+            assert client.get(url).status_code == 200, url
+        script = client.get(next(url for url in assets if url.endswith("/app.js"))).text
+        called = set(re.findall(r"""["'`](/?v1/[a-z]+)["'`]""", script))
+        assert {"v1/info", "v1/cloak", "v1/anonymize"} <= {url.lstrip("/") for url in called}
+        for url in called:
+            assert urlparse(urljoin(base, url)).path == "/fc/" + url.lstrip("/"), url
+        blurred = client.post(
+            urljoin(base, "v1/anonymize"),
+            files={"image": ("g.jpg", photo)},
+            data={"rotations": "none", "response": "json"},
+        )
+        assert blurred.status_code == 200 and blurred.json()["status"] == "protected"
+
+        docs = client.get("/fc/docs").text
+        named = page_urls(docs) + re.findall(r"url: '([^']+)'", docs)
+        assert any(url.endswith("openapi.json") for url in named), named
+        for url in named:
+            assert urlparse(urljoin("http://testserver/fc/docs", url)).path.startswith("/fc/"), url
+            assert client.get(urljoin("http://testserver/fc/docs", url)).status_code == 200, url
+    with TestClient(create_app(ServiceSettings(device="cpu", preload=False))) as client:
+        # behind a proxy that strips its prefix the service knows of none: only relative URLs work
+        for page in (client.get("/").text, client.get("/docs").text):
+            named = page_urls(page) + re.findall(r"url: '([^']+)'", page)
+            assert named and not [url for url in named if url.startswith("/") or "//" in url], named
+            assert all(client.get(url).status_code == 200 for url in named), named
+
+
 @pytest.mark.parametrize(
     ("endpoint", "query"),
     [
@@ -1080,6 +1145,50 @@ def test_one_photo_that_breaks_the_model_fails_only_its_own_request():
         assert calls == [3, 1, 1, 1] and batcher.depth == 0 and batcher.alive == 1
     finally:
         batcher.stop()
+
+
+def test_a_model_failure_is_a_json_refusal_with_the_privacy_headers(samples_dir):
+    """A photo the model failed on (out of memory on a large photo, say) came back as a plain-text
+    "Internal Server Error" with none of the privacy headers (``no-store`` included), past the
+    service's JSON error body; the page could only say "unexpected answer (HTTP 500)"."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    class FailingEngine:
+        def run(self, jobs):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    app = create_app(ServiceSettings(device="cpu", preload=False))
+    app.state.batcher._engine_factory = lambda device: FailingEngine()
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/v1/anonymize", files={"image": ("g.jpg", photo)}, data={"rotations": "none"})
+        assert answer.status_code == 500 and answer.headers["content-type"] == "application/json"
+        body = answer.json()
+        assert body["error"] == "internal_error" and body["status"] == 500, body
+        assert "\n" not in body["reason"] and "Traceback" not in body["reason"]
+        assert answer.headers["cache-control"] == "no-store"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert client.get("/healthz").status_code == 200  # the service goes on
+
+
+def test_a_service_with_no_model_worker_says_so_at_once(samples_dir):
+    """Mounted in another app whose lifespan does not run the service's (Starlette's ``Mount``
+    does not), no model worker was started: every photo waited in the queue for the full request
+    timeout (5 minutes) and got "not finished within this service's limit"."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    app = create_app(ServiceSettings(device="cpu", preload=False, request_timeout_s=30))
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    client = TestClient(app)  # not entered: no lifespan, as under a Mount
+    started = time.monotonic()
+    answer = client.post("/v1/anonymize", files={"image": ("g.jpg", photo)}, data={"rotations": "none"})
+    assert time.monotonic() - started < 10
+    assert answer.status_code == 503 and answer.json()["error"] == "no_model_worker", answer.text
+    assert "lifespan" in answer.json()["reason"]
 
 
 def test_another_clients_photo_of_the_same_person_does_not_change_a_cloak(dlib_resnet, lfw_dir):

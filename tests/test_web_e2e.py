@@ -144,6 +144,24 @@ def test_page_protects_a_photo(browser, tmp_path, samples_dir):
     assert SCREENSHOT.stat().st_size > 10_000
 
 
+def test_the_page_works_behind_a_path_prefix(browser, tmp_path, samples_dir):
+    """Mounted at ``/fc`` in another app (or behind a proxy's prefix), the page loaded with no
+    script and no style: it asked for ``/static/app.js`` and would send photos to ``/v1/...``,
+    outside the prefix."""
+    with running_service(tmp_path, prefix="/fc") as (url, _, _):
+        assert url.endswith("/fc")
+        browser.get(url)  # no trailing slash: redirected to /fc/
+        WebDriverWait(browser, 30).until(lambda d: d.execute_script("return typeof makeZip") == "function")
+        style = "return getComputedStyle(document.querySelector('#protect-form')).borderTopStyle"
+        assert browser.execute_script(style) == "solid"  # style.css loaded
+        browser.find_element(By.ID, "file-input").send_keys(str(samples_dir / "grace_hopper.jpg"))
+        browser.find_element(By.CSS_SELECTOR, "input[name=method][value=blur]").click()
+        browser.find_element(By.ID, "protect-button").click()
+        WebDriverWait(browser, 120).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+        card = browser.find_element(By.CSS_SELECTOR, "#results .card")
+        assert "Protected (1 face)" in card.find_element(By.CSS_SELECTOR, ".badge").text
+
+
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory):
     with running_service(tmp_path_factory.mktemp("page")) as (url, _, _):

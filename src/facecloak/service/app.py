@@ -250,6 +250,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def protect(
         request: Request, kind: str, upload: UploadFile, params: dict, common: CommonForm
     ) -> Response:
+        if not batcher.alive:  # mounted where its lifespan never ran: the photo would wait the timeout out
+            raise UploadRejected(
+                503,
+                "no_model_worker",
+                "no model worker is running: the service's lifespan did not start it (mounted in "
+                "another app, forward its lifespan) or its workers stopped; see GET /healthz",
+            )
         batcher.check_room()
         data = await upload.read()
         name = _safe_name(upload.filename)
@@ -492,6 +499,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: uptime checks
     async def page() -> HTMLResponse:
+        """The web page, its files and API calls named by relative URLs.
+
+        Behind a proxy's path prefix (known to the app as ``--root-path``, or stripped by the proxy
+        unknown to it) or mounted in another app, absolute ``/v1/...`` URLs went outside the prefix.
+        """
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -510,7 +522,8 @@ _RESPONSES = {
     413: {"description": "Upload or pixel count over the limit."},
     415: {"description": "Not an image of a readable format (content sniffed)."},
     422: {"description": "Corrupt image, or a bad, unknown or repeated field."},
-    503: {"description": "Queue full: retry after the Retry-After header's seconds."},
+    500: {"description": "The model failed on this photo (logged by the service)."},
+    503: {"description": "Queue full: retry after the Retry-After header's seconds; or no model worker."},
     504: {"description": "The per-request time limit passed."},
 }
 
@@ -526,11 +539,24 @@ def _decode(data: bytes, name: str, max_pixels: int) -> io.LoadedImage:
 
 
 async def _wait(future, timeout_s: float) -> JobResult:
+    """The job's result; a model failure (the worker logged it) becomes a one-line JSON 500.
+
+    Raised on as it was, it reached Starlette's last-resort handler, outside every middleware: a
+    plain-text "Internal Server Error" without the privacy headers (``no-store`` among them).
+    """
     try:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout=timeout_s)
     except asyncio.TimeoutError:
         raise UploadRejected(
             504, "timeout", f"not finished within this service's limit of {timeout_s:g} s"
+        ) from None
+    except FacecloakError:  # a client's setting: its own handler answers 422
+        raise
+    except Exception as error:
+        raise UploadRejected(
+            500,
+            "internal_error",
+            f"the service failed on this photo ({type(error).__name__}); the error is in its log",
         ) from None
 
 
@@ -733,15 +759,16 @@ def _add_docs(app: FastAPI) -> None:
 
         @app.get("/docs", include_in_schema=False)
         async def docs() -> HTMLResponse:
+            # relative to /docs, as the page's: behind a path prefix /openapi.json lies outside it
             return get_swagger_ui_html(
-                openapi_url="/openapi.json",
+                openapi_url="openapi.json",
                 title="facecloak API",
-                swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                swagger_css_url="/docs-assets/swagger-ui.css",
-                swagger_favicon_url="/docs-assets/favicon-32x32.png",
+                swagger_js_url="docs-assets/swagger-ui-bundle.js",
+                swagger_css_url="docs-assets/swagger-ui.css",
+                swagger_favicon_url="docs-assets/favicon-32x32.png",
             )
     else:  # pragma: no cover
 
         @app.get("/docs", include_in_schema=False)
         async def docs() -> HTMLResponse:
-            return HTMLResponse('<p>The API is described in <a href="/openapi.json">/openapi.json</a>.</p>')
+            return HTMLResponse('<p>The API is described in <a href="openapi.json">openapi.json</a>.</p>')

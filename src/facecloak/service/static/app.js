@@ -17,7 +17,9 @@ let finished = []; // {filename, blob}
 let running = false; // a run in progress: a second one would mix its photos into this one's
 let info = { api_key_required: false, max_upload_bytes: Infinity };
 
-fetch("/v1/info").then((r) => r.json()).then((data) => {
+// URLs relative to the page (at the service's root, ending in /): behind a proxy's path prefix, or
+// mounted in another app, absolute /v1/... URLs went outside the prefix
+fetch("v1/info").then((r) => r.json()).then((data) => {
   info = data;
   $("#key-row").hidden = !data.api_key_required;
   $("#replace-choice").hidden = !(data.methods || []).includes("replace");
@@ -144,9 +146,9 @@ async function protect(file, card, settings, ready) {
   body.append("image", file, file.name);
   body.append("response", "json");
   if (settings.format) body.append("format", settings.format);
-  let url = "/v1/anonymize";
+  let url = "v1/anonymize";
   if (settings.method === "cloak") {
-    url = "/v1/cloak";
+    url = "v1/cloak";
     body.append("level", settings.level);
     if (settings.escalate) body.append("escalate", "true");
   } else {
