@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from facecloak.errors import InvalidInputError
 from facecloak.evaluate import (
     EvaluationResult,
     EvaluationRow,
@@ -59,6 +60,22 @@ def test_verification_accuracy_picks_thresholds_on_other_folds():
     assert result["fold_accuracies"][:3] == [1.0, 1.0, 1.0]
     assert result["fold_accuracies"][3] == 0.75  # the NaN pair counts as wrong
     assert result["pairs_with_missing_face"] == 1
+
+
+def test_verification_accuracy_of_one_fold_is_a_one_line_error():
+    """Pairs of a single fold leave no other fold to choose its threshold on: it was a RuntimeError
+    traceback from ``max()`` of an empty tensor."""
+    distances = torch.tensor([0.1, 0.9, 0.2, 0.8])
+    same = torch.tensor([True, False, True, False])
+    for folds in (torch.zeros(4, dtype=torch.long), torch.zeros(0, dtype=torch.long)):
+        with pytest.raises(InvalidInputError, match="at least 2 folds") as error:
+            verification_accuracy(distances[: len(folds)], same[: len(folds)], folds)
+        assert "\n" not in str(error.value)
+    # a fold whose other folds have no face found has no threshold: not measured, not a traceback
+    missing = torch.tensor([math.nan, math.nan, 0.2, 0.8])
+    result = verification_accuracy(missing, same, torch.tensor([0, 0, 1, 1]))
+    assert math.isnan(result["fold_accuracies"][1]) and math.isnan(result["accuracy"])
+    assert result["fold_accuracies"][0] == 0.0 and result["pairs_with_missing_face"] == 2
 
 
 def test_verification_pairs_split_genuine_and_impostor():

@@ -183,6 +183,24 @@ def hse_dir():
     return path
 
 
+def test_an_input_size_or_layout_unlike_the_onnx_files_declared_input_is_refused_when_added(
+    hse_dir, config_home
+):
+    """The HSE MobileNet declares (N, 224, 224, 3). Added as 112 px NHWC it ran (its pooling takes
+    any size) and was saved as a card that embedded garbage; as NCHW it was refused with torch's
+    channel message. Each is now a one-line error naming the file and what it declares."""
+    pytest.importorskip("onnx2torch")
+    onnx_file = hse_dir / HSE_ONNX
+    for options in ({"input_size": 112, "layout": "nhwc"}, {"input_size": 224, "layout": "nchw"}):
+        with pytest.raises(ModelNotFoundError) as info:
+            add_user_model("test-hse-wrong", onnx_file, crop="box", **options)
+        message = str(info.value)
+        assert str(onnx_file) in message and "\n" not in message, options
+        assert "(N, 224, 224, 3)" in message and "--input-size 224 --layout nhwc" in message, message
+    assert "test-hse-wrong" not in list_embedders()
+    assert not (config_home / "facecloak" / "models" / "test-hse-wrong.json").exists()
+
+
 def test_box_crop_alignment_maps_the_widened_box_onto_the_chip():
     from facecloak.align import box_chip_from_image, transform_points
 

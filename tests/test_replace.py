@@ -32,7 +32,7 @@ from facecloak.embed import embed_faces
 from facecloak.errors import DonorBankError, InvalidInputError
 from facecloak.evaluate import centre_face
 from facecloak.faces import Faces
-from facecloak.models import create_embedder
+from facecloak.models import create_embedder, get_card
 from facecloak.models.registry import embedding_distance
 from facecloak.replace import (
     DONOR_MARGIN,
@@ -438,6 +438,19 @@ def test_model_set_mismatch_says_how_to_fix(bank, tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_a_bank_whose_model_changed_under_the_same_name_says_which(data_home, tmp_path):
+    """A model added again or calibrated keeps its name: the refusal read "built with models
+    dlib-resnet but this run uses dlib-resnet", naming no difference."""
+    folder = tmp_path / "changed-model"
+    folder.mkdir()
+    record = {"fingerprint": "0" * 12, "metric": "euclidean", "threshold": 0.6}
+    manifest = {"format": 1, "donors": [], "models": {"dlib-resnet": record}}
+    (folder / "bank.json").write_text(json.dumps(manifest))
+    with pytest.raises(DonorBankError, match=r"dlib-resnet \(dlib-resnet changed since") as error:
+        load_bank(folder, allow_empty=True).check_models([get_card("dlib-resnet")])
+    assert "donors refresh" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_a_bank_with_more_models_serves_a_check_with_fewer(bank, models):
     """A bank embeds its donors with every model it was built with; a replacement checked by some
     of them (the evaluator's --models) needs only theirs, and a model it lacks is refused."""
@@ -747,6 +760,29 @@ def test_bank_folder_accepts_names_and_paths(data_home, tmp_path):
         bank_folder("bad name!")
 
 
+def test_a_bank_named_with_a_space_opens_by_the_name_donors_list_shows(data_home, tmp_path, monkeypatch):
+    """A bank folder ``my bank`` (made by its path, or copied into the data folder) was listed by
+    ``donors list`` under a name every command refused ("must be letters, digits..."): only its
+    path opened it. Its name now works, and the commands facecloak prints quote it."""
+    monkeypatch.chdir(tmp_path)  # no folder of that name beside: the name alone must find it
+    folder = data_home / "facecloak" / "donors" / "my bank"
+    folder.mkdir(parents=True)
+    (folder / "bank.json").write_text(json.dumps({"format": 1, "donors": [], "models": {}}))
+    assert bank_folder("my bank") == folder
+    with pytest.raises(DonorBankError, match="--bank 'my bank'"):  # pasted into a shell: one bank
+        load_bank("my bank")
+    runner = CliRunner()
+    listed = runner.invoke(main, ["donors", "list"])
+    assert listed.exit_code == 0 and "my bank" in listed.output, listed.output
+    shown = runner.invoke(main, ["donors", "list", "my bank"])
+    assert shown.exit_code == 0 and shown.output.startswith("my bank: 0 donor(s)"), shown.output
+    for bad in ("bad name!", " my bank", "my bank "):  # still one safe folder name, no edge spaces
+        with pytest.raises(DonorBankError):
+            bank_folder(bad)
+    removed = runner.invoke(main, ["donors", "remove", "my bank"])
+    assert removed.exit_code == 0 and not folder.exists(), removed.output
+
+
 def test_a_bank_name_means_the_listed_bank_not_a_copy_of_that_name_beside_it(
     data_home, tmp_path, monkeypatch
 ):
@@ -762,6 +798,17 @@ def test_a_bank_name_means_the_listed_bank_not_a_copy_of_that_name_beside_it(
     remove_donors("twin")
     assert not listed.exists() and (beside / "bank.json").is_file()
     assert bank_folder("twin") == Path("twin")  # with no bank of that name listed, the folder here
+
+
+def test_removing_a_bank_that_is_not_there_leaves_no_folder_or_lock_behind(data_home, tmp_path):
+    """`donors remove new/deep/bank` (a typo) made ``new/deep/`` and a ``.bank.lock`` in it, then
+    said there was no such bank; a mistyped name left a lock file in the data folder."""
+    with pytest.raises(DonorBankError, match="no donor bank"):
+        remove_donors(tmp_path / "new" / "deep" / "bank")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(DonorBankError, match="no donor bank"):
+        remove_donors("no-such-bank-typo")
+    assert not (data_home / "facecloak" / "donors" / ".no-such-bank-typo.lock").exists()
 
 
 def test_removing_a_bank_linked_into_the_data_folder_removes_the_link_not_its_folder(data_home, tmp_path):

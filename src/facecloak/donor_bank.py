@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -53,6 +54,10 @@ by the frame, its chip half black or showing the person beside it), every other 
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
+BANK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9 ._-]{0,62}[A-Za-z0-9._-])?$")
+"""A bank's name: `NAME_PATTERN` with spaces inside. A folder ``my bank`` (made by its path or
+copied into `data_dir`) was listed by ``donors list`` under a name no command would open."""
+
 
 def data_dir() -> Path:
     """Where banks live: ``$XDG_DATA_HOME/facecloak/donors`` (default ``~/.local/share/...``)."""
@@ -70,12 +75,12 @@ def bank_folder(name: str | Path) -> Path:
     if os.sep in str(name):
         return given
     named = data_dir() / str(name)
-    if NAME_PATTERN.match(str(name)) and (named / "bank.json").is_file():
+    if BANK_NAME_PATTERN.match(str(name)) and (named / "bank.json").is_file():
         return named
     if (given / "bank.json").is_file():
         return given
-    if not NAME_PATTERN.match(str(name)):
-        raise DonorBankError(f"bank name {name!r} must be letters, digits, '.', '_' or '-'")
+    if not BANK_NAME_PATTERN.match(str(name)):
+        raise DonorBankError(f"bank name {name!r} must be letters, digits, '.', '_', '-' or spaces inside")
     return named
 
 
@@ -214,9 +219,16 @@ class DonorBank:
                 if lacking
                 else f"run `facecloak donors refresh {self._called()}` to re-embed its donors"
             )
+            # a model added again or calibrated keeps its name: "built with mf but this run uses mf"
+            changed = sorted(name for name in wanted if held.get(name) not in (None, wanted[name]))
+            since = (
+                f" ({', '.join(changed)} changed since: its card's file, input settings or threshold)"
+                if changed
+                else ""
+            )
             raise DonorBankError(
                 f"bank {self.name!r} was built with models {_describe(have)} but this run uses "
-                f"{_describe(wanted)}; {fix}"
+                f"{_describe(wanted)}{since}; {fix}"
             )
         # a table of the wrong width or with NaNs (embeddings.npz edited or overwritten by hand)
         # was a traceback from inside the first distance, after every model had been loaded
@@ -260,13 +272,14 @@ def _called(name: str, folder: Path) -> str:
     """What to give a command for the bank in ``folder``: ``name`` where that finds it, else its path.
 
     A bank given by its path outside the data folder was told to run ``--bank NAME``, which
-    made or mended another bank, in the data folder.
+    made or mended another bank, in the data folder. Quoted for a shell where it must be (a
+    space): ``donors refresh my bank`` named two banks.
     """
     try:
         found = bank_folder(name).resolve() == folder.resolve()
     except DonorBankError:  # not a valid name
         found = False
-    return name if found else str(folder)
+    return shlex.quote(name if found else str(folder))
 
 
 def _describe(models: dict[str, str]) -> str:

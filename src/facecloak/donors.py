@@ -482,8 +482,20 @@ def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int:
         DonorBankError: no such bank, or an id not in it.
         ImageWriteError: a file of the bank could not be written (the message names it).
     """
-    with bank_lock(bank_folder(bank)):
+    with bank_lock(_existing_bank_folder(bank)):
         return _remove_donors(bank, ids)
+
+
+def _existing_bank_folder(bank: str | Path) -> Path:
+    """The folder of ``bank``, which must hold a bank: `load_bank`'s error before any lock is taken.
+
+    Removing or refreshing a mistyped bank made its folders (``--bank new/deep/bank`` made
+    ``new/deep/``) and a lock file for it, and only then said there was no such bank.
+    """
+    folder = bank_folder(bank)
+    if not (folder / "bank.json").is_file():
+        load_bank(bank, allow_empty=True, embeddings=False)  # raises: no such bank, named
+    return folder
 
 
 def _remove_donors(bank: str | Path, ids: Sequence[str]) -> int:
@@ -527,7 +539,7 @@ def refresh_bank(
     """
     if not models:
         raise DonorBankError("no face model is available to embed donors; see `facecloak models`")
-    with bank_lock(bank_folder(bank)):
+    with bank_lock(_existing_bank_folder(bank)):
         return _refresh_bank(bank, models, detector)
 
 

@@ -120,17 +120,24 @@ def donors_list(bank, as_json) -> None:
 
 
 def _edge_notes(summary: dict) -> list[str]:
-    """What `donors list` says of a bank's donors cut off by their photo's edge (`DonorBank.summary`)."""
+    """What `donors list` says of a bank's donors cut off by their photo's edge (`DonorBank.summary`).
+
+    The bank is called as a command finds it (`donor_bank._called`): ``my bank`` quoted, a bank
+    outside the data folder by its path.
+    """
+    from facecloak.donor_bank import _called
+
+    called = _called(summary["name"], Path(summary["folder"]))
     notes = []
     if summary["cut_off"]:
         notes.append(
             f"{summary['cut_off']} donor(s) cut off by their photo's edge, never used "
-            f"(`facecloak donors remove {summary['name']} --donor ID` removes one)"
+            f"(`facecloak donors remove {called} --donor ID` removes one)"
         )
     if summary["unmeasured"]:
         notes.append(
             f"{summary['unmeasured']} donor(s) added before photo sizes were stored: "
-            f"`facecloak donors refresh {summary['name']}` checks them for faces cut off by the photo's edge"
+            f"`facecloak donors refresh {called}` checks them for faces cut off by the photo's edge"
         )
     return notes
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from facecloak.errors import InvalidInputError
 from facecloak.models.registry import distance_matrix
 
 
@@ -82,12 +83,28 @@ def verification_accuracy(distances: Tensor, same: Tensor, folds: Tensor) -> dic
         distances: (P,) pair distances (NaN for pairs with a face missing: scored as wrong).
         same: (P,) bool ground truth.
         folds: (P,) fold index of each pair.
+
+    Raises:
+        InvalidInputError: pairs of fewer than two folds (no other fold to choose a threshold on:
+            it was a RuntimeError traceback from ``max()``).
+
+    A fold whose other folds hold no pair with both faces found has no threshold: its accuracy
+    and threshold are NaN (not measured), and so is the mean.
     """
+    if len(folds.unique()) < 2:
+        raise InvalidInputError(
+            f"k-fold verification needs pairs of at least 2 folds (each fold's threshold is chosen on "
+            f"the others); got {len(distances)} pair(s) of {len(folds.unique())} fold(s)"
+        )
     accuracies, thresholds = [], []
     valid = ~torch.isnan(distances)
     for fold in folds.unique().tolist():
         train = (folds != fold) & valid
         test = folds == fold
+        if not train.any():
+            accuracies.append(math.nan)
+            thresholds.append(math.nan)
+            continue
         best_threshold = _best_threshold(distances[train].double(), same[train])
         predicted = torch.nan_to_num(distances[test], nan=math.inf) <= best_threshold
         correct = (predicted == same[test]) & valid[test]

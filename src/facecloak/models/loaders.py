@@ -19,7 +19,7 @@ from facecloak.models.fold import fold_fx_batch_norm
 from facecloak.models.mxnet import load_mxnet_model
 from facecloak.models.mxnet.graph import _default_params_path
 
-__all__ = ["MODEL_FILE_PATTERNS", "load_network", "missing_model_file"]
+__all__ = ["MODEL_FILE_PATTERNS", "declared_input_shape", "load_network", "missing_model_file"]
 
 MODEL_FILE_PATTERNS = ("*.onnx", "*-symbol.json")
 """Files `load_network` reads: ONNX models and MXNet graphs (with their params beside them)."""
@@ -147,6 +147,35 @@ def load_network(file: Path) -> nn.Module:
             "an MXNet graph must be named NAME-symbol.json, with its NAME-0000.params beside it", file
         )
     raise ModelNotFoundError("unsupported model file: expected .onnx or an MXNet NAME-symbol.json", file)
+
+
+def declared_input_shape(file: Path) -> tuple[str, tuple[int | None, ...]] | None:
+    """The name and shape of the input an ONNX file declares (a dynamic dim is None), else None.
+
+    Read so that ``models add`` can check its input size and layout against the file: a
+    channels-last 224 px file added as 112 px ran (its pooling takes any size) and was saved as a
+    card that embedded garbage. None for an MXNet graph, which declares no shape, or a file with
+    no single declared image input.
+    """
+    if not Path(file).name.lower().endswith(".onnx"):
+        return None
+    try:
+        import onnx
+
+        graph = onnx.load(str(file), load_external_data=False).graph
+    except Exception:  # unreadable: `load_network` says why
+        return None
+    weights = {initializer.name for initializer in graph.initializer}
+    inputs = [entry for entry in graph.input if entry.name not in weights]
+    if len(inputs) != 1 or not inputs[0].type.HasField("tensor_type"):
+        return None
+    tensor = inputs[0].type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    dims = tuple(
+        dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None for dim in tensor.shape.dim
+    )
+    return inputs[0].name, dims
 
 
 def missing_model_file(file: Path) -> Path | None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from facecloak._checks import is_finite_number
 from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError
-from facecloak.models.loaders import load_network
+from facecloak.models.loaders import declared_input_shape, load_network
 from facecloak.models.registry import Embedder, FaceModelCard
 from facecloak.models.templates import template_for
 
@@ -305,6 +305,31 @@ def _probe(card: FaceModelCard, network: nn.Module) -> tuple[FaceModelCard, Tens
     return FaceModelCard(**{**card.__dict__, "extra": {**card.extra, "batch": 1}}), single
 
 
+def _check_declared_input(card: FaceModelCard, file: Path) -> None:
+    """Refuse an input size or layout unlike the 4-D input the file declares (dynamic dims match anything).
+
+    Running the file is no check of it: the HSE MobileNet (224 px, channels last) ran on 112 px
+    NHWC chips, its pooling taking any size, and was saved as a card that embedded garbage.
+    """
+    declared = declared_input_shape(file)
+    if declared is None or len(declared[1]) != 4:
+        return
+    name, dims = declared
+    size, layout = card.input_size, card.extra["layout"]
+    wanted = (None, 3, size, size) if layout == "nchw" else (None, size, size, 3)
+    if all(have is None or want is None or have == want for have, want in zip(dims, wanted)):
+        return
+    shape = ", ".join("N" if dim is None else str(dim) for dim in dims)
+    hint = ""
+    if dims[1] == 3 and dims[2] is not None and dims[2] == dims[3]:
+        hint = f": add it with --input-size {dims[2]} --layout nchw"
+    elif dims[3] == 3 and dims[1] is not None and dims[1] == dims[2]:
+        hint = f": add it with --input-size {dims[1]} --layout nhwc"
+    raise ModelNotFoundError(
+        f"the file declares its input {name!r} as ({shape}), not {size}x{size} {layout} chips{hint}", file
+    )
+
+
 def load_model_file(file: Path, **card_options) -> PluginEmbedder:
     """Import ``file`` and wrap it with a card built from ``card_options`` (see `make_card`).
 
@@ -318,6 +343,7 @@ def load_model_file(file: Path, **card_options) -> PluginEmbedder:
     name = card_options.pop("name", Path(file).stem.lower().replace("-symbol", ""))
     card = make_card(name, Path(file), **card_options)
     network = load_network(Path(file))
+    _check_declared_input(card, Path(file))
     size = card.input_size
     try:
         card, output = _probe(card, network)
