@@ -575,6 +575,43 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_work(runner, samples
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        ("anonymize", "--json"),
+        ("cloak", "--jsonl"),
+        ("detect", "--json"),
+        ("embed", "--jsonl"),
+        ("verify", "--json"),
+    ],
+)
+def test_a_refused_device_before_json_still_prints_its_json(runner, samples_dir, tmp_path, command, flag):
+    """``--device cuda:x --json`` printed nothing on stdout: the device was refused as the options
+    were read, before --json's were, so a pipe's parser got nothing; ``--json --device`` did."""
+    photo = str(samples_dir / "astronaut.jpg")
+    paths = [photo, photo] if command == "verify" else [photo]
+    result = runner.invoke(main, [command, *paths, "--device", "cuda:x", flag])
+    assert result.exit_code == 2, result.output
+    document = json.loads(result.stdout)
+    assert document["command"] == command and document["exit_code"] == 2
+    assert document["error"].startswith("device 'cuda:x'")
+
+
+def test_every_option_says_what_it_does():
+    """The README says every option states what it does; `evaluate --mode`, `models add --metric`
+    and `serve --log-level` showed only their choices in --help."""
+    import click
+
+    def silent(command: click.Command, name: str):
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden and not (param.help or "").strip():
+                yield f"{name} {param.opts[0]}"
+        for sub_name, sub in getattr(command, "commands", {}).items():
+            yield from silent(sub, f"{name} {sub_name}")
+
+    assert list(silent(main, "facecloak")) == []
+
+
 def test_a_run_that_cannot_start_still_prints_its_json(runner, samples_dir, tmp_path):
     """``--json`` promises one JSON document on stdout; a fatal error (here an output folder that
     cannot be made: a file is in its way) printed none, and a pipe's parser failed on nothing."""
@@ -586,6 +623,20 @@ def test_a_run_that_cannot_start_still_prints_its_json(runner, samples_dir, tmp_
         document = json.loads(result.stdout)
         assert document["exit_code"] == 3 and "cannot create the output folder" in document["error"]
         assert document["command"] == "anonymize"
+
+
+def test_an_output_folder_that_is_a_file_still_prints_its_json(runner, samples_dir, tmp_path):
+    """``-o`` naming an existing file was click's usage text (exit 2) with no JSON on stdout, while
+    ``-o file/out`` gave the document and exit 3: the same folder that cannot be made, told apart."""
+    in_the_way = tmp_path / "photo_protected.png"
+    in_the_way.write_text("a file")
+    result = runner.invoke(
+        main, ["anonymize", str(samples_dir / "astronaut.jpg"), "-o", str(in_the_way), "--json"]
+    )
+    assert result.exit_code == 3, result.output
+    document = json.loads(result.stdout)
+    assert document["exit_code"] == 3 and "cannot create the output folder" in document["error"]
+    assert in_the_way.read_text() == "a file"
 
 
 def test_a_photo_on_its_side_is_protected_and_upright_only_says_why_it_found_none(

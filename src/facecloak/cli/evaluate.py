@@ -52,7 +52,12 @@ from facecloak.errors import FacecloakError, ImageWriteError
     help="cloak: budget level; 'all' runs the three and plots quality vs protection.",
 )
 @click.option(
-    "--mode", type=click.Choice(["untargeted", "targeted"]), default="untargeted", show_default=True
+    "--mode",
+    type=click.Choice(["untargeted", "targeted"]),
+    default="untargeted",
+    show_default=True,
+    help="cloak: push each face away from its own identity, or pull it toward a synthetic identity "
+    "keyed per person (as `facecloak cloak --mode`).",
 )
 @click.option(
     "--escalate",

@@ -35,6 +35,7 @@ def _fail_listing(command: str, error: FacecloakError, as_json: bool) -> None:
     "as_json",
     is_flag=True,
     callback=remember_json_output,
+    is_eager=True,
     help="Print one JSON document instead of a table.",
 )
 @JSONL_OPTION
@@ -74,6 +75,7 @@ def detect(paths, as_json, as_jsonl, **detection) -> None:
     "as_json",
     is_flag=True,
     callback=remember_json_output,
+    is_eager=True,
     help="Print one JSON document (with the full vectors).",
 )
 @JSONL_OPTION
@@ -123,7 +125,12 @@ def embed(paths, model_name, as_json, as_jsonl, **detection) -> None:
     help="Deprecated alias of --detect-threshold.",
 )
 @click.option(
-    "--json", "as_json", is_flag=True, callback=remember_json_output, help="Print one JSON document."
+    "--json",
+    "as_json",
+    is_flag=True,
+    callback=remember_json_output,
+    is_eager=True,
+    help="Print one JSON document.",
 )
 def verify(first, second, model_name, match_threshold, deprecated_threshold, as_json, **detection) -> None:
     """Say whether two photos show the same person (largest face of each).

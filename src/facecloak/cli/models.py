@@ -113,7 +113,13 @@ def models(context) -> None:
     show_default=True,
     help="Input layout the file expects (nhwc: channels last, as TensorFlow exports).",
 )
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@click.option(
+    "--metric",
+    type=click.Choice(["cosine", "euclidean"]),
+    default="cosine",
+    show_default=True,
+    help="How two embeddings' distance is measured (the one the model was trained and published with).",
+)
 @click.option(
     "--threshold",
     type=float,

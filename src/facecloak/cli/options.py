@@ -72,7 +72,11 @@ JSON_OUTPUT = "facecloak.json_output"
 
 
 def remember_json_output(context: click.Context, parameter: click.Parameter, value: bool) -> bool:
-    """Note a --json/--jsonl run, so that a Ctrl-C the command group catches still prints its document."""
+    """Note a --json/--jsonl run, so that a Ctrl-C the command group catches still prints its document.
+
+    Its options are eager: read before ``--device``, whose refusal as the options are read must
+    print the document too (``--device cuda:x --json`` printed nothing on stdout).
+    """
     if value:
         context.meta[JSON_OUTPUT] = True
     return value
@@ -94,7 +98,9 @@ def io_options(function: Callable | None = None, *, cloak: bool = False) -> Call
             "-o",
             "--output",
             "out_dir",
-            type=click.Path(file_okay=False, path_type=Path),
+            # a file in its way is the batch's "cannot create the output folder" (exit 3, and the
+            # --json document), as for -o file/sub; click's own check gave usage text and exit 2
+            type=click.Path(path_type=Path),
             default=None,
             help="Output folder (the input tree is mirrored under it). Default: beside each input, "
             "as <name>_<tag>.<ext>. Inputs are never overwritten.",
@@ -128,6 +134,7 @@ def io_options(function: Callable | None = None, *, cloak: bool = False) -> Call
             "as_json",
             is_flag=True,
             callback=remember_json_output,
+            is_eager=True,
             help="Print the full report as one JSON document on stdout.",
         ),
         click.option(
@@ -135,6 +142,7 @@ def io_options(function: Callable | None = None, *, cloak: bool = False) -> Call
             "as_jsonl",
             is_flag=True,
             callback=remember_json_output,
+            is_eager=True,
             help="Print one JSON line per file on stdout as each is done, then a summary line (for pipes).",
         ),
         click.option(
@@ -252,6 +260,7 @@ JSONL_OPTION = click.option(
     "as_jsonl",
     is_flag=True,
     callback=remember_json_output,
+    is_eager=True,
     help="Print one JSON line per face (for pipes: grep, head, jq).",
 )
 

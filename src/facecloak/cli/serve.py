@@ -84,7 +84,13 @@ from facecloak.cli.options import CONTEXT, usable_device
     metavar="BANK",
     help="Donor bank (name or folder) for method=replace. Default: replace is not offered.",
 )
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Least severe log lines printed on stderr (the service's and the web server's).",
+)
 def serve(
     host,
     port,
