@@ -849,6 +849,28 @@ def test_serve_with_an_unknown_model_is_a_one_line_usage_error():
     assert "Traceback" not in result.output
 
 
+def test_serve_passes_its_root_path_to_the_server_and_the_api_description(monkeypatch):
+    """Behind a prefix-stripping proxy the service could not be told its prefix: /docs' "Try it
+    out" sent requests to /v1/... outside it. ``--root-path`` reaches uvicorn, and the API
+    description then names the prefix as its server."""
+    import uvicorn
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from facecloak.cli import main
+    from facecloak.service import ServiceSettings, create_app
+
+    given = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: given.update(options))
+    result = CliRunner().invoke(main, ["serve", "--root-path", "/fc", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert given["root_path"] == "/fc"
+    result = CliRunner().invoke(main, ["serve", "--root-path", "fc/", "--device", "cpu"])
+    assert result.exit_code == 2 and "--root-path 'fc/'" in result.output
+    with TestClient(create_app(ServiceSettings(device="cpu", preload=False)), root_path="/fc") as client:
+        assert client.get("/openapi.json").json()["servers"] == [{"url": "/fc"}]
+
+
 def test_pixel_limit_above_the_default_admits_uploads_under_it(tmp_path):
     """A service set to 300 MP refused a 250 MP upload: the header probe kept PIL's guard at twice
     the default 120 MP (240 MP) instead of raising it to the service's own limit."""

@@ -85,6 +85,13 @@ from facecloak.cli.options import CONTEXT, usable_device
     help="Donor bank (name or folder) for method=replace. Default: replace is not offered.",
 )
 @click.option(
+    "--root-path",
+    default="",
+    metavar="PREFIX",
+    help="Path prefix a proxy serves this under, e.g. /facecloak (for /docs behind it; the page "
+    "and the API need none). Default: none.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -106,6 +113,7 @@ def serve(
     api_keys,
     cors_origin,
     donor_bank,
+    root_path,
     log_level,
 ) -> None:
     """Run the HTTP service and its web page (FastAPI on uvicorn).
@@ -161,7 +169,16 @@ def serve(
         click.echo(
             f"warning: serving on {host} without --api-keys: anyone who reaches it can use it", err=True
         )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+    if root_path and (not root_path.startswith("/") or root_path.endswith("/")):
+        raise click.UsageError(f"--root-path {root_path!r}: give it as /prefix, with no slash at its end")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        root_path=root_path,
+        log_level=log_level,
+        access_log=False,
+    )
 
 
 def _checked_bank(name: str, models: str | None) -> str:
@@ -179,6 +196,6 @@ def _checked_bank(name: str, models: str | None) -> str:
     if missing:
         raise click.UsageError(
             f"bank {bank.name!r} holds no embeddings of {', '.join(missing)}, which the service checks "
-            f"new faces with; run `facecloak donors refresh {bank.name}`"
+            f"new faces with; run `facecloak donors refresh {bank._called()}`"
         )
     return str(bank.folder)
