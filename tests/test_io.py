@@ -833,3 +833,13 @@ def test_write_image_of_something_not_a_chw_float_tensor_is_a_usage_error(tmp_pa
             write_image(tmp_path / "x.png", wrong)
         assert said in str(caught.value) and "\n" not in str(caught.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_photo_wider_than_a_jpeg_allows_is_refused_saying_so():
+    """A 66,000 px wide panorama asked back as JPEG failed as "could not encode (broken data
+    stream when writing image file)", naming neither the limit nor the way out."""
+    from facecloak.io.write import encode_image
+
+    with pytest.raises(ImageWriteError, match=r"at most 65,500 pixels a side.*66000 x 16.*PNG"):
+        encode_image(torch.zeros(3, 16, 66_000), "JPEG")
+    assert encode_image(torch.zeros(3, 16, 600), "JPEG")[:2] == b"\xff\xd8"

@@ -164,6 +164,8 @@ def _jpeg_exif(source: LoadedImage, keep_metadata: bool, info: dict) -> bytes | 
     return exif.tobytes()
 
 
+JPEG_MAX_SIDE = 65_500
+"""libjpeg's largest width or height."""
 _JPEG_EXIF_BYTES = 65_533
 """The most EXIF a JPEG holds: one APP1 segment (its 2-byte length counts itself)."""
 
@@ -544,6 +546,11 @@ def encode_image(
         except jpeg_blocks.BlocksUnavailable as why:
             info["jpeg_fallback"] = f"whole photo re-encoded at quality {JPEG_QUALITY}: {why}"
     quality = JPEG_QUALITY if jpeg_quality is None else jpeg_quality
+    if format_name == "JPEG" and max(pixels.shape[1:]) > JPEG_MAX_SIDE:  # libjpeg said "broken data stream"
+        raise ImageWriteError(
+            f"a JPEG is at most {JPEG_MAX_SIDE:,} pixels a side, this photo is "
+            f"{pixels.shape[2]} x {pixels.shape[1]}: write it as PNG"
+        )
     image = _to_pil(pixels, source, format_name)
     buffer = BytesIO()
     try:
