@@ -597,6 +597,21 @@ def test_cli_donors_add_of_faceless_photos_creates_no_empty_bank(data_home, tmp_
     assert "faceless" not in runner.invoke(main, ["donors", "list"]).output
 
 
+def test_donors_add_that_cannot_write_its_bank_fails_with_exit_3_and_json(data_home, tmp_path, samples_dir):
+    """Every error was exit 2, a usage error, with no JSON document under --json: a bank whose
+    folder cannot be made (a file in its way) said "cannot lock the bank (File exists)"."""
+    (tmp_path / "afile").write_text("not a folder")
+    photo = str(samples_dir / "grace_hopper.jpg")
+    result = CliRunner().invoke(
+        main, ["donors", "add", photo, "--bank", str(tmp_path / "afile" / "bank"), "--licence", "x", "--json"]
+    )
+    assert result.exit_code == 3, result.output
+    document = json.loads(result.stdout.splitlines()[0])
+    assert document["exit_code"] == 3 and "a file is in the way of its folder" in document["error"]
+    result = CliRunner().invoke(main, ["donors", "add", photo, "--bank", "bad name!", "--json"])
+    assert result.exit_code == 2 and json.loads(result.stdout.splitlines()[0])["exit_code"] == 2
+
+
 def test_a_bank_built_with_other_models_is_a_usage_error_before_any_work(bank, data_home, lfw_dir, tmp_path):
     """It was found once the models were loaded: printed twice, and the photo failed (exit 3)."""
     other = bank_folder("other-models")

@@ -51,7 +51,7 @@ from facecloak.donor_bank import (
     model_fingerprint,
 )
 from facecloak.embed import embed_faces
-from facecloak.errors import DonorBankError, FacecloakError
+from facecloak.errors import DonorBankError, FacecloakError, ImageWriteError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
 from facecloak.synthesis import (
@@ -287,8 +287,10 @@ def bank_lock(folder: Path) -> Iterator[None]:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a")  # noqa: SIM115 - held for the whole block
-    except OSError as error:
-        raise DonorBankError(f"cannot lock the bank ({error.strerror or error})", path) from None
+    except OSError as error:  # a file where a folder should be said "File exists"
+        in_the_way = isinstance(error, FileExistsError)
+        reason = "a file is in the way of its folder" if in_the_way else error.strerror
+        raise ImageWriteError(f"cannot lock the bank ({reason or error})", path) from None
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -9,8 +9,17 @@ from pathlib import Path
 import click
 
 from facecloak.cli.options import CONTEXT, usable_device
-from facecloak.cli.running import fail, load_models
-from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, EXIT_USAGE, FacecloakError, shown_path
+from facecloak.cli.running import fail, fail_run, load_models
+from facecloak.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNPROTECTED,
+    EXIT_USAGE,
+    DonorBankError,
+    FacecloakError,
+    InvalidInputError,
+    shown_path,
+)
 
 
 @click.group(context_settings=CONTEXT)
@@ -59,8 +68,9 @@ def donors_add(paths, bank, licence, all_faces, device, as_json) -> None:
     try:  # a missing path is one file's error in the report (exit 3), as in every other command
         models = load_models(None, device)
         report = add_donors(paths, models, bank=bank, licence=licence, all_faces=all_faces)
-    except FacecloakError as error:
-        fail(error, EXIT_USAGE)
+    except FacecloakError as error:  # the bank asked for is wrong: usage; a file that failed: its own code
+        usage = isinstance(error, DonorBankError | InvalidInputError)
+        fail_run("donors add", error, {"as_json": as_json}, EXIT_USAGE if usage else None)
     if not licence:
         click.echo(
             "note: no --licence given; record where these photos come from and their licence", err=True
