@@ -914,3 +914,22 @@ def test_evaluate_of_a_missing_data_folder_leaves_no_report_folder(runner, tmp_p
     assert result.exit_code == 2, result.output
     assert len(result.stderr.splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_closed_stdout_stops_the_batch_with_exit_3_not_1(lfw_dir, tmp_path):
+    """`facecloak anonymize DIR --jsonl | head -1` stopped with exit 1, which says "a face NOT
+    protected", and nothing on stderr: click's own answer to a broken pipe."""
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for person in sorted((lfw_dir / "images").iterdir())[:8]:
+        shutil.copy(sorted(person.glob("*.jpg"))[0], photos)
+    command = [sys.executable, "-m", "facecloak", "anonymize", str(photos), "-o", str(tmp_path / "out")]
+    process = subprocess.Popen(
+        [*command, "--jsonl", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert json.loads(process.stdout.readline())["faces"]  # the first photo's line
+    process.stdout.close()  # as `head -1` does
+    error = process.stderr.read()
+    assert process.wait(timeout=120) == 3, error
+    assert "stdout was closed" in error and "Traceback" not in error
+    assert 1 <= len(list((tmp_path / "out").iterdir())) < 8  # it stopped; what it wrote is whole

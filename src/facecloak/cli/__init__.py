@@ -13,6 +13,9 @@ printing results, exiting). Each module defines plain click commands; this one a
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from facecloak import __version__
@@ -45,6 +48,14 @@ class _Commands(click.Group):
             self._json_document(ctx, str(error), error.exit_code)
             click.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
+        except BrokenPipeError:  # click made this exit code 1, read as "a face NOT protected"
+            _silence_stdout()
+            click.echo(
+                "error: stdout was closed (the program reading it stopped): the run stopped there; "
+                "every output written so far is whole, and the same command again goes on",
+                err=True,
+            )
+            ctx.exit(EXIT_FAILED)
         except KeyboardInterrupt:
             message = (
                 "interrupted: every output written so far is whole; the same command again goes on from there"
@@ -58,6 +69,15 @@ class _Commands(click.Group):
         """With --json/--jsonl, the run's end on stdout too: a script reading it got nothing at Ctrl-C."""
         if ctx.meta.get(JSON_OUTPUT):
             echo_end_document(ctx.invoked_subcommand, error, exit_code)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (a test runner's): nothing to flush
+        pass
 
 
 @click.group(cls=_Commands, context_settings=CONTEXT)
