@@ -176,7 +176,7 @@ def test_report_does_not_call_photos_of_another_size_unchanged(lfw_dir):
     from facecloak.io import read_image
     from facecloak.report import summary_table
 
-    photo = read_image(next((lfw_dir / "images" / "Abel_Pacheco").glob("*.jpg"))).pixels
+    photo = read_image(sorted((lfw_dir / "images" / "Abel_Pacheco").glob("*.jpg"))[0]).pixels
     smaller = F.interpolate(photo[None], scale_factor=0.5, mode="area")[0]
     quality = quality_summary([photo], [smaller], [{"source": "folder"}])
     text = summary_table(EvaluationResult(settings={}, quality=quality))
@@ -193,7 +193,7 @@ def test_report_says_which_protected_photos_its_figures_leave_out(lfw_dir):
     from facecloak.io import read_image
     from facecloak.report import render_html, summary_table
 
-    photo = read_image(next((lfw_dir / "images" / "Abel_Pacheco").glob("*.jpg"))).pixels
+    photo = read_image(sorted((lfw_dir / "images" / "Abel_Pacheco").glob("*.jpg"))[0]).pixels
     smaller = F.interpolate(photo[None], scale_factor=0.5, mode="area")[0]
     quality = quality_summary(
         [photo, photo, photo], [photo.flip(-1), smaller, photo], [{"faces": 1}, {"faces": 1}, {"faces": 0}]

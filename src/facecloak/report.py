@@ -204,7 +204,7 @@ def plots(result: EvaluationResult) -> dict[str, str]:
     levels = result.settings.get("level_sweep")
     if levels and any(level["rows"] for level in levels):
         figure, axis = plt.subplots(figsize=(6, 3.6))
-        for attacker in {row["attacker"] for level in levels for row in level["rows"]}:
+        for attacker in sorted({row["attacker"] for level in levels for row in level["rows"]}):
             xs = [level["dssim"] for level in levels]
             ys = [
                 next((r["protection"] for r in level["rows"] if r["attacker"] == attacker), math.nan)
