@@ -53,36 +53,51 @@ def running_service(workdir: Path, *args: str, startup_s: float = 180.0, prefix:
     """
     temporary = workdir / "server-tmp"
     temporary.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     env = dict(os.environ, TMPDIR=str(temporary), PYTHONPATH=str(REPO / "src"))
     env["TORCHINDUCTOR_CACHE_DIR"] = str(workdir / "torch-cache")  # torch caches there, not in TMPDIR
     script = MOUNTED.replace("PREFIX", repr(prefix)) if prefix else "from facecloak.cli import main; main()"
-    command = [sys.executable, "-c", script, "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--device", "cpu", *args]
-    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}{prefix}"
+    log_path = workdir / "server.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    process = None
     try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the service exited: {(workdir / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the service did not start: {(workdir / 'server.log').read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
+        for _ in range(3):  # the free port can be taken by another process before the server binds it
+            port = free_port()
+            command = [sys.executable, "-c", script, "serve", "--host", "127.0.0.1"]
+            command += ["--port", str(port), "--device", "cpu", *args]
+            log.seek(0)
+            log.truncate()
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            url = f"http://127.0.0.1:{port}{prefix}"
+            if _started(process, url, log_path, startup_s):
+                break
+        else:
+            raise RuntimeError(f"no free port to start on: {log_path.read_text()[-3000:]}")
         yield url, temporary, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         log.close()
+
+
+def _started(process: subprocess.Popen, url: str, log_path: Path, startup_s: float) -> bool:
+    """Wait for ``/healthz``: True once it answers, False if the port was taken; else raise."""
+    deadline = time.monotonic() + startup_s
+    while True:
+        if process.poll() is not None:
+            log = log_path.read_text()
+            if "address already in use" in log.lower():
+                return False
+            raise RuntimeError(f"the service exited: {log[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not start: {log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
