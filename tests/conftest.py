@@ -24,6 +24,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 _TEST_CONFIG = tempfile.mkdtemp(prefix="facecloak-test-config-")
 os.environ["XDG_CONFIG_HOME"] = _TEST_CONFIG
 atexit.register(shutil.rmtree, _TEST_CONFIG, ignore_errors=True)
+# Nor the settings that change what runs: a pixel cap, or FaceNet weights that join the default models.
+for _setting in ("FACECLOAK_MAX_PIXELS", "FACECLOAK_FACENET_VGGFACE2", "FACECLOAK_FACENET_CASIA"):
+    os.environ.pop(_setting, None)
 
 
 def data_root() -> Path:
