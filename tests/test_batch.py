@@ -315,6 +315,23 @@ def test_a_photo_whose_output_name_is_too_long_fails_alone_instead_of_stopping_t
         assert "more than the 255 a file name can have" in failed.error
 
 
+def test_a_photo_whose_mirrored_output_path_is_too_long_fails_alone_instead_of_stopping_the_batch(
+    tmp_path, samples_dir
+):
+    """Deep folders mirrored under a deep -o: past PATH_MAX, ``is_dir()`` raised OSError (a traceback)."""
+    folder = tmp_path / "in"
+    deep = folder.joinpath(*["d" * 200] * ((3950 - len(str(folder))) // 201))  # under 4096 bytes: legal
+    deep.mkdir(parents=True)
+    shutil.copy(samples_dir / "astronaut.jpg", deep / "photo.jpg")
+    shutil.copy(samples_dir / "astronaut.jpg", folder / "short.jpg")
+    out = tmp_path.joinpath("out", *["o" * 200] * 3)
+    plan = plan_batch([folder], "blur", Options(out_dir=str(out)))
+    assert [job.path.name for job, _ in plan.todo] == ["short.jpg"]
+    (failed,) = plan.failed
+    assert failed.path == str(deep / "photo.jpg") and "\n" not in failed.error
+    assert "its output path cannot be used (File name too long; a shorter -o)" in failed.error
+
+
 def test_photos_in_the_output_folder_are_named_and_its_outputs_are_never_re_read(
     tmp_path, samples_dir, detector
 ):

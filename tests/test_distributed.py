@@ -149,6 +149,28 @@ def test_two_photos_with_one_output_name_are_refused_not_overwritten(local_clust
     assert [r["input"] for r in done] == ["g.jpg"]
 
 
+def test_two_uris_with_one_output_name_do_not_take_turns_replacing_it(local_cluster, tmp_path, samples_dir):
+    """URIs are planned only once decoded: a photo resumed from the journal did not claim its output.
+
+    The other photo then replaced it on every run after the first, each reported protected (the
+    resumed one pointing at an output that now held the other photo), and the next run swapped back.
+    """
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(samples_dir / "grace_hopper.jpg", photos / "g.jpg")
+    Image.open(samples_dir / "astronaut.jpg").save(photos / "g.png")
+    options = Options(out_dir=str(tmp_path / "out"), rotations="none", format="png", device="cpu", chunk=1)
+    first = run_distributed([photos.as_uri()], BLUR, options)
+    written = (tmp_path / "out" / "g_blur.png").read_bytes()
+    owner = next(o.path for o in first.outcomes if o.status == "protected")
+    again = run_distributed([photos.as_uri()], BLUR, options)
+    assert (tmp_path / "out" / "g_blur.png").read_bytes() == written
+    assert {o.path: o.status for o in again.outcomes} == {
+        o.path: "protected" if o.path == owner else "failed" for o in first.outcomes
+    }
+    assert again.resumed == 1 and again.exit_code == 3
+
+
 def test_a_cloak_on_ray_is_held_on_its_file_as_written(local_cluster, tmp_path, samples_dir, dlib_resnet):
     """A JPEG cloak holds its caps on the file as encoded (``stored_as``) and reports it, as locally.
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from facecloak.batch import Options
-from facecloak.distributed import ProtectActor
+from facecloak.distributed import ProtectActor, _list_remote
+from facecloak.errors import InvalidInputError
 from facecloak.pipeline import ProtectorSpec
 
 
@@ -34,3 +36,20 @@ def test_a_transparent_face_bound_for_jpeg_is_looked_for_as_the_viewer_will_see_
     Image.fromarray(np.dstack([pixels, alpha])).save(opaque)
     out = actor({"uri": [str(opaque)], "relative": ["opaque.png"], "index": [0]})
     assert len(json.loads(out["faces"][0])) == 1  # the same face, seen, is found
+
+
+def test_a_missing_or_unknown_uri_is_one_line_not_a_traceback(tmp_path):
+    """A URI that is not there was listed as a folder, an unknown scheme parsed: both a traceback.
+
+    A missing one fails alone with its reason (as a missing local path does); a scheme nothing
+    reads is the command's usage error, one line.
+    """
+    pytest.importorskip("pyarrow")
+    missing = (tmp_path / "typo").as_uri()
+    found, skipped = _list_remote([missing], several=False)
+    assert found == [(missing, "typo")] and skipped == []
+    actor = ProtectActor(ProtectorSpec("anonymize", {"method": "blur"}), Options(rotations="none"), {})
+    out = actor({"uri": [missing], "relative": ["typo"], "index": [0]})
+    assert out["error"][0].startswith(f"{missing}: cannot read") and "\n" not in out["error"][0]
+    with pytest.raises(InvalidInputError, match=r"^nosuch://bucket/photos: not a URI that can be read"):
+        _list_remote(["nosuch://bucket/photos"], several=False)

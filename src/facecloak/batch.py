@@ -86,9 +86,18 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
             plan.not_images.append((job.path, earlier[job.path]))
             plan.order.remove(str(job.path))
             continue
-        key = target.resolve()
+        try:
+            key = target.resolve()
+            is_dir = target.is_dir()
+        except OSError as error:  # a path longer than the system takes: a traceback stopped the batch
+            way_out = "a shorter -o" if out_dir else "a shorter name"
+            problem = f"its output path cannot be used ({error.strerror}; {way_out})"
+            plan.failed.append(
+                FileOutcome(str(job.path), "failed", error=str(ImageWriteError(problem, job.path)))
+            )
+            continue
         problem = None
-        if target.is_dir():
+        if is_dir:
             problem = f"its output {target} is a folder"
         elif target in inputs:
             way_out = "rename one" if out_dir else "give -o, or rename one"

@@ -74,10 +74,15 @@ def _list_remote(
     for uri in uris:
         from pyarrow import fs as pafs
 
-        filesystem, root = pafs.FileSystem.from_uri(uri)
+        try:
+            filesystem, root = pafs.FileSystem.from_uri(uri)
+            info = filesystem.get_file_info(root)
+        except (ValueError, OSError) as error:  # pyarrow's ArrowInvalid is a ValueError: a traceback
+            raise InvalidInputError(f"not a URI that can be read ({error})", uri) from None
         scheme = uri.split("://", 1)[0]
-        info = filesystem.get_file_info(root)
-        if info.type == pafs.FileType.File:
+        if info.type in (pafs.FileType.File, pafs.FileType.NotFound):
+            # a missing one fails alone with its reason, as a missing local path does (listing it
+            # as a folder stopped the batch with a traceback)
             found.append((uri, Path(root).name))
             continue
         selector = pafs.FileSelector(root, recursive=True)
@@ -316,7 +321,15 @@ def run_distributed(
                 **_pool(ray, actors, gpus_per_actor),
             )
             inputs = io.ProtectedFiles(job.path for job, _ in plan.todo)  # never replaced
-            claimed: dict[str, str] = {}  # relative output -> the input written there by this run
+            # relative output -> the input it is for: planned here, written by this run, or done
+            # earlier (a photo resumed is not written again: two URIs with one output name took
+            # turns replacing each other's output, each run reporting both protected)
+            claimed: dict[str, str] = {}
+            for i, (uri, relative) in enumerate(found):
+                record = journal.last_record(relative) if relative in done else None
+                for output in (targets[i], record["output"] if record else ""):
+                    if output:
+                        claimed.setdefault(output, uri)
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 for r in range(len(batch["index"])):
                     uri, relative = found[int(batch["index"][r])]
@@ -397,7 +410,7 @@ def _finish_row(
     sha256 = str(row["sha256"])
     written = json.loads(str(row.get("written", "{}")))
     try:
-        if relative_output in claimed:
+        if claimed.get(relative_output, uri) != uri:
             problem = f"its output {target} is also the output of {claimed[relative_output]} (rename one)"
             raise ImageWriteError(problem, uri)
         owned = journal.owns(relative_output, source=uri if local else None)
