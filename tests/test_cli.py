@@ -933,3 +933,13 @@ def test_a_closed_stdout_stops_the_batch_with_exit_3_not_1(lfw_dir, tmp_path):
     assert process.wait(timeout=120) == 3, error
     assert "stdout was closed" in error and "Traceback" not in error
     assert 1 <= len(list((tmp_path / "out").iterdir())) < 8  # it stopped; what it wrote is whole
+
+
+def test_uris_come_back_as_typed_after_click_made_paths_of_them():
+    """click's Path keeps one slash of ``//``: ``file:///tmp/x`` came back as ``file://tmp/x``,
+    the host "tmp", and the Ray batch stopped on pyarrow's "Unsupported hostname"."""
+    from facecloak.cli.options import uri_of
+
+    assert uri_of(Path("file:///tmp/photos")) == "file:///tmp/photos"
+    assert uri_of(Path("s3://bucket/photos/a.jpg")) == "s3://bucket/photos/a.jpg"
+    assert uri_of(Path("gs://bucket")) == "gs://bucket"

@@ -128,6 +128,22 @@ def test_the_output_folder_inside_the_input_folder_is_not_read(ray_installed, tm
     assert not (out / "out").exists()
 
 
+def test_a_file_uri_does_not_read_its_own_output_folder_back(local_cluster, tmp_path, samples_dir):
+    """``file:///photos`` with ``-o /photos/out``: the second run took ``out/g_blur.jpg`` for a new
+    photo and wrote ``out/out/g_blur_blur.jpg``; it is passed over, as the local walk does."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(samples_dir / "grace_hopper.jpg", photos / "g.jpg")
+    options = Options(out_dir=str(photos / "out"), rotations="none", device="cpu")
+    run_distributed([photos.as_uri()], BLUR, options)
+    again = run_distributed([photos.as_uri()], BLUR, options)
+    assert [(Path(o.path).name, o.status) for o in again.outcomes] == [("g.jpg", "protected")]
+    assert [(Path(path).name, reason) for path, reason in again.skipped] == [
+        ("g_blur.jpg", "inside the output folder: not read (give it on its own, or another -o)")
+    ]
+    assert not (photos / "out" / "out").exists()
+
+
 def test_two_photos_with_one_output_name_are_refused_not_overwritten(local_cluster, tmp_path, samples_dir):
     """``g.jpg`` and ``g.png`` with ``--format png`` both make ``g_blur.png``: the second is refused.
 

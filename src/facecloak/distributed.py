@@ -66,9 +66,14 @@ def list_inputs(paths: Sequence[str | Path]) -> tuple[list[tuple[str, str]], lis
 
 
 def _list_remote(
-    uris: Sequence[str], *, several: bool
+    uris: Sequence[str], *, several: bool, out_dir: Path | None = None
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(uri, relative input path) of every image under the URIs, and the files skipped (`list_inputs`)."""
+    """(uri, relative input path) of every image under the URIs, and the files skipped (`list_inputs`).
+
+    A ``file://`` URI's photos under ``out_dir`` are passed over, as the local walk passes them:
+    read, the run's own outputs came back as inputs (``out/out/g_blur_blur.jpg``).
+    """
+    inside = out_dir.resolve() if out_dir is not None else None
     found: list[tuple[str, str]] = []
     skipped: list[tuple[str, str]] = []
     for uri in uris:
@@ -94,6 +99,9 @@ def _list_remote(
                 continue
             if relative.suffix.lower() not in io.IMAGE_SUFFIXES:
                 skipped.append((f"{scheme}://{entry.path}", "not an image suffix"))
+                continue
+            if scheme == "file" and inside is not None and inside in Path(entry.path).resolve().parents:
+                skipped.append((f"{scheme}://{entry.path}", io.INSIDE_THE_OUTPUT_FOLDER))
                 continue
             mirrored = Path(Path(root).name) / relative if several else relative
             found.append((f"{scheme}://{entry.path}", mirrored.as_posix()))
@@ -266,7 +274,8 @@ def run_distributed(
     # local inputs planned as the local batch plans them: the output folder is not walked, outputs
     # of earlier runs are not inputs, an output that would replace an input or another's is refused
     plan = plan_batch(local, tag, replace(options, overwrite=True)) if local else BatchPlan()
-    remote, remote_skipped = _list_remote([str(p) for p in paths if "://" in str(p)], several=len(paths) > 1)
+    uris = [str(p) for p in paths if "://" in str(p)]
+    remote, remote_skipped = _list_remote(uris, several=len(paths) > 1, out_dir=out_dir)
     skipped = [(str(path), reason) for path, reason in plan.not_images] + remote_skipped
     report = ResumableReport(command or tag, asdict(options), skipped=skipped, inputs=[str(p) for p in paths])
     outcomes: list[FileOutcome] = []

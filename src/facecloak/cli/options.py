@@ -275,6 +275,18 @@ def require_paths(paths: tuple[Path, ...]) -> None:
 URI = re.compile(r"^[a-z][a-z0-9+.-]*:/")  # s3://..., gs://... (a Path keeps one slash of the two)
 
 
+def uri_of(path: Path | str) -> str:
+    """The URI a user typed, from the Path click made of it: ``s3:/b/k`` -> ``s3://b/k``.
+
+    A ``file:`` URI has an empty host, so its three slashes come back: one added slash made
+    ``file:///tmp/x`` the host ``tmp``.
+    """
+    text = str(path)
+    if text.startswith("file:/"):
+        return "file:///" + text[len("file:/") :].lstrip("/")
+    return URI.sub(lambda match: match.group(0) + "/", text)
+
+
 def ray_option(function: Callable) -> Callable:
     """``--ray [ADDRESS]``: run the batch on a Ray cluster (facecloak.distributed)."""
     return click.option(

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import click
 
 from facecloak.batch_types import Options
-from facecloak.cli.options import URI, require_paths
+from facecloak.cli.options import URI, require_paths, uri_of
 from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, FacecloakError
 
 
@@ -77,9 +77,7 @@ def run_protection(
                 return build()
 
             if ray_address is not None:
-                uris = [
-                    URI.sub(lambda m: m.group(0) + "/", str(p)) if URI.match(str(p)) else p for p in paths
-                ]
+                uris = [uri_of(p) if URI.match(str(p)) else p for p in paths]
                 return run_distributed(
                     uris, spec, options, address=ray_address or None, command=command, on_progress=display
                 )

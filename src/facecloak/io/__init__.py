@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from facecloak.io.files import (
     IMAGE_SUFFIXES,
+    INSIDE_THE_OUTPUT_FOLDER,
     OUTPUT_FORMATS,
     ImageJob,
     ProtectedFiles,
@@ -62,6 +63,7 @@ __all__ = [
     "LOSSY_FORMATS",
     "as_written",
     "IMAGE_SUFFIXES",
+    "INSIDE_THE_OUTPUT_FOLDER",
     "JPEG_QUALITY",
     "MAX_IMAGE_PIXELS",
     "OUTPUT_FORMATS",

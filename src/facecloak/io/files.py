@@ -27,6 +27,9 @@ IMAGE_SUFFIXES = {
 }
 """File suffixes picked up when walking folders, with the format each one names."""
 
+INSIDE_THE_OUTPUT_FOLDER = "inside the output folder: not read (give it on its own, or another -o)"
+"""Why a photo under the output folder is passed over: it may be an earlier run's output."""
+
 NAME_MAX = 255
 """The most bytes a file name can have on the usual file systems (ext4, XFS, APFS, NTFS)."""
 
@@ -155,9 +158,7 @@ def collect_images(
                 if skip is not None and skip in resolved.parents:
                     # a photo there is named, never dropped silently (it would go unprotected)
                     if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
-                        skipped.append(
-                            (file, "inside the output folder: not read (give it on its own, or another -o)")
-                        )
+                        skipped.append((file, INSIDE_THE_OUTPUT_FOLDER))
                     continue
                 if file.is_dir():
                     skipped.append((file, "a link to a folder, not followed (give the folder itself)"))
