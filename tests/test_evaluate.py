@@ -500,6 +500,35 @@ def test_a_broken_distractor_fails_before_anything_is_protected(lfw_dir, tmp_pat
     assert raised.value.path == str(broken)
 
 
+def test_a_broken_photo_the_adaptive_scraper_learns_from_fails_before_anything_is_protected(
+    lfw_dir, tmp_path
+):
+    """With --max-distractors the adaptive scraper's people need not be in the gallery: a broken
+    photo of theirs was read only after the protect phase (minutes or hours), not checked with the rest."""
+    from facecloak.evaluate import evaluate
+    from facecloak.protection import Protection
+
+    class Refusing(Protection):
+        kind, tag = "anonymize", "refusing"
+
+        def protect(self, images, faces, **_):  # pragma: no cover - the test fails if it is reached
+            raise AssertionError("protected before the photos were checked")
+
+    data = tmp_path / "people"
+    for name, count in ((PEOPLE[0], 4), (PEOPLE[1], 4), (PEOPLE[2], 2)):
+        (data / name).mkdir(parents=True)
+        for photo in sorted((lfw_dir / "images" / name).iterdir())[:count]:
+            (data / name / photo.name).write_bytes(photo.read_bytes())
+    broken = data / PEOPLE[2] / "photo.jpg"  # 3 photos, < --min-photos 4: the one person to learn from
+    broken.write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty file") as raised:
+        evaluate(
+            data, Refusing(), [], people=[PEOPLE[0]], control=1, min_photos=4, probes=1,
+            uploads=("none",), adaptive="linear", max_distractors=0,
+        )  # fmt: skip
+    assert raised.value.path == str(broken)
+
+
 def test_distance_histograms_leave_out_faces_not_found(lfw_dir, attacker):
     """A probe, gallery photo or distractor with no face found (NaN) was zeroed and gave a distance
     to every face (the other embedding's norm): bogus pairs in both histograms."""
@@ -914,3 +943,66 @@ def test_cached_embeddings_are_not_reused_after_the_model_file_is_replaced(
     os.utime(params, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert attacker.fingerprint != before
     assert cache.get(attacker.fingerprint, photo) is None
+
+
+def test_cli_a_cache_folder_that_cannot_be_made_fails_in_one_line_before_any_work(lfw_dir, tmp_path):
+    """``--cache`` under a file was an OSError traceback at the first save, after the protect phase
+    and the first attacker's scoring: the whole evaluation lost. Now one line, before any work."""
+    from facecloak.errors import ImageWriteError
+    from facecloak.evaluate import EmbeddingCache
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cache = afile / "cache"
+    arguments = ["evaluate", str(lfw_dir / "images"), "--method", "none", "--attackers", "dlib-resnet"]
+    arguments += ["--people", "1", "--control", "0", "--uploads", "none", "--max-distractors", "0", "-q"]
+    result = CliRunner().invoke(main, [*arguments, "--cache", str(cache), "-o", str(tmp_path / "r")])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.exception
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {cache}: cannot create"), result.output
+    assert not (tmp_path / "r").exists()
+    table = EmbeddingCache(cache)
+    table.put("attacker", afile, torch.zeros(3).numpy())
+    with pytest.raises(ImageWriteError, match="cannot create the embedding cache folder"):
+        table.save()
+
+
+def test_dlib_cpp_cached_embeddings_are_not_reused_after_its_pipeline_changes(monkeypatch):
+    """dlib-cpp's cache key was dlib's version alone: bumping `CACHE_VERSION` (the pipeline changed in
+    a way no card shows) or dlib's upsampling kept its old probes and distractors."""
+    from facecloak.evaluate import DlibAttacker, attackers
+
+    if not DlibAttacker.available():
+        pytest.skip("dlib-bin is not installed")
+    attacker = DlibAttacker()
+    before = attacker.fingerprint
+    assert attacker.fingerprint == before
+    monkeypatch.setattr(attackers, "CACHE_VERSION", attackers.CACHE_VERSION + 1)
+    bumped = attacker.fingerprint
+    assert bumped != before
+    monkeypatch.setattr(attackers, "DLIB_UPSAMPLE_TIMES", attackers.DLIB_UPSAMPLE_TIMES + 1)
+    assert attacker.fingerprint not in (before, bumped)
+
+
+@pytest.mark.parametrize("adaptive", ["linear", "finetune"])
+def test_adaptive_scraper_that_finds_no_face_to_learn_from_fails_in_one_line(
+    adaptive, lfw_dir, attacker, tmp_path
+):
+    """The only person outside the test has no face the attacker finds: the linear map was fitted on
+    no pair, a singular-matrix traceback after the whole protect phase, and the fine-tuning trained
+    nothing, its rows the plain model's reported as fine-tuned. Now one line naming it."""
+    from facecloak.io import write_image
+
+    data = tmp_path / "people"
+    for name in PEOPLE[:2]:
+        (data / name).mkdir(parents=True)
+        for photo in sorted((lfw_dir / "images" / name).iterdir())[:4]:
+            (data / name / photo.name).write_bytes(photo.read_bytes())
+    (data / "Zz_Blank").mkdir()
+    for i in range(3):  # enough photos to learn from, no face in them
+        write_image(data / "Zz_Blank" / f"{i}.png", torch.full((3, 120, 120), 0.5))
+    with pytest.raises(InvalidInputError, match="dlib-resnet found no face in any photo of the 1 people"):
+        evaluate(
+            data, None, [attacker], people=[PEOPLE[0]], control=1, min_photos=4, probes=1,
+            uploads=("none",), adaptive=adaptive, max_distractors=0,
+        )  # fmt: skip

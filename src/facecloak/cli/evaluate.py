@@ -240,6 +240,7 @@ def evaluate(
     )
     if method == "replace" and not donor_bank:
         raise click.UsageError("--method replace needs --donors BANK (see `facecloak donors add`)")
+    _make_cache_folder(cache)
     made = not out_dir.exists()
     _make_report_folder(out_dir)
     try:
@@ -270,6 +271,14 @@ def _make_report_folder(out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         fail(ImageWriteError(f"cannot create the report folder ({error.strerror})", out_dir))
+
+
+def _make_cache_folder(cache: Path) -> None:
+    """Make --cache before any work: one that cannot be made was a traceback after the first attacker."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(ImageWriteError(f"cannot create the embedding cache folder ({error.strerror})", cache))
 
 
 @contextmanager

@@ -151,10 +151,14 @@ class DlibAttacker(Attacker):
 
     @property
     def fingerprint(self) -> str:
-        """Dlib's version: its pipeline is fixed."""
+        """Dlib's version, with what facecloak sets around it (upsampling, `CACHE_VERSION`).
+
+        Dlib's version alone: a bump of `CACHE_VERSION` or of the upsampling left dlib-cpp's
+        cached probes and distractors from the old pipeline, scored against a new gallery.
+        """
         import dlib
 
-        return f"{self.name}-{dlib.__version__}"
+        return f"{self.name}-{dlib.__version__}-up{DLIB_UPSAMPLE_TIMES}-v{CACHE_VERSION}"
 
     @staticmethod
     def available() -> bool:

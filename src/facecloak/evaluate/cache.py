@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from facecloak import io
+from facecloak.errors import ImageWriteError
 
 if TYPE_CHECKING:
     from facecloak.evaluate.attackers import Attacker
@@ -59,7 +60,11 @@ class EmbeddingCache:
         """Write every attacker's embeddings to the cache folder."""
         if self.folder is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # it was an OSError traceback (a file where a folder is named)
+            reason = f"cannot create the embedding cache folder ({error.strerror})"
+            raise ImageWriteError(reason, self.folder) from None
         for attacker, table in self.memory.items():
             buffer = BytesIO()
             np.savez(buffer, **table)

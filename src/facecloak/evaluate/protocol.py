@@ -169,11 +169,17 @@ def evaluate(
         adaptive_people = min(adaptive_people, len(pool))  # the report said how many were asked for
     labels = {person.name: index for index, person in enumerate(everyone)}
     distractor_pairs = _draw_distractors(split, labels, max_distractors, seed)
+    learnt_from = (
+        [] if adaptive is None else _adaptive_people(everyone, split, adaptive_people, seed, protected_dir)
+    )
     # every photo the run reads, headers only (about 0.1 ms each): a broken one fails now, in one
-    # line, not at the scoring after a protect phase of minutes or hours
-    for path in [*(p for person in (*split.protected, *split.control) for p in person.photos)] + [
-        path for path, _ in distractor_pairs
-    ]:
+    # line, not at the scoring after a protect phase of minutes or hours (the adaptive scraper's
+    # photos too: with --max-distractors they need not be in the gallery, and were read only then)
+    for path in (
+        [*(p for person in (*split.protected, *split.control) for p in person.photos)]
+        + [path for path, _ in distractor_pairs]
+        + [path for person in learnt_from for path in person.photos[:ADAPTIVE_PHOTOS_PER_PERSON]]
+    ):
         io.probe_image(path)
     result = EvaluationResult(
         settings={
@@ -328,6 +334,15 @@ def _adaptive_pool(everyone: list[Person], split: Split, protected_dir: Path | N
     ]
 
 
+def _adaptive_people(
+    everyone: list[Person], split: Split, count: int, seed: int, protected_dir: Path | None = None
+) -> list[Person]:
+    """The ``count`` people of the pool the adaptive attacker learns from, drawn with ``seed``."""
+    pool = _adaptive_pool(everyone, split, protected_dir)
+    rng = np.random.default_rng(seed + 1)
+    return [pool[i] for i in rng.permutation(len(pool))[:count]]
+
+
 def _adaptive_training(
     everyone: list[Person],
     split: Split,
@@ -338,9 +353,7 @@ def _adaptive_training(
     protected_dir: Path | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Protect photos of people outside the test; return (protected, clean) image lists to learn from."""
-    pool = _adaptive_pool(everyone, split, protected_dir)
-    rng = np.random.default_rng(seed + 1)
-    chosen = [pool[i] for i in rng.permutation(len(pool))[:count]]
+    chosen = _adaptive_people(everyone, split, count, seed, protected_dir)
     protected_images, clean_images = [], []
     for done, person in enumerate(chosen):
         paths = list(person.photos[:ADAPTIVE_PHOTOS_PER_PERSON])
@@ -397,6 +410,8 @@ def _score_phase(
     if pairs is not None and adaptive in ("linear", "both"):
         source, target = (embed_in_batches(attacker, images) for images in pairs)
         keep = ~(torch.isnan(source).any(1) | torch.isnan(target).any(1))
+        if not keep.any():  # fit_correction on no pair: a singular-matrix traceback
+            raise InvalidInputError(_nothing_to_learn(attacker, result))
         correction = fit_correction(source[keep], target[keep])
         result.settings.setdefault("linear", {})[attacker.name] = {
             "pairs": int(keep.sum()),
@@ -409,6 +424,8 @@ def _score_phase(
         )
     if pairs is not None and adaptive in ("finetune", "both") and isinstance(attacker, PipelineAttacker):
         model = finetune_model(attacker.model, *pairs, attacker.detector, seed=seed)
+        if not model.adaptive_pairs:  # untrained, its rows were the plain model's, reported as fine-tuned
+            raise InvalidInputError(_nothing_to_learn(attacker, result))
         tick = time.perf_counter()  # the rates are of embedding: the training is not timed
         tuned = PipelineAttacker(model, attacker.detector)
         tuned_probes = embed_in_batches(tuned, [io.read_image(path).pixels for path in collected.probe_paths])
@@ -463,6 +480,14 @@ def _score_phase(
             )
         progress(f"uploads ({attacker.name})", u + 1, len(uploads))
     return embed_seconds, embedded
+
+
+def _nothing_to_learn(attacker: Attacker, result: EvaluationResult) -> str:
+    """Why an adaptive scraper cannot be measured: its attacker found no face in any photo to learn from."""
+    return (
+        f"{attacker.name} found no face in any photo of the {result.settings['adaptive_people']} "
+        "people outside the test the adaptive scraper learns from: there is nothing to learn from"
+    )
 
 
 def _stage(progress: StageProgress, stage: str) -> Callable[[int, int], None]:
