@@ -212,3 +212,24 @@ def test_row_after_a_level_sweep_is_that_of_the_reported_level():
     result = EvaluationResult(settings={"level": "mid"}, rows=rows)
     assert result.row("a", "jpeg75").level == "mid"
     assert EvaluationResult(settings={}, rows=rows).row("a", "jpeg75").level == "low"
+
+
+def test_tar_at_far_1e3_is_not_reported_from_fewer_than_a_thousand_impostor_pairs():
+    """With under 1 / FAR impostor pairs the threshold was the closest impostor: TAR at FAR 0,
+    reported as TAR at FAR 1e-3 (a small run's figure understated what the scraper accepts)."""
+    from types import SimpleNamespace
+
+    from facecloak.evaluate.rows import score_row
+
+    def row(people: int):
+        ids = torch.arange(people)
+        gallery = torch.nn.functional.normalize(
+            torch.randn(people, 8, generator=torch.Generator().manual_seed(0))
+        )
+        protected = torch.zeros(people, dtype=torch.bool)
+        protected[:2] = True
+        attacker = SimpleNamespace(name="m", metric="euclidean")
+        return score_row(attacker, "none", False, gallery, ids, gallery.clone(), ids, protected, gallery[:2])
+
+    assert math.isnan(row(40).tar_at_far_1e3)  # 2 probes x 39 others: 78 impostor pairs
+    assert row(600).tar_at_far_1e3 == 1.0  # 1,198 impostor pairs: measured (each probe is its own photo)
