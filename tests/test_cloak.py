@@ -830,3 +830,39 @@ def test_the_colour_cap_holds_in_a_jpeg_file_as_written(dlib_model, detector, sa
     result = cloak([loaded.pixels], face, stored_as=[io.stored_as("out.jpg", loaded, None)])
     assert result.to_write is not None
     assert float(result.ciede_mean[0]) <= cap + 0.01, result.ciede_mean
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_dssim": math.nan},
+        {"max_linf": math.nan},
+        {"aim": math.nan},
+        {"max_dssim": "0.01"},
+        {"steps": "10"},
+        {"steps": 2.5},
+        {"steps": True},
+        {"region_scale": math.nan},
+        {"region_scale": -1.0},
+        {"eot_samples": "2"},
+        {"eot_samples": 0},
+        {"eot_samples": 2.7},
+    ],
+)
+def test_a_cloak_option_of_the_wrong_type_or_value_is_one_line(dlib_model, options):
+    """A NaN DSSIM cap compares False with every DSSIM: it was taken, and no cap held on the output.
+
+    A string or fractional step count was a raw TypeError at the first comparison or in the loop, a
+    NaN region a ValueError deep in the crops, and 0 or 2.7 draws quietly ran 1 and 2.
+    """
+    with pytest.raises(InvalidInputError, match=next(iter(options))):
+        create_cloak("untargeted", [dlib_model], "mid", **options)
+
+
+def test_a_stored_as_that_is_not_one_decoder_per_photo_is_one_line(dlib_model, photos, centre_faces):
+    """A short list left the photos past it held to no file (their caps unchecked in it); a string
+    was a raw TypeError ("'str' object is not callable") after the whole optimisation."""
+    cloak = UntargetedCloak([dlib_model], "low", steps=1, verify=False)
+    for stored_as in ([None], [None, None, None], "out.jpg", [None, "out.jpg"]):
+        with pytest.raises(InvalidInputError, match="stored_as"):
+            cloak(photos, centre_faces, stored_as=stored_as)

@@ -15,6 +15,7 @@ Shan et al., USENIX Security 2020), measured on the face region at native resolu
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from facecloak import quality, transforms
-from facecloak._checks import check_choice, check_faces, check_image_list, check_seed
+from facecloak._checks import check_choice, check_faces, check_image_list, check_seed, is_finite_number
 from facecloak._device import cpu_has_native_bfloat16
 from facecloak.align import affine_scale, model_alignment
 from facecloak.cloak.budget import (
@@ -50,7 +51,7 @@ from facecloak.cloak.regions import (
 from facecloak.cloak.scale import working_factors, working_photos
 from facecloak.cloak.skip_gradient import skip_gradient
 from facecloak.cloak.verify import face_records, measure_cloaked
-from facecloak.defaults import REGION_SCALE
+from facecloak.defaults import MIN_SCALE, REGION_SCALE
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_faces, model_device
 from facecloak.errors import InvalidInputError
@@ -342,8 +343,7 @@ class Cloak:
             overrides["extra_steps"] = 0  # steps asked for are all the steps
         base_budget = budget if budget is not None else LEVELS[level]
         self.budget = replace(base_budget, **{k: v for k, v in overrides.items() if v is not None})
-        if self.budget.steps < 0 or self.budget.max_dssim <= 0 or self.budget.max_linf <= 0:
-            raise InvalidInputError("steps must be >= 0 and the DSSIM and L-infinity caps > 0")
+        _check_budget(self.budget)
         self.models = list(models)
         self.level = level
         if models_per_step is None:
@@ -367,6 +367,11 @@ class Cloak:
         if feature_weight < 0 or not 0 <= feature_depth <= 1:
             raise InvalidInputError("feature_weight must be >= 0 and feature_depth in [0, 1]")
         self.feature_weight, self.feature_depth = float(feature_weight), float(feature_depth)
+        if not is_finite_number(region_scale) or region_scale < MIN_SCALE:
+            # NaN was a ValueError deep in the crops; under 1 the change missed most of the face
+            raise InvalidInputError(
+                f"region_scale must be a finite number >= {MIN_SCALE}, got {region_scale!r}"
+            )
         self.region_scale = float(region_scale)
         self.measured_on = measured_on
         self.feather = float(feather)
@@ -375,7 +380,11 @@ class Cloak:
         self.seed = check_seed(seed)
         self.device = model_device(self.models[0])
         default_draws = 1 if self.device.type == "cpu" else 4
-        self.eot_samples = max(1, int(eot_samples if eot_samples is not None else default_draws))
+        if eot_samples is not None and (
+            isinstance(eot_samples, bool) or not isinstance(eot_samples, numbers.Integral) or eot_samples < 1
+        ):  # "x" was a raw ValueError; 0 and 2.7 quietly ran 1 and 2 draws
+            raise InvalidInputError(f"eot_samples must be a whole number >= 1, got {eot_samples!r}")
+        self.eot_samples = int(eot_samples if eot_samples is not None else default_draws)
         if precision is None:
             precision = cpu_precision() if self.device.type == "cpu" else CUDA_PRECISION
         check_choice(precision, PRECISIONS, "precision")
@@ -477,6 +486,7 @@ class Cloak:
         clock = _StageClock(self.device)
         photos = check_image_list(images)
         check_face_values(check_faces(faces, len(photos)), [photo.shape[-2:] for photo in photos])
+        _check_stored_as(stored_as, len(photos))
         photos = [photo.to(self.device, torch.float32) for photo in photos]
         faces = faces.to("cpu")
         if len(faces) == 0:  # nothing to cloak, nor to check
@@ -1213,6 +1223,28 @@ def _box_ciede_in_photos(
         x0, y0, x1, y1 = pixel_bounds(boxes[k].tolist(), *originals[i].shape[-2:])
         values[k] = quality.ciede2000_stats(originals[i][:, y0:y1, x0:x1], photos[i][:, y0:y1, x0:x1])[0]
     return values
+
+
+def _check_budget(budget: CloakBudget) -> None:
+    """Refuse a budget no cloak can hold: a NaN cap compares False with every DSSIM, so it held none."""
+    whole = isinstance(budget.steps, numbers.Integral) and not isinstance(budget.steps, bool)
+    if not whole or budget.steps < 0:
+        raise InvalidInputError(f"steps must be a whole number >= 0, got {budget.steps!r}")
+    for name in ("max_dssim", "max_linf", "aim"):
+        value = getattr(budget, name)
+        if not is_finite_number(value) or value <= 0:
+            raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_stored_as(stored_as: object, count: int) -> None:
+    """One writer's decoder or None per photo: a photo past a short list was held to no file at all."""
+    if stored_as is None:
+        return
+    if isinstance(stored_as, (str, bytes)) or not isinstance(stored_as, Sequence) or len(stored_as) != count:
+        raise InvalidInputError(f"stored_as must hold one entry per photo ({count}), got {stored_as!r:.80}")
+    for i, store in enumerate(stored_as):
+        if store is not None and not callable(store):
+            raise InvalidInputError(f"stored_as[{i}] must be callable or None, got {type(store).__name__}")
 
 
 def default_models_per_step(models: int) -> int:
