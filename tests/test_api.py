@@ -121,3 +121,12 @@ def _lfw_people(lfw_dir) -> list[Person]:
     """Four LFW people with 10 or more photos (listing all of LFW takes long on shared storage)."""
     names = ("Colin_Powell", "Hu_Jintao", "Ian_Thorpe", "Vicente_Fox")
     return [Person(name, tuple(sorted((lfw_dir / "images" / name).glob("*.jpg")))) for name in names]
+
+
+def test_cloak_image_given_a_name_instead_of_a_cloak_is_one_line(samples_dir):
+    """``cloak_image(photo, "untargeted")`` was an AttributeError traceback ("no attribute 'detector'")."""
+    from facecloak.commands import cloak_image
+
+    photo = read_image(samples_dir / "astronaut.jpg").pixels
+    with pytest.raises(InvalidInputError, match="cloak must be a Cloak .*create_cloak.*got str"):
+        cloak_image(photo, "untargeted")

@@ -106,6 +106,10 @@ def cloak_image(
         >>> cloaked, faces = cloak_image(read_image("samples/astronaut.jpg").pixels, cloak)  # doctest: +SKIP
     """
     _check_one_image(image)
+    if not isinstance(cloak, Cloak):  # a name such as "untargeted" was an AttributeError traceback
+        raise InvalidInputError(
+            f"cloak must be a Cloak (make one with create_cloak), got {type(cloak).__name__}"
+        )
     detector = detector or cloak.detector
     faces = detector([image])
     result = CloakFaces(cloak).protect([image], faces)
