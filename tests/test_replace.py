@@ -535,7 +535,7 @@ def test_cli_donor_margin_sets_one_margin_for_every_model(data_home, donor_dir, 
     many = ["anonymize", photo, "-o", str(tmp_path / "many"), "--method", "replace", "--donors", "threebank"]
     too_many = runner.invoke(main, [*many, "--donors-per-face", "4"])
     assert too_many.exit_code == 2, too_many.output
-    assert "holds 3 donor(s), fewer than --donors-per-face 4" in too_many.output
+    assert "holds 3 usable donor(s), fewer than --donors-per-face 4" in too_many.output
     assert not (tmp_path / "many").exists()
 
 
@@ -1653,6 +1653,20 @@ def test_a_replacer_without_a_seed_is_refused_at_once(bank, models):
     TypeError deep in its first donor draw."""
     with pytest.raises(InvalidInputError, match="seed must be an integer"):
         FaceReplacer(bank, models, seed=None)
+
+
+def test_a_bank_with_too_few_usable_donors_is_refused_at_once(bank, models):
+    """Donors cut off by their photo's edge are never used: a bank of 12 with 10 cut off built a
+    replacer for 3 donors a face, which then blurred every face ("no donor set could be used")."""
+    original = bank.outside
+    try:
+        bank.outside = original.clone()
+        bank.outside[2:] = 0.5
+        with pytest.raises(DonorBankError, match=r"holds 2 usable donor\(s\) \(10 cut off"):
+            FaceReplacer(bank, models, donors_per_face=3)
+        FaceReplacer(bank, models, donors_per_face=2)
+    finally:
+        bank.outside = original
 
 
 def test_refresh_embeds_a_block_at_a_time(tmp_path, bank, models, detector, monkeypatch):

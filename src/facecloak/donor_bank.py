@@ -197,6 +197,20 @@ class DonorBank:
             out.append(pixels.clamp(0, 1))
         return torch.stack(out) if out else torch.zeros(0, 3, size, size)
 
+    def check_enough_donors(self, wanted: int) -> None:
+        """Refuse a bank with fewer usable donors than a face mixes (one line, the way out in it).
+
+        Donors cut off by their photo's edge are never used: a bank short of usable ones blurred
+        every face ("no donor set could be used") instead of saying why.
+        """
+        usable = int(self.usable.sum())
+        if usable < wanted:
+            cut_off = f" ({len(self) - usable} cut off by their photo's edge)" if usable < len(self) else ""
+            raise DonorBankError(
+                f"bank {self.name!r} holds {usable} usable donor(s){cut_off}, fewer than "
+                f"--donors-per-face {wanted}: add donors (`facecloak donors add`) or ask for fewer"
+            )
+
     def check_models(self, models: Sequence[Embedder | FaceModelCard], *, exact: bool = True) -> None:
         """Raise `DonorBankError` unless the bank was built with these models (same cards).
 

@@ -311,11 +311,7 @@ class FaceReplacer:
         self.bank = bank
         self.models = list(models) if models is not None else _available_models()
         bank.check_models(self.models, exact=False)
-        if len(bank) < donors_per_face:
-            raise InvalidInputError(
-                f"bank {bank.name!r} holds {len(bank)} donor(s), "
-                f"fewer than --donors-per-face {donors_per_face}"
-            )
+        bank.check_enough_donors(donors_per_face)
         self.donors_per_face = int(donors_per_face)
         self.seed = check_seed(seed)
         if self.seed is None:  # `check_seed` lets None through ("a fresh draw"): here a TypeError later

@@ -231,11 +231,7 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
         model_names = choose_embedders(None)
         bank.check_models([get_card(name) for name in model_names], exact=False)  # before any work
         wanted = replacer_options.get("donors_per_face", DONORS_PER_FACE)
-        if len(bank) < wanted:  # found only when building the replacer: every photo failed, exit 3
-            raise DonorBankError(
-                f"bank {bank.name!r} holds {len(bank)} donor(s), fewer than --donors-per-face {wanted}: "
-                "add donors (`facecloak donors add`) or ask for fewer"
-            )
+        bank.check_enough_donors(wanted)  # else found building the replacer: every photo failed, exit 3
     except DonorBankError as error:
         fail_run("anonymize", error, io_values, EXIT_USAGE)
     except FacecloakError as error:
