@@ -33,7 +33,7 @@ from torch import Tensor
 
 from facecloak.align import align_faces, estimate_similarity, invert_affine, transform_points
 from facecloak.models.templates import ARCFACE_TEMPLATE_112
-from facecloak.transforms import LUMA_WEIGHTS, downscaled_gaussian_blur, gaussian_blur, is_grey, to_grey
+from facecloak.transforms import LUMA_WEIGHTS, downscaled_gaussian_blur, gaussian_blur, to_grey
 
 CHIP_SIZE_PX = 256
 """Side of a donor's canonical chip, in pixels."""
@@ -895,9 +895,24 @@ def synthesize_face(
     result = _match_and_blend(
         original, sampled, parts, weight, skin, unit_px, settings, generator, lighting=lighting
     )
-    if bool(is_grey(original)[0]):  # a black-and-white photo: a face of any colour would show at once
-        result = to_grey(result)
+    if bool(nearly_grey(original)[0]):  # a black-and-white photo: a face of any colour would show at once
+        tint = (original - to_grey(original)).mean((2, 3), keepdim=True)  # zero for an exactly grey one
+        result = (to_grey(result) + tint).clamp(0, 1)
     return SynthesisResult((x0, y0, x1, y1), result[0], weight[0])
+
+
+NEARLY_GREY_SPREAD = 6 / 255
+"""A crop whose channels differ by at most this (99th percentile) is a black-and-white photo.
+
+A scan stored as a colour JPEG, or a grey photo with a channel's noise, is not exactly grey:
+colour matching then kept half the donors' colour (the chroma gain's floor), lips and eyes
+tinted on a colourless face. A skin photo's channels differ by 20 levels and more."""
+
+
+def nearly_grey(images: Tensor) -> Tensor:
+    """(B,) whether each (B, 3, H, W) crop is black and white up to noise (`NEARLY_GREY_SPREAD`)."""
+    spread = (images.amax(1) - images.amin(1)).flatten(1).float()
+    return torch.quantile(spread, 0.99, dim=1) <= NEARLY_GREY_SPREAD
 
 
 MIN_COLOUR_GAIN = 0.6
