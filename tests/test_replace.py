@@ -716,6 +716,11 @@ def test_part_weights_sum_to_one():
     for count in (2, 3, 5):
         weights = part_weights(points, count)
         assert weights.shape == (count, 50) and torch.allclose(weights.sum(0), torch.ones(50))
+    # with two donors the second (the replacer's pick for expression) gives the mouth, not the nose
+    (_, eye_y), _, (nose_x, nose_y), (_, mouth_y), _ = CANONICAL_TEMPLATE
+    mouth, nose = torch.tensor([nose_x, mouth_y + 0.02 * (mouth_y - eye_y)]), torch.tensor([nose_x, nose_y])
+    assert part_weights(mouth, 2)[1] > 0.9 and part_weights(nose, 2)[0] > 0.9
+    assert part_weights(mouth, 3)[2] > 0.9 and part_weights(nose, 3)[1] > 0.9
 
 
 def test_synthesis_changes_only_inside_its_weight(bank, targets):

@@ -1007,9 +1007,11 @@ def _match_and_blend(
 def part_weights(points: Tensor, count: int, *, softness: float = 0.08) -> Tensor:
     """(count, ...) which donor gives the fine detail at canonical-chip ``points`` (..., 2).
 
-    Donor 0 gives the eyes and brows, donor 1 the nose and cheeks, donor 2 the mouth and chin
-    (with two donors, donor 0 also gives the mouth); further donors shape only the average.
-    Transitions are smooth (``softness`` eye distances), and the weights sum to 1.
+    Donor 0 gives the eyes and brows, donor 1 the nose and cheeks, donor 2 the mouth and chin;
+    with two donors, donor 0 also gives the nose and donor 1 the mouth, so that the donor chosen
+    for its expression gives the mouth (`FaceReplacer` orders two as pose, then expression: it got
+    the nose only). Further donors shape only the average. Transitions are smooth (``softness``
+    eye distances), and the weights sum to 1.
     """
     (_, eye_y), _, (_, nose_y), (_, mouth_y), _ = CANONICAL_TEMPLATE
     unit = CANONICAL_TEMPLATE[1][0] - CANONICAL_TEMPLATE[0][0]
@@ -1018,7 +1020,8 @@ def part_weights(points: Tensor, count: int, *, softness: float = 0.08) -> Tenso
     below_nose = torch.sigmoid((y - (nose_y + mouth_y) / 2) / (softness * unit))
     bands = [1 - below_eyes, below_eyes * (1 - below_nose), below_eyes * below_nose]
     weights = torch.zeros((count, *y.shape), dtype=points.dtype, device=points.device)
-    for band, donor in zip(bands, (0, 1 % count, 2 % count)):
+    givers = (0, 0, 1) if count == 2 else (0, 1 % count, 2 % count)
+    for band, donor in zip(bands, givers):
         weights[donor] += band
     return weights
 
