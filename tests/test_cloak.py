@@ -115,6 +115,15 @@ def test_same_seed_same_perturbation_with_or_without_the_check(dlib_model, detec
     assert not torch.equal(first[0], photos[0])
 
 
+def test_a_cloak_not_checked_after_upload_says_not_checked_not_not_found(dlib_model, photos, centre_faces):
+    """With ``verify=False`` no re-detection runs: its records said ``found_after_jpeg75: False``,
+    which reads as "the face was lost after upload"; it is None, as the distance after upload is."""
+    cloak = UntargetedCloak([dlib_model], "low", steps=2, seed=0, verify=False)
+    (record,) = cloak(photos[:1], centre_faces.for_image(0)).records(centre_faces.for_image(0))
+    assert record["found_after_jpeg75"] is None
+    assert record["models"]["dlib-resnet"]["distance_after_jpeg75"] is None
+
+
 def test_a_cloak_without_a_seed_leaves_the_callers_random_numbers_alone(dlib_model, photos, centre_faces):
     """``seed=None`` called ``torch.seed()``, which re-seeds torch's global generator: a caller's
     own seeded random numbers changed after a cloak."""

@@ -242,6 +242,8 @@ class CloakResult:
     reference_photos: Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     working_factors: Tensor | None = None
+    checked_after_upload: bool = True
+    """False for a cloak made with ``verify=False``: no re-detection ran, so nothing was or was not found."""
     to_write: list[Tensor] | None = None
 
     def records(self, faces: Faces) -> list[dict]:
@@ -1127,6 +1129,7 @@ class Cloak:
             distance=distance,
             distance_jpeg=distance_jpeg,
             found_after_jpeg=found,
+            checked_after_upload=bool(self.verify),
             dssim=metrics[0],
             psnr=metrics[1],
             linf=metrics[2],

@@ -157,7 +157,10 @@ def face_records(result: CloakResult, faces: Faces) -> list[dict]:
             {
                 **base[n],
                 "protected": bool(result.protected[n]),
-                FOUND_AFTER_UPLOAD_KEY: bool(result.found_after_jpeg[n]),
+                # None: not checked (``verify=False``); False read as "not found after upload"
+                FOUND_AFTER_UPLOAD_KEY: bool(result.found_after_jpeg[n])
+                if result.checked_after_upload
+                else None,
                 "models": models,
                 "dssim": round(float(result.dssim[n]), 5),
                 "psnr": _finite_or_none(float(result.psnr[n]), 2),  # None: the face is unchanged

@@ -638,7 +638,7 @@ def _with_reason(face: dict, kind: str, level: str | None = None) -> dict:
             face.get("method"), "anonymised"
         )
         return dict(face, protected=True, reason=f"{verb}: the face is gone for a recognition model")
-    if face.get("protected") and not face.get(FOUND_AFTER_UPLOAD_KEY, True):
+    if face.get("protected") and face.get(FOUND_AFTER_UPLOAD_KEY) is False:
         return dict(face, reason="not even detected after JPEG 75 re-compression: a scraper cannot enrol it")
     parts = []
     for name, model in face.get("models", {}).items():
