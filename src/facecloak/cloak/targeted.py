@@ -51,7 +51,8 @@ class TargetedCloak(Cloak):
 
     Args:
         identity_key: per-person secret; photos cloaked with the same key agree. None draws a
-            fresh random key per call (consistent within the call only).
+            fresh random key per call (consistent within the call only), whatever ``seed`` says:
+            a key drawn from the seed would give everyone on seed 0 the same, guessable target.
         **kwargs: as `Cloak`.
 
     Example:
