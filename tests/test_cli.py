@@ -943,3 +943,17 @@ def test_uris_come_back_as_typed_after_click_made_paths_of_them():
     assert uri_of(Path("file:///tmp/photos")) == "file:///tmp/photos"
     assert uri_of(Path("s3://bucket/photos/a.jpg")) == "s3://bucket/photos/a.jpg"
     assert uri_of(Path("gs://bucket")) == "gs://bucket"
+
+
+def test_a_photo_folder_right_after_ray_is_not_taken_for_the_cluster(tmp_path, samples_dir):
+    """``--ray`` takes an optional address: ``anonymize --ray a/ b/ -o out`` made "a/" the address
+    and went on without it. A path that exists there is refused as an address, before any work."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        shutil.copy(samples_dir / "grace_hopper.jpg", folder)
+    result = CliRunner().invoke(
+        main, ["anonymize", "--ray", str(first), str(second), "-o", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and f"--ray took {str(first)!r}" in result.output
+    assert "put --ray after the paths" in result.output and not (tmp_path / "o").exists()

@@ -287,6 +287,20 @@ def uri_of(path: Path | str) -> str:
     return URI.sub(lambda match: match.group(0) + "/", text)
 
 
+def _ray_address(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+    """Refuse a photo taken for the cluster's address: ``--ray photos/ -o out`` joined "photos/".
+
+    ``--ray`` takes an optional value, so a path right after it became the address, and the batch
+    went on without that path (or stopped on "Missing argument PATHS").
+    """
+    if value and "://" not in value and Path(value).exists():
+        raise click.UsageError(
+            f"--ray took {value!r}, a file or folder here, for the cluster's address: put --ray after "
+            "the paths, or give the address as --ray=ADDRESS"
+        )
+    return value
+
+
 def ray_option(function: Callable) -> Callable:
     """``--ray [ADDRESS]``: run the batch on a Ray cluster (facecloak.distributed)."""
     return click.option(
@@ -295,6 +309,7 @@ def ray_option(function: Callable) -> Callable:
         is_flag=False,
         flag_value="",
         default=None,
+        callback=_ray_address,
         metavar="[ADDRESS]",
         help="Run on Ray: --ray alone starts or joins the local cluster (RAY_ADDRESS), --ray=ADDRESS joins "
         "that one (e.g. ray://head:10001). Inputs may be s3:// or other pyarrow URIs; needs -o and "
