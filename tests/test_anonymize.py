@@ -345,3 +345,55 @@ def test_a_small_face_pixelated_at_the_most_blocks_allowed_is_no_longer_recognis
         clean = embed_faces(small, tiny, dlib_resnet)
         out = jpeg_roundtrip(Anonymizer("pixelate", **WEAKEST[1][1])(small, tiny)[0], 75)[None]
         assert float((embed_faces(out, tiny, dlib_resnet) - clean).norm()) > 0.6
+
+
+def test_a_replaced_face_that_failed_every_check_is_not_reported_protected(
+    lfw_dir, lfw_faces, detector, dlib_resnet, tmp_path, monkeypatch
+):
+    """`AnonymizeFaces` (`anonymize_image`, `ProtectorSpec("anonymize", ...)`) with method
+    "replace" marked every face protected: one whose donor mixes all failed and that kept its best
+    try (``fallback="keep"``; `replace_faces` said NOT protected) was reported protected."""
+    import shutil
+
+    from facecloak.donor_bank import load_bank
+    from facecloak.donors import add_donors
+    from facecloak.protection import AnonymizeFaces
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # the user's banks stay untouched
+    donors = tmp_path / "donors"
+    donors.mkdir()
+    for person in ("Aaron_Patterson", "Aaron_Sorkin", "Abbas_Kiarostami"):
+        photo = sorted((lfw_dir / "images" / person).glob("*.jpg"))[0]
+        shutil.copy(photo, donors / photo.name)
+    add_donors([donors], [dlib_resnet], bank="failing", licence="LFW, research use", detector=detector)
+    image, face, _ = lfw_faces[0]
+    # no donor mix can be 50 thresholds from the person: every try fails, the last one is kept
+    options = dict(donors_per_face=2, attempts=1, margin=50.0, fallback="keep", finish=False)
+    anonymizer = Anonymizer(
+        "replace", bank=load_bank("failing"), models=[dlib_resnet], detector=detector, **options
+    )
+    result = AnonymizeFaces(anonymizer).protect([image[0]], face)
+    assert [record["protected"] for record in result.records] == [False]
+    assert result.records[0]["method"] == "replace" and result.records[0].get("reason")
+
+
+def test_a_keyword_the_replacer_does_not_take_is_refused_before_any_face():
+    """``Anonymizer("replace", bank=..., atempts=2)`` built, then every photo failed with a raw
+    TypeError from FaceReplacer (the check let any keyword of a replace through)."""
+    with pytest.raises(InvalidInputError, match="replace takes no atempts"):
+        Anonymizer("replace", bank="any", atempts=2)
+    kept = Anonymizer(
+        "replace", bank="any", models=None, attempts=2, fallback="keep", donors_per_face=2, seed=1
+    )
+    assert kept.params["attempts"] == 2
+
+
+def test_anonymize_faces_runs_replace_on_one_worker_only():
+    """The replacer `replace_faces` caches is shared and keeps each call's state: `for_worker`
+    handed the same object to every compute thread."""
+    from facecloak.anonymize import Anonymizer
+    from facecloak.protection import AnonymizeFaces
+
+    assert AnonymizeFaces(Anonymizer("replace", bank="any")).for_worker() is None
+    blur = AnonymizeFaces(Anonymizer("blur"))
+    assert blur.for_worker() is blur

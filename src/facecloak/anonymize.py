@@ -192,9 +192,19 @@ def check_method_params(method: str, params: dict) -> None:
     if method == "replace":  # its keywords are the replacer's (`facecloak.replace.replace_faces`)
         if params.get("bank") is None:
             raise InvalidInputError("replace needs bank= (a donor bank or its name: `facecloak donors add`)")
-        return
-    signature = inspect.signature(_FUNCTIONS[method]).parameters.values()
-    accepted = sorted(p.name for p in signature if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        # a misspelt one (attempts) was a raw TypeError from FaceReplacer at the first photo
+        from facecloak.replace import FaceReplacer, replace_faces
+
+        signature = [
+            *inspect.signature(replace_faces).parameters.values(),
+            *inspect.signature(FaceReplacer).parameters.values(),
+        ]
+        accepted = sorted(
+            {p.name for p in signature if p.kind is inspect.Parameter.KEYWORD_ONLY} | {"bank", "models"}
+        )
+    else:
+        signature = list(inspect.signature(_FUNCTIONS[method]).parameters.values())
+        accepted = sorted(p.name for p in signature if p.kind is inspect.Parameter.KEYWORD_ONLY)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise InvalidInputError(f"{method} takes no {', '.join(unknown)} (it takes {', '.join(accepted)})")

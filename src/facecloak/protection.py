@@ -121,6 +121,9 @@ def _result(
 class AnonymizeFaces:
     """Anonymise every face (see `facecloak.anonymize`); every face found counts as protected.
 
+    Except with method "replace": there each face's record is the replacer's own, and one whose
+    every donor mix failed a check may be NOT protected (`facecloak.replace.replace_faces`).
+
     Its outputs are tagged by method (``photo_blur.jpg``, ``photo_pixelate.jpg``,
     ``photo_mask.jpg``), so runs of different methods into one folder do not collide.
     """
@@ -136,9 +139,13 @@ class AnonymizeFaces:
     def __repr__(self) -> str:
         return f"AnonymizeFaces({self.anonymizer!r})"
 
-    def for_worker(self) -> AnonymizeFaces:
-        """Itself: anonymising keeps no state between calls."""
-        return self
+    def for_worker(self) -> AnonymizeFaces | None:
+        """Itself: anonymising keeps no state between calls; None for method "replace".
+
+        The replacer `replace_faces` shares from its cache keeps each call's state: `ReplaceFaces`
+        runs on workers, each with its own copy.
+        """
+        return None if self.anonymizer.method == "replace" else self
 
     def protect(
         self,
@@ -152,6 +159,13 @@ class AnonymizeFaces:
         """Anonymise each image's faces (images of any sizes: one anonymiser call per image)."""
         photos = check_image_list(images)
         check_faces(faces, len(photos))
+        if self.anonymizer.method == "replace":
+            # its own records: a face whose every donor mix failed (``fallback="keep"``) is NOT
+            # protected, yet was reported protected like a blurred one
+            from facecloak.replace import replace_faces
+
+            replaced = replace_faces(photos, faces, **self.anonymizer.params)
+            return _result(replaced.images, replaced.records, faces)
         outputs = []
         for k, image in enumerate(photos):
             mine = faces.for_image(k)
