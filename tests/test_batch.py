@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from facecloak import io
 from facecloak.anonymize import Anonymizer
 from facecloak.batch import Options, plan_batch, run_batch
 from facecloak.cloak import create_cloak
@@ -416,3 +417,19 @@ def test_a_photo_that_failed_on_another_files_error_is_still_named():
     assert f"    in/a.jpg: {model_error}" in text
     assert "    in/b.jpg: not an image" in text and "in/b.jpg: in/b.jpg" not in text
     assert report.outcomes[0].message == f"error: in/a.jpg: {model_error}"
+
+
+def test_overwrite_knows_a_large_photos_earlier_output_under_the_runs_own_pixel_limit(
+    tmp_path, samples_dir, monkeypatch
+):
+    """``--max-pixels`` raised for a photo over the default limit: `looks_like` still opened it under
+    the default, failed, and took the photo's own earlier output for another photo (an input). The
+    limits lowered under the sample's 307,200 pixels stand in for a 200 MP photo."""
+    from PIL import Image
+
+    shutil.copy(samples_dir / "grace_hopper.jpg", tmp_path / "g.jpg")
+    io.write_image(tmp_path / "g_blur.png", io.read_image(tmp_path / "g.jpg").pixels)
+    monkeypatch.setenv("FACECLOAK_MAX_PIXELS", "100000")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    plan = plan_batch([tmp_path], "blur", Options(overwrite=True, format="png", max_pixels=1_000_000))
+    assert [job.path.name for job, _ in plan.todo] == ["g.jpg"] and not plan.failed

@@ -116,6 +116,16 @@ def test_no_face_and_tiny_photos(batched):
     assert pyramid_scales(10, 10, 20.0) == []
 
 
+def test_reference_backend_finds_no_face_in_a_photo_under_the_smallest_face(lfw_photos, reference, batched):
+    """A photo too small for one pyramid level (10 px, ``min_size`` 20): facenet-pytorch's
+    ``detect_face`` concatenated no levels and raised a ValueError, failing the whole batch."""
+    tiny = F.interpolate(lfw_photos[0][None], size=(10, 10), mode="area")[0]
+    photos = [tiny, lfw_photos[0]]
+    expected = batched(photos)
+    assert expected.count_per_image(2)[0] == 0 and len(expected) >= 1
+    assert_same_faces(reference(photos), expected, 2)
+
+
 def test_area_crops_are_interpolate_area():
     """The summed-area crops equal F.interpolate(mode="area") of each window, down and up."""
     generator = torch.Generator().manual_seed(0)

@@ -843,3 +843,24 @@ def test_a_photo_wider_than_a_jpeg_allows_is_refused_saying_so():
     with pytest.raises(ImageWriteError, match=r"at most 65,500 pixels a side.*66000 x 16.*PNG"):
         encode_image(torch.zeros(3, 16, 66_000), "JPEG")
     assert encode_image(torch.zeros(3, 16, 600), "JPEG")[:2] == b"\xff\xd8"
+
+
+def test_a_photo_over_pils_own_pixel_guard_is_still_recognised_in_its_earlier_output(
+    tmp_path, samples_dir, monkeypatch
+):
+    """`looks_like` opened both files under PIL's guard (89 MP, an error over 179 MP) rather than
+    facecloak's: a photo the batch reads (FACECLOAK_MAX_PIXELS raised) was never its own output's
+    photo, and ``--overwrite`` then failed it as "an input too". PIL's guard lowered under the
+    photo's 512 x 600 stands in for a 200 MP photo."""
+    import warnings
+
+    from facecloak.io import looks_like
+
+    photo = samples_dir / "grace_hopper.jpg"
+    output = tmp_path / "grace_hopper_blur.png"
+    write_image(output, read_image(photo).pixels)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # PIL refuses over 200,000 pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # and warns over 100,000
+        assert looks_like(output, photo)
+    assert Image.MAX_IMAGE_PIXELS == 100_000  # put back as it was

@@ -78,7 +78,7 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
             plan.failed.append(FileOutcome(str(job.path), "failed", error=str(error)))
             continue
         planned.append((job, target))
-    earlier = _earlier_outputs(planned, tag, overwrite=options.overwrite)
+    earlier = _earlier_outputs(planned, tag, overwrite=options.overwrite, max_pixels=options.max_pixels)
     inputs = io.ProtectedFiles(path for path in inputs if path not in earlier)
     claimed: dict[Path, Path] = {}
     for job, target in planned:
@@ -128,7 +128,11 @@ OUTPUT_TAGS = (CloakFaces.tag, *ANONYMIZE_METHODS)
 
 
 def _earlier_outputs(
-    planned: list[tuple[io.ImageJob, Path]], tag: str, *, overwrite: bool = False
+    planned: list[tuple[io.ImageJob, Path]],
+    tag: str,
+    *,
+    overwrite: bool = False,
+    max_pixels: int | None = None,
 ) -> dict[Path, str]:
     """The files found in folders that are outputs of earlier runs, each with the reason.
 
@@ -154,7 +158,10 @@ def _earlier_outputs(
                 if stem != job.path.stem and source != job.path:
                     output_tag = other
                     break
-        if output_tag is not None and (not overwrite or io.looks_like(job.path, source)):
+        an_output = output_tag is not None and (
+            not overwrite or io.looks_like(job.path, source, max_pixels=max_pixels)
+        )
+        if an_output:
             earlier[job.path] = f"the {output_tag} output of {source}"
     return earlier
 

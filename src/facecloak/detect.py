@@ -35,6 +35,7 @@ from facecloak.mtcnn import (
     PYRAMID_FACTOR,
     detect_mtcnn,
     load_mtcnn_nets,
+    pyramid_scales,
 )
 from facecloak.turns import boxes_from_turned, from_turned, turn_image
 
@@ -289,6 +290,10 @@ class FaceDetector:
         from facenet_pytorch.models.utils.detect_face import detect_face
 
         pnet, rnet, onet = self.nets
+        if not pyramid_scales(*stack.shape[-2:], min_face, PYRAMID_FACTOR):
+            # smaller than the smallest face: facenet-pytorch's ``torch.cat`` of no levels raised
+            empty = (torch.zeros(0, 5), torch.zeros(0, 5, 2))
+            return [empty] * len(stack)
         pixels = stack.permute(0, 2, 3, 1).contiguous()
         boxes_per_image, points_per_image = detect_face(
             pixels, min_face, pnet, rnet, onet, list(self.stage_thresholds), PYRAMID_FACTOR, self.device

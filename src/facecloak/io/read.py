@@ -461,22 +461,27 @@ is unchanged. On 20 LFW photos: 0-1 levels for their cloaked, masked, pixelated 
 outputs, 19 levels and more between any two of the photos."""
 
 
-def looks_like(output: Path, photo: Path) -> bool:
+def looks_like(output: Path, photo: Path, *, max_pixels: int | None = None) -> bool:
     """Whether ``output`` is ``photo`` with its faces changed: its size, and the rest of it.
 
     Reads both photos' headers, and decodes each to a 32 x 32 grey thumbnail (a JPEG at a
     fraction of its size). Any read error answers False: the file is then kept as an input.
+    PIL's own pixel guard is raised to ``max_pixels`` (default `max_pixels_default()`), as
+    `read_image` raises it: a photo over PIL's 89 MP printed a decompression-bomb warning, and one
+    over twice that (read with the limit raised) was never taken for the earlier output of itself.
     """
     thumbnails = []
     try:
-        for path in (output, photo):
-            with Image.open(path) as opened:
-                width, height = opened.size
-                turned = opened.getexif().get(_ORIENTATION_TAG) in (5, 6, 7, 8)
-                opened.draft("L", (64, 64))  # a JPEG decodes at 1/2-1/8 of its size
-                upright = ImageOps.exif_transpose(opened).convert("L")
-                size = (height, width) if turned else (width, height)
-                thumbnails.append((size, upright.resize((32, 32), Image.Resampling.BOX)))
+        with warnings.catch_warnings(), _PIL_PIXEL_LIMIT.at_least(max_pixels or max_pixels_default()):
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            for path in (output, photo):
+                with Image.open(path) as opened:
+                    width, height = opened.size
+                    turned = opened.getexif().get(_ORIENTATION_TAG) in (5, 6, 7, 8)
+                    opened.draft("L", (64, 64))  # a JPEG decodes at 1/2-1/8 of its size
+                    upright = ImageOps.exif_transpose(opened).convert("L")
+                    size = (height, width) if turned else (width, height)
+                    thumbnails.append((size, upright.resize((32, 32), Image.Resampling.BOX)))
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         return False
     (size_a, a), (size_b, b) = thumbnails
