@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import threading
+import time
 
 import pytest
+import torch
 
 from facecloak import io
 from facecloak.anonymize import Anonymizer
@@ -433,3 +437,48 @@ def test_overwrite_knows_a_large_photos_earlier_output_under_the_runs_own_pixel_
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
     plan = plan_batch([tmp_path], "blur", Options(overwrite=True, format="png", max_pixels=1_000_000))
     assert [job.path.name for job, _ in plan.todo] == ["g.jpg"] and not plan.failed
+
+
+class _SlowSteps:
+    """A blur that first reports optimisation steps for seconds, as a cloak's chunk on a CPU does."""
+
+    kind, tag, steps, aim = "anonymize", "blur", 300, None
+
+    def for_worker(self) -> _SlowSteps:
+        return self
+
+    def protect(self, images, faces, *, identity=None, on_step=None, stored_as=None):
+        done, ratios = torch.zeros(len(faces), dtype=torch.bool), torch.ones(len(faces))
+        for step in range(1, self.steps + 1):
+            time.sleep(0.02)
+            on_step(step, self.steps, done, ratios)
+        return AnonymizeFaces(Anonymizer("blur")).protect(images, faces)
+
+
+def test_ctrl_c_stops_a_pipelined_batch_s_workers_at_their_next_step(photos, tmp_path, detector):
+    """Ctrl-C waited for each compute thread to finish its chunk (a CPU cloak's: a minute), its
+    progress still printing, before the batch stopped."""
+    from facecloak.pipeline import run_resumable_batch
+
+    (photos / "broken.jpg").unlink()
+    main = threading.main_thread().ident
+    sent: list[float] = []
+
+    def interrupt_at_a_worker_s_second_step(event) -> None:
+        if event.stage == "protect" and event.step == 2 and not sent:
+            sent.append(time.perf_counter())
+            signal.pthread_kill(main, signal.SIGINT)
+
+    options = Options(out_dir=str(tmp_path / "out"), chunk=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_resumable_batch(
+            [photos],
+            _SlowSteps(),
+            options,
+            settings={},
+            detector=detector,
+            workers=2,
+            on_progress=interrupt_at_a_worker_s_second_step,
+        )
+    assert sent and time.perf_counter() - sent[0] < 2  # a chunk left to finish took 6 s
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("facecloak-compute")]

@@ -308,6 +308,10 @@ def run_resumable_batch(
         # a dead thread used to leave the others waiting on its queue forever
         crashed: list[BaseException] = []
 
+        # the main thread is leaving on an exception (Ctrl-C, a worker's bug): a worker stops at its
+        # next optimisation step, where it used to finish its chunk first (a CPU cloak: a minute)
+        leaving = threading.Event()
+
         def crash(error: BaseException) -> None:
             with lock:
                 crashed.append(error)
@@ -400,7 +404,7 @@ def run_resumable_batch(
                 faces = found_by(pixels)
                 progress.found(len(faces))
                 storage = [io.stored_as(entry.target, entry.image, options.jpeg_quality) for entry in chunk]
-                result = _protect(protection, pixels, faces, progress, names, storage)
+                result = _protect(protection, pixels, faces, progress, names, storage, leaving)
             except FacecloakError as error:
                 for entry in chunk:
                     finish(FileOutcome(str(entry.job.path), "failed", error=str(error)))
@@ -436,6 +440,9 @@ def run_resumable_batch(
                 running.append(pool.submit(compute, chunk))
             for future in running:
                 future.result()
+        except BaseException:
+            leaving.set()
+            raise
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -516,12 +523,23 @@ class _Progress:
             self.emit("file", outcome=outcome)
 
 
+class _Interrupted(Exception):
+    """Ends a worker's optimisation at its next step: the batch is stopping (`_protect`'s ``halt``)."""
+
+
 def _protect(
-    protection: Protection, pixels, faces, progress: _Progress, names: tuple[str, ...], storage=None
+    protection: Protection,
+    pixels,
+    faces,
+    progress: _Progress,
+    names: tuple[str, ...],
+    storage=None,
+    halt: threading.Event | None = None,
 ) -> ProtectionResult:
     """Run the protection on a chunk, sending its per-step progress (cloaks).
 
     ``storage``: per photo, how its output file will hold it (`facecloak.io.stored_as`).
+    ``halt``: once set, the optimisation stops at its next step (`_Interrupted`).
     """
     aim = protection.aim
     progress.emit("protect", current=names, steps=progress.steps, aim=aim)
@@ -529,6 +547,8 @@ def _protect(
         return protection.protect(pixels, faces)
 
     def on_step(step: int, steps: int, done, ratios) -> None:
+        if halt is not None and halt.is_set():
+            raise _Interrupted
         waiting = ratios[~done]
         distance = float(waiting.min()) if len(waiting) else float(ratios.min()) if len(ratios) else None
         finished = int(done.sum()) == len(done) or step >= steps
