@@ -864,3 +864,21 @@ def test_a_photo_over_pils_own_pixel_guard_is_still_recognised_in_its_earlier_ou
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # and warns over 100,000
         assert looks_like(output, photo)
     assert Image.MAX_IMAGE_PIXELS == 100_000  # put back as it was
+
+
+def test_the_python_api_refuses_pixels_paths_and_sources_of_the_wrong_kind(tmp_path, samples_dir):
+    """Each was written or read without a word, or a traceback: 0..255 levels as floats were
+    clipped (88% of the astronaut written pure white); a path as ``source`` an AttributeError;
+    ``read_image(None)`` a pathlib TypeError; ``max_pixels=-1`` refused every photo as too large."""
+    photo = read_image(samples_dir / "astronaut.jpg")
+    with pytest.raises(InvalidInputError, match=r"in \[0, 1\], got values from 0 to 255.*divide by 255"):
+        write_image(tmp_path / "a.png", photo.pixels * 255)
+    with pytest.raises(InvalidInputError, match="source must be the LoadedImage read_image gave, got str"):
+        write_image(tmp_path / "b.png", photo.pixels, source=str(samples_dir / "astronaut.jpg"))
+    with pytest.raises(InvalidInputError, match=r"path must be a file name \(str or Path\), got NoneType"):
+        read_image(None)
+    for limit in ("x", -1, 2.5):
+        with pytest.raises(InvalidInputError, match="max_pixels must be a whole number >= 1"):
+            read_image(samples_dir / "astronaut.jpg", max_pixels=limit)
+    assert not list(tmp_path.iterdir())
+    write_image(tmp_path / "c.png", (photo.pixels * 1.002 - 0.001))  # float drift within a level: written

@@ -156,6 +156,12 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
         >>> image.pixels.shape  # doctest: +SKIP
         torch.Size([3, 512, 512])
     """
+    if not isinstance(path, str | os.PathLike):  # None, bytes, an array: a pathlib TypeError traceback
+        raise InvalidInputError(f"path must be a file name (str or Path), got {type(path).__name__}")
+    if max_pixels is not None and (
+        isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1
+    ):  # "x" was a TypeError in the check, -1 refused every photo as over its limit
+        raise InvalidInputError(f"max_pixels must be a whole number >= 1, got {max_pixels!r}")
     path = Path(path)
     limit = max_pixels or max_pixels_default()
     with _PIL_PIXEL_LIMIT.at_least(limit):  # PIL's own guard must not be stricter than ours

@@ -89,6 +89,7 @@ def write_image(
         ImageWriteError: one line naming the file and the reason; nothing is left behind.
     """
     path = Path(path)
+    _check_source(source)
     if source is not None and same_file(path, source.path):  # the photo it was made from is an input
         raise ImageWriteError("refusing to overwrite an input file (the source photo)", path)
     _check_target(path, protected, overwrite)
@@ -508,6 +509,13 @@ def _note_what_is_left_out(source: LoadedImage, format_name: str, info: dict) ->
         _note(info, f"transparency composited onto white: {format_name} has none")
 
 
+def _check_source(source: object) -> None:
+    """Refuse a ``source`` that is not a `LoadedImage`: a path given there was an AttributeError."""
+    if source is not None and not isinstance(source, LoadedImage):
+        kind = type(source).__name__
+        raise InvalidInputError(f"source must be the LoadedImage read_image gave, got {kind}")
+
+
 def encode_image(
     pixels: Tensor,
     format_name: str,
@@ -535,6 +543,14 @@ def encode_image(
         raise InvalidInputError(f"pixels must be a (3, H, W) float torch.Tensor in [0, 1], got {kind}")
     if pixels.ndim != 3 or pixels.shape[0] != 3:
         raise InvalidInputError(f"pixels must be a (3, H, W) float tensor, got shape {tuple(pixels.shape)}")
+    low, high = (float(v) for v in torch.aminmax(pixels.detach())) if pixels.numel() else (0.0, 0.0)
+    if low < -1 / 255 or high > 1 + 1 / 255:  # (NaN compares False: `levels_8bit` refuses it)
+        # levels of 0..255 as floats were clipped to [0, 1]: the photo written nearly all white
+        raise InvalidInputError(
+            f"pixels must be in [0, 1], got values from {low:.3g} to {high:.3g} (levels of 0..255? "
+            "divide by 255)"
+        )
+    _check_source(source)
     if source is not None and source.alpha is not None and format_name not in ALPHA_FORMATS:
         pixels = over_white(pixels, source.alpha)
         source = dataclasses.replace(source, alpha=None, flattened=True)
