@@ -1235,3 +1235,58 @@ def test_another_clients_photo_of_the_same_person_does_not_change_a_cloak(dlib_r
     assert [result.faces[0]["reference_photos"] for result in shared] == [1, 1]
     mine = shared[1].faces[0]["models"]["dlib-resnet"]
     assert mine["distance"] == pytest.approx(alone[0]["models"]["dlib-resnet"]["distance"], abs=1e-3)
+
+
+def test_a_client_that_disconnects_while_its_photo_waits_frees_its_place(samples_dir):
+    """A client that gave up (closed its connection) kept its photo in the queue until a worker
+    reached it and computed it for nobody: new uploads got 503 for work no one waited for."""
+    import uvicorn
+
+    from facecloak.service import ServiceSettings, create_app
+    from facecloak.service.batcher import JobResult
+    from service_helpers import free_port
+
+    gate = threading.Event()
+
+    class BlockingEngine:
+        def run(self, jobs):
+            gate.wait(30)
+            return [JobResult(None, [], len(jobs), 0.0) for _ in jobs]
+
+    settings = ServiceSettings(device="cpu", preload=False, queue_size=2, max_batch=1, batch_wait_ms=0)
+    app = create_app(settings)
+    app.state.batcher._engine_factory = lambda device: BlockingEngine()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+
+    def give_up(_) -> None:  # waits a second for its answer, then closes the connection
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/detect", files={"image": ("g.jpg", photo)}, timeout=httpx.Timeout(1.0))
+
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        clients = [threading.Thread(target=give_up, args=(k,)) for k in range(2)]
+        for client in clients:  # one photo runs (blocked), the other waits in the queue
+            client.start()
+            time.sleep(0.3)
+        for client in clients:
+            client.join(30)
+        depth = None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            depth = httpx.get(f"{url}/healthz", timeout=5).json()["queue_depth"]
+            if depth == 1:
+                break
+            time.sleep(0.1)
+        assert depth == 1  # the running photo finishes; the waiting one is gone with its client
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+        assert 'facecloak_rejected_total{reason="client_disconnected"} 2.0' in metrics
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)

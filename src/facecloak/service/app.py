@@ -275,7 +275,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 stored_as=stored_as,
             )
             future = batcher.submit(job)
-        result: JobResult = await _wait(future, settings.request_timeout_s)
+        result: JobResult = await _wait(future, settings.request_timeout_s, request)
         endpoint = route_path(request.scope)  # its label as the request metrics', behind a prefix too
         faces = [_with_reason(face, kind, params.get("level")) for face in result.faces]
         metrics.faces.labels(endpoint).inc(len(faces))
@@ -538,18 +538,39 @@ def _decode(data: bytes, name: str, max_pixels: int) -> io.LoadedImage:
         raise UploadRejected(status, "unreadable_image", error.reason) from None
 
 
-async def _wait(future, timeout_s: float) -> JobResult:
+async def _until_disconnected(request: Request) -> None:
+    """Return when the client has gone (the body is read already: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _wait(future, timeout_s: float, request: Request | None = None) -> JobResult:
     """The job's result; a model failure (the worker logged it) becomes a one-line JSON 500.
 
     Raised on as it was, it reached Starlette's last-resort handler, outside every middleware: a
     plain-text "Internal Server Error" without the privacy headers (``no-store`` among them).
+    A client that disconnects (``request`` given) cancels its job as a timeout does: its photo
+    held its place in the queue, and was computed, for nobody, while others got 503.
     """
+    waiting = asyncio.wrap_future(future)
+    watcher = asyncio.ensure_future(_until_disconnected(request)) if request is not None else None
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout=timeout_s)
-    except asyncio.TimeoutError:
-        raise UploadRejected(
-            504, "timeout", f"not finished within this service's limit of {timeout_s:g} s"
-        ) from None
+        done, _ = await asyncio.wait(
+            [waiting] if watcher is None else [waiting, watcher],
+            timeout=timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if not waiting.done():
+            waiting.cancel()  # cancels the job if it still waits for a worker: its place is freed
+    if waiting not in done:
+        if watcher is not None and watcher in done:
+            raise UploadRejected(499, "client_disconnected", "the client disconnected before the answer")
+        raise UploadRejected(504, "timeout", f"not finished within this service's limit of {timeout_s:g} s")
+    try:
+        return waiting.result()
     except FacecloakError:  # a client's setting: its own handler answers 422
         raise
     except Exception as error:
