@@ -189,22 +189,18 @@ def check_method_params(method: str, params: dict) -> None:
     They failed as a raw TypeError when the first faces were processed (`Anonymizer` builds before
     a batch starts, so a typo surfaced only photo by photo).
     """
+    functions, also = (_FUNCTIONS[method],), set()  # also: keywords that are not keyword-only
     if method == "replace":  # its keywords are the replacer's (`facecloak.replace.replace_faces`)
         if params.get("bank") is None:
             raise InvalidInputError("replace needs bank= (a donor bank or its name: `facecloak donors add`)")
         # a misspelt one (attempts) was a raw TypeError from FaceReplacer at the first photo
         from facecloak.replace import FaceReplacer, replace_faces
 
-        signature = [
-            *inspect.signature(replace_faces).parameters.values(),
-            *inspect.signature(FaceReplacer).parameters.values(),
-        ]
-        accepted = sorted(
-            {p.name for p in signature if p.kind is inspect.Parameter.KEYWORD_ONLY} | {"bank", "models"}
-        )
-    else:
-        signature = list(inspect.signature(_FUNCTIONS[method]).parameters.values())
-        accepted = sorted(p.name for p in signature if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        functions, also = (replace_faces, FaceReplacer), {"bank", "models"}
+    signature = [
+        parameter for function in functions for parameter in inspect.signature(function).parameters.values()
+    ]
+    accepted = sorted({p.name for p in signature if p.kind is inspect.Parameter.KEYWORD_ONLY} | also)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise InvalidInputError(f"{method} takes no {', '.join(unknown)} (it takes {', '.join(accepted)})")
