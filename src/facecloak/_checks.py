@@ -13,6 +13,11 @@ from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
 
 
+def is_whole_number(value: object) -> bool:
+    """Whether ``value`` is an integer, and not a bool (``True`` is an int to Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def is_finite_number(value: object) -> bool:
     """Whether ``value`` is a finite int or float, and not a bool (JSON's ``true`` reads as 1)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -55,7 +60,7 @@ def check_seed(seed: int | None, name: str = "seed") -> int | None:
     """Check a seed lies in [0, `facecloak.defaults.MAX_SEED`] (None: a fresh draw each call)."""
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+    if not is_whole_number(seed) or not 0 <= seed <= MAX_SEED:
         raise InvalidInputError(f"{name} must be an integer from 0 to {MAX_SEED}; got {seed!r}")
     return int(seed)
 

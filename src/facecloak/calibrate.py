@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from facecloak import io
+from facecloak._checks import is_whole_number
 from facecloak.datasets import list_people
 from facecloak.defaults import SCRAPER_ROTATIONS
 from facecloak.detect import FaceDetector
@@ -110,7 +111,7 @@ def calibrate_threshold(
         raise InvalidInputError(f"far must be a number between 0 and 1, got {far!r}")
     # 0 or less (the CLI takes 10 or more) was refused as "no readable photos", which they were
     # not, and a float failed deep in a slice
-    if isinstance(max_photos, bool) or not isinstance(max_photos, numbers.Integral) or max_photos < 2:
+    if not is_whole_number(max_photos) or max_photos < 2:
         raise InvalidInputError(f"max_photos must be a whole number of at least 2, got {max_photos!r}")
     photos = calibration_photos(data, max_photos, seed)
     # on the model's device, not CUDA whenever present: `--device cpu` put MTCNN on the GPU

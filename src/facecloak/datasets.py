@@ -5,12 +5,12 @@ Only file lists and labels live here; pixels are read by `facecloak.io` when nee
 
 from __future__ import annotations
 
-import numbers
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from facecloak._checks import is_whole_number
 from facecloak.errors import InvalidInputError
 from facecloak.io import IMAGE_SUFFIXES
 
@@ -99,13 +99,13 @@ def split_people(
     # or a float, failed with a TypeError traceback
     if isinstance(protected, Sequence) and not isinstance(protected, str):
         protected = list(protected)
-    elif not _is_whole(protected) or protected < 1:
+    elif not is_whole_number(protected) or protected < 1:
         raise InvalidInputError(
             f"protected must be a number of people from 1, or their names; got {protected!r}"
         )
-    if not _is_whole(control) or control < 0:
+    if not is_whole_number(control) or control < 0:
         raise InvalidInputError(f"control must be a number of people from 0; got {control!r}")
-    if not (_is_whole(probes) and _is_whole(min_photos)) or probes < 1 or min_photos <= probes:
+    if not (is_whole_number(probes) and is_whole_number(min_photos)) or probes < 1 or min_photos <= probes:
         raise InvalidInputError("need probes >= 1 and min_photos > probes, both whole numbers")
     eligible = [p for p in people if len(p.photos) >= min_photos]
     rng = random.Random(seed)
@@ -137,11 +137,6 @@ def split_people(
     taken = {p.name for p in chosen} | {p.name for p in control_people}
     distractors = [p for p in people if p.name not in taken]
     return Split(tuple(chosen), tuple(control_people), tuple(distractors), probes)
-
-
-def _is_whole(value: object) -> bool:
-    """Whether ``value`` is an integer, and not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

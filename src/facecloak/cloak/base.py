@@ -15,7 +15,6 @@ Shan et al., USENIX Security 2020), measured on the face region at native resolu
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,14 @@ import torch
 from torch import Tensor
 
 from facecloak import quality, transforms
-from facecloak._checks import check_choice, check_faces, check_image_list, check_seed, is_finite_number
+from facecloak._checks import (
+    check_choice,
+    check_faces,
+    check_image_list,
+    check_seed,
+    is_finite_number,
+    is_whole_number,
+)
 from facecloak._device import cpu_has_native_bfloat16
 from facecloak.align import affine_scale, model_alignment
 from facecloak.cloak.budget import (
@@ -383,7 +389,7 @@ class Cloak:
         self.device = model_device(self.models[0])
         default_draws = 1 if self.device.type == "cpu" else 4
         if eot_samples is not None and (
-            isinstance(eot_samples, bool) or not isinstance(eot_samples, numbers.Integral) or eot_samples < 1
+            not is_whole_number(eot_samples) or eot_samples < 1
         ):  # "x" was a raw ValueError; 0 and 2.7 quietly ran 1 and 2 draws
             raise InvalidInputError(f"eot_samples must be a whole number >= 1, got {eot_samples!r}")
         self.eot_samples = int(eot_samples if eot_samples is not None else default_draws)
@@ -1230,8 +1236,7 @@ def _box_ciede_in_photos(
 
 def _check_budget(budget: CloakBudget) -> None:
     """Refuse a budget no cloak can hold: a NaN cap compares False with every DSSIM, so it held none."""
-    whole = isinstance(budget.steps, numbers.Integral) and not isinstance(budget.steps, bool)
-    if not whole or budget.steps < 0:
+    if not is_whole_number(budget.steps) or budget.steps < 0:
         raise InvalidInputError(f"steps must be a whole number >= 0, got {budget.steps!r}")
     for name in ("max_dssim", "max_linf", "aim"):
         value = getattr(budget, name)

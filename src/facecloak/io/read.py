@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from facecloak._checks import is_whole_number
 from facecloak.errors import ImageReadError, InvalidInputError
 
 try:  # HEIC/HEIF support is an optional extra (pip install facecloak[heic]).
@@ -159,7 +160,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
     if not isinstance(path, str | os.PathLike):  # None, bytes, an array: a pathlib TypeError traceback
         raise InvalidInputError(f"path must be a file name (str or Path), got {type(path).__name__}")
     if max_pixels is not None and (
-        isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1
+        not is_whole_number(max_pixels) or max_pixels < 1
     ):  # "x" was a TypeError in the check, -1 refused every photo as over its limit
         raise InvalidInputError(f"max_pixels must be a whole number >= 1, got {max_pixels!r}")
     path = Path(path)
