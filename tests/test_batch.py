@@ -482,3 +482,120 @@ def test_ctrl_c_stops_a_pipelined_batch_s_workers_at_their_next_step(photos, tmp
         )
     assert sent and time.perf_counter() - sent[0] < 2  # a chunk left to finish took 6 s
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("facecloak-compute")]
+
+
+class _NeedsRoom:
+    """A blur that runs out of memory on more than one photo at a time, and on one photo even alone.
+
+    ``error``: what the allocator raises (a GPU's `torch.OutOfMemoryError`, or the CPU allocator's
+    RuntimeError); ``too_large``: the (H, W) of the photo that never fits.
+    """
+
+    kind, tag, steps, aim = "anonymize", "blur", 0, None
+
+    def __init__(self, error: type, too_large: tuple[int, int]) -> None:
+        self.error, self.too_large, self.calls = error, too_large, []
+
+    def for_worker(self) -> _NeedsRoom:
+        return self
+
+    def protect(self, images, faces, *, identity=None, on_step=None, stored_as=None):
+        self.calls.append(len(images))
+        if len(images) > 1 or tuple(images[0].shape[-2:]) == self.too_large:
+            if self.error is RuntimeError:
+                raise RuntimeError(
+                    "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
+                )
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return AnonymizeFaces(Anonymizer("blur")).protect(images, faces)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError])
+@pytest.mark.parametrize("journaled", [False, True], ids=["beside", "out-folder"])
+def test_a_chunk_that_runs_out_of_memory_is_protected_in_parts_and_only_a_photo_too_large_alone_fails(
+    tmp_path, samples_dir, detector, error, journaled
+):
+    """One chunk of large photos that did not fit in memory failed every file of it (with -o), or
+    stopped the whole batch with a traceback (outputs beside the inputs), though each photo alone fit."""
+    from facecloak.pipeline import run_resumable_batch
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("astronaut.jpg", "grace_hopper.jpg", "group.jpg"):
+        shutil.copy(samples_dir / name, folder / name)
+    protection = _NeedsRoom(error, too_large=(620, 1100))  # the group photo
+    if journaled:
+        options = Options(out_dir=str(tmp_path / "out"), chunk=8)
+        events: list = []
+        report = run_resumable_batch(
+            [folder],
+            protection,
+            options,
+            settings={},
+            detector=detector,
+            workers=1,
+            on_progress=events.append,
+        )
+    else:
+        report = run_batch([folder], protection, Options(chunk=8), detector=detector)
+    by_name = {outcome.path.rsplit("/", 1)[-1]: outcome for outcome in report.outcomes}
+    assert by_name["astronaut.jpg"].status == by_name["grace_hopper.jpg"].status == "protected"
+    assert all(
+        face["protected"] for name in ("astronaut.jpg", "grace_hopper.jpg") for face in by_name[name].faces
+    )
+    failed = by_name["group.jpg"]
+    assert failed.status == "failed" and "\n" not in failed.error
+    assert failed.error.startswith(f"{folder / 'group.jpg'}: out of memory even alone (")
+    assert "--max-pixels" in failed.error
+    assert report.exit_code == 3
+    assert protection.calls == [3, 2, 1, 1, 1]  # halved until each part fits
+    assert not list(folder.glob("group_*")) and not list((tmp_path / "out").glob("group_*"))
+    if journaled:  # the faces found are counted once, not again in each part
+        assert events[-1].faces_total == events[-1].faces_done == 2
+
+
+def test_a_chunk_whose_detection_runs_out_of_memory_is_detected_in_parts(photos, detector):
+    """Detection of a chunk that did not fit in memory stopped the batch (outputs beside the inputs)."""
+
+    class OneAtATime:
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def __call__(self, images):
+            self.calls.append(len(images))
+            if len(images) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return detector(images)
+
+    detect = OneAtATime()
+    report = run_batch([photos], AnonymizeFaces(Anonymizer("blur")), Options(chunk=8), detector=detect)
+    statuses = {outcome.path.rsplit("/", 1)[-1]: outcome.status for outcome in report.outcomes}
+    assert statuses == {"astronaut.jpg": "protected", "group.jpg": "protected", "broken.jpg": "failed"}
+    assert detect.calls == [2, 1, 1]
+
+
+def test_a_model_error_fails_its_chunk_s_files_and_the_batch_goes_on(photos, detector):
+    """A FacecloakError from the protection (a model that cannot run) stopped a batch whose outputs
+    go beside its inputs, unlike one with -o, where that chunk's files fail and the rest go on."""
+    from facecloak.errors import ModelNotFoundError
+
+    class Refuses:
+        kind, tag, steps, aim = "anonymize", "blur", 0, None
+        calls = 0
+
+        def protect(self, images, faces, *, identity=None, on_step=None, stored_as=None):
+            Refuses.calls += 1
+            if Refuses.calls == 1:
+                raise ModelNotFoundError("model x: weights gone", "/models/x.onnx")
+            return AnonymizeFaces(Anonymizer("blur")).protect(images, faces)
+
+    report = run_batch([photos], Refuses(), Options(chunk=1), detector=detector)
+    statuses = sorted(
+        (outcome.path.rsplit("/", 1)[-1], outcome.status, outcome.error) for outcome in report.outcomes
+    )
+    assert (
+        statuses[0][:2] == ("astronaut.jpg", "failed")
+        and statuses[0][2] == "/models/x.onnx: model x: weights gone"
+    )
+    assert statuses[2][:2] == ("group.jpg", "protected")
+    assert report.exit_code == 3

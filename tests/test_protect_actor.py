@@ -53,3 +53,27 @@ def test_a_missing_or_unknown_uri_is_one_line_not_a_traceback(tmp_path):
     assert out["error"][0].startswith(f"{missing}: cannot read") and "\n" not in out["error"][0]
     with pytest.raises(InvalidInputError, match=r"^nosuch://bucket/photos: not a URI that can be read"):
         _list_remote(["nosuch://bucket/photos"], several=False)
+
+
+def test_a_ray_batch_that_runs_out_of_memory_is_protected_in_parts(tmp_path, samples_dir):
+    """The actor's batch that did not fit in memory failed every photo of it."""
+    import torch
+
+    calls: list[int] = []
+
+    class NeedsRoom:
+        def protect(self, images, faces, *, stored_as=None):
+            calls.append(len(images))
+            if len(images) > 1 or images[0].shape[-1] == 1100:  # the group photo never fits
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return blur.protect(images, faces)
+
+    options = Options(out_dir=str(tmp_path / "out"), rotations="none")
+    actor = ProtectActor(ProtectorSpec("anonymize", {"method": "blur"}), options, {})
+    blur, actor.protection = actor.protection, NeedsRoom()
+    names = ["astronaut.jpg", "grace_hopper.jpg", "group.jpg"]
+    out = actor({"uri": [str(samples_dir / n) for n in names], "relative": names, "index": [0, 1, 2]})
+    assert out["error"][:2] == ["", ""] and all(out["data"][:2])
+    assert [len(json.loads(faces)) for faces in out["faces"][:2]] == [1, 1]
+    assert out["error"][2].startswith(f"{samples_dir / 'group.jpg'}: out of memory even alone (")
+    assert calls == [3, 2, 1, 1, 1]

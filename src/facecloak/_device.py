@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -76,3 +82,49 @@ def cpu_has_native_bfloat16() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch without the probe: assume emulation
         return False
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed: a GPU's, or the CPU allocator's.
+
+    torch raises `torch.OutOfMemoryError` for a GPU, but a plain RuntimeError when the CPU
+    allocator is refused (``DefaultCPUAllocator: can't allocate memory``).
+    """
+    if isinstance(error, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def in_parts_that_fit(
+    items: Sequence[T], work: Callable[[Sequence[T]], None], too_large: Callable[[T, str], None]
+) -> None:
+    """``work(items)``; when it runs out of memory, ``work`` on each half in turn, down to one item.
+
+    A chunk of photos is protected in one call for speed, and one call for 8 (or, on a GPU, up to
+    512) large photos can run out of memory where each photo alone fits: the whole chunk then
+    failed, or the whole batch stopped. An item that runs out of memory alone goes to
+    ``too_large(item, detail)`` (``detail``: the allocator's message, one line) and the rest go on.
+    Any other error propagates.
+    """
+    try:
+        work(items)
+        return
+    except Exception as error:  # only memory errors are handled here; the rest go on up
+        if not is_out_of_memory(error):
+            raise
+        detail = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    # out of the handler: the failed call's frames, and the tensors they held, are freed by now
+    release_cached_memory()
+    if len(items) == 1:
+        too_large(items[0], detail)
+        return
+    half = (len(items) + 1) // 2
+    in_parts_that_fit(items[:half], work, too_large)
+    in_parts_that_fit(items[half:], work, too_large)
+
+
+def release_cached_memory() -> None:
+    """Hand the GPU's cached blocks back, so a retry after an out-of-memory error has them."""
+    gc.collect()  # tensors kept only by reference cycles of the failed call
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from facecloak import io
+from facecloak._device import in_parts_that_fit, is_out_of_memory
 from facecloak.anonymize import METHODS as ANONYMIZE_METHODS
 from facecloak.batch_types import (
     BatchPlan,
@@ -45,9 +46,10 @@ from facecloak.errors import (  # noqa: F401  (EXIT_* re-exported: the exit code
     ImageReadError,
     ImageWriteError,
     InvalidInputError,
+    OutOfMemoryError,
 )
 from facecloak.faces import Faces, pixel_bounds
-from facecloak.protection import CloakFaces, Protection
+from facecloak.protection import CloakFaces, Protection, ProtectionResult
 
 
 def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> BatchPlan:
@@ -299,6 +301,18 @@ def _detect_all(
     """Detect the faces of every photo to do (decoded chunk by chunk, not kept): None where unreadable."""
     found: dict[int, Faces | None] = {}
     size = max(1, options.chunk)
+
+    def detect(part: Sequence[tuple[int, Tensor]]) -> None:
+        with torch.no_grad():
+            faces = detector([pixels for _, pixels in part]).to("cpu")
+        for k, (i, _) in enumerate(part):
+            found[i] = faces.for_image(k)
+
+    def too_large(item: tuple[int, Tensor], detail: str) -> None:
+        i, path = item[0], todo[item[0]][0].path
+        found[i] = None
+        tracker.failures[i] = FileOutcome(str(path), "failed", error=str(out_of_memory(path, detail)))
+
     tracker.work_total = float(len(todo))
     tracker.work_started = time.perf_counter()
     for start in range(0, len(todo), size):
@@ -317,10 +331,7 @@ def _detect_all(
                 found[i] = None
                 tracker.failures[i] = FileOutcome(str(todo[i][0].path), "failed", error=str(error))
         if images:
-            with torch.no_grad():
-                faces = detector([pixels for _, pixels in images]).to("cpu")
-            for k, (i, _) in enumerate(images):
-                found[i] = faces.for_image(k)
+            in_parts_that_fit(images, detect, too_large)
         tracker.work_done += len(indices)
         for i in indices:
             if found[i] is None:
@@ -344,7 +355,6 @@ def _protect_chunk(
     ``stamps`` are the files as their faces were found (`_stamp`): a photo changed since (saved
     again by an editor, replaced by a sync) fails, as its faces may lie elsewhere now.
     """
-    started = time.perf_counter()
     names = tuple(job.path.name for job, _ in todo)
     outcomes: list[FileOutcome] = []
     loaded: list[tuple[io.ImageJob, Path, io.LoadedImage, Faces]] = []
@@ -364,6 +374,67 @@ def _protect_chunk(
             outcomes.append(outcome)
     if not loaded:
         return outcomes
+    protected: list[tuple[list[int], tuple[ProtectionResult, float]]] = []
+    handled: set[int] = set()
+
+    def protect(part: Sequence[int]) -> None:
+        result = _protect_loaded([loaded[k] for k in part], protection, options.jpeg_quality, tracker, names)
+        protected.append((list(part), result))
+        handled.update(part)
+
+    def fail(k: int, error: FacecloakError) -> None:
+        handled.add(k)
+        outcome = FileOutcome(str(loaded[k][0].path), "failed", error=str(error))
+        tracker.work_done += 1 + len(loaded[k][3]) * tracker.face_work()
+        tracker.finish(outcome)
+        outcomes.append(outcome)
+
+    try:
+        in_parts_that_fit(
+            range(len(loaded)), protect, lambda k, detail: fail(k, out_of_memory(loaded[k][0].path, detail))
+        )
+    except (
+        FacecloakError
+    ) as error:  # a model that cannot run, say: this chunk's files fail, the batch goes on
+        for k in range(len(loaded)):
+            if k not in handled:
+                fail(k, error)
+    for part, (result, seconds) in protected:
+        for j, k in enumerate(part):
+            job, target, image, _ = loaded[k]
+            outcome = write_output(
+                job.path,
+                image,
+                result.images[j],
+                target,
+                result.records_for(j),
+                options,
+                seconds,
+                encode=result.to_encode(j),
+            )
+            tracker.finish(outcome)
+            outcomes.append(outcome)
+    return outcomes
+
+
+def out_of_memory(path: str | Path, detail: str) -> OutOfMemoryError:
+    """The one-line error of a photo that ran out of memory alone (`facecloak._device.in_parts_that_fit`)."""
+    return OutOfMemoryError(
+        f"out of memory even alone ({detail}): read it smaller (--max-pixels), protect it with fewer "
+        "models, or on a device with more memory",
+        path,
+    )
+
+
+def _protect_loaded(
+    loaded: Sequence[tuple[io.ImageJob, Path, io.LoadedImage, Faces]],
+    protection: Protection,
+    jpeg_quality: int | None,
+    tracker: _Tracker,
+    names: tuple[str, ...],
+) -> tuple[ProtectionResult, float]:
+    """Protect read photos' faces together (`_protect_chunk`), with progress; and the seconds a photo took."""
+    started = time.perf_counter()
     faces = Faces.cat([faces.shifted(k) for k, (_, _, _, faces) in enumerate(loaded)])
     face_count = len(faces)
     work_before = tracker.work_done
@@ -381,25 +452,16 @@ def _protect_chunk(
         tracker.emit(stage, current=names, step=step, steps=steps, distance=distance, aim=tracker.aim)
 
     pixels = [image.pixels for _, _, image, _ in loaded]
-    storage = [io.stored_as(target, image, options.jpeg_quality) for _, target, image, _ in loaded]
-    result = protection.protect(pixels, faces, on_step=on_step, stored_as=storage)
+    storage = [io.stored_as(target, image, jpeg_quality) for _, target, image, _ in loaded]
+    try:
+        result = protection.protect(pixels, faces, on_step=on_step, stored_as=storage)
+    except Exception as error:
+        if is_out_of_memory(error):  # its parts are tried next, from where this began
+            tracker.work_done, tracker.faces_done = work_before, faces_before
+        raise
     tracker.faces_done = faces_before + face_count
     tracker.work_done = work_before + len(loaded) + face_count * tracker.face_work()
-    seconds = (time.perf_counter() - started) / len(loaded)
-    for k, (job, target, image, _) in enumerate(loaded):
-        outcome = write_output(
-            job.path,
-            image,
-            result.images[k],
-            target,
-            result.records_for(k),
-            options,
-            seconds,
-            encode=result.to_encode(k),
-        )
-        tracker.finish(outcome)
-        outcomes.append(outcome)
-    return outcomes
+    return result, (time.perf_counter() - started) / len(loaded)
 
 
 def _stamp(path: Path) -> tuple | None:

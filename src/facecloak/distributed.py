@@ -28,6 +28,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from facecloak import io
+from facecloak._device import in_parts_that_fit
 from facecloak.batch import (
     BatchPlan,
     FileOutcome,
@@ -36,6 +37,7 @@ from facecloak.batch import (
     ProgressEvent,
     _measure_written,
     face_status,
+    out_of_memory,
     plan_batch,
 )
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
@@ -181,39 +183,50 @@ class ProtectActor:
                 continue
             decoded.append((r, image))
         if decoded:
-            pixels = [image.pixels for _, image in decoded]
-            # how each output file will hold its photo: a cloak holds its caps on that, as locally
-            storage = [
-                io.stored_as(f"output{out['suffix'][r]}", image, self.options.jpeg_quality)
-                for r, image in decoded
-            ]
-            try:
-                faces = self.detector(pixels)
-                result = self.protection.protect(pixels, faces, stored_as=storage)
-            except FacecloakError as error:
-                for r, _ in decoded:
-                    out["error"][r] = str(error)
-                return out
-            seconds = round((time.perf_counter() - started) / len(decoded), 3)
-            for k, (r, image) in enumerate(decoded):
-                records = result.records_for(k)
-                written: dict = {}
-                try:
-                    out["data"][r] = io.encode_image(
-                        result.to_encode(k),
-                        io.IMAGE_SUFFIXES[out["suffix"][r].lower()],
-                        source=image,
-                        keep_metadata=self.options.keep_metadata,
-                        jpeg_quality=self.options.jpeg_quality,
-                        info=written,
-                    )
-                    _measure_encoded(out["data"][r], out["suffix"][r], image, result.images[k], records)
-                except FacecloakError as error:
-                    out["error"][r] = f"{image.path}: {error}"
-                out["faces"][r] = json.dumps(records)
-                out["written"][r] = json.dumps(written)
-                out["seconds"][r] = seconds
+
+            def too_large(item: tuple[int, io.LoadedImage], detail: str) -> None:
+                out["error"][item[0]] = str(out_of_memory(item[1].path, detail))
+
+            in_parts_that_fit(
+                decoded, lambda part: self._protect(part, out, started, len(decoded)), too_large
+            )
         return out
+
+    def _protect(
+        self, part: Sequence[tuple[int, io.LoadedImage]], out: dict[str, list], started: float, photos: int
+    ) -> None:
+        """Detect, protect and encode decoded rows of a batch together (``out`` filled in place)."""
+        pixels = [image.pixels for _, image in part]
+        # how each output file will hold its photo: a cloak holds its caps on that, as locally
+        storage = [
+            io.stored_as(f"output{out['suffix'][r]}", image, self.options.jpeg_quality) for r, image in part
+        ]
+        try:
+            faces = self.detector(pixels)
+            result = self.protection.protect(pixels, faces, stored_as=storage)
+        except FacecloakError as error:
+            for r, _ in part:
+                out["error"][r] = str(error)
+            return
+        seconds = round((time.perf_counter() - started) / photos, 3)
+        for k, (r, image) in enumerate(part):
+            records = result.records_for(k)
+            written: dict = {}
+            try:
+                out["data"][r] = io.encode_image(
+                    result.to_encode(k),
+                    io.IMAGE_SUFFIXES[out["suffix"][r].lower()],
+                    source=image,
+                    keep_metadata=self.options.keep_metadata,
+                    jpeg_quality=self.options.jpeg_quality,
+                    info=written,
+                )
+                _measure_encoded(out["data"][r], out["suffix"][r], image, result.images[k], records)
+            except FacecloakError as error:
+                out["error"][r] = f"{image.path}: {error}"
+            out["faces"][r] = json.dumps(records)
+            out["written"][r] = json.dumps(written)
+            out["seconds"][r] = seconds
 
 
 def _measure_encoded(data: bytes, suffix: str, image: io.LoadedImage, output, records: list[dict]) -> None:

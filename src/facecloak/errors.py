@@ -74,3 +74,7 @@ class InvalidInputError(FacecloakError):
 
 class DonorBankError(FacecloakError):
     """A donor bank is missing, empty, damaged, or was built with other face models."""
+
+
+class OutOfMemoryError(FacecloakError):
+    """A photo did not fit in memory even alone (its chunk was split until it stood alone)."""

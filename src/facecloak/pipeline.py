@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from facecloak import io
-from facecloak._device import compute_workers
-from facecloak.batch import plan_batch, write_output
+from facecloak._device import compute_workers, in_parts_that_fit, is_out_of_memory
+from facecloak.batch import out_of_memory, plan_batch, write_output
 from facecloak.batch_types import (
     BatchPlan,
     BatchReport,
@@ -395,20 +395,35 @@ def run_resumable_batch(
                 return worker_state.protection, detector
 
         def compute(chunk: list[_Decoded]) -> None:
+            """Detect and protect a chunk together; one that runs out of memory, in smaller parts."""
+            in_parts_that_fit(chunk, compute_part, too_large)
+
+        def too_large(entry: _Decoded, detail: str) -> None:
+            finish(
+                FileOutcome(str(entry.job.path), "failed", error=str(out_of_memory(entry.job.path, detail)))
+            )
+
+        def compute_part(chunk: Sequence[_Decoded]) -> None:
             tick = time.perf_counter()
+            counted = 0
             try:
                 protection, found_by = ready()
                 pixels = [entry.image.pixels for entry in chunk]
                 names = tuple(entry.job.path.name for entry in chunk)
                 progress.emit("detect", current=names)
                 faces = found_by(pixels)
-                progress.found(len(faces))
+                counted = len(faces)
+                progress.found(counted)
                 storage = [io.stored_as(entry.target, entry.image, options.jpeg_quality) for entry in chunk]
                 result = _protect(protection, pixels, faces, progress, names, storage, leaving)
             except FacecloakError as error:
                 for entry in chunk:
                     finish(FileOutcome(str(entry.job.path), "failed", error=str(error)))
                 return
+            except Exception as error:
+                if is_out_of_memory(error):
+                    progress.found(-counted)  # its parts find these faces again
+                raise
             seconds = (time.perf_counter() - tick) / len(chunk)
             with lock:
                 timings["compute_s"] += time.perf_counter() - tick
