@@ -144,7 +144,7 @@ def test_cli_add_list_remove(mobileface_dir, config_home):
     register_user_models()  # as every command does at start-up
     assert [reason for broken, reason in BROKEN_CARDS if broken == path] == [
         "unreadable model card (InvalidInputError: model 'test-mobileface': match threshold -0.5 must be "
-        "between 0 and 2 (a cosine distance))"
+        "between 0 and 2 (a cosine distance)); fix it, or remove it: facecloak models remove test-mobileface"
     ]
     path.write_text(json.dumps(card))
     register_user_models()
@@ -806,3 +806,24 @@ def test_a_card_edited_to_another_embedding_width_names_the_file(tmp_path, confi
     with pytest.raises(InvalidInputError) as info:
         create_embedder("test-width", device="cpu")(torch.rand(2, 3, 112, 112))
     assert str(info.value).startswith(f"{tmp_path / 'vector.onnx'}: model test-width: output (2, 8)")
+
+
+def test_a_broken_card_with_a_name_no_model_can_have_is_listed_with_how_to_remove_it(config_home):
+    """``My Model.json`` was listed as unreadable, and ``models remove "My Model"`` refused it (no
+    model may be named so): the only way out was to find the config folder and delete the file."""
+    from click.testing import CliRunner
+
+    from facecloak.cli import main
+
+    folder = config_home / "facecloak" / "models"
+    folder.mkdir(parents=True)
+    (folder / "My Model.json").write_text(json.dumps({"name": "x"}))
+    (folder / "other.json").write_text("{}")  # not a broken card of that name: left alone
+    register_user_models()
+    listing = CliRunner().invoke(main, ["models"])
+    assert "fix it, or remove it: facecloak models remove 'My Model'" in listing.stderr
+    removed = CliRunner().invoke(main, ["models", "remove", "My Model"])
+    assert removed.exit_code == 0, removed.output
+    assert not (folder / "My Model.json").exists() and (folder / "other.json").is_file()
+    with pytest.raises(ModelNotFoundError):
+        remove_user_model("My Model")  # gone, and never a path: "../x" stays refused

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError
@@ -74,12 +75,17 @@ def is_user_model(name: str) -> bool:
 def remove_user_model(name: str) -> None:
     """Forget an added model, or delete its broken card (the model file is left alone).
 
-    Only a model name is looked up: ``../../x`` once deleted ``x.json`` outside the config folder.
+    Only a card's own name is looked up: ``../../x`` once deleted ``x.json`` outside the config
+    folder. A broken card may have a name no model can have (``My Model.json``, listed by
+    `facecloak models` as unreadable): it is removed by its file's name.
     """
     if is_builtin(name):
         raise InvalidInputError(f"{name!r} is a built-in model; only added models can be removed")
     target = config_dir() / f"{name}.json"
-    if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name) and target.is_file()):
+    named = isinstance(name, str) and (
+        NAME_PATTERN.fullmatch(name) or any(path == target for path, _ in BROKEN_CARDS)
+    )
+    if not (named and target.is_file()):
         raise ModelNotFoundError(f"no added model named {name!r} (see `facecloak models`)")
     target.unlink()
     unregister_embedder(name)
@@ -116,7 +122,9 @@ def register_user_models() -> None:
         try:
             _register(_read_card(path))
         except (OSError, ValueError, TypeError, KeyError, FacecloakError) as error:
-            BROKEN_CARDS.append((path, f"unreadable model card ({type(error).__name__}: {error})"))
+            reason = f"unreadable model card ({type(error).__name__}: {error})"
+            remedy = f"fix it, or remove it: facecloak models remove {shlex.quote(path.stem)}"
+            BROKEN_CARDS.append((path, f"{reason}; {remedy}"))
 
 
 def _read_card(path: Path) -> FaceModelCard:
