@@ -16,6 +16,7 @@ from facecloak.cloak.verify import (
 )
 from facecloak.errors import EXIT_FAILED, EXIT_USAGE, InvalidInputError, ModelNotFoundError, UnknownModelError
 from facecloak.faces import Faces, box_iou, boxes_overlap, face_regions
+from facecloak.io import read_image
 from facecloak.models import get_card
 
 
@@ -135,3 +136,22 @@ def test_a_face_under_the_detectors_min_size_is_looked_for_again_not_counted_pro
     assert torch.equal(result.images[0], photo)  # no step: the face is as it was
     assert result.found_after_jpeg.tolist() == [True]
     assert result.protected.tolist() == [False]
+
+
+def test_a_face_found_under_the_check_s_min_score_is_looked_for_again_not_counted_protected(
+    lfw_dir, dlib_resnet
+):
+    """A face found with a lower --threshold (0.83 here) was looked for after the upload at the check
+    detector's own 0.9: not found, it counted protected, even unchanged."""
+    from facecloak.cloak import create_cloak
+    from facecloak.detect import FaceDetector
+
+    photo = read_image(lfw_dir / "images" / "Mickey_Rooney" / "Mickey_Rooney_0001.jpg").pixels
+    faces = FaceDetector(device="cpu", min_score=0.5, rotations="none")([photo])
+    low = [k for k, score in enumerate(faces.scores.tolist()) if score < 0.9]
+    assert low, faces.scores
+    check = FaceDetector(device="cpu", rotations="none")  # the cloak's own: min_score 0.9
+    result = create_cloak("untargeted", [dlib_resnet], steps=0, detector=check)([photo], faces)
+    assert torch.equal(result.images[0], photo)  # no step: every face is as it was
+    assert result.found_after_jpeg.tolist() == [True] * len(faces)
+    assert result.protected.tolist() == [False] * len(faces)
