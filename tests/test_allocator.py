@@ -37,3 +37,81 @@ def test_blocks_past_the_mmap_threshold_are_still_returned():
     large = 64  # MB, over MMAP_THRESHOLD_BYTES: a 12 MP photo's float copy must not stay resident
     faults = _faults_of_batches(3, 1, large)
     assert faults >= 3 * (large << 20) // resource.getpagesize() // 2
+
+
+_HELD_IN_A_THREAD_S_ARENA = r"""
+import threading
+from facecloak._allocator import release_free_memory, tune_allocator
+
+def rss_mb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+
+tune_allocator()
+held = []
+def allocate():  # a thread's own arena, as an HTTP thread of the service has
+    blocks = [bytearray(256 << 10) for _ in range(1200)]  # 300 MB in blocks under the mmap threshold
+    held.append(blocks[-1])  # the last one stays: the arena's top is not free, so nothing is trimmed
+    del blocks
+thread = threading.Thread(target=allocate)
+thread.start()
+thread.join()
+before = rss_mb()
+assert release_free_memory()
+print(before, rss_mb())
+"""
+
+
+def test_release_free_memory_hands_back_what_a_thread_s_arena_kept():
+    """With the tuned trim threshold a thread's arena kept its peak for good: the service grew."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _HELD_IN_A_THREAD_S_ARENA], capture_output=True, text=True, check=True
+    ).stdout
+    before, after = (int(value) for value in out.split())
+    assert before - after > 200, (before, after)  # of the 300 MB freed
+
+
+_ARENAS_OF_EIGHT_THREADS = r"""
+import sys
+import threading
+from facecloak._allocator import limit_arenas
+
+if sys.argv[1] == "limit":
+    assert limit_arenas(2)
+barrier, held = threading.Barrier(8), []
+
+def allocate():  # eight threads alive at once, each allocating: each would get an arena of its own
+    barrier.wait()
+    held.append([bytearray(64 << 10) for _ in range(16)])
+    barrier.wait()
+
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+heaps = 0  # a thread arena is a chain of 64 MB-aligned anonymous heaps
+for line in open("/proc/self/maps"):
+    fields = line.split()
+    if len(fields) == 5 and fields[1] == "rw-p" and int(fields[0].split("-")[0], 16) % (64 << 20) == 0:
+        heaps += 1
+print(heaps)
+"""
+
+
+def test_limit_arenas_keeps_a_service_s_threads_to_two_arenas():
+    """Each thread's own arena kept its peak: a service's resident memory only grew (README, "Service")."""
+    import subprocess
+    import sys
+
+    def heaps(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", _ARENAS_OF_EIGHT_THREADS, mode], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout)
+
+    assert heaps("limit") <= 1  # the main arena, and one more
+    assert heaps("default") >= 4

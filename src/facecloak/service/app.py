@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facecloak import __version__, io
+from facecloak._allocator import limit_arenas, release_free_memory
 from facecloak._checks import split_names
 from facecloak.batch import face_status
 from facecloak.cloak import LEVELS
@@ -61,6 +62,9 @@ from facecloak.service.settings import ServiceSettings
 
 log = logging.getLogger("facecloak.service")
 STATIC = Path(__file__).parent / "static"
+RELEASE_MEMORY_EVERY_S = 30.0
+"""How often the service hands the allocator's free memory back (`facecloak._allocator.release_free_memory`;
+with `limit_arenas`: without them its resident memory only grew, README "Service")."""
 CONTENT_TYPES = {
     "JPEG": "image/jpeg",
     "PNG": "image/png",
@@ -200,15 +204,18 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        limit_arenas()  # before the worker and HTTP threads allocate: their memory is handed back
         await asyncio.to_thread(batcher.start)
         log.info(
             "facecloak service ready: %d model worker(s), device %s",
             settings.workers,
             settings.device or "auto",
         )
+        releasing = asyncio.create_task(_release_memory_every(RELEASE_MEMORY_EVERY_S))
         try:
             yield
         finally:
+            releasing.cancel()
             await asyncio.to_thread(batcher.stop)
 
     app = FastAPI(
@@ -526,6 +533,13 @@ _RESPONSES = {
     503: {"description": "Queue full: retry after the Retry-After header's seconds; or no model worker."},
     504: {"description": "The per-request time limit passed."},
 }
+
+
+async def _release_memory_every(seconds: float) -> None:
+    """Hand the allocator's free memory back to the system now and then (`release_free_memory`)."""
+    while True:
+        await asyncio.sleep(seconds)
+        await asyncio.to_thread(release_free_memory)
 
 
 def _decode(data: bytes, name: str, max_pixels: int) -> io.LoadedImage:
