@@ -455,7 +455,7 @@ class _SlowSteps:
         return AnonymizeFaces(Anonymizer("blur")).protect(images, faces)
 
 
-def test_ctrl_c_stops_a_pipelined_batch_s_workers_at_their_next_step(photos, tmp_path, detector):
+def test_ctrl_c_stops_a_pipelined_batch_s_workers_at_their_next_step(photos, tmp_path, detector, request):
     """Ctrl-C waited for each compute thread to finish its chunk (a CPU cloak's: a minute), its
     progress still printing, before the batch stopped."""
     from facecloak.pipeline import run_resumable_batch
@@ -470,6 +470,11 @@ def test_ctrl_c_stops_a_pipelined_batch_s_workers_at_their_next_step(photos, tmp
             signal.pthread_kill(main, signal.SIGINT)
 
     options = Options(out_dir=str(tmp_path / "out"), chunk=1)
+    # Ctrl-C's own handler: a process started in the background by a shell without job control
+    # (nohup ... &, as some CI runners start their steps) inherits SIGINT ignored, and no
+    # KeyboardInterrupt ever came
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     with pytest.raises(KeyboardInterrupt):
         run_resumable_batch(
             [photos],
