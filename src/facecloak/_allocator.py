@@ -48,13 +48,8 @@ def tune_allocator() -> bool:
     (two threads: 12.2-13.3 -> 10.7-10.8 ms). Process-wide and idempotent; a no-op (False) where
     the C library is not glibc (macOS, musl, Windows).
     """
-    libc = _glibc()
-    if libc is None:
-        return False
-    set_option = libc.mallopt
-    set_option.argtypes, set_option.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    done = set_option(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-    return set_option(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and done
+    done = _set_malloc_option(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    return _set_malloc_option(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) and done
 
 
 def limit_arenas(count: int = SERVICE_ARENAS) -> bool:
@@ -69,12 +64,7 @@ def limit_arenas(count: int = SERVICE_ARENAS) -> bool:
     about 160-500 MB. With two arenas and `release_free_memory` every 30 s, the same work in one
     process stays at 750 MB (README, "Service"). Call it before the threads start.
     """
-    libc = _glibc()
-    if libc is None:
-        return False
-    set_option = libc.mallopt
-    set_option.argtypes, set_option.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return set_option(_M_ARENA_MAX, count) == 1
+    return _set_malloc_option(_M_ARENA_MAX, count)
 
 
 def release_free_memory() -> bool:
@@ -92,6 +82,16 @@ def release_free_memory() -> bool:
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
+
+
+def _set_malloc_option(option: int, value: int) -> bool:
+    """Set ``mallopt(option, value)``; False where glibc refused it, or where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    set_option = libc.mallopt
+    set_option.argtypes, set_option.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return set_option(option, value) == 1
 
 
 @functools.cache

@@ -393,9 +393,8 @@ def _protect_chunk(
         in_parts_that_fit(
             range(len(loaded)), protect, lambda k, detail: fail(k, out_of_memory(loaded[k][0].path, detail))
         )
-    except (
-        FacecloakError
-    ) as error:  # a model that cannot run, say: this chunk's files fail, the batch goes on
+    except FacecloakError as error:
+        # a model that cannot run, say: this chunk's files fail, the batch goes on
         for k in range(len(loaded)):
             if k not in handled:
                 fail(k, error)

@@ -174,13 +174,17 @@ square root of cap / DSSIM and at least COMPOSE_SHRINK; one still over after the
 PNG or a JPEG at the input's own tables; a JPEG re-encoded whole at quality 10 ended the
 astronaut's face at DSSIM 0.0085 over `mid`'s 0.008 (CIEDE2000 mean 4.8), reported as within it."""
 
+_LAST_COMPOSE_ROUND = COMPOSE_ROUNDS + LAST_RESORT_ROUNDS
+"""The compose round whose faces still over their cap lose their change (`_shrink` gives 0); the
+round after it only measures."""
+
 
 def _shrink(excess: float, round_: int) -> float:
     """The factor on a change whose face is ``excess`` times its cap, in compose round ``round_``.
 
     0 once the rounds are spent (`LAST_RESORT_ROUNDS`).
     """
-    if round_ >= COMPOSE_ROUNDS + LAST_RESORT_ROUNDS:
+    if round_ >= _LAST_COMPOSE_ROUND:
         return 0.0
     if round_ >= COMPOSE_ROUNDS:
         return min(COMPOSE_SHRINK, excess**-0.5)
@@ -909,7 +913,7 @@ class Cloak:
             deltas = self._limit_colour(faces, buckets, deltas, self.budget.max_ciede)
         scale = torch.ones(len(faces))
         stored_photos = [_as_stored(photo) for photo in photos]  # once: only the face crops change
-        for round_ in range(COMPOSE_ROUNDS + LAST_RESORT_ROUNDS + 2):
+        for round_ in range(_LAST_COMPOSE_ROUND + 2):
             scaled = [
                 delta * scale[bucket.faces].to(delta).view(-1, 1, 1, 1)
                 for bucket, delta in zip(buckets, deltas)
@@ -920,7 +924,7 @@ class Cloak:
             dssims = self._stored_dssim(cloaked, faces, buckets)
             dssim = quality.largest_share(dssims, self._box_shares)  # what the cap holds
             over = dssim > cap
-            if not bool(over.any()) or round_ > COMPOSE_ROUNDS + LAST_RESORT_ROUNDS:
+            if not bool(over.any()) or round_ > _LAST_COMPOSE_ROUND:
                 return cloaked, dssims
             for k in over.nonzero()[:, 0].tolist():
                 same_photo = faces.image_index == faces.image_index[k]
@@ -966,7 +970,7 @@ class Cloak:
         for i in lossy:
             references[i] = stored_as[i](originals[i]).to(cloaked[i])
         factor = dict.fromkeys(lossy, 1.0)
-        for round_ in range(COMPOSE_ROUNDS + LAST_RESORT_ROUNDS + 2):
+        for round_ in range(_LAST_COMPOSE_ROUND + 2):
             for i in lossy:
                 change = cloaked[i] - originals[i]
                 planned[i] = _as_stored(originals[i] + factor[i] * change) if factor[i] < 1 else cloaked[i]
@@ -982,7 +986,7 @@ class Cloak:
                 colour = _box_ciede_in_photos(references, written, faces, boxes[:, 0])
                 excess = torch.maximum(excess, (colour / self.budget.max_ciede) ** 2)
             over = {int(faces.image_index[k]) for k in (excess > 1).nonzero()[:, 0].tolist()} & set(lossy)
-            if not over or round_ > COMPOSE_ROUNDS + LAST_RESORT_ROUNDS:
+            if not over or round_ > _LAST_COMPOSE_ROUND:
                 return planned, written, dssims, references
             for i in over:
                 factor[i] *= _shrink(float(excess[faces.image_index == i].max()), round_)
