@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from facecloak.detect import FaceDetector
 from facecloak.donor_bank import load_bank
 from facecloak.io import read_image
 from facecloak.replace import FaceReplacer
+from facecloak.synthesis import SynthesisSettings
 
 
 def main() -> None:
@@ -38,6 +40,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--no-finish", action="store_true", help="no away cloak on near misses")
     parser.add_argument("--keep-mouth", action="store_true", help="keep the person's own lips")
+    parser.add_argument(
+        "--settings", default="{}", help="JSON fields of SynthesisSettings, e.g. '{\"texture\": 0.5}'"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -56,6 +61,7 @@ def main() -> None:
         seed=0,
         finish=not args.no_finish,
         keep_mouth=args.keep_mouth,
+        settings=SynthesisSettings(**json.loads(args.settings)),
     )
     counts: collections.Counter = collections.Counter()
     started = time.perf_counter()
