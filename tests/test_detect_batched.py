@@ -188,6 +188,32 @@ def test_pnet_in_pieces_gives_the_whole_levels_outputs():
         assert torch.allclose(probability, whole_probability, atol=1e-5), shape
 
 
+def test_rnet_and_onet_see_few_batch_sizes_and_give_each_crop_its_own_outputs():
+    """Each count of crops was a new input shape, and oneDNN compiled and kept kernels for every one
+    (about 100 MB of them over LFW photos in batches of 1-8): counts are padded to powers of two."""
+    from facecloak.mtcnn import ONET_INPUT_PX, RNET_INPUT_PX, _run_chunked, load_mtcnn_nets
+
+    _, rnet, onet = load_mtcnn_nets("cpu")
+    generator = torch.Generator().manual_seed(3)
+    seen: list[int] = []
+    for net, side in ((rnet, RNET_INPUT_PX), (onet, ONET_INPUT_PX)):
+        seen.clear()
+        hook = net.register_forward_pre_hook(lambda _, inputs: seen.append(len(inputs[0])))
+        try:
+            for count in (1, 3, 5, 17, 33, 70):
+                crops = torch.rand(count, 3, side, side, generator=generator) * 2 - 1
+                crops = crops.contiguous(memory_format=torch.channels_last)
+                alone = net(crops)
+                del seen[-1]  # the reference call, not one of `_run_chunked`'s
+                outputs = _run_chunked(net, crops)
+                assert all(len(output) == count for output in outputs)
+                for padded, unpadded in zip(outputs, alone):
+                    assert torch.allclose(padded, unpadded, atol=1e-5), (side, count)
+        finally:
+            hook.remove()
+        assert set(seen) <= {1, 2, 4, 8, 16, 32, 64, 128}, seen
+
+
 def test_area_resize_from_the_table_is_interpolate_area():
     """`area_resize` reads F.interpolate(mode="area")'s values from the summed-area table."""
     from facecloak.mtcnn import area_resize

@@ -531,8 +531,18 @@ def _run_chunked(net: nn.Module, crops: Tensor) -> tuple[Tensor, ...]:
     """``net`` over ``crops`` in chunks (see `CPU_CHUNK_CROPS`), outputs concatenated."""
     one_thread, more_threads = CPU_CHUNK_CROPS.get(crops.shape[-1], (32, 128))
     chunk = GPU_CHUNK_CROPS if crops.is_cuda else one_thread if torch.get_num_threads() == 1 else more_threads
-    parts = [net(crops[start : start + chunk]) for start in range(0, len(crops), chunk)]
+    parts = [_run_padded(net, crops[start : start + chunk], chunk) for start in range(0, len(crops), chunk)]
     return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+
+def _run_padded(net: nn.Module, crops: Tensor, chunk: int) -> tuple[Tensor, ...]:
+    """``net`` over ``crops`` padded to a power of two (at most ``chunk``), on a CPU; outputs cut back."""
+    count = len(crops)
+    size = min(chunk, 1 << max(0, count - 1).bit_length())
+    if crops.is_cuda or size == count:
+        return net(crops)
+    padded = torch.cat([crops, crops.new_zeros(size - count, *crops.shape[1:])])
+    return tuple(output[:count] for output in net(padded.contiguous(memory_format=torch.channels_last)))
 
 
 def _rnet_refine(
