@@ -115,3 +115,56 @@ def test_limit_arenas_keeps_a_service_s_threads_to_two_arenas():
 
     assert heaps("limit") <= 1  # the main arena, and one more
     assert heaps("default") >= 4
+
+
+_DETECT_AT_MANY_SIZES = r"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from facecloak._allocator import ONEDNN_CACHE_VARIABLE, limit_compiled_kernels
+from facecloak.detect import FaceDetector
+from facecloak.io import read_image
+
+os.environ.pop(ONEDNN_CACHE_VARIABLE, None)
+if sys.argv[1] == "limit":
+    assert limit_compiled_kernels(64)
+    assert not limit_compiled_kernels(32)  # set already: the user's (or the first) value stays
+photo = read_image(sys.argv[2]).pixels
+detector = FaceDetector(device="cpu", rotations="none")
+for side in range(250, 490, 16):  # fifteen photo sizes, as a service receives them
+    detector([F.interpolate(photo[None], size=(side, side + 40), mode="bilinear")[0]])
+compiled = 0  # anonymous executable mappings: the kernels oneDNN compiled
+for line in open("/proc/self/maps"):
+    fields = line.split()
+    if len(fields) == 5 and "x" in fields[1]:
+        start, end = (int(value, 16) for value in fields[0].split("-"))
+        compiled += end - start
+print(compiled >> 20)
+"""
+
+
+def test_limit_compiled_kernels_bounds_what_photos_of_every_size_compile(samples_dir):
+    """oneDNN compiled and kept a kernel per photo size: a service fed every size kept 274 MB of them."""
+    import os
+    import subprocess
+    import sys
+
+    from facecloak._allocator import ONEDNN_CACHE_VARIABLE
+
+    def compiled_mb(mode: str) -> int:
+        environment = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE_VARIABLE}
+        run = subprocess.run(
+            [sys.executable, "-c", _DETECT_AT_MANY_SIZES, mode, str(samples_dir / "astronaut.jpg")],
+            capture_output=True,
+            text=True,
+            env=environment,
+        )
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout)
+
+    limited, default = compiled_mb("limit"), compiled_mb("default")
+    assert limited <= 24  # 64 kernels of about 256 KB (16 MB here)
+    assert default >= 2.5 * limited  # 60 MB here

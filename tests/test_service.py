@@ -1306,8 +1306,9 @@ def test_the_service_hands_the_allocator_s_free_memory_back_while_it_runs(monkey
     monkeypatch.setattr(app, "RELEASE_MEMORY_EVERY_S", 0.05)
     monkeypatch.setattr(app, "release_free_memory", lambda: calls.append(time.monotonic()) or True)
     monkeypatch.setattr(app, "limit_arenas", lambda: limited.append(1) or True)
+    monkeypatch.setattr(app, "limit_compiled_kernels", lambda: limited.append(2) or True)
     with TestClient(create_app(ServiceSettings(device="cpu", preload=False))) as client:
-        assert limited == [1]  # at start, before its threads allocate
+        assert limited == [1, 2]  # at start, before its threads allocate and its models run
         assert client.get("/healthz").status_code == 200
         time.sleep(0.6)
     count = len(calls)

@@ -25,6 +25,12 @@ TRIM_THRESHOLD_BYTES = 128 << 20
 SERVICE_ARENAS = 2
 """malloc arenas a long-running service uses (`limit_arenas`)."""
 
+SERVICE_KERNEL_CACHE = 256
+"""Compiled convolution kernels a long-running service keeps (`limit_compiled_kernels`)."""
+
+ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+"""The environment variable oneDNN (torch's CPU convolutions) reads its kernel cache's size from."""
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
@@ -65,6 +71,23 @@ def limit_arenas(count: int = SERVICE_ARENAS) -> bool:
     process stays at 750 MB (README, "Service"). Call it before the threads start.
     """
     return _set_malloc_option(_M_ARENA_MAX, count)
+
+
+def limit_compiled_kernels(count: int = SERVICE_KERNEL_CACHE) -> bool:
+    """Keep at most ``count`` compiled convolution kernels, unless the user set oneDNN's own limit.
+
+    On a CPU torch runs a convolution through oneDNN, which compiles machine code for every input
+    shape it meets and keeps up to 1,024 such kernels (about 256 KB each, mapped apart from malloc).
+    MTCNN's pyramid gives every photo size and batch size shapes of their own, so a service fed
+    photos of every size filled the cache: detecting 120 LFW photos resized to 40 sizes left
+    274 MB of compiled code resident; with 256 kernels, 69 MB, for about 8% more detection time in
+    that stream (kernels for sizes seen again are compiled again). Takes effect only before the
+    process's first convolution, when oneDNN reads it; returns False if the variable was already set.
+    """
+    if ONEDNN_CACHE_VARIABLE in os.environ:
+        return False
+    os.environ[ONEDNN_CACHE_VARIABLE] = str(int(count))
+    return True
 
 
 def release_free_memory() -> bool:

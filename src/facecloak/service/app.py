@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facecloak import __version__, io
-from facecloak._allocator import limit_arenas, release_free_memory
+from facecloak._allocator import limit_arenas, limit_compiled_kernels, release_free_memory
 from facecloak._checks import split_names
 from facecloak.batch import face_status
 from facecloak.cloak import LEVELS
@@ -205,6 +205,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         limit_arenas()  # before the worker and HTTP threads allocate: their memory is handed back
+        limit_compiled_kernels()  # before the models' first convolution: photos of every size
         await asyncio.to_thread(batcher.start)
         log.info(
             "facecloak service ready: %d model worker(s), device %s",
