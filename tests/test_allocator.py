@@ -39,6 +39,16 @@ def test_blocks_past_the_mmap_threshold_are_still_returned():
     assert faults >= 3 * (large << 20) // resource.getpagesize() // 2
 
 
+def _run_script(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Standard output of ``script`` run by a fresh Python (process-wide settings stay there)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
 _HELD_IN_A_THREAD_S_ARENA = r"""
 import threading
 from facecloak._allocator import release_free_memory, tune_allocator
@@ -63,13 +73,7 @@ print(before, rss_mb())
 
 def test_release_free_memory_hands_back_what_a_thread_s_arena_kept():
     """With the tuned trim threshold a thread's arena kept its peak for good: the service grew."""
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-c", _HELD_IN_A_THREAD_S_ARENA], capture_output=True, text=True, check=True
-    ).stdout
-    before, after = (int(value) for value in out.split())
+    before, after = (int(value) for value in _run_script(_HELD_IN_A_THREAD_S_ARENA).split())
     assert before - after > 200, (before, after)  # of the 300 MB freed
 
 
@@ -103,15 +107,9 @@ print(heaps)
 
 def test_limit_arenas_keeps_a_service_s_threads_to_two_arenas():
     """Each thread's own arena kept its peak: a service's resident memory only grew (README, "Service")."""
-    import subprocess
-    import sys
 
     def heaps(mode: str) -> int:
-        run = subprocess.run(
-            [sys.executable, "-c", _ARENAS_OF_EIGHT_THREADS, mode], capture_output=True, text=True
-        )
-        assert run.returncode == 0, run.stderr
-        return int(run.stdout)
+        return int(_run_script(_ARENAS_OF_EIGHT_THREADS, mode))
 
     assert heaps("limit") <= 1  # the main arena, and one more
     assert heaps("default") >= 4
@@ -149,21 +147,14 @@ print(compiled >> 20)
 def test_limit_compiled_kernels_bounds_what_photos_of_every_size_compile(samples_dir):
     """oneDNN compiled and kept a kernel per photo size: a service fed every size kept 274 MB of them."""
     import os
-    import subprocess
-    import sys
 
     from facecloak._allocator import ONEDNN_CACHE_VARIABLE
 
+    environment = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE_VARIABLE}
+    photo = str(samples_dir / "astronaut.jpg")
+
     def compiled_mb(mode: str) -> int:
-        environment = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE_VARIABLE}
-        run = subprocess.run(
-            [sys.executable, "-c", _DETECT_AT_MANY_SIZES, mode, str(samples_dir / "astronaut.jpg")],
-            capture_output=True,
-            text=True,
-            env=environment,
-        )
-        assert run.returncode == 0, run.stderr
-        return int(run.stdout)
+        return int(_run_script(_DETECT_AT_MANY_SIZES, mode, photo, env=environment))
 
     limited, default = compiled_mb("limit"), compiled_mb("default")
     assert limited <= 24  # 64 kernels of about 256 KB (16 MB here)

@@ -64,8 +64,9 @@ from facecloak.service.settings import ServiceSettings
 log = logging.getLogger("facecloak.service")
 STATIC = Path(__file__).parent / "static"
 RELEASE_MEMORY_EVERY_S = 30.0
-"""How often the service hands the allocator's free memory back (`facecloak._allocator.release_free_memory`;
-with `limit_arenas`: without them its resident memory only grew, README "Service")."""
+"""How often the service collects garbage and hands the allocator's free memory back
+(`_release_memory_every`; with `limit_arenas`: without them its resident memory only grew, README
+"Service")."""
 CONTENT_TYPES = {
     "JPEG": "image/jpeg",
     "PNG": "image/png",
@@ -553,6 +554,7 @@ async def _release_memory_every(seconds: float) -> None:
 
 
 def _collect_and_release() -> None:
+    """Free what reference cycles hold, then hand free memory back (the order matters: first free)."""
     gc.collect()
     release_free_memory()
 
