@@ -48,6 +48,26 @@ def test_second_load_reads_the_cache(cache_home, tmp_path):
     assert [p.suffix for p in cache_home.iterdir()] == [".npz"]  # no temporary file left behind
 
 
+def test_a_file_replaced_while_it_is_parsed_is_not_cached_under_the_old_files_key(cache_home, tmp_path):
+    """The key is the file as hashed before the parse: a file replaced between the hash and the
+    parse cached the new file's arrays under the old file's key, and the old file, put back later
+    with its own modification time (``cp -p``, a backup), then read the other file's model."""
+    source = tmp_path / "model.txt"
+    source.write_text("1 2 3")
+    os.utime(source, ns=(5_000_000_000, 5_000_000_000))
+
+    def parse_after_a_replacement(path):
+        source.write_text("4 5 6")  # replaced between the hash and the read
+        return CountingParser()(path)
+
+    assert load_parsed(source, "numbers-v1", parse_after_a_replacement, build).tolist() == [4.0, 5.0, 6.0]
+    source.write_text("1 2 3")  # the first file put back as it was, time included
+    os.utime(source, ns=(5_000_000_000, 5_000_000_000))
+    parse = CountingParser()
+    assert load_parsed(source, "numbers-v1", parse, build).tolist() == [1.0, 2.0, 3.0]
+    assert parse.calls == 1  # nothing was cached for it: parsed
+
+
 def test_changed_file_or_parser_version_is_parsed_again(cache_home, tmp_path):
     source = tmp_path / "model.txt"
     source.write_text("1 2 3")

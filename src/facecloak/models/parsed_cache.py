@@ -8,7 +8,8 @@ cache file can hold nothing but plain arrays.
 
 The key is the source file's size, modification time and SHA-256 (hashing the 5-point file takes
 about 10 ms), plus the parser's name and format version: a changed or replaced file, or a new
-parser, never reads a stale entry. A missing, truncated or otherwise unreadable cache file is
+parser, never reads a stale entry; a file replaced while it was being parsed is not cached under
+the key of the one it replaced. A missing, truncated or otherwise unreadable cache file is
 ignored and rewritten; a cache folder that cannot be written to only costs the parse. Writes go
 to a temporary file in the same folder, then ``os.replace``: a reader never sees half a file.
 
@@ -74,10 +75,10 @@ def load_parsed(
         What ``build`` returns.
     """
     source = Path(source)
-    try:
-        target = parsed_cache_dir() / f"{source.name}.{parser}.{file_key(source)[:32]}.npz"
-    except OSError:
+    key = _key_of(source)
+    if key is None:
         return build(parse(source))  # missing or unreadable: the parser says why, in its own words
+    target = parsed_cache_dir() / f"{source.name}.{parser}.{key[:32]}.npz"
     try:
         with np.load(target, allow_pickle=False) as stored:
             return build({name: stored[name] for name in stored.files})
@@ -85,8 +86,17 @@ def load_parsed(
         pass  # absent, unreadable or not what build expects: parse again and rewrite it
     arrays = parse(source)
     model = build(arrays)
-    _save_atomically(target, arrays)
+    if _key_of(source) == key:  # else the file changed after it was hashed: these arrays are not key's
+        _save_atomically(target, arrays)
     return model
+
+
+def _key_of(source: Path) -> str | None:
+    """`file_key`, or None for a file that can no longer be read."""
+    try:
+        return file_key(source)
+    except OSError:
+        return None
 
 
 def _save_atomically(target: Path, arrays: dict[str, np.ndarray]) -> None:
