@@ -192,7 +192,8 @@ def test_an_escalated_face_is_pushed_from_its_person_mean_over_the_whole_call(lf
     used = strong.person_references()
     assert used is not None and used[1].tolist() == [3]
     assert torch.allclose(used[0][0], references[0][0][blair[0] : blair[0] + 1])
-    assert strong.given_references is None  # lent for that call only
+    strong(photos, faces.select([blair[0]]))  # a later call without references groups its own faces
+    assert strong.person_references() is None  # one face: nothing to group, its own embedding
 
 
 def test_a_files_records_do_not_carry_its_place_in_the_chunk(samples_dir, detector):

@@ -30,7 +30,7 @@ from torch import Tensor
 from facecloak._checks import check_faces, check_image_list
 from facecloak.anonymize import Anonymizer
 from facecloak.cloak import Cloak, create_cloak
-from facecloak.cloak.base import StepCallback, StoredAs
+from facecloak.cloak.base import PersonReferences, StepCallback, StoredAs
 from facecloak.cloak.budget import STRONGER_LEVEL
 from facecloak.faces import Faces, boxes_overlap, face_regions, pixel_bounds
 from facecloak.models.registry import Embedder
@@ -271,7 +271,7 @@ def escalate(
     stored_as: Sequence[StoredAs | None] | None = None,
     *,
     to_write: list[Tensor] | None = None,
-    references: tuple[list[Tensor], Tensor] | None = None,
+    references: PersonReferences | None = None,
 ) -> tuple[list[Tensor], list[dict], list[Tensor] | None]:
     """Cloak the faces that fell short again with ``stronger``; keep those that then pass.
 
@@ -295,18 +295,12 @@ def escalate(
     if not retry:
         return outputs, records, to_write
     rows = sorted(n for cluster in retry for n in cluster)
-    given = references is not None and hasattr(stronger, "given_references")
-    if given:
+    if references is not None:  # the rows' own: the call's person means, not those of these few
         index = torch.tensor(rows, dtype=torch.long)
-        stronger.given_references = (
-            [table[index.to(table.device)] for table in references[0]],
-            references[1][index],
-        )
-    try:
-        retried = stronger(originals, faces.select(rows), identity=identity, stored_as=stored_as)
-    finally:
-        if given:
-            stronger.given_references = None
+        references = ([table[index.to(table.device)] for table in references[0]], references[1][index])
+    retried = stronger(
+        originals, faces.select(rows), identity=identity, stored_as=stored_as, references=references
+    )
     again = dict(zip(rows, retried.records(faces.select(rows))))
     outputs, records = [image.clone() for image in outputs], [dict(record) for record in records]
     if to_write is not None or retried.to_write is not None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from facecloak.cloak.base import Cloak
+from facecloak.cloak.base import Cloak, PersonReferences
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
@@ -55,11 +55,17 @@ class AwayCloak(Cloak):
         self.away_from = [table.to(self.device, torch.float32) for table in away_from]
         self.margins = [margin.to(self.device, torch.float32) for margin in margins]
 
-    def references(self, clean: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def references(self, clean: list[Tensor]) -> PersonReferences:
         """Each face's first embedding to leave (the stopping rule and the check measure it)."""
         return [table[:, 0] for table in self.away_from], torch.ones(len(self.away_from[0]), dtype=torch.long)
 
-    def prepare(self, clean: list[Tensor], faces: Faces, identity: str | None = None) -> None:
+    def prepare(
+        self,
+        clean: list[Tensor],
+        faces: Faces,
+        identity: str | None = None,
+        references: PersonReferences | None = None,
+    ) -> None:
         """Nothing to prepare: the embeddings to leave are given; only their count is checked."""
         if any(len(table) != len(faces) for table in self.away_from):
             raise InvalidInputError(

@@ -223,6 +223,10 @@ StepCallback = Callable[[int, int, Tensor, Tensor], None]
 """Called after each optimisation step with (step, most steps, (N,) bool faces done, (N,) each
 face's latest distance as a multiple of its match threshold, worst model)."""
 
+PersonReferences = tuple[list[Tensor], Tensor]
+"""Per model, (N, D_m) what each of N faces is pushed from, and (N,) how many clean photos each
+averages (`Cloak.references`)."""
+
 
 @dataclass(frozen=True)
 class CloakResult:
@@ -430,10 +434,18 @@ class Cloak:
         return f"{type(self).__name__}(models=[{names}], level={self.level!r}, budget={self.budget})"
 
     # -- what subclasses define -------------------------------------------------------------
-    def prepare(self, clean: list[Tensor], faces: Faces, identity: str | None = None) -> None:
+    def prepare(
+        self,
+        clean: list[Tensor],
+        faces: Faces,
+        identity: str | None = None,
+        references: PersonReferences | None = None,
+    ) -> None:
         """Called once per call with the clean embeddings (one (N, D_m) per model).
 
         ``identity`` is the caller's per-person key (None: the cloak's own, if it has one).
+        ``references``: per-face references from an earlier call (`__call__`); a cloak that
+        does not push from a person's photos has no use for them.
         """
 
     def objective(self, embeddings: list[Tensor | None], clean: list[Tensor], face_index: Tensor) -> Tensor:
@@ -451,7 +463,7 @@ class Cloak:
         """
         return self.models[m].distance(embedding, clean[m][face_index]) / self.thresholds[m]
 
-    def references(self, clean: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def references(self, clean: list[Tensor]) -> PersonReferences:
         """What each face must end far from, per model, and how many clean photos that averages.
 
         The face's own clean embedding by default; a person-level cloak returns its person's mean,
@@ -468,6 +480,7 @@ class Cloak:
         *,
         identity: str | None = None,
         stored_as: Sequence[StoredAs | None] | None = None,
+        references: PersonReferences | None = None,
     ) -> CloakResult:
         """Cloak every face in ``images``, then check each after a simulated upload and measure it.
 
@@ -480,8 +493,13 @@ class Cloak:
             stored_as: per photo, how its file will hold it (`StoredAs`: e.g. a JPEG's encoder
                 and decoder), or None for 8-bit pixels as they are. The caps then hold, and the
                 check runs, on the photo as written (`_hold_as_written`).
+            references: per model (N, D) what each face is pushed from, and (N,) how many photos
+                each averages, instead of those this call would find: an escalation cloaks again
+                a few faces of a call from the person means that call found
+                (`facecloak.protection.escalate`), not from those few alone. Used by a cloak
+                that pushes from a person's photos (`UntargetedCloak`); others ignore them.
         """
-        run = self._perturb(images, faces, on_step, identity, stored_as)
+        run = self._perturb(images, faces, on_step, identity, stored_as, references)
         result = self._result(
             run.photos,
             run.cloaked,
@@ -514,6 +532,7 @@ class Cloak:
         on_step: StepCallback | None,
         identity: str | None,
         stored_as: Sequence[StoredAs | None] | None = None,
+        references: PersonReferences | None = None,
     ) -> _Run:
         """Everything `__call__` does before its check: the photos as stored, and what the check needs."""
         started = time.perf_counter()
@@ -546,7 +565,7 @@ class Cloak:
         if not working.native:
             photos, faces = working.photos, working.faces
             alignments = [model_alignment(photos, faces, m.card) for m in self.models]
-        self.prepare(clean, faces, identity)
+        self.prepare(clean, faces, identity, references)
         # what the objective pushes from: progress, stopping and the honest check all measure it
         references = self.references(clean)
         clock.lap("embed")
@@ -1122,7 +1141,7 @@ class Cloak:
         originals: list[Tensor],
         cloaked: list[Tensor],
         faces: Faces,
-        references: tuple[list[Tensor], Tensor],
+        references: PersonReferences,
         steps: Tensor,
         started: float,
         clock: _StageClock,
@@ -1303,7 +1322,7 @@ class _Run:
     faces: Faces
     started: float
     clock: _StageClock
-    references: tuple[list[Tensor], Tensor]
+    references: PersonReferences
     steps: Tensor
     alignments: list[Tensor] | None = None
     dssim: Tensor | None = None

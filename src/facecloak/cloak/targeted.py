@@ -17,7 +17,7 @@ import secrets
 import torch
 from torch import Tensor
 
-from facecloak.cloak.base import Cloak
+from facecloak.cloak.base import Cloak, PersonReferences
 from facecloak.faces import Faces
 
 
@@ -67,7 +67,13 @@ class TargetedCloak(Cloak):
         self.identity_key = identity_key
         self.targets: list[Tensor] = []
 
-    def prepare(self, clean: list[Tensor], faces: Faces, identity: str | None = None) -> None:
+    def prepare(
+        self,
+        clean: list[Tensor],
+        faces: Faces,
+        identity: str | None = None,
+        references: PersonReferences | None = None,
+    ) -> None:
         """Make each face's target on each model from the key and its clean embedding.
 
         The key is the call's ``identity`` if given, else this cloak's ``identity_key``.

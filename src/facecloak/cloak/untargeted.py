@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from facecloak.cloak.base import Cloak
+from facecloak.cloak.base import Cloak, PersonReferences
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
@@ -68,12 +68,8 @@ class UntargetedCloak(Cloak):
         self.people_per_photo = bool(people_per_photo)
         self._references: list[Tensor] | None = None
         self._counts = torch.zeros(0, dtype=torch.long)
-        self.given_references: tuple[list[Tensor], Tensor] | None = None
-        """Per model (N, D) references and (N,) photo counts for the next call's N faces, instead of
-        grouping them anew: an escalation re-cloaks a few faces of a call from the person means
-        that call found (`facecloak.protection.escalate`), not from those few alone."""
 
-    def person_references(self) -> tuple[list[Tensor], Tensor] | None:
+    def person_references(self) -> PersonReferences | None:
         """The last call's per-face references and counts where `prepare` grouped photos; else None."""
         if self._references is None:
             return None
@@ -87,7 +83,13 @@ class UntargetedCloak(Cloak):
             "laggard_weight": self.laggard_weight,
         }
 
-    def prepare(self, clean: list[Tensor], faces: Faces, identity: str | None = None) -> None:
+    def prepare(
+        self,
+        clean: list[Tensor],
+        faces: Faces,
+        identity: str | None = None,
+        references: PersonReferences | None = None,
+    ) -> None:
         """With ``person_level``, each face's reference becomes the mean of the call's faces of its person.
 
         Person-level protection (OPOM, Zhong & Deng 2022) pushes a photo away from the person, not
@@ -96,10 +98,10 @@ class UntargetedCloak(Cloak):
         (so bystanders in the photos are not averaged in); a face alone keeps its own embedding.
         """
         self._references = None
-        if self.given_references is not None:
-            given, counts = self.given_references
+        if references is not None:  # an earlier call's (`Cloak.__call__`)
+            given, counts = references
             if any(len(table) != len(faces) for table in given) or len(counts) != len(faces):
-                raise InvalidInputError(f"given_references hold another number of faces than {len(faces)}")
+                raise InvalidInputError(f"references hold another number of faces than {len(faces)}")
             self._references = [table.to(clean[m]) for m, table in enumerate(given)]
             self._counts = counts.clone()
             return
@@ -122,7 +124,7 @@ class UntargetedCloak(Cloak):
                 centre = torch.nn.functional.normalize(centre, dim=1)
             self._references.append(centre)
 
-    def references(self, clean: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def references(self, clean: list[Tensor]) -> PersonReferences:
         """The person's mean where `prepare` grouped photos; else each face's own embedding."""
         if self._references is None:
             return super().references(clean)
