@@ -108,7 +108,12 @@ from facecloak.errors import FacecloakError
     "the summary lists such faces.",
 )
 @click.option(
-    "--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed of the random draws."
+    "--seed",
+    type=click.IntRange(0, MAX_SEED),
+    default=0,
+    show_default=True,
+    help="Seed of the random draws: the same photos, cloaked together in one chunk, give the same "
+    "result again; a photo cloaked beside other photos gets other draws, and another cloak.",
 )
 @click.option(
     "--batch-size",

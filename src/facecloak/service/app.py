@@ -432,7 +432,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         identity_key: Annotated[str | None, Form(description="targeted: a per-person secret.")] = None,
         steps: Annotated[int | None, Form(ge=0, description="Most steps per face [level's default].")] = None,
         max_dssim: Annotated[float | None, Form(ge=0.0001, le=0.5, description="DSSIM cap.")] = None,
-        seed: Annotated[int, Form(ge=0, le=MAX_SEED)] = 0,
+        seed: Annotated[
+            int,
+            Form(
+                ge=0,
+                le=MAX_SEED,
+                description="Seed of the random draws. Uploads sent at the same time with the same "
+                "settings are cloaked together, with other draws: the same photo and seed can give "
+                "another cloak.",
+            ),
+        ] = 0,
         escalate: Annotated[
             bool,
             Form(description="Cloak a face that falls short again one level up (low -> mid -> high)."),
