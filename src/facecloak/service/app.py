@@ -201,7 +201,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     """
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
-    batcher = MicroBatcher(settings, on_batch=lambda size, seconds: metrics.batch_size.observe(size))
+    batcher = MicroBatcher(
+        settings,
+        on_batch=lambda size, seconds: metrics.batch_size.observe(size),
+        on_models_loaded=gc.freeze,  # models a first request loaded live on too: out of collections
+    )
     decoding = asyncio.Semaphore(4)  # decoded photos in flight, beside those queued (memory)
 
     @contextlib.asynccontextmanager

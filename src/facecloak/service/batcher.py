@@ -98,12 +98,19 @@ class JobResult:
 
 
 class Engine:
-    """The models of one worker, loaded once, and the one-call-per-group protection over them."""
+    """The models of one worker, loaded once, and the one-call-per-group protection over them.
 
-    def __init__(self, settings: ServiceSettings, device: str | None) -> None:
+    ``on_loaded`` is called after models load on a first request (``preload`` off): the service
+    freezes them out of its periodic garbage collections, as it freezes what start-up loaded.
+    """
+
+    def __init__(
+        self, settings: ServiceSettings, device: str | None, on_loaded: Callable[[], None] | None = None
+    ) -> None:
         from facecloak._device import default_device
 
         self.settings = settings
+        self._on_loaded = on_loaded
         self.device = str(default_device(device))
         self._detector: FaceDetector | None = None
         self._cloaks: OrderedDict[tuple, CloakFaces] = OrderedDict()
@@ -141,6 +148,7 @@ class Engine:
 
             names = list(self.settings.models) if self.settings.models else available_embedders()
             self._embedders = [create_embedder(name, device=self.device) for name in names]
+            self._loaded()
         if not self._embedders:
             raise FacecloakError("no face model is available on this server (see `facecloak models`)")
         return self._embedders
@@ -167,7 +175,13 @@ class Engine:
                 detector = self.detector(MIN_FACE_SCORE, MIN_FACE_PX)
                 replacer = FaceReplacer(bank, self.embedders(), detector=detector, keep_mouth=keep_mouth)
             self._replace[keep_mouth] = ReplaceFaces(replacer)
+            self._loaded()
         return self._replace[keep_mouth]
+
+    def _loaded(self) -> None:
+        """Models were just loaded: say so where that came after start-up (`on_loaded`)."""
+        if self._on_loaded is not None and not self.settings.preload:
+            self._on_loaded()
 
     def protection(self, kind: str, params: dict) -> Protection:
         """The protection (`facecloak.protection`) for these settings, as the CLI builds it."""
@@ -251,6 +265,7 @@ class MicroBatcher:
         settings: batching, queue bounds and models.
         on_batch: called after each model call with its size and seconds (metrics).
         engine_factory: builds a worker's engine from a device name (tests swap it).
+        on_models_loaded: the engines' ``on_loaded`` (`Engine`).
     """
 
     def __init__(
@@ -259,6 +274,7 @@ class MicroBatcher:
         *,
         on_batch: Callable[[int, float], None] | None = None,
         engine_factory: Callable[[str | None], Engine] | None = None,
+        on_models_loaded: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -268,7 +284,7 @@ class MicroBatcher:
         self._held: set[Job] = set()  # the jobs counted in the two, until released (once)
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self._on_batch = on_batch
-        self._engine_factory = engine_factory or (lambda device: Engine(settings, device))
+        self._engine_factory = engine_factory or (lambda device: Engine(settings, device, on_models_loaded))
         self._threads: list[threading.Thread] = []
         self._ready = threading.Event()
         self._errors: list[BaseException] = []
