@@ -100,8 +100,10 @@ class JobResult:
 class Engine:
     """The models of one worker, loaded once, and the one-call-per-group protection over them.
 
-    ``on_loaded`` is called after models load on a first request (``preload`` off): the service
-    freezes them out of its periodic garbage collections, as it freezes what start-up loaded.
+    ``on_loaded`` is called when models load after start-up, on a request that first needs them
+    (all of them with ``preload`` off; the replacer that keeps the person's mouth always): the
+    service freezes them out of its periodic garbage collections, as it freezes what start-up
+    loaded.
     """
 
     def __init__(
@@ -110,7 +112,7 @@ class Engine:
         from facecloak._device import default_device
 
         self.settings = settings
-        self._on_loaded = on_loaded
+        self._on_loaded: Callable[[], None] | None = None  # start-up's loads are frozen by the service
         self.device = str(default_device(device))
         self._detector: FaceDetector | None = None
         self._cloaks: OrderedDict[tuple, CloakFaces] = OrderedDict()
@@ -121,6 +123,7 @@ class Engine:
             self.embedders()
             if settings.donors:
                 self.replacement()
+        self._on_loaded = on_loaded
 
     def detector(self, min_score: float, min_size: int, rotations: str = DETECT_ROTATIONS) -> FaceDetector:
         """The detector for one detection setting: the worker's one MTCNN with these thresholds.
@@ -179,8 +182,8 @@ class Engine:
         return self._replace[keep_mouth]
 
     def _loaded(self) -> None:
-        """Models were just loaded: say so where that came after start-up (`on_loaded`)."""
-        if self._on_loaded is not None and not self.settings.preload:
+        """Models were just loaded: say so if that came after start-up (`on_loaded`)."""
+        if self._on_loaded is not None:
             self._on_loaded()
 
     def protection(self, kind: str, params: dict) -> Protection:
