@@ -1390,6 +1390,7 @@ def test_models_a_first_request_loads_are_frozen_out_of_the_periodic_collections
     settings = ServiceSettings(device="cpu", preload=False, models=("dlib-resnet",))
     with TestClient(create_app(settings)) as client:
         before = gc.get_freeze_count()
+        assert before > 1000  # the detector, torch and the app: frozen when the detector loaded
         answer = client.post(
             "/v1/cloak", files={"image": ("a.jpg", photo)}, data={"steps": "1", "response": "json"}
         )

@@ -204,7 +204,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     batcher = MicroBatcher(
         settings,
         on_batch=lambda size, seconds: metrics.batch_size.observe(size),
-        on_models_loaded=gc.freeze,  # models a first request loaded live on too: out of collections
+        on_models_loaded=gc.freeze,  # what is loaded lives on: collections skip it from then on
     )
     decoding = asyncio.Semaphore(4)  # decoded photos in flight, beside those queued (memory)
 
@@ -212,8 +212,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         limit_arenas()  # before the worker and HTTP threads allocate: their memory is handed back
         limit_compiled_kernels()  # before the models' first convolution: photos of every size
-        await asyncio.to_thread(batcher.start)
-        gc.freeze()  # what start-up loaded (torch, the models) lives on: collections skip it from now on
+        await asyncio.to_thread(batcher.start)  # its engines freeze what they load (`on_models_loaded`)
         log.info(
             "facecloak service ready: %d model worker(s), device %s",
             settings.workers,
@@ -558,8 +557,8 @@ async def _release_memory_every(seconds: float) -> None:
 
     Python collects reference cycles across its whole heap seldom, and a photo caught in one (a
     job and its future were, until 2026-12-07: 149 MB after 400 requests) waits for that; with
-    start-up's objects frozen (`gc.freeze` in the lifespan) a collection walks only what requests
-    made since, so any such cycle lives at most ``seconds``.
+    the models and all that existed when they loaded frozen (`gc.freeze`, `Engine`'s ``on_loaded``)
+    a collection walks only what requests made since, so any such cycle lives at most ``seconds``.
     """
     while True:
         await asyncio.sleep(seconds)

@@ -100,10 +100,10 @@ class JobResult:
 class Engine:
     """The models of one worker, loaded once, and the one-call-per-group protection over them.
 
-    ``on_loaded`` is called when models load after start-up, on a request that first needs them
-    (all of them with ``preload`` off; the replacer that keeps the person's mouth always): the
-    service freezes them out of its periodic garbage collections, as it freezes what start-up
-    loaded.
+    ``on_loaded`` is called after each load of models: the detector and, with ``preload``, the
+    recognisers at start-up, and whatever a request that first needs it loads later (every
+    recogniser with ``preload`` off; the replacer that keeps the person's mouth always). The
+    service freezes what was loaded out of its periodic garbage collections.
     """
 
     def __init__(
@@ -112,7 +112,7 @@ class Engine:
         from facecloak._device import default_device
 
         self.settings = settings
-        self._on_loaded: Callable[[], None] | None = None  # start-up's loads are frozen by the service
+        self._on_loaded = on_loaded
         self.device = str(default_device(device))
         self._detector: FaceDetector | None = None
         self._cloaks: OrderedDict[tuple, CloakFaces] = OrderedDict()
@@ -123,7 +123,6 @@ class Engine:
             self.embedders()
             if settings.donors:
                 self.replacement()
-        self._on_loaded = on_loaded
 
     def detector(self, min_score: float, min_size: int, rotations: str = DETECT_ROTATIONS) -> FaceDetector:
         """The detector for one detection setting: the worker's one MTCNN with these thresholds.
@@ -137,6 +136,7 @@ class Engine:
             self._detector = FaceDetector(
                 min_score=key[0], min_size=key[1], rotations=key[2], device=self.device
             )
+            self._loaded()
         detector = self._detector
         if key == (detector.min_score, detector.min_size, detector.rotations):
             return detector
@@ -182,7 +182,7 @@ class Engine:
         return self._replace[keep_mouth]
 
     def _loaded(self) -> None:
-        """Models were just loaded: say so if that came after start-up (`on_loaded`)."""
+        """Models were just loaded: report it (`on_loaded`)."""
         if self._on_loaded is not None:
             self._on_loaded()
 
