@@ -101,3 +101,29 @@ def _started(process: subprocess.Popen, url: str, log_path: Path, startup_s: flo
         if time.monotonic() > deadline:
             raise RuntimeError(f"the service did not start: {log_path.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def serving_in_thread(app, startup_s: float = 60.0):
+    """Yield the base URL of ``app`` served by a real uvicorn server in this process (stopped after).
+
+    For what the in-process ``TestClient`` does not show: how uvicorn itself hands requests over
+    (a path prefix, a client that hangs up mid-upload).
+    """
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_s
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the in-thread server did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -19,7 +20,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the service needs pip install 'facecloak[serve]'")
 import httpx  # noqa: E402
 
-from service_helpers import running_service  # noqa: E402
+from service_helpers import running_service, serving_in_thread  # noqa: E402
 from test_io import png_header_only  # noqa: E402
 
 MAX_UPLOAD_MB = 20
@@ -849,10 +850,38 @@ def test_serve_with_an_unknown_model_is_a_one_line_usage_error():
     assert "Traceback" not in result.output
 
 
-def test_serve_passes_its_root_path_to_the_server_and_the_api_description(monkeypatch):
-    """Behind a prefix-stripping proxy the service could not be told its prefix: /docs' "Try it
-    out" sent requests to /v1/... outside it. ``--root-path`` reaches uvicorn, and the API
-    description then names the prefix as its server."""
+def test_a_proxy_may_strip_its_path_prefix_or_keep_it(monkeypatch):
+    """``--root-path /fc`` went to uvicorn, which puts it in front of every path: a proxy that kept
+    the prefix sent ``/fc/v1/info``, the app saw ``/fc/fc/v1/info``, and every request got 404.
+    Now the prefix is the app's (`PathPrefix`): a real server answers both ways, and the API
+    description names the prefix as its server (for /docs' "Try it out")."""
+    import uvicorn
+    from click.testing import CliRunner
+
+    from facecloak.cli import main
+    from facecloak.service import ServiceSettings, create_app
+    from facecloak.service.proxy import PathPrefix
+
+    given = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: given.update(options, app=app))
+    result = CliRunner().invoke(main, ["serve", "--root-path", "/fc", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "root_path" not in given and isinstance(given["app"], PathPrefix) and given["app"].prefix == "/fc"
+    result = CliRunner().invoke(main, ["serve", "--root-path", "fc/", "--device", "cpu"])
+    assert result.exit_code == 2 and "--root-path 'fc/'" in result.output
+    with serving_in_thread(
+        PathPrefix(create_app(ServiceSettings(device="cpu", preload=False)), "/fc")
+    ) as url:
+        for path in ("/fc/v1/info", "/v1/info", "/fc/", "/", "/fc/static/app.js"):  # kept, stripped
+            assert httpx.get(url + path, timeout=30).status_code == 200, path
+        assert httpx.get(f"{url}/fc/openapi.json", timeout=30).json()["servers"] == [{"url": "/fc"}]
+        assert httpx.get(f"{url}/fcx/v1/info", timeout=30).status_code == 404  # not under /fc
+
+
+def test_a_loopback_service_answers_to_loopback_names_only(monkeypatch):
+    """A service on 127.0.0.1 answered any ``Host``: a site that pointed its own name at 127.0.0.1
+    (DNS rebinding) could have its page read every answer and /metrics. ``--allowed-host`` adds a
+    name (a proxy's), ``*`` any; on a public address every name is served, as before."""
     import uvicorn
     from click.testing import CliRunner
     from fastapi.testclient import TestClient
@@ -860,15 +889,74 @@ def test_serve_passes_its_root_path_to_the_server_and_the_api_description(monkey
     from facecloak.cli import main
     from facecloak.service import ServiceSettings, create_app
 
-    given = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: given.update(options))
-    result = CliRunner().invoke(main, ["serve", "--root-path", "/fc", "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    assert given["root_path"] == "/fc"
-    result = CliRunner().invoke(main, ["serve", "--root-path", "fc/", "--device", "cpu"])
-    assert result.exit_code == 2 and "--root-path 'fc/'" in result.output
-    with TestClient(create_app(ServiceSettings(device="cpu", preload=False)), root_path="/fc") as client:
-        assert client.get("/openapi.json").json()["servers"] == [{"url": "/fc"}]
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+
+    def allowed(*args: str):
+        result = CliRunner().invoke(main, ["serve", "--device", "cpu", *args])
+        assert result.exit_code == 0, result.output
+        return apps[-1].state.settings.allowed_hosts
+
+    assert set(allowed()) == {"127.0.0.1", "localhost", "::1"}
+    assert "facecloak.example.org" in allowed("--allowed-host", "facecloak.example.org")
+    assert allowed("--allowed-host", "*") is None
+    assert allowed("--host", "0.0.0.0", "--api-keys", __file__) is None
+    settings = ServiceSettings(device="cpu", preload=False, allowed_hosts=allowed())
+    with TestClient(create_app(settings)) as client:
+        refused = client.get("/v1/info", headers={"Host": "rebound.example:8000"})
+        assert refused.status_code == 400 and refused.json()["error"] == "host_not_allowed"
+        assert "--allowed-host rebound.example" in refused.json()["reason"]
+        for host in ("127.0.0.1:8000", "localhost", "LOCALHOST.", "[::1]:8000"):
+            assert client.get("/v1/info", headers={"Host": host}).status_code == 200, host
+        metrics = client.get("/metrics", headers={"Host": "localhost"}).text
+        assert 'facecloak_rejected_total{reason="host_not_allowed"} 1.0' in metrics
+
+
+def test_another_sites_page_cannot_post_photos_to_the_service(samples_dir):
+    """CORS off did not stop another site's page from POSTing a form to a service on the user's
+    machine (a browser sends it without asking, and the service computed it). A browser marks such
+    a request ``Sec-Fetch-Site: cross-site``: refused unless its origin is a ``--cors-origin``;
+    the service's own page and clients that are not browsers go on as before."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    photo = {"image": ("g.jpg", (samples_dir / "grace_hopper.jpg").read_bytes())}
+    data = {"rotations": "none"}
+    evil = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+    settings = ServiceSettings(device="cpu", preload=False, cors_origins=("https://app.example",))
+    with TestClient(create_app(settings)) as client:
+        refused = client.post("/v1/detect", files=photo, data=data, headers=evil)
+        assert refused.status_code == 403 and refused.json()["error"] == "cross_site_request"
+        assert client.get("/v1/info", headers=evil).status_code == 200  # reading needs CORS anyway
+        own_page = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+        allowed = {"Origin": "https://app.example", "Sec-Fetch-Site": "cross-site"}
+        for headers in (own_page, allowed, {}):
+            answer = client.post("/v1/detect", files=photo, data=data, headers=headers)
+            assert answer.status_code == 200 and answer.json()["faces_found"] == 1, headers
+
+
+def test_a_client_that_hangs_up_mid_upload_is_counted_as_gone_not_as_a_bad_request():
+    """A client that closed its connection halfway through its upload was counted as a 400
+    ``bad_request`` (FastAPI's words for a body it could not parse), not ``client_disconnected``."""
+    from facecloak.service import ServiceSettings, create_app
+
+    with serving_in_thread(create_app(ServiceSettings(device="cpu", preload=False))) as url:
+        parts = urlparse(url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=30) as connection:
+            head = (
+                f"POST /v1/anonymize HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: 100000\r\n"
+                "Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n"
+            )
+            part = '--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+            connection.sendall(head.encode() + part.encode() + b"\xff\xd8")
+            time.sleep(0.5)  # the app is reading the form when the client goes
+        counted, deadline = "", time.monotonic() + 10
+        while 'reason="client_disconnected"} 1.0' not in counted and time.monotonic() < deadline:
+            time.sleep(0.1)
+            counted = httpx.get(f"{url}/metrics", timeout=5).text
+        assert 'facecloak_rejected_total{reason="client_disconnected"} 1.0' in counted
+        assert 'reason="bad_request"' not in counted
 
 
 def test_pixel_limit_above_the_default_admits_uploads_under_it(tmp_path):
@@ -1240,11 +1328,8 @@ def test_another_clients_photo_of_the_same_person_does_not_change_a_cloak(dlib_r
 def test_a_client_that_disconnects_while_its_photo_waits_frees_its_place(samples_dir):
     """A client that gave up (closed its connection) kept its photo in the queue until a worker
     reached it and computed it for nobody: new uploads got 503 for work no one waited for."""
-    import uvicorn
-
     from facecloak.service import ServiceSettings, create_app
     from facecloak.service.batcher import JobResult
-    from service_helpers import free_port
 
     gate = threading.Event()
 
@@ -1256,21 +1341,15 @@ def test_a_client_that_disconnects_while_its_photo_waits_frees_its_place(samples
     settings = ServiceSettings(device="cpu", preload=False, queue_size=2, max_batch=1, batch_wait_ms=0)
     app = create_app(settings)
     app.state.batcher._engine_factory = lambda device: BlockingEngine()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.config.port}"
     photo = (samples_dir / "grace_hopper.jpg").read_bytes()
 
-    def give_up(_) -> None:  # waits a second for its answer, then closes the connection
+    def give_up(url) -> None:  # waits a second for its answer, then closes the connection
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/detect", files={"image": ("g.jpg", photo)}, timeout=httpx.Timeout(1.0))
 
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        clients = [threading.Thread(target=give_up, args=(k,)) for k in range(2)]
+    with serving_in_thread(app) as url, contextlib.ExitStack() as release:
+        release.callback(gate.set)  # before the server stops: its worker waits on the gate
+        clients = [threading.Thread(target=give_up, args=(url,)) for _ in range(2)]
         for client in clients:  # one photo runs (blocked), the other waits in the queue
             client.start()
             time.sleep(0.3)
@@ -1286,10 +1365,6 @@ def test_a_client_that_disconnects_while_its_photo_waits_frees_its_place(samples
         assert depth == 1  # the running photo finishes; the waiting one is gone with its client
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
         assert 'facecloak_rejected_total{reason="client_disconnected"} 2.0' in metrics
-    finally:
-        gate.set()
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_the_service_hands_the_allocator_s_free_memory_back_while_it_runs(monkeypatch):
@@ -1398,3 +1473,29 @@ def test_models_a_first_request_loads_are_frozen_out_of_the_periodic_collections
         loaded = gc.get_freeze_count() - before
     assert gc.get_freeze_count() == 0  # the service unfreezes what it froze when it stops
     assert loaded > 1000  # the model's modules and parameters, at least
+
+
+def test_a_client_that_refuses_json_gets_the_photo(in_process, samples_dir):
+    """``Accept: image/jpeg, application/json;q=0`` (JSON not acceptable) got JSON: any Accept
+    header that named JSON did. JSON comes only where it ranks at least as high as an image."""
+    photo = {"image": ("g.jpg", (samples_dir / "grace_hopper.jpg").read_bytes())}
+    data = {"method": "blur", "rotations": "none"}
+    for accept, kind in (
+        ("image/jpeg, application/json;q=0", "image/jpeg"),
+        ("image/*;q=1, application/json;q=0.5", "image/jpeg"),
+        ("application/json, text/plain, */*", "application/json"),  # axios: asks for JSON
+    ):
+        answer = in_process.post("/v1/anonymize", files=photo, data=data, headers={"Accept": accept})
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith(kind), accept
+
+
+def test_a_reports_settings_can_be_sent_back_as_they_are(in_process, samples_dir):
+    """The report named ``mask_scale`` ``scale`` (the anonymiser's own name), which the API then
+    refused as an unknown field: a client could not repeat a request from its report."""
+    photo = {"image": ("g.jpg", (samples_dir / "grace_hopper.jpg").read_bytes())}
+    data = {"method": "pixelate", "mask_scale": "1.5", "rotations": "none", "response": "json"}
+    settings = in_process.post("/v1/anonymize", files=photo, data=data).json()["settings"]
+    assert settings["mask_scale"] == 1.5 and "scale" not in settings
+    again = {key: str(value) for key, value in settings.items()} | {"rotations": "none", "response": "json"}
+    answer = in_process.post("/v1/anonymize", files=photo, data=again)
+    assert answer.status_code == 200 and answer.json()["settings"] == settings

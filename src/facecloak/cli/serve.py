@@ -85,6 +85,14 @@ from facecloak.cli.options import CONTEXT, usable_device
     help="Donor bank (name or folder) for method=replace. Default: replace is not offered.",
 )
 @click.option(
+    "--allowed-host",
+    multiple=True,
+    metavar="NAME",
+    help="Answer requests naming this host (repeatable), e.g. the name a proxy passes on. Default: "
+    "on a loopback --host, 127.0.0.1, localhost and ::1 only (a site pointing its name at this "
+    "machine is refused); on another address, any host. '*': any host.",
+)
+@click.option(
     "--root-path",
     default="",
     metavar="PREFIX",
@@ -113,6 +121,7 @@ def serve(
     api_keys,
     cors_origin,
     donor_bank,
+    allowed_host,
     root_path,
     log_level,
 ) -> None:
@@ -131,6 +140,8 @@ def serve(
         import uvicorn
 
         from facecloak.service import ServiceSettings, create_app
+        from facecloak.service.proxy import PathPrefix
+        from facecloak.service.security import LOOPBACK_HOSTS
     except ImportError as error:
         raise click.UsageError(f"the service needs pip install 'facecloak[serve]' ({error})") from None
     import logging
@@ -159,26 +170,39 @@ def serve(
         request_timeout_s=timeout,
         api_keys_file=api_keys,
         cors_origins=tuple(cors_origin),
+        allowed_hosts=_allowed_hosts(host, allowed_host),
         donors=donor_bank,
     )
     try:
         settings.api_keys()
     except (OSError, ValueError) as error:
         raise click.UsageError(str(error)) from None
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_keys:
+    if host not in LOOPBACK_HOSTS and not api_keys:
         click.echo(
             f"warning: serving on {host} without --api-keys: anyone who reaches it can use it", err=True
         )
     if root_path and (not root_path.startswith("/") or root_path.endswith("/")):
         raise click.UsageError(f"--root-path {root_path!r}: give it as /prefix, with no slash at its end")
+    # the prefix is the app's, not uvicorn's: uvicorn puts its root path in front of every path,
+    # and a proxy that kept the prefix then reached nothing (`facecloak.service.proxy`)
     uvicorn.run(
-        create_app(settings),
+        PathPrefix(create_app(settings), root_path),
         host=host,
         port=port,
-        root_path=root_path,
         log_level=log_level,
         access_log=False,
     )
+
+
+def _allowed_hosts(host: str, given: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The ``Host`` names served: those given (``*``: any), else the loopback names on a loopback address."""
+    from facecloak.service.security import LOOPBACK_HOSTS
+
+    if "*" in given:
+        return None
+    if given:
+        return (*LOOPBACK_HOSTS, host, *given)
+    return (*LOOPBACK_HOSTS, host) if host in LOOPBACK_HOSTS else None
 
 
 def _checked_bank(name: str, models: str | None) -> str:

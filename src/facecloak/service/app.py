@@ -34,6 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from facecloak import __version__, io
 from facecloak._allocator import limit_arenas, limit_compiled_kernels, release_free_memory
@@ -58,7 +59,7 @@ from facecloak.errors import FacecloakError, ImageReadError
 from facecloak.service.batcher import Job, JobResult, MicroBatcher, QueueFull
 from facecloak.service.limits import BodySizeLimit, BodyTooLarge, UploadRejected, check_upload
 from facecloak.service.metrics import MetricsMiddleware, ServiceMetrics
-from facecloak.service.security import ApiKeyAuth, PrivacyHeaders, route_path
+from facecloak.service.security import ApiKeyAuth, PrivacyHeaders, SameSiteOnly, route_path
 from facecloak.service.settings import ServiceSettings
 
 log = logging.getLogger("facecloak.service")
@@ -244,11 +245,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         metrics.rejected.labels(code).inc()
 
     # Middleware, innermost first: the body cap, the API key check (before a byte of the body is
-    # read), CORS (only when origins are given), the request metrics, and the privacy headers outermost.
+    # read), the host and cross-site check, CORS (only when origins are given), the request
+    # metrics, and the privacy headers outermost.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, on_refusal=refused)
     keys = settings.api_keys()
     if keys:  # /v1/ (but /v1/info) and /metrics
         app.add_middleware(ApiKeyAuth, keys=keys, on_refusal=refused)
+    allowed_hosts = None if settings.allowed_hosts is None else frozenset(settings.allowed_hosts)
+    app.add_middleware(
+        SameSiteOnly, hosts=allowed_hosts, origins=frozenset(settings.cors_origins), on_refusal=refused
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -318,8 +324,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         unprotected = sum(not face.get("protected", True) for face in faces)
         # an explicit response=image wins over the Accept header: axios sends "application/json,
         # text/plain, */*" with every request, and its clients got JSON where they asked for the photo
-        accept = request.headers.get("accept", "")
-        wants_json = common.response == "json" or (common.response is None and "application/json" in accept)
+        wants_json = common.response == "json" or (
+            common.response is None and prefers_json(request.headers.get("accept", ""))
+        )
         if wants_json:
             width, height = image.size
             return JSONResponse(
@@ -338,7 +345,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                     # a targeted cloak's identity key is a per-person secret: a report kept or
                     # logged beside the photo held it in clear (the CLI's report leaves it out)
                     "settings": {
-                        key: (list(v) if isinstance(v, tuple) else v)
+                        FORM_NAMES.get(key, key): (list(v) if isinstance(v, tuple) else v)
                         for key, v in params.items()
                         if key != "identity_key"
                     },
@@ -610,7 +617,7 @@ async def _wait(future, timeout_s: float, request: Request | None = None) -> Job
             waiting.cancel()  # cancels the job if it still waits for a worker: its place is freed
     if waiting not in done:
         if watcher is not None and watcher in done:
-            raise UploadRejected(499, "client_disconnected", "the client disconnected before the answer")
+            raise _disconnected()
         raise UploadRejected(504, "timeout", f"not finished within this service's limit of {timeout_s:g} s")
     try:
         return waiting.result()
@@ -748,6 +755,42 @@ def _replace_reason(face: dict) -> dict:
     )
 
 
+FORM_NAMES = {"scale": "mask_scale"}
+"""Settings whose form field has another name than the anonymiser's parameter: a report's
+``settings`` names each as the form does, so that they can be sent back as they are."""
+
+
+def prefers_json(accept: str) -> bool:
+    """Whether an ``Accept`` header ranks JSON at least as high as an image (and above 0).
+
+    ``image/jpeg, application/json;q=0`` refuses JSON: it got JSON, as any header naming it did.
+    """
+    quality: dict[str, float] = {}
+    for item in accept.split(","):
+        kind, *options = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for option in options:
+            name, _, value = option.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        kind = kind.lower()
+        quality[kind] = max(quality.get(kind, 0.0), q)
+    if "application/json" not in quality:
+        return False
+    json = quality["application/json"]
+    images = [q for kind, q in quality.items() if kind.startswith("image/")]
+    image = max(images, default=quality.get("*/*", 0.0))
+    return json > 0 and json >= image
+
+
+def _disconnected() -> UploadRejected:
+    """The refusal of a client that hung up (499, nginx's code): counted apart from bad requests."""
+    return UploadRejected(499, "client_disconnected", "the client disconnected before the answer")
+
+
 def _add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     def refusal(error: UploadRejected) -> JSONResponse:
         metrics.rejected.labels(error.code).inc()
@@ -775,6 +818,8 @@ def _add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if isinstance(error.__cause__, BodyTooLarge):  # the cap tripped while FastAPI read the form:
             raise error.__cause__  # `BodySizeLimit` answers (and counts) the 413; not a 400 too
+        if isinstance(error.__cause__, ClientDisconnect):  # gone mid-upload: not a malformed body
+            return refusal(_disconnected())
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
         reason = str(error.detail)
         if error.status_code == 400 and "parsing the body" in reason:

@@ -1,4 +1,7 @@
-"""Optional API keys: checked before a byte of the request body is read."""
+"""Who may use the service: API keys, the host a request names, the site that sent it.
+
+Each is checked before a byte of the request body is read.
+"""
 
 from __future__ import annotations
 
@@ -78,6 +81,82 @@ class ApiKeyAuth:
         if not any(hmac.compare_digest(given, key) for key in self.keys):
             wrong = UploadRejected(403, "api_key_wrong", "the API key is not accepted")
             await _send_json(send, wrong, self.on_refusal)
+            return
+        await self.app(scope, receive, send)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+"""The names a service bound to this machine alone answers to, unless told more (``--allowed-host``)."""
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def request_host(value: str) -> str:
+    """The host of a ``Host`` header, less its port: ``[::1]:8000`` -> ``::1``, ``Ex.org.`` -> ``ex.org``."""
+    value = value.strip().lower()
+    if value.startswith("["):  # an IPv6 address: [::1]:8000
+        value = value[1 : value.find("]")] if "]" in value else value[1:]
+    elif value.count(":") == 1:
+        value = value.split(":")[0]
+    return value.rstrip(".")
+
+
+class SameSiteOnly:
+    """ASGI middleware: refuse a request to a host the service does not serve, or sent by another site.
+
+    - ``Host`` not in ``hosts`` (None: any host): 400 ``host_not_allowed``. A service on 127.0.0.1
+      answered a page of any site that pointed its own name at 127.0.0.1 (DNS rebinding), and that
+      page could then read every answer and ``/metrics``.
+    - An unsafe method (POST) that a browser marks as sent by another site's page (``Sec-Fetch-Site``
+      ``cross-site`` or ``same-site``) from an origin not in ``origins``: 403 ``cross_site_request``.
+      CORS does not stop a form POST, which a browser sends without asking: any page a user
+      visited could make a service on their machine cloak its photos, or spend its CPU.
+    """
+
+    def __init__(
+        self,
+        app,
+        hosts: frozenset[str] | None,
+        origins: frozenset[str] = frozenset(),
+        on_refusal: Callable[[str], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.hosts = None if hosts is None else frozenset(request_host(host) for host in hosts)
+        self.origins = origins
+        self.on_refusal = on_refusal
+
+    async def __call__(self, scope, receive, send) -> None:
+        """Check the request's host and site, then pass it on."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host")
+        if self.hosts is not None and host is not None:
+            name = request_host(host.decode("latin-1"))
+            if name not in self.hosts:
+                refused = UploadRejected(
+                    400,
+                    "host_not_allowed",
+                    f"this service does not answer to host {name!r}: start it with --allowed-host {name} "
+                    "if it should (a name pointed at this machine by another site is refused)",
+                )
+                await _send_json(send, refused, self.on_refusal)
+                return
+        site = headers.get(b"sec-fetch-site", b"").decode("latin-1").lower()
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if (
+            scope["method"] not in SAFE_METHODS
+            and site in ("cross-site", "same-site")
+            and origin not in self.origins
+        ):
+            refused = UploadRejected(
+                403,
+                "cross_site_request",
+                f"a page of another site ({origin or 'unknown origin'}) may not send requests here; "
+                "allow its origin with --cors-origin if it should",
+            )
+            await _send_json(send, refused, self.on_refusal)
             return
         await self.app(scope, receive, send)
 

@@ -32,7 +32,11 @@ class ServiceSettings:
         max_steps: the most cloak steps a client may ask for.
         api_keys_file: file of accepted API keys, one per line (``#`` comments); None: no keys.
             With keys, ``/v1/`` endpoints (but ``/v1/info``) and ``/metrics`` need one.
-        cors_origins: origins allowed by CORS; empty (default): CORS off.
+        cors_origins: origins allowed by CORS; empty (default): CORS off. Only these may send
+            requests from another site's page (`facecloak.service.security.SameSiteOnly`).
+        allowed_hosts: the ``Host`` names the service answers to; None (default): any.
+            ``facecloak serve`` on a loopback address answers to the loopback names only
+            (`facecloak.service.security.LOOPBACK_HOSTS`), unless told more.
         preload: load the models at start-up (the first request does not pay for it).
         donors: donor bank (name or folder) for ``method=replace``; None: replace is not offered.
             Its faces are checked with the same models as the cloak (the bank must hold them).
@@ -51,6 +55,7 @@ class ServiceSettings:
     max_steps: int = 200
     api_keys_file: Path | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    allowed_hosts: tuple[str, ...] | None = None
     preload: bool = True
     donors: str | None = None
 
