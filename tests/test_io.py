@@ -882,3 +882,26 @@ def test_the_python_api_refuses_pixels_paths_and_sources_of_the_wrong_kind(tmp_p
             read_image(samples_dir / "astronaut.jpg", max_pixels=limit)
     assert not list(tmp_path.iterdir())
     write_image(tmp_path / "c.png", (photo.pixels * 1.002 - 0.001))  # float drift within a level: written
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kept"), [("GIF", 10117 / 19037), ("TIFF", 12307 / 55584), ("TIFF", 0.5), ("GIF", 0.75)]
+)
+def test_a_cut_animation_or_page_set_fails_alone_in_one_line(tmp_path, samples_dir, fmt, kept):
+    """A two-page TIFF or two-frame GIF cut short raised TypeError or IndexError from Pillow (while
+    counting its frames, or decoding): the whole batch ended with a traceback, exit 1. Now such a
+    file is read (its first page whole) or refused as corrupt, alone."""
+    face = Image.open(samples_dir / "astronaut.jpg").resize((96, 96))
+    buffer = io_module.BytesIO()
+    mirrored = face.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    face.save(buffer, format=fmt, save_all=True, append_images=[mirrored])
+    data = buffer.getvalue()
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(data[: round(len(data) * kept)])
+    try:
+        probe_image(path)
+        image = read_image(path)
+    except ImageReadError as error:
+        assert "corrupt" in str(error) and str(path) in str(error)
+    else:
+        assert image.pixels.shape == (3, 96, 96)

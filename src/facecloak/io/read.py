@@ -186,11 +186,19 @@ def _over_limit(what: str, path: Path) -> ImageReadError:
     return ImageReadError(f"{what} (decompression-bomb guard; raise it with --max-pixels)", path)
 
 
+PIL_DAMAGE = "damaged files raise more than Pillow's own error types"
+"""Why a read catches every exception: seeking the pages of a cut TIFF raised TypeError, a GIF
+with one byte changed IndexError, and either ended the whole batch with a traceback (exit 1, the
+code of an unprotected face). A damaged file fails alone, in one line, and the batch goes on.
+Pillow's warnings about such a file (``Corrupt EXIF data``) are not printed either."""
+
+
 def _read_image(path: Path, limit: int) -> LoadedImage:
     _check_regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
             with Image.open(path) as opened:
                 width, height = opened.size
                 if width * height > limit:
@@ -217,6 +225,8 @@ def _read_image(path: Path, limit: int) -> LoadedImage:
         raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
     except MemoryError:
         raise ImageReadError("image too large to decode in memory", path) from None
+    except Exception as error:  # noqa: BLE001 - see `PIL_DAMAGE`
+        raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
     try:
         pixels, alpha, grayscale, icc = _to_rgb_tensor(image, icc, min_is_white=min_is_white)
     except ValueError as error:  # a pixel layout PIL opens but cannot convert: this file, not the batch
@@ -234,8 +244,8 @@ def _frame_count(opened: Image.Image, source_format: str) -> int:
         return 1
     try:
         return max(1, int(getattr(opened, "n_frames", 1)))
-    except (OSError, ValueError, EOFError, SyntaxError):
-        return 1  # a frame past the first is damaged: the first is still read, as before
+    except Exception:  # noqa: BLE001 - a frame past the first is damaged (`PIL_DAMAGE`): the first is still read
+        return 1
 
 
 def probe_image(path: str | Path, *, max_pixels: int | None = None) -> str:
@@ -259,6 +269,7 @@ def _probe_image(path: Path, limit: int) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
             with Image.open(path) as opened:
                 width, height = opened.size
                 source_format = opened.format or "PNG"
@@ -267,6 +278,8 @@ def _probe_image(path: Path, limit: int) -> str:
     except UnidentifiedImageError:
         raise ImageReadError("not an image, or an unsupported format", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
+    except Exception as error:  # noqa: BLE001 - see `PIL_DAMAGE`
         raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
     if width * height > limit:
         raise _over_limit(
