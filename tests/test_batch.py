@@ -47,6 +47,11 @@ def test_plan_decides_every_output_before_any_work(photos, tmp_path):
     assert "not an image" in failed[str(photos / "broken.jpg")]
     assert "no such file or folder" in failed[str(tmp_path / "missing.png")]
     again = plan_batch([photos, tmp_path / "missing.png"], "blur", Options(out_dir=str(out), overwrite=True))
+    assert len(again.todo) == 1 and not again.existing  # "earlier" is not the photo: not replaced
+    failed = {outcome.path: outcome.error for outcome in again.failed}
+    assert "is not this photo with its faces changed" in failed[str(photos / "astronaut.jpg")]
+    shutil.copy(photos / "astronaut.jpg", out / "in" / "astronaut_blur.jpg")  # as an earlier output looks
+    again = plan_batch([photos, tmp_path / "missing.png"], "blur", Options(out_dir=str(out), overwrite=True))
     assert len(again.todo) == 2 and not again.existing
 
 

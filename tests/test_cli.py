@@ -132,13 +132,19 @@ def test_default_output_beside_input_never_overwrites(runner, samples_dir, tmp_p
     assert runner.invoke(main, ["anonymize", str(photo), "-q"]).exit_code == 0
     output = tmp_path / "me_blur.jpg"
     assert output.is_file() and photo.read_bytes() == original
-    output.write_bytes(b"an earlier output")
+    earlier = output.stat().st_ino
     again = runner.invoke(main, ["anonymize", str(photo)])
     assert again.exit_code == 0, again.output  # skipped, not an error
     assert "1 skipped: output exists" in again.stderr and "1 image(s) skipped" in again.stdout
-    assert output.read_bytes() == b"an earlier output"
+    assert output.stat().st_ino == earlier
     assert runner.invoke(main, ["anonymize", str(photo), "-q", "--overwrite"]).exit_code == 0
-    assert output.read_bytes() != b"an earlier output"
+    assert output.stat().st_ino != earlier  # written again (atomically: a new file)
+    # the user's own photo under that name: --overwrite replaced it with no word
+    shutil.copy(samples_dir / "grace_hopper.jpg", output)
+    refused = runner.invoke(main, ["anonymize", str(photo), "--overwrite"])
+    assert refused.exit_code == 3 and "is not this photo with its faces changed" in refused.output
+    assert output.read_bytes() == (samples_dir / "grace_hopper.jpg").read_bytes()
+    output.unlink()
     # writing into the input folder itself: outputs get a tag, inputs stay
     assert (
         runner.invoke(main, ["anonymize", str(tmp_path), "-o", str(tmp_path), "-q", "--overwrite"]).exit_code

@@ -18,7 +18,14 @@ from facecloak.anonymize import Anonymizer
 from facecloak.batch import Options
 from facecloak.errors import ImageReadError
 from facecloak.io import read_image
-from facecloak.journal import JOURNAL_NAME, Journal, JournalError, read_journal
+from facecloak.journal import (
+    JOURNAL_NAME,
+    Journal,
+    JournalError,
+    read_journal,
+    settings_fingerprint,
+    source_key,
+)
 from facecloak.pipeline import run_resumable_batch
 from facecloak.protection import AnonymizeFaces
 
@@ -159,11 +166,19 @@ def test_a_file_the_journal_does_not_know_is_not_replaced(three_photos, tmp_path
     assert (out / "group_blur.jpg").read_bytes() == b"the user's own file"
     again = blur_batch(three_photos, out, detector)  # the skipped one was "processed now"
     assert again.resumed == 2 and "skipped; 0 processed now" in str(again)
+    # --overwrite replaced it too: a file that is not the photo with its faces changed is refused
+    refused = blur_batch(three_photos, out, detector, overwrite=True)
+    assert refused.count("protected") == 2 and refused.outcomes[2].status == "failed"
+    assert "is not this photo with its faces changed" in refused.outcomes[2].error
+    assert (out / "group_blur.jpg").read_bytes() == b"the user's own file" and refused.exit_code == 3
+    shutil.copy(three_photos / "group.jpg", out / "group_blur.jpg")  # the photo itself: replaced
     replaced = blur_batch(three_photos, out, detector, overwrite=True)
     assert replaced.count("failed") == 0 and replaced.count("protected") == 3
 
 
-def test_an_output_changed_since_it_was_written_is_not_replaced(three_photos, tmp_path, detector):
+def test_an_output_changed_since_it_was_written_is_not_replaced(
+    three_photos, tmp_path, detector, samples_dir
+):
     """The journal owned every output it ever named: a user's edit was replaced by the next run."""
     out = tmp_path / "out"
     blur_batch(three_photos, out, detector)
@@ -173,6 +188,9 @@ def test_an_output_changed_since_it_was_written_is_not_replaced(three_photos, tm
     report = blur_batch(three_photos, out, detector)
     assert report.outcomes[2].status == "skipped" and report.count("failed") == 0
     assert (out / "group_blur.jpg").read_bytes() == edited
+    refused = blur_batch(three_photos, out, detector, overwrite=True)  # an edit of another photo's output
+    assert refused.outcomes[2].status == "failed" and (out / "group_blur.jpg").read_bytes() == edited
+    shutil.copy(samples_dir / "group.jpg", three_photos / "group.jpg")  # its photo back: its edit
     replaced = blur_batch(three_photos, out, detector, overwrite=True)
     assert replaced.outcomes[2].status == "protected" and (out / "group_blur.jpg").read_bytes() != edited
 
@@ -186,9 +204,10 @@ def test_a_photo_of_the_same_name_from_another_folder_does_not_replace_an_output
     written = (out / "group_blur.jpg").read_bytes()
     day2.mkdir()
     shutil.copy(samples_dir / "astronaut.jpg", day2 / "group.jpg")  # another photo, the same name
-    report = blur_batch(day2, out, detector)
-    assert report.outcomes[0].status == "skipped" and report.count("failed") == 0
-    assert (out / "group_blur.jpg").read_bytes() == written  # was replaced, "1 done", exit code 0
+    report = blur_batch(day2, out, detector)  # was replaced, "1 done", exit code 0; then skipped, exit 0
+    assert report.outcomes[0].status == "failed" and report.exit_code == 3
+    assert "is the output of another photo (an earlier run's group.jpg" in report.outcomes[0].error
+    assert (out / "group_blur.jpg").read_bytes() == written
     moved = tmp_path / "moved"
     shutil.move(three_photos, moved)  # the same photos in another place: still this batch's outputs
     resumed = blur_batch(moved, out, detector)
@@ -532,3 +551,57 @@ def test_a_resumed_files_line_says_what_was_done_in_words():
     }
     assert lines["no_face"] == "a.jpg: done earlier (no face found), skipped -> out/a_blur.jpg"
     assert "(a face NOT protected)" in lines["unprotected"] and "(protected)" in lines["protected"]
+
+
+def test_a_journal_of_other_code_is_not_trusted(three_photos, tmp_path, detector, monkeypatch):
+    """The fingerprint held the version number, 0.1.0 through hundreds of commits: a batch resumed
+    under newer code kept what older code had written (pixelated faces later made coarser because
+    they were still recognised) as done. The code's own hash is in the fingerprint now."""
+    from facecloak import journal
+
+    out = tmp_path / "out"
+    real = journal.code_revision()
+    assert len(real) == 16 and real == journal.code_revision()
+    monkeypatch.setattr(journal, "code_revision", lambda: "an older facecloak")
+    blur_batch(three_photos, out, detector)
+    assert blur_batch(three_photos, out, detector).resumed == 3  # the same code resumes
+    monkeypatch.setattr(journal, "code_revision", lambda: real)
+    redone = blur_batch(three_photos, out, detector)
+    assert redone.resumed == 0 and redone.count("protected") == 3
+
+
+def test_a_model_of_the_same_name_with_another_threshold_or_file_redoes_the_batch(tmp_path, monkeypatch):
+    """Models were in the fingerprint by name: one removed and added again under that name, with
+    another threshold or another network, kept outputs cloaked against the old one as done."""
+    from dataclasses import replace as changed
+
+    from facecloak.models import registry
+    from facecloak.pipeline import ProtectorSpec
+
+    weights = tmp_path / "model.onnx"
+    weights.write_bytes(b"one network")
+    card = changed(registry.get_card("dlib-resnet"), name="copy", weights=str(weights))
+
+    def fingerprint(card) -> str:
+        monkeypatch.setitem(
+            registry._REGISTRY, "copy", registry._Entry(card, lambda path: None, lambda: weights)
+        )
+        return settings_fingerprint(ProtectorSpec.cloak("untargeted", "mid", ["copy"]).settings())
+
+    first = fingerprint(card)
+    assert fingerprint(card) == first
+    assert fingerprint(changed(card, match_threshold=0.5)) != first
+    weights.write_bytes(b"another network, same path")
+    assert fingerprint(card) != first
+
+
+def test_a_uri_s_output_is_not_taken_for_another_uri_s(tmp_path):
+    """On Ray, a URI's records had no place: an output was anyone's, and a photo from another
+    folder with the same name replaced it (``file:///day1/IMG.jpg``, then ``file:///day2/IMG.jpg``)."""
+    with Journal(tmp_path, {"method": "blur"}) as journal:
+        journal.record("start", "IMG.jpg", "aa", "IMG_blur.jpg", source=source_key("file:///day1/IMG.jpg"))
+        (tmp_path / "IMG_blur.jpg").write_bytes(b"day 1's output")
+        assert journal.made_from_another("IMG_blur.jpg", "file:///day1/IMG.jpg") is None
+        assert journal.owns("IMG_blur.jpg", source="file:///day1/IMG.jpg")
+        assert journal.made_from_another("IMG_blur.jpg", "file:///day2/IMG.jpg") == "IMG.jpg"
+        assert not journal.owns("IMG_blur.jpg", source="file:///day2/IMG.jpg")

@@ -52,13 +52,18 @@ from facecloak.faces import Faces, pixel_bounds
 from facecloak.protection import CloakFaces, Protection, ProtectionResult
 
 
-def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> BatchPlan:
+def plan_batch(
+    paths: Sequence[str | Path], tag: str, options: Options, *, check_overwrites: bool = True
+) -> BatchPlan:
     """Decide every output path, and which inputs to skip or fail, before any work.
 
     Args:
         paths: files and folders (walked recursively); a missing path is one failed file.
         tag: output name suffix (``<stem>_<tag>.<ext>``).
         options: file settings (``out_dir``, ``format``, ``overwrite``, ``max_pixels``).
+        check_overwrites: with ``options.overwrite``, fail an input whose existing output is not
+            it with its faces changed (`replacing_refused`). A journaled batch checks after its
+            journal (what it wrote is its to replace) and plans with this off.
 
     Example:
         >>> plan = plan_batch(["samples/"], "cloaked", Options(out_dir="out"))  # doctest: +SKIP
@@ -118,11 +123,51 @@ def plan_batch(paths: Sequence[str | Path], tag: str, options: Options) -> Batch
             )
             continue
         claimed[key] = job.path
-        if target.exists() and not options.overwrite:
+        refused = None
+        if target.exists() and check_overwrites:
+            refused = replacing_refused(
+                job.path, target, overwrite=options.overwrite, max_pixels=options.max_pixels
+            )
+        if refused is not None:
+            plan.failed.append(refused)
+        elif target.exists() and not options.overwrite:
             plan.existing.append((job.path, target))
         else:
             plan.todo.append((job, target))
     return plan
+
+
+def replacing_refused(
+    photo: Path | str,
+    target: Path,
+    *,
+    overwrite: bool,
+    ours: bool = False,
+    other_input: str | None = None,
+    max_pixels: int | None = None,
+) -> FileOutcome | None:
+    """The failure of ``photo`` whose output ``target`` exists and is not its to replace; else None.
+
+    - ``other_input``: the journal says the file is the output of that other photo (``day1/x.jpg``
+      and ``day2/x.jpg`` into one ``-o``, a day apart): the second was skipped as done, exit 0,
+      its face never protected.
+    - With ``overwrite``, a file that is not ``ours`` (journaled) must look like the photo with its
+      faces changed (`io.looks_like`): ``anonymize x.jpg --overwrite`` replaced the user's own
+      ``x_blur.jpg``, another photo, with no word.
+    """
+    if other_input is not None:
+        problem = (
+            f"its output {target} is the output of another photo (an earlier run's {other_input}, by "
+            "the journal): not replaced; rename one, or write to another folder"
+        )
+    elif overwrite and not ours and not io.looks_like(target, Path(photo), max_pixels=max_pixels):
+        problem = (
+            f"its output {target} exists and is not this photo with its faces changed (another photo?): "
+            "not overwritten; move it away first"
+        )
+    else:
+        return None
+    return FileOutcome(str(photo), "failed", error=str(ImageWriteError(problem, photo)))
 
 
 OUTPUT_TAGS = (CloakFaces.tag, *ANONYMIZE_METHODS)

@@ -39,6 +39,7 @@ from facecloak.batch import (
     face_status,
     out_of_memory,
     plan_batch,
+    replacing_refused,
 )
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
 from facecloak.journal import JOURNAL_NAME, Journal, file_sha256, source_key
@@ -286,7 +287,11 @@ def run_distributed(
     local = [path for path in paths if "://" not in str(path)]
     # local inputs planned as the local batch plans them: the output folder is not walked, outputs
     # of earlier runs are not inputs, an output that would replace an input or another's is refused
-    plan = plan_batch(local, tag, replace(options, overwrite=True)) if local else BatchPlan()
+    plan = (
+        plan_batch(local, tag, replace(options, overwrite=True), check_overwrites=False)
+        if local
+        else BatchPlan()
+    )
     uris = [str(p) for p in paths if "://" in str(p)]
     remote, remote_skipped = _list_remote(uris, several=len(paths) > 1, out_dir=out_dir)
     skipped = [(str(path), reason) for path, reason in plan.not_images] + remote_skipped
@@ -319,6 +324,17 @@ def run_distributed(
         for job, target in plan.todo:
             relative_output = target.relative_to(out_dir).as_posix()
             owned = journal.owns(relative_output, source=job.path)
+            refusal = target.exists() and replacing_refused(
+                job.path,
+                target,
+                overwrite=options.overwrite,
+                ours=owned,
+                other_input=journal.made_from_another(relative_output, job.path),
+                max_pixels=options.max_pixels,
+            )
+            if refusal:
+                finished(refusal)
+                continue
             if target.exists() and not options.overwrite and not owned:  # not ours: left alone
                 finished(FileOutcome(str(job.path), "skipped", output=str(target)))
                 continue
@@ -427,15 +443,17 @@ def _finish_row(
     else:
         target = out_dir / Path(relative).with_name(f"{Path(relative).stem}_{tag}{row['suffix']}")
     relative_output = target.relative_to(out_dir).as_posix()
-    local = "://" not in uri
-    source = source_key(uri) if local else None
+    source = source_key(uri)
     sha256 = str(row["sha256"])
     written = json.loads(str(row.get("written", "{}")))
     try:
         if claimed.get(relative_output, uri) != uri:
             problem = f"its output {target} is also the output of {claimed[relative_output]} (rename one)"
             raise ImageWriteError(problem, uri)
-        owned = journal.owns(relative_output, source=uri if local else None)
+        owned = journal.owns(relative_output, source=uri)
+        other = journal.made_from_another(relative_output, uri)
+        if target.exists() and other is not None:  # a URI's output is named only once it is decoded
+            return replacing_refused(uri, target, overwrite=options.overwrite, other_input=other)
         if target.exists() and not (options.overwrite or owned):
             # not this journal's: left alone, as the local batch skips it
             return FileOutcome(uri, "skipped", output=str(target))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -59,9 +60,28 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def settings_fingerprint(settings: dict) -> str:
-    """Short stable hash of the settings that shape an output (canonical JSON, with the version)."""
-    canonical = json.dumps({"facecloak": __version__, **settings}, sort_keys=True, default=str)
+    """Short stable hash of the settings that shape an output (canonical JSON, with the code's revision)."""
+    canonical = json.dumps(
+        {"facecloak": __version__, "code": code_revision(), **settings}, sort_keys=True, default=str
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@functools.cache
+def code_revision() -> str:
+    """A short hash of facecloak's own Python files: the code that made an output.
+
+    The version number alone named no change: it stayed 0.1.0 through hundreds of commits, and a
+    resumed batch kept what an older facecloak had written (pixelated faces its successor made
+    coarser because they were still recognised) as done and protected. Any change to the code
+    redoes a batch's photos once: a resume never mixes outputs of two revisions.
+    """
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def source_key(path: str | Path) -> str:
@@ -72,6 +92,8 @@ def source_key(path: str | Path) -> str:
     hashes, so the second batch took the first one's output for that of a changed photo and
     replaced it. Hashed, so the journal in an output folder does not spell out the user's folders.
     """
+    if "://" in str(path):  # a URI (Ray's inputs): where it is, as given
+        return hashlib.sha256(str(path).encode()).hexdigest()[:16]
     # os.fsencode: a name that is not UTF-8 (a Latin-1 camera card's) is bytes Python holds
     # as surrogates, which ``.encode()`` refused: the whole batch stopped with a traceback
     return hashlib.sha256(os.fsencode(Path(path).resolve())).hexdigest()[:16]
@@ -207,6 +229,24 @@ class Journal:
         """The latest line about input ``relative``, if any."""
         return self._last.get(relative)
 
+    def made_from_another(self, relative_output: str, source: str | Path | None) -> str | None:
+        """The input (relative name) whose output ``relative_output`` is, if not photo ``source``.
+
+        Another photo is another place (`source_key`) and other bytes. A record of an older
+        facecloak, without a place, is told by its bytes alone; a URI's bytes are not at hand here,
+        so another URI is another photo. None: this photo's, nobody's, or ``source`` not given.
+        """
+        record = self._owned.get(relative_output)
+        if record is None or source is None or record.get("source") == source_key(source):
+            return None
+        if "://" in str(source):
+            return record["input"]
+        try:
+            same = file_sha256(source) == record.get("sha256")
+        except OSError:  # unreadable: its read fails with the reason, not a skip that hides it
+            return None
+        return None if same else record["input"]
+
     def owns(self, relative_output: str, source: str | Path | None = None) -> bool:
         """Whether the output is ours to replace: a record names it and nobody changed it since.
 
@@ -218,14 +258,8 @@ class Journal:
         with its photos unchanged still is.
         """
         record = self._owned.get(relative_output)
-        if record is None:
+        if record is None or self.made_from_another(relative_output, source) is not None:
             return False
-        if source is not None and record.get("source", source_key(source)) != source_key(source):
-            try:
-                if file_sha256(source) != record.get("sha256"):
-                    return False
-            except OSError:  # unreadable: its read fails with the reason, not a skip that hides it
-                return True
         if record.get("event") != "done" or "output_bytes" not in record:
             return True
         try:

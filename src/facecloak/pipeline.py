@@ -31,7 +31,7 @@ import torch
 
 from facecloak import io
 from facecloak._device import compute_workers, in_parts_that_fit, is_out_of_memory
-from facecloak.batch import out_of_memory, plan_batch, write_output
+from facecloak.batch import out_of_memory, plan_batch, replacing_refused, write_output
 from facecloak.batch_types import (
     BatchPlan,
     BatchReport,
@@ -106,11 +106,30 @@ class ProtectorSpec:
         return CloakFaces.create(mode, embedders, level, escalate=bool(escalate), **params)
 
     def settings(self) -> dict:
-        """The settings for the journal's fingerprint (a targeted cloak's key only as a hash)."""
+        """The settings for the journal's fingerprint (a targeted cloak's key only as a hash).
+
+        Models are named with their card and weights (`facecloak.models.model_identity`), a donor
+        bank with its manifest's hash: the same name over another model or other donors makes
+        other outputs, and a resumed batch redoes its photos.
+        """
+        from facecloak.models.registry import model_identity
+
         params = {key: value for key, value in self.params.items() if value is not None}
         if params.get("identity_key"):
             params["identity_key"] = key_fingerprint(str(params["identity_key"]))
+        if "models" in params:
+            params["models"] = [model_identity(name) for name in params["models"]]
+        if "donors" in params:
+            params["donor_manifest"] = _file_hash(Path(params["donors"]) / "bank.json")
         return {"kind": self.kind, **params}
+
+
+def _file_hash(path: Path) -> str | None:
+    """A short hash of the file at ``path``; None if unreadable (its use then fails with the reason)."""
+    try:
+        return file_sha256(path)[:16]
+    except OSError:
+        return None
 
 
 RESUMED_STATUS_WORDS = {
@@ -242,7 +261,7 @@ def run_resumable_batch(
     started = time.perf_counter()
     out_dir = Path(options.out_dir)
     # Every output path decided up front; which existing outputs to skip needs the journal (below).
-    plan = plan_batch(paths, tag, replace(options, overwrite=True))
+    plan = plan_batch(paths, tag, replace(options, overwrite=True), check_overwrites=False)
     journal_settings = {**settings, **_output_options(options), "tag": tag}
     report = ResumableReport(
         command or tag,
@@ -281,20 +300,32 @@ def run_resumable_batch(
         jobs: list[tuple[io.ImageJob, Path]] = []
         existing: list[tuple[Path, Path]] = []
         written_before = 0
+        refused: list[FileOutcome] = []
         for job, target in plan.todo:
-            owned = journal.owns(target.relative_to(out_dir).as_posix(), source=job.path)
-            if target.exists() and not options.overwrite and not owned:
+            relative_output = target.relative_to(out_dir).as_posix()
+            owned = journal.owns(relative_output, source=job.path)
+            refusal = target.exists() and replacing_refused(
+                job.path,
+                target,
+                overwrite=options.overwrite,
+                ours=owned,
+                other_input=journal.made_from_another(relative_output, job.path),
+                max_pixels=options.max_pixels,
+            )
+            if refusal:
+                refused.append(refusal)
+            elif target.exists() and not options.overwrite and not owned:
                 existing.append((job.path, target))
             else:
                 jobs.append((job, target))
                 written_before += bool(owned and target.exists() and not options.overwrite)
         shown = BatchPlan(
-            jobs, existing, plan.failed, plan.not_images, plan.inputs, plan.order, written_before
+            jobs, existing, [*plan.failed, *refused], plan.not_images, plan.inputs, plan.order, written_before
         )
-        progress.files_total = len(jobs) + len(existing) + len(plan.failed)
+        progress.files_total = len(jobs) + len(existing) + len(shown.failed)
         progress.steps = protection.steps if protection is not None else 0
         progress.emit("plan", plan=shown)
-        for outcome in plan.failed:
+        for outcome in shown.failed:
             finish(outcome)
         for path, target in existing:
             finish(FileOutcome(str(path), "skipped", output=str(target)))

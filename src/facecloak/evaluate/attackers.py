@@ -11,9 +11,7 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -24,7 +22,7 @@ from facecloak.embed import embed_faces
 from facecloak.evaluate.cache import CACHE_VERSION
 from facecloak.faces import Faces
 from facecloak.models.dlib_resnet import DLIB_RESNET_CARD, DLIB_RESNET_FILENAME
-from facecloak.models.registry import Embedder, FaceModelCard
+from facecloak.models.registry import Embedder, FaceModelCard, weights_stamp
 
 DLIB_SHAPE_PREDICTOR_FILENAME = "shape_predictor_5_face_landmarks.dat"
 DLIB_UPSAMPLE_TIMES = 1
@@ -104,29 +102,6 @@ class PipelineAttacker(Attacker):
             picked = faces.select(chosen)
             out[picked.image_index] = embed_faces(list(images), picked, self.model).cpu().float()
         return out
-
-
-def weights_stamp(card: FaceModelCard) -> str:
-    """Path, size and modification time of the weights files a card names (its file, or its variable's).
-
-    The card alone names a file, not what is in it: a model file replaced at the same path (a
-    re-exported plug-in, another file under the same environment variable) kept the old model's
-    cached embeddings, and the evaluation scored the new model's gallery against them.
-    """
-    named = [card.weights, os.environ.get(card.weights_env, "") if card.weights_env else ""]
-    files = [Path(value).expanduser() for value in named if value and Path(value).expanduser().is_file()]
-    # an MXNet graph reads its params beside it (NAME-symbol.json, NAME-0000.params)
-    files += [
-        params
-        for file in list(files)
-        if file.name.endswith("-symbol.json")
-        for params in sorted(file.parent.glob(f"{file.name[: -len('-symbol.json')]}-*.params"))
-    ]
-    stamps = []
-    for file in files:
-        stat = file.stat()
-        stamps.append(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    return ";".join(stamps)
 
 
 class DlibAttacker(Attacker):

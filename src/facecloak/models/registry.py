@@ -12,6 +12,8 @@ package or a file the user names; a model whose weights are missing raises
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import math
 import os
 from collections.abc import Callable
@@ -146,6 +148,40 @@ def distance_matrix(a: Tensor, b: Tensor, metric: str) -> Tensor:
     a_unit = torch.nn.functional.normalize(a, dim=1)
     b_unit = torch.nn.functional.normalize(b, dim=1)
     return 1.0 - a_unit @ b_unit.T
+
+
+def weights_stamp(card: FaceModelCard) -> str:
+    """Path, size and modification time of the weights files a card names (its file, or its variable's).
+
+    The card alone names a file, not what is in it: a model file replaced at the same path (a
+    re-exported plug-in, another file under the same environment variable) kept the old model's
+    cached embeddings, and the evaluation scored the new model's gallery against them.
+    """
+    named = [card.weights, os.environ.get(card.weights_env, "") if card.weights_env else ""]
+    files = [Path(value).expanduser() for value in named if value and Path(value).expanduser().is_file()]
+    # an MXNet graph reads its params beside it (NAME-symbol.json, NAME-0000.params)
+    files += [
+        params
+        for file in list(files)
+        if file.name.endswith("-symbol.json")
+        for params in sorted(file.parent.glob(f"{file.name[: -len('-symbol.json')]}-*.params"))
+    ]
+    stamps = []
+    for file in files:
+        stat = file.stat()
+        stamps.append(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return ";".join(stamps)
+
+
+def model_identity(name: str) -> str:
+    """Model ``name`` as what makes its outputs: its card (threshold, crop, input) and its weights' stamp.
+
+    A resumed batch recorded models by name: a model removed and added again under the same name
+    with another threshold, or another network, kept the outputs cloaked against the old one.
+    """
+    card = get_card(name)
+    text = json.dumps([card.to_dict(), weights_stamp(card)], sort_keys=True, default=str)
+    return f"{name}@{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 Factory = Callable[[Path | None], Embedder]
