@@ -1965,3 +1965,36 @@ def test_a_licence_note_with_a_newline_lists_as_one_donor_line(bank, tmp_path):
     assert len(donor_lines) == DONORS and not any(line.startswith("  d09999") for line in donor_lines)
     assert donor_lines[0].startswith(f"  {bank.ids[0]}  licence: own photos ü\\n  d09999")
     assert donor_lines[0].endswith(bank.donors[0]["source"])
+
+
+def test_a_bank_is_never_made_among_the_users_files_and_removing_it_deletes_only_its_own(
+    data_home, donor_dir, models, detector, tmp_path
+):
+    """``donors add stock --bank stock/`` wrote the bank among the user's photos, and ``donors
+    remove`` then deleted the folder with them (``--bank .``: the working directory). A bank whose
+    manifest was damaged could not be removed at all."""
+    stock = tmp_path / "stock"
+    stock.mkdir()
+    photos = sorted(donor_dir.glob("*.jpg"))[:2]
+    for photo in photos:
+        shutil.copy(photo, stock / photo.name)
+    (stock / "notes.txt").write_text("my only copy")
+    with pytest.raises(DonorBankError, match="holds files and no bank"):
+        add_donors([stock], models[:1], bank=f"{stock}/", licence="own", detector=detector)
+    assert sorted(p.name for p in stock.iterdir()) == sorted([*(p.name for p in photos), "notes.txt"])
+
+    runner = CliRunner()
+    mine = tmp_path / "mine"
+    add_donors([stock], models[:1], bank=f"{mine}/", licence="own", detector=detector)
+    (mine / "notes.txt").write_text("the user's, put beside the bank")
+    removed = runner.invoke(main, ["donors", "remove", f"{mine}/"])
+    assert removed.exit_code == 0 and "removed 2 donor(s)" in removed.output, removed.output
+    assert "it holds files the bank did not write" in removed.output
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+    damaged = tmp_path / "damaged"
+    add_donors([stock], models[:1], bank=f"{damaged}/", licence="own", detector=detector)
+    (damaged / "bank.json").write_text('{"format": 0,')
+    removed = runner.invoke(main, ["donors", "remove", f"{damaged}/"])
+    assert removed.exit_code == 0 and "removed its donors" in removed.output, removed.output
+    assert not damaged.exists() and all(p.exists() for p in (stock / "notes.txt", *photos))

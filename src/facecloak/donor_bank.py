@@ -36,6 +36,10 @@ from facecloak.synthesis import (
 BANK_FORMAT = 1
 """Version of the on-disk layout; a bank of another version is refused with a way out."""
 
+BANK_FILES = ("bank.json", "embeddings.npz", "chips")
+"""What a bank writes in its folder: all that removing the bank deletes, with the folder if
+nothing else is left in it."""
+
 DEFAULT_BANK = "default"
 DONOR_MIN_FACE_PX = 60
 """Smallest donor face (shorter box side) taken: smaller faces make blurry new faces."""
@@ -332,8 +336,8 @@ def load_bank(
         raise DonorBankError("bank manifest is damaged (not a JSON object)", manifest_path)
     if manifest.get("format") != BANK_FORMAT:
         raise DonorBankError(
-            f"bank format {manifest.get('format')} is not {BANK_FORMAT}; "
-            "rebuild it with `facecloak donors add`",
+            f"bank format {manifest.get('format')} is not {BANK_FORMAT}; remove it with `facecloak "
+            f"donors remove {_called(folder.name, folder)}` and add its photos again",
             manifest_path,
         )
     donors = manifest.get("donors", [])

@@ -28,7 +28,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from torch import Tensor
 from facecloak import io
 from facecloak.detect import FaceDetector
 from facecloak.donor_bank import (
+    BANK_FILES,
     BANK_FORMAT,
     DEFAULT_BANK,
     DONOR_MAX_OUTSIDE,
@@ -153,6 +154,13 @@ def add_donors(
     if not models:
         raise DonorBankError("no face model is available to embed donors; see `facecloak models`")
     folder = bank_folder(bank)
+    if folder.is_dir() and not (folder / "bank.json").is_file() and any(folder.iterdir()):
+        # `--bank photos/` wrote the bank among the user's photos, and `donors remove` then
+        # deleted the folder with them
+        raise DonorBankError(
+            "holds files and no bank: a bank is made in a new or empty folder (give --bank a new name)",
+            folder.resolve(),
+        )
     with bank_lock(folder):
         return _add_donors(paths, models, folder, licence, detector, all_faces, on_progress)
 
@@ -171,7 +179,7 @@ def _add_donors(
     if existing is not None:
         existing.check_models(models)
     detector = detector or FaceDetector()
-    jobs, passed_over = io.collect_images(paths)
+    jobs, passed_over = io.collect_images(paths, exclude=folder)  # not its own chips, if below
     report = AddReport(bank=folder.name, folder=str(folder))
     report.passed_over = [(str(path), reason) for path, reason in passed_over]
     records: list[dict] = []
@@ -477,8 +485,11 @@ def _write_json(path: Path, data: dict) -> None:
     io.write_bytes_atomic(path, json.dumps(data, indent=1).encode(), overwrite=True)
 
 
-def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int:
+def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int | None:
     """Remove donors ``ids`` from a bank, or the whole bank when no id is given; returns how many went.
+
+    The whole bank: its own files (`BANK_FILES`), then its folder if nothing else is in it; a
+    damaged bank too (None: its donors could not be counted).
 
     Raises:
         DonorBankError: no such bank, or an id not in it.
@@ -486,6 +497,31 @@ def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int:
     """
     with bank_lock(_existing_bank_folder(bank)):
         return _remove_donors(bank, ids)
+
+
+def _remove_bank(folder: Path) -> int | None:
+    """Delete the bank in ``folder``: its files, then the folder if empty; its donors' count, if known.
+
+    The whole folder went: a bank made in a photo folder (``--bank photos/``) took the user's
+    photos with it, and ``--bank .`` the working directory. A bank whose manifest is damaged could
+    not be removed at all, though its error said to rebuild it.
+    """
+    try:
+        count: int | None = len(load_bank(folder, allow_empty=True, embeddings=False))
+    except DonorBankError:
+        count = None
+    if folder.is_symlink():  # a bank linked in: the link goes, the folder it names stays
+        folder.unlink()
+        return count
+    for name in BANK_FILES:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    with suppress(OSError):  # not empty: what is left is not the bank's
+        folder.rmdir()
+    return count
 
 
 def _existing_bank_folder(bank: str | Path) -> Path:
@@ -500,15 +536,11 @@ def _existing_bank_folder(bank: str | Path) -> Path:
     return folder
 
 
-def _remove_donors(bank: str | Path, ids: Sequence[str]) -> int:
+def _remove_donors(bank: str | Path, ids: Sequence[str]) -> int | None:
     """`remove_donors` once the bank's lock is held."""
-    bank_data = load_bank(bank, allow_empty=True)
     if not ids:
-        if bank_data.folder.is_symlink():  # a bank linked in: the link goes, the folder it names stays
-            bank_data.folder.unlink()  # (rmtree refused it with a traceback)
-        else:
-            shutil.rmtree(bank_data.folder)
-        return len(bank_data)
+        return _remove_bank(bank_folder(bank))
+    bank_data = load_bank(bank, allow_empty=True)
     ids = list(dict.fromkeys(ids))  # a donor named twice is removed, and counted, once
     unknown = sorted(set(ids) - set(bank_data.ids))
     if unknown:

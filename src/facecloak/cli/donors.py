@@ -159,13 +159,22 @@ def _edge_notes(summary: dict) -> list[str]:
 )
 def donors_remove(bank, ids) -> None:
     """Remove a whole bank, or some of its donors."""
+    from facecloak.donor_bank import bank_folder
     from facecloak.donors import remove_donors
+    from facecloak.errors import shown_path
 
     try:
+        folder = None if ids else bank_folder(bank)
         count = remove_donors(bank, ids)
     except FacecloakError as error:
         fail(error, EXIT_USAGE)
-    click.echo(f"removed {count} donor(s)" + ("" if ids else f" and bank {bank}"))
+    if ids:
+        click.echo(f"removed {count} donor(s)")
+        return
+    donors = "its donors" if count is None else f"{count} donor(s)"  # None: a damaged manifest
+    click.echo(f"removed {donors} and bank {bank}")
+    if folder.is_dir() and not folder.is_symlink():
+        click.echo(f"kept {shown_path(folder)}: it holds files the bank did not write")
 
 
 @donors.command("refresh", context_settings=CONTEXT)
