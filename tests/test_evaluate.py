@@ -18,7 +18,7 @@ from PIL import Image
 
 from facecloak.cli import main
 from facecloak.datasets import list_people, read_lfw_pairs, split_people
-from facecloak.errors import ImageReadError, InvalidInputError
+from facecloak.errors import FacecloakError, ImageReadError, InvalidInputError
 from facecloak.evaluate import (
     PipelineAttacker,
     apply_correction,
@@ -1006,3 +1006,30 @@ def test_adaptive_scraper_that_finds_no_face_to_learn_from_fails_in_one_line(
             data, None, [attacker], people=[PEOPLE[0]], control=1, min_photos=4, probes=1,
             uploads=("none",), adaptive=adaptive, max_distractors=0,
         )  # fmt: skip
+
+
+def test_evaluate_says_at_once_what_it_would_ignore_or_cannot_use(lfw_dir, tmp_path, monkeypatch):
+    """``--level`` with --method blur was dropped without a word; a missing donor bank was exit 3
+    (a file failed) after every model had loaded, where ``anonymize`` says exit 2 at once; and
+    the embedding cache went to ~/.cache whatever XDG_CACHE_HOME said."""
+    import facecloak.evaluate as evaluate_package
+
+    asked = []
+
+    def stop(request, on_progress=None):  # the evaluation itself: not needed to see any of this
+        asked.append(request)
+        raise FacecloakError("stopped here")
+
+    monkeypatch.setattr(evaluate_package, "run_evaluation", stop)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-home"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data-home"))
+    data, out = str(lfw_dir / "images"), str(tmp_path / "report")
+    runner = CliRunner()
+    level = runner.invoke(main, ["evaluate", data, "--method", "blur", "--level", "high", "-o", out])
+    assert level.exit_code == 2 and "--level is for --method cloak" in level.output, level.output
+    bank = runner.invoke(main, ["evaluate", data, "--method", "replace", "--donors", "nosuch", "-o", out])
+    assert bank.exit_code == 2 and "nosuch" in bank.output and "Traceback" not in bank.output, bank.output
+    assert not asked and not (tmp_path / "data-home").exists()
+    runner.invoke(main, ["evaluate", data, "--method", "blur", "-o", out])
+    cache = tmp_path / "cache-home" / "facecloak" / "embeddings"
+    assert [Path(request.cache) for request in asked] == [cache]

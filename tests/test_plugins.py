@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -827,3 +828,46 @@ def test_a_broken_card_with_a_name_no_model_can_have_is_listed_with_how_to_remov
     assert not (folder / "My Model.json").exists() and (folder / "other.json").is_file()
     with pytest.raises(ModelNotFoundError):
         remove_user_model("My Model")  # gone, and never a path: "../x" stays refused
+
+
+def test_a_template_in_one_spot_or_outside_its_chip_is_refused(tmp_path, config_home):
+    """Five points in one spot were accepted (``models add ... --template``): every face was aligned
+    onto one pixel, and the model called any two people the same person (distance 0)."""
+    from dataclasses import replace
+
+    from conftest import models_root
+
+    card = _PixelEmbedder().card
+    one_spot, one_line = [(56.0, 56.0)] * 5, [(10.0 * k, 56.0) for k in range(5)]
+    for points in (one_spot, one_line, [*card.template[:4], (900.0, 50.0)]):
+        with pytest.raises(InvalidInputError, match="spread over it"):
+            replace(card, template=tuple(points))
+    path = tmp_path / "same.json"
+    path.write_text(json.dumps([[56, 56]] * 5))
+    symbol = models_root() / "mobileface-v2" / "MobileFace_Identification_V2-symbol.json"
+    if symbol.is_file():
+        added = CliRunner().invoke(main, ["models", "add", "test-spot", str(symbol), "--template", str(path)])
+        assert added.exit_code == 2 and "spread over it" in added.output, added.output
+        assert "Traceback" not in added.output
+
+
+def test_an_added_model_whose_file_is_gone_fails_the_listing(mobileface_dir, config_home, tmp_path):
+    """``facecloak models`` exited 0 when a model the user added had lost its file (listed NOT
+    available): a script checking the listing could not tell. Removing a name never added was
+    exit 3 (a file failed), not a usage error."""
+    runner = CliRunner()
+    copy = tmp_path / "gone"
+    copy.mkdir()
+    for file in mobileface_dir.glob("MobileFace_Identification_V2*"):
+        shutil.copy(file, copy / file.name)
+    added = runner.invoke(
+        main, ["models", "add", "test-gone", str(copy / MOBILEFACE_SYMBOL), "--threshold", "0.7"]
+    )
+    assert added.exit_code == 0, added.output
+    shutil.rmtree(copy)
+    listed = runner.invoke(main, ["models"])
+    assert listed.exit_code == 3 and "error: model test-gone was added but cannot be used" in listed.stderr
+    assert runner.invoke(main, ["models", "remove", "test-gone"]).exit_code == 0
+    assert "test-gone" not in runner.invoke(main, ["models"]).output
+    unknown = runner.invoke(main, ["models", "remove", "test-never-added"])
+    assert unknown.exit_code == 2 and "no added model named 'test-never-added'" in unknown.stderr

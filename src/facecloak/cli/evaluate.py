@@ -19,7 +19,7 @@ from facecloak.cli.options import (
 )
 from facecloak.cli.running import fail
 from facecloak.defaults import MAX_SEED, UPLOADS
-from facecloak.errors import FacecloakError, ImageWriteError
+from facecloak.errors import EXIT_USAGE, DonorBankError, FacecloakError, ImageWriteError
 
 
 @click.command(context_settings=CONTEXT)
@@ -144,9 +144,9 @@ from facecloak.errors import FacecloakError, ImageWriteError
 @click.option(
     "--cache",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path.home() / ".cache" / "facecloak" / "embeddings",
-    show_default=True,
-    help="Where clean embeddings are cached between runs.",
+    default=None,
+    help="Where clean embeddings are cached between runs. Default: $XDG_CACHE_HOME/facecloak/embeddings "
+    "(~/.cache/...).",
 )
 @click.option(
     "--device", default=None, callback=usable_device, help="torch device. Default: CUDA if present."
@@ -208,7 +208,10 @@ def evaluate(
     from facecloak.report import summary_table, write_html, write_json
 
     _refuse_options_of_other_methods(method)
+    if cache is None:  # XDG_CACHE_HOME was ignored: the cache went to ~/.cache whatever it said
+        from facecloak.models.parsed_cache import facecloak_cache_dir
 
+        cache = facecloak_cache_dir() / "embeddings"
     request = EvaluationRequest(
         data=data,
         method=method,
@@ -240,6 +243,13 @@ def evaluate(
     )
     if method == "replace" and not donor_bank:
         raise click.UsageError("--method replace needs --donors BANK (see `facecloak donors add`)")
+    if method == "replace":  # a missing or empty bank: said at once, before any model is loaded
+        from facecloak.donor_bank import load_bank
+
+        try:
+            load_bank(donor_bank, embeddings=False)
+        except FacecloakError as error:
+            fail(error, EXIT_USAGE)
     _make_cache_folder(cache)
     made = not out_dir.exists()
     _make_report_folder(out_dir)
@@ -250,7 +260,7 @@ def evaluate(
         if made:  # a DATA mistyped left an empty report folder behind
             with suppress(OSError):
                 out_dir.rmdir()
-        fail(error, error.exit_code)
+        fail(error, EXIT_USAGE if isinstance(error, DonorBankError) else error.exit_code)  # as anonymize
     write_json(result, out_dir / "report.json")
     write_html(result, out_dir / "report.html")
     click.echo(summary_table(result))
@@ -326,7 +336,12 @@ def _stage_progress(quiet: bool):
 
 
 _METHOD_OPTIONS = {
-    "cloak": (("mode", "--mode"), ("escalate", "--escalate"), ("person_level", "--person-level/--per-photo")),
+    "cloak": (
+        ("level", "--level"),
+        ("mode", "--mode"),
+        ("escalate", "--escalate"),
+        ("person_level", "--person-level/--per-photo"),
+    ),
     "replace": (
         ("donor_bank", "--donors"),
         ("donors_per_face", "--donors-per-face"),

@@ -28,8 +28,10 @@ def models(context) -> None:
     if context.invoked_subcommand is not None:
         return
     from facecloak.models import embedder_status, get_card, list_embedders
+    from facecloak.models.registry import is_builtin
     from facecloak.models.user_models import BROKEN_CARDS, find_model_files, models_search_roots
 
+    unusable = []  # added models whose file is gone: as broken as an unreadable card
     for name in list_embedders():
         card = get_card(name)
         ok, where = embedder_status(name)
@@ -39,8 +41,16 @@ def models(context) -> None:
             f"< {card.match_threshold}  {card.description}"
         )
         click.echo(f"{'':<22} {'weights:' if ok else 'why:'} {where}")
+        if not ok and not is_builtin(name):
+            unusable.append(name)
     for path, reason in BROKEN_CARDS:
         click.echo(f"error: {path}: {reason}", err=True)
+    for name in unusable:
+        click.echo(
+            f"error: model {name} was added but cannot be used: add it again with its file, or "
+            f"`facecloak models remove {name}`",
+            err=True,
+        )
     click.echo(
         "\nTo add a face model (an ONNX file, or an MXNet NAME-symbol.json with its NAME-0000.params):\n"
         "  facecloak models add NAME FILE [--input-size PX] [--template arcface|dlib|points.json]\n"
@@ -64,7 +74,9 @@ def models(context) -> None:
             else ""
         )
         click.echo(f"      {note}then `facecloak models calibrate {name} PEOPLE_FOLDER` sets its threshold")
-    if BROKEN_CARDS:  # a model the user added is unusable: a script checking the listing must see it
+    if (
+        BROKEN_CARDS or unusable
+    ):  # a model the user added is unusable: a script checking the listing must see it
         context.exit(EXIT_FAILED)
 
 

@@ -39,10 +39,15 @@ T = TypeVar("T")
 _HASH_CHUNK_BYTES = 1 << 20
 
 
-def parsed_cache_dir() -> Path:
-    """Where parsed model files are cached (respects ``XDG_CACHE_HOME``)."""
+def facecloak_cache_dir() -> Path:
+    """The cache folder: ``$XDG_CACHE_HOME/facecloak`` (default ``~/.cache/facecloak``)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "facecloak" / "parsed"
+    return Path(base) / "facecloak"
+
+
+def parsed_cache_dir() -> Path:
+    """Where parsed model files are cached."""
+    return facecloak_cache_dir() / "parsed"
 
 
 def file_key(path: Path) -> str:

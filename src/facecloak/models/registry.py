@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -104,6 +105,13 @@ class FaceModelCard:
             )
         ):
             problem = f"template {points!r} must be five (x, y) chip pixels"
+        elif not _spread_in_chip(points, self.input_size):
+            # five points in one spot aligned every face onto one pixel: the model then called
+            # everyone the same person (distance 0)
+            problem = (
+                f"template {points!r} must lie inside the {self.input_size} px chip, spread over it "
+                "(not in one spot or on one line)"
+            )
         elif self.alignment not in ("similarity", "dlib", "box"):
             problem = f"alignment {self.alignment!r} must be similarity, dlib or box"
         elif self.landmarks not in ("mtcnn", "dlib5"):
@@ -130,6 +138,23 @@ class Embedder(nn.Module):
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
         """Distance between embeddings ``a`` and ``b`` (broadcast over leading dims) in the card's metric."""
         return embedding_distance(a, b, self.card.distance)
+
+
+def _spread_in_chip(points: tuple[tuple[float, float], ...], size: int) -> bool:
+    """Whether template ``points`` lie in a ``size`` px chip, spread over it.
+
+    Some three of them must span a triangle of at least `MIN_TEMPLATE_AREA` of the chip.
+    """
+    if not all(0 <= value <= size for point in points for value in point):
+        return False
+    largest = max(
+        abs((bx - ax) * (cy - ay) - (cx - ax) * (by - ay)) / 2
+        for (ax, ay), (bx, by), (cx, cy) in itertools.combinations(points, 3)
+    )
+    return largest >= MIN_TEMPLATE_AREA * size * size
+
+
+MIN_TEMPLATE_AREA = 0.005
 
 
 def embedding_distance(a: Tensor, b: Tensor, metric: str) -> Tensor:

@@ -15,7 +15,7 @@ import re
 import shlex
 from pathlib import Path
 
-from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError
+from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError, UnknownModelError
 from facecloak.io import write_bytes_atomic
 from facecloak.models.loaders import MODEL_FILE_PATTERNS, load_network, missing_model_file
 from facecloak.models.plugins import NAME_PATTERN, PluginEmbedder, check_plugin_card, load_model_file
@@ -86,7 +86,7 @@ def remove_user_model(name: str) -> None:
         NAME_PATTERN.fullmatch(name) or any(path == target for path, _ in BROKEN_CARDS)
     )
     if not (named and target.is_file()):
-        raise ModelNotFoundError(f"no added model named {name!r} (see `facecloak models`)")
+        raise UnknownModelError(f"no added model named {name!r} (see `facecloak models`)")  # usage: 2
     target.unlink()
     unregister_embedder(name)
 
