@@ -494,6 +494,45 @@ def test_ctrl_c_stops_a_pipelined_batch_s_workers_at_their_next_step(photos, tmp
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("facecloak-compute")]
 
 
+def test_ctrl_c_pressed_again_while_a_batch_stops_still_lets_it_stop_cleanly(
+    photos, tmp_path, detector, request, monkeypatch
+):
+    """A second Ctrl-C while the batch stopped left its reader and writer threads running: the
+    journal was closed under the writer (every photo "not written: the journal is not open") and
+    torch's threads at exit aborted the process (exit 134)."""
+    from facecloak import pipeline
+
+    (photos / "broken.jpg").unlink()
+    main = threading.main_thread().ident
+    drain, pressed = pipeline._drain, []
+
+    def drain_pressed_again(target) -> None:  # in the stopping batch's clean-up, on the main thread
+        if not pressed:
+            pressed.append(True)
+            signal.pthread_kill(main, signal.SIGINT)
+        drain(target)
+
+    def interrupt_at_a_worker_s_second_step(event) -> None:
+        if event.stage == "protect" and event.step == 2 and not pressed:
+            monkeypatch.setattr(pipeline, "_drain", drain_pressed_again)
+            signal.pthread_kill(main, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_resumable_batch(
+            [photos],
+            _SlowSteps(),
+            Options(out_dir=str(tmp_path / "out"), chunk=1),
+            settings={},
+            detector=detector,
+            workers=2,
+            on_progress=interrupt_at_a_worker_s_second_step,
+        )
+    assert pressed
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("facecloak-")]
+
+
 class _NeedsRoom:
     """A blur that runs out of memory on more than one photo at a time, and on one photo even alone.
 

@@ -398,8 +398,11 @@ def run_resumable_batch(
             except BaseException as error:  # handed to the main thread
                 crash(error)
 
-        readers_running = [threading.Thread(target=read, daemon=True) for _ in range(max(1, readers))]
-        writer = threading.Thread(target=write, daemon=True)
+        readers_running = [
+            threading.Thread(target=read, daemon=True, name=f"facecloak-reader-{k}")
+            for k in range(max(1, readers))
+        ]
+        writer = threading.Thread(target=write, daemon=True, name="facecloak-writer")
         for thread in [*readers_running, writer]:
             thread.start()
         count = compute_workers(options.device) if workers is None else max(1, int(workers))
@@ -490,20 +493,24 @@ def run_resumable_batch(
             leaving.set()
             raise
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-                torch.set_num_threads(threads_before)  # MKL's count is process-wide: put it back
-            stop.set()
-            _drain(decoded)
-            while writer.is_alive():  # the writer writes what was computed, then ends
-                try:
-                    finished.put(_END, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            writer.join()
-            for thread in readers_running:
-                thread.join()
+
+            def settle() -> None:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    torch.set_num_threads(threads_before)  # MKL's count is process-wide: put it back
+                stop.set()
+                _drain(decoded)
+                while writer.is_alive():  # the writer writes what was computed, then ends
+                    try:
+                        finished.put(_END, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                writer.join()
+                for thread in readers_running:
+                    thread.join()
+
+            _despite_interrupts(settle)
         if crashed:
             raise crashed[0]
     order = {path: k for k, path in enumerate(plan.order)}
@@ -512,6 +519,24 @@ def run_resumable_batch(
     report.seconds = time.perf_counter() - started
     report.timings = {key: round(value, 3) for key, value in timings.items()}
     return report
+
+
+def _despite_interrupts(step: Callable[[], None]) -> None:
+    """Run ``step`` (which may run again from its start) to its end, though Ctrl-C comes meanwhile.
+
+    A second Ctrl-C while a batch stopped left the threads running: the journal was closed under
+    the writer ("the journal is not open" for every photo), and torch's threads at exit aborted
+    the process (exit 134). The threads are joined first; a Ctrl-C that came is raised after.
+    """
+    interrupted = False
+    while True:
+        try:
+            step()
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 class _Progress:
