@@ -905,3 +905,20 @@ def test_a_cut_animation_or_page_set_fails_alone_in_one_line(tmp_path, samples_d
         assert "corrupt" in str(error) and str(path) in str(error)
     else:
         assert image.pixels.shape == (3, 96, 96)
+
+
+def test_a_folder_inside_the_output_folder_is_read(tmp_path, samples_dir):
+    """``anonymize out/photos -o out`` (or ``. -o ..`` from inside photos/) read none of its photos:
+    each was "inside the output folder". Only an output folder inside the folder walked is skipped."""
+    photos = tmp_path / "out" / "photos"
+    photos.mkdir(parents=True)
+    shutil.copy(samples_dir / "astronaut.jpg", photos / "a.jpg")
+    (photos / "written").mkdir()
+    shutil.copy(samples_dir / "grace_hopper.jpg", photos / "written" / "b.jpg")
+    jobs, skipped = collect_images([photos], exclude=tmp_path / "out")
+    assert [job.path.name for job in jobs] == ["a.jpg", "b.jpg"] and not skipped
+    jobs, skipped = collect_images([photos], exclude=photos / "written")  # an output folder inside: skipped
+    assert [job.path.name for job in jobs] == ["a.jpg"]
+    assert [(path.name, reason.split(":")[0]) for path, reason in skipped] == [
+        ("b.jpg", "inside the output folder")
+    ]

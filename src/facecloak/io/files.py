@@ -132,7 +132,9 @@ def collect_images(
                 skipped.append((given, f"the same file as {jobs[first].path}"))
             continue
         if given.is_dir():
-            skip = excluded if excluded is not None and excluded != given.resolve() else None
+            # only an output folder inside this one: ``photos -o .`` from inside photos/, whose
+            # output folder holds it, read none of its photos ("inside the output folder")
+            skip = excluded if excluded is not None and given.resolve() in excluded.parents else None
             mirrored = _folder_name(given) if len(paths) > 1 else Path()
             # rglob does not go into a symlink to a folder: said, so its photos are not silently left
             # (and a link whose target is gone is listed with the files: said, not dropped)
