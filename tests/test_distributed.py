@@ -221,3 +221,46 @@ def test_no_image_says_where_it_looked_and_leaves_no_folder(ray_installed, tmp_p
     assert report.exit_code == 1
     assert str(tmp_path / "empty") in str(report)
     assert not (tmp_path / "out" / JOURNAL_NAME).exists()
+
+
+def test_a_uri_from_another_folder_does_not_replace_an_output_of_the_same_name(
+    local_cluster, tmp_path, samples_dir
+):
+    """A URI's journal records held no place: ``file:///day2`` after ``file:///day1`` (each with an
+    IMG.jpg) replaced day 1's output, "1 done", and a later local run replaced it back."""
+    days = [tmp_path / "day1", tmp_path / "day2"]
+    for day, photo in zip(days, ("grace_hopper.jpg", "astronaut.jpg")):
+        day.mkdir()
+        shutil.copy(samples_dir / photo, day / "IMG.jpg")
+    options = Options(out_dir=str(tmp_path / "out"), rotations="none", device="cpu")
+    run_distributed([days[0].as_uri()], BLUR, options)
+    written = (tmp_path / "out" / "IMG_blur.jpg").read_bytes()
+    second = run_distributed([days[1].as_uri()], BLUR, options)
+    assert [o.status for o in second.outcomes] == ["failed"] and second.exit_code == 3
+    assert "is the output of another photo" in second.outcomes[0].error
+    local = run_resumable_batch([days[1]], BLUR.build("cpu"), options, settings=BLUR.settings())
+    assert [o.status for o in local.outcomes] == ["failed"]
+    assert (tmp_path / "out" / "IMG_blur.jpg").read_bytes() == written
+
+
+def test_a_model_the_workers_cannot_load_is_one_line_not_a_ray_traceback(
+    local_cluster, tmp_path, samples_dir
+):
+    """A misspelt ``--models`` on Ray died in every actor: Ray's 300-line traceback, exit 1 (read as
+    "a face NOT protected"). A misspelt name is refused before Ray starts; a model whose file the
+    workers lack is the model's own one-line error."""
+    from click.testing import CliRunner
+
+    from facecloak.cli import main
+    from facecloak.errors import FacecloakError, ModelNotFoundError
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(samples_dir / "grace_hopper.jpg", photos / "g.jpg")
+    out = tmp_path / "out"
+    refused = CliRunner().invoke(main, ["cloak", str(photos), "-o", str(out), "--models", "nosuch", "--ray"])
+    assert refused.exit_code == 2 and "unknown face model 'nosuch'" in refused.output, refused.output
+    spec = ProtectorSpec.cloak("untargeted", "low", ["facenet-vggface2"])  # its weights: a file not given
+    with pytest.raises(FacecloakError) as failed:
+        run_distributed([str(photos)], spec, Options(out_dir=str(out), rotations="none", device="cpu"))
+    assert isinstance(failed.value, ModelNotFoundError) and "facenet-vggface2" in str(failed.value)

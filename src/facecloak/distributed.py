@@ -19,15 +19,17 @@ writer of the output folder and its journal. Needs ``pip install 'facecloak[ray]
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from facecloak import io
+from facecloak import errors, io
 from facecloak._device import in_parts_that_fit
 from facecloak.batch import (
     BatchPlan,
@@ -368,12 +370,50 @@ def run_distributed(
                 for output in (targets[i], record["output"] if record else ""):
                     if output:
                         claimed.setdefault(output, uri)
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                for r in range(len(batch["index"])):
-                    uri, relative = found[int(batch["index"][r])]
-                    row = {key: batch[key][r] for key in batch}
-                    finished(_finish_row(row, uri, relative, tag, options, journal, out_dir, inputs, claimed))
+            with _ray_errors_in_one_line():
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    for r in range(len(batch["index"])):
+                        uri, relative = found[int(batch["index"][r])]
+                        row = {key: batch[key][r] for key in batch}
+                        finished(
+                            _finish_row(row, uri, relative, tag, options, journal, out_dir, inputs, claimed)
+                        )
     return _ended(report, outcomes, order, started)
+
+
+@contextlib.contextmanager
+def _ray_errors_in_one_line() -> Iterator[None]:
+    """A worker's error as facecloak's own one line, unwrapped from Ray's.
+
+    An actor that could not load its model died with a 300-line traceback, exit 1 ("a face NOT
+    protected").
+    """
+    try:
+        yield
+    except FacecloakError:
+        raise
+    except Exception as error:  # noqa: BLE001 - Ray's wrappers: RayTaskError, ActorDiedError, ...
+        seen, cause = set(), error
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, FacecloakError):
+                raise cause from None
+            seen.add(id(cause))
+            cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+        # an actor that died in its constructor hands back only the text of its traceback
+        text = _ANSI_CODE.sub("", str(error))
+        named = _FACECLOAK_ERROR_LINE.findall(text)
+        if named:
+            kind, reason = named[-1]
+            cls = getattr(errors, kind, FacecloakError)
+            raise (cls if isinstance(cls, type) and issubclass(cls, FacecloakError) else FacecloakError)(
+                reason
+            ) from None
+        first = next((line for line in text.splitlines() if line.strip()), type(error).__name__)
+        raise FacecloakError(f"a Ray worker failed: {first.strip()[:300]}") from error
+
+
+_ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+_FACECLOAK_ERROR_LINE = re.compile(r"^facecloak\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
 def _ended(report: ResumableReport, outcomes: list[FileOutcome], order: dict[str, int], started: float):

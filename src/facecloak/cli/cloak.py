@@ -175,7 +175,7 @@ def cloak(
         raise click.UsageError(f"--escalate has no level above --level {level} to go to")
     from facecloak._checks import split_names
     from facecloak._device import cloak_batch_size
-    from facecloak.models import choose_embedders
+    from facecloak.models import choose_embedders, get_card
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import CloakFaces
 
@@ -194,8 +194,10 @@ def cloak(
     try:
         if ray_address is None:
             names = choose_embedders(models)
-        else:  # on Ray each actor loads the models; here only their names are needed
+        else:  # on Ray each actor loads the models (their files may be there only): names known here
             names = split_names(models)
+            for name in names:  # a misspelt one died in every actor, a Ray traceback and exit 1
+                get_card(name)
         spec = ProtectorSpec.cloak(
             mode,
             level,
