@@ -115,7 +115,7 @@ def test_templates():
     assert len(template_for("dlib", 150)) == 5
 
 
-def test_cli_add_list_remove(mobileface_dir, config_home):
+def test_cli_add_list_remove(mobileface_dir, config_home, samples_dir):
     runner = CliRunner()
     symbol = mobileface_dir / MOBILEFACE_SYMBOL
     added = runner.invoke(main, ["models", "add", "test-mobileface", str(symbol), "--threshold", "0.65"])
@@ -143,6 +143,10 @@ def test_cli_add_list_remove(mobileface_dir, config_home):
     path = config_home / "facecloak" / "models" / "test-mobileface.json"
     path.write_text(json.dumps({**card, "match_threshold": -0.5}))
     register_user_models()  # as every command does at start-up
+    # asked for by name, it is that card's error: it was "unknown face model 'test-mobileface'"
+    photo = str(samples_dir / "astronaut.jpg")
+    embedded = runner.invoke(main, ["embed", photo, "--model", "test-mobileface"])
+    assert embedded.exit_code == 2 and f"{path}: unreadable model card" in embedded.output, embedded.output
     assert [reason for broken, reason in BROKEN_CARDS if broken == path] == [
         "unreadable model card (InvalidInputError: model 'test-mobileface': match threshold -0.5 must be "
         "between 0 and 2 (a cosine distance)); fix it, or remove it: facecloak models remove test-mobileface"
@@ -871,3 +875,16 @@ def test_an_added_model_whose_file_is_gone_fails_the_listing(mobileface_dir, con
     assert "test-gone" not in runner.invoke(main, ["models"]).output
     unknown = runner.invoke(main, ["models", "remove", "test-never-added"])
     assert unknown.exit_code == 2 and "no added model named 'test-never-added'" in unknown.stderr
+
+
+def test_an_option_of_the_other_crop_is_refused_not_dropped(config_home, tmp_path):
+    """``models add ... --margin 25`` without ``--crop box`` was added with no margin, without a word."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read: refused before")
+    runner = CliRunner()
+    margin = runner.invoke(main, ["models", "add", "test-m", str(model), "--margin", "25"])
+    assert margin.exit_code == 2 and "--margin is for --crop box" in margin.output
+    template = runner.invoke(
+        main, ["models", "add", "test-m", str(model), "--crop", "box", "--template", "dlib"]
+    )
+    assert template.exit_code == 2 and "--template is for --crop landmarks" in template.output

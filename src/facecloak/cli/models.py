@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, usable_device
+from facecloak.cli.options import CONTEXT, given_on_command_line, usable_device
 from facecloak.cli.running import fail
 from facecloak.errors import EXIT_FAILED, FacecloakError, InvalidInputError
 
@@ -54,6 +54,7 @@ def models(context) -> None:
     click.echo(
         "\nTo add a face model (an ONNX file, or an MXNet NAME-symbol.json with its NAME-0000.params):\n"
         "  facecloak models add NAME FILE [--input-size PX] [--template arcface|dlib|points.json]\n"
+        "                       [--crop box --margin PX] [--layout nchw|nhwc]\n"
         "                       [--mean R G B] [--std R G B] [--bgr] [--metric cosine|euclidean] "
         "[--threshold T]\n"
         "It is checked (loaded and run once) and then usable by name: cloak --models NAME, verify "
@@ -156,6 +157,11 @@ def models_add(  # noqa: D301 - click help keeps the backslash line breaks
     from facecloak.models.registry import get_card
     from facecloak.models.user_models import add_user_model, is_user_model
 
+    # each was dropped without a word: a landmark crop has no margin, a box crop no template
+    if crop != "box" and given_on_command_line("margin"):
+        raise click.UsageError("--margin is for --crop box (a landmark crop is set by --template)")
+    if crop == "box" and given_on_command_line("template"):
+        raise click.UsageError("--template is for --crop landmarks (a box crop is set by --margin)")
     previous = get_card(name) if is_user_model(name) else None
     try:
         if file.is_dir():  # it said "model file not found" of a folder that is there

@@ -257,8 +257,15 @@ def get_card(name: str) -> FaceModelCard:
     return _entry(name).card
 
 
+UNREADABLE: dict[str, str] = {}
+"""Names whose card the user added could not be read (`facecloak.models.user_models`), with why:
+asked for by name, such a model is that error, not an "unknown face model"."""
+
+
 def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
+        if name in UNREADABLE:
+            raise UnknownModelError(UNREADABLE[name])
         raise UnknownModelError(f"unknown face model {name!r}; known: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 

@@ -15,11 +15,18 @@ import re
 import shlex
 from pathlib import Path
 
-from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError, UnknownModelError
+from facecloak.errors import (
+    FacecloakError,
+    InvalidInputError,
+    ModelNotFoundError,
+    UnknownModelError,
+    shown_path,
+)
 from facecloak.io import write_bytes_atomic
 from facecloak.models.loaders import MODEL_FILE_PATTERNS, load_network, missing_model_file
 from facecloak.models.plugins import NAME_PATTERN, PluginEmbedder, check_plugin_card, load_model_file
 from facecloak.models.registry import (
+    UNREADABLE,
     FaceModelCard,
     get_card,
     is_builtin,
@@ -115,6 +122,7 @@ BROKEN_CARDS: list[tuple[Path, str]] = []
 def register_user_models() -> None:
     """Register every card in `config_dir`; a broken card is listed in `BROKEN_CARDS`, not fatal."""
     BROKEN_CARDS.clear()
+    UNREADABLE.clear()
     folder = config_dir()
     if not folder.is_dir():
         return
@@ -125,6 +133,9 @@ def register_user_models() -> None:
             reason = f"unreadable model card ({type(error).__name__}: {error})"
             remedy = f"fix it, or remove it: facecloak models remove {shlex.quote(path.stem)}"
             BROKEN_CARDS.append((path, f"{reason}; {remedy}"))
+            UNREADABLE[path.stem] = f"{shown_path(path)}: {reason}; {remedy}"
+            if is_user_model(path.stem):  # its earlier, readable card no longer holds
+                unregister_embedder(path.stem)
 
 
 def _read_card(path: Path) -> FaceModelCard:
