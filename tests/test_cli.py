@@ -364,6 +364,7 @@ def test_rerun_skips_existing_outputs_before_any_work(runner, samples_dir, tmp_p
     assert result.exit_code == 0, result.output
     assert "0 photo(s) to do, 2 skipped: output exists" in result.stderr
     assert "2 image(s) skipped: their output exists (--overwrite redoes them)" in result.stdout
+    assert "whether its faces are protected is not checked again" in result.stdout
     assert all(p.read_bytes() == b"earlier output" for p in out.iterdir())
     report = json.loads(runner.invoke(main, ["cloak", *photos, "-o", str(out), "--json"]).stdout)
     assert report["skipped_existing"] == 2 and {f["status"] for f in report["files"]} == {"skipped"}

@@ -182,8 +182,11 @@ class BatchReport:
         ]
         lines += self._frames_left_out()
         if self.count("skipped"):
+            # a re-run of a run that found no face, or fell short, exited 0 here: what an existing
+            # output holds is not known without a journal (-o) that recorded it
             lines.append(
-                f"  {self.count('skipped')} image(s) skipped: their output exists (--overwrite redoes them)"
+                f"  {self.count('skipped')} image(s) skipped: their output exists (--overwrite redoes them); "
+                "whether its faces are protected is not checked again (with -o, the folder's journal says)"
             )
         if self.count("no_face"):
             lines.append(
