@@ -50,6 +50,7 @@ from facecloak.pipeline import (
     ResumableReport,
     ResumedOutcome,
     _output_options,
+    existing_output_decision,
     journal_done,
     journal_start,
     resumed_outcome,
@@ -324,24 +325,14 @@ def run_distributed(
         found: list[tuple[str, str]] = []  # (uri, relative input) of every photo, by item index
         targets: list[str] = []  # its planned relative output ("" for a URI: known once decoded)
         for job, target in plan.todo:
-            relative_output = target.relative_to(out_dir).as_posix()
-            owned = journal.owns(relative_output, source=job.path)
-            refusal = target.exists() and replacing_refused(
-                job.path,
-                target,
-                overwrite=options.overwrite,
-                ours=owned,
-                other_input=journal.made_from_another(relative_output, job.path),
-                max_pixels=options.max_pixels,
-            )
-            if refusal:
-                finished(refusal)
-                continue
-            if target.exists() and not options.overwrite and not owned:  # not ours: left alone
+            decision, _ = existing_output_decision(journal, job.path, target, out_dir, options)
+            if isinstance(decision, FileOutcome):
+                finished(decision)
+            elif decision == "skip":  # not ours: left alone
                 finished(FileOutcome(str(job.path), "skipped", output=str(target)))
-                continue
-            found.append((str(job.path), job.relative.as_posix()))
-            targets.append(relative_output)
+            else:
+                found.append((str(job.path), job.relative.as_posix()))
+                targets.append(target.relative_to(out_dir).as_posix())
         found += remote
         targets += [""] * len(remote)
         done = {} if options.overwrite else _still_done(journal, found)

@@ -302,19 +302,10 @@ def run_resumable_batch(
         written_before = 0
         refused: list[FileOutcome] = []
         for job, target in plan.todo:
-            relative_output = target.relative_to(out_dir).as_posix()
-            owned = journal.owns(relative_output, source=job.path)
-            refusal = target.exists() and replacing_refused(
-                job.path,
-                target,
-                overwrite=options.overwrite,
-                ours=owned,
-                other_input=journal.made_from_another(relative_output, job.path),
-                max_pixels=options.max_pixels,
-            )
-            if refusal:
-                refused.append(refusal)
-            elif target.exists() and not options.overwrite and not owned:
+            decision, owned = existing_output_decision(journal, job.path, target, out_dir, options)
+            if isinstance(decision, FileOutcome):
+                refused.append(decision)
+            elif decision == "skip":
                 existing.append((job.path, target))
             else:
                 jobs.append((job, target))
@@ -519,6 +510,32 @@ def run_resumable_batch(
     report.seconds = time.perf_counter() - started
     report.timings = {key: round(value, 3) for key, value in timings.items()}
     return report
+
+
+def existing_output_decision(
+    journal: Journal, photo: Path, target: Path, out_dir: Path, options: Options
+) -> tuple[FileOutcome | str, bool]:
+    """What a journaled batch does with ``photo``'s planned output ``target``, and whether it is ours.
+
+    A failure (`facecloak.batch.replacing_refused`: another photo's output, or with --overwrite
+    a file that is not this photo's), ``"skip"`` (a file the journal did not write, or changed
+    since), or ``"write"``.
+    """
+    relative_output = target.relative_to(out_dir).as_posix()
+    owned = journal.owns(relative_output, source=photo)
+    if not target.exists():
+        return "write", owned
+    refusal = replacing_refused(
+        photo,
+        target,
+        overwrite=options.overwrite,
+        ours=owned,
+        other_input=journal.made_from_another(relative_output, photo),
+        max_pixels=options.max_pixels,
+    )
+    if refusal is not None:
+        return refusal, owned
+    return ("write" if options.overwrite or owned else "skip"), owned
 
 
 def _despite_interrupts(step: Callable[[], None]) -> None:
