@@ -551,6 +551,8 @@ def test_cli_bad_banks_are_one_line_usage_errors(data_home, lfw_dir, tmp_path):
     assert no_bank.exit_code == 2 and "--donors" in no_bank.output
     not_replace = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--no-finish"])
     assert not_replace.exit_code == 2 and "--no-finish is for --method replace" in not_replace.output
+    finish = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--method", "mask", "--finish"])
+    assert finish.exit_code == 2 and "--finish is for --method replace" in finish.output  # was taken
     mouth = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--keep-mouth"])
     assert mouth.exit_code == 2 and "--keep-mouth is for --method replace" in mouth.output
     seed = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path), "--seed", str(10**20)])
@@ -1998,3 +2000,17 @@ def test_a_bank_is_never_made_among_the_users_files_and_removing_it_deletes_only
     removed = runner.invoke(main, ["donors", "remove", f"{damaged}/"])
     assert removed.exit_code == 0 and "removed its donors" in removed.output, removed.output
     assert not damaged.exists() and all(p.exists() for p in (stock / "notes.txt", *photos))
+
+
+def test_a_face_that_still_matches_the_person_says_so_even_when_it_matches_a_donor_too(bank, models):
+    """A kept try that matched the person and a donor was reported as "still matches a donor used"
+    alone: a user keeping it was told a donor was recognisable when the person was."""
+    replacer = FaceReplacer(bank, models, fallback="keep")
+    rows = (0, 1, 2)
+    donor = {model.card.name: bank.embeddings[model.card.name][0] for model in models}
+    person = {name: vector.clone() for name, vector in donor.items()}  # the person: the same face
+    elsewhere = {name: -vector for name, vector in donor.items()}
+    both, _ = replacer._judge(0, (rows, (False,) * 3), person, donor, 1.0)
+    assert both["reason"] == "still matches the original face and a donor used"
+    only_donor, _ = replacer._judge(0, (rows, (False,) * 3), elsewhere, donor, 1.0)
+    assert only_donor["reason"] == "still matches a donor used"

@@ -939,7 +939,7 @@ class FaceReplacer:
     def _judge(self, n: int, tried, target: dict[str, Tensor], embedding: dict[str, Tensor], score: float):
         rows, mirrored = tried
         to_original, to_donors, matched = {}, {}, set()
-        worst = math.inf
+        worst, person_matched = math.inf, False
         for model in self.models:
             name, metric = model.card.name, model.card.distance
             needed = model.card.match_threshold * self.margin
@@ -948,11 +948,13 @@ class FaceReplacer:
             donors = embedding_distance(self.bank.embeddings[name][list(rows)], embedding[name][None], metric)
             to_original[name], to_donors[name] = round(original, 4), round(float(donors.min()), 4)
             matched |= {rows[k] for k in (donors < needed_from_donor).nonzero()[:, 0].tolist()}
+            person_matched |= original < needed
             worst = min(worst, original / needed, float(donors.min()) / needed_from_donor)
         protected = worst >= 1.0
         reason = None
-        if not protected:
-            reason = "still matches a donor used" if matched else "still matches the original face"
+        if not protected:  # the person first: a donor's match hid that the face was still theirs
+            still = ["the original face"] * person_matched + ["a donor used"] * bool(matched)
+            reason = "still matches " + " and ".join(still)
         record = self._record(tried, redetected=True, reason=reason, protected=protected)
         record.update(
             distance_to_original=to_original,

@@ -172,8 +172,9 @@ def anonymize(
         raise click.UsageError("--donors is for --method replace")
     if donor_margin is not None:
         raise click.UsageError("--donor-margin is for --method replace")
-    if not finish_near_misses:
-        raise click.UsageError("--no-finish is for --method replace")
+    if given_on_command_line("finish_near_misses"):  # --finish too: it was taken without a word
+        flag = "--finish" if finish_near_misses else "--no-finish"
+        raise click.UsageError(f"{flag} is for --method replace")
     if keep_mouth:
         raise click.UsageError("--keep-mouth is for --method replace")
     options = batch_options(**{k: v for k, v in io_values.items() if k != "ray_address"})
