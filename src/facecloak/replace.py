@@ -246,7 +246,10 @@ class FaceReplacer:
             them, and may hold more (`DonorBank.check_models`).
         donors_per_face: donors mixed into each new face (K). More makes each donor less visible
             and the face more average; 3 is the least that keeps every donor well beyond threshold.
-        seed: seed of the donor draw and the grain; the same seed gives the same output.
+        seed: seed of the donor draw, the grain and the finish. The same seed gives the same output
+            for the same photos in a call; a photo replaced beside other photos can differ by a
+            few levels where it was finished (the finish's faint cloak draws its random uploads
+            for all the call's faces at once, as a cloak does), never in its donors.
         attempts: donor sets tried per face before ``fallback`` applies.
         margin: required distance from the original face, as a multiple of each model's match threshold.
         donor_margin: required distance from each donor used, likewise: one number for every model,
@@ -1080,7 +1083,8 @@ def _places_in_photo(faces: Faces) -> list[int]:
 
     A face's donor draw and grain are seeded by it, not by the face's place in the call: a photo
     replaced in a batch got other faces than the same photo alone, or than after a resumed or
-    differently chunked run, with the same seed.
+    differently chunked run, with the same seed. (The finish's faint cloak is not: it runs the
+    call's faces together, and a finished face can differ by a few levels beside other photos.)
     """
     seen: dict[int, int] = {}
     places = []
@@ -1166,7 +1170,7 @@ def replace_faces(
         faces: the faces to replace (e.g. from `facecloak.detect.detect_faces`).
         bank: a loaded `DonorBank`, or a bank's name or folder.
         donors_per_face: donors mixed into each new face.
-        seed: the same seed gives the same faces.
+        seed: the same seed gives the same faces (for the same photos: `FaceReplacer`'s ``seed``).
         min_face: smaller faces are blurred instead (and reported).
         models: recognisers of the check (default: every one available here).
         **options: further `FaceReplacer` keywords (``attempts``, ``margin``, ``donor_margin``,

@@ -87,7 +87,8 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
     type=click.IntRange(0, MAX_SEED),
     default=0,
     show_default=True,
-    help="replace: seed of the donor draw and the grain.",
+    help="replace: seed of the donor draw, the grain and the finish (a photo comes out the same with "
+    "the same photos beside it in its chunk; elsewhere a finished face can differ by a few levels).",
 )
 @fallback_option
 @donor_margin_option
