@@ -64,7 +64,10 @@ def models(context) -> None:
     found = find_model_files(roots)
     where = " or ".join(str(root) for root in roots)
     if not found:
-        click.echo(f"\nNo model files found under {where} (set FACECLOAK_MODELS to look elsewhere).")
+        click.echo(
+            f"\nNo model file under {where} that is not added already "
+            "(set FACECLOAK_MODELS to look elsewhere)."
+        )
     else:
         click.echo(f"\nModel files found under {where}, not added yet:")
     for name, file, readme in found:
