@@ -963,3 +963,27 @@ def test_a_photo_folder_right_after_ray_is_not_taken_for_the_cluster(tmp_path, s
     )
     assert result.exit_code == 2 and f"--ray took {str(first)!r}" in result.output
     assert "put --ray after the paths" in result.output and not (tmp_path / "o").exists()
+
+
+def test_options_that_would_be_ignored_or_nan_are_refused_before_any_work(runner, samples_dir):
+    """NaN passed every float option's range (``--max-dssim nan`` failed each photo, exit 3;
+    ``verify --match-threshold nan`` said "DIFFERENT people"); click's own refusals printed no JSON
+    document under --json; ``--model a,b`` used the first model; ``verify --threshold`` silently
+    replaced --detect-threshold; ``detect --json`` gave every face ``"image_index": 0``."""
+    photo, other = str(samples_dir / "astronaut.jpg"), str(samples_dir / "grace_hopper.jpg")
+    for args in (
+        ["verify", photo, other, "--match-threshold", "nan"],
+        ["cloak", photo, "--max-dssim", "nan"],
+        ["cloak", photo, "--laggard-weight", "nan"],
+        ["anonymize", photo, "--detect-threshold", "nan"],
+    ):
+        refused = runner.invoke(main, args)
+        assert refused.exit_code == 2 and "not a finite number" in refused.output, (args, refused.output)
+    targeted = runner.invoke(main, ["cloak", photo, "--mode", "targeted", "--json"])
+    assert targeted.exit_code == 2 and json.loads(targeted.stdout)["exit_code"] == 2
+    for model in ("dlib-resnet,other", ""):
+        assert runner.invoke(main, ["embed", photo, "--model", model]).exit_code == 2
+    both = runner.invoke(main, ["verify", photo, other, "--threshold", "0.5", "--detect-threshold", "0.95"])
+    assert both.exit_code == 2 and "give only one of them" in both.output
+    detected = json.loads(runner.invoke(main, ["detect", photo, "--json"]).stdout)
+    assert detected[0]["faces"] and "image_index" not in detected[0]["faces"][0]

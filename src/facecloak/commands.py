@@ -76,7 +76,7 @@ def detect_files(
             results.append({"path": str(path), "error": error})
             continue
         width, height = image.size
-        results.append({"path": str(path), "width": width, "height": height, "faces": faces.to_records()})
+        results.append({"path": str(path), "width": width, "height": height, "faces": _file_records(faces)})
     return results
 
 
@@ -191,9 +191,18 @@ def embed_files(paths: Sequence[str | Path], model, options: Options) -> list[di
             if error is not None:
                 results.append({"path": str(path), "error": error})
                 continue
-            records = faces.to_records()
+            records = _file_records(faces)
             for record, vector in zip(records, vectors[first : first + len(faces)] if len(faces) else []):
                 record["embedding"] = [round(float(v), 6) for v in vector]
             first += len(faces)
             results.append({"path": str(path), "model": model.card.name, "faces": records})
     return results
+
+
+def _file_records(faces: Faces) -> list[dict]:
+    """The faces of one file as JSON records, without ``image_index``.
+
+    Always 0 within one file: `detect --json` printed it as if it meant something, and ``--jsonl``
+    left it out.
+    """
+    return [{k: v for k, v in record.items() if k != "image_index"} for record in faces.to_records()]

@@ -48,6 +48,9 @@ class _Commands(click.Group):
             self._json_document(ctx, str(error), error.exit_code)
             click.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
+        except click.UsageError as error:  # click's own refusals: `| jq` got nothing on stdout
+            self._json_document(ctx, error.format_message(), EXIT_USAGE)
+            raise
         except BrokenPipeError:  # click made this exit code 1, read as "a face NOT protected"
             _silence_stdout()
             click.echo(

@@ -9,6 +9,7 @@ import click
 from facecloak.cli import running
 from facecloak.cli.options import (
     CONTEXT,
+    FiniteFloatRange,
     batch_options,
     donor_margin_option,
     fallback_option,
@@ -42,7 +43,7 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
 )
 @click.option(
     "--mask-scale",
-    type=click.FloatRange(MIN_SCALE, 4.0),
+    type=FiniteFloatRange(MIN_SCALE, 4.0),
     default=REGION_SCALE,
     show_default=True,
     help="Region size relative to the detected box. Larger also covers hair and ears; under "
@@ -50,7 +51,7 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
 )
 @click.option(
     "--strength",
-    type=click.FloatRange(MIN_STRENGTH, 2.0),
+    type=FiniteFloatRange(MIN_STRENGTH, 2.0),
     default=None,
     help=f"blur: sigma as a fraction of the face size [default 0.25]. Under {MIN_STRENGTH} a "
     "recognition model still matched faces.",
@@ -64,7 +65,7 @@ from facecloak.errors import EXIT_USAGE, FacecloakError
 )
 @click.option(
     "--feather",
-    type=click.FloatRange(0, MAX_FEATHER),
+    type=FiniteFloatRange(0, MAX_FEATHER),
     default=None,
     help=f"Soft edge as a fraction of the region (blur default 0.15, others 0; at most {MAX_FEATHER}: "
     "a softer edge leaves the face's rim as it was).",

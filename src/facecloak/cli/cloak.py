@@ -8,7 +8,7 @@ import click
 
 from facecloak.batch_types import Options
 from facecloak.cli import running
-from facecloak.cli.options import CONTEXT, batch_options, io_options, ray_option
+from facecloak.cli.options import CONTEXT, FiniteFloatRange, batch_options, io_options, ray_option
 from facecloak.cli.running import fail_run, finish, run_protection
 from facecloak.defaults import CPU_CLOAK_BATCH, GPU_CLOAK_BATCH, MAX_SEED, STRONGEST_LEVEL
 from facecloak.errors import FacecloakError
@@ -48,18 +48,18 @@ from facecloak.errors import FacecloakError
     "--steps", type=click.IntRange(0, 10_000), default=None, help="Most steps per face [level's default]."
 )
 @click.option(
-    "--max-dssim", type=click.FloatRange(0.0001, 0.5), default=None, help="DSSIM cap [level's default]."
+    "--max-dssim", type=FiniteFloatRange(0.0001, 0.5), default=None, help="DSSIM cap [level's default]."
 )
 @click.option(
     "--diversity",
-    type=click.FloatRange(0, 1),
+    type=FiniteFloatRange(0, 1),
     default=None,
     help="Transfer: share of steps that also zoom and shift each face's crop at random (input diversity) "
     "[measured default, see README].",
 )
 @click.option(
     "--smoothing",
-    type=click.FloatRange(0, 8),
+    type=FiniteFloatRange(0, 8),
     default=None,
     help="Transfer: Gaussian sigma (chip pixels) smoothing each step's gradient (translation invariance) "
     "[measured default].",
@@ -94,7 +94,7 @@ from facecloak.errors import FacecloakError
 )
 @click.option(
     "--laggard-weight",
-    type=click.FloatRange(0, 20),
+    type=FiniteFloatRange(0, 20),
     default=None,
     help="untargeted: extra pull on a model the face is still near (under 1.25x its threshold), so the "
     "budget goes first where the face would be NOT protected; 0: every model pulled alike "

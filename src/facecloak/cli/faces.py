@@ -11,8 +11,10 @@ import click
 from facecloak.cli.options import (
     CONTEXT,
     JSONL_OPTION,
+    FiniteFloatRange,
     batch_options,
     detect_options,
+    given_on_command_line,
     remember_json_output,
     verify_detect_options,
 )
@@ -92,14 +94,14 @@ def embed(paths, model_name, as_json, as_jsonl, **detection) -> None:
 
     options = batch_options(None, **detection)
     try:
-        model = load_models(model_name, options.device)[0]
+        model = _one_model(model_name, options.device)
         results = embed_files(paths, model, options)
     except FacecloakError as error:
         _fail_listing("embed", error, as_json or as_jsonl)
 
     def describe(face: dict) -> str:
         head = " ".join(f"{v:+.3f}" for v in face["embedding"][:6])
-        return f"[{head} ...] ({len(face['embedding'])}-d, {model_name})"
+        return f"[{head} ...] ({len(face['embedding'])}-d, {model.card.name})"
 
     print_per_file(results, as_json, describe, as_jsonl=as_jsonl, paths=paths)
 
@@ -110,7 +112,7 @@ def embed(paths, model_name, as_json, as_jsonl, **detection) -> None:
 @click.option("--model", "model_name", default="dlib-resnet", show_default=True, help="Face model.")
 @click.option(
     "--match-threshold",
-    type=click.FloatRange(0, None),
+    type=FiniteFloatRange(0, None),
     default=None,
     help="Same person when the distance is below this. Default: the model's own threshold "
     "(see `facecloak models`: dlib-resnet 0.6, euclidean). Lower is stricter.",
@@ -119,7 +121,7 @@ def embed(paths, model_name, as_json, as_jsonl, **detection) -> None:
 @click.option(
     "--threshold",
     "deprecated_threshold",
-    type=click.FloatRange(0, 1),
+    type=FiniteFloatRange(0, 1),
     default=None,
     hidden=True,
     help="Deprecated alias of --detect-threshold.",
@@ -145,6 +147,9 @@ def verify(first, second, model_name, match_threshold, deprecated_threshold, as_
     """
     from facecloak.commands import verify_files
 
+    if deprecated_threshold is not None and given_on_command_line("threshold"):
+        # the alias overwrote the value given to --detect-threshold itself
+        raise click.UsageError("--threshold (deprecated) is --detect-threshold: give only one of them")
     if deprecated_threshold is not None:
         click.echo(
             "warning: verify --threshold is deprecated: it sets the face detection confidence; "
@@ -154,7 +159,7 @@ def verify(first, second, model_name, match_threshold, deprecated_threshold, as_
         detection["threshold"] = deprecated_threshold
     options = batch_options(None, **detection)
     try:
-        model = load_models(model_name, options.device)[0]
+        model = _one_model(model_name, options.device)
         result = verify_files(first, second, model, options, match_threshold=match_threshold)
     except FacecloakError as error:
         if as_json:  # stdout still gets the one document it promises
@@ -168,6 +173,21 @@ def verify(first, second, model_name, match_threshold, deprecated_threshold, as_
         relation = "<" if same else ">="
         click.echo(
             f"{verdict}: distance {result['distance']:.4f} ({result['metric']}) {relation} "
-            f"match threshold {result['match_threshold']:g} ({model_name})"
+            f"match threshold {result['match_threshold']:g} ({model.card.name})"
         )
     sys.exit(EXIT_OK if result["same_person"] else EXIT_UNPROTECTED)
+
+
+def _one_model(name: str, device: str | None):
+    """The one model ``--model`` names.
+
+    A list (``a,b``) or an empty name was taken: the first model used, the raw text printed as its name.
+    """
+    from facecloak._checks import split_names
+
+    names = split_names(name)
+    if len(names) != 1:
+        raise click.UsageError(
+            f"--model {name!r}: give one model name, e.g. dlib-resnet (see `facecloak models`)"
+        )
+    return load_models(names[0], device)[0]

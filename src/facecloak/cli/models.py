@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, given_on_command_line, usable_device
+from facecloak.cli.options import CONTEXT, FiniteFloatRange, given_on_command_line, usable_device
 from facecloak.cli.running import fail
 from facecloak.errors import EXIT_FAILED, FacecloakError, InvalidInputError
 
@@ -117,7 +117,7 @@ def models(context) -> None:
 )
 @click.option(
     "--margin",
-    type=click.FloatRange(0),
+    type=FiniteFloatRange(0),
     default=0.0,
     show_default=True,
     help="Pixels added around a box crop.",
@@ -217,7 +217,7 @@ def models_add(  # noqa: D301 - click help keeps the backslash line breaks
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--far",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
     default=1e-3,
     show_default=True,
     help="False-accept rate the threshold admits among different-person pairs.",

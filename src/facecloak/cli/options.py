@@ -6,6 +6,7 @@ so the CLI, batch `Options`, the service and the docs agree.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,22 @@ class FormatChoice(click.Choice):
         if isinstance(value, str):
             value = OUTPUT_FORMAT_ALIASES.get(value.lower().lstrip("."), value)
         return super().convert(value, param, ctx)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN and the infinities.
+
+    NaN passed every bound (it compares False): ``--max-dssim nan`` failed every photo,
+    ``--laggard-weight nan`` was taken for 0, and ``verify --match-threshold nan`` said "DIFFERENT
+    people" and wrote NaN into its JSON.
+    """
+
+    def convert(self, value, param, ctx):
+        """The number, or a usage error naming the option."""
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def given_on_command_line(name: str) -> bool:
@@ -175,7 +192,7 @@ def detect_options(function: Callable, *, verify: bool = False) -> Callable:
             "--detect-threshold",
             "--threshold",
             "threshold",
-            type=click.FloatRange(0, 1),
+            type=FiniteFloatRange(0, 1),
             default=MIN_FACE_SCORE,
             show_default=True,
             help="Face detection confidence. Lower finds more faces (profiles, blur) and more false ones.",
@@ -213,7 +230,7 @@ def detect_options(function: Callable, *, verify: bool = False) -> Callable:
         decorators[0] = click.option(
             "--detect-threshold",
             "threshold",
-            type=click.FloatRange(0, 1),
+            type=FiniteFloatRange(0, 1),
             default=MIN_FACE_SCORE,
             show_default=True,
             help="Face detection confidence (not the same-person threshold: see --match-threshold).",
@@ -321,7 +338,7 @@ def donor_margin_option(function: Callable) -> Callable:
     """``--donor-margin``: how strict replace's donor check is (see `facecloak.replace.DONOR_MARGIN`)."""
     return click.option(
         "--donor-margin",
-        type=click.FloatRange(min=0.5, max=3.0),
+        type=FiniteFloatRange(min=0.5, max=3.0),
         default=None,
         help="replace: how far each new face must be from every donor used, in each recogniser's "
         "thresholds (default: each model's own, 1.05 for dlib-resnet and 1.08 for others). Lower "

@@ -193,8 +193,7 @@ def print_per_file(
             if not result["faces"]:
                 click.echo(json.dumps({**head, "face": None}))
             for index, face in enumerate(result["faces"]):
-                fields = {key: value for key, value in face.items() if key != "image_index"}
-                click.echo(json.dumps({**head, "face": index, **fields}))
+                click.echo(json.dumps({**head, "face": index, **face}))
     else:
         for result in results:
             if "error" in result:

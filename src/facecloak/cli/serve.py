@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, usable_device
+from facecloak.cli.options import CONTEXT, FiniteFloatRange, usable_device
 
 
 @click.command(context_settings=CONTEXT)
@@ -49,7 +49,7 @@ from facecloak.cli.options import CONTEXT, usable_device
 )
 @click.option(
     "--batch-wait-ms",
-    type=click.FloatRange(0, 1000),
+    type=FiniteFloatRange(0, 1000),
     default=10.0,
     show_default=True,
     help="How long a worker waits for more photos to batch after the first.",
@@ -63,7 +63,7 @@ from facecloak.cli.options import CONTEXT, usable_device
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(1, None),
+    type=FiniteFloatRange(1, None),
     default=300.0,
     show_default=True,
     help="Per-request limit, s (504).",
