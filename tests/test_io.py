@@ -922,3 +922,19 @@ def test_a_folder_inside_the_output_folder_is_read(tmp_path, samples_dir):
     assert [(path.name, reason.split(":")[0]) for path, reason in skipped] == [
         ("b.jpg", "inside the output folder")
     ]
+
+
+def test_keep_metadata_into_a_format_without_exif_says_it_is_left_out(tmp_path, samples_dir):
+    """``--keep-metadata --format bmp`` wrote the photo without its camera data, and nothing said so."""
+    photo = tmp_path / "exif.jpg"
+    exif = Image.Exif()
+    exif[0x010F] = "TestMake"
+    Image.open(samples_dir / "astronaut.jpg").save(photo, exif=exif.tobytes())
+    image = read_image(photo)
+    for suffix in (".bmp",):
+        info: dict = {}
+        write_image(tmp_path / f"out{suffix}", image.pixels, source=image, keep_metadata=True, info=info)
+        assert "holds no EXIF" in info["exif_dropped"] and any("EXIF not kept" in n for n in info["notes"])
+    kept: dict = {}
+    write_image(tmp_path / "out.png", image.pixels, source=image, keep_metadata=True, info=kept)
+    assert "exif_dropped" not in kept and Image.open(tmp_path / "out.png").getexif()[0x010F] == "TestMake"

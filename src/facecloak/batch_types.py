@@ -345,7 +345,7 @@ class BatchReport:
         lines = []
         for key, lacking in (
             ("alpha_flattened", "in a format without transparency: composited onto white"),
-            ("exif_dropped", "written without their EXIF: too large for a JPEG"),
+            ("exif_dropped", "written without their EXIF"),
         ):
             cut = [o for o in self.outcomes if o.status != "failed" and o.written.get(key)]
             if cut:

@@ -165,6 +165,9 @@ def _jpeg_exif(source: LoadedImage, keep_metadata: bool, info: dict) -> bytes | 
     return exif.tobytes()
 
 
+NO_EXIF_FORMATS = ("BMP",)
+"""Formats whose files hold no EXIF: --keep-metadata's camera data is said to be left out."""
+
 JPEG_MAX_SIDE = 65_500
 """libjpeg's largest width or height."""
 _JPEG_EXIF_BYTES = 65_533
@@ -269,7 +272,10 @@ def _save_options(
     if keep_metadata and source is not None and source.exif:
         info = {} if info is None else info
         exif = strip_location(source.exif, info)
-        if exif and (format_name != "JPEG" or _exif_fits_jpeg(exif, info)):
+        if exif and format_name in NO_EXIF_FORMATS:  # Pillow drops it there without a word
+            info["exif_dropped"] = f"a {format_name} file holds no EXIF"
+            _note(info, f"EXIF not kept: {info['exif_dropped']}")
+        elif exif and (format_name != "JPEG" or _exif_fits_jpeg(exif, info)):
             options["exif"] = exif
     if format_name == "JPEG":
         options.update(quality=quality, subsampling=0, optimize=True)
