@@ -97,6 +97,7 @@ def main() -> None:
     Exit codes: 0 all faces protected (inputs whose output exists are skipped); 1 an image had
     no face, a face was not protected, or no image was found; 2 usage error; 3 some file failed
     (missing, unreadable, unwritable; the others were still done); 130 stopped by Ctrl-C.
+    verify: 0 the same person, 1 different people, 3 a photo without a face or unreadable.
     """
     from facecloak._allocator import tune_allocator
 
