@@ -2014,3 +2014,15 @@ def test_a_face_that_still_matches_the_person_says_so_even_when_it_matches_a_don
     assert both["reason"] == "still matches the original face and a donor used"
     only_donor, _ = replacer._judge(0, (rows, (False,) * 3), elsewhere, donor, 1.0)
     assert only_donor["reason"] == "still matches a donor used"
+
+
+def test_a_bank_holding_a_model_not_registered_here_says_fewer_checks_run(bank, lfw_dir, tmp_path):
+    """A bank built with a model since removed from the config replaced faces checked on the
+    remaining models only, and said nothing of it."""
+    if len(bank.models) < 2:
+        pytest.skip("the bank holds one model here (no MobileFace in ../shared)")
+    photo = str(sorted(_people(lfw_dir / "images", 10, 10_000)[TARGETS].glob("*.jpg"))[6])
+    command = ["anonymize", photo, "-o", str(tmp_path), "--method", "replace", "--donors", "lfw-test"]
+    result = CliRunner().invoke(main, command)
+    assert "also holds mobileface, which is not registered here" in result.stderr, result.output
+    assert "checked with dlib-resnet only" in result.stderr

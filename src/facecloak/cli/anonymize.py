@@ -239,6 +239,13 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
         fail_run("anonymize", error, io_values, EXIT_USAGE)
     except FacecloakError as error:
         fail_run("anonymize", error, io_values)
+    unchecked = [name for name in bank.models if name not in model_names]
+    if unchecked:  # a model removed since the bank was built: fewer checks, said (it ran without a word)
+        click.echo(
+            f"note: bank {bank.name!r} also holds {', '.join(unchecked)}, which is not registered here: "
+            f"new faces are checked with {', '.join(model_names)} only (`facecloak models` lists them)",
+            err=True,
+        )
     settings = {"donors": str(bank.folder), "min_face": min_face, "models": model_names, **replacer_options}
     spec = ProtectorSpec("replace", settings)
 
