@@ -481,8 +481,8 @@ def _finish_row(
         if claimed.get(relative_output, uri) != uri:
             problem = f"its output {target} is also the output of {claimed[relative_output]} (rename one)"
             raise ImageWriteError(problem, uri)
-        owned = journal.owns(relative_output, source=uri)
         other = journal.made_from_another(relative_output, uri)
+        owned = other is None and journal.owns(relative_output)
         if target.exists() and other is not None:  # a URI's output is named only once it is decoded
             return replacing_refused(uri, target, overwrite=options.overwrite, other_input=other)
         if target.exists() and not (options.overwrite or owned):

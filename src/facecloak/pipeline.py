@@ -521,16 +521,17 @@ def existing_output_decision(
     a file that is not this photo's), ``"skip"`` (a file the journal did not write, or changed
     since), or ``"write"``.
     """
+    if not target.exists():  # nothing there to replace
+        return "write", False
     relative_output = target.relative_to(out_dir).as_posix()
-    owned = journal.owns(relative_output, source=photo)
-    if not target.exists():
-        return "write", owned
+    other = journal.made_from_another(relative_output, photo)  # once: it may hash the photo
+    owned = other is None and journal.owns(relative_output)
     refusal = replacing_refused(
         photo,
         target,
         overwrite=options.overwrite,
         ours=owned,
-        other_input=journal.made_from_another(relative_output, photo),
+        other_input=other,
         max_pixels=options.max_pixels,
     )
     if refusal is not None:
