@@ -87,6 +87,9 @@ def plan_batch(
         planned.append((job, target))
     earlier = _earlier_outputs(planned, tag, overwrite=options.overwrite, max_pixels=options.max_pixels)
     inputs = io.ProtectedFiles(path for path in inputs if path not in earlier)
+    # found as outputs of earlier runs: with --overwrite they were already found to look like
+    # their photos (`_earlier_outputs`), which is not read again below
+    seen_alike = {path.resolve() for path in earlier} if options.overwrite else set()
     claimed: dict[Path, Path] = {}
     for job, target in planned:
         if job.path in earlier:  # an output of an earlier run here: never an input
@@ -124,7 +127,7 @@ def plan_batch(
             continue
         claimed[key] = job.path
         refused = None
-        if target.exists() and check_overwrites:
+        if target.exists() and check_overwrites and key not in seen_alike:
             refused = replacing_refused(
                 job.path, target, overwrite=options.overwrite, max_pixels=options.max_pixels
             )
