@@ -938,3 +938,14 @@ def test_keep_metadata_into_a_format_without_exif_says_it_is_left_out(tmp_path, 
     kept: dict = {}
     write_image(tmp_path / "out.png", image.pixels, source=image, keep_metadata=True, info=kept)
     assert "exif_dropped" not in kept and Image.open(tmp_path / "out.png").getexif()[0x010F] == "TestMake"
+
+
+def test_a_quality_given_for_a_lossless_output_is_said_to_be_unused(tmp_path, samples_dir):
+    """``--format input --jpeg-quality 80`` on a PNG wrote a lossless PNG without a word."""
+    image = read_image(samples_dir / "astronaut.jpg")
+    unused: dict = {}
+    write_image(tmp_path / "out.png", image.pixels, source=image, jpeg_quality=80, info=unused)
+    assert unused["notes"] == ["quality 80 not used: a PNG file is stored losslessly"]
+    used: dict = {}
+    write_image(tmp_path / "out.jpg", image.pixels, source=image, jpeg_quality=80, info=used)
+    assert not used.get("notes")

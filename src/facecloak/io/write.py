@@ -562,6 +562,9 @@ def encode_image(
         source = dataclasses.replace(source, alpha=None, flattened=True)
     if source is not None:
         _note_what_is_left_out(source, format_name, info)
+    if jpeg_quality is not None and format_name not in LOSSY_FORMATS:
+        # `--format input` with lossless inputs took the quality without a word
+        _note(info, f"quality {jpeg_quality} not used: a {format_name} file is stored losslessly")
     if format_name == "JPEG" and jpeg_quality is None and source is not None:
         try:
             return _jpeg_keeping_blocks(pixels, source, keep_metadata, info)
