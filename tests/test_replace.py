@@ -2026,3 +2026,45 @@ def test_a_bank_holding_a_model_not_registered_here_says_fewer_checks_run(bank, 
     result = CliRunner().invoke(main, command)
     assert "also holds mobileface, which is not registered here" in result.stderr, result.output
     assert "checked with dlib-resnet only" in result.stderr
+
+
+def test_a_removed_bank_leaves_no_lock_file_and_its_waiters_lock_the_new_one(data_home, tmp_path):
+    """`donors remove` left ``.NAME.lock`` beside every bank it removed. Deleting it must not let
+    two writers in at once: one waiting on the deleted file, another on the file made after it."""
+    import threading
+    import time
+
+    from facecloak.donors import bank_lock
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    (folder / "bank.json").write_text(json.dumps({"format": 1, "donors": [], "models": {}}))
+    assert remove_donors(folder) == 0
+    assert not folder.exists() and not (tmp_path / ".gone.lock").exists()
+
+    inside, holding, events = [], threading.Event(), []
+
+    def remover():
+        with bank_lock(folder) as lock_file:
+            holding.set()
+            time.sleep(0.3)  # the waiter is blocked on this file by now
+            lock_file.unlink()
+
+    def writer(name):
+        with bank_lock(folder):
+            inside.append(name)
+            events.append(len(inside))
+            time.sleep(0.3)
+            inside.remove(name)
+
+    first = threading.Thread(target=remover)
+    first.start()
+    assert holding.wait(10)
+    waiter = threading.Thread(target=writer, args=("waiter",))
+    waiter.start()
+    first.join(10)
+    newcomer = threading.Thread(target=writer, args=("newcomer",))
+    newcomer.start()
+    waiter.join(10)
+    newcomer.join(10)
+    assert events == [1, 1]  # one writer at a time

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as _datetime
 import io as io_bytes
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -278,31 +279,41 @@ def _add_donors(
 
 
 @contextmanager
-def bank_lock(folder: Path) -> Iterator[None]:
+def bank_lock(folder: Path) -> Iterator[Path | None]:
     """Hold the bank in ``folder`` for one writer at a time (an advisory lock beside the folder).
 
     Two `facecloak donors add` into one bank at once both numbered their donors from the same
     manifest, wrote chips of the same ids over each other's and each wrote its own manifest: the
     first to finish lost every donor it reported added, and a donor's chip could be another's.
-    The lock file lies beside the bank (``.NAME.lock``), so no bank folder is made for it.
+    The lock file lies beside the bank (``.NAME.lock``), so no bank folder is made for it; it
+    yields that file's path (None where there is no locking). A holder may delete the file (a
+    removed bank leaves none behind): whoever waited on it then locks the new one instead.
     """
     try:
         import fcntl
     except ImportError:  # no flock (Windows): unguarded, as before
-        yield
+        yield None
         return
     path = folder.parent / f".{folder.name}.lock"
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a")  # noqa: SIM115 - held for the whole block
-    except OSError as error:  # a file where a folder should be said "File exists"
-        in_the_way = isinstance(error, FileExistsError)
-        reason = "a file is in the way of its folder" if in_the_way else error.strerror
-        raise ImageWriteError(f"cannot lock the bank ({reason or error})", path) from None
-    with handle:
+    while True:
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a")  # noqa: SIM115 - held for the whole block
+        except OSError as error:  # a file where a folder should be said "File exists"
+            in_the_way = isinstance(error, FileExistsError)
+            reason = "a file is in the way of its folder" if in_the_way else error.strerror
+            raise ImageWriteError(f"cannot lock the bank ({reason or error})", path) from None
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            current = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        handle.close()  # the holder before removed the bank and its lock file: lock the new one
+    with handle:
+        try:
+            yield path
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -495,8 +506,12 @@ def remove_donors(bank: str | Path, ids: Sequence[str] = ()) -> int | None:
         DonorBankError: no such bank, or an id not in it.
         ImageWriteError: a file of the bank could not be written (the message names it).
     """
-    with bank_lock(_existing_bank_folder(bank)):
-        return _remove_donors(bank, ids)
+    folder = _existing_bank_folder(bank)
+    with bank_lock(folder) as lock_file:
+        removed = _remove_donors(bank, ids)
+        if lock_file is not None and not ids and not (folder / "bank.json").exists():
+            lock_file.unlink(missing_ok=True)  # a removed bank leaves no ``.NAME.lock`` beside it
+        return removed
 
 
 def _remove_bank(folder: Path) -> int | None:
