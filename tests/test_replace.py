@@ -2068,3 +2068,23 @@ def test_a_removed_bank_leaves_no_lock_file_and_its_waiters_lock_the_new_one(dat
     waiter.join(10)
     newcomer.join(10)
     assert events == [1, 1]  # one writer at a time
+
+
+def test_a_donor_photo_copied_under_another_name_is_not_a_second_donor(models, detector, donor_dir, tmp_path):
+    """The same photo under two names became two donors of one identity (in one add, or later)."""
+    photo = sorted(donor_dir.glob("*.jpg"))[0]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(photo, photos / "a.jpg")
+    shutil.copy(photo, photos / "b.jpg")
+    target = tmp_path / "dedup-bank"
+    report = add_donors([photos], models, bank=target, detector=detector)
+    assert len(report.added) == 1
+    assert report.skipped == [(str(photos / "b.jpg"), f"the same photo as donor {report.added[0]}")]
+    later = tmp_path / "later"
+    later.mkdir()
+    shutil.copy(photo, later / "c.jpg")
+    again = add_donors([later], models, bank=target, detector=detector)
+    assert again.added == []
+    assert again.skipped == [(str(later / "c.jpg"), f"the same photo as donor {report.added[0]}")]
+    assert len(load_bank(target)) == 1

@@ -23,6 +23,7 @@ facecloak ships none and downloads none.
 from __future__ import annotations
 
 import datetime as _datetime
+import hashlib
 import io as io_bytes
 import json
 import os
@@ -53,7 +54,7 @@ from facecloak.donor_bank import (
     model_fingerprint,
 )
 from facecloak.embed import embed_faces
-from facecloak.errors import DonorBankError, FacecloakError, ImageWriteError
+from facecloak.errors import DonorBankError, FacecloakError, ImageReadError, ImageWriteError
 from facecloak.faces import Faces
 from facecloak.models.registry import Embedder
 from facecloak.synthesis import (
@@ -188,7 +189,10 @@ def _add_donors(
     embedded: dict[str, list[np.ndarray]] = {model.card.name: [] for model in models}
     next_id = _next_id(existing)
     # a photo added before is not added again (the same folder given twice doubled the bank)
-    known = {record["source"]: record["id"] for record in existing.donors} if existing is not None else {}
+    before = existing.donors if existing is not None else []
+    known = {record["source"]: record["id"] for record in before}
+    # nor is a copy of one under another name (its face would be two donors of one identity)
+    known_bytes = {record["sha256"]: record["id"] for record in before if "sha256" in record}
 
     def flush() -> None:
         """Embed the pending chips and write them: memory stays bounded however large the folder."""
@@ -210,8 +214,12 @@ def _add_donors(
             continue
         try:
             image = io.read_image(job.path)
+            digest = _file_digest(job.path)
         except FacecloakError as error:
             report.failed.append((str(job.path), str(error)))
+            continue
+        if digest in known_bytes:
+            report.skipped.append((str(job.path), f"the same photo as donor {known_bytes[digest]}"))
             continue
         with torch.no_grad():
             faces = detector([image.pixels])
@@ -228,12 +236,14 @@ def _add_donors(
         for k in range(len(picked)):
             donor_id = f"d{next_id:05d}"
             next_id += 1
+            known_bytes.setdefault(digest, donor_id)
             if detailed[k]:  # written now (a large chip is not held for the whole folder)
                 _write_detail_chip(folder, donor_id, image.pixels, picked.select([k]))
             records.append(
                 {
                     "id": donor_id,
                     "source": str(job.path.resolve()),
+                    "sha256": digest,
                     "box": [round(float(v), 2) for v in picked.boxes[k]],
                     "landmarks": [[round(float(v), 2) for v in point] for point in picked.landmarks[k]],
                     "score": round(float(picked.scores[k]), 4),
@@ -316,6 +326,14 @@ def bank_lock(folder: Path) -> Iterator[Path | None]:
             yield path
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a photo's bytes: the same photo under another name is known as such."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as error:  # read a moment ago: gone or unreadable since
+        raise ImageReadError(error.strerror or str(error), path) from None
 
 
 def _write_detail_chip(folder: Path, donor_id: str, pixels: Tensor, face: Faces) -> None:
