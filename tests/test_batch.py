@@ -6,6 +6,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -648,3 +649,35 @@ def test_a_model_error_fails_its_chunk_s_files_and_the_batch_goes_on(photos, det
     )
     assert statuses[2][:2] == ("group.jpg", "protected")
     assert report.exit_code == 3
+
+
+class _SlowPerFace:
+    """A blur that takes 0.4 s a face, as a cloak's time goes to its faces."""
+
+    kind, tag, steps, aim = "anonymize", "blur", 1, None
+
+    def for_worker(self) -> _SlowPerFace:
+        return self
+
+    def protect(self, images, faces, *, identity=None, on_step=None, stored_as=None):
+        time.sleep(0.4 * len(faces))
+        return AnonymizeFaces(Anonymizer("blur")).protect(images, faces)
+
+
+def test_a_photo_without_a_face_is_not_given_the_time_of_its_chunks_faces(tmp_path, samples_dir, detector):
+    """Each photo of a chunk was shown an even share of the chunk's time: a faceless photo beside
+    cloaked ones showed 23 s."""
+    from facecloak.pipeline import run_resumable_batch
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(samples_dir / "group.jpg", folder / "group.jpg")  # four faces
+    ramp = torch.linspace(0, 1, 200)
+    io.write_image(folder / "plain.png", torch.stack([ramp[None].expand(150, -1)] * 3))
+    plain = run_batch([folder], _SlowPerFace(), Options(out_dir=str(tmp_path / "a")), detector=detector)
+    journaled = run_resumable_batch(
+        [folder], _SlowPerFace(), Options(out_dir=str(tmp_path / "b")), settings={}, detector=detector
+    )
+    for report in (plain, journaled):
+        seconds = {Path(outcome.path).name: outcome.seconds for outcome in report.outcomes}
+        assert seconds["group.jpg"] > 1.6 and seconds["plain.png"] < 0.5 * seconds["group.jpg"], seconds

@@ -422,7 +422,7 @@ def _protect_chunk(
             outcomes.append(outcome)
     if not loaded:
         return outcomes
-    protected: list[tuple[list[int], tuple[ProtectionResult, float]]] = []
+    protected: list[tuple[list[int], tuple[ProtectionResult, list[float]]]] = []
     handled: set[int] = set()
 
     def protect(part: Sequence[int]) -> None:
@@ -446,7 +446,7 @@ def _protect_chunk(
         for k in range(len(loaded)):
             if k not in handled:
                 fail(k, error)
-    for part, (result, seconds) in protected:
+    for part, (result, seconds_each) in protected:
         for j, k in enumerate(part):
             job, target, image, _ = loaded[k]
             outcome = write_output(
@@ -456,7 +456,7 @@ def _protect_chunk(
                 target,
                 result.records_for(j),
                 options,
-                seconds,
+                seconds_each[j],
                 encode=result.to_encode(j),
             )
             tracker.finish(outcome)
@@ -479,8 +479,8 @@ def _protect_loaded(
     jpeg_quality: int | None,
     tracker: _Tracker,
     names: tuple[str, ...],
-) -> tuple[ProtectionResult, float]:
-    """Protect read photos' faces together (`_protect_chunk`), with progress; and the seconds a photo took."""
+) -> tuple[ProtectionResult, list[float]]:
+    """Protect read photos' faces together (`_protect_chunk`), with progress; and each photo's seconds."""
     started = time.perf_counter()
     faces = Faces.cat([faces.shifted(k) for k, (_, _, _, faces) in enumerate(loaded)])
     face_count = len(faces)
@@ -508,7 +508,20 @@ def _protect_loaded(
         raise
     tracker.faces_done = faces_before + face_count
     tracker.work_done = work_before + len(loaded) + face_count * tracker.face_work()
-    return result, (time.perf_counter() - started) / len(loaded)
+    return result, seconds_per_photo(0.0, time.perf_counter() - started, [len(f) for *_, f in loaded])
+
+
+def seconds_per_photo(shared: float, by_faces: float, face_counts: Sequence[int]) -> list[float]:
+    """Each photo's seconds of a chunk: ``shared`` evenly, ``by_faces`` by its faces.
+
+    ``shared`` is what every photo costs alike (reading, detecting); ``by_faces`` (protecting) is
+    split by how many faces each photo holds, evenly where none holds one. All split evenly, a
+    photo with no face beside seven with faces showed an eighth of their cloaks' time (23 s).
+    """
+    count, total = len(face_counts), sum(face_counts)
+    return [
+        shared / count + (by_faces * faces / total if total else by_faces / count) for faces in face_counts
+    ]
 
 
 def _stamp(path: Path) -> tuple | None:

@@ -42,6 +42,7 @@ from facecloak.batch import (
     out_of_memory,
     plan_batch,
     replacing_refused,
+    seconds_per_photo,
 )
 from facecloak.errors import FacecloakError, ImageWriteError, InvalidInputError
 from facecloak.journal import JOURNAL_NAME, Journal, file_sha256, source_key
@@ -191,13 +192,12 @@ class ProtectActor:
             def too_large(item: tuple[int, io.LoadedImage], detail: str) -> None:
                 out["error"][item[0]] = str(out_of_memory(item[1].path, detail))
 
-            in_parts_that_fit(
-                decoded, lambda part: self._protect(part, out, started, len(decoded)), too_large
-            )
+            reading = (time.perf_counter() - started) / len(decoded)  # each decoded photo's share
+            in_parts_that_fit(decoded, lambda part: self._protect(part, out, reading), too_large)
         return out
 
     def _protect(
-        self, part: Sequence[tuple[int, io.LoadedImage]], out: dict[str, list], started: float, photos: int
+        self, part: Sequence[tuple[int, io.LoadedImage]], out: dict[str, list], reading: float
     ) -> None:
         """Detect, protect and encode decoded rows of a batch together (``out`` filled in place)."""
         pixels = [image.pixels for _, image in part]
@@ -205,14 +205,19 @@ class ProtectActor:
         storage = [
             io.stored_as(f"output{out['suffix'][r]}", image, self.options.jpeg_quality) for r, image in part
         ]
+        tick = time.perf_counter()
         try:
             faces = self.detector(pixels)
+            found_at = time.perf_counter()
             result = self.protection.protect(pixels, faces, stored_as=storage)
         except FacecloakError as error:
             for r, _ in part:
                 out["error"][r] = str(error)
             return
-        seconds = round((time.perf_counter() - started) / photos, 3)
+        per_photo = faces.image_index.bincount(minlength=len(part)).tolist()
+        seconds = seconds_per_photo(
+            reading * len(part) + found_at - tick, time.perf_counter() - found_at, per_photo
+        )
         for k, (r, image) in enumerate(part):
             records = result.records_for(k)
             written: dict = {}
@@ -230,7 +235,7 @@ class ProtectActor:
                 out["error"][r] = f"{image.path}: {error}"
             out["faces"][r] = json.dumps(records)
             out["written"][r] = json.dumps(written)
-            out["seconds"][r] = seconds
+            out["seconds"][r] = round(seconds[k], 3)
 
 
 def _measure_encoded(data: bytes, suffix: str, image: io.LoadedImage, output, records: list[dict]) -> None:

@@ -31,7 +31,7 @@ import torch
 
 from facecloak import io
 from facecloak._device import compute_workers, in_parts_that_fit, is_out_of_memory
-from facecloak.batch import out_of_memory, plan_batch, replacing_refused, write_output
+from facecloak.batch import out_of_memory, plan_batch, replacing_refused, seconds_per_photo, write_output
 from facecloak.batch_types import (
     BatchPlan,
     BatchReport,
@@ -437,6 +437,7 @@ def run_resumable_batch(
                 names = tuple(entry.job.path.name for entry in chunk)
                 progress.emit("detect", current=names)
                 faces = found_by(pixels)
+                found_at = time.perf_counter()
                 counted = len(faces)
                 progress.found(counted)
                 storage = [io.stored_as(entry.target, entry.image, options.jpeg_quality) for entry in chunk]
@@ -449,11 +450,13 @@ def run_resumable_batch(
                 if is_out_of_memory(error):
                     progress.found(-counted)  # its parts find these faces again
                 raise
-            seconds = (time.perf_counter() - tick) / len(chunk)
+            done_at = time.perf_counter()
+            per_photo = faces.image_index.bincount(minlength=len(chunk)).tolist()
+            seconds = seconds_per_photo(found_at - tick, done_at - found_at, per_photo)
             with lock:
-                timings["compute_s"] += time.perf_counter() - tick
+                timings["compute_s"] += done_at - tick
             for k, entry in enumerate(chunk):
-                item = (entry, (result.images[k], result.to_encode(k)), result.records_for(k), seconds)
+                item = (entry, (result.images[k], result.to_encode(k)), result.records_for(k), seconds[k])
                 _put(finished, item, stop)  # never blocks for good on a writer that stopped
 
         pool = None
