@@ -203,3 +203,14 @@ def test_a_files_records_do_not_carry_its_place_in_the_chunk(samples_dir, detect
     assert [len(result.records_for(k)) for k in (0, 1)] == [1, 4]
     assert all("image_index" not in record for k in (0, 1) for record in result.records_for(k))
     assert [record["image_index"] for record in result.records] == [0, 1, 1, 1, 1]  # the chunk's own
+
+
+def test_escalating_never_spends_less_than_the_level_it_escalates_from(dlib_resnet):
+    """``--level low --max-dssim 0.02 --escalate`` went on at mid's own cap, 0.008: a smaller one."""
+    from facecloak.cloak.budget import LEVELS
+
+    larger = CloakFaces.create("untargeted", [dlib_resnet], "low", escalate=True, max_dssim=0.02, steps=90)
+    assert larger.escalate_to.level == "mid"
+    assert larger.escalate_to.budget.max_dssim == 0.02 and larger.escalate_to.budget.steps == 90
+    smaller = CloakFaces.create("untargeted", [dlib_resnet], "low", escalate=True, max_dssim=0.003, steps=5)
+    assert smaller.escalate_to.budget == LEVELS["mid"]  # smaller overrides: the level's own

@@ -31,7 +31,7 @@ from facecloak._checks import check_faces, check_image_list
 from facecloak.anonymize import Anonymizer
 from facecloak.cloak import Cloak, create_cloak
 from facecloak.cloak.base import PersonReferences, StepCallback, StoredAs
-from facecloak.cloak.budget import STRONGER_LEVEL
+from facecloak.cloak.budget import LEVELS, STRONGER_LEVEL
 from facecloak.faces import Faces, boxes_overlap, face_regions, pixel_bounds
 from facecloak.models.registry import Embedder
 
@@ -178,6 +178,8 @@ class AnonymizeFaces:
 
 _BUDGET_OVERRIDES = ("budget", "steps", "max_dssim", "max_linf", "aim")
 """`Cloak` keywords that change a level's budget: an escalation's stronger level keeps its own."""
+_LARGER_KEPT = ("steps", "max_dssim", "max_linf", "aim")
+"""Those of them an escalation keeps where they exceed the stronger level's own."""
 
 
 class CloakFaces:
@@ -209,13 +211,21 @@ class CloakFaces:
     ) -> CloakFaces:
         """`create_cloak`'s cloak, and with ``escalate`` the next level's for faces that fall short.
 
-        The stronger cloak (`STRONGER_LEVEL`) takes the same options but its own level's budget:
-        ``steps``, ``max_dssim`` and the other budget overrides are the first level's.
+        The stronger cloak (`STRONGER_LEVEL`) takes the same options and its own level's budget,
+        except where the first level's ``steps``, ``max_dssim``, ``max_linf`` or ``aim`` were
+        given larger: those stay, so escalating never spends less (``--level low --max-dssim
+        0.02 --escalate`` went on at mid's cap of 0.008).
         """
         stronger = None
         if escalate and level in STRONGER_LEVEL:
             own = {key: value for key, value in options.items() if key not in _BUDGET_OVERRIDES}
-            stronger = create_cloak(mode, models, STRONGER_LEVEL[level], **own)
+            budget = LEVELS[STRONGER_LEVEL[level]]
+            larger = {
+                key: value
+                for key in _LARGER_KEPT
+                if (value := options.get(key)) is not None and value > getattr(budget, key)
+            }
+            stronger = create_cloak(mode, models, STRONGER_LEVEL[level], **own, **larger)
         return cls(create_cloak(mode, models, level, **options), stronger)
 
     def for_worker(self) -> CloakFaces | None:

@@ -104,8 +104,8 @@ from facecloak.errors import FacecloakError
     "--escalate",
     is_flag=True,
     help="Cloak a face that falls short again at the next level (low -> mid, mid -> high: a faint "
-    "change at 100%), with that level's own steps and DSSIM cap, and keep it if it then passes; "
-    "the summary lists such faces.",
+    "change at 100%), with that level's own steps and DSSIM cap (or yours, where larger), and keep "
+    "it if it then passes; the summary lists such faces.",
 )
 @click.option(
     "--seed",
