@@ -547,6 +547,33 @@ def test_ctrl_c_exits_130_not_1(runner, samples_dir, tmp_path, monkeypatch):
     assert "interrupted: every output written so far is whole" in result.stderr
 
 
+def test_a_ctrl_c_while_the_command_line_leaves_after_ctrl_c_changes_nothing(tmp_path):
+    """A second Ctrl-C as the process left after the first printed a traceback from an exit
+    handler, or torch's native teardown aborted the process (exit code 134, 3 of 6 tries)."""
+    marker = tmp_path / "exit-handler-ran"
+    script = f"""
+import atexit, os, signal, sys
+from facecloak import cli
+
+@cli.main.command("interrupt-me")
+def interrupt_me():
+    raise KeyboardInterrupt
+
+def late():  # a second Ctrl-C while the exit handlers run
+    os.kill(os.getpid(), signal.SIGINT)
+    open({str(marker)!r}, "w").write("ran")
+
+atexit.register(late)
+sys.argv = ["facecloak", "interrupt-me"]
+cli.command_line()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert marker.read_text() == "ran"  # the exit handlers ran to their end
+    assert "interrupted: every output written so far is whole" in done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("flag", ["--json", "--jsonl"])
 def test_ctrl_c_with_json_still_prints_its_document(runner, samples_dir, tmp_path, monkeypatch, flag):
     """Ctrl-C under --json/--jsonl left stdout empty: a script reading it had nothing to parse."""

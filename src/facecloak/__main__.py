@@ -1,6 +1,6 @@
 """``python -m facecloak``: the same as the ``facecloak`` command."""
 
-from facecloak.cli import main
+from facecloak.cli import command_line
 
 if __name__ == "__main__":
-    main()
+    command_line()

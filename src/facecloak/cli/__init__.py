@@ -13,7 +13,9 @@ printing results, exiting). Each module defines plain click commands; this one a
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import sys
 
 import click
@@ -60,6 +62,8 @@ class _Commands(click.Group):
             )
             ctx.exit(EXIT_FAILED)
         except KeyboardInterrupt:
+            if _COMMAND_LINE["running"]:  # the run is stopping: another Ctrl-C must not cut that short
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             message = (
                 "interrupted: every output written so far is whole; the same command again goes on from there"
             )
@@ -118,4 +122,45 @@ for _command in (
     main.add_command(_command)
 del _command
 
-__all__ = ["main", "EXIT_OK", "EXIT_UNPROTECTED", "EXIT_USAGE", "EXIT_FAILED", "EXIT_INTERRUPTED"]
+_COMMAND_LINE = {"running": False}
+"""Whether `command_line` runs this process (not a test's in-process `CliRunner`)."""
+
+
+def command_line() -> None:
+    """The ``facecloak`` command: `main`, and a Ctrl-C stop that a second Ctrl-C cannot spoil.
+
+    After a stop by Ctrl-C (exit code 130), the interpreter's own teardown let torch's native
+    threads abort the process (exit code 134) or a late Ctrl-C print a traceback from an exit
+    handler, after every output had been written whole. So once stopped, further Ctrl-C are
+    ignored, the exit handlers run, and the process leaves without the native teardown.
+    """
+    _COMMAND_LINE["running"] = True
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code != EXIT_INTERRUPTED:
+            raise
+        _leave_interrupted()
+
+
+def _leave_interrupted() -> None:
+    """Run the exit handlers with Ctrl-C ignored, then leave with 130 before the native teardown."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(EXIT_INTERRUPTED)
+
+
+__all__ = [
+    "main",
+    "command_line",
+    "EXIT_OK",
+    "EXIT_UNPROTECTED",
+    "EXIT_USAGE",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+]
