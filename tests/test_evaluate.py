@@ -498,6 +498,12 @@ def test_a_broken_distractor_fails_before_anything_is_protected(lfw_dir, tmp_pat
     with pytest.raises(ImageReadError, match="empty file") as raised:
         evaluate(data, Refusing(), [], people=1, control=1, min_photos=3, probes=1, uploads=("none",))
     assert raised.value.path == str(broken)
+    # a photo cut short passed the header check, and the run failed after its protect phase
+    whole = next((lfw_dir / "images" / PEOPLE[0]).iterdir()).read_bytes()
+    broken.write_bytes(whole[:3000])
+    with pytest.raises(ImageReadError, match="truncated") as raised:
+        evaluate(data, Refusing(), [], people=1, control=1, min_photos=3, probes=1, uploads=("none",))
+    assert raised.value.path == str(broken)
 
 
 def test_a_broken_photo_the_adaptive_scraper_learns_from_fails_before_anything_is_protected(

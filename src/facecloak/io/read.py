@@ -248,12 +248,14 @@ def _frame_count(opened: Image.Image, source_format: str) -> int:
         return 1
 
 
-def probe_image(path: str | Path, *, max_pixels: int | None = None) -> str:
+def probe_image(path: str | Path, *, max_pixels: int | None = None, decode: bool = False) -> str:
     """The format of the photo at ``path`` ("JPEG", "PNG", ...), from its header alone.
 
     Cheap (nothing is decoded): a batch calls it for every input before any work, so that a
     missing, empty, unidentifiable or oversized file fails at once and every output name is
-    known up front. A file that passes can still fail at `read_image` (truncated data).
+    known up front. A file that passes can still fail at `read_image` (truncated data), unless
+    ``decode``: then its data is decoded too (a JPEG at an eighth of its size, which reads every
+    byte of it), for a caller whose late failure would lose a long run (the evaluator).
 
     Raises:
         ImageReadError: one line naming the file and the reason.
@@ -261,10 +263,10 @@ def probe_image(path: str | Path, *, max_pixels: int | None = None) -> str:
     path = Path(path)
     limit = max_pixels or max_pixels_default()
     with _PIL_PIXEL_LIMIT.at_least(limit):
-        return _probe_image(path, limit)
+        return _probe_image(path, limit, decode)
 
 
-def _probe_image(path: Path, limit: int) -> str:
+def _probe_image(path: Path, limit: int, decode: bool = False) -> str:
     _check_regular_file(path)
     try:
         with warnings.catch_warnings():
@@ -273,6 +275,10 @@ def _probe_image(path: Path, limit: int) -> str:
             with Image.open(path) as opened:
                 width, height = opened.size
                 source_format = opened.format or "PNG"
+                if decode and width * height <= limit:
+                    if source_format == "JPEG":
+                        opened.draft(opened.mode, (max(1, width // 8), max(1, height // 8)))
+                    opened.load()
     except Image.DecompressionBombError:
         raise _over_limit(f"more pixels than the limit of {limit:,}", path) from None
     except UnidentifiedImageError:
