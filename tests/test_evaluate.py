@@ -1039,3 +1039,25 @@ def test_evaluate_says_at_once_what_it_would_ignore_or_cannot_use(lfw_dir, tmp_p
     runner.invoke(main, ["evaluate", data, "--method", "blur", "-o", out])
     cache = tmp_path / "cache-home" / "facecloak" / "embeddings"
     assert [Path(request.cache) for request in asked] == [cache]
+
+
+def test_a_damaged_cache_file_is_computed_again_not_a_traceback(tmp_path):
+    """A cache file cut short, or not a cache, ended the evaluation with numpy's traceback."""
+    import numpy as np
+
+    from facecloak.evaluate import EmbeddingCache
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"x")
+    folder = tmp_path / "cache"
+    cache = EmbeddingCache(folder)
+    cache.put("model", photo, np.arange(3, dtype=np.float32))
+    cache.save()
+    whole = (folder / "model.npz").read_bytes()
+    for damaged in (b"garbage\n", whole[: len(whole) // 2]):
+        (folder / "model.npz").write_bytes(damaged)
+        again = EmbeddingCache(folder)
+        assert again.get("model", photo) is None  # nothing read from it: computed again
+        again.put("model", photo, np.ones(3, dtype=np.float32))
+        again.save()  # and the file rewritten whole
+        assert np.array_equal(EmbeddingCache(folder).get("model", photo), np.ones(3, dtype=np.float32))

@@ -38,8 +38,7 @@ class EmbeddingCache:
 
     def _load(self, attacker: str) -> dict[str, np.ndarray]:
         if attacker not in self.memory:
-            path = self._file(attacker)
-            self.memory[attacker] = dict(np.load(path)) if path is not None and path.is_file() else {}
+            self.memory[attacker] = _read_table(self._file(attacker))
         return self.memory[attacker]
 
     @staticmethod
@@ -69,6 +68,21 @@ class EmbeddingCache:
             buffer = BytesIO()
             np.savez(buffer, **table)
             io.write_bytes_atomic(self._file(attacker), buffer.getvalue(), overwrite=True)
+
+
+def _read_table(path: Path | None) -> dict[str, np.ndarray]:
+    """A cache file's embeddings; none from a file that is missing or damaged (it is rewritten).
+
+    A damaged file (cut short by a full disk, or not a cache at all) ended the evaluation with
+    numpy's traceback, after its protect phase: a cache holds nothing that cannot be computed again.
+    """
+    if path is None or not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as table:
+            return {key: table[key] for key in table.files}
+    except Exception:  # noqa: BLE001 - zipfile, numpy and OS errors alike: computed again
+        return {}
 
 
 def embed_files(
