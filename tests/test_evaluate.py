@@ -1061,3 +1061,13 @@ def test_a_damaged_cache_file_is_computed_again_not_a_traceback(tmp_path):
         again.put("model", photo, np.ones(3, dtype=np.float32))
         again.save()  # and the file rewritten whole
         assert np.array_equal(EmbeddingCache(folder).get("model", photo), np.ones(3, dtype=np.float32))
+
+
+def test_dlib_cpp_finds_no_face_in_a_tiny_photo_instead_of_raising():
+    """A 1x1 photo in the data folder (a scraped tracking pixel) made dlib raise on its strides."""
+    from facecloak.evaluate import DlibAttacker
+
+    if not DlibAttacker.available():
+        pytest.skip("dlib-bin is not installed")
+    found = DlibAttacker().embed([torch.rand(3, 1, 1), torch.rand(3, 1, 40)])
+    assert found.shape[0] == 2 and bool(found.isnan().all())

@@ -27,6 +27,9 @@ from facecloak.models.registry import Embedder, FaceModelCard, weights_stamp
 DLIB_SHAPE_PREDICTOR_FILENAME = "shape_predictor_5_face_landmarks.dat"
 DLIB_UPSAMPLE_TIMES = 1
 """dlib's HOG detector upsamples each photo once, as dlib's own examples do."""
+DLIB_MIN_SIDE = 8
+"""Photos narrower than this hold no face for dlib (its detector window is 80 px, upsampled once:
+faces of 40 px); a 1x1 photo (a tracking pixel in a scraped folder) made dlib raise."""
 
 
 def centre_face(faces: Faces, width: int, height: int) -> int:
@@ -144,6 +147,8 @@ class DlibAttacker(Attacker):
         """Descriptor of the face nearest each photo's centre."""
         out = torch.full((len(images), self.dim), math.nan)
         for i, image in enumerate(images):
+            if min(image.shape[-2:]) < DLIB_MIN_SIDE:  # no face; and dlib refused a 1x1 array's strides
+                continue
             array = io.to_uint8(image)
             found = self._detector(array, DLIB_UPSAMPLE_TIMES)
             if not len(found):
