@@ -231,8 +231,8 @@ def test_leave_one_out_that_cannot_run_is_refused_not_ignored(method, lfw_dir, t
 
 def test_level_all_runs_a_non_cloak_protection_once(lfw_dir, tmp_path):
     """``--level all`` sweeps a cloak's levels; a blur has none, and used to run three times with
-    every row repeated. One blurred person, nothing else in the gallery: no face is found there,
-    so none may be matched, at rank 1 or 5."""
+    every row repeated. One blurred person and two distractor photos in the gallery: no face is
+    found in the blurred ones, so none may be matched, at rank 1 or 5."""
     from facecloak.evaluate import EvaluationRequest, run_evaluation
 
     request = EvaluationRequest(
@@ -241,7 +241,7 @@ def test_level_all_runs_a_non_cloak_protection_once(lfw_dir, tmp_path):
         level="all",
         people=1,
         control=0,
-        max_distractors=0,
+        max_distractors=2,
         uploads=("none",),
         attackers="dlib-resnet",
         device="cpu",
@@ -694,15 +694,18 @@ def test_photos_protected_elsewhere_are_not_reported_as_cloaked_here(lfw_dir, tm
         (tmp_path / folder / PEOPLE[0]).mkdir(parents=True)
         for photo in photos:
             (tmp_path / folder / PEOPLE[0] / photo.name).write_bytes(photo.read_bytes())
+    other = next((lfw_dir / "images" / PEOPLE[1]).iterdir())  # a gallery of one person is refused
+    (tmp_path / "data" / PEOPLE[1]).mkdir()
+    (tmp_path / "data" / PEOPLE[1] / other.name).write_bytes(other.read_bytes())
     request = EvaluationRequest(
         data=tmp_path / "data",
         protected_dir=tmp_path / "protected",
         models="dlib-resnet",
-        people=1,
+        people=[PEOPLE[0]],
         control=0,
         min_photos=3,
         probes=1,
-        max_distractors=0,
+        max_distractors=1,
         uploads=("none",),
         attackers="dlib-resnet",
         device="cpu",
@@ -1071,3 +1074,12 @@ def test_dlib_cpp_finds_no_face_in_a_tiny_photo_instead_of_raising():
         pytest.skip("dlib-bin is not installed")
     found = DlibAttacker().embed([torch.rand(3, 1, 1), torch.rand(3, 1, 40)])
     assert found.shape[0] == 2 and bool(found.isnan().all())
+
+
+def test_a_gallery_of_one_persons_photos_alone_is_refused(lfw_dir, tmp_path):
+    """One protected person, no control, no distractor: the nearest match is that person whatever
+    was done, so a working cloak read protection 0.00 (and a blur 1.00), with no word."""
+    from facecloak.evaluate import evaluate
+
+    with pytest.raises(InvalidInputError, match="alone, so a scraper's nearest match is always"):
+        evaluate(lfw_dir / "images", None, [], people=1, control=0, max_distractors=0, uploads=("none",))

@@ -169,6 +169,14 @@ def evaluate(
         adaptive_people = min(adaptive_people, len(pool))  # the report said how many were asked for
     labels = {person.name: index for index, person in enumerate(everyone)}
     distractor_pairs = _draw_distractors(split, labels, max_distractors, seed)
+    if len(split.protected) + len(split.control) + len({label for _, label in distractor_pairs}) < 2:
+        # a gallery of one person's photos: the nearest match is that person whatever was done
+        # (a working cloak reported protection 0.00, a blur 1.00, both without meaning)
+        raise InvalidInputError(
+            f"the gallery would hold {split.protected[0].name}'s photos alone, so a scraper's nearest "
+            "match is always that person: measure with --control people or distractor photos",
+            data,
+        )
     learnt_from = (
         [] if adaptive is None else _adaptive_people(everyone, split, adaptive_people, seed, protected_dir)
     )
