@@ -311,11 +311,18 @@ def test_summary_table_and_html_render_without_matplotlib_data(lfw_dir, attacker
         max_distractors=50,
     )
     text = summary_table(result)
-    assert "dlib-resnet" in text and "protection" in text
+    assert "dlib-resnet" in text and "protection" in text and "leave-one-out" not in text
     assert result.settings["method"] == "mirror"
     assert result.row("dlib-resnet", "none").protection <= 0.5  # mirroring is no protection
     assert "<table>" in render_html(result)
     assert json.dumps(result.to_dict(), default=str)
+    # --leave-one-out's rows were in the report files alone, never on the terminal
+    row = dict(result.rows[0].to_json(), left_out="mobileface", cloaked_with="dlib-resnet,hse-mobilenet")
+    result.settings["leave_one_out"] = [dict(row, protection=0.625)]
+    lines = summary_table(result).splitlines()
+    at = lines.index("leave-one-out: cloaked without the model, measured on it")
+    assert lines[at + 1].startswith("  mobileface left out (cloaked with dlib-resnet,hse-mobilenet), upload")
+    assert "protection 0.625" in lines[at + 1]
 
 
 NASTY_NAMES = ["<img src=x onerror=alert(1)><script>alert(1)<\\script>", 'Zoë O\'Brien "Q" & Ñandú 日本']

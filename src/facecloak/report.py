@@ -447,6 +447,7 @@ def summary_table(result: EvaluationResult) -> str:
         cells = [_cell(row, name) for name, _, _ in TEXT_COLUMNS]
         lines.append("".join(f"{_fmt(cell):<{width}}" for cell, (_, _, width) in zip(cells, TEXT_COLUMNS)))
     lines += _missed_probe_notes(result.rows)
+    lines += _leave_one_out_lines(result.settings.get("leave_one_out") or [])
     lines += [f"upload {name}: {description}" for name, description in _upload_descriptions(result).items()]
     quality = result.quality
     at_level = _quality_level(result)
@@ -471,6 +472,23 @@ def summary_table(result: EvaluationResult) -> str:
     lines += _realism_lines(quality)
     lines.append(f"timings{at_level}: {result.timings}")
     return "\n".join(lines)
+
+
+def _leave_one_out_lines(rows: list[dict]) -> list[str]:
+    """The leave-one-out rows (`--leave-one-out`) as the HTML report has them.
+
+    The figure that option is run for was in the report files alone, never on the terminal.
+    """
+    if not rows:
+        return []
+    lines = ["leave-one-out: cloaked without the model, measured on it"]
+    for row in rows:
+        lines.append(
+            f"  {row.get('left_out')} left out (cloaked with {row.get('cloaked_with')}), "
+            f"upload {row.get('upload')}: "
+            f"protection {_fmt(row.get('protection'))}, control rank-1 {_fmt(row.get('control_rank1'))}"
+        )
+    return lines
 
 
 def _missed_probe_notes(rows: list[EvaluationRow]) -> list[str]:
