@@ -214,6 +214,24 @@ def test_cli_bad_data_folder_fails_in_one_line(case, lfw_dir, tmp_path):
     assert reason[case] in lines[0]
 
 
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--level", "high"],
+        ["--escalate"],
+        ["--mode", "targeted"],
+        ["--models", "dlib-resnet"],
+        ["--method", "blur"],
+    ],
+)
+def test_how_to_protect_is_refused_with_photos_protected_elsewhere(given, lfw_dir, tmp_path):
+    """``--protected-dir DIR --level high --escalate`` ran with neither (its rows at level "-")."""
+    arguments = ["evaluate", str(lfw_dir / "images"), "--protected-dir", str(tmp_path), *given]
+    result = CliRunner().invoke(main, [*arguments, "--attackers", "dlib-resnet", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert f"{given[0]} says how to protect the photos" in result.output and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("method", ["blur", "cloak"])
 def test_leave_one_out_that_cannot_run_is_refused_not_ignored(method, lfw_dir, tmp_path):
     """``--leave-one-out`` with a blur, or a cloak of one model, gave a report without the

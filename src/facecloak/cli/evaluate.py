@@ -208,6 +208,8 @@ def evaluate(
     from facecloak.report import summary_table, write_html, write_json
 
     _refuse_options_of_other_methods(method)
+    if protected_dir is not None:
+        _refuse_protection_options()
     if cache is None:  # XDG_CACHE_HOME was ignored: the cache went to ~/.cache whatever it said
         from facecloak.models.parsed_cache import facecloak_cache_dir
 
@@ -351,6 +353,22 @@ _METHOD_OPTIONS = {
         ("keep_mouth", "--keep-mouth"),
     ),
 }
+
+
+def _refuse_protection_options() -> None:
+    """With ``--protected-dir`` nothing is protected here: an option saying how was ignored.
+
+    (``--protected-dir DIR --level high --escalate --mode targeted`` ran with none of them, its
+    rows at level "-", and loaded ``--models`` for nothing.)
+    """
+    taken = [("method", "--method"), ("models", "--models")]
+    taken += [option for options in _METHOD_OPTIONS.values() for option in options]
+    for name, flag in taken:
+        if given_on_command_line(name):
+            raise click.UsageError(
+                f"{flag} says how to protect the photos, and with --protected-dir they were protected "
+                "elsewhere: leave it out"
+            )
 
 
 def _refuse_options_of_other_methods(method: str) -> None:

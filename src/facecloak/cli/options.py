@@ -354,7 +354,7 @@ def fallback_option(function: Callable) -> Callable:
         default=REPLACE_FALLBACKS[0],
         show_default=True,
         help="replace: a face no donor mix protects is blurred instead, or keeps its best try "
-        "(reported NOT protected, exit code 1).",
+        "(reported NOT protected; anonymize exits 1).",
     )(function)
 
 
