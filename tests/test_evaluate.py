@@ -341,6 +341,13 @@ def test_summary_table_and_html_render_without_matplotlib_data(lfw_dir, attacker
     at = lines.index("leave-one-out: cloaked without the model, measured on it")
     assert lines[at + 1].startswith("  mobileface left out (cloaked with dlib-resnet,hse-mobilenet), upload")
     assert "protection 0.625" in lines[at + 1]
+    result.settings["finetune"] = {
+        "dlib-cpp": "not fine-tuned: a fixed pipeline",
+        "dlib-resnet": {"pairs": 3},
+    }
+    assert [line for line in summary_table(result).splitlines() if "fine-tuned" in line] == [
+        "note: dlib-cpp not fine-tuned: a fixed pipeline"
+    ]
 
 
 NASTY_NAMES = ["<img src=x onerror=alert(1)><script>alert(1)<\\script>", 'Zoë O\'Brien "Q" & Ñandú 日本']

@@ -448,6 +448,11 @@ def summary_table(result: EvaluationResult) -> str:
         lines.append("".join(f"{_fmt(cell):<{width}}" for cell, (_, _, width) in zip(cells, TEXT_COLUMNS)))
     lines += _missed_probe_notes(result.rows)
     lines += _leave_one_out_lines(result.settings.get("leave_one_out") or [])
+    lines += [  # an attacker with no fine-tuned rows, and why: in the report files alone before
+        f"note: {name} {why}"
+        for name, why in (result.settings.get("finetune") or {}).items()
+        if isinstance(why, str)
+    ]
     lines += [f"upload {name}: {description}" for name, description in _upload_descriptions(result).items()]
     quality = result.quality
     at_level = _quality_level(result)
