@@ -1173,8 +1173,10 @@ def test_a_bank_from_before_a_new_statistic_gets_it_from_its_chips(
     assert loaded.stats.shape == bank.stats.shape
     torch.testing.assert_close(loaded.stats, bank.stats, atol=1e-3, rtol=0)
     assert not loaded._chips, "the chips read for it are not kept"
-    photo = tmp_path / "another_copy.jpg"  # a photo the bank holds already would not be added again
-    shutil.copy(sorted(donor_dir.glob("*.jpg"))[0], photo)
+    photo = tmp_path / "another_copy.png"  # a photo the bank holds, by path or bytes, is not added again
+    from PIL import Image
+
+    Image.open(sorted(donor_dir.glob("*.jpg"))[0]).save(photo)
     add_donors([photo], models, bank=str(old), licence="LFW, research use", detector=detector)
     stored = json.loads((old / "bank.json").read_text())["donors"]
     assert len(stored) == len(bank) + 1
@@ -1947,7 +1949,9 @@ def test_a_donor_renamed_by_hand_does_not_stop_the_bank_taking_donors(
     np.savez(copy / "embeddings.npz", **tables)
     photos = tmp_path / "one"
     photos.mkdir()
-    shutil.copy(sorted(donor_dir.glob("*.jpg"))[0], photos)
+    from PIL import Image  # a photo the bank holds, by path or bytes, is not added again
+
+    Image.open(sorted(donor_dir.glob("*.jpg"))[0]).save(photos / "again.png")
     report = add_donors([photos], models, bank=copy, detector=detector)
     assert report.added == [f"d{DONORS + 1:05d}"] and report.total_donors == DONORS + 1
     assert load_bank(copy).ids[0] == "alice"

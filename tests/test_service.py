@@ -838,6 +838,32 @@ def test_serve_with_a_missing_bank_is_a_one_line_usage_error(tmp_path):
     assert "no donor bank 'no-bank'" in result.output and "facecloak donors add" in result.output
 
 
+def test_serve_refuses_in_one_line_a_bank_replace_refuses(donor_bank, tmp_path):
+    """A bank of a changed card, or with fewer donors than a face mixes, passed `serve`'s checks,
+    and the start-up stopped with a traceback (exit 3) where `anonymize` says one line (exit 2)."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from facecloak.cli import main
+    from facecloak.donor_bank import load_bank
+    from facecloak.donors import remove_donors
+
+    changed = tmp_path / "changed"
+    shutil.copytree(donor_bank, changed)
+    manifest = json.loads((changed / "bank.json").read_text())
+    manifest["models"]["dlib-resnet"]["fingerprint"] = "another card"
+    (changed / "bank.json").write_text(json.dumps(manifest))
+    few = tmp_path / "few"
+    shutil.copytree(donor_bank, few)
+    remove_donors(few, load_bank(few).ids[2:])
+    for bank, said in ((changed, "donors refresh"), (few, "holds 2 usable donor(s), fewer than the 3 a new")):
+        result = CliRunner().invoke(main, ["serve", "--donors", str(bank), "--port", "0", "--device", "cpu"])
+        assert result.exit_code == 2 and said in result.output, result.output
+        assert "Traceback" not in result.output and "--donors-per-face" not in result.output
+
+
 def test_serve_with_an_unknown_model_is_a_one_line_usage_error():
     """``--models nosuch`` started the server, whose workers failed to load it: a 40-line traceback
     from the start-up (exit 3) where every other command says one line (exit 2)."""

@@ -201,19 +201,39 @@ class DonorBank:
             out.append(pixels.clamp(0, 1))
         return torch.stack(out) if out else torch.zeros(0, 3, size, size)
 
-    def check_enough_donors(self, wanted: int) -> None:
+    def check_enough_donors(self, wanted: int, *, option: str | None = "--donors-per-face") -> None:
         """Refuse a bank with fewer usable donors than a face mixes (one line, the way out in it).
 
         Donors cut off by their photo's edge are never used: a bank short of usable ones blurred
-        every face ("no donor set could be used") instead of saying why.
+        every face ("no donor set could be used") instead of saying why. ``option``: the option
+        that asks for fewer, named in the message; None where there is none (the service).
         """
         usable = int(self.usable.sum())
         if usable < wanted:
             cut_off = f" ({len(self) - usable} cut off by their photo's edge)" if usable < len(self) else ""
+            fewer = f"{option} {wanted}" if option else f"the {wanted} a new face mixes"
+            way_out = " or ask for fewer" if option else ""
             raise DonorBankError(
-                f"bank {self.name!r} holds {usable} usable donor(s){cut_off}, fewer than "
-                f"--donors-per-face {wanted}: add donors (`facecloak donors add`) or ask for fewer"
+                f"bank {self.name!r} holds {usable} usable donor(s){cut_off}, fewer than {fewer}: "
+                f"add donors (`facecloak donors add`){way_out}"
             )
+
+    def check_for_replacing(
+        self, model_names: Sequence[str], wanted: int, *, option: str | None = "--donors-per-face"
+    ) -> list[str]:
+        """Before any work: the bank serves faces checked by ``model_names``, ``wanted`` donors each.
+
+        Returns the bank's models not among them (a model removed since the bank was built: its
+        check is not run, which the caller says). Cards alone are read: no model is loaded.
+
+        Raises:
+            DonorBankError: built with other cards for these models, or too few usable donors.
+        """
+        from facecloak.models import get_card
+
+        self.check_models([get_card(name) for name in model_names], exact=False)
+        self.check_enough_donors(wanted, option=option)
+        return [name for name in self.models if name not in model_names]
 
     def check_models(self, models: Sequence[Embedder | FaceModelCard], *, exact: bool = True) -> None:
         """Raise `DonorBankError` unless the bank was built with these models (same cards).

@@ -18,6 +18,7 @@ from facecloak.cli.options import (
     io_options,
     keep_mouth_option,
     ray_option,
+    say_unchecked,
 )
 from facecloak.cli.running import fail_run, finish, run_protection
 from facecloak.defaults import MAX_BLOCKS, MAX_FEATHER, MAX_SEED, MIN_SCALE, MIN_STRENGTH, REGION_SCALE
@@ -214,7 +215,6 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
     from facecloak.donor_bank import load_bank
     from facecloak.errors import DonorBankError
     from facecloak.models import choose_embedders
-    from facecloak.models.registry import get_card
     from facecloak.pipeline import ProtectorSpec
     from facecloak.protection import ReplaceFaces
     from facecloak.replace import DONORS_PER_FACE, REPLACE_MIN_FACE_PX, FaceReplacer
@@ -232,20 +232,15 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
     try:
         bank = load_bank(donor_bank)
         model_names = choose_embedders(None)
-        bank.check_models([get_card(name) for name in model_names], exact=False)  # before any work
-        wanted = replacer_options.get("donors_per_face", DONORS_PER_FACE)
-        bank.check_enough_donors(wanted)  # else found building the replacer: every photo failed, exit 3
+        # before any work: found building the replacer, every photo failed (exit 3)
+        unchecked = bank.check_for_replacing(
+            model_names, replacer_options.get("donors_per_face", DONORS_PER_FACE)
+        )
     except DonorBankError as error:
         fail_run("anonymize", error, io_values, EXIT_USAGE)
     except FacecloakError as error:
         fail_run("anonymize", error, io_values)
-    unchecked = [name for name in bank.models if name not in model_names]
-    if unchecked:  # a model removed since the bank was built: fewer checks, said (it ran without a word)
-        click.echo(
-            f"note: bank {bank.name!r} also holds {', '.join(unchecked)}, which is not registered here: "
-            f"new faces are checked with {', '.join(model_names)} only (`facecloak models` lists them)",
-            err=True,
-        )
+    say_unchecked(bank.name, unchecked, model_names)
     settings = {"donors": str(bank.folder), "min_face": min_face, "models": model_names, **replacer_options}
     spec = ProtectorSpec("replace", settings)
 

@@ -334,6 +334,16 @@ def ray_option(function: Callable) -> Callable:
     )(function)
 
 
+def say_unchecked(bank: str, unchecked: list[str], checked_with: list[str]) -> None:
+    """A note on a bank's models that are not registered here: fewer checks (it ran without a word)."""
+    if unchecked:
+        click.echo(
+            f"note: bank {bank!r} also holds {', '.join(unchecked)}, which is not registered here: "
+            f"new faces are checked with {', '.join(checked_with)} only (`facecloak models` lists them)",
+            err=True,
+        )
+
+
 def donor_margin_option(function: Callable) -> Callable:
     """``--donor-margin``: how strict replace's donor check is (see `facecloak.replace.DONOR_MARGIN`)."""
     return click.option(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, FiniteFloatRange, usable_device
+from facecloak.cli.options import CONTEXT, FiniteFloatRange, say_unchecked, usable_device
 
 
 @click.command(context_settings=CONTEXT)
@@ -210,6 +210,7 @@ def _checked_bank(name: str, models: str | None) -> str:
     from facecloak.donor_bank import load_bank
     from facecloak.errors import FacecloakError
     from facecloak.models import choose_embedders
+    from facecloak.replace import DONORS_PER_FACE
 
     try:
         bank = load_bank(name)
@@ -222,4 +223,9 @@ def _checked_bank(name: str, models: str | None) -> str:
             f"bank {bank.name!r} holds no embeddings of {', '.join(missing)}, which the service checks "
             f"new faces with; run `facecloak donors refresh {bank._called()}`"
         )
+    try:  # a changed card or too few donors stopped the service's start-up with a traceback
+        unchecked = bank.check_for_replacing(served, DONORS_PER_FACE, option=None)
+    except FacecloakError as error:
+        raise click.UsageError(str(error)) from None
+    say_unchecked(bank.name, unchecked, served)
     return str(bank.folder)
