@@ -219,6 +219,10 @@ def test_a_face_no_mix_protects_is_blurred_or_reported_not_protected(bank, model
     assert record["method"] == "blur" and record["protected"] and record["replaced"] is False
     assert "blurred instead" in record["reason"] and "1 tries" in record["reason"]
     assert torch.equal(blurred.images[0], blur_faces(one[0][None], face)[0])
+    # the rejected try's figures are its own, apart: they describe pixels the output does not hold
+    assert "distance_to_original" not in record and "donors" not in record and "redetected" not in record
+    assert record["best_try"]["donors"] and "distance_to_original" in record["best_try"]
+    assert record["box"] == face.to_records()[0]["box"]  # the face's own fields stay
     kept = FaceReplacer(bank, models, detector=detector, attempts=1, margin=3.0, fallback="keep")(one, face)
     assert kept.records[0]["method"] == "replace" and not bool(kept.protected[0])
     assert not torch.equal(kept.images[0], one[0]) and not torch.equal(kept.images[0], blurred.images[0])
@@ -522,7 +526,7 @@ def test_cli_donor_margin_sets_one_margin_for_every_model(data_home, donor_dir, 
     face = report["files"][0]["faces"][0]
     assert face["method"] == "blur" and face["replaced"] is False
     assert "still matches a donor used" in face["reason"]
-    assert face["donor_thresholds"]["dlib-resnet"] == pytest.approx(3.0 * 0.6)
+    assert face["best_try"]["donor_thresholds"]["dlib-resnet"] == pytest.approx(3.0 * 0.6)
     assert report["options"]["donor_margin"] == 3.0
     blur = runner.invoke(main, ["anonymize", photo, "-o", str(tmp_path / "b"), "--donor-margin", "1.1"])
     assert blur.exit_code == 2 and "--donor-margin is for --method replace" in blur.output

@@ -427,15 +427,24 @@ class FaceReplacer:
         """
         failed = [n for n in rows if not records[n]["protected"]]
         crowded = _photos_with_several(faces, rows)
+        face_keys = set(faces.select([0]).to_records()[0]) if len(faces) else set()
         while True:
             if self.fallback == "blur":
                 for n in failed:
                     crops.pop(n, None)
+                    # the rejected try's figures (its distances, donors, re-detection) described
+                    # pixels the output does not hold, beside "protected": true: kept apart
+                    best_try = {
+                        key: records[n].pop(key)
+                        for key in list(records[n])
+                        if key not in face_keys and key not in ("method", "protected", "attempts", "reason")
+                    }
                     records[n].update(
                         method="blur",
                         protected=True,
                         replaced=False,
                         reason=_fallback_reason(records[n]),
+                        best_try=best_try,
                     )
                     i = int(faces.image_index[n])
                     base[i] = blur_faces(base[i][None], faces.select([n]).shifted(-i))[0]
@@ -975,9 +984,10 @@ class FaceReplacer:
             "redetected": redetected,
             "donors": [self.bank.donors[r]["id"] for r in rows],
             "mirrored": list(mirrored),
-            "thresholds": {m.card.name: m.card.match_threshold * self.margin for m in self.models},
+            "thresholds": {m.card.name: round(m.card.match_threshold * self.margin, 6) for m in self.models},
             "donor_thresholds": {
-                m.card.name: m.card.match_threshold * self.donor_margins[m.card.name] for m in self.models
+                m.card.name: round(m.card.match_threshold * self.donor_margins[m.card.name], 6)
+                for m in self.models
             },
         }
         if reason:
