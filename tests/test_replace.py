@@ -223,6 +223,11 @@ def test_a_face_no_mix_protects_is_blurred_or_reported_not_protected(bank, model
     assert "distance_to_original" not in record and "donors" not in record and "redetected" not in record
     assert record["best_try"]["donors"] and "distance_to_original" in record["best_try"]
     assert record["box"] == face.to_records()[0]["box"]  # the face's own fields stay
+    # no set at all: every donor too near the person (here: all, by a look-alike limit of 100
+    # thresholds) was "no donor set could be used", without why or what to do
+    none = FaceReplacer(bank, models, detector=detector, look_alike=100.0)(one, face).records[0]
+    assert none["method"] == "blur" and "far enough from this person" in none["reason"]
+    assert none["reason"].endswith("add donors: blurred instead")
     kept = FaceReplacer(bank, models, detector=detector, attempts=1, margin=3.0, fallback="keep")(one, face)
     assert kept.records[0]["method"] == "replace" and not bool(kept.protected[0])
     assert not torch.equal(kept.images[0], one[0]) and not torch.equal(kept.images[0], blurred.images[0])

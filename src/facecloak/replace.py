@@ -556,7 +556,11 @@ class FaceReplacer:
                     protected=False,
                     redetected=False,
                     attempts=plan.attempts,
-                    reason="no donor set could be used for this face",
+                    reason=(
+                        f"no donor set could be used for this face: fewer than {self.donors_per_face} of "
+                        "the bank's donors are far enough from this person (a look-alike is never used) "
+                        "and whole in their photos; add donors"
+                    ),
                 )
                 crops.pop(n, None)
                 continue
