@@ -151,8 +151,9 @@ def cloak(
     (JND) and DSSIM budget: `mid` is not seen at 100% zoom, `high` is faint. Models the cloak did
     not attack are fooled only part of the time (README: leave-one-out results); attack every
     model you can add. Then each photo is re-encoded as JPEG 75 and detected from scratch:
-    a face whose distance from its own identity does not pass every model's match threshold
-    is reported as NOT protected (exit code 1).
+    a face whose distance from its own identity (untargeted: the mean of the same person's clean
+    photos in its batch, its own photo's face alone with --per-photo) does not pass every model's
+    match threshold is reported as NOT protected (exit code 1).
 
     \b
     facecloak cloak photo.jpg
