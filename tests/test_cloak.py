@@ -533,14 +533,24 @@ def test_changes_pasted_crop_by_crop_equal_the_whole_photo_pasted_and_rounded(
     generator = torch.Generator().manual_seed(0)
     deltas = [torch.randn(b.crops.shape, generator=generator) * 0.05 for b in buckets]
 
-    expected = [image.clone() for image in photos]  # the whole-photo paste the compose step did before
+    # the whole-photo paste: the changes summed, no pixel past the larger of its faces' changes
+    totals = [torch.zeros_like(image) for image in photos]
+    envelopes = [torch.zeros_like(image) for image in photos]
     for bucket, delta in zip(buckets, deltas):
         for row, n in enumerate(bucket.faces.tolist()):
             x0, y0 = (int(v) for v in bucket.origins[row].tolist())
             width, height = (int(v) for v in bucket.sizes[row].tolist())
             change = (bucket.masks * delta)[row, :, :height, :width]
-            expected[int(faces.image_index[n])][:, y0 : y0 + height, x0 : x0 + width] += change
-    expected = [_as_stored(image.clamp_(0, 1)) for image in expected]
+            i, inside = (
+                int(faces.image_index[n]),
+                (slice(None), slice(y0, y0 + height), slice(x0, x0 + width)),
+            )
+            totals[i][inside] += change
+            envelopes[i][inside] = torch.maximum(envelopes[i][inside], change.abs())
+    expected = [
+        _as_stored((image + torch.maximum(torch.minimum(total, envelope), -envelope)).clamp_(0, 1))
+        for image, total, envelope in zip(photos, totals, envelopes)
+    ]
 
     stored = [_as_stored(photo) for photo in photos]
     composed = paste_perturbations(photos, faces, buckets, deltas, unchanged=stored, finish=_as_stored)
@@ -891,3 +901,39 @@ def test_a_stored_as_that_is_not_one_decoder_per_photo_is_one_line(dlib_model, p
     for stored_as in ([None], [None, None, None], "out.jpg", [None, "out.jpg"]):
         with pytest.raises(InvalidInputError, match="stored_as"):
             cloak(photos, centre_faces, stored_as=stored_as)
+
+
+def test_overlapping_faces_changes_add_but_no_pixel_passes_the_larger_of_them():
+    """Two faces whose regions overlap had their changes summed there: 18/255 at `mid`, whose
+    per-pixel cap is 16. Each change is inside its own allowance; where they meet, no pixel now
+    changes more than the larger of the two, and changes of opposite signs still cancel."""
+    from facecloak.cloak.regions import Bucket, paste_perturbations
+    from facecloak.faces import Faces
+
+    photo = torch.full((3, 20, 30), 0.5)
+    faces = Faces(
+        boxes=torch.tensor([[2.0, 2.0, 18.0, 18.0], [12.0, 2.0, 28.0, 18.0]]),
+        scores=torch.ones(2),
+        landmarks=torch.zeros(2, 5, 2),
+        image_index=torch.zeros(2, dtype=torch.long),
+    )
+
+    def bucket(face: int, x0: int) -> Bucket:
+        ones = torch.ones(1, 1, 20, 20)
+        return Bucket(
+            faces=torch.tensor([face]),
+            crops=photo[None, :, :, x0 : x0 + 20].clone(),
+            masks=ones,
+            origins=torch.tensor([[x0, 0]]),
+            sizes=torch.tensor([[20, 20]]),
+            chip_from_crop=[],
+            factors=(),
+        )
+
+    buckets = [bucket(0, 0), bucket(1, 10)]
+    for second, in_both in ((0.05, 0.06), (-0.05, 0.01)):
+        deltas = [torch.full((1, 3, 20, 20), 0.06), torch.full((1, 3, 20, 20), second)]
+        out = paste_perturbations([photo], faces, buckets, deltas)[0] - photo
+        torch.testing.assert_close(out[:, :, :10], torch.full((3, 20, 10), 0.06))
+        torch.testing.assert_close(out[:, :, 10:20], torch.full((3, 20, 10), in_both))
+        torch.testing.assert_close(out[:, :, 20:], torch.full((3, 20, 10), second))
