@@ -130,3 +130,54 @@ def test_cloak_image_given_a_name_instead_of_a_cloak_is_one_line(samples_dir):
     photo = read_image(samples_dir / "astronaut.jpg").pixels
     with pytest.raises(InvalidInputError, match="cloak must be a Cloak .*create_cloak.*got str"):
         cloak_image(photo, "untargeted")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"smoothing": float("nan")},
+        {"diversity": 5.0},
+        {"feather": 5.0},
+        {"feather": float("nan")},
+        {"laggard_weight": -5.0},
+        {"max_dssim": 2.0},
+    ],
+)
+def test_a_cloak_setting_out_of_range_is_refused_before_any_work(settings, dlib_resnet):
+    """The command line's ranges held only there: ``feather=5`` cut the change to nearly nothing,
+    ``feather=nan`` failed after the whole optimisation, NaN smoothing ran on."""
+    from facecloak.cloak import create_cloak
+
+    with pytest.raises(InvalidInputError, match=next(iter(settings))):
+        create_cloak("untargeted", [dlib_resnet], "mid", **settings)
+
+
+def test_wrong_values_for_api_arguments_are_one_line_errors(dlib_resnet):
+    """Model names instead of models, a NaN detector size, a fractional mosaic, records for other
+    faces: an AttributeError, a ValueError, a silent cut, an IndexError."""
+    import torch
+
+    from facecloak.anonymize import pixelate_faces
+    from facecloak.cloak import create_cloak
+    from facecloak.detect import FaceDetector
+    from facecloak.faces import Faces
+
+    for models in ("dlib-resnet", ["dlib-resnet"]):
+        with pytest.raises(InvalidInputError, match="models must be a list of loaded face models"):
+            create_cloak("untargeted", models, "mid")
+    for size in ({"min_size": float("nan")}, {"min_size": 2.5}, {"max_side": float("nan")}):
+        with pytest.raises(InvalidInputError, match="min_size must be a whole number"):
+            FaceDetector(**size)
+    face = Faces(
+        boxes=torch.tensor([[10.0, 10.0, 60.0, 60.0]]),
+        scores=torch.ones(1),
+        landmarks=torch.full((1, 5, 2), 30.0),
+        image_index=torch.zeros(1, dtype=torch.long),
+    )
+    for blocks in (2.5, True):
+        with pytest.raises(InvalidInputError, match="blocks must be a whole number"):
+            pixelate_faces(torch.rand(1, 3, 80, 80), face, blocks=blocks)
+    cloak = create_cloak("untargeted", [dlib_resnet], "low", steps=0, verify=False)
+    result = cloak([torch.rand(3, 80, 80)], face)
+    with pytest.raises(InvalidInputError, match="records need the 1 face"):
+        result.records(Faces.cat([face, face]))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facecloak import transforms
-from facecloak._checks import check_choice, check_faces, check_images
+from facecloak._checks import check_choice, check_faces, check_images, is_whole_number
 from facecloak.defaults import MAX_BLOCKS, MAX_FEATHER, MIN_SCALE, MIN_STRENGTH, REGION_SCALE
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces, check_face_values, face_regions, region_mask
@@ -236,9 +236,12 @@ def check_strength_settings(
             f"strength must be a finite number >= {MIN_STRENGTH} (a weaker blur leaves a recognisable "
             f"face), got {strength}"
         )
-    if blocks is not None and not 1 <= blocks <= MAX_BLOCKS:
+    if blocks is not None and (
+        not is_whole_number(blocks) or isinstance(blocks, bool) or not 1 <= blocks <= MAX_BLOCKS
+    ):
         raise InvalidInputError(
-            f"blocks must be 1 to {MAX_BLOCKS} (a finer mosaic leaves a recognisable face), got {blocks}"
+            f"blocks must be a whole number 1 to {MAX_BLOCKS} (a finer mosaic leaves a recognisable face), "
+            f"got {blocks}"
         )
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from facecloak._checks import check_choice, check_image_list
+from facecloak._checks import check_choice, check_image_list, is_finite_number
 from facecloak._device import default_device
 from facecloak.batch_types import Options
 from facecloak.defaults import DETECT_ROTATIONS, MIN_FACE_PX, MIN_FACE_SCORE, ROTATION_MODES
@@ -117,8 +117,12 @@ class FaceDetector:
     ) -> None:
         if not 0.0 <= min_score <= 1.0:
             raise InvalidInputError(f"min_score must lie in [0, 1], got {min_score}")
-        if min_size < 1 or max_side < 64:
-            raise InvalidInputError("min_size must be >= 1 and max_side >= 64")
+        whole = all(is_finite_number(v) and float(v).is_integer() for v in (min_size, max_side))
+        if not whole or min_size < 1 or max_side < 64:
+            # NaN passed the comparisons and failed in int(); 2.5 was cut to 2 without a word
+            raise InvalidInputError(
+                f"min_size must be a whole number >= 1 and max_side one >= 64, got {min_size!r}, {max_side!r}"
+            )
         self.min_score = float(min_score)
         self.min_size = int(min_size)
         self.max_side = int(max_side)

@@ -382,7 +382,14 @@ class Cloak:
         base_budget = budget if budget is not None else LEVELS[level]
         self.budget = replace(base_budget, **{k: v for k, v in overrides.items() if v is not None})
         _check_budget(self.budget)
-        self.models = list(models)
+        given = [models] if isinstance(models, (str, Embedder)) else list(models)
+        if isinstance(models, (str, Embedder)) or not all(isinstance(m, Embedder) for m in given):
+            # a name was split into its letters, then an AttributeError on the first
+            raise InvalidInputError(
+                "models must be a list of loaded face models (facecloak.models.create_embedder(name)), "
+                f"got {models!r:.80}"
+            )
+        self.models = given
         self.level = level
         if models_per_step is None:
             models_per_step = default_models_per_step(len(self.models))
@@ -391,6 +398,11 @@ class Cloak:
                 f"models_per_step must be in [1, {len(self.models)}], got {models_per_step}"
             )
         self.models_per_step = int(models_per_step)
+        # the command line's ranges: out of them (NaN too) a cloak ran on quietly weakened, or
+        # failed only after its whole optimisation
+        _check_range("diversity", diversity, 0.0, 1.0)
+        _check_range("smoothing", smoothing, 0.0, math.inf)
+        _check_range("feather", feather, 0.0, MAX_CLOAK_FEATHER)
         self.simulator = UploadSimulator(robust_to=tuple(robust_to), diversity=float(diversity))
         self.smoothing = float(smoothing)
         self.update = update
@@ -1287,6 +1299,23 @@ def _check_budget(budget: CloakBudget) -> None:
         value = getattr(budget, name)
         if not is_finite_number(value) or value <= 0:
             raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
+    if budget.max_dssim > MAX_DSSIM_CAP:
+        raise InvalidInputError(
+            f"max_dssim must be at most {MAX_DSSIM_CAP} (the command line's), got {budget.max_dssim!r}"
+        )
+
+
+MAX_DSSIM_CAP = 0.5
+"""The largest DSSIM cap (`--max-dssim`'s): a structure fully changed."""
+MAX_CLOAK_FEATHER = 0.5
+"""The softest mask edge, as a share of the region: beyond it (5.0 was accepted) the feathered
+mask cut the change to nearly nothing."""
+
+
+def _check_range(name: str, value: object, low: float, high: float) -> None:
+    """A finite number in [low, high], or a one-line error naming it (NaN compares False with both)."""
+    if not is_finite_number(value) or not low <= float(value) <= high:
+        raise InvalidInputError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
 
 
 def _check_stored_as(stored_as: object, count: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from facecloak._checks import is_finite_number
 from facecloak.cloak.base import Cloak, PersonReferences
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
@@ -64,6 +65,8 @@ class UntargetedCloak(Cloak):
         """
         super().__init__(models, level, **options)
         self.person_level = bool(person_level)
+        if not is_finite_number(laggard_weight) or laggard_weight < 0:
+            raise InvalidInputError(f"laggard_weight must be a finite number >= 0, got {laggard_weight!r}")
         self.laggard_weight = float(laggard_weight)
         self.people_per_photo = bool(people_per_photo)
         self._references: list[Tensor] | None = None

@@ -28,6 +28,7 @@ from facecloak.defaults import (
 )
 from facecloak.detect import FaceDetector
 from facecloak.embed import embed_chips, face_chips
+from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces, box_iou
 from facecloak.models.registry import Embedder
 from facecloak.turns import face_turns
@@ -149,6 +150,10 @@ def measure_cloaked(
 
 def face_records(result: CloakResult, faces: Faces) -> list[dict]:
     """One JSON-ready dict per face of ``result``, in ``faces`` order."""
+    if len(faces) != len(result.distance):  # more: an IndexError; fewer: records cut short, silently
+        raise InvalidInputError(
+            f"records need the {len(result.distance)} face(s) this result was cloaked with, got {len(faces)}"
+        )
     out = []
     base = faces.to_records()
     for n in range(len(faces)):
