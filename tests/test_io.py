@@ -949,3 +949,36 @@ def test_a_quality_given_for_a_lossless_output_is_said_to_be_unused(tmp_path, sa
     used: dict = {}
     write_image(tmp_path / "out.jpg", image.pixels, source=image, jpeg_quality=80, info=used)
     assert not used.get("notes")
+
+
+def test_heif_without_pillow_heif_is_refused_and_a_heic_photo_says_what_reads_it(
+    monkeypatch, tmp_path, samples_dir
+):
+    """Without the heic extra, ``--format heif`` wrote JPEG files without a word, and an iPhone's
+    .heic photo read "not an image, or an unsupported format"."""
+    from click.testing import CliRunner
+
+    import facecloak.io.files as files
+    import facecloak.io.read as read
+    from facecloak.batch_types import Options
+    from facecloak.cli import main
+    from facecloak.io import output_suffix
+
+    monkeypatch.setattr(read, "HEIF_AVAILABLE", False)
+    monkeypatch.setattr(files, "HEIF_AVAILABLE", False)
+    with pytest.raises(ImageWriteError, match=r"pip install 'facecloak\[heic\]'"):
+        output_suffix("JPEG", "heif")
+    assert output_suffix("HEIF") == ".jpg"  # an input's own format, where none was asked for
+    with pytest.raises(ImageWriteError, match="cannot write GIF"):  # it was a PNG, unsaid
+        output_suffix("JPEG", "gif")
+    photo = str(samples_dir / "astronaut.jpg")
+    result = CliRunner().invoke(main, ["anonymize", photo, "-o", str(tmp_path / "o"), "--format", "heic"])
+    assert result.exit_code == 2 and "heif needs pillow-heif" in result.output, result.output
+    assert not (tmp_path / "o").exists()
+    phone = tmp_path / "IMG_0001.HEIC"
+    phone.write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    with pytest.raises(ImageReadError, match="needs pillow-heif to read"):
+        read_image(phone)
+    for wrong in ({"jpeg_quality": 0}, {"jpeg_quality": 500}, {"max_pixels": -1}, {"chunk": 0}):
+        with pytest.raises(InvalidInputError, match=next(iter(wrong))):
+            Options(**wrong)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from facecloak.defaults import (
     STRONGEST_LEVEL,
     WRITTEN_DSSIM_EXCESS,
 )
-from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, shown_path
+from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, InvalidInputError, shown_path
 
 if TYPE_CHECKING:  # the CLI reads these types before any image is touched: no torch at import
     from facecloak.io import ImageJob
@@ -65,6 +66,28 @@ class Options:
     device: str | None = None
     chunk: int = 8
     jpeg_quality: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse numbers no run can use, as the command line's ranges do.
+
+        A quality of 0 or 500 was taken, and ``max_pixels=-1`` failed every photo as "more than
+        the limit of -1".
+        """
+        if self.jpeg_quality is not None and not (
+            _whole(self.jpeg_quality) and 1 <= self.jpeg_quality <= 100
+        ):
+            raise InvalidInputError(
+                f"jpeg_quality must be a whole number 1 to 100, got {self.jpeg_quality!r}"
+            )
+        if self.max_pixels is not None and not (_whole(self.max_pixels) and self.max_pixels >= 1):
+            raise InvalidInputError(f"max_pixels must be a whole number >= 1, got {self.max_pixels!r}")
+        if not (_whole(self.chunk) and self.chunk >= 1):
+            raise InvalidInputError(f"chunk must be a whole number >= 1, got {self.chunk!r}")
+
+
+def _whole(value: object) -> bool:
+    """An int, not a bool (no torch here: `facecloak._checks` loads it)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass

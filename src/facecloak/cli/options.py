@@ -55,7 +55,17 @@ class FormatChoice(click.Choice):
         """``value`` with an alias replaced by its format's name, then checked as a choice."""
         if isinstance(value, str):
             value = OUTPUT_FORMAT_ALIASES.get(value.lower().lstrip("."), value)
-        return super().convert(value, param, ctx)
+        chosen = super().convert(value, param, ctx)
+        if chosen == "heif" and not _heif_writable():  # it wrote JPEG files without a word
+            self.fail("heif needs pillow-heif: pip install 'facecloak[heic]'", param, ctx)
+        return chosen
+
+
+def _heif_writable() -> bool:
+    """Whether pillow-heif loads here (imported only when HEIF is asked for)."""
+    from facecloak.io.read import HEIF_AVAILABLE
+
+    return HEIF_AVAILABLE
 
 
 class FiniteFloatRange(click.FloatRange):

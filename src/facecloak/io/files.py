@@ -48,8 +48,12 @@ quantise a cloak away."""
 def output_suffix(source_format: str, requested: str | None = None) -> str:
     """The file suffix for an output: the requested format, else the source's (GIF -> PNG)."""
     name = (requested or source_format).upper()
+    if requested and name == "GIF":  # GIF -> PNG is for inputs; asked for, it was written as PNG unsaid
+        raise ImageWriteError("cannot write GIF (its palette would quantise a cloak away): ask for png")
     name = {"JPG": "JPEG", "TIF": "TIFF", "HEIC": "HEIF", "GIF": "PNG", "MPO": "JPEG"}.get(name, name)
     if name == "HEIF" and not HEIF_AVAILABLE:
+        if requested:  # asked for, it was written as JPEG without a word
+            raise ImageWriteError("writing HEIF needs pillow-heif: pip install 'facecloak[heic]'")
         name = "JPEG"
     if name not in OUTPUT_FORMATS:
         raise ImageWriteError(f"unsupported output format {requested or source_format!r}")

@@ -220,7 +220,7 @@ def _read_image(path: Path, limit: int) -> LoadedImage:
     except Image.DecompressionBombError:
         raise _over_limit(f"more pixels than the limit of {limit:,}", path) from None
     except UnidentifiedImageError:
-        raise ImageReadError("not an image, or an unsupported format", path) from None
+        raise ImageReadError(_unidentified(path), path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
     except MemoryError:
@@ -246,6 +246,16 @@ def _frame_count(opened: Image.Image, source_format: str) -> int:
         return max(1, int(getattr(opened, "n_frames", 1)))
     except Exception:  # noqa: BLE001 - a frame past the first is damaged (`PIL_DAMAGE`): the first is still read
         return 1
+
+
+HEIF_SUFFIXES = (".heic", ".heif", ".hif")
+
+
+def _unidentified(path: Path) -> str:
+    """Why Pillow knew no format for ``path``; for an iPhone's HEIC photo, what reads it."""
+    if path.suffix.lower() in HEIF_SUFFIXES and not HEIF_AVAILABLE:
+        return "a HEIC/HEIF photo, which needs pillow-heif to read: pip install 'facecloak[heic]'"
+    return "not an image, or an unsupported format"
 
 
 def probe_image(path: str | Path, *, max_pixels: int | None = None, decode: bool = False) -> str:
@@ -282,7 +292,7 @@ def _probe_image(path: Path, limit: int, decode: bool = False) -> str:
     except Image.DecompressionBombError:
         raise _over_limit(f"more pixels than the limit of {limit:,}", path) from None
     except UnidentifiedImageError:
-        raise ImageReadError("not an image, or an unsupported format", path) from None
+        raise ImageReadError(_unidentified(path), path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageReadError(f"truncated or corrupt image data ({_short(error)})", path) from None
     except Exception as error:  # noqa: BLE001 - see `PIL_DAMAGE`
