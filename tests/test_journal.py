@@ -605,3 +605,31 @@ def test_a_uri_s_output_is_not_taken_for_another_uri_s(tmp_path):
         assert journal.owns("IMG_blur.jpg", source="file:///day1/IMG.jpg")
         assert journal.made_from_another("IMG_blur.jpg", "file:///day2/IMG.jpg") == "IMG.jpg"
         assert not journal.owns("IMG_blur.jpg", source="file:///day2/IMG.jpg")
+
+
+def test_runs_of_two_methods_into_one_folder_each_resume_their_own(three_photos, tmp_path, detector):
+    """The journal held one last record per photo: a blur, then a pixelation, then the blur again
+    into one folder redid every blur (a cloak's minutes each)."""
+    out = tmp_path / "out"
+    blur_batch(three_photos, out, detector)
+    blur_batch(three_photos, out, detector, method="pixelate")
+    again = blur_batch(three_photos, out, detector)
+    assert again.resumed == 3 and "0 done, 3 skipped" in str(again)
+    assert blur_batch(three_photos, out, detector, method="pixelate").resumed == 3
+
+
+def test_an_output_written_again_by_other_settings_is_not_taken_as_done(three_photos, tmp_path, detector):
+    """Two settings that write one output name: the first's record must not pass the second's file,
+    even where both files have the same size."""
+    out = tmp_path / "out"
+    journal_settings = {"method": "blur", "strength": 1}
+    protector = AnonymizeFaces(Anonymizer("blur"))
+    for settings in (journal_settings, {"method": "blur", "strength": 2}):
+        run_resumable_batch(
+            [three_photos], protector, Options(out_dir=str(out)), settings=settings, detector=detector
+        )
+    # the first settings again: their outputs were written over by the second run's
+    first = run_resumable_batch(
+        [three_photos], protector, Options(out_dir=str(out)), settings=journal_settings, detector=detector
+    )
+    assert first.resumed == 0

@@ -123,6 +123,9 @@ class Journal:
         self.settings = settings
         self.fingerprint = settings_fingerprint(settings)
         self._last: dict[str, dict] = {}  # input -> its last record
+        # (input, settings) -> its last record under those settings: runs of other commands into
+        # the same folder (a blur, then a pixelation) no longer undo each other's "done"
+        self._last_by_settings: dict[tuple[str, str | None], dict] = {}
         self._owned: dict[str, dict] = {}  # output -> the last record naming it (ours to replace)
         self._meta: list[dict] = []  # lines that are not about an input (settings)
         self._stream = None
@@ -194,6 +197,7 @@ class Journal:
         for record in _intact_records(data):
             if "input" in record:
                 self._last[record["input"]] = record
+                self._last_by_settings[record["input"], record.get("settings")] = record
                 if record.get("output"):
                     self._owned[record["output"]] = record
             else:
@@ -214,8 +218,10 @@ class Journal:
 
     def done_record(self, relative: str, sha256: str) -> dict | None:
         """The ``done`` record of ``relative`` if it still holds (same input, settings, output intact)."""
-        record = self._last.get(relative)
+        record = self._last_by_settings.get((relative, self.fingerprint))
         if record is None or record.get("event") != "done":
+            return None
+        if self._owned.get(record["output"]) is not record:  # written again since, by other settings
             return None
         if record.get("sha256") != sha256 or record.get("settings") != self.fingerprint:
             return None
@@ -280,6 +286,7 @@ class Journal:
         }
         self._append(record)
         self._last[relative] = record
+        self._last_by_settings[relative, record.get("settings")] = record
         self._owned[output] = record
         return record
 
