@@ -681,3 +681,23 @@ def test_a_photo_without_a_face_is_not_given_the_time_of_its_chunks_faces(tmp_pa
     for report in (plain, journaled):
         seconds = {Path(outcome.path).name: outcome.seconds for outcome in report.outcomes}
         assert seconds["group.jpg"] > 1.6 and seconds["plain.png"] < 0.5 * seconds["group.jpg"], seconds
+
+
+def test_faces_of_a_file_that_failed_are_counted_apart_not_as_not_protected():
+    """A file that failed to write, its face short: "1 face(s) NOT protected:" listed no file, and
+    a failed blur's faces were neither protected nor unprotected in the JSON."""
+    from facecloak.batch_types import BatchReport, FileOutcome
+
+    short = {"protected": False, "models": {}}
+    report = BatchReport(
+        command="cloak",
+        options={},
+        outcomes=[
+            FileOutcome("ro/a.jpg", "failed", faces=[short], error="ro/a.jpg: permission denied"),
+            FileOutcome("b.jpg", "protected", output="b_cloaked.png", faces=[{"protected": True}]),
+        ],
+    )
+    assert report.unprotected_faces == 0 and report.protected_faces == 1 and report.faces_in_failed_files == 1
+    text = str(report)
+    assert "NOT protected" not in text and "2 face(s) found, 1 protected, 1 in files that failed, in" in text
+    assert report.to_dict()["faces_in_failed_files"] == 1

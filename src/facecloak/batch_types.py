@@ -171,8 +171,19 @@ class BatchReport:
 
     @property
     def unprotected_faces(self) -> int:
-        """Faces found whose protection fell short."""
-        return sum(not face.get("protected", True) for outcome in self.outcomes for face in outcome.faces)
+        """Faces whose protection fell short, in an output that was written (as `protected_faces`).
+
+        With a failed file's faces counted, the summary said "1 face(s) NOT protected:" and listed
+        no file: its file is listed among the failed ones (`faces_in_failed_files`).
+        """
+        return sum(
+            not face.get("protected", True) for o in self.outcomes if o.status != "failed" for face in o.faces
+        )
+
+    @property
+    def faces_in_failed_files(self) -> int:
+        """Faces found in files that then failed (not written: protected nowhere)."""
+        return sum(len(o.faces) for o in self.outcomes if o.status == "failed")
 
     @property
     def protected_faces(self) -> int:
@@ -201,7 +212,9 @@ class BatchReport:
         lines = [
             f"{self.command}: {len(self.outcomes)} image(s): {done} done, {skipped} skipped, "
             f"{self.count('failed')} failed; {self.faces} face(s) found, "
-            f"{self.protected_faces} protected, in {self.seconds:.1f} s"
+            f"{self.protected_faces} protected"
+            + (f", {self.faces_in_failed_files} in files that failed" if self.faces_in_failed_files else "")
+            + f", in {self.seconds:.1f} s"
         ]
         lines += self._frames_left_out()
         if self.count("skipped"):
@@ -425,6 +438,7 @@ class BatchReport:
             "faces": self.faces,
             "unprotected_faces": self.unprotected_faces,
             "protected_faces": self.protected_faces,
+            "faces_in_failed_files": self.faces_in_failed_files,
             "no_face_images": self.count("no_face"),
             "failed_files": self.count("failed"),
             "skipped_existing": self.count("skipped"),
