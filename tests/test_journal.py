@@ -166,6 +166,10 @@ def test_a_file_the_journal_does_not_know_is_not_replaced(three_photos, tmp_path
     assert (out / "group_blur.jpg").read_bytes() == b"the user's own file"
     again = blur_batch(three_photos, out, detector)  # the skipped one was "processed now"
     assert again.resumed == 2 and "skipped; 0 processed now" in str(again)
+    (three_photos / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # and so was a failed one
+    broken = blur_batch(three_photos, out, detector)
+    assert broken.count("failed") == 1 and "skipped; 0 processed now" in str(broken)
+    (three_photos / "broken.jpg").unlink()
     # --overwrite replaced it too: a file that is not the photo with its faces changed is refused
     refused = blur_batch(three_photos, out, detector, overwrite=True)
     assert refused.count("protected") == 2 and refused.outcomes[2].status == "failed"

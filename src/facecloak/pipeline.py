@@ -164,8 +164,12 @@ class ResumableReport(BatchReport):
     def __str__(self) -> str:
         text = super().__str__()
         if self.resumed:
-            # files skipped because an output not ours was there were counted as processed now
-            now = sum(not getattr(o, "resumed", False) and o.status != "skipped" for o in self.outcomes)
+            # files skipped because an output not ours was there, and failed files, were counted
+            # as processed now
+            now = sum(
+                not getattr(o, "resumed", False) and o.status not in ("skipped", "failed")
+                for o in self.outcomes
+            )
             text += (
                 f"\n  {self.resumed} file(s) done by an earlier run, skipped; "
                 f"{now} processed now (journal: {self.journal})"
