@@ -481,6 +481,10 @@ def test_models_and_verify_commands(runner, samples_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FACECLOAK_MODELS", str(tmp_path / "models"))
     suggested = runner.invoke(main, ["models"])
     assert f"facecloak models add my-model {(folder / 'net.onnx').resolve()}" in suggested.stdout
+    # a folder that is not there was said to hold no model file not added already
+    monkeypatch.setenv("FACECLOAK_MODELS", str(tmp_path / "no-such-folder"))
+    missing = runner.invoke(main, ["models"])
+    assert "No folder of model files here" in missing.stdout and "not added already" not in missing.stdout
     same = runner.invoke(main, ["verify", str(samples_dir / "astronaut.jpg"), str(samples_dir / "group.jpg")])
     assert same.exit_code in (0, 1) and "match threshold 0.6" in same.stdout
     other = runner.invoke(

@@ -60,10 +60,13 @@ def models(context) -> None:
         "It is checked (loaded and run once) and then usable by name: cloak --models NAME, verify "
         "--model NAME,\nevaluate --attackers NAME. See `facecloak models add --help`."
     )
-    roots = models_search_roots()
-    found = find_model_files(roots)
+    roots = [root for root in models_search_roots() if root.is_dir()]
+    found = find_model_files(roots) if roots else []
     where = " or ".join(str(root) for root in roots)
-    if not found:
+    if not roots:  # it said "no model file under ../shared/models" of a folder that is not there
+        looked = " or ".join(str(root) for root in models_search_roots())
+        click.echo(f"\nNo folder of model files here ({looked}): set FACECLOAK_MODELS to one.")
+    elif not found:
         click.echo(
             f"\nNo model file under {where} that is not added already "
             "(set FACECLOAK_MODELS to look elsewhere)."
