@@ -1018,3 +1018,12 @@ def test_options_that_would_be_ignored_or_nan_are_refused_before_any_work(runner
     assert both.exit_code == 2 and "give only one of them" in both.output
     detected = json.loads(runner.invoke(main, ["detect", photo, "--json"]).stdout)
     assert detected[0]["faces"] and "image_index" not in detected[0]["faces"][0]
+
+
+@pytest.mark.parametrize("command", ["anonymize", "cloak", "evaluate"])
+def test_an_empty_output_folder_is_refused_not_taken_for_the_current_one(
+    runner, samples_dir, tmp_path, command
+):
+    """``-o "$OUT"`` with OUT unset wrote the outputs and a journal into the current folder."""
+    result = runner.invoke(main, [command, str(samples_dir / "astronaut.jpg"), "-o", ""])
+    assert result.exit_code == 2 and "is empty (an unset variable?)" in result.output, result.output

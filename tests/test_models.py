@@ -47,7 +47,10 @@ def test_unknown_model_lists_the_known_ones():
 
 def test_a_models_option_is_read_one_way_everywhere(tmp_path, monkeypatch):
     """`--models` of cloak, anonymize, evaluate and the service all go through choose_embedders."""
-    assert choose_embedders(None) == choose_embedders("") == available_embedders()
+    assert choose_embedders(None) == available_embedders()
+    for nothing in ("", ",", " , "):  # `--models ,` meant every model, without a word
+        with pytest.raises(InvalidInputError, match="no model named"):
+            choose_embedders(nothing)
     monkeypatch.delenv("FACECLOAK_FACENET_CASIA", raising=False)
     # a registered model without its weights here: refused before any photo (it failed each photo)
     with pytest.raises(ModelNotFoundError, match="FACECLOAK_FACENET_CASIA") as info:

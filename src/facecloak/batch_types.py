@@ -347,7 +347,8 @@ class BatchReport:
             return []
         lines = [
             f"  {len(wider)} cloaked face(s) changed more in the written file than as cloaked "
-            "(a JPEG output quantises the change again; --format png writes it as cloaked):"
+            "(a lossy output, JPEG, WebP or HEIF, quantises the change again; --format png writes it "
+            "as cloaked):"
         ]
         lines += [
             f"    {shown_path(path)}: face DSSIM {f['box_dssim_written']:.4f} written, "

@@ -10,6 +10,7 @@ import click
 
 from facecloak.cli.options import (
     CONTEXT,
+    FolderPath,
     donor_margin_option,
     fallback_option,
     finish_option,
@@ -155,7 +156,7 @@ from facecloak.errors import EXIT_USAGE, DonorBankError, FacecloakError, ImageWr
     "-o",
     "--output",
     "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=FolderPath(file_okay=False, path_type=Path),
     required=True,
     help="Report folder.",
 )

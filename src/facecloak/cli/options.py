@@ -68,6 +68,16 @@ def _heif_writable() -> bool:
     return HEIF_AVAILABLE
 
 
+class FolderPath(click.Path):
+    """click's Path, refusing an empty value: ``-o ""`` (an unset ``$OUT``) wrote into the current folder."""
+
+    def convert(self, value, param, ctx):
+        """The path, or a usage error naming the option for an empty one."""
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty (an unset variable?): name a folder, or leave the option out", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class FiniteFloatRange(click.FloatRange):
     """click's FloatRange, refusing NaN and the infinities.
 
@@ -127,7 +137,7 @@ def io_options(function: Callable | None = None, *, cloak: bool = False) -> Call
             "out_dir",
             # a file in its way is the batch's "cannot create the output folder" (exit 3, and the
             # --json document), as for -o file/sub; click's own check gave usage text and exit 2
-            type=click.Path(path_type=Path),
+            type=FolderPath(path_type=Path),
             default=None,
             help="Output folder (the input tree is mirrored under it). Default: beside each input, "
             "as <name>_<tag>.<ext>. Inputs are never overwritten.",

@@ -314,6 +314,8 @@ def choose_embedders(names: str | None) -> list[str]:
     or a model whose weights are not here, fails here, before any photo is read (a model without
     its weights was found only when the batch loaded it, and reported as a failed photo).
     """
+    if names is not None and not split_names(names):  # `--models ,` or "" meant every model, unsaid
+        raise InvalidInputError(f"no model named in {names!r}: name one or more, or leave it out for all")
     wanted = split_names(names) or available_embedders()
     if not wanted:
         raise ModelNotFoundError("no face model is available here; see `facecloak models`")
