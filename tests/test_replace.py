@@ -2101,3 +2101,19 @@ def test_a_donor_photo_copied_under_another_name_is_not_a_second_donor(models, d
     assert again.added == []
     assert again.skipped == [(str(later / "c.jpg"), f"the same photo as donor {report.added[0]}")]
     assert len(load_bank(target)) == 1
+
+
+def test_a_donors_sharp_highlight_is_softened_and_smooth_lighting_kept():
+    """A donor's specular highlight on a nose, set on the target's own lit nose tip, came out as a
+    white blob (L* 100 on a nose of 73) on the samples' group photo."""
+    from facecloak.synthesis import HIGHLIGHT_DETAIL_L, _highlights_softened
+
+    ramp = torch.linspace(40.0, 80.0, 64).expand(64, 64).clone()[None, None]  # smooth lighting
+    assert torch.allclose(_highlights_softened(ramp, 4.0), ramp, atol=0.5)
+    spot = ramp.clone()
+    spot[..., 30:33, 30:33] += 35.0  # a sharp highlight
+    softened = _highlights_softened(spot, 4.0)
+    assert float(softened[..., 31, 31] - ramp[..., 31, 31]) < HIGHLIGHT_DETAIL_L + 0.3 * 35.0
+    dark = ramp.clone()
+    dark[..., 30:33, 30:33] -= 35.0  # a dark detail (a nostril, a lash) is left as it is
+    assert torch.equal(_highlights_softened(dark, 4.0)[..., 31, 31], dark[..., 31, 31])
