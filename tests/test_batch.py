@@ -701,3 +701,19 @@ def test_faces_of_a_file_that_failed_are_counted_apart_not_as_not_protected():
     text = str(report)
     assert "NOT protected" not in text and "2 face(s) found, 1 protected, 1 in files that failed, in" in text
     assert report.to_dict()["faces_in_failed_files"] == 1
+
+
+def test_an_earlier_output_two_photos_share_names_them_both(tmp_path, samples_dir):
+    """b.JPG and b.jpeg both give b_blur.png: the file there was credited to the last one found,
+    which may not be the photo it came from."""
+    from PIL import Image
+
+    shutil.copy(samples_dir / "grace_hopper.jpg", tmp_path / "b.JPG")
+    shutil.copy(samples_dir / "astronaut.jpg", tmp_path / "b.jpeg")
+    Image.open(samples_dir / "grace_hopper.jpg").save(tmp_path / "b_blur.png")
+    plan = plan_batch([tmp_path], "blur", Options(format="png"))
+    reasons = {Path(path).name: reason for path, reason in plan.not_images}
+    assert reasons["b_blur.png"].startswith("the blur output of ")
+    assert (
+        str(tmp_path / "b.JPG") in reasons["b_blur.png"] and str(tmp_path / "b.jpeg") in reasons["b_blur.png"]
+    )

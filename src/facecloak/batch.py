@@ -193,26 +193,31 @@ def _earlier_outputs(
     photo, beside ``x.jpg``): the file must also look like its photo (`io.looks_like`); one that does
     not is an input, and its photo's output then fails as "an input too".
     """
-    targets = {target.resolve(): job.path for job, target in planned}
-    beside = {(job.path.parent.resolve(), job.path.stem): job.path for job, _ in planned}
+    # every photo a name may come from: two (b.JPG, b.jpeg) share an output, and the last one
+    # was named its source alone, though the file may be the other's
+    targets: dict[Path, list[Path]] = {}
+    beside: dict[tuple[Path, str], list[Path]] = {}
+    for job, target in planned:
+        targets.setdefault(target.resolve(), []).append(job.path)
+        beside.setdefault((job.path.parent.resolve(), job.path.stem), []).append(job.path)
     earlier: dict[Path, str] = {}
     for job, _ in planned:
         if job.named:
             continue
-        source = targets.get(job.path.resolve(), job.path)
-        output_tag = tag if source != job.path else None
+        sources = [path for path in targets.get(job.path.resolve(), []) if path != job.path]
+        output_tag = tag if sources else None
         if output_tag is None:  # not this command's: any command's output of a photo beside it
             for other in OUTPUT_TAGS:
                 stem = job.path.stem.removesuffix(f"_{other}")
-                source = beside.get((job.path.parent.resolve(), stem), job.path)
-                if stem != job.path.stem and source != job.path:
-                    output_tag = other
+                found = [p for p in beside.get((job.path.parent.resolve(), stem), []) if p != job.path]
+                if stem != job.path.stem and found:
+                    output_tag, sources = other, found
                     break
         an_output = output_tag is not None and (
-            not overwrite or io.looks_like(job.path, source, max_pixels=max_pixels)
+            not overwrite or any(io.looks_like(job.path, source, max_pixels=max_pixels) for source in sources)
         )
         if an_output:
-            earlier[job.path] = f"the {output_tag} output of {source}"
+            earlier[job.path] = f"the {output_tag} output of {' or '.join(str(p) for p in sources)}"
     return earlier
 
 
