@@ -1520,8 +1520,15 @@ def test_a_reports_settings_can_be_sent_back_as_they_are(in_process, samples_dir
     refused as an unknown field: a client could not repeat a request from its report."""
     photo = {"image": ("g.jpg", (samples_dir / "grace_hopper.jpg").read_bytes())}
     data = {"method": "pixelate", "mask_scale": "1.5", "rotations": "none", "response": "json"}
+    data |= {"format": "webp", "jpeg_quality": "50", "threshold": "0.95", "min_face": "30"}
     settings = in_process.post("/v1/anonymize", files=photo, data=data).json()["settings"]
     assert settings["mask_scale"] == 1.5 and "scale" not in settings
-    again = {key: str(value) for key, value in settings.items()} | {"rotations": "none", "response": "json"}
-    answer = in_process.post("/v1/anonymize", files=photo, data=again)
+    # the photo's own fields too: a repeat gave a JPEG and looked for faces otherwise
+    assert settings["format"] == "webp" and settings["jpeg_quality"] == 50 and settings["min_face"] == 30
+    assert settings["rotations"] == "none" and settings["threshold"] == 0.95
+    again = {
+        key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in settings.items()
+    }
+    answer = in_process.post("/v1/anonymize", files=photo, data=again | {"response": "json"})
     assert answer.status_code == 200 and answer.json()["settings"] == settings
+    assert answer.json()["content_type"] == "image/webp"

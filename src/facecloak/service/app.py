@@ -175,6 +175,22 @@ class CommonForm:
         self.rotations = rotations
         self.response = response
 
+    def settings(self) -> dict:
+        """The fields that shape the output, as a report's ``settings`` names them.
+
+        They were left out, so a request repeated from its report gave another format and looked
+        for faces otherwise.
+        """
+        fields = {
+            "format": self.format,
+            "jpeg_quality": self.jpeg_quality,
+            "keep_metadata": self.keep_metadata,
+            "threshold": self.threshold,
+            "min_face": self.min_face,
+            "rotations": self.rotations,
+        }
+        return {name: value for name, value in fields.items() if value is not None}  # None: the default
+
 
 _LEVEL_CAPS = "DSSIM cap over the face " + " / ".join(f"{name} {LEVELS[name].max_dssim}" for name in LEVELS)
 
@@ -345,9 +361,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                     # a targeted cloak's identity key is a per-person secret: a report kept or
                     # logged beside the photo held it in clear (the CLI's report leaves it out)
                     "settings": {
-                        FORM_NAMES.get(key, key): (list(v) if isinstance(v, tuple) else v)
-                        for key, v in params.items()
-                        if key != "identity_key"
+                        **{
+                            FORM_NAMES.get(key, key): (list(v) if isinstance(v, tuple) else v)
+                            for key, v in params.items()
+                            if key != "identity_key"
+                        },
+                        **common.settings(),
                     },
                 }
             )
