@@ -549,6 +549,23 @@ def test_a_repeated_field_is_refused_naming_it(service, samples_dir, endpoint, f
     assert body["error"] == "repeated_field" and f"more than once: {field};" in body["reason"], body
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "data"),
+    [
+        ("/v1/cloak", {"level": "", "steps": "0"}),
+        ("/v1/cloak", {"models": " "}),
+        ("/v1/anonymize", {"method": ""}),
+    ],
+)
+def test_an_empty_field_is_refused_not_read_as_its_default(service, samples_dir, endpoint, data):
+    """``-F level=$LEVEL`` with LEVEL unset was answered at mid, ``models=`` with every model."""
+    url, _, _ = service
+    photo = (samples_dir / "grace_hopper.jpg").read_bytes()
+    answer = httpx.post(f"{url}{endpoint}", files={"image": ("g.jpg", photo)}, data=data, timeout=120)
+    assert answer.status_code == 422, answer.text
+    assert f"sent empty: {next(iter(data))};" in answer.json()["reason"]
+
+
 def test_a_face_short_at_the_strongest_level_is_not_told_to_go_higher(service, samples_dir):
     """At ``high`` (with escalate on, as the page sends it) there is no higher level to try and
     nothing to escalate to: the reason said "try a higher level, or escalate" all the same."""

@@ -677,6 +677,16 @@ def _checked_fields(known: set[str]) -> Callable[[Request], Awaitable[None]]:
             )
         if "image" in sent:  # without it the validation's "missing the field 'image'" says more
             _reject_unknown_fields(set(sent), known)
+        # FastAPI reads an empty value as the default: `-F level=$LEVEL` with LEVEL unset got mid
+        empty = sorted(
+            name for name, value in form.multi_items() if isinstance(value, str) and not value.strip()
+        )
+        if empty:
+            raise UploadRejected(
+                422,
+                "invalid_option",
+                f"form field(s) sent empty: {', '.join(empty)}; leave a field out for its default",
+            )
 
     return check
 
