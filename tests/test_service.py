@@ -1549,3 +1549,19 @@ def test_a_reports_settings_can_be_sent_back_as_they_are(in_process, samples_dir
     answer = in_process.post("/v1/anonymize", files=photo, data=again | {"response": "json"})
     assert answer.status_code == 200 and answer.json()["settings"] == settings
     assert answer.json()["content_type"] == "image/webp"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "data"),
+    [
+        ("/v1/anonymize", {"method": "mask", "mask_scale": "nan"}),
+        ("/v1/anonymize", {"method": "blur", "threshold": "nan"}),
+        ("/v1/anonymize", {"method": "blur", "strength": "inf"}),
+        ("/v1/cloak", {"max_dssim": "nan", "steps": "0"}),
+    ],
+)
+def test_a_nan_option_is_refused_as_not_a_number(in_process, samples_dir, endpoint, data):
+    """``mask_scale=nan`` was refused as "should be less than or equal to 4", a range it did not break."""
+    photo = {"image": ("g.jpg", (samples_dir / "grace_hopper.jpg").read_bytes())}
+    answer = in_process.post(endpoint, files=photo, data=data)
+    assert answer.status_code == 422 and "should be a finite number" in answer.json()["reason"], answer.text

@@ -151,7 +151,9 @@ class CommonForm:
         keep_metadata: Annotated[
             bool, Form(description="Keep EXIF minus GPS. Default: drop all EXIF (as the CLI).")
         ] = False,
-        threshold: Annotated[float, Form(ge=0, le=1, description="Detection confidence.")] = MIN_FACE_SCORE,
+        threshold: Annotated[
+            float, Form(allow_inf_nan=False, ge=0, le=1, description="Detection confidence.")
+        ] = MIN_FACE_SCORE,
         min_face: Annotated[
             int, Form(ge=4, description="Smallest face side looked for, in pixels.")
         ] = MIN_FACE_PX,
@@ -399,15 +401,24 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             Literal["ellipse", "box"] | None, Form(description="Region shape [ellipse].")
         ] = None,
         mask_scale: Annotated[
-            float | None, Form(ge=MIN_SCALE, le=4.0, description="Region size relative to the box [1.3].")
+            float | None,
+            Form(
+                allow_inf_nan=False,
+                ge=MIN_SCALE,
+                le=4.0,
+                description="Region size relative to the box [1.3].",
+            ),
         ] = None,
         strength: Annotated[
-            float | None, Form(ge=MIN_STRENGTH, le=2.0, description="blur sigma / face size.")
+            float | None,
+            Form(allow_inf_nan=False, ge=MIN_STRENGTH, le=2.0, description="blur sigma / face size."),
         ] = None,
         blocks: Annotated[
             int | None, Form(ge=1, le=MAX_BLOCKS, description="pixelate: blocks across the face.")
         ] = None,
-        feather: Annotated[float | None, Form(ge=0, le=MAX_FEATHER, description="Soft edge.")] = None,
+        feather: Annotated[
+            float | None, Form(allow_inf_nan=False, ge=0, le=MAX_FEATHER, description="Soft edge.")
+        ] = None,
         keep_mouth: Annotated[
             bool, Form(description="replace: keep the person's own lips, replace the rest.")
         ] = False,
@@ -460,7 +471,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         ] = None,
         identity_key: Annotated[str | None, Form(description="targeted: a per-person secret.")] = None,
         steps: Annotated[int | None, Form(ge=0, description="Most steps per face [level's default].")] = None,
-        max_dssim: Annotated[float | None, Form(ge=0.0001, le=0.5, description="DSSIM cap.")] = None,
+        max_dssim: Annotated[
+            float | None, Form(allow_inf_nan=False, ge=0.0001, le=0.5, description="DSSIM cap.")
+        ] = None,
         seed: Annotated[
             int,
             Form(
@@ -501,7 +514,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def detect(
         request: Request,
         image: Annotated[UploadFile, File(description="The photo.")],
-        threshold: Annotated[float, Form(ge=0, le=1, description="Detection confidence.")] = MIN_FACE_SCORE,
+        threshold: Annotated[
+            float, Form(allow_inf_nan=False, ge=0, le=1, description="Detection confidence.")
+        ] = MIN_FACE_SCORE,
         min_face: Annotated[
             int, Form(ge=4, description="Smallest face side looked for, in pixels.")
         ] = MIN_FACE_PX,
