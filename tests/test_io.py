@@ -560,6 +560,15 @@ class TestWhatTheOutputCannotHold:
         info = {}
         write_image(tmp_path / f"flat{suffix}", flat.pixels, source=flat, info=info)
         assert info["alpha_flattened"] == "white"
+        # an RGBA file with every pixel opaque loses nothing: it was said to lose its transparency
+        Image.fromarray(np.dstack([gradient(), np.full((48, 64), 255, np.uint8)]), "RGBA").save(
+            tmp_path / "o.png"
+        )
+        opaque = read_image(tmp_path / "o.png")
+        assert not for_output(opaque, tmp_path / f"out{suffix}").flattened
+        info = {}
+        write_image(tmp_path / f"opaque{suffix}", opaque.pixels, source=opaque, info=info)
+        assert "alpha_flattened" not in info and not info.get("notes")
 
     @pytest.mark.skipif(not HEIF_AVAILABLE, reason="pillow-heif not installed")
     def test_heic_keeps_transparency(self, tmp_path):

@@ -497,8 +497,17 @@ def for_output(
     if image.alpha is None or not format_name or format_name.upper() in ALPHA_FORMATS:
         return image
     return dataclasses.replace(
-        image, pixels=over_white(image.pixels, image.alpha), alpha=None, flattened=True
+        image, pixels=over_white(image.pixels, image.alpha), alpha=None, flattened=_see_through(image.alpha)
     )
+
+
+def _see_through(alpha: Tensor) -> bool:
+    """Whether an alpha plane makes any pixel transparent at all.
+
+    An opaque RGBA file (every alpha 255) loses nothing to white; its output said it had lost its
+    transparency.
+    """
+    return bool((alpha < 1).any())
 
 
 def _note_what_is_left_out(source: LoadedImage, format_name: str, info: dict) -> None:
@@ -559,7 +568,7 @@ def encode_image(
     _check_source(source)
     if source is not None and source.alpha is not None and format_name not in ALPHA_FORMATS:
         pixels = over_white(pixels, source.alpha)
-        source = dataclasses.replace(source, alpha=None, flattened=True)
+        source = dataclasses.replace(source, alpha=None, flattened=_see_through(source.alpha))
     if source is not None:
         _note_what_is_left_out(source, format_name, info)
     if jpeg_quality is not None and format_name not in LOSSY_FORMATS:
