@@ -1565,3 +1565,12 @@ def test_a_nan_option_is_refused_as_not_a_number(in_process, samples_dir, endpoi
     photo = {"image": ("g.jpg", (samples_dir / "grace_hopper.jpg").read_bytes())}
     answer = in_process.post(endpoint, files=photo, data=data)
     assert answer.status_code == 422 and "should be a finite number" in answer.json()["reason"], answer.text
+
+
+def test_face_records_carry_no_image_index(in_process, samples_dir):
+    """Every face of every answer said ``"image_index": 0``: one photo a request (the CLI's JSON
+    dropped the field)."""
+    photo = {"image": ("g.jpg", (samples_dir / "group.jpg").read_bytes())}
+    for endpoint, data in (("/v1/detect", {}), ("/v1/anonymize", {"method": "blur", "response": "json"})):
+        faces = in_process.post(endpoint, files=photo, data=data).json()["faces"]
+        assert len(faces) == 4 and all("image_index" not in face for face in faces), endpoint

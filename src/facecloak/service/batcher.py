@@ -254,8 +254,12 @@ class Engine:
 
 
 def _records_of(records: list[dict], faces: Faces, k: int) -> list[dict]:
+    """Upload ``k``'s face records, without ``image_index``.
+
+    One photo a request: it was always 0 (the command line's detect/embed JSON dropped it too).
+    """
     return [
-        dict(record, image_index=0)
+        {key: value for key, value in record.items() if key != "image_index"}
         for record, index in zip(records, faces.image_index.tolist())
         if index == k
     ]
