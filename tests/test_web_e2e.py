@@ -354,3 +354,26 @@ def test_the_summary_names_photos_not_protected_and_without_a_face(browser, page
         "Done: 2 of 2 photos ready. Of those: 1 with a face NOT protected, "
         "1 with no face found (left unchanged)."
     )
+
+
+STUB_NO_WORKER = """
+const real = window.fetch;
+window.fetch = (url, options) => String(url).includes("v1/")
+  ? Promise.resolve(new Response(JSON.stringify({error: "no_model_worker", status: 503,
+      reason: "no model worker is running: see GET /healthz"}),
+      {status: 503, headers: {"Content-Type": "application/json"}}))
+  : real(url, options);
+"""
+
+
+def test_a_503_without_retry_after_is_shown_at_once_not_retried_as_busy(browser, page_url, samples_dir):
+    """The page retried every 503 five times, 2 s apart, then said "the service stayed busy", also
+    for "no model worker is running", which sends no Retry-After: only a full queue says to wait."""
+    browser.get(page_url + "/")
+    browser.execute_script(STUB_NO_WORKER)
+    browser.find_element(By.ID, "file-input").send_keys(str(samples_dir / "grace_hopper.jpg"))
+    browser.find_element(By.CSS_SELECTOR, "input[name=method][value=blur]").click()
+    browser.find_element(By.ID, "protect-button").click()
+    WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "status").text.startswith("Done"))
+    reason = browser.find_element(By.CSS_SELECTOR, "#results .card .faces").text
+    assert "no model worker is running" in reason and "stayed busy" not in reason

@@ -167,7 +167,9 @@ async function protect(file, card, settings, ready) {
     } catch (error) {
       return fail(card, "the service could not be reached");
     }
-    if (response.status === 503) {
+    // only a full queue says when to come back; a 503 without Retry-After (no model worker) is
+    // final: retried five times, it ended as "the service stayed busy" instead of its reason
+    if (response.status === 503 && response.headers.get("Retry-After")) {
       const wait = Number(response.headers.get("Retry-After") || 2);
       setBadge(card, `Busy, retrying in ${wait} s`, "warn");
       await new Promise((resolve) => setTimeout(resolve, wait * 1000));
