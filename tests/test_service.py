@@ -1574,3 +1574,22 @@ def test_face_records_carry_no_image_index(in_process, samples_dir):
     for endpoint, data in (("/v1/detect", {}), ("/v1/anonymize", {"method": "blur", "response": "json"})):
         faces = in_process.post(endpoint, files=photo, data=data).json()["faces"]
         assert len(faces) == 4 and all("image_index" not in face for face in faces), endpoint
+
+
+def test_a_keyed_services_api_description_names_the_key(tmp_path):
+    """With --api-keys, /docs had no field for the key: every "Try it out" got 401."""
+    from fastapi.testclient import TestClient
+
+    from facecloak.service import ServiceSettings, create_app
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("secret\n")
+    with TestClient(
+        create_app(ServiceSettings(device="cpu", preload=False, api_keys_file=str(keys)))
+    ) as client:
+        schema = client.get("/openapi.json").json()
+    assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert schema["paths"]["/v1/cloak"]["post"]["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert "security" not in schema["paths"]["/v1/info"]["get"]
+    with TestClient(create_app(ServiceSettings(device="cpu", preload=False))) as client:
+        assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})

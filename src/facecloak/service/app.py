@@ -269,6 +269,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     keys = settings.api_keys()
     if keys:  # /v1/ (but /v1/info) and /metrics
         app.add_middleware(ApiKeyAuth, keys=keys, on_refusal=refused)
+        _document_api_keys(app)
     allowed_hosts = None if settings.allowed_hosts is None else frozenset(settings.allowed_hosts)
     app.add_middleware(
         SameSiteOnly, hosts=allowed_hosts, origins=frozenset(settings.cors_origins), on_refusal=refused
@@ -663,6 +664,29 @@ async def _wait(future, timeout_s: float, request: Request | None = None) -> Job
             "internal_error",
             f"the service failed on this photo ({type(error).__name__}); the error is in its log",
         ) from None
+
+
+def _document_api_keys(app: FastAPI) -> None:
+    """Name the API key in the API's description, so that /docs can send it ("Authorize").
+
+    Without it every "Try it out" of a keyed service got 401, and /docs had no field for the key.
+    """
+    described = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = described()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith("/v1/") and path != "/v1/info":
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}, {"apiKey": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _checked_fields(known: set[str]) -> Callable[[Request], Awaitable[None]]:
