@@ -637,3 +637,43 @@ def test_an_output_written_again_by_other_settings_is_not_taken_as_done(three_ph
         [three_photos], protector, Options(out_dir=str(out)), settings=journal_settings, detector=detector
     )
     assert first.resumed == 0
+
+
+def test_a_batch_leaves_alone_a_write_in_progress_beside_its_photos_below(tmp_path):
+    """Opening ``-o .`` removed the temporary file a run writing beside its photos, in a folder
+    below without a journal, was writing at that moment: that photo failed ("could not write")."""
+    import fcntl
+    import threading
+
+    from facecloak.io.write import write_bytes_atomic
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    writing = photos / ".facecloak-live.jpg"
+    with open(writing, "wb") as live:  # a live write holds its temporary file locked
+        fcntl.flock(live.fileno(), fcntl.LOCK_EX)
+        crashed = photos / ".facecloak-dead.jpg"
+        crashed.write_bytes(b"left by a killed run")
+        with Journal(tmp_path, {"method": "blur"}):
+            pass
+        assert writing.exists() and not crashed.exists()
+    # and a real write holds its file from creation to rename while journals open beside it
+    stop, failures = threading.Event(), []
+
+    def open_journals() -> None:
+        while not stop.is_set():
+            with Journal(tmp_path, {"method": "blur"}):
+                pass
+
+    opener = threading.Thread(target=open_journals)
+    opener.start()
+    try:
+        for k in range(300):
+            try:
+                write_bytes_atomic(photos / f"out{k}.jpg", b"x" * 20000)
+            except Exception as error:  # noqa: BLE001 - counted: the test names them
+                failures.append(str(error))
+    finally:
+        stop.set()
+        opener.join()
+    assert not failures, failures[:3]

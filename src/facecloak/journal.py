@@ -214,7 +214,7 @@ class Journal:
             subfolders[:] = [name for name in subfolders if not (Path(folder, name) / JOURNAL_NAME).exists()]
             for name in files:
                 if name.startswith(TEMPORARY_PREFIX) and name != JOURNAL_NAME:
-                    Path(folder, name).unlink(missing_ok=True)
+                    _remove_if_left_over(Path(folder, name))
 
     def done_record(self, relative: str, sha256: str) -> dict | None:
         """The ``done`` record of ``relative`` if it still holds (same input, settings, output intact)."""
@@ -347,3 +347,27 @@ def _intact_records(data: bytes) -> Iterator[dict]:
             continue
         if _intact(record):  # a damaged line that still parses (``1``, ``[]``): not ours
             yield record
+
+
+def _remove_if_left_over(path: Path) -> None:
+    """Remove a temporary file a crashed write left, never one a live run is writing.
+
+    Its writer locks it until the rename (`facecloak.io.write.write_bytes_atomic`): without that
+    test, a run beside this one (writing beside its inputs, in a folder below ``-o``) lost the file
+    it was writing and failed the photo.
+    """
+    if fcntl is None:  # no flock (Windows): by its name alone, as before
+        path.unlink(missing_ok=True)
+        return
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # renamed into place meanwhile, or not ours to read
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # being written
+        return
+    else:
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(descriptor)

@@ -597,6 +597,15 @@ def encode_image(
     return buffer.getvalue()
 
 
+def _hold_while_written(descriptor: int) -> None:
+    """Lock a temporary file while it is written (`facecloak.journal` leaves a locked one alone)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): a leftover is told by its name alone, as before
+        return
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+
+
 def write_bytes_atomic(
     path: str | Path,
     data: bytes,
@@ -618,11 +627,14 @@ def write_bytes_atomic(
         raise ImageWriteError(f"could not write ({_short(error)})", path) from None
     try:
         with os.fdopen(handle, "wb") as stream:
+            # held until the rename: a batch opening its journal removes the temporary files a
+            # crash left behind, and took this run's, still being written, for one of them
+            _hold_while_written(stream.fileno())
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, path)
+            os.chmod(temporary, 0o666 & ~_current_umask())
+            os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
         raise ImageWriteError(f"could not write ({_short(error)})", path) from None
