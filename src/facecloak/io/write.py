@@ -597,13 +597,26 @@ def encode_image(
     return buffer.getvalue()
 
 
-def _hold_while_written(descriptor: int) -> None:
-    """Lock a temporary file while it is written (`facecloak.journal` leaves a locked one alone)."""
+def _locked_temporary_file(folder: Path, suffix: str) -> tuple[int, str]:
+    """A new temporary file in ``folder``, locked until it is closed.
+
+    A batch opening its journal removes the temporary files a crash left behind
+    (`facecloak.journal`), and took a live write's for one. Between its creation and its lock,
+    such a batch may still remove it: the lock is then on a file no longer there (no link left),
+    and another is made.
+    """
     try:
         import fcntl
     except ImportError:  # no flock (Windows): a leftover is told by its name alone, as before
-        return
-    fcntl.flock(descriptor, fcntl.LOCK_EX)
+        fcntl = None
+    while True:
+        handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=suffix, dir=folder)
+        if fcntl is None:
+            return handle, temporary
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if os.fstat(handle).st_nlink > 0:
+            return handle, temporary
+        os.close(handle)
 
 
 def write_bytes_atomic(
@@ -622,14 +635,11 @@ def write_bytes_atomic(
     _check_target(path, protected, overwrite)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".facecloak-", suffix=path.suffix, dir=path.parent)
+        handle, temporary = _locked_temporary_file(path.parent, path.suffix)
     except OSError as error:
         raise ImageWriteError(f"could not write ({_short(error)})", path) from None
     try:
-        with os.fdopen(handle, "wb") as stream:
-            # held until the rename: a batch opening its journal removes the temporary files a
-            # crash left behind, and took this run's, still being written, for one of them
-            _hold_while_written(stream.fileno())
+        with os.fdopen(handle, "wb") as stream:  # locked until the rename (`_locked_temporary_file`)
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
