@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io as io_module
 import json
+import os
 import shutil
 import struct
 import zlib
@@ -643,6 +644,11 @@ class TestPaths:
         assert set(reasons) == {".h.jpg", "y.png", "gone.jpg"}, reasons
         assert reasons[".h.jpg"].startswith("hidden") and reasons["y.png"].startswith("hidden")
         assert "broken link" in reasons["gone.jpg"]
+        # a pipe named like a photo was dropped without a word
+        os.mkfifo(tmp_path / "pipe.jpg")
+        jobs, skipped = collect_images([tmp_path])
+        assert [job.path.name for job in jobs] == ["a.jpg"]
+        assert dict((path.name, why) for path, why in skipped)["pipe.jpg"].startswith("not a regular file")
 
     def test_output_folder_equal_to_the_input_folder_is_walked(self, tmp_path):
         (tmp_path / "a.jpg").write_bytes(b"x")

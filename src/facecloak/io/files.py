@@ -142,7 +142,8 @@ def collect_images(
             mirrored = _folder_name(given) if len(paths) > 1 else Path()
             # rglob does not go into a symlink to a folder: said, so its photos are not silently left
             # (and a link whose target is gone is listed with the files: said, not dropped)
-            found = sorted(p for p in given.rglob("*") if p.is_file() or p.is_symlink())
+            # (and a pipe, socket or device is listed too: it was dropped without a word)
+            found = sorted(p for p in given.rglob("*") if p.is_symlink() or not p.is_dir())
             # outputs of -o runs into folders under this one, from the journals this walk passes
             earlier = _journaled_outputs(file for file in found if file.name == JOURNAL_NAME)
             for file in found:
@@ -172,6 +173,8 @@ def collect_images(
                     skipped.append((file, "a broken link: its target is missing"))
                 elif file.suffix.lower() not in IMAGE_SUFFIXES:
                     skipped.append((file, "not an image suffix"))
+                elif not file.is_file():
+                    skipped.append((file, "not a regular file (a pipe, socket or device): not read"))
                 elif resolved in seen:  # a photo already taken (a symlink to it): one input, named
                     first = jobs[seen[resolved]].path
                     if not _same_path(first, file):
