@@ -1593,3 +1593,10 @@ def test_a_keyed_services_api_description_names_the_key(tmp_path):
     assert "security" not in schema["paths"]["/v1/info"]["get"]
     with TestClient(create_app(ServiceSettings(device="cpu", preload=False))) as client:
         assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
+
+
+def test_health_and_docs_answer_head_as_the_page_does(in_process):
+    """``HEAD /healthz`` (a load balancer's check) and ``HEAD /docs`` answered 405; only ``/`` took HEAD."""
+    for path in ("/", "/healthz", "/docs"):
+        answer = in_process.head(path)
+        assert answer.status_code == 200, (path, answer.status_code)

@@ -530,7 +530,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         common = CommonForm(threshold=threshold, min_face=min_face, rotations=rotations)
         return await protect(request, "detect", image, {}, common)
 
-    @app.get("/healthz", tags=["service"])
+    @app.api_route("/healthz", methods=["GET", "HEAD"], tags=["service"])  # HEAD: load balancers
     async def healthz() -> JSONResponse:
         """Liveness and readiness: model workers running (503 when none is), queue depth."""
         workers = batcher.alive
@@ -934,7 +934,7 @@ def _add_docs(app: FastAPI) -> None:
 
         app.mount("/docs-assets", StaticFiles(directory=swagger), name="docs-assets")
 
-        @app.get("/docs", include_in_schema=False)
+        @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
         async def docs() -> HTMLResponse:
             # relative to /docs, as the page's: behind a path prefix /openapi.json lies outside it
             return get_swagger_ui_html(
@@ -946,6 +946,6 @@ def _add_docs(app: FastAPI) -> None:
             )
     else:  # pragma: no cover
 
-        @app.get("/docs", include_in_schema=False)
+        @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
         async def docs() -> HTMLResponse:
             return HTMLResponse('<p>The API is described in <a href="openapi.json">openapi.json</a>.</p>')
