@@ -23,7 +23,6 @@ facecloak ships none and downloads none.
 from __future__ import annotations
 
 import datetime as _datetime
-import hashlib
 import io as io_bytes
 import json
 import os
@@ -56,6 +55,7 @@ from facecloak.donor_bank import (
 from facecloak.embed import embed_faces
 from facecloak.errors import DonorBankError, FacecloakError, ImageReadError, ImageWriteError
 from facecloak.faces import Faces
+from facecloak.journal import file_sha256
 from facecloak.models.registry import Embedder
 from facecloak.synthesis import (
     CHIP_SIZE_PX,
@@ -214,7 +214,10 @@ def _add_donors(
             continue
         try:
             image = io.read_image(job.path)
-            digest = _file_digest(job.path)
+            digest = file_sha256(job.path)
+        except OSError as error:  # read a moment ago: gone or unreadable since
+            report.failed.append((str(job.path), str(ImageReadError(error.strerror or str(error), job.path))))
+            continue
         except FacecloakError as error:
             report.failed.append((str(job.path), str(error)))
             continue
@@ -326,14 +329,6 @@ def bank_lock(folder: Path) -> Iterator[Path | None]:
             yield path
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _file_digest(path: Path) -> str:
-    """SHA-256 of a photo's bytes: the same photo under another name is known as such."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError as error:  # read a moment ago: gone or unreadable since
-        raise ImageReadError(error.strerror or str(error), path) from None
 
 
 def _write_detail_chip(folder: Path, donor_id: str, pixels: Tensor, face: Faces) -> None:
