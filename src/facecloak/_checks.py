@@ -23,6 +23,16 @@ def is_finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_range(name: str, value: object, low: float, high: float) -> float:
+    """``value`` as a float if it is a finite number in [low, high], else a one-line error naming it.
+
+    (NaN compares False with both bounds: it passed a plain ``low <= value <= high`` refusal.)
+    """
+    if not is_finite_number(value) or not low <= float(value) <= high:
+        raise InvalidInputError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
 def check_images(images: object, name: str = "images") -> Tensor:
     """Check a (B, 3, H, W) floating tensor with values in [0, 1]; return it."""
     if not isinstance(images, Tensor):

@@ -236,9 +236,7 @@ def check_strength_settings(
             f"strength must be a finite number >= {MIN_STRENGTH} (a weaker blur leaves a recognisable "
             f"face), got {strength}"
         )
-    if blocks is not None and (
-        not is_whole_number(blocks) or isinstance(blocks, bool) or not 1 <= blocks <= MAX_BLOCKS
-    ):
+    if blocks is not None and (not is_whole_number(blocks) or not 1 <= blocks <= MAX_BLOCKS):
         raise InvalidInputError(
             f"blocks must be a whole number 1 to {MAX_BLOCKS} (a finer mosaic leaves a recognisable face), "
             f"got {blocks}"

@@ -27,6 +27,7 @@ from facecloak._checks import (
     check_choice,
     check_faces,
     check_image_list,
+    check_range,
     check_seed,
     is_finite_number,
     is_whole_number,
@@ -400,9 +401,9 @@ class Cloak:
         self.models_per_step = int(models_per_step)
         # the command line's ranges: out of them (NaN too) a cloak ran on quietly weakened, or
         # failed only after its whole optimisation
-        _check_range("diversity", diversity, 0.0, 1.0)
-        _check_range("smoothing", smoothing, 0.0, math.inf)
-        _check_range("feather", feather, 0.0, MAX_CLOAK_FEATHER)
+        check_range("diversity", diversity, 0.0, 1.0)
+        check_range("smoothing", smoothing, 0.0, math.inf)
+        check_range("feather", feather, 0.0, MAX_CLOAK_FEATHER)
         self.simulator = UploadSimulator(robust_to=tuple(robust_to), diversity=float(diversity))
         self.smoothing = float(smoothing)
         self.update = update
@@ -1310,12 +1311,6 @@ MAX_DSSIM_CAP = 0.5
 MAX_CLOAK_FEATHER = 0.5
 """The softest mask edge, as a share of the region: beyond it (5.0 was accepted) the feathered
 mask cut the change to nearly nothing."""
-
-
-def _check_range(name: str, value: object, low: float, high: float) -> None:
-    """A finite number in [low, high], or a one-line error naming it (NaN compares False with both)."""
-    if not is_finite_number(value) or not low <= float(value) <= high:
-        raise InvalidInputError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
 
 
 def _check_stored_as(stored_as: object, count: int) -> None:

@@ -8,13 +8,14 @@ the ensemble and the budget goes where it is still needed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from facecloak._checks import is_finite_number
+from facecloak._checks import check_range
 from facecloak.cloak.base import Cloak, PersonReferences
 from facecloak.errors import InvalidInputError
 from facecloak.faces import Faces
@@ -65,9 +66,7 @@ class UntargetedCloak(Cloak):
         """
         super().__init__(models, level, **options)
         self.person_level = bool(person_level)
-        if not is_finite_number(laggard_weight) or laggard_weight < 0:
-            raise InvalidInputError(f"laggard_weight must be a finite number >= 0, got {laggard_weight!r}")
-        self.laggard_weight = float(laggard_weight)
+        self.laggard_weight = check_range("laggard_weight", laggard_weight, 0.0, math.inf)
         self.people_per_photo = bool(people_per_photo)
         self._references: list[Tensor] | None = None
         self._counts = torch.zeros(0, dtype=torch.long)
