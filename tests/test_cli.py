@@ -459,6 +459,14 @@ def test_targeted_without_a_key_and_detect_json_of_nothing(runner, samples_dir, 
     keyed = runner.invoke(main, ["cloak", photo, "--identity-key", "k", "-o", str(tmp_path / "out")])
     assert keyed.exit_code == 2 and "--identity-key is for --mode targeted" in keyed.output
     assert not (tmp_path / "out").exists()
+    # the key from the environment, out of `ps` and the shell's history: read for targeted runs
+    # (which then went on to refuse --per-photo, not to ask for a key), unused by the others
+    env = {"FACECLOAK_IDENTITY_KEY": "k"}
+    args = ["cloak", photo, "--mode", "targeted", "--per-photo", "-o", str(tmp_path / "out")]
+    from_env = runner.invoke(main, args, env=env)
+    assert from_env.exit_code == 2 and "is for --mode untargeted" in from_env.output, from_env.output
+    untargeted = runner.invoke(main, ["cloak", photo, "--steps", "0", "-o", str(tmp_path / "out")], env=env)
+    assert "--identity-key" not in untargeted.output, untargeted.output
     (tmp_path / "empty").mkdir()
     listed = runner.invoke(main, ["detect", str(tmp_path / "empty"), "--json"])
     assert listed.exit_code == 1 and json.loads(listed.stdout) == []

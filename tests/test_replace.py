@@ -2117,3 +2117,26 @@ def test_a_donors_sharp_highlight_is_softened_and_smooth_lighting_kept():
     dark = ramp.clone()
     dark[..., 30:33, 30:33] -= 35.0  # a dark detail (a nostril, a lash) is left as it is
     assert torch.equal(_highlights_softened(dark, 4.0)[..., 31, 31], dark[..., 31, 31])
+
+
+def test_a_bank_and_the_evaluators_cache_are_the_owners_alone(tmp_path, donor_dir, models, detector):
+    """A bank holds faces of real people and their embeddings, the evaluator's cache every
+    photo's embedding: under the usual umask (022) both were readable by every user."""
+    import os
+
+    from facecloak.evaluate import EmbeddingCache
+
+    old = os.umask(0o022)
+    try:
+        folder = tmp_path / "photos"
+        folder.mkdir()
+        shutil.copy(sorted(donor_dir.glob("*.jpg"))[0], folder / "one.jpg")
+        add_donors([folder], models[:1], bank=tmp_path / "bank", licence="test", detector=detector)
+        cache = EmbeddingCache(tmp_path / "cache" / "embeddings")
+        cache.put("attacker", folder / "one.jpg", torch.zeros(3).numpy())
+        cache.save()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "bank" / "chips").is_dir()
+    assert (tmp_path / "bank").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "cache" / "embeddings").stat().st_mode & 0o777 == 0o700

@@ -1600,3 +1600,32 @@ def test_health_and_docs_answer_head_as_the_page_does(in_process):
     for path in ("/", "/healthz", "/docs"):
         answer = in_process.head(path)
         assert answer.status_code == 200, (path, answer.status_code)
+
+
+def test_debug_log_level_keeps_other_libraries_from_logging_an_uploads_metadata(tmp_path):
+    """``serve --log-level debug`` set the root logger, so Pillow's TIFF reader logged every EXIF
+    tag of each upload: the camera owner's name, the serial number, comments."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x013B] = "OWNER_SECRET"  # Artist
+    photo = tmp_path / "meta.jpg"
+    Image.new("RGB", (64, 64), (120, 90, 80)).save(photo, exif=exif)
+    script = (
+        "import logging, sys\n"
+        "from facecloak.cli.serve import _configure_logging\n"
+        "from facecloak.io import encode_image, read_image_bytes\n"
+        "_configure_logging('debug')\n"
+        "logging.getLogger('facecloak.service').debug('our own debug line')\n"
+        "upload = read_image_bytes(open(sys.argv[1], 'rb').read(), 'meta.jpg')\n"
+        "encode_image(upload.pixels, 'JPEG', source=upload)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(photo)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "our own debug line" in run.stderr
+    assert "OWNER_SECRET" not in run.stderr

@@ -177,6 +177,7 @@ def _add_donors(
     on_progress: Callable[[int, int], None] | None,
 ) -> AddReport:
     """`add_donors` once the bank's lock is held."""
+    io.make_private_folder(folder)  # faces of real people and their embeddings: the owner's alone
     existing = load_bank(folder, allow_empty=True) if (folder / "bank.json").is_file() else None
     if existing is not None:
         existing.check_models(models)

@@ -24,7 +24,9 @@ caller re-encodes the whole photo as before.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -38,6 +40,96 @@ try:
     JPEGLIB_AVAILABLE = True
 except ImportError:  # pragma: no cover - jpeglib is a dependency; a broken install falls back
     JPEGLIB_AVAILABLE = False
+
+
+_SCRATCH_PREFIX = "facecloak-scratch-"
+_scratch: dict[int, str] = {}
+"""This process's scratch folder (by process id: a forked worker makes its own)."""
+
+
+def scratch_folder() -> str:
+    """A folder only this user can open, for the files libjpeg must read and write, removed at exit.
+
+    jpeglib hands libjpeg every JPEG through a named temporary file (the whole upload, its GPS and
+    thumbnail included), removed after the call but left behind when the process is killed
+    mid-call. Its files go here instead: mode 0700, in memory (``/dev/shm``) unless ``TMPDIR``
+    names another place, and a folder a killed process left is removed by the next one that
+    makes its own (`_remove_left_over_scratch`).
+    """
+    pid = os.getpid()
+    if pid not in _scratch or not os.path.isdir(_scratch[pid]):
+        base = _scratch_base()
+        _remove_left_over_scratch(base)
+        _scratch[pid] = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{pid}-", dir=base)
+        atexit.register(shutil.rmtree, _scratch[pid], True)
+    return _scratch[pid]
+
+
+def _scratch_base() -> str:
+    """``TMPDIR`` where the user set it, else ``/dev/shm`` (memory) where it is writable, else the usual."""
+    shared_memory = "/dev/shm"
+    if (
+        not os.environ.get("TMPDIR")
+        and os.path.isdir(shared_memory)
+        and os.access(shared_memory, os.W_OK | os.X_OK)
+    ):
+        return shared_memory
+    return tempfile.gettempdir()
+
+
+def _remove_left_over_scratch(base: str) -> None:
+    """Remove this user's scratch folders in ``base`` whose process no longer runs."""
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(_SCRATCH_PREFIX):
+            continue
+        pid_text = name[len(_SCRATCH_PREFIX) :].split("-", 1)[0]
+        try:
+            if not pid_text.isdigit() or not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or _process_runs(int(pid_text)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that number
+        return True
+    return True
+
+
+class _ScratchTemporaryFiles:
+    """`tempfile` as jpeglib's modules see it: their named files land in `scratch_folder`."""
+
+    def __getattr__(self, name: str):
+        return getattr(tempfile, name)
+
+    @staticmethod
+    def NamedTemporaryFile(*args, **kwargs):  # noqa: N802 - the name jpeglib calls
+        kwargs["dir"] = scratch_folder()
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+if JPEGLIB_AVAILABLE:
+    import importlib
+
+    for _module_name in ("dct_jpeg", "spatial_jpeg", "progressive_jpeg", "functional"):
+        try:
+            _module = importlib.import_module(f"jpeglib.{_module_name}")
+        except ImportError:  # pragma: no cover - another jpeglib layout
+            continue
+        if getattr(_module, "tempfile", None) is tempfile:
+            _module.tempfile = _ScratchTemporaryFiles()
 
 
 class BlocksUnavailable(Exception):
@@ -209,10 +301,10 @@ def _utf8(text: str) -> bool:
 def _read_dct_of_bytes(data: bytes):
     """`jpeglib.read_dct` of an in-memory JPEG (an upload: the unprotected photo).
 
-    Through an anonymous in-memory file where the system has one (``memfd``, as
-    `facecloak.io.read_image_bytes` reads it), so that the original never gets a name on disk; it
-    was written to a named temporary file, which a crash or a kill left behind in the temporary
-    folder. Elsewhere, a temporary folder as before.
+    Read through an anonymous in-memory file where the system has one (``memfd``, as
+    `facecloak.io.read_image_bytes` reads it), elsewhere a temporary folder. Either way jpeglib's
+    ``load`` then hands the bytes to libjpeg through a named file: in `scratch_folder`, private to
+    this user and in memory by default.
     """
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         handle = os.memfd_create("facecloak-jpeg", getattr(os, "MFD_CLOEXEC", 0))
@@ -222,7 +314,7 @@ def _read_dct_of_bytes(data: bytes):
             jpeg = jpeglib.read_dct(f"/proc/self/fd/{stream.fileno()}")
             jpeg.load()
             return jpeg
-    with tempfile.TemporaryDirectory(prefix="facecloak-jpeg-") as folder:  # pragma: no cover - macOS, Windows
+    with tempfile.TemporaryDirectory(dir=scratch_folder()) as folder:  # pragma: no cover - macOS, Windows
         path = os.path.join(folder, "source.jpg")
         Path(path).write_bytes(data)
         jpeg = jpeglib.read_dct(path)
@@ -235,7 +327,7 @@ def _encode_like(original, pixels: np.ndarray):
     spatial = jpeglib.from_spatial(np.ascontiguousarray(pixels))
     if original.num_components == 3:
         spatial.samp_factor = original.samp_factor
-    with tempfile.TemporaryDirectory(prefix="facecloak-jpeg-") as folder:
+    with tempfile.TemporaryDirectory(dir=scratch_folder()) as folder:
         path = os.path.join(folder, "encoded.jpg")
         try:
             spatial.write_spatial(
@@ -253,7 +345,7 @@ def _encode_like(original, pixels: np.ndarray):
 def _write_dct(jpeg) -> bytes:
     """The coefficients as a baseline JPEG with optimised Huffman tables and no APPn/COM markers."""
     jpeg.markers = []  # EXIF, XMP, ICC, comments: the caller decides what to keep
-    with tempfile.TemporaryDirectory(prefix="facecloak-jpeg-") as folder:
+    with tempfile.TemporaryDirectory(dir=scratch_folder()) as folder:
         path = os.path.join(folder, "spliced.jpg")
         try:
             jpeg.write_dct(path, flags=["OPTIMIZE_CODING"])

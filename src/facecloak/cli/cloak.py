@@ -42,7 +42,9 @@ from facecloak.errors import FacecloakError
 @click.option(
     "--identity-key",
     default=None,
-    help="targeted: a per-person secret; photos cloaked with the same key are pulled the same way.",
+    envvar="FACECLOAK_IDENTITY_KEY",
+    help="targeted: a per-person secret; photos cloaked with the same key are pulled the same way. "
+    "Or set FACECLOAK_IDENTITY_KEY, which keeps the key out of `ps` and the shell's history.",
 )
 @click.option(
     "--steps", type=click.IntRange(0, 10_000), default=None, help="Most steps per face [level's default]."
@@ -160,6 +162,9 @@ def cloak(
     facecloak cloak photos/ -o cloaked/ --level high
     facecloak cloak photos/ -o out/ --mode targeted --identity-key "my secret" --json
     """
+    from_environment = click.get_current_context().get_parameter_source("identity_key")
+    if mode != "targeted" and from_environment == click.core.ParameterSource.ENVIRONMENT:
+        identity_key = None  # a key kept in the environment for targeted runs does not refuse the others
     if mode == "targeted" and not identity_key:
         raise click.UsageError(
             "--mode targeted needs --identity-key: a per-person secret, so that every photo of the "

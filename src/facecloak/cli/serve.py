@@ -144,13 +144,11 @@ def serve(
         from facecloak.service.security import LOOPBACK_HOSTS
     except ImportError as error:
         raise click.UsageError(f"the service needs pip install 'facecloak[serve]' ({error})") from None
-    import logging
-
     from facecloak._checks import split_names
     from facecloak.errors import FacecloakError
     from facecloak.models import choose_embedders
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(log_level)
     try:  # a misspelt model, or one without its weights: found by the workers as a 40-line start-up traceback
         choose_embedders(models)
     except FacecloakError as error:
@@ -229,3 +227,19 @@ def _checked_bank(name: str, models: str | None) -> str:
         raise click.UsageError(str(error)) from None
     say_unchecked(bank.name, unchecked, served)
     return str(bank.folder)
+
+
+OWN_LOGGERS = ("facecloak", "uvicorn")
+"""The loggers ``--log-level debug`` opens up. Other libraries stay at INFO or above: at DEBUG,
+Pillow's TIFF reader logs every EXIF tag of an upload (the camera's owner and serial number, its
+comments), and image content and file names are never logged."""
+
+
+def _configure_logging(log_level: str) -> None:
+    import logging
+
+    level = logging.getLevelName(log_level.upper())
+    form = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=max(level, logging.INFO), format=form)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)

@@ -60,7 +60,7 @@ class EmbeddingCache:
         if self.folder is None:
             return
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            io.make_private_folder(self.folder)  # every photo's embedding: biometric data
         except OSError as error:  # it was an OSError traceback (a file where a folder is named)
             reason = f"cannot create the embedding cache folder ({error.strerror})"
             raise ImageWriteError(reason, self.folder) from None

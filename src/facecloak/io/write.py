@@ -652,3 +652,17 @@ def write_bytes_atomic(
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def make_private_folder(path: str | Path) -> Path:
+    """Create ``path`` (and its parents) and let only its owner open it (mode 0700).
+
+    For folders of face data: a donor bank's chips and embeddings, the evaluator's embeddings of
+    every photo it saw. Under the usual umask (022) they were readable by every user of the
+    machine. An existing folder of this user is narrowed too; another user's is left as it is.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if hasattr(os, "getuid") and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
