@@ -767,6 +767,25 @@ def test_cli_an_option_of_another_method_is_refused_not_ignored(lfw_dir, tmp_pat
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--method", "blur", "--finish"], "--finish is for --method replace"),  # it named --no-finish
+        (["--method", "blur", "--no-finish"], "--no-finish is for --method replace"),
+        (["--method", "cloak", "--level", "high", "--escalate"], "--escalate has no level above --level high"),
+        (["--method", "blur", "--adaptive-people", "3"], "--adaptive-people is for --adaptive"),
+    ],
+)
+def test_cli_an_option_with_nothing_to_do_is_refused_by_its_own_name(lfw_dir, tmp_path, args, said):
+    """``--level high --escalate`` ran a plain high cloak (``facecloak cloak`` refuses it), and
+    ``--adaptive-people`` without ``--adaptive`` was dropped, both without a word; ``--finish``
+    with another method was refused as ``--no-finish``."""
+    arguments = ["evaluate", str(lfw_dir / "images"), *args, "-o", str(tmp_path / "r"), "-q"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2 and said in result.output, result.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_per_photo_with_a_targeted_cloak_is_refused_not_reported_as_used(lfw_dir, tmp_path):
     """A targeted cloak drops ``person_level``, yet the report's settings listed it as used."""
     arguments = ["evaluate", str(lfw_dir / "images"), "--mode", "targeted", "--per-photo"]

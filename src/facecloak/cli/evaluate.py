@@ -19,7 +19,7 @@ from facecloak.cli.options import (
     usable_device,
 )
 from facecloak.cli.running import fail
-from facecloak.defaults import MAX_SEED, UPLOADS
+from facecloak.defaults import MAX_SEED, STRONGEST_LEVEL, UPLOADS
 from facecloak.errors import EXIT_USAGE, DonorBankError, FacecloakError, ImageWriteError
 
 
@@ -350,7 +350,7 @@ _METHOD_OPTIONS = {
         ("donors_per_face", "--donors-per-face"),
         ("fallback", "--fallback"),
         ("donor_margin", "--donor-margin"),
-        ("finish_near_misses", "--no-finish"),
+        ("finish_near_misses", "--finish/--no-finish"),
         ("keep_mouth", "--keep-mouth"),
     ),
 }
@@ -377,11 +377,19 @@ def _refuse_options_of_other_methods(method: str) -> None:
 
     (``evaluate --method blur --escalate`` ran a blur and reported nothing of the option.)
     """
+    params = click.get_current_context().params
     for owner, options in _METHOD_OPTIONS.items():
         for name, flag in options:
             if method != owner and given_on_command_line(name):
+                if flag.startswith("--finish/"):  # the spelling given, not the pair
+                    flag = "--finish" if params.get(name) else "--no-finish"
                 raise click.UsageError(f"{flag} is for --method {owner} (this is --method {method})")
-    targeted = click.get_current_context().params.get("mode") == "targeted"
+    if params.get("escalate") and params.get("level") == STRONGEST_LEVEL:
+        # `facecloak cloak` refuses it; here it ran a plain `high` cloak reported as escalating
+        raise click.UsageError(f"--escalate has no level above --level {STRONGEST_LEVEL} to go to")
+    if params.get("adaptive") is None and given_on_command_line("adaptive_people"):
+        raise click.UsageError("--adaptive-people is for --adaptive (add --adaptive, or drop it)")
+    targeted = params.get("mode") == "targeted"
     if method == "cloak" and targeted and given_on_command_line("person_level"):
         # a targeted cloak drops it, and the report's settings listed it as used
         raise click.UsageError(
