@@ -1035,3 +1035,15 @@ def test_an_empty_output_folder_is_refused_not_taken_for_the_current_one(
     """``-o "$OUT"`` with OUT unset wrote the outputs and a journal into the current folder."""
     result = runner.invoke(main, [command, str(samples_dir / "astronaut.jpg"), "-o", ""])
     assert result.exit_code == 2 and "is empty (an unset variable?)" in result.output, result.output
+
+
+def test_a_bad_max_pixels_variable_is_one_usage_error_not_every_file_failed(runner, samples_dir, tmp_path):
+    """``FACECLOAK_MAX_PIXELS=abc`` failed each photo in turn as that photo's fault (exit 3)."""
+    out = tmp_path / "out"
+    result = runner.invoke(
+        main,
+        ["anonymize", str(samples_dir / "astronaut.jpg"), "-o", str(out)],
+        env={"FACECLOAK_MAX_PIXELS": "abc"},
+    )
+    assert result.exit_code == 2 and "FACECLOAK_MAX_PIXELS must be a whole number" in result.output
+    assert not out.exists()

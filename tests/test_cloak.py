@@ -144,6 +144,20 @@ def test_a_face_that_falls_short_is_not_protected(dlib_model, detector, photos, 
     assert all(record["protected"] is False for record in result.records(centre_faces))
 
 
+def test_a_face_of_pure_black_and_white_pixels_is_changed_too(dlib_model, detector, samples_dir):
+    """Torch's clamp gives no gradient to a value at its bound, so a pixel at 0 or 255 never
+    moved: a black-and-white scan's face (every pixel 0 or 255) came out unchanged at every
+    level, and the summary advised a higher one."""
+    grey = read_image(samples_dir / "grace_hopper.jpg").pixels.mean(0, keepdim=True)
+    photo = (grey > 0.5).float().expand(3, -1, -1).contiguous()
+    faces = detector([photo])
+    assert len(faces) >= 1
+    result = UntargetedCloak([dlib_model], "mid", detector=detector, seed=0, steps=20)([photo], faces)
+    changed = (result.images[0] - photo).abs()
+    assert float(changed.amax()) > 4 / 255 and int((changed > 0).sum()) > 500
+    assert float(result.dssim.amax()) > 0.002 and float(result.distance.amax()) > 0.1
+
+
 def test_no_faces_gives_empty_result(dlib_model, detector, photos):
     result = UntargetedCloak([dlib_model], detector=detector)(photos, Faces.empty())
     assert len(result.protected) == 0 and torch.equal(result.images[0], photos[0])

@@ -73,6 +73,27 @@ class TestRead:
         expected = torch.from_numpy(array).permute(2, 0, 1).float() / 255
         assert torch.equal(image.pixels, expected)
 
+    @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+    def test_a_lossless_webp_is_written_back_losslessly_and_a_lossy_one_lossy(self, tmp_path, mode):
+        """A lossless WebP came back at quality 95: pixels far from any face changed by up to 16
+        levels (the file a third of its size) without a word."""
+        array = gradient(96, 80)
+        photo = Image.fromarray(array).convert(mode)
+        photo.save(tmp_path / "lossless.webp", lossless=True)
+        photo.save(tmp_path / "lossy.webp", quality=80)
+        for name, lossless in (("lossless", True), ("lossy", False)):
+            image = read_image(tmp_path / f"{name}.webp")
+            assert image.lossless is lossless
+            edited = image.pixels.clone()
+            edited[:, :8, :8] = 128 / 255  # "a face"
+            write_image(tmp_path / f"{name}_out.webp", edited, source=image)
+            back = read_image(tmp_path / f"{name}_out.webp")
+            assert back.lossless is lossless
+            assert torch.equal(back.pixels, edited) is lossless
+        asked = read_image(tmp_path / "lossless.webp")
+        write_image(tmp_path / "asked.webp", asked.pixels, source=asked, jpeg_quality=60)  # a quality chosen
+        assert not read_image(tmp_path / "asked.webp").lossless
+
     def test_gif_first_frame(self, tmp_path):
         frames = [Image.new("P", (20, 10), i) for i in (3, 9)]
         for frame in frames:

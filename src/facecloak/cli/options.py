@@ -243,7 +243,8 @@ def detect_options(function: Callable, *, verify: bool = False) -> Callable:
             "--max-pixels",
             type=click.IntRange(1, None),
             default=None,
-            help="Refuse images with more pixels (decompression-bomb guard). Default 120,000,000.",
+            help="Refuse images with more pixels (decompression-bomb guard). Default 120,000,000, "
+            "or FACECLOAK_MAX_PIXELS if set.",
         ),
     ]
     if verify:
@@ -278,6 +279,14 @@ def batch_options(out_dir: Path | None, **values) -> Options:
             f"--jpeg-quality is for JPEG, WebP or HEIF outputs (this is --format {format_name}); "
             "add --format jpeg, or --format input for each input's own"
         )
+    if values.get("max_pixels") is None:
+        from facecloak.errors import InvalidInputError
+        from facecloak.io import max_pixels_default
+
+        try:  # a bad FACECLOAK_MAX_PIXELS failed every file, one by one, as that file's fault (exit 3)
+            max_pixels_default()
+        except InvalidInputError as error:
+            raise click.UsageError(str(error)) from None
     return Options(
         out_dir=str(out_dir) if out_dir else None,
         format=None if format_name == "input" else format_name,

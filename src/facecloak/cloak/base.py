@@ -688,7 +688,7 @@ class Cloak:
                 delta = deltas[b][index][..., ys, xs].clone().requires_grad_(True)
                 crops, masks = bucket.crops[index], rect_masks[b][index]
                 clean_rect = rect_crops[b][index]
-                changed = (clean_rect + masks * delta).clamp(0, 1)
+                changed = _within_levels(clean_rect + masks * delta)
                 adversarial = crops.clone()
                 adversarial[..., ys, xs] = changed
                 loss, ratios = self._draws(
@@ -1409,6 +1409,17 @@ def _boxes_in_rectangle(boxes: Tensor, rectangle: tuple[slice, slice]) -> Tensor
 def _flipped(chips: Tensor, flips: Tensor | None) -> Tensor:
     """``chips`` with the ones marked in ``flips`` ((n, 1, 1, 1) booleans) mirrored."""
     return chips if flips is None else torch.where(flips, chips.flip(-1), chips)
+
+
+def _within_levels(pixels: Tensor) -> Tensor:
+    """``pixels`` clamped to [0, 1], with the gradient passed through as if unclamped.
+
+    The change is kept inside the valid range after every step, so the clamp only mends float
+    rounding; torch's clamp gives no gradient to a value at its bound, and a pixel at 0 or 255
+    (black hair, a blown highlight, every pixel of a black-and-white photo) was never moved: a
+    1-bit scan's face stayed unchanged at every level.
+    """
+    return pixels + (pixels.clamp(0, 1) - pixels).detach()
 
 
 def _running_average(average: Tensor | None, delta: Tensor) -> Tensor:

@@ -265,6 +265,7 @@ def _save_options(
     quality: int,
     mode: str = "RGB",
     info: dict | None = None,
+    chosen_quality: bool = False,
 ) -> dict:
     options: dict = {}
     if source is not None and source.icc_profile and _profile_fits(source.icc_profile, mode):
@@ -279,6 +280,8 @@ def _save_options(
             options["exif"] = exif
     if format_name == "JPEG":
         options.update(quality=quality, subsampling=0, optimize=True)
+    elif format_name == "WEBP" and source is not None and source.lossless and not chosen_quality:
+        options.update(lossless=True, quality=100, method=4)  # kept lossless, as it came
     elif format_name == "WEBP":
         options.update(quality=quality, method=4)
     elif format_name == "HEIF":
@@ -589,7 +592,8 @@ def encode_image(
     buffer = BytesIO()
     try:
         stored_mode = "RGB" if format_name == "WEBP" else image.mode  # WebP has no grey: stored as RGB
-        options = _save_options(format_name, source, keep_metadata, quality, stored_mode, info)
+        chosen = jpeg_quality is not None
+        options = _save_options(format_name, source, keep_metadata, quality, stored_mode, info, chosen)
         image.save(buffer, format=format_name, **options)
     except (OSError, ValueError, KeyError, RuntimeError) as error:  # RuntimeError: libtiff's
         raise ImageWriteError(f"could not encode ({_short(error)})") from None
