@@ -529,3 +529,32 @@ def test_mobileface_same_person_is_closer(mobileface: MXNetGraph) -> None:
     person = torch.arange(len(SAME_PEOPLE)).repeat_interleave(2)
     different = similarity[person[:, None] != person[None, :]]
     assert same.min() > different.max(), (same, different.max())
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (
+            "shape",
+            "its params do not fit the graph",
+        ),  # a torch RuntimeError traceback, at add and at every use
+        ("nan", "NaN or infinite"),  # every face embedded as NaN: "DIFFERENT people: distance nan"
+        ("constant", "same embedding"),  # every face at one point: a cloak "protected" with nothing changed
+    ],
+)
+def test_a_model_that_cannot_embed_faces_is_refused_in_one_line(
+    tmp_path: Path, damage: str, said: str
+) -> None:
+    from facecloak.models.plugins import load_model_file
+
+    graph, params, aux = _tiny_model()
+    if damage == "shape":
+        params["conv0_bias"] = np.zeros(5, np.float32)
+    elif damage == "nan":
+        params["fc1_weight"][0, 0] = np.nan
+    else:
+        params["fc1_weight"][:] = 0
+    symbol = _write_model(tmp_path, graph, params, aux)
+    with pytest.raises(ModelNotFoundError) as err:
+        load_model_file(symbol, name="tiny", input_size=8, crop="box", metric="cosine", threshold=0.5)
+    _assert_one_line_naming(err, symbol, said)

@@ -572,6 +572,9 @@ def test_remove_touches_only_added_cards(tmp_path, config_home):
     (folder / "dlib-resnet.json").write_text(json.dumps(_tiny_card("test-good", tmp_path / "x.onnx")))
     register_user_models()
     assert not is_user_model("dlib-resnet")
+    remove_user_model("dlib-resnet")  # the stray card, listed as broken, goes; the built-in stays
+    assert not (folder / "dlib-resnet.json").exists() and "dlib-resnet" in list_embedders()
+    register_user_models()
     with pytest.raises(InvalidInputError, match="built-in"):
         remove_user_model("dlib-resnet")
     with pytest.raises(ModelNotFoundError):
@@ -888,3 +891,64 @@ def test_an_option_of_the_other_crop_is_refused_not_dropped(config_home, tmp_pat
         main, ["models", "add", "test-m", str(model), "--crop", "box", "--template", "dlib"]
     )
     assert template.exit_code == 2 and "--template is for --crop landmarks" in template.output
+
+
+def test_an_added_model_left_out_of_a_default_run_is_named(
+    mobileface_dir, tmp_path, config_home, samples_dir
+):
+    """A cloak without ``--models`` attacks every available model: an added one whose file was
+    moved was left out without a word, so the cloak attacked fewer models than were added."""
+    for suffix in ("-symbol.json", "-0000.params"):
+        (tmp_path / f"mf{suffix}").symlink_to(mobileface_dir / f"MobileFace_Identification_V2{suffix}")
+    add_user_model("test-gone", tmp_path / "mf-symbol.json")
+    (tmp_path / "mf-0000.params").unlink()
+    args = ["cloak", str(samples_dir / "astronaut.jpg"), "--steps", "0", "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args)
+    assert "note: added model test-gone is left out of this run" in result.stderr, result.stderr
+    assert "moved or deleted" in result.stderr
+    named = CliRunner().invoke(main, [*args, "--models", "dlib-resnet", "--overwrite"])
+    assert "test-gone" not in named.stderr  # the models chosen: nothing left out unsaid
+
+
+def test_a_calibration_does_not_write_back_a_card_changed_or_removed_while_it_ran(
+    mobileface_dir, config_home
+):
+    """``models calibrate`` read the card at its start and wrote that copy back minutes later: a
+    ``models add`` of another file under the same name, or a ``models remove``, made meanwhile
+    was undone without a word."""
+    from dataclasses import replace
+
+    from facecloak.models.user_models import save_user_card
+
+    started = add_user_model("test-cal", mobileface_dir / MOBILEFACE_SYMBOL, threshold=0.73)
+    add_user_model("test-cal", mobileface_dir / MOBILEFACE_SYMBOL, threshold=0.5)  # added again meanwhile
+    with pytest.raises(InvalidInputError, match="changed"):
+        save_user_card(replace(started, match_threshold=0.64), replacing=started)
+    assert get_card("test-cal").match_threshold == 0.5
+    now = get_card("test-cal")
+    save_user_card(replace(now, match_threshold=0.64), replacing=now)  # unchanged: saved
+    assert get_card("test-cal").match_threshold == 0.64
+    remove_user_model("test-cal")
+    with pytest.raises(InvalidInputError, match="removed"):
+        save_user_card(replace(now, match_threshold=0.6), replacing=now)
+    assert not (config_home / "facecloak" / "models" / "test-cal.json").exists()
+
+
+def test_the_remedy_named_for_a_broken_card_works_for_one_named_like_a_built_in(config_home):
+    """A broken ``dlib-resnet.json`` in the config folder was to be removed with `facecloak models
+    remove dlib-resnet`, which refused a built-in's name; a folder named like a card was to be
+    removed the same way, which found no card."""
+    folder = config_home / "facecloak" / "models"
+    folder.mkdir(parents=True)
+    (folder / "dlib-resnet.json").write_text('{"name": "dlib-resnet"}')
+    (folder / "odd.json").mkdir()
+    register_user_models()
+    listing = CliRunner().invoke(main, ["models"])
+    assert listing.exit_code == 3 and "it is not a file: move it out of the folder" in listing.stderr
+    removed = CliRunner().invoke(main, ["models", "remove", "dlib-resnet"])
+    assert removed.exit_code == 0, removed.output
+    assert not (folder / "dlib-resnet.json").exists() and "dlib-resnet" in list_embedders()
+    (folder / "odd.json").rmdir()
+    register_user_models()
+    assert CliRunner().invoke(main, ["models"]).exit_code == 0
+    assert CliRunner().invoke(main, ["models", "remove", "dlib-resnet"]).exit_code == 2  # the built-in stays

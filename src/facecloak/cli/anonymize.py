@@ -18,6 +18,7 @@ from facecloak.cli.options import (
     io_options,
     keep_mouth_option,
     ray_option,
+    say_left_out,
     say_unchecked,
 )
 from facecloak.cli.running import fail_run, finish, run_protection
@@ -232,6 +233,7 @@ def _replace_command(paths, donor_bank, replacer_options: dict, io_values) -> No
     try:
         bank = load_bank(donor_bank)
         model_names = choose_embedders(None)
+        say_left_out(None)
         # before any work: found building the replacer, every photo failed (exit 3)
         unchecked = bank.check_for_replacing(
             model_names, replacer_options.get("donors_per_face", DONORS_PER_FACE)

@@ -8,7 +8,14 @@ import click
 
 from facecloak.batch_types import Options
 from facecloak.cli import running
-from facecloak.cli.options import CONTEXT, FiniteFloatRange, batch_options, io_options, ray_option
+from facecloak.cli.options import (
+    CONTEXT,
+    FiniteFloatRange,
+    batch_options,
+    io_options,
+    ray_option,
+    say_left_out,
+)
 from facecloak.cli.running import fail_run, finish, run_protection
 from facecloak.defaults import CPU_CLOAK_BATCH, GPU_CLOAK_BATCH, MAX_SEED, STRONGEST_LEVEL
 from facecloak.errors import FacecloakError
@@ -200,6 +207,7 @@ def cloak(
     try:
         if ray_address is None:
             names = choose_embedders(models)
+            say_left_out(models)
         else:  # on Ray each actor loads the models (their files may be there only): names known here
             names = split_names(models)
             for name in names:  # a misspelt one died in every actor, a Ray traceback and exit 1

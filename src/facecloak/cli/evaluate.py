@@ -16,6 +16,7 @@ from facecloak.cli.options import (
     finish_option,
     given_on_command_line,
     keep_mouth_option,
+    say_left_out,
     usable_device,
 )
 from facecloak.cli.running import fail
@@ -215,6 +216,8 @@ def evaluate(
         from facecloak.models.parsed_cache import facecloak_cache_dir
 
         cache = facecloak_cache_dir() / "embeddings"
+    if protected_dir is None and method in ("cloak", "replace"):
+        say_left_out(models)
     request = EvaluationRequest(
         data=data,
         method=method,

@@ -262,7 +262,7 @@ def models_calibrate(name, data, far, max_photos, device) -> None:
         # already cut to what a card keeps (`calibrate._rounded_down`): rounded again, a threshold
         # under 1e-4 went up to 0.0001 and admitted more than --far
         threshold = result.threshold
-        save_user_card(replace(card, match_threshold=threshold))  # an unwritable config: one line
+        save_user_card(replace(card, match_threshold=threshold), replacing=card)  # unwritable: one line
     except FacecloakError as error:
         fail(error, error.exit_code)
     click.echo(f"{result.summary()}\nsaved: {name} now matches below {threshold}")

@@ -373,6 +373,23 @@ def say_unchecked(bank: str, unchecked: list[str], checked_with: list[str]) -> N
         )
 
 
+def say_left_out(models: str | None) -> None:
+    """A note for each added model a default run (no ``--models``) leaves out, and why.
+
+    An added model whose file was moved, or whose card is broken, was dropped from "every
+    available model" without a word: the cloak attacked fewer models than the user added.
+    """
+    if models is not None:
+        return
+    from facecloak.models.registry import unusable_added_models
+    from facecloak.models.user_models import BROKEN_CARDS
+
+    for name, why in unusable_added_models():
+        click.echo(f"note: added model {name} is left out of this run: {why}", err=True)
+    for path, why in BROKEN_CARDS:
+        click.echo(f"note: the model card {path} is left out of this run: {why}", err=True)
+
+
 def donor_margin_option(function: Callable) -> Callable:
     """``--donor-margin``: how strict replace's donor check is (see `facecloak.replace.DONOR_MARGIN`)."""
     return click.option(

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import click
 
 from facecloak.batch_types import Options
-from facecloak.cli.options import URI, require_paths, uri_of
+from facecloak.cli.options import URI, require_paths, say_left_out, uri_of
 from facecloak.errors import EXIT_FAILED, EXIT_OK, EXIT_UNPROTECTED, FacecloakError
 
 
@@ -219,4 +219,6 @@ def load_models(names: str | None, device: str | None) -> list:
     """Build the named models (comma-separated), or every model available here."""
     from facecloak.models import choose_embedders
 
-    return [create_model(name, device) for name in choose_embedders(names)]
+    chosen = choose_embedders(names)
+    say_left_out(names)
+    return [create_model(name, device) for name in chosen]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facecloak.cli.options import CONTEXT, FiniteFloatRange, say_unchecked, usable_device
+from facecloak.cli.options import CONTEXT, FiniteFloatRange, say_left_out, say_unchecked, usable_device
 
 
 @click.command(context_settings=CONTEXT)
@@ -151,6 +151,7 @@ def serve(
     _configure_logging(log_level)
     try:  # a misspelt model, or one without its weights: found by the workers as a 40-line start-up traceback
         choose_embedders(models)
+        say_left_out(models)
     except FacecloakError as error:
         raise click.UsageError(str(error)) from None
     model_names = tuple(split_names(models)) or None

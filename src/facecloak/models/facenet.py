@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from facecloak.errors import ModelNotFoundError
+from facecloak.models.loaders import check_finite_weights
 from facecloak.models.registry import Embedder, FaceModelCard, register_embedder
 from facecloak.models.templates import FACENET_TEMPLATE_160
 
@@ -69,7 +70,7 @@ def _load(card: FaceModelCard, path: Path) -> FacenetEmbedder:
     if not isinstance(state, dict) or "conv2d_1a.conv.weight" not in state:
         raise ModelNotFoundError("not an InceptionResnetV1 state dict", path)
     try:
-        return FacenetEmbedder(card, state)
+        return check_finite_weights(FacenetEmbedder(card, state), path)
     except (RuntimeError, ValueError) as error:
         raise ModelNotFoundError(
             f"weights do not fit InceptionResnetV1 ({str(error).splitlines()[0]})", path

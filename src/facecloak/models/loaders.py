@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from facecloak.errors import ModelNotFoundError
+from facecloak.errors import FacecloakError, ModelNotFoundError
 from facecloak.models.fold import fold_fx_batch_norm
 from facecloak.models.mxnet import load_mxnet_model
 from facecloak.models.mxnet.graph import _default_params_path
@@ -137,16 +137,39 @@ def load_network(file: Path) -> nn.Module:
                 f"not a usable ONNX model ({type(error).__name__}: {detail})", file
             ) from None
         fold_fx_batch_norm(network.eval())
-        return network
+        return check_finite_weights(network, file)
     if file.name.endswith("-symbol.json"):
-        graph = load_mxnet_model(file)
-        graph.fold_batch_norm()
-        return graph
+        try:
+            graph = load_mxnet_model(file)
+            graph.fold_batch_norm()
+        except FacecloakError:
+            raise
+        except Exception as error:  # a params array of another shape: a torch traceback at first use
+            detail = str(error).splitlines()[0][:120] if str(error) else ""
+            raise ModelNotFoundError(
+                f"its params do not fit the graph ({type(error).__name__}: {detail}): "
+                "the -symbol.json and the .params beside it must be one model's",
+                file,
+            ) from None
+        return check_finite_weights(graph, file)
     if name.endswith(".json"):  # the params are found by the graph's name: "pass params=" was no option here
         raise ModelNotFoundError(
             "an MXNet graph must be named NAME-symbol.json, with its NAME-0000.params beside it", file
         )
     raise ModelNotFoundError("unsupported model file: expected .onnx or an MXNet NAME-symbol.json", file)
+
+
+def check_finite_weights(network: nn.Module, file: Path) -> nn.Module:
+    """``network``, unless a weight or buffer holds NaN or infinity (a damaged or badly exported file).
+
+    Such a file embedded every face as NaN: `verify` said "DIFFERENT people: distance nan", and a
+    cloak blamed the photo ("pixels must hold finite values").
+    """
+    for name, tensor in [*network.named_parameters(), *network.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            reason = f"its weights hold NaN or infinite values ({name}): a damaged file"
+            raise ModelNotFoundError(reason, file)
+    return network
 
 
 def declared_input_shape(file: Path) -> tuple[str, tuple[int | None, ...]] | None:

@@ -361,6 +361,13 @@ def load_model_file(file: Path, **card_options) -> PluginEmbedder:
         raise ModelNotFoundError(
             f"model output is not a finite embedding (shape {tuple(output.shape)})", file
         )
+    if bool((output.norm(dim=1) < 1e-6).any()) or torch.allclose(output[0], output[1], rtol=1e-4, atol=1e-6):
+        # every face then sat at one point: "DIFFERENT people" for any pair (all zeros, cosine) or
+        # "SAME" (a constant), and a cloak against it was "protected" with nothing changed
+        raise ModelNotFoundError(
+            "model gives the same embedding (or none) for two different chips: not a face-embedding model",
+            file,
+        )
     card = FaceModelCard(**{**card.__dict__, "embedding_dim": int(output.shape[1])})
     model = PluginEmbedder(card, network)
     return model.eval().requires_grad_(False)

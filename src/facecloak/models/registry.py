@@ -307,6 +307,22 @@ def available_embedders() -> list[str]:
     return [name for name in list_embedders() if embedder_status(name)[0]]
 
 
+def unusable_added_models() -> list[tuple[str, str]]:
+    """(name, why) of each model the user added that cannot be used here (its file moved or gone).
+
+    Every command's default, every available model, leaves them out (a cloak should not fail on
+    them); the commands say so (`facecloak.cli.options.say_left_out`), since a cloak then attacks
+    fewer models than were added.
+    """
+    left_out = []
+    for name, entry in _REGISTRY.items():
+        if entry.user:
+            usable, why = embedder_status(name)
+            if not usable:
+                left_out.append((name, why))
+    return left_out
+
+
 def choose_embedders(names: str | None) -> list[str]:
     """The models named (comma-separated), each registered and available here; none: every available one.
 

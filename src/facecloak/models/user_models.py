@@ -63,9 +63,24 @@ def add_user_model(name: str, file: Path, **card_options) -> FaceModelCard:
     return model.card
 
 
-def save_user_card(card: FaceModelCard) -> None:
-    """Write ``card`` to `config_dir` atomically and (re-)register it."""
+def save_user_card(card: FaceModelCard, *, replacing: FaceModelCard | None = None) -> None:
+    """Write ``card`` to `config_dir` atomically and (re-)register it.
+
+    ``replacing``: the card this one updates, read when the work began; if the file no longer
+    holds it (the model was removed, or added again from another file, while a calibration ran
+    for minutes), nothing is written: the old copy written back undid that without a word.
+    """
     target = config_dir() / f"{card.name}.json"
+    if replacing is not None:
+        try:
+            current = _read_card(target)
+        except (OSError, ValueError, TypeError, KeyError):
+            current = None
+        if current != replacing:
+            what = "removed" if not target.is_file() else "changed (added again?)"
+            raise InvalidInputError(
+                f"model {card.name} was {what} while this ran; nothing saved: run it again"
+            )
     write_bytes_atomic(target, json.dumps(card.to_dict(), indent=2).encode(), overwrite=True)
     _register(card)
 
@@ -86,16 +101,16 @@ def remove_user_model(name: str) -> None:
     folder. A broken card may have a name no model can have (``My Model.json``, listed by
     `facecloak models` as unreadable): it is removed by its file's name.
     """
-    if is_builtin(name):
-        raise InvalidInputError(f"{name!r} is a built-in model; only added models can be removed")
     target = config_dir() / f"{name}.json"
-    named = isinstance(name, str) and (
-        NAME_PATTERN.fullmatch(name) or any(path == target for path, _ in BROKEN_CARDS)
-    )
+    broken = isinstance(name, str) and any(path == target for path, _ in BROKEN_CARDS)
+    if is_builtin(name) and not broken:  # a broken card named like one is the user's, and removable
+        raise InvalidInputError(f"{name!r} is a built-in model; only added models can be removed")
+    named = isinstance(name, str) and (NAME_PATTERN.fullmatch(name) or broken)
     if not (named and target.is_file()):
         raise UnknownModelError(f"no added model named {name!r} (see `facecloak models`)")  # usage: 2
     target.unlink()
-    unregister_embedder(name)
+    if not is_builtin(name):
+        unregister_embedder(name)
 
 
 def _register(card: FaceModelCard) -> None:
@@ -132,6 +147,8 @@ def register_user_models() -> None:
         except (OSError, ValueError, TypeError, KeyError, FacecloakError) as error:
             reason = f"unreadable model card ({type(error).__name__}: {error})"
             remedy = f"fix it, or remove it: facecloak models remove {shlex.quote(path.stem)}"
+            if not path.is_file():  # a folder named like a card: `models remove` deletes cards only
+                remedy = "it is not a file: move it out of the folder"
             BROKEN_CARDS.append((path, f"{reason}; {remedy}"))
             UNREADABLE[path.stem] = f"{shown_path(path)}: {reason}; {remedy}"
             if is_user_model(path.stem):  # its earlier, readable card no longer holds
