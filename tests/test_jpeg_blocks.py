@@ -149,8 +149,8 @@ def test_upload_never_gets_a_name_on_disk_when_edited_block_by_block(samples_dir
 def test_libjpegs_files_stay_in_a_private_folder_that_a_later_run_clears(samples_dir, tmp_path, monkeypatch):
     """jpeglib hands libjpeg the whole upload (GPS, thumbnail and all) through named temporary
     files in the shared temporary folder, readable by others' umask and left there when the
-    process was killed mid-call; they go to a 0700 folder of this process now, and a folder a
-    killed process left is removed by the next run."""
+    process was killed mid-call; they go to a 0700 folder of this call now, gone when it ends,
+    and a folder a killed process left is removed by the next run."""
     import subprocess
     import sys
     import tempfile
@@ -159,21 +159,22 @@ def test_libjpegs_files_stay_in_a_private_folder_that_a_later_run_clears(samples
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    monkeypatch.setattr(jpeg_blocks, "_scratch", {})
+    monkeypatch.setattr(jpeg_blocks, "_swept", set())
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     left_over = tmp_path / f"facecloak-scratch-{int(dead.stdout)}-x1"
     left_over.mkdir()
     (left_over / "tmpkilled.jpeg").write_bytes(b"the upload of a killed run")
-    running = tmp_path / f"facecloak-scratch-{os.getpid()}-x2"  # a live process's: kept
+    running = tmp_path / f"facecloak-scratch-{os.getpid() + 0}-x2"  # a live process's: kept
     running.mkdir()
-    named: list[str] = []
+    named: list[tuple[Path, int]] = []
     real_named = tempfile.NamedTemporaryFile
 
     def spy(*args, **kwargs):
         handle = real_named(*args, **kwargs)
-        named.append(handle.name)
+        folder = Path(handle.name).parent
+        named.append((folder, folder.stat().st_mode & 0o777))
         return handle
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", spy)
@@ -183,11 +184,11 @@ def test_libjpegs_files_stay_in_a_private_folder_that_a_later_run_clears(samples
     info: dict = {}
     encode_image(pixels, "JPEG", source=upload, info=info)
     assert info["encoding"] == "jpeg-blocks", info.get("jpeg_fallback")
-    folder = Path(jpeg_blocks._scratch[os.getpid()])
-    assert named and all(Path(name).parent == folder for name in named)
-    assert folder.parent == tmp_path and folder.stat().st_mode & 0o777 == 0o700
-    assert not list(folder.iterdir())
-    assert not left_over.exists() and running.exists()
+    assert named
+    for folder, mode in named:
+        assert folder.parent == tmp_path and folder.name.startswith(f"facecloak-scratch-{os.getpid()}-")
+        assert mode == 0o700 and not folder.exists()  # private, and gone with the call
+    assert sorted(tmp_path.iterdir()) == [running]  # the killed run's folder removed, a live one kept
 
 
 def test_cloaked_jpeg_differs_only_in_the_face_blocks(samples_dir, detector, dlib_resnet, tmp_path):

@@ -177,7 +177,6 @@ def _add_donors(
     on_progress: Callable[[int, int], None] | None,
 ) -> AddReport:
     """`add_donors` once the bank's lock is held."""
-    io.make_private_folder(folder)  # faces of real people and their embeddings: the owner's alone
     existing = load_bank(folder, allow_empty=True) if (folder / "bank.json").is_file() else None
     if existing is not None:
         existing.check_models(models)
@@ -201,7 +200,7 @@ def _add_donors(
             return
         for name, table in embed_donor_chips(torch.stack(pending), models, detector).items():
             embedded[name].append(table)
-        (folder / "chips").mkdir(parents=True, exist_ok=True)
+        _make_bank_folder(folder)
         for record, chip in zip(records[len(records) - len(pending) :], pending):
             io.write_image(folder / "chips" / f"{record['id']}.png", chip, overwrite=True)
         pending.clear()
@@ -335,7 +334,7 @@ def bank_lock(folder: Path) -> Iterator[Path | None]:
 def _write_detail_chip(folder: Path, donor_id: str, pixels: Tensor, face: Faces) -> None:
     """Cut and write one donor's detail chip (`DETAIL_SCALE` x the chip's resolution)."""
     detail, _ = canonical_chips(pixels[None], face.landmarks, torch.zeros(1, dtype=torch.long), DETAIL_SCALE)
-    (folder / "chips").mkdir(parents=True, exist_ok=True)
+    _make_bank_folder(folder)
     path = folder / "chips" / f"{donor_id}@{DETAIL_SCALE}x.jpg"
     io.write_image(path, detail[0], overwrite=True, jpeg_quality=DETAIL_CHIP_QUALITY)
 
@@ -500,13 +499,26 @@ def _manifest(folder: Path, existing: DonorBank | None, models: Sequence[Embedde
     }
 
 
+def _make_bank_folder(folder: Path) -> None:
+    """The bank's folder and its ``chips/``, the folder open to its owner alone (mode 0700).
+
+    Faces of real people and their embeddings: under the usual umask (022) a bank was readable by
+    every user of the machine. Made when the first donor is written, not before: a folder with no
+    donor in it is no bank.
+    """
+    io.make_private_folder(folder)
+    (folder / "chips").mkdir(exist_ok=True)
+
+
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    io.make_private_folder(path.parent)
     buffer = io_bytes.BytesIO()
     np.savez(buffer, **arrays)
     io.write_bytes_atomic(path, buffer.getvalue(), overwrite=True)
 
 
 def _write_json(path: Path, data: dict) -> None:
+    io.make_private_folder(path.parent)
     io.write_bytes_atomic(path, json.dumps(data, indent=1).encode(), overwrite=True)
 
 

@@ -24,11 +24,12 @@ caller re-encodes the whole photo as before.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,26 +44,38 @@ except ImportError:  # pragma: no cover - jpeglib is a dependency; a broken inst
 
 
 _SCRATCH_PREFIX = "facecloak-scratch-"
-_scratch: dict[int, str] = {}
-"""This process's scratch folder (by process id: a forked worker makes its own)."""
+_call_scratch: list[str] = []
+"""The scratch folder of the jpeglib call under way (one at a time: `_LIBJPEG`)."""
+_swept: set[str] = set()
+"""Temporary folders this process has cleared of killed processes' scratch folders."""
 
 
-def scratch_folder() -> str:
-    """A folder only this user can open, for the files libjpeg must read and write, removed at exit.
+@contextmanager
+def _scratch_for_call() -> Iterator[str]:
+    """A folder only this user can open, for the files libjpeg reads and writes in one call.
 
     jpeglib hands libjpeg every JPEG through a named temporary file (the whole upload, its GPS and
     thumbnail included), removed after the call but left behind when the process is killed
     mid-call. Its files go here instead: mode 0700, in memory (``/dev/shm``) unless ``TMPDIR``
-    names another place, and a folder a killed process left is removed by the next one that
-    makes its own (`_remove_left_over_scratch`).
+    names another place, removed when the call ends; a folder a killed process left is removed
+    by the next process that makes one (`_remove_left_over_scratch`).
     """
-    pid = os.getpid()
-    if pid not in _scratch or not os.path.isdir(_scratch[pid]):
-        base = _scratch_base()
+    base = _scratch_base()
+    if base not in _swept:
         _remove_left_over_scratch(base)
-        _scratch[pid] = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{pid}-", dir=base)
-        atexit.register(shutil.rmtree, _scratch[pid], True)
-    return _scratch[pid]
+        _swept.add(base)
+    folder = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", dir=base)
+    _call_scratch.append(folder)
+    try:
+        yield folder
+    finally:
+        _call_scratch.remove(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def scratch_folder() -> str | None:
+    """The folder of the jpeglib call under way, else None (the usual temporary folder)."""
+    return _call_scratch[-1] if _call_scratch else None
 
 
 def _scratch_base() -> str:
@@ -79,6 +92,8 @@ def _scratch_base() -> str:
 
 def _remove_left_over_scratch(base: str) -> None:
     """Remove this user's scratch folders in ``base`` whose process no longer runs."""
+    if not hasattr(os, "getuid"):  # Windows: os.kill(pid, 0) there would end the process, not test it
+        return
     try:
         entries = list(os.scandir(base))
     except OSError:
@@ -238,7 +253,7 @@ def splice_jpeg(source: str | Path | bytes, before: np.ndarray, after: np.ndarra
         raise BlocksUnavailable("jpeglib is not installed")
     if before.shape != after.shape or before.ndim != 3:
         raise BlocksUnavailable("the output's size differs from the input's")
-    with _LIBJPEG:  # milliseconds for a photo; a crash of the whole process otherwise
+    with _LIBJPEG, _scratch_for_call():  # milliseconds for a photo; a crash of the whole process otherwise
         return _splice(source, before, after)
 
 
