@@ -952,3 +952,29 @@ def test_the_remedy_named_for_a_broken_card_works_for_one_named_like_a_built_in(
     register_user_models()
     assert CliRunner().invoke(main, ["models"]).exit_code == 0
     assert CliRunner().invoke(main, ["models", "remove", "dlib-resnet"]).exit_code == 2  # the built-in stays
+
+
+def test_an_added_model_keeps_its_params_epoch_and_notices_its_file_replaced(
+    mobileface_dir, tmp_path, config_home
+):
+    """An MXNet graph read the highest ``-NNNN.params`` beside it: another epoch dropped there was
+    used with the old threshold without a word, as was a params file replaced by other weights."""
+    import shutil
+
+    from facecloak.models import embedder_status
+
+    (tmp_path / "mf-symbol.json").symlink_to(mobileface_dir / MOBILEFACE_SYMBOL)
+    shutil.copy(mobileface_dir / "MobileFace_Identification_V2-0000.params", tmp_path / "mf-0000.params")
+    card = add_user_model("test-pinned", tmp_path / "mf-symbol.json")
+    assert card.extra["params"] == "mf-0000.params" and card.extra["fingerprint"]
+    (tmp_path / "mf-0013.params").write_bytes(b"not this model's weights")  # a later epoch beside it
+    register_user_models()  # as a new process does
+    assert embedder_status("test-pinned")[0]
+    assert create_embedder("test-pinned", device="cpu").card.embedding_dim == card.embedding_dim
+    params = tmp_path / "mf-0000.params"
+    data = bytearray(params.read_bytes())
+    data[-1] ^= 0xFF  # other weights at the same path
+    params.write_bytes(bytes(data))
+    register_user_models()
+    usable, why = embedder_status("test-pinned")
+    assert not usable and "changed since it was added" in why and "calibrate" in why

@@ -8,6 +8,8 @@ one-line `ModelNotFoundError` naming the file (the convention of `facecloak.mode
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -109,8 +111,10 @@ def _fuse_relu6(network: nn.Module) -> nn.Module:
     return network
 
 
-def load_network(file: Path) -> nn.Module:
+def load_network(file: Path, params: str | None = None) -> nn.Module:
     """An ONNX or MXNet file as a differentiable torch module (no weights are fetched).
+
+    ``params``: an MXNet graph's params file, by name beside it (default: the highest epoch there).
 
     Inference BatchNorm layers (and BatchNorm exported as a per-channel multiply and add) are
     folded into the convolution before them (`facecloak.models.fold`,
@@ -140,7 +144,7 @@ def load_network(file: Path) -> nn.Module:
         return check_finite_weights(network, file)
     if file.name.endswith("-symbol.json"):
         try:
-            graph = load_mxnet_model(file)
+            graph = load_mxnet_model(file, file.with_name(params) if params else None)
             graph.fold_batch_norm()
         except FacecloakError:
             raise
@@ -201,17 +205,43 @@ def declared_input_shape(file: Path) -> tuple[str, tuple[int | None, ...]] | Non
     return inputs[0].name, dims
 
 
-def missing_model_file(file: Path) -> Path | None:
+def files_read(file: Path, params: str | None = None) -> list[Path]:
+    """The files `load_network` reads for ``file``: the file, and an MXNet graph's params beside it."""
+    file = Path(file)
+    if file.name.endswith("-symbol.json"):
+        return [file, file.with_name(params) if params else _default_params_path(file, None)]
+    return [file]
+
+
+FINGERPRINT_BYTES = 1 << 20
+
+
+def file_fingerprint(files: list[Path]) -> str:
+    """What ``files`` hold, cheaply: each one's size and the SHA-256 of its first and last MiB.
+
+    An added model's card named a path, not what was there: weights re-exported to the same path,
+    or another epoch dropped beside an MXNet graph, were used with the old threshold without a
+    word. Two MiB a file, so a 250 MB model costs milliseconds at every start, not a full hash.
+    """
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            digest.update(f"{Path(file).name}:{size}:".encode())
+            digest.update(stream.read(FINGERPRINT_BYTES))
+            if size > FINGERPRINT_BYTES:
+                stream.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                digest.update(stream.read())
+    return digest.hexdigest()[:32]
+
+
+def missing_model_file(file: Path, params: str | None = None) -> Path | None:
     """The first file `load_network` would read for ``file`` that is not there, else None.
 
     An MXNet graph needs its params beside it: with them moved away, the model was listed as
     available and every command that uses all available models failed on it.
     """
-    file = Path(file)
-    if not file.is_file():
-        return file
-    if file.name.endswith("-symbol.json"):
-        params = _default_params_path(file, None)
-        if not params.is_file():
-            return params
+    for path in files_read(file, params):
+        if not path.is_file():
+            return path
     return None

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from facecloak._checks import is_finite_number
 from facecloak.errors import FacecloakError, InvalidInputError, ModelNotFoundError
-from facecloak.models.loaders import declared_input_shape, load_network
+from facecloak.models.loaders import declared_input_shape, file_fingerprint, files_read, load_network
 from facecloak.models.registry import Embedder, FaceModelCard
 from facecloak.models.templates import template_for
 
@@ -277,6 +277,12 @@ def check_plugin_card(card: FaceModelCard) -> None:
         problem = f"layout {extra.get('layout')!r} must be one of {', '.join(LAYOUTS)}"
     elif not is_finite_number(margin) or margin < 0:
         problem = f"margin {margin!r} must be a finite number of pixels >= 0"
+    elif "params" in extra and not (
+        isinstance(extra["params"], str) and re.fullmatch(r"[^/\\]+\.params", extra["params"])
+    ):
+        problem = f"params {extra['params']!r} must be the name of a .params file beside the graph"
+    elif not isinstance(extra.get("fingerprint", ""), str):
+        problem = f"fingerprint {extra['fingerprint']!r} must be text"
     elif extra.get("batch", 1) != 1:
         problem = f"batch {extra.get('batch')!r} must be 1 (a file that takes one chip at a time) or absent"
     if problem:
@@ -368,6 +374,11 @@ def load_model_file(file: Path, **card_options) -> PluginEmbedder:
             "model gives the same embedding (or none) for two different chips: not a face-embedding model",
             file,
         )
-    card = FaceModelCard(**{**card.__dict__, "embedding_dim": int(output.shape[1])})
+    # the files as they are now: an MXNet graph's params by name (a later epoch dropped beside it
+    # is not taken up), and what they hold (`file_fingerprint`: a file replaced is noticed)
+    read = files_read(Path(file))
+    pinned = {"params": read[1].name} if len(read) > 1 else {}
+    extra = {**card.extra, **pinned, "fingerprint": file_fingerprint(read)}
+    card = FaceModelCard(**{**card.__dict__, "embedding_dim": int(output.shape[1]), "extra": extra})
     model = PluginEmbedder(card, network)
     return model.eval().requires_grad_(False)

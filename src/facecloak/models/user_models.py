@@ -23,7 +23,13 @@ from facecloak.errors import (
     shown_path,
 )
 from facecloak.io import write_bytes_atomic
-from facecloak.models.loaders import MODEL_FILE_PATTERNS, load_network, missing_model_file
+from facecloak.models.loaders import (
+    MODEL_FILE_PATTERNS,
+    file_fingerprint,
+    files_read,
+    load_network,
+    missing_model_file,
+)
 from facecloak.models.plugins import NAME_PATTERN, PluginEmbedder, check_plugin_card, load_model_file
 from facecloak.models.registry import (
     UNREADABLE,
@@ -116,18 +122,29 @@ def remove_user_model(name: str) -> None:
 def _register(card: FaceModelCard) -> None:
     file = Path(card.weights)
 
+    params = card.extra.get("params")
+
     def locate() -> Path:
-        missing = missing_model_file(file)
+        missing = missing_model_file(file, params)
         if missing is not None:
             raise ModelNotFoundError(
                 f"model {card.name} is not available: its file {missing} is not there (moved or deleted?); "
                 f"add it again with `facecloak models add {card.name} FILE`"
             )
+        expected = card.extra.get("fingerprint")
+        if expected and file_fingerprint(files_read(file, params)) != expected:
+            # other weights under the old threshold: "SAME person" or "DIFFERENT" by another model's scale
+            raise ModelNotFoundError(
+                f"model {card.name} is not available: its file {file} changed since it was added "
+                f"(other weights?); add it again with `facecloak models add {card.name} FILE`, "
+                "then calibrate it"
+            )
         return file
 
     @register_embedder(card, locate=locate, user=True)
     def factory(weights: Path | None) -> PluginEmbedder:
-        return PluginEmbedder(card, load_network(weights or file))
+        other = weights is not None and Path(weights) != file  # a file given for this call: its own params
+        return PluginEmbedder(card, load_network(weights, None) if other else load_network(file, params))
 
 
 BROKEN_CARDS: list[tuple[Path, str]] = []
