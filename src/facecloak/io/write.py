@@ -667,6 +667,7 @@ def make_private_folder(path: str | Path) -> Path:
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if hasattr(os, "getuid") and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+    status = path.stat()
+    if hasattr(os, "getuid") and status.st_uid == os.getuid() and status.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path

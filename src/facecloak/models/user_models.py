@@ -121,7 +121,6 @@ def remove_user_model(name: str) -> None:
 
 def _register(card: FaceModelCard) -> None:
     file = Path(card.weights)
-
     params = card.extra.get("params")
 
     def locate() -> Path:
